@@ -1,0 +1,41 @@
+"""efficient-attention: efficient attention mechanisms with fairseq's interface.
+
+    from efficient_attention import MultiheadAttention, build_attention, available_attentions
+
+Every mechanism subclasses :class:`EfficientAttention` (fairseq's
+``MultiheadAttention`` constructor and forward, plus ``cross`` / ``causal``)
+and is registered by name.  ``python -m efficient_attention`` prints the table
+of mechanisms, patterns and backends.  Importing this package never imports
+fairseq or ParaGen.
+"""
+from .attentions import *  # noqa: F401,F403  (registers every mechanism)
+from .attentions import __all__ as _mechanisms
+from .base import AttentionMasks, EfficientAttention, OptionSpec
+from .capabilities import Capabilities, Pattern, UnsupportedInputError, UnsupportedPatternError
+from .fairseq_compat import fsmha
+from .registry import (
+    available_attentions,
+    build_attention,
+    capability_table,
+    get_attention_class,
+    register_attention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    *_mechanisms,
+    "AttentionMasks",
+    "Capabilities",
+    "EfficientAttention",
+    "OptionSpec",
+    "Pattern",
+    "UnsupportedInputError",
+    "UnsupportedPatternError",
+    "available_attentions",
+    "build_attention",
+    "capability_table",
+    "fsmha",
+    "get_attention_class",
+    "register_attention",
+]

@@ -1,0 +1,549 @@
+"""The contract every attention mechanism implements.
+
+:class:`EfficientAttention` has fairseq's ``MultiheadAttention`` constructor and
+forward signature.  It owns everything that is the same for every mechanism:
+
+* argument checking (shapes, dtypes, devices, masks) with errors that name the
+  argument;
+* the projections ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj`` (named as
+  in fairseq, so checkpoints load, including the legacy ``in_proj_weight``);
+* ``batch_first``, ``query_padding_mask``, head splitting and weight formatting;
+* fairseq's incremental-state protocol (``_get_input_buffer``,
+  ``_set_input_buffer``, ``reorder_incremental_state``, ``set_beam_size``),
+  keyed per module instance, and a key/value cache for decoding;
+* capability checks: a mechanism declares what it supports in
+  :class:`~efficient_attention.capabilities.Capabilities` and the base rejects
+  anything else with a clear message.
+
+A mechanism subclasses it, declares ``capabilities``, takes its own options as
+keyword-only constructor arguments (documented in ``option_help``) and
+implements :meth:`EfficientAttention._attend` on per-head tensors.  Mechanisms
+whose decoding state must not grow override :meth:`_attend_step`.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import typing
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .capabilities import Capabilities, Pattern, UnsupportedInputError, UnsupportedPatternError
+from .functional import merge_heads, split_heads
+from .masks import as_bool_mask, check_attn_mask, check_key_padding_mask, expand_attn_mask, is_causal_mask, to_additive
+from .quant_noise import check_quant_noise, quant_noise_weight
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EfficientAttention", "AttentionMasks", "OptionSpec", "IncrementalState"]
+
+IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+
+
+@dataclass(frozen=True)
+class AttentionMasks:
+    """The masks a mechanism receives, already checked and laid out.
+
+    Attributes:
+        key_padding: ``(B, S)``; bool (True = padding) or, for mechanisms with
+            ``additive_masks``, float additive.  ``S`` counts cached keys too.
+        attn: ``(1, 1, T, S)`` or ``(B, H, T, S)``; bool (True = masked) or
+            additive float (only for mechanisms with ``additive_masks``).
+        query_padding: ``(B, T)`` bool, True = padded query (its output is
+            zeroed by the base; mechanisms may also use it, e.g. to keep padded
+            positions out of landmarks).
+        query_offset: ``S - T``: the queries are the last ``T`` of the ``S``
+            key positions (bottom-right alignment), so with ``causal`` query
+            ``i`` sees key ``j`` iff ``j <= i + query_offset``.
+    """
+
+    key_padding: Optional[Tensor] = None
+    attn: Optional[Tensor] = None
+    query_padding: Optional[Tensor] = None
+    query_offset: int = 0
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One mechanism option: what the fairseq / ParaGen plugins expose."""
+
+    name: str
+    default: Any
+    type: Any
+    help: str
+
+
+# The constructor arguments every mechanism shares (fairseq's, plus ours).
+_BASE_OPTIONS = frozenset({"cross", "causal", "num_kv_heads"})
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class EfficientAttention(nn.Module):
+    """Multi-head attention with fairseq's interface; subclass it to add a mechanism.
+
+    Args:
+        embed_dim: model dimension ``C`` (query features).
+        num_heads: number of heads ``H``; must divide ``embed_dim``.
+        kdim, vdim: key / value features (default ``embed_dim``).
+        dropout: attention dropout probability (where the mechanism applies it).
+        bias: biases in the projections.
+        add_bias_kv, add_zero_attn: fairseq's extra learned / zero key-value
+            (only mechanisms with the ``bias_kv`` capability).
+        self_attention: keys and values are projected from the query (fairseq).
+        encoder_decoder_attention: fairseq's cross attention flag.
+        q_noise, qn_block_size: quantization noise on the projections.
+        cross: build the cross-attention pattern (default: ``encoder_decoder_attention``).
+        causal: build the causal pattern.
+        num_kv_heads: key/value heads for multi-query / grouped-query attention
+            (only mechanisms with the ``grouped_kv`` capability).
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    option_help: ClassVar[Mapping[str, str]] = {}
+    attention_name: ClassVar[Optional[str]] = None  # set by @register_attention
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        self_attention: bool = False,
+        encoder_decoder_attention: bool = False,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+        *,
+        cross: Optional[bool] = None,
+        causal: bool = False,
+        num_kv_heads: Optional[int] = None,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        _check_positive_int(embed_dim, "embed_dim")
+        _check_positive_int(num_heads, "num_heads")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim})")
+        self.kdim = embed_dim if kdim is None else _check_positive_int(kdim, "kdim")
+        self.vdim = embed_dim if vdim is None else _check_positive_int(vdim, "vdim")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if self_attention and encoder_decoder_attention:
+            raise ValueError("self_attention and encoder_decoder_attention cannot both be True")
+        self.qkv_same_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        if self_attention and not self.qkv_same_dim:
+            raise ValueError(
+                f"self_attention=True needs kdim == vdim == embed_dim, got kdim={self.kdim}, "
+                f"vdim={self.vdim}, embed_dim={embed_dim}"
+            )
+        cross = bool(encoder_decoder_attention) if cross is None else bool(cross)
+        if self_attention and cross:
+            raise ValueError("self_attention=True projects keys from the query; it cannot be combined with cross=True")
+        self.pattern = Pattern.of(cross=cross, causal=bool(causal))
+        caps = self.capabilities
+        if not caps.supports(self.pattern):
+            raise UnsupportedPatternError(
+                f"{name} does not support {self.pattern} attention "
+                f"(cross={cross}, causal={bool(causal)}); it supports: {', '.join(caps.pattern_names())}"
+            )
+        if (add_bias_kv or add_zero_attn) and not caps.bias_kv:
+            raise ValueError(f"{name} does not support add_bias_kv / add_zero_attn")
+        num_kv_heads = num_heads if num_kv_heads is None else _check_positive_int(num_kv_heads, "num_kv_heads")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        if num_kv_heads != num_heads and not caps.grouped_kv:
+            raise ValueError(f"{name} does not support num_kv_heads != num_heads (grouped-query attention)")
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout_p = float(dropout)
+        self.self_attention = bool(self_attention)
+        self.encoder_decoder_attention = bool(encoder_decoder_attention)
+        self.cross = cross
+        self.causal = bool(causal)
+        self.add_zero_attn = bool(add_zero_attn)
+        self.beam_size = 1
+        kv_dim = num_kv_heads * self.head_dim
+        check_quant_noise(q_noise, qn_block_size, embed_dim, "q_proj/out_proj")
+        check_quant_noise(q_noise, qn_block_size, self.kdim, "k_proj")
+        check_quant_noise(q_noise, qn_block_size, self.vdim, "v_proj")
+        self.q_noise, self.qn_block_size = float(q_noise), int(qn_block_size)
+        self.k_proj = nn.Linear(self.kdim, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(self.vdim, kv_dim, bias=bias)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim))
+        else:
+            self.bias_k = self.bias_v = None
+        self.init_incremental_state()
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ setup
+    def reset_parameters(self) -> None:
+        """fairseq's initialisation (scaled Xavier when q/k/v share a dimension)."""
+        gain = 1 / math.sqrt(2) if self.qkv_same_dim else 1.0
+        for proj in (self.k_proj, self.v_proj, self.q_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        if self.out_proj.bias is not None:
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    @classmethod
+    def options(cls) -> Dict[str, OptionSpec]:
+        """The mechanism's own constructor options (keyword-only, beyond the shared ones)."""
+        specs: Dict[str, OptionSpec] = {}
+        for klass in reversed(cls.__mro__):
+            if not (isinstance(klass, type) and issubclass(klass, EfficientAttention)) or klass is EfficientAttention:
+                continue
+            if "__init__" not in vars(klass):
+                continue
+            hints = typing.get_type_hints(klass.__init__)
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _BASE_OPTIONS:
+                    continue
+                help_text = cls.option_help.get(p.name)
+                if help_text is None:
+                    raise TypeError(f"{cls.__name__}.option_help has no entry for option {p.name!r}")
+                specs[p.name] = OptionSpec(p.name, p.default, hints.get(p.name, type(p.default)), help_text)
+        if cls.capabilities.grouped_kv:
+            specs["num_kv_heads"] = OptionSpec(
+                "num_kv_heads", None, Optional[int], "key/value heads (multi-query: 1; grouped: a divisor of num_heads)"
+            )
+        return specs
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options() if hasattr(self, k))
+        base = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, pattern='{self.pattern}'"
+        return base + (", " + opts if opts else "")
+
+    # -------------------------------------------------- incremental state API
+    def init_incremental_state(self) -> None:
+        self._incremental_state_id = str(uuid.uuid4())
+
+    def __setstate__(self, state):
+        # copies (deepcopy, pickling) get their own key so their caches never collide
+        super().__setstate__(state)
+        self.init_incremental_state()
+
+    def _full_key(self, key: str) -> str:
+        return f"{self._incremental_state_id}.{key}"
+
+    def get_incremental_state(self, incremental_state: Optional[IncrementalState], key: str):
+        if incremental_state is None:
+            return None
+        return incremental_state.get(self._full_key(key))
+
+    def set_incremental_state(self, incremental_state: Optional[IncrementalState], key: str, value):
+        if incremental_state is not None:
+            incremental_state[self._full_key(key)] = value
+        return incremental_state
+
+    def _get_input_buffer(self, incremental_state: Optional[IncrementalState]) -> Dict[str, Optional[Tensor]]:
+        result = self.get_incremental_state(incremental_state, "attn_state")
+        return result if result is not None else {}
+
+    def _set_input_buffer(self, incremental_state: Optional[IncrementalState], buffer: Dict[str, Optional[Tensor]]):
+        return self.set_incremental_state(incremental_state, "attn_state", buffer)
+
+    def reorder_incremental_state(self, incremental_state: Optional[IncrementalState], new_order: Tensor):
+        """Reorder the cache for beam search: every buffer tensor has batch as dim 0."""
+        buffer = self._get_input_buffer(incremental_state)
+        if buffer:
+            for k, v in buffer.items():
+                if v is not None:
+                    buffer[k] = v.index_select(0, new_order)
+            self._set_input_buffer(incremental_state, buffer)
+        return incremental_state
+
+    def set_beam_size(self, beam_size: int) -> None:
+        self.beam_size = beam_size
+
+    # ------------------------------------------------------ checkpoint loading
+    def upgrade_state_dict_named(self, state_dict, name: str) -> None:
+        """Split fairseq's legacy ``in_proj_weight`` / ``in_proj_bias`` into q/k/v."""
+        prefix = name + "." if name else ""
+        _split_in_proj(state_dict, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _split_in_proj(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[IncrementalState] = None,
+        need_weights: bool = True,
+        static_kv: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        before_softmax: bool = False,
+        need_head_weights: bool = False,
+        *,
+        query_padding_mask: Optional[Tensor] = None,
+        batch_first: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Attend from ``query`` to ``key`` / ``value``.
+
+        Args:
+            query: ``(T, B, C)`` (or ``(B, T, C)`` with ``batch_first``).
+            key, value: ``(S, B, kdim)`` / ``(S, B, vdim)``; default to ``query``
+                for self attention; ``None`` with ``static_kv`` once cached.
+            key_padding_mask: ``(B, S)``; bool/uint8 (True = padding) or float additive.
+            incremental_state: fairseq's decoding cache (dict), updated in place.
+            need_weights: return attention weights averaged over heads, ``(B, T, S)``.
+            static_kv: cross attention whose keys/values are computed once and cached.
+            attn_mask: ``(T, S)`` or ``(B*H, T, S)`` (batch-major); bool (True =
+                masked) or float additive.
+            before_softmax: return ``(raw scores (B*H, T, S), values (B*H, S, d))``.
+            need_head_weights: return per-head weights ``(H, B, T, S)``.
+            query_padding_mask: ``(B, T)`` bool; padded query rows of the output
+                (and of the weights) are zero.
+            batch_first: inputs and output are ``(B, L, C)``.
+
+        Returns:
+            ``(attn, attn_weights)``: ``attn`` shaped like ``query``;
+            ``attn_weights`` as requested or ``None``.
+        """
+        name = type(self).__name__
+        caps = self.capabilities
+        if need_head_weights:
+            need_weights = True
+        if batch_first:
+            query, key, value = (None if x is None else x.transpose(0, 1) for x in (query, key, value))
+        self._check_inputs(query, key, value)
+        tgt_len, bsz, _ = query.shape
+        if need_weights and not caps.need_weights:
+            raise UnsupportedInputError(
+                f"{name} cannot return attention weights; call it with need_weights=False"
+            )
+        if before_softmax and not caps.before_softmax:
+            raise UnsupportedInputError(f"{name} does not support before_softmax=True")
+        if static_kv and not self.cross:
+            raise ValueError("static_kv=True needs cross attention (cross=True or encoder_decoder_attention=True)")
+
+        decoding = incremental_state is not None and (self.causal or static_kv)
+        if decoding and not caps.incremental:
+            raise UnsupportedInputError(f"{name} does not support incremental decoding (incremental_state)")
+        if decoding and before_softmax:
+            raise UnsupportedInputError("before_softmax=True cannot be combined with incremental_state")
+        state = self._get_input_buffer(incremental_state) if decoding else None
+        cached_static = static_kv and state is not None and "prev_key" in state
+
+        # projections
+        q = split_heads(self._project(self.q_proj, query), self.num_heads)
+        if self.self_attention:
+            key = value = query
+        elif key is None and not cached_static:
+            if self.cross:
+                raise ValueError(f"{name} is a cross attention: pass key and value")
+            key = value = query
+        if cached_static:
+            k = v = None
+            src_new = state["prev_key"].shape[2]
+        else:
+            k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)
+            v = split_heads(self._project(self.v_proj, value), self.num_kv_heads)
+            src_new = k.shape[2]
+            if not self.cross and src_new != tgt_len:
+                raise ValueError(
+                    f"self attention needs as many keys as queries: query has {tgt_len} positions, key {src_new}"
+                )
+        key_padding_mask = check_key_padding_mask(key_padding_mask, bsz, src_new, query.device)
+        if key_padding_mask is not None and not caps.key_padding_mask:
+            raise UnsupportedInputError(f"{name} does not support key_padding_mask")
+        if query_padding_mask is not None:
+            query_padding_mask = check_key_padding_mask(query_padding_mask, bsz, tgt_len, query.device)
+            query_padding_mask = as_bool_mask(query_padding_mask, "query_padding_mask")
+        masks = AttentionMasks(key_padding=key_padding_mask, query_padding=query_padding_mask)
+
+        if before_softmax:
+            scores, v_out = self._scores(q, k, v, self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device))
+            return scores.reshape(bsz * self.num_heads, tgt_len, -1), v_out.reshape(bsz * self.num_heads, -1, v_out.shape[-1])
+
+        if decoding:
+            out, weights = self._attend_step(q, k, v, state, masks, attn_mask, need_weights, static_kv)
+            self._set_input_buffer(incremental_state, state)
+        else:
+            masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
+            out, weights = self._attend(q, k, v, masks, need_weights)
+
+        attn = self._project(self.out_proj, merge_heads(out))
+        if query_padding_mask is not None:
+            attn = attn.masked_fill(query_padding_mask.t().unsqueeze(-1), 0.0)
+            if weights is not None:
+                weights = weights.masked_fill(query_padding_mask[:, None, :, None], 0.0)
+        if batch_first:
+            attn = attn.transpose(0, 1)
+        if not need_weights or weights is None:
+            return attn, None
+        weights = weights.transpose(0, 1)  # (H, B, T, S)
+        return attn, (weights if need_head_weights else weights.mean(dim=0))
+
+    # -------------------------------------------------------- helper methods
+    def _project(self, proj: nn.Linear, x: Tensor) -> Tensor:
+        weight = quant_noise_weight(proj.weight, self.q_noise, self.qn_block_size, self.training)
+        return F.linear(x, weight, proj.bias)
+
+    def _check_inputs(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor]) -> None:
+        if not isinstance(query, Tensor):
+            raise TypeError(f"query must be a Tensor, got {type(query).__name__}")
+        if query.dim() != 3:
+            raise ValueError(f"query must be 3-D (tgt_len, batch, embed_dim), got shape {tuple(query.shape)}")
+        if query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query has {query.shape[-1]} features, expected embed_dim={self.embed_dim} (shape {tuple(query.shape)})")
+        if not query.is_floating_point():
+            raise TypeError(f"query must be floating point, got {query.dtype}")
+        if (key is None) != (value is None):
+            raise ValueError("key and value must both be given or both be None")
+        if key is None:
+            return
+        for x, nm, dim in ((key, "key", self.kdim), (value, "value", self.vdim)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{nm} must be a Tensor, got {type(x).__name__}")
+            if x.dim() != 3:
+                raise ValueError(f"{nm} must be 3-D (src_len, batch, features), got shape {tuple(x.shape)}")
+            if x.shape[-1] != dim and not self.self_attention:
+                raise ValueError(f"{nm} has {x.shape[-1]} features, expected {'kdim' if nm == 'key' else 'vdim'}={dim}")
+            if x.dtype != query.dtype:
+                raise TypeError(f"{nm} dtype {x.dtype} differs from query dtype {query.dtype}")
+            if x.device != query.device:
+                raise ValueError(f"{nm} is on {x.device}, query on {query.device}")
+            if x.shape[1] != query.shape[1]:
+                raise ValueError(f"{nm} batch {x.shape[1]} differs from query batch {query.shape[1]} (shapes {tuple(x.shape)} vs {tuple(query.shape)})")
+        if key.shape[0] != value.shape[0]:
+            raise ValueError(f"key and value lengths differ: key {tuple(key.shape)}, value {tuple(value.shape)}")
+
+    def _prepare_masks(
+        self, masks: AttentionMasks, attn_mask: Optional[Tensor], bsz: int, tgt_len: int, src_len: int,
+        device: torch.device,
+    ) -> AttentionMasks:
+        """Check ``attn_mask`` against the final key length and apply the capability rules."""
+        caps, name = self.capabilities, type(self).__name__
+        attn_mask = check_attn_mask(attn_mask, bsz, self.num_heads, tgt_len, src_len, device)
+        if attn_mask is not None and not caps.attn_mask:
+            if self.causal and is_causal_mask(attn_mask, tgt_len, src_len):
+                attn_mask = None  # it only repeats what causal=True already does
+            else:
+                raise UnsupportedInputError(
+                    f"{name} does not support an arbitrary attn_mask (only one that repeats the causal mask "
+                    f"of a causal module)"
+                )
+        kpm = masks.key_padding
+        if not caps.additive_masks:
+            if kpm is not None:
+                kpm = as_bool_mask(kpm, "key_padding_mask")
+            if attn_mask is not None:
+                attn_mask = as_bool_mask(attn_mask, "attn_mask")
+        if attn_mask is not None:
+            attn_mask = expand_attn_mask(attn_mask, bsz, self.num_heads)
+        return replace(masks, key_padding=kpm, attn=attn_mask, query_offset=src_len - tgt_len)
+
+    # ------------------------------------------------------- mechanism hooks
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The mechanism: per-head tensors in, per-head output out.
+
+        Args:
+            q: ``(B, H, T, d)`` projected queries (not yet scaled; ``self.scaling`` is ``d**-0.5``).
+            k, v: ``(B, Hkv, S, d)`` projected keys and values.
+            masks: checked masks, see :class:`AttentionMasks`.  With
+                ``self.causal``, query ``i`` may see key ``j`` iff
+                ``j <= i + masks.query_offset``.
+            need_weights: also return the attention probabilities.
+
+        Returns:
+            ``(out (B, H, T, d), weights (B, H, T, S) or None)``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement _attend")
+
+    def _scores(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Tensor]:
+        """Raw masked scores ``(B, H, T, S)`` and values, for ``before_softmax`` (optional)."""
+        raise UnsupportedInputError(f"{type(self).__name__} does not support before_softmax=True")
+
+    def _attend_step(
+        self,
+        q: Tensor,
+        k: Optional[Tensor],
+        v: Optional[Tensor],
+        state: Dict[str, Optional[Tensor]],
+        masks: AttentionMasks,
+        attn_mask: Optional[Tensor],
+        need_weights: bool,
+        static_kv: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """One decoding call with a key/value cache (the default; O(S) state).
+
+        ``state`` is this module's buffer in ``incremental_state``; update it in
+        place.  Every tensor in it must have the batch as dim 0 (beam search
+        reorders them).  ``k`` / ``v`` are ``None`` when static keys are cached.
+        The new queries are the last ``T`` positions: causal masking follows
+        the alignment rule of :mod:`efficient_attention.masks`.
+        """
+        bsz, tgt_len = q.shape[0], q.shape[2]
+        kpm = masks.key_padding
+        prev_k, prev_v, prev_kpm = state.get("prev_key"), state.get("prev_value"), state.get("prev_key_padding_mask")
+        if static_kv and prev_k is not None:
+            k, v, kpm = prev_k, prev_v, prev_kpm
+        else:
+            if prev_k is not None and not static_kv:
+                kpm = _cat_padding(prev_kpm, kpm, prev_k.shape[2], k.shape[2], bsz)
+                k = torch.cat([prev_k, k], dim=2)
+                v = torch.cat([prev_v, v], dim=2)
+            state["prev_key"], state["prev_value"] = k, v
+            state["prev_key_padding_mask"] = kpm
+        masks = self._prepare_masks(replace(masks, key_padding=kpm), attn_mask, bsz, tgt_len, k.shape[2], q.device)
+        return self._attend(q, k, v, masks, need_weights)
+
+
+def _cat_padding(prev: Optional[Tensor], new: Optional[Tensor], prev_len: int, new_len: int, bsz: int) -> Optional[Tensor]:
+    """Concatenate cached and new key padding masks (a missing one means 'no padding')."""
+    if prev is None and new is None:
+        return None
+    ref = new if new is not None else prev
+    if prev is None:
+        prev = torch.zeros(bsz, prev_len, dtype=ref.dtype, device=ref.device)
+    if new is None:
+        new = torch.zeros(bsz, new_len, dtype=ref.dtype, device=ref.device)
+    if prev.dtype != new.dtype:  # one bool, one additive: go additive
+        dtype = prev.dtype if prev.is_floating_point() else new.dtype
+        prev, new = to_additive(prev, dtype), to_additive(new, dtype)
+    return torch.cat([prev, new], dim=1)
+
+
+def _split_in_proj(state_dict, prefix: str) -> None:
+    weight = state_dict.pop(prefix + "in_proj_weight", None)
+    if weight is None:
+        return
+    dim = weight.shape[0] // 3
+    for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+        state_dict[f"{prefix}{part}.weight"] = weight[i * dim : (i + 1) * dim]
+    bias = state_dict.pop(prefix + "in_proj_bias", None)
+    if bias is not None:
+        for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+            state_dict[f"{prefix}{part}.bias"] = bias[i * dim : (i + 1) * dim]

@@ -1,0 +1,155 @@
+"""Shared attention math: the softmax, dense attention and head reshapes.
+
+Every mechanism calls these instead of writing its own.  Tensors use the
+``(B, H, T, d)`` layout of ``scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .masks import causal_mask, merge_masks
+
+__all__ = [
+    "softmax",
+    "acc_dtype",
+    "apply_mask",
+    "dense_attention",
+    "sdpa_attention",
+    "split_heads",
+    "merge_heads",
+    "repeat_kv",
+]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype long reductions run in: fp32 for half types, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def softmax(scores: Tensor, dim: int = -1) -> Tensor:
+    """Softmax in at least fp32; rows with nothing to attend to give 0, not NaN.
+
+    Returns the fp32 (or fp64) probabilities; callers cast with ``type_as``.
+    """
+    x = scores.to(acc_dtype(scores.dtype))
+    probs = torch.softmax(x, dim=dim)
+    empty = torch.isneginf(x.amax(dim=dim, keepdim=True))
+    return probs.masked_fill(empty, 0.0)
+
+
+def apply_mask(scores: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Apply a merged mask (bool True = masked, or additive) to scores."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(mask, float("-inf"))
+    return scores + mask.to(scores.dtype)
+
+
+def repeat_kv(x: Tensor, num_heads: int) -> Tensor:
+    """``(B, Hkv, S, d)`` -> ``(B, H, S, d)`` for grouped-query attention."""
+    groups = num_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    before_softmax: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Exact softmax attention with the score matrix materialised.
+
+    Args:
+        q: ``(B, H, T, d)``; k: ``(B, Hkv, S, d)``; v: ``(B, Hkv, S, dv)``.
+        mask: broadcastable to ``(B, H, T, S)``; bool (True = masked) or additive.
+        causal: add the causal mask (see :mod:`efficient_attention.masks`).
+        scale: logit scale, ``1/sqrt(d)`` by default (pass ``1.0`` if ``q`` is pre-scaled).
+        before_softmax: return the masked scores instead of probabilities.
+
+    Returns:
+        ``(out (B, H, T, dv), probs (B, H, T, S))``; ``probs`` are fp32 for
+        half inputs (pre-dropout), or the masked scores with ``before_softmax``.
+    """
+    num_heads = q.shape[1]
+    k, v = repeat_kv(k, num_heads), repeat_kv(v, num_heads)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scale != 1.0:
+        scores = scores * scale
+    if causal:
+        mask = merge_masks(q.shape[-2], k.shape[-2], attn_mask=mask, causal=True, dtype=scores.dtype, device=q.device)
+    scores = apply_mask(scores, mask)
+    if before_softmax:
+        return v, scores
+    probs = softmax(scores)
+    p = probs.type_as(v)
+    if dropout_p > 0.0 and training:
+        p = F.dropout(p, dropout_p, training=True)
+    return torch.matmul(p, v), probs
+
+
+def sdpa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """The same as :func:`dense_attention` through ``scaled_dot_product_attention``.
+
+    Rows with nothing to attend to give 0 (as in :func:`softmax`).
+    """
+    num_heads, tgt_len, src_len = q.shape[1], q.shape[-2], k.shape[-2]
+    if causal and (mask is not None or tgt_len != src_len):
+        mask = merge_masks(tgt_len, src_len, attn_mask=mask, causal=True, dtype=q.dtype, device=q.device)
+        causal = False
+    if mask is not None and mask.dtype == torch.bool:
+        keep = ~mask
+        empty = ~keep.any(dim=-1, keepdim=True)
+        # SDPA's bool masks mean "take part"; fully masked rows are given one
+        # harmless key and zeroed afterwards, so no backend yields NaN.
+        keep = keep | empty
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=False, scale=scale,
+            enable_gqa=k.shape[1] != num_heads,
+        )
+        return out.masked_fill(empty, 0.0)
+    if mask is not None:
+        mask = mask.to(q.dtype)
+        empty = torch.isneginf(mask.amax(dim=-1, keepdim=True))
+        mask = mask.masked_fill(empty, 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale,
+            enable_gqa=k.shape[1] != num_heads,
+        )
+        return out.masked_fill(empty, 0.0)
+    return F.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != num_heads
+    )
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """Time-first ``(L, B, H*d)`` -> ``(B, H, L, d)``."""
+    length, bsz, dim = x.shape
+    return x.view(length, bsz, num_heads, dim // num_heads).permute(1, 2, 0, 3)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(B, H, L, d)`` -> time-first ``(L, B, H*d)``."""
+    bsz, heads, length, dim = x.shape
+    return x.permute(2, 0, 1, 3).reshape(length, bsz, heads * dim)
