@@ -1,0 +1,80 @@
+"""The reference paths of the sparse ops against dense masked float64 attention."""
+import pytest
+import torch
+
+from efficient_attention.functional import dense_attention
+from efficient_attention.kernels.reference import block_sparse_attention, sliding_window_attention
+from efficient_attention.local_window import LocalWindow
+
+
+def _dense(q, k, v, blocked, kpm=None):
+    mask = blocked[None, None] if blocked.dim() == 2 else blocked[None]
+    if kpm is not None:
+        mask = mask | kpm[:, None, None, :]
+    out, probs = dense_attention(q, k, v, mask)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores.masked_fill(mask, float("-inf")), -1)
+    return out, lse
+
+
+WINDOWS = [
+    LocalWindow.from_blocks(4, 1, 1),
+    LocalWindow.from_blocks(4, 1, 0, causal=True),
+    LocalWindow.from_blocks(3, 2, 0, causal=True, exact_windowsize=True),
+    LocalWindow.sliding(5, 2),
+    LocalWindow.sliding(0, 0),
+]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("q_offset", [0, 5])
+def test_sliding_window_matches_dense(window, q_offset):
+    g = torch.Generator().manual_seed(0)
+    B, H, S, d = 2, 3, 19, 8
+    T = S - q_offset
+    q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, H, S, d, generator=g, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, -4:] = True
+    out, lse = sliding_window_attention(q, k, v, window, q_offset=q_offset, key_padding_mask=kpm)
+    ref, ref_lse = _dense(q, k, v, window.dense_mask(T, S, q_offset), kpm)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: sliding_window_attention(q, k, v, window, key_padding_mask=kpm[1:])[0],
+        (q[1:, :1, :7].detach().requires_grad_(), k[1:, :1].detach().requires_grad_(), v[1:, :1].detach().requires_grad_()),
+    ) if q_offset == 0 else True
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(32, 32), (29, 29), (16, 40)])
+def test_block_sparse_matches_dense(causal, lengths):
+    g = torch.Generator().manual_seed(1)
+    T, S = lengths
+    B, H, d, bs = 2, 3, 8, 8
+    nq, nk = -(-T // bs), -(-S // bs)
+    layout = torch.rand(H, nq, nk, generator=g) < 0.5
+    layout[:, :, 0] = True
+    layout[1, 1] = False  # an empty row: its queries see nothing -> 0
+    q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, S, d, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, S, d, generator=g, dtype=torch.float64)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, :3] = True
+    out, lse = block_sparse_attention(q, k, v, layout, bs, causal=causal, key_padding_mask=kpm)
+    blocked = ~layout.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :T, :S]
+    if causal:
+        blocked = blocked | (torch.arange(S)[None, None, :] > torch.arange(T)[None, :, None] + (S - T))
+    ref, ref_lse = _dense(q, k, v, blocked, kpm)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_block_sparse_rejects_bad_layout():
+    q = torch.randn(1, 2, 16, 4)
+    with pytest.raises(ValueError, match="layout must have shape"):
+        block_sparse_attention(q, q, q, torch.ones(2, 3, 2, dtype=torch.bool), 8)
+    with pytest.raises(ValueError, match="layout must be bool"):
+        block_sparse_attention(q, q, q, torch.full((2, 2, 2), 0.5), 8)
