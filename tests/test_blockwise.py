@@ -12,11 +12,14 @@ from sparse_reference import rand_qkv
 
 def saved_bytes(fn, *args):
     """Bytes autograd keeps for the backward pass of ``fn(*args)`` (deterministic activation memory)."""
-    total = 0
+    total, seen = 0, set()
 
-    def pack(t):
+    def pack(t):  # count each storage once (views and repeated saves share memory)
         nonlocal total
-        total += t.numel() * t.element_size()
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
