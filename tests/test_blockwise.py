@@ -53,6 +53,7 @@ def test_gradcheck_float64_with_lse():
     assert torch.autograd.gradcheck(
         lambda q, k, v: ea.blockwise_attention(q, k, v, causal=True, q_chunk_size=4, k_chunk_size=3, return_lse=True),
         (q, k, v),
+        fast_mode=True,
     )
 
 
@@ -98,3 +99,18 @@ def test_bad_options():
         ea.blockwise_attention(q, k, v, q_chunk_size=0)
     with pytest.raises(ValueError, match="k_chunk_size"):
         ea.BlockwiseAttention(16, 4, k_chunk_size=-1)
+
+
+def test_module_additive_padding_and_mask_equal_vanilla():
+    torch.manual_seed(0)
+    van = ea.build_attention("vanilla", embed_dim=16, num_heads=4, causal=True).double()
+    blk = ea.build_attention("blockwise", embed_dim=16, num_heads=4, causal=True, q_chunk_size=3, k_chunk_size=4).double()
+    blk.load_state_dict(van.state_dict())
+    x = torch.randn(10, 2, 16, dtype=torch.float64)
+    kpm = torch.randn(2, 10, dtype=torch.float64)  # finite additive key padding
+    am = torch.rand(10, 10) < 0.2
+    am[:, 0] = False
+    for mask in (None, am):
+        want, _ = van(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
+        got, _ = blk(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
+        torch.testing.assert_close(got, want)

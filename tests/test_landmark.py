@@ -43,9 +43,10 @@ def test_weights_sum_to_one_and_gradients_flow():
     out = ea.landmark_attention(q, k, ones, landmark_positions(16, 4))
     torch.testing.assert_close(out, torch.ones_like(out))  # v = 1: the weights sum to 1
     assert torch.autograd.gradcheck(
-        lambda q, k, v: ea.landmark_attention(q, k, v, landmark_positions(10, 3), block_size=4),
-        (q[:, :, :10].detach().requires_grad_(), k[:, :, :10].detach().requires_grad_(),
-         v[:, :, :10].detach().requires_grad_()),
+        lambda q, k, v: ea.landmark_attention(q, k, v, landmark_positions(8, 3), block_size=4),
+        (q[:, :, :8].detach().requires_grad_(), k[:, :, :8].detach().requires_grad_(),
+         v[:, :, :8].detach().requires_grad_()),
+        fast_mode=True,
     )
 
 
