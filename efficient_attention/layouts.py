@@ -219,11 +219,12 @@ def _check_layout_tensor(layout: Tensor) -> Tensor:
 
 def layout_from_mask_mod(
     mask_mod: MaskMod, heads: int, q_len: int, kv_len: Optional[int] = None, block_size: int = 64, device=None,
-    rows_per_chunk: int = 16,
+    rows_per_chunk: int = 16, q_block_start: int = 0,
 ) -> Tensor:
     """Coarsen a mask_mod to blocks: ``(H, ceil(T/bs), ceil(S/bs))``, True where a block has any attended entry.
 
-    Evaluated ``rows_per_chunk`` query blocks at a time (memory ``O(rows * bs * S)``).
+    Evaluated ``rows_per_chunk`` query blocks at a time (memory ``O(rows * bs * S)``).  With
+    ``q_block_start`` only the query-block rows from there on are built (decoding needs the last ones).
     """
     bs = _pos_int(block_size, "block_size")
     kv_len = q_len if kv_len is None else kv_len
@@ -231,7 +232,7 @@ def layout_from_mask_mod(
     h = torch.arange(heads, device=device).view(-1, 1, 1)
     k = torch.arange(nk * bs, device=device).view(1, 1, -1)
     rows = []
-    for start in range(0, nq, rows_per_chunk):
+    for start in range(q_block_start, nq, rows_per_chunk):
         stop = min(nq, start + rows_per_chunk)
         q = torch.arange(start * bs, stop * bs, device=device).view(1, -1, 1)
         m = mask_mod(torch.zeros((), dtype=torch.long, device=device), h, q, k).expand(heads, q.shape[1], k.shape[2])

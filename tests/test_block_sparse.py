@@ -130,3 +130,22 @@ def test_module_user_layout_and_errors():
         ea.BlockSparseAttention(16, 4, layout="nope")
     with pytest.raises(ValueError, match="layout tensor"):
         ea.BlockSparseAttention(16, 4, layout=torch.ones(3, 2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("layout", ["local", "strided", "dilated", "random", "bigbird"])
+def test_module_decoding_equals_full(layout):
+    from helpers import decode
+    torch.manual_seed(0)
+    m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=True, layout=layout, block_size=4,
+                           local_attn_ctx=6, window=8, num_random_blocks=1).eval()
+    x = torch.randn(21, 2, 16)
+    full, _ = m(x, x, x, need_weights=False)
+    for prefix in (0, 6):
+        steps, _ = decode(m, x, prefix=prefix)
+        torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
+
+
+def test_layout_rows_from_a_block_onwards():
+    mod = L.make_mask_mod("fixed", heads=2, block_size=8, causal=True, local_attn_ctx=16, num_verts=2)
+    full = L.layout_from_mask_mod(mod, 2, 70, 70, 8)
+    assert torch.equal(L.layout_from_mask_mod(mod, 2, 70, 70, 8, q_block_start=5), full[:, 5:])

@@ -137,7 +137,11 @@ class BlockSparseAttention(EfficientAttention):
             raise ValueError(f"sequence length {src_len} is not a multiple of block_size ({bs}) and autopad=False")
         start = (off // bs) * bs  # queries are padded in front to a block boundary
         qp = F.pad(q, (0, 0, off - start, 0))
-        lay = self.full_layout(src_len, q.device)[:, start // bs :]
+        if self._mask_mod is not None and start > 0:  # decoding: only the rows of the new queries
+            lay = layouts.layout_from_mask_mod(self._mask_mod, self.num_heads, src_len, src_len, bs, q.device,
+                                               q_block_start=start // bs)
+        else:
+            lay = self.full_layout(src_len, q.device)[:, start // bs :]
         dropout = self.dropout_p if self.training else 0.0
         out = block_sparse_attention(
             qp, k, v, lay, bs, causal=self.causal, key_padding_mask=masks.key_padding, scale=self.scaling,
