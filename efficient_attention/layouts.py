@@ -55,6 +55,7 @@ __all__ = [
     "dilated_mask_mod",
     "global_mask_mod",
     "layout_mask_mod",
+    "as_layout",
     "layout_from_mask_mod",
     "expand_layout",
     "random_layout",
@@ -193,7 +194,7 @@ def global_mask_mod(global_positions: Union[int, Sequence[int], Tensor], causal:
 def layout_mask_mod(layout: Tensor, block_size: int) -> MaskMod:
     """The token mask of a block layout ``(H or 1, nq, nk)``: attend iff the entry's block is kept."""
     bs = _pos_int(block_size, "block_size")
-    layout = _check_layout_tensor(layout)
+    layout = as_layout(layout)
 
     def mod(b, h, q, k):
         lay = layout.to(q.device)
@@ -203,7 +204,8 @@ def layout_mask_mod(layout: Tensor, block_size: int) -> MaskMod:
 
 
 # --------------------------------------------------------------- block view
-def _check_layout_tensor(layout: Tensor) -> Tensor:
+def as_layout(layout: Tensor) -> Tensor:
+    """Validate a user block layout (2-D or 3-D, bool or 0/1 integers); returns it bool ``(H or 1, nq, nk)``."""
     if not isinstance(layout, Tensor):
         raise TypeError(f"layout must be a Tensor, got {type(layout).__name__}")
     if layout.dim() == 2:
@@ -243,7 +245,7 @@ def layout_from_mask_mod(
 
 def expand_layout(layout: Tensor, block_size: int, q_len: Optional[int] = None, kv_len: Optional[int] = None) -> Tensor:
     """Block layout -> token mask ``(H, T, S)`` (True = attend), cropped to ``q_len`` / ``kv_len``."""
-    layout = _check_layout_tensor(layout)
+    layout = as_layout(layout)
     dense = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
     return dense[:, : q_len or dense.shape[1], : kv_len or dense.shape[2]]
 
@@ -367,7 +369,7 @@ def make_layout(pattern: str, n: int, block_size: int, heads: int, *, causal: bo
 
 def format_layout(layout: Tensor, on: str = "#", off: str = ".") -> str:
     """Printable form: one character per block, heads separated by a header line."""
-    layout = _check_layout_tensor(layout)
+    layout = as_layout(layout)
     parts = []
     for h in range(layout.shape[0]):
         rows = ["".join(on if x else off for x in row.tolist()) for row in layout[h]]

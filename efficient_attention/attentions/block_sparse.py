@@ -79,9 +79,7 @@ class BlockSparseAttention(EfficientAttention):
         self.block_size, self.autopad = block_size, bool(autopad)
         self._user_layout: Optional[Tensor] = None
         if isinstance(layout, Tensor):
-            lay = layouts.layout_mask_mod(layout, block_size)  # validates dtype / rank
-            del lay
-            lay = layout.bool() if layout.dim() == 3 else layout.bool()[None]
+            lay = layouts.as_layout(layout)
             if lay.shape[0] not in (1, self.num_heads) or lay.shape[1] != lay.shape[2]:
                 raise ValueError(f"layout tensor must be (num_heads or 1, nb, nb), got {tuple(layout.shape)}")
             self._user_layout = lay
