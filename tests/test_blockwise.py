@@ -76,6 +76,9 @@ def test_activation_memory_is_linear_in_length():
             saved_bytes(lambda: ea.blockwise_attention(q, k, v, q_chunk_size=chunk, k_chunk_size=chunk)),
             saved_bytes(lambda: dense_attention(q, k, v)[0]),
         )
+        q, k, v = rand_qkv(1, 1, n, n, d, dtype=torch.float32, requires_grad=True)
+        sizes[n] += (saved_bytes(lambda: ea.blockwise_attention(q, k, v, q_chunk_size=chunk, dropout_p=0.1)),)
+    assert sizes[512][2] / sizes[256][2] < 2.2, sizes  # the checkpointed (dropout) path keeps only its inputs
     blockwise_ratio = sizes[512][0] / sizes[256][0]
     dense_ratio = sizes[512][1] / sizes[256][1]
     assert blockwise_ratio < 2.2 and dense_ratio > 3.5, sizes

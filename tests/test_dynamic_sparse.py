@@ -96,3 +96,16 @@ def test_bad_input():
         ea.qk_sparse_attention(q, k, v, idx.float() + 0.5, idx.float())
     with pytest.raises(ValueError, match="4-D"):
         ea.hash_sparse_attention(q[0], k, v, idx, idx)
+
+
+def test_qk_gradients_match_dense():
+    B, T, H, D = 1, 16, 2, 4
+    q, k, v = bnhd(B, T, T, H, D, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    keep_q, keep_k = torch.rand(B, T, H, generator=g) < 0.7, torch.rand(B, T, H, generator=g) < 0.7
+    allowed = keep_q.transpose(1, 2)[..., :, None] & keep_k.transpose(1, 2)[..., None, :] & positions_causal(T, T)
+    w = torch.randn(B, T, H, D, dtype=torch.float64)
+    got = torch.autograd.grad((ea.qk_sparse_attention(q, k, v, keep_q, keep_k) * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref(q, k, v, allowed) * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
