@@ -13,6 +13,17 @@ from .attentions import __all__ as _mechanisms
 from .base import AttentionMasks, EfficientAttention, OptionSpec
 from .capabilities import Capabilities, Pattern, UnsupportedInputError, UnsupportedPatternError
 from .fairseq_compat import fsmha
+from .sparse import (  # the sparse functionals on (B, H, N, D) tensors
+    UnknownSparsityModeError,
+    block_sparse_attention,
+    blockwise_attention,
+    dilated_attention,
+    dynamic_sparse_attention,
+    hash_sparse_attention,
+    landmark_attention,
+    mask_attention,
+    qk_sparse_attention,
+)
 from .registry import (
     available_attentions,
     build_attention,
@@ -38,4 +49,14 @@ __all__ = [
     "fsmha",
     "get_attention_class",
     "register_attention",
+    # sparse functionals
+    "UnknownSparsityModeError",
+    "block_sparse_attention",
+    "blockwise_attention",
+    "dilated_attention",
+    "dynamic_sparse_attention",
+    "hash_sparse_attention",
+    "landmark_attention",
+    "mask_attention",
+    "qk_sparse_attention",
 ]

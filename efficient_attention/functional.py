@@ -37,8 +37,9 @@ def softmax(scores: Tensor, dim: int = -1) -> Tensor:
     Returns the fp32 (or fp64) probabilities; callers cast with ``type_as``.
     """
     x = scores.to(acc_dtype(scores.dtype))
-    probs = torch.softmax(x, dim=dim)
     empty = torch.isneginf(x.amax(dim=dim, keepdim=True))
+    # empty rows are softmaxed as zeros (then zeroed), so their gradient is 0, not NaN
+    probs = torch.softmax(x.masked_fill(empty, 0.0), dim=dim)
     return probs.masked_fill(empty, 0.0)
 
 

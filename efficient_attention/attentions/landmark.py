@@ -1,0 +1,89 @@
+"""Landmark attention with fairseq's interface (causal language modelling).
+
+Every ``block_size``-th position (``pos ≡ block_size − 1``) is a landmark
+token closing its block; attention to earlier blocks is gated by their
+landmarks through the grouped softmax of
+:func:`efficient_attention.sparse.landmark.landmark_attention`.  With
+``top_k > 0`` each query uses only its ``top_k`` best earlier blocks, and a
+decoding step reads only the landmark keys and those blocks
+(``O(S/bs + top_k · bs)`` keys instead of ``S``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..base import AttentionMasks, EfficientAttention
+from ..capabilities import Capabilities, Pattern
+from ..functional import repeat_kv
+from ..registry import register_attention
+from ..sparse.landmark import landmark_attention, landmark_positions
+
+__all__ = ["LandmarkAttention"]
+
+
+@register_attention("landmark", "landmark_attention")
+class LandmarkAttention(EfficientAttention):
+    """Landmark attention (Mohtashami & Jaggi): blocks of ``block_size`` closed by landmark tokens.
+
+    Pattern: causal self attention.  The caller's sequence must hold its
+    landmark tokens at positions ``block_size - 1, 2·block_size - 1, ...``
+    (as the paper's data pipeline inserts them).  Key padding, grouped-query
+    attention, incremental decoding with top-k block retrieval.  Full pass
+    ``O(N² d)`` time, ``O(block_size · N)`` memory.
+    """
+
+    capabilities = Capabilities(
+        patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, key_padding_mask=True, grouped_kv=True,
+        backends=("torch",),
+    )
+    option_help = {
+        "block_size": "landmark period: every block_size-th token is a landmark closing its block",
+        "top_k": "earlier blocks each query may use (0 = all); decoding retrieves only these",
+    }
+
+    def __init__(self, *args, block_size: int = 64, top_k: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+            raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+        self.block_size, self.top_k = block_size, top_k
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
+        src_len = k.shape[2]
+        bs = self.block_size
+        if self.top_k and q.shape[2] == 1 and (src_len - 1) // bs > self.top_k:
+            return self._retrieve(q, k, v, masks.key_padding), None
+        is_mem = landmark_positions(src_len, bs, q.device)
+        out = landmark_attention(q, k, v, is_mem, bs, self.scaling, top_k=self.top_k or None,
+                                 key_padding_mask=masks.key_padding)
+        return out, None
+
+    def _retrieve(self, q: Tensor, k: Tensor, v: Tensor, kpm) -> Tensor:
+        """One new query: score the landmarks, gather the top-k blocks and the current block, attend."""
+        bsz, heads, _, dim = q.shape
+        bs, src_len = self.block_size, k.shape[2]
+        pos = src_len - 1
+        cur = pos // bs
+        dev = q.device
+        marks = torch.arange(cur, device=dev) * bs + bs - 1                # landmarks of earlier blocks
+        scores = torch.matmul(q, repeat_kv(k[:, :, marks], heads).transpose(-1, -2)).squeeze(2)  # (B, H, cur)
+        if kpm is not None:
+            scores = scores.masked_fill(kpm[:, None, marks], float("-inf"))
+        sel = scores.topk(self.top_k, dim=-1).indices.sort(dim=-1).values  # (B, H, k), in position order
+        blocks = (sel[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)
+        here = torch.arange(cur * bs, src_len, device=dev).expand(bsz, heads, -1)
+        P = torch.cat([blocks, here], dim=-1)                              # (B, H, n) ascending positions
+        group = heads // k.shape[1]
+        kv_h = (torch.arange(heads, device=dev) // group)[None, :, None]
+        b_i = torch.arange(bsz, device=dev)[:, None, None]
+        ks, vs = k[b_i, kv_h, P], v[b_i, kv_h, P]                           # (B, H, n, d)
+        n = P.shape[-1]
+        is_mem = torch.remainder(P + 1, bs) == 0
+        sub_kpm = None if kpm is None else kpm[b_i, P].reshape(bsz * heads, n)
+        out = landmark_attention(
+            q.reshape(bsz * heads, 1, 1, dim), ks.reshape(bsz * heads, 1, n, dim), vs.reshape(bsz * heads, 1, n, dim),
+            is_mem.reshape(bsz * heads, n), bs, self.scaling, key_padding_mask=sub_kpm,
+        )
+        return out.view(bsz, heads, 1, dim)

@@ -1,0 +1,148 @@
+"""LongNet dilated attention with the exact softmax union of its branches.
+
+Branch ``(w, r)``: the sequence is cut into segments of length ``w``; inside a
+segment, head ``h`` keeps the positions at offset ``h mod r`` modulo ``r`` and
+attends among them (causally if asked).  The branches are merged by the
+softmax of their union: ``out = Σ_b exp(lse_b − lse) out_b`` with ``lse =
+logsumexp_b lse_b`` -- each branch weighted by its softmax denominator, which
+is exactly one softmax over all keys any branch lets the query see.  A key
+pair reachable from several branches is counted once: each branch drops the
+pairs an earlier branch already covers.  Cost ``O(Σ_b N · w_b / r_b² · d)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..functional import acc_dtype, repeat_kv, softmax
+from .block_sparse import check_qkv
+
+__all__ = ["dilated_attention", "check_dilated_config"]
+
+
+def check_dilated_config(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Validate the ``(w_i, r_i)`` pairs; returns them as int tuples."""
+    ws, rs = tuple(segment_lengths), tuple(dilation_rates)
+    if not ws or len(ws) != len(rs):
+        raise ValueError(f"segment_lengths {ws} and dilation_rates {rs} must be non-empty and of equal length")
+    for name, vals in (("segment_lengths", ws), ("dilation_rates", rs)):
+        for x in vals:
+            if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+                raise ValueError(f"{name} must hold positive integers, got {vals}")
+    for w, r in zip(ws, rs):
+        if r > w:
+            raise ValueError(f"dilation rate {r} exceeds its segment length {w}")
+    return ws, rs
+
+
+def _covered(i: Tensor, j: Tensor, h: Tensor, w: int, r: int) -> Tensor:
+    """Whether branch ``(w, r)`` lets head ``h``'s query ``i`` see key ``j`` (ignoring causality)."""
+    off = torch.remainder(h, r)
+    return (
+        (torch.div(i, w, rounding_mode="floor") == torch.div(j, w, rounding_mode="floor"))
+        & (torch.remainder(torch.remainder(i, w), r) == off)
+        & (torch.remainder(torch.remainder(j, w), r) == off)
+    )
+
+
+def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
+    """One branch: (out (B, H, T, d), lse (B, H, T)) with -inf / 0 where the branch gives a query nothing."""
+    bsz, heads, tgt_len, dim = q.shape
+    src_len = k.shape[2]
+    dev = q.device
+    s0, s1 = off // w, (src_len - 1) // w
+    m = -(-w // r)
+    h = torch.arange(heads, device=dev).view(-1, 1, 1)
+    seg = torch.arange(s0, s1 + 1, device=dev).view(1, -1, 1)
+    t = torch.arange(m, device=dev).view(1, 1, -1)
+    rel = torch.remainder(h, r) + r * t                                    # (H, 1, m)
+    pos = seg * w + rel                                                    # (H, nseg, m)
+    valid = (rel < w) & (pos < src_len)
+    kidx = pos.clamp(max=src_len - 1)
+    kg = k[:, h, kidx]                                                    # (B, H, nseg, m, d)
+    vg = v[:, h, kidx]
+    qvalid = valid & (pos >= off)
+    qidx = (pos - off).clamp(0, tgt_len - 1)
+    qg = q[:, h, qidx]
+    scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale               # (B, H, nseg, m, m)
+    qp, kp = pos.unsqueeze(-1), pos.unsqueeze(-2)
+    ok = valid.unsqueeze(-2) & qvalid.unsqueeze(-1)
+    if causal:
+        ok = ok & (kp <= qp)
+    for w2, r2 in earlier:
+        ok = ok & ~_covered(qp, kp, h.unsqueeze(-1), w2, r2)
+    ok = ok.unsqueeze(0)
+    if kpm is not None:
+        ok = ok & ~kpm[:, kidx].unsqueeze(-2)
+    scores = scores.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(scores.to(acc_dtype(scores.dtype)), dim=-1)    # (B, H, nseg, m)
+    probs = softmax(scores).to(vg.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    out = torch.matmul(probs, vg)
+    # scatter the group rows back to query positions (invalid rows go to a dump slot at index T)
+    dst = torch.where(qvalid, pos - off, torch.full_like(pos, tgt_len)).flatten()        # (H, nseg*m) -> flat
+    dst = dst.view(heads, -1)
+    full = out.new_zeros(bsz, heads, tgt_len + 1, out.shape[-1])
+    full = full.scatter(2, dst[None, :, :, None].expand(bsz, -1, -1, out.shape[-1]), out.flatten(2, 3))
+    lse_full = lse.new_full((bsz, heads, tgt_len + 1), float("-inf"))
+    lse_full = lse_full.scatter(2, dst[None].expand(bsz, -1, -1), lse.flatten(2, 3))
+    return full[:, :, :tgt_len], lse_full[:, :, :tgt_len]
+
+
+def merge_by_lse(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Exact softmax union of disjoint attention calls: weights ``exp(lse_b - logsumexp lse)``."""
+    lse = torch.stack(list(lses))                                          # (n, B, H, T)
+    total = torch.logsumexp(lse, dim=0)
+    safe = total.masked_fill(torch.isneginf(total), 0.0)
+    weights = torch.exp(lse - safe)                                        # 0 for empty branches / rows
+    out = sum(wt.unsqueeze(-1).to(o.dtype) * o for wt, o in zip(weights, outs))
+    return out, total
+
+
+def dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    q_offset: Optional[int] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Dilated attention over ``(w_i, r_i)`` branches, merged exactly.
+
+    Args:
+        q: ``(B, H, T, d)`` at positions ``q_offset .. q_offset + T - 1`` (default ``S - T``:
+            the last ``T`` positions, as in decoding); k, v: ``(B, Hkv, S, d)``.
+        segment_lengths, dilation_rates: the branches ``(w_i, r_i)``; head ``h`` takes offset ``h mod r_i``.
+        causal: key ``j`` visible only if ``j <= i``.
+        key_padding_mask: ``(B, S)`` bool, True = padding.
+
+    Returns:
+        ``out (B, H, T, d)`` (and the union's log-sum-exp ``(B, H, T)``).  A query no branch
+        selects (possible when every ``r_i > 1``) outputs 0.
+    """
+    check_qkv(q, k, v)
+    ws, rs = check_dilated_config(segment_lengths, dilation_rates)
+    heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
+    off = src_len - tgt_len if q_offset is None else q_offset
+    if off < 0 or off + tgt_len > src_len:
+        raise ValueError(f"queries at positions {off}..{off + tgt_len - 1} fall outside the {src_len} keys")
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kpm = None if key_padding_mask is None else key_padding_mask.bool()
+    outs, lses = [], []
+    for n, (w, r) in enumerate(zip(ws, rs)):
+        o, l = _branch(q, k, v, w, r, list(zip(ws[:n], rs[:n])), causal, off, kpm, scale, dropout_p)
+        outs.append(o)
+        lses.append(l)
+    out, lse = merge_by_lse(outs, lses)
+    return (out, lse) if return_lse else out

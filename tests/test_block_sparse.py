@@ -1,0 +1,151 @@
+"""Block-sparse attention (functional and module) against dense masked float64 attention."""
+import pytest
+import torch
+
+import efficient_attention as ea
+from efficient_attention import layouts as L
+from efficient_attention.sparse.block_sparse import block_sparse_attention
+
+from sparse_reference import causal, dense_reference, rand_qkv
+
+PATTERNS = [
+    ("local", dict(local_attn_ctx=10)),
+    ("strided", dict(local_attn_ctx=6)),
+    ("fixed", dict(local_attn_ctx=16, num_verts=2, vertsize=1)),
+    ("sliding", dict(window=5)),
+    ("dilated", dict(window=16, dilation=2)),
+    ("global", dict(num_global=3)),
+    ("all", {}),
+]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("name,kw", PATTERNS, ids=[p[0] for p in PATTERNS])
+def test_functional_token_patterns_match_dense(name, kw, is_causal):
+    B, H, N, d, bs = 2, 4, 45, 8, 8
+    q, k, v = rand_qkv(B, H, N, N, d, Hkv=2)
+    mod = L.make_mask_mod(name, heads=H, block_size=bs, causal=is_causal, **kw)
+    layout = L.layout_from_mask_mod(mod, H, N, N, bs)
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1, -5:] = True
+    out, lse = block_sparse_attention(q, k, v, layout, bs, causal=is_causal, key_padding_mask=kpm, mask_mod=mod,
+                                      return_lse=True)
+    allowed = L.create_mask(mod, 1, H, N, N) & ~kpm[:, None, None, :]
+    torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["random", "bigbird"])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_functional_block_patterns_match_dense(name, bs):
+    B, H, N, d = 1, 2, 4 * bs, 8
+    q, k, v = rand_qkv(B, H, N, N, d)
+    layout = L.make_layout(name, N, bs, H, causal=True, seed=3, num_random_blocks=1)
+    out = ea.block_sparse_attention(q, k, v, layout, bs, causal=True)
+    allowed = L.expand_layout(layout, bs, N, N)[None] & causal(N, N)
+    torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
+
+
+def test_shared_layout_and_empty_rows_are_zero_not_nan():
+    B, H, N, d, bs = 2, 3, 32, 4, 16
+    q, k, v = rand_qkv(B, H, N, N, d, requires_grad=True)
+    layout = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)  # second query block sees nothing
+    out = ea.block_sparse_attention(q, k, v, layout, bs)
+    assert torch.all(out[:, :, bs:] == 0)
+    allowed = L.expand_layout(layout, bs)[None]
+    torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_gradients_match_dense():
+    B, H, N, d, bs = 1, 2, 24, 4, 8
+    q, k, v = rand_qkv(B, H, N, N, d, requires_grad=True)
+    mod = L.make_mask_mod("fixed", heads=H, block_size=bs, causal=True, local_attn_ctx=16, num_verts=2)
+    layout = L.layout_from_mask_mod(mod, H, N, N, bs)
+    g = torch.randn(B, H, N, d, dtype=torch.float64)
+    grads = torch.autograd.grad((block_sparse_attention(q, k, v, layout, bs, mask_mod=mod) * g).sum(), (q, k, v))
+    ref = torch.autograd.grad((dense_reference(q, k, v, L.create_mask(mod, 1, H, N, N)) * g).sum(), (q, k, v))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_input():
+    q, k, v = rand_qkv(1, 2, 30, 30, 4)
+    with pytest.raises(ValueError, match="not multiples of block_size"):
+        ea.block_sparse_attention(q, k, v, torch.ones(2, 2, 2, dtype=torch.bool), 16, pad=False)
+    with pytest.raises(ValueError, match="layout must have shape"):
+        ea.block_sparse_attention(q, k, v, torch.ones(2, 3, 2, dtype=torch.bool), 16)
+    with pytest.raises(ValueError, match="layout must be bool"):
+        ea.block_sparse_attention(q, k, v, torch.full((2, 2, 2), 0.5), 16)
+    with pytest.raises(ValueError, match="block_size"):
+        ea.block_sparse_attention(q, k, v, torch.ones(1, 1, 1, dtype=torch.bool), 0)
+    with pytest.raises(ValueError, match="4-D"):
+        ea.block_sparse_attention(q[0], k, v, torch.ones(2, 2, 2, dtype=torch.bool), 16)
+
+
+# ------------------------------------------------------------------- module
+def _module_allowed(m, n):
+    """The module's token pattern, from layouts, as (H, n, n)."""
+    if m.layout == "user":
+        allowed = L.expand_layout(m._user_layout, m.block_size, n, n).expand(m.num_heads, n, n)
+    elif m._mask_mod is None:
+        allowed = L.expand_layout(m.full_layout(n), m.block_size, n, n)
+    else:
+        allowed = L.create_mask(m._mask_mod, 1, m.num_heads, n, n)[0]
+    return allowed & causal(n, n) if m.causal else allowed
+
+
+@pytest.mark.parametrize("layout", ["local", "strided", "sliding", "dilated", "global", "random", "bigbird", "all"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_module_patterns_match_dense(layout, is_causal):
+    torch.manual_seed(0)
+    m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=is_causal, layout=layout, block_size=4,
+                           local_attn_ctx=6, window=4, num_random_blocks=1).double()
+    x = torch.randn(18, 2, 16, dtype=torch.float64)
+    out, _ = m(x, x, x, need_weights=False)
+    from references import merge_and_project, project_heads
+    q, k, v = project_heads(m, x, x, x)
+    want = merge_and_project(m, dense_reference(q, k, v, _module_allowed(m, 18)[None]))
+    torch.testing.assert_close(out, want)
+
+
+def test_module_user_layout_and_errors():
+    lay = torch.zeros(4, 4, dtype=torch.bool)
+    lay[:, 0] = True
+    lay[torch.arange(4), torch.arange(4)] = True
+    m = ea.BlockSparseAttention(16, 4, layout=lay, block_size=4, causal=True).double()
+    x = torch.randn(14, 1, 16, dtype=torch.float64)
+    out, _ = m(x, x, x, need_weights=False)
+    from references import merge_and_project, project_heads
+    q, k, v = project_heads(m, x, x, x)
+    torch.testing.assert_close(out, merge_and_project(m, dense_reference(q, k, v, _module_allowed(m, 14)[None])))
+    with pytest.raises(ValueError, match="needs 5 blocks"):
+        m(torch.randn(17, 1, 16, dtype=torch.float64), need_weights=False)
+    with pytest.raises(ValueError, match="autopad"):
+        ea.BlockSparseAttention(16, 4, block_size=4, autopad=False)(torch.randn(10, 1, 16), need_weights=False)
+    with pytest.raises(ValueError, match="num_verts"):
+        ea.BlockSparseAttention(16, 4, layout="fixed", block_size=4, local_attn_ctx=8, num_verts=3)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ea.BlockSparseAttention(16, 4, layout="nope")
+    with pytest.raises(ValueError, match="layout tensor"):
+        ea.BlockSparseAttention(16, 4, layout=torch.ones(3, 2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("layout", ["local", "strided", "dilated", "random", "bigbird"])
+def test_module_decoding_equals_full(layout):
+    from helpers import decode
+    torch.manual_seed(0)
+    m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=True, layout=layout, block_size=4,
+                           local_attn_ctx=6, window=8, num_random_blocks=1).eval()
+    x = torch.randn(21, 2, 16)
+    full, _ = m(x, x, x, need_weights=False)
+    for prefix in (0, 6):
+        steps, _ = decode(m, x, prefix=prefix)
+        torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
+
+
+def test_layout_rows_from_a_block_onwards():
+    mod = L.make_mask_mod("fixed", heads=2, block_size=8, causal=True, local_attn_ctx=16, num_verts=2)
+    full = L.layout_from_mask_mod(mod, 2, 70, 70, 8)
+    assert torch.equal(L.layout_from_mask_mod(mod, 2, 70, 70, 8, q_block_start=5), full[:, 5:])

@@ -1,0 +1,70 @@
+"""Dilated attention: the exact softmax union of the branches, against dense masked float64."""
+import pytest
+import torch
+
+import efficient_attention as ea
+from efficient_attention import layouts as L
+from efficient_attention.sparse.dilated import dilated_attention
+
+from sparse_reference import dense_reference, rand_qkv
+
+CONFIGS = [((4, 8, 16), (1, 2, 4)), ((6,), (2,)), ((5, 10), (1, 3)), ((8, 8), (1, 2))]
+
+
+def union(segments, rates, is_causal, H, N):
+    mod = L.or_masks(*[L.dilated_mask_mod(w, r, is_causal) for w, r in zip(segments, rates)])
+    return L.create_mask(mod, 1, H, N, N)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("segments,rates", CONFIGS)
+def test_matches_dense_union(segments, rates, is_causal):
+    B, H, N, d = 2, 4, 29, 8
+    q, k, v = rand_qkv(B, H, N, N, d, Hkv=2)
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1, :4] = True
+    out, lse = dilated_attention(q, k, v, segments, rates, causal=is_causal, key_padding_mask=kpm, return_lse=True)
+    allowed = union(segments, rates, is_causal, H, N) & ~kpm[:, None, None, :]
+    torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * d**-0.5
+    torch.testing.assert_close(lse, torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1))
+
+
+def test_overlapping_branches_count_keys_once():
+    # (8, 1) contains every pair of (8, 2): the union is just (8, 1); a naive sum would double count
+    B, H, N, d = 1, 2, 16, 4
+    q, k, v = rand_qkv(B, H, N, N, d)
+    both = dilated_attention(q, k, v, (8, 8), (1, 2))
+    torch.testing.assert_close(both, dilated_attention(q, k, v, (8,), (1,)))
+
+
+def test_gradients_match_dense_and_tail_queries():
+    B, H, N, d = 1, 2, 20, 4
+    q, k, v = rand_qkv(B, H, N, N, d, requires_grad=True)
+    segs, rates = (4, 8), (1, 2)
+    g = torch.randn(B, H, N, d, dtype=torch.float64)
+    allowed = union(segs, rates, True, H, N)
+    got = torch.autograd.grad((dilated_attention(q, k, v, segs, rates, causal=True) * g).sum(), (q, k, v))
+    ref = torch.autograd.grad((dense_reference(q, k, v, allowed) * g).sum(), (q, k, v))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    tail = dilated_attention(q[:, :, 13:], k, v, segs, rates, causal=True)  # decoding-style: last queries only
+    torch.testing.assert_close(tail, dense_reference(q, k, v, allowed)[:, :, 13:])
+
+
+def test_unselected_queries_output_zero():
+    q, k, v = rand_qkv(1, 1, 8, 8, 4)
+    out = dilated_attention(q, k, v, (4,), (2,))  # head 0: offset 0 only
+    assert torch.all(out[:, :, 1::2] == 0) and torch.all(out[:, :, 0::2] != 0)
+
+
+def test_bad_config():
+    q, k, v = rand_qkv(1, 1, 8, 8, 4)
+    with pytest.raises(ValueError, match="equal length"):
+        dilated_attention(q, k, v, (4, 8), (1,))
+    with pytest.raises(ValueError, match="exceeds"):
+        dilated_attention(q, k, v, (2,), (4,))
+    with pytest.raises(ValueError, match="positive"):
+        ea.DilatedAttention(16, 4, segment_lengths=(0,), dilation_rates=(1,))
+    m = ea.DilatedAttention(16, 4, segment_lengths="8,16", dilation_rates="1, 2")
+    assert m.segment_lengths == (8, 16) and m.dilation_rates == (1, 2)
