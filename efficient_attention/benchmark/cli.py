@@ -89,6 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.INFO if args.verbose == 0 else logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if args.verbose < 2:
         logging.getLogger("efficient_attention.benchmark.measure").setLevel(max(level, logging.INFO))
     if args.report_only is not None:

@@ -280,10 +280,8 @@ def _decode_case(module, pattern, x, src, length: int, budget: float, device) ->
             else:
                 module(step, step, step, incremental_state=inc, need_weights=False)
 
-    def state_bytes():
-        return _nbytes(module._get_input_buffer(inc).values())
-
-    live = _nbytes(module.parameters()) + _nbytes([step]) + state_bytes()
+    state_bytes = _nbytes(module._get_input_buffer(inc).values())  # the state at the context length
+    live = _nbytes(module.parameters()) + _nbytes([step]) + state_bytes
     return _Case(lambda: None, call, live, prefill_s, state_bytes)
 
 
@@ -346,6 +344,7 @@ def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAtt
             logger.debug("point %s failed:\n%s", point, traceback.format_exc())
     finally:
         del case
+    if result["status"] != "ok":  # a failure's traceback may hold tensors: free them before the next point
         _cleanup(point.get("device", "cpu"))
     return result
 
@@ -372,7 +371,7 @@ def _run_case(case: _Case, device: torch.device, warmup: int, repeats: int, budg
         "mem_live_bytes": int(case.live),
     }
     if case.state is not None:
-        out["state_bytes"] = int(case.state())
+        out["state_bytes"] = int(case.state)
         out["prefill_s"] = case.prefill_s
     return out
 

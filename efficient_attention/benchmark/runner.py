@@ -100,17 +100,19 @@ class SubprocessRunner:
         if self._proc is None or not self._proc.is_alive():
             self._stop(kill=True)
             self._start()
+        timed_out = False
         try:
             self._conn.send(dict(point))
             if self._conn.poll(self.timeout):
                 return self._conn.recv()
+            timed_out = True
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            pass
-        if self._proc.is_alive():  # no answer in time: kill it and say so
+            pass  # the worker died
+        if timed_out:  # no answer in time: kill it and say so
             logger.warning("point ran past the %.0f s timeout; restarting the worker", self.timeout)
             self._stop(kill=True)
             return {"status": "skipped", "reason": "budget", "detail": f"killed after the {self.timeout:.0f} s timeout"}
-        self._proc.join()
+        self._proc.join(timeout=30)
         code = self._proc.exitcode
         self._stop(kill=True)
         if code is not None and code < 0:
