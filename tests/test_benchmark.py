@@ -223,8 +223,14 @@ def test_measured_crossing_cases():
     # cheaper at 32 only, then more expensive again: no crossing from which it stays cheaper
     assert measured_crossing(lengths, [3, 1, 3, 3], [2, 2, 2, 2]).status == "none"
     # baseline out of memory from 64 on while the mechanism runs: it wins from 64
-    c = measured_crossing(lengths, [3, 3, 3, 3], [2, 2, None, None], [False, False, True, True])
+    inf = math.inf
+    c = measured_crossing(lengths, [3, 3, 3, 3], [2, 2, None, None], [None, None, inf, inf])
     assert (c.status, c.length, c.first_length) == ("at", 64.0, 64)
+    # baseline skipped for budget from 64 on after costing 2 at 32: a mechanism costing 3 is not known to win
+    assert measured_crossing(lengths, [3, 3, 3, 3], [2, 2, None, None], [None, None, 2, 2]).status == "none"
+    # ... but one costing 1.5 there is
+    c = measured_crossing(lengths, [3, 3, 1.5, 1.5], [2, 2, None, None], [None, None, 2, 2])
+    assert (c.status, c.first_length) == ("at", 64)
     assert measured_crossing(lengths, [None] * 4, [1] * 4).status == "n/a"
 
 

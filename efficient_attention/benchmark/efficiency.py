@@ -17,9 +17,11 @@ For a mechanism, a baseline and a metric (time or memory) in one setting
 * **measured** -- read from the points: the shortest measured length from which
   the mechanism is cheaper at every longer measured length, the crossing placed
   by log-log interpolation of the cost ratio between that length and the one
-  below it.  A baseline that ran out of memory or past its budget where the
-  mechanism ran counts as beaten there; ``always`` if it is cheaper from the
-  first length, ``none`` if not at the longest.
+  below it.  A baseline that ran out of memory where the mechanism ran counts
+  as beaten there; one skipped for budget (or the CPU memory cap) counts as
+  beaten if the mechanism ran cheaper than the baseline's cost at the longest
+  length it did run; ``always`` if the mechanism is cheaper from the first
+  length, ``none`` if not at the longest.
 """
 from __future__ import annotations
 
@@ -118,22 +120,25 @@ def fitted_crossing(mech: Fit, base: Fit, measured: Sequence[float] = ()) -> Cro
 
 
 def measured_crossing(lengths: Sequence[int], mech: Sequence[Optional[float]], base: Sequence[Optional[float]],
-                      base_failed: Sequence[bool] = ()) -> Crossing:
+                      base_bound: Sequence[Optional[float]] = ()) -> Crossing:
     """The measured crossing.
 
     ``mech[i]`` / ``base[i]`` are the costs at ``lengths[i]`` (``None`` where not
-    measured); ``base_failed[i]`` says the baseline ran out of memory or budget
-    there (the mechanism then wins if it ran).
+    measured).  Where the baseline was not measured, ``base_bound[i]`` may give
+    a lower bound of its cost: ``inf`` where it ran out of memory, its cost at
+    the longest shorter length where it was skipped for budget or memory
+    (costs grow with length).  The mechanism wins there if it ran cheaper than
+    the bound; otherwise that length is left out.
     """
-    base_failed = list(base_failed) or [False] * len(lengths)
+    base_bound = list(base_bound) or [None] * len(lengths)
     outcome: List[Tuple[int, bool, Optional[float]]] = []  # (length, mechanism wins, cost ratio)
-    for n, m, b, failed in sorted(zip(lengths, mech, base, base_failed)):
+    for n, m, b, bound in sorted(zip(lengths, mech, base, base_bound), key=lambda t: t[0]):
         if m is None:
             continue
         if b is not None:
             ratio = m / b if b > 0 else math.inf
             outcome.append((n, ratio < 1.0, ratio))
-        elif failed:
+        elif bound is not None and m < bound:
             outcome.append((n, True, None))
     if not outcome:
         return Crossing("n/a")
@@ -161,8 +166,22 @@ def _series(points: List[dict]) -> Dict[tuple, Dict[str, Dict[int, dict]]]:
     return out
 
 
-def _failed(p: Optional[dict]) -> bool:
-    return p is not None and (p["status"] == "oom" or (p["status"] == "skipped" and p.get("reason") in ("budget", "memory", "oom")))
+def _bounds(base: Dict[int, dict], key: str, lengths: Sequence[int]) -> List[Optional[float]]:
+    """Lower bounds of the baseline's cost where it did not run (see :func:`measured_crossing`)."""
+    out, last_ok = [], None
+    for n in lengths:
+        p = base.get(n)
+        if p is not None and p["status"] == "ok":
+            last_ok = p[key]
+        if p is None or p["status"] == "ok":
+            out.append(None)
+        elif p["status"] == "oom" or p.get("reason") == "oom":
+            out.append(math.inf)
+        elif p["status"] == "skipped" and p.get("reason") in ("budget", "memory"):
+            out.append(last_ok)
+        else:
+            out.append(None)
+    return out
 
 
 def efficiency_lengths(points: List[dict], baselines: Sequence[str]) -> List[dict]:
@@ -184,7 +203,7 @@ def efficiency_lengths(points: List[dict], baselines: Sequence[str]) -> List[dic
                     b_ok = {n: p[key] for n, p in base.items() if p["status"] == "ok"}
                     measured = measured_crossing(
                         lengths, [m_ok.get(n) for n in lengths], [b_ok.get(n) for n in lengths],
-                        [_failed(base.get(n)) for n in lengths],
+                        _bounds(base, key, lengths),
                     )
                     mfit = fit_curve(sorted(m_ok), [m_ok[n] for n in sorted(m_ok)])
                     bfit = fit_curve(sorted(b_ok), [b_ok[n] for n in sorted(b_ok)])

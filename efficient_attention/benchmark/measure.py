@@ -232,8 +232,8 @@ def _backward_case(module, pattern, x, src, gen_seed: int) -> _Case:
     x = x.detach().requires_grad_(True)
     src = src.detach().requires_grad_(True) if pattern.cross else None
     kv = (src, src) if pattern.cross else (x, x)
-    g = torch.Generator(device="cpu").manual_seed(gen_seed)
-    grad_out = torch.randn(x.shape, generator=g).to(device=x.device, dtype=x.dtype)
+    g = torch.Generator(device=x.device).manual_seed(gen_seed)
+    grad_out = torch.randn(x.shape, generator=g, device=x.device).to(x.dtype)
     params = [p for p in module.parameters() if p.requires_grad]
     leaves = params + [x] + ([src] if src is not None else [])
 
@@ -261,10 +261,10 @@ def _decode_case(module, pattern, x, src, length: int, budget: float, device) ->
             module(step, src, src, incremental_state=inc, static_kv=True, need_weights=False)
         elif _uses_default_cache(module):
             shape = (bsz, module.num_kv_heads, length, module.head_dim)
-            g = torch.Generator(device="cpu").manual_seed(length)
+            g = torch.Generator(device=device).manual_seed(length)
             state = {
-                "prev_key": torch.randn(shape, generator=g).to(device=device, dtype=x.dtype),
-                "prev_value": torch.randn(shape, generator=g).to(device=device, dtype=x.dtype),
+                "prev_key": torch.randn(shape, generator=g, device=device).to(x.dtype),
+                "prev_value": torch.randn(shape, generator=g, device=device).to(x.dtype),
                 "prev_key_padding_mask": None,
             }
             module._set_input_buffer(inc, state)
@@ -322,9 +322,9 @@ def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAtt
         cls = resolve_mechanism(point["mechanism"], extra)
         torch.manual_seed(int(point.get("seed", 0)))
         module = _build(cls, pattern, heads * dim, heads, device, dtype)
-        g = torch.Generator(device="cpu").manual_seed(int(point.get("seed", 0)) + length)
-        x = torch.randn(length, bsz, heads * dim, generator=g).to(device=device, dtype=dtype)
-        src = torch.randn(length, bsz, heads * dim, generator=g).to(device=device, dtype=dtype) if pattern.cross else None
+        g = torch.Generator(device=device).manual_seed(int(point.get("seed", 0)) + length)
+        x = torch.randn(length, bsz, heads * dim, generator=g, device=device).to(dtype)
+        src = torch.randn(length, bsz, heads * dim, generator=g, device=device).to(dtype) if pattern.cross else None
         mode = point["mode"]
         if mode == "forward":
             case = _forward_case(module, pattern, x, src)
