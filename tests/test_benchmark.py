@@ -62,6 +62,16 @@ class FakeSlow(MultiheadAttention):
         return super()._attend(q, k, v, masks, need_weights)
 
 
+class FakeColdStart(MultiheadAttention):
+    """The first call of each module takes 0.3 s (one-time set-up), the others are fast."""
+
+    def _attend(self, q, k, v, masks, need_weights):
+        if not getattr(self, "_warm", False):
+            self._warm = True
+            time.sleep(0.3)
+        return super()._attend(q, k, v, masks, need_weights)
+
+
 def _by(result, mechanism, mode="forward"):
     return {p["length"]: p for p in result["points"] if p["mechanism"] == mechanism and p["mode"] == mode}
 
@@ -141,6 +151,13 @@ def test_sweep_skips_longer_lengths_past_the_budget():
     slow = _by(run_sweep(config, extra={"fake_slow": FakeSlow}), "fake_slow")
     assert slow[16]["status"] == "ok" and slow[16]["repeats"] == 1  # over budget: timed once
     assert [(slow[n]["status"], slow[n]["reason"]) for n in (32, 64)] == [("skipped", "budget")] * 2
+
+
+def test_budget_ignores_warm_up_calls():
+    config = SweepConfig(mechanisms=["fake_cold"], baselines=(), patterns=["causal-self"],
+                         lengths=(16, 32, 64), modes=("forward",), **dict(TINY, budget=0.1))
+    cold = _by(run_sweep(config, extra={"fake_cold": FakeColdStart}), "fake_cold")
+    assert [(cold[n]["status"], cold[n]["repeats"]) for n in (16, 32, 64)] == [("ok", 2)] * 3
 
 
 def test_sweep_skips_points_predicted_to_exceed_the_cpu_memory_cap():

@@ -26,8 +26,11 @@ Modes:
 
 Time: ``warmup`` untimed calls, then ``repeats`` timed calls; the median is
 reported (all times are kept).  On CUDA each call is timed with CUDA events on
-the current stream; on the CPU with ``time.perf_counter``.  If a warm-up call
-already takes longer than ``budget`` seconds, only one timed call is made.
+the current stream; on the CPU with ``time.perf_counter``.  If the first timed
+call already takes longer than ``budget`` seconds, it is the only one.  The
+point's ``cost_s`` (what the sweep's budget looks at) is its slowest timed
+call, or the decoding prefill if slower -- never a warm-up call, which carries
+one-time costs.
 
 Memory: one more call, measured separately from the timed ones:
 
@@ -350,23 +353,23 @@ def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAtt
 
 
 def _run_case(case: _Case, device: torch.device, warmup: int, repeats: int, budget: float) -> dict:
-    costs = [case.prefill_s]
-    for _ in range(max(0, warmup)):
+    for _ in range(max(0, warmup)):  # untimed: the first calls carry one-time costs (kernel loading, plans)
         case.reset()
-        costs.append(_time_call(case.call, device))
-    if warmup > 0 and costs[-1] > budget:
-        repeats = 1  # one slow point: measure it once and let the sweep skip longer lengths
+        case.call()
+    _sync(device)
     times = []
     for _ in range(max(1, repeats)):
         case.reset()
         times.append(_time_call(case.call, device))
+        if times[0] > budget:
+            break  # one slow point: measured once, and the sweep skips longer lengths
     case.reset()
     peak = _peak_call(case.call, device)
     out = {
         "time_s": statistics.median(times),
         "times_s": times,
         "repeats": len(times),
-        "cost_s": max(costs + times),
+        "cost_s": max(times + [case.prefill_s]),
         "mem_peak_bytes": int(peak),
         "mem_live_bytes": int(case.live),
     }

@@ -28,7 +28,11 @@ def write_outputs(result: dict, out_dir) -> Dict[str, object]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: Dict[str, object] = {"json": write_json(result, out_dir / "results.json")}
-    plots = plot_results(result, out_dir)
+    try:
+        plots = plot_results(result, out_dir)
+    except ImportError as exc:  # matplotlib is optional: re-render later with --report-only
+        logger.warning("no plots (%s); install matplotlib and re-run with --report-only %s", exc, paths["json"])
+        plots = []
     md = out_dir / "results.md"
     md.write_text(markdown_report(result, [p.name for p in plots]))
     paths["markdown"] = md

@@ -12,6 +12,7 @@ import importlib
 import logging
 import multiprocessing as mp
 import signal
+import warnings
 from typing import Mapping, Optional, Sequence, Type
 
 import torch
@@ -45,6 +46,8 @@ class InProcessRunner:
 
 def _worker_main(conn, imports: Sequence[str], threads: Optional[int], log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    # autograd's device thread in a fresh process sets its CUDA context itself; the warning is noise
+    warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
     if threads:
         torch.set_num_threads(threads)
     import_modules(imports)
