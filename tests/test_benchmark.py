@@ -168,6 +168,14 @@ def test_sweep_skips_points_predicted_to_exceed_the_cpu_memory_cap():
     assert [(naive[n]["status"], naive[n]["reason"]) for n in (32, 64)] == [("skipped", "memory")] * 2
 
 
+def test_sweep_time_limit_records_the_rest_as_skipped():
+    config = SweepConfig(mechanisms=[], baselines=("vanilla",), patterns=["causal-self"], lengths=(16, 32),
+                         modes=("forward", "backward"), max_time=1e-9, **TINY)
+    points = run_sweep(config)["points"]
+    assert len(points) == 4
+    assert all((p["status"], p["reason"]) == ("skipped", "time limit") for p in points)
+
+
 def test_cli_worker_process_survives_a_killed_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cmd = [

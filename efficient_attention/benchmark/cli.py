@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=1.0, help="seconds per call: longer lengths of a mechanism are skipped once a call takes longer")
     p.add_argument("--max-memory", type=float, default=None, help="CPU only: GiB a point may be predicted to use (default: half the available memory)")
     p.add_argument("--timeout", type=float, default=None, help="seconds after which a point's worker is killed (default: max(120, 30 x budget))")
+    p.add_argument("--max-time", type=float, default=None, help="seconds for the whole sweep; points left after it are recorded as skipped (time limit)")
     p.add_argument("--isolation", choices=("subprocess", "none"), default="subprocess", help="run points in a worker process that may crash, or in this process")
     p.add_argument("--import", dest="imports", type=_csv, default=[], help="modules to import first (they may register more mechanisms)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -80,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         mechanisms=args.mechanisms, baselines=tuple(args.baselines), patterns=args.patterns,
         lengths=tuple(args.lengths), modes=tuple(args.modes), batch=args.batch, heads=args.heads, dim=args.dim,
         dtypes=tuple(args.dtype), devices=tuple(args.device), warmup=args.warmup, repeats=args.repeats,
-        budget=args.budget, max_memory_gib=args.max_memory, timeout=args.timeout, isolation=args.isolation,
+        budget=args.budget, max_memory_gib=args.max_memory, timeout=args.timeout, max_time=args.max_time,
+        isolation=args.isolation,
         imports=tuple(args.imports), threads=args.threads, seed=args.seed,
     )
 

@@ -150,7 +150,7 @@ def markdown_report(result: dict, plot_names: List[str] = ()) -> str:
     out.append(
         "Time in ms (median), peak memory in MiB on top of parameters and inputs. `oom`: out of memory; "
         "`budget`: skipped after a slower shorter length; `memory`: skipped, predicted to exceed the memory cap; "
-        "`error`: the mechanism raised (see the JSON).\n"
+        "`time limit`: not reached within --max-time; `error`: the mechanism raised (see the JSON).\n"
     )
     for (device, dtype, pattern, mode), pts in _groups(result["points"]).items():
         label = "context length" if mode == "decode" else "length"

@@ -13,6 +13,9 @@ shortest length up, and the series stops early:
   an error, so such points are not run.
 * ``skipped: oom`` / ``skipped: after failure`` -- longer lengths after an
   out-of-memory point or a crash.
+* ``skipped: time limit`` -- every point left once the whole sweep has run
+  ``max_time`` seconds (series run pattern by pattern, mode by mode, every
+  mechanism in turn, so a cut-off hits all mechanisms' later modes alike).
 
 A point that raises any other error is recorded (``error``) and the series
 goes on: a mechanism may reject one length and accept the next.
@@ -57,7 +60,8 @@ class SweepConfig:
     added.  ``budget`` is in seconds per call; ``max_memory_gib`` (CPU only)
     defaults to half the memory available when the sweep starts; ``timeout``
     (seconds per point, worker process only) defaults to
-    ``max(120, 30 * budget)``.
+    ``max(120, 30 * budget)``; ``max_time`` (seconds for the whole sweep)
+    is unlimited by default.
     """
 
     mechanisms: Optional[List[str]] = None
@@ -75,6 +79,7 @@ class SweepConfig:
     budget: float = 1.0
     max_memory_gib: Optional[float] = None
     timeout: Optional[float] = None
+    max_time: Optional[float] = None
     isolation: str = "subprocess"
     imports: Tuple[str, ...] = ()
     threads: Optional[int] = None
@@ -88,6 +93,8 @@ class SweepConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not self.lengths or any(int(n) <= 0 for n in self.lengths):
             raise ValueError(f"lengths must be positive integers, got {self.lengths!r}")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"max_time must be positive, got {self.max_time}")
         if self.budget <= 0:
             raise ValueError(f"budget must be positive, got {self.budget}")
         for mode in self.modes:
@@ -273,6 +280,8 @@ def run_sweep(
                     warmup=config.warmup, repeats=config.repeats, budget=config.budget, seed=config.seed,
                 )
                 skip = _skip_reason(done, length, config, s["device"], max_memory)
+                if skip is None and config.max_time and time.perf_counter() - t_start > config.max_time:
+                    skip = ("time limit", f"the sweep passed its {config.max_time:g} s limit (--max-time)")
                 if skip is not None:
                     res = {"status": "skipped", "reason": skip[0], "detail": skip[1]}
                 else:
