@@ -147,9 +147,9 @@ def test_sweep_records_oom_and_errors_and_goes_on():
 
 def test_sweep_skips_longer_lengths_past_the_budget():
     config = SweepConfig(mechanisms=["fake_slow"], baselines=("vanilla",), patterns=["causal-self"],
-                         lengths=(16, 32, 64), modes=("forward",), **dict(TINY, budget=0.05))
+                         lengths=(16, 32, 64), modes=("forward",), **dict(TINY, repeats=5, budget=0.05))
     slow = _by(run_sweep(config, extra={"fake_slow": FakeSlow}), "fake_slow")
-    assert slow[16]["status"] == "ok" and slow[16]["repeats"] == 1  # over budget: timed once
+    assert slow[16]["status"] == "ok" and slow[16]["repeats"] == 2  # over budget: timed twice, not 5 times
     assert [(slow[n]["status"], slow[n]["reason"]) for n in (32, 64)] == [("skipped", "budget")] * 2
 
 
