@@ -26,7 +26,7 @@ from efficient_attention.benchmark import (
     run_sweep,
     write_outputs,
 )
-from efficient_attention.benchmark.cli import parse_lengths
+from efficient_attention.benchmark.cli import parse_lengths, parse_option
 from efficient_attention.benchmark.efficiency import choose_degree
 from efficient_attention.benchmark.measure import parse_pattern
 from efficient_attention.capabilities import Pattern
@@ -285,3 +285,19 @@ def test_argument_parsing():
         parse_pattern("sideways")
     with pytest.raises(ValueError, match="mode"):
         SweepConfig(modes=("sideways",)).validate()
+    assert parse_option("Vanilla.num_kv_heads=2") == ("vanilla", "num_kv_heads", 2)
+    assert parse_option("x.mode=fast") == ("x", "mode", "fast")
+    with pytest.raises(Exception):
+        parse_option("novalue")
+    with pytest.raises(ValueError, match="no option 'wsize'"):
+        SweepConfig(options={"vanilla": {"wsize": 3}}).validate()
+
+
+def test_option_overrides_reach_the_module():
+    config = SweepConfig(mechanisms=["vanilla"], baselines=(), patterns=["causal-self"], lengths=(16,),
+                         modes=("decode",), options={"vanilla": {"num_kv_heads": 1}}, **TINY)
+    result = run_sweep(config)
+    (point,) = result["points"]
+    # multi-query: the cache holds one key/value head instead of two
+    assert point["status"] == "ok" and point["state_bytes"] == 2 * 1 * 1 * 16 * 8 * 4
+    assert result["mechanisms"]["vanilla"]["options"]["num_kv_heads"] == "1"

@@ -6,6 +6,7 @@ printed on stdout at the end; everything is written under ``--out``.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import sys
@@ -16,7 +17,7 @@ from .measure import MODES, DTYPES
 from .report import efficiency_table, write_outputs
 from .sweep import BASELINES, DEFAULT_LENGTHS, SweepConfig, run_sweep
 
-__all__ = ["main", "build_parser", "parse_lengths", "config_from_args"]
+__all__ = ["main", "build_parser", "parse_lengths", "parse_option", "config_from_args"]
 
 
 def _csv(text: str) -> List[str]:
@@ -43,6 +44,19 @@ def parse_lengths(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"--lengths: expected 'N,N,...' or 'MIN:MAX' of positive integers, got {text!r}")
 
 
+def parse_option(text: str):
+    """``"mechanism.key=value"`` -> ``("mechanism", "key", value)``; the value is a Python literal or a string."""
+    head, sep, raw = text.partition("=")
+    name, dot, key = head.partition(".")
+    if not (sep and dot and name.strip() and key.strip()):
+        raise argparse.ArgumentTypeError(f"--option: expected MECHANISM.KEY=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return name.strip().lower().replace("-", "_"), key.strip(), value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="efficient-attention-bench",
@@ -54,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patterns", type=_csv, default=None, help="e.g. causal-self,noncausal-self,noncausal-cross,causal-cross (default: all)")
     p.add_argument("--lengths", type=parse_lengths, default=list(DEFAULT_LENGTHS), help="'N,N,...' or 'MIN:MAX' doubling")
     p.add_argument("--modes", type=_csv, default=list(MODES), help="forward, backward (forward+backward), decode (one step)")
+    p.add_argument("--option", dest="options", type=parse_option, action="append", default=[], metavar="MECH.KEY=VALUE",
+                   help="override a mechanism's constructor option (repeatable), e.g. cosformer.max_len=16385")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64, help="head dimension (embed_dim = heads * dim)")
@@ -77,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    options = {}
+    for name, key, value in args.options:
+        options.setdefault(name, {})[key] = value
     return SweepConfig(
+        options=options,
         mechanisms=args.mechanisms, baselines=tuple(args.baselines), patterns=args.patterns,
         lengths=tuple(args.lengths), modes=tuple(args.modes), batch=args.batch, heads=args.heads, dim=args.dim,
         dtypes=tuple(args.dtype), devices=tuple(args.device), warmup=args.warmup, repeats=args.repeats,

@@ -4,7 +4,11 @@ A *point* is a plain dict (JSON-able, so it can cross a process boundary)::
 
     {"mechanism": "vanilla", "pattern": "causal self", "mode": "forward",
      "length": 1024, "batch": 1, "heads": 8, "dim": 64, "dtype": "float32",
-     "device": "cpu", "warmup": 1, "repeats": 5, "budget": 1.0, "seed": 0}
+     "device": "cpu", "warmup": 1, "repeats": 5, "budget": 1.0, "seed": 0,
+     "options": {}}
+
+``options`` are constructor options of the mechanism (default: its class
+defaults).
 
 :func:`measure_point` returns a result dict with ``status`` one of ``ok``,
 ``oom``, ``error`` (and the exception text in ``detail``).  Nothing here raises
@@ -195,7 +199,7 @@ def _nbytes(tensors) -> int:
 
 
 # ------------------------------------------------------- building a point
-def _build(cls, pattern: Pattern, embed_dim: int, heads: int, device, dtype) -> EfficientAttention:
+def _build(cls, pattern: Pattern, embed_dim: int, heads: int, device, dtype, options: Mapping) -> EfficientAttention:
     module = cls(
         embed_dim,
         heads,
@@ -203,6 +207,7 @@ def _build(cls, pattern: Pattern, embed_dim: int, heads: int, device, dtype) -> 
         encoder_decoder_attention=pattern.cross,
         cross=pattern.cross,
         causal=pattern.causal,
+        **options,
     )
     return module.to(device=device, dtype=dtype)
 
@@ -324,7 +329,7 @@ def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAtt
         budget = float(point.get("budget", math.inf))
         cls = resolve_mechanism(point["mechanism"], extra)
         torch.manual_seed(int(point.get("seed", 0)))
-        module = _build(cls, pattern, heads * dim, heads, device, dtype)
+        module = _build(cls, pattern, heads * dim, heads, device, dtype, point.get("options") or {})
         g = torch.Generator(device=device).manual_seed(int(point.get("seed", 0)) + length)
         x = torch.randn(length, bsz, heads * dim, generator=g, device=device).to(dtype)
         src = torch.randn(length, bsz, heads * dim, generator=g, device=device).to(dtype) if pattern.cross else None

@@ -79,6 +79,7 @@ class SweepConfig:
     budget: float = 1.0
     max_memory_gib: Optional[float] = None
     timeout: Optional[float] = None
+    options: Dict[str, Dict[str, object]] = field(default_factory=dict)  # mechanism -> constructor overrides
     max_time: Optional[float] = None
     isolation: str = "subprocess"
     imports: Tuple[str, ...] = ()
@@ -110,6 +111,11 @@ class SweepConfig:
             raise ValueError(f"isolation must be 'subprocess' or 'none', got {self.isolation!r}")
         for p in self.patterns or ():
             parse_pattern(p)
+        for name, opts in self.options.items():
+            known = resolve_mechanism(name).options()
+            for key in opts:
+                if key not in known:
+                    raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(known) or 'none'}")
 
 
 # ------------------------------------------------------------ machine info
@@ -264,7 +270,7 @@ def run_sweep(
         "schema": SCHEMA,
         "machine": machine_info(config.devices),
         "config": {**asdict(config), "lengths": lengths, "max_memory_bytes": max_memory, "timeout": timeout},
-        "mechanisms": _mechanism_info(series, extra),
+        "mechanisms": _mechanism_info(series, extra, config.options),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "points": [],
     }
@@ -278,6 +284,7 @@ def run_sweep(
                 point = dict(
                     s, length=length, batch=config.batch, heads=config.heads, dim=config.dim,
                     warmup=config.warmup, repeats=config.repeats, budget=config.budget, seed=config.seed,
+                    options=dict(config.options.get(s["mechanism"], {})),
                 )
                 skip = _skip_reason(done, length, config, s["device"], max_memory)
                 if skip is None and config.max_time and time.perf_counter() - t_start > config.max_time:
@@ -299,14 +306,17 @@ def run_sweep(
     return result
 
 
-def _mechanism_info(series: List[dict], extra) -> Dict[str, dict]:
+def _mechanism_info(series: List[dict], extra, overrides: Mapping[str, Mapping[str, object]]) -> Dict[str, dict]:
     out = {}
     for name in dict.fromkeys(s["mechanism"] for s in series):
         cls = resolve_mechanism(name, extra)
+        opts = {k: v.default for k, v in cls.options().items()}
+        opts.update(overrides.get(name, {}))
         out[name] = {
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "baseline": name in BASELINES,
-            "options": {k: repr(v.default) for k, v in cls.options().items()},
+            "options": {k: repr(v) for k, v in opts.items()},
+            "overridden": sorted(overrides.get(name, {})),
             "constant_state": cls.capabilities.constant_state,
         }
     return out
