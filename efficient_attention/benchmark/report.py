@@ -132,7 +132,8 @@ def markdown_report(result: dict, plot_names: List[str] = ()) -> str:
         f"Machine: {devs}; CPU {m['cpu']} ({m['cpu_count']} cores, {m['threads']} torch threads); "
         f"torch {m['torch']} (CUDA {m['cuda']}); efficient-attention {m['efficient_attention']} "
         f"(commit {str(m.get('git_commit'))[:12]}); started {result.get('started')}, "
-        f"{result.get('elapsed_s', 0):.0f} s.\n",
+        f"{result.get('elapsed_s', 0):.0f} s; load average {m.get('load_average')} at the start, "
+        f"{result.get('load_average_end')} at the end.\n",
         f"Sizes: batch {c['batch']}, {c['heads']} heads x {c['dim']} dims (embed {c['heads'] * c['dim']}); "
         f"keys as long as queries in cross patterns. Median of {c['repeats']} calls after {c['warmup']} warm-up; "
         f"budget {c['budget']} s per call.\n",

@@ -139,6 +139,13 @@ def _meminfo(key: str) -> Optional[int]:
     return None
 
 
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _git_commit() -> Optional[str]:
     root = Path(__file__).resolve().parents[2]
     try:
@@ -162,6 +169,7 @@ def machine_info(devices: Sequence[str] = ("cpu",)) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "load_average": _loadavg(),
         "efficient_attention": __version__,
         "git_commit": _git_commit(),
         "devices": {},
@@ -274,6 +282,9 @@ def run_sweep(
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "points": [],
     }
+    load = result["machine"]["load_average"]
+    if load and "cpu" in config.devices and load[0] > 0.5 * (os.cpu_count() or 1):
+        logger.warning("the machine is busy (load average %s on %s cores): CPU timings will be noisy", load, os.cpu_count())
     total, index, t_start = len(series) * len(lengths), 0, time.perf_counter()
     logger.info("sweep: %d series x %d lengths = %d points", len(series), len(lengths), total)
     try:
@@ -302,6 +313,7 @@ def run_sweep(
     finally:
         runner.close()
     result["elapsed_s"] = time.perf_counter() - t_start
+    result["load_average_end"] = _loadavg()
     result["efficiency"] = efficiency_lengths(result["points"], config.baselines)
     return result
 
