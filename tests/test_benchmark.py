@@ -289,6 +289,8 @@ def test_argument_parsing():
     assert parse_option("x.mode=fast") == ("x", "mode", "fast")
     with pytest.raises(Exception):
         parse_option("novalue")
+    with pytest.raises(ValueError, match="unknown attention 'nosuch'"):
+        SweepConfig(mechanisms=["nosuch"]).validate()
     with pytest.raises(ValueError, match="no option 'wsize'"):
         SweepConfig(options={"vanilla": {"wsize": 3}}).validate()
 

@@ -86,7 +86,7 @@ class SweepConfig:
     threads: Optional[int] = None
     seed: int = 0
 
-    def validate(self) -> None:
+    def validate(self, extra: Optional[Mapping[str, Type[EfficientAttention]]] = None) -> None:
         for name in ("batch", "heads", "dim", "repeats"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -111,8 +111,14 @@ class SweepConfig:
             raise ValueError(f"isolation must be 'subprocess' or 'none', got {self.isolation!r}")
         for p in self.patterns or ():
             parse_pattern(p)
+        import_modules(self.imports)  # they may register the mechanisms named below
+        for name in list(self.mechanisms or ()) + list(self.baselines):
+            try:
+                resolve_mechanism(name, extra)
+            except KeyError as exc:
+                raise ValueError(exc.args[0]) from None
         for name, opts in self.options.items():
-            known = resolve_mechanism(name).options()
+            known = resolve_mechanism(name, extra).options()
             for key in opts:
                 if key not in known:
                     raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(known) or 'none'}")
@@ -258,7 +264,7 @@ def run_sweep(
     ``isolation="none"``); ``checkpoint``, if given, is rewritten with the
     results so far after every series.
     """
-    config.validate()
+    config.validate(extra)
     if extra and config.isolation != "none":
         raise ValueError("unregistered mechanism classes (extra) need isolation='none'; register them in a module and use imports")
     if config.threads:
