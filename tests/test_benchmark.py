@@ -196,6 +196,14 @@ def test_cli_worker_process_survives_a_killed_point(tmp_path):
     assert (tmp_path / "time_cpu_float32.png").exists()
 
 
+def test_broken_cuda_context_is_detected():
+    from efficient_attention.benchmark.runner import context_is_broken
+
+    assert context_is_broken({"status": "error", "detail": "RuntimeError: CUDA error: an illegal memory access was encountered"})
+    assert not context_is_broken({"status": "error", "detail": "ValueError: bad length"})
+    assert not context_is_broken({"status": "oom", "detail": "OutOfMemoryError: CUDA out of memory"})
+
+
 # --------------------------------------------------- efficiency arithmetic
 def _quad(n):
     return 1e-9 * n**2 + 2e-6 * n + 1e-3

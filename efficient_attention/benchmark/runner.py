@@ -2,8 +2,9 @@
 
 The worker process (the default of the command line) protects the sweep from
 what a mechanism can do to a process: a hard crash, a CPU out-of-memory kill
-by the operating system, or a point that runs far past its budget (the worker
-is killed after ``timeout`` seconds and a fresh one is started).  Points are
+by the operating system, a point that runs far past its budget (the worker
+is killed after ``timeout`` seconds and a fresh one is started), or a CUDA
+error that leaves the context unusable (the worker exits after reporting it).  Points are
 sent over a pipe as plain dicts; results come back the same way.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .measure import measure_point
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InProcessRunner", "SubprocessRunner", "import_modules"]
+__all__ = ["InProcessRunner", "SubprocessRunner", "import_modules", "context_is_broken"]
 
 
 def import_modules(names: Sequence[str]) -> None:
@@ -44,6 +45,15 @@ class InProcessRunner:
         pass
 
 
+_FATAL_CUDA = ("illegal memory access", "device-side assert", "unspecified launch failure", "cuda error: misaligned")
+
+
+def context_is_broken(result: Mapping) -> bool:
+    """Whether a failed point left the CUDA context unusable (every later call in the process would fail)."""
+    detail = str(result.get("detail", "")).lower()
+    return result.get("status") == "error" and any(s in detail for s in _FATAL_CUDA)
+
+
 def _worker_main(conn, imports: Sequence[str], threads: Optional[int], log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     # autograd's device thread in a fresh process sets its CUDA context itself; the warning is noise
@@ -58,7 +68,12 @@ def _worker_main(conn, imports: Sequence[str], threads: Optional[int], log_level
             return
         if point is None:
             return
-        conn.send(measure_point(point))
+        result = measure_point(point)
+        if context_is_broken(result):  # let the parent start a fresh process for the next point
+            result["restart_worker"] = True
+            conn.send(result)
+            return
+        conn.send(result)
 
 
 class SubprocessRunner:
@@ -107,7 +122,11 @@ class SubprocessRunner:
         try:
             self._conn.send(dict(point))
             if self._conn.poll(self.timeout):
-                return self._conn.recv()
+                result = self._conn.recv()
+                if result.pop("restart_worker", False):
+                    logger.warning("the CUDA context is broken (%s); restarting the worker", result.get("detail"))
+                    self._stop(kill=False)
+                return result
             timed_out = True
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             pass  # the worker died
