@@ -162,6 +162,9 @@ def markdown_report(result: dict, plot_names: List[str] = ()) -> str:
 
 
 # ------------------------------------------------------------------ plots
+_COLOR_ORDER = list(range(0, 20, 2)) + list(range(1, 20, 2))
+
+
 def _style(names: List[str]):
     import matplotlib
 
@@ -175,7 +178,8 @@ def _style(names: List[str]):
         elif name == "naive":
             styles[name] = dict(color="black", linestyle="--", marker="x", linewidth=2.0)
         else:
-            styles[name] = dict(color=cmap(k % 20), linestyle="-", marker=markers[k % len(markers)], linewidth=1.2)
+            color = cmap(_COLOR_ORDER[k % 20])  # the 10 saturated colours first, then their light pairs
+            styles[name] = dict(color=color, linestyle="-", marker=markers[k % len(markers)], linewidth=1.2)
             k += 1
     return styles
 
