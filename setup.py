@@ -46,5 +46,5 @@ setup(
     },
     ext_modules=exts,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["efficient-attention-bench=efficient_attention.benchmark.cli:main"]},
 )

@@ -1,0 +1,390 @@
+"""Measuring one benchmark point: one mechanism, pattern, mode, length, dtype and device.
+
+A *point* is a plain dict (JSON-able, so it can cross a process boundary)::
+
+    {"mechanism": "vanilla", "pattern": "causal self", "mode": "forward",
+     "length": 1024, "batch": 1, "heads": 8, "dim": 64, "dtype": "float32",
+     "device": "cpu", "warmup": 1, "repeats": 5, "budget": 1.0, "seed": 0,
+     "options": {}}
+
+``options`` are constructor options of the mechanism (default: its class
+defaults).
+
+:func:`measure_point` returns a result dict with ``status`` one of ``ok``,
+``oom``, ``error`` (and the exception text in ``detail``).  Nothing here raises
+for a failing mechanism: a failure is data.
+
+Modes:
+
+* ``forward``: one inference forward (``eval()``, ``torch.no_grad()``).
+* ``backward``: forward + backward of a random output gradient (``train()``,
+  dropout is 0); parameter and input gradients are reset to ``None`` between
+  calls, outside the measured region.
+* ``decode``: one incremental decoding step (one new token) with a context of
+  ``length`` tokens already in the state.  Mechanisms using the base class's
+  key/value cache get a cache of ``length`` random keys/values written
+  directly (the cheap prefill); mechanisms with their own state are prefilled
+  by one forward call over ``length`` tokens (token by token if that call
+  fails).  Cross patterns decode with ``static_kv=True`` against ``length``
+  encoder states.
+
+Time: ``warmup`` untimed calls, then ``repeats`` timed calls; the median is
+reported (all times are kept).  On CUDA each call is timed with CUDA events on
+the current stream; on the CPU with ``time.perf_counter``.  If the first two
+timed calls both take longer than ``budget`` seconds, no more are made.  The
+point's ``cost_s`` (what the sweep's budget looks at) is its fastest timed
+call (robust to a hiccup of a busy machine), or the decoding prefill if slower
+-- never a warm-up call, which carries one-time costs.
+
+Memory: one more call, measured separately from the timed ones:
+
+* CUDA: ``torch.cuda.reset_peak_memory_stats``; peak =
+  ``max_memory_allocated() - memory_allocated()`` taken just before the call.
+* CPU: the call runs under ``torch.profiler`` with ``profile_memory=True``; the
+  profiler reports every allocation and free made through PyTorch's CPU
+  allocator while it runs; their running sum, in time order, is the memory
+  the call added on top of what was live before it, and its maximum is the
+  peak.  Like ``max_memory_allocated`` on CUDA this counts tensor memory (not
+  the allocator's cache, Python objects or libraries' private buffers).
+
+Both report the *extra* memory of the call (activations, workspace, outputs,
+gradients; for decoding, the step's new cache and temporaries) -- parameters
+and inputs, the same for every mechanism, are excluded and given separately as
+``mem_live_bytes``.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import statistics
+import time
+import traceback
+from typing import Callable, Dict, Mapping, Optional, Tuple, Type
+
+import torch
+from torch.autograd import DeviceType
+
+from ..base import EfficientAttention
+from ..capabilities import Pattern
+from ..registry import get_attention_class
+from .naive import NAIVE_NAME, NaiveAttention
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODES",
+    "measure_point",
+    "resolve_mechanism",
+    "parse_pattern",
+    "pattern_slug",
+    "applicable_modes",
+    "cpu_peak_bytes",
+    "classify_exception",
+]
+
+MODES = ("forward", "backward", "decode")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_pattern(text) -> Pattern:
+    """``"causal-self"``, ``"causal_self"``, ``"causal self"`` or a :class:`Pattern` -> :class:`Pattern`."""
+    if isinstance(text, Pattern):
+        return text
+    key = str(text).strip().lower().replace("-", " ").replace("_", " ")
+    for p in Pattern:
+        if p.value == key:
+            return p
+    raise ValueError(f"unknown pattern {text!r}; use one of: {', '.join(pattern_slug(p) for p in Pattern)}")
+
+
+def pattern_slug(pattern: Pattern) -> str:
+    return pattern.value.replace(" ", "-")
+
+
+def resolve_mechanism(name: str, extra: Optional[Mapping[str, Type[EfficientAttention]]] = None) -> Type[EfficientAttention]:
+    """The class to benchmark: ``naive``, an entry of ``extra``, or a registered mechanism."""
+    if extra and name in extra:
+        return extra[name]
+    if name == NAIVE_NAME:
+        return NaiveAttention
+    return get_attention_class(name)
+
+
+def applicable_modes(cls: Type[EfficientAttention], pattern: Pattern):
+    """The modes a class can run in a pattern (``decode`` needs incremental decoding,
+    and a causal self or a cross pattern)."""
+    modes = ["forward", "backward"]
+    caps = cls.capabilities
+    if caps.incremental and (pattern is Pattern.CAUSAL_SELF or pattern.cross):
+        modes.append("decode")
+    return modes
+
+
+def classify_exception(exc: BaseException) -> Tuple[str, str]:
+    """``("oom", text)`` for out-of-memory errors (CUDA or CPU), else ``("error", text)``."""
+    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), MemoryError) if t is not None)
+    if isinstance(exc, oom_types):
+        return "oom", text
+    msg = str(exc).lower()
+    if isinstance(exc, RuntimeError) and any(
+        s in msg for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
+    ):
+        return "oom", text
+    return "error", text
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated through PyTorch's CPU allocator while ``fn`` runs, on top of what was live before.
+
+    Read from ``torch.profiler``'s memory events: the running sum of
+    allocations and frees in time order.  Frees of tensors allocated before
+    the call are not reported by the profiler, so they never lower the sum
+    (the peak can only be over-, never under-estimated by them).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+        ),
+        key=lambda ev: ev[0],  # stable: events of one timestamp keep their order
+    )
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+# ---------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call takes (CUDA events on GPU, perf_counter on CPU)."""
+    if device.type == "cuda":
+        _sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _peak_call(fn: Callable[[], object], device: torch.device) -> int:
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    return cpu_peak_bytes(fn)
+
+
+def _nbytes(tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
+
+
+# ------------------------------------------------------- building a point
+def _build(cls, pattern: Pattern, embed_dim: int, heads: int, device, dtype, options: Mapping) -> EfficientAttention:
+    module = cls(
+        embed_dim,
+        heads,
+        self_attention=not pattern.cross,
+        encoder_decoder_attention=pattern.cross,
+        cross=pattern.cross,
+        causal=pattern.causal,
+        **options,
+    )
+    return module.to(device=device, dtype=dtype)
+
+
+def _uses_default_cache(module: EfficientAttention) -> bool:
+    return type(module)._attend_step is EfficientAttention._attend_step
+
+
+class _Case:
+    """The callables of one point: ``reset()`` (unmeasured) then ``call()`` (measured)."""
+
+    def __init__(self, reset: Callable[[], None], call: Callable[[], None], live: int, prefill_s: float = 0.0, state=None):
+        self.reset, self.call, self.live, self.prefill_s, self.state = reset, call, live, prefill_s, state
+
+
+def _forward_case(module, pattern, x, src) -> _Case:
+    module.eval()
+    kv = (src, src) if pattern.cross else (x, x)
+
+    def call():
+        with torch.no_grad():
+            module(x, *kv, need_weights=False)
+
+    live = _nbytes(module.parameters()) + _nbytes([x] + ([src] if pattern.cross else []))
+    return _Case(lambda: None, call, live)
+
+
+def _backward_case(module, pattern, x, src, gen_seed: int) -> _Case:
+    module.train()
+    x = x.detach().requires_grad_(True)
+    src = src.detach().requires_grad_(True) if pattern.cross else None
+    kv = (src, src) if pattern.cross else (x, x)
+    g = torch.Generator(device=x.device).manual_seed(gen_seed)
+    grad_out = torch.randn(x.shape, generator=g, device=x.device).to(x.dtype)
+    params = [p for p in module.parameters() if p.requires_grad]
+    leaves = params + [x] + ([src] if src is not None else [])
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    def call():
+        out, _ = module(x, *kv, need_weights=False)
+        out.backward(grad_out)
+
+    live = _nbytes(module.parameters()) + _nbytes([x, grad_out] + ([src] if src is not None else []))
+    return _Case(reset, call, live)
+
+
+def _decode_case(module, pattern, x, src, length: int, budget: float, device) -> _Case:
+    """Prefill a decoding state of ``length`` tokens, then ``call()`` decodes one token."""
+    module.eval()
+    bsz, embed_dim = x.shape[1], x.shape[2]
+    step = x[:1]
+    inc: Dict = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if pattern.cross:
+            module(step, src, src, incremental_state=inc, static_kv=True, need_weights=False)
+        elif _uses_default_cache(module):
+            shape = (bsz, module.num_kv_heads, length, module.head_dim)
+            g = torch.Generator(device=device).manual_seed(length)
+            state = {
+                "prev_key": torch.randn(shape, generator=g, device=device).to(x.dtype),
+                "prev_value": torch.randn(shape, generator=g, device=device).to(x.dtype),
+                "prev_key_padding_mask": None,
+            }
+            module._set_input_buffer(inc, state)
+        else:
+            _prefill_own_state(module, x, inc, budget)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+
+    def call():
+        with torch.no_grad():
+            if pattern.cross:
+                module(step, None, None, incremental_state=inc, static_kv=True, need_weights=False)
+            else:
+                module(step, step, step, incremental_state=inc, need_weights=False)
+
+    state_bytes = _nbytes(module._get_input_buffer(inc).values())  # the state at the context length
+    live = _nbytes(module.parameters()) + _nbytes([step]) + state_bytes
+    return _Case(lambda: None, call, live, prefill_s, state_bytes)
+
+
+def _prefill_own_state(module, x, inc, budget: float) -> None:
+    """Prefill a mechanism's own decoding state: one call over all tokens, else token by token."""
+    try:
+        module(x, x, x, incremental_state=inc, need_weights=False)
+        return
+    except Exception as exc:  # noqa: BLE001 - a mechanism may only decode one token at a time
+        first = classify_exception(exc)
+        if first[0] == "oom":
+            raise
+        logger.debug("one-call prefill failed (%s); prefilling token by token", first[1])
+    inc.clear()
+    limit = max(10 * budget, 1.0)
+    t0 = time.perf_counter()
+    for i in range(x.shape[0]):
+        module(x[i : i + 1], x[i : i + 1], x[i : i + 1], incremental_state=inc, need_weights=False)
+        if time.perf_counter() - t0 > limit:
+            raise _BudgetExceeded(f"token-by-token prefill passed {limit:.1f} s at token {i + 1} of {x.shape[0]}")
+
+
+class _BudgetExceeded(Exception):
+    pass
+
+
+# ------------------------------------------------------------ the point
+def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAttention]]] = None) -> dict:
+    """Measure one point (see the module docstring); never raises for a failing mechanism."""
+    result = {"status": "ok", "threads": torch.get_num_threads()}
+    case = None
+    try:
+        device = torch.device(point["device"])
+        dtype = DTYPES[point["dtype"]]
+        pattern = parse_pattern(point["pattern"])
+        length, bsz, heads, dim = (int(point[k]) for k in ("length", "batch", "heads", "dim"))
+        budget = float(point.get("budget", math.inf))
+        cls = resolve_mechanism(point["mechanism"], extra)
+        torch.manual_seed(int(point.get("seed", 0)))
+        module = _build(cls, pattern, heads * dim, heads, device, dtype, point.get("options") or {})
+        g = torch.Generator(device=device).manual_seed(int(point.get("seed", 0)) + length)
+        x = torch.randn(length, bsz, heads * dim, generator=g, device=device).to(dtype)
+        src = torch.randn(length, bsz, heads * dim, generator=g, device=device).to(dtype) if pattern.cross else None
+        mode = point["mode"]
+        if mode == "forward":
+            case = _forward_case(module, pattern, x, src)
+        elif mode == "backward":
+            case = _backward_case(module, pattern, x, src, int(point.get("seed", 0)) + 1)
+        elif mode == "decode":
+            case = _decode_case(module, pattern, x, src, length, budget, device)
+        else:
+            raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        result.update(_run_case(case, device, int(point.get("warmup", 1)), int(point.get("repeats", 5)), budget))
+    except _BudgetExceeded as exc:
+        result.update(status="skipped", reason="budget", detail=str(exc))
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, the sweep goes on
+        status, text = classify_exception(exc)
+        result.update(status=status, detail=text)
+        if status == "error":
+            logger.debug("point %s failed:\n%s", point, traceback.format_exc())
+    finally:
+        del case
+    if result["status"] != "ok":  # a failure's traceback may hold tensors: free them before the next point
+        _cleanup(point.get("device", "cpu"))
+    return result
+
+
+def _run_case(case: _Case, device: torch.device, warmup: int, repeats: int, budget: float) -> dict:
+    for _ in range(max(0, warmup)):  # untimed: the first calls carry one-time costs (kernel loading, plans)
+        case.reset()
+        case.call()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        case.reset()
+        times.append(_time_call(case.call, device))
+        if len(times) >= 2 and min(times) > budget:
+            break  # a slow point: measured twice, and the sweep skips longer lengths
+    case.reset()
+    peak = _peak_call(case.call, device)
+    out = {
+        "time_s": statistics.median(times),
+        "times_s": times,
+        "repeats": len(times),
+        "cost_s": max(min(times), case.prefill_s),
+        "mem_peak_bytes": int(peak),
+        "mem_live_bytes": int(case.live),
+    }
+    if case.state is not None:
+        out["state_bytes"] = int(case.state)
+        out["prefill_s"] = case.prefill_s
+    return out
+
+
+def _cleanup(device) -> None:
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,253 @@
+"""Writing a sweep's results: JSON, a Markdown report and PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_outputs", "write_json", "markdown_report", "efficiency_table", "plot_results"]
+
+_MODE_TITLES = {"forward": "forward", "backward": "forward + backward", "decode": "decoding step"}
+
+
+def write_json(result: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def write_outputs(result: dict, out_dir) -> Dict[str, object]:
+    """``results.json``, ``results.md`` and the plots under ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: Dict[str, object] = {"json": write_json(result, out_dir / "results.json")}
+    try:
+        plots = plot_results(result, out_dir)
+    except ImportError as exc:  # matplotlib is optional: re-render later with --report-only
+        logger.warning("no plots (%s); install matplotlib and re-run with --report-only %s", exc, paths["json"])
+        plots = []
+    md = out_dir / "results.md"
+    md.write_text(markdown_report(result, [p.name for p in plots]))
+    paths["markdown"] = md
+    paths["plots"] = plots
+    return paths
+
+
+# ------------------------------------------------------------- formatting
+def _fmt_len(x: Optional[float]) -> str:
+    if x is None:
+        return "?"
+    if x >= 1e6:
+        return f"{x:.2g}"
+    return f"{x:,.0f}"
+
+
+def _fmt_crossing(c: dict, measured: bool) -> str:
+    status = c["status"]
+    if status == "at":
+        text = _fmt_len(c["length"])
+        return text + ("*" if c.get("extrapolated") else "")
+    if status == "always":
+        return f"always (≤{c['first_length']:,})" if measured and c.get("first_length") else "always"
+    if status == "none":
+        return "none"
+    return status
+
+
+def _fmt_time(s: float) -> str:
+    ms = s * 1e3
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+
+
+def _fmt_mem(b: float) -> str:
+    return f"{b / 2**20:.3g}" if b < 1000 * 2**20 else f"{b / 2**20:,.0f}"
+
+
+def _cell(p: Optional[dict], key: str) -> str:
+    if p is None:
+        return ""
+    if p["status"] == "ok":
+        return _fmt_time(p[key]) if key == "time_s" else _fmt_mem(p[key])
+    if p["status"] == "skipped":
+        return p.get("reason", "skipped")
+    return p["status"]
+
+
+def efficiency_table(result: dict) -> str:
+    """Markdown: one row per mechanism/setting; each cell ``fitted (measured)`` efficiency length."""
+    rows = result.get("efficiency", [])
+    if not rows:
+        return "_no efficiency lengths (no baseline or no mechanism measured)_\n"
+    baselines = list(dict.fromkeys(r["baseline"] for r in rows))
+    head = ["mechanism", "device", "dtype", "pattern", "mode"] + [f"{m} vs {b}" for b in baselines for m in ("time", "memory")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    grouped: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        key = (r["mechanism"], r["device"], r["dtype"], r["pattern"], r["mode"])
+        grouped.setdefault(key, {})[r["baseline"]] = r
+    for key, by_base in grouped.items():
+        cells = [f"`{key[0]}`", *key[1:]]
+        for b in baselines:
+            r = by_base.get(b)
+            for m in ("time", "memory"):
+                if r is None:
+                    cells.append("")
+                else:
+                    cells.append(f"{_fmt_crossing(r[m]['fitted'], False)} ({_fmt_crossing(r[m]['measured'], True)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _points_table(points: List[dict], lengths: List[int], key: str) -> str:
+    mechs: Dict[str, Dict[int, dict]] = {}
+    for p in points:
+        mechs.setdefault(p["mechanism"], {})[p["length"]] = p
+    head = ["mechanism"] + [f"{n:,}" for n in lengths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, by_len in mechs.items():
+        lines.append("| " + " | ".join([f"`{name}`"] + [_cell(by_len.get(n), key) for n in lengths]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _groups(points: List[dict]) -> Dict[tuple, List[dict]]:
+    out: Dict[tuple, List[dict]] = {}
+    for p in points:
+        out.setdefault((p["device"], p["dtype"], p["pattern"], p["mode"]), []).append(p)
+    return out
+
+
+def markdown_report(result: dict, plot_names: List[str] = ()) -> str:
+    m, c = result["machine"], result["config"]
+    lengths = list(c["lengths"])
+    devs = "; ".join(f"{k}: {v['name']}" for k, v in m["devices"].items())
+    out = [
+        "# Attention benchmark\n",
+        f"Machine: {devs}; CPU {m['cpu']} ({m['cpu_count']} cores, {m['threads']} torch threads); "
+        f"torch {m['torch']} (CUDA {m['cuda']}); efficient-attention {m['efficient_attention']} "
+        f"(commit {str(m.get('git_commit'))[:12]}); started {result.get('started')}, "
+        f"{result.get('elapsed_s', 0):.0f} s; load average {m.get('load_average')} at the start, "
+        f"{result.get('load_average_end')} at the end.\n",
+        f"Sizes: batch {c['batch']}, {c['heads']} heads x {c['dim']} dims (embed {c['heads'] * c['dim']}); "
+        f"keys as long as queries in cross patterns. Median of {c['repeats']} calls after {c['warmup']} warm-up; "
+        f"budget {c['budget']} s per call.\n",
+        "## Efficiency length\n",
+        "The sequence length from which the mechanism is faster (time) or smaller (memory) than the baseline: "
+        "fitted crossing (`*` = extrapolated beyond the measured lengths), and in brackets the crossing read "
+        "from the measured points. `always`: cheaper at every length; `never`: the baseline is cheaper "
+        "asymptotically; `none`: not cheaper at the longest measured length. See benchmarks/README.md.\n",
+        efficiency_table(result),
+    ]
+    if plot_names:
+        out.append("## Plots\n")
+        out.extend(f"![{n}]({n})\n" for n in plot_names)
+    out.append("## Points\n")
+    out.append(
+        "Time in ms (median), peak memory in MiB on top of parameters and inputs. `oom`: out of memory; "
+        "`budget`: skipped after a slower shorter length; `memory`: skipped, predicted to exceed the memory cap; "
+        "`time limit`: not reached within --max-time; `error`: the mechanism raised (see the JSON).\n"
+    )
+    for (device, dtype, pattern, mode), pts in _groups(result["points"]).items():
+        label = "context length" if mode == "decode" else "length"
+        out.append(f"### {_MODE_TITLES.get(mode, mode)}, {pattern}, {dtype}, {device} (columns: {label})\n")
+        out.append("Time (ms)\n\n" + _points_table(pts, lengths, "time_s"))
+        out.append("Peak memory (MiB)\n\n" + _points_table(pts, lengths, "mem_peak_bytes"))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ plots
+_COLOR_ORDER = list(range(0, 20, 2)) + list(range(1, 20, 2))
+
+
+def _style(names: List[str]):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    markers = "osD^v<>ph*"
+    styles = {}
+    k = 0
+    for name in names:
+        if name == "vanilla":
+            styles[name] = dict(color="black", linestyle="-", marker="o", linewidth=2.2)
+        elif name == "naive":
+            styles[name] = dict(color="black", linestyle="--", marker="x", linewidth=2.0)
+        else:
+            color = cmap(_COLOR_ORDER[k % 20])  # the 10 saturated colours first, then their light pairs
+            styles[name] = dict(color=color, linestyle="-", marker=markers[k % len(markers)], linewidth=1.2)
+            k += 1
+    return styles
+
+
+def plot_results(result: dict, out_dir) -> List[Path]:
+    """Log-log plots per (device, dtype): time and memory vs length (rows: forward,
+    forward+backward; columns: patterns) and decoding-step latency vs context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    groups = _groups(result["points"])
+    names = list(dict.fromkeys(p["mechanism"] for p in result["points"]))
+    styles = _style(names)
+    paths = []
+    for device, dtype in dict.fromkeys((k[0], k[1]) for k in groups):
+        patterns = list(dict.fromkeys(k[2] for k in groups if k[:2] == (device, dtype)))
+        dev_name = result["machine"]["devices"].get(device, {}).get("name", device)
+        for kind, modes, key, ylabel in (
+            ("time", ("forward", "backward"), "time_s", "time (ms)"),
+            ("memory", ("forward", "backward"), "mem_peak_bytes", "peak memory (MiB)"),
+            ("decode", ("decode",), "time_s", "step latency (ms)"),
+        ):
+            cells = [(mode, pat) for mode in modes for pat in patterns if (device, dtype, pat, mode) in groups]
+            if not cells:
+                continue
+            rows = [mode for mode in modes if any(c[0] == mode for c in cells)]
+            cols = [pat for pat in patterns if any(c[1] == pat for c in cells)]
+            fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.2 * len(cols) + 2.6, 3.6 * len(rows)), squeeze=False)
+            for i, mode in enumerate(rows):
+                for j, pat in enumerate(cols):
+                    ax = axes[i][j]
+                    pts = groups.get((device, dtype, pat, mode), [])
+                    _plot_cell(ax, pts, key, styles)
+                    ax.set_title(f"{_MODE_TITLES[mode]}, {pat}", fontsize=9)
+                    ax.set_xlabel("context length" if mode == "decode" else "sequence length", fontsize=8)
+                    ax.set_ylabel(ylabel, fontsize=8)
+            handles, labels = {}, {}
+            for ax in axes.flat:
+                for h, lab in zip(*ax.get_legend_handles_labels()):
+                    handles.setdefault(lab, h)
+            fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7, frameon=False)
+            fig.suptitle(f"{kind}: {dev_name}, {dtype}", fontsize=10)
+            fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.96))
+            path = out_dir / f"{kind}_{device.replace(':', '')}_{dtype}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def _plot_cell(ax, pts: List[dict], key: str, styles) -> None:
+    by_mech: Dict[str, List[dict]] = {}
+    for p in pts:
+        by_mech.setdefault(p["mechanism"], []).append(p)
+    for name, series in by_mech.items():
+        ok = sorted((p["length"], p[key]) for p in series if p["status"] == "ok" and p.get(key, 0) > 0)
+        if not ok:
+            continue
+        xs, ys = zip(*ok)
+        scale = 1e3 if key == "time_s" else 1 / 2**20
+        ax.plot(xs, [y * scale for y in ys], label=name, markersize=3.5, **styles[name])
+        oom = [p["length"] for p in series if p["status"] == "oom"]
+        if oom:  # mark where a series ran out of memory
+            ax.plot(oom, [ys[-1] * scale] * len(oom), linestyle="none", marker="X", color=styles[name]["color"], markersize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.tick_params(labelsize=7)
