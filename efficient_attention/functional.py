@@ -116,6 +116,8 @@ def sdpa_attention(
     Rows with nothing to attend to give 0 (as in :func:`softmax`).
     """
     num_heads, tgt_len, src_len = q.shape[1], q.shape[-2], k.shape[-2]
+    if causal and tgt_len == 1:
+        causal = False  # a single query is the last position: it sees every key
     if causal and (mask is not None or tgt_len != src_len):
         mask = merge_masks(tgt_len, src_len, attn_mask=mask, causal=True, dtype=q.dtype, device=q.device)
         causal = False
