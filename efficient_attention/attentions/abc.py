@@ -1,0 +1,171 @@
+"""ABC (Peng et al., 2021): attention over a bounded memory of ``n`` learned-control slots.
+
+``K̃_l = Σ_j α_jl k_j``, ``Ṽ_l = Σ_j α_jl v_j`` with ``α_·l = softmax_j(w_l·k_j)``;
+``out_i = softmax_l(q_i·K̃_l / √d) Ṽ`` -- softmax attention over ``n`` slots instead of ``S`` keys.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import AttentionMasks, EfficientAttention
+from ..capabilities import ALL_PATTERNS, Capabilities
+from ..functional import acc_dtype, dense_attention, softmax
+from ..masks import as_bool_mask, causal_mask
+from ..registry import register_attention
+
+__all__ = ["ABC"]
+
+_CHUNK = 64
+
+
+@register_attention("abc")
+class ABC(EfficientAttention):
+    """Attention with bounded-memory control (ABC-MLP style control, per head).
+
+    Math: slot scores ``a_jl = w_l·k_j`` (``w`` is the parameter
+    ``landmark_proj`` ``(H, n, d)``); a query sees the memory of the keys it may
+    attend to: ``K̃_l = Σ_j e^{a_jl} k_j / Σ_j e^{a_jl}`` (same for ``Ṽ``), then
+    ``out = softmax(q K̃ᵀ / √d) Ṽ``.  Causal queries use the running
+    (cumulative) memory and normaliser of the keys up to their position;
+    cross attention builds the memory from the key side.
+
+    Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``, memory ``(B, H, n, d)``.
+    Patterns: all four.  Causal attention works by chunks of 64 with running
+    sums (never an ``(N, n, d)`` tensor); decoding keeps only the running
+    memory, normaliser and per-slot max (constant state); ``static_kv``
+    caches the key-side memory.  ``key_padding_mask`` honoured (padded keys
+    never enter the memory); an arbitrary ``attn_mask`` is not.  Dropout is
+    applied to the slot probabilities.  Half inputs compute in fp32.
+
+    Cost: O((T + S)·n·d) time; O((T + S)·n + n·d) memory per head.
+    """
+
+    capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
+    option_help = {"num_landmarks": "number of memory slots n"}
+
+    def __init__(self, *args, num_landmarks: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
+            raise ValueError(f"num_landmarks must be a positive integer, got {num_landmarks!r}")
+        self.num_landmarks = num_landmarks
+        self.landmark_proj = nn.Parameter(torch.empty(self.num_heads, num_landmarks, self.head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "landmark_proj"):  # the base calls this before the slot projection exists
+            nn.init.normal_(self.landmark_proj, std=self.head_dim**-0.5)
+
+    def _slot_scores(self, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
+        """``a = k wᵀ`` ``(B, H, S, n)``, padded keys at ``-inf``."""
+        a = torch.einsum("bhsd,hnd->bhsn", k, self.landmark_proj.to(k.dtype))
+        if kpm is not None:
+            a = a.masked_fill(kpm[:, None, :, None], float("-inf"))
+        return a
+
+    def _memory(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
+        """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key."""
+        alpha = softmax(self._slot_scores(k, kpm), dim=-2).to(k.dtype)  # over keys; all padded -> 0
+        return torch.matmul(alpha.transpose(-1, -2), k), torch.matmul(alpha.transpose(-1, -2), v)
+
+    def _read(self, q: Tensor, mem_k: Tensor, mem_v: Tensor) -> Tensor:
+        dropout = self.dropout_p if self.training else 0.0
+        return dense_attention(q, mem_k, mem_v, scale=self.scaling, dropout_p=dropout, training=self.training)[0]
+
+    # ----------------------------------------------------------------- causal
+    def _new_state(self, q: Tensor) -> Dict[str, Tensor]:
+        bsz, n, d = q.shape[0], self.num_landmarks, self.head_dim
+        zeros = q.new_zeros(bsz, self.num_heads, n, d)
+        return {
+            "mem_k": zeros,  # Σ e^{a_jl - max_l} k_j
+            "mem_v": zeros,  # Σ e^{a_jl - max_l} v_j
+            "mem_norm": zeros[..., 0],  # Σ e^{a_jl - max_l}
+            "mem_max": torch.full_like(zeros[..., 0], float("-inf")),  # running max_l of a_jl
+        }
+
+    @staticmethod
+    def _rescale(state: Dict[str, Tensor], a: Tensor) -> Tensor:
+        """Raise the per-slot running max to cover ``a``; rescale the sums; return ``e^{a - max}``."""
+        old = state["mem_max"]
+        new = torch.maximum(old, a.detach().amax(-2)) if a.shape[-2] else old
+        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+        scale = torch.where(torch.isfinite(old), torch.exp(old - safe), torch.zeros_like(safe))
+        state["mem_k"] = state["mem_k"] * scale.unsqueeze(-1)
+        state["mem_v"] = state["mem_v"] * scale.unsqueeze(-1)
+        state["mem_norm"] = state["mem_norm"] * scale
+        state["mem_max"] = new
+        return torch.exp(a - safe.unsqueeze(-2))
+
+    @staticmethod
+    def _absorb(state: Dict[str, Tensor], e: Tensor, k: Tensor, v: Tensor) -> None:
+        state["mem_k"] = state["mem_k"] + torch.matmul(e.transpose(-1, -2), k)
+        state["mem_v"] = state["mem_v"] + torch.matmul(e.transpose(-1, -2), v)
+        state["mem_norm"] = state["mem_norm"] + e.sum(-2)
+
+    def _chunk(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Dict[str, Tensor]) -> Tensor:
+        """Queries aligned with keys: query ``i`` reads the memory of the past and of keys ``<= i`` here."""
+        e = self._rescale(state, a)  # (B, H, c, n)
+        future = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+        norm = state["mem_norm"].unsqueeze(-2) + torch.cumsum(e, dim=-2)  # (B, H, c, n)
+        qk = torch.matmul(q, k.transpose(-1, -2)).masked_fill(future, 0.0)
+        num = torch.matmul(q, state["mem_k"].transpose(-1, -2)) + torch.matmul(qk, e)  # q·(Σ e k)
+        empty = norm <= 0
+        safe_norm = torch.where(empty, torch.ones_like(norm), norm)
+        probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
+        if self.training and self.dropout_p > 0:
+            probs = F.dropout(probs, self.dropout_p, training=True)
+        r = probs / safe_norm  # (B, H, c, n): weight of each slot's unnormalised value sum
+        out = torch.matmul(r, state["mem_v"]) + torch.matmul(
+            torch.matmul(r, e.transpose(-1, -2)).masked_fill(future, 0.0), v
+        )
+        self._absorb(state, e, k, v)
+        return out
+
+    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
+        """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past)."""
+        a = self._slot_scores(k, kpm)
+        offset = k.shape[-2] - q.shape[-2]
+        if offset > 0:  # keys every query sees
+            self._absorb(state, self._rescale(state, a[..., :offset, :]), k[..., :offset, :], v[..., :offset, :])
+            a, k, v = a[..., offset:, :], k[..., offset:, :], v[..., offset:, :]
+        blind = max(-offset, 0)  # queries before the first key see nothing
+        outs = [q.new_zeros(*q.shape[:2], blind, v.shape[-1])]
+        q = q[..., blind:, :]
+        for start in range(0, q.shape[-2], _CHUNK):
+            sl = slice(start, start + _CHUNK)
+            outs.append(self._chunk(q[..., sl, :], k[..., sl, :], v[..., sl, :], a[..., sl, :], state))
+        return torch.cat(outs, dim=-2)
+
+    # ------------------------------------------------------------------ hooks
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
+        dtype = acc_dtype(q.dtype)
+        q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.causal:
+            out = self._causal(q32, k32, v32, masks.key_padding, self._new_state(q32))
+        else:
+            out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
+        return out.to(q.dtype), None
+
+    def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
+        bsz, tgt_len = q.shape[0], q.shape[2]
+        if attn_mask is not None:  # only the causal mask is accepted (checked by the base rules)
+            self._prepare_masks(masks, attn_mask, bsz, tgt_len, attn_mask.shape[-1], q.device)
+        kpm = None if masks.key_padding is None else as_bool_mask(masks.key_padding, "key_padding_mask")
+        dtype = acc_dtype(q.dtype)
+        q32 = q.to(dtype)
+        if static_kv:
+            if "prev_key" not in state:  # prev_key / prev_value hold the key-side memory K̃ / Ṽ (B, H, n, d)
+                state["prev_key"], state["prev_value"] = self._memory(k.to(dtype), v.to(dtype), kpm)
+            return self._read(q32, state["prev_key"], state["prev_value"]).to(q.dtype), None
+        if "mem_k" in state and k.shape[2] < tgt_len:
+            raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")
+        names = ("mem_k", "mem_v", "mem_norm", "mem_max")
+        sums = {n: state[n] for n in names} if "mem_k" in state else self._new_state(q32)
+        out = self._causal(q32, k.to(dtype), v.to(dtype), kpm, sums)
+        state.update(sums)
+        return out.to(q.dtype), None
