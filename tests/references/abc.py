@@ -13,15 +13,16 @@ def abc_reference(m, query, key, value, *, key_padding_mask=None, attn_mask=None
     src_len = k.shape[2]
     w = m.landmark_proj.double()  # (H, n, d)
     out = torch.zeros_like(q)
+    rows = torch.arange(tgt_len)[:, None]
+    cols = torch.arange(src_len)[None, :]
     for b in range(bsz):
+        visible = ~(cols > rows + src_len - tgt_len) if m.causal else torch.ones(tgt_len, src_len, dtype=torch.bool)
+        if key_padding_mask is not None:
+            visible = visible & ~key_padding_mask[b][None, :]
         for h in range(heads):
             for i in range(tgt_len):
-                seen = [
-                    j for j in range(src_len)
-                    if not (m.causal and j > i + src_len - tgt_len)
-                    and not (key_padding_mask is not None and key_padding_mask[b, j])
-                ]
-                if not seen:
+                seen = visible[i].nonzero().flatten()
+                if len(seen) == 0:
                     continue
                 ks, vs = k[b, h, seen], v[b, h, seen]
                 alpha = torch.softmax(ks @ w[h].t(), dim=0)  # (|seen|, n): normalised over keys, per slot
