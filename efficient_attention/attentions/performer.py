@@ -14,8 +14,8 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, causal_linear_attention, safe_divide
-from ..masks import as_bool_mask
+from ..functional import acc_dtype, safe_divide
+from ..masks import as_bool_mask, causal_mask
 from ..registry import register_attention
 
 __all__ = ["Performer"]
@@ -28,15 +28,18 @@ _CHUNK = 64  # causal chunk length: memory O(N·m·d / _CHUNK) for the saved run
 def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, device=None) -> Tensor:
     """``(num_rows, dim)`` Gaussian projection; rows orthogonal within each block of ``dim``.
 
-    Orthogonal rows are rescaled to the norms of independent Gaussian vectors
-    (chi-distributed), so each row is still marginally ``N(0, I)``.
+    Orthogonal rows (QR of a Gaussian matrix with the signs of ``diag(R)``
+    fixed, so the directions are uniform) are rescaled to the norms of
+    independent Gaussian vectors (chi-distributed), so each row is still
+    marginally ``N(0, I)``.
     """
     gauss = torch.randn(num_rows, dim, device=device)
     if not orthogonal:
         return gauss
     blocks = []
     for start in range(0, num_rows, dim):
-        q, _ = torch.linalg.qr(torch.randn(dim, dim, device=device))
+        q, r = torch.linalg.qr(torch.randn(dim, dim, device=device))
+        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # sign fix: Haar-distributed (unbiased) directions
         blocks.append(q.t()[: min(dim, num_rows - start)])
     return torch.cat(blocks) * gauss.norm(dim=1, keepdim=True)
 
@@ -177,12 +180,33 @@ class Performer(EfficientAttention):
         qf = qf[..., blind:, :]
         for start in range(0, qf.shape[-2], _CHUNK):
             sl = slice(start, start + _CHUNK)
-            kf = self._rescale(state, k_logits[..., sl, :])
-            num, den, state["kv_sum"], state["k_sum"] = causal_linear_attention(
-                qf[..., sl, :], kf, v[..., sl, :], state["kv_sum"], state["k_sum"], chunk_size=_CHUNK
-            )
-            outs.append(safe_divide(num, den))
+            outs.append(self._chunk(qf[..., sl, :], k_logits[..., sl, :], v[..., sl, :], state))
         return torch.cat(outs, dim=-2)
+
+    @staticmethod
+    def _chunk(qf: Tensor, logits: Tensor, v: Tensor, state: Dict[str, Tensor]) -> Tensor:
+        """One chunk of aligned queries/keys.  Query ``i`` is stabilised by the running max ``c_i`` of
+        the keys ``<= i`` only (so a large future key never underflows the past): key ``j`` enters
+        with ``exp(logit_j - c_j) · exp(c_j - c_i)`` and the running sums with ``exp(max_past - c_i)``."""
+        neg_inf = float("-inf")
+        past_max = state["k_max"].flatten(2)  # (B, H, 1)
+        run = torch.maximum(torch.cummax(logits.detach().amax(-1), dim=-1).values, past_max)  # (B, H, c)
+        safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
+        e = torch.exp(logits - safe.unsqueeze(-1))  # (B, H, c, m), each key at its own running max
+        c = logits.shape[-2]
+        rel = (safe.unsqueeze(-2) - safe.unsqueeze(-1)).masked_fill(causal_mask(c, c, device=e.device), neg_inf)
+        intra = torch.matmul(qf, e.transpose(-1, -2)) * torch.exp(rel)  # (B, H, c_i, c_j), exp(c_j - c_i)
+        finite_past = torch.isfinite(past_max)
+        past = torch.where(finite_past, torch.exp(past_max - safe), torch.zeros_like(safe))  # (B, H, c)
+        num = torch.matmul(intra, v) + past.unsqueeze(-1) * torch.matmul(qf, state["kv_sum"])
+        den = intra.sum(-1) + past * torch.matmul(qf, state["k_sum"].unsqueeze(-1)).squeeze(-1)
+        last = safe[..., -1:]  # the sums move to the scale of the chunk's last position
+        to_last = e * torch.exp(safe - last).unsqueeze(-1)
+        carry = torch.where(finite_past, torch.exp(past_max - last), torch.zeros_like(last))
+        state["kv_sum"] = state["kv_sum"] * carry.unsqueeze(-1) + torch.matmul(to_last.transpose(-1, -2), v)
+        state["k_sum"] = state["k_sum"] * carry + to_last.sum(-2)
+        state["k_max"] = run[..., -1:].unsqueeze(-1)
+        return safe_divide(num, den)
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
