@@ -20,7 +20,7 @@ from ..registry import register_attention
 
 __all__ = ["ABC"]
 
-_CHUNK = 64
+_CHUNK = 32  # causal chunk length: the per-chunk weights are (chunk, chunk, n)
 
 
 @register_attention("abc")
@@ -35,14 +35,16 @@ class ABC(EfficientAttention):
     cross attention builds the memory from the key side.
 
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``, memory ``(B, H, n, d)``.
-    Patterns: all four.  Causal attention works by chunks of 64 with running
-    sums (never an ``(N, n, d)`` tensor); decoding keeps only the running
-    memory, normaliser and per-slot max (constant state); ``static_kv``
+    Patterns: all four.  Causal attention works by chunks of 32 with running
+    sums (never an ``(N, n, d)`` tensor), each query stabilised by the max of
+    the scores it sees; decoding keeps only the running memory, normaliser
+    and per-slot max (constant state); ``static_kv``
     caches the key-side memory.  ``key_padding_mask`` honoured (padded keys
     never enter the memory); an arbitrary ``attn_mask`` is not.  Dropout is
     applied to the slot probabilities.  Half inputs compute in fp32.
 
-    Cost: O((T + S)·n·d) time; O((T + S)·n + n·d) memory per head.
+    Cost: O((T + S)·n·d) time (causal: + O(N·32·(n + d))); O((T + S)·n + n·d)
+    memory per head (causal: O(N·32·n) saved for the backward).
     """
 
     capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
@@ -108,22 +110,38 @@ class ABC(EfficientAttention):
         state["mem_norm"] = state["mem_norm"] + e.sum(-2)
 
     def _chunk(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Dict[str, Tensor]) -> Tensor:
-        """Queries aligned with keys: query ``i`` reads the memory of the past and of keys ``<= i`` here."""
-        e = self._rescale(state, a)  # (B, H, c, n)
-        future = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-        norm = state["mem_norm"].unsqueeze(-2) + torch.cumsum(e, dim=-2)  # (B, H, c, n)
-        qk = torch.matmul(q, k.transpose(-1, -2)).masked_fill(future, 0.0)
-        num = torch.matmul(q, state["mem_k"].transpose(-1, -2)) + torch.matmul(qk, e)  # q·(Σ e k)
+        """Queries aligned with keys: query ``i`` reads the memory of the past and of keys ``<= i`` here.
+
+        Stabilised per query and slot by the running max ``c_il`` of the scores it sees (never by a
+        later key): key ``j`` weighs ``e^{a_jl - c_jl} e^{c_jl - c_il}``, the past ``e^{max_l - c_il}``.
+        """
+        c = q.shape[-2]
+        past = state["mem_max"]  # (B, H, n)
+        run = torch.maximum(torch.cummax(a.detach(), dim=-2).values, past.unsqueeze(-2))  # (B, H, c, n)
+        safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
+        e = torch.exp(a - safe)  # key j at its own running max
+        future = causal_mask(c, c, device=q.device)
+        rel = (safe.unsqueeze(-3) - safe.unsqueeze(-2)).masked_fill(future.unsqueeze(-1), float("-inf"))
+        g = e.unsqueeze(-3) * torch.exp(rel)  # (B, H, i, j, n): weight of key j in query i's slot sums
+        carry = torch.where(torch.isfinite(past).unsqueeze(-2), torch.exp(past.unsqueeze(-2) - safe), torch.zeros_like(safe))
+        norm = carry * state["mem_norm"].unsqueeze(-2) + g.sum(-2)  # (B, H, c, n)
+        qk = torch.matmul(q, k.transpose(-1, -2))
+        num = carry * torch.matmul(q, state["mem_k"].transpose(-1, -2)) + torch.einsum("bhij,bhijn->bhin", qk, g)
         empty = norm <= 0
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
         r = probs / safe_norm  # (B, H, c, n): weight of each slot's unnormalised value sum
-        out = torch.matmul(r, state["mem_v"]) + torch.matmul(
-            torch.matmul(r, e.transpose(-1, -2)).masked_fill(future, 0.0), v
-        )
-        self._absorb(state, e, k, v)
+        out = torch.matmul(r * carry, state["mem_v"]) + torch.matmul(torch.einsum("bhin,bhijn->bhij", r, g), v)
+        last = safe[..., -1, :]  # the memory moves to the scale of the chunk's last position
+        to_last = e * torch.exp(safe - last.unsqueeze(-2))
+        keep = torch.where(torch.isfinite(past), torch.exp(past - last), torch.zeros_like(last))
+        state["mem_k"] = state["mem_k"] * keep.unsqueeze(-1)
+        state["mem_v"] = state["mem_v"] * keep.unsqueeze(-1)
+        state["mem_norm"] = state["mem_norm"] * keep
+        state["mem_max"] = run[..., -1, :]
+        self._absorb(state, to_last, k, v)
         return out
 
     def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
