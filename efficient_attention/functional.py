@@ -187,11 +187,9 @@ def causal_linear_attention(
         ``(num (B, H, N, dv), den (B, H, N), kv, z)`` with the sums updated
         (new tensors; the inputs are not modified).
     """
-    length = qf.shape[-2]
     nums, dens = [], []
-    for start in range(0, length, chunk_size):
-        sl = slice(start, min(start + chunk_size, length))
-        q_c, k_c, v_c = qf[..., sl, :], kf[..., sl, :], v[..., sl, :]
+    # split, not slicing in a loop: the backward of a slice allocates a full-size gradient per chunk
+    for q_c, k_c, v_c in zip(qf.split(chunk_size, dim=-2), kf.split(chunk_size, dim=-2), v.split(chunk_size, dim=-2)):
         c = q_c.shape[-2]
         intra = torch.matmul(q_c, k_c.transpose(-1, -2))
         intra = intra.masked_fill(causal_mask(c, c, device=intra.device), 0.0)

@@ -154,9 +154,9 @@ class ABC(EfficientAttention):
         blind = max(-offset, 0)  # queries before the first key see nothing
         outs = [q.new_zeros(*q.shape[:2], blind, v.shape[-1])]
         q = q[..., blind:, :]
-        for start in range(0, q.shape[-2], _CHUNK):
-            sl = slice(start, start + _CHUNK)
-            outs.append(self._chunk(q[..., sl, :], k[..., sl, :], v[..., sl, :], a[..., sl, :], state))
+        # split (not slicing in a loop): its backward concatenates once instead of one full-size gradient per chunk
+        for q_c, k_c, v_c, a_c in zip(*(t.split(_CHUNK, dim=-2) for t in (q, k, v, a))):
+            outs.append(self._chunk(q_c, k_c, v_c, a_c, state))
         return torch.cat(outs, dim=-2)
 
     # ------------------------------------------------------------------ hooks
