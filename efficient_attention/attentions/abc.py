@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch

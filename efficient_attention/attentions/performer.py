@@ -6,7 +6,6 @@ and ``m`` orthogonal Gaussian rows ``W``; ``out_i = Σ_j φ(q_i)·φ(k_j) v_j / 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Dict, Optional, Tuple
 
 import torch

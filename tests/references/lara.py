@@ -1,5 +1,4 @@
 """LARA in eval mode on the unpadded tokens of each sequence, one proposal at a time."""
-import math
 
 import torch
 
