@@ -35,12 +35,11 @@ def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, devi
     gauss = torch.randn(num_rows, dim, device=device)
     if not orthogonal:
         return gauss
-    blocks = []
-    for start in range(0, num_rows, dim):
-        q, r = torch.linalg.qr(torch.randn(dim, dim, device=device))
-        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # sign fix: Haar-distributed (unbiased) directions
-        blocks.append(q.t()[: min(dim, num_rows - start)])
-    return torch.cat(blocks) * gauss.norm(dim=1, keepdim=True)
+    num_blocks = -(-num_rows // dim)
+    q, r = torch.linalg.qr(torch.randn(num_blocks, dim, dim, device=device))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # sign fix: Haar (unbiased) directions
+    rows = q.transpose(-1, -2).reshape(num_blocks * dim, dim)[:num_rows]  # orthonormal within each block
+    return rows * gauss.norm(dim=1, keepdim=True)
 
 
 @register_attention("performer", "favor")
