@@ -72,3 +72,15 @@ def test_dropout_on_slot_probabilities_only_in_training():
 def test_bad_num_landmarks(value):
     with pytest.raises(ValueError, match="num_landmarks"):
         build_attention("abc", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, num_landmarks=value)
+
+
+@pytest.mark.parametrize("tgt_len,src_len", [(5, 9), (9, 5)])
+def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
+    """Queries are the last T of S positions: extra keys are seen by all, extra queries see nothing."""
+    m = make(causal=True, cross=True)
+    q = torch.randn(tgt_len, 2, EMBED_DIM, dtype=torch.float64)
+    k, v = torch.randn(2, src_len, 2, EMBED_DIM, dtype=torch.float64)
+    kpm = torch.zeros(2, src_len, dtype=torch.bool)
+    kpm[1, -2:] = True
+    out, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
+    assert_close(out, get_reference("abc").fn(m, q, k, v, key_padding_mask=kpm))

@@ -7,6 +7,7 @@ import torch
 from efficient_attention import MultiheadAttention, Performer, build_attention
 
 from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
+from references import get_reference
 
 
 def make(causal=False, cross=False, **opts):
@@ -138,3 +139,15 @@ def test_static_kv_caches_the_key_sums_only():
 def test_bad_options(opts, name):
     with pytest.raises(ValueError, match=name):
         build_attention("performer", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, **opts)
+
+
+@pytest.mark.parametrize("tgt_len,src_len", [(5, 9), (9, 5)])
+def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
+    """Queries are the last T of S positions: extra keys are seen by all, extra queries see nothing."""
+    m = make(causal=True, cross=True)
+    q = torch.randn(tgt_len, 2, EMBED_DIM, dtype=torch.float64)
+    k, v = torch.randn(2, src_len, 2, EMBED_DIM, dtype=torch.float64)
+    kpm = torch.zeros(2, src_len, dtype=torch.bool)
+    kpm[1, -2:] = True
+    out, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
+    assert_close(out, get_reference("performer").fn(m, q, k, v, key_padding_mask=kpm))
