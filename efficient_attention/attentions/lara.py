@@ -1,0 +1,87 @@
+"""LARA (Zheng et al., 2022): linear randomized attention with importance sampling on C proposals.
+
+Each proposal ``c`` (a Gaussian centred at ``μ_c``, the sum of the query and key segment means)
+gives a self-normalised estimate ``Σ_m ξ(k_m, ω_c) v_m / Σ_m ξ(k_m, ω_c)``; the query mixes them
+with importance weights ``softmax_c(μ_c·q + log ξ(q, ω_c) + log Σ_m ξ(k_m, ω_c) - log ξ(μ_c, ω_c))``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..base import AttentionMasks, EfficientAttention
+from ..capabilities import Capabilities, Pattern
+from ..functional import acc_dtype, segment_weights, softmax
+from ..registry import register_attention
+
+__all__ = ["Lara", "LARA"]
+
+logger = logging.getLogger(__name__)
+
+
+@register_attention("lara", "linear_ra")
+class Lara(EfficientAttention):
+    """Linear randomized attention (LARA), noncausal self attention.
+
+    Math (``x' = x d^(-1/4)``, ``log ξ(x, ω) = ω·x' - |x'|²/2``): with segment
+    means ``q̄_c, k̄_c`` of ``q', k'`` over ``C = num_landmarks`` segments,
+    ``μ_c = q̄_c + k̄_c`` and samples ``ω_c = μ_c + ε`` (``ε ~ N(0, I)`` in
+    training, ``ε = 0`` in eval, so evaluation is deterministic):
+    ``out_n = Σ_c softmax_c(μ_c·q'_n + log ξ(q_n, ω_c) + logΣ_m ξ(k_m, ω_c) - log ξ(μ_c, ω_c))
+    · softmax_m(log ξ(k_m, ω_c)) V``.
+
+    Padding: padded keys are excluded from the segment means, the key
+    softmax and the log-normaliser, and segments are formed over the real
+    tokens only (a padded sequence gives the output of the unpadded one).
+    Sequences shorter than ``C`` use one landmark per token.
+
+    Shapes: q/k/v ``(B, H, N, d)``.  Pattern: noncausal self only (the
+    landmarks summarise the whole sequence).  No ``attn_mask`` (only
+    ``key_padding_mask``), no attention dropout (the paper has none).  Half
+    inputs compute in fp32.  Cost: O(N·C·d) time and O(N·C) memory per head.
+    """
+
+    capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}))
+    option_help = {"num_landmarks": "number of segments / proposal distributions C"}
+
+    def __init__(self, *args, num_landmarks: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
+            raise ValueError(f"num_landmarks must be a positive integer, got {num_landmarks!r}")
+        self.num_landmarks = num_landmarks
+        if self.dropout_p > 0:
+            logger.info("LARA applies no attention dropout (dropout=%s is unused)", self.dropout_p)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
+        dtype = acc_dtype(q.dtype)
+        bsz, _, length, d = q.shape
+        kpm: Optional[Tensor] = masks.key_padding
+        scale = d**-0.25
+        qs, ks, v32 = q.to(dtype) * scale, k.to(dtype) * scale, v.to(dtype)
+        weights = segment_weights(None if kpm is None else ~kpm, bsz, length, self.num_landmarks, dtype, q.device)
+        empty = (weights.sum(-1) == 0)[:, None, :, None]  # (B, 1, C, 1) segments without tokens
+        weights = weights.unsqueeze(1)  # (B, 1, C, N)
+        mu = torch.matmul(weights, qs) + torch.matmul(weights, ks)  # (B, H, C, d)
+        omega = mu + torch.randn_like(mu) if self.training else mu
+
+        def log_xi(x: Tensor) -> Tensor:  # (B, H, C, L)
+            return torch.matmul(omega, x.transpose(-1, -2)) - 0.5 * (x * x).sum(-1).unsqueeze(-2)
+
+        log_k = log_xi(ks)
+        if kpm is not None:
+            log_k = log_k.masked_fill(kpm[:, None, None, :], float("-inf"))
+        kv_stats = torch.matmul(softmax(log_k, dim=-1).to(dtype), v32)  # (B, H, C, d)
+        log_mu = (omega * mu).sum(-1, keepdim=True) - 0.5 * (mu * mu).sum(-1, keepdim=True)  # (B, H, C, 1)
+        dead = torch.isneginf(log_k).all(-1, keepdim=True)  # every key padded: keep the gradient finite
+        log_norm = torch.logsumexp(log_k.masked_fill(dead, 0.0), -1, keepdim=True).masked_fill(dead, float("-inf"))
+        log_ratio = torch.matmul(mu, qs.transpose(-1, -2)) + log_xi(qs) + log_norm - log_mu
+        log_ratio = log_ratio.masked_fill(empty, float("-inf"))
+        importance = softmax(log_ratio, dim=-2).to(dtype)  # over proposals c
+        out = torch.matmul(importance.transpose(-1, -2), kv_stats)  # (B, H, N, d)
+        return out.to(q.dtype), None
+
+
+LARA = Lara

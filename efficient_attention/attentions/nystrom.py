@@ -1,0 +1,135 @@
+"""Nyströmformer (Xiong et al., 2021): softmax attention through a Nyström approximation on landmarks.
+
+``softmax(QKᵀ/√d) V ≈ softmax(Q K̃ᵀ/√d) · pinv(softmax(Q̃ K̃ᵀ/√d)) · softmax(Q̃ Kᵀ/√d) V`` with
+landmarks ``Q̃, K̃`` = segment means of the queries and keys.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import AttentionMasks, EfficientAttention
+from ..capabilities import Capabilities, Pattern
+from ..functional import acc_dtype, segment_weights, softmax
+from ..registry import register_attention
+
+__all__ = ["NystromAttention", "Nystromformer"]
+
+logger = logging.getLogger(__name__)
+
+
+def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
+    """Newton-Schulz pseudo-inverse of a batch of square matrices (the paper's 3rd-order iteration).
+
+    ``Z₀ = Aᵀ / (‖A‖₁ ‖A‖_∞)`` (per matrix), then
+    ``Z ← ¼ Z (13 I - AZ (15 I - AZ (7 I - AZ)))``.  Zero rows/columns stay zero.
+    """
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    norm1 = a.abs().sum(-2).amax(-1, keepdim=True).unsqueeze(-1)
+    norm_inf = a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
+    z = a.transpose(-1, -2) / (norm1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)
+    for _ in range(iterations):
+        az = torch.matmul(a, z)
+        z = 0.25 * torch.matmul(z, 13 * eye - torch.matmul(az, 15 * eye - torch.matmul(az, 7 * eye - az)))
+    return z
+
+
+@register_attention("nystrom", "nystromformer")
+class NystromAttention(EfficientAttention):
+    """Nyström-approximated softmax attention, noncausal self attention.
+
+    Math: ``F = softmax(Q K̃ᵀ/√d)``, ``A = softmax(Q̃ K̃ᵀ/√d)``,
+    ``B = softmax(Q̃ Kᵀ/√d)``; ``out = F · pinv(A) · (B V)`` (+ a depthwise
+    convolution of ``V`` along the sequence when ``conv_kernel_size`` is set).
+    ``Q̃, K̃``: means of ``num_landmarks`` contiguous segments of the real
+    (unpadded) tokens, so padding never enters a landmark.  A sequence with
+    at most ``num_landmarks`` real tokens gets exact softmax attention.  The
+    pseudo-inverse is ``pinv_iterations`` Newton-Schulz steps; everything runs
+    in fp32 for fp16/bf16 inputs.
+
+    Shapes: q/k/v ``(B, H, N, d)``, landmarks ``(B, H, C, d)``.  Pattern:
+    noncausal self only.  ``key_padding_mask`` honoured, no ``attn_mask``;
+    no attention dropout (the paper has none).
+
+    Cost: O(N·C·d + C³) time and O(N·C + C²) memory per head.
+    """
+
+    capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}))
+    option_help = {
+        "num_landmarks": "number of landmarks C (segment means of queries and keys)",
+        "conv_kernel_size": "odd kernel size of the depthwise convolution on the values added to the output (None: none)",
+        "pinv_iterations": "Newton-Schulz iterations of the pseudo-inverse",
+    }
+
+    def __init__(
+        self,
+        *args,
+        num_landmarks: int = 16,
+        conv_kernel_size: Optional[int] = None,
+        pinv_iterations: int = 6,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
+            raise ValueError(f"num_landmarks must be a positive integer, got {num_landmarks!r}")
+        if conv_kernel_size is not None and (
+            isinstance(conv_kernel_size, bool)
+            or not isinstance(conv_kernel_size, int)
+            or conv_kernel_size <= 0
+            or conv_kernel_size % 2 == 0
+        ):
+            raise ValueError(f"conv_kernel_size must be None or a positive odd integer, got {conv_kernel_size!r}")
+        if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations <= 0:
+            raise ValueError(f"pinv_iterations must be a positive integer, got {pinv_iterations!r}")
+        self.num_landmarks = num_landmarks
+        self.conv_kernel_size = conv_kernel_size
+        self.pinv_iterations = pinv_iterations
+        self.conv = None
+        if conv_kernel_size is not None:
+            self.conv = nn.Conv2d(
+                self.num_heads, self.num_heads, (conv_kernel_size, 1), padding=(conv_kernel_size // 2, 0),
+                groups=self.num_heads, bias=False,
+            )
+        if self.dropout_p > 0:
+            logger.info("Nystromformer applies no attention dropout (dropout=%s is unused)", self.dropout_p)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
+        dtype = acc_dtype(q.dtype)
+        bsz, _, length, _ = q.shape
+        kpm = masks.key_padding
+        q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
+        if kpm is not None:
+            v32 = v32.masked_fill(kpm[:, None, :, None], 0.0)
+        valid = None if kpm is None else ~kpm
+        weights = segment_weights(valid, bsz, length, self.num_landmarks, dtype, q.device)
+        empty = weights.sum(-1) == 0  # (B, C) landmarks without tokens
+        weights = weights.unsqueeze(1)
+        q_land, k_land = torch.matmul(weights, q32), torch.matmul(weights, k32)  # (B, H, C, d)
+        no_land = empty[:, None, None, :]
+        kernel1 = softmax((torch.matmul(q32, k_land.transpose(-1, -2)) * self.scaling).masked_fill(no_land, float("-inf")))
+        kernel2 = softmax((torch.matmul(q_land, k_land.transpose(-1, -2)) * self.scaling).masked_fill(no_land, float("-inf")))
+        scores3 = torch.matmul(q_land, k32.transpose(-1, -2)) * self.scaling
+        if kpm is not None:
+            scores3 = scores3.masked_fill(kpm[:, None, None, :], float("-inf"))
+        kernel3 = softmax(scores3)
+        row_empty = empty[:, None, :, None]
+        kernel2 = kernel2.masked_fill(row_empty, 0.0).to(dtype)
+        kernel3 = kernel3.masked_fill(row_empty, 0.0).to(dtype)
+        kernel1 = kernel1.to(dtype)
+        approx = torch.matmul(kernel1, torch.matmul(iterative_pinv(kernel2, self.pinv_iterations), torch.matmul(kernel3, v32)))
+        real = length if kpm is None else (~kpm).sum(-1)
+        short = torch.as_tensor(real, device=q.device).reshape(-1, 1, 1, 1) <= self.num_landmarks
+        if bool(short.any()):  # one token per landmark: kernel1 is exact softmax attention over the keys
+            exact = torch.matmul(kernel1, torch.matmul(weights, v32))
+            approx = torch.where(short, exact, approx)
+        if self.conv is not None:
+            pad = (self.conv.padding[0], 0)
+            approx = approx + F.conv2d(v32, self.conv.weight.to(dtype), padding=pad, groups=self.num_heads)
+        return approx.to(q.dtype), None
+
+
+Nystromformer = NystromAttention

@@ -1,0 +1,86 @@
+"""ABC-specific behaviour: running causal memory, long and large inputs, the cached key memory."""
+import pytest
+import torch
+
+from efficient_attention import ABC, build_attention
+
+from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
+from references import get_reference
+
+REF = get_reference("abc").fn
+
+
+def make(causal=False, cross=False, **opts):
+    torch.manual_seed(0)
+    return ABC(EMBED_DIM, NUM_HEADS, causal=causal, cross=cross, num_landmarks=5, **opts).double().eval()
+
+
+def test_causal_memory_accumulates_over_past_tokens():
+    """The reference library's causal ABC never accumulated: here the last output depends on the first key."""
+    m = make(causal=True)
+    x = torch.randn(12, 2, EMBED_DIM, dtype=torch.float64)
+    out, _ = m(x, need_weights=False)
+    x2 = x.clone()
+    x2[0] += 1.0
+    out2, _ = m(x2, need_weights=False)
+    assert (out2[-1] - out[-1]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_long_and_large_causal_inputs(scale):
+    """40 positions span two chunks; scale 100 makes slot scores differ by thousands."""
+    m = make(causal=True)
+    x = torch.randn(40, 1, EMBED_DIM, dtype=torch.float64) * scale
+    expected = REF(m, x, x, x)
+    out, _ = m(x, need_weights=False)
+    assert_close(out, expected, msg="float64")
+    out32, _ = make(causal=True).float()(x.float(), need_weights=False)
+    assert torch.isfinite(out32).all()
+    assert (out32.double() - expected).abs().max() < 1e-5 * expected.abs().max() * max(scale, 1.0)
+    steps, state = decode(m, x, prefix=20)
+    assert_close(steps, expected, msg="decoding")
+    buf = next(iter(state.values()))
+    assert set(buf) == {"mem_k", "mem_v", "mem_norm", "mem_max"}
+    assert buf["mem_k"].shape == (1, NUM_HEADS, 5, EMBED_DIM // NUM_HEADS)
+
+
+def test_static_kv_caches_the_key_side_memory():
+    m = make(cross=True)
+    q = torch.randn(4, 2, EMBED_DIM, dtype=torch.float64)
+    kv = torch.randn(30, 2, EMBED_DIM, dtype=torch.float64)
+    full, _ = m(q, kv, kv, need_weights=False)
+    steps, state = decode(m, q, kv, kv, static_kv=True)
+    assert_close(steps, full)
+    buf = next(iter(state.values()))
+    assert buf["prev_key"].shape == (2, NUM_HEADS, 5, EMBED_DIM // NUM_HEADS)  # n slots, not 30 keys
+
+
+def test_dropout_on_slot_probabilities_only_in_training():
+    m = make(dropout=0.5)
+    x = torch.randn(6, 2, EMBED_DIM, dtype=torch.float64)
+    assert torch.equal(m(x, need_weights=False)[0], m(x, need_weights=False)[0])
+    m.train()
+    torch.manual_seed(1)
+    a, _ = m(x, need_weights=False)
+    b, _ = m(x, need_weights=False)
+    assert not torch.allclose(a, b)
+    causal = make(causal=True, dropout=0.5).train()
+    assert not torch.allclose(causal(x, need_weights=False)[0], causal(x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, True])
+def test_bad_num_landmarks(value):
+    with pytest.raises(ValueError, match="num_landmarks"):
+        build_attention("abc", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, num_landmarks=value)
+
+
+@pytest.mark.parametrize("tgt_len,src_len", [(5, 9), (9, 5)])
+def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
+    """Queries are the last T of S positions: extra keys are seen by all, extra queries see nothing."""
+    m = make(causal=True, cross=True)
+    q = torch.randn(tgt_len, 2, EMBED_DIM, dtype=torch.float64)
+    k, v = torch.randn(2, src_len, 2, EMBED_DIM, dtype=torch.float64)
+    kpm = torch.zeros(2, src_len, dtype=torch.bool)
+    kpm[1, -2:] = True
+    out, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
+    assert_close(out, get_reference("abc").fn(m, q, k, v, key_padding_mask=kpm))

@@ -1,0 +1,67 @@
+"""LARA-specific behaviour: padding is invisible, sampling only in training, short sequences."""
+import pytest
+import torch
+
+from efficient_attention import LARA, Lara, build_attention
+
+from helpers import EMBED_DIM, NUM_HEADS, assert_close
+from references import get_reference
+
+
+def make(**opts):
+    torch.manual_seed(0)
+    return Lara(EMBED_DIM, NUM_HEADS, **{"num_landmarks": 4, **opts}).double().eval()
+
+
+def test_alias():
+    assert LARA is Lara
+
+
+@pytest.mark.parametrize("pad_left", [True, False])
+def test_padded_sequence_gives_the_unpadded_output(pad_left):
+    m = make()
+    x = torch.randn(13, 1, EMBED_DIM, dtype=torch.float64)
+    alone, _ = m(x, need_weights=False)
+    junk = torch.randn(5, 1, EMBED_DIM, dtype=torch.float64) * 10
+    padded = torch.cat([junk, x] if pad_left else [x, junk])
+    kpm = torch.zeros(1, 18, dtype=torch.bool)
+    kpm[0, :5] = pad_left
+    kpm[0, 13:] = not pad_left
+    out, _ = m(padded, key_padding_mask=kpm, need_weights=False)
+    real = out[5:] if pad_left else out[:13]
+    assert_close(real, alone)
+
+
+def test_sampling_only_in_training():
+    m = make()
+    x = torch.randn(10, 2, EMBED_DIM, dtype=torch.float64)
+    assert torch.equal(m(x, need_weights=False)[0], m(x, need_weights=False)[0])
+    m.train()
+    a, _ = m(x, need_weights=False)
+    b, _ = m(x, need_weights=False)
+    assert not torch.allclose(a, b)
+    assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("length", [1, 3, 4])
+def test_sequences_shorter_than_the_landmarks(length):
+    m = make()
+    x = torch.randn(length, 2, EMBED_DIM, dtype=torch.float64)
+    out, _ = m(x, need_weights=False)
+    assert_close(out, get_reference("lara").fn(m, x, x, x))
+
+
+def test_fully_padded_sequence_has_finite_gradients():
+    m = make().train()
+    x = torch.randn(6, 2, EMBED_DIM, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, 6, dtype=torch.bool)
+    kpm[1] = True
+    out, _ = m(x, key_padding_mask=kpm, need_weights=False)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5])
+def test_bad_num_landmarks(value):
+    with pytest.raises(ValueError, match="num_landmarks"):
+        build_attention("lara", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, num_landmarks=value)

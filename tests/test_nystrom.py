@@ -1,0 +1,103 @@
+"""Nyströmformer-specific behaviour: exactness for short inputs, 1/sqrt(d), padding, pinv, half precision."""
+import pytest
+import torch
+
+from efficient_attention import MultiheadAttention, NystromAttention, Nystromformer, build_attention
+from efficient_attention.attentions.nystrom import iterative_pinv
+
+from helpers import EMBED_DIM, NUM_HEADS, assert_close
+
+
+def make(**opts):
+    torch.manual_seed(0)
+    return NystromAttention(EMBED_DIM, NUM_HEADS, **{"num_landmarks": 4, **opts}).double().eval()
+
+
+def vanilla_like(m):
+    exact = MultiheadAttention(EMBED_DIM, NUM_HEADS).double().eval()
+    exact.load_state_dict(m.state_dict())
+    return exact
+
+
+def test_alias():
+    assert Nystromformer is NystromAttention
+
+
+@pytest.mark.parametrize("length", [1, 4])
+def test_exact_softmax_attention_with_few_tokens(length):
+    """<= num_landmarks tokens: exactly fairseq's attention (so logits are scaled by 1/sqrt(d))."""
+    m = make()
+    x = torch.randn(length, 2, EMBED_DIM, dtype=torch.float64)
+    assert_close(m(x, need_weights=False)[0], vanilla_like(m)(x, need_weights=False)[0])
+
+
+def test_mixed_batch_uses_exact_attention_only_for_short_rows():
+    m = make()
+    x = torch.randn(9, 2, EMBED_DIM, dtype=torch.float64)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 3:] = True  # row 1 has 3 real tokens
+    out, _ = m(x, key_padding_mask=kpm, need_weights=False)
+    exact, _ = vanilla_like(m)(x, key_padding_mask=kpm, need_weights=False)
+    assert_close(out[:3, 1], exact[:3, 1])
+    assert (out[:, 0] - exact[:, 0]).abs().max() > 1e-8  # row 0 is approximated
+
+
+def test_more_landmarks_approximate_softmax_attention_better():
+    torch.manual_seed(1)
+    x = torch.randn(32, 2, EMBED_DIM, dtype=torch.float64)
+    errors = []
+    for landmarks in (8, 16, 31):
+        m = make(num_landmarks=landmarks)
+        approx, _ = m(x, need_weights=False)
+        exact, _ = vanilla_like(m)(x, need_weights=False)
+        errors.append((approx - exact).abs().max().item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.1 * exact.abs().max()
+
+
+def test_padded_sequence_gives_the_unpadded_output():
+    m = make(conv_kernel_size=3)
+    x = torch.randn(13, 1, EMBED_DIM, dtype=torch.float64)
+    alone, _ = m(x, need_weights=False)
+    padded = torch.cat([torch.randn(5, 1, EMBED_DIM, dtype=torch.float64) * 10, x])
+    kpm = torch.zeros(1, 18, dtype=torch.bool)
+    kpm[0, :5] = True
+    out, _ = m(padded, key_padding_mask=kpm, need_weights=False)
+    assert_close(out[5:], alone)
+
+
+def test_iterative_pinv_matches_the_exact_pseudo_inverse():
+    torch.manual_seed(0)
+    a = torch.softmax(torch.randn(3, 8, 8, dtype=torch.float64), dim=-1)
+    assert_close(iterative_pinv(a, 30), torch.linalg.pinv(a), msg="converged Newton-Schulz")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_long_input(dtype):
+    m = make(num_landmarks=8)
+    x = torch.randn(200, 1, EMBED_DIM, dtype=torch.float64)
+    expected, _ = m(x, need_weights=False)
+    out, _ = m.to(dtype)(x.to(dtype), need_weights=False)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_conv_kernel_adds_a_value_convolution():
+    m = make(conv_kernel_size=5)
+    assert m.conv.weight.shape == (NUM_HEADS, 1, 5, 1)
+    x = torch.randn(9, 2, EMBED_DIM, dtype=torch.float64)
+    with_conv, _ = m(x, need_weights=False)
+    torch.nn.init.zeros_(m.conv.weight)
+    without, _ = m(x, need_weights=False)
+    assert (with_conv - without).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("opts,name", [
+    (dict(num_landmarks=0), "num_landmarks"),
+    (dict(conv_kernel_size=4), "conv_kernel_size"),
+    (dict(conv_kernel_size=0), "conv_kernel_size"),
+    (dict(pinv_iterations=0), "pinv_iterations"),
+])
+def test_bad_options(opts, name):
+    with pytest.raises(ValueError, match=name):
+        build_attention("nystrom", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, **opts)

@@ -1,0 +1,153 @@
+"""Performer-specific behaviour: feature buffers, redrawing, long causal inputs, stability."""
+import math
+
+import pytest
+import torch
+
+from efficient_attention import MultiheadAttention, Performer, build_attention
+
+from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
+from references import get_reference
+
+
+def make(causal=False, cross=False, **opts):
+    torch.manual_seed(0)
+    return Performer(EMBED_DIM, NUM_HEADS, causal=causal, cross=cross, **opts).double().eval()
+
+
+def favor_dense(m, x, causal):
+    """FAVOR+ as a dense masked (N, N) kernel in float64 (vectorised; for long inputs)."""
+    q = torch.nn.functional.linear(x, m.q_proj.weight, m.q_proj.bias)
+    k = torch.nn.functional.linear(x, m.k_proj.weight, m.k_proj.bias)
+    v = torch.nn.functional.linear(x, m.v_proj.weight, m.v_proj.bias)
+    length, bsz, _ = x.shape
+    split = lambda t: t.view(length, bsz, NUM_HEADS, -1).permute(1, 2, 0, 3)
+    q, k, v = split(q), split(k), split(v)
+    d = q.shape[-1]
+    w = m.projection_matrix
+
+    def logits(t):
+        t = t * d**-0.25
+        return t @ w.t() - 0.5 * (t * t).sum(-1, keepdim=True)
+
+    # log-space kernel, stable for any magnitude
+    log_kernel = torch.logsumexp(logits(q).unsqueeze(-2) + logits(k).unsqueeze(-3), dim=-1)
+    if causal:
+        log_kernel = log_kernel.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+    out = torch.softmax(log_kernel, dim=-1) @ v
+    out = out.permute(2, 0, 1, 3).reshape(length, bsz, -1)
+    return m.out_proj(out)
+
+
+def test_features_are_orthogonal_buffers_in_the_state_dict():
+    m = make(approx_attn_dim=4)
+    assert "projection_matrix" in m.state_dict()
+    assert "projection_matrix" not in dict(m.named_parameters())
+    w = m.projection_matrix.float()
+    gram = w @ w.t()
+    off_diag = gram - torch.diag(torch.diagonal(gram))
+    assert off_diag.abs().max() < 1e-4 * gram.diagonal().max()
+    iid = make(approx_attn_dim=4, orthogonal_features=False).projection_matrix
+    assert not torch.equal(iid, m.projection_matrix)
+
+
+def test_features_redraw_only_in_training():
+    m = make(feature_redraw_interval=2)
+    x = torch.randn(5, 2, EMBED_DIM, dtype=torch.float64)
+    w0 = m.projection_matrix.clone()
+    for _ in range(5):
+        m(x, need_weights=False)
+    assert torch.equal(m.projection_matrix, w0), "eval must never redraw"
+    m.train()
+    m(x, need_weights=False)
+    m(x, need_weights=False)
+    assert torch.equal(m.projection_matrix, w0)
+    m(x, need_weights=False)  # third training forward: interval of 2 reached
+    assert not torch.equal(m.projection_matrix, w0)
+    never = make(feature_redraw_interval=0).train()
+    w1 = never.projection_matrix.clone()
+    for _ in range(4):
+        never(x, need_weights=False)
+    assert torch.equal(never.projection_matrix, w1)
+
+
+@pytest.mark.parametrize("orthogonal", [True, False])
+def test_feature_kernel_is_unbiased(orthogonal):
+    """E[φ(q)·φ(k)] = exp(q·k/√d): with many features the estimate is within a few percent."""
+    from efficient_attention.attentions.performer import gaussian_orthogonal_features
+
+    torch.manual_seed(0)
+    d = 4
+    q, k = torch.randn(5, d, dtype=torch.float64) * 0.5, torch.randn(6, d, dtype=torch.float64) * 0.5
+    w = gaussian_orthogonal_features(16384, d, orthogonal).double()
+
+    def phi(x):
+        x = x * d**-0.25
+        return torch.exp(x @ w.t() - 0.5 * (x * x).sum(-1, keepdim=True))
+
+    ratio = (phi(q) @ phi(k).t() / w.shape[0]) / torch.exp(q @ k.t() / math.sqrt(d))
+    assert (ratio - 1).abs().max() < 0.1
+
+
+def test_many_features_approximate_softmax_attention():
+    torch.manual_seed(0)
+    m = Performer(EMBED_DIM, NUM_HEADS, approx_attn_dim=4096).double().eval()
+    exact = MultiheadAttention(EMBED_DIM, NUM_HEADS).double().eval()
+    exact.load_state_dict({k: v for k, v in m.state_dict().items() if k != "projection_matrix"})
+    x = torch.randn(9, 2, EMBED_DIM, dtype=torch.float64) * 0.5
+    approx, _ = m(x, need_weights=False)
+    ref, _ = exact(x, need_weights=False)
+    assert (approx - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_long_causal_input_spans_chunks_and_stays_stable(scale):
+    """150 positions (3 chunks); large inputs exercise the running-max stabiliser."""
+    m = make(causal=True)
+    x = torch.randn(150, 1, EMBED_DIM, dtype=torch.float64) * scale
+    out, _ = m(x, need_weights=False)
+    assert torch.isfinite(out).all()
+    assert_close(out, favor_dense(m, x, causal=True), msg="chunked causal FAVOR+")
+    steps, state = decode(m, x, prefix=70)
+    assert_close(steps, out, msg="decoding across chunk boundaries")
+    assert state  # running sums only: (B, H, m, d), (B, H, m), (B, H, 1, 1)
+    buf = next(iter(state.values()))
+    assert set(buf) == {"kv_sum", "k_sum", "k_max"}
+
+
+def test_noncausal_large_inputs_stay_finite_and_exact():
+    m = make()
+    x = torch.randn(20, 2, EMBED_DIM, dtype=torch.float64) * 30
+    out, _ = m(x, need_weights=False)
+    assert_close(out, favor_dense(m, x, causal=False))
+
+
+def test_static_kv_caches_the_key_sums_only():
+    m = make(cross=True).float()
+    q = torch.randn(4, 2, EMBED_DIM)
+    kv = torch.randn(40, 2, EMBED_DIM)
+    _, state = decode(m, q, kv, kv, static_kv=True)
+    buf = next(iter(state.values()))
+    assert buf["prev_key"].shape == (2, NUM_HEADS, m.approx_attn_dim, EMBED_DIM // NUM_HEADS)
+
+
+@pytest.mark.parametrize("opts,name", [
+    (dict(approx_attn_dim=0), "approx_attn_dim"),
+    (dict(approx_attn_dim=-3), "approx_attn_dim"),
+    (dict(feature_redraw_interval=-1), "feature_redraw_interval"),
+])
+def test_bad_options(opts, name):
+    with pytest.raises(ValueError, match=name):
+        build_attention("performer", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, **opts)
+
+
+@pytest.mark.parametrize("tgt_len,src_len", [(5, 9), (9, 5)])
+def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
+    """Queries are the last T of S positions: extra keys are seen by all, extra queries see nothing."""
+    m = make(causal=True, cross=True)
+    q = torch.randn(tgt_len, 2, EMBED_DIM, dtype=torch.float64)
+    k, v = torch.randn(2, src_len, 2, EMBED_DIM, dtype=torch.float64)
+    kpm = torch.zeros(2, src_len, dtype=torch.bool)
+    kpm[1, -2:] = True
+    out, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
+    assert_close(out, get_reference("performer").fn(m, q, k, v, key_padding_mask=kpm))
