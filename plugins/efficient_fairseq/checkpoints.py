@@ -7,11 +7,16 @@ safe loading (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``), the plugin allow-lists,
 when imported, exactly the globals fairseq checkpoints of our models pickle
 (found by saving and loading real checkpoints; see tests/test_fairseq_plugin.py):
 
-* ``argparse.Namespace``: the legacy ``args`` of a checkpoint (fairseq stores
-  the parsed command line there when training from the CLI);
+* ``argparse.Namespace``: the only one.  ``efficient_transformer`` is, like
+  fairseq's ``transformer``, an argparse ("legacy") model, so its checkpoint's
+  ``cfg["model"]`` is the parsed ``Namespace``.  ``efficient_transformer_lm``
+  checkpoints (a dataclass model) need nothing beyond torch's defaults.
 
 Everything else in a fairseq checkpoint (``cfg`` as plain containers, model and
-optimizer state, ``extra_state``) is made of tensors and builtins.
+optimizer state, ``extra_state``) is tensors, builtins and ``OrderedDict``,
+which torch allows already.  ``tests/test_fairseq_plugin.py`` checks that a
+translation checkpoint fails to load without this list and that both models'
+checkpoints load with it.
 """
 from __future__ import annotations
 
