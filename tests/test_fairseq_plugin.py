@@ -65,6 +65,15 @@ TINY_MT = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is faster, and avoids OpenMP spin-waits on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def reference_options(name: str):
     """The small option settings the generic tests use for ``name`` (only real options)."""
     ref = REFERENCES.get(name)

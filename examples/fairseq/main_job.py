@@ -41,6 +41,7 @@ import make_corpus  # noqa: E402
 DEFAULT_MECHANISMS = ("vanilla", "local", "performer", "abc", "cosformer", "s4d", "linear", "longformer", "flash")
 DEFAULT_COUNT = 3
 GEN_PROMPTS = 6
+THREADS = 1  # --threads; one thread avoids OpenMP spin-waiting on small, busy machines
 GEN_HALF = 48  # copy prompts: GEN_HALF symbols, "|", then the model must copy them
 
 
@@ -51,7 +52,8 @@ def log(msg: str) -> None:
 def fairseq_env() -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    env["OMP_NUM_THREADS"] = str(THREADS)
+    env["MKL_NUM_THREADS"] = str(THREADS)
     return env
 
 
@@ -210,7 +212,10 @@ def main(argv=None) -> None:
     p.add_argument("--min-len", type=int, default=128)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per fairseq process (OMP_NUM_THREADS)")
     args = p.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
     names = choose_mechanisms(args.mechanisms)
     log(f"mechanisms: {', '.join(names)}; work dir {args.work_dir}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
