@@ -200,9 +200,11 @@ def test_every_option_is_a_flag_and_a_config_field():
 
 
 def test_help_lists_options_with_mechanism_defaults(capsys):
-    parser = argparse.ArgumentParser()
-    efficient_fairseq.EfficientTransformerLanguageModel.add_args(parser)
-    text = parser.format_help()
+    from efficient_fairseq.__main__ import main as plugin_help
+
+    plugin_help(["lm"])
+    text = capsys.readouterr().out
+    assert all(f"transformer_lm_{n}" in text for n in CAUSAL)
     for name, info in INFOS.items():
         for opt, spec in info.options.items():
             assert "--attn-" + opt.replace("_", "-") in text

@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     p.add_argument("--mechanisms", help="comma-separated registered names (default: %s, first %d registered)"
                    % (",".join(DEFAULT_MECHANISMS), DEFAULT_COUNT))
     p.add_argument("--work-dir", type=Path, default=ROOT / "work_dirs" / "fairseq_main")
-    p.add_argument("--max-update", type=int, default=60)
+    p.add_argument("--max-update", type=int, default=200)
     p.add_argument("--tokens-per-sample", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
