@@ -38,7 +38,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import make_corpus  # noqa: E402
 
 # preferred order; names that are not registered are skipped
-DEFAULT_MECHANISMS = ("vanilla", "local", "performer", "abc", "cosformer", "s4d", "linear", "longformer", "flash")
+DEFAULT_MECHANISMS = ("vanilla", "local", "performer", "abc", "s4d", "cosformer", "block_sparse", "dilated",
+                      "longshort", "landmark", "blockwise")
 DEFAULT_COUNT = 3
 GEN_PROMPTS = 6
 THREADS = 1  # --threads; one thread avoids OpenMP spin-waiting on small, busy machines
@@ -93,7 +94,9 @@ def choose_mechanisms(requested: Optional[str]) -> List[str]:
         if bad:
             raise SystemExit(f"not registered or not causal-capable: {', '.join(bad)}; choose from: {', '.join(causal)}")
         return names
-    return [n for n in DEFAULT_MECHANISMS if n in causal][:DEFAULT_COUNT]
+    chosen = [n for n in DEFAULT_MECHANISMS if n in causal]
+    chosen += [n for n in causal if n not in chosen]  # anything else registered, if the list runs short
+    return chosen[:DEFAULT_COUNT]
 
 
 def make_data(work: Path, args) -> Path:
@@ -200,7 +203,7 @@ def main(argv=None) -> None:
     p.add_argument("--mechanisms", help="comma-separated registered names (default: %s, first %d registered)"
                    % (",".join(DEFAULT_MECHANISMS), DEFAULT_COUNT))
     p.add_argument("--work-dir", type=Path, default=ROOT / "work_dirs" / "fairseq_main")
-    p.add_argument("--max-update", type=int, default=200)
+    p.add_argument("--max-update", type=int, default=150)
     p.add_argument("--tokens-per-sample", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
