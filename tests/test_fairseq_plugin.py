@@ -9,6 +9,7 @@ console scripts themselves run in subprocesses in the ``*_cli`` tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import typing
@@ -19,6 +20,7 @@ import torch
 
 from efficient_attention import (
     EfficientAttention,
+    MultiheadAttention,
     OptionSpec,
     Pattern,
     UnsupportedPatternError,
@@ -466,3 +468,43 @@ def test_hydra_train(lm_data, tmp_path):
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt")
     assert state["cfg"]["model"]["_name"] == "efficient_transformer_lm"
     assert state["cfg"]["model"]["attn_num_kv_heads"] == 2
+
+
+class _PlainVanilla(MultiheadAttention):
+    """Test-only: vanilla's math, declaring neither incremental decoding nor attention weights."""
+
+    capabilities = dataclasses.replace(
+        MultiheadAttention.capabilities, incremental=False, need_weights=False, before_softmax=False
+    )
+
+
+@pytest.mark.slow
+def test_mechanisms_without_cache_or_weights_generate_the_same(mt_data, mt_checkpoints, monkeypatch):
+    """A decoder mechanism without incremental decoding recomputes the prefix, and a cross mechanism
+    without weights is asked for none: same weights, same hypotheses as vanilla with its cache."""
+    from fairseq import checkpoint_utils
+    from fairseq.sequence_generator import SequenceGenerator
+
+    monkeypatch.setitem(registry._REGISTRY, "toy_plain", _PlainVanilla)
+    monkeypatch.setattr(_PlainVanilla, "attention_name", "toy_plain", raising=False)
+    ckpt = str(mt_checkpoints[("vanilla",) * 3])
+    ref_models, _, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": str(mt_data)})
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
+        [ckpt], arg_overrides={"data": str(mt_data), "decoder_attention": "toy_plain", "cross_attention": "toy_plain"}
+    )
+    layer = models[0].decoder.layers[0]
+    assert type(layer.self_attn) is _PlainVanilla and type(layer.encoder_attn) is _PlainVanilla
+    assert not models[0].decoder.cached_decoding and not layer.cross_weights
+    sample = first_batch(task, "valid")
+    hyps = []
+    for ms in (ref_models, models):
+        for m in ms:
+            m.eval()
+        gen = SequenceGenerator(ms, task.target_dictionary, beam_size=2, max_len_b=10)
+        with torch.no_grad():
+            hyps.append(gen.generate(ms, sample))
+    for ref, got in zip(*hyps):
+        assert [h["tokens"].tolist() for h in ref] == [h["tokens"].tolist() for h in got]
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=1e-4, rtol=1e-4)
+        assert ref[0]["attention"].numel() > 0 and got[0]["attention"].numel() == 0
