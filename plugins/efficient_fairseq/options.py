@@ -26,6 +26,7 @@ annotated type (``int``, ``float``, ``bool`` as true/false, ``str``, a
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -84,7 +85,7 @@ def _kind(tp) -> Tuple[str, Any]:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         return "choice", tuple(typing.get_args(tp))
-    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+    if origin in (tuple, list, collections.abc.Sequence) or tp in (tuple, list):
         elems = [a for a in typing.get_args(tp) if a is not Ellipsis]
         elem = elems[0] if elems and all(e == elems[0] for e in elems) and elems[0] in (int, float, str) else None
         if elem is not None:
@@ -313,7 +314,7 @@ def resolve_role(cfg, key: str, option_prefixes: Sequence[str]) -> RoleChoice:
 
 def check_option_flags(cfg, choices: Mapping[str, RoleChoice], shared_prefix: str, role_prefixes: Mapping[str, str]) -> None:
     """Reject option flags that no chosen mechanism has (a set flag is never silently ignored)."""
-    known = {opt for f in option_fields(shared_prefix) for opt in [f.option]}
+    known = {f.option for f in option_fields(shared_prefix)}
     for opt in sorted(known):
         if _get(cfg, f"{shared_prefix}_{opt}") is None:
             continue
