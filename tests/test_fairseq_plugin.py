@@ -21,7 +21,6 @@ import torch
 from efficient_attention import (
     EfficientAttention,
     MultiheadAttention,
-    OptionSpec,
     Pattern,
     UnsupportedPatternError,
     available_attentions,
