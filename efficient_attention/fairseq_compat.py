@@ -62,6 +62,11 @@ def fsmha(cls: T) -> T:
             self.onnx_trace = False
             self.skip_embed_dim_check = False
 
+        @classmethod
+        def options(klass):
+            # fairseq's extra keywords are not mechanism options
+            return cls.options()
+
         def prepare_for_onnx_export_(self):
             self.onnx_trace = True
 

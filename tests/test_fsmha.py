@@ -32,6 +32,8 @@ def test_fsmha_decorator_and_fairseq_keywords():
 
     m = FSVanilla(16, 4, dropout=0.1, self_attention=True, dictionary=None, xformers_att_config=None)
     assert isinstance(m, MultiheadAttention) and FSVanilla.__name__ == "FSVanilla"
+    assert FSVanilla.options() == MultiheadAttention.options()
+    assert "FSVanilla(" in repr(m)
     with pytest.raises(ValueError, match="xformers"):
         FSVanilla(16, 4, xformers_att_config='{"name": "scaled_dot_product"}')
     with pytest.raises(TypeError):
