@@ -23,7 +23,15 @@ WINDOWS = [
     LocalWindow.from_blocks(3, 2, 0, causal=True, exact_windowsize=True),
     LocalWindow.sliding(5, 2),
     LocalWindow.sliding(0, 0),
+    LocalWindow.from_blocks(4, 1, 1, exclude_self=True),
+    LocalWindow.from_blocks(3, 1, 0, causal=True, exclude_self=True),
 ]
+
+
+def test_exclude_self_hides_only_the_diagonal():
+    plain = LocalWindow.from_blocks(4, 1, 1).dense_mask(13, 13)
+    shared = LocalWindow.from_blocks(4, 1, 1, exclude_self=True).dense_mask(13, 13)
+    assert torch.equal(shared, plain | torch.eye(13, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
