@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from efficient_attention import LocalAttention, Pattern
+from efficient_attention.local_window import cache_len
 
 from helpers import assert_close, decode
 from references.local import local_reference
@@ -46,7 +47,7 @@ def test_decoding_equals_full_and_cache_is_bounded(cfg):
         steps, state = decode(m, x, prefix=prefix)
         assert_close(steps, full, torch.float32)
     (buf,) = state.values()
-    assert buf["prev_key"].shape[2] == m.window.group - 1 + m.window.left
+    assert buf["prev_key"].shape[2] == cache_len(m.window)
 
 
 def test_defaults_and_alias():

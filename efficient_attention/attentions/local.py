@@ -21,9 +21,8 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..kernels import sliding_window_attention
 from ..masks import as_bool_mask
-from ..local_window import LocalWindow, attend_self_where_empty
+from ..local_window import LocalWindow, cache_len, window_attention, window_attention_at
 from ..registry import register_attention
 
 logger = logging.getLogger(__name__)
@@ -118,16 +117,13 @@ class LocalAttention(EfficientAttention):
                 f"(the default) or pad the input"
             )
 
-    def _window_attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int, kpm: Optional[Tensor]) -> Tensor:
+    def _window_attend(self, q: Tensor, k: Tensor, v: Tensor, first_pos: int, kpm: Optional[Tensor]) -> Tensor:
+        """Queries are the last ``T`` of the keys, which start at absolute position ``first_pos``."""
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
         dropout = self.dropout_p if self.training else 0.0
-        out, lse = sliding_window_attention(
-            q, k, v, self.window, q_offset=q_offset, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout
-        )
-        if self.shared_qk:
-            out = attend_self_where_empty(out, lse, v, q_offset, kpm)
-        return out
+        return window_attention_at(self.window, q, k, v, first_pos, key_padding_mask=kpm, scale=self.scaling,
+                                   dropout_p=dropout)
 
     # ------------------------------------------------------------------- hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
@@ -139,12 +135,7 @@ class LocalAttention(EfficientAttention):
             )
         self._check_length(src_len)
         kpm = masks.key_padding
-        return self._window_attend(q, k, v, masks.query_offset, kpm), None
-
-    @property
-    def _cache_len(self) -> int:
-        """Keys before its own position that a causal query can still see."""
-        return self.window.group - 1 + self.window.left
+        return self._window_attend(q, k, v, 0, kpm), None
 
     def _attend_step(
         self,
@@ -170,7 +161,11 @@ class LocalAttention(EfficientAttention):
             prepared = self._prepare_masks(replace(masks, key_padding=kpm), attn_mask, bsz, tgt_len, k.shape[2], device)
             if pos + tgt_len > k.shape[2]:
                 raise ValueError(f"LocalAttention cross decoding past the {k.shape[2]} cached keys (aligned positions)")
-            return self._window_attend(q, k, v, pos, prepared.key_padding), None
+            kk = F.normalize(k, dim=-1) if self.shared_qk else k
+            dropout = self.dropout_p if self.training else 0.0
+            out = window_attention(self.window, q, kk, v, q_offset=pos, key_padding_mask=prepared.key_padding,
+                                   scale=self.scaling, dropout_p=dropout)
+            return out, None
         # causal self: keys at absolute positions pos - c .. pos + T - 1, front-padded to a block boundary
         self._prepare_masks(masks, attn_mask, bsz, tgt_len, pos + tgt_len, device)  # checks attn_mask
         new_kpm = masks.key_padding
@@ -179,16 +174,8 @@ class LocalAttention(EfficientAttention):
         if prev_k is not None:
             k, v = torch.cat([prev_k, k], dim=2), torch.cat([prev_v, v], dim=2)
             new_kpm = torch.cat([prev_kpm, new_kpm], dim=1)
-        cached = k.shape[2] - tgt_len
-        first = pos - cached                        # absolute position of k[:, :, 0]
-        lead = first % self.window.group            # dummy keys so block boundaries line up
-        kk, vv, kpm = k, v, new_kpm
-        if lead:
-            kk = F.pad(k, (0, 0, lead, 0))
-            vv = F.pad(v, (0, 0, lead, 0))
-            kpm = F.pad(new_kpm, (lead, 0), value=True)
-        out = self._window_attend(q, kk, vv, lead + cached, kpm)
-        start = max(k.shape[2] - self._cache_len, 0)
+        out = self._window_attend(q, k, v, pos - (k.shape[2] - tgt_len), new_kpm)
+        start = max(k.shape[2] - cache_len(self.window), 0)
         state["prev_key"], state["prev_value"] = k[:, :, start:], v[:, :, start:]
         state["prev_key_padding_mask"] = new_kpm[:, start:]
         return out, None
