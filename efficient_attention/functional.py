@@ -23,6 +23,7 @@ __all__ = [
     "split_heads",
     "merge_heads",
     "repeat_kv",
+    "combine_attention",
 ]
 
 
@@ -153,3 +154,18 @@ def merge_heads(x: Tensor) -> Tensor:
     """``(B, H, L, d)`` -> time-first ``(L, B, H*d)``."""
     bsz, heads, length, dim = x.shape
     return x.permute(2, 0, 1, 3).reshape(length, bsz, heads * dim)
+
+
+def combine_attention(outs, lses) -> Tuple[Tensor, Tensor]:
+    """Exact softmax over the union of disjoint key sets attended separately.
+
+    Each part gives ``out (..., T, d)`` and its log-sum-exp ``lse (..., T)``
+    (``-inf`` where the part saw nothing); the union's output is the
+    ``exp(lse)``-weighted mean of the parts.  Rows that saw nothing anywhere
+    give 0.  Returns ``(out, lse)``; gradients flow through the weights.
+    """
+    lse = torch.stack([l.to(acc_dtype(l.dtype)) for l in lses])
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total.masked_fill(torch.isneginf(total), 0.0)).nan_to_num(0.0)
+    out = sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))
+    return out, total
