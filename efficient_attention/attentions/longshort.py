@@ -234,11 +234,15 @@ class AttentionLS(LongShort):
 class CausalLS(LongShort):
     """Causal Transformer-LS: causal local window + compressed memories of the last chunks; constant-state decoding.
 
-    See :class:`LongShort`.  Patterns: causal self.  Cost O(N·(2·window_size + num_landmarks)·d).
+    See :class:`LongShort`.  Patterns: causal self (``causal`` defaults to True).  Cost O(N·(2·window_size + num_landmarks)·d).
     """
 
     capabilities = Capabilities(patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, constant_state=True,
                                 backends=("kernels.sliding_window_attention",))
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("causal", True)  # its only pattern
+        super().__init__(*args, **kwargs)
 
 
 register_attention("longshort", "long_short")(LongShort)
