@@ -54,19 +54,27 @@ def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, c
     lag = i[:, None] - i[None, :]
     toe = torch.where(lag >= 0, kern[:, lag.clamp(min=0)], kern.new_zeros(()))  # (C, t, t)
     uc = F.pad(u, (0, n_chunks * t - length)).view(bsz, channels, n_chunks, t)
-    y = torch.einsum("bcmj,cij->bcmi", uc, toe)
-    local = torch.einsum("bcmj,cnj->bcmn", uc.to(lam.dtype), lam[..., :t].flip(-1))  # each chunk's own end state
+    # Toeplitz products as one contiguous bmm per channel (einsum's layouts hit a slow CPU bmm in backward)
+    flat = uc.permute(1, 0, 2, 3).reshape(channels, bsz * n_chunks, t).contiguous()
+    y = torch.bmm(flat, toe.transpose(1, 2).contiguous()).view(channels, bsz, n_chunks, t).permute(1, 0, 2, 3)
+    # each chunk's own end state sum_j λ^{t-1-j} u_j (real inputs times complex powers, as real products)
+    back = lam[..., :t].flip(-1)
+    local = torch.complex(torch.einsum("bcmj,cnj->bcmn", uc, back.real), torch.einsum("bcmj,cnj->bcmn", uc, back.imag))
     x = torch.zeros(bsz, channels, dt_a.shape[-1], dtype=lam.dtype, device=u.device) if x0 is None else x0
-    starts = []
-    for m in range(n_chunks):
+    starts, lam_t = [], lam[..., t]
+    for local_m in local.unbind(2):
         starts.append(x)
-        x = lam[..., t] * x + local[:, :, m]
-    carried = 2.0 * torch.einsum("cn,bcmn,cni->bcmi", c_bar, torch.stack(starts, 2), lam[..., 1:]).real
+        x = lam_t * x + local_m
+    start = torch.stack(starts, 2)                                          # (B, C, m, n)
+    w = c_bar[..., None] * lam[..., 1:]                                    # C̃ λ^{i+1}: (C, n, t)
+    carried = 2.0 * (torch.einsum("bcmn,cni->bcmi", start.real, w.real) - torch.einsum("bcmn,cni->bcmi", start.imag, w.imag))
     y = (y + carried).reshape(bsz, channels, n_chunks * t)[..., :length]
     if n_chunks * t != length:  # the state after the real last input (not after the padding)
         rest = length - (n_chunks - 1) * t
-        x = lam[..., rest] * starts[-1] + torch.einsum("bcj,cnj->bcn", uc[:, :, -1, :rest].to(lam.dtype),
-                                                        lam[..., :rest].flip(-1))
+        tail = lam[..., :rest].flip(-1)
+        u_last = uc[:, :, -1, :rest]
+        x = lam[..., rest] * starts[-1] + torch.complex(torch.einsum("bcj,cnj->bcn", u_last, tail.real),
+                                                         torch.einsum("bcj,cnj->bcn", u_last, tail.imag))
     return y, x
 
 
