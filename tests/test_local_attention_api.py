@@ -1,5 +1,4 @@
 """The lucidrains-style per-head API: efficient_attention.local_attention (README 002 examples, small sizes)."""
-import math
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from efficient_attention import ProbSparse, UnsupportedPatternError
+from efficient_attention import AttentionMasks, ProbSparse, UnsupportedPatternError
 from efficient_attention.attentions.probsparse import hash_samples, log_count, log_counts
 
 from helpers import assert_close, decode
@@ -62,7 +62,7 @@ def test_noncausal_selects_top_u_queries():
     q = m.q_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3)
     v = m.v_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3)
     out = m._attend(q, m.k_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3), v,
-                    __import__("efficient_attention").AttentionMasks(), False)[0]
+                    AttentionMasks(), False)[0]
     lazy = (out - v.mean(2, keepdim=True)).abs().amax(-1) < 1e-12
     assert int((~lazy).sum(-1).max()) <= log_count(1, 20)
 
