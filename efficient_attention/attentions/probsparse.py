@@ -26,7 +26,7 @@ from ..registry import register_attention
 
 __all__ = ["ProbSparse"]
 
-_CHUNK = 256
+_CHUNK = 256  # queries per block in the score sampling and the running top-u
 
 
 def log_count(factor: int, n: int) -> int:
@@ -89,15 +89,20 @@ class ProbSparse(EfficientAttention):
         idx = self.sample_keys(q_pos, n_visible, count)                              # (T, U)
         valid = torch.arange(count, device=q.device)[None] < per_row[:, None]          # (T, U)
         real = acc_dtype(q.dtype)
-        ks = k.to(real)[:, :, idx]                                                    # (B, H, T, U, d)
-        s = torch.einsum("bhtd,bhtud->bhtu", q.to(real), ks) * self.scaling
-        valid = valid[None, None]
-        if kpm is not None:
-            valid = valid & ~kpm[:, idx][:, None]
-        n = valid.sum(-1)
-        top = s.masked_fill(~valid, float("-inf")).amax(-1)
-        mean = s.masked_fill(~valid, 0.0).sum(-1) / n.clamp(min=1)
-        return torch.where(n > 0, top - mean, torch.full_like(top, float("-inf")))
+        parts = []
+        with torch.no_grad():  # the scores only select queries: no gradient, no saved (B, H, T, U, d) gathers
+            for start in range(0, q.shape[2], _CHUNK):
+                sl = slice(start, start + _CHUNK)
+                ks = k[:, :, idx[sl]].to(real)                                        # (B, H, c, U, d)
+                s = (ks * q[:, :, sl, None, :].to(real)).sum(-1) * self.scaling        # (B, H, c, U)
+                ok = valid[sl][None, None]
+                if kpm is not None:
+                    ok = ok & ~kpm[:, idx[sl]][:, None]
+                n = ok.sum(-1)
+                top = s.masked_fill(~ok, float("-inf")).amax(-1)
+                mean = s.masked_fill(~ok, 0.0).sum(-1) / n.clamp(min=1)
+                parts.append(torch.where(n > 0, top - mean, torch.full_like(top, float("-inf"))))
+        return torch.cat(parts, -1)
 
     def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], q_pos: Tensor) -> Tensor:
         """Causal selection: query ``i`` is active iff fewer than ``u_i`` earlier queries score higher."""
