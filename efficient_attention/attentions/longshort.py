@@ -175,6 +175,10 @@ class LongShort(EfficientAttention):
         self._prepare_masks(masks, attn_mask, bsz, tgt_len, pos + tgt_len, device)  # checks attn_mask
         if "position" not in state:
             self._init_state(state, q, k)
+            if tgt_len > 1:  # a prompt: one full pass, then the state it leaves
+                out, _ = self._attend(q, k, v, AttentionMasks(key_padding=kpm), False)
+                self._fill_state(state, k, v, kpm)
+                return out, None
         outs = [self._step_one(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kpm[:, t:t + 1], state)
                 for t in range(tgt_len)]
         return torch.cat(outs, dim=2), None
@@ -192,6 +196,25 @@ class LongShort(EfficientAttention):
         state["memory_key"] = k.new_zeros(bsz, heads, slots, dim)
         state["memory_value"] = k.new_zeros(bsz, heads, slots, dim)
         state["memory_hidden"] = torch.ones(bsz, slots, dtype=torch.bool, device=device)
+
+    def _fill_state(self, state: Dict[str, Optional[Tensor]], k: Tensor, v: Tensor, kpm: Tensor) -> None:
+        """The decoding state after a full pass over ``k, v (B, H, L, d)``: window tail, last memories, open chunk."""
+        length, l, r = k.shape[2], self.chunk_size, self.chunk_rank
+        start = max(length - cache_len(self.window), 0)
+        state["window_key"], state["window_value"], state["window_padding"] = k[:, :, start:], v[:, :, start:], kpm[:, start:]
+        mk, mv, empty = self._chunk_memories(k, v, kpm)                       # (B, H, C, r, d)
+        mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
+        hidden = empty[:, :, None].expand(-1, -1, r).flatten(1)
+        slots = state["memory_key"].shape[2]
+        state["memory_key"] = torch.cat([state["memory_key"], mk], 2)[:, :, -slots:]
+        state["memory_value"] = torch.cat([state["memory_value"], mv], 2)[:, :, -slots:]
+        state["memory_hidden"] = torch.cat([state["memory_hidden"], hidden], 1)[:, -slots:]
+        rest = length % l
+        if rest:
+            state["chunk_key"][:, :, :rest] = k[:, :, length - rest:]
+            state["chunk_value"][:, :, :rest] = v[:, :, length - rest:]
+            state["chunk_padding"][:, :rest] = kpm[:, length - rest:]
+        state["position"] = state["position"] + length
 
     def _step_one(self, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, state: Dict[str, Optional[Tensor]]) -> Tensor:
         pos = int(state["position"][0].item())
