@@ -26,6 +26,7 @@ __all__ = [
     "safe_divide",
     "causal_linear_attention",
     "segment_weights",
+    "combine_attention",
 ]
 
 
@@ -227,3 +228,18 @@ def segment_weights(
     onehot = F.one_hot(seg, num_segments + 1)[..., :num_segments].transpose(-1, -2).to(dtype)  # (B, C, N)
     sizes = onehot.sum(-1, keepdim=True)
     return onehot / sizes.clamp_min(1)
+
+
+def combine_attention(outs, lses) -> Tuple[Tensor, Tensor]:
+    """Exact softmax over the union of disjoint key sets attended separately.
+
+    Each part gives ``out (..., T, d)`` and its log-sum-exp ``lse (..., T)``
+    (``-inf`` where the part saw nothing); the union's output is the
+    ``exp(lse)``-weighted mean of the parts.  Rows that saw nothing anywhere
+    give 0.  Returns ``(out, lse)``; gradients flow through the weights.
+    """
+    lse = torch.stack([l.to(acc_dtype(l.dtype)) for l in lses])
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total.masked_fill(torch.isneginf(total), 0.0)).nan_to_num(0.0)
+    out = sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))
+    return out, total

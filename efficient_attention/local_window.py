@@ -20,6 +20,12 @@ where ``g`` is the group (block) size.  Keys outside ``[0, S)`` never count.
   when not causal), and itself: ``g = 1``.
 * Token-exact sliding windows (Longformer / Mistral style): ``g = 1``,
   ``left``/``right`` = the window sizes.
+* ``exclude_self=True`` additionally hides the key at the query's own
+  position (``j != i``).  Shared query/key attention (Reformer-style
+  ``shared_qk``) uses it; its "attend to oneself only when nothing else is
+  visible" fallback is the mechanism's job (a query whose row is empty gets
+  an lse of ``-inf`` from the kernels, and the mechanism substitutes its own
+  value there).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["LocalWindow"]
+__all__ = ["LocalWindow", "attend_self_where_empty", "window_attention", "window_attention_at", "cache_len"]
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,14 @@ class LocalWindow:
         left: keys visible before the start of the query's block.
         right: keys visible after the end of the query's block.
         causal: additionally hide keys after the query.
+        exclude_self: additionally hide the key at the query's own position.
     """
 
     group: int = 1
     left: int = 0
     right: int = 0
     causal: bool = False
+    exclude_self: bool = False
 
     def __post_init__(self):
         for name in ("group", "left", "right"):
@@ -69,6 +77,7 @@ class LocalWindow:
         look_forward: Optional[int] = None,
         causal: bool = False,
         exact_windowsize: bool = False,
+        exclude_self: bool = False,
     ) -> "LocalWindow":
         """The block-local rule of lucidrains' ``LocalAttention`` (``look_forward`` defaults to 0 if causal else 1)."""
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size <= 0:
@@ -79,10 +88,10 @@ class LocalWindow:
         if causal and look_forward > 0:
             raise ValueError(f"look_forward must be 0 with causal=True, got {look_forward}")
         if exact_windowsize:
-            return cls(1, window_size * look_backward, window_size * look_forward, causal)
+            return cls(1, window_size * look_backward, window_size * look_forward, causal, exclude_self)
         # right side: the rest of the query's own block (implicit in hi) plus look_forward blocks;
         # causal masking hides the part of the own block after the query.
-        return cls(window_size, window_size * look_backward, window_size * look_forward, causal)
+        return cls(window_size, window_size * look_backward, window_size * look_forward, causal, exclude_self)
 
     @classmethod
     def sliding(cls, left: int, right: int = 0, causal: bool = False) -> "LocalWindow":
@@ -99,7 +108,8 @@ class LocalWindow:
 
     def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """Broadcasting bool: True where the query at ``q_pos`` may see the key at ``k_pos``."""
-        return (k_pos >= self.lo(q_pos)) & (k_pos <= self.hi(q_pos))
+        ok = (k_pos >= self.lo(q_pos)) & (k_pos <= self.hi(q_pos))
+        return ok & (k_pos != q_pos) if self.exclude_self else ok
 
     def mask_mod(self) -> Callable:
         """FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = attend)."""
@@ -122,4 +132,65 @@ class LocalWindow:
 
     def __str__(self) -> str:
         kind = "causal" if self.causal else "bidirectional"
-        return f"LocalWindow(group={self.group}, left={self.left}, right={self.right}, {kind})"
+        extra = ", exclude_self" if self.exclude_self else ""
+        return f"LocalWindow(group={self.group}, left={self.left}, right={self.right}, {kind}{extra})"
+
+
+def attend_self_where_empty(out: Tensor, lse: Tensor, v: Tensor, q_offset: int = 0,
+                            key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """The ``shared_qk`` fallback: a query that sees no key but itself attends to itself.
+
+    ``out`` / ``lse`` come from a window with ``exclude_self=True`` (``lse`` is
+    ``-inf`` on empty rows); ``v`` is ``(B, H|Hkv, S, d)`` with the query ``t``
+    at key position ``q_offset + t``.  A padded own key stays unattended (0).
+    """
+    heads, tgt_len = out.shape[1], out.shape[2]
+    idx = torch.arange(tgt_len, device=out.device) + q_offset
+    v_self = v[:, :, idx].repeat_interleave(heads // v.shape[1], dim=1)
+    empty = torch.isneginf(lse)[..., None]
+    if key_padding_mask is not None:
+        empty = empty & ~key_padding_mask[:, idx][:, None, :, None]
+    return torch.where(empty, v_self.to(out.dtype), out)
+
+
+def window_attention(window: LocalWindow, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int = 0,
+                     key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """``sliding_window_attention`` plus the ``exclude_self`` fallback; returns ``out (B, H, T, d)``.
+
+    Keys are at positions ``0 .. S - 1``, queries at ``q_offset ..``.
+    """
+    from .kernels import sliding_window_attention  # the kernels import this module
+
+    out, lse = sliding_window_attention(q, k, v, window, q_offset=q_offset, key_padding_mask=key_padding_mask,
+                                        scale=scale, dropout_p=dropout_p)
+    if window.exclude_self:
+        out = attend_self_where_empty(out, lse, v, q_offset, key_padding_mask)
+    return out
+
+
+def cache_len(window: LocalWindow) -> int:
+    """Keys before its own position that a causal query can still see: a decoder keeps this many."""
+    return window.group - 1 + window.left
+
+
+def window_attention_at(window: LocalWindow, q: Tensor, k: Tensor, v: Tensor, first_pos: int, *,
+                        key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+                        dropout_p: float = 0.0) -> Tensor:
+    """:func:`window_attention` for keys that start at absolute position ``first_pos`` (a decoding cache).
+
+    ``k`` / ``v`` ``(B, H, S, d)`` sit at ``first_pos .. first_pos + S - 1`` and
+    the ``T`` queries are the last ``T`` of them.  The keys are front-padded
+    with ``first_pos mod group`` masked dummies so that the blocks line up with
+    the absolute positions.
+    """
+    bsz, tgt_len, src_len = q.shape[0], q.shape[2], k.shape[2]
+    lead = first_pos % window.group
+    if lead:
+        k = torch.nn.functional.pad(k, (0, 0, lead, 0))
+        v = torch.nn.functional.pad(v, (0, 0, lead, 0))
+        if key_padding_mask is None:
+            key_padding_mask = torch.zeros(bsz, src_len, dtype=torch.bool, device=q.device)
+        key_padding_mask = torch.nn.functional.pad(key_padding_mask, (lead, 0), value=True)
+    return window_attention(window, q, k, v, q_offset=lead + src_len - tgt_len, key_padding_mask=key_padding_mask,
+                            scale=scale, dropout_p=dropout_p)

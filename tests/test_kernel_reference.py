@@ -26,6 +26,25 @@ WINDOWS = [
 ]
 
 
+def test_exclude_self_hides_only_the_diagonal():
+    plain = LocalWindow.from_blocks(4, 1, 1).dense_mask(13, 13)
+    shared = LocalWindow.from_blocks(4, 1, 1, exclude_self=True).dense_mask(13, 13)
+    assert torch.equal(shared, plain | torch.eye(13, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("window", [LocalWindow.from_blocks(4, 1, 1, exclude_self=True),
+                                    LocalWindow.from_blocks(3, 1, 0, causal=True, exclude_self=True)], ids=str)
+def test_sliding_window_excluding_self_matches_dense(window):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 19, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    out, lse = sliding_window_attention(q, k, v, window)
+    ref, ref_lse = _dense(q, k, v, window.dense_mask(19, 19))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    if window.causal:  # the first query sees nothing but itself: an empty row, lse -inf, output 0
+        assert torch.isneginf(lse[..., 0]).all() and (out[..., 0, :] == 0).all()
+
+
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 @pytest.mark.parametrize("q_offset", [0, 5])
 def test_sliding_window_matches_dense(window, q_offset):

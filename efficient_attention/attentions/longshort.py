@@ -1,0 +1,271 @@
+"""Long-Short Transformer attention (Transformer-LS, Zhu et al. 2021).
+
+One softmax over two key sets: a **short** local window (the block rule of
+:class:`~efficient_attention.local_window.LocalWindow`, computed by
+``sliding_window_attention``) and **long** compressed memories made by a
+dynamic projection ``P = softmax_positions(k W)`` (``K̄ = Pᵀ K``, ``V̄ = Pᵀ V``).
+The two parts are joined exactly through their log-sum-exps
+(:func:`~efficient_attention.functional.combine_attention`).
+
+* noncausal (:class:`AttentionLS`): window ``wsize`` blocks looking one block
+  back and forward; ``num_landmarks`` global memories from the whole sequence.
+* causal (:class:`CausalLS`): window of the own block and the one before;
+  every ``chunk_size`` tokens form a chunk compressed into ``chunk_rank``
+  memories; a query sees the compressed memories of the last
+  ``num_landmarks // chunk_rank`` chunks *before its own chunk* (bounded, so
+  decoding state is constant).
+
+Cost O(N·(3·window + memories)·d).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..base import AttentionMasks, EfficientAttention
+from ..capabilities import Capabilities, Pattern, SELF_PATTERNS
+from ..functional import acc_dtype, combine_attention, softmax
+from ..kernels import sliding_window_attention
+from ..local_window import LocalWindow, cache_len
+from ..masks import as_bool_mask
+from ..registry import register_attention
+
+__all__ = ["LongShort", "AttentionLS", "CausalLS"]
+
+
+def _memory_attention(q: Tensor, mem_k: Tensor, mem_v: Tensor, hidden: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Softmax of ``q (..., T, d)`` over memories ``(..., M, d)`` with ``hidden (..., T|1, M)`` True = unseen."""
+    scores = torch.matmul(q, mem_k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(hidden, float("-inf"))
+    lse = torch.logsumexp(scores.to(acc_dtype(scores.dtype)), dim=-1)
+    return torch.matmul(softmax(scores).to(mem_v.dtype), mem_v), lse
+
+
+class LongShort(EfficientAttention):
+    """Transformer-LS attention: short window + compressed long memories in one softmax.
+
+    ``out_i = softmax([q_i k_j/√d]_{j in W(i)} ∪ [q_i k̄_m/√d]_{m in M(i)}) · [v_j; v̄_m]``
+    where ``W(i)`` is the local window and ``M(i)`` the compressed memories
+    (see the module docstring).  Builds :class:`AttentionLS` when
+    ``causal=False`` and :class:`CausalLS` when ``causal=True`` (registered as
+    ``longshort``: one name for both self patterns).  Shapes ``(T, B, C)``.
+    Padded keys never count (nor enter a memory; a chunk of padding gives no
+    memory).  Cost O(N·(span + memories)·d); causal decoding keeps a constant
+    state (window cache, the current chunk, the last memories).
+    """
+
+    capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True,
+                                backends=("kernels.sliding_window_attention",))
+    option_help = {
+        "window_size": "block size of the short-term window (a query sees its block and the blocks next to it)",
+        "num_landmarks": "noncausal: global compressed memories; causal: compressed memories kept (the last num_landmarks // chunk_rank chunks)",
+        "chunk_size": "causal: tokens per compressed chunk",
+        "chunk_rank": "causal: compressed memories per chunk",
+    }
+
+    def __new__(cls, *args, **kwargs):
+        cross = kwargs.get("cross") or (kwargs.get("cross") is None and kwargs.get("encoder_decoder_attention"))
+        if cls is LongShort and not cross:  # the front: pick by causal (cross stays here and is refused)
+            cls = CausalLS if kwargs.get("causal", False) else AttentionLS
+        return super().__new__(cls)
+
+    def __init__(self, *args, window_size: int = 16, num_landmarks: int = 32, chunk_size: int = 16, chunk_rank: int = 1,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, value in (("window_size", window_size), ("num_landmarks", num_landmarks), ("chunk_size", chunk_size),
+                            ("chunk_rank", chunk_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.causal and num_landmarks < chunk_rank:
+            raise ValueError(f"num_landmarks ({num_landmarks}) must be >= chunk_rank ({chunk_rank}) with causal=True")
+        self.window_size, self.num_landmarks = window_size, num_landmarks
+        self.chunk_size, self.chunk_rank = chunk_size, chunk_rank
+        self.window = LocalWindow.from_blocks(window_size, 1, 0 if self.causal else 1, causal=self.causal)
+        rank = chunk_rank if self.causal else num_landmarks
+        self.memory_chunks = num_landmarks // chunk_rank
+        # dynamic projection: memory logits from each head's keys
+        self.landmark_proj = nn.Parameter(torch.randn(self.num_kv_heads, self.head_dim, rank) * self.head_dim**-0.5)
+
+    # ------------------------------------------------------------- memories
+    def _compress(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """Memories of groups of positions ``k, v (B, H, G, n, d)``, ``pad (B, G, n)``.
+
+        ``P = softmax over the n positions of k W`` -> ``(K̄, V̄) (B, H, G, r, d)`` and
+        ``empty (B, G)``: the group held only padding (no memory).
+        """
+        logits = torch.einsum("bhgnd,hdr->bhgrn", k, self.landmark_proj.to(k.dtype))
+        if pad is not None:
+            logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
+        p = softmax(logits).to(v.dtype)
+        empty = pad.all(-1) if pad is not None else torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        return torch.matmul(p, k), torch.matmul(p, v), empty
+
+    def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        mk, mv, empty = self._compress(k[:, :, None], v[:, :, None], None if kpm is None else kpm[:, None])
+        mk, mv = mk[:, :, 0], mv[:, :, 0]                                       # (B, H, r, d)
+        hidden = empty[:, None, None, :].expand(-1, 1, 1, mk.shape[2])          # (B, 1, 1, r)
+        return _memory_attention(q, mk, mv, hidden, self.scaling)
+
+    def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """Compressed memories of the complete chunks: ``(B, H, C, r, d)`` twice and ``empty (B, C)``."""
+        n_chunks = k.shape[2] // self.chunk_size
+        cut = n_chunks * self.chunk_size
+        shape = (k.shape[0], k.shape[1], n_chunks, self.chunk_size, k.shape[-1])
+        pad = None if kpm is None else kpm[:, :cut].reshape(k.shape[0], n_chunks, self.chunk_size)
+        return self._compress(k[:, :, :cut].reshape(shape), v[:, :, :cut].reshape(shape), pad)
+
+    def _long_causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Queries of chunk ``c`` see the memories of chunks ``c - memory_chunks .. c - 1``."""
+        bsz, heads, length, dim = q.shape
+        l, r, mc = self.chunk_size, self.chunk_rank, self.memory_chunks
+        n_q_chunks = -(-length // l)
+        mk, mv, empty = self._chunk_memories(k, v, kpm)                         # (B, H, C, r, d)
+        # memory slots of chunk c: chunks c - mc .. c - 1 (front-padded with mc hidden chunks)
+        mk = F.pad(mk, (0, 0, 0, 0, mc, 0))
+        mv = F.pad(mv, (0, 0, 0, 0, mc, 0))
+        empty = F.pad(empty, (mc, 0), value=True)
+        # padded chunk index c + m is chunk c - mc + m: always complete (< c), hidden if it is front padding
+        idx = torch.arange(n_q_chunks, device=q.device)[:, None] + torch.arange(mc, device=q.device)  # (nq, mc)
+        gk = mk[:, :, idx].flatten(-3, -2)                                      # (B, H, nq, mc*r, d)
+        gv = mv[:, :, idx].flatten(-3, -2)
+        hidden = empty[:, idx][:, None, :, None, :, None].expand(-1, 1, -1, 1, -1, r).flatten(-2)  # (B, 1, nq, 1, mc*r)
+        qc = F.pad(q, (0, 0, 0, n_q_chunks * l - length)).view(bsz, heads, n_q_chunks, l, dim)
+        out, lse = _memory_attention(qc, gk, gv, hidden, self.scaling)
+        return out.reshape(bsz, heads, n_q_chunks * l, -1)[:, :, :length], lse.reshape(bsz, heads, -1)[:, :, :length]
+
+    # ---------------------------------------------------------------- forward
+    def _short(self, q: Tensor, k: Tensor, v: Tensor, first_pos: int, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        lead = first_pos % self.window.group
+        src_len = k.shape[2]
+        if lead:
+            k, v = F.pad(k, (0, 0, lead, 0)), F.pad(v, (0, 0, lead, 0))
+            kpm = torch.zeros(k.shape[0], src_len, dtype=torch.bool, device=k.device) if kpm is None else kpm
+            kpm = F.pad(kpm, (lead, 0), value=True)
+        dropout = self.dropout_p if self.training else 0.0
+        return sliding_window_attention(q, k, v, self.window, q_offset=lead + src_len - q.shape[2], key_padding_mask=kpm,
+                                        scale=self.scaling, dropout_p=dropout)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        kpm = masks.key_padding
+        short = self._short(q, k, v, 0, kpm)
+        long = self._long_causal(q, k, v, kpm) if self.causal else self._long_noncausal(q, k, v, kpm)
+        out, _ = combine_attention([short[0], long[0]], [short[1], long[1]])
+        return out.to(q.dtype), None
+
+    # --------------------------------------------------------------- decoding
+    def _attend_step(
+        self,
+        q: Tensor,
+        k: Optional[Tensor],
+        v: Optional[Tensor],
+        state: Dict[str, Optional[Tensor]],
+        masks: AttentionMasks,
+        attn_mask: Optional[Tensor],
+        need_weights: bool,
+        static_kv: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Constant state: the window cache, the current chunk (fixed size, with a fill mask), the last memories."""
+        bsz, tgt_len, device = q.shape[0], q.shape[2], q.device
+        kpm = masks.key_padding
+        kpm = torch.zeros(bsz, tgt_len, dtype=torch.bool, device=device) if kpm is None else as_bool_mask(kpm, "key_padding_mask")
+        pos = int(state["position"][0].item()) if "position" in state else 0
+        self._prepare_masks(masks, attn_mask, bsz, tgt_len, pos + tgt_len, device)  # checks attn_mask
+        if "position" not in state:
+            self._init_state(state, q, k)
+            if tgt_len > 1:  # a prompt: one full pass, then the state it leaves
+                out, _ = self._attend(q, k, v, AttentionMasks(key_padding=kpm), False)
+                self._fill_state(state, k, v, kpm)
+                return out, None
+        outs = [self._step_one(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kpm[:, t:t + 1], state)
+                for t in range(tgt_len)]
+        return torch.cat(outs, dim=2), None
+
+    def _init_state(self, state: Dict[str, Optional[Tensor]], q: Tensor, k: Tensor) -> None:
+        bsz, heads, dim, device = k.shape[0], k.shape[1], k.shape[-1], k.device
+        l, slots = self.chunk_size, self.memory_chunks * self.chunk_rank
+        state["position"] = torch.zeros(bsz, dtype=torch.long, device=device)
+        state["window_key"] = k.new_zeros(bsz, heads, 0, dim)
+        state["window_value"] = k.new_zeros(bsz, heads, 0, dim)
+        state["window_padding"] = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
+        state["chunk_key"] = k.new_zeros(bsz, heads, l, dim)
+        state["chunk_value"] = k.new_zeros(bsz, heads, l, dim)
+        state["chunk_padding"] = torch.ones(bsz, l, dtype=torch.bool, device=device)
+        state["memory_key"] = k.new_zeros(bsz, heads, slots, dim)
+        state["memory_value"] = k.new_zeros(bsz, heads, slots, dim)
+        state["memory_hidden"] = torch.ones(bsz, slots, dtype=torch.bool, device=device)
+
+    def _fill_state(self, state: Dict[str, Optional[Tensor]], k: Tensor, v: Tensor, kpm: Tensor) -> None:
+        """The decoding state after a full pass over ``k, v (B, H, L, d)``: window tail, last memories, open chunk."""
+        length, l, r = k.shape[2], self.chunk_size, self.chunk_rank
+        start = max(length - cache_len(self.window), 0)
+        state["window_key"], state["window_value"], state["window_padding"] = k[:, :, start:], v[:, :, start:], kpm[:, start:]
+        mk, mv, empty = self._chunk_memories(k, v, kpm)                       # (B, H, C, r, d)
+        mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
+        hidden = empty[:, :, None].expand(-1, -1, r).flatten(1)
+        slots = state["memory_key"].shape[2]
+        state["memory_key"] = torch.cat([state["memory_key"], mk], 2)[:, :, -slots:]
+        state["memory_value"] = torch.cat([state["memory_value"], mv], 2)[:, :, -slots:]
+        state["memory_hidden"] = torch.cat([state["memory_hidden"], hidden], 1)[:, -slots:]
+        rest = length % l
+        if rest:
+            state["chunk_key"][:, :, :rest] = k[:, :, length - rest:]
+            state["chunk_value"][:, :, :rest] = v[:, :, length - rest:]
+            state["chunk_padding"][:, :rest] = kpm[:, length - rest:]
+        state["position"] = state["position"] + length
+
+    def _step_one(self, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, state: Dict[str, Optional[Tensor]]) -> Tensor:
+        pos = int(state["position"][0].item())
+        l, r = self.chunk_size, self.chunk_rank
+        wk = torch.cat([state["window_key"], k], 2)
+        wv = torch.cat([state["window_value"], v], 2)
+        wp = torch.cat([state["window_padding"], kpm], 1)
+        short = self._short(q, wk, wv, pos + 1 - wk.shape[2], wp)
+        hidden = state["memory_hidden"][:, None, None, :]
+        long = _memory_attention(q, state["memory_key"], state["memory_value"], hidden, self.scaling)
+        out, _ = combine_attention([short[0], long[0]], [short[1], long[1]])
+        start = max(wk.shape[2] - cache_len(self.window), 0)
+        state["window_key"], state["window_value"], state["window_padding"] = wk[:, :, start:], wv[:, :, start:], wp[:, start:]
+        slot = pos % l
+        ck, cv, cp = state["chunk_key"].clone(), state["chunk_value"].clone(), state["chunk_padding"].clone()
+        ck[:, :, slot], cv[:, :, slot], cp[:, slot] = k[:, :, 0], v[:, :, 0], kpm[:, 0]
+        if slot == l - 1:  # chunk complete: compress it into the memories, drop the oldest
+            mk, mv, empty = self._compress(ck[:, :, None], cv[:, :, None], cp[:, None])
+            state["memory_key"] = torch.cat([state["memory_key"][:, :, r:], mk[:, :, 0]], 2)
+            state["memory_value"] = torch.cat([state["memory_value"][:, :, r:], mv[:, :, 0]], 2)
+            state["memory_hidden"] = torch.cat([state["memory_hidden"][:, r:], empty.expand(-1, r)], 1)
+            cp = torch.ones_like(cp)
+        state["chunk_key"], state["chunk_value"], state["chunk_padding"] = ck, cv, cp
+        state["position"] = state["position"] + 1
+        return out.to(q.dtype)
+
+
+@register_attention("attention_ls", "ls", "longshort_noncausal")
+class AttentionLS(LongShort):
+    """Noncausal Transformer-LS: local window (one block each side) + ``num_landmarks`` global memories.
+
+    See :class:`LongShort`.  Patterns: noncausal self.  Cost O(N·(3·window_size + num_landmarks)·d).
+    """
+
+    capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}),
+                                backends=("kernels.sliding_window_attention",))
+
+
+@register_attention("causal_ls", "longshort_causal")
+class CausalLS(LongShort):
+    """Causal Transformer-LS: causal local window + compressed memories of the last chunks; constant-state decoding.
+
+    See :class:`LongShort`.  Patterns: causal self (``causal`` defaults to True).  Cost O(N·(2·window_size + num_landmarks)·d).
+    """
+
+    capabilities = Capabilities(patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, constant_state=True,
+                                backends=("kernels.sliding_window_attention",))
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("causal", True)  # its only pattern
+        super().__init__(*args, **kwargs)
+
+
+register_attention("longshort", "long_short")(LongShort)

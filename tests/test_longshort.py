@@ -1,0 +1,57 @@
+"""Long-Short specifics: the front, longer sequences against the reference, bounded memories, bad input."""
+import pytest
+import torch
+
+from efficient_attention import AttentionLS, CausalLS, LongShort, UnsupportedPatternError
+
+from helpers import assert_close, decode
+from references.longshort import longshort_reference
+
+OPTS = dict(window_size=3, num_landmarks=4, chunk_size=3, chunk_rank=2)
+
+
+def test_front_picks_by_causal():
+    assert type(LongShort(16, 2)) is AttentionLS
+    assert type(LongShort(16, 2, causal=True)) is CausalLS
+    with pytest.raises(UnsupportedPatternError, match="LongShort"):
+        LongShort(16, 2, cross=True)
+    with pytest.raises(UnsupportedPatternError):
+        AttentionLS(16, 2, causal=True)
+    with pytest.raises(UnsupportedPatternError):
+        CausalLS(16, 2, causal=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_longer_sequence_matches_reference(causal):
+    torch.manual_seed(0)
+    m = LongShort(16, 2, causal=causal, **OPTS).double().eval()
+    x = torch.randn(23, 2, 16, dtype=torch.float64)
+    kpm = torch.zeros(2, 23, dtype=torch.bool)
+    kpm[1, -7:] = True  # the last chunks of batch 1 are padding
+    out, _ = m(x, key_padding_mask=kpm, need_weights=False)
+    expected = longshort_reference(m, x, x, x, key_padding_mask=kpm)
+    assert_close(out[:, 0], expected[:, 0])
+    assert_close(out[:16, 1], expected[:16, 1])
+
+
+def test_causal_memory_reach_is_bounded_and_decoding_state_constant():
+    torch.manual_seed(0)
+    m = CausalLS(16, 2, **OPTS).eval()
+    x = torch.randn(60, 1, 16)
+    out, _ = m(x, need_weights=False)
+    # memories: the last num_landmarks // chunk_rank = 2 chunks before the own one, window: 2 blocks of 3
+    x2 = x.clone()
+    x2[:40] += 1.0
+    assert torch.allclose(m(x2, need_weights=False)[0][54:], out[54:])  # reach 2*3 + 2*3 < 14
+    steps, state = decode(m, x, prefix=10)
+    assert_close(steps, out, torch.float32)
+    (buf,) = state.values()
+    assert buf["memory_key"].shape[2] == 4 and buf["chunk_key"].shape[2] == 3 and buf["window_key"].shape[2] == 5
+
+
+@pytest.mark.parametrize("kw,match", [(dict(window_size=0), "window_size"), (dict(num_landmarks=-1), "num_landmarks"),
+                                      (dict(chunk_size=0), "chunk_size"), (dict(chunk_rank=0), "chunk_rank"),
+                                      (dict(causal=True, num_landmarks=1, chunk_rank=2), "num_landmarks")])
+def test_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LongShort(16, 2, **kw)

@@ -1,0 +1,78 @@
+"""ProbSparse specifics: sample counts, determinism, the running top-u, bad input."""
+import math
+
+import pytest
+import torch
+
+from efficient_attention import AttentionMasks, ProbSparse, UnsupportedPatternError
+from efficient_attention.attentions.probsparse import hash_samples, log_count, log_counts
+
+from helpers import assert_close, decode
+
+
+def test_sample_count_follows_c_ceil_ln_l():
+    assert log_count(5, 100) == 5 * math.ceil(math.log(100)) == 25
+    assert log_count(5, 10) == 10 and log_count(5, 1) == 1  # clamped to [1, L]
+    n = torch.arange(1, 500)
+    assert log_counts(5, n).tolist() == [log_count(5, int(x)) for x in n]
+
+
+def test_samples_are_deterministic_in_eval_and_in_range():
+    pos = torch.arange(50)
+    n_vis = pos + 1
+    a, b = hash_samples(pos, n_vis, 9), hash_samples(pos, n_vis, 9)
+    assert torch.equal(a, b) and bool((a >= 0).all()) and bool((a < n_vis[:, None]).all())
+    # a longer sequence samples the same keys for the same positions (what decoding relies on)
+    assert torch.equal(hash_samples(torch.arange(80), torch.arange(1, 81), 9)[:50], a)
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, factor=2).eval()
+    x = torch.randn(30, 2, 16)
+    assert torch.equal(m(x, need_weights=False)[0], m(x, need_weights=False)[0])
+    m.train()
+    r1, r2 = m.sample_keys(pos, n_vis, 9), m.sample_keys(pos, n_vis, 9)
+    assert not torch.equal(r1, r2) and bool((r1 < n_vis[:, None]).all())
+
+
+def test_running_top_u_by_chunks_equals_brute_force():
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, causal=True, factor=3)
+    scores = torch.randn(2, 2, 700, dtype=torch.float64)
+    scores[0, 0, 100] = -math.inf
+    pos = torch.arange(700)
+    by_chunks = m._causal_selection(scores, pos)
+    brute = m._running_active(scores, None, pos)
+    assert torch.equal(by_chunks, brute)
+    # a running top-u keeps about u (1 + ln(L / u)) rows, far fewer than L
+    assert by_chunks.sum(-1).max() < 200
+
+
+def test_long_causal_decoding_equals_full():
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, causal=True, factor=2).eval()
+    x = torch.randn(300, 1, 16)
+    full, _ = m(x, need_weights=False)
+    steps, _ = decode(m, x[:, :], prefix=270)
+    assert_close(steps, full, torch.float32)
+
+
+def test_noncausal_selects_top_u_queries():
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, factor=1).double().eval()
+    x = torch.randn(20, 1, 16, dtype=torch.float64)
+    q = m.q_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3)
+    v = m.v_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3)
+    out = m._attend(q, m.k_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3), v,
+                    AttentionMasks(), False)[0]
+    lazy = (out - v.mean(2, keepdim=True)).abs().amax(-1) < 1e-12
+    assert int((~lazy).sum(-1).max()) <= log_count(1, 20)
+
+
+@pytest.mark.parametrize("factor", [0, -1, 2.5, True])
+def test_bad_factor(factor):
+    with pytest.raises(ValueError, match="factor"):
+        ProbSparse(16, 2, factor=factor)
+
+
+def test_cross_raises():
+    with pytest.raises(UnsupportedPatternError):
+        ProbSparse(16, 2, cross=True)
