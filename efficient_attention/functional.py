@@ -240,6 +240,6 @@ def combine_attention(outs, lses) -> Tuple[Tensor, Tensor]:
     """
     lse = torch.stack([l.to(acc_dtype(l.dtype)) for l in lses])
     total = torch.logsumexp(lse, dim=0)
-    weights = torch.exp(lse - total.masked_fill(torch.isneginf(total), 0.0)).nan_to_num(0.0)
+    weights = torch.exp(lse - total.masked_fill(torch.isneginf(total), 0.0))  # 0 for empty parts / rows
     out = sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))
     return out, total

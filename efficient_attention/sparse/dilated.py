@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import acc_dtype, repeat_kv, softmax
+from ..functional import acc_dtype, combine_attention, repeat_kv, softmax
 from .block_sparse import check_qkv
 
 __all__ = ["dilated_attention", "check_dilated_config"]
@@ -93,16 +93,6 @@ def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
     return full[:, :, :tgt_len], lse_full[:, :, :tgt_len]
 
 
-def merge_by_lse(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Exact softmax union of disjoint attention calls: weights ``exp(lse_b - logsumexp lse)``."""
-    lse = torch.stack(list(lses))                                          # (n, B, H, T)
-    total = torch.logsumexp(lse, dim=0)
-    safe = total.masked_fill(torch.isneginf(total), 0.0)
-    weights = torch.exp(lse - safe)                                        # 0 for empty branches / rows
-    out = sum(wt.unsqueeze(-1).to(o.dtype) * o for wt, o in zip(weights, outs))
-    return out, total
-
-
 def dilated_attention(
     q: Tensor,
     k: Tensor,
@@ -144,5 +134,5 @@ def dilated_attention(
         o, l = _branch(q, k, v, w, r, list(zip(ws[:n], rs[:n])), causal, off, kpm, scale, dropout_p)
         outs.append(o)
         lses.append(l)
-    out, lse = merge_by_lse(outs, lses)
+    out, lse = combine_attention(outs, lses)
     return (out, lse) if return_lse else out
