@@ -246,7 +246,7 @@ def test_incremental_decoding_equals_full(name, prefix):
 def test_cross_attention_mechanism_decodes(name):
     tgt_len, src_len = _lengths(name)
     dec = decoder("vanilla", spec(name))
-    tgt = tokens(3, 7)
+    tgt = tokens(3, tgt_len)
     mem, mpm = memory(3, src_len)
     close(_decode_steps(dec, tgt, mem, mpm)[0], dec(tgt, mem, mpm))
 

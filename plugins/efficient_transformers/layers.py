@@ -181,6 +181,8 @@ class EfficientDecoderLayer(_Block):
     def _cross_attend(self, h: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor], incremental_state) -> Tensor:
         attn = self.cross_attn
         if incremental_state is not None and attn.capabilities.incremental:
+            if attn._get_input_buffer(incremental_state):  # the memory is projected and cached: keys not needed
+                memory = memory_padding_mask = None
             return attn(h, memory, memory, key_padding_mask=memory_padding_mask, incremental_state=incremental_state,
                         static_kv=True, need_weights=False)[0]
         return attn(h, memory, memory, key_padding_mask=memory_padding_mask, need_weights=False)[0]
