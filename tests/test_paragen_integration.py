@@ -149,12 +149,9 @@ def test_unknown_mechanism_lists_registered(workdir):
     assert "unknown attention 'no_such_attention'; registered: " in proc.stdout + proc.stderr
 
 
-def test_classification_trains_then_evaluates(workdir):
+def test_masked_lm_trains_and_validates(workdir):
     name, options = _pick(Pattern.NONCAUSAL_SELF)
-    args = ["--task.model.encoder.num_layers", "1", *_attention_args("task.model.encoder.attention", name, options),
-            *FEW_STEPS]
-    run(workdir, "classification.yaml", *args)
-    proc = run(workdir, "classification.yaml", "--task.model.encoder.num_layers", "1",
-               *_attention_args("task.model.encoder.attention", name, options), "--task.mode", "evaluate",
-               "--task.model.path", str(workdir / "checkpoints-cls" / "last.pt"))
-    assert "acc" in proc.stdout + proc.stderr
+    proc = run(workdir, "masked_lm.yaml", "--task.model.encoder.num_layers", "1",
+               *_attention_args("task.model.encoder.attention", name, options), *FEW_STEPS)
+    assert "best.valid.criterion" in proc.stdout + proc.stderr
+    assert (workdir / "checkpoints-mlm" / "last.pt").exists()

@@ -5,9 +5,9 @@
 * ``OUT_DIR/translation/{train,valid,test}.{src,tgt}``: word-by-word
   "translation": the target maps each source word ``aN`` to ``bN`` and reverses
   every pair of adjacent words (a little reordering the model must attend for).
-* ``OUT_DIR/classification/{train,dev}.{input0,label}``: sequences labelled
-  ``pos`` when they hold more words from the first half of the vocabulary than
-  from the second, else ``neg``.
+* ``OUT_DIR/lm/{train,valid}.txt``: each source sentence followed by its
+  translation on one line, for masked language modelling (a masked word can be
+  recovered from the other half).
 * ``OUT_DIR/vocab``: one ``token count`` line per word (ParaGen's
   ``Vocabulary`` tokenizer format), shared by both tasks.
 """
@@ -18,7 +18,6 @@ from pathlib import Path
 
 WORDS = 24
 SIZES = {"train": 4000, "valid": 100, "test": 100}
-CLS_SIZES = {"train": 2000, "dev": 200}
 
 
 def translate(src):
@@ -45,21 +44,14 @@ def main(out: Path, scale: float = 1.0) -> None:
             tgt_lines.append(" ".join(tgt))
         (mt / f"{split}.src").write_text("\n".join(src_lines) + "\n")
         (mt / f"{split}.tgt").write_text("\n".join(tgt_lines) + "\n")
-    cls = out / "classification"
-    cls.mkdir(parents=True, exist_ok=True)
-    for split, n in CLS_SIZES.items():
-        n = max(1, int(n * scale))
-        inputs, labels = [], []
-        for _ in range(n):
-            words = [rng.randrange(WORDS) for _ in range(rng.randint(5, 20))]
-            low = sum(w < WORDS // 2 for w in words)
-            labels.append("pos" if 2 * low > len(words) else "neg")
-            inputs.append(" ".join(f"a{w}" for w in words))
-            counts.update(f"a{w}" for w in words)
-        (cls / f"{split}.input0").write_text("\n".join(inputs) + "\n")
-        (cls / f"{split}.label").write_text("\n".join(labels) + "\n")
+    lm = out / "lm"
+    lm.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        src_lines = (mt / f"{split}.src").read_text().splitlines()
+        tgt_lines = (mt / f"{split}.tgt").read_text().splitlines()
+        (lm / f"{split}.txt").write_text("".join(f"{s} {t}\n" for s, t in zip(src_lines, tgt_lines)))
     (out / "vocab").write_text("".join(f"{w} {c}\n" for w, c in counts.most_common()))
-    print(f"wrote {out}/translation, {out}/classification and {out}/vocab ({len(counts)} words)")
+    print(f"wrote {out}/translation, {out}/lm and {out}/vocab ({len(counts)} words)")
 
 
 if __name__ == "__main__":
