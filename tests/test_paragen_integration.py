@@ -155,3 +155,50 @@ def test_masked_lm_trains_and_validates(workdir):
                *_attention_args("task.model.encoder.attention", name, options), *FEW_STEPS)
     assert "best.valid.criterion" in proc.stdout + proc.stderr
     assert (workdir / "checkpoints-mlm" / "last.pt").exists()
+
+
+# ------------------------------------------- ParaGen's searches on our decoder
+def _paragen_decoder(self_attention):
+    import torch
+    from paragen.modules.decoders import create_decoder
+
+    import efficient_transformers  # noqa: F401  (registers with ParaGen)
+
+    torch.manual_seed(0)
+    dec = create_decoder({"class": "EfficientTransformerDecoder", "num_layers": 2, "d_model": 16, "n_head": 4,
+                          "dim_feedforward": 32, "self_attention": self_attention})
+    embed = torch.nn.Embedding(30, 16, padding_idx=1)
+    dec.build(embed=embed, special_tokens={"pad": 1, "bos": 2, "eos": 3, "unk": 0}, out_proj=None)
+    return dec.eval()
+
+
+@pytest.mark.parametrize("search", ["GreedySearch", "BeamSearch", "BeamSearchV3"])
+def test_paragen_search_with_incremental_decoding_equals_full_recompute(search):
+    """ParaGen's searches give the same result whether our decoder decodes incrementally ('infer')
+    or rescores the whole prefix every step ('valid'), beam reordering through get_cache/set_cache.
+
+    Not BeamSearchV2: its cache update (``non_finished_index // (beam * 2)``, always 0) picks the
+    wrong rows for any cached decoder, ParaGen's own TransformerDecoder included.
+    """
+    import torch
+    from paragen.modules.search import create_search
+
+    name, options = _pick(Pattern.CAUSAL_SELF, incremental=True)
+    dec = _paragen_decoder({"name": name, **options})
+    cfg = {"class": search, "maxlen_coef": (1.0, 4)}
+    if search != "GreedySearch":
+        cfg.update(beam=3, **({"minlen": 0} if search == "BeamSearch" else {}))
+    g = torch.Generator().manual_seed(1)
+    memory = torch.randn(7, 2, 16, generator=g)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    prefix = torch.full((2, 1), 2)
+    results = {}
+    for mode in ("valid", "infer"):
+        s = create_search(dict(cfg))
+        s.build(decoder=dec, bos=2, eos=3, pad=1)
+        s.reset(mode)
+        with torch.no_grad():
+            results[mode] = s(prefix, memory, padding)
+    torch.testing.assert_close(results["infer"][0], results["valid"][0])
+    assert torch.equal(results["infer"][1], results["valid"][1])

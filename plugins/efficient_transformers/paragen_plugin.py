@@ -151,13 +151,21 @@ class EfficientTransformerDecoder(AbstractDecoder):
         self._batch = 0
 
     def get_cache(self):
-        """The batch row numbers ``(1, batch, 1)``: ParaGen's searches expand / gather them."""
+        """The batch row numbers ``(1, batch, 1)``: ParaGen's searches expand / gather them.
+
+        Empty when nothing is being decoded incrementally (``train`` / ``valid``
+        mode, or before the first step): there is nothing to reorder.
+        """
+        if not self._state:
+            return {}
         device = self._core.out_proj.weight.device
         return {"batch_order": torch.arange(self._batch, device=device).view(1, -1, 1)}
 
     def set_cache(self, cache):
         """Reorder the decoding state to the rows ParaGen selected."""
-        order = cache["batch_order"].reshape(-1)
-        if self._state:
-            self._core.reorder_incremental_state(self._state, order)
+        order = cache.get("batch_order")
+        if order is None or not self._state:
+            return
+        order = order.reshape(-1)
+        self._core.reorder_incremental_state(self._state, order)
         self._batch = order.numel()
