@@ -18,6 +18,7 @@ from efficient_attention import (
     Capabilities,
     MultiheadAttention,
     Pattern,
+    UnsupportedInputError,
     UnsupportedPatternError,
     available_attentions,
 )
@@ -331,3 +332,23 @@ def test_importing_the_library_never_imports_paragen():
     code = "import sys, efficient_attention; assert 'paragen' not in sys.modules, 'paragen imported'"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(ROOT))
+
+
+def test_causal_mechanism_without_padding_support_takes_right_padded_targets(monkeypatch):
+    """Right padding is invisible to real tokens under the causal rule; padding before tokens is an error."""
+
+    class NoPadding(MultiheadAttention):
+        capabilities = Capabilities(incremental=True, key_padding_mask=False)
+
+    NoPadding.attention_name = "test_no_padding"
+    monkeypatch.setitem(ea_registry._REGISTRY, "test_no_padding", NoPadding)
+    dec = decoder("test_no_padding")
+    tgt = tokens(2, 7)
+    mem, mpm = memory(2, 9)
+    padded = tgt.clone()
+    padded[1, 4:] = PAD
+    close(dec(padded, mem, mpm)[1, :4], dec(tgt[1:2, :4], mem[:, 1:2], mpm[1:2])[0])
+    padded[0, 0] = PAD
+    with pytest.raises(UnsupportedInputError, match="decoder layer 0 self_attention 'test_no_padding' does not support "
+                                                    "key_padding_mask and the target has padding before real tokens"):
+        dec(padded, mem, mpm)

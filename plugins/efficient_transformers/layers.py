@@ -38,8 +38,11 @@ IncrementalState = Dict[str, object]
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
 
-def _any(mask: Optional[Tensor]) -> Optional[Tensor]:
-    """``mask`` if it masks anything, else ``None`` (mechanisms skip the work, or need not support it)."""
+def drop_empty(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``mask`` if it masks anything, else ``None`` (mechanisms skip the work, or need not support it).
+
+    The stacks call it once per forward, not every layer.
+    """
     return mask if mask is not None and bool(mask.any()) else None
 
 
@@ -96,9 +99,9 @@ class EfficientEncoderLayer(_Block):
         self.ffn_norm = nn.LayerNorm(d_model)
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
-        """``x`` ``(S, B, C)``; ``padding_mask`` ``(B, S)`` bool, True = padding."""
-        kpm = _any(padding_mask)
-        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(h, h, h, key_padding_mask=kpm, need_weights=False)[0])
+        """``x`` ``(S, B, C)``; ``padding_mask`` ``(B, S)`` bool, True = padding (``None``: none)."""
+        attend = lambda h: self.self_attn(h, h, h, key_padding_mask=padding_mask, need_weights=False)[0]  # noqa: E731
+        x = self._residual(x, self.self_attn_norm, attend)
         return self._residual(x, self.ffn_norm, self.ffn)
 
 
@@ -146,7 +149,6 @@ class EfficientDecoderLayer(_Block):
         padding is at the end: under the causal rule a real token never sees a
         later (padding) key, so the mask would change nothing it outputs.
         """
-        padding_mask = _any(padding_mask)
         if padding_mask is None or self.self_attn.capabilities.key_padding_mask:
             return padding_mask
         if bool((padding_mask[:, :-1] & ~padding_mask[:, 1:]).any()):
@@ -158,8 +160,8 @@ class EfficientDecoderLayer(_Block):
 
     def _self_attend(self, h: Tensor, padding_mask: Optional[Tensor], incremental_state: Optional[IncrementalState]) -> Tensor:
         attn = self.self_attn
-        kpm = self._self_padding(padding_mask)
         if incremental_state is None or attn.capabilities.incremental:
+            kpm = self._self_padding(padding_mask)
             return attn(h, h, h, key_padding_mask=kpm, incremental_state=incremental_state, need_weights=False)[0]
         # no incremental decoding in this mechanism: recompute this attention over the kept prefix
         if not self._warned_prefix:
@@ -169,13 +171,13 @@ class EfficientDecoderLayer(_Block):
             )
             self._warned_prefix = True
         buf = incremental_state.get(self._prefix_key)
-        new_pad = torch.zeros(h.shape[1], h.shape[0], dtype=torch.bool, device=h.device) if kpm is None else kpm
-        seq, pad = h.transpose(0, 1), new_pad
+        seq = h.transpose(0, 1)
+        pad = torch.zeros(seq.shape[:2], dtype=torch.bool, device=h.device) if padding_mask is None else padding_mask
         if buf is not None:
             seq, pad = torch.cat([buf["input"], seq], dim=1), torch.cat([buf["padding"], pad], dim=1)
         incremental_state[self._prefix_key] = {"input": seq, "padding": pad}
         full = seq.transpose(0, 1)
-        out = attn(full, full, full, key_padding_mask=self._self_padding(pad), need_weights=False)[0]
+        out = attn(full, full, full, key_padding_mask=self._self_padding(drop_empty(pad)), need_weights=False)[0]
         return out[-h.shape[0]:]
 
     def _cross_attend(self, h: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor], incremental_state) -> Tensor:
@@ -195,12 +197,13 @@ class EfficientDecoderLayer(_Block):
         """``x`` ``(T, B, C)`` (the new positions when decoding), ``memory`` ``(S, B, C_mem)``.
 
         ``memory_padding_mask`` ``(B, S)`` and ``padding_mask`` ``(B, T)`` are
-        bool, True = padding.  With ``incremental_state`` the layer continues
-        from its state and updates it.
+        bool, True = padding, or ``None`` when nothing is padded.  With
+        ``incremental_state`` the layer continues from its state and updates it.
         """
-        mem_kpm = _any(memory_padding_mask)
         x = self._residual(x, self.self_attn_norm, lambda h: self._self_attend(h, padding_mask, incremental_state))
-        x = self._residual(x, self.cross_attn_norm, lambda h: self._cross_attend(h, memory, mem_kpm, incremental_state))
+        x = self._residual(
+            x, self.cross_attn_norm, lambda h: self._cross_attend(h, memory, memory_padding_mask, incremental_state)
+        )
         return self._residual(x, self.ffn_norm, self.ffn)
 
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor) -> None:

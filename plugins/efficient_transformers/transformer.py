@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .embeddings import TokenPositionEmbedding
-from .layers import EfficientDecoderLayer, EfficientEncoderLayer, IncrementalState
+from .layers import EfficientDecoderLayer, EfficientEncoderLayer, IncrementalState, drop_empty
 from .spec import AttentionSpec
 
 __all__ = ["EfficientEncoder", "EfficientDecoder"]
@@ -105,8 +105,9 @@ class EfficientEncoder(nn.Module):
         _check_tokens(src, "src")
         padding = src.eq(self.padding_idx)
         x = self.embedding(src).transpose(0, 1)
+        kpm = drop_empty(padding)
         for layer in self.layers:
-            x = layer(x, padding)
+            x = layer(x, kpm)
         if self.norm is not None:
             x = self.norm(x)
         if not self.return_seed:
@@ -190,7 +191,7 @@ class EfficientDecoder(nn.Module):
         if memory.dim() != 3 or memory.shape[1] != tgt.shape[0]:
             raise ValueError(f"memory must be (src_len, batch={tgt.shape[0]}, dim), got {tuple(memory.shape)}")
         new = tgt[:, done:]
-        padding = new.eq(self.padding_idx)
+        padding, memory_padding_mask = drop_empty(new.eq(self.padding_idx)), drop_empty(memory_padding_mask)
         x = self.embedding(new, offset=done).transpose(0, 1)
         for layer in self.layers:
             x = layer(x, memory, memory_padding_mask, padding_mask=padding, incremental_state=incremental_state)
