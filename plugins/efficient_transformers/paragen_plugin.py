@@ -16,11 +16,11 @@ gathers it, ``set_cache`` reads the new row order and reorders the real state
 (every tensor batch-first) once, with ``index_select``.
 
 Compatibility fix (applied on import, documented in examples/paragen/README.md):
-ParaGen's samplers call ``Sampler.__init__(self, None)``; torch >= 2.6 removed
-``torch.utils.data.Sampler.__init__``, so that call reaches ``object.__init__``
-and fails.  When torch's ``Sampler`` has no ``__init__`` of its own we give it
+ParaGen's samplers call ``Sampler.__init__(self, None)``; recent torch (2.13
+here) has no ``torch.utils.data.Sampler.__init__``, so that call reaches
+``object.__init__`` and fails.  When torch's ``Sampler`` has no ``__init__`` of its own we give it
 the old one, ``__init__(self, data_source=None)``, which does nothing -- exactly
-what torch < 2.2 had.  Nothing else in torch or ParaGen is changed.
+what torch 1.x had.  Nothing else in torch or ParaGen is changed.
 """
 from __future__ import annotations
 
