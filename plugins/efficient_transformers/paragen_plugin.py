@@ -47,7 +47,7 @@ def apply_torch_compat() -> bool:
     if "__init__" in vars(Sampler):
         return False
 
-    def __init__(self, data_source=None) -> None:  # the torch < 2.2 signature ParaGen calls
+    def __init__(self, data_source=None) -> None:  # the torch 1.x signature ParaGen calls
         pass
 
     Sampler.__init__ = __init__
