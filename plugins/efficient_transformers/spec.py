@@ -1,0 +1,135 @@
+"""Attention configuration: a registered mechanism name plus its options.
+
+In YAML an attention is either a name or a mapping with ``name`` and the
+mechanism's own options::
+
+    attention: local
+    attention: {name: local, wsize: 32}
+
+:meth:`AttentionSpec.parse` checks the name against the registry (an unknown
+one lists the registered names) and every option against the mechanism's
+``options()`` (an unknown option is named, with the valid ones; a value of the
+wrong basic type is named too).  :meth:`AttentionSpec.build` checks the pattern
+first, so a mechanism that cannot be built for a layer fails with the layer's
+name and the pattern.
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Union
+
+from efficient_attention import (
+    EfficientAttention,
+    Pattern,
+    UnsupportedPatternError,
+    available_attentions,
+    get_attention_class,
+)
+
+__all__ = ["AttentionSpec", "DEFAULT_ATTENTION"]
+
+# the library's baseline mechanism (exact softmax attention); used when a layer names none
+DEFAULT_ATTENTION = "vanilla"
+
+_SIMPLE_TYPES = (bool, int, float, str)
+
+
+def _matches(value: Any, t: type) -> bool:
+    if t is bool or isinstance(value, bool):
+        return t is bool and isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, t)
+
+
+def _check_type(value: Any, annotation: Any, option: str, where: str) -> None:
+    """Reject a value whose basic type contradicts the option's annotation (YAML gives plain types).
+
+    Only ``bool``/``int``/``float``/``str`` and their ``Optional`` forms are
+    checked; richer annotations are left to the mechanism's own validation.
+    """
+    allowed = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    types = [t for t in allowed if t is not type(None)]
+    if not types or not all(t in _SIMPLE_TYPES for t in types):
+        return
+    if value is None and type(None) in allowed:
+        return
+    if not any(_matches(value, t) for t in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise TypeError(f"{where}: option {option!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A mechanism name (canonical registry key) and its keyword options."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Union[None, str, Mapping[str, Any], "AttentionSpec"], where: str) -> "AttentionSpec":
+        """Parse a YAML value (``None`` = :data:`DEFAULT_ATTENTION`); ``where`` names it in errors."""
+        if isinstance(value, AttentionSpec):
+            return cls.parse({"name": value.name, **value.options}, where)
+        if value is None:
+            value = DEFAULT_ATTENTION
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, Mapping):
+            raise TypeError(
+                f"{where} must be a mechanism name or a mapping {{name: ..., <option>: ...}}, "
+                f"got {type(value).__name__}: {value!r}"
+            )
+        options: Dict[str, Any] = dict(value)
+        name = options.pop("name", None)
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where} needs a mechanism 'name'; registered: {', '.join(available_attentions())}")
+        try:
+            klass = get_attention_class(name)
+        except KeyError:
+            raise ValueError(
+                f"{where}: unknown attention {name!r}; registered: {', '.join(available_attentions())}"
+            ) from None
+        specs = klass.options()
+        for opt, val in options.items():
+            if opt not in specs:
+                valid = ", ".join(sorted(specs)) or "none"
+                raise ValueError(
+                    f"{where}: attention {klass.attention_name!r} has no option {opt!r} (its options: {valid}; "
+                    f"embed_dim, num_heads, dropout, cross and causal are set by the layer)"
+                )
+            _check_type(val, specs[opt].type, opt, where)
+        return cls(klass.attention_name, options)
+
+    @property
+    def cls(self) -> type:
+        return get_attention_class(self.name)
+
+    def check_pattern(self, pattern: Pattern, where: str) -> None:
+        """Raise :class:`UnsupportedPatternError` naming ``where`` if the mechanism lacks ``pattern``."""
+        caps = self.cls.capabilities
+        if not caps.supports(pattern):
+            raise UnsupportedPatternError(
+                f"{where}: attention {self.name!r} does not support {pattern} attention "
+                f"(it supports: {', '.join(caps.pattern_names())})"
+            )
+
+    def build(
+        self, embed_dim: int, num_heads: int, *, dropout: float, cross: bool, causal: bool, where: str,
+        kdim: Optional[int] = None,
+    ) -> EfficientAttention:
+        """Build the module for one layer: options by keyword, pattern from ``cross``/``causal``."""
+        self.check_pattern(Pattern.of(cross=cross, causal=causal), where)
+        kwargs: Dict[str, Any] = dict(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, cross=cross, causal=causal)
+        if cross:
+            kwargs.update(kdim=kdim, vdim=kdim, encoder_decoder_attention=True)
+        else:
+            kwargs.update(self_attention=True)
+        try:
+            return self.cls(**kwargs, **self.options)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{where}: attention {self.name!r}: {err}") from err
+
+    def to_config(self) -> Dict[str, Any]:
+        return {"name": self.name, **self.options}
