@@ -363,7 +363,9 @@ class EfficientAttention(nn.Module):
                 raise ValueError(f"{name} is a cross attention: pass key and value")
             key = value = query
         if cached_static:
-            k = v = None
+            # keys, values and their padding come from the cache; fairseq passes the
+            # encoder output and its padding mask again at every step: they are not used
+            k = v = key_padding_mask = None
             src_new = state["prev_key"].shape[2]
         else:
             k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)

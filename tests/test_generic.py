@@ -328,3 +328,17 @@ def test_copies_never_share_decoding_state(name, pattern):
     m = build(name, pattern)
     clone = copy.deepcopy(m)
     assert clone._incremental_state_id != m._incremental_state_id
+
+
+@pytest.mark.parametrize("name,pattern", STATIC_KV, ids=case_id)
+def test_static_kv_steps_may_repeat_the_source(name, pattern):
+    """fairseq passes the encoder output and its padding mask at every step; the cache is what counts."""
+    m = build(name, pattern, dtype=torch.float32)
+    q, k, v = inputs(name, pattern, dtype=torch.float32)
+    kpm = padding_mask(BSZ, k.shape[0], pattern)
+    full, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
+    state, outs = {}, []
+    for t in range(q.shape[0]):
+        out, _ = m(q[t : t + 1], k, v, key_padding_mask=kpm, incremental_state=state, static_kv=True, need_weights=False)
+        outs.append(out)
+    assert_close(torch.cat(outs), full, torch.float32, msg=f"{name}: static_kv with the source repeated")
