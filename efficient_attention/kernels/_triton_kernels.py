@@ -62,7 +62,8 @@ def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
                 qk_scale, H, T, S, q_offset, group, left, right,
                 lut_heads, lut_rows, lut_cols,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
-                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                LUT_BLOCK: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -81,8 +82,8 @@ def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
     first_p = qb * BLOCK_M + q_offset
     last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     if USE_LUT:
-        lut_base = ((h % lut_heads) * lut_rows + qb).to(tl.int64)
-        n_iter = tl.load(CNT + lut_base)
+        lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
+        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N)
         lo_first = 0
         hi_last = S - 1
         lo_last = 0
@@ -96,7 +97,7 @@ def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
         n_iter = tl.maximum(end - start, 0)
     for it in range(0, n_iter):
         if USE_LUT:
-            kb = tl.load(LUT + lut_base * lut_cols + it)
+            kb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N)) * (LUT_BLOCK // BLOCK_N) + it % (LUT_BLOCK // BLOCK_N)
         else:
             kb = start + it
         n0 = kb * BLOCK_N
@@ -134,7 +135,8 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
                      qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
                      lut_heads, lut_rows, lut_cols,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                LUT_BLOCK: tl.constexpr):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -153,8 +155,8 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
     n0 = kb * BLOCK_N
     n_last = n0 + BLOCK_N - 1
     if USE_LUT:  # transposed layout: the query blocks that keep this key block
-        lut_base = ((h % lut_heads) * lut_rows + kb).to(tl.int64)
-        n_iter = tl.load(CNT + lut_base)
+        lut_base = ((h % lut_heads) * lut_rows + (kb * BLOCK_N) // LUT_BLOCK).to(tl.int64)
+        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_M)
         start = 0
     else:  # conservative query range of the band (the element mask is exact)
         q_lo = n0 - right - group + 1 - q_offset
@@ -167,7 +169,7 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
         n_iter = tl.maximum((q_hi + BLOCK_M) // BLOCK_M - start, 0)
     for it in range(0, n_iter):
         if USE_LUT:
-            qb = tl.load(LUT + lut_base * lut_cols + it)
+            qb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_M)) * (LUT_BLOCK // BLOCK_M) + it % (LUT_BLOCK // BLOCK_M)
         else:
             qb = start + it
         offs_m = qb * BLOCK_M + offs_mb
@@ -194,7 +196,8 @@ def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
                    qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
                    lut_heads, lut_rows, lut_cols,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                LUT_BLOCK: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -215,8 +218,8 @@ def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
     first_p = qb * BLOCK_M + q_offset
     last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     if USE_LUT:
-        lut_base = ((h % lut_heads) * lut_rows + qb).to(tl.int64)
-        n_iter = tl.load(CNT + lut_base)
+        lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
+        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N)
         start = 0
     else:
         lo_first, hi_first = _band(first_p, group, left, right, CAUSAL)
@@ -226,7 +229,7 @@ def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
         n_iter = tl.maximum(end - start, 0)
     for it in range(0, n_iter):
         if USE_LUT:
-            kb = tl.load(LUT + lut_base * lut_cols + it)
+            kb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N)) * (LUT_BLOCK // BLOCK_N) + it % (LUT_BLOCK // BLOCK_N)
         else:
             kb = start + it
         offs_n = kb * BLOCK_N + offs_nb

@@ -12,7 +12,6 @@ the reasons of a fallback once per distinct message (at INFO).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 from typing import Dict, List, Optional
@@ -35,9 +34,26 @@ CPU_MAX_HEAD_DIM = 512
 _logged: set = set()
 
 
-@functools.lru_cache(maxsize=None)
+_env: dict = {}
+_decisions: dict = {}
+
+
+@torch.compiler.assume_constant_result
 def triton_reason() -> Optional[str]:
-    """Why the Triton kernels cannot run at all here, or ``None``."""
+    """Why the Triton kernels cannot run at all here, or ``None`` (computed once)."""
+    if "triton" not in _env:
+        _env["triton"] = _triton_reason()
+    return _env["triton"]
+
+
+@torch.compiler.assume_constant_result
+def _cpu_reason() -> Optional[str]:
+    if "cpu" not in _env:
+        _env["cpu"] = None if cpu_extension() is not None else cpu_extension_reason()
+    return _env["cpu"]
+
+
+def _triton_reason() -> Optional[str]:
     if not torch.cuda.is_available():
         return "CUDA is not available"
     if importlib.util.find_spec("triton") is None:
@@ -86,8 +102,9 @@ def not_supported_reasons(
         cpu.append(f"dtype {q.dtype} is not one of {CPU_DTYPES}")
     if q.shape[-1] > CPU_MAX_HEAD_DIM or v.shape[-1] > CPU_MAX_HEAD_DIM:
         cpu.append(f"head dim {q.shape[-1]}/{v.shape[-1]} is above {CPU_MAX_HEAD_DIM}")
-    if cpu_extension() is None:
-        cpu.append(cpu_extension_reason())
+    why = _cpu_reason()
+    if why:
+        cpu.append(why)
     gpu = list(common)
     if q.device.type != "cuda":
         gpu.append(f"tensors are on {q.device.type}, not CUDA")
@@ -104,13 +121,33 @@ def not_supported_reasons(
     return {"triton": gpu, "cpu": cpu}
 
 
-def choose_backend(op: str, q: Tensor, k: Tensor, v: Tensor, **kw) -> str:
-    """``"triton"``, ``"cpu"`` or ``"reference"`` for these inputs (logs why a fallback happened, once)."""
-    reasons = not_supported_reasons(op, q, k, v, **kw)
+def choose_backend(
+    op: str, q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, block_size: Optional[int] = None
+) -> str:
+    """``"triton"``, ``"cpu"`` or ``"reference"`` for these inputs (logs why a fallback happened, once).
+
+    Decisions are cached by everything they depend on, so repeated calls cost a dict lookup.
+    """
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling and q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
+        key = (op, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, q.shape[1], k.shape[1], v.shape[1],
+               q.shape[-1], v.shape[-1], q.shape[2] == 0 or k.shape[2] == 0, dropout_p > 0.0, block_size)
+        hit = _decisions.get(key)
+        if hit is not None:
+            return hit
+    backend = _choose(op, q, k, v, dropout_p, block_size, compiling)
+    if key is not None:
+        _decisions[key] = backend
+    return backend
+
+
+def _choose(op, q, k, v, dropout_p, block_size, compiling) -> str:
+    reasons = not_supported_reasons(op, q, k, v, dropout_p=dropout_p, block_size=block_size)
     for backend in ("triton", "cpu"):
         if not reasons[backend]:
             return backend
-    if not torch.compiler.is_compiling():
+    if not compiling:
         relevant = reasons["triton"] if q.device.type == "cuda" else reasons["cpu"]
         msg = f"{op}: using the reference path because " + "; ".join(relevant)
         if msg not in _logged:

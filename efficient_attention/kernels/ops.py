@@ -55,7 +55,11 @@ def sliding_window_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (window.group, window.left, window.right, window.causal, int(q_offset), scale)
     if backend == "triton":
-        return torch.ops.efficient_attention.triton_sliding_window(q, k, v, kpm, *args)
+        from . import triton_ops
+
+        if torch.compiler.is_compiling():
+            return torch.ops.efficient_attention.triton_sliding_window(q, k, v, kpm, *args)
+        return triton_ops.sliding_window_eager(q, k, v, kpm, *args)
     return torch.ops.efficient_attention.sliding_window_fwd(q, k, v, kpm, *args)
 
 
@@ -88,5 +92,10 @@ def block_sparse_attention(
     k, v, kpm = _prepare(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
-        return torch.ops.efficient_attention.triton_block_sparse(q, k, v, layout.to(q.device), bs, bool(causal), kpm, scale)
+        from . import triton_ops
+
+        args = (q, k, v, layout.to(q.device), bs, bool(causal), kpm, scale)
+        if torch.compiler.is_compiling():
+            return torch.ops.efficient_attention.triton_block_sparse(*args)
+        return triton_ops.block_sparse_eager(*args)
     return torch.ops.efficient_attention.block_sparse_fwd(q, k, v, layout.cpu(), bs, bool(causal), kpm, scale)

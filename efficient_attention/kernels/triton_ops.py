@@ -14,25 +14,40 @@ from torch import Tensor
 
 from . import _triton_kernels as tk
 
-__all__ = ["window_config", "block_config"]
+__all__ = ["window_config", "block_config", "sliding_window_eager", "block_sparse_eager"]
 
 _UNBOUNDED = 1 << 30
 
 
 def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the sliding-window kernels for a band of ``span`` keys."""
-    big = span > 256 and not (dtype == torch.float32 and head_dim > 64)
+    """Tile sizes of the sliding-window kernels for a band of ``span`` keys (fwd, dq, dkdv)."""
+    wide = dtype == torch.float32 and head_dim > 64
+    big = span > 256 and not wide
+    warps = 4 if head_dim <= 64 else 8
+    fwd = dict(BLOCK_M=128 if big else 64, BLOCK_N=64, num_warps=8 if big else warps, num_stages=3, LUT_BLOCK=128)
+    if dtype == torch.float32:
+        bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=warps, num_stages=1 if wide else 2, LUT_BLOCK=64)
+        return dict(fwd=fwd, dq=bwd, dkdv=bwd)
+    # FlashAttention-2 backward tiles: long key tiles for dk/dv, long query tiles for dq
+    stages = 5 if head_dim <= 64 else 3
     return dict(
-        fwd=dict(BLOCK_M=128 if big else 64, BLOCK_N=64, num_warps=8 if (big or head_dim > 64) else 4, num_stages=3),
-        bwd=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+        fwd=fwd,
+        dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4 if head_dim <= 64 else 8, num_stages=stages, LUT_BLOCK=128),
+        dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages, LUT_BLOCK=128),
     )
 
 
-def block_config(block_size: int, head_dim: int) -> dict:
-    warps = 4 if block_size * head_dim <= 64 * 64 else 8
-    stages = 2 if block_size >= 128 else 3
-    cfg = dict(BLOCK_M=block_size, BLOCK_N=block_size, num_warps=warps, num_stages=stages)
-    return dict(fwd=cfg, bwd=cfg)
+def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles of the block-sparse kernels: layout blocks above 64 tokens are visited as 64-wide sub-tiles."""
+    wide = head_dim * (4 if dtype == torch.float32 else 2) > 256  # fp32 with d = 128
+    bm = min(block_size, 64 if wide else 128)
+    inner = min(block_size, 64)
+    warps = 4 if bm * head_dim <= 64 * 64 else 8
+    stages = 1 if wide else (2 if bm >= 128 else 3)
+    fwd = dict(BLOCK_M=bm, BLOCK_N=inner, num_warps=warps, num_stages=stages, LUT_BLOCK=block_size)
+    bwd = dict(BLOCK_M=inner, BLOCK_N=inner, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 2,
+               LUT_BLOCK=block_size)
+    return dict(fwd=fwd, dq=bwd, dkdv=bwd)
 
 
 def _lut(layout: Tensor) -> Tuple[Tensor, Tensor]:
@@ -42,10 +57,22 @@ def _lut(layout: Tensor) -> Tuple[Tensor, Tensor]:
     return idx, cnt
 
 
+_dummies: dict = {}
+
+
+def _dummy(q: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 1-element placeholder for an unused pointer argument (cached: no allocation per call)."""
+    key = (q.device, dtype)
+    t = _dummies.get(key)
+    if t is None:
+        t = _dummies[key] = torch.zeros(1, dtype=dtype, device=q.device)
+    return t
+
+
 def _kpm(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
     if kpm is None:
-        return q.new_zeros(1, dtype=torch.uint8), False
-    return kpm.to(torch.uint8).contiguous(), True
+        return _dummy(q, torch.uint8), False
+    return kpm.view(torch.uint8).contiguous(), True
 
 
 def _flags(q: Tensor) -> dict:
@@ -70,7 +97,7 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     return out, lse
 
 
-def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfg):
+def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     q, k, v, do, out = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), out.contiguous()
     B, H, T, D = q.shape
     S = k.shape[2]
@@ -82,16 +109,18 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfg):
     kpm_t, has_kpm = _kpm(kpm, q)
     scale, q_offset, group, left, right, causal, window = rule
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q), **cfg)
+    flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
     idx, cnt, lut_heads, rows, cols = lut_t
+    cfg = cfgs["dkdv"]
     tk._bwd_dkdv_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B * H)](
         q, k, v, kpm_t, idx, cnt, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
-        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags,
+        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
     )
     idx, cnt, lut_heads, rows, cols = lut
+    cfg = cfgs["dq"]
     tk._bwd_dq_kernel[(triton_cdiv(T, cfg["BLOCK_M"]), B * H)](
         q, k, v, kpm_t, idx, cnt, do, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
-        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags,
+        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
     )
     return dq, dk, dv
 
@@ -101,7 +130,7 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _no_lut(q: Tensor):
-    dummy = q.new_zeros(1, dtype=torch.int32)
+    dummy = _dummy(q, torch.int32)
     return dummy, dummy, 1, 1, 1  # idx is cnt -> USE_LUT=False
 
 
@@ -142,7 +171,7 @@ def triton_sliding_window_bwd(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], group: int, left: int, right: int, causal: bool, q_offset: int, scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    cfg = window_config(left + right + group, q.shape[-1], q.dtype)["bwd"]
+    cfg = window_config(left + right + group, q.shape[-1], q.dtype)
     rule = _window_rule(scale, q_offset, group, left, right, causal)
     lut = _no_lut(q)
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut, cfg)
@@ -175,7 +204,7 @@ def triton_block_sparse(
     q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size: int, causal: bool,
     key_padding_mask: Optional[Tensor], scale: float,
 ) -> Tuple[Tensor, Tensor]:
-    cfg = block_config(block_size, q.shape[-1])["fwd"]
+    cfg = block_config(block_size, q.shape[-1], q.dtype)["fwd"]
     lut, _ = _layout_luts(layout)
     return _forward(q, k, v, key_padding_mask, _block_rule(scale, causal, q.shape[2], k.shape[2]), lut, cfg)
 
@@ -190,7 +219,7 @@ def triton_block_sparse_bwd(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     layout: Tensor, block_size: int, causal: bool, key_padding_mask: Optional[Tensor], scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    cfg = block_config(block_size, q.shape[-1])["bwd"]
+    cfg = block_config(block_size, q.shape[-1], q.dtype)
     lut, lut_t = _layout_luts(layout)
     rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut_t, cfg)
@@ -216,3 +245,55 @@ def _bs_backward(ctx, grad_out, grad_lse):
 
 
 triton_block_sparse.register_autograd(_bs_backward, setup_context=_bs_setup)
+
+
+# -- eager entry points ---------------------------------------------------------------------------
+# The custom ops above are what torch.compile sees; in eager mode the same forward/backward run
+# through plain autograd.Functions, which cost far less Python per call than the custom-op machinery.
+class _SlidingWindow(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, group, left, right, causal, q_offset, scale):
+        rule = _window_rule(scale, q_offset, group, left, right, causal)
+        cfg = window_config(left + right + group, q.shape[-1], q.dtype)["fwd"]
+        out, lse = _forward(q, k, v, kpm, rule, _no_lut(q), cfg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kpm, ctx.args = kpm, (group, left, right, causal, q_offset, scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, left, right, causal, q_offset, scale = ctx.args
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        lut = _no_lut(q)
+        dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm,
+                               _window_rule(scale, q_offset, group, left, right, causal), lut, lut,
+                               window_config(left + right + group, q.shape[-1], q.dtype))
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, block_size, causal, kpm, scale):
+        lut, lut_t = _layout_luts(layout)
+        rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
+        out, lse = _forward(q, k, v, kpm, rule, lut, block_config(block_size, q.shape[-1], q.dtype)["fwd"])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.luts, ctx.rule, ctx.kpm, ctx.block_size = (lut, lut_t), rule, kpm, block_size
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, ctx.rule, *ctx.luts,
+                               block_config(ctx.block_size, q.shape[-1], q.dtype))
+        return dq, dk, dv, None, None, None, None, None
+
+
+def sliding_window_eager(q, k, v, kpm, group, left, right, causal, q_offset, scale):
+    return _SlidingWindow.apply(q, k, v, kpm, group, left, right, causal, q_offset, scale)
+
+
+def block_sparse_eager(q, k, v, layout, block_size, causal, kpm, scale):
+    return _BlockSparse.apply(q, k, v, layout, block_size, causal, kpm, scale)
