@@ -50,6 +50,24 @@ def _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr,
 
 
 @triton.jit
+def _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """True when every query of a tile sees every key of [n0, n0 + BLOCK_N): no element mask needed.
+
+    ``lo_last`` is the band's lower end for the tile's last query, ``hi_first`` its upper end for the
+    first query (both only used with ``WINDOW``; loop-invariant in the forward and dq kernels)."""
+    n_last = n0 + BLOCK_N - 1
+    full = n_last < S
+    if WINDOW:
+        full = full & (n0 >= lo_last) & (n_last <= hi_first)
+    elif CAUSAL:
+        full = full & (n_last <= first_p)
+    if HAS_KPM:
+        full = full & (n0 < 0)
+    return full
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -106,12 +124,7 @@ def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
         v = tl.load(v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
         s = _dot(q, k, IEEE) * qk_scale
         # blocks wholly inside every row's band (and not at the end, no padding) skip the element mask
-        full = (n0 >= lo_last) & (n0 + BLOCK_N - 1 <= hi_first) & (n0 + BLOCK_N <= S)
-        if USE_LUT:
-            if CAUSAL:
-                full = full & (n0 + BLOCK_N - 1 <= first_p)
-        if HAS_KPM:
-            full = n0 < 0
+        full = _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
         if not full:
             keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
             s = tl.where(keep, s, float("-inf"))
@@ -179,9 +192,14 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
         delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         # transposed scores sT (BLOCK_N, BLOCK_M) in log2 units
         sT = _dot(k, tl.trans(q), IEEE) * qk_scale
-        keep = tl.trans(_mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        pT = tl.where(keep, tl.math.exp2(sT - lse2[None, :]), 0.0)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        first_p = qb * BLOCK_M + q_offset
+        lo_last, _ = _band(first_p + BLOCK_M - 1, group, left, right, False)
+        _, hi_first = _band(first_p, group, left, right, CAUSAL)
+        if not _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM):
+            keep = tl.trans(_mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM))
+            pT = tl.where(keep, pT, 0.0)
         dv += _dot(pT.to(do.dtype), do, IEEE)
         dpT = _dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - delta[None, :])
@@ -221,6 +239,8 @@ def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
         lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
         n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N)
         start = 0
+        lo_last = 0
+        hi_first = 0
     else:
         lo_first, hi_first = _band(first_p, group, left, right, CAUSAL)
         lo_last, hi_last = _band(last_p, group, left, right, CAUSAL)
@@ -236,8 +256,10 @@ def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
         kT = tl.load(k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
         vT = tl.load(v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
         s = _dot(q, kT, IEEE) * qk_scale
-        keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
-        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = tl.math.exp2(s - lse2[:, None])
+        if not _full_block(first_p, lo_last, hi_first, kb * BLOCK_N, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM):
+            keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            p = tl.where(keep, p, 0.0)
         dp = _dot(do, vT, IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)

@@ -20,34 +20,40 @@ _UNBOUNDED = 1 << 30
 
 
 def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the sliding-window kernels for a band of ``span`` keys (fwd, dq, dkdv)."""
-    wide = dtype == torch.float32 and head_dim > 64
-    big = span > 256 and not wide
-    warps = 4 if head_dim <= 64 else 8
-    fwd = dict(BLOCK_M=128 if big else 64, BLOCK_N=64, num_warps=8 if big else warps, num_stages=3, LUT_BLOCK=128)
-    if dtype == torch.float32:
-        bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=warps, num_stages=1 if wide else 2, LUT_BLOCK=64)
+    """Tile sizes of the sliding-window kernels (fwd, dq, dkdv).
+
+    Chosen by ``benchmarks/kernels_gpu_sweep.py`` on an H100 (bf16, N = 16k, W = 256..4096):
+    64x64 forward tiles with 4 warps won at every point; the backward wants 64x64 tiles at
+    d = 64 and long tiles (64 x 128 keys for dk/dv, 128 x 64 for dq, 8 warps) at d = 128.
+    """
+    wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
+    fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=64)
+    if dtype == torch.float32 or head_dim <= 64:
+        bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 3,
+                   LUT_BLOCK=64)
         return dict(fwd=fwd, dq=bwd, dkdv=bwd)
-    # FlashAttention-2 backward tiles: long key tiles for dk/dv, long query tiles for dq
-    stages = 5 if head_dim <= 64 else 3
     return dict(
         fwd=fwd,
-        dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4 if head_dim <= 64 else 8, num_stages=stages, LUT_BLOCK=128),
-        dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=4 if head_dim <= 64 else 8, num_stages=stages, LUT_BLOCK=128),
+        dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, LUT_BLOCK=128),
+        dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, LUT_BLOCK=128),
     )
 
 
 def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles of the block-sparse kernels: layout blocks above 64 tokens are visited as 64-wide sub-tiles."""
-    wide = head_dim * (4 if dtype == torch.float32 else 2) > 256  # fp32 with d = 128
-    bm = min(block_size, 64 if wide else 128)
-    inner = min(block_size, 64)
-    warps = 4 if bm * head_dim <= 64 * 64 else 8
-    stages = 1 if wide else (2 if bm >= 128 else 3)
-    fwd = dict(BLOCK_M=bm, BLOCK_N=inner, num_warps=warps, num_stages=stages, LUT_BLOCK=block_size)
-    bwd = dict(BLOCK_M=inner, BLOCK_N=inner, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 2,
-               LUT_BLOCK=block_size)
-    return dict(fwd=fwd, dq=bwd, dkdv=bwd)
+    """Tiles of the block-sparse kernels (the window tiles, cut to the layout block: a layout block
+    is visited as ``block_size // tile`` sub-tiles)."""
+    wide = dtype == torch.float32 and head_dim > 64
+    t = min(block_size, 64)
+    fwd = dict(BLOCK_M=t, BLOCK_N=t, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=block_size)
+    if dtype == torch.float32 or head_dim <= 64 or block_size < 128:
+        bwd = dict(BLOCK_M=t, BLOCK_N=t, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 3,
+                   LUT_BLOCK=block_size)
+        return dict(fwd=fwd, dq=bwd, dkdv=bwd)
+    return dict(
+        fwd=fwd,
+        dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, LUT_BLOCK=block_size),
+        dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, LUT_BLOCK=block_size),
+    )
 
 
 def _lut(layout: Tensor) -> Tuple[Tensor, Tensor]:
