@@ -110,11 +110,24 @@ Plan layout_plan(const at::Tensor& layout_in, const RowRule& rule, int64_t T, in
 
 namespace {
 
+// Leading dimension of the transposed (d, S) operands: padded off powers of two, whose 4 KiB
+// aliasing would make the rows of a GEMM tile collide in the L1/L2 cache sets.
+inline int64_t padded_ld(int64_t S) { return ((S + 15) / 16) * 16 + 16; }
+
+// x (B, H, S, d) -> (B, H, d, ld) with ld = padded_ld(S)
+at::Tensor transposed_padded(const at::Tensor& x) {
+  const int64_t S = x.size(2), ld = padded_ld(S);
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(3), ld}, x.options());
+  out.narrow(-1, 0, S).copy_(x.transpose(-1, -2));
+  return out;
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* pad,
                     const RowRule& rule, const Plan& plan, T scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
-  const at::Tensor kt = k.transpose(-1, -2).contiguous();  // (B, H, D, S): keys as GEMM columns
+  const at::Tensor kt = transposed_padded(k);  // (B, H, D, ldS): keys as GEMM columns
+  const int64_t ldS = kt.size(-1);
   const T* Q = q.data_ptr<T>();
   const T* KT = kt.data_ptr<T>();
   const T* V = v.data_ptr<T>();
@@ -128,7 +141,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t qb = task % NQB, bh = task / NQB, h = bh % H, b = bh / H;
       const int64_t i0 = qb * BQ, M = std::min(Tq, i0 + BQ) - i0;
       const T* q_blk = Q + (bh * Tq + i0) * D;
-      const T* kt_bh = KT + bh * D * S;
+      const T* kt_bh = KT + bh * D * ldS;
       const T* v_bh = V + bh * S * Dv;
       const bool* pad_b = pad ? pad + b * S : nullptr;
       std::fill(acc.begin(), acc.begin() + M * Dv, T(0));
@@ -136,7 +149,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       std::fill(l.begin(), l.begin() + M, T(0));
       for (int64_t t = plan.begin(h, qb); t < plan.end(h, qb); ++t) {
         const int64_t j0 = plan.tiles[2 * t], j1 = plan.tiles[2 * t + 1], n = j1 - j0;
-        gemm(M, n, D, q_blk, D, kt_bh + j0, S, s.data(), n, false);
+        gemm(M, n, D, q_blk, D, kt_bh + j0, ldS, s.data(), n, false);
         for (int64_t r = 0; r < M; ++r) {
           T* sr = s.data() + r * n;
           const int64_t i = i0 + r;
@@ -174,8 +187,9 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
                      const at::Tensor& v, const at::Tensor& lse, const bool* pad, const RowRule& rule, const Plan& plan,
                      T scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
-  const at::Tensor kt = k.transpose(-1, -2).contiguous();  // (B, H, D, S)
-  const at::Tensor vt = v.transpose(-1, -2).contiguous();  // (B, H, Dv, S)
+  const at::Tensor kt = transposed_padded(k);  // (B, H, D, ldS)
+  const at::Tensor vt = transposed_padded(v);  // (B, H, Dv, ldS)
+  const int64_t ldS = kt.size(-1);
   const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *KT = kt.data_ptr<T>(), *VT = vt.data_ptr<T>();
   const T* DO = dout.data_ptr<T>();
   const T* LSE = lse.data_ptr<T>();
@@ -183,24 +197,31 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
   T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
   const int64_t BQ = plan.block_q, NQB = plan.n_qblocks;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(BQ * kMaxTile), dp(BQ * kMaxTile), pt(BQ * kMaxTile), dst(BQ * kMaxTile), dq_acc(BQ * D);
+    // dK^T, dV^T accumulate as (D, S) so every GEMM reads its operands as stored: the only
+    // transposes are Q^T and dO^T, once per query block (not per key tile).
+    std::vector<T> p(BQ * kMaxTile), dp(BQ * kMaxTile), dq_acc(BQ * D), qt(D * BQ), dot(Dv * BQ);
+    std::vector<T> dkt(D * ldS), dvt(Dv * ldS);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t h = bh % H, b = bh / H;
       const bool* pad_b = pad ? pad + b * S : nullptr;
-      T* dk_bh = DK + bh * S * D;
-      T* dv_bh = DV + bh * S * Dv;
+      std::fill(dkt.begin(), dkt.end(), T(0));
+      std::fill(dvt.begin(), dvt.end(), T(0));
       for (int64_t qb = 0; qb < NQB; ++qb) {
+        if (plan.begin(h, qb) == plan.end(h, qb)) continue;
         const int64_t i0 = qb * BQ, M = std::min(Tq, i0 + BQ) - i0;
         const T* q_blk = Q + (bh * Tq + i0) * D;
         const T* do_blk = DO + (bh * Tq + i0) * Dv;
         const T* lse_blk = LSE + bh * Tq + i0;
         const T* delta_blk = DELTA + bh * Tq + i0;
-        if (plan.begin(h, qb) == plan.end(h, qb)) continue;
+        for (int64_t r = 0; r < M; ++r) {
+          for (int64_t c = 0; c < D; ++c) qt[c * M + r] = q_blk[r * D + c];
+          for (int64_t c = 0; c < Dv; ++c) dot[c * M + r] = do_blk[r * Dv + c];
+        }
         std::fill(dq_acc.begin(), dq_acc.begin() + M * D, T(0));
         for (int64_t t = plan.begin(h, qb); t < plan.end(h, qb); ++t) {
           const int64_t j0 = plan.tiles[2 * t], j1 = plan.tiles[2 * t + 1], n = j1 - j0;
-          gemm(M, n, D, q_blk, D, KT + bh * D * S + j0, S, p.data(), n, false);          // S = Q K^T
-          gemm(M, n, Dv, do_blk, Dv, VT + bh * Dv * S + j0, S, dp.data(), n, false);     // dP = dO V^T
+          gemm(M, n, D, q_blk, D, KT + bh * D * ldS + j0, ldS, p.data(), n, false);          // S = Q K^T
+          gemm(M, n, Dv, do_blk, Dv, VT + bh * Dv * ldS + j0, ldS, dp.data(), n, false);     // dP = dO V^T
           for (int64_t r = 0; r < M; ++r) {
             T* pr = p.data() + r * n;
             T* dpr = dp.data() + r * n;
@@ -214,19 +235,19 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
             const T dr = delta_blk[r];
             for (int64_t j = 0; j < n; ++j) dpr[j] = pr[j] * (dpr[j] - dr);            // dS (w.r.t. scaled scores)
           }
-          for (int64_t j = 0; j < n; ++j)                                                 // P^T, dS^T
-            for (int64_t r = 0; r < M; ++r) {
-              pt[j * M + r] = p[r * n + j];
-              dst[j * M + r] = dp[r * n + j];
-            }
-          gemm(n, Dv, M, pt.data(), M, do_blk, Dv, dv_bh + j0 * Dv, Dv, true);            // dV += P^T dO
-          gemm(n, D, M, dst.data(), M, q_blk, D, dk_bh + j0 * D, D, true);                // dK += dS^T Q
+          gemm(Dv, n, M, dot.data(), M, p.data(), n, dvt.data() + j0, ldS, true);          // dV^T += dO^T P
+          gemm(D, n, M, qt.data(), M, dp.data(), n, dkt.data() + j0, ldS, true);           // dK^T += Q^T dS
           gemm(M, D, n, dp.data(), n, K + (bh * S + j0) * D, D, dq_acc.data(), D, true);  // dQ += dS K
         }
         T* dq_blk = DQ + (bh * Tq + i0) * D;
         for (int64_t x = 0; x < M * D; ++x) dq_blk[x] = dq_acc[x] * scale;
       }
-      for (int64_t x = 0; x < S * D; ++x) dk_bh[x] *= scale;
+      T* dk_bh = DK + bh * S * D;
+      T* dv_bh = DV + bh * S * Dv;
+      for (int64_t j = 0; j < S; ++j) {
+        for (int64_t c = 0; c < D; ++c) dk_bh[j * D + c] = dkt[c * ldS + j] * scale;
+        for (int64_t c = 0; c < Dv; ++c) dv_bh[j * Dv + c] = dvt[c * ldS + j];
+      }
     }
     gemm_release();
   });
@@ -289,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor delta = (dout * out_in.to(ct)).sum(-1);
   if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(ct);
   delta = delta.contiguous();
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  at::Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const at::Tensor pad = pad_mask(kpm, B, S);
   const bool* pad_ptr = pad.defined() ? pad.data_ptr<bool>() : nullptr;
   if (ct == at::kDouble)
