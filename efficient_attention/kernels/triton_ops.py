@@ -40,20 +40,16 @@ def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tiles of the block-sparse kernels (the window tiles, cut to the layout block: a layout block
-    is visited as ``block_size // tile`` sub-tiles)."""
-    wide = dtype == torch.float32 and head_dim > 64
+    """Tiles of the block-sparse kernels: 64x64 tiles (a layout block of 128 is visited as 2x2 of them).
+
+    Chosen by ``benchmarks/kernels_gpu_sweep.py --layouts`` on an H100 (bf16, fixed and BigBird
+    layouts of 128-blocks at N = 16k): 64x64 tiles with 4 warps were best or within 7% of the best
+    forward, and best backward at d = 64 and d = 128.
+    """
+    wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     t = min(block_size, 64)
-    fwd = dict(BLOCK_M=t, BLOCK_N=t, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=block_size)
-    if dtype == torch.float32 or head_dim <= 64 or block_size < 128:
-        bwd = dict(BLOCK_M=t, BLOCK_N=t, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 3,
-                   LUT_BLOCK=block_size)
-        return dict(fwd=fwd, dq=bwd, dkdv=bwd)
-    return dict(
-        fwd=fwd,
-        dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, LUT_BLOCK=block_size),
-        dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, LUT_BLOCK=block_size),
-    )
+    cfg = dict(BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size)
+    return dict(fwd=cfg, dq=cfg, dkdv=cfg)
 
 
 def _lut(layout: Tensor) -> Tuple[Tensor, Tensor]:
