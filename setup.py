@@ -21,7 +21,7 @@ def ext_modules():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
     ext = CppExtension("efficient_attention.kernels._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -7,9 +7,19 @@ Public entry points (``(B, H, N, d)`` tensors; each returns ``(out, lse)``):
 * :func:`block_sparse_attention` -- attention over the kept blocks of a
   per-head block layout.
 
-Each entry dispatches to the fastest backend that supports the inputs and
-falls back to the pure-PyTorch reference path (``reference.py``), logging why.
+Each entry dispatches to the fastest backend that supports the inputs -- the
+Triton GPU kernels, the C++ CPU kernels (``_C``), else the pure-PyTorch
+reference path (``reference.py``) -- and logs why it fell back
+(:func:`not_supported_reasons` returns the reasons for given inputs).
 """
-from .reference import block_sparse_attention, check_layout, sliding_window_attention
+from .dispatch import choose_backend, not_supported_reasons
+from .ops import block_sparse_attention, sliding_window_attention
+from .reference import check_layout
 
-__all__ = ["sliding_window_attention", "block_sparse_attention", "check_layout"]
+__all__ = [
+    "sliding_window_attention",
+    "block_sparse_attention",
+    "check_layout",
+    "not_supported_reasons",
+    "choose_backend",
+]

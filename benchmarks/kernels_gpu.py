@@ -1,0 +1,244 @@
+"""GPU benchmark of the Triton sparse-attention kernels (bf16, H = 16, D = 64 / 128).
+
+Compares, forward and forward+backward, our kernels with ``scaled_dot_product_attention``
+(dense and causal) and compiled FlexAttention with the equivalent ``BlockMask`` (built
+outside the timed region), for causal sliding windows W in {128 .. 4096} at
+N in {4k, 16k, 64k} (B*N = 16k tokens; B = 1 at 64k) and for the OpenAI ``fixed`` and a
+BigBird block layout at N = 16k.  Each point also checks our output against Flex's.
+
+Reports the median time (``triton.testing.do_bench``), the ratio to Flex, and useful-FLOP
+throughput (only the unmasked score entries count: 4*d FLOPs each forward, 2.5x that
+backward) as a fraction of a dense bf16 matmul measured in the same run.
+
+    python benchmarks/kernels_gpu.py --out benchmarks/results/kernels_gpu_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from efficient_attention.kernels import block_sparse_attention, choose_backend, sliding_window_attention  # noqa: E402
+from efficient_attention.local_window import LocalWindow  # noqa: E402
+
+H = 16
+TOKENS = 16384
+
+
+def bench(fn, grad_of=None) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_of, return_mode="median")
+
+
+def matmul_tflops() -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+def fixed_layout(nb: int, stride: int, summary: int = 1) -> torch.Tensor:
+    """OpenAI Sparse Transformer 'fixed' (causal): blocks of ``stride`` blocks + their last ``summary`` blocks."""
+    qb = torch.arange(nb)[:, None]
+    kb = torch.arange(nb)[None, :]
+    local = (qb // stride) == (kb // stride)
+    summ = (kb % stride) >= stride - summary
+    return ((local | summ) & (kb <= qb))[None]
+
+
+def bigbird_layout(heads: int, nb: int, window: int = 1, n_global: int = 2, n_random: int = 3, seed: int = 0):
+    """BigBird: a band of 2*window+1 blocks, ``n_global`` global blocks (rows and columns), random blocks per head."""
+    g = torch.Generator().manual_seed(seed)
+    qb = torch.arange(nb)[:, None]
+    kb = torch.arange(nb)[None, :]
+    base = ((qb - kb).abs() <= window) | (qb < n_global) | (kb < n_global)
+    layout = base.expand(heads, nb, nb).clone()
+    rand = torch.rand(heads, nb, nb, generator=g).argsort(-1)[..., :n_random]
+    layout.scatter_(-1, rand, True)
+    return layout
+
+
+def flex_block_mask(layout: torch.Tensor, bs: int, causal: bool, N: int):
+    """The exact Flex BlockMask of a block layout ``(H, nb, nb)``: kept blocks are full blocks, except the
+    diagonal blocks of a causal layout, which are partial blocks with the causal mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def to_kv(blocks):
+        num = blocks.sum(-1, dtype=torch.int32)[None]
+        idx = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)[None]
+        return num.contiguous(), idx.contiguous()
+
+    if causal:
+        diag = torch.eye(layout.shape[-1], dtype=torch.bool, device=layout.device)
+        partial, full = layout & diag, (layout & ~diag).tril()
+    else:
+        partial, full = torch.zeros_like(layout), layout
+    kv_num, kv_idx = to_kv(partial)
+    full_num, full_idx = to_kv(full)
+
+    def causal_mod(b, h, qi, ki):
+        return ki <= qi
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs,
+                                    mask_mod=causal_mod if causal else None, seq_lengths=(N, N))
+
+
+def useful_flops(kept: float, d: int, backward: bool) -> float:
+    return kept * 4 * d * (3.5 if backward else 1.0)
+
+
+class Runner:
+    def __init__(self, args):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        torch._dynamo.config.cache_size_limit = 64
+        self.flex = torch.compile(flex_attention, dynamic=False)
+        self.create_block_mask = create_block_mask
+        self.args = args
+        self.rows = []
+        self.t0 = time.time()
+        props = torch.cuda.get_device_properties(0)
+        self.meta = dict(
+            device=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count, torch=torch.__version__,
+            triton=__import__("triton").__version__, python=platform.python_version(), dtype="bfloat16", heads=H,
+            tokens_per_batch=TOKENS, timing="triton.testing.do_bench median, warmup 10 ms, rep 40 ms",
+            useful_flops="4*d per unmasked score entry forward; x3.5 forward+backward",
+        )
+        self.meta["matmul_tflops"] = matmul_tflops()
+        print(f"dense bf16 matmul: {self.meta['matmul_tflops']:.0f} TFLOP/s", flush=True)
+
+    def save(self):
+        with open(self.args.out, "w") as f:
+            json.dump(dict(meta=self.meta, rows=self.rows), f, indent=1)
+
+    def time_pair(self, fn, q, k, v, do):
+        fwd = bench(lambda: fn(q, k, v))
+
+        def step():
+            fn(q, k, v).backward(do)
+
+        fb = bench(step, grad_of=[q, k, v])
+        return fwd, fb
+
+    def point(self, name, N, D, B, kept, ours, bm, row_mask, **extra):
+        """``bm``: Flex BlockMask; ``row_mask(rows) -> bool (H|1, len(rows), N)``, True = attend (for the check)."""
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+        flex = lambda q, k, v: self.flex(q, k, v, block_mask=bm)  # noqa: E731
+        with torch.no_grad():
+            a, b = ours(q, k, v), flex(q, k, v)
+            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            rows = torch.cat([torch.arange(0, 128), torch.arange(N - 384, N)]).cuda()  # first and last rows
+            ref = F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=row_mask(rows)[None])
+            err_sdpa = ((a[:, :, rows].float() - ref).norm() / ref.norm()).item()
+        row = dict(name=name, N=N, D=D, B=B, kept_fraction=kept / (B * H * N * N), rel_err_vs_flex=err,
+                   rel_err_vs_sdpa_rows=err_sdpa,
+                   backend=choose_backend("block_sparse" if "layout" in name else "sliding_window", q, k, v))
+        row.update(extra)
+        for label, fn in (("ours", ours), ("flex", flex)):
+            fwd, fb = self.time_pair(fn, q, k, v, do)
+            row[f"{label}_fwd_ms"], row[f"{label}_fwdbwd_ms"] = fwd, fb
+        rate = self.meta["matmul_tflops"]
+        for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+            row[f"speedup_vs_flex_{mode}"] = row[f"flex_{mode}_ms"] / row[f"ours_{mode}_ms"]
+            tflops = useful_flops(kept, D, bwd) / row[f"ours_{mode}_ms"] / 1e9
+            row[f"ours_{mode}_tflops"] = tflops
+            row[f"ours_{mode}_frac_matmul"] = tflops / rate
+        self.rows.append(row)
+        self.save()
+        print(f"{name:28s} N={N:6d} D={D:3d} ours {row['ours_fwd_ms']:8.3f}/{row['ours_fwdbwd_ms']:8.3f} ms  "
+              f"flex {row['flex_fwd_ms']:8.3f}/{row['flex_fwdbwd_ms']:8.3f} ms  x{row['speedup_vs_flex_fwd']:.2f}/"
+              f"x{row['speedup_vs_flex_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  err {err:.1e}/{err_sdpa:.1e} "
+              f"[{time.time() - self.t0:.0f}s]", flush=True)
+        del q, k, v, do, bm
+        torch.cuda.empty_cache()
+
+    def sdpa(self, N, D, B):
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+        row = dict(name="sdpa", N=N, D=D, B=B)
+        for causal in (False, True):
+            fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+            fwd, fb = self.time_pair(fn, q, k, v, do)
+            tag = "causal" if causal else "dense"
+            row[f"{tag}_fwd_ms"], row[f"{tag}_fwdbwd_ms"] = fwd, fb
+            kept = B * H * (N * (N + 1) / 2 if causal else N * N)
+            row[f"{tag}_fwdbwd_frac_matmul"] = useful_flops(kept, D, True) / fb / 1e9 / self.meta["matmul_tflops"]
+        self.rows.append(row)
+        self.save()
+        print(f"sdpa N={N} D={D}: dense {row['dense_fwd_ms']:.3f}/{row['dense_fwdbwd_ms']:.3f} ms, causal "
+              f"{row['causal_fwd_ms']:.3f}/{row['causal_fwdbwd_ms']:.3f} ms", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="kernels_gpu.json")
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--windows", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
+    p.add_argument("--layout-block", type=int, default=128)
+    p.add_argument("--skip-windows", action="store_true")
+    args = p.parse_args()
+    r = Runner(args)
+    for D in args.dims:
+        if not args.skip_windows:
+            for N in args.lengths:
+                B = max(1, TOKENS // N)
+                r.sdpa(N, D, B)
+                for W in args.windows:
+                    window = LocalWindow.sliding(W - 1, 0, causal=True)  # each query sees W keys (itself included)
+                    w_t = torch.tensor(W, device="cuda")  # a captured tensor: one compiled Flex graph serves every W
+
+                    def mask_mod(b, h, qi, ki, w_t=w_t):
+                        return (ki <= qi) & (qi - ki < w_t)
+
+                    bm = r.create_block_mask(mask_mod, None, None, N, N, device="cuda")
+
+                    def row_mask(rows, W=W, N=N):
+                        ki = torch.arange(N, device="cuda")[None]
+                        return ((ki <= rows[:, None]) & (rows[:, None] - ki < W))[None]
+
+                    kept = B * H * (N * W - W * (W - 1) / 2)  # sum_i min(i + 1, W)
+                    r.point(f"window W={W}", N, D, B, kept, lambda q, k, v, w=window: sliding_window_attention(q, k, v, w)[0],
+                            bm, row_mask, W=W)
+        N, bs = 16384, args.layout_block
+        nb = N // bs
+        for name, layout, causal in (
+            ("layout fixed", fixed_layout(nb, stride=max(2, 1024 // bs)), True),
+            ("layout bigbird", bigbird_layout(H, nb), False),
+        ):
+            lay = layout.cuda()
+            full = lay.expand(H, nb, nb)
+            if causal:  # diagonal blocks keep their lower triangle, blocks above it nothing
+                diag = torch.eye(nb, dtype=torch.bool, device="cuda")
+                kept = float((full & ~diag).tril().sum().item()) * bs * bs + float((full & diag).sum().item()) * bs * (bs + 1) / 2
+            else:
+                kept = float(full.sum().item()) * bs * bs
+
+            bm = flex_block_mask(full, bs, causal, N)
+
+            def row_mask(rows, full=full, causal=causal):
+                keep = full[:, rows // bs].repeat_interleave(bs, -1)
+                if causal:
+                    keep = keep & (torch.arange(N, device="cuda")[None, None] <= rows[None, :, None])
+                return keep
+
+            r.point(name, N, D, 1, kept,
+                    lambda q, k, v, lay=lay, c=causal: block_sparse_attention(q, k, v, lay, bs, causal=c)[0],
+                    bm, row_mask, block_size=bs, causal=causal, layout_heads=int(lay.shape[0]))
+    print(json.dumps(r.meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Fake (meta) implementations and autograd of the C++ ops ``torch.ops.efficient_attention.*``.
+
+The schemas and CPU kernels are registered by the extension (``csrc/register.cpp``);
+this module is imported by the loader once the extension is loaded.
+"""
+from __future__ import annotations
+
+import torch
+
+_NS = "efficient_attention"
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(q, k, v):
+    out = q.new_empty((*q.shape[:3], v.shape[-1]))
+    lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return out, lse
+
+
+@torch.library.register_fake(f"{_NS}::sliding_window_fwd")
+def _sw_fwd_fake(q, k, v, key_padding_mask, group, left, right, causal, q_offset, scale):
+    return _fake_fwd(q, k, v)
+
+
+@torch.library.register_fake(f"{_NS}::block_sparse_fwd")
+def _bs_fwd_fake(q, k, v, layout, block_size, causal, key_padding_mask, scale):
+    return _fake_fwd(q, k, v)
+
+
+@torch.library.register_fake(f"{_NS}::sliding_window_bwd")
+def _sw_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group, left, right, causal, q_offset, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake(f"{_NS}::block_sparse_bwd")
+def _bs_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, key_padding_mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _grad_out(grad, out):
+    return torch.zeros_like(out) if grad is None else grad
+
+
+# -- sliding window -------------------------------------------------------------
+def _sw_setup(ctx, inputs, output):
+    q, k, v, kpm, group, left, right, causal, q_offset, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.kpm = kpm
+    ctx.args = (group, left, right, causal, q_offset, scale)
+
+
+def _sw_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.efficient_attention.sliding_window_bwd(
+        _grad_out(grad_out, out), grad_lse, q, k, v, out, lse, ctx.kpm, *ctx.args
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_NS}::sliding_window_fwd", _sw_backward, setup_context=_sw_setup)
+
+
+# -- block sparse ---------------------------------------------------------------
+def _bs_setup(ctx, inputs, output):
+    q, k, v, layout, block_size, causal, kpm, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, layout)
+    ctx.kpm = kpm
+    ctx.args = (block_size, causal)
+    ctx.scale = scale
+
+
+def _bs_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, layout = ctx.saved_tensors
+    block_size, causal = ctx.args
+    dq, dk, dv = torch.ops.efficient_attention.block_sparse_bwd(
+        _grad_out(grad_out, out), grad_lse, q, k, v, out, lse, layout, block_size, causal, ctx.kpm, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_NS}::block_sparse_fwd", _bs_backward, setup_context=_bs_setup)

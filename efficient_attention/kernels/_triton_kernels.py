@@ -1,0 +1,267 @@
+"""Triton kernels of the sparse ops (imported only when Triton is installed).
+
+One FlashAttention-2 style kernel family covers both ops.  A query block of
+``BLOCK_M`` rows visits a list of key blocks of ``BLOCK_N`` keys:
+
+* sliding window (``USE_LUT=False``): the contiguous key-block range its band
+  can reach, computed in the kernel from the LocalWindow rule;
+* block-sparse (``USE_LUT=True``): the kept blocks of its layout row, read from
+  a lookup table ``lut (Hl, n_rows, n_cols)`` of block indices + ``cnt``.
+
+Inside a block, a query ``i`` (absolute position ``p = i + q_offset``) sees key
+``j`` iff ``lo(p) <= j <= hi(p)`` (the band; unbounded for block-sparse), ``j <= p``
+if causal, ``j < S`` and the key is not padding.  Blocks entirely inside the
+band skip the element mask.  Scores use ``exp2`` with ``scale * log2(e)``; the
+log-sum-exp is returned in natural units (fp32, ``-inf`` for empty rows).
+Backward: ``dk, dv`` by key block (visiting the query blocks that see it) and
+``dq`` by query block, with ``delta = rowsum(dO * O) - dlse`` precomputed.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _band(p, group, left, right, CAUSAL: tl.constexpr):
+    base = (p // group) * group
+    lo = base - left
+    hi = base + group - 1 + right
+    if CAUSAL:
+        hi = tl.minimum(hi, p)
+    return lo, hi
+
+
+@triton.jit
+def _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr,
+          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    p = offs_m[:, None] + q_offset
+    keep = offs_n[None, :] < S
+    if WINDOW:
+        base = (p // group) * group
+        keep = keep & (offs_n[None, :] >= base - left) & (offs_n[None, :] <= base + group - 1 + right)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= p)
+    if HAS_KPM:
+        pad = tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1)
+        keep = keep & (pad == 0)[None, :]
+    return keep
+
+
+@triton.jit
+def _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """True when every query of a tile sees every key of [n0, n0 + BLOCK_N): no element mask needed.
+
+    ``lo_last`` is the band's lower end for the tile's last query, ``hi_first`` its upper end for the
+    first query (both only used with ``WINDOW``; loop-invariant in the forward and dq kernels)."""
+    n_last = n0 + BLOCK_N - 1
+    full = n_last < S
+    if WINDOW:
+        full = full & (n0 >= lo_last) & (n_last <= hi_first)
+    elif CAUSAL:
+        full = full & (n_last <= first_p)
+    if HAS_KPM:
+        full = full & (n0 < 0)
+    return full
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
+                qk_scale, H, T, S, q_offset, group, left, right,
+                lut_heads, lut_rows, lut_cols,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
+                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                LUT_BLOCK: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_nb = tl.arange(0, BLOCK_N)
+    q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
+    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
+    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    kpm_ptr = KPM + b.to(tl.int64) * S
+    q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    first_p = qb * BLOCK_M + q_offset
+    last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
+    if USE_LUT:
+        lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
+        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N)
+        lo_first = 0
+        hi_last = S - 1
+        lo_last = 0
+        hi_first = S - 1
+        start = 0
+    else:
+        lo_first, hi_first = _band(first_p, group, left, right, CAUSAL)
+        lo_last, hi_last = _band(last_p, group, left, right, CAUSAL)
+        start = tl.maximum(lo_first, 0) // BLOCK_N
+        end = (tl.minimum(hi_last, S - 1) + BLOCK_N) // BLOCK_N
+        n_iter = tl.maximum(end - start, 0)
+    for it in range(0, n_iter):
+        if USE_LUT:
+            kb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N)) * (LUT_BLOCK // BLOCK_N) + it % (LUT_BLOCK // BLOCK_N)
+        else:
+            kb = start + it
+        n0 = kb * BLOCK_N
+        offs_n = n0 + offs_nb
+        k = tl.load(k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+        s = _dot(q, k, IEEE) * qk_scale
+        # blocks wholly inside every row's band (and not at the end, no padding) skip the element mask
+        full = _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
+        if not full:
+            keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Out + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=offs_m[:, None] < T)
+    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
+                     qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
+                     lut_heads, lut_rows, lut_cols,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
+                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                LUT_BLOCK: tl.constexpr):
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_mb = tl.arange(0, BLOCK_M)
+    q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
+    do_base = DO + bh.to(tl.int64) * T * HEAD_DIM
+    kv_off = bh.to(tl.int64) * S * HEAD_DIM
+    kpm_ptr = KPM + b.to(tl.int64) * S
+    k = tl.load(K + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+    v = tl.load(V + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    n0 = kb * BLOCK_N
+    n_last = n0 + BLOCK_N - 1
+    if USE_LUT:  # transposed layout: the query blocks that keep this key block
+        lut_base = ((h % lut_heads) * lut_rows + (kb * BLOCK_N) // LUT_BLOCK).to(tl.int64)
+        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_M)
+        start = 0
+    else:  # conservative query range of the band (the element mask is exact)
+        q_lo = n0 - right - group + 1 - q_offset
+        q_hi = n_last + left + group - 1 - q_offset
+        if CAUSAL:
+            q_lo = tl.maximum(q_lo, n0 - q_offset)
+        q_lo = tl.maximum(q_lo, 0)
+        q_hi = tl.minimum(q_hi, T - 1)
+        start = q_lo // BLOCK_M
+        n_iter = tl.maximum((q_hi + BLOCK_M) // BLOCK_M - start, 0)
+    for it in range(0, n_iter):
+        if USE_LUT:
+            qb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_M)) * (LUT_BLOCK // BLOCK_M) + it % (LUT_BLOCK // BLOCK_M)
+        else:
+            qb = start + it
+        offs_m = qb * BLOCK_M + offs_mb
+        q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
+        delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+        # transposed scores sT (BLOCK_N, BLOCK_M) in log2 units
+        sT = _dot(k, tl.trans(q), IEEE) * qk_scale
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        first_p = qb * BLOCK_M + q_offset
+        lo_last, _ = _band(first_p + BLOCK_M - 1, group, left, right, False)
+        _, hi_first = _band(first_p, group, left, right, CAUSAL)
+        if not _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM):
+            keep = tl.trans(_mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM))
+            pT = tl.where(keep, pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, IEEE)
+        dpT = _dot(v, tl.trans(do), IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
+    dk = dk * sm_scale
+    tl.store(DK + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < S)
+    tl.store(DV + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < S)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
+                   qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
+                   lut_heads, lut_rows, lut_cols,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                LUT_BLOCK: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_nb = tl.arange(0, BLOCK_N)
+    q_off = bh.to(tl.int64) * T * HEAD_DIM
+    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
+    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    kpm_ptr = KPM + b.to(tl.int64) * S
+    q = tl.load(Q + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    do = tl.load(DO + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    first_p = qb * BLOCK_M + q_offset
+    last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
+    if USE_LUT:
+        lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
+        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N)
+        start = 0
+        lo_last = 0
+        hi_first = 0
+    else:
+        lo_first, hi_first = _band(first_p, group, left, right, CAUSAL)
+        lo_last, hi_last = _band(last_p, group, left, right, CAUSAL)
+        start = tl.maximum(lo_first, 0) // BLOCK_N
+        end = (tl.minimum(hi_last, S - 1) + BLOCK_N) // BLOCK_N
+        n_iter = tl.maximum(end - start, 0)
+    for it in range(0, n_iter):
+        if USE_LUT:
+            kb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N)) * (LUT_BLOCK // BLOCK_N) + it % (LUT_BLOCK // BLOCK_N)
+        else:
+            kb = start + it
+        offs_n = kb * BLOCK_N + offs_nb
+        kT = tl.load(k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
+        vT = tl.load(v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
+        s = _dot(q, kT, IEEE) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if not _full_block(first_p, lo_last, hi_first, kb * BLOCK_N, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM):
+            keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, vT, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)

@@ -1,0 +1,324 @@
+// FlashAttention-2 style blocked attention over a sparse plan (see sparse_attention.h).
+// Forward: one task per (batch, head, query block); online softmax over the block's key
+// tiles; masked tiles are never visited.  Backward: one task per (batch, head) (it owns
+// that head's dk/dv), recomputing the probabilities from the saved log-sum-exp and using
+// D = rowsum(dO * O) - dlse.
+#include "sparse_attention.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+#include "micro.h"
+
+namespace ea {
+
+namespace {
+std::atomic<int> g_brgemm{-1};  // -1 unknown, 0 off, 1 on
+
+bool probe_brgemm() {
+  try {
+    float a = 1.0f, b = 2.0f, c = 0.0f;
+    at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
+    at::native::cpublas::brgemm_release(false);
+    return c == 2.0f;
+  } catch (...) {
+    return false;
+  }
+}
+
+constexpr int64_t kMaxTile = 256;
+
+}  // namespace
+
+bool brgemm_available() {
+  static const bool ok = probe_brgemm();
+  return ok;
+}
+bool use_brgemm() {
+  int s = g_brgemm.load(std::memory_order_relaxed);
+  if (s < 0) {
+    s = brgemm_available() ? 1 : 0;
+    g_brgemm.store(s);
+  }
+  return s == 1;
+}
+void set_use_brgemm(bool on) { g_brgemm.store(on && brgemm_available() ? 1 : 0); }
+
+void push_tiles(Plan& plan, int64_t a, int64_t b, int64_t max_tile) {
+  for (int64_t j = a; j < b; j += max_tile) {
+    plan.tiles.push_back(j);
+    plan.tiles.push_back(std::min(b, j + max_tile));
+  }
+}
+
+Plan window_plan(const RowRule& rule, int64_t T, int64_t S, int64_t block_q) {
+  Plan plan;
+  plan.block_q = block_q;
+  plan.heads = 1;
+  plan.n_qblocks = (T + block_q - 1) / block_q;
+  plan.ptr.reserve(plan.n_qblocks + 1);
+  plan.ptr.push_back(0);
+  for (int64_t qb = 0; qb < plan.n_qblocks; ++qb) {
+    const int64_t i0 = qb * block_q, i1 = std::min(T, i0 + block_q);
+    // lo and hi are non-decreasing in i: the block needs [lo(i0), hi(i1 - 1)]
+    const int64_t a = std::max<int64_t>(0, rule.lo(i0)), b = std::min<int64_t>(S, rule.hi(i1 - 1) + 1);
+    push_tiles(plan, a, b, kMaxTile);
+    plan.ptr.push_back(static_cast<int64_t>(plan.tiles.size() / 2));
+  }
+  return plan;
+}
+
+Plan layout_plan(const at::Tensor& layout_in, const RowRule& rule, int64_t T, int64_t S, int64_t bs) {
+  TORCH_CHECK(layout_in.dim() == 3, "layout must be 3-D (H or 1, n_q_blocks, n_k_blocks)");
+  const int64_t nq = (T + bs - 1) / bs, nk = (S + bs - 1) / bs;
+  TORCH_CHECK(layout_in.size(1) == nq && layout_in.size(2) == nk, "layout must have shape (H or 1, ", nq, ", ", nk,
+              "), got ", layout_in.sizes());
+  const at::Tensor layout = layout_in.to(at::kCPU, at::kBool).contiguous();
+  const bool* L = layout.data_ptr<bool>();
+  Plan plan;
+  plan.block_q = bs;
+  plan.heads = layout.size(0);
+  plan.n_qblocks = nq;
+  plan.ptr.reserve(plan.heads * nq + 1);
+  plan.ptr.push_back(0);
+  const int64_t max_tile = std::max(bs, (kMaxTile / bs) * bs);
+  for (int64_t h = 0; h < plan.heads; ++h) {
+    for (int64_t qb = 0; qb < nq; ++qb) {
+      const bool* row = L + (h * nq + qb) * nk;
+      const int64_t i0 = qb * bs, i1 = std::min(T, i0 + bs);
+      const int64_t lo = std::max<int64_t>(0, rule.lo(i0)), hi = std::min<int64_t>(S, rule.hi(i1 - 1) + 1);
+      for (int64_t kb = 0; kb < nk;) {
+        if (!row[kb]) {
+          ++kb;
+          continue;
+        }
+        int64_t ke = kb;
+        while (ke < nk && row[ke]) ++ke;  // a run of kept blocks -> contiguous keys
+        const int64_t a = std::max(lo, kb * bs), b = std::min(hi, std::min(S, ke * bs));
+        if (a < b) push_tiles(plan, a, b, max_tile);
+        kb = ke;
+      }
+      plan.ptr.push_back(static_cast<int64_t>(plan.tiles.size() / 2));
+    }
+  }
+  return plan;
+}
+
+namespace {
+
+// Leading dimension of the transposed (d, S) operands: padded off powers of two, whose 4 KiB
+// aliasing would make the rows of a GEMM tile collide in the L1/L2 cache sets.
+inline int64_t padded_ld(int64_t S) { return ((S + 15) / 16) * 16 + 16; }
+
+// x (B, H, S, d) -> (B, H, d, ld) with ld = padded_ld(S)
+at::Tensor transposed_padded(const at::Tensor& x) {
+  const int64_t S = x.size(2), ld = padded_ld(S);
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(3), ld}, x.options());
+  out.narrow(-1, 0, S).copy_(x.transpose(-1, -2));
+  return out;
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* pad,
+                    const RowRule& rule, const Plan& plan, T scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
+  const at::Tensor kt = transposed_padded(k);  // (B, H, D, ldS): keys as GEMM columns
+  const int64_t ldS = kt.size(-1);
+  const T* Q = q.data_ptr<T>();
+  const T* KT = kt.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  T* LSE = lse.data_ptr<T>();
+  const int64_t BQ = plan.block_q, NQB = plan.n_qblocks;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  at::parallel_for(0, B * H * NQB, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(BQ * kMaxTile), acc(BQ * Dv), m(BQ), l(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % NQB, bh = task / NQB, h = bh % H, b = bh / H;
+      const int64_t i0 = qb * BQ, M = std::min(Tq, i0 + BQ) - i0;
+      const T* q_blk = Q + (bh * Tq + i0) * D;
+      const T* kt_bh = KT + bh * D * ldS;
+      const T* v_bh = V + bh * S * Dv;
+      const bool* pad_b = pad ? pad + b * S : nullptr;
+      std::fill(acc.begin(), acc.begin() + M * Dv, T(0));
+      std::fill(m.begin(), m.begin() + M, ninf);
+      std::fill(l.begin(), l.begin() + M, T(0));
+      for (int64_t t = plan.begin(h, qb); t < plan.end(h, qb); ++t) {
+        const int64_t j0 = plan.tiles[2 * t], j1 = plan.tiles[2 * t + 1], n = j1 - j0;
+        gemm(M, n, D, q_blk, D, kt_bh + j0, ldS, s.data(), n, false);
+        for (int64_t r = 0; r < M; ++r) {
+          T* sr = s.data() + r * n;
+          const int64_t i = i0 + r;
+          const T mt = mask_scale_max(sr, n, rule.lo(i) - j0, rule.hi(i) - j0, pad_b ? pad_b + j0 : nullptr, scale);
+          const T m_new = std::max(m[r], mt);
+          if (m_new == ninf) {  // nothing visible yet: this row contributes nothing
+            std::fill(sr, sr + n, T(0));
+            continue;
+          }
+          const T sum = exp_sum(sr, n, m_new);
+          const T alpha = m[r] == ninf ? T(0) : std::exp(m[r] - m_new);
+          if (alpha != T(1)) {
+            T* ar = acc.data() + r * Dv;
+            for (int64_t c = 0; c < Dv; ++c) ar[c] *= alpha;
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+        }
+        gemm(M, Dv, n, s.data(), n, v_bh + j0 * Dv, Dv, acc.data(), Dv, true);
+      }
+      T* o_blk = O + (bh * Tq + i0) * Dv;
+      T* lse_blk = LSE + bh * Tq + i0;
+      for (int64_t r = 0; r < M; ++r) {
+        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+        for (int64_t c = 0; c < Dv; ++c) o_blk[r * Dv + c] = acc[r * Dv + c] * inv;
+        lse_blk[r] = l[r] > T(0) ? m[r] + std::log(l[r]) : ninf;
+      }
+    }
+    gemm_release();
+  });
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& lse, const bool* pad, const RowRule& rule, const Plan& plan,
+                     T scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3), S = k.size(2), Dv = v.size(3);
+  const at::Tensor kt = transposed_padded(k);  // (B, H, D, ldS)
+  const at::Tensor vt = transposed_padded(v);  // (B, H, Dv, ldS)
+  const int64_t ldS = kt.size(-1);
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *KT = kt.data_ptr<T>(), *VT = vt.data_ptr<T>();
+  const T* DO = dout.data_ptr<T>();
+  const T* LSE = lse.data_ptr<T>();
+  const T* DELTA = delta.data_ptr<T>();
+  T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
+  const int64_t BQ = plan.block_q, NQB = plan.n_qblocks;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    // dK^T, dV^T accumulate as (D, S) so every GEMM reads its operands as stored: the only
+    // transposes are Q^T and dO^T, once per query block (not per key tile).
+    std::vector<T> p(BQ * kMaxTile), dp(BQ * kMaxTile), dq_acc(BQ * D), qt(D * BQ), dot(Dv * BQ);
+    std::vector<T> dkt(D * ldS), dvt(Dv * ldS);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % H, b = bh / H;
+      const bool* pad_b = pad ? pad + b * S : nullptr;
+      std::fill(dkt.begin(), dkt.end(), T(0));
+      std::fill(dvt.begin(), dvt.end(), T(0));
+      for (int64_t qb = 0; qb < NQB; ++qb) {
+        if (plan.begin(h, qb) == plan.end(h, qb)) continue;
+        const int64_t i0 = qb * BQ, M = std::min(Tq, i0 + BQ) - i0;
+        const T* q_blk = Q + (bh * Tq + i0) * D;
+        const T* do_blk = DO + (bh * Tq + i0) * Dv;
+        const T* lse_blk = LSE + bh * Tq + i0;
+        const T* delta_blk = DELTA + bh * Tq + i0;
+        for (int64_t r = 0; r < M; ++r) {
+          for (int64_t c = 0; c < D; ++c) qt[c * M + r] = q_blk[r * D + c];
+          for (int64_t c = 0; c < Dv; ++c) dot[c * M + r] = do_blk[r * Dv + c];
+        }
+        std::fill(dq_acc.begin(), dq_acc.begin() + M * D, T(0));
+        for (int64_t t = plan.begin(h, qb); t < plan.end(h, qb); ++t) {
+          const int64_t j0 = plan.tiles[2 * t], j1 = plan.tiles[2 * t + 1], n = j1 - j0;
+          gemm(M, n, D, q_blk, D, KT + bh * D * ldS + j0, ldS, p.data(), n, false);          // S = Q K^T
+          gemm(M, n, Dv, do_blk, Dv, VT + bh * Dv * ldS + j0, ldS, dp.data(), n, false);     // dP = dO V^T
+          for (int64_t r = 0; r < M; ++r) {
+            T* pr = p.data() + r * n;
+            T* dpr = dp.data() + r * n;
+            const int64_t i = i0 + r;
+            const T lr = lse_blk[r];
+            if (lr == -std::numeric_limits<T>::infinity()) {
+              std::fill(pr, pr + n, T(0));
+            } else {
+              probs(pr, n, rule.lo(i) - j0, rule.hi(i) - j0, pad_b ? pad_b + j0 : nullptr, scale, lr);
+            }
+            const T dr = delta_blk[r];
+            for (int64_t j = 0; j < n; ++j) dpr[j] = pr[j] * (dpr[j] - dr);            // dS (w.r.t. scaled scores)
+          }
+          gemm(Dv, n, M, dot.data(), M, p.data(), n, dvt.data() + j0, ldS, true);          // dV^T += dO^T P
+          gemm(D, n, M, qt.data(), M, dp.data(), n, dkt.data() + j0, ldS, true);           // dK^T += Q^T dS
+          gemm(M, D, n, dp.data(), n, K + (bh * S + j0) * D, D, dq_acc.data(), D, true);  // dQ += dS K
+        }
+        T* dq_blk = DQ + (bh * Tq + i0) * D;
+        for (int64_t x = 0; x < M * D; ++x) dq_blk[x] = dq_acc[x] * scale;
+      }
+      T* dk_bh = DK + bh * S * D;
+      T* dv_bh = DV + bh * S * Dv;
+      for (int64_t j = 0; j < S; ++j) {
+        for (int64_t c = 0; c < D; ++c) dk_bh[j * D + c] = dkt[c * ldS + j] * scale;
+        for (int64_t c = 0; c < Dv; ++c) dv_bh[j * Dv + c] = dvt[c * ldS + j];
+      }
+    }
+    gemm_release();
+  });
+}
+
+at::Tensor pad_mask(const c10::optional<at::Tensor>& kpm, int64_t B, int64_t S) {
+  if (!kpm.has_value() || !kpm->defined()) return at::Tensor();
+  TORCH_CHECK(kpm->dim() == 2 && kpm->size(0) == B && kpm->size(1) == S, "key_padding_mask must be (", B, ", ", S,
+              "), got ", kpm->sizes());
+  return kpm->to(at::kCPU, at::kBool).contiguous();
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+              "CPU sparse attention supports float32, float64, bfloat16 and float16, got ", t);
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (B, H, N, d)");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "q, k, v batch sizes differ");
+  TORCH_CHECK(k.size(1) == q.size(1) && v.size(1) == q.size(1), "k, v must have q's head count (repeat GQA heads first)");
+  TORCH_CHECK(k.size(3) == q.size(3), "q and k head dims differ");
+  TORCH_CHECK(v.size(2) == k.size(2), "k and v lengths differ");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, const c10::optional<at::Tensor>& kpm,
+                                                     const RowRule& rule, const Plan& plan, double scale) {
+  check_qkv(q_in, k_in, v_in);
+  const auto ct = compute_type(q_in.scalar_type());
+  const at::Tensor q = q_in.to(ct).contiguous(), k = k_in.to(ct).contiguous(), v = v_in.to(ct).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), S = k.size(2);
+  TORCH_CHECK(plan.heads == 1 || plan.heads == H, "plan heads mismatch");
+  at::Tensor out = at::empty({B, H, T, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({B, H, T}, q.options());  // fp32 (fp64 for fp64 inputs)
+  const at::Tensor pad = pad_mask(kpm, B, S);
+  const bool* pad_ptr = pad.defined() ? pad.data_ptr<bool>() : nullptr;
+  if (ct == at::kDouble)
+    forward_kernel<double>(q, k, v, pad_ptr, rule, plan, scale, out, lse);
+  else
+    forward_kernel<float>(q, k, v, pad_ptr, rule, plan, static_cast<float>(scale), out, lse);
+  return {out.to(q_in.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const c10::optional<at::Tensor>& kpm, const RowRule& rule, const Plan& plan, double scale) {
+  check_qkv(q_in, k_in, v_in);
+  const auto ct = compute_type(q_in.scalar_type());
+  const at::Tensor q = q_in.to(ct).contiguous(), k = k_in.to(ct).contiguous(), v = v_in.to(ct).contiguous();
+  const at::Tensor dout = grad_out.to(ct).contiguous();
+  const at::Tensor lse = lse_in.to(ct).contiguous();
+  const int64_t B = q.size(0), S = k.size(2);
+  // D_i = sum_c dO_ic O_ic - dlse_i   (in the compute type)
+  at::Tensor delta = (dout * out_in.to(ct)).sum(-1);
+  if (grad_lse.has_value() && grad_lse->defined()) delta = delta - grad_lse->to(ct);
+  delta = delta.contiguous();
+  at::Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const at::Tensor pad = pad_mask(kpm, B, S);
+  const bool* pad_ptr = pad.defined() ? pad.data_ptr<bool>() : nullptr;
+  if (ct == at::kDouble)
+    backward_kernel<double>(dout, delta, q, k, v, lse, pad_ptr, rule, plan, scale, dq, dk, dv);
+  else
+    backward_kernel<float>(dout, delta, q, k, v, lse, pad_ptr, rule, plan, static_cast<float>(scale), dq, dk, dv);
+  const auto st = q_in.scalar_type();
+  return {dq.to(st), dk.to(st), dv.to(st)};
+}
+
+}  // namespace ea

@@ -1,0 +1,100 @@
+// Operator schemas (TORCH_LIBRARY) and their CPU implementations; the Python side
+// (efficient_attention/kernels/_cpu_ops.py) adds the fake impls and autograd.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/sparse_attention.h"
+
+namespace {
+
+constexpr int64_t kWindowBlock = 64;
+
+ea::RowRule window_rule(int64_t group, int64_t left, int64_t right, bool causal, int64_t q_offset) {
+  TORCH_CHECK(group > 0 && left >= 0 && right >= 0, "invalid window (group ", group, ", left ", left, ", right ",
+              right, ")");
+  ea::RowRule r;
+  r.group = group;
+  r.left = std::min(left, ea::kUnbounded);
+  r.right = std::min(right, ea::kUnbounded);
+  r.causal = causal;
+  r.offset = q_offset;
+  return r;
+}
+
+ea::RowRule block_rule(bool causal, int64_t T, int64_t S) {
+  ea::RowRule r;  // unbounded band; causal: j <= i + S - T
+  r.causal = causal;
+  r.right = causal ? 0 : ea::kUnbounded;
+  r.offset = S - T;
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> sliding_window_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const c10::optional<at::Tensor>& kpm, int64_t group,
+                                                      int64_t left, int64_t right, bool causal, int64_t q_offset,
+                                                      double scale) {
+  const auto rule = window_rule(group, left, right, causal, q_offset);
+  const auto plan = ea::window_plan(rule, q.size(2), k.size(2), kWindowBlock);
+  return ea::attention_forward(q, k, v, kpm, rule, plan, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_bwd(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& kpm,
+    int64_t group, int64_t left, int64_t right, bool causal, int64_t q_offset, double scale) {
+  const auto rule = window_rule(group, left, right, causal, q_offset);
+  const auto plan = ea::window_plan(rule, q.size(2), k.size(2), kWindowBlock);
+  return ea::attention_backward(grad_out, grad_lse, q, k, v, out, lse, kpm, rule, plan, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& layout, int64_t block_size, bool causal,
+                                                    const c10::optional<at::Tensor>& kpm, double scale) {
+  TORCH_CHECK(block_size > 0, "block_size must be positive");
+  TORCH_CHECK(layout.size(0) == 1 || layout.size(0) == q.size(1), "layout heads must be 1 or ", q.size(1));
+  const auto rule = block_rule(causal, q.size(2), k.size(2));
+  const auto plan = ea::layout_plan(layout, rule, q.size(2), k.size(2), block_size);
+  return ea::attention_forward(q, k, v, kpm, rule, plan, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size,
+    bool causal, const c10::optional<at::Tensor>& kpm, double scale) {
+  TORCH_CHECK(block_size > 0, "block_size must be positive");
+  const auto rule = block_rule(causal, q.size(2), k.size(2));
+  const auto plan = ea::layout_plan(layout, rule, q.size(2), k.size(2), block_size);
+  return ea::attention_backward(grad_out, grad_lse, q, k, v, out, lse, kpm, rule, plan, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(efficient_attention, m) {
+  m.def(
+      "sliding_window_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, int group, int left, int right, "
+      "bool causal, int q_offset, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "sliding_window_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, int group, int left, int right, bool causal, int q_offset, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, bool causal, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "block_sparse_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor layout, int block_size, bool causal, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(efficient_attention, CPU, m) {
+  m.impl("sliding_window_fwd", &sliding_window_fwd);
+  m.impl("sliding_window_bwd", &sliding_window_bwd);
+  m.impl("block_sparse_fwd", &block_sparse_fwd);
+  m.impl("block_sparse_bwd", &block_sparse_bwd);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "efficient-attention C++ CPU kernels (ops under torch.ops.efficient_attention)";
+  m.def("brgemm_available", &ea::brgemm_available, "whether fp32 GEMMs can use oneDNN brgemm");
+  m.def("use_brgemm", &ea::use_brgemm, "whether fp32 GEMMs currently use oneDNN brgemm");
+  m.def("set_use_brgemm", &ea::set_use_brgemm, "switch the fp32 GEMM between brgemm and plain loops");
+}

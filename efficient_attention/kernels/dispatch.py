@@ -1,0 +1,161 @@
+"""Choosing the kernel for a sparse-attention call, and saying why not.
+
+Backends, tried in order:
+
+* ``"triton"`` -- GPU kernels (``triton_ops.py``), CUDA tensors, Triton installed;
+* ``"cpu"``    -- the C++ kernels of the ``_C`` extension, CPU tensors;
+* ``"reference"`` -- the PyTorch path of ``reference.py`` (any device/dtype, dropout).
+
+:func:`not_supported_reasons` returns, per fast backend, the reasons it cannot
+take the given inputs (empty list = usable), xformers-style.  The entries log
+the reasons of a fallback once per distinct message (at INFO).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from ._loader import cpu_extension, cpu_extension_reason
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["not_supported_reasons", "choose_backend", "triton_reason"]
+
+OPS = ("sliding_window", "block_sparse")
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+CPU_MAX_HEAD_DIM = 512
+_logged: set = set()
+
+
+_env: dict = {}
+_decisions: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def triton_reason() -> Optional[str]:
+    """Why the Triton kernels cannot run at all here, or ``None`` (computed once)."""
+    if "triton" not in _env:
+        _env["triton"] = _triton_reason()
+    return _env["triton"]
+
+
+@torch.compiler.assume_constant_result
+def _cpu_reason() -> Optional[str]:
+    if "cpu" not in _env:
+        _env["cpu"] = None if cpu_extension() is not None else cpu_extension_reason()
+    return _env["cpu"]
+
+
+def _triton_reason() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    try:
+        from . import triton_ops  # noqa: F401
+    except Exception as exc:  # a broken Triton install must not break the library
+        return f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> List[str]:
+    reasons = []
+    if dropout_p > 0.0:
+        reasons.append(f"dropout_p={dropout_p} (the kernels do not implement dropout)")
+    if not (q.device == k.device == v.device):
+        reasons.append("q, k, v are on different devices")
+    if not (q.dtype == k.dtype == v.dtype):
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        reasons.append("q, k, v must be 4-D (B, H, N, d)")
+    elif q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        reasons.append(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if q.shape[-1] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
+        reasons.append("an empty dimension")
+    return reasons
+
+
+def not_supported_reasons(
+    op: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    dropout_p: float = 0.0,
+    block_size: Optional[int] = None,
+    exclude_self: bool = False,
+) -> Dict[str, List[str]]:
+    """Per fast backend (``"triton"``, ``"cpu"``), why it cannot run ``op`` on these inputs ([] = it can)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    common = _common(q, k, v, dropout_p)
+    if exclude_self:
+        common.append("the window excludes each query's own key (LocalWindow.exclude_self, shared_qk), "
+                      "which the kernels do not implement")
+    cpu = list(common)
+    if q.device.type != "cpu":
+        cpu.append(f"tensors are on {q.device.type}, not the CPU")
+    if q.dtype not in CPU_DTYPES:
+        cpu.append(f"dtype {q.dtype} is not one of {CPU_DTYPES}")
+    if q.shape[-1] > CPU_MAX_HEAD_DIM or v.shape[-1] > CPU_MAX_HEAD_DIM:
+        cpu.append(f"head dim {q.shape[-1]}/{v.shape[-1]} is above {CPU_MAX_HEAD_DIM}")
+    why = _cpu_reason()
+    if why:
+        cpu.append(why)
+    gpu = list(common)
+    if q.device.type != "cuda":
+        gpu.append(f"tensors are on {q.device.type}, not CUDA")
+    else:
+        why = triton_reason()
+        if why:
+            gpu.append(why)
+    if q.dtype not in TRITON_DTYPES:
+        gpu.append(f"dtype {q.dtype} is not one of {TRITON_DTYPES}")
+    if q.shape[-1] not in TRITON_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        gpu.append(f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: Triton kernels need equal dims in {TRITON_HEAD_DIMS}")
+    if op == "block_sparse" and block_size is not None and block_size not in TRITON_BLOCK_SIZES:
+        gpu.append(f"block_size {block_size} is not one of {TRITON_BLOCK_SIZES}")
+    return {"triton": gpu, "cpu": cpu}
+
+
+def choose_backend(
+    op: str, q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, block_size: Optional[int] = None,
+    exclude_self: bool = False,
+) -> str:
+    """``"triton"``, ``"cpu"`` or ``"reference"`` for these inputs (logs why a fallback happened, once).
+
+    Decisions are cached by everything they depend on, so repeated calls cost a dict lookup.
+    """
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling and q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
+        key = (op, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, q.shape[1], k.shape[1], v.shape[1],
+               q.shape[-1], v.shape[-1], q.shape[2] == 0 or k.shape[2] == 0, dropout_p > 0.0, block_size, exclude_self)
+        hit = _decisions.get(key)
+        if hit is not None:
+            return hit
+    backend = _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling)
+    if key is not None:
+        _decisions[key] = backend
+    return backend
+
+
+def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
+    reasons = not_supported_reasons(op, q, k, v, dropout_p=dropout_p, block_size=block_size, exclude_self=exclude_self)
+    for backend in ("triton", "cpu"):
+        if not reasons[backend]:
+            return backend
+    if not compiling:
+        relevant = reasons["triton"] if q.device.type == "cuda" else reasons["cpu"]
+        msg = f"{op}: using the reference path because " + "; ".join(relevant)
+        if msg not in _logged:
+            _logged.add(msg)
+            logger.info(msg)
+    return "reference"

@@ -1,0 +1,301 @@
+"""The Triton GPU kernels as ``torch.library`` custom ops, with fake impls and autograd.
+
+``torch.ops.efficient_attention.triton_sliding_window`` and ``triton_block_sparse``
+take ``(B, H, N, d)`` CUDA tensors (k, v already with q's head count) and return
+``(out, lse)``; see ``_triton_kernels.py`` for the algorithm.  Importing this
+module requires Triton.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _triton_kernels as tk
+
+__all__ = ["window_config", "block_config", "sliding_window_eager", "block_sparse_eager"]
+
+_UNBOUNDED = 1 << 30
+
+
+def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the sliding-window kernels (fwd, dq, dkdv).
+
+    Chosen by ``benchmarks/kernels_gpu_sweep.py`` on an H100 (bf16, N = 16k, W = 256..4096):
+    64x64 forward tiles with 4 warps won at every point; the backward wants 64x64 tiles at
+    d = 64 and long tiles (64 x 128 keys for dk/dv, 128 x 64 for dq, 8 warps) at d = 128.
+    """
+    wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
+    fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=64)
+    if dtype == torch.float32 or head_dim <= 64:
+        bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 3,
+                   LUT_BLOCK=64)
+        return dict(fwd=fwd, dq=bwd, dkdv=bwd)
+    return dict(
+        fwd=fwd,
+        dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, LUT_BLOCK=128),
+        dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, LUT_BLOCK=128),
+    )
+
+
+def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles of the block-sparse kernels: 64x64 tiles (a layout block of 128 is visited as 2x2 of them).
+
+    Chosen by ``benchmarks/kernels_gpu_sweep.py --layouts`` on an H100 (bf16, fixed and BigBird
+    layouts of 128-blocks at N = 16k): 64x64 tiles with 4 warps were best or within 7% of the best
+    forward, and best backward at d = 64 and d = 128.
+    """
+    wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
+    t = min(block_size, 64)
+    cfg = dict(BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size)
+    return dict(fwd=cfg, dq=cfg, dkdv=cfg)
+
+
+def _lut(layout: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per layout row: the kept column indices first, ascending (int32), and their count."""
+    cnt = layout.sum(-1, dtype=torch.int32).contiguous()
+    idx = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
+    return idx, cnt
+
+
+_dummies: dict = {}
+
+
+def _dummy(q: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 1-element placeholder for an unused pointer argument (cached: no allocation per call)."""
+    key = (q.device, dtype)
+    t = _dummies.get(key)
+    if t is None:
+        t = _dummies[key] = torch.zeros(1, dtype=dtype, device=q.device)
+    return t
+
+
+def _kpm(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
+    if kpm is None:
+        return _dummy(q, torch.uint8), False
+    return kpm.view(torch.uint8).contiguous(), True
+
+
+def _flags(q: Tensor) -> dict:
+    return dict(IEEE=q.dtype == torch.float32, HEAD_DIM=q.shape[-1])
+
+
+def _forward(q, k, v, kpm, rule, lut, cfg):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    kpm_t, has_kpm = _kpm(kpm, q)
+    scale, q_offset, group, left, right, causal, window = rule
+    idx, cnt, lut_heads, rows, cols = lut
+    c = dict(cfg)
+    grid = (triton_cdiv(T, c["BLOCK_M"]), B * H)
+    tk._fwd_kernel[grid](
+        q, k, v, kpm_t, idx, cnt, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left, right,
+        lut_heads, rows, cols, CAUSAL=causal, WINDOW=window, USE_LUT=idx is not cnt, HAS_KPM=has_kpm, **_flags(q), **c,
+    )
+    return out, lse
+
+
+def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
+    q, k, v, do, out = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), out.contiguous()
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    delta = (do.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    kpm_t, has_kpm = _kpm(kpm, q)
+    scale, q_offset, group, left, right, causal, window = rule
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
+    idx, cnt, lut_heads, rows, cols = lut_t
+    cfg = cfgs["dkdv"]
+    tk._bwd_dkdv_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B * H)](
+        q, k, v, kpm_t, idx, cnt, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
+        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
+    )
+    idx, cnt, lut_heads, rows, cols = lut
+    cfg = cfgs["dq"]
+    tk._bwd_dq_kernel[(triton_cdiv(T, cfg["BLOCK_M"]), B * H)](
+        q, k, v, kpm_t, idx, cnt, do, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
+        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
+    )
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _no_lut(q: Tensor):
+    dummy = _dummy(q, torch.int32)
+    return dummy, dummy, 1, 1, 1  # idx is cnt -> USE_LUT=False
+
+
+def _window_rule(scale, q_offset, group, left, right, causal):
+    return (scale, q_offset, group, min(left, _UNBOUNDED), min(right, _UNBOUNDED), causal, True)
+
+
+def _block_rule(scale, causal, T, S):
+    return (scale, S - T, 1, _UNBOUNDED, _UNBOUNDED, causal, False)
+
+
+def _layout_luts(layout: Tensor):
+    idx, cnt = _lut(layout)
+    idx_t, cnt_t = _lut(layout.transpose(1, 2))
+    lut = (idx, cnt, layout.shape[0], layout.shape[1], layout.shape[2])
+    lut_t = (idx_t, cnt_t, layout.shape[0], layout.shape[2], layout.shape[1])
+    return lut, lut_t
+
+
+# -- sliding window -------------------------------------------------------------------------------
+@torch.library.custom_op("efficient_attention::triton_sliding_window", mutates_args=())
+def triton_sliding_window(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], group: int, left: int, right: int,
+    causal: bool, q_offset: int, scale: float,
+) -> Tuple[Tensor, Tensor]:
+    cfg = window_config(left + right + group, q.shape[-1], q.dtype)["fwd"]
+    rule = _window_rule(scale, q_offset, group, left, right, causal)
+    return _forward(q, k, v, key_padding_mask, rule, _no_lut(q), cfg)
+
+
+@triton_sliding_window.register_fake
+def _(q, k, v, key_padding_mask, group, left, right, causal, q_offset, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("efficient_attention::triton_sliding_window_bwd", mutates_args=())
+def triton_sliding_window_bwd(
+    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    key_padding_mask: Optional[Tensor], group: int, left: int, right: int, causal: bool, q_offset: int, scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    cfg = window_config(left + right + group, q.shape[-1], q.dtype)
+    rule = _window_rule(scale, q_offset, group, left, right, causal)
+    lut = _no_lut(q)
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut, cfg)
+
+
+@triton_sliding_window_bwd.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group, left, right, causal, q_offset, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _sw_setup(ctx, inputs, output):
+    q, k, v, kpm, *args = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.kpm, ctx.args = kpm, args
+
+
+def _sw_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    dq, dk, dv = triton_sliding_window_bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+triton_sliding_window.register_autograd(_sw_backward, setup_context=_sw_setup)
+
+
+# -- block sparse ---------------------------------------------------------------------------------
+@torch.library.custom_op("efficient_attention::triton_block_sparse", mutates_args=())
+def triton_block_sparse(
+    q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size: int, causal: bool,
+    key_padding_mask: Optional[Tensor], scale: float,
+) -> Tuple[Tensor, Tensor]:
+    cfg = block_config(block_size, q.shape[-1], q.dtype)["fwd"]
+    lut, _ = _layout_luts(layout)
+    return _forward(q, k, v, key_padding_mask, _block_rule(scale, causal, q.shape[2], k.shape[2]), lut, cfg)
+
+
+@triton_block_sparse.register_fake
+def _(q, k, v, layout, block_size, causal, key_padding_mask, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("efficient_attention::triton_block_sparse_bwd", mutates_args=())
+def triton_block_sparse_bwd(
+    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    layout: Tensor, block_size: int, causal: bool, key_padding_mask: Optional[Tensor], scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    cfg = block_config(block_size, q.shape[-1], q.dtype)
+    lut, lut_t = _layout_luts(layout)
+    rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut_t, cfg)
+
+
+@triton_block_sparse_bwd.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, key_padding_mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _bs_setup(ctx, inputs, output):
+    q, k, v, layout, block_size, causal, kpm, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, layout)
+    ctx.kpm, ctx.args = kpm, (block_size, causal)
+    ctx.scale = scale
+
+
+def _bs_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, layout = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    dq, dk, dv = triton_block_sparse_bwd(grad_out, grad_lse, q, k, v, out, lse, layout, *ctx.args, ctx.kpm, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+triton_block_sparse.register_autograd(_bs_backward, setup_context=_bs_setup)
+
+
+# -- eager entry points ---------------------------------------------------------------------------
+# The custom ops above are what torch.compile sees; in eager mode the same forward/backward run
+# through plain autograd.Functions, which cost far less Python per call than the custom-op machinery.
+class _SlidingWindow(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, group, left, right, causal, q_offset, scale):
+        rule = _window_rule(scale, q_offset, group, left, right, causal)
+        cfg = window_config(left + right + group, q.shape[-1], q.dtype)["fwd"]
+        out, lse = _forward(q, k, v, kpm, rule, _no_lut(q), cfg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kpm, ctx.args = kpm, (group, left, right, causal, q_offset, scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, left, right, causal, q_offset, scale = ctx.args
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        lut = _no_lut(q)
+        dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm,
+                               _window_rule(scale, q_offset, group, left, right, causal), lut, lut,
+                               window_config(left + right + group, q.shape[-1], q.dtype))
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, block_size, causal, kpm, scale):
+        lut, lut_t = _layout_luts(layout)
+        rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
+        out, lse = _forward(q, k, v, kpm, rule, lut, block_config(block_size, q.shape[-1], q.dtype)["fwd"])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.luts, ctx.rule, ctx.kpm, ctx.block_size = (lut, lut_t), rule, kpm, block_size
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, ctx.rule, *ctx.luts,
+                               block_config(ctx.block_size, q.shape[-1], q.dtype))
+        return dq, dk, dv, None, None, None, None, None
+
+
+def sliding_window_eager(q, k, v, kpm, group, left, right, causal, q_offset, scale):
+    return _SlidingWindow.apply(q, k, v, kpm, group, left, right, causal, q_offset, scale)
+
+
+def block_sparse_eager(q, k, v, layout, block_size, causal, kpm, scale):
+    return _BlockSparse.apply(q, k, v, layout, block_size, causal, kpm, scale)

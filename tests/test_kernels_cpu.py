@@ -1,0 +1,226 @@
+"""The C++ CPU kernels (torch.ops.efficient_attention.*) and the dispatching entries.
+
+Every kernel is compared with the float64 reference path over random shapes, odd
+lengths, padding, empty rows and all dtypes; gradients (including through the
+log-sum-exp) likewise; gradcheck in float64; opcheck; a torch.compile smoke test.
+"""
+import logging
+import os
+
+import pytest
+import torch
+
+from efficient_attention.kernels import (
+    block_sparse_attention,
+    choose_backend,
+    not_supported_reasons,
+    sliding_window_attention,
+)
+from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
+from efficient_attention.local_window import LocalWindow
+from helpers import TOL
+from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
+
+if cpu_extension() is None:
+    if os.environ.get("EA_BUILD_EXT") == "0" or os.environ.get("EA_DISABLE_KERNELS", "0") not in ("", "0"):
+        pytest.skip(f"C++ kernels deliberately not built: {cpu_extension_reason()}", allow_module_level=True)
+    raise RuntimeError(f"the C++ kernels should be built here: {cpu_extension_reason()}")
+
+_C = cpu_extension()
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+GRAD_TOL = {
+    torch.float64: dict(atol=1e-9, rtol=1e-7),
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.bfloat16: dict(atol=1e-1, rtol=1e-1),
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def _close(got, ref, tol):
+    assert torch.isfinite(got[torch.isfinite(ref)]).all()
+    torch.testing.assert_close(got.double(), ref.double(), **tol)
+
+
+def _compare(out, lse, ref_out, ref_lse, dtype):
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    _close(out, ref_out, TOL[dtype])
+    fin = torch.isfinite(ref_lse)
+    _close(lse[fin], ref_lse[fin], TOL[torch.float32] if dtype != torch.float64 else TOL[dtype])
+
+
+@pytest.fixture(params=[True, False], ids=["brgemm", "loops"])
+def gemm_path(request):
+    if request.param and not _C.brgemm_available():
+        pytest.skip("this PyTorch build has no oneDNN brgemm; the loop path is tested")
+    before = _C.use_brgemm()
+    _C.set_use_brgemm(request.param)
+    yield request.param
+    _C.set_use_brgemm(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_sliding_window_matches_float64(window, dtype, gemm_path):
+    g = torch.Generator().manual_seed(hash((str(window), str(dtype))) % 1000)
+    B, H, d = 2, 3, int(torch.randint(4, 40, (1,), generator=g))
+    S = int(torch.randint(60, 150, (1,), generator=g)) | 1  # odd lengths
+    q_offset = 0 if window.group > 1 else int(torch.randint(0, 7, (1,), generator=g))
+    T = S - q_offset
+    q, k, v = make_qkv(B, H, T, S, d, dtype, seed=S)
+    kpm = padding(B, S)
+    assert choose_backend("sliding_window", q, k, v) == "cpu"
+    out, lse = sliding_window_attention(q, k, v, window, q_offset=q_offset, key_padding_mask=kpm)
+    ref_out, ref_lse, ref_in = ref_sliding(q, k, v, window, q_offset=q_offset, key_padding_mask=kpm)
+    _compare(out, lse, ref_out, ref_lse, dtype)
+    for got, want in zip(loss_and_grads(out, lse, (q, k, v)), loss_and_grads(ref_out, ref_lse, ref_in)):
+        assert not torch.isnan(got).any()
+        _close(got, want, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bs,T,S,layout_heads", [(16, 64, 64, 3), (16, 77, 77, 1), (32, 50, 130, 3), (7, 30, 23, 3)])
+def test_block_sparse_matches_float64(bs, T, S, layout_heads, causal, dtype, gemm_path):
+    B, H, d = 2, 3, 24
+    q, k, v = make_qkv(B, H, T, S, d, dtype, seed=T + S)
+    layout = random_layout(layout_heads, -(-T // bs), -(-S // bs), seed=bs)
+    kpm = padding(B, S)
+    out, lse = block_sparse_attention(q, k, v, layout, bs, causal=causal, key_padding_mask=kpm)
+    ref_out, ref_lse, ref_in = ref_block(q, k, v, layout, bs, causal=causal, key_padding_mask=kpm)
+    _compare(out, lse, ref_out, ref_lse, dtype)
+    for got, want in zip(loss_and_grads(out, lse, (q, k, v)), loss_and_grads(ref_out, ref_lse, ref_in)):
+        assert not torch.isnan(got).any()
+        _close(got, want, GRAD_TOL[dtype])
+
+
+def test_empty_rows_give_zero_not_nan():
+    q, k, v = make_qkv(2, 2, 33, 33, 8, torch.float32)
+    kpm = padding(2, 33, full_row=True)
+    for out, lse in (
+        sliding_window_attention(q, k, v, LocalWindow.sliding(4, 4), key_padding_mask=kpm),
+        block_sparse_attention(q, k, v, torch.ones(1, 3, 3, dtype=torch.bool), 16, key_padding_mask=kpm),
+    ):
+        assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+        grads = torch.autograd.grad(out.sum() + lse[1].sum(), (q, k, v))
+        assert all(torch.isfinite(g_).all() for g_ in grads)
+        assert torch.equal(grads[0][0], torch.zeros_like(grads[0][0]))
+
+
+def test_gqa_noncontiguous_and_value_dim():
+    q, k, v = make_qkv(2, 4, 45, 45, 16, torch.float32, hkv=2, dv=8)
+    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # odd strides
+    window = LocalWindow.sliding(9, 3)
+    out, lse = sliding_window_attention(qt, k, v, window)
+    ref_out, ref_lse, ref_in = ref_sliding(qt, k, v, window)
+    _compare(out, lse, ref_out, ref_lse, torch.float32)
+    for got, want in zip(loss_and_grads(out, lse, (qt, k, v)), loss_and_grads(ref_out, ref_lse, ref_in)):
+        _close(got, want, GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["sliding_window", "block_sparse"])
+def test_gradcheck_float64(op):
+    q, k, v = make_qkv(1, 2, 21, 21, 4, torch.float64)
+    kpm = padding(1, 21)
+    kpm[0, :2] = False
+    if op == "sliding_window":
+        fn = lambda q, k, v: sliding_window_attention(q, k, v, LocalWindow.sliding(5, 2), key_padding_mask=kpm)  # noqa: E731
+    else:
+        layout = random_layout(2, 3, 3, density=0.6, empty_row=False) | torch.eye(3, dtype=torch.bool)  # no -inf lse
+        fn = lambda q, k, v: block_sparse_attention(q, k, v, layout, 8, causal=True, key_padding_mask=kpm)  # noqa: E731
+    assert choose_backend(op, q, k, v) == "cpu"
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def _op_samples():
+    q, k, v = make_qkv(2, 2, 19, 19, 8, torch.float32)
+    kpm = padding(2, 19)
+    layout = random_layout(2, 3, 3, empty_row=False)
+    ops = torch.ops.efficient_attention
+    return [
+        (ops.sliding_window_fwd.default, (q, k, v, kpm, 1, 4, 2, False, 0, 0.3)),
+        (ops.sliding_window_fwd.default, (q, k, v, None, 4, 4, 0, True, 0, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, layout, 8, True, kpm, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, layout[:1], 8, False, None, 0.3)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck(case):
+    op, args = _op_samples()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_smoke():
+    q, k, v = make_qkv(1, 2, 40, 40, 8, torch.float32)
+    layout = random_layout(2, 3, 3, empty_row=False)
+    window = LocalWindow.sliding(6, 0, causal=True)
+
+    def fn(q, k, v):
+        a, lse_a = sliding_window_attention(q, k, v, window)
+        b, lse_b = block_sparse_attention(q, k, v, layout, 16, causal=True)
+        return a + b, lse_a + lse_b
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, lse = compiled(q, k, v)
+    ref, ref_lse = fn(q, k, v)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_dispatch_reasons_and_fallback(caplog):
+    q, k, v = make_qkv(1, 2, 16, 16, 8, torch.float32)
+    reasons = not_supported_reasons("sliding_window", q, k, v)
+    assert reasons["cpu"] == []
+    assert any("not CUDA" in r for r in reasons["triton"])
+    r = not_supported_reasons("block_sparse", q, k, v, dropout_p=0.1)
+    assert any("dropout" in x for x in r["cpu"])
+    qi = torch.zeros(1, 2, 16, 8, dtype=torch.int32)
+    assert any("dtype" in x for x in not_supported_reasons("sliding_window", qi, qi, qi)["cpu"])
+    with pytest.raises(ValueError, match="op must be"):
+        not_supported_reasons("dense", q, k, v)
+    # dropout falls back to the reference path, says why once, and still gives gradients
+    with caplog.at_level(logging.INFO, logger="efficient_attention.kernels.dispatch"):
+        torch.manual_seed(0)
+        out, _ = sliding_window_attention(q, k, v, LocalWindow.sliding(3, 3), dropout_p=0.5)
+        sliding_window_attention(q, k, v, LocalWindow.sliding(3, 3), dropout_p=0.5)
+    assert sum("dropout_p=0.5" in rec.getMessage() for rec in caplog.records) == 1
+    out.sum().backward()
+
+
+def test_bad_inputs():
+    q, k, v = make_qkv(1, 2, 16, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="layout must have shape"):
+        block_sparse_attention(q, k, v, torch.ones(2, 3, 2, dtype=torch.bool), 8)
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_attention(q, k, v, torch.ones(2, 2, 2, dtype=torch.bool), 0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        sliding_window_attention(q, k, v, LocalWindow.sliding(2), key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="window"):
+        sliding_window_attention(q, k, v, 3)
+
+
+def test_package_works_without_the_extension():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+        "from efficient_attention.kernels import sliding_window_attention, not_supported_reasons\n"
+        "from efficient_attention.local_window import LocalWindow\n"
+        "q = torch.randn(1, 2, 9, 4)\n"
+        "out, lse = sliding_window_attention(q, q, q, LocalWindow.sliding(2))\n"
+        "print('REASON', not_supported_reasons('sliding_window', q, q, q)['cpu'])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=root, EA_DISABLE_KERNELS="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "EA_DISABLE_KERNELS" in res.stdout
+    assert res.stderr.count("using the PyTorch reference path on the CPU") == 1

@@ -1,0 +1,93 @@
+"""The Triton GPU kernels against the float64 reference (skipped without CUDA + Triton).
+
+Run on the device with ``pytest tests/test_kernels_gpu.py``; the last run is recorded
+in ``benchmarks/README.md``.
+"""
+import pytest
+import torch
+
+from efficient_attention.kernels import block_sparse_attention, choose_backend, sliding_window_attention
+from efficient_attention.kernels.dispatch import triton_reason
+from efficient_attention.local_window import LocalWindow
+from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
+
+pytestmark = pytest.mark.skipif(triton_reason() is not None, reason=f"Triton GPU kernels unavailable: {triton_reason()}")
+
+# relative error bounds ||x - ref|| / ||ref|| per input dtype (fp32 runs the dots in IEEE fp32)
+REL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _rel(got, ref):
+    got, ref = got.double(), ref.double()
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin)
+    return ((got[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30)).item()
+
+
+def _check(out, lse, ref_out, ref_lse, inputs, ref_inputs, dtype):
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref_out) < REL[dtype]
+    assert _rel(lse, ref_lse) < 1e-5
+    for got, want in zip(loss_and_grads(out, lse, inputs), loss_and_grads(ref_out, ref_lse, ref_inputs)):
+        assert not torch.isnan(got).any()
+        assert _rel(got, want) < 3 * REL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("window", WINDOWS[:5] + [LocalWindow.sliding(300, 0, causal=True)], ids=str)
+def test_triton_sliding_window(window, d, dtype):
+    S = 333
+    q_offset = 5 if window.group == 1 else 0
+    q, k, v = make_qkv(2, 4, S - q_offset, S, d, dtype, device="cuda", hkv=2, seed=d)
+    kpm = padding(2, S, device="cuda")
+    assert choose_backend("sliding_window", q, k, v) == "triton"
+    out, lse = sliding_window_attention(q, k, v, window, q_offset=q_offset, key_padding_mask=kpm)
+    ref_out, ref_lse, ref_in = ref_sliding(q, k, v, window, q_offset=q_offset, key_padding_mask=kpm)
+    _check(out, lse, ref_out, ref_lse, (q, k, v), ref_in, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_block_sparse(bs, d, dtype, causal):
+    T, S = 7 * bs - 3, 7 * bs - 3
+    q, k, v = make_qkv(2, 3, T, S, d, dtype, device="cuda", seed=bs + d)
+    layout = random_layout(3, 7, 7, seed=bs).cuda()
+    kpm = padding(2, S, device="cuda")
+    out, lse = block_sparse_attention(q, k, v, layout, bs, causal=causal, key_padding_mask=kpm)
+    ref_out, ref_lse, ref_in = ref_block(q, k, v, layout, bs, causal=causal, key_padding_mask=kpm)
+    _check(out, lse, ref_out, ref_lse, (q, k, v), ref_in, dtype)
+
+
+def test_triton_fallback_reasons():
+    q = torch.randn(1, 2, 64, 48, device="cuda", dtype=torch.bfloat16)
+    assert choose_backend("sliding_window", q, q, q) == "reference"
+    out, _ = sliding_window_attention(q, q, q, LocalWindow.sliding(8))
+    assert out.shape == q.shape
+
+
+def test_triton_compile_fullgraph():
+    q, k, v = make_qkv(1, 2, 256, 256, 64, torch.bfloat16, device="cuda")
+    layout = random_layout(2, 4, 4, empty_row=False).cuda()
+
+    def fn(q, k, v):
+        a, _ = sliding_window_attention(q, k, v, LocalWindow.sliding(32, 0, causal=True))
+        b, _ = block_sparse_attention(q, k, v, layout, 64)
+        return a + b
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+    compiled(q, k, v).sum().backward()
+
+
+def test_triton_opcheck():
+    from efficient_attention.kernels import triton_ops  # noqa: F401
+
+    q, k, v = make_qkv(1, 2, 100, 100, 32, torch.float16, device="cuda")
+    kpm = padding(1, 100, device="cuda")
+    layout = random_layout(2, 2, 2, empty_row=False).cuda()
+    ops = torch.ops.efficient_attention
+    torch.library.opcheck(ops.triton_sliding_window.default, (q, k, v, kpm, 1, 16, 0, True, 0, 0.2))
+    torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, layout, 64, False, None, 0.2))
