@@ -342,3 +342,16 @@ def test_static_kv_steps_may_repeat_the_source(name, pattern):
         out, _ = m(q[t : t + 1], k, v, key_padding_mask=kpm, incremental_state=state, static_kv=True, need_weights=False)
         outs.append(out)
     assert_close(torch.cat(outs), full, torch.float32, msg=f"{name}: static_kv with the source repeated")
+
+
+@pytest.mark.parametrize("name,pattern", ALL, ids=case_id)
+def test_autocast_bf16_forward_backward_is_finite(name, pattern):
+    """fairseq's --amp / --bf16 runs use torch.autocast over fp32 modules."""
+    m = build(name, pattern, dtype=torch.float32).train()
+    q, k, v = inputs(name, pattern, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = m(q, k, v, need_weights=False)
+    assert torch.isfinite(out).all(), f"{name} {pattern}: non-finite output under autocast"
+    out.float().pow(2).mean().backward()
+    for pname, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {pname} gradient under autocast"

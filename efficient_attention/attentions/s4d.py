@@ -151,7 +151,13 @@ class S4D(EfficientAttention):
         return y.to(like.dtype).view(bsz, self.num_heads, self.head_dim, length).transpose(-1, -2)
 
     # ------------------------------------------------------------------- hooks
+    # The state-space math runs outside autocast: _inputs/_discrete already work in
+    # fp32 and complex ops have no half-precision kernels (bf16 autocast failed).
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        with torch.autocast(q.device.type, enabled=False):
+            return self._mix(q, masks)
+
+    def _mix(self, q: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Optional[Tensor]]:
         u = self._inputs(q, masks.key_padding)
         dt_a, c_bar = self._discrete(q.dtype)
         y, _ = _scan(u, dt_a[0], c_bar[0])
@@ -179,7 +185,8 @@ class S4D(EfficientAttention):
         u = self._inputs(q, masks.key_padding)
         dt_a, c_bar = self._discrete(q.dtype)
         x0 = None if prev is None else torch.view_as_complex(prev.contiguous())
-        y, x = _scan(u, dt_a[0], c_bar[0], x0)
+        with torch.autocast(q.device.type, enabled=False):
+            y, x = _scan(u, dt_a[0], c_bar[0], x0)
         state["ssm_state"] = torch.view_as_real(x)
         state["position"] = torch.full((q.shape[0],), prev_len + tgt_len, dtype=torch.long, device=q.device)
         return self._finish(y, u, q), None
