@@ -144,7 +144,9 @@ def main(argv=None) -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     failures = 0
     for name in names:
-        opts = {}  # each mechanism's defaults, as a fairseq run without --attn-* flags uses
+        # each mechanism's defaults, as a fairseq run without --attn-* flags uses; a mechanism
+        # with a maximum length (causal cosFormer decodes only with a fixed M) gets the sequence's
+        opts = {"max_len": 2 * args.seq} if "max_len" in infos[name].options else {}
         for pattern in Pattern:
             if not infos[name].capabilities.supports(pattern):
                 continue
