@@ -115,6 +115,12 @@ class EfficientDecoderLayer(TransformerDecoderLayerBase):
                 self_attn_padding_mask=None, need_attn: bool = False, need_head_weights: bool = False):
         if not self.cross_weights:
             need_attn = need_head_weights = False
+        if self_attn_mask is not None and self.self_attn.causal:
+            # fairseq's decoder passes only its buffered future mask here (cross-self-attention is
+            # rejected above); a causal module applies it itself, fused, without checking a (T, T) mask
+            if self_attn_mask.shape != (x.shape[0], x.shape[0]):
+                raise ValueError(f"self_attn_mask of shape {tuple(self_attn_mask.shape)} is not the future mask")
+            self_attn_mask = None
         return super().forward(
             x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state, prev_attn_state,
             self_attn_mask, self_attn_padding_mask, need_attn=need_attn, need_head_weights=need_head_weights,
