@@ -2,7 +2,9 @@
 
 The scripts live in ``examples/sparse/``; here they run in-process.  Only
 sizes outside the quoted README lines (and the LongNet example's
-``device = "cuda:0"`` on machines without a GPU) are adjusted.
+``device = "cuda:0"`` on machines without a GPU) are adjusted.  The
+BlockwiseParallelJax examples also replace their JAX random calls by torch ones
+(listed in the script's docstring).
 """
 import contextlib
 import io
@@ -50,3 +52,10 @@ def test_attention_grid_longnet_example():
 def test_attention_grid_dynamic_sparse_example():
     ns, out = run("attention_grid_dynamic_sparse.py", [("2, 512, 4, 64", "2, 128, 4, 16")])
     assert ns["out_hash"].shape == ns["out_qk"].shape == (2, 128, 4, 16)
+
+
+def test_attention_grid_blockwise_parallel_examples():
+    ns, out = run("attention_grid_blockwise_parallel.py")
+    assert ns["output_readme"].shape == (1, 100, 768) and torch.isfinite(ns["output_readme"]).all()
+    assert ns["output"].shape == (8, 128, 768) and torch.isfinite(ns["output"]).all()
+    assert "torch.Size([8, 128, 768])" in out
