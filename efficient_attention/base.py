@@ -388,6 +388,7 @@ class EfficientAttention(nn.Module):
             return scores.reshape(bsz * self.num_heads, tgt_len, -1), v_out.reshape(bsz * self.num_heads, -1, v_out.shape[-1])
 
         if decoding:
+            masks, attn_mask = self._decoding_masks(masks, attn_mask, tgt_len)
             out, weights = self._attend_step(q, k, v, state, masks, attn_mask, need_weights, static_kv)
             self._set_input_buffer(incremental_state, state)
         else:
@@ -464,6 +465,28 @@ class EfficientAttention(nn.Module):
         if attn_mask is not None:
             attn_mask = expand_attn_mask(attn_mask, bsz, self.num_heads)
         return replace(masks, key_padding=kpm, attn=attn_mask, query_offset=src_len - tgt_len)
+
+    def _decoding_masks(
+        self, masks: AttentionMasks, attn_mask: Optional[Tensor], tgt_len: int
+    ) -> Tuple[AttentionMasks, Optional[Tensor]]:
+        """The capability rules for a decoding call, applied once for every mechanism.
+
+        Without ``additive_masks`` the key padding arrives as bool.  Without the
+        ``attn_mask`` capability, only a mask that repeats the causal mask of a
+        causal module is accepted, and it is dropped (the mechanism applies
+        causality itself; its state may not even hold the keys the mask names).
+        """
+        caps = self.capabilities
+        if masks.key_padding is not None and not caps.additive_masks:
+            masks = replace(masks, key_padding=as_bool_mask(masks.key_padding, "key_padding_mask"))
+        if attn_mask is not None and not caps.attn_mask:
+            if not (self.causal and attn_mask.dim() == 2 and is_causal_mask(attn_mask, tgt_len, attn_mask.shape[-1])):
+                raise UnsupportedInputError(
+                    f"{type(self).__name__} does not support an arbitrary attn_mask (only one that repeats the "
+                    f"causal mask of a causal module)"
+                )
+            attn_mask = None
+        return masks, attn_mask
 
     # ------------------------------------------------------- mechanism hooks
     def _attend(

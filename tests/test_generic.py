@@ -355,3 +355,24 @@ def test_autocast_bf16_forward_backward_is_finite(name, pattern):
     out.float().pow(2).mean().backward()
     for pname, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {pname} gradient under autocast"
+
+
+@pytest.mark.parametrize("name,pattern", DECODABLE, ids=case_id)
+def test_decoding_attn_mask_rules(name, pattern):
+    """While decoding, the causal mask is accepted by everyone; another mask only where supported."""
+    m = build(name, pattern, dtype=torch.float32)
+    q, k, v = inputs(name, pattern, dtype=torch.float32)
+    kk = k if pattern.cross else q
+    vv = v if pattern.cross else q
+    state, outs = {}, []
+    for t in range(q.shape[0]):
+        future = torch.zeros(1, t + 1)  # one new query against t + 1 keys: nothing is in its future
+        out, _ = m(q[t : t + 1], kk[t : t + 1], vv[t : t + 1], incremental_state=state, attn_mask=future, need_weights=False)
+        outs.append(out)
+    full, _ = m(q, k, v, need_weights=False)
+    assert_close(torch.cat(outs), full, torch.float32, msg=f"{name}: decoding with the causal mask")
+    if not available_attentions()[name].capabilities.attn_mask:
+        blocked = torch.zeros(1, 2, dtype=torch.bool)
+        blocked[0, 0] = True  # hides a past key: not the causal mask
+        with pytest.raises(UnsupportedInputError, match="attn_mask"):
+            m(q[1:2], kk[1:2], vv[1:2], incremental_state={}, attn_mask=blocked, need_weights=False)

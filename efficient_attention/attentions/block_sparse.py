@@ -130,7 +130,7 @@ class BlockSparseAttention(EfficientAttention):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         bs = self.block_size
-        tgt_len, src_len, off = q.shape[2], k.shape[2], masks.query_offset
+        src_len, off = k.shape[2], masks.query_offset
         if not self.autopad and src_len % bs:
             raise ValueError(f"sequence length {src_len} is not a multiple of block_size ({bs}) and autopad=False")
         start = (off // bs) * bs  # queries are padded in front to a block boundary

@@ -16,7 +16,6 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, causal_linear_attention, safe_divide
-from ..masks import as_bool_mask
 from ..registry import register_attention
 
 __all__ = ["CosformerAttention", "cosFormer"]
@@ -118,9 +117,7 @@ class CosformerAttention(EfficientAttention):
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
         bsz, tgt_len = q.shape[0], q.shape[2]
-        if attn_mask is not None:  # only the causal mask is accepted (checked by the base rules)
-            self._prepare_masks(masks, attn_mask, bsz, tgt_len, attn_mask.shape[-1], q.device)
-        kpm = None if masks.key_padding is None else as_bool_mask(masks.key_padding, "key_padding_mask")
+        kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
         if static_kv:
             if "prev_key" not in state:  # prev_key = Σ φ̂(k) vᵀ, prev_value = Σ φ̂(k): the keys, summarised
                 m_len = self.max_len or k.shape[2]

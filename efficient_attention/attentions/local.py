@@ -21,7 +21,6 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..masks import as_bool_mask
 from ..local_window import LocalWindow, cache_len, window_attention, window_attention_at
 from ..registry import register_attention
 
@@ -167,9 +166,8 @@ class LocalAttention(EfficientAttention):
                                    scale=self.scaling, dropout_p=dropout)
             return out, None
         # causal self: keys at absolute positions pos - c .. pos + T - 1, front-padded to a block boundary
-        self._prepare_masks(masks, attn_mask, bsz, tgt_len, pos + tgt_len, device)  # checks attn_mask
-        new_kpm = masks.key_padding
-        new_kpm = _zeros_mask(bsz, tgt_len, device) if new_kpm is None else as_bool_mask(new_kpm, "key_padding_mask")
+        new_kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
+        new_kpm = _zeros_mask(bsz, tgt_len, device) if new_kpm is None else new_kpm
         prev_k, prev_v, prev_kpm = state.get("prev_key"), state.get("prev_value"), state.get("prev_key_padding_mask")
         if prev_k is not None:
             k, v = torch.cat([prev_k, k], dim=2), torch.cat([prev_v, v], dim=2)

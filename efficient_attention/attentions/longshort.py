@@ -30,7 +30,6 @@ from ..capabilities import Capabilities, Pattern, SELF_PATTERNS
 from ..functional import acc_dtype, combine_attention, softmax
 from ..kernels import sliding_window_attention
 from ..local_window import LocalWindow, cache_len
-from ..masks import as_bool_mask
 from ..registry import register_attention
 
 __all__ = ["LongShort", "AttentionLS", "CausalLS"]
@@ -170,9 +169,7 @@ class LongShort(EfficientAttention):
         """Constant state: the window cache, the current chunk (fixed size, with a fill mask), the last memories."""
         bsz, tgt_len, device = q.shape[0], q.shape[2], q.device
         kpm = masks.key_padding
-        kpm = torch.zeros(bsz, tgt_len, dtype=torch.bool, device=device) if kpm is None else as_bool_mask(kpm, "key_padding_mask")
-        pos = int(state["position"][0].item()) if "position" in state else 0
-        self._prepare_masks(masks, attn_mask, bsz, tgt_len, pos + tgt_len, device)  # checks attn_mask
+        kpm = torch.zeros(bsz, tgt_len, dtype=torch.bool, device=device) if kpm is None else kpm
         if "position" not in state:
             self._init_state(state, q, k)
             if tgt_len > 1:  # a prompt: one full pass, then the state it leaves

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, safe_divide
-from ..masks import as_bool_mask, causal_mask
+from ..masks import causal_mask
 from ..registry import register_attention
 
 __all__ = ["Performer"]
@@ -221,11 +221,8 @@ class Performer(EfficientAttention):
         return out.to(q.dtype), None
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
-        bsz, tgt_len = q.shape[0], q.shape[2]
-        kpm = masks.key_padding
-        if attn_mask is not None:  # only the causal mask is accepted (checked by the base rules)
-            self._prepare_masks(masks, attn_mask, bsz, tgt_len, attn_mask.shape[-1], q.device)
-        kpm = None if kpm is None else as_bool_mask(kpm, "key_padding_mask")
+        tgt_len = q.shape[2]
+        kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
         dtype = acc_dtype(q.dtype)
         qf = self._query_features(q)
         if static_kv:

@@ -21,7 +21,6 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import acc_dtype, softmax
-from ..masks import as_bool_mask
 from ..registry import register_attention
 
 __all__ = ["ProbSparse"]
@@ -200,8 +199,7 @@ class ProbSparse(EfficientAttention):
         prev_k, prev_m = state.get("prev_key"), state.get("prev_scores")
         prev_len = 0 if prev_k is None else prev_k.shape[2]
         kpm = masks.key_padding
-        new_kpm = None if kpm is None else as_bool_mask(kpm, "key_padding_mask")
-        self._prepare_masks(masks, attn_mask, bsz, tgt_len, prev_len + tgt_len, q.device)  # checks attn_mask
+        new_kpm = kpm  # bool; a causal attn_mask was checked and dropped by the base
         if prev_k is not None:
             new_kpm = _cat_padding(state.get("prev_key_padding_mask"), new_kpm, prev_len, tgt_len, bsz)
             k, v = torch.cat([prev_k, k], 2), torch.cat([state["prev_value"], v], 2)

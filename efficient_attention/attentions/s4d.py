@@ -181,7 +181,6 @@ class S4D(EfficientAttention):
         prev = state.get("ssm_state")
         tgt_len = q.shape[2]
         prev_len = 0 if prev is None else int(state["position"][0].item())
-        self._prepare_masks(masks, attn_mask, q.shape[0], tgt_len, prev_len + tgt_len, q.device)  # checks attn_mask
         u = self._inputs(q, masks.key_padding)
         dt_a, c_bar = self._discrete(q.dtype)
         x0 = None if prev is None else torch.view_as_complex(prev.contiguous())

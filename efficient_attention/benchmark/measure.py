@@ -260,7 +260,7 @@ def _backward_case(module, pattern, x, src, gen_seed: int) -> _Case:
 def _decode_case(module, pattern, x, src, length: int, budget: float, device) -> _Case:
     """Prefill a decoding state of ``length`` tokens, then ``call()`` decodes one token."""
     module.eval()
-    bsz, embed_dim = x.shape[1], x.shape[2]
+    bsz = x.shape[1]
     step = x[:1]
     inc: Dict = {}
     t0 = time.perf_counter()

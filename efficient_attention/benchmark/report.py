@@ -219,7 +219,7 @@ def plot_results(result: dict, out_dir) -> List[Path]:
                     ax.set_title(f"{_MODE_TITLES[mode]}, {pat}", fontsize=9)
                     ax.set_xlabel("context length" if mode == "decode" else "sequence length", fontsize=8)
                     ax.set_ylabel(ylabel, fontsize=8)
-            handles, labels = {}, {}
+            handles = {}
             for ax in axes.flat:
                 for h, lab in zip(*ax.get_legend_handles_labels()):
                     handles.setdefault(lab, h)
