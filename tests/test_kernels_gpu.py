@@ -17,6 +17,21 @@ pytestmark = pytest.mark.skipif(triton_reason() is not None, reason=f"Triton GPU
 REL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
+@pytest.fixture(params=["tma", "pointers"])
+def loads(request, monkeypatch):
+    """Runs a test with each way of loading tiles: TMA descriptors (Hopper) or masked pointer loads."""
+    from efficient_attention.kernels import triton_ops
+
+    for name in ("window_config", "block_config"):
+        base = getattr(triton_ops, name)
+
+        def cfg(*a, base=base):
+            return {key: dict(val, TMA=request.param == "tma") for key, val in base(*a).items()}
+
+        monkeypatch.setattr(triton_ops, name, cfg)
+    return request.param
+
+
 def _rel(got, ref):
     got, ref = got.double(), ref.double()
     fin = torch.isfinite(ref)
@@ -35,8 +50,10 @@ def _check(out, lse, ref_out, ref_lse, inputs, ref_inputs, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("d", [32, 64, 128])
-@pytest.mark.parametrize("window", WINDOWS[:5] + [LocalWindow.sliding(300, 0, causal=True)], ids=str)
-def test_triton_sliding_window(window, d, dtype):
+# the last two windows take the wide-band tiles (span > 512 / > 1024 keys) of triton_ops.window_config
+@pytest.mark.parametrize("window", WINDOWS[:5] + [LocalWindow.sliding(300, 0, causal=True), LocalWindow.sliding(600, 0),
+                                    LocalWindow.sliding(1100, 0, causal=True)], ids=str)
+def test_triton_sliding_window(window, d, dtype, loads):
     S = 333
     q_offset = 5 if window.group == 1 else 0
     q, k, v = make_qkv(2, 4, S - q_offset, S, d, dtype, device="cuda", hkv=2, seed=d)
@@ -51,7 +68,7 @@ def test_triton_sliding_window(window, d, dtype):
 @pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("bs", [16, 32, 64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_triton_block_sparse(bs, d, dtype, causal):
+def test_triton_block_sparse(bs, d, dtype, causal, loads):
     T, S = 7 * bs - 3, 7 * bs - 3
     q, k, v = make_qkv(2, 3, T, S, d, dtype, device="cuda", seed=bs + d)
     layout = random_layout(3, 7, 7, seed=bs).cuda()
@@ -59,6 +76,18 @@ def test_triton_block_sparse(bs, d, dtype, causal):
     out, lse = block_sparse_attention(q, k, v, layout, bs, causal=causal, key_padding_mask=kpm)
     ref_out, ref_lse, ref_in = ref_block(q, k, v, layout, bs, causal=causal, key_padding_mask=kpm)
     _check(out, lse, ref_out, ref_lse, (q, k, v), ref_in, dtype)
+
+
+def test_triton_layout_tables_follow_in_place_changes():
+    """The per-layout lookup tables are cached; changing the layout in place must not reuse them."""
+    q, k, v = make_qkv(1, 2, 128, 128, 32, torch.float16, device="cuda")
+    layout = random_layout(2, 2, 2, empty_row=False).cuda()
+    block_sparse_attention(q, k, v, layout, 64)
+    layout[:, 0, 1] = ~layout[:, 0, 1]
+    out, lse = block_sparse_attention(q, k, v, layout, 64)
+    ref_out, ref_lse, _ = ref_block(q, k, v, layout, 64)
+    assert _rel(out, ref_out) < REL[torch.float16]
+    assert _rel(lse, ref_lse) < 1e-5
 
 
 def test_triton_fallback_reasons():

@@ -13,8 +13,12 @@ Inside a block, a query ``i`` (absolute position ``p = i + q_offset``) sees key
 if causal, ``j < S`` and the key is not padding.  Blocks entirely inside the
 band skip the element mask.  Scores use ``exp2`` with ``scale * log2(e)``; the
 log-sum-exp is returned in natural units (fp32, ``-inf`` for empty rows).
-Backward: ``dk, dv`` by key block (visiting the query blocks that see it) and
-``dq`` by query block, with ``delta = rowsum(dO * O) - dlse`` precomputed.
+Backward: ``dq`` by query block first (it also computes ``delta = rowsum(dO * O) - dlse``
+and stores it), then ``dk, dv`` by key block, visiting the query blocks that see it.  The two
+kernels recompute ``S`` and ``dP`` (7 tile matmuls per visited tile against 5 for one kernel
+adding ``dq`` into an fp32 buffer).  That one-kernel backward was built and measured on an H100
+with element atomics and with TMA bulk reductions: both were slower at every point (the dq
+traffic costs as much as the recomputation; ``benchmarks/README.md``), so it is not used.
 """
 import triton
 import triton.language as tl
@@ -68,6 +72,16 @@ def _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _rows(ptr, desc, bh, r0, n_rows, offs_r, offs_d, TMA: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows ``r0 .. r0 + ROWS`` of head ``bh`` of a ``(B*H, n_rows, HEAD_DIM)`` tensor, zero past ``n_rows``:
+    a TMA tile load through ``desc`` (Hopper), else masked pointer loads from ``ptr`` (this head's base)."""
+    if TMA:
+        return desc.load([bh, r0, 0]).reshape(ROWS, HEAD_DIM)
+    else:
+        return tl.load(ptr + offs_r[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -76,12 +90,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
+def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, Out, Lse,
                 qk_scale, H, T, S, q_offset, group, left, right,
                 lut_heads, lut_rows, lut_cols,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                LUT_BLOCK: tl.constexpr):
+                LUT_BLOCK: tl.constexpr, TMA: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -120,9 +134,9 @@ def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
             kb = start + it
         n0 = kb * BLOCK_N
         offs_n = n0 + offs_nb
-        k = tl.load(k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-        s = _dot(q, k, IEEE) * qk_scale
+        k = _rows(k_base, KD, bh, n0, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
+        v = _rows(v_base, VD, bh, n0, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         # blocks wholly inside every row's band (and not at the end, no padding) skip the element mask
         full = _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
         if not full:
@@ -144,12 +158,12 @@ def _fwd_kernel(Q, K, V, KPM, LUT, CNT, Out, Lse,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
                      qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
                      lut_heads, lut_rows, lut_cols,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                LUT_BLOCK: tl.constexpr):
+                     LUT_BLOCK: tl.constexpr, TMA: tl.constexpr):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -186,8 +200,8 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
         else:
             qb = start + it
         offs_m = qb * BLOCK_M + offs_mb
-        q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        q = _rows(q_base, QD, bh, qb * BLOCK_M, T, offs_m, offs_d, TMA, BLOCK_M, HEAD_DIM)
+        do = _rows(do_base, DOD, bh, qb * BLOCK_M, T, offs_m, offs_d, TMA, BLOCK_M, HEAD_DIM)
         lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         # transposed scores sT (BLOCK_N, BLOCK_M) in log2 units
@@ -210,12 +224,12 @@ def _bwd_dkdv_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
+def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, DO, Out, DLse, Lse, Delta, DQ,
                    qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
                    lut_heads, lut_rows, lut_cols,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                LUT_BLOCK: tl.constexpr):
+                   LUT_BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr, TMA: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -230,7 +244,12 @@ def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
     q = tl.load(Q + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
     do = tl.load(DO + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    # delta = rowsum(dO * O) - dlse, stored for the dk/dv kernel that runs next
+    o = tl.load(Out + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first_p = qb * BLOCK_M + q_offset
@@ -253,15 +272,15 @@ def _bwd_dq_kernel(Q, K, V, KPM, LUT, CNT, DO, Lse, Delta, DQ,
         else:
             kb = start + it
         offs_n = kb * BLOCK_N + offs_nb
-        kT = tl.load(k_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
-        vT = tl.load(v_base + offs_n[None, :] * HEAD_DIM + offs_d[:, None], mask=offs_n[None, :] < S, other=0.0)
-        s = _dot(q, kT, IEEE) * qk_scale
+        k = _rows(k_base, KD, bh, kb * BLOCK_N, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
+        v = _rows(v_base, VD, bh, kb * BLOCK_N, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if not _full_block(first_p, lo_last, hi_first, kb * BLOCK_N, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM):
             keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
             p = tl.where(keep, p, 0.0)
-        dp = _dot(do, vT, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale
     tl.store(DQ + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)

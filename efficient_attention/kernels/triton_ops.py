@@ -7,6 +7,8 @@ module requires Triton.
 """
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -19,36 +21,56 @@ __all__ = ["window_config", "block_config", "sliding_window_eager", "block_spars
 _UNBOUNDED = 1 << 30
 
 
-def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes of the sliding-window kernels (fwd, dq, dkdv).
+# Tiles are loaded with TMA descriptors (the Hopper tensor-memory accelerator, sm_90+, where the
+# tensors are 16-byte aligned; masked pointer loads otherwise).  On the H100 they cut the GPU time
+# of a forward+backward by 2-9% (``benchmarks/results/kernels_gpu_backward_tma_h100.json``), but the six
+# descriptors of a forward+backward cost host time (about 5 us each to build, plus their encoding at
+# launch), so bands under 512 keys, whose whole step is a fraction of a millisecond, keep pointer loads.
+TMA_MIN_SPAN = 512
 
-    Chosen by ``benchmarks/kernels_gpu_sweep.py`` on an H100 (bf16, N = 16k, W = 256..4096):
-    64x64 forward tiles with 4 warps won at every point; the backward wants 64x64 tiles at
-    d = 64 and long tiles (64 x 128 keys for dk/dv, 128 x 64 for dq, 8 warps) at d = 128.
+
+@functools.lru_cache(maxsize=None)
+def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the sliding-window kernels (fwd, dq, dkdv) for a band of ``span`` keys.
+
+    Cached (callers must not mutate the dicts).  Chosen on an H100 (bf16, N = 16k) by
+    ``benchmarks/kernels_gpu_sweep.py`` and ``kernels_gpu_backward.py`` (GPU time from CUDA-graph
+    replays): 64x64 forward tiles with 4 warps won at every W.  Backward: at d <= 64, thin tiles
+    (dq 64 x 32 keys, dk/dv 32 queries x 64) for bands up to 512 keys (3-5% faster), 64x64 above;
+    at d = 128, 64x64 tiles with 4 warps and 2 stages up to 1024 keys (up to 18% faster at W = 128),
+    long tiles (64 x 128 keys for dk/dv, 128 x 64 for dq, 8 warps) for wider bands.
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
-    fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=64)
+    tma = span >= TMA_MIN_SPAN
+    fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=64, TMA=tma)
     if dtype == torch.float32 or head_dim <= 64:
         bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 3,
-                   LUT_BLOCK=64)
+                   LUT_BLOCK=64, TMA=tma)
+        if dtype != torch.float32 and span <= 512:
+            return dict(fwd=fwd, dq=dict(bwd, BLOCK_N=32), dkdv=dict(bwd, BLOCK_M=32))
+        return dict(fwd=fwd, dq=bwd, dkdv=bwd)
+    if span <= 1024:
+        bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, LUT_BLOCK=64, TMA=tma)
         return dict(fwd=fwd, dq=bwd, dkdv=bwd)
     return dict(
         fwd=fwd,
-        dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, LUT_BLOCK=128),
-        dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, LUT_BLOCK=128),
+        dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, LUT_BLOCK=128, TMA=tma),
+        dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, LUT_BLOCK=128, TMA=tma),
     )
 
 
+@functools.lru_cache(maxsize=None)
 def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the block-sparse kernels: 64x64 tiles (a layout block of 128 is visited as 2x2 of them).
 
     Chosen by ``benchmarks/kernels_gpu_sweep.py --layouts`` on an H100 (bf16, fixed and BigBird
     layouts of 128-blocks at N = 16k): 64x64 tiles with 4 warps were best or within 7% of the best
-    forward, and best backward at d = 64 and d = 128.
+    forward, and best backward at d = 64 and d = 128.  TMA loads (see ``TMA_MIN_SPAN``) throughout.
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     t = min(block_size, 64)
-    cfg = dict(BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size)
+    cfg = dict(BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size,
+               TMA=True)
     return dict(fwd=cfg, dq=cfg, dkdv=cfg)
 
 
@@ -77,6 +99,23 @@ def _kpm(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
     return kpm.view(torch.uint8).contiguous(), True
 
 
+def _tma_desc(t: Tensor, rows: int):
+    """A TMA descriptor of ``t (B, H, N, d)`` seen as ``(B*H, N, d)``, loading ``rows x d`` tiles."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t.view(-1, t.shape[2], t.shape[3]), [1, rows, t.shape[3]])
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ok(*ts: Tensor) -> bool:
+    """The Hopper tensor-memory accelerator needs sm_90+ and 16-byte aligned bases (rows are d * 2 bytes)."""
+    return all(t.device.type == "cuda" and t.data_ptr() % 16 == 0 for t in ts) and _has_tma(ts[0].device)
+
+
 def _flags(q: Tensor) -> dict:
     return dict(IEEE=q.dtype == torch.float32, HEAD_DIM=q.shape[-1])
 
@@ -91,9 +130,11 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     scale, q_offset, group, left, right, causal, window = rule
     idx, cnt, lut_heads, rows, cols = lut
     c = dict(cfg)
+    c["TMA"] = tma = c.get("TMA", False) and _tma_ok(k, v)
+    kd, vd = (_tma_desc(k, c["BLOCK_N"]), _tma_desc(v, c["BLOCK_N"])) if tma else (k, v)
     grid = (triton_cdiv(T, c["BLOCK_M"]), B * H)
     tk._fwd_kernel[grid](
-        q, k, v, kpm_t, idx, cnt, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left, right,
+        q, k, v, kd, vd, kpm_t, idx, cnt, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left, right,
         lut_heads, rows, cols, CAUSAL=causal, WINDOW=window, USE_LUT=idx is not cnt, HAS_KPM=has_kpm, **_flags(q), **c,
     )
     return out, lse
@@ -103,25 +144,28 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     q, k, v, do, out = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), out.contiguous()
     B, H, T, D = q.shape
     S = k.shape[2]
-    delta = (do.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
     lse = lse.contiguous()
+    has_dlse = dlse is not None
+    dlse = dlse.contiguous() if has_dlse else lse  # (unused pointer without a lse gradient)
+    delta = torch.empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel
     kpm_t, has_kpm = _kpm(kpm, q)
     scale, q_offset, group, left, right, causal, window = rule
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
-    idx, cnt, lut_heads, rows, cols = lut_t
-    cfg = cfgs["dkdv"]
-    tk._bwd_dkdv_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B * H)](
-        q, k, v, kpm_t, idx, cnt, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
-        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
-    )
     idx, cnt, lut_heads, rows, cols = lut
-    cfg = cfgs["dq"]
+    cfg = dict(cfgs["dq"])
+    cfg["TMA"] = tma = cfg.get("TMA", False) and _tma_ok(k, v)
+    kd, vd = (_tma_desc(k, cfg["BLOCK_N"]), _tma_desc(v, cfg["BLOCK_N"])) if tma else (k, v)
     tk._bwd_dq_kernel[(triton_cdiv(T, cfg["BLOCK_M"]), B * H)](
-        q, k, v, kpm_t, idx, cnt, do, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
+        q, k, v, kd, vd, kpm_t, idx, cnt, do, out, dlse, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S, q_offset, group,
+        left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_DLSE=has_dlse, **flags, **cfg,
+    )
+    idx, cnt, lut_heads, rows, cols = lut_t
+    cfg = dict(cfgs["dkdv"])
+    cfg["TMA"] = tma = cfg.get("TMA", False) and _tma_ok(q, do)
+    qd, dod = (_tma_desc(q, cfg["BLOCK_M"]), _tma_desc(do, cfg["BLOCK_M"])) if tma else (q, do)
+    tk._bwd_dkdv_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B * H)](
+        q, k, v, qd, dod, kpm_t, idx, cnt, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
         right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
     )
     return dq, dk, dv
@@ -144,11 +188,27 @@ def _block_rule(scale, causal, T, S):
     return (scale, S - T, 1, _UNBOUNDED, _UNBOUNDED, causal, False)
 
 
+_lut_cache: dict = {}  # id(layout) -> (weakref to it, its version, tables)
+
+
 def _layout_luts(layout: Tensor):
+    """The lookup tables of a layout and of its transpose; cached per layout tensor while it lives
+    and is not modified in place (its version counter), so a module's fixed layout is sorted once."""
+    try:
+        version = layout._version
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        version = None
+    hit = _lut_cache.get(id(layout))
+    if hit is not None and hit[0]() is layout and hit[1] == version:
+        return hit[2]
     idx, cnt = _lut(layout)
     idx_t, cnt_t = _lut(layout.transpose(1, 2))
     lut = (idx, cnt, layout.shape[0], layout.shape[1], layout.shape[2])
     lut_t = (idx_t, cnt_t, layout.shape[0], layout.shape[2], layout.shape[1])
+    if version is not None and not torch.compiler.is_compiling():
+        key = id(layout)
+        ref = weakref.ref(layout, lambda _, key=key: _lut_cache.pop(key, None))
+        _lut_cache[key] = (ref, version, (lut, lut_t))
     return lut, lut_t
 
 
@@ -258,6 +318,7 @@ class _SlidingWindow(torch.autograd.Function):
         rule = _window_rule(scale, q_offset, group, left, right, causal)
         cfg = window_config(left + right + group, q.shape[-1], q.dtype)["fwd"]
         out, lse = _forward(q, k, v, kpm, rule, _no_lut(q), cfg)
+        ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no delta term)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kpm, ctx.args = kpm, (group, left, right, causal, q_offset, scale)
         return out, lse
@@ -280,6 +341,7 @@ class _BlockSparse(torch.autograd.Function):
         lut, lut_t = _layout_luts(layout)
         rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
         out, lse = _forward(q, k, v, kpm, rule, lut, block_config(block_size, q.shape[-1], q.dtype)["fwd"])
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.luts, ctx.rule, ctx.kpm, ctx.block_size = (lut, lut_t), rule, kpm, block_size
         return out, lse
