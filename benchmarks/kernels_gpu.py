@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -38,6 +37,27 @@ def bench(fn, grad_of=None) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_of, return_mode="median")
+
+
+def graph_ms(step, tensors) -> float:
+    """Median ms of ``step`` replayed from a CUDA graph: the GPU time, without host overhead
+    (grads of ``tensors`` reset to None before capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            for t in tensors:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    for t in tensors:
+        t.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    ms = bench(g.replay)
+    del g
+    return ms
 
 
 def matmul_tflops() -> float:
@@ -129,7 +149,7 @@ class Runner:
             fn(q, k, v).backward(do)
 
         fb = bench(step, grad_of=[q, k, v])
-        return fwd, fb
+        return fwd, fb, graph_ms(step, [q, k, v])
 
     def point(self, name, N, D, B, kept, ours, bm, row_mask, **extra):
         """``bm``: Flex BlockMask; ``row_mask(rows) -> bool (H|1, len(rows), N)``, True = attend (for the check)."""
@@ -147,19 +167,22 @@ class Runner:
                    backend=choose_backend("block_sparse" if "layout" in name else "sliding_window", q, k, v))
         row.update(extra)
         for label, fn in (("ours", ours), ("flex", flex)):
-            fwd, fb = self.time_pair(fn, q, k, v, do)
-            row[f"{label}_fwd_ms"], row[f"{label}_fwdbwd_ms"] = fwd, fb
+            row[f"{label}_fwd_ms"], row[f"{label}_fwdbwd_ms"], row[f"{label}_graph_fwdbwd_ms"] = \
+                self.time_pair(fn, q, k, v, do)
+        row["speedup_vs_flex_graph_fwdbwd"] = row["flex_graph_fwdbwd_ms"] / row["ours_graph_fwdbwd_ms"]
         rate = self.meta["matmul_tflops"]
         for mode, bwd in (("fwd", False), ("fwdbwd", True)):
             row[f"speedup_vs_flex_{mode}"] = row[f"flex_{mode}_ms"] / row[f"ours_{mode}_ms"]
             tflops = useful_flops(kept, D, bwd) / row[f"ours_{mode}_ms"] / 1e9
             row[f"ours_{mode}_tflops"] = tflops
             row[f"ours_{mode}_frac_matmul"] = tflops / rate
+        row["ours_graph_fwdbwd_frac_matmul"] = useful_flops(kept, D, True) / row["ours_graph_fwdbwd_ms"] / 1e9 / rate
         self.rows.append(row)
         self.save()
         print(f"{name:28s} N={N:6d} D={D:3d} ours {row['ours_fwd_ms']:8.3f}/{row['ours_fwdbwd_ms']:8.3f} ms  "
               f"flex {row['flex_fwd_ms']:8.3f}/{row['flex_fwdbwd_ms']:8.3f} ms  x{row['speedup_vs_flex_fwd']:.2f}/"
-              f"x{row['speedup_vs_flex_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  err {err:.1e}/{err_sdpa:.1e} "
+              f"x{row['speedup_vs_flex_fwdbwd']:.2f}  graph {row['ours_graph_fwdbwd_ms']:.3f}/{row['flex_graph_fwdbwd_ms']:.3f} "
+              f"x{row['speedup_vs_flex_graph_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  err {err:.1e}/{err_sdpa:.1e} "
               f"[{time.time() - self.t0:.0f}s]", flush=True)
         del q, k, v, do, bm
         torch.cuda.empty_cache()
@@ -170,7 +193,7 @@ class Runner:
         row = dict(name="sdpa", N=N, D=D, B=B)
         for causal in (False, True):
             fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
-            fwd, fb = self.time_pair(fn, q, k, v, do)
+            fwd, fb, _ = self.time_pair(fn, q, k, v, do)
             tag = "causal" if causal else "dense"
             row[f"{tag}_fwd_ms"], row[f"{tag}_fwdbwd_ms"] = fwd, fb
             kept = B * H * (N * (N + 1) / 2 if causal else N * N)
