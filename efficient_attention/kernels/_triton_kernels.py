@@ -82,6 +82,18 @@ def _rows(ptr, desc, bh, r0, n_rows, offs_r, offs_d, TMA: tl.constexpr, ROWS: tl
 
 
 @triton.jit
+def _program_tile(USE_LUT: tl.constexpr):
+    """(tile, bh) of this program.  Bands run on a (tiles, B*H) grid, whose neighbouring programs share
+    key tiles in L2; layouts on a (B*H, tiles) grid, which starts every head's heavy rows (BigBird's
+    global tokens, a fixed layout's summary columns) together instead of one head after another:
+    measured 1.1-1.35x faster forward+backward on the H100's fixed and BigBird layouts."""
+    if USE_LUT:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -96,8 +108,7 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, Out, Lse,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 LUT_BLOCK: tl.constexpr, TMA: tl.constexpr):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    qb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,8 +175,7 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                      LUT_BLOCK: tl.constexpr, TMA: tl.constexpr):
-    kb = tl.program_id(0)
-    bh = tl.program_id(1)
+    kb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,8 +240,7 @@ def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, DO, Out, DLse, Lse, Delta, DQ
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    LUT_BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr, TMA: tl.constexpr):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    qb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -132,8 +132,7 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     c = dict(cfg)
     c["TMA"] = tma = c.get("TMA", False) and _tma_ok(k, v)
     kd, vd = (_tma_desc(k, c["BLOCK_N"]), _tma_desc(v, c["BLOCK_N"])) if tma else (k, v)
-    grid = (triton_cdiv(T, c["BLOCK_M"]), B * H)
-    tk._fwd_kernel[grid](
+    tk._fwd_kernel[_grid(lut, T, c["BLOCK_M"], B * H)](
         q, k, v, kd, vd, kpm_t, idx, cnt, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left, right,
         lut_heads, rows, cols, CAUSAL=causal, WINDOW=window, USE_LUT=idx is not cnt, HAS_KPM=has_kpm, **_flags(q), **c,
     )
@@ -156,7 +155,7 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     cfg = dict(cfgs["dq"])
     cfg["TMA"] = tma = cfg.get("TMA", False) and _tma_ok(k, v)
     kd, vd = (_tma_desc(k, cfg["BLOCK_N"]), _tma_desc(v, cfg["BLOCK_N"])) if tma else (k, v)
-    tk._bwd_dq_kernel[(triton_cdiv(T, cfg["BLOCK_M"]), B * H)](
+    tk._bwd_dq_kernel[_grid(lut, T, cfg["BLOCK_M"], B * H)](
         q, k, v, kd, vd, kpm_t, idx, cnt, do, out, dlse, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S, q_offset, group,
         left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_DLSE=has_dlse, **flags, **cfg,
     )
@@ -164,7 +163,7 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     cfg = dict(cfgs["dkdv"])
     cfg["TMA"] = tma = cfg.get("TMA", False) and _tma_ok(q, do)
     qd, dod = (_tma_desc(q, cfg["BLOCK_M"]), _tma_desc(do, cfg["BLOCK_M"])) if tma else (q, do)
-    tk._bwd_dkdv_kernel[(triton_cdiv(S, cfg["BLOCK_N"]), B * H)](
+    tk._bwd_dkdv_kernel[_grid(lut_t, S, cfg["BLOCK_N"], B * H)](
         q, k, v, qd, dod, kpm_t, idx, cnt, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
         right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
     )
@@ -173,6 +172,11 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _grid(lut, n: int, block: int, bh: int) -> Tuple[int, int]:
+    """``(tiles, B*H)`` for a band, ``(B*H, tiles)`` for a layout (see ``_program_tile``)."""
+    return (triton_cdiv(n, block), bh) if lut[0] is lut[1] else (bh, triton_cdiv(n, block))
 
 
 def _no_lut(q: Tensor):
@@ -201,10 +205,8 @@ def _layout_luts(layout: Tensor):
     hit = _lut_cache.get(id(layout))
     if hit is not None and hit[0]() is layout and hit[1] == version:
         return hit[2]
-    idx, cnt = _lut(layout)
-    idx_t, cnt_t = _lut(layout.transpose(1, 2))
-    lut = (idx, cnt, layout.shape[0], layout.shape[1], layout.shape[2])
-    lut_t = (idx_t, cnt_t, layout.shape[0], layout.shape[2], layout.shape[1])
+    lut = (*_lut(layout), layout.shape[0], layout.shape[1], layout.shape[2])
+    lut_t = (*_lut(layout.transpose(1, 2)), layout.shape[0], layout.shape[2], layout.shape[1])
     if version is not None and not torch.compiler.is_compiling():
         key = id(layout)
         ref = weakref.ref(layout, lambda _, key=key: _lut_cache.pop(key, None))
