@@ -30,6 +30,9 @@ fi
 
 log "installing build and test tools"
 pip_install "numpy<2" "setuptools>=64" wheel ninja cython pytest pytest-timeout matplotlib
+# Triton (the GPU kernels' compiler; the version on the H100 the kernels are tuned on): on a machine
+# without a GPU the tests run the kernels through its interpreter (tests/test_kernels_triton_interpreter.py).
+pip_install triton==3.6.0
 
 if [ "${EA_SKIP_FAIRSEQ:-0}" != 1 ]; then
   if ! "$py" -c 'import fairseq' 2>/dev/null; then
