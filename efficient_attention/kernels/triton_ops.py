@@ -116,6 +116,14 @@ def _tma_ok(*ts: Tensor) -> bool:
     return all(t.device.type == "cuda" and t.data_ptr() % 16 == 0 for t in ts) and _has_tma(ts[0].device)
 
 
+def _with_tma(cfg: dict, a: Tensor, b: Tensor, block: str):
+    """``cfg`` with TMA kept only where usable, and the descriptors of ``a``, ``b`` (tiles of ``cfg[block]``
+    rows) to pass for them, or the tensors themselves for pointer loads."""
+    c = dict(cfg)
+    c["TMA"] = c.get("TMA", False) and _tma_ok(a, b)
+    return c, ((_tma_desc(a, c[block]), _tma_desc(b, c[block])) if c["TMA"] else (a, b))
+
+
 def _flags(q: Tensor) -> dict:
     return dict(IEEE=q.dtype == torch.float32, HEAD_DIM=q.shape[-1])
 
@@ -129,9 +137,7 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     kpm_t, has_kpm = _kpm(kpm, q)
     scale, q_offset, group, left, right, causal, window = rule
     idx, cnt, lut_heads, rows, cols = lut
-    c = dict(cfg)
-    c["TMA"] = tma = c.get("TMA", False) and _tma_ok(k, v)
-    kd, vd = (_tma_desc(k, c["BLOCK_N"]), _tma_desc(v, c["BLOCK_N"])) if tma else (k, v)
+    c, (kd, vd) = _with_tma(cfg, k, v, "BLOCK_N")
     tk._fwd_kernel[_grid(lut, T, c["BLOCK_M"], B * H)](
         q, k, v, kd, vd, kpm_t, idx, cnt, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left, right,
         lut_heads, rows, cols, CAUSAL=causal, WINDOW=window, USE_LUT=idx is not cnt, HAS_KPM=has_kpm, **_flags(q), **c,
@@ -152,17 +158,13 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
     idx, cnt, lut_heads, rows, cols = lut
-    cfg = dict(cfgs["dq"])
-    cfg["TMA"] = tma = cfg.get("TMA", False) and _tma_ok(k, v)
-    kd, vd = (_tma_desc(k, cfg["BLOCK_N"]), _tma_desc(v, cfg["BLOCK_N"])) if tma else (k, v)
+    cfg, (kd, vd) = _with_tma(cfgs["dq"], k, v, "BLOCK_N")
     tk._bwd_dq_kernel[_grid(lut, T, cfg["BLOCK_M"], B * H)](
         q, k, v, kd, vd, kpm_t, idx, cnt, do, out, dlse, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S, q_offset, group,
         left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_DLSE=has_dlse, **flags, **cfg,
     )
     idx, cnt, lut_heads, rows, cols = lut_t
-    cfg = dict(cfgs["dkdv"])
-    cfg["TMA"] = tma = cfg.get("TMA", False) and _tma_ok(q, do)
-    qd, dod = (_tma_desc(q, cfg["BLOCK_M"]), _tma_desc(do, cfg["BLOCK_M"])) if tma else (q, do)
+    cfg, (qd, dod) = _with_tma(cfgs["dkdv"], q, do, "BLOCK_M")
     tk._bwd_dkdv_kernel[_grid(lut_t, S, cfg["BLOCK_N"], B * H)](
         q, k, v, qd, dod, kpm_t, idx, cnt, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
         right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
