@@ -118,9 +118,11 @@ def _tma_ok(*ts: Tensor) -> bool:
 
 def _with_tma(cfg: dict, a: Tensor, b: Tensor, block: str):
     """``cfg`` with TMA kept only where usable, and the descriptors of ``a``, ``b`` (tiles of ``cfg[block]``
-    rows) to pass for them, or the tensors themselves for pointer loads."""
+    rows) to pass for them, or the tensors themselves for pointer loads.  Sequences shorter than one
+    tile (decoding steps, short prompts) keep pointer loads: nothing to gain, and no tile box larger
+    than its tensor is ever encoded."""
     c = dict(cfg)
-    c["TMA"] = c.get("TMA", False) and _tma_ok(a, b)
+    c["TMA"] = c.get("TMA", False) and min(a.shape[2], b.shape[2]) >= c[block] and _tma_ok(a, b)
     return c, ((_tma_desc(a, c[block]), _tma_desc(b, c[block])) if c["TMA"] else (a, b))
 
 
