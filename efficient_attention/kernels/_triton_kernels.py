@@ -94,6 +94,34 @@ def _program_tile(USE_LUT: tl.constexpr):
 
 
 @triton.jit
+def _key_range(first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL: tl.constexpr, USE_LUT: tl.constexpr,
+               LUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles a query tile (absolute positions ``first_p .. last_p``) visits: ``(start, n_iter)``
+    (a band's contiguous range, or ``n_iter`` lookup-table steps), and ``lo_last``, ``hi_first`` for
+    ``_full_block`` (bands only)."""
+    if USE_LUT:
+        return 0, tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N), 0, S - 1
+    else:
+        lo_first, hi_first = _band(first_p, group, left, right, CAUSAL)
+        lo_last, hi_last = _band(last_p, group, left, right, CAUSAL)
+        start = tl.maximum(lo_first, 0) // BLOCK_N
+        end = (tl.minimum(hi_last, S - 1) + BLOCK_N) // BLOCK_N
+        return start, tl.maximum(end - start, 0), lo_last, hi_first
+
+
+@triton.jit
+def _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT: tl.constexpr, LUT_BLOCK: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """The tile of loop step ``it``: ``start + it`` for a band; for a layout, sub-tile ``it % sub`` of
+    the ``it // sub``-th kept block of the lookup-table row (``sub`` tiles per layout block)."""
+    if USE_LUT:
+        sub = LUT_BLOCK // BLOCK
+        return tl.load(LUT + lut_base * lut_cols + it // sub) * sub + it % sub
+    else:
+        return start + it
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -124,25 +152,11 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, Out, Lse,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first_p = qb * BLOCK_M + q_offset
     last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
-    if USE_LUT:
-        lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
-        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N)
-        lo_first = 0
-        hi_last = S - 1
-        lo_last = 0
-        hi_first = S - 1
-        start = 0
-    else:
-        lo_first, hi_first = _band(first_p, group, left, right, CAUSAL)
-        lo_last, hi_last = _band(last_p, group, left, right, CAUSAL)
-        start = tl.maximum(lo_first, 0) // BLOCK_N
-        end = (tl.minimum(hi_last, S - 1) + BLOCK_N) // BLOCK_N
-        n_iter = tl.maximum(end - start, 0)
+    lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
+    start, n_iter, lo_last, hi_first = _key_range(first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL,
+                                                  USE_LUT, LUT_BLOCK, BLOCK_N)
     for it in range(0, n_iter):
-        if USE_LUT:
-            kb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N)) * (LUT_BLOCK // BLOCK_N) + it % (LUT_BLOCK // BLOCK_N)
-        else:
-            kb = start + it
+        kb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_N)
         n0 = kb * BLOCK_N
         offs_n = n0 + offs_nb
         k = _rows(k_base, KD, bh, n0, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
@@ -191,8 +205,8 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     n0 = kb * BLOCK_N
     n_last = n0 + BLOCK_N - 1
+    lut_base = ((h % lut_heads) * lut_rows + (kb * BLOCK_N) // LUT_BLOCK).to(tl.int64)
     if USE_LUT:  # transposed layout: the query blocks that keep this key block
-        lut_base = ((h % lut_heads) * lut_rows + (kb * BLOCK_N) // LUT_BLOCK).to(tl.int64)
         n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_M)
         start = 0
     else:  # conservative query range of the band (the element mask is exact)
@@ -205,10 +219,7 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
         start = q_lo // BLOCK_M
         n_iter = tl.maximum((q_hi + BLOCK_M) // BLOCK_M - start, 0)
     for it in range(0, n_iter):
-        if USE_LUT:
-            qb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_M)) * (LUT_BLOCK // BLOCK_M) + it % (LUT_BLOCK // BLOCK_M)
-        else:
-            qb = start + it
+        qb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_M)
         offs_m = qb * BLOCK_M + offs_mb
         q = _rows(q_base, QD, bh, qb * BLOCK_M, T, offs_m, offs_d, TMA, BLOCK_M, HEAD_DIM)
         do = _rows(do_base, DOD, bh, qb * BLOCK_M, T, offs_m, offs_d, TMA, BLOCK_M, HEAD_DIM)
@@ -263,23 +274,11 @@ def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, DO, Out, DLse, Lse, Delta, DQ
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first_p = qb * BLOCK_M + q_offset
     last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
-    if USE_LUT:
-        lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
-        n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_N)
-        start = 0
-        lo_last = 0
-        hi_first = 0
-    else:
-        lo_first, hi_first = _band(first_p, group, left, right, CAUSAL)
-        lo_last, hi_last = _band(last_p, group, left, right, CAUSAL)
-        start = tl.maximum(lo_first, 0) // BLOCK_N
-        end = (tl.minimum(hi_last, S - 1) + BLOCK_N) // BLOCK_N
-        n_iter = tl.maximum(end - start, 0)
+    lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
+    start, n_iter, lo_last, hi_first = _key_range(first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL,
+                                                  USE_LUT, LUT_BLOCK, BLOCK_N)
     for it in range(0, n_iter):
-        if USE_LUT:
-            kb = tl.load(LUT + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N)) * (LUT_BLOCK // BLOCK_N) + it % (LUT_BLOCK // BLOCK_N)
-        else:
-            kb = start + it
+        kb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_N)
         offs_n = kb * BLOCK_N + offs_nb
         k = _rows(k_base, KD, bh, kb * BLOCK_N, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
         v = _rows(v_base, VD, bh, kb * BLOCK_N, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
