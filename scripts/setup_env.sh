@@ -29,7 +29,7 @@ if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.
 fi
 
 log "installing build and test tools"
-pip_install "numpy<2" "setuptools>=64" wheel ninja cython pytest pytest-timeout matplotlib
+pip_install "numpy<2" "setuptools>=64" wheel ninja cython pytest pytest-timeout hypothesis matplotlib
 # Triton (the GPU kernels' compiler; the version on the H100 the kernels are tuned on): on a machine
 # without a GPU the tests run the kernels through its interpreter (tests/test_kernels_triton_interpreter.py).
 pip_install triton==3.6.0
