@@ -27,6 +27,7 @@ __all__ = [
     "causal_linear_attention",
     "segment_weights",
     "combine_attention",
+    "logsumexp",
 ]
 
 
@@ -230,16 +231,32 @@ def segment_weights(
     return onehot / sizes.clamp_min(1)
 
 
+def logsumexp(x: Tensor, dim: int = -1) -> Tensor:
+    """``log(sum(exp(x)))`` over ``dim`` in at least fp32; ``-inf`` for rows that are all ``-inf``.
+
+    Unlike ``torch.logsumexp``, the gradient of an all ``-inf`` row is 0, not NaN
+    (a query that sees nothing must not poison the backward pass).
+    """
+    x = x.to(acc_dtype(x.dtype))
+    top = x.detach().amax(dim=dim, keepdim=True)
+    top = top.masked_fill(torch.isneginf(top), 0.0)
+    total = torch.exp(x - top).sum(dim=dim, keepdim=True)
+    empty = total == 0
+    out = top + torch.log(total.masked_fill(empty, 1.0))
+    return out.masked_fill(empty, float("-inf")).squeeze(dim)
+
+
 def combine_attention(outs, lses) -> Tuple[Tensor, Tensor]:
     """Exact softmax over the union of disjoint key sets attended separately.
 
     Each part gives ``out (..., T, d)`` and its log-sum-exp ``lse (..., T)``
     (``-inf`` where the part saw nothing); the union's output is the
     ``exp(lse)``-weighted mean of the parts.  Rows that saw nothing anywhere
-    give 0.  Returns ``(out, lse)``; gradients flow through the weights.
+    give 0, and their gradients are 0 (never NaN).  Returns ``(out, lse)``;
+    gradients flow through the weights.
     """
     lse = torch.stack([l.to(acc_dtype(l.dtype)) for l in lses])
-    total = torch.logsumexp(lse, dim=0)
+    total = logsumexp(lse, dim=0)
     weights = torch.exp(lse - total.masked_fill(torch.isneginf(total), 0.0))  # 0 for empty parts / rows
     out = sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))
     return out, total

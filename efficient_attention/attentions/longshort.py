@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern, SELF_PATTERNS
-from ..functional import acc_dtype, combine_attention, softmax
+from ..functional import acc_dtype, combine_attention, logsumexp, softmax
 from ..kernels import sliding_window_attention
 from ..local_window import LocalWindow, cache_len
 from ..registry import register_attention
@@ -36,11 +36,14 @@ __all__ = ["LongShort", "AttentionLS", "CausalLS"]
 
 
 def _memory_attention(q: Tensor, mem_k: Tensor, mem_v: Tensor, hidden: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Softmax of ``q (..., T, d)`` over memories ``(..., M, d)`` with ``hidden (..., T|1, M)`` True = unseen."""
-    scores = torch.matmul(q, mem_k.transpose(-1, -2)) * scale
+    """Softmax of ``q (..., T, d)`` over memories ``(..., M, d)`` with ``hidden (..., T|1, M)`` True = unseen.
+
+    Scores are formed in at least fp32 (fp16 ``q · k`` overflows for large inputs); returns ``(out, lse)``.
+    """
+    dtype = acc_dtype(q.dtype)
+    scores = torch.matmul(q.to(dtype) * scale, mem_k.to(dtype).transpose(-1, -2))
     scores = scores.masked_fill(hidden, float("-inf"))
-    lse = torch.logsumexp(scores.to(acc_dtype(scores.dtype)), dim=-1)
-    return torch.matmul(softmax(scores).to(mem_v.dtype), mem_v), lse
+    return torch.matmul(softmax(scores), mem_v.to(dtype)).to(mem_v.dtype), logsumexp(scores, dim=-1)
 
 
 class LongShort(EfficientAttention):
@@ -95,12 +98,13 @@ class LongShort(EfficientAttention):
         ``P = softmax over the n positions of k W`` -> ``(K̄, V̄) (B, H, G, r, d)`` and
         ``empty (B, G)``: the group held only padding (no memory).
         """
-        logits = torch.einsum("bhgnd,hdr->bhgrn", k, self.landmark_proj.to(k.dtype))
+        dtype = acc_dtype(k.dtype)  # the logits and the weighted sums in at least fp32: fp16 overflows
+        logits = torch.einsum("bhgnd,hdr->bhgrn", k.to(dtype), self.landmark_proj.to(dtype))
         if pad is not None:
             logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
-        p = softmax(logits).to(v.dtype)
+        p = softmax(logits)
         empty = pad.all(-1) if pad is not None else torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-        return torch.matmul(p, k), torch.matmul(p, v), empty
+        return torch.matmul(p, k.to(dtype)).to(k.dtype), torch.matmul(p, v.to(dtype)).to(v.dtype), empty
 
     def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         mk, mv, empty = self._compress(k[:, :, None], v[:, :, None], None if kpm is None else kpm[:, None])
