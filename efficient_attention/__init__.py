@@ -10,7 +10,7 @@ fairseq or ParaGen.
 """
 from .attentions import *  # noqa: F401,F403  (registers every mechanism)
 from .attentions import __all__ as _mechanisms
-from .base import AttentionMasks, EfficientAttention, OptionSpec
+from .base import AttentionMasks, EfficientAttention, OptionSpec, check_bool
 from .capabilities import Capabilities, Pattern, UnsupportedInputError, UnsupportedPatternError
 from .fairseq_compat import fsmha
 from .sparse import (  # the sparse functionals on (B, H, N, D) tensors
@@ -46,6 +46,7 @@ __all__ = [
     "available_attentions",
     "build_attention",
     "capability_table",
+    "check_bool",
     "fsmha",
     "get_attention_class",
     "register_attention",

@@ -41,7 +41,7 @@ from .quant_noise import check_quant_noise, quant_noise_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EfficientAttention", "AttentionMasks", "OptionSpec", "IncrementalState"]
+__all__ = ["EfficientAttention", "AttentionMasks", "OptionSpec", "IncrementalState", "check_bool"]
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
@@ -81,6 +81,19 @@ class OptionSpec:
 
 # The constructor arguments every mechanism shares (fairseq's, plus ours).
 _BASE_OPTIONS = frozenset({"cross", "causal", "num_kv_heads"})
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` as a bool: ``True`` / ``False`` (or the ints ``0`` / ``1``); anything else is a ``TypeError``.
+
+    ``bool("false")`` is True: a string reaching a boolean option (from a config
+    file or a command line) must be an error, never a silent True.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True/False), got {value!r} ({type(value).__name__})")
 
 
 def _check_positive_int(value, name: str) -> int:
@@ -142,6 +155,11 @@ class EfficientAttention(nn.Module):
         self.vdim = embed_dim if vdim is None else _check_positive_int(vdim, "vdim")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        bias, add_bias_kv, add_zero_attn = (check_bool(bias, "bias"), check_bool(add_bias_kv, "add_bias_kv"),
+                                            check_bool(add_zero_attn, "add_zero_attn"))
+        self_attention = check_bool(self_attention, "self_attention")
+        encoder_decoder_attention = check_bool(encoder_decoder_attention, "encoder_decoder_attention")
+        causal = check_bool(causal, "causal")
         if self_attention and encoder_decoder_attention:
             raise ValueError("self_attention and encoder_decoder_attention cannot both be True")
         self.qkv_same_dim = self.kdim == embed_dim and self.vdim == embed_dim
@@ -150,15 +168,21 @@ class EfficientAttention(nn.Module):
                 f"self_attention=True needs kdim == vdim == embed_dim, got kdim={self.kdim}, "
                 f"vdim={self.vdim}, embed_dim={embed_dim}"
             )
-        cross = bool(encoder_decoder_attention) if cross is None else bool(cross)
+        caps = self.capabilities
+        cross_given = cross
+        if cross is None:
+            # fairseq's module built with neither flag is general attention: with kdim / vdim of their own the
+            # keys cannot be the query, so they come from another sequence (cross) when the mechanism has it
+            general = not (self_attention or encoder_decoder_attention or self.qkv_same_dim)
+            cross = encoder_decoder_attention or (general and caps.supports(Pattern.of(cross=True, causal=causal)))
+        cross = check_bool(cross, "cross")
         if self_attention and cross:
             raise ValueError("self_attention=True projects keys from the query; it cannot be combined with cross=True")
-        self.pattern = Pattern.of(cross=cross, causal=bool(causal))
-        caps = self.capabilities
+        self.pattern = Pattern.of(cross=cross, causal=causal)
         if not caps.supports(self.pattern):
             raise UnsupportedPatternError(
                 f"{name} does not support {self.pattern} attention "
-                f"(cross={cross}, causal={bool(causal)}); it supports: {', '.join(caps.pattern_names())}"
+                f"(cross={cross}, causal={causal}); it supports: {', '.join(caps.pattern_names())}"
             )
         if (add_bias_kv or add_zero_attn) and not caps.bias_kv:
             raise ValueError(f"{name} does not support add_bias_kv / add_zero_attn")
@@ -174,11 +198,12 @@ class EfficientAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.scaling = self.head_dim**-0.5
         self.dropout_p = float(dropout)
-        self.self_attention = bool(self_attention)
-        self.encoder_decoder_attention = bool(encoder_decoder_attention)
+        self.self_attention = self_attention
+        self.encoder_decoder_attention = encoder_decoder_attention
         self.cross = cross
-        self.causal = bool(causal)
-        self.add_zero_attn = bool(add_zero_attn)
+        self.causal = causal
+        self.add_zero_attn = add_zero_attn
+        self._general = cross_given is None and not (self_attention or encoder_decoder_attention)
         self.beam_size = 1
         kv_dim = num_kv_heads * self.head_dim
         check_quant_noise(q_noise, qn_block_size, embed_dim, "q_proj/out_proj")
@@ -268,11 +293,11 @@ class EfficientAttention(nn.Module):
         return self.set_incremental_state(incremental_state, "attn_state", buffer)
 
     def reorder_incremental_state(self, incremental_state: Optional[IncrementalState], new_order: Tensor):
-        """Reorder the cache for beam search: every buffer tensor has batch as dim 0."""
+        """Reorder the cache for beam search: every buffer tensor has batch as dim 0 (ints are positions)."""
         buffer = self._get_input_buffer(incremental_state)
         if buffer:
             for k, v in buffer.items():
-                if v is not None:
+                if isinstance(v, Tensor):
                     buffer[k] = v.index_select(0, new_order)
             self._set_input_buffer(incremental_state, buffer)
         return incremental_state
@@ -346,8 +371,9 @@ class EfficientAttention(nn.Module):
         if static_kv and not self.cross:
             raise ValueError("static_kv=True needs cross attention (cross=True or encoder_decoder_attention=True)")
 
-        decoding = incremental_state is not None and (self.causal or static_kv)
-        if decoding and not caps.incremental:
+        # fairseq caches keys for any attention given an incremental_state (see _decode_kind)
+        decoding = incremental_state is not None
+        if decoding and self._decode_kind(static_kv) == "mechanism" and not caps.incremental:
             raise UnsupportedInputError(f"{name} does not support incremental decoding (incremental_state)")
         if decoding and before_softmax:
             raise UnsupportedInputError("before_softmax=True cannot be combined with incremental_state")
@@ -371,9 +397,10 @@ class EfficientAttention(nn.Module):
             k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)
             v = split_heads(self._project(self.v_proj, value), self.num_kv_heads)
             src_new = k.shape[2]
-            if not self.cross and src_new != tgt_len:
+            if not self.cross and src_new != tgt_len and not (decoding or self._general_keys()):
                 raise ValueError(
-                    f"self attention needs as many keys as queries: query has {tgt_len} positions, key {src_new}"
+                    f"self attention needs as many keys as queries: query has {tgt_len} positions, key {src_new} "
+                    f"(build it with cross=True for keys from another sequence)"
                 )
         key_padding_mask = check_key_padding_mask(key_padding_mask, bsz, src_new, query.device)
         if key_padding_mask is not None and not caps.key_padding_mask:
@@ -387,9 +414,20 @@ class EfficientAttention(nn.Module):
             scores, v_out = self._scores(q, k, v, self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device))
             return scores.reshape(bsz * self.num_heads, tgt_len, -1), v_out.reshape(bsz * self.num_heads, -1, v_out.shape[-1])
 
-        if decoding:
+        src_len = src_new if not decoding or static_kv else src_new + _cached_len(state)
+        if bsz == 0 or tgt_len == 0 or (src_len == 0 and not self._has_extra_kv()):
+            # nothing to compute (no query, or no key to see: the output is 0 before out_proj); the state is untouched
+            out = q.new_zeros(bsz, self.num_heads, tgt_len, self.head_dim)
+            weights = q.new_zeros(bsz, self.num_heads, tgt_len, src_len) if need_weights else None
+        elif decoding:
             masks, attn_mask = self._decoding_masks(masks, attn_mask, tgt_len)
-            out, weights = self._attend_step(q, k, v, state, masks, attn_mask, need_weights, static_kv)
+            kind = self._decode_kind(static_kv)
+            if kind == "mechanism":
+                out, weights = self._attend_step(q, k, v, state, masks, attn_mask, need_weights, static_kv)
+            elif kind == "causal_static":
+                out, weights = self._decode_causal_static(q, k, v, state, masks, attn_mask, need_weights)
+            else:
+                out, weights = self._decode_noncausal(q, k, v, state, masks, attn_mask, need_weights)
             self._set_input_buffer(incremental_state, state)
         else:
             masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
@@ -406,6 +444,99 @@ class EfficientAttention(nn.Module):
             return attn, None
         weights = weights.transpose(0, 1)  # (H, B, T, S)
         return attn, (weights if need_head_weights else weights.mean(dim=0))
+
+    # ---------------------------------------------------------------- decoding
+    def _decode_kind(self, static_kv: bool) -> str:
+        """How a call with ``incremental_state`` is decoded.
+
+        * ``"mechanism"``: causal attention with keys arriving step by step, or
+          noncausal cross attention over static keys -- the mechanism's
+          :meth:`_attend_step` (its own, possibly constant, state);
+        * ``"causal_static"``: causal cross attention over static keys -- the base
+          caches the keys and the position of the next query, so query ``p`` sees
+          keys ``0..p`` as in the full pass (:meth:`_decode_causal_static`);
+        * ``"noncausal"``: noncausal attention with keys arriving step by step
+          (fairseq's decoder self attention built without ``causal``): the new
+          queries see every cached key, as fairseq's module does
+          (:meth:`_decode_noncausal`).
+        """
+        if self.causal:
+            return "causal_static" if static_kv else "mechanism"
+        return "mechanism" if static_kv else "noncausal"
+
+    def _general_keys(self) -> bool:
+        """Built with neither fairseq flag nor ``cross`` (general attention) and able to take any key set."""
+        return self._general and not self.causal and self.capabilities.independent_queries
+
+    def _has_extra_kv(self) -> bool:
+        return self.bias_k is not None or self.add_zero_attn
+
+    def _decode_causal_static(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks,
+        attn_mask: Optional[Tensor], need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Causal cross decoding over static keys: the new queries are at positions ``p .. p + T - 1``.
+
+        The full pass aligns query ``i`` with key ``i`` (``T == S``; see
+        :mod:`efficient_attention.masks`), so query ``p`` sees keys ``0..p``: the
+        keys are cut to ``p + T`` and the mechanism's own causal rule does the
+        rest.  ``p`` is a Python int in the state (no device sync; beam reorder
+        keeps it).
+        """
+        if "prev_key" not in state:
+            state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, masks.key_padding
+        k, v, kpm = state["prev_key"], state["prev_value"], state["prev_key_padding_mask"]
+        bsz, tgt_len, src_len = q.shape[0], q.shape[2], k.shape[2]
+        pos = state.get("query_position", 0)
+        state["query_position"] = pos + tgt_len
+        rows = [(0, tgt_len)] if tgt_len == 1 or pos + tgt_len <= src_len else [(t, t + 1) for t in range(tgt_len)]
+        outs, weights = [], []
+        for start, stop in rows:
+            end = min(pos + stop, src_len)  # the keys the last of these queries sees
+            sub_mask = None if attn_mask is None else attn_mask[..., start:stop, :end]
+            sub = replace(masks, key_padding=None if kpm is None else kpm[:, :end])
+            sub = self._prepare_masks(sub, sub_mask, bsz, stop - start, end, q.device)
+            out, w = self._attend(q[:, :, start:stop], k[:, :, :end], v[:, :, :end], sub, need_weights)
+            outs.append(out)
+            if w is not None:
+                weights.append(F.pad(w, (0, src_len - end)))
+        return torch.cat(outs, dim=2), (torch.cat(weights, dim=2) if weights else None)
+
+    def _decode_noncausal(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], masks: AttentionMasks,
+        attn_mask: Optional[Tensor], need_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Noncausal decoding: the new queries see every cached key (fairseq's ``MultiheadAttention``).
+
+        A mechanism whose output rows depend only on their own query
+        (``independent_queries``) attends the new queries to the cached keys.
+        Any other gives the last ``T`` rows of its full pass over everything
+        cached so far (the queries are cached too): what its full pass over the
+        prefix gives, at the cost of that pass per step.
+        """
+        bsz, tgt_len = q.shape[0], q.shape[2]
+        prev_len = _cached_len(state)
+        kpm = _cat_padding(state.get("prev_key_padding_mask"), masks.key_padding, prev_len, k.shape[2], bsz)
+        if prev_len:
+            k = torch.cat([state["prev_key"], k], dim=2)
+            v = torch.cat([state["prev_value"], v], dim=2)
+        state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, kpm
+        masks = replace(masks, key_padding=kpm)
+        if self.capabilities.independent_queries:
+            masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, k.shape[2], q.device)
+            return self._attend(q, k, v, masks, need_weights)
+        prev_q = state.get("prev_query")
+        qpm = _cat_padding(state.get("prev_query_padding_mask"), masks.query_padding,
+                           0 if prev_q is None else prev_q.shape[2], tgt_len, bsz)
+        q_all = q if prev_q is None else torch.cat([prev_q, q], dim=2)
+        state["prev_query"], state["prev_query_padding_mask"] = q_all, qpm
+        if attn_mask is not None:  # rows of the earlier queries: nothing masked
+            earlier = q_all.shape[2] - tgt_len
+            attn_mask = F.pad(attn_mask, (0, 0, earlier, 0), value=False if attn_mask.dtype == torch.bool else 0.0)
+        masks = self._prepare_masks(replace(masks, query_padding=qpm), attn_mask, bsz, q_all.shape[2], k.shape[2],
+                                    q.device)
+        out, weights = self._attend(q_all, k, v, masks, need_weights)
+        return out[:, :, -tgt_len:], (None if weights is None else weights[:, :, -tgt_len:])
 
     # -------------------------------------------------------- helper methods
     def _project(self, proj: nn.Linear, x: Tensor) -> Tensor:
@@ -544,6 +675,12 @@ class EfficientAttention(nn.Module):
             state["prev_key_padding_mask"] = kpm
         masks = self._prepare_masks(replace(masks, key_padding=kpm), attn_mask, bsz, tgt_len, k.shape[2], q.device)
         return self._attend(q, k, v, masks, need_weights)
+
+
+def _cached_len(state: Optional[Dict[str, Any]]) -> int:
+    """Keys already in a decoding cache (0 when none)."""
+    prev = None if state is None else state.get("prev_key")
+    return 0 if prev is None else prev.shape[2]
 
 
 def _cat_padding(prev: Optional[Tensor], new: Optional[Tensor], prev_len: int, new_len: int, bsz: int) -> Optional[Tensor]:

@@ -72,6 +72,13 @@ class Capabilities:
         before_softmax: can return raw scores (``before_softmax=True``).
         bias_kv: supports ``add_bias_kv`` / ``add_zero_attn``.
         grouped_kv: supports ``num_kv_heads`` < ``num_heads``.
+        independent_queries: with ``causal=False`` each output row depends only on
+            its own query and the keys (exact softmax, linear attention ...), and
+            any number of keys is accepted.  Noncausal decoding then attends the
+            new queries to the cached keys instead of recomputing the prefix, and a
+            module built with neither ``self_attention`` nor
+            ``encoder_decoder_attention`` (fairseq's general attention) takes keys
+            of another length.
         backends: the compute paths it has, fastest first (for the table).
     """
 
@@ -85,6 +92,7 @@ class Capabilities:
     before_softmax: bool = False
     bias_kv: bool = False
     grouped_kv: bool = False
+    independent_queries: bool = False
     backends: Tuple[str, ...] = field(default=("torch",))
 
     def supports(self, pattern: Pattern) -> bool:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import layouts
-from ..base import AttentionMasks, EfficientAttention
+from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..registry import register_attention
 from ..sparse.block_sparse import block_sparse_attention
@@ -76,7 +76,7 @@ class BlockSparseAttention(EfficientAttention):
         super().__init__(*args, **kwargs)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        self.block_size, self.autopad = block_size, bool(autopad)
+        self.block_size, self.autopad = block_size, check_bool(autopad, "autopad")
         self._user_layout: Optional[Tensor] = None
         if isinstance(layout, Tensor):
             lay = layouts.as_layout(layout)

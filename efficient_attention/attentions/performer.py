@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..base import AttentionMasks, EfficientAttention
+from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, safe_divide
 from ..masks import causal_mask
@@ -90,7 +90,7 @@ class Performer(EfficientAttention):
         ):
             raise ValueError(f"feature_redraw_interval must be an integer >= 0, got {feature_redraw_interval!r}")
         self.approx_attn_dim = approx_attn_dim
-        self.orthogonal_features = bool(orthogonal_features)
+        self.orthogonal_features = check_bool(orthogonal_features, "orthogonal_features")
         self.feature_redraw_interval = feature_redraw_interval
         self._forwards_since_redraw = 0
         self.register_buffer("projection_matrix", self._draw_features(self.q_proj.weight.device))

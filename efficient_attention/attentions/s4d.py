@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import AttentionMasks, EfficientAttention
+from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import acc_dtype, merge_heads
 from ..masks import as_bool_mask
@@ -102,7 +102,7 @@ class S4D(EfficientAttention):
         super().__init__(*args, **kwargs)
         if isinstance(d_state, bool) or not isinstance(d_state, int) or d_state <= 0:
             raise ValueError(f"d_state must be a positive integer, got {d_state!r}")
-        bidirectional = (not self.causal) if bidirectional is None else bool(bidirectional)
+        bidirectional = (not self.causal) if bidirectional is None else check_bool(bidirectional, "bidirectional")
         if bidirectional and self.causal:
             raise ValueError("bidirectional=True cannot be combined with causal=True")
         if activation not in _ACTIVATIONS:

@@ -42,6 +42,7 @@ class MultiheadAttention(EfficientAttention):
         before_softmax=True,
         bias_kv=True,
         grouped_kv=True,
+        independent_queries=True,
         backends=("sdpa", "torch"),
     )
 

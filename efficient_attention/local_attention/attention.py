@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import check_bool
 from ..local_window import LocalWindow, cache_len, window_attention, window_attention_at
 from .rotary import RotaryEmbedding
 
@@ -78,16 +79,17 @@ class LocalAttention(nn.Module):
     ):
         super().__init__()
         _int_option(window_size, "window_size", 1)
+        causal = check_bool(causal, "causal")
         _int_option(look_backward, "look_backward", 0)
         look_forward = (0 if causal else 1) if look_forward is None else _int_option(look_forward, "look_forward", 0)
         if causal and look_forward > 0:
             raise ValueError(f"look_forward must be 0 with causal=True, got {look_forward}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.window_size, self.causal = window_size, bool(causal)
+        self.window_size, self.causal = window_size, causal
         self.look_backward, self.look_forward = look_backward, look_forward
-        self.dropout, self.shared_qk, self.autopad = float(dropout), bool(shared_qk), bool(autopad)
-        self.exact_windowsize, self.scale = bool(exact_windowsize), scale
+        self.dropout, self.shared_qk, self.autopad = float(dropout), check_bool(shared_qk, "shared_qk"), check_bool(autopad, "autopad")
+        self.exact_windowsize, self.scale = check_bool(exact_windowsize, "exact_windowsize"), scale
         self.window = LocalWindow.from_blocks(window_size, look_backward, look_forward, causal=self.causal,
                                               exact_windowsize=self.exact_windowsize, exclude_self=self.shared_qk)
         if rel_pos_emb_config is not None:

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..base import check_bool
+
 __all__ = ["RotaryEmbedding"]
 
 
@@ -29,7 +31,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"dim (rotary dimension) must be a positive even integer, got {dim!r}")
-        self.dim, self.use_xpos = dim, bool(use_xpos)
+        self.dim, self.use_xpos = dim, check_bool(use_xpos, "use_xpos")
         self.scale_base = 512.0 if scale_base is None else float(scale_base)
         if self.scale_base <= 0:
             raise ValueError(f"xpos_scale_base must be positive, got {scale_base}")

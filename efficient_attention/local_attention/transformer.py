@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import check_bool
 from .attention import LocalAttention
 
 __all__ = ["LocalMHA", "FeedForward", "LocalTransformer", "top_k"]
@@ -108,7 +109,7 @@ class LocalTransformer(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
-        self.max_seq_len, self.causal, self.ignore_index = max_seq_len, bool(causal), ignore_index
+        self.max_seq_len, self.causal, self.ignore_index = max_seq_len, check_bool(causal, "causal"), ignore_index
         self.layers = nn.ModuleList()
         for _ in range(depth):
             self.layers.append(nn.ModuleList([
