@@ -197,8 +197,8 @@ def test_module_without_flags_takes_keys_of_another_length_like_fairseq():
     theirs, ours = _fairseq_pair()
     q, kv = _x(5, BSZ, EMBED_DIM), _x(9, BSZ, EMBED_DIM, seed=2)
     torch.testing.assert_close(ours(q, kv, kv)[0], theirs(q, kv, kv)[0], **FAIRSEQ_TOL)
-    with pytest.raises(ValueError, match="as many keys as queries"):  # self_attention=True is self attention
-        MultiheadAttention(EMBED_DIM, NUM_HEADS, self_attention=True).double()(q, kv, kv)
+    with pytest.raises(ValueError, match="as many keys as queries"):  # asked for self attention explicitly
+        MultiheadAttention(EMBED_DIM, NUM_HEADS, cross=False).double()(q, kv, kv)
 
 
 def test_kdim_on_a_self_only_mechanism_stays_self_attention():
