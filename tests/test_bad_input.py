@@ -55,7 +55,7 @@ def test_key_value_length_mismatch():
 
 def test_self_attention_needs_equal_lengths():
     with pytest.raises(ValueError, match="as many keys as queries"):
-        _m()(torch.randn(5, B, E), torch.randn(4, B, E), torch.randn(4, B, E))
+        _m(cross=False)(torch.randn(5, B, E), torch.randn(4, B, E), torch.randn(4, B, E))  # explicitly self attention
 
 
 def test_batch_mismatch():
