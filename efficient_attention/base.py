@@ -397,7 +397,7 @@ class EfficientAttention(nn.Module):
             k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)
             v = split_heads(self._project(self.v_proj, value), self.num_kv_heads)
             src_new = k.shape[2]
-            if not self.cross and src_new != tgt_len and not (decoding or self._general_keys()):
+            if not self.cross and src_new != tgt_len and not self._general_keys():
                 raise ValueError(
                     f"self attention needs as many keys as queries: query has {tgt_len} positions, key {src_new} "
                     f"(build it with cross=True for keys from another sequence)"
@@ -466,7 +466,7 @@ class EfficientAttention(nn.Module):
 
     def _general_keys(self) -> bool:
         """Built with neither fairseq flag nor ``cross`` (general attention) and able to take any key set."""
-        return self._general and not self.causal and self.capabilities.independent_queries
+        return getattr(self, "_general", False) and not self.causal and self.capabilities.independent_queries
 
     def _has_extra_kv(self) -> bool:
         return self.bias_k is not None or self.add_zero_attn
