@@ -11,6 +11,9 @@ Conventions used everywhere in the library:
   ``j`` iff ``j <= i + (S - T)`` -- the queries are the *last* ``T`` positions
   of the key sequence.  This is what incremental decoding needs (one new
   query against a cache of ``S`` keys) and it is the usual rule for ``T == S``.
+  Causal cross attention decoded over static keys (fairseq's ``static_kv``)
+  keeps the position ``p`` of the next query: query ``p`` sees keys ``0..p``,
+  which is the full pass's rule when ``T == S``.
 """
 from __future__ import annotations
 

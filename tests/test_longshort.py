@@ -55,3 +55,21 @@ def test_causal_memory_reach_is_bounded_and_decoding_state_constant():
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         LongShort(16, 2, **kw)
+
+
+def test_combine_attention_gradient_is_zero_for_rows_that_see_nothing():
+    """torch.logsumexp's backward is NaN for an all -inf row; combine_attention's must be 0 (issue 15 item 4)."""
+    from efficient_attention.functional import combine_attention, logsumexp
+
+    lse = torch.tensor([[0.5, float("-inf"), float("-inf")], [1.0, 2.0, float("-inf")]], requires_grad=True)
+    outs = [torch.randn(3, 2, requires_grad=True), torch.randn(3, 2, requires_grad=True)]
+    out, total = combine_attention(outs, [lse[0], lse[1]])
+    assert torch.equal(out[2], torch.zeros(2)) and torch.isneginf(total[2])
+    (out.sum() + total[:2].sum()).backward()
+    assert torch.isfinite(lse.grad).all() and torch.all(lse.grad[:, 2] == 0)
+    assert all(torch.isfinite(o.grad).all() for o in outs)
+    x = torch.tensor([[float("-inf")] * 3, [0.0, 1.0, float("-inf")]], dtype=torch.float64, requires_grad=True)
+    y = logsumexp(x)
+    torch.testing.assert_close(y[1], torch.logsumexp(x[1].detach(), -1))
+    y[1].backward()
+    assert torch.isfinite(x.grad).all()
