@@ -23,7 +23,9 @@ from efficient_attention import (
 from efficient_attention.local_attention import LocalAttention
 
 from conftest import require_fairseq
-from helpers import BSZ, EMBED_DIM, NUM_HEADS, assert_close, build, case_id, decode, inputs, mechanism_patterns, padding_mask
+from helpers import (
+    BSZ, EMBED_DIM, NUM_HEADS, assert_close, build, case_id, decode, inputs, mechanism_patterns, padding_mask,
+)
 from references import get_reference
 
 INFOS = available_attentions()
@@ -149,7 +151,7 @@ def test_fsabc_built_by_build_self_attention_decodes_with_a_cache():
 @pytest.mark.parametrize("prefix", [0, 4], ids=["token-by-token", "prefill-then-steps"])
 @pytest.mark.parametrize("name,pattern", CAUSAL_CROSS, ids=case_id)
 def test_causal_cross_static_kv_decoding_equals_full(name, pattern, prefix):
-    """fairseq decodes cross attention with the whole source and ``static_kv=True``: query ``i`` still sees keys ``<= i``."""
+    """fairseq decodes cross attention with the whole source and ``static_kv=True``: query ``i`` sees keys ``<= i``."""
     m = build(name, pattern, dtype=torch.float32)
     q, k, v = inputs(name, pattern, dtype=torch.float32)
     kpm = padding_mask(BSZ, k.shape[0], pattern)

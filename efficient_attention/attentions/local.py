@@ -100,8 +100,8 @@ class LocalAttention(EfficientAttention):
             raise ValueError("shared_qk=True needs num_kv_heads == num_heads")
         self.wsize = self.window_size = size
         self.look_backward, self.look_forward = look_backward, look_forward
-        self.exact_windowsize, self.autopad, self.shared_qk = (check_bool(exact_windowsize, "exact_windowsize"),
-                                                                check_bool(autopad, "autopad"), check_bool(shared_qk, "shared_qk"))
+        self.exact_windowsize = check_bool(exact_windowsize, "exact_windowsize")
+        self.autopad, self.shared_qk = check_bool(autopad, "autopad"), check_bool(shared_qk, "shared_qk")
         self.window = LocalWindow.from_blocks(
             size, look_backward, look_forward, causal=self.causal, exact_windowsize=self.exact_windowsize,
             exclude_self=self.shared_qk,
