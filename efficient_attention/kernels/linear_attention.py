@@ -10,7 +10,7 @@ Math (per batch and head; ``q`` ``(T, m)`` query features, ``k`` ``(S, m)`` key 
 * noncausal: ``num_t = q_t (H_0 + Σ_j k_j v_jᵀ)``, ``den_t = q_t · (z_0 + Σ_j k_j)``.
 
 ``normalize=True`` returns ``num / den`` (rows with ``den <= 0``, nothing attended, give 0), else
-``num``.  The decay is how a mechanism stabilises exponential features in the log domain: with key
+``num``; the normaliser ``z`` is only tracked when normalizing (else states are ``(H, None)``).  The decay is how a mechanism stabilises exponential features in the log domain: with key
 features ``exp(l_j - c_j)`` scaled by a running max ``c`` (non-decreasing), ``g_t = c_{t-1} - c_t`` makes
 query ``t`` see ``exp(l_j - c_t)`` (Performer, ABC).  ``return_state=True`` also returns the final
 ``(H, z)`` (causal: after position ``S``), so a prefill hands its state to decoding.
@@ -228,7 +228,7 @@ triton_linear_attention.register_autograd(_tla_backward, setup_context=_tla_setu
 
 
 # ------------------------------------------------------------------------------------ public entry
-def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state, normalize) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
             raise TypeError(f"{name} must be a 4-D floating tensor (B, H, L, dim), got "
@@ -253,7 +253,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding
         if len(initial_state) != 2:
             raise ValueError("initial_state must be a pair (H (B, H, m, d), z (B, H, m))")
         h0, z0 = initial_state
-        if h0.shape != (bsz, heads, m, v.shape[-1]) or z0.shape != (bsz, heads, m):
+        if z0 is None and normalize:
+            raise ValueError("initial_state needs its normaliser z when normalize=True")
+        if h0.shape != (bsz, heads, m, v.shape[-1]) or (z0 is not None and z0.shape != (bsz, heads, m)):
             raise ValueError(f"initial_state shapes {tuple(h0.shape)}, {tuple(z0.shape)} must be "
                              f"{(bsz, heads, m, v.shape[-1])} and {(bsz, heads, m)}")
 
@@ -278,16 +280,23 @@ def linear_attention(
     inputs); with ``return_state`` also the final ``(H (B,H,m,d), z (B,H,m))``.  ``chunk_size`` tunes the
     ``"chunked"`` backend; ``backend`` forces one of ``"triton"``, ``"chunked"``, ``"reference"``.
     """
-    _check(q, k, v, causal, log_decay, key_padding_mask, initial_state)
+    _check(q, k, v, causal, log_decay, key_padding_mask, initial_state, normalize)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if backend not in (None, "triton", "chunked", "reference"):
         raise ValueError(f"backend must be None, 'triton', 'chunked' or 'reference', got {backend!r}")
+    with torch.autocast(q.device.type, enabled=False):  # the PyTorch paths accumulate in fp32 under autocast too
+        return _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state,
+                                 return_state, chunk_size, backend)
+
+
+def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state, return_state,
+                      chunk_size, backend):
     dt = _acc(q.dtype)
     tgt_len, src_len, d = q.shape[2], k.shape[2], v.shape[-1]
     if key_padding_mask is not None:
         k = k.masked_fill(key_padding_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None], 0.0)
-    with_den = normalize or return_state
+    with_den = normalize
     if with_den:  # the denominator rides along as a ones column of v (and z as the last column of the state)
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     state = None
@@ -322,4 +331,4 @@ def linear_attention(
     out = _divide(num, o[..., d]) if normalize else num
     if not return_state:
         return out
-    return out, (final[..., :d], final[..., d])
+    return out, ((final[..., :d], final[..., d]) if with_den else (final, None))
