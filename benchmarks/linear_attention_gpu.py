@@ -77,7 +77,8 @@ def run_op_checks():
     rows = []
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for (T, m, d) in ((1, 16, 8), (63, 64, 64), (200, 130, 32), (1000, 64, 64), (333, 256, 128), (777, 128, 64)):
+        shapes = ((1, 16, 8), (63, 64, 64), (200, 130, 32), (1000, 64, 64), (333, 256, 128), (777, 128, 64))
+        for (T, m, d) in (shapes if dtype != torch.float16 else shapes[1::3]):
             for causal in (True, False):
                 cases.append(dict(B=2, H=3, T=T, S=T, m=m, d=d, dtype=dtype, causal=causal, decay=causal,
                                   state=True, normalize=True))
@@ -196,6 +197,35 @@ def op_speed(lengths):
     return rows
 
 
+def tile_sweep(T=8192, m=64):
+    """Causal op fwd+bwd ms at one shape for a few tile configs (the pick of ``_triton_config`` is marked)."""
+    import efficient_attention.kernels.linear_attention as la_mod
+
+    B, H, d = 4, 8, 64
+    q = torch.rand(B, H, T, m, device=DEV, dtype=torch.bfloat16).requires_grad_()
+    k = torch.rand(B, H, T, m, device=DEV, dtype=torch.bfloat16).requires_grad_()
+    v = torch.randn(B, H, T, d, device=DEV, dtype=torch.bfloat16).requires_grad_()
+    decay = -torch.rand(B, H, T, device=DEV) * 0.01
+    chosen = la_mod._triton_config
+    picked = chosen(m, d + 1, torch.bfloat16, B * H, torch.cuda.get_device_properties(0).multi_processor_count)
+    rows = []
+    for cfg in (dict(BLOCK_C=64, BLOCK_D=16, num_warps=4), dict(BLOCK_C=64, BLOCK_D=32, num_warps=4),
+                dict(BLOCK_C=64, BLOCK_D=64, num_warps=4), dict(BLOCK_C=32, BLOCK_D=16, num_warps=4),
+                dict(BLOCK_C=128, BLOCK_D=16, num_warps=8), dict(BLOCK_C=64, BLOCK_D=16, num_warps=8)):
+        full = dict(cfg, BLOCK_M=max(16, m))
+        la_mod._triton_config = lambda *a, full=full: full
+        try:
+            ms = timed(lambda: linear_attention(q, k, v, causal=True, log_decay=decay,
+                                                backend="triton").sum().backward())
+        except Exception as exc:
+            ms = repr(exc)[:80]
+        finally:
+            la_mod._triton_config = chosen
+        rows.append(dict(cfg, T=T, m=m, ms=ms, picked=all(picked[k] == v for k, v in cfg.items())))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def module_speed(lengths):
     rows = []
     B, E, H = 4, 512, 8
@@ -250,6 +280,7 @@ def main() -> int:
     result["op_checks"] = run_op_checks()
     result["module_checks"] = run_module_checks()
     print(f"checks done in {time.time() - t0:.0f} s", flush=True)
+    result["tile_sweep"] = tile_sweep() if DEV == "cuda" else []
     result["op_speed"] = op_speed(lengths)
     result["module_speed"] = module_speed(lengths)
     with open(os.path.join(args.out, "linear_attention_gpu.json"), "w") as f:
@@ -271,6 +302,9 @@ def main() -> int:
     print("| T | " + " | ".join(keys) + " |")
     for r in result["op_speed"]:
         print(f"| {r['T']} | " + " | ".join(fmt(r[k]) for k in keys) + " |")
+    print("\n## tile sweep (causal, decay, T=8192, m=64, bf16, fwd+bwd ms)")
+    for r in result["tile_sweep"]:
+        print(r)
     print("\n## modules fwd+bwd ms / peak MiB ((L, 4, 512), 8 heads, bf16 autocast)")
     for causal in (True, False):
         print(f"\n{'causal' if causal else 'noncausal'}: | mechanism | " + " | ".join(str(L) for L in lengths) + " |")

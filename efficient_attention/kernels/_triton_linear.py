@@ -48,10 +48,9 @@ def _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d,
 @triton.jit
 def _fwd(Q, K, V, G, H0, O, HT, T, M, D,
          BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-         HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IEEE: tl.constexpr):
+         HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
     offs_c = tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -64,11 +63,11 @@ def _fwd(Q, K, V, G, H0, O, HT, T, M, D,
     for start in range(0, T, BLOCK_C):
         q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d,
                                                              BLOCK_C, HAS_G)
-        a = tl.dot(q, tl.trans(k), input_precision=prec) * w
-        o = tl.dot(a.to(v.dtype), v, input_precision=prec)
-        o += tl.dot((q * q_in[:, None]).to(q.dtype), h.to(q.dtype), input_precision=prec)
+        a = tl.dot(q, tl.trans(k), input_precision=PREC) * w
+        o = tl.dot(a.to(v.dtype), v, input_precision=PREC)
+        o += tl.dot((q * q_in[:, None]).to(q.dtype), h.to(q.dtype), input_precision=PREC)
         tl.store(O + bh * T * D + rows[:, None] * D + offs_d[None, :], o, mask=in_t[:, None] & (offs_d[None, :] < D))
-        h = h * decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v, input_precision=prec)
+        h = h * decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v, input_precision=PREC)
     if STORE_HT:
         tl.store(HT + bh * M * D + h_ptr, h, mask=mask_h)
 
@@ -76,10 +75,9 @@ def _fwd(Q, K, V, G, H0, O, HT, T, M, D,
 @triton.jit
 def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
               BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IEEE: tl.constexpr):
+              HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
     offs_c = tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -96,17 +94,17 @@ def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
                                                              BLOCK_C, HAS_G)
         mask_v = in_t[:, None] & (offs_d[None, :] < D)
         do = tl.load(DO + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
-        a = tl.dot(q, tl.trans(k), input_precision=prec) * w  # (i, j)
+        a = tl.dot(q, tl.trans(k), input_precision=PREC) * w  # (i, j)
         kd = (k * k_out[:, None]).to(k.dtype)
-        dv = tl.dot(tl.trans(a).to(v.dtype), do, input_precision=prec)
-        dv += tl.dot(kd, dh.to(k.dtype), input_precision=prec)
+        dv = tl.dot(tl.trans(a).to(v.dtype), do, input_precision=PREC)
+        dv += tl.dot(kd, dh.to(k.dtype), input_precision=PREC)
         tl.store(DV + bh * T * D + rows[:, None] * D + offs_d[None, :], dv, mask=mask_v)
-        da = tl.dot(do, tl.trans(v), input_precision=prec) * w  # (i, j)
-        dk = tl.dot(tl.trans(da).to(q.dtype), q, input_precision=prec)
-        dk += tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=prec) * k_out[:, None]
+        da = tl.dot(do, tl.trans(v), input_precision=PREC) * w  # (i, j)
+        dk = tl.dot(tl.trans(da).to(q.dtype), q, input_precision=PREC)
+        dk += tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=PREC) * k_out[:, None]
         dk_ptr = DK + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
         tl.store(dk_ptr, dk, mask=in_t[:, None] & (offs_m[None, :] < M))
-        dh = dh * decay + tl.dot(tl.trans((q * q_in[:, None]).to(q.dtype)), do, input_precision=prec)
+        dh = dh * decay + tl.dot(tl.trans((q * q_in[:, None]).to(q.dtype)), do, input_precision=PREC)
     if STORE_DH0:
         tl.store(DH0 + bh * M * D + h_ptr, dh, mask=mask_h)
 
@@ -114,10 +112,9 @@ def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
 @triton.jit
 def _bwd_dq(Q, K, V, G, H0, DO, DQ, T, M, D, BH,
             BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-            HAS_G: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr):
+            HAS_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
     offs_c = tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -131,9 +128,9 @@ def _bwd_dq(Q, K, V, G, H0, DO, DQ, T, M, D, BH,
                                                              BLOCK_C, HAS_G)
         mask_v = in_t[:, None] & (offs_d[None, :] < D)
         do = tl.load(DO + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
-        da = tl.dot(do, tl.trans(v), input_precision=prec) * w
-        dq = tl.dot(da.to(k.dtype), k, input_precision=prec)
-        dq += tl.dot(do, tl.trans(h.to(v.dtype)), input_precision=prec) * q_in[:, None]
+        da = tl.dot(do, tl.trans(v), input_precision=PREC) * w
+        dq = tl.dot(da.to(k.dtype), k, input_precision=PREC)
+        dq += tl.dot(do, tl.trans(h.to(v.dtype)), input_precision=PREC) * q_in[:, None]
         dq_ptr = DQ + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
         tl.store(dq_ptr, dq, mask=in_t[:, None] & (offs_m[None, :] < M))
-        h = h * decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v, input_precision=prec)
+        h = h * decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v, input_precision=PREC)

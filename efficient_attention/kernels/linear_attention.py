@@ -129,12 +129,27 @@ def chunked_linear_attention(
 
 
 # -------------------------------------------------------------------------- Triton custom op
-def _triton_config(m: int, d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: the whole feature dim per program, value columns in blocks of 32 (more programs in flight:
-    B*H alone rarely fills a GPU), chunks of 64 positions (32 for wide fp32 features)."""
+def _triton_config(m: int, d: int, dtype: torch.dtype, programs_per_column_block: int, sms: int) -> dict:
+    """Tile sizes: the whole feature dim per program (``BLOCK_M``), chunks of 64 positions (32 for wide features),
+    and value columns in blocks of 64, 32 or 16: the widest that still gives about two programs per SM (each
+    program walks its chunks in order, so ``B*H`` programs alone rarely fill a GPU)."""
     block_m = max(16, 1 << (m - 1).bit_length())
     block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 else 32
-    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=32 if d > 16 else 16, num_warps=4)
+    block_d = 16
+    for width in (64, 32):
+        if width <= max(16, 1 << (d - 1).bit_length()) and programs_per_column_block * -(-d // width) >= 2 * sms:
+            block_d = width
+            break
+    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+
+
+_SMS: dict = {}
+
+
+def _config(q: Tensor, d: int) -> dict:
+    if q.device not in _SMS:
+        _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    return _triton_config(q.shape[-1], d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device])
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -152,7 +167,7 @@ def triton_linear_attention(
 
     bsz, heads, seq, m = q.shape
     d = v.shape[-1]
-    cfg = _triton_config(m, d, q.dtype)
+    cfg = _config(q, d)
     o = torch.empty(bsz, heads, seq, d, device=q.device, dtype=torch.float32)
     final = torch.empty(bsz, heads, m, d, device=q.device, dtype=torch.float32)
     g = _flat(log_decay.float()) if log_decay is not None else o
@@ -160,7 +175,7 @@ def triton_linear_attention(
     grid = (triton.cdiv(d, cfg["BLOCK_D"]), bsz * heads)
     kern._fwd[grid](_flat(q), _flat(k), _flat(v), g, h0, o, final, seq, m, d,
                     HAS_G=log_decay is not None, HAS_H0=state is not None, STORE_HT=True,
-                    IEEE=q.dtype == torch.float32, **cfg)
+                    PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
     return o, final
 
 
@@ -183,7 +198,7 @@ def triton_linear_attention_bwd(
     bsz, heads, seq, m = q.shape
     d = v.shape[-1]
     bh = bsz * heads
-    cfg = _triton_config(m, d, q.dtype)
+    cfg = _config(q, d)
     n_d = triton.cdiv(d, cfg["BLOCK_D"])
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
     g = _flat(log_decay.float()) if log_decay is not None else dof
@@ -192,7 +207,7 @@ def triton_linear_attention_bwd(
     dq = torch.empty_like(dk)
     dv = torch.empty(bh, seq, d, device=q.device, dtype=torch.float32)
     dh0 = torch.zeros(bh, m, d, device=q.device, dtype=torch.float32)
-    flags = dict(HAS_G=log_decay is not None, IEEE=q.dtype == torch.float32, **cfg)
+    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
     kern._bwd_dkdv[(n_d, bh)](qf, kf, vf, g, dof, _flat(grad_final.float()), dk, dv, dh0, seq, m, d, bh,
                               HAS_DHT=True, STORE_DH0=state is not None, **flags)
     kern._bwd_dq[(n_d, bh)](qf, kf, vf, g, h0, dof, dq, seq, m, d, bh, HAS_H0=state is not None, **flags)
