@@ -135,7 +135,7 @@ def run_module_checks():
 
 # ------------------------------------------------------------------------------------------ timing
 def timed(fn, reps=5):
-    """Median ms of ``fn`` over ``reps`` runs after two warm-ups (GPU time from CUDA events; None on OOM)."""
+    """Median ms of ``fn`` over ``reps`` runs after two warm-ups (GPU time from CUDA events; None on OOM/error)."""
     try:
         for _ in range(2):
             fn()
@@ -156,6 +156,9 @@ def timed(fn, reps=5):
         return sorted(times)[len(times) // 2]
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
+        return None
+    except Exception:  # report and go on: one broken point must not hide the others
+        traceback.print_exc()
         return None
 
 
