@@ -91,3 +91,57 @@ def test_static_kv_without_max_len_uses_the_key_length():
 def test_bad_options(opts, name):
     with pytest.raises(ValueError, match=name):
         build_attention("cosformer", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, **opts)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_default_m_does_not_depend_on_padding(pattern):
+    """Without max_len, ten real tokens give the same outputs alone or padded to fifteen (issue 15, item 8)."""
+    m = make(pattern)
+    torch.manual_seed(1)
+    real = torch.randn(10, 1, EMBED_DIM, dtype=torch.float64)
+    q = torch.randn(7, 1, EMBED_DIM, dtype=torch.float64) if pattern.cross else real
+    alone, _ = m(q, real, real, need_weights=False)
+    pad = torch.randn(5, 1, EMBED_DIM, dtype=torch.float64)
+    for left in (False, True):  # fairseq pads encoders on the left, decoders on the right
+        if pattern.causal and left:
+            continue
+        keys = torch.cat([pad, real] if left else [real, pad])
+        kpm = torch.zeros(1, 15, dtype=torch.bool)
+        kpm[0, :5] = left
+        kpm[0, 10:] = not left
+        padded, _ = m(q if pattern.cross else keys, keys, keys, key_padding_mask=kpm, need_weights=False)
+        if not pattern.cross:
+            padded = padded[5:] if left else padded[:10]
+        assert_close(padded, alone)
+
+
+def test_fairseq_plugin_passes_max_positions_as_max_len():
+    pytest.importorskip("fairseq")
+    from efficient_fairseq.modules import build_role_attention
+    from efficient_fairseq.options import ROLES, RoleChoice
+
+    built = build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {}), EMBED_DIM, NUM_HEADS,
+                                 max_positions=128, self_attention=True)
+    assert built.max_len == 128
+    chosen = build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 64}), EMBED_DIM, NUM_HEADS,
+                                  max_positions=128, self_attention=True)
+    assert chosen.max_len == 64  # --attn-max-len wins
+    vanilla = build_role_attention(RoleChoice(ROLES["decoder"], "vanilla", {}), EMBED_DIM, NUM_HEADS,
+                                   max_positions=128, self_attention=True)
+    assert not hasattr(vanilla, "max_len")
+
+
+def test_paragen_plugin_passes_max_pos_so_the_decoder_can_decode():
+    from efficient_transformers import EfficientDecoder
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(23, EMBED_DIM, padding_idx=1)
+    dec = EfficientDecoder(emb, 1, self_attention="cosformer", cross_attention="cosformer", num_layers=1,
+                           d_model=EMBED_DIM, n_head=NUM_HEADS, dim_feedforward=32, max_pos=40).double().eval()
+    assert dec.layers[0].self_attn.max_len == 40
+    tgt = torch.randint(2, 23, (2, 9))
+    mem = torch.randn(6, 2, EMBED_DIM, dtype=torch.float64)
+    full = dec(tgt, mem)
+    state = {}
+    steps = [dec(tgt[:, :t], mem, incremental_state=state)[:, -1:] for t in range(1, 10)]
+    assert_close(torch.cat(steps, dim=1), full)

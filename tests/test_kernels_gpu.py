@@ -120,3 +120,73 @@ def test_triton_opcheck():
     ops = torch.ops.efficient_attention
     torch.library.opcheck(ops.triton_sliding_window.default, (q, k, v, kpm, 1, 16, 0, True, 0, 0.2))
     torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, layout, 64, False, None, 0.2))
+
+
+# ------------------------------------------------------------------------------ chunked linear attention
+def _linear_inputs(T, S, m, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.rand(2, 3, T, m, device="cuda", generator=g).to(dtype)
+    k = torch.rand(2, 3, S, m, device="cuda", generator=g).to(dtype)
+    v = torch.randn(2, 3, S, d, device="cuda", generator=g).to(dtype)
+    decay = -torch.rand(2, 3, S, device="cuda", generator=g) * 0.1
+    state = (torch.rand(2, 3, m, d, device="cuda", generator=g), torch.rand(2, 3, m, device="cuda", generator=g))
+    kpm = padding(2, S, device="cuda")
+    return q, k, v, decay, state, kpm
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("m,d", [(16, 64), (64, 64), (130, 32), (256, 128), (1, 16)])
+@pytest.mark.parametrize("T,S", [(1, 1), (200, 200), (100, 333)])
+@pytest.mark.parametrize("decay", [False, True])
+def test_triton_linear_attention(decay, T, S, m, d, dtype):
+    from efficient_attention.kernels.linear_attention import linear_attention
+
+    q, k, v, log_decay, state, kpm = _linear_inputs(T, S, m, d, dtype)
+    log_decay = log_decay if decay else None
+    assert choose_backend("linear_attention", q, k, v) == "triton"
+    outs = []
+    for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
+        ins = [cast(x).detach().requires_grad_() for x in (q, k, v)]
+        h0 = cast(state[0]).requires_grad_()
+        out, (h, z) = linear_attention(*ins, causal=True, log_decay=None if log_decay is None else cast(log_decay),
+                                       key_padding_mask=kpm, initial_state=(h0, cast(state[1])), return_state=True,
+                                       backend=backend)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        w = torch.randn(out.shape, device="cuda", generator=gen, dtype=torch.float64).to(out.dtype)
+        grads = torch.autograd.grad((out * w).sum() + h.sum() + z.sum(), (*ins, h0))
+        outs.append([out, h, z, *grads])
+    for got, want in zip(*outs):
+        assert not torch.isnan(got).any()
+        assert _rel(got, want) < 3 * REL[dtype]
+
+
+@pytest.mark.parametrize("name,opts", [("performer", dict(approx_attn_dim=64)), ("cosformer", dict(max_len=1024)),
+                                       ("abc", {})])
+def test_triton_linear_family_matches_float64(name, opts):
+    from efficient_attention import build_attention
+
+    torch.manual_seed(0)
+    m = build_attention(name, embed_dim=128, num_heads=4, causal=True, self_attention=True, **opts).cuda().eval()
+    x = torch.randn(300, 2, 128, device="cuda")
+    out = m(x, x, x, need_weights=False)[0]
+    state = {}
+    steps = [m(x[:200], x[:200], x[:200], incremental_state=state, need_weights=False)[0]]
+    for t in range(200, 300):
+        steps.append(m(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state, need_weights=False)[0])
+    ref = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
+    assert _rel(out, ref) < 1e-5
+    assert _rel(torch.cat(steps), ref) < 1e-5
+
+
+def test_triton_linear_attention_compile_and_opcheck():
+    from efficient_attention.kernels.linear_attention import linear_attention
+
+    q, k, v, decay, state, kpm = _linear_inputs(150, 150, 32, 64, torch.bfloat16)
+
+    def fn(q, k, v):
+        return linear_attention(q, k, v, causal=True, log_decay=decay, key_padding_mask=kpm)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+    ops = torch.ops.efficient_attention
+    torch.library.opcheck(ops.triton_linear_attention.default, (q, k, v, decay, state[0].contiguous()))

@@ -93,7 +93,7 @@ def test_many_features_approximate_softmax_attention():
     torch.manual_seed(0)
     m = Performer(EMBED_DIM, NUM_HEADS, approx_attn_dim=4096).double().eval()
     exact = MultiheadAttention(EMBED_DIM, NUM_HEADS).double().eval()
-    exact.load_state_dict({k: v for k, v in m.state_dict().items() if k != "projection_matrix"})
+    exact.load_state_dict({k: v for k, v in m.state_dict().items() if k not in ("projection_matrix", "_extra_state")})
     x = torch.randn(9, 2, EMBED_DIM, dtype=torch.float64) * 0.5
     approx, _ = m(x, need_weights=False)
     ref, _ = exact(x, need_weights=False)
@@ -151,3 +151,21 @@ def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
     kpm[1, -2:] = True
     out, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
     assert_close(out, get_reference("performer").fn(m, q, k, v, key_padding_mask=kpm))
+
+
+def test_redraw_counter_travels_with_the_state_dict():
+    """A resumed run redraws the features at the same steps as the uninterrupted one (issue 15, item 9)."""
+    torch.manual_seed(0)
+    m = Performer(EMBED_DIM, NUM_HEADS, feature_redraw_interval=3).train()
+    x = torch.randn(5, 2, EMBED_DIM)
+    m(x, need_weights=False)
+    m(x, need_weights=False)
+    resumed = Performer(EMBED_DIM, NUM_HEADS, feature_redraw_interval=3).train()
+    resumed.load_state_dict(m.state_dict())
+    before = resumed.projection_matrix.clone()
+    resumed(x, need_weights=False)  # third forward: no redraw yet
+    assert torch.equal(resumed.projection_matrix, before)
+    resumed(x, need_weights=False)  # fourth: the interval is reached
+    assert not torch.equal(resumed.projection_matrix, before)
+    with pytest.raises(ValueError, match="forwards_since_redraw"):
+        resumed.set_extra_state({"forwards_since_redraw": -1})

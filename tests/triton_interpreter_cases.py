@@ -5,7 +5,8 @@ set before the kernels are defined, and must not leak into GPU tests of the same
 what the GPU tests cover where CI has no GPU: every tile config that ``triton_ops`` can pick (thin,
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
-and a gradient through ``out`` alone.  Exits non-zero with the failing cases listed.
+and a gradient through ``out`` alone; the chunked linear-attention kernels (decay, states, padding,
+value blocks, one feature) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero with the failing cases listed.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from efficient_attention.kernels import reference, triton_ops  # noqa: E402
+from efficient_attention.kernels.linear_attention import linear_attention  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
 from kernel_cases import loss_and_grads, make_qkv, padding, random_layout  # noqa: E402
 
@@ -75,6 +77,63 @@ def out_only_case():
         assert rel(g, r) < 1e-5
 
 
+def linear_case(T, m, d, dtype, decay, state, normalize, S=None):
+    """``linear_attention`` through the Triton kernels against its float64 reference (out, final state, grads)."""
+    S = T if S is None else S
+    g = torch.Generator().manual_seed(T + m + d)
+    q, k = (torch.rand(2, 2, n, m, generator=g).to(dtype) for n in (T, S))
+    v = torch.randn(2, 2, S, d, generator=g).to(dtype)
+    log_decay = -torch.rand(2, 2, S, generator=g) * 0.3 if decay else None
+    kpm = torch.zeros(2, S, dtype=torch.bool)
+    kpm[1, S - 3:] = True
+    init = (torch.rand(2, 2, m, d, generator=g), torch.rand(2, 2, m, generator=g) if normalize else None) if state else None
+    results = []
+    for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
+        ins = [cast(x.detach()).requires_grad_() for x in (q, k, v)]
+        out, (h, _) = linear_attention(*ins, causal=True, log_decay=None if log_decay is None else cast(log_decay),
+                                       key_padding_mask=kpm, normalize=normalize, return_state=True, backend=backend,
+                                       initial_state=None if init is None else
+                                       (cast(init[0]), None if init[1] is None else cast(init[1])))
+        gen = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)).sum() + (h * h).sum()
+        results.append([out, h, *torch.autograd.grad(loss, ins)])
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    for name, got, want in zip(("out", "state", "dq", "dk", "dv"), *results):
+        assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
+
+
+def linear_modules_case():
+    """Causal Performer, cosFormer, ABC with their linear attention on the Triton kernels (fp32) against
+    themselves in float64 (PyTorch paths), with key padding; decoding after a prefill equals the full pass."""
+    import importlib
+
+    from efficient_attention import build_attention
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
+
+    chosen = la.choose_backend
+    for name, opts in (("performer", dict(approx_attn_dim=16)), ("cosformer", dict(max_len=128)), ("abc", {})):
+        torch.manual_seed(0)
+        m = build_attention(name, embed_dim=32, num_heads=2, causal=True, self_attention=True, **opts).eval()
+        x = torch.randn(70, 2, 32)
+        kpm = torch.zeros(2, 70, dtype=torch.bool)
+        kpm[1, 60:] = True
+        la.choose_backend = lambda *a, **kw: "triton"
+        try:
+            out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            state = {}
+            steps = [m(x[:50], x[:50], x[:50], incremental_state=state, need_weights=False)[0]]
+            for t in range(50, 70):
+                steps.append(m(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state, need_weights=False)[0])
+        finally:
+            la.choose_backend = chosen
+        ref = m.double()(x.double(), x.double(), x.double(), key_padding_mask=kpm, need_weights=False)[0]
+        keep = (~kpm).t().unsqueeze(-1)
+        assert rel(out * keep, ref * keep) < 1e-5, f"{name} full {rel(out * keep, ref * keep):.1e}"
+        full = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
+        assert rel(torch.cat(steps), full) < 1e-5, f"{name} decoding {rel(torch.cat(steps), full):.1e}"
+
+
 _CONFIGS = {name: getattr(triton_ops, name) for name in ("window_config", "block_config")}
 
 
@@ -108,6 +167,12 @@ def main() -> int:
             (tma, "layout bs128 per-head causal fp16", lambda: layout_case(128, 3, True, f16)),
         ]
     cases.append((False, "out-only gradient", out_only_case))
+    cases += [
+        (False, "linear decay+state+padding fp32 m16 d5", lambda: linear_case(70, 16, 5, f32, True, True, True)),
+        (False, "linear fp16 m20 d40 T<S", lambda: linear_case(40, 20, 40, f16, False, False, True, S=75)),
+        (False, "linear unnormalised m1 state fp32", lambda: linear_case(33, 1, 16, f32, True, True, False)),
+        (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
+    ]
     failed = []
     for tma, name, run in cases:
         with_loads(tma)

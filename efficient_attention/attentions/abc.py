@@ -14,12 +14,10 @@ from torch import Tensor, nn
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, dense_attention, softmax
-from ..masks import causal_mask
+from ..kernels.linear_attention import linear_attention
 from ..registry import register_attention
 
 __all__ = ["ABC"]
-
-_CHUNK = 32  # causal chunk length: the per-chunk weights are (chunk, chunk, n)
 
 
 @register_attention("abc")
@@ -34,16 +32,21 @@ class ABC(EfficientAttention):
     cross attention builds the memory from the key side.
 
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``, memory ``(B, H, n, d)``.
-    Patterns: all four.  Causal attention works by chunks of 32 with running
-    sums (never an ``(N, n, d)`` tensor), each query stabilised by the max of
-    the scores it sees; decoding keeps only the running memory, normaliser
-    and per-slot max (constant state); ``static_kv``
-    caches the key-side memory.  ``key_padding_mask`` honoured (padded keys
-    never enter the memory); an arbitrary ``attn_mask`` is not.  Dropout is
-    applied to the slot probabilities.  Half inputs compute in fp32.
+    Patterns: all four.  Causal attention is three chunked linear attentions
+    (:func:`~efficient_attention.kernels.linear_attention.linear_attention`:
+    slot scores, slot normalisers, output; never an ``(N, n, d)`` tensor), the
+    slot weights stabilised in the log domain by the running max of all slot
+    scores so far (a slot whose scores stay ~80 below the best slot's
+    underflows to empty in fp32); decoding keeps only the running memory,
+    normaliser and that max (constant state), and a prefill hands its memory
+    to decoding; ``static_kv`` caches the key-side memory.
+    ``key_padding_mask`` honoured (padded keys never enter the memory); an
+    arbitrary ``attn_mask`` is not.  Dropout is applied to the slot
+    probabilities.  Half inputs: scores and weights in fp32, rounded to the
+    input dtype for the kernels, which accumulate in fp32.
 
-    Cost: O((T + S)·n·d) time (causal: + O(N·32·(n + d))); O((T + S)·n + n·d)
-    memory per head (causal: O(N·32·n) saved for the backward).
+    Cost: O((T + S)·n·d) time (causal: + O(N·C·(n + d)) for chunks of ``C``);
+    O((T + S)·n + n·d) memory per head.
     """
 
     capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
@@ -83,87 +86,62 @@ class ABC(EfficientAttention):
         bsz, n, d = q.shape[0], self.num_landmarks, self.head_dim
         zeros = q.new_zeros(bsz, self.num_heads, n, d)
         return {
-            "mem_k": zeros,  # Σ e^{a_jl - max_l} k_j
-            "mem_v": zeros,  # Σ e^{a_jl - max_l} v_j
-            "mem_norm": zeros[..., 0],  # Σ e^{a_jl - max_l}
-            "mem_max": torch.full_like(zeros[..., 0], float("-inf")),  # running max_l of a_jl
+            "mem_k": zeros,  # Σ_j e^{a_jl - c} k_j at the running max c
+            "mem_v": zeros,  # Σ_j e^{a_jl - c} v_j
+            "mem_norm": zeros[..., 0],  # Σ_j e^{a_jl - c}
+            "mem_max": q.new_full((bsz, self.num_heads, 1), float("-inf")),  # c: running max of the slot scores
         }
 
     @staticmethod
-    def _rescale(state: Dict[str, Tensor], a: Tensor) -> Tensor:
-        """Raise the per-slot running max to cover ``a``; rescale the sums; return ``e^{a - max}``."""
-        old = state["mem_max"]
-        new = torch.maximum(old, a.detach().amax(-2)) if a.shape[-2] else old
-        safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-        scale = torch.where(torch.isfinite(old), torch.exp(old - safe), torch.zeros_like(safe))
-        state["mem_k"] = state["mem_k"] * scale.unsqueeze(-1)
-        state["mem_v"] = state["mem_v"] * scale.unsqueeze(-1)
-        state["mem_norm"] = state["mem_norm"] * scale
-        state["mem_max"] = new
-        return torch.exp(a - safe.unsqueeze(-2))
+    def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+        """fp16 would overflow on ``1 / normaliser`` (above 65504): it runs the kernels in fp32."""
+        return torch.float32 if dtype == torch.float16 else dtype
 
-    @staticmethod
-    def _absorb(state: Dict[str, Tensor], e: Tensor, k: Tensor, v: Tensor) -> None:
-        state["mem_k"] = state["mem_k"] + torch.matmul(e.transpose(-1, -2), k)
-        state["mem_v"] = state["mem_v"] + torch.matmul(e.transpose(-1, -2), v)
-        state["mem_norm"] = state["mem_norm"] + e.sum(-2)
+    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor],
+                dtype: torch.dtype) -> Tensor:
+        """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past).
 
-    def _chunk(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Dict[str, Tensor]) -> Tensor:
-        """Queries aligned with keys: query ``i`` reads the memory of the past and of keys ``<= i`` here.
-
-        Stabilised per query and slot by the running max ``c_il`` of the scores it sees (never by a
-        later key): key ``j`` weighs ``e^{a_jl - c_jl} e^{c_jl - c_il}``, the past ``e^{max_l - c_il}``.
+        Three causal linear attentions (:func:`linear_attention`) with the slot weights
+        ``e_j = exp(a_j - c_j)`` (``c_j``: running max of the scores so far, carried by the log decay
+        ``c_{j-1} - c_j``, so query ``i`` sees ``exp(a_jl - c_i)``): the slot scores
+        ``Σ_j (q_i·k_j) e_jl`` (features ``q, k``, values ``e``), the normalisers ``Σ_j e_jl`` (unit
+        features), then, with ``r_i = softmax_l(scores / normaliser) / normaliser``, the output
+        ``Σ_j (r_i·e_j) v_j`` (features ``r, e``).  Casts to ``dtype`` for the kernels.
         """
-        c = q.shape[-2]
-        past = state["mem_max"]  # (B, H, n)
-        run = torch.maximum(torch.cummax(a.detach(), dim=-2).values, past.unsqueeze(-2))  # (B, H, c, n)
+        tgt_len, src_len = q.shape[-2], k.shape[-2]
+        blind = max(tgt_len - src_len, 0)  # queries before the first key see nothing
+        if src_len == 0:
+            return q.new_zeros(*q.shape[:-1], v.shape[-1])
+        q = q[..., blind:, :]
+        a = self._slot_scores(k, kpm)  # (B, H, S, n)
+        past = state["mem_max"]  # (B, H, 1)
+        run = torch.maximum(torch.cummax(a.detach().amax(-1), dim=-1).values, past)  # (B, H, S)
         safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
-        e = torch.exp(a - safe)  # key j at its own running max
-        future = causal_mask(c, c, device=q.device)
-        rel = (safe.unsqueeze(-3) - safe.unsqueeze(-2)).masked_fill(future.unsqueeze(-1), float("-inf"))
-        g = e.unsqueeze(-3) * torch.exp(rel)  # (B, H, i, j, n): weight of key j in query i's slot sums
-        carry = torch.where(torch.isfinite(past).unsqueeze(-2), torch.exp(past.unsqueeze(-2) - safe), torch.zeros_like(safe))
-        norm = carry * state["mem_norm"].unsqueeze(-2) + g.sum(-2)  # (B, H, c, n)
-        qk = torch.matmul(q, k.transpose(-1, -2))
-        num = carry * torch.matmul(q, state["mem_k"].transpose(-1, -2)) + torch.einsum("bhij,bhijn->bhin", qk, g)
-        empty = norm <= 0
+        prev = torch.cat([past, run[..., :-1]], dim=-1)
+        decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
+        e = torch.exp(a - safe.unsqueeze(-1)).to(dtype)
+        opts = dict(causal=True, log_decay=decay, normalize=False, return_state=True)
+        num, (mem_k, _) = linear_attention(q.to(dtype), k.to(dtype), e, initial_state=(state["mem_k"].transpose(-1, -2),
+                                                                                         None), **opts)
+        unit_q, unit_k = q.new_ones(*q.shape[:-1], 1).to(dtype), k.new_ones(*k.shape[:-1], 1).to(dtype)
+        norm, (mem_norm, _) = linear_attention(unit_q, unit_k, e, initial_state=(state["mem_norm"].unsqueeze(-2), None),
+                                               **opts)
+        empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
-        r = probs / safe_norm  # (B, H, c, n): weight of each slot's unnormalised value sum
-        out = torch.matmul(r * carry, state["mem_v"]) + torch.matmul(torch.einsum("bhin,bhijn->bhij", r, g), v)
-        last = safe[..., -1, :]  # the memory moves to the scale of the chunk's last position
-        to_last = e * torch.exp(safe - last.unsqueeze(-2))
-        keep = torch.where(torch.isfinite(past), torch.exp(past - last), torch.zeros_like(last))
-        state["mem_k"] = state["mem_k"] * keep.unsqueeze(-1)
-        state["mem_v"] = state["mem_v"] * keep.unsqueeze(-1)
-        state["mem_norm"] = state["mem_norm"] * keep
-        state["mem_max"] = run[..., -1, :]
-        self._absorb(state, to_last, k, v)
-        return out
-
-    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
-        """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past)."""
-        a = self._slot_scores(k, kpm)
-        offset = k.shape[-2] - q.shape[-2]
-        if offset > 0:  # keys every query sees
-            self._absorb(state, self._rescale(state, a[..., :offset, :]), k[..., :offset, :], v[..., :offset, :])
-            a, k, v = a[..., offset:, :], k[..., offset:, :], v[..., offset:, :]
-        blind = max(-offset, 0)  # queries before the first key see nothing
-        outs = [q.new_zeros(*q.shape[:2], blind, v.shape[-1])]
-        q = q[..., blind:, :]
-        # split (not slicing in a loop): its backward concatenates once instead of one full-size gradient per chunk
-        for q_c, k_c, v_c, a_c in zip(*(t.split(_CHUNK, dim=-2) for t in (q, k, v, a))):
-            outs.append(self._chunk(q_c, k_c, v_c, a_c, state))
-        return torch.cat(outs, dim=-2)
+        r = (probs / safe_norm).to(dtype)  # weight of each slot's unnormalised value sum
+        out, (state["mem_v"], _) = linear_attention(r, e, v.to(dtype), initial_state=(state["mem_v"], None), **opts)
+        state["mem_k"], state["mem_norm"], state["mem_max"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2), run[..., -1:]
+        return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         dtype = acc_dtype(q.dtype)
         q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
         if self.causal:
-            out = self._causal(q32, k32, v32, masks.key_padding, self._new_state(q32))
+            out = self._causal(q32, k32, v32, masks.key_padding, self._new_state(q32), self._kernel_dtype(q.dtype))
         else:
             out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
         return out.to(q.dtype), None
@@ -181,6 +159,6 @@ class ABC(EfficientAttention):
             raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")
         names = ("mem_k", "mem_v", "mem_norm", "mem_max")
         sums = {n: state[n] for n in names} if "mem_k" in state else self._new_state(q32)
-        out = self._causal(q32, k.to(dtype), v.to(dtype), kpm, sums)
+        out = self._causal(q32, k.to(dtype), v.to(dtype), kpm, sums, self._kernel_dtype(q.dtype))
         state.update(sums)
         return out.to(q.dtype), None

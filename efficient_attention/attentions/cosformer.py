@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype, causal_linear_attention, safe_divide
+from ..functional import acc_dtype
+from ..kernels.linear_attention import linear_attention
 from ..registry import register_attention
 
 __all__ = ["CosformerAttention", "cosFormer"]
@@ -23,7 +24,6 @@ __all__ = ["CosformerAttention", "cosFormer"]
 logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = ("relu", "elu")
-_CHUNK = 64
 
 
 @register_attention("cosformer", "cos_former")
@@ -34,20 +34,25 @@ class CosformerAttention(EfficientAttention):
     ``1 + elu``, ``out_i = Σ_j s_ij v_j / Σ_j s_ij`` (0 when nothing is attended);
     ``p`` are positions (0-based; causal queries are the last ``T`` of ``S``).
 
-    ``M``: ``max_len`` when set, else the longer of the query and key lengths
-    of the call (the paper's choice); positions must stay below ``M``.
+    ``M``: ``max_len`` when set, else the longer of the real (unpadded) query
+    and key lengths of each batch item (the paper's choice), with positions
+    counting real tokens only, so padding never changes the output; positions
+    must stay below ``M``.
     Incremental decoding cannot know the final length, so it needs a fixed
     ``M``: causal decoding requires ``max_len`` (``ValueError`` otherwise), and
-    ``static_kv`` cross decoding uses ``max_len`` or, if unset, ``M = S`` (the
-    key length, equal to the paper's ``M`` whenever ``T <= S``; a query past
-    position ``S`` then raises).  With the same ``M``, decoding equals the full
-    forward exactly.
+    ``static_kv`` cross decoding uses ``max_len`` or, if unset, ``M`` = the
+    number of real keys (equal to the paper's ``M`` whenever ``T`` is not
+    longer; a query past that position then raises).  The fairseq and ParaGen
+    plugins pass their maximum positions as ``max_len``.  With the same ``M``,
+    decoding equals the full forward exactly.
 
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``.  Patterns: noncausal
-    self, causal self (running sums by chunks of 64; constant-state decoding),
+    self, causal self (:func:`~efficient_attention.kernels.linear_attention.linear_attention`'s
+    chunked kernels; constant-state decoding),
     noncausal cross (``static_kv`` caches ``Σ φ̂(k) vᵀ``).  ``key_padding_mask``
     honoured; an arbitrary ``attn_mask`` is not; no attention dropout (the
-    paper has none).  Half inputs compute in fp32.
+    paper has none).  Half inputs: features in fp32, rounded to the input dtype
+    for the kernels, which accumulate in fp32.
 
     Cost: O((T + S)·d²) time, O((T + S)·d + d²) memory per head.
     """
@@ -74,15 +79,15 @@ class CosformerAttention(EfficientAttention):
             logger.info("cosFormer applies no attention dropout (dropout=%s is unused)", self.dropout_p)
 
     # --------------------------------------------------------------- features
-    def _features(self, x: Tensor, start: int, m_len: int, kpm: Optional[Tensor] = None) -> Tensor:
-        """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` with ``θ_p = π p / 2M`` for positions ``start..``."""
+    def _features(self, x: Tensor, pos: Tensor, m_len: Tensor, kpm: Optional[Tensor] = None) -> Tensor:
+        """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)``, ``θ = π pos / 2M``; ``pos`` ``(B or 1, L)``, ``m_len``
+        ``(B or 1, 1)`` (both float)."""
         x = x.to(acc_dtype(x.dtype))
         x = F.relu(x) if self.act_fun == "relu" else 1.0 + F.elu(x)
         if kpm is not None:
             x = x.masked_fill(kpm[:, None, :, None], 0.0)
-        pos = torch.arange(start, start + x.shape[-2], device=x.device, dtype=x.dtype)
-        theta = (math.pi / 2 / m_len) * pos
-        return torch.cat([x * torch.cos(theta)[:, None], x * torch.sin(theta)[:, None]], dim=-1)
+        theta = ((math.pi / 2) * pos.to(x.dtype) / m_len.to(x.dtype))[:, None, :, None]  # (B, 1, L, 1)
+        return torch.cat([x * torch.cos(theta), x * torch.sin(theta)], dim=-1)
 
     def _check_len(self, needed: int, m_len: int) -> None:
         if needed > m_len:
@@ -91,45 +96,63 @@ class CosformerAttention(EfficientAttention):
                 f"below M (set max_len >= {needed})"
             )
 
-    @staticmethod
-    def _sums(kf: Tensor, v: Tensor):
-        return torch.matmul(kf.transpose(-1, -2), v), kf.sum(-2)
+    def _positions(self, tgt_len: int, src_len: int, kpm: Optional[Tensor], device) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(query positions, key positions, M)`` of a full call.
 
-    @staticmethod
-    def _read(qf: Tensor, kv: Tensor, ks: Tensor) -> Tensor:
-        return safe_divide(torch.matmul(qf, kv), torch.matmul(qf, ks.unsqueeze(-1)).squeeze(-1))
+        With ``max_len``: positions are the indices and ``M = max_len``.  Without: positions count the real
+        (unpadded) keys only and ``M`` is the longer of the real query and key lengths of each batch item,
+        so padding never changes the output.
+        """
+        if self.max_len is not None:
+            self._check_len(max(tgt_len, src_len), self.max_len)
+            m_len = torch.full((1, 1), float(self.max_len), device=device)
+            return (torch.arange(tgt_len, device=device)[None], torch.arange(src_len, device=device)[None], m_len)
+        if kpm is None:
+            m_len = torch.full((1, 1), float(max(tgt_len, src_len, 1)), device=device)
+            return (torch.arange(tgt_len, device=device)[None], torch.arange(src_len, device=device)[None], m_len)
+        valid = ~kpm
+        k_pos = (valid.long().cumsum(-1) - 1).clamp_min(0)  # rank among the real keys
+        count = valid.sum(-1, keepdim=True)  # (B, 1)
+        if self.cross:  # queries are a separate, unpadded sequence
+            return (torch.arange(tgt_len, device=device)[None], k_pos, count.clamp_min(tgt_len).clamp_min(1))
+        # self attention: the queries are the same tokens (causal: the last T of them)
+        return k_pos[:, src_len - tgt_len:], k_pos, count.clamp_min(1)
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         tgt_len, src_len = q.shape[2], k.shape[2]
-        m_len = self.max_len or max(tgt_len, src_len)
-        self._check_len(max(tgt_len, src_len), m_len)
-        v32 = v.to(acc_dtype(v.dtype))
-        kf = self._features(k, 0, m_len, masks.key_padding)
-        if self.causal:  # self attention: T == S, queries aligned with keys
-            qf = self._features(q, 0, m_len)
-            zeros_kv = qf.new_zeros(*qf.shape[:2], qf.shape[-1], v32.shape[-1])
-            num, den, _, _ = causal_linear_attention(qf, kf, v32, zeros_kv, zeros_kv[..., 0], _CHUNK)
-            out = safe_divide(num, den)
-        else:
-            out = self._read(self._features(q, 0, m_len), *self._sums(kf, v32))
-        return out.to(q.dtype), None
+        kpm = masks.key_padding
+        q_pos, k_pos, m_len = self._positions(tgt_len, src_len, kpm, q.device)
+        qf = self._features(q, q_pos, m_len).to(q.dtype)
+        kf = self._features(k, k_pos, m_len, kpm).to(q.dtype)
+        return linear_attention(qf, kf, v, causal=self.causal).to(q.dtype), None
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
         bsz, tgt_len = q.shape[0], q.shape[2]
         kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
         if static_kv:
             if "prev_key" not in state:  # prev_key = Σ φ̂(k) vᵀ, prev_value = Σ φ̂(k): the keys, summarised
-                m_len = self.max_len or k.shape[2]
-                self._check_len(k.shape[2], m_len)
-                state["prev_key"], state["prev_value"] = self._sums(
-                    self._features(k, 0, m_len, kpm), v.to(acc_dtype(v.dtype))
-                )
-                state["m_len"] = torch.full((bsz,), m_len, dtype=torch.long, device=q.device)
+                src_len = k.shape[2]
+                if self.max_len is not None:
+                    self._check_len(src_len, self.max_len)
+                    k_pos = torch.arange(src_len, device=q.device)[None]
+                    m_len = torch.full((bsz,), self.max_len, dtype=torch.long, device=q.device)
+                else:  # M = the number of real keys (the full pass's M whenever T <= that)
+                    valid = torch.ones(bsz, src_len, dtype=torch.bool, device=q.device) if kpm is None else ~kpm
+                    k_pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
+                    m_len = valid.sum(-1).clamp_min(1)
+                kf = self._features(k, k_pos, m_len[:, None], kpm).to(q.dtype)
+                _, (state["prev_key"], state["prev_value"]) = linear_attention(
+                    kf[..., :0, :], kf, v, causal=False, return_state=True)
+                state["m_len"] = m_len
                 state["q_pos"] = torch.zeros(bsz, dtype=torch.long, device=q.device)
-            m_len, start = int(state["m_len"][0]), int(state["q_pos"][0])
-            self._check_len(start + tgt_len, m_len)
-            out = self._read(self._features(q, start, m_len), state["prev_key"], state["prev_value"])
+            start = int(state["q_pos"][0])
+            self._check_len(start + tgt_len, int(state["m_len"].min()))
+            q_pos = torch.arange(start, start + tgt_len, device=q.device)[None]
+            qf = self._features(q, q_pos, state["m_len"][:, None])
+            kv, ks = state["prev_key"], state["prev_value"]
+            no_keys, no_values = qf[..., :0, :], kv.new_empty(*kv.shape[:2], 0, kv.shape[-1]).to(qf.dtype)
+            out = linear_attention(qf, no_keys, no_values, causal=False, initial_state=(kv, ks))
             state["q_pos"] = state["q_pos"] + tgt_len
             return out.to(q.dtype), None
         if self.max_len is None:
@@ -142,17 +165,15 @@ class CosformerAttention(EfficientAttention):
             raise ValueError(f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}")
         start = int(state["pos"][0]) if "pos" in state else 0
         self._check_len(start + src_len, self.max_len)
-        v32 = v.to(acc_dtype(v.dtype))
-        qf = self._features(q, start, self.max_len)
-        kf = self._features(k, start, self.max_len, kpm)
-        if "kv_sum" in state:
-            kv, ks = state["kv_sum"], state["k_sum"]
-        else:
-            kv = qf.new_zeros(*qf.shape[:2], qf.shape[-1], v32.shape[-1])
-            ks = kv[..., 0]
-        num, den, state["kv_sum"], state["k_sum"] = causal_linear_attention(qf, kf, v32, kv, ks, _CHUNK)
+        pos = torch.arange(start, start + src_len, device=q.device)[None]
+        m_len = torch.full((1, 1), float(self.max_len), device=q.device)
+        qf = self._features(q, pos, m_len).to(q.dtype)
+        kf = self._features(k, pos, m_len, kpm).to(q.dtype)
+        init = (state["kv_sum"], state["k_sum"]) if "kv_sum" in state else None
+        out, (state["kv_sum"], state["k_sum"]) = linear_attention(
+            qf, kf, v, causal=True, initial_state=init, return_state=True)
         state["pos"] = torch.full((bsz,), start + src_len, dtype=torch.long, device=q.device)
-        return safe_divide(num, den).to(q.dtype), None
+        return out.to(q.dtype), None
 
 
 cosFormer = CosformerAttention

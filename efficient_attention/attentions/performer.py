@@ -13,16 +13,13 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, safe_divide
-from ..masks import causal_mask
+from ..functional import acc_dtype
+from ..kernels.linear_attention import linear_attention
 from ..registry import register_attention
 
 __all__ = ["Performer"]
 
 logger = logging.getLogger(__name__)
-
-_CHUNK = 64  # causal chunk length: memory O(N·m·d / _CHUNK) for the saved running sums
-
 
 def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, device=None) -> Tensor:
     """``(num_rows, dim)`` Gaussian projection; rows orthogonal within each block of ``dim``.
@@ -53,14 +50,16 @@ class Performer(EfficientAttention):
 
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``; ``W`` is the buffer
     ``projection_matrix`` ``(approx_attn_dim, d)`` shared by the heads and
-    saved in the ``state_dict``.  It is redrawn every
+    saved in the ``state_dict`` (with the redraw counter).  It is redrawn every
     ``feature_redraw_interval`` training forwards; evaluation is deterministic.
 
-    Patterns: all four.  Causal attention uses running sums ``Σ φ(k) vᵀ`` and
-    ``Σ φ(k)`` computed by chunks of 64 (never an ``(N, m, d)`` tensor), and
-    decoding keeps only those sums (constant state).  ``key_padding_mask`` is
+    Patterns: all four, through :func:`~efficient_attention.kernels.linear_attention.linear_attention`
+    (causal: its chunked kernels, the running sums ``Σ φ(k) vᵀ``, ``Σ φ(k)`` never
+    materialised per position; prefill hands its final sums to decoding, which
+    keeps only those sums: constant state).  ``key_padding_mask`` is
     honoured; an arbitrary ``attn_mask`` is not (only the causal one).  No
-    attention dropout (the paper has none).  Half inputs compute in fp32.
+    attention dropout (the paper has none).  Half inputs: features are computed in
+    fp32 and rounded to the input dtype for the kernels, which accumulate in fp32.
 
     Cost: O((T + S)·m·d) time and O((T + S)·m + m·d) memory per head.
     """
@@ -107,6 +106,16 @@ class Performer(EfficientAttention):
         self.projection_matrix.copy_(w.to(self.projection_matrix.dtype))
         self._forwards_since_redraw = 0
 
+    def get_extra_state(self) -> dict:
+        """The redraw counter travels with the ``state_dict``, so a resumed run redraws at the same steps."""
+        return {"forwards_since_redraw": self._forwards_since_redraw}
+
+    def set_extra_state(self, state: dict) -> None:
+        count = state.get("forwards_since_redraw") if isinstance(state, dict) else None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"Performer extra state must hold forwards_since_redraw >= 0, got {state!r}")
+        self._forwards_since_redraw = count
+
     def _maybe_redraw(self) -> None:
         if self.training and self.feature_redraw_interval > 0:
             if self._forwards_since_redraw >= self.feature_redraw_interval:
@@ -137,11 +146,15 @@ class Performer(EfficientAttention):
             return logits.new_full((*logits.shape[:2], 1, 1), float("-inf"))
         return logits.detach().amax(dim=(-1, -2), keepdim=True)
 
-    def _key_sums(self, logits: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    @staticmethod
+    def _finite(x: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+    def _key_sums(self, logits: Tensor, v: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """Non-causal ``(Σ φ(k) vᵀ, Σ φ(k))`` with the global key max subtracted."""
-        mx = self._max(logits)
-        kf = torch.exp(logits - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
-        return torch.matmul(kf.transpose(-1, -2), v), kf.sum(-2)
+        kf = torch.exp(logits - self._finite(self._max(logits)))
+        _, sums = linear_attention(kf[..., :0, :].to(dtype), kf.to(dtype), v, causal=False, return_state=True)
+        return sums
 
     # ----------------------------------------------------------------- causal
     def _new_state(self, q: Tensor, dtype: torch.dtype) -> Dict[str, Tensor]:
@@ -152,90 +165,59 @@ class Performer(EfficientAttention):
             "k_max": q.new_full((bsz, heads, 1, 1), float("-inf"), dtype=dtype),
         }
 
-    @staticmethod
-    def _rescale(state: Dict[str, Tensor], logits: Tensor) -> Tensor:
-        """Raise the running max to cover ``logits``; rescale the sums; return the new key features."""
-        new_max = torch.maximum(state["k_max"], Performer._max(logits))
-        finite = torch.isfinite(new_max)
-        safe_max = torch.where(finite, new_max, torch.zeros_like(new_max))
-        scale = torch.where(torch.isfinite(state["k_max"]), torch.exp(state["k_max"] - safe_max), torch.zeros_like(safe_max))
-        state["kv_sum"] = state["kv_sum"] * scale
-        state["k_sum"] = state["k_sum"] * scale.squeeze(-1)
-        state["k_max"] = new_max
-        return torch.exp(logits - safe_max)
+    def _causal(self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Dict[str, Tensor], dtype) -> Tensor:
+        """Causal FAVOR+ for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past).
 
-    def _causal(self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Dict[str, Tensor]) -> Tensor:
-        """Causal FAVOR+ for queries that are the last ``T`` of the ``S`` new keys (state holds the past)."""
+        Key ``j`` enters at the running max ``c_j`` of the key logits so far (never a later key's, so a large
+        future key cannot underflow the past): features ``exp(logit_j - c_j)`` and the log decay
+        ``c_{j-1} - c_j`` of :func:`linear_attention` carry the sums to each query's scale.
+        """
         tgt_len, src_len = qf.shape[-2], k_logits.shape[-2]
-        offset = src_len - tgt_len
-        if offset > 0:  # keys every query sees
-            kf = self._rescale(state, k_logits[..., :offset, :])
-            state["kv_sum"] = state["kv_sum"] + torch.matmul(kf.transpose(-1, -2), v[..., :offset, :])
-            state["k_sum"] = state["k_sum"] + kf.sum(-2)
-            k_logits, v = k_logits[..., offset:, :], v[..., offset:, :]
-        blind = max(-offset, 0)  # queries before the first key see nothing
-        outs = [qf.new_zeros(*qf.shape[:2], blind, v.shape[-1])]
-        qf = qf[..., blind:, :]
-        # split (not slicing in a loop): its backward concatenates once instead of one full-size gradient per chunk
-        for q_c, k_c, v_c in zip(*(t.split(_CHUNK, dim=-2) for t in (qf, k_logits, v))):
-            outs.append(self._chunk(q_c, k_c, v_c, state))
-        return torch.cat(outs, dim=-2)
-
-    @staticmethod
-    def _chunk(qf: Tensor, logits: Tensor, v: Tensor, state: Dict[str, Tensor]) -> Tensor:
-        """One chunk of aligned queries/keys.  Query ``i`` is stabilised by the running max ``c_i`` of
-        the keys ``<= i`` only (so a large future key never underflows the past): key ``j`` enters
-        with ``exp(logit_j - c_j) · exp(c_j - c_i)`` and the running sums with ``exp(max_past - c_i)``."""
-        neg_inf = float("-inf")
-        past_max = state["k_max"].flatten(2)  # (B, H, 1)
-        run = torch.maximum(torch.cummax(logits.detach().amax(-1), dim=-1).values, past_max)  # (B, H, c)
-        safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
-        e = torch.exp(logits - safe.unsqueeze(-1))  # (B, H, c, m), each key at its own running max
-        c = logits.shape[-2]
-        rel = (safe.unsqueeze(-2) - safe.unsqueeze(-1)).masked_fill(causal_mask(c, c, device=e.device), neg_inf)
-        intra = torch.matmul(qf, e.transpose(-1, -2)) * torch.exp(rel)  # (B, H, c_i, c_j), exp(c_j - c_i)
-        finite_past = torch.isfinite(past_max)
-        past = torch.where(finite_past, torch.exp(past_max - safe), torch.zeros_like(safe))  # (B, H, c)
-        num = torch.matmul(intra, v) + past.unsqueeze(-1) * torch.matmul(qf, state["kv_sum"])
-        den = intra.sum(-1) + past * torch.matmul(qf, state["k_sum"].unsqueeze(-1)).squeeze(-1)
-        last = safe[..., -1:]  # the sums move to the scale of the chunk's last position
-        to_last = e * torch.exp(safe - last).unsqueeze(-1)
-        carry = torch.where(finite_past, torch.exp(past_max - last), torch.zeros_like(last))
-        state["kv_sum"] = state["kv_sum"] * carry.unsqueeze(-1) + torch.matmul(to_last.transpose(-1, -2), v)
-        state["k_sum"] = state["k_sum"] * carry + to_last.sum(-2)
+        blind = max(tgt_len - src_len, 0)  # queries before the first key see nothing
+        if src_len == 0:
+            return qf.new_zeros(*qf.shape[:-1], v.shape[-1])
+        past = state["k_max"].flatten(2)  # (B, H, 1)
+        run = torch.maximum(torch.cummax(k_logits.detach().amax(-1), dim=-1).values, past)  # c (B, H, S)
+        safe = self._finite(run)
+        prev = torch.cat([past, run[..., :-1]], dim=-1)
+        decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
+        kf = torch.exp(k_logits - safe.unsqueeze(-1))
+        out, (state["kv_sum"], state["k_sum"]) = linear_attention(
+            qf[..., blind:, :].to(dtype), kf.to(dtype), v, causal=True, log_decay=decay,
+            initial_state=(state["kv_sum"], state["k_sum"]), return_state=True,
+        )
         state["k_max"] = run[..., -1:].unsqueeze(-1)
-        return safe_divide(num, den)
+        return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         self._maybe_redraw()
-        dtype = acc_dtype(q.dtype)
         qf = self._query_features(q)
         k_logits = self._key_logits(k, masks.key_padding)
-        v32 = v.to(dtype)
         if self.causal:
-            out = self._causal(qf, k_logits, v32, self._new_state(q, dtype))
+            out = self._causal(qf, k_logits, v, self._new_state(q, acc_dtype(q.dtype)), q.dtype)
         else:
-            kv, ks = self._key_sums(k_logits, v32)
-            out = safe_divide(torch.matmul(qf, kv), torch.matmul(qf, ks.unsqueeze(-1)).squeeze(-1))
+            kf = torch.exp(k_logits - self._finite(self._max(k_logits)))
+            out = linear_attention(qf.to(q.dtype), kf.to(q.dtype), v, causal=False)
         return out.to(q.dtype), None
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
         tgt_len = q.shape[2]
         kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
-        dtype = acc_dtype(q.dtype)
         qf = self._query_features(q)
         if static_kv:
             if "prev_key" not in state:  # keys are summarised once: prev_key = Σφ(k)vᵀ, prev_value = Σφ(k)
-                state["prev_key"], state["prev_value"] = self._key_sums(self._key_logits(k, kpm), v.to(dtype))
+                state["prev_key"], state["prev_value"] = self._key_sums(self._key_logits(k, kpm), v, q.dtype)
             kv, ks = state["prev_key"], state["prev_value"]
-            out = safe_divide(torch.matmul(qf, kv), torch.matmul(qf, ks.unsqueeze(-1)).squeeze(-1))
+            no_keys, no_values = qf[..., :0, :], kv.new_empty(*kv.shape[:2], 0, kv.shape[-1])
+            out = linear_attention(qf, no_keys, no_values.to(qf.dtype), causal=False, initial_state=(kv, ks))
             return out.to(q.dtype), None
         if k.shape[2] < tgt_len and "kv_sum" in state:
             raise ValueError(
                 f"Performer decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})"
             )
+        dtype = acc_dtype(q.dtype)
         sums = {n: state[n] for n in ("kv_sum", "k_sum", "k_max")} if "kv_sum" in state else self._new_state(q, dtype)
-        out = self._causal(qf, self._key_logits(k, kpm), v.to(dtype), sums)
+        out = self._causal(qf, self._key_logits(k, kpm), v, sums, q.dtype)
         state.update(sums)
         return out.to(q.dtype), None

@@ -5,7 +5,9 @@ Public entry points (``(B, H, N, d)`` tensors; each returns ``(out, lse)``):
 * :func:`sliding_window_attention` -- attention within a
   :class:`~efficient_attention.local_window.LocalWindow` band;
 * :func:`block_sparse_attention` -- attention over the kept blocks of a
-  per-head block layout.
+  per-head block layout;
+* :func:`linear_attention` -- (causal) linear attention with an optional per-position
+  decay, initial and final states (``linear_attention.py``; the linear family's engine).
 
 Each entry dispatches to the fastest backend that supports the inputs -- the
 Triton GPU kernels, the C++ CPU kernels (``_C``), else the pure-PyTorch
@@ -13,12 +15,14 @@ reference path (``reference.py``) -- and logs why it fell back
 (:func:`not_supported_reasons` returns the reasons for given inputs).
 """
 from .dispatch import choose_backend, not_supported_reasons
+from .linear_attention import linear_attention
 from .ops import block_sparse_attention, sliding_window_attention
 from .reference import check_layout
 
 __all__ = [
     "sliding_window_attention",
     "block_sparse_attention",
+    "linear_attention",
     "check_layout",
     "not_supported_reasons",
     "choose_backend",

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["not_supported_reasons", "choose_backend", "triton_reason"]
 
-OPS = ("sliding_window", "block_sparse")
+OPS = ("sliding_window", "block_sparse", "linear_attention")
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -95,6 +95,8 @@ def not_supported_reasons(
     """Per fast backend (``"triton"``, ``"cpu"``), why it cannot run ``op`` on these inputs ([] = it can)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if op == "linear_attention":
+        return _linear_reasons(q, k, v)
     common = _common(q, k, v, dropout_p)
     if exclude_self:
         common.append("the window excludes each query's own key (LocalWindow.exclude_self, shared_qk), "
@@ -125,11 +127,37 @@ def not_supported_reasons(
     return {"triton": gpu, "cpu": cpu}
 
 
+LINEAR_MAX_FEATURES = 256
+LINEAR_MAX_VALUE_DIM = 129  # a head dim of 128 plus the normaliser's ones column
+
+
+def _linear_reasons(q: Tensor, k: Tensor, v: Tensor) -> Dict[str, List[str]]:
+    """Causal chunked linear attention (``linear_attention.py``): ``"triton"`` on CUDA, else ``"chunked"``
+    (batched PyTorch matmuls, any device and dtype)."""
+    gpu = []
+    if not (q.device == k.device == v.device):
+        gpu.append("q, k, v are on different devices")
+    if q.device.type != "cuda":
+        gpu.append(f"tensors are on {q.device.type}, not CUDA")
+    else:
+        why = triton_reason()
+        if why:
+            gpu.append(why)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TRITON_DTYPES:
+        gpu.append(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernels need one dtype of {TRITON_DTYPES}")
+    if q.shape[-1] > LINEAR_MAX_FEATURES:
+        gpu.append(f"{q.shape[-1]} features: the kernels hold at most {LINEAR_MAX_FEATURES} per program")
+    if v.shape[-1] > LINEAR_MAX_VALUE_DIM:
+        gpu.append(f"value dim {v.shape[-1]} is above {LINEAR_MAX_VALUE_DIM - 1}")
+    return {"triton": gpu, "chunked": []}
+
+
 def choose_backend(
     op: str, q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, block_size: Optional[int] = None,
     exclude_self: bool = False,
 ) -> str:
-    """``"triton"``, ``"cpu"`` or ``"reference"`` for these inputs (logs why a fallback happened, once).
+    """``"triton"``, ``"cpu"`` (``"chunked"`` for ``linear_attention``) or ``"reference"`` for these inputs
+    (logs why a fallback happened, once).
 
     Decisions are cached by everything they depend on, so repeated calls cost a dict lookup.
     """
@@ -147,10 +175,18 @@ def choose_backend(
     return backend
 
 
+def _log_once(level: int, msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        logger.log(level, msg)
+
+
 def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
     reasons = not_supported_reasons(op, q, k, v, dropout_p=dropout_p, block_size=block_size, exclude_self=exclude_self)
-    for backend in ("triton", "cpu"):
+    for backend in reasons:  # the fast backends, fastest first
         if not reasons[backend]:
+            if backend == "chunked" and q.device.type == "cuda" and not compiling:
+                _log_once(logging.WARNING, f"{op}: using the PyTorch chunked path because " + "; ".join(reasons["triton"]))
             return backend
     if not compiling:
         relevant = reasons["triton"] if q.device.type == "cuda" else reasons["cpu"]

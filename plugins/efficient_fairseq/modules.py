@@ -33,8 +33,15 @@ __all__ = [
 ]
 
 
-def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, **kwargs):
-    """Build the attention module of one role; errors name the flag and the mechanism."""
+def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, *, max_positions: Optional[int] = None,
+                         **kwargs):
+    """Build the attention module of one role; errors name the flag and the mechanism.
+
+    ``max_positions`` (the model's longest sequence) becomes ``max_len`` of a mechanism that has that
+    option (cosFormer's fixed ``M``, which decoding needs) unless ``--*-max-len`` sets it.
+    """
+    if max_positions is not None and "max_len" in choice.cls.options() and "max_len" not in choice.options:
+        kwargs["max_len"] = max_positions
     # The registry class itself: it has fairseq's constructor, forward and incremental-state
     # protocol; the layers never pass fairseq's dictionary / xformers keywords (xformers configs are
     # rejected by the layers).
@@ -47,6 +54,12 @@ def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, **k
         raise
     except (TypeError, ValueError) as err:
         raise type(err)(f"{choice.role.flag} {choice.name} ({choice.describe()}): {err}") from err
+
+
+def _max_positions(*values) -> Optional[int]:
+    """The largest of fairseq's ``max_*_positions`` that are set (positive ints), else ``None``."""
+    ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return max(ints) if ints else None
 
 
 def _with_checkpointing(layer, cfg):
@@ -69,7 +82,7 @@ class EfficientEncoderLayer(TransformerEncoderLayerBase):
             raise ValueError("--encoder-xformers-att-config cannot be combined with efficient-attention mechanisms")
         return build_role_attention(
             self.attention_choices["encoder"], embed_dim, cfg.encoder.attention_heads,
-            dropout=cfg.attention_dropout, self_attention=True,
+            dropout=cfg.attention_dropout, self_attention=True, max_positions=_max_positions(cfg.max_source_positions),
             q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
         )
 
@@ -100,7 +113,8 @@ class EfficientDecoderLayer(TransformerDecoderLayerBase):
         return build_role_attention(
             self.attention_choices["decoder"], embed_dim, cfg.decoder.attention_heads,
             dropout=cfg.attention_dropout, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn,
-            self_attention=True, q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
+            self_attention=True, max_positions=_max_positions(cfg.max_target_positions),
+            q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
         )
 
     def build_encoder_attention(self, embed_dim, cfg):
@@ -108,6 +122,7 @@ class EfficientDecoderLayer(TransformerDecoderLayerBase):
             self.attention_choices["cross"], embed_dim, cfg.decoder.attention_heads,
             kdim=cfg.encoder.embed_dim, vdim=cfg.encoder.embed_dim, dropout=cfg.attention_dropout,
             encoder_decoder_attention=True, q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
+            max_positions=_max_positions(cfg.max_source_positions, cfg.max_target_positions),
         )
 
     def forward(self, x, encoder_out=None, encoder_padding_mask=None, incremental_state=None,

@@ -88,11 +88,13 @@ class EfficientEncoderLayer(_Block):
     def __init__(
         self, d_model: int, n_head: int, *, dim_feedforward: int, dropout: float, attention_dropout: float,
         activation: str, normalize_before: bool, attention: AttentionSpec, where: str,
+        max_positions: Optional[int] = None,
     ):
         super().__init__(d_model, dropout, normalize_before)
         self.where = where
         self.self_attn = attention.build(
-            d_model, n_head, dropout=attention_dropout, cross=False, causal=False, where=f"{where} attention"
+            d_model, n_head, dropout=attention_dropout, cross=False, causal=False, where=f"{where} attention",
+            max_positions=max_positions,
         )
         self.ffn = FeedForward(d_model, dim_feedforward, activation)
         self.self_attn_norm = nn.LayerNorm(d_model)
@@ -119,16 +121,17 @@ class EfficientDecoderLayer(_Block):
     def __init__(
         self, d_model: int, n_head: int, *, dim_feedforward: int, dropout: float, attention_dropout: float,
         activation: str, normalize_before: bool, self_attention: AttentionSpec, cross_attention: AttentionSpec,
-        memory_dim: int, where: str,
+        memory_dim: int, where: str, max_positions: Optional[int] = None,
     ):
         super().__init__(d_model, dropout, normalize_before)
         self.where = where
         self.self_attn = self_attention.build(
-            d_model, n_head, dropout=attention_dropout, cross=False, causal=True, where=f"{where} self_attention"
+            d_model, n_head, dropout=attention_dropout, cross=False, causal=True, where=f"{where} self_attention",
+            max_positions=max_positions,
         )
         self.cross_attn = cross_attention.build(
             d_model, n_head, dropout=attention_dropout, cross=True, causal=False, kdim=memory_dim,
-            where=f"{where} cross_attention",
+            where=f"{where} cross_attention", max_positions=max_positions,
         )
         self.ffn = FeedForward(d_model, dim_feedforward, activation)
         self.self_attn_norm = nn.LayerNorm(d_model)

@@ -117,11 +117,17 @@ class AttentionSpec:
 
     def build(
         self, embed_dim: int, num_heads: int, *, dropout: float, cross: bool, causal: bool, where: str,
-        kdim: Optional[int] = None,
+        kdim: Optional[int] = None, max_positions: Optional[int] = None,
     ) -> EfficientAttention:
-        """Build the module for one layer: options by keyword, pattern from ``cross``/``causal``."""
+        """Build the module for one layer: options by keyword, pattern from ``cross``/``causal``.
+
+        ``max_positions`` (the model's longest sequence) becomes ``max_len`` of a mechanism that has that
+        option (cosFormer's fixed ``M``, which decoding needs) unless the spec sets it.
+        """
         self.check_pattern(Pattern.of(cross=cross, causal=causal), where)
         kwargs: Dict[str, Any] = dict(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, cross=cross, causal=causal)
+        if max_positions is not None and "max_len" in self.cls.options() and "max_len" not in self.options:
+            kwargs["max_len"] = max_positions
         if cross:
             kwargs.update(kdim=kdim, vdim=kdim, encoder_decoder_attention=True)
         else:

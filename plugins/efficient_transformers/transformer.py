@@ -68,6 +68,8 @@ class EfficientEncoder(nn.Module):
         return_seed: also return the first position's state (ParaGen's
             sequence classification reads it); ``keep_seed_in_hidden`` keeps
             that position in the returned states.
+        max_pos: the longest sequence; also the ``max_len`` of a mechanism with that option
+            (cosFormer's fixed ``M``) unless the attention spec sets it.
         The others: as ParaGen's ``TransformerEncoder``.
 
     ``forward(src (B, S))`` returns ``(states (S, B, C), padding (B, S))`` or,
@@ -95,7 +97,7 @@ class EfficientEncoder(nn.Module):
             EfficientEncoderLayer(
                 d_model, n_head, dim_feedforward=dim_feedforward, dropout=dropout, attention_dropout=attention_dropout,
                 activation=activation, normalize_before=normalize_before, attention=self.attention,
-                where=f"encoder layer {i}",
+                where=f"encoder layer {i}", max_positions=max_pos,
             )
             for i in range(num_layers)
         )
@@ -127,6 +129,8 @@ class EfficientDecoder(nn.Module):
         out_proj: projection to the vocabulary (default: tied to ``embed``).
         output_bias: add a learned bias to the logits.
         memory_dim: encoder feature size (default ``d_model``).
+        max_pos: the longest sequence; also the ``max_len`` of a mechanism with that option
+            (cosFormer's fixed ``M``, self and cross) unless the attention spec sets it.
         The others: as ParaGen's ``TransformerDecoder``.
 
     ``forward(tgt (B, T), memory (S, B, C), memory_padding_mask (B, S))``
@@ -158,6 +162,7 @@ class EfficientDecoder(nn.Module):
                 d_model, n_head, dim_feedforward=dim_feedforward, dropout=dropout, attention_dropout=attention_dropout,
                 activation=activation, normalize_before=normalize_before, self_attention=self.self_attention,
                 cross_attention=self.cross_attention, memory_dim=memory_dim, where=f"decoder layer {i}",
+                max_positions=max_pos,
             )
             for i in range(num_layers)
         )

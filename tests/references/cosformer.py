@@ -7,13 +7,25 @@ import torch.nn.functional as F
 from . import merge_and_project, project_heads, reference
 
 
-def cosformer_scores(m, q, k):
-    """(T, S) re-weighted similarities of one head, with M and the positions the module uses."""
+def cosformer_scores(m, q, k, padding=None):
+    """(T, S) re-weighted similarities of one head, with M and the positions the module uses.
+
+    ``padding`` (S,) bool: without ``max_len``, positions count the real keys only and M is the longer
+    of the real lengths (self attention: the queries are the same tokens as the last T keys).
+    """
     tgt_len, src_len = q.shape[0], k.shape[0]
-    big_m = m.max_len or max(tgt_len, src_len)
     act = F.relu if m.act_fun == "relu" else (lambda x: 1 + F.elu(x))
     i = torch.arange(tgt_len, dtype=q.dtype)[:, None]
     j = torch.arange(src_len, dtype=q.dtype)[None, :]
+    big_m = m.max_len or max(tgt_len, src_len)
+    if m.max_len is None and padding is not None:
+        real = int((~padding).sum())
+        rank = (torch.cumsum((~padding).to(q.dtype), 0) - 1).clamp_min(0)
+        j = rank[None, :]
+        if m.cross:
+            big_m = max(tgt_len, real, 1)
+        else:
+            i, big_m = rank[src_len - tgt_len:, None], max(real, 1)
     return (act(q) @ act(k).t()) * torch.cos(math.pi * (i - j) / (2 * big_m))
 
 
@@ -28,7 +40,7 @@ def cosformer_reference(m, query, key, value, *, key_padding_mask=None, attn_mas
     out = torch.zeros_like(q)
     for b in range(bsz):
         for h in range(heads):
-            s = cosformer_scores(m, q[b, h], k[b, h])
+            s = cosformer_scores(m, q[b, h], k[b, h], None if key_padding_mask is None else key_padding_mask[b])
             for i in range(tgt_len):
                 for j in range(src_len):
                     if (m.causal and j > i + src_len - tgt_len) or (key_padding_mask is not None and key_padding_mask[b, j]):

@@ -1,0 +1,349 @@
+"""Chunked linear attention (with an optional per-position scalar decay), the engine of the linear family.
+
+Math (per batch and head; ``q`` ``(T, m)`` query features, ``k`` ``(S, m)`` key features, ``v`` ``(S, d)``):
+
+* causal (``T == S``, query ``t`` aligned with key ``t``): a state ``H (m, d)`` and normaliser ``z (m)``
+  run over the positions, ``H_t = e^{g_t} H_{t-1} + k_t v_tᵀ``, ``z_t = e^{g_t} z_{t-1} + k_t``, and
+  ``num_t = q_t H_t``, ``den_t = q_t · z_t``.  ``H_0, z_0`` come from ``initial_state`` (zeros by default);
+  ``g`` (``log_decay`` ``(B, H, S)``, <= 0 for stability, a constant: no gradient flows into it) is 0
+  when not given.  With ``T < S`` the queries are the last ``T`` positions.
+* noncausal: ``num_t = q_t (H_0 + Σ_j k_j v_jᵀ)``, ``den_t = q_t · (z_0 + Σ_j k_j)``.
+
+``normalize=True`` returns ``num / den`` (rows with ``den <= 0``, nothing attended, give 0), else
+``num``; the normaliser ``z`` is only tracked when normalizing (else states are ``(H, None)``).  The decay is how a mechanism stabilises exponential features in the log domain: with key
+features ``exp(l_j - c_j)`` scaled by a running max ``c`` (non-decreasing), ``g_t = c_{t-1} - c_t`` makes
+query ``t`` see ``exp(l_j - c_t)`` (Performer, ABC).  ``return_state=True`` also returns the final
+``(H, z)`` (causal: after position ``S``), so a prefill hands its state to decoding.
+
+Backends (:func:`~efficient_attention.kernels.dispatch.not_supported_reasons` with ``"linear_attention"``):
+
+* ``"triton"`` -- CUDA: one program per (batch, head, block of value columns) walks the chunks,
+  masked ``C x C`` product inside a chunk, the state carried in registers across chunks (fp32);
+  the backward runs the chunks backwards for ``dk, dv`` and forwards again for ``dq``
+  (``_triton_linear.py``), registered as the custom op ``efficient_attention::triton_linear_attention``.
+* ``"chunked"`` -- any device, PyTorch: the same chunked algorithm with batched matmuls, the states
+  entering the chunks from one cumsum (no decay) or one ``(N, N)`` decay-weighted matmul over the ``N``
+  chunks; no Python loop.  Half inputs compute in fp32.
+* ``"reference"`` -- float64-friendly quadratic masked form, for tests (:func:`reference_linear_attention`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .dispatch import choose_backend
+
+__all__ = ["linear_attention", "reference_linear_attention", "chunked_linear_attention", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 64
+State = Tuple[Tensor, Tensor]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _divide(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den[..., None]``; rows with ``den <= 0`` give 0 with finite gradients."""
+    empty = den <= 0
+    out = num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)
+    return out.masked_fill(empty.unsqueeze(-1), 0.0)
+
+
+# ----------------------------------------------------------------------------- reference (quadratic)
+def reference_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], initial_state: Optional[State], causal: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(num (B,H,T,d), den (B,H,T), H (B,H,m,d), z (B,H,m))`` by the quadratic masked form (aligned, T == S
+    when causal).  Simple and obviously right; run it in float64 for tests."""
+    dt = _acc(q.dtype)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    bsz, heads, seq, m = k.shape
+    h0 = q.new_zeros(bsz, heads, m, v.shape[-1]) if initial_state is None else initial_state[0].to(dt)
+    z0 = q.new_zeros(bsz, heads, m) if initial_state is None else initial_state[1].to(dt)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, T, S)
+    if not causal:
+        hf, zf = h0 + torch.matmul(k.transpose(-1, -2), v), z0 + k.sum(-2)
+        return torch.matmul(q, hf), torch.matmul(q, zf.unsqueeze(-1)).squeeze(-1), hf, zf
+    cum = torch.zeros(bsz, heads, seq, dtype=dt, device=q.device) if log_decay is None else log_decay.to(dt).cumsum(-1)
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    weight = torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(future, float("-inf")))  # e^{G_t - G_j}
+    a = scores * weight
+    start = torch.exp(cum)  # (B, H, T): what is left of the initial state at t
+    num = torch.matmul(a, v) + start.unsqueeze(-1) * torch.matmul(q, h0)
+    den = a.sum(-1) + start * torch.matmul(q, z0.unsqueeze(-1)).squeeze(-1)
+    to_end = torch.exp(cum[..., -1:] - cum) if seq else cum  # (B, H, S)
+    kd = k * to_end.unsqueeze(-1)
+    last = start[..., -1:] if seq else torch.ones_like(z0[..., :1])
+    hf = last.unsqueeze(-1) * h0 + torch.matmul(kd.transpose(-1, -2), v)
+    zf = last * z0 + kd.sum(-2)
+    return num, den, hf, zf
+
+
+# ------------------------------------------------------------------------------- chunked (PyTorch)
+def chunked_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Optional[Tensor], chunk_size: int
+) -> Tuple[Tensor, Tensor]:
+    """Causal, aligned (``T == S``), unnormalised: ``(o (B,H,T,d), H_final (B,H,m,d))`` in fp32/fp64.
+
+    ``v`` may carry a trailing ones column (then ``o``'s last column is the denominator).  Chunks of
+    ``C = chunk_size``: inside a chunk the masked ``(C, C)`` product; the state entering chunk ``n`` is
+    ``Σ_{p<n} e^{L_{n-1} - L_p} U_p + e^{L_{n-1}} H_0`` with ``U_p`` chunk ``p``'s contribution and ``L``
+    the cumulative log decay at chunk ends -- one cumsum when there is no decay, else one ``(N, N)``
+    matmul.  All exponents are <= 0 when ``log_decay <= 0``.
+    """
+    dt = _acc(q.dtype)
+    bsz, heads, seq, m = q.shape
+    d = v.shape[-1]
+    c = int(chunk_size)
+    n = -(-seq // c)
+    pad = n * c - seq
+    q, k, v = (torch.nn.functional.pad(x.to(dt), (0, 0, 0, pad)).view(bsz, heads, n, c, x.shape[-1]) for x in (q, k, v))
+    h0 = q.new_zeros(bsz, heads, m, d) if state is None else state.to(dt)
+    future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
+    a = torch.matmul(q, k.transpose(-1, -2))  # (B, H, N, C, C)
+    if log_decay is None:
+        o = torch.matmul(a.masked_fill(future, 0.0), v)
+        u = torch.matmul(k.transpose(-1, -2), v)  # (B, H, N, m, d)
+        run = torch.cumsum(u, dim=2)
+        entering = torch.cat([h0.unsqueeze(2), run[:, :, :-1] + h0.unsqueeze(2)], dim=2)
+        o = o + torch.matmul(q, entering)
+        return o.view(bsz, heads, n * c, d)[:, :, :seq], run[:, :, -1] + h0
+    g = torch.nn.functional.pad(log_decay.to(dt), (0, pad)).view(bsz, heads, n, c)
+    cum = g.cumsum(-1)  # G within the chunk (B, H, N, C)
+    gl = cum[..., -1]  # (B, H, N): the chunk's total log decay
+    weight = torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(future, float("-inf")))
+    o = torch.matmul(a * weight, v)
+    u = torch.matmul((k * torch.exp(gl.unsqueeze(-1) - cum).unsqueeze(-1)).transpose(-1, -2), v)  # (B, H, N, m, d)
+    ends = gl.cumsum(-1)  # L_n (B, H, N)
+    before = ends - gl  # L_{n-1} (L_{-1} = 0)
+    strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # chunk p < chunk n
+    mix = torch.exp((before.unsqueeze(-1) - ends.unsqueeze(-2)).masked_fill(~strict, float("-inf")))  # (B, H, N, N)
+    entering = torch.matmul(mix, u.flatten(-2)).view(bsz, heads, n, m, d)
+    entering = entering + torch.exp(before)[..., None, None] * h0.unsqueeze(2)
+    o = o + torch.matmul(q * torch.exp(cum).unsqueeze(-1), entering)
+    final = entering[:, :, -1] * torch.exp(gl[..., -1])[..., None, None] + u[:, :, -1]
+    return o.view(bsz, heads, n * c, d)[:, :, :seq], final
+
+
+# -------------------------------------------------------------------------- Triton custom op
+def _triton_config(m: int, d: int, dtype: torch.dtype, programs_per_column_block: int, sms: int) -> dict:
+    """Tile sizes: the whole feature dim per program (``BLOCK_M``), chunks of 64 positions (32 for wide features),
+    and value columns in blocks of 64, 32 or 16: the widest that still gives about two programs per SM (each
+    program walks its chunks in order, so ``B*H`` programs alone rarely fill a GPU)."""
+    block_m = max(16, 1 << (m - 1).bit_length())
+    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 else 32
+    block_d = 16
+    for width in (64, 32):
+        if width <= max(16, 1 << (d - 1).bit_length()) and programs_per_column_block * -(-d // width) >= 2 * sms:
+            block_d = width
+            break
+    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+
+
+_SMS: dict = {}
+
+
+def _config(q: Tensor, d: int) -> dict:
+    if q.device not in _SMS:
+        _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    return _triton_config(q.shape[-1], d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device])
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, *x.shape[2:]).contiguous()
+
+
+@torch.library.custom_op("efficient_attention::triton_linear_attention", mutates_args=())
+def triton_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """Causal aligned linear attention on CUDA: ``(o (B,H,T,d) fp32, H_final (B,H,m,d) fp32)``."""
+    import triton
+
+    from . import _triton_linear as kern
+
+    bsz, heads, seq, m = q.shape
+    d = v.shape[-1]
+    cfg = _config(q, d)
+    o = torch.empty(bsz, heads, seq, d, device=q.device, dtype=torch.float32)
+    final = torch.empty(bsz, heads, m, d, device=q.device, dtype=torch.float32)
+    g = _flat(log_decay.float()) if log_decay is not None else o
+    h0 = _flat(state.float()) if state is not None else o
+    grid = (triton.cdiv(d, cfg["BLOCK_D"]), bsz * heads)
+    kern._fwd[grid](_flat(q), _flat(k), _flat(v), g, h0, o, final, seq, m, d,
+                    HAS_G=log_decay is not None, HAS_H0=state is not None, STORE_HT=True,
+                    PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    return o, final
+
+
+@triton_linear_attention.register_fake
+def _(q, k, v, log_decay, state):
+    return (q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32),
+            q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("efficient_attention::triton_linear_attention_bwd", mutates_args=())
+def triton_linear_attention_bwd(
+    grad_o: Tensor, grad_final: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
+    state: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, d_state)`` of :func:`triton_linear_attention` (``d_state`` zeros-shaped when no state)."""
+    import triton
+
+    from . import _triton_linear as kern
+
+    bsz, heads, seq, m = q.shape
+    d = v.shape[-1]
+    bh = bsz * heads
+    cfg = _config(q, d)
+    n_d = triton.cdiv(d, cfg["BLOCK_D"])
+    qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
+    g = _flat(log_decay.float()) if log_decay is not None else dof
+    h0 = _flat(state.float()) if state is not None else dof
+    dk = torch.empty(n_d, bh, seq, m, device=q.device, dtype=torch.float32)
+    dq = torch.empty_like(dk)
+    dv = torch.empty(bh, seq, d, device=q.device, dtype=torch.float32)
+    dh0 = torch.zeros(bh, m, d, device=q.device, dtype=torch.float32)
+    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    kern._bwd_dkdv[(n_d, bh)](qf, kf, vf, g, dof, _flat(grad_final.float()), dk, dv, dh0, seq, m, d, bh,
+                              HAS_DHT=True, STORE_DH0=state is not None, **flags)
+    kern._bwd_dq[(n_d, bh)](qf, kf, vf, g, h0, dof, dq, seq, m, d, bh, HAS_H0=state is not None, **flags)
+    shape = (bsz, heads, seq)
+    return (dq.sum(0).view(*shape, m).to(q.dtype), dk.sum(0).view(*shape, m).to(k.dtype),
+            dv.view(*shape, d).to(v.dtype), dh0.view(bsz, heads, m, d))
+
+
+@triton_linear_attention_bwd.register_fake
+def _(grad_o, grad_final, q, k, v, log_decay, state):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32))
+
+
+def _tla_setup(ctx, inputs, output):
+    q, k, v, log_decay, state = inputs
+    ctx.save_for_backward(q, k, v, log_decay, state)
+    ctx.has_state = state is not None
+
+
+def _tla_backward(ctx, grad_o, grad_final):
+    q, k, v, log_decay, state = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32)
+    if grad_final is None:
+        grad_final = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32)
+    dq, dk, dv, dh0 = torch.ops.efficient_attention.triton_linear_attention_bwd(
+        grad_o, grad_final, q, k, v, log_decay, state)
+    return dq, dk, dv, None, (dh0.to(state.dtype) if ctx.has_state else None)
+
+
+triton_linear_attention.register_autograd(_tla_backward, setup_context=_tla_setup)
+
+
+# ------------------------------------------------------------------------------------ public entry
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state, normalize) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise TypeError(f"{name} must be a 4-D floating tensor (B, H, L, dim), got "
+                            f"{type(x).__name__ if not isinstance(x, Tensor) else (x.dtype, tuple(x.shape))}")
+    bsz, heads, seq, m = k.shape
+    if q.shape[:2] != (bsz, heads) or q.shape[-1] != m:
+        raise ValueError(f"q {tuple(q.shape)} must be (B, H, T, m) with k's B, H, m {(bsz, heads, m)}")
+    if v.shape[:3] != (bsz, heads, seq):
+        raise ValueError(f"v {tuple(v.shape)} must be (B, H, S, d) with k's B, H, S {(bsz, heads, seq)}")
+    if causal and q.shape[2] > seq:
+        raise ValueError(f"causal linear attention needs T <= S (queries are the last T keys), got {q.shape[2]} > {seq}")
+    if log_decay is not None:
+        if not causal:
+            raise ValueError("log_decay only applies to causal linear attention")
+        if log_decay.shape != (bsz, heads, seq):
+            raise ValueError(f"log_decay must have shape (B, H, S) = {(bsz, heads, seq)}, got {tuple(log_decay.shape)}")
+        if log_decay.requires_grad:
+            raise ValueError("log_decay is a constant of the op (no gradient flows into it): pass it detached")
+    if key_padding_mask is not None and key_padding_mask.shape != (bsz, seq):
+        raise ValueError(f"key_padding_mask must have shape (B, S) = {(bsz, seq)}, got {tuple(key_padding_mask.shape)}")
+    if initial_state is not None:
+        if len(initial_state) != 2:
+            raise ValueError("initial_state must be a pair (H (B, H, m, d), z (B, H, m))")
+        h0, z0 = initial_state
+        if z0 is None and normalize:
+            raise ValueError("initial_state needs its normaliser z when normalize=True")
+        if h0.shape != (bsz, heads, m, v.shape[-1]) or (z0 is not None and z0.shape != (bsz, heads, m)):
+            raise ValueError(f"initial_state shapes {tuple(h0.shape)}, {tuple(z0.shape)} must be "
+                             f"{(bsz, heads, m, v.shape[-1])} and {(bsz, heads, m)}")
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    log_decay: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    normalize: bool = True,
+    initial_state: Optional[State] = None,
+    return_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: Optional[str] = None,
+) -> Union[Tensor, Tuple[Tensor, State]]:
+    """Linear attention ``q (B,H,T,m)``, ``k (B,H,S,m)``, ``v (B,H,S,d)`` -> ``(B,H,T,d)`` (see the module doc).
+
+    ``key_padding_mask`` ``(B, S)`` (True = padding) removes keys.  The result is fp32 (fp64 for fp64
+    inputs); with ``return_state`` also the final ``(H (B,H,m,d), z (B,H,m))``.  ``chunk_size`` tunes the
+    ``"chunked"`` backend; ``backend`` forces one of ``"triton"``, ``"chunked"``, ``"reference"``.
+    """
+    _check(q, k, v, causal, log_decay, key_padding_mask, initial_state, normalize)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if backend not in (None, "triton", "chunked", "reference"):
+        raise ValueError(f"backend must be None, 'triton', 'chunked' or 'reference', got {backend!r}")
+    with torch.autocast(q.device.type, enabled=False):  # the PyTorch paths accumulate in fp32 under autocast too
+        return _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state,
+                                 return_state, chunk_size, backend)
+
+
+def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state, return_state,
+                      chunk_size, backend):
+    dt = _acc(q.dtype)
+    tgt_len, src_len, d = q.shape[2], k.shape[2], v.shape[-1]
+    if key_padding_mask is not None:
+        k = k.masked_fill(key_padding_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None], 0.0)
+    with_den = normalize
+    if with_den:  # the denominator rides along as a ones column of v (and z as the last column of the state)
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    state = None
+    if initial_state is not None:
+        state = initial_state[0].to(dt)
+        if with_den:
+            state = torch.cat([state, initial_state[1].to(dt).unsqueeze(-1)], dim=-1)
+    if not causal:
+        kv = torch.matmul(k.to(dt).transpose(-1, -2), v.to(dt))
+        final = kv if state is None else kv + state
+        o = torch.matmul(q.to(dt), final)
+    elif src_len == 0:
+        final = q.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1], dtype=dt) if state is None else state
+        o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=dt)
+    else:
+        if tgt_len < src_len:  # the first S - T keys have no query of their own
+            q = torch.nn.functional.pad(q, (0, 0, src_len - tgt_len, 0))
+        backend = backend or choose_backend("linear_attention", q, k, v)
+        if backend == "triton":
+            if state is not None:
+                state = state.float()
+            o, final = torch.ops.efficient_attention.triton_linear_attention(q, k, v, log_decay, state)
+            if dt == torch.float64:
+                o, final = o.double(), final.double()
+        elif backend == "chunked":
+            o, final = chunked_linear_attention(q, k, v, log_decay, state, chunk_size)
+        else:
+            init = None if state is None else (state, state.new_zeros(state.shape[:-1]))
+            o, _, final, _ = reference_linear_attention(q, k, v, log_decay, init, True)
+        o = o[:, :, src_len - tgt_len:]
+    num = o[..., :d]
+    out = _divide(num, o[..., d]) if normalize else num
+    if not return_state:
+        return out
+    return out, ((final[..., :d], final[..., d]) if with_den else (final, None))
