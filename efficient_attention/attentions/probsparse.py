@@ -137,7 +137,7 @@ class ProbSparse(EfficientAttention):
         count = log_count(self.factor, src_len)
         keys = self._block_keys(ids, n_blk, count)                                    # (G, U)
         size = size or tgt_len
-        start = int(ids[0]) * size if self.causal else 0
+        start = first - first % size if self.causal else 0
         front, rows = first - start, ids.shape[0] * size
         real = torch.float32 if q.dtype == torch.float16 else q.dtype
         with torch.no_grad():  # the scores only select queries
@@ -236,16 +236,14 @@ class ProbSparse(EfficientAttention):
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
         if self.causal:
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
-            n_act = int(active.sum(-1).max())
+            n_act = int(active.sum(-1).max().clamp(min=1))  # at least one (filler) row: no branch on the count
+            torch._check(n_act >= 1)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)
         else:
             rows = m.topk(log_count(self.factor, tgt_len), dim=-1).indices
             ok = torch.isfinite(torch.gather(m, -1, rows))
-        out = self._lazy(v, kpm, q_pos)
-        if rows.shape[-1] == 0:
-            return out, m
-        return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, out), m
+        return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, self._lazy(v, kpm, q_pos)), m
 
     # ------------------------------------------------------------------- hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
