@@ -28,7 +28,7 @@ def test_samples_are_deterministic_in_eval_and_in_range():
     m = ProbSparse(16, 2, factor=2).eval()
     x = torch.randn(30, 2, 16)
     assert torch.equal(m(x, need_weights=False)[0], m(x, need_weights=False)[0])
-    m.train()
+    m = ProbSparse(16, 2, causal=True, factor=2).train()
     r1, r2 = m.sample_keys(pos, n_vis, 9), m.sample_keys(pos, n_vis, 9)
     assert not torch.equal(r1, r2) and bool((r1 < n_vis[:, None]).all())
 
@@ -76,3 +76,32 @@ def test_bad_factor(factor):
 def test_cross_raises():
     with pytest.raises(UnsupportedPatternError):
         ProbSparse(16, 2, cross=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_longer_than_a_sample_block_matches_the_reference(causal):
+    """Several sample blocks (causal), wrapped samples, padding: the float64 definition row by row."""
+    from references.probsparse import probsparse_rows
+
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, causal=causal, factor=2).double().eval()
+    q, k, v = (torch.randn(2, 2, 90, 8, dtype=torch.float64) for _ in range(3))
+    kpm = torch.zeros(2, 90, dtype=torch.bool)
+    kpm[1, -5:] = True
+    out = m._attend(q, k, v, AttentionMasks(key_padding=kpm, query_padding=kpm), False)[0]
+    expected = probsparse_rows(m, q, k, v, kpm)
+    assert_close(out[0], expected[0])
+    assert_close(out[1, :, :85], expected[1, :, :85])
+    idx = m.sample_keys(torch.arange(90), torch.arange(1, 91) if causal else torch.full((90,), 90), 9)
+    if causal:
+        assert bool((idx <= torch.arange(90)[:, None]).all())
+
+
+def test_fp16_large_inputs_stay_finite():
+    """Scores are scaled before the product and reduced in fp32: no fp16 overflow for large q, k."""
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, causal=True, factor=2).half().eval()
+    q, k, v = (torch.randn(1, 2, 70, 8).half() * 300 for _ in range(3))
+    out = m._attend(q, k, v, AttentionMasks(), False)[0]
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(m._sparsity(q, k, None)).all()

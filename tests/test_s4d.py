@@ -1,34 +1,80 @@
-"""S4D specifics: the chunked scan, the recurrence step, options and bad input."""
+"""S4D specifics: the chunked scan, the FFT convolution, the recurrence step, options and bad input."""
 import pytest
 import torch
 
 from efficient_attention import S4D, UnsupportedPatternError
-from efficient_attention.attentions.s4d import _scan
+from efficient_attention.attentions.s4d import _fft_conv, _kernel, _scan
 
 from helpers import assert_close, decode
 
 
-def _fft_reference(u, dt_a, c_bar):
-    """Causal convolution with the S4D kernel by FFT in complex128/float64."""
+def _direct_reference(u, dt_a, c_bar, back=None):
+    """Convolution with the S4D kernel(s) by its definition, in complex128/float64 (u: (C, B, L))."""
     length = u.shape[-1]
-    kern = 2 * (c_bar[..., None] * torch.exp(dt_a[..., None] * torch.arange(length, dtype=torch.float64))).sum(1).real
-    n = 2 * length
-    return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(kern, n=n), n=n)[..., :length]
+    lags = torch.arange(length, dtype=torch.float64)
+
+    def kern(dt, c):
+        return 2 * (c[..., None] * torch.exp(dt[..., None] * lags)).sum(1).real  # (C, L)
+
+    kf = kern(dt_a, c_bar)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    toe = torch.where(i >= j, kf[:, (i - j).clamp(min=0)], torch.zeros(()).double())  # (C, L, L)
+    if back is not None:
+        kb = kern(*back)
+        toe = toe + torch.where(j > i, kb[:, (j - i - 1).clamp(min=0)], torch.zeros(()).double())
+    return torch.einsum("cij,cbj->cbi", toe, u)
 
 
-@pytest.mark.parametrize("length,chunk", [(150, 64), (37, 5), (8, 8), (1, 64)])
+def _ssm(channels=3, modes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dt_a = torch.complex(-torch.rand(channels, modes, generator=g, dtype=torch.float64) * 0.1,
+                         torch.rand(channels, modes, generator=g, dtype=torch.float64))
+    c_bar = torch.complex(torch.randn(channels, modes, generator=g, dtype=torch.float64),
+                          torch.randn(channels, modes, generator=g, dtype=torch.float64))
+    return dt_a, c_bar
+
+
+# lengths that give one chunk, a partial group, several groups with padding, exact multiples
+@pytest.mark.parametrize("length,chunk", [(150, 64), (37, 5), (8, 8), (1, 64), (300, 4), (64, 4)])
 def test_scan_equals_convolution(length, chunk):
-    g = torch.Generator().manual_seed(0)
-    dt_a = torch.complex(-torch.rand(3, 4, generator=g, dtype=torch.float64) * 0.1,
-                         torch.rand(3, 4, generator=g, dtype=torch.float64))
-    c_bar = torch.complex(torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64))
-    u = torch.randn(2, 3, length, generator=g, dtype=torch.float64)
+    dt_a, c_bar = _ssm()
+    u = torch.randn(3, 2, length, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y, x = _scan(u, dt_a, c_bar, chunk=chunk)
-    assert_close(y, _fft_reference(u, dt_a, c_bar))
-    # the final state continues the sequence exactly
-    y_next, _ = _scan(torch.ones(2, 3, 1, dtype=torch.float64), dt_a, c_bar, x)
-    y_all, _ = _scan(torch.cat([u, torch.ones(2, 3, 1, dtype=torch.float64)], -1), dt_a, c_bar, chunk=chunk)
-    assert_close(y_next[..., 0], y_all[..., -1])
+    assert_close(y, _direct_reference(u, dt_a, c_bar))
+    assert _scan(u, dt_a, c_bar, chunk=chunk, need_state=False)[1] is None
+    # the final state continues the sequence exactly, also through a multi-chunk continuation
+    more = torch.randn(3, 2, 11, dtype=torch.float64)
+    y_next, x_next = _scan(more, dt_a, c_bar, x, chunk=chunk)
+    y_all, x_all = _scan(torch.cat([u, more], -1), dt_a, c_bar, chunk=chunk)
+    assert_close(y_next, y_all[..., length:])
+    assert_close(x_next, x_all)
+
+
+def test_scan_gives_future_inputs_exactly_zero_gradient():
+    dt_a, c_bar = _ssm()
+    u = torch.randn(3, 2, 300, dtype=torch.float64, requires_grad=True)
+    y, _ = _scan(u, dt_a, c_bar, chunk=4, need_state=False)
+    y[..., :123].sum().backward()
+    assert torch.all(u.grad[..., 123:] == 0) and torch.all(u.grad[..., :123] != 0)
+
+
+@pytest.mark.parametrize("length", [1, 2, 37, 200])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fft_convolution_equals_definition(length, bidirectional):
+    dt_a, c_bar = _ssm()
+    back = _ssm(seed=5) if bidirectional else None
+    u = torch.randn(3, 2, length, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kb = None if back is None else _kernel(*back, length, block=16)
+    y = _fft_conv(u, _kernel(dt_a, c_bar, length, block=16), kb)
+    assert_close(y, _direct_reference(u, dt_a, c_bar, back))
+
+
+def test_kernel_by_blocks_equals_powers():
+    dt_a, c_bar = _ssm()
+    lags = torch.arange(100, dtype=torch.float64)
+    direct = 2 * (c_bar[..., None] * torch.exp(dt_a[..., None] * lags)).sum(1).real
+    for block in (1, 7, 64, 128):
+        assert_close(_kernel(dt_a, c_bar, 100, block=block), direct)
 
 
 def test_long_decoding_equals_full_with_constant_state():

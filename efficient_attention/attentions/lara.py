@@ -59,25 +59,26 @@ class Lara(EfficientAttention):
         dtype = acc_dtype(q.dtype)
         bsz, _, length, d = q.shape
         kpm: Optional[Tensor] = masks.key_padding
-        scale = d**-0.25
-        qs, ks, v32 = q.to(dtype) * scale, k.to(dtype) * scale, v.to(dtype)
+        scale = d**-0.25  # folded into the (B, H, C, d) side: x' = x·scale is never materialised
+        q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
         weights = segment_weights(None if kpm is None else ~kpm, bsz, length, self.num_landmarks, dtype, q.device)
         empty = (weights.sum(-1) == 0)[:, None, :, None]  # (B, 1, C, 1) segments without tokens
         weights = weights.unsqueeze(1)  # (B, 1, C, N)
-        mu = torch.matmul(weights, qs) + torch.matmul(weights, ks)  # (B, H, C, d)
+        mu = torch.matmul(weights, q32 + k32) * scale  # (B, H, C, d)
         omega = mu + torch.randn_like(mu) if self.training else mu
 
-        def log_xi(x: Tensor) -> Tensor:  # (B, H, C, L)
-            return torch.matmul(omega, x.transpose(-1, -2)) - 0.5 * (x * x).sum(-1).unsqueeze(-2)
+        def half_sq(x: Tensor) -> Tensor:  # |x'|²/2 as (B, H, 1, L)
+            return (x * x).sum(-1).unsqueeze(-2) * (0.5 * scale * scale)
 
-        log_k = log_xi(ks)
+        log_k = torch.matmul(omega * scale, k32.transpose(-1, -2)) - half_sq(k32)  # log ξ(k_m, ω_c): (B, H, C, N)
         if kpm is not None:
             log_k = log_k.masked_fill(kpm[:, None, None, :], float("-inf"))
         kv_stats = torch.matmul(softmax(log_k, dim=-1).to(dtype), v32)  # (B, H, C, d)
         log_mu = (omega * mu).sum(-1, keepdim=True) - 0.5 * (mu * mu).sum(-1, keepdim=True)  # (B, H, C, 1)
         dead = torch.isneginf(log_k).all(-1, keepdim=True)  # every key padded: keep the gradient finite
         log_norm = torch.logsumexp(log_k.masked_fill(dead, 0.0), -1, keepdim=True).masked_fill(dead, float("-inf"))
-        log_ratio = torch.matmul(mu, qs.transpose(-1, -2)) + log_xi(qs) + log_norm - log_mu
+        # μ_c·q' + log ξ(q, ω_c) as one product: (μ_c + ω_c)·q' - |q'|²/2
+        log_ratio = torch.matmul((mu + omega) * scale, q32.transpose(-1, -2)) - half_sq(q32) + (log_norm - log_mu)
         log_ratio = log_ratio.masked_fill(empty, float("-inf"))
         importance = softmax(log_ratio, dim=-2).to(dtype)  # over proposals c
         out = torch.matmul(importance.transpose(-1, -2), kv_stats)  # (B, H, N, d)

@@ -28,13 +28,15 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
     ``Z₀ = Aᵀ / (‖A‖₁ ‖A‖_∞)`` (per matrix), then
     ``Z ← ¼ Z (13 I - AZ (15 I - AZ (7 I - AZ)))``.  Zero rows/columns stay zero.
     """
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
     norm1 = a.abs().sum(-2).amax(-1, keepdim=True).unsqueeze(-1)
     norm_inf = a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
     z = a.transpose(-1, -2) / (norm1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)
-    for _ in range(iterations):
+    for _ in range(iterations):  # each c·I - X·Y is one fused matmul (torch.baddbmm)
         az = torch.matmul(a, z)
-        z = 0.25 * torch.matmul(z, 13 * eye - torch.matmul(az, 15 * eye - torch.matmul(az, 7 * eye - az)))
+        inner = torch.baddbmm(eye.flatten(0, -3), az.flatten(0, -3), (7 * eye - az).flatten(0, -3), beta=15, alpha=-1)
+        inner = torch.baddbmm(eye.flatten(0, -3), az.flatten(0, -3), inner, beta=13, alpha=-1)
+        z = torch.matmul(z, inner.view_as(a)) * 0.25
     return z
 
 
@@ -108,11 +110,12 @@ class NystromAttention(EfficientAttention):
         weights = segment_weights(valid, bsz, length, self.num_landmarks, dtype, q.device)
         empty = weights.sum(-1) == 0  # (B, C) landmarks without tokens
         weights = weights.unsqueeze(1)
-        q_land, k_land = torch.matmul(weights, q32), torch.matmul(weights, k32)  # (B, H, C, d)
+        # the 1/sqrt(d) scaling is folded into the (B, H, C, d) landmarks, never applied to an (N, C) product
+        q_land, k_land = torch.matmul(weights, q32) * self.scaling, torch.matmul(weights, k32)  # (B, H, C, d)
         no_land = empty[:, None, None, :]
-        kernel1 = softmax((torch.matmul(q32, k_land.transpose(-1, -2)) * self.scaling).masked_fill(no_land, float("-inf")))
-        kernel2 = softmax((torch.matmul(q_land, k_land.transpose(-1, -2)) * self.scaling).masked_fill(no_land, float("-inf")))
-        scores3 = torch.matmul(q_land, k32.transpose(-1, -2)) * self.scaling
+        kernel1 = softmax(torch.matmul(q32, k_land.transpose(-1, -2) * self.scaling).masked_fill(no_land, float("-inf")))
+        kernel2 = softmax(torch.matmul(q_land, k_land.transpose(-1, -2)).masked_fill(no_land, float("-inf")))
+        scores3 = torch.matmul(q_land, k32.transpose(-1, -2))
         if kpm is not None:
             scores3 = scores3.masked_fill(kpm[:, None, None, :], float("-inf"))
         kernel3 = softmax(scores3)
@@ -120,16 +123,18 @@ class NystromAttention(EfficientAttention):
         kernel2 = kernel2.masked_fill(row_empty, 0.0).to(dtype)
         kernel3 = kernel3.masked_fill(row_empty, 0.0).to(dtype)
         kernel1 = kernel1.to(dtype)
-        approx = torch.matmul(kernel1, torch.matmul(iterative_pinv(kernel2, self.pinv_iterations), torch.matmul(kernel3, v32)))
-        real = length if kpm is None else (~kpm).sum(-1)
-        short = torch.as_tensor(real, device=q.device).reshape(-1, 1, 1, 1) <= self.num_landmarks
-        if bool(short.any()):  # one token per landmark: kernel1 is exact softmax attention over the keys
-            exact = torch.matmul(kernel1, torch.matmul(weights, v32))
-            approx = torch.where(short, exact, approx)
+        small = torch.matmul(iterative_pinv(kernel2, self.pinv_iterations), torch.matmul(kernel3, v32))  # (B, H, C, d)
+        if kpm is None:  # known on the host: no synchronisation
+            if length <= self.num_landmarks:  # one token per landmark: kernel1 is exact softmax attention
+                small = torch.matmul(weights, v32)
+        else:  # rows with at most num_landmarks real tokens use the exact landmark values
+            short = (~kpm).sum(-1).reshape(-1, 1, 1, 1) <= self.num_landmarks
+            small = torch.where(short, torch.matmul(weights, v32), small)
+        out = torch.matmul(kernel1, small)
         if self.conv is not None:
             pad = (self.conv.padding[0], 0)
-            approx = approx + F.conv2d(v32, self.conv.weight.to(dtype), padding=pad, groups=self.num_heads)
-        return approx.to(q.dtype), None
+            out = out + F.conv2d(v32, self.conv.weight.to(dtype), padding=pad, groups=self.num_heads)
+        return out.to(q.dtype), None
 
 
 Nystromformer = NystromAttention

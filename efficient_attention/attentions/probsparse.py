@@ -7,8 +7,15 @@ they can see.  Noncausal: the top ``u = factor·⌈ln L_Q⌉`` queries.  Causal
 (masked ProbSparse): a query samples only keys it may see, and it is active iff
 its score is among the ``u_i = factor·⌈ln(i+1)⌉`` largest of queries ``0..i``
 (a running top-u, so the selection never looks at the future; Informer's global
-top-u would).  Sampling is random in training and a fixed hash of (query
-position, sample index) in eval: deterministic, and the same in decoding.
+top-u would).
+
+Keys are sampled once per call and shared: by every query (noncausal), by every
+block of ``_BLOCK`` consecutive query positions from the keys up to the block's
+end (causal; a sample beyond the query is wrapped into the visible part of its
+block), so the scores are one batched matmul against ``U`` gathered keys per
+block (plus the block's own scores), never a ``(T, U, d)`` gather.  Sampling is random in
+training and a fixed hash of (block, sample index) in eval: deterministic, and
+the same in decoding.  The active rows are gathered and attend through SDPA.
 """
 from __future__ import annotations
 
@@ -16,16 +23,18 @@ import math
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype, softmax
+from ..functional import acc_dtype
 from ..registry import register_attention
 
 __all__ = ["ProbSparse"]
 
-_CHUNK = 256  # queries per block in the score sampling and the running top-u
+_BLOCK = 32  # causal: query positions sharing one key sample
+_SEL = 64  # causal selection: queries per block of the within-block comparison
 
 
 def log_count(factor: int, n: int) -> int:
@@ -46,6 +55,16 @@ def hash_samples(pos: Tensor, n_visible: Tensor, count: int, seed: int = 0x5EED)
     h = ((h ^ (h >> 13)) * 1274126177) & 0x7FFFFFFF
     h = ((h ^ (h >> 16)) * 668265263) & 0x7FFFFFFF
     return (h ^ (h >> 15)) % n_visible[:, None]
+
+
+def _prefix_top(values: Tensor, k: int) -> Tensor:
+    """Exclusive running top-``k``: ``(..., G, k)`` largest of ``values[..., :g, :]`` (-inf filled), values ``(..., G, m)``."""
+    groups = values.shape[-2]
+    flat = values.flatten(-2)[..., None, :].expand(*values.shape[:-2], groups, groups * values.shape[-1])
+    earlier = torch.arange(groups, device=values.device).repeat_interleave(values.shape[-1])[None] < \
+        torch.arange(groups, device=values.device)[:, None]
+    masked = flat.masked_fill(~earlier, float("-inf"))
+    return masked.topk(min(k, masked.shape[-1]), dim=-1).values
 
 
 @register_attention("probsparse", "prob_sparse", "informer")
@@ -72,39 +91,82 @@ class ProbSparse(EfficientAttention):
         self.factor = factor
 
     # ---------------------------------------------------------------- pieces
-    def sample_keys(self, pos: Tensor, n_visible: Tensor, count: int) -> Tensor:
-        """Key indices ``(T, count)``: random in training, :func:`hash_samples` in eval."""
-        if self.training:
-            r = torch.rand(pos.shape[0], count, device=pos.device)
-            return torch.minimum((r * n_visible[:, None]).long(), n_visible[:, None] - 1)
-        return hash_samples(pos, n_visible, count)
+    def _blocks(self, first: int, src_len: int, device) -> Tuple[Tensor, Tensor, int]:
+        """Sample blocks of queries ``first .. src_len-1``: ``(ids (G,), keys each samples from (G,), block size)``."""
+        if not self.causal:
+            return torch.zeros(1, dtype=torch.long, device=device), torch.full((1,), src_len, device=device), 0
+        ids = torch.arange(first // _BLOCK, (src_len - 1) // _BLOCK + 1, device=device)
+        return ids, (ids + 1) * _BLOCK, _BLOCK
 
-    def _sparsity(self, q: Tensor, k: Tensor, q_pos: Tensor, kpm: Optional[Tensor]) -> Tensor:
-        """``M (B, H, T)`` from sampled keys (causal: keys ``<= pos``); -inf where no valid key was sampled."""
+    def _block_keys(self, ids: Tensor, n_visible: Tensor, count: int) -> Tensor:
+        """Key indices ``(G, count)`` per block: random in training, :func:`hash_samples` of the block in eval."""
+        if self.training:
+            r = torch.rand(ids.shape[0], count, device=ids.device)
+            return torch.minimum((r * n_visible[:, None]).long(), n_visible[:, None] - 1)
+        return hash_samples(ids, n_visible, count)
+
+    @staticmethod
+    def _wrap(raw: Tensor, pos: Tensor) -> Tensor:
+        """A block's sample ``raw`` for the query at ``pos``: kept if ``<= pos``, else wrapped into the
+        query's visible part of its block ``[start, pos]`` (so a query never samples its future)."""
+        start = pos - pos % _BLOCK
+        return torch.where(raw <= pos, raw, start + (raw - start) % (pos - start + 1))
+
+    def sample_keys(self, pos: Tensor, n_visible: Tensor, count: int) -> Tensor:
+        """Key indices ``(T, count)`` of the queries at consecutive positions ``pos`` (``n_visible`` ``(T,)``).
+
+        Noncausal: one sample shared by all queries.  Causal: one sample per block of ``_BLOCK`` positions,
+        drawn from the keys up to the block's end; a query's samples beyond itself are wrapped into the
+        visible part of its block (:meth:`_wrap`)."""
+        first = int(pos[0])
+        ids, n_blk, size = self._blocks(first, first + pos.shape[0], pos.device)
+        if not size:
+            return self._block_keys(ids, n_visible.max()[None], count).expand(pos.shape[0], -1)
+        raw = self._block_keys(ids, n_blk, count)[torch.div(pos, size, rounding_mode="floor") - ids[0]]
+        return self._wrap(raw, pos[:, None])
+
+    def _sparsity(self, q: Tensor, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
+        """``M (B, H, T)`` from the sampled keys (:meth:`sample_keys`); -inf where no valid key was sampled.
+
+        Each block's queries times its ``U`` shared keys is one batched matmul (causal: plus the block's own
+        ``_BLOCK²`` scores for the wrapped samples), q scaled first; fp16 computes in fp32."""
+        bsz, heads, tgt_len, dim = q.shape
         src_len = k.shape[2]
-        n_visible = (q_pos + 1).clamp(max=src_len) if self.causal else torch.full_like(q_pos, src_len)
-        count = log_count(self.factor, int(n_visible.max().item()))
-        per_row = log_counts(self.factor, n_visible)
-        idx = self.sample_keys(q_pos, n_visible, count)                              # (T, U)
-        valid = torch.arange(count, device=q.device)[None] < per_row[:, None]          # (T, U)
-        real = acc_dtype(q.dtype)
-        parts = []
-        with torch.no_grad():  # the scores only select queries: no gradient, no saved (B, H, T, U, d) gathers
-            for start in range(0, q.shape[2], _CHUNK):
-                sl = slice(start, start + _CHUNK)
-                ks = k[:, :, idx[sl]].to(real)                                        # (B, H, c, U, d)
-                s = (ks * q[:, :, sl, None, :].to(real)).sum(-1) * self.scaling        # (B, H, c, U)
-                ok = valid[sl][None, None]
-                if kpm is not None:
-                    ok = ok & ~kpm[:, idx[sl]][:, None]
-                n = ok.sum(-1)
-                top = s.masked_fill(~ok, float("-inf")).amax(-1)
-                mean = s.masked_fill(~ok, 0.0).sum(-1) / n.clamp(min=1)
-                parts.append(torch.where(n > 0, top - mean, torch.full_like(top, float("-inf"))))
-        return torch.cat(parts, -1)
+        first = src_len - tgt_len
+        ids, n_blk, size = self._blocks(first, src_len, q.device)
+        count = log_count(self.factor, src_len)
+        keys = self._block_keys(ids, n_blk, count)                                    # (G, U)
+        size = size or tgt_len
+        start = first - first % size if self.causal else 0
+        front, rows = first - start, ids.shape[0] * size
+        real = torch.float32 if q.dtype == torch.float16 else q.dtype
+        with torch.no_grad():  # the scores only select queries
+            qs = F.pad(q * self.scaling, (0, 0, front, rows - tgt_len - front)).to(real).view(bsz, heads, -1, size, dim)
+            s = torch.matmul(qs, k[:, :, keys.clamp(max=src_len - 1)].to(real).transpose(-1, -2))  # (B, H, G, n, U)
+            if self.causal:
+                pos = (start + torch.arange(rows, device=q.device)).view(-1, size, 1)     # (G, n, 1)
+                raw = keys[:, None, :]
+                final = self._wrap(raw, pos)                                             # (G, n, U)
+                own = F.pad(k[:, :, start:], (0, 0, 0, rows - (src_len - start))).to(real).view(qs.shape)
+                own = torch.matmul(qs, own.transpose(-1, -2))                            # (B, H, G, n, n)
+                idx = (final - pos + pos % _BLOCK).clamp(min=0).expand(bsz, heads, -1, -1, -1)  # inside the block
+                s = torch.where(raw <= pos, s, torch.gather(own, -1, idx))
+                final = final.reshape(rows, count)[front:front + tgt_len]
+            else:
+                final = keys.expand(tgt_len, -1)
+            s = s.flatten(2, 3)[:, :, front:front + tgt_len]                          # (B, H, T, U)
+            q_pos = torch.arange(first, src_len, device=q.device)
+            ok = torch.arange(count, device=q.device) < log_counts(self.factor, q_pos + 1 if self.causal else
+                                                                   torch.full_like(q_pos, src_len))[:, None]
+            if kpm is not None:
+                ok = ok & ~kpm[:, final.clamp(max=src_len - 1)][:, None]                  # (B, 1, T, U)
+            n = ok.sum(-1)
+            total = s.masked_fill(~ok, 0.0).sum(-1, dtype=torch.float32)
+            top = s.masked_fill_(~ok, float("-inf")).amax(-1).float()
+            return torch.where(n > 0, top - total / n.clamp(min=1), torch.full_like(top, float("-inf")))
 
     def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], q_pos: Tensor) -> Tensor:
-        """Causal selection: query ``i`` is active iff fewer than ``u_i`` earlier queries score higher."""
+        """Causal selection by brute force: query ``i`` is active iff fewer than ``u_i`` earlier queries score higher."""
         u = log_counts(self.factor, q_pos + 1)
         earlier = torch.tril(torch.ones(m_new.shape[-1], m_new.shape[-1], dtype=torch.bool, device=m_new.device), -1)
         count = ((m_new[..., None, :] > m_new[..., :, None]) & earlier).sum(-1)
@@ -113,15 +175,27 @@ class ProbSparse(EfficientAttention):
         return count < u
 
     def _causal_selection(self, m: Tensor, q_pos: Tensor) -> Tensor:
-        """The running top-u of a whole sequence by chunks, keeping only the prefix's top ``u_max`` scores."""
-        u_max = log_count(self.factor, int(q_pos[-1].item()) + 1)
-        active, prefix = [], None
-        for start in range(0, m.shape[-1], _CHUNK):
-            chunk = m[..., start:start + _CHUNK]
-            active.append(self._running_active(chunk, prefix, q_pos[start:start + _CHUNK]))
-            merged = chunk if prefix is None else torch.cat([prefix, chunk], -1)
-            prefix = merged.topk(min(u_max, merged.shape[-1]), dim=-1).values
-        return torch.cat(active, -1)
+        """The running top-u of a whole sequence (positions ``0 .. T-1``) with a fixed number of kernels.
+
+        Queries in blocks of ``_SEL``: compared with the earlier ones of their block, and with the top
+        ``u_max`` scores of all earlier blocks (a two-level exclusive running top-k: blocks within groups of
+        about sqrt(blocks), then groups).  Only counts below ``u_max`` matter, so top lists suffice."""
+        length = m.shape[-1]
+        u_max = log_count(self.factor, length)
+        n_blocks = -(-length // _SEL)
+        per_group = math.isqrt(n_blocks - 1) + 1
+        groups = -(-n_blocks // per_group)
+        mb = F.pad(m, (0, groups * per_group * _SEL - length), value=float("-inf"))
+        mb = mb.view(*m.shape[:-1], groups * per_group, _SEL)                         # (B, H, nb, SEL)
+        earlier = torch.tril(torch.ones(_SEL, _SEL, dtype=torch.bool, device=m.device), -1)
+        count = ((mb[..., None, :] > mb[..., :, None]) & earlier).sum(-1)
+        block_top = mb.topk(min(u_max, _SEL), dim=-1).values.view(*m.shape[:-1], groups, per_group, -1)
+        inner = _prefix_top(block_top, u_max)                                         # (B, H, G, g, ·)
+        group_top = block_top.flatten(-2)
+        outer = _prefix_top(group_top.topk(min(u_max, group_top.shape[-1]), dim=-1).values, u_max)  # (B, H, G, ·)
+        prefix = torch.cat([inner, outer[..., None, :].expand(*inner.shape[:-1], -1)], -1).flatten(2, 3)
+        count = count + (prefix[..., None, :] > mb[..., :, None]).sum(-1)
+        return (count.flatten(-2)[..., :length] < log_counts(self.factor, q_pos + 1))
 
     def _lazy(self, v: Tensor, kpm: Optional[Tensor], q_pos: Tensor) -> Tensor:
         """Mean of the visible, non-padded values ``(B, H, T, d)`` (causal: a running mean)."""
@@ -129,50 +203,47 @@ class ProbSparse(EfficientAttention):
         keep = torch.ones(v.shape[0], v.shape[2], dtype=real, device=v.device) if kpm is None else (~kpm).to(real)
         vv = v.to(real) * keep[:, None, :, None]
         if self.causal:
-            total, count = vv.cumsum(2)[:, :, q_pos], keep.cumsum(1)[:, None, q_pos, None]
+            first = v.shape[2] - q_pos.shape[0]
+            total, count = vv.cumsum(2)[:, :, first:], keep.cumsum(1)[:, None, first:, None]
         else:
             total, count = vv.sum(2, keepdim=True), keep.sum(1)[:, None, None, None]
         return (total / count.clamp(min=1)).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
 
-    def _exact_rows(self, q: Tensor, k: Tensor, v: Tensor, active: Tensor, q_pos: Tensor, kpm: Optional[Tensor],
-                    out: Tensor) -> Tensor:
-        """Exact softmax attention for the active queries, written into ``out``."""
-        n_act = int(active.sum(-1).max().item())
-        if n_act == 0:
-            return out
-        rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]  # (B, H, A)
-        ok = torch.gather(active, -1, rows)
-        qa = torch.gather(q, 2, rows[..., None].expand(-1, -1, -1, q.shape[-1]))
-        scores = torch.matmul(qa, k.transpose(-1, -2)) * self.scaling                # (B, H, A, S)
-        masked = ~ok[..., None]
+    def _exact_rows(self, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, ok: Tensor, q_pos: Tensor,
+                    kpm: Optional[Tensor], out: Tensor) -> Tensor:
+        """Exact softmax attention (SDPA) for the query ``rows`` ``(B, H, A)`` where ``ok``, written into ``out``."""
+        idx = rows[..., None].expand(-1, -1, -1, q.shape[-1])
+        keep = None
+        if kpm is not None:  # a batch row without real keys has no active query: let its filler rows see everything
+            keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]               # (B, 1, 1, S)
         if self.causal:
-            masked = masked | (torch.arange(k.shape[2], device=q.device) > q_pos[rows][..., None])
-        if kpm is not None:
-            masked = masked | kpm[:, None, None, :]
-        probs = softmax(scores.masked_fill(masked, float("-inf"))).to(v.dtype)
-        if self.training and self.dropout_p > 0:
-            probs = torch.nn.functional.dropout(probs, self.dropout_p)
-        exact = torch.matmul(probs, v)
-        keep = torch.gather(out, 2, rows[..., None].expand_as(exact))
-        exact = torch.where(ok[..., None], exact, keep)
-        return out.scatter(2, rows[..., None].expand_as(exact), exact)
+            seen = torch.arange(k.shape[2], device=q.device) <= q_pos[rows][..., None]  # (B, H, A, S)
+            seen = seen if keep is None else seen & keep
+            keep = seen | ~ok[..., None]                                                # filler rows: no empty row
+        exact = F.scaled_dot_product_attention(
+            torch.gather(q, 2, idx), k, v, attn_mask=keep, scale=self.scaling,
+            dropout_p=self.dropout_p if self.training else 0.0)
+        exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
+        return out.scatter(2, idx, exact)
 
     def _compute(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor],
                  m_prev: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """Outputs of the ``T`` queries (the last ``T`` key positions) and their scores ``M``."""
         tgt_len, src_len = q.shape[2], k.shape[2]
         q_pos = torch.arange(src_len - tgt_len, src_len, device=q.device)
-        m = self._sparsity(q, k, q_pos, kpm)
+        m = self._sparsity(q, k, kpm)
         if qpm is not None:
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
         if self.causal:
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
+            n_act = int(active.sum(-1).max().clamp(min=1))  # at least one (filler) row: no branch on the count
+            torch._check(n_act >= 1)
+            rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
+            ok = torch.gather(active, -1, rows)
         else:
-            u = log_count(self.factor, tgt_len)
-            top = m.topk(u, dim=-1).indices
-            active = torch.zeros_like(m, dtype=torch.bool).scatter(-1, top, True) & torch.isfinite(m)
-        out = self._lazy(v, kpm, q_pos)
-        return self._exact_rows(q, k, v, active, q_pos, kpm, out), m
+            rows = m.topk(log_count(self.factor, tgt_len), dim=-1).indices
+            ok = torch.isfinite(torch.gather(m, -1, rows))
+        return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, self._lazy(v, kpm, q_pos)), m
 
     # ------------------------------------------------------------------- hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:

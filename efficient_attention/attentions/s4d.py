@@ -3,11 +3,22 @@
 Every channel ``c`` of ``u = q_proj(query)`` runs the linear recurrence
 ``x_l = exp(Δ·A) x_{l-1} + u_l``, ``y_l = 2·Re(C̃·x_l) + D·u_l`` (``d_state``
 complex modes, S4D-Lin initialisation, zero-order hold ``C̃ = C(exp(ΔA) - 1)/A``),
-i.e. a causal convolution with ``K_l = 2·Re(C̃·exp(ΔA·l))``, computed exactly by
-chunks (Toeplitz within a chunk, the state carried across chunks).  Bidirectional: a second kernel over the strictly later positions.
-Then an activation and ``out_proj``.  It mixes the *query* sequence only: key
-and value are ignored (self patterns only).  Decoding steps the recurrence with
-a constant ``(B, C, d_state)`` state.
+i.e. a causal convolution with ``K_l = 2·Re(C̃·exp(ΔA·l))``.  Bidirectional: a
+second kernel over the strictly later positions.  Then an activation and
+``out_proj``.  It mixes the *query* sequence only: key and value are ignored
+(self patterns only).
+
+Two exact algorithms, both a fixed number of batched kernels whatever the length:
+
+* causal (:func:`_scan`): chunks of 64 positions, a Toeplitz product inside a
+  chunk, the state carried across chunks by a two-level scan written as two
+  batched triangular matmuls (chunks within a group, then groups).  Masked
+  entries are exact zeros, so a future input gets exactly zero gradient;
+* noncausal (:func:`_fft_conv`): one FFT convolution with the kernel over both
+  directions (what CAB does; rounding reaches across positions, which only a
+  causal pattern forbids).
+
+Decoding steps the recurrence with a constant ``(B, C, d_state)`` state.
 """
 from __future__ import annotations
 
@@ -20,7 +31,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype, merge_heads
+from ..functional import acc_dtype
 from ..masks import as_bool_mask
 from ..registry import register_attention
 
@@ -28,54 +39,104 @@ __all__ = ["S4D"]
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda x: x}
 
-
 _CHUNK = 64
 
 
-def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, chunk: int = _CHUNK) -> Tuple[Tensor, Tensor]:
-    """Causal S4D scan by chunks: exact (future inputs get exactly zero gradient).
+def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
+    """``exp(dtA)^k`` for real ``exponents`` of any shape: ``(C, n, *exponents.shape)`` complex."""
+    return torch.exp(dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.real.dtype))
+
+
+def _decay_matrix(dt_a: Tensor, step: int, rows: int, cols: int, strict: bool) -> Tensor:
+    """Lower-triangular ``W[a, b] = λ^{step·(a - b - strict)}`` (zero above), ``(C, n, rows, cols)`` complex."""
+    a = torch.arange(rows, device=dt_a.device)[:, None]
+    b = torch.arange(cols, device=dt_a.device)[None, :]
+    lag = a - b - int(strict)
+    return _powers(dt_a, lag.clamp(min=0) * step) * (lag >= 0)
+
+
+def _as_pairs(x: Tensor) -> Tensor:
+    """Complex ``(..., n)`` -> real ``(..., 2n)`` laid out as (re, im) pairs per mode."""
+    return torch.view_as_real(x).flatten(-2)
+
+
+def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, chunk: int = _CHUNK,
+          need_state: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """Causal S4D convolution by chunks, exact (future inputs get exactly zero gradient).
 
     Args:
-        u: ``(B, C, L)`` real inputs; dt_a, c_bar: ``(C, n)`` complex; x0: ``(B, C, n)`` complex state before ``u``.
+        u: ``(C, B, L)`` real inputs (channel first); dt_a, c_bar: ``(C, n)`` complex;
+        x0: ``(C, B, n)`` complex state before ``u`` (None: zero).
 
-    Within a chunk ``y = Toeplitz(K) u`` (``K_l = 2·Re(C̃ λ^l)``, ``λ = exp(dtA)``);
-    across chunks the state ``x`` is carried: ``y_i += 2·Re(C̃ λ^{i+1} x)``,
-    ``x <- λ^T x + sum_j λ^{T-1-j} u_j``.  Cost O(L·C·(chunk + n)).
+    With ``λ = exp(dtA)`` and chunks of ``t`` positions: inside a chunk ``y = Toeplitz(K) u``;
+    each chunk's own end state ``e_m = Σ_j λ^{t-1-j} u_j``; the chunk start states
+    ``s_m = Σ_{j<m} λ^{t(m-1-j)} e_j + λ^{tm} x0`` by a two-level scan (groups of ``g`` chunks:
+    one triangular matmul inside the groups, one across them); then ``y_i += 2·Re(C̃ λ^{i+1} s_m)``.
+    Cost O(L·C·(t + n)) plus O(L/t · C·n·sqrt(L/t)); a fixed number of kernels.
 
-    Returns ``(y (B, C, L) real, x (B, C, n) complex state after the last input)``.
+    Returns ``(y (C, B, L) real, x (C, B, n) complex state after the last input, or None
+    unless need_state)``.
     """
-    bsz, channels, length = u.shape
+    channels, bsz, length = u.shape
+    n = dt_a.shape[-1]
     t = max(1, min(chunk, length))
     n_chunks = -(-length // t)
-    pos = torch.arange(t + 1, device=u.device, dtype=dt_a.real.dtype)
-    lam = torch.exp(dt_a[..., None] * pos)                                 # (C, n, t+1): λ^0 .. λ^t
-    kern = 2.0 * torch.einsum("cn,cnl->cl", c_bar, lam[..., :t]).real      # (C, t)
+    per_group = max(1, math.isqrt(n_chunks - 1) + 1)           # ceil(sqrt(n_chunks))
+    groups = -(-n_chunks // per_group)
+    padded = groups * per_group
+    real = dt_a.real.dtype
+    pos = torch.arange(t + 1, device=u.device, dtype=real)
+    lam = _powers(dt_a, pos)                                                # (C, n, t+1): λ^0 .. λ^t
+    w = c_bar[..., None] * lam                                              # C̃ λ^i
+    kern = 2.0 * w[..., :t].sum(1).real                                     # (C, t)
     i = torch.arange(t, device=u.device)
     lag = i[:, None] - i[None, :]
-    toe = torch.where(lag >= 0, kern[:, lag.clamp(min=0)], kern.new_zeros(()))  # (C, t, t)
-    uc = F.pad(u, (0, n_chunks * t - length)).view(bsz, channels, n_chunks, t)
-    # Toeplitz products as one contiguous bmm per channel (einsum's layouts hit a slow CPU bmm in backward)
-    flat = uc.permute(1, 0, 2, 3).reshape(channels, bsz * n_chunks, t).contiguous()
-    y = torch.bmm(flat, toe.transpose(1, 2).contiguous()).view(channels, bsz, n_chunks, t).permute(1, 0, 2, 3)
-    # each chunk's own end state sum_j λ^{t-1-j} u_j (real inputs times complex powers, as real products)
-    back = lam[..., :t].flip(-1)
-    local = torch.complex(torch.einsum("bcmj,cnj->bcmn", uc, back.real), torch.einsum("bcmj,cnj->bcmn", uc, back.imag))
-    x = torch.zeros(bsz, channels, dt_a.shape[-1], dtype=lam.dtype, device=u.device) if x0 is None else x0
-    starts, lam_t = [], lam[..., t]
-    for local_m in local.unbind(2):
-        starts.append(x)
-        x = lam_t * x + local_m
-    start = torch.stack(starts, 2)                                          # (B, C, m, n)
-    w = c_bar[..., None] * lam[..., 1:]                                    # C̃ λ^{i+1}: (C, n, t)
-    carried = 2.0 * (torch.einsum("bcmn,cni->bcmi", start.real, w.real) - torch.einsum("bcmn,cni->bcmi", start.imag, w.imag))
-    y = (y + carried).reshape(bsz, channels, n_chunks * t)[..., :length]
-    if n_chunks * t != length:  # the state after the real last input (not after the padding)
-        rest = length - (n_chunks - 1) * t
-        tail = lam[..., :rest].flip(-1)
-        u_last = uc[:, :, -1, :rest]
-        x = lam[..., rest] * starts[-1] + torch.complex(torch.einsum("bcj,cnj->bcn", u_last, tail.real),
-                                                         torch.einsum("bcj,cnj->bcn", u_last, tail.imag))
-    return y, x
+    toe = torch.where(lag >= 0, kern[:, lag.clamp(min=0)], kern.new_zeros(()))   # (C, t, t)
+    flat = F.pad(u, (0, padded * t - length)).reshape(channels, bsz * padded, t)
+    y = torch.bmm(flat, toe.transpose(1, 2))                                # (C, B·M, t)
+    # end state of every chunk from zero: Σ_j λ^{t-1-j} u_j as real products with (re, im) pairs
+    back = _as_pairs(lam[..., :t].flip(-1).transpose(1, 2))                 # (C, t, 2n)
+    ends = torch.view_as_complex(torch.bmm(flat, back).view(channels, bsz, groups, per_group, n, 2))
+    # within a group: row a < g the start of chunk a from a zero group start, row g the group's end state
+    inner = torch.einsum("cnaj,czgjn->czgan", _decay_matrix(dt_a, t, per_group + 1, per_group, True), ends)
+    # across groups: state at every group start (from x0), and after the last group
+    x0 = ends.new_zeros(channels, bsz, n) if x0 is None else x0
+    group_ends = torch.cat([x0[:, :, None], inner[:, :, :, per_group]], 2)       # (C, B, G+1, n)
+    group_starts = torch.einsum("cngh,czhn->czgn", _decay_matrix(dt_a, t * per_group, groups + 1, groups + 1, False),
+                                group_ends)
+    offsets = _powers(dt_a, torch.arange(per_group, device=u.device) * t).permute(0, 2, 1)  # (C, g, n): λ^{t·a}
+    starts = inner[:, :, :, :per_group] + offsets[:, None, None] * group_starts[:, :, :groups, None]  # (C,B,G,g,n)
+    out = _as_pairs((w[..., 1:]).transpose(1, 2)) * torch.tensor([2.0, -2.0], dtype=real, device=u.device).repeat(n)
+    y = y + torch.bmm(_as_pairs(starts).reshape(channels, bsz * padded, 2 * n), out.transpose(1, 2))
+    y = y.view(channels, bsz, padded * t)[..., :length]
+    if not need_state:
+        return y, None
+    last = (length - 1) // t                       # the chunk holding the last real input, and its real length
+    rest = length - last * t
+    u_last = flat.view(channels, bsz, padded, t)[:, :, last, :rest]
+    tail = _as_pairs(lam[..., :rest].flip(-1).transpose(1, 2))             # (C, rest, 2n)
+    x = lam[:, None, :, rest] * starts.reshape(channels, bsz, padded, n)[:, :, last]
+    return y, x + torch.view_as_complex(torch.bmm(u_last, tail).view(channels, bsz, n, 2))
+
+
+def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Tensor:
+    """``K_l = 2·Re(C̃ λ^l)`` for ``l < length`` as ``(C, length)``, by blocks ``λ^{at+b} = λ^{at} λ^b``."""
+    t = max(1, min(block, length))
+    blocks = -(-length // t)
+    head = _powers(dt_a, torch.arange(blocks, device=dt_a.device) * t)          # (C, n, A)
+    tail = c_bar[..., None] * _powers(dt_a, torch.arange(t, device=dt_a.device))  # (C, n, t)
+    kern = 2.0 * torch.einsum("cna,cnb->cab", head, tail).real                 # (C, A, t)
+    return kern.reshape(dt_a.shape[0], blocks * t)[:, :length]
+
+
+def _fft_conv(u: Tensor, forward: Tensor, backward: Optional[Tensor]) -> Tensor:
+    """``y_l = Σ_{j<=l} K_f[l-j] u_j (+ Σ_{j>l} K_b[j-l-1] u_j)`` by one FFT; u ``(C, B, L)``, kernels ``(C, L)``."""
+    length = u.shape[-1]
+    size = 1 << max(1, (2 * length - 1).bit_length())   # a power of two >= 2L - 1: no wrap-around
+    k = forward if backward is None else torch.cat(
+        [forward, forward.new_zeros(forward.shape[0], size - 2 * length + 1), backward[:, : length - 1].flip(-1)], -1)
+    spec = torch.fft.rfft(u, n=size) * torch.fft.rfft(k, n=size)[:, None]
+    return torch.fft.irfft(spec, n=size)[..., :length]
 
 
 @register_attention("s4d", "s4")
@@ -86,9 +147,10 @@ class S4D(EfficientAttention):
     ``out_proj(y)``; ``K`` is the S4D kernel above (plus a backward kernel when
     ``bidirectional``).  Key and value are **ignored** (``k_proj`` / ``v_proj``
     are tied to ``q_proj`` so no parameter is left untrained); key padding
-    zeroes the padded inputs so they contribute nothing.  Patterns: noncausal
-    self, causal self (cross attention raises).  Cost O(N·C·(64 + d_state)) time,
-    O(N·C) memory; decoding O(C·d_state) per token with constant state.
+    zeroes the padded inputs so they contribute nothing.  Patterns: noncausal self (FFT convolution),
+    causal self (exact chunked scan; cross attention raises).  Cost
+    O(N·C·(64 + d_state)) causal, O(N log N · C) noncausal, O(N·C) memory;
+    decoding O(C·d_state) per token with constant state.
     """
 
     capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("torch",))
@@ -137,18 +199,19 @@ class S4D(EfficientAttention):
         return dt_a, c * (torch.exp(dt_a) - 1.0) / a
 
     def _inputs(self, q: Tensor, kpm: Optional[Tensor]) -> Tensor:
-        """Per-head ``(B, H, T, d)`` -> channels ``(B, C, T)`` in the accumulation precision, padding zeroed."""
-        u = merge_heads(q).permute(1, 2, 0).to(acc_dtype(q.dtype))  # (B, C, T)
+        """Per-head ``(B, H, T, d)`` -> channels first ``(C, B, T)`` (channel ``h·d + i``), fp32+, padding zeroed."""
+        bsz, heads, length, dim = q.shape
+        u = q.to(acc_dtype(q.dtype)).permute(1, 3, 0, 2).reshape(heads * dim, bsz, length)
         if kpm is not None:
-            u = u.masked_fill(as_bool_mask(kpm, "key_padding_mask")[:, None, :], 0.0)
+            u = u.masked_fill(as_bool_mask(kpm, "key_padding_mask")[None], 0.0)
         return u
 
     def _finish(self, y: Tensor, u: Tensor, like: Tensor) -> Tensor:
         """``act(y + D·u)`` with dropout, back to per-head ``(B, H, T, d)``."""
-        y = _ACTIVATIONS[self.activation](y + self.d.to(y.dtype)[:, None] * u)
+        y = _ACTIVATIONS[self.activation](torch.addcmul(y, self.d.to(y.dtype)[:, None, None], u))
         y = F.dropout(y, self.dropout_p, training=self.training)
-        bsz, _, length = y.shape
-        return y.to(like.dtype).view(bsz, self.num_heads, self.head_dim, length).transpose(-1, -2)
+        _, bsz, length = y.shape
+        return y.to(like.dtype).view(self.num_heads, self.head_dim, bsz, length).permute(2, 0, 3, 1)
 
     # ------------------------------------------------------------------- hooks
     # The state-space math runs outside autocast: _inputs/_discrete already work in
@@ -160,10 +223,12 @@ class S4D(EfficientAttention):
     def _mix(self, q: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Optional[Tensor]]:
         u = self._inputs(q, masks.key_padding)
         dt_a, c_bar = self._discrete(q.dtype)
-        y, _ = _scan(u, dt_a[0], c_bar[0])
-        if self.bidirectional:  # later positions j > l, lag j - l - 1: the causal scan of the reversed sequence
-            back, _ = _scan(u.flip(-1), dt_a[1], c_bar[1])
-            y = y + F.pad(back.flip(-1)[..., 1:], (0, 1))
+        if self.causal:  # exact: a future input gets exactly zero gradient
+            y, _ = _scan(u, dt_a[0], c_bar[0], need_state=False)
+        else:
+            length = u.shape[-1]
+            back = _kernel(dt_a[1], c_bar[1], length) if self.bidirectional else None
+            y = _fft_conv(u, _kernel(dt_a[0], c_bar[0], length), back)
         return self._finish(y, u, q), None
 
     def _attend_step(
@@ -179,13 +244,10 @@ class S4D(EfficientAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """``T`` new positions continuing the recurrence state ``x (B, C, d_state)`` (stored as real pairs)."""
         prev = state.get("ssm_state")
-        tgt_len = q.shape[2]
-        prev_len = 0 if prev is None else int(state["position"][0].item())
-        u = self._inputs(q, masks.key_padding)
-        dt_a, c_bar = self._discrete(q.dtype)
-        x0 = None if prev is None else torch.view_as_complex(prev.contiguous())
         with torch.autocast(q.device.type, enabled=False):
+            u = self._inputs(q, masks.key_padding)
+            dt_a, c_bar = self._discrete(q.dtype)
+            x0 = None if prev is None else torch.view_as_complex(prev.transpose(0, 1).contiguous())
             y, x = _scan(u, dt_a[0], c_bar[0], x0)
-        state["ssm_state"] = torch.view_as_real(x)
-        state["position"] = torch.full((q.shape[0],), prev_len + tgt_len, dtype=torch.long, device=q.device)
+        state["ssm_state"] = torch.view_as_real(x).transpose(0, 1)
         return self._finish(y, u, q), None
