@@ -127,40 +127,47 @@ class BlockMask:
         chunks = [(r0, min(rows_total, r0 + per_row)) for r0 in range(0, rows_total, per_row)]
 
         def evaluate(r0, r1):
-            """(mask (H, R*bs, nk*bs), its blocks (H, R, nk, bs, bs), valid blocks (1, R, nk, bs, bs), q, k pos)."""
+            """Rows r0..r1 on their candidate key blocks ``cols`` (all when no candidates):
+            (mask (H, R*bs, C*bs), blocks (H, R, C, bs, bs), valid blocks (1, R, C, bs, bs), q pos, k pos, cols)."""
+            cols = torch.arange(nk, device=device)
+            if candidates is not None:
+                cols = candidates[:, r0:r1].any(0).any(0).nonzero().flatten()
             qpos = torch.arange((q_block_start + r0) * bs, (q_block_start + r1) * bs, device=device).view(1, -1, 1)
-            kpos = torch.arange(nk * bs, device=device).view(1, 1, -1)
+            kpos = (cols.view(-1, 1) * bs + torch.arange(bs, device=device)).view(1, 1, -1)
             valid = (qpos < q_len) & (kpos < kv_len)
             m = mask_mod(zero, h, qpos, kpos).expand(heads, qpos.shape[1], kpos.shape[2]) & valid
             if candidates is not None:
-                m = m & candidates[:, r0:r1].repeat_interleave(bs, 1).repeat_interleave(bs, 2)
-            blocks = m.view(heads, r1 - r0, bs, nk, bs).transpose(2, 3)
-            return m, blocks, valid.view(1, r1 - r0, bs, nk, bs).transpose(2, 3), qpos, kpos
+                m = m & candidates[:, r0:r1][:, :, cols].repeat_interleave(bs, 1).repeat_interleave(bs, 2)
+            c = cols.numel()
+            blocks = m.view(heads, r1 - r0, bs, c, bs).transpose(2, 3)
+            return m, blocks, valid.view(1, r1 - r0, bs, c, bs).transpose(2, 3), qpos, kpos, cols
 
         # pass 1: kept blocks, and whether the whole mask obeys the causal rule (then the kernels apply it)
-        keep_rows, causal_ok = [], True
+        keep = torch.zeros(heads, rows_total, nk, dtype=torch.bool, device=device)
+        causal_ok = True
         for r0, r1 in chunks:
-            m, blocks, _, qpos, kpos = evaluate(r0, r1)
+            m, blocks, _, qpos, kpos, cols = evaluate(r0, r1)
             causal_ok = causal_ok and not bool((m & (kpos > qpos + offset)).any())
-            keep_rows.append(blocks.any(-1).any(-1))
-        keep = torch.cat(keep_rows, 1) if keep_rows else torch.zeros(heads, 0, nk, dtype=torch.bool, device=device)
+            keep[:, r0:r1, cols] = blocks.any(-1).any(-1)
         # pass 2: kept blocks differing from "every valid entry" (under the causal rule) get a tile
         tile_index = torch.full(keep.shape, -1, dtype=torch.int64, device=device)
         uniq, inv, where = [], [], []
         for r0, r1 in chunks:
-            _, blocks, valid, _, _ = evaluate(r0, r1)
+            _, blocks, valid, _, _, cols = evaluate(r0, r1)
             rule = valid.expand_as(blocks)
+            rows, c = r1 - r0, cols.numel()
             if causal_ok:
-                rows = r1 - r0
-                qb = torch.arange(q_block_start + r0, q_block_start + r1, device=device).view(-1, 1).expand(rows, nk)
-                kb = torch.arange(nk, device=device).view(1, -1).expand(rows, nk)
-                rule = rule & _causal_tile(bs, qb.flatten(), kb.flatten(), offset, device).view(1, rows, nk, bs, bs)
-            need = (blocks != rule).flatten(3).any(-1) & keep[:, r0:r1]
+                qb = torch.arange(q_block_start + r0, q_block_start + r1, device=device).view(-1, 1).expand(rows, c)
+                kb = cols.view(1, -1).expand(rows, c)
+                rule = rule & _causal_tile(bs, qb.flatten(), kb.flatten(), offset, device).view(1, rows, c, bs, bs)
+            need = (blocks != rule).flatten(3).any(-1) & keep[:, r0:r1][:, :, cols]
             if bool(need.any()):
                 u, i = torch.unique(blocks[need].flatten(1).to(torch.uint8), dim=0, return_inverse=True)
+                need_full = torch.zeros(heads, rows, nk, dtype=torch.bool, device=device)
+                need_full[:, :, cols] = need  # cols ascend: the row-major order of blocks[need] is kept
                 uniq.append(u)
                 inv.append(i)
-                where.append((r0, r1, need))
+                where.append((r0, r1, need_full))
         tiles = None
         if uniq:
             allu, remap = torch.unique(torch.cat(uniq), dim=0, return_inverse=True)
@@ -188,7 +195,12 @@ class BlockMask:
             return cls(lay[:, q_block_start:], block_size, causal=bool(causal), q_len=n - q_block_start * block_size,
                        kv_len=n)
         mod = layouts.make_mask_mod(pattern, heads=heads, block_size=block_size, causal=causal, **kw)
-        return cls.from_mask_mod(mod, heads, n, n, block_size, device=device, q_block_start=q_block_start)
+        candidates = None
+        if pattern == "fixed" and causal:  # its exact block support: skip evaluating the empty blocks
+            candidates = layouts.fixed_layout(heads, -(-n // block_size), kw.get("local_attn_ctx", 64), block_size,
+                                              kw.get("num_verts", 1), kw.get("vertsize", 1))
+        return cls.from_mask_mod(mod, heads, n, n, block_size, device=device, q_block_start=q_block_start,
+                                 candidates=candidates)
 
     # ------------------------------------------------------------------ views
     @property
@@ -353,11 +365,10 @@ class BlockMask:
         """Raise ``ValueError`` naming what does not fit ``heads`` query heads, ``q_len`` x ``kv_len`` tokens."""
         bs = self.block_size
         nq, nk = -(-q_len // bs), -(-kv_len // bs)
-        if self.heads not in (1, heads):
-            raise ValueError(f"block mask has {self.heads} heads; the attention has {heads} (use 1 or {heads})")
-        if self.shape != (nq, nk):
-            raise ValueError(f"block mask has {self.shape[0]} x {self.shape[1]} blocks of {bs}; {q_len} queries and "
-                             f"{kv_len} keys need {nq} x {nk} (wrong shape or block_size)")
+        if self.heads not in (1, heads) or self.shape != (nq, nk):
+            what = "head count" if self.shape == (nq, nk) else "shape or block_size"
+            raise ValueError(f"layout must have shape ({heads} or 1, {nq}, {nk}) for {heads} heads, {q_len} queries "
+                             f"and {kv_len} keys in blocks of {bs}; got {tuple(self.layout.shape)} (wrong {what})")
         return self
 
     # ------------------------------------------------------------------ printing / pickling

@@ -89,10 +89,12 @@ def _module_allowed(m, n):
     """The module's token pattern, from layouts, as (H, n, n)."""
     if m.layout == "user":
         allowed = L.expand_layout(m._user_layout, m.block_size, n, n).expand(m.num_heads, n, n)
-    elif m._mask_mod is None:
-        allowed = L.expand_layout(m.full_layout(n), m.block_size, n, n)
+    elif m.layout in L.BLOCK_LEVEL_PATTERNS:
+        allowed = L.expand_layout(L.make_layout(m.layout, n, m.block_size, m.num_heads, causal=m.causal, **m.block_kw),
+                                  m.block_size, n, n)
     else:
-        allowed = L.create_mask(m._mask_mod, 1, m.num_heads, n, n)[0]
+        mod = L.make_mask_mod(m.layout, heads=m.num_heads, block_size=m.block_size, causal=m.causal, **m.pattern_kw)
+        allowed = L.create_mask(mod, 1, m.num_heads, n, n)[0]
     return allowed & causal(n, n) if m.causal else allowed
 
 

@@ -18,6 +18,7 @@ from efficient_attention.kernels import (
 )
 from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
 from efficient_attention.local_window import LocalWindow
+from efficient_attention.block_mask import BlockMask
 from helpers import TOL
 from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
 
@@ -138,15 +139,20 @@ def _op_samples():
     kpm = padding(2, 19)
     layout = random_layout(2, 3, 3, empty_row=False)
     ops = torch.ops.efficient_attention
+    row = BlockMask.from_layout(layout, 8).tables()["row"]
+    row1 = BlockMask.from_layout(layout[:1], 8).tables()["row"]
+    tiled = BlockMask.from_pattern("strided", 19, 8, 2, causal=True, local_attn_ctx=3)
+    row_t = tiled.tables()["row"]
     return [
         (ops.sliding_window_fwd.default, (q, k, v, kpm, 1, 4, 2, False, 0, 0.3)),
         (ops.sliding_window_fwd.default, (q, k, v, None, 4, 4, 0, True, 0, 0.3)),
-        (ops.block_sparse_fwd.default, (q, k, v, layout, 8, True, kpm, 0.3)),
-        (ops.block_sparse_fwd.default, (q, k, v, layout[:1], 8, False, None, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, *row, None, 8, True, kpm, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, *row1[:2], None, None, 8, False, None, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, *row_t, tiled.tables()["tiles"], 8, tiled.causal, kpm, 0.3)),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
     op, args = _op_samples()[case]
     torch.library.opcheck(op, args)
