@@ -148,7 +148,7 @@ class BlockSparseAttention(EfficientAttention):
         if not self.autopad and src_len % bs:
             raise ValueError(f"sequence length {src_len} is not a multiple of block_size ({bs}) and autopad=False")
         start = (off // bs) * bs  # queries are padded in front to a block boundary
-        qp = F.pad(q, (0, 0, off - start, 0))
+        qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
         with torch.no_grad():
             bm = self.block_mask(src_len, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0

@@ -171,7 +171,7 @@ def dilated_attention(
         start = (off // bs) * bs  # queries padded in front to a block boundary
         with torch.no_grad():
             bm = dilated_block_mask(ws, rs, heads, src_len, bool(causal), q.device, q_block_start=start // bs)
-        qp = F.pad(q, (0, 0, off - start, 0))
+        qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
         out, lse = kernels.block_sparse_attention(qp, k, v, bm, key_padding_mask=key_padding_mask, scale=scale,
                                                   dropout_p=dropout_p)
         out, lse = out[:, :, off - start:], lse[:, :, off - start:]
