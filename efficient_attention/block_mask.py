@@ -82,7 +82,8 @@ class BlockMask:
             raise ValueError("tile_index and tiles must be given together")
         if tile_index is not None:
             if tile_index.shape != self.layout.shape or tile_index.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"tile_index must be an int32 tensor of the layout's shape {tuple(self.layout.shape)}, "
+                raise ValueError(f"tile_index must be an int32 tensor of the layout's shape "
+                                 f"{tuple(self.layout.shape)}, "
                                  f"got {tile_index.dtype} {tuple(tile_index.shape)}")
             if tiles.dim() != 3 or tiles.shape[1:] != (self.block_size, self.block_size) or tiles.dtype != torch.bool:
                 raise ValueError(f"tiles must be bool (P, {self.block_size}, {self.block_size}), "
@@ -265,9 +266,9 @@ class BlockMask:
         """The same mask with ``heads`` explicit head rows (a shared mask repeated)."""
         if self.heads == heads:
             return self
+        ti = None if self.tile_index is None else self.tile_index.expand(heads, -1, -1).contiguous()
         return BlockMask(self.layout.expand(heads, -1, -1).contiguous(), self.block_size, causal=self.causal,
-                         tile_index=None if self.tile_index is None else self.tile_index.expand(heads, -1, -1).contiguous(),
-                         tiles=self.tiles, q_len=self.q_len, kv_len=self.kv_len)
+                         tile_index=ti, tiles=self.tiles, q_len=self.q_len, kv_len=self.kv_len)
 
     def _shared_heads(self) -> "BlockMask":
         """Collapse identical heads to one shared layout row set."""

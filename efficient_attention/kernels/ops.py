@@ -50,7 +50,8 @@ def check_inputs(q, k, v, *, dropout_p: float = 0.0, scale: Optional[float] = No
         raise ValueError(f"key/value heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
@@ -154,6 +155,6 @@ def block_sparse_attention(
             return torch.ops.efficient_attention.triton_block_sparse(q, k, v, *tables, bm.block_size, bm.causal, kpm,
                                                                      scale)
         return triton_ops.block_sparse_eager(q, k, v, tables, bm.block_size, bm.causal, kpm, scale)
-    row_idx, row_cnt, row_tile = bm.tables("cpu")["row"]
-    return torch.ops.efficient_attention.block_sparse_fwd(q, k, v, row_idx, row_cnt, row_tile, bm.tables("cpu")["tiles"],
-                                                          bm.block_size, bm.causal, kpm, scale)
+    t = bm.tables("cpu")
+    return torch.ops.efficient_attention.block_sparse_fwd(q, k, v, *t["row"], t["tiles"], bm.block_size, bm.causal, kpm,
+                                                          scale)
