@@ -157,7 +157,8 @@ def module_rows(lengths, deadline):
                 ms, mib = bench(step)
                 row.update(ms=round(ms, 3), peak_mib=round(mib, 1))
                 if name == "block_sparse":
-                    row["sparsity"] = round(m.block_mask(L, torch.device("cuda", torch.cuda.current_device())).sparsity(), 3)
+                    dev = torch.device("cuda", torch.cuda.current_device())
+                    row["sparsity"] = round(m.block_mask(L, dev).sparsity(), 3)
                 del m, step
             except Exception as exc:  # report the point and go on
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
