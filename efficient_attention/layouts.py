@@ -316,7 +316,7 @@ def _check_fixed(heads, local_attn_ctx, block_size, num_verts, vertsize):
 
 # ------------------------------------------------------------ by name
 PATTERNS = ("all", "local", "sliding", "strided", "fixed", "dilated", "global", "random", "bigbird")
-_BLOCK_LEVEL = ("random", "bigbird")
+BLOCK_LEVEL_PATTERNS = ("random", "bigbird")  # whole blocks, no token rule
 
 
 def make_mask_mod(pattern: str, *, heads: int = 1, block_size: int = 64, causal: bool = False, local_attn_ctx: int = 64,
@@ -343,7 +343,7 @@ def make_mask_mod(pattern: str, *, heads: int = 1, block_size: int = 64, causal:
         return dilated_mask_mod(window, dilation, causal)
     if pattern == "global":
         return global_mask_mod(num_global, causal)
-    if pattern in _BLOCK_LEVEL:
+    if pattern in BLOCK_LEVEL_PATTERNS:
         if n is None:
             raise ValueError(f"pattern {pattern!r} is block-level: pass n (the sequence length)")
         lay = make_layout(pattern, n, block_size, heads, causal=causal, **block_kw)

@@ -89,10 +89,12 @@ def _module_allowed(m, n):
     """The module's token pattern, from layouts, as (H, n, n)."""
     if m.layout == "user":
         allowed = L.expand_layout(m._user_layout, m.block_size, n, n).expand(m.num_heads, n, n)
-    elif m._mask_mod is None:
-        allowed = L.expand_layout(m.full_layout(n), m.block_size, n, n)
+    elif m.layout in L.BLOCK_LEVEL_PATTERNS:
+        allowed = L.expand_layout(L.make_layout(m.layout, n, m.block_size, m.num_heads, causal=m.causal, **m.block_kw),
+                                  m.block_size, n, n)
     else:
-        allowed = L.create_mask(m._mask_mod, 1, m.num_heads, n, n)[0]
+        mod = L.make_mask_mod(m.layout, heads=m.num_heads, block_size=m.block_size, causal=m.causal, **m.pattern_kw)
+        allowed = L.create_mask(mod, 1, m.num_heads, n, n)[0]
     return allowed & causal(n, n) if m.causal else allowed
 
 
@@ -149,3 +151,49 @@ def test_layout_rows_from_a_block_onwards():
     mod = L.make_mask_mod("fixed", heads=2, block_size=8, causal=True, local_attn_ctx=16, num_verts=2)
     full = L.layout_from_mask_mod(mod, 2, 70, 70, 8)
     assert torch.equal(L.layout_from_mask_mod(mod, 2, 70, 70, 8, q_block_start=5), full[:, 5:])
+
+
+@pytest.mark.parametrize("layout", L.PATTERNS)
+def test_module_pickles_with_every_named_layout(layout, tmp_path):
+    import io
+
+    m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=True, layout=layout, block_size=4,
+                           local_attn_ctx=8, window=4).double()
+    x = torch.randn(13, 1, 16, dtype=torch.float64)
+    want, _ = m(x, x, x, need_weights=False)  # builds (and caches) its block mask first
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    got, _ = again(x, x, x, need_weights=False)
+    torch.testing.assert_close(got, want)
+
+
+def test_bigbird_alias_builds_the_bigbird_layout():
+    m = ea.build_attention("bigbird", embed_dim=16, num_heads=4, block_size=4)
+    assert m.layout == "bigbird"
+    bb = L.make_layout("bigbird", 32, 4, 4)
+    assert torch.equal(m.full_layout(32).expand_as(bb), bb)
+    assert ea.build_attention("block_sparse", embed_dim=16, num_heads=4).layout == "fixed"
+
+
+@pytest.mark.parametrize("layout,kw", [("fixed", dict(local_attn_ctx=16)), ("strided", dict(local_attn_ctx=5)),
+                                       ("dilated", dict(window=12, dilation=3))])
+def test_token_layouts_overflow_free_in_fp16(layout, kw):
+    q, k, v = ((x * 100).half().double() for x in rand_qkv(1, 2, 40, 40, 16, dtype=torch.float64))
+    lay = L.make_layout(layout, 40, 8, 2, causal=True, **kw)
+    mod = L.make_mask_mod(layout, heads=2, block_size=8, causal=True, **kw)
+    want = block_sparse_attention(q, k, v, lay, 8, mask_mod=mod)
+    got = block_sparse_attention(q.half(), k.half(), v.half(), lay, 8, mask_mod=mod)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=0.5, rtol=2e-2)  # near one-hot softmax of x100 inputs
+
+
+def test_openai_shim_needs_local_attn_ctx():
+    from efficient_attention.sparse.openai import blocksparse_attention_impl
+
+    x = torch.randn(1, 32, 16)
+    with pytest.raises(ValueError, match="local_attn_ctx"):
+        blocksparse_attention_impl(x, x, x, 2, "local", None)
+    with pytest.raises(ValueError, match="blocksize"):
+        blocksparse_attention_impl(x, x, x, 2, "local", 16, blocksize=4.5)

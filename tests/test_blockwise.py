@@ -117,3 +117,22 @@ def test_module_additive_padding_and_mask_equal_vanilla():
         want, _ = van(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
         got, _ = blk(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_overflow_free_in_fp16(fused):
+    q, k, v = ((x * 100).half().double() for x in rand_qkv(1, 2, 50, 50, 16, dtype=torch.float64))
+    want = ea.blockwise_attention(q, k, v, causal=True)
+    got = ea.blockwise_attention(q.half(), k.half(), v.half(), causal=True, fused=fused)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=0.5, rtol=2e-2)
+
+
+def test_fused_equals_the_chunk_loop():
+    q, k, v = rand_qkv(2, 2, 45, 45, 8, dtype=torch.float64)
+    kpm = torch.zeros(2, 45, dtype=torch.bool)
+    kpm[0, :4] = True
+    for lse in (False, True):
+        a = ea.blockwise_attention(q, k, v, causal=True, key_padding_mask=kpm, return_lse=lse)
+        b = ea.blockwise_attention(q, k, v, causal=True, key_padding_mask=kpm, return_lse=lse, fused=False)
+        torch.testing.assert_close(a, b)

@@ -4,7 +4,7 @@ import torch
 
 import efficient_attention as ea
 from efficient_attention import layouts as L
-from efficient_attention.sparse.dilated import dilated_attention
+from efficient_attention.sparse.dilated import dilated_attention, dilated_attention_reference
 
 from sparse_reference import dense_reference, rand_qkv
 
@@ -68,3 +68,34 @@ def test_bad_config():
         ea.DilatedAttention(16, 4, segment_lengths=(0,), dilation_rates=(1,))
     m = ea.DilatedAttention(16, 4, segment_lengths="8,16", dilation_rates="1, 2")
     assert m.segment_lengths == (8, 16) and m.dilation_rates == (1, 2)
+
+
+def test_missing_segment_lengths_are_a_clear_error():
+    with pytest.raises(ValueError, match="segment_lengths"):
+        ea.build_attention("dilated", embed_dim=16, num_heads=2, segment_lengths=None)
+    q, k, v = rand_qkv(1, 2, 8, 8, 4)
+    with pytest.raises(ValueError, match="dilation_rates"):
+        dilated_attention(q, k, v, (4,), None)
+
+
+def test_overflow_free_in_fp16():
+    q, k, v = ((x * 100).half().double() for x in rand_qkv(1, 4, 70, 70, 16, dtype=torch.float64))
+    want = dilated_attention(q, k, v, (8, 16), (1, 2), causal=True)
+    got = dilated_attention(q.half(), k.half(), v.half(), (8, 16), (1, 2), causal=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, atol=0.5, rtol=2e-2)
+    ref = dilated_attention_reference(q.half(), k.half(), v.half(), (8, 16), (1, 2), causal=True)[0]
+    assert torch.isfinite(ref).all()
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_kernel_path_equals_the_branch_reference(is_causal):
+    q, k, v = (x.requires_grad_() for x in rand_qkv(2, 4, 150, 150, 8, dtype=torch.float64))
+    kpm = torch.zeros(2, 150, dtype=torch.bool)
+    kpm[1, -9:] = True
+    out, lse = dilated_attention(q, k, v, (32, 64), (1, 4), causal=is_causal, key_padding_mask=kpm, return_lse=True)
+    r_out, r_lse = dilated_attention_reference(q, k, v, (32, 64), (1, 4), causal=is_causal, key_padding_mask=kpm)
+    torch.testing.assert_close(out, r_out)
+    torch.testing.assert_close(lse, r_lse)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(r_out.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)

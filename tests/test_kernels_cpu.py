@@ -18,6 +18,7 @@ from efficient_attention.kernels import (
 )
 from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
 from efficient_attention.local_window import LocalWindow
+from efficient_attention.block_mask import BlockMask
 from helpers import TOL
 from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
 
@@ -138,15 +139,20 @@ def _op_samples():
     kpm = padding(2, 19)
     layout = random_layout(2, 3, 3, empty_row=False)
     ops = torch.ops.efficient_attention
+    row = BlockMask.from_layout(layout, 8).tables()["row"]
+    row1 = BlockMask.from_layout(layout[:1], 8).tables()["row"]
+    tiled = BlockMask.from_pattern("strided", 19, 8, 2, causal=True, local_attn_ctx=3)
+    row_t = tiled.tables()["row"]
     return [
         (ops.sliding_window_fwd.default, (q, k, v, kpm, 1, 4, 2, False, 0, 0.3)),
         (ops.sliding_window_fwd.default, (q, k, v, None, 4, 4, 0, True, 0, 0.3)),
-        (ops.block_sparse_fwd.default, (q, k, v, layout, 8, True, kpm, 0.3)),
-        (ops.block_sparse_fwd.default, (q, k, v, layout[:1], 8, False, None, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, *row, None, 8, True, kpm, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, *row1[:2], None, None, 8, False, None, 0.3)),
+        (ops.block_sparse_fwd.default, (q, k, v, *row_t, tiled.tables()["tiles"], 8, tiled.causal, kpm, 0.3)),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
     op, args = _op_samples()[case]
     torch.library.opcheck(op, args)
@@ -186,11 +192,12 @@ def test_dispatch_reasons_and_fallback(caplog):
     with pytest.raises(ValueError, match="op must be"):
         not_supported_reasons("dense", q, k, v)
     # dropout falls back to the reference path, says why once, and still gives gradients
-    with caplog.at_level(logging.INFO, logger="efficient_attention.kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="efficient_attention.kernels.dispatch"):
         torch.manual_seed(0)
         out, _ = sliding_window_attention(q, k, v, LocalWindow.sliding(3, 3), dropout_p=0.5)
         sliding_window_attention(q, k, v, LocalWindow.sliding(3, 3), dropout_p=0.5)
-    assert sum("dropout_p=0.5" in rec.getMessage() for rec in caplog.records) == 1
+    logged = [rec for rec in caplog.records if "dropout_p=0.5" in rec.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.WARNING  # once, at WARNING, with the reason
     out.sum().backward()
 
 
@@ -224,3 +231,35 @@ def test_package_works_without_the_extension():
     assert res.returncode == 0, res.stderr
     assert "EA_DISABLE_KERNELS" in res.stdout
     assert res.stderr.count("using the PyTorch reference path on the CPU") == 1
+
+
+@pytest.mark.parametrize("op", ["sliding_window", "block_sparse"])
+def test_arguments_the_kernels_cannot_compute_are_rejected(op):
+    q, k, v = make_qkv(1, 2, 16, 16, 8, torch.float32)
+    layout = torch.ones(2, 1, 1, dtype=torch.bool)
+
+    def call(q=q, k=k, v=v, **kw):
+        if op == "sliding_window":
+            return sliding_window_attention(q, k, v, LocalWindow.sliding(3, 0), **kw)
+        return block_sparse_attention(q, k, v, layout, kw.pop("block_size", 16), **kw)
+
+    qi = torch.ones(1, 2, 16, 8, dtype=torch.int64)
+    with pytest.raises(TypeError, match="q must be a floating-point"):
+        call(q=qi, k=qi, v=qi)
+    with pytest.raises(TypeError, match="dtype"):
+        call(k=k.double())
+    with pytest.raises(ValueError, match="dropout_p"):
+        call(dropout_p=-0.5)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        call(q=q[0])
+    with pytest.raises(ValueError, match="head dims"):
+        call(k=k[..., :4])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        call(key_padding_mask=torch.zeros(1, 3, dtype=torch.bool))
+    if op == "sliding_window":
+        with pytest.raises(TypeError, match="q_offset"):
+            call(q_offset=1.5)
+    else:
+        for bad in (4.9, "4"):
+            with pytest.raises(TypeError, match="block_size"):
+                call(block_size=bad)

@@ -6,6 +6,7 @@ in ``benchmarks/README.md``.
 import pytest
 import torch
 
+from efficient_attention.block_mask import BlockMask
 from efficient_attention.kernels import block_sparse_attention, choose_backend, sliding_window_attention
 from efficient_attention.kernels.dispatch import triton_reason
 from efficient_attention.local_window import LocalWindow
@@ -119,7 +120,31 @@ def test_triton_opcheck():
     layout = random_layout(2, 2, 2, empty_row=False).cuda()
     ops = torch.ops.efficient_attention
     torch.library.opcheck(ops.triton_sliding_window.default, (q, k, v, kpm, 1, 16, 0, True, 0, 0.2))
-    torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, layout, 64, False, None, 0.2))
+    t = BlockMask.from_layout(layout, 64).tables()
+    torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, *t["row"], *t["col"], t["tiles"], 64, False,
+                                                           None, 0.2))
+    tiled = BlockMask.from_pattern("strided", 100, 64, 2, causal=True, local_attn_ctx=7, device="cuda")
+    t = tiled.tables()
+    torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, *t["row"], *t["col"], t["tiles"], 64, True,
+                                                           kpm, 0.2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern,bs,kw", [("strided", 64, dict(local_attn_ctx=37)), ("sliding", 128, dict(window=90)),
+                                           ("fixed", 16, dict(local_attn_ctx=80)), ("dilated", 32, dict(window=96))])
+def test_triton_block_mask_partial_blocks(pattern, bs, kw, dtype):
+    T = 300
+    bm = BlockMask.from_pattern(pattern, T, bs, 2, causal=True, device="cuda", **kw)
+    q, k, v = make_qkv(2, 2, T, T, 64, dtype, device="cuda")
+    kpm = padding(2, T, device="cuda")
+    assert choose_backend("block_sparse", q, k, v, block_size=bs) == "triton"
+    out, lse = block_sparse_attention(q, k, v, bm, key_padding_mask=kpm)
+    ref_out, ref_lse, ref = ref_block(q, k, v, bm, None, key_padding_mask=kpm)
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    for got, want in zip(loss_and_grads(out, lse, (q, k, v)), loss_and_grads(ref_out, ref_lse, ref)):
+        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2)
 
 
 # ------------------------------------------------------------------------------ chunked linear attention

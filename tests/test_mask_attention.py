@@ -37,7 +37,7 @@ def test_block_structured_masks_route_to_block_sparse(monkeypatch):
     assert masked.block_structure(mask)[0] == 32
     calls = []
     real = masked.kernels.block_sparse_attention
-    monkeypatch.setattr(masked.kernels, "block_sparse_attention", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
+    monkeypatch.setattr(masked.kernels, "block_sparse_attention", lambda *a, **kw: calls.append(a[3].block_size) or real(*a, **kw))
     out = ea.mask_attention(q, k, v, mask=mask)
     assert calls == [32]
     torch.testing.assert_close(out, dense_reference(q, k, v, mask))
@@ -49,8 +49,21 @@ def test_block_structured_masks_route_to_block_sparse(monkeypatch):
     assert masked.block_structure(fine)[0] == 16
 
 
+def test_token_masks_run_on_block_mask_tiles(monkeypatch):
+    q, k, v = rand_qkv(2, 1, 70, 90, 8)
+    mask = torch.rand(2, 1, 70, 90, generator=torch.Generator().manual_seed(3)) < 0.2
+    mask[0, 0, 5] = False  # a row with nothing allowed gives 0
+    seen = []
+    real = masked.kernels.block_sparse_attention
+    monkeypatch.setattr(masked.kernels, "block_sparse_attention", lambda *a, **kw: seen.append(a[3]) or real(*a, **kw))
+    out = ea.mask_attention(q, k, v, mask=mask)
+    assert len(seen) == 1 and seen[0].tiles is not None
+    torch.testing.assert_close(out, dense_reference(q, k, v, mask))
+    assert torch.all(out[0, 0, 5] == 0)
+
+
 def test_cost_follows_allowed_entries():
-    # the pair path touches exactly the allowed (i, j): its score vector has nnz entries
+    # the pair path (weights form) touches exactly the allowed (i, j): its score vector has nnz entries
     q, k, v = rand_qkv(1, 1, 50, 50, 4)
     mask = torch.rand(1, 50, 50, generator=torch.Generator().manual_seed(1)) < 0.1
     captured = {}
@@ -63,7 +76,7 @@ def test_cost_follows_allowed_entries():
 
     torch.Tensor.nonzero = spy
     try:
-        ea.mask_attention(q, k, v, mask=mask)
+        ea.mask_attention(q, k, mask=mask, return_weights=True)
     finally:
         torch.Tensor.nonzero = real
     assert captured["nnz"] == int(mask.sum())

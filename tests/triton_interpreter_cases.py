@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from efficient_attention.block_mask import BlockMask  # noqa: E402
 from efficient_attention.kernels import reference, triton_ops  # noqa: E402
 from efficient_attention.kernels.linear_attention import linear_attention  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
@@ -58,9 +59,29 @@ def layout_case(bs, layout_heads, causal, dtype, d=16):
     q, k, v = make_qkv(1, 3, T, S, d, dtype, seed=bs)
     layout = random_layout(layout_heads, n, n, density=0.5, seed=bs + layout_heads)
     kpm = padding(1, S)
-    out, lse = triton_ops.block_sparse_eager(q, k, v, layout, bs, causal, kpm, d ** -0.5)
+    out, lse = triton_ops.block_sparse_eager(q, k, v, _tables(BlockMask.from_layout(layout, bs)), bs, causal, kpm,
+                                             d ** -0.5)
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.block_sparse_attention(*ref, layout, bs, causal=causal, key_padding_mask=kpm)
+    check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
+
+
+def _tables(bm):
+    t = bm.tables()
+    return (*t["row"], *t["col"], t["tiles"])
+
+
+def mask_case(pattern, bs, causal, dtype, heads=3, d=16, coarsen=None, **kw):
+    """A block mask with partial blocks (token tiles, and the causal rule) against the reference."""
+    T = S = 2 * max(bs, coarsen or 0) + 21
+    bm = BlockMask.from_pattern(pattern, T, bs, heads, causal=causal, **kw)
+    assert bm.tiles is not None, "the case must have tiles"
+    run = bm.coarsen(coarsen) if coarsen else bm
+    q, k, v = make_qkv(1, heads, T, S, d, dtype, seed=bs)
+    kpm = padding(1, S)
+    out, lse = triton_ops.block_sparse_eager(q, k, v, _tables(run), run.block_size, run.causal, kpm, d ** -0.5)
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference.block_sparse_attention(*ref, bm, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
 
 
@@ -165,6 +186,12 @@ def main() -> int:
             (tma, "layout bs16 per-head causal fp32", lambda: layout_case(16, 3, True, f32)),
             (tma, "layout bs128 shared fp32", lambda: layout_case(128, 1, False, f32)),
             (tma, "layout bs128 per-head causal fp16", lambda: layout_case(128, 3, True, f16)),
+            (tma, "mask strided bs16 causal tiles fp32", lambda: mask_case("strided", 16, True, f32, local_attn_ctx=5)),
+            (tma, "mask dilated bs64 per-head tiles fp16", lambda: mask_case("dilated", 64, False, f16, window=48,
+                                                                            dilation=3)),
+            (tma, "mask sliding bs128 causal fp32", lambda: mask_case("sliding", 128, True, f32, window=70)),
+            (tma, "mask fixed bs16 -> 64 coarsened fp16", lambda: mask_case("local", 16, True, f16, coarsen=64,
+                                                                           local_attn_ctx=16)),
         ]
     cases.append((False, "out-only gradient", out_only_case))
     cases += [

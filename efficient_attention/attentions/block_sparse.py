@@ -11,19 +11,21 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import layouts
 from ..base import AttentionMasks, EfficientAttention, check_bool
+from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..registry import register_attention
 from ..sparse.block_sparse import block_sparse_attention
 
-__all__ = ["BlockSparseAttention"]
+__all__ = ["BlockSparseAttention", "BigBirdAttention"]
 
 
-@register_attention("block_sparse", "blocksparse", "sparse_transformer", "bigbird")
+@register_attention("block_sparse", "blocksparse", "sparse_transformer")
 class BlockSparseAttention(EfficientAttention):
     """Attention on the blocks of a sparsity layout, per head or shared.
 
@@ -99,34 +101,46 @@ class BlockSparseAttention(EfficientAttention):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
             setattr(self, name, value)
-        if layout not in ("random", "bigbird", "user"):
-            self._mask_mod = layouts.make_mask_mod(layout, heads=self.num_heads, block_size=block_size,
-                                                   causal=self.causal, **self.pattern_kw)
+        # validate the pattern options now (the masks themselves are built per length, on first use)
+        if layout in layouts.BLOCK_LEVEL_PATTERNS:
+            layouts.make_layout(layout, block_size, block_size, self.num_heads, causal=self.causal, **self.block_kw)
+        elif layout != "user":
+            layouts.make_mask_mod(layout, heads=self.num_heads, block_size=block_size, causal=self.causal,
+                                  **self.pattern_kw)
+        self._masks: Dict[Tuple[int, int, str], BlockMask] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_masks"] = {}  # device tensors and tables: rebuilt on first use
+        return state
+
+    def block_mask(self, n: int, device=None, q_block_start: int = 0) -> BlockMask:
+        """The :class:`BlockMask` for ``n`` positions (rows from query block ``q_block_start`` on; cached)."""
+        key = (n, q_block_start, str(device))
+        hit = self._masks.get(key)
+        if hit is not None:
+            return hit
+        bs, nb = self.block_size, -(-n // self.block_size)
+        if self._user_layout is not None:
+            if self._user_layout.shape[1] < nb:
+                raise ValueError(
+                    f"sequence of {n} positions needs {nb} blocks; the layout has {self._user_layout.shape[1]}"
+                )
+            bm = BlockMask.from_layout(self._user_layout[:, q_block_start:nb, :nb].to(device), bs, causal=self.causal)
+        elif self.layout in layouts.BLOCK_LEVEL_PATTERNS:
+            bm = BlockMask.from_pattern(self.layout, n, bs, self.num_heads, causal=self.causal, device=device,
+                                        q_block_start=q_block_start, **self.block_kw)
         else:
-            self._mask_mod = None
-            if layout != "user":
-                layouts.make_layout(layout, block_size, block_size, self.num_heads, causal=self.causal, **self.block_kw)
-        self._cache: Dict[Tuple[int, str], Tensor] = {}
+            bm = BlockMask.from_pattern(self.layout, n, bs, self.num_heads, causal=self.causal, device=device,
+                                        q_block_start=q_block_start, **self.pattern_kw)
+        if len(self._masks) > 8:
+            self._masks.clear()
+        self._masks[key] = bm
+        return bm
 
     def full_layout(self, n: int, device=None) -> Tensor:
-        """The block layout ``(H or 1, ceil(n/bs), ceil(n/bs))`` used for length ``n`` (cached)."""
-        key = (n, str(device))
-        if key not in self._cache:
-            nb = -(-n // self.block_size)
-            if self._user_layout is not None:
-                if self._user_layout.shape[1] < nb:
-                    raise ValueError(
-                        f"sequence of {n} positions needs {nb} blocks; the layout has {self._user_layout.shape[1]}"
-                    )
-                lay = self._user_layout[:, :nb, :nb]
-            elif self._mask_mod is None:
-                lay = layouts.make_layout(self.layout, n, self.block_size, self.num_heads, causal=self.causal, **self.block_kw)
-            else:
-                lay = layouts.layout_from_mask_mod(self._mask_mod, self.num_heads, n, n, self.block_size)
-            if len(self._cache) > 8:
-                self._cache.clear()
-            self._cache[key] = lay.to(device)
-        return self._cache[key]
+        """The block layout ``(H or 1, ceil(n/bs), ceil(n/bs))`` used for length ``n``."""
+        return self.block_mask(n, device).layout
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         bs = self.block_size
@@ -134,15 +148,21 @@ class BlockSparseAttention(EfficientAttention):
         if not self.autopad and src_len % bs:
             raise ValueError(f"sequence length {src_len} is not a multiple of block_size ({bs}) and autopad=False")
         start = (off // bs) * bs  # queries are padded in front to a block boundary
-        qp = F.pad(q, (0, 0, off - start, 0))
-        if self._mask_mod is not None and start > 0:  # decoding: only the rows of the new queries
-            lay = layouts.layout_from_mask_mod(self._mask_mod, self.num_heads, src_len, src_len, bs, q.device,
-                                               q_block_start=start // bs)
-        else:
-            lay = self.full_layout(src_len, q.device)[:, start // bs :]
+        qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
+        with torch.no_grad():
+            bm = self.block_mask(src_len, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0
         out = block_sparse_attention(
-            qp, k, v, lay, bs, causal=self.causal, key_padding_mask=masks.key_padding, scale=self.scaling,
-            mask_mod=self._mask_mod, dropout_p=dropout,
+            qp, k, v, bm, causal=self.causal, key_padding_mask=masks.key_padding, scale=self.scaling,
+            dropout_p=dropout,
         )
         return out[:, :, off - start :], None
+
+
+@register_attention("bigbird", "big_bird")
+class BigBirdAttention(BlockSparseAttention):
+    """BigBird (Zaheer et al., 2020): :class:`BlockSparseAttention` with the ``bigbird`` layout by default
+    (a band of window blocks, global blocks and seeded random blocks)."""
+
+    def __init__(self, *args, layout: str = "bigbird", **kwargs):
+        super().__init__(*args, layout=layout, **kwargs)

@@ -4,7 +4,8 @@
 chunks with an online softmax and a recomputing backward
 (:func:`efficient_attention.sparse.blockwise.blockwise_attention`): the same
 numbers as ``vanilla`` to fp rounding, activations ``O(N · chunk)`` instead of
-``O(N²)``.  Time ``O(T · S · d)``.
+``O(N²)``.  Time ``O(T · S · d)``.  It runs fused (``scaled_dot_product_attention``: FlashAttention
+on CUDA), the chunk loop being the readable reference.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class BlockwiseAttention(EfficientAttention):
 
     capabilities = Capabilities(
         patterns=ALL_PATTERNS, incremental=True, attn_mask=True, additive_masks=True, key_padding_mask=True,
-        grouped_kv=True, backends=("torch",),
+        grouped_kv=True, backends=("sdpa", "torch"),
     )
     option_help = {
         "q_chunk_size": "queries per chunk",

@@ -5,7 +5,9 @@ every ``r_i``-th position (head ``h`` at offset ``h mod r_i``); the branches
 are merged by the exact softmax of their union (weights ∝ each branch's
 softmax denominator, overlapping pairs counted once), see
 :func:`efficient_attention.sparse.dilated.dilated_attention`.
-Cost ``O(Σ_i N · w_i / r_i² · d)``.
+Cost ``O(Σ_i N · w_i / r_i² · d)``.  The union is one block mask (the segments'
+diagonal blocks with their dilation patterns as token tiles) computed by the block-sparse
+C++ / Triton kernels.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ __all__ = ["DilatedAttention"]
 
 
 def _int_tuple(value, name: str) -> Tuple[int, ...]:
+    if value is None:
+        raise ValueError(f"{name} must be given: a comma-separated list or a sequence of positive integers")
     if isinstance(value, str):
         try:
             return tuple(int(x) for x in value.replace(" ", "").strip("()[]").split(",") if x)
@@ -44,7 +48,8 @@ class DilatedAttention(EfficientAttention):
     """
 
     capabilities = Capabilities(
-        patterns=SELF_PATTERNS, incremental=True, key_padding_mask=True, grouped_kv=True, backends=("torch",)
+        patterns=SELF_PATTERNS, incremental=True, key_padding_mask=True, grouped_kv=True,
+        backends=("kernels", "torch"),
     )
     option_help = {
         "segment_lengths": "segment length w_i of each branch (comma-separated list)",

@@ -4,8 +4,9 @@ Public entry points (``(B, H, N, d)`` tensors; each returns ``(out, lse)``):
 
 * :func:`sliding_window_attention` -- attention within a
   :class:`~efficient_attention.local_window.LocalWindow` band;
-* :func:`block_sparse_attention` -- attention over the kept blocks of a
-  per-head block layout;
+* :func:`block_sparse_attention` -- attention over a
+  :class:`~efficient_attention.block_mask.BlockMask` (kept blocks of a per-head
+  layout, full or with a token rule inside), or a plain block layout.
 * :func:`linear_attention` -- (causal) linear attention with an optional per-position
   decay, initial and final states (``linear_attention.py``; the linear family's engine).
 
@@ -15,15 +16,17 @@ reference path (``reference.py``) -- and logs why it fell back
 (:func:`not_supported_reasons` returns the reasons for given inputs).
 """
 from .dispatch import choose_backend, not_supported_reasons
+from ..block_mask import BlockMask, as_block_mask
 from .linear_attention import linear_attention
-from .ops import block_sparse_attention, sliding_window_attention
-from .reference import check_layout
+from .ops import block_sparse_attention, check_inputs, sliding_window_attention
 
 __all__ = [
     "sliding_window_attention",
     "block_sparse_attention",
     "linear_attention",
-    "check_layout",
+    "BlockMask",
+    "as_block_mask",
+    "check_inputs",
     "not_supported_reasons",
     "choose_backend",
 ]

@@ -26,7 +26,7 @@ def _sw_fwd_fake(q, k, v, key_padding_mask, group, left, right, causal, q_offset
 
 
 @torch.library.register_fake(f"{_NS}::block_sparse_fwd")
-def _bs_fwd_fake(q, k, v, layout, block_size, causal, key_padding_mask, scale):
+def _bs_fwd_fake(q, k, v, row_idx, row_cnt, row_tile, tiles, block_size, causal, key_padding_mask, scale):
     return _fake_fwd(q, k, v)
 
 
@@ -36,7 +36,8 @@ def _sw_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group,
 
 
 @torch.library.register_fake(f"{_NS}::block_sparse_bwd")
-def _bs_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, key_padding_mask, scale):
+def _bs_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, row_idx, row_cnt, row_tile, tiles, block_size, causal,
+                 key_padding_mask, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -64,23 +65,22 @@ def _sw_backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd(f"{_NS}::sliding_window_fwd", _sw_backward, setup_context=_sw_setup)
 
 
-# -- block sparse ---------------------------------------------------------------
+# -- block sparse (a BlockMask's row table: row_idx, row_cnt, row_tile, tiles) ---------------------
 def _bs_setup(ctx, inputs, output):
-    q, k, v, layout, block_size, causal, kpm, scale = inputs
+    q, k, v, row_idx, row_cnt, row_tile, tiles, block_size, causal, kpm, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, layout)
+    ctx.save_for_backward(q, k, v, out, lse)
     ctx.kpm = kpm
-    ctx.args = (block_size, causal)
+    ctx.args = (row_idx, row_cnt, row_tile, tiles, block_size, causal)
     ctx.scale = scale
 
 
 def _bs_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, layout = ctx.saved_tensors
-    block_size, causal = ctx.args
+    q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.efficient_attention.block_sparse_bwd(
-        _grad_out(grad_out, out), grad_lse, q, k, v, out, lse, layout, block_size, causal, ctx.kpm, ctx.scale
+        _grad_out(grad_out, out), grad_lse, q, k, v, out, lse, *ctx.args, ctx.kpm, ctx.scale
     )
-    return dq, dk, dv, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 8
 
 
 torch.library.register_autograd(f"{_NS}::block_sparse_fwd", _bs_backward, setup_context=_bs_setup)

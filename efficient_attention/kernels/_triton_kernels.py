@@ -6,7 +6,10 @@ One FlashAttention-2 style kernel family covers both ops.  A query block of
 * sliding window (``USE_LUT=False``): the contiguous key-block range its band
   can reach, computed in the kernel from the LocalWindow rule;
 * block-sparse (``USE_LUT=True``): the kept blocks of its layout row, read from
-  a lookup table ``lut (Hl, n_rows, n_cols)`` of block indices + ``cnt``.
+  a lookup table ``lut (Hl, n_rows, n_cols)`` of block indices + ``cnt``
+  (a :class:`~efficient_attention.block_mask.BlockMask`'s tables).  A partial block
+  of a block mask (``HAS_TILES``) has a tile index in the parallel table ``tile``
+  (``-1``: none) and its token mask is read from ``tiles (P, bs, bs)`` uint8.
 
 Inside a block, a query ``i`` (absolute position ``p = i + q_offset``) sees key
 ``j`` iff ``lo(p) <= j <= hi(p)`` (the band; unbounded for block-sparse), ``j <= p``
@@ -51,6 +54,15 @@ def _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr,
         pad = tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1)
         keep = keep & (pad == 0)[None, :]
     return keep
+
+
+@triton.jit
+def _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK: tl.constexpr):
+    """The token mask of tile ``t`` of a block mask at queries ``offs_m``, keys ``offs_n`` (all True if t < 0)."""
+    r = offs_m % LUT_BLOCK
+    c = offs_n % LUT_BLOCK
+    base = TILES + tl.maximum(t, 0).to(tl.int64) * (LUT_BLOCK * LUT_BLOCK)
+    return (tl.load(base + r[:, None] * LUT_BLOCK + c[None, :]) != 0) | (t < 0)
 
 
 @triton.jit
@@ -130,12 +142,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, Out, Lse,
+def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, Out, Lse,
                 qk_scale, H, T, S, q_offset, group, left, right,
                 lut_heads, lut_rows, lut_cols,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                LUT_BLOCK: tl.constexpr, TMA: tl.constexpr):
+                LUT_BLOCK: tl.constexpr, TMA: tl.constexpr, HAS_TILES: tl.constexpr):
     qb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
@@ -162,10 +174,16 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, Out, Lse,
         k = _rows(k_base, KD, bh, n0, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
         v = _rows(v_base, VD, bh, n0, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        # blocks wholly inside every row's band (and not at the end, no padding) skip the element mask
+        # blocks wholly inside every row's band (and not at the end, no padding, no tile) skip the element mask
         full = _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
+        t = -1
+        if HAS_TILES:
+            t = tl.load(TILE + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N))
+            full = full & (t < 0)
         if not full:
             keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            if HAS_TILES:
+                keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -183,12 +201,12 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, Out, Lse,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, TILE, TILES, DO, Lse, Delta, DK, DV,
                      qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
                      lut_heads, lut_rows, lut_cols,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     LUT_BLOCK: tl.constexpr, TMA: tl.constexpr):
+                     LUT_BLOCK: tl.constexpr, TMA: tl.constexpr, HAS_TILES: tl.constexpr):
     kb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
@@ -232,9 +250,16 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
         first_p = qb * BLOCK_M + q_offset
         lo_last, _ = _band(first_p + BLOCK_M - 1, group, left, right, False)
         _, hi_first = _band(first_p, group, left, right, CAUSAL)
-        if not _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM):
-            keep = tl.trans(_mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM))
-            pT = tl.where(keep, pT, 0.0)
+        full = _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
+        t = -1
+        if HAS_TILES:
+            t = tl.load(TILE + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_M))
+            full = full & (t < 0)
+        if not full:
+            keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            if HAS_TILES:
+                keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
+            pT = tl.where(tl.trans(keep), pT, 0.0)
         dv += _dot(pT.to(do.dtype), do, IEEE)
         dpT = _dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - delta[None, :])
@@ -245,12 +270,12 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, DO, Lse, Delta, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, DO, Out, DLse, Lse, Delta, DQ,
+def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, DO, Out, DLse, Lse, Delta, DQ,
                    qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
                    lut_heads, lut_rows, lut_cols,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   LUT_BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr, TMA: tl.constexpr):
+                   LUT_BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr, TMA: tl.constexpr, HAS_TILES: tl.constexpr):
     qb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
@@ -284,8 +309,15 @@ def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, DO, Out, DLse, Lse, Delta, DQ
         v = _rows(v_base, VD, bh, kb * BLOCK_N, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
-        if not _full_block(first_p, lo_last, hi_first, kb * BLOCK_N, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM):
+        full = _full_block(first_p, lo_last, hi_first, kb * BLOCK_N, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
+        t = -1
+        if HAS_TILES:
+            t = tl.load(TILE + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N))
+            full = full & (t < 0)
+        if not full:
             keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            if HAS_TILES:
+                keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
             p = tl.where(keep, p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])

@@ -8,7 +8,7 @@ Backends, tried in order:
 
 :func:`not_supported_reasons` returns, per fast backend, the reasons it cannot
 take the given inputs (empty list = usable), xformers-style.  The entries log
-the reasons of a fallback once per distinct message (at INFO).
+the reasons of a fallback once per distinct message (at WARNING).
 """
 from __future__ import annotations
 
@@ -193,5 +193,5 @@ def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
         msg = f"{op}: using the reference path because " + "; ".join(relevant)
         if msg not in _logged:
             _logged.add(msg)
-            logger.info(msg)
+            logger.warning(msg)
     return "reference"

@@ -6,8 +6,9 @@ with autograd, and without the dense ``N x N`` score matrix:
 * :func:`sliding_window_attention` works on query chunks and only the keys
   their band can reach (scores are ``O(N * span)``, gathered keys a small
   constant times ``K``);
-* :func:`block_sparse_attention` gathers, for every query block, only the key
-  blocks its layout row keeps (work scales with the kept blocks).
+* :func:`block_sparse_attention` (a :class:`~efficient_attention.block_mask.BlockMask`) and
+  :func:`gathered_block_attention` (any token rule, per-batch layouts) gather, for every query
+  block, only the key blocks its layout row keeps (work scales with the kept blocks).
 
 Both return ``(out, lse)``: ``out (B, H, T, d)`` and the fp32 log-sum-exp of
 the scaled, masked scores ``(B, H, T)`` (``-inf`` for a query that sees
@@ -16,16 +17,20 @@ exactly (e.g. the branches of dilated attention).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..block_mask import BlockMask, as_block_mask
 from ..functional import acc_dtype, repeat_kv, softmax
 from ..local_window import LocalWindow
 
-__all__ = ["sliding_window_attention", "block_sparse_attention", "check_layout"]
+__all__ = ["sliding_window_attention", "block_sparse_attention", "gathered_block_attention", "KeepFn"]
+
+# keep(b, h, i, j) -> bool, on broadcasting index tensors; i, j are query / key positions
+KeepFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def _lse(scores: Tensor) -> Tensor:
@@ -95,82 +100,118 @@ def sliding_window_attention(
     return out, lse
 
 
-def check_layout(layout: Tensor, heads: int, n_q_blocks: int, n_k_blocks: int) -> Tensor:
-    """Validate a block layout: bool/0-1 ``(H or 1, n_q_blocks, n_k_blocks)``; returns it as bool."""
-    if not isinstance(layout, Tensor):
-        raise TypeError(f"layout must be a Tensor, got {type(layout).__name__}")
-    if layout.dim() == 2:
-        layout = layout.unsqueeze(0)
-    if layout.dim() != 3 or layout.shape[0] not in (1, heads) or layout.shape[1:] != (n_q_blocks, n_k_blocks):
-        raise ValueError(
-            f"layout must have shape ({heads} or 1, {n_q_blocks}, {n_k_blocks}) for {heads} heads and "
-            f"{n_q_blocks} x {n_k_blocks} blocks, got {tuple(layout.shape)}"
-        )
-    if layout.dtype != torch.bool:
-        if layout.is_floating_point() or not torch.all((layout == 0) | (layout == 1)):
-            raise ValueError(f"layout must be bool or hold only 0/1 integers, got {layout.dtype}")
-        layout = layout.bool()
-    return layout
+def gathered_block_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Tensor,
+    block_size: int,
+    keep: Optional[KeepFn] = None,
+    *,
+    causal: bool = False,
+    q_offset: Optional[int] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
+    """The one reference path of block-sparse attention: for each query block, gather only the key
+    blocks its layout row keeps, score them, hide what ``keep`` / ``causal`` / padding reject, softmax.
+
+    Args:
+        q: ``(B, H, T, d)``; k, v: ``(B, Hkv, S, d)``.  Query ``t`` sits at position ``t + q_offset``
+            (default ``S - T``); keys at ``0..S-1``.
+        layout: bool ``(B or 1, H or 1, ceil(T/bs), ceil(S/bs))`` (per batch item: hash buckets).
+        keep: ``keep(b, h, i, j)`` on broadcasting long tensors (positions), True = attend; ``None``
+            keeps every entry of a kept block.
+        causal: also require ``j <= i``.
+
+    Returns:
+        ``(out (B, H, T, d), lse (B, H, T))``; a query that sees nothing gets ``out = 0``, ``lse = -inf``.
+        Work ``O(kept blocks * bs^2 * d)`` (rows padded to the densest row); scores in fp32 for
+        half-precision inputs (scaled before the product, so large inputs do not overflow).
+    """
+    bsz, heads, tgt_len, dim = q.shape
+    src_len = k.shape[2]
+    bs = int(block_size)
+    off = src_len - tgt_len if q_offset is None else q_offset
+    nq, nk = -(-tgt_len // bs), -(-src_len // bs)
+    if layout.dim() != 4 or layout.shape[0] not in (1, bsz) or layout.shape[1] not in (1, heads) \
+            or layout.shape[2:] != (nq, nk):
+        raise ValueError(f"layout must have shape ({bsz} or 1, {heads} or 1, {nq}, {nk}), got {tuple(layout.shape)}")
+    dev = q.device
+    layout = layout.to(dev)
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    scale = dim**-0.5 if scale is None else scale
+    counts = layout.sum(-1)
+    kmax = max(int(counts.max().item()) if counts.numel() else 0, 1)
+    order = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]
+    order = order.expand(bsz, heads, nq, kmax)
+    slot_ok = (torch.arange(kmax, device=dev) < counts[..., None]).expand(bsz, heads, nq, kmax)
+    cdt = acc_dtype(q.dtype)
+    qb = (F.pad(q, (0, 0, 0, nq * bs - tgt_len)) * scale).to(cdt).view(bsz, heads, nq, bs, dim)
+    kb = F.pad(k, (0, 0, 0, nk * bs - src_len)).to(cdt).view(bsz, heads, nk, bs, dim)
+    vb = F.pad(v, (0, 0, 0, nk * bs - src_len)).view(bsz, heads, nk, bs, v.shape[-1])
+    b_idx = torch.arange(bsz, device=dev).view(-1, 1, 1, 1)
+    h_idx = torch.arange(heads, device=dev).view(1, -1, 1, 1)
+    kg = kb[b_idx, h_idx, order].flatten(-3, -2)                  # (B, H, nq, W, d)
+    vg = vb[b_idx, h_idx, order].flatten(-3, -2)
+    scores = torch.matmul(qb, kg.transpose(-1, -2))               # (B, H, nq, bs, W)
+    kpos = (order[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)[:, :, :, None, :]  # (B, H, nq, 1, W)
+    qpos = (torch.arange(nq * bs, device=dev).view(1, 1, nq, bs, 1)) + off
+    ok = slot_ok[..., None].expand(-1, -1, -1, -1, bs).flatten(-2)[:, :, :, None, :] & (kpos < src_len)
+    ok = ok & (qpos < tgt_len + off)
+    if causal:
+        ok = ok & (kpos <= qpos)
+    if key_padding_mask is not None:
+        kpm = F.pad(key_padding_mask.bool(), (0, nk * bs - src_len), value=True)
+        ok = ok & ~kpm[b_idx[..., None], kpos.clamp(max=nk * bs - 1)]
+    if keep is not None:
+        ok = ok & keep(b_idx[..., None], h_idx[..., None], qpos, kpos)
+    out, lse = _finish(scores.masked_fill(~ok, float("-inf")), vg, dropout_p)
+    out = out.reshape(bsz, heads, nq * bs, v.shape[-1])[:, :, :tgt_len]
+    lse = lse.reshape(bsz, heads, nq * bs)[:, :, :tgt_len]
+    return out, lse
 
 
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    layout: Tensor,
-    block_size: int,
+    mask: Union[BlockMask, Tensor],
+    block_size: Optional[int] = None,
     *,
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
-    """Attention restricted to the kept blocks of ``layout``.
+    """Attention restricted to a :class:`BlockMask` (or a bool block layout with ``block_size``).
 
     Args:
-        q: ``(B, H, T, d)``; k, v: ``(B, Hkv, S, d)``.  Lengths that are not a
-            multiple of ``block_size`` are padded internally (padded keys never count).
-        layout: bool ``(H or 1, ceil(T/bs), ceil(S/bs))``; True = the block is computed.
+        q: ``(B, H, T, d)``; k, v: ``(B, Hkv, S, d)``.  Lengths that are not a multiple of the block
+            size are padded internally (padded keys never count).
+        mask: the block mask, or a layout ``(H or 1, ceil(T/bs), ceil(S/bs))``, True = computed.
         causal: additionally hide keys after the query (``j <= i + S - T``).
         key_padding_mask: ``(B, S)`` bool, True = padding.
 
     Returns:
-        ``(out (B, H, T, d), lse (B, H, T))``; work ``O(kept blocks * bs^2 * d)``
-        (rows padded to the densest row of the layout).
+        ``(out (B, H, T, dv), lse (B, H, T))``.
     """
-    bsz, heads, tgt_len, dim = q.shape
-    src_len = k.shape[2]
-    bs = int(block_size)
-    if bs <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    nq, nk = -(-tgt_len // bs), -(-src_len // bs)
-    layout = check_layout(layout, heads, nq, nk).to(q.device).expand(heads, nq, nk)
-    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
-    scale = dim**-0.5 if scale is None else scale
-    # per (head, q-block): the kept k-blocks, padded to the densest row
-    counts = layout.sum(-1)
-    kmax = max(int(counts.max().item()), 1)
-    order = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]  # (H, nq, kmax)
-    slot_ok = torch.arange(kmax, device=q.device) < counts[..., None]                                   # (H, nq, kmax)
-    qb = F.pad(q, (0, 0, 0, nq * bs - tgt_len)).view(bsz, heads, nq, bs, dim)
-    kb = F.pad(k, (0, 0, 0, nk * bs - src_len)).view(bsz, heads, nk, bs, dim)
-    vb = F.pad(v, (0, 0, 0, nk * bs - src_len)).view(bsz, heads, nk, bs, v.shape[-1])
-    h_idx = torch.arange(heads, device=q.device)[:, None, None]
-    kg = kb[:, h_idx, order].flatten(-3, -2)                   # (B, H, nq, kmax*bs, d)
-    vg = vb[:, h_idx, order].flatten(-3, -2)
-    scores = torch.matmul(qb, kg.transpose(-1, -2)) * scale     # (B, H, nq, bs, kmax*bs)
-    kpos = (order[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)  # (H, nq, kmax*bs)
-    keep = (slot_ok[..., None].expand(-1, -1, -1, bs).flatten(-2)) & (kpos < src_len)
-    keep = keep[:, :, None, :]                                  # (H, nq, 1, W)
-    if causal:
-        qpos = (torch.arange(nq * bs, device=q.device).view(nq, bs) + (src_len - tgt_len))[None, :, :, None]
-        keep = keep & (kpos[:, :, None, :] <= qpos)
-    keep = keep[None]
-    if key_padding_mask is not None:
-        kpm = F.pad(key_padding_mask, (0, nk * bs - src_len), value=True)
-        keep = keep & ~kpm[:, kpos][:, :, :, None, :]
-    scores = scores.masked_fill(~keep, float("-inf"))
-    out, lse = _finish(scores, vg, dropout_p)
-    out = out.reshape(bsz, heads, nq * bs, v.shape[-1])[:, :, :tgt_len]
-    lse = lse.reshape(bsz, heads, nq * bs)[:, :, :tgt_len]
-    return out, lse
+    heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
+    bm = as_block_mask(mask, heads, tgt_len, src_len, block_size, causal)
+    keep = None
+    if bm.tiles is not None:
+        tile_index, tiles, bs, off = bm.tile_index.to(q.device).long(), bm.tiles.to(q.device), bm.block_size, \
+            src_len - tgt_len
+        hm = bm.heads
+
+        def keep(b, h, i, j):  # positions are absolute (i = t + off); tiles index the mask's own rows
+            t = i - off
+            hh = h if hm > 1 else torch.zeros_like(h)
+            ti = tile_index[hh, torch.div(t, bs, rounding_mode="floor").clamp(max=bm.shape[0] - 1),
+                            torch.div(j, bs, rounding_mode="floor").clamp(max=bm.shape[1] - 1)]
+            return tiles[ti.clamp(min=0), torch.remainder(t, bs), torch.remainder(j, bs)] | (ti < 0)
+    return gathered_block_attention(
+        q, k, v, bm.layout[None], bm.block_size, keep, causal=bm.causal, key_padding_mask=key_padding_mask,
+        scale=scale, dropout_p=dropout_p,
+    )

@@ -8,7 +8,6 @@ module requires Triton.
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -74,13 +73,6 @@ def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     return dict(fwd=cfg, dq=cfg, dkdv=cfg)
 
 
-def _lut(layout: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per layout row: the kept column indices first, ascending (int32), and their count."""
-    cnt = layout.sum(-1, dtype=torch.int32).contiguous()
-    idx = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32).contiguous()
-    return idx, cnt
-
-
 _dummies: dict = {}
 
 
@@ -138,11 +130,12 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     kpm_t, has_kpm = _kpm(kpm, q)
     scale, q_offset, group, left, right, causal, window = rule
-    idx, cnt, lut_heads, rows, cols = lut
+    idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     c, (kd, vd) = _with_tma(cfg, k, v, "BLOCK_N")
     tk._fwd_kernel[_grid(lut, T, c["BLOCK_M"], B * H)](
-        q, k, v, kd, vd, kpm_t, idx, cnt, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left, right,
-        lut_heads, rows, cols, CAUSAL=causal, WINDOW=window, USE_LUT=idx is not cnt, HAS_KPM=has_kpm, **_flags(q), **c,
+        q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left,
+        right, lut_heads, rows, cols, CAUSAL=causal, WINDOW=window, USE_LUT=idx is not cnt, HAS_KPM=has_kpm,
+        HAS_TILES=tile is not idx, **_flags(q), **c,
     )
     return out, lse
 
@@ -159,17 +152,19 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     scale, q_offset, group, left, right, causal, window = rule
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
-    idx, cnt, lut_heads, rows, cols = lut
+    idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     cfg, (kd, vd) = _with_tma(cfgs["dq"], k, v, "BLOCK_N")
     tk._bwd_dq_kernel[_grid(lut, T, cfg["BLOCK_M"], B * H)](
-        q, k, v, kd, vd, kpm_t, idx, cnt, do, out, dlse, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S, q_offset, group,
-        left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_DLSE=has_dlse, **flags, **cfg,
+        q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, do, out, dlse, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S,
+        q_offset, group, left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_DLSE=has_dlse,
+        HAS_TILES=tile is not idx, **flags, **cfg,
     )
-    idx, cnt, lut_heads, rows, cols = lut_t
+    idx, cnt, tile, tiles, lut_heads, rows, cols = lut_t
     cfg, (qd, dod) = _with_tma(cfgs["dkdv"], q, do, "BLOCK_M")
     tk._bwd_dkdv_kernel[_grid(lut_t, S, cfg["BLOCK_N"], B * H)](
-        q, k, v, qd, dod, kpm_t, idx, cnt, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S, q_offset, group, left,
-        right, lut_heads, rows, cols, USE_LUT=idx is not cnt, **flags, **cfg,
+        q, k, v, qd, dod, kpm_t, idx, cnt, tile, tiles, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S,
+        q_offset, group, left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_TILES=tile is not idx,
+        **flags, **cfg,
     )
     return dq, dk, dv
 
@@ -185,7 +180,7 @@ def _grid(lut, n: int, block: int, bh: int) -> Tuple[int, int]:
 
 def _no_lut(q: Tensor):
     dummy = _dummy(q, torch.int32)
-    return dummy, dummy, 1, 1, 1  # idx is cnt -> USE_LUT=False
+    return dummy, dummy, dummy, _dummy(q, torch.uint8), 1, 1, 1  # idx is cnt -> USE_LUT=False; tile is idx: no tiles
 
 
 def _window_rule(scale, q_offset, group, left, right, causal):
@@ -196,25 +191,13 @@ def _block_rule(scale, causal, T, S):
     return (scale, S - T, 1, _UNBOUNDED, _UNBOUNDED, causal, False)
 
 
-_lut_cache: dict = {}  # id(layout) -> (weakref to it, its version, tables)
-
-
-def _layout_luts(layout: Tensor):
-    """The lookup tables of a layout and of its transpose; cached per layout tensor while it lives
-    and is not modified in place (its version counter), so a module's fixed layout is sorted once."""
-    try:
-        version = layout._version
-    except RuntimeError:  # inference tensors have no version counter: no caching
-        version = None
-    hit = _lut_cache.get(id(layout))
-    if hit is not None and hit[0]() is layout and hit[1] == version:
-        return hit[2]
-    lut = (*_lut(layout), layout.shape[0], layout.shape[1], layout.shape[2])
-    lut_t = (*_lut(layout.transpose(1, 2)), layout.shape[0], layout.shape[2], layout.shape[1])
-    if version is not None and not torch.compiler.is_compiling():
-        key = id(layout)
-        ref = weakref.ref(layout, lambda _, key=key: _lut_cache.pop(key, None))
-        _lut_cache[key] = (ref, version, (lut, lut_t))
+def _mask_luts(q: Tensor, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles):
+    """The kernels' lookup tuples ``(idx, cnt, tile, tiles, heads, rows, cols)`` of a block mask's tables
+    (:meth:`BlockMask.tables`) and of their transpose; ``tile is idx`` marks a mask without tiles."""
+    if tiles is None:
+        tiles, row_tile, col_tile = _dummy(q, torch.uint8), row_idx, col_idx
+    lut = (row_idx, row_cnt, row_tile, tiles, *row_idx.shape)
+    lut_t = (col_idx, col_cnt, col_tile, tiles, *col_idx.shape)
     return lut, lut_t
 
 
@@ -267,49 +250,57 @@ triton_sliding_window.register_autograd(_sw_backward, setup_context=_sw_setup)
 
 
 # -- block sparse ---------------------------------------------------------------------------------
+# The block mask travels as its tables (``BlockMask.tables``): row_* for the forward and dq passes,
+# col_* (the transposed layout) for the dk/dv pass, tiles for the partial blocks (None: no tiles).
 @torch.library.custom_op("efficient_attention::triton_block_sparse", mutates_args=())
 def triton_block_sparse(
-    q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size: int, causal: bool,
+    q: Tensor, k: Tensor, v: Tensor, row_idx: Tensor, row_cnt: Tensor, row_tile: Optional[Tensor], col_idx: Tensor,
+    col_cnt: Tensor, col_tile: Optional[Tensor], tiles: Optional[Tensor], block_size: int, causal: bool,
     key_padding_mask: Optional[Tensor], scale: float,
 ) -> Tuple[Tensor, Tensor]:
     cfg = block_config(block_size, q.shape[-1], q.dtype)["fwd"]
-    lut, _ = _layout_luts(layout)
+    lut, _ = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
     return _forward(q, k, v, key_padding_mask, _block_rule(scale, causal, q.shape[2], k.shape[2]), lut, cfg)
 
 
 @triton_block_sparse.register_fake
-def _(q, k, v, layout, block_size, causal, key_padding_mask, scale):
+def _(q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal, key_padding_mask,
+      scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("efficient_attention::triton_block_sparse_bwd", mutates_args=())
 def triton_block_sparse_bwd(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    layout: Tensor, block_size: int, causal: bool, key_padding_mask: Optional[Tensor], scale: float,
+    row_idx: Tensor, row_cnt: Tensor, row_tile: Optional[Tensor], col_idx: Tensor, col_cnt: Tensor,
+    col_tile: Optional[Tensor], tiles: Optional[Tensor], block_size: int, causal: bool,
+    key_padding_mask: Optional[Tensor], scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     cfg = block_config(block_size, q.shape[-1], q.dtype)
-    lut, lut_t = _layout_luts(layout)
+    lut, lut_t = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
     rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut_t, cfg)
 
 
 @triton_block_sparse_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, layout, block_size, causal, key_padding_mask, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles,
+      block_size, causal, key_padding_mask, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _bs_setup(ctx, inputs, output):
-    q, k, v, layout, block_size, causal, kpm, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, layout)
-    ctx.kpm, ctx.args = kpm, (block_size, causal)
+    q, k, v, *tables, block_size, causal, kpm, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.tables, ctx.kpm, ctx.args = tables, kpm, (block_size, causal)
     ctx.scale = scale
 
 
 def _bs_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, layout = ctx.saved_tensors
+    q, k, v, out, lse = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    dq, dk, dv = triton_block_sparse_bwd(grad_out, grad_lse, q, k, v, out, lse, layout, *ctx.args, ctx.kpm, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = triton_block_sparse_bwd(grad_out, grad_lse, q, k, v, out, lse, *ctx.tables, *ctx.args, ctx.kpm,
+                                         ctx.scale)
+    return (dq, dk, dv) + (None,) * 11
 
 
 triton_block_sparse.register_autograd(_bs_backward, setup_context=_bs_setup)
@@ -343,13 +334,13 @@ class _SlidingWindow(torch.autograd.Function):
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, block_size, causal, kpm, scale):
-        lut, lut_t = _layout_luts(layout)
+    def forward(ctx, q, k, v, tables, block_size, causal, kpm, scale):
+        luts = _mask_luts(q, *tables)
         rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
-        out, lse = _forward(q, k, v, kpm, rule, lut, block_config(block_size, q.shape[-1], q.dtype)["fwd"])
+        out, lse = _forward(q, k, v, kpm, rule, luts[0], block_config(block_size, q.shape[-1], q.dtype)["fwd"])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.luts, ctx.rule, ctx.kpm, ctx.block_size = (lut, lut_t), rule, kpm, block_size
+        ctx.luts, ctx.rule, ctx.kpm, ctx.block_size = luts, rule, kpm, block_size
         return out, lse
 
     @staticmethod
@@ -365,5 +356,6 @@ def sliding_window_eager(q, k, v, kpm, group, left, right, causal, q_offset, sca
     return _SlidingWindow.apply(q, k, v, kpm, group, left, right, causal, q_offset, scale)
 
 
-def block_sparse_eager(q, k, v, layout, block_size, causal, kpm, scale):
-    return _BlockSparse.apply(q, k, v, layout, block_size, causal, kpm, scale)
+def block_sparse_eager(q, k, v, tables, block_size, causal, kpm, scale):
+    """``tables``: ``(row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)`` of a block mask."""
+    return _BlockSparse.apply(q, k, v, tables, block_size, causal, kpm, scale)

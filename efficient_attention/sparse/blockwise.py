@@ -8,6 +8,13 @@ the saved log-sum-exp, so forward + backward keep only ``O(N · chunk)``
 activations besides ``q, k, v, out``.  With attention dropout in training the
 same chunks run under ``torch.utils.checkpoint`` (the RNG state is replayed),
 holding ``O(q_chunk · S)`` at a time.
+
+That chunk loop is the readable reference.  :func:`blockwise_attention` runs the same exact
+attention fused: on CUDA ``scaled_dot_product_attention`` (FlashAttention / memory-efficient
+kernels); on the CPU, and wherever the log-sum-exp is asked for, the block-sparse kernels with
+every block kept (the causal rule inside; faster than SDPA's CPU kernel); SDPA also takes an
+``attn_mask``.  The loop serves only what none can (an ``attn_mask`` with ``return_lse``,
+dropout on the CPU), or ``fused=False``.
 """
 from __future__ import annotations
 
@@ -17,7 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..functional import acc_dtype, apply_mask, dense_attention, repeat_kv
+from .. import kernels
+from ..block_mask import BlockMask
+from ..functional import acc_dtype, apply_mask, dense_attention, repeat_kv, sdpa_attention
 from .block_sparse import check_qkv
 
 __all__ = ["blockwise_attention"]
@@ -45,7 +54,9 @@ def _chunk_mask(kpm, attn, causal, off, qs, qe, ks, ke, device):
 
 
 def _scores(qc, kc, scale, mask):
-    s = torch.matmul(qc, kc.transpose(-1, -2)).to(acc_dtype(qc.dtype)) * scale
+    """Scores of a chunk, scaled before the product and formed in fp32 for half inputs (no fp16 overflow)."""
+    fdt = acc_dtype(qc.dtype)
+    s = torch.matmul((qc * scale).to(fdt), kc.to(fdt).transpose(-1, -2))
     return apply_mask(s, mask)
 
 
@@ -144,8 +155,9 @@ def blockwise_attention(
     k_chunk_size: int = 64,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    fused: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Exact attention in chunks.
+    """Exact attention in chunks (fused kernels by default, see the module docstring).
 
     Args:
         q: ``(B, H, T, d)``; k, v: ``(B, Hkv, S, d)``.
@@ -155,6 +167,7 @@ def blockwise_attention(
         q_chunk_size, k_chunk_size: chunk sizes (memory ``O(B·H·q_chunk·k_chunk)`` per step).
         dropout_p: attention dropout (then the checkpointed path is used).
         return_lse: also return the fp32 log-sum-exp ``(B, H, T)`` (not with dropout).
+        fused: run SDPA / the block-sparse kernels (default); ``False``: the Python chunk loop.
 
     Returns:
         ``out (B, H, T, d)`` equal to dense attention up to fp rounding; rows that see
@@ -170,9 +183,39 @@ def blockwise_attention(
     kpm = None if key_padding_mask is None else key_padding_mask.bool()
     if attn_mask is not None and attn_mask.dim() == 2:
         attn_mask = attn_mask[None, None]
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0 and return_lse:
+        raise ValueError("return_lse=True cannot be combined with dropout_p > 0")
+    empty = q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0
+    if fused and not empty:
+        # the block-sparse kernels with every block kept: the lse, and on the CPU the faster path
+        # (measured against SDPA's CPU kernel: 10-30% faster forward + backward at 512-2k, fp32)
+        if attn_mask is None and dropout_p == 0.0 and (return_lse or not q.is_cuda):
+            bs = 64
+            nq, nk = -(-q.shape[2] // bs), -(-k.shape[2] // bs)
+            every = BlockMask.from_layout(torch.ones(1, nq, nk, dtype=torch.bool, device=q.device), bs,
+                                          causal=bool(causal))
+            out, lse = kernels.block_sparse_attention(q, k, v, every, key_padding_mask=kpm, scale=scale)
+            return (out, lse) if return_lse else out
+        # SDPA (FlashAttention on CUDA); its CPU kernels materialise the scores with dropout: the
+        # checkpointed chunks stay there
+        if not return_lse and (dropout_p == 0.0 or q.is_cuda):
+            return sdpa_attention(q, k, v, _merged_mask(kpm, attn_mask), causal=bool(causal), scale=scale,
+                                  dropout_p=dropout_p)
     if dropout_p > 0.0:
-        if return_lse:
-            raise ValueError("return_lse=True cannot be combined with dropout_p > 0")
         return _checkpointed(q, k, v, kpm, attn_mask, scale, causal, q_chunk_size, dropout_p)
     out, lse = _Blockwise.apply(q, k, v, kpm, attn_mask, scale, bool(causal), q_chunk_size, k_chunk_size)
     return (out, lse) if return_lse else out
+
+
+def _merged_mask(kpm: Optional[Tensor], attn: Optional[Tensor]) -> Optional[Tensor]:
+    """Key padding ``(B, S)`` and ``attn_mask`` as one mask (bool True = masked, or additive)."""
+    if kpm is None:
+        return attn
+    pad = kpm[:, None, None, :]
+    if attn is None:
+        return pad
+    if attn.dtype == torch.bool:
+        return attn | pad
+    return attn.masked_fill(pad, float("-inf"))

@@ -8,6 +8,12 @@ logsumexp_b lse_b`` -- each branch weighted by its softmax denominator, which
 is exactly one softmax over all keys any branch lets the query see.  A key
 pair reachable from several branches is counted once: each branch drops the
 pairs an earlier branch already covers.  Cost ``O(Σ_b N · w_b / r_b² · d)``.
+
+The union is one token mask, so the fast path is one block-sparse kernel call on a
+:class:`~efficient_attention.block_mask.BlockMask` of it (built once per shape: the
+segments' diagonal blocks, each with its dilation pattern as a token tile).  The
+per-branch gather below is the readable reference; it also serves queries that are not
+the last ``T`` positions.
 """
 from __future__ import annotations
 
@@ -17,14 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import kernels
+from ..block_mask import BlockMask
 from ..functional import acc_dtype, combine_attention, repeat_kv, softmax
+from ..layouts import dilated_mask_mod, or_masks
 from .block_sparse import check_qkv
 
-__all__ = ["dilated_attention", "check_dilated_config"]
+__all__ = ["dilated_attention", "dilated_attention_reference", "check_dilated_config", "dilated_block_mask"]
+
+BLOCK_SIZE = 64  # the kernels' block of the union mask
+_masks: dict = {}  # (branches, heads, n, causal, first row, device) -> BlockMask, a few recent ones
 
 
 def check_dilated_config(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Validate the ``(w_i, r_i)`` pairs; returns them as int tuples."""
+    for name, vals in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if vals is None or isinstance(vals, (str, bytes)) or not hasattr(vals, "__iter__"):
+            raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {vals!r}")
     ws, rs = tuple(segment_lengths), tuple(dilation_rates)
     if not ws or len(ws) != len(rs):
         raise ValueError(f"segment_lengths {ws} and dilation_rates {rs} must be non-empty and of equal length")
@@ -48,6 +63,30 @@ def _covered(i: Tensor, j: Tensor, h: Tensor, w: int, r: int) -> Tensor:
     )
 
 
+def dilated_block_mask(segment_lengths, dilation_rates, heads: int, n: int, causal: bool = False, device=None,
+                       q_block_start: int = 0, block_size: int = BLOCK_SIZE) -> BlockMask:
+    """The :class:`BlockMask` of the union of the branches over ``n`` positions (rows from
+    ``q_block_start`` on), evaluated only on the blocks that share a segment (cached)."""
+    key = (tuple(segment_lengths), tuple(dilation_rates), heads, n, causal, q_block_start, block_size, str(device))
+    hit = _masks.get(key)
+    if hit is not None:
+        return hit
+    mod = or_masks(*(dilated_mask_mod(w, r, causal) for w, r in zip(segment_lengths, dilation_rates)))
+    nb = -(-n // block_size)
+    first = torch.arange(nb, device=device) * block_size
+    last = (first + block_size - 1).clamp(max=n - 1)
+    cand = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    for w in set(segment_lengths):  # blocks whose segment ranges overlap
+        lo, hi = torch.div(first, w, rounding_mode="floor"), torch.div(last, w, rounding_mode="floor")
+        cand |= (lo[:, None] <= hi[None, :]) & (lo[None, :] <= hi[:, None])
+    bm = BlockMask.from_mask_mod(mod, heads, n, n, block_size, device=device, q_block_start=q_block_start,
+                                 candidates=cand[None])
+    if len(_masks) >= 16:
+        _masks.clear()
+    _masks[key] = bm
+    return bm
+
+
 def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
     """One branch: (out (B, H, T, d), lse (B, H, T)) with -inf / 0 where the branch gives a query nothing."""
     bsz, heads, tgt_len, dim = q.shape
@@ -66,8 +105,9 @@ def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
     vg = v[:, h, kidx]
     qvalid = valid & (pos >= off)
     qidx = (pos - off).clamp(0, tgt_len - 1)
-    qg = q[:, h, qidx]
-    scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale               # (B, H, nseg, m, m)
+    cdt = acc_dtype(q.dtype)
+    qg = (q[:, h, qidx] * scale).to(cdt)                                  # scaled first, fp32: no fp16 overflow
+    scores = torch.matmul(qg, kg.to(cdt).transpose(-1, -2))               # (B, H, nseg, m, m)
     qp, kp = pos.unsqueeze(-1), pos.unsqueeze(-2)
     ok = valid.unsqueeze(-2) & qvalid.unsqueeze(-1)
     if causal:
@@ -126,6 +166,28 @@ def dilated_attention(
     off = src_len - tgt_len if q_offset is None else q_offset
     if off < 0 or off + tgt_len > src_len:
         raise ValueError(f"queries at positions {off}..{off + tgt_len - 1} fall outside the {src_len} keys")
+    if off + tgt_len == src_len and tgt_len > 0:  # the last T positions: one kernel call on the union's mask
+        bs = BLOCK_SIZE
+        start = (off // bs) * bs  # queries padded in front to a block boundary
+        with torch.no_grad():
+            bm = dilated_block_mask(ws, rs, heads, src_len, bool(causal), q.device, q_block_start=start // bs)
+        qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
+        out, lse = kernels.block_sparse_attention(qp, k, v, bm, key_padding_mask=key_padding_mask, scale=scale,
+                                                  dropout_p=dropout_p)
+        out, lse = out[:, :, off - start:], lse[:, :, off - start:]
+        return (out, lse) if return_lse else out
+    out, lse = dilated_attention_reference(q, k, v, ws, rs, causal=causal, key_padding_mask=key_padding_mask,
+                                           scale=scale, q_offset=off, dropout_p=dropout_p)
+    return (out, lse) if return_lse else out
+
+
+def dilated_attention_reference(q, k, v, segment_lengths, dilation_rates, *, causal=False, key_padding_mask=None,
+                                scale=None, q_offset=None, dropout_p=0.0) -> Tuple[Tensor, Tensor]:
+    """The readable path: each branch gathered and attended, merged by the exact log-sum-exp union
+    (``combine_attention``); returns ``(out, lse)``.  Same arguments as :func:`dilated_attention`."""
+    ws, rs = check_dilated_config(segment_lengths, dilation_rates)
+    heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
+    off = src_len - tgt_len if q_offset is None else q_offset
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kpm = None if key_padding_mask is None else key_padding_mask.bool()
@@ -134,5 +196,4 @@ def dilated_attention(
         o, l = _branch(q, k, v, w, r, list(zip(ws[:n], rs[:n])), causal, off, kpm, scale, dropout_p)
         outs.append(o)
         lses.append(l)
-    out, lse = combine_attention(outs, lses)
-    return (out, lse) if return_lse else out
+    return combine_attention(outs, lses)

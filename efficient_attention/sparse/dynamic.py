@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..functional import sdpa_attention
-from .gather import gathered_block_attention
+from ..kernels.reference import gathered_block_attention
 
 __all__ = [
     "hash_sparse_attention",

@@ -10,10 +10,11 @@ the library's module masks use the opposite convention).
 * ``v`` given: ``softmax(masked scores) v``; disallowed entries take no part
   (``fill`` is irrelevant there) and a row with nothing allowed gives 0.
 
-Cost follows the allowed entries: a mask made of whole ``bs x bs`` blocks
-(``bs`` in 128, 64, 32, 16) goes to the block-sparse kernels; any other mask
-is evaluated pair by pair on the allowed ``(i, j)`` only (``O(nnz · d)``, a
-segment softmax per row).  The output tensor of the scores form is dense by
+Cost follows the allowed entries: with ``v`` the mask becomes a
+:class:`~efficient_attention.block_mask.BlockMask` (whole ``bs x bs`` blocks, ``bs`` in 128,
+64, 32, 16, as full blocks; any other mask as 64-blocks with token tiles) and goes to the
+block-sparse kernels; the scores / weights forms are evaluated pair by pair on the allowed
+``(i, j)`` only (``O(nnz · d)``, a segment softmax per row).  The output tensor of the scores form is dense by
 definition.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
+from ..block_mask import BlockMask
 from ..layouts import BLOCK_SIZES
 
 __all__ = ["mask_attention", "block_structure"]
@@ -40,6 +42,16 @@ def block_structure(mask: Tensor, sizes=tuple(reversed(BLOCK_SIZES))) -> Optiona
         if torch.equal(anyb, blocks.all(dim=4).all(dim=2)):
             return bs, anyb
     return None
+
+
+def _tiled_mask(own: Tensor, block_size: int = 64) -> BlockMask:
+    """A token mask ``(G, T, S)`` as a :class:`BlockMask` of ``block_size`` blocks with token tiles."""
+    g, t, s = own.shape
+
+    def mod(b, h, i, j):
+        return own[h, i.clamp(max=t - 1), j.clamp(max=s - 1)] & (i < t) & (j < s)
+    bs = block_size if max(t, s) >= block_size else 16
+    return BlockMask.from_mask_mod(mod, g, t, s, bs, device=own.device)
 
 
 def _check(q, k, v, mask):
@@ -96,11 +108,16 @@ def mask_attention(
         blocks = block_structure(own)
         if blocks is not None:
             bs, layout = blocks
-            if layout.shape[0] > 1:
-                nq, nk = layout.shape[-2:]
-                layout = layout.reshape(*mask.shape[:-2], nq, nk).broadcast_to(*lead, nq, nk).reshape(G, nq, nk)
-            out, _ = kernels.block_sparse_attention(qf[None], kf[None], vf[None], layout, bs, scale=scale)
-            return out[0].reshape(*lead, tgt_len, v.shape[-1])
+            bm = BlockMask.from_layout(layout, bs)
+        else:  # a token-level mask: 64-blocks, the partial ones with their token tiles
+            bm = _tiled_mask(own)
+        if bm.heads > 1:  # one mask head per leading index of the mask: select them per group
+            sel = torch.arange(own.shape[0], device=own.device).reshape(mask.shape[:-2])
+            sel = sel.broadcast_to(lead).reshape(G)
+            bm = BlockMask(bm.layout[sel], bm.block_size, tile_index=None if bm.tile_index is None else
+                           bm.tile_index[sel], tiles=bm.tiles, q_len=tgt_len, kv_len=src_len)
+        out, _ = kernels.block_sparse_attention(qf[None], kf[None], vf[None], bm, scale=scale)
+        return out[0].reshape(*lead, tgt_len, v.shape[-1])
     idx = mask.expand(*lead, tgt_len, src_len).reshape(G, tgt_len, src_len).nonzero(as_tuple=True)
     g, i, j = idx
     s = (qf[g, i] * kf[g, j]).sum(-1) * scale                                   # (nnz,)

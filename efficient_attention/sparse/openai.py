@@ -7,7 +7,8 @@
 ``local_attn_ctx`` positions), ``strided`` (``(i - j) mod local_attn_ctx ==
 0``) and, for the block-sparse version, ``fixed`` (``local_attn_ctx``,
 ``num_verts``, ``vertsize``).  ``attention_impl`` materialises the masked
-scores; ``blocksparse_attention_impl`` computes only the kept blocks (the
+scores; ``blocksparse_attention_impl`` computes only the kept blocks of the mode's
+:class:`~efficient_attention.block_mask.BlockMask` on the block-sparse kernels (the
 ``strided`` mode runs on the transposed sequence, where it is block-local).
 ``recompute=True`` recomputes the attention in the backward pass
 (``torch.utils.checkpoint``) instead of storing it.
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .. import layouts
+from ..block_mask import BlockMask
 from ..functional import dense_attention
 from .block_sparse import block_sparse_attention
 
@@ -92,6 +94,10 @@ def blocksparse_attention_impl(
     """Block-sparse attention with OpenAI's modes; ``(B, T, C)`` in and out; ``T % blocksize == 0``."""
     if attn_mode not in _MODES:
         raise ValueError(f"attn_mode must be one of {', '.join(_MODES)}, got {attn_mode!r}")
+    if attn_mode != "all" and local_attn_ctx is None:
+        raise ValueError(f"attn_mode={attn_mode!r} needs local_attn_ctx (an int), got None")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     n = q.shape[1]
     if n % blocksize:
         raise ValueError(f"sequence length {n} must be a multiple of blocksize {blocksize}")
@@ -113,13 +119,14 @@ def blocksparse_attention_impl(
         def mod(b, h, i, j):  # same residue class, causal by original position
             return (torch.div(i, group, rounding_mode="floor") == torch.div(j, group, rounding_mode="floor")) & (
                 orig[j] <= orig[i])
-    layout = layouts.layout_from_mask_mod(mod, heads, n, n, blocksize, device=q.device)
+    with torch.no_grad():
+        mask = BlockMask.from_mask_mod(mod, heads, n, n, blocksize, device=q.device)
 
     def run(q, k, v):
         qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
         if perm is not None:
             qh, kh, vh = qh[:, :, perm], kh[:, :, perm], vh[:, :, perm]
-        out = block_sparse_attention(qh, kh, vh, layout, blocksize, mask_mod=mod, pad=False)
+        out = block_sparse_attention(qh, kh, vh, mask, pad=False)
         if perm is not None:
             out = torch.empty_like(out).index_copy(2, perm, out)
         return merge_heads(out)

@@ -47,23 +47,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_bwd(
   return ea::attention_backward(grad_out, grad_lse, q, k, v, out, lse, kpm, rule, plan, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const at::Tensor& layout, int64_t block_size, bool causal,
-                                                    const c10::optional<at::Tensor>& kpm, double scale) {
+at::Tensor opt(const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+ea::Plan block_mask_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& row_idx,
+                         const at::Tensor& row_cnt, const c10::optional<at::Tensor>& row_tile,
+                         const c10::optional<at::Tensor>& tiles, int64_t block_size, const ea::RowRule& rule) {
   TORCH_CHECK(block_size > 0, "block_size must be positive");
-  TORCH_CHECK(layout.size(0) == 1 || layout.size(0) == q.size(1), "layout heads must be 1 or ", q.size(1));
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q, k must be 4-D (B, H, N, d)");
+  TORCH_CHECK(row_idx.size(0) == 1 || row_idx.size(0) == q.size(1), "block mask heads must be 1 or ", q.size(1));
+  return ea::mask_plan(row_idx, row_cnt, opt(row_tile), opt(tiles), rule, q.size(2), k.size(2), block_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& row_idx, const at::Tensor& row_cnt,
+                                                    const c10::optional<at::Tensor>& row_tile,
+                                                    const c10::optional<at::Tensor>& tiles, int64_t block_size,
+                                                    bool causal, const c10::optional<at::Tensor>& kpm, double scale) {
   const auto rule = block_rule(causal, q.size(2), k.size(2));
-  const auto plan = ea::layout_plan(layout, rule, q.size(2), k.size(2), block_size);
+  const auto plan = block_mask_plan(q, k, row_idx, row_cnt, row_tile, tiles, block_size, rule);
   return ea::attention_forward(q, k, v, kpm, rule, plan, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& layout, int64_t block_size,
-    bool causal, const c10::optional<at::Tensor>& kpm, double scale) {
-  TORCH_CHECK(block_size > 0, "block_size must be positive");
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& row_idx,
+    const at::Tensor& row_cnt, const c10::optional<at::Tensor>& row_tile, const c10::optional<at::Tensor>& tiles,
+    int64_t block_size, bool causal, const c10::optional<at::Tensor>& kpm, double scale) {
   const auto rule = block_rule(causal, q.size(2), k.size(2));
-  const auto plan = ea::layout_plan(layout, rule, q.size(2), k.size(2), block_size);
+  const auto plan = block_mask_plan(q, k, row_idx, row_cnt, row_tile, tiles, block_size, rule);
   return ea::attention_backward(grad_out, grad_lse, q, k, v, out, lse, kpm, rule, plan, scale);
 }
 
@@ -78,11 +89,12 @@ TORCH_LIBRARY(efficient_attention, m) {
       "Tensor? key_padding_mask, int group, int left, int right, bool causal, int q_offset, float scale) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, bool causal, "
-      "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor row_idx, Tensor row_cnt, Tensor? row_tile, "
+      "Tensor? tiles, int block_size, bool causal, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
   m.def(
       "block_sparse_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor layout, int block_size, bool causal, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor row_idx, Tensor row_cnt, Tensor? row_tile, Tensor? tiles, int block_size, bool causal, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(efficient_attention, CPU, m) {

@@ -72,35 +72,60 @@ Plan window_plan(const RowRule& rule, int64_t T, int64_t S, int64_t block_q) {
   return plan;
 }
 
-Plan layout_plan(const at::Tensor& layout_in, const RowRule& rule, int64_t T, int64_t S, int64_t bs) {
-  TORCH_CHECK(layout_in.dim() == 3, "layout must be 3-D (H or 1, n_q_blocks, n_k_blocks)");
+Plan mask_plan(const at::Tensor& idx_in, const at::Tensor& cnt_in, const at::Tensor& tile_in,
+               const at::Tensor& masks, const RowRule& rule, int64_t T, int64_t S, int64_t bs) {
+  TORCH_CHECK(idx_in.dim() == 3 && cnt_in.dim() == 2, "block tables must be idx (H, nq, nk) and cnt (H, nq)");
   const int64_t nq = (T + bs - 1) / bs, nk = (S + bs - 1) / bs;
-  TORCH_CHECK(layout_in.size(1) == nq && layout_in.size(2) == nk, "layout must have shape (H or 1, ", nq, ", ", nk,
-              "), got ", layout_in.sizes());
-  const at::Tensor layout = layout_in.to(at::kCPU, at::kBool).contiguous();
-  const bool* L = layout.data_ptr<bool>();
+  TORCH_CHECK(idx_in.size(1) == nq && idx_in.size(2) == nk, "block tables must have shape (H or 1, ", nq, ", ", nk,
+              "), got ", idx_in.sizes());
+  const at::Tensor idx = idx_in.to(at::kCPU, at::kInt).contiguous(), cnt = cnt_in.to(at::kCPU, at::kInt).contiguous();
+  const bool has_tiles = tile_in.defined();
+  const at::Tensor tile = has_tiles ? tile_in.to(at::kCPU, at::kInt).contiguous() : at::Tensor();
+  const int32_t* I = idx.data_ptr<int32_t>();
+  const int32_t* C = cnt.data_ptr<int32_t>();
+  const int32_t* M = has_tiles ? tile.data_ptr<int32_t>() : nullptr;
   Plan plan;
   plan.block_q = bs;
-  plan.heads = layout.size(0);
+  plan.heads = idx.size(0);
   plan.n_qblocks = nq;
+  if (has_tiles) {
+    TORCH_CHECK(masks.defined() && masks.dim() == 3 && masks.size(1) == bs && masks.size(2) == bs,
+                "tiles must be (P, ", bs, ", ", bs, ")");
+    plan.masks = masks.to(at::kCPU, at::kByte).contiguous();
+  }
   plan.ptr.reserve(plan.heads * nq + 1);
   plan.ptr.push_back(0);
   const int64_t max_tile = std::max(bs, (kMaxTile / bs) * bs);
+  auto push = [&](int64_t a, int64_t b, int64_t m) {
+    if (a >= b) return;
+    if (m >= 0) {  // one layout block with a token mask
+      plan.tiles.push_back(a);
+      plan.tiles.push_back(b);
+      plan.tile_mask.push_back(m);
+      return;
+    }
+    const size_t before = plan.tiles.size() / 2;
+    push_tiles(plan, a, b, max_tile);
+    if (has_tiles) plan.tile_mask.resize(plan.tile_mask.size() + plan.tiles.size() / 2 - before, -1);
+  };
   for (int64_t h = 0; h < plan.heads; ++h) {
     for (int64_t qb = 0; qb < nq; ++qb) {
-      const bool* row = L + (h * nq + qb) * nk;
+      const int64_t row = h * nq + qb, n = C[row];
+      const int32_t* cols = I + row * nk;
+      const int32_t* tl = M ? M + row * nk : nullptr;
       const int64_t i0 = qb * bs, i1 = std::min(T, i0 + bs);
       const int64_t lo = std::max<int64_t>(0, rule.lo(i0)), hi = std::min<int64_t>(S, rule.hi(i1 - 1) + 1);
-      for (int64_t kb = 0; kb < nk;) {
-        if (!row[kb]) {
-          ++kb;
+      for (int64_t e = 0; e < n;) {
+        const int64_t kb = cols[e];
+        if (tl && tl[e] >= 0) {  // partial block: its own tile
+          push(std::max(lo, kb * bs), std::min(hi, std::min(S, (kb + 1) * bs)), tl[e]);
+          ++e;
           continue;
         }
-        int64_t ke = kb;
-        while (ke < nk && row[ke]) ++ke;  // a run of kept blocks -> contiguous keys
-        const int64_t a = std::max(lo, kb * bs), b = std::min(hi, std::min(S, ke * bs));
-        if (a < b) push_tiles(plan, a, b, max_tile);
-        kb = ke;
+        int64_t f = e + 1;  // a run of consecutive full blocks -> contiguous keys
+        while (f < n && cols[f] == cols[f - 1] + 1 && !(tl && tl[f] >= 0)) ++f;
+        push(std::max(lo, kb * bs), std::min(hi, std::min(S, (cols[f - 1] + 1) * bs)), -1);
+        e = f;
       }
       plan.ptr.push_back(static_cast<int64_t>(plan.tiles.size() / 2));
     }
@@ -109,6 +134,14 @@ Plan layout_plan(const at::Tensor& layout_in, const RowRule& rule, int64_t T, in
 }
 
 namespace {
+
+// Scores of the keys a block mask's token mask hides become -inf (then exp gives exactly 0).
+template <typename T>
+inline void apply_token_mask(T* x, int64_t n, const uint8_t* keep) {
+  if (!keep) return;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) x[j] = keep[j] ? x[j] : ninf;
+}
 
 // Leading dimension of the transposed (d, S) operands: padded off powers of two, whose 4 KiB
 // aliasing would make the rows of a GEMM tile collide in the L1/L2 cache sets.
@@ -153,6 +186,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         for (int64_t r = 0; r < M; ++r) {
           T* sr = s.data() + r * n;
           const int64_t i = i0 + r;
+          apply_token_mask(sr, n, plan.mask_row(t, r));
           const T mt = mask_scale_max(sr, n, rule.lo(i) - j0, rule.hi(i) - j0, pad_b ? pad_b + j0 : nullptr, scale);
           const T m_new = std::max(m[r], mt);
           if (m_new == ninf) {  // nothing visible yet: this row contributes nothing
@@ -227,6 +261,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
             T* dpr = dp.data() + r * n;
             const int64_t i = i0 + r;
             const T lr = lse_blk[r];
+            apply_token_mask(pr, n, plan.mask_row(t, r));
             if (lr == -std::numeric_limits<T>::infinity()) {
               std::fill(pr, pr + n, T(0));
             } else {

@@ -36,6 +36,14 @@ struct Plan {
   int64_t n_qblocks = 0;
   std::vector<int64_t> ptr;        // (heads * n_qblocks + 1) offsets into tiles
   std::vector<int64_t> tiles;      // pairs j0, j1
+  std::vector<int64_t> tile_mask;  // per tile: -1, or the block-mask tile (token mask) of its one layout block
+  at::Tensor masks;                // uint8 (P, block_q, block_q) token masks of a block mask's partial blocks
+  // Token mask row of plan tile t for query row r of its query block (nullptr: no token mask).
+  inline const uint8_t* mask_row(int64_t t, int64_t r) const {
+    const int64_t m = tile_mask.empty() ? -1 : tile_mask[t];
+    if (m < 0) return nullptr;
+    return masks.data_ptr<uint8_t>() + (m * block_q + r) * block_q + tiles[2 * t] % block_q;
+  }
   inline int64_t begin(int64_t h, int64_t qb) const { return ptr[(heads == 1 ? 0 : h) * n_qblocks + qb]; }
   inline int64_t end(int64_t h, int64_t qb) const { return ptr[(heads == 1 ? 0 : h) * n_qblocks + qb + 1]; }
 };
@@ -44,7 +52,11 @@ struct Plan {
 void push_tiles(Plan& plan, int64_t a, int64_t b, int64_t max_tile);
 
 Plan window_plan(const RowRule& rule, int64_t T, int64_t S, int64_t block_q);
-Plan layout_plan(const at::Tensor& layout, const RowRule& rule, int64_t T, int64_t S, int64_t block_size);
+// From a block mask's row table: idx (Hm, nq, nk) int32 kept key blocks first ascending, cnt (Hm, nq) int32,
+// tile (Hm, nq, nk) int32 (-1 none) or undefined, masks (P, bs, bs) uint8 or undefined.  Runs of kept blocks
+// without a token mask are merged into contiguous key ranges; a block with one is its own tile.
+Plan mask_plan(const at::Tensor& idx, const at::Tensor& cnt, const at::Tensor& tile, const at::Tensor& masks,
+               const RowRule& rule, int64_t T, int64_t S, int64_t block_size);
 
 // out (B, H, T, dv) in q's dtype, lse (B, H, T) fp32 (fp64 for fp64 inputs) (-inf where a query sees nothing).
 std::tuple<at::Tensor, at::Tensor> attention_forward(

@@ -1,0 +1,262 @@
+"""The sparse family on the GPU: BlockMask kernels checked against float64, then timed (issue 14).
+
+    python benchmarks/sparse_gpu.py --out DIR
+
+1. Checks: the Triton block-sparse kernels on block masks with partial blocks (token tiles, the
+   causal rule, a 16-block mask run as 64-blocks, 128-blocks) and dilated attention, forward and
+   gradients, against the float64 reference path.
+2. Module level, CAB's efficiency setting: self-attention on ``(L, B=4, 512)``, 8 heads of 64,
+   bf16 autocast, causal, forward + backward, time and peak memory, for L in 1k .. 32k:
+   causal SDPA (``vanilla``), ``block_sparse`` with the ``fixed`` layout at block 64 and 128,
+   ``dilated`` (default branches), ``blockwise``.
+3. Op level: the ``fixed`` layout at block sizes 16 and 32 on our kernels against compiled
+   FlexAttention with the same token mask.
+
+Writes ``DIR/sparse_gpu.json`` and prints a table.  A time budget (``--budget``, seconds) skips
+the remaining points rather than running past it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import efficient_attention as ea  # noqa: E402
+from efficient_attention import layouts  # noqa: E402
+from efficient_attention.block_mask import BlockMask  # noqa: E402
+from efficient_attention.kernels import block_sparse_attention, choose_backend, reference  # noqa: E402
+from efficient_attention.sparse.dilated import dilated_attention, dilated_attention_reference  # noqa: E402
+
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+B, E, H = 4, 512, 8
+FIXED = {64: dict(local_attn_ctx=5 * 64, vertsize=1), 128: dict(local_attn_ctx=5 * 128, vertsize=1),
+         16: dict(local_attn_ctx=5 * 16, vertsize=1), 32: dict(local_attn_ctx=5 * 32, vertsize=1)}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    fin = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), fin):
+        return float("inf")
+    return ((a[fin] - b[fin]).norm() / b[fin].norm().clamp_min(1e-30)).item()
+
+
+def grads(out, lse, inputs):
+    g = torch.Generator(device=out.device).manual_seed(1)
+    go = torch.randn(out.shape, generator=g, device=out.device, dtype=torch.float64)
+    gl = torch.randn(lse.shape, generator=g, device=out.device, dtype=torch.float64)
+    loss = (out.double() * go).sum() + (lse.double().masked_fill(torch.isinf(lse), 0) * gl).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def check_case(name, run, ref_run, dtype, T=777, d=64, heads=4):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qkv = [torch.randn(2, heads, T, d, generator=g, device="cuda", dtype=torch.float64) for _ in range(3)]
+    low = [x.to(dtype).requires_grad_() for x in qkv]
+    hi = [x.clone().requires_grad_() for x in qkv]
+    kpm = torch.zeros(2, T, dtype=torch.bool, device="cuda")
+    kpm[1, -7:] = True
+    out, lse = run(*low, kpm)
+    rout, rlse = ref_run(*hi, kpm)
+    errs = dict(out=rel(out, rout), lse=rel(lse, rlse))
+    for n, a, b in zip("qkv", grads(out, lse, low), grads(rout, rlse, hi)):
+        errs["d" + n] = rel(a, b)
+    tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}[dtype]
+    ok = all(e < (tol if k in ("out", "lse") else 3 * tol) for k, e in errs.items())
+    backend = choose_backend("block_sparse", low[0], low[1], low[2], block_size=64)
+    return dict(case=name, dtype=str(dtype).replace("torch.", ""), backend=backend, ok=ok,
+                **{k: float(f"{v:.2e}") for k, v in errs.items()})
+
+
+def checks():
+    rows = []
+    T = 777
+    cases = [
+        ("strided bs64 causal (tiles)", BlockMask.from_pattern("strided", T, 64, 4, causal=True, local_attn_ctx=37)),
+        ("sliding bs128 (tiles)", BlockMask.from_pattern("sliding", T, 128, 4, causal=False, window=100)),
+        ("fixed bs16 -> 64-blocks (tiles)", BlockMask.from_pattern("fixed", T, 16, 4, causal=True,
+                                                                   local_attn_ctx=80)),
+        ("dilated per-head bs64 (tiles)", BlockMask.from_pattern("dilated", T, 64, 4, causal=True, window=96,
+                                                                 dilation=3)),
+        ("bigbird bs64 (causal diagonal)", BlockMask.from_pattern("bigbird", T, 64, 4, causal=True)),
+    ]
+    # every case in bf16; fp16 and fp32 on the first (each variant costs Triton compile time)
+    for dtype, todo in ((torch.bfloat16, cases), (torch.float16, cases[:1]), (torch.float32, cases[:1])):
+        for name, bm in todo:
+            bm = bm.to("cuda")
+            rows.append(check_case(
+                name,
+                lambda q, k, v, kpm, bm=bm: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
+                lambda q, k, v, kpm, bm=bm: reference.block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
+                dtype))
+    for dtype in (torch.bfloat16,):
+        rows.append(check_case(
+            "dilated (64,128,256)x(1,2,4) causal",
+            lambda q, k, v, kpm: dilated_attention(q, k, v, (64, 128, 256), (1, 2, 4), causal=True,
+                                                   key_padding_mask=kpm, return_lse=True),
+            lambda q, k, v, kpm: dilated_attention_reference(q, k, v, (64, 128, 256), (1, 2, 4), causal=True,
+                                                             key_padding_mask=kpm),
+            dtype))
+    return rows
+
+
+def bench(fn, warmup=2, rep=5):
+    """(ms per call, peak MiB above what was allocated before) of ``fn`` (a forward + backward)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rep):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / rep, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def module_step(name, L, **opts):
+    m = ea.build_attention(name, embed_dim=E, num_heads=H, causal=True, **opts).cuda()
+    x = torch.randn(L, B, E, device="cuda", requires_grad=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out, _ = m(x, x, x, need_weights=False)
+        out.float().sum().backward()
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+    return m, step
+
+
+def module_rows(lengths, deadline):
+    configs = [
+        ("vanilla (causal SDPA)", "vanilla", {}),
+        ("block_sparse fixed bs64", "block_sparse", dict(layout="fixed", block_size=64, **FIXED[64])),
+        ("block_sparse fixed bs128", "block_sparse", dict(layout="fixed", block_size=128, **FIXED[128])),
+        ("dilated default", "dilated", {}),
+        ("blockwise", "blockwise", {}),
+    ]
+    rows = []
+    for L in lengths:
+        for label, name, opts in configs:
+            row = dict(part="module", L=L, mechanism=label)
+            if time.time() > deadline:
+                rows.append(dict(row, error="skipped (time budget)"))
+                continue
+            try:
+                m, step = module_step(name, L, **opts)
+                ms, mib = bench(step)
+                row.update(ms=round(ms, 3), peak_mib=round(mib, 1))
+                if name == "block_sparse":
+                    dev = torch.device("cuda", torch.cuda.current_device())
+                    row["sparsity"] = round(m.block_mask(L, dev).sparsity(), 3)
+                del m, step
+            except Exception as exc:  # report the point and go on
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def flex_rows(lengths, deadline):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for L in sorted(lengths, key=lambda n: (n not in (4096, 16384), n)):  # the telling lengths first
+        for bs in (16, 32):
+            row = dict(part="op", L=L, mechanism=f"fixed bs{bs}")
+            if time.time() > deadline:
+                rows.append(dict(row, error="skipped (time budget)"))
+                continue
+            try:
+                kw = FIXED[bs]
+                mod = layouts.make_mask_mod("fixed", heads=H, block_size=bs, causal=True, **kw)
+                bm = BlockMask.from_pattern("fixed", L, bs, H, causal=True, device="cuda", **kw)
+                q, k, v = (torch.randn(B, H, L, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                # _compile=True: FlexAttention's own way to build long masks without materialising L x L
+                fbm = create_block_mask(lambda b, h, i, j: mod(b, h, i, j), None, H, L, L, device="cuda",
+                                        _compile=True)
+
+                def ours():
+                    block_sparse_attention(q, k, v, bm)[0].sum().backward()
+
+                def theirs():
+                    flex(q, k, v, block_mask=fbm).sum().backward()
+
+                def sdpa():
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                ms, mib = bench(ours)
+                fms, fmib = bench(theirs)
+                sms, smib = bench(sdpa)
+                row.update(ms=round(ms, 3), peak_mib=round(mib, 1), flex_ms=round(fms, 3), flex_peak_mib=round(fmib, 1),
+                           sdpa_ms=round(sms, 3), sparsity=round(bm.sparsity(), 3),
+                           ours_over_flex=round(ms / fms, 3))
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=100.0, help="seconds; later points are skipped")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    device = torch.cuda.get_device_name()
+    check = checks()
+    print(f"checks done in {time.time() - t0:.0f} s", flush=True)
+    rows = module_rows(LENGTHS, t0 + 0.6 * args.budget)
+    rows += flex_rows(LENGTHS, t0 + args.budget)
+    with open(os.path.join(args.out, "sparse_gpu.json"), "w") as f:
+        json.dump(dict(device=device, torch=torch.__version__, checks=check, rows=rows), f, indent=1)
+    print(f"\n{device}, torch {torch.__version__}; {time.time() - t0:.0f} s")
+    print("\nchecks vs float64 (relative error norms)")
+    for c in check:
+        print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['case']:<38} {c['dtype']:<9} {c['backend']:<9} "
+              + " ".join(f"{k}={c[k]:.1e}" for k in ("out", "lse", "dq", "dk", "dv")))
+    print("\nmodule level (B=4, E=512, H=8, bf16, causal, fwd+bwd): ms / peak MiB")
+    by = {}
+    for r in rows:
+        if r["part"] == "module":
+            by.setdefault(r["mechanism"], {})[r["L"]] = r
+    print(f"  {'mechanism':<26}" + "".join(f"{L:>16}" for L in LENGTHS))
+    for mech, pts in by.items():
+        cells = []
+        for L in LENGTHS:
+            r = pts.get(L, {})
+            cells.append(f"{r['ms']:.2f}/{r['peak_mib']:.0f}" if "ms" in r else (r.get("error", "-")[:14]))
+        print(f"  {mech:<26}" + "".join(f"{c:>16}" for c in cells))
+    print("\nop level, fixed layout at block 16 / 32 vs compiled FlexAttention (B=4, H=8, d=64, bf16, fwd+bwd)")
+    for r in rows:
+        if r["part"] == "op":
+            if "ms" in r:
+                print(f"  L={r['L']:>6} {r['mechanism']:<12} ours {r['ms']:.2f} ms  flex {r['flex_ms']:.2f} ms  "
+                      f"(x{r['ours_over_flex']:.2f})  sdpa {r['sdpa_ms']:.2f} ms  sparsity {r['sparsity']:.2f}")
+            else:
+                print(f"  L={r['L']:>6} {r['mechanism']:<12} {r['error']}")
+    return 0 if all(c["ok"] for c in check) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
