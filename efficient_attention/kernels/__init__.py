@@ -12,13 +12,16 @@ Triton GPU kernels, the C++ CPU kernels (``_C``), else the pure-PyTorch
 reference path (``reference.py``) -- and logs why it fell back
 (:func:`not_supported_reasons` returns the reasons for given inputs).
 """
-from .dispatch import choose_backend, not_supported_reasons
+from .dispatch import choose_backend, landmark_not_supported_reasons, not_supported_reasons
+from .landmark import landmark_attention
 from .ops import block_sparse_attention, sliding_window_attention
 from .reference import check_layout
 
 __all__ = [
     "sliding_window_attention",
     "block_sparse_attention",
+    "landmark_attention",
+    "landmark_not_supported_reasons",
     "check_layout",
     "not_supported_reasons",
     "choose_backend",
