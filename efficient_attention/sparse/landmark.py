@@ -88,11 +88,13 @@ def landmark_attention(
     jpos = torch.arange(src_len, device=q.device)
     mem_k, blk_k = mem[:, None, None, :], blk[:, None, None, :]          # (1|B, 1, 1, S)
     pad = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]
+    acc = acc_dtype(q.dtype)  # fp16 scores of large inputs would overflow: scale first, form them in fp32
+    kt = k.transpose(-1, -2).to(acc)
     outs = []
     for qs in range(0, tgt_len, block_size):
         qe = min(qs + block_size, tgt_len)
         ipos = torch.arange(qs, qe, device=q.device) + off
-        s = torch.matmul(q[:, :, qs:qe], k.transpose(-1, -2)).to(acc_dtype(q.dtype)) * scale  # (B, H, c, S)
+        s = torch.matmul(q[:, :, qs:qe].to(acc) * scale, kt)               # (B, H, c, S), scaled first
         blk_q = blk[:, ipos][:, None, :, None]                            # (1|B, 1, c, 1)
         causal = jpos[None, None, None, :] <= ipos[None, None, :, None]
         own = (blk_k == blk_q) & causal & (~mem_k | (jpos == ipos[:, None])[None, None])
