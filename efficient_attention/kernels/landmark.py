@@ -167,12 +167,12 @@ def landmark_blocks_torch(q: Tensor, k: Tensor, v: Tensor, block_size: int, scal
 # -- the Triton path ----------------------------------------------------------------------------------
 def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
     """Launch parameters of the three kernels (query tile ``BLOCK_M``; the key tile is one landmark block)."""
-    wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
-    stages = 1 if wide else 3
-    big = block_size >= 128 or head_dim >= 128 or dtype == torch.float32
-    fwd = dict(BLOCK_M=64 if big else 128, num_warps=4 if big else 8, num_stages=stages)
-    bwd = dict(BLOCK_M=64 if big or block_size < 32 else 128, num_warps=4 if big else 8, num_stages=stages)
-    return dict(fwd=fwd, dq=dict(bwd), dkdv=dict(bwd, BLOCK_M=64 if block_size >= 64 else 128))
+    stages = 1 if dtype == torch.float32 and head_dim > 64 else 3  # fp32 tiles of d = 128: less shared memory
+    small = block_size <= 64 and head_dim <= 64 and dtype != torch.float32
+    long_rows = dict(BLOCK_M=128, num_warps=8, num_stages=stages)
+    short_rows = dict(BLOCK_M=64, num_warps=4, num_stages=stages)
+    return dict(fwd=long_rows if small else short_rows, dq=long_rows if small else short_rows,
+                dkdv=dict(short_rows, BLOCK_M=128) if block_size < 64 else short_rows)
 
 
 def _kpm_arg(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
