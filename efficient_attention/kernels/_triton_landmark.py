@@ -34,26 +34,40 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM: tl.constexpr, MIXED: tl.constexpr,
-                  BS: tl.constexpr):
-    """Weights of a (rows, BS keys) score tile ``s`` (log2 units) given each row's log2-normaliser ``lse2``.
+def _qvec(x, KEY_AXIS: tl.constexpr):
+    """A per-query vector broadcast along the key axis of a tile."""
+    return tl.expand_dims(x, KEY_AXIS)
 
-    Returns ``(w, a, P, own_row)``: the attention weights ``w`` of the tile's keys, the inner softmax
-    ``a`` of the block's tokens (gated rows), the gate probability ``P`` per row, and which rows are in
-    this block (``MIXED`` tiles only; else all rows are in later blocks)."""
-    is_mark = (offs_n == n0 + BS - 1)[None, :]
-    tok = ~is_mark & (offs_n < S)[None, :]
+
+@triton.jit
+def _kvec(x, KEY_AXIS: tl.constexpr):
+    """A per-key vector broadcast along the query axis of a tile."""
+    return tl.expand_dims(x, 1 - KEY_AXIS)
+
+
+@triton.jit
+def _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM: tl.constexpr, MIXED: tl.constexpr,
+                  BS: tl.constexpr, KEY_AXIS: tl.constexpr):
+    """Weights of a score tile ``s`` over the ``BS`` keys of block ``n0 // BS`` (log2 units), given each
+    query's position ``p`` and log2-normaliser ``lse2``.  Keys run along ``KEY_AXIS`` (1: a (queries, keys)
+    tile, as the dq kernel holds it; 0: (keys, queries), as the dk/dv kernel does).
+
+    Returns ``(w, a, P, own_row, is_mark)``: the attention weights ``w``, the inner softmax ``a`` of the
+    block's tokens (for queries of later blocks), the gate probability ``P`` per query, which queries are
+    in this block (``MIXED`` tiles only; else all are in later blocks), and the landmark key."""
+    is_mark = _kvec(offs_n == n0 + BS - 1, KEY_AXIS)
+    tok = ~is_mark & _kvec(offs_n < S, KEY_AXIS)
     if HAS_KPM:
-        pad = (tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1) != 0)[None, :]
+        pad = _kvec(tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1) != 0, KEY_AXIS)
         tok = tok & ~pad
-        mark_ok = tl.sum((is_mark & ~pad).to(tl.int32), 1) > 0
+        mark_ok = tl.sum((is_mark & ~pad).to(tl.int32), KEY_AXIS) > 0
     st = tl.where(tok, s, float("-inf"))
-    mb = tl.max(st, 1)
+    mb = tl.max(st, KEY_AXIS)
     mb = tl.where(mb == float("-inf"), 0.0, mb)
-    e = tl.math.exp2(st - mb[:, None])
-    zb = tl.sum(e, 1)
-    a = e * tl.where(zb > 0.0, 1.0 / zb, 0.0)[:, None]
-    t = tl.sum(tl.where(is_mark, s, 0.0), 1)
+    e = tl.math.exp2(st - _qvec(mb, KEY_AXIS))
+    zb = tl.sum(e, KEY_AXIS)
+    a = e * _qvec(tl.where(zb > 0.0, 1.0 / zb, 0.0), KEY_AXIS)
+    t = tl.sum(tl.where(is_mark, s, 0.0), KEY_AXIS)
     P = tl.math.exp2(t - lse2)
     if HAS_KPM:
         P = tl.where(mark_ok, P, 0.0)
@@ -61,24 +75,25 @@ def _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM: tl.constexpr, MIX
         blk = p // BS
         own_row = blk == n0 // BS
         P = tl.where(blk > n0 // BS, P, 0.0)
-        own = own_row[:, None] & (offs_n[None, :] <= p[:, None]) & (~is_mark | (offs_n[None, :] == p[:, None]))
-        own = own & (offs_n < S)[None, :]
+        n = _kvec(offs_n, KEY_AXIS)
+        pp = _qvec(p, KEY_AXIS)
+        own = _qvec(own_row, KEY_AXIS) & (n <= pp) & (~is_mark | (n == pp)) & (n < S)
         if HAS_KPM:
             own = own & ~pad
-        w = tl.where(own, tl.math.exp2(s - lse2[:, None]), P[:, None] * a)
+        w = tl.where(own, tl.math.exp2(s - _qvec(lse2, KEY_AXIS)), _qvec(P, KEY_AXIS) * a)
     else:
         own_row = p < 0
-        w = P[:, None] * a
+        w = _qvec(P, KEY_AXIS) * a
     return w, a, P, own_row, is_mark
 
 
 @triton.jit
-def _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED: tl.constexpr):
-    """Score gradient (natural units) of a tile from its weights and ``dp = dO V^T``."""
-    E = tl.sum(a * dp, 1)
-    ds = w * (dp - E[:, None]) + tl.where(is_mark, (P * (E - delta))[:, None], 0.0)
+def _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED: tl.constexpr, KEY_AXIS: tl.constexpr):
+    """Score gradient (natural units) of a tile from its weights and ``dp = dO V^T`` (same orientation)."""
+    E = tl.sum(a * dp, KEY_AXIS)
+    ds = w * (dp - _qvec(E, KEY_AXIS)) + tl.where(is_mark, _qvec(P * (E - delta), KEY_AXIS), 0.0)
     if MIXED:
-        ds = tl.where(own_row[:, None], w * (dp - delta[:, None]), ds)
+        ds = tl.where(_qvec(own_row, KEY_AXIS), w * (dp - _qvec(delta, KEY_AXIS)), ds)
     return ds
 
 
@@ -175,9 +190,9 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, 
     k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    w, a, P, own_row, is_mark = _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED, BS)
+    w, a, P, own_row, is_mark = _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED, BS, 1)
     dp = _dot(do, tl.trans(v), IEEE)
-    ds = _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED)
+    ds = _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED, 1)
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
@@ -230,12 +245,14 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, of
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    w, a, P, own_row, is_mark = _tile_weights(s, offs_m + q_offset, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED, BS)
-    dp = _dot(do, tl.trans(v), IEEE)
-    ds = _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED)
-    dv += _dot(tl.trans(w.to(do.dtype)), do, IEEE)
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    # transposed tiles (keys, queries): the weights feed dv and dk as the first operand without a transpose
+    sT = _dot(k, tl.trans(q), IEEE) * qk_scale
+    wT, aT, P, own_row, is_mark = _tile_weights(sT, offs_m + q_offset, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED,
+                                                BS, 0)
+    dpT = _dot(v, tl.trans(do), IEEE)
+    dsT = _tile_ds(wT, aT, P, own_row, is_mark, dpT, delta, MIXED, 0)
+    dv += _dot(wT.to(do.dtype), do, IEEE)
+    dk += _dot(dsT.to(q.dtype), q, IEEE)
     return dk, dv
 
 

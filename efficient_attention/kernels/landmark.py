@@ -264,6 +264,7 @@ class _LandmarkTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, kpm, bs, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # saved as the kernels read them
         out, lse = _triton_forward(q, k, v, kpm, bs, scale)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse)
