@@ -120,3 +120,65 @@ def test_triton_opcheck():
     ops = torch.ops.efficient_attention
     torch.library.opcheck(ops.triton_sliding_window.default, (q, k, v, kpm, 1, 16, 0, True, 0, 0.2))
     torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, layout, 64, False, None, 0.2))
+
+
+# -- landmark attention (efficient_attention.kernels.landmark) ------------------------------------------------
+def _landmark_ref(q, k, v, bs, kpm):
+    from efficient_attention.kernels import landmark_attention
+
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = landmark_attention(*ref, bs, key_padding_mask=kpm, backend="torch")
+    return out, lse, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+@pytest.mark.parametrize("tail", [False, True], ids=["T=S", "last T of S"])
+def test_triton_landmark(bs, d, dtype, tail):
+    from efficient_attention.kernels import landmark_attention
+    from efficient_attention.kernels.dispatch import choose_landmark_backend
+
+    S = 5 * bs + 7
+    T = S - 2 * bs - 3 if tail else S
+    q, k, v = make_qkv(2, 4, T, S, d, dtype, device="cuda", hkv=2, seed=bs + d)
+    kpm = padding(2, S, device="cuda")
+    kpm[1, 2 * bs - 1] = True  # a padded landmark hides its block
+    assert choose_landmark_backend(q, k, v, bs) == "triton"
+    out, lse = landmark_attention(q, k, v, bs, key_padding_mask=kpm)
+    ref_out, ref_lse, ref_in = _landmark_ref(q, k, v, bs, kpm)
+    _check(out, lse, ref_out, ref_lse, (q, k, v), ref_in, dtype)
+
+
+def test_triton_landmark_fp16_large_inputs():
+    from efficient_attention.kernels import landmark_attention
+
+    q, k, v = (x.detach().mul(30).requires_grad_() for x in make_qkv(1, 2, 200, 200, 64, torch.float16, device="cuda"))
+    out, lse = landmark_attention(q, k, v, 64)
+    ref_out, ref_lse, ref_in = _landmark_ref(q, k, v, 64, None)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert _rel(out, ref_out) < REL[torch.float16]
+    out.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_triton_landmark_module_matches_cpu():
+    import efficient_attention as ea
+
+    torch.manual_seed(0)
+    m = ea.LandmarkAttention(128, 2, causal=True, block_size=64)
+    x = torch.randn(300, 2, 128)
+    want, _ = m(x, x, x, need_weights=False)
+    got, _ = m.cuda()(x.cuda(), x.cuda(), x.cuda(), need_weights=False)
+    assert _rel(got, want) < 1e-5
+
+
+def test_triton_landmark_compile_and_opcheck():
+    from efficient_attention.kernels import landmark, landmark_attention
+
+    q, k, v = make_qkv(1, 2, 200, 200, 64, torch.bfloat16, device="cuda")
+    fn = torch.compile(lambda q, k, v: landmark_attention(q, k, v, 64)[0], fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), landmark_attention(q, k, v, 64)[0])
+    fn(q, k, v).sum().backward()
+    kpm = padding(1, 200, device="cuda")
+    torch.library.opcheck(landmark.triton_landmark, (q.detach(), k.detach(), v.detach(), kpm, 64, 0.125))
