@@ -165,6 +165,7 @@ def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
 LANDMARK_BLOCK_SIZES = (16, 32, 64, 128)
 
 
+@torch.compiler.assume_constant_result
 def _landmark_triton_reason() -> Optional[str]:
     if "landmark" not in _env:
         why = triton_reason()
@@ -199,15 +200,14 @@ def landmark_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, *, block_siz
 
 def choose_landmark_backend(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> str:
     """``"triton"`` or ``"torch"``; on CUDA a fallback to the PyTorch path is logged once at WARNING."""
+    if torch.compiler.is_compiling():
+        return _choose_landmark(q, k, v, block_size)
     key = ("landmark", q.device, q.dtype, k.dtype, v.dtype, q.shape[1], k.shape[1], v.shape[1], q.shape[-1],
            v.shape[-1], min(q.shape) == 0 or k.shape[2] == 0, block_size)
     hit = _decisions.get(key)
-    if hit is not None:
-        return hit
-    backend = _choose_landmark(q, k, v, block_size)
-    if not torch.compiler.is_compiling():
-        _decisions[key] = backend
-    return backend
+    if hit is None:
+        hit = _decisions[key] = _choose_landmark(q, k, v, block_size)
+    return hit
 
 
 def _choose_landmark(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> str:
