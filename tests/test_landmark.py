@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import efficient_attention as ea
-from efficient_attention.sparse.landmark import landmark_positions
+from efficient_attention.sparse.landmark import landmark_attention_formula, landmark_positions
 
 from helpers import decode
 from references.landmark import landmark_loop
@@ -22,6 +22,26 @@ def test_matches_formula(top_k):
     torch.testing.assert_close(out, want)
     tail = ea.landmark_attention(q[:, :, 12:], k, v, is_mem, top_k=top_k, key_padding_mask=kpm)
     torch.testing.assert_close(tail, want[:, :, 12:])
+
+
+def test_fixed_period_runs_block_by_block(monkeypatch):
+    """A fixed-period is_mem without top_k takes the O(N) path; anything else the formula."""
+    from efficient_attention.sparse import landmark as sl
+
+    assert sl._fixed_period(landmark_positions(20, 5)[None]) == 5
+    assert sl._fixed_period(landmark_positions(3, 5)[None]) is None   # no landmark
+    irregular = landmark_positions(20, 5)
+    irregular[7] = True
+    assert sl._fixed_period(irregular[None]) is None
+    assert sl._fixed_period(torch.stack([landmark_positions(20, 5), landmark_positions(20, 4)])) is None
+    calls = []
+    monkeypatch.setattr(sl, "landmark_attention_formula", lambda *a, **kw: calls.append(1))
+    q, k, v = rand_qkv(1, 2, 20, 20, 4)
+    ea.landmark_attention(q, k, v, landmark_positions(20, 5))
+    assert calls == []
+    ea.landmark_attention(q, k, v, irregular)
+    ea.landmark_attention(q, k, v, landmark_positions(20, 5), top_k=1)
+    assert calls == [1, 1]
 
 
 def test_irregular_landmarks_per_batch_and_no_landmarks():
@@ -117,7 +137,7 @@ def test_blocks_match_formula(case, dtype, device):
     out, lse = landmark_blocks(q, k, v, bs, key_padding_mask=kpm)
     ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
     ref_kpm = None if kpm is None else kpm.cpu()
-    ref = ea.landmark_attention(*ref_in, landmark_positions(S, bs), key_padding_mask=ref_kpm)  # float64 formula
+    ref = landmark_attention_formula(*ref_in, landmark_positions(S, bs), key_padding_mask=ref_kpm)
     torch.testing.assert_close(ref, landmark_loop(*ref_in, landmark_positions(S, bs), key_padding_mask=ref_kpm))
     assert out.dtype == dtype and lse.dtype in (torch.float32, torch.float64)
     assert _rel(out, ref) < REL[dtype]

@@ -3,7 +3,7 @@
 Every ``block_size``-th position (``pos ≡ block_size − 1``) is a landmark
 token closing its block; attention to earlier blocks is gated by their
 landmarks through the grouped softmax of
-:func:`efficient_attention.sparse.landmark.landmark_attention`.  With
+:func:`efficient_attention.sparse.landmark.landmark_attention_formula`.  With
 ``top_k > 0`` each query uses only its ``top_k`` best earlier blocks, and a
 decoding step reads only the landmark keys and those blocks
 (``O(S/bs + top_k · bs)`` keys instead of ``S``).
@@ -18,7 +18,7 @@ from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, repeat_kv
 from ..kernels.landmark import landmark_attention as landmark_blocks
 from ..registry import register_attention
-from ..sparse.landmark import landmark_attention, landmark_positions
+from ..sparse.landmark import landmark_attention_formula, landmark_positions
 
 __all__ = ["LandmarkAttention"]
 
@@ -61,7 +61,7 @@ class LandmarkAttention(EfficientAttention):
         if not self.top_k:  # block by block: the Triton kernels on CUDA, the chunked PyTorch path elsewhere
             return landmark_blocks(q, k, v, bs, scale=self.scaling, key_padding_mask=masks.key_padding)[0], None
         is_mem = landmark_positions(src_len, bs, q.device)
-        out = landmark_attention(q, k, v, is_mem, bs, self.scaling, top_k=self.top_k,
+        out = landmark_attention_formula(q, k, v, is_mem, bs, self.scaling, top_k=self.top_k,
                                  key_padding_mask=masks.key_padding)
         return out, None
 
@@ -89,7 +89,7 @@ class LandmarkAttention(EfficientAttention):
         n = P.shape[-1]
         is_mem = torch.remainder(P + 1, bs) == 0
         sub_kpm = None if kpm is None else kpm[b_i, P].reshape(bsz * heads, n)
-        out = landmark_attention(
+        out = landmark_attention_formula(
             q.reshape(bsz * heads, 1, 1, dim), ks.reshape(bsz * heads, 1, n, dim), vs.reshape(bsz * heads, 1, n, dim),
             is_mem.reshape(bsz * heads, n), bs, self.scaling, key_padding_mask=sub_kpm,
         )
