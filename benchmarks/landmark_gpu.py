@@ -90,10 +90,11 @@ def kernel_configs(L: int, rows: list):
     base = lk.landmark_config
     variants = {
         "default": None,
-        "fwd 64x64 w4": dict(fwd=dict(BLOCK_M=64, num_warps=4, num_stages=3)),
-        "fwd 128 w4": dict(fwd=dict(BLOCK_M=128, num_warps=4, num_stages=3)),
-        "bwd 64 w4": dict(dq=dict(BLOCK_M=64, num_warps=4, num_stages=3), dkdv=dict(BLOCK_M=64, num_warps=4, num_stages=3)),
-        "bwd dkdv128 w8": dict(dkdv=dict(BLOCK_M=128, num_warps=8, num_stages=2)),
+        "fwd 64 rows w4": dict(fwd=dict(BLOCK_M=64, num_warps=4, num_stages=3)),
+        "fwd 128 rows w4": dict(fwd=dict(BLOCK_M=128, num_warps=4, num_stages=3)),
+        "dq 64 rows w4": dict(dq=dict(BLOCK_M=64, num_warps=4, num_stages=3)),
+        "dkdv 32 rows w4 s4": dict(dkdv=dict(BLOCK_M=32, num_warps=4, num_stages=4)),
+        "dkdv 128 rows w8": dict(dkdv=dict(BLOCK_M=128, num_warps=8, num_stages=2)),
     }
     for name, over in variants.items():
         def cfg(*a, over=over):
