@@ -163,6 +163,7 @@ def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
 
 # -- landmark attention (kernels/landmark.py) -------------------------------------------------------
 LANDMARK_BLOCK_SIZES = (16, 32, 64, 128)
+LANDMARK_FP32_TILE = 64 * 128  # largest fp32 key tile (block_size * head_dim) of the landmark kernels
 
 
 @torch.compiler.assume_constant_result
@@ -195,6 +196,9 @@ def landmark_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, *, block_siz
         gpu.append(f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: the kernels need equal dims in {TRITON_HEAD_DIMS}")
     if block_size not in LANDMARK_BLOCK_SIZES:
         gpu.append(f"block_size {block_size} is not one of {LANDMARK_BLOCK_SIZES} (a landmark block is one key tile)")
+    elif q.dtype == torch.float32 and block_size * q.shape[-1] > LANDMARK_FP32_TILE:
+        gpu.append(f"fp32 key tiles of {block_size} keys x {q.shape[-1]} dims do not fit the registers "
+                   f"(fp32 needs block_size * head_dim <= {LANDMARK_FP32_TILE})")
     return {"triton": gpu, "torch": []}
 
 

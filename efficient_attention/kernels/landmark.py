@@ -167,10 +167,11 @@ def landmark_blocks_torch(q: Tensor, k: Tensor, v: Tensor, block_size: int, scal
 # -- the Triton path ----------------------------------------------------------------------------------
 def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
     """Launch parameters of the three kernels (query tile ``BLOCK_M``; the key tile is one landmark block)."""
-    stages = 1 if dtype == torch.float32 and head_dim > 64 else 3  # fp32 tiles of d = 128: less shared memory
+    wide = dtype == torch.float32 and block_size * head_dim > 64 * 64  # fp32 tiles of 8192: spread over 8 warps
+    stages = 1 if wide else 3
     small = block_size <= 64 and head_dim <= 64 and dtype != torch.float32
     long_rows = dict(BLOCK_M=128, num_warps=8, num_stages=stages)
-    short_rows = dict(BLOCK_M=64, num_warps=4, num_stages=stages)
+    short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages)
     return dict(fwd=long_rows if small else short_rows, dq=long_rows if small else short_rows,
                 dkdv=dict(short_rows, BLOCK_M=128) if block_size < 64 else short_rows)
 
