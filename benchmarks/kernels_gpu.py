@@ -2,7 +2,9 @@
 
 Compares, forward and forward+backward, our kernels with ``scaled_dot_product_attention``
 (dense and causal) and compiled FlexAttention with the equivalent ``BlockMask`` (built
-outside the timed region), for causal sliding windows W in {128 .. 4096} at
+outside the timed region) and, for windows, the FA2 window kernel that PyTorch ships as
+``torch.nn.attention.varlen.varlen_attn(..., window_size=(W - 1, 0))`` (on ``(B*N, H, d)`` tensors
+laid out outside the timed region; skipped where PyTorch lacks it), for causal sliding windows W in {128 .. 4096} at
 N in {4k, 16k, 64k} (B*N = 16k tokens; B = 1 at 64k) and for the OpenAI ``fixed`` and a
 BigBird block layout at N = 16k.  Each point also checks our output against Flex's.
 
@@ -11,10 +13,13 @@ throughput (only the unmasked score entries count: 4*d FLOPs each forward, 2.5x 
 backward) as a fraction of a dense bf16 matmul measured in the same run.
 
     python benchmarks/kernels_gpu.py --out benchmarks/results/kernels_gpu_h100.json
+    # the window comparison of issue 14 (N = 64k, d = 64 and 128):
+    python benchmarks/kernels_gpu.py --out DIR --lengths 65536 --windows 128 256 512 1024 2048 4096 --skip-layouts
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -114,6 +119,23 @@ def flex_block_mask(layout: torch.Tensor, bs: int, causal: bool, N: int):
                                     mask_mod=causal_mod if causal else None, seq_lengths=(N, N))
 
 
+def varlen_window_fn(B: int, N: int, W: int):
+    """``fn(q, k, v)`` on ``(B*N, H, d)`` tensors: PyTorch's FA2 varlen kernel with a causal window of W keys
+    (each query sees itself and the W - 1 keys before it), or ``None`` where this PyTorch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if "window_size" not in inspect.signature(varlen_attn).parameters:
+        return None
+    cu = torch.arange(0, (B + 1) * N, N, device="cuda", dtype=torch.int32)
+
+    def fn(q, k, v):
+        return varlen_attn(q, k, v, cu, cu, N, N, window_size=(W - 1, 0))
+
+    return fn
+
+
 def useful_flops(kept: float, d: int, backward: bool) -> float:
     return kept * 4 * d * (3.5 if backward else 1.0)
 
@@ -151,8 +173,39 @@ class Runner:
         fb = bench(step, grad_of=[q, k, v])
         return fwd, fb, graph_ms(step, [q, k, v])
 
-    def point(self, name, N, D, B, kept, ours, bm, row_mask, **extra):
-        """``bm``: Flex BlockMask; ``row_mask(rows) -> bool (H|1, len(rows), N)``, True = attend (for the check)."""
+    def varlen_point(self, row, varlen, q, k, v, do, ours_out):
+        """Times ``varlen(q, k, v)`` on ``(B*N, H, d)`` copies of the inputs (laid out before timing)."""
+        B, _, N, D = q.shape
+
+        def packed(t, grad=True):
+            t = t.detach().transpose(1, 2).reshape(B * N, H, D).contiguous()
+            return t.requires_grad_() if grad else t
+
+        qp, kp, vp, dop = packed(q), packed(k), packed(v), packed(do, grad=False)
+        try:
+            with torch.no_grad():
+                got = varlen(qp, kp, vp).reshape(B, N, H, D).transpose(1, 2).float()
+            row["rel_err_varlen_vs_ours"] = ((got - ours_out.float()).norm() / ours_out.float().norm()).item()
+            fwd = bench(lambda: varlen(qp, kp, vp))
+
+            def step():
+                varlen(qp, kp, vp).backward(dop)
+
+            row["varlen_fwd_ms"], row["varlen_fwdbwd_ms"] = fwd, bench(step, grad_of=[qp, kp, vp])
+            row["speedup_vs_varlen_fwdbwd"] = row["varlen_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
+            row["speedup_vs_varlen_fwd"] = row["varlen_fwd_ms"] / row["ours_fwd_ms"]
+            try:
+                row["varlen_graph_fwdbwd_ms"] = graph_ms(step, [qp, kp, vp])
+                row["speedup_vs_varlen_graph_fwdbwd"] = row["varlen_graph_fwdbwd_ms"] / row["ours_graph_fwdbwd_ms"]
+            except Exception as exc:  # not capturable: eager times only
+                row["varlen_graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        except Exception as exc:
+            row["varlen_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        del qp, kp, vp, dop
+
+    def point(self, name, N, D, B, kept, ours, bm, row_mask, varlen=None, **extra):
+        """``bm``: Flex BlockMask; ``row_mask(rows) -> bool (H|1, len(rows), N)``, True = attend (for the check);
+        ``varlen``: an optional third baseline taking ``(B*N, H, d)`` tensors (see ``varlen_window_fn``)."""
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         do = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
         flex = lambda q, k, v: self.flex(q, k, v, block_mask=bm)  # noqa: E731
@@ -169,6 +222,8 @@ class Runner:
         for label, fn in (("ours", ours), ("flex", flex)):
             row[f"{label}_fwd_ms"], row[f"{label}_fwdbwd_ms"], row[f"{label}_graph_fwdbwd_ms"] = \
                 self.time_pair(fn, q, k, v, do)
+        if varlen is not None:
+            self.varlen_point(row, varlen, q, k, v, do, a)
         row["speedup_vs_flex_graph_fwdbwd"] = row["flex_graph_fwdbwd_ms"] / row["ours_graph_fwdbwd_ms"]
         rate = self.meta["matmul_tflops"]
         for mode, bwd in (("fwd", False), ("fwdbwd", True)):
@@ -184,6 +239,14 @@ class Runner:
               f"x{row['speedup_vs_flex_fwdbwd']:.2f}  graph {row['ours_graph_fwdbwd_ms']:.3f}/{row['flex_graph_fwdbwd_ms']:.3f} "
               f"x{row['speedup_vs_flex_graph_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  err {err:.1e}/{err_sdpa:.1e} "
               f"[{time.time() - self.t0:.0f}s]", flush=True)
+        if "varlen_fwdbwd_ms" in row:
+            print(f"{'':28s} varlen_attn {row['varlen_fwd_ms']:8.3f}/{row['varlen_fwdbwd_ms']:8.3f} ms  "
+                  f"ours x{row['speedup_vs_varlen_fwd']:.2f}/x{row['speedup_vs_varlen_fwdbwd']:.2f}  graph "
+                  f"{row.get('varlen_graph_fwdbwd_ms', float('nan')):.3f} "
+                  f"x{row.get('speedup_vs_varlen_graph_fwdbwd', float('nan')):.2f}  "
+                  f"err vs ours {row['rel_err_varlen_vs_ours']:.1e}", flush=True)
+        elif "varlen_error" in row:
+            print(f"{'':28s} varlen_attn failed: {row['varlen_error']}", flush=True)
         del q, k, v, do, bm
         torch.cuda.empty_cache()
 
@@ -212,7 +275,12 @@ def main():
     p.add_argument("--windows", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
     p.add_argument("--layout-block", type=int, default=128)
     p.add_argument("--skip-windows", action="store_true")
+    p.add_argument("--skip-layouts", action="store_true")
+    p.add_argument("--no-varlen", action="store_true", help="leave out the varlen_attn window baseline")
     args = p.parse_args()
+    if not args.out.endswith(".json"):  # a directory
+        os.makedirs(args.out, exist_ok=True)
+        args.out = os.path.join(args.out, "kernels_gpu.json")
     r = Runner(args)
     for D in args.dims:
         if not args.skip_windows:
@@ -233,8 +301,11 @@ def main():
                         return ((ki <= rows[:, None]) & (rows[:, None] - ki < W))[None]
 
                     kept = B * H * (N * W - W * (W - 1) / 2)  # sum_i min(i + 1, W)
+                    varlen = None if args.no_varlen else varlen_window_fn(B, N, W)
                     r.point(f"window W={W}", N, D, B, kept, lambda q, k, v, w=window: sliding_window_attention(q, k, v, w)[0],
-                            bm, row_mask, W=W)
+                            bm, row_mask, varlen=varlen, W=W)
+        if args.skip_layouts:
+            continue
         N, bs = 16384, args.layout_block
         nb = N // bs
         for name, layout, causal in (
@@ -261,6 +332,15 @@ def main():
                     lambda q, k, v, lay=lay, c=causal: block_sparse_attention(q, k, v, lay, bs, causal=c)[0],
                     bm, row_mask, block_size=bs, causal=causal, layout_heads=int(lay.shape[0]))
     print(json.dumps(r.meta))
+    windows = [row for row in r.rows if row["name"].startswith("window")]
+    if windows:  # issue 14's target: >= 1.25x Flex and >= 1.5x varlen_attn, forward+backward
+        print(f"\n{'N':>6} {'D':>4} {'W':>5} {'ours ms':>8} {'flex ms':>8} {'varlen ms':>9} {'x flex':>7} {'x varlen':>8}  "
+              f"(forward+backward, eager / CUDA graph)")
+        for row in windows:
+            print(f"{row['N']:6d} {row['D']:4d} {row['W']:5d} {row['ours_fwdbwd_ms']:8.3f} {row['flex_fwdbwd_ms']:8.3f} "
+                  f"{row.get('varlen_fwdbwd_ms', float('nan')):9.3f} {row['speedup_vs_flex_fwdbwd']:7.2f} "
+                  f"{row.get('speedup_vs_varlen_fwdbwd', float('nan')):8.2f}  graph x{row['speedup_vs_flex_graph_fwdbwd']:.2f} "
+                  f"x{row.get('speedup_vs_varlen_graph_fwdbwd', float('nan')):.2f}")
 
 
 if __name__ == "__main__":

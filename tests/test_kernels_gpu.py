@@ -215,3 +215,72 @@ def test_triton_linear_attention_compile_and_opcheck():
     torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
     ops = torch.ops.efficient_attention
     torch.library.opcheck(ops.triton_linear_attention.default, (q, k, v, decay, state[0].contiguous()))
+
+
+# -- landmark attention (efficient_attention.kernels.landmark) ------------------------------------------------
+def _landmark_ref(q, k, v, bs, kpm):
+    from efficient_attention.kernels import landmark_attention
+
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = landmark_attention(*ref, bs, key_padding_mask=kpm, backend="torch")
+    return out, lse, ref
+
+
+# (dtype, head dim, block size): every block size and head dim in bf16, the other dtypes on fewer
+# (each combination compiles three kernels); fp32 with 128 x 128 tiles takes the PyTorch path
+LANDMARK_CASES = ([(torch.bfloat16, d, bs) for d in (32, 64, 128) for bs in (16, 32, 64, 128)]
+                  + [(torch.float16, 64, bs) for bs in (16, 64, 128)] + [(torch.float16, 128, 64)]
+                  + [(torch.float32, 64, 32), (torch.float32, 64, 64), (torch.float32, 128, 64),
+                     (torch.float32, 128, 128)])
+
+
+@pytest.mark.parametrize("dtype,d,bs", LANDMARK_CASES, ids=str)
+@pytest.mark.parametrize("tail", [False, True], ids=["T=S", "last T of S"])
+def test_triton_landmark(bs, d, dtype, tail):
+    from efficient_attention.kernels import landmark_attention
+    from efficient_attention.kernels.dispatch import LANDMARK_FP32_TILE, choose_landmark_backend
+
+    S = 5 * bs + 7
+    T = S - 2 * bs - 3 if tail else S
+    q, k, v = make_qkv(2, 4, T, S, d, dtype, device="cuda", hkv=2, seed=bs + d)
+    kpm = padding(2, S, device="cuda")
+    kpm[1, 2 * bs - 1] = True  # a padded landmark hides its block
+    fits = dtype != torch.float32 or bs * d <= LANDMARK_FP32_TILE
+    assert choose_landmark_backend(q, k, v, bs) == ("triton" if fits else "torch")
+    out, lse = landmark_attention(q, k, v, bs, key_padding_mask=kpm)
+    ref_out, ref_lse, ref_in = _landmark_ref(q, k, v, bs, kpm)
+    _check(out, lse, ref_out, ref_lse, (q, k, v), ref_in, dtype)
+
+
+def test_triton_landmark_fp16_large_inputs():
+    from efficient_attention.kernels import landmark_attention
+
+    q, k, v = (x.detach().mul(30).requires_grad_() for x in make_qkv(1, 2, 200, 200, 64, torch.float16, device="cuda"))
+    out, lse = landmark_attention(q, k, v, 64)
+    ref_out, ref_lse, ref_in = _landmark_ref(q, k, v, 64, None)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert _rel(out, ref_out) < REL[torch.float16]
+    out.float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_triton_landmark_module_matches_cpu():
+    import efficient_attention as ea
+
+    torch.manual_seed(0)
+    m = ea.LandmarkAttention(128, 2, causal=True, block_size=64)
+    x = torch.randn(300, 2, 128)
+    want, _ = m(x, x, x, need_weights=False)
+    got, _ = m.cuda()(x.cuda(), x.cuda(), x.cuda(), need_weights=False)
+    assert _rel(got, want) < 1e-5
+
+
+def test_triton_landmark_compile_and_opcheck():
+    from efficient_attention.kernels import landmark, landmark_attention
+
+    q, k, v = make_qkv(1, 2, 200, 200, 64, torch.bfloat16, device="cuda")
+    fn = torch.compile(lambda q, k, v: landmark_attention(q, k, v, 64)[0], fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), landmark_attention(q, k, v, 64)[0])
+    fn(q, k, v).sum().backward()
+    kpm = padding(1, 200, device="cuda")
+    torch.library.opcheck(landmark.triton_landmark, (q.detach(), k.detach(), v.detach(), kpm, 64, 0.125))

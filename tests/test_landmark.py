@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import efficient_attention as ea
-from efficient_attention.sparse.landmark import landmark_positions
+from efficient_attention.sparse.landmark import landmark_attention_formula, landmark_positions
 
 from helpers import decode
 from references.landmark import landmark_loop
@@ -22,6 +22,26 @@ def test_matches_formula(top_k):
     torch.testing.assert_close(out, want)
     tail = ea.landmark_attention(q[:, :, 12:], k, v, is_mem, top_k=top_k, key_padding_mask=kpm)
     torch.testing.assert_close(tail, want[:, :, 12:])
+
+
+def test_fixed_period_runs_block_by_block(monkeypatch):
+    """A fixed-period is_mem without top_k takes the O(N) path; anything else the formula."""
+    from efficient_attention.sparse import landmark as sl
+
+    assert sl._fixed_period(landmark_positions(20, 5)[None]) == 5
+    assert sl._fixed_period(landmark_positions(3, 5)[None]) is None   # no landmark
+    irregular = landmark_positions(20, 5)
+    irregular[7] = True
+    assert sl._fixed_period(irregular[None]) is None
+    assert sl._fixed_period(torch.stack([landmark_positions(20, 5), landmark_positions(20, 4)])) is None
+    calls = []
+    monkeypatch.setattr(sl, "landmark_attention_formula", lambda *a, **kw: calls.append(1))
+    q, k, v = rand_qkv(1, 2, 20, 20, 4)
+    ea.landmark_attention(q, k, v, landmark_positions(20, 5))
+    assert calls == []
+    ea.landmark_attention(q, k, v, irregular)
+    ea.landmark_attention(q, k, v, landmark_positions(20, 5), top_k=1)
+    assert calls == [1, 1]
 
 
 def test_irregular_landmarks_per_batch_and_no_landmarks():
@@ -73,3 +93,145 @@ def test_bad_input():
         ea.landmark_attention(q, k, v, torch.zeros(8, dtype=torch.bool), top_k=-1)
     with pytest.raises(ValueError, match="block_size"):
         ea.LandmarkAttention(16, 4, causal=True, block_size=1)
+
+
+# -- the block-by-block path (efficient_attention.kernels.landmark) -------------------------------------------
+from efficient_attention.kernels import landmark_attention as landmark_blocks  # noqa: E402
+from efficient_attention.kernels import landmark_not_supported_reasons  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# relative error bounds ||x - ref|| / ||ref|| per input dtype
+REL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _rel(got, ref):
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _padding(B, S, bs):
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, :2] = True                    # left padding: the first rows of item 0 see nothing
+    kpm[-1, -3:] = True                  # right padding
+    kpm[-1, 2 * bs - 1] = True           # a padded landmark hides its block
+    return kpm
+
+
+# (B, H, Hkv, T, S, block_size, padding): whole blocks, a ragged last block, the last T of S positions,
+# one decoding step, grouped-query heads
+BLOCK_CASES = [
+    (2, 2, 2, 19, 19, 4, True),
+    (2, 4, 2, 23, 23, 5, False),
+    (1, 2, 1, 9, 26, 4, True),
+    (2, 2, 2, 1, 17, 4, True),
+    (1, 1, 1, 40, 40, 16, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=str)
+def test_blocks_match_formula(case, dtype, device):
+    B, H, Hkv, T, S, bs, pad = case
+    q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in rand_qkv(B, H, T, S, 8, Hkv=Hkv))
+    kpm = _padding(B, S, bs).to(device) if pad else None
+    out, lse = landmark_blocks(q, k, v, bs, key_padding_mask=kpm)
+    ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
+    ref_kpm = None if kpm is None else kpm.cpu()
+    ref = landmark_attention_formula(*ref_in, landmark_positions(S, bs), key_padding_mask=ref_kpm)
+    torch.testing.assert_close(ref, landmark_loop(*ref_in, landmark_positions(S, bs), key_padding_mask=ref_kpm))
+    assert out.dtype == dtype and lse.dtype in (torch.float32, torch.float64)
+    assert _rel(out, ref) < REL[dtype]
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((out.double().cpu() * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g).sum(), ref_in)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert _rel(a, b) < 3 * REL[dtype]
+
+
+def test_blocks_lse_and_empty_rows():
+    """lse is the log of the grouped softmax's normaliser; rows that see nothing give 0 and -inf, finite grads."""
+    B, H, S, bs = 2, 2, 14, 4
+    q, k, v = rand_qkv(B, H, S, S, 4, requires_grad=True)
+    kpm = _padding(B, S, bs)
+    out, lse = landmark_blocks(q, k, v, bs, key_padding_mask=kpm)
+    assert torch.equal(out[0, :, :2], torch.zeros_like(out[0, :, :2]))
+    assert torch.isneginf(lse[0, :, :2]).all() and torch.isfinite(lse[0, :, 2:]).all()
+    # the normaliser by hand for one row of block 2: own keys 8..10, landmarks 3 and 7 (item 1: 7 is padded)
+    s = (q[1, 0, 10] @ k[1, 0].T) * 4**-0.5
+    want = torch.logsumexp(s[[3, 8, 9, 10]], 0)
+    torch.testing.assert_close(lse[1, 0, 10], want)
+    (out.sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_blocks_gradcheck():
+    q, k, v = rand_qkv(1, 2, 11, 11, 3, requires_grad=True)
+    kpm = torch.zeros(1, 11, dtype=torch.bool)
+    kpm[0, 5] = True
+
+    def fn(q, k, v):
+        out, lse = landmark_blocks(q, k, v, 3, key_padding_mask=kpm)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: landmark_blocks(q, k, v, 4)[0], (q[:, :, 4:], k, v))
+
+
+def test_blocks_torch_path_chunks(monkeypatch):
+    """Several query chunks (each against only the keys it can see) give the one-chunk result."""
+    from efficient_attention.kernels import landmark as lk
+
+    q, k, v = rand_qkv(1, 2, 37, 37, 4, requires_grad=True)
+    whole = landmark_blocks(q, k, v, 4)
+    monkeypatch.setattr(lk, "_CHUNK_ELEMS", 1)  # one block of queries per chunk
+    assert len(list(lk._chunks(37, 37, 4, 0, 2))) == 10
+    chunked = landmark_blocks(q, k, v, 4)
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(torch.autograd.grad(chunked[0].sum(), (q, k, v)), torch.autograd.grad(whole[0].sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+def test_blocks_dispatch_reasons():
+    q = torch.randn(1, 2, 8, 16)
+    assert landmark_blocks(q, q, q, 4)[0].shape == q.shape
+    why = landmark_not_supported_reasons(q, q, q, block_size=48)
+    assert why["torch"] == []
+    assert any("not CUDA" in r for r in why["triton"]) and any("block_size 48" in r for r in why["triton"])
+    q48 = torch.randn(1, 2, 8, 48, dtype=torch.float64)
+    assert any("dtype" in r for r in landmark_not_supported_reasons(q48, q48, q48, block_size=64)["triton"])
+    assert any("head dims" in r for r in landmark_not_supported_reasons(q48, q48, q48, block_size=64)["triton"])
+
+
+def test_blocks_bad_input():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="block_size"):
+        landmark_blocks(q, q, q, 1)
+    with pytest.raises(ValueError, match="block_size"):
+        landmark_blocks(q, q, q, 4.0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        landmark_blocks(q, q, q, 4, key_padding_mask=torch.zeros(1, 7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="dtype"):
+        landmark_blocks(q.long(), q.long(), q.long(), 4)
+    with pytest.raises(ValueError, match="more than"):
+        landmark_blocks(q, q[:, :, :4], q[:, :, :4], 4)
+    with pytest.raises(ValueError, match="backend"):
+        landmark_blocks(q, q, q, 4, backend="cuda")
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_module_fp16_large_inputs_stay_finite(top_k):
+    """Inputs x100 in fp16: scores are scaled and formed in fp32 (issue 15 item 6)."""
+    torch.manual_seed(0)
+    m = ea.LandmarkAttention(64, 2, causal=True, block_size=4, top_k=top_k)  # fp16 q.k of these overflows
+    x = torch.randn(21, 2, 64) * 100
+    want, _ = m.double()(x.double(), x.double(), x.double(), need_weights=False)
+    m = m.half()
+    xh = x.half().requires_grad_()
+    out, _ = m(xh, xh, xh, need_weights=False)
+    assert torch.isfinite(out).all()
+    assert _rel(out, want) < 2e-2
+    out.float().sum().backward()
+    assert torch.isfinite(xh.grad).all()
+    steps, _ = decode(m.eval(), x.half())
+    assert torch.isfinite(steps).all()

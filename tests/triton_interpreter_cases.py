@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from efficient_attention.block_mask import BlockMask  # noqa: E402
-from efficient_attention.kernels import reference, triton_ops  # noqa: E402
+from efficient_attention.kernels import landmark, reference, triton_ops  # noqa: E402
 from efficient_attention.kernels.linear_attention import linear_attention  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
 from kernel_cases import loss_and_grads, make_qkv, padding, random_layout  # noqa: E402
@@ -153,6 +153,22 @@ def linear_modules_case():
         assert rel(out * keep, ref * keep) < 1e-5, f"{name} full {rel(out * keep, ref * keep):.1e}"
         full = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
         assert rel(torch.cat(steps), full) < 1e-5, f"{name} decoding {rel(torch.cat(steps), full):.1e}"
+def landmark_case(bs, d, dtype, T, S, config=None):
+    """The landmark kernels (forward, dq, dk/dv) against the float64 PyTorch path, with key padding
+    (a padded landmark among it); ``config`` forces the query tiles (64 or 128 rows per tile)."""
+    q, k, v = make_qkv(2, 2, T, S, d, dtype, seed=bs + T)
+    kpm = padding(2, S)
+    kpm[1, 2 * bs - 1] = True
+    base = landmark.landmark_config
+    if config is not None:
+        landmark.landmark_config = lambda *a: {key: dict(val, BLOCK_M=config) for key, val in base(*a).items()}
+    try:
+        out, lse = landmark.landmark_attention(q, k, v, bs, key_padding_mask=kpm, backend="triton")
+        ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref_out, ref_lse = landmark.landmark_attention(*ref, bs, key_padding_mask=kpm, backend="torch")
+        check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
+    finally:
+        landmark.landmark_config = base
 
 
 _CONFIGS = {name: getattr(triton_ops, name) for name in ("window_config", "block_config")}
@@ -199,6 +215,10 @@ def main() -> int:
         (False, "linear fp16 m20 d40 T<S", lambda: linear_case(40, 20, 40, f16, False, False, True, S=75)),
         (False, "linear unnormalised m1 state fp32", lambda: linear_case(33, 1, 16, f32, True, True, False)),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
+        (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),
+        (False, "landmark bs16 fp16 128-row tiles, last T of S", lambda: landmark_case(16, 16, f16, 50, 150, config=128)),
+        (False, "landmark bs32 fp32 one decoding step", lambda: landmark_case(32, 16, f32, 1, 77)),
+        (False, "landmark bs64 fp16 d32", lambda: landmark_case(64, 32, f16, 150, 150)),
     ]
     failed = []
     for tma, name, run in cases:

@@ -3,7 +3,7 @@
 Every ``block_size``-th position (``pos ≡ block_size − 1``) is a landmark
 token closing its block; attention to earlier blocks is gated by their
 landmarks through the grouped softmax of
-:func:`efficient_attention.sparse.landmark.landmark_attention`.  With
+:func:`efficient_attention.sparse.landmark.landmark_attention_formula`.  With
 ``top_k > 0`` each query uses only its ``top_k`` best earlier blocks, and a
 decoding step reads only the landmark keys and those blocks
 (``O(S/bs + top_k · bs)`` keys instead of ``S``).
@@ -15,9 +15,10 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import repeat_kv
+from ..functional import acc_dtype, repeat_kv
+from ..kernels.landmark import landmark_attention as landmark_blocks
 from ..registry import register_attention
-from ..sparse.landmark import landmark_attention, landmark_positions
+from ..sparse.landmark import landmark_attention_formula, landmark_positions
 
 __all__ = ["LandmarkAttention"]
 
@@ -30,12 +31,14 @@ class LandmarkAttention(EfficientAttention):
     landmark tokens at positions ``block_size - 1, 2·block_size - 1, ...``
     (as the paper's data pipeline inserts them).  Key padding, grouped-query
     attention, incremental decoding with top-k block retrieval.  Full pass
-    ``O(N² d)`` time, ``O(block_size · N)`` memory.
+    ``O(N² d)`` time and ``O(N)`` memory forward and backward, block by block
+    (:func:`efficient_attention.kernels.landmark_attention`: Triton kernels on CUDA);
+    with ``top_k > 0`` the full pass uses the general formula (``O(block_size · N)`` memory per chunk).
     """
 
     capabilities = Capabilities(
         patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, key_padding_mask=True, grouped_kv=True,
-        backends=("torch",),
+        backends=("triton", "torch"),
     )
     option_help = {
         "block_size": "landmark period: every block_size-th token is a landmark closing its block",
@@ -55,8 +58,10 @@ class LandmarkAttention(EfficientAttention):
         bs = self.block_size
         if self.top_k and q.shape[2] == 1 and (src_len - 1) // bs > self.top_k:
             return self._retrieve(q, k, v, masks.key_padding), None
+        if not self.top_k:  # block by block: the Triton kernels on CUDA, the chunked PyTorch path elsewhere
+            return landmark_blocks(q, k, v, bs, scale=self.scaling, key_padding_mask=masks.key_padding)[0], None
         is_mem = landmark_positions(src_len, bs, q.device)
-        out = landmark_attention(q, k, v, is_mem, bs, self.scaling, top_k=self.top_k or None,
+        out = landmark_attention_formula(q, k, v, is_mem, bs, self.scaling, top_k=self.top_k,
                                  key_padding_mask=masks.key_padding)
         return out, None
 
@@ -68,7 +73,9 @@ class LandmarkAttention(EfficientAttention):
         cur = pos // bs
         dev = q.device
         marks = torch.arange(cur, device=dev) * bs + bs - 1                # landmarks of earlier blocks
-        scores = torch.matmul(q, repeat_kv(k[:, :, marks], heads).transpose(-1, -2)).squeeze(2)  # (B, H, cur)
+        acc = acc_dtype(q.dtype)  # fp16 scores of large inputs would overflow: form them in fp32
+        marks_k = repeat_kv(k[:, :, marks], heads).to(acc)
+        scores = torch.matmul(q.to(acc), marks_k.transpose(-1, -2)).squeeze(2)  # (B, H, cur)
         if kpm is not None:
             scores = scores.masked_fill(kpm[:, None, marks], float("-inf"))
         sel = scores.topk(self.top_k, dim=-1).indices.sort(dim=-1).values  # (B, H, k), in position order
@@ -82,7 +89,7 @@ class LandmarkAttention(EfficientAttention):
         n = P.shape[-1]
         is_mem = torch.remainder(P + 1, bs) == 0
         sub_kpm = None if kpm is None else kpm[b_i, P].reshape(bsz * heads, n)
-        out = landmark_attention(
+        out = landmark_attention_formula(
             q.reshape(bsz * heads, 1, 1, dim), ks.reshape(bsz * heads, 1, n, dim), vs.reshape(bsz * heads, 1, n, dim),
             is_mem.reshape(bsz * heads, n), bs, self.scaling, key_padding_mask=sub_kpm,
         )

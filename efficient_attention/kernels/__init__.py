@@ -15,8 +15,9 @@ Triton GPU kernels, the C++ CPU kernels (``_C``), else the pure-PyTorch
 reference path (``reference.py``) -- and logs why it fell back
 (:func:`not_supported_reasons` returns the reasons for given inputs).
 """
-from .dispatch import choose_backend, not_supported_reasons
 from ..block_mask import BlockMask, as_block_mask
+from .dispatch import choose_backend, landmark_not_supported_reasons, not_supported_reasons
+from .landmark import landmark_attention
 from .linear_attention import linear_attention
 from .ops import block_sparse_attention, check_inputs, sliding_window_attention
 
@@ -27,6 +28,8 @@ __all__ = [
     "BlockMask",
     "as_block_mask",
     "check_inputs",
+    "landmark_attention",
+    "landmark_not_supported_reasons",
     "not_supported_reasons",
     "choose_backend",
 ]

@@ -195,3 +195,68 @@ def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
             _logged.add(msg)
             logger.warning(msg)
     return "reference"
+
+
+# -- landmark attention (kernels/landmark.py) -------------------------------------------------------
+LANDMARK_BLOCK_SIZES = (16, 32, 64, 128)
+LANDMARK_FP32_TILE = 64 * 128  # largest fp32 key tile (block_size * head_dim) of the landmark kernels
+
+
+@torch.compiler.assume_constant_result
+def _landmark_triton_reason() -> Optional[str]:
+    if "landmark" not in _env:
+        why = triton_reason()
+        if why is None:
+            try:
+                from . import _triton_landmark  # noqa: F401
+            except Exception as exc:  # a broken Triton install must not break the library
+                why = f"the Triton landmark kernels failed to import ({type(exc).__name__}: {exc})"
+        _env["landmark"] = why
+    return _env["landmark"]
+
+
+def landmark_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, *, block_size: int) -> Dict[str, List[str]]:
+    """Why the Triton landmark kernels cannot take these inputs ([] = they can); the PyTorch path takes all.
+
+    k, v already carry q's head count."""
+    gpu = _common(q, k, v, 0.0)
+    if q.device.type != "cuda":
+        gpu.append(f"tensors are on {q.device.type}, not CUDA")
+    else:
+        why = _landmark_triton_reason()
+        if why:
+            gpu.append(why)
+    if q.dtype not in TRITON_DTYPES:
+        gpu.append(f"dtype {q.dtype} is not one of {TRITON_DTYPES}")
+    if q.shape[-1] not in TRITON_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        gpu.append(f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: the kernels need equal dims in {TRITON_HEAD_DIMS}")
+    if block_size not in LANDMARK_BLOCK_SIZES:
+        gpu.append(f"block_size {block_size} is not one of {LANDMARK_BLOCK_SIZES} (a landmark block is one key tile)")
+    elif q.dtype == torch.float32 and block_size * q.shape[-1] > LANDMARK_FP32_TILE:
+        gpu.append(f"fp32 key tiles of {block_size} keys x {q.shape[-1]} dims do not fit the registers "
+                   f"(fp32 needs block_size * head_dim <= {LANDMARK_FP32_TILE})")
+    return {"triton": gpu, "torch": []}
+
+
+def choose_landmark_backend(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> str:
+    """``"triton"`` or ``"torch"``; on CUDA a fallback to the PyTorch path is logged once at WARNING."""
+    if torch.compiler.is_compiling():
+        return _choose_landmark(q, k, v, block_size)
+    key = ("landmark", q.device, q.dtype, k.dtype, v.dtype, q.shape[1], k.shape[1], v.shape[1], q.shape[-1],
+           v.shape[-1], min(q.shape) == 0 or k.shape[2] == 0, block_size)
+    hit = _decisions.get(key)
+    if hit is None:
+        hit = _decisions[key] = _choose_landmark(q, k, v, block_size)
+    return hit
+
+
+def _choose_landmark(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> str:
+    reasons = landmark_not_supported_reasons(q, k, v, block_size=block_size)["triton"]
+    if not reasons:
+        return "triton"
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        msg = "landmark: using the PyTorch path because " + "; ".join(reasons)
+        if msg not in _logged:
+            _logged.add(msg)
+            logger.warning(msg)
+    return "torch"

@@ -1,0 +1,227 @@
+"""Landmark attention on the GPU: the Triton kernels checked and timed (under 2 minutes on an H200).
+
+1. Times the ``landmark`` module against the ``vanilla`` module (causal SDPA) in CAB's efficiency
+   setting: self-attention on (L, B=4, 512), 8 heads of 64, bf16 autocast, forward+backward, peak
+   memory, L in 1k..32k.  Target: within 1.5x of vanilla's time, at most 2x its memory.
+2. Checks the Triton landmark kernels (forward, dq, dk, dv) against the float64 PyTorch path
+   (itself tested against the paper's formula in ``tests/test_landmark.py``), for fp16/bf16/fp32,
+   head dims 64/128, landmark blocks of 16..128, key padding and queries that are the last T of S.
+3. Times the kernel alone against causal SDPA (B=4, H=8, d=64, bf16, fwd+bwd) at L = 8k under a few
+   tile configurations (to tune ``landmark_config``).
+
+    python benchmarks/landmark_gpu.py --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import efficient_attention as ea  # noqa: E402
+from efficient_attention.kernels import landmark as lk  # noqa: E402
+from efficient_attention.kernels.dispatch import choose_landmark_backend  # noqa: E402
+
+REL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def bench(fn, grad_of=None, rep=60) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, grad_to_none=grad_of, return_mode="median")
+
+
+def rel(got, ref) -> float:
+    got, ref = got.double(), ref.double()
+    fin = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(got), fin):
+        return float("inf")
+    return ((got[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30)).item()
+
+
+def check(dtype, d, bs, T, S, pad, with_lse, B=2, H=3):
+    g = torch.Generator().manual_seed(d + bs + T)
+    q64 = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    k64, v64 = (torch.randn(B, H, S, d, generator=g, dtype=torch.float64) for _ in range(2))
+    kpm = None
+    if pad:
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[0, :3] = True
+        kpm[1, -7:] = True
+        kpm[1, 2 * bs - 1] = True  # a padded landmark hides its block
+        kpm = kpm.cuda()
+    q, k, v = (x.cuda().to(dtype).requires_grad_() for x in (q64, k64, v64))
+    out, lse = lk.landmark_attention(q, k, v, bs, key_padding_mask=kpm, backend="triton")
+    rq, rk, rv = (x.detach().double().requires_grad_() for x in (q, k, v))
+    rout, rlse = lk.landmark_attention(rq, rk, rv, bs, key_padding_mask=kpm, backend="torch")
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).cuda()
+    gl = torch.randn(lse.shape, generator=g, dtype=torch.float64).cuda()
+    fin = torch.isfinite(rlse) if with_lse else torch.zeros_like(rlse, dtype=torch.bool)
+    loss = (out.double() * go).sum() + (lse.double() * gl).masked_fill(~fin, 0).sum()
+    rloss = (rout * go).sum() + (rlse * gl).masked_fill(~fin, 0).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    rgrads = torch.autograd.grad(rloss, (rq, rk, rv))
+    errs = dict(out=rel(out, rout), lse=rel(lse, rlse), **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, rgrads)})
+    ok = errs["out"] < REL[dtype] and errs["lse"] < 1e-4 and all(errs[f"d{n}"] < 3 * REL[dtype] for n in "qkv")
+    return dict(dtype=str(dtype).replace("torch.", ""), d=d, block=bs, T=T, S=S, pad=pad, lse_grad=with_lse, ok=ok,
+                **{k: float(f"{v:.2e}") for k, v in errs.items()})
+
+
+def kernel_configs(L: int, rows: list):
+    """Kernel alone vs causal SDPA at one L, under a few tile configs (bf16, B=4, H=8, d=64, block 64)."""
+    B, H, d, bs = 4, 8, 64, 64
+    q, k, v = (torch.randn(B, H, L, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def step_sdpa():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+
+    def step_ours():
+        lk.landmark_attention(q, k, v, bs, backend="triton")[0].backward(do)
+
+    sdpa_fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    sdpa_fb = bench(step_sdpa, [q, k, v])
+    base = lk.landmark_config
+    variants = {
+        "default": None,
+        "fwd 64 rows w4": dict(fwd=dict(BLOCK_M=64, num_warps=4, num_stages=3)),
+        "fwd 128 rows w4": dict(fwd=dict(BLOCK_M=128, num_warps=4, num_stages=3)),
+        "dq 64 rows w4": dict(dq=dict(BLOCK_M=64, num_warps=4, num_stages=3)),
+        "dkdv 32 rows w4 s4": dict(dkdv=dict(BLOCK_M=32, num_warps=4, num_stages=4)),
+        "dkdv 128 rows w8": dict(dkdv=dict(BLOCK_M=128, num_warps=8, num_stages=2)),
+    }
+    for name, over in variants.items():
+        def cfg(*a, over=over):
+            c = dict(base(*a))
+            c.update(over or {})
+            return c
+
+        lk.landmark_config = cfg
+        try:
+            fwd = bench(lambda: lk.landmark_attention(q, k, v, bs, backend="triton"))
+            fb = bench(step_ours, [q, k, v])
+            row = dict(part="kernel", config=name, L=L, fwd_ms=fwd, fwdbwd_ms=fb, sdpa_fwd_ms=sdpa_fwd,
+                       sdpa_fwdbwd_ms=sdpa_fb, ratio_fwdbwd=fb / sdpa_fb)
+        except Exception as exc:  # a config that does not fit (shared memory) is reported, not fatal
+            row = dict(part="kernel", config=name, L=L, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        finally:
+            lk.landmark_config = base
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def module_point(name: str, L: int, opts: dict):
+    B, E, H = 4, 512, 8
+    torch.manual_seed(0)
+    m = ea.build_attention(name, embed_dim=E, num_heads=H, self_attention=True, causal=True, **opts).cuda()
+    x = torch.randn(L, B, E, device="cuda", requires_grad=True)
+    dy = torch.randn(L, B, E, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = m(x, x, x, need_weights=False)
+        y.backward(dy)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    ms = bench(step, [x] + list(m.parameters()), rep=100 if L <= 8192 else 200)
+    del m, x, dy
+    torch.cuda.empty_cache()
+    return ms, peak
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="landmark_gpu_out")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=__import__("triton").__version__)
+    print(json.dumps(meta), flush=True)
+    rows = []
+
+    def save():
+        with open(os.path.join(args.out, "landmark_gpu.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+    # 1. modules (first: the target)
+    table = []
+    for L in (1024, 2048, 4096, 8192, 16384, 32768):
+        row = dict(part="module", L=L)
+        for name, opts in (("vanilla", {}), ("landmark", dict(block_size=64))):
+            try:
+                ms, gb = module_point(name, L, opts)
+                row[f"{name}_ms"], row[f"{name}_gb"] = ms, gb
+            except Exception as exc:
+                row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                torch.cuda.empty_cache()
+        if "landmark_ms" in row and "vanilla_ms" in row:
+            row["time_ratio"] = row["landmark_ms"] / row["vanilla_ms"]
+            row["mem_ratio"] = row["landmark_gb"] / max(row["vanilla_gb"], 1e-9)
+        q = torch.empty(4, 8, L, 64, device="cuda", dtype=torch.bfloat16)
+        row["landmark_backend"] = choose_landmark_backend(q, q, q, 64)
+        rows.append(row)
+        table.append(row)
+        save()
+        print(json.dumps(row), flush=True)
+
+    # 2. correctness (few tile variants: each compiles three kernels)
+    cases = [  # (dtype, d, block, T, S, key padding, gradient through lse too)
+        (torch.bfloat16, 64, 64, 300, 300, False, False),   # the module's kernels
+        (torch.bfloat16, 64, 64, 150, 333, True, True),     # last T of S, padding, lse gradient
+        (torch.float16, 128, 64, 300, 300, True, False),
+        (torch.float32, 64, 32, 300, 300, True, False),
+        (torch.float16, 64, 128, 300, 300, True, False),
+        (torch.bfloat16, 64, 16, 1, 777, True, False),      # one decoding step
+    ]
+    for case in cases:
+        try:
+            row = dict(part="check", **check(*case))
+        except Exception as exc:
+            row = dict(part="check", case=str(case), ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    save()
+    checks = [r for r in rows if r["part"] == "check"]
+    print(f"[{time.time() - t0:.0f}s] checks: {sum(r['ok'] for r in checks)}/{len(checks)} ok", flush=True)
+
+    # 3. kernel tile configs at L = 8k (to tune landmark_config), while time is left
+    if time.time() - t0 < 100:
+        kernel_configs(8192, rows)
+        save()
+
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  [{time.time() - t0:.0f}s]")
+    bad = [r for r in rows if r["part"] == "check" and not r["ok"]]
+    print(f"checks vs float64: {sum(r['ok'] for r in rows if r['part'] == 'check')} ok, {len(bad)} failed")
+    for r in bad:
+        print("  FAILED", r)
+    for r in rows:
+        if r["part"] == "kernel" and "fwd_ms" in r:
+            print(f"kernel L={r['L']} {r['config']:24s} fwd {r['fwd_ms']:.3f} fwd+bwd {r['fwdbwd_ms']:.3f} ms   "
+                  f"sdpa {r['sdpa_fwd_ms']:.3f}/{r['sdpa_fwdbwd_ms']:.3f}   x{r['ratio_fwdbwd']:.2f}")
+        elif r["part"] == "kernel":
+            print(f"kernel L={r['L']} {r['config']:24s} {r['error']}")
+    print("module fwd+bwd, (L, B=4, 512), 8 heads of 64, bf16 autocast, causal; landmark block 64; "
+          "GB = peak memory of a step above the inputs")
+    print(f"{'L':>6} {'vanilla ms':>10} {'GB':>6} {'landmark ms':>11} {'GB':>6} {'t ratio':>7} {'m ratio':>7}")
+    for r in table:
+        print(f"{r['L']:6d} {r.get('vanilla_ms', float('nan')):10.2f} {r.get('vanilla_gb', float('nan')):6.2f} "
+              f"{r.get('landmark_ms', float('nan')):11.2f} {r.get('landmark_gb', float('nan')):6.2f} "
+              f"{r.get('time_ratio', float('nan')):7.2f} {r.get('mem_ratio', float('nan')):7.2f}  "
+              f"{r.get('landmark_backend')} {r.get('vanilla_error', '')}{r.get('landmark_error', '')}")
+
+
+if __name__ == "__main__":
+    main()

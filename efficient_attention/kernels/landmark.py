@@ -1,0 +1,339 @@
+"""Landmark attention block by block: O(N) memory forward and backward.
+
+:func:`landmark_attention` computes the grouped softmax of
+:func:`efficient_attention.sparse.landmark.landmark_attention` for the fixed-period landmark layout
+(position ``j`` is a landmark iff ``j % block_size == block_size - 1``) without ever holding a
+``T x S`` tensor.  A query at position ``p`` in block ``c`` attends its own block causally (the
+landmark of block ``c`` only to itself) and each earlier block ``b`` as one softmax item with logit
+``s(L_b)`` and value ``A_b`` = the block's own softmax average of its tokens' values, so the output
+is a FlashAttention-style online softmax over those items:
+
+    out = (sum_{own j} e^{s_j} v_j + sum_{b < c} e^{s(L_b)} A_b) / Z,   lse = log Z.
+
+Backends (:func:`landmark_not_supported_reasons` says why one cannot run):
+
+* ``"triton"`` -- the fused GPU kernels of ``_triton_landmark.py`` (fp16/bf16/fp32, fp32 accumulation);
+* ``"torch"``  -- the same computation in PyTorch, a chunk of query blocks at a time with batched
+  matmuls against only the keys the chunk can see, and a hand-written backward that recomputes
+  each chunk (any device and float dtype; float64 for gradcheck).  Scores are scaled and formed
+  in at least fp32 (fp16 inputs of large magnitude stay finite).
+
+The general formula (any ``is_mem``, ``top_k`` retrieval) stays in ``sparse/landmark.py``; it is
+the float64 reference these paths are tested against.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..functional import acc_dtype, repeat_kv
+from .dispatch import choose_landmark_backend
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["landmark_attention", "landmark_blocks_torch"]
+
+_CHUNK_ELEMS = 1 << 22  # scores held at once by the torch path (per chunk: B*H*rows*keys)
+
+
+# -- the PyTorch path -------------------------------------------------------------------------------
+def _chunk_weights(qc: Tensor, k: Tensor, pos: Tensor, bs: int, valid: Tensor):
+    """Weights of a chunk of queries over the first ``k.shape[2]`` keys (a multiple of ``bs``).
+
+    qc: ``(B, H, C, d)`` already scaled, acc dtype; pos: ``(C,)`` absolute positions; valid: ``(B|1, Sk)``
+    keys that exist and are not padding.  Returns ``W (B, H, C, Sk)`` (the attention weights),
+    ``lse (B, H, C)``, the inner softmax ``a (B, H, C, nb, bs)`` and gate probabilities ``P (B, H, C, nb)``.
+    """
+    sk = k.shape[2]
+    nb = sk // bs
+    s = torch.matmul(qc, k.transpose(-1, -2))                              # (B, H, C, Sk)
+    j = torch.arange(sk, device=qc.device)
+    kb, is_mark = j // bs, (j % bs) == bs - 1
+    c = (pos // bs)[:, None]
+    ok = valid[:, None, None, :]                                            # (B|1, 1, 1, Sk)
+    own = ok & (kb == c) & (j <= pos[:, None]) & (~is_mark | (j == pos[:, None]))
+    tok = (ok & (kb < c) & ~is_mark).view(*ok.shape[:2], len(pos), nb, bs)
+    gate = (ok & (kb < c) & is_mark).view(*ok.shape[:2], len(pos), nb, bs)[..., -1]
+    sb = s.view(*s.shape[:3], nb, bs)
+    st = sb.masked_fill(~tok, float("-inf"))
+    mb = st.amax(-1, keepdim=True)
+    e = torch.exp(st - mb.masked_fill(torch.isinf(mb), 0.0))
+    a = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+    t = sb[..., -1]
+    items = torch.cat([s.masked_fill(~own, float("-inf")), t.masked_fill(~gate, float("-inf"))], -1)
+    lse = torch.logsumexp(items, -1)
+    lse_s = lse.masked_fill(torch.isinf(lse), 0.0)[..., None]
+    w_own = torch.where(own, torch.exp(s - lse_s), 0.0)
+    P = torch.where(gate, torch.exp(t - lse_s), 0.0)
+    W = w_own + (P[..., None] * a).flatten(-2)
+    return W, lse, a, P, w_own
+
+
+def _chunks(tgt_len: int, src_len: int, bs: int, q_offset: int, work: int):
+    """Query chunks ``(start, end, keys)``: whole blocks of positions, ``keys`` = the keys they can see."""
+    rows = max(bs, (_CHUNK_ELEMS // max(1, work * src_len)) // bs * bs)
+    t = 0
+    while t < tgt_len:
+        first_blk = (t + q_offset) // bs
+        end = min(tgt_len, (first_blk * bs + rows) - q_offset)
+        keys = ((end - 1 + q_offset) // bs + 1) * bs
+        yield t, end, keys
+        t = end
+
+
+def _prepare_torch(q, k, v, kpm, bs):
+    """Upcast to the accumulation dtype, pad keys to whole blocks; ``valid (B|1, Sp)``."""
+    dt = acc_dtype(q.dtype)
+    src_len = k.shape[2]
+    sp = -(-src_len // bs) * bs
+    kk, vv = k.to(dt), v.to(dt)
+    if sp != src_len:
+        kk = torch.nn.functional.pad(kk, (0, 0, 0, sp - src_len))
+        vv = torch.nn.functional.pad(vv, (0, 0, 0, sp - src_len))
+    valid = torch.arange(sp, device=q.device)[None] < src_len
+    if kpm is not None:
+        valid = valid & ~torch.nn.functional.pad(kpm, (0, sp - src_len), value=True)
+    return kk, vv, valid, dt
+
+
+def _torch_forward(q, k, v, kpm, bs, scale):
+    bsz, heads, tgt_len, _ = q.shape
+    src_len = k.shape[2]
+    kk, vv, valid, dt = _prepare_torch(q, k, v, kpm, bs)
+    off = src_len - tgt_len
+    out = q.new_empty(q.shape[:3] + (v.shape[-1],))
+    lse = q.new_empty(q.shape[:3], dtype=dt)
+    for t0, t1, sk in _chunks(tgt_len, src_len, bs, off, bsz * heads):
+        pos = torch.arange(t0, t1, device=q.device) + off
+        W, lse_c, *_ = _chunk_weights(q[:, :, t0:t1].to(dt) * scale, kk[:, :, :sk], pos, bs, valid[:, :sk])
+        out[:, :, t0:t1] = torch.matmul(W, vv[:, :, :sk]).to(out.dtype)
+        lse[:, :, t0:t1] = lse_c
+    return out, lse.float() if dt != torch.float64 else lse
+
+
+def _torch_backward(do, dlse, q, k, v, out, kpm, bs, scale):
+    bsz, heads, tgt_len, _ = q.shape
+    src_len = k.shape[2]
+    kk, vv, valid, dt = _prepare_torch(q, k, v, kpm, bs)
+    off = src_len - tgt_len
+    dq = torch.empty_like(q)
+    dk, dv = torch.zeros_like(kk), torch.zeros_like(vv)
+    for t0, t1, sk in _chunks(tgt_len, src_len, bs, off, bsz * heads):
+        pos = torch.arange(t0, t1, device=q.device) + off
+        qc, doc = q[:, :, t0:t1].to(dt) * scale, do[:, :, t0:t1].to(dt)
+        W, _, a, P, w_own = _chunk_weights(qc, kk[:, :, :sk], pos, bs, valid[:, :sk])
+        delta = (doc * out[:, :, t0:t1].to(dt)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse[:, :, t0:t1].to(dt)
+        dp = torch.matmul(doc, vv[:, :, :sk].transpose(-1, -2))             # (B, H, C, Sk)
+        dpb = dp.view(*dp.shape[:3], -1, bs)
+        E = (a * dpb).sum(-1)                                               # (B, H, C, nb): dO . A_b
+        ds_b = P[..., None] * a * (dpb - E[..., None])
+        is_mark = torch.arange(bs, device=q.device) == bs - 1
+        ds_b = ds_b + torch.where(is_mark, (P * (E - delta[..., None]))[..., None], 0.0)
+        ds = w_own * (dp - delta[..., None]) + ds_b.flatten(-2)
+        dq[:, :, t0:t1] = (torch.matmul(ds, kk[:, :, :sk]) * scale).to(dq.dtype)
+        dk[:, :, :sk] += torch.matmul(ds.transpose(-1, -2), qc)
+        dv[:, :, :sk] += torch.matmul(W.transpose(-1, -2), doc)
+    return dq, dk[:, :, :src_len].to(k.dtype), dv[:, :, :src_len].to(v.dtype)
+
+
+class _LandmarkTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, bs, scale):
+        out, lse = _torch_forward(q, k, v, kpm, bs, scale)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.kpm, ctx.bs, ctx.scale = kpm, bs, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv = _torch_backward(grad_out, grad_lse, q, k, v, out, ctx.kpm, ctx.bs, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def landmark_blocks_torch(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float,
+                          key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The PyTorch path (k, v with q's head count; ``key_padding_mask`` bool ``(B, S)`` or None)."""
+    return _LandmarkTorch.apply(q, k, v, key_padding_mask, block_size, scale)
+
+
+# -- the Triton path ----------------------------------------------------------------------------------
+def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
+    """Launch parameters of the three kernels (query tile ``BLOCK_M``; the key tile is one landmark block)."""
+    wide = dtype == torch.float32 and block_size * head_dim > 64 * 64  # fp32 tiles of 8192: spread over 8 warps
+    stages = 1 if wide else 3
+    small = block_size <= 64 and head_dim <= 64 and dtype != torch.float32
+    long_rows = dict(BLOCK_M=128, num_warps=8, num_stages=stages)
+    short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages)
+    return dict(fwd=long_rows if small else short_rows, dq=long_rows if small else short_rows,
+                dkdv=dict(short_rows, BLOCK_M=128) if block_size < 64 else short_rows)
+
+
+def _kpm_arg(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
+    if kpm is None:
+        return torch.zeros(1, dtype=torch.uint8, device=q.device), False
+    return kpm.to(torch.uint8).contiguous(), True
+
+
+def _triton_forward(q, k, v, kpm, bs, scale):
+    from . import _triton_landmark as tl_
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    kpm_t, has_kpm = _kpm_arg(kpm, q)
+    cfg = landmark_config(bs, D, q.dtype)["fwd"]
+    grid = (-(-T // cfg["BLOCK_M"]), B * H)
+    tl_._landmark_fwd_kernel[grid](q, k, v, kpm_t, out, lse, scale * tl_.LOG2E, H, T, S, S - T, HAS_KPM=has_kpm,
+                                   IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D, **cfg)
+    return out, lse
+
+
+def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
+    from . import _triton_landmark as tl_
+
+    q, k, v, do, out, lse = (x.contiguous() for x in (q, k, v, do, out, lse))
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    has_dlse = dlse is not None
+    dlse = dlse.contiguous() if has_dlse else lse
+    delta = torch.empty_like(lse)
+    kpm_t, has_kpm = _kpm_arg(kpm, q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cfgs = landmark_config(bs, D, q.dtype)
+    flags = dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D)
+    c = cfgs["dq"]
+    tl_._landmark_dq_kernel[(-(-T // c["BLOCK_M"]), B * H)](
+        q, k, v, kpm_t, do, out, dlse, lse, delta, dq, scale * tl_.LOG2E, scale, H, T, S, S - T,
+        HAS_DLSE=has_dlse, **flags, **c)
+    tl_._landmark_dkdv_kernel[(-(-S // bs), B * H)](
+        q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, **flags, **cfgs["dkdv"])
+    return dq, dk, dv
+
+
+@torch.library.custom_op("efficient_attention::triton_landmark", mutates_args=())
+def triton_landmark(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: int,
+                    scale: float) -> Tuple[Tensor, Tensor]:
+    """``(out (B, H, T, d), lse (B, H, T) fp32)`` of CUDA ``(B, H, N, d)`` tensors (k, v with q's heads)."""
+    return _triton_forward(q, k, v, key_padding_mask, block_size, scale)
+
+
+@triton_landmark.register_fake
+def _(q, k, v, key_padding_mask, block_size, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("efficient_attention::triton_landmark_bwd", mutates_args=())
+def triton_landmark_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                        lse: Tensor, key_padding_mask: Optional[Tensor], block_size: int,
+                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return _triton_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale)
+
+
+@triton_landmark_bwd.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, kpm, bs, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.kpm, ctx.bs, ctx.scale = kpm, bs, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    dq, dk, dv = triton_landmark_bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, ctx.bs, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+triton_landmark.register_autograd(_backward, setup_context=_setup)
+
+
+class _LandmarkTriton(torch.autograd.Function):
+    """Eager mode: the same kernels without the custom-op dispatch cost per call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, bs, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # saved as the kernels read them
+        out, lse = _triton_forward(q, k, v, kpm, bs, scale)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kpm, ctx.bs, ctx.scale = kpm, bs, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv = _triton_backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, ctx.bs, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+# -- the public entry -----------------------------------------------------------------------------------
+def landmark_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_size: int = 64,
+    *,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Landmark attention over the fixed-period layout (every ``block_size``-th position a landmark).
+
+    Args:
+        q: ``(B, H, T, d)``, the last ``T`` of the ``S`` positions; k, v: ``(B, Hkv, S, d)``, ``H % Hkv == 0``.
+        block_size: landmark period (each block's last position is its landmark).
+        scale: logit scale (default ``d ** -0.5``).
+        key_padding_mask: ``(B, S)`` bool, True = padding (a padded landmark hides its block).
+        backend: ``"triton"`` or ``"torch"`` to force one (default: the fastest that supports the inputs).
+
+    Returns:
+        ``(out (B, H, T, d), lse (B, H, T))``; rows that see nothing give 0 and ``lse = -inf``.
+    """
+    if not all(isinstance(x, Tensor) for x in (q, k, v)):
+        raise TypeError("q, k, v must be Tensors")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, N, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape[:3] + (k.shape[3],) or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q holds {q.shape[2]} positions, more than the {k.shape[2]} keys (queries are the last T)")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (q.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    heads = q.shape[1]
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)  # GQA: autograd sums the repeated heads' gradients
+    if backend is None:
+        backend = choose_landmark_backend(q, k, v, block_size)
+    elif backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if q.shape[2] == 0:
+        return q.new_zeros(q.shape[:3] + (v.shape[-1],)), q.new_zeros(q.shape[:3], dtype=torch.float32)
+    if backend == "triton":
+        if torch.compiler.is_compiling():
+            return torch.ops.efficient_attention.triton_landmark(q, k, v, key_padding_mask, block_size, scale)
+        return _LandmarkTriton.apply(q, k, v, key_padding_mask, block_size, scale)
+    return landmark_blocks_torch(q, k, v, block_size, scale, key_padding_mask)
+
