@@ -295,3 +295,22 @@ def test_linear_bytes_do_not_grow_with_n(reports):
         assert small == large
         m, dv, bh = 5, 4, 2 * 2
         assert small["all_gather"] == bh * (m * dv + m + 1) * 8 * (2 - 1)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_logic_on_two_cpu_ranks(tmp_path):
+    """benchmarks/context_parallel_gpu.py --smoke under torchrun with 2 gloo ranks: exactness rows all pass."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "benchmarks", "context_parallel_gpu.py"), "--smoke", "--reps", "1", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.load(open(tmp_path / "context_parallel_P2.json"))
+    assert result["world"] == 2 and all(r["ok"] for r in result["exactness"].values()), result["exactness"]
+    (row,) = result["window_steps"]
+    assert row["max_bytes_sent_per_rank"] > 0 and "skipped" in row["ring_attention"]
