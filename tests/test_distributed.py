@@ -233,6 +233,33 @@ def _byte_cases(rank, world, results):
         results[f"bytes/linear/{per_rank}"] = dict(c.by_kind)
 
 
+def _ddp_cases(rank, world, results):
+    """Our modules under torch DistributedDataParallel (CPU, gloo): each rank half the batch = the full batch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from efficient_attention import build_attention
+
+    specs = {"local_causal": dict(name="local", causal=True, wsize=4), "performer_causal":
+             dict(name="performer", causal=True, approx_attn_dim=6), "s4d_causal": dict(name="s4d", causal=True),
+             "bigbird": dict(name="bigbird", layout="bigbird", block_size=4, num_random_blocks=0)}
+    for i, (label, spec) in enumerate(specs.items()):
+        spec = dict(spec)
+        torch.manual_seed(i)
+        module = build_attention(spec.pop("name"), embed_dim=8, num_heads=2, self_attention=True, **spec).double()
+        module.eval()  # Performer: no feature redraw between the two runs
+        x = torch.randn(13, 2 * world, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+        (module(x, need_weights=False)[0] * weight).sum().backward()
+        ref = {k: p.grad.clone() for k, p in module.named_parameters()}
+        module.zero_grad()
+        ddp = DistributedDataParallel(module)
+        sl = slice(2 * rank, 2 * rank + 2)
+        (ddp(x[:, sl], need_weights=False)[0] * weight[:, sl]).sum().backward()
+        # DDP averages the ranks' gradients: times world = the full-batch gradient
+        results[f"ddp/{label}"] = max((p.grad * world - ref[k]).abs().max().item()
+                                      for k, p in module.named_parameters())
+
+
 def _worker(rank, world, init_file, out_dir, groups):
     torch.set_num_threads(1)
     # a rank that fails leaves the others waiting in a collective: gloo's timeout ends them
@@ -241,7 +268,8 @@ def _worker(rank, world, init_file, out_dir, groups):
     results = {}
     try:
         for group in groups:
-            {"functional": _functional_cases, "module": _module_cases, "bytes": _byte_cases}[group](rank, world, results)
+            {"functional": _functional_cases, "module": _module_cases, "bytes": _byte_cases,
+             "ddp": _ddp_cases}[group](rank, world, results)
     except Exception:  # reported to the test, which fails with the traceback
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -258,7 +286,7 @@ def _spawn(world, groups):
 @pytest.fixture(scope="module")
 def reports():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return {2: _spawn(2, ["functional", "module", "bytes"]), 4: _spawn(4, ["functional", "module"])}
+    return {2: _spawn(2, ["functional", "module", "bytes", "ddp"]), 4: _spawn(4, ["functional", "module"])}
 
 
 def _check(reports, world, prefix):
@@ -274,6 +302,10 @@ def _check(reports, world, prefix):
 @pytest.mark.parametrize("prefix", ["window/", "bigbird/", "linear/", "module/"])
 def test_exact_against_single_process(reports, world, prefix):
     _check(reports, world, prefix)
+
+
+def test_modules_under_distributed_data_parallel(reports):
+    _check(reports, 2, "ddp/")
 
 
 def test_window_bytes_do_not_grow_with_n(reports):
