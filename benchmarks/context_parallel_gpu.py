@@ -211,12 +211,14 @@ def main(argv=None) -> None:
             json.dump(results, f, indent=1)
         print(f"context parallel on {results['world']} x {results['device']} ({results['backend']})")
         for name, r in results["exactness"].items():
-            print(f"  exact {name:<22} max|err| {r['max_abs_err']:.2e} (tol {r['tol']:.0e}) {'ok' if r['ok'] else 'FAIL'}")
+            verdict = "ok" if r["ok"] else "FAIL"
+            print(f"  exact {name:<22} max|err| {r['max_abs_err']:.2e} (tol {r['tol']:.0e}) {verdict}")
         print(f"  {'n/rank':>7} {'W':>5} {'t_1 ms':>8} {'t_P ms':>8} {'eff':>6} {'MB sent':>8} {'ring ms':>9}")
         for r in results["window_steps"]:
             ring = r["ring_attention"]
             ring_s = f"{ring['t_ring_ms']:9.1f}" if "t_ring_ms" in ring else "  skipped"
-            print(f"  {r['tokens_per_rank']:>7} {r['window']:>5} {r['t_single_ms']:8.2f} {r['t_context_parallel_ms']:8.2f} "
+            print(f"  {r['tokens_per_rank']:>7} {r['window']:>5} {r['t_single_ms']:8.2f} "
+                  f"{r['t_context_parallel_ms']:8.2f} "
                   f"{r['weak_scaling_efficiency']:6.3f} {r['max_bytes_sent_per_rank'] / 1e6:8.2f} {ring_s}")
         print(f"written {path}")
     dist.destroy_process_group()

@@ -338,7 +338,8 @@ def test_gpu_benchmark_logic_on_two_cpu_ranks(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(root, "benchmarks", "context_parallel_gpu.py"), "--smoke", "--reps", "1", "--out", str(tmp_path)]
+           os.path.join(root, "benchmarks", "context_parallel_gpu.py"), "--smoke", "--reps", "1",
+           "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

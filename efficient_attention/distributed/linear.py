@@ -107,7 +107,8 @@ def s4d_local_state(u: Tensor, dt_a: Tensor, chunk: int = 1024) -> Tensor:
         part = u[..., begin:begin + chunk]
         power = torch.arange(length - 1 - begin, length - 1 - begin - part.shape[-1], -1, device=u.device)
         lam = torch.exp(dt_a[..., None] * power.to(dt_a.real.dtype))      # (C, n, c)
-        x = x + torch.complex(torch.einsum("bcj,cnj->bcn", part, lam.real), torch.einsum("bcj,cnj->bcn", part, lam.imag))
+        x = x + torch.complex(torch.einsum("bcj,cnj->bcn", part, lam.real),
+                              torch.einsum("bcj,cnj->bcn", part, lam.imag))
     return x
 
 
