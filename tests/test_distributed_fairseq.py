@@ -4,8 +4,8 @@ What fairseq 0.12 allows on the CPU (reproduced by the tests below and in docs/d
 
 * its own launcher (``--distributed-world-size 2 --cpu``) spawns ``min(torch.cuda.device_count(), 2) = 0``
   processes after asserting ``world size <= torch.cuda.device_count()``: it cannot start;
-* ``torchrun`` sets ``RANK`` / ``WORLD_SIZE``, and fairseq computes ``rank % torch.cuda.device_count()``:
-  ``ZeroDivisionError``;
+* ``torchrun`` with ``--distributed-world-size 2``: fairseq computes ``rank % torch.cuda.device_count()``:
+  ``ZeroDivisionError`` (without it, each process trains alone: the default world size is the GPU count);
 * launched by hand (``--distributed-init-method tcp://... --distributed-rank R --distributed-no-spawn``,
   ``--distributed-backend gloo``), ``--ddp-backend c10d`` builds ``DistributedDataParallel(device_ids=[0])``,
   which PyTorch refuses for a CPU module; ``--ddp-backend legacy_ddp`` (fairseq's own bucketed
