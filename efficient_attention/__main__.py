@@ -1,5 +1,39 @@
-"""``python -m efficient_attention``: the table of mechanisms, patterns and backends."""
-from . import capability_table
+"""``python -m efficient_attention [table | info]``.
+
+``table`` (the default) prints the Markdown table of mechanisms, patterns and backends that the
+README holds; ``info`` prints versions, which kernel backends are usable here and why not, and
+per mechanism what it supports and which fast paths it gets here.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m efficient_attention",
+        description="Efficient attention mechanisms with fairseq's interface: what is registered and what runs here.",
+        epilog="Benchmarks: python -m efficient_attention.benchmark --help. "
+               "Choosing a mechanism: docs/choosing.md.",
+    )
+    parser.add_argument(
+        "command", nargs="?", default="table", choices=("table", "info"),
+        help="table: the mechanism table of the README (default); "
+             "info: versions, kernel backends usable here (and why not), mechanisms",
+    )
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import environment_report, format_report
+
+        print(format_report(environment_report()))
+    else:
+        from . import capability_table
+
+        print(capability_table())
+    return 0
+
 
 if __name__ == "__main__":
-    print(capability_table())
+    sys.exit(main())

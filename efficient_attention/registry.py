@@ -8,6 +8,7 @@ registering it.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple, Type
 
@@ -21,6 +22,8 @@ __all__ = [
     "available_attentions",
     "AttentionInfo",
     "capability_table",
+    "UnknownAttentionError",
+    "did_you_mean",
 ]
 
 _REGISTRY: Dict[str, Type[EfficientAttention]] = {}
@@ -61,11 +64,33 @@ def register_attention(name: str, *aliases: str) -> Callable[[Type[EfficientAtte
     return deco
 
 
+class UnknownAttentionError(KeyError):
+    """No mechanism is registered under this name (a ``KeyError`` whose message reads as a sentence)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def did_you_mean(word: str, candidates, prefix: str = "") -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``candidates`` (difflib), or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(prefix + c) for c in close) + "?)"
+
+
+def unknown_attention_message(name: str) -> str:
+    """``unknown attention 'nme' (did you mean 'name'?); registered: ...``."""
+    hint = did_you_mean(_key(str(name)), [*_REGISTRY, *_ALIASES])
+    return f"unknown attention {name!r}{hint}; registered: {', '.join(sorted(_REGISTRY))}"
+
+
 def get_attention_class(name: str) -> Type[EfficientAttention]:
+    """The class registered as ``name``; :class:`UnknownAttentionError` (a ``KeyError``) otherwise."""
     key = _key(name)
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
-        raise KeyError(f"unknown attention {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+        raise UnknownAttentionError(unknown_attention_message(name))
     return _REGISTRY[key]
 
 

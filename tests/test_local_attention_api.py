@@ -158,3 +158,13 @@ def test_bad_inputs():
         attn(q, k, v, mask=torch.ones(2, 8))
     with pytest.raises(ValueError, match="needs causal=True"):
         attn.step(q[None], k[None], v[None])
+
+
+def test_input_mask_is_an_alias_of_mask():
+    q, k, v = _qkv(2, 3, 32, 8, seed=5)
+    attn = LocalAttention(window_size=8, causal=True).eval()
+    mask = torch.ones((2, 32)).bool()
+    mask[1, -4:] = False
+    torch.testing.assert_close(attn(q, k, v, input_mask=mask), attn(q, k, v, mask=mask))
+    with pytest.raises(ValueError, match="not both"):
+        attn(q, k, v, mask=mask, input_mask=mask)

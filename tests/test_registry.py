@@ -77,3 +77,20 @@ def test_available_attentions_reports_capabilities_and_options():
     assert info.capabilities.need_weights and info.capabilities.incremental
     assert "num_kv_heads" in info.options
     assert {"multihead", "softmax"} <= set(info.aliases)
+
+
+def test_unknown_name_suggests_the_closest():
+    with pytest.raises(KeyError) as exc:
+        build_attention("perfomer", embed_dim=8, num_heads=2)
+    assert "did you mean 'performer'" in str(exc.value)
+    assert not str(exc.value).startswith("'")  # a sentence, not the repr KeyError gives by default
+    with pytest.raises(KeyError) as exc:
+        build_attention("zzzzzz", embed_dim=8, num_heads=2)
+    assert "did you mean" not in str(exc.value)
+
+
+def test_did_you_mean():
+    from efficient_attention.registry import did_you_mean
+
+    assert did_you_mean("wsise", ["wsize", "causal"], prefix="--attn_") == " (did you mean '--attn_wsize'?)"
+    assert did_you_mean("xyz", ["wsize"]) == ""

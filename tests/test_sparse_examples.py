@@ -1,8 +1,8 @@
 """The reference documents' examples (OpenAI sparse_attention, AttentionGrid) run with only imports changed.
 
 The scripts live in ``examples/sparse/``; here they run in-process.  Only
-sizes outside the quoted README lines (and the LongNet example's
-``device = "cuda:0"`` on machines without a GPU) are adjusted.  The
+sizes outside the quoted README lines are adjusted (the LongNet example uses
+CUDA only when present).  The
 BlockwiseParallelJax examples also replace their JAX random calls by torch ones
 (listed in the script's docstring).
 """
@@ -43,8 +43,7 @@ def test_attention_grid_landmark_example():
 
 
 def test_attention_grid_longnet_example():
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    ns, out = run("attention_grid_longnet.py", [('device = "cuda:0"', f'device = "{device}"')])
+    ns, out = run("attention_grid_longnet.py")  # it picks CUDA only when present
     assert ns["outputs"].shape == (16, 128, 512) and ns["outputs"].dtype == torch.float16
     assert torch.isfinite(ns["outputs"]).all()
 

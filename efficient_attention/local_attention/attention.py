@@ -57,7 +57,8 @@ class LocalAttention(nn.Module):
     Forward: ``q, k (..., N, D)``, ``v (..., N, Dv)``, ``mask (b, N)`` bool with
     **True = keep** (lucidrains' convention), ``b`` dividing the product of the
     leading dims (``(B, N)`` for ``(B, H, N, D)`` inputs, ``(1, N)`` to share
-    one mask).  Returns ``(..., N, Dv)``.
+    one mask); ``input_mask=`` is accepted as another name for it, as in
+    lucidrains' library.  Returns ``(..., N, Dv)``.
     """
 
     def __init__(
@@ -133,7 +134,13 @@ class LocalAttention(nn.Module):
         return d**-0.5 if self.scale is None else self.scale
 
     # ----------------------------------------------------------------- forward
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, *, input_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        if input_mask is not None:  # lucidrains' other name for the same mask
+            if mask is not None:
+                raise ValueError("pass the padding mask as mask= or input_mask=, not both")
+            mask = input_mask
         self._check(q, k, v)
         lead, n, d = q.shape[:-2], q.shape[-2], q.shape[-1]
         packed = math.prod(lead)

@@ -14,6 +14,8 @@
 # --fp16` and `--bf16` LM runs for every causal mechanism.
 #
 # Output: work_dirs/mixed_precision/report.txt (and the exit status).
+# Environment: PYTHON (default python3), DEVICE (default cuda), FAIRSEQ_RUNS=0 skips the
+# fairseq-train runs; arguments go to mixed_precision_check.py (--seq, --steps, --mechanisms, --modes).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 py="${PYTHON:-python3}"
@@ -28,7 +30,9 @@ export PYTHONPATH="$root:$root/plugins${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 "$py" "$root/examples/fairseq/mixed_precision_check.py" --device "${DEVICE:-cuda}" "$@" | tee -a "$out/report.txt" || status=1
 
-if "$py" -c 'import fairseq' 2>/dev/null; then
+if [ "${FAIRSEQ_RUNS:-1}" = 0 ]; then
+  echo "# FAIRSEQ_RUNS=0: only the fairseq-free check above ran" | tee -a "$out/report.txt"
+elif "$py" -c 'import fairseq' 2>/dev/null; then
   echo "# fairseq available: real fairseq-train --fp16 / --bf16 runs" | tee -a "$out/report.txt"
   data="$out/data"
   if [ ! -f "$data/bin/dict.txt" ]; then

@@ -41,9 +41,10 @@ import make_corpus  # noqa: E402
 DEFAULT_MECHANISMS = ("vanilla", "local", "performer", "abc", "s4d", "cosformer", "block_sparse", "dilated",
                       "longshort", "landmark", "blockwise")
 DEFAULT_COUNT = 3
-GEN_PROMPTS = 6
 THREADS = 1  # --threads; one thread avoids OpenMP spin-waiting on small, busy machines
-GEN_HALF = 48  # copy prompts: GEN_HALF symbols, "|", then the model must copy them
+# per-mechanism flags: local's default 15-token blocks would reach the copy source 17 tokens back;
+# with 8-token blocks it sees only the previous 8-15 tokens, the short-range baseline of the table
+MECHANISM_FLAGS = {"local": ["--attn-wsize", "8"]}
 
 
 def log(msg: str) -> None:
@@ -99,22 +100,28 @@ def choose_mechanisms(requested: Optional[str]) -> List[str]:
     return chosen[:DEFAULT_COUNT]
 
 
+def prompt_lengths(args) -> Dict[str, int]:
+    """Length of the copy and recall prompts: the longest lines of the corpus."""
+    return {"copy": args.max_len if args.max_len % 2 else args.max_len - 1, "recall": args.max_len}
+
+
 def make_data(work: Path, args) -> Path:
     data = work / "data-bin"
     if (data / "dict.txt").exists():
         log(f"reusing preprocessed corpus {data}")
         return data
     raw = work / "raw"
-    log(f"generating the synthetic long-range corpus in {raw} (seed {args.seed})")
+    log(f"generating the synthetic corpus ({args.task}, {args.min_len}-{args.max_len} tokens) in {raw} (seed {args.seed})")
     sizes = {"train": args.train_lines, "valid": args.valid_lines, "test": args.valid_lines}
-    make_corpus.write_corpus(raw, "mixed", "lm", sizes, args.min_len, args.max_len, args.seed)
+    make_corpus.write_corpus(raw, args.task, "lm", sizes, args.min_len, args.max_len, args.seed)
     rng = random.Random(f"{args.seed}-prompts")
-    prompts = [make_corpus.copy_example(rng, 2 * GEN_HALF + 1) for _ in range(GEN_PROMPTS)]
-    (raw / "prompts.txt").write_text("".join(" ".join(src + tgt) + "\n" for src, tgt in prompts))
+    for task, length in prompt_lengths(args).items():
+        examples = [make_corpus.MAKERS[task](rng, length) for _ in range(args.prompts)]
+        (raw / f"prompts_{task}.txt").write_text("".join(" ".join(src + tgt) + "\n" for src, tgt in examples))
     log("fairseq-preprocess")
     run("fairseq-preprocess", ["--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
-                               "--testpref", f"{raw / 'test.txt'},{raw / 'prompts.txt'}", "--destdir", data,
-                               "--workers", "1"])
+                               "--testpref", f"{raw / 'test.txt'},{raw / 'prompts_copy.txt'},{raw / 'prompts_recall.txt'}",
+                               "--destdir", data, "--workers", "1"])
     return data
 
 
@@ -131,19 +138,42 @@ def last_metric(text: str, key: str, tag: str = "| train |") -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def copy_accuracy(text: str, data_prompts: List[List[str]]) -> float:
+def hypotheses(text: str) -> Dict[int, List[str]]:
     hyps = {}
     for ln in text.splitlines():
         if ln.startswith("H-"):
             idx, _, toks = ln.split("\t", 2)
             hyps[int(idx[2:])] = toks.split()
+    return hyps
+
+
+def answer_accuracy(text: str, prompts: List[List[str]], prefix: int) -> float:
+    """Share of the answer tokens (those after the first ``prefix`` of each prompt) generated right."""
+    hyps = hypotheses(text)
     right = total = 0
-    for i, prompt in enumerate(data_prompts):
-        target = prompt[GEN_HALF + 1:]
-        got = hyps.get(i, [])[GEN_HALF + 1:]
+    for i, prompt in enumerate(prompts):
+        target = prompt[prefix:]
+        got = hyps.get(i, [])[prefix:]
         right += sum(a == b for a, b in zip(got, target))
         total += len(target)
     return right / max(total, 1)
+
+
+def generate(name: str, task: str, subset: str, data: Path, work: Path, ckpt: Path, common: List, args) -> float:
+    """Beam search completing the ``task`` prompts after their question; the answers' accuracy."""
+    prompts = [ln.split() for ln in (work / "raw" / f"prompts_{task}.txt").read_text().splitlines()]
+    length = len(prompts[0])
+    prefix = length // 2 + 1 if task == "copy" else length - 1  # copy: up to "|"; recall: up to the key
+    out, _ = run("fairseq-generate", [
+        data, *common, "--task", "language_modeling", "--path", ckpt, "--gen-subset", subset, "--beam", "2",
+        "--sample-break-mode", "eos", "--prefix-size", prefix, "--max-len-b", length + 1,
+        "--batch-size", len(prompts), "--required-batch-size-multiple", "1", "--tokens-per-sample",
+        args.tokens_per_sample, "--num-workers", "0",
+    ])
+    if task == "copy":
+        sample = next((" ".join(h) for i, h in sorted(hypotheses(out).items())), "")
+        log(f"[{name}] copy sample: ...{sample[-100:]}")
+    return answer_accuracy(out, prompts, prefix)
 
 
 def run_mechanism(name: str, data: Path, work: Path, args) -> Dict:
@@ -155,12 +185,14 @@ def run_mechanism(name: str, data: Path, work: Path, args) -> Dict:
         data, *common, "--task", "language_modeling", "--arch", f"transformer_lm_{name}",
         "--decoder-layers", args.layers, "--decoder-embed-dim", args.dim, "--decoder-ffn-embed-dim", 2 * args.dim,
         "--decoder-attention-heads", args.heads, "--share-decoder-input-output-embed", "--dropout", "0.0",
-        "--tokens-per-sample", args.tokens_per_sample, "--sample-break-mode", "none", "--batch-size", args.batch_size,
+        "--tokens-per-sample", args.tokens_per_sample, "--sample-break-mode", "eos", "--batch-size", args.batch_size,
+        *(["--decoder-learned-pos"] if args.learned_pos else []),
         "--required-batch-size-multiple", "1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-        "--lr", args.lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", max(1, args.max_update // 10),
+        "--lr", args.lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", max(1, args.max_update // 8),
         "--clip-norm", "1.0", "--max-update", args.max_update, "--save-dir", save, "--no-epoch-checkpoints",
         "--log-format", "simple", "--log-interval", max(1, args.max_update // 5), "--seed", args.seed,
         "--num-workers", "0", "--validate-interval-updates", args.max_update, "--disable-validation",
+        *MECHANISM_FLAGS.get(name, []),
     ], echo=lambda ln: "train_inner" in ln or "Error" in ln)
     train_time = time.time() - t0
     ckpt = save / "checkpoint_last.pt"
@@ -171,30 +203,23 @@ def run_mechanism(name: str, data: Path, work: Path, args) -> Dict:
     ])
     m = re.search(r"Perplexity: ([\d.]+|inf|nan)", eval_out)
     ppl = float(m.group(1)) if m else float("nan")
-    log(f"[{name}] fairseq-generate (beam 2, incremental decoding) on {GEN_PROMPTS} copy prompts")
-    gen_out, _ = run("fairseq-generate", [
-        data, *common, "--task", "language_modeling", "--path", ckpt, "--gen-subset", "test1", "--beam", "2",
-        "--sample-break-mode", "eos", "--prefix-size", GEN_HALF + 1, "--max-len-b", 2 * GEN_HALF + 2,
-        "--batch-size", GEN_PROMPTS, "--required-batch-size-multiple", "1", "--tokens-per-sample",
-        args.tokens_per_sample, "--num-workers", "0",
-    ])
-    prompts = [ln.split() for ln in (work / "raw" / "prompts.txt").read_text().splitlines()]
-    acc = copy_accuracy(gen_out, prompts)
-    sample = next((ln.split("\t", 2)[2] for ln in gen_out.splitlines() if ln.startswith("H-")), "")
-    log(f"[{name}] sample: ...{sample[-120:]}")
+    log(f"[{name}] fairseq-generate (beam 2, incremental decoding) on {args.prompts} copy and recall prompts")
+    copy_acc = generate(name, "copy", "test1", data, work, ckpt, common, args)
+    recall_acc = generate(name, "recall", "test2", data, work, ckpt, common, args)
     return {
         "mechanism": name, "params": count_params(train_out), "ppl": ppl, "wps": last_metric(train_out, "wps"),
-        "rss": rss, "acc": acc, "time": train_time,
+        "rss": rss, "copy": copy_acc, "recall": recall_acc, "time": train_time,
     }
 
 
 def table(rows: List[Dict]) -> str:
-    head = "| mechanism | parameters | valid ppl | train tokens/s | peak memory (MiB) | copy acc | train time (s) |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    head = ("| mechanism | parameters | valid ppl | train tokens/s | peak memory (MiB) | copy acc | recall acc "
+            "| train time (s) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ppl = f"{r['ppl']:.2f}" if math.isfinite(r["ppl"]) else str(r["ppl"])
         lines.append(f"| {r['mechanism']} | {r['params']:,} | {ppl} | {r['wps']:,.0f} | {r['rss']:,.0f} | "
-                     f"{100 * r['acc']:.1f}% | {r['time']:.0f} |")
+                     f"{100 * r['copy']:.1f}% | {100 * r['recall']:.1f}% | {r['time']:.0f} |")
     return "\n".join(lines)
 
 
@@ -203,20 +228,28 @@ def main(argv=None) -> None:
     p.add_argument("--mechanisms", help="comma-separated registered names (default: %s, first %d registered)"
                    % (",".join(DEFAULT_MECHANISMS), DEFAULT_COUNT))
     p.add_argument("--work-dir", type=Path, default=ROOT / "work_dirs" / "fairseq_main")
-    p.add_argument("--max-update", type=int, default=150)
-    p.add_argument("--tokens-per-sample", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-update", type=int, default=1000)
+    p.add_argument("--tokens-per-sample", type=int, default=128, help="longest line (one line per sample)")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train-lines", type=int, default=300)
-    p.add_argument("--valid-lines", type=int, default=20)
-    p.add_argument("--min-len", type=int, default=128)
-    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--learned-pos", action=argparse.BooleanOptionalAction, default=True,
+                   help="learned position embeddings (fairseq's --decoder-learned-pos)")
+    p.add_argument("--task", default="longrange", choices=(*make_corpus.TASKS, *make_corpus.MIXES),
+                   help="corpus of make_corpus.py (longrange: copy and recall lines in turn)")
+    p.add_argument("--train-lines", type=int, default=4000)
+    p.add_argument("--valid-lines", type=int, default=40)
+    p.add_argument("--prompts", type=int, default=16, help="copy prompts and recall prompts to complete")
+    p.add_argument("--min-len", type=int, default=33)
+    p.add_argument("--max-len", type=int, default=33)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per fairseq process (OMP_NUM_THREADS)")
     args = p.parse_args(argv)
+    if not 8 <= args.min_len <= args.max_len < args.tokens_per_sample:
+        p.error(f"need 8 <= --min-len <= --max-len < --tokens-per-sample, got {args.min_len}, {args.max_len}, "
+                f"{args.tokens_per_sample}")
     global THREADS
     THREADS = args.threads
     names = choose_mechanisms(args.mechanisms)

@@ -4,9 +4,11 @@
 Three tasks whose answers depend on tokens far back in the sequence:
 
 * ``copy``: ``<random symbols> | <the same symbols>``; the second half is
-  predictable only by looking back ``L/2`` tokens.
+  predictable only by looking back ``L/2`` tokens.  The symbols are distinct
+  while the alphabet (64) allows it, so each copied token has one source.
 * ``recall`` (associative recall): ``k1 v1 k2 v2 ... kn vn ? ki vi``; the last
-  value is predictable only by finding its key, anywhere earlier.
+  value is predictable only by finding its key, anywhere earlier.  Keys are
+  distinct up to 64 pairs; beyond, a repeated key is rebound (the latest counts).
 * ``listops``: ListOps-style nested expressions ``[MAX 3 [MIN 4 1 ] 9 ] = 9``
   (operators MAX, MIN, MED, SM = sum mod 10) with the answer after ``=``.
 
@@ -25,22 +27,30 @@ import random
 from pathlib import Path
 from typing import List, Tuple
 
-SYMBOLS = [f"s{i}" for i in range(32)]
+SYMBOLS = [f"s{i}" for i in range(64)]
 KEYS = [f"k{i}" for i in range(64)]
 VALUES = [f"v{i}" for i in range(64)]
 OPS = ["MAX", "MIN", "MED", "SM"]
 TASKS = ("copy", "recall", "listops")
+MIXES = {"mixed": TASKS, "longrange": ("copy", "recall")}  # --task names that cycle over several tasks
+
+
+def _draw(rng: random.Random, pool: List[str], count: int) -> List[str]:
+    """``count`` tokens of ``pool``: all distinct while the pool allows it, then with repeats."""
+    if count <= len(pool):
+        return rng.sample(pool, count)
+    return [rng.choice(pool) for _ in range(count)]
 
 
 def copy_example(rng: random.Random, length: int) -> Tuple[List[str], List[str]]:
     half = max(1, (length - 1) // 2)
-    seq = [rng.choice(SYMBOLS) for _ in range(half)]
+    seq = _draw(rng, SYMBOLS, half)
     return seq + ["|"], list(seq)
 
 
 def recall_example(rng: random.Random, length: int) -> Tuple[List[str], List[str]]:
     pairs = max(1, (length - 3) // 2)
-    keys = [rng.choice(KEYS) for _ in range(pairs)]
+    keys = _draw(rng, KEYS, pairs)
     table = {}
     body: List[str] = []
     for k in keys:
@@ -88,7 +98,7 @@ MAKERS = {"copy": copy_example, "recall": recall_example, "listops": listops_exa
 
 def make_split(rng: random.Random, task: str, count: int, min_len: int, max_len: int):
     for i in range(count):
-        name = TASKS[i % len(TASKS)] if task == "mixed" else task
+        name = MIXES[task][i % len(MIXES[task])] if task in MIXES else task
         yield MAKERS[name](rng, rng.randint(min_len, max_len))
 
 
@@ -107,7 +117,8 @@ def write_corpus(out: Path, task: str, fmt: str, sizes, min_len: int, max_len: i
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--task", choices=(*TASKS, "mixed"), default="mixed")
+    p.add_argument("--task", choices=(*TASKS, *MIXES), default="mixed",
+                   help="one task, 'mixed' (all three in turn) or 'longrange' (copy and recall in turn)")
     p.add_argument("--format", choices=("lm", "translation"), default="lm")
     p.add_argument("--min-len", type=int, default=128, help="shortest sequence, in tokens")
     p.add_argument("--max-len", type=int, default=1024, help="longest sequence, in tokens")

@@ -1,15 +1,14 @@
-"""AttentionGrid's LongNet example, with only the import line changed.
+"""AttentionGrid's LongNet example, with the import line and the device line changed.
 
-Original: ``from AttentionGrid import DilatedAttention``.  It asks for a GPU
-(``device = "cuda:0"``), as the original does; on a CPU-only machine set
-``device = "cpu"`` (float16 works on CPU too).
+Original: ``from AttentionGrid import DilatedAttention`` and ``device = "cuda:0"``; here the GPU
+is used when there is one, else the CPU (float16 works on the CPU too).
 """
 import torch
 import torch.nn as nn
 from efficient_attention.sparse.attention_grid import DilatedAttention
 
 # Replace this with your correct GPU device
-device = "cuda:0"
+device = "cuda:0" if torch.cuda.is_available() else "cpu"
 dtype = torch.float16
 
 # Create an instance of DilatedAttention

@@ -11,12 +11,16 @@ Importing it (through ``--user-dir`` or as the installed package
 * every mechanism option as ``--attn-<option>`` (and per-role overrides for
   translation), derived from the registry;
 
-and allow-lists what fairseq checkpoints need for torch's safe loading.  See
+and allow-lists what fairseq checkpoints need for torch's safe loading.  Configuration mistakes
+(unknown mechanism, an option the mechanism does not have, a bad value) end fairseq's programs
+with one line ``<program>: error: <message>``; ``EA_TRACEBACK=1`` shows the traceback.  See
 ``docs/fairseq.md``.
 """
 from .checkpoints import allow_fairseq_checkpoints
+from .options import install_user_error_hook
 
 allow_fairseq_checkpoints()
+install_user_error_hook()  # configuration mistakes print as one line, not a traceback
 
 from .models import (  # noqa: E402  (after the allow-list: loading may follow the import)
     EfficientTransformerLanguageModel,

@@ -20,7 +20,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 
 from efficient_attention import UnsupportedPatternError
 
-from .options import RoleChoice
+from .options import RoleChoice, user_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,10 @@ def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, *, 
         return choice.cls(
             embed_dim, num_heads, cross=pattern.cross, causal=pattern.causal, **kwargs, **choice.options
         )
-    except UnsupportedPatternError:
-        raise
+    except UnsupportedPatternError as err:
+        raise user_error(err)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"{choice.role.flag} {choice.name} ({choice.describe()}): {err}") from err
+        raise user_error(type(err)(f"{choice.role.flag} {choice.name} ({choice.describe()}): {err}")) from None
 
 
 def _max_positions(*values) -> Optional[int]:

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from efficient_attention import Pattern, UnsupportedPatternError, available_attentions, get_attention_class
+from efficient_attention.registry import did_you_mean
 
 __all__ = [
     "ROLES",
@@ -45,7 +48,35 @@ __all__ = [
     "check_option_flags",
     "mechanisms_supporting",
     "parse_attention_name",
+    "user_error",
+    "install_user_error_hook",
 ]
+
+_USER_ERROR = "_efficient_fairseq_user_error"
+
+
+def user_error(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as a configuration mistake: fairseq's programs then print it as one line, no traceback."""
+    setattr(exc, _USER_ERROR, True)
+    return exc
+
+
+def install_user_error_hook() -> None:
+    """Print marked configuration errors as ``<program>: error: <message>`` (``EA_TRACEBACK=1``: full traceback)."""
+    previous = sys.excepthook
+    if getattr(previous, _USER_ERROR, False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if getattr(exc, _USER_ERROR, False) and os.environ.get("EA_TRACEBACK", "0") in ("", "0"):
+            prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fairseq"
+            sys.stderr.write(f"{prog}: error: {exc}\n(EA_TRACEBACK=1 shows the traceback)\n")
+            return
+        previous(exc_type, exc, tb)
+
+    setattr(hook, _USER_ERROR, True)
+    sys.excepthook = hook
+
 
 _BOOL_TRUE = {"true", "1", "yes", "on"}
 _BOOL_FALSE = {"false", "0", "no", "off"}
@@ -135,7 +166,7 @@ def convert_value(spec_type, value, flag: str, mechanism: str):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(_parse_scalar(arg, x) for x in items if str(x).strip() != "")
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{flag}: invalid value for option of {mechanism}: {err}") from None
+        raise user_error(ValueError(f"{flag}: invalid value for option of {mechanism}: {err}")) from None
     raise ValueError(
         f"{flag}: option type {spec_type!r} of {mechanism} cannot be set from fairseq "
         "(supported: int, float, bool, str, Literal, tuples/lists of int/float/str)"
@@ -211,10 +242,8 @@ def parse_attention_name(text: str) -> str:
     """argparse type of ``--*-attention``: a registered name or alias (listing them otherwise)."""
     try:
         return get_attention_class(text).attention_name
-    except KeyError:
-        raise argparse.ArgumentTypeError(
-            f"unknown attention {text!r}; registered: {', '.join(sorted(available_attentions()))}"
-        ) from None
+    except KeyError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def mechanisms_supporting(pattern: Pattern) -> List[str]:
@@ -290,17 +319,15 @@ def resolve_role(cfg, key: str, option_prefixes: Sequence[str]) -> RoleChoice:
     raw = _get(cfg, f"{key}_attention") or "vanilla"
     try:
         cls = get_attention_class(str(raw))
-    except KeyError:
-        raise ValueError(
-            f"{role.flag}: unknown attention {raw!r}; registered: {', '.join(sorted(available_attentions()))}"
-        ) from None
+    except KeyError as err:
+        raise user_error(ValueError(f"{role.flag}: {err}")) from None
     name = cls.attention_name
     if not cls.capabilities.supports(role.pattern):
-        raise UnsupportedPatternError(
+        raise user_error(UnsupportedPatternError(
             f"{role.flag} {name}: {cls.__name__} cannot be used for the {role.description}, which needs "
             f"{role.pattern} attention; {name} supports: {', '.join(cls.capabilities.pattern_names())}. "
             f"Mechanisms supporting {role.pattern}: {', '.join(mechanisms_supporting(role.pattern))}"
-        )
+        ))
     specs = cls.options()
     options: Dict[str, Any] = {}
     for prefix in option_prefixes:
@@ -312,6 +339,11 @@ def resolve_role(cfg, key: str, option_prefixes: Sequence[str]) -> RoleChoice:
     return RoleChoice(role, name, options)
 
 
+def _flag_hint(opt: str, options: Sequence[str], prefix: str) -> str:
+    """`` (did you mean --attn-window?)`` for the closest option flag of the chosen mechanisms."""
+    return did_you_mean(opt, options, prefix=f"--{prefix}_").replace("_", "-")
+
+
 def check_option_flags(cfg, choices: Mapping[str, RoleChoice], shared_prefix: str, role_prefixes: Mapping[str, str]) -> None:
     """Reject option flags that no chosen mechanism has (a set flag is never silently ignored)."""
     known = {f.option for f in option_fields(shared_prefix)}
@@ -320,16 +352,18 @@ def check_option_flags(cfg, choices: Mapping[str, RoleChoice], shared_prefix: st
             continue
         if not any(opt in c.cls.options() for c in choices.values()):
             used = ", ".join(f"{c.role.description}={c.name}" for c in choices.values())
-            raise ValueError(
+            theirs = sorted({o for c in choices.values() for o in c.cls.options()})
+            raise user_error(ValueError(
                 f"--{shared_prefix.replace('_', '-')}-{opt.replace('_', '-')} is set but no attention of this "
-                f"model has option {opt!r} ({used})"
-            )
+                f"model has option {opt!r} ({used})" + _flag_hint(opt, theirs, shared_prefix)
+            ))
     for key, prefix in role_prefixes.items():
         choice = choices[key]
         for opt in sorted(known):
             if _get(cfg, f"{prefix}_{opt}") is not None and opt not in choice.cls.options():
-                raise ValueError(
+                raise user_error(ValueError(
                     f"--{prefix.replace('_', '-')}-{opt.replace('_', '-')} is set but {choice.name} "
-                    f"({choice.role.description}) has no option {opt!r}; its options: "
-                    f"{', '.join(choice.cls.options()) or 'none'}"
-                )
+                    f"({choice.role.description}) has no option {opt!r}"
+                    + _flag_hint(opt, list(choice.cls.options()), prefix)
+                    + f"; its options: {', '.join(choice.cls.options()) or 'none'}"
+                ))

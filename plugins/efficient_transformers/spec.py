@@ -87,10 +87,8 @@ class AttentionSpec:
             raise ValueError(f"{where} needs a mechanism 'name'; registered: {', '.join(available_attentions())}")
         try:
             klass = get_attention_class(name)
-        except KeyError:
-            raise ValueError(
-                f"{where}: unknown attention {name!r}; registered: {', '.join(available_attentions())}"
-            ) from None
+        except KeyError as err:
+            raise ValueError(f"{where}: {err}") from None
         specs = klass.options()
         for opt, val in options.items():
             if opt not in specs:

@@ -1,0 +1,169 @@
+"""What this installation can do: versions, kernel backends, mechanisms (``python -m efficient_attention info``).
+
+:func:`environment_report` collects the facts as plain data and :func:`format_report` turns them
+into text, so a program can read the same answers the command prints:
+
+* versions of the library, torch, Triton, fairseq and ParaGen (``None`` when not installed);
+* per kernel backend (the C++ CPU extension ``_C``, the Triton GPU kernels) whether it is
+  usable in this process and, if not, why (the reasons of :mod:`efficient_attention.kernels`);
+* per registered mechanism its patterns, incremental decoding, attention weights, and which of
+  its fast compute paths can run here.
+
+Nothing here imports fairseq or ParaGen (versions come from the installed distributions).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["BackendStatus", "MechanismSummary", "EnvironmentReport", "environment_report", "format_report"]
+
+# distribution names to try for each component, first found wins
+_DISTRIBUTIONS = {
+    "efficient-attention": ("efficient-attention",),
+    "torch": ("torch",),
+    "triton": ("triton", "pytorch-triton"),
+    "fairseq": ("fairseq-fixed", "fairseq"),
+    "paragen": ("paragen",),
+}
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One kernel backend: ``usable`` in this process, else ``reason`` says why not."""
+
+    name: str
+    device: str
+    usable: bool
+    reason: Optional[str]
+
+
+@dataclass(frozen=True)
+class MechanismSummary:
+    """One registered mechanism as this installation runs it."""
+
+    name: str
+    class_name: str
+    patterns: Tuple[str, ...]
+    decoding: str
+    weights: bool
+    backends: Tuple[str, ...]  # as declared by the mechanism (its Capabilities)
+    fast_here: Tuple[str, ...]  # the fast paths among them that can run here ("" = PyTorch only)
+
+
+@dataclass(frozen=True)
+class EnvironmentReport:
+    versions: Dict[str, Optional[str]]
+    python: str
+    location: str  # the directory the library is imported from
+    cuda: Optional[str]  # "device name (CUDA x.y)" or None
+    backends: Tuple[BackendStatus, ...]
+    mechanisms: Tuple[MechanismSummary, ...]
+
+
+def _version(component: str) -> Optional[str]:
+    if component == "efficient-attention":
+        from . import __version__
+
+        return __version__
+    for dist in _DISTRIBUTIONS[component]:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if importlib.util.find_spec(component) is not None:  # importable without distribution metadata
+        return "installed (version unknown)"
+    return None
+
+
+def _cuda() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return None
+    return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+
+
+def _backends() -> Tuple[BackendStatus, ...]:
+    from .kernels._loader import cpu_extension, cpu_extension_reason
+    from .kernels.dispatch import triton_reason
+
+    cpu_ok = cpu_extension() is not None
+    why_triton = triton_reason()
+    return (
+        BackendStatus("C++ CPU extension (_C)", "cpu", cpu_ok, None if cpu_ok else cpu_extension_reason()),
+        BackendStatus("Triton GPU kernels", "cuda", why_triton is None, why_triton),
+    )
+
+
+def _fast_here(declared: Tuple[str, ...], backends: Tuple[BackendStatus, ...]) -> Tuple[str, ...]:
+    """The compute paths among ``declared`` that run here, beyond plain PyTorch."""
+    cpp, triton = backends
+    here: List[str] = []
+    for b in declared:
+        if b == "sdpa":
+            here.append("sdpa (torch's fused attention)")
+        elif b.startswith("kernels"):
+            if cpp.usable:
+                here.append("C++ CPU kernels")
+            if triton.usable:
+                here.append("Triton GPU kernels")
+    return tuple(here)
+
+
+def _mechanisms(backends: Tuple[BackendStatus, ...]) -> Tuple[MechanismSummary, ...]:
+    from .registry import available_attentions
+
+    rows = []
+    for name, info in available_attentions().items():
+        caps = info.capabilities
+        decoding = ("yes, constant state" if caps.constant_state else "yes") if caps.incremental else "no"
+        rows.append(MechanismSummary(name, info.cls.__name__, caps.pattern_names(), decoding, caps.need_weights,
+                                     tuple(caps.backends), _fast_here(tuple(caps.backends), backends)))
+    return tuple(rows)
+
+
+def environment_report() -> EnvironmentReport:
+    """Collect versions, kernel backends and mechanisms for this process."""
+    backends = _backends()
+    return EnvironmentReport(
+        versions={c: _version(c) for c in _DISTRIBUTIONS},
+        python=platform.python_version(),
+        location=str(Path(__file__).resolve().parent),
+        cuda=_cuda(),
+        backends=backends,
+        mechanisms=_mechanisms(backends),
+    )
+
+
+_SHORT = {"noncausal self": "self", "causal self": "causal-self", "noncausal cross": "cross",
+          "causal cross": "causal-cross"}
+
+
+def format_report(report: EnvironmentReport) -> str:
+    """The report as the text ``python -m efficient_attention info`` prints."""
+    lines = ["efficient-attention environment", "", "versions:"]
+    width = max(len(c) for c in report.versions)
+    for comp, ver in report.versions.items():
+        lines.append(f"  {comp:<{width}}  {ver or 'not installed'}")
+    lines.append(f"  {'python':<{width}}  {report.python}")
+    lines.append(f"  {'location':<{width}}  {report.location}")
+    lines.append(f"  {'GPU':<{width}}  {report.cuda or 'none (CUDA not available)'}")
+    lines += ["", "kernel backends (sliding_window_attention, block_sparse_attention):"]
+    for b in report.backends:
+        state = "usable" if b.usable else f"not usable: {b.reason}"
+        lines.append(f"  {b.name:<24} {state}")
+    lines.append("  PyTorch reference path   usable (any device and dtype)")
+    lines += ["", "mechanisms:"]
+    rows = [("name", "patterns", "decoding", "weights", "fast paths here")]
+    for m in report.mechanisms:
+        rows.append((m.name, ",".join(_SHORT.get(p, p) for p in m.patterns), m.decoding,
+                     "yes" if m.weights else "no", ", ".join(m.fast_here) or "PyTorch only"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        lines.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[4])
+    return "\n".join(lines)
