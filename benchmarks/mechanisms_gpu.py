@@ -54,8 +54,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CAB_DIR = ROOT / ".cab" / "efficient-attention"
-CAB_WHEELS = ROOT / ".cab" / "wheels"  # einops, opt_einsum: CAB imports them; pure-Python wheels, importable as zips
+CAB_DIR = ROOT / ".cab" / "efficient-attention"  # CAB's efficient-attention/ folder; its wheels/ beside it hold
+# einops and opt_einsum, which CAB imports (pure-Python wheels, importable as zips)
 TIMING = ROOT / "efficient_attention" / "benchmark" / "timing.py"
 RESULT = "@@result "
 
@@ -137,15 +137,15 @@ class _OursBuilder:
 
 
 class _CabBuilder:
-    def __init__(self):
-        sys.path[:0] = [str(CAB_DIR)] + sorted(glob.glob(str(CAB_WHEELS / "*.whl")))
+    def __init__(self, cab_dir: Path):
+        sys.path[:0] = [str(cab_dir)] + sorted(glob.glob(str(cab_dir.parent / "wheels" / "*.whl")))
         import warnings
 
         warnings.filterwarnings("ignore", category=UserWarning)  # CAB warns on every construction
         import efficient_attention as cab
 
-        if Path(cab.__file__).resolve().parents[1] != CAB_DIR.resolve():
-            raise RuntimeError(f"imported {cab.__file__}, not CAB's package under {CAB_DIR}")
+        if Path(cab.__file__).resolve().parents[1] != cab_dir.resolve():
+            raise RuntimeError(f"imported {cab.__file__}, not CAB's package under {cab_dir}")
         self.cab = cab
 
     def build(self, point, torch):
@@ -171,7 +171,7 @@ def _train_point(point, builder, timing, torch) -> dict:
     return out
 
 
-def worker_main(kind: str) -> None:
+def worker_main(kind: str, cab_dir: Path) -> None:
     """Read points (JSON lines) on stdin, answer each with one ``@@result`` line on stdout."""
     import gc
 
@@ -180,7 +180,7 @@ def worker_main(kind: str) -> None:
     timing = _load_timing()
     info = _device_info(torch)
     try:
-        builder = _OursBuilder() if kind == "ours" else _CabBuilder()
+        builder = _OursBuilder() if kind == "ours" else _CabBuilder(cab_dir)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which records every point as skipped
         print(RESULT + json.dumps({"ready": False, "detail": f"{type(exc).__name__}: {exc}", **info}), flush=True)
         return
@@ -207,8 +207,8 @@ def worker_main(kind: str) -> None:
 class Worker:
     """A worker process (``--worker ours|cab``), restarted after a crash or a timeout."""
 
-    def __init__(self, kind: str, timeout: float):
-        self.kind, self.timeout, self.proc, self.info = kind, timeout, None, None
+    def __init__(self, kind: str, timeout: float, cab_dir: Path):
+        self.kind, self.timeout, self.cab_dir, self.proc, self.info = kind, timeout, cab_dir, None, None
 
     def _start(self) -> dict:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -216,7 +216,8 @@ class Worker:
             env.pop("PYTHONPATH", None)  # CAB's efficient_attention must not meet ours
         else:
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", self.kind], cwd=str(ROOT),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", self.kind, "--cab-dir", str(self.cab_dir)]
+        self.proc = subprocess.Popen(cmd, cwd=str(ROOT),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
         info = self._read(max(self.timeout, 180.0))
         if info is None:
@@ -356,7 +357,7 @@ def run(args) -> dict:
     lengths = SMOKE_LENGTHS if args.smoke else tuple(args.lengths)
     contexts = SMOKE_CONTEXTS if args.smoke else tuple(args.contexts)
     series = plan(args, setting)
-    workers = {"ours": Worker("ours", args.point_timeout), "cab": Worker("cab", args.point_timeout)}
+    workers = {kind: Worker(kind, args.point_timeout, args.cab_dir) for kind in ("ours", "cab")}
     result = {
         "script": "benchmarks/mechanisms_gpu.py", "smoke": bool(args.smoke), "git_commit": _git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -365,7 +366,7 @@ def run(args) -> dict:
                     "point_timeout_s": args.point_timeout, "max_time_s": args.max_time, "loss": "out.sum()",
                     "dropout": 0.0, "train_mode": True, "options": OPTIONS, "decode_options": DECODE_OPTIONS,
                     "variants": {k: list(v) for k, v in VARIANTS.items()}},
-        "info": {}, "cab_available": CAB_DIR.is_dir(), "points": [],
+        "info": {}, "cab_dir": str(args.cab_dir), "cab_available": args.cab_dir.is_dir(), "points": [],
     }
     out_path = Path(args.out) / "mechanisms_gpu.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,8 +391,8 @@ def run(args) -> dict:
                 if part == "decode":
                     point["mode"] = "decode"
                 skip = _skip_reason(done[i], length, args.budget)
-                if skip is None and part == "cab" and not CAB_DIR.is_dir():
-                    skip = ("no CAB", f"{CAB_DIR} is missing (see benchmarks/README.md)")
+                if skip is None and part == "cab" and not args.cab_dir.is_dir():
+                    skip = ("no CAB", f"{args.cab_dir} is missing (see benchmarks/README.md)")
                 if skip is None and time.monotonic() > deadline:
                     skip = ("time limit", f"the {part} part passed its deadline ({share:.0%} of {args.max_time:g} s)")
                 t0 = time.monotonic()
@@ -530,10 +531,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.25, help="seconds per call before a series stops")
     p.add_argument("--point-timeout", type=float, default=45.0, help="seconds before a point's worker is killed")
     p.add_argument("--max-time", type=float, default=510.0, help="seconds for everything (parts share it: 55/25/20%%)")
+    p.add_argument("--cab-dir", type=Path, default=CAB_DIR, help="CAB's efficient-attention folder (git-ignored copy)")
     p.add_argument("--worker", choices=("ours", "cab"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker_main(args.worker)
+        worker_main(args.worker, args.cab_dir)
         return 0
     for part in args.parts:
         if part not in PART_SHARES:

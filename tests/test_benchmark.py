@@ -311,3 +311,54 @@ def test_option_overrides_reach_the_module():
     # multi-query: the cache holds one key/value head instead of two
     assert point["status"] == "ok" and point["state_bytes"] == 2 * 1 * 1 * 16 * 8 * 4
     assert result["mechanisms"]["vanilla"]["options"]["num_kv_heads"] == "1"
+
+
+# ------------------------------------------- benchmarks/mechanisms_gpu.py
+GPU_SCRIPT = ROOT / "benchmarks" / "mechanisms_gpu.py"
+CAB_DIR = ROOT / ".cab" / "efficient-attention"
+
+
+def _run_mechanisms_script(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(GPU_SCRIPT), "--smoke", "--out", str(tmp_path), "--mechanisms", "vanilla,local,s4d", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    data = json.loads((tmp_path / "mechanisms_gpu.json").read_text()) if (tmp_path / "mechanisms_gpu.json").exists() else None
+    return proc, data
+
+
+@pytest.mark.slow
+def test_mechanisms_script_smoke_measures_ours_and_decoding(tmp_path):
+    proc, data = _run_mechanisms_script(tmp_path, "--parts", "train,decode")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert data["device"] and data["torch"] == torch.__version__ and "triton" in data
+    assert data["setting"]["autocast"] == "bfloat16" and data["setting"]["loss"] == "out.sum()"
+    train = {(p["label"], p["pattern"], p["length"]): p for p in data["points"] if p["part"] == "train"}
+    for key in [("vanilla", "causal self", 64), ("local", "noncausal self", 32), ("s4d", "causal self", 64)]:
+        assert train[key]["status"] == "ok" and train[key]["time_s"] > 0, train[key]
+        assert train[key]["options"] == ({"wsize": 128} if key[0] == "local" else {})
+    decode = {(p["label"], p["length"]): p for p in data["points"] if p["part"] == "decode"}
+    for name in ("vanilla", "local", "s4d"):
+        assert decode[(name, 64)]["status"] == "ok" and decode[(name, 64)]["repeats"] == 2, decode[(name, 64)]
+    assert "SDPA/ours" in proc.stdout and "decoding step" in proc.stdout
+    assert any(line.startswith("local") and "flat" in line for line in proc.stdout.splitlines())  # decode verdicts
+
+
+def test_mechanisms_script_without_cab_records_skips(tmp_path):
+    proc, data = _run_mechanisms_script(tmp_path, "--parts", "cab", "--cab-dir", str(tmp_path / "no-cab"))
+    assert proc.returncode == 1  # nothing measured: every point skipped
+    assert data["points"] and all((p["status"], p["reason"]) == ("skipped", "no CAB") for p in data["points"])
+    assert {(p["label"], p["cab_class"]) for p in data["points"]} == {("local", "LocalAttention"), ("s4d", "S4D")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAB_DIR.is_dir(), reason="CAB is not copied into .cab/ (see benchmarks/README.md)")
+def test_mechanisms_script_times_cab_in_its_own_process(tmp_path):
+    proc, data = _run_mechanisms_script(tmp_path, "--parts", "train,cab")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cab = {(p["label"], p["pattern"], p["length"]): p for p in data["points"] if p["part"] == "cab"}
+    for key in [("local", "causal self", 64), ("s4d", "noncausal self", 32), ("s4d", "causal self", 64)]:
+        assert cab[key]["status"] == "ok" and cab[key]["time_s"] > 0, cab[key]
+    assert data["info"]["cab"]["ready"]
+    # the CAB ratio column is filled for local
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("local") and "causal" in line)
+    assert row.split()[-1] not in ("-", "")
