@@ -362,3 +362,70 @@ def test_mechanisms_script_times_cab_in_its_own_process(tmp_path):
     # the CAB ratio column is filled for local
     row = next(line for line in proc.stdout.splitlines() if line.startswith("local") and "causal" in line)
     assert row.split()[-1] not in ("-", "")
+
+
+# ------------------------------------------------------------ the CLI
+def test_cli_list_options_take_spaces_commas_or_both():
+    from efficient_attention.benchmark.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args([
+        "--mechanisms", "local", "performer,abc", "--lengths", "64", "128,256", "512:1024",
+        "--patterns", "causal-self", "noncausal-self", "--modes", "forward", "decode", "--dtype", "float32", "float64",
+    ])
+    config = config_from_args(args)
+    assert config.mechanisms == ["local", "performer", "abc"]
+    assert config.lengths == (64, 128, 256, 512, 1024)
+    assert config.patterns == ["causal-self", "noncausal-self"] and config.modes == ("forward", "decode")
+    assert config.dtypes == ("float32", "float64")
+    assert build_parser().parse_args(["--mechanisms", "local,performer"]).mechanisms == ["local", "performer"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--lengths", "64", "0:16"])
+
+
+def test_cli_exits_nonzero_when_every_point_of_the_mechanisms_failed(tmp_path, capsys):
+    from efficient_attention.benchmark.cli import main
+
+    common = ["--lengths", "16", "--modes", "forward", "--patterns", "causal-self", "--batch", "1", "--heads", "2",
+              "--dim", "8", "--repeats", "1", "--warmup", "0", "--isolation", "none", "-q"]
+    bad = main(["--mechanisms", "performer", "--option", "performer.approx_attn_dim=-1", "--out", str(tmp_path / "a"),
+                *common])
+    assert bad == 1
+    assert "every point of performer failed" in capsys.readouterr().err
+    assert main(["--mechanisms", "performer", "--out", str(tmp_path / "b"), *common]) == 0
+
+
+def test_all_failed_reasons():
+    from efficient_attention.benchmark.cli import all_failed
+
+    cfg = {"config": {"baselines": ["vanilla"]}}
+    assert all_failed({**cfg, "points": []}) == "the sweep has no points"
+    assert "every point failed" in all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "error"}]})
+    assert all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "ok"}]}) is None
+    assert all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "ok"},
+                                         {"mechanism": "x", "status": "oom"}]}) == "every point of x failed or was skipped"
+
+
+def test_progress_lines_carry_an_eta_and_no_profiler_lines(caplog, capfd):
+    import logging
+
+    from efficient_attention.benchmark.sweep import eta_seconds
+
+    assert eta_seconds(2, 10, 20.0) == pytest.approx(80.0)
+    assert eta_seconds(2, 10, 20.0, max_time=50.0) == pytest.approx(30.0)
+    config = SweepConfig(mechanisms=[], baselines=("vanilla",), patterns=["causal-self"], lengths=(16, 32),
+                         modes=("forward",), **TINY)
+    with caplog.at_level(logging.INFO, logger="efficient_attention.benchmark.sweep"):
+        run_sweep(config)
+    lines = [r.getMessage() for r in caplog.records if "L=" in r.getMessage()]
+    assert len(lines) == 2 and all("ETA" in line for line in lines), lines
+    assert "profiler_st" not in capfd.readouterr().err  # the CPU memory measurement's profiler stays quiet
+
+
+def test_plot_titles_name_the_device_and_the_setting():
+    from efficient_attention.benchmark.report import figure_title
+
+    result = {"config": {"batch": 4, "heads": 8, "dim": 64, "repeats": 5, "warmup": 2},
+              "machine": {"devices": {"cuda": {"name": "NVIDIA H200"}}, "threads": 16}}
+    title = figure_title(result, "time", "cuda", "bfloat16")
+    assert title.startswith("Time: NVIDIA H200, bfloat16\n")
+    assert "batch 4, 8 heads x 64 dims" in title and "median of 5 calls after 2 warm-up" in title

@@ -69,6 +69,8 @@ import contextlib
 import gc
 import logging
 import math
+import os
+import sys
 import time
 import traceback
 from typing import Callable, Dict, Mapping, Optional, Tuple, Type
@@ -132,6 +134,25 @@ def applicable_modes(cls: Type[EfficientAttention], pattern: Pattern):
     return modes
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to the null device (C++ code writes there directly, past ``sys.stderr``)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes allocated through PyTorch's CPU allocator while ``fn`` runs, on top of what was live before.
 
@@ -142,8 +163,9 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _stderr_silenced():  # the profiler's C++ side prints a line at every start and stop
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     events = sorted(
         (
             (e.start_ns(), e.nbytes())
