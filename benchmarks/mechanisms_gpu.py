@@ -171,6 +171,9 @@ def _train_point(point, builder, timing, torch) -> dict:
     return out
 
 
+_FATAL_CUDA = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address")
+
+
 def worker_main(kind: str, cab_dir: Path) -> None:
     """Read points (JSON lines) on stdin, answer each with one ``@@result`` line on stdout."""
     import gc
@@ -198,9 +201,12 @@ def worker_main(kind: str, cab_dir: Path) -> None:
             if status == "error":
                 res["traceback"] = traceback.format_exc()[-2000:]
         gc.collect()
-        if torch.cuda.is_available():
+        fatal = any(t in str(res.get("detail", "")).lower() for t in _FATAL_CUDA)
+        if torch.cuda.is_available() and not fatal:
             torch.cuda.empty_cache()
         print(RESULT + json.dumps(res, default=str), flush=True)
+        if fatal:  # the CUDA context is unusable: the parent starts a fresh worker for the next point
+            return
 
 
 # ====================================================================== parent side
@@ -449,32 +455,33 @@ def _index(points, part):
 
 
 def train_table(result: dict) -> str:
-    """Per mechanism and pattern, per length: ours ms, SDPA÷ours, CAB÷ours (time) -- and the same for memory."""
+    """Per mechanism and pattern, per length: ours, SDPA÷ours, CAB÷ours -- time at every length, memory from 8k."""
     ours, cab = _index(result["points"], "train"), _index(result["points"], "cab")
     lengths = result["setting"]["lengths"]
     rows = list(dict.fromkeys((p["label"], p["pattern"]) for p in result["points"] if p["part"] == "train"))
     rows.sort(key=lambda r: (r[1] != "noncausal self", r[0] != "vanilla", r[0]))
     out = []
     for metric, key, title in (("time", "time_s", "forward+backward ms"), ("memory", "mem_max_allocated_bytes", "peak GiB")):
+        cols = lengths if metric == "time" else [n for n in lengths if n >= 8192] or lengths[-1:]
         if not any(key in p for p in ours.values()):
             continue  # no memory on the CPU (smoke)
-        head = f"{'mechanism':<18} {'pattern':<9}" + "".join(f"{_len(n):>22}" for n in lengths)
-        out.append(f"{title}; each cell: ours  SDPA/ours  CAB/ours  (> 1: ours {'faster' if metric == 'time' else 'smaller'})")
-        out.append(head)
+        better = "faster" if metric == "time" else "smaller"
+        out.append(f"{title}; cell: ours, SDPA/ours, CAB/ours (> 1: ours {better}; -: no CAB counterpart)")
+        out.append(f"{'mechanism':<17}{'pattern':<9}" + "".join(f"{_len(n):>19}" for n in cols))
         for label, pattern in rows:
             cells = []
-            for n in lengths:
+            for n in cols:
                 p = ours.get((label, pattern, n))
                 if p is None or p["status"] != "ok" or key not in p:
-                    cells.append(f"{_short(p):>22}")
+                    cells.append(f"{_short(p):>19}")
                     continue
                 base = ours.get(("vanilla", pattern, n))
                 c = cab.get((label, pattern, n))
                 val = _fmt_ms(p[key]) if metric == "time" else f"{p[key] / 2**30:.2f}"
                 s_ratio = f"{base[key] / p[key]:.2f}" if base and base["status"] == "ok" and key in base else _short(base) or "-"
                 c_ratio = f"{c[key] / p[key]:.2f}" if c and c["status"] == "ok" and key in c else (_short(c) or "-")
-                cells.append(f"{val:>8} {s_ratio:>6} {c_ratio:>6}")
-            out.append(f"{label:<18} {pattern.split()[0][:9]:<9}" + "".join(cells))
+                cells.append(f"{val:>7}{s_ratio:>6}{c_ratio:>6}")
+            out.append(f"{label[:16]:<17}{pattern.split()[0][:8]:<9}" + "".join(cells))
         out.append("")
     return "\n".join(out)
 
@@ -488,7 +495,8 @@ def decode_table(result: dict) -> str:
     flat_targets = {"local", "performer", "cosformer", "abc", "s4d", "causal_ls", "longshort"}
     head = f"{'mechanism':<14}" + "".join(f"{_len(c):>9}" for c in contexts) + f" {_len(hi)}/{_len(lo)}" + "".join(
         f" vs-vanilla@{_len(c)}" for c in contexts) + "  targets"
-    out = ["decoding step, ms (B=4, one layer, bf16 autocast); targets: <= 2x vanilla at each context; "
+    out = ["decoding step, ms (B=4, one layer, bf16 autocast; state restored before each step); targets: <= 2x vanilla "
+           "at each context; "
            f"local, linear family, S4D, Long-Short: {_len(hi)} step <= 1.3x the {_len(lo)} step", head]
     for label in labels:
         row = [pts.get((label, "causal self", c)) for c in contexts]
@@ -508,6 +516,9 @@ def decode_table(result: dict) -> str:
             marks.append("2x-vanilla " + ("met" if all(verdicts) and len(verdicts) == len(contexts) else "MISSED"))
         if label in flat_targets:
             marks.append("flat " + ("met" if growth is not None and growth <= 1.3 else "MISSED"))
+        grow = [p["step_growing_s"] / p["time_s"] for p, good in zip(row, ok) if good and p.get("step_growing_s")]
+        if grow and max(grow) > 1.5:  # consecutive steps (growing context) much slower than a repeated step
+            marks.append(f"growing-context steps {max(grow):.1f}x slower")
         out.append(f"{label:<14}{cells}  {', '.join(marks)}")
     return "\n".join(out)
 
@@ -520,20 +531,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-mechanisms"), help="output folder")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script, measures nothing useful")
-    p.add_argument("--parts", type=lambda t: [x for x in t.replace(",", " ").split() if x], default=["train", "cab", "decode"],
-                   help="which parts: train, cab, decode")
-    p.add_argument("--mechanisms", type=lambda t: [x for x in t.replace(",", " ").split() if x], default=None,
+    p.add_argument("--parts", nargs="+", default=["train", "cab", "decode"], help="which parts: train cab decode")
+    p.add_argument("--mechanisms", nargs="+", default=None,
                    help="only these (default: every registered one; vanilla is always added)")
-    p.add_argument("--lengths", type=lambda t: [int(x) for x in t.replace(",", " ").split()], default=list(LENGTHS))
-    p.add_argument("--contexts", type=lambda t: [int(x) for x in t.replace(",", " ").split()], default=list(CONTEXTS))
+    p.add_argument("--lengths", nargs="+", default=list(LENGTHS))
+    p.add_argument("--contexts", nargs="+", default=list(CONTEXTS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0.25, help="seconds per call before a series stops")
-    p.add_argument("--point-timeout", type=float, default=45.0, help="seconds before a point's worker is killed")
+    p.add_argument("--point-timeout", type=float, default=60.0, help="seconds before a point's worker is killed")
     p.add_argument("--max-time", type=float, default=510.0, help="seconds for everything (parts share it: 55/25/20%%)")
     p.add_argument("--cab-dir", type=Path, default=CAB_DIR, help="CAB's efficient-attention folder (git-ignored copy)")
     p.add_argument("--worker", choices=("ours", "cab"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name in ("parts", "mechanisms", "lengths", "contexts"):  # space- or comma-separated, or both
+        values = getattr(args, name)
+        if values is not None:
+            items = [t for v in values for t in str(v).replace(",", " ").split()]
+            setattr(args, name, [int(t) for t in items] if name in ("lengths", "contexts") else items)
     if args.worker:
         worker_main(args.worker, args.cab_dir)
         return 0

@@ -31,7 +31,11 @@ Modes:
   restored before every call (unmeasured), so every warm-up and timed call is
   the same step at the same context length: the kernels (and cuDNN / Triton
   plans, which depend on the shapes) are warm when timing starts, and the
-  context does not grow with the repeats.
+  context does not grow with the repeats.  ``step_growing_s`` is the median
+  of eight consecutive steps after one restore, each timed alone, as real
+  decoding runs them (the context grows by one each step): much above
+  ``time_s`` it shows a shape-dependent cost such as a plan built for every
+  new key length.
 
 ``autocast`` (optional, e.g. ``"bfloat16"``): the module and inputs are built
 in ``dtype`` (fp32 for CAB's efficiency setting) and every call runs under
@@ -70,6 +74,7 @@ import gc
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -82,7 +87,7 @@ from ..base import EfficientAttention
 from ..capabilities import Pattern
 from ..registry import get_attention_class
 from .naive import NAIVE_NAME, NaiveAttention
-from .timing import DTYPES, classify_exception, clone_state, peak_bytes, run_timed, sync
+from .timing import DTYPES, classify_exception, clone_state, peak_bytes, run_timed, sync, time_call
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +211,10 @@ def _uses_default_cache(module: EfficientAttention) -> bool:
 class _Case:
     """The callables of one point: ``reset()`` (unmeasured) then ``call()`` (measured)."""
 
-    def __init__(self, reset: Callable[[], None], call: Callable[[], None], live: int, prefill_s: float = 0.0, state=None):
+    def __init__(self, reset: Callable[[], None], call: Callable[[], None], live: int, prefill_s: float = 0.0, state=None,
+                 steps: int = 0):
         self.reset, self.call, self.live, self.prefill_s, self.state = reset, call, live, prefill_s, state
+        self.steps = steps  # decoding: also time this many consecutive steps (a growing context) after one reset
 
 
 def _forward_case(module, pattern, x, src) -> _Case:
@@ -287,7 +294,7 @@ def _decode_case(module, pattern, x, src, length: int, budget: float, device, au
 
     state_bytes = _nbytes(module._get_input_buffer(snapshot).values())  # the state at the context length
     live = _nbytes(module.parameters()) + _nbytes([step]) + state_bytes
-    return _Case(reset, call, live, prefill_s, state_bytes)
+    return _Case(reset, call, live, prefill_s, state_bytes, steps=8)
 
 
 def _prefill_own_state(module, x, inc, budget: float) -> None:
@@ -372,6 +379,11 @@ def _run_case(case: _Case, device: torch.device, warmup: int, repeats: int, budg
     if case.state is not None:
         out["state_bytes"] = int(case.state)
         out["prefill_s"] = case.prefill_s
+    if case.steps:  # real decoding grows the context every step: shape-dependent costs (plans, recompiles) show here
+        case.reset()
+        steps = [time_call(case.call, device) for _ in range(case.steps)]
+        out["steps_growing_s"] = steps
+        out["step_growing_s"] = statistics.median(steps)
     return out
 
 
