@@ -3,6 +3,9 @@
     python benchmarks/mechanisms_gpu.py --out DIR            # H200: fits one 10-minute call
     python benchmarks/mechanisms_gpu.py --smoke --out DIR    # CPU, tiny sizes (the test runs this)
 
+On the device (the ``run`` tool) carry the git-ignored CAB copy: ``carry=[".cab"]``,
+command ``PYTHONUNBUFFERED=1 python benchmarks/mechanisms_gpu.py --out $OUT/mech``.
+
 Three parts, run one after the other, each point in a worker process:
 
 * ``train`` -- CAB's efficiency setting (issue 13): self-attention on
@@ -223,8 +226,8 @@ class Worker:
         else:
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", self.kind, "--cab-dir", str(self.cab_dir)]
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
+        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._buf = b""
         info = self._read(max(self.timeout, 180.0))
         if info is None:
             self.stop()
@@ -233,20 +236,30 @@ class Worker:
         return info
 
     def _read(self, timeout: float):
+        """The next ``@@result`` line of the worker (other lines are passed to stderr), or None on timeout / exit.
+
+        Reads the pipe's descriptor directly: a buffered reader could hold a complete line that ``select``
+        no longer reports.
+        """
         deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
         while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                text = line.decode("utf-8", "replace")
+                if text.startswith(RESULT):
+                    return json.loads(text[len(RESULT):])
+                sys.stderr.write(f"[{self.kind} worker] {text}\n")
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            ready, _, _ = select.select([fd], [], [], left)
             if not ready:
                 return None
-            line = self.proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
                 return None  # the worker died
-            if line.startswith(RESULT):
-                return json.loads(line[len(RESULT):])
-            sys.stderr.write(f"[{self.kind} worker] {line}")
+            self._buf += chunk
 
     def run(self, point: dict) -> dict:
         if self.proc is None or self.proc.poll() is not None:
@@ -254,7 +267,7 @@ class Worker:
             if not info.get("ready"):
                 return {"status": "skipped", "reason": "no worker", "detail": info.get("detail", "")}
         try:
-            self.proc.stdin.write(json.dumps(point) + "\n")
+            self.proc.stdin.write((json.dumps(point) + "\n").encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass
