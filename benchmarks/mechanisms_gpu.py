@@ -554,6 +554,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.25, help="seconds per call before a series stops")
     p.add_argument("--point-timeout", type=float, default=60.0, help="seconds before a point's worker is killed")
     p.add_argument("--max-time", type=float, default=510.0, help="seconds for everything (parts share it: 55/25/20%%)")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON", help="print the tables of an earlier run's JSON")
     p.add_argument("--cab-dir", type=Path, default=CAB_DIR, help="CAB's efficient-attention folder (git-ignored copy)")
     p.add_argument("--worker", choices=("ours", "cab"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -570,9 +571,13 @@ def main(argv=None) -> int:
             p.error(f"--parts: unknown part {part!r}; use train, cab, decode")
     if args.smoke:
         args.warmup, args.repeats, args.budget = 1, 2, 30.0
-    result = run(args)
+    if args.report is not None:  # the tables of an earlier run
+        result = json.loads(args.report.read_text())
+        args.parts = sorted({q["part"] for q in result["points"]})
+    else:
+        result = run(args)
     print(f"device: {result.get('device')}; torch {result.get('torch')}, triton {result.get('triton')}, "
-          f"CUDA {result.get('cuda')}; {result['elapsed_s']} s; JSON: {Path(args.out) / 'mechanisms_gpu.json'}")
+          f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON: {args.report or Path(args.out) / 'mechanisms_gpu.json'}")
     if "train" in args.parts:
         print(train_table(result))
     if "decode" in args.parts:
