@@ -218,6 +218,7 @@ class Worker:
 
     def __init__(self, kind: str, timeout: float, cab_dir: Path):
         self.kind, self.timeout, self.cab_dir, self.proc, self.info = kind, timeout, cab_dir, None, None
+        self.broken = None  # why the worker could not start: not tried again
 
     def _start(self) -> dict:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -262,10 +263,13 @@ class Worker:
             self._buf += chunk
 
     def run(self, point: dict) -> dict:
+        if self.broken is not None:
+            return {"status": "skipped", "reason": "no worker", "detail": self.broken}
         if self.proc is None or self.proc.poll() is not None:
             info = self._start()
             if not info.get("ready"):
-                return {"status": "skipped", "reason": "no worker", "detail": info.get("detail", "")}
+                self.broken = info.get("detail", "the worker did not start")
+                return {"status": "skipped", "reason": "no worker", "detail": self.broken}
         try:
             self.proc.stdin.write((json.dumps(point) + "\n").encode())
             self.proc.stdin.flush()
