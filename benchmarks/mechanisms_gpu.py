@@ -398,7 +398,7 @@ def run(args) -> dict:
     for part in ("train", "cab", "decode"):
         if part not in args.parts:
             continue
-        share += PART_SHARES[part]
+        share += PART_SHARES[part] / sum(PART_SHARES[q] for q in args.parts)  # the parts asked for share all the time
         deadline = t_start + share * args.max_time
         worker = workers["cab" if part == "cab" else "ours"]
         part_series = [s for s in series if s["part"] == part]
