@@ -540,6 +540,39 @@ def decode_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def markdown(result: dict) -> str:
+    """The tables as Markdown (``mechanisms_gpu.md``), for benchmarks/README.md."""
+    ours, cab = _index(result["points"], "train"), _index(result["points"], "cab")
+    lengths = result["setting"]["lengths"]
+    rows = list(dict.fromkeys((p["label"], p["pattern"]) for p in result["points"] if p["part"] == "train"))
+    rows.sort(key=lambda r: (r[1] != "noncausal self", r[0] != "vanilla", r[0]))
+    out = [f"{result.get('device')}, torch {result.get('torch')}, Triton {result.get('triton')}, "
+           f"commit {str(result.get('git_commit'))[:10]}, {result.get('started')}.\n"]
+    for metric, key, title in (("time", "time_s", "Forward + backward, ms"), ("memory", "mem_max_allocated_bytes", "Peak memory, GiB")):
+        if not any(key in p for p in ours.values()):
+            continue
+        out.append(f"**{title}** -- ours / SDPA÷ours / CAB÷ours (above 1: ours {'faster' if metric == 'time' else 'smaller'})\n")
+        out.append("| mechanism | pattern | " + " | ".join(_len(n) for n in lengths) + " |")
+        out.append("|---|---|" + "---|" * len(lengths))
+        for label, pattern in rows:
+            cells = []
+            for n in lengths:
+                p = ours.get((label, pattern, n))
+                if p is None or p["status"] != "ok" or key not in p:
+                    cells.append(_short(p))
+                    continue
+                base, c = ours.get(("vanilla", pattern, n)), cab.get((label, pattern, n))
+                val = _fmt_ms(p[key]) if metric == "time" else f"{p[key] / 2**30:.2f}"
+                s_ratio = f"{base[key] / p[key]:.2f}" if base and base["status"] == "ok" and key in base else (_short(base) or "-")
+                c_ratio = f"{c[key] / p[key]:.2f}" if c and c["status"] == "ok" and key in c else (_short(c) or "-")
+                cells.append(f"{val} / {s_ratio} / {c_ratio}")
+            out.append(f"| `{label}` | {pattern} | " + " | ".join(cells) + " |")
+        out.append("")
+    if any(p["part"] == "decode" for p in result["points"]):
+        out.append("**Decoding step**\n\n```\n" + decode_table(result) + "\n```\n")
+    return "\n".join(out)
+
+
 def _len(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
@@ -582,6 +615,8 @@ def main(argv=None) -> int:
         result = run(args)
     print(f"device: {result.get('device')}; torch {result.get('torch')}, triton {result.get('triton')}, "
           f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON: {args.report or Path(args.out) / 'mechanisms_gpu.json'}")
+    if args.report is None:
+        (Path(args.out) / "mechanisms_gpu.md").write_text(markdown(result))
     if "train" in args.parts:
         print(train_table(result))
     if "decode" in args.parts:
