@@ -311,3 +311,121 @@ def test_option_overrides_reach_the_module():
     # multi-query: the cache holds one key/value head instead of two
     assert point["status"] == "ok" and point["state_bytes"] == 2 * 1 * 1 * 16 * 8 * 4
     assert result["mechanisms"]["vanilla"]["options"]["num_kv_heads"] == "1"
+
+
+# ------------------------------------------- benchmarks/mechanisms_gpu.py
+GPU_SCRIPT = ROOT / "benchmarks" / "mechanisms_gpu.py"
+CAB_DIR = ROOT / ".cab" / "efficient-attention"
+
+
+def _run_mechanisms_script(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(GPU_SCRIPT), "--smoke", "--out", str(tmp_path), "--mechanisms", "vanilla,local,s4d", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    data = json.loads((tmp_path / "mechanisms_gpu.json").read_text()) if (tmp_path / "mechanisms_gpu.json").exists() else None
+    return proc, data
+
+
+@pytest.mark.slow
+def test_mechanisms_script_smoke_measures_ours_and_decoding(tmp_path):
+    proc, data = _run_mechanisms_script(tmp_path, "--parts", "train,decode")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert data["device"] and data["torch"] == torch.__version__ and "triton" in data
+    assert data["setting"]["autocast"] == "bfloat16" and data["setting"]["loss"] == "out.sum()"
+    train = {(p["label"], p["pattern"], p["length"]): p for p in data["points"] if p["part"] == "train"}
+    for key in [("vanilla", "causal self", 64), ("local", "noncausal self", 32), ("s4d", "causal self", 64)]:
+        assert train[key]["status"] == "ok" and train[key]["time_s"] > 0, train[key]
+        assert train[key]["options"] == ({"wsize": 128} if key[0] == "local" else {})
+    decode = {(p["label"], p["length"]): p for p in data["points"] if p["part"] == "decode"}
+    for name in ("vanilla", "local", "s4d"):
+        assert decode[(name, 64)]["status"] == "ok" and decode[(name, 64)]["repeats"] == 2, decode[(name, 64)]
+    assert "SDPA/ours" in proc.stdout and "decoding step" in proc.stdout
+    assert any(line.startswith("local") and "flat" in line for line in proc.stdout.splitlines())  # decode verdicts
+
+
+def test_mechanisms_script_without_cab_records_skips(tmp_path):
+    proc, data = _run_mechanisms_script(tmp_path, "--parts", "cab", "--cab-dir", str(tmp_path / "no-cab"))
+    assert proc.returncode == 1  # nothing measured: every point skipped
+    assert data["points"] and all((p["status"], p["reason"]) == ("skipped", "no CAB") for p in data["points"])
+    assert {(p["label"], p["cab_class"]) for p in data["points"]} == {("local", "LocalAttention"), ("s4d", "S4D")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAB_DIR.is_dir(), reason="CAB is not copied into .cab/ (see benchmarks/README.md)")
+def test_mechanisms_script_times_cab_in_its_own_process(tmp_path):
+    proc, data = _run_mechanisms_script(tmp_path, "--parts", "train,cab")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cab = {(p["label"], p["pattern"], p["length"]): p for p in data["points"] if p["part"] == "cab"}
+    for key in [("local", "causal self", 64), ("s4d", "noncausal self", 32), ("s4d", "causal self", 64)]:
+        assert cab[key]["status"] == "ok" and cab[key]["time_s"] > 0, cab[key]
+    assert data["info"]["cab"]["ready"]
+    # the CAB ratio column is filled for local
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("local") and "causal" in line)
+    assert row.split()[-1] not in ("-", "")
+
+
+# ------------------------------------------------------------ the CLI
+def test_cli_list_options_take_spaces_commas_or_both():
+    from efficient_attention.benchmark.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args([
+        "--mechanisms", "local", "performer,abc", "--lengths", "64", "128,256", "512:1024",
+        "--patterns", "causal-self", "noncausal-self", "--modes", "forward", "decode", "--dtype", "float32", "float64",
+    ])
+    config = config_from_args(args)
+    assert config.mechanisms == ["local", "performer", "abc"]
+    assert config.lengths == (64, 128, 256, 512, 1024)
+    assert config.patterns == ["causal-self", "noncausal-self"] and config.modes == ("forward", "decode")
+    assert config.dtypes == ("float32", "float64")
+    assert build_parser().parse_args(["--mechanisms", "local,performer"]).mechanisms == ["local", "performer"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--lengths", "64", "0:16"])
+
+
+def test_cli_exits_nonzero_when_every_point_of_the_mechanisms_failed(tmp_path, capsys):
+    from efficient_attention.benchmark.cli import main
+
+    common = ["--lengths", "16", "--modes", "forward", "--patterns", "causal-self", "--batch", "1", "--heads", "2",
+              "--dim", "8", "--repeats", "1", "--warmup", "0", "--isolation", "none", "-q"]
+    bad = main(["--mechanisms", "performer", "--option", "performer.approx_attn_dim=-1", "--out", str(tmp_path / "a"),
+                *common])
+    assert bad == 1
+    assert "every point of performer failed" in capsys.readouterr().err
+    assert main(["--mechanisms", "performer", "--out", str(tmp_path / "b"), *common]) == 0
+
+
+def test_all_failed_reasons():
+    from efficient_attention.benchmark.cli import all_failed
+
+    cfg = {"config": {"baselines": ["vanilla"]}}
+    assert all_failed({**cfg, "points": []}) == "the sweep has no points"
+    assert "every point failed" in all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "error"}]})
+    assert all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "ok"}]}) is None
+    assert all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "ok"},
+                                         {"mechanism": "x", "status": "oom"}]}) == "every point of x failed or was skipped"
+
+
+def test_progress_lines_carry_an_eta_and_no_profiler_lines(caplog, capfd):
+    import logging
+
+    from efficient_attention.benchmark.sweep import eta_seconds
+
+    assert eta_seconds(2, 10, 20.0) == pytest.approx(80.0)
+    assert eta_seconds(2, 10, 20.0, max_time=50.0) == pytest.approx(30.0)
+    config = SweepConfig(mechanisms=[], baselines=("vanilla",), patterns=["causal-self"], lengths=(16, 32),
+                         modes=("forward",), **TINY)
+    with caplog.at_level(logging.INFO, logger="efficient_attention.benchmark.sweep"):
+        run_sweep(config)
+    lines = [r.getMessage() for r in caplog.records if "L=" in r.getMessage()]
+    assert len(lines) == 2 and all("ETA" in line for line in lines), lines
+    assert "profiler_st" not in capfd.readouterr().err  # the CPU memory measurement's profiler stays quiet
+
+
+def test_plot_titles_name_the_device_and_the_setting():
+    from efficient_attention.benchmark.report import figure_title
+
+    result = {"config": {"batch": 4, "heads": 8, "dim": 64, "repeats": 5, "warmup": 2},
+              "machine": {"devices": {"cuda": {"name": "NVIDIA H200"}}, "threads": 16}}
+    title = figure_title(result, "time", "cuda", "bfloat16")
+    assert title.startswith("Time: NVIDIA H200, bfloat16\n")
+    assert "batch 4, 8 heads x 64 dims" in title and "median of 5 calls after 2 warm-up" in title

@@ -1,7 +1,12 @@
 """Command line of the benchmark (``python -m efficient_attention.benchmark``, ``efficient-attention-bench``).
 
-Progress goes to stderr through ``logging``; the efficiency-length table is
-printed on stdout at the end; everything is written under ``--out``.
+Progress (with an estimate of the time left) goes to stderr through
+``logging``; the efficiency-length table is printed on stdout at the end;
+everything is written under ``--out``.  List options take comma-separated
+values, space-separated values, or both (``--mechanisms local performer``,
+``--mechanisms local,performer``).  The exit status is 1 when every point
+failed, or every point of the mechanisms asked for (the baselines aside), so
+a script notices a sweep that measured nothing.
 """
 from __future__ import annotations
 
@@ -17,11 +22,28 @@ from .measure import MODES, DTYPES
 from .report import efficiency_table, write_outputs
 from .sweep import BASELINES, DEFAULT_LENGTHS, SweepConfig, run_sweep
 
-__all__ = ["main", "build_parser", "parse_lengths", "parse_option", "config_from_args"]
+__all__ = ["main", "build_parser", "parse_lengths", "parse_option", "config_from_args", "all_failed"]
 
 
 def _csv(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class _Items(argparse.Action):
+    """A list option: one or more arguments, each of them comma-separated items (parsed by ``parse``)."""
+
+    def __init__(self, option_strings, dest, parse=_csv, **kwargs):
+        self.parse = parse
+        super().__init__(option_strings, dest, nargs="+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = []
+        for value in values:
+            try:
+                items.extend(self.parse(value))
+            except argparse.ArgumentTypeError as exc:
+                parser.error(str(exc))
+        setattr(namespace, self.dest, items)
 
 
 def parse_lengths(text: str) -> List[int]:
@@ -63,18 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time, memory and efficiency length of the registered attention mechanisms.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--mechanisms", type=_csv, default=None, help="comma-separated names (default: every registered one); the baselines are always added")
-    p.add_argument("--baselines", type=_csv, default=list(BASELINES), help="baselines to compare with: 'vanilla' (SDPA path) and/or 'naive' (unfused)")
-    p.add_argument("--patterns", type=_csv, default=None, help="e.g. causal-self,noncausal-self,noncausal-cross,causal-cross (default: all)")
-    p.add_argument("--lengths", type=parse_lengths, default=list(DEFAULT_LENGTHS), help="'N,N,...' or 'MIN:MAX' doubling")
-    p.add_argument("--modes", type=_csv, default=list(MODES), help="forward, backward (forward+backward), decode (one step)")
+    p.add_argument("--mechanisms", action=_Items, default=None, help="names (default: every registered one); the baselines are always added")
+    p.add_argument("--baselines", action=_Items, default=list(BASELINES), help="baselines to compare with: 'vanilla' (SDPA path) and/or 'naive' (unfused)")
+    p.add_argument("--patterns", action=_Items, default=None, help="e.g. causal-self noncausal-self noncausal-cross causal-cross (default: all)")
+    p.add_argument("--lengths", action=_Items, parse=parse_lengths, default=list(DEFAULT_LENGTHS), help="'N N ...', 'N,N,...' or 'MIN:MAX' doubling")
+    p.add_argument("--modes", action=_Items, default=list(MODES), help="forward, backward (forward+backward), decode (one step)")
     p.add_argument("--option", dest="options", type=parse_option, action="append", default=[], metavar="MECH.KEY=VALUE",
                    help="override a mechanism's constructor option (repeatable), e.g. cosformer.max_len=16385")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64, help="head dimension (embed_dim = heads * dim)")
-    p.add_argument("--dtype", type=_csv, default=["float32"], help=f"comma-separated: {', '.join(DTYPES)}")
-    p.add_argument("--device", type=_csv, default=["cpu"], help="comma-separated, e.g. cpu,cuda")
+    p.add_argument("--dtype", action=_Items, default=["float32"], help=f"one or more of: {', '.join(DTYPES)}")
+    p.add_argument("--device", action=_Items, default=["cpu"], help="one or more, e.g. cpu cuda")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per point (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     p.add_argument("--budget", type=float, default=1.0, help="seconds per call: longer lengths of a mechanism are skipped once a call takes longer")
@@ -82,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="seconds after which a point's worker is killed (default: max(120, 30 x budget))")
     p.add_argument("--max-time", type=float, default=None, help="seconds for the whole sweep; points left after it are recorded as skipped (time limit)")
     p.add_argument("--isolation", choices=("subprocess", "none"), default="subprocess", help="run points in a worker process that may crash, or in this process")
-    p.add_argument("--import", dest="imports", type=_csv, default=[], help="modules to import first (they may register more mechanisms)")
+    p.add_argument("--import", dest="imports", action=_Items, default=[], help="modules to import first (they may register more mechanisms)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
@@ -127,4 +149,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = write_outputs(result, args.out)
     print(efficiency_table(result))
     print(f"wrote {paths['json']}, {paths['markdown']} and {len(paths['plots'])} plots", file=sys.stderr)
+    failed = all_failed(result)
+    if failed and args.report_only is None:
+        print(f"error: {failed} (the reasons are in {paths['json']})", file=sys.stderr)
+        return 1
     return 0
+
+
+def all_failed(result: dict) -> Optional[str]:
+    """Why a sweep measured nothing useful -- every point failed, or every point of the mechanisms asked
+    for (the baselines aside) -- else ``None``."""
+    points = result.get("points", [])
+    if not points:
+        return "the sweep has no points"
+    if not any(p["status"] == "ok" for p in points):
+        return "every point failed or was skipped"
+    baselines = set(result.get("config", {}).get("baselines", ()))
+    mine = [p for p in points if p["mechanism"] not in baselines]
+    if mine and not any(p["status"] == "ok" for p in mine):
+        names = ", ".join(dict.fromkeys(p["mechanism"] for p in mine))
+        return f"every point of {names} failed or was skipped"
+    return None

@@ -25,16 +25,31 @@ Modes:
   key/value cache get a cache of ``length`` random keys/values written
   directly (the cheap prefill); mechanisms with their own state are prefilled
   by one forward call over ``length`` tokens (token by token if that call
-  fails).  Cross patterns decode with ``static_kv=True`` against ``length``
-  encoder states.
+  fails; the prefill has its own time limit, ``10 x budget``, and is not part
+  of the point's cost).  Cross patterns decode with ``static_kv=True`` against
+  ``length`` encoder states.  The state is copied after the prefill and
+  restored before every call (unmeasured), so every warm-up and timed call is
+  the same step at the same context length: the kernels (and cuDNN / Triton
+  plans, which depend on the shapes) are warm when timing starts, and the
+  context does not grow with the repeats.  ``step_growing_s`` is the median
+  of eight consecutive steps after one restore, each timed alone, as real
+  decoding runs them (the context grows by one each step): much above
+  ``time_s`` it shows a shape-dependent cost such as a plan built for every
+  new key length.
+
+``autocast`` (optional, e.g. ``"bfloat16"``): the module and inputs are built
+in ``dtype`` (fp32 for CAB's efficiency setting) and every call runs under
+``torch.autocast`` with this dtype.
 
 Time: ``warmup`` untimed calls, then ``repeats`` timed calls; the median is
 reported (all times are kept).  On CUDA each call is timed with CUDA events on
 the current stream; on the CPU with ``time.perf_counter``.  If the first two
 timed calls both take longer than ``budget`` seconds, no more are made.  The
 point's ``cost_s`` (what the sweep's budget looks at) is its fastest timed
-call (robust to a hiccup of a busy machine), or the decoding prefill if slower
--- never a warm-up call, which carries one-time costs.
+call (robust to a hiccup of a busy machine) -- never a warm-up call, which
+carries one-time costs, nor a decoding prefill (reported as ``prefill_s``).
+The timing and memory code is :mod:`.timing`, shared with the CAB baseline
+of ``benchmarks/mechanisms_gpu.py``.
 
 Memory: one more call, measured separately from the timed ones:
 
@@ -54,10 +69,13 @@ and inputs, the same for every mechanism, are excluded and given separately as
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
+import os
 import statistics
+import sys
 import time
 import traceback
 from typing import Callable, Dict, Mapping, Optional, Tuple, Type
@@ -69,6 +87,7 @@ from ..base import EfficientAttention
 from ..capabilities import Pattern
 from ..registry import get_attention_class
 from .naive import NAIVE_NAME, NaiveAttention
+from .timing import DTYPES, classify_exception, clone_state, peak_bytes, run_timed, sync, time_call
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +103,6 @@ __all__ = [
 ]
 
 MODES = ("forward", "backward", "decode")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def parse_pattern(text) -> Pattern:
@@ -121,18 +139,23 @@ def applicable_modes(cls: Type[EfficientAttention], pattern: Pattern):
     return modes
 
 
-def classify_exception(exc: BaseException) -> Tuple[str, str]:
-    """``("oom", text)`` for out-of-memory errors (CUDA or CPU), else ``("error", text)``."""
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), MemoryError) if t is not None)
-    if isinstance(exc, oom_types):
-        return "oom", text
-    msg = str(exc).lower()
-    if isinstance(exc, RuntimeError) and any(
-        s in msg for s in ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
-    ):
-        return "oom", text
-    return "error", text
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to the null device (C++ code writes there directly, past ``sys.stderr``)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
@@ -145,8 +168,9 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _stderr_silenced():  # the profiler's C++ side prints a line at every start and stop
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     events = sorted(
         (
             (e.start_ns(), e.nbytes())
@@ -160,38 +184,6 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
         running += nbytes
         peak = max(peak, running)
     return peak
-
-
-# ---------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call takes (CUDA events on GPU, perf_counter on CPU)."""
-    if device.type == "cuda":
-        _sync(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _peak_call(fn: Callable[[], object], device: torch.device) -> int:
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - before)
-    return cpu_peak_bytes(fn)
 
 
 def _nbytes(tensors) -> int:
@@ -219,8 +211,10 @@ def _uses_default_cache(module: EfficientAttention) -> bool:
 class _Case:
     """The callables of one point: ``reset()`` (unmeasured) then ``call()`` (measured)."""
 
-    def __init__(self, reset: Callable[[], None], call: Callable[[], None], live: int, prefill_s: float = 0.0, state=None):
+    def __init__(self, reset: Callable[[], None], call: Callable[[], None], live: int, prefill_s: float = 0.0, state=None,
+                 steps: int = 0):
         self.reset, self.call, self.live, self.prefill_s, self.state = reset, call, live, prefill_s, state
+        self.steps = steps  # decoding: also time this many consecutive steps (a growing context) after one reset
 
 
 def _forward_case(module, pattern, x, src) -> _Case:
@@ -257,40 +251,50 @@ def _backward_case(module, pattern, x, src, gen_seed: int) -> _Case:
     return _Case(reset, call, live)
 
 
-def _decode_case(module, pattern, x, src, length: int, budget: float, device) -> _Case:
-    """Prefill a decoding state of ``length`` tokens, then ``call()`` decodes one token."""
+def _decode_case(module, pattern, x, src, length: int, budget: float, device, autocast: Optional[torch.dtype]) -> _Case:
+    """Prefill a decoding state of ``length`` tokens, then ``call()`` decodes one token from a copy of it.
+
+    ``reset()`` restores the state as it was after the prefill, so every call
+    is the same step at context ``length``.
+    """
     module.eval()
     bsz = x.shape[1]
     step = x[:1]
     inc: Dict = {}
+    state_dtype = autocast or x.dtype
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
         if pattern.cross:
             module(step, src, src, incremental_state=inc, static_kv=True, need_weights=False)
         elif _uses_default_cache(module):
             shape = (bsz, module.num_kv_heads, length, module.head_dim)
             g = torch.Generator(device=device).manual_seed(length)
             state = {
-                "prev_key": torch.randn(shape, generator=g, device=device).to(x.dtype),
-                "prev_value": torch.randn(shape, generator=g, device=device).to(x.dtype),
+                "prev_key": torch.randn(shape, generator=g, device=device).to(state_dtype),
+                "prev_value": torch.randn(shape, generator=g, device=device).to(state_dtype),
                 "prev_key_padding_mask": None,
             }
             module._set_input_buffer(inc, state)
         else:
             _prefill_own_state(module, x, inc, budget)
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - t0
+    snapshot = clone_state(inc)
+    current: Dict = {}
+
+    def reset():
+        current["inc"] = clone_state(snapshot)
 
     def call():
         with torch.no_grad():
             if pattern.cross:
-                module(step, None, None, incremental_state=inc, static_kv=True, need_weights=False)
+                module(step, None, None, incremental_state=current["inc"], static_kv=True, need_weights=False)
             else:
-                module(step, step, step, incremental_state=inc, need_weights=False)
+                module(step, step, step, incremental_state=current["inc"], need_weights=False)
 
-    state_bytes = _nbytes(module._get_input_buffer(inc).values())  # the state at the context length
+    state_bytes = _nbytes(module._get_input_buffer(snapshot).values())  # the state at the context length
     live = _nbytes(module.parameters()) + _nbytes([step]) + state_bytes
-    return _Case(lambda: None, call, live, prefill_s, state_bytes)
+    return _Case(reset, call, live, prefill_s, state_bytes, steps=8)
 
 
 def _prefill_own_state(module, x, inc, budget: float) -> None:
@@ -327,6 +331,7 @@ def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAtt
         pattern = parse_pattern(point["pattern"])
         length, bsz, heads, dim = (int(point[k]) for k in ("length", "batch", "heads", "dim"))
         budget = float(point.get("budget", math.inf))
+        autocast = DTYPES[point["autocast"]] if point.get("autocast") else None
         cls = resolve_mechanism(point["mechanism"], extra)
         torch.manual_seed(int(point.get("seed", 0)))
         module = _build(cls, pattern, heads * dim, heads, device, dtype, point.get("options") or {})
@@ -339,9 +344,10 @@ def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAtt
         elif mode == "backward":
             case = _backward_case(module, pattern, x, src, int(point.get("seed", 0)) + 1)
         elif mode == "decode":
-            case = _decode_case(module, pattern, x, src, length, budget, device)
+            case = _decode_case(module, pattern, x, src, length, budget, device, autocast)
         else:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+        case = _with_autocast(case, device, autocast)
         result.update(_run_case(case, device, int(point.get("warmup", 1)), int(point.get("repeats", 5)), budget))
     except _BudgetExceeded as exc:
         result.update(status="skipped", reason="budget", detail=str(exc))
@@ -358,30 +364,40 @@ def measure_point(point: Mapping, extra: Optional[Mapping[str, Type[EfficientAtt
 
 
 def _run_case(case: _Case, device: torch.device, warmup: int, repeats: int, budget: float) -> dict:
-    for _ in range(max(0, warmup)):  # untimed: the first calls carry one-time costs (kernel loading, plans)
-        case.reset()
-        case.call()
-    _sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        case.reset()
-        times.append(_time_call(case.call, device))
-        if len(times) >= 2 and min(times) > budget:
-            break  # a slow point: measured twice, and the sweep skips longer lengths
-    case.reset()
-    peak = _peak_call(case.call, device)
+    timed = run_timed(case.call, case.reset, device, warmup, repeats, budget)
+    peak = peak_bytes(case.call, case.reset, device, cpu_peak_bytes)
     out = {
-        "time_s": statistics.median(times),
-        "times_s": times,
-        "repeats": len(times),
-        "cost_s": max(min(times), case.prefill_s),
-        "mem_peak_bytes": int(peak),
+        "time_s": timed["time_s"],
+        "times_s": timed["times_s"],
+        "repeats": timed["repeats"],
+        "cost_s": min(timed["times_s"]),
+        "mem_peak_bytes": peak["mem_peak_bytes"],
         "mem_live_bytes": int(case.live),
     }
+    if "mem_max_allocated_bytes" in peak:
+        out["mem_max_allocated_bytes"] = peak["mem_max_allocated_bytes"]
     if case.state is not None:
         out["state_bytes"] = int(case.state)
         out["prefill_s"] = case.prefill_s
+    if case.steps:  # real decoding grows the context every step: shape-dependent costs (plans, recompiles) show here
+        case.reset()
+        steps = [time_call(case.call, device) for _ in range(case.steps)]
+        out["steps_growing_s"] = steps
+        out["step_growing_s"] = statistics.median(steps)
     return out
+
+
+def _with_autocast(case: _Case, device: torch.device, dtype: Optional[torch.dtype]) -> _Case:
+    if dtype is None:
+        return case
+    call = case.call
+
+    def autocast_call():
+        with torch.autocast(device.type, dtype=dtype):
+            call()
+
+    case.call = autocast_call
+    return case
 
 
 def _cleanup(device) -> None:

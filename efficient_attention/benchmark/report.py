@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_outputs", "write_json", "markdown_report", "efficiency_table", "plot_results"]
+__all__ = ["write_outputs", "write_json", "markdown_report", "efficiency_table", "plot_results", "figure_title"]
 
 _MODE_TITLES = {"forward": "forward", "backward": "forward + backward", "decode": "decoding step"}
 
@@ -184,6 +184,31 @@ def _style(names: List[str]):
     return styles
 
 
+def setting_text(result: dict) -> str:
+    """The sizes and the measurement of a sweep in one line (for plot titles)."""
+    c = result.get("config", {})
+    parts = []
+    if c.get("batch"):
+        parts.append(f"batch {c['batch']}, {c.get('heads')} heads x {c.get('dim')} dims")
+    if c.get("repeats"):
+        parts.append(f"median of {c['repeats']} calls after {c.get('warmup', 0)} warm-up")
+    threads = result.get("machine", {}).get("threads")
+    if threads:
+        parts.append(f"{threads} CPU threads")
+    return "; ".join(parts)
+
+
+def figure_title(result: dict, kind: str, device: str, dtype: str) -> str:
+    """``"<what>: <device name>, <dtype>"`` and, on a second line, the setting."""
+    what = {"time": "Time", "memory": "Peak memory", "decode": "Decoding-step latency"}.get(kind, kind)
+    dev_name = result.get("machine", {}).get("devices", {}).get(device, {}).get("name", device)
+    return f"{what}: {dev_name}, {dtype}\n{setting_text(result)}"
+
+
+def _length_label(x: float, _pos=None) -> str:
+    return f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"
+
+
 def plot_results(result: dict, out_dir) -> List[Path]:
     """Log-log plots per (device, dtype): time and memory vs length (rows: forward,
     forward+backward; columns: patterns) and decoding-step latency vs context length."""
@@ -191,15 +216,16 @@ def plot_results(result: dict, out_dir) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     out_dir = Path(out_dir)
+    lengths = sorted({p["length"] for p in result["points"]})
     groups = _groups(result["points"])
     names = list(dict.fromkeys(p["mechanism"] for p in result["points"]))
     styles = _style(names)
     paths = []
     for device, dtype in dict.fromkeys((k[0], k[1]) for k in groups):
         patterns = list(dict.fromkeys(k[2] for k in groups if k[:2] == (device, dtype)))
-        dev_name = result["machine"]["devices"].get(device, {}).get("name", device)
         for kind, modes, key, ylabel in (
             ("time", ("forward", "backward"), "time_s", "time (ms)"),
             ("memory", ("forward", "backward"), "mem_peak_bytes", "peak memory (MiB)"),
@@ -210,22 +236,31 @@ def plot_results(result: dict, out_dir) -> List[Path]:
                 continue
             rows = [mode for mode in modes if any(c[0] == mode for c in cells)]
             cols = [pat for pat in patterns if any(c[1] == pat for c in cells)]
-            fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.2 * len(cols) + 2.6, 3.6 * len(rows)), squeeze=False)
+            legend_w = 2.4
+            fig, axes = plt.subplots(len(rows), len(cols), figsize=(5.0 * len(cols) + legend_w, 4.2 * len(rows) + 0.8),
+                                     squeeze=False)
             for i, mode in enumerate(rows):
                 for j, pat in enumerate(cols):
                     ax = axes[i][j]
                     pts = groups.get((device, dtype, pat, mode), [])
                     _plot_cell(ax, pts, key, styles)
-                    ax.set_title(f"{_MODE_TITLES[mode]}, {pat}", fontsize=9)
-                    ax.set_xlabel("context length" if mode == "decode" else "sequence length", fontsize=8)
-                    ax.set_ylabel(ylabel, fontsize=8)
+                    ax.set_title(f"{_MODE_TITLES[mode]}, {pat}", fontsize=10)
+                    ax.set_xlabel("context length" if mode == "decode" else "sequence length", fontsize=9)
+                    ax.set_ylabel(ylabel, fontsize=9)
+                    ax.set_xticks(lengths)
+                    ax.xaxis.set_major_formatter(FuncFormatter(_length_label))
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+                    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+                    ax.yaxis.set_minor_formatter(NullFormatter())
             handles = {}
             for ax in axes.flat:
                 for h, lab in zip(*ax.get_legend_handles_labels()):
                     handles.setdefault(lab, h)
-            fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7, frameon=False)
-            fig.suptitle(f"{kind}: {dev_name}, {dtype}", fontsize=10)
-            fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.96))
+            fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False,
+                       title="X: out of memory", title_fontsize=7)
+            fig.suptitle(figure_title(result, kind, device, dtype), fontsize=11)
+            fig.tight_layout(rect=(0, 0, 1 - legend_w / fig.get_figwidth(), 1 - 0.6 / fig.get_figheight()))
             path = out_dir / f"{kind}_{device.replace(':', '')}_{dtype}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
@@ -249,5 +284,6 @@ def _plot_cell(ax, pts: List[dict], key: str, styles) -> None:
             ax.plot(oom, [ys[-1] * scale] * len(oom), linestyle="none", marker="X", color=styles[name]["color"], markersize=7)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.tick_params(labelsize=7)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.tick_params(labelsize=8)

@@ -313,7 +313,7 @@ def run_sweep(
                 rec = {**{k: point[k] for k in ("mechanism", "pattern", "mode", "length", "dtype", "device", "batch", "heads", "dim")}, **res}
                 done.append(rec)
                 result["points"].append(rec)
-                _log_point(index, total, time.perf_counter() - t_start, rec)
+                _log_point(index, total, time.perf_counter() - t_start, rec, config.max_time)
             if checkpoint is not None:
                 _write_json(result, checkpoint)
     finally:
@@ -340,8 +340,20 @@ def _mechanism_info(series: List[dict], extra, overrides: Mapping[str, Mapping[s
     return out
 
 
-def _log_point(index: int, total: int, elapsed: float, rec: dict) -> None:
-    head = f"[{index}/{total} {elapsed:.0f}s] {rec['mechanism']} {rec['pattern']} {rec['mode']} {rec['dtype']} {rec['device']} L={rec['length']}"
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def eta_seconds(index: int, total: int, elapsed: float, max_time: Optional[float] = None) -> float:
+    """Time left: the mean time per point so far times the points left, at most what ``max_time`` leaves."""
+    left = elapsed / max(index, 1) * (total - index)
+    return min(left, max(0.0, max_time - elapsed)) if max_time else left
+
+
+def _log_point(index: int, total: int, elapsed: float, rec: dict, max_time: Optional[float] = None) -> None:
+    eta = _duration(eta_seconds(index, total, elapsed, max_time))
+    head = f"[{index}/{total} {_duration(elapsed)}, ETA {eta}] {rec['mechanism']} {rec['pattern']} {rec['mode']} {rec['dtype']} {rec['device']} L={rec['length']}"
     if rec["status"] == "ok":
         logger.info("%s: %.3g ms, peak %.3g MiB", head, rec["time_s"] * 1e3, rec["mem_peak_bytes"] / 2**20)
     elif rec["status"] == "skipped":
