@@ -108,9 +108,8 @@ def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, c
     lam = _powers(dt_a, pos)                                                # (C, n, t+1): λ^0 .. λ^t
     w = c_bar[..., None] * lam                                              # C̃ λ^i
     kern = 2.0 * w[..., :t].sum(1).real                                     # (C, t)
-    i = torch.arange(t, device=u.device)
-    lag = i[:, None] - i[None, :]
-    toe_t = torch.where(lag <= 0, kern[:, (-lag).clamp(min=0)], kern.new_zeros(()))  # (C, t, t): [c, j, i] = K[i-j]
+    # Toeplitz, transposed: toe_t[c, j, i] = K[i - j] (exact zeros for i < j), as windows of the zero-padded kernel
+    toe_t = F.pad(kern, (t - 1, 0)).unfold(-1, t, 1).flip(1)               # (C, t, t)
     # contiguous: a (C, B·M, t) view with another batch stride makes the CPU bmm copy one matrix at a time
     flat = F.pad(u, (0, padded * t - length)).reshape(channels, bsz * padded, t).contiguous()
     y = torch.bmm(flat, toe_t)                                              # (C, B·M, t)
