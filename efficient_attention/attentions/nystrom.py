@@ -32,11 +32,14 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
     norm1 = a.abs().sum(-2).amax(-1, keepdim=True).unsqueeze(-1)
     norm_inf = a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
     z = a.transpose(-1, -2) / (norm1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)
+    size = a.shape[-1]
+    flat_a, eye = a.reshape(-1, size, size), eye.reshape(-1, size, size)
+    z = z.reshape(-1, size, size)
     for _ in range(iterations):  # each c·I - X·Y is one fused matmul (torch.baddbmm)
-        az = torch.matmul(a, z)
-        inner = torch.baddbmm(eye.flatten(0, -3), az.flatten(0, -3), (7 * eye - az).flatten(0, -3), beta=15, alpha=-1)
-        inner = torch.baddbmm(eye.flatten(0, -3), az.flatten(0, -3), inner, beta=13, alpha=-1)
-        z = torch.matmul(z, inner.view_as(a)) * 0.25
+        az = torch.bmm(flat_a, z)
+        inner = torch.baddbmm(eye, az, torch.baddbmm(eye, az, eye, beta=7, alpha=-1), beta=15, alpha=-1)
+        z = torch.bmm(z, torch.baddbmm(eye, az, inner, beta=13, alpha=-1)) * 0.25
+    z = z.view_as(a)
     return z
 
 

@@ -43,16 +43,35 @@ _CHUNK = 64
 
 
 def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
-    """``exp(dtA)^k`` for real ``exponents`` of any shape: ``(C, n, *exponents.shape)`` complex."""
-    return torch.exp(dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.real.dtype))
+    """``exp(dtA)^k`` for real ``exponents`` of any shape: ``(C, n, *exponents.shape)`` complex.
+
+    As ``exp(Re)·e^{i·Im}`` (``torch.polar``): a third of the CPU time of a complex ``exp``."""
+    z = dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.real.dtype)
+    return torch.polar(torch.exp(z.real), z.imag)
 
 
 def _decay_matrix(dt_a: Tensor, step: int, rows: int, cols: int, strict: bool) -> Tensor:
-    """Lower-triangular ``W[a, b] = λ^{step·(a - b - strict)}`` (zero above), ``(C, n, rows, cols)`` complex."""
+    """Lower-triangular ``W[a, b] = λ^{step·(a - b - strict)}`` (zero above), ``(C, n, rows, cols)`` complex.
+
+    The powers are computed once per lag and indexed."""
     a = torch.arange(rows, device=dt_a.device)[:, None]
     b = torch.arange(cols, device=dt_a.device)[None, :]
     lag = a - b - int(strict)
-    return _powers(dt_a, lag.clamp(min=0) * step) * (lag >= 0)
+    powers = _powers(dt_a, torch.arange(rows, device=dt_a.device) * step)       # (C, n, rows)
+    return powers[..., lag.clamp(min=0)] * (lag >= 0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the gradient of the mixer output arrives in the
+    ``(T, B, C)`` order of ``out_proj``, a layout the CPU ``bmm`` backward would copy one matrix at a time."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 def _as_pairs(x: Tensor) -> Tensor:
@@ -89,11 +108,11 @@ def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, c
     lam = _powers(dt_a, pos)                                                # (C, n, t+1): λ^0 .. λ^t
     w = c_bar[..., None] * lam                                              # C̃ λ^i
     kern = 2.0 * w[..., :t].sum(1).real                                     # (C, t)
-    i = torch.arange(t, device=u.device)
-    lag = i[:, None] - i[None, :]
-    toe = torch.where(lag >= 0, kern[:, lag.clamp(min=0)], kern.new_zeros(()))   # (C, t, t)
-    flat = F.pad(u, (0, padded * t - length)).reshape(channels, bsz * padded, t)
-    y = torch.bmm(flat, toe.transpose(1, 2))                                # (C, B·M, t)
+    # Toeplitz, transposed: toe_t[c, j, i] = K[i - j] (exact zeros for i < j), as windows of the zero-padded kernel
+    toe_t = F.pad(kern, (t - 1, 0)).unfold(-1, t, 1).flip(1)               # (C, t, t)
+    # contiguous: a (C, B·M, t) view with another batch stride makes the CPU bmm copy one matrix at a time
+    flat = F.pad(u, (0, padded * t - length)).reshape(channels, bsz * padded, t).contiguous()
+    y = torch.bmm(flat, toe_t)                                              # (C, B·M, t)
     # end state of every chunk from zero: Σ_j λ^{t-1-j} u_j as real products with (re, im) pairs
     back = _as_pairs(lam[..., :t].flip(-1).transpose(1, 2))                 # (C, t, 2n)
     ends = torch.view_as_complex(torch.bmm(flat, back).view(channels, bsz, groups, per_group, n, 2))
@@ -201,14 +220,14 @@ class S4D(EfficientAttention):
     def _inputs(self, q: Tensor, kpm: Optional[Tensor]) -> Tensor:
         """Per-head ``(B, H, T, d)`` -> channels first ``(C, B, T)`` (channel ``h·d + i``), fp32+, padding zeroed."""
         bsz, heads, length, dim = q.shape
-        u = q.to(acc_dtype(q.dtype)).permute(1, 3, 0, 2).reshape(heads * dim, bsz, length)
+        u = q.to(acc_dtype(q.dtype)).permute(1, 3, 0, 2).reshape(heads * dim, bsz, length).contiguous()
         if kpm is not None:
             u = u.masked_fill(as_bool_mask(kpm, "key_padding_mask")[None], 0.0)
         return u
 
     def _finish(self, y: Tensor, u: Tensor, like: Tensor) -> Tensor:
         """``act(y + D·u)`` with dropout, back to per-head ``(B, H, T, d)``."""
-        y = _ACTIVATIONS[self.activation](torch.addcmul(y, self.d.to(y.dtype)[:, None, None], u))
+        y = _ACTIVATIONS[self.activation](torch.addcmul(_ContiguousGrad.apply(y), self.d.to(y.dtype)[:, None, None], u))
         y = F.dropout(y, self.dropout_p, training=self.training)
         _, bsz, length = y.shape
         return y.to(like.dtype).view(self.num_heads, self.head_dim, bsz, length).permute(2, 0, 3, 1)
