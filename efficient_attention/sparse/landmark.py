@@ -13,8 +13,10 @@ Landmarks gate their block and are never attended as values; the weights sum
 to 1.  With ``top_k`` only the ``k`` earlier blocks with the highest landmark
 scores take part (the paper's retrieval at inference); a decoding step then
 reads only the landmark keys and the retrieved blocks.  Causal.  Cost
-``O(T · S · d)`` for a full pass (memory ``O(chunk · S)``), ``O(S/bs + k·bs)``
-per retrieved decoding step.
+``O(T · S · d)`` for a full pass, ``O(S/bs + k·bs)`` per retrieved decoding step.
+Memory: ``O(N)`` forward and backward for the fixed-period layout without
+``top_k`` (block by block, :mod:`efficient_attention.kernels.landmark`), else
+``O(chunk · S)`` per chunk of the formula (kept by autograd in training).
 """
 from __future__ import annotations
 
