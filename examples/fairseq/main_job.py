@@ -193,7 +193,7 @@ def run_mechanism(name: str, data: Path, work: Path, args) -> Dict:
         "--tokens-per-sample", args.tokens_per_sample, "--sample-break-mode", "eos", "--batch-size", args.batch_size,
         *(["--decoder-learned-pos"] if args.learned_pos else []),
         "--required-batch-size-multiple", "1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-        "--lr", args.lr, "--lr-scheduler", "fixed", "--warmup-updates", max(1, args.max_update // 8),
+        "--lr", args.lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 100,
         "--clip-norm", "1.0", "--max-update", args.max_update, "--save-dir", save, "--no-epoch-checkpoints",
         "--log-format", "simple", "--log-interval", max(1, args.max_update // 5), "--seed", args.seed,
         "--num-workers", "0", "--validate-interval-updates", args.max_update, "--disable-validation",
@@ -238,7 +238,8 @@ def main(argv=None) -> None:
     p.add_argument("--mechanisms", help="comma-separated registered names (default: %s, first %d registered)"
                    % (",".join(DEFAULT_MECHANISMS), DEFAULT_COUNT))
     p.add_argument("--work-dir", type=Path, default=ROOT / "work_dirs" / "fairseq_main")
-    p.add_argument("--max-update", type=int, default=1000)
+    p.add_argument("--max-update", type=int, default=1500,
+                   help="training updates (when vanilla learns the copy depends on the seed: see examples/fairseq/README.md)")
     p.add_argument("--tokens-per-sample", type=int, default=128, help="longest line (one line per sample)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
