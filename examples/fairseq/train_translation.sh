@@ -39,5 +39,6 @@ save="$work/checkpoints/${enc}_${dec}_${cross}"
   --gen-subset test --beam 2 --max-tokens 8192 --required-batch-size-multiple 1 --max-len-a 1 --max-len-b 8 \
   | tail -3
 
-echo "s1 s2 s3 s4 |" | "$bin/fairseq-interactive" "$work/data-bin" --user-dir "$user_dir" --cpu \
+# a source of the lengths it was trained on (7-31 symbols); the hypothesis should repeat the symbols
+echo "s5 s17 s3 s40 s22 s9 s31 s8 s60 s12 s1 s44 |" | "$bin/fairseq-interactive" "$work/data-bin" --user-dir "$user_dir" --cpu \
   --path "$save/checkpoint_last.pt" --source-lang src --target-lang tgt --beam 2 | grep -E '^(S|H)-'
