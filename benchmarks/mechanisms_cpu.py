@@ -70,9 +70,9 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     result = {
         "script": "benchmarks/mechanisms_cpu.py", "machine": machine_info(("cpu",)),
-        "setting": {"length": args.length, "batch": args.batch, "heads": args.heads, "dim": args.dim, "dtype": "float32",
-                    "threads": args.threads, "rounds": args.rounds, "budget_s": args.budget, "loss": "out.sum()",
-                    "interleaved": True},
+        "setting": {"length": args.length, "batch": args.batch, "heads": args.heads, "dim": args.dim,
+                    "dtype": "float32", "threads": args.threads, "rounds": args.rounds, "budget_s": args.budget,
+                    "loss": "out.sum()", "interleaved": True},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
     }
