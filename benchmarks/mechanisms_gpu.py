@@ -434,11 +434,22 @@ def run(args) -> dict:
             result["info"][part] = worker.info
             _write(result, out_path)
         worker.stop()  # a fresh process per part: one part's cached memory never limits the next
+        _finish(result, t_start, out_path)
+        # print each table as soon as its parts are done: a run cut short still shows what it measured
+        if part == "decode":
+            print(decode_table(result), flush=True)
+        elif part == "cab" or (part == "train" and "cab" not in args.parts):
+            print(train_table(result), flush=True)
+    return result
+
+
+def _finish(result: dict, t_start: float, out_path: Path) -> None:
+    """Versions and device from the workers, elapsed time; JSON and Markdown written."""
     info = result["info"].get("train") or result["info"].get("decode") or result["info"].get("cab") or {}
     result.update({k: info.get(k) for k in ("device", "torch", "triton", "cuda", "python")})
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     _write(result, out_path)
-    return result
+    out_path.with_name("mechanisms_gpu.md").write_text(markdown(result))
 
 
 def _log(part, k, total, elapsed, rec) -> None:
@@ -612,8 +623,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0.25, help="seconds per call before a series stops")
-    p.add_argument("--point-timeout", type=float, default=60.0, help="seconds before a point's worker is killed")
-    p.add_argument("--max-time", type=float, default=510.0, help="seconds for everything (parts share it: 55/25/20%%)")
+    p.add_argument("--point-timeout", type=float, default=45.0, help="seconds before a point's worker is killed")
+    p.add_argument("--max-time", type=float, default=480.0, help="seconds for everything (parts share it: 55/25/20%%)")
     p.add_argument("--report", type=Path, default=None, metavar="JSON", help="print the tables of an earlier run")
     p.add_argument("--cab-dir", type=Path, default=CAB_DIR, help="CAB's efficient-attention folder (git-ignored copy)")
     p.add_argument("--worker", choices=("ours", "cab"), help=argparse.SUPPRESS)
@@ -634,17 +645,15 @@ def main(argv=None) -> int:
     if args.report is not None:  # the tables of an earlier run
         result = json.loads(args.report.read_text())
         args.parts = sorted({q["part"] for q in result["points"]})
+        if "train" in args.parts:
+            print(train_table(result))
+        if "decode" in args.parts:
+            print(decode_table(result))
     else:
-        result = run(args)
+        result = run(args)  # prints the tables as the parts finish
     json_path = args.report or Path(args.out) / "mechanisms_gpu.json"
     print(f"device: {result.get('device')}; torch {result.get('torch')}, triton {result.get('triton')}, "
-          f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON: {json_path}")
-    if args.report is None:
-        (Path(args.out) / "mechanisms_gpu.md").write_text(markdown(result))
-    if "train" in args.parts:
-        print(train_table(result))
-    if "decode" in args.parts:
-        print(decode_table(result))
+          f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON and Markdown: {json_path.with_suffix('.*')}")
     ok = [q for q in result["points"] if q["status"] == "ok"]
     return 0 if ok else 1
 
