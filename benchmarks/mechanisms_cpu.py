@@ -118,6 +118,28 @@ def _write(result: dict, out: Path) -> None:
     (out / "mechanisms_cpu.json").write_text(json.dumps(result, indent=1, default=str))
 
 
+def markdown(result: dict, before=None) -> str:
+    """The table as Markdown (``mechanisms_cpu.md``)."""
+    base = {p["pattern"]: p for p in result["points"] if p["mechanism"] == "vanilla" and "time_s" in p}
+    prev = {(p["mechanism"], p["pattern"]): p for p in (before or {}).get("points", []) if "time_s" in p}
+    head = "| mechanism | pattern | median ms | min ms | SDPA / ours |"
+    head += " before ms | after / before |" if before else ""
+    lines = [head, "|---|---|---|---|---|" + ("---|---|" if before else "")]
+    for p in result["points"]:
+        if "time_s" not in p:
+            lines.append(f"| `{p['mechanism']}` | {p['pattern']} | {p['status']} | | |" + (" | |" if before else ""))
+            continue
+        b = base.get(p["pattern"])
+        once = " (1 call)" if len(p["times_s"]) == 1 else ""
+        line = (f"| `{p['mechanism']}` | {p['pattern']} | {p['time_s'] * 1e3:,.0f}{once} | {p['min_s'] * 1e3:,.0f} | "
+                + (f"{b['time_s'] / p['time_s']:.2f} |" if b else "- |"))
+        if before:
+            q = prev.get((p["mechanism"], p["pattern"]))
+            line += f" {q['time_s'] * 1e3:,.0f} | {p['time_s'] / q['time_s']:.2f} |" if q else " - | - |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def table(result: dict, before=None) -> str:
     base = {p["pattern"]: p for p in result["points"] if p["mechanism"] == "vanilla" and "time_s" in p}
     prev = {(p["mechanism"], p["pattern"]): p for p in (before or {}).get("points", []) if "time_s" in p}
@@ -157,6 +179,7 @@ def main(argv=None) -> int:
     result = run(args)
     _write(result, args.out)
     before = json.loads(args.compare.read_text()) if args.compare else None
+    (args.out / "mechanisms_cpu.md").write_text(markdown(result, before))
     print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; load "
           f"{result['load_average_start']} -> {result['load_average_end']}")
     print(table(result, before))
