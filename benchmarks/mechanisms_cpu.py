@@ -70,9 +70,9 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     result = {
         "script": "benchmarks/mechanisms_cpu.py", "machine": machine_info(("cpu",)),
-        "setting": {"length": args.length, "batch": args.batch, "heads": args.heads, "dim": args.dim, "dtype": "float32",
-                    "threads": args.threads, "rounds": args.rounds, "budget_s": args.budget, "loss": "out.sum()",
-                    "interleaved": True},
+        "setting": {"length": args.length, "batch": args.batch, "heads": args.heads, "dim": args.dim,
+                    "dtype": "float32", "threads": args.threads, "rounds": args.rounds, "budget_s": args.budget,
+                    "loss": "out.sum()", "interleaved": True},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -95,6 +95,11 @@ def run(args) -> dict:
             if rec.get("status") == "ok" and rec["warmup_s"] <= args.budget:
                 rec["times_s"].append(_timed(rec))
         print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
+        _write(_collect(result, series, r + 1), args.out)  # a run cut short keeps its finished rounds
+    return _collect(result, series, args.rounds)
+
+
+def _collect(result: dict, series: list, rounds_done: int) -> dict:
     points = []
     for rec in series:
         p = {k: rec[k] for k in ("mechanism", "pattern", "options", "times_s") if k in rec}
@@ -104,9 +109,35 @@ def run(args) -> dict:
         if p["status"] == "ok" and rec["times_s"]:
             p["time_s"], p["min_s"] = statistics.median(rec["times_s"]), min(rec["times_s"])
         points.append(p)
-    result["points"] = points
-    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    return result
+    return {**result, "points": points, "rounds_done": rounds_done,
+            "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mechanisms_cpu.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+def markdown(result: dict, before=None) -> str:
+    """The table as Markdown (``mechanisms_cpu.md``)."""
+    base = {p["pattern"]: p for p in result["points"] if p["mechanism"] == "vanilla" and "time_s" in p}
+    prev = {(p["mechanism"], p["pattern"]): p for p in (before or {}).get("points", []) if "time_s" in p}
+    head = "| mechanism | pattern | median ms | min ms | SDPA / ours |"
+    head += " before ms | after / before |" if before else ""
+    lines = [head, "|---|---|---|---|---|" + ("---|---|" if before else "")]
+    for p in result["points"]:
+        if "time_s" not in p:
+            lines.append(f"| `{p['mechanism']}` | {p['pattern']} | {p['status']} | | |" + (" | |" if before else ""))
+            continue
+        b = base.get(p["pattern"])
+        once = " (1 call)" if len(p["times_s"]) == 1 else ""
+        line = (f"| `{p['mechanism']}` | {p['pattern']} | {p['time_s'] * 1e3:,.0f}{once} | {p['min_s'] * 1e3:,.0f} | "
+                + (f"{b['time_s'] / p['time_s']:.2f} |" if b else "- |"))
+        if before:
+            q = prev.get((p["mechanism"], p["pattern"]))
+            line += f" {q['time_s'] * 1e3:,.0f} | {p['time_s'] / q['time_s']:.2f} |" if q else " - | - |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def table(result: dict, before=None) -> str:
@@ -134,7 +165,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench-cpu"))
     p.add_argument("--compare", type=Path, default=None, help="an earlier mechanisms_cpu.json: print after / before")
-    p.add_argument("--mechanisms", type=lambda t: [x for x in t.replace(",", " ").split() if x], default=None)
+    p.add_argument("--mechanisms", nargs="+", default=None, help="only these (space- or comma-separated)")
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
@@ -143,10 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds")
     p.add_argument("--budget", type=float, default=10.0, help="seconds: a slower warm-up call is the only timing")
     args = p.parse_args(argv)
+    if args.mechanisms:
+        args.mechanisms = [t for v in args.mechanisms for t in v.replace(",", " ").split()]
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mechanisms_cpu.json").write_text(json.dumps(result, indent=1, default=str))
+    _write(result, args.out)
     before = json.loads(args.compare.read_text()) if args.compare else None
+    (args.out / "mechanisms_cpu.md").write_text(markdown(result, before))
     print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; load "
           f"{result['load_average_start']} -> {result['load_average_end']}")
     print(table(result, before))

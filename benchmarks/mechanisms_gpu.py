@@ -76,7 +76,7 @@ OPTIONS = {
     # block per chunk keeps about l/L + block/l of the scores (noncausal): 81% sparse at 8k, 90% at 32k
     "block_sparse": {"block_size": 64, "local_attn_ctx": 1024},
 }
-VARIANTS = {"block_sparse@128": ("block_sparse", {"block_size": 128, "local_attn_ctx": 2048})}  # label -> (name, options)
+VARIANTS = {"block_sparse@128": ("block_sparse", {"block_size": 128, "local_attn_ctx": 2048})}  # label: (name, opts)
 DECODE_OPTIONS = {"cosformer": {"max_len": max(CONTEXTS) + 64}}  # causal cosFormer decodes with a fixed M
 # (our mechanism, pattern) -> (CAB class, CAB constructor options).  CAB's Performer silently turns causal
 # off and its MultiheadAttention applies no causal mask itself: neither is a causal baseline.
@@ -225,7 +225,8 @@ class Worker:
         if self.kind == "cab":
             env.pop("PYTHONPATH", None)  # CAB's efficient_attention must not meet ours
         else:
-            env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + paths)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", self.kind, "--cab-dir", str(self.cab_dir)]
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._buf = b""
@@ -282,7 +283,8 @@ class Worker:
         code = self.proc.poll()
         self.stop()
         if alive:
-            return {"status": "error", "reason": "timeout", "detail": f"killed after the {self.timeout:.0f} s point timeout"}
+            detail = f"killed after the {self.timeout:.0f} s point timeout"
+            return {"status": "error", "reason": "timeout", "detail": detail}
         return {"status": "error", "reason": "crash", "detail": f"worker process exited with code {code}"}
 
     def stop(self) -> None:
@@ -342,8 +344,8 @@ def plan(args, setting: dict) -> list:
             opts = {}
         return opts
 
-    train = plan_series(SweepConfig(mechanisms=names, baselines=("vanilla",), patterns=list(PATTERNS), modes=("backward",),
-                                    dtypes=(setting["dtype"],)))
+    train = plan_series(SweepConfig(mechanisms=names, baselines=("vanilla",), patterns=list(PATTERNS),
+                                    modes=("backward",), dtypes=(setting["dtype"],)))
     for s in train:
         series.append(dict(part="train", label=s["mechanism"], mechanism=s["mechanism"], pattern=s["pattern"],
                            options=options_for(s["mechanism"], {})))
@@ -358,8 +360,8 @@ def plan(args, setting: dict) -> list:
             cls, opts = CAB_CLASSES[key]
             series.append(dict(part="cab", label=s["mechanism"], mechanism=s["mechanism"], pattern=s["pattern"],
                                cab_class=cls, options=dict(opts)))
-    decode = plan_series(SweepConfig(mechanisms=names, baselines=("vanilla",), patterns=["causal self"], modes=("decode",),
-                                     dtypes=(setting["dtype"],)))
+    decode = plan_series(SweepConfig(mechanisms=names, baselines=("vanilla",), patterns=["causal self"],
+                                     modes=("decode",), dtypes=(setting["dtype"],)))
     for s in decode:
         series.append(dict(part="decode", label=s["mechanism"], mechanism=s["mechanism"], pattern=s["pattern"],
                            options=options_for(s["mechanism"], DECODE_OPTIONS)))
@@ -384,8 +386,9 @@ def run(args) -> dict:
     result = {
         "script": "benchmarks/mechanisms_gpu.py", "smoke": bool(args.smoke), "git_commit": _git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "setting": {**setting, "embed_dim": setting["heads"] * setting["dim"], "device": device, "lengths": list(lengths),
-                    "contexts": list(contexts), "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget,
+        "setting": {**setting, "embed_dim": setting["heads"] * setting["dim"], "device": device,
+                    "lengths": list(lengths), "contexts": list(contexts), "warmup": args.warmup,
+                    "repeats": args.repeats, "budget_s": args.budget,
                     "point_timeout_s": args.point_timeout, "max_time_s": args.max_time, "loss": "out.sum()",
                     "dropout": 0.0, "train_mode": True, "options": OPTIONS, "decode_options": DECODE_OPTIONS,
                     "variants": {k: list(v) for k, v in VARIANTS.items()}},
@@ -420,7 +423,8 @@ def run(args) -> dict:
                     skip = ("time limit", f"the {part} part passed its deadline ({share:.0%} of {args.max_time:g} s)")
                 t0 = time.monotonic()
                 res = {"status": "skipped", "reason": skip[0], "detail": skip[1]} if skip else worker.run(point)
-                rec = {**{key: point[key] for key in ("part", "label", "mechanism", "pattern", "length", "options")}, **res}
+                keys = ("part", "label", "mechanism", "pattern", "length", "options")
+                rec = {**{key: point[key] for key in keys}, **res}
                 rec["wall_s"] = round(time.monotonic() - t0, 3)
                 if part == "cab":
                     rec["cab_class"] = s["cab_class"]
@@ -430,11 +434,22 @@ def run(args) -> dict:
             result["info"][part] = worker.info
             _write(result, out_path)
         worker.stop()  # a fresh process per part: one part's cached memory never limits the next
+        _finish(result, t_start, out_path)
+        # print each table as soon as its parts are done: a run cut short still shows what it measured
+        if part == "decode":
+            print(decode_table(result), flush=True)
+        elif part == "cab" or (part == "train" and "cab" not in args.parts):
+            print(train_table(result), flush=True)
+    return result
+
+
+def _finish(result: dict, t_start: float, out_path: Path) -> None:
+    """Versions and device from the workers, elapsed time; JSON and Markdown written."""
     info = result["info"].get("train") or result["info"].get("decode") or result["info"].get("cab") or {}
     result.update({k: info.get(k) for k in ("device", "torch", "triton", "cuda", "python")})
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
     _write(result, out_path)
-    return result
+    out_path.with_name("mechanisms_gpu.md").write_text(markdown(result))
 
 
 def _log(part, k, total, elapsed, rec) -> None:
@@ -444,7 +459,8 @@ def _log(part, k, total, elapsed, rec) -> None:
         mem_text = f", peak {mem / 2**30:.2f} GiB" if mem else ""
         print(f"{head}: {rec['time_s'] * 1e3:.3g} ms{mem_text}", file=sys.stderr, flush=True)
     elif rec["status"] != "skipped" or rec.get("reason") not in ("budget", "oom", "after failure", "time limit"):
-        print(f"{head}: {rec['status']} {rec.get('reason', '')} {rec.get('detail', '')[:160]}", file=sys.stderr, flush=True)
+        text = f"{head}: {rec['status']} {rec.get('reason', '')} {rec.get('detail', '')[:160]}"
+        print(text, file=sys.stderr, flush=True)
 
 
 def _write(result: dict, path: Path) -> None:
@@ -454,10 +470,13 @@ def _write(result: dict, path: Path) -> None:
 
 
 # ====================================================================== tables
+_METRICS = (("time", "time_s", "forward + backward, ms"), ("memory", "mem_max_allocated_bytes", "peak memory, GiB"))
+FLAT_TARGETS = ("local", "performer", "cosformer", "abc", "s4d", "causal_ls", "longshort")  # issue 14's 1.3x rule
+
+
 def _short(p) -> str:
-    if p is None:
-        return ""
-    if p["status"] == "ok":
+    """A failed or skipped point in a few letters ('' for none or ok)."""
+    if p is None or p["status"] == "ok":
         return ""
     return {"oom": "oom", "error": "err"}.get(p["status"], p.get("reason", p["status"]))[:8]
 
@@ -467,118 +486,133 @@ def _fmt_ms(s: float) -> str:
     return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"
 
 
+def _len(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def _index(points, part):
     return {(p["label"], p["pattern"], p["length"]): p for p in points if p["part"] == part}
 
 
-def train_table(result: dict) -> str:
-    """Per mechanism and pattern, per length: ours, SDPA÷ours, CAB÷ours -- time at every length, memory from 8k."""
+def _ratio(other, p, key: str) -> str:
+    """``other / p`` for ``key`` (above 1: ``p`` is cheaper), else why ``other`` has no number."""
+    if other is not None and other["status"] == "ok" and key in other:
+        return f"{other[key] / p[key]:.2f}"
+    return _short(other) or "-"
+
+
+def _train_cells(result: dict):
+    """``(metric, title, lengths, rows)``; a row is ``(label, pattern, cells)``, a cell ``(ours, SDPA/ours,
+    CAB/ours)`` as text or a one-word reason; memory only from 8k on."""
     ours, cab = _index(result["points"], "train"), _index(result["points"], "cab")
     lengths = result["setting"]["lengths"]
-    rows = list(dict.fromkeys((p["label"], p["pattern"]) for p in result["points"] if p["part"] == "train"))
-    rows.sort(key=lambda r: (r[1] != "noncausal self", r[0] != "vanilla", r[0]))
-    out = []
-    for metric, key, title in (("time", "time_s", "forward+backward ms"), ("memory", "mem_max_allocated_bytes", "peak GiB")):
-        cols = lengths if metric == "time" else [n for n in lengths if n >= 8192] or lengths[-1:]
+    labels = list(dict.fromkeys((p["label"], p["pattern"]) for p in result["points"] if p["part"] == "train"))
+    labels.sort(key=lambda r: (r[1] != "noncausal self", r[0] != "vanilla", r[0]))
+    for metric, key, title in _METRICS:
         if not any(key in p for p in ours.values()):
             continue  # no memory on the CPU (smoke)
-        better = "faster" if metric == "time" else "smaller"
-        out.append(f"{title}; cell: ours, SDPA/ours, CAB/ours (> 1: ours {better}; -: no CAB counterpart)")
-        out.append(f"{'mechanism':<17}{'pattern':<9}" + "".join(f"{_len(n):>19}" for n in cols))
-        for label, pattern in rows:
+        cols = lengths if metric == "time" else ([n for n in lengths if n >= 8192] or lengths[-1:])
+        rows = []
+        for label, pattern in labels:
             cells = []
             for n in cols:
                 p = ours.get((label, pattern, n))
                 if p is None or p["status"] != "ok" or key not in p:
-                    cells.append(f"{_short(p):>19}")
+                    cells.append(_short(p))
                     continue
-                base = ours.get(("vanilla", pattern, n))
-                c = cab.get((label, pattern, n))
-                val = _fmt_ms(p[key]) if metric == "time" else f"{p[key] / 2**30:.2f}"
-                s_ratio = f"{base[key] / p[key]:.2f}" if base and base["status"] == "ok" and key in base else _short(base) or "-"
-                c_ratio = f"{c[key] / p[key]:.2f}" if c and c["status"] == "ok" and key in c else (_short(c) or "-")
-                cells.append(f"{val:>7}{s_ratio:>6}{c_ratio:>6}")
-            out.append(f"{label[:16]:<17}{pattern.split()[0][:8]:<9}" + "".join(cells))
+                value = _fmt_ms(p[key]) if metric == "time" else f"{p[key] / 2**30:.2f}"
+                cells.append((value, _ratio(ours.get(("vanilla", pattern, n)), p, key),
+                              _ratio(cab.get((label, pattern, n)), p, key)))
+            rows.append((label, pattern, cells))
+        yield metric, title, cols, rows
+
+
+def train_table(result: dict) -> str:
+    """Plain text: per mechanism and pattern, per length: ours, SDPA/ours, CAB/ours."""
+    out = []
+    for metric, title, cols, rows in _train_cells(result):
+        better = "faster" if metric == "time" else "smaller"
+        out.append(f"{title}; cell: ours, SDPA/ours, CAB/ours (> 1: ours {better}; -: no CAB counterpart)")
+        out.append(f"{'mechanism':<17}{'pattern':<9}" + "".join(f"{_len(n):>19}" for n in cols))
+        for label, pattern, cells in rows:
+            text = "".join(f"{c[0]:>7}{c[1]:>6}{c[2]:>6}" if isinstance(c, tuple) else f"{c:>19}" for c in cells)
+            out.append(f"{label[:16]:<17}{pattern.split()[0][:8]:<9}{text}")
         out.append("")
     return "\n".join(out)
 
 
-def decode_table(result: dict) -> str:
-    """One decoding step (ms) per context, the 64k/512 ratio and ours/vanilla, against issue 14's targets."""
+def _decode_rows(result: dict):
+    """Per causal mechanism: step times per context, 64k/512 growth, ours/vanilla per context, verdicts."""
     pts = _index(result["points"], "decode")
     contexts = result["setting"]["contexts"]
-    labels = list(dict.fromkeys(p["label"] for p in result["points"] if p["part"] == "decode"))
-    lo, hi = contexts[0], contexts[-1]
-    flat_targets = {"local", "performer", "cosformer", "abc", "s4d", "causal_ls", "longshort"}
-    head = f"{'mechanism':<14}" + "".join(f"{_len(c):>9}" for c in contexts) + f" {_len(hi)}/{_len(lo)}" + "".join(
-        f" vs-vanilla@{_len(c)}" for c in contexts) + "  targets"
-    out = ["decoding step, ms (B=4, one layer, bf16 autocast; state restored before each step); targets: <= 2x vanilla "
-           "at each context; "
-           f"local, linear family, S4D, Long-Short: {_len(hi)} step <= 1.3x the {_len(lo)} step", head]
-    for label in labels:
+    for label in dict.fromkeys(p["label"] for p in result["points"] if p["part"] == "decode"):
         row = [pts.get((label, "causal self", c)) for c in contexts]
-        cells = "".join(f"{_fmt_ms(p['time_s']) if p and p['status'] == 'ok' else _short(p):>9}" for p in row)
         ok = [p is not None and p["status"] == "ok" for p in row]
         growth = row[-1]["time_s"] / row[0]["time_s"] if ok[0] and ok[-1] else None
-        cells += f" {growth:>{len(_len(hi)) + len(_len(lo)) + 1}.2f}" if growth else f" {'-':>{len(_len(hi)) + len(_len(lo)) + 1}}"
-        verdicts = []
+        vs = []
         for c, p, good in zip(contexts, row, ok):
             v = pts.get(("vanilla", "causal self", c))
-            r = p["time_s"] / v["time_s"] if good and v and v["status"] == "ok" else None
-            cells += f" {r:>{len(' vs-vanilla@' + _len(c)) - 1}.2f}" if r else f" {'-':>{len(' vs-vanilla@' + _len(c)) - 1}}"
-            if r is not None and label != "vanilla":
-                verdicts.append(r <= 2.0)
+            vs.append(p["time_s"] / v["time_s"] if good and v is not None and v["status"] == "ok" else None)
         marks = []
-        if verdicts:
-            marks.append("2x-vanilla " + ("met" if all(verdicts) and len(verdicts) == len(contexts) else "MISSED"))
-        if label in flat_targets:
+        if label != "vanilla":
+            met = all(r is not None and r <= 2.0 for r in vs)
+            marks.append("2x-vanilla " + ("met" if met else "MISSED"))
+        if label in FLAT_TARGETS:
             marks.append("flat " + ("met" if growth is not None and growth <= 1.3 else "MISSED"))
         grow = [p["step_growing_s"] / p["time_s"] for p, good in zip(row, ok) if good and p.get("step_growing_s")]
         if grow and max(grow) > 1.5:  # consecutive steps (growing context) much slower than a repeated step
             marks.append(f"growing-context steps {max(grow):.1f}x slower")
-        out.append(f"{label:<14}{cells}  {', '.join(marks)}")
+        yield label, row, growth, vs, marks
+
+
+def decode_table(result: dict) -> str:
+    """One decoding step (ms) per context, the longest/shortest ratio and ours/vanilla, against issue 14's targets."""
+    contexts = result["setting"]["contexts"]
+    lo, hi = _len(contexts[0]), _len(contexts[-1])
+    out = [f"decoding step, ms (B=4, one layer, bf16 autocast, state restored before each step); targets: "
+           f"<= 2x vanilla at each context; {', '.join(FLAT_TARGETS)}: the {hi} step <= 1.3x the {lo} step",
+           f"{'mechanism':<14}" + "".join(f"{_len(c):>8}" for c in contexts) + f"{hi + '/' + lo:>9}"
+           + "".join(f"{'/van@' + _len(c):>10}" for c in contexts) + "  targets"]
+    for label, row, growth, vs, marks in _decode_rows(result):
+        cells = "".join(f"{_fmt_ms(p['time_s']) if p and p['status'] == 'ok' else _short(p):>8}" for p in row)
+        cells += f"{growth:>9.2f}" if growth is not None else f"{'-':>9}"
+        cells += "".join(f"{r:>10.2f}" if r is not None else f"{'-':>10}" for r in vs)
+        out.append(f"{label[:13]:<14}{cells}  {', '.join(marks)}")
     return "\n".join(out)
 
 
 def markdown(result: dict) -> str:
     """The tables as Markdown (``mechanisms_gpu.md``), for benchmarks/README.md."""
-    ours, cab = _index(result["points"], "train"), _index(result["points"], "cab")
-    lengths = result["setting"]["lengths"]
-    rows = list(dict.fromkeys((p["label"], p["pattern"]) for p in result["points"] if p["part"] == "train"))
-    rows.sort(key=lambda r: (r[1] != "noncausal self", r[0] != "vanilla", r[0]))
     out = [f"{result.get('device')}, torch {result.get('torch')}, Triton {result.get('triton')}, "
            f"commit {str(result.get('git_commit'))[:10]}, {result.get('started')}.\n"]
-    for metric, key, title in (("time", "time_s", "Forward + backward, ms"), ("memory", "mem_max_allocated_bytes", "Peak memory, GiB")):
-        if not any(key in p for p in ours.values()):
-            continue
-        out.append(f"**{title}** -- ours / SDPA÷ours / CAB÷ours (above 1: ours {'faster' if metric == 'time' else 'smaller'})\n")
-        out.append("| mechanism | pattern | " + " | ".join(_len(n) for n in lengths) + " |")
-        out.append("|---|---|" + "---|" * len(lengths))
-        for label, pattern in rows:
-            cells = []
-            for n in lengths:
-                p = ours.get((label, pattern, n))
-                if p is None or p["status"] != "ok" or key not in p:
-                    cells.append(_short(p))
-                    continue
-                base, c = ours.get(("vanilla", pattern, n)), cab.get((label, pattern, n))
-                val = _fmt_ms(p[key]) if metric == "time" else f"{p[key] / 2**30:.2f}"
-                s_ratio = f"{base[key] / p[key]:.2f}" if base and base["status"] == "ok" and key in base else (_short(base) or "-")
-                c_ratio = f"{c[key] / p[key]:.2f}" if c and c["status"] == "ok" and key in c else (_short(c) or "-")
-                cells.append(f"{val} / {s_ratio} / {c_ratio}")
-            out.append(f"| `{label}` | {pattern} | " + " | ".join(cells) + " |")
+    for metric, title, cols, rows in _train_cells(result):
+        better = "faster" if metric == "time" else "smaller"
+        out.append(f"**{title[0].upper() + title[1:]}**: ours / SDPA÷ours / CAB÷ours (above 1: ours {better})\n")
+        out.append("| mechanism | pattern | " + " | ".join(_len(n) for n in cols) + " |")
+        out.append("|---|---|" + "---|" * len(cols))
+        for label, pattern, cells in rows:
+            text = " | ".join(" / ".join(c) if isinstance(c, tuple) else c for c in cells)
+            out.append(f"| `{label}` | {pattern} | {text} |")
         out.append("")
-    if any(p["part"] == "decode" for p in result["points"]):
-        out.append("**Decoding step**\n\n```\n" + decode_table(result) + "\n```\n")
+    contexts = result["setting"].get("contexts", [])
+    decode = list(_decode_rows(result))
+    if decode:
+        lo, hi = _len(contexts[0]), _len(contexts[-1])
+        out.append("**Decoding step, ms** (B = 4, one layer; ours / vanilla in brackets)\n")
+        out.append("| mechanism | " + " | ".join(_len(c) for c in contexts) + f" | {hi} / {lo} | targets |")
+        out.append("|---|" + "---|" * (len(contexts) + 2))
+        for label, row, growth, vs, marks in decode:
+            cells = [(f"{_fmt_ms(p['time_s'])} ({r:.2f})" if r is not None else _fmt_ms(p["time_s"]))
+                     if p is not None and p["status"] == "ok" else _short(p) for p, r in zip(row, vs)]
+            g = f"{growth:.2f}" if growth is not None else "-"
+            out.append(f"| `{label}` | " + " | ".join(cells) + f" | {g} | {', '.join(marks)} |")
+        out.append("")
     return "\n".join(out)
 
 
-def _len(n: int) -> str:
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench-mechanisms"), help="output folder")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script, measures nothing useful")
     p.add_argument("--parts", nargs="+", default=["train", "cab", "decode"], help="which parts: train cab decode")
@@ -589,9 +623,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0.25, help="seconds per call before a series stops")
-    p.add_argument("--point-timeout", type=float, default=60.0, help="seconds before a point's worker is killed")
-    p.add_argument("--max-time", type=float, default=510.0, help="seconds for everything (parts share it: 55/25/20%%)")
-    p.add_argument("--report", type=Path, default=None, metavar="JSON", help="print the tables of an earlier run's JSON")
+    p.add_argument("--point-timeout", type=float, default=45.0, help="seconds before a point's worker is killed")
+    p.add_argument("--max-time", type=float, default=480.0, help="seconds for everything (parts share it: 55/25/20%%)")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON", help="print the tables of an earlier run")
     p.add_argument("--cab-dir", type=Path, default=CAB_DIR, help="CAB's efficient-attention folder (git-ignored copy)")
     p.add_argument("--worker", choices=("ours", "cab"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -611,16 +645,15 @@ def main(argv=None) -> int:
     if args.report is not None:  # the tables of an earlier run
         result = json.loads(args.report.read_text())
         args.parts = sorted({q["part"] for q in result["points"]})
+        if "train" in args.parts:
+            print(train_table(result))
+        if "decode" in args.parts:
+            print(decode_table(result))
     else:
-        result = run(args)
+        result = run(args)  # prints the tables as the parts finish
+    json_path = args.report or Path(args.out) / "mechanisms_gpu.json"
     print(f"device: {result.get('device')}; torch {result.get('torch')}, triton {result.get('triton')}, "
-          f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON: {args.report or Path(args.out) / 'mechanisms_gpu.json'}")
-    if args.report is None:
-        (Path(args.out) / "mechanisms_gpu.md").write_text(markdown(result))
-    if "train" in args.parts:
-        print(train_table(result))
-    if "decode" in args.parts:
-        print(decode_table(result))
+          f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON and Markdown: {json_path.with_suffix('.*')}")
     ok = [q for q in result["points"] if q["status"] == "ok"]
     return 0 if ok else 1
 

@@ -429,3 +429,21 @@ def test_plot_titles_name_the_device_and_the_setting():
     title = figure_title(result, "time", "cuda", "bfloat16")
     assert title.startswith("Time: NVIDIA H200, bfloat16\n")
     assert "batch 4, 8 heads x 64 dims" in title and "median of 5 calls after 2 warm-up" in title
+
+
+def test_mechanisms_cpu_script_interleaves_rounds_and_compares(tmp_path):
+    script = ROOT / "benchmarks" / "mechanisms_cpu.py"
+    base = [sys.executable, str(script), "--length", "32", "--heads", "2", "--dim", "8", "--rounds", "2",
+            "--threads", "1", "--mechanisms", "vanilla", "local"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(base + ["--out", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    data = json.loads((tmp_path / "a" / "mechanisms_cpu.json").read_text())
+    assert data["setting"]["interleaved"] and data["rounds_done"] == 2
+    assert {(p["mechanism"], p["pattern"]) for p in data["points"]} == {
+        ("vanilla", "noncausal self"), ("vanilla", "causal self"), ("local", "noncausal self"), ("local", "causal self")}
+    assert all(p["status"] == "ok" and len(p["times_s"]) == 2 for p in data["points"])
+    assert next(p for p in data["points"] if p["mechanism"] == "local")["options"] == {"wsize": 128}
+    second = subprocess.run(base + ["--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "mechanisms_cpu.json")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "after/before" in second.stdout

@@ -85,11 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time, memory and efficiency length of the registered attention mechanisms.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--mechanisms", action=_Items, default=None, help="names (default: every registered one); the baselines are always added")
-    p.add_argument("--baselines", action=_Items, default=list(BASELINES), help="baselines to compare with: 'vanilla' (SDPA path) and/or 'naive' (unfused)")
-    p.add_argument("--patterns", action=_Items, default=None, help="e.g. causal-self noncausal-self noncausal-cross causal-cross (default: all)")
-    p.add_argument("--lengths", action=_Items, parse=parse_lengths, default=list(DEFAULT_LENGTHS), help="'N N ...', 'N,N,...' or 'MIN:MAX' doubling")
-    p.add_argument("--modes", action=_Items, default=list(MODES), help="forward, backward (forward+backward), decode (one step)")
+    p.add_argument("--mechanisms", action=_Items, default=None,
+                   help="names (default: every registered one); the baselines are always added")
+    p.add_argument("--baselines", action=_Items, default=list(BASELINES),
+                   help="baselines to compare with: 'vanilla' (SDPA path) and/or 'naive' (unfused)")
+    p.add_argument("--patterns", action=_Items, default=None,
+                   help="e.g. causal-self noncausal-self noncausal-cross causal-cross (default: all)")
+    p.add_argument("--lengths", action=_Items, parse=parse_lengths, default=list(DEFAULT_LENGTHS),
+                   help="'N N ...', 'N,N,...' or 'MIN:MAX' doubling")
+    p.add_argument("--modes", action=_Items, default=list(MODES),
+                   help="forward, backward (forward+backward), decode (one step)")
     p.add_argument("--option", dest="options", type=parse_option, action="append", default=[], metavar="MECH.KEY=VALUE",
                    help="override a mechanism's constructor option (repeatable), e.g. cosformer.max_len=16385")
     p.add_argument("--batch", type=int, default=1)
