@@ -114,8 +114,10 @@ def _s4d(module: S4D, group, lengths, q, k, v, masks: AttentionMasks, need_weigh
     with torch.autocast(q.device.type, enabled=False):
         u = module._inputs(q, masks.key_padding)
         dt_a, c_bar = module._discrete(q.dtype)
-        x0 = context_parallel_s4d_prefix(s4d_local_state(u, dt_a[0]), dt_a[0], q.shape[2], group, lengths=lengths)
-        y, _ = _scan(u, dt_a[0], c_bar[0], x0)
+        # the module works channel first, u (C, B, L) and states (C, B, n); the prefix helpers batch first
+        local = s4d_local_state(u.transpose(0, 1), dt_a[0])
+        x0 = context_parallel_s4d_prefix(local, dt_a[0], q.shape[2], group, lengths=lengths).transpose(0, 1)
+        y, _ = _scan(u, dt_a[0], c_bar[0], x0, need_state=False)
         return module._finish(y, u, q), None
 
 
