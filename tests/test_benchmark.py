@@ -447,3 +447,24 @@ def test_mechanisms_cpu_script_interleaves_rounds_and_compares(tmp_path):
     second = subprocess.run(base + ["--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "mechanisms_cpu.json")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "after/before" in second.stdout
+
+
+class FakeContextRecorder(MultiheadAttention):
+    """Records the number of keys every call attends to."""
+
+    seen = []
+
+    def _attend(self, q, k, v, masks, need_weights):
+        FakeContextRecorder.seen.append(k.shape[2])
+        return super()._attend(q, k, v, masks, need_weights)
+
+
+def test_decode_steps_are_timed_at_the_same_context_then_growing():
+    FakeContextRecorder.seen = []
+    point = dict(mechanism="fake_ctx", pattern="causal self", mode="decode", length=16, dtype="float32", device="cpu",
+                 **dict(TINY, warmup=2, repeats=3))
+    res = measure_point(point, {"fake_ctx": FakeContextRecorder})
+    assert res["status"] == "ok" and res["repeats"] == 3 and res["cost_s"] == min(res["times_s"])
+    # 2 warm-up + 3 timed + 1 memory call, each from the restored 16-token state; then 8 consecutive steps
+    assert FakeContextRecorder.seen == [17] * 6 + list(range(17, 25))
+    assert len(res["steps_growing_s"]) == 8 and res["step_growing_s"] > 0
