@@ -34,7 +34,7 @@ def loads(request, monkeypatch):
 
 
 def _rel(got, ref):
-    got, ref = got.double(), ref.double()
+    got, ref = got.double(), ref.double().to(got.device)
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(got), fin)
     return ((got[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30)).item()
@@ -168,7 +168,7 @@ def test_triton_linear_attention(decay, T, S, m, d, dtype):
 
     q, k, v, log_decay, state, kpm = _linear_inputs(T, S, m, d, dtype)
     log_decay = log_decay if decay else None
-    assert choose_backend("linear_attention", q, k, v) == "triton"
+    assert choose_backend("linear_attention", q, k, v) == ("triton" if max(T, S) >= 16 else "chunked")
     outs = []
     for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
         ins = [cast(x).detach().requires_grad_() for x in (q, k, v)]

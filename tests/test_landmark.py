@@ -105,7 +105,8 @@ REL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfl
 
 
 def _rel(got, ref):
-    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    got, ref = got.double(), ref.double().to(got.device)
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _padding(B, S, bs):

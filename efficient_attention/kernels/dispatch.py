@@ -128,6 +128,8 @@ def not_supported_reasons(
 
 
 LINEAR_MAX_FEATURES = 256
+LINEAR_MIN_FEATURES = 16  # fewer are zero-padded to 16 (exact) before the kernels
+LINEAR_MIN_POSITIONS = 16
 LINEAR_MAX_VALUE_DIM = 129  # a head dim of 128 plus the normaliser's ones column
 
 
@@ -145,6 +147,9 @@ def _linear_reasons(q: Tensor, k: Tensor, v: Tensor) -> Dict[str, List[str]]:
             gpu.append(why)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TRITON_DTYPES:
         gpu.append(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernels need one dtype of {TRITON_DTYPES}")
+    if q.shape[2] < LINEAR_MIN_POSITIONS:
+        gpu.append(f"{q.shape[2]} positions (a decoding step): fewer than {LINEAR_MIN_POSITIONS}, where the batched "
+                   "PyTorch path is cheaper and the kernels are not checked")
     if q.shape[-1] > LINEAR_MAX_FEATURES:
         gpu.append(f"{q.shape[-1]} features: the kernels hold at most {LINEAR_MAX_FEATURES} per program")
     if v.shape[-1] > LINEAR_MAX_VALUE_DIM:

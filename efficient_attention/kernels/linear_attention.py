@@ -33,7 +33,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .dispatch import choose_backend
+from .dispatch import LINEAR_MIN_FEATURES, choose_backend
 
 __all__ = ["linear_attention", "reference_linear_attention", "chunked_linear_attention", "DEFAULT_CHUNK"]
 
@@ -333,7 +333,12 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
         if backend == "triton":
             if state is not None:
                 state = state.float()
+            m = q.shape[-1]
+            if m < LINEAR_MIN_FEATURES:  # zero features add nothing: exact, and the kernels see a full 16-wide tile
+                q, k = (torch.nn.functional.pad(x, (0, LINEAR_MIN_FEATURES - m)) for x in (q, k))
+                state = None if state is None else torch.nn.functional.pad(state, (0, 0, 0, LINEAR_MIN_FEATURES - m))
             o, final = torch.ops.efficient_attention.triton_linear_attention(q, k, v, log_decay, state)
+            final = final[..., :m, :]
             if dt == torch.float64:
                 o, final = o.double(), final.double()
         elif backend == "chunked":
