@@ -204,6 +204,7 @@ def run_mechanism(name: str, data: Path, work: Path, args) -> Dict:
     log(f"[{name}] fairseq-eval-lm (validation split)")
     eval_out, _ = run("fairseq-eval-lm", [
         data, *common, "--path", ckpt, "--gen-subset", "valid", "--tokens-per-sample", args.tokens_per_sample,
+        "--sample-break-mode", "eos",  # one line per sample, as trained (positions start at each line)
         "--batch-size", args.batch_size, "--required-batch-size-multiple", "1", "--num-workers", "0",
     ])
     m = re.search(r"Perplexity: ([\d.]+|inf|nan)", eval_out)
