@@ -44,8 +44,8 @@ DEFAULT_MECHANISMS = ("vanilla", "local", "performer", "abc", "s4d", "cosformer"
                       "longshort", "landmark", "blockwise")
 DEFAULT_COUNT = 3
 THREADS = 1  # --threads; one thread avoids OpenMP spin-waiting on small, busy machines
-# per-mechanism flags: local's default 15-token blocks would reach the copy source 17 tokens back;
-# with 8-token blocks it sees only the previous 8-15 tokens, the short-range baseline of the table
+# per-mechanism flags: local's default 15-token blocks reach the copy source 17 tokens back in one
+# layer; with 8-token blocks one layer sees the previous 8-15 tokens and two layers must relay it
 MECHANISM_FLAGS = {"local": ["--attn-wsize", "8"]}
 
 
@@ -204,6 +204,7 @@ def run_mechanism(name: str, data: Path, work: Path, args) -> Dict:
     log(f"[{name}] fairseq-eval-lm (validation split)")
     eval_out, _ = run("fairseq-eval-lm", [
         data, *common, "--path", ckpt, "--gen-subset", "valid", "--tokens-per-sample", args.tokens_per_sample,
+        "--sample-break-mode", "eos",  # one line per sample, as trained (positions start at each line)
         "--batch-size", args.batch_size, "--required-batch-size-multiple", "1", "--num-workers", "0",
     ])
     m = re.search(r"Perplexity: ([\d.]+|inf|nan)", eval_out)
