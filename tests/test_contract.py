@@ -34,23 +34,6 @@ NONCAUSAL = mechanism_patterns(lambda caps, p: not p.causal)
 CAUSAL_CROSS = mechanism_patterns(lambda caps, p: p is Pattern.CAUSAL_CROSS)
 
 # fp16 overflow fixed by the helpers that own these mechanisms (drop the marks once merged)
-_FP16_FIXED_ELSEWHERE = {
-    "block_sparse": "issue 15 item 6, fixed on branch blockmask",
-    "blockwise": "issue 15 item 6, fixed on branch blockmask",
-    "dilated": "issue 15 item 6, fixed on branch blockmask",
-    "landmark": "issue 15 item 6, fixed on branch landmark",
-    "probsparse": "issue 15 item 6, fixed on branch s4d",
-}
-
-
-def _xfail_fp16(cases):
-    return [
-        pytest.param(n, p, marks=pytest.mark.xfail(strict=True, reason=_FP16_FIXED_ELSEWHERE[n]))
-        if n in _FP16_FIXED_ELSEWHERE else (n, p)
-        for n, p in cases
-    ]
-
-
 def _fairseq_pair(**kw):
     require_fairseq()
     from fairseq.modules import MultiheadAttention as FairseqMHA
@@ -242,7 +225,7 @@ def test_rows_that_see_nothing_have_finite_gradients(name, pattern):
 
 
 # ------------------------------------------------------------------ fp16
-@pytest.mark.parametrize("name,pattern", _xfail_fp16(ALL), ids=case_id)
+@pytest.mark.parametrize("name,pattern", ALL, ids=case_id)
 def test_fp16_inputs_of_large_magnitude_stay_finite(name, pattern):
     """Inputs x100, head dim 32 in fp16 (CPU): q·kᵀ overflows fp16 unless scaled first and accumulated in fp32."""
     torch.manual_seed(0)

@@ -542,10 +542,7 @@ def _lm_arches():
     """Every ``transformer_lm_*`` arch the plugin registered (with the mechanism's default options)."""
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    names = sorted(a for a in ARCH_MODEL_REGISTRY if a.startswith("transformer_lm_") and a[15:] in INFOS)
-    fixed_elsewhere = {"transformer_lm_cosformer": "issue 15 item 8: the plugin passes max_len (branch linear)"}
-    return [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=fixed_elsewhere[a])) if a in fixed_elsewhere
-            else a for a in names]
+    return sorted(a for a in ARCH_MODEL_REGISTRY if a.startswith("transformer_lm_") and a[15:] in INFOS)
 
 
 @pytest.mark.slow
