@@ -182,7 +182,10 @@ def test_triton_linear_attention(decay, T, S, m, d, dtype):
         outs.append([out, h, z, *grads])
     for got, want in zip(*outs):
         assert not torch.isnan(got).any()
-        assert _rel(got, want) < 3 * REL[dtype]
+        # relative to the larger of the reference and 1: a gradient that is exactly 0 in float64 (one key
+        # normalised by itself) comes out at rounding level, which a plain relative error would call wrong
+        err = (got.double() - want.double().to(got.device)).norm() / max(want.double().norm().item(), 1.0)
+        assert err < 3 * REL[dtype]
 
 
 @pytest.mark.parametrize("name,opts", [("performer", dict(approx_attn_dim=64)), ("cosformer", dict(max_len=1024)),

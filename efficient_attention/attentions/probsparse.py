@@ -236,7 +236,10 @@ class ProbSparse(EfficientAttention):
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
         if self.causal:
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
-            n_act = int(active.sum(-1).max().clamp(min=1))  # at least one (filler) row: no branch on the count
+            # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
+            # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
+            n_act = active.sum(-1).max().clamp(min=1).float()
+            n_act = int(torch.exp2(torch.ceil(torch.log2(n_act))).clamp(max=tgt_len).long())
             torch._check(n_act >= 1)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)

@@ -170,7 +170,8 @@ def choose_backend(
     key = None
     if not compiling and q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
         key = (op, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, q.shape[1], k.shape[1], v.shape[1],
-               q.shape[-1], v.shape[-1], q.shape[2] == 0 or k.shape[2] == 0, dropout_p > 0.0, block_size, exclude_self)
+               q.shape[-1], v.shape[-1], q.shape[2] == 0 or k.shape[2] == 0, dropout_p > 0.0, block_size, exclude_self,
+               q.shape[2] < LINEAR_MIN_POSITIONS)  # the reasons depend on nothing else of the shapes
         hit = _decisions.get(key)
         if hit is not None:
             return hit
