@@ -111,17 +111,7 @@ def not_supported_reasons(
     why = _cpu_reason()
     if why:
         cpu.append(why)
-    gpu = list(common)
-    if q.device.type != "cuda":
-        gpu.append(f"tensors are on {q.device.type}, not CUDA")
-    else:
-        why = triton_reason()
-        if why:
-            gpu.append(why)
-    if q.dtype not in TRITON_DTYPES:
-        gpu.append(f"dtype {q.dtype} is not one of {TRITON_DTYPES}")
-    if q.shape[-1] not in TRITON_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        gpu.append(f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: Triton kernels need equal dims in {TRITON_HEAD_DIMS}")
+    gpu = list(common) + _triton_tile_reasons(q, v, triton_reason)
     if op == "block_sparse" and block_size is not None and block_size not in TRITON_BLOCK_SIZES:
         gpu.append(f"block_size {block_size} is not one of {TRITON_BLOCK_SIZES}")
     return {"triton": gpu, "cpu": cpu}
@@ -132,6 +122,24 @@ LINEAR_MIN_FEATURES = 16  # fewer are zero-padded to 16 (exact) before the kerne
 LINEAR_MIN_POSITIONS = 16
 LINEAR_MAX_VALUE_DIM = 129  # a head dim of 128 plus the normaliser's ones column
 
+
+
+def _triton_tile_reasons(q: Tensor, v: Tensor, environment_reason) -> List[str]:
+    """What every tiled Triton attention kernel needs: CUDA, a usable Triton, a kernel dtype, equal head dims
+    of a tile size (``environment_reason()`` says why Triton cannot run at all, or ``None``)."""
+    reasons = []
+    if q.device.type != "cuda":
+        reasons.append(f"tensors are on {q.device.type}, not CUDA")
+    else:
+        why = environment_reason()
+        if why:
+            reasons.append(why)
+    if q.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of {TRITON_DTYPES}")
+    if q.shape[-1] not in TRITON_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        reasons.append(f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: Triton kernels need equal dims in "
+                       f"{TRITON_HEAD_DIMS}")
+    return reasons
 
 def _linear_reasons(q: Tensor, k: Tensor, v: Tensor) -> Dict[str, List[str]]:
     """Causal chunked linear attention (``linear_attention.py``): ``"triton"`` on CUDA, else ``"chunked"``
@@ -225,17 +233,7 @@ def landmark_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, *, block_siz
     """Why the Triton landmark kernels cannot take these inputs ([] = they can); the PyTorch path takes all.
 
     k, v already carry q's head count."""
-    gpu = _common(q, k, v, 0.0)
-    if q.device.type != "cuda":
-        gpu.append(f"tensors are on {q.device.type}, not CUDA")
-    else:
-        why = _landmark_triton_reason()
-        if why:
-            gpu.append(why)
-    if q.dtype not in TRITON_DTYPES:
-        gpu.append(f"dtype {q.dtype} is not one of {TRITON_DTYPES}")
-    if q.shape[-1] not in TRITON_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        gpu.append(f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: the kernels need equal dims in {TRITON_HEAD_DIMS}")
+    gpu = _common(q, k, v, 0.0) + _triton_tile_reasons(q, v, _landmark_triton_reason)
     if block_size not in LANDMARK_BLOCK_SIZES:
         gpu.append(f"block_size {block_size} is not one of {LANDMARK_BLOCK_SIZES} (a landmark block is one key tile)")
     elif q.dtype == torch.float32 and block_size * q.shape[-1] > LANDMARK_FP32_TILE:
