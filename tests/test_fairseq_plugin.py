@@ -311,6 +311,15 @@ def test_invalid_option_value_fails_before_training(lm_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_cosformer_max_len_below_the_positions_fails_before_training(lm_data, tmp_path):
+    """Issue 15 item 9: ``--attn-max-len 16`` with 64 tokens per sample is refused when the model is built."""
+    with pytest.raises(ValueError, match=r"--decoder-attention cosformer: max_len=16 is shorter"):
+        train([lm_data, "--arch", "transformer_lm_cosformer", *TINY_LM, "--max-update", "1", "--save-dir", tmp_path,
+               "--attn-max-len", "16"])
+    assert not list(tmp_path.glob("*.pt"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOT_CAUSAL + ["toy_noncausal"])
 def test_mechanism_without_causal_self_fails_before_training(name, lm_data, tmp_path, request):
     if name == "toy_noncausal":

@@ -40,8 +40,13 @@ def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, *, 
     ``max_positions`` (the model's longest sequence) becomes ``max_len`` of a mechanism that has that
     option (cosFormer's fixed ``M``, which decoding needs) unless ``--*-max-len`` sets it.
     """
-    if max_positions is not None and "max_len" in choice.cls.options() and "max_len" not in choice.options:
-        kwargs["max_len"] = max_positions
+    if max_positions is not None and "max_len" in choice.cls.options():
+        if "max_len" not in choice.options:
+            kwargs["max_len"] = max_positions
+        elif choice.options["max_len"] is not None and choice.options["max_len"] < max_positions:
+            raise user_error(ValueError(
+                f"{choice.role.flag} {choice.name}: max_len={choice.options['max_len']} is shorter than the model's "
+                f"{max_positions} positions (--tokens-per-sample / --max-*-positions); raise --attn-max-len or drop it"))
     # The registry class itself: it has fairseq's constructor, forward and incremental-state
     # protocol; the layers never pass fairseq's dictionary / xformers keywords (xformers configs are
     # rejected by the layers).
