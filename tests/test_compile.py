@@ -14,16 +14,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import EMBED_DIM, assert_close, build, case_id, inputs, mechanism_patterns
 
-# Graph breaks in mechanisms owned by other work (remove an entry once its mechanism compiles in one graph).
-GRAPH_BREAKS: dict = {}
 
 
 def _compile_cases():
     seen, cases = set(), []
     for name, pattern in mechanism_patterns():
         marks = [pytest.mark.slow] if name in seen else []
-        if (name, pattern) in GRAPH_BREAKS or name in GRAPH_BREAKS:
-            marks.append(pytest.mark.xfail(strict=True, reason=GRAPH_BREAKS.get((name, pattern), GRAPH_BREAKS.get(name))))
         seen.add(name)
         cases.append(pytest.param(name, pattern, marks=marks, id=f"{name}-{case_id(pattern)}"))
     return cases
