@@ -160,7 +160,8 @@ def test_fairseq_lm_trains_and_generates_without_max_len(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, str(root / "examples/fairseq/make_corpus.py"), "--out", str(tmp_path / "raw"),
-                    "--min-len", "12", "--max-len", "40", "--train", "40", "--valid", "16", "--test", "4", "--seed", "3"],
+                    "--min-len", "12", "--max-len", "40", "--train", "40", "--valid", "16", "--test", "4",
+                    "--seed", "3"],
                    check=True, env=fh.env())
     fh.run_cli("fairseq-preprocess", ["--only-source", "--trainpref", tmp_path / "raw/train.txt", "--validpref",
                                       tmp_path / "raw/valid.txt", "--testpref", tmp_path / "raw/test.txt",
