@@ -335,7 +335,8 @@ def main() -> int:
         print(f"\n{'causal' if causal else 'noncausal'}: | mechanism | " + " | ".join(str(L) for L in lengths) + " |")
         for name in ("vanilla", "performer", "cosformer", "abc"):
             cells = [r for r in result["module_speed"] if r["mechanism"] == name and r["causal"] == causal]
-            print(f"| {name} | " + " | ".join("skipped" if r.get("skipped") else f"{fmt(r['ms'])} / {r['peak_mib']:.0f}" for r in cells) + " |")
+            cells = ["skipped" if r.get("skipped") else f"{fmt(r['ms'])} / {r['peak_mib']:.0f}" for r in cells]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     return 1 if failed else 0
 
 

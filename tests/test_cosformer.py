@@ -145,3 +145,34 @@ def test_paragen_plugin_passes_max_pos_so_the_decoder_can_decode():
     state = {}
     steps = [dec(tgt[:, :t], mem, incremental_state=state)[:, -1:] for t in range(1, 10)]
     assert_close(torch.cat(steps, dim=1), full)
+
+
+@pytest.mark.slow
+def test_fairseq_lm_trains_and_generates_without_max_len(tmp_path):
+    """``--arch transformer_lm_cosformer`` with no ``--attn-max-len``: the plugin passes the model's max positions,
+    so ``fairseq-generate`` decodes (it raised "needs a fixed M" before; issue 15, item 8)."""
+    pytest.importorskip("fairseq")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fairseq_helpers as fh
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "examples/fairseq/make_corpus.py"), "--out", str(tmp_path / "raw"),
+                    "--min-len", "12", "--max-len", "40", "--train", "40", "--valid", "16", "--test", "4",
+                    "--seed", "3"],
+                   check=True, env=fh.env())
+    fh.run_cli("fairseq-preprocess", ["--only-source", "--trainpref", tmp_path / "raw/train.txt", "--validpref",
+                                      tmp_path / "raw/valid.txt", "--testpref", tmp_path / "raw/test.txt",
+                                      "--destdir", tmp_path / "bin", "--workers", "1"])
+    common = ["--tokens-per-sample", "64", "--cpu", "--num-workers", "0", "--required-batch-size-multiple", "1"]
+    fh.train([tmp_path / "bin", "--arch", "transformer_lm_cosformer", "--task", "language_modeling",
+              "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
+              "--decoder-attention-heads", "2", "--batch-size", "4", "--optimizer", "adam", "--lr", "0.003",
+              "--max-update", "2", "--no-epoch-checkpoints", "--no-progress-bar", "--seed", "1",
+              "--save-dir", tmp_path / "ckpt", *common])
+    hyps = fh.generate([tmp_path / "bin", "--task", "language_modeling", "--path", tmp_path / "ckpt/checkpoint_last.pt",
+                        "--beam", "2", "--max-len-b", "4", "--batch-size", "2", "--sample-break-mode", "eos",
+                        "--prefix-size", "2", "--gen-subset", "test", *common], tmp_path / "gen")
+    assert len(hyps) == 4

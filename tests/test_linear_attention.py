@@ -21,7 +21,8 @@ def make(B=2, H=3, T=37, S=None, m=8, d=5, dtype=torch.float64, seed=0):
     k = torch.rand(B, H, S, m, generator=g, dtype=torch.float64).to(dtype)
     v = torch.randn(B, H, S, d, generator=g, dtype=torch.float64).to(dtype)
     decay = -torch.rand(B, H, S, generator=g, dtype=torch.float64)
-    state = (torch.rand(B, H, m, d, generator=g, dtype=torch.float64), torch.rand(B, H, m, generator=g, dtype=torch.float64))
+    state = (torch.rand(B, H, m, d, generator=g, dtype=torch.float64),
+             torch.rand(B, H, m, generator=g, dtype=torch.float64))
     kpm = torch.zeros(B, S, dtype=torch.bool)
     kpm[-1, S - 4:] = True
     return q, k, v, decay, state, kpm

@@ -6,7 +6,8 @@ what the GPU tests cover where CI has no GPU: every tile config that ``triton_op
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
 and a gradient through ``out`` alone; the chunked linear-attention kernels (decay, states, padding,
-value blocks, one feature) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero with the failing cases listed.
+value blocks, one feature) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero
+with the failing cases listed.
 """
 from __future__ import annotations
 
@@ -107,7 +108,9 @@ def linear_case(T, m, d, dtype, decay, state, normalize, S=None):
     log_decay = -torch.rand(2, 2, S, generator=g) * 0.3 if decay else None
     kpm = torch.zeros(2, S, dtype=torch.bool)
     kpm[1, S - 3:] = True
-    init = (torch.rand(2, 2, m, d, generator=g), torch.rand(2, 2, m, generator=g) if normalize else None) if state else None
+    init = None
+    if state:
+        init = (torch.rand(2, 2, m, d, generator=g), torch.rand(2, 2, m, generator=g) if normalize else None)
     results = []
     for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
         ins = [cast(x.detach()).requires_grad_() for x in (q, k, v)]

@@ -133,7 +133,8 @@ class ABC(EfficientAttention):
             probs = F.dropout(probs, self.dropout_p, training=True)
         r = (probs / safe_norm).to(dtype)  # weight of each slot's unnormalised value sum
         out, (state["mem_v"], _) = linear_attention(r, e, v.to(dtype), initial_state=(state["mem_v"], None), **opts)
-        state["mem_k"], state["mem_norm"], state["mem_max"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2), run[..., -1:]
+        state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
+        state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
     # ------------------------------------------------------------------ hooks

@@ -162,7 +162,8 @@ class CosformerAttention(EfficientAttention):
             )
         src_len = k.shape[2]
         if src_len != tgt_len:
-            raise ValueError(f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}")
+            raise ValueError(
+                f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}")
         start = int(state["pos"][0]) if "pos" in state else 0
         self._check_len(start + src_len, self.max_len)
         pos = torch.arange(start, start + src_len, device=q.device)[None]

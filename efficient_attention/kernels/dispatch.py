@@ -200,7 +200,8 @@ def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
     for backend in reasons:  # the fast backends, fastest first
         if not reasons[backend]:
             if backend == "chunked" and q.device.type == "cuda" and not compiling:
-                _log_once(logging.WARNING, f"{op}: using the PyTorch chunked path because " + "; ".join(reasons["triton"]))
+                why = "; ".join(reasons["triton"])
+                _log_once(logging.WARNING, f"{op}: using the PyTorch chunked path because {why}")
             return backend
     if not compiling:
         relevant = reasons["triton"] if q.device.type == "cuda" else reasons["cpu"]

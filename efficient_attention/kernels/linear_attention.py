@@ -10,7 +10,8 @@ Math (per batch and head; ``q`` ``(T, m)`` query features, ``k`` ``(S, m)`` key 
 * noncausal: ``num_t = q_t (H_0 + Σ_j k_j v_jᵀ)``, ``den_t = q_t · (z_0 + Σ_j k_j)``.
 
 ``normalize=True`` returns ``num / den`` (rows with ``den <= 0``, nothing attended, give 0), else
-``num``; the normaliser ``z`` is only tracked when normalizing (else states are ``(H, None)``).  The decay is how a mechanism stabilises exponential features in the log domain: with key
+``num``; the normaliser ``z`` is only tracked when normalizing (else states are ``(H, None)``).  The decay
+is how a mechanism stabilises exponential features in the log domain: with key
 features ``exp(l_j - c_j)`` scaled by a running max ``c`` (non-decreasing), ``g_t = c_{t-1} - c_t`` makes
 query ``t`` see ``exp(l_j - c_t)`` (Performer, ABC).  ``return_state=True`` also returns the final
 ``(H, z)`` (causal: after position ``S``), so a prefill hands its state to decoding.
@@ -243,7 +244,8 @@ triton_linear_attention.register_autograd(_tla_backward, setup_context=_tla_setu
 
 
 # ------------------------------------------------------------------------------------ public entry
-def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state, normalize) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state,
+           normalize) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
             raise TypeError(f"{name} must be a 4-D floating tensor (B, H, L, dim), got "
@@ -254,7 +256,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding
     if v.shape[:3] != (bsz, heads, seq):
         raise ValueError(f"v {tuple(v.shape)} must be (B, H, S, d) with k's B, H, S {(bsz, heads, seq)}")
     if causal and q.shape[2] > seq:
-        raise ValueError(f"causal linear attention needs T <= S (queries are the last T keys), got {q.shape[2]} > {seq}")
+        raise ValueError(
+            f"causal linear attention needs T <= S (queries are the last T keys), got {q.shape[2]} > {seq}")
     if log_decay is not None:
         if not causal:
             raise ValueError("log_decay only applies to causal linear attention")
