@@ -123,9 +123,12 @@ def test_fairseq_plugin_passes_max_positions_as_max_len():
     built = build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {}), EMBED_DIM, NUM_HEADS,
                                  max_positions=128, self_attention=True)
     assert built.max_len == 128
-    chosen = build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 64}), EMBED_DIM, NUM_HEADS,
+    chosen = build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 256}), EMBED_DIM, NUM_HEADS,
                                   max_positions=128, self_attention=True)
-    assert chosen.max_len == 64  # --attn-max-len wins
+    assert chosen.max_len == 256  # --attn-max-len wins
+    with pytest.raises(ValueError, match="max_len=64 is shorter than the model's 128 positions"):
+        build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 64}), EMBED_DIM, NUM_HEADS,
+                             max_positions=128, self_attention=True)
     vanilla = build_role_attention(RoleChoice(ROLES["decoder"], "vanilla", {}), EMBED_DIM, NUM_HEADS,
                                    max_positions=128, self_attention=True)
     assert not hasattr(vanilla, "max_len")
