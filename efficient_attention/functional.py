@@ -24,7 +24,6 @@ __all__ = [
     "merge_heads",
     "repeat_kv",
     "safe_divide",
-    "causal_linear_attention",
     "segment_weights",
     "combine_attention",
     "logsumexp",
@@ -171,40 +170,6 @@ def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     empty = den <= 0
     out = num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)
     return out.masked_fill(empty.unsqueeze(-1), 0.0)
-
-
-def causal_linear_attention(
-    qf: Tensor, kf: Tensor, v: Tensor, kv: Tensor, z: Tensor, chunk_size: int = 64
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Causal linear attention by chunks: ``num_i = sum_{j<=i} (qf_i . kf_j) v_j``, ``den_i = sum_{j<=i} qf_i . kf_j``.
-
-    The queries are aligned with the keys (query ``i`` is position ``i``) and
-    also see everything summarised in the running sums ``kv = sum kf_j v_jᵀ``
-    ``(B, H, m, dv)`` and ``z = sum kf_j`` ``(B, H, m)`` of earlier positions.
-    Within a chunk the ``(c, c)`` products are masked; across chunks the
-    running sums carry the past, so memory is O(N·m·dv / chunk_size) and
-    never O(N·m·dv).
-
-    Args:
-        qf, kf: ``(B, H, N, m)`` non-negative features; v: ``(B, H, N, dv)``.
-
-    Returns:
-        ``(num (B, H, N, dv), den (B, H, N), kv, z)`` with the sums updated
-        (new tensors; the inputs are not modified).
-    """
-    nums, dens = [], []
-    # split, not slicing in a loop: the backward of a slice allocates a full-size gradient per chunk
-    for q_c, k_c, v_c in zip(qf.split(chunk_size, dim=-2), kf.split(chunk_size, dim=-2), v.split(chunk_size, dim=-2)):
-        c = q_c.shape[-2]
-        intra = torch.matmul(q_c, k_c.transpose(-1, -2))
-        intra = intra.masked_fill(causal_mask(c, c, device=intra.device), 0.0)
-        nums.append(torch.matmul(intra, v_c) + torch.matmul(q_c, kv))
-        dens.append(intra.sum(-1) + torch.matmul(q_c, z.unsqueeze(-1)).squeeze(-1))
-        kv = kv + torch.matmul(k_c.transpose(-1, -2), v_c)
-        z = z + k_c.sum(-2)
-    if not nums:
-        return qf.new_zeros(*qf.shape[:-1], v.shape[-1]), qf.new_zeros(qf.shape[:-1]), kv, z
-    return torch.cat(nums, dim=-2), torch.cat(dens, dim=-1), kv, z
 
 
 def segment_weights(

@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import EMBED_DIM, assert_close, build, case_id, inputs, mechanism_patterns
 
 
-
 def _compile_cases():
     seen, cases = set(), []
     for name, pattern in mechanism_patterns():
