@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import check_bool
-from ..local_window import LocalWindow, cache_len, window_attention, window_attention_at
+from ..local_window import LocalWindow, cache_len
+from ..sparse.window import window_attention, window_attention_at
 from .rotary import RotaryEmbedding
 
 __all__ = ["LocalAttention"]
