@@ -13,7 +13,7 @@ from .attentions import __all__ as _mechanisms
 from .base import AttentionMasks, EfficientAttention, OptionSpec, check_bool
 from .capabilities import Capabilities, Pattern
 from .errors import UnsupportedInputError, UnsupportedPatternError
-from .fairseq_compat import fsmha
+from .compat.fairseq import fsmha
 from .sparse import (  # the sparse functionals on (B, H, N, D) tensors
     UnknownSparsityModeError,
     block_sparse_attention,

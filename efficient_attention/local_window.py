@@ -1,7 +1,7 @@
 """The local-window rule, written once.
 
 Every local / sliding-window feature of the library (``LocalAttention``, the
-per-head ``efficient_attention.local_attention`` API, the kernels'
+per-head ``efficient_attention.compat.local_attention`` API, the kernels'
 ``sliding_window_attention``) uses this one rule.  This module is the rule
 only (core layer, no compute); attention over a window is
 :mod:`efficient_attention.sparse.window`.  It is a *band*: with
