@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import FrozenSet, Tuple
 
+from .errors import UnsupportedInputError, UnsupportedPatternError  # noqa: F401  (re-exported)
+
 
 class Pattern(enum.Enum):
     """The four attention patterns of the CAB benchmark."""
@@ -40,18 +42,6 @@ class Pattern(enum.Enum):
 
 ALL_PATTERNS: FrozenSet[Pattern] = frozenset(Pattern)
 SELF_PATTERNS: FrozenSet[Pattern] = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
-
-
-class UnsupportedPatternError(AssertionError):
-    """Raised when a mechanism is built for a pattern it does not support.
-
-    It subclasses ``AssertionError`` because users of the reference library
-    catch that.
-    """
-
-
-class UnsupportedInputError(ValueError):
-    """Raised at forward time for an input the mechanism cannot honour."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ registering it.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple, Type
 
 from .base import EfficientAttention, OptionSpec
 from .capabilities import Capabilities, Pattern
+from .errors import UnknownAttentionError, did_you_mean  # noqa: F401  (re-exported)
 
 __all__ = [
     "register_attention",
@@ -62,21 +62,6 @@ def register_attention(name: str, *aliases: str) -> Callable[[Type[EfficientAtte
         return cls
 
     return deco
-
-
-class UnknownAttentionError(KeyError):
-    """No mechanism is registered under this name (a ``KeyError`` whose message reads as a sentence)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-def did_you_mean(word: str, candidates, prefix: str = "") -> str:
-    """``" (did you mean 'x'?)"`` for the closest of ``candidates`` (difflib), or ``""`` when none is close."""
-    close = difflib.get_close_matches(word, list(candidates), n=2, cutoff=0.6)
-    if not close:
-        return ""
-    return " (did you mean " + " or ".join(repr(prefix + c) for c in close) + "?)"
 
 
 def unknown_attention_message(name: str) -> str:

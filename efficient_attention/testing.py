@@ -31,16 +31,13 @@ from torch import Tensor
 
 from .base import EfficientAttention
 from .capabilities import Pattern
+from .errors import MechanismCheckError
 from .registry import get_attention_class
 
 __all__ = ["check_mechanism", "CheckResult", "MechanismReport", "MechanismCheckError"]
 
 # ref(module, query, key, value, *, key_padding_mask=None) -> (T, B, C) float64
 Reference = Callable[..., Tensor]
-
-
-class MechanismCheckError(AssertionError):
-    """A mechanism failed at least one generic check (the message lists them)."""
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,7 @@ def test_token_layouts_overflow_free_in_fp16(layout, kw):
 
 
 def test_openai_shim_needs_local_attn_ctx():
-    from efficient_attention.sparse.openai import blocksparse_attention_impl
+    from efficient_attention.compat.openai import blocksparse_attention_impl
 
     x = torch.randn(1, 32, 16)
     with pytest.raises(ValueError, match="local_attn_ctx"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from efficient_attention.sparse.attention_grid import BlockwiseParallel, BlockwiseParallelJax
+from efficient_attention.compat.attention_grid import BlockwiseParallel, BlockwiseParallelJax
 
 
 def dense_block(blk, x, attention_mask=None, position_ids=None, additive=False):

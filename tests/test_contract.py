@@ -20,7 +20,7 @@ import torch
 from efficient_attention import (
     MultiheadAttention, Pattern, available_attentions, build_attention, check_bool, fsmha, get_attention_class,
 )
-from efficient_attention.local_attention import LocalAttention
+from efficient_attention.compat.local_attention import LocalAttention
 
 from conftest import require_fairseq
 from helpers import (

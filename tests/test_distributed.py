@@ -29,7 +29,7 @@ def _dense_ref(q, k, v, hidden):
 
 
 def _window_ref(window, q, k, v, kpm):
-    from efficient_attention.local_window import window_attention
+    from efficient_attention.sparse.window import window_attention
 
     if window.exclude_self:  # the kernels' rule plus the shared_qk fallback (tested against dense in test_local)
         return window_attention(window, q, k, v, key_padding_mask=kpm)

@@ -1,9 +1,9 @@
-"""The lucidrains-style per-head API: efficient_attention.local_attention (README 002 examples, small sizes)."""
+"""The lucidrains-style per-head API: efficient_attention.compat.local_attention (README 002 examples, small sizes)."""
 
 import pytest
 import torch
 
-from efficient_attention.local_attention import LocalAttention, LocalTransformer
+from efficient_attention.compat.local_attention import LocalAttention, LocalTransformer
 
 from references.local import local_rows
 

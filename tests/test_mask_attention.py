@@ -4,7 +4,7 @@ import torch
 
 import efficient_attention as ea
 from efficient_attention.sparse import masked
-from efficient_attention.sparse.mask_compat import mask_attn
+from efficient_attention.compat.mask_attention import mask_attn
 
 from sparse_reference import dense_reference, rand_qkv
 

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import Capabilities, Pattern
-from ..local_window import LocalWindow, cache_len, window_attention, window_attention_at
+from ..local_window import LocalWindow, cache_len
+from ..sparse.window import window_attention, window_attention_at
 from ..registry import register_attention
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import sliding_window_attention
-from ..local_window import LocalWindow, attend_self_where_empty
+from ..local_window import LocalWindow
+from ..sparse.window import attend_self_where_empty
 from .comm import Shards, exchange, plan_fetch
 
 __all__ = ["window_key_range", "context_parallel_window_attention"]

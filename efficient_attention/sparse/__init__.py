@@ -4,8 +4,15 @@ Block-sparse layouts, dilated (LongNet), dynamic hash-/qk-sparse, landmark,
 blockwise exact and mask attention.  The registered modules built on them live
 in :mod:`efficient_attention.attentions`; drop-in entry points for users of
 OpenAI's ``sparse_attention``, AttentionGrid and ``mask_attention`` are in
-:mod:`efficient_attention.sparse.openai`, :mod:`.attention_grid` and
-:mod:`.mask_compat` (see ``docs/sparse.md``).
+:mod:`efficient_attention.compat` (``openai``, ``attention_grid``,
+``mask_attention``; see ``docs/sparse.md``).  The old paths
+``efficient_attention.sparse.openai`` / ``.attention_grid`` / ``.mask_compat``
+re-export them and are not imported here (the compat layer sits above this one).
+
+Layer rule (``docs/architecture.md``): a function here computes attention on
+``(B, H, N, D)`` tensors through the kernels (mechanism layer, functional form);
+math that calls no kernel belongs in :mod:`efficient_attention.functional`,
+masks and layouts in the core modules beside it.
 """
 from .block_sparse import block_sparse_attention
 from .blockwise import blockwise_attention

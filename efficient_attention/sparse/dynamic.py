@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import UnknownSparsityModeError
 from ..functional import sdpa_attention
 from ..kernels.reference import gathered_block_attention
 
@@ -33,13 +34,6 @@ __all__ = [
 ]
 
 SPARSITY_MODES = ("hash", "qk")
-
-
-class UnknownSparsityModeError(ValueError, KeyError):
-    """An unknown ``sparsity_mode`` (a ``ValueError``; also a ``KeyError``, as AttentionGrid raised)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, q_idx: Tensor, k_idx: Tensor, names=("q_idx", "k_idx")) -> None:

@@ -1,6 +1,6 @@
 """A length that is not a multiple of the window, with autopad=True, as in the local-attention README."""
 import torch
-from efficient_attention.local_attention import LocalAttention
+from efficient_attention.compat.local_attention import LocalAttention
 
 q = torch.randn((8, 2057, 64))
 k = torch.randn((8, 2057, 64))

@@ -1,6 +1,6 @@
 """The first example of the local-attention README, with only the import changed (torch instead of mindspore ops)."""
 import torch
-from efficient_attention.local_attention import LocalAttention
+from efficient_attention.compat.local_attention import LocalAttention
 
 q = torch.randn((2, 8, 2048, 64))
 k = torch.randn((2, 8, 2048, 64))

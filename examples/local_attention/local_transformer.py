@@ -6,7 +6,7 @@ pass --small for a quick run.
 import sys
 
 import torch
-from efficient_attention.local_attention import LocalTransformer
+from efficient_attention.compat.local_attention import LocalTransformer
 
 small = "--small" in sys.argv
 model = LocalTransformer(

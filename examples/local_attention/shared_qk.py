@@ -1,6 +1,6 @@
 """Shared query/key local attention (Reformer-style), as in the local-attention README."""
 import torch
-from efficient_attention.local_attention import LocalAttention
+from efficient_attention.compat.local_attention import LocalAttention
 
 qk = torch.randn((2, 8, 2048, 64))
 v  = torch.randn((2, 8, 2048, 64))

@@ -3,7 +3,7 @@
 Original: ``from AttentionGrid import fused_landmark_attention``.
 """
 import torch
-from efficient_attention.sparse.attention_grid import fused_landmark_attention
+from efficient_attention.compat.attention_grid import fused_landmark_attention
 
 # Initialize some tensors
 batch = 8

@@ -5,7 +5,7 @@ is used when there is one, else the CPU (float16 works on the CPU too).
 """
 import torch
 import torch.nn as nn
-from efficient_attention.sparse.attention_grid import DilatedAttention
+from efficient_attention.compat.attention_grid import DilatedAttention
 
 # Replace this with your correct GPU device
 device = "cuda:0" if torch.cuda.is_available() else "cpu"

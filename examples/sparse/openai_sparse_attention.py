@@ -5,7 +5,7 @@ The tensors are (batch, time, heads * dim).
 """
 import torch
 
-from efficient_attention.sparse.openai import attention_impl, blocksparse_attention_impl
+from efficient_attention.compat.openai import attention_impl, blocksparse_attention_impl
 
 n_batch, n_ctx, n_embd = 2, 1024, 256
 q = torch.randn(n_batch, n_ctx, n_embd)

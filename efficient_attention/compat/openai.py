@@ -1,6 +1,6 @@
 """Drop-in PyTorch versions of OpenAI ``sparse_attention``'s entry points.
 
-    from efficient_attention.sparse.openai import attention_impl, blocksparse_attention_impl
+    from efficient_attention.compat.openai import attention_impl, blocksparse_attention_impl
 
 ``q, k, v`` are ``(batch, time, heads * dim)`` tensors; every mode is causal
 (as in OpenAI's code).  Modes: ``all``, ``local`` (the last
@@ -24,14 +24,17 @@ from torch.utils.checkpoint import checkpoint
 from .. import layouts
 from ..block_mask import BlockMask
 from ..functional import dense_attention
-from .block_sparse import block_sparse_attention
+from ..sparse.block_sparse import block_sparse_attention
 
-__all__ = ["attention_impl", "blocksparse_attention_impl", "get_attn_mask", "split_heads", "merge_heads"]
+__all__ = [
+    "attention_impl", "blocksparse_attention_impl", "get_attn_mask",
+    "split_heads_batch_first", "merge_heads_batch_first", "split_heads", "merge_heads",
+]
 
 _MODES = ("all", "local", "strided", "fixed")
 
 
-def split_heads(x: Tensor, heads: int) -> Tensor:
+def split_heads_batch_first(x: Tensor, heads: int) -> Tensor:
     """``(B, T, heads * d)`` -> ``(B, heads, T, d)``."""
     if x.dim() != 3 or x.shape[-1] % heads:
         raise ValueError(f"expected (batch, time, heads*dim) with dim divisible by heads={heads}, got {tuple(x.shape)}")
@@ -39,10 +42,16 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, t, heads, c // heads).transpose(1, 2)
 
 
-def merge_heads(x: Tensor) -> Tensor:
+def merge_heads_batch_first(x: Tensor) -> Tensor:
     """``(B, heads, T, d)`` -> ``(B, T, heads * d)``."""
     b, h, t, d = x.shape
     return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+# OpenAI's names (the compat API needs them); efficient_attention.functional's split_heads / merge_heads
+# are the time-first ones of the fairseq-style modules.
+split_heads = split_heads_batch_first
+merge_heads = merge_heads_batch_first
 
 
 def _mode_mod(attn_mode: str, local_attn_ctx: Optional[int]):
@@ -75,8 +84,9 @@ def attention_impl(q: Tensor, k: Tensor, v: Tensor, heads: int, attn_mode: str, 
     allowed = layouts.create_mask(_mode_mod(attn_mode, local_attn_ctx), 1, 1, q.shape[1], n, device=q.device)
 
     def run(q, k, v):
-        out, _ = dense_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), ~allowed)
-        return merge_heads(out)
+        qh, kh, vh = (split_heads_batch_first(x, heads) for x in (q, k, v))
+        out, _ = dense_attention(qh, kh, vh, ~allowed)
+        return merge_heads_batch_first(out)
 
     return _maybe_recompute(run, recompute, q, k, v)
 
@@ -123,12 +133,12 @@ def blocksparse_attention_impl(
         mask = BlockMask.from_mask_mod(mod, heads, n, n, blocksize, device=q.device)
 
     def run(q, k, v):
-        qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+        qh, kh, vh = (split_heads_batch_first(x, heads) for x in (q, k, v))
         if perm is not None:
             qh, kh, vh = qh[:, :, perm], kh[:, :, perm], vh[:, :, perm]
         out = block_sparse_attention(qh, kh, vh, mask, pad=False)
         if perm is not None:
             out = torch.empty_like(out).index_copy(2, perm, out)
-        return merge_heads(out)
+        return merge_heads_batch_first(out)
 
     return _maybe_recompute(run, recompute, q, k, v)

@@ -1,6 +1,6 @@
 """Drop-in PyTorch entry points for AttentionGrid users.
 
-    from efficient_attention.sparse.attention_grid import (
+    from efficient_attention.compat.attention_grid import (
         DilatedAttention, dynamic_sparse_attention, fused_landmark_attention, blockwise_compute_attn,
         BlockwiseParallelJax)
 
@@ -29,11 +29,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..attentions.dilated import DilatedAttention as _Dilated
 from ..functional import merge_heads, split_heads
-from .blockwise import blockwise_attention
-from .dynamic import dynamic_sparse_attention, hash_sparse_attention, qk_sparse_attention
-from .landmark import landmark_attention
+from ..sparse.blockwise import blockwise_attention
+from ..sparse.dynamic import dynamic_sparse_attention, hash_sparse_attention, qk_sparse_attention
+from ..sparse.landmark import landmark_attention
 
 __all__ = [
+    "GridDilatedAttention",
     "DilatedAttention",
     "dynamic_sparse_attention",
     "hash_sparse_attention",
@@ -61,8 +62,12 @@ def blockwise_compute_attn(query: Tensor, key: Tensor, value: Tensor, bias: Opti
     return out.transpose(1, 2)
 
 
-class DilatedAttention(nn.Module):
-    """LongNet dilated self-attention with AttentionGrid's constructor; batch-first in and out."""
+class GridDilatedAttention(nn.Module):
+    """LongNet dilated self-attention with AttentionGrid's constructor; batch-first in and out.
+
+    Exported under AttentionGrid's name ``DilatedAttention`` too (an alias kept for that API); the
+    registered fairseq-style mechanism is :class:`efficient_attention.DilatedAttention`.
+    """
 
     def __init__(self, d_model: int, num_heads: int, dilation_rate: int, segment_size: int, dropout: float = 0.0,
                  causal: bool = False):
@@ -75,6 +80,9 @@ class DilatedAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.attention(x, x, x, need_weights=False, batch_first=True)
         return out
+
+
+DilatedAttention = GridDilatedAttention  # AttentionGrid's name (the compat API needs it)
 
 
 # --------------------------------------------------------------------------------------------------

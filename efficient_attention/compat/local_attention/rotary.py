@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..base import check_bool
+from ...base import check_bool
 
 __all__ = ["RotaryEmbedding"]
 

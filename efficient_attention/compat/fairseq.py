@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Type, TypeVar
 
-from .base import EfficientAttention
+from ..base import EfficientAttention
 
 __all__ = ["fsmha"]
 

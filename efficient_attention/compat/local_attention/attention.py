@@ -1,11 +1,13 @@
 """lucidrains-style local attention on per-head tensors.
 
-``LocalAttention(window_size, causal, look_backward, look_forward, ...)``
-called as ``attn(q, k, v, mask=None)`` on ``(..., N, D)`` tensors (``(B, H, N,
-D)``, ``(B, N, D)``, ...).  The window rule is
+``PerHeadLocalAttention(window_size, causal, look_backward, look_forward, ...)``
+(also exported as ``LocalAttention``, lucidrains' name) called as
+``attn(q, k, v, mask=None)`` on ``(..., N, D)`` tensors (``(B, H, N, D)``,
+``(B, N, D)``, ...).  The window rule is
 :class:`~efficient_attention.local_window.LocalWindow` and the compute is
-:func:`efficient_attention.kernels.sliding_window_attention`, shared with the
-registered :class:`efficient_attention.LocalAttention`.  Cost O(N·span·D).
+:func:`efficient_attention.sparse.window.window_attention` on the kernels'
+``sliding_window_attention``, shared with the registered
+:class:`efficient_attention.LocalAttention`.  Cost O(N·span·D).
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import check_bool
-from ..local_window import LocalWindow, cache_len, window_attention, window_attention_at
+from ...base import check_bool
+from ...local_window import LocalWindow, cache_len
+from ...sparse.window import window_attention, window_attention_at
 from .rotary import RotaryEmbedding
 
-__all__ = ["LocalAttention"]
+__all__ = ["PerHeadLocalAttention", "LocalAttention"]
 
 
 def _int_option(value, name: str, minimum: int) -> int:
@@ -29,7 +32,7 @@ def _int_option(value, name: str, minimum: int) -> int:
     return value
 
 
-class LocalAttention(nn.Module):
+class PerHeadLocalAttention(nn.Module):
     """Block-local softmax attention on per-head tensors (the ``local-attention`` API).
 
     Tokens are grouped in windows of ``window_size``; a query in window ``b``
@@ -180,3 +183,6 @@ class LocalAttention(nn.Module):
         start = max(k.shape[2] - cache_len(self.window), 0)
         new_pos = torch.full((q.shape[0],), pos + tgt, dtype=torch.long, device=q.device)
         return out, {"k": k[:, :, start:], "v": v[:, :, start:], "pos": new_pos}
+
+
+LocalAttention = PerHeadLocalAttention  # lucidrains' name (the compat API needs it)

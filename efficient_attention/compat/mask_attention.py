@@ -1,6 +1,6 @@
 """``mask_attention_transformer``'s ``mask_attn`` on top of :func:`mask_attention`.
 
-    from efficient_attention.sparse import mask_compat as att
+    from efficient_attention.compat import mask_attention as att
     w = att.mask_attn(tensor1=q, tensor2=k, mask_to_attend_to=m == 0, fill=-1e6)
 
 Returns the raw dot products ``q · k`` where ``mask_to_attend_to`` is True and
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .masked import mask_attention
+from ..sparse.masked import mask_attention
 
 __all__ = ["mask_attn"]
 

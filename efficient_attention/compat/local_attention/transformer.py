@@ -2,7 +2,7 @@
 
 ``x -> token + absolute position embedding -> depth × [x + LocalMHA(LN(x)),
 x + FeedForward(LN(x))] -> LN -> logits``.  Each attention is
-:class:`~efficient_attention.local_attention.LocalAttention` with rotary
+:class:`~efficient_attention.compat.local_attention.PerHeadLocalAttention` with rotary
 positions; cost O(N·window·dim) per layer.  :meth:`LocalTransformer.generate`
 samples with a bounded key/value cache per layer.
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import check_bool
-from .attention import LocalAttention
+from ...base import check_bool
+from .attention import PerHeadLocalAttention
 
 __all__ = ["LocalMHA", "FeedForward", "LocalTransformer", "top_k"]
 
@@ -42,7 +42,7 @@ class LocalMHA(nn.Module):
         self.heads = heads
         self.norm = nn.LayerNorm(dim) if prenorm else None
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.attn_fn = LocalAttention(
+        self.attn_fn = PerHeadLocalAttention(
             window_size=window_size, causal=causal, look_backward=look_backward, look_forward=look_forward,
             dropout=dropout, dim=dim_head, autopad=True, exact_windowsize=exact_windowsize,
             use_rotary_pos_emb=use_rotary_pos_emb, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
