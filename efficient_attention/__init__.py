@@ -12,8 +12,8 @@ from .attentions import *  # noqa: F401,F403  (registers every mechanism)
 from .attentions import __all__ as _mechanisms
 from .base import AttentionMasks, EfficientAttention, OptionSpec, check_bool
 from .capabilities import Capabilities, Pattern
-from .errors import UnsupportedInputError, UnsupportedPatternError
 from .compat.fairseq import fsmha
+from .errors import UnsupportedInputError, UnsupportedPatternError
 from .sparse import (  # the sparse functionals on (B, H, N, D) tensors
     UnknownSparsityModeError,
     block_layout_attention,
