@@ -48,7 +48,10 @@ __all__ = [
 
 def fused_landmark_attention(q: Tensor, k: Tensor, v: Tensor, is_mem: Tensor, sm_scale: Optional[float] = None,
                              block_size: int = 64) -> Tensor:
-    """Landmark attention, AttentionGrid's argument order (see :func:`~efficient_attention.sparse.landmark.landmark_token_attention`)."""
+    """Landmark attention, AttentionGrid's argument order.
+
+    See :func:`~efficient_attention.sparse.landmark.landmark_token_attention`.
+    """
     return landmark_token_attention(q, k, v, is_mem, block_size=block_size, sm_scale=sm_scale)
 
 
