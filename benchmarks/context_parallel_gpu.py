@@ -38,7 +38,7 @@ from efficient_attention.distributed import (  # noqa: E402
 from efficient_attention.kernels import sliding_window_attention  # noqa: E402
 from efficient_attention.layouts import bigbird_layout  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
-from efficient_attention.sparse import block_sparse_attention  # noqa: E402
+from efficient_attention.sparse import block_layout_attention  # noqa: E402
 
 
 def _sync(device):
@@ -95,7 +95,7 @@ def exactness(device, world, rank, n_per_rank, d, heads, results):
     bs = 64
     for causal in (False, True):
         lay = bigbird_layout(1, -(-n // bs), 3, 1, 0, causal=causal)
-        _shard_compare(lambda q, k, v, lay=lay, causal=causal: block_sparse_attention(q, k, v, lay, bs, causal=causal),
+        _shard_compare(lambda q, k, v, lay=lay, causal=causal: block_layout_attention(q, k, v, lay, bs, causal=causal),
                        lambda q, k, v, causal=causal: context_parallel_bigbird_attention(
                            q, k, v, bs, num_window_blocks=3, num_global_blocks=1, causal=causal)[0],
                        [q, k, v], rank, world, results, f"bigbird_causal={causal}",

@@ -13,7 +13,7 @@ import torch
 
 from efficient_attention import blockwise_attention, layouts
 from efficient_attention.functional import dense_attention
-from efficient_attention.sparse.block_sparse import block_sparse_attention
+from efficient_attention.sparse.block_sparse import block_layout_attention
 
 
 def saved_bytes(fn):
@@ -62,7 +62,7 @@ def main():
             "dense": lambda: dense_attention(q, k, v, causal=True)[0],
             "fn": lambda: blockwise_attention(q, k, v, causal=True, q_chunk_size=args.chunk, k_chunk_size=args.chunk),
             "ckpt": lambda: blockwise_attention(q, k, v, causal=True, q_chunk_size=args.chunk, dropout_p=1e-9),
-            "sparse": lambda: block_sparse_attention(q, k, v, lay, bs, causal=True, mask_mod=mod),
+            "sparse": lambda: block_layout_attention(q, k, v, lay, bs, causal=True, mask_mod=mod),
         }
         cells = []
         for name, fn in runs.items():

@@ -12,19 +12,20 @@ from .attentions import *  # noqa: F401,F403  (registers every mechanism)
 from .attentions import __all__ as _mechanisms
 from .base import AttentionMasks, EfficientAttention, OptionSpec, check_bool
 from .capabilities import Capabilities, Pattern
-from .errors import UnsupportedInputError, UnsupportedPatternError
 from .compat.fairseq import fsmha
+from .errors import UnsupportedInputError, UnsupportedPatternError
 from .sparse import (  # the sparse functionals on (B, H, N, D) tensors
     UnknownSparsityModeError,
-    block_sparse_attention,
+    block_layout_attention,
     blockwise_attention,
     dilated_attention,
     dynamic_sparse_attention,
     hash_sparse_attention,
-    landmark_attention,
+    landmark_token_attention,
     mask_attention,
     qk_sparse_attention,
 )
+from .sparse import _renamed
 from .registry import (
     available_attentions,
     build_attention,
@@ -53,12 +54,17 @@ __all__ = [
     "register_attention",
     # sparse functionals
     "UnknownSparsityModeError",
-    "block_sparse_attention",
+    "block_layout_attention",
     "blockwise_attention",
     "dilated_attention",
     "dynamic_sparse_attention",
     "hash_sparse_attention",
-    "landmark_attention",
+    "landmark_token_attention",
     "mask_attention",
     "qk_sparse_attention",
 ]
+
+
+def __getattr__(name: str):
+    """``block_sparse_attention`` / ``landmark_attention``: the functionals' old names (``DeprecationWarning``)."""
+    return _renamed(__name__, name)

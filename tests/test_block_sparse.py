@@ -4,7 +4,7 @@ import torch
 
 import efficient_attention as ea
 from efficient_attention import layouts as L
-from efficient_attention.sparse.block_sparse import block_sparse_attention
+from efficient_attention.sparse.block_sparse import block_layout_attention
 
 from sparse_reference import causal, dense_reference, rand_qkv
 
@@ -28,7 +28,7 @@ def test_functional_token_patterns_match_dense(name, kw, is_causal):
     layout = L.layout_from_mask_mod(mod, H, N, N, bs)
     kpm = torch.zeros(B, N, dtype=torch.bool)
     kpm[1, -5:] = True
-    out, lse = block_sparse_attention(q, k, v, layout, bs, causal=is_causal, key_padding_mask=kpm, mask_mod=mod,
+    out, lse = block_layout_attention(q, k, v, layout, bs, causal=is_causal, key_padding_mask=kpm, mask_mod=mod,
                                       return_lse=True)
     allowed = L.create_mask(mod, 1, H, N, N) & ~kpm[:, None, None, :]
     torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
@@ -41,7 +41,7 @@ def test_functional_block_patterns_match_dense(name, bs):
     B, H, N, d = 1, 2, 4 * bs, 8
     q, k, v = rand_qkv(B, H, N, N, d)
     layout = L.make_layout(name, N, bs, H, causal=True, seed=3, num_random_blocks=1)
-    out = ea.block_sparse_attention(q, k, v, layout, bs, causal=True)
+    out = ea.block_layout_attention(q, k, v, layout, bs, causal=True)
     allowed = L.expand_layout(layout, bs, N, N)[None] & causal(N, N)
     torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
 
@@ -50,7 +50,7 @@ def test_shared_layout_and_empty_rows_are_zero_not_nan():
     B, H, N, d, bs = 2, 3, 32, 4, 16
     q, k, v = rand_qkv(B, H, N, N, d, requires_grad=True)
     layout = torch.tensor([[1, 0], [0, 0]], dtype=torch.bool)  # second query block sees nothing
-    out = ea.block_sparse_attention(q, k, v, layout, bs)
+    out = ea.block_layout_attention(q, k, v, layout, bs)
     assert torch.all(out[:, :, bs:] == 0)
     allowed = L.expand_layout(layout, bs)[None]
     torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
@@ -64,7 +64,7 @@ def test_gradients_match_dense():
     mod = L.make_mask_mod("fixed", heads=H, block_size=bs, causal=True, local_attn_ctx=16, num_verts=2)
     layout = L.layout_from_mask_mod(mod, H, N, N, bs)
     g = torch.randn(B, H, N, d, dtype=torch.float64)
-    grads = torch.autograd.grad((block_sparse_attention(q, k, v, layout, bs, mask_mod=mod) * g).sum(), (q, k, v))
+    grads = torch.autograd.grad((block_layout_attention(q, k, v, layout, bs, mask_mod=mod) * g).sum(), (q, k, v))
     ref = torch.autograd.grad((dense_reference(q, k, v, L.create_mask(mod, 1, H, N, N)) * g).sum(), (q, k, v))
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
@@ -73,15 +73,15 @@ def test_gradients_match_dense():
 def test_bad_input():
     q, k, v = rand_qkv(1, 2, 30, 30, 4)
     with pytest.raises(ValueError, match="not multiples of block_size"):
-        ea.block_sparse_attention(q, k, v, torch.ones(2, 2, 2, dtype=torch.bool), 16, pad=False)
+        ea.block_layout_attention(q, k, v, torch.ones(2, 2, 2, dtype=torch.bool), 16, pad=False)
     with pytest.raises(ValueError, match="layout must have shape"):
-        ea.block_sparse_attention(q, k, v, torch.ones(2, 3, 2, dtype=torch.bool), 16)
+        ea.block_layout_attention(q, k, v, torch.ones(2, 3, 2, dtype=torch.bool), 16)
     with pytest.raises(ValueError, match="layout must be bool"):
-        ea.block_sparse_attention(q, k, v, torch.full((2, 2, 2), 0.5), 16)
+        ea.block_layout_attention(q, k, v, torch.full((2, 2, 2), 0.5), 16)
     with pytest.raises(ValueError, match="block_size"):
-        ea.block_sparse_attention(q, k, v, torch.ones(1, 1, 1, dtype=torch.bool), 0)
+        ea.block_layout_attention(q, k, v, torch.ones(1, 1, 1, dtype=torch.bool), 0)
     with pytest.raises(ValueError, match="4-D"):
-        ea.block_sparse_attention(q[0], k, v, torch.ones(2, 2, 2, dtype=torch.bool), 16)
+        ea.block_layout_attention(q[0], k, v, torch.ones(2, 2, 2, dtype=torch.bool), 16)
 
 
 # ------------------------------------------------------------------- module
@@ -183,8 +183,8 @@ def test_token_layouts_overflow_free_in_fp16(layout, kw):
     q, k, v = ((x * 100).half().double() for x in rand_qkv(1, 2, 40, 40, 16, dtype=torch.float64))
     lay = L.make_layout(layout, 40, 8, 2, causal=True, **kw)
     mod = L.make_mask_mod(layout, heads=2, block_size=8, causal=True, **kw)
-    want = block_sparse_attention(q, k, v, lay, 8, mask_mod=mod)
-    got = block_sparse_attention(q.half(), k.half(), v.half(), lay, 8, mask_mod=mod)
+    want = block_layout_attention(q, k, v, lay, 8, mask_mod=mod)
+    got = block_layout_attention(q.half(), k.half(), v.half(), lay, 8, mask_mod=mod)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, atol=0.5, rtol=2e-2)  # near one-hot softmax of x100 inputs
 

@@ -20,7 +20,7 @@ from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..registry import register_attention
-from ..sparse.block_sparse import block_sparse_attention
+from ..sparse.block_sparse import block_layout_attention
 
 __all__ = ["BlockSparseAttention", "BigBirdAttention"]
 
@@ -152,7 +152,7 @@ class BlockSparseAttention(EfficientAttention):
         with torch.no_grad():
             bm = self.block_mask(src_len, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0
-        out = block_sparse_attention(
+        out = block_layout_attention(
             qp, k, v, bm, causal=self.causal, key_padding_mask=masks.key_padding, scale=self.scaling,
             dropout_p=dropout,
         )

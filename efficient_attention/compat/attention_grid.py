@@ -31,7 +31,7 @@ from ..attentions.dilated import DilatedAttention as _Dilated
 from ..functional import merge_heads, split_heads
 from ..sparse.blockwise import blockwise_attention
 from ..sparse.dynamic import dynamic_sparse_attention, hash_sparse_attention, qk_sparse_attention
-from ..sparse.landmark import landmark_attention
+from ..sparse.landmark import landmark_token_attention
 
 __all__ = [
     "GridDilatedAttention",
@@ -48,8 +48,11 @@ __all__ = [
 
 def fused_landmark_attention(q: Tensor, k: Tensor, v: Tensor, is_mem: Tensor, sm_scale: Optional[float] = None,
                              block_size: int = 64) -> Tensor:
-    """Landmark attention, AttentionGrid's argument order (see :func:`landmark_attention`)."""
-    return landmark_attention(q, k, v, is_mem, block_size=block_size, sm_scale=sm_scale)
+    """Landmark attention, AttentionGrid's argument order.
+
+    See :func:`~efficient_attention.sparse.landmark.landmark_token_attention`.
+    """
+    return landmark_token_attention(q, k, v, is_mem, block_size=block_size, sm_scale=sm_scale)
 
 
 def blockwise_compute_attn(query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor] = None,

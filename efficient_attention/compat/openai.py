@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import layouts
 from ..block_mask import BlockMask
 from ..functional import dense_attention
-from ..sparse.block_sparse import block_sparse_attention
+from ..sparse.block_sparse import block_layout_attention
 
 __all__ = [
     "attention_impl", "blocksparse_attention_impl", "get_attn_mask",
@@ -136,7 +136,7 @@ def blocksparse_attention_impl(
         qh, kh, vh = (split_heads_batch_first(x, heads) for x in (q, k, v))
         if perm is not None:
             qh, kh, vh = qh[:, :, perm], kh[:, :, perm], vh[:, :, perm]
-        out = block_sparse_attention(qh, kh, vh, mask, pad=False)
+        out = block_layout_attention(qh, kh, vh, mask, pad=False)
         if perm is not None:
             out = torch.empty_like(out).index_copy(2, perm, out)
         return merge_heads_batch_first(out)

@@ -4,7 +4,9 @@
 (or a block layout, optionally with a token-level ``mask_mod`` inside the kept blocks), times
 ``v``.  Blocks the mask drops are never computed; every form goes to the kernels dispatch
 (``efficient_attention.kernels.block_sparse_attention``: C++ / Triton fast paths where
-available, the one reference path otherwise).
+available, the one reference path otherwise).  :func:`block_layout_attention` is the
+functional on layouts (it was ``block_sparse_attention`` here too; that name is now the
+kernel op's alone, which takes a ``BlockMask`` and returns ``(out, lse)``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .. import kernels
 from ..block_mask import BlockMask, as_block_mask
 from ..layouts import MaskMod, layout_mask_mod
 
-__all__ = ["block_sparse_attention", "check_qkv", "block_mask_of"]
+__all__ = ["block_layout_attention", "check_qkv", "block_mask_of"]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, layout_name: str = "(B, H, N, D)") -> None:
@@ -54,7 +56,7 @@ def block_mask_of(layout: Union[BlockMask, Tensor], block_size: int, heads: int,
                                    candidates=bm.layout)
 
 
-def block_sparse_attention(
+def block_layout_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..functional import acc_dtype, repeat_kv, softmax
 from .block_sparse import check_qkv
 
-__all__ = ["landmark_attention", "landmark_attention_formula", "landmark_positions"]
+__all__ = ["landmark_token_attention", "landmark_attention_formula", "landmark_positions"]
 
 
 def landmark_positions(length: int, block_size: int, device=None) -> Tensor:
@@ -57,7 +57,7 @@ def _check_is_mem(is_mem: Tensor, bsz: int, src_len: int) -> Tensor:
     return is_mem
 
 
-def landmark_attention(
+def landmark_token_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -120,7 +120,7 @@ def landmark_attention_formula(
     top_k: Optional[int] = None,
     key_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """:func:`landmark_attention` by the grouped-softmax formula, ``block_size`` queries at a time, for any
+    """:func:`landmark_token_attention` by the grouped-softmax formula, ``block_size`` queries at a time, for any
     ``is_mem`` and ``top_k`` (the float64 reference of the block-by-block path).  Autograd keeps each
     chunk's ``(B, H, block_size, S)`` weights: ``O(T · S)`` memory in training."""
     check_qkv(q, k, v)

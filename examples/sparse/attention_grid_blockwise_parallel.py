@@ -4,7 +4,8 @@ Documentation"), run in PyTorch.
 Lines changed from the originals (everything else is verbatim):
 
 Example 1 (README):
-* ``from AttentionGrid import BlockwiseParallelJax`` -> ``from efficient_attention.compat.attention_grid import BlockwiseParallelJax``
+* ``from AttentionGrid import BlockwiseParallelJax`` ->
+  ``from efficient_attention.compat.attention_grid import BlockwiseParallelJax``
 * ``import jax.numpy as jnp`` -> ``import torch as jnp`` (``jnp.arange(100).reshape(1, 100)`` then works unchanged)
 * ``jnp.random.rand(1, 100, 768)`` -> ``jnp.rand(1, 100, 768)`` (``jnp.random.rand`` does not exist in JAX either)
 * ``jnp.random.rand(1, 1, 100, 100)`` -> ``jnp.rand(1, 1, 100, 100)``
@@ -12,7 +13,8 @@ Example 1 (README):
 Example 2 (documentation):
 * ``from jax import random`` -> ``from torch import random``
 * ``import jax.numpy as jnp`` -> ``import torch as jnp`` (``jnp.ones``, ``jnp.arange(...)[None, :]`` unchanged)
-* ``from AttentionGrid import BlockwiseParallelJax`` -> ``from efficient_attention.compat.attention_grid import BlockwiseParallelJax``
+* ``from AttentionGrid import BlockwiseParallelJax`` ->
+  ``from efficient_attention.compat.attention_grid import BlockwiseParallelJax``
 * ``key = random.PRNGKey(0)`` -> ``key = random.manual_seed(0)`` (a ``torch.Generator``)
 * ``random.normal(key, (batch_size, sequence_length, block.hidden_size))`` ->
   ``jnp.randn((batch_size, sequence_length, block.hidden_size), generator=key)``
