@@ -8,12 +8,12 @@ registering it.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple, Type
 
 from .base import EfficientAttention, OptionSpec
 from .capabilities import Capabilities, Pattern
+from .options import did_you_mean
 
 __all__ = [
     "register_attention",
@@ -54,7 +54,7 @@ def register_attention(name: str, *aliases: str) -> Callable[[Type[EfficientAtte
             owner = _REGISTRY.get(k) or _REGISTRY.get(_ALIASES.get(k, ""))
             if owner is not None and owner is not cls:
                 raise ValueError(f"attention name {k!r} is already registered by {owner.__name__}")
-        cls.options()  # fails early if an option has no help text
+        cls.options()  # fails early if an option has no help text or a default breaks its rule
         cls.attention_name = key
         _REGISTRY[key] = cls
         for alias in aliases:
@@ -69,14 +69,6 @@ class UnknownAttentionError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
-
-
-def did_you_mean(word: str, candidates, prefix: str = "") -> str:
-    """``" (did you mean 'x'?)"`` for the closest of ``candidates`` (difflib), or ``""`` when none is close."""
-    close = difflib.get_close_matches(word, list(candidates), n=2, cutoff=0.6)
-    if not close:
-        return ""
-    return " (did you mean " + " or ".join(repr(prefix + c) for c in close) + "?)"
 
 
 def unknown_attention_message(name: str) -> str:
