@@ -140,9 +140,9 @@ class Option:
     ``minimum`` / ``maximum`` bound ints and floats (each element of a sequence option); ``odd``
     asks for odd ints; ``choices`` lists the allowed values; ``check(value, name) -> value``
     replaces the type-based check for a type the helpers do not cover (it must raise
-    ``ValueError`` / ``TypeError`` naming ``name``) and ``words`` then says what it accepts.  Options declared the old way (a
-    keyword-only constructor argument and an ``option_help`` entry) have no rule here: their
-    constructor checks them.
+    ``ValueError`` / ``TypeError`` naming ``name``) and ``words`` then says what it accepts.
+    Options declared the old way (a keyword-only constructor argument and an ``option_help``
+    entry) have no rule here: their constructor checks them.
     """
 
     name: str
