@@ -156,6 +156,11 @@ class Option:
     check: Optional[Callable[[Any, str], Any]] = None
     words: Optional[str] = None
 
+    def __post_init__(self):
+        literal = self.base_type
+        if self.choices is None and typing.get_origin(literal) is typing.Literal:
+            object.__setattr__(self, "choices", tuple(typing.get_args(literal)))
+
     @property
     def optional(self) -> bool:
         """None is allowed (``Optional[...]``)."""
