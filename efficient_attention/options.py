@@ -273,6 +273,8 @@ class Option:
             items = value.replace(" ", "").strip("()[]").split(",") if isinstance(value, str) else (
                 value if isinstance(value, collections.abc.Iterable) else [value])
             return tuple(_convert_scalar(elem, x) for x in items if str(x).strip() != "")
+        if not isinstance(value, (str, int, float)):
+            return value  # not text (e.g. a layout tensor given in Python): the constructor checks it
         if self.choices is not None:
             for c in self.choices:
                 if value == c or str(value) == str(c):
