@@ -165,8 +165,7 @@ class S4DOptions(AttentionOptions):
     d_state: int = positive_int(16, "number of complex state modes per channel (S4D-Lin initialisation)")
     bidirectional: Optional[bool] = option(
         None, "add a backward kernel over later positions (default: not causal; must be False if causal)")
-    activation: str = choice("gelu", sorted(_ACTIVATIONS),
-                             f"activation after the state-space layer, one of {sorted(_ACTIVATIONS)}")
+    activation: str = choice("gelu", sorted(_ACTIVATIONS), "activation after the state-space layer")
 
 
 @register_attention("s4d", "s4")
