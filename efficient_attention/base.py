@@ -97,6 +97,9 @@ class EfficientAttention(nn.Module):
         causal: build the causal pattern.
         num_kv_heads: key/value heads for multi-query / grouped-query attention
             (only mechanisms with the ``grouped_kv`` capability).
+        **options: the mechanism's own options, the fields of its ``Options``
+            dataclass (:mod:`efficient_attention.options`); each is checked
+            against its declared rule and set as an attribute.
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities()

@@ -337,8 +337,10 @@ def option_specs(options_cls: type) -> Dict[str, Option]:
         return _SPECS[options_cls]
     if options_cls is AttentionOptions:
         return {}
-    if not dataclasses.is_dataclass(options_cls):
-        raise TypeError(f"{options_cls.__name__} must be a dataclass (@dataclass(frozen=True)) of option fields")
+    if not (isinstance(options_cls, type) and issubclass(options_cls, AttentionOptions)
+            and dataclasses.is_dataclass(options_cls)):
+        raise TypeError(f"{getattr(options_cls, '__name__', options_cls)} must be an AttentionOptions subclass "
+                        "declared with @dataclass(frozen=True), one field per option")
     hints = typing.get_type_hints(options_cls)
     specs: Dict[str, Option] = {}
     for f in dataclasses.fields(options_cls):

@@ -198,3 +198,12 @@ def test_options_declared_the_old_way_still_work():
     with pytest.raises(TypeError, match="unexpected option 'wdth'"):
         Legacy(8, 2, wdth=5)
     assert torch.is_tensor(Legacy(8, 2).q_proj.weight)
+
+
+def test_options_must_be_an_attention_options_dataclass():
+    @dataclass(frozen=True)
+    class Plain:
+        width: int = positive_int(4, "keys each side")
+
+    with pytest.raises(TypeError, match="Plain must be an AttentionOptions subclass"):
+        option_specs(Plain)
