@@ -34,7 +34,8 @@ def _check_layout(value, name: str):
 
 
 def _layout(default: str):
-    return option(default, f"pattern name ({', '.join(layouts.PATTERNS)}) or a bool block layout tensor (H or 1, nb, nb)",
+    return option(default,
+                  f"pattern name ({', '.join(layouts.PATTERNS)}) or a bool block layout tensor (H or 1, nb, nb)",
                   choices=layouts.PATTERNS, check=_check_layout,
                   words="a pattern name or a bool layout tensor (H or 1, nb, nb)")
 

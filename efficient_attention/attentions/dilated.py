@@ -29,7 +29,8 @@ __all__ = ["DilatedAttention"]
 class DilatedOptions(AttentionOptions):
     segment_lengths: Tuple[int, ...] = positive_int(
         (64, 128, 256), "segment length w_i of each branch (comma-separated list)")
-    dilation_rates: Tuple[int, ...] = positive_int((1, 2, 4), "dilation r_i of each branch (same count as segment_lengths)")
+    dilation_rates: Tuple[int, ...] = positive_int(
+        (1, 2, 4), "dilation r_i of each branch (same count as segment_lengths)")
 
 
 @register_attention("dilated", "longnet", "dilated_attention")

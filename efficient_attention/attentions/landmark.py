@@ -28,7 +28,8 @@ __all__ = ["LandmarkAttention"]
 
 @dataclass(frozen=True)
 class LandmarkOptions(AttentionOptions):
-    block_size: int = option(64, "landmark period: every block_size-th token is a landmark closing its block", minimum=2)
+    block_size: int = option(
+        64, "landmark period: every block_size-th token is a landmark closing its block", minimum=2)
     top_k: int = nonnegative_int(0, "earlier blocks each query may use (0 = all); decoding retrieves only these")
 
 

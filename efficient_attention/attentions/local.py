@@ -43,7 +43,8 @@ class LocalOptions(AttentionOptions):
         None, "how many blocks after its own a query sees (default 0 if causal else 1; must be 0 if causal)")
     exact_windowsize: bool = option(
         False, "every query sees exactly wsize*look_backward keys before it (and wsize*look_forward after)")
-    autopad: bool = option(True, "accept lengths that are not a multiple of wsize (keys outside the sequence never count)")
+    autopad: bool = option(
+        True, "accept lengths that are not a multiple of wsize (keys outside the sequence never count)")
     shared_qk: bool = option(
         False, "keys are the normalised query projections; a query attends to itself only if nothing else is visible")
 

@@ -71,7 +71,8 @@ def _prefix_top(values: Tensor, k: int) -> Tensor:
 
 @dataclass(frozen=True)
 class ProbSparseOptions(AttentionOptions):
-    factor: int = positive_int(5, "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries")
+    factor: int = positive_int(
+        5, "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries")
 
 
 @register_attention("probsparse", "prob_sparse", "informer")
