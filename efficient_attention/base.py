@@ -129,6 +129,7 @@ class EfficientAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
+        self._check_option_names(options)  # first, as Python does for an unexpected keyword
         check_int(embed_dim, "embed_dim", 1)
         check_int(num_heads, "num_heads", 1)
         if embed_dim % num_heads != 0:
@@ -245,9 +246,9 @@ class EfficientAttention(nn.Module):
             specs["num_kv_heads"] = _NUM_KV_HEADS
         return specs
 
-    def _set_options(self, given: Dict[str, Any]) -> None:
-        """Check the options of ``cls.Options`` and set each as an attribute (defaults for those not given)."""
-        cls = type(self)
+    @classmethod
+    def _check_option_names(cls, given: Mapping[str, Any]) -> None:
+        """``TypeError`` (with the closest name) for a keyword that is no option of ``cls.Options``."""
         declared = option_specs(cls.Options)
         for key in given:
             if key not in declared:
@@ -256,6 +257,11 @@ class EfficientAttention(nn.Module):
                     f"{cls.__name__} got an unexpected option {key!r}{did_you_mean(key, known)}; "
                     f"its options: {', '.join(cls.options()) or 'none'}"
                 )
+
+    def _set_options(self, given: Dict[str, Any]) -> None:
+        """Check the values of the options of ``cls.Options`` and set each as an attribute (defaults if not given)."""
+        cls = type(self)
+        declared = option_specs(cls.Options)
         config = cls.Options(**given)
         for key in declared:
             setattr(self, key, getattr(config, key))
