@@ -15,9 +15,10 @@ forward signature.  It owns everything that is the same for every mechanism:
   :class:`~efficient_attention.capabilities.Capabilities` and the base rejects
   anything else with a clear message.
 
-A mechanism subclasses it, declares ``capabilities``, takes its own options as
-keyword-only constructor arguments (documented in ``option_help``) and
-implements :meth:`EfficientAttention._attend` on per-head tensors.  Mechanisms
+A mechanism subclasses it, declares ``capabilities``, declares its own options
+as a dataclass (``Options``, see :mod:`efficient_attention.options`; the base
+checks them and sets them as attributes) and implements
+:meth:`EfficientAttention._attend` on per-head tensors.  Mechanisms
 whose decoding state must not grow override :meth:`_attend_step`.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from .capabilities import Capabilities, Pattern, UnsupportedInputError, UnsupportedPatternError
 from .functional import merge_heads, split_heads
 from .masks import as_bool_mask, check_attn_mask, check_key_padding_mask, expand_attn_mask, is_causal_mask, to_additive
+from .options import AttentionOptions, Option, check_bool, check_int, did_you_mean, option_specs
 from .quant_noise import check_quant_noise, quant_noise_weight
 
 logger = logging.getLogger(__name__)
@@ -69,37 +71,12 @@ class AttentionMasks:
     query_offset: int = 0
 
 
-@dataclass(frozen=True)
-class OptionSpec:
-    """One mechanism option: what the fairseq / ParaGen plugins expose."""
-
-    name: str
-    default: Any
-    type: Any
-    help: str
-
+OptionSpec = Option  # the name the registry and the plugins have always used
 
 # The constructor arguments every mechanism shares (fairseq's, plus ours).
 _BASE_OPTIONS = frozenset({"cross", "causal", "num_kv_heads"})
-
-
-def check_bool(value, name: str) -> bool:
-    """``value`` as a bool: ``True`` / ``False`` (or the ints ``0`` / ``1``); anything else is a ``TypeError``.
-
-    ``bool("false")`` is True: a string reaching a boolean option (from a config
-    file or a command line) must be an error, never a silent True.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise TypeError(f"{name} must be a bool (True/False), got {value!r} ({type(value).__name__})")
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+_NUM_KV_HEADS = Option("num_kv_heads", None, Optional[int],
+                       "key/value heads (multi-query: 1; grouped: a divisor of num_heads)", minimum=1)
 
 
 class EfficientAttention(nn.Module):
@@ -120,10 +97,14 @@ class EfficientAttention(nn.Module):
         causal: build the causal pattern.
         num_kv_heads: key/value heads for multi-query / grouped-query attention
             (only mechanisms with the ``grouped_kv`` capability).
+        **options: the mechanism's own options, the fields of its ``Options``
+            dataclass (:mod:`efficient_attention.options`); each is checked
+            against its declared rule and set as an attribute.
     """
 
     capabilities: ClassVar[Capabilities] = Capabilities()
-    option_help: ClassVar[Mapping[str, str]] = {}
+    Options: ClassVar[type] = AttentionOptions  # the mechanism's options dataclass (efficient_attention.options)
+    option_help: ClassVar[Mapping[str, str]] = {}  # help of options declared the old way (keyword-only arguments)
     attention_name: ClassVar[Optional[str]] = None  # set by @register_attention
 
     def __init__(
@@ -144,15 +125,17 @@ class EfficientAttention(nn.Module):
         cross: Optional[bool] = None,
         causal: bool = False,
         num_kv_heads: Optional[int] = None,
+        **options,
     ):
         super().__init__()
         name = type(self).__name__
-        _check_positive_int(embed_dim, "embed_dim")
-        _check_positive_int(num_heads, "num_heads")
+        self._check_option_names(options)  # first, as Python does for an unexpected keyword
+        check_int(embed_dim, "embed_dim", 1)
+        check_int(num_heads, "num_heads", 1)
         if embed_dim % num_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must divide embed_dim ({embed_dim})")
-        self.kdim = embed_dim if kdim is None else _check_positive_int(kdim, "kdim")
-        self.vdim = embed_dim if vdim is None else _check_positive_int(vdim, "vdim")
+        self.kdim = embed_dim if kdim is None else check_int(kdim, "kdim", 1)
+        self.vdim = embed_dim if vdim is None else check_int(vdim, "vdim", 1)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         bias, add_bias_kv, add_zero_attn = (check_bool(bias, "bias"), check_bool(add_bias_kv, "add_bias_kv"),
@@ -186,7 +169,7 @@ class EfficientAttention(nn.Module):
             )
         if (add_bias_kv or add_zero_attn) and not caps.bias_kv:
             raise ValueError(f"{name} does not support add_bias_kv / add_zero_attn")
-        num_kv_heads = num_heads if num_kv_heads is None else _check_positive_int(num_kv_heads, "num_kv_heads")
+        num_kv_heads = num_heads if num_kv_heads is None else check_int(num_kv_heads, "num_kv_heads", 1)
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         if num_kv_heads != num_heads and not caps.grouped_kv:
@@ -219,6 +202,7 @@ class EfficientAttention(nn.Module):
             self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim))
         else:
             self.bias_k = self.bias_v = None
+        self._set_options(options)
         self.init_incremental_state()
         self.reset_parameters()
 
@@ -236,9 +220,14 @@ class EfficientAttention(nn.Module):
             nn.init.xavier_normal_(self.bias_v)
 
     @classmethod
-    def options(cls) -> Dict[str, OptionSpec]:
-        """The mechanism's own constructor options (keyword-only, beyond the shared ones)."""
-        specs: Dict[str, OptionSpec] = {}
+    def options(cls) -> Dict[str, Option]:
+        """The mechanism's own constructor options (beyond the shared ones), by name.
+
+        The fields of ``cls.Options``; also options declared the old way, as keyword-only
+        arguments of a subclass's ``__init__`` documented in ``option_help`` (those have no rule
+        here: their constructor checks them); and ``num_kv_heads`` for ``grouped_kv`` mechanisms.
+        """
+        specs: Dict[str, Option] = {}
         for klass in reversed(cls.__mro__):
             if not (isinstance(klass, type) and issubclass(klass, EfficientAttention)) or klass is EfficientAttention:
                 continue
@@ -251,12 +240,31 @@ class EfficientAttention(nn.Module):
                 help_text = cls.option_help.get(p.name)
                 if help_text is None:
                     raise TypeError(f"{cls.__name__}.option_help has no entry for option {p.name!r}")
-                specs[p.name] = OptionSpec(p.name, p.default, hints.get(p.name, type(p.default)), help_text)
+                specs[p.name] = Option(p.name, p.default, hints.get(p.name, type(p.default)), help_text)
+        specs.update(option_specs(cls.Options))
         if cls.capabilities.grouped_kv:
-            specs["num_kv_heads"] = OptionSpec(
-                "num_kv_heads", None, Optional[int], "key/value heads (multi-query: 1; grouped: a divisor of num_heads)"
-            )
+            specs["num_kv_heads"] = _NUM_KV_HEADS
         return specs
+
+    @classmethod
+    def _check_option_names(cls, given: Mapping[str, Any]) -> None:
+        """``TypeError`` (with the closest name) for a keyword that is no option of ``cls.Options``."""
+        declared = option_specs(cls.Options)
+        for key in given:
+            if key not in declared:
+                known = [*inspect.signature(EfficientAttention.__init__).parameters][1:-1] + [*cls.options()]
+                raise TypeError(
+                    f"{cls.__name__} got an unexpected option {key!r}{did_you_mean(key, known)}; "
+                    f"its options: {', '.join(cls.options()) or 'none'}"
+                )
+
+    def _set_options(self, given: Dict[str, Any]) -> None:
+        """Check the values of the options of ``cls.Options`` and set each as an attribute (defaults if not given)."""
+        cls = type(self)
+        declared = option_specs(cls.Options)
+        config = cls.Options(**given)
+        for key in declared:
+            setattr(self, key, getattr(config, key))
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options() if hasattr(self, k))

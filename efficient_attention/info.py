@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["BackendStatus", "MechanismSummary", "EnvironmentReport", "environment_report", "format_report"]
+__all__ = ["BackendStatus", "MechanismSummary", "EnvironmentReport", "environment_report", "format_report",
+           "format_options"]
 
 # distribution names to try for each component, first found wins
 _DISTRIBUTIONS = {
@@ -138,6 +139,28 @@ def environment_report() -> EnvironmentReport:
         backends=backends,
         mechanisms=_mechanisms(backends),
     )
+
+
+def _type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def format_options(names: Optional[List[str]] = None) -> str:
+    """Every option of the registered mechanisms (or of ``names``), as ``python -m efficient_attention options``
+    prints them: name, type, default, the rule its values follow and the help, read from each option spec."""
+    from .registry import available_attentions, get_attention_class
+
+    infos = available_attentions()
+    chosen = [get_attention_class(n).attention_name for n in names] if names else list(infos)
+    lines: List[str] = []
+    for name in dict.fromkeys(chosen):
+        info = infos[name]
+        lines.append(f"{name} ({info.cls.__name__}):" + ("" if info.options else " no options of its own"))
+        rows = [(o.name, _type_name(o.type), repr(o.default), o.describe(), o.help) for o in info.options.values()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else []
+        for r in rows:
+            lines.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[4])
+    return "\n".join(lines)
 
 
 _SHORT = {"noncausal self": "self", "causal self": "causal-self", "noncausal cross": "cross",

@@ -54,7 +54,7 @@ def register_attention(name: str, *aliases: str) -> Callable[[Type[EfficientAtte
             owner = _REGISTRY.get(k) or _REGISTRY.get(_ALIASES.get(k, ""))
             if owner is not None and owner is not cls:
                 raise ValueError(f"attention name {k!r} is already registered by {owner.__name__}")
-        cls.options()  # fails early if an option has no help text
+        cls.options()  # fails early if an option has no help text or a default breaks its rule
         cls.attention_name = key
         _REGISTRY[key] = cls
         for alias in aliases:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from efficient_attention import ABC, build_attention
+from efficient_attention import ABC
 
 from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
 from references import get_reference
@@ -73,12 +73,6 @@ def test_dropout_on_slot_probabilities_only_in_training():
     assert not torch.allclose(a, b)
     causal = make(causal=True, dropout=0.5).train()
     assert not torch.allclose(causal(x, need_weights=False)[0], causal(x, need_weights=False)[0])
-
-
-@pytest.mark.parametrize("value", [0, -2, 2.5, True])
-def test_bad_num_landmarks(value):
-    with pytest.raises(ValueError, match="num_landmarks"):
-        build_attention("abc", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, num_landmarks=value)
 
 
 @pytest.mark.parametrize("tgt_len,src_len", [(5, 9), (9, 5)])

@@ -293,7 +293,7 @@ def test_argument_parsing():
         parse_pattern("sideways")
     with pytest.raises(ValueError, match="mode"):
         SweepConfig(modes=("sideways",)).validate()
-    assert parse_option("Vanilla.num_kv_heads=2") == ("vanilla", "num_kv_heads", 2)
+    assert parse_option("Vanilla.num_kv_heads=2") == ("vanilla", "num_kv_heads", "2")  # converted by validate()
     assert parse_option("x.mode=fast") == ("x", "mode", "fast")
     with pytest.raises(Exception):
         parse_option("novalue")
@@ -301,6 +301,13 @@ def test_argument_parsing():
         SweepConfig(mechanisms=["nosuch"]).validate()
     with pytest.raises(ValueError, match="no option 'wsize'"):
         SweepConfig(options={"vanilla": {"wsize": 3}}).validate()
+    config = SweepConfig(options={"vanilla": {"num_kv_heads": "2"}, "dilated": {"segment_lengths": "(8, 16)"},
+                                  "cosformer": {"max_len": "None", "act_fun": "elu"}})
+    config.validate()  # the option spec converts the command line's text
+    assert config.options == {"vanilla": {"num_kv_heads": 2}, "dilated": {"segment_lengths": (8, 16)},
+                              "cosformer": {"max_len": None, "act_fun": "elu"}}
+    with pytest.raises(ValueError, match=r"--option cosformer.act_fun: expected one of 'relu', 'elu', got 'gelu'"):
+        SweepConfig(options={"cosformer": {"act_fun": "gelu"}}).validate()
 
 
 def test_option_overrides_reach_the_module():

@@ -100,8 +100,6 @@ def test_bad_options():
     q, k, v = rand_qkv(1, 1, 4, 4, 4)
     with pytest.raises(ValueError, match="q_chunk_size"):
         ea.blockwise_attention(q, k, v, q_chunk_size=0)
-    with pytest.raises(ValueError, match="k_chunk_size"):
-        ea.BlockwiseAttention(16, 4, k_chunk_size=-1)
 
 
 def test_module_additive_padding_and_mask_equal_vanilla():

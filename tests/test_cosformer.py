@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from efficient_attention import CosformerAttention, Pattern, build_attention, cosFormer
+from efficient_attention import CosformerAttention, Pattern, cosFormer
 
 from helpers import BSZ, EMBED_DIM, NUM_HEADS, assert_close, decode, inputs, padding_mask
 from references import get_reference
@@ -81,16 +81,6 @@ def test_static_kv_without_max_len_uses_the_key_length():
     assert_close(steps, full)
     with pytest.raises(ValueError, match="max_len"):  # query position 8 needs M > 8
         decode(m, torch.randn(9, 2, EMBED_DIM, dtype=torch.float64), kv, kv, static_kv=True)
-
-
-@pytest.mark.parametrize("opts,name", [
-    (dict(act_fun="gelu"), "act_fun"),
-    (dict(max_len=0), "max_len"),
-    (dict(max_len=3.5), "max_len"),
-])
-def test_bad_options(opts, name):
-    with pytest.raises(ValueError, match=name):
-        build_attention("cosformer", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, **opts)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)

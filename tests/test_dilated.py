@@ -64,8 +64,8 @@ def test_bad_config():
         dilated_attention(q, k, v, (4, 8), (1,))
     with pytest.raises(ValueError, match="exceeds"):
         dilated_attention(q, k, v, (2,), (4,))
-    with pytest.raises(ValueError, match="positive"):
-        ea.DilatedAttention(16, 4, segment_lengths=(0,), dilation_rates=(1,))
+    with pytest.raises(ValueError, match="exceeds"):  # the module checks the pair as the functional does
+        ea.DilatedAttention(16, 4, segment_lengths=(2,), dilation_rates=(4,))
     m = ea.DilatedAttention(16, 4, segment_lengths="8,16", dilation_rates="1, 2")
     assert m.segment_lengths == (8, 16) and m.dilation_rates == (1, 2)
 

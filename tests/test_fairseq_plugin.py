@@ -261,6 +261,38 @@ def test_options_shared_by_mechanisms_with_different_types_become_strings(toy_re
     assert fields["mode"].choices == ("a", "b")
 
 
+def test_names_with_different_meanings_get_per_mechanism_flags():
+    ambiguous = plugin_options.ambiguous_options()
+    assert {"num_landmarks", "window_size", "block_size", "autopad"} <= set(ambiguous)
+    assert "num_kv_heads" not in ambiguous and "layout" not in ambiguous  # same declaration everywhere
+    fields = efficient_fairseq.EfficientTransformerLanguageModelConfig.__dataclass_fields__
+    group = argparse.ArgumentParser()
+    efficient_fairseq.EfficientTransformerModel.add_args(group)
+    dests = {a.dest for a in group._actions}
+    for opt, owners in ambiguous.items():
+        for name, spec in owners:
+            assert f"attn_{name}_{opt}" in fields and f"attn_{name}_{opt}" in dests
+            assert spec.help in fields[f"attn_{name}_{opt}"].metadata["help"]
+            assert f"encoder_attn_{name}_{opt}" not in dests  # the role flags already name one mechanism
+
+
+def test_shared_flag_works_while_unambiguous_and_per_mechanism_flags_override_it():
+    lm = lm_attention_choices(argparse.Namespace(decoder_attention="causal_ls", attn_num_landmarks="4"))
+    assert lm["decoder"].options == {"num_landmarks": 4}
+    lm = lm_attention_choices(argparse.Namespace(decoder_attention="causal_ls", attn_num_landmarks="4",
+                                                 attn_causal_ls_num_landmarks="8"))
+    assert lm["decoder"].options == {"num_landmarks": 8}
+    mt = mt_attention_choices(argparse.Namespace(encoder_attention="nystrom", decoder_attention="causal_ls",
+                                                 attn_nystrom_num_landmarks="8", attn_causal_ls_num_landmarks="2"))
+    assert mt["encoder"].options == {"num_landmarks": 8} and mt["decoder"].options == {"num_landmarks": 2}
+    with pytest.raises(ValueError, match=r"--attn-num-landmarks is ambiguous in this model.*"
+                                         r"--attn-nystrom-num-landmarks, --attn-causal-ls-num-landmarks"):
+        mt_attention_choices(argparse.Namespace(encoder_attention="nystrom", decoder_attention="causal_ls",
+                                                attn_num_landmarks="8"))
+    with pytest.raises(ValueError, match=r"--attn-lara-num-landmarks is set but no attention of this model is lara"):
+        lm_attention_choices(argparse.Namespace(decoder_attention="causal_ls", attn_lara_num_landmarks="8"))
+
+
 def test_pattern_error_names_the_flag_and_the_alternatives(toy_registered):
     with pytest.raises(UnsupportedPatternError, match=r"--decoder-attention toy_noncausal.*causal self"):
         lm_attention_choices(argparse.Namespace(decoder_attention="toy_noncausal"))

@@ -78,3 +78,15 @@ def test_python_m_info_and_help_run():
     bad = subprocess.run([sys.executable, "-m", "efficient_attention", "inf"], capture_output=True, text=True,
                          cwd=ROOT, env=env)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_main_prints_every_option_from_the_spec(capsys):
+    assert main(["options"]) == 0
+    out = capsys.readouterr().out
+    for name, info in available_attentions().items():
+        assert f"{name} ({info.cls.__name__}):" in out
+        for opt in info.options.values():
+            assert opt.name in out and opt.help in out and opt.describe() in out
+    assert main(["options", "favor"]) == 0  # an alias
+    out = capsys.readouterr().out
+    assert out.startswith("performer (Performer):") and "a positive integer      number of random features m" in out

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from efficient_attention import LARA, Lara, build_attention
+from efficient_attention import LARA, Lara
 
 from helpers import EMBED_DIM, NUM_HEADS, assert_close
 from references import get_reference
@@ -60,8 +60,3 @@ def test_fully_padded_sequence_has_finite_gradients():
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
 
-
-@pytest.mark.parametrize("value", [0, -1, 1.5])
-def test_bad_num_landmarks(value):
-    with pytest.raises(ValueError, match="num_landmarks"):
-        build_attention("lara", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, num_landmarks=value)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from efficient_attention import MultiheadAttention, NystromAttention, Nystromformer, build_attention
+from efficient_attention import MultiheadAttention, NystromAttention, Nystromformer
 from efficient_attention.attentions.nystrom import iterative_pinv
 
 from helpers import EMBED_DIM, NUM_HEADS, assert_close
@@ -91,13 +91,3 @@ def test_conv_kernel_adds_a_value_convolution():
     without, _ = m(x, need_weights=False)
     assert (with_conv - without).abs().max() > 1e-6
 
-
-@pytest.mark.parametrize("opts,name", [
-    (dict(num_landmarks=0), "num_landmarks"),
-    (dict(conv_kernel_size=4), "conv_kernel_size"),
-    (dict(conv_kernel_size=0), "conv_kernel_size"),
-    (dict(pinv_iterations=0), "pinv_iterations"),
-])
-def test_bad_options(opts, name):
-    with pytest.raises(ValueError, match=name):
-        build_attention("nystrom", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, **opts)

@@ -141,6 +141,14 @@ def test_option_type_is_checked():
         encoder(attention={"name": "vanilla", "num_kv_heads": "two"})
 
 
+def test_option_rule_is_checked_from_the_spec():
+    with pytest.raises(ValueError, match=r"encoder attention: attention option approx_attn_dim must be a positive "
+                                         r"integer, got 0"):
+        encoder(attention={"name": "performer", "approx_attn_dim": 0})
+    with pytest.raises(ValueError, match=r"decoder self_attention: .*act_fun must be one of 'relu', 'elu', got 'gelu'"):
+        decoder(self_attention={"name": "cosformer", "act_fun": "gelu"})
+
+
 def test_option_value_errors_name_the_layer():
     with pytest.raises(ValueError, match=r"encoder layer 0 attention: attention 'vanilla': num_kv_heads \(3\)"):
         encoder(attention={"name": "vanilla", "num_kv_heads": 3})

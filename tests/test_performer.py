@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from efficient_attention import MultiheadAttention, Performer, build_attention
+from efficient_attention import MultiheadAttention, Performer
 
 from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
 from references import get_reference
@@ -129,16 +129,6 @@ def test_static_kv_caches_the_key_sums_only():
     _, state = decode(m, q, kv, kv, static_kv=True)
     buf = next(iter(state.values()))
     assert buf["prev_key"].shape == (2, NUM_HEADS, m.approx_attn_dim, EMBED_DIM // NUM_HEADS)
-
-
-@pytest.mark.parametrize("opts,name", [
-    (dict(approx_attn_dim=0), "approx_attn_dim"),
-    (dict(approx_attn_dim=-3), "approx_attn_dim"),
-    (dict(feature_redraw_interval=-1), "feature_redraw_interval"),
-])
-def test_bad_options(opts, name):
-    with pytest.raises(ValueError, match=name):
-        build_attention("performer", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, **opts)
 
 
 @pytest.mark.parametrize("tgt_len,src_len", [(5, 9), (9, 5)])

@@ -67,12 +67,6 @@ def test_noncausal_selects_top_u_queries():
     assert int((~lazy).sum(-1).max()) <= log_count(1, 20)
 
 
-@pytest.mark.parametrize("factor", [0, -1, 2.5, True])
-def test_bad_factor(factor):
-    with pytest.raises(ValueError, match="factor"):
-        ProbSparse(16, 2, factor=factor)
-
-
 def test_cross_raises():
     with pytest.raises(UnsupportedPatternError):
         ProbSparse(16, 2, cross=True)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
@@ -15,9 +16,15 @@ from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, dense_attention, softmax
 from ..kernels.linear_attention import linear_attention
+from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["ABC"]
+
+
+@dataclass(frozen=True)
+class ABCOptions(AttentionOptions):
+    num_landmarks: int = positive_int(16, "number of memory slots n")
 
 
 @register_attention("abc")
@@ -50,14 +57,11 @@ class ABC(EfficientAttention):
     """
 
     capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
-    option_help = {"num_landmarks": "number of memory slots n"}
+    Options = ABCOptions
 
-    def __init__(self, *args, num_landmarks: int = 16, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
-            raise ValueError(f"num_landmarks must be a positive integer, got {num_landmarks!r}")
-        self.num_landmarks = num_landmarks
-        self.landmark_proj = nn.Parameter(torch.empty(self.num_heads, num_landmarks, self.head_dim))
+        self.landmark_proj = nn.Parameter(torch.empty(self.num_heads, self.num_landmarks, self.head_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

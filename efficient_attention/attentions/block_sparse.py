@@ -9,6 +9,7 @@ bs² · d)`` instead of ``O(N² d)``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -16,13 +17,54 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import layouts
-from ..base import AttentionMasks, EfficientAttention, check_bool
+from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities
+from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
 from ..sparse.block_sparse import block_layout_attention
 
 __all__ = ["BlockSparseAttention", "BigBirdAttention"]
+
+
+def _check_layout(value, name: str):
+    if isinstance(value, Tensor) or value in layouts.PATTERNS:
+        return value
+    raise ValueError(f"{name} must be one of {', '.join(layouts.PATTERNS)} or a tensor, got {value!r}")
+
+
+def _layout(default: str):
+    return option(default,
+                  f"pattern name ({', '.join(layouts.PATTERNS)}) or a bool block layout tensor (H or 1, nb, nb)",
+                  choices=layouts.PATTERNS, check=_check_layout,
+                  words="a pattern name or a bool layout tensor (H or 1, nb, nb)")
+
+
+@dataclass(frozen=True)
+class BlockSparseOptions(AttentionOptions):
+    layout: str = _layout("fixed")
+    block_size: int = positive_int(16, "block size of the layout (16, 32, 64 or 128 for the fast kernels)")
+    local_attn_ctx: int = nonnegative_int(32, "local / strided / fixed: band width, stride, chunk length (tokens)")
+    window: int = nonnegative_int(32, "sliding: keys each side; dilated: segment length (tokens)")
+    num_verts: int = nonnegative_int(1, "fixed: number of summary-column groups the heads rotate through")
+    vertsize: int = nonnegative_int(1, "fixed: summary width in blocks")
+    dilation: int = nonnegative_int(2, "dilated: dilation rate")
+    num_global: int = nonnegative_int(1, "global: number of leading global tokens")
+    num_window_blocks: int = nonnegative_int(3, "bigbird: band width in blocks")
+    num_global_blocks: int = nonnegative_int(1, "bigbird: leading global blocks")
+    num_random_blocks: int = nonnegative_int(1, "random / bigbird: random key blocks per query block")
+    seed: int = nonnegative_int(0, "random / bigbird: seed of the random blocks")
+    autopad: bool = option(True, "pad sequences that are not a multiple of block_size (False: ValueError)")
+
+
+@dataclass(frozen=True)
+class BigBirdOptions(BlockSparseOptions):
+    layout: str = _layout("bigbird")
+
+
+# the options that shape a token-level pattern (layouts.make_mask_mod) and a block-level one (layouts.make_layout)
+_PATTERN_OPTIONS = ("local_attn_ctx", "window", "num_verts", "vertsize", "dilation", "num_global")
+_BLOCK_OPTIONS = ("num_window_blocks", "num_global_blocks", "num_random_blocks", "seed")
 
 
 @register_attention("block_sparse", "blocksparse", "sparse_transformer")
@@ -41,44 +83,11 @@ class BlockSparseAttention(EfficientAttention):
         patterns=SELF_PATTERNS, incremental=True, key_padding_mask=True, grouped_kv=True,
         backends=("kernels", "torch"),
     )
-    option_help = {
-        "layout": f"pattern name ({', '.join(layouts.PATTERNS)}) or a bool block layout tensor (H or 1, nb, nb)",
-        "block_size": "block size of the layout (16, 32, 64 or 128 for the fast kernels)",
-        "local_attn_ctx": "local / strided / fixed: band width, stride, chunk length (tokens)",
-        "window": "sliding: keys each side; dilated: segment length (tokens)",
-        "num_verts": "fixed: number of summary-column groups the heads rotate through",
-        "vertsize": "fixed: summary width in blocks",
-        "dilation": "dilated: dilation rate",
-        "num_global": "global: number of leading global tokens",
-        "num_window_blocks": "bigbird: band width in blocks",
-        "num_global_blocks": "bigbird: leading global blocks",
-        "num_random_blocks": "random / bigbird: random key blocks per query block",
-        "seed": "random / bigbird: seed of the random blocks",
-        "autopad": "pad sequences that are not a multiple of block_size (False: ValueError)",
-    }
+    Options = BlockSparseOptions
 
-    def __init__(
-        self,
-        *args,
-        layout: str = "fixed",
-        block_size: int = 16,
-        local_attn_ctx: int = 32,
-        window: int = 32,
-        num_verts: int = 1,
-        vertsize: int = 1,
-        dilation: int = 2,
-        num_global: int = 1,
-        num_window_blocks: int = 3,
-        num_global_blocks: int = 1,
-        num_random_blocks: int = 1,
-        seed: int = 0,
-        autopad: bool = True,
-        **kwargs,
-    ):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        self.block_size, self.autopad = block_size, check_bool(autopad, "autopad")
+        layout, block_size = self.layout, self.block_size
         self._user_layout: Optional[Tensor] = None
         if isinstance(layout, Tensor):
             lay = layouts.as_layout(layout)
@@ -86,21 +95,9 @@ class BlockSparseAttention(EfficientAttention):
                 raise ValueError(f"layout tensor must be (num_heads or 1, nb, nb), got {tuple(layout.shape)}")
             self._user_layout = lay
             layout = "user"
-        elif layout not in layouts.PATTERNS:
-            raise ValueError(f"layout must be one of {', '.join(layouts.PATTERNS)} or a tensor, got {layout!r}")
         self.layout = layout
-        self.pattern_kw = dict(
-            local_attn_ctx=local_attn_ctx, window=window, num_verts=num_verts, vertsize=vertsize, dilation=dilation,
-            num_global=num_global,
-        )
-        self.block_kw = dict(
-            num_window_blocks=num_window_blocks, num_global_blocks=num_global_blocks,
-            num_random_blocks=num_random_blocks, seed=seed,
-        )
-        for name, value in {**self.pattern_kw, **self.block_kw}.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-            setattr(self, name, value)
+        self.pattern_kw = {k: getattr(self, k) for k in _PATTERN_OPTIONS}
+        self.block_kw = {k: getattr(self, k) for k in _BLOCK_OPTIONS}
         # validate the pattern options now (the masks themselves are built per length, on first use)
         if layout in layouts.BLOCK_LEVEL_PATTERNS:
             layouts.make_layout(layout, block_size, block_size, self.num_heads, causal=self.causal, **self.block_kw)
@@ -164,5 +161,4 @@ class BigBirdAttention(BlockSparseAttention):
     """BigBird (Zaheer et al., 2020): :class:`BlockSparseAttention` with the ``bigbird`` layout by default
     (a band of window blocks, global blocks and seeded random blocks)."""
 
-    def __init__(self, *args, layout: str = "bigbird", **kwargs):
-        super().__init__(*args, layout=layout, **kwargs)
+    Options = BigBirdOptions

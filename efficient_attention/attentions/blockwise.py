@@ -9,15 +9,24 @@ on CUDA), the chunk loop being the readable reference.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..masks import to_additive
+from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 from ..sparse.blockwise import blockwise_attention
 
 __all__ = ["BlockwiseAttention"]
+
+
+@dataclass(frozen=True)
+class BlockwiseOptions(AttentionOptions):
+    q_chunk_size: int = positive_int(64, "queries per chunk")
+    k_chunk_size: int = positive_int(64, "keys per chunk")
 
 
 @register_attention("blockwise", "memory_efficient", "blockwise_parallel")
@@ -34,17 +43,7 @@ class BlockwiseAttention(EfficientAttention):
         patterns=ALL_PATTERNS, incremental=True, attn_mask=True, additive_masks=True, key_padding_mask=True,
         grouped_kv=True, backends=("sdpa", "torch"),
     )
-    option_help = {
-        "q_chunk_size": "queries per chunk",
-        "k_chunk_size": "keys per chunk",
-    }
-
-    def __init__(self, *args, q_chunk_size: int = 64, k_chunk_size: int = 64, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name, val in (("q_chunk_size", q_chunk_size), ("k_chunk_size", k_chunk_size)):
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
-        self.q_chunk_size, self.k_chunk_size = q_chunk_size, k_chunk_size
+    Options = BlockwiseOptions
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         kpm, attn = masks.key_padding, masks.attn

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -17,6 +18,7 @@ from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype
 from ..kernels.linear_attention import linear_attention
+from ..options import AttentionOptions, choice, positive_int
 from ..registry import register_attention
 
 __all__ = ["CosformerAttention", "cosFormer"]
@@ -24,6 +26,13 @@ __all__ = ["CosformerAttention", "cosFormer"]
 logger = logging.getLogger(__name__)
 
 _ACTIVATIONS = ("relu", "elu")
+
+
+@dataclass(frozen=True)
+class CosformerOptions(AttentionOptions):
+    act_fun: str = choice("relu", _ACTIVATIONS, "feature map: 'relu' or 'elu' (1 + elu)")
+    max_len: Optional[int] = positive_int(
+        None, "M of the cos re-weighting (None: the longer input length of each call; needed for causal decoding)")
 
 
 @register_attention("cosformer", "cos_former")
@@ -62,19 +71,10 @@ class CosformerAttention(EfficientAttention):
         incremental=True,
         constant_state=True,
     )
-    option_help = {
-        "act_fun": "feature map: 'relu' or 'elu' (1 + elu)",
-        "max_len": "M of the cos re-weighting (None: the longer input length of each call; needed for causal decoding)",
-    }
+    Options = CosformerOptions
 
-    def __init__(self, *args, act_fun: str = "relu", max_len: Optional[int] = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if act_fun not in _ACTIVATIONS:
-            raise ValueError(f"act_fun must be one of {_ACTIVATIONS}, got {act_fun!r}")
-        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0):
-            raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
-        self.act_fun = act_fun
-        self.max_len = max_len
         if self.dropout_p > 0:
             logger.info("cosFormer applies no attention dropout (dropout=%s is unused)", self.dropout_p)
 

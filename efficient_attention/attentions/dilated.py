@@ -11,29 +11,26 @@ C++ / Triton kernels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Tuple
 
 from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import SELF_PATTERNS, Capabilities
+from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 from ..sparse.dilated import check_dilated_config, dilated_attention
 
 __all__ = ["DilatedAttention"]
 
 
-def _int_tuple(value, name: str) -> Tuple[int, ...]:
-    if value is None:
-        raise ValueError(f"{name} must be given: a comma-separated list or a sequence of positive integers")
-    if isinstance(value, str):
-        try:
-            return tuple(int(x) for x in value.replace(" ", "").strip("()[]").split(",") if x)
-        except ValueError:
-            raise ValueError(f"{name} must be a comma-separated list of integers, got {value!r}") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
-    return tuple(value)
+@dataclass(frozen=True)
+class DilatedOptions(AttentionOptions):
+    segment_lengths: Tuple[int, ...] = positive_int(
+        (64, 128, 256), "segment length w_i of each branch (comma-separated list)")
+    dilation_rates: Tuple[int, ...] = positive_int(
+        (1, 2, 4), "dilation r_i of each branch (same count as segment_lengths)")
 
 
 @register_attention("dilated", "longnet", "dilated_attention")
@@ -51,17 +48,11 @@ class DilatedAttention(EfficientAttention):
         patterns=SELF_PATTERNS, incremental=True, key_padding_mask=True, grouped_kv=True,
         backends=("kernels", "torch"),
     )
-    option_help = {
-        "segment_lengths": "segment length w_i of each branch (comma-separated list)",
-        "dilation_rates": "dilation r_i of each branch (same count as segment_lengths)",
-    }
+    Options = DilatedOptions
 
-    def __init__(self, *args, segment_lengths: Tuple[int, ...] = (64, 128, 256),
-                 dilation_rates: Tuple[int, ...] = (1, 2, 4), **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.segment_lengths, self.dilation_rates = check_dilated_config(
-            _int_tuple(segment_lengths, "segment_lengths"), _int_tuple(dilation_rates, "dilation_rates")
-        )
+        self.segment_lengths, self.dilation_rates = check_dilated_config(self.segment_lengths, self.dilation_rates)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         out = dilated_attention(

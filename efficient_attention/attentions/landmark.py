@@ -10,6 +10,8 @@ decoding step reads only the landmark keys and those blocks
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -17,10 +19,18 @@ from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, repeat_kv
 from ..kernels.landmark import landmark_attention as landmark_blocks
+from ..options import AttentionOptions, nonnegative_int, option
 from ..registry import register_attention
 from ..sparse.landmark import landmark_attention_formula, landmark_positions
 
 __all__ = ["LandmarkAttention"]
+
+
+@dataclass(frozen=True)
+class LandmarkOptions(AttentionOptions):
+    block_size: int = option(
+        64, "landmark period: every block_size-th token is a landmark closing its block", minimum=2)
+    top_k: int = nonnegative_int(0, "earlier blocks each query may use (0 = all); decoding retrieves only these")
 
 
 @register_attention("landmark", "landmark_attention")
@@ -40,18 +50,7 @@ class LandmarkAttention(EfficientAttention):
         patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, key_padding_mask=True, grouped_kv=True,
         backends=("triton", "torch"),
     )
-    option_help = {
-        "block_size": "landmark period: every block_size-th token is a landmark closing its block",
-        "top_k": "earlier blocks each query may use (0 = all); decoding retrieves only these",
-    }
-
-    def __init__(self, *args, block_size: int = 64, top_k: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-            raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
-        self.block_size, self.top_k = block_size, top_k
+    Options = LandmarkOptions
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         src_len = k.shape[2]

@@ -7,6 +7,7 @@ with importance weights ``softmax_c(μ_c·q + log ξ(q, ω_c) + log Σ_m ξ(k_m,
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,11 +16,17 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, segment_weights, softmax
+from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["Lara", "LARA"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaraOptions(AttentionOptions):
+    num_landmarks: int = positive_int(16, "number of segments / proposal distributions C")
 
 
 @register_attention("lara", "linear_ra")
@@ -45,13 +52,10 @@ class Lara(EfficientAttention):
     """
 
     capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}))
-    option_help = {"num_landmarks": "number of segments / proposal distributions C"}
+    Options = LaraOptions
 
-    def __init__(self, *args, num_landmarks: int = 16, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
-            raise ValueError(f"num_landmarks must be a positive integer, got {num_landmarks!r}")
-        self.num_landmarks = num_landmarks
         if self.dropout_p > 0:
             logger.info("LARA applies no attention dropout (dropout=%s is unused)", self.dropout_p)
 

@@ -12,16 +12,17 @@ O(N·span·d) time and O(N·span) score memory, span = ``wsize·(look_backward +
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import AttentionMasks, EfficientAttention, check_bool
+from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..local_window import LocalWindow, cache_len
+from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..sparse.window import window_attention, window_attention_at
 from ..registry import register_attention
 
@@ -32,6 +33,21 @@ __all__ = ["LocalAttention"]
 
 def _zeros_mask(bsz: int, length: int, device) -> Tensor:
     return torch.zeros(bsz, length, dtype=torch.bool, device=device)
+
+
+@dataclass(frozen=True)
+class LocalOptions(AttentionOptions):
+    wsize: int = positive_int(15, "block (window) size: tokens are grouped in blocks of this many")
+    window_size: Optional[int] = positive_int(None, "alias of wsize (lucidrains' name); overrides it when given")
+    look_backward: int = nonnegative_int(1, "how many blocks before its own a query sees")
+    look_forward: Optional[int] = nonnegative_int(
+        None, "how many blocks after its own a query sees (default 0 if causal else 1; must be 0 if causal)")
+    exact_windowsize: bool = option(
+        False, "every query sees exactly wsize*look_backward keys before it (and wsize*look_forward after)")
+    autopad: bool = option(
+        True, "accept lengths that are not a multiple of wsize (keys outside the sequence never count)")
+    shared_qk: bool = option(
+        False, "keys are the normalised query projections; a query attends to itself only if nothing else is visible")
 
 
 @register_attention("local", "local_attention")
@@ -60,49 +76,22 @@ class LocalAttention(EfficientAttention):
         constant_state=True,
         backends=("kernels.sliding_window_attention",),
     )
-    option_help = {
-        "wsize": "block (window) size: tokens are grouped in blocks of this many",
-        "window_size": "alias of wsize (lucidrains' name); overrides it when given",
-        "look_backward": "how many blocks before its own a query sees",
-        "look_forward": "how many blocks after its own a query sees (default 0 if causal else 1; must be 0 if causal)",
-        "exact_windowsize": "every query sees exactly wsize*look_backward keys before it (and wsize*look_forward after)",
-        "autopad": "accept lengths that are not a multiple of wsize (keys outside the sequence never count)",
-        "shared_qk": "keys are the normalised query projections; a query attends to itself only if nothing else is visible",
-    }
+    Options = LocalOptions
 
-    def __init__(
-        self,
-        *args,
-        wsize: int = 15,
-        window_size: Optional[int] = None,
-        look_backward: int = 1,
-        look_forward: Optional[int] = None,
-        exact_windowsize: bool = False,
-        autopad: bool = True,
-        shared_qk: bool = False,
-        **kwargs,
-    ):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        size = wsize if window_size is None else window_size
-        name = "window_size" if window_size is not None else "wsize"
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {size!r}")
-        if isinstance(look_backward, bool) or not isinstance(look_backward, int) or look_backward < 0:
-            raise ValueError(f"look_backward must be a non-negative integer, got {look_backward!r}")
+        size = self.wsize if self.window_size is None else self.window_size
+        look_backward, look_forward = self.look_backward, self.look_forward
         if look_forward is None:
             look_forward = 0 if self.causal else 1
-        if isinstance(look_forward, bool) or not isinstance(look_forward, int) or look_forward < 0:
-            raise ValueError(f"look_forward must be a non-negative integer, got {look_forward!r}")
         if self.causal and look_forward > 0:
             raise ValueError(f"look_forward must be 0 with causal=True, got {look_forward}")
-        if shared_qk and self.kdim != self.embed_dim:
+        if self.shared_qk and self.kdim != self.embed_dim:
             raise ValueError(f"shared_qk=True needs kdim == embed_dim, got kdim={self.kdim}")
-        if shared_qk and self.num_kv_heads != self.num_heads:
+        if self.shared_qk and self.num_kv_heads != self.num_heads:
             raise ValueError("shared_qk=True needs num_kv_heads == num_heads")
         self.wsize = self.window_size = size
-        self.look_backward, self.look_forward = look_backward, look_forward
-        self.exact_windowsize = check_bool(exact_windowsize, "exact_windowsize")
-        self.autopad, self.shared_qk = check_bool(autopad, "autopad"), check_bool(shared_qk, "shared_qk")
+        self.look_forward = look_forward
         self.window = LocalWindow.from_blocks(
             size, look_backward, look_forward, causal=self.causal, exact_windowsize=self.exact_windowsize,
             exclude_self=self.shared_qk,

@@ -19,6 +19,7 @@ Cost O(N·(3·window + memories)·d).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -30,6 +31,7 @@ from ..capabilities import Capabilities, Pattern, SELF_PATTERNS
 from ..functional import acc_dtype, combine_attention, logsumexp, softmax
 from ..kernels import sliding_window_attention
 from ..local_window import LocalWindow, cache_len
+from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["LongShort", "AttentionLS", "CausalLS"]
@@ -44,6 +46,16 @@ def _memory_attention(q: Tensor, mem_k: Tensor, mem_v: Tensor, hidden: Tensor, s
     scores = torch.matmul(q.to(dtype) * scale, mem_k.to(dtype).transpose(-1, -2))
     scores = scores.masked_fill(hidden, float("-inf"))
     return torch.matmul(softmax(scores), mem_v.to(dtype)).to(mem_v.dtype), logsumexp(scores, dim=-1)
+
+
+@dataclass(frozen=True)
+class LongShortOptions(AttentionOptions):
+    window_size: int = positive_int(
+        16, "block size of the short-term window (a query sees its block and the blocks next to it)")
+    num_landmarks: int = positive_int(32, "noncausal: global compressed memories; causal: compressed memories kept "
+                                          "(the last num_landmarks // chunk_rank chunks)")
+    chunk_size: int = positive_int(16, "causal: tokens per compressed chunk")
+    chunk_rank: int = positive_int(1, "causal: compressed memories per chunk")
 
 
 class LongShort(EfficientAttention):
@@ -61,12 +73,7 @@ class LongShort(EfficientAttention):
 
     capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True,
                                 backends=("kernels.sliding_window_attention",))
-    option_help = {
-        "window_size": "block size of the short-term window (a query sees its block and the blocks next to it)",
-        "num_landmarks": "noncausal: global compressed memories; causal: compressed memories kept (the last num_landmarks // chunk_rank chunks)",
-        "chunk_size": "causal: tokens per compressed chunk",
-        "chunk_rank": "causal: compressed memories per chunk",
-    }
+    Options = LongShortOptions
 
     def __new__(cls, *args, **kwargs):
         cross = kwargs.get("cross") or (kwargs.get("cross") is None and kwargs.get("encoder_decoder_attention"))
@@ -74,17 +81,11 @@ class LongShort(EfficientAttention):
             cls = CausalLS if kwargs.get("causal", False) else AttentionLS
         return super().__new__(cls)
 
-    def __init__(self, *args, window_size: int = 16, num_landmarks: int = 32, chunk_size: int = 16, chunk_rank: int = 1,
-                 **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for name, value in (("window_size", window_size), ("num_landmarks", num_landmarks), ("chunk_size", chunk_size),
-                            ("chunk_rank", chunk_rank)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        window_size, num_landmarks, chunk_rank = self.window_size, self.num_landmarks, self.chunk_rank
         if self.causal and num_landmarks < chunk_rank:
             raise ValueError(f"num_landmarks ({num_landmarks}) must be >= chunk_rank ({chunk_rank}) with causal=True")
-        self.window_size, self.num_landmarks = window_size, num_landmarks
-        self.chunk_size, self.chunk_rank = chunk_size, chunk_rank
         self.window = LocalWindow.from_blocks(window_size, 1, 0 if self.causal else 1, causal=self.causal)
         rank = chunk_rank if self.causal else num_landmarks
         self.memory_chunks = num_landmarks // chunk_rank

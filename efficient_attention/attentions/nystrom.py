@@ -6,6 +6,7 @@ landmarks ``Q̃, K̃`` = segment means of the queries and keys.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, segment_weights, softmax
+from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["NystromAttention", "Nystromformer"]
@@ -43,6 +45,14 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
     return z
 
 
+@dataclass(frozen=True)
+class NystromOptions(AttentionOptions):
+    num_landmarks: int = positive_int(16, "number of landmarks C (segment means of queries and keys)")
+    conv_kernel_size: Optional[int] = positive_int(
+        None, "odd kernel size of the depthwise convolution on the values added to the output (None: none)", odd=True)
+    pinv_iterations: int = positive_int(6, "Newton-Schulz iterations of the pseudo-inverse")
+
+
 @register_attention("nystrom", "nystromformer")
 class NystromAttention(EfficientAttention):
     """Nyström-approximated softmax attention, noncausal self attention.
@@ -64,35 +74,11 @@ class NystromAttention(EfficientAttention):
     """
 
     capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}))
-    option_help = {
-        "num_landmarks": "number of landmarks C (segment means of queries and keys)",
-        "conv_kernel_size": "odd kernel size of the depthwise convolution on the values added to the output (None: none)",
-        "pinv_iterations": "Newton-Schulz iterations of the pseudo-inverse",
-    }
+    Options = NystromOptions
 
-    def __init__(
-        self,
-        *args,
-        num_landmarks: int = 16,
-        conv_kernel_size: Optional[int] = None,
-        pinv_iterations: int = 6,
-        **kwargs,
-    ):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks <= 0:
-            raise ValueError(f"num_landmarks must be a positive integer, got {num_landmarks!r}")
-        if conv_kernel_size is not None and (
-            isinstance(conv_kernel_size, bool)
-            or not isinstance(conv_kernel_size, int)
-            or conv_kernel_size <= 0
-            or conv_kernel_size % 2 == 0
-        ):
-            raise ValueError(f"conv_kernel_size must be None or a positive odd integer, got {conv_kernel_size!r}")
-        if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations <= 0:
-            raise ValueError(f"pinv_iterations must be a positive integer, got {pinv_iterations!r}")
-        self.num_landmarks = num_landmarks
-        self.conv_kernel_size = conv_kernel_size
-        self.pinv_iterations = pinv_iterations
+        conv_kernel_size = self.conv_kernel_size
         self.conv = None
         if conv_kernel_size is not None:
             self.conv = nn.Conv2d(

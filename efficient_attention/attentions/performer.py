@@ -6,15 +6,17 @@ and ``m`` orthogonal Gaussian rows ``W``; ``out_i = Σ_j φ(q_i)·φ(k_j) v_j / 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..base import AttentionMasks, EfficientAttention, check_bool
+from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype
 from ..kernels.linear_attention import linear_attention
+from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
 
 __all__ = ["Performer"]
@@ -37,6 +39,14 @@ def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, devi
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # sign fix: Haar (unbiased) directions
     rows = q.transpose(-1, -2).reshape(num_blocks * dim, dim)[:num_rows]  # orthonormal within each block
     return rows * gauss.norm(dim=1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class PerformerOptions(AttentionOptions):
+    approx_attn_dim: int = positive_int(16, "number of random features m")
+    orthogonal_features: bool = option(True, "draw the random features in orthogonal blocks (else i.i.d. Gaussian)")
+    feature_redraw_interval: int = nonnegative_int(
+        1000, "redraw the random features every this many training forwards (0: never)")
 
 
 @register_attention("performer", "favor")
@@ -65,32 +75,10 @@ class Performer(EfficientAttention):
     """
 
     capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
-    option_help = {
-        "approx_attn_dim": "number of random features m",
-        "orthogonal_features": "draw the random features in orthogonal blocks (else i.i.d. Gaussian)",
-        "feature_redraw_interval": "redraw the random features every this many training forwards (0: never)",
-    }
+    Options = PerformerOptions
 
-    def __init__(
-        self,
-        *args,
-        approx_attn_dim: int = 16,
-        orthogonal_features: bool = True,
-        feature_redraw_interval: int = 1000,
-        **kwargs,
-    ):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(approx_attn_dim, bool) or not isinstance(approx_attn_dim, int) or approx_attn_dim <= 0:
-            raise ValueError(f"approx_attn_dim must be a positive integer, got {approx_attn_dim!r}")
-        if (
-            isinstance(feature_redraw_interval, bool)
-            or not isinstance(feature_redraw_interval, int)
-            or feature_redraw_interval < 0
-        ):
-            raise ValueError(f"feature_redraw_interval must be an integer >= 0, got {feature_redraw_interval!r}")
-        self.approx_attn_dim = approx_attn_dim
-        self.orthogonal_features = check_bool(orthogonal_features, "orthogonal_features")
-        self.feature_redraw_interval = feature_redraw_interval
         self._forwards_since_redraw = 0
         self.register_buffer("projection_matrix", self._draw_features(self.q_proj.weight.device))
         if self.dropout_p > 0:

@@ -20,6 +20,7 @@ the same in decoding.  The active rows are gathered and attend through SDPA.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import acc_dtype
+from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["ProbSparse"]
@@ -67,6 +69,12 @@ def _prefix_top(values: Tensor, k: int) -> Tensor:
     return masked.topk(min(k, masked.shape[-1]), dim=-1).values
 
 
+@dataclass(frozen=True)
+class ProbSparseOptions(AttentionOptions):
+    factor: int = positive_int(
+        5, "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries")
+
+
 @register_attention("probsparse", "prob_sparse", "informer")
 class ProbSparse(EfficientAttention):
     """Informer's ProbSparse self-attention (noncausal, and masked/causal).
@@ -82,13 +90,7 @@ class ProbSparse(EfficientAttention):
     """
 
     capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, backends=("torch",))
-    option_help = {"factor": "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries"}
-
-    def __init__(self, *args, factor: int = 5, **kwargs):
-        super().__init__(*args, **kwargs)
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
-            raise ValueError(f"factor must be a positive integer, got {factor!r}")
-        self.factor = factor
+    Options = ProbSparseOptions
 
     # ---------------------------------------------------------------- pieces
     def _blocks(self, first: int, src_len: int, device) -> Tuple[Tensor, Tensor, int]:

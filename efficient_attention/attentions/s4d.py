@@ -23,16 +23,18 @@ Decoding steps the recurrence with a constant ``(B, C, d_state)`` state.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import AttentionMasks, EfficientAttention, check_bool
+from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import acc_dtype
 from ..masks import as_bool_mask
+from ..options import AttentionOptions, choice, option, positive_int
 from ..registry import register_attention
 
 __all__ = ["S4D"]
@@ -158,6 +160,14 @@ def _fft_conv(u: Tensor, forward: Tensor, backward: Optional[Tensor]) -> Tensor:
     return torch.fft.irfft(spec, n=size)[..., :length]
 
 
+@dataclass(frozen=True)
+class S4DOptions(AttentionOptions):
+    d_state: int = positive_int(16, "number of complex state modes per channel (S4D-Lin initialisation)")
+    bidirectional: Optional[bool] = option(
+        None, "add a backward kernel over later positions (default: not causal; must be False if causal)")
+    activation: str = choice("gelu", sorted(_ACTIVATIONS), "activation after the state-space layer")
+
+
 @register_attention("s4d", "s4")
 class S4D(EfficientAttention):
     """Diagonal state-space (S4D) sequence mixer with the attention interface.
@@ -173,24 +183,17 @@ class S4D(EfficientAttention):
     """
 
     capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("torch",))
-    option_help = {
-        "d_state": "number of complex state modes per channel (S4D-Lin initialisation)",
-        "bidirectional": "add a backward kernel over later positions (default: not causal; must be False if causal)",
-        "activation": f"activation after the state-space layer, one of {sorted(_ACTIVATIONS)}",
-    }
+    Options = S4DOptions
 
-    def __init__(self, *args, d_state: int = 16, bidirectional: Optional[bool] = None, activation: str = "gelu", **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(d_state, bool) or not isinstance(d_state, int) or d_state <= 0:
-            raise ValueError(f"d_state must be a positive integer, got {d_state!r}")
-        bidirectional = (not self.causal) if bidirectional is None else check_bool(bidirectional, "bidirectional")
+        d_state = self.d_state
+        bidirectional = (not self.causal) if self.bidirectional is None else self.bidirectional
         if bidirectional and self.causal:
             raise ValueError("bidirectional=True cannot be combined with causal=True")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if self.kdim != self.embed_dim or self.vdim != self.embed_dim:
             raise ValueError("S4D ignores key/value: kdim and vdim must equal embed_dim")
-        self.d_state, self.bidirectional, self.activation = d_state, bidirectional, activation
+        self.bidirectional = bidirectional
         self.k_proj = self.v_proj = self.q_proj  # key/value are ignored: no separate, untrained projections
         channels, kernels = self.embed_dim, 2 if bidirectional else 1
         self.log_dt = nn.Parameter(torch.empty(kernels, channels))

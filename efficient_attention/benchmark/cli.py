@@ -11,7 +11,6 @@ a script notices a sweep that measured nothing.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import sys
@@ -67,16 +66,16 @@ def parse_lengths(text: str) -> List[int]:
 
 
 def parse_option(text: str):
-    """``"mechanism.key=value"`` -> ``("mechanism", "key", value)``; the value is a Python literal or a string."""
+    """``"mechanism.key=value"`` -> ``("mechanism", "key", "value")``.
+
+    The value stays text here: :meth:`SweepConfig.validate` converts it with the option's spec
+    (:meth:`efficient_attention.options.Option.convert`) once ``--import`` has registered every mechanism.
+    """
     head, sep, raw = text.partition("=")
     name, dot, key = head.partition(".")
     if not (sep and dot and name.strip() and key.strip()):
         raise argparse.ArgumentTypeError(f"--option: expected MECHANISM.KEY=VALUE, got {text!r}")
-    try:
-        value = ast.literal_eval(raw.strip())
-    except (ValueError, SyntaxError):
-        value = raw.strip()
-    return name.strip().lower().replace("-", "_"), key.strip(), value
+    return name.strip().lower().replace("-", "_"), key.strip(), raw.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:

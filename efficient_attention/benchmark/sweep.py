@@ -37,6 +37,7 @@ import torch
 
 from ..base import EfficientAttention
 from ..capabilities import Pattern
+from ..options import Option
 from ..registry import available_attentions
 from .efficiency import efficiency_lengths
 from .measure import DTYPES, MODES, applicable_modes, parse_pattern, resolve_mechanism
@@ -122,6 +123,15 @@ class SweepConfig:
             for key in opts:
                 if key not in known:
                     raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(known) or 'none'}")
+            self.options[name] = {key: _convert_option(known[key], value, name) for key, value in opts.items()}
+
+
+def _convert_option(spec: Option, value, mechanism: str):
+    """A ``--option`` value (text, or a typed value given in Python) as the option's type (its spec says how)."""
+    try:
+        return spec.convert(value)
+    except ValueError as err:
+        raise ValueError(f"--option {mechanism}.{spec.name}: {err}") from None
 
 
 # ------------------------------------------------------------ machine info

@@ -2,7 +2,8 @@
 
 Nothing here lists mechanisms or options by hand: the command-line flags and
 dataclass fields come from ``efficient_attention.available_attentions()`` and
-each class's ``options()`` when the plugin is imported.
+each class's option spec (``options()``, :mod:`efficient_attention.options`:
+type, default, rule and help of every option) when the plugin is imported.
 
 Namespacing
 -----------
@@ -12,21 +13,28 @@ Options of different mechanisms may share a name (``wsize``, ``num_landmarks``
 
 * ``--attn-<option>`` (field ``attn_<option>``) applies to every attention role
   of the model whose mechanism has that option;
+* an option name that means different things for different mechanisms
+  (``num_landmarks``, ``window_size``, ``block_size``, ``autopad``: declared
+  with different help texts or types) also gets one flag per mechanism,
+  ``--attn-<mechanism>-<option>`` (field ``attn_<mechanism>_<option>``), which
+  overrides ``--attn-<option>`` for the roles built with that mechanism.  The
+  plain ``--attn-<option>`` keeps working while it is unambiguous: it is an
+  error when two roles of the model use mechanisms that give the name
+  different meanings;
 * the translation model also has ``--encoder-attn-<option>``,
   ``--decoder-attn-<option>`` and ``--cross-attn-<option>``, which override
-  ``--attn-<option>`` for one role.
+  both for one role.
 
 Every such flag defaults to ``None`` = "the mechanism's own default" (listed in
 ``--help`` per mechanism).  A flag set for a role whose mechanism does not have
-that option is an error, never ignored.  Values are parsed with the option's
-annotated type (``int``, ``float``, ``bool`` as true/false, ``str``, a
-``Literal`` choice, comma-separated lists for tuple/list options): no
-``eval`` of strings anywhere.
+that option is an error, never ignored.  Values are converted by the option's
+spec (:meth:`efficient_attention.options.Option.convert`: ``int``, ``float``,
+``bool`` as true/false, ``str``, choices, comma-separated lists for tuple
+options): no ``eval`` of strings anywhere.
 """
 from __future__ import annotations
 
 import argparse
-import collections.abc
 import os
 import sys
 import typing
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from efficient_attention import Pattern, UnsupportedPatternError, available_attentions, get_attention_class
-from efficient_attention.registry import did_you_mean
+from efficient_attention.options import Option, did_you_mean
 
 __all__ = [
     "ROLES",
@@ -46,6 +54,8 @@ __all__ = [
     "dataclass_fields",
     "resolve_role",
     "check_option_flags",
+    "ambiguous_options",
+    "convert_value",
     "mechanisms_supporting",
     "parse_attention_name",
     "user_error",
@@ -78,10 +88,6 @@ def install_user_error_hook() -> None:
     sys.excepthook = hook
 
 
-_BOOL_TRUE = {"true", "1", "yes", "on"}
-_BOOL_FALSE = {"false", "0", "no", "off"}
-
-
 @dataclass(frozen=True)
 class Role:
     """One attention role of a model and the pattern its modules are built for."""
@@ -100,83 +106,30 @@ ROLES: Dict[str, Role] = {
 
 
 # ----------------------------------------------------------------- types
-def _unwrap_optional(tp):
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+def _from_text(spec: Option) -> bool:
+    """Whether a command line can write the option (scalars, choices, sequences of scalars)."""
+    return spec.base_type in (bool, int, float, str) or spec.choices is not None or spec.element_type is not None
 
 
-def _kind(tp) -> Tuple[str, Any]:
-    """Classify an option type: ("scalar", int|float|bool|str), ("choice", values), ("list", elem) or ("other", tp)."""
-    tp = _unwrap_optional(tp)
-    if tp in (int, float, bool, str):
-        return "scalar", tp
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        return "choice", tuple(typing.get_args(tp))
-    if origin in (tuple, list, collections.abc.Sequence) or tp in (tuple, list):
-        elems = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        elem = elems[0] if elems and all(e == elems[0] for e in elems) and elems[0] in (int, float, str) else None
-        if elem is not None:
-            return "list", elem
-    return "other", tp
-
-
-def _parse_bool(text) -> bool:
-    if isinstance(text, bool):
-        return text
-    low = str(text).strip().lower()
-    if low in _BOOL_TRUE:
-        return True
-    if low in _BOOL_FALSE:
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
-
-
-def _parse_scalar(tp, value):
-    if tp is bool:
-        return _parse_bool(value)
-    if tp is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"expected an integer, got {value!r}")
-        return int(value) if not isinstance(value, str) else int(value.strip())
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
-    return str(value)
-
-
-def convert_value(spec_type, value, flag: str, mechanism: str):
-    """``value`` (from argparse or YAML) as the mechanism option's annotated type."""
-    kind, arg = _kind(spec_type)
+def convert_value(spec_type, value, flag: str, mechanism: str, spec: Optional[Option] = None):
+    """``value`` (from argparse or YAML) as the mechanism option's type (``spec``, or an annotation)."""
+    spec = Option(flag, None, spec_type, flag) if spec is None else spec
+    if not _from_text(spec):
+        raise ValueError(
+            f"{flag}: option type {spec.type!r} of {mechanism} cannot be set from fairseq "
+            "(supported: int, float, bool, str, choices, tuples/lists of int/float/str)"
+        )
     try:
-        if isinstance(value, str) and value.strip().lower() in ("none", "null") and _unwrap_optional(spec_type) is not spec_type:
-            return None
-        if kind == "scalar":
-            return _parse_scalar(arg, value)
-        if kind == "choice":
-            for choice in arg:
-                if value == choice or str(value) == str(choice):
-                    return choice
-            raise ValueError(f"expected one of {', '.join(map(repr, arg))}, got {value!r}")
-        if kind == "list":
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(_parse_scalar(arg, x) for x in items if str(x).strip() != "")
+        return spec.convert(value)
     except (TypeError, ValueError) as err:
         raise user_error(ValueError(f"{flag}: invalid value for option of {mechanism}: {err}")) from None
-    raise ValueError(
-        f"{flag}: option type {spec_type!r} of {mechanism} cannot be set from fairseq "
-        "(supported: int, float, bool, str, Literal, tuples/lists of int/float/str)"
-    )
 
 
 # ---------------------------------------------------------- option fields
 @dataclass(frozen=True)
 class OptionField:
-    """One ``--<prefix>-<option>`` flag: the union of that option over all mechanisms."""
+    """One flag: ``--<prefix>-<option>`` (the union of that option over all mechanisms) or, with ``mechanism``,
+    ``--<prefix>-<mechanism>-<option>`` (that mechanism's option only)."""
 
     option: str
     prefix: str  # "attn", "encoder_attn", ...
@@ -184,10 +137,11 @@ class OptionField:
     parse: Callable[[str], Any]
     choices: Optional[Tuple[str, ...]]
     help: str
+    mechanism: Optional[str] = None
 
     @property
     def dest(self) -> str:
-        return f"{self.prefix}_{self.option}"
+        return f"{self.prefix}_{self.mechanism}_{self.option}" if self.mechanism else f"{self.prefix}_{self.option}"
 
     @property
     def flag(self) -> str:
@@ -205,36 +159,78 @@ def _argparse_type(parse, label):
     return convert
 
 
-def _union_field(option: str, owners: List[Tuple[str, Any]]) -> Tuple[Any, Callable, Optional[Tuple[str, ...]]]:
-    kinds = [_kind(spec.type) for _, spec in owners]
-    if all(k == kinds[0] for k in kinds):
-        kind, arg = kinds[0]
-        if kind == "scalar":
-            return Optional[arg], (lambda v, tp=arg: _parse_scalar(tp, v)), None
-        if kind == "choice" and all(isinstance(c, str) for c in arg):
-            return Optional[str], str, tuple(arg)
-    # differing types across mechanisms, lists, ...: a string, converted per mechanism at build time
-    return Optional[str], str, None
+def meaning(spec: Option) -> Tuple[Any, ...]:
+    """Options of two mechanisms with the same name mean the same thing when type, choices and help agree."""
+    return spec.help, str(spec.type), spec.choices
 
 
-def option_fields(prefix: str = "attn", infos: Optional[Mapping] = None, scope: str = "") -> List[OptionField]:
-    """One :class:`OptionField` per option name over every registered mechanism."""
+def _owners(infos: Optional[Mapping] = None) -> Dict[str, List[Tuple[str, Option]]]:
     infos = available_attentions() if infos is None else infos
-    owners: Dict[str, List[Tuple[str, Any]]] = {}
+    owners: Dict[str, List[Tuple[str, Option]]] = {}
     for name, info in infos.items():
         for opt, spec in info.options.items():
             owners.setdefault(opt, []).append((name, spec))
+    return owners
+
+
+def ambiguous_options(infos: Optional[Mapping] = None) -> Dict[str, List[Tuple[str, Option]]]:
+    """Option names that mechanisms declare with different meanings, with every ``(mechanism, spec)``."""
+    return {opt: own for opt, own in _owners(infos).items() if len({meaning(spec) for _, spec in own}) > 1}
+
+
+def _union_field(specs: List[Option]) -> Tuple[Any, Callable, Optional[Tuple[str, ...]]]:
+    first = specs[0]
+    if all((s.base_type, s.choices, s.element_type) == (first.base_type, first.choices, first.element_type)
+           for s in specs) and first.element_type is None:
+        if first.choices is not None and all(isinstance(c, str) for c in first.choices):
+            return Optional[str], str, first.choices
+        if first.choices is None and first.base_type in (bool, int, float, str):
+            return Optional[first.base_type], first.convert, None
+    # differing types across mechanisms, sequences, ...: a string, converted per mechanism at build time
+    return Optional[str], str, None
+
+
+def _field(opt: str, prefix: str, specs: List[Option], text: str, mechanism: Optional[str] = None) -> OptionField:
+    ftype, parse, choices = _union_field(specs)
+    label = getattr(typing.get_args(ftype)[0], "__name__", "str")
+    return OptionField(opt, prefix, ftype, _argparse_type(parse, label), choices, text, mechanism)
+
+
+def option_fields(prefix: str = "attn", infos: Optional[Mapping] = None, scope: str = "",
+                  per_mechanism: bool = False) -> List[OptionField]:
+    """One :class:`OptionField` per option name over every registered mechanism.
+
+    ``per_mechanism``: also one field per mechanism for each name that mechanisms give different
+    meanings (:func:`ambiguous_options`), ``<prefix>_<mechanism>_<option>``.
+    """
+    owners = _owners(infos)
+    ambiguous = ambiguous_options(infos)
     fields_: List[OptionField] = []
     for opt in sorted(owners):
-        ftype, parse, choices = _union_field(opt, owners[opt])
         helps = sorted({spec.help for _, spec in owners[opt]})
         per_mech = ", ".join(f"{name}={spec.default!r}" for name, spec in owners[opt])
+        note = ""
+        if opt in ambiguous:
+            flag = f"--{prefix}-<mechanism>-{opt}".replace("_", "-")
+            note = f"; the mechanisms give it different meanings: {flag} sets one mechanism's"
         text = (
             f"{scope}{' / '.join(helps)} (option {opt!r} of: {per_mech}; "
-            "default None = each mechanism's own default)"
+            f"default None = each mechanism's own default{note})"
         )
-        label = getattr(_unwrap_optional(ftype), "__name__", "str")
-        fields_.append(OptionField(opt, prefix, ftype, _argparse_type(parse, label), choices, text))
+        fields_.append(_field(opt, prefix, [spec for _, spec in owners[opt]], text))
+    if per_mechanism:
+        for opt in sorted(ambiguous):
+            shared = f"--{prefix}-{opt}".replace("_", "-")
+            for name, spec in ambiguous[opt]:
+                text = (f"{name} only: {spec.help} ({spec.describe()}; {name}'s default {spec.default!r}; "
+                        f"overrides {shared})")
+                fields_.append(_field(opt, prefix, [spec], text, mechanism=name))
+    dests: Dict[str, OptionField] = {}
+    for f in fields_:
+        if f.dest in dests:
+            raise ValueError(f"option flag {f.flag} is both option {dests[f.dest].option!r} and {f.option!r} of "
+                             f"{f.mechanism}: rename one of them")
+        dests[f.dest] = f
     return fields_
 
 
@@ -260,8 +256,8 @@ def add_attention_args(parser, roles: Iterable[str], option_prefixes: Iterable[T
             help=f"attention mechanism of the {role.description} (default: vanilla; registered: {names}; "
             f"supporting {role.pattern}: {', '.join(mechanisms_supporting(role.pattern))})",
         )
-    for prefix, scope in option_prefixes:
-        for f in option_fields(prefix, scope=scope):
+    for i, (prefix, scope) in enumerate(option_prefixes):
+        for f in option_fields(prefix, scope=scope, per_mechanism=i == 0):
             parser.add_argument(f.flag, type=f.parse, choices=f.choices, metavar=f.dest.upper(), help=f.help)
 
 
@@ -274,8 +270,8 @@ def dataclass_fields(roles: Iterable[str], option_prefixes: Iterable[Tuple[str, 
             f"{key}_attention", str,
             field(default="vanilla", metadata={"help": f"attention mechanism of the {role.description} (a registered name)"}),
         ))
-    for prefix, scope in option_prefixes:
-        for f in option_fields(prefix, scope=scope):
+    for i, (prefix, scope) in enumerate(option_prefixes):
+        for f in option_fields(prefix, scope=scope, per_mechanism=i == 0):
             out.append((f.dest, f.field_type, field(default=None, metadata={"help": f.help})))
     return out
 
@@ -330,12 +326,14 @@ def resolve_role(cfg, key: str, option_prefixes: Sequence[str]) -> RoleChoice:
         ))
     specs = cls.options()
     options: Dict[str, Any] = {}
-    for prefix in option_prefixes:
+    own = {opt for opt, own in ambiguous_options().items() if any(n == name for n, _ in own)}
+    for i, prefix in enumerate(option_prefixes):  # later prefixes override earlier ones
         for opt, spec in specs.items():
-            value = _get(cfg, f"{prefix}_{opt}")
-            if value is not None:
-                flag = "--" + f"{prefix}_{opt}".replace("_", "-")
-                options[opt] = convert_value(spec.type, value, flag, name)
+            dests = [f"{prefix}_{opt}"] + ([f"{prefix}_{name}_{opt}"] if i == 0 and opt in own else [])
+            for dest in dests:  # the per-mechanism flag overrides the shared one
+                value = _get(cfg, dest)
+                if value is not None:
+                    options[opt] = convert_value(spec.type, value, "--" + dest.replace("_", "-"), name, spec)
     return RoleChoice(role, name, options)
 
 
@@ -357,6 +355,24 @@ def check_option_flags(cfg, choices: Mapping[str, RoleChoice], shared_prefix: st
                 f"--{shared_prefix.replace('_', '-')}-{opt.replace('_', '-')} is set but no attention of this "
                 f"model has option {opt!r} ({used})" + _flag_hint(opt, theirs, shared_prefix)
             ))
+        having = {c.name: c.cls.options()[opt] for c in choices.values() if opt in c.cls.options()}
+        if len({meaning(spec) for spec in having.values()}) > 1:
+            uses = "; ".join(f"{name}: {spec.help!r}" for name, spec in having.items())
+            instead = ", ".join(f"--{shared_prefix}-{name}-{opt}".replace("_", "-") for name in having)
+            raise user_error(ValueError(
+                f"--{shared_prefix}-{opt}".replace("_", "-") + " is ambiguous in this model: its mechanisms give "
+                f"option {opt!r} different meanings ({uses}); set {instead}"
+                + (" or the per-role flags" if role_prefixes else "") + " instead"
+            ))
+    chosen = {c.name for c in choices.values()}
+    for opt, own in sorted(ambiguous_options().items()):
+        for name, _ in own:
+            dest = f"{shared_prefix}_{name}_{opt}"
+            if _get(cfg, dest) is not None and name not in chosen:
+                used = ", ".join(f"{c.role.description}={c.name}" for c in choices.values())
+                raise user_error(ValueError(
+                    "--" + dest.replace("_", "-") + f" is set but no attention of this model is {name} ({used})"
+                ))
     for key, prefix in role_prefixes.items():
         choice = choices[key]
         for opt in sorted(known):

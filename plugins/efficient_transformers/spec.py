@@ -8,14 +8,15 @@ mechanism's own options::
 
 :meth:`AttentionSpec.parse` checks the name against the registry (an unknown
 one lists the registered names) and every option against the mechanism's
-``options()`` (an unknown option is named, with the valid ones; a value of the
-wrong basic type is named too).  :meth:`AttentionSpec.build` checks the pattern
+option spec (``options()``, :mod:`efficient_attention.options`): an unknown
+option is named, with the valid ones; a value of the wrong basic type is a
+``TypeError``, one that breaks the option's rule (bounds, choices) a
+``ValueError``, both naming the option and ``where``.  :meth:`AttentionSpec.build` checks the pattern
 first, so a mechanism that cannot be built for a layer fails with the layer's
 name and the pattern.
 """
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -26,6 +27,7 @@ from efficient_attention import (
     available_attentions,
     get_attention_class,
 )
+from efficient_attention.options import Option
 
 __all__ = ["AttentionSpec", "DEFAULT_ATTENTION"]
 
@@ -43,21 +45,20 @@ def _matches(value: Any, t: type) -> bool:
     return isinstance(value, t)
 
 
-def _check_type(value: Any, annotation: Any, option: str, where: str) -> None:
-    """Reject a value whose basic type contradicts the option's annotation (YAML gives plain types).
+def _check_value(value: Any, spec: Option, where: str) -> None:
+    """Reject a value of the wrong basic type (YAML gives plain types: ``TypeError``) or outside the option's rule.
 
-    Only ``bool``/``int``/``float``/``str`` and their ``Optional`` forms are
-    checked; richer annotations are left to the mechanism's own validation.
+    The rule is the spec's (:meth:`Option.validate`); options declared the old way (keyword-only arguments) have
+    none, and their constructor checks them when the layer is built.
     """
-    allowed = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
-    types = [t for t in allowed if t is not type(None)]
-    if not types or not all(t in _SIMPLE_TYPES for t in types):
-        return
-    if value is None and type(None) in allowed:
-        return
-    if not any(_matches(value, t) for t in types):
-        names = " or ".join(t.__name__ for t in types)
-        raise TypeError(f"{where}: option {option!r} must be {names}, got {value!r} ({type(value).__name__})")
+    tp = spec.base_type
+    simple = tp in _SIMPLE_TYPES and spec.element_type is None and spec.check is None
+    if simple and not (value is None and spec.optional) and not _matches(value, tp):
+        raise TypeError(f"{where}: option {spec.name!r} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    try:
+        spec.validate(value)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: attention option {err}") from None
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class AttentionSpec:
                     f"{where}: attention {klass.attention_name!r} has no option {opt!r} (its options: {valid}; "
                     f"embed_dim, num_heads, dropout, cross and causal are set by the layer)"
                 )
-            _check_type(val, specs[opt].type, opt, where)
+            _check_value(val, specs[opt], where)
         return cls(klass.attention_name, options)
 
     @property

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from efficient_attention.options import check_int
+
 from .embeddings import TokenPositionEmbedding
 from .layers import EfficientDecoderLayer, EfficientEncoderLayer, IncrementalState, drop_empty
 from .spec import AttentionSpec
@@ -29,12 +31,6 @@ __all__ = ["EfficientEncoder", "EfficientDecoder"]
 AttentionConfig = Union[None, str, Mapping[str, Any], AttentionSpec]
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _probability(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
@@ -42,10 +38,10 @@ def _probability(value, name: str) -> float:
 
 
 def _check_stack(num_layers, d_model, n_head, dim_feedforward, dropout, attention_dropout) -> None:
-    _positive_int(num_layers, "num_layers")
-    _positive_int(d_model, "d_model")
-    _positive_int(n_head, "n_head")
-    _positive_int(dim_feedforward, "dim_feedforward")
+    check_int(num_layers, "num_layers", 1)
+    check_int(d_model, "d_model", 1)
+    check_int(n_head, "n_head", 1)
+    check_int(dim_feedforward, "dim_feedforward", 1)
     if d_model % n_head:
         raise ValueError(f"n_head ({n_head}) must divide d_model ({d_model})")
     _probability(dropout, "dropout")
@@ -152,7 +148,7 @@ class EfficientDecoder(nn.Module):
         self.d_model = d_model
         self.self_attention = AttentionSpec.parse(self_attention, "decoder self_attention")
         self.cross_attention = AttentionSpec.parse(cross_attention, "decoder cross_attention")
-        memory_dim = d_model if memory_dim is None else _positive_int(memory_dim, "memory_dim")
+        memory_dim = d_model if memory_dim is None else check_int(memory_dim, "memory_dim", 1)
         self.embedding = TokenPositionEmbedding(
             embed, d_model, dropout, learn_pos=learn_pos, max_pos=max_pos, embed_scale=embed_scale,
             embed_layer_norm=embed_layer_norm,
