@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up the project-local environment, then train, evaluate and
-# generate with fairseq LMs using several mechanisms on a bundled synthetic
-# corpus, and print a comparison table (examples/fairseq/main_job.py).
+# The main job: set up the project-local environment, then train fairseq LMs with
+# several mechanisms on a synthetic copy corpus, generate with them, and print a
+# table of copy accuracy against chance (examples/fairseq/main_job.py; a few
+# minutes on two cores after setup; one thread per fairseq process).
 #   bash scripts/main.sh [main_job.py args...]   (--help lists them)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -266,11 +266,10 @@ def summary(rows: List[Dict], prompts: Dict[str, Dict], args) -> str:
         learned = [r["mechanism"] for r in rows if r["acc"][task] >= LEARNED]
         near = [r["mechanism"] for r in rows if r["acc"][task] < 2 * p["chance"]]
         partly = [r["mechanism"] for r in rows if r["mechanism"] not in learned + near]
-        said = [f"learned by {', '.join(learned)}" if learned else "learned by none",
-                *([f"partly by {', '.join(partly)}"] if partly else []),
-                *([f"{', '.join(near)} near chance"] if near else [])]
-        parts.append(f"{task}: " + ", ".join(said))
-    return (f"What the table shows (learned: >= {LEARNED:.0%}; near chance: < 2x chance): " + "; ".join(parts)
+        said = [f"learned by {', '.join(learned) or 'none'}", *([f"partly by {', '.join(partly)}"] if partly else []),
+                *([f"near chance: {', '.join(near)}"] if near else [])]
+        parts.append(f"{task}: " + "; ".join(said))
+    return (f"What the table shows (learned: >= {LEARNED:.0%}; near chance: < 2x chance): " + ". ".join(parts)
             + f". (local's window reaches {args.layers * LOCAL_WINDOW} tokens back in {args.layers} layers; "
             f"the copy source is {(args.max_len - 1) // 2} back.)")
 

@@ -76,7 +76,7 @@ def mqar_example(rng: random.Random, length: int) -> Tuple[List[str], List[str]]
     for k in keys:
         table[k] = rng.choice(VALUES)
         body += [k, table[k]]
-    asked = rng.sample(list(table), min(queries, len(table)))
+    asked = _draw(rng, list(table), queries)  # distinct while the keys allow it
     answers: List[str] = []
     for k in asked:
         answers += [k, table[k]]
