@@ -269,9 +269,10 @@ def summary(rows: List[Dict], prompts: Dict[str, Dict], args) -> str:
         said = [f"learned by {', '.join(learned) or 'none'}", *([f"partly by {', '.join(partly)}"] if partly else []),
                 *([f"near chance: {', '.join(near)}"] if near else [])]
         parts.append(f"{task}: " + "; ".join(said))
+    reach = (f" (local's window reaches {args.layers * LOCAL_WINDOW} tokens back in {args.layers} layers; the copy "
+             f"source is {(args.max_len - 1) // 2} back.)" if any(r["mechanism"] == "local" for r in rows) else "")
     return (f"What the table shows (learned: >= {LEARNED:.0%}; near chance: < 2x chance): " + ". ".join(parts)
-            + f". (local's window reaches {args.layers * LOCAL_WINDOW} tokens back in {args.layers} layers; "
-            f"the copy source is {(args.max_len - 1) // 2} back.)")
+            + "." + reach)
 
 
 def main(argv=None) -> None:
