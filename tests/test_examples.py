@@ -117,7 +117,8 @@ def test_main_job(tmp_path):
     """CI size: it runs end to end with both tasks and prints a table that parses (no accuracy claim)."""
     require_fairseq()
     _run([sys.executable, EXAMPLES / "fairseq" / "main_job.py", "--mechanisms", "vanilla,local", "--task", "longrange",
-          "--max-update", "4", "--train-lines", "40", "--valid-lines", "6", "--prompts", "4", "--work-dir", tmp_path])
+          "--max-update", "4", "--train-lines", "40", "--valid-lines", "6", "--prompts", "4", "--work-dir", tmp_path,
+          "--flags", "local=--attn-wsize 4 --attn-exact-windowsize true"])
     table = _main_job_table(tmp_path)
     assert set(table) == {"vanilla", "local", "chance", "summary"}, table
     for name in ("vanilla", "local", "chance"):
@@ -125,6 +126,7 @@ def test_main_job(tmp_path):
             _pct(table[name][f"{task} acc"])
     assert 0 < _pct(table["chance"]["copy acc"]) < 0.2 and "copy:" in table["summary"]
     assert float(table["vanilla"]["train time (s)"]) > 0
+    assert "--attn-wsize 4" in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.slow

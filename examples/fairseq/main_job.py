@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -64,7 +65,8 @@ def log(msg: str) -> None:
 
 def fairseq_env(threads: int) -> Dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "plugins"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [str(ROOT), str(ROOT / "plugins"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 
@@ -107,7 +109,8 @@ def choose_mechanisms(requested: Optional[str]) -> List[str]:
         names = [n.strip() for n in requested.split(",") if n.strip()]
         bad = [n for n in names if n not in causal]
         if bad:
-            raise SystemExit(f"not registered or not causal-capable: {', '.join(bad)}; choose from: {', '.join(causal)}")
+            raise SystemExit(f"not registered or not causal-capable: {', '.join(bad)}; "
+                             f"choose from: {', '.join(causal)}")
         return names
     chosen = [n for n in DEFAULT_MECHANISMS if n in causal]
     chosen += [n for n in causal if n not in chosen]  # anything else registered, if the list runs short
@@ -210,7 +213,7 @@ def generate(name: str, task: str, p: Dict, data: Path, ckpt: Path, common: List
 def run_mechanism(name: str, data: Path, prompts: Dict[str, Dict], args) -> Dict:
     save = args.work_dir / "checkpoints" / name
     common = ["--user-dir", ROOT / "plugins" / "efficient_fairseq", "--cpu"]
-    flags = [str(f) for f in MECHANISM_FLAGS.get(name, [])]
+    flags = [str(f) for f in args.flags.get(name, MECHANISM_FLAGS.get(name, []))]
     log(f"[{name}] fairseq-train --arch transformer_lm_{name} {' '.join(flags)} ({args.max_update} updates)")
     t0 = time.time()
     train_out, rss = run("fairseq-train", [
@@ -269,8 +272,11 @@ def summary(rows: List[Dict], prompts: Dict[str, Dict], args) -> str:
         said = [f"learned by {', '.join(learned) or 'none'}", *([f"partly by {', '.join(partly)}"] if partly else []),
                 *([f"near chance: {', '.join(near)}"] if near else [])]
         parts.append(f"{task}: " + "; ".join(said))
-    reach = (f" (local's window reaches {args.layers * LOCAL_WINDOW} tokens back in {args.layers} layers; the copy "
-             f"source is {(args.max_len - 1) // 2} back.)" if any(r["mechanism"] == "local" for r in rows) else "")
+    default_local = " ".join(map(str, MECHANISM_FLAGS["local"]))
+    reach = ""
+    if any(r["mechanism"] == "local" and r["flags"] == default_local for r in rows):
+        reach = (f" (local's window reaches {args.layers * LOCAL_WINDOW} tokens back in {args.layers} layers; "
+                 f"the copy source is {(args.max_len - 1) // 2} back.)")
     return (f"What the table shows (learned: >= {LEARNED:.0%}; near chance: < 2x chance): " + ". ".join(parts)
             + "." + reach)
 
@@ -303,11 +309,24 @@ def main(argv=None) -> None:
                    "one is fastest for these small models and avoids OpenMP spin-waits on a busy machine")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="mechanisms trained at the same time (default: 2 where there are two cores)")
+    p.add_argument("--flags", action="append", default=[], metavar="NAME=FLAGS",
+                   help="extra fairseq-train flags for one mechanism, replacing its defaults "
+                        "(e.g. --flags 'local=--attn-wsize 15'); repeatable")
     args = p.parse_args(argv)
+    flags = {}
+    for item in args.flags:
+        name, sep, rest = item.partition("=")
+        if not sep or not name.strip():
+            p.error(f"--flags takes NAME=FLAGS, got {item!r}")
+        flags[name.strip()] = shlex.split(rest)
+    args.flags = flags
     if not 8 <= args.min_len <= args.max_len < args.tokens_per_sample:
         p.error(f"need 8 <= --min-len <= --max-len < --tokens-per-sample, got {args.min_len}, {args.max_len}, "
                 f"{args.tokens_per_sample}")
     names = choose_mechanisms(args.mechanisms)
+    unknown = sorted(set(args.flags) - set(names))
+    if unknown:
+        p.error(f"--flags for mechanisms that do not run: {', '.join(unknown)} (running: {', '.join(names)})")
     log(f"mechanisms: {', '.join(names)}; {args.jobs} at a time, {args.threads} thread(s) each; "
         f"work dir {args.work_dir}")
     t0 = time.time()

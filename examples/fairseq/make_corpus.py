@@ -36,7 +36,8 @@ KEYS = [f"k{i}" for i in range(64)]
 VALUES = [f"v{i}" for i in range(64)]
 OPS = ["MAX", "MIN", "MED", "SM"]
 TASKS = ("copy", "recall", "mqar", "listops")
-MIXES = {"mixed": ("copy", "recall", "listops"), "longrange": ("copy", "mqar")}  # --task names that cycle over several tasks
+# --task names that cycle over several tasks
+MIXES = {"mixed": ("copy", "recall", "listops"), "longrange": ("copy", "mqar")}
 
 
 def _draw(rng: random.Random, pool: List[str], count: int) -> List[str]:
