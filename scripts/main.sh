@@ -8,4 +8,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_env.sh"
 cd "$root"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # main_job.py gives each fairseq process --threads (default 1)
 exec "${EA_VENV:-$root/.venv}/bin/python" examples/fairseq/main_job.py "$@"
