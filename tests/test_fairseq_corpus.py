@@ -29,6 +29,13 @@ def test_lengths_and_answers(task):
             key = src[-1]
             bound = [src[i + 1] for i in range(0, len(src) - 2, 2) if src[i] == key]
             assert tgt == [bound[-1]]
+        elif task == "mqar":
+            question = src.index("?")
+            table = {}
+            for i in range(0, question, 2):
+                table[src[i]] = src[i + 1]  # the latest binding counts
+            asked = src[question + 1:] + tgt
+            assert len(asked) % 2 == 0 and all(table[k] == v for k, v in zip(asked[::2], asked[1::2]))
 
 
 def test_listops_values():

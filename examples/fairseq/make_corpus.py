@@ -9,6 +9,10 @@ Three tasks whose answers depend on tokens far back in the sequence:
 * ``recall`` (associative recall): ``k1 v1 k2 v2 ... kn vn ? ki vi``; the last
   value is predictable only by finding its key, anywhere earlier.  Keys are
   distinct up to 64 pairs; beyond, a repeated key is rebound (the latest counts).
+* ``mqar`` (multi-query associative recall, as in Zoology): ``k1 v1 ... kn vn
+  ? ka va kb vb ...``; several distinct keys are queried after the ``?``, each
+  answered by its value (a third of the line is queries and answers, so the
+  recall signal is dense).  Keys are distinct up to 64 pairs.
 * ``listops``: ListOps-style nested expressions ``[MAX 3 [MIN 4 1 ] 9 ] = 9``
   (operators MAX, MIN, MED, SM = sum mod 10) with the answer after ``=``.
 
@@ -31,8 +35,9 @@ SYMBOLS = [f"s{i}" for i in range(64)]
 KEYS = [f"k{i}" for i in range(64)]
 VALUES = [f"v{i}" for i in range(64)]
 OPS = ["MAX", "MIN", "MED", "SM"]
-TASKS = ("copy", "recall", "listops")
-MIXES = {"mixed": TASKS, "longrange": ("copy", "recall")}  # --task names that cycle over several tasks
+TASKS = ("copy", "recall", "mqar", "listops")
+# --task names that cycle over several tasks
+MIXES = {"mixed": ("copy", "recall", "listops"), "longrange": ("copy", "mqar")}
 
 
 def _draw(rng: random.Random, pool: List[str], count: int) -> List[str]:
@@ -58,6 +63,25 @@ def recall_example(rng: random.Random, length: int) -> Tuple[List[str], List[str
         body += [k, table[k]]
     query = rng.choice(keys)
     return body + ["?", query], [table[query]]
+
+
+def mqar_example(rng: random.Random, length: int) -> Tuple[List[str], List[str]]:
+    """``n`` pairs, ``?``, then ``m`` queried keys each followed by its value; 2n + 1 + 2m ~ length, m ~ n / 2.
+
+    The source is the line up to the first queried key, the target the rest (its value, the further queries)."""
+    pairs = max(1, (length - 1) // 3)
+    queries = max(1, min(pairs, (length - 1 - 2 * pairs) // 2))
+    keys = _draw(rng, KEYS, pairs)
+    table = {}
+    body: List[str] = []
+    for k in keys:
+        table[k] = rng.choice(VALUES)
+        body += [k, table[k]]
+    asked = _draw(rng, list(table), queries)  # distinct while the keys allow it
+    answers: List[str] = []
+    for k in asked:
+        answers += [k, table[k]]
+    return body + ["?", answers[0]], answers[1:]
 
 
 def _listops_value(op: str, args: List[int]) -> int:
@@ -93,7 +117,7 @@ def listops_example(rng: random.Random, length: int) -> Tuple[List[str], List[st
     return tokens + ["="], [str(value)]
 
 
-MAKERS = {"copy": copy_example, "recall": recall_example, "listops": listops_example}
+MAKERS = {"copy": copy_example, "recall": recall_example, "mqar": mqar_example, "listops": listops_example}
 
 
 def make_split(rng: random.Random, task: str, count: int, min_len: int, max_len: int):
@@ -118,7 +142,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--task", choices=(*TASKS, *MIXES), default="mixed",
-                   help="one task, 'mixed' (all three in turn) or 'longrange' (copy and recall in turn)")
+                   help="one task, 'mixed' (copy, recall, listops in turn) or 'longrange' (copy and mqar in turn)")
     p.add_argument("--format", choices=("lm", "translation"), default="lm")
     p.add_argument("--min-len", type=int, default=128, help="shortest sequence, in tokens")
     p.add_argument("--max-len", type=int, default=1024, help="longest sequence, in tokens")
