@@ -22,7 +22,6 @@ Writes ``DIR/decode_step.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys

@@ -147,19 +147,21 @@ class ABC(EfficientAttention):
             out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
         return out.to(q.dtype), None
 
-    def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
-        tgt_len = q.shape[2]
-        kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """Causal: the slot sums ``mem_k``, ``mem_v`` ``(B, H, n, d)``, ``mem_norm (B, H, n)`` and the running max
+        ``mem_max (B, H, 1)``.  Static keys: the key-side memory ``prev_key`` / ``prev_value`` = K̃ / Ṽ."""
         dtype = acc_dtype(q.dtype)
         q32 = q.to(dtype)
-        if static_kv:
-            if "prev_key" not in state:  # prev_key / prev_value hold the key-side memory K̃ / Ṽ (B, H, n, d)
-                state["prev_key"], state["prev_value"] = self._memory(k.to(dtype), v.to(dtype), kpm)
-            return self._read(q32, state["prev_key"], state["prev_value"]).to(q.dtype), None
+        if not self.causal:
+            def summarise(k, v, kpm):
+                return dict(zip(("prev_key", "prev_value"), self._memory(k.to(dtype), v.to(dtype), kpm)))
+            self._static_kv(state, k, v, masks.key_padding, summarise)
+            return self._read(q32, state["prev_key"], state["prev_value"]).to(q.dtype)
+        tgt_len = q.shape[2]
         if "mem_k" in state and k.shape[2] < tgt_len:
             raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")
         names = ("mem_k", "mem_v", "mem_norm", "mem_max")
         sums = {n: state[n] for n in names} if "mem_k" in state else self._new_state(q32)
-        out = self._causal(q32, k.to(dtype), v.to(dtype), kpm, sums, self._kernel_dtype(q.dtype))
+        out = self._causal(q32, k.to(dtype), v.to(dtype), masks.key_padding, sums, self._kernel_dtype(q.dtype))
         state.update(sums)
-        return out.to(q.dtype), None
+        return out.to(q.dtype)

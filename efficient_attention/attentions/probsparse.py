@@ -20,7 +20,7 @@ the same in decoding.  The active rows are gathered and attend through SDPA.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -257,23 +257,13 @@ class ProbSparse(EfficientAttention):
         out, _ = self._compute(q, k, v, kpm, qpm, None)
         return out, None
 
-    def _attend_step(
-        self,
-        q: Tensor,
-        k: Optional[Tensor],
-        v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
-        masks: AttentionMasks,
-        attn_mask: Optional[Tensor],
-        need_weights: bool,
-        static_kv: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """The key/value cache plus every past query's sparsity score (for the running top-u)."""
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """The key/value cache (``prev_key`` ...) plus every past query's sparsity score ``prev_scores (B, H, S)``
+        (for the running top-u)."""
         bsz, tgt_len = q.shape[0], q.shape[2]
         prev_k, prev_m = state.get("prev_key"), state.get("prev_scores")
         prev_len = 0 if prev_k is None else prev_k.shape[2]
-        kpm = masks.key_padding
-        new_kpm = kpm  # bool; a causal attn_mask was checked and dropped by the base
+        new_kpm = masks.key_padding
         if prev_k is not None:
             new_kpm = _cat_padding(state.get("prev_key_padding_mask"), new_kpm, prev_len, tgt_len, bsz)
             k, v = torch.cat([prev_k, k], 2), torch.cat([state["prev_value"], v], 2)
@@ -281,4 +271,4 @@ class ProbSparse(EfficientAttention):
         out, m = self._compute(q, k, v, new_kpm, qpm, prev_m)
         state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, new_kpm
         state["prev_scores"] = m if prev_m is None else torch.cat([prev_m, m], -1)
-        return out, None
+        return out

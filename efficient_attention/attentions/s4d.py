@@ -23,7 +23,7 @@ Decoding steps the recurrence with a constant ``(B, C, d_state)`` state.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -250,17 +250,7 @@ class S4D(EfficientAttention):
             y = _fft_conv(u, _kernel(dt_a[0], c_bar[0], length), back)
         return self._finish(y, u, q), None
 
-    def _attend_step(
-        self,
-        q: Tensor,
-        k: Optional[Tensor],
-        v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
-        masks: AttentionMasks,
-        attn_mask: Optional[Tensor],
-        need_weights: bool,
-        static_kv: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
         """``T`` new positions continuing the recurrence state ``x (B, C, d_state)`` (stored as real pairs)."""
         prev = state.get("ssm_state")
         with torch.autocast(q.device.type, enabled=False):
@@ -269,4 +259,4 @@ class S4D(EfficientAttention):
             x0 = None if prev is None else torch.view_as_complex(prev.transpose(0, 1).contiguous())
             y, x = _scan(u, dt_a[0], c_bar[0], x0)
         state["ssm_state"] = torch.view_as_real(x).transpose(0, 1)
-        return self._finish(y, u, q), None
+        return self._finish(y, u, q)
