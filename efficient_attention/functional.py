@@ -23,6 +23,7 @@ __all__ = [
     "split_heads",
     "merge_heads",
     "repeat_kv",
+    "linear_attention_step",
     "safe_divide",
     "segment_weights",
     "combine_attention",
@@ -170,6 +171,28 @@ def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     empty = den <= 0
     out = num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)
     return out.masked_fill(empty.unsqueeze(-1), 0.0)
+
+
+def linear_attention_step(
+    q: Tensor, k: Tensor, v: Tensor, kv: Tensor, z: Optional[Tensor] = None, decay: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One causal decoding step of linear attention (one new query and its key): a handful of kernels.
+
+    ``kv' = decay·kv + kᵀv``, ``z' = decay·z + k``; ``out = q kv' / (q·z')`` (``z is None``: unnormalised
+    ``q kv'``; a normaliser ``<= 0`` gives 0).  Shapes: ``q, k (B, H, 1, m)``, ``v (B, H, 1, d)``, state
+    ``kv (B, H, m, d)``, ``z (B, H, m)``, ``decay`` broadcastable to ``(B, H, 1, 1)``; everything is computed
+    in the state's dtype.  Returns ``(out (B, H, 1, d), kv', z')``.  The same numbers as
+    :func:`efficient_attention.kernels.linear_attention` over one position with ``initial_state``.
+    """
+    dt = kv.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    kt = k.transpose(-1, -2)                                   # (B, H, m, 1)
+    kv = torch.addcmul(kv if decay is None else kv * decay, kt, v)
+    out = torch.matmul(q, kv)
+    if z is None:
+        return out, kv, None
+    z = torch.add(z if decay is None else z * decay.flatten(-2), k.flatten(-2))
+    return safe_divide(out, torch.matmul(q, z.unsqueeze(-1)).squeeze(-1)), kv, z
 
 
 def segment_weights(

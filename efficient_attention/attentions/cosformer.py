@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype
+from ..functional import acc_dtype, linear_attention_step
 from ..kernels.linear_attention import linear_attention
 from ..registry import register_attention
 
@@ -82,12 +82,15 @@ class CosformerAttention(EfficientAttention):
     def _features(self, x: Tensor, pos: Tensor, m_len: Tensor, kpm: Optional[Tensor] = None) -> Tensor:
         """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)``, ``θ = π pos / 2M``; ``pos`` ``(B or 1, L)``, ``m_len``
         ``(B or 1, 1)`` (both float)."""
-        x = x.to(acc_dtype(x.dtype))
-        x = F.relu(x) if self.act_fun == "relu" else 1.0 + F.elu(x)
-        if kpm is not None:
-            x = x.masked_fill(kpm[:, None, :, None], 0.0)
+        x = self._act(x, kpm)
         theta = ((math.pi / 2) * pos.to(x.dtype) / m_len.to(x.dtype))[:, None, :, None]  # (B, 1, L, 1)
         return torch.cat([x * torch.cos(theta), x * torch.sin(theta)], dim=-1)
+
+    def _act(self, x: Tensor, kpm: Optional[Tensor]) -> Tensor:
+        """``φ(x)`` in the accumulation dtype, padded positions zero."""
+        x = x.to(acc_dtype(x.dtype))
+        x = F.relu(x) if self.act_fun == "relu" else 1.0 + F.elu(x)
+        return x if kpm is None else x.masked_fill(kpm[:, None, :, None], 0.0)
 
     def _check_len(self, needed: int, m_len: int) -> None:
         if needed > m_len:
@@ -167,6 +170,12 @@ class CosformerAttention(EfficientAttention):
             raise ValueError(
                 f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}")
         self._check_len(start + src_len, self.max_len)
+        if tgt_len == 1 and "kv_sum" in state:  # one token: its angle is a number; the recurrence, a few kernels
+            theta = (math.pi / 2) * start / self.max_len
+            qf, kf = (self._act(x, kpm) for x, kpm in ((q, None), (k, masks.key_padding)))
+            qf, kf = (torch.cat([x * math.cos(theta), x * math.sin(theta)], dim=-1) for x in (qf, kf))
+            out, state["kv_sum"], state["k_sum"] = linear_attention_step(qf, kf, v, state["kv_sum"], state["k_sum"])
+            return out.to(q.dtype)
         pos = torch.arange(start, start + src_len, device=q.device)[None]
         m_len = torch.full((1, 1), float(self.max_len), device=q.device)
         qf = self._features(q, pos, m_len).to(q.dtype)

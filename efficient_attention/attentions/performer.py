@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype
+from ..functional import acc_dtype, linear_attention_step
 from ..kernels.linear_attention import linear_attention
 from ..registry import register_attention
 
@@ -218,8 +218,18 @@ class Performer(EfficientAttention):
             raise ValueError(
                 f"Performer decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})"
             )
+        logits = self._key_logits(k, masks.key_padding)
+        if tgt_len == 1 and k.shape[2] == 1 and "kv_sum" in state:  # one token: the recurrence, a few kernels
+            past = state["k_max"]                                                   # (B, H, 1, 1)
+            run = torch.maximum(logits.detach().amax(-1, keepdim=True), past)
+            safe = self._finite(run)
+            decay = torch.exp(torch.where(torch.isfinite(past), past - safe, 0.0))  # nothing before: no decay
+            out, state["kv_sum"], state["k_sum"] = linear_attention_step(
+                qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], decay)
+            state["k_max"] = run
+            return out.to(q.dtype)
         dtype = acc_dtype(q.dtype)
         sums = {n: state[n] for n in ("kv_sum", "k_sum", "k_max")} if "kv_sum" in state else self._new_state(q, dtype)
-        out = self._causal(qf, self._key_logits(k, masks.key_padding), v, sums, q.dtype)
+        out = self._causal(qf, logits, v, sums, q.dtype)
         state.update(sums)
         return out.to(q.dtype)
