@@ -256,7 +256,11 @@ class S4D(EfficientAttention):
         with torch.autocast(q.device.type, enabled=False):
             u = self._inputs(q, masks.key_padding)
             dt_a, c_bar = self._discrete(q.dtype)
-            x0 = None if prev is None else torch.view_as_complex(prev.transpose(0, 1).contiguous())
-            y, x = _scan(u, dt_a[0], c_bar[0], x0)
-        state["ssm_state"] = torch.view_as_real(x).transpose(0, 1)
+            x0 = None if prev is None else torch.view_as_complex(prev).transpose(0, 1)      # (C, B, n), a view
+            if x0 is not None and u.shape[-1] == 1:  # one token: x = λ x0 + u, y = 2 Re(C̃ x), a few kernels
+                x = torch.addcmul(u.to(x0.dtype), torch.exp(dt_a[0])[:, None], x0)
+                y = 2.0 * (c_bar[0][:, None] * x).real.sum(-1, keepdim=True)
+            else:
+                y, x = _scan(u, dt_a[0], c_bar[0], x0)
+        state["ssm_state"] = torch.view_as_real(x.transpose(0, 1))
         return self._finish(y, u, q)
