@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import Capabilities, Pattern
+from ..functional import sdpa_attention
 from ..local_window import LocalWindow, cache_len, window_attention, window_attention_at
 from ..registry import register_attention
 
@@ -146,4 +147,9 @@ class LocalAttention(EfficientAttention):
                                     dropout_p=dropout)
         # causal self: keys at absolute positions pos + T - len(k) .. pos + T - 1
         k, v, kpm = self._window_cache(state, k, v, masks.key_padding, cache_len(self.window))
+        if tgt_len == 1 and not self.shared_qk:  # one query sees a contiguous run of the cache: plain attention
+            start = max(self.window.lo(pos) - (pos + 1 - k.shape[2]), 0)
+            mask = None if kpm is None else kpm[:, None, None, start:]
+            return sdpa_attention(q, k[:, :, start:], v[:, :, start:], mask, scale=self.scaling,
+                                  dropout_p=self.dropout_p if self.training else 0.0)
         return self._window_attend(q, k, v, pos + tgt_len - k.shape[2], kpm)

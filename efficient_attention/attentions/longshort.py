@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern, SELF_PATTERNS
-from ..functional import acc_dtype, combine_attention, logsumexp, softmax
+from ..functional import acc_dtype, combine_attention, logsumexp, sdpa_attention, softmax
 from ..kernels import sliding_window_attention
 from ..local_window import LocalWindow, cache_len
 from ..registry import register_attention
@@ -207,10 +207,15 @@ class LongShort(EfficientAttention):
         """The token at position ``pos``: window + memories, then it joins the open chunk (written in place)."""
         l, r = self.chunk_size, self.chunk_rank
         wk, wv, wp = self._window_cache(state, k, v, kpm, cache_len(self.window))
-        short = self._short(q, wk, wv, pos + 1 - wk.shape[2], wp)
-        hidden = state["memory_hidden"][:, None, None, :]
-        long = _memory_attention(q, state["memory_key"], state["memory_value"], hidden, self.scaling)
-        out, _ = combine_attention([short[0], long[0]], [short[1], long[1]])
+        # the query sees a contiguous run of the window cache and the memories: one softmax over both
+        start = max(self.window.lo(pos) - (pos + 1 - wk.shape[2]), 0)
+        seen = wk.shape[2] - start
+        keys = torch.cat([wk[:, :, start:], state["memory_key"]], 2)
+        values = torch.cat([wv[:, :, start:], state["memory_value"]], 2)
+        hidden = state["memory_hidden"]
+        hidden = F.pad(hidden, (seen, 0), value=False) if wp is None else torch.cat([wp[:, start:], hidden], 1)
+        dropout = self.dropout_p if self.training else 0.0
+        out = sdpa_attention(q, keys, values, hidden[:, None, None, :], scale=self.scaling, dropout_p=dropout)
         slot = pos % l
         ck, cv, cp = state["chunk_key"], state["chunk_value"], state["chunk_padding"]
         ck[:, :, slot], cv[:, :, slot] = k[:, :, 0], v[:, :, 0]
