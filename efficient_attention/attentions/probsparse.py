@@ -248,6 +248,23 @@ class ProbSparse(EfficientAttention):
             ok = torch.isfinite(torch.gather(m, -1, rows))
         return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, self._lazy(v, kpm, q_pos)), m
 
+    def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor],
+              m_prev: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`_compute` for one causal query (the last key): exact attention where it is active, the running
+        mean of the values where not, chosen by ``torch.where`` (no row count read back from the device)."""
+        q_pos = torch.arange(k.shape[2] - 1, k.shape[2], device=q.device)
+        m = self._sparsity(q, k, kpm)
+        if qpm is not None:
+            m = m.masked_fill(qpm[:, None, :], float("-inf"))
+        active = self._running_active(m, m_prev, q_pos)                       # (B, H, 1)
+        keep = None  # as in _exact_rows: a batch row without real keys lets the query see every key
+        if kpm is not None:
+            keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]
+        exact = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scaling,
+                                               dropout_p=self.dropout_p if self.training else 0.0)
+        lazy = self._lazy(v, kpm, q_pos)
+        return torch.where(active[..., None], exact.to(lazy.dtype), lazy), m
+
     # ------------------------------------------------------------------- hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         kpm = masks.key_padding
@@ -268,7 +285,10 @@ class ProbSparse(EfficientAttention):
             new_kpm = _cat_padding(state.get("prev_key_padding_mask"), new_kpm, prev_len, tgt_len, bsz)
             k, v = torch.cat([prev_k, k], 2), torch.cat([state["prev_value"], v], 2)
         qpm = None if new_kpm is None else new_kpm[:, prev_len:]
-        out, m = self._compute(q, k, v, new_kpm, qpm, prev_m)
+        if tgt_len == 1 and prev_m is not None:
+            out, m = self._step(q, k, v, new_kpm, qpm, prev_m)
+        else:
+            out, m = self._compute(q, k, v, new_kpm, qpm, prev_m)
         state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, new_kpm
         state["prev_scores"] = m if prev_m is None else torch.cat([prev_m, m], -1)
         return out
