@@ -181,18 +181,18 @@ def linear_attention_step(
     ``kv' = decay·kv + kᵀv``, ``z' = decay·z + k``; ``out = q kv' / (q·z')`` (``z is None``: unnormalised
     ``q kv'``; a normaliser ``<= 0`` gives 0).  Shapes: ``q, k (B, H, 1, m)``, ``v (B, H, 1, d)``, state
     ``kv (B, H, m, d)``, ``z (B, H, m)``, ``decay`` broadcastable to ``(B, H, 1, 1)``; everything is computed
-    in the state's dtype.  Returns ``(out (B, H, 1, d), kv', z')``.  The same numbers as
+    in the state's dtype (autocast off).  Returns ``(out (B, H, 1, d), kv', z')``.  The same numbers as
     :func:`efficient_attention.kernels.linear_attention` over one position with ``initial_state``.
     """
     dt = kv.dtype
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    kt = k.transpose(-1, -2)                                   # (B, H, m, 1)
-    kv = torch.addcmul(kv if decay is None else kv * decay, kt, v)
-    out = torch.matmul(q, kv)
-    if z is None:
-        return out, kv, None
-    z = torch.add(z if decay is None else z * decay.flatten(-2), k.flatten(-2))
-    return safe_divide(out, torch.matmul(q, z.unsqueeze(-1)).squeeze(-1)), kv, z
+    with torch.autocast(q.device.type, enabled=False):  # the sums stay in their precision under autocast too
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        kv = torch.addcmul(kv if decay is None else kv * decay, k.transpose(-1, -2), v)
+        out = torch.matmul(q, kv)
+        if z is None:
+            return out, kv, None
+        z = torch.add(z if decay is None else z * decay.flatten(-2), k.flatten(-2))
+        return safe_divide(out, torch.matmul(q, z.unsqueeze(-1)).squeeze(-1)), kv, z
 
 
 def segment_weights(

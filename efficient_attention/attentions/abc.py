@@ -183,7 +183,8 @@ class ABC(EfficientAttention):
         if "mem_k" in state and k.shape[2] < tgt_len:
             raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")
         if tgt_len == 1 and k.shape[2] == 1 and "mem_k" in state:  # one token: a few kernels
-            return self._step(q32, k.to(dtype), v.to(dtype), masks.key_padding, state).to(q.dtype)
+            with torch.autocast(q.device.type, enabled=False):  # the sums keep their precision
+                return self._step(q32, k.to(dtype), v.to(dtype), masks.key_padding, state).to(q.dtype)
         names = ("mem_k", "mem_v", "mem_norm", "mem_max")
         sums = {n: state[n] for n in names} if "mem_k" in state else self._new_state(q32)
         out = self._causal(q32, k.to(dtype), v.to(dtype), masks.key_padding, sums, self._kernel_dtype(q.dtype))
