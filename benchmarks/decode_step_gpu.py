@@ -149,7 +149,11 @@ def run(name: str, contexts, device, slow: float) -> dict:
                 sync(device)
                 row["ms"][context] = time_steps(m, inc, device, slow)
                 if "kernels" not in row:
-                    row["kernels"] = count_kernels(m, inc, device)
+                    try:
+                        row["kernels"] = count_kernels(m, inc, device)
+                    except Exception as exc:  # noqa: BLE001 - the profiler may be unavailable
+                        row["kernels"] = "-"
+                        row["notes"].append(f"profiler: {type(exc).__name__}: {str(exc)[:100]}")
         except Exception as exc:  # noqa: BLE001
             kind = "slow" if isinstance(exc, TimeoutError) else type(exc).__name__
             row["ms"][context] = kind
