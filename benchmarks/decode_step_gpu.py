@@ -3,9 +3,9 @@
 Setting (issue 14's): causal self attention, ``embed_dim=512``, 8 heads of 64, batch 4, eval, bf16
 autocast, one new token after a context of 512, 8k and 64k tokens.  For each mechanism:
 
-* ``err``: decoding is checked first (fp32, no autocast, 160 tokens, batch 2): a prompt of 100 tokens in
-  one call, then 60 single-token steps, against the full pass over the 160 tokens (max abs difference of
-  the last 60 rows; a mechanism whose prompt call fails decodes every token step by step);
+* ``err``: decoding is checked first (fp32, then both under bf16 autocast; 160 tokens, batch 2): a prompt of
+  100 tokens in one call, then 60 single-token steps, against the full pass over the 160 tokens (max abs
+  difference of the last 60 rows; a mechanism whose prompt call fails decodes every token step by step);
 * ``ms``: the wall time of one step (host included: these steps are launch-bound) -- the mean of 20
   consecutive steps after 3 warm-up steps, synchronised at both ends;
 * ``kernels``: CUDA kernels one step launches (profiled at the first context);
@@ -77,11 +77,18 @@ def step(module, x, inc):
 
 
 @torch.no_grad()
-def check(name: str, device) -> float:
-    """Max abs difference between decoding (prompt + single steps) and the full pass (fp32)."""
+def check(name: str, device, autocast: bool = False) -> float:
+    """Max abs difference between decoding (prompt + single steps) and the full pass (fp32, or both under bf16
+    autocast)."""
     m = build(name, device, 256)
     length, prompt = 160, 100
     x = torch.randn(length, 2, EMBED, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        return _check(m, x, prompt)
+
+
+def _check(m, x, prompt: int) -> float:
+    length = x.shape[0]
     full, _ = m(x, x, x, need_weights=False)
     inc: dict = {}
     try:
@@ -91,7 +98,7 @@ def check(name: str, device) -> float:
         inc, outs, start = {}, [], 0
     for t in range(start, length):
         outs.append(m(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=inc, need_weights=False)[0])
-    return float((torch.cat(outs)[prompt:] - full[prompt:]).abs().max())
+    return float((torch.cat(outs)[prompt:].float() - full[prompt:].float()).abs().max())
 
 
 @torch.no_grad()
@@ -136,11 +143,12 @@ def count_kernels(module, inc, device) -> int:
 
 def run(name: str, contexts, device, slow: float) -> dict:
     row = {"mechanism": name, "ms": {}, "notes": []}
-    try:
-        row["err"] = check(name, device)
-    except Exception as exc:  # noqa: BLE001
-        row["notes"].append(f"check: {type(exc).__name__}: {str(exc)[:160]}")
-        traceback.print_exc()
+    for key, autocast in (("err", False), ("err_bf16", True)):
+        try:
+            row[key] = check(name, device, autocast)
+        except Exception as exc:  # noqa: BLE001
+            row["notes"].append(f"{key}: {type(exc).__name__}: {str(exc)[:160]}")
+            traceback.print_exc()
     m = build(name, device, max(contexts) + 256)
     for context in contexts:
         try:
@@ -172,7 +180,8 @@ def run(name: str, contexts, device, slow: float) -> dict:
 
 def table(rows, contexts) -> str:
     base = next((r["ms"] for r in rows if r["mechanism"] == "vanilla"), {})
-    head = "| mechanism | err | " + " | ".join(f"{c} ms (x vanilla)" for c in contexts) + " | last/first | kernels |"
+    cols = " | ".join(f"{c} ms (x vanilla)" for c in contexts)
+    head = f"| mechanism | err fp32 / bf16 | {cols} | last/first | kernels |"
     lines = [head, "|" + "---|" * (len(contexts) + 4)]
     for r in rows:
         cells = []
@@ -185,7 +194,7 @@ def table(rows, contexts) -> str:
                 cells.append(str(t))
         first, last = r["ms"].get(contexts[0]), r["ms"].get(contexts[-1])
         growth = f"{last / first:.2f}" if isinstance(first, float) and isinstance(last, float) else "-"
-        err = f"{r['err']:.1e}" if "err" in r else "-"
+        err = " / ".join(f"{r[k]:.1e}" if k in r else "-" for k in ("err", "err_bf16"))
         lines.append(f"| {r['mechanism']} | {err} | " + " | ".join(cells) + f" | {growth} | {r.get('kernels', '-')} |")
     return "\n".join(lines)
 
@@ -207,8 +216,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "batch": BATCH, "embed_dim": EMBED, "heads": HEADS, "dtype": "bf16 autocast", "steps": STEPS, "rows": rows,
-              "seconds": time.perf_counter() - t0}
+              "batch": BATCH, "embed_dim": EMBED, "heads": HEADS, "dtype": "bf16 autocast", "steps": STEPS,
+              "rows": rows, "seconds": time.perf_counter() - t0}
     (out / "decode_step.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"\n{result['device']}, torch {torch.__version__}, {result['seconds']:.0f} s")
     print(table(rows, args.contexts))
