@@ -25,8 +25,8 @@ tensor in it has the batch as dim 0 (beam search reorders it); ints are the
 same for every batch row.  The keys:
 
 * ``position`` (int): queries decoded before this call.  Kept by the base for
-  mechanisms with their own state (no device sync); they read it as
-  ``masks.query_offset``.
+  mechanisms with their own state and for causal cross decoding (no device
+  sync); mechanisms read it as ``masks.query_offset``.
 * ``prev_key`` / ``prev_value`` ``(B, Hkv, S, d)`` and ``prev_key_padding_mask``
   ``(B, S)`` bool or None: fairseq's names for the cached keys -- the base's
   key/value cache, the bounded window of :meth:`_window_cache`, or, with
@@ -517,12 +517,11 @@ class EfficientAttention(nn.Module):
         rest.  ``p`` is a Python int in the state (no device sync; beam reorder
         keeps it).
         """
-        if "prev_key" not in state:
-            state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, masks.key_padding
+        self._static_kv(state, k, v, masks.key_padding)
         k, v, kpm = state["prev_key"], state["prev_value"], state["prev_key_padding_mask"]
         bsz, tgt_len, src_len = q.shape[0], q.shape[2], k.shape[2]
-        pos = state.get("query_position", 0)
-        state["query_position"] = pos + tgt_len
+        pos = state.get("position", 0)
+        state["position"] = pos + tgt_len
         rows = [(0, tgt_len)] if tgt_len == 1 or pos + tgt_len <= src_len else [(t, t + 1) for t in range(tgt_len)]
         outs, weights = [], []
         for start, stop in rows:
