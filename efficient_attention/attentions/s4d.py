@@ -232,6 +232,18 @@ class S4D(EfficientAttention):
         _, bsz, length = y.shape
         return y.to(like.dtype).view(self.num_heads, self.head_dim, bsz, length).permute(2, 0, 3, 1)
 
+    def _discrete_for_steps(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """:meth:`_discrete` kept between decoding steps without autograd, until a parameter changes (its
+        version counter moves with every in-place update, an optimizer step included)."""
+        if torch.is_grad_enabled():
+            return self._discrete(dtype)
+        params = (self.log_dt, self.log_a_real, self.a_imag, self.c)
+        key = (dtype, self.log_dt.device, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        hit = self.__dict__.get("_step_discrete")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_step_discrete"] = (key, self._discrete(dtype))
+        return hit[1]
+
     # ------------------------------------------------------------------- hooks
     # The state-space math runs outside autocast: _inputs/_discrete already work in
     # fp32 and complex ops have no half-precision kernels (bf16 autocast failed).
@@ -255,7 +267,7 @@ class S4D(EfficientAttention):
         prev = state.get("ssm_state")
         with torch.autocast(q.device.type, enabled=False):
             u = self._inputs(q, masks.key_padding)
-            dt_a, c_bar = self._discrete(q.dtype)
+            dt_a, c_bar = self._discrete_for_steps(q.dtype)
             x0 = None if prev is None else torch.view_as_complex(prev).transpose(0, 1)      # (C, B, n), a view
             if x0 is not None and u.shape[-1] == 1:  # one token: x = λ x0 + u, y = 2 Re(C̃ x), a few kernels
                 x = torch.addcmul(u.to(x0.dtype), torch.exp(dt_a[0])[:, None], x0)
