@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .masks import causal_mask, merge_masks
 
@@ -106,6 +107,19 @@ def dense_attention(
     return torch.matmul(p, v), probs
 
 
+# A decoding step (one query) meets a key length that grows every step: cuDNN's SDPA backend builds a graph per
+# new shape (30-50 ms of host time per step on an H200, benchmarks/decode_step_gpu.py), so one-query calls on
+# CUDA leave it out; flash / memory-efficient kernels take any length.
+_DECODING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    if q.is_cuda and q.shape[-2] == 1:
+        with sdpa_kernel(_DECODING_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 def sdpa_attention(
     q: Tensor,
     k: Tensor,
@@ -132,7 +146,7 @@ def sdpa_attention(
         # SDPA's bool masks mean "take part"; fully masked rows are given one
         # harmless key and zeroed afterwards, so no backend yields NaN.
         keep = keep | empty
-        out = F.scaled_dot_product_attention(
+        out = _sdpa(
             q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=False, scale=scale,
             enable_gqa=k.shape[1] != num_heads,
         )
@@ -141,12 +155,12 @@ def sdpa_attention(
         mask = mask.to(q.dtype)
         empty = torch.isneginf(mask.amax(dim=-1, keepdim=True))
         mask = mask.masked_fill(empty, 0.0)
-        out = F.scaled_dot_product_attention(
+        out = _sdpa(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale,
             enable_gqa=k.shape[1] != num_heads,
         )
         return out.masked_fill(empty, 0.0)
-    return F.scaled_dot_product_attention(
+    return _sdpa(
         q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != num_heads
     )
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype
+from ..functional import acc_dtype, sdpa_attention
 from ..registry import register_attention
 
 __all__ = ["ProbSparse"]
@@ -257,11 +257,10 @@ class ProbSparse(EfficientAttention):
         if qpm is not None:
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
         active = self._running_active(m, m_prev, q_pos)                       # (B, H, 1)
-        keep = None  # as in _exact_rows: a batch row without real keys lets the query see every key
+        hidden = None  # as in _exact_rows: a batch row without real keys lets the query see every key
         if kpm is not None:
-            keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]
-        exact = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scaling,
-                                               dropout_p=self.dropout_p if self.training else 0.0)
+            hidden = (kpm & ~kpm.all(-1, keepdim=True))[:, None, None, :]
+        exact = sdpa_attention(q, k, v, hidden, scale=self.scaling, dropout_p=self.dropout_p if self.training else 0.0)
         lazy = self._lazy(v, kpm, q_pos)
         return torch.where(active[..., None], exact.to(lazy.dtype), lazy), m
 
