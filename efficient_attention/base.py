@@ -20,6 +20,22 @@ as a dataclass (``Options``, see :mod:`efficient_attention.options`; the base
 checks them and sets them as attributes) and implements
 :meth:`EfficientAttention._attend` on per-head tensors.  Mechanisms
 whose decoding state must not grow override :meth:`_attend_step`.
+
+Decoding state (one dict per module in fairseq's ``incremental_state``).  Every
+tensor in it has the batch as dim 0 (beam search reorders it); ints are the
+same for every batch row.  The keys:
+
+* ``position`` (int): queries decoded before this call.  Kept by the base for
+  mechanisms with their own state and for causal cross decoding (no device
+  sync); mechanisms read it as ``masks.query_offset``.
+* ``prev_key`` / ``prev_value`` ``(B, Hkv, S, d)`` and ``prev_key_padding_mask``
+  ``(B, S)`` bool or None: fairseq's names for the cached keys -- the base's
+  key/value cache, the bounded window of :meth:`_window_cache`, or, with
+  ``static_kv``, what :meth:`_static_kv` stored (the keys or a summary of them).
+  ``prev_key`` present means "static keys cached": fairseq then passes none.
+* ``prev_query`` / ``prev_query_padding_mask``: the base's noncausal recompute.
+* anything else is a mechanism's own state (``kv_sum``, ``ssm_state``, ...),
+  named in its ``_attend_step`` docstring.
 """
 from __future__ import annotations
 
@@ -29,7 +45,7 @@ import math
 import typing
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +78,9 @@ class AttentionMasks:
             positions out of landmarks).
         query_offset: ``S - T``: the queries are the last ``T`` of the ``S``
             key positions (bottom-right alignment), so with ``causal`` query
-            ``i`` sees key ``j`` iff ``j <= i + query_offset``.
+            ``i`` sees key ``j`` iff ``j <= i + query_offset``.  In
+            :meth:`EfficientAttention._attend_step`: the position of the first
+            new query (the queries decoded before).
     """
 
     key_padding: Optional[Tensor] = None
@@ -428,14 +446,7 @@ class EfficientAttention(nn.Module):
             out = q.new_zeros(bsz, self.num_heads, tgt_len, self.head_dim)
             weights = q.new_zeros(bsz, self.num_heads, tgt_len, src_len) if need_weights else None
         elif decoding:
-            masks, attn_mask = self._decoding_masks(masks, attn_mask, tgt_len)
-            kind = self._decode_kind(static_kv)
-            if kind == "mechanism":
-                out, weights = self._attend_step(q, k, v, state, masks, attn_mask, need_weights, static_kv)
-            elif kind == "causal_static":
-                out, weights = self._decode_causal_static(q, k, v, state, masks, attn_mask, need_weights)
-            else:
-                out, weights = self._decode_noncausal(q, k, v, state, masks, attn_mask, need_weights)
+            out, weights = self._decode(q, k, v, state, masks, attn_mask, need_weights, static_kv)
             self._set_input_buffer(incremental_state, state)
         else:
             masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
@@ -454,6 +465,29 @@ class EfficientAttention(nn.Module):
         return attn, (weights if need_head_weights else weights.mean(dim=0))
 
     # ---------------------------------------------------------------- decoding
+    def _decode(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks,
+        attn_mask: Optional[Tensor], need_weights: bool, static_kv: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """One call with ``incremental_state``: the masks prepared once, then the path of :meth:`_decode_kind`."""
+        masks, attn_mask = self._decoding_masks(masks, attn_mask, q.shape[2])
+        kind = self._decode_kind(static_kv)
+        if kind == "causal_static":
+            return self._decode_causal_static(q, k, v, state, masks, attn_mask, need_weights)
+        if kind == "noncausal":
+            return self._decode_noncausal(q, k, v, state, masks, attn_mask, need_weights)
+        if not self._own_decoding_state():
+            return self._decode_cached(q, k, v, state, masks, attn_mask, need_weights, static_kv)
+        position = state.get("position", 0)
+        out = self._attend_step(q, k, v, state, replace(masks, query_offset=position))
+        state["position"] = position + q.shape[2]
+        return out, None
+
+    @classmethod
+    def _own_decoding_state(cls) -> bool:
+        """The mechanism overrides :meth:`_attend_step` (else the base's key/value cache and :meth:`_attend`)."""
+        return cls._attend_step is not EfficientAttention._attend_step
+
     def _decode_kind(self, static_kv: bool) -> str:
         """How a call with ``incremental_state`` is decoded.
 
@@ -491,12 +525,11 @@ class EfficientAttention(nn.Module):
         rest.  ``p`` is a Python int in the state (no device sync; beam reorder
         keeps it).
         """
-        if "prev_key" not in state:
-            state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, masks.key_padding
+        self._static_kv(state, k, v, masks.key_padding)
         k, v, kpm = state["prev_key"], state["prev_value"], state["prev_key_padding_mask"]
         bsz, tgt_len, src_len = q.shape[0], q.shape[2], k.shape[2]
-        pos = state.get("query_position", 0)
-        state["query_position"] = pos + tgt_len
+        pos = state.get("position", 0)
+        state["position"] = pos + tgt_len
         rows = [(0, tgt_len)] if tgt_len == 1 or pos + tgt_len <= src_len else [(t, t + 1) for t in range(tgt_len)]
         outs, weights = [], []
         for start, stop in rows:
@@ -614,6 +647,7 @@ class EfficientAttention(nn.Module):
         ``attn_mask`` capability, only a mask that repeats the causal mask of a
         causal module is accepted, and it is dropped (the mechanism applies
         causality itself; its state may not even hold the keys the mask names).
+        So :meth:`_attend_step` never sees an ``attn_mask``.
         """
         caps = self.capabilities
         if masks.key_padding is not None and not caps.additive_masks:
@@ -651,36 +685,77 @@ class EfficientAttention(nn.Module):
         raise UnsupportedInputError(f"{type(self).__name__} does not support before_softmax=True")
 
     def _attend_step(
-        self,
-        q: Tensor,
-        k: Optional[Tensor],
-        v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
-        masks: AttentionMasks,
-        attn_mask: Optional[Tensor],
-        need_weights: bool,
-        static_kv: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """One decoding call with a key/value cache (the default; O(S) state).
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
+    ) -> Tensor:
+        """A mechanism's own decoding state (override it; the default is the base's key/value cache).
 
-        ``state`` is this module's buffer in ``incremental_state``; update it in
-        place.  Every tensor in it must have the batch as dim 0 (beam search
-        reorders them).  ``k`` / ``v`` are ``None`` when static keys are cached.
-        The new queries are the last ``T`` positions: causal masking follows
-        the alignment rule of :mod:`efficient_attention.masks`.
+        Called for causal decoding (``T`` new queries and their ``T`` new keys) and, with ``causal=False``,
+        for cross attention over ``static_kv`` keys (use :meth:`_static_kv`: ``k``, ``v`` are ``None``
+        once the keys are cached).  ``masks`` is prepared: ``key_padding`` is the bool ``(B, T)`` padding
+        of the new keys (or of the static keys on the first call) or ``None``; there is no ``attn_mask``
+        (see :meth:`_decoding_masks`); ``query_offset`` is the position ``p`` of the first new query (the
+        base counts it, a Python int: no device sync).  Update ``state`` in place, under the names of the
+        schema in the module docstring.  Returns the output ``(B, H, T, d)`` (no weights).
+        """
+        raise NotImplementedError(f"{type(self).__name__} decodes with the base's key/value cache")
+
+    def _static_kv(
+        self, state: Dict[str, Any], k: Optional[Tensor], v: Optional[Tensor], key_padding: Optional[Tensor],
+        summarise: Optional[Callable[[Tensor, Tensor, Optional[Tensor]], Dict[str, Any]]] = None,
+    ) -> Dict[str, Any]:
+        """``static_kv`` decoding: the keys cached on the first call, read back on the others; returns ``state``.
+
+        The first call stores ``summarise(k, v, key_padding)`` (a dict holding ``prev_key``, the "cached"
+        mark, and whatever else the mechanism needs), or the keys themselves as ``prev_key``,
+        ``prev_value``, ``prev_key_padding_mask``.
+        """
+        if "prev_key" not in state:
+            if summarise is None:
+                state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, key_padding
+            else:
+                state.update(summarise(k, v, key_padding))
+        return state
+
+    def _window_cache(
+        self, state: Dict[str, Any], k: Tensor, v: Tensor, key_padding: Optional[Tensor], keep: int
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """A bounded key cache: the cached keys followed by the new ones, of which the last ``keep`` are cached.
+
+        ``k, v (B, Hkv, T, d)``, ``key_padding (B, T)`` bool or ``None`` (no padding).  Returns the
+        concatenation ``(k, v, key_padding)`` the new queries attend to; the padding stays ``None`` while
+        no key was padded.
+        """
+        prev_k = state.get("prev_key")
+        if prev_k is not None:
+            key_padding = _cat_padding(state.get("prev_key_padding_mask"), key_padding, prev_k.shape[2], k.shape[2],
+                                       k.shape[0])
+            k, v = torch.cat([prev_k, k], dim=2), torch.cat([state["prev_value"], v], dim=2)
+        start = max(k.shape[2] - keep, 0)
+        state["prev_key"], state["prev_value"] = k[:, :, start:], v[:, :, start:]
+        state["prev_key_padding_mask"] = None if key_padding is None else key_padding[:, start:]
+        return k, v, key_padding
+
+    def _decode_cached(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks,
+        attn_mask: Optional[Tensor], need_weights: bool, static_kv: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Decoding with a key/value cache (O(S) state): :meth:`_attend` over every key so far.
+
+        The new queries are the last ``T`` positions: causal masking follows the alignment rule of
+        :mod:`efficient_attention.masks`.  With ``static_kv`` the keys are cached once.
         """
         bsz, tgt_len = q.shape[0], q.shape[2]
-        kpm = masks.key_padding
-        prev_k, prev_v, prev_kpm = state.get("prev_key"), state.get("prev_value"), state.get("prev_key_padding_mask")
-        if static_kv and prev_k is not None:
-            k, v, kpm = prev_k, prev_v, prev_kpm
+        if static_kv:
+            self._static_kv(state, k, v, masks.key_padding)
+            k, v, kpm = state["prev_key"], state["prev_value"], state["prev_key_padding_mask"]
         else:
-            if prev_k is not None and not static_kv:
-                kpm = _cat_padding(prev_kpm, kpm, prev_k.shape[2], k.shape[2], bsz)
+            kpm = masks.key_padding
+            prev_k = state.get("prev_key")
+            if prev_k is not None:
+                kpm = _cat_padding(state.get("prev_key_padding_mask"), kpm, prev_k.shape[2], k.shape[2], bsz)
                 k = torch.cat([prev_k, k], dim=2)
-                v = torch.cat([prev_v, v], dim=2)
-            state["prev_key"], state["prev_value"] = k, v
-            state["prev_key_padding_mask"] = kpm
+                v = torch.cat([state["prev_value"], v], dim=2)
+            state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, kpm
         masks = self._prepare_masks(replace(masks, key_padding=kpm), attn_mask, bsz, tgt_len, k.shape[2], q.device)
         return self._attend(q, k, v, masks, need_weights)
 

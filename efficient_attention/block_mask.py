@@ -111,7 +111,8 @@ class BlockMask:
         Blocks with no attended entry are dropped; blocks whose entries all follow the causal rule
         (when the whole mask is causal) are full or causal-partial; the rest get a tile.  With
         ``q_block_start`` only the query-block rows from there on are built (decoding).  ``candidates``
-        (bool ``(H or 1, nq, nk)``), when given, is a superset of the kept blocks: only those are evaluated.
+        (bool ``(H or 1, nq, nk)``, or only its rows from ``q_block_start`` on), when given, is a superset of
+        the kept blocks: only those are evaluated.
         """
         heads = _int_arg(heads, "heads")
         bs = _int_arg(block_size, "block_size")
@@ -123,7 +124,10 @@ class BlockMask:
         h = torch.arange(heads, device=device).view(-1, 1, 1)
         zero = torch.zeros((), dtype=torch.long, device=device)
         if candidates is not None:
-            candidates = layouts.as_layout(candidates).to(device).expand(heads, nq, nk)[:, q_block_start:]
+            candidates = layouts.as_layout(candidates).to(device)
+            if candidates.shape[-2] != nq - q_block_start:
+                candidates = candidates[:, q_block_start:]
+            candidates = candidates.expand(heads, nq - q_block_start, nk)
         per_row = max(1, _EVAL_ELEMENTS // max(1, heads * bs * bs * nk))
         chunks = [(r0, min(rows_total, r0 + per_row)) for r0 in range(0, rows_total, per_row)]
 
@@ -191,15 +195,15 @@ class BlockMask:
         Block-level patterns (``random``, ``bigbird``) keep whole blocks (causal on the diagonal);
         token-level ones are exact (``kw`` as for :func:`layouts.make_mask_mod` / :func:`layouts.make_layout`).
         """
-        if pattern in layouts.BLOCK_LEVEL_PATTERNS:
-            lay = layouts.make_layout(pattern, n, block_size, heads, causal=causal, **kw).to(device)
-            return cls(lay[:, q_block_start:], block_size, causal=bool(causal), q_len=n - q_block_start * block_size,
+        if pattern in layouts.BLOCK_LEVEL_PATTERNS:  # only the rows asked for are built (decoding: one row)
+            lay = layouts.make_layout(pattern, n, block_size, heads, causal=causal, first_row=q_block_start, **kw)
+            return cls(lay.to(device), block_size, causal=bool(causal), q_len=n - q_block_start * block_size,
                        kv_len=n)
         mod = layouts.make_mask_mod(pattern, heads=heads, block_size=block_size, causal=causal, **kw)
         candidates = None
         if pattern == "fixed" and causal:  # its exact block support: skip evaluating the empty blocks
             candidates = layouts.fixed_layout(heads, -(-n // block_size), kw.get("local_attn_ctx", 64), block_size,
-                                              kw.get("num_verts", 1), kw.get("vertsize", 1))
+                                              kw.get("num_verts", 1), kw.get("vertsize", 1), first_row=q_block_start)
         return cls.from_mask_mod(mod, heads, n, n, block_size, device=device, q_block_start=q_block_start,
                                  candidates=candidates)
 

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .masks import causal_mask, merge_masks
 
@@ -23,6 +24,7 @@ __all__ = [
     "split_heads",
     "merge_heads",
     "repeat_kv",
+    "linear_attention_step",
     "safe_divide",
     "segment_weights",
     "combine_attention",
@@ -105,6 +107,19 @@ def dense_attention(
     return torch.matmul(p, v), probs
 
 
+# A decoding step (one query) meets a key length that grows every step: cuDNN's SDPA backend builds a graph per
+# new shape (30-50 ms of host time per step on an H200, benchmarks/decode_step_gpu.py), so one-query calls on
+# CUDA leave it out; flash / memory-efficient kernels take any length.
+_DECODING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    if q.is_cuda and q.shape[-2] == 1:
+        with sdpa_kernel(_DECODING_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 def sdpa_attention(
     q: Tensor,
     k: Tensor,
@@ -131,7 +146,7 @@ def sdpa_attention(
         # SDPA's bool masks mean "take part"; fully masked rows are given one
         # harmless key and zeroed afterwards, so no backend yields NaN.
         keep = keep | empty
-        out = F.scaled_dot_product_attention(
+        out = _sdpa(
             q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=False, scale=scale,
             enable_gqa=k.shape[1] != num_heads,
         )
@@ -140,12 +155,12 @@ def sdpa_attention(
         mask = mask.to(q.dtype)
         empty = torch.isneginf(mask.amax(dim=-1, keepdim=True))
         mask = mask.masked_fill(empty, 0.0)
-        out = F.scaled_dot_product_attention(
+        out = _sdpa(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale,
             enable_gqa=k.shape[1] != num_heads,
         )
         return out.masked_fill(empty, 0.0)
-    return F.scaled_dot_product_attention(
+    return _sdpa(
         q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != num_heads
     )
 
@@ -170,6 +185,28 @@ def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     empty = den <= 0
     out = num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)
     return out.masked_fill(empty.unsqueeze(-1), 0.0)
+
+
+def linear_attention_step(
+    q: Tensor, k: Tensor, v: Tensor, kv: Tensor, z: Optional[Tensor] = None, decay: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One causal decoding step of linear attention (one new query and its key): a handful of kernels.
+
+    ``kv' = decay·kv + kᵀv``, ``z' = decay·z + k``; ``out = q kv' / (q·z')`` (``z is None``: unnormalised
+    ``q kv'``; a normaliser ``<= 0`` gives 0).  Shapes: ``q, k (B, H, 1, m)``, ``v (B, H, 1, d)``, state
+    ``kv (B, H, m, d)``, ``z (B, H, m)``, ``decay`` broadcastable to ``(B, H, 1, 1)``; everything is computed
+    in the state's dtype (autocast off).  Returns ``(out (B, H, 1, d), kv', z')``.  The same numbers as
+    :func:`efficient_attention.kernels.linear_attention` over one position with ``initial_state``.
+    """
+    dt = kv.dtype
+    with torch.autocast(q.device.type, enabled=False):  # the sums stay in their precision under autocast too
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        kv = torch.addcmul(kv if decay is None else kv * decay, k.transpose(-1, -2), v)
+        out = torch.matmul(q, kv)
+        if z is None:
+            return out, kv, None
+        z = torch.add(z if decay is None else z * decay.flatten(-2), k.flatten(-2))
+        return safe_divide(out, torch.matmul(q, z.unsqueeze(-1)).squeeze(-1)), kv, z
 
 
 def segment_weights(

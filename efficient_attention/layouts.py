@@ -251,51 +251,58 @@ def expand_layout(layout: Tensor, block_size: int, q_len: Optional[int] = None, 
 
 
 def random_layout(heads: int, n_blocks: int, num_random_blocks: int, seed: int = 0, causal: bool = False,
-                  n_k_blocks: Optional[int] = None) -> Tensor:
+                  n_k_blocks: Optional[int] = None, first_row: int = 0) -> Tensor:
     """``num_random_blocks`` distinct random key blocks per (head, query block), seeded per row.
 
     With ``causal`` they are drawn among the blocks ``<=`` the query block (all of them when there
     are fewer), and row ``r`` depends only on ``(seed, r)``: the layout of a prefix is the prefix of
-    the layout, so decoding step by step sees the same blocks as a full pass.
+    the layout, so decoding step by step sees the same blocks as a full pass.  ``first_row``: only
+    the rows from there on, ``(H, n_blocks - first_row, nk)`` (a decoding step needs its own row).
     """
     r = _pos_int(num_random_blocks, "num_random_blocks", zero_ok=True)
     nk = n_blocks if n_k_blocks is None else n_k_blocks
-    layout = torch.zeros(heads, n_blocks, nk, dtype=torch.bool)
+    layout = torch.zeros(heads, n_blocks - first_row, nk, dtype=torch.bool)
     if r == 0:
         return layout
-    for row in range(n_blocks):
+    for row in range(first_row, n_blocks):
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + row)
         width = min(row + 1, nk) if causal else nk
         pick = torch.rand(heads, width, generator=g).topk(min(r, width), dim=-1).indices
-        layout[:, row].scatter_(-1, pick, True)
+        layout[:, row - first_row].scatter_(-1, pick, True)
     return layout
 
 
 def bigbird_layout(heads: int, n_blocks: int, num_window_blocks: int = 3, num_global_blocks: int = 1,
-                   num_random_blocks: int = 1, seed: int = 0, causal: bool = False) -> Tensor:
+                   num_random_blocks: int = 1, seed: int = 0, causal: bool = False, first_row: int = 0) -> Tensor:
     """BigBird: a band of ``num_window_blocks`` blocks (centred; trailing if causal), the first
-    ``num_global_blocks`` blocks as global rows and columns, and seeded random blocks."""
+    ``num_global_blocks`` blocks as global rows and columns, and seeded random blocks (``first_row``: only
+    the rows from there on)."""
     w = _pos_int(num_window_blocks, "num_window_blocks")
     ng = _pos_int(num_global_blocks, "num_global_blocks", zero_ok=True)
-    qb = torch.arange(n_blocks).view(-1, 1)
+    qb = torch.arange(first_row, n_blocks).view(-1, 1)
     kb = torch.arange(n_blocks).view(1, -1)
     if causal:
         band = (kb <= qb) & (kb > qb - w)
     else:
         band = (kb - qb).abs() <= w // 2
     glob = (qb < ng) | (kb < ng)
-    layout = (band | glob)[None].expand(heads, -1, -1) | random_layout(heads, n_blocks, num_random_blocks, seed, causal)
+    rand = random_layout(heads, n_blocks, num_random_blocks, seed, causal, first_row=first_row)
+    layout = (band | glob)[None].expand(heads, -1, -1) | rand
     if causal:
         layout = layout & (kb <= qb)
     return layout.contiguous()
 
 
 def fixed_layout(heads: int, n_blocks: int, local_attn_ctx: int, block_size: int, num_verts: int = 1,
-                 vertsize: int = 1) -> Tensor:
-    """OpenAI's block layout of the ``fixed`` mode (``local_attn_ctx`` tokens = ``local_attn_ctx/bs`` blocks)."""
+                 vertsize: int = 1, first_row: int = 0) -> Tensor:
+    """OpenAI's block layout of the ``fixed`` mode (``local_attn_ctx`` tokens = ``local_attn_ctx/bs`` blocks);
+    ``first_row``: only the rows from there on."""
     _check_fixed(heads, local_attn_ctx, block_size, num_verts, vertsize)
     mod = fixed_mask_mod(local_attn_ctx // block_size, vertsize, num_verts, causal=True)
-    return create_mask(mod, 1, heads, n_blocks, n_blocks)[0]
+    h = torch.arange(heads).view(-1, 1, 1)
+    q = torch.arange(first_row, n_blocks).view(1, -1, 1)
+    k = torch.arange(n_blocks).view(1, 1, -1)
+    return mod(torch.zeros((), dtype=torch.long), h, q, k).expand(heads, n_blocks - first_row, n_blocks)
 
 
 def _check_fixed(heads, local_attn_ctx, block_size, num_verts, vertsize):
@@ -353,18 +360,22 @@ def make_mask_mod(pattern: str, *, heads: int = 1, block_size: int = 64, causal:
 
 
 def make_layout(pattern: str, n: int, block_size: int, heads: int, *, causal: bool = False, seed: int = 0,
-                num_window_blocks: int = 3, num_global_blocks: int = 1, num_random_blocks: int = 1, **kw) -> Tensor:
-    """Block layout ``(H, ceil(n/bs), ceil(n/bs))`` of a named pattern (see :data:`PATTERNS`)."""
+                num_window_blocks: int = 3, num_global_blocks: int = 1, num_random_blocks: int = 1,
+                first_row: int = 0, **kw) -> Tensor:
+    """Block layout ``(H, ceil(n/bs), ceil(n/bs))`` of a named pattern (see :data:`PATTERNS`); ``first_row``:
+    only the query-block rows from there on (what a decoding step needs, without building the others)."""
     _pos_int(n, "n")
     bs = _pos_int(block_size, "block_size")
     nb = -(-n // bs)
     if pattern == "random":
-        lay = random_layout(heads, nb, num_random_blocks, seed, causal)
-        return lay | torch.eye(nb, dtype=torch.bool)[None]  # the diagonal keeps every row non-empty
+        lay = random_layout(heads, nb, num_random_blocks, seed, causal, first_row=first_row)
+        eye = torch.arange(first_row, nb).view(-1, 1) == torch.arange(nb)  # the diagonal keeps every row non-empty
+        return lay | eye[None]
     if pattern == "bigbird":
-        return bigbird_layout(heads, nb, num_window_blocks, num_global_blocks, num_random_blocks, seed, causal)
+        return bigbird_layout(heads, nb, num_window_blocks, num_global_blocks, num_random_blocks, seed, causal,
+                              first_row=first_row)
     mod = make_mask_mod(pattern, heads=heads, block_size=bs, causal=causal, **kw)
-    return layout_from_mask_mod(mod, heads, n, n, bs)
+    return layout_from_mask_mod(mod, heads, n, n, bs)[:, first_row:]
 
 
 def format_layout(layout: Tensor, on: str = "#", off: str = ".") -> str:

@@ -32,7 +32,7 @@ where ``g`` is the group (block) size.  Keys outside ``[0, S)`` never count.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -101,7 +101,10 @@ class LocalWindow:
         return cls(1, left, right, causal)
 
     # -- the rule -------------------------------------------------------------
-    def lo(self, pos: Tensor) -> Tensor:
+    def lo(self, pos: Union[Tensor, int]) -> Union[Tensor, int]:
+        """The first key position the query at ``pos`` sees (a Python int for an int: decoding steps)."""
+        if isinstance(pos, int):
+            return pos // self.group * self.group - self.left
         return torch.div(pos, self.group, rounding_mode="floor") * self.group - self.left
 
     def hi(self, pos: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ def test_long_and_large_causal_inputs(scale):
     steps, state = decode(m, x, prefix=20)
     assert_close(steps, expected, msg="decoding")
     buf = next(iter(state.values()))
-    assert set(buf) == {"mem_k", "mem_v", "mem_norm", "mem_max"}
+    assert set(buf) == {"mem_k", "mem_v", "mem_norm", "mem_max", "position"}
     assert buf["mem_k"].shape == (1, NUM_HEADS, 5, EMBED_DIM // NUM_HEADS)
 
 

@@ -134,17 +134,36 @@ def test_module_user_layout_and_errors():
         ea.BlockSparseAttention(16, 4, layout=torch.ones(3, 2, 2, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("layout", ["local", "strided", "dilated", "random", "bigbird"])
+@pytest.mark.parametrize("layout", ["local", "strided", "fixed", "dilated", "random", "bigbird"])
 def test_module_decoding_equals_full(layout):
     from helpers import decode
     torch.manual_seed(0)
     m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=True, layout=layout, block_size=4,
-                           local_attn_ctx=6, window=8, num_random_blocks=1).eval()
+                           local_attn_ctx=8 if layout == "fixed" else 6, window=8, num_random_blocks=1).eval()
     x = torch.randn(21, 2, 16)
     full, _ = m(x, x, x, need_weights=False)
     for prefix in (0, 6):
         steps, _ = decode(m, x, prefix=prefix)
         torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["random", "bigbird", "fixed"])
+def test_layout_rows_built_alone_match_the_full_layout(pattern):
+    kw = dict(local_attn_ctx=16) if pattern == "fixed" else dict(num_random_blocks=2, seed=3)
+    from efficient_attention.block_mask import BlockMask
+    full = BlockMask.from_pattern(pattern, 70, 8, 2, causal=True, **kw)
+    rows = BlockMask.from_pattern(pattern, 70, 8, 2, causal=True, q_block_start=6, **kw)
+    assert torch.equal(rows.to_mask(), full.to_mask()[:, 48:])
+
+
+def test_decoding_steps_inside_one_block_share_one_mask():
+    """A step builds only its query block's row, once per block of steps (not the whole layout per step)."""
+    from helpers import decode
+    m = ea.build_attention("bigbird", embed_dim=16, num_heads=4, causal=True, block_size=4).eval()
+    x = torch.randn(12, 1, 16)
+    decode(m, x, prefix=4)
+    assert sorted(key[:2] for key in m._masks) == [(4, 0), (8, 1), (12, 2)]  # the prompt's, then one per block
+    assert all(bm.shape[0] == 1 for key, bm in m._masks.items() if key[1])
 
 
 def test_layout_rows_from_a_block_onwards():

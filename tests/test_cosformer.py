@@ -69,7 +69,7 @@ def test_long_causal_decoding_equals_full():
     assert_close(steps, full)
     assert_close(full[:12], REF(m, x[:12], x[:12], x[:12]))  # causal: a prefix gives the same outputs
     buf = next(iter(state.values()))
-    assert set(buf) == {"kv_sum", "k_sum", "pos"}
+    assert set(buf) == {"kv_sum", "k_sum", "position"}
 
 
 def test_static_kv_without_max_len_uses_the_key_length():

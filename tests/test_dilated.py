@@ -99,3 +99,15 @@ def test_kernel_path_equals_the_branch_reference(is_causal):
     torch.testing.assert_close(lse, r_lse)
     for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(r_out.sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
+
+
+def test_module_decoding_across_mask_blocks_equals_full():
+    """Steps inside one 64-position block of the union mask share one mask (built at the block's end)."""
+    from helpers import decode
+    torch.manual_seed(0)
+    m = ea.build_attention("dilated", embed_dim=16, num_heads=4, causal=True, segment_lengths=(32, 96),
+                           dilation_rates=(1, 3)).eval()
+    x = torch.randn(150, 2, 16)
+    full, _ = m(x, x, x, need_weights=False)
+    steps, _ = decode(m, x, prefix=50)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)

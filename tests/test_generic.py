@@ -172,11 +172,32 @@ def test_decoding_state_size(name, pattern):
     for t in range(x.shape[0]):
         m(x[t : t + 1], None if k is None else k[t : t + 1], None if v is None else v[t : t + 1],
           incremental_state=state, need_weights=False)
-        sizes.append(sum(t_.numel() for buf in state.values() for t_ in buf.values() if t_ is not None))
+        sizes.append(sum(t_.numel() for buf in state.values() for t_ in buf.values() if isinstance(t_, torch.Tensor)))
     if caps.constant_state:
         assert sizes[-1] == sizes[len(sizes) // 2], f"{name}: decoding state grows ({sizes[len(sizes) // 2]} -> {sizes[-1]})"
     else:
         assert sizes[-1] <= sizes[0] * x.shape[0] * 2
+
+
+@pytest.mark.parametrize("name,pattern", DECODABLE + STATIC_KV, ids=case_id)
+def test_decoding_state_follows_the_schema(name, pattern):
+    """Every tensor of a decoding state has the batch first (beam search reorders it); ``position`` is a Python
+    int counting the decoded queries (no device sync to read it)."""
+    m = build(name, pattern, dtype=torch.float32)
+    x = torch.randn(5, 3, EMBED_DIM)
+    state = {}
+    for t in range(x.shape[0]):
+        k = x if pattern.cross and t == 0 else (None if pattern.cross else x[t : t + 1])
+        m(x[t : t + 1], k, k, incremental_state=state, static_kv=pattern.cross, need_weights=False)
+    (buf,) = state.values()
+    for key, value in buf.items():
+        assert value is None or isinstance(value, (torch.Tensor, int)), f"{name}: {key} is {type(value).__name__}"
+        if isinstance(value, torch.Tensor):
+            assert value.shape[0] == 3, f"{name}: {key} has shape {tuple(value.shape)}: batch must be dim 0"
+    if m._own_decoding_state() or pattern.causal and pattern.cross:
+        assert type(buf["position"]) is int and buf["position"] == x.shape[0]
+    new_order = torch.tensor([2, 0, 1])
+    m.reorder_incremental_state(state, new_order)  # every tensor reorders along the batch
 
 
 @pytest.mark.parametrize("name,pattern", ALL, ids=case_id)

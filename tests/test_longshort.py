@@ -46,7 +46,7 @@ def test_causal_memory_reach_is_bounded_and_decoding_state_constant():
     steps, state = decode(m, x, prefix=10)
     assert_close(steps, out, torch.float32)
     (buf,) = state.values()
-    assert buf["memory_key"].shape[2] == 4 and buf["chunk_key"].shape[2] == 3 and buf["window_key"].shape[2] == 5
+    assert buf["memory_key"].shape[2] == 4 and buf["chunk_key"].shape[2] == 3 and buf["prev_key"].shape[2] == 5
 
 
 @pytest.mark.parametrize("kw,match", [(dict(causal=True, num_landmarks=1, chunk_rank=2), "num_landmarks")])

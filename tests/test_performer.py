@@ -112,7 +112,7 @@ def test_long_causal_input_spans_chunks_and_stays_stable(scale):
     assert_close(steps, out, msg="decoding across chunk boundaries")
     assert state  # running sums only: (B, H, m, d), (B, H, m), (B, H, 1, 1)
     buf = next(iter(state.values()))
-    assert set(buf) == {"kv_sum", "k_sum", "k_max"}
+    assert set(buf) == {"kv_sum", "k_sum", "k_max", "position"}
 
 
 def test_noncausal_large_inputs_stay_finite_and_exact():

@@ -113,3 +113,17 @@ def test_bad_option_combinations(kw, match):
 def test_cross_attention_raises():
     with pytest.raises(UnsupportedPatternError, match="cross"):
         S4D(16, 4, cross=True)
+
+
+def test_decoding_steps_see_parameter_updates():
+    """The discretised parameters kept between steps are rebuilt after an in-place update (an optimizer step)."""
+    torch.manual_seed(0)
+    m = S4D(16, 2, causal=True, self_attention=True).eval()
+    x = torch.randn(12, 2, 16)
+    with torch.no_grad():
+        decode(m, x[:6])
+        m.log_dt.add_(0.3)
+        state = {}
+        steps, _ = decode(m, x, state=state)
+        full, _ = m(x, need_weights=False)
+    assert_close(steps, full, torch.float32)

@@ -141,6 +141,28 @@ class ABC(EfficientAttention):
         state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
+    def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
+        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, accumulation dtype): the recurrence of its
+        three linear attentions written out (``decay`` rescales the sums to the new running max)."""
+        a = self._slot_scores(k, kpm)                                            # (B, H, 1, n)
+        past = state["mem_max"]                                                  # (B, H, 1)
+        run = torch.maximum(a.detach().amax(-1), past)
+        safe = torch.where(torch.isfinite(run), run, 0.0)
+        decay = torch.exp(torch.where(torch.isfinite(past), past - safe, 0.0)).unsqueeze(-1)  # (B, H, 1, 1)
+        e = torch.exp(a - safe.unsqueeze(-1))                                    # (B, H, 1, n)
+        et = e.transpose(-1, -2)                                                 # (B, H, n, 1)
+        mem_k = torch.addcmul(state["mem_k"] * decay, et, k)                     # Σ e_j k_j  (B, H, n, d)
+        norm = torch.add(state["mem_norm"].unsqueeze(-2) * decay, e)              # Σ e_j      (B, H, 1, n)
+        num = torch.matmul(q, mem_k.transpose(-1, -2))                           # (B, H, 1, n)
+        empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
+        safe_norm = torch.where(empty, 1.0, norm)
+        probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
+        if self.training and self.dropout_p > 0:
+            probs = F.dropout(probs, self.dropout_p, training=True)
+        mem_v = torch.addcmul(state["mem_v"] * decay, et, v)                     # Σ e_j v_j  (B, H, n, d)
+        state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm.squeeze(-2), run
+        return torch.matmul(probs / safe_norm, mem_v)
+
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         dtype = acc_dtype(q.dtype)
@@ -151,19 +173,24 @@ class ABC(EfficientAttention):
             out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
         return out.to(q.dtype), None
 
-    def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
-        tgt_len = q.shape[2]
-        kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """Causal: the slot sums ``mem_k``, ``mem_v`` ``(B, H, n, d)``, ``mem_norm (B, H, n)`` and the running max
+        ``mem_max (B, H, 1)``.  Static keys: the key-side memory ``prev_key`` / ``prev_value`` = K̃ / Ṽ."""
         dtype = acc_dtype(q.dtype)
         q32 = q.to(dtype)
-        if static_kv:
-            if "prev_key" not in state:  # prev_key / prev_value hold the key-side memory K̃ / Ṽ (B, H, n, d)
-                state["prev_key"], state["prev_value"] = self._memory(k.to(dtype), v.to(dtype), kpm)
-            return self._read(q32, state["prev_key"], state["prev_value"]).to(q.dtype), None
+        if not self.causal:
+            def summarise(k, v, kpm):
+                return dict(zip(("prev_key", "prev_value"), self._memory(k.to(dtype), v.to(dtype), kpm)))
+            self._static_kv(state, k, v, masks.key_padding, summarise)
+            return self._read(q32, state["prev_key"], state["prev_value"]).to(q.dtype)
+        tgt_len = q.shape[2]
         if "mem_k" in state and k.shape[2] < tgt_len:
             raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")
+        if tgt_len == 1 and k.shape[2] == 1 and "mem_k" in state:  # one token: a few kernels
+            with torch.autocast(q.device.type, enabled=False):  # the sums keep their precision
+                return self._step(q32, k.to(dtype), v.to(dtype), masks.key_padding, state).to(q.dtype)
         names = ("mem_k", "mem_v", "mem_norm", "mem_max")
         sums = {n: state[n] for n in names} if "mem_k" in state else self._new_state(q32)
-        out = self._causal(q32, k.to(dtype), v.to(dtype), kpm, sums, self._kernel_dtype(q.dtype))
+        out = self._causal(q32, k.to(dtype), v.to(dtype), masks.key_padding, sums, self._kernel_dtype(q.dtype))
         state.update(sums)
-        return out.to(q.dtype), None
+        return out.to(q.dtype)

@@ -146,8 +146,11 @@ class BlockSparseAttention(EfficientAttention):
             raise ValueError(f"sequence length {src_len} is not a multiple of block_size ({bs}) and autopad=False")
         start = (off // bs) * bs  # queries are padded in front to a block boundary
         qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
+        # decoding (queries after a cached prefix): the rows of the query blocks at the length rounded up to
+        # a whole block, so the steps inside one block share one mask (kept blocks, tiles and kernel tables)
+        n = -(-src_len // bs) * bs if off else src_len
         with torch.no_grad():
-            bm = self.block_mask(src_len, q.device, q_block_start=start // bs)
+            bm = self.block_mask(n, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0
         out = block_layout_attention(
             qp, k, v, bm, causal=self.causal, key_padding_mask=masks.key_padding, scale=self.scaling,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype
+from ..functional import acc_dtype, linear_attention_step
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, choice, positive_int
 from ..registry import register_attention
@@ -82,12 +82,15 @@ class CosformerAttention(EfficientAttention):
     def _features(self, x: Tensor, pos: Tensor, m_len: Tensor, kpm: Optional[Tensor] = None) -> Tensor:
         """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)``, ``θ = π pos / 2M``; ``pos`` ``(B or 1, L)``, ``m_len``
         ``(B or 1, 1)`` (both float)."""
-        x = x.to(acc_dtype(x.dtype))
-        x = F.relu(x) if self.act_fun == "relu" else 1.0 + F.elu(x)
-        if kpm is not None:
-            x = x.masked_fill(kpm[:, None, :, None], 0.0)
+        x = self._act(x, kpm)
         theta = ((math.pi / 2) * pos.to(x.dtype) / m_len.to(x.dtype))[:, None, :, None]  # (B, 1, L, 1)
         return torch.cat([x * torch.cos(theta), x * torch.sin(theta)], dim=-1)
+
+    def _act(self, x: Tensor, kpm: Optional[Tensor]) -> Tensor:
+        """``φ(x)`` in the accumulation dtype, padded positions zero."""
+        x = x.to(acc_dtype(x.dtype))
+        x = F.relu(x) if self.act_fun == "relu" else 1.0 + F.elu(x)
+        return x if kpm is None else x.masked_fill(kpm[:, None, :, None], 0.0)
 
     def _check_len(self, needed: int, m_len: int) -> None:
         if needed > m_len:
@@ -127,34 +130,36 @@ class CosformerAttention(EfficientAttention):
         kf = self._features(k, k_pos, m_len, kpm).to(q.dtype)
         return linear_attention(qf, kf, v, causal=self.causal).to(q.dtype), None
 
-    def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
-        bsz, tgt_len = q.shape[0], q.shape[2]
-        kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
-        if static_kv:
-            if "prev_key" not in state:  # prev_key = Σ φ̂(k) vᵀ, prev_value = Σ φ̂(k): the keys, summarised
-                src_len = k.shape[2]
-                if self.max_len is not None:
-                    self._check_len(src_len, self.max_len)
-                    k_pos = torch.arange(src_len, device=q.device)[None]
-                    m_len = torch.full((bsz,), self.max_len, dtype=torch.long, device=q.device)
-                else:  # M = the number of real keys (the full pass's M whenever T <= that)
-                    valid = torch.ones(bsz, src_len, dtype=torch.bool, device=q.device) if kpm is None else ~kpm
-                    k_pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
-                    m_len = valid.sum(-1).clamp_min(1)
-                kf = self._features(k, k_pos, m_len[:, None], kpm).to(q.dtype)
-                _, (state["prev_key"], state["prev_value"]) = linear_attention(
-                    kf[..., :0, :], kf, v, causal=False, return_state=True)
-                state["m_len"] = m_len
-                state["q_pos"] = torch.zeros(bsz, dtype=torch.long, device=q.device)
-            start = int(state["q_pos"][0])
-            self._check_len(start + tgt_len, int(state["m_len"].min()))
+    def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> dict:
+        """Static keys summarised once: ``prev_key = Σ φ̂(k) vᵀ``, ``prev_value = Σ φ̂(k)``, ``m_len (B,)`` the
+        M of every row and ``m_min`` (int) the smallest (checked against the query positions without a sync)."""
+        bsz, src_len, device = k.shape[0], k.shape[2], k.device
+        if self.max_len is not None:
+            self._check_len(src_len, self.max_len)
+            k_pos = torch.arange(src_len, device=device)[None]
+            m_len = torch.full((bsz,), self.max_len, dtype=torch.long, device=device)
+            m_min = self.max_len
+        else:  # M = the number of real keys (the full pass's M whenever T <= that)
+            valid = torch.ones(bsz, src_len, dtype=torch.bool, device=device) if kpm is None else ~kpm
+            k_pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
+            m_len = valid.sum(-1).clamp_min(1)
+            m_min = max(src_len, 1) if kpm is None else int(m_len.min())  # once per source, not per step
+        kf = self._features(k, k_pos, m_len[:, None], kpm).to(k.dtype)
+        _, (kv, ks) = linear_attention(kf[..., :0, :], kf, v, causal=False, return_state=True)
+        return {"prev_key": kv, "prev_value": ks, "m_len": m_len, "m_min": m_min}
+
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """Causal: the running sums ``kv_sum (B, H, 2d, d)``, ``k_sum (B, H, 2d)``; static keys: see
+        :meth:`_static_summary`.  Query positions are ``masks.query_offset`` on."""
+        tgt_len, start = q.shape[2], masks.query_offset
+        if not self.causal:
+            self._static_kv(state, k, v, masks.key_padding, self._static_summary)
+            self._check_len(start + tgt_len, state["m_min"])
             q_pos = torch.arange(start, start + tgt_len, device=q.device)[None]
             qf = self._features(q, q_pos, state["m_len"][:, None])
             kv, ks = state["prev_key"], state["prev_value"]
             no_keys, no_values = qf[..., :0, :], kv.new_empty(*kv.shape[:2], 0, kv.shape[-1]).to(qf.dtype)
-            out = linear_attention(qf, no_keys, no_values, causal=False, initial_state=(kv, ks))
-            state["q_pos"] = state["q_pos"] + tgt_len
-            return out.to(q.dtype), None
+            return linear_attention(qf, no_keys, no_values, causal=False, initial_state=(kv, ks)).to(q.dtype)
         if self.max_len is None:
             raise ValueError(
                 "causal cosFormer decoding needs a fixed M for the cos re-weighting: build it with max_len "
@@ -164,17 +169,21 @@ class CosformerAttention(EfficientAttention):
         if src_len != tgt_len:
             raise ValueError(
                 f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}")
-        start = int(state["pos"][0]) if "pos" in state else 0
         self._check_len(start + src_len, self.max_len)
+        if tgt_len == 1 and "kv_sum" in state:  # one token: its angle is a number; the recurrence, a few kernels
+            theta = (math.pi / 2) * start / self.max_len
+            qf, kf = (self._act(x, kpm) for x, kpm in ((q, None), (k, masks.key_padding)))
+            qf, kf = (torch.cat([x * math.cos(theta), x * math.sin(theta)], dim=-1) for x in (qf, kf))
+            out, state["kv_sum"], state["k_sum"] = linear_attention_step(qf, kf, v, state["kv_sum"], state["k_sum"])
+            return out.to(q.dtype)
         pos = torch.arange(start, start + src_len, device=q.device)[None]
         m_len = torch.full((1, 1), float(self.max_len), device=q.device)
         qf = self._features(q, pos, m_len).to(q.dtype)
-        kf = self._features(k, pos, m_len, kpm).to(q.dtype)
+        kf = self._features(k, pos, m_len, masks.key_padding).to(q.dtype)
         init = (state["kv_sum"], state["k_sum"]) if "kv_sum" in state else None
         out, (state["kv_sum"], state["k_sum"]) = linear_attention(
             qf, kf, v, causal=True, initial_state=init, return_state=True)
-        state["pos"] = torch.full((bsz,), start + src_len, dtype=torch.long, device=q.device)
-        return out.to(q.dtype), None
+        return out.to(q.dtype)
 
 
 cosFormer = CosformerAttention

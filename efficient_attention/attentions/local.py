@@ -12,15 +12,15 @@ O(N·span·d) time and O(N·span) score memory, span = ``wsize·(look_backward +
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
+from ..functional import sdpa_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..sparse.window import window_attention, window_attention_at
@@ -29,10 +29,6 @@ from ..registry import register_attention
 logger = logging.getLogger(__name__)
 
 __all__ = ["LocalAttention"]
-
-
-def _zeros_mask(bsz: int, length: int, device) -> Tensor:
-    return torch.zeros(bsz, length, dtype=torch.bool, device=device)
 
 
 @dataclass(frozen=True)
@@ -127,46 +123,24 @@ class LocalAttention(EfficientAttention):
         kpm = masks.key_padding
         return self._window_attend(q, k, v, 0, kpm), None
 
-    def _attend_step(
-        self,
-        q: Tensor,
-        k: Optional[Tensor],
-        v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
-        masks: AttentionMasks,
-        attn_mask: Optional[Tensor],
-        need_weights: bool,
-        static_kv: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Causal: a bounded cache of the last keys; static cross: cached keys and the query position."""
-        bsz, tgt_len, device = q.shape[0], q.shape[2], q.device
-        pos_t = state.get("position")
-        pos = int(pos_t[0].item()) if pos_t is not None else 0
-        state["position"] = torch.full((bsz,), pos + tgt_len, dtype=torch.long, device=device)
-        if static_kv:
-            if "prev_key" not in state:
-                state["prev_key"], state["prev_value"] = k, v
-                state["prev_key_padding_mask"] = masks.key_padding
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """Causal: the last ``cache_len`` keys (the base's window cache); static cross: the keys, aligned with
+        the queries at positions ``masks.query_offset`` on."""
+        pos, tgt_len = masks.query_offset, q.shape[2]
+        if not self.causal:
+            self._static_kv(state, k, v, masks.key_padding)
             k, v, kpm = state["prev_key"], state["prev_value"], state["prev_key_padding_mask"]
-            prepared = self._prepare_masks(replace(masks, key_padding=kpm), attn_mask, bsz, tgt_len, k.shape[2], device)
             if pos + tgt_len > k.shape[2]:
                 raise ValueError(f"LocalAttention cross decoding past the {k.shape[2]} cached keys (aligned positions)")
             kk = F.normalize(k, dim=-1) if self.shared_qk else k
             dropout = self.dropout_p if self.training else 0.0
-            out = window_attention(self.window, q, kk, v, q_offset=pos, key_padding_mask=prepared.key_padding,
-                                   scale=self.scaling, dropout_p=dropout)
-            return out, None
-        # causal self: keys at absolute positions pos - c .. pos + T - 1, front-padded to a block boundary
-        new_kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
-        new_kpm = _zeros_mask(bsz, tgt_len, device) if new_kpm is None else new_kpm
-        prev_k, prev_v, prev_kpm = state.get("prev_key"), state.get("prev_value"), state.get("prev_key_padding_mask")
-        if prev_k is not None:
-            k, v = torch.cat([prev_k, k], dim=2), torch.cat([prev_v, v], dim=2)
-            new_kpm = torch.cat([prev_kpm, new_kpm], dim=1)
-        out = self._window_attend(q, k, v, pos - (k.shape[2] - tgt_len), new_kpm)
-        start = max(k.shape[2] - cache_len(self.window), 0)
-        state["prev_key"], state["prev_value"] = k[:, :, start:], v[:, :, start:]
-        state["prev_key_padding_mask"] = new_kpm[:, start:]
-        return out, None
-
-
+            return window_attention(self.window, q, kk, v, q_offset=pos, key_padding_mask=kpm, scale=self.scaling,
+                                    dropout_p=dropout)
+        # causal self: keys at absolute positions pos + T - len(k) .. pos + T - 1
+        k, v, kpm = self._window_cache(state, k, v, masks.key_padding, cache_len(self.window))
+        if tgt_len == 1 and not self.shared_qk:  # one query sees a contiguous run of the cache: plain attention
+            start = max(self.window.lo(pos) - (pos + 1 - k.shape[2]), 0)
+            mask = None if kpm is None else kpm[:, None, None, start:]
+            return sdpa_attention(q, k[:, :, start:], v[:, :, start:], mask, scale=self.scaling,
+                                  dropout_p=self.dropout_p if self.training else 0.0)
+        return self._window_attend(q, k, v, pos + tgt_len - k.shape[2], kpm)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern, SELF_PATTERNS
-from ..functional import acc_dtype, combine_attention, logsumexp, softmax
+from ..functional import acc_dtype, combine_attention, logsumexp, sdpa_attention, softmax
 from ..kernels import sliding_window_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, positive_int
@@ -160,38 +160,25 @@ class LongShort(EfficientAttention):
         return out.to(q.dtype), None
 
     # --------------------------------------------------------------- decoding
-    def _attend_step(
-        self,
-        q: Tensor,
-        k: Optional[Tensor],
-        v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
-        masks: AttentionMasks,
-        attn_mask: Optional[Tensor],
-        need_weights: bool,
-        static_kv: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Constant state: the window cache, the current chunk (fixed size, with a fill mask), the last memories."""
-        bsz, tgt_len, device = q.shape[0], q.shape[2], q.device
-        kpm = masks.key_padding
-        kpm = torch.zeros(bsz, tgt_len, dtype=torch.bool, device=device) if kpm is None else kpm
-        if "position" not in state:
-            self._init_state(state, q, k)
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """Constant state: the window cache (the base's ``prev_key`` ...), the current chunk ``chunk_key`` /
+        ``chunk_value`` ``(B, H, l, d)`` with its fill mask ``chunk_padding (B, l)`` (True = empty or padding),
+        and the last memories ``memory_key`` / ``memory_value`` ``(B, H, slots, d)`` with ``memory_hidden``."""
+        pos, tgt_len, kpm = masks.query_offset, q.shape[2], masks.key_padding
+        if "chunk_key" not in state:
+            self._init_state(state, k)
             if tgt_len > 1:  # a prompt: one full pass, then the state it leaves
                 out, _ = self._attend(q, k, v, AttentionMasks(key_padding=kpm), False)
                 self._fill_state(state, k, v, kpm)
-                return out, None
-        outs = [self._step_one(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], kpm[:, t:t + 1], state)
+                return out
+        outs = [self._step_one(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                               None if kpm is None else kpm[:, t:t + 1], state, pos + t)
                 for t in range(tgt_len)]
-        return torch.cat(outs, dim=2), None
+        return outs[0] if tgt_len == 1 else torch.cat(outs, dim=2)
 
-    def _init_state(self, state: Dict[str, Optional[Tensor]], q: Tensor, k: Tensor) -> None:
+    def _init_state(self, state: Dict[str, Optional[Tensor]], k: Tensor) -> None:
         bsz, heads, dim, device = k.shape[0], k.shape[1], k.shape[-1], k.device
         l, slots = self.chunk_size, self.memory_chunks * self.chunk_rank
-        state["position"] = torch.zeros(bsz, dtype=torch.long, device=device)
-        state["window_key"] = k.new_zeros(bsz, heads, 0, dim)
-        state["window_value"] = k.new_zeros(bsz, heads, 0, dim)
-        state["window_padding"] = torch.zeros(bsz, 0, dtype=torch.bool, device=device)
         state["chunk_key"] = k.new_zeros(bsz, heads, l, dim)
         state["chunk_value"] = k.new_zeros(bsz, heads, l, dim)
         state["chunk_padding"] = torch.ones(bsz, l, dtype=torch.bool, device=device)
@@ -199,11 +186,10 @@ class LongShort(EfficientAttention):
         state["memory_value"] = k.new_zeros(bsz, heads, slots, dim)
         state["memory_hidden"] = torch.ones(bsz, slots, dtype=torch.bool, device=device)
 
-    def _fill_state(self, state: Dict[str, Optional[Tensor]], k: Tensor, v: Tensor, kpm: Tensor) -> None:
+    def _fill_state(self, state: Dict[str, Optional[Tensor]], k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> None:
         """The decoding state after a full pass over ``k, v (B, H, L, d)``: window tail, last memories, open chunk."""
         length, l, r = k.shape[2], self.chunk_size, self.chunk_rank
-        start = max(length - cache_len(self.window), 0)
-        state["window_key"], state["window_value"], state["window_padding"] = k[:, :, start:], v[:, :, start:], kpm[:, start:]
+        self._window_cache(state, k, v, kpm, cache_len(self.window))
         mk, mv, empty = self._chunk_memories(k, v, kpm)                       # (B, H, C, r, d)
         mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
         hidden = empty[:, :, None].expand(-1, -1, r).flatten(1)
@@ -215,32 +201,32 @@ class LongShort(EfficientAttention):
         if rest:
             state["chunk_key"][:, :, :rest] = k[:, :, length - rest:]
             state["chunk_value"][:, :, :rest] = v[:, :, length - rest:]
-            state["chunk_padding"][:, :rest] = kpm[:, length - rest:]
-        state["position"] = state["position"] + length
+            state["chunk_padding"][:, :rest] = False if kpm is None else kpm[:, length - rest:]
 
-    def _step_one(self, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, state: Dict[str, Optional[Tensor]]) -> Tensor:
-        pos = int(state["position"][0].item())
+    def _step_one(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Optional[Tensor]],
+                  pos: int) -> Tensor:
+        """The token at position ``pos``: window + memories, then it joins the open chunk (written in place)."""
         l, r = self.chunk_size, self.chunk_rank
-        wk = torch.cat([state["window_key"], k], 2)
-        wv = torch.cat([state["window_value"], v], 2)
-        wp = torch.cat([state["window_padding"], kpm], 1)
-        short = self._short(q, wk, wv, pos + 1 - wk.shape[2], wp)
-        hidden = state["memory_hidden"][:, None, None, :]
-        long = _memory_attention(q, state["memory_key"], state["memory_value"], hidden, self.scaling)
-        out, _ = combine_attention([short[0], long[0]], [short[1], long[1]])
-        start = max(wk.shape[2] - cache_len(self.window), 0)
-        state["window_key"], state["window_value"], state["window_padding"] = wk[:, :, start:], wv[:, :, start:], wp[:, start:]
+        wk, wv, wp = self._window_cache(state, k, v, kpm, cache_len(self.window))
+        # the query sees a contiguous run of the window cache and the memories: one softmax over both
+        start = max(self.window.lo(pos) - (pos + 1 - wk.shape[2]), 0)
+        seen = wk.shape[2] - start
+        keys = torch.cat([wk[:, :, start:], state["memory_key"]], 2)
+        values = torch.cat([wv[:, :, start:], state["memory_value"]], 2)
+        hidden = state["memory_hidden"]
+        hidden = F.pad(hidden, (seen, 0), value=False) if wp is None else torch.cat([wp[:, start:], hidden], 1)
+        dropout = self.dropout_p if self.training else 0.0
+        out = sdpa_attention(q, keys, values, hidden[:, None, None, :], scale=self.scaling, dropout_p=dropout)
         slot = pos % l
-        ck, cv, cp = state["chunk_key"].clone(), state["chunk_value"].clone(), state["chunk_padding"].clone()
-        ck[:, :, slot], cv[:, :, slot], cp[:, slot] = k[:, :, 0], v[:, :, 0], kpm[:, 0]
+        ck, cv, cp = state["chunk_key"], state["chunk_value"], state["chunk_padding"]
+        ck[:, :, slot], cv[:, :, slot] = k[:, :, 0], v[:, :, 0]
+        cp[:, slot] = False if kpm is None else kpm[:, 0]
         if slot == l - 1:  # chunk complete: compress it into the memories, drop the oldest
             mk, mv, empty = self._compress(ck[:, :, None], cv[:, :, None], cp[:, None])
             state["memory_key"] = torch.cat([state["memory_key"][:, :, r:], mk[:, :, 0]], 2)
             state["memory_value"] = torch.cat([state["memory_value"][:, :, r:], mv[:, :, 0]], 2)
             state["memory_hidden"] = torch.cat([state["memory_hidden"][:, r:], empty.expand(-1, r)], 1)
-            cp = torch.ones_like(cp)
-        state["chunk_key"], state["chunk_value"], state["chunk_padding"] = ck, cv, cp
-        state["position"] = state["position"] + 1
+            cp.fill_(True)
         return out.to(q.dtype)
 
 

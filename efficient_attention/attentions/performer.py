@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype
+from ..functional import acc_dtype, linear_attention_step
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -189,23 +189,35 @@ class Performer(EfficientAttention):
             out = linear_attention(qf.to(q.dtype), kf.to(q.dtype), v, causal=False)
         return out.to(q.dtype), None
 
-    def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
-        tgt_len = q.shape[2]
-        kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """Causal: the running sums ``kv_sum (B, H, m, d)``, ``k_sum (B, H, m)`` and key max ``k_max (B, H, 1, 1)``.
+        Static keys: ``prev_key = Σ φ(k) vᵀ``, ``prev_value = Σ φ(k)``, summarised once."""
         qf = self._query_features(q)
-        if static_kv:
-            if "prev_key" not in state:  # keys are summarised once: prev_key = Σφ(k)vᵀ, prev_value = Σφ(k)
-                state["prev_key"], state["prev_value"] = self._key_sums(self._key_logits(k, kpm), v, q.dtype)
+        if not self.causal:
+            def summarise(k, v, kpm):
+                return dict(zip(("prev_key", "prev_value"), self._key_sums(self._key_logits(k, kpm), v, q.dtype)))
+            self._static_kv(state, k, v, masks.key_padding, summarise)
             kv, ks = state["prev_key"], state["prev_value"]
             no_keys, no_values = qf[..., :0, :], kv.new_empty(*kv.shape[:2], 0, kv.shape[-1])
             out = linear_attention(qf, no_keys, no_values.to(qf.dtype), causal=False, initial_state=(kv, ks))
-            return out.to(q.dtype), None
+            return out.to(q.dtype)
+        tgt_len = q.shape[2]
         if k.shape[2] < tgt_len and "kv_sum" in state:
             raise ValueError(
                 f"Performer decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})"
             )
+        logits = self._key_logits(k, masks.key_padding)
+        if tgt_len == 1 and k.shape[2] == 1 and "kv_sum" in state:  # one token: the recurrence, a few kernels
+            past = state["k_max"]                                                   # (B, H, 1, 1)
+            run = torch.maximum(logits.detach().amax(-1, keepdim=True), past)
+            safe = self._finite(run)
+            decay = torch.exp(torch.where(torch.isfinite(past), past - safe, 0.0))  # nothing before: no decay
+            out, state["kv_sum"], state["k_sum"] = linear_attention_step(
+                qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], decay)
+            state["k_max"] = run
+            return out.to(q.dtype)
         dtype = acc_dtype(q.dtype)
         sums = {n: state[n] for n in ("kv_sum", "k_sum", "k_max")} if "kv_sum" in state else self._new_state(q, dtype)
-        out = self._causal(qf, self._key_logits(k, kpm), v, sums, q.dtype)
+        out = self._causal(qf, logits, v, sums, q.dtype)
         state.update(sums)
-        return out.to(q.dtype), None
+        return out.to(q.dtype)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype
+from ..functional import acc_dtype, sdpa_attention
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
@@ -252,6 +252,22 @@ class ProbSparse(EfficientAttention):
             ok = torch.isfinite(torch.gather(m, -1, rows))
         return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, self._lazy(v, kpm, q_pos)), m
 
+    def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor],
+              m_prev: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`_compute` for one causal query (the last key): exact attention where it is active, the running
+        mean of the values where not, chosen by ``torch.where`` (no row count read back from the device)."""
+        q_pos = torch.arange(k.shape[2] - 1, k.shape[2], device=q.device)
+        m = self._sparsity(q, k, kpm)
+        if qpm is not None:
+            m = m.masked_fill(qpm[:, None, :], float("-inf"))
+        active = self._running_active(m, m_prev, q_pos)                       # (B, H, 1)
+        hidden = None  # as in _exact_rows: a batch row without real keys lets the query see every key
+        if kpm is not None:
+            hidden = (kpm & ~kpm.all(-1, keepdim=True))[:, None, None, :]
+        exact = sdpa_attention(q, k, v, hidden, scale=self.scaling, dropout_p=self.dropout_p if self.training else 0.0)
+        lazy = self._lazy(v, kpm, q_pos)
+        return torch.where(active[..., None], exact.to(lazy.dtype), lazy), m
+
     # ------------------------------------------------------------------- hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
         kpm = masks.key_padding
@@ -261,28 +277,21 @@ class ProbSparse(EfficientAttention):
         out, _ = self._compute(q, k, v, kpm, qpm, None)
         return out, None
 
-    def _attend_step(
-        self,
-        q: Tensor,
-        k: Optional[Tensor],
-        v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
-        masks: AttentionMasks,
-        attn_mask: Optional[Tensor],
-        need_weights: bool,
-        static_kv: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        """The key/value cache plus every past query's sparsity score (for the running top-u)."""
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+        """The key/value cache (``prev_key`` ...) plus every past query's sparsity score ``prev_scores (B, H, S)``
+        (for the running top-u)."""
         bsz, tgt_len = q.shape[0], q.shape[2]
         prev_k, prev_m = state.get("prev_key"), state.get("prev_scores")
         prev_len = 0 if prev_k is None else prev_k.shape[2]
-        kpm = masks.key_padding
-        new_kpm = kpm  # bool; a causal attn_mask was checked and dropped by the base
+        new_kpm = masks.key_padding
         if prev_k is not None:
             new_kpm = _cat_padding(state.get("prev_key_padding_mask"), new_kpm, prev_len, tgt_len, bsz)
             k, v = torch.cat([prev_k, k], 2), torch.cat([state["prev_value"], v], 2)
         qpm = None if new_kpm is None else new_kpm[:, prev_len:]
-        out, m = self._compute(q, k, v, new_kpm, qpm, prev_m)
+        if tgt_len == 1 and prev_m is not None:
+            out, m = self._step(q, k, v, new_kpm, qpm, prev_m)
+        else:
+            out, m = self._compute(q, k, v, new_kpm, qpm, prev_m)
         state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, new_kpm
         state["prev_scores"] = m if prev_m is None else torch.cat([prev_m, m], -1)
-        return out, None
+        return out

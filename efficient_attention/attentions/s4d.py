@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +235,18 @@ class S4D(EfficientAttention):
         _, bsz, length = y.shape
         return y.to(like.dtype).view(self.num_heads, self.head_dim, bsz, length).permute(2, 0, 3, 1)
 
+    def _discrete_for_steps(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """:meth:`_discrete` kept between decoding steps without autograd, until a parameter changes (its
+        version counter moves with every in-place update, an optimizer step included)."""
+        if torch.is_grad_enabled():
+            return self._discrete(dtype)
+        params = (self.log_dt, self.log_a_real, self.a_imag, self.c)
+        key = (dtype, self.log_dt.device, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+        hit = self.__dict__.get("_step_discrete")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_step_discrete"] = (key, self._discrete(dtype))
+        return hit[1]
+
     # ------------------------------------------------------------------- hooks
     # The state-space math runs outside autocast: _inputs/_discrete already work in
     # fp32 and complex ops have no half-precision kernels (bf16 autocast failed).
@@ -253,23 +265,17 @@ class S4D(EfficientAttention):
             y = _fft_conv(u, _kernel(dt_a[0], c_bar[0], length), back)
         return self._finish(y, u, q), None
 
-    def _attend_step(
-        self,
-        q: Tensor,
-        k: Optional[Tensor],
-        v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
-        masks: AttentionMasks,
-        attn_mask: Optional[Tensor],
-        need_weights: bool,
-        static_kv: bool,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
         """``T`` new positions continuing the recurrence state ``x (B, C, d_state)`` (stored as real pairs)."""
         prev = state.get("ssm_state")
         with torch.autocast(q.device.type, enabled=False):
             u = self._inputs(q, masks.key_padding)
-            dt_a, c_bar = self._discrete(q.dtype)
-            x0 = None if prev is None else torch.view_as_complex(prev.transpose(0, 1).contiguous())
-            y, x = _scan(u, dt_a[0], c_bar[0], x0)
-        state["ssm_state"] = torch.view_as_real(x).transpose(0, 1)
-        return self._finish(y, u, q), None
+            dt_a, c_bar = self._discrete_for_steps(q.dtype)
+            x0 = None if prev is None else torch.view_as_complex(prev).transpose(0, 1)      # (C, B, n), a view
+            if x0 is not None and u.shape[-1] == 1:  # one token: x = λ x0 + u, y = 2 Re(C̃ x), a few kernels
+                x = torch.addcmul(u.to(x0.dtype), torch.exp(dt_a[0])[:, None], x0)
+                y = 2.0 * (c_bar[0][:, None] * x).real.sum(-1, keepdim=True)
+            else:
+                y, x = _scan(u, dt_a[0], c_bar[0], x0)
+        state["ssm_state"] = torch.view_as_real(x.transpose(0, 1))
+        return self._finish(y, u, q)

@@ -75,10 +75,11 @@ def dilated_block_mask(segment_lengths, dilation_rates, heads: int, n: int, caus
     nb = -(-n // block_size)
     first = torch.arange(nb, device=device) * block_size
     last = (first + block_size - 1).clamp(max=n - 1)
-    cand = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    cand = torch.zeros(nb - q_block_start, nb, dtype=torch.bool, device=device)  # only the rows asked for
     for w in set(segment_lengths):  # blocks whose segment ranges overlap
         lo, hi = torch.div(first, w, rounding_mode="floor"), torch.div(last, w, rounding_mode="floor")
-        cand |= (lo[:, None] <= hi[None, :]) & (lo[None, :] <= hi[:, None])
+        lo_q, hi_q = lo[q_block_start:, None], hi[q_block_start:, None]
+        cand |= (lo_q <= hi[None, :]) & (lo[None, :] <= hi_q)
     bm = BlockMask.from_mask_mod(mod, heads, n, n, block_size, device=device, q_block_start=q_block_start,
                                  candidates=cand[None])
     if len(_masks) >= 16:
@@ -169,8 +170,11 @@ def dilated_attention(
     if off + tgt_len == src_len and tgt_len > 0:  # the last T positions: one kernel call on the union's mask
         bs = BLOCK_SIZE
         start = (off // bs) * bs  # queries padded in front to a block boundary
+        # decoding (queries after a prefix): the mask at the length rounded up to a whole block, so the steps
+        # inside one block share it (the kernels never read keys past src_len)
+        n = -(-src_len // bs) * bs if off else src_len
         with torch.no_grad():
-            bm = dilated_block_mask(ws, rs, heads, src_len, bool(causal), q.device, q_block_start=start // bs)
+            bm = dilated_block_mask(ws, rs, heads, n, bool(causal), q.device, q_block_start=start // bs)
         qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
         out, lse = kernels.block_sparse_attention(qp, k, v, bm, key_padding_mask=key_padding_mask, scale=scale,
                                                   dropout_p=dropout_p)
