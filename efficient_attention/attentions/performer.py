@@ -9,11 +9,12 @@ import logging
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention, check_bool
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype
+from ..functional import acc_dtype, softmax
 from ..kernels.linear_attention import linear_attention
 from ..registry import register_attention
 
@@ -123,21 +124,39 @@ class Performer(EfficientAttention):
             self._forwards_since_redraw += 1
 
     # --------------------------------------------------------------- features
+    def _projection(self, x: Tensor) -> Tensor:
+        """``W x'`` ``(B, H, L, m)`` with ``x' = x d^(-1/4)`` (the scale folded into the small ``W``).
+
+        Under autocast the product runs in autocast's dtype, as it would anyway (``x`` is not up-cast first);
+        otherwise in the accumulation dtype."""
+        w = self.projection_matrix * self.head_dim**-0.25
+        if not torch.is_autocast_enabled(x.device.type):
+            x, w = x.to(acc_dtype(x.dtype)), w.to(acc_dtype(x.dtype))
+        return torch.matmul(x, w.t())
+
     def _logits(self, x: Tensor) -> Tensor:
-        """``W x' - |x'|²/2`` ``(B, H, L, m)`` in the accumulation dtype."""
-        x = x.to(acc_dtype(x.dtype)) * self.head_dim**-0.25
-        w = self.projection_matrix.to(x.dtype)
-        return torch.matmul(x, w.t()) - 0.5 * (x * x).sum(-1, keepdim=True)
+        """``W x' - |x'|²/2`` ``(B, H, L, m)`` in the accumulation dtype (two kernels: product, ``addcmul``)."""
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype(x.dtype))
+        return torch.addcmul(self._projection(x), norm, norm, value=-0.5 * self.head_dim**-0.5)
 
     def _query_features(self, q: Tensor) -> Tensor:
-        logits = self._logits(q)
-        return torch.exp(logits - logits.amax(-1, keepdim=True).detach())
+        """``φ(q)`` up to a positive factor per query, which cancels in ``num / den``: ``softmax_m(W q')``
+        (``-|q'|²/2`` and the max logit are such per-query factors): one product and one softmax."""
+        return torch.softmax(self._projection(q), dim=-1, dtype=acc_dtype(q.dtype))
 
     def _key_logits(self, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
         logits = self._logits(k)
         if kpm is not None:
             logits = logits.masked_fill(kpm[:, None, :, None], float("-inf"))
         return logits
+
+    @staticmethod
+    def _noncausal_key_features(logits: Tensor, kpm: Optional[Tensor]) -> Tensor:
+        """``φ(k)`` up to one positive factor per (batch, head), which cancels in ``num / den``: a softmax over
+        every key and feature (the global max subtracted, one kernel); all keys padded -> zeros."""
+        flat = logits.flatten(-2)
+        probs = torch.softmax(flat, dim=-1) if kpm is None else softmax(flat, dim=-1)
+        return probs.view_as(logits)
 
     @staticmethod
     def _max(logits: Tensor) -> Tensor:
@@ -165,8 +184,11 @@ class Performer(EfficientAttention):
             "k_max": q.new_full((bsz, heads, 1, 1), float("-inf"), dtype=dtype),
         }
 
-    def _causal(self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Dict[str, Tensor], dtype) -> Tensor:
-        """Causal FAVOR+ for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past).
+    def _causal(self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], dtype,
+                padded: bool = True) -> Tensor:
+        """Causal FAVOR+ for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past and
+        receives the new sums; ``None``: a fresh sequence whose sums are not kept; ``padded=False`` promises
+        finite logits).
 
         Key ``j`` enters at the running max ``c_j`` of the key logits so far (never a later key's, so a large
         future key cannot underflow the past): features ``exp(logit_j - c_j)`` and the log decay
@@ -176,29 +198,35 @@ class Performer(EfficientAttention):
         blind = max(tgt_len - src_len, 0)  # queries before the first key see nothing
         if src_len == 0:
             return qf.new_zeros(*qf.shape[:-1], v.shape[-1])
-        past = state["k_max"].flatten(2)  # (B, H, 1)
-        run = torch.maximum(torch.cummax(k_logits.detach().amax(-1), dim=-1).values, past)  # c (B, H, S)
-        safe = self._finite(run)
-        prev = torch.cat([past, run[..., :-1]], dim=-1)
-        decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
+        run = torch.cummax(k_logits.detach().amax(-1), dim=-1).values  # c (B, H, S)
+        if state is None and not padded:  # every logit finite, nothing before: two kernels for the decay
+            safe = run
+            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        else:
+            past = run.new_full((*run.shape[:2], 1), float("-inf")) if state is None else state["k_max"].flatten(2)
+            run = torch.maximum(run, past)
+            safe = self._finite(run)
+            prev = torch.cat([past, run[..., :-1]], dim=-1)
+            decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         kf = torch.exp(k_logits - safe.unsqueeze(-1))
-        out, (state["kv_sum"], state["k_sum"]) = linear_attention(
-            qf[..., blind:, :].to(dtype), kf.to(dtype), v, causal=True, log_decay=decay,
-            initial_state=(state["kv_sum"], state["k_sum"]), return_state=True,
-        )
-        state["k_max"] = run[..., -1:].unsqueeze(-1)
+        init = None if state is None else (state["kv_sum"], state["k_sum"])
+        out = linear_attention(qf[..., blind:, :].to(dtype), kf.to(dtype), v, causal=True, log_decay=decay,
+                               initial_state=init, return_state=state is not None)
+        if state is not None:
+            out, (state["kv_sum"], state["k_sum"]) = out
+            state["k_max"] = run[..., -1:].unsqueeze(-1)
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         self._maybe_redraw()
+        kpm = masks.key_padding
         qf = self._query_features(q)
-        k_logits = self._key_logits(k, masks.key_padding)
+        k_logits = self._key_logits(k, kpm)
         if self.causal:
-            out = self._causal(qf, k_logits, v, self._new_state(q, acc_dtype(q.dtype)), q.dtype)
-        else:
-            kf = torch.exp(k_logits - self._finite(self._max(k_logits)))
-            out = linear_attention(qf.to(q.dtype), kf.to(q.dtype), v, causal=False)
+            out = self._causal(qf, k_logits, v, None, q.dtype, padded=kpm is not None)
+        else:  # fp32 features: the PyTorch noncausal path computes in fp32 anyway
+            out = linear_attention(qf, self._noncausal_key_features(k_logits, kpm), v, causal=False)
         return out.to(q.dtype), None
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):

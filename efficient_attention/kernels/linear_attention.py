@@ -46,11 +46,28 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _divide(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den[..., None]``; rows with ``den <= 0`` give 0 with finite gradients."""
-    empty = den <= 0
-    out = num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)
-    return out.masked_fill(empty.unsqueeze(-1), 0.0)
+class _Normalize(torch.autograd.Function):
+    """``o[..., :d] / o[..., d]`` for ``o (..., d + 1)`` whose last column is the denominator; rows with a
+    denominator <= 0 (nothing attended) give 0 with zero gradients.
+
+    One autograd node: forward a reciprocal and one product, backward two products, a sum and one ``cat``
+    back into ``o``'s layout (autograd over slices, ``where``, ``div`` and ``masked_fill`` records about
+    three times as many kernels)."""
+
+    @staticmethod
+    def forward(ctx, o: Tensor) -> Tensor:
+        den = o[..., -1]
+        inv = torch.where(den > 0, den.reciprocal(), 0.0)  # (..., ): 1 / den, 0 where nothing was attended
+        out = o[..., :-1] * inv.unsqueeze(-1)
+        ctx.save_for_backward(inv, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        inv, out = ctx.saved_tensors
+        grad_num = grad * inv.unsqueeze(-1)
+        grad_den = -(grad_num * out).sum(-1, keepdim=True)  # d(num/den)/d den = -out / den
+        return torch.cat([grad_num, grad_den], dim=-1)
 
 
 # ----------------------------------------------------------------------------- reference (quadratic)
@@ -316,7 +333,7 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
         k = k.masked_fill(key_padding_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None], 0.0)
     with_den = normalize
     if with_den:  # the denominator rides along as a ones column of v (and z as the last column of the state)
-        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        v = torch.nn.functional.pad(v, (0, 1), value=1.0)
     state = None
     if initial_state is not None:
         state = initial_state[0].to(dt)
@@ -341,7 +358,8 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
                 q, k = (torch.nn.functional.pad(x, (0, LINEAR_MIN_FEATURES - m)) for x in (q, k))
                 state = None if state is None else torch.nn.functional.pad(state, (0, 0, 0, LINEAR_MIN_FEATURES - m))
             o, final = torch.ops.efficient_attention.triton_linear_attention(q, k, v, log_decay, state)
-            final = final[..., :m, :]
+            if return_state:
+                final = final[..., :m, :]
             if dt == torch.float64:
                 o, final = o.double(), final.double()
         elif backend == "chunked":
@@ -349,9 +367,9 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
         else:
             init = None if state is None else (state, state.new_zeros(state.shape[:-1]))
             o, _, final, _ = reference_linear_attention(q, k, v, log_decay, init, True)
-        o = o[:, :, src_len - tgt_len:]
-    num = o[..., :d]
-    out = _divide(num, o[..., d]) if normalize else num
+        if tgt_len < src_len:
+            o = o[:, :, src_len - tgt_len:]
+    out = _Normalize.apply(o) if normalize else o
     if not return_state:
         return out
     return out, ((final[..., :d], final[..., d]) if with_den else (final, None))
