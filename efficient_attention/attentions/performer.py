@@ -40,6 +40,56 @@ def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, devi
     return rows * gauss.norm(dim=1, keepdim=True)
 
 
+def _time_first_matmul(x: Tensor, w_t: Tensor) -> Tensor:
+    """``x @ w_t`` for ``x (B, H, L, d)``; a view of a time-first ``(L, B, H, d)`` tensor (the projections'
+    layout) is multiplied as that tensor, without the copy ``matmul`` would make, and keeps its layout."""
+    tf = x.permute(2, 0, 1, 3)
+    if tf.is_contiguous():
+        return torch.matmul(tf, w_t).permute(1, 2, 0, 3)
+    return torch.matmul(x, w_t)
+
+
+class _KeyFeatures(torch.autograd.Function):
+    """Performer key features of unpadded keys, one autograd node: ``φ (B, H, S, m)`` contiguous in ``dtype``
+    (and, causal, the log decay ``(B, H, S)``).
+
+    ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W``, ``s = d^(-1/4)``; ``c`` carries no gradient): ``c``
+    is the max over every key and feature (noncausal) or the running max over the keys so far (causal, log
+    decay ``c_{j-1} - c_j``).  Forward: product, norm, ``addcmul``, max, ``exp`` written in ``dtype``; backward
+    from the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four kernels and a cast, where autograd
+    would record about fifteen.
+    """
+
+    @staticmethod
+    def forward(ctx, k: Tensor, w: Tensor, half_sq: float, causal: bool, dtype: torch.dtype):
+        acc = acc_dtype(dtype)
+        norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
+        logits = torch.addcmul(_time_first_matmul(k, w.t()), norm, norm, value=-half_sq)
+        decay = None
+        if causal:
+            run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
+            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+            logits = logits.sub_(run.unsqueeze(-1))
+        else:
+            logits = logits.sub_(logits.amax(dim=(-1, -2), keepdim=True))
+        feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
+        ctx.save_for_backward(k, w, feats)
+        ctx.half_sq = half_sq
+        if decay is None:
+            return feats
+        ctx.mark_non_differentiable(decay)
+        return feats, decay
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_):
+        k, w, feats = ctx.saved_tensors
+        acc = acc_dtype(feats.dtype)
+        gl = torch.mul(grad, feats, out=torch.empty(feats.shape, dtype=acc, device=feats.device))  # ∂ logits
+        gk = torch.matmul(gl, w.to(acc))
+        gk = torch.addcmul(gk, k, gl.sum(-1, keepdim=True), value=-2.0 * ctx.half_sq)
+        return gk.to(k.dtype), None, None, None, None
+
+
 @register_attention("performer", "favor")
 class Performer(EfficientAttention):
     """FAVOR+ linear attention with positive orthogonal random features.
@@ -221,13 +271,32 @@ class Performer(EfficientAttention):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         self._maybe_redraw()
         kpm = masks.key_padding
+        if kpm is None and k.shape[2] > 0:
+            return self._attend_unpadded(q, k, v), None
         qf = self._query_features(q)
         k_logits = self._key_logits(k, kpm)
         if self.causal:
-            out = self._causal(qf, k_logits, v, None, q.dtype, padded=kpm is not None)
+            out = self._causal(qf, k_logits, v, None, q.dtype)
         else:  # fp32 features: the PyTorch noncausal path computes in fp32 anyway
             out = linear_attention(qf, self._noncausal_key_features(k_logits, kpm), v, causal=False)
         return out.to(q.dtype), None
+
+    def _attend_unpadded(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The training path without padding: the same math with every dtype explicit (autocast off), the key
+        features from :class:`_KeyFeatures` and the projections without layout copies."""
+        dtype, device = q.dtype, q.device.type
+        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else acc_dtype(dtype)
+        with torch.autocast(device, enabled=False):
+            scale = self.head_dim**-0.25
+            w = (self.projection_matrix * scale).to(product)
+            qf = torch.softmax(_time_first_matmul(q.to(product), w.t()), dim=-1, dtype=acc_dtype(dtype))
+            if self.causal:  # the Triton kernels take features in the input dtype
+                kf, decay = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, True, dtype)
+                out = linear_attention(qf.to(dtype), kf, v, causal=True, log_decay=decay, out_dtype=dtype)
+            else:
+                kf = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, False, acc_dtype(dtype))
+                out = linear_attention(qf, kf, v, causal=False, out_dtype=dtype)
+        return out
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
         tgt_len = q.shape[2]
