@@ -97,9 +97,10 @@ class ABC(EfficientAttention):
         """fp16 would overflow on ``1 / normaliser`` (above 65504): it runs the kernels in fp32."""
         return torch.float32 if dtype == torch.float16 else dtype
 
-    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor],
-                dtype: torch.dtype) -> Tensor:
-        """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past).
+    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Optional[Dict[str, Tensor]],
+                dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past and
+        receives the new memory; ``None``: a fresh sequence whose memory is not kept).
 
         Three causal linear attentions (:func:`linear_attention`) with the slot weights
         ``e_j = exp(a_j - c_j)`` (``c_j``: running max of the scores so far, carried by the log decay
@@ -114,37 +115,51 @@ class ABC(EfficientAttention):
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
         q = q[..., blind:, :]
         a = self._slot_scores(k, kpm)  # (B, H, S, n)
-        past = state["mem_max"]  # (B, H, 1)
-        run = torch.maximum(torch.cummax(a.detach().amax(-1), dim=-1).values, past)  # (B, H, S)
-        safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
-        prev = torch.cat([past, run[..., :-1]], dim=-1)
-        decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
+        run = torch.cummax(a.detach().amax(-1), dim=-1).values  # (B, H, S)
+        if state is None and kpm is None:  # a fresh unpadded sequence: every score finite, nothing before
+            safe, decay = run, F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        else:
+            past = run.new_full((*run.shape[:2], 1), float("-inf")) if state is None else state["mem_max"]  # (B,H,1)
+            run = torch.maximum(run, past)
+            safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
+            prev = torch.cat([past, run[..., :-1]], dim=-1)
+            decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         e = torch.exp(a - safe.unsqueeze(-1)).to(dtype)
-        opts = dict(causal=True, log_decay=decay, normalize=False, return_state=True)
-        num, (mem_k, _) = linear_attention(q.to(dtype), k.to(dtype), e, initial_state=(state["mem_k"].transpose(-1, -2),
-                                                                                         None), **opts)
-        unit_q, unit_k = q.new_ones(*q.shape[:-1], 1).to(dtype), k.new_ones(*k.shape[:-1], 1).to(dtype)
-        norm, (mem_norm, _) = linear_attention(unit_q, unit_k, e, initial_state=(state["mem_norm"].unsqueeze(-2), None),
-                                               **opts)
+        keep = state is not None  # a fresh sequence (training) neither starts from nor returns a memory
+        opts = dict(causal=True, log_decay=decay, normalize=False, return_state=keep)
+        init = (state["mem_k"].transpose(-1, -2), None) if keep else None
+        num = linear_attention(q.to(dtype), k.to(dtype), e, initial_state=init, **opts)
+        unit_q, unit_k = q.new_ones(*q.shape[:-1], 1, dtype=dtype), k.new_ones(*k.shape[:-1], 1, dtype=dtype)
+        init = (state["mem_norm"].unsqueeze(-2), None) if keep else None
+        norm = linear_attention(unit_q, unit_k, e, initial_state=init, **opts)
+        if keep:
+            (num, (mem_k, _)), (norm, (mem_norm, _)) = num, norm
         empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
         r = (probs / safe_norm).to(dtype)  # weight of each slot's unnormalised value sum
-        out, (state["mem_v"], _) = linear_attention(r, e, v.to(dtype), initial_state=(state["mem_v"], None), **opts)
-        state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
-        state["mem_max"] = run[..., -1:]
+        init = (state["mem_v"], None) if keep else None
+        out = linear_attention(r, e, v.to(dtype), initial_state=init, out_dtype=out_dtype, **opts)
+        if keep:
+            out, (state["mem_v"], _) = out
+            state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
+            state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         dtype = acc_dtype(q.dtype)
+        if self.causal:  # the scores in autocast's dtype under autocast (as before), else in fp32; kernels cast
+            device = q.device.type
+            product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+            with torch.autocast(device, enabled=False):
+                out = self._causal(q.to(product), k.to(product), v, masks.key_padding, None,
+                                   self._kernel_dtype(q.dtype), out_dtype=q.dtype)
+            return out, None
         q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
-        if self.causal:
-            out = self._causal(q32, k32, v32, masks.key_padding, self._new_state(q32), self._kernel_dtype(q.dtype))
-        else:
-            out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
+        out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
         return out.to(q.dtype), None
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
