@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, dense_attention, softmax
+from ..functional import acc_dtype, softmax
 from ..kernels.linear_attention import linear_attention
 from ..registry import register_attention
 
@@ -73,13 +73,19 @@ class ABC(EfficientAttention):
         return a
 
     def _memory(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
-        """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key."""
-        alpha = softmax(self._slot_scores(k, kpm), dim=-2).to(k.dtype)  # over keys; all padded -> 0
-        return torch.matmul(alpha.transpose(-1, -2), k), torch.matmul(alpha.transpose(-1, -2), v)
+        """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key, in ``k``'s dtype: the slot
+        scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension."""
+        scores = torch.matmul(self.landmark_proj.to(k.dtype), k.transpose(-1, -2))  # (B, H, n, S)
+        if kpm is None:
+            alpha = torch.softmax(scores, dim=-1, dtype=acc_dtype(k.dtype)).to(k.dtype)
+        else:  # all padded -> 0
+            alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
+        return torch.matmul(alpha, k), torch.matmul(alpha, v)
 
     def _read(self, q: Tensor, mem_k: Tensor, mem_v: Tensor) -> Tensor:
+        """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows) through SDPA."""
         dropout = self.dropout_p if self.training else 0.0
-        return dense_attention(q, mem_k, mem_v, scale=self.scaling, dropout_p=dropout, training=self.training)[0]
+        return F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=dropout, scale=self.scaling)
 
     # ----------------------------------------------------------------- causal
     def _new_state(self, q: Tensor) -> Dict[str, Tensor]:
@@ -158,8 +164,10 @@ class ABC(EfficientAttention):
                 out = self._causal(q.to(product), k.to(product), v, masks.key_padding, None,
                                    self._kernel_dtype(q.dtype), out_dtype=q.dtype)
             return out, None
-        q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
-        out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
+        device = q.device.type  # the products in autocast's dtype under autocast (as before), else in fp32
+        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        with torch.autocast(device, enabled=False):
+            out = self._read(q.to(product), *self._memory(k.to(product), v.to(product), masks.key_padding))
         return out.to(q.dtype), None
 
     def _attend_step(self, q, k, v, state, masks: AttentionMasks, attn_mask, need_weights, static_kv):
