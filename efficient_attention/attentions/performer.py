@@ -289,10 +289,11 @@ class Performer(EfficientAttention):
         with torch.autocast(device, enabled=False):
             scale = self.head_dim**-0.25
             w = (self.projection_matrix * scale).to(product)
-            qf = torch.softmax(_time_first_matmul(q.to(product), w.t()), dim=-1, dtype=acc_dtype(dtype))
+            feature_dtype = dtype if self.causal else acc_dtype(dtype)  # the Triton kernels take the input dtype
+            qf = torch.softmax(_time_first_matmul(q.to(product), w.t()), dim=-1, dtype=feature_dtype)
             if self.causal:  # the Triton kernels take features in the input dtype
                 kf, decay = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, True, dtype)
-                out = linear_attention(qf.to(dtype), kf, v, causal=True, log_decay=decay, out_dtype=dtype)
+                out = linear_attention(qf, kf, v, causal=True, log_decay=decay, out_dtype=dtype)
             else:
                 kf = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, False, acc_dtype(dtype))
                 out = linear_attention(qf, kf, v, causal=False, out_dtype=dtype)
