@@ -271,7 +271,7 @@ class Performer(EfficientAttention):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         self._maybe_redraw()
         kpm = masks.key_padding
-        if kpm is None and k.shape[2] > 0:
+        if kpm is None and k.shape[2] > 0 and (not self.causal or q.shape[2] <= k.shape[2]):
             return self._attend_unpadded(q, k, v), None
         qf = self._query_features(q)
         k_logits = self._key_logits(k, kpm)
