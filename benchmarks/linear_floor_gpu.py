@@ -169,7 +169,8 @@ def main():
         ms, bms = r.get("ms"), base.get("ms")
         mb, bmb = r.get("peak_mb"), base.get("peak_mb")
         pattern = "causal" if r["causal"] else "noncaus"
-        print(f"  {r['mechanism']:10s} {pattern:7s} {r['length']:6d} {fmt(ms, '8.2f') if ms else r.get('error', '-'):>8} "
+        shown = fmt(ms, '8.2f') if ms else r.get('error', '-')
+        print(f"  {r['mechanism']:10s} {pattern:7s} {r['length']:6d} {shown:>8} "
               f"{fmt(bms / ms if ms and bms else None, '7.2f'):>7} {fmt(mb, '8.0f'):>8} "
               f"{fmt(mb / bmb if mb and bmb else None, '6.2f'):>6} {fmt(r.get('kernels'), 'd'):>5} "
               f"{fmt(r.get('gpu_ms'), '6.2f'):>6}")

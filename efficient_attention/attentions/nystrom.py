@@ -103,8 +103,8 @@ class NystromAttention(EfficientAttention):
             logger.info("Nystromformer applies no attention dropout (dropout=%s is unused)", self.dropout_p)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
-        # autocast off: the math runs in everything, the pseudo-inverse included, in fp32 as documented, and autocast would otherwise cast every
-        # operand of every product back to half (two casts per product: most of this module's host time)
+        # autocast off: everything, the pseudo-inverse included, runs in fp32 as documented; autocast would
+        # otherwise cast every operand of every product back to half (two casts per product: most of the host time)
         with torch.autocast(q.device.type, enabled=False):
             return self._attend_fp32(q, k, v, masks)
 
