@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, dense_attention, softmax
+from ..functional import acc_dtype, softmax
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
@@ -77,13 +77,19 @@ class ABC(EfficientAttention):
         return a
 
     def _memory(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
-        """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key."""
-        alpha = softmax(self._slot_scores(k, kpm), dim=-2).to(k.dtype)  # over keys; all padded -> 0
-        return torch.matmul(alpha.transpose(-1, -2), k), torch.matmul(alpha.transpose(-1, -2), v)
+        """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key, in ``k``'s dtype: the slot
+        scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension."""
+        scores = torch.matmul(self.landmark_proj.to(k.dtype), k.transpose(-1, -2))  # (B, H, n, S)
+        if kpm is None:
+            alpha = torch.softmax(scores, dim=-1, dtype=acc_dtype(k.dtype)).to(k.dtype)
+        else:  # all padded -> 0
+            alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
+        return torch.matmul(alpha, k), torch.matmul(alpha, v)
 
     def _read(self, q: Tensor, mem_k: Tensor, mem_v: Tensor) -> Tensor:
+        """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows) through SDPA."""
         dropout = self.dropout_p if self.training else 0.0
-        return dense_attention(q, mem_k, mem_v, scale=self.scaling, dropout_p=dropout, training=self.training)[0]
+        return F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=dropout, scale=self.scaling)
 
     # ----------------------------------------------------------------- causal
     def _new_state(self, q: Tensor) -> Dict[str, Tensor]:
@@ -101,9 +107,10 @@ class ABC(EfficientAttention):
         """fp16 would overflow on ``1 / normaliser`` (above 65504): it runs the kernels in fp32."""
         return torch.float32 if dtype == torch.float16 else dtype
 
-    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor],
-                dtype: torch.dtype) -> Tensor:
-        """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past).
+    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Optional[Dict[str, Tensor]],
+                dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past and
+        receives the new memory; ``None``: a fresh sequence whose memory is not kept).
 
         Three causal linear attentions (:func:`linear_attention`) with the slot weights
         ``e_j = exp(a_j - c_j)`` (``c_j``: running max of the scores so far, carried by the log decay
@@ -118,27 +125,37 @@ class ABC(EfficientAttention):
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
         q = q[..., blind:, :]
         a = self._slot_scores(k, kpm)  # (B, H, S, n)
-        past = state["mem_max"]  # (B, H, 1)
-        run = torch.maximum(torch.cummax(a.detach().amax(-1), dim=-1).values, past)  # (B, H, S)
-        safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
-        prev = torch.cat([past, run[..., :-1]], dim=-1)
-        decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
+        run = torch.cummax(a.detach().amax(-1), dim=-1).values  # (B, H, S)
+        if state is None and kpm is None:  # a fresh unpadded sequence: every score finite, nothing before
+            safe, decay = run, F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        else:
+            past = run.new_full((*run.shape[:2], 1), float("-inf")) if state is None else state["mem_max"]  # (B,H,1)
+            run = torch.maximum(run, past)
+            safe = torch.where(torch.isfinite(run), run, torch.zeros_like(run))
+            prev = torch.cat([past, run[..., :-1]], dim=-1)
+            decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         e = torch.exp(a - safe.unsqueeze(-1)).to(dtype)
-        opts = dict(causal=True, log_decay=decay, normalize=False, return_state=True)
-        num, (mem_k, _) = linear_attention(q.to(dtype), k.to(dtype), e, initial_state=(state["mem_k"].transpose(-1, -2),
-                                                                                         None), **opts)
-        unit_q, unit_k = q.new_ones(*q.shape[:-1], 1).to(dtype), k.new_ones(*k.shape[:-1], 1).to(dtype)
-        norm, (mem_norm, _) = linear_attention(unit_q, unit_k, e, initial_state=(state["mem_norm"].unsqueeze(-2), None),
-                                               **opts)
+        keep = state is not None  # a fresh sequence (training) neither starts from nor returns a memory
+        opts = dict(causal=True, log_decay=decay, normalize=False, return_state=keep)
+        init = (state["mem_k"].transpose(-1, -2), None) if keep else None
+        num = linear_attention(q.to(dtype), k.to(dtype), e, initial_state=init, **opts)
+        unit_q, unit_k = q.new_ones(*q.shape[:-1], 1, dtype=dtype), k.new_ones(*k.shape[:-1], 1, dtype=dtype)
+        init = (state["mem_norm"].unsqueeze(-2), None) if keep else None
+        norm = linear_attention(unit_q, unit_k, e, initial_state=init, **opts)
+        if keep:
+            (num, (mem_k, _)), (norm, (mem_norm, _)) = num, norm
         empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
         r = (probs / safe_norm).to(dtype)  # weight of each slot's unnormalised value sum
-        out, (state["mem_v"], _) = linear_attention(r, e, v.to(dtype), initial_state=(state["mem_v"], None), **opts)
-        state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
-        state["mem_max"] = run[..., -1:]
+        init = (state["mem_v"], None) if keep else None
+        out = linear_attention(r, e, v.to(dtype), initial_state=init, out_dtype=out_dtype, **opts)
+        if keep:
+            out, (state["mem_v"], _) = out
+            state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
+            state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
@@ -166,11 +183,17 @@ class ABC(EfficientAttention):
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         dtype = acc_dtype(q.dtype)
-        q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
-        if self.causal:
-            out = self._causal(q32, k32, v32, masks.key_padding, self._new_state(q32), self._kernel_dtype(q.dtype))
-        else:
-            out = self._read(q32, *self._memory(k32, v32, masks.key_padding))
+        if self.causal:  # the scores in autocast's dtype under autocast (as before), else in fp32; kernels cast
+            device = q.device.type
+            product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+            with torch.autocast(device, enabled=False):
+                out = self._causal(q.to(product), k.to(product), v, masks.key_padding, None,
+                                   self._kernel_dtype(q.dtype), out_dtype=q.dtype)
+            return out, None
+        device = q.device.type  # the products in autocast's dtype under autocast (as before), else in fp32
+        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        with torch.autocast(device, enabled=False):
+            out = self._read(q.to(product), *self._memory(k.to(product), v.to(product), masks.key_padding))
         return out.to(q.dtype), None
 
     def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:

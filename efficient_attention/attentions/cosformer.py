@@ -35,6 +35,53 @@ class CosformerOptions(AttentionOptions):
         None, "M of the cos re-weighting (None: the longer input length of each call; needed for causal decoding)")
 
 
+_TABLES: dict = {}
+
+
+def _cos_sin(length: int, m_len: int, device, dtype) -> Tensor:
+    """``[cos θ_i, sin θ_i]`` ``(L, 2, 1)``, ``θ_i = π i / 2M``, cached by (L, M, device, dtype) outside
+    compilation and inference mode (an unpadded batch has the same table every step)."""
+    cache = not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
+    key = (length, m_len, device, dtype)
+    table = _TABLES.get(key) if cache else None
+    if table is None:
+        theta = (math.pi / 2) * torch.arange(length, device=device, dtype=dtype) / float(m_len)
+        table = torch.stack([torch.cos(theta), torch.sin(theta)], dim=-1).unsqueeze(-1)
+        if cache:
+            if len(_TABLES) >= 64:
+                _TABLES.clear()
+            _TABLES[key] = table
+    return table
+
+
+class _Features(torch.autograd.Function):
+    """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` contiguous in ``dtype`` from ``x (B, H, L, d)`` and the
+    table ``(L, 2, 1)`` of :func:`_cos_sin`: one autograd node, two kernels forward (activation, one broadcast
+    product written in ``dtype``), five backward; nothing but ``x`` saved."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
+        acc = acc_dtype(dtype)
+        act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
+        bsz, heads, length, dim = x.shape
+        out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
+        torch.mul(act.unsqueeze(-2), table.to(acc), out=out)
+        ctx.save_for_backward(x, table)
+        ctx.act_fun = act_fun
+        return out.view(bsz, heads, length, 2 * dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, table = ctx.saved_tensors
+        bsz, heads, length, dim = x.shape
+        grad_act = (grad.view(bsz, heads, length, 2, dim) * table).sum(-2)
+        if ctx.act_fun == "relu":
+            grad_x = grad_act.masked_fill_(x <= 0, 0.0)
+        else:  # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
+            grad_x = torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype)))
+        return grad_x.to(x.dtype), None, None, None
+
+
 @register_attention("cosformer", "cos_former")
 class CosformerAttention(EfficientAttention):
     """cosFormer linear attention.
@@ -125,10 +172,25 @@ class CosformerAttention(EfficientAttention):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         tgt_len, src_len = q.shape[2], k.shape[2]
         kpm = masks.key_padding
+        if kpm is None:  # positions are the indices: features from one cached table, every dtype explicit
+            return self._attend_unpadded(q, k, v), None
         q_pos, k_pos, m_len = self._positions(tgt_len, src_len, kpm, q.device)
         qf = self._features(q, q_pos, m_len).to(q.dtype)
         kf = self._features(k, k_pos, m_len, kpm).to(q.dtype)
         return linear_attention(qf, kf, v, causal=self.causal).to(q.dtype), None
+
+    def _attend_unpadded(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        tgt_len, src_len, dtype = q.shape[2], k.shape[2], q.dtype
+        m_len = self.max_len if self.max_len is not None else max(tgt_len, src_len, 1)
+        if self.max_len is not None:
+            self._check_len(max(tgt_len, src_len), self.max_len)
+        acc = acc_dtype(dtype)
+        feature_dtype = dtype if self.causal else acc  # the Triton kernels take the input dtype; noncausal is fp32
+        with torch.autocast(q.device.type, enabled=False):
+            table = _cos_sin(max(tgt_len, src_len), m_len, q.device, acc)
+            qf = _Features.apply(q, table[:tgt_len], self.act_fun, feature_dtype)
+            kf = _Features.apply(k, table[:src_len], self.act_fun, feature_dtype)
+            return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 
     def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> dict:
         """Static keys summarised once: ``prev_key = Σ φ̂(k) vᵀ``, ``prev_value = Σ φ̂(k)``, ``m_len (B,)`` the

@@ -60,6 +60,12 @@ class Lara(EfficientAttention):
             logger.info("LARA applies no attention dropout (dropout=%s is unused)", self.dropout_p)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
+        # autocast off: the math runs in fp32 as documented, and autocast would otherwise cast every
+        # operand of every product back to half (two casts per product: most of this module's host time)
+        with torch.autocast(q.device.type, enabled=False):
+            return self._attend_fp32(q, k, v, masks)
+
+    def _attend_fp32(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks):
         dtype = acc_dtype(q.dtype)
         bsz, _, length, d = q.shape
         kpm: Optional[Tensor] = masks.key_padding

@@ -89,6 +89,12 @@ class NystromAttention(EfficientAttention):
             logger.info("Nystromformer applies no attention dropout (dropout=%s is unused)", self.dropout_p)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
+        # autocast off: everything, the pseudo-inverse included, runs in fp32 as documented; autocast would
+        # otherwise cast every operand of every product back to half (two casts per product: most of the host time)
+        with torch.autocast(q.device.type, enabled=False):
+            return self._attend_fp32(q, k, v, masks)
+
+    def _attend_fp32(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks):
         dtype = acc_dtype(q.dtype)
         bsz, _, length, _ = q.shape
         kpm = masks.key_padding

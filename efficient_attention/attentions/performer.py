@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, linear_attention_step
+from ..functional import acc_dtype, linear_attention_step, softmax
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -47,6 +48,56 @@ class PerformerOptions(AttentionOptions):
     orthogonal_features: bool = option(True, "draw the random features in orthogonal blocks (else i.i.d. Gaussian)")
     feature_redraw_interval: int = nonnegative_int(
         1000, "redraw the random features every this many training forwards (0: never)")
+
+
+def _time_first_matmul(x: Tensor, w_t: Tensor) -> Tensor:
+    """``x @ w_t`` for ``x (B, H, L, d)``; a view of a time-first ``(L, B, H, d)`` tensor (the projections'
+    layout) is multiplied as that tensor, without the copy ``matmul`` would make, and keeps its layout."""
+    tf = x.permute(2, 0, 1, 3)
+    if tf.is_contiguous():
+        return torch.matmul(tf, w_t).permute(1, 2, 0, 3)
+    return torch.matmul(x, w_t)
+
+
+class _KeyFeatures(torch.autograd.Function):
+    """Performer key features of unpadded keys, one autograd node: ``φ (B, H, S, m)`` contiguous in ``dtype``
+    (and, causal, the log decay ``(B, H, S)``).
+
+    ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W``, ``s = d^(-1/4)``; ``c`` carries no gradient): ``c``
+    is the max over every key and feature (noncausal) or the running max over the keys so far (causal, log
+    decay ``c_{j-1} - c_j``).  Forward: product, norm, ``addcmul``, max, ``exp`` written in ``dtype``; backward
+    from the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four kernels and a cast, where autograd
+    would record about fifteen.
+    """
+
+    @staticmethod
+    def forward(ctx, k: Tensor, w: Tensor, half_sq: float, causal: bool, dtype: torch.dtype):
+        acc = acc_dtype(dtype)
+        norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
+        logits = torch.addcmul(_time_first_matmul(k, w.t()), norm, norm, value=-half_sq)
+        decay = None
+        if causal:
+            run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
+            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+            logits = logits.sub_(run.unsqueeze(-1))
+        else:
+            logits = logits.sub_(logits.amax(dim=(-1, -2), keepdim=True))
+        feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
+        ctx.save_for_backward(k, w, feats)
+        ctx.half_sq = half_sq
+        if decay is None:
+            return feats
+        ctx.mark_non_differentiable(decay)
+        return feats, decay
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_):
+        k, w, feats = ctx.saved_tensors
+        acc = acc_dtype(feats.dtype)
+        gl = torch.mul(grad, feats, out=torch.empty(feats.shape, dtype=acc, device=feats.device))  # ∂ logits
+        gk = torch.matmul(gl, w.to(acc))
+        gk = torch.addcmul(gk, k, gl.sum(-1, keepdim=True), value=-2.0 * ctx.half_sq)
+        return gk.to(k.dtype), None, None, None, None
 
 
 @register_attention("performer", "favor")
@@ -111,21 +162,39 @@ class Performer(EfficientAttention):
             self._forwards_since_redraw += 1
 
     # --------------------------------------------------------------- features
+    def _projection(self, x: Tensor) -> Tensor:
+        """``W x'`` ``(B, H, L, m)`` with ``x' = x d^(-1/4)`` (the scale folded into the small ``W``).
+
+        Under autocast the product runs in autocast's dtype, as it would anyway (``x`` is not up-cast first);
+        otherwise in the accumulation dtype."""
+        w = self.projection_matrix * self.head_dim**-0.25
+        if not torch.is_autocast_enabled(x.device.type):
+            x, w = x.to(acc_dtype(x.dtype)), w.to(acc_dtype(x.dtype))
+        return torch.matmul(x, w.t())
+
     def _logits(self, x: Tensor) -> Tensor:
-        """``W x' - |x'|²/2`` ``(B, H, L, m)`` in the accumulation dtype."""
-        x = x.to(acc_dtype(x.dtype)) * self.head_dim**-0.25
-        w = self.projection_matrix.to(x.dtype)
-        return torch.matmul(x, w.t()) - 0.5 * (x * x).sum(-1, keepdim=True)
+        """``W x' - |x'|²/2`` ``(B, H, L, m)`` in the accumulation dtype (two kernels: product, ``addcmul``)."""
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc_dtype(x.dtype))
+        return torch.addcmul(self._projection(x), norm, norm, value=-0.5 * self.head_dim**-0.5)
 
     def _query_features(self, q: Tensor) -> Tensor:
-        logits = self._logits(q)
-        return torch.exp(logits - logits.amax(-1, keepdim=True).detach())
+        """``φ(q)`` up to a positive factor per query, which cancels in ``num / den``: ``softmax_m(W q')``
+        (``-|q'|²/2`` and the max logit are such per-query factors): one product and one softmax."""
+        return torch.softmax(self._projection(q), dim=-1, dtype=acc_dtype(q.dtype))
 
     def _key_logits(self, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
         logits = self._logits(k)
         if kpm is not None:
             logits = logits.masked_fill(kpm[:, None, :, None], float("-inf"))
         return logits
+
+    @staticmethod
+    def _noncausal_key_features(logits: Tensor, kpm: Optional[Tensor]) -> Tensor:
+        """``φ(k)`` up to one positive factor per (batch, head), which cancels in ``num / den``: a softmax over
+        every key and feature (the global max subtracted, one kernel); all keys padded -> zeros."""
+        flat = logits.flatten(-2)
+        probs = torch.softmax(flat, dim=-1) if kpm is None else softmax(flat, dim=-1)
+        return probs.view_as(logits)
 
     @staticmethod
     def _max(logits: Tensor) -> Tensor:
@@ -153,8 +222,11 @@ class Performer(EfficientAttention):
             "k_max": q.new_full((bsz, heads, 1, 1), float("-inf"), dtype=dtype),
         }
 
-    def _causal(self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Dict[str, Tensor], dtype) -> Tensor:
-        """Causal FAVOR+ for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past).
+    def _causal(self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], dtype,
+                padded: bool = True) -> Tensor:
+        """Causal FAVOR+ for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past and
+        receives the new sums; ``None``: a fresh sequence whose sums are not kept; ``padded=False`` promises
+        finite logits).
 
         Key ``j`` enters at the running max ``c_j`` of the key logits so far (never a later key's, so a large
         future key cannot underflow the past): features ``exp(logit_j - c_j)`` and the log decay
@@ -164,30 +236,56 @@ class Performer(EfficientAttention):
         blind = max(tgt_len - src_len, 0)  # queries before the first key see nothing
         if src_len == 0:
             return qf.new_zeros(*qf.shape[:-1], v.shape[-1])
-        past = state["k_max"].flatten(2)  # (B, H, 1)
-        run = torch.maximum(torch.cummax(k_logits.detach().amax(-1), dim=-1).values, past)  # c (B, H, S)
-        safe = self._finite(run)
-        prev = torch.cat([past, run[..., :-1]], dim=-1)
-        decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
+        run = torch.cummax(k_logits.detach().amax(-1), dim=-1).values  # c (B, H, S)
+        if state is None and not padded:  # every logit finite, nothing before: two kernels for the decay
+            safe = run
+            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        else:
+            past = run.new_full((*run.shape[:2], 1), float("-inf")) if state is None else state["k_max"].flatten(2)
+            run = torch.maximum(run, past)
+            safe = self._finite(run)
+            prev = torch.cat([past, run[..., :-1]], dim=-1)
+            decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         kf = torch.exp(k_logits - safe.unsqueeze(-1))
-        out, (state["kv_sum"], state["k_sum"]) = linear_attention(
-            qf[..., blind:, :].to(dtype), kf.to(dtype), v, causal=True, log_decay=decay,
-            initial_state=(state["kv_sum"], state["k_sum"]), return_state=True,
-        )
-        state["k_max"] = run[..., -1:].unsqueeze(-1)
+        init = None if state is None else (state["kv_sum"], state["k_sum"])
+        out = linear_attention(qf[..., blind:, :].to(dtype), kf.to(dtype), v, causal=True, log_decay=decay,
+                               initial_state=init, return_state=state is not None)
+        if state is not None:
+            out, (state["kv_sum"], state["k_sum"]) = out
+            state["k_max"] = run[..., -1:].unsqueeze(-1)
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         self._maybe_redraw()
+        kpm = masks.key_padding
+        if kpm is None and k.shape[2] > 0 and (not self.causal or q.shape[2] <= k.shape[2]):
+            return self._attend_unpadded(q, k, v), None
         qf = self._query_features(q)
-        k_logits = self._key_logits(k, masks.key_padding)
+        k_logits = self._key_logits(k, kpm)
         if self.causal:
-            out = self._causal(qf, k_logits, v, self._new_state(q, acc_dtype(q.dtype)), q.dtype)
-        else:
-            kf = torch.exp(k_logits - self._finite(self._max(k_logits)))
-            out = linear_attention(qf.to(q.dtype), kf.to(q.dtype), v, causal=False)
+            out = self._causal(qf, k_logits, v, None, q.dtype)
+        else:  # fp32 features: the PyTorch noncausal path computes in fp32 anyway
+            out = linear_attention(qf, self._noncausal_key_features(k_logits, kpm), v, causal=False)
         return out.to(q.dtype), None
+
+    def _attend_unpadded(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The training path without padding: the same math with every dtype explicit (autocast off), the key
+        features from :class:`_KeyFeatures` and the projections without layout copies."""
+        dtype, device = q.dtype, q.device.type
+        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else acc_dtype(dtype)
+        with torch.autocast(device, enabled=False):
+            scale = self.head_dim**-0.25
+            w = (self.projection_matrix * scale).to(product)
+            feature_dtype = dtype if self.causal else acc_dtype(dtype)  # the Triton kernels take the input dtype
+            qf = torch.softmax(_time_first_matmul(q.to(product), w.t()), dim=-1, dtype=feature_dtype)
+            if self.causal:  # the Triton kernels take features in the input dtype
+                kf, decay = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, True, dtype)
+                out = linear_attention(qf, kf, v, causal=True, log_decay=decay, out_dtype=dtype)
+            else:
+                kf = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, False, acc_dtype(dtype))
+                out = linear_attention(qf, kf, v, causal=False, out_dtype=dtype)
+        return out
 
     def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
         """Causal: the running sums ``kv_sum (B, H, m, d)``, ``k_sum (B, H, m)`` and key max ``k_max (B, H, 1, 1)``.

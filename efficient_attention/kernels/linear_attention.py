@@ -46,11 +46,67 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _divide(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den[..., None]``; rows with ``den <= 0`` give 0 with finite gradients."""
-    empty = den <= 0
-    out = num / torch.where(empty, torch.ones_like(den), den).unsqueeze(-1)
-    return out.masked_fill(empty.unsqueeze(-1), 0.0)
+class _Normalize(torch.autograd.Function):
+    """``o[..., :d] / o[..., d]`` in ``dtype`` for ``o (B, H, T, d + 1)`` whose last column is the denominator;
+    rows with a denominator <= 0 (nothing attended) give 0 with zero gradients.
+
+    One autograd node: forward one division written straight in ``dtype`` and in a time-first ``(T, B, H, d)``
+    memory layout (so a cast and the copy that merges the heads are not needed; the empty rows divide by
+    ``inf``), backward two divisions/products, a sum and one ``cat`` back into ``o``'s layout (autograd over
+    slices, ``where``, ``div``, ``masked_fill`` and a cast records about three times as many kernels).  A
+    division, not a product with ``1 / den``: a subnormal denominator has no finite reciprocal."""
+
+    @staticmethod
+    def forward(ctx, o: Tensor, dtype: torch.dtype) -> Tensor:
+        den = o[..., -1]
+        den = torch.where(den > 0, den, float("inf"))  # (B, H, T); nothing attended: num / inf = 0
+        bsz, heads, length, width = o.shape
+        out = torch.empty(length, bsz, heads, width - 1, dtype=dtype, device=o.device)
+        torch.div(o[..., :-1].permute(2, 0, 1, 3), den.permute(2, 0, 1).unsqueeze(-1), out=out)
+        out = out.permute(1, 2, 0, 3)
+        ctx.save_for_backward(den, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        den, out = ctx.saved_tensors
+        grad_num = grad / den.unsqueeze(-1)
+        grad_den = -(grad_num * out).sum(-1, keepdim=True)  # d(num/den)/d den = -out / den
+        return torch.cat([grad_num, grad_den], dim=-1), None
+
+
+def _split_k(length: int, x: Tensor) -> int:
+    """Chunks to split a length-``length`` reduction of a ``(m, L) @ (L, d)`` product into on CUDA (1: none).
+
+    Such a product has one output tile per (batch, head), so cuBLAS runs ``B*H`` programs over the whole length
+    (0.6 ms at 8k in CAB's setting on an H200); chunks of 512 turn it into ``B*H*L/512`` products and a sum."""
+    if not x.is_cuda or length < 2048:
+        return 1
+    for chunk in (512, 256, 128):
+        if length % chunk == 0:
+            return length // chunk
+    return 1
+
+
+def _sum_products(kt: Tensor, v: Tensor) -> Tensor:
+    """``kt @ v`` for ``kt (B, H, m, S)``, ``v (B, H, S, d)``, the length split by :func:`_split_k`."""
+    n = _split_k(v.shape[-2], v)
+    if n == 1:
+        return torch.matmul(kt, v)
+    bsz, heads, m, seq = kt.shape
+    chunks = kt.reshape(bsz, heads, m, n, seq // n).transpose(2, 3)
+    return torch.matmul(chunks, v.reshape(bsz, heads, n, seq // n, v.shape[-1])).sum(2)
+
+
+def _broadcast_product(q: Tensor, state: Tensor) -> Tensor:
+    """``q @ state`` for ``q (B, H, T, m)``, ``state (B, H, m, d)``; split into chunks of queries like
+    :func:`_sum_products`, so the backward's ``qᵀ @ grad`` (the same long reduction) is split too."""
+    n = _split_k(q.shape[-2], q)
+    if n == 1:
+        return torch.matmul(q, state)
+    bsz, heads, seq, m = q.shape
+    out = torch.matmul(q.reshape(bsz, heads, n, seq // n, m), state.unsqueeze(2))
+    return out.view(bsz, heads, seq, state.shape[-1])
 
 
 # ----------------------------------------------------------------------------- reference (quadratic)
@@ -188,10 +244,11 @@ def _(q, k, v, log_decay, state):
 
 @torch.library.custom_op("efficient_attention::triton_linear_attention_bwd", mutates_args=())
 def triton_linear_attention_bwd(
-    grad_o: Tensor, grad_final: Tensor, q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
+    grad_o: Tensor, grad_final: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
     state: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, d_state)`` of :func:`triton_linear_attention` (``d_state`` zeros-shaped when no state)."""
+    """``(dq, dk, dv, d_state)`` of :func:`triton_linear_attention` (``grad_final`` None: the final state got no
+    gradient; ``d_state`` uninitialised when there is no state)."""
     import triton
 
     from . import _triton_linear as kern
@@ -204,16 +261,20 @@ def triton_linear_attention_bwd(
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
     g = _flat(log_decay.float()) if log_decay is not None else dof
     h0 = _flat(state.float()) if state is not None else dof
-    dk = torch.empty(n_d, bh, seq, m, device=q.device, dtype=torch.float32)
-    dq = torch.empty_like(dk)
+    # one fp32 buffer each for dq, dk: with several value blocks their shares are added atomically (partial
+    # buffers per block cost n_d times the memory: 1.3 GB for cosFormer's 128 features at 8k in CAB's setting)
+    dk = (torch.zeros if n_d > 1 else torch.empty)(bh, seq, m, device=q.device, dtype=torch.float32)
+    dq = (torch.zeros if n_d > 1 else torch.empty)(bh, seq, m, device=q.device, dtype=torch.float32)
     dv = torch.empty(bh, seq, d, device=q.device, dtype=torch.float32)
-    dh0 = torch.zeros(bh, m, d, device=q.device, dtype=torch.float32)
-    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
-    kern._bwd_dkdv[(n_d, bh)](qf, kf, vf, g, dof, _flat(grad_final.float()), dk, dv, dh0, seq, m, d, bh,
-                              HAS_DHT=True, STORE_DH0=state is not None, **flags)
+    dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, device=q.device, dtype=torch.float32)
+    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", ATOMIC=n_d > 1,
+                 **cfg)
+    dht = _flat(grad_final.float()) if grad_final is not None else dof
+    kern._bwd_dkdv[(n_d, bh)](qf, kf, vf, g, dof, dht, dk, dv, dh0, seq, m, d, bh,
+                              HAS_DHT=grad_final is not None, STORE_DH0=state is not None, **flags)
     kern._bwd_dq[(n_d, bh)](qf, kf, vf, g, h0, dof, dq, seq, m, d, bh, HAS_H0=state is not None, **flags)
     shape = (bsz, heads, seq)
-    return (dq.sum(0).view(*shape, m).to(q.dtype), dk.sum(0).view(*shape, m).to(k.dtype),
+    return (dq.view(*shape, m).to(q.dtype), dk.view(*shape, m).to(k.dtype),
             dv.view(*shape, d).to(v.dtype), dh0.view(bsz, heads, m, d))
 
 
@@ -233,8 +294,6 @@ def _tla_backward(ctx, grad_o, grad_final):
     q, k, v, log_decay, state = ctx.saved_tensors
     if grad_o is None:
         grad_o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32)
-    if grad_final is None:
-        grad_final = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32)
     dq, dk, dv, dh0 = torch.ops.efficient_attention.triton_linear_attention_bwd(
         grad_o, grad_final, q, k, v, log_decay, state)
     return dq, dk, dv, None, (dh0.to(state.dtype) if ctx.has_state else None)
@@ -291,12 +350,15 @@ def linear_attention(
     return_state: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Union[Tensor, Tuple[Tensor, State]]:
     """Linear attention ``q (B,H,T,m)``, ``k (B,H,S,m)``, ``v (B,H,S,d)`` -> ``(B,H,T,d)`` (see the module doc).
 
     ``key_padding_mask`` ``(B, S)`` (True = padding) removes keys.  The result is fp32 (fp64 for fp64
     inputs); with ``return_state`` also the final ``(H (B,H,m,d), z (B,H,m))``.  ``chunk_size`` tunes the
     ``"chunked"`` backend; ``backend`` forces one of ``"triton"``, ``"chunked"``, ``"reference"``.
+    ``out_dtype`` casts the result (not the state); a normalised result is written in it directly, in a
+    time-first ``(T, B, H, d)`` memory layout, so merging the heads afterwards needs no copy.
     """
     _check(q, k, v, causal, log_decay, key_padding_mask, initial_state, normalize)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -305,27 +367,27 @@ def linear_attention(
         raise ValueError(f"backend must be None, 'triton', 'chunked' or 'reference', got {backend!r}")
     with torch.autocast(q.device.type, enabled=False):  # the PyTorch paths accumulate in fp32 under autocast too
         return _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state,
-                                 return_state, chunk_size, backend)
+                                 return_state, chunk_size, backend, out_dtype)
 
 
 def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state, return_state,
-                      chunk_size, backend):
+                      chunk_size, backend, out_dtype):
     dt = _acc(q.dtype)
     tgt_len, src_len, d = q.shape[2], k.shape[2], v.shape[-1]
     if key_padding_mask is not None:
         k = k.masked_fill(key_padding_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None], 0.0)
     with_den = normalize
     if with_den:  # the denominator rides along as a ones column of v (and z as the last column of the state)
-        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        v = torch.nn.functional.pad(v, (0, 1), value=1.0)
     state = None
     if initial_state is not None:
         state = initial_state[0].to(dt)
         if with_den:
             state = torch.cat([state, initial_state[1].to(dt).unsqueeze(-1)], dim=-1)
     if not causal:
-        kv = torch.matmul(k.to(dt).transpose(-1, -2), v.to(dt))
+        kv = _sum_products(k.to(dt).transpose(-1, -2), v.to(dt))
         final = kv if state is None else kv + state
-        o = torch.matmul(q.to(dt), final)
+        o = _broadcast_product(q.to(dt), final)
     elif src_len == 0:
         final = q.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1], dtype=dt) if state is None else state
         o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=dt)
@@ -341,7 +403,8 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
                 q, k = (torch.nn.functional.pad(x, (0, LINEAR_MIN_FEATURES - m)) for x in (q, k))
                 state = None if state is None else torch.nn.functional.pad(state, (0, 0, 0, LINEAR_MIN_FEATURES - m))
             o, final = torch.ops.efficient_attention.triton_linear_attention(q, k, v, log_decay, state)
-            final = final[..., :m, :]
+            if return_state:
+                final = final[..., :m, :]
             if dt == torch.float64:
                 o, final = o.double(), final.double()
         elif backend == "chunked":
@@ -349,9 +412,9 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
         else:
             init = None if state is None else (state, state.new_zeros(state.shape[:-1]))
             o, _, final, _ = reference_linear_attention(q, k, v, log_decay, init, True)
-        o = o[:, :, src_len - tgt_len:]
-    num = o[..., :d]
-    out = _divide(num, o[..., d]) if normalize else num
+        if tgt_len < src_len:
+            o = o[:, :, src_len - tgt_len:]
+    out = _Normalize.apply(o, out_dtype or o.dtype) if normalize else o if out_dtype is None else o.to(out_dtype)
     if not return_state:
         return out
     return out, ((final[..., :d], final[..., d]) if with_den else (final, None))
