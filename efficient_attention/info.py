@@ -4,8 +4,9 @@
 into text, so a program can read the same answers the command prints:
 
 * versions of the library, torch, Triton, fairseq and ParaGen (``None`` when not installed);
-* per kernel backend (the C++ CPU extension ``_C``, the Triton GPU kernels) whether it is
-  usable in this process and, if not, why (the reasons of :mod:`efficient_attention.kernels`);
+* per kernel backend (the backend classes of :mod:`efficient_attention.kernels`: Triton GPU kernels,
+  C++ CPU kernels, chunked and reference PyTorch paths) the ops it computes, whether it is usable in
+  this process and, if not, why;
 * per registered mechanism its patterns, incremental decoding, attention weights, and which of
   its fast compute paths can run here.
 
@@ -37,12 +38,14 @@ _DISTRIBUTIONS = {
 
 @dataclass(frozen=True)
 class BackendStatus:
-    """One kernel backend: ``usable`` in this process, else ``reason`` says why not."""
+    """One kernel backend (the ``backend=`` name): ``usable`` in this process, else ``reason`` says why not."""
 
     name: str
-    device: str
+    device: str  # the device types it runs on, "any" for the PyTorch paths
     usable: bool
     reason: Optional[str]
+    description: str = ""
+    ops: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,20 +93,31 @@ def _cuda() -> Optional[str]:
 
 
 def _backends() -> Tuple[BackendStatus, ...]:
-    from .kernels._loader import cpu_extension, cpu_extension_reason
-    from .kernels.dispatch import triton_reason
+    """One row per backend name, from the backend classes of every op's dispatcher (fastest first)."""
+    from .kernels.backends import KINDS
+    from .kernels.dispatch import dispatchers
 
-    cpu_ok = cpu_extension() is not None
-    why_triton = triton_reason()
-    return (
-        BackendStatus("C++ CPU extension (_C)", "cpu", cpu_ok, None if cpu_ok else cpu_extension_reason()),
-        BackendStatus("Triton GPU kernels", "cuda", why_triton is None, why_triton),
-    )
+    classes: Dict[str, list] = {}
+    for dispatcher in dispatchers().values():
+        for cls in dispatcher.backends:
+            classes.setdefault(cls.name, []).append(cls)
+    rows = []
+    for name, group in sorted(classes.items(), key=lambda kv: _ORDER.index(kv[0]) if kv[0] in _ORDER else 99):
+        reasons = [(c.op, c.environment_reason()) for c in group]
+        why = "; ".join(dict.fromkeys(r for _, r in reasons if r)) or None
+        base = next(kind for kind in KINDS if issubclass(group[0], kind))  # TritonBackend, CppBackend, ...
+        rows.append(BackendStatus(name, "/".join(base.devices) or "any", why is None, why, base.description,
+                                  tuple(op for op, _ in reasons)))
+    return tuple(rows)
+
+
+_ORDER = ("triton", "cpp", "chunked", "reference")
 
 
 def _fast_here(declared: Tuple[str, ...], backends: Tuple[BackendStatus, ...]) -> Tuple[str, ...]:
     """The compute paths among ``declared`` that run here, beyond plain PyTorch."""
-    cpp, triton = backends
+    by_name = {b.name: b for b in backends}
+    cpp, triton = by_name["cpp"], by_name["triton"]
     here: List[str] = []
     for b in declared:
         if b == "sdpa":
@@ -176,11 +190,11 @@ def format_report(report: EnvironmentReport) -> str:
     lines.append(f"  {'python':<{width}}  {report.python}")
     lines.append(f"  {'location':<{width}}  {report.location}")
     lines.append(f"  {'GPU':<{width}}  {report.cuda or 'none (CUDA not available)'}")
-    lines += ["", "kernel backends (sliding_window_attention, block_sparse_attention):"]
+    lines += ["", "kernel backends (backend= name, devices, ops; forced with backend=...):"]
     for b in report.backends:
         state = "usable" if b.usable else f"not usable: {b.reason}"
-        lines.append(f"  {b.name:<24} {state}")
-    lines.append("  PyTorch reference path   usable (any device and dtype)")
+        lines.append(f"  {b.name:<10} {b.device:<5} {b.description}")
+        lines.append(f"  {'':<10} {'':<5} ops: {', '.join(b.ops)}; {state}")
     lines += ["", "mechanisms:"]
     rows = [("name", "patterns", "decoding", "weights", "fast paths here")]
     for m in report.mechanisms:

@@ -162,7 +162,7 @@ def test_kernels_match_dense_with_partial_blocks(pattern, bs, causal, kw, dtype)
 
 def test_cpu_kernel_takes_block_masks():
     q, k, v = make_qkv(1, 2, 40, 40, 8, torch.float32)
-    assert choose_backend("block_sparse", q, k, v, block_size=16) == "cpu"
+    assert choose_backend("block_sparse", q, k, v, block_size=16) == "cpp"
 
 
 def test_empty_rows_give_zero_not_nan():

@@ -8,6 +8,7 @@ import torch
 from efficient_attention import available_attentions, capability_table
 from efficient_attention.__main__ import main
 from efficient_attention.info import environment_report, format_report
+from efficient_attention.kernels import dispatchers
 from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
 from efficient_attention.kernels.dispatch import triton_reason
 
@@ -18,12 +19,26 @@ def test_report_versions_and_backends_match_the_library():
     report = environment_report()
     assert report.versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert report.versions["efficient-attention"]
-    cpp, triton = report.backends
+    by_name = {b.name: b for b in report.backends}
+    cpp, triton = by_name["cpp"], by_name["triton"]
     assert cpp.usable == (cpu_extension() is not None)
     assert cpp.reason == cpu_extension_reason()
-    assert triton.usable == (triton_reason() is None) and triton.reason == triton_reason()
+    assert triton.usable == (triton_reason() is None)
+    assert triton.usable or triton_reason() in triton.reason
+    assert by_name["reference"].usable and by_name["chunked"].usable
     for b in report.backends:
         assert b.usable or b.reason, f"{b.name} is not usable but gives no reason"
+
+
+def test_backends_are_listed_from_the_dispatchers_classes():
+    report = environment_report()
+    listed = {b.name: set(b.ops) for b in report.backends}
+    declared = {}
+    for op, dispatcher in dispatchers().items():
+        for cls in dispatcher.backends:
+            declared.setdefault(cls.name, set()).add(op)
+    assert listed == declared
+    assert [b.name for b in report.backends] == ["triton", "cpp", "chunked", "reference"]
 
 
 def test_every_mechanism_is_listed_with_its_capabilities():
@@ -41,7 +56,7 @@ def test_every_mechanism_is_listed_with_its_capabilities():
 
 def test_fast_paths_follow_the_backends():
     report = environment_report()
-    cpp = report.backends[0]
+    cpp = next(b for b in report.backends if b.name == "cpp")
     local = next(m for m in report.mechanisms if m.name == "local")
     assert ("C++ CPU kernels" in local.fast_here) == cpp.usable
     vanilla = next(m for m in report.mechanisms if m.name == "vanilla")

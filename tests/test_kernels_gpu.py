@@ -225,7 +225,7 @@ def _landmark_ref(q, k, v, bs, kpm):
     from efficient_attention.kernels import landmark_attention
 
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    out, lse = landmark_attention(*ref, bs, key_padding_mask=kpm, backend="torch")
+    out, lse = landmark_attention(*ref, bs, key_padding_mask=kpm, backend="reference")
     return out, lse, ref
 
 
@@ -241,7 +241,8 @@ LANDMARK_CASES = ([(torch.bfloat16, d, bs) for d in (32, 64, 128) for bs in (16,
 @pytest.mark.parametrize("tail", [False, True], ids=["T=S", "last T of S"])
 def test_triton_landmark(bs, d, dtype, tail):
     from efficient_attention.kernels import landmark_attention
-    from efficient_attention.kernels.dispatch import LANDMARK_FP32_TILE, choose_landmark_backend
+    from efficient_attention.kernels.dispatch import choose_landmark_backend
+    from efficient_attention.kernels.landmark import LANDMARK_FP32_TILE
 
     S = 5 * bs + 7
     T = S - 2 * bs - 3 if tail else S
@@ -249,7 +250,7 @@ def test_triton_landmark(bs, d, dtype, tail):
     kpm = padding(2, S, device="cuda")
     kpm[1, 2 * bs - 1] = True  # a padded landmark hides its block
     fits = dtype != torch.float32 or bs * d <= LANDMARK_FP32_TILE
-    assert choose_landmark_backend(q, k, v, bs) == ("triton" if fits else "torch")
+    assert choose_landmark_backend(q, k, v, bs) == ("triton" if fits else "reference")
     out, lse = landmark_attention(q, k, v, bs, key_padding_mask=kpm)
     ref_out, ref_lse, ref_in = _landmark_ref(q, k, v, bs, kpm)
     _check(out, lse, ref_out, ref_lse, (q, k, v), ref_in, dtype)

@@ -197,7 +197,7 @@ def test_blocks_dispatch_reasons():
     q = torch.randn(1, 2, 8, 16)
     assert landmark_blocks(q, q, q, 4)[0].shape == q.shape
     why = landmark_not_supported_reasons(q, q, q, block_size=48)
-    assert why["torch"] == []
+    assert why["reference"] == []
     assert any("not CUDA" in r for r in why["triton"]) and any("block_size 48" in r for r in why["triton"])
     q48 = torch.randn(1, 2, 8, 48, dtype=torch.float64)
     assert any("dtype" in r for r in landmark_not_supported_reasons(q48, q48, q48, block_size=64)["triton"])

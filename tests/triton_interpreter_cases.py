@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from efficient_attention.block_mask import BlockMask  # noqa: E402
-from efficient_attention.kernels import landmark, reference, triton_ops  # noqa: E402
+from efficient_attention.kernels import landmark, ops, reference, triton_ops  # noqa: E402
 from efficient_attention.kernels.linear_attention import linear_attention  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
 from kernel_cases import loss_and_grads, make_qkv, padding, random_layout  # noqa: E402
@@ -47,8 +47,8 @@ def window_case(window, d, dtype, S=150, q_offset=0):
     q, k, v = make_qkv(2, 2, S - q_offset, S, d, dtype, hkv=1, seed=d)
     kpm = padding(2, S)
     k2, v2 = (x.repeat_interleave(2, dim=1) for x in (k, v))  # the ops take q's head count
-    out, lse = triton_ops.sliding_window_eager(q, k2, v2, kpm, window.group, window.left, window.right,
-                                               window.causal, q_offset, d ** -0.5)
+    out, lse = ops.sliding_window_kernel("triton", q, k2, v2, kpm, window.group, window.left, window.right,
+                                         window.causal, q_offset, d ** -0.5)
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.sliding_window_attention(*ref, window, q_offset=q_offset, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -60,8 +60,8 @@ def layout_case(bs, layout_heads, causal, dtype, d=16):
     q, k, v = make_qkv(1, 3, T, S, d, dtype, seed=bs)
     layout = random_layout(layout_heads, n, n, density=0.5, seed=bs + layout_heads)
     kpm = padding(1, S)
-    out, lse = triton_ops.block_sparse_eager(q, k, v, _tables(BlockMask.from_layout(layout, bs)), bs, causal, kpm,
-                                             d ** -0.5)
+    out, lse = ops.block_sparse_kernel("triton", q, k, v, _tables(BlockMask.from_layout(layout, bs)), bs, causal, kpm,
+                                       d ** -0.5)
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.block_sparse_attention(*ref, layout, bs, causal=causal, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -80,7 +80,7 @@ def mask_case(pattern, bs, causal, dtype, heads=3, d=16, coarsen=None, **kw):
     run = bm.coarsen(coarsen) if coarsen else bm
     q, k, v = make_qkv(1, heads, T, S, d, dtype, seed=bs)
     kpm = padding(1, S)
-    out, lse = triton_ops.block_sparse_eager(q, k, v, _tables(run), run.block_size, run.causal, kpm, d ** -0.5)
+    out, lse = ops.block_sparse_kernel("triton", q, k, v, _tables(run), run.block_size, run.causal, kpm, d ** -0.5)
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.block_sparse_attention(*ref, bm, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -90,7 +90,7 @@ def out_only_case():
     """Only ``out`` is used: the lse gradient is None (no zero tensor, no dlse term)."""
     q, k, v = make_qkv(1, 2, 64, 64, 16, torch.float32, seed=5)
     w = LocalWindow.sliding(9, 0, causal=True)
-    out, _ = triton_ops.sliding_window_eager(q, k, v, None, w.group, w.left, w.right, w.causal, 0, 0.25)
+    out, _ = ops.sliding_window_kernel("triton", q, k, v, None, w.group, w.left, w.right, w.causal, 0, 0.25)
     got = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, _ = reference.sliding_window_attention(*ref, w)
@@ -135,14 +135,14 @@ def linear_modules_case():
 
     la = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
 
-    chosen = la.choose_backend
+    select = la.LINEAR_ATTENTION.select
     for name, opts in (("performer", dict(approx_attn_dim=16)), ("cosformer", dict(max_len=128)), ("abc", {})):
         torch.manual_seed(0)
         m = build_attention(name, embed_dim=32, num_heads=2, causal=True, self_attention=True, **opts).eval()
         x = torch.randn(70, 2, 32)
         kpm = torch.zeros(2, 70, dtype=torch.bool)
         kpm[1, 60:] = True
-        la.choose_backend = lambda *a, **kw: "triton"
+        la.LINEAR_ATTENTION.select = lambda *a, **kw: la.LinearTriton  # also the decoding steps
         try:
             out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
             state = {}
@@ -150,7 +150,7 @@ def linear_modules_case():
             for t in range(50, 70):
                 steps.append(m(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state, need_weights=False)[0])
         finally:
-            la.choose_backend = chosen
+            la.LINEAR_ATTENTION.select = select
         ref = m.double()(x.double(), x.double(), x.double(), key_padding_mask=kpm, need_weights=False)[0]
         keep = (~kpm).t().unsqueeze(-1)
         assert rel(out * keep, ref * keep) < 1e-5, f"{name} full {rel(out * keep, ref * keep):.1e}"
@@ -168,7 +168,7 @@ def landmark_case(bs, d, dtype, T, S, config=None):
     try:
         out, lse = landmark.landmark_attention(q, k, v, bs, key_padding_mask=kpm, backend="triton")
         ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
-        ref_out, ref_lse = landmark.landmark_attention(*ref, bs, key_padding_mask=kpm, backend="torch")
+        ref_out, ref_lse = landmark.landmark_attention(*ref, bs, key_padding_mask=kpm, backend="reference")
         check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
     finally:
         landmark.landmark_config = base

@@ -1,7 +1,8 @@
-"""Fake (meta) implementations and autograd of the C++ ops ``torch.ops.efficient_attention.*``.
+"""Fake (meta) implementations of the C++ ops ``torch.ops.efficient_attention.*``.
 
 The schemas and CPU kernels are registered by the extension (``csrc/register.cpp``);
-this module is imported by the loader once the extension is loaded.
+this module is imported by the loader once the extension is loaded.  Their autograd is the
+``autograd.Function`` of each op in ``ops.py`` (shared with the Triton kernels).
 """
 from __future__ import annotations
 
@@ -39,48 +40,3 @@ def _sw_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group,
 def _bs_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, row_idx, row_cnt, row_tile, tiles, block_size, causal,
                  key_padding_mask, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _grad_out(grad, out):
-    return torch.zeros_like(out) if grad is None else grad
-
-
-# -- sliding window -------------------------------------------------------------
-def _sw_setup(ctx, inputs, output):
-    q, k, v, kpm, group, left, right, causal, q_offset, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.kpm = kpm
-    ctx.args = (group, left, right, causal, q_offset, scale)
-
-
-def _sw_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.efficient_attention.sliding_window_bwd(
-        _grad_out(grad_out, out), grad_lse, q, k, v, out, lse, ctx.kpm, *ctx.args
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd(f"{_NS}::sliding_window_fwd", _sw_backward, setup_context=_sw_setup)
-
-
-# -- block sparse (a BlockMask's row table: row_idx, row_cnt, row_tile, tiles) ---------------------
-def _bs_setup(ctx, inputs, output):
-    q, k, v, row_idx, row_cnt, row_tile, tiles, block_size, causal, kpm, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.kpm = kpm
-    ctx.args = (row_idx, row_cnt, row_tile, tiles, block_size, causal)
-    ctx.scale = scale
-
-
-def _bs_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.efficient_attention.block_sparse_bwd(
-        _grad_out(grad_out, out), grad_lse, q, k, v, out, lse, *ctx.args, ctx.kpm, ctx.scale
-    )
-    return (dq, dk, dv) + (None,) * 8
-
-
-torch.library.register_autograd(f"{_NS}::block_sparse_fwd", _bs_backward, setup_context=_bs_setup)

@@ -1,267 +1,153 @@
-"""Choosing the kernel for a sparse-attention call, and saying why not.
+"""Choosing the backend of a kernel call, and saying why the faster ones could not take it.
 
-Backends, tried in order:
+Each op has one :class:`Dispatcher` listing its backend classes (``backends.py``) fastest first.
+:meth:`Dispatcher.select` returns
 
-* ``"triton"`` -- GPU kernels (``triton_ops.py``), CUDA tensors, Triton installed;
-* ``"cpu"``    -- the C++ kernels of the ``_C`` extension, CPU tensors;
-* ``"reference"`` -- the PyTorch path of ``reference.py`` (any device/dtype, dropout).
+* the backend forced with ``backend="triton" | "cpp" | "chunked" | "reference"``, or raises
+  :class:`~efficient_attention.kernels.backends.BackendUnavailableError` (a ``ValueError``) listing every
+  reason it cannot take the inputs;
+* else the first backend that supports the inputs.  Skipping a backend that runs on the inputs' device
+  (the C++ kernels for CPU tensors, Triton for CUDA ones) is logged at WARNING, once per distinct set of
+  reasons.
 
-:func:`not_supported_reasons` returns, per fast backend, the reasons it cannot
-take the given inputs (empty list = usable), xformers-style.  The entries log
-the reasons of a fallback once per distinct message (at WARNING).
+Decisions are cached by what the reasons depend on, so a repeated call costs a dict lookup.  The
+function API :func:`not_supported_reasons` / :func:`choose_backend` answers the same per op name.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 from torch import Tensor
 
-from ._loader import cpu_extension, cpu_extension_reason
+from .backends import SHORT, Backend, BackendUnavailableError, triton_reason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["not_supported_reasons", "choose_backend", "triton_reason"]
+__all__ = ["Dispatcher", "dispatchers", "not_supported_reasons", "choose_backend", "triton_reason",
+           "choose_landmark_backend", "landmark_not_supported_reasons"]
 
-OPS = ("sliding_window", "block_sparse", "linear_attention")
-CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
-TRITON_BLOCK_SIZES = (16, 32, 64, 128)
-CPU_MAX_HEAD_DIM = 512
+# the modules that define each op's dispatcher (imported on first use, so this module imports none of them)
+_OP_MODULES = {"sliding_window": ".ops", "block_sparse": ".ops", "linear_attention": ".linear_attention",
+               "landmark": ".landmark"}
+OPS = tuple(_OP_MODULES)
+_registry: Dict[str, "Dispatcher"] = {}
 _logged: set = set()
 
 
-_env: dict = {}
-_decisions: dict = {}
+class Dispatcher:
+    """The backends of one op, fastest first; the last one must take every valid input."""
+
+    def __init__(self, op: str, backends: Sequence[Type[Backend]], aliases: Optional[Dict[str, str]] = None):
+        for b in backends:
+            if b.op != op:
+                raise ValueError(f"backend {b.__name__} computes {b.op!r}, not {op!r}")
+        self.op = op
+        self.backends = tuple(backends)
+        self.aliases = dict(aliases or {})  # old backend names still accepted (e.g. landmark's "torch")
+        self._decisions: dict = {}
+        _registry[op] = self
+
+    @property
+    def names(self) -> tuple:
+        return tuple(b.name for b in self.backends)
+
+    def backend(self, name: str) -> Type[Backend]:
+        """The backend class called ``name`` (``ValueError`` naming the choices otherwise)."""
+        name = self.aliases.get(name, name)
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise ValueError(f"backend must be None or one of {self.names} for {self.op}, got {name!r}")
+
+    def not_supported_reasons(self, q: Tensor, k: Tensor, v: Tensor, **params) -> Dict[str, List[str]]:
+        """Per backend name, every reason it cannot run these inputs ([] = it can)."""
+        return {b.name: b.not_supported_reasons(q, k, v, **params) for b in self.backends}
+
+    def select(self, backend: Optional[str], q: Tensor, k: Tensor, v: Tensor, **params) -> Type[Backend]:
+        """The forced backend if it can run (else ``BackendUnavailableError`` with its reasons), or the first
+        backend that supports the inputs (see the module doc for what is logged)."""
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be None or a str, got {type(backend).__name__}")
+        compiling = torch.compiler.is_compiling()
+        key = None
+        if not compiling:
+            key = (backend, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, q.dim(), k.dim(), v.dim(),
+                   q.shape[1:2], k.shape[1:2], v.shape[1:2], q.shape[-1:], v.shape[-1:],
+                   0 in q.shape or 0 in k.shape or 0 in v.shape, q.dim() > 2 and q.shape[2] < SHORT,
+                   tuple(sorted(params.items())))
+            hit = self._decisions.get(key)
+            if hit is not None:
+                return hit
+        chosen = self._select(backend, q, k, v, compiling, params)
+        if key is not None:
+            self._decisions[key] = chosen
+        return chosen
+
+    def _select(self, backend, q, k, v, compiling, params) -> Type[Backend]:
+        if backend is not None:
+            cls = self.backend(backend)
+            reasons = cls.not_supported_reasons(q, k, v, **params)
+            if reasons:
+                raise BackendUnavailableError(f"backend={cls.name!r} cannot run {self.op} on these inputs: "
+                                              + "; ".join(reasons))
+            return cls
+        skipped = []
+        for cls in self.backends:
+            reasons = cls.not_supported_reasons(q, k, v, **params)
+            if not reasons:
+                if not compiling:
+                    self._log_fallback(cls, skipped, q.device.type)
+                return cls
+            skipped.append((cls, reasons))
+        raise BackendUnavailableError(f"no backend can run {self.op} on these inputs: "
+                                      + " | ".join(f"{c.name}: " + "; ".join(r) for c, r in skipped))
+
+    def _log_fallback(self, chosen: Type[Backend], skipped, device: str) -> None:
+        for cls, reasons in skipped:
+            if device not in cls.supported_devices():
+                continue  # a backend of another device is no fallback (Triton for CPU tensors)
+            msg = f"{self.op}: using the {chosen.name} backend, not {cls.name}, because " + "; ".join(reasons)
+            if msg not in _logged:
+                _logged.add(msg)
+                logger.warning(msg)
 
 
-@torch.compiler.assume_constant_result
-def triton_reason() -> Optional[str]:
-    """Why the Triton kernels cannot run at all here, or ``None`` (computed once)."""
-    if "triton" not in _env:
-        _env["triton"] = _triton_reason()
-    return _env["triton"]
+def dispatchers() -> Dict[str, Dispatcher]:
+    """Every op's dispatcher, by op name (imports the op modules)."""
+    for op in OPS:
+        _dispatcher(op)
+    return {op: _registry[op] for op in OPS}
 
 
-@torch.compiler.assume_constant_result
-def _cpu_reason() -> Optional[str]:
-    if "cpu" not in _env:
-        _env["cpu"] = None if cpu_extension() is not None else cpu_extension_reason()
-    return _env["cpu"]
-
-
-def _triton_reason() -> Optional[str]:
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    try:
-        from . import triton_ops  # noqa: F401
-    except Exception as exc:  # a broken Triton install must not break the library
-        return f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _common(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> List[str]:
-    reasons = []
-    if dropout_p > 0.0:
-        reasons.append(f"dropout_p={dropout_p} (the kernels do not implement dropout)")
-    if not (q.device == k.device == v.device):
-        reasons.append("q, k, v are on different devices")
-    if not (q.dtype == k.dtype == v.dtype):
-        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        reasons.append("q, k, v must be 4-D (B, H, N, d)")
-    elif q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
-        reasons.append(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    if q.shape[-1] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
-        reasons.append("an empty dimension")
-    return reasons
-
-
-def not_supported_reasons(
-    op: str,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    dropout_p: float = 0.0,
-    block_size: Optional[int] = None,
-    exclude_self: bool = False,
-) -> Dict[str, List[str]]:
-    """Per fast backend (``"triton"``, ``"cpu"``), why it cannot run ``op`` on these inputs ([] = it can)."""
-    if op not in OPS:
+def _dispatcher(op: str) -> Dispatcher:
+    if op not in _OP_MODULES:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if op == "linear_attention":
-        return _linear_reasons(q, k, v)
-    common = _common(q, k, v, dropout_p)
-    if exclude_self:
-        common.append("the window excludes each query's own key (LocalWindow.exclude_self, shared_qk), "
-                      "which the kernels do not implement")
-    cpu = list(common)
-    if q.device.type != "cpu":
-        cpu.append(f"tensors are on {q.device.type}, not the CPU")
-    if q.dtype not in CPU_DTYPES:
-        cpu.append(f"dtype {q.dtype} is not one of {CPU_DTYPES}")
-    if q.shape[-1] > CPU_MAX_HEAD_DIM or v.shape[-1] > CPU_MAX_HEAD_DIM:
-        cpu.append(f"head dim {q.shape[-1]}/{v.shape[-1]} is above {CPU_MAX_HEAD_DIM}")
-    why = _cpu_reason()
-    if why:
-        cpu.append(why)
-    gpu = list(common) + _triton_tile_reasons(q, v, triton_reason)
-    if op == "block_sparse" and block_size is not None and block_size not in TRITON_BLOCK_SIZES:
-        gpu.append(f"block_size {block_size} is not one of {TRITON_BLOCK_SIZES}")
-    return {"triton": gpu, "cpu": cpu}
+    if op not in _registry:
+        importlib.import_module(_OP_MODULES[op], __package__)
+    return _registry[op]
 
 
-LINEAR_MAX_FEATURES = 256
-LINEAR_MIN_FEATURES = 16  # fewer are zero-padded to 16 (exact) before the kernels
-LINEAR_MIN_POSITIONS = 16
-LINEAR_MAX_VALUE_DIM = 129  # a head dim of 128 plus the normaliser's ones column
+def not_supported_reasons(op: str, q: Tensor, k: Tensor, v: Tensor, **params) -> Dict[str, List[str]]:
+    """Per backend of ``op``, why it cannot run on these inputs ([] = it can), xformers-style.
+
+    ``params``: ``dropout_p``, ``exclude_self`` (sliding window), ``dropout_p``, ``block_size`` (block sparse),
+    ``block_size`` (landmark, k and v with q's head count)."""
+    return _dispatcher(op).not_supported_reasons(q, k, v, **params)
 
 
-
-def _triton_tile_reasons(q: Tensor, v: Tensor, environment_reason) -> List[str]:
-    """What every tiled Triton attention kernel needs: CUDA, a usable Triton, a kernel dtype, equal head dims
-    of a tile size (``environment_reason()`` says why Triton cannot run at all, or ``None``)."""
-    reasons = []
-    if q.device.type != "cuda":
-        reasons.append(f"tensors are on {q.device.type}, not CUDA")
-    else:
-        why = environment_reason()
-        if why:
-            reasons.append(why)
-    if q.dtype not in TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of {TRITON_DTYPES}")
-    if q.shape[-1] not in TRITON_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        reasons.append(f"head dims q/k {q.shape[-1]}, v {v.shape[-1]}: Triton kernels need equal dims in "
-                       f"{TRITON_HEAD_DIMS}")
-    return reasons
-
-def _linear_reasons(q: Tensor, k: Tensor, v: Tensor) -> Dict[str, List[str]]:
-    """Causal chunked linear attention (``linear_attention.py``): ``"triton"`` on CUDA, else ``"chunked"``
-    (batched PyTorch matmuls, any device and dtype)."""
-    gpu = []
-    if not (q.device == k.device == v.device):
-        gpu.append("q, k, v are on different devices")
-    if q.device.type != "cuda":
-        gpu.append(f"tensors are on {q.device.type}, not CUDA")
-    else:
-        why = triton_reason()
-        if why:
-            gpu.append(why)
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in TRITON_DTYPES:
-        gpu.append(f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernels need one dtype of {TRITON_DTYPES}")
-    if q.shape[2] < LINEAR_MIN_POSITIONS:
-        gpu.append(f"{q.shape[2]} positions (a decoding step): fewer than {LINEAR_MIN_POSITIONS}, where the batched "
-                   "PyTorch path is cheaper and the kernels are not checked")
-    if q.shape[-1] > LINEAR_MAX_FEATURES:
-        gpu.append(f"{q.shape[-1]} features: the kernels hold at most {LINEAR_MAX_FEATURES} per program")
-    if v.shape[-1] > LINEAR_MAX_VALUE_DIM:
-        gpu.append(f"value dim {v.shape[-1]} is above {LINEAR_MAX_VALUE_DIM - 1}")
-    return {"triton": gpu, "chunked": []}
-
-
-def choose_backend(
-    op: str, q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, block_size: Optional[int] = None,
-    exclude_self: bool = False,
-) -> str:
-    """``"triton"``, ``"cpu"`` (``"chunked"`` for ``linear_attention``) or ``"reference"`` for these inputs
-    (logs why a fallback happened, once).
-
-    Decisions are cached by everything they depend on, so repeated calls cost a dict lookup.
-    """
-    compiling = torch.compiler.is_compiling()
-    key = None
-    if not compiling and q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
-        key = (op, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, q.shape[1], k.shape[1], v.shape[1],
-               q.shape[-1], v.shape[-1], q.shape[2] == 0 or k.shape[2] == 0, dropout_p > 0.0, block_size, exclude_self,
-               q.shape[2] < LINEAR_MIN_POSITIONS)  # the reasons depend on nothing else of the shapes
-        hit = _decisions.get(key)
-        if hit is not None:
-            return hit
-    backend = _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling)
-    if key is not None:
-        _decisions[key] = backend
-    return backend
-
-
-def _log_once(level: int, msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        logger.log(level, msg)
-
-
-def _choose(op, q, k, v, dropout_p, block_size, exclude_self, compiling) -> str:
-    reasons = not_supported_reasons(op, q, k, v, dropout_p=dropout_p, block_size=block_size, exclude_self=exclude_self)
-    for backend in reasons:  # the fast backends, fastest first
-        if not reasons[backend]:
-            if backend == "chunked" and q.device.type == "cuda" and not compiling:
-                why = "; ".join(reasons["triton"])
-                _log_once(logging.WARNING, f"{op}: using the PyTorch chunked path because {why}")
-            return backend
-    if not compiling:
-        relevant = reasons["triton"] if q.device.type == "cuda" else reasons["cpu"]
-        msg = f"{op}: using the reference path because " + "; ".join(relevant)
-        if msg not in _logged:
-            _logged.add(msg)
-            logger.warning(msg)
-    return "reference"
-
-
-# -- landmark attention (kernels/landmark.py) -------------------------------------------------------
-LANDMARK_BLOCK_SIZES = (16, 32, 64, 128)
-LANDMARK_FP32_TILE = 64 * 128  # largest fp32 key tile (block_size * head_dim) of the landmark kernels
-
-
-@torch.compiler.assume_constant_result
-def _landmark_triton_reason() -> Optional[str]:
-    if "landmark" not in _env:
-        why = triton_reason()
-        if why is None:
-            try:
-                from . import _triton_landmark  # noqa: F401
-            except Exception as exc:  # a broken Triton install must not break the library
-                why = f"the Triton landmark kernels failed to import ({type(exc).__name__}: {exc})"
-        _env["landmark"] = why
-    return _env["landmark"]
+def choose_backend(op: str, q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None, **params) -> str:
+    """The name of the backend a call of ``op`` on these inputs runs on (see :meth:`Dispatcher.select`)."""
+    return _dispatcher(op).select(backend, q, k, v, **params).name
 
 
 def landmark_not_supported_reasons(q: Tensor, k: Tensor, v: Tensor, *, block_size: int) -> Dict[str, List[str]]:
-    """Why the Triton landmark kernels cannot take these inputs ([] = they can); the PyTorch path takes all.
-
-    k, v already carry q's head count."""
-    gpu = _common(q, k, v, 0.0) + _triton_tile_reasons(q, v, _landmark_triton_reason)
-    if block_size not in LANDMARK_BLOCK_SIZES:
-        gpu.append(f"block_size {block_size} is not one of {LANDMARK_BLOCK_SIZES} (a landmark block is one key tile)")
-    elif q.dtype == torch.float32 and block_size * q.shape[-1] > LANDMARK_FP32_TILE:
-        gpu.append(f"fp32 key tiles of {block_size} keys x {q.shape[-1]} dims do not fit the registers "
-                   f"(fp32 needs block_size * head_dim <= {LANDMARK_FP32_TILE})")
-    return {"triton": gpu, "torch": []}
+    """:func:`not_supported_reasons` of ``"landmark"`` (k, v already with q's head count)."""
+    return not_supported_reasons("landmark", q, k, v, block_size=block_size)
 
 
 def choose_landmark_backend(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> str:
-    """``"triton"`` or ``"torch"``; on CUDA a fallback to the PyTorch path is logged once at WARNING."""
-    if torch.compiler.is_compiling():
-        return _choose_landmark(q, k, v, block_size)
-    key = ("landmark", q.device, q.dtype, k.dtype, v.dtype, q.shape[1], k.shape[1], v.shape[1], q.shape[-1],
-           v.shape[-1], min(q.shape) == 0 or k.shape[2] == 0, block_size)
-    hit = _decisions.get(key)
-    if hit is None:
-        hit = _decisions[key] = _choose_landmark(q, k, v, block_size)
-    return hit
-
-
-def _choose_landmark(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> str:
-    reasons = landmark_not_supported_reasons(q, k, v, block_size=block_size)["triton"]
-    if not reasons:
-        return "triton"
-    if q.device.type == "cuda" and not torch.compiler.is_compiling():
-        msg = "landmark: using the PyTorch path because " + "; ".join(reasons)
-        if msg not in _logged:
-            _logged.add(msg)
-            logger.warning(msg)
-    return "torch"
+    """:func:`choose_backend` of ``"landmark"``."""
+    return choose_backend("landmark", q, k, v, block_size=block_size)

@@ -10,31 +10,32 @@ is a FlashAttention-style online softmax over those items:
 
     out = (sum_{own j} e^{s_j} v_j + sum_{b < c} e^{s(L_b)} A_b) / Z,   lse = log Z.
 
-Backends (:func:`landmark_not_supported_reasons` says why one cannot run):
+Backends (``LANDMARK``, a :class:`~efficient_attention.kernels.dispatch.Dispatcher`; its
+``not_supported_reasons`` says why one cannot run):
 
-* ``"triton"`` -- the fused GPU kernels of ``_triton_landmark.py`` (fp16/bf16/fp32, fp32 accumulation);
-* ``"torch"``  -- the same computation in PyTorch, a chunk of query blocks at a time with batched
+* ``"triton"``    -- the fused GPU kernels of ``_triton_landmark.py`` (fp16/bf16/fp32, fp32 accumulation);
+* ``"reference"`` (formerly ``"torch"``, still accepted) -- the same computation in PyTorch, a chunk of query blocks at a time with batched
   matmuls against only the keys the chunk can see, and a hand-written backward that recomputes
   each chunk (any device and float dtype; float64 for gradcheck).  Scores are scaled and formed
   in at least fp32 (fp16 inputs of large magnitude stay finite).
 
+Both run under one ``autograd.Function`` (``_LandmarkFn``); the Triton kernels are also registered as
+custom ops (``torch.ops.efficient_attention.triton_landmark``, ``triton_landmark_bwd``) for ``torch.compile``.
 The general formula (any ``is_mem``, ``top_k`` retrieval) stays in ``sparse/landmark.py``; it is
 the float64 reference these paths are tested against.
 """
 from __future__ import annotations
 
-import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..functional import acc_dtype, repeat_kv
-from .dispatch import choose_landmark_backend
+from .backends import ReferenceBackend, TritonBackend, kernel_shape_reasons, tile_head_dim_reasons
+from .dispatch import Dispatcher
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["landmark_attention", "landmark_blocks_torch"]
+__all__ = ["landmark_attention", "landmark_blocks_torch", "LANDMARK", "LANDMARK_BLOCK_SIZES", "LANDMARK_FP32_TILE"]
 
 _CHUNK_ELEMS = 1 << 22  # scores held at once by the torch path (per chunk: B*H*rows*keys)
 
@@ -141,27 +142,10 @@ def _torch_backward(do, dlse, q, k, v, out, kpm, bs, scale):
     return dq, dk[:, :, :src_len].to(k.dtype), dv[:, :, :src_len].to(v.dtype)
 
 
-class _LandmarkTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kpm, bs, scale):
-        out, lse = _torch_forward(q, k, v, kpm, bs, scale)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.kpm, ctx.bs, ctx.scale = kpm, bs, scale
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        dq, dk, dv = _torch_backward(grad_out, grad_lse, q, k, v, out, ctx.kpm, ctx.bs, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
 def landmark_blocks_torch(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float,
                           key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The PyTorch path (k, v with q's head count; ``key_padding_mask`` bool ``(B, S)`` or None)."""
-    return _LandmarkTorch.apply(q, k, v, key_padding_mask, block_size, scale)
+    return _LandmarkFn.apply("reference", q, k, v, key_padding_mask, block_size, scale)
 
 
 # -- the Triton path ----------------------------------------------------------------------------------
@@ -245,40 +229,86 @@ def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, kpm, bs, scale = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.kpm, ctx.bs, ctx.scale = kpm, bs, scale
+# -- the one autograd wiring of both backends ------------------------------------------------------------------
+def _landmark_ops(backend: str):
+    """``(forward, backward)`` of a backend: the registered ops while compiling, else the launches themselves."""
+    if backend != "triton":
+        return _torch_forward, _torch_backward
+    if torch.compiler.is_compiling():
+        return torch.ops.efficient_attention.triton_landmark, torch.ops.efficient_attention.triton_landmark_bwd
+    return _triton_forward, _triton_backward
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    dq, dk, dv = triton_landmark_bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, ctx.bs, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-triton_landmark.register_autograd(_backward, setup_context=_setup)
-
-
-class _LandmarkTriton(torch.autograd.Function):
-    """Eager mode: the same kernels without the custom-op dispatch cost per call."""
-
+class _LandmarkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kpm, bs, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # saved as the kernels read them
-        out, lse = _triton_forward(q, k, v, kpm, bs, scale)
+    def forward(ctx, backend, q, k, v, kpm, bs, scale):
+        if backend == "triton":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # saved as the kernels read them
+        fwd, _ = _landmark_ops(backend)
+        out, lse = fwd(q, k, v, kpm, bs, scale)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.kpm, ctx.bs, ctx.scale = kpm, bs, scale
+        ctx.save_for_backward(q, k, v, out, lse, kpm)
+        ctx.backend, ctx.bs, ctx.scale = backend, bs, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, kpm = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        dq, dk, dv = _triton_backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, ctx.bs, ctx.scale)
-        return dq, dk, dv, None, None, None
+        _, bwd = _landmark_ops(ctx.backend)
+        if ctx.backend == "triton":
+            dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, lse, kpm, ctx.bs, ctx.scale)
+        else:
+            dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, kpm, ctx.bs, ctx.scale)
+        return None, dq, dk, dv, None, None, None
+
+
+# -- backends ---------------------------------------------------------------------------------------------------
+LANDMARK_BLOCK_SIZES = (16, 32, 64, 128)
+LANDMARK_FP32_TILE = 64 * 128  # largest fp32 key tile (block_size * head_dim) of the landmark kernels
+
+
+_env: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _landmark_triton_reason() -> Optional[str]:
+    if "triton" not in _env:
+        why = TritonBackend.environment_reason()
+        if why is None:
+            try:
+                from . import _triton_landmark  # noqa: F401
+            except Exception as exc:  # a broken Triton install must not break the library
+                why = f"the Triton landmark kernels failed to import ({type(exc).__name__}: {exc})"
+        _env["triton"] = why
+    return _env["triton"]
+
+
+class LandmarkTriton(TritonBackend):
+    op = "landmark"
+
+    @classmethod
+    def environment_reason(cls) -> Optional[str]:
+        return _landmark_triton_reason()
+
+    @classmethod
+    def input_reasons(cls, q, k, v, block_size=None) -> List[str]:
+        reasons = kernel_shape_reasons(q, k, v) + tile_head_dim_reasons(q, v)
+        if block_size not in LANDMARK_BLOCK_SIZES:
+            reasons.append(f"block_size {block_size} is not one of {LANDMARK_BLOCK_SIZES} (a landmark block is one "
+                           "key tile)")
+        elif q.dtype == torch.float32 and block_size * q.shape[-1] > LANDMARK_FP32_TILE:
+            reasons.append(f"fp32 key tiles of {block_size} keys x {q.shape[-1]} dims do not fit the registers "
+                           f"(fp32 needs block_size * head_dim <= {LANDMARK_FP32_TILE})")
+        return reasons
+
+
+class LandmarkReference(ReferenceBackend):
+    op = "landmark"
+    description = "PyTorch, a chunk of query blocks at a time (any device and float dtype)"
+
+
+LANDMARK = Dispatcher("landmark", (LandmarkTriton, LandmarkReference), aliases={"torch": "reference"})
 
 
 # -- the public entry -----------------------------------------------------------------------------------
@@ -299,7 +329,9 @@ def landmark_attention(
         block_size: landmark period (each block's last position is its landmark).
         scale: logit scale (default ``d ** -0.5``).
         key_padding_mask: ``(B, S)`` bool, True = padding (a padded landmark hides its block).
-        backend: ``"triton"`` or ``"torch"`` to force one (default: the fastest that supports the inputs).
+        backend: ``"triton"`` or ``"reference"`` (``"torch"``) to force one (default: the fastest that supports
+            the inputs); a forced backend that cannot run raises ``BackendUnavailableError`` (a ``ValueError``)
+            listing every reason.
 
     Returns:
         ``(out (B, H, T, d), lse (B, H, T))``; rows that see nothing give 0 and ``lse = -inf``.
@@ -326,15 +358,10 @@ def landmark_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     heads = q.shape[1]
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)  # GQA: autograd sums the repeated heads' gradients
-    if backend is None:
-        backend = choose_landmark_backend(q, k, v, block_size)
-    elif backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    if q.shape[2] == 0:
+    if q.shape[2] == 0:  # nothing to compute (a forced backend's name is still checked)
+        if backend is not None:
+            LANDMARK.backend(backend)
         return q.new_zeros(q.shape[:3] + (v.shape[-1],)), q.new_zeros(q.shape[:3], dtype=torch.float32)
-    if backend == "triton":
-        if torch.compiler.is_compiling():
-            return torch.ops.efficient_attention.triton_landmark(q, k, v, key_padding_mask, block_size, scale)
-        return _LandmarkTriton.apply(q, k, v, key_padding_mask, block_size, scale)
-    return landmark_blocks_torch(q, k, v, block_size, scale, key_padding_mask)
+    impl = LANDMARK.select(backend, q, k, v, block_size=block_size)
+    return _LandmarkFn.apply(impl.name, q, k, v, key_padding_mask, block_size, scale)
 

@@ -16,7 +16,8 @@ features ``exp(l_j - c_j)`` scaled by a running max ``c`` (non-decreasing), ``g_
 query ``t`` see ``exp(l_j - c_t)`` (Performer, ABC).  ``return_state=True`` also returns the final
 ``(H, z)`` (causal: after position ``S``), so a prefill hands its state to decoding.
 
-Backends (:func:`~efficient_attention.kernels.dispatch.not_supported_reasons` with ``"linear_attention"``):
+Backends (``LINEAR_ATTENTION``, a :class:`~efficient_attention.kernels.dispatch.Dispatcher`; its
+``not_supported_reasons`` says why one cannot run; ``backend=`` forces one):
 
 * ``"triton"`` -- CUDA: one program per (batch, head, block of value columns) walks the chunks,
   masked ``C x C`` product inside a chunk, the state carried in registers across chunks (fp32);
@@ -34,9 +35,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .dispatch import LINEAR_MIN_FEATURES, choose_backend
+from .backends import ChunkedBackend, ReferenceBackend, TritonBackend
+from .dispatch import Dispatcher
 
-__all__ = ["linear_attention", "reference_linear_attention", "chunked_linear_attention", "DEFAULT_CHUNK"]
+__all__ = ["linear_attention", "reference_linear_attention", "chunked_linear_attention", "DEFAULT_CHUNK",
+           "LINEAR_ATTENTION"]
 
 DEFAULT_CHUNK = 64
 State = Tuple[Tensor, Tensor]
@@ -302,6 +305,67 @@ def _tla_backward(ctx, grad_o, grad_final):
 triton_linear_attention.register_autograd(_tla_backward, setup_context=_tla_setup)
 
 
+# ----------------------------------------------------------------------------------------- backends
+LINEAR_MAX_FEATURES = 256
+LINEAR_MIN_FEATURES = 16  # fewer are zero-padded to 16 (exact) before the kernels
+LINEAR_MIN_POSITIONS = 16
+LINEAR_MAX_VALUE_DIM = 129  # a head dim of 128 plus the normaliser's ones column
+
+
+class LinearTriton(TritonBackend):
+    """Causal, aligned (q padded to k's length), v with the normaliser's ones column when normalizing."""
+
+    op = "linear_attention"
+
+    @classmethod
+    def input_reasons(cls, q, k, v):
+        reasons = []
+        if q.shape[2] < LINEAR_MIN_POSITIONS:
+            reasons.append(f"{q.shape[2]} positions (a decoding step): fewer than {LINEAR_MIN_POSITIONS}, where the "
+                           "batched PyTorch path is cheaper and the kernels are not checked")
+        if q.shape[-1] > LINEAR_MAX_FEATURES:
+            reasons.append(f"{q.shape[-1]} features: the kernels hold at most {LINEAR_MAX_FEATURES} per program")
+        if v.shape[-1] > LINEAR_MAX_VALUE_DIM:
+            reasons.append(f"value dim {v.shape[-1]} is above {LINEAR_MAX_VALUE_DIM - 1}")
+        return reasons
+
+    @staticmethod
+    def run(q, k, v, log_decay, state, chunk_size):
+        if state is not None:
+            state = state.float()
+        m = q.shape[-1]
+        if m < LINEAR_MIN_FEATURES:  # zero features add nothing: exact, and the kernels see a full 16-wide tile
+            q, k = (torch.nn.functional.pad(x, (0, LINEAR_MIN_FEATURES - m)) for x in (q, k))
+            state = None if state is None else torch.nn.functional.pad(state, (0, 0, 0, LINEAR_MIN_FEATURES - m))
+        o, final = torch.ops.efficient_attention.triton_linear_attention(q, k, v, log_decay, state)
+        final = final[..., :m, :]
+        if q.dtype == torch.float64:
+            o, final = o.double(), final.double()
+        return o, final
+
+
+class LinearChunked(ChunkedBackend):
+    op = "linear_attention"
+
+    @staticmethod
+    def run(q, k, v, log_decay, state, chunk_size):
+        return chunked_linear_attention(q, k, v, log_decay, state, chunk_size)
+
+
+class LinearReference(ReferenceBackend):
+    op = "linear_attention"
+    description = "quadratic masked PyTorch form (for tests; float64-friendly)"
+
+    @staticmethod
+    def run(q, k, v, log_decay, state, chunk_size):
+        init = None if state is None else (state, state.new_zeros(state.shape[:-1]))
+        o, _, final, _ = reference_linear_attention(q, k, v, log_decay, init, True)
+        return o, final
+
+
+LINEAR_ATTENTION = Dispatcher("linear_attention", (LinearTriton, LinearChunked, LinearReference))
+
+
 # ------------------------------------------------------------------------------------ public entry
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state,
            normalize) -> None:
@@ -356,15 +420,17 @@ def linear_attention(
 
     ``key_padding_mask`` ``(B, S)`` (True = padding) removes keys.  The result is fp32 (fp64 for fp64
     inputs); with ``return_state`` also the final ``(H (B,H,m,d), z (B,H,m))``.  ``chunk_size`` tunes the
-    ``"chunked"`` backend; ``backend`` forces one of ``"triton"``, ``"chunked"``, ``"reference"``.
+    ``"chunked"`` backend; ``backend`` forces one of ``"triton"``, ``"chunked"``, ``"reference"`` for the causal
+    case (``BackendUnavailableError``, a ``ValueError``, listing every reason when it cannot run); the noncausal
+    form is two matmuls on any backend.
     ``out_dtype`` casts the result (not the state); a normalised result is written in it directly, in a
     time-first ``(T, B, H, d)`` memory layout, so merging the heads afterwards needs no copy.
     """
     _check(q, k, v, causal, log_decay, key_padding_mask, initial_state, normalize)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if backend not in (None, "triton", "chunked", "reference"):
-        raise ValueError(f"backend must be None, 'triton', 'chunked' or 'reference', got {backend!r}")
+    if backend is not None:
+        LINEAR_ATTENTION.backend(backend)  # a ValueError naming the choices
     with torch.autocast(q.device.type, enabled=False):  # the PyTorch paths accumulate in fp32 under autocast too
         return _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state,
                                  return_state, chunk_size, backend, out_dtype)
@@ -394,24 +460,8 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
     else:
         if tgt_len < src_len:  # the first S - T keys have no query of their own
             q = torch.nn.functional.pad(q, (0, 0, src_len - tgt_len, 0))
-        backend = backend or choose_backend("linear_attention", q, k, v)
-        if backend == "triton":
-            if state is not None:
-                state = state.float()
-            m = q.shape[-1]
-            if m < LINEAR_MIN_FEATURES:  # zero features add nothing: exact, and the kernels see a full 16-wide tile
-                q, k = (torch.nn.functional.pad(x, (0, LINEAR_MIN_FEATURES - m)) for x in (q, k))
-                state = None if state is None else torch.nn.functional.pad(state, (0, 0, 0, LINEAR_MIN_FEATURES - m))
-            o, final = torch.ops.efficient_attention.triton_linear_attention(q, k, v, log_decay, state)
-            if return_state:
-                final = final[..., :m, :]
-            if dt == torch.float64:
-                o, final = o.double(), final.double()
-        elif backend == "chunked":
-            o, final = chunked_linear_attention(q, k, v, log_decay, state, chunk_size)
-        else:
-            init = None if state is None else (state, state.new_zeros(state.shape[:-1]))
-            o, _, final, _ = reference_linear_attention(q, k, v, log_decay, init, True)
+        impl = LINEAR_ATTENTION.select(backend, q, k, v)
+        o, final = impl.run(q, k, v, log_decay, state, chunk_size)
         if tgt_len < src_len:
             o = o[:, :, src_len - tgt_len:]
     out = _Normalize.apply(o, out_dtype or o.dtype) if normalize else o if out_dtype is None else o.to(out_dtype)

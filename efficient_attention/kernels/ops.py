@@ -1,4 +1,12 @@
-"""The dispatching entries of the sparse ops (same signatures and results as ``reference.py``)."""
+"""The sparse ops (same signatures and results as ``reference.py``), their backends and their autograd.
+
+Each public entry checks its arguments, asks its :class:`~efficient_attention.kernels.dispatch.Dispatcher`
+for a backend (``backend=`` forces one: ``"triton"``, ``"cpp"`` or ``"reference"``) and runs it.  The C++
+and Triton backends of an op share one ``autograd.Function`` (``_SlidingWindowFn``, ``_BlockSparseFn``)
+whose forward and backward call the backend's registered ops (``torch.ops.efficient_attention.*``, with
+fake impls: what ``torch.compile`` sees); in eager mode the Triton launches are called directly, which
+costs less Python per call than the custom-op dispatch.  The reference backend is plain PyTorch autograd.
+"""
 from __future__ import annotations
 
 import math
@@ -11,9 +19,11 @@ from ..block_mask import BlockMask, as_block_mask
 from ..functional import repeat_kv
 from ..local_window import LocalWindow
 from . import reference
-from .dispatch import choose_backend
+from .backends import CppBackend, ReferenceBackend, TritonBackend, kernel_shape_reasons, tile_head_dim_reasons
+from .dispatch import Dispatcher
 
-__all__ = ["sliding_window_attention", "block_sparse_attention", "check_inputs"]
+__all__ = ["sliding_window_attention", "block_sparse_attention", "check_inputs", "sliding_window_kernel",
+           "block_sparse_kernel", "SLIDING_WINDOW", "BLOCK_SPARSE"]
 
 # Triton computes blocks of 64 best; finer masks run as 64-blocks with token tiles (FlexAttention's way)
 TRITON_MIN_BLOCK = 64
@@ -65,14 +75,203 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     heads = q.shape[1]
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)  # GQA: autograd sums the repeated heads' grads
     if key_padding_mask is not None:
-        if key_padding_mask.shape != (q.shape[0], k.shape[2]):
-            raise ValueError(
-                f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, got {tuple(key_padding_mask.shape)}"
-            )
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     return k, v, key_padding_mask
 
 
+# -- the one autograd wiring of the C++ and Triton kernels -----------------------------------------------------
+def _kernel_ops(backend: str, op: str):
+    """``(forward, backward)`` callables of ``op``'s kernels on ``backend`` ("cpp" or "triton")."""
+    ops = torch.ops.efficient_attention
+    if backend == "cpp":
+        return (ops.sliding_window_fwd, ops.sliding_window_bwd) if op == "window" else \
+            (ops.block_sparse_fwd, ops.block_sparse_bwd)
+    if torch.compiler.is_compiling():  # the registered ops: opaque to the compiler, with fake impls
+        return (ops.triton_sliding_window, ops.triton_sliding_window_bwd) if op == "window" else \
+            (ops.triton_block_sparse, ops.triton_block_sparse_bwd)
+    from . import triton_ops
+
+    return (triton_ops.sliding_window_fwd, triton_ops.sliding_window_bwd) if op == "window" else \
+        (triton_ops.block_sparse_fwd, triton_ops.block_sparse_bwd)
+
+
+class _SlidingWindowFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, q, k, v, kpm, group, left, right, causal, q_offset, scale):
+        fwd, _ = _kernel_ops(backend, "window")
+        out, lse = fwd(q, k, v, kpm, group, left, right, causal, q_offset, scale)
+        ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no delta term)
+        ctx.save_for_backward(q, k, v, out, lse, kpm)
+        ctx.backend, ctx.args = backend, (group, left, right, causal, q_offset, scale)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, kpm = ctx.saved_tensors
+        _, bwd = _kernel_ops(ctx.backend, "window")
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, lse, kpm, *ctx.args)
+        return (None, dq, dk, dv) + (None,) * 7
+
+
+class _BlockSparseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, q, k, v, kpm, block_size, causal, scale, row_idx, row_cnt, row_tile, col_idx, col_cnt,
+                col_tile, tiles):
+        fwd, _ = _kernel_ops(backend, "block")
+        if backend == "cpp":
+            out, lse = fwd(q, k, v, row_idx, row_cnt, row_tile, tiles, block_size, causal, kpm, scale)
+        else:
+            out, lse = fwd(q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal,
+                           kpm, scale)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse, kpm, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
+        ctx.backend, ctx.args = backend, (block_size, causal)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, kpm, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles = ctx.saved_tensors
+        _, bwd = _kernel_ops(ctx.backend, "block")
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        if ctx.backend == "cpp":
+            tables = (row_idx, row_cnt, row_tile, tiles)
+        else:
+            tables = (row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
+        dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, lse, *tables, *ctx.args, kpm, ctx.scale)
+        return (None, dq, dk, dv) + (None,) * 11
+
+
+def sliding_window_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], group: int, left: int,
+                          right: int, causal: bool, q_offset: int, scale: float) -> Tuple[Tensor, Tensor]:
+    """The C++ (``"cpp"``) or Triton kernels of a window band, with autograd; ``k, v`` carry q's head count,
+    ``kpm`` is bool ``(B, S)`` or None.  Returns ``(out, lse)``; no checks (callers dispatch first)."""
+    return _SlidingWindowFn.apply(backend, q, k, v, kpm, group, left, right, causal, q_offset, scale)
+
+
+def block_sparse_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, tables: tuple, block_size: int, causal: bool,
+                        kpm: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
+    """The C++ or Triton kernels of a block mask's ``tables`` ``(row_idx, row_cnt, row_tile, col_idx, col_cnt,
+    col_tile, tiles)`` (:meth:`BlockMask.tables`; the C++ kernels read no ``col_*``), with autograd."""
+    return _BlockSparseFn.apply(backend, q, k, v, kpm, block_size, causal, scale, *tables)
+
+
+# -- sliding window: backends -----------------------------------------------------------------------------------
+CPU_MAX_HEAD_DIM = 512
+TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+_EXCLUDE_SELF = ("the window excludes each query's own key (LocalWindow.exclude_self, shared_qk), which the "
+                 "kernels do not implement")
+
+
+def _run_window(backend, q, k, v, window, q_offset, key_padding_mask, scale):
+    k, v, kpm = _prepare(q, k, v, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return sliding_window_kernel(backend, q, k, v, kpm, window.group, window.left, window.right, window.causal,
+                                 int(q_offset), scale)
+
+
+class SlidingWindowTriton(TritonBackend):
+    op = "sliding_window"
+
+    @classmethod
+    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False):
+        return kernel_shape_reasons(q, k, v, dropout_p) + tile_head_dim_reasons(q, v) + \
+            ([_EXCLUDE_SELF] if exclude_self else [])
+
+    @classmethod
+    def run(cls, q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
+        return _run_window(cls.name, q, k, v, window, q_offset, key_padding_mask, scale)
+
+
+class SlidingWindowCpp(CppBackend):
+    op = "sliding_window"
+
+    @classmethod
+    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False):
+        reasons = kernel_shape_reasons(q, k, v, dropout_p) + ([_EXCLUDE_SELF] if exclude_self else [])
+        if q.shape[-1] > CPU_MAX_HEAD_DIM or v.shape[-1] > CPU_MAX_HEAD_DIM:
+            reasons.append(f"head dim {q.shape[-1]}/{v.shape[-1]} is above {CPU_MAX_HEAD_DIM}")
+        return reasons
+
+    @classmethod
+    def run(cls, q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
+        return _run_window(cls.name, q, k, v, window, q_offset, key_padding_mask, scale)
+
+
+class SlidingWindowReference(ReferenceBackend):
+    op = "sliding_window"
+
+    @classmethod
+    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False):
+        return []
+
+    @staticmethod
+    def run(q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
+        return reference.sliding_window_attention(q, k, v, window, q_offset=q_offset, key_padding_mask=key_padding_mask,
+                                                  scale=scale, dropout_p=dropout_p, chunk=chunk)
+
+
+SLIDING_WINDOW = Dispatcher("sliding_window", (SlidingWindowTriton, SlidingWindowCpp, SlidingWindowReference),
+                            aliases={"cpu": "cpp"})
+
+
+# -- block sparse: backends -------------------------------------------------------------------------------------
+class BlockSparseTriton(TritonBackend):
+    op = "block_sparse"
+
+    @classmethod
+    def input_reasons(cls, q, k, v, dropout_p=0.0, block_size=None):
+        reasons = kernel_shape_reasons(q, k, v, dropout_p) + tile_head_dim_reasons(q, v)
+        if block_size is not None and block_size not in TRITON_BLOCK_SIZES:
+            reasons.append(f"block_size {block_size} is not one of {TRITON_BLOCK_SIZES}")
+        return reasons
+
+    @classmethod
+    def run(cls, q, k, v, bm, key_padding_mask, scale, dropout_p):
+        k, v, kpm = _prepare(q, k, v, key_padding_mask)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if bm.block_size < TRITON_MIN_BLOCK and min(q.shape[2], k.shape[2]) >= TRITON_MIN_BLOCK:
+            bm = bm.coarsened(TRITON_MIN_BLOCK)
+        t = bm.tables(q.device)
+        tables = (*t["row"], *t["col"], t["tiles"])
+        return block_sparse_kernel(cls.name, q, k, v, tables, bm.block_size, bm.causal, kpm, scale)
+
+
+class BlockSparseCpp(CppBackend):
+    op = "block_sparse"
+
+    @classmethod
+    def input_reasons(cls, q, k, v, dropout_p=0.0, block_size=None):
+        return SlidingWindowCpp.input_reasons(q, k, v, dropout_p)
+
+    @classmethod
+    def run(cls, q, k, v, bm, key_padding_mask, scale, dropout_p):
+        k, v, kpm = _prepare(q, k, v, key_padding_mask)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        t = bm.tables("cpu")
+        tables = (*t["row"], None, None, None, t["tiles"])
+        return block_sparse_kernel(cls.name, q, k, v, tables, bm.block_size, bm.causal, kpm, scale)
+
+
+class BlockSparseReference(ReferenceBackend):
+    op = "block_sparse"
+
+    @classmethod
+    def input_reasons(cls, q, k, v, dropout_p=0.0, block_size=None):
+        return []
+
+    @staticmethod
+    def run(q, k, v, bm, key_padding_mask, scale, dropout_p):
+        return reference.block_sparse_attention(q, k, v, bm, key_padding_mask=key_padding_mask, scale=scale,
+                                                dropout_p=dropout_p)
+
+
+BLOCK_SPARSE = Dispatcher("block_sparse", (BlockSparseTriton, BlockSparseCpp, BlockSparseReference),
+                          aliases={"cpu": "cpp"})
+
+
+# -- the public entries -----------------------------------------------------------------------------------------
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
@@ -84,10 +283,13 @@ def sliding_window_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     chunk: Optional[int] = None,
+    backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Attention restricted to a :class:`LocalWindow` band (see :func:`reference.sliding_window_attention`).
 
-    Returns ``(out (B, H, T, dv), lse (B, H, T))``; ``chunk`` only tunes the reference path.
+    Returns ``(out (B, H, T, dv), lse (B, H, T))``; ``chunk`` only tunes the reference path.  ``backend``
+    forces ``"triton"``, ``"cpp"`` or ``"reference"`` (``BackendUnavailableError``, a ``ValueError``, listing
+    every reason when it cannot run); by default the fastest that supports the inputs.
     """
     if not isinstance(window, LocalWindow):
         raise TypeError(f"window must be a LocalWindow, got {type(window).__name__}")
@@ -95,22 +297,8 @@ def sliding_window_attention(
     q_offset = _int(q_offset, "q_offset")
     if chunk is not None:
         _int(chunk, "chunk", 1)
-    backend = choose_backend("sliding_window", q, k, v, dropout_p=dropout_p, exclude_self=window.exclude_self)
-    if backend == "reference":
-        return reference.sliding_window_attention(
-            q, k, v, window, q_offset=q_offset, key_padding_mask=key_padding_mask, scale=scale,
-            dropout_p=dropout_p, chunk=chunk,
-        )
-    k, v, kpm = _prepare(q, k, v, key_padding_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    args = (window.group, window.left, window.right, window.causal, int(q_offset), scale)
-    if backend == "triton":
-        from . import triton_ops
-
-        if torch.compiler.is_compiling():
-            return torch.ops.efficient_attention.triton_sliding_window(q, k, v, kpm, *args)
-        return triton_ops.sliding_window_eager(q, k, v, kpm, *args)
-    return torch.ops.efficient_attention.sliding_window_fwd(q, k, v, kpm, *args)
+    impl = SLIDING_WINDOW.select(backend, q, k, v, dropout_p=dropout_p, exclude_self=window.exclude_self)
+    return impl.run(q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk)
 
 
 def block_sparse_attention(
@@ -124,10 +312,12 @@ def block_sparse_attention(
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Attention over a :class:`BlockMask` (or a bool block layout with ``block_size``), see
     :func:`reference.block_sparse_attention`.  Full blocks skip the element mask; partial blocks apply
-    the causal rule or their token tile inside the C++ / Triton kernels.
+    the causal rule or their token tile inside the C++ / Triton kernels.  ``backend`` as in
+    :func:`sliding_window_attention`.
 
     Returns ``(out (B, H, T, dv), lse (B, H, T))``.
     """
@@ -138,23 +328,5 @@ def block_sparse_attention(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
     bm = as_block_mask(mask, heads, tgt_len, src_len, block_size, causal)
-    backend = choose_backend("block_sparse", q, k, v, dropout_p=dropout_p, block_size=bm.block_size)
-    if backend == "reference":
-        return reference.block_sparse_attention(q, k, v, bm, key_padding_mask=key_padding_mask, scale=scale,
-                                                dropout_p=dropout_p)
-    k, v, kpm = _prepare(q, k, v, key_padding_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "triton":
-        from . import triton_ops
-
-        if bm.block_size < TRITON_MIN_BLOCK and min(tgt_len, src_len) >= TRITON_MIN_BLOCK:
-            bm = bm.coarsened(TRITON_MIN_BLOCK)
-        t = bm.tables(q.device)
-        tables = (*t["row"], *t["col"], t["tiles"])
-        if torch.compiler.is_compiling():
-            return torch.ops.efficient_attention.triton_block_sparse(q, k, v, *tables, bm.block_size, bm.causal, kpm,
-                                                                     scale)
-        return triton_ops.block_sparse_eager(q, k, v, tables, bm.block_size, bm.causal, kpm, scale)
-    t = bm.tables("cpu")
-    return torch.ops.efficient_attention.block_sparse_fwd(q, k, v, *t["row"], t["tiles"], bm.block_size, bm.causal, kpm,
-                                                          scale)
+    impl = BLOCK_SPARSE.select(backend, q, k, v, dropout_p=dropout_p, block_size=bm.block_size)
+    return impl.run(q, k, v, bm, key_padding_mask, scale, dropout_p)

@@ -1,9 +1,10 @@
-"""The Triton GPU kernels as ``torch.library`` custom ops, with fake impls and autograd.
+"""Launching the Triton GPU kernels of the sparse ops, and their ``torch.library`` custom ops.
 
-``torch.ops.efficient_attention.triton_sliding_window`` and ``triton_block_sparse``
-take ``(B, H, N, d)`` CUDA tensors (k, v already with q's head count) and return
-``(out, lse)``; see ``_triton_kernels.py`` for the algorithm.  Importing this
-module requires Triton.
+``sliding_window_fwd`` / ``block_sparse_fwd`` (registered as ``torch.ops.efficient_attention.triton_sliding_window``
+and ``triton_block_sparse``, with fake impls) take ``(B, H, N, d)`` CUDA tensors (k, v already with q's head
+count) and return ``(out, lse)``; the ``*_bwd`` functions return ``(dq, dk, dv)``.  Autograd is the op's one
+``autograd.Function`` in ``ops.py``.  See ``_triton_kernels.py`` for the algorithm.  Importing this module
+requires Triton.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import Tensor
 
 from . import _triton_kernels as tk
 
-__all__ = ["window_config", "block_config", "sliding_window_eager", "block_sparse_eager"]
+__all__ = ["window_config", "block_config", "sliding_window_fwd", "sliding_window_bwd", "block_sparse_fwd",
+           "block_sparse_bwd"]
 
 _UNBOUNDED = 1 << 30
 
@@ -202,8 +204,9 @@ def _mask_luts(q: Tensor, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile
 
 
 # -- sliding window -------------------------------------------------------------------------------
-@torch.library.custom_op("efficient_attention::triton_sliding_window", mutates_args=())
-def triton_sliding_window(
+# The plain launch functions below are what eager mode calls (from ``ops._SlidingWindowFn``); the custom
+# ops registered from them (with fake impls) are what torch.compile sees.  Autograd: ``ops.py``.
+def sliding_window_fwd(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], group: int, left: int, right: int,
     causal: bool, q_offset: int, scale: float,
 ) -> Tuple[Tensor, Tensor]:
@@ -212,13 +215,7 @@ def triton_sliding_window(
     return _forward(q, k, v, key_padding_mask, rule, _no_lut(q), cfg)
 
 
-@triton_sliding_window.register_fake
-def _(q, k, v, key_padding_mask, group, left, right, causal, q_offset, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@torch.library.custom_op("efficient_attention::triton_sliding_window_bwd", mutates_args=())
-def triton_sliding_window_bwd(
+def sliding_window_bwd(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], group: int, left: int, right: int, causal: bool, q_offset: int, scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -228,32 +225,26 @@ def triton_sliding_window_bwd(
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut, cfg)
 
 
+triton_sliding_window = torch.library.custom_op("efficient_attention::triton_sliding_window", sliding_window_fwd,
+                                                mutates_args=())
+triton_sliding_window_bwd = torch.library.custom_op("efficient_attention::triton_sliding_window_bwd",
+                                                    sliding_window_bwd, mutates_args=())
+
+
+@triton_sliding_window.register_fake
+def _(q, k, v, key_padding_mask, group, left, right, causal, q_offset, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 @triton_sliding_window_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group, left, right, causal, q_offset, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _sw_setup(ctx, inputs, output):
-    q, k, v, kpm, *args = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.kpm, ctx.args = kpm, args
-
-
-def _sw_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    dq, dk, dv = triton_sliding_window_bwd(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-triton_sliding_window.register_autograd(_sw_backward, setup_context=_sw_setup)
-
-
 # -- block sparse ---------------------------------------------------------------------------------
 # The block mask travels as its tables (``BlockMask.tables``): row_* for the forward and dq passes,
 # col_* (the transposed layout) for the dk/dv pass, tiles for the partial blocks (None: no tiles).
-@torch.library.custom_op("efficient_attention::triton_block_sparse", mutates_args=())
-def triton_block_sparse(
+def block_sparse_fwd(
     q: Tensor, k: Tensor, v: Tensor, row_idx: Tensor, row_cnt: Tensor, row_tile: Optional[Tensor], col_idx: Tensor,
     col_cnt: Tensor, col_tile: Optional[Tensor], tiles: Optional[Tensor], block_size: int, causal: bool,
     key_padding_mask: Optional[Tensor], scale: float,
@@ -263,14 +254,7 @@ def triton_block_sparse(
     return _forward(q, k, v, key_padding_mask, _block_rule(scale, causal, q.shape[2], k.shape[2]), lut, cfg)
 
 
-@triton_block_sparse.register_fake
-def _(q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal, key_padding_mask,
-      scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-@torch.library.custom_op("efficient_attention::triton_block_sparse_bwd", mutates_args=())
-def triton_block_sparse_bwd(
+def block_sparse_bwd(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     row_idx: Tensor, row_cnt: Tensor, row_tile: Optional[Tensor], col_idx: Tensor, col_cnt: Tensor,
     col_tile: Optional[Tensor], tiles: Optional[Tensor], block_size: int, causal: bool,
@@ -282,80 +266,19 @@ def triton_block_sparse_bwd(
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut_t, cfg)
 
 
+triton_block_sparse = torch.library.custom_op("efficient_attention::triton_block_sparse", block_sparse_fwd,
+                                              mutates_args=())
+triton_block_sparse_bwd = torch.library.custom_op("efficient_attention::triton_block_sparse_bwd", block_sparse_bwd,
+                                                  mutates_args=())
+
+
+@triton_block_sparse.register_fake
+def _(q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal, key_padding_mask,
+      scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 @triton_block_sparse_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles,
       block_size, causal, key_padding_mask, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _bs_setup(ctx, inputs, output):
-    q, k, v, *tables, block_size, causal, kpm, scale = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.tables, ctx.kpm, ctx.args = tables, kpm, (block_size, causal)
-    ctx.scale = scale
-
-
-def _bs_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    dq, dk, dv = triton_block_sparse_bwd(grad_out, grad_lse, q, k, v, out, lse, *ctx.tables, *ctx.args, ctx.kpm,
-                                         ctx.scale)
-    return (dq, dk, dv) + (None,) * 11
-
-
-triton_block_sparse.register_autograd(_bs_backward, setup_context=_bs_setup)
-
-
-# -- eager entry points ---------------------------------------------------------------------------
-# The custom ops above are what torch.compile sees; in eager mode the same forward/backward run
-# through plain autograd.Functions, which cost far less Python per call than the custom-op machinery.
-class _SlidingWindow(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, kpm, group, left, right, causal, q_offset, scale):
-        rule = _window_rule(scale, q_offset, group, left, right, causal)
-        cfg = window_config(left + right + group, q.shape[-1], q.dtype)["fwd"]
-        out, lse = _forward(q, k, v, kpm, rule, _no_lut(q), cfg)
-        ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no delta term)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.kpm, ctx.args = kpm, (group, left, right, causal, q_offset, scale)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, left, right, causal, q_offset, scale = ctx.args
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        lut = _no_lut(q)
-        dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm,
-                               _window_rule(scale, q_offset, group, left, right, causal), lut, lut,
-                               window_config(left + right + group, q.shape[-1], q.dtype))
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
-class _BlockSparse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, tables, block_size, causal, kpm, scale):
-        luts = _mask_luts(q, *tables)
-        rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
-        out, lse = _forward(q, k, v, kpm, rule, luts[0], block_config(block_size, q.shape[-1], q.dtype)["fwd"])
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.luts, ctx.rule, ctx.kpm, ctx.block_size = luts, rule, kpm, block_size
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        dq, dk, dv = _backward(grad_out, grad_lse, q, k, v, out, lse, ctx.kpm, ctx.rule, *ctx.luts,
-                               block_config(ctx.block_size, q.shape[-1], q.dtype))
-        return dq, dk, dv, None, None, None, None, None
-
-
-def sliding_window_eager(q, k, v, kpm, group, left, right, causal, q_offset, scale):
-    return _SlidingWindow.apply(q, k, v, kpm, group, left, right, causal, q_offset, scale)
-
-
-def block_sparse_eager(q, k, v, tables, block_size, causal, kpm, scale):
-    """``tables``: ``(row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)`` of a block mask."""
-    return _BlockSparse.apply(q, k, v, tables, block_size, causal, kpm, scale)
