@@ -48,7 +48,8 @@ class Dispatcher:
         self.backends = tuple(backends)
         self.aliases = dict(aliases or {})  # old backend names still accepted (e.g. landmark's "torch")
         self._decisions: dict = {}
-        _registry[op] = self
+        if op in _OP_MODULES:
+            _registry[op] = self
 
     @property
     def names(self) -> tuple:
@@ -56,6 +57,8 @@ class Dispatcher:
 
     def backend(self, name: str) -> Type[Backend]:
         """The backend class called ``name`` (``ValueError`` naming the choices otherwise)."""
+        if not isinstance(name, str):
+            raise TypeError(f"backend must be None or a str, got {type(name).__name__}")
         name = self.aliases.get(name, name)
         for b in self.backends:
             if b.name == name:
@@ -69,8 +72,6 @@ class Dispatcher:
     def select(self, backend: Optional[str], q: Tensor, k: Tensor, v: Tensor, **params) -> Type[Backend]:
         """The forced backend if it can run (else ``BackendUnavailableError`` with its reasons), or the first
         backend that supports the inputs (see the module doc for what is logged)."""
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be None or a str, got {type(backend).__name__}")
         compiling = torch.compiler.is_compiling()
         key = None
         if not compiling:
