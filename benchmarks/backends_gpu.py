@@ -217,8 +217,8 @@ def main() -> int:
         check_fallback(rows, warnings)
     check_compile(rows)
     with open(os.path.join(args.out, "backends_gpu.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", torch=torch.__version__, rows=rows,
-                       seconds=time.time() - t0), f, indent=1, default=str)
+        json.dump(dict(device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", torch=torch.__version__,
+                       rows=rows, seconds=time.time() - t0), f, indent=1, default=str)
     print(f"\n{'op':<17}{'dtype':<13}{'backend':<11}{'status':<26}{'max rel err':>12}{'fwd+bwd ms':>11}  ok")
     for r in rows:
         err = max(r["errors"].values()) if "errors" in r else None

@@ -27,7 +27,8 @@ def _call(op, q, k, v, **kw):
         return sliding_window_attention(q, k, v, WINDOW, **kw)[0]
     if op == "block_sparse":
         blocks = -(-q.shape[2] // 16)
-        return block_sparse_attention(q, k, v, torch.ones(2, blocks, blocks, dtype=torch.bool), 16, causal=True, **kw)[0]
+        layout = torch.ones(2, blocks, blocks, dtype=torch.bool)
+        return block_sparse_attention(q, k, v, layout, 16, causal=True, **kw)[0]
     if op == "linear_attention":
         return linear_attention(q.exp(), k.exp(), v, causal=True, **kw)
     return landmark_attention(q, k, v, 16, **kw)[0]

@@ -26,7 +26,7 @@ traffic costs as much as the recomputation; ``benchmarks/README.md``), so it is 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ._triton_common import LOG2E, _dot, _finish, _load_rows, _lse2, _store_rows  # noqa: F401 (LOG2E: triton_ops)
 LN2 = 0.6931471805599453
 
 
@@ -90,7 +90,7 @@ def _rows(ptr, desc, bh, r0, n_rows, offs_r, offs_d, TMA: tl.constexpr, ROWS: tl
     if TMA:
         return desc.load([bh, r0, 0]).reshape(ROWS, HEAD_DIM)
     else:
-        return tl.load(ptr + offs_r[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
+        return _load_rows(ptr, offs_r, n_rows, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -134,14 +134,6 @@ def _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT: tl.constexpr, LUT_BLOC
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, Out, Lse,
                 qk_scale, H, T, S, q_offset, group, left, right,
                 lut_heads, lut_rows, lut_cols,
@@ -158,7 +150,7 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, Out, Lse,
     k_base = K + bh.to(tl.int64) * S * HEAD_DIM
     v_base = V + bh.to(tl.int64) * S * HEAD_DIM
     kpm_ptr = KPM + b.to(tl.int64) * S
-    q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -192,11 +184,8 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, Out, Lse,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(Out + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=offs_m[:, None] < T)
+    out, lse = _finish(acc, m_i, l_i)
+    _store_rows(Out + bh.to(tl.int64) * T * HEAD_DIM, out, offs_m, T, offs_d, HEAD_DIM)
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -217,8 +206,8 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, TILE, TILES, DO, Lse, Delt
     do_base = DO + bh.to(tl.int64) * T * HEAD_DIM
     kv_off = bh.to(tl.int64) * S * HEAD_DIM
     kpm_ptr = KPM + b.to(tl.int64) * S
-    k = tl.load(K + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-    v = tl.load(V + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+    k = _load_rows(K + kv_off, offs_n, S, offs_d, HEAD_DIM)
+    v = _load_rows(V + kv_off, offs_n, S, offs_d, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     n0 = kb * BLOCK_N
@@ -245,7 +234,7 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, TILE, TILES, DO, Lse, Delt
         delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         # transposed scores sT (BLOCK_N, BLOCK_M) in log2 units
         sT = _dot(k, tl.trans(q), IEEE) * qk_scale
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = _lse2(lse)
         pT = tl.math.exp2(sT - lse2[None, :])
         first_p = qb * BLOCK_M + q_offset
         lo_last, _ = _band(first_p + BLOCK_M - 1, group, left, right, False)
@@ -265,8 +254,8 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, TILE, TILES, DO, Lse, Delt
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, IEEE)
     dk = dk * sm_scale
-    tl.store(DK + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < S)
-    tl.store(DV + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < S)
+    _store_rows(DK + kv_off, dk, offs_n, S, offs_d, HEAD_DIM)
+    _store_rows(DV + kv_off, dv, offs_n, S, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -286,16 +275,16 @@ def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, DO, Out, DLse, L
     k_base = K + bh.to(tl.int64) * S * HEAD_DIM
     v_base = V + bh.to(tl.int64) * S * HEAD_DIM
     kpm_ptr = KPM + b.to(tl.int64) * S
-    q = tl.load(Q + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
-    do = tl.load(DO + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q = _load_rows(Q + q_off, offs_m, T, offs_d, HEAD_DIM)
+    do = _load_rows(DO + q_off, offs_m, T, offs_d, HEAD_DIM)
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     # delta = rowsum(dO * O) - dlse, stored for the dk/dv kernel that runs next
-    o = tl.load(Out + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    o = _load_rows(Out + q_off, offs_m, T, offs_d, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = _lse2(lse)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first_p = qb * BLOCK_M + q_offset
     last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
@@ -323,4 +312,4 @@ def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, DO, Out, DLse, L
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale
-    tl.store(DQ + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
+    _store_rows(DQ + q_off, dq, offs_m, T, offs_d, HEAD_DIM)

@@ -22,15 +22,7 @@ landmark ``ds(L_b) = P_b (E_b - delta)``.  ``E_b`` is recomputed inside the tile
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+from ._triton_common import LOG2E, _dot, _finish, _load_rows, _lse2, _store_rows  # noqa: F401 (LOG2E: landmark.py)
 
 
 @triton.jit
@@ -103,8 +95,8 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_sc
               HEAD_DIM: tl.constexpr):
     n0 = kb * BS
     offs_n = n0 + offs_bs
-    k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+    k = _load_rows(k_base, offs_n, S, offs_d, HEAD_DIM)
+    v = _load_rows(v_base, offs_n, S, offs_d, HEAD_DIM)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     is_mark = (offs_n == n0 + BS - 1)[None, :]
     tok = ~is_mark
@@ -160,7 +152,7 @@ def _landmark_fwd_kernel(Q, K, V, KPM, Out, Lse, qk_scale, H, T, S, q_offset,
     k_base = K + bh.to(tl.int64) * S * HEAD_DIM
     v_base = V + bh.to(tl.int64) * S * HEAD_DIM
     kpm_ptr = KPM + b.to(tl.int64) * S
-    q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM)
     p = offs_m + q_offset
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -173,11 +165,8 @@ def _landmark_fwd_kernel(Q, K, V, KPM, Out, Lse, qk_scale, H, T, S, q_offset,
     for kb in range(first_blk, last_blk + 1):  # the rows' own blocks: causal for some rows, gated for others
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
                                   HAS_KPM, True, IEEE, BS, HEAD_DIM)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(Out + bh.to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=offs_m[:, None] < T)
+    out, lse = _finish(acc, m_i, l_i)
+    _store_rows(Out + bh.to(tl.int64) * T * HEAD_DIM, out, offs_m, T, offs_d, HEAD_DIM)
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -187,8 +176,8 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, 
              HEAD_DIM: tl.constexpr):
     n0 = kb * BS
     offs_n = n0 + offs_bs
-    k = tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_n[:, None] < S, other=0.0)
+    k = _load_rows(k_base, offs_n, S, offs_d, HEAD_DIM)
+    v = _load_rows(v_base, offs_n, S, offs_d, HEAD_DIM)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     w, a, P, own_row, is_mark = _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED, BS, 1)
     dp = _dot(do, tl.trans(v), IEEE)
@@ -210,16 +199,15 @@ def _landmark_dq_kernel(Q, K, V, KPM, DO, Out, DLse, Lse, Delta, DQ, qk_scale, s
     k_base = K + bh.to(tl.int64) * S * HEAD_DIM
     v_base = V + bh.to(tl.int64) * S * HEAD_DIM
     kpm_ptr = KPM + b.to(tl.int64) * S
-    rows = offs_m[:, None] < T
-    q = tl.load(Q + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=rows, other=0.0)
-    o = tl.load(Out + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=rows, other=0.0)
+    q = _load_rows(Q + q_off, offs_m, T, offs_d, HEAD_DIM)
+    do = _load_rows(DO + q_off, offs_m, T, offs_d, HEAD_DIM)
+    o = _load_rows(Out + q_off, offs_m, T, offs_d, HEAD_DIM)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = _lse2(lse)
     p = offs_m + q_offset
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     first_blk = (qb * BLOCK_M + q_offset) // BS
@@ -230,8 +218,7 @@ def _landmark_dq_kernel(Q, K, V, KPM, DO, Out, DLse, Lse, Delta, DQ, qk_scale, s
     for kb in range(first_blk, last_blk + 1):
         dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
                       HAS_KPM, True, IEEE, BS, HEAD_DIM)
-    tl.store(DQ + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=rows)
+    _store_rows(DQ + q_off, dq * sm_scale, offs_m, T, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -239,12 +226,11 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, of
                qk_scale, kpm_ptr, HAS_KPM: tl.constexpr, MIXED: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_m = qt * BLOCK_M + offs_mb
-    rows = offs_m[:, None] < T
-    q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=rows, other=0.0)
+    q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM)
+    do = _load_rows(do_base, offs_m, T, offs_d, HEAD_DIM)
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = _lse2(lse)
     # transposed tiles (keys, queries): the weights feed dv and dk as the first operand without a transpose
     sT = _dot(k, tl.trans(q), IEEE) * qk_scale
     wT, aT, P, own_row, is_mark = _tile_weights(sT, offs_m + q_offset, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED,
@@ -271,9 +257,8 @@ def _landmark_dkdv_kernel(Q, K, V, KPM, DO, Lse, Delta, DK, DV, qk_scale, sm_sca
     do_base = DO + bh.to(tl.int64) * T * HEAD_DIM
     kv_off = bh.to(tl.int64) * S * HEAD_DIM
     kpm_ptr = KPM + b.to(tl.int64) * S
-    cols = offs_n[:, None] < S
-    k = tl.load(K + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=cols, other=0.0)
-    v = tl.load(V + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=cols, other=0.0)
+    k = _load_rows(K + kv_off, offs_n, S, offs_d, HEAD_DIM)
+    v = _load_rows(V + kv_off, offs_n, S, offs_d, HEAD_DIM)
     dk = tl.zeros([BS, HEAD_DIM], tl.float32)
     dv = tl.zeros([BS, HEAD_DIM], tl.float32)
     # queries at positions >= n0 see this block: those of this block (own), later ones (gated)
@@ -287,6 +272,5 @@ def _landmark_dkdv_kernel(Q, K, V, KPM, DO, Lse, Delta, DK, DV, qk_scale, sm_sca
     for qt in range(tl.maximum(mid, start), tl.cdiv(T, BLOCK_M)):
         dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S,
                             q_offset, qk_scale, kpm_ptr, HAS_KPM, False, IEEE, BLOCK_M, BS, HEAD_DIM)
-    tl.store(DK + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=cols)
-    tl.store(DV + kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=cols)
+    _store_rows(DK + kv_off, dk * sm_scale, offs_n, S, offs_d, HEAD_DIM)
+    _store_rows(DV + kv_off, dv, offs_n, S, offs_d, HEAD_DIM)

@@ -107,7 +107,8 @@ class Backend:
         if not (q.device == k.device == v.device):
             reasons.append("q, k, v are on different devices")
         if devices and q.device.type not in devices:
-            reasons.append(f"tensors are on {q.device.type}, not {' or '.join(_DEVICE_NAMES.get(d, d) for d in devices)}")
+            names = " or ".join(_DEVICE_NAMES.get(d, d) for d in devices)
+            reasons.append(f"tensors are on {q.device.type}, not {names}")
         else:
             why = cls.environment_reason()
             if why:
