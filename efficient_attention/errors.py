@@ -17,6 +17,7 @@ __all__ = [
     "UnknownAttentionError",
     "UnknownSparsityModeError",
     "MechanismCheckError",
+    "BackendUnavailableError",
     "did_you_mean",
 ]
 
@@ -49,6 +50,11 @@ class UnknownSparsityModeError(ValueError, KeyError):
 
 class MechanismCheckError(AssertionError):
     """A mechanism failed at least one generic check of :func:`efficient_attention.testing.check_mechanism`."""
+
+
+class BackendUnavailableError(ValueError):
+    """A kernel backend forced with ``backend=`` cannot take the inputs; the message lists every reason
+    (:mod:`efficient_attention.kernels.dispatch`)."""
 
 
 def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:

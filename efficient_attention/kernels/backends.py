@@ -25,6 +25,7 @@ from typing import ClassVar, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..errors import BackendUnavailableError
 from ._loader import cpu_extension, cpu_extension_reason
 
 __all__ = [
@@ -37,10 +38,6 @@ CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SHORT = 16  # lengths below this may change a decision (see the module doc)
 
 _env: dict = {}
-
-
-class BackendUnavailableError(ValueError):
-    """A backend forced with ``backend=`` cannot take the inputs; the message lists every reason."""
 
 
 def triton_interpreted() -> bool:
