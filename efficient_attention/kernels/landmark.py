@@ -16,8 +16,8 @@ Backends (``LANDMARK``, a :class:`~efficient_attention.kernels.dispatch.Dispatch
 * ``"triton"``    -- the fused GPU kernels of ``_triton_landmark.py`` (fp16/bf16/fp32, fp32 accumulation);
 * ``"reference"`` (formerly ``"torch"``, still accepted) -- the same computation in PyTorch, a chunk of
   query blocks at a time with batched matmuls against only the keys the chunk can see, and a
-  hand-written backward that recomputes each chunk (any device and float dtype; float64 for gradcheck).  Scores are scaled and formed
-  in at least fp32 (fp16 inputs of large magnitude stay finite).
+  hand-written backward that recomputes each chunk (any device and float dtype; float64 for gradcheck).
+  Scores are scaled and formed in at least fp32 (fp16 inputs of large magnitude stay finite).
 
 Both run under one ``autograd.Function`` (``_LandmarkFn``); the Triton kernels are also registered as
 custom ops (``torch.ops.efficient_attention.triton_landmark``, ``triton_landmark_bwd``) for ``torch.compile``.
