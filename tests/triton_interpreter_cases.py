@@ -217,7 +217,7 @@ def main() -> int:
         (False, "linear decay+state+padding fp32 m16 d5", lambda: linear_case(70, 16, 5, f32, True, True, True)),
         (False, "linear fp16 m20 d40 T<S", lambda: linear_case(40, 20, 40, f16, False, False, True, S=75)),
         (False, "linear unnormalised m1 state fp32", lambda: linear_case(33, 1, 16, f32, True, True, False)),
-        (False, "linear d64 normalised: 2 value blocks, atomic dq/dk fp32",
+        (False, "linear d64 normalised: 2 value blocks, partial dq/dk summed fp32",
          lambda: linear_case(40, 16, 64, f32, True, True, True)),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

@@ -8,8 +8,7 @@ walks the chunks of ``BLOCK_C`` positions in order, with the state ``H (M, BLOCK
     o = A v + (q ∘ e^{G}) H                     H <- e^{G_last} H + (k ∘ e^{G_last - G})ᵀ v
 
 Backward: ``_bwd_dkdv`` walks the chunks backwards carrying ``dH = ∂L/∂H`` (``dv`` is complete per value block,
-``dk`` a partial sum over value blocks, atomically added into one fp32 buffer when there are several:
-``ATOMIC``), ``dH <- e^{G_last} dH + (q ∘ e^{G})ᵀ dO``, and
+``dk`` a partial sum over value blocks, summed by the caller), ``dH <- e^{G_last} dH + (q ∘ e^{G})ᵀ dO``, and
 ends with the initial state's gradient; ``_bwd_dq`` walks them forwards recomputing ``H`` for
 ``dq = (dO vᵀ ∘ e^{G_i - G_j} [j <= i]) k + e^{G} ∘ (dO Hᵀ)``.  Tensor-core products take the input dtype
 (fp32 inputs: IEEE fp32 products), accumulation is fp32.
@@ -76,8 +75,7 @@ def _fwd(Q, K, V, G, H0, O, HT, T, M, D,
 @triton.jit
 def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
               BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
-              ATOMIC: tl.constexpr):
+              HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -104,11 +102,8 @@ def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
         da = tl.dot(do, tl.trans(v), input_precision=PREC) * w  # (i, j)
         dk = tl.dot(tl.trans(da).to(q.dtype), q, input_precision=PREC)
         dk += tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=PREC) * k_out[:, None]
-        dk_ptr = DK + bh * T * M + rows[:, None] * M + offs_m[None, :]
-        if ATOMIC:  # several value blocks add their share of dk into one zeroed buffer
-            tl.atomic_add(dk_ptr, dk, mask=in_t[:, None] & (offs_m[None, :] < M))
-        else:
-            tl.store(dk_ptr, dk, mask=in_t[:, None] & (offs_m[None, :] < M))
+        dk_ptr = DK + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
+        tl.store(dk_ptr, dk, mask=in_t[:, None] & (offs_m[None, :] < M))
         dh = dh * decay + tl.dot(tl.trans((q * q_in[:, None]).to(q.dtype)), do, input_precision=PREC)
     if STORE_DH0:
         tl.store(DH0 + bh * M * D + h_ptr, dh, mask=mask_h)
@@ -117,7 +112,7 @@ def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
 @triton.jit
 def _bwd_dq(Q, K, V, G, H0, DO, DQ, T, M, D, BH,
             BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-            HAS_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr):
+            HAS_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -136,9 +131,6 @@ def _bwd_dq(Q, K, V, G, H0, DO, DQ, T, M, D, BH,
         da = tl.dot(do, tl.trans(v), input_precision=PREC) * w
         dq = tl.dot(da.to(k.dtype), k, input_precision=PREC)
         dq += tl.dot(do, tl.trans(h.to(v.dtype)), input_precision=PREC) * q_in[:, None]
-        dq_ptr = DQ + bh * T * M + rows[:, None] * M + offs_m[None, :]
-        if ATOMIC:
-            tl.atomic_add(dq_ptr, dq, mask=in_t[:, None] & (offs_m[None, :] < M))
-        else:
-            tl.store(dq_ptr, dq, mask=in_t[:, None] & (offs_m[None, :] < M))
+        dq_ptr = DQ + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
+        tl.store(dq_ptr, dq, mask=in_t[:, None] & (offs_m[None, :] < M))
         h = h * decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v, input_precision=PREC)

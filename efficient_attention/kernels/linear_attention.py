@@ -264,20 +264,20 @@ def triton_linear_attention_bwd(
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
     g = _flat(log_decay.float()) if log_decay is not None else dof
     h0 = _flat(state.float()) if state is not None else dof
-    # one fp32 buffer each for dq, dk: with several value blocks their shares are added atomically (partial
-    # buffers per block cost n_d times the memory: 1.3 GB for cosFormer's 128 features at 8k in CAB's setting)
-    dk = (torch.zeros if n_d > 1 else torch.empty)(bh, seq, m, device=q.device, dtype=torch.float32)
-    dq = (torch.zeros if n_d > 1 else torch.empty)(bh, seq, m, device=q.device, dtype=torch.float32)
+    # one fp32 partial dq, dk per value block, summed below: n_d times the memory of one (1.3 GB for cosFormer's
+    # 128 features at 8k in CAB's setting), but adding them atomically into one buffer measured 1.7x slower
+    # for cosFormer causal at 32k on the H200 (benchmarks/README.md, 2026-12-03)
+    dk = torch.empty(n_d, bh, seq, m, device=q.device, dtype=torch.float32)
+    dq = torch.empty_like(dk)
     dv = torch.empty(bh, seq, d, device=q.device, dtype=torch.float32)
     dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, device=q.device, dtype=torch.float32)
-    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", ATOMIC=n_d > 1,
-                 **cfg)
+    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
     dht = _flat(grad_final.float()) if grad_final is not None else dof
     kern._bwd_dkdv[(n_d, bh)](qf, kf, vf, g, dof, dht, dk, dv, dh0, seq, m, d, bh,
                               HAS_DHT=grad_final is not None, STORE_DH0=state is not None, **flags)
     kern._bwd_dq[(n_d, bh)](qf, kf, vf, g, h0, dof, dq, seq, m, d, bh, HAS_H0=state is not None, **flags)
     shape = (bsz, heads, seq)
-    return (dq.view(*shape, m).to(q.dtype), dk.view(*shape, m).to(k.dtype),
+    return (dq.sum(0).view(*shape, m).to(q.dtype), dk.sum(0).view(*shape, m).to(k.dtype),
             dv.view(*shape, d).to(v.dtype), dh0.view(bsz, heads, m, d))
 
 
