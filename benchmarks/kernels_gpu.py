@@ -202,7 +202,7 @@ class Runner:
                 row["varlen_graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         except Exception as exc:
             row["varlen_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        del qp, kp, vp, dop
+        qp = kp = vp = dop = None  # free the copies (not del: the closures above read them)
 
     def point(self, name, N, D, B, kept, ours, bm, row_mask, varlen=None, **extra):
         """``bm``: Flex BlockMask; ``row_mask(rows) -> bool (H|1, len(rows), N)``, True = attend (for the check);
@@ -237,8 +237,10 @@ class Runner:
         self.save()
         print(f"{name:28s} N={N:6d} D={D:3d} ours {row['ours_fwd_ms']:8.3f}/{row['ours_fwdbwd_ms']:8.3f} ms  "
               f"flex {row['flex_fwd_ms']:8.3f}/{row['flex_fwdbwd_ms']:8.3f} ms  x{row['speedup_vs_flex_fwd']:.2f}/"
-              f"x{row['speedup_vs_flex_fwdbwd']:.2f}  graph {row['ours_graph_fwdbwd_ms']:.3f}/{row['flex_graph_fwdbwd_ms']:.3f} "
-              f"x{row['speedup_vs_flex_graph_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  err {err:.1e}/{err_sdpa:.1e} "
+              f"x{row['speedup_vs_flex_fwdbwd']:.2f}  "
+              f"graph {row['ours_graph_fwdbwd_ms']:.3f}/{row['flex_graph_fwdbwd_ms']:.3f} "
+              f"x{row['speedup_vs_flex_graph_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  "
+              f"err {err:.1e}/{err_sdpa:.1e} "
               f"[{time.time() - self.t0:.0f}s]", flush=True)
         if "varlen_fwdbwd_ms" in row:
             print(f"{'':28s} varlen_attn {row['varlen_fwd_ms']:8.3f}/{row['varlen_fwdbwd_ms']:8.3f} ms  "
@@ -248,7 +250,7 @@ class Runner:
                   f"err vs ours {row['rel_err_varlen_vs_ours']:.1e}", flush=True)
         elif "varlen_error" in row:
             print(f"{'':28s} varlen_attn failed: {row['varlen_error']}", flush=True)
-        del q, k, v, do, bm
+        q = k = v = do = bm = None  # free the inputs (not del: the closures above read them)
         torch.cuda.empty_cache()
 
     def sdpa(self, N, D, B):
@@ -337,12 +339,14 @@ def main():
     print(json.dumps(r.meta))
     windows = [row for row in r.rows if row["name"].startswith("window")]
     if windows:  # issue 14's target: >= 1.25x Flex and >= 1.5x varlen_attn, forward+backward
-        print(f"\n{'N':>6} {'D':>4} {'W':>5} {'ours ms':>8} {'flex ms':>8} {'varlen ms':>9} {'x flex':>7} {'x varlen':>8}  "
+        print(f"\n{'N':>6} {'D':>4} {'W':>5} {'ours ms':>8} {'flex ms':>8} {'varlen ms':>9} "
+              f"{'x flex':>7} {'x varlen':>8}  "
               f"(forward+backward, eager / CUDA graph)")
         for row in windows:
             print(f"{row['N']:6d} {row['D']:4d} {row['W']:5d} {row['ours_fwdbwd_ms']:8.3f} {row['flex_fwdbwd_ms']:8.3f} "
                   f"{row.get('varlen_fwdbwd_ms', float('nan')):9.3f} {row['speedup_vs_flex_fwdbwd']:7.2f} "
-                  f"{row.get('speedup_vs_varlen_fwdbwd', float('nan')):8.2f}  graph x{row['speedup_vs_flex_graph_fwdbwd']:.2f} "
+                  f"{row.get('speedup_vs_varlen_fwdbwd', float('nan')):8.2f}  "
+                  f"graph x{row['speedup_vs_flex_graph_fwdbwd']:.2f} "
                   f"x{row.get('speedup_vs_varlen_graph_fwdbwd', float('nan')):.2f}")
 
 

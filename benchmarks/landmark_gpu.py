@@ -141,7 +141,7 @@ def module_point(name: str, L: int, opts: dict):
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - before) / 2**30
     ms = bench(step, [x] + list(m.parameters()), rep=100 if L <= 8192 else 200)
-    del m, x, dy
+    m = x = dy = None  # free them (not del: step() reads them)
     torch.cuda.empty_cache()
     return ms, peak
 
@@ -181,7 +181,8 @@ def main():
         rows.append(row)
         table.append(row)
         save()
-        print(f"module L={L:6d} vanilla {row.get('vanilla_ms', float('nan')):8.2f} ms {row.get('vanilla_gb', float('nan')):6.2f} GB"
+        print(f"module L={L:6d} vanilla {row.get('vanilla_ms', float('nan')):8.2f} ms "
+              f"{row.get('vanilla_gb', float('nan')):6.2f} GB"
               f"  landmark {row.get('landmark_ms', float('nan')):8.2f} ms {row.get('landmark_gb', float('nan')):6.2f} GB"
               f"  time x{row.get('time_ratio', float('nan')):.2f} mem x{row.get('mem_ratio', float('nan')):.2f}"
               f"  [{row['landmark_backend']}] {row.get('vanilla_error', '')}{row.get('landmark_error', '')}"

@@ -208,10 +208,10 @@ def op_speed(lengths, deadline=lambda: False):
             if m == 64:
                 row[f"m{m}_chunked_causal_decay"] = timed(op(True, "chunked", True)) if T <= 8192 else None
             row[f"m{m}_noncausal"] = timed(op(False, None, False))
-            del q, k, v
+            q = k = v = None  # free them (not del: the closures above read them)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del qs, ks, vs
+        qs = ks = vs = None  # free them (not del: the closures above read them)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -275,7 +275,7 @@ def module_speed(lengths, deadline=lambda: False):
                 peak = torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else 0.0
                 rows.append(dict(mechanism=name, causal=causal, L=L, ms=ms, peak_mib=round(peak, 1)))
                 print(json.dumps(rows[-1]), flush=True)
-                del x
+                x = None  # free it (not del: fn() reads it)
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
     return rows

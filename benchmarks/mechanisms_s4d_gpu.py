@@ -56,7 +56,8 @@ def check(length=300):
             errs.append((out.detach().cpu(), xi.grad.cpu()))
         err = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(*errs))
         rows.append(dict(name=name, causal=causal, rel_err=err, ok=err < 1e-9))
-        print(f"check {name:10s} {'causal' if causal else 'noncausal':9s} rel err {err:.2e} {'ok' if err < 1e-9 else 'FAIL'}",
+        verdict = "ok" if err < 1e-9 else "FAIL"
+        print(f"check {name:10s} {'causal' if causal else 'noncausal':9s} rel err {err:.2e} {verdict}",
               flush=True)
     return rows
 

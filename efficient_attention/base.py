@@ -549,7 +549,10 @@ class EfficientAttention(nn.Module):
         if query.dim() != 3:
             raise ValueError(f"query must be 3-D (tgt_len, batch, embed_dim), got shape {tuple(query.shape)}")
         if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query has {query.shape[-1]} features, expected embed_dim={self.embed_dim} (shape {tuple(query.shape)})")
+            raise ValueError(
+                f"query has {query.shape[-1]} features, expected embed_dim={self.embed_dim} "
+                f"(shape {tuple(query.shape)})"
+            )
         if not query.is_floating_point():
             raise TypeError(f"query must be floating point, got {query.dtype}")
         if (key is None) != (value is None):
@@ -568,7 +571,10 @@ class EfficientAttention(nn.Module):
             if x.device != query.device:
                 raise ValueError(f"{nm} is on {x.device}, query on {query.device}")
             if x.shape[1] != query.shape[1]:
-                raise ValueError(f"{nm} batch {x.shape[1]} differs from query batch {query.shape[1]} (shapes {tuple(x.shape)} vs {tuple(query.shape)})")
+                raise ValueError(
+                    f"{nm} batch {x.shape[1]} differs from query batch {query.shape[1]} "
+                    f"(shapes {tuple(x.shape)} vs {tuple(query.shape)})"
+                )
         if key.shape[0] != value.shape[0]:
             raise ValueError(f"key and value lengths differ: key {tuple(key.shape)}, value {tuple(value.shape)}")
 

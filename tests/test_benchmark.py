@@ -2,6 +2,7 @@
 
 Tiny sizes only; nothing here asserts a timing.
 """
+import argparse
 import json
 import math
 import os
@@ -286,7 +287,7 @@ def test_efficiency_lengths_on_synthetic_points():
 def test_argument_parsing():
     assert parse_lengths("256:2048") == [256, 512, 1024, 2048]
     assert parse_lengths("100,300") == [100, 300]
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="--lengths"):
         parse_lengths("0:16")
     assert parse_pattern("causal-self") is Pattern.CAUSAL_SELF and parse_pattern("noncausal_cross") is Pattern.NONCAUSAL_CROSS
     with pytest.raises(ValueError, match="unknown pattern"):
@@ -295,7 +296,7 @@ def test_argument_parsing():
         SweepConfig(modes=("sideways",)).validate()
     assert parse_option("Vanilla.num_kv_heads=2") == ("vanilla", "num_kv_heads", 2)
     assert parse_option("x.mode=fast") == ("x", "mode", "fast")
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="--option"):
         parse_option("novalue")
     with pytest.raises(ValueError, match="unknown attention 'nosuch'"):
         SweepConfig(mechanisms=["nosuch"]).validate()

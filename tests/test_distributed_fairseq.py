@@ -68,7 +68,7 @@ def test_two_cpu_processes_equal_one_with_update_freq_2(lm_data, tmp_path):  # n
                               env=fh.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     assert "distributed init (rank 1)" in outs[1][1] + outs[1][0]
     ref, got = _weights(tmp_path / "one" / "checkpoint_last.pt"), _weights(tmp_path / "two" / "checkpoint_last.pt")

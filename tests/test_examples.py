@@ -97,8 +97,8 @@ def test_paragen_data(tmp_path):
 @pytest.mark.slow
 def test_main_job(tmp_path):
     require_fairseq()
-    out = _run([sys.executable, EXAMPLES / "fairseq" / "main_job.py", "--mechanisms", "vanilla,local",
-                "--max-update", "4", "--train-lines", "40", "--valid-lines", "6", "--work-dir", tmp_path])
+    _run([sys.executable, EXAMPLES / "fairseq" / "main_job.py", "--mechanisms", "vanilla,local",
+          "--max-update", "4", "--train-lines", "40", "--valid-lines", "6", "--work-dir", tmp_path])
     table = (tmp_path / "results.md").read_text()
     assert "| vanilla |" in table and "| local |" in table and "copy acc" in table and "recall acc" in table
 

@@ -186,7 +186,7 @@ def test_presets_cover_every_mechanism():
 
 def test_every_option_is_a_flag_and_a_config_field():
     fields = efficient_fairseq.EfficientTransformerLanguageModelConfig.__dataclass_fields__
-    for name, info in INFOS.items():
+    for info in INFOS.values():
         for opt, spec in info.options.items():
             assert f"attn_{opt}" in fields and fields[f"attn_{opt}"].default is None
             assert spec.help in fields[f"attn_{opt}"].metadata["help"]

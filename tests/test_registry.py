@@ -30,13 +30,14 @@ def test_readme_table_agrees_with_registry():
 
 
 def test_import_does_not_import_fairseq_or_paragen():
-    code = "import sys, efficient_attention; bad = [m for m in sys.modules if m.split('.')[0] in ('fairseq', 'paragen')]; print(bad)"
+    code = ("import sys, efficient_attention; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('fairseq', 'paragen')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
 
 def test_every_registered_class_is_exported():
-    for name, info in available_attentions().items():
+    for info in available_attentions().values():
         assert getattr(ea, info.cls.__name__) is info.cls, f"{info.cls.__name__} is not exported from efficient_attention"
 
 

@@ -19,7 +19,7 @@ TOL = dict(atol=2e-6, rtol=1e-5)
 
 
 def _pair(seed=0, slow_path=False, **kw):
-    fs = require_fairseq()
+    require_fairseq()
     from fairseq.modules import MultiheadAttention as FairseqMHA
 
     torch.manual_seed(seed)

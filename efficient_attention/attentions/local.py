@@ -65,9 +65,11 @@ class LocalAttention(EfficientAttention):
         "window_size": "alias of wsize (lucidrains' name); overrides it when given",
         "look_backward": "how many blocks before its own a query sees",
         "look_forward": "how many blocks after its own a query sees (default 0 if causal else 1; must be 0 if causal)",
-        "exact_windowsize": "every query sees exactly wsize*look_backward keys before it (and wsize*look_forward after)",
+        "exact_windowsize": "every query sees exactly wsize*look_backward keys before it "
+                            "(and wsize*look_forward after)",
         "autopad": "accept lengths that are not a multiple of wsize (keys outside the sequence never count)",
-        "shared_qk": "keys are the normalised query projections; a query attends to itself only if nothing else is visible",
+        "shared_qk": "keys are the normalised query projections; "
+                     "a query attends to itself only if nothing else is visible",
     }
 
     def __init__(

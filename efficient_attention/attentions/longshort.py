@@ -63,7 +63,8 @@ class LongShort(EfficientAttention):
                                 backends=("kernels.sliding_window_attention",))
     option_help = {
         "window_size": "block size of the short-term window (a query sees its block and the blocks next to it)",
-        "num_landmarks": "noncausal: global compressed memories; causal: compressed memories kept (the last num_landmarks // chunk_rank chunks)",
+        "num_landmarks": "noncausal: global compressed memories; "
+                         "causal: compressed memories kept (the last num_landmarks // chunk_rank chunks)",
         "chunk_size": "causal: tokens per compressed chunk",
         "chunk_rank": "causal: compressed memories per chunk",
     }
@@ -258,7 +259,8 @@ class AttentionLS(LongShort):
 class CausalLS(LongShort):
     """Causal Transformer-LS: causal local window + compressed memories of the last chunks; constant-state decoding.
 
-    See :class:`LongShort`.  Patterns: causal self (``causal`` defaults to True).  Cost O(N·(2·window_size + num_landmarks)·d).
+    See :class:`LongShort`.  Patterns: causal self (``causal`` defaults to True).
+    Cost O(N·(2·window_size + num_landmarks)·d).
     """
 
     capabilities = Capabilities(patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, constant_state=True,

@@ -66,7 +66,8 @@ class NystromAttention(EfficientAttention):
     capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}))
     option_help = {
         "num_landmarks": "number of landmarks C (segment means of queries and keys)",
-        "conv_kernel_size": "odd kernel size of the depthwise convolution on the values added to the output (None: none)",
+        "conv_kernel_size": "odd kernel size of the depthwise convolution on the values added to the output "
+                            "(None: none)",
         "pinv_iterations": "Newton-Schulz iterations of the pseudo-inverse",
     }
 

@@ -58,7 +58,10 @@ def hash_samples(pos: Tensor, n_visible: Tensor, count: int, seed: int = 0x5EED)
 
 
 def _prefix_top(values: Tensor, k: int) -> Tensor:
-    """Exclusive running top-``k``: ``(..., G, k)`` largest of ``values[..., :g, :]`` (-inf filled), values ``(..., G, m)``."""
+    """Exclusive running top-``k``: ``(..., G, k)`` largest of ``values[..., :g, :]`` (-inf filled).
+
+    ``values``: ``(..., G, m)``.
+    """
     groups = values.shape[-2]
     flat = values.flatten(-2)[..., None, :].expand(*values.shape[:-2], groups, groups * values.shape[-1])
     earlier = torch.arange(groups, device=values.device).repeat_interleave(values.shape[-1])[None] < \
@@ -166,7 +169,10 @@ class ProbSparse(EfficientAttention):
             return torch.where(n > 0, top - total / n.clamp(min=1), torch.full_like(top, float("-inf")))
 
     def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], q_pos: Tensor) -> Tensor:
-        """Causal selection by brute force: query ``i`` is active iff fewer than ``u_i`` earlier queries score higher."""
+        """Causal selection by brute force.
+
+        Query ``i`` is active iff fewer than ``u_i`` earlier queries score higher.
+        """
         u = log_counts(self.factor, q_pos + 1)
         earlier = torch.tril(torch.ones(m_new.shape[-1], m_new.shape[-1], dtype=torch.bool, device=m_new.device), -1)
         count = ((m_new[..., None, :] > m_new[..., :, None]) & earlier).sum(-1)

@@ -63,7 +63,9 @@ def parse_lengths(text: str) -> List[int]:
             raise ValueError
         return out
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--lengths: expected 'N,N,...' or 'MIN:MAX' of positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--lengths: expected 'N,N,...' or 'MIN:MAX' of positive integers, got {text!r}"
+        ) from None
 
 
 def parse_option(text: str):

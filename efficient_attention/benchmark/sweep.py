@@ -353,7 +353,8 @@ def eta_seconds(index: int, total: int, elapsed: float, max_time: Optional[float
 
 def _log_point(index: int, total: int, elapsed: float, rec: dict, max_time: Optional[float] = None) -> None:
     eta = _duration(eta_seconds(index, total, elapsed, max_time))
-    head = f"[{index}/{total} {_duration(elapsed)}, ETA {eta}] {rec['mechanism']} {rec['pattern']} {rec['mode']} {rec['dtype']} {rec['device']} L={rec['length']}"
+    head = (f"[{index}/{total} {_duration(elapsed)}, ETA {eta}] {rec['mechanism']} {rec['pattern']} {rec['mode']} "
+            f"{rec['dtype']} {rec['device']} L={rec['length']}")
     if rec["status"] == "ok":
         logger.info("%s: %.3g ms, peak %.3g MiB", head, rec["time_s"] * 1e3, rec["mem_peak_bytes"] / 2**20)
     elif rec["status"] == "skipped":

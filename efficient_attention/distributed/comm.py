@@ -222,7 +222,7 @@ class _Exchange(torch.autograd.Function):
                 outgoing.append((peer, piece.contiguous()))
         incoming = [(peer, grad.new_empty(*ctx.shape[:-2], b - a, ctx.shape[-1])) for peer, a, b in plan.sends]
         _p2p(shards, outgoing, incoming, ctx.kind + "_grad")
-        for (peer, a, b), (_, g) in zip(plan.sends, incoming):
+        for (_, a, b), (_, g) in zip(plan.sends, incoming):
             grad_x[..., a:b, :] += g
         return grad_x, None, None, None
 

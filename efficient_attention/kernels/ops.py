@@ -67,7 +67,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
     if key_padding_mask is not None:
         if key_padding_mask.shape != (q.shape[0], k.shape[2]):
             raise ValueError(
-                f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, got {tuple(key_padding_mask.shape)}"
+                f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
             )
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     return k, v, key_padding_mask

@@ -31,7 +31,7 @@ from ..layouts import BLOCK_SIZES
 __all__ = ["mask_attention", "block_structure"]
 
 
-def block_structure(mask: Tensor, sizes=tuple(reversed(BLOCK_SIZES))) -> Optional[Tuple[int, Tensor]]:
+def block_structure(mask: Tensor, sizes: Tuple[int, ...] = BLOCK_SIZES[::-1]) -> Optional[Tuple[int, Tensor]]:
     """``(bs, layout (G, T/bs, S/bs))`` if the ``(G, T, S)`` bool mask is made of whole blocks, else ``None``."""
     g, t, s = mask.shape
     for bs in sizes:

@@ -11,9 +11,11 @@ attn = LocalAttention(
     window_size = 512,       # window size. 512 is optimal, but 256 or 128 yields good enough results
     causal = True,           # auto-regressive or not
     look_backward = 1,       # each window looks at the window before
-    look_forward = 0,        # for non-auto-regressive case, will default to 1, so each window looks at the window before and after it
+    look_forward = 0,        # for non-auto-regressive case, will default to 1, so each window looks at the window
+                             # before and after it
     dropout = 0.1,           # post-attention dropout
-    exact_windowsize = False # if this is set to true, in the causal setting, each query will see at maximum the number of keys equal to the window size
+    exact_windowsize = False # if this is set to true, in the causal setting, each query will see at maximum the
+                             # number of keys equal to the window size
 )
 
 mask = torch.ones((2, 2048)).bool()

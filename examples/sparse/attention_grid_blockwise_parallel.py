@@ -48,9 +48,10 @@ output_readme = output
 # ---- Example 2 (documentation) ----
 # Initialize
 
-from torch import random
-import torch as jnp
-from efficient_attention.compat.attention_grid import BlockwiseParallelJax
+# the documentation's imports, where the documentation has them
+from torch import random  # noqa: E402
+import torch as jnp  # noqa: E402
+from efficient_attention.compat.attention_grid import BlockwiseParallelJax  # noqa: E402
 
 # Initialize transformer block
 block = BlockwiseParallelJax(

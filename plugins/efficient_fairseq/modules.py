@@ -45,8 +45,9 @@ def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, *, 
             kwargs["max_len"] = max_positions
         elif choice.options["max_len"] is not None and choice.options["max_len"] < max_positions:
             raise user_error(ValueError(
-                f"{choice.role.flag} {choice.name}: max_len={choice.options['max_len']} is shorter than the model's "
-                f"{max_positions} positions (--tokens-per-sample / --max-*-positions); raise --attn-max-len or drop it"))
+                f"{choice.role.flag} {choice.name}: max_len={choice.options['max_len']} is shorter than the "
+                f"model's {max_positions} positions (--tokens-per-sample / --max-*-positions); "
+                f"raise --attn-max-len or drop it"))
     # The registry class itself: it has fairseq's constructor, forward and incremental-state
     # protocol; the layers never pass fairseq's dictionary / xformers keywords (xformers configs are
     # rejected by the layers).
@@ -56,7 +57,7 @@ def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, *, 
             embed_dim, num_heads, cross=pattern.cross, causal=pattern.causal, **kwargs, **choice.options
         )
     except UnsupportedPatternError as err:
-        raise user_error(err)
+        raise user_error(err) from err
     except (TypeError, ValueError) as err:
         raise user_error(type(err)(f"{choice.role.flag} {choice.name} ({choice.describe()}): {err}")) from None
 

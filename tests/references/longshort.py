@@ -9,7 +9,10 @@ OPTIONS = dict(window_size=2, num_landmarks=3, chunk_size=2, chunk_rank=1)
 
 
 def _compress(m, h, ks, vs, pads):
-    """Memories of one group of positions (list of (d,) tensors) for head h: (keys, values) lists, or None if all padded."""
+    """Memories of one group of positions (list of (d,) tensors) for head h.
+
+    Returns (keys, values) lists, or None if all are padded.
+    """
     real = [j for j in range(len(ks)) if not pads[j]]
     if not real:
         return None

@@ -31,7 +31,10 @@ def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
 
 
 class LocalMHA(nn.Module):
-    """Multi-head local attention on ``(B, N, dim)``: fused q/k/v projection, per-head LocalAttention, output projection."""
+    """Multi-head local attention on ``(B, N, dim)``.
+
+    A fused q/k/v projection, per-head LocalAttention, an output projection.
+    """
 
     def __init__(self, *, dim: int, window_size: int, dim_head: int = 64, heads: int = 8, dropout: float = 0.0,
                  causal: bool = False, prenorm: bool = False, use_xpos: bool = False,
