@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EfficientAttention", "AttentionMasks", "OptionSpec", "IncrementalState", "check_bool"]
 
-IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+IncrementalState = Dict[str, Dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -214,11 +214,11 @@ class EfficientAttention(nn.Module):
         self.v_proj = nn.Linear(self.vdim, kv_dim, bias=bias)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.bias_k: Optional[nn.Parameter] = None
+        self.bias_v: Optional[nn.Parameter] = None
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim))
             self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim))
-        else:
-            self.bias_k = self.bias_v = None
         self.init_incremental_state()
         self.reset_parameters()
 
@@ -231,7 +231,7 @@ class EfficientAttention(nn.Module):
         nn.init.xavier_uniform_(self.out_proj.weight)
         if self.out_proj.bias is not None:
             nn.init.constant_(self.out_proj.bias, 0.0)
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             nn.init.xavier_normal_(self.bias_k)
             nn.init.xavier_normal_(self.bias_v)
 
@@ -285,11 +285,11 @@ class EfficientAttention(nn.Module):
             incremental_state[self._full_key(key)] = value
         return incremental_state
 
-    def _get_input_buffer(self, incremental_state: Optional[IncrementalState]) -> Dict[str, Optional[Tensor]]:
+    def _get_input_buffer(self, incremental_state: Optional[IncrementalState]) -> Dict[str, Any]:
         result = self.get_incremental_state(incremental_state, "attn_state")
         return result if result is not None else {}
 
-    def _set_input_buffer(self, incremental_state: Optional[IncrementalState], buffer: Dict[str, Optional[Tensor]]):
+    def _set_input_buffer(self, incremental_state: Optional[IncrementalState], buffer: Dict[str, Any]):
         return self.set_incremental_state(incremental_state, "attn_state", buffer)
 
     def reorder_incremental_state(self, incremental_state: Optional[IncrementalState], new_order: Tensor):
@@ -359,7 +359,9 @@ class EfficientAttention(nn.Module):
         if need_head_weights:
             need_weights = True
         if batch_first:
-            query, key, value = (None if x is None else x.transpose(0, 1) for x in (query, key, value))
+            query = query.transpose(0, 1)
+            key = None if key is None else key.transpose(0, 1)
+            value = None if value is None else value.transpose(0, 1)
         self._check_inputs(query, key, value)
         tgt_len, bsz, _ = query.shape
         if need_weights and not caps.need_weights:
@@ -377,8 +379,8 @@ class EfficientAttention(nn.Module):
             raise UnsupportedInputError(f"{name} does not support incremental decoding (incremental_state)")
         if decoding and before_softmax:
             raise UnsupportedInputError("before_softmax=True cannot be combined with incremental_state")
-        state = self._get_input_buffer(incremental_state) if decoding else None
-        cached_static = static_kv and state is not None and "prev_key" in state
+        state = self._get_input_buffer(incremental_state) if decoding else {}
+        cached_static = static_kv and "prev_key" in state
 
         # projections
         q = split_heads(self._project(self.q_proj, query), self.num_heads)
@@ -392,8 +394,9 @@ class EfficientAttention(nn.Module):
             # keys, values and their padding come from the cache; fairseq passes the
             # encoder output and its padding mask again at every step: they are not used
             k = v = key_padding_mask = None
-            src_new = state["prev_key"].shape[2]
+            src_new = _cached_len(state)
         else:
+            assert key is not None and value is not None  # set from query above unless the cache has them
             k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)
             v = split_heads(self._project(self.v_proj, value), self.num_kv_heads)
             src_new = k.shape[2]
@@ -411,6 +414,7 @@ class EfficientAttention(nn.Module):
         masks = AttentionMasks(key_padding=key_padding_mask, query_padding=query_padding_mask)
 
         if before_softmax:
+            assert k is not None and v is not None  # before_softmax is refused with incremental_state
             scores, v_out = self._scores(q, k, v, self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device))
             return scores.reshape(bsz * self.num_heads, tgt_len, -1), v_out.reshape(bsz * self.num_heads, -1, v_out.shape[-1])
 
@@ -427,9 +431,11 @@ class EfficientAttention(nn.Module):
             elif kind == "causal_static":
                 out, weights = self._decode_causal_static(q, k, v, state, masks, attn_mask, need_weights)
             else:
+                assert k is not None and v is not None  # only static keys come from the cache
                 out, weights = self._decode_noncausal(q, k, v, state, masks, attn_mask, need_weights)
             self._set_input_buffer(incremental_state, state)
         else:
+            assert k is not None and v is not None  # keys come from a cache only when decoding
             masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
             out, weights = self._attend(q, k, v, masks, need_weights)
 
@@ -557,7 +563,7 @@ class EfficientAttention(nn.Module):
             raise TypeError(f"query must be floating point, got {query.dtype}")
         if (key is None) != (value is None):
             raise ValueError("key and value must both be given or both be None")
-        if key is None:
+        if key is None or value is None:
             return
         for x, nm, dim in ((key, "key", self.kdim), (value, "value", self.vdim)):
             if not isinstance(x, Tensor):
@@ -653,7 +659,7 @@ class EfficientAttention(nn.Module):
         q: Tensor,
         k: Optional[Tensor],
         v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
+        state: Dict[str, Any],
         masks: AttentionMasks,
         attn_mask: Optional[Tensor],
         need_weights: bool,
@@ -673,12 +679,14 @@ class EfficientAttention(nn.Module):
         if static_kv and prev_k is not None:
             k, v, kpm = prev_k, prev_v, prev_kpm
         else:
-            if prev_k is not None and not static_kv:
+            assert k is not None and v is not None  # None only when static keys are cached
+            if prev_k is not None and prev_v is not None and not static_kv:
                 kpm = _cat_padding(prev_kpm, kpm, prev_k.shape[2], k.shape[2], bsz)
                 k = torch.cat([prev_k, k], dim=2)
                 v = torch.cat([prev_v, v], dim=2)
             state["prev_key"], state["prev_value"] = k, v
             state["prev_key_padding_mask"] = kpm
+        assert k is not None and v is not None  # the cache holds keys and values together
         masks = self._prepare_masks(replace(masks, key_padding=kpm), attn_mask, bsz, tgt_len, k.shape[2], q.device)
         return self._attend(q, k, v, masks, need_weights)
 
@@ -691,9 +699,12 @@ def _cached_len(state: Optional[Dict[str, Any]]) -> int:
 
 def _cat_padding(prev: Optional[Tensor], new: Optional[Tensor], prev_len: int, new_len: int, bsz: int) -> Optional[Tensor]:
     """Concatenate cached and new key padding masks (a missing one means 'no padding')."""
-    if prev is None and new is None:
+    if new is not None:
+        ref = new
+    elif prev is not None:
+        ref = prev
+    else:
         return None
-    ref = new if new is not None else prev
     if prev is None:
         prev = torch.zeros(bsz, prev_len, dtype=ref.dtype, device=ref.device)
     if new is None:

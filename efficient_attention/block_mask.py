@@ -24,7 +24,7 @@ passed to the attention call separately).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -80,7 +80,7 @@ class BlockMask:
         self.causal = causal
         if (tile_index is None) != (tiles is None):
             raise ValueError("tile_index and tiles must be given together")
-        if tile_index is not None:
+        if tile_index is not None and tiles is not None:  # both or neither, checked above
             if tile_index.shape != self.layout.shape or tile_index.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"tile_index must be an int32 tensor of the layout's shape "
                                  f"{tuple(self.layout.shape)}, "
@@ -94,7 +94,7 @@ class BlockMask:
                 tile_index = torch.where(self.layout, tile_index, -1).to(torch.int32)
         self.tile_index, self.tiles = tile_index, tiles
         self.q_len, self.kv_len = q_len, kv_len
-        self._tables: Dict[str, dict] = {}
+        self._tables: Dict[str, Any] = {}  # derived tables and coarsened masks, built once
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -178,8 +178,8 @@ class BlockMask:
                 part[need] = remap[start + i]
                 start += u.shape[0]
             tiles = allu.view(-1, bs, bs).bool()
-        tile_index = tile_index.to(torch.int32) if tiles is not None else None
-        bm = cls(keep, bs, causal=causal_ok, tile_index=tile_index, tiles=tiles,
+        index = tile_index.to(torch.int32) if tiles is not None else None
+        bm = cls(keep, bs, causal=causal_ok, tile_index=index, tiles=tiles,
                  q_len=q_len - q_block_start * bs, kv_len=kv_len)
         return bm._shared_heads()
 
@@ -328,7 +328,7 @@ class BlockMask:
         q_len = q_len or self.q_len or nq * bs
         kv_len = kv_len or self.kv_len or nk * bs
         dense = self.layout.repeat_interleave(bs, 1).repeat_interleave(bs, 2)
-        if self.tile_index is not None:
+        if self.tile_index is not None and self.tiles is not None:
             ti = self.tile_index.long()
             tiled = self.tiles[ti.clamp(min=0)]                                  # (Hm, nq, nk, bs, bs)
             tiled = tiled | (ti < 0)[..., None, None]

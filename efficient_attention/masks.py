@@ -17,7 +17,7 @@ Conventions used everywhere in the library:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, overload
 
 import torch
 from torch import Tensor
@@ -87,6 +87,12 @@ def _check_mask_dtype(mask: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be bool, uint8 or floating point, got {mask.dtype}")
 
 
+@overload
+def check_key_padding_mask(mask: None, bsz: int, src_len: int, device) -> None: ...
+@overload
+def check_key_padding_mask(mask: Tensor, bsz: int, src_len: int, device) -> Tensor: ...
+@overload
+def check_key_padding_mask(mask: Optional[Tensor], bsz: int, src_len: int, device) -> Optional[Tensor]: ...
 def check_key_padding_mask(mask: Optional[Tensor], bsz: int, src_len: int, device) -> Optional[Tensor]:
     """Validate a ``(B, S)`` key padding mask; uint8 becomes bool."""
     if mask is None:

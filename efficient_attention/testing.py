@@ -23,6 +23,7 @@ reordering, state dicts and more).  Nothing here prints; ``str(report)`` is the 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
@@ -290,7 +291,7 @@ def check_mechanism(
             continue
         caps = cls.capabilities
         plan: List[Tuple[str, Optional[Callable[[], str]], str]] = [
-            ("reference", (lambda c=checker: c.reference(reference)) if reference else None, "no reference given"),
+            ("reference", functools.partial(checker.reference, reference) if reference else None, "no reference given"),
             ("causality", checker.causality if pattern.causal else None, "noncausal pattern"),
             ("padding invariance", checker.padding if caps.key_padding_mask else None,
              "the mechanism does not take key_padding_mask"),

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -120,19 +120,23 @@ class ABC(EfficientAttention):
         prev = torch.cat([past, run[..., :-1]], dim=-1)
         decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         e = torch.exp(a - safe.unsqueeze(-1)).to(dtype)
-        opts = dict(causal=True, log_decay=decay, normalize=False, return_state=True)
-        num, (mem_k, _) = linear_attention(q.to(dtype), k.to(dtype), e, initial_state=(state["mem_k"].transpose(-1, -2),
-                                                                                         None), **opts)
+
+        def scan(a: Tensor, b: Tensor, c: Tensor, memory: Tensor) -> Tuple[Tensor, Tensor]:
+            """Unnormalised decayed causal scan from ``memory``: ``(out, new memory)``."""
+            out, (new, _) = linear_attention(a, b, c, causal=True, log_decay=decay, normalize=False,
+                                             initial_state=(memory, None), return_state=True)
+            return out, new
+
+        num, mem_k = scan(q.to(dtype), k.to(dtype), e, state["mem_k"].transpose(-1, -2))
         unit_q, unit_k = q.new_ones(*q.shape[:-1], 1).to(dtype), k.new_ones(*k.shape[:-1], 1).to(dtype)
-        norm, (mem_norm, _) = linear_attention(unit_q, unit_k, e, initial_state=(state["mem_norm"].unsqueeze(-2), None),
-                                               **opts)
+        norm, mem_norm = scan(unit_q, unit_k, e, state["mem_norm"].unsqueeze(-2))
         empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
         r = (probs / safe_norm).to(dtype)  # weight of each slot's unnormalised value sum
-        out, (state["mem_v"], _) = linear_attention(r, e, v.to(dtype), initial_state=(state["mem_v"], None), **opts)
+        out, state["mem_v"] = scan(r, e, v.to(dtype), state["mem_v"])
         state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
         state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out

@@ -56,6 +56,8 @@ class BlockSparseAttention(EfficientAttention):
         "seed": "random / bigbird: seed of the random blocks",
         "autopad": "pad sequences that are not a multiple of block_size (False: ValueError)",
     }
+    num_window_blocks: int  # the pattern options, set in __init__ from pattern_kw / block_kw
+    num_global_blocks: int
 
     def __init__(
         self,

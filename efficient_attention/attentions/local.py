@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -145,7 +145,7 @@ class LocalAttention(EfficientAttention):
         q: Tensor,
         k: Optional[Tensor],
         v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
+        state: Dict[str, Any],
         masks: AttentionMasks,
         attn_mask: Optional[Tensor],
         need_weights: bool,
@@ -170,12 +170,13 @@ class LocalAttention(EfficientAttention):
                                    scale=self.scaling, dropout_p=dropout)
             return out, None
         # causal self: keys at absolute positions pos - c .. pos + T - 1, front-padded to a block boundary
+        assert k is not None and v is not None  # None only for cached static keys
         new_kpm = masks.key_padding  # bool; a causal attn_mask was checked and dropped by the base
         new_kpm = _zeros_mask(bsz, tgt_len, device) if new_kpm is None else new_kpm
-        prev_k, prev_v, prev_kpm = state.get("prev_key"), state.get("prev_value"), state.get("prev_key_padding_mask")
-        if prev_k is not None:
-            k, v = torch.cat([prev_k, k], dim=2), torch.cat([prev_v, v], dim=2)
-            new_kpm = torch.cat([prev_kpm, new_kpm], dim=1)
+        prev_k = state.get("prev_key")
+        if prev_k is not None:  # the value and padding caches are written with it
+            k, v = torch.cat([prev_k, k], dim=2), torch.cat([state["prev_value"], v], dim=2)
+            new_kpm = torch.cat([state["prev_key_padding_mask"], new_kpm], dim=1)
         out = self._window_attend(q, k, v, pos - (k.shape[2] - tgt_len), new_kpm)
         start = max(k.shape[2] - cache_len(self.window), 0)
         state["prev_key"], state["prev_value"] = k[:, :, start:], v[:, :, start:]

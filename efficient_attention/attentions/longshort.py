@@ -19,7 +19,7 @@ Cost O(N·(3·window + memories)·d).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,7 @@ class LongShort(EfficientAttention):
         q: Tensor,
         k: Optional[Tensor],
         v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
+        state: Dict[str, Any],
         masks: AttentionMasks,
         attn_mask: Optional[Tensor],
         need_weights: bool,
@@ -173,6 +173,7 @@ class LongShort(EfficientAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Constant state: the window cache, the current chunk (fixed size, with a fill mask), the last memories."""
         bsz, tgt_len, device = q.shape[0], q.shape[2], q.device
+        assert k is not None and v is not None  # causal self attention: the new keys always come
         kpm = masks.key_padding
         kpm = torch.zeros(bsz, tgt_len, dtype=torch.bool, device=device) if kpm is None else kpm
         if "position" not in state:
@@ -185,7 +186,7 @@ class LongShort(EfficientAttention):
                 for t in range(tgt_len)]
         return torch.cat(outs, dim=2), None
 
-    def _init_state(self, state: Dict[str, Optional[Tensor]], q: Tensor, k: Tensor) -> None:
+    def _init_state(self, state: Dict[str, Any], q: Tensor, k: Tensor) -> None:
         bsz, heads, dim, device = k.shape[0], k.shape[1], k.shape[-1], k.device
         l, slots = self.chunk_size, self.memory_chunks * self.chunk_rank
         state["position"] = torch.zeros(bsz, dtype=torch.long, device=device)
@@ -199,7 +200,7 @@ class LongShort(EfficientAttention):
         state["memory_value"] = k.new_zeros(bsz, heads, slots, dim)
         state["memory_hidden"] = torch.ones(bsz, slots, dtype=torch.bool, device=device)
 
-    def _fill_state(self, state: Dict[str, Optional[Tensor]], k: Tensor, v: Tensor, kpm: Tensor) -> None:
+    def _fill_state(self, state: Dict[str, Any], k: Tensor, v: Tensor, kpm: Tensor) -> None:
         """The decoding state after a full pass over ``k, v (B, H, L, d)``: window tail, last memories, open chunk."""
         length, l, r = k.shape[2], self.chunk_size, self.chunk_rank
         start = max(length - cache_len(self.window), 0)
@@ -218,7 +219,7 @@ class LongShort(EfficientAttention):
             state["chunk_padding"][:, :rest] = kpm[:, length - rest:]
         state["position"] = state["position"] + length
 
-    def _step_one(self, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, state: Dict[str, Optional[Tensor]]) -> Tensor:
+    def _step_one(self, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, state: Dict[str, Any]) -> Tensor:
         pos = int(state["position"][0].item())
         l, r = self.chunk_size, self.chunk_rank
         wk = torch.cat([state["window_key"], k], 2)

@@ -136,7 +136,7 @@ class NystromAttention(EfficientAttention):
             small = torch.where(short, torch.matmul(weights, v32), small)
         out = torch.matmul(kernel1, small)
         if self.conv is not None:
-            pad = (self.conv.padding[0], 0)
+            pad = (int(self.conv.padding[0]), 0)
             out = out + F.conv2d(v32, self.conv.weight.to(dtype), padding=pad, groups=self.num_heads)
         return out.to(q.dtype), None
 

@@ -70,6 +70,7 @@ class Performer(EfficientAttention):
         "orthogonal_features": "draw the random features in orthogonal blocks (else i.i.d. Gaussian)",
         "feature_redraw_interval": "redraw the random features every this many training forwards (0: never)",
     }
+    projection_matrix: Tensor  # buffer (m, d), registered in __init__
 
     def __init__(
         self,
@@ -153,8 +154,9 @@ class Performer(EfficientAttention):
     def _key_sums(self, logits: Tensor, v: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """Non-causal ``(Σ φ(k) vᵀ, Σ φ(k))`` with the global key max subtracted."""
         kf = torch.exp(logits - self._finite(self._max(logits)))
-        _, sums = linear_attention(kf[..., :0, :].to(dtype), kf.to(dtype), v, causal=False, return_state=True)
-        return sums
+        _, (kv_sum, k_sum) = linear_attention(kf[..., :0, :].to(dtype), kf.to(dtype), v, causal=False, return_state=True)
+        assert k_sum is not None  # normalize=True keeps z
+        return kv_sum, k_sum
 
     # ----------------------------------------------------------------- causal
     def _new_state(self, q: Tensor, dtype: torch.dtype) -> Dict[str, Tensor]:
@@ -182,10 +184,12 @@ class Performer(EfficientAttention):
         prev = torch.cat([past, run[..., :-1]], dim=-1)
         decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         kf = torch.exp(k_logits - safe.unsqueeze(-1))
-        out, (state["kv_sum"], state["k_sum"]) = linear_attention(
+        out, (kv_sum, k_sum) = linear_attention(
             qf[..., blind:, :].to(dtype), kf.to(dtype), v, causal=True, log_decay=decay,
             initial_state=(state["kv_sum"], state["k_sum"]), return_state=True,
         )
+        assert k_sum is not None  # normalize=True keeps z
+        state["kv_sum"], state["k_sum"] = kv_sum, k_sum
         state["k_max"] = run[..., -1:].unsqueeze(-1)
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 

@@ -20,7 +20,7 @@ the same in decoding.  The active rows are gathered and attend through SDPA.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -246,8 +246,8 @@ class ProbSparse(EfficientAttention):
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
-            n_act = active.sum(-1).max().clamp(min=1).float()
-            n_act = int(torch.exp2(torch.ceil(torch.log2(n_act))).clamp(max=tgt_len).long())
+            most = active.sum(-1).max().clamp(min=1).float()
+            n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
             torch._check(n_act >= 1)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)
@@ -270,7 +270,7 @@ class ProbSparse(EfficientAttention):
         q: Tensor,
         k: Optional[Tensor],
         v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
+        state: Dict[str, Any],
         masks: AttentionMasks,
         attn_mask: Optional[Tensor],
         need_weights: bool,
@@ -282,6 +282,7 @@ class ProbSparse(EfficientAttention):
         prev_len = 0 if prev_k is None else prev_k.shape[2]
         kpm = masks.key_padding
         new_kpm = kpm  # bool; a causal attn_mask was checked and dropped by the base
+        assert k is not None and v is not None  # causal self attention: the new keys always come
         if prev_k is not None:
             new_kpm = _cat_padding(state.get("prev_key_padding_mask"), new_kpm, prev_len, tgt_len, bsz)
             k, v = torch.cat([prev_k, k], 2), torch.cat([state["prev_value"], v], 2)

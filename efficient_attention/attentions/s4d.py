@@ -23,7 +23,7 @@ Decoding steps the recurrence with a constant ``(B, C, d_state)`` state.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ from ..registry import register_attention
 
 __all__ = ["S4D"]
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda x: x}
+_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda x: x}
 
 _CHUNK = 64
 
@@ -255,7 +255,7 @@ class S4D(EfficientAttention):
         q: Tensor,
         k: Optional[Tensor],
         v: Optional[Tensor],
-        state: Dict[str, Optional[Tensor]],
+        state: Dict[str, Any],
         masks: AttentionMasks,
         attn_mask: Optional[Tensor],
         need_weights: bool,
@@ -268,5 +268,6 @@ class S4D(EfficientAttention):
             dt_a, c_bar = self._discrete(q.dtype)
             x0 = None if prev is None else torch.view_as_complex(prev.transpose(0, 1).contiguous())
             y, x = _scan(u, dt_a[0], c_bar[0], x0)
+        assert x is not None  # need_state=True (the default) returns the final state
         state["ssm_state"] = torch.view_as_real(x).transpose(0, 1)
         return self._finish(y, u, q), None

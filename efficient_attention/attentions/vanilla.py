@@ -57,7 +57,7 @@ class MultiheadAttention(EfficientAttention):
         if causal:
             mask = merge_masks(tgt_len, src_len, attn_mask=mask, causal=True, dtype=q.dtype, device=q.device)
         extra_k, extra_v = [], []
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             shape = (bsz, self.num_kv_heads, 1, self.head_dim)
             extra_k.append(self.bias_k.view(1, self.num_kv_heads, 1, self.head_dim).expand(shape).to(k.dtype))
             extra_v.append(self.bias_v.view(1, self.num_kv_heads, 1, self.head_dim).expand(shape).to(v.dtype))

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .measure import MODES, DTYPES
 from .report import efficiency_table, write_outputs
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    options = {}
+    options: Dict[str, Dict[str, object]] = {}
     for name, key, value in args.options:
         options.setdefault(name, {})[key] = value
     return SweepConfig(

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class Crossing:
         return asdict(self)
 
 
-def choose_degree(lengths: Sequence[float], values: Sequence[float]) -> int:
+def choose_degree(lengths: Iterable[float], values: Iterable[float]) -> int:
     """2 if the log-log slope over the last (up to) three points is above 1.5, else 1."""
     pts = [(n, y) for n, y in zip(lengths, values) if y > 0][-3:]
     if len(pts) < 2:
@@ -101,8 +101,8 @@ def fitted_crossing(mech: Fit, base: Fit, measured: Sequence[float] = ()) -> Cro
     d[: len(base.coeffs)] += base.coeffs
     d[: len(mech.coeffs)] -= mech.coeffs
     # drop leading terms that are zero up to rounding at the lengths of interest
-    ref = max(measured) if len(measured) else 1.0
-    mag = max(abs(base(ref)), abs(mech(ref)), np.finfo(float).tiny)
+    ref = float(max(measured)) if len(measured) else 1.0
+    mag = max(abs(float(base(ref))), abs(float(mech(ref))), float(np.finfo(float).tiny))
     while len(d) > 1 and abs(d[-1]) * ref ** (len(d) - 1) <= 1e-9 * mag:
         d = d[:-1]
     if d[-1] <= 0:
@@ -168,7 +168,8 @@ def _series(points: List[dict]) -> Dict[tuple, Dict[str, Dict[int, dict]]]:
 
 def _bounds(base: Dict[int, dict], key: str, lengths: Sequence[int]) -> List[Optional[float]]:
     """Lower bounds of the baseline's cost where it did not run (see :func:`measured_crossing`)."""
-    out, last_ok = [], None
+    out: List[Optional[float]] = []
+    last_ok: Optional[float] = None
     for n in lengths:
         p = base.get(n)
         if p is not None and p["status"] == "ok":

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def write_json(result: dict, path) -> Path:
     return path
 
 
-def write_outputs(result: dict, out_dir) -> Dict[str, object]:
+def write_outputs(result: dict, out_dir) -> Dict[str, Any]:
     """``results.json``, ``results.md`` and the plots under ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def _groups(points: List[dict]) -> Dict[tuple, List[dict]]:
     return out
 
 
-def markdown_report(result: dict, plot_names: List[str] = ()) -> str:
+def markdown_report(result: dict, plot_names: Sequence[str] = ()) -> str:
     m, c = result["machine"], result["config"]
     lengths = list(c["lengths"])
     devs = "; ".join(f"{k}: {v['name']}" for k, v in m["devices"].items())
@@ -253,7 +253,7 @@ def plot_results(result: dict, out_dir) -> List[Path]:
                     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
                     ax.yaxis.set_minor_formatter(NullFormatter())
-            handles = {}
+            handles: Dict[str, Any] = {}
             for ax in axes.flat:
                 for h, lab in zip(*ax.get_legend_handles_labels()):
                     handles.setdefault(lab, h)

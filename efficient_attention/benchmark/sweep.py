@@ -31,7 +31,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -165,7 +165,7 @@ def machine_info(devices: Sequence[str] = ("cpu",)) -> dict:
     """Where the numbers come from: devices, CPU, threads and versions."""
     from .. import __version__
 
-    info = {
+    info: Dict[str, Any] = {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -280,7 +280,7 @@ def run_sweep(
     runner = (
         InProcessRunner(extra) if config.isolation == "none" else SubprocessRunner(config.imports, config.threads, timeout)
     )
-    result = {
+    result: Dict[str, Any] = {
         "schema": SCHEMA,
         "machine": machine_info(config.devices),
         "config": {**asdict(config), "lengths": lengths, "max_memory_bytes": max_memory, "timeout": timeout},

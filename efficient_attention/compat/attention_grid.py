@@ -20,7 +20,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +201,7 @@ class BlockwiseParallel(nn.Module):
         self.max_position_embeddings, self.causal = max_position_embeddings, causal
         self.dtype = _resolve_dtype(dtype)
         self.policy, self.prevent_cse, self.float32_logits = policy, prevent_cse, float32_logits
-        kw = dict(dtype=self.dtype)
+        kw: Dict[str, Any] = dict(dtype=self.dtype)
         self.ln_1 = nn.LayerNorm(hidden_size, eps=layer_norm_epsilon, **kw)
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False, **kw)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False, **kw)

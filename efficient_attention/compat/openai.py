@@ -117,11 +117,11 @@ def blocksparse_attention_impl(
         mod = layouts.make_mask_mod("fixed", heads=heads, block_size=blocksize, causal=True,
                                     local_attn_ctx=local_attn_ctx, num_verts=num_verts or 1, vertsize=vertsize or 1)
     else:
-        if attn_mode == "local" and local_attn_ctx % blocksize:
+        if attn_mode == "local" and local_attn_ctx is not None and local_attn_ctx % blocksize:
             raise ValueError(f"local_attn_ctx ({local_attn_ctx}) must be a multiple of blocksize ({blocksize})")
         mod = _mode_mod(attn_mode, local_attn_ctx)
     perm = None
-    if attn_mode == "strided" and n % local_attn_ctx == 0:
+    if attn_mode == "strided" and local_attn_ctx is not None and n % local_attn_ctx == 0:
         perm = _strided_perm(n, local_attn_ctx, q.device)
         orig = perm  # permuted index p holds original position perm[p]
         group = n // local_attn_ctx

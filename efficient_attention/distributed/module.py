@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -143,7 +143,7 @@ def supported_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
-_ADAPTERS = ((LocalAttention, _local), (BlockSparseAttention, _bigbird), (Performer, _performer), (S4D, _s4d))
+_ADAPTERS: Tuple[Tuple[type, Callable[..., Any]], ...] = ((LocalAttention, _local), (BlockSparseAttention, _bigbird), (Performer, _performer), (S4D, _s4d))
 
 
 def enable_context_parallel(model: nn.Module, group=None, *, lengths: Optional[Sequence[int]] = None
@@ -166,7 +166,9 @@ def enable_context_parallel(model: nn.Module, group=None, *, lengths: Optional[S
         raise ValueError(f"{type(model).__name__} holds no attention module that runs context-parallel")
     for sub in found:
         adapter = next(fn for cls, fn in _ADAPTERS if isinstance(sub, cls))
-        sub._attend = functools.partial(adapter, sub, group, None if lengths is None else tuple(lengths))
+        # an instance attribute over the method: this module's _attend now attends across the ranks
+        sub._attend = functools.partial(  # type: ignore[method-assign]
+            adapter, sub, group, None if lengths is None else tuple(lengths))
         setattr(sub, _ATTR, group if group is not None else dist.group.WORLD)
     logger.info("context parallelism on %d attention modules over %d ranks", len(found), dist.get_world_size(group))
     return found

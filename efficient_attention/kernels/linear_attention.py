@@ -29,7 +29,7 @@ Backends (:func:`~efficient_attention.kernels.dispatch.not_supported_reasons` wi
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from .dispatch import LINEAR_MIN_FEATURES, choose_backend
 __all__ = ["linear_attention", "reference_linear_attention", "chunked_linear_attention", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 64
-State = Tuple[Tensor, Tensor]
+State = Tuple[Tensor, Optional[Tensor]]  # (H, z); z is None with normalize=False
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -55,7 +55,8 @@ def _divide(num: Tensor, den: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- reference (quadratic)
 def reference_linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], initial_state: Optional[State], causal: bool
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], initial_state: Optional[Tuple[Tensor, Tensor]],
+    causal: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(num (B,H,T,d), den (B,H,T), H (B,H,m,d), z (B,H,m))`` by the quadratic masked form (aligned, T == S
     when causal).  Simple and obviously right; run it in float64 for tests."""
@@ -276,6 +277,40 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding
         if h0.shape != (bsz, heads, m, v.shape[-1]) or (z0 is not None and z0.shape != (bsz, heads, m)):
             raise ValueError(f"initial_state shapes {tuple(h0.shape)}, {tuple(z0.shape)} must be "
                              f"{(bsz, heads, m, v.shape[-1])} and {(bsz, heads, m)}")
+
+
+@overload
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    log_decay: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    normalize: bool = True,
+    initial_state: Optional[State] = None,
+    return_state: Literal[False] = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: Optional[str] = None,
+) -> Tensor: ...
+
+
+@overload
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    log_decay: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    normalize: bool = True,
+    initial_state: Optional[State] = None,
+    return_state: Literal[True],
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, State]: ...
 
 
 def linear_attention(

@@ -200,7 +200,7 @@ def block_sparse_attention(
     heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
     bm = as_block_mask(mask, heads, tgt_len, src_len, block_size, causal)
     keep = None
-    if bm.tiles is not None:
+    if bm.tiles is not None and bm.tile_index is not None:
         tile_index, tiles, bs, off = bm.tile_index.to(q.device).long(), bm.tiles.to(q.device), bm.block_size, \
             src_len - tgt_len
         hm = bm.heads

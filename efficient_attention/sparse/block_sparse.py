@@ -10,7 +10,7 @@ kernel op's alone, which takes a ``BlockMask`` and returns ``(out, lse)``).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -54,6 +54,42 @@ def block_mask_of(layout: Union[BlockMask, Tensor], block_size: int, heads: int,
         return lay_mod(b, h, i, j) & mask_mod(b, h, i + off, j)
     return BlockMask.from_mask_mod(mod, bm.heads, tgt_len, src_len, bm.block_size, device=device,
                                    candidates=bm.layout)
+
+
+@overload
+def block_layout_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Union[BlockMask, Tensor],
+    block_size: Optional[int] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    *,
+    mask_mod: Optional[MaskMod] = None,
+    pad: bool = True,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def block_layout_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Union[BlockMask, Tensor],
+    block_size: Optional[int] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    *,
+    mask_mod: Optional[MaskMod] = None,
+    pad: bool = True,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+) -> Tuple[Tensor, Tensor]: ...
 
 
 def block_layout_attention(

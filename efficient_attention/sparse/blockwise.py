@@ -18,7 +18,7 @@ dropout on the CPU), or ``fused=False``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -140,6 +140,42 @@ def _checkpointed(q, k, v, kpm, attn, scale, causal, qcs, dropout_p):
 
         outs.append(checkpoint(chunk, q[:, :, qs:qe], k, v, use_reentrant=False))
     return torch.cat(outs, dim=2)
+
+
+@overload
+def blockwise_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    q_chunk_size: int = 64,
+    k_chunk_size: int = 64,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    fused: bool = True,
+) -> Tensor: ...
+
+
+@overload
+def blockwise_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    q_chunk_size: int = 64,
+    k_chunk_size: int = 64,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    fused: bool = True,
+) -> Tuple[Tensor, Tensor]: ...
 
 
 def blockwise_attention(

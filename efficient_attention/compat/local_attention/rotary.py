@@ -9,7 +9,7 @@ range.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 class RotaryEmbedding(nn.Module):
     """Rotary embedding of the first ``dim`` features (``dim`` even), optionally with xpos decay."""
+
+    inv_freq: Tensor  # buffers, registered in __init__
+    xpos_zeta: Tensor
 
     def __init__(self, dim: int, use_xpos: bool = False, scale_base: Optional[float] = None, theta: float = 10000.0):
         super().__init__()
@@ -52,7 +55,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: Tensor, k: Tensor, pos: Tensor, center: int = 0) -> Tuple[Tensor, Tensor]:
         """Rotate ``q`` and ``k`` (``(..., N, D)``, ``D >= dim``) at positions ``pos`` ``(N,)``."""
         cos, sin = self._angles(pos, q.dtype)
-        qs = ks = 1.0
+        qs: Union[float, Tensor] = 1.0
+        ks: Union[float, Tensor] = 1.0
         if self.use_xpos:
             qs = self._xpos(pos, center, q.dtype)
             ks = 1.0 / qs

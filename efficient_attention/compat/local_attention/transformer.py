@@ -9,7 +9,7 @@ samples with a bounded key/value cache per layer.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,12 @@ class LocalTransformer(nn.Module):
             ]))
         self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False))
 
+    def _blocks(self) -> Iterator[Tuple[LocalMHA, nn.Module]]:
+        """``(attention, feed-forward)`` of each layer (``layers.i.0`` / ``layers.i.1``, the upstream names)."""
+        for layer in self.layers:
+            attn, ff = cast(nn.ModuleList, layer)
+            yield cast(LocalMHA, attn), ff
+
     def _embed(self, x: Tensor, start: int = 0) -> Tensor:
         if x.dtype != torch.long or x.dim() != 2:
             raise ValueError(f"x must be (batch, seq_len) token ids (long), got {x.dtype} {tuple(x.shape)}")
@@ -137,7 +143,7 @@ class LocalTransformer(nn.Module):
             x, labels = x[:, :-1], x[:, 1:]
             mask = None if mask is None else mask[:, :-1]
         h = self._embed(x)
-        for attn, ff in self.layers:
+        for attn, ff in self._blocks():
             h = attn(h, mask=mask) + h
             h = ff(h) + h
         logits = self.to_logits(h)
@@ -153,7 +159,7 @@ class LocalTransformer(nn.Module):
         start = 0 if caches is None else int(caches[0]["pos"][0].item())
         h = self._embed(x, start)
         new_caches = []
-        for i, (attn, ff) in enumerate(self.layers):
+        for i, (attn, ff) in enumerate(self._blocks()):
             out, cache = attn.step(h, None if caches is None else caches[i])
             new_caches.append(cache)
             h = out + h
