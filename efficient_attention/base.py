@@ -23,7 +23,6 @@ whose decoding state must not grow override :meth:`_attend_step`.
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import typing
 import uuid
@@ -39,7 +38,6 @@ from .functional import merge_heads, split_heads
 from .masks import as_bool_mask, check_attn_mask, check_key_padding_mask, expand_attn_mask, is_causal_mask, to_additive
 from .quant_noise import check_quant_noise, quant_noise_weight
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["EfficientAttention", "AttentionMasks", "OptionSpec", "IncrementalState", "check_bool"]
 

@@ -127,11 +127,6 @@ class LocalWindow:
         k = torch.arange(src_len, device=device).unsqueeze(0)
         return ~self.allowed(q, k)
 
-    @property
-    def span(self) -> int:
-        """Most keys any query can see."""
-        return self.left + self.group + (0 if self.causal else self.right)
-
     def __str__(self) -> str:
         kind = "causal" if self.causal else "bidirectional"
         extra = ", exclude_self" if self.exclude_self else ""

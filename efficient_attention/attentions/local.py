@@ -11,7 +11,6 @@ O(N·span·d) time and O(N·span) score memory, span = ``wsize·(look_backward +
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from typing import Any, Dict, Optional, Tuple
 
@@ -25,7 +24,6 @@ from ..local_window import LocalWindow, cache_len
 from ..sparse.window import window_attention, window_attention_at
 from ..registry import register_attention
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["LocalAttention"]
 

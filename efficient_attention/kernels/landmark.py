@@ -23,7 +23,6 @@ the float64 reference these paths are tested against.
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -32,7 +31,6 @@ from torch import Tensor
 from ..functional import acc_dtype, repeat_kv
 from .dispatch import choose_landmark_backend
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["landmark_attention", "landmark_blocks_torch"]
 
