@@ -18,10 +18,8 @@ band skip the element mask.  Scores use ``exp2`` with ``scale * log2(e)``; the
 log-sum-exp is returned in natural units (fp32, ``-inf`` for empty rows).
 Backward: ``dq`` by query block first (it also computes ``delta = rowsum(dO * O) - dlse``
 and stores it), then ``dk, dv`` by key block, visiting the query blocks that see it.  The two
-kernels recompute ``S`` and ``dP`` (7 tile matmuls per visited tile against 5 for one kernel
-adding ``dq`` into an fp32 buffer).  That one-kernel backward was built and measured on an H100
-with element atomics and with TMA bulk reductions: both were slower at every point (the dq
-traffic costs as much as the recomputation; ``benchmarks/README.md``), so it is not used.
+kernels recompute ``S`` and ``dP`` (7 tile matmuls per visited tile; why not one kernel with
+an atomic ``dq``: ``benchmarks/README.md``, "Kernel configuration").
 """
 import triton
 import triton.language as tl
@@ -94,10 +92,8 @@ def _rows(ptr, desc, bh, r0, n_rows, offs_r, offs_d, TMA: tl.constexpr, ROWS: tl
 
 @triton.jit
 def _program_tile(USE_LUT: tl.constexpr):
-    """(tile, bh) of this program.  Bands run on a (tiles, B*H) grid, whose neighbouring programs share
-    key tiles in L2; layouts on a (B*H, tiles) grid, which starts every head's heavy rows (BigBird's
-    global tokens, a fixed layout's summary columns) together instead of one head after another:
-    measured 1.1-1.35x faster forward+backward on the H100's fixed and BigBird layouts."""
+    """(tile, bh) of this program: bands run on a (tiles, B*H) grid, layouts on a (B*H, tiles) grid
+    (why: ``benchmarks/README.md``, "Kernel configuration")."""
     if USE_LUT:
         return tl.program_id(1), tl.program_id(0)
     else:

@@ -21,10 +21,9 @@ _UNBOUNDED = 1 << 30
 
 
 # Tiles are loaded with TMA descriptors (the Hopper tensor-memory accelerator, sm_90+, where the
-# tensors are 16-byte aligned; masked pointer loads otherwise).  On the H100 they cut the GPU time
-# of a forward+backward by 2-9% (``benchmarks/results/kernels_gpu_backward_tma_h100.json``), but the six
-# descriptors of a forward+backward cost host time (about 5 us each to build, plus their encoding at
-# launch), so bands under 512 keys, whose whole step is a fraction of a millisecond, keep pointer loads.
+# tensors are 16-byte aligned; masked pointer loads otherwise).  Their descriptors cost host time, so
+# bands under TMA_MIN_SPAN keys keep pointer loads (the measurements: benchmarks/README.md,
+# "Kernel configuration").
 TMA_MIN_SPAN = 512
 
 
@@ -32,12 +31,9 @@ TMA_MIN_SPAN = 512
 def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the sliding-window kernels (fwd, dq, dkdv) for a band of ``span`` keys.
 
-    Cached (callers must not mutate the dicts).  Chosen on an H100 (bf16, N = 16k) by
-    ``benchmarks/kernels_gpu_sweep.py`` and ``kernels_gpu_backward.py`` (GPU time from CUDA-graph
-    replays): 64x64 forward tiles with 4 warps won at every W.  Backward: at d <= 64, thin tiles
-    (dq 64 x 32 keys, dk/dv 32 queries x 64) for bands up to 512 keys (3-5% faster), 64x64 above;
-    at d = 128, 64x64 tiles with 4 warps and 2 stages up to 1024 keys (up to 18% faster at W = 128),
-    long tiles (64 x 128 keys for dk/dv, 128 x 64 for dq, 8 warps) for wider bands.
+    Returns ``{"fwd", "dq", "dkdv": {BLOCK_M, BLOCK_N, num_warps, num_stages, LUT_BLOCK, TMA}}``, cached
+    (callers must not mutate the dicts).  Forward 64x64 tiles; backward thin tiles for short bands, 64x64,
+    then long tiles for wide bands (how they were chosen: ``benchmarks/README.md``, "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     tma = span >= TMA_MIN_SPAN
@@ -62,9 +58,8 @@ def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
 def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the block-sparse kernels: 64x64 tiles (a layout block of 128 is visited as 2x2 of them).
 
-    Chosen by ``benchmarks/kernels_gpu_sweep.py --layouts`` on an H100 (bf16, fixed and BigBird
-    layouts of 128-blocks at N = 16k): 64x64 tiles with 4 warps were best or within 7% of the best
-    forward, and best backward at d = 64 and d = 128.  TMA loads (see ``TMA_MIN_SPAN``) throughout.
+    TMA loads (see ``TMA_MIN_SPAN``) throughout (how they were chosen: ``benchmarks/README.md``,
+    "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     t = min(block_size, 64)
