@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${EA_VENV:-$root/.venv}/bin/python"
 cd "$root"
 if [ "${1:-}" = --fix ]; then
-  "$py" -m ruff check --fix --exit-zero --quiet .   # what is left (long lines) is checked after formatting
+  "$py" -m ruff check --fix --exit-zero --silent .   # what is left (long lines) is checked after formatting
   "$py" -m ruff format .
 fi
 "$py" -m ruff check .

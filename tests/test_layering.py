@@ -162,4 +162,4 @@ def test_renamed_functionals_keep_their_old_name_with_a_warning(package, old, ne
         assert getattr(module, old) is getattr(module, new)
     assert old not in module.__all__
     with pytest.raises(AttributeError, match="no_such_name"):
-        getattr(module, "no_such_name")
+        _ = module.no_such_name
