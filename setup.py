@@ -4,6 +4,7 @@ The extension ``efficient_attention.kernels._C`` is built with ``torch.utils.cpp
 against the torch installed in the build environment, hence ``pip install --no-build-isolation``.
 Set ``EA_BUILD_EXT=0`` to skip it (the library then uses its PyTorch path on the CPU).
 """
+
 import os
 from pathlib import Path
 
@@ -22,8 +23,9 @@ def ext_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     flags = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
-    ext = CppExtension("efficient_attention.kernels._C", sources, extra_compile_args=flags,
-                       extra_link_args=["-fopenmp"])
+    ext = CppExtension(
+        "efficient_attention.kernels._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+    )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -15,6 +15,7 @@ For each op (sliding window, block-sparse BlockMask, causal linear attention, la
 
 ``--device cpu`` is a smoke run of the script itself (N = 256; the C++ backend runs, Triton is refused).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from efficient_attention.block_mask import BlockMask  # noqa: E402
-from efficient_attention.kernels import (BackendUnavailableError, block_sparse_attention, choose_backend,  # noqa: E402
-                                         dispatchers, landmark_attention, linear_attention, sliding_window_attention)
+from efficient_attention.kernels import (  # noqa: E402
+    BackendUnavailableError,
+    block_sparse_attention,
+    choose_backend,
+    dispatchers,
+    landmark_attention,
+    linear_attention,
+    sliding_window_attention,
+)
 from efficient_attention.local_window import LocalWindow  # noqa: E402
 
 REL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -52,8 +60,6 @@ def _mask(n: int) -> BlockMask:
     return _MASKS[n]
 
 
-
-
 _DECAY: dict = {}
 
 
@@ -65,14 +71,24 @@ def run_op(op: str, q, k, v, kpm, backend):
         return block_sparse_attention(q, k, v, _mask(q.shape[2]), causal=True, key_padding_mask=kpm, backend=backend)[0]
     if op == "linear_attention":
         decay = _DECAY[torch.float64 if q.dtype == torch.float64 else torch.float32]
-        return linear_attention(torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1, v, causal=True,
-                                log_decay=decay, key_padding_mask=kpm, backend=backend)
+        return linear_attention(
+            torch.nn.functional.elu(q) + 1,
+            torch.nn.functional.elu(k) + 1,
+            v,
+            causal=True,
+            log_decay=decay,
+            key_padding_mask=kpm,
+            backend=backend,
+        )
     return landmark_attention(q, k, v, 64, key_padding_mask=kpm, backend=backend)[0]
 
 
 def params(op: str) -> dict:
-    return {"block_sparse": dict(dropout_p=0.0, block_size=64), "landmark": dict(block_size=64),
-            "sliding_window": dict(dropout_p=0.0, exclude_self=False)}.get(op, {})
+    return {
+        "block_sparse": dict(dropout_p=0.0, block_size=64),
+        "landmark": dict(block_size=64),
+        "sliding_window": dict(dropout_p=0.0, exclude_self=False),
+    }.get(op, {})
 
 
 def inputs(dtype, d=D, seed=0):
@@ -136,8 +152,9 @@ def check_op(op: str, dtype, rows: list) -> None:
             out, grads, qkv, weight = forward_backward(op, base, kpm, dtype, name)
         except BackendUnavailableError as exc:
             other_device = {"cuda": "cpp", "cpu": "triton"}[DEV]
-            row.update(ok=name == other_device and "tensors are on" in str(exc), status="refused",
-                       reason=str(exc)[:150])
+            row.update(
+                ok=name == other_device and "tensors are on" in str(exc), status="refused", reason=str(exc)[:150]
+            )
             rows.append(row)
             continue
         except Exception as exc:  # report and go on
@@ -145,11 +162,23 @@ def check_op(op: str, dtype, rows: list) -> None:
             rows.append(row)
             continue
         errs = dict(out=rel(out, ref_out), **{f"d{n}": rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)})
-        row.update(errors=errs, ok=max(errs.values()) < REL[dtype], status="ran",
-                   ms=timed(op, *qkv, kpm, name, weight), auto=name == auto)
+        row.update(
+            errors=errs,
+            ok=max(errs.values()) < REL[dtype],
+            status="ran",
+            ms=timed(op, *qkv, kpm, name, weight),
+            auto=name == auto,
+        )
         rows.append(row)
-    rows.append(dict(op=op, dtype=str(dtype).replace("torch.", ""), backend="(auto)", status=auto,
-                     ok=auto == "triton" or DEV == "cpu"))
+    rows.append(
+        dict(
+            op=op,
+            dtype=str(dtype).replace("torch.", ""),
+            backend="(auto)",
+            status=auto,
+            ok=auto == "triton" or DEV == "cpu",
+        )
+    )
 
 
 def check_fallback(rows: list, caplog: list) -> None:
@@ -161,8 +190,16 @@ def check_fallback(rows: list, caplog: list) -> None:
             run_op(op, q, k, v, kpm, None)
         new = caplog[before:]
         chosen = choose_backend(op, q, k, v, **params(op))
-        rows.append(dict(op=op, dtype="bfloat16 d48", backend="(fallback)", status=f"{chosen}, {len(new)} warning(s)",
-                         ok=chosen == "reference" and len(new) == 1 and "head dims" in new[0], reason=" | ".join(new)))
+        rows.append(
+            dict(
+                op=op,
+                dtype="bfloat16 d48",
+                backend="(fallback)",
+                status=f"{chosen}, {len(new)} warning(s)",
+                ok=chosen == "reference" and len(new) == 1 and "head dims" in new[0],
+                reason=" | ".join(new),
+            )
+        )
 
 
 def check_compile(rows: list) -> None:
@@ -217,14 +254,25 @@ def main() -> int:
         check_fallback(rows, warnings)
     check_compile(rows)
     with open(os.path.join(args.out, "backends_gpu.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", torch=torch.__version__,
-                       rows=rows, seconds=time.time() - t0), f, indent=1, default=str)
+        json.dump(
+            dict(
+                device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu",
+                torch=torch.__version__,
+                rows=rows,
+                seconds=time.time() - t0,
+            ),
+            f,
+            indent=1,
+            default=str,
+        )
     print(f"\n{'op':<17}{'dtype':<13}{'backend':<11}{'status':<26}{'max rel err':>12}{'fwd+bwd ms':>11}  ok")
     for r in rows:
         err = max(r["errors"].values()) if "errors" in r else None
-        print(f"{r['op']:<17}{r['dtype']:<13}{r['backend']:<11}{r['status']:<26}"
-              f"{'' if err is None else f'{err:.1e}':>12}{'' if 'ms' not in r else format(r['ms'], '.2f'):>11}  "
-              f"{'ok' if r['ok'] else 'FAIL'}" + (f"  {r['reason']}" if not r["ok"] and r.get("reason") else ""))
+        print(
+            f"{r['op']:<17}{r['dtype']:<13}{r['backend']:<11}{r['status']:<26}"
+            f"{'' if err is None else f'{err:.1e}':>12}{'' if 'ms' not in r else format(r['ms'], '.2f'):>11}  "
+            f"{'ok' if r['ok'] else 'FAIL'}" + (f"  {r['reason']}" if not r["ok"] and r.get("reason") else "")
+        )
     failed = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} checks ok in {time.time() - t0:.0f} s")
     return 1 if failed else 0

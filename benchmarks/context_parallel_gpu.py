@@ -16,6 +16,7 @@ Per world size ``P`` (NCCL on CUDA, gloo on the CPU):
 
 Rank 0 prints a table and writes ``DIR/context_parallel_P{P}.json``.  No fairseq needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from efficient_attention import build_attention  # noqa: E402
 from efficient_attention.distributed import (  # noqa: E402
-    context_parallel, context_parallel_bigbird_attention, context_parallel_window_attention, count_bytes,
+    context_parallel,
+    context_parallel_bigbird_attention,
+    context_parallel_window_attention,
+    count_bytes,
 )
 from efficient_attention.kernels import sliding_window_attention  # noqa: E402
 from efficient_attention.layouts import bigbird_layout  # noqa: E402
@@ -89,19 +93,38 @@ def exactness(device, world, rank, n_per_rank, d, heads, results):
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, heads, n, d, device=device, dtype=dt) for _ in range(3))
     window = LocalWindow.sliding(min(4095, n_per_rank + n_per_rank // 2), causal=True)  # spans 2 shards
-    _shard_compare(lambda q, k, v: sliding_window_attention(q, k, v, window)[0],
-                   lambda q, k, v: context_parallel_window_attention(q, k, v, window)[0],
-                   [q, k, v], rank, world, results, "window_causal", 3e-2 if dt == torch.bfloat16 else 1e-4)
+    _shard_compare(
+        lambda q, k, v: sliding_window_attention(q, k, v, window)[0],
+        lambda q, k, v: context_parallel_window_attention(q, k, v, window)[0],
+        [q, k, v],
+        rank,
+        world,
+        results,
+        "window_causal",
+        3e-2 if dt == torch.bfloat16 else 1e-4,
+    )
     bs = 64
     for causal in (False, True):
         lay = bigbird_layout(1, -(-n // bs), 3, 1, 0, causal=causal)
-        _shard_compare(lambda q, k, v, lay=lay, causal=causal: block_layout_attention(q, k, v, lay, bs, causal=causal),
-                       lambda q, k, v, causal=causal: context_parallel_bigbird_attention(
-                           q, k, v, bs, num_window_blocks=3, num_global_blocks=1, causal=causal)[0],
-                       [q, k, v], rank, world, results, f"bigbird_causal={causal}",
-                       3e-2 if dt == torch.bfloat16 else 1e-4)
-    module = build_attention("performer", embed_dim=heads * d, num_heads=heads, self_attention=True, causal=True,
-                             approx_attn_dim=64).to(device).eval()
+        _shard_compare(
+            lambda q, k, v, lay=lay, causal=causal: block_layout_attention(q, k, v, lay, bs, causal=causal),
+            lambda q, k, v, causal=causal: context_parallel_bigbird_attention(
+                q, k, v, bs, num_window_blocks=3, num_global_blocks=1, causal=causal
+            )[0],
+            [q, k, v],
+            rank,
+            world,
+            results,
+            f"bigbird_causal={causal}",
+            3e-2 if dt == torch.bfloat16 else 1e-4,
+        )
+    module = (
+        build_attention(
+            "performer", embed_dim=heads * d, num_heads=heads, self_attention=True, causal=True, approx_attn_dim=64
+        )
+        .to(device)
+        .eval()
+    )
     x = torch.randn(n, 1, heads * d, device=device)
     full = x.clone().requires_grad_(True)
     ref = module(full, need_weights=False)[0]
@@ -138,8 +161,12 @@ def window_step(device, world, n, window_keys, d, heads, reps) -> Dict[str, floa
     dist.all_reduce(sent, op=dist.ReduceOp.MAX)
     t_p = _time(multi, device, reps)
     t_1 = _time(single, device, reps)
-    return {"t_single_ms": t_1 * 1e3, "t_context_parallel_ms": t_p * 1e3, "weak_scaling_efficiency": t_1 / t_p,
-            "max_bytes_sent_per_rank": float(sent.item())}
+    return {
+        "t_single_ms": t_1 * 1e3,
+        "t_context_parallel_ms": t_p * 1e3,
+        "weak_scaling_efficiency": t_1 / t_p,
+        "max_bytes_sent_per_rank": float(sent.item()),
+    }
 
 
 def ring_step(device, world, n, d, heads, reps) -> Dict[str, object]:
@@ -164,16 +191,19 @@ def ring_step(device, world, n, d, heads, reps) -> Dict[str, object]:
         t = _time(step, device, reps)
     except Exception as exc:  # an experimental API: report, do not abort the window results
         return {"skipped": f"{type(exc).__name__}: {exc}"}
-    return {"t_ring_ms": t * 1e3, "tokens": total,
-            "ring_bytes_per_rank_model": 3 * (world - 1) * n * heads * 2 * d * 2}
+    return {"t_ring_ms": t * 1e3, "tokens": total, "ring_bytes_per_rank_model": 3 * (world - 1) * n * heads * 2 * d * 2}
 
 
 def run(args) -> Dict[str, object]:
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     heads, d = (2, 16) if args.smoke else (16, 128)
-    results: Dict[str, object] = {"world": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                                  else "cpu", "backend": dist.get_backend(), "torch": torch.__version__}
+    results: Dict[str, object] = {
+        "world": world,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "backend": dist.get_backend(),
+        "torch": torch.__version__,
+    }
     exact: Dict[str, object] = {}
     exactness(device, world, rank, 96 if args.smoke else 4096, d, heads, exact)
     results["exactness"] = exact
@@ -201,8 +231,9 @@ def main(argv=None) -> None:
             dist.init_process_group(backend)
         else:  # one process
             store = os.path.join(tempfile.mkdtemp(), "store")
-            dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
-                                    init_method=f"file://{store}", rank=0, world_size=1)
+            dist.init_process_group(
+                "gloo" if not torch.cuda.is_available() else "nccl", init_method=f"file://{store}", rank=0, world_size=1
+            )
     results = run(args)
     if dist.get_rank() == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -217,9 +248,11 @@ def main(argv=None) -> None:
         for r in results["window_steps"]:
             ring = r["ring_attention"]
             ring_s = f"{ring['t_ring_ms']:9.1f}" if "t_ring_ms" in ring else "  skipped"
-            print(f"  {r['tokens_per_rank']:>7} {r['window']:>5} {r['t_single_ms']:8.2f} "
-                  f"{r['t_context_parallel_ms']:8.2f} "
-                  f"{r['weak_scaling_efficiency']:6.3f} {r['max_bytes_sent_per_rank'] / 1e6:8.2f} {ring_s}")
+            print(
+                f"  {r['tokens_per_rank']:>7} {r['window']:>5} {r['t_single_ms']:8.2f} "
+                f"{r['t_context_parallel_ms']:8.2f} "
+                f"{r['weak_scaling_efficiency']:6.3f} {r['max_bytes_sent_per_rank'] / 1e6:8.2f} {ring_s}"
+            )
         print(f"written {path}")
     dist.destroy_process_group()
 

@@ -23,6 +23,7 @@ mechanisms are skipped; the JSON and the table are rewritten after every mechani
 
 Writes ``DIR/decode_step.json`` and ``DIR/decode_step.md`` and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,7 +97,7 @@ def check(name: str, device, autocast: bool) -> float:
         except Exception:  # noqa: BLE001 - a mechanism may only decode one token at a time
             inc, outs, start = {}, [], 0
         for t in range(start, length):
-            outs.append(m(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=inc, need_weights=False)[0])
+            outs.append(m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=inc, need_weights=False)[0])
     return float((torch.cat(outs)[prompt:].float() - full[prompt:].float()).abs().max())
 
 
@@ -112,9 +113,14 @@ def prefill(module, context: int, device) -> dict:
     inc: dict = {}
     if not module._own_decoding_state():
         shape = (BATCH, module.num_kv_heads, context, module.head_dim)
-        module._set_input_buffer(inc, {"prev_key": torch.randn(shape, device=device, dtype=torch.bfloat16),
-                                       "prev_value": torch.randn(shape, device=device, dtype=torch.bfloat16),
-                                       "prev_key_padding_mask": None})
+        module._set_input_buffer(
+            inc,
+            {
+                "prev_key": torch.randn(shape, device=device, dtype=torch.bfloat16),
+                "prev_value": torch.randn(shape, device=device, dtype=torch.bfloat16),
+                "prev_key_padding_mask": None,
+            },
+        )
         return inc
     prompt = min(context, PROMPT)
     x = torch.randn(prompt, BATCH, EMBED, device=device)
@@ -238,10 +244,18 @@ def main() -> None:
             rows.append({"mechanism": name, "ms": {}, "notes": [f"skipped: past the {args.budget:.0f} s budget"]})
             continue
         rows.append(run(name, args.contexts, device, args.slow))
-        result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "torch": torch.__version__, "batch": BATCH, "embed_dim": EMBED, "heads": HEADS,
-                  "dtype": "bf16 autocast", "warmup": WARMUP, "steps": STEPS, "rows": rows,
-                  "seconds": time.perf_counter() - t0}
+        result = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "batch": BATCH,
+            "embed_dim": EMBED,
+            "heads": HEADS,
+            "dtype": "bf16 autocast",
+            "warmup": WARMUP,
+            "steps": STEPS,
+            "rows": rows,
+            "seconds": time.perf_counter() - t0,
+        }
         (out / "decode_step.json").write_text(json.dumps(result, indent=1, default=str))
         (out / "decode_step.md").write_text(table(rows, args.contexts) + "\n")
     print(f"\n{result['device']}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s")

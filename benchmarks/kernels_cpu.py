@@ -8,6 +8,7 @@ N in {1k, 4k, 16k}: bidirectional token windows of W in {128, 256, 512} keys
 
     python benchmarks/kernels_cpu.py --out benchmarks/results/kernels_cpu.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,19 @@ def main():
     torch.set_num_threads(args.threads)
     assert cpu_extension() is not None, "build the C++ extension first: python setup.py build_ext --inplace"
     H, D, bs = args.heads, args.dim, 64
-    meta = dict(device=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), threads=args.threads,
-                torch=torch.__version__, dtype="float32", batch=1, heads=H, dim=D, brgemm=cpu_extension().use_brgemm(),
-                loadavg_start=os.getloadavg(), timing="median of up to --reps runs after one warm-up (wall clock)")
+    meta = dict(
+        device=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        threads=args.threads,
+        torch=torch.__version__,
+        dtype="float32",
+        batch=1,
+        heads=H,
+        dim=D,
+        brgemm=cpu_extension().use_brgemm(),
+        loadavg_start=os.getloadavg(),
+        timing="median of up to --reps runs after one warm-up (wall clock)",
+    )
     rows = []
 
     def save():
@@ -82,10 +93,13 @@ def main():
                 if backward:
                     out.backward(do)
                     q.grad = k.grad = v.grad = None
+
             if not backward:
+
                 def step():  # noqa: F811
                     with torch.no_grad():
                         fn()
+
             return timeit(step, args.reps, budget)
 
         dense = {m: run(lambda: F.scaled_dot_product_attention(q, k, v), m == "fwdbwd") for m in ("fwd", "fwdbwd")}
@@ -104,7 +118,9 @@ def main():
             assert choose_backend(op, q, k, v) == "cpp"
             with torch.no_grad():
                 err = ((ours() - ref()).norm() / ref().norm()).item()
-            row = dict(name=name, N=N, rel_err_vs_reference=err, dense_fwd_ms=dense["fwd"], dense_fwdbwd_ms=dense["fwdbwd"])
+            row = dict(
+                name=name, N=N, rel_err_vs_reference=err, dense_fwd_ms=dense["fwd"], dense_fwdbwd_ms=dense["fwdbwd"]
+            )
             if layout is not None:
                 row["density"] = layout.float().mean().item()
             for mode in ("fwd", "fwdbwd"):
@@ -114,11 +130,13 @@ def main():
                 row[f"speedup_vs_reference_{mode}"] = row[f"reference_{mode}_ms"] / row[f"ours_{mode}_ms"]
             rows.append(row)
             save()
-            print(f"  {name:18s} ours {row['ours_fwd_ms']:8.1f}/{row['ours_fwdbwd_ms']:8.1f} ms  ref "
-                  f"{row['reference_fwd_ms']:8.1f}/{row['reference_fwdbwd_ms']:8.1f} ms  vs dense "
-                  f"x{row['speedup_vs_dense_fwd']:.1f}/x{row['speedup_vs_dense_fwdbwd']:.1f}  vs ref "
-                  f"x{row['speedup_vs_reference_fwd']:.1f}/x{row['speedup_vs_reference_fwdbwd']:.1f}  err {err:.1e}",
-                  flush=True)
+            print(
+                f"  {name:18s} ours {row['ours_fwd_ms']:8.1f}/{row['ours_fwdbwd_ms']:8.1f} ms  ref "
+                f"{row['reference_fwd_ms']:8.1f}/{row['reference_fwdbwd_ms']:8.1f} ms  vs dense "
+                f"x{row['speedup_vs_dense_fwd']:.1f}/x{row['speedup_vs_dense_fwdbwd']:.1f}  vs ref "
+                f"x{row['speedup_vs_reference_fwd']:.1f}/x{row['speedup_vs_reference_fwdbwd']:.1f}  err {err:.1e}",
+                flush=True,
+            )
     save()
 
 

@@ -17,6 +17,7 @@ backward) as a fraction of a dense bf16 matmul measured in the same run.
     python benchmarks/kernels_gpu.py --out DIR --dims 64 --lengths 65536 --windows 128 256 512 1024 2048 4096 \
         --skip-layouts --skip-sdpa
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,8 +117,9 @@ def flex_block_mask(layout: torch.Tensor, bs: int, causal: bool, N: int):
     def causal_mod(b, h, qi, ki):
         return ki <= qi
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs,
-                                    mask_mod=causal_mod if causal else None, seq_lengths=(N, N))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=causal_mod if causal else None, seq_lengths=(N, N)
+    )
 
 
 def varlen_window_fn(B: int, N: int, W: int):
@@ -153,9 +155,15 @@ class Runner:
         self.t0 = time.time()
         props = torch.cuda.get_device_properties(0)
         self.meta = dict(
-            device=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count, torch=torch.__version__,
-            triton=__import__("triton").__version__, python=platform.python_version(), dtype="bfloat16", heads=H,
-            tokens_per_batch=TOKENS, timing="triton.testing.do_bench median, warmup 10 ms, rep 40 ms",
+            device=torch.cuda.get_device_name(0),
+            sm_count=props.multi_processor_count,
+            torch=torch.__version__,
+            triton=__import__("triton").__version__,
+            python=platform.python_version(),
+            dtype="bfloat16",
+            heads=H,
+            tokens_per_batch=TOKENS,
+            timing="triton.testing.do_bench median, warmup 10 ms, rep 40 ms",
             useful_flops="4*d per unmasked score entry forward; x3.5 forward+backward",
         )
         self.meta["matmul_tflops"] = matmul_tflops()
@@ -202,7 +210,7 @@ class Runner:
                 row["varlen_graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         except Exception as exc:
             row["varlen_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        del qp, kp, vp, dop
+        qp = kp = vp = dop = None  # free the copies (not del: the closures above read them)
 
     def point(self, name, N, D, B, kept, ours, bm, row_mask, varlen=None, **extra):
         """``bm``: Flex BlockMask; ``row_mask(rows) -> bool (H|1, len(rows), N)``, True = attend (for the check);
@@ -214,15 +222,25 @@ class Runner:
             a, b = ours(q, k, v), flex(q, k, v)
             err = ((a.float() - b.float()).norm() / b.float().norm()).item()
             rows = torch.cat([torch.arange(0, 128), torch.arange(N - 384, N)]).cuda()  # first and last rows
-            ref = F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=row_mask(rows)[None])
+            ref = F.scaled_dot_product_attention(
+                q[:, :, rows].float(), k.float(), v.float(), attn_mask=row_mask(rows)[None]
+            )
             err_sdpa = ((a[:, :, rows].float() - ref).norm() / ref.norm()).item()
-        row = dict(name=name, N=N, D=D, B=B, kept_fraction=kept / (B * H * N * N), rel_err_vs_flex=err,
-                   rel_err_vs_sdpa_rows=err_sdpa,
-                   backend=choose_backend("block_sparse" if "layout" in name else "sliding_window", q, k, v))
+        row = dict(
+            name=name,
+            N=N,
+            D=D,
+            B=B,
+            kept_fraction=kept / (B * H * N * N),
+            rel_err_vs_flex=err,
+            rel_err_vs_sdpa_rows=err_sdpa,
+            backend=choose_backend("block_sparse" if "layout" in name else "sliding_window", q, k, v),
+        )
         row.update(extra)
         for label, fn in (("ours", ours), ("flex", flex)):
-            row[f"{label}_fwd_ms"], row[f"{label}_fwdbwd_ms"], row[f"{label}_graph_fwdbwd_ms"] = \
-                self.time_pair(fn, q, k, v, do)
+            row[f"{label}_fwd_ms"], row[f"{label}_fwdbwd_ms"], row[f"{label}_graph_fwdbwd_ms"] = self.time_pair(
+                fn, q, k, v, do
+            )
         if varlen is not None:
             self.varlen_point(row, varlen, q, k, v, do, a)
         row["speedup_vs_flex_graph_fwdbwd"] = row["flex_graph_fwdbwd_ms"] / row["ours_graph_fwdbwd_ms"]
@@ -235,20 +253,28 @@ class Runner:
         row["ours_graph_fwdbwd_frac_matmul"] = useful_flops(kept, D, True) / row["ours_graph_fwdbwd_ms"] / 1e9 / rate
         self.rows.append(row)
         self.save()
-        print(f"{name:28s} N={N:6d} D={D:3d} ours {row['ours_fwd_ms']:8.3f}/{row['ours_fwdbwd_ms']:8.3f} ms  "
-              f"flex {row['flex_fwd_ms']:8.3f}/{row['flex_fwdbwd_ms']:8.3f} ms  x{row['speedup_vs_flex_fwd']:.2f}/"
-              f"x{row['speedup_vs_flex_fwdbwd']:.2f}  graph {row['ours_graph_fwdbwd_ms']:.3f}/{row['flex_graph_fwdbwd_ms']:.3f} "
-              f"x{row['speedup_vs_flex_graph_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  err {err:.1e}/{err_sdpa:.1e} "
-              f"[{time.time() - self.t0:.0f}s]", flush=True)
+        print(
+            f"{name:28s} N={N:6d} D={D:3d} ours {row['ours_fwd_ms']:8.3f}/{row['ours_fwdbwd_ms']:8.3f} ms  "
+            f"flex {row['flex_fwd_ms']:8.3f}/{row['flex_fwdbwd_ms']:8.3f} ms  x{row['speedup_vs_flex_fwd']:.2f}/"
+            f"x{row['speedup_vs_flex_fwdbwd']:.2f}  "
+            f"graph {row['ours_graph_fwdbwd_ms']:.3f}/{row['flex_graph_fwdbwd_ms']:.3f} "
+            f"x{row['speedup_vs_flex_graph_fwdbwd']:.2f}  {row['ours_fwdbwd_frac_matmul']:.2f} of mm  "
+            f"err {err:.1e}/{err_sdpa:.1e} "
+            f"[{time.time() - self.t0:.0f}s]",
+            flush=True,
+        )
         if "varlen_fwdbwd_ms" in row:
-            print(f"{'':28s} varlen_attn {row['varlen_fwd_ms']:8.3f}/{row['varlen_fwdbwd_ms']:8.3f} ms  "
-                  f"ours x{row['speedup_vs_varlen_fwd']:.2f}/x{row['speedup_vs_varlen_fwdbwd']:.2f}  graph "
-                  f"{row.get('varlen_graph_fwdbwd_ms', float('nan')):.3f} "
-                  f"x{row.get('speedup_vs_varlen_graph_fwdbwd', float('nan')):.2f}  "
-                  f"err vs ours {row['rel_err_varlen_vs_ours']:.1e}", flush=True)
+            print(
+                f"{'':28s} varlen_attn {row['varlen_fwd_ms']:8.3f}/{row['varlen_fwdbwd_ms']:8.3f} ms  "
+                f"ours x{row['speedup_vs_varlen_fwd']:.2f}/x{row['speedup_vs_varlen_fwdbwd']:.2f}  graph "
+                f"{row.get('varlen_graph_fwdbwd_ms', float('nan')):.3f} "
+                f"x{row.get('speedup_vs_varlen_graph_fwdbwd', float('nan')):.2f}  "
+                f"err vs ours {row['rel_err_varlen_vs_ours']:.1e}",
+                flush=True,
+            )
         elif "varlen_error" in row:
             print(f"{'':28s} varlen_attn failed: {row['varlen_error']}", flush=True)
-        del q, k, v, do, bm
+        q = k = v = do = bm = None  # free the inputs (not del: the closures above read them)
         torch.cuda.empty_cache()
 
     def sdpa(self, N, D, B):
@@ -264,8 +290,11 @@ class Runner:
             row[f"{tag}_fwdbwd_frac_matmul"] = useful_flops(kept, D, True) / fb / 1e9 / self.meta["matmul_tflops"]
         self.rows.append(row)
         self.save()
-        print(f"sdpa N={N} D={D}: dense {row['dense_fwd_ms']:.3f}/{row['dense_fwdbwd_ms']:.3f} ms, causal "
-              f"{row['causal_fwd_ms']:.3f}/{row['causal_fwdbwd_ms']:.3f} ms", flush=True)
+        print(
+            f"sdpa N={N} D={D}: dense {row['dense_fwd_ms']:.3f}/{row['dense_fwdbwd_ms']:.3f} ms, causal "
+            f"{row['causal_fwd_ms']:.3f}/{row['causal_fwdbwd_ms']:.3f} ms",
+            flush=True,
+        )
 
 
 def main():
@@ -305,8 +334,18 @@ def main():
 
                     kept = B * H * (N * W - W * (W - 1) / 2)  # sum_i min(i + 1, W)
                     varlen = None if args.no_varlen else varlen_window_fn(B, N, W)
-                    r.point(f"window W={W}", N, D, B, kept, lambda q, k, v, w=window: sliding_window_attention(q, k, v, w)[0],
-                            bm, row_mask, varlen=varlen, W=W)
+                    r.point(
+                        f"window W={W}",
+                        N,
+                        D,
+                        B,
+                        kept,
+                        lambda q, k, v, w=window: sliding_window_attention(q, k, v, w)[0],
+                        bm,
+                        row_mask,
+                        varlen=varlen,
+                        W=W,
+                    )
         if args.skip_layouts:
             continue
         N, bs = 16384, args.layout_block
@@ -319,7 +358,10 @@ def main():
             full = lay.expand(H, nb, nb)
             if causal:  # diagonal blocks keep their lower triangle, blocks above it nothing
                 diag = torch.eye(nb, dtype=torch.bool, device="cuda")
-                kept = float((full & ~diag).tril().sum().item()) * bs * bs + float((full & diag).sum().item()) * bs * (bs + 1) / 2
+                kept = (
+                    float((full & ~diag).tril().sum().item()) * bs * bs
+                    + float((full & diag).sum().item()) * bs * (bs + 1) / 2
+                )
             else:
                 kept = float(full.sum().item()) * bs * bs
 
@@ -331,19 +373,35 @@ def main():
                     keep = keep & (torch.arange(N, device="cuda")[None, None] <= rows[None, :, None])
                 return keep
 
-            r.point(name, N, D, 1, kept,
-                    lambda q, k, v, lay=lay, c=causal: block_sparse_attention(q, k, v, lay, bs, causal=c)[0],
-                    bm, row_mask, block_size=bs, causal=causal, layout_heads=int(lay.shape[0]))
+            r.point(
+                name,
+                N,
+                D,
+                1,
+                kept,
+                lambda q, k, v, lay=lay, c=causal: block_sparse_attention(q, k, v, lay, bs, causal=c)[0],
+                bm,
+                row_mask,
+                block_size=bs,
+                causal=causal,
+                layout_heads=int(lay.shape[0]),
+            )
     print(json.dumps(r.meta))
     windows = [row for row in r.rows if row["name"].startswith("window")]
     if windows:  # issue 14's target: >= 1.25x Flex and >= 1.5x varlen_attn, forward+backward
-        print(f"\n{'N':>6} {'D':>4} {'W':>5} {'ours ms':>8} {'flex ms':>8} {'varlen ms':>9} {'x flex':>7} {'x varlen':>8}  "
-              f"(forward+backward, eager / CUDA graph)")
+        print(
+            f"\n{'N':>6} {'D':>4} {'W':>5} {'ours ms':>8} {'flex ms':>8} {'varlen ms':>9} "
+            f"{'x flex':>7} {'x varlen':>8}  "
+            f"(forward+backward, eager / CUDA graph)"
+        )
         for row in windows:
-            print(f"{row['N']:6d} {row['D']:4d} {row['W']:5d} {row['ours_fwdbwd_ms']:8.3f} {row['flex_fwdbwd_ms']:8.3f} "
-                  f"{row.get('varlen_fwdbwd_ms', float('nan')):9.3f} {row['speedup_vs_flex_fwdbwd']:7.2f} "
-                  f"{row.get('speedup_vs_varlen_fwdbwd', float('nan')):8.2f}  graph x{row['speedup_vs_flex_graph_fwdbwd']:.2f} "
-                  f"x{row.get('speedup_vs_varlen_graph_fwdbwd', float('nan')):.2f}")
+            print(
+                f"{row['N']:6d} {row['D']:4d} {row['W']:5d} {row['ours_fwdbwd_ms']:8.3f} {row['flex_fwdbwd_ms']:8.3f} "
+                f"{row.get('varlen_fwdbwd_ms', float('nan')):9.3f} {row['speedup_vs_flex_fwdbwd']:7.2f} "
+                f"{row.get('speedup_vs_varlen_fwdbwd', float('nan')):8.2f}  "
+                f"graph x{row['speedup_vs_flex_graph_fwdbwd']:.2f} "
+                f"x{row.get('speedup_vs_varlen_graph_fwdbwd', float('nan')):.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ FlexAttention (compiled, BlockMask built outside) is measured the same way for t
 
     python benchmarks/kernels_gpu_backward.py --out benchmarks/results/kernels_gpu_backward_h100.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from kernels_gpu import H, bigbird_layout, fixed_layout, flex_block_mask, graph_ms  # noqa: E402
+
 from efficient_attention.kernels import block_sparse_attention, sliding_window_attention, triton_ops  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
-from kernels_gpu import H, bigbird_layout, fixed_layout, flex_block_mask, graph_ms  # noqa: E402
 
 N = 16384
 
@@ -79,14 +81,18 @@ def _tile(bm, bn, nw, ns):
 _PTR = dict(fwd=dict(TMA=False), dq=dict(TMA=False), dkdv=dict(TMA=False))
 _TMA = dict(fwd=dict(TMA=True), dq=dict(TMA=True), dkdv=dict(TMA=True))
 VARIANTS = {  # (name, overrides of the committed config per kernel); the committed config first
-    64: [("default", {}),
-         ("pointer loads", _PTR),
-         ("tma loads", _TMA),
-         ("dq 64x64 / dkdv 64x64 w4", dict(dq=_tile(64, 64, 4, 3), dkdv=_tile(64, 64, 4, 3)))],
-    128: [("default", {}),
-          ("pointer loads", _PTR),
-          ("tma loads", _TMA),
-          ("dq 128x64 w8 / dkdv 64x128 w8", dict(dq=_tile(128, 64, 8, 3), dkdv=_tile(64, 128, 8, 3)))],
+    64: [
+        ("default", {}),
+        ("pointer loads", _PTR),
+        ("tma loads", _TMA),
+        ("dq 64x64 / dkdv 64x64 w4", dict(dq=_tile(64, 64, 4, 3), dkdv=_tile(64, 64, 4, 3))),
+    ],
+    128: [
+        ("default", {}),
+        ("pointer loads", _PTR),
+        ("tma loads", _TMA),
+        ("dq 128x64 w8 / dkdv 64x128 w8", dict(dq=_tile(128, 64, 8, 3), dkdv=_tile(64, 128, 8, 3))),
+    ],
 }
 
 
@@ -146,6 +152,7 @@ def study(rows, name, D, kind, fn, flex, out_path):
         else:
             call = flex
         try:
+
             def step():
                 call(q, k, v).backward(do)
 
@@ -169,13 +176,21 @@ def study(rows, name, D, kind, fn, flex, out_path):
         finally:
             setattr(triton_ops, attr, base)
         rows.append(row)
-        print(f"{name:16s} D={D:3d} {label:26s} " + (
-            f"fwd {row['fwd_ms']:.3f} fwd+bwd {row['fwdbwd_ms']:.3f} graph {row['graph_fwdbwd_ms']:.3f} "
-            f"host {row['host_fwdbwd_ms']:.3f} err {row.get('grad_rel_err_vs_default', 0):.1e} "
-            + " ".join(f"{k.split('_kernel')[0][-18:]}={v:.3f}" for k, v in list(row["kernels_ms"].items())[:4])
-            if "error" not in row else row["error"]), flush=True)
+        print(
+            f"{name:16s} D={D:3d} {label:26s} "
+            + (
+                f"fwd {row['fwd_ms']:.3f} fwd+bwd {row['fwdbwd_ms']:.3f} graph {row['graph_fwdbwd_ms']:.3f} "
+                f"host {row['host_fwdbwd_ms']:.3f} err {row.get('grad_rel_err_vs_default', 0):.1e} "
+                + " ".join(f"{k.split('_kernel')[0][-18:]}={v:.3f}" for k, v in list(row["kernels_ms"].items())[:4])
+                if "error" not in row
+                else row["error"]
+            ),
+            flush=True,
+        )
         with open(out_path, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, N=N, H=H, rows=rows), f, indent=1)
+            json.dump(
+                dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, N=N, H=H, rows=rows), f, indent=1
+            )
 
 
 def main():
@@ -198,17 +213,32 @@ def main():
     for D in args.dims:
         for W in args.windows:
             w = LocalWindow.sliding(W - 1, 0, causal=True)
-            bm = create_block_mask(lambda b, h, qi, ki, W=W: (ki <= qi) & (qi - ki < W), None, None, N, N, device="cuda")
-            study(rows, f"window W={W}", D, "window", lambda q, k, v, w=w: sliding_window_attention(q, k, v, w)[0],
-                  lambda q, k, v, bm=bm: compiled(q, k, v, block_mask=bm), args.out)
+            bm = create_block_mask(
+                lambda b, h, qi, ki, W=W: (ki <= qi) & (qi - ki < W), None, None, N, N, device="cuda"
+            )
+            study(
+                rows,
+                f"window W={W}",
+                D,
+                "window",
+                lambda q, k, v, w=w: sliding_window_attention(q, k, v, w)[0],
+                lambda q, k, v, bm=bm: compiled(q, k, v, block_mask=bm),
+                args.out,
+            )
         nb = N // 128
         for name in args.layouts:
             lay, causal = (fixed_layout(nb, 8), True) if name == "fixed" else (bigbird_layout(H, nb), False)
             lay = lay.cuda()
             bm = flex_block_mask(lay.expand(H, nb, nb), 128, causal, N)
-            study(rows, f"layout {name}", D, "layout",
-                  lambda q, k, v, lay=lay, c=causal: block_sparse_attention(q, k, v, lay, 128, causal=c)[0],
-                  lambda q, k, v, bm=bm: compiled(q, k, v, block_mask=bm), args.out)
+            study(
+                rows,
+                f"layout {name}",
+                D,
+                "layout",
+                lambda q, k, v, lay=lay, c=causal: block_sparse_attention(q, k, v, lay, 128, causal=c)[0],
+                lambda q, k, v, bm=bm: compiled(q, k, v, block_mask=bm),
+                args.out,
+            )
 
 
 if __name__ == "__main__":

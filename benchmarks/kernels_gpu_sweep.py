@@ -3,6 +3,7 @@
 Times the forward for several forward tiles and forward+backward for several backward
 tiles, to choose ``triton_ops.window_config``.  Writes JSON to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,18 +19,27 @@ from efficient_attention.kernels import block_sparse_attention, sliding_window_a
 from efficient_attention.local_window import LocalWindow  # noqa: E402
 
 FWD = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 4)]
-BWD = [((32, 128), (128, 32), 4, 5), ((64, 64), (64, 64), 4, 3), ((64, 128), (128, 64), 8, 3), ((32, 64), (64, 32), 4, 4)]
+BWD = [
+    ((32, 128), (128, 32), 4, 5),
+    ((64, 64), (64, 64), 4, 3),
+    ((64, 128), (128, 64), 8, 3),
+    ((32, 64), (64, 32), 4, 4),
+]
 
 
 LAYOUT_FWD = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 32, 4, 3)]
-LAYOUT_BWD = [((64, 64), (64, 64), 4, 3), ((64, 128), (128, 64), 8, 3), ((32, 128), (128, 32), 4, 3),
-              ((128, 128), (128, 128), 8, 2), ((64, 128), (128, 64), 4, 3)]
+LAYOUT_BWD = [
+    ((64, 64), (64, 64), 4, 3),
+    ((64, 128), (128, 64), 8, 3),
+    ((32, 128), (128, 32), 4, 3),
+    ((128, 128), (128, 128), 8, 2),
+    ((64, 128), (128, 64), 4, 3),
+]
 
 
 def sweep_layouts(args):
     """The block-sparse tiles on the benchmark's fixed / BigBird layouts (bs 128, N 16k)."""
     import triton.testing
-
     from kernels_gpu import H, bigbird_layout, fixed_layout
 
     default = triton_ops.block_config
@@ -47,16 +57,23 @@ def sweep_layouts(args):
                 triton_ops.block_config = lambda *a, cfg=cfg: cfg
                 try:
                     with torch.no_grad():
-                        ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, lay, bs, causal=causal),
-                                                     warmup=10, rep=40, return_mode="median")
+                        ms = triton.testing.do_bench(
+                            lambda: block_sparse_attention(q, k, v, lay, bs, causal=causal),
+                            warmup=10,
+                            rep=40,
+                            return_mode="median",
+                        )
                 except Exception as exc:
                     ms = float("nan")
                     print("fail", exc.__class__.__name__)
                 rows.append(dict(D=D, layout=name, kind="fwd", cfg=[bm, bn, nw, ns], ms=ms))
                 print(f"D={D} {name} fwd {bm}x{bn} w{nw} s{ns}: {ms:.3f} ms", flush=True)
             for (m1, n1), (m2, n2), nw, ns in LAYOUT_BWD:
-                cfg = dict(base, dkdv=dict(BLOCK_M=m1, BLOCK_N=n1, num_warps=nw, num_stages=ns, LUT_BLOCK=bs),
-                           dq=dict(BLOCK_M=m2, BLOCK_N=n2, num_warps=nw, num_stages=ns, LUT_BLOCK=bs))
+                cfg = dict(
+                    base,
+                    dkdv=dict(BLOCK_M=m1, BLOCK_N=n1, num_warps=nw, num_stages=ns, LUT_BLOCK=bs),
+                    dq=dict(BLOCK_M=m2, BLOCK_N=n2, num_warps=nw, num_stages=ns, LUT_BLOCK=bs),
+                )
                 triton_ops.block_config = lambda *a, cfg=cfg: cfg
 
                 def step():
@@ -98,8 +115,9 @@ def main():
                 triton_ops.window_config = lambda *a, cfg=cfg: cfg
                 try:
                     with torch.no_grad():
-                        ms = triton.testing.do_bench(lambda: sliding_window_attention(q, k, v, w), warmup=10, rep=40,
-                                                     return_mode="median")
+                        ms = triton.testing.do_bench(
+                            lambda: sliding_window_attention(q, k, v, w), warmup=10, rep=40, return_mode="median"
+                        )
                 except Exception as exc:  # out of resources etc.
                     ms = float("nan")
                     print("fail", exc.__class__.__name__)
@@ -108,8 +126,11 @@ def main():
             for (m1, n1), (m2, n2), nw, ns in BWD:
                 if D == 128 and ns > 3:
                     ns = 3
-                cfg = dict(base, dkdv=dict(BLOCK_M=m1, BLOCK_N=n1, num_warps=nw if D == 64 else 8, num_stages=ns, LUT_BLOCK=128),
-                           dq=dict(BLOCK_M=m2, BLOCK_N=n2, num_warps=nw if D == 64 else 8, num_stages=ns, LUT_BLOCK=128))
+                cfg = dict(
+                    base,
+                    dkdv=dict(BLOCK_M=m1, BLOCK_N=n1, num_warps=nw if D == 64 else 8, num_stages=ns, LUT_BLOCK=128),
+                    dq=dict(BLOCK_M=m2, BLOCK_N=n2, num_warps=nw if D == 64 else 8, num_stages=ns, LUT_BLOCK=128),
+                )
                 triton_ops.window_config = lambda *a, cfg=cfg: cfg
 
                 def step():

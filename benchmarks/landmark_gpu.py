@@ -11,6 +11,7 @@
 
     python benchmarks/landmark_gpu.py --out DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,17 @@ def check(dtype, d, bs, T, S, pad, with_lse, B=2, H=3):
     rgrads = torch.autograd.grad(rloss, (rq, rk, rv))
     errs = dict(out=rel(out, rout), lse=rel(lse, rlse), **{f"d{n}": rel(a, b) for n, a, b in zip("qkv", grads, rgrads)})
     ok = errs["out"] < REL[dtype] and errs["lse"] < 1e-4 and all(errs[f"d{n}"] < 3 * REL[dtype] for n in "qkv")
-    return dict(dtype=str(dtype).replace("torch.", ""), d=d, block=bs, T=T, S=S, pad=pad, lse_grad=with_lse, ok=ok,
-                **{k: float(f"{v:.2e}") for k, v in errs.items()})
+    return dict(
+        dtype=str(dtype).replace("torch.", ""),
+        d=d,
+        block=bs,
+        T=T,
+        S=S,
+        pad=pad,
+        lse_grad=with_lse,
+        ok=ok,
+        **{k: float(f"{v:.2e}") for k, v in errs.items()},
+    )
 
 
 def kernel_configs(L: int, rows: list, deadline: float):
@@ -110,8 +120,16 @@ def kernel_configs(L: int, rows: list, deadline: float):
         try:
             fwd = bench(lambda: lk.landmark_attention(q, k, v, bs, backend="triton"))
             fb = bench(step_ours, [q, k, v])
-            row = dict(part="kernel", config=name, L=L, fwd_ms=fwd, fwdbwd_ms=fb, sdpa_fwd_ms=sdpa_fwd,
-                       sdpa_fwdbwd_ms=sdpa_fb, ratio_fwdbwd=fb / sdpa_fb)
+            row = dict(
+                part="kernel",
+                config=name,
+                L=L,
+                fwd_ms=fwd,
+                fwdbwd_ms=fb,
+                sdpa_fwd_ms=sdpa_fwd,
+                sdpa_fwdbwd_ms=sdpa_fb,
+                ratio_fwdbwd=fb / sdpa_fb,
+            )
         except Exception as exc:  # a config that does not fit (shared memory) is reported, not fatal
             row = dict(part="kernel", config=name, L=L, error=f"{type(exc).__name__}: {str(exc)[:200]}")
         finally:
@@ -141,7 +159,7 @@ def module_point(name: str, L: int, opts: dict):
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - before) / 2**30
     ms = bench(step, [x] + list(m.parameters()), rep=100 if L <= 8192 else 200)
-    del m, x, dy
+    m = x = dy = None  # free them (not del: step() reads them)
     torch.cuda.empty_cache()
     return ms, peak
 
@@ -149,8 +167,12 @@ def module_point(name: str, L: int, opts: dict):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="landmark_gpu_out")
-    p.add_argument("--budget", type=float, default=55.0,
-                   help="seconds after which no new check or tile variant starts (each compiles ~3 kernels, ~5 s each)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=55.0,
+        help="seconds after which no new check or tile variant starts (each compiles ~3 kernels, ~5 s each)",
+    )
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -181,24 +203,30 @@ def main():
         rows.append(row)
         table.append(row)
         save()
-        print(f"module L={L:6d} vanilla {row.get('vanilla_ms', float('nan')):8.2f} ms {row.get('vanilla_gb', float('nan')):6.2f} GB"
-              f"  landmark {row.get('landmark_ms', float('nan')):8.2f} ms {row.get('landmark_gb', float('nan')):6.2f} GB"
-              f"  time x{row.get('time_ratio', float('nan')):.2f} mem x{row.get('mem_ratio', float('nan')):.2f}"
-              f"  [{row['landmark_backend']}] {row.get('vanilla_error', '')}{row.get('landmark_error', '')}"
-              f"  [{time.time() - t0:.0f}s]", flush=True)
+        print(
+            f"module L={L:6d} vanilla {row.get('vanilla_ms', float('nan')):8.2f} ms "
+            f"{row.get('vanilla_gb', float('nan')):6.2f} GB"
+            f"  landmark {row.get('landmark_ms', float('nan')):8.2f} ms {row.get('landmark_gb', float('nan')):6.2f} GB"
+            f"  time x{row.get('time_ratio', float('nan')):.2f} mem x{row.get('mem_ratio', float('nan')):.2f}"
+            f"  [{row['landmark_backend']}] {row.get('vanilla_error', '')}{row.get('landmark_error', '')}"
+            f"  [{time.time() - t0:.0f}s]",
+            flush=True,
+        )
 
     # 2. correctness (few tile variants: each compiles three kernels)
     cases = [  # (dtype, d, block, T, S, key padding, gradient through lse too)
-        (torch.bfloat16, 64, 64, 320, 320, False, False),   # the module's kernels (lengths % 16 == 0: no recompile)
-        (torch.bfloat16, 64, 64, 150, 333, True, True),     # last T of S, padding, lse gradient
+        (torch.bfloat16, 64, 64, 320, 320, False, False),  # the module's kernels (lengths % 16 == 0: no recompile)
+        (torch.bfloat16, 64, 64, 150, 333, True, True),  # last T of S, padding, lse gradient
         (torch.float16, 128, 64, 300, 300, True, False),
         (torch.float32, 64, 32, 300, 300, True, False),
         (torch.float16, 64, 128, 300, 300, True, False),
-        (torch.bfloat16, 64, 16, 1, 777, True, False),      # one decoding step
+        (torch.bfloat16, 64, 16, 1, 777, True, False),  # one decoding step
     ]
     for case in cases:
         if time.time() - t0 > args.budget:
-            print(f"[{time.time() - t0:.0f}s] budget spent: {len(cases) - cases.index(case)} checks left out", flush=True)
+            print(
+                f"[{time.time() - t0:.0f}s] budget spent: {len(cases) - cases.index(case)} checks left out", flush=True
+            )
             break
         try:
             row = dict(part="check", **check(*case))
@@ -223,18 +251,24 @@ def main():
         print("  FAILED", r)
     for r in rows:
         if r["part"] == "kernel" and "fwd_ms" in r:
-            print(f"kernel L={r['L']} {r['config']:24s} fwd {r['fwd_ms']:.3f} fwd+bwd {r['fwdbwd_ms']:.3f} ms   "
-                  f"sdpa {r['sdpa_fwd_ms']:.3f}/{r['sdpa_fwdbwd_ms']:.3f}   x{r['ratio_fwdbwd']:.2f}")
+            print(
+                f"kernel L={r['L']} {r['config']:24s} fwd {r['fwd_ms']:.3f} fwd+bwd {r['fwdbwd_ms']:.3f} ms   "
+                f"sdpa {r['sdpa_fwd_ms']:.3f}/{r['sdpa_fwdbwd_ms']:.3f}   x{r['ratio_fwdbwd']:.2f}"
+            )
         elif r["part"] == "kernel":
             print(f"kernel L={r['L']} {r['config']:24s} {r['error']}")
-    print("module fwd+bwd, (L, B=4, 512), 8 heads of 64, bf16 autocast, causal; landmark block 64; "
-          "GB = peak memory of a step above the inputs")
+    print(
+        "module fwd+bwd, (L, B=4, 512), 8 heads of 64, bf16 autocast, causal; landmark block 64; "
+        "GB = peak memory of a step above the inputs"
+    )
     print(f"{'L':>6} {'vanilla ms':>10} {'GB':>6} {'landmark ms':>11} {'GB':>6} {'t ratio':>7} {'m ratio':>7}")
     for r in table:
-        print(f"{r['L']:6d} {r.get('vanilla_ms', float('nan')):10.2f} {r.get('vanilla_gb', float('nan')):6.2f} "
-              f"{r.get('landmark_ms', float('nan')):11.2f} {r.get('landmark_gb', float('nan')):6.2f} "
-              f"{r.get('time_ratio', float('nan')):7.2f} {r.get('mem_ratio', float('nan')):7.2f}  "
-              f"{r.get('landmark_backend')} {r.get('vanilla_error', '')}{r.get('landmark_error', '')}")
+        print(
+            f"{r['L']:6d} {r.get('vanilla_ms', float('nan')):10.2f} {r.get('vanilla_gb', float('nan')):6.2f} "
+            f"{r.get('landmark_ms', float('nan')):11.2f} {r.get('landmark_gb', float('nan')):6.2f} "
+            f"{r.get('time_ratio', float('nan')):7.2f} {r.get('mem_ratio', float('nan')):7.2f}  "
+            f"{r.get('landmark_backend')} {r.get('vanilla_error', '')}{r.get('landmark_error', '')}"
+        )
 
 
 if __name__ == "__main__":

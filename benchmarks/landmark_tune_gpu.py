@@ -7,6 +7,7 @@ order of fp32 sums: max abs difference printed).  The best candidates go into ``
 
     python benchmarks/landmark_tune_gpu.py --out DIR [--lengths 8192 32768] [--block-size 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import torch  # noqa: E402
 
 from efficient_attention.kernels import landmark as lm  # noqa: E402
 
-CANDIDATES = [dict(BLOCK_M=m, num_warps=w, num_stages=s)
-              for m, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
+CANDIDATES = [
+    dict(BLOCK_M=m, num_warps=w, num_stages=s) for m, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))
+]
 
 
 def _time(fn, reps: int = 10) -> float:
@@ -53,7 +55,7 @@ def main() -> None:
         torch.manual_seed(0)
         q, k, v = (torch.randn(4, 8, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         do = torch.randn_like(q)
-        scale = d ** -0.5
+        scale = d**-0.5
         ref_out, ref_lse = lm._triton_forward(q, k, v, None, bs, scale)
         ref_grads = lm._triton_backward(do, None, q, k, v, ref_out, ref_lse, None, bs, scale)
         base = default_cfg(bs, d, q.dtype)
@@ -71,8 +73,9 @@ def main() -> None:
                 try:
                     if kernel == "fwd":
                         out, lse = lm._triton_forward(q, k, v, None, bs, scale)
-                        err = max((out.float() - ref_out.float()).abs().max().item(),
-                                  (lse - ref_lse).abs().max().item())
+                        err = max(
+                            (out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item()
+                        )
                         t = _time(lambda: lm._triton_forward(q, k, v, None, bs, scale))
                     else:
                         grads = lm._triton_backward(do, None, q, k, v, ref_out, ref_lse, None, bs, scale)
@@ -88,8 +91,10 @@ def main() -> None:
                 results["rows"].append(row)
                 if best is None or t < best["ms"]:
                     best = row
-                print(f"  {kernel:4s} {cand} {t:7.3f} ms err {err:.2e}{'  (default)' if row['default'] else ''}",
-                      flush=True)
+                print(
+                    f"  {kernel:4s} {cand} {t:7.3f} ms err {err:.2e}{'  (default)' if row['default'] else ''}",
+                    flush=True,
+                )
             print(f"  BEST {kernel}: {best['cfg']} {best['ms']:.3f} ms", flush=True)
     (args.out / "landmark_tune.json").write_text(json.dumps(results, indent=1))
 

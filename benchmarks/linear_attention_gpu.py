@@ -16,6 +16,7 @@ Writes ``DIR/linear_attention_gpu.json`` after each part and prints as it goes, 
 ``--budget`` seconds (85) by skipping the longest timing points (``--full``/``--sweep`` add checks and a tile
 sweep).  Needs CUDA and Triton; no fairseq.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,20 +53,34 @@ def op_case(B, H, T, S, m, d, dtype, causal, decay, state, normalize, seed=0):
     v = torch.randn(B, H, S, d, device=DEV, generator=g).to(dtype)
     log_decay = -torch.rand(B, H, S, device=DEV, generator=g) * 0.2 if decay else None
     kpm = torch.zeros(B, S, dtype=torch.bool, device=DEV)
-    kpm[-1, S - S // 5:] = True
+    kpm[-1, S - S // 5 :] = True
     init = None
     if state:
         init = (torch.rand(B, H, m, d, device=DEV, generator=g), torch.rand(B, H, m, device=DEV, generator=g) + 1)
         if not normalize:
             init = (init[0], None)
     ins = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, (hf, _) = linear_attention(*ins, causal=causal, log_decay=log_decay, key_padding_mask=kpm, normalize=normalize,
-                                    initial_state=init, return_state=True)
+    out, (hf, _) = linear_attention(
+        *ins,
+        causal=causal,
+        log_decay=log_decay,
+        key_padding_mask=kpm,
+        normalize=normalize,
+        initial_state=init,
+        return_state=True,
+    )
     ref_ins = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_init = None if init is None else (init[0].double(), None if init[1] is None else init[1].double())
-    ref_out, (ref_hf, _) = linear_attention(*ref_ins, causal=causal, log_decay=None if log_decay is None else
-                                            log_decay.double(), key_padding_mask=kpm, normalize=normalize,
-                                            initial_state=ref_init, return_state=True, backend="reference")
+    ref_out, (ref_hf, _) = linear_attention(
+        *ref_ins,
+        causal=causal,
+        log_decay=None if log_decay is None else log_decay.double(),
+        key_padding_mask=kpm,
+        normalize=normalize,
+        initial_state=ref_init,
+        return_state=True,
+        backend="reference",
+    )
     go = torch.randn_like(ref_out)
     gh = torch.randn_like(ref_hf)
     ((out.double() * go).sum() + (hf.double() * gh).sum()).backward()
@@ -76,8 +91,10 @@ def op_case(B, H, T, S, m, d, dtype, causal, decay, state, normalize, seed=0):
 
 
 def _case_line(c, backend):
-    return (f"{str(c['dtype']):>14} T={c['T']:>4} S={c['S']:>4} m={c['m']:>3} d={c['d']:>3} causal={c['causal']!s:<5} "
-            f"decay={c['decay']!s:<5} state={c['state']!s:<5} norm={c['normalize']!s:<5} {backend}")
+    return (
+        f"{str(c['dtype']):>14} T={c['T']:>4} S={c['S']:>4} m={c['m']:>3} d={c['d']:>3} causal={c['causal']!s:<5} "
+        f"decay={c['decay']!s:<5} state={c['state']!s:<5} norm={c['normalize']!s:<5} {backend}"
+    )
 
 
 def run_op_checks(full: bool):
@@ -92,9 +109,10 @@ def run_op_checks(full: bool):
     ]
     if full:
         for dtype in (f32, bf16, f16):
-            for (T, m, d) in ((63, 64, 64), (1000, 64, 64), (777, 128, 64)):
-                cases.append(dict(B=2, H=3, T=T, S=T, m=m, d=d, dtype=dtype, causal=True, decay=True, state=True,
-                                  normalize=True))
+            for T, m, d in ((63, 64, 64), (1000, 64, 64), (777, 128, 64)):
+                cases.append(
+                    dict(B=2, H=3, T=T, S=T, m=m, d=d, dtype=dtype, causal=True, decay=True, state=True, normalize=True)
+                )
     rows = []
     for c in cases:
         q = torch.empty(1, 1, 1, c["m"], device=DEV, dtype=c["dtype"])
@@ -133,7 +151,7 @@ def run_module_checks():
                     state = {}
                     outs = [m(x[:300], x[:300], x[:300], incremental_state=state, need_weights=False)[0]]
                     for t in range(300, 340):
-                        step = x[t:t + 1]
+                        step = x[t : t + 1]
                         outs.append(m(step, step, step, incremental_state=state, need_weights=False)[0])
                     derr = rel(torch.cat(outs), full)
                     row.update(rel_err_decode_vs_full=derr, ok=row["ok"] and derr < 1e-4)
@@ -186,6 +204,7 @@ def op_speed(lengths, deadline=lambda: False):
         def sdpa(causal):
             def fn():
                 F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).sum().backward()
+
             return fn
 
         row = dict(T=T, sdpa_causal=timed(sdpa(True)), sdpa_noncausal=timed(sdpa(False)))
@@ -197,8 +216,10 @@ def op_speed(lengths, deadline=lambda: False):
 
             def op(causal, backend, with_decay):
                 def fn():
-                    linear_attention(q, k, v, causal=causal, log_decay=decay if with_decay else None,
-                                     backend=backend).sum().backward()
+                    linear_attention(
+                        q, k, v, causal=causal, log_decay=decay if with_decay else None, backend=backend
+                    ).sum().backward()
+
                 return fn
 
             fast = "triton" if DEV == "cuda" else "chunked"
@@ -208,10 +229,10 @@ def op_speed(lengths, deadline=lambda: False):
             if m == 64:
                 row[f"m{m}_chunked_causal_decay"] = timed(op(True, "chunked", True)) if T <= 8192 else None
             row[f"m{m}_noncausal"] = timed(op(False, None, False))
-            del q, k, v
+            q = k = v = None  # free them (not del: the closures above read them)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del qs, ks, vs
+        qs = ks = vs = None  # free them (not del: the closures above read them)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -229,14 +250,20 @@ def tile_sweep(T=8192, m=64):
     chosen = la_mod._triton_config
     picked = chosen(m, d + 1, torch.bfloat16, B * H, torch.cuda.get_device_properties(0).multi_processor_count)
     rows = []
-    for cfg in (dict(BLOCK_C=64, BLOCK_D=16, num_warps=4), dict(BLOCK_C=64, BLOCK_D=32, num_warps=4),
-                dict(BLOCK_C=64, BLOCK_D=64, num_warps=4), dict(BLOCK_C=32, BLOCK_D=16, num_warps=4),
-                dict(BLOCK_C=128, BLOCK_D=16, num_warps=8), dict(BLOCK_C=64, BLOCK_D=16, num_warps=8)):
+    for cfg in (
+        dict(BLOCK_C=64, BLOCK_D=16, num_warps=4),
+        dict(BLOCK_C=64, BLOCK_D=32, num_warps=4),
+        dict(BLOCK_C=64, BLOCK_D=64, num_warps=4),
+        dict(BLOCK_C=32, BLOCK_D=16, num_warps=4),
+        dict(BLOCK_C=128, BLOCK_D=16, num_warps=8),
+        dict(BLOCK_C=64, BLOCK_D=16, num_warps=8),
+    ):
         full = dict(cfg, BLOCK_M=max(16, m))
         la_mod._triton_config = lambda *a, full=full: full
         try:
-            ms = timed(lambda: linear_attention(q, k, v, causal=True, log_decay=decay,
-                                                backend="triton").sum().backward())
+            ms = timed(
+                lambda: linear_attention(q, k, v, causal=True, log_decay=decay, backend="triton").sum().backward()
+            )
         except Exception as exc:
             ms = repr(exc)[:80]
         finally:
@@ -275,7 +302,7 @@ def module_speed(lengths, deadline=lambda: False):
                 peak = torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else 0.0
                 rows.append(dict(mechanism=name, causal=causal, L=L, ms=ms, peak_mib=round(peak, 1)))
                 print(json.dumps(rows[-1]), flush=True)
-                del x
+                x = None  # free it (not del: fn() reads it)
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
     return rows

@@ -15,6 +15,7 @@ For Performer, cosFormer, ABC (causal and noncausal), S4D (causal and noncausal)
 
 Writes ``DIR/linear_floor.json`` and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,18 @@ import torch  # noqa: E402
 
 from efficient_attention import build_attention  # noqa: E402
 
-CASES = [("performer", True), ("performer", False), ("cosformer", True), ("cosformer", False),
-         ("abc", True), ("abc", False), ("s4d", True), ("s4d", False), ("lara", False), ("nystrom", False)]
+CASES = [
+    ("performer", True),
+    ("performer", False),
+    ("cosformer", True),
+    ("cosformer", False),
+    ("abc", True),
+    ("abc", False),
+    ("s4d", True),
+    ("s4d", False),
+    ("lara", False),
+    ("nystrom", False),
+]
 LENGTHS = (1024, 4096, 8192, 32768)
 TOL = {"fp32": 1e-3, "bf16": 6e-2}
 
@@ -66,8 +77,17 @@ def check(name: str, causal: bool, device: str) -> list:
             out.float().sum().backward()
             err_o = (out.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
             err_g = (xd.grad.double().cpu() - want_grad).abs().max().item() / max(want_grad.abs().max().item(), 1e-30)
-            rows.append({"mechanism": name, "causal": causal, "dtype": label, "padding": kpm is not None,
-                         "rel_out": err_o, "rel_grad": err_g, "ok": max(err_o, err_g) <= TOL[label]})
+            rows.append(
+                {
+                    "mechanism": name,
+                    "causal": causal,
+                    "dtype": label,
+                    "padding": kpm is not None,
+                    "rel_out": err_o,
+                    "rel_grad": err_g,
+                    "ok": max(err_o, err_g) <= TOL[label],
+                }
+            )
     return rows
 
 
@@ -76,6 +96,7 @@ def _step_fn(mod, x, device):
         with torch.autocast(device, dtype=torch.bfloat16):
             out, _ = mod(x, need_weights=False)
         out.float().sum().backward()
+
     return step
 
 
@@ -117,8 +138,11 @@ def timing(name: str, causal: bool, length: int, device: str, bsz: int, profile:
             kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             row["kernels"] = len(kern)
             row["gpu_ms"] = sum(e.device_time for e in kern) / 1000.0
-            row["aten_ops"] = sum(1 for e in prof.events()
-                                  if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
+            row["aten_ops"] = sum(
+                1
+                for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")
+            )
     except torch.cuda.OutOfMemoryError:
         row["ms"] = None
         row["error"] = "OOM"
@@ -140,8 +164,12 @@ def main():
     lengths = (64, 256) if args.smoke else LENGTHS
     bsz = 1 if args.smoke else 4
     started = time.time()
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "check": [], "time": []}
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "check": [],
+        "time": [],
+    }
     for name, causal in CASES:
         result["check"] += check(name, causal, device)
     print(f"checks done in {time.time() - started:.0f} s", flush=True)
@@ -154,13 +182,18 @@ def main():
     print(f"\n{result['device']}, torch {result['torch']}")
     print("\ncheck vs float64 (max error / max reference; FAIL above 1e-3 fp32, 6e-2 bf16)")
     for r in result["check"]:
-        print(f"  {r['mechanism']:10s} {'causal' if r['causal'] else 'noncaus':7s} {r['dtype']} "
-              f"{'pad' if r['padding'] else '   '} out {r['rel_out']:.1e} grad {r['rel_grad']:.1e} "
-              f"{'ok' if r['ok'] else 'FAIL'}")
+        print(
+            f"  {r['mechanism']:10s} {'causal' if r['causal'] else 'noncaus':7s} {r['dtype']} "
+            f"{'pad' if r['padding'] else '   '} out {r['rel_out']:.1e} grad {r['rel_grad']:.1e} "
+            f"{'ok' if r['ok'] else 'FAIL'}"
+        )
     sdpa = {(r["causal"], r["length"]): r for r in result["time"] if r["mechanism"] == "vanilla"}
     print("\nfwd+bwd ms (SDPA / ours), peak MB (ours / SDPA), kernels and GPU-busy ms per step")
-    print(f"  {'mechanism':10s} {'pattern':7s} {'L':>6s} {'ms':>8s} {'x SDPA':>7s} {'MB':>8s} {'/SDPA':>6s} "
-          f"{'kern':>5s} {'busy':>6s}")
+    print(
+        f"  {'mechanism':10s} {'pattern':7s} {'L':>6s} {'ms':>8s} {'x SDPA':>7s} {'MB':>8s} {'/SDPA':>6s} "
+        f"{'kern':>5s} {'busy':>6s}"
+    )
+
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
@@ -169,11 +202,13 @@ def main():
         ms, bms = r.get("ms"), base.get("ms")
         mb, bmb = r.get("peak_mb"), base.get("peak_mb")
         pattern = "causal" if r["causal"] else "noncaus"
-        shown = fmt(ms, '8.2f') if ms else r.get('error', '-')
-        print(f"  {r['mechanism']:10s} {pattern:7s} {r['length']:6d} {shown:>8} "
-              f"{fmt(bms / ms if ms and bms else None, '7.2f'):>7} {fmt(mb, '8.0f'):>8} "
-              f"{fmt(mb / bmb if mb and bmb else None, '6.2f'):>6} {fmt(r.get('kernels'), 'd'):>5} "
-              f"{fmt(r.get('gpu_ms'), '6.2f'):>6}")
+        shown = fmt(ms, "8.2f") if ms else r.get("error", "-")
+        print(
+            f"  {r['mechanism']:10s} {pattern:7s} {r['length']:6d} {shown:>8} "
+            f"{fmt(bms / ms if ms and bms else None, '7.2f'):>7} {fmt(mb, '8.0f'):>8} "
+            f"{fmt(mb / bmb if mb and bmb else None, '6.2f'):>6} {fmt(r.get('kernels'), 'd'):>5} "
+            f"{fmt(r.get('gpu_ms'), '6.2f'):>6}"
+        )
     print(f"\ntotal {time.time() - started:.0f} s")
 
 

@@ -17,6 +17,7 @@ few.  The median and the minimum over the rounds are reported, with the load
 average before and after.  A series whose warm-up call takes longer than
 ``--budget`` seconds is timed once (its warm-up) and left out of the rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from mechanisms_gpu import OPTIONS  # noqa: E402
 
 from efficient_attention.benchmark.measure import _build, parse_pattern, resolve_mechanism  # noqa: E402
 from efficient_attention.benchmark.sweep import SweepConfig, machine_info, plan_series  # noqa: E402
 from efficient_attention.benchmark.timing import classify_exception, train_case  # noqa: E402
-from mechanisms_gpu import OPTIONS  # noqa: E402
 
 PATTERNS = ("noncausal self", "causal self")
 
@@ -50,8 +51,15 @@ def build_series(names, length: int, batch: int, heads: int, dim: int) -> list:
         rec = {"mechanism": name, "pattern": pattern, "options": dict(OPTIONS.get(name, {})), "times_s": []}
         try:
             torch.manual_seed(0)
-            module = _build(resolve_mechanism(name), parse_pattern(pattern), heads * dim, heads, torch.device("cpu"),
-                            torch.float32, rec["options"])
+            module = _build(
+                resolve_mechanism(name),
+                parse_pattern(pattern),
+                heads * dim,
+                heads,
+                torch.device("cpu"),
+                torch.float32,
+                rec["options"],
+            )
             rec["call"], rec["reset"] = train_case(module, length, batch, heads * dim, torch.device("cpu"), None)
         except Exception as exc:  # noqa: BLE001 - recorded
             rec["status"], rec["detail"] = classify_exception(exc)
@@ -69,10 +77,20 @@ def _timed(rec) -> float:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     result = {
-        "script": "benchmarks/mechanisms_cpu.py", "machine": machine_info(("cpu",)),
-        "setting": {"length": args.length, "batch": args.batch, "heads": args.heads, "dim": args.dim,
-                    "dtype": "float32", "threads": args.threads, "rounds": args.rounds, "budget_s": args.budget,
-                    "loss": "out.sum()", "interleaved": True},
+        "script": "benchmarks/mechanisms_cpu.py",
+        "machine": machine_info(("cpu",)),
+        "setting": {
+            "length": args.length,
+            "batch": args.batch,
+            "heads": args.heads,
+            "dim": args.dim,
+            "dtype": "float32",
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "budget_s": args.budget,
+            "loss": "out.sum()",
+            "interleaved": True,
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -88,8 +106,12 @@ def run(args) -> dict:
                 rec["detail"] = f"warm-up took {rec['warmup_s']:.2f} s > budget {args.budget:g} s: timed once"
         except Exception as exc:  # noqa: BLE001 - recorded
             rec["status"], rec["detail"] = classify_exception(exc)
-        print(f"warm-up {rec['mechanism']} {rec['pattern']}: {rec.get('warmup_s', float('nan')) * 1e3:.0f} ms "
-              f"{rec.get('detail', '')}", file=sys.stderr, flush=True)
+        print(
+            f"warm-up {rec['mechanism']} {rec['pattern']}: {rec.get('warmup_s', float('nan')) * 1e3:.0f} ms "
+            f"{rec.get('detail', '')}",
+            file=sys.stderr,
+            flush=True,
+        )
     for r in range(args.rounds):
         for rec in series:
             if rec.get("status") == "ok" and rec["warmup_s"] <= args.budget:
@@ -109,8 +131,12 @@ def _collect(result: dict, series: list, rounds_done: int) -> dict:
         if p["status"] == "ok" and rec["times_s"]:
             p["time_s"], p["min_s"] = statistics.median(rec["times_s"]), min(rec["times_s"])
         points.append(p)
-    return {**result, "points": points, "rounds_done": rounds_done,
-            "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        **result,
+        "points": points,
+        "rounds_done": rounds_done,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def _write(result: dict, out: Path) -> None:
@@ -131,8 +157,10 @@ def markdown(result: dict, before=None) -> str:
             continue
         b = base.get(p["pattern"])
         once = " (1 call)" if len(p["times_s"]) == 1 else ""
-        line = (f"| `{p['mechanism']}` | {p['pattern']} | {p['time_s'] * 1e3:,.0f}{once} | {p['min_s'] * 1e3:,.0f} | "
-                + (f"{b['time_s'] / p['time_s']:.2f} |" if b else "- |"))
+        line = (
+            f"| `{p['mechanism']}` | {p['pattern']} | {p['time_s'] * 1e3:,.0f}{once} | {p['min_s'] * 1e3:,.0f} | "
+            + (f"{b['time_s'] / p['time_s']:.2f} |" if b else "- |")
+        )
         if before:
             q = prev.get((p["mechanism"], p["pattern"]))
             line += f" {q['time_s'] * 1e3:,.0f} | {p['time_s'] / q['time_s']:.2f} |" if q else " - | - |"
@@ -180,8 +208,10 @@ def main(argv=None) -> int:
     _write(result, args.out)
     before = json.loads(args.compare.read_text()) if args.compare else None
     (args.out / "mechanisms_cpu.md").write_text(markdown(result, before))
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; load "
-          f"{result['load_average_start']} -> {result['load_average_end']}")
+    print(
+        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; load "
+        f"{result['load_average_start']} -> {result['load_average_end']}"
+    )
     print(table(result, before))
     return 0 if any("time_s" in q for q in result["points"]) else 1
 

@@ -40,6 +40,7 @@ versions, the setting, every point) after every point and prints compact
 tables last: time with SDPA÷ours and CAB÷ours (> 1: ours faster), peak memory,
 and the decoding steps against issue 14's targets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -135,8 +136,15 @@ class _OursBuilder:
     def build(self, point, torch):
         pattern = self.parse_pattern(point["pattern"])
         cls = self.resolve(point["mechanism"])
-        return self._build(cls, pattern, point["heads"] * point["dim"], point["heads"], torch.device(point["device"]),
-                           torch.float32, point.get("options") or {})
+        return self._build(
+            cls,
+            pattern,
+            point["heads"] * point["dim"],
+            point["heads"],
+            torch.device(point["device"]),
+            torch.float32,
+            point.get("options") or {},
+        )
 
 
 class _CabBuilder:
@@ -154,8 +162,14 @@ class _CabBuilder:
     def build(self, point, torch):
         cls = self.cab.get_cls(point["cab_class"])
         causal = point["pattern"] == "causal self"
-        module = cls(embed_dim=point["heads"] * point["dim"], num_heads=point["heads"], dropout=0.0, causal=causal,
-                     cross=False, **(point.get("options") or {}))
+        module = cls(
+            embed_dim=point["heads"] * point["dim"],
+            num_heads=point["heads"],
+            dropout=0.0,
+            causal=causal,
+            cross=False,
+            **(point.get("options") or {}),
+        )
         if bool(getattr(module, "causal", causal)) != causal:
             raise ValueError(f"CAB's {point['cab_class']} turned causal={causal} into {module.causal}")
         return module.to(torch.device(point["device"]))
@@ -166,8 +180,9 @@ def _train_point(point, builder, timing, torch) -> dict:
     torch.manual_seed(point.get("seed", 0))
     module = builder.build(point, torch)
     autocast = timing.DTYPES[point["autocast"]] if point.get("autocast") else None
-    call, reset = timing.train_case(module, point["length"], point["batch"], point["heads"] * point["dim"], device,
-                                    autocast, point.get("seed", 0))
+    call, reset = timing.train_case(
+        module, point["length"], point["batch"], point["heads"] * point["dim"], device, autocast, point.get("seed", 0)
+    )
     out = timing.run_timed(call, reset, device, point["warmup"], point["repeats"], point["budget"])
     out.update(timing.peak_bytes(call, reset, device))
     out["cost_s"] = min(out["times_s"])
@@ -250,7 +265,7 @@ class Worker:
                 line, self._buf = self._buf.split(b"\n", 1)
                 text = line.decode("utf-8", "replace")
                 if text.startswith(RESULT):
-                    return json.loads(text[len(RESULT):])
+                    return json.loads(text[len(RESULT) :])
                 sys.stderr.write(f"[{self.kind} worker] {text}\n")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -344,27 +359,70 @@ def plan(args, setting: dict) -> list:
             opts = {}
         return opts
 
-    train = plan_series(SweepConfig(mechanisms=names, baselines=("vanilla",), patterns=list(PATTERNS),
-                                    modes=("backward",), dtypes=(setting["dtype"],)))
+    train = plan_series(
+        SweepConfig(
+            mechanisms=names,
+            baselines=("vanilla",),
+            patterns=list(PATTERNS),
+            modes=("backward",),
+            dtypes=(setting["dtype"],),
+        )
+    )
     for s in train:
-        series.append(dict(part="train", label=s["mechanism"], mechanism=s["mechanism"], pattern=s["pattern"],
-                           options=options_for(s["mechanism"], {})))
+        series.append(
+            dict(
+                part="train",
+                label=s["mechanism"],
+                mechanism=s["mechanism"],
+                pattern=s["pattern"],
+                options=options_for(s["mechanism"], {}),
+            )
+        )
     for label, (name, extra) in VARIANTS.items():
         for s in train:
             if s["mechanism"] == name:
-                series.append(dict(part="train", label=label, mechanism=name, pattern=s["pattern"],
-                                   options={**options_for(name, {}), **extra}))
+                series.append(
+                    dict(
+                        part="train",
+                        label=label,
+                        mechanism=name,
+                        pattern=s["pattern"],
+                        options={**options_for(name, {}), **extra},
+                    )
+                )
     for s in train:
         key = (s["mechanism"], s["pattern"])
         if key in CAB_CLASSES:
             cls, opts = CAB_CLASSES[key]
-            series.append(dict(part="cab", label=s["mechanism"], mechanism=s["mechanism"], pattern=s["pattern"],
-                               cab_class=cls, options=dict(opts)))
-    decode = plan_series(SweepConfig(mechanisms=names, baselines=("vanilla",), patterns=["causal self"],
-                                     modes=("decode",), dtypes=(setting["dtype"],)))
+            series.append(
+                dict(
+                    part="cab",
+                    label=s["mechanism"],
+                    mechanism=s["mechanism"],
+                    pattern=s["pattern"],
+                    cab_class=cls,
+                    options=dict(opts),
+                )
+            )
+    decode = plan_series(
+        SweepConfig(
+            mechanisms=names,
+            baselines=("vanilla",),
+            patterns=["causal self"],
+            modes=("decode",),
+            dtypes=(setting["dtype"],),
+        )
+    )
     for s in decode:
-        series.append(dict(part="decode", label=s["mechanism"], mechanism=s["mechanism"], pattern=s["pattern"],
-                           options=options_for(s["mechanism"], DECODE_OPTIONS)))
+        series.append(
+            dict(
+                part="decode",
+                label=s["mechanism"],
+                mechanism=s["mechanism"],
+                pattern=s["pattern"],
+                options=options_for(s["mechanism"], DECODE_OPTIONS),
+            )
+        )
     return [s for s in series if s["part"] in args.parts]
 
 
@@ -384,15 +442,32 @@ def run(args) -> dict:
     series = plan(args, setting)
     workers = {kind: Worker(kind, args.point_timeout, args.cab_dir) for kind in ("ours", "cab")}
     result = {
-        "script": "benchmarks/mechanisms_gpu.py", "smoke": bool(args.smoke), "git_commit": _git_commit(),
+        "script": "benchmarks/mechanisms_gpu.py",
+        "smoke": bool(args.smoke),
+        "git_commit": _git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "setting": {**setting, "embed_dim": setting["heads"] * setting["dim"], "device": device,
-                    "lengths": list(lengths), "contexts": list(contexts), "warmup": args.warmup,
-                    "repeats": args.repeats, "budget_s": args.budget,
-                    "point_timeout_s": args.point_timeout, "max_time_s": args.max_time, "loss": "out.sum()",
-                    "dropout": 0.0, "train_mode": True, "options": OPTIONS, "decode_options": DECODE_OPTIONS,
-                    "variants": {k: list(v) for k, v in VARIANTS.items()}},
-        "info": {}, "cab_dir": str(args.cab_dir), "cab_available": args.cab_dir.is_dir(), "points": [],
+        "setting": {
+            **setting,
+            "embed_dim": setting["heads"] * setting["dim"],
+            "device": device,
+            "lengths": list(lengths),
+            "contexts": list(contexts),
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "budget_s": args.budget,
+            "point_timeout_s": args.point_timeout,
+            "max_time_s": args.max_time,
+            "loss": "out.sum()",
+            "dropout": 0.0,
+            "train_mode": True,
+            "options": OPTIONS,
+            "decode_options": DECODE_OPTIONS,
+            "variants": {k: list(v) for k, v in VARIANTS.items()},
+        },
+        "info": {},
+        "cab_dir": str(args.cab_dir),
+        "cab_available": args.cab_dir.is_dir(),
+        "points": [],
     }
     out_path = Path(args.out) / "mechanisms_gpu.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,8 +487,16 @@ def run(args) -> dict:
         for length in sizes:
             for i, s in enumerate(part_series):
                 k += 1
-                point = dict(s, length=length, device=device, warmup=args.warmup, repeats=args.repeats,
-                             budget=args.budget, seed=0, **{key: setting[key] for key in SETTING})
+                point = dict(
+                    s,
+                    length=length,
+                    device=device,
+                    warmup=args.warmup,
+                    repeats=args.repeats,
+                    budget=args.budget,
+                    seed=0,
+                    **{key: setting[key] for key in SETTING},
+                )
                 if part == "decode":
                     point["mode"] = "decode"
                 skip = _skip_reason(done[i], length, args.budget)
@@ -521,8 +604,13 @@ def _train_cells(result: dict):
                     cells.append(_short(p))
                     continue
                 value = _fmt_ms(p[key]) if metric == "time" else f"{p[key] / 2**30:.2f}"
-                cells.append((value, _ratio(ours.get(("vanilla", pattern, n)), p, key),
-                              _ratio(cab.get((label, pattern, n)), p, key)))
+                cells.append(
+                    (
+                        value,
+                        _ratio(ours.get(("vanilla", pattern, n)), p, key),
+                        _ratio(cab.get((label, pattern, n)), p, key),
+                    )
+                )
             rows.append((label, pattern, cells))
         yield metric, title, cols, rows
 
@@ -569,10 +657,15 @@ def decode_table(result: dict) -> str:
     """One decoding step (ms) per context, the longest/shortest ratio and ours/vanilla, against issue 14's targets."""
     contexts = result["setting"]["contexts"]
     lo, hi = _len(contexts[0]), _len(contexts[-1])
-    out = [f"decoding step, ms (B=4, one layer, bf16 autocast, state restored before each step); targets: "
-           f"<= 2x vanilla at each context; {', '.join(FLAT_TARGETS)}: the {hi} step <= 1.3x the {lo} step",
-           f"{'mechanism':<14}" + "".join(f"{_len(c):>8}" for c in contexts) + f"{hi + '/' + lo:>9}"
-           + "".join(f"{'/van@' + _len(c):>10}" for c in contexts) + "  targets"]
+    out = [
+        f"decoding step, ms (B=4, one layer, bf16 autocast, state restored before each step); targets: "
+        f"<= 2x vanilla at each context; {', '.join(FLAT_TARGETS)}: the {hi} step <= 1.3x the {lo} step",
+        f"{'mechanism':<14}"
+        + "".join(f"{_len(c):>8}" for c in contexts)
+        + f"{hi + '/' + lo:>9}"
+        + "".join(f"{'/van@' + _len(c):>10}" for c in contexts)
+        + "  targets",
+    ]
     for label, row, growth, vs, marks in _decode_rows(result):
         cells = "".join(f"{_fmt_ms(p['time_s']) if p and p['status'] == 'ok' else _short(p):>8}" for p in row)
         cells += f"{growth:>9.2f}" if growth is not None else f"{'-':>9}"
@@ -583,8 +676,10 @@ def decode_table(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     """The tables as Markdown (``mechanisms_gpu.md``), for benchmarks/README.md."""
-    out = [f"{result.get('device')}, torch {result.get('torch')}, Triton {result.get('triton')}, "
-           f"commit {str(result.get('git_commit'))[:10]}, {result.get('started')}.\n"]
+    out = [
+        f"{result.get('device')}, torch {result.get('torch')}, Triton {result.get('triton')}, "
+        f"commit {str(result.get('git_commit'))[:10]}, {result.get('started')}.\n"
+    ]
     for metric, title, cols, rows in _train_cells(result):
         better = "faster" if metric == "time" else "smaller"
         out.append(f"**{title[0].upper() + title[1:]}**: ours / SDPA÷ours / CAB÷ours (above 1: ours {better})\n")
@@ -602,8 +697,12 @@ def markdown(result: dict) -> str:
         out.append("| mechanism | " + " | ".join(_len(c) for c in contexts) + f" | {hi} / {lo} | targets |")
         out.append("|---|" + "---|" * (len(contexts) + 2))
         for label, row, growth, vs, marks in decode:
-            cells = [(f"{_fmt_ms(p['time_s'])} ({r:.2f})" if r is not None else _fmt_ms(p["time_s"]))
-                     if p is not None and p["status"] == "ok" else _short(p) for p, r in zip(row, vs)]
+            cells = [
+                (f"{_fmt_ms(p['time_s'])} ({r:.2f})" if r is not None else _fmt_ms(p["time_s"]))
+                if p is not None and p["status"] == "ok"
+                else _short(p)
+                for p, r in zip(row, vs)
+            ]
             g = f"{growth:.2f}" if growth is not None else "-"
             out.append(f"| `{label}` | " + " | ".join(cells) + f" | {g} | {', '.join(marks)} |")
         out.append("")
@@ -611,13 +710,18 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("bench-mechanisms"), help="output folder")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script, measures nothing useful")
     p.add_argument("--parts", nargs="+", default=["train", "cab", "decode"], help="which parts: train cab decode")
-    p.add_argument("--mechanisms", nargs="+", default=None,
-                   help="only these (default: every registered one; vanilla is always added)")
+    p.add_argument(
+        "--mechanisms",
+        nargs="+",
+        default=None,
+        help="only these (default: every registered one; vanilla is always added)",
+    )
     p.add_argument("--lengths", nargs="+", default=list(LENGTHS))
     p.add_argument("--contexts", nargs="+", default=list(CONTEXTS))
     p.add_argument("--warmup", type=int, default=2)
@@ -652,8 +756,10 @@ def main(argv=None) -> int:
     else:
         result = run(args)  # prints the tables as the parts finish
     json_path = args.report or Path(args.out) / "mechanisms_gpu.json"
-    print(f"device: {result.get('device')}; torch {result.get('torch')}, triton {result.get('triton')}, "
-          f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON and Markdown: {json_path.with_suffix('.*')}")
+    print(
+        f"device: {result.get('device')}; torch {result.get('torch')}, triton {result.get('triton')}, "
+        f"CUDA {result.get('cuda')}; {result.get('elapsed_s')} s; JSON and Markdown: {json_path.with_suffix('.*')}"
+    )
     ok = [q for q in result["points"] if q["status"] == "ok"]
     return 0 if ok else 1
 

@@ -12,6 +12,7 @@ under bf16 autocast, train mode, dropout 0, forward + backward of ``out.sum()``;
 
 Writes ``DIR/mechanisms_s4d_gpu.json`` and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from efficient_attention import build_attention  # noqa: E402
 
-CASES = [("vanilla", False), ("vanilla", True), ("s4d", False), ("s4d", True), ("probsparse", False),
-         ("probsparse", True), ("nystrom", False), ("lara", False)]
+CASES = [
+    ("vanilla", False),
+    ("vanilla", True),
+    ("s4d", False),
+    ("s4d", True),
+    ("probsparse", False),
+    ("probsparse", True),
+    ("nystrom", False),
+    ("lara", False),
+]
 EMBED, HEADS, BSZ = 512, 8, 4
 
 
@@ -56,8 +65,8 @@ def check(length=300):
             errs.append((out.detach().cpu(), xi.grad.cpu()))
         err = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(*errs))
         rows.append(dict(name=name, causal=causal, rel_err=err, ok=err < 1e-9))
-        print(f"check {name:10s} {'causal' if causal else 'noncausal':9s} rel err {err:.2e} {'ok' if err < 1e-9 else 'FAIL'}",
-              flush=True)
+        verdict = "ok" if err < 1e-9 else "FAIL"
+        print(f"check {name:10s} {'causal' if causal else 'noncausal':9s} rel err {err:.2e} {verdict}", flush=True)
     return rows
 
 
@@ -117,9 +126,15 @@ def main():
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, host=platform.node(),
-                  setting=dict(batch=BSZ, embed=EMBED, heads=HEADS, autocast="bf16", mode="forward+backward"),
-                  check=check(), timings=[], kernels={})
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        host=platform.node(),
+        setting=dict(batch=BSZ, embed=EMBED, heads=HEADS, autocast="bf16", mode="forward+backward"),
+        check=check(),
+        timings=[],
+        kernels={},
+    )
     path = os.path.join(args.out, "mechanisms_s4d_gpu.json")
 
     def save():
@@ -137,8 +152,11 @@ def main():
             else:
                 r = time_case(name, causal, length, args.reps)
             result["timings"].append(dict(name=name, causal=causal, length=length, **r))
-            print(f"{name:10s} {'causal' if causal else 'noncausal':9s} L={length:6d} {r['ms']:9.3f} ms "
-                  f"{r['peak_mib']:9.1f} MiB", flush=True)
+            print(
+                f"{name:10s} {'causal' if causal else 'noncausal':9s} L={length:6d} {r['ms']:9.3f} ms "
+                f"{r['peak_mib']:9.1f} MiB",
+                flush=True,
+            )
         save()
 
     print(f"\n{result['device']}, torch {result['torch']}: fwd+bwd ms (peak MiB), B={BSZ} embed {EMBED} bf16 autocast")

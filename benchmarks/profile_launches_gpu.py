@@ -12,6 +12,7 @@ A step whose ``gpu_ms`` is far below ``wall_ms`` is bound by launches and host w
 
     python benchmarks/profile_launches_gpu.py --out DIR [--lengths 1024 8192] [--mechanisms performer abc]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,24 @@ import torch  # noqa: E402
 from efficient_attention import build_attention  # noqa: E402
 
 DEFAULT = [
-    ("vanilla", True), ("vanilla", False),
-    ("performer", True), ("performer", False), ("cosformer", True), ("cosformer", False),
-    ("abc", True), ("abc", False), ("s4d", True), ("s4d", False), ("lara", False), ("nystrom", False),
-    ("probsparse", True), ("probsparse", False),
-    ("block_sparse", True), ("landmark", True), ("dilated", True), ("local", True),
+    ("vanilla", True),
+    ("vanilla", False),
+    ("performer", True),
+    ("performer", False),
+    ("cosformer", True),
+    ("cosformer", False),
+    ("abc", True),
+    ("abc", False),
+    ("s4d", True),
+    ("s4d", False),
+    ("lara", False),
+    ("nystrom", False),
+    ("probsparse", True),
+    ("probsparse", False),
+    ("block_sparse", True),
+    ("landmark", True),
+    ("dilated", True),
+    ("local", True),
 ]
 
 
@@ -70,7 +84,9 @@ def profile_one(name: str, causal: bool, length: int) -> dict:
         if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"):
             cpu_ops[e.name] = cpu_ops.get(e.name, 0) + 1
     return {
-        "mechanism": name, "causal": causal, "length": length,
+        "mechanism": name,
+        "causal": causal,
+        "length": length,
         "wall_ms": sorted(times)[len(times) // 2],
         "kernels": len(kernels),
         "gpu_ms": sum(e.device_time for e in kernels) / 1000.0,
@@ -99,13 +115,23 @@ def main() -> None:
             try:
                 r = profile_one(name, causal, length)
             except Exception as exc:  # noqa: BLE001 - one failing point must not stop the sweep
-                r = {"mechanism": name, "causal": causal, "length": length, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                r = {
+                    "mechanism": name,
+                    "causal": causal,
+                    "length": length,
+                    "error": f"{type(exc).__name__}: {exc}"[:300],
+                }
             rows.append(r)
             if "error" in r:
-                print(f"{name:12s} {'causal' if causal else 'noncausal':9s} L={length:6d} ERROR {r['error']}", flush=True)
+                print(
+                    f"{name:12s} {'causal' if causal else 'noncausal':9s} L={length:6d} ERROR {r['error']}", flush=True
+                )
             else:
-                print(f"{name:12s} {'causal' if causal else 'noncausal':9s} L={length:6d} wall {r['wall_ms']:8.2f} ms"
-                      f"  gpu {r['gpu_ms']:8.2f} ms  kernels {r['kernels']:5d}  aten {r['aten_ops']:5d}", flush=True)
+                print(
+                    f"{name:12s} {'causal' if causal else 'noncausal':9s} L={length:6d} wall {r['wall_ms']:8.2f} ms"
+                    f"  gpu {r['gpu_ms']:8.2f} ms  kernels {r['kernels']:5d}  aten {r['aten_ops']:5d}",
+                    flush=True,
+                )
                 print("      top:", "; ".join(f"{n} {t}" for n, t in r["top"]), flush=True)
                 print("      aten:", ", ".join(f"{n[6:]}x{c}" for n, c in r["top_aten"]), flush=True)
             torch.cuda.empty_cache()

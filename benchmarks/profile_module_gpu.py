@@ -1,7 +1,8 @@
 """Profile one mechanism's forward + backward on CUDA (CAB's setting) and print the top kernels and ops.
 
-    python benchmarks/profile_module_gpu.py probsparse --causal --length 8192
+python benchmarks/profile_module_gpu.py probsparse --causal --length 8192
 """
+
 from __future__ import annotations
 
 import argparse

@@ -21,6 +21,7 @@ PyTorch's ``context_parallel`` computes) is given its best case, comm perfectly
 hidden behind compute: ``max(t_sdpa_causal(N) / P, ring bytes / BW)``, with
 ``t_sdpa_causal(N) = t_meas · (N / N_meas)^2``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ LINKS = {
     "nvlink_h200": {"bandwidth_Bps": 450e9, "latency_s": 10e-6, "source": "H200 datasheet, 900 GB/s bidirectional"},
     "infiniband_ndr": {"bandwidth_Bps": 50e9, "latency_s": 20e-6, "source": "NDR 400 Gb/s per GPU NIC"},
 }
-HEADS, HEAD_DIM, BYTES = 16, 128, 2          # the measured kernel configuration (H = Hkv = 16, d = 128, bf16)
+HEADS, HEAD_DIM, BYTES = 16, 128, 2  # the measured kernel configuration (H = Hkv = 16, d = 128, bf16)
 RANKS = (2, 4, 8, 16, 32, 64)
 WINDOWS = (512, 4096)
 PER_RANK = (16384, 65536, 131072)
@@ -93,13 +94,22 @@ def predict(k: Dict[str, float], window: int, n: int, ranks: int, link: str) -> 
     t_sdpa = k["sdpa_ms"] * (total / k["sdpa_N"]) ** 2 * 1e-3
     t_ring = max(t_sdpa / ranks, ring_bytes(n, ranks) / bw + 2 * (ranks - 1) * alpha)
     return {
-        "window": window, "ranks": ranks, "tokens_per_rank": n, "tokens": total, "link": link,
-        "halo_bytes": halo_bytes(window), "ring_bytes": ring_bytes(n, ranks),
-        "allgather_bytes": allgather_bytes(n, ranks), "linear_attention_bytes": linear_bytes(ranks),
-        "t_window_kernel_ms": t_win * 1e3, "t_halo_comm_ms": t_halo * 1e3, "t_step_ms": (t_win + t_halo) * 1e3,
+        "window": window,
+        "ranks": ranks,
+        "tokens_per_rank": n,
+        "tokens": total,
+        "link": link,
+        "halo_bytes": halo_bytes(window),
+        "ring_bytes": ring_bytes(n, ranks),
+        "allgather_bytes": allgather_bytes(n, ranks),
+        "linear_attention_bytes": linear_bytes(ranks),
+        "t_window_kernel_ms": t_win * 1e3,
+        "t_halo_comm_ms": t_halo * 1e3,
+        "t_step_ms": (t_win + t_halo) * 1e3,
         "weak_scaling_efficiency": t_win / (t_win + t_halo),
         "t_allgather_comm_ms": allgather_bytes(n, ranks) / bw * 1e3,
-        "t_ring_attention_ms": t_ring * 1e3, "speedup_vs_ring": t_ring / (t_win + t_halo),
+        "t_ring_attention_ms": t_ring * 1e3,
+        "speedup_vs_ring": t_ring / (t_win + t_halo),
     }
 
 
@@ -112,33 +122,49 @@ def main() -> None:
     k = load_kernel_times(args.kernels)
     weak: List[dict] = [predict(k, w, n, p, link_for(p)) for w in WINDOWS for n in PER_RANK for p in RANKS]
     weak += [predict(k, w, n, p, "nvlink_h200") for w in WINDOWS for n in PER_RANK for p in (16, 32, 64)]
-    strong = [predict(k, w, total // p, p, link_for(p)) for w in WINDOWS for total in TOTALS for p in RANKS
-              if total // p >= w]
+    strong = [
+        predict(k, w, total // p, p, link_for(p)) for w in WINDOWS for total in TOTALS for p in RANKS if total // p >= w
+    ]
     result = {
-        "kernel_times": {**k, "source": os.path.relpath(args.kernels, os.path.dirname(here)),
-                         "note": "single-GPU fwd+bwd of the Triton causal window kernel and causal SDPA, "
-                                 "B=1, H=16, d=128, bf16 (CUDA-graph times where recorded); H200 compute is "
-                                 "taken equal to the measured H100"},
-        "links": LINKS, "heads": HEADS, "head_dim": HEAD_DIM, "bytes_per_element": BYTES,
-        "weak_scaling": weak, "fixed_total_tokens": strong,
+        "kernel_times": {
+            **k,
+            "source": os.path.relpath(args.kernels, os.path.dirname(here)),
+            "note": "single-GPU fwd+bwd of the Triton causal window kernel and causal SDPA, "
+            "B=1, H=16, d=128, bf16 (CUDA-graph times where recorded); H200 compute is "
+            "taken equal to the measured H100",
+        },
+        "links": LINKS,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "bytes_per_element": BYTES,
+        "weak_scaling": weak,
+        "fixed_total_tokens": strong,
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "scaling_model.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"kernel times from {k['device']}: window W=512 {k['win512_ms']:.2f} ms and W=4096 {k['win4096_ms']:.2f} ms "
-          f"at N={k['win4096_N']}, causal SDPA {k['sdpa_ms']:.1f} ms at N={k['sdpa_N']}")
-    print(f"{'W':>5} {'P':>3} {'n/rank':>7} {'link':>14} {'halo MB':>8} {'ring MB':>9} {'allg MB':>9} "
-          f"{'t_kern ms':>9} {'t_halo ms':>9} {'eff':>6} {'ring ms':>9} {'x ring':>7}")
+    print(
+        f"kernel times from {k['device']}: window W=512 {k['win512_ms']:.2f} ms and W=4096 {k['win4096_ms']:.2f} ms "
+        f"at N={k['win4096_N']}, causal SDPA {k['sdpa_ms']:.1f} ms at N={k['sdpa_N']}"
+    )
+    print(
+        f"{'W':>5} {'P':>3} {'n/rank':>7} {'link':>14} {'halo MB':>8} {'ring MB':>9} {'allg MB':>9} "
+        f"{'t_kern ms':>9} {'t_halo ms':>9} {'eff':>6} {'ring ms':>9} {'x ring':>7}"
+    )
     for r in weak:
         if r["tokens_per_rank"] in (65536, 131072) and r["link"] == link_for(r["ranks"]):
-            print(f"{r['window']:>5} {r['ranks']:>3} {r['tokens_per_rank']:>7} {r['link']:>14} "
-                  f"{r['halo_bytes'] / 1e6:>8.1f} {r['ring_bytes'] / 1e6:>9.0f} {r['allgather_bytes'] / 1e6:>9.0f} "
-                  f"{r['t_window_kernel_ms']:>9.2f} {r['t_halo_comm_ms']:>9.3f} {r['weak_scaling_efficiency']:>6.3f} "
-                  f"{r['t_ring_attention_ms']:>9.1f} {r['speedup_vs_ring']:>7.1f}")
+            print(
+                f"{r['window']:>5} {r['ranks']:>3} {r['tokens_per_rank']:>7} {r['link']:>14} "
+                f"{r['halo_bytes'] / 1e6:>8.1f} {r['ring_bytes'] / 1e6:>9.0f} {r['allgather_bytes'] / 1e6:>9.0f} "
+                f"{r['t_window_kernel_ms']:>9.2f} {r['t_halo_comm_ms']:>9.3f} {r['weak_scaling_efficiency']:>6.3f} "
+                f"{r['t_ring_attention_ms']:>9.1f} {r['speedup_vs_ring']:>7.1f}"
+            )
     target = next(r for r in weak if r["window"] == 4096 and r["ranks"] == 8 and r["tokens_per_rank"] == 131072)
-    print(f"target W=4096, 8 ranks, 128k/rank on NVLink: predicted weak-scaling efficiency "
-          f"{target['weak_scaling_efficiency']:.3f} (>= 0.90 wanted); written {path}")
+    print(
+        f"target W=4096, 8 ranks, 128k/rank on NVLink: predicted weak-scaling efficiency "
+        f"{target['weak_scaling_efficiency']:.3f} (>= 0.90 wanted); written {path}"
+    )
 
 
 if __name__ == "__main__":

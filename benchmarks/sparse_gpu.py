@@ -15,6 +15,7 @@
 Writes ``DIR/sparse_gpu.json`` and prints a table.  A time budget (``--budget``, seconds) skips
 the remaining points rather than running past it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ from efficient_attention.sparse.dilated import dilated_attention, dilated_attent
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 FLEX_LENGTHS = (4096, 16384, 1024)  # each shape compiles FlexAttention again: the telling lengths first
 B, E, H = 4, 512, 8
-FIXED = {64: dict(local_attn_ctx=5 * 64, vertsize=1), 128: dict(local_attn_ctx=5 * 128, vertsize=1),
-         16: dict(local_attn_ctx=5 * 16, vertsize=1), 32: dict(local_attn_ctx=5 * 32, vertsize=1)}
+FIXED = {
+    64: dict(local_attn_ctx=5 * 64, vertsize=1),
+    128: dict(local_attn_ctx=5 * 128, vertsize=1),
+    16: dict(local_attn_ctx=5 * 16, vertsize=1),
+    32: dict(local_attn_ctx=5 * 32, vertsize=1),
+}
 
 
 def rel(a, b):
@@ -72,8 +77,13 @@ def check_case(name, run, ref_run, dtype, T=777, d=64, heads=4):
     tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}[dtype]
     ok = all(e < (tol if k in ("out", "lse") else 3 * tol) for k, e in errs.items())
     backend = choose_backend("block_sparse", low[0], low[1], low[2], block_size=64)
-    return dict(case=name, dtype=str(dtype).replace("torch.", ""), backend=backend, ok=ok,
-                **{k: float(f"{v:.2e}") for k, v in errs.items()})
+    return dict(
+        case=name,
+        dtype=str(dtype).replace("torch.", ""),
+        backend=backend,
+        ok=ok,
+        **{k: float(f"{v:.2e}") for k, v in errs.items()},
+    )
 
 
 def checks(deadline):
@@ -94,20 +104,28 @@ def checks(deadline):
             rows.append(dict(case=name, dtype=str(dtype).replace("torch.", ""), error="skipped (time budget)"))
             continue
         bm = bm.to("cuda")
-        rows.append(check_case(
-            name,
-            lambda q, k, v, kpm, bm=bm: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
-            lambda q, k, v, kpm, bm=bm: reference.block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
-            dtype))
+        rows.append(
+            check_case(
+                name,
+                lambda q, k, v, kpm, bm=bm: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
+                lambda q, k, v, kpm, bm=bm: reference.block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
+                dtype,
+            )
+        )
         print(rows[-1], flush=True)
     if time.time() < deadline:
-        rows.append(check_case(
-            "dilated (64,128,256)x(1,2,4) causal",
-            lambda q, k, v, kpm: dilated_attention(q, k, v, (64, 128, 256), (1, 2, 4), causal=True,
-                                                   key_padding_mask=kpm, return_lse=True),
-            lambda q, k, v, kpm: dilated_attention_reference(q, k, v, (64, 128, 256), (1, 2, 4), causal=True,
-                                                             key_padding_mask=kpm),
-            torch.bfloat16))
+        rows.append(
+            check_case(
+                "dilated (64,128,256)x(1,2,4) causal",
+                lambda q, k, v, kpm: dilated_attention(
+                    q, k, v, (64, 128, 256), (1, 2, 4), causal=True, key_padding_mask=kpm, return_lse=True
+                ),
+                lambda q, k, v, kpm: dilated_attention_reference(
+                    q, k, v, (64, 128, 256), (1, 2, 4), causal=True, key_padding_mask=kpm
+                ),
+                torch.bfloat16,
+            )
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -139,6 +157,7 @@ def module_step(name, L, **opts):
         x.grad = None
         for p in m.parameters():
             p.grad = None
+
     return m, step
 
 
@@ -189,11 +208,11 @@ def flex_rows(lengths, deadline):
                 kw = FIXED[bs]
                 mod = layouts.make_mask_mod("fixed", heads=H, block_size=bs, causal=True, **kw)
                 bm = BlockMask.from_pattern("fixed", L, bs, H, causal=True, device="cuda", **kw)
-                q, k, v = (torch.randn(B, H, L, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
+                q, k, v = (
+                    torch.randn(B, H, L, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+                )
                 # _compile=True: FlexAttention's own way to build long masks without materialising L x L
-                fbm = create_block_mask(lambda b, h, i, j: mod(b, h, i, j), None, H, L, L, device="cuda",
-                                        _compile=True)
+                fbm = create_block_mask(lambda b, h, i, j: mod(b, h, i, j), None, H, L, L, device="cuda", _compile=True)
 
                 def ours():
                     block_sparse_attention(q, k, v, bm)[0].sum().backward()
@@ -203,12 +222,19 @@ def flex_rows(lengths, deadline):
 
                 def sdpa():
                     torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
                 ms, mib = bench(ours)
                 fms, fmib = bench(theirs)
                 sms, smib = bench(sdpa)
-                row.update(ms=round(ms, 3), peak_mib=round(mib, 1), flex_ms=round(fms, 3), flex_peak_mib=round(fmib, 1),
-                           sdpa_ms=round(sms, 3), sparsity=round(bm.sparsity(), 3),
-                           ours_over_flex=round(ms / fms, 3))
+                row.update(
+                    ms=round(ms, 3),
+                    peak_mib=round(mib, 1),
+                    flex_ms=round(fms, 3),
+                    flex_peak_mib=round(fmib, 1),
+                    sdpa_ms=round(sms, 3),
+                    sparsity=round(bm.sparsity(), 3),
+                    ours_over_flex=round(ms / fms, 3),
+                )
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
                 traceback.print_exc()
@@ -242,8 +268,10 @@ def main() -> int:
         if "error" in c:
             print(f"  skip {c['case']:<38} {c['dtype']:<9} {c['error']}")
             continue
-        print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['case']:<38} {c['dtype']:<9} {c['backend']:<9} "
-              + " ".join(f"{k}={c[k]:.1e}" for k in ("out", "lse", "dq", "dk", "dv")))
+        print(
+            f"  {'ok  ' if c['ok'] else 'FAIL'} {c['case']:<38} {c['dtype']:<9} {c['backend']:<9} "
+            + " ".join(f"{k}={c[k]:.1e}" for k in ("out", "lse", "dq", "dk", "dv"))
+        )
     print("\nmodule level (B=4, E=512, H=8, bf16, causal, fwd+bwd): ms / peak MiB")
     by = {}
     for r in rows:
@@ -260,8 +288,10 @@ def main() -> int:
     for r in rows:
         if r["part"] == "op":
             if "ms" in r:
-                print(f"  L={r['L']:>6} {r['mechanism']:<12} ours {r['ms']:.2f} ms  flex {r['flex_ms']:.2f} ms  "
-                      f"(x{r['ours_over_flex']:.2f})  sdpa {r['sdpa_ms']:.2f} ms  sparsity {r['sparsity']:.2f}")
+                print(
+                    f"  L={r['L']:>6} {r['mechanism']:<12} ours {r['ms']:.2f} ms  flex {r['flex_ms']:.2f} ms  "
+                    f"(x{r['ours_over_flex']:.2f})  sdpa {r['sdpa_ms']:.2f} ms  sparsity {r['sparsity']:.2f}"
+                )
             else:
                 print(f"  L={r['L']:>6} {r['mechanism']:<12} {r['error']}")
     return 0 if all(c.get("ok", True) for c in check) else 1

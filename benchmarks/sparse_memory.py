@@ -6,6 +6,7 @@ memory a training step keeps between forward and backward.
 
     PYTHONPATH=. python benchmarks/sparse_memory.py [--lengths 1024 2048 4096]
 """
+
 import argparse
 import time
 
@@ -51,8 +52,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"B=1 H={args.heads} d={args.dim} fp32, causal; saved-for-backward MiB / fwd+bwd seconds ({torch.get_num_threads()} threads)")
-    print(f"{'N':>6} | {'dense':>16} | {'blockwise (Function)':>22} | {'blockwise (checkpoint)':>24} | {'block-sparse local 256':>24}")
+    print(
+        f"B=1 H={args.heads} d={args.dim} fp32, causal; saved-for-backward MiB / fwd+bwd seconds "
+        f"({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"{'N':>6} | {'dense':>16} | {'blockwise (Function)':>22} | {'blockwise (checkpoint)':>24} | "
+        f"{'block-sparse local 256':>24}"
+    )
     for n in args.lengths:
         q, k, v = (torch.randn(1, args.heads, n, args.dim, requires_grad=True) for _ in range(3))
         bs = 64
@@ -65,7 +72,7 @@ def main():
             "sparse": lambda: block_layout_attention(q, k, v, lay, bs, causal=True, mask_mod=mod),
         }
         cells = []
-        for name, fn in runs.items():
+        for fn in runs.values():
             _, mem = saved_bytes(fn)
             cells.append(f"{mem / 2**20:8.1f} MiB {fwd_bwd_time(fn):6.2f}s")
         print(f"{n:>6} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, (16, 22, 24, 24))))

@@ -8,14 +8,23 @@ and is registered by name.  ``python -m efficient_attention`` prints the table
 of mechanisms, patterns and backends.  Importing this package never imports
 fairseq or ParaGen.
 """
+
 from .attentions import *  # noqa: F401,F403  (registers every mechanism)
 from .attentions import __all__ as _mechanisms
 from .base import AttentionMasks, EfficientAttention, OptionSpec, check_bool
 from .capabilities import Capabilities, Pattern
 from .compat.fairseq import fsmha
 from .errors import UnsupportedInputError, UnsupportedPatternError
+from .registry import (
+    available_attentions,
+    build_attention,
+    capability_table,
+    get_attention_class,
+    register_attention,
+)
 from .sparse import (  # the sparse functionals on (B, H, N, D) tensors
     UnknownSparsityModeError,
+    _renamed,
     block_layout_attention,
     blockwise_attention,
     dilated_attention,
@@ -24,14 +33,6 @@ from .sparse import (  # the sparse functionals on (B, H, N, D) tensors
     landmark_token_attention,
     mask_attention,
     qk_sparse_attention,
-)
-from .sparse import _renamed
-from .registry import (
-    available_attentions,
-    build_attention,
-    capability_table,
-    get_attention_class,
-    register_attention,
 )
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ README holds; ``info`` prints versions, which kernel backends are usable here an
 per mechanism what it supports and which fast paths it gets here; ``options`` prints every
 option of every mechanism (or of the named ones): type, default, rule and help, from the option spec.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m efficient_attention",
         description="Efficient attention mechanisms with fairseq's interface: what is registered and what runs here.",
-        epilog="Benchmarks: python -m efficient_attention.benchmark --help. "
-               "Choosing a mechanism: docs/choosing.md.",
+        epilog="Benchmarks: python -m efficient_attention.benchmark --help. Choosing a mechanism: docs/choosing.md.",
     )
     parser.add_argument(
-        "command", nargs="?", default="table", choices=("table", "info", "options"),
+        "command",
+        nargs="?",
+        default="table",
+        choices=("table", "info", "options"),
         help="table: the mechanism table of the README (default); "
-             "info: versions, kernel backends usable here (and why not), mechanisms; "
-             "options: each mechanism's options (type, default, rule, help)",
+        "info: versions, kernel backends usable here (and why not), mechanisms; "
+        "options: each mechanism's options (type, default, rule, help)",
     )
     parser.add_argument("names", nargs="*", metavar="NAME", help="options: only these mechanisms")
     args = parser.parse_args(argv)

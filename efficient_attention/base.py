@@ -37,6 +37,7 @@ same for every batch row.  The keys:
 * anything else is a mechanism's own state (``kv_sum``, ``ssm_state``, ...),
   named in its ``_attend_step`` docstring.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -45,7 +46,7 @@ import math
 import typing
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +94,9 @@ OptionSpec = Option  # the name the registry and the plugins have always used
 
 # The constructor arguments every mechanism shares (fairseq's, plus ours).
 _BASE_OPTIONS = frozenset({"cross", "causal", "num_kv_heads"})
-_NUM_KV_HEADS = Option("num_kv_heads", None, Optional[int],
-                       "key/value heads (multi-query: 1; grouped: a divisor of num_heads)", minimum=1)
+_NUM_KV_HEADS = Option(
+    "num_kv_heads", None, Optional[int], "key/value heads (multi-query: 1; grouped: a divisor of num_heads)", minimum=1
+)
 
 
 class EfficientAttention(nn.Module):
@@ -119,6 +121,10 @@ class EfficientAttention(nn.Module):
             dataclass (:mod:`efficient_attention.options`); each is checked
             against its declared rule and set as an attribute.
     """
+
+    if TYPE_CHECKING:  # options are set from the spec with setattr: to the type checker any attribute is Any
+
+        def __getattr__(self, name: str) -> Any: ...
 
     capabilities: ClassVar[Capabilities] = Capabilities()
     Options: ClassVar[type] = AttentionOptions  # the mechanism's options dataclass (efficient_attention.options)
@@ -156,8 +162,11 @@ class EfficientAttention(nn.Module):
         self.vdim = embed_dim if vdim is None else check_int(vdim, "vdim", 1)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        bias, add_bias_kv, add_zero_attn = (check_bool(bias, "bias"), check_bool(add_bias_kv, "add_bias_kv"),
-                                            check_bool(add_zero_attn, "add_zero_attn"))
+        bias, add_bias_kv, add_zero_attn = (
+            check_bool(bias, "bias"),
+            check_bool(add_bias_kv, "add_bias_kv"),
+            check_bool(add_zero_attn, "add_zero_attn"),
+        )
         self_attention = check_bool(self_attention, "self_attention")
         encoder_decoder_attention = check_bool(encoder_decoder_attention, "encoder_decoder_attention")
         causal = check_bool(causal, "causal")
@@ -389,9 +398,7 @@ class EfficientAttention(nn.Module):
         self._check_inputs(query, key, value)
         tgt_len, bsz, _ = query.shape
         if need_weights and not caps.need_weights:
-            raise UnsupportedInputError(
-                f"{name} cannot return attention weights; call it with need_weights=False"
-            )
+            raise UnsupportedInputError(f"{name} cannot return attention weights; call it with need_weights=False")
         if before_softmax and not caps.before_softmax:
             raise UnsupportedInputError(f"{name} does not support before_softmax=True")
         if static_kv and not self.cross:
@@ -437,8 +444,12 @@ class EfficientAttention(nn.Module):
         masks = AttentionMasks(key_padding=key_padding_mask, query_padding=query_padding_mask)
 
         if before_softmax:
-            scores, v_out = self._scores(q, k, v, self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device))
-            return scores.reshape(bsz * self.num_heads, tgt_len, -1), v_out.reshape(bsz * self.num_heads, -1, v_out.shape[-1])
+            scores, v_out = self._scores(
+                q, k, v, self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
+            )
+            return scores.reshape(bsz * self.num_heads, tgt_len, -1), v_out.reshape(
+                bsz * self.num_heads, -1, v_out.shape[-1]
+            )
 
         src_len = src_new if not decoding or static_kv else src_new + _cached_len(state)
         if bsz == 0 or tgt_len == 0 or (src_len == 0 and not self._has_extra_kv()):
@@ -466,8 +477,15 @@ class EfficientAttention(nn.Module):
 
     # ---------------------------------------------------------------- decoding
     def _decode(
-        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks,
-        attn_mask: Optional[Tensor], need_weights: bool, static_kv: bool,
+        self,
+        q: Tensor,
+        k: Optional[Tensor],
+        v: Optional[Tensor],
+        state: Dict[str, Any],
+        masks: AttentionMasks,
+        attn_mask: Optional[Tensor],
+        need_weights: bool,
+        static_kv: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """One call with ``incremental_state``: the masks prepared once, then the path of :meth:`_decode_kind`."""
         masks, attn_mask = self._decoding_masks(masks, attn_mask, q.shape[2])
@@ -514,8 +532,14 @@ class EfficientAttention(nn.Module):
         return self.bias_k is not None or self.add_zero_attn
 
     def _decode_causal_static(
-        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks,
-        attn_mask: Optional[Tensor], need_weights: bool,
+        self,
+        q: Tensor,
+        k: Optional[Tensor],
+        v: Optional[Tensor],
+        state: Dict[str, Any],
+        masks: AttentionMasks,
+        attn_mask: Optional[Tensor],
+        need_weights: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Causal cross decoding over static keys: the new queries are at positions ``p .. p + T - 1``.
 
@@ -544,8 +568,14 @@ class EfficientAttention(nn.Module):
         return torch.cat(outs, dim=2), (torch.cat(weights, dim=2) if weights else None)
 
     def _decode_noncausal(
-        self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], masks: AttentionMasks,
-        attn_mask: Optional[Tensor], need_weights: bool,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        state: Dict[str, Any],
+        masks: AttentionMasks,
+        attn_mask: Optional[Tensor],
+        need_weights: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Noncausal decoding: the new queries see every cached key (fairseq's ``MultiheadAttention``).
 
@@ -567,15 +597,21 @@ class EfficientAttention(nn.Module):
             masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, k.shape[2], q.device)
             return self._attend(q, k, v, masks, need_weights)
         prev_q = state.get("prev_query")
-        qpm = _cat_padding(state.get("prev_query_padding_mask"), masks.query_padding,
-                           0 if prev_q is None else prev_q.shape[2], tgt_len, bsz)
+        qpm = _cat_padding(
+            state.get("prev_query_padding_mask"),
+            masks.query_padding,
+            0 if prev_q is None else prev_q.shape[2],
+            tgt_len,
+            bsz,
+        )
         q_all = q if prev_q is None else torch.cat([prev_q, q], dim=2)
         state["prev_query"], state["prev_query_padding_mask"] = q_all, qpm
         if attn_mask is not None:  # rows of the earlier queries: nothing masked
             earlier = q_all.shape[2] - tgt_len
             attn_mask = F.pad(attn_mask, (0, 0, earlier, 0), value=False if attn_mask.dtype == torch.bool else 0.0)
-        masks = self._prepare_masks(replace(masks, query_padding=qpm), attn_mask, bsz, q_all.shape[2], k.shape[2],
-                                    q.device)
+        masks = self._prepare_masks(
+            replace(masks, query_padding=qpm), attn_mask, bsz, q_all.shape[2], k.shape[2], q.device
+        )
         out, weights = self._attend(q_all, k, v, masks, need_weights)
         return out[:, :, -tgt_len:], (None if weights is None else weights[:, :, -tgt_len:])
 
@@ -590,7 +626,10 @@ class EfficientAttention(nn.Module):
         if query.dim() != 3:
             raise ValueError(f"query must be 3-D (tgt_len, batch, embed_dim), got shape {tuple(query.shape)}")
         if query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query has {query.shape[-1]} features, expected embed_dim={self.embed_dim} (shape {tuple(query.shape)})")
+            raise ValueError(
+                f"query has {query.shape[-1]} features, expected embed_dim={self.embed_dim} "
+                f"(shape {tuple(query.shape)})"
+            )
         if not query.is_floating_point():
             raise TypeError(f"query must be floating point, got {query.dtype}")
         if (key is None) != (value is None):
@@ -609,12 +648,20 @@ class EfficientAttention(nn.Module):
             if x.device != query.device:
                 raise ValueError(f"{nm} is on {x.device}, query on {query.device}")
             if x.shape[1] != query.shape[1]:
-                raise ValueError(f"{nm} batch {x.shape[1]} differs from query batch {query.shape[1]} (shapes {tuple(x.shape)} vs {tuple(query.shape)})")
+                raise ValueError(
+                    f"{nm} batch {x.shape[1]} differs from query batch {query.shape[1]} "
+                    f"(shapes {tuple(x.shape)} vs {tuple(query.shape)})"
+                )
         if key.shape[0] != value.shape[0]:
             raise ValueError(f"key and value lengths differ: key {tuple(key.shape)}, value {tuple(value.shape)}")
 
     def _prepare_masks(
-        self, masks: AttentionMasks, attn_mask: Optional[Tensor], bsz: int, tgt_len: int, src_len: int,
+        self,
+        masks: AttentionMasks,
+        attn_mask: Optional[Tensor],
+        bsz: int,
+        tgt_len: int,
+        src_len: int,
         device: torch.device,
     ) -> AttentionMasks:
         """Check ``attn_mask`` against the final key length and apply the capability rules."""
@@ -700,7 +747,11 @@ class EfficientAttention(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} decodes with the base's key/value cache")
 
     def _static_kv(
-        self, state: Dict[str, Any], k: Optional[Tensor], v: Optional[Tensor], key_padding: Optional[Tensor],
+        self,
+        state: Dict[str, Any],
+        k: Optional[Tensor],
+        v: Optional[Tensor],
+        key_padding: Optional[Tensor],
         summarise: Optional[Callable[[Tensor, Tensor, Optional[Tensor]], Dict[str, Any]]] = None,
     ) -> Dict[str, Any]:
         """``static_kv`` decoding: the keys cached on the first call, read back on the others; returns ``state``.
@@ -727,8 +778,9 @@ class EfficientAttention(nn.Module):
         """
         prev_k = state.get("prev_key")
         if prev_k is not None:
-            key_padding = _cat_padding(state.get("prev_key_padding_mask"), key_padding, prev_k.shape[2], k.shape[2],
-                                       k.shape[0])
+            key_padding = _cat_padding(
+                state.get("prev_key_padding_mask"), key_padding, prev_k.shape[2], k.shape[2], k.shape[0]
+            )
             k, v = torch.cat([prev_k, k], dim=2), torch.cat([state["prev_value"], v], dim=2)
         start = max(k.shape[2] - keep, 0)
         state["prev_key"], state["prev_value"] = k[:, :, start:], v[:, :, start:]
@@ -736,8 +788,15 @@ class EfficientAttention(nn.Module):
         return k, v, key_padding
 
     def _decode_cached(
-        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks,
-        attn_mask: Optional[Tensor], need_weights: bool, static_kv: bool,
+        self,
+        q: Tensor,
+        k: Optional[Tensor],
+        v: Optional[Tensor],
+        state: Dict[str, Any],
+        masks: AttentionMasks,
+        attn_mask: Optional[Tensor],
+        need_weights: bool,
+        static_kv: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Decoding with a key/value cache (O(S) state): :meth:`_attend` over every key so far.
 
@@ -766,7 +825,9 @@ def _cached_len(state: Optional[Dict[str, Any]]) -> int:
     return 0 if prev is None else prev.shape[2]
 
 
-def _cat_padding(prev: Optional[Tensor], new: Optional[Tensor], prev_len: int, new_len: int, bsz: int) -> Optional[Tensor]:
+def _cat_padding(
+    prev: Optional[Tensor], new: Optional[Tensor], prev_len: int, new_len: int, bsz: int
+) -> Optional[Tensor]:
     """Concatenate cached and new key padding masks (a missing one means 'no padding')."""
     if prev is None and new is None:
         return None

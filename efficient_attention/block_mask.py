@@ -22,9 +22,10 @@ and :meth:`BlockMask.from_pattern` (every named layout of
 Token masks may depend on the head, not on the batch item (key padding is
 passed to the attention call separately).
 """
+
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -71,8 +72,17 @@ class BlockMask:
         q_len, kv_len: token lengths the mask was built for (None: any lengths with these block counts).
     """
 
-    def __init__(self, layout: Tensor, block_size: int, *, causal: bool = False, tile_index: Optional[Tensor] = None,
-                 tiles: Optional[Tensor] = None, q_len: Optional[int] = None, kv_len: Optional[int] = None):
+    def __init__(
+        self,
+        layout: Tensor,
+        block_size: int,
+        *,
+        causal: bool = False,
+        tile_index: Optional[Tensor] = None,
+        tiles: Optional[Tensor] = None,
+        q_len: Optional[int] = None,
+        kv_len: Optional[int] = None,
+    ):
         self.block_size = _int_arg(block_size, "block_size")
         self.layout = layouts.as_layout(layout)
         if not isinstance(causal, bool):
@@ -80,21 +90,25 @@ class BlockMask:
         self.causal = causal
         if (tile_index is None) != (tiles is None):
             raise ValueError("tile_index and tiles must be given together")
-        if tile_index is not None:
+        if tile_index is not None and tiles is not None:  # both or neither, checked above
             if tile_index.shape != self.layout.shape or tile_index.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"tile_index must be an int32 tensor of the layout's shape "
-                                 f"{tuple(self.layout.shape)}, "
-                                 f"got {tile_index.dtype} {tuple(tile_index.shape)}")
+                raise ValueError(
+                    f"tile_index must be an int32 tensor of the layout's shape "
+                    f"{tuple(self.layout.shape)}, "
+                    f"got {tile_index.dtype} {tuple(tile_index.shape)}"
+                )
             if tiles.dim() != 3 or tiles.shape[1:] != (self.block_size, self.block_size) or tiles.dtype != torch.bool:
-                raise ValueError(f"tiles must be bool (P, {self.block_size}, {self.block_size}), "
-                                 f"got {tiles.dtype} {tuple(tiles.shape)}")
+                raise ValueError(
+                    f"tiles must be bool (P, {self.block_size}, {self.block_size}), "
+                    f"got {tiles.dtype} {tuple(tiles.shape)}"
+                )
             if tiles.shape[0] == 0:
                 tile_index = tiles = None
             else:
                 tile_index = torch.where(self.layout, tile_index, -1).to(torch.int32)
         self.tile_index, self.tiles = tile_index, tiles
         self.q_len, self.kv_len = q_len, kv_len
-        self._tables: Dict[str, dict] = {}
+        self._tables: Dict[str, Any] = {}  # derived tables and coarsened masks, built once
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -103,9 +117,18 @@ class BlockMask:
         return cls(layout, block_size, causal=bool(causal))
 
     @classmethod
-    def from_mask_mod(cls, mask_mod: MaskMod, heads: int, q_len: int, kv_len: Optional[int] = None,
-                      block_size: int = 64, *, device=None, q_block_start: int = 0,
-                      candidates: Optional[Tensor] = None) -> "BlockMask":
+    def from_mask_mod(
+        cls,
+        mask_mod: MaskMod,
+        heads: int,
+        q_len: int,
+        kv_len: Optional[int] = None,
+        block_size: int = 64,
+        *,
+        device=None,
+        q_block_start: int = 0,
+        candidates: Optional[Tensor] = None,
+    ) -> "BlockMask":
         """The block mask of a token rule ``mask_mod(b, h, q_idx, kv_idx)`` (True = attend; b is 0).
 
         Blocks with no attended entry are dropped; blocks whose entries all follow the causal rule
@@ -182,14 +205,25 @@ class BlockMask:
                 part[need] = remap[start + i]
                 start += u.shape[0]
             tiles = allu.view(-1, bs, bs).bool()
-        tile_index = tile_index.to(torch.int32) if tiles is not None else None
-        bm = cls(keep, bs, causal=causal_ok, tile_index=tile_index, tiles=tiles,
-                 q_len=q_len - q_block_start * bs, kv_len=kv_len)
+        index = tile_index.to(torch.int32) if tiles is not None else None
+        bm = cls(
+            keep, bs, causal=causal_ok, tile_index=index, tiles=tiles, q_len=q_len - q_block_start * bs, kv_len=kv_len
+        )
         return bm._shared_heads()
 
     @classmethod
-    def from_pattern(cls, pattern: str, n: int, block_size: int, heads: int, *, causal: bool = False,
-                     device=None, q_block_start: int = 0, **kw) -> "BlockMask":
+    def from_pattern(
+        cls,
+        pattern: str,
+        n: int,
+        block_size: int,
+        heads: int,
+        *,
+        causal: bool = False,
+        device=None,
+        q_block_start: int = 0,
+        **kw,
+    ) -> "BlockMask":
         """A named layout of :data:`efficient_attention.layouts.PATTERNS` for ``n`` positions.
 
         Block-level patterns (``random``, ``bigbird``) keep whole blocks (causal on the diagonal);
@@ -197,15 +231,22 @@ class BlockMask:
         """
         if pattern in layouts.BLOCK_LEVEL_PATTERNS:  # only the rows asked for are built (decoding: one row)
             lay = layouts.make_layout(pattern, n, block_size, heads, causal=causal, first_row=q_block_start, **kw)
-            return cls(lay.to(device), block_size, causal=bool(causal), q_len=n - q_block_start * block_size,
-                       kv_len=n)
+            return cls(lay.to(device), block_size, causal=bool(causal), q_len=n - q_block_start * block_size, kv_len=n)
         mod = layouts.make_mask_mod(pattern, heads=heads, block_size=block_size, causal=causal, **kw)
         candidates = None
         if pattern == "fixed" and causal:  # its exact block support: skip evaluating the empty blocks
-            candidates = layouts.fixed_layout(heads, -(-n // block_size), kw.get("local_attn_ctx", 64), block_size,
-                                              kw.get("num_verts", 1), kw.get("vertsize", 1), first_row=q_block_start)
-        return cls.from_mask_mod(mod, heads, n, n, block_size, device=device, q_block_start=q_block_start,
-                                 candidates=candidates)
+            candidates = layouts.fixed_layout(
+                heads,
+                -(-n // block_size),
+                kw.get("local_attn_ctx", 64),
+                block_size,
+                kw.get("num_verts", 1),
+                kw.get("vertsize", 1),
+                first_row=q_block_start,
+            )
+        return cls.from_mask_mod(
+            mod, heads, n, n, block_size, device=device, q_block_start=q_block_start, candidates=candidates
+        )
 
     # ------------------------------------------------------------------ views
     @property
@@ -230,7 +271,7 @@ class BlockMask:
             qb = torch.arange(nq, device=self.device).view(-1, 1)
             kb = torch.arange(nk, device=self.device).view(1, -1)
             # block (qb, kb) is cut by j <= i + off unless its last key <= its first query + off
-            diag = ((kb + 1) * self.block_size - 1 > qb * self.block_size + off)
+            diag = (kb + 1) * self.block_size - 1 > qb * self.block_size + off
             part = part | (self.layout & diag)
         return part
 
@@ -254,33 +295,61 @@ class BlockMask:
         q_len = None
         if self.q_len is not None:
             q_len = (self.q_len if stop >= self.shape[0] else stop * self.block_size) - start * self.block_size
-        return BlockMask(self.layout[:, start:stop], self.block_size, causal=self.causal, tile_index=ti,
-                         tiles=self.tiles, q_len=q_len, kv_len=self.kv_len)
+        return BlockMask(
+            self.layout[:, start:stop],
+            self.block_size,
+            causal=self.causal,
+            tile_index=ti,
+            tiles=self.tiles,
+            q_len=q_len,
+            kv_len=self.kv_len,
+        )
 
     def to(self, device) -> "BlockMask":
         device = torch.device(device)
         if self.device == device:
             return self
-        return BlockMask(self.layout.to(device), self.block_size, causal=self.causal,
-                         tile_index=None if self.tile_index is None else self.tile_index.to(device),
-                         tiles=None if self.tiles is None else self.tiles.to(device), q_len=self.q_len,
-                         kv_len=self.kv_len)
+        return BlockMask(
+            self.layout.to(device),
+            self.block_size,
+            causal=self.causal,
+            tile_index=None if self.tile_index is None else self.tile_index.to(device),
+            tiles=None if self.tiles is None else self.tiles.to(device),
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+        )
 
     def expand_heads(self, heads: int) -> "BlockMask":
         """The same mask with ``heads`` explicit head rows (a shared mask repeated)."""
         if self.heads == heads:
             return self
         ti = None if self.tile_index is None else self.tile_index.expand(heads, -1, -1).contiguous()
-        return BlockMask(self.layout.expand(heads, -1, -1).contiguous(), self.block_size, causal=self.causal,
-                         tile_index=ti, tiles=self.tiles, q_len=self.q_len, kv_len=self.kv_len)
+        return BlockMask(
+            self.layout.expand(heads, -1, -1).contiguous(),
+            self.block_size,
+            causal=self.causal,
+            tile_index=ti,
+            tiles=self.tiles,
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+        )
 
     def _shared_heads(self) -> "BlockMask":
         """Collapse identical heads to one shared layout row set."""
-        if self.heads > 1 and bool((self.layout == self.layout[:1]).all()) and (
-                self.tile_index is None or bool((self.tile_index == self.tile_index[:1]).all())):
-            return BlockMask(self.layout[:1], self.block_size, causal=self.causal,
-                             tile_index=None if self.tile_index is None else self.tile_index[:1],
-                             tiles=self.tiles, q_len=self.q_len, kv_len=self.kv_len)
+        if (
+            self.heads > 1
+            and bool((self.layout == self.layout[:1]).all())
+            and (self.tile_index is None or bool((self.tile_index == self.tile_index[:1]).all()))
+        ):
+            return BlockMask(
+                self.layout[:1],
+                self.block_size,
+                causal=self.causal,
+                tile_index=None if self.tile_index is None else self.tile_index[:1],
+                tiles=self.tiles,
+                q_len=self.q_len,
+                kv_len=self.kv_len,
+            )
         return self
 
     def coarsen(self, block_size: int) -> "BlockMask":
@@ -305,18 +374,25 @@ class BlockMask:
         need = keep & ~full
         tile_index = tiles = None
         if bool(need.any()):
-            sub_lay = lay.view(view).permute(0, 1, 3, 2, 4)[need]             # (P, f, f)
+            sub_lay = lay.view(view).permute(0, 1, 3, 2, 4)[need]  # (P, f, f)
             sub_ti = ti.view(view).permute(0, 1, 3, 2, 4)[need].long()
             own = torch.ones(1, bs, bs, dtype=torch.bool, device=self.device)
             src = own if self.tiles is None else torch.cat([own, self.tiles.to(self.device)])
-            tok = src[(sub_ti + 1).clamp(min=0)] & sub_lay[..., None, None]     # (P, f, f, bs, bs)
+            tok = src[(sub_ti + 1).clamp(min=0)] & sub_lay[..., None, None]  # (P, f, f, bs, bs)
             tok = tok.permute(0, 1, 3, 2, 4).reshape(-1, f * bs * f * bs)
             uniq, inv = torch.unique(tok.to(torch.uint8), dim=0, return_inverse=True)
             tile_index = torch.full(keep.shape, -1, dtype=torch.int32, device=self.device)
             tile_index[need] = inv.to(torch.int32)
             tiles = uniq.view(-1, f * bs, f * bs).bool()
-        return BlockMask(keep, block_size, causal=self.causal, tile_index=tile_index, tiles=tiles, q_len=self.q_len,
-                         kv_len=self.kv_len)
+        return BlockMask(
+            keep,
+            block_size,
+            causal=self.causal,
+            tile_index=tile_index,
+            tiles=tiles,
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+        )
 
     def coarsened(self, block_size: int) -> "BlockMask":
         """:meth:`coarsen`, computed once per mask and block size."""
@@ -332,9 +408,9 @@ class BlockMask:
         q_len = q_len or self.q_len or nq * bs
         kv_len = kv_len or self.kv_len or nk * bs
         dense = self.layout.repeat_interleave(bs, 1).repeat_interleave(bs, 2)
-        if self.tile_index is not None:
+        if self.tile_index is not None and self.tiles is not None:
             ti = self.tile_index.long()
-            tiled = self.tiles[ti.clamp(min=0)]                                  # (Hm, nq, nk, bs, bs)
+            tiled = self.tiles[ti.clamp(min=0)]  # (Hm, nq, nk, bs, bs)
             tiled = tiled | (ti < 0)[..., None, None]
             dense = dense & tiled.transpose(2, 3).reshape(self.heads, nq * bs, nk * bs)
         dense = dense[:, :q_len, :kv_len]
@@ -372,8 +448,10 @@ class BlockMask:
         nq, nk = -(-q_len // bs), -(-kv_len // bs)
         if self.heads not in (1, heads) or self.shape != (nq, nk):
             what = "head count" if self.shape == (nq, nk) else "shape or block_size"
-            raise ValueError(f"layout must have shape ({heads} or 1, {nq}, {nk}) for {heads} heads, {q_len} queries "
-                             f"and {kv_len} keys in blocks of {bs}; got {tuple(self.layout.shape)} (wrong {what})")
+            raise ValueError(
+                f"layout must have shape ({heads} or 1, {nq}, {nk}) for {heads} heads, {q_len} queries "
+                f"and {kv_len} keys in blocks of {bs}; got {tuple(self.layout.shape)} (wrong {what})"
+            )
         return self
 
     # ------------------------------------------------------------------ printing / pickling
@@ -382,15 +460,19 @@ class BlockMask:
         full = int(self.full_blocks().sum())
         part = int(self.layout.sum()) - full
         ntiles = 0 if self.tiles is None else self.tiles.shape[0]
-        head = (f"BlockMask(heads={self.heads}, blocks={nq}x{nk} of {self.block_size}, sparsity={self.sparsity():.1%}, "
-                f"full={full}, partial={part}, tiles={ntiles}, causal={self.causal})")
+        head = (
+            f"BlockMask(heads={self.heads}, blocks={nq}x{nk} of {self.block_size}, sparsity={self.sparsity():.1%}, "
+            f"full={full}, partial={part}, tiles={ntiles}, causal={self.causal})"
+        )
         if nq > 24 or nk > 48:
             return head
         part_m = self.partial_blocks()
         pic = []
         for h in range(min(self.heads, 2)):
-            rows = ["".join("#" if f else ("+" if p else ".") for f, p in zip(fr, pr))
-                    for fr, pr in zip(self.full_blocks()[h].tolist(), part_m[h].tolist())]
+            rows = [
+                "".join("#" if f else ("+" if p else ".") for f, p in zip(fr, pr))
+                for fr, pr in zip(self.full_blocks()[h].tolist(), part_m[h].tolist())
+            ]
             pic.append(f"head {h}:\n" + "\n".join(rows))
         return head + "\n" + "\n".join(pic) + "\n(# full, + partial, . skipped)"
 
@@ -400,8 +482,9 @@ class BlockMask:
         return state
 
 
-def as_block_mask(mask, heads: int, q_len: int, kv_len: int, block_size: Optional[int] = None,
-                  causal: bool = False) -> BlockMask:
+def as_block_mask(
+    mask, heads: int, q_len: int, kv_len: int, block_size: Optional[int] = None, causal: bool = False
+) -> BlockMask:
     """The one validator: a :class:`BlockMask` or a bool/0-1 layout tensor -> a checked BlockMask.
 
     Wrong shape, block size, head count or dtype raise ``ValueError`` naming them.
@@ -411,8 +494,15 @@ def as_block_mask(mask, heads: int, q_len: int, kv_len: int, block_size: Optiona
             raise ValueError(f"block_size {block_size} differs from the block mask's {mask.block_size}")
         bm = mask
         if causal and not bm.causal:
-            bm = BlockMask(bm.layout, bm.block_size, causal=True, tile_index=bm.tile_index, tiles=bm.tiles,
-                           q_len=bm.q_len, kv_len=bm.kv_len)
+            bm = BlockMask(
+                bm.layout,
+                bm.block_size,
+                causal=True,
+                tile_index=bm.tile_index,
+                tiles=bm.tiles,
+                q_len=bm.q_len,
+                kv_len=bm.kv_len,
+            )
     elif isinstance(mask, Tensor):
         if block_size is None:
             raise ValueError("block_size is needed with a layout tensor")

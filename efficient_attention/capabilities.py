@@ -5,6 +5,7 @@ checks it when a module is built (pattern) and on every forward (masks,
 weights, incremental decoding), so an input that a mechanism cannot honour is
 rejected with a message that says why -- never silently ignored.
 """
+
 from __future__ import annotations
 
 import enum

@@ -6,6 +6,7 @@ subclass the built-in type that callers of the replaced libraries catch.  The
 modules that used to define them re-export them, so the old import paths
 (``efficient_attention.capabilities.UnsupportedInputError``, ...) keep working.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -3,6 +3,7 @@
 Every mechanism calls these instead of writing its own.  Tensors use the
 ``(B, H, T, d)`` layout of ``scaled_dot_product_attention``.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .masks import causal_mask, merge_masks
+from .masks import merge_masks
 
 __all__ = [
     "softmax",
@@ -147,7 +148,13 @@ def sdpa_attention(
         # harmless key and zeroed afterwards, so no backend yields NaN.
         keep = keep | empty
         out = _sdpa(
-            q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=False, scale=scale,
+            q,
+            k,
+            v,
+            attn_mask=keep,
+            dropout_p=dropout_p,
+            is_causal=False,
+            scale=scale,
             enable_gqa=k.shape[1] != num_heads,
         )
         return out.masked_fill(empty, 0.0)
@@ -156,13 +163,17 @@ def sdpa_attention(
         empty = torch.isneginf(mask.amax(dim=-1, keepdim=True))
         mask = mask.masked_fill(empty, 0.0)
         out = _sdpa(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            is_causal=False,
+            scale=scale,
             enable_gqa=k.shape[1] != num_heads,
         )
         return out.masked_fill(empty, 0.0)
-    return _sdpa(
-        q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != num_heads
-    )
+    return _sdpa(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != num_heads)
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:

@@ -12,19 +12,26 @@ into text, so a program can read the same answers the command prints:
 
 Nothing here imports fairseq or ParaGen (versions come from the installed distributions).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 import platform
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["BackendStatus", "MechanismSummary", "EnvironmentReport", "environment_report", "format_report",
-           "format_options"]
+__all__ = [
+    "BackendStatus",
+    "MechanismSummary",
+    "EnvironmentReport",
+    "environment_report",
+    "format_report",
+    "format_options",
+]
 
 # distribution names to try for each component, first found wins
 _DISTRIBUTIONS = {
@@ -106,8 +113,16 @@ def _backends() -> Tuple[BackendStatus, ...]:
         reasons = [(c.op, c.environment_reason()) for c in group]
         why = "; ".join(dict.fromkeys(r for _, r in reasons if r)) or None
         base = next(kind for kind in KINDS if issubclass(group[0], kind))  # TritonBackend, CppBackend, ...
-        rows.append(BackendStatus(name, "/".join(base.devices) or "any", why is None, why, base.description,
-                                  tuple(op for op, _ in reasons)))
+        rows.append(
+            BackendStatus(
+                name,
+                "/".join(base.devices) or "any",
+                why is None,
+                why,
+                base.description,
+                tuple(op for op, _ in reasons),
+            )
+        )
     return tuple(rows)
 
 
@@ -137,8 +152,17 @@ def _mechanisms(backends: Tuple[BackendStatus, ...]) -> Tuple[MechanismSummary, 
     for name, info in available_attentions().items():
         caps = info.capabilities
         decoding = ("yes, constant state" if caps.constant_state else "yes") if caps.incremental else "no"
-        rows.append(MechanismSummary(name, info.cls.__name__, caps.pattern_names(), decoding, caps.need_weights,
-                                     tuple(caps.backends), _fast_here(tuple(caps.backends), backends)))
+        rows.append(
+            MechanismSummary(
+                name,
+                info.cls.__name__,
+                caps.pattern_names(),
+                decoding,
+                caps.need_weights,
+                tuple(caps.backends),
+                _fast_here(tuple(caps.backends), backends),
+            )
+        )
     return tuple(rows)
 
 
@@ -177,8 +201,12 @@ def format_options(names: Optional[List[str]] = None) -> str:
     return "\n".join(lines)
 
 
-_SHORT = {"noncausal self": "self", "causal self": "causal-self", "noncausal cross": "cross",
-          "causal cross": "causal-cross"}
+_SHORT = {
+    "noncausal self": "self",
+    "causal self": "causal-self",
+    "noncausal cross": "cross",
+    "causal cross": "causal-cross",
+}
 
 
 def format_report(report: EnvironmentReport) -> str:
@@ -198,8 +226,15 @@ def format_report(report: EnvironmentReport) -> str:
     lines += ["", "mechanisms:"]
     rows = [("name", "patterns", "decoding", "weights", "fast paths here")]
     for m in report.mechanisms:
-        rows.append((m.name, ",".join(_SHORT.get(p, p) for p in m.patterns), m.decoding,
-                     "yes" if m.weights else "no", ", ".join(m.fast_here) or "PyTorch only"))
+        rows.append(
+            (
+                m.name,
+                ",".join(_SHORT.get(p, p) for p in m.patterns),
+                m.decoding,
+                "yes" if m.weights else "no",
+                ", ".join(m.fast_here) or "PyTorch only",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         lines.append("  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[4])

@@ -31,6 +31,7 @@ user layouts   any bool ``(H or 1, nq, nk)`` tensor (:func:`layout_mask_mod`)
 inputs); :func:`format_layout` prints a layout.  Block sizes 16, 32, 64 and 128
 are the supported ones (:data:`BLOCK_SIZES`), any positive size works.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
@@ -89,21 +90,25 @@ def create_mask(mask_mod: MaskMod, B: Optional[int], H: Optional[int], Q_LEN: in
 
 def and_masks(*mods: MaskMod) -> MaskMod:
     """Entry attended iff every mod attends it."""
+
     def mod(b, h, q, k):
         out = mods[0](b, h, q, k)
         for m in mods[1:]:
             out = out & m(b, h, q, k)
         return out
+
     return mod
 
 
 def or_masks(*mods: MaskMod) -> MaskMod:
     """Entry attended iff any mod attends it."""
+
     def mod(b, h, q, k):
         out = mods[0](b, h, q, k)
         for m in mods[1:]:
             out = out | m(b, h, q, k)
         return out
+
     return mod
 
 
@@ -138,6 +143,7 @@ def strided_mask_mod(stride: int, causal: bool = True) -> MaskMod:
     def mod(b, h, q, k):
         keep = torch.remainder(q - k, l) == 0
         return keep & (k <= q) if causal else keep
+
     return mod
 
 
@@ -160,6 +166,7 @@ def fixed_mask_mod(stride: int, summary: int, num_verts: int = 1, causal: bool =
             (col >= l - c * (g + 1)) & (col < l - c * g)
         )
         return keep & (k <= q) if causal else keep
+
     return mod
 
 
@@ -169,9 +176,14 @@ def dilated_mask_mod(segment_length: int, dilation: int, causal: bool = False) -
 
     def mod(b, h, q, k):
         off = torch.remainder(h, r)
-        keep = (torch.div(q, w, rounding_mode="floor") == torch.div(k, w, rounding_mode="floor"))
-        keep = keep & (torch.remainder(torch.remainder(q, w), r) == off) & (torch.remainder(torch.remainder(k, w), r) == off)
+        keep = torch.div(q, w, rounding_mode="floor") == torch.div(k, w, rounding_mode="floor")
+        keep = (
+            keep
+            & (torch.remainder(torch.remainder(q, w), r) == off)
+            & (torch.remainder(torch.remainder(k, w), r) == off)
+        )
         return keep & (k <= q) if causal else keep
+
     return mod
 
 
@@ -188,6 +200,7 @@ def global_mask_mod(global_positions: Union[int, Sequence[int], Tensor], causal:
     def mod(b, h, q, k):
         keep = is_global(q) | is_global(k)
         return keep & (k <= q) if causal else keep
+
     return mod
 
 
@@ -200,6 +213,7 @@ def layout_mask_mod(layout: Tensor, block_size: int) -> MaskMod:
         lay = layout.to(q.device)
         hh = h if lay.shape[0] > 1 else torch.zeros_like(h)
         return lay[hh, torch.div(q, bs, rounding_mode="floor"), torch.div(k, bs, rounding_mode="floor")]
+
     return mod
 
 
@@ -220,8 +234,14 @@ def as_layout(layout: Tensor) -> Tensor:
 
 
 def layout_from_mask_mod(
-    mask_mod: MaskMod, heads: int, q_len: int, kv_len: Optional[int] = None, block_size: int = 64, device=None,
-    rows_per_chunk: int = 16, q_block_start: int = 0,
+    mask_mod: MaskMod,
+    heads: int,
+    q_len: int,
+    kv_len: Optional[int] = None,
+    block_size: int = 64,
+    device=None,
+    rows_per_chunk: int = 16,
+    q_block_start: int = 0,
 ) -> Tensor:
     """Coarsen a mask_mod to blocks: ``(H, ceil(T/bs), ceil(S/bs))``, True where a block has any attended entry.
 
@@ -250,8 +270,15 @@ def expand_layout(layout: Tensor, block_size: int, q_len: Optional[int] = None, 
     return dense[:, : q_len or dense.shape[1], : kv_len or dense.shape[2]]
 
 
-def random_layout(heads: int, n_blocks: int, num_random_blocks: int, seed: int = 0, causal: bool = False,
-                  n_k_blocks: Optional[int] = None, first_row: int = 0) -> Tensor:
+def random_layout(
+    heads: int,
+    n_blocks: int,
+    num_random_blocks: int,
+    seed: int = 0,
+    causal: bool = False,
+    n_k_blocks: Optional[int] = None,
+    first_row: int = 0,
+) -> Tensor:
     """``num_random_blocks`` distinct random key blocks per (head, query block), seeded per row.
 
     With ``causal`` they are drawn among the blocks ``<=`` the query block (all of them when there
@@ -272,8 +299,16 @@ def random_layout(heads: int, n_blocks: int, num_random_blocks: int, seed: int =
     return layout
 
 
-def bigbird_layout(heads: int, n_blocks: int, num_window_blocks: int = 3, num_global_blocks: int = 1,
-                   num_random_blocks: int = 1, seed: int = 0, causal: bool = False, first_row: int = 0) -> Tensor:
+def bigbird_layout(
+    heads: int,
+    n_blocks: int,
+    num_window_blocks: int = 3,
+    num_global_blocks: int = 1,
+    num_random_blocks: int = 1,
+    seed: int = 0,
+    causal: bool = False,
+    first_row: int = 0,
+) -> Tensor:
     """BigBird: a band of ``num_window_blocks`` blocks (centred; trailing if causal), the first
     ``num_global_blocks`` blocks as global rows and columns, and seeded random blocks (``first_row``: only
     the rows from there on)."""
@@ -293,8 +328,15 @@ def bigbird_layout(heads: int, n_blocks: int, num_window_blocks: int = 3, num_gl
     return layout.contiguous()
 
 
-def fixed_layout(heads: int, n_blocks: int, local_attn_ctx: int, block_size: int, num_verts: int = 1,
-                 vertsize: int = 1, first_row: int = 0) -> Tensor:
+def fixed_layout(
+    heads: int,
+    n_blocks: int,
+    local_attn_ctx: int,
+    block_size: int,
+    num_verts: int = 1,
+    vertsize: int = 1,
+    first_row: int = 0,
+) -> Tensor:
     """OpenAI's block layout of the ``fixed`` mode (``local_attn_ctx`` tokens = ``local_attn_ctx/bs`` blocks);
     ``first_row``: only the rows from there on."""
     _check_fixed(heads, local_attn_ctx, block_size, num_verts, vertsize)
@@ -326,9 +368,21 @@ PATTERNS = ("all", "local", "sliding", "strided", "fixed", "dilated", "global", 
 BLOCK_LEVEL_PATTERNS = ("random", "bigbird")  # whole blocks, no token rule
 
 
-def make_mask_mod(pattern: str, *, heads: int = 1, block_size: int = 64, causal: bool = False, local_attn_ctx: int = 64,
-                  window: int = 64, num_verts: int = 1, vertsize: int = 1, dilation: int = 2,
-                  num_global: int = 1, n: Optional[int] = None, **block_kw) -> MaskMod:
+def make_mask_mod(
+    pattern: str,
+    *,
+    heads: int = 1,
+    block_size: int = 64,
+    causal: bool = False,
+    local_attn_ctx: int = 64,
+    window: int = 64,
+    num_verts: int = 1,
+    vertsize: int = 1,
+    dilation: int = 2,
+    num_global: int = 1,
+    n: Optional[int] = None,
+    **block_kw,
+) -> MaskMod:
     """The token-level mask_mod of a named pattern (block-level patterns need ``n``, the sequence length).
 
     ``local`` / ``strided`` / ``fixed`` follow OpenAI (``local_attn_ctx`` is the band / stride);
@@ -359,9 +413,20 @@ def make_mask_mod(pattern: str, *, heads: int = 1, block_size: int = 64, causal:
     raise ValueError(f"unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
 
 
-def make_layout(pattern: str, n: int, block_size: int, heads: int, *, causal: bool = False, seed: int = 0,
-                num_window_blocks: int = 3, num_global_blocks: int = 1, num_random_blocks: int = 1,
-                first_row: int = 0, **kw) -> Tensor:
+def make_layout(
+    pattern: str,
+    n: int,
+    block_size: int,
+    heads: int,
+    *,
+    causal: bool = False,
+    seed: int = 0,
+    num_window_blocks: int = 3,
+    num_global_blocks: int = 1,
+    num_random_blocks: int = 1,
+    first_row: int = 0,
+    **kw,
+) -> Tensor:
     """Block layout ``(H, ceil(n/bs), ceil(n/bs))`` of a named pattern (see :data:`PATTERNS`); ``first_row``:
     only the query-block rows from there on (what a decoding step needs, without building the others)."""
     _pos_int(n, "n")
@@ -372,8 +437,9 @@ def make_layout(pattern: str, n: int, block_size: int, heads: int, *, causal: bo
         eye = torch.arange(first_row, nb).view(-1, 1) == torch.arange(nb)  # the diagonal keeps every row non-empty
         return lay | eye[None]
     if pattern == "bigbird":
-        return bigbird_layout(heads, nb, num_window_blocks, num_global_blocks, num_random_blocks, seed, causal,
-                              first_row=first_row)
+        return bigbird_layout(
+            heads, nb, num_window_blocks, num_global_blocks, num_random_blocks, seed, causal, first_row=first_row
+        )
     mod = make_mask_mod(pattern, heads=heads, block_size=bs, causal=causal, **kw)
     return layout_from_mask_mod(mod, heads, n, n, bs)[:, first_row:]
 

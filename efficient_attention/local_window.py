@@ -29,6 +29,7 @@ where ``g`` is the group (block) size.  Keys outside ``[0, S)`` never count.
   an lse of ``-inf`` from the kernels, and the mechanism substitutes its own
   value there).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -129,11 +130,6 @@ class LocalWindow:
         q = torch.arange(tgt_len, device=device).unsqueeze(1) + q_offset
         k = torch.arange(src_len, device=device).unsqueeze(0)
         return ~self.allowed(q, k)
-
-    @property
-    def span(self) -> int:
-        """Most keys any query can see."""
-        return self.left + self.group + (0 if self.causal else self.right)
 
     def __str__(self) -> str:
         kind = "causal" if self.causal else "bidirectional"

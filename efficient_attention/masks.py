@@ -15,9 +15,10 @@ Conventions used everywhere in the library:
   keeps the position ``p`` of the next query: query ``p`` sees keys ``0..p``,
   which is the full pass's rule when ``T == S``.
 """
+
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, overload
 
 import torch
 from torch import Tensor
@@ -87,6 +88,12 @@ def _check_mask_dtype(mask: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be bool, uint8 or floating point, got {mask.dtype}")
 
 
+@overload
+def check_key_padding_mask(mask: None, bsz: int, src_len: int, device) -> None: ...
+@overload
+def check_key_padding_mask(mask: Tensor, bsz: int, src_len: int, device) -> Tensor: ...
+@overload
+def check_key_padding_mask(mask: Optional[Tensor], bsz: int, src_len: int, device) -> Optional[Tensor]: ...
 def check_key_padding_mask(mask: Optional[Tensor], bsz: int, src_len: int, device) -> Optional[Tensor]:
     """Validate a ``(B, S)`` key padding mask; uint8 becomes bool."""
     if mask is None:
@@ -94,15 +101,16 @@ def check_key_padding_mask(mask: Optional[Tensor], bsz: int, src_len: int, devic
     _check_mask_dtype(mask, "key_padding_mask")
     if mask.dim() != 2 or mask.shape != (bsz, src_len):
         raise ValueError(
-            f"key_padding_mask must have shape (batch, src_len) = ({bsz}, {src_len}), "
-            f"got {tuple(mask.shape)}"
+            f"key_padding_mask must have shape (batch, src_len) = ({bsz}, {src_len}), got {tuple(mask.shape)}"
         )
     if mask.device != device:
         raise ValueError(f"key_padding_mask is on {mask.device}, the inputs on {device}")
     return mask.bool() if mask.dtype == torch.uint8 else mask
 
 
-def check_attn_mask(mask: Optional[Tensor], bsz: int, num_heads: int, tgt_len: int, src_len: int, device) -> Optional[Tensor]:
+def check_attn_mask(
+    mask: Optional[Tensor], bsz: int, num_heads: int, tgt_len: int, src_len: int, device
+) -> Optional[Tensor]:
     """Validate an ``attn_mask`` of shape ``(T, S)`` or ``(B*H, T, S)``; uint8 becomes bool."""
     if mask is None:
         return None

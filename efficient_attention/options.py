@@ -25,6 +25,7 @@ fields, the ParaGen spec and the benchmark's ``--option`` (:meth:`Option.convert
 command line or a config file to the option's type).  Checks that involve several options or
 the pattern (``look_forward`` must be 0 when causal, ...) stay in the mechanism's constructor.
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -263,8 +264,11 @@ class Option:
             raise ValueError(f"expected {self.describe()}, got None")
         tp, elem = self.base_type, self.element_type
         if elem is not None:
-            items = value.replace(" ", "").strip("()[]").split(",") if isinstance(value, str) else (
-                value if isinstance(value, collections.abc.Iterable) else [value])
+            items = (
+                value.replace(" ", "").strip("()[]").split(",")
+                if isinstance(value, str)
+                else (value if isinstance(value, collections.abc.Iterable) else [value])
+            )
             return tuple(_convert_scalar(elem, x) for x in items if str(x).strip() != "")
         if not isinstance(value, (str, int, float)):
             return value  # not text (e.g. a layout tensor given in Python): the constructor checks it
@@ -292,13 +296,29 @@ class AttentionOptions:
             object.__setattr__(self, name, spec.validate(getattr(self, name)))
 
 
-def option(default, help: str, *, minimum=None, maximum=None, odd: bool = False, choices: Optional[Iterable] = None,
-           check: Optional[Callable[[Any, str], Any]] = None, words: Optional[str] = None):
+def option(
+    default,
+    help: str,
+    *,
+    minimum=None,
+    maximum=None,
+    odd: bool = False,
+    choices: Optional[Iterable] = None,
+    check: Optional[Callable[[Any, str], Any]] = None,
+    words: Optional[str] = None,
+):
     """A dataclass field declaring one option; its annotation gives the type (see :class:`Option`)."""
     if not isinstance(help, str) or not help.strip():
         raise TypeError("an option needs a help text")
-    rule = dict(help=help, minimum=minimum, maximum=maximum, odd=odd,
-                choices=None if choices is None else tuple(choices), check=check, words=words)
+    rule = dict(
+        help=help,
+        minimum=minimum,
+        maximum=maximum,
+        odd=odd,
+        choices=None if choices is None else tuple(choices),
+        check=check,
+        words=words,
+    )
     return dataclasses.field(default=default, metadata={_OPTION_KEY: rule})
 
 
@@ -330,10 +350,15 @@ def option_specs(options_cls: type) -> Dict[str, Option]:
         return _SPECS[options_cls]
     if options_cls is AttentionOptions:
         return {}
-    if not (isinstance(options_cls, type) and issubclass(options_cls, AttentionOptions)
-            and dataclasses.is_dataclass(options_cls)):
-        raise TypeError(f"{getattr(options_cls, '__name__', options_cls)} must be an AttentionOptions subclass "
-                        "declared with @dataclass(frozen=True), one field per option")
+    if not (
+        isinstance(options_cls, type)
+        and issubclass(options_cls, AttentionOptions)
+        and dataclasses.is_dataclass(options_cls)
+    ):
+        raise TypeError(
+            f"{getattr(options_cls, '__name__', options_cls)} must be an AttentionOptions subclass "
+            "declared with @dataclass(frozen=True), one field per option"
+        )
     hints = typing.get_type_hints(options_cls)
     specs: Dict[str, Option] = {}
     for f in dataclasses.fields(options_cls):

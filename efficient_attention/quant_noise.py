@@ -5,6 +5,7 @@ a weight are dropped with probability ``p`` and the rest rescaled by
 ``1 / (1 - p)``.  It is applied functionally when the projection runs, so the
 parameters (and checkpoints) are those of a plain ``nn.Linear``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,7 @@ def check_quant_noise(p: float, block_size: int, in_features: int, name: str) ->
         raise ValueError(f"q_noise must be in [0, 1), got {p}")
     if p > 0 and (block_size <= 0 or in_features % block_size != 0):
         raise ValueError(
-            f"qn_block_size={block_size} must be positive and divide the input features of "
-            f"{name} ({in_features})"
+            f"qn_block_size={block_size} must be positive and divide the input features of {name} ({in_features})"
         )
 
 

@@ -6,6 +6,7 @@ options.  The fairseq and ParaGen plugins, the benchmark and the generic tests
 all read this registry, so a new mechanism is picked up everywhere by
 registering it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -103,5 +104,7 @@ def capability_table() -> str:
         caps = info.capabilities
         marks = ["yes" if caps.supports(p) else "-" for p in Pattern]
         inc = ("yes, constant state" if caps.constant_state else "yes") if caps.incremental else "-"
-        rows.append(f"| `{name}` | `{info.cls.__name__}` | " + " | ".join(marks) + f" | {inc} | {', '.join(caps.backends)} |")
+        rows.append(
+            f"| `{name}` | `{info.cls.__name__}` | " + " | ".join(marks) + f" | {inc} | {', '.join(caps.backends)} |"
+        )
     return "\n".join(rows)

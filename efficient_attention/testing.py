@@ -21,8 +21,10 @@ For every pattern the mechanism declares (``capabilities.patterns``), on small f
 This is what ``tests/test_generic.py`` runs over the registry (it also checks fp16/bf16, beam
 reordering, state dicts and more).  Nothing here prints; ``str(report)`` is the text.
 """
+
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
@@ -74,8 +76,9 @@ class MechanismReport:
 
     def __str__(self) -> str:
         ran = [r for r in self.results if r.status != "skipped"]
-        head = (f"{self.mechanism}: {len(ran) - len(self.failures)} of {len(ran)} checks passed"
-                + ("" if self.passed else f", {len(self.failures)} FAILED"))
+        head = f"{self.mechanism}: {len(ran) - len(self.failures)} of {len(ran)} checks passed" + (
+            "" if self.passed else f", {len(self.failures)} FAILED"
+        )
         return "\n".join([head, *("  " + str(r) for r in self.results)])
 
     def raise_if_failed(self) -> "MechanismReport":
@@ -100,15 +103,30 @@ def _close(actual: Tensor, expected: Tensor, atol: float, rtol: float, what: str
     err = (actual.double() - expected.double()).abs()
     bad = err > atol + rtol * expected.double().abs()
     if bad.any():
-        raise _CheckFailed(f"{what}: max abs difference {err.max().item():.3g} (atol {atol:g}, rtol {rtol:g}) "
-                           f"at {int(bad.sum())} of {bad.numel()} elements")
+        raise _CheckFailed(
+            f"{what}: max abs difference {err.max().item():.3g} (atol {atol:g}, rtol {rtol:g}) "
+            f"at {int(bad.sum())} of {bad.numel()} elements"
+        )
 
 
 class _Checker:
     """The inputs and the checks for one mechanism class in one pattern (float64, eval mode)."""
 
-    def __init__(self, cls, pattern: Pattern, options: Dict, *, embed_dim: int, num_heads: int, tgt_len: int,
-                 src_len: int, batch_size: int, seed: int, atol: float, rtol: float):
+    def __init__(
+        self,
+        cls,
+        pattern: Pattern,
+        options: Dict,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        tgt_len: int,
+        src_len: int,
+        batch_size: int,
+        seed: int,
+        atol: float,
+        rtol: float,
+    ):
         self.cls, self.pattern, self.options = cls, pattern, options
         self.embed_dim, self.num_heads, self.seed = embed_dim, num_heads, seed
         self.atol, self.rtol = atol, rtol
@@ -126,16 +144,17 @@ class _Checker:
         self.kpm = torch.zeros(batch_size, src, dtype=torch.bool)
         if batch_size > 1 and src > 3:
             if pattern.causal:
-                self.kpm[1, src - 3:] = True
-                self.kpm[batch_size - 1, src - 1:] = True
+                self.kpm[1, src - 3 :] = True
+                self.kpm[batch_size - 1, src - 1 :] = True
             else:
                 self.kpm[1, :3] = True
                 self.kpm[batch_size - 1, :1] = True
 
     def build(self) -> EfficientAttention:
         torch.manual_seed(self.seed)
-        m = self.cls(self.embed_dim, self.num_heads, cross=self.pattern.cross, causal=self.pattern.causal,
-                     **self.options)
+        m = self.cls(
+            self.embed_dim, self.num_heads, cross=self.pattern.cross, causal=self.pattern.causal, **self.options
+        )
         return m.to(torch.float64).eval()
 
     def forward(self, q, k, v, **kw) -> Tensor:
@@ -165,19 +184,21 @@ class _Checker:
         out = self.forward(q, k, v)
         with torch.no_grad():
             q2, k2, v2 = q.detach().clone(), k.detach().clone(), v.detach().clone()
-            q2[cut + 1:] += 3.0
-            k2[cut + 1:] -= 2.0
-            v2[cut + 1:] *= -1.5
+            q2[cut + 1 :] += 3.0
+            k2[cut + 1 :] -= 2.0
+            v2[cut + 1 :] *= -1.5
             if not self.pattern.cross:
                 k2 = v2 = q2
             out2 = self.forward(q2, k2, v2)
         diff = (out[: cut + 1].detach() - out2[: cut + 1]).abs().max().item()
         if diff > self.atol:
-            raise _CheckFailed(f"changing positions after {cut} changed the outputs at positions 0..{cut} "
-                               f"(by up to {diff:.3g}): the output depends on the future")
+            raise _CheckFailed(
+                f"changing positions after {cut} changed the outputs at positions 0..{cut} "
+                f"(by up to {diff:.3g}): the output depends on the future"
+            )
         out[: cut + 1].sum().backward()
         for name, x in (("query", q), ("key", k), ("value", v)):
-            if x.grad is not None and (x.grad[cut + 1:] != 0).any():
+            if x.grad is not None and (x.grad[cut + 1 :] != 0).any():
                 raise _CheckFailed(f"a gradient from positions 0..{cut} reaches future {name} positions")
         return f"positions 0..{cut} do not see {cut + 1}..{q.shape[0] - 1}"
 
@@ -185,16 +206,22 @@ class _Checker:
         if not self.kpm.any():
             raise _CheckFailed("needs batch_size > 1 and more than 3 keys to pad")
         out = self.forward(self.q, self.k, self.v, key_padding_mask=self.kpm)
-        noise = torch.randn(self.k.shape, generator=torch.Generator().manual_seed(self.seed + 2),
-                            dtype=torch.float64) * 5
+        noise = (
+            torch.randn(self.k.shape, generator=torch.Generator().manual_seed(self.seed + 2), dtype=torch.float64) * 5
+        )
         keep = ~self.kpm.t().unsqueeze(-1)
         k2, v2 = torch.where(keep, self.k, noise), torch.where(keep, self.v, -noise)
         q2 = self.q if self.pattern.cross else k2
         if not self.pattern.cross:
             v2 = k2
         out2 = self.forward(q2, k2, v2, key_padding_mask=self.kpm)
-        _close(self.real_rows(out2), self.real_rows(out), self.atol, self.rtol,
-               "changing the contents of padded keys changed real outputs")
+        _close(
+            self.real_rows(out2),
+            self.real_rows(out),
+            self.atol,
+            self.rtol,
+            "changing the contents of padded keys changed real outputs",
+        )
         return ""
 
     def incremental(self) -> str:
@@ -205,18 +232,23 @@ class _Checker:
         for t in range(self.q.shape[0]):
             if static:  # the keys are given once, then come from the cache
                 k, v = (self.k, self.v) if t == 0 else (None, None)
-                steps.append(self.forward(self.q[t:t + 1], k, v, incremental_state=state, static_kv=True))
+                steps.append(self.forward(self.q[t : t + 1], k, v, incremental_state=state, static_kv=True))
             else:
                 sl = slice(t, t + 1)
                 steps.append(self.forward(self.q[sl], self.k[sl], self.v[sl], incremental_state=state))
-        _close(torch.cat(steps), full, self.atol, self.rtol,
-               "decoding token by token" + (" with static_kv" if static else "") + " differs from the full forward")
+        _close(
+            torch.cat(steps),
+            full,
+            self.atol,
+            self.rtol,
+            "decoding token by token" + (" with static_kv" if static else "") + " differs from the full forward",
+        )
         return "static_kv cache" if static else "token by token"
 
     def gradients(self) -> str:
         m = self.build().train()
         out, _ = m(self.q, self.k, self.v, need_weights=False)
-        (out ** 2).sum().backward()
+        (out**2).sum().backward()
         params = list(m.named_parameters())
         missing = [n for n, p in params if p.requires_grad and p.grad is None]
         bad = [n for n, p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
@@ -283,21 +315,38 @@ def check_mechanism(
     report = MechanismReport(name)
     for pattern in chosen:
         try:
-            checker = _Checker(cls, pattern, options, embed_dim=embed_dim, num_heads=num_heads, tgt_len=tgt_len,
-                               src_len=src_len, batch_size=batch_size, seed=seed, atol=atol, rtol=rtol)
+            checker = _Checker(
+                cls,
+                pattern,
+                options,
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                tgt_len=tgt_len,
+                src_len=src_len,
+                batch_size=batch_size,
+                seed=seed,
+                atol=atol,
+                rtol=rtol,
+            )
         except Exception as exc:  # the mechanism's own error, reported in words
             report.results.append(CheckResult("build", pattern, "failed", f"{type(exc).__name__}: {exc}"))
             continue
         caps = cls.capabilities
         plan: List[Tuple[str, Optional[Callable[[], str]], str]] = [
-            ("reference", (lambda c=checker: c.reference(reference)) if reference else None, "no reference given"),
+            ("reference", functools.partial(checker.reference, reference) if reference else None, "no reference given"),
             ("causality", checker.causality if pattern.causal else None, "noncausal pattern"),
-            ("padding invariance", checker.padding if caps.key_padding_mask else None,
-             "the mechanism does not take key_padding_mask"),
-            ("incremental = full",
-             checker.incremental if caps.incremental and (pattern.causal or pattern.cross) else None,
-             "noncausal self attention is not decoded" if caps.incremental
-             else "the mechanism does not declare incremental decoding"),
+            (
+                "padding invariance",
+                checker.padding if caps.key_padding_mask else None,
+                "the mechanism does not take key_padding_mask",
+            ),
+            (
+                "incremental = full",
+                checker.incremental if caps.incremental and (pattern.causal or pattern.cross) else None,
+                "noncausal self attention is not decoded"
+                if caps.incremental
+                else "the mechanism does not declare incremental decoding",
+            ),
             ("gradients", checker.gradients, ""),
         ]
         for check, run, why_skipped in plan:

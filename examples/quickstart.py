@@ -9,6 +9,7 @@ checked against the full forward.  Prints one line per (mechanism, pattern).
 Every mechanism is built with its default options (cosFormer also gets ``max_len``, which its
 causal decoding needs).  Takes about a minute on two CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def run(length: int, embed_dim: int, heads: int, batch: int) -> None:
                 continue
             # mechanisms whose position weighting needs the longest length to decode take it here (cosFormer)
             opts = {"max_len": length} if "max_len" in info.options else {}
-            m = build_attention(name, embed_dim=embed_dim, num_heads=heads, cross=pattern.cross, causal=pattern.causal,
-                                **opts)
+            m = build_attention(
+                name, embed_dim=embed_dim, num_heads=heads, cross=pattern.cross, causal=pattern.causal, **opts
+            )
             x = torch.randn(length, batch, embed_dim, requires_grad=True)
             mem = torch.randn(length, batch, embed_dim) if pattern.cross else x
             start = time.perf_counter()
@@ -48,7 +50,9 @@ def run(length: int, embed_dim: int, heads: int, batch: int) -> None:
                     full, _ = m(x[:32], mem[:32], mem[:32], need_weights=False)
                     state, steps = {}, []
                     for t in range(32):
-                        step, _ = m(x[t : t + 1], mem[t : t + 1], mem[t : t + 1], incremental_state=state, need_weights=False)
+                        step, _ = m(
+                            x[t : t + 1], mem[t : t + 1], mem[t : t + 1], incremental_state=state, need_weights=False
+                        )
                         steps.append(step)
                 err = (torch.cat(steps) - full).abs().max().item()
                 check = f"decode==full (max err {err:.1e})"

@@ -30,6 +30,8 @@ fi
 
 log "installing build and test tools"
 pip_install "numpy<2" "setuptools>=64" wheel ninja cython pytest pytest-timeout hypothesis matplotlib
+# linter/formatter and type checker, pinned (scripts/lint.sh; a newer ruff may add rules and reformat)
+pip_install ruff==0.17.6 mypy==2.4.1
 # Triton (the GPU kernels' compiler; the version on the H100 the kernels are tuned on): on a machine
 # without a GPU the tests run the kernels through its interpreter (tests/test_kernels_triton_interpreter.py).
 pip_install triton==3.6.0

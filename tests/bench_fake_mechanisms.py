@@ -1,6 +1,7 @@
 """Fake mechanisms for the benchmark's worker-process tests (imported only by the
 benchmark's worker via ``--import bench_fake_mechanisms``; never by the test
 session, so the registry the generic tests see is unchanged)."""
+
 import os
 import signal
 

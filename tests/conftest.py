@@ -5,6 +5,7 @@ fixtures / helpers here.  Where the README's test command runs
 (``scripts/test.sh`` sets ``EA_REQUIRE_FAIRSEQ=1``), a missing fairseq is an
 error, not a skip, so the parity tests can never silently vanish from CI.
 """
+
 from __future__ import annotations
 
 import os

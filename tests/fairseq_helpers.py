@@ -6,6 +6,7 @@ set to the repo root and ``plugins/``); ``train`` / ``eval_lm`` /
 ``cli_main`` does (parse the same argv, convert to the config, call
 ``main``), which saves fairseq's import time per call.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,10 +36,16 @@ def env() -> Dict[str, str]:
     return e
 
 
-def run_cli(program: str, args: Sequence[str], cwd=None, stdin: str = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    program: str, args: Sequence[str], cwd=None, stdin: str = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a fairseq console script (``fairseq-train`` ...) in a subprocess."""
     exe = BIN / program
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fairseq_cli." + program.split("-", 1)[1].replace("-", "_")]
+    cmd = (
+        [str(exe)]
+        if exe.exists()
+        else [sys.executable, "-m", "fairseq_cli." + program.split("-", 1)[1].replace("-", "_")]
+    )
     proc = subprocess.run(
         cmd + [str(a) for a in args], cwd=cwd, env=env(), input=stdin, capture_output=True, text=True, timeout=600
     )

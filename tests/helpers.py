@@ -1,13 +1,13 @@
 """Shared test helpers: building mechanisms for a pattern, inputs, decoding loops."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from references import get_reference
 
 from efficient_attention import Pattern, available_attentions, build_attention
-
-from references import get_reference
 
 EMBED_DIM = 16
 NUM_HEADS = 4
@@ -77,8 +77,17 @@ def padding_mask(bsz: int, length: int, pattern: Pattern, n_pad: int = 3) -> tor
     return mask
 
 
-def decode(m, query, key=None, value=None, *, prefix: int = 0, state: Optional[Dict] = None, static_kv=False,
-           key_padding_mask=None):
+def decode(
+    m,
+    query,
+    key=None,
+    value=None,
+    *,
+    prefix: int = 0,
+    state: Optional[Dict] = None,
+    static_kv=False,
+    key_padding_mask=None,
+):
     """Run ``m`` step by step (after an optional ``prefix``-long first chunk); returns (T, B, C)."""
     state = {} if state is None else state
     outs = []
@@ -88,8 +97,15 @@ def decode(m, query, key=None, value=None, *, prefix: int = 0, state: Optional[D
         sl = slice(t, t + n)
         if static_kv:
             k = key if t == 0 else None
-            out, _ = m(query[sl], k, k if k is None else value, incremental_state=state, static_kv=True,
-                       need_weights=False, key_padding_mask=key_padding_mask if t == 0 else None)
+            out, _ = m(
+                query[sl],
+                k,
+                k if k is None else value,
+                incremental_state=state,
+                static_kv=True,
+                need_weights=False,
+                key_padding_mask=key_padding_mask if t == 0 else None,
+            )
         else:
             kk = query[sl] if key is None else key[sl]
             vv = query[sl] if value is None else value[sl]

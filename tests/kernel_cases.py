@@ -1,4 +1,5 @@
 """Shared cases for the kernel tests (CPU and GPU): windows, layouts, float64 references."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Dense masked float64 attention: the reference every sparse functional is checked against."""
+
 import torch
 
 

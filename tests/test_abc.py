@@ -1,11 +1,11 @@
 """ABC-specific behaviour: running causal memory, long and large inputs, the cached key memory."""
+
 import pytest
 import torch
-
-from efficient_attention import ABC
-
 from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
 from references import get_reference
+
+from efficient_attention import ABC
 
 REF = get_reference("abc").fn
 

@@ -1,12 +1,19 @@
 """The kernel backends as classes: one dispatcher per op, ``backend=`` on every entry, reasons, fallback logs."""
+
 import logging
 
 import pytest
 import torch
 
-from efficient_attention.kernels import (BackendUnavailableError, block_sparse_attention, dispatchers,
-                                         landmark_attention, linear_attention, not_supported_reasons,
-                                         sliding_window_attention)
+from efficient_attention.kernels import (
+    BackendUnavailableError,
+    block_sparse_attention,
+    dispatchers,
+    landmark_attention,
+    linear_attention,
+    not_supported_reasons,
+    sliding_window_attention,
+)
 from efficient_attention.kernels._loader import cpu_extension
 from efficient_attention.kernels.backends import KINDS, Backend, ReferenceBackend, TritonBackend
 from efficient_attention.kernels.dispatch import Dispatcher

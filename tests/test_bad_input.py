@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument, never a silent wrong answer."""
+
 import pytest
 import torch
 
@@ -16,16 +17,19 @@ def test_num_heads_must_divide_embed_dim():
         MultiheadAttention(16, 5)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(embed_dim=0, num_heads=1), "embed_dim"),
-    (dict(embed_dim=8, num_heads=-2), "num_heads"),
-    (dict(embed_dim=8, num_heads=2, dropout=1.5), "dropout"),
-    (dict(embed_dim=8, num_heads=2, kdim=0), "kdim"),
-    (dict(embed_dim=8, num_heads=2, num_kv_heads=3), "num_kv_heads"),
-    (dict(embed_dim=8, num_heads=2, q_noise=0.1, qn_block_size=3), "qn_block_size"),
-    (dict(embed_dim=8, num_heads=2, self_attention=True, kdim=4), "self_attention"),
-    (dict(embed_dim=8, num_heads=2, self_attention=True, encoder_decoder_attention=True), "self_attention"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(embed_dim=0, num_heads=1), "embed_dim"),
+        (dict(embed_dim=8, num_heads=-2), "num_heads"),
+        (dict(embed_dim=8, num_heads=2, dropout=1.5), "dropout"),
+        (dict(embed_dim=8, num_heads=2, kdim=0), "kdim"),
+        (dict(embed_dim=8, num_heads=2, num_kv_heads=3), "num_kv_heads"),
+        (dict(embed_dim=8, num_heads=2, q_noise=0.1, qn_block_size=3), "qn_block_size"),
+        (dict(embed_dim=8, num_heads=2, self_attention=True, kdim=4), "self_attention"),
+        (dict(embed_dim=8, num_heads=2, self_attention=True, encoder_decoder_attention=True), "self_attention"),
+    ],
+)
 def test_constructor_errors_name_the_argument(kw, match):
     with pytest.raises(ValueError, match=match):
         MultiheadAttention(**kw)
@@ -87,7 +91,9 @@ def test_query_padding_mask_shape():
 
 def test_dtype_mismatch():
     with pytest.raises(TypeError, match="key dtype torch.float64 differs from query dtype torch.float32"):
-        _m(cross=True)(torch.randn(5, B, E), torch.randn(4, B, E, dtype=torch.float64), torch.randn(4, B, E, dtype=torch.float64))
+        _m(cross=True)(
+            torch.randn(5, B, E), torch.randn(4, B, E, dtype=torch.float64), torch.randn(4, B, E, dtype=torch.float64)
+        )
 
 
 def test_integer_query():

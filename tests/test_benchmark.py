@@ -2,6 +2,8 @@
 
 Tiny sizes only; nothing here asserts a timing.
 """
+
+import argparse
 import json
 import math
 import os
@@ -91,7 +93,9 @@ def test_cpu_peak_bytes_counts_tensor_allocations_exactly():
 @pytest.mark.parametrize("mode", ["forward", "backward", "decode"])
 @pytest.mark.parametrize("mechanism", ["vanilla", "naive"])
 def test_measure_point_reports_time_and_memory(mechanism, mode):
-    point = dict(mechanism=mechanism, pattern="causal self", mode=mode, length=64, dtype="float32", device="cpu", **TINY)
+    point = dict(
+        mechanism=mechanism, pattern="causal self", mode=mode, length=64, dtype="float32", device="cpu", **TINY
+    )
     res = measure_point(point)
     assert res["status"] == "ok", res
     assert res["time_s"] > 0 and len(res["times_s"]) == 2 and res["mem_peak_bytes"] > 0
@@ -132,8 +136,13 @@ def test_sweep_end_to_end_writes_json_markdown_and_png(tmp_path):
 
 
 def test_sweep_records_oom_and_errors_and_goes_on():
-    config = SweepConfig(mechanisms=["fake_oom", "fake_reject"], patterns=["noncausal-self"], lengths=(16, 32, 64),
-                         modes=("forward",), **TINY)
+    config = SweepConfig(
+        mechanisms=["fake_oom", "fake_reject"],
+        patterns=["noncausal-self"],
+        lengths=(16, 32, 64),
+        modes=("forward",),
+        **TINY,
+    )
     result = run_sweep(config, extra={"fake_oom": FakeOOM, "fake_reject": FakeReject})
     oom = _by(result, "fake_oom")
     assert oom[16]["status"] == "ok"
@@ -146,31 +155,57 @@ def test_sweep_records_oom_and_errors_and_goes_on():
 
 
 def test_sweep_skips_longer_lengths_past_the_budget():
-    config = SweepConfig(mechanisms=["fake_slow"], baselines=("vanilla",), patterns=["causal-self"],
-                         lengths=(16, 32, 64), modes=("forward",), **dict(TINY, repeats=5, budget=0.05))
+    config = SweepConfig(
+        mechanisms=["fake_slow"],
+        baselines=("vanilla",),
+        patterns=["causal-self"],
+        lengths=(16, 32, 64),
+        modes=("forward",),
+        **dict(TINY, repeats=5, budget=0.05),
+    )
     slow = _by(run_sweep(config, extra={"fake_slow": FakeSlow}), "fake_slow")
     assert slow[16]["status"] == "ok" and slow[16]["repeats"] == 2  # over budget: timed twice, not 5 times
     assert [(slow[n]["status"], slow[n]["reason"]) for n in (32, 64)] == [("skipped", "budget")] * 2
 
 
 def test_budget_ignores_warm_up_calls():
-    config = SweepConfig(mechanisms=["fake_cold"], baselines=(), patterns=["causal-self"],
-                         lengths=(16, 32, 64), modes=("forward",), **dict(TINY, budget=0.1))
+    config = SweepConfig(
+        mechanisms=["fake_cold"],
+        baselines=(),
+        patterns=["causal-self"],
+        lengths=(16, 32, 64),
+        modes=("forward",),
+        **dict(TINY, budget=0.1),
+    )
     cold = _by(run_sweep(config, extra={"fake_cold": FakeColdStart}), "fake_cold")
     assert [(cold[n]["status"], cold[n]["repeats"]) for n in (16, 32, 64)] == [("ok", 2)] * 3
 
 
 def test_sweep_skips_points_predicted_to_exceed_the_cpu_memory_cap():
-    config = SweepConfig(mechanisms=[], baselines=("naive",), patterns=["noncausal-self"], lengths=(16, 32, 64),
-                         modes=("forward",), max_memory_gib=1e-9, **TINY)
+    config = SweepConfig(
+        mechanisms=[],
+        baselines=("naive",),
+        patterns=["noncausal-self"],
+        lengths=(16, 32, 64),
+        modes=("forward",),
+        max_memory_gib=1e-9,
+        **TINY,
+    )
     naive = _by(run_sweep(config), "naive")
     assert naive[16]["status"] == "ok"
     assert [(naive[n]["status"], naive[n]["reason"]) for n in (32, 64)] == [("skipped", "memory")] * 2
 
 
 def test_sweep_time_limit_records_the_rest_as_skipped():
-    config = SweepConfig(mechanisms=[], baselines=("vanilla",), patterns=["causal-self"], lengths=(16, 32),
-                         modes=("forward", "backward"), max_time=1e-9, **TINY)
+    config = SweepConfig(
+        mechanisms=[],
+        baselines=("vanilla",),
+        patterns=["causal-self"],
+        lengths=(16, 32),
+        modes=("forward", "backward"),
+        max_time=1e-9,
+        **TINY,
+    )
     points = run_sweep(config)["points"]
     assert len(points) == 4
     assert all((p["status"], p["reason"]) == ("skipped", "time limit") for p in points)
@@ -179,10 +214,36 @@ def test_sweep_time_limit_records_the_rest_as_skipped():
 def test_cli_worker_process_survives_a_killed_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cmd = [
-        sys.executable, "-m", "efficient_attention.benchmark", "--import", "bench_fake_mechanisms",
-        "--mechanisms", "bench_killed", "--baselines", "vanilla", "--patterns", "causal-self",
-        "--lengths", "16:64", "--modes", "forward", "--batch", "1", "--heads", "2", "--dim", "8",
-        "--repeats", "1", "--warmup", "0", "--budget", "60", "--out", str(tmp_path), "-q",
+        sys.executable,
+        "-m",
+        "efficient_attention.benchmark",
+        "--import",
+        "bench_fake_mechanisms",
+        "--mechanisms",
+        "bench_killed",
+        "--baselines",
+        "vanilla",
+        "--patterns",
+        "causal-self",
+        "--lengths",
+        "16:64",
+        "--modes",
+        "forward",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--dim",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--budget",
+        "60",
+        "--out",
+        str(tmp_path),
+        "-q",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -199,7 +260,9 @@ def test_cli_worker_process_survives_a_killed_point(tmp_path):
 def test_broken_cuda_context_is_detected():
     from efficient_attention.benchmark.runner import context_is_broken
 
-    assert context_is_broken({"status": "error", "detail": "RuntimeError: CUDA error: an illegal memory access was encountered"})
+    assert context_is_broken(
+        {"status": "error", "detail": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    )
     assert not context_is_broken({"status": "error", "detail": "ValueError: bad length"})
     assert not context_is_broken({"status": "oom", "detail": "OutOfMemoryError: CUDA out of memory"})
 
@@ -237,8 +300,11 @@ def test_fitted_crossing_always_never_and_extrapolated():
     assert fitted_crossing(fit_curve(n, 0.5 * _quad(n)), base, LENGTHS).status == "always"
     assert fitted_crossing(fit_curve(n, 2 * _quad(n)), base, LENGTHS).status == "never"
     far = fitted_crossing(fit_curve(n, 1e-5 * n + 1.0), base, LENGTHS)  # crosses near 4.1e4
-    assert far.status == "at" and far.extrapolated and far.length == pytest.approx(
-        (8e-6 + math.sqrt(64e-12 + 4e-9 * 0.999)) / 2e-9, rel=1e-6)
+    assert (
+        far.status == "at"
+        and far.extrapolated
+        and far.length == pytest.approx((8e-6 + math.sqrt(64e-12 + 4e-9 * 0.999)) / 2e-9, rel=1e-6)
+    )
 
 
 def test_measured_crossing_interpolates_the_ratio_log_log():
@@ -251,7 +317,7 @@ def test_measured_crossing_interpolates_the_ratio_log_log():
 
 def test_measured_crossing_cases():
     lengths = [16, 32, 64, 128]
-    assert measured_crossing(lengths, [1, 1, 1, 1], [2, 2, 2, 2]) .status == "always"
+    assert measured_crossing(lengths, [1, 1, 1, 1], [2, 2, 2, 2]).status == "always"
     assert measured_crossing(lengths, [1, 1, 1, 3], [2, 2, 2, 2]).status == "none"
     # cheaper at 32 only, then more expensive again: no crossing from which it stays cheaper
     assert measured_crossing(lengths, [3, 1, 3, 3], [2, 2, 2, 2]).status == "none"
@@ -271,8 +337,19 @@ def test_efficiency_lengths_on_synthetic_points():
     points = []
     for name, f, mem in (("vanilla", _quad, lambda n: 64.0 * n), ("lin", _lin, lambda n: 1e3 * n)):
         for n in LENGTHS:
-            points.append(dict(mechanism=name, device="cpu", dtype="float32", pattern="causal self", mode="forward",
-                               length=n, status="ok", time_s=f(n), mem_peak_bytes=mem(n)))
+            points.append(
+                dict(
+                    mechanism=name,
+                    device="cpu",
+                    dtype="float32",
+                    pattern="causal self",
+                    mode="forward",
+                    length=n,
+                    status="ok",
+                    time_s=f(n),
+                    mem_peak_bytes=mem(n),
+                )
+            )
     (row,) = efficiency_lengths(points, ["vanilla"])
     assert row["mechanism"] == "lin" and row["baseline"] == "vanilla"
     expected = (3e-6 + math.sqrt(9e-12 + 4 * 1e-9 * 0.019)) / 2e-9
@@ -286,33 +363,51 @@ def test_efficiency_lengths_on_synthetic_points():
 def test_argument_parsing():
     assert parse_lengths("256:2048") == [256, 512, 1024, 2048]
     assert parse_lengths("100,300") == [100, 300]
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="--lengths"):
         parse_lengths("0:16")
-    assert parse_pattern("causal-self") is Pattern.CAUSAL_SELF and parse_pattern("noncausal_cross") is Pattern.NONCAUSAL_CROSS
+    assert (
+        parse_pattern("causal-self") is Pattern.CAUSAL_SELF
+        and parse_pattern("noncausal_cross") is Pattern.NONCAUSAL_CROSS
+    )
     with pytest.raises(ValueError, match="unknown pattern"):
         parse_pattern("sideways")
     with pytest.raises(ValueError, match="mode"):
         SweepConfig(modes=("sideways",)).validate()
     assert parse_option("Vanilla.num_kv_heads=2") == ("vanilla", "num_kv_heads", "2")  # converted by validate()
     assert parse_option("x.mode=fast") == ("x", "mode", "fast")
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="--option"):
         parse_option("novalue")
     with pytest.raises(ValueError, match="unknown attention 'nosuch'"):
         SweepConfig(mechanisms=["nosuch"]).validate()
     with pytest.raises(ValueError, match="no option 'wsize'"):
         SweepConfig(options={"vanilla": {"wsize": 3}}).validate()
-    config = SweepConfig(options={"vanilla": {"num_kv_heads": "2"}, "dilated": {"segment_lengths": "(8, 16)"},
-                                  "cosformer": {"max_len": "None", "act_fun": "elu"}})
+    config = SweepConfig(
+        options={
+            "vanilla": {"num_kv_heads": "2"},
+            "dilated": {"segment_lengths": "(8, 16)"},
+            "cosformer": {"max_len": "None", "act_fun": "elu"},
+        }
+    )
     config.validate()  # the option spec converts the command line's text
-    assert config.options == {"vanilla": {"num_kv_heads": 2}, "dilated": {"segment_lengths": (8, 16)},
-                              "cosformer": {"max_len": None, "act_fun": "elu"}}
+    assert config.options == {
+        "vanilla": {"num_kv_heads": 2},
+        "dilated": {"segment_lengths": (8, 16)},
+        "cosformer": {"max_len": None, "act_fun": "elu"},
+    }
     with pytest.raises(ValueError, match=r"--option cosformer.act_fun: expected one of 'relu', 'elu', got 'gelu'"):
         SweepConfig(options={"cosformer": {"act_fun": "gelu"}}).validate()
 
 
 def test_option_overrides_reach_the_module():
-    config = SweepConfig(mechanisms=["vanilla"], baselines=(), patterns=["causal-self"], lengths=(16,),
-                         modes=("decode",), options={"vanilla": {"num_kv_heads": 1}}, **TINY)
+    config = SweepConfig(
+        mechanisms=["vanilla"],
+        baselines=(),
+        patterns=["causal-self"],
+        lengths=(16,),
+        modes=("decode",),
+        options={"vanilla": {"num_kv_heads": 1}},
+        **TINY,
+    )
     result = run_sweep(config)
     (point,) = result["points"]
     # multi-query: the cache holds one key/value head instead of two
@@ -327,9 +422,22 @@ CAB_DIR = ROOT / ".cab" / "efficient-attention"
 
 def _run_mechanisms_script(tmp_path, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(GPU_SCRIPT), "--smoke", "--out", str(tmp_path), "--mechanisms", "vanilla,local,s4d", *args]
+    cmd = [
+        sys.executable,
+        str(GPU_SCRIPT),
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--mechanisms",
+        "vanilla,local,s4d",
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    data = json.loads((tmp_path / "mechanisms_gpu.json").read_text()) if (tmp_path / "mechanisms_gpu.json").exists() else None
+    data = (
+        json.loads((tmp_path / "mechanisms_gpu.json").read_text())
+        if (tmp_path / "mechanisms_gpu.json").exists()
+        else None
+    )
     return proc, data
 
 
@@ -375,10 +483,26 @@ def test_mechanisms_script_times_cab_in_its_own_process(tmp_path):
 def test_cli_list_options_take_spaces_commas_or_both():
     from efficient_attention.benchmark.cli import build_parser, config_from_args
 
-    args = build_parser().parse_args([
-        "--mechanisms", "local", "performer,abc", "--lengths", "64", "128,256", "512:1024",
-        "--patterns", "causal-self", "noncausal-self", "--modes", "forward", "decode", "--dtype", "float32", "float64",
-    ])
+    args = build_parser().parse_args(
+        [
+            "--mechanisms",
+            "local",
+            "performer,abc",
+            "--lengths",
+            "64",
+            "128,256",
+            "512:1024",
+            "--patterns",
+            "causal-self",
+            "noncausal-self",
+            "--modes",
+            "forward",
+            "decode",
+            "--dtype",
+            "float32",
+            "float64",
+        ]
+    )
     config = config_from_args(args)
     assert config.mechanisms == ["local", "performer", "abc"]
     assert config.lengths == (64, 128, 256, 512, 1024)
@@ -392,10 +516,30 @@ def test_cli_list_options_take_spaces_commas_or_both():
 def test_cli_exits_nonzero_when_every_point_of_the_mechanisms_failed(tmp_path, capsys):
     from efficient_attention.benchmark.cli import main
 
-    common = ["--lengths", "16", "--modes", "forward", "--patterns", "causal-self", "--batch", "1", "--heads", "2",
-              "--dim", "8", "--repeats", "1", "--warmup", "0", "--isolation", "none", "-q"]
-    bad = main(["--mechanisms", "performer", "--option", "performer.approx_attn_dim=-1", "--out", str(tmp_path / "a"),
-                *common])
+    common = [
+        "--lengths",
+        "16",
+        "--modes",
+        "forward",
+        "--patterns",
+        "causal-self",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--dim",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--isolation",
+        "none",
+        "-q",
+    ]
+    bad = main(
+        ["--mechanisms", "performer", "--option", "performer.approx_attn_dim=-1", "--out", str(tmp_path / "a"), *common]
+    )
     assert bad == 1
     assert "every point of performer failed" in capsys.readouterr().err
     assert main(["--mechanisms", "performer", "--out", str(tmp_path / "b"), *common]) == 0
@@ -408,8 +552,10 @@ def test_all_failed_reasons():
     assert all_failed({**cfg, "points": []}) == "the sweep has no points"
     assert "every point failed" in all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "error"}]})
     assert all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "ok"}]}) is None
-    assert all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "ok"},
-                                         {"mechanism": "x", "status": "oom"}]}) == "every point of x failed or was skipped"
+    assert (
+        all_failed({**cfg, "points": [{"mechanism": "vanilla", "status": "ok"}, {"mechanism": "x", "status": "oom"}]})
+        == "every point of x failed or was skipped"
+    )
 
 
 def test_progress_lines_carry_an_eta_and_no_profiler_lines(caplog, capfd):
@@ -419,8 +565,9 @@ def test_progress_lines_carry_an_eta_and_no_profiler_lines(caplog, capfd):
 
     assert eta_seconds(2, 10, 20.0) == pytest.approx(80.0)
     assert eta_seconds(2, 10, 20.0, max_time=50.0) == pytest.approx(30.0)
-    config = SweepConfig(mechanisms=[], baselines=("vanilla",), patterns=["causal-self"], lengths=(16, 32),
-                         modes=("forward",), **TINY)
+    config = SweepConfig(
+        mechanisms=[], baselines=("vanilla",), patterns=["causal-self"], lengths=(16, 32), modes=("forward",), **TINY
+    )
     with caplog.at_level(logging.INFO, logger="efficient_attention.benchmark.sweep"):
         run_sweep(config)
     lines = [r.getMessage() for r in caplog.records if "L=" in r.getMessage()]
@@ -431,8 +578,10 @@ def test_progress_lines_carry_an_eta_and_no_profiler_lines(caplog, capfd):
 def test_plot_titles_name_the_device_and_the_setting():
     from efficient_attention.benchmark.report import figure_title
 
-    result = {"config": {"batch": 4, "heads": 8, "dim": 64, "repeats": 5, "warmup": 2},
-              "machine": {"devices": {"cuda": {"name": "NVIDIA H200"}}, "threads": 16}}
+    result = {
+        "config": {"batch": 4, "heads": 8, "dim": 64, "repeats": 5, "warmup": 2},
+        "machine": {"devices": {"cuda": {"name": "NVIDIA H200"}}, "threads": 16},
+    }
     title = figure_title(result, "time", "cuda", "bfloat16")
     assert title.startswith("Time: NVIDIA H200, bfloat16\n")
     assert "batch 4, 8 heads x 64 dims" in title and "median of 5 calls after 2 warm-up" in title
@@ -440,19 +589,43 @@ def test_plot_titles_name_the_device_and_the_setting():
 
 def test_mechanisms_cpu_script_interleaves_rounds_and_compares(tmp_path):
     script = ROOT / "benchmarks" / "mechanisms_cpu.py"
-    base = [sys.executable, str(script), "--length", "32", "--heads", "2", "--dim", "8", "--rounds", "2",
-            "--threads", "1", "--mechanisms", "vanilla", "local"]
+    base = [
+        sys.executable,
+        str(script),
+        "--length",
+        "32",
+        "--heads",
+        "2",
+        "--dim",
+        "8",
+        "--rounds",
+        "2",
+        "--threads",
+        "1",
+        "--mechanisms",
+        "vanilla",
+        "local",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.run(base + ["--out", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     data = json.loads((tmp_path / "a" / "mechanisms_cpu.json").read_text())
     assert data["setting"]["interleaved"] and data["rounds_done"] == 2
     assert {(p["mechanism"], p["pattern"]) for p in data["points"]} == {
-        ("vanilla", "noncausal self"), ("vanilla", "causal self"), ("local", "noncausal self"), ("local", "causal self")}
+        ("vanilla", "noncausal self"),
+        ("vanilla", "causal self"),
+        ("local", "noncausal self"),
+        ("local", "causal self"),
+    }
     assert all(p["status"] == "ok" and len(p["times_s"]) == 2 for p in data["points"])
     assert next(p for p in data["points"] if p["mechanism"] == "local")["options"] == {"wsize": 128}
-    second = subprocess.run(base + ["--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "mechanisms_cpu.json")],
-                            env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        base + ["--out", str(tmp_path / "b"), "--compare", str(tmp_path / "a" / "mechanisms_cpu.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 0 and "after/before" in second.stdout
 
 
@@ -468,8 +641,15 @@ class FakeContextRecorder(MultiheadAttention):
 
 def test_decode_steps_are_timed_at_the_same_context_then_growing():
     FakeContextRecorder.seen = []
-    point = dict(mechanism="fake_ctx", pattern="causal self", mode="decode", length=16, dtype="float32", device="cpu",
-                 **dict(TINY, warmup=2, repeats=3))
+    point = dict(
+        mechanism="fake_ctx",
+        pattern="causal self",
+        mode="decode",
+        length=16,
+        dtype="float32",
+        device="cpu",
+        **dict(TINY, warmup=2, repeats=3),
+    )
     res = measure_point(point, {"fake_ctx": FakeContextRecorder})
     assert res["status"] == "ok" and res["repeats"] == 3 and res["cost_s"] == min(res["times_s"])
     # 2 warm-up + 3 timed + 1 memory call, each from the restored 16-token state; then 8 consecutive steps

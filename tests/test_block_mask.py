@@ -1,14 +1,15 @@
 """BlockMask: construction (layout, mask_mod, every named layout), to_mask, printing, the validator,
 and the kernels (C++, reference) on masks with partial blocks against a dense float64 oracle."""
+
 import pickle
 
 import pytest
 import torch
+from kernel_cases import loss_and_grads, make_qkv, padding
 
 from efficient_attention import layouts as L
 from efficient_attention.block_mask import BlockMask, as_block_mask
 from efficient_attention.kernels import block_sparse_attention, choose_backend, reference
-from kernel_cases import loss_and_grads, make_qkv, padding
 
 PATTERN_KW = dict(local_attn_ctx=32, window=20, dilation=3, num_global=5)
 
@@ -78,9 +79,9 @@ def test_mask_mod_block_sizes_and_rows(bs):
     bm = BlockMask.from_mask_mod(mod, 2, n, n, bs)
     assert torch.equal(bm.to_mask()[0], L.create_mask(mod, 1, 1, n, n)[0, 0])
     # the last rows (decoding) equal the tail of the full mask
-    start = (n // bs - 1)
+    start = n // bs - 1
     tail = BlockMask.from_mask_mod(mod, 2, n, n, bs, q_block_start=start)
-    assert torch.equal(tail.to_mask(), bm.to_mask()[:, start * bs:])
+    assert torch.equal(tail.to_mask(), bm.to_mask()[:, start * bs :])
     assert torch.equal(bm.rows(start).to_mask(), tail.to_mask())
 
 
@@ -126,8 +127,12 @@ def test_validator_names_what_is_wrong():
     with pytest.raises(TypeError, match="layout"):
         as_block_mask([[1]], 1, 16, 16, block_size=16)
     with pytest.raises(ValueError, match="tiles"):
-        BlockMask(torch.ones(1, 2, 2, dtype=torch.bool), 16, tile_index=torch.zeros(1, 2, 2, dtype=torch.int32),
-                  tiles=torch.ones(1, 8, 8, dtype=torch.bool))
+        BlockMask(
+            torch.ones(1, 2, 2, dtype=torch.bool),
+            16,
+            tile_index=torch.zeros(1, 2, 2, dtype=torch.int32),
+            tiles=torch.ones(1, 8, 8, dtype=torch.bool),
+        )
 
 
 # ------------------------------------------------------------------ kernels on partial blocks
@@ -181,5 +186,6 @@ def test_gradcheck_with_tiles():
     q, k, v = make_qkv(1, 2, 21, 21, 4, torch.float64)
     kpm = torch.zeros(1, 21, dtype=torch.bool)
     kpm[0, 3] = True
-    assert torch.autograd.gradcheck(lambda q, k, v: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm)[0],
-                                    (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm)[0], (q, k, v)
+    )

@@ -1,12 +1,12 @@
 """Block-sparse attention (functional and module) against dense masked float64 attention."""
+
 import pytest
 import torch
+from sparse_reference import causal, dense_reference, rand_qkv
 
 import efficient_attention as ea
 from efficient_attention import layouts as L
 from efficient_attention.sparse.block_sparse import block_layout_attention
-
-from sparse_reference import causal, dense_reference, rand_qkv
 
 PATTERNS = [
     ("local", dict(local_attn_ctx=10)),
@@ -28,8 +28,9 @@ def test_functional_token_patterns_match_dense(name, kw, is_causal):
     layout = L.layout_from_mask_mod(mod, H, N, N, bs)
     kpm = torch.zeros(B, N, dtype=torch.bool)
     kpm[1, -5:] = True
-    out, lse = block_layout_attention(q, k, v, layout, bs, causal=is_causal, key_padding_mask=kpm, mask_mod=mod,
-                                      return_lse=True)
+    out, lse = block_layout_attention(
+        q, k, v, layout, bs, causal=is_causal, key_padding_mask=kpm, mask_mod=mod, return_lse=True
+    )
     allowed = L.create_mask(mod, 1, H, N, N) & ~kpm[:, None, None, :]
     torch.testing.assert_close(out, dense_reference(q, k, v, allowed))
     assert torch.isfinite(out).all()
@@ -90,8 +91,9 @@ def _module_allowed(m, n):
     if m.layout == "user":
         allowed = L.expand_layout(m._user_layout, m.block_size, n, n).expand(m.num_heads, n, n)
     elif m.layout in L.BLOCK_LEVEL_PATTERNS:
-        allowed = L.expand_layout(L.make_layout(m.layout, n, m.block_size, m.num_heads, causal=m.causal, **m.block_kw),
-                                  m.block_size, n, n)
+        allowed = L.expand_layout(
+            L.make_layout(m.layout, n, m.block_size, m.num_heads, causal=m.causal, **m.block_kw), m.block_size, n, n
+        )
     else:
         mod = L.make_mask_mod(m.layout, heads=m.num_heads, block_size=m.block_size, causal=m.causal, **m.pattern_kw)
         allowed = L.create_mask(mod, 1, m.num_heads, n, n)[0]
@@ -102,11 +104,21 @@ def _module_allowed(m, n):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_module_patterns_match_dense(layout, is_causal):
     torch.manual_seed(0)
-    m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=is_causal, layout=layout, block_size=4,
-                           local_attn_ctx=6, window=4, num_random_blocks=1).double()
+    m = ea.build_attention(
+        "block_sparse",
+        embed_dim=16,
+        num_heads=4,
+        causal=is_causal,
+        layout=layout,
+        block_size=4,
+        local_attn_ctx=6,
+        window=4,
+        num_random_blocks=1,
+    ).double()
     x = torch.randn(18, 2, 16, dtype=torch.float64)
     out, _ = m(x, x, x, need_weights=False)
     from references import merge_and_project, project_heads
+
     q, k, v = project_heads(m, x, x, x)
     want = merge_and_project(m, dense_reference(q, k, v, _module_allowed(m, 18)[None]))
     torch.testing.assert_close(out, want)
@@ -120,6 +132,7 @@ def test_module_user_layout_and_errors():
     x = torch.randn(14, 1, 16, dtype=torch.float64)
     out, _ = m(x, x, x, need_weights=False)
     from references import merge_and_project, project_heads
+
     q, k, v = project_heads(m, x, x, x)
     torch.testing.assert_close(out, merge_and_project(m, dense_reference(q, k, v, _module_allowed(m, 14)[None])))
     with pytest.raises(ValueError, match="needs 5 blocks"):
@@ -137,9 +150,19 @@ def test_module_user_layout_and_errors():
 @pytest.mark.parametrize("layout", ["local", "strided", "fixed", "dilated", "random", "bigbird"])
 def test_module_decoding_equals_full(layout):
     from helpers import decode
+
     torch.manual_seed(0)
-    m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=True, layout=layout, block_size=4,
-                           local_attn_ctx=8 if layout == "fixed" else 6, window=8, num_random_blocks=1).eval()
+    m = ea.build_attention(
+        "block_sparse",
+        embed_dim=16,
+        num_heads=4,
+        causal=True,
+        layout=layout,
+        block_size=4,
+        local_attn_ctx=8 if layout == "fixed" else 6,
+        window=8,
+        num_random_blocks=1,
+    ).eval()
     x = torch.randn(21, 2, 16)
     full, _ = m(x, x, x, need_weights=False)
     for prefix in (0, 6):
@@ -151,6 +174,7 @@ def test_module_decoding_equals_full(layout):
 def test_layout_rows_built_alone_match_the_full_layout(pattern):
     kw = dict(local_attn_ctx=16) if pattern == "fixed" else dict(num_random_blocks=2, seed=3)
     from efficient_attention.block_mask import BlockMask
+
     full = BlockMask.from_pattern(pattern, 70, 8, 2, causal=True, **kw)
     rows = BlockMask.from_pattern(pattern, 70, 8, 2, causal=True, q_block_start=6, **kw)
     assert torch.equal(rows.to_mask(), full.to_mask()[:, 48:])
@@ -159,6 +183,7 @@ def test_layout_rows_built_alone_match_the_full_layout(pattern):
 def test_decoding_steps_inside_one_block_share_one_mask():
     """A step builds only its query block's row, once per block of steps (not the whole layout per step)."""
     from helpers import decode
+
     m = ea.build_attention("bigbird", embed_dim=16, num_heads=4, causal=True, block_size=4).eval()
     x = torch.randn(12, 1, 16)
     decode(m, x, prefix=4)
@@ -176,8 +201,9 @@ def test_layout_rows_from_a_block_onwards():
 def test_module_pickles_with_every_named_layout(layout, tmp_path):
     import io
 
-    m = ea.build_attention("block_sparse", embed_dim=16, num_heads=4, causal=True, layout=layout, block_size=4,
-                           local_attn_ctx=8, window=4).double()
+    m = ea.build_attention(
+        "block_sparse", embed_dim=16, num_heads=4, causal=True, layout=layout, block_size=4, local_attn_ctx=8, window=4
+    ).double()
     x = torch.randn(13, 1, 16, dtype=torch.float64)
     want, _ = m(x, x, x, need_weights=False)  # builds (and caches) its block mask first
     buf = io.BytesIO()
@@ -196,8 +222,10 @@ def test_bigbird_alias_builds_the_bigbird_layout():
     assert ea.build_attention("block_sparse", embed_dim=16, num_heads=4).layout == "fixed"
 
 
-@pytest.mark.parametrize("layout,kw", [("fixed", dict(local_attn_ctx=16)), ("strided", dict(local_attn_ctx=5)),
-                                       ("dilated", dict(window=12, dilation=3))])
+@pytest.mark.parametrize(
+    "layout,kw",
+    [("fixed", dict(local_attn_ctx=16)), ("strided", dict(local_attn_ctx=5)), ("dilated", dict(window=12, dilation=3))],
+)
 def test_token_layouts_overflow_free_in_fp16(layout, kw):
     q, k, v = ((x * 100).half().double() for x in rand_qkv(1, 2, 40, 40, 16, dtype=torch.float64))
     lay = L.make_layout(layout, 40, 8, 2, causal=True, **kw)

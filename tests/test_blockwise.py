@@ -1,13 +1,13 @@
 """Blockwise exact attention: equal to dense attention, gradients included; activations O(N * chunk)."""
+
 import pytest
 import torch
+from helpers import TOL
+from sparse_reference import rand_qkv
 
 import efficient_attention as ea
 from efficient_attention.functional import dense_attention
 from efficient_attention.masks import merge_masks
-
-from helpers import TOL
-from sparse_reference import rand_qkv
 
 
 def saved_bytes(fn, *args):
@@ -35,8 +35,9 @@ def test_equals_dense_fp32_with_masks_and_gradients(is_causal, chunks):
     kpm = torch.zeros(B, S, dtype=torch.bool)
     kpm[1, :6] = True
     attn = torch.randn(1, H, T, S) * 0.5
-    out = ea.blockwise_attention(q, k, v, causal=is_causal, key_padding_mask=kpm, attn_mask=attn,
-                                 q_chunk_size=chunks[0], k_chunk_size=chunks[1])
+    out = ea.blockwise_attention(
+        q, k, v, causal=is_causal, key_padding_mask=kpm, attn_mask=attn, q_chunk_size=chunks[0], k_chunk_size=chunks[1]
+    )
     mask = merge_masks(T, S, key_padding_mask=kpm, attn_mask=attn, causal=is_causal)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref, _ = dense_attention(q64, k64, v64, mask.double())
@@ -105,7 +106,9 @@ def test_bad_options():
 def test_module_additive_padding_and_mask_equal_vanilla():
     torch.manual_seed(0)
     van = ea.build_attention("vanilla", embed_dim=16, num_heads=4, causal=True).double()
-    blk = ea.build_attention("blockwise", embed_dim=16, num_heads=4, causal=True, q_chunk_size=3, k_chunk_size=4).double()
+    blk = ea.build_attention(
+        "blockwise", embed_dim=16, num_heads=4, causal=True, q_chunk_size=3, k_chunk_size=4
+    ).double()
     blk.load_state_dict(van.state_dict())
     x = torch.randn(10, 2, 16, dtype=torch.float64)
     kpm = torch.randn(2, 10, dtype=torch.float64)  # finite additive key padding

@@ -1,4 +1,5 @@
 """AttentionGrid's BlockwiseParallelJax block in PyTorch: equal to a dense float64 transformer block."""
+
 import math
 
 import pytest
@@ -46,8 +47,16 @@ def dense_block(blk, x, attention_mask=None, position_ids=None, additive=False):
 
 def make(causal, rotary_dim, **kw):
     torch.manual_seed(0)
-    return BlockwiseParallelJax(q_chunk_size=8, k_chunk_size=5, hidden_size=32, num_heads=4, rotary_dim=rotary_dim,
-                                intermediate_size=48, causal=causal, **kw)
+    return BlockwiseParallelJax(
+        q_chunk_size=8,
+        k_chunk_size=5,
+        hidden_size=32,
+        num_heads=4,
+        rotary_dim=rotary_dim,
+        intermediate_size=48,
+        causal=causal,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -60,14 +69,14 @@ def test_equals_dense_float64_block(causal, rotary_dim, mask):
     am, additive = None, False
     if mask is not None:
         keep = torch.rand(B, 1, 1, S) > 0.3
-        keep[..., 0] = True                                  # no row sees nothing
+        keep[..., 0] = True  # no row sees nothing
         if mask == "keep":
             am = keep.float()
         elif mask == "keep_bool":
             am = keep
         elif mask == "additive":
             am, additive = torch.zeros(B, 1, 1, S).masked_fill(~keep, float("-inf")), True
-        else:                                                # (B, 1, S, S) random positive: all kept
+        else:  # (B, 1, S, S) random positive: all kept
             am = torch.rand(B, 1, S, S) + 0.01
     pos = torch.arange(3, 3 + S)[None]
     out = blk.forward(x, am, pos)
@@ -86,12 +95,12 @@ def test_float64_and_gradients_match_dense():
     am[1, ..., 10:] = 0
     out = blk(x, am)
     torch.testing.assert_close(out, dense_block(blk, x, am), atol=1e-10, rtol=1e-10)
-    g, = torch.autograd.grad(out.sin().sum(), x)
-    g_ref, = torch.autograd.grad(dense_block(blk, x, am).sin().sum(), x)
+    (g,) = torch.autograd.grad(out.sin().sum(), x)
+    (g_ref,) = torch.autograd.grad(dense_block(blk, x, am).sin().sum(), x)
     torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
     # the default policy (checkpointed FFN chunks) gives the same gradients
     blk.policy = "nothing_saveable"
-    g2, = torch.autograd.grad(blk(x, am).sin().sum(), x)
+    (g2,) = torch.autograd.grad(blk(x, am).sin().sum(), x)
     torch.testing.assert_close(g2, g_ref, atol=1e-10, rtol=1e-10)
 
 

@@ -6,15 +6,16 @@ that the graph computes the eager output, at a CI cost of about a second per cas
 would add minutes on two cores).  ``capture_scalar_outputs`` lets a data-dependent count (ProbSparse's number
 of active rows) stay inside the graph.  One pattern per mechanism runs by default, the others are ``slow``.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import EMBED_DIM, NUM_HEADS, assert_close, build, case_id, inputs, mechanism_patterns
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficient_attention import Pattern
 from efficient_attention.base import AttentionMasks
-from helpers import EMBED_DIM, NUM_HEADS, assert_close, build, case_id, inputs, mechanism_patterns
 
 
 def _compile_cases():
@@ -49,8 +50,11 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-OWN = [(n, p) for n, p in mechanism_patterns()
-       if n in ("s4d", "probsparse", "nystrom", "lara", "performer", "cosformer", "abc") and not p.cross]
+OWN = [
+    (n, p)
+    for n, p in mechanism_patterns()
+    if n in ("s4d", "probsparse", "nystrom", "lara", "performer", "cosformer", "abc") and not p.cross
+]
 
 
 @pytest.mark.parametrize("name,pattern", OWN, ids=case_id)
@@ -74,11 +78,16 @@ def test_launches_do_not_grow_with_length(name, pattern):
 # family's host overhead was cut (issue 13: on an H200 each op costs ~9 us of host time, which is the whole
 # step below 8k); a change that lowers a count should lower its ceiling, one that raises it fails here.
 ATTEND_OP_CEILINGS = {
-    ("performer", False): 90, ("performer", True): 208,
-    ("cosformer", False): 91, ("cosformer", True): 152,
-    ("abc", False): 65, ("abc", True): 479,
-    ("s4d", False): 383, ("s4d", True): 456,
-    ("lara", False): 205, ("nystrom", False): 457,
+    ("performer", False): 90,
+    ("performer", True): 208,
+    ("cosformer", False): 91,
+    ("cosformer", True): 152,
+    ("abc", False): 65,
+    ("abc", True): 479,
+    ("s4d", False): 383,
+    ("s4d", True): 456,
+    ("lara", False): 205,
+    ("nystrom", False): 457,
 }
 
 
@@ -98,4 +107,5 @@ def test_attend_ops_stay_under_their_ceiling(name, causal):
     assert counts[0] == counts[1], f"{name} causal={causal}: {counts[0]} ops at L=1000, {counts[1]} at L=3000"
     assert counts[0] <= ATTEND_OP_CEILINGS[name, causal], (
         f"{name} causal={causal}: {counts[0]} ATen ops per forward + backward, ceiling "
-        f"{ATTEND_OP_CEILINGS[name, causal]}")
+        f"{ATTEND_OP_CEILINGS[name, causal]}"
+    )

@@ -10,28 +10,44 @@
   finite outputs;
 * bool options reject strings; empty inputs give empty outputs.
 """
+
 from __future__ import annotations
 
 import typing
 
 import pytest
 import torch
-
-from efficient_attention import (
-    MultiheadAttention, Pattern, available_attentions, build_attention, check_bool, fsmha, get_attention_class,
-)
-from efficient_attention.compat.local_attention import LocalAttention
-
 from conftest import require_fairseq
 from helpers import (
-    BSZ, EMBED_DIM, NUM_HEADS, assert_close, build, case_id, decode, inputs, mechanism_patterns, padding_mask,
+    BSZ,
+    EMBED_DIM,
+    NUM_HEADS,
+    assert_close,
+    build,
+    case_id,
+    decode,
+    inputs,
+    mechanism_patterns,
+    padding_mask,
 )
 from references import get_reference
+
+from efficient_attention import (
+    MultiheadAttention,
+    Pattern,
+    available_attentions,
+    build_attention,
+    check_bool,
+    fsmha,
+    get_attention_class,
+)
+from efficient_attention.compat.local_attention import LocalAttention
 
 INFOS = available_attentions()
 ALL = mechanism_patterns()
 NONCAUSAL = mechanism_patterns(lambda caps, p: not p.causal)
 CAUSAL_CROSS = mechanism_patterns(lambda caps, p: p is Pattern.CAUSAL_CROSS)
+
 
 # fp16 overflow fixed by the helpers that own these mechanisms (drop the marks once merged)
 def _fairseq_pair(**kw):
@@ -114,13 +130,24 @@ def test_fsabc_built_by_build_self_attention_decodes_with_a_cache():
 
     class Layer(TransformerDecoderLayerBase):
         def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
-            return FSABC(embed_dim, cfg.decoder.attention_heads, dropout=cfg.attention_dropout, self_attention=True,
-                         **get_reference("abc").options)
+            return FSABC(
+                embed_dim,
+                cfg.decoder.attention_heads,
+                dropout=cfg.attention_dropout,
+                self_attention=True,
+                **get_reference("abc").options,
+            )
 
-    cfg = TransformerConfig.from_namespace(Namespace(
-        decoder_embed_dim=EMBED_DIM, decoder_ffn_embed_dim=32, decoder_attention_heads=NUM_HEADS, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0,
-    ))
+    cfg = TransformerConfig.from_namespace(
+        Namespace(
+            decoder_embed_dim=EMBED_DIM,
+            decoder_ffn_embed_dim=32,
+            decoder_attention_heads=NUM_HEADS,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+        )
+    )
     torch.manual_seed(0)
     layer = Layer(cfg, no_encoder_attn=True).eval()
     x = torch.randn(6, 2, EMBED_DIM)
@@ -151,8 +178,10 @@ def test_causal_cross_static_kv_beam_reorder(name, pattern):
     expected, _ = m(q[:, order], k[:, order], v[:, order], need_weights=False)
     _, state = decode(m, q[:3], k, v, static_kv=True)
     m.reorder_incremental_state(state, order)
-    rest = [m(q[t : t + 1, order], None, None, incremental_state=state, static_kv=True, need_weights=False)[0]
-            for t in range(3, q.shape[0])]
+    rest = [
+        m(q[t : t + 1, order], None, None, incremental_state=state, static_kv=True, need_weights=False)[0]
+        for t in range(3, q.shape[0])
+    ]
     assert_close(torch.cat(rest), expected[3:], torch.float32, msg=f"{name}: beam reorder of causal cross decoding")
 
 
@@ -187,8 +216,9 @@ def test_module_without_flags_takes_keys_of_another_length_like_fairseq():
 
 
 def test_kdim_on_a_self_only_mechanism_stays_self_attention():
-    m = build_attention("nystrom", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, kdim=10, vdim=10,
-                        **get_reference("nystrom").options)
+    m = build_attention(
+        "nystrom", embed_dim=EMBED_DIM, num_heads=NUM_HEADS, kdim=10, vdim=10, **get_reference("nystrom").options
+    )
     assert m.pattern is Pattern.NONCAUSAL_SELF
 
 
@@ -229,8 +259,13 @@ def test_rows_that_see_nothing_have_finite_gradients(name, pattern):
 def test_fp16_inputs_of_large_magnitude_stay_finite(name, pattern):
     """Inputs x100, head dim 32 in fp16 (CPU): q·kᵀ overflows fp16 unless scaled first and accumulated in fp32."""
     torch.manual_seed(0)
-    m = build_attention(name, embed_dim=64, num_heads=2, cross=pattern.cross, causal=pattern.causal,
-                        **get_reference(name).options).half().eval()
+    m = (
+        build_attention(
+            name, embed_dim=64, num_heads=2, cross=pattern.cross, causal=pattern.causal, **get_reference(name).options
+        )
+        .half()
+        .eval()
+    )
     g = torch.Generator().manual_seed(1)
     tgt = get_reference(name).tgt_len
     x = (torch.randn(tgt, 2, 64, generator=g) * 100).half()

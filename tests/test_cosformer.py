@@ -1,11 +1,11 @@
 """cosFormer-specific behaviour: relu / elu, the choice of M, decoding rules, long causal inputs."""
+
 import pytest
 import torch
-
-from efficient_attention import CosformerAttention, Pattern, cosFormer
-
 from helpers import BSZ, EMBED_DIM, NUM_HEADS, assert_close, decode, inputs, padding_mask
 from references import get_reference
+
+from efficient_attention import CosformerAttention, Pattern, cosFormer
 
 REF = get_reference("cosformer").fn
 PATTERNS = [Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS]
@@ -110,17 +110,29 @@ def test_fairseq_plugin_passes_max_positions_as_max_len():
     from efficient_fairseq.modules import build_role_attention
     from efficient_fairseq.options import ROLES, RoleChoice
 
-    built = build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {}), EMBED_DIM, NUM_HEADS,
-                                 max_positions=128, self_attention=True)
+    built = build_role_attention(
+        RoleChoice(ROLES["decoder"], "cosformer", {}), EMBED_DIM, NUM_HEADS, max_positions=128, self_attention=True
+    )
     assert built.max_len == 128
-    chosen = build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 256}), EMBED_DIM, NUM_HEADS,
-                                  max_positions=128, self_attention=True)
+    chosen = build_role_attention(
+        RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 256}),
+        EMBED_DIM,
+        NUM_HEADS,
+        max_positions=128,
+        self_attention=True,
+    )
     assert chosen.max_len == 256  # --attn-max-len wins
     with pytest.raises(ValueError, match="max_len=64 is shorter than the model's 128 positions"):
-        build_role_attention(RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 64}), EMBED_DIM, NUM_HEADS,
-                             max_positions=128, self_attention=True)
-    vanilla = build_role_attention(RoleChoice(ROLES["decoder"], "vanilla", {}), EMBED_DIM, NUM_HEADS,
-                                   max_positions=128, self_attention=True)
+        build_role_attention(
+            RoleChoice(ROLES["decoder"], "cosformer", {"max_len": 64}),
+            EMBED_DIM,
+            NUM_HEADS,
+            max_positions=128,
+            self_attention=True,
+        )
+    vanilla = build_role_attention(
+        RoleChoice(ROLES["decoder"], "vanilla", {}), EMBED_DIM, NUM_HEADS, max_positions=128, self_attention=True
+    )
     assert not hasattr(vanilla, "max_len")
 
 
@@ -129,8 +141,21 @@ def test_paragen_plugin_passes_max_pos_so_the_decoder_can_decode():
 
     torch.manual_seed(0)
     emb = torch.nn.Embedding(23, EMBED_DIM, padding_idx=1)
-    dec = EfficientDecoder(emb, 1, self_attention="cosformer", cross_attention="cosformer", num_layers=1,
-                           d_model=EMBED_DIM, n_head=NUM_HEADS, dim_feedforward=32, max_pos=40).double().eval()
+    dec = (
+        EfficientDecoder(
+            emb,
+            1,
+            self_attention="cosformer",
+            cross_attention="cosformer",
+            num_layers=1,
+            d_model=EMBED_DIM,
+            n_head=NUM_HEADS,
+            dim_feedforward=32,
+            max_pos=40,
+        )
+        .double()
+        .eval()
+    )
     assert dec.layers[0].self_attn.max_len == 40
     tgt = torch.randint(2, 23, (2, 9))
     mem = torch.randn(6, 2, EMBED_DIM, dtype=torch.float64)
@@ -152,20 +177,98 @@ def test_fairseq_lm_trains_and_generates_without_max_len(tmp_path):
     import fairseq_helpers as fh
 
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(root / "examples/fairseq/make_corpus.py"), "--out", str(tmp_path / "raw"),
-                    "--min-len", "12", "--max-len", "40", "--train", "40", "--valid", "16", "--test", "4",
-                    "--seed", "3"],
-                   check=True, env=fh.env())
-    fh.run_cli("fairseq-preprocess", ["--only-source", "--trainpref", tmp_path / "raw/train.txt", "--validpref",
-                                      tmp_path / "raw/valid.txt", "--testpref", tmp_path / "raw/test.txt",
-                                      "--destdir", tmp_path / "bin", "--workers", "1"])
+    subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples/fairseq/make_corpus.py"),
+            "--out",
+            str(tmp_path / "raw"),
+            "--min-len",
+            "12",
+            "--max-len",
+            "40",
+            "--train",
+            "40",
+            "--valid",
+            "16",
+            "--test",
+            "4",
+            "--seed",
+            "3",
+        ],
+        check=True,
+        env=fh.env(),
+    )
+    fh.run_cli(
+        "fairseq-preprocess",
+        [
+            "--only-source",
+            "--trainpref",
+            tmp_path / "raw/train.txt",
+            "--validpref",
+            tmp_path / "raw/valid.txt",
+            "--testpref",
+            tmp_path / "raw/test.txt",
+            "--destdir",
+            tmp_path / "bin",
+            "--workers",
+            "1",
+        ],
+    )
     common = ["--tokens-per-sample", "64", "--cpu", "--num-workers", "0", "--required-batch-size-multiple", "1"]
-    fh.train([tmp_path / "bin", "--arch", "transformer_lm_cosformer", "--task", "language_modeling",
-              "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
-              "--decoder-attention-heads", "2", "--batch-size", "4", "--optimizer", "adam", "--lr", "0.003",
-              "--max-update", "2", "--no-epoch-checkpoints", "--no-progress-bar", "--seed", "1",
-              "--save-dir", tmp_path / "ckpt", *common])
-    hyps = fh.generate([tmp_path / "bin", "--task", "language_modeling", "--path", tmp_path / "ckpt/checkpoint_last.pt",
-                        "--beam", "2", "--max-len-b", "4", "--batch-size", "2", "--sample-break-mode", "eos",
-                        "--prefix-size", "2", "--gen-subset", "test", *common], tmp_path / "gen")
+    fh.train(
+        [
+            tmp_path / "bin",
+            "--arch",
+            "transformer_lm_cosformer",
+            "--task",
+            "language_modeling",
+            "--decoder-layers",
+            "1",
+            "--decoder-embed-dim",
+            "16",
+            "--decoder-ffn-embed-dim",
+            "32",
+            "--decoder-attention-heads",
+            "2",
+            "--batch-size",
+            "4",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.003",
+            "--max-update",
+            "2",
+            "--no-epoch-checkpoints",
+            "--no-progress-bar",
+            "--seed",
+            "1",
+            "--save-dir",
+            tmp_path / "ckpt",
+            *common,
+        ]
+    )
+    hyps = fh.generate(
+        [
+            tmp_path / "bin",
+            "--task",
+            "language_modeling",
+            "--path",
+            tmp_path / "ckpt/checkpoint_last.pt",
+            "--beam",
+            "2",
+            "--max-len-b",
+            "4",
+            "--batch-size",
+            "2",
+            "--sample-break-mode",
+            "eos",
+            "--prefix-size",
+            "2",
+            "--gen-subset",
+            "test",
+            *common,
+        ],
+        tmp_path / "gen",
+    )
     assert len(hyps) == 4

@@ -1,12 +1,12 @@
 """Dilated attention: the exact softmax union of the branches, against dense masked float64."""
+
 import pytest
 import torch
+from sparse_reference import dense_reference, rand_qkv
 
 import efficient_attention as ea
 from efficient_attention import layouts as L
 from efficient_attention.sparse.dilated import dilated_attention, dilated_attention_reference
-
-from sparse_reference import dense_reference, rand_qkv
 
 CONFIGS = [((4, 8, 16), (1, 2, 4)), ((6,), (2,)), ((5, 10), (1, 3)), ((8, 8), (1, 2))]
 
@@ -104,9 +104,11 @@ def test_kernel_path_equals_the_branch_reference(is_causal):
 def test_module_decoding_across_mask_blocks_equals_full():
     """Steps inside one 64-position block of the union mask share one mask (built at the block's end)."""
     from helpers import decode
+
     torch.manual_seed(0)
-    m = ea.build_attention("dilated", embed_dim=16, num_heads=4, causal=True, segment_lengths=(32, 96),
-                           dilation_rates=(1, 3)).eval()
+    m = ea.build_attention(
+        "dilated", embed_dim=16, num_heads=4, causal=True, segment_lengths=(32, 96), dilation_rates=(1, 3)
+    ).eval()
     x = torch.randn(150, 2, 16)
     full, _ = m(x, x, x, need_weights=False)
     steps, _ = decode(m, x, prefix=50)

@@ -5,6 +5,7 @@ compares its shard of the output and of the gradients with the single-process
 result computed from the full tensors (float64, atol 1e-10) and counts the bytes
 it sends.  The tests below read the ranks' reports.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -69,8 +70,10 @@ def _compare(name, ref_fn, dist_fn, tensors, lengths, rank, results, dims=None):
     stop = start + lengths[rank]
     dims = dims or [2] * len(tensors)
     full = [t.clone().requires_grad_(t.is_floating_point()) for t in tensors]
-    local = [t.narrow(dim, start, stop - start).clone().requires_grad_(t.is_floating_point())
-             for t, dim in zip(tensors, dims)]
+    local = [
+        t.narrow(dim, start, stop - start).clone().requires_grad_(t.is_floating_point())
+        for t, dim in zip(tensors, dims)
+    ]
     ref = ref_fn(*full)
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(99), dtype=ref.dtype)
     (ref * weight).sum().backward()
@@ -85,7 +88,8 @@ def _compare(name, ref_fn, dist_fn, tensors, lengths, rank, results, dims=None):
 
 def _functional_cases(rank, world, results):
     from efficient_attention.distributed import (
-        context_parallel_bigbird_attention, context_parallel_causal_linear_attention,
+        context_parallel_bigbird_attention,
+        context_parallel_causal_linear_attention,
         context_parallel_window_attention,
     )
     from efficient_attention.functional import safe_divide
@@ -96,7 +100,7 @@ def _functional_cases(rank, world, results):
     windows = {
         "sliding": LocalWindow.sliding(3, 2),
         "sliding_causal": LocalWindow.sliding(4, causal=True),
-        "multi_hop": LocalWindow.sliding(11, 9),                     # spans several shards
+        "multi_hop": LocalWindow.sliding(11, 9),  # spans several shards
         "multi_hop_causal": LocalWindow.sliding(13, causal=True),
         "blocks": LocalWindow.from_blocks(4, look_backward=1, look_forward=1),
         "blocks_causal": LocalWindow.from_blocks(5, look_backward=2, causal=True),
@@ -112,7 +116,7 @@ def _functional_cases(rank, world, results):
                 return _window_ref(window, q, k, v, mask)
 
             def run(q, k, v, window=window, mask=mask):
-                local_mask = None if mask is None else mask[:, sum(lengths[:rank]):sum(lengths[:rank + 1])]
+                local_mask = None if mask is None else mask[:, sum(lengths[:rank]) : sum(lengths[: rank + 1])]
                 return context_parallel_window_attention(q, k, v, window, key_padding_mask=local_mask)[0]
 
             _compare(f"window/{wname}/pad={padded}", ref, run, [q, k, v], lengths, rank, results)
@@ -126,15 +130,32 @@ def _functional_cases(rank, world, results):
                     return _bigbird_ref(q, k, v, mask, bs, w, ng, causal)
 
                 def run(q, k, v, bs=bs, w=w, ng=ng, causal=causal, mask=mask):
-                    local_mask = None if mask is None else mask[:, sum(lengths[:rank]):sum(lengths[:rank + 1])]
-                    return context_parallel_bigbird_attention(q, k, v, bs, num_window_blocks=w, num_global_blocks=ng,
-                                                              causal=causal, key_padding_mask=local_mask)[0]
+                    local_mask = None if mask is None else mask[:, sum(lengths[:rank]) : sum(lengths[: rank + 1])]
+                    return context_parallel_bigbird_attention(
+                        q,
+                        k,
+                        v,
+                        bs,
+                        num_window_blocks=w,
+                        num_global_blocks=ng,
+                        causal=causal,
+                        key_padding_mask=local_mask,
+                    )[0]
 
-                _compare(f"bigbird/bs={bs},w={w},g={ng}/causal={causal}/pad={padded}", ref, run, [q, k, v],
-                         lengths, rank, results)
+                _compare(
+                    f"bigbird/bs={bs},w={w},g={ng}/causal={causal}/pad={padded}",
+                    ref,
+                    run,
+                    [q, k, v],
+                    lengths,
+                    rank,
+                    results,
+                )
     g = torch.Generator().manual_seed(7)
-    qf, kf = torch.rand(2, 2, n, 5, generator=g, dtype=torch.float64), torch.rand(2, 2, n, 5, generator=g,
-                                                                                  dtype=torch.float64)
+    qf, kf = (
+        torch.rand(2, 2, n, 5, generator=g, dtype=torch.float64),
+        torch.rand(2, 2, n, 5, generator=g, dtype=torch.float64),
+    )
     v = torch.randn(2, 2, n, 3, generator=g, dtype=torch.float64)
     kf[0, :, 2:9] = 0.0  # keys that are padding: zero features
     shift = torch.tensor([[0.5, -2.0], [3.0, 1.0]], dtype=torch.float64) * (rank + 1)  # per-rank stabiliser
@@ -144,8 +165,9 @@ def _functional_cases(rank, world, results):
         return torch.cat([num, den[..., None]], -1)
 
     def run_scaled(qf, kf, v):  # num and den share the scale exp(-max log_scale): compare their ratio
-        num, den = context_parallel_causal_linear_attention(qf, kf * torch.exp(-shift)[..., None, None], v,
-                                                            log_scale=shift, chunk=3)
+        num, den = context_parallel_causal_linear_attention(
+            qf, kf * torch.exp(-shift)[..., None, None], v, log_scale=shift, chunk=3
+        )
         return safe_divide(num, den)
 
     def ratio_ref(qf, kf, v):
@@ -166,10 +188,23 @@ def _module_cases(rank, world, results):
         "local": dict(wsize=3, look_backward=2, look_forward=1),
         "local_causal": dict(causal=True, wsize=4, look_backward=2),
         "local_shared_qk": dict(causal=True, wsize=4, shared_qk=True),
-        "bigbird": dict(name="bigbird", layout="bigbird", block_size=2, num_window_blocks=3, num_global_blocks=1,
-                        num_random_blocks=0),
-        "bigbird_causal": dict(name="bigbird", layout="bigbird", block_size=3, num_window_blocks=2,
-                               num_global_blocks=1, num_random_blocks=0, causal=True),
+        "bigbird": dict(
+            name="bigbird",
+            layout="bigbird",
+            block_size=2,
+            num_window_blocks=3,
+            num_global_blocks=1,
+            num_random_blocks=0,
+        ),
+        "bigbird_causal": dict(
+            name="bigbird",
+            layout="bigbird",
+            block_size=3,
+            num_window_blocks=2,
+            num_global_blocks=1,
+            num_random_blocks=0,
+            causal=True,
+        ),
         "performer_causal": dict(name="performer", causal=True, approx_attn_dim=6),
         "s4d_causal": dict(name="s4d", causal=True, d_state=4),
     }
@@ -192,11 +227,12 @@ def _module_cases(rank, world, results):
             (ref * weight).sum().backward()
             ref_grads = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
             module.zero_grad()
-            start, stop = sum(lengths[:rank]), sum(lengths[:rank + 1])
+            start, stop = sum(lengths[:rank]), sum(lengths[: rank + 1])
             local = x[start:stop].clone().requires_grad_(True)
             with context_parallel(module):
-                out = module(local, key_padding_mask=None if mask is None else mask[:, start:stop],
-                             need_weights=False)[0]
+                out = module(local, key_padding_mask=None if mask is None else mask[:, start:stop], need_weights=False)[
+                    0
+                ]
             (out * weight[start:stop]).sum().backward()
             errs = [(out - ref[start:stop]).abs().max().item(), (local.grad - full.grad[start:stop]).abs().max().item()]
             for key, g in ref_grads.items():
@@ -209,7 +245,9 @@ def _module_cases(rank, world, results):
 def _byte_cases(rank, world, results):
     """Bytes this rank sends (forward + backward) at two sequence lengths: equal for windows and linear attention."""
     from efficient_attention.distributed import (
-        context_parallel_causal_linear_attention, context_parallel_window_attention, count_bytes,
+        context_parallel_causal_linear_attention,
+        context_parallel_window_attention,
+        count_bytes,
     )
     from efficient_attention.local_window import LocalWindow
 
@@ -224,8 +262,10 @@ def _byte_cases(rank, world, results):
             out, _ = context_parallel_window_attention(q, k, v, window, lengths=lengths)
             out.sum().backward()
         results[f"bytes/window/{per_rank}"] = dict(c.by_kind)
-        qf, kf = torch.rand(2, q.shape[1], per_rank, 5, dtype=torch.float64), torch.rand(2, q.shape[1], per_rank, 5,
-                                                                                         dtype=torch.float64)
+        qf, kf = (
+            torch.rand(2, q.shape[1], per_rank, 5, dtype=torch.float64),
+            torch.rand(2, q.shape[1], per_rank, 5, dtype=torch.float64),
+        )
         vv = torch.randn(2, q.shape[1], per_rank, 4, dtype=torch.float64, requires_grad=True)
         with count_bytes() as c:
             num, den = context_parallel_causal_linear_attention(qf, kf, vv, lengths=lengths)
@@ -239,9 +279,12 @@ def _ddp_cases(rank, world, results):
 
     from efficient_attention import build_attention
 
-    specs = {"local_causal": dict(name="local", causal=True, wsize=4), "performer_causal":
-             dict(name="performer", causal=True, approx_attn_dim=6), "s4d_causal": dict(name="s4d", causal=True),
-             "bigbird": dict(name="bigbird", layout="bigbird", block_size=4, num_random_blocks=0)}
+    specs = {
+        "local_causal": dict(name="local", causal=True, wsize=4),
+        "performer_causal": dict(name="performer", causal=True, approx_attn_dim=6),
+        "s4d_causal": dict(name="s4d", causal=True),
+        "bigbird": dict(name="bigbird", layout="bigbird", block_size=4, num_random_blocks=0),
+    }
     for i, (label, spec) in enumerate(specs.items()):
         spec = dict(spec)
         torch.manual_seed(i)
@@ -256,20 +299,23 @@ def _ddp_cases(rank, world, results):
         sl = slice(2 * rank, 2 * rank + 2)
         (ddp(x[:, sl], need_weights=False)[0] * weight[:, sl]).sum().backward()
         # DDP averages the ranks' gradients: times world = the full-batch gradient
-        results[f"ddp/{label}"] = max((p.grad * world - ref[k]).abs().max().item()
-                                      for k, p in module.named_parameters())
+        results[f"ddp/{label}"] = max(
+            (p.grad * world - ref[k]).abs().max().item() for k, p in module.named_parameters()
+        )
 
 
 def _worker(rank, world, init_file, out_dir, groups):
     torch.set_num_threads(1)
     # a rank that fails leaves the others waiting in a collective: gloo's timeout ends them
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     results = {}
     try:
         for group in groups:
-            {"functional": _functional_cases, "module": _module_cases, "bytes": _byte_cases,
-             "ddp": _ddp_cases}[group](rank, world, results)
+            {"functional": _functional_cases, "module": _module_cases, "bytes": _byte_cases, "ddp": _ddp_cases}[group](
+                rank, world, results
+            )
     except Exception:  # reported to the test, which fails with the traceback
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -315,8 +361,8 @@ def test_window_bytes_do_not_grow_with_n(reports):
         small, large = res["bytes/window/16"], res["bytes/window/64"]
         assert small == large
         halo = 6 * 1 * 1 * (4 + 4) * 8  # W * B * Hkv * (d + dv) * 8 bytes
-        assert small.get("halo_kv", 0) == (halo if rank == 0 else 0)        # forward: rank 0 -> rank 1
-        assert small.get("halo_kv_grad", 0) == (halo if rank == 1 else 0)   # backward: the grads go back
+        assert small.get("halo_kv", 0) == (halo if rank == 0 else 0)  # forward: rank 0 -> rank 1
+        assert small.get("halo_kv_grad", 0) == (halo if rank == 1 else 0)  # backward: the grads go back
         assert "lengths" not in small  # lengths were given
 
 
@@ -337,9 +383,20 @@ def test_gpu_benchmark_logic_on_two_cpu_ranks(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(root, "benchmarks", "context_parallel_gpu.py"), "--smoke", "--reps", "1",
-           "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(root, "benchmarks", "context_parallel_gpu.py"),
+        "--smoke",
+        "--reps",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

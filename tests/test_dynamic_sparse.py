@@ -1,11 +1,11 @@
 """Hash- and qk-sparse attention against dense masked float64, in AttentionGrid's (B, N, H, D) layout."""
+
 import pytest
 import torch
+from sparse_reference import dense_reference
 
 import efficient_attention as ea
 from efficient_attention.sparse.dynamic import _tile_layout
-
-from sparse_reference import dense_reference
 
 
 def bnhd(B, T, S, H, D, seed=0, requires_grad=False):
@@ -37,8 +37,10 @@ def test_hash_matches_dense(T, S, is_causal):
     if is_causal:
         allowed = allowed & positions_causal(T, S)
     torch.testing.assert_close(out, ref(q, k, v, allowed))
-    torch.testing.assert_close(ea.dynamic_sparse_attention(q, k, v, qb, kb, sparsity_mode="hash", causal=is_causal),
-                               ea.hash_sparse_attention(q, k, v, qb, kb, causal=is_causal))
+    torch.testing.assert_close(
+        ea.dynamic_sparse_attention(q, k, v, qb, kb, sparsity_mode="hash", causal=is_causal),
+        ea.hash_sparse_attention(q, k, v, qb, kb, causal=is_causal),
+    )
 
 
 @pytest.mark.parametrize("is_causal", [True, False])

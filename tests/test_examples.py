@@ -3,6 +3,7 @@
 The long ones (fairseq training, the lucidrains examples at their README sizes) are marked slow;
 CI runs them too.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import require_fairseq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,16 +52,20 @@ def _env(**extra) -> dict:
 
 
 def _run(args, timeout=900, **env) -> str:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=_env(**env),
-                          timeout=timeout)
+    proc = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=_env(**env), timeout=timeout
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{out[-4000:]}"
     return out
 
 
 def test_every_example_has_a_test():
-    found = sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*")
-                   if p.suffix in (".py", ".sh", ".yaml") and "__pycache__" not in p.parts)
+    found = sorted(
+        str(p.relative_to(EXAMPLES))
+        for p in EXAMPLES.rglob("*")
+        if p.suffix in (".py", ".sh", ".yaml") and "__pycache__" not in p.parts
+    )
     missing = [f for f in found if f not in COVERED]
     assert not missing, f"examples without a test (add one and list it in COVERED): {missing}"
     stale = [f for f in COVERED if f not in found]
@@ -116,9 +120,28 @@ def _pct(cell: str) -> float:
 def test_main_job(tmp_path):
     """CI size: it runs end to end with both tasks and prints a table that parses (no accuracy claim)."""
     require_fairseq()
-    _run([sys.executable, EXAMPLES / "fairseq" / "main_job.py", "--mechanisms", "vanilla,local", "--task", "longrange",
-          "--max-update", "4", "--train-lines", "40", "--valid-lines", "6", "--prompts", "4", "--work-dir", tmp_path,
-          "--flags", "local=--attn-wsize 4 --attn-exact-windowsize true"])
+    _run(
+        [
+            sys.executable,
+            EXAMPLES / "fairseq" / "main_job.py",
+            "--mechanisms",
+            "vanilla,local",
+            "--task",
+            "longrange",
+            "--max-update",
+            "4",
+            "--train-lines",
+            "40",
+            "--valid-lines",
+            "6",
+            "--prompts",
+            "4",
+            "--work-dir",
+            tmp_path,
+            "--flags",
+            "local=--attn-wsize 4 --attn-exact-windowsize true",
+        ]
+    )
     table = _main_job_table(tmp_path)
     assert set(table) == {"vanilla", "local", "chance", "summary"}, table
     for name in ("vanilla", "local", "chance"):
@@ -136,8 +159,22 @@ def test_main_job_separates_copy(tmp_path):
     Deterministic (fixed seed, one thread); vanilla is at 100% well before 300 updates, and local cannot see
     the answer at all, so the bounds are far from both results."""
     require_fairseq()
-    _run([sys.executable, EXAMPLES / "fairseq" / "main_job.py", "--mechanisms", "vanilla,local", "--task", "copy",
-          "--max-update", "300", "--prompts", "16", "--work-dir", tmp_path])
+    _run(
+        [
+            sys.executable,
+            EXAMPLES / "fairseq" / "main_job.py",
+            "--mechanisms",
+            "vanilla,local",
+            "--task",
+            "copy",
+            "--max-update",
+            "300",
+            "--prompts",
+            "16",
+            "--work-dir",
+            tmp_path,
+        ]
+    )
     table = _main_job_table(tmp_path)
     chance = _pct(table["chance"]["copy acc"])
     assert _pct(table["vanilla"]["copy acc"]) >= max(0.5, 5 * chance), table["vanilla"]
@@ -151,14 +188,32 @@ def test_fairseq_shell_examples(tmp_path):
     py = dict(PYTHON=sys.executable, MAX_UPDATE="3")
     out = _run(["bash", EXAMPLES / "fairseq" / "train_lm.sh", "vanilla"], WORK=str(tmp_path / "lm"), **py)
     assert "Perplexity" in out and "H-" in out
-    out = _run(["bash", EXAMPLES / "fairseq" / "train_translation.sh", "vanilla", "vanilla", "vanilla"],
-               WORK=str(tmp_path / "mt"), TRAIN_LINES="60", **py)
+    out = _run(
+        ["bash", EXAMPLES / "fairseq" / "train_translation.sh", "vanilla", "vanilla", "vanilla"],
+        WORK=str(tmp_path / "mt"),
+        TRAIN_LINES="60",
+        **py,
+    )
     assert "BLEU" in out and "H-0" in out
 
 
 @pytest.mark.slow
 def test_mixed_precision_check():
-    out = _run(["bash", EXAMPLES / "fairseq" / "check_mixed_precision.sh", "--seq", "16", "--steps", "1",
-                "--mechanisms", "vanilla,local", "--modes", "bf16,amp-bf16"],
-               PYTHON=sys.executable, DEVICE="cpu", FAIRSEQ_RUNS="0")
+    out = _run(
+        [
+            "bash",
+            EXAMPLES / "fairseq" / "check_mixed_precision.sh",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--mechanisms",
+            "vanilla,local",
+            "--modes",
+            "bf16,amp-bf16",
+        ],
+        PYTHON=sys.executable,
+        DEVICE="cpu",
+        FAIRSEQ_RUNS="0",
+    )
     assert "0 failing case(s)" in out and "vanilla" in out

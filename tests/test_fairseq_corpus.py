@@ -1,4 +1,5 @@
 """The synthetic long-range corpus of examples/fairseq/make_corpus.py (no fairseq needed)."""
+
 import random
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_lengths_and_answers(task):
             table = {}
             for i in range(0, question, 2):
                 table[src[i]] = src[i + 1]  # the latest binding counts
-            asked = src[question + 1:] + tgt
+            asked = src[question + 1 :] + tgt
             assert len(asked) % 2 == 0 and all(table[k] == v for k, v in zip(asked[::2], asked[1::2]))
 
 

@@ -6,6 +6,7 @@ evaluate and generate from it.  fairseq's programs run in this process where
 that is what their ``cli_main`` does anyway (see ``fairseq_helpers``); the
 console scripts themselves run in subprocesses in the ``*_cli`` tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,12 @@ import sys
 import typing
 from pathlib import Path
 
+import fairseq_helpers as fh
 import pytest
 import torch
+from fairseq_helpers import ROOT, eval_lm, generate, option_flags, run_cli, train
+from helpers import EMBED_DIM, NUM_HEADS
+from references import REFERENCES
 
 from efficient_attention import (
     EfficientAttention,
@@ -27,11 +32,6 @@ from efficient_attention import (
     registry,
 )
 from efficient_attention.capabilities import Capabilities
-
-import fairseq_helpers as fh
-from fairseq_helpers import ROOT, eval_lm, generate, option_flags, run_cli, train
-from helpers import EMBED_DIM, NUM_HEADS
-from references import REFERENCES
 
 sys.path.insert(0, str(ROOT / "plugins"))
 import efficient_fairseq  # noqa: E402
@@ -49,20 +49,69 @@ N_VALID = 6
 NO_DROP = ["--required-batch-size-multiple", "1"]
 
 TINY_LM = [
-    "--task", "language_modeling", "--decoder-layers", "1", "--decoder-embed-dim", str(EMBED_DIM),
-    "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", str(NUM_HEADS),
-    "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--batch-size", "4", "--required-batch-size-multiple", "1",
-    "--optimizer", "adam", "--lr", "0.003",
-    "--cpu", "--no-epoch-checkpoints", "--no-progress-bar", "--num-workers", "0", "--seed", "1",
+    "--task",
+    "language_modeling",
+    "--decoder-layers",
+    "1",
+    "--decoder-embed-dim",
+    str(EMBED_DIM),
+    "--decoder-ffn-embed-dim",
+    "32",
+    "--decoder-attention-heads",
+    str(NUM_HEADS),
+    "--tokens-per-sample",
+    str(TOKENS_PER_SAMPLE),
+    "--batch-size",
+    "4",
+    "--required-batch-size-multiple",
+    "1",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.003",
+    "--cpu",
+    "--no-epoch-checkpoints",
+    "--no-progress-bar",
+    "--num-workers",
+    "0",
+    "--seed",
+    "1",
 ]
 TINY_MT = [
-    "--task", "translation", "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", str(EMBED_DIM), "--decoder-embed-dim", str(EMBED_DIM),
-    "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
-    "--encoder-attention-heads", str(NUM_HEADS), "--decoder-attention-heads", str(NUM_HEADS),
-    "--batch-size", "4", "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "0.003", "--cpu",
+    "--task",
+    "translation",
+    "--encoder-layers",
+    "1",
+    "--decoder-layers",
+    "1",
+    "--encoder-embed-dim",
+    str(EMBED_DIM),
+    "--decoder-embed-dim",
+    str(EMBED_DIM),
+    "--encoder-ffn-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "32",
+    "--encoder-attention-heads",
+    str(NUM_HEADS),
+    "--decoder-attention-heads",
+    str(NUM_HEADS),
+    "--batch-size",
+    "4",
+    "--required-batch-size-multiple",
+    "1",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.003",
+    "--cpu",
     "--no-epoch-checkpoints",
-    "--no-progress-bar", "--num-workers", "0", "--seed", "1", "--share-all-embeddings",
+    "--no-progress-bar",
+    "--num-workers",
+    "0",
+    "--seed",
+    "1",
+    "--share-all-embeddings",
 ]
 
 
@@ -89,14 +138,43 @@ def lm_data(tmp_path_factory):
     import subprocess
 
     subprocess.run(
-        [sys.executable, str(ROOT / "examples/fairseq/make_corpus.py"), "--out", str(root / "raw"), "--min-len", "12",
-         "--max-len", "40", "--train", "40", "--valid", "16", "--test", str(N_VALID), "--seed", "3"],
-        check=True, env=fh.env(),
+        [
+            sys.executable,
+            str(ROOT / "examples/fairseq/make_corpus.py"),
+            "--out",
+            str(root / "raw"),
+            "--min-len",
+            "12",
+            "--max-len",
+            "40",
+            "--train",
+            "40",
+            "--valid",
+            "16",
+            "--test",
+            str(N_VALID),
+            "--seed",
+            "3",
+        ],
+        check=True,
+        env=fh.env(),
     )
-    run_cli("fairseq-preprocess", [
-        "--only-source", "--trainpref", root / "raw/train.txt", "--validpref", root / "raw/valid.txt",
-        "--testpref", root / "raw/test.txt", "--destdir", root / "bin", "--workers", "1",
-    ])
+    run_cli(
+        "fairseq-preprocess",
+        [
+            "--only-source",
+            "--trainpref",
+            root / "raw/train.txt",
+            "--validpref",
+            root / "raw/valid.txt",
+            "--testpref",
+            root / "raw/test.txt",
+            "--destdir",
+            root / "bin",
+            "--workers",
+            "1",
+        ],
+    )
     return root / "bin"
 
 
@@ -106,16 +184,51 @@ def mt_data(tmp_path_factory):
     import subprocess
 
     subprocess.run(
-        [sys.executable, str(ROOT / "examples/fairseq/make_corpus.py"), "--out", str(root / "raw"), "--format",
-         "translation", "--task", "copy", "--min-len", "8", "--max-len", "24", "--train", "40", "--valid",
-         str(N_VALID), "--test", str(N_VALID), "--seed", "3"],
-        check=True, env=fh.env(),
+        [
+            sys.executable,
+            str(ROOT / "examples/fairseq/make_corpus.py"),
+            "--out",
+            str(root / "raw"),
+            "--format",
+            "translation",
+            "--task",
+            "copy",
+            "--min-len",
+            "8",
+            "--max-len",
+            "24",
+            "--train",
+            "40",
+            "--valid",
+            str(N_VALID),
+            "--test",
+            str(N_VALID),
+            "--seed",
+            "3",
+        ],
+        check=True,
+        env=fh.env(),
     )
-    run_cli("fairseq-preprocess", [
-        "--source-lang", "src", "--target-lang", "tgt", "--trainpref", root / "raw/train", "--validpref",
-        root / "raw/valid", "--testpref", root / "raw/test", "--destdir", root / "bin", "--joined-dictionary",
-        "--workers", "1",
-    ])
+    run_cli(
+        "fairseq-preprocess",
+        [
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--trainpref",
+            root / "raw/train",
+            "--validpref",
+            root / "raw/valid",
+            "--testpref",
+            root / "raw/test",
+            "--destdir",
+            root / "bin",
+            "--joined-dictionary",
+            "--workers",
+            "1",
+        ],
+    )
     return root / "bin"
 
 
@@ -127,8 +240,19 @@ def lm_checkpoint(lm_data, tmp_path_factory):
     def get(name: str) -> Path:
         if name not in done:
             save = tmp_path_factory.mktemp(f"lm_{name}")
-            train([lm_data, "--arch", f"transformer_lm_{name}", *TINY_LM, "--max-update", "3", "--save-dir", save,
-                   *option_flags(reference_options(name))])
+            train(
+                [
+                    lm_data,
+                    "--arch",
+                    f"transformer_lm_{name}",
+                    *TINY_LM,
+                    "--max-update",
+                    "3",
+                    "--save-dir",
+                    save,
+                    *option_flags(reference_options(name)),
+                ]
+            )
             done[name] = save / "checkpoint_last.pt"
         return done[name]
 
@@ -146,8 +270,9 @@ def load_lm(ckpt: Path, data: Path):
 
 def first_batch(task, split: str, bsz: int = 3):
     task.load_dataset(split)
-    itr = task.get_batch_iterator(dataset=task.dataset(split), max_sentences=bsz, max_positions=(1024, 1024),
-                                  ignore_invalid_inputs=True)
+    itr = task.get_batch_iterator(
+        dataset=task.dataset(split), max_sentences=bsz, max_positions=(1024, 1024), ignore_invalid_inputs=True
+    )
     return next(iter(itr.next_epoch_itr(shuffle=False)))
 
 
@@ -186,7 +311,7 @@ def test_presets_cover_every_mechanism():
 
 def test_every_option_is_a_flag_and_a_config_field():
     fields = efficient_fairseq.EfficientTransformerLanguageModelConfig.__dataclass_fields__
-    for name, info in INFOS.items():
+    for info in INFOS.values():
         for opt, spec in info.options.items():
             assert f"attn_{opt}" in fields and fields[f"attn_{opt}"].default is None
             assert spec.help in fields[f"attn_{opt}"].metadata["help"]
@@ -219,8 +344,15 @@ class _Toy(EfficientAttention):
     capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}))
     option_help = {"wsize": "window", "mode": "a choice", "sizes": "a list", "flag": "a switch"}
 
-    def __init__(self, *args, wsize: int = 4, mode: typing.Literal["a", "b"] = "a", sizes: typing.Tuple[int, ...] = (1,),
-                 flag: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        wsize: int = 4,
+        mode: typing.Literal["a", "b"] = "a",
+        sizes: typing.Tuple[int, ...] = (1,),
+        flag: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.wsize, self.mode, self.sizes, self.flag = wsize, mode, sizes, flag
 
@@ -279,16 +411,27 @@ def test_names_with_different_meanings_get_per_mechanism_flags():
 def test_shared_flag_works_while_unambiguous_and_per_mechanism_flags_override_it():
     lm = lm_attention_choices(argparse.Namespace(decoder_attention="causal_ls", attn_num_landmarks="4"))
     assert lm["decoder"].options == {"num_landmarks": 4}
-    lm = lm_attention_choices(argparse.Namespace(decoder_attention="causal_ls", attn_num_landmarks="4",
-                                                 attn_causal_ls_num_landmarks="8"))
+    lm = lm_attention_choices(
+        argparse.Namespace(decoder_attention="causal_ls", attn_num_landmarks="4", attn_causal_ls_num_landmarks="8")
+    )
     assert lm["decoder"].options == {"num_landmarks": 8}
-    mt = mt_attention_choices(argparse.Namespace(encoder_attention="nystrom", decoder_attention="causal_ls",
-                                                 attn_nystrom_num_landmarks="8", attn_causal_ls_num_landmarks="2"))
+    mt = mt_attention_choices(
+        argparse.Namespace(
+            encoder_attention="nystrom",
+            decoder_attention="causal_ls",
+            attn_nystrom_num_landmarks="8",
+            attn_causal_ls_num_landmarks="2",
+        )
+    )
     assert mt["encoder"].options == {"num_landmarks": 8} and mt["decoder"].options == {"num_landmarks": 2}
-    with pytest.raises(ValueError, match=r"--attn-num-landmarks is ambiguous in this model.*"
-                                         r"--attn-nystrom-num-landmarks, --attn-causal-ls-num-landmarks"):
-        mt_attention_choices(argparse.Namespace(encoder_attention="nystrom", decoder_attention="causal_ls",
-                                                attn_num_landmarks="8"))
+    with pytest.raises(
+        ValueError,
+        match=r"--attn-num-landmarks is ambiguous in this model.*"
+        r"--attn-nystrom-num-landmarks, --attn-causal-ls-num-landmarks",
+    ):
+        mt_attention_choices(
+            argparse.Namespace(encoder_attention="nystrom", decoder_attention="causal_ls", attn_num_landmarks="8")
+        )
     with pytest.raises(ValueError, match=r"--attn-lara-num-landmarks is set but no attention of this model is lara"):
         lm_attention_choices(argparse.Namespace(decoder_attention="causal_ls", attn_lara_num_landmarks="8"))
 
@@ -316,8 +459,18 @@ def test_unknown_name_lists_the_registered_ones(capsys):
         lm_attention_choices(argparse.Namespace(decoder_attention="nosuch"))
     parser = options.get_training_parser()
     with pytest.raises(SystemExit):
-        options.parse_args_and_arch(parser, input_args=[
-            "data", "--user-dir", str(fh.PLUGIN), "--arch", "efficient_transformer_lm", "--decoder-attention", "nosuch"])
+        options.parse_args_and_arch(
+            parser,
+            input_args=[
+                "data",
+                "--user-dir",
+                str(fh.PLUGIN),
+                "--arch",
+                "efficient_transformer_lm",
+                "--decoder-attention",
+                "nosuch",
+            ],
+        )
     err = capsys.readouterr().err
     assert "--decoder-attention" in err and "unknown attention 'nosuch'" in err
     assert all(name in err for name in INFOS)
@@ -328,8 +481,18 @@ def test_unparsable_option_value_names_the_flag(capsys):
 
     parser = options.get_training_parser()
     with pytest.raises(SystemExit):
-        options.parse_args_and_arch(parser, input_args=[
-            "data", "--user-dir", str(fh.PLUGIN), "--arch", "transformer_lm_vanilla", "--attn-num-kv-heads", "two"])
+        options.parse_args_and_arch(
+            parser,
+            input_args=[
+                "data",
+                "--user-dir",
+                str(fh.PLUGIN),
+                "--arch",
+                "transformer_lm_vanilla",
+                "--attn-num-kv-heads",
+                "two",
+            ],
+        )
     assert "--attn-num-kv-heads" in capsys.readouterr().err
 
 
@@ -337,8 +500,20 @@ def test_unparsable_option_value_names_the_flag(capsys):
 @pytest.mark.slow
 def test_invalid_option_value_fails_before_training(lm_data, tmp_path):
     with pytest.raises(ValueError, match=r"--decoder-attention vanilla.*num_kv_heads"):
-        train([lm_data, "--arch", "transformer_lm_vanilla", *TINY_LM, "--max-update", "1", "--save-dir", tmp_path,
-               "--attn-num-kv-heads", "3"])
+        train(
+            [
+                lm_data,
+                "--arch",
+                "transformer_lm_vanilla",
+                *TINY_LM,
+                "--max-update",
+                "1",
+                "--save-dir",
+                tmp_path,
+                "--attn-num-kv-heads",
+                "3",
+            ]
+        )
     assert not list(tmp_path.glob("*.pt"))
 
 
@@ -346,8 +521,20 @@ def test_invalid_option_value_fails_before_training(lm_data, tmp_path):
 def test_cosformer_max_len_below_the_positions_fails_before_training(lm_data, tmp_path):
     """Issue 15 item 9: ``--attn-max-len 16`` with 64 tokens per sample is refused when the model is built."""
     with pytest.raises(ValueError, match=r"--decoder-attention cosformer: max_len=16 is shorter"):
-        train([lm_data, "--arch", "transformer_lm_cosformer", *TINY_LM, "--max-update", "1", "--save-dir", tmp_path,
-               "--attn-max-len", "16"])
+        train(
+            [
+                lm_data,
+                "--arch",
+                "transformer_lm_cosformer",
+                *TINY_LM,
+                "--max-update",
+                "1",
+                "--save-dir",
+                tmp_path,
+                "--attn-max-len",
+                "16",
+            ]
+        )
     assert not list(tmp_path.glob("*.pt"))
 
 
@@ -357,8 +544,20 @@ def test_mechanism_without_causal_self_fails_before_training(name, lm_data, tmp_
     if name == "toy_noncausal":
         request.getfixturevalue("toy_registered")
     with pytest.raises(UnsupportedPatternError, match=f"--decoder-attention {name}"):
-        train([lm_data, "--arch", "efficient_transformer_lm", *TINY_LM, "--decoder-attention", name,
-               "--max-update", "1", "--save-dir", tmp_path])
+        train(
+            [
+                lm_data,
+                "--arch",
+                "efficient_transformer_lm",
+                *TINY_LM,
+                "--decoder-attention",
+                name,
+                "--max-update",
+                "1",
+                "--save-dir",
+                tmp_path,
+            ]
+        )
     assert not list(tmp_path.glob("*.pt"))
 
 
@@ -368,13 +567,50 @@ def test_lm_train_eval_generate(name, lm_data, lm_checkpoint, tmp_path):
     ckpt = lm_checkpoint(name)
     state = torch.load(ckpt, map_location="cpu")  # safe loading (weights_only default), plugin allow-list
     assert state["cfg"]["model"]["decoder_attention"] == name
-    results = eval_lm([lm_data, "--path", ckpt, "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", "4",
-                       "--cpu", "--num-workers", "0", *NO_DROP])
+    results = eval_lm(
+        [
+            lm_data,
+            "--path",
+            ckpt,
+            "--tokens-per-sample",
+            TOKENS_PER_SAMPLE,
+            "--batch-size",
+            "4",
+            "--cpu",
+            "--num-workers",
+            "0",
+            *NO_DROP,
+        ]
+    )
     assert math.isfinite(results["perplexity"]) and results["perplexity"] > 1.0
-    hyps = generate([lm_data, "--task", "language_modeling", "--path", ckpt, "--beam", "2", "--max-len-b", "6",
-                     "--batch-size", "2", "--cpu", "--sample-break-mode", "eos", "--prefix-size", "3",
-                     "--tokens-per-sample", TOKENS_PER_SAMPLE, "--gen-subset", "test", "--num-workers", "0", *NO_DROP],
-                    tmp_path / "gen")
+    hyps = generate(
+        [
+            lm_data,
+            "--task",
+            "language_modeling",
+            "--path",
+            ckpt,
+            "--beam",
+            "2",
+            "--max-len-b",
+            "6",
+            "--batch-size",
+            "2",
+            "--cpu",
+            "--sample-break-mode",
+            "eos",
+            "--prefix-size",
+            "3",
+            "--tokens-per-sample",
+            TOKENS_PER_SAMPLE,
+            "--gen-subset",
+            "test",
+            "--num-workers",
+            "0",
+            *NO_DROP,
+        ],
+        tmp_path / "gen",
+    )
     assert len(hyps) == N_VALID
     assert all(len(h.split("\t")[2].split()) >= 3 for h in hyps)
 
@@ -408,8 +644,9 @@ def _train_mt(data, save, enc, dec, cross, extra, max_update=3):
         flags += [f"--{role}-attention", name, *option_flags(reference_options(name), f"--{role}-attn-")]
     for k, v in extra.items():
         flags += [k, v]
-    train([data, "--arch", "efficient_transformer", *TINY_MT, "--max-update", str(max_update), "--save-dir", save,
-           *flags])
+    train(
+        [data, "--arch", "efficient_transformer", *TINY_MT, "--max-update", str(max_update), "--save-dir", save, *flags]
+    )
     return save / "checkpoint_last.pt"
 
 
@@ -425,8 +662,26 @@ def mt_checkpoints(mt_data, tmp_path_factory):
 @pytest.mark.parametrize("combo", [c[:3] for c in _mt_combinations()], ids="-".join)
 def test_translation_train_generate_and_cache(combo, mt_data, mt_checkpoints, tmp_path):
     ckpt = mt_checkpoints[combo]
-    hyps = generate([mt_data, "--path", ckpt, "--beam", "2", "--batch-size", "3", "--cpu", "--gen-subset", "valid",
-                     "--max-len-b", "12", "--num-workers", "0", *NO_DROP], tmp_path / "gen")
+    hyps = generate(
+        [
+            mt_data,
+            "--path",
+            ckpt,
+            "--beam",
+            "2",
+            "--batch-size",
+            "3",
+            "--cpu",
+            "--gen-subset",
+            "valid",
+            "--max-len-b",
+            "12",
+            "--num-workers",
+            "0",
+            *NO_DROP,
+        ],
+        tmp_path / "gen",
+    )
     assert len(hyps) == N_VALID
     models, cfg, task = load_lm(ckpt, mt_data)
     layer = models[0].decoder.layers[0]
@@ -450,28 +705,117 @@ def test_resume_from_checkpoint_last(lm_data, tmp_path, caplog):
 @pytest.mark.slow
 def test_cli_lm_train_eval_generate(lm_data, tmp_path):
     """The console scripts themselves, with --user-dir, and safe checkpoint loading (no env override)."""
-    run_cli("fairseq-train", [lm_data, "--user-dir", fh.PLUGIN, "--arch", "transformer_lm_vanilla", *TINY_LM,
-                              "--max-update", "2", "--save-dir", tmp_path / "ck", "--attn-num-kv-heads", "2"])
+    run_cli(
+        "fairseq-train",
+        [
+            lm_data,
+            "--user-dir",
+            fh.PLUGIN,
+            "--arch",
+            "transformer_lm_vanilla",
+            *TINY_LM,
+            "--max-update",
+            "2",
+            "--save-dir",
+            tmp_path / "ck",
+            "--attn-num-kv-heads",
+            "2",
+        ],
+    )
     ckpt = tmp_path / "ck" / "checkpoint_last.pt"
-    out = run_cli("fairseq-eval-lm", [lm_data, "--user-dir", fh.PLUGIN, "--path", ckpt, "--tokens-per-sample",
-                                      TOKENS_PER_SAMPLE, "--cpu", "--batch-size", "4", *NO_DROP])
+    out = run_cli(
+        "fairseq-eval-lm",
+        [
+            lm_data,
+            "--user-dir",
+            fh.PLUGIN,
+            "--path",
+            ckpt,
+            "--tokens-per-sample",
+            TOKENS_PER_SAMPLE,
+            "--cpu",
+            "--batch-size",
+            "4",
+            *NO_DROP,
+        ],
+    )
     assert "Perplexity" in out.stdout + out.stderr
-    out = run_cli("fairseq-generate", [lm_data, "--user-dir", fh.PLUGIN, "--task", "language_modeling", "--path", ckpt,
-                                       "--beam", "2", "--max-len-b", "5", "--batch-size", "2", "--cpu",
-                                       "--sample-break-mode", "eos", "--prefix-size", "3", "--tokens-per-sample",
-                                       TOKENS_PER_SAMPLE, "--gen-subset", "test", *NO_DROP])
+    out = run_cli(
+        "fairseq-generate",
+        [
+            lm_data,
+            "--user-dir",
+            fh.PLUGIN,
+            "--task",
+            "language_modeling",
+            "--path",
+            ckpt,
+            "--beam",
+            "2",
+            "--max-len-b",
+            "5",
+            "--batch-size",
+            "2",
+            "--cpu",
+            "--sample-break-mode",
+            "eos",
+            "--prefix-size",
+            "3",
+            "--tokens-per-sample",
+            TOKENS_PER_SAMPLE,
+            "--gen-subset",
+            "test",
+            *NO_DROP,
+        ],
+    )
     assert sum(ln.startswith("H-") for ln in out.stdout.splitlines()) == N_VALID
 
 
 @pytest.mark.slow
 def test_cli_translation_generate_and_interactive(mt_data, mt_checkpoints):
     ckpt = mt_checkpoints[("vanilla",) * 3]
-    out = run_cli("fairseq-generate", [mt_data, "--user-dir", fh.PLUGIN, "--path", ckpt, "--beam", "2",
-                                       "--batch-size", "3", "--cpu", "--gen-subset", "valid", "--max-len-b", "8", *NO_DROP])
+    out = run_cli(
+        "fairseq-generate",
+        [
+            mt_data,
+            "--user-dir",
+            fh.PLUGIN,
+            "--path",
+            ckpt,
+            "--beam",
+            "2",
+            "--batch-size",
+            "3",
+            "--cpu",
+            "--gen-subset",
+            "valid",
+            "--max-len-b",
+            "8",
+            *NO_DROP,
+        ],
+    )
     assert sum(ln.startswith("H-") for ln in out.stdout.splitlines()) == N_VALID
-    out = run_cli("fairseq-interactive", [mt_data, "--user-dir", fh.PLUGIN, "--path", ckpt, "--beam", "2", "--cpu",
-                                          "--source-lang", "src", "--target-lang", "tgt", "--max-len-b", "8", *NO_DROP],
-                  stdin="s1 s2 s3 |\ns4 s5 |\n")
+    out = run_cli(
+        "fairseq-interactive",
+        [
+            mt_data,
+            "--user-dir",
+            fh.PLUGIN,
+            "--path",
+            ckpt,
+            "--beam",
+            "2",
+            "--cpu",
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--max-len-b",
+            "8",
+            *NO_DROP,
+        ],
+        stdin="s1 s2 s3 |\ns4 s5 |\n",
+    )
     assert sum(ln.startswith("H-") for ln in out.stdout.splitlines()) == 2
 
 
@@ -496,14 +840,29 @@ def test_checkpoints_need_exactly_the_allow_list(mt_checkpoints, lm_checkpoint):
 
 @pytest.mark.slow
 def test_hydra_train(lm_data, tmp_path):
-    out = run_cli("fairseq-hydra-train", [
-        "--config-dir", ROOT / "examples/fairseq/hydra", "--config-name", "efficient_lm",
-        f"task.data={lm_data}", f"common.user_dir={fh.PLUGIN}", "model.decoder_attention=vanilla",
-        "+model.attn_num_kv_heads=2", "dataset.required_batch_size_multiple=1", "model.decoder_layers=1", f"model.decoder_embed_dim={EMBED_DIM}",
-        f"model.decoder_input_dim={EMBED_DIM}", f"model.decoder_output_dim={EMBED_DIM}",
-        f"task.tokens_per_sample={TOKENS_PER_SAMPLE}", "optimization.max_update=2",
-        f"checkpoint.save_dir={tmp_path / 'ck'}", f"hydra.run.dir={tmp_path / 'hydra'}",
-    ], cwd=tmp_path)
+    out = run_cli(
+        "fairseq-hydra-train",
+        [
+            "--config-dir",
+            ROOT / "examples/fairseq/hydra",
+            "--config-name",
+            "efficient_lm",
+            f"task.data={lm_data}",
+            f"common.user_dir={fh.PLUGIN}",
+            "model.decoder_attention=vanilla",
+            "+model.attn_num_kv_heads=2",
+            "dataset.required_batch_size_multiple=1",
+            "model.decoder_layers=1",
+            f"model.decoder_embed_dim={EMBED_DIM}",
+            f"model.decoder_input_dim={EMBED_DIM}",
+            f"model.decoder_output_dim={EMBED_DIM}",
+            f"task.tokens_per_sample={TOKENS_PER_SAMPLE}",
+            "optimization.max_update=2",
+            f"checkpoint.save_dir={tmp_path / 'ck'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=tmp_path,
+    )
     assert "decoder self-attention: vanilla (num_kv_heads=2)" in out.stdout + out.stderr
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt")
     assert state["cfg"]["model"]["_name"] == "efficient_transformer_lm"
@@ -559,22 +918,74 @@ def short_and_long_lines(tmp_path_factory):
     for split, n in (("train", 8), ("valid", 4), ("test", 4)):
         lines = [" ".join(words[(i + j) % 20] for j in range(10 if i % 2 == 0 else 100)) for i in range(n)]
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    run_cli("fairseq-preprocess", ["--only-source", "--trainpref", root / "train.txt", "--validpref", root / "valid.txt",
-                                   "--testpref", root / "test.txt", "--destdir", root / "bin", "--workers", "1"])
+    run_cli(
+        "fairseq-preprocess",
+        [
+            "--only-source",
+            "--trainpref",
+            root / "train.txt",
+            "--validpref",
+            root / "valid.txt",
+            "--testpref",
+            root / "test.txt",
+            "--destdir",
+            root / "bin",
+            "--workers",
+            "1",
+        ],
+    )
     return root / "bin"
 
 
 @pytest.mark.slow
 def test_causal_ls_trains_with_long_right_padding(short_and_long_lines, tmp_path):
     """Issue 15 item 4: this command stopped at update 1 with 'gradients are Nan/Inf' (rows that see nothing)."""
-    train([short_and_long_lines, "--task", "language_modeling", "--arch", "transformer_lm_causal_ls",
-           "--attn-window-size", "4",
-           "--attn-chunk-size", "4", "--attn-num-landmarks", "1", "--sample-break-mode", "eos",
-           "--decoder-layers", "1", "--decoder-embed-dim", str(EMBED_DIM), "--decoder-ffn-embed-dim", "32",
-           "--decoder-attention-heads", str(NUM_HEADS), "--tokens-per-sample", "128", "--batch-size", "8",
-           "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "0.003", "--max-update", "4",
-           "--cpu", "--no-epoch-checkpoints", "--no-progress-bar", "--num-workers", "0", "--seed", "1",
-           "--save-dir", tmp_path])
+    train(
+        [
+            short_and_long_lines,
+            "--task",
+            "language_modeling",
+            "--arch",
+            "transformer_lm_causal_ls",
+            "--attn-window-size",
+            "4",
+            "--attn-chunk-size",
+            "4",
+            "--attn-num-landmarks",
+            "1",
+            "--sample-break-mode",
+            "eos",
+            "--decoder-layers",
+            "1",
+            "--decoder-embed-dim",
+            str(EMBED_DIM),
+            "--decoder-ffn-embed-dim",
+            "32",
+            "--decoder-attention-heads",
+            str(NUM_HEADS),
+            "--tokens-per-sample",
+            "128",
+            "--batch-size",
+            "8",
+            "--required-batch-size-multiple",
+            "1",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.003",
+            "--max-update",
+            "4",
+            "--cpu",
+            "--no-epoch-checkpoints",
+            "--no-progress-bar",
+            "--num-workers",
+            "0",
+            "--seed",
+            "1",
+            "--save-dir",
+            tmp_path,
+        ]
+    )
     state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu")
     assert state["optimizer_history"][-1]["num_updates"] == 4
 
@@ -592,8 +1003,32 @@ def test_every_lm_arch_trains_and_generates_with_default_options(arch, lm_data, 
     """Issue 15: fairseq-generate works for every transformer_lm_* arch, with the mechanism's defaults."""
     train([lm_data, "--arch", arch, *TINY_LM, "--max-update", "1", "--save-dir", tmp_path / "ck"])
     ckpt = tmp_path / "ck" / "checkpoint_last.pt"
-    hyps = generate([lm_data, "--task", "language_modeling", "--path", ckpt, "--beam", "2", "--max-len-b", "4",
-                     "--batch-size", "2", "--cpu", "--sample-break-mode", "eos", "--prefix-size", "2",
-                     "--tokens-per-sample", TOKENS_PER_SAMPLE, "--gen-subset", "test", "--num-workers", "0", *NO_DROP],
-                    tmp_path / "gen")
+    hyps = generate(
+        [
+            lm_data,
+            "--task",
+            "language_modeling",
+            "--path",
+            ckpt,
+            "--beam",
+            "2",
+            "--max-len-b",
+            "4",
+            "--batch-size",
+            "2",
+            "--cpu",
+            "--sample-break-mode",
+            "eos",
+            "--prefix-size",
+            "2",
+            "--tokens-per-sample",
+            TOKENS_PER_SAMPLE,
+            "--gen-subset",
+            "test",
+            "--num-workers",
+            "0",
+            *NO_DROP,
+        ],
+        tmp_path / "gen",
+    )
     assert len(hyps) == N_VALID

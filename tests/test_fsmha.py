@@ -1,14 +1,14 @@
 """``@fsmha``: our mechanisms inside fairseq's own transformer layers."""
+
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_fairseq
 
 from efficient_attention import MultiheadAttention, fsmha
-
-from conftest import require_fairseq
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,17 +51,34 @@ def _layers(causal: bool):
 
     class OurDecoderLayer(TransformerDecoderLayerBase):
         def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
-            return FSVanilla(embed_dim, cfg.decoder.attention_heads, dropout=cfg.attention_dropout,
-                             self_attention=True, causal=causal)
+            return FSVanilla(
+                embed_dim,
+                cfg.decoder.attention_heads,
+                dropout=cfg.attention_dropout,
+                self_attention=True,
+                causal=causal,
+            )
 
         def build_encoder_attention(self, embed_dim, cfg):
-            return FSVanilla(embed_dim, cfg.decoder.attention_heads, kdim=cfg.encoder.embed_dim,
-                             vdim=cfg.encoder.embed_dim, encoder_decoder_attention=True)
+            return FSVanilla(
+                embed_dim,
+                cfg.decoder.attention_heads,
+                kdim=cfg.encoder.embed_dim,
+                vdim=cfg.encoder.embed_dim,
+                encoder_decoder_attention=True,
+            )
 
-    cfg = TransformerConfig.from_namespace(Namespace(
-        decoder_embed_dim=16, decoder_ffn_embed_dim=32, decoder_attention_heads=4, encoder_embed_dim=16,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-    ))
+    cfg = TransformerConfig.from_namespace(
+        Namespace(
+            decoder_embed_dim=16,
+            decoder_ffn_embed_dim=32,
+            decoder_attention_heads=4,
+            encoder_embed_dim=16,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+        )
+    )
     torch.manual_seed(0)
     ours = OurDecoderLayer(cfg).eval()
     stock = TransformerDecoderLayerBase(cfg).eval()

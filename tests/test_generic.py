@@ -3,22 +3,13 @@
 A mechanism added to the registry is picked up here automatically; it only
 needs a float64 reference in ``tests/references/``.
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-
-from efficient_attention import (
-    Pattern,
-    UnsupportedInputError,
-    UnsupportedPatternError,
-    available_attentions,
-    build_attention,
-)
-from efficient_attention.masks import causal_mask
-
 from helpers import (
     BSZ,
     EMBED_DIM,
@@ -32,6 +23,15 @@ from helpers import (
     padding_mask,
 )
 from references import REFERENCES, get_reference
+
+from efficient_attention import (
+    Pattern,
+    UnsupportedInputError,
+    UnsupportedPatternError,
+    available_attentions,
+    build_attention,
+)
+from efficient_attention.masks import causal_mask
 
 ALL = mechanism_patterns()
 CAUSAL = mechanism_patterns(lambda caps, p: p.causal)
@@ -56,7 +56,9 @@ def _compare_rows(actual, expected, rows, dtype=torch.float64, msg=""):
 def test_every_mechanism_has_a_reference_and_documented_options(name):
     get_reference(name)
     cls = available_attentions()[name].cls
-    assert cls.__doc__ and len(cls.__doc__.strip()) > 40, f"{cls.__name__} needs a docstring (math, shapes, patterns, cost)"
+    assert cls.__doc__ and len(cls.__doc__.strip()) > 40, (
+        f"{cls.__name__} needs a docstring (math, shapes, patterns, cost)"
+    )
     for opt in cls.options().values():
         assert opt.help.strip(), f"option {opt.name} of {name} has no help"
 
@@ -143,8 +145,13 @@ def test_beam_reorder(name, pattern):
     expected, _ = m(q[:, order], k[:, order], v[:, order], need_weights=False)
     kk = k if pattern.cross else None
     vv = v if pattern.cross else None
-    _, state = decode(m, q[:cut], None if kk is None else (kk if static else kk[:cut]),
-                      None if vv is None else (vv if static else vv[:cut]), static_kv=static)
+    _, state = decode(
+        m,
+        q[:cut],
+        None if kk is None else (kk if static else kk[:cut]),
+        None if vv is None else (vv if static else vv[:cut]),
+        static_kv=static,
+    )
     m.reorder_incremental_state(state, order)
     rest_k = None if kk is None else (kk[:, order] if static else kk[cut:, order])
     rest_v = None if vv is None else (vv[:, order] if static else vv[cut:, order])
@@ -170,11 +177,18 @@ def test_decoding_state_size(name, pattern):
     state = {}
     sizes = []
     for t in range(x.shape[0]):
-        m(x[t : t + 1], None if k is None else k[t : t + 1], None if v is None else v[t : t + 1],
-          incremental_state=state, need_weights=False)
+        m(
+            x[t : t + 1],
+            None if k is None else k[t : t + 1],
+            None if v is None else v[t : t + 1],
+            incremental_state=state,
+            need_weights=False,
+        )
         sizes.append(sum(t_.numel() for buf in state.values() for t_ in buf.values() if isinstance(t_, torch.Tensor)))
     if caps.constant_state:
-        assert sizes[-1] == sizes[len(sizes) // 2], f"{name}: decoding state grows ({sizes[len(sizes) // 2]} -> {sizes[-1]})"
+        assert sizes[-1] == sizes[len(sizes) // 2], (
+            f"{name}: decoding state grows ({sizes[len(sizes) // 2]} -> {sizes[-1]})"
+        )
     else:
         assert sizes[-1] <= sizes[0] * x.shape[0] * 2
 
@@ -288,8 +302,14 @@ def test_unsupported_patterns_raise(name):
         if info.capabilities.supports(pattern):
             continue
         with pytest.raises(UnsupportedPatternError) as exc:
-            build_attention(name, embed_dim=EMBED_DIM, num_heads=NUM_HEADS, cross=pattern.cross, causal=pattern.causal,
-                            **get_reference(name).options)
+            build_attention(
+                name,
+                embed_dim=EMBED_DIM,
+                num_heads=NUM_HEADS,
+                cross=pattern.cross,
+                causal=pattern.causal,
+                **get_reference(name).options,
+            )
         assert isinstance(exc.value, AssertionError)
         msg = str(exc.value)
         assert info.cls.__name__ in msg and str(pattern) in msg
@@ -360,7 +380,9 @@ def test_static_kv_steps_may_repeat_the_source(name, pattern):
     full, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
     state, outs = {}, []
     for t in range(q.shape[0]):
-        out, _ = m(q[t : t + 1], k, v, key_padding_mask=kpm, incremental_state=state, static_kv=True, need_weights=False)
+        out, _ = m(
+            q[t : t + 1], k, v, key_padding_mask=kpm, incremental_state=state, static_kv=True, need_weights=False
+        )
         outs.append(out)
     assert_close(torch.cat(outs), full, torch.float32, msg=f"{name}: static_kv with the source repeated")
 
@@ -388,7 +410,9 @@ def test_decoding_attn_mask_rules(name, pattern):
     state, outs = {}, []
     for t in range(q.shape[0]):
         future = torch.zeros(1, t + 1)  # one new query against t + 1 keys: nothing is in its future
-        out, _ = m(q[t : t + 1], kk[t : t + 1], vv[t : t + 1], incremental_state=state, attn_mask=future, need_weights=False)
+        out, _ = m(
+            q[t : t + 1], kk[t : t + 1], vv[t : t + 1], incremental_state=state, attn_mask=future, need_weights=False
+        )
         outs.append(out)
     full, _ = m(q, k, v, need_weights=False)
     assert_close(torch.cat(outs), full, torch.float32, msg=f"{name}: decoding with the causal mask")

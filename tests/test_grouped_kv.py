@@ -1,11 +1,11 @@
 """Multi-query / grouped-query attention: equal to the full-head module with repeated K/V heads;
 the decoding cache holds only the key/value heads."""
+
 import pytest
 import torch
+from helpers import EMBED_DIM, NUM_HEADS, assert_close, build, decode, inputs
 
 from efficient_attention import Pattern
-
-from helpers import EMBED_DIM, NUM_HEADS, assert_close, build, decode, inputs
 
 MECHANISMS = ["vanilla", "block_sparse", "blockwise", "dilated", "landmark"]
 

@@ -1,4 +1,5 @@
 """``python -m efficient_attention info``: versions, kernel backends and mechanisms of this installation."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -84,14 +85,27 @@ def test_main_prints_info_and_table(capsys):
 
 def test_python_m_info_and_help_run():
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "efficient_attention", "info"], capture_output=True, text=True,
-                         check=True, cwd=ROOT, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "efficient_attention", "info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert "versions:" in out.stdout and "mechanisms:" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "efficient_attention", "--help"], capture_output=True, text=True,
-                         check=True, cwd=ROOT, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "efficient_attention", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert "info" in out.stdout and "table" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "efficient_attention", "inf"], capture_output=True, text=True,
-                         cwd=ROOT, env=env)
+    bad = subprocess.run(
+        [sys.executable, "-m", "efficient_attention", "inf"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 

@@ -1,4 +1,5 @@
 """The reference paths of the sparse ops against dense masked float64 attention."""
+
 import pytest
 import torch
 
@@ -32,8 +33,14 @@ def test_exclude_self_hides_only_the_diagonal():
     assert torch.equal(shared, plain | torch.eye(13, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("window", [LocalWindow.from_blocks(4, 1, 1, exclude_self=True),
-                                    LocalWindow.from_blocks(3, 1, 0, causal=True, exclude_self=True)], ids=str)
+@pytest.mark.parametrize(
+    "window",
+    [
+        LocalWindow.from_blocks(4, 1, 1, exclude_self=True),
+        LocalWindow.from_blocks(3, 1, 0, causal=True, exclude_self=True),
+    ],
+    ids=str,
+)
 def test_sliding_window_excluding_self_matches_dense(window):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 19, 8, generator=g, dtype=torch.float64) for _ in range(3))
@@ -60,10 +67,18 @@ def test_sliding_window_matches_dense(window, q_offset):
     ref, ref_lse = _dense(q, k, v, window.dense_mask(T, S, q_offset), kpm)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(lse, ref_lse)
-    assert torch.autograd.gradcheck(
-        lambda q, k, v: sliding_window_attention(q, k, v, window, key_padding_mask=kpm[1:])[0],
-        (q[1:, :1, :7].detach().requires_grad_(), k[1:, :1].detach().requires_grad_(), v[1:, :1].detach().requires_grad_()),
-    ) if q_offset == 0 else True
+    assert (
+        torch.autograd.gradcheck(
+            lambda q, k, v: sliding_window_attention(q, k, v, window, key_padding_mask=kpm[1:])[0],
+            (
+                q[1:, :1, :7].detach().requires_grad_(),
+                k[1:, :1].detach().requires_grad_(),
+                v[1:, :1].detach().requires_grad_(),
+            ),
+        )
+        if q_offset == 0
+        else True
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])

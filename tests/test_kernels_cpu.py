@@ -4,12 +4,16 @@ Every kernel is compared with the float64 reference path over random shapes, odd
 lengths, padding, empty rows and all dtypes; gradients (including through the
 log-sum-exp) likewise; gradcheck in float64; opcheck; a torch.compile smoke test.
 """
+
 import logging
 import os
 
 import pytest
 import torch
+from helpers import TOL
+from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
 
+from efficient_attention.block_mask import BlockMask
 from efficient_attention.kernels import (
     block_sparse_attention,
     choose_backend,
@@ -18,9 +22,6 @@ from efficient_attention.kernels import (
 )
 from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
 from efficient_attention.local_window import LocalWindow
-from efficient_attention.block_mask import BlockMask
-from helpers import TOL
-from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
 
 if cpu_extension() is None:
     if os.environ.get("EA_BUILD_EXT") == "0" or os.environ.get("EA_DISABLE_KERNELS", "0") not in ("", "0"):

@@ -3,16 +3,19 @@
 Run on the device with ``pytest tests/test_kernels_gpu.py``; the last run is recorded
 in ``benchmarks/README.md``.
 """
+
 import pytest
 import torch
+from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
 
 from efficient_attention.block_mask import BlockMask
 from efficient_attention.kernels import block_sparse_attention, choose_backend, sliding_window_attention
 from efficient_attention.kernels.dispatch import triton_reason
 from efficient_attention.local_window import LocalWindow
-from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
 
-pytestmark = pytest.mark.skipif(triton_reason() is not None, reason=f"Triton GPU kernels unavailable: {triton_reason()}")
+pytestmark = pytest.mark.skipif(
+    triton_reason() is not None, reason=f"Triton GPU kernels unavailable: {triton_reason()}"
+)
 
 # relative error bounds ||x - ref|| / ||ref|| per input dtype (fp32 runs the dots in IEEE fp32)
 REL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -52,8 +55,16 @@ def _check(out, lse, ref_out, ref_lse, inputs, ref_inputs, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("d", [32, 64, 128])
 # the last two windows take the wide-band tiles (span > 512 / > 1024 keys) of triton_ops.window_config
-@pytest.mark.parametrize("window", WINDOWS[:5] + [LocalWindow.sliding(300, 0, causal=True), LocalWindow.sliding(600, 0),
-                                    LocalWindow.sliding(1100, 0, causal=True)], ids=str)
+@pytest.mark.parametrize(
+    "window",
+    WINDOWS[:5]
+    + [
+        LocalWindow.sliding(300, 0, causal=True),
+        LocalWindow.sliding(600, 0),
+        LocalWindow.sliding(1100, 0, causal=True),
+    ],
+    ids=str,
+)
 def test_triton_sliding_window(window, d, dtype, loads):
     S = 333
     q_offset = 5 if window.group == 1 else 0
@@ -122,17 +133,26 @@ def test_triton_opcheck():
     ops = torch.ops.efficient_attention
     torch.library.opcheck(ops.triton_sliding_window.default, (q, k, v, kpm, 1, 16, 0, True, 0, 0.2))
     t = BlockMask.from_layout(layout, 64).tables()
-    torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, *t["row"], *t["col"], t["tiles"], 64, False,
-                                                           None, 0.2))
+    torch.library.opcheck(
+        ops.triton_block_sparse.default, (q, k, v, *t["row"], *t["col"], t["tiles"], 64, False, None, 0.2)
+    )
     tiled = BlockMask.from_pattern("strided", 100, 64, 2, causal=True, local_attn_ctx=7, device="cuda")
     t = tiled.tables()
-    torch.library.opcheck(ops.triton_block_sparse.default, (q, k, v, *t["row"], *t["col"], t["tiles"], 64, True,
-                                                           kpm, 0.2))
+    torch.library.opcheck(
+        ops.triton_block_sparse.default, (q, k, v, *t["row"], *t["col"], t["tiles"], 64, True, kpm, 0.2)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("pattern,bs,kw", [("strided", 64, dict(local_attn_ctx=37)), ("sliding", 128, dict(window=90)),
-                                           ("fixed", 16, dict(local_attn_ctx=80)), ("dilated", 32, dict(window=96))])
+@pytest.mark.parametrize(
+    "pattern,bs,kw",
+    [
+        ("strided", 64, dict(local_attn_ctx=37)),
+        ("sliding", 128, dict(window=90)),
+        ("fixed", 16, dict(local_attn_ctx=80)),
+        ("dilated", 32, dict(window=96)),
+    ],
+)
 def test_triton_block_mask_partial_blocks(pattern, bs, kw, dtype):
     T = 300
     bm = BlockMask.from_pattern(pattern, T, bs, 2, causal=True, device="cuda", **kw)
@@ -181,9 +201,15 @@ def test_triton_linear_attention(decay, T, S, m, d, dtype):
     for backend, cast in ((fast, lambda x: x), ("reference", lambda x: x.double())):
         ins = [cast(x).detach().requires_grad_() for x in (q, k, v)]
         h0 = cast(state[0]).detach().requires_grad_()
-        out, (h, z) = linear_attention(*ins, causal=True, log_decay=None if log_decay is None else cast(log_decay),
-                                       key_padding_mask=kpm, initial_state=(h0, cast(state[1])), return_state=True,
-                                       backend=backend)
+        out, (h, z) = linear_attention(
+            *ins,
+            causal=True,
+            log_decay=None if log_decay is None else cast(log_decay),
+            key_padding_mask=kpm,
+            initial_state=(h0, cast(state[1])),
+            return_state=True,
+            backend=backend,
+        )
         gen = torch.Generator(device="cuda").manual_seed(1)
         w = torch.randn(out.shape, device="cuda", generator=gen, dtype=torch.float64).to(out.dtype)
         grads = torch.autograd.grad((out * w).sum() + h.sum() + z.sum(), (*ins, h0))
@@ -196,8 +222,9 @@ def test_triton_linear_attention(decay, T, S, m, d, dtype):
         assert err < 3 * REL[dtype]
 
 
-@pytest.mark.parametrize("name,opts", [("performer", dict(approx_attn_dim=64)), ("cosformer", dict(max_len=1024)),
-                                       ("abc", {})])
+@pytest.mark.parametrize(
+    "name,opts", [("performer", dict(approx_attn_dim=64)), ("cosformer", dict(max_len=1024)), ("abc", {})]
+)
 def test_triton_linear_family_matches_float64(name, opts):
     from efficient_attention import build_attention
 
@@ -208,7 +235,7 @@ def test_triton_linear_family_matches_float64(name, opts):
     state = {}
     steps = [m(x[:200], x[:200], x[:200], incremental_state=state, need_weights=False)[0]]
     for t in range(200, 300):
-        steps.append(m(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state, need_weights=False)[0])
+        steps.append(m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)[0])
     ref = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
     assert _rel(out, ref) < 1e-5
     assert _rel(torch.cat(steps), ref) < 1e-5
@@ -239,10 +266,12 @@ def _landmark_ref(q, k, v, bs, kpm):
 
 # (dtype, head dim, block size): every block size and head dim in bf16, the other dtypes on fewer
 # (each combination compiles three kernels); fp32 with 128 x 128 tiles takes the PyTorch path
-LANDMARK_CASES = ([(torch.bfloat16, d, bs) for d in (32, 64, 128) for bs in (16, 32, 64, 128)]
-                  + [(torch.float16, 64, bs) for bs in (16, 64, 128)] + [(torch.float16, 128, 64)]
-                  + [(torch.float32, 64, 32), (torch.float32, 64, 64), (torch.float32, 128, 64),
-                     (torch.float32, 128, 128)])
+LANDMARK_CASES = (
+    [(torch.bfloat16, d, bs) for d in (32, 64, 128) for bs in (16, 32, 64, 128)]
+    + [(torch.float16, 64, bs) for bs in (16, 64, 128)]
+    + [(torch.float16, 128, 64)]
+    + [(torch.float32, 64, 32), (torch.float32, 64, 64), (torch.float32, 128, 64), (torch.float32, 128, 128)]
+)
 
 
 @pytest.mark.parametrize("dtype,d,bs", LANDMARK_CASES, ids=str)

@@ -5,6 +5,7 @@ The cases live in ``triton_interpreter_cases.py`` and run in a subprocess with
 reach the real GPU kernels of ``test_kernels_gpu.py`` in the same session.  Skipped where Triton
 is not installed (``scripts/setup_env.sh`` installs it).
 """
+
 import importlib.util
 import os
 import subprocess
@@ -23,7 +24,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_triton_kernels_in_interpreter_match_reference():
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, os.path.join(HERE, "triton_interpreter_cases.py")], env=env,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, os.path.join(HERE, "triton_interpreter_cases.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     assert "cases passed" in run.stdout

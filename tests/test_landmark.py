@@ -1,13 +1,13 @@
 """Landmark attention: the grouped softmax against the paper's formula, top-k retrieval when decoding."""
+
 import pytest
 import torch
-
-import efficient_attention as ea
-from efficient_attention.sparse.landmark import landmark_attention_formula, landmark_positions
-
 from helpers import decode
 from references.landmark import landmark_loop
 from sparse_reference import causal, dense_reference, rand_qkv
+
+import efficient_attention as ea
+from efficient_attention.sparse.landmark import landmark_attention_formula, landmark_positions
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 2])
@@ -29,7 +29,7 @@ def test_fixed_period_runs_block_by_block(monkeypatch):
     from efficient_attention.sparse import landmark as sl
 
     assert sl._fixed_period(landmark_positions(20, 5)[None]) == 5
-    assert sl._fixed_period(landmark_positions(3, 5)[None]) is None   # no landmark
+    assert sl._fixed_period(landmark_positions(3, 5)[None]) is None  # no landmark
     irregular = landmark_positions(20, 5)
     irregular[7] = True
     assert sl._fixed_period(irregular[None]) is None
@@ -52,7 +52,7 @@ def test_irregular_landmarks_per_batch_and_no_landmarks():
     is_mem[1, [4]] = True
     out = ea.landmark_token_attention(q, k, v, is_mem)
     for b in range(B):
-        torch.testing.assert_close(out[b:b + 1], landmark_loop(q[b:b + 1], k[b:b + 1], v[b:b + 1], is_mem[b]))
+        torch.testing.assert_close(out[b : b + 1], landmark_loop(q[b : b + 1], k[b : b + 1], v[b : b + 1], is_mem[b]))
     plain = ea.landmark_token_attention(q, k, v, torch.zeros(S, dtype=torch.bool))
     torch.testing.assert_close(plain, dense_reference(q, k, v, causal(S, S)))
 
@@ -64,8 +64,11 @@ def test_weights_sum_to_one_and_gradients_flow():
     torch.testing.assert_close(out, torch.ones_like(out))  # v = 1: the weights sum to 1
     assert torch.autograd.gradcheck(
         lambda q, k, v: ea.landmark_token_attention(q, k, v, landmark_positions(8, 3), block_size=4),
-        (q[:, :, :8].detach().requires_grad_(), k[:, :, :8].detach().requires_grad_(),
-         v[:, :, :8].detach().requires_grad_()),
+        (
+            q[:, :, :8].detach().requires_grad_(),
+            k[:, :, :8].detach().requires_grad_(),
+            v[:, :, :8].detach().requires_grad_(),
+        ),
         fast_mode=True,
     )
 
@@ -78,6 +81,7 @@ def test_decoding_retrieves_top_k_blocks():
     steps, state = decode(m, x)
     torch.testing.assert_close(steps, full)
     from references import merge_and_project, project_heads
+
     q, k, v = project_heads(m, x, x, x)
     want = merge_and_project(m, landmark_loop(q, k, v, landmark_positions(27, 4), top_k=2))
     torch.testing.assert_close(full, want)
@@ -111,9 +115,9 @@ def _rel(got, ref):
 
 def _padding(B, S, bs):
     kpm = torch.zeros(B, S, dtype=torch.bool)
-    kpm[0, :2] = True                    # left padding: the first rows of item 0 see nothing
-    kpm[-1, -3:] = True                  # right padding
-    kpm[-1, 2 * bs - 1] = True           # a padded landmark hides its block
+    kpm[0, :2] = True  # left padding: the first rows of item 0 see nothing
+    kpm[-1, -3:] = True  # right padding
+    kpm[-1, 2 * bs - 1] = True  # a padded landmark hides its block
     return kpm
 
 

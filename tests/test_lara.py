@@ -1,11 +1,11 @@
 """LARA-specific behaviour: padding is invisible, sampling only in training, short sequences."""
+
 import pytest
 import torch
-
-from efficient_attention import LARA, Lara
-
 from helpers import EMBED_DIM, NUM_HEADS, assert_close
 from references import get_reference
+
+from efficient_attention import LARA, Lara
 
 
 def make(**opts):
@@ -59,4 +59,3 @@ def test_fully_padded_sequence_has_finite_gradients():
     out, _ = m(x, key_padding_mask=kpm, need_weights=False)
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
-

@@ -5,6 +5,7 @@ layers below it, never from a layer above (imports inside functions count too).
 The old import paths of the compat modules keep re-exporting the same objects, and
 no public function or class name is defined twice.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,27 +16,59 @@ from typing import Dict, Iterator, List, Set, Tuple
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SOURCES = {"efficient_attention": ROOT / "efficient_attention",
-           "efficient_fairseq": ROOT / "plugins" / "efficient_fairseq",
-           "efficient_transformers": ROOT / "plugins" / "efficient_transformers"}
+SOURCES = {
+    "efficient_attention": ROOT / "efficient_attention",
+    "efficient_fairseq": ROOT / "plugins" / "efficient_fairseq",
+    "efficient_transformers": ROOT / "plugins" / "efficient_transformers",
+}
 
 # Lowest first.  A module belongs to the layer of the longest prefix that names it or a package above it;
 # "efficient_attention" itself (the package facade) is matched exactly.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("core", tuple(f"efficient_attention.{m}" for m in (
-        "errors", "options", "capabilities", "masks", "functional", "layouts", "block_mask", "local_window",
-        "quant_noise", "base", "registry"))),
+    (
+        "core",
+        tuple(
+            f"efficient_attention.{m}"
+            for m in (
+                "errors",
+                "options",
+                "capabilities",
+                "masks",
+                "functional",
+                "layouts",
+                "block_mask",
+                "local_window",
+                "quant_noise",
+                "base",
+                "registry",
+            )
+        ),
+    ),
     ("kernels", ("efficient_attention.kernels",)),
     ("mechanisms: functionals", ("efficient_attention.sparse",)),
     ("mechanisms: modules", ("efficient_attention.attentions",)),
     ("mechanisms: context parallel", ("efficient_attention.distributed",)),
-    ("compat", ("efficient_attention.compat",
-                # the older import paths, thin re-exports of compat modules
-                "efficient_attention.local_attention", "efficient_attention.sparse.openai",
-                "efficient_attention.sparse.attention_grid", "efficient_attention.sparse.mask_compat")),
+    (
+        "compat",
+        (
+            "efficient_attention.compat",
+            # the older import paths, thin re-exports of compat modules
+            "efficient_attention.local_attention",
+            "efficient_attention.sparse.openai",
+            "efficient_attention.sparse.attention_grid",
+            "efficient_attention.sparse.mask_compat",
+        ),
+    ),
     ("package facade", ("efficient_attention",)),
-    ("tools", ("efficient_attention.__main__", "efficient_attention.info", "efficient_attention.testing",
-               "efficient_attention.benchmark")),
+    (
+        "tools",
+        (
+            "efficient_attention.__main__",
+            "efficient_attention.info",
+            "efficient_attention.testing",
+            "efficient_attention.benchmark",
+        ),
+    ),
     ("plugins", ("efficient_fairseq", "efficient_transformers")),
 ]
 
@@ -71,8 +104,10 @@ def layer_of(module: str) -> int:
                 if len(prefix) > best_len:
                     best, best_len = index, len(prefix)
     if best is None:
-        raise AssertionError(f"module {module} is in no layer: add it to LAYERS in tests/test_layering.py "
-                             "(and to the diagram in docs/architecture.md)")
+        raise AssertionError(
+            f"module {module} is in no layer: add it to LAYERS in tests/test_layering.py "
+            "(and to the diagram in docs/architecture.md)"
+        )
     return best
 
 
@@ -108,9 +143,12 @@ def test_every_module_has_a_layer():
 def test_no_import_from_a_layer_above(module):
     own = layer_of(module)
     path = MODULES[module]
-    wrong = [f"{path.relative_to(ROOT)}:{line}: {module} (layer '{LAYERS[own][0]}') imports {target} "
-             f"(layer '{LAYERS[layer_of(target)][0]}', above it)"
-             for line, target in _imports(module, path) if layer_of(target) > own]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line}: {module} (layer '{LAYERS[own][0]}') imports {target} "
+        f"(layer '{LAYERS[layer_of(target)][0]}', above it)"
+        for line, target in _imports(module, path)
+        if layer_of(target) > own
+    ]
     assert not wrong, "\n".join(wrong + ["move the code down a layer or the caller up (docs/architecture.md)"])
 
 
@@ -148,13 +186,18 @@ def test_one_definition_per_public_name():
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
                 defined.setdefault(node.name, set()).add(module)
-    twice = {name: sorted(mods) for name, mods in defined.items()
-             if len(mods) > 1 and not mods <= SAME_NAME_ALLOWED.get(name, set())}
+    twice = {
+        name: sorted(mods)
+        for name, mods in defined.items()
+        if len(mods) > 1 and not mods <= SAME_NAME_ALLOWED.get(name, set())
+    }
     assert not twice, f"public names defined in several modules (give each thing one name): {twice}"
 
 
-@pytest.mark.parametrize("old, new", [("block_sparse_attention", "block_layout_attention"),
-                                      ("landmark_attention", "landmark_token_attention")])
+@pytest.mark.parametrize(
+    "old, new",
+    [("block_sparse_attention", "block_layout_attention"), ("landmark_attention", "landmark_token_attention")],
+)
 @pytest.mark.parametrize("package", ["efficient_attention", "efficient_attention.sparse"])
 def test_renamed_functionals_keep_their_old_name_with_a_warning(package, old, new):
     module = importlib.import_module(package)
@@ -162,4 +205,4 @@ def test_renamed_functionals_keep_their_old_name_with_a_warning(package, old, ne
         assert getattr(module, old) is getattr(module, new)
     assert old not in module.__all__
     with pytest.raises(AttributeError, match="no_such_name"):
-        getattr(module, "no_such_name")
+        _ = module.no_such_name

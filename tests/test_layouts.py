@@ -1,4 +1,5 @@
 """Layouts and mask_mods against their formulas."""
+
 import pytest
 import torch
 
@@ -56,14 +57,14 @@ def test_fixed_block_layout_matches_openai_rule():
     nb = N * 2 // bs
     got = L.fixed_layout(heads, nb, ctx, bs, nv, vs)
     stride = ctx // bs
-    groups = [list(range(stride - 1, -1, -1))[n * vs:(n + 1) * vs] for n in range(stride // vs)]
+    groups = [list(range(stride - 1, -1, -1))[n * vs : (n + 1) * vs] for n in range(stride // vs)]
     for h in range(heads):
         want = torch.zeros(nb, nb, dtype=torch.bool)
         for idx in groups[h % nv]:
             want[:, idx::stride] = True
         for r in range(nb):
-            want[r, (r // stride) * stride:(r // stride + 1) * stride] = True
-            want[r, r + 1:] = False
+            want[r, (r // stride) * stride : (r // stride + 1) * stride] = True
+            want[r, r + 1 :] = False
         assert torch.equal(got[h], want), h
     # the token pattern coarsens to the same blocks
     tok = L.make_layout("fixed", nb * bs, bs, heads, causal=True, local_attn_ctx=ctx, num_verts=nv, vertsize=vs)

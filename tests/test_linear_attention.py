@@ -3,6 +3,7 @@
 The Triton backend is checked by ``triton_interpreter_cases.py`` (CPU, Triton's interpreter) and
 ``test_kernels_gpu.py`` (GPU).
 """
+
 import pytest
 import torch
 
@@ -10,8 +11,12 @@ from efficient_attention.kernels import choose_backend, not_supported_reasons
 from efficient_attention.kernels.linear_attention import linear_attention
 
 DTYPES = [torch.float64, torch.float32]
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-8), torch.float32: dict(atol=2e-5, rtol=2e-4),
-       torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-8),
+    torch.float32: dict(atol=2e-5, rtol=2e-4),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+}
 
 
 def make(B=2, H=3, T=37, S=None, m=8, d=5, dtype=torch.float64, seed=0):
@@ -21,10 +26,12 @@ def make(B=2, H=3, T=37, S=None, m=8, d=5, dtype=torch.float64, seed=0):
     k = torch.rand(B, H, S, m, generator=g, dtype=torch.float64).to(dtype)
     v = torch.randn(B, H, S, d, generator=g, dtype=torch.float64).to(dtype)
     decay = -torch.rand(B, H, S, generator=g, dtype=torch.float64)
-    state = (torch.rand(B, H, m, d, generator=g, dtype=torch.float64),
-             torch.rand(B, H, m, generator=g, dtype=torch.float64))
+    state = (
+        torch.rand(B, H, m, d, generator=g, dtype=torch.float64),
+        torch.rand(B, H, m, generator=g, dtype=torch.float64),
+    )
     kpm = torch.zeros(B, S, dtype=torch.bool)
-    kpm[-1, S - 4:] = True
+    kpm[-1, S - 4 :] = True
     return q, k, v, decay, state, kpm
 
 
@@ -38,7 +45,7 @@ def recurrence(q, k, v, decay, state, kpm, normalize=True):
     offset = S - q.shape[2]
     outs = []
     for t in range(S):
-        e = torch.ones(B, H, 1, dtype=torch.float64) if decay is None else decay[..., t:t + 1].exp()
+        e = torch.ones(B, H, 1, dtype=torch.float64) if decay is None else decay[..., t : t + 1].exp()
         h = e.unsqueeze(-1) * h + k[..., t, :, None] * v[..., t, None, :]
         z = e * z + k[..., t, :]
         if t >= offset:
@@ -57,8 +64,18 @@ def test_causal_matches_the_recurrence(backend, with_state, with_decay, chunk, d
     q, k, v, decay, state, kpm = make(dtype=dtype)
     decay = decay if with_decay else None
     state = state if with_state else None
-    out, (h, z) = linear_attention(q, k, v, causal=True, log_decay=decay, key_padding_mask=kpm, initial_state=state,
-                                   return_state=True, chunk_size=chunk, backend=backend)
+    out, (h, z) = linear_attention(
+        q,
+        k,
+        v,
+        causal=True,
+        log_decay=decay,
+        key_padding_mask=kpm,
+        initial_state=state,
+        return_state=True,
+        chunk_size=chunk,
+        backend=backend,
+    )
     want, (wh, wz) = recurrence(q, k, v, decay, state, kpm)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(out.double(), want, **TOL[dtype])
@@ -70,15 +87,33 @@ def test_causal_matches_the_recurrence(backend, with_state, with_decay, chunk, d
 def test_fewer_queries_than_keys_are_the_last_positions(T, S):
     q, k, v, decay, state, kpm = make(T=T, S=S)
     for backend in ("chunked", "reference"):
-        out = linear_attention(q, k, v, causal=True, log_decay=decay, key_padding_mask=kpm, initial_state=state,
-                               chunk_size=8, backend=backend)
+        out = linear_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            log_decay=decay,
+            key_padding_mask=kpm,
+            initial_state=state,
+            chunk_size=8,
+            backend=backend,
+        )
         torch.testing.assert_close(out, recurrence(q, k, v, decay, state, kpm)[0], **TOL[torch.float64])
 
 
 def test_unnormalized_and_no_state_normaliser():
     q, k, v, decay, state, kpm = make()
-    out, (h, z) = linear_attention(q, k, v, causal=True, log_decay=decay, normalize=False, return_state=True,
-                                   initial_state=(state[0], None), chunk_size=7)
+    out, (h, z) = linear_attention(
+        q,
+        k,
+        v,
+        causal=True,
+        log_decay=decay,
+        normalize=False,
+        return_state=True,
+        initial_state=(state[0], None),
+        chunk_size=7,
+    )
     want, (wh, _) = recurrence(q, k, v, decay, state, None, normalize=False)
     torch.testing.assert_close(out, want, **TOL[torch.float64])
     torch.testing.assert_close(h, wh, **TOL[torch.float64])
@@ -99,10 +134,24 @@ def test_prefill_state_continues_exactly():
     """A prefill's final state handed to the next call equals one call over the whole sequence."""
     q, k, v, decay, _, _ = make(T=50)
     full = linear_attention(q, k, v, causal=True, log_decay=decay, chunk_size=8)
-    first, state = linear_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], causal=True, log_decay=decay[..., :30],
-                                    return_state=True, chunk_size=8)
-    second = linear_attention(q[:, :, 30:], k[:, :, 30:], v[:, :, 30:], causal=True, log_decay=decay[..., 30:],
-                              initial_state=state, chunk_size=8)
+    first, state = linear_attention(
+        q[:, :, :30],
+        k[:, :, :30],
+        v[:, :, :30],
+        causal=True,
+        log_decay=decay[..., :30],
+        return_state=True,
+        chunk_size=8,
+    )
+    second = linear_attention(
+        q[:, :, 30:],
+        k[:, :, 30:],
+        v[:, :, 30:],
+        causal=True,
+        log_decay=decay[..., 30:],
+        initial_state=state,
+        chunk_size=8,
+    )
     torch.testing.assert_close(torch.cat([first, second], dim=-2), full, **TOL[torch.float64])
 
 
@@ -124,8 +173,17 @@ def test_gradcheck_float64(causal):
     ins = [x.requires_grad_() for x in (q, k, v)]
 
     def fn(q, k, v, h0, z0):
-        out, (h, z) = linear_attention(q, k, v, causal=causal, log_decay=decay if causal else None,
-                                       key_padding_mask=kpm, initial_state=(h0, z0), return_state=True, chunk_size=4)
+        out, (h, z) = linear_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            log_decay=decay if causal else None,
+            key_padding_mask=kpm,
+            initial_state=(h0, z0),
+            return_state=True,
+            chunk_size=4,
+        )
         return out, h, z
 
     assert torch.autograd.gradcheck(fn, (*ins, h0, z0))
@@ -136,8 +194,16 @@ def test_chunked_and_reference_gradients_agree():
     grads = []
     for backend in ("chunked", "reference"):
         ins = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, (h, z) = linear_attention(*ins, causal=True, log_decay=decay, key_padding_mask=kpm, initial_state=state,
-                                       return_state=True, chunk_size=16, backend=backend)
+        out, (h, z) = linear_attention(
+            *ins,
+            causal=True,
+            log_decay=decay,
+            key_padding_mask=kpm,
+            initial_state=state,
+            return_state=True,
+            chunk_size=16,
+            backend=backend,
+        )
         (out.sin().sum() + h.sum() + z.sum()).backward()
         grads.append([x.grad for x in ins])
     for a, b in zip(*grads):
@@ -171,20 +237,23 @@ def test_dispatch_on_cpu_is_the_chunked_path_with_reasons_for_triton():
     assert any("features" in r for r in not_supported_reasons("linear_attention", wide, wide, wide)["triton"])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(q=torch.zeros(2, 3, 4)), "4-D"),
-    (dict(q=torch.zeros(2, 3, 4, 7)), "q"),
-    (dict(v=torch.zeros(2, 3, 5, 5)), "v"),
-    (dict(log_decay=torch.zeros(2, 3, 4), causal=False), "causal"),
-    (dict(log_decay=torch.zeros(2, 3, 5)), "log_decay"),
-    (dict(log_decay=torch.zeros(2, 3, 4, requires_grad=True)), "detached"),
-    (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), "key_padding_mask"),
-    (dict(initial_state=(torch.zeros(2, 3, 8, 5), None)), "normaliser"),
-    (dict(initial_state=(torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8))), "initial_state"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(backend="cuda"), "backend"),
-    (dict(q=torch.zeros(2, 3, 6, 8)), "T <= S"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q=torch.zeros(2, 3, 4)), "4-D"),
+        (dict(q=torch.zeros(2, 3, 4, 7)), "q"),
+        (dict(v=torch.zeros(2, 3, 5, 5)), "v"),
+        (dict(log_decay=torch.zeros(2, 3, 4), causal=False), "causal"),
+        (dict(log_decay=torch.zeros(2, 3, 5)), "log_decay"),
+        (dict(log_decay=torch.zeros(2, 3, 4, requires_grad=True)), "detached"),
+        (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), "key_padding_mask"),
+        (dict(initial_state=(torch.zeros(2, 3, 8, 5), None)), "normaliser"),
+        (dict(initial_state=(torch.zeros(2, 3, 8, 4), torch.zeros(2, 3, 8))), "initial_state"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(backend="cuda"), "backend"),
+        (dict(q=torch.zeros(2, 3, 6, 8)), "T <= S"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, match):
     args = dict(q=torch.zeros(2, 3, 4, 8), k=torch.zeros(2, 3, 4, 8), v=torch.zeros(2, 3, 4, 5), causal=True)
     args.update(kwargs)

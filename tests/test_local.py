@@ -1,12 +1,12 @@
 """LocalAttention specifics: options, the shared_qk rule, bounded decoding, bad input."""
+
 import pytest
 import torch
+from helpers import assert_close, decode
+from references.local import local_reference
 
 from efficient_attention import LocalAttention, Pattern
 from efficient_attention.local_window import cache_len
-
-from helpers import assert_close, decode
-from references.local import local_reference
 
 CONFIGS = [
     dict(causal=False, wsize=4, look_backward=1, look_forward=1),
@@ -52,7 +52,14 @@ def test_decoding_equals_full_and_cache_is_bounded(cfg):
 
 def test_defaults_and_alias():
     m = LocalAttention(16, 2)
-    assert (m.wsize, m.look_backward, m.look_forward, m.exact_windowsize, m.autopad, m.shared_qk) == (15, 1, 1, False, True, False)
+    assert (m.wsize, m.look_backward, m.look_forward, m.exact_windowsize, m.autopad, m.shared_qk) == (
+        15,
+        1,
+        1,
+        False,
+        True,
+        False,
+    )
     assert LocalAttention(16, 2, causal=True).look_forward == 0
     assert LocalAttention(16, 2, window_size=7).wsize == 7
     assert set(LocalAttention.options()) >= {"wsize", "window_size", "look_backward", "look_forward", "shared_qk"}
@@ -86,9 +93,13 @@ def test_cross_needs_aligned_lengths():
         m(q, torch.randn(6, 1, 16, dtype=torch.float64), torch.randn(6, 1, 16, dtype=torch.float64), need_weights=False)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(causal=True, look_forward=1), "look_forward"), (dict(shared_qk=True, kdim=8), "shared_qk"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(causal=True, look_forward=1), "look_forward"),
+        (dict(shared_qk=True, kdim=8), "shared_qk"),
+    ],
+)
 def test_bad_option_combinations(kw, match):
     """Single options are checked by tests/test_options.py; these rules involve the pattern or the dimensions."""
     with pytest.raises(ValueError, match=match):

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from references.local import local_rows
 
 from efficient_attention.compat.local_attention import LocalAttention, LocalTransformer
-
-from references.local import local_rows
 
 
 def _rope(x, pos, dim, zeta_power=None):
@@ -28,16 +27,26 @@ def _qkv(*shape, seed=0):
 
 def test_readme_example_causal_with_rotary():
     q, k, v = _qkv(2, 3, 48, 8)
-    attn = LocalAttention(dim=8, window_size=16, causal=True, look_backward=1, look_forward=0, dropout=0.1,
-                          exact_windowsize=False).eval()
+    attn = LocalAttention(
+        dim=8, window_size=16, causal=True, look_backward=1, look_forward=0, dropout=0.1, exact_windowsize=False
+    ).eval()
     mask = torch.ones((2, 48)).bool()
     mask[1, -5:] = False
     out = attn(q, k, v, mask=mask)
     assert out.shape == (2, 3, 48, 8)
     pos = torch.arange(48)
-    expected = local_rows(_rope(q, pos, 8).reshape(6, 1, 48, 8), _rope(k, pos, 8).reshape(6, 1, 48, 8),
-                          v.reshape(6, 1, 48, 8), wsize=16, look_backward=1, look_forward=0, causal=True, exact=False,
-                          shared_qk=False, key_pad=(~mask).repeat_interleave(3, 0))
+    expected = local_rows(
+        _rope(q, pos, 8).reshape(6, 1, 48, 8),
+        _rope(k, pos, 8).reshape(6, 1, 48, 8),
+        v.reshape(6, 1, 48, 8),
+        wsize=16,
+        look_backward=1,
+        look_forward=0,
+        causal=True,
+        exact=False,
+        shared_qk=False,
+        key_pad=(~mask).repeat_interleave(3, 0),
+    )
     torch.testing.assert_close(out, expected.reshape(2, 3, 48, 8))
 
 
@@ -45,8 +54,17 @@ def test_readme_example_shared_qk():
     qk, v, _ = _qkv(2, 3, 32, 8, seed=1)
     attn = LocalAttention(dim=8, window_size=8, shared_qk=True, causal=True, use_rotary_pos_emb=False)
     out = attn(qk, qk, v, mask=torch.ones((2, 32)).bool())
-    expected = local_rows(qk.reshape(6, 1, 32, 8), qk.reshape(6, 1, 32, 8), v.reshape(6, 1, 32, 8), wsize=8,
-                          look_backward=1, look_forward=0, causal=True, exact=False, shared_qk=True)
+    expected = local_rows(
+        qk.reshape(6, 1, 32, 8),
+        qk.reshape(6, 1, 32, 8),
+        v.reshape(6, 1, 32, 8),
+        wsize=8,
+        look_backward=1,
+        look_forward=0,
+        causal=True,
+        exact=False,
+        shared_qk=True,
+    )
     torch.testing.assert_close(out, expected.reshape(2, 3, 32, 8))
     # the first token sees only itself: it attends to itself
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
@@ -59,21 +77,46 @@ def test_readme_example_autopad_three_dims_and_shared_mask():
     mask[0, 3] = False
     out = attn(q, k, v, mask=mask)
     assert out.shape == (4, 37, 8)
-    expected = local_rows(q[:, None], k[:, None], v[:, None], wsize=8, look_backward=1, look_forward=0, causal=True,
-                          exact=False, shared_qk=False, key_pad=(~mask).expand(4, 37))
+    expected = local_rows(
+        q[:, None],
+        k[:, None],
+        v[:, None],
+        wsize=8,
+        look_backward=1,
+        look_forward=0,
+        causal=True,
+        exact=False,
+        shared_qk=False,
+        key_pad=(~mask).expand(4, 37),
+    )
     torch.testing.assert_close(out, expected[:, 0])
     with pytest.raises(ValueError, match="not a multiple of window_size=8"):
         LocalAttention(window_size=8, causal=True)(q, k, v)
 
 
-@pytest.mark.parametrize("kw", [dict(causal=False), dict(causal=False, look_backward=0, look_forward=2),
-                                dict(causal=True, exact_windowsize=True, look_backward=2)], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(causal=False),
+        dict(causal=False, look_backward=0, look_forward=2),
+        dict(causal=True, exact_windowsize=True, look_backward=2),
+    ],
+    ids=str,
+)
 def test_options_and_two_dim_inputs(kw):
     q, k, v = _qkv(24, 8, seed=3)
     out = LocalAttention(window_size=4, autopad=True, **kw)(q, k, v)
-    expected = local_rows(q[None, None], k[None, None], v[None, None], wsize=4, look_backward=kw.get("look_backward", 1),
-                          look_forward=kw.get("look_forward", 0 if kw["causal"] else 1), causal=kw["causal"],
-                          exact=kw.get("exact_windowsize", False), shared_qk=False)
+    expected = local_rows(
+        q[None, None],
+        k[None, None],
+        v[None, None],
+        wsize=4,
+        look_backward=kw.get("look_backward", 1),
+        look_forward=kw.get("look_forward", 0 if kw["causal"] else 1),
+        causal=kw["causal"],
+        exact=kw.get("exact_windowsize", False),
+        shared_qk=False,
+    )
     torch.testing.assert_close(out, expected[0, 0])
 
 
@@ -83,12 +126,23 @@ def test_xpos_scores_decay_with_distance_only():
     pos = torch.arange(16)
     qx = _rope(q[0, 0], pos, 8, pos / 8.0)
     kx = _rope(k[0, 0], pos, 8, -pos / 8.0)
-    expected = local_rows(qx[None, None], kx[None, None], v, wsize=4, look_backward=1, look_forward=0, causal=True,
-                          exact=False, shared_qk=False)
+    expected = local_rows(
+        qx[None, None],
+        kx[None, None],
+        v,
+        wsize=4,
+        look_backward=1,
+        look_forward=0,
+        causal=True,
+        exact=False,
+        shared_qk=False,
+    )
     torch.testing.assert_close(attn(q, k, v), expected)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(exact_windowsize=True), dict(shared_qk=True), dict(use_xpos=True)], ids=str)
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(exact_windowsize=True), dict(shared_qk=True), dict(use_xpos=True)], ids=str
+)
 def test_step_decoding_equals_forward_with_bounded_cache(kw):
     q, k, v = _qkv(2, 2, 21, 8, seed=5)
     attn = LocalAttention(window_size=4, causal=True, dim=8, autopad=True, **kw)
@@ -105,8 +159,9 @@ def test_step_decoding_equals_forward_with_bounded_cache(kw):
 
 def test_local_transformer_readme_example_and_loss():
     torch.manual_seed(0)
-    model = LocalTransformer(num_tokens=32, dim=32, depth=2, max_seq_len=64, causal=True, local_attn_window_size=8,
-                             heads=2, dim_head=16)
+    model = LocalTransformer(
+        num_tokens=32, dim=32, depth=2, max_seq_len=64, causal=True, local_attn_window_size=8, heads=2, dim_head=16
+    )
     x = torch.randint(0, 32, (2, 40))
     logits = model(x)
     assert logits.shape == (2, 40, 32)
@@ -121,27 +176,35 @@ def test_local_transformer_readme_example_and_loss():
 
 def test_generate_with_cache_matches_recomputation():
     torch.manual_seed(0)
-    model = LocalTransformer(num_tokens=32, dim=32, depth=2, max_seq_len=18, causal=True, local_attn_window_size=4,
-                             heads=2, dim_head=16).eval()
+    model = LocalTransformer(
+        num_tokens=32, dim=32, depth=2, max_seq_len=18, causal=True, local_attn_window_size=4, heads=2, dim_head=16
+    ).eval()
     prime = torch.randint(0, 32, (2, 5))
     seq = torch.randint(0, 32, (2, 13))
     full = model(torch.cat([prime, seq], 1))
     logits, caches = model.forward_step(prime)
     steps = [logits]
     for t in range(13):
-        logits, caches = model.forward_step(seq[:, t:t + 1], caches)
+        logits, caches = model.forward_step(seq[:, t : t + 1], caches)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
     assert caches[0]["k"].shape[2] == 4 - 1 + 4
     torch.manual_seed(1)
-    a = model.generate(prime, 16, temperature=1.0, filter_thres=0.9)   # crosses max_seq_len: falls back
+    a = model.generate(prime, 16, temperature=1.0, filter_thres=0.9)  # crosses max_seq_len: falls back
     torch.manual_seed(1)
     b = model.generate(prime, 16, temperature=1.0, filter_thres=0.9, use_cache=False)
     assert a.shape == (2, 16) and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kw,err", [(dict(window_size=0), ValueError), (dict(window_size=4, causal=True, look_forward=1), ValueError),
-                                    (dict(window_size=4, look_backward=-1), ValueError), (dict(window_size=4, use_xpos=True), ValueError)])
+@pytest.mark.parametrize(
+    "kw,err",
+    [
+        (dict(window_size=0), ValueError),
+        (dict(window_size=4, causal=True, look_forward=1), ValueError),
+        (dict(window_size=4, look_backward=-1), ValueError),
+        (dict(window_size=4, use_xpos=True), ValueError),
+    ],
+)
 def test_bad_options(kw, err):
     with pytest.raises(err):
         LocalAttention(**kw)

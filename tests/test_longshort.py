@@ -1,11 +1,11 @@
 """Long-Short specifics: the front, longer sequences against the reference, bounded memories, bad input."""
+
 import pytest
 import torch
-
-from efficient_attention import AttentionLS, CausalLS, LongShort, UnsupportedPatternError
-
 from helpers import assert_close, decode
 from references.longshort import longshort_reference
+
+from efficient_attention import AttentionLS, CausalLS, LongShort, UnsupportedPatternError
 
 OPTS = dict(window_size=3, num_landmarks=4, chunk_size=3, chunk_rank=2)
 

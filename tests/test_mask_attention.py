@@ -1,12 +1,12 @@
 """mask_attention: scores / weights / output against dense float64; block masks take the block-sparse path."""
+
 import pytest
 import torch
+from sparse_reference import dense_reference, rand_qkv
 
 import efficient_attention as ea
-from efficient_attention.sparse import masked
 from efficient_attention.compat.mask_attention import mask_attn
-
-from sparse_reference import dense_reference, rand_qkv
+from efficient_attention.sparse import masked
 
 
 def test_scores_weights_and_output_match_dense():
@@ -18,7 +18,9 @@ def test_scores_weights_and_output_match_dense():
     full = (q @ k.transpose(-1, -2)) * 8**-0.5
     torch.testing.assert_close(scores, torch.where(mask, full, torch.full_like(full, -7.0)))
     weights = ea.mask_attention(q, k, mask=mask, return_weights=True)
-    torch.testing.assert_close(weights, dense_reference(q, k, torch.eye(28, dtype=torch.float64).expand(2, 3, 28, 28), mask))
+    torch.testing.assert_close(
+        weights, dense_reference(q, k, torch.eye(28, dtype=torch.float64).expand(2, 3, 28, 28), mask)
+    )
     out = ea.mask_attention(q, k, v, mask=mask)
     want = dense_reference(q, k, v, mask)
     torch.testing.assert_close(out, want)
@@ -37,7 +39,9 @@ def test_block_structured_masks_route_to_block_sparse(monkeypatch):
     assert masked.block_structure(mask)[0] == 32
     calls = []
     real = masked.kernels.block_sparse_attention
-    monkeypatch.setattr(masked.kernels, "block_sparse_attention", lambda *a, **kw: calls.append(a[3].block_size) or real(*a, **kw))
+    monkeypatch.setattr(
+        masked.kernels, "block_sparse_attention", lambda *a, **kw: calls.append(a[3].block_size) or real(*a, **kw)
+    )
     out = ea.mask_attention(q, k, v, mask=mask)
     assert calls == [32]
     torch.testing.assert_close(out, dense_reference(q, k, v, mask))
@@ -85,8 +89,12 @@ def test_cost_follows_allowed_entries():
 def test_mask_attn_compat():
     q = torch.randn(2, 4, 3)
     k = torch.randn(2, 4, 3)
-    m = torch.tensor([[[1., 1, 1, 1], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0]],
-                      [[1., 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 1]]])
+    m = torch.tensor(
+        [
+            [[1.0, 1, 1, 1], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0]],
+            [[1.0, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 1]],
+        ]
+    )
     w = mask_attn(tensor1=q, tensor2=k, mask_to_attend_to=m == 0, fill=-1e6)
     want = torch.where(m == 0, q @ k.transpose(-1, -2), torch.full((2, 4, 4), -1e6))
     torch.testing.assert_close(w, want)

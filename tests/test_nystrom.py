@@ -1,11 +1,11 @@
 """Nyströmformer-specific behaviour: exactness for short inputs, 1/sqrt(d), padding, pinv, half precision."""
+
 import pytest
 import torch
+from helpers import EMBED_DIM, NUM_HEADS, assert_close
 
 from efficient_attention import MultiheadAttention, NystromAttention, Nystromformer
 from efficient_attention.attentions.nystrom import iterative_pinv
-
-from helpers import EMBED_DIM, NUM_HEADS, assert_close
 
 
 def make(**opts):
@@ -90,4 +90,3 @@ def test_conv_kernel_adds_a_value_convolution():
     torch.nn.init.zeros_(m.conv.weight)
     without, _ = m(x, need_weights=False)
     assert (with_conv - without).abs().max() > 1e-6
-

@@ -1,5 +1,6 @@
 """The option spec (``efficient_attention.options``): one generic test over the registry replaces the
 per-mechanism bad-option tests; every bad value is derived from the option's declared rule."""
+
 from __future__ import annotations
 
 import typing
@@ -8,6 +9,8 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
+from helpers import EMBED_DIM, NUM_HEADS
+from references import get_reference
 
 import efficient_attention as ea
 from efficient_attention import EfficientAttention, Pattern, available_attentions, build_attention
@@ -20,9 +23,6 @@ from efficient_attention.options import (
     option_specs,
     positive_int,
 )
-
-from helpers import EMBED_DIM, NUM_HEADS
-from references import get_reference
 
 INFOS = available_attentions()
 NAMES = sorted(INFOS)
@@ -66,8 +66,9 @@ def _build(name, **options):
     pattern = next(p for p in Pattern if caps.supports(p))
     kw = dict(get_reference(name).options)
     kw.update(options)
-    return build_attention(name, embed_dim=EMBED_DIM, num_heads=NUM_HEADS, cross=pattern.cross, causal=pattern.causal,
-                           **kw)
+    return build_attention(
+        name, embed_dim=EMBED_DIM, num_heads=NUM_HEADS, cross=pattern.cross, causal=pattern.causal, **kw
+    )
 
 
 @pytest.mark.parametrize("name,option_name,value,exc", list(_cases()))

@@ -7,6 +7,7 @@ chosen from the registry by capability (a non-vanilla one where registered),
 and one test registers its own mechanisms through a second ``--lib`` module,
 as a user would.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,9 +19,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from references import REFERENCES
 
 from efficient_attention import Pattern, available_attentions
-from references import REFERENCES
 
 if importlib.util.find_spec("paragen") is None:
     pytest.skip(
@@ -34,12 +35,25 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "paragen"
 SMALL_MODEL = ["--task.model.d_model", "32"] + [
-    arg for side in ("encoder", "decoder")
-    for arg in (f"--task.model.{side}.num_layers", "1", f"--task.model.{side}.d_model", "32",
-                f"--task.model.{side}.dim_feedforward", "64")
+    arg
+    for side in ("encoder", "decoder")
+    for arg in (
+        f"--task.model.{side}.num_layers",
+        "1",
+        f"--task.model.{side}.d_model",
+        "32",
+        f"--task.model.{side}.dim_feedforward",
+        "64",
+    )
 ]
-FEW_STEPS = ["--task.trainer.max_steps", "4", "--task.trainer.validate_interval_step", "4",
-             "--task.trainer.log_interval", "2"]
+FEW_STEPS = [
+    "--task.trainer.max_steps",
+    "4",
+    "--task.trainer.validate_interval_step",
+    "4",
+    "--task.trainer.log_interval",
+    "2",
+]
 
 
 def _paragen_run() -> str:
@@ -52,8 +66,11 @@ def _paragen_run() -> str:
 
 def _pick(pattern: Pattern, incremental: bool = False):
     """A non-vanilla mechanism with ``pattern`` if one is registered (else vanilla), with its test options."""
-    names = [n for n, info in available_attentions().items()
-             if info.capabilities.supports(pattern) and (info.capabilities.incremental or not incremental)]
+    names = [
+        n
+        for n, info in available_attentions().items()
+        if info.capabilities.supports(pattern) and (info.capabilities.incremental or not incremental)
+    ]
     name = next((n for n in names if n != "vanilla"), "vanilla")
     return name, dict(REFERENCES[name].options) if name in REFERENCES else {}
 
@@ -77,8 +94,11 @@ def run(workdir: Path, config: str, *args: str, lib: str = "efficient_transforme
 @pytest.fixture
 def workdir(tmp_path):
     assert ROOT not in tmp_path.parents
-    subprocess.run([sys.executable, str(EXAMPLES / "make_data.py"), str(tmp_path / "data"), "--scale", "0.05"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(EXAMPLES / "make_data.py"), str(tmp_path / "data"), "--scale", "0.05"],
+        check=True,
+        capture_output=True,
+    )
     return tmp_path
 
 
@@ -86,8 +106,16 @@ def _train_and_evaluate(workdir: Path, attention_args):
     run(workdir, "translation.yaml", *SMALL_MODEL, *FEW_STEPS, *attention_args)
     checkpoint = workdir / "checkpoints" / "last.pt"
     assert checkpoint.exists()
-    proc = run(workdir, "translation.yaml", *SMALL_MODEL, *attention_args, "--task.mode", "evaluate",
-               "--task.model.path", str(checkpoint))
+    proc = run(
+        workdir,
+        "translation.yaml",
+        *SMALL_MODEL,
+        *attention_args,
+        "--task.mode",
+        "evaluate",
+        "--task.model.path",
+        str(checkpoint),
+    )
     log = proc.stdout + proc.stderr
     assert "test.bleu" in log, log[-3000:]
     hypos = list((workdir / "hypos").glob("*"))
@@ -99,14 +127,16 @@ def test_translation_trains_then_evaluates_from_checkpoint(workdir):
     enc = _pick(Pattern.NONCAUSAL_SELF)
     dec = _pick(Pattern.CAUSAL_SELF, incremental=True)
     cross = _pick(Pattern.NONCAUSAL_CROSS)
-    args = (_attention_args("task.model.encoder.attention", *enc)
-            + _attention_args("task.model.decoder.self_attention", *dec)
-            + _attention_args("task.model.decoder.cross_attention", *cross))
+    args = (
+        _attention_args("task.model.encoder.attention", *enc)
+        + _attention_args("task.model.decoder.self_attention", *dec)
+        + _attention_args("task.model.decoder.cross_attention", *cross)
+    )
     log = _train_and_evaluate(workdir, args)
     assert f"'name': '{enc[0]}'" in log or f'"name": "{enc[0]}"' in log
 
 
-USER_MECHANISMS = '''
+USER_MECHANISMS = """
 from efficient_attention import Capabilities, MultiheadAttention, Pattern, register_attention
 
 @register_attention("user_noncausal")
@@ -116,31 +146,54 @@ class UserNoncausal(MultiheadAttention):
 @register_attention("user_no_incremental")
 class UserNoIncremental(MultiheadAttention):
     capabilities = Capabilities(patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=False)
-'''
+"""
 
 
 def test_user_mechanisms_registered_through_a_second_lib(workdir):
     """Mechanisms from the user's own module; the decoder's has no incremental decoding (recomputed prefix)."""
     (workdir / "user_mechs.py").write_text(textwrap.dedent(USER_MECHANISMS))
     lib = "efficient_transformers,user_mechs"
-    args = ["--task.model.encoder.attention.name", "user_noncausal",
-            "--task.model.decoder.self_attention.name", "user_no_incremental",
-            "--task.model.decoder.cross_attention.name", "user_noncausal"]
+    args = [
+        "--task.model.encoder.attention.name",
+        "user_noncausal",
+        "--task.model.decoder.self_attention.name",
+        "user_no_incremental",
+        "--task.model.decoder.cross_attention.name",
+        "user_noncausal",
+    ]
     run(workdir, "translation.yaml", *SMALL_MODEL, *FEW_STEPS, *args, lib=lib)
-    proc = run(workdir, "translation.yaml", *SMALL_MODEL, *args, "--task.mode", "evaluate",
-               "--task.model.path", str(workdir / "checkpoints" / "last.pt"), lib=lib)
+    proc = run(
+        workdir,
+        "translation.yaml",
+        *SMALL_MODEL,
+        *args,
+        "--task.mode",
+        "evaluate",
+        "--task.model.path",
+        str(workdir / "checkpoints" / "last.pt"),
+        lib=lib,
+    )
     log = proc.stdout + proc.stderr
     assert "test.bleu" in log and "has no incremental decoding" in log
 
 
 def test_unsupported_pattern_fails_at_build_naming_layer(workdir):
     (workdir / "user_mechs.py").write_text(textwrap.dedent(USER_MECHANISMS))
-    proc = run(workdir, "translation.yaml", *SMALL_MODEL, *FEW_STEPS,
-               "--task.model.decoder.self_attention.name", "user_noncausal",
-               lib="efficient_transformers,user_mechs", check=False)
+    proc = run(
+        workdir,
+        "translation.yaml",
+        *SMALL_MODEL,
+        *FEW_STEPS,
+        "--task.model.decoder.self_attention.name",
+        "user_noncausal",
+        lib="efficient_transformers,user_mechs",
+        check=False,
+    )
     assert proc.returncode != 0
-    assert ("decoder layer 0 self_attention: attention 'user_noncausal' does not support causal self attention"
-            in proc.stdout + proc.stderr)
+    assert (
+        "decoder layer 0 self_attention: attention 'user_noncausal' does not support causal self attention"
+        in proc.stdout + proc.stderr
+    )
 
 
 def test_unknown_mechanism_lists_registered(workdir):
@@ -151,8 +204,14 @@ def test_unknown_mechanism_lists_registered(workdir):
 
 def test_masked_lm_trains_and_validates(workdir):
     name, options = _pick(Pattern.NONCAUSAL_SELF)
-    proc = run(workdir, "masked_lm.yaml", "--task.model.encoder.num_layers", "1",
-               *_attention_args("task.model.encoder.attention", name, options), *FEW_STEPS)
+    proc = run(
+        workdir,
+        "masked_lm.yaml",
+        "--task.model.encoder.num_layers",
+        "1",
+        *_attention_args("task.model.encoder.attention", name, options),
+        *FEW_STEPS,
+    )
     assert "best.valid.criterion" in proc.stdout + proc.stderr
     assert (workdir / "checkpoints-mlm" / "last.pt").exists()
 
@@ -165,8 +224,16 @@ def _paragen_decoder(self_attention):
     import efficient_transformers  # noqa: F401  (registers with ParaGen)
 
     torch.manual_seed(0)
-    dec = create_decoder({"class": "EfficientTransformerDecoder", "num_layers": 2, "d_model": 16, "n_head": 4,
-                          "dim_feedforward": 32, "self_attention": self_attention})
+    dec = create_decoder(
+        {
+            "class": "EfficientTransformerDecoder",
+            "num_layers": 2,
+            "d_model": 16,
+            "n_head": 4,
+            "dim_feedforward": 32,
+            "self_attention": self_attention,
+        }
+    )
     embed = torch.nn.Embedding(30, 16, padding_idx=1)
     dec.build(embed=embed, special_tokens={"pad": 1, "bos": 2, "eos": 3, "unk": 0}, out_proj=None)
     return dec.eval()

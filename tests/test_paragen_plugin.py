@@ -4,6 +4,7 @@ Mechanisms: ``vanilla`` plus every registered mechanism with the capability a
 test needs (chosen from the registry at collection time, built with the
 options of its float64 reference), so new mechanisms are covered as they land.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TOL
+from references import REFERENCES
 
 from efficient_attention import (
     Capabilities,
@@ -24,8 +27,6 @@ from efficient_attention import (
 )
 from efficient_attention import registry as ea_registry
 from efficient_transformers import AttentionSpec, EfficientDecoder, EfficientEncoder
-from helpers import TOL
-from references import REFERENCES
 
 ROOT = Path(__file__).resolve().parents[1]
 V, PAD, D, H = 23, 1, 16, 4
@@ -42,7 +43,8 @@ def _lengths(name):
 
 def _with(*patterns, incremental=False):
     return sorted(
-        n for n, info in available_attentions().items()
+        n
+        for n, info in available_attentions().items()
         if all(info.capabilities.supports(p) for p in patterns) and (info.capabilities.incremental or not incremental)
     )
 
@@ -63,7 +65,9 @@ def decoder(self_attention="vanilla", cross_attention="vanilla", seed=0, **kw):
     torch.manual_seed(seed)
     emb = torch.nn.Embedding(V, D, padding_idx=PAD)
     kw = {**dict(num_layers=2, d_model=D, n_head=H, dim_feedforward=32), **kw}
-    return EfficientDecoder(emb, PAD, self_attention=self_attention, cross_attention=cross_attention, **kw).double().eval()
+    return (
+        EfficientDecoder(emb, PAD, self_attention=self_attention, cross_attention=cross_attention, **kw).double().eval()
+    )
 
 
 def tokens(bsz, length, seed=0):
@@ -75,7 +79,7 @@ def memory(bsz, length, seed=0):
     g = torch.Generator().manual_seed(seed)
     mem = torch.randn(length, bsz, D, generator=g, dtype=torch.float64)
     pad = torch.zeros(bsz, length, dtype=torch.bool)
-    pad[1, length - 3:] = True
+    pad[1, length - 3 :] = True
     return mem, pad
 
 
@@ -142,8 +146,11 @@ def test_option_type_is_checked():
 
 
 def test_option_rule_is_checked_from_the_spec():
-    with pytest.raises(ValueError, match=r"encoder attention: attention option approx_attn_dim must be a positive "
-                                         r"integer, got 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"encoder attention: attention option approx_attn_dim must be a positive "
+        r"integer, got 0",
+    ):
         encoder(attention={"name": "performer", "approx_attn_dim": 0})
     with pytest.raises(ValueError, match=r"decoder self_attention: .*act_fun must be one of 'relu', 'elu', got 'gelu'"):
         decoder(self_attention={"name": "cosformer", "act_fun": "gelu"})
@@ -167,8 +174,11 @@ def test_options_reach_the_module_by_keyword():
 
 
 def test_unsupported_pattern_names_layer_and_pattern(noncausal_only):
-    with pytest.raises(UnsupportedPatternError, match=r"decoder layer 0 self_attention: attention 'test_noncausal_only' "
-                                                      r"does not support causal self attention"):
+    with pytest.raises(
+        UnsupportedPatternError,
+        match=r"decoder layer 0 self_attention: attention 'test_noncausal_only' "
+        r"does not support causal self attention",
+    ):
         decoder(self_attention=noncausal_only)
     # the same mechanism is fine where its pattern is
     encoder(attention=noncausal_only)
@@ -357,6 +367,9 @@ def test_causal_mechanism_without_padding_support_takes_right_padded_targets(mon
     padded[1, 4:] = PAD
     close(dec(padded, mem, mpm)[1, :4], dec(tgt[1:2, :4], mem[:, 1:2], mpm[1:2])[0])
     padded[0, 0] = PAD
-    with pytest.raises(UnsupportedInputError, match="decoder layer 0 self_attention 'test_no_padding' does not support "
-                                                    "key_padding_mask and the target has padding before real tokens"):
+    with pytest.raises(
+        UnsupportedInputError,
+        match="decoder layer 0 self_attention 'test_no_padding' does not support "
+        "key_padding_mask and the target has padding before real tokens",
+    ):
         dec(padded, mem, mpm)

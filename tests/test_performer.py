@@ -1,13 +1,13 @@
 """Performer-specific behaviour: feature buffers, redrawing, long causal inputs, stability."""
+
 import math
 
 import pytest
 import torch
-
-from efficient_attention import MultiheadAttention, Performer
-
 from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
 from references import get_reference
+
+from efficient_attention import MultiheadAttention, Performer
 
 
 def make(causal=False, cross=False, **opts):
@@ -21,7 +21,10 @@ def favor_dense(m, x, causal):
     k = torch.nn.functional.linear(x, m.k_proj.weight, m.k_proj.bias)
     v = torch.nn.functional.linear(x, m.v_proj.weight, m.v_proj.bias)
     length, bsz, _ = x.shape
-    split = lambda t: t.view(length, bsz, NUM_HEADS, -1).permute(1, 2, 0, 3)
+
+    def split(t):
+        return t.view(length, bsz, NUM_HEADS, -1).permute(1, 2, 0, 3)
+
     q, k, v = split(q), split(k), split(v)
     d = q.shape[-1]
     w = m.projection_matrix

@@ -1,11 +1,11 @@
 """Configuration mistakes in the fairseq path end the program with one line, not a traceback."""
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import require_fairseq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,8 +18,9 @@ install_user_error_hook()
 
 def _run(raise_, **env):
     full = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "plugins")]), **env)
-    return subprocess.run([sys.executable, "-c", CODE.format(raise_=raise_)], capture_output=True, text=True,
-                          cwd=ROOT, env=full)
+    return subprocess.run(
+        [sys.executable, "-c", CODE.format(raise_=raise_)], capture_output=True, text=True, cwd=ROOT, env=full
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +43,9 @@ def test_traceback_on_demand_and_for_other_errors():
 
 
 def test_resolve_role_errors_are_marked_and_suggest():
-    from efficient_fairseq.options import resolve_role
     from types import SimpleNamespace
+
+    from efficient_fairseq.options import resolve_role
 
     with pytest.raises(ValueError, match=r"did you mean 'performer'") as exc:
         resolve_role(SimpleNamespace(decoder_attention="perfomer"), "decoder", ("attn",))

@@ -1,13 +1,13 @@
 """ProbSparse specifics: sample counts, determinism, the running top-u, bad input."""
+
 import math
 
 import pytest
 import torch
+from helpers import assert_close, decode
 
 from efficient_attention import AttentionMasks, ProbSparse, UnsupportedPatternError
 from efficient_attention.attentions.probsparse import hash_samples, log_count, log_counts
-
-from helpers import assert_close, decode
 
 
 def test_sample_count_follows_c_ceil_ln_l():
@@ -61,8 +61,7 @@ def test_noncausal_selects_top_u_queries():
     x = torch.randn(20, 1, 16, dtype=torch.float64)
     q = m.q_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3)
     v = m.v_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3)
-    out = m._attend(q, m.k_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3), v,
-                    AttentionMasks(), False)[0]
+    out = m._attend(q, m.k_proj(x).view(20, 1, 2, 8).permute(1, 2, 0, 3), v, AttentionMasks(), False)[0]
     lazy = (out - v.mean(2, keepdim=True)).abs().amax(-1) < 1e-12
     assert int((~lazy).sum(-1).max()) <= log_count(1, 20)
 

@@ -9,6 +9,7 @@
 Examples are bounded; with ``CI`` set (or ``HYPOTHESIS_PROFILE=ci``) the
 search is derandomised so a CI run is reproducible.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,12 +18,11 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from helpers import EMBED_DIM, assert_close, build, case_id, decode, mechanism_patterns  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from efficient_attention import Pattern, available_attentions  # noqa: E402
-
-from helpers import EMBED_DIM, assert_close, build, case_id, decode, mechanism_patterns  # noqa: E402
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=10, derandomize=True, **_COMMON)
@@ -73,14 +73,25 @@ def test_future_never_changes_the_past(name, pattern, lengths, cut, seed):
     else:
         k2 = v2 = q2
     out2, _ = m(q2, k2, v2, key_padding_mask=kpm, need_weights=False)
-    torch.testing.assert_close(out2[: cut + 1], out[: cut + 1], atol=1e-10, rtol=0,
-                               msg=lambda s: f"{name} {pattern}: a future position changed an earlier output\n{s}")
+    torch.testing.assert_close(
+        out2[: cut + 1],
+        out[: cut + 1],
+        atol=1e-10,
+        rtol=0,
+        msg=lambda s: f"{name} {pattern}: a future position changed an earlier output\n{s}",
+    )
 
 
-@pytest.mark.parametrize("name,pattern", [
-    pytest.param(n, p, marks=pytest.mark.xfail(strict=False, reason=_PADDING_DEPENDENT[n, p]))
-    if (n, p) in _PADDING_DEPENDENT else (n, p) for n, p in ALL
-], ids=case_id)
+@pytest.mark.parametrize(
+    "name,pattern",
+    [
+        pytest.param(n, p, marks=pytest.mark.xfail(strict=False, reason=_PADDING_DEPENDENT[n, p]))
+        if (n, p) in _PADDING_DEPENDENT
+        else (n, p)
+        for n, p in ALL
+    ],
+    ids=case_id,
+)
 @given(lengths=lengths_st, extra=st.integers(min_value=0, max_value=4), seed=st.integers(0, 2**16))
 @settings()
 def test_right_padding_does_not_change_real_rows(name, pattern, lengths, extra, seed):
@@ -103,8 +114,12 @@ def test_incremental_equals_full(name, pattern, lengths, prefix, seed):
     q, k, v, qpm, kpm = _inputs(pattern, lengths, 0, seed)
     prefix = min(prefix, q.shape[0])
     full, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
-    steps, _ = decode(m, q, k if pattern.cross else None, v if pattern.cross else None, prefix=prefix,
-                      key_padding_mask=kpm)
+    steps, _ = decode(
+        m, q, k if pattern.cross else None, v if pattern.cross else None, prefix=prefix, key_padding_mask=kpm
+    )
     real = ~qpm.t().unsqueeze(-1)
-    assert_close(steps.masked_fill(~real, 0), full.masked_fill(~real, 0),
-                 msg=f"{name} {pattern}: decoding (prefill {prefix}) != full pass")
+    assert_close(
+        steps.masked_fill(~real, 0),
+        full.masked_fill(~real, 0),
+        msg=f"{name} {pattern}: decoding (prefill {prefix}) != full pass",
+    )

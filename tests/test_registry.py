@@ -1,4 +1,5 @@
 """The registry, the capability table, the README's table and import hygiene."""
+
 import re
 import subprocess
 import sys
@@ -13,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_python_m_prints_the_table():
-    out = subprocess.run([sys.executable, "-m", "efficient_attention"], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, "-m", "efficient_attention"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert out.stdout.strip() == capability_table().strip()
     for name in available_attentions():
         assert f"`{name}`" in out.stdout
@@ -30,14 +37,19 @@ def test_readme_table_agrees_with_registry():
 
 
 def test_import_does_not_import_fairseq_or_paragen():
-    code = "import sys, efficient_attention; bad = [m for m in sys.modules if m.split('.')[0] in ('fairseq', 'paragen')]; print(bad)"
+    code = (
+        "import sys, efficient_attention; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('fairseq', 'paragen')]; print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
 
 def test_every_registered_class_is_exported():
-    for name, info in available_attentions().items():
-        assert getattr(ea, info.cls.__name__) is info.cls, f"{info.cls.__name__} is not exported from efficient_attention"
+    for info in available_attentions().values():
+        assert getattr(ea, info.cls.__name__) is info.cls, (
+            f"{info.cls.__name__} is not exported from efficient_attention"
+        )
 
 
 def test_unknown_name_lists_the_registered_ones():
@@ -54,6 +66,7 @@ def test_aliases_and_case():
 
 def test_registering_a_taken_name_fails():
     with pytest.raises(ValueError, match="already registered"):
+
         @register_attention("vanilla")
         class Impostor(ea.EfficientAttention):
             pass
@@ -66,6 +79,7 @@ def test_registering_a_non_attention_fails():
 
 def test_option_without_help_is_rejected():
     with pytest.raises(TypeError, match="option_help has no entry for option 'width'"):
+
         @register_attention("undocumented_test_mechanism")
         class Undocumented(ea.EfficientAttention):
             def __init__(self, *args, width: int = 3, **kwargs):

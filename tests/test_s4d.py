@@ -1,11 +1,11 @@
 """S4D specifics: the chunked scan, the FFT convolution, the recurrence step, options and bad input."""
+
 import pytest
 import torch
+from helpers import assert_close, decode
 
 from efficient_attention import S4D, UnsupportedPatternError
 from efficient_attention.attentions.s4d import _fft_conv, _kernel, _scan
-
-from helpers import assert_close, decode
 
 
 def _direct_reference(u, dt_a, c_bar, back=None):
@@ -27,10 +27,14 @@ def _direct_reference(u, dt_a, c_bar, back=None):
 
 def _ssm(channels=3, modes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    dt_a = torch.complex(-torch.rand(channels, modes, generator=g, dtype=torch.float64) * 0.1,
-                         torch.rand(channels, modes, generator=g, dtype=torch.float64))
-    c_bar = torch.complex(torch.randn(channels, modes, generator=g, dtype=torch.float64),
-                          torch.randn(channels, modes, generator=g, dtype=torch.float64))
+    dt_a = torch.complex(
+        -torch.rand(channels, modes, generator=g, dtype=torch.float64) * 0.1,
+        torch.rand(channels, modes, generator=g, dtype=torch.float64),
+    )
+    c_bar = torch.complex(
+        torch.randn(channels, modes, generator=g, dtype=torch.float64),
+        torch.randn(channels, modes, generator=g, dtype=torch.float64),
+    )
     return dt_a, c_bar
 
 

@@ -6,6 +6,7 @@ CUDA only when present).  The
 BlockwiseParallelJax examples also replace their JAX random calls by torch ones
 (listed in the script's docstring).
 """
+
 import contextlib
 import io
 from pathlib import Path
@@ -29,8 +30,11 @@ def run(name, replace=()):
 
 def test_openai_readme_example():
     ns, out = run("openai_sparse_attention.py", [("2, 1024, 256", "2, 256, 64")])
-    for dense, sparse in (("full_attn_tf", "full_attn_bs"), ("local_attn_tf", "local_attn_bs"),
-                          ("strided_attn_tf", "strided_attn_bs")):
+    for dense, sparse in (
+        ("full_attn_tf", "full_attn_bs"),
+        ("local_attn_tf", "local_attn_bs"),
+        ("strided_attn_tf", "strided_attn_bs"),
+    ):
         torch.testing.assert_close(ns[dense], ns[sparse], atol=1e-5, rtol=1e-4)
     assert ns["fixed"].shape == (2, 256, 64) and torch.isfinite(ns["fixed"]).all()
     assert "fixed" in out

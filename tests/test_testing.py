@@ -1,7 +1,9 @@
 """efficient_attention.testing.check_mechanism: passes for the registry, catches broken mechanisms."""
+
 from __future__ import annotations
 
 import pytest
+from references import get_reference
 
 from efficient_attention import (
     AttentionMasks,
@@ -10,13 +12,11 @@ from efficient_attention import (
     Pattern,
     available_attentions,
     register_attention,
+    registry,
 )
-from efficient_attention import registry
 from efficient_attention.capabilities import SELF_PATTERNS
 from efficient_attention.functional import dense_attention, repeat_kv
 from efficient_attention.testing import MechanismCheckError, check_mechanism
-
-from references import get_reference
 
 
 @pytest.mark.parametrize("name", sorted(available_attentions()))

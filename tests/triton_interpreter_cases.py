@@ -9,6 +9,7 @@ and a gradient through ``out`` alone; the chunked linear-attention kernels (deca
 value blocks, one feature) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero
 with the failing cases listed.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,12 +20,12 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from kernel_cases import loss_and_grads, make_qkv, padding, random_layout  # noqa: E402
 
 from efficient_attention.block_mask import BlockMask  # noqa: E402
 from efficient_attention.kernels import landmark, ops, reference, triton_ops  # noqa: E402
 from efficient_attention.kernels.linear_attention import linear_attention  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
-from kernel_cases import loss_and_grads, make_qkv, padding, random_layout  # noqa: E402
 
 REL = {torch.float32: 1e-5, torch.float16: 4e-3}
 
@@ -47,8 +48,9 @@ def window_case(window, d, dtype, S=150, q_offset=0):
     q, k, v = make_qkv(2, 2, S - q_offset, S, d, dtype, hkv=1, seed=d)
     kpm = padding(2, S)
     k2, v2 = (x.repeat_interleave(2, dim=1) for x in (k, v))  # the ops take q's head count
-    out, lse = ops.sliding_window_kernel("triton", q, k2, v2, kpm, window.group, window.left, window.right,
-                                         window.causal, q_offset, d ** -0.5)
+    out, lse = ops.sliding_window_kernel(
+        "triton", q, k2, v2, kpm, window.group, window.left, window.right, window.causal, q_offset, d**-0.5
+    )
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.sliding_window_attention(*ref, window, q_offset=q_offset, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -60,8 +62,9 @@ def layout_case(bs, layout_heads, causal, dtype, d=16):
     q, k, v = make_qkv(1, 3, T, S, d, dtype, seed=bs)
     layout = random_layout(layout_heads, n, n, density=0.5, seed=bs + layout_heads)
     kpm = padding(1, S)
-    out, lse = ops.block_sparse_kernel("triton", q, k, v, _tables(BlockMask.from_layout(layout, bs)), bs, causal, kpm,
-                                       d ** -0.5)
+    out, lse = ops.block_sparse_kernel(
+        "triton", q, k, v, _tables(BlockMask.from_layout(layout, bs)), bs, causal, kpm, d**-0.5
+    )
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.block_sparse_attention(*ref, layout, bs, causal=causal, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -80,7 +83,7 @@ def mask_case(pattern, bs, causal, dtype, heads=3, d=16, coarsen=None, **kw):
     run = bm.coarsen(coarsen) if coarsen else bm
     q, k, v = make_qkv(1, heads, T, S, d, dtype, seed=bs)
     kpm = padding(1, S)
-    out, lse = ops.block_sparse_kernel("triton", q, k, v, _tables(run), run.block_size, run.causal, kpm, d ** -0.5)
+    out, lse = ops.block_sparse_kernel("triton", q, k, v, _tables(run), run.block_size, run.causal, kpm, d**-0.5)
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.block_sparse_attention(*ref, bm, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -107,17 +110,23 @@ def linear_case(T, m, d, dtype, decay, state, normalize, S=None):
     v = torch.randn(2, 2, S, d, generator=g).to(dtype)
     log_decay = -torch.rand(2, 2, S, generator=g) * 0.3 if decay else None
     kpm = torch.zeros(2, S, dtype=torch.bool)
-    kpm[1, S - 3:] = True
+    kpm[1, S - 3 :] = True
     init = None
     if state:
         init = (torch.rand(2, 2, m, d, generator=g), torch.rand(2, 2, m, generator=g) if normalize else None)
     results = []
     for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
         ins = [cast(x.detach()).requires_grad_() for x in (q, k, v)]
-        out, (h, _) = linear_attention(*ins, causal=True, log_decay=None if log_decay is None else cast(log_decay),
-                                       key_padding_mask=kpm, normalize=normalize, return_state=True, backend=backend,
-                                       initial_state=None if init is None else
-                                       (cast(init[0]), None if init[1] is None else cast(init[1])))
+        out, (h, _) = linear_attention(
+            *ins,
+            causal=True,
+            log_decay=None if log_decay is None else cast(log_decay),
+            key_padding_mask=kpm,
+            normalize=normalize,
+            return_state=True,
+            backend=backend,
+            initial_state=None if init is None else (cast(init[0]), None if init[1] is None else cast(init[1])),
+        )
         gen = torch.Generator().manual_seed(1)
         loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)).sum() + (h * h).sum()
         results.append([out, h, *torch.autograd.grad(loss, ins)])
@@ -148,7 +157,9 @@ def linear_modules_case():
             state = {}
             steps = [m(x[:50], x[:50], x[:50], incremental_state=state, need_weights=False)[0]]
             for t in range(50, 70):
-                steps.append(m(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state, need_weights=False)[0])
+                steps.append(
+                    m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)[0]
+                )
         finally:
             la.LINEAR_ATTENTION.select = select
         ref = m.double()(x.double(), x.double(), x.double(), key_padding_mask=kpm, need_weights=False)[0]
@@ -156,6 +167,8 @@ def linear_modules_case():
         assert rel(out * keep, ref * keep) < 1e-5, f"{name} full {rel(out * keep, ref * keep):.1e}"
         full = m.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
         assert rel(torch.cat(steps), full) < 1e-5, f"{name} decoding {rel(torch.cat(steps), full):.1e}"
+
+
 def landmark_case(bs, d, dtype, T, S, config=None):
     """The landmark kernels (forward, dq, dk/dv) against the float64 PyTorch path, with key padding
     (a padded landmark among it); ``config`` forces the query tiles (64 or 128 rows per tile)."""
@@ -194,34 +207,56 @@ def main() -> int:
     for tma in (True, False):
         cases += [
             (tma, "window sliding(17, 5) fp32", lambda: window_case(LocalWindow.sliding(17, 5), 16, f32)),
-            (tma, "window causal q_offset fp32", lambda: window_case(LocalWindow.sliding(40, 0, causal=True), 16, f32,
-                                                                    q_offset=5)),
-            (tma, "window blocks(16, 2, 0) causal fp32", lambda: window_case(LocalWindow.from_blocks(16, 2, 0, causal=True),
-                                                                             16, f32)),
+            (
+                tma,
+                "window causal q_offset fp32",
+                lambda: window_case(LocalWindow.sliding(40, 0, causal=True), 16, f32, q_offset=5),
+            ),
+            (
+                tma,
+                "window blocks(16, 2, 0) causal fp32",
+                lambda: window_case(LocalWindow.from_blocks(16, 2, 0, causal=True), 16, f32),
+            ),
             (tma, "window thin tiles fp16 d32", lambda: window_case(LocalWindow.sliding(30, 0, causal=True), 32, f16)),
             (tma, "window 64x64 s2 tiles fp16 d128", lambda: window_case(LocalWindow.sliding(600, 0), 128, f16, S=100)),
-            (tma, "window long tiles fp16 d128", lambda: window_case(LocalWindow.sliding(1100, 0, causal=True), 128, f16,
-                                                                     S=140)),
+            (
+                tma,
+                "window long tiles fp16 d128",
+                lambda: window_case(LocalWindow.sliding(1100, 0, causal=True), 128, f16, S=140),
+            ),
             (tma, "layout bs16 per-head causal fp32", lambda: layout_case(16, 3, True, f32)),
             (tma, "layout bs128 shared fp32", lambda: layout_case(128, 1, False, f32)),
             (tma, "layout bs128 per-head causal fp16", lambda: layout_case(128, 3, True, f16)),
             (tma, "mask strided bs16 causal tiles fp32", lambda: mask_case("strided", 16, True, f32, local_attn_ctx=5)),
-            (tma, "mask dilated bs64 per-head tiles fp16", lambda: mask_case("dilated", 64, False, f16, window=48,
-                                                                            dilation=3)),
+            (
+                tma,
+                "mask dilated bs64 per-head tiles fp16",
+                lambda: mask_case("dilated", 64, False, f16, window=48, dilation=3),
+            ),
             (tma, "mask sliding bs128 causal fp32", lambda: mask_case("sliding", 128, True, f32, window=70)),
-            (tma, "mask fixed bs16 -> 64 coarsened fp16", lambda: mask_case("local", 16, True, f16, coarsen=64,
-                                                                           local_attn_ctx=16)),
+            (
+                tma,
+                "mask fixed bs16 -> 64 coarsened fp16",
+                lambda: mask_case("local", 16, True, f16, coarsen=64, local_attn_ctx=16),
+            ),
         ]
     cases.append((False, "out-only gradient", out_only_case))
     cases += [
         (False, "linear decay+state+padding fp32 m16 d5", lambda: linear_case(70, 16, 5, f32, True, True, True)),
         (False, "linear fp16 m20 d40 T<S", lambda: linear_case(40, 20, 40, f16, False, False, True, S=75)),
         (False, "linear unnormalised m1 state fp32", lambda: linear_case(33, 1, 16, f32, True, True, False)),
-        (False, "linear d64 normalised: 2 value blocks, partial dq/dk summed fp32",
-         lambda: linear_case(40, 16, 64, f32, True, True, True)),
+        (
+            False,
+            "linear d64 normalised: 2 value blocks, partial dq/dk summed fp32",
+            lambda: linear_case(40, 16, 64, f32, True, True, True),
+        ),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),
-        (False, "landmark bs16 fp16 128-row tiles, last T of S", lambda: landmark_case(16, 16, f16, 50, 150, config=128)),
+        (
+            False,
+            "landmark bs16 fp16 128-row tiles, last T of S",
+            lambda: landmark_case(16, 16, f16, 50, 150, config=128),
+        ),
         (False, "landmark bs32 fp32 one decoding step", lambda: landmark_case(32, 16, f32, 1, 77)),
         (False, "landmark bs64 fp16 d32", lambda: landmark_case(64, 32, f16, 150, 150)),
     ]

@@ -3,6 +3,7 @@
 Each module lists its public classes in ``__all__``; they are re-exported from
 ``efficient_attention``.
 """
+
 import importlib
 import pkgutil
 

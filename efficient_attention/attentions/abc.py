@@ -3,6 +3,7 @@
 ``K̃_l = Σ_j α_jl k_j``, ``Ṽ_l = Σ_j α_jl v_j`` with ``α_·l = softmax_j(w_l·k_j)``;
 ``out_i = softmax_l(q_i·K̃_l / √d) Ṽ`` -- softmax attention over ``n`` slots instead of ``S`` keys.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -107,8 +108,16 @@ class ABC(EfficientAttention):
         """fp16 would overflow on ``1 / normaliser`` (above 65504): it runs the kernels in fp32."""
         return torch.float32 if dtype == torch.float16 else dtype
 
-    def _causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Optional[Dict[str, Tensor]],
-                dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def _causal(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        kpm: Optional[Tensor],
+        state: Optional[Dict[str, Tensor]],
+        dtype: torch.dtype,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> Tensor:
         """Causal ABC for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past and
         receives the new memory; ``None``: a fresh sequence whose memory is not kept).
 
@@ -161,22 +170,22 @@ class ABC(EfficientAttention):
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
         """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, accumulation dtype): the recurrence of its
         three linear attentions written out (``decay`` rescales the sums to the new running max)."""
-        a = self._slot_scores(k, kpm)                                            # (B, H, 1, n)
-        past = state["mem_max"]                                                  # (B, H, 1)
+        a = self._slot_scores(k, kpm)  # (B, H, 1, n)
+        past = state["mem_max"]  # (B, H, 1)
         run = torch.maximum(a.detach().amax(-1), past)
         safe = torch.where(torch.isfinite(run), run, 0.0)
         decay = torch.exp(torch.where(torch.isfinite(past), past - safe, 0.0)).unsqueeze(-1)  # (B, H, 1, 1)
-        e = torch.exp(a - safe.unsqueeze(-1))                                    # (B, H, 1, n)
-        et = e.transpose(-1, -2)                                                 # (B, H, n, 1)
-        mem_k = torch.addcmul(state["mem_k"] * decay, et, k)                     # Σ e_j k_j  (B, H, n, d)
-        norm = torch.add(state["mem_norm"].unsqueeze(-2) * decay, e)              # Σ e_j      (B, H, 1, n)
-        num = torch.matmul(q, mem_k.transpose(-1, -2))                           # (B, H, 1, n)
+        e = torch.exp(a - safe.unsqueeze(-1))  # (B, H, 1, n)
+        et = e.transpose(-1, -2)  # (B, H, n, 1)
+        mem_k = torch.addcmul(state["mem_k"] * decay, et, k)  # Σ e_j k_j  (B, H, n, d)
+        norm = torch.add(state["mem_norm"].unsqueeze(-2) * decay, e)  # Σ e_j      (B, H, 1, n)
+        num = torch.matmul(q, mem_k.transpose(-1, -2))  # (B, H, 1, n)
         empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, 1.0, norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
-        mem_v = torch.addcmul(state["mem_v"] * decay, et, v)                     # Σ e_j v_j  (B, H, n, d)
+        mem_v = torch.addcmul(state["mem_v"] * decay, et, v)  # Σ e_j v_j  (B, H, n, d)
         state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm.squeeze(-2), run
         return torch.matmul(probs / safe_norm, mem_v)
 
@@ -187,8 +196,15 @@ class ABC(EfficientAttention):
             device = q.device.type
             product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
             with torch.autocast(device, enabled=False):
-                out = self._causal(q.to(product), k.to(product), v, masks.key_padding, None,
-                                   self._kernel_dtype(q.dtype), out_dtype=q.dtype)
+                out = self._causal(
+                    q.to(product),
+                    k.to(product),
+                    v,
+                    masks.key_padding,
+                    None,
+                    self._kernel_dtype(q.dtype),
+                    out_dtype=q.dtype,
+                )
             return out, None
         device = q.device.type  # the products in autocast's dtype under autocast (as before), else in fp32
         product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
@@ -202,8 +218,10 @@ class ABC(EfficientAttention):
         dtype = acc_dtype(q.dtype)
         q32 = q.to(dtype)
         if not self.causal:
+
             def summarise(k, v, kpm):
                 return dict(zip(("prev_key", "prev_value"), self._memory(k.to(dtype), v.to(dtype), kpm)))
+
             self._static_kv(state, k, v, masks.key_padding, summarise)
             return self._read(q32, state["prev_key"], state["prev_value"]).to(q.dtype)
         tgt_len = q.shape[2]

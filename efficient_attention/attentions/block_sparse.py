@@ -7,6 +7,7 @@ user block layout tensor.  Blocks outside the pattern are never computed;
 token-level patterns are exact inside the kept blocks.  Cost ``O(kept blocks ·
 bs² · d)`` instead of ``O(N² d)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,10 +35,13 @@ def _check_layout(value, name: str):
 
 
 def _layout(default: str):
-    return option(default,
-                  f"pattern name ({', '.join(layouts.PATTERNS)}) or a bool block layout tensor (H or 1, nb, nb)",
-                  choices=layouts.PATTERNS, check=_check_layout,
-                  words="a pattern name or a bool layout tensor (H or 1, nb, nb)")
+    return option(
+        default,
+        f"pattern name ({', '.join(layouts.PATTERNS)}) or a bool block layout tensor (H or 1, nb, nb)",
+        choices=layouts.PATTERNS,
+        check=_check_layout,
+        words="a pattern name or a bool layout tensor (H or 1, nb, nb)",
+    )
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,10 @@ class BlockSparseAttention(EfficientAttention):
     """
 
     capabilities = Capabilities(
-        patterns=SELF_PATTERNS, incremental=True, key_padding_mask=True, grouped_kv=True,
+        patterns=SELF_PATTERNS,
+        incremental=True,
+        key_padding_mask=True,
+        grouped_kv=True,
         backends=("kernels", "torch"),
     )
     Options = BlockSparseOptions
@@ -102,8 +109,9 @@ class BlockSparseAttention(EfficientAttention):
         if layout in layouts.BLOCK_LEVEL_PATTERNS:
             layouts.make_layout(layout, block_size, block_size, self.num_heads, causal=self.causal, **self.block_kw)
         elif layout != "user":
-            layouts.make_mask_mod(layout, heads=self.num_heads, block_size=block_size, causal=self.causal,
-                                  **self.pattern_kw)
+            layouts.make_mask_mod(
+                layout, heads=self.num_heads, block_size=block_size, causal=self.causal, **self.pattern_kw
+            )
         self._masks: Dict[Tuple[int, int, str], BlockMask] = {}
 
     def __getstate__(self):
@@ -125,11 +133,27 @@ class BlockSparseAttention(EfficientAttention):
                 )
             bm = BlockMask.from_layout(self._user_layout[:, q_block_start:nb, :nb].to(device), bs, causal=self.causal)
         elif self.layout in layouts.BLOCK_LEVEL_PATTERNS:
-            bm = BlockMask.from_pattern(self.layout, n, bs, self.num_heads, causal=self.causal, device=device,
-                                        q_block_start=q_block_start, **self.block_kw)
+            bm = BlockMask.from_pattern(
+                self.layout,
+                n,
+                bs,
+                self.num_heads,
+                causal=self.causal,
+                device=device,
+                q_block_start=q_block_start,
+                **self.block_kw,
+            )
         else:
-            bm = BlockMask.from_pattern(self.layout, n, bs, self.num_heads, causal=self.causal, device=device,
-                                        q_block_start=q_block_start, **self.pattern_kw)
+            bm = BlockMask.from_pattern(
+                self.layout,
+                n,
+                bs,
+                self.num_heads,
+                causal=self.causal,
+                device=device,
+                q_block_start=q_block_start,
+                **self.pattern_kw,
+            )
         if len(self._masks) > 8:
             self._masks.clear()
         self._masks[key] = bm
@@ -153,7 +177,13 @@ class BlockSparseAttention(EfficientAttention):
             bm = self.block_mask(n, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0
         out = block_layout_attention(
-            qp, k, v, bm, causal=self.causal, key_padding_mask=masks.key_padding, scale=self.scaling,
+            qp,
+            k,
+            v,
+            bm,
+            causal=self.causal,
+            key_padding_mask=masks.key_padding,
+            scale=self.scaling,
             dropout_p=dropout,
         )
         return out[:, :, off - start :], None

@@ -7,6 +7,7 @@ numbers as ``vanilla`` to fp rounding, activations ``O(N · chunk)`` instead of
 ``O(N²)``.  Time ``O(T · S · d)``.  It runs fused (``scaled_dot_product_attention``: FlashAttention
 on CUDA), the chunk loop being the readable reference.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,13 @@ class BlockwiseAttention(EfficientAttention):
     """
 
     capabilities = Capabilities(
-        patterns=ALL_PATTERNS, incremental=True, attn_mask=True, additive_masks=True, key_padding_mask=True,
-        grouped_kv=True, backends=("sdpa", "torch"),
+        patterns=ALL_PATTERNS,
+        incremental=True,
+        attn_mask=True,
+        additive_masks=True,
+        key_padding_mask=True,
+        grouped_kv=True,
+        backends=("sdpa", "torch"),
     )
     Options = BlockwiseOptions
 
@@ -52,8 +58,15 @@ class BlockwiseAttention(EfficientAttention):
             attn = add if attn is None else to_additive(attn, q.dtype) + add
             kpm = None
         out = blockwise_attention(
-            q, k, v, causal=self.causal, key_padding_mask=kpm, attn_mask=attn, scale=self.scaling,
-            q_chunk_size=self.q_chunk_size, k_chunk_size=self.k_chunk_size,
+            q,
+            k,
+            v,
+            causal=self.causal,
+            key_padding_mask=kpm,
+            attn_mask=attn,
+            scale=self.scaling,
+            q_chunk_size=self.q_chunk_size,
+            k_chunk_size=self.k_chunk_size,
             dropout_p=self.dropout_p if self.training else 0.0,
         )
         return out, None

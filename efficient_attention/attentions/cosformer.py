@@ -3,6 +3,7 @@
 ``s_ij = act(q_i)·act(k_j) cos(π (i - j) / 2M)``, ``out_i = Σ_j s_ij v_j / Σ_j s_ij``; the cosine
 splits as ``cos·cos + sin·sin``, so it is linear attention on ``2d`` features.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,8 @@ _ACTIVATIONS = ("relu", "elu")
 class CosformerOptions(AttentionOptions):
     act_fun: str = choice("relu", _ACTIVATIONS, "feature map: 'relu' or 'elu' (1 + elu)")
     max_len: Optional[int] = positive_int(
-        None, "M of the cos re-weighting (None: the longer input length of each call; needed for causal decoding)")
+        None, "M of the cos re-weighting (None: the longer input length of each call; needed for causal decoding)"
+    )
 
 
 _TABLES: dict = {}
@@ -166,7 +168,7 @@ class CosformerAttention(EfficientAttention):
         if self.cross:  # queries are a separate, unpadded sequence
             return (torch.arange(tgt_len, device=device)[None], k_pos, count.clamp_min(tgt_len).clamp_min(1))
         # self attention: the queries are the same tokens (causal: the last T of them)
-        return k_pos[:, src_len - tgt_len:], k_pos, count.clamp_min(1)
+        return k_pos[:, src_len - tgt_len :], k_pos, count.clamp_min(1)
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
@@ -230,7 +232,8 @@ class CosformerAttention(EfficientAttention):
         src_len = k.shape[2]
         if src_len != tgt_len:
             raise ValueError(
-                f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}")
+                f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}"
+            )
         self._check_len(start + src_len, self.max_len)
         if tgt_len == 1 and "kv_sum" in state:  # one token: its angle is a number; the recurrence, a few kernels
             theta = (math.pi / 2) * start / self.max_len
@@ -244,7 +247,8 @@ class CosformerAttention(EfficientAttention):
         kf = self._features(k, pos, m_len, masks.key_padding).to(q.dtype)
         init = (state["kv_sum"], state["k_sum"]) if "kv_sum" in state else None
         out, (state["kv_sum"], state["k_sum"]) = linear_attention(
-            qf, kf, v, causal=True, initial_state=init, return_state=True)
+            qf, kf, v, causal=True, initial_state=init, return_state=True
+        )
         return out.to(q.dtype)
 
 

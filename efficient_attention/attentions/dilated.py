@@ -9,6 +9,7 @@ Cost ``O(Σ_i N · w_i / r_i² · d)``.  The union is one block mask (the segmen
 diagonal blocks with their dilation patterns as token tiles) computed by the block-sparse
 C++ / Triton kernels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ __all__ = ["DilatedAttention"]
 @dataclass(frozen=True)
 class DilatedOptions(AttentionOptions):
     segment_lengths: Tuple[int, ...] = positive_int(
-        (64, 128, 256), "segment length w_i of each branch (comma-separated list)")
+        (64, 128, 256), "segment length w_i of each branch (comma-separated list)"
+    )
     dilation_rates: Tuple[int, ...] = positive_int(
-        (1, 2, 4), "dilation r_i of each branch (same count as segment_lengths)")
+        (1, 2, 4), "dilation r_i of each branch (same count as segment_lengths)"
+    )
 
 
 @register_attention("dilated", "longnet", "dilated_attention")
@@ -45,7 +48,10 @@ class DilatedAttention(EfficientAttention):
     """
 
     capabilities = Capabilities(
-        patterns=SELF_PATTERNS, incremental=True, key_padding_mask=True, grouped_kv=True,
+        patterns=SELF_PATTERNS,
+        incremental=True,
+        key_padding_mask=True,
+        grouped_kv=True,
         backends=("kernels", "torch"),
     )
     Options = DilatedOptions
@@ -56,8 +62,15 @@ class DilatedAttention(EfficientAttention):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         out = dilated_attention(
-            q, k, v, self.segment_lengths, self.dilation_rates, causal=self.causal,
-            key_padding_mask=masks.key_padding, scale=self.scaling, q_offset=masks.query_offset,
+            q,
+            k,
+            v,
+            self.segment_lengths,
+            self.dilation_rates,
+            causal=self.causal,
+            key_padding_mask=masks.key_padding,
+            scale=self.scaling,
+            q_offset=masks.query_offset,
             dropout_p=self.dropout_p if self.training else 0.0,
         )
         return out, None

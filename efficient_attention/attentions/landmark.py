@@ -8,6 +8,7 @@ landmarks through the grouped softmax of
 decoding step reads only the landmark keys and those blocks
 (``O(S/bs + top_k · bs)`` keys instead of ``S``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ __all__ = ["LandmarkAttention"]
 @dataclass(frozen=True)
 class LandmarkOptions(AttentionOptions):
     block_size: int = option(
-        64, "landmark period: every block_size-th token is a landmark closing its block", minimum=2)
+        64, "landmark period: every block_size-th token is a landmark closing its block", minimum=2
+    )
     top_k: int = nonnegative_int(0, "earlier blocks each query may use (0 = all); decoding retrieves only these")
 
 
@@ -47,7 +49,10 @@ class LandmarkAttention(EfficientAttention):
     """
 
     capabilities = Capabilities(
-        patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, key_padding_mask=True, grouped_kv=True,
+        patterns=frozenset({Pattern.CAUSAL_SELF}),
+        incremental=True,
+        key_padding_mask=True,
+        grouped_kv=True,
         backends=("triton", "torch"),
     )
     Options = LandmarkOptions
@@ -60,8 +65,9 @@ class LandmarkAttention(EfficientAttention):
         if not self.top_k:  # block by block: the Triton kernels on CUDA, the chunked PyTorch path elsewhere
             return landmark_blocks(q, k, v, bs, scale=self.scaling, key_padding_mask=masks.key_padding)[0], None
         is_mem = landmark_positions(src_len, bs, q.device)
-        out = landmark_attention_formula(q, k, v, is_mem, bs, self.scaling, top_k=self.top_k,
-                                 key_padding_mask=masks.key_padding)
+        out = landmark_attention_formula(
+            q, k, v, is_mem, bs, self.scaling, top_k=self.top_k, key_padding_mask=masks.key_padding
+        )
         return out, None
 
     def _retrieve(self, q: Tensor, k: Tensor, v: Tensor, kpm) -> Tensor:
@@ -71,7 +77,7 @@ class LandmarkAttention(EfficientAttention):
         pos = src_len - 1
         cur = pos // bs
         dev = q.device
-        marks = torch.arange(cur, device=dev) * bs + bs - 1                # landmarks of earlier blocks
+        marks = torch.arange(cur, device=dev) * bs + bs - 1  # landmarks of earlier blocks
         acc = acc_dtype(q.dtype)  # fp16 scores of large inputs would overflow: form them in fp32
         marks_k = repeat_kv(k[:, :, marks], heads).to(acc)
         scores = torch.matmul(q.to(acc), marks_k.transpose(-1, -2)).squeeze(2)  # (B, H, cur)
@@ -80,16 +86,21 @@ class LandmarkAttention(EfficientAttention):
         sel = scores.topk(self.top_k, dim=-1).indices.sort(dim=-1).values  # (B, H, k), in position order
         blocks = (sel[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)
         here = torch.arange(cur * bs, src_len, device=dev).expand(bsz, heads, -1)
-        P = torch.cat([blocks, here], dim=-1)                              # (B, H, n) ascending positions
+        P = torch.cat([blocks, here], dim=-1)  # (B, H, n) ascending positions
         group = heads // k.shape[1]
         kv_h = (torch.arange(heads, device=dev) // group)[None, :, None]
         b_i = torch.arange(bsz, device=dev)[:, None, None]
-        ks, vs = k[b_i, kv_h, P], v[b_i, kv_h, P]                           # (B, H, n, d)
+        ks, vs = k[b_i, kv_h, P], v[b_i, kv_h, P]  # (B, H, n, d)
         n = P.shape[-1]
         is_mem = torch.remainder(P + 1, bs) == 0
         sub_kpm = None if kpm is None else kpm[b_i, P].reshape(bsz * heads, n)
         out = landmark_attention_formula(
-            q.reshape(bsz * heads, 1, 1, dim), ks.reshape(bsz * heads, 1, n, dim), vs.reshape(bsz * heads, 1, n, dim),
-            is_mem.reshape(bsz * heads, n), bs, self.scaling, key_padding_mask=sub_kpm,
+            q.reshape(bsz * heads, 1, 1, dim),
+            ks.reshape(bsz * heads, 1, n, dim),
+            vs.reshape(bsz * heads, 1, n, dim),
+            is_mem.reshape(bsz * heads, n),
+            bs,
+            self.scaling,
+            key_padding_mask=sub_kpm,
         )
         return out.view(bsz, heads, 1, dim)

@@ -4,6 +4,7 @@ Each proposal ``c`` (a Gaussian centred at ``μ_c``, the sum of the query and ke
 gives a self-normalised estimate ``Σ_m ξ(k_m, ω_c) v_m / Σ_m ξ(k_m, ω_c)``; the query mixes them
 with importance weights ``softmax_c(μ_c·q + log ξ(q, ω_c) + log Σ_m ξ(k_m, ω_c) - log ξ(μ_c, ω_c))``.
 """
+
 from __future__ import annotations
 
 import logging

@@ -9,6 +9,7 @@ available, else a PyTorch path that never copies keys per query).  Cost
 O(N·span·d) time and O(N·span) score memory, span = ``wsize·(look_backward +
 1 + look_forward)``.  Decoding keeps only the last ``span`` keys.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,8 @@ from ..capabilities import Capabilities, Pattern
 from ..functional import sdpa_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
-from ..sparse.window import window_attention, window_attention_at
 from ..registry import register_attention
+from ..sparse.window import window_attention, window_attention_at
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,17 @@ class LocalOptions(AttentionOptions):
     window_size: Optional[int] = positive_int(None, "alias of wsize (lucidrains' name); overrides it when given")
     look_backward: int = nonnegative_int(1, "how many blocks before its own a query sees")
     look_forward: Optional[int] = nonnegative_int(
-        None, "how many blocks after its own a query sees (default 0 if causal else 1; must be 0 if causal)")
+        None, "how many blocks after its own a query sees (default 0 if causal else 1; must be 0 if causal)"
+    )
     exact_windowsize: bool = option(
-        False, "every query sees exactly wsize*look_backward keys before it (and wsize*look_forward after)")
+        False, "every query sees exactly wsize*look_backward keys before it (and wsize*look_forward after)"
+    )
     autopad: bool = option(
-        True, "accept lengths that are not a multiple of wsize (keys outside the sequence never count)")
+        True, "accept lengths that are not a multiple of wsize (keys outside the sequence never count)"
+    )
     shared_qk: bool = option(
-        False, "keys are the normalised query projections; a query attends to itself only if nothing else is visible")
+        False, "keys are the normalised query projections; a query attends to itself only if nothing else is visible"
+    )
 
 
 @register_attention("local", "local_attention")
@@ -89,7 +94,11 @@ class LocalAttention(EfficientAttention):
         self.wsize = self.window_size = size
         self.look_forward = look_forward
         self.window = LocalWindow.from_blocks(
-            size, look_backward, look_forward, causal=self.causal, exact_windowsize=self.exact_windowsize,
+            size,
+            look_backward,
+            look_forward,
+            causal=self.causal,
+            exact_windowsize=self.exact_windowsize,
             exclude_self=self.shared_qk,
         )
         if self.shared_qk:
@@ -108,11 +117,14 @@ class LocalAttention(EfficientAttention):
         if self.shared_qk:
             k = F.normalize(k, dim=-1)
         dropout = self.dropout_p if self.training else 0.0
-        return window_attention_at(self.window, q, k, v, first_pos, key_padding_mask=kpm, scale=self.scaling,
-                                   dropout_p=dropout)
+        return window_attention_at(
+            self.window, q, k, v, first_pos, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout
+        )
 
     # ------------------------------------------------------------------- hooks
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         tgt_len, src_len = q.shape[2], k.shape[2]
         if self.cross and src_len != tgt_len:
             raise ValueError(
@@ -134,13 +146,20 @@ class LocalAttention(EfficientAttention):
                 raise ValueError(f"LocalAttention cross decoding past the {k.shape[2]} cached keys (aligned positions)")
             kk = F.normalize(k, dim=-1) if self.shared_qk else k
             dropout = self.dropout_p if self.training else 0.0
-            return window_attention(self.window, q, kk, v, q_offset=pos, key_padding_mask=kpm, scale=self.scaling,
-                                    dropout_p=dropout)
+            return window_attention(
+                self.window, q, kk, v, q_offset=pos, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout
+            )
         # causal self: keys at absolute positions pos + T - len(k) .. pos + T - 1
         k, v, kpm = self._window_cache(state, k, v, masks.key_padding, cache_len(self.window))
         if tgt_len == 1 and not self.shared_qk:  # one query sees a contiguous run of the cache: plain attention
             start = max(self.window.lo(pos) - (pos + 1 - k.shape[2]), 0)
             mask = None if kpm is None else kpm[:, None, None, start:]
-            return sdpa_attention(q, k[:, :, start:], v[:, :, start:], mask, scale=self.scaling,
-                                  dropout_p=self.dropout_p if self.training else 0.0)
+            return sdpa_attention(
+                q,
+                k[:, :, start:],
+                v[:, :, start:],
+                mask,
+                scale=self.scaling,
+                dropout_p=self.dropout_p if self.training else 0.0,
+            )
         return self._window_attend(q, k, v, pos + tgt_len - k.shape[2], kpm)

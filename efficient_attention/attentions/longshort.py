@@ -17,6 +17,7 @@ The two parts are joined exactly through their log-sum-exps
 
 Cost O(N·(3·window + memories)·d).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
-from ..capabilities import Capabilities, Pattern, SELF_PATTERNS
+from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
 from ..functional import acc_dtype, combine_attention, logsumexp, sdpa_attention, softmax
 from ..kernels import sliding_window_attention
 from ..local_window import LocalWindow, cache_len
@@ -51,9 +52,13 @@ def _memory_attention(q: Tensor, mem_k: Tensor, mem_v: Tensor, hidden: Tensor, s
 @dataclass(frozen=True)
 class LongShortOptions(AttentionOptions):
     window_size: int = positive_int(
-        16, "block size of the short-term window (a query sees its block and the blocks next to it)")
-    num_landmarks: int = positive_int(32, "noncausal: global compressed memories; causal: compressed memories kept "
-                                          "(the last num_landmarks // chunk_rank chunks)")
+        16, "block size of the short-term window (a query sees its block and the blocks next to it)"
+    )
+    num_landmarks: int = positive_int(
+        32,
+        "noncausal: global compressed memories; causal: compressed memories kept "
+        "(the last num_landmarks // chunk_rank chunks)",
+    )
     chunk_size: int = positive_int(16, "causal: tokens per compressed chunk")
     chunk_rank: int = positive_int(1, "causal: compressed memories per chunk")
 
@@ -71,8 +76,9 @@ class LongShort(EfficientAttention):
     state (window cache, the current chunk, the last memories).
     """
 
-    capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True,
-                                backends=("kernels.sliding_window_attention",))
+    capabilities = Capabilities(
+        patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("kernels.sliding_window_attention",)
+    )
     Options = LongShortOptions
 
     def __new__(cls, *args, **kwargs):
@@ -104,13 +110,15 @@ class LongShort(EfficientAttention):
         if pad is not None:
             logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
         p = softmax(logits)
-        empty = pad.all(-1) if pad is not None else torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        empty = (
+            pad.all(-1) if pad is not None else torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        )
         return torch.matmul(p, k.to(dtype)).to(k.dtype), torch.matmul(p, v.to(dtype)).to(v.dtype), empty
 
     def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         mk, mv, empty = self._compress(k[:, :, None], v[:, :, None], None if kpm is None else kpm[:, None])
-        mk, mv = mk[:, :, 0], mv[:, :, 0]                                       # (B, H, r, d)
-        hidden = empty[:, None, None, :].expand(-1, 1, 1, mk.shape[2])          # (B, 1, 1, r)
+        mk, mv = mk[:, :, 0], mv[:, :, 0]  # (B, H, r, d)
+        hidden = empty[:, None, None, :].expand(-1, 1, 1, mk.shape[2])  # (B, 1, 1, r)
         return _memory_attention(q, mk, mv, hidden, self.scaling)
 
     def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -126,14 +134,14 @@ class LongShort(EfficientAttention):
         bsz, heads, length, dim = q.shape
         l, r, mc = self.chunk_size, self.chunk_rank, self.memory_chunks
         n_q_chunks = -(-length // l)
-        mk, mv, empty = self._chunk_memories(k, v, kpm)                         # (B, H, C, r, d)
+        mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d)
         # memory slots of chunk c: chunks c - mc .. c - 1 (front-padded with mc hidden chunks)
         mk = F.pad(mk, (0, 0, 0, 0, mc, 0))
         mv = F.pad(mv, (0, 0, 0, 0, mc, 0))
         empty = F.pad(empty, (mc, 0), value=True)
         # padded chunk index c + m is chunk c - mc + m: always complete (< c), hidden if it is front padding
         idx = torch.arange(n_q_chunks, device=q.device)[:, None] + torch.arange(mc, device=q.device)  # (nq, mc)
-        gk = mk[:, :, idx].flatten(-3, -2)                                      # (B, H, nq, mc*r, d)
+        gk = mk[:, :, idx].flatten(-3, -2)  # (B, H, nq, mc*r, d)
         gv = mv[:, :, idx].flatten(-3, -2)
         hidden = empty[:, idx][:, None, :, None, :, None].expand(-1, 1, -1, 1, -1, r).flatten(-2)  # (B, 1, nq, 1, mc*r)
         qc = F.pad(q, (0, 0, 0, n_q_chunks * l - length)).view(bsz, heads, n_q_chunks, l, dim)
@@ -149,10 +157,20 @@ class LongShort(EfficientAttention):
             kpm = torch.zeros(k.shape[0], src_len, dtype=torch.bool, device=k.device) if kpm is None else kpm
             kpm = F.pad(kpm, (lead, 0), value=True)
         dropout = self.dropout_p if self.training else 0.0
-        return sliding_window_attention(q, k, v, self.window, q_offset=lead + src_len - q.shape[2], key_padding_mask=kpm,
-                                        scale=self.scaling, dropout_p=dropout)
+        return sliding_window_attention(
+            q,
+            k,
+            v,
+            self.window,
+            q_offset=lead + src_len - q.shape[2],
+            key_padding_mask=kpm,
+            scale=self.scaling,
+            dropout_p=dropout,
+        )
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         kpm = masks.key_padding
         short = self._short(q, k, v, 0, kpm)
         long = self._long_causal(q, k, v, kpm) if self.causal else self._long_noncausal(q, k, v, kpm)
@@ -171,9 +189,17 @@ class LongShort(EfficientAttention):
                 out, _ = self._attend(q, k, v, AttentionMasks(key_padding=kpm), False)
                 self._fill_state(state, k, v, kpm)
                 return out
-        outs = [self._step_one(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                               None if kpm is None else kpm[:, t:t + 1], state, pos + t)
-                for t in range(tgt_len)]
+        outs = [
+            self._step_one(
+                q[:, :, t : t + 1],
+                k[:, :, t : t + 1],
+                v[:, :, t : t + 1],
+                None if kpm is None else kpm[:, t : t + 1],
+                state,
+                pos + t,
+            )
+            for t in range(tgt_len)
+        ]
         return outs[0] if tgt_len == 1 else torch.cat(outs, dim=2)
 
     def _init_state(self, state: Dict[str, Optional[Tensor]], k: Tensor) -> None:
@@ -190,7 +216,7 @@ class LongShort(EfficientAttention):
         """The decoding state after a full pass over ``k, v (B, H, L, d)``: window tail, last memories, open chunk."""
         length, l, r = k.shape[2], self.chunk_size, self.chunk_rank
         self._window_cache(state, k, v, kpm, cache_len(self.window))
-        mk, mv, empty = self._chunk_memories(k, v, kpm)                       # (B, H, C, r, d)
+        mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d)
         mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
         hidden = empty[:, :, None].expand(-1, -1, r).flatten(1)
         slots = state["memory_key"].shape[2]
@@ -199,12 +225,13 @@ class LongShort(EfficientAttention):
         state["memory_hidden"] = torch.cat([state["memory_hidden"], hidden], 1)[:, -slots:]
         rest = length % l
         if rest:
-            state["chunk_key"][:, :, :rest] = k[:, :, length - rest:]
-            state["chunk_value"][:, :, :rest] = v[:, :, length - rest:]
-            state["chunk_padding"][:, :rest] = False if kpm is None else kpm[:, length - rest:]
+            state["chunk_key"][:, :, :rest] = k[:, :, length - rest :]
+            state["chunk_value"][:, :, :rest] = v[:, :, length - rest :]
+            state["chunk_padding"][:, :rest] = False if kpm is None else kpm[:, length - rest :]
 
-    def _step_one(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Optional[Tensor]],
-                  pos: int) -> Tensor:
+    def _step_one(
+        self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Optional[Tensor]], pos: int
+    ) -> Tensor:
         """The token at position ``pos``: window + memories, then it joins the open chunk (written in place)."""
         l, r = self.chunk_size, self.chunk_rank
         wk, wv, wp = self._window_cache(state, k, v, kpm, cache_len(self.window))
@@ -237,19 +264,25 @@ class AttentionLS(LongShort):
     See :class:`LongShort`.  Patterns: noncausal self.  Cost O(N·(3·window_size + num_landmarks)·d).
     """
 
-    capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}),
-                                backends=("kernels.sliding_window_attention",))
+    capabilities = Capabilities(
+        patterns=frozenset({Pattern.NONCAUSAL_SELF}), backends=("kernels.sliding_window_attention",)
+    )
 
 
 @register_attention("causal_ls", "longshort_causal")
 class CausalLS(LongShort):
     """Causal Transformer-LS: causal local window + compressed memories of the last chunks; constant-state decoding.
 
-    See :class:`LongShort`.  Patterns: causal self (``causal`` defaults to True).  Cost O(N·(2·window_size + num_landmarks)·d).
+    See :class:`LongShort`.  Patterns: causal self (``causal`` defaults to True).
+    Cost O(N·(2·window_size + num_landmarks)·d).
     """
 
-    capabilities = Capabilities(patterns=frozenset({Pattern.CAUSAL_SELF}), incremental=True, constant_state=True,
-                                backends=("kernels.sliding_window_attention",))
+    capabilities = Capabilities(
+        patterns=frozenset({Pattern.CAUSAL_SELF}),
+        incremental=True,
+        constant_state=True,
+        backends=("kernels.sliding_window_attention",),
+    )
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("causal", True)  # its only pattern

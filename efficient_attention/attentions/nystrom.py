@@ -3,6 +3,7 @@
 ``softmax(QKᵀ/√d) V ≈ softmax(Q K̃ᵀ/√d) · pinv(softmax(Q̃ K̃ᵀ/√d)) · softmax(Q̃ Kᵀ/√d) V`` with
 landmarks ``Q̃, K̃`` = segment means of the queries and keys.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,8 @@ def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
 class NystromOptions(AttentionOptions):
     num_landmarks: int = positive_int(16, "number of landmarks C (segment means of queries and keys)")
     conv_kernel_size: Optional[int] = positive_int(
-        None, "odd kernel size of the depthwise convolution on the values added to the output (None: none)", odd=True)
+        None, "odd kernel size of the depthwise convolution on the values added to the output (None: none)", odd=True
+    )
     pinv_iterations: int = positive_int(6, "Newton-Schulz iterations of the pseudo-inverse")
 
 
@@ -82,8 +84,12 @@ class NystromAttention(EfficientAttention):
         self.conv = None
         if conv_kernel_size is not None:
             self.conv = nn.Conv2d(
-                self.num_heads, self.num_heads, (conv_kernel_size, 1), padding=(conv_kernel_size // 2, 0),
-                groups=self.num_heads, bias=False,
+                self.num_heads,
+                self.num_heads,
+                (conv_kernel_size, 1),
+                padding=(conv_kernel_size // 2, 0),
+                groups=self.num_heads,
+                bias=False,
             )
         if self.dropout_p > 0:
             logger.info("Nystromformer applies no attention dropout (dropout=%s is unused)", self.dropout_p)
@@ -108,7 +114,9 @@ class NystromAttention(EfficientAttention):
         # the 1/sqrt(d) scaling is folded into the (B, H, C, d) landmarks, never applied to an (N, C) product
         q_land, k_land = torch.matmul(weights, q32) * self.scaling, torch.matmul(weights, k32)  # (B, H, C, d)
         no_land = empty[:, None, None, :]
-        kernel1 = softmax(torch.matmul(q32, k_land.transpose(-1, -2) * self.scaling).masked_fill(no_land, float("-inf")))
+        kernel1 = softmax(
+            torch.matmul(q32, k_land.transpose(-1, -2) * self.scaling).masked_fill(no_land, float("-inf"))
+        )
         kernel2 = softmax(torch.matmul(q_land, k_land.transpose(-1, -2)).masked_fill(no_land, float("-inf")))
         scores3 = torch.matmul(q_land, k32.transpose(-1, -2))
         if kpm is not None:

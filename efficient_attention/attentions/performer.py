@@ -3,6 +3,7 @@
 ``exp(q·k/√d) ≈ φ(q)·φ(k)`` with ``φ(x) = exp(W x' - |x'|²/2)``, ``x' = x d^(-1/4)``
 and ``m`` orthogonal Gaussian rows ``W``; ``out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j)``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,6 +24,7 @@ from ..registry import register_attention
 __all__ = ["Performer"]
 
 logger = logging.getLogger(__name__)
+
 
 def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, device=None) -> Tensor:
     """``(num_rows, dim)`` Gaussian projection; rows orthogonal within each block of ``dim``.
@@ -47,7 +49,8 @@ class PerformerOptions(AttentionOptions):
     approx_attn_dim: int = positive_int(16, "number of random features m")
     orthogonal_features: bool = option(True, "draw the random features in orthogonal blocks (else i.i.d. Gaussian)")
     feature_redraw_interval: int = nonnegative_int(
-        1000, "redraw the random features every this many training forwards (0: never)")
+        1000, "redraw the random features every this many training forwards (0: never)"
+    )
 
 
 def _time_first_matmul(x: Tensor, w_t: Tensor) -> Tensor:
@@ -222,8 +225,9 @@ class Performer(EfficientAttention):
             "k_max": q.new_full((bsz, heads, 1, 1), float("-inf"), dtype=dtype),
         }
 
-    def _causal(self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], dtype,
-                padded: bool = True) -> Tensor:
+    def _causal(
+        self, qf: Tensor, k_logits: Tensor, v: Tensor, state: Optional[Dict[str, Tensor]], dtype, padded: bool = True
+    ) -> Tensor:
         """Causal FAVOR+ for queries that are the last ``T`` of the ``S`` new keys (``state`` holds the past and
         receives the new sums; ``None``: a fresh sequence whose sums are not kept; ``padded=False`` promises
         finite logits).
@@ -248,8 +252,15 @@ class Performer(EfficientAttention):
             decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         kf = torch.exp(k_logits - safe.unsqueeze(-1))
         init = None if state is None else (state["kv_sum"], state["k_sum"])
-        out = linear_attention(qf[..., blind:, :].to(dtype), kf.to(dtype), v, causal=True, log_decay=decay,
-                               initial_state=init, return_state=state is not None)
+        out = linear_attention(
+            qf[..., blind:, :].to(dtype),
+            kf.to(dtype),
+            v,
+            causal=True,
+            log_decay=decay,
+            initial_state=init,
+            return_state=state is not None,
+        )
         if state is not None:
             out, (state["kv_sum"], state["k_sum"]) = out
             state["k_max"] = run[..., -1:].unsqueeze(-1)
@@ -292,8 +303,10 @@ class Performer(EfficientAttention):
         Static keys: ``prev_key = Σ φ(k) vᵀ``, ``prev_value = Σ φ(k)``, summarised once."""
         qf = self._query_features(q)
         if not self.causal:
+
             def summarise(k, v, kpm):
                 return dict(zip(("prev_key", "prev_value"), self._key_sums(self._key_logits(k, kpm), v, q.dtype)))
+
             self._static_kv(state, k, v, masks.key_padding, summarise)
             kv, ks = state["prev_key"], state["prev_value"]
             no_keys, no_values = qf[..., :0, :], kv.new_empty(*kv.shape[:2], 0, kv.shape[-1])
@@ -306,12 +319,13 @@ class Performer(EfficientAttention):
             )
         logits = self._key_logits(k, masks.key_padding)
         if tgt_len == 1 and k.shape[2] == 1 and "kv_sum" in state:  # one token: the recurrence, a few kernels
-            past = state["k_max"]                                                   # (B, H, 1, 1)
+            past = state["k_max"]  # (B, H, 1, 1)
             run = torch.maximum(logits.detach().amax(-1, keepdim=True), past)
             safe = self._finite(run)
             decay = torch.exp(torch.where(torch.isfinite(past), past - safe, 0.0))  # nothing before: no decay
             out, state["kv_sum"], state["k_sum"] = linear_attention_step(
-                qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], decay)
+                qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], decay
+            )
             state["k_max"] = run
             return out.to(q.dtype)
         dtype = acc_dtype(q.dtype)

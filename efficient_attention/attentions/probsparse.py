@@ -17,6 +17,7 @@ block (plus the block's own scores), never a ``(T, U, d)`` gather.  Sampling is 
 training and a fixed hash of (block, sample index) in eval: deterministic, and
 the same in decoding.  The active rows are gathered and attend through SDPA.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,19 +61,22 @@ def hash_samples(pos: Tensor, n_visible: Tensor, count: int, seed: int = 0x5EED)
 
 
 def _prefix_top(values: Tensor, k: int) -> Tensor:
-    """Exclusive running top-``k``: ``(..., G, k)`` largest of ``values[..., :g, :]`` (-inf filled), values ``(..., G, m)``."""
+    """Exclusive running top-``k``: ``(..., G, k)`` largest of ``values[..., :g, :]`` (-inf filled).
+
+    values: ``(..., G, m)``."""
     groups = values.shape[-2]
     flat = values.flatten(-2)[..., None, :].expand(*values.shape[:-2], groups, groups * values.shape[-1])
-    earlier = torch.arange(groups, device=values.device).repeat_interleave(values.shape[-1])[None] < \
-        torch.arange(groups, device=values.device)[:, None]
+    earlier = (
+        torch.arange(groups, device=values.device).repeat_interleave(values.shape[-1])[None]
+        < torch.arange(groups, device=values.device)[:, None]
+    )
     masked = flat.masked_fill(~earlier, float("-inf"))
     return masked.topk(min(k, masked.shape[-1]), dim=-1).values
 
 
 @dataclass(frozen=True)
 class ProbSparseOptions(AttentionOptions):
-    factor: int = positive_int(
-        5, "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries")
+    factor: int = positive_int(5, "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries")
 
 
 @register_attention("probsparse", "prob_sparse", "informer")
@@ -137,7 +141,7 @@ class ProbSparse(EfficientAttention):
         first = src_len - tgt_len
         ids, n_blk, size = self._blocks(first, src_len, q.device)
         count = log_count(self.factor, src_len)
-        keys = self._block_keys(ids, n_blk, count)                                    # (G, U)
+        keys = self._block_keys(ids, n_blk, count)  # (G, U)
         size = size or tgt_len
         start = first - first % size if self.causal else 0
         front, rows = first - start, ids.shape[0] * size
@@ -146,29 +150,32 @@ class ProbSparse(EfficientAttention):
             qs = F.pad(q * self.scaling, (0, 0, front, rows - tgt_len - front)).to(real).view(bsz, heads, -1, size, dim)
             s = torch.matmul(qs, k[:, :, keys.clamp(max=src_len - 1)].to(real).transpose(-1, -2))  # (B, H, G, n, U)
             if self.causal:
-                pos = (start + torch.arange(rows, device=q.device)).view(-1, size, 1)     # (G, n, 1)
+                pos = (start + torch.arange(rows, device=q.device)).view(-1, size, 1)  # (G, n, 1)
                 raw = keys[:, None, :]
-                final = self._wrap(raw, pos)                                             # (G, n, U)
+                final = self._wrap(raw, pos)  # (G, n, U)
                 own = F.pad(k[:, :, start:], (0, 0, 0, rows - (src_len - start))).to(real).view(qs.shape)
-                own = torch.matmul(qs, own.transpose(-1, -2))                            # (B, H, G, n, n)
+                own = torch.matmul(qs, own.transpose(-1, -2))  # (B, H, G, n, n)
                 idx = (final - pos + pos % _BLOCK).clamp(min=0).expand(bsz, heads, -1, -1, -1)  # inside the block
                 s = torch.where(raw <= pos, s, torch.gather(own, -1, idx))
-                final = final.reshape(rows, count)[front:front + tgt_len]
+                final = final.reshape(rows, count)[front : front + tgt_len]
             else:
                 final = keys.expand(tgt_len, -1)
-            s = s.flatten(2, 3)[:, :, front:front + tgt_len]                          # (B, H, T, U)
+            s = s.flatten(2, 3)[:, :, front : front + tgt_len]  # (B, H, T, U)
             q_pos = torch.arange(first, src_len, device=q.device)
-            ok = torch.arange(count, device=q.device) < log_counts(self.factor, q_pos + 1 if self.causal else
-                                                                   torch.full_like(q_pos, src_len))[:, None]
+            ok = (
+                torch.arange(count, device=q.device)
+                < log_counts(self.factor, q_pos + 1 if self.causal else torch.full_like(q_pos, src_len))[:, None]
+            )
             if kpm is not None:
-                ok = ok & ~kpm[:, final.clamp(max=src_len - 1)][:, None]                  # (B, 1, T, U)
+                ok = ok & ~kpm[:, final.clamp(max=src_len - 1)][:, None]  # (B, 1, T, U)
             n = ok.sum(-1)
             total = s.masked_fill(~ok, 0.0).sum(-1, dtype=torch.float32)
             top = s.masked_fill_(~ok, float("-inf")).amax(-1).float()
             return torch.where(n > 0, top - total / n.clamp(min=1), torch.full_like(top, float("-inf")))
 
     def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], q_pos: Tensor) -> Tensor:
-        """Causal selection by brute force: query ``i`` is active iff fewer than ``u_i`` earlier queries score higher."""
+        """Causal selection by brute force: query ``i`` is active iff fewer than ``u_i`` earlier queries
+        score higher."""
         u = log_counts(self.factor, q_pos + 1)
         earlier = torch.tril(torch.ones(m_new.shape[-1], m_new.shape[-1], dtype=torch.bool, device=m_new.device), -1)
         count = ((m_new[..., None, :] > m_new[..., :, None]) & earlier).sum(-1)
@@ -188,16 +195,16 @@ class ProbSparse(EfficientAttention):
         per_group = math.isqrt(n_blocks - 1) + 1
         groups = -(-n_blocks // per_group)
         mb = F.pad(m, (0, groups * per_group * _SEL - length), value=float("-inf"))
-        mb = mb.view(*m.shape[:-1], groups * per_group, _SEL)                         # (B, H, nb, SEL)
+        mb = mb.view(*m.shape[:-1], groups * per_group, _SEL)  # (B, H, nb, SEL)
         earlier = torch.tril(torch.ones(_SEL, _SEL, dtype=torch.bool, device=m.device), -1)
         count = ((mb[..., None, :] > mb[..., :, None]) & earlier).sum(-1)
         block_top = mb.topk(min(u_max, _SEL), dim=-1).values.view(*m.shape[:-1], groups, per_group, -1)
-        inner = _prefix_top(block_top, u_max)                                         # (B, H, G, g, ·)
+        inner = _prefix_top(block_top, u_max)  # (B, H, G, g, ·)
         group_top = block_top.flatten(-2)
         outer = _prefix_top(group_top.topk(min(u_max, group_top.shape[-1]), dim=-1).values, u_max)  # (B, H, G, ·)
         prefix = torch.cat([inner, outer[..., None, :].expand(*inner.shape[:-1], -1)], -1).flatten(2, 3)
         count = count + (prefix[..., None, :] > mb[..., :, None]).sum(-1)
-        return (count.flatten(-2)[..., :length] < log_counts(self.factor, q_pos + 1))
+        return count.flatten(-2)[..., :length] < log_counts(self.factor, q_pos + 1)
 
     def _lazy(self, v: Tensor, kpm: Optional[Tensor], q_pos: Tensor) -> Tensor:
         """Mean of the visible, non-padded values ``(B, H, T, d)`` (causal: a running mean)."""
@@ -213,25 +220,40 @@ class ProbSparse(EfficientAttention):
             total, count = vv.sum(2, keepdim=True), keep.sum(1)[:, None, None, None]
         return (total / count.clamp(min=1)).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
 
-    def _exact_rows(self, q: Tensor, k: Tensor, v: Tensor, rows: Tensor, ok: Tensor, q_pos: Tensor,
-                    kpm: Optional[Tensor], out: Tensor) -> Tensor:
+    def _exact_rows(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rows: Tensor,
+        ok: Tensor,
+        q_pos: Tensor,
+        kpm: Optional[Tensor],
+        out: Tensor,
+    ) -> Tensor:
         """Exact softmax attention (SDPA) for the query ``rows`` ``(B, H, A)`` where ``ok``, written into ``out``."""
         idx = rows[..., None].expand(-1, -1, -1, q.shape[-1])
         keep = None
         if kpm is not None:  # a batch row without real keys has no active query: let its filler rows see everything
-            keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]               # (B, 1, 1, S)
+            keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, S)
         if self.causal:
             seen = torch.arange(k.shape[2], device=q.device) <= q_pos[rows][..., None]  # (B, H, A, S)
             seen = seen if keep is None else seen & keep
-            keep = seen | ~ok[..., None]                                                # filler rows: no empty row
+            keep = seen | ~ok[..., None]  # filler rows: no empty row
         exact = F.scaled_dot_product_attention(
-            torch.gather(q, 2, idx), k, v, attn_mask=keep, scale=self.scaling,
-            dropout_p=self.dropout_p if self.training else 0.0)
+            torch.gather(q, 2, idx),
+            k,
+            v,
+            attn_mask=keep,
+            scale=self.scaling,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
         exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
         return out.scatter(2, idx, exact)
 
-    def _compute(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor],
-                 m_prev: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def _compute(
+        self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor], m_prev: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
         """Outputs of the ``T`` queries (the last ``T`` key positions) and their scores ``M``."""
         tgt_len, src_len = q.shape[2], k.shape[2]
         q_pos = torch.arange(src_len - tgt_len, src_len, device=q.device)
@@ -252,15 +274,16 @@ class ProbSparse(EfficientAttention):
             ok = torch.isfinite(torch.gather(m, -1, rows))
         return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, self._lazy(v, kpm, q_pos)), m
 
-    def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor],
-              m_prev: Tensor) -> Tuple[Tensor, Tensor]:
+    def _step(
+        self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor], m_prev: Tensor
+    ) -> Tuple[Tensor, Tensor]:
         """:meth:`_compute` for one causal query (the last key): exact attention where it is active, the running
         mean of the values where not, chosen by ``torch.where`` (no row count read back from the device)."""
         q_pos = torch.arange(k.shape[2] - 1, k.shape[2], device=q.device)
         m = self._sparsity(q, k, kpm)
         if qpm is not None:
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
-        active = self._running_active(m, m_prev, q_pos)                       # (B, H, 1)
+        active = self._running_active(m, m_prev, q_pos)  # (B, H, 1)
         hidden = None  # as in _exact_rows: a batch row without real keys lets the query see every key
         if kpm is not None:
             hidden = (kpm & ~kpm.all(-1, keepdim=True))[:, None, None, :]
@@ -269,7 +292,9 @@ class ProbSparse(EfficientAttention):
         return torch.where(active[..., None], exact.to(lazy.dtype), lazy), m
 
     # ------------------------------------------------------------------- hooks
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         kpm = masks.key_padding
         qpm = kpm  # self attention: padded keys are padded queries, never selected
         if masks.query_padding is not None:

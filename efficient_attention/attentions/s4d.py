@@ -20,11 +20,12 @@ Two exact algorithms, both a fixed number of batched kernels whatever the length
 
 Decoding steps the recurrence with a constant ``(B, C, d_state)`` state.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,13 @@ from ..registry import register_attention
 
 __all__ = ["S4D"]
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda x: x}
+_ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+}
 
 _CHUNK = 64
 
@@ -59,7 +66,7 @@ def _decay_matrix(dt_a: Tensor, step: int, rows: int, cols: int, strict: bool) -
     a = torch.arange(rows, device=dt_a.device)[:, None]
     b = torch.arange(cols, device=dt_a.device)[None, :]
     lag = a - b - int(strict)
-    powers = _powers(dt_a, torch.arange(rows, device=dt_a.device) * step)       # (C, n, rows)
+    powers = _powers(dt_a, torch.arange(rows, device=dt_a.device) * step)  # (C, n, rows)
     return powers[..., lag.clamp(min=0)] * (lag >= 0)
 
 
@@ -81,8 +88,9 @@ def _as_pairs(x: Tensor) -> Tensor:
     return torch.view_as_real(x).flatten(-2)
 
 
-def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, chunk: int = _CHUNK,
-          need_state: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+def _scan(
+    u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, chunk: int = _CHUNK, need_state: bool = True
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Causal S4D convolution by chunks, exact (future inputs get exactly zero gradient).
 
     Args:
@@ -102,29 +110,30 @@ def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, c
     n = dt_a.shape[-1]
     t = max(1, min(chunk, length))
     n_chunks = -(-length // t)
-    per_group = max(1, math.isqrt(n_chunks - 1) + 1)           # ceil(sqrt(n_chunks))
+    per_group = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
     groups = -(-n_chunks // per_group)
     padded = groups * per_group
     real = dt_a.real.dtype
     pos = torch.arange(t + 1, device=u.device, dtype=real)
-    lam = _powers(dt_a, pos)                                                # (C, n, t+1): λ^0 .. λ^t
-    w = c_bar[..., None] * lam                                              # C̃ λ^i
-    kern = 2.0 * w[..., :t].sum(1).real                                     # (C, t)
+    lam = _powers(dt_a, pos)  # (C, n, t+1): λ^0 .. λ^t
+    w = c_bar[..., None] * lam  # C̃ λ^i
+    kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
     # Toeplitz, transposed: toe_t[c, j, i] = K[i - j] (exact zeros for i < j), as windows of the zero-padded kernel
-    toe_t = F.pad(kern, (t - 1, 0)).unfold(-1, t, 1).flip(1)               # (C, t, t)
+    toe_t = F.pad(kern, (t - 1, 0)).unfold(-1, t, 1).flip(1)  # (C, t, t)
     # contiguous: a (C, B·M, t) view with another batch stride makes the CPU bmm copy one matrix at a time
     flat = F.pad(u, (0, padded * t - length)).reshape(channels, bsz * padded, t).contiguous()
-    y = torch.bmm(flat, toe_t)                                              # (C, B·M, t)
+    y = torch.bmm(flat, toe_t)  # (C, B·M, t)
     # end state of every chunk from zero: Σ_j λ^{t-1-j} u_j as real products with (re, im) pairs
-    back = _as_pairs(lam[..., :t].flip(-1).transpose(1, 2))                 # (C, t, 2n)
+    back = _as_pairs(lam[..., :t].flip(-1).transpose(1, 2))  # (C, t, 2n)
     ends = torch.view_as_complex(torch.bmm(flat, back).view(channels, bsz, groups, per_group, n, 2))
     # within a group: row a < g the start of chunk a from a zero group start, row g the group's end state
     inner = torch.einsum("cnaj,czgjn->czgan", _decay_matrix(dt_a, t, per_group + 1, per_group, True), ends)
     # across groups: state at every group start (from x0), and after the last group
     x0 = ends.new_zeros(channels, bsz, n) if x0 is None else x0
-    group_ends = torch.cat([x0[:, :, None], inner[:, :, :, per_group]], 2)       # (C, B, G+1, n)
-    group_starts = torch.einsum("cngh,czhn->czgn", _decay_matrix(dt_a, t * per_group, groups + 1, groups + 1, False),
-                                group_ends)
+    group_ends = torch.cat([x0[:, :, None], inner[:, :, :, per_group]], 2)  # (C, B, G+1, n)
+    group_starts = torch.einsum(
+        "cngh,czhn->czgn", _decay_matrix(dt_a, t * per_group, groups + 1, groups + 1, False), group_ends
+    )
     offsets = _powers(dt_a, torch.arange(per_group, device=u.device) * t).permute(0, 2, 1)  # (C, g, n): λ^{t·a}
     starts = inner[:, :, :, :per_group] + offsets[:, None, None] * group_starts[:, :, :groups, None]  # (C,B,G,g,n)
     out = _as_pairs((w[..., 1:]).transpose(1, 2)) * torch.tensor([2.0, -2.0], dtype=real, device=u.device).repeat(n)
@@ -132,10 +141,10 @@ def _scan(u: Tensor, dt_a: Tensor, c_bar: Tensor, x0: Optional[Tensor] = None, c
     y = y.view(channels, bsz, padded * t)[..., :length]
     if not need_state:
         return y, None
-    last = (length - 1) // t                       # the chunk holding the last real input, and its real length
+    last = (length - 1) // t  # the chunk holding the last real input, and its real length
     rest = length - last * t
     u_last = flat.view(channels, bsz, padded, t)[:, :, last, :rest]
-    tail = _as_pairs(lam[..., :rest].flip(-1).transpose(1, 2))             # (C, rest, 2n)
+    tail = _as_pairs(lam[..., :rest].flip(-1).transpose(1, 2))  # (C, rest, 2n)
     x = lam[:, None, :, rest] * starts.reshape(channels, bsz, padded, n)[:, :, last]
     return y, x + torch.view_as_complex(torch.bmm(u_last, tail).view(channels, bsz, n, 2))
 
@@ -144,18 +153,24 @@ def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Te
     """``K_l = 2·Re(C̃ λ^l)`` for ``l < length`` as ``(C, length)``, by blocks ``λ^{at+b} = λ^{at} λ^b``."""
     t = max(1, min(block, length))
     blocks = -(-length // t)
-    head = _powers(dt_a, torch.arange(blocks, device=dt_a.device) * t)          # (C, n, A)
+    head = _powers(dt_a, torch.arange(blocks, device=dt_a.device) * t)  # (C, n, A)
     tail = c_bar[..., None] * _powers(dt_a, torch.arange(t, device=dt_a.device))  # (C, n, t)
-    kern = 2.0 * torch.einsum("cna,cnb->cab", head, tail).real                 # (C, A, t)
+    kern = 2.0 * torch.einsum("cna,cnb->cab", head, tail).real  # (C, A, t)
     return kern.reshape(dt_a.shape[0], blocks * t)[:, :length]
 
 
 def _fft_conv(u: Tensor, forward: Tensor, backward: Optional[Tensor]) -> Tensor:
     """``y_l = Σ_{j<=l} K_f[l-j] u_j (+ Σ_{j>l} K_b[j-l-1] u_j)`` by one FFT; u ``(C, B, L)``, kernels ``(C, L)``."""
     length = u.shape[-1]
-    size = 1 << max(1, (2 * length - 1).bit_length())   # a power of two >= 2L - 1: no wrap-around
-    k = forward if backward is None else torch.cat(
-        [forward, forward.new_zeros(forward.shape[0], size - 2 * length + 1), backward[:, : length - 1].flip(-1)], -1)
+    size = 1 << max(1, (2 * length - 1).bit_length())  # a power of two >= 2L - 1: no wrap-around
+    k = (
+        forward
+        if backward is None
+        else torch.cat(
+            [forward, forward.new_zeros(forward.shape[0], size - 2 * length + 1), backward[:, : length - 1].flip(-1)],
+            -1,
+        )
+    )
     spec = torch.fft.rfft(u, n=size) * torch.fft.rfft(k, n=size)[:, None]
     return torch.fft.irfft(spec, n=size)[..., :length]
 
@@ -164,7 +179,8 @@ def _fft_conv(u: Tensor, forward: Tensor, backward: Optional[Tensor]) -> Tensor:
 class S4DOptions(AttentionOptions):
     d_state: int = positive_int(16, "number of complex state modes per channel (S4D-Lin initialisation)")
     bidirectional: Optional[bool] = option(
-        None, "add a backward kernel over later positions (default: not causal; must be False if causal)")
+        None, "add a backward kernel over later positions (default: not causal; must be False if causal)"
+    )
     activation: str = choice("gelu", sorted(_ACTIVATIONS), "activation after the state-space layer")
 
 
@@ -250,7 +266,9 @@ class S4D(EfficientAttention):
     # ------------------------------------------------------------------- hooks
     # The state-space math runs outside autocast: _inputs/_discrete already work in
     # fp32 and complex ops have no half-precision kernels (bf16 autocast failed).
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         with torch.autocast(q.device.type, enabled=False):
             return self._mix(q, masks)
 
@@ -271,11 +289,13 @@ class S4D(EfficientAttention):
         with torch.autocast(q.device.type, enabled=False):
             u = self._inputs(q, masks.key_padding)
             dt_a, c_bar = self._discrete_for_steps(q.dtype)
-            x0 = None if prev is None else torch.view_as_complex(prev).transpose(0, 1)      # (C, B, n), a view
+            x0 = None if prev is None else torch.view_as_complex(prev).transpose(0, 1)  # (C, B, n), a view
             if x0 is not None and u.shape[-1] == 1:  # one token: x = λ x0 + u, y = 2 Re(C̃ x), a few kernels
                 x = torch.addcmul(u.to(x0.dtype), torch.exp(dt_a[0])[:, None], x0)
                 y = 2.0 * (c_bar[0][:, None] * x).real.sum(-1, keepdim=True)
             else:
-                y, x = _scan(u, dt_a[0], c_bar[0], x0)
+                y, x_out = _scan(u, dt_a[0], c_bar[0], x0)
+                assert x_out is not None  # need_state=True returns the final state
+                x = x_out
         state["ssm_state"] = torch.view_as_real(x.transpose(0, 1))
         return self._finish(y, u, q)

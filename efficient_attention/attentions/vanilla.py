@@ -5,6 +5,7 @@
 memory-efficient backends); with weights or ``before_softmax`` it materialises
 the ``(B, H, T, S)`` scores, softmax in fp32.  Cost: O(T·S·d) time.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -57,7 +58,7 @@ class MultiheadAttention(EfficientAttention):
         if causal:
             mask = merge_masks(tgt_len, src_len, attn_mask=mask, causal=True, dtype=q.dtype, device=q.device)
         extra_k, extra_v = [], []
-        if self.bias_k is not None:
+        if self.bias_k is not None and self.bias_v is not None:
             shape = (bsz, self.num_kv_heads, 1, self.head_dim)
             extra_k.append(self.bias_k.view(1, self.num_kv_heads, 1, self.head_dim).expand(shape).to(k.dtype))
             extra_v.append(self.bias_v.view(1, self.num_kv_heads, 1, self.head_dim).expand(shape).to(v.dtype))
@@ -72,14 +73,20 @@ class MultiheadAttention(EfficientAttention):
 
     def _masks_and_kv(self, q, k, v, masks: AttentionMasks):
         tgt_len, src_len = q.shape[2], k.shape[2]
-        mask = merge_masks(tgt_len, src_len, key_padding_mask=masks.key_padding, attn_mask=masks.attn, dtype=q.dtype, device=q.device)
+        mask = merge_masks(
+            tgt_len, src_len, key_padding_mask=masks.key_padding, attn_mask=masks.attn, dtype=q.dtype, device=q.device
+        )
         return self._with_extra_kv(q, k, v, mask, self.causal)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         k, v, mask, causal = self._masks_and_kv(q, k, v, masks)
         dropout = self.dropout_p if self.training else 0.0
         if need_weights:
-            return dense_attention(q, k, v, mask, causal=causal, scale=self.scaling, dropout_p=dropout, training=self.training)
+            return dense_attention(
+                q, k, v, mask, causal=causal, scale=self.scaling, dropout_p=dropout, training=self.training
+            )
         return sdpa_attention(q, k, v, mask, causal=causal, scale=self.scaling, dropout_p=dropout), None
 
     def _scores(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Tensor]:

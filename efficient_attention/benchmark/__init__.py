@@ -11,6 +11,7 @@ plots.  The method (timing, memory, budgets, efficiency length) is described
 in :mod:`.measure`, :mod:`.sweep` and :mod:`.efficiency`, and in
 ``benchmarks/README.md``.  matplotlib is needed for the plots only.
 """
+
 from .efficiency import Crossing, Fit, choose_degree, efficiency_lengths, fit_curve, fitted_crossing, measured_crossing
 from .measure import MODES, cpu_peak_bytes, measure_point, parse_pattern
 from .naive import NaiveAttention

@@ -8,6 +8,7 @@ values, space-separated values, or both (``--mechanisms local performer``,
 failed, or every point of the mechanisms asked for (the baselines aside), so
 a script notices a sweep that measured nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from .measure import MODES, DTYPES
+from .measure import DTYPES, MODES
 from .report import efficiency_table, write_outputs
 from .sweep import BASELINES, DEFAULT_LENGTHS, SweepConfig, run_sweep
 
@@ -62,7 +63,9 @@ def parse_lengths(text: str) -> List[int]:
             raise ValueError
         return out
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--lengths: expected 'N,N,...' or 'MIN:MAX' of positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--lengths: expected 'N,N,...' or 'MIN:MAX' of positive integers, got {text!r}"
+        ) from None
 
 
 def parse_option(text: str):
@@ -84,18 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time, memory and efficiency length of the registered attention mechanisms.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--mechanisms", action=_Items, default=None,
-                   help="names (default: every registered one); the baselines are always added")
-    p.add_argument("--baselines", action=_Items, default=list(BASELINES),
-                   help="baselines to compare with: 'vanilla' (SDPA path) and/or 'naive' (unfused)")
-    p.add_argument("--patterns", action=_Items, default=None,
-                   help="e.g. causal-self noncausal-self noncausal-cross causal-cross (default: all)")
-    p.add_argument("--lengths", action=_Items, parse=parse_lengths, default=list(DEFAULT_LENGTHS),
-                   help="'N N ...', 'N,N,...' or 'MIN:MAX' doubling")
-    p.add_argument("--modes", action=_Items, default=list(MODES),
-                   help="forward, backward (forward+backward), decode (one step)")
-    p.add_argument("--option", dest="options", type=parse_option, action="append", default=[], metavar="MECH.KEY=VALUE",
-                   help="override a mechanism's constructor option (repeatable), e.g. cosformer.max_len=16385")
+    p.add_argument(
+        "--mechanisms",
+        action=_Items,
+        default=None,
+        help="names (default: every registered one); the baselines are always added",
+    )
+    p.add_argument(
+        "--baselines",
+        action=_Items,
+        default=list(BASELINES),
+        help="baselines to compare with: 'vanilla' (SDPA path) and/or 'naive' (unfused)",
+    )
+    p.add_argument(
+        "--patterns",
+        action=_Items,
+        default=None,
+        help="e.g. causal-self noncausal-self noncausal-cross causal-cross (default: all)",
+    )
+    p.add_argument(
+        "--lengths",
+        action=_Items,
+        parse=parse_lengths,
+        default=list(DEFAULT_LENGTHS),
+        help="'N N ...', 'N,N,...' or 'MIN:MAX' doubling",
+    )
+    p.add_argument(
+        "--modes", action=_Items, default=list(MODES), help="forward, backward (forward+backward), decode (one step)"
+    )
+    p.add_argument(
+        "--option",
+        dest="options",
+        type=parse_option,
+        action="append",
+        default=[],
+        metavar="MECH.KEY=VALUE",
+        help="override a mechanism's constructor option (repeatable), e.g. cosformer.max_len=16385",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64, help="head dimension (embed_dim = heads * dim)")
@@ -103,33 +131,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", action=_Items, default=["cpu"], help="one or more, e.g. cpu cuda")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per point (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds per call: longer lengths of a mechanism are skipped once a call takes longer")
-    p.add_argument("--max-memory", type=float, default=None, help="CPU only: GiB a point may be predicted to use (default: half the available memory)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds after which a point's worker is killed (default: max(120, 30 x budget))")
-    p.add_argument("--max-time", type=float, default=None, help="seconds for the whole sweep; points left after it are recorded as skipped (time limit)")
-    p.add_argument("--isolation", choices=("subprocess", "none"), default="subprocess", help="run points in a worker process that may crash, or in this process")
-    p.add_argument("--import", dest="imports", action=_Items, default=[], help="modules to import first (they may register more mechanisms)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="seconds per call: longer lengths of a mechanism are skipped once a call takes longer",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        help="CPU only: GiB a point may be predicted to use (default: half the available memory)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds after which a point's worker is killed (default: max(120, 30 x budget))",
+    )
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="seconds for the whole sweep; points left after it are recorded as skipped (time limit)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("subprocess", "none"),
+        default="subprocess",
+        help="run points in a worker process that may crash, or in this process",
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action=_Items,
+        default=[],
+        help="modules to import first (they may register more mechanisms)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
-    p.add_argument("--report-only", type=Path, default=None, metavar="JSON", help="re-write the Markdown and plots from an existing results.json into --out")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="re-write the Markdown and plots from an existing results.json into --out",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v: log skipped points too; -vv: debug")
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    options = {}
+    options: Dict[str, Dict[str, object]] = {}
     for name, key, value in args.options:
         options.setdefault(name, {})[key] = value
     return SweepConfig(
         options=options,
-        mechanisms=args.mechanisms, baselines=tuple(args.baselines), patterns=args.patterns,
-        lengths=tuple(args.lengths), modes=tuple(args.modes), batch=args.batch, heads=args.heads, dim=args.dim,
-        dtypes=tuple(args.dtype), devices=tuple(args.device), warmup=args.warmup, repeats=args.repeats,
-        budget=args.budget, max_memory_gib=args.max_memory, timeout=args.timeout, max_time=args.max_time,
+        mechanisms=args.mechanisms,
+        baselines=tuple(args.baselines),
+        patterns=args.patterns,
+        lengths=tuple(args.lengths),
+        modes=tuple(args.modes),
+        batch=args.batch,
+        heads=args.heads,
+        dim=args.dim,
+        dtypes=tuple(args.dtype),
+        devices=tuple(args.device),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        budget=args.budget,
+        max_memory_gib=args.max_memory,
+        timeout=args.timeout,
+        max_time=args.max_time,
         isolation=args.isolation,
-        imports=tuple(args.imports), threads=args.threads, seed=args.seed,
+        imports=tuple(args.imports),
+        threads=args.threads,
+        seed=args.seed,
     )
 
 

@@ -23,11 +23,12 @@ For a mechanism, a baseline and a metric (time or memory) in one setting
   length it did run; ``always`` if the mechanism is cheaper from the first
   length, ``none`` if not at the longest.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class Crossing:
         return asdict(self)
 
 
-def choose_degree(lengths: Sequence[float], values: Sequence[float]) -> int:
+def choose_degree(lengths: Iterable[float], values: Iterable[float]) -> int:
     """2 if the log-log slope over the last (up to) three points is above 1.5, else 1."""
     pts = [(n, y) for n, y in zip(lengths, values) if y > 0][-3:]
     if len(pts) < 2:
@@ -101,8 +102,8 @@ def fitted_crossing(mech: Fit, base: Fit, measured: Sequence[float] = ()) -> Cro
     d[: len(base.coeffs)] += base.coeffs
     d[: len(mech.coeffs)] -= mech.coeffs
     # drop leading terms that are zero up to rounding at the lengths of interest
-    ref = max(measured) if len(measured) else 1.0
-    mag = max(abs(base(ref)), abs(mech(ref)), np.finfo(float).tiny)
+    ref = float(max(measured)) if len(measured) else 1.0
+    mag = max(abs(float(base(ref))), abs(float(mech(ref))), float(np.finfo(float).tiny))
     while len(d) > 1 and abs(d[-1]) * ref ** (len(d) - 1) <= 1e-9 * mag:
         d = d[:-1]
     if d[-1] <= 0:
@@ -119,8 +120,12 @@ def fitted_crossing(mech: Fit, base: Fit, measured: Sequence[float] = ()) -> Cro
     return Crossing("at", float(root), extrapolated)
 
 
-def measured_crossing(lengths: Sequence[int], mech: Sequence[Optional[float]], base: Sequence[Optional[float]],
-                      base_bound: Sequence[Optional[float]] = ()) -> Crossing:
+def measured_crossing(
+    lengths: Sequence[int],
+    mech: Sequence[Optional[float]],
+    base: Sequence[Optional[float]],
+    base_bound: Sequence[Optional[float]] = (),
+) -> Crossing:
     """The measured crossing.
 
     ``mech[i]`` / ``base[i]`` are the costs at ``lengths[i]`` (``None`` where not
@@ -168,7 +173,8 @@ def _series(points: List[dict]) -> Dict[tuple, Dict[str, Dict[int, dict]]]:
 
 def _bounds(base: Dict[int, dict], key: str, lengths: Sequence[int]) -> List[Optional[float]]:
     """Lower bounds of the baseline's cost where it did not run (see :func:`measured_crossing`)."""
-    out, last_ok = [], None
+    out: List[Optional[float]] = []
+    last_ok: Optional[float] = None
     for n in lengths:
         p = base.get(n)
         if p is not None and p["status"] == "ok":
@@ -194,7 +200,9 @@ def efficiency_lengths(points: List[dict], baselines: Sequence[str]) -> List[dic
                 continue
             for name, pts in mechs.items():
                 # every mechanism against every baseline; baselines only against the later (slower) ones
-                if name == base_name or (name in baselines and list(baselines).index(name) > list(baselines).index(base_name)):
+                if name == base_name or (
+                    name in baselines and list(baselines).index(name) > list(baselines).index(base_name)
+                ):
                     continue
                 row = dict(mechanism=name, baseline=base_name, device=device, dtype=dtype, pattern=pattern, mode=mode)
                 lengths = sorted(set(pts) | set(base))
@@ -202,7 +210,9 @@ def efficiency_lengths(points: List[dict], baselines: Sequence[str]) -> List[dic
                     m_ok = {n: p[key] for n, p in pts.items() if p["status"] == "ok"}
                     b_ok = {n: p[key] for n, p in base.items() if p["status"] == "ok"}
                     measured = measured_crossing(
-                        lengths, [m_ok.get(n) for n in lengths], [b_ok.get(n) for n in lengths],
+                        lengths,
+                        [m_ok.get(n) for n in lengths],
+                        [b_ok.get(n) for n in lengths],
                         _bounds(base, key, lengths),
                     )
                     mfit = fit_curve(sorted(m_ok), [m_ok[n] for n in sorted(m_ok)])
@@ -214,7 +224,10 @@ def efficiency_lengths(points: List[dict], baselines: Sequence[str]) -> List[dic
                     row[metric] = {
                         "fitted": fitted.as_dict(),
                         "measured": measured.as_dict(),
-                        "fit_degree": {"mechanism": mfit.degree if mfit else None, "baseline": bfit.degree if bfit else None},
+                        "fit_degree": {
+                            "mechanism": mfit.degree if mfit else None,
+                            "baseline": bfit.degree if bfit else None,
+                        },
                     }
                 rows.append(row)
     return rows

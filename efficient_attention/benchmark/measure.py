@@ -67,6 +67,7 @@ gradients; for decoding, the step's new cache and temporaries) -- parameters
 and inputs, the same for every mechanism, are excluded and given separately as
 ``mem_live_bytes``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,7 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Callable, Dict, Mapping, Optional, Tuple, Type
+from typing import Callable, Dict, Mapping, Optional, Type
 
 import torch
 from torch.autograd import DeviceType
@@ -120,7 +121,9 @@ def pattern_slug(pattern: Pattern) -> str:
     return pattern.value.replace(" ", "-")
 
 
-def resolve_mechanism(name: str, extra: Optional[Mapping[str, Type[EfficientAttention]]] = None) -> Type[EfficientAttention]:
+def resolve_mechanism(
+    name: str, extra: Optional[Mapping[str, Type[EfficientAttention]]] = None
+) -> Type[EfficientAttention]:
     """The class to benchmark: ``naive``, an entry of ``extra``, or a registered mechanism."""
     if extra and name in extra:
         return extra[name]
@@ -211,8 +214,15 @@ def _uses_default_cache(module: EfficientAttention) -> bool:
 class _Case:
     """The callables of one point: ``reset()`` (unmeasured) then ``call()`` (measured)."""
 
-    def __init__(self, reset: Callable[[], None], call: Callable[[], None], live: int, prefill_s: float = 0.0, state=None,
-                 steps: int = 0):
+    def __init__(
+        self,
+        reset: Callable[[], None],
+        call: Callable[[], None],
+        live: int,
+        prefill_s: float = 0.0,
+        state=None,
+        steps: int = 0,
+    ):
         self.reset, self.call, self.live, self.prefill_s, self.state = reset, call, live, prefill_s, state
         self.steps = steps  # decoding: also time this many consecutive steps (a growing context) after one reset
 
@@ -263,7 +273,7 @@ def _decode_case(module, pattern, x, src, length: int, budget: float, device, au
     inc: Dict = {}
     state_dtype = autocast or x.dtype
     t0 = time.perf_counter()
-    with torch.no_grad(), (torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()):
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
         if pattern.cross:
             module(step, src, src, incremental_state=inc, static_kv=True, need_weights=False)
         elif _uses_default_cache(module):

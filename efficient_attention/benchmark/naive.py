@@ -8,6 +8,7 @@ full ``(B, H, T, S)`` score matrix through the shared
 inputs), so its time and memory are O(T·S) -- quadratic in self attention.
 Decoding uses the base class's key/value cache.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -32,7 +33,9 @@ class NaiveAttention(EfficientAttention):
     )
     attention_name = NAIVE_NAME
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         tgt_len, src_len = q.shape[2], k.shape[2]
         mask = merge_masks(
             tgt_len, src_len, key_padding_mask=masks.key_padding, attn_mask=masks.attn, dtype=q.dtype, device=q.device

@@ -1,11 +1,12 @@
 """Writing a sweep's results: JSON, a Markdown report and PNG plots (matplotlib, Agg backend)."""
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def write_json(result: dict, path) -> Path:
     return path
 
 
-def write_outputs(result: dict, out_dir) -> Dict[str, object]:
+def write_outputs(result: dict, out_dir) -> Dict[str, Any]:
     """``results.json``, ``results.md`` and the plots under ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,9 @@ def efficiency_table(result: dict) -> str:
     if not rows:
         return "_no efficiency lengths (no baseline or no mechanism measured)_\n"
     baselines = list(dict.fromkeys(r["baseline"] for r in rows))
-    head = ["mechanism", "device", "dtype", "pattern", "mode"] + [f"{m} vs {b}" for b in baselines for m in ("time", "memory")]
+    head = ["mechanism", "device", "dtype", "pattern", "mode"] + [
+        f"{m} vs {b}" for b in baselines for m in ("time", "memory")
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     grouped: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
@@ -123,7 +126,7 @@ def _groups(points: List[dict]) -> Dict[tuple, List[dict]]:
     return out
 
 
-def markdown_report(result: dict, plot_names: List[str] = ()) -> str:
+def markdown_report(result: dict, plot_names: Sequence[str] = ()) -> str:
     m, c = result["machine"], result["config"]
     lengths = list(c["lengths"])
     devs = "; ".join(f"{k}: {v['name']}" for k, v in m["devices"].items())
@@ -237,8 +240,9 @@ def plot_results(result: dict, out_dir) -> List[Path]:
             rows = [mode for mode in modes if any(c[0] == mode for c in cells)]
             cols = [pat for pat in patterns if any(c[1] == pat for c in cells)]
             legend_w = 2.4
-            fig, axes = plt.subplots(len(rows), len(cols), figsize=(5.0 * len(cols) + legend_w, 4.2 * len(rows) + 0.8),
-                                     squeeze=False)
+            fig, axes = plt.subplots(
+                len(rows), len(cols), figsize=(5.0 * len(cols) + legend_w, 4.2 * len(rows) + 0.8), squeeze=False
+            )
             for i, mode in enumerate(rows):
                 for j, pat in enumerate(cols):
                     ax = axes[i][j]
@@ -253,12 +257,19 @@ def plot_results(result: dict, out_dir) -> List[Path]:
                     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
                     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
                     ax.yaxis.set_minor_formatter(NullFormatter())
-            handles = {}
+            handles: Dict[str, Any] = {}
             for ax in axes.flat:
                 for h, lab in zip(*ax.get_legend_handles_labels()):
                     handles.setdefault(lab, h)
-            fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False,
-                       title="X: out of memory", title_fontsize=7)
+            fig.legend(
+                list(handles.values()),
+                list(handles),
+                loc="center right",
+                fontsize=8,
+                frameon=False,
+                title="X: out of memory",
+                title_fontsize=7,
+            )
             fig.suptitle(figure_title(result, kind, device, dtype), fontsize=11)
             fig.tight_layout(rect=(0, 0, 1 - legend_w / fig.get_figwidth(), 1 - 0.6 / fig.get_figheight()))
             path = out_dir / f"{kind}_{device.replace(':', '')}_{dtype}.png"
@@ -281,7 +292,14 @@ def _plot_cell(ax, pts: List[dict], key: str, styles) -> None:
         ax.plot(xs, [y * scale for y in ys], label=name, markersize=3.5, **styles[name])
         oom = [p["length"] for p in series if p["status"] == "oom"]
         if oom:  # mark where a series ran out of memory
-            ax.plot(oom, [ys[-1] * scale] * len(oom), linestyle="none", marker="X", color=styles[name]["color"], markersize=7)
+            ax.plot(
+                oom,
+                [ys[-1] * scale] * len(oom),
+                linestyle="none",
+                marker="X",
+                color=styles[name]["color"],
+                markersize=7,
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.grid(True, which="major", alpha=0.35)

@@ -7,6 +7,7 @@ is killed after ``timeout`` seconds and a fresh one is started), or a CUDA
 error that leaves the context unusable (the worker exits after reporting it).  Points are
 sent over a pipe as plain dicts; results come back the same way.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,7 +15,9 @@ import logging
 import multiprocessing as mp
 import signal
 import warnings
-from typing import Mapping, Optional, Sequence, Type
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -82,10 +85,10 @@ class SubprocessRunner:
     def __init__(self, imports: Sequence[str] = (), threads: Optional[int] = None, timeout: float = 600.0):
         self.imports, self.threads, self.timeout = tuple(imports), threads, float(timeout)
         self._ctx = mp.get_context("spawn")
-        self._proc = None
-        self._conn = None
+        self._proc: Optional[BaseProcess] = None
+        self._conn: Optional[Connection] = None
 
-    def _start(self) -> None:
+    def _start(self) -> Tuple[BaseProcess, Connection]:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=_worker_main,
@@ -96,33 +99,36 @@ class SubprocessRunner:
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
+        return proc, parent
 
     def _stop(self, kill: bool) -> None:
-        if self._proc is None:
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None:
             return
         if kill:
-            self._proc.kill()
+            proc.kill()
         else:
             try:
-                self._conn.send(None)
+                conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        self._conn.close()
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        conn.close()
         self._proc = self._conn = None
 
     def run(self, point: Mapping) -> dict:
-        if self._proc is None or not self._proc.is_alive():
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None or not proc.is_alive():
             self._stop(kill=True)
-            self._start()
+            proc, conn = self._start()
         timed_out = False
         try:
-            self._conn.send(dict(point))
-            if self._conn.poll(self.timeout):
-                result = self._conn.recv()
+            conn.send(dict(point))
+            if conn.poll(self.timeout):
+                result = conn.recv()
                 if result.pop("restart_worker", False):
                     logger.warning("the CUDA context is broken (%s); restarting the worker", result.get("detail"))
                     self._stop(kill=False)
@@ -134,8 +140,8 @@ class SubprocessRunner:
             logger.warning("point ran past the %.0f s timeout; restarting the worker", self.timeout)
             self._stop(kill=True)
             return {"status": "skipped", "reason": "budget", "detail": f"killed after the {self.timeout:.0f} s timeout"}
-        self._proc.join(timeout=30)
-        code = self._proc.exitcode
+        proc.join(timeout=30)
+        code = proc.exitcode
         self._stop(kill=True)
         if code is not None and code < 0:
             sig = signal.Signals(-code).name

@@ -20,6 +20,7 @@ shortest length up, and the series stops early:
 A point that raises any other error is recorded (``error``) and the series
 goes on: a mechanism may reject one length and accept the next.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -175,7 +176,7 @@ def machine_info(devices: Sequence[str] = ("cpu",)) -> dict:
     """Where the numbers come from: devices, CPU, threads and versions."""
     from .. import __version__
 
-    info = {
+    info: Dict[str, Any] = {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -222,7 +223,9 @@ def plan_series(config: SweepConfig, extra: Optional[Mapping[str, Type[Efficient
                         cls = resolve_mechanism(name, extra)
                         if not cls.capabilities.supports(pattern) or mode not in applicable_modes(cls, pattern):
                             continue
-                        series.append(dict(mechanism=name, pattern=pattern.value, mode=mode, dtype=dtype, device=device))
+                        series.append(
+                            dict(mechanism=name, pattern=pattern.value, mode=mode, dtype=dtype, device=device)
+                        )
     return series
 
 
@@ -238,7 +241,9 @@ def _growth(points: List[dict], key: str, lo: float, hi: float, default: float) 
     return b, min(hi, max(lo, exp))
 
 
-def _skip_reason(done: List[dict], length: int, config: SweepConfig, device: str, max_memory: Optional[float]) -> Optional[Tuple[str, str]]:
+def _skip_reason(
+    done: List[dict], length: int, config: SweepConfig, device: str, max_memory: Optional[float]
+) -> Optional[Tuple[str, str]]:
     for p in done:
         if p["status"] == "oom":
             return "oom", f"out of memory at length {p['length']}"
@@ -256,7 +261,10 @@ def _skip_reason(done: List[dict], length: int, config: SweepConfig, device: str
     if max_memory is not None and torch.device(device).type == "cpu":
         last, exp = _growth(done, "mem_peak_bytes", 1.0, 2.0, 2.0)
         if last is not None:
-            predicted = last["mem_peak_bytes"] * (length / last["length"]) ** exp + last["mem_live_bytes"] * length / last["length"]
+            predicted = (
+                last["mem_peak_bytes"] * (length / last["length"]) ** exp
+                + last["mem_live_bytes"] * length / last["length"]
+            )
             if predicted > max_memory:
                 return "memory", f"predicted peak {predicted / 2**30:.3g} GiB > max memory {max_memory / 2**30:.3g} GiB"
     return None
@@ -276,7 +284,9 @@ def run_sweep(
     """
     config.validate(extra)
     if extra and config.isolation != "none":
-        raise ValueError("unregistered mechanism classes (extra) need isolation='none'; register them in a module and use imports")
+        raise ValueError(
+            "unregistered mechanism classes (extra) need isolation='none'; register them in a module and use imports"
+        )
     if config.threads:
         torch.set_num_threads(config.threads)
     import_modules(config.imports)
@@ -288,9 +298,11 @@ def run_sweep(
         max_memory = avail / 2 if avail else None
     timeout = config.timeout if config.timeout else max(120.0, 30 * config.budget)
     runner = (
-        InProcessRunner(extra) if config.isolation == "none" else SubprocessRunner(config.imports, config.threads, timeout)
+        InProcessRunner(extra)
+        if config.isolation == "none"
+        else SubprocessRunner(config.imports, config.threads, timeout)
     )
-    result = {
+    result: Dict[str, Any] = {
         "schema": SCHEMA,
         "machine": machine_info(config.devices),
         "config": {**asdict(config), "lengths": lengths, "max_memory_bytes": max_memory, "timeout": timeout},
@@ -300,7 +312,9 @@ def run_sweep(
     }
     load = result["machine"]["load_average"]
     if load and "cpu" in config.devices and load[0] > 0.5 * (os.cpu_count() or 1):
-        logger.warning("the machine is busy (load average %s on %s cores): CPU timings will be noisy", load, os.cpu_count())
+        logger.warning(
+            "the machine is busy (load average %s on %s cores): CPU timings will be noisy", load, os.cpu_count()
+        )
     total, index, t_start = len(series) * len(lengths), 0, time.perf_counter()
     logger.info("sweep: %d series x %d lengths = %d points", len(series), len(lengths), total)
     try:
@@ -309,8 +323,15 @@ def run_sweep(
             for length in lengths:
                 index += 1
                 point = dict(
-                    s, length=length, batch=config.batch, heads=config.heads, dim=config.dim,
-                    warmup=config.warmup, repeats=config.repeats, budget=config.budget, seed=config.seed,
+                    s,
+                    length=length,
+                    batch=config.batch,
+                    heads=config.heads,
+                    dim=config.dim,
+                    warmup=config.warmup,
+                    repeats=config.repeats,
+                    budget=config.budget,
+                    seed=config.seed,
                     options=dict(config.options.get(s["mechanism"], {})),
                 )
                 skip = _skip_reason(done, length, config, s["device"], max_memory)
@@ -320,7 +341,13 @@ def run_sweep(
                     res = {"status": "skipped", "reason": skip[0], "detail": skip[1]}
                 else:
                     res = runner.run(point)
-                rec = {**{k: point[k] for k in ("mechanism", "pattern", "mode", "length", "dtype", "device", "batch", "heads", "dim")}, **res}
+                rec = {
+                    **{
+                        k: point[k]
+                        for k in ("mechanism", "pattern", "mode", "length", "dtype", "device", "batch", "heads", "dim")
+                    },
+                    **res,
+                }
                 done.append(rec)
                 result["points"].append(rec)
                 _log_point(index, total, time.perf_counter() - t_start, rec, config.max_time)
@@ -352,7 +379,9 @@ def _mechanism_info(series: List[dict], extra, overrides: Mapping[str, Mapping[s
 
 def _duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def eta_seconds(index: int, total: int, elapsed: float, max_time: Optional[float] = None) -> float:
@@ -363,7 +392,10 @@ def eta_seconds(index: int, total: int, elapsed: float, max_time: Optional[float
 
 def _log_point(index: int, total: int, elapsed: float, rec: dict, max_time: Optional[float] = None) -> None:
     eta = _duration(eta_seconds(index, total, elapsed, max_time))
-    head = f"[{index}/{total} {_duration(elapsed)}, ETA {eta}] {rec['mechanism']} {rec['pattern']} {rec['mode']} {rec['dtype']} {rec['device']} L={rec['length']}"
+    head = (
+        f"[{index}/{total} {_duration(elapsed)}, ETA {eta}] {rec['mechanism']} {rec['pattern']} {rec['mode']} "
+        f"{rec['dtype']} {rec['device']} L={rec['length']}"
+    )
     if rec["status"] == "ok":
         logger.info("%s: %.3g ms, peak %.3g MiB", head, rec["time_s"] * 1e3, rec["mem_peak_bytes"] / 2**20)
     elif rec["status"] == "skipped":

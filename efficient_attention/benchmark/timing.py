@@ -21,6 +21,7 @@ so our mechanisms and CAB's are measured by the same code.
   decoding step can be timed again and again at the same context length.
 * :func:`classify_exception` -- ``("oom", text)`` or ``("error", text)``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,14 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def run_timed(call: Callable[[], object], reset: Callable[[], None], device: torch.device, warmup: int, repeats: int,
-              budget: float = float("inf")) -> dict:
+def run_timed(
+    call: Callable[[], object],
+    reset: Callable[[], None],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    budget: float = float("inf"),
+) -> dict:
     """``time_s`` (median), ``times_s`` (every timed call), ``repeats``, ``warmup_s`` (every warm-up call)."""
     warm = []
     for _ in range(max(0, warmup)):  # untimed: the first calls carry one-time costs (compilation, plans)
@@ -74,8 +81,12 @@ def run_timed(call: Callable[[], object], reset: Callable[[], None], device: tor
     return {"time_s": statistics.median(times), "times_s": times, "repeats": len(times), "warmup_s": warm}
 
 
-def peak_bytes(call: Callable[[], object], reset: Callable[[], None], device: torch.device,
-               cpu_peak: Optional[Callable[[Callable[[], object]], int]] = None) -> dict:
+def peak_bytes(
+    call: Callable[[], object],
+    reset: Callable[[], None],
+    device: torch.device,
+    cpu_peak: Optional[Callable[[Callable[[], object]], int]] = None,
+) -> dict:
     """``mem_peak_bytes`` (extra over what was live before the call) and, on CUDA, ``mem_max_allocated_bytes``."""
     reset()
     if device.type == "cuda":
@@ -91,8 +102,15 @@ def peak_bytes(call: Callable[[], object], reset: Callable[[], None], device: to
     return {"mem_peak_bytes": int(cpu_peak(call))}
 
 
-def train_case(module: torch.nn.Module, length: int, batch: int, embed_dim: int, device: torch.device,
-               autocast: Optional[torch.dtype], seed: int = 0) -> Tuple[Callable[[], None], Callable[[], None]]:
+def train_case(
+    module: torch.nn.Module,
+    length: int,
+    batch: int,
+    embed_dim: int,
+    device: torch.device,
+    autocast: Optional[torch.dtype],
+    seed: int = 0,
+) -> Tuple[Callable[[], None], Callable[[], None]]:
     """``(call, reset)`` of one training step: forward under autocast, ``out.sum()``, backward (train mode)."""
     module.train()
     g = torch.Generator(device=device).manual_seed(seed + length)

@@ -18,9 +18,10 @@
   transformer block, ``forward(hidden_states, attention_mask, position_ids,
   deterministic=True, init_cache=False)`` on ``(batch, seq, hidden)``.
 """
+
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,9 @@ __all__ = [
 ]
 
 
-def fused_landmark_attention(q: Tensor, k: Tensor, v: Tensor, is_mem: Tensor, sm_scale: Optional[float] = None,
-                             block_size: int = 64) -> Tensor:
+def fused_landmark_attention(
+    q: Tensor, k: Tensor, v: Tensor, is_mem: Tensor, sm_scale: Optional[float] = None, block_size: int = 64
+) -> Tensor:
     """Landmark attention, AttentionGrid's argument order.
 
     See :func:`~efficient_attention.sparse.landmark.landmark_token_attention`.
@@ -55,12 +57,24 @@ def fused_landmark_attention(q: Tensor, k: Tensor, v: Tensor, is_mem: Tensor, sm
     return landmark_token_attention(q, k, v, is_mem, block_size=block_size, sm_scale=sm_scale)
 
 
-def blockwise_compute_attn(query: Tensor, key: Tensor, value: Tensor, bias: Optional[Tensor] = None,
-                           causal_mask: bool = False, query_chunk_size: int = 64, key_chunk_size: int = 64) -> Tensor:
+def blockwise_compute_attn(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    bias: Optional[Tensor] = None,
+    causal_mask: bool = False,
+    query_chunk_size: int = 64,
+    key_chunk_size: int = 64,
+) -> Tensor:
     """Blockwise exact attention on ``(batch, seq, heads, dim)``; ``bias`` is additive ``(1|B, 1|H, Tq, Tk)``."""
     out = blockwise_attention(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal_mask, attn_mask=bias,
-        q_chunk_size=query_chunk_size, k_chunk_size=key_chunk_size,
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        causal=causal_mask,
+        attn_mask=bias,
+        q_chunk_size=query_chunk_size,
+        k_chunk_size=key_chunk_size,
     )
     return out.transpose(1, 2)
 
@@ -72,12 +86,24 @@ class GridDilatedAttention(nn.Module):
     registered fairseq-style mechanism is :class:`efficient_attention.DilatedAttention`.
     """
 
-    def __init__(self, d_model: int, num_heads: int, dilation_rate: int, segment_size: int, dropout: float = 0.0,
-                 causal: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        dilation_rate: int,
+        segment_size: int,
+        dropout: float = 0.0,
+        causal: bool = False,
+    ):
         super().__init__()
         self.attention = _Dilated(
-            d_model, num_heads, dropout=dropout, self_attention=True, causal=causal,
-            segment_lengths=(segment_size,), dilation_rates=(dilation_rate,),
+            d_model,
+            num_heads,
+            dropout=dropout,
+            self_attention=True,
+            causal=causal,
+            segment_lengths=(segment_size,),
+            dilation_rates=(dilation_rate,),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -92,7 +118,7 @@ DilatedAttention = GridDilatedAttention  # AttentionGrid's name (the compat API 
 # BlockwiseParallelJax: the blockwise parallel transformer block (Liu & Abbeel), in PyTorch.
 
 _ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),                       # exact erf GELU (transformers' "gelu")
+    "gelu": lambda x: F.gelu(x),  # exact erf GELU (transformers' "gelu")
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -128,8 +154,8 @@ def _rotate_every_two(x: Tensor) -> Tensor:
 def gptj_rotary(x: Tensor, position_ids: Tensor, rotary_dim: int) -> Tensor:
     """GPT-J rotary embedding on the first ``rotary_dim`` dims of ``x (B, H, S, d)``; ``position_ids (1|B, S)``."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=x.device) / rotary_dim))
-    ang = position_ids.to(device=x.device, dtype=torch.float64)[..., None] * inv_freq      # (1|B, S, rotary_dim/2)
-    sin = ang.sin().repeat_interleave(2, -1)[:, None].to(x.dtype)                            # (1|B, 1, S, rotary_dim)
+    ang = position_ids.to(device=x.device, dtype=torch.float64)[..., None] * inv_freq  # (1|B, S, rotary_dim/2)
+    sin = ang.sin().repeat_interleave(2, -1)[:, None].to(x.dtype)  # (1|B, 1, S, rotary_dim)
     cos = ang.cos().repeat_interleave(2, -1)[:, None].to(x.dtype)
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((rot * cos + _rotate_every_two(rot) * sin, rest), dim=-1)
@@ -164,29 +190,51 @@ class BlockwiseParallel(nn.Module):
       ``incremental_state`` key/value cache.
     """
 
-    def __init__(self, q_chunk_size: int, k_chunk_size: int, hidden_size: int, num_heads: int,
-                 rotary_dim: Optional[int], intermediate_size: int, layer_norm_epsilon: float = 1e-5,
-                 activation_function: str = "gelu", attn_pdrop: float = 0.0, resid_pdrop: float = 0.0,
-                 max_position_embeddings: int = 1024, dtype=torch.float32, causal: bool = True,
-                 policy: Optional[str] = "nothing_saveable", prevent_cse: bool = False,
-                 float32_logits: bool = False):
+    def __init__(
+        self,
+        q_chunk_size: int,
+        k_chunk_size: int,
+        hidden_size: int,
+        num_heads: int,
+        rotary_dim: Optional[int],
+        intermediate_size: int,
+        layer_norm_epsilon: float = 1e-5,
+        activation_function: str = "gelu",
+        attn_pdrop: float = 0.0,
+        resid_pdrop: float = 0.0,
+        max_position_embeddings: int = 1024,
+        dtype=torch.float32,
+        causal: bool = True,
+        policy: Optional[str] = "nothing_saveable",
+        prevent_cse: bool = False,
+        float32_logits: bool = False,
+    ):
         super().__init__()
-        for name, val in (("q_chunk_size", q_chunk_size), ("k_chunk_size", k_chunk_size),
-                          ("hidden_size", hidden_size), ("num_heads", num_heads),
-                          ("intermediate_size", intermediate_size),
-                          ("max_position_embeddings", max_position_embeddings)):
+        for name, val in (
+            ("q_chunk_size", q_chunk_size),
+            ("k_chunk_size", k_chunk_size),
+            ("hidden_size", hidden_size),
+            ("num_heads", num_heads),
+            ("intermediate_size", intermediate_size),
+            ("max_position_embeddings", max_position_embeddings),
+        ):
             if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         head_dim = hidden_size // num_heads
-        if rotary_dim is not None and (isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int)
-                                       or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim):
-            raise ValueError(f"rotary_dim must be None or an even integer in [2, head_dim={head_dim}], "
-                             f"got {rotary_dim!r}")
+        if rotary_dim is not None and (
+            isinstance(rotary_dim, bool)
+            or not isinstance(rotary_dim, int)
+            or rotary_dim <= 0
+            or rotary_dim % 2
+            or rotary_dim > head_dim
+        ):
+            raise ValueError(
+                f"rotary_dim must be None or an even integer in [2, head_dim={head_dim}], got {rotary_dim!r}"
+            )
         if activation_function not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation_function {activation_function!r}; "
-                             f"choose from {sorted(_ACTIVATIONS)}")
+            raise ValueError(f"unknown activation_function {activation_function!r}; choose from {sorted(_ACTIVATIONS)}")
         if policy is not None and policy not in _POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {sorted(_POLICIES)} or None")
         if not isinstance(prevent_cse, bool):
@@ -201,7 +249,7 @@ class BlockwiseParallel(nn.Module):
         self.max_position_embeddings, self.causal = max_position_embeddings, causal
         self.dtype = _resolve_dtype(dtype)
         self.policy, self.prevent_cse, self.float32_logits = policy, prevent_cse, float32_logits
-        kw = dict(dtype=self.dtype)
+        kw: Dict[str, Any] = dict(dtype=self.dtype)
         self.ln_1 = nn.LayerNorm(hidden_size, eps=layer_norm_epsilon, **kw)
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False, **kw)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False, **kw)
@@ -211,22 +259,30 @@ class BlockwiseParallel(nn.Module):
         self.fc_in = nn.Linear(hidden_size, intermediate_size, **kw)
         self.fc_out = nn.Linear(intermediate_size, hidden_size, **kw)
 
-    def _attention_bias(self, attention_mask: Optional[Tensor], additive_mask: Optional[bool], bsz: int,
-                        seq: int) -> Optional[Tensor]:
+    def _attention_bias(
+        self, attention_mask: Optional[Tensor], additive_mask: Optional[bool], bsz: int, seq: int
+    ) -> Optional[Tensor]:
         """``(B, S)`` / ``(B|1, 1, 1|S, S)`` mask -> blockwise ``attn_mask`` (bool True = masked, or additive)."""
         if attention_mask is None:
             return None
         m = torch.as_tensor(attention_mask)
         if m.dim() == 2:
             m = m[:, None, None, :]
-        if m.dim() != 4 or m.shape[0] not in (1, bsz) or m.shape[1] != 1 or m.shape[2] not in (1, seq) \
-                or m.shape[3] != seq:
-            raise ValueError(f"attention_mask must have shape (B, 1, 1, S), (B, 1, S, S) or (B, S) with "
-                             f"B={bsz}, S={seq}; got {tuple(m.shape)}")
+        if (
+            m.dim() != 4
+            or m.shape[0] not in (1, bsz)
+            or m.shape[1] != 1
+            or m.shape[2] not in (1, seq)
+            or m.shape[3] != seq
+        ):
+            raise ValueError(
+                f"attention_mask must have shape (B, 1, 1, S), (B, 1, S, S) or (B, S) with "
+                f"B={bsz}, S={seq}; got {tuple(m.shape)}"
+            )
         if m.dtype == torch.bool:
             if additive_mask:
                 raise ValueError("additive_mask=True needs a floating attention_mask, got a bool one")
-            return ~m                                    # True = keep -> True = masked
+            return ~m  # True = keep -> True = masked
         if additive_mask is None:
             additive_mask = bool((m < 0).any())
         return m.to(self.dtype) if additive_mask else m <= 0  # keep where > 0, as the original
@@ -235,9 +291,16 @@ class BlockwiseParallel(nn.Module):
         h = self.fc_out(_ACTIVATIONS[self.activation_function](self.fc_in(self.ln_2(x))))
         return F.dropout(h, self.resid_pdrop, training=dropout)
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, deterministic: bool = True, init_cache: bool = False,
-                *, additive_mask: Optional[bool] = None) -> Tensor:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        deterministic: bool = True,
+        init_cache: bool = False,
+        *,
+        additive_mask: Optional[bool] = None,
+    ) -> Tensor:
         """``hidden_states (B, S, hidden_size)`` -> ``(B, S, hidden_size)``.
 
         Args:
@@ -257,7 +320,8 @@ class BlockwiseParallel(nn.Module):
             raise ValueError(
                 "init_cache=True (JAX decoding cache) is not supported by BlockwiseParallel; for incremental "
                 "decoding use the registered 'blockwise' mechanism (efficient_attention.build_attention("
-                "'blockwise', ...)) with its incremental_state key/value cache")
+                "'blockwise', ...)) with its incremental_state key/value cache"
+            )
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states must be (B, S, {self.hidden_size}), got {tuple(hidden_states.shape)}")
         x = hidden_states.to(self.dtype)
@@ -270,8 +334,11 @@ class BlockwiseParallel(nn.Module):
             position_ids = position_ids[None]
         if position_ids.shape[-1] != seq or position_ids.shape[0] not in (1, bsz):
             raise ValueError(f"position_ids must have shape (1|B, S={seq}), got {tuple(position_ids.shape)}")
-        if self.rotary_dim is not None and position_ids.numel() and (
-                int(position_ids.max()) >= self.max_position_embeddings or int(position_ids.min()) < 0):
+        if (
+            self.rotary_dim is not None
+            and position_ids.numel()
+            and (int(position_ids.max()) >= self.max_position_embeddings or int(position_ids.min()) < 0)
+        ):
             raise ValueError(f"position_ids must lie in [0, max_position_embeddings={self.max_position_embeddings})")
         bias = self._attention_bias(attention_mask, additive_mask, bsz, seq)
 
@@ -283,15 +350,22 @@ class BlockwiseParallel(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
             if bias is not None and bias.is_floating_point():
                 bias = bias.float()
-        attn = blockwise_attention(q, k, v, causal=self.causal, attn_mask=bias, q_chunk_size=self.q_chunk_size,
-                                   k_chunk_size=self.k_chunk_size,
-                                   dropout_p=self.attn_pdrop if dropout else 0.0).to(self.dtype)
+        attn = blockwise_attention(
+            q,
+            k,
+            v,
+            causal=self.causal,
+            attn_mask=bias,
+            q_chunk_size=self.q_chunk_size,
+            k_chunk_size=self.k_chunk_size,
+            dropout_p=self.attn_pdrop if dropout else 0.0,
+        ).to(self.dtype)
         x = x + F.dropout(self.out_proj(merge_heads(attn).transpose(0, 1)), self.resid_pdrop, training=dropout)
 
         remat = self.policy is not None and _POLICIES[self.policy] and torch.is_grad_enabled()
         outs = []
         for s in range(0, seq, self.q_chunk_size):
-            chunk = x[:, s:s + self.q_chunk_size]
+            chunk = x[:, s : s + self.q_chunk_size]
             if remat:
                 outs.append(checkpoint(self._ffn, chunk, dropout, use_reentrant=False))
             else:

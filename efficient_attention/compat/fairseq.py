@@ -7,6 +7,7 @@ rejected rather than ignored), ``prepare_for_onnx_export_`` and
 ``_set_skip_embed_dim_check``.  The causal mask that fairseq's decoder passes
 as ``attn_mask`` is accepted by every causal mechanism (the base recognises it).
 """
+
 from __future__ import annotations
 
 from typing import Type, TypeVar

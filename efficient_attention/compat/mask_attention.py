@@ -6,6 +6,7 @@
 Returns the raw dot products ``q · k`` where ``mask_to_attend_to`` is True and
 ``fill`` elsewhere, computing only the allowed entries.
 """
+
 from __future__ import annotations
 
 from torch import Tensor

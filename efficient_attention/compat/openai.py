@@ -13,6 +13,7 @@ scores; ``blocksparse_attention_impl`` computes only the kept blocks of the mode
 ``recompute=True`` recomputes the attention in the backward pass
 (``torch.utils.checkpoint``) instead of storing it.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,8 +28,13 @@ from ..functional import dense_attention
 from ..sparse.block_sparse import block_layout_attention
 
 __all__ = [
-    "attention_impl", "blocksparse_attention_impl", "get_attn_mask",
-    "split_heads_batch_first", "merge_heads_batch_first", "split_heads", "merge_heads",
+    "attention_impl",
+    "blocksparse_attention_impl",
+    "get_attn_mask",
+    "split_heads_batch_first",
+    "merge_heads_batch_first",
+    "split_heads",
+    "merge_heads",
 ]
 
 _MODES = ("all", "local", "strided", "fixed")
@@ -77,8 +83,15 @@ def _maybe_recompute(fn, recompute: bool, *args):
     return fn(*args)
 
 
-def attention_impl(q: Tensor, k: Tensor, v: Tensor, heads: int, attn_mode: str, local_attn_ctx: Optional[int] = None,
-                   recompute: bool = False) -> Tensor:
+def attention_impl(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    attn_mode: str,
+    local_attn_ctx: Optional[int] = None,
+    recompute: bool = False,
+) -> Tensor:
     """Dense masked attention with OpenAI's causal modes; ``(B, T, C)`` in and out."""
     n = k.shape[1]
     allowed = layouts.create_mask(_mode_mod(attn_mode, local_attn_ctx), 1, 1, q.shape[1], n, device=q.device)
@@ -98,8 +111,16 @@ def _strided_perm(n: int, stride: int, device) -> Tensor:
 
 
 def blocksparse_attention_impl(
-    q: Tensor, k: Tensor, v: Tensor, heads: int, attn_mode: str, local_attn_ctx: Optional[int] = None,
-    blocksize: int = 32, num_verts: Optional[int] = None, vertsize: Optional[int] = None, recompute: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads: int,
+    attn_mode: str,
+    local_attn_ctx: Optional[int] = None,
+    blocksize: int = 32,
+    num_verts: Optional[int] = None,
+    vertsize: Optional[int] = None,
+    recompute: bool = False,
 ) -> Tensor:
     """Block-sparse attention with OpenAI's modes; ``(B, T, C)`` in and out; ``T % blocksize == 0``."""
     if attn_mode not in _MODES:
@@ -114,21 +135,30 @@ def blocksparse_attention_impl(
     if attn_mode == "fixed":
         if local_attn_ctx is None:
             raise ValueError("attn_mode='fixed' needs local_attn_ctx")
-        mod = layouts.make_mask_mod("fixed", heads=heads, block_size=blocksize, causal=True,
-                                    local_attn_ctx=local_attn_ctx, num_verts=num_verts or 1, vertsize=vertsize or 1)
+        mod = layouts.make_mask_mod(
+            "fixed",
+            heads=heads,
+            block_size=blocksize,
+            causal=True,
+            local_attn_ctx=local_attn_ctx,
+            num_verts=num_verts or 1,
+            vertsize=vertsize or 1,
+        )
     else:
-        if attn_mode == "local" and local_attn_ctx % blocksize:
+        if attn_mode == "local" and local_attn_ctx is not None and local_attn_ctx % blocksize:
             raise ValueError(f"local_attn_ctx ({local_attn_ctx}) must be a multiple of blocksize ({blocksize})")
         mod = _mode_mod(attn_mode, local_attn_ctx)
     perm = None
-    if attn_mode == "strided" and n % local_attn_ctx == 0:
+    if attn_mode == "strided" and local_attn_ctx is not None and n % local_attn_ctx == 0:
         perm = _strided_perm(n, local_attn_ctx, q.device)
         orig = perm  # permuted index p holds original position perm[p]
         group = n // local_attn_ctx
 
         def mod(b, h, i, j):  # same residue class, causal by original position
             return (torch.div(i, group, rounding_mode="floor") == torch.div(j, group, rounding_mode="floor")) & (
-                orig[j] <= orig[i])
+                orig[j] <= orig[i]
+            )
+
     with torch.no_grad():
         mask = BlockMask.from_mask_mod(mod, heads, n, n, blocksize, device=q.device)
 

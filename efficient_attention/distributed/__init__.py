@@ -17,6 +17,7 @@ state, needs only a little from the other ranks:
 Everything is differentiable and exact (equal to the single-process result up to
 rounding).  See ``docs/distributed.md``.
 """
+
 from .block_sparse import bigbird_band, context_parallel_bigbird_attention
 from .comm import ByteCount, Shards, count_bytes
 from .linear import (

@@ -18,6 +18,7 @@ log-sum-exp (:func:`efficient_attention.functional.combine_attention`):
 
 Random blocks would reach arbitrary remote keys, so they are refused.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -83,8 +84,9 @@ def context_parallel_bigbird_attention(
     start, stop = shards.span(shards.rank)
     n_glob = min(num_global_blocks * block_size, shards.total)
     band = bigbird_band(block_size, num_window_blocks, causal)
-    out, lse = context_parallel_window_attention(q, k, v, band, key_padding_mask=key_padding_mask, scale=scale,
-                                                 hide_before=n_glob, shards=shards)
+    out, lse = context_parallel_window_attention(
+        q, k, v, band, key_padding_mask=key_padding_mask, scale=scale, hide_before=n_glob, shards=shards
+    )
     if n_glob == 0:
         return out, lse
     bsz, heads = q.shape[:2]
@@ -113,8 +115,9 @@ def context_parallel_bigbird_attention(
     mine = exchange(part, shards, plan_to_owners(shards, (0, n_glob)), "global_rows")
     n_own = max(0, min(stop, n_glob) - start)  # 0 rows on most ranks; still used, so every rank runs its backward
     mine = mine.view(bsz, heads, shards.world, n_own, dv + 1)
-    row_out, row_lse = combine_attention([m[..., :dv].to(out.dtype) for m in mine.unbind(2)],
-                                         [m[..., dv] for m in mine.unbind(2)])
+    row_out, row_lse = combine_attention(
+        [m[..., :dv].to(out.dtype) for m in mine.unbind(2)], [m[..., dv] for m in mine.unbind(2)]
+    )
     out = torch.cat([row_out, out[:, :, n_own:]], dim=2)
     lse = torch.cat([row_lse.to(lse.dtype), lse[:, :, n_own:]], dim=2)
     return out, lse

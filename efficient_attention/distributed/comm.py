@@ -18,6 +18,7 @@ differentiable (their backward runs the adjoint communication):
 collective the bytes a ring algorithm sends per rank: ``(P-1)/P`` of the output
 for all-gather, ``2 (P-1)/P`` of the tensor for all-reduce).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shards", "Plan", "exchange", "all_gather", "all_reduce_max", "count_bytes", "ByteCount",
-           "plan_fetch", "plan_to_owners"]
+__all__ = [
+    "Shards",
+    "Plan",
+    "exchange",
+    "all_gather",
+    "all_reduce_max",
+    "count_bytes",
+    "ByteCount",
+    "plan_fetch",
+    "plan_to_owners",
+]
 
 Range = Tuple[int, int]
 
@@ -80,8 +90,13 @@ class Shards:
     rank: int
 
     @classmethod
-    def of(cls, local_len: int, group: Optional[dist.ProcessGroup] = None,
-           lengths: Optional[Sequence[int]] = None, device=None) -> "Shards":
+    def of(
+        cls,
+        local_len: int,
+        group: Optional[dist.ProcessGroup] = None,
+        lengths: Optional[Sequence[int]] = None,
+        device=None,
+    ) -> "Shards":
         """The shards of ``group``; all-gathers the local lengths (8 bytes a rank) unless ``lengths`` is given."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("context parallelism needs torch.distributed initialised (dist.init_process_group)")
@@ -214,7 +229,7 @@ class _Exchange(torch.autograd.Function):
         grad_x = grad.new_zeros(ctx.shape)
         outgoing, pos = [], 0
         for peer, a, b in plan.recvs:
-            piece = grad[..., pos:pos + b - a, :]
+            piece = grad[..., pos : pos + b - a, :]
             pos += b - a
             if peer == me:
                 grad_x[..., a:b, :] += piece
@@ -222,7 +237,7 @@ class _Exchange(torch.autograd.Function):
                 outgoing.append((peer, piece.contiguous()))
         incoming = [(peer, grad.new_empty(*ctx.shape[:-2], b - a, ctx.shape[-1])) for peer, a, b in plan.sends]
         _p2p(shards, outgoing, incoming, ctx.kind + "_grad")
-        for (peer, a, b), (_, g) in zip(plan.sends, incoming):
+        for (_, a, b), (_, g) in zip(plan.sends, incoming):
             grad_x[..., a:b, :] += g
         return grad_x, None, None, None
 

@@ -15,6 +15,7 @@ S4D (diagonal linear recurrence ``x_l = λ x_{l-1} + u_l`` per channel and mode)
 the state entering rank ``r`` is ``x_<r = sum_{q<r} λ^(s_r - e_q) x_q`` with ``x_q``
 the state a zero-started scan of rank ``q``'s inputs ends in.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -24,12 +25,17 @@ from torch import Tensor
 
 from .comm import Shards, all_gather
 
-__all__ = ["causal_linear_shard", "context_parallel_causal_linear_attention", "s4d_local_state",
-           "context_parallel_s4d_prefix"]
+__all__ = [
+    "causal_linear_shard",
+    "context_parallel_causal_linear_attention",
+    "s4d_local_state",
+    "context_parallel_s4d_prefix",
+]
 
 
-def causal_linear_shard(qf: Tensor, kf: Tensor, v: Tensor, kv0: Tensor, z0: Tensor,
-                        chunk: int = 64) -> Tuple[Tensor, Tensor]:
+def causal_linear_shard(
+    qf: Tensor, kf: Tensor, v: Tensor, kv0: Tensor, z0: Tensor, chunk: int = 64
+) -> Tuple[Tensor, Tensor]:
     """Causal linear attention of one shard whose past is summarised by ``kv0 (B, H, m, dv)``, ``z0 (B, H, m)``.
 
     ``qf, kf (B, H, L, m)``, ``v (B, H, L, dv)``; queries aligned with keys.  By chunks of ``chunk``
@@ -77,8 +83,10 @@ def context_parallel_causal_linear_attention(
         ``num (B, H, L_r, dv)`` and ``den (B, H, L_r)``; the output is ``num / den`` (``safe_divide``).
     """
     if qf.shape != kf.shape or qf.shape[:3] != v.shape[:3]:
-        raise ValueError(f"qf, kf must be (B, H, L, m) and v (B, H, L, dv) alike, got {tuple(qf.shape)}, "
-                         f"{tuple(kf.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"qf, kf must be (B, H, L, m) and v (B, H, L, dv) alike, got {tuple(qf.shape)}, "
+            f"{tuple(kf.shape)}, {tuple(v.shape)}"
+        )
     shards = Shards.of(qf.shape[2], group, lengths, device=qf.device)
     bsz, heads, _, m = kf.shape
     dv = v.shape[-1]
@@ -86,13 +94,13 @@ def context_parallel_causal_linear_attention(
         log_scale = kf.new_zeros(bsz, heads)
     log_scale = log_scale.detach().to(kf.dtype)
     state = torch.cat([torch.matmul(kf.transpose(-1, -2), v).flatten(-2), kf.sum(-2), log_scale[..., None]], -1)
-    states = all_gather(state, shards)                              # (P, B, H, m*dv + m + 1)
+    states = all_gather(state, shards)  # (P, B, H, m*dv + m + 1)
     before = states[: shards.rank]
     scales = torch.cat([before[..., -1].detach(), log_scale[None]], 0)  # (r + 1, B, H)
     ref = scales.amax(0)
-    w = _weights(scales, ref)                                      # (r + 1, B, H)
-    prefix = (w[:-1, ..., None] * before[..., :-1]).sum(0)         # (B, H, m*dv + m)
-    kv0, z0 = prefix[..., : m * dv].view(bsz, heads, m, dv), prefix[..., m * dv:]
+    w = _weights(scales, ref)  # (r + 1, B, H)
+    prefix = (w[:-1, ..., None] * before[..., :-1]).sum(0)  # (B, H, m*dv + m)
+    kv0, z0 = prefix[..., : m * dv].view(bsz, heads, m, dv), prefix[..., m * dv :]
     return causal_linear_shard(qf, kf * w[-1][..., None, None], v, kv0, z0, chunk)
 
 
@@ -104,16 +112,18 @@ def s4d_local_state(u: Tensor, dt_a: Tensor, chunk: int = 1024) -> Tensor:
     length = u.shape[-1]
     x = torch.zeros(u.shape[0], u.shape[1], dt_a.shape[-1], dtype=dt_a.dtype, device=u.device)
     for begin in range(0, length, chunk):
-        part = u[..., begin:begin + chunk]
+        part = u[..., begin : begin + chunk]
         power = torch.arange(length - 1 - begin, length - 1 - begin - part.shape[-1], -1, device=u.device)
-        lam = torch.exp(dt_a[..., None] * power.to(dt_a.real.dtype))      # (C, n, c)
-        x = x + torch.complex(torch.einsum("bcj,cnj->bcn", part, lam.real),
-                              torch.einsum("bcj,cnj->bcn", part, lam.imag))
+        lam = torch.exp(dt_a[..., None] * power.to(dt_a.real.dtype))  # (C, n, c)
+        x = x + torch.complex(
+            torch.einsum("bcj,cnj->bcn", part, lam.real), torch.einsum("bcj,cnj->bcn", part, lam.imag)
+        )
     return x
 
 
-def context_parallel_s4d_prefix(x_local: Tensor, dt_a: Tensor, local_len: int, group=None, *,
-                                lengths: Optional[Sequence[int]] = None) -> Tensor:
+def context_parallel_s4d_prefix(
+    x_local: Tensor, dt_a: Tensor, local_len: int, group=None, *, lengths: Optional[Sequence[int]] = None
+) -> Tensor:
     """The S4D state entering this rank's shard: ``sum_{q<r} λ^(s_r - e_q) x_q`` ``(B, C, n)`` complex.
 
     ``x_local`` is :func:`s4d_local_state` of this rank's ``local_len`` inputs; ``dt_a (C, n)`` complex.
@@ -123,6 +133,6 @@ def context_parallel_s4d_prefix(x_local: Tensor, dt_a: Tensor, local_len: int, g
     states = torch.view_as_complex(all_gather(torch.view_as_real(x_local), shards))  # (P, B, C, n)
     start = shards.start(shards.rank)
     gaps = torch.tensor([start - shards.span(q)[1] for q in range(shards.rank)], device=x_local.device)
-    decay = torch.exp(dt_a * gaps.to(dt_a.real.dtype)[:, None, None])          # (r, C, n)
+    decay = torch.exp(dt_a * gaps.to(dt_a.real.dtype)[:, None, None])  # (r, C, n)
     # a sum over an empty slice on rank 0: the gathered states are still used, so every rank runs the backward
     return (decay[:, None] * states[: shards.rank]).sum(0)

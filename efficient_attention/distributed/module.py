@@ -19,12 +19,13 @@ the shard only.  Positional encodings are the model's business: it must give
 the shard its absolute positions.  Decoding step by step (``incremental_state``)
 is not sharded; disable context parallelism for it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,10 @@ _ATTR = "_context_parallel_group"
 def _check_call(module: EfficientAttention, q: Tensor, k: Tensor, masks: AttentionMasks) -> None:
     name = type(module).__name__
     if masks.query_offset != 0 or q.shape[2] != k.shape[2]:
-        raise ValueError(f"context-parallel {name} runs full-sequence passes; it got {q.shape[2]} queries and "
-                         f"{k.shape[2]} keys (decode without context parallelism)")
+        raise ValueError(
+            f"context-parallel {name} runs full-sequence passes; it got {q.shape[2]} queries and "
+            f"{k.shape[2]} keys (decode without context parallelism)"
+        )
     if masks.attn is not None:
         raise ValueError(f"context-parallel {name} does not take an attn_mask (only key_padding_mask)")
 
@@ -64,8 +67,17 @@ def _local(module: LocalAttention, group, lengths, q, k, v, masks: AttentionMask
     if module.shared_qk:
         k = F.normalize(k, dim=-1)
     dropout = module.dropout_p if module.training else 0.0
-    out, _ = context_parallel_window_attention(q, k, v, module.window, group, key_padding_mask=masks.key_padding,
-                                               scale=module.scaling, lengths=lengths, dropout_p=dropout)
+    out, _ = context_parallel_window_attention(
+        q,
+        k,
+        v,
+        module.window,
+        group,
+        key_padding_mask=masks.key_padding,
+        scale=module.scaling,
+        lengths=lengths,
+        dropout_p=dropout,
+    )
     return out, None
 
 
@@ -74,9 +86,17 @@ def _bigbird(module: BlockSparseAttention, group, lengths, q, k, v, masks: Atten
     if module.training and module.dropout_p > 0:
         raise ValueError("context-parallel BigBird does not implement attention dropout; build it with dropout=0")
     out, _ = context_parallel_bigbird_attention(
-        q, k, v, module.block_size, group, num_window_blocks=module.num_window_blocks,
-        num_global_blocks=module.num_global_blocks, causal=module.causal, key_padding_mask=masks.key_padding,
-        scale=module.scaling, lengths=lengths,
+        q,
+        k,
+        v,
+        module.block_size,
+        group,
+        num_window_blocks=module.num_window_blocks,
+        num_global_blocks=module.num_global_blocks,
+        causal=module.causal,
+        key_padding_mask=masks.key_padding,
+        scale=module.scaling,
+        lengths=lengths,
     )
     return out, None
 
@@ -102,8 +122,9 @@ def _performer(module: Performer, group, lengths, q, k, v, masks: AttentionMasks
     else:
         scale = logits.new_full(logits.shape[:2], float("-inf"))
     kf = torch.exp(logits - torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))[..., None, None])
-    num, den = context_parallel_causal_linear_attention(qf, kf, v.to(dtype), group, log_scale=scale,
-                                                        lengths=shards.lengths)
+    num, den = context_parallel_causal_linear_attention(
+        qf, kf, v.to(dtype), group, log_scale=scale, lengths=shards.lengths
+    )
     return safe_divide(num, den).to(q.dtype), None
 
 
@@ -131,23 +152,32 @@ def supported_reason(module: nn.Module) -> Optional[str]:
             return None
         if isinstance(module, BlockSparseAttention):
             if module.layout != "bigbird" or module.num_random_blocks != 0:
-                return (f"{name} has layout={module.layout!r} (random blocks: {module.num_random_blocks}); only "
-                        f"layout='bigbird' with num_random_blocks=0 (a band plus global blocks) is context-parallel")
+                return (
+                    f"{name} has layout={module.layout!r} (random blocks: {module.num_random_blocks}); only "
+                    f"layout='bigbird' with num_random_blocks=0 (a band plus global blocks) is context-parallel"
+                )
             return None
         if isinstance(module, (Performer, S4D)):
             return None if module.causal else f"non-causal {name} is not context-parallel (causal only)"
         return f"{name} has no context-parallel implementation"
     if isinstance(module, nn.MultiheadAttention) or (
-            name == "MultiheadAttention" and type(module).__module__.startswith("fairseq")):
+        name == "MultiheadAttention" and type(module).__module__.startswith("fairseq")
+    ):
         return f"{type(module).__module__}.{name} would attend within the shard only"
     return None
 
 
-_ADAPTERS = ((LocalAttention, _local), (BlockSparseAttention, _bigbird), (Performer, _performer), (S4D, _s4d))
+_ADAPTERS: Tuple[Tuple[type, Callable[..., Any]], ...] = (
+    (LocalAttention, _local),
+    (BlockSparseAttention, _bigbird),
+    (Performer, _performer),
+    (S4D, _s4d),
+)
 
 
-def enable_context_parallel(model: nn.Module, group=None, *, lengths: Optional[Sequence[int]] = None
-                            ) -> List[EfficientAttention]:
+def enable_context_parallel(
+    model: nn.Module, group=None, *, lengths: Optional[Sequence[int]] = None
+) -> List[EfficientAttention]:
     """Make every attention module of ``model`` run context-parallel over ``group``; returns those modules.
 
     ``lengths``: every rank's shard length, if fixed (else each call all-gathers them: 8 bytes a rank).
@@ -166,7 +196,10 @@ def enable_context_parallel(model: nn.Module, group=None, *, lengths: Optional[S
         raise ValueError(f"{type(model).__name__} holds no attention module that runs context-parallel")
     for sub in found:
         adapter = next(fn for cls, fn in _ADAPTERS if isinstance(sub, cls))
-        sub._attend = functools.partial(adapter, sub, group, None if lengths is None else tuple(lengths))
+        # an instance attribute over the method: this module's _attend now attends across the ranks
+        sub._attend = functools.partial(  # type: ignore[method-assign]
+            adapter, sub, group, None if lengths is None else tuple(lengths)
+        )
         setattr(sub, _ATTR, group if group is not None else dist.group.WORLD)
     logger.info("context parallelism on %d attention modules over %d ranks", len(found), dist.get_world_size(group))
     return found

@@ -15,6 +15,7 @@ blocks of the buffer are the blocks of the sequence.  Traffic per rank:
 ``(left + right) * B * Hkv * (d_k + d_v)`` elements, independent of ``N``.
 Backward sends the halo's key/value gradients back to their owners.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -46,11 +47,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) 
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a 4-D (B, H, L_local, d) tensor")
     if q.shape[2] != k.shape[2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"context parallelism shards self attention: q, k, v must hold the same positions, got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"context parallelism shards self attention: q, k, v must hold the same positions, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if key_padding_mask is not None and key_padding_mask.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"key_padding_mask must be (B, L_local) = {(q.shape[0], q.shape[2])}, "
-                         f"got {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"key_padding_mask must be (B, L_local) = {(q.shape[0], q.shape[2])}, got {tuple(key_padding_mask.shape)}"
+        )
 
 
 def context_parallel_window_attention(
@@ -102,11 +106,16 @@ def context_parallel_window_attention(
     q_offset = start - a
     if k_buf.shape[2] == 0 or q.shape[2] == 0:
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.float32 if q.dtype in (
-            torch.float16, torch.bfloat16) else q.dtype)
+        lse = torch.full(
+            q.shape[:3],
+            float("-inf"),
+            device=q.device,
+            dtype=torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype,
+        )
         return out, lse
-    out, lse = sliding_window_attention(q, k_buf, v_buf, window, q_offset=q_offset, key_padding_mask=kpm,
-                                        scale=scale, dropout_p=dropout_p)
+    out, lse = sliding_window_attention(
+        q, k_buf, v_buf, window, q_offset=q_offset, key_padding_mask=kpm, scale=scale, dropout_p=dropout_p
+    )
     if window.exclude_self:
         out = attend_self_where_empty(out, lse, v_buf, q_offset, kpm)
     return out, lse

@@ -18,10 +18,10 @@ attention) forces one, and raises :class:`BackendUnavailableError` with every re
 cannot run.  Backends are classes (``backends.py``) listed per op by a :class:`Dispatcher`
 (``dispatch.py``); :func:`not_supported_reasons` returns their reasons for given inputs.
 """
+
 from ..block_mask import BlockMask, as_block_mask
 from .backends import BackendUnavailableError
-from .dispatch import (Dispatcher, choose_backend, dispatchers, landmark_not_supported_reasons,
-                       not_supported_reasons)
+from .dispatch import Dispatcher, choose_backend, dispatchers, landmark_not_supported_reasons, not_supported_reasons
 from .landmark import landmark_attention
 from .linear_attention import linear_attention
 from .ops import block_sparse_attention, check_inputs, sliding_window_attention

@@ -4,6 +4,7 @@ The schemas and CPU kernels are registered by the extension (``csrc/register.cpp
 this module is imported by the loader once the extension is loaded.  Their autograd is the
 ``autograd.Function`` of each op in ``ops.py`` (shared with the Triton kernels).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,6 +38,21 @@ def _sw_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group,
 
 
 @torch.library.register_fake(f"{_NS}::block_sparse_bwd")
-def _bs_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, row_idx, row_cnt, row_tile, tiles, block_size, causal,
-                 key_padding_mask, scale):
+def _bs_bwd_fake(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    row_idx,
+    row_cnt,
+    row_tile,
+    tiles,
+    block_size,
+    causal,
+    key_padding_mask,
+    scale,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -5,6 +5,7 @@ build, an ABI mismatch) or disabled with ``EA_DISABLE_KERNELS=1``, the package
 still imports and the sparse ops use the PyTorch reference path.  The reason is
 logged once and returned by :func:`cpu_extension_reason`.
 """
+
 from __future__ import annotations
 
 import importlib

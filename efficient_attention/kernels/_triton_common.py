@@ -3,6 +3,7 @@
 Tiles are row-major ``(rows, HEAD_DIM)`` slices of one head; scores are kept in log2 units (``exp2``), the
 log-sum-exp is handed over in natural units.  Imported only when Triton is installed.
 """
+
 import triton
 import triton.language as tl
 
@@ -27,8 +28,9 @@ def _load_rows(base, offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _store_rows(base, x, offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr):
     """Stores ``x`` (cast to the tensor's dtype) into rows ``offs_r`` (those below ``n_rows``) of ``base``."""
-    tl.store(base + offs_r[:, None] * HEAD_DIM + offs_d[None, :], x.to(base.dtype.element_ty),
-             mask=offs_r[:, None] < n_rows)
+    tl.store(
+        base + offs_r[:, None] * HEAD_DIM + offs_d[None, :], x.to(base.dtype.element_ty), mask=offs_r[:, None] < n_rows
+    )
 
 
 @triton.jit

@@ -23,10 +23,12 @@ adding ``dq`` into an fp32 buffer).  That one-kernel backward was built and meas
 with element atomics and with TMA bulk reductions: both were slower at every point (the dq
 traffic costs as much as the recomputation; ``benchmarks/README.md``), so it is not used.
 """
+
 import triton
 import triton.language as tl
 
 from ._triton_common import LOG2E, _dot, _finish, _load_rows, _lse2, _store_rows  # noqa: F401 (LOG2E: triton_ops)
+
 LN2 = 0.6931471805599453
 
 
@@ -41,8 +43,19 @@ def _band(p, group, left, right, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr,
-          CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+def _mask(
+    offs_m,
+    offs_n,
+    S,
+    q_offset,
+    group,
+    left,
+    right,
+    kpm_ptr,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+):
     p = offs_m[:, None] + q_offset
     keep = offs_n[None, :] < S
     if WINDOW:
@@ -66,8 +79,17 @@ def _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+def _full_block(
+    first_p,
+    lo_last,
+    hi_first,
+    n0,
+    S,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+):
     """True when every query of a tile sees every key of [n0, n0 + BLOCK_N): no element mask needed.
 
     ``lo_last`` is the band's lower end for the tile's last query, ``hi_first`` its upper end for the
@@ -106,8 +128,20 @@ def _program_tile(USE_LUT: tl.constexpr):
 
 
 @triton.jit
-def _key_range(first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL: tl.constexpr, USE_LUT: tl.constexpr,
-               LUT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_range(
+    first_p,
+    last_p,
+    CNT,
+    lut_base,
+    S,
+    group,
+    left,
+    right,
+    CAUSAL: tl.constexpr,
+    USE_LUT: tl.constexpr,
+    LUT_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The key tiles a query tile (absolute positions ``first_p .. last_p``) visits: ``(start, n_iter)``
     (a band's contiguous range, or ``n_iter`` lookup-table steps), and ``lo_last``, ``hi_first`` for
     ``_full_block`` (bands only)."""
@@ -122,8 +156,7 @@ def _key_range(first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL: tl
 
 
 @triton.jit
-def _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT: tl.constexpr, LUT_BLOCK: tl.constexpr,
-             BLOCK: tl.constexpr):
+def _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT: tl.constexpr, LUT_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """The tile of loop step ``it``: ``start + it`` for a band; for a layout, sub-tile ``it % sub`` of
     the ``it // sub``-th kept block of the lookup-table row (``sub`` tiles per layout block)."""
     if USE_LUT:
@@ -134,12 +167,42 @@ def _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT: tl.constexpr, LUT_BLOC
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, Out, Lse,
-                qk_scale, H, T, S, q_offset, group, left, right,
-                lut_heads, lut_rows, lut_cols,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
-                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                LUT_BLOCK: tl.constexpr, TMA: tl.constexpr, HAS_TILES: tl.constexpr):
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    KD,
+    VD,
+    KPM,
+    LUT,
+    CNT,
+    TILE,
+    TILES,
+    Out,
+    Lse,
+    qk_scale,
+    H,
+    T,
+    S,
+    q_offset,
+    group,
+    left,
+    right,
+    lut_heads,
+    lut_rows,
+    lut_cols,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_LUT: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    LUT_BLOCK: tl.constexpr,
+    TMA: tl.constexpr,
+    HAS_TILES: tl.constexpr,
+):
     qb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
@@ -157,8 +220,9 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, Out, Lse,
     first_p = qb * BLOCK_M + q_offset
     last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
-    start, n_iter, lo_last, hi_first = _key_range(first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL,
-                                                  USE_LUT, LUT_BLOCK, BLOCK_N)
+    start, n_iter, lo_last, hi_first = _key_range(
+        first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL, USE_LUT, LUT_BLOCK, BLOCK_N
+    )
     for it in range(0, n_iter):
         kb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_N)
         n0 = kb * BLOCK_N
@@ -190,12 +254,46 @@ def _fwd_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, Out, Lse,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, TILE, TILES, DO, Lse, Delta, DK, DV,
-                     qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
-                     lut_heads, lut_rows, lut_cols,
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     LUT_BLOCK: tl.constexpr, TMA: tl.constexpr, HAS_TILES: tl.constexpr):
+def _bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    QD,
+    DOD,
+    KPM,
+    LUT,
+    CNT,
+    TILE,
+    TILES,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    qk_scale,
+    sm_scale,
+    H,
+    T,
+    S,
+    q_offset,
+    group,
+    left,
+    right,
+    lut_heads,
+    lut_rows,
+    lut_cols,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_LUT: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    LUT_BLOCK: tl.constexpr,
+    TMA: tl.constexpr,
+    HAS_TILES: tl.constexpr,
+):
     kb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
@@ -259,12 +357,48 @@ def _bwd_dkdv_kernel(Q, K, V, QD, DOD, KPM, LUT, CNT, TILE, TILES, DO, Lse, Delt
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, DO, Out, DLse, Lse, Delta, DQ,
-                   qk_scale, sm_scale, H, T, S, q_offset, group, left, right,
-                   lut_heads, lut_rows, lut_cols,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, USE_LUT: tl.constexpr, HAS_KPM: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   LUT_BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr, TMA: tl.constexpr, HAS_TILES: tl.constexpr):
+def _bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    KD,
+    VD,
+    KPM,
+    LUT,
+    CNT,
+    TILE,
+    TILES,
+    DO,
+    Out,
+    DLse,
+    Lse,
+    Delta,
+    DQ,
+    qk_scale,
+    sm_scale,
+    H,
+    T,
+    S,
+    q_offset,
+    group,
+    left,
+    right,
+    lut_heads,
+    lut_rows,
+    lut_cols,
+    CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_LUT: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    LUT_BLOCK: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    TMA: tl.constexpr,
+    HAS_TILES: tl.constexpr,
+):
     qb, bh = _program_tile(USE_LUT)
     b = bh // H
     h = bh % H
@@ -289,8 +423,9 @@ def _bwd_dq_kernel(Q, K, V, KD, VD, KPM, LUT, CNT, TILE, TILES, DO, Out, DLse, L
     first_p = qb * BLOCK_M + q_offset
     last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
-    start, n_iter, lo_last, hi_first = _key_range(first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL,
-                                                  USE_LUT, LUT_BLOCK, BLOCK_N)
+    start, n_iter, lo_last, hi_first = _key_range(
+        first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL, USE_LUT, LUT_BLOCK, BLOCK_N
+    )
     for it in range(0, n_iter):
         kb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_N)
         offs_n = kb * BLOCK_N + offs_nb

@@ -19,6 +19,7 @@ own keys ``ds_j = w_j (dp_j - delta)``; tokens of earlier blocks ``ds_j = w_j (d
 landmark ``ds(L_b) = P_b (E_b - delta)``.  ``E_b`` is recomputed inside the tile, so nothing of size
 ``T x S/BS`` is ever stored: ``dq`` by query tile (it also stores ``delta``), then ``dk, dv`` by key block.
 """
+
 import triton
 import triton.language as tl
 
@@ -38,8 +39,19 @@ def _kvec(x, KEY_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM: tl.constexpr, MIXED: tl.constexpr,
-                  BS: tl.constexpr, KEY_AXIS: tl.constexpr):
+def _tile_weights(
+    s,
+    p,
+    offs_n,
+    n0,
+    S,
+    lse2,
+    kpm_ptr,
+    HAS_KPM: tl.constexpr,
+    MIXED: tl.constexpr,
+    BS: tl.constexpr,
+    KEY_AXIS: tl.constexpr,
+):
     """Weights of a score tile ``s`` over the ``BS`` keys of block ``n0 // BS`` (log2 units), given each
     query's position ``p`` and log2-normaliser ``lse2``.  Keys run along ``KEY_AXIS`` (1: a (queries, keys)
     tile, as the dq kernel holds it; 0: (keys, queries), as the dk/dv kernel does).
@@ -90,9 +102,26 @@ def _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED: tl.constexpr, KEY_AXIS
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
-              HAS_KPM: tl.constexpr, MIXED: tl.constexpr, IEEE: tl.constexpr, BS: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
+def _fwd_step(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    kb,
+    p,
+    offs_bs,
+    offs_d,
+    S,
+    qk_scale,
+    kpm_ptr,
+    HAS_KPM: tl.constexpr,
+    MIXED: tl.constexpr,
+    IEEE: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     n0 = kb * BS
     offs_n = n0 + offs_bs
     k = _load_rows(k_base, offs_n, S, offs_d, HEAD_DIM)
@@ -139,9 +168,24 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_sc
 
 
 @triton.jit
-def _landmark_fwd_kernel(Q, K, V, KPM, Out, Lse, qk_scale, H, T, S, q_offset,
-                         HAS_KPM: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr,
-                         HEAD_DIM: tl.constexpr):
+def _landmark_fwd_kernel(
+    Q,
+    K,
+    V,
+    KPM,
+    Out,
+    Lse,
+    qk_scale,
+    H,
+    T,
+    S,
+    q_offset,
+    HAS_KPM: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -160,20 +204,74 @@ def _landmark_fwd_kernel(Q, K, V, KPM, Out, Lse, qk_scale, H, T, S, q_offset,
     first_blk = (qb * BLOCK_M + q_offset) // BS
     last_blk = (tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset) // BS
     for kb in range(0, first_blk):  # blocks before every row's own block: gated
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
-                                  HAS_KPM, False, IEEE, BS, HEAD_DIM)
+        acc, m_i, l_i = _fwd_step(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            kb,
+            p,
+            offs_bs,
+            offs_d,
+            S,
+            qk_scale,
+            kpm_ptr,
+            HAS_KPM,
+            False,
+            IEEE,
+            BS,
+            HEAD_DIM,
+        )
     for kb in range(first_blk, last_blk + 1):  # the rows' own blocks: causal for some rows, gated for others
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
-                                  HAS_KPM, True, IEEE, BS, HEAD_DIM)
+        acc, m_i, l_i = _fwd_step(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            kb,
+            p,
+            offs_bs,
+            offs_d,
+            S,
+            qk_scale,
+            kpm_ptr,
+            HAS_KPM,
+            True,
+            IEEE,
+            BS,
+            HEAD_DIM,
+        )
     out, lse = _finish(acc, m_i, l_i)
     _store_rows(Out + bh.to(tl.int64) * T * HEAD_DIM, out, offs_m, T, offs_d, HEAD_DIM)
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
-             HAS_KPM: tl.constexpr, MIXED: tl.constexpr, IEEE: tl.constexpr, BS: tl.constexpr,
-             HEAD_DIM: tl.constexpr):
+def _dq_step(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    kb,
+    p,
+    offs_bs,
+    offs_d,
+    S,
+    qk_scale,
+    kpm_ptr,
+    HAS_KPM: tl.constexpr,
+    MIXED: tl.constexpr,
+    IEEE: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     n0 = kb * BS
     offs_n = n0 + offs_bs
     k = _load_rows(k_base, offs_n, S, offs_d, HEAD_DIM)
@@ -186,9 +284,30 @@ def _dq_step(dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, 
 
 
 @triton.jit
-def _landmark_dq_kernel(Q, K, V, KPM, DO, Out, DLse, Lse, Delta, DQ, qk_scale, sm_scale, H, T, S, q_offset,
-                        HAS_KPM: tl.constexpr, HAS_DLSE: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _landmark_dq_kernel(
+    Q,
+    K,
+    V,
+    KPM,
+    DO,
+    Out,
+    DLse,
+    Lse,
+    Delta,
+    DQ,
+    qk_scale,
+    sm_scale,
+    H,
+    T,
+    S,
+    q_offset,
+    HAS_KPM: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -213,18 +332,80 @@ def _landmark_dq_kernel(Q, K, V, KPM, DO, Out, DLse, Lse, Delta, DQ, qk_scale, s
     first_blk = (qb * BLOCK_M + q_offset) // BS
     last_blk = (tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset) // BS
     for kb in range(0, first_blk):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
-                      HAS_KPM, False, IEEE, BS, HEAD_DIM)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            kb,
+            p,
+            offs_bs,
+            offs_d,
+            S,
+            qk_scale,
+            kpm_ptr,
+            HAS_KPM,
+            False,
+            IEEE,
+            BS,
+            HEAD_DIM,
+        )
     for kb in range(first_blk, last_blk + 1):
-        dq = _dq_step(dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, qk_scale, kpm_ptr,
-                      HAS_KPM, True, IEEE, BS, HEAD_DIM)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            kb,
+            p,
+            offs_bs,
+            offs_d,
+            S,
+            qk_scale,
+            kpm_ptr,
+            HAS_KPM,
+            True,
+            IEEE,
+            BS,
+            HEAD_DIM,
+        )
     _store_rows(DQ + q_off, dq * sm_scale, offs_m, T, offs_d, HEAD_DIM)
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S, q_offset,
-               qk_scale, kpm_ptr, HAS_KPM: tl.constexpr, MIXED: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    Lse,
+    Delta,
+    bh,
+    qt,
+    n0,
+    offs_n,
+    offs_mb,
+    offs_d,
+    T,
+    S,
+    q_offset,
+    qk_scale,
+    kpm_ptr,
+    HAS_KPM: tl.constexpr,
+    MIXED: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     offs_m = qt * BLOCK_M + offs_mb
     q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM)
     do = _load_rows(do_base, offs_m, T, offs_d, HEAD_DIM)
@@ -233,8 +414,9 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, of
     lse2 = _lse2(lse)
     # transposed tiles (keys, queries): the weights feed dv and dk as the first operand without a transpose
     sT = _dot(k, tl.trans(q), IEEE) * qk_scale
-    wT, aT, P, own_row, is_mark = _tile_weights(sT, offs_m + q_offset, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED,
-                                                BS, 0)
+    wT, aT, P, own_row, is_mark = _tile_weights(
+        sT, offs_m + q_offset, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED, BS, 0
+    )
     dpT = _dot(v, tl.trans(do), IEEE)
     dsT = _tile_ds(wT, aT, P, own_row, is_mark, dpT, delta, MIXED, 0)
     dv += _dot(wT.to(do.dtype), do, IEEE)
@@ -243,9 +425,28 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, of
 
 
 @triton.jit
-def _landmark_dkdv_kernel(Q, K, V, KPM, DO, Lse, Delta, DK, DV, qk_scale, sm_scale, H, T, S, q_offset,
-                          HAS_KPM: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr):
+def _landmark_dkdv_kernel(
+    Q,
+    K,
+    V,
+    KPM,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    qk_scale,
+    sm_scale,
+    H,
+    T,
+    S,
+    q_offset,
+    HAS_KPM: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -267,10 +468,60 @@ def _landmark_dkdv_kernel(Q, K, V, KPM, DO, Lse, Delta, DK, DV, qk_scale, sm_sca
     start = q_lo // BLOCK_M
     mid = tl.minimum(tl.cdiv(q_gated, BLOCK_M), tl.cdiv(T, BLOCK_M))  # tiles from here hold gated rows only
     for qt in range(start, mid):
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S,
-                            q_offset, qk_scale, kpm_ptr, HAS_KPM, True, IEEE, BLOCK_M, BS, HEAD_DIM)
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            Lse,
+            Delta,
+            bh,
+            qt,
+            n0,
+            offs_n,
+            offs_mb,
+            offs_d,
+            T,
+            S,
+            q_offset,
+            qk_scale,
+            kpm_ptr,
+            HAS_KPM,
+            True,
+            IEEE,
+            BLOCK_M,
+            BS,
+            HEAD_DIM,
+        )
     for qt in range(tl.maximum(mid, start), tl.cdiv(T, BLOCK_M)):
-        dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S,
-                            q_offset, qk_scale, kpm_ptr, HAS_KPM, False, IEEE, BLOCK_M, BS, HEAD_DIM)
+        dk, dv = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            Lse,
+            Delta,
+            bh,
+            qt,
+            n0,
+            offs_n,
+            offs_mb,
+            offs_d,
+            T,
+            S,
+            q_offset,
+            qk_scale,
+            kpm_ptr,
+            HAS_KPM,
+            False,
+            IEEE,
+            BLOCK_M,
+            BS,
+            HEAD_DIM,
+        )
     _store_rows(DK + kv_off, dk * sm_scale, offs_n, S, offs_d, HEAD_DIM)
     _store_rows(DV + kv_off, dv, offs_n, S, offs_d, HEAD_DIM)

@@ -13,13 +13,13 @@ ends with the initial state's gradient; ``_bwd_dq`` walks them forwards recomput
 ``dq = (dO vᵀ ∘ e^{G_i - G_j} [j <= i]) k + e^{G} ∘ (dO Hᵀ)``.  Tensor-core products take the input dtype
 (fp32 inputs: IEEE fp32 products), accumulation is fp32.
 """
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d,
-           BLOCK_C: tl.constexpr, HAS_G: tl.constexpr):
+def _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C: tl.constexpr, HAS_G: tl.constexpr):
     """Loads one chunk: q, k ``(C, BLOCK_M)``, v ``(C, BLOCK_D)``, decay weights and scalings."""
     rows = start + offs_c
     in_t = rows < T
@@ -46,9 +46,25 @@ def _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d,
 
 
 @triton.jit
-def _fwd(Q, K, V, G, H0, O, HT, T, M, D,
-         BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-         HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
+def _fwd(
+    Q,
+    K,
+    V,
+    G,
+    H0,
+    O,
+    HT,
+    T,
+    M,
+    D,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -61,8 +77,9 @@ def _fwd(Q, K, V, G, H0, O, HT, T, M, D,
     else:
         h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, T, BLOCK_C):
-        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d,
-                                                             BLOCK_C, HAS_G)
+        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+        )
         a = tl.dot(q, tl.trans(k), input_precision=PREC) * w
         o = tl.dot(a.to(v.dtype), v, input_precision=PREC)
         o += tl.dot((q * q_in[:, None]).to(q.dtype), h.to(q.dtype), input_precision=PREC)
@@ -73,9 +90,28 @@ def _fwd(Q, K, V, G, H0, O, HT, T, M, D,
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
-              BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-              HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dkdv(
+    Q,
+    K,
+    V,
+    G,
+    DO,
+    DHT,
+    DK,
+    DV,
+    DH0,
+    T,
+    M,
+    D,
+    BH,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -90,8 +126,9 @@ def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
     n_chunks = tl.cdiv(T, BLOCK_C)
     for idx in range(0, n_chunks):
         start = (n_chunks - 1 - idx) * BLOCK_C
-        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d,
-                                                             BLOCK_C, HAS_G)
+        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+        )
         mask_v = in_t[:, None] & (offs_d[None, :] < D)
         do = tl.load(DO + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
         a = tl.dot(q, tl.trans(k), input_precision=PREC) * w  # (i, j)
@@ -110,9 +147,25 @@ def _bwd_dkdv(Q, K, V, G, DO, DHT, DK, DV, DH0, T, M, D, BH,
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, G, H0, DO, DQ, T, M, D, BH,
-            BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-            HAS_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dq(
+    Q,
+    K,
+    V,
+    G,
+    H0,
+    DO,
+    DQ,
+    T,
+    M,
+    D,
+    BH,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid_d = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
@@ -124,8 +177,9 @@ def _bwd_dq(Q, K, V, G, H0, DO, DQ, T, M, D, BH,
     else:
         h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, T, BLOCK_C):
-        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d,
-                                                             BLOCK_C, HAS_G)
+        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+        )
         mask_v = in_t[:, None] & (offs_d[None, :] < D)
         do = tl.load(DO + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
         da = tl.dot(do, tl.trans(v), input_precision=PREC) * w

@@ -16,6 +16,7 @@ backend may depend only on the devices, dtypes, head counts and head dims of ``q
 length is empty or shorter than :data:`SHORT`, and on the op's keyword parameters (the dispatcher caches
 its decisions by exactly these).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +30,16 @@ from ..errors import BackendUnavailableError
 from ._loader import cpu_extension, cpu_extension_reason
 
 __all__ = [
-    "Backend", "TritonBackend", "CppBackend", "ChunkedBackend", "ReferenceBackend", "KINDS", "BackendUnavailableError",
-    "triton_reason", "triton_interpreted", "SHORT",
+    "Backend",
+    "TritonBackend",
+    "CppBackend",
+    "ChunkedBackend",
+    "ReferenceBackend",
+    "KINDS",
+    "BackendUnavailableError",
+    "triton_reason",
+    "triton_interpreted",
+    "SHORT",
 ]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -76,10 +85,10 @@ class Backend:
     """One way to compute one op.  Subclasses set the class attributes; op subclasses add ``input_reasons``
     and a ``run`` method (its arguments are the op's).  Backends are used as classes, never instantiated."""
 
-    name: ClassVar[str]            # what a caller passes as backend=
-    op: ClassVar[str]              # the op it computes
-    devices: ClassVar[Tuple[str, ...]] = ()            # device types it runs on (() = any)
-    dtypes: ClassVar[Tuple[torch.dtype, ...]] = ()     # input dtypes it takes (() = any float dtype)
+    name: ClassVar[str]  # what a caller passes as backend=
+    op: ClassVar[str]  # the op it computes
+    devices: ClassVar[Tuple[str, ...]] = ()  # device types it runs on (() = any)
+    dtypes: ClassVar[Tuple[torch.dtype, ...]] = ()  # input dtypes it takes (() = any float dtype)
     description: ClassVar[str] = ""
 
     @classmethod

@@ -13,6 +13,7 @@ Each op has one :class:`Dispatcher` listing its backend classes (``backends.py``
 Decisions are cached by what the reasons depend on, so a repeated call costs a dict lookup.  The
 function API :func:`not_supported_reasons` / :func:`choose_backend` answers the same per op name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,12 +27,23 @@ from .backends import SHORT, Backend, BackendUnavailableError, triton_reason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dispatcher", "dispatchers", "not_supported_reasons", "choose_backend", "triton_reason",
-           "choose_landmark_backend", "landmark_not_supported_reasons"]
+__all__ = [
+    "Dispatcher",
+    "dispatchers",
+    "not_supported_reasons",
+    "choose_backend",
+    "triton_reason",
+    "choose_landmark_backend",
+    "landmark_not_supported_reasons",
+]
 
 # the modules that define each op's dispatcher (imported on first use, so this module imports none of them)
-_OP_MODULES = {"sliding_window": ".ops", "block_sparse": ".ops", "linear_attention": ".linear_attention",
-               "landmark": ".landmark"}
+_OP_MODULES = {
+    "sliding_window": ".ops",
+    "block_sparse": ".ops",
+    "linear_attention": ".linear_attention",
+    "landmark": ".landmark",
+}
 OPS = tuple(_OP_MODULES)
 _registry: Dict[str, "Dispatcher"] = {}
 _logged: set = set()
@@ -75,10 +87,26 @@ class Dispatcher:
         compiling = torch.compiler.is_compiling()
         key = None
         if not compiling:
-            key = (backend, q.device, k.device, v.device, q.dtype, k.dtype, v.dtype, q.dim(), k.dim(), v.dim(),
-                   q.shape[1:2], k.shape[1:2], v.shape[1:2], q.shape[-1:], v.shape[-1:],
-                   0 in q.shape or 0 in k.shape or 0 in v.shape, q.dim() > 2 and q.shape[2] < SHORT,
-                   tuple(sorted(params.items())))
+            key = (
+                backend,
+                q.device,
+                k.device,
+                v.device,
+                q.dtype,
+                k.dtype,
+                v.dtype,
+                q.dim(),
+                k.dim(),
+                v.dim(),
+                q.shape[1:2],
+                k.shape[1:2],
+                v.shape[1:2],
+                q.shape[-1:],
+                v.shape[-1:],
+                0 in q.shape or 0 in k.shape or 0 in v.shape,
+                q.dim() > 2 and q.shape[2] < SHORT,
+                tuple(sorted(params.items())),
+            )
             hit = self._decisions.get(key)
             if hit is not None:
                 return hit
@@ -92,8 +120,9 @@ class Dispatcher:
             cls = self.backend(backend)
             reasons = cls.not_supported_reasons(q, k, v, **params)
             if reasons:
-                raise BackendUnavailableError(f"backend={cls.name!r} cannot run {self.op} on these inputs: "
-                                              + "; ".join(reasons))
+                raise BackendUnavailableError(
+                    f"backend={cls.name!r} cannot run {self.op} on these inputs: " + "; ".join(reasons)
+                )
             return cls
         skipped = []
         for cls in self.backends:
@@ -103,8 +132,10 @@ class Dispatcher:
                     self._log_fallback(cls, skipped, q.device.type)
                 return cls
             skipped.append((cls, reasons))
-        raise BackendUnavailableError(f"no backend can run {self.op} on these inputs: "
-                                      + " | ".join(f"{c.name}: " + "; ".join(r) for c, r in skipped))
+        raise BackendUnavailableError(
+            f"no backend can run {self.op} on these inputs: "
+            + " | ".join(f"{c.name}: " + "; ".join(r) for c, r in skipped)
+        )
 
     def _log_fallback(self, chosen: Type[Backend], skipped, device: str) -> None:
         for cls, reasons in skipped:

@@ -24,6 +24,7 @@ custom ops (``torch.ops.efficient_attention.triton_landmark``, ``triton_landmark
 The general formula (any ``is_mem``, ``top_k`` retrieval) stays in ``sparse/landmark.py``; it is
 the float64 reference these paths are tested against.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -50,11 +51,11 @@ def _chunk_weights(qc: Tensor, k: Tensor, pos: Tensor, bs: int, valid: Tensor):
     """
     sk = k.shape[2]
     nb = sk // bs
-    s = torch.matmul(qc, k.transpose(-1, -2))                              # (B, H, C, Sk)
+    s = torch.matmul(qc, k.transpose(-1, -2))  # (B, H, C, Sk)
     j = torch.arange(sk, device=qc.device)
     kb, is_mark = j // bs, (j % bs) == bs - 1
     c = (pos // bs)[:, None]
-    ok = valid[:, None, None, :]                                            # (B|1, 1, 1, Sk)
+    ok = valid[:, None, None, :]  # (B|1, 1, 1, Sk)
     own = ok & (kb == c) & (j <= pos[:, None]) & (~is_mark | (j == pos[:, None]))
     tok = (ok & (kb < c) & ~is_mark).view(*ok.shape[:2], len(pos), nb, bs)
     gate = (ok & (kb < c) & is_mark).view(*ok.shape[:2], len(pos), nb, bs)[..., -1]
@@ -129,9 +130,9 @@ def _torch_backward(do, dlse, q, k, v, out, kpm, bs, scale):
         delta = (doc * out[:, :, t0:t1].to(dt)).sum(-1)
         if dlse is not None:
             delta = delta - dlse[:, :, t0:t1].to(dt)
-        dp = torch.matmul(doc, vv[:, :, :sk].transpose(-1, -2))             # (B, H, C, Sk)
+        dp = torch.matmul(doc, vv[:, :, :sk].transpose(-1, -2))  # (B, H, C, Sk)
         dpb = dp.view(*dp.shape[:3], -1, bs)
-        E = (a * dpb).sum(-1)                                               # (B, H, C, nb): dO . A_b
+        E = (a * dpb).sum(-1)  # (B, H, C, nb): dO . A_b
         ds_b = P[..., None] * a * (dpb - E[..., None])
         is_mark = torch.arange(bs, device=q.device) == bs - 1
         ds_b = ds_b + torch.where(is_mark, (P * (E - delta[..., None]))[..., None], 0.0)
@@ -142,8 +143,9 @@ def _torch_backward(do, dlse, q, k, v, out, kpm, bs, scale):
     return dq, dk[:, :, :src_len].to(k.dtype), dv[:, :, :src_len].to(v.dtype)
 
 
-def landmark_blocks_torch(q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float,
-                          key_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def landmark_blocks_torch(
+    q: Tensor, k: Tensor, v: Tensor, block_size: int, scale: float, key_padding_mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """The PyTorch path (k, v with q's head count; ``key_padding_mask`` bool ``(B, S)`` or None)."""
     return _LandmarkFn.apply("reference", q, k, v, key_padding_mask, block_size, scale)
 
@@ -157,8 +159,11 @@ def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[
     long_rows = dict(BLOCK_M=128, num_warps=8, num_stages=stages)
     short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages)
     # forward: 4 warps on the 128-row tile (0.94 vs 1.10 ms at 8k, H200; benchmarks/landmark_tune_gpu.py)
-    return dict(fwd=dict(long_rows, num_warps=4) if small else short_rows, dq=long_rows if small else short_rows,
-                dkdv=dict(short_rows, BLOCK_M=128) if block_size < 64 else short_rows)
+    return dict(
+        fwd=dict(long_rows, num_warps=4) if small else short_rows,
+        dq=long_rows if small else short_rows,
+        dkdv=dict(short_rows, BLOCK_M=128) if block_size < 64 else short_rows,
+    )
 
 
 def _kpm_arg(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
@@ -178,8 +183,24 @@ def _triton_forward(q, k, v, kpm, bs, scale):
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     cfg = landmark_config(bs, D, q.dtype)["fwd"]
     grid = (-(-T // cfg["BLOCK_M"]), B * H)
-    tl_._landmark_fwd_kernel[grid](q, k, v, kpm_t, out, lse, scale * tl_.LOG2E, H, T, S, S - T, HAS_KPM=has_kpm,
-                                   IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D, **cfg)
+    tl_._landmark_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        kpm_t,
+        out,
+        lse,
+        scale * tl_.LOG2E,
+        H,
+        T,
+        S,
+        S - T,
+        HAS_KPM=has_kpm,
+        IEEE=q.dtype == torch.float32,
+        BS=bs,
+        HEAD_DIM=D,
+        **cfg,
+    )
     return out, lse
 
 
@@ -198,16 +219,36 @@ def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     flags = dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D)
     c = cfgs["dq"]
     tl_._landmark_dq_kernel[(-(-T // c["BLOCK_M"]), B * H)](
-        q, k, v, kpm_t, do, out, dlse, lse, delta, dq, scale * tl_.LOG2E, scale, H, T, S, S - T,
-        HAS_DLSE=has_dlse, **flags, **c)
+        q,
+        k,
+        v,
+        kpm_t,
+        do,
+        out,
+        dlse,
+        lse,
+        delta,
+        dq,
+        scale * tl_.LOG2E,
+        scale,
+        H,
+        T,
+        S,
+        S - T,
+        HAS_DLSE=has_dlse,
+        **flags,
+        **c,
+    )
     tl_._landmark_dkdv_kernel[(-(-S // bs), B * H)](
-        q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, **flags, **cfgs["dkdv"])
+        q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, **flags, **cfgs["dkdv"]
+    )
     return dq, dk, dv
 
 
 @torch.library.custom_op("efficient_attention::triton_landmark", mutates_args=())
-def triton_landmark(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: int,
-                    scale: float) -> Tuple[Tensor, Tensor]:
+def triton_landmark(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], block_size: int, scale: float
+) -> Tuple[Tensor, Tensor]:
     """``(out (B, H, T, d), lse (B, H, T) fp32)`` of CUDA ``(B, H, N, d)`` tensors (k, v with q's heads)."""
     return _triton_forward(q, k, v, key_padding_mask, block_size, scale)
 
@@ -218,9 +259,18 @@ def _(q, k, v, key_padding_mask, block_size, scale):
 
 
 @torch.library.custom_op("efficient_attention::triton_landmark_bwd", mutates_args=())
-def triton_landmark_bwd(grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                        lse: Tensor, key_padding_mask: Optional[Tensor], block_size: int,
-                        scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+def triton_landmark_bwd(
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Optional[Tensor],
+    block_size: int,
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
     return _triton_backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale)
 
 
@@ -295,11 +345,14 @@ class LandmarkTriton(TritonBackend):
     def input_reasons(cls, q, k, v, block_size=None) -> List[str]:
         reasons = kernel_shape_reasons(q, k, v) + tile_head_dim_reasons(q, v)
         if block_size not in LANDMARK_BLOCK_SIZES:
-            reasons.append(f"block_size {block_size} is not one of {LANDMARK_BLOCK_SIZES} (a landmark block is one "
-                           "key tile)")
+            reasons.append(
+                f"block_size {block_size} is not one of {LANDMARK_BLOCK_SIZES} (a landmark block is one key tile)"
+            )
         elif q.dtype == torch.float32 and block_size * q.shape[-1] > LANDMARK_FP32_TILE:
-            reasons.append(f"fp32 key tiles of {block_size} keys x {q.shape[-1]} dims do not fit the registers "
-                           f"(fp32 needs block_size * head_dim <= {LANDMARK_FP32_TILE})")
+            reasons.append(
+                f"fp32 key tiles of {block_size} keys x {q.shape[-1]} dims do not fit the registers "
+                f"(fp32 needs block_size * head_dim <= {LANDMARK_FP32_TILE})"
+            )
         return reasons
 
 
@@ -352,8 +405,10 @@ def landmark_attention(
         raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
     if key_padding_mask is not None:
         if key_padding_mask.shape != (q.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     heads = q.shape[1]
@@ -364,4 +419,3 @@ def landmark_attention(
         return q.new_zeros(q.shape[:3] + (v.shape[-1],)), q.new_zeros(q.shape[:3], dtype=torch.float32)
     impl = LANDMARK.select(backend, q, k, v, block_size=block_size)
     return _LandmarkFn.apply(impl.name, q, k, v, key_padding_mask, block_size, scale)
-

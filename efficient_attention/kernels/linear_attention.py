@@ -28,9 +28,10 @@ Backends (``LINEAR_ATTENTION``, a :class:`~efficient_attention.kernels.dispatch.
   chunks; no Python loop.  Half inputs compute in fp32.
 * ``"reference"`` -- float64-friendly quadratic masked form, for tests (:func:`reference_linear_attention`).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -38,11 +39,16 @@ from torch import Tensor
 from .backends import ChunkedBackend, ReferenceBackend, TritonBackend
 from .dispatch import Dispatcher
 
-__all__ = ["linear_attention", "reference_linear_attention", "chunked_linear_attention", "DEFAULT_CHUNK",
-           "LINEAR_ATTENTION"]
+__all__ = [
+    "linear_attention",
+    "reference_linear_attention",
+    "chunked_linear_attention",
+    "DEFAULT_CHUNK",
+    "LINEAR_ATTENTION",
+]
 
 DEFAULT_CHUNK = 64
-State = Tuple[Tensor, Tensor]
+State = Tuple[Tensor, Optional[Tensor]]  # (H, z); z is None with normalize=False
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -114,7 +120,12 @@ def _broadcast_product(q: Tensor, state: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- reference (quadratic)
 def reference_linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], initial_state: Optional[State], causal: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
+    initial_state: Optional[Tuple[Tensor, Tensor]],
+    causal: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(num (B,H,T,d), den (B,H,T), H (B,H,m,d), z (B,H,m))`` by the quadratic masked form (aligned, T == S
     when causal).  Simple and obviously right; run it in float64 for tests."""
@@ -233,21 +244,42 @@ def triton_linear_attention(
     g = _flat(log_decay.float()) if log_decay is not None else o
     h0 = _flat(state.float()) if state is not None else o
     grid = (triton.cdiv(d, cfg["BLOCK_D"]), bsz * heads)
-    kern._fwd[grid](_flat(q), _flat(k), _flat(v), g, h0, o, final, seq, m, d,
-                    HAS_G=log_decay is not None, HAS_H0=state is not None, STORE_HT=True,
-                    PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    kern._fwd[grid](
+        _flat(q),
+        _flat(k),
+        _flat(v),
+        g,
+        h0,
+        o,
+        final,
+        seq,
+        m,
+        d,
+        HAS_G=log_decay is not None,
+        HAS_H0=state is not None,
+        STORE_HT=True,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **cfg,
+    )
     return o, final
 
 
 @triton_linear_attention.register_fake
 def _(q, k, v, log_decay, state):
-    return (q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32),
-            q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32))
+    return (
+        q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32),
+        q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("efficient_attention::triton_linear_attention_bwd", mutates_args=())
 def triton_linear_attention_bwd(
-    grad_o: Tensor, grad_final: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor],
+    grad_o: Tensor,
+    grad_final: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
     state: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, d_state)`` of :func:`triton_linear_attention` (``grad_final`` None: the final state got no
@@ -273,18 +305,42 @@ def triton_linear_attention_bwd(
     dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, device=q.device, dtype=torch.float32)
     flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
     dht = _flat(grad_final.float()) if grad_final is not None else dof
-    kern._bwd_dkdv[(n_d, bh)](qf, kf, vf, g, dof, dht, dk, dv, dh0, seq, m, d, bh,
-                              HAS_DHT=grad_final is not None, STORE_DH0=state is not None, **flags)
+    kern._bwd_dkdv[(n_d, bh)](
+        qf,
+        kf,
+        vf,
+        g,
+        dof,
+        dht,
+        dk,
+        dv,
+        dh0,
+        seq,
+        m,
+        d,
+        bh,
+        HAS_DHT=grad_final is not None,
+        STORE_DH0=state is not None,
+        **flags,
+    )
     kern._bwd_dq[(n_d, bh)](qf, kf, vf, g, h0, dof, dq, seq, m, d, bh, HAS_H0=state is not None, **flags)
     shape = (bsz, heads, seq)
-    return (dq.sum(0).view(*shape, m).to(q.dtype), dk.sum(0).view(*shape, m).to(k.dtype),
-            dv.view(*shape, d).to(v.dtype), dh0.view(bsz, heads, m, d))
+    return (
+        dq.sum(0).view(*shape, m).to(q.dtype),
+        dk.sum(0).view(*shape, m).to(k.dtype),
+        dv.view(*shape, d).to(v.dtype),
+        dh0.view(bsz, heads, m, d),
+    )
 
 
 @triton_linear_attention_bwd.register_fake
 def _(grad_o, grad_final, q, k, v, log_decay, state):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32))
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32),
+    )
 
 
 def _tla_setup(ctx, inputs, output):
@@ -298,7 +354,8 @@ def _tla_backward(ctx, grad_o, grad_final):
     if grad_o is None:
         grad_o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32)
     dq, dk, dv, dh0 = torch.ops.efficient_attention.triton_linear_attention_bwd(
-        grad_o, grad_final, q, k, v, log_decay, state)
+        grad_o, grad_final, q, k, v, log_decay, state
+    )
     return dq, dk, dv, None, (dh0.to(state.dtype) if ctx.has_state else None)
 
 
@@ -321,8 +378,10 @@ class LinearTriton(TritonBackend):
     def input_reasons(cls, q, k, v):
         reasons = []
         if q.shape[2] < LINEAR_MIN_POSITIONS:
-            reasons.append(f"{q.shape[2]} positions (a decoding step): fewer than {LINEAR_MIN_POSITIONS}, where the "
-                           "batched PyTorch path is cheaper and the kernels are not checked")
+            reasons.append(
+                f"{q.shape[2]} positions (a decoding step): fewer than {LINEAR_MIN_POSITIONS}, where the "
+                "batched PyTorch path is cheaper and the kernels are not checked"
+            )
         if q.shape[-1] > LINEAR_MAX_FEATURES:
             reasons.append(f"{q.shape[-1]} features: the kernels hold at most {LINEAR_MAX_FEATURES} per program")
         if v.shape[-1] > LINEAR_MAX_VALUE_DIM:
@@ -367,12 +426,15 @@ LINEAR_ATTENTION = Dispatcher("linear_attention", (LinearTriton, LinearChunked, 
 
 
 # ------------------------------------------------------------------------------------ public entry
-def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state,
-           normalize) -> None:
+def _check(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding_mask, initial_state, normalize
+) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-            raise TypeError(f"{name} must be a 4-D floating tensor (B, H, L, dim), got "
-                            f"{type(x).__name__ if not isinstance(x, Tensor) else (x.dtype, tuple(x.shape))}")
+            raise TypeError(
+                f"{name} must be a 4-D floating tensor (B, H, L, dim), got "
+                f"{type(x).__name__ if not isinstance(x, Tensor) else (x.dtype, tuple(x.shape))}"
+            )
     bsz, heads, seq, m = k.shape
     if q.shape[:2] != (bsz, heads) or q.shape[-1] != m:
         raise ValueError(f"q {tuple(q.shape)} must be (B, H, T, m) with k's B, H, m {(bsz, heads, m)}")
@@ -380,7 +442,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding
         raise ValueError(f"v {tuple(v.shape)} must be (B, H, S, d) with k's B, H, S {(bsz, heads, seq)}")
     if causal and q.shape[2] > seq:
         raise ValueError(
-            f"causal linear attention needs T <= S (queries are the last T keys), got {q.shape[2]} > {seq}")
+            f"causal linear attention needs T <= S (queries are the last T keys), got {q.shape[2]} > {seq}"
+        )
     if log_decay is not None:
         if not causal:
             raise ValueError("log_decay only applies to causal linear attention")
@@ -397,8 +460,44 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, log_decay, key_padding
         if z0 is None and normalize:
             raise ValueError("initial_state needs its normaliser z when normalize=True")
         if h0.shape != (bsz, heads, m, v.shape[-1]) or (z0 is not None and z0.shape != (bsz, heads, m)):
-            raise ValueError(f"initial_state shapes {tuple(h0.shape)}, {tuple(z0.shape)} must be "
-                             f"{(bsz, heads, m, v.shape[-1])} and {(bsz, heads, m)}")
+            raise ValueError(
+                f"initial_state shapes {tuple(h0.shape)}, {tuple(z0.shape)} must be "
+                f"{(bsz, heads, m, v.shape[-1])} and {(bsz, heads, m)}"
+            )
+
+
+@overload
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    log_decay: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    normalize: bool = True,
+    initial_state: Optional[State] = None,
+    return_state: Literal[False] = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: Optional[str] = None,
+) -> Tensor: ...
+
+
+@overload
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    log_decay: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    normalize: bool = True,
+    initial_state: Optional[State] = None,
+    return_state: Literal[True],
+    chunk_size: int = DEFAULT_CHUNK,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, State]: ...
 
 
 def linear_attention(
@@ -432,12 +531,25 @@ def linear_attention(
     if backend is not None:
         LINEAR_ATTENTION.backend(backend)  # a ValueError naming the choices
     with torch.autocast(q.device.type, enabled=False):  # the PyTorch paths accumulate in fp32 under autocast too
-        return _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state,
-                                 return_state, chunk_size, backend, out_dtype)
+        return _linear_attention(
+            q,
+            k,
+            v,
+            causal,
+            log_decay,
+            key_padding_mask,
+            normalize,
+            initial_state,
+            return_state,
+            chunk_size,
+            backend,
+            out_dtype,
+        )
 
 
-def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state, return_state,
-                      chunk_size, backend, out_dtype):
+def _linear_attention(
+    q, k, v, causal, log_decay, key_padding_mask, normalize, initial_state, return_state, chunk_size, backend, out_dtype
+):
     dt = _acc(q.dtype)
     tgt_len, src_len, d = q.shape[2], k.shape[2], v.shape[-1]
     if key_padding_mask is not None:
@@ -463,7 +575,7 @@ def _linear_attention(q, k, v, causal, log_decay, key_padding_mask, normalize, i
         impl = LINEAR_ATTENTION.select(backend, q, k, v)
         o, final = impl.run(q, k, v, log_decay, state, chunk_size)
         if tgt_len < src_len:
-            o = o[:, :, src_len - tgt_len:]
+            o = o[:, :, src_len - tgt_len :]
     out = _Normalize.apply(o, out_dtype or o.dtype) if normalize else o if out_dtype is None else o.to(out_dtype)
     if not return_state:
         return out

@@ -7,6 +7,7 @@ whose forward and backward call the backend's registered ops (``torch.ops.effici
 fake impls: what ``torch.compile`` sees); in eager mode the Triton launches are called directly, which
 costs less Python per call than the custom-op dispatch.  The reference backend is plain PyTorch autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,15 @@ from . import reference
 from .backends import CppBackend, ReferenceBackend, TritonBackend, kernel_shape_reasons, tile_head_dim_reasons
 from .dispatch import Dispatcher
 
-__all__ = ["sliding_window_attention", "block_sparse_attention", "check_inputs", "sliding_window_kernel",
-           "block_sparse_kernel", "SLIDING_WINDOW", "BLOCK_SPARSE"]
+__all__ = [
+    "sliding_window_attention",
+    "block_sparse_attention",
+    "check_inputs",
+    "sliding_window_kernel",
+    "block_sparse_kernel",
+    "SLIDING_WINDOW",
+    "BLOCK_SPARSE",
+]
 
 # Triton computes blocks of 64 best; finer masks run as 64-blocks with token tiles (FlexAttention's way)
 TRITON_MIN_BLOCK = 64
@@ -60,15 +68,18 @@ def check_inputs(q, k, v, *, dropout_p: float = 0.0, scale: Optional[float] = No
         raise ValueError(f"key/value heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
             raise TypeError(f"key_padding_mask must be a Tensor, got {type(key_padding_mask).__name__}")
         if key_padding_mask.shape != (q.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, "
-                             f"got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask must have shape (B, S) = {(q.shape[0], k.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]):
@@ -84,15 +95,24 @@ def _kernel_ops(backend: str, op: str):
     """``(forward, backward)`` callables of ``op``'s kernels on ``backend`` ("cpp" or "triton")."""
     ops = torch.ops.efficient_attention
     if backend == "cpp":
-        return (ops.sliding_window_fwd, ops.sliding_window_bwd) if op == "window" else \
-            (ops.block_sparse_fwd, ops.block_sparse_bwd)
+        return (
+            (ops.sliding_window_fwd, ops.sliding_window_bwd)
+            if op == "window"
+            else (ops.block_sparse_fwd, ops.block_sparse_bwd)
+        )
     if torch.compiler.is_compiling():  # the registered ops: opaque to the compiler, with fake impls
-        return (ops.triton_sliding_window, ops.triton_sliding_window_bwd) if op == "window" else \
-            (ops.triton_block_sparse, ops.triton_block_sparse_bwd)
+        return (
+            (ops.triton_sliding_window, ops.triton_sliding_window_bwd)
+            if op == "window"
+            else (ops.triton_block_sparse, ops.triton_block_sparse_bwd)
+        )
     from . import triton_ops
 
-    return (triton_ops.sliding_window_fwd, triton_ops.sliding_window_bwd) if op == "window" else \
-        (triton_ops.block_sparse_fwd, triton_ops.block_sparse_bwd)
+    return (
+        (triton_ops.sliding_window_fwd, triton_ops.sliding_window_bwd)
+        if op == "window"
+        else (triton_ops.block_sparse_fwd, triton_ops.block_sparse_bwd)
+    )
 
 
 class _SlidingWindowFn(torch.autograd.Function):
@@ -116,14 +136,31 @@ class _SlidingWindowFn(torch.autograd.Function):
 
 class _BlockSparseFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend, q, k, v, kpm, block_size, causal, scale, row_idx, row_cnt, row_tile, col_idx, col_cnt,
-                col_tile, tiles):
+    def forward(
+        ctx,
+        backend,
+        q,
+        k,
+        v,
+        kpm,
+        block_size,
+        causal,
+        scale,
+        row_idx,
+        row_cnt,
+        row_tile,
+        col_idx,
+        col_cnt,
+        col_tile,
+        tiles,
+    ):
         fwd, _ = _kernel_ops(backend, "block")
         if backend == "cpp":
             out, lse = fwd(q, k, v, row_idx, row_cnt, row_tile, tiles, block_size, causal, kpm, scale)
         else:
-            out, lse = fwd(q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal,
-                           kpm, scale)
+            out, lse = fwd(
+                q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal, kpm, scale
+            )
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, kpm, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
         ctx.backend, ctx.args = backend, (block_size, causal)
@@ -143,15 +180,35 @@ class _BlockSparseFn(torch.autograd.Function):
         return (None, dq, dk, dv) + (None,) * 11
 
 
-def sliding_window_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], group: int, left: int,
-                          right: int, causal: bool, q_offset: int, scale: float) -> Tuple[Tensor, Tensor]:
+def sliding_window_kernel(
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kpm: Optional[Tensor],
+    group: int,
+    left: int,
+    right: int,
+    causal: bool,
+    q_offset: int,
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
     """The C++ (``"cpp"``) or Triton kernels of a window band, with autograd; ``k, v`` carry q's head count,
     ``kpm`` is bool ``(B, S)`` or None.  Returns ``(out, lse)``; no checks (callers dispatch first)."""
     return _SlidingWindowFn.apply(backend, q, k, v, kpm, group, left, right, causal, q_offset, scale)
 
 
-def block_sparse_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, tables: tuple, block_size: int, causal: bool,
-                        kpm: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
+def block_sparse_kernel(
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tables: tuple,
+    block_size: int,
+    causal: bool,
+    kpm: Optional[Tensor],
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
     """The C++ or Triton kernels of a block mask's ``tables`` ``(row_idx, row_cnt, row_tile, col_idx, col_cnt,
     col_tile, tiles)`` (:meth:`BlockMask.tables`; the C++ kernels read no ``col_*``), with autograd."""
     return _BlockSparseFn.apply(backend, q, k, v, kpm, block_size, causal, scale, *tables)
@@ -160,15 +217,17 @@ def block_sparse_kernel(backend: str, q: Tensor, k: Tensor, v: Tensor, tables: t
 # -- sliding window: backends -----------------------------------------------------------------------------------
 CPU_MAX_HEAD_DIM = 512
 TRITON_BLOCK_SIZES = (16, 32, 64, 128)
-_EXCLUDE_SELF = ("the window excludes each query's own key (LocalWindow.exclude_self, shared_qk), which the "
-                 "kernels do not implement")
+_EXCLUDE_SELF = (
+    "the window excludes each query's own key (LocalWindow.exclude_self, shared_qk), which the kernels do not implement"
+)
 
 
 def _run_window(backend, q, k, v, window, q_offset, key_padding_mask, scale):
     k, v, kpm = _prepare(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return sliding_window_kernel(backend, q, k, v, kpm, window.group, window.left, window.right, window.causal,
-                                 int(q_offset), scale)
+    return sliding_window_kernel(
+        backend, q, k, v, kpm, window.group, window.left, window.right, window.causal, int(q_offset), scale
+    )
 
 
 class SlidingWindowTriton(TritonBackend):
@@ -176,8 +235,11 @@ class SlidingWindowTriton(TritonBackend):
 
     @classmethod
     def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False):
-        return kernel_shape_reasons(q, k, v, dropout_p) + tile_head_dim_reasons(q, v) + \
-            ([_EXCLUDE_SELF] if exclude_self else [])
+        return (
+            kernel_shape_reasons(q, k, v, dropout_p)
+            + tile_head_dim_reasons(q, v)
+            + ([_EXCLUDE_SELF] if exclude_self else [])
+        )
 
     @classmethod
     def run(cls, q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
@@ -208,12 +270,22 @@ class SlidingWindowReference(ReferenceBackend):
 
     @staticmethod
     def run(q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
-        return reference.sliding_window_attention(q, k, v, window, q_offset=q_offset, key_padding_mask=key_padding_mask,
-                                                  scale=scale, dropout_p=dropout_p, chunk=chunk)
+        return reference.sliding_window_attention(
+            q,
+            k,
+            v,
+            window,
+            q_offset=q_offset,
+            key_padding_mask=key_padding_mask,
+            scale=scale,
+            dropout_p=dropout_p,
+            chunk=chunk,
+        )
 
 
-SLIDING_WINDOW = Dispatcher("sliding_window", (SlidingWindowTriton, SlidingWindowCpp, SlidingWindowReference),
-                            aliases={"cpu": "cpp"})
+SLIDING_WINDOW = Dispatcher(
+    "sliding_window", (SlidingWindowTriton, SlidingWindowCpp, SlidingWindowReference), aliases={"cpu": "cpp"}
+)
 
 
 # -- block sparse: backends -------------------------------------------------------------------------------------
@@ -263,12 +335,14 @@ class BlockSparseReference(ReferenceBackend):
 
     @staticmethod
     def run(q, k, v, bm, key_padding_mask, scale, dropout_p):
-        return reference.block_sparse_attention(q, k, v, bm, key_padding_mask=key_padding_mask, scale=scale,
-                                                dropout_p=dropout_p)
+        return reference.block_sparse_attention(
+            q, k, v, bm, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p
+        )
 
 
-BLOCK_SPARSE = Dispatcher("block_sparse", (BlockSparseTriton, BlockSparseCpp, BlockSparseReference),
-                          aliases={"cpu": "cpp"})
+BLOCK_SPARSE = Dispatcher(
+    "block_sparse", (BlockSparseTriton, BlockSparseCpp, BlockSparseReference), aliases={"cpu": "cpp"}
+)
 
 
 # -- the public entries -----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ the scaled, masked scores ``(B, H, T)`` (``-inf`` for a query that sees
 nothing; its output is 0, never NaN), so callers can combine several calls
 exactly (e.g. the branches of dilated attention).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple, Union
@@ -80,16 +81,16 @@ def sliding_window_attention(
     n_chunks = -(-tgt_len // chunk)
     device = q.device
     qpos = torch.arange(n_chunks * chunk, device=device).view(n_chunks, chunk) + q_offset
-    start = window.lo(qpos[:, 0])                                   # (n,)
+    start = window.lo(qpos[:, 0])  # (n,)
     width = int((window.hi(qpos[:, -1]) - start).max().item()) + 1  # keys any chunk needs
-    kpos = start[:, None] + torch.arange(width, device=device)     # (n, W)
+    kpos = start[:, None] + torch.arange(width, device=device)  # (n, W)
     valid = (kpos >= 0) & (kpos < src_len)
     idx = kpos.clamp(0, max(src_len - 1, 0))
     q_pad = F.pad(q, (0, 0, 0, n_chunks * chunk - tgt_len)).view(bsz, heads, n_chunks, chunk, dim)
-    kb = k[:, :, idx]                                               # (B, H, n, W, d)
+    kb = k[:, :, idx]  # (B, H, n, W, d)
     vb = v[:, :, idx]
-    scores = torch.matmul(q_pad, kb.transpose(-1, -2)) * scale      # (B, H, n, C, W)
-    keep = window.allowed(qpos[:, :, None], kpos[:, None, :]) & valid[:, None, :]   # (n, C, W)
+    scores = torch.matmul(q_pad, kb.transpose(-1, -2)) * scale  # (B, H, n, C, W)
+    keep = window.allowed(qpos[:, :, None], kpos[:, None, :]) & valid[:, None, :]  # (n, C, W)
     keep = keep[None, None]
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask[:, idx][:, None, :, None, :]
@@ -135,8 +136,12 @@ def gathered_block_attention(
     bs = int(block_size)
     off = src_len - tgt_len if q_offset is None else q_offset
     nq, nk = -(-tgt_len // bs), -(-src_len // bs)
-    if layout.dim() != 4 or layout.shape[0] not in (1, bsz) or layout.shape[1] not in (1, heads) \
-            or layout.shape[2:] != (nq, nk):
+    if (
+        layout.dim() != 4
+        or layout.shape[0] not in (1, bsz)
+        or layout.shape[1] not in (1, heads)
+        or layout.shape[2:] != (nq, nk)
+    ):
         raise ValueError(f"layout must have shape ({bsz} or 1, {heads} or 1, {nq}, {nk}), got {tuple(layout.shape)}")
     dev = q.device
     layout = layout.to(dev)
@@ -153,9 +158,9 @@ def gathered_block_attention(
     vb = F.pad(v, (0, 0, 0, nk * bs - src_len)).view(bsz, heads, nk, bs, v.shape[-1])
     b_idx = torch.arange(bsz, device=dev).view(-1, 1, 1, 1)
     h_idx = torch.arange(heads, device=dev).view(1, -1, 1, 1)
-    kg = kb[b_idx, h_idx, order].flatten(-3, -2)                  # (B, H, nq, W, d)
+    kg = kb[b_idx, h_idx, order].flatten(-3, -2)  # (B, H, nq, W, d)
     vg = vb[b_idx, h_idx, order].flatten(-3, -2)
-    scores = torch.matmul(qb, kg.transpose(-1, -2))               # (B, H, nq, bs, W)
+    scores = torch.matmul(qb, kg.transpose(-1, -2))  # (B, H, nq, bs, W)
     kpos = (order[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)[:, :, :, None, :]  # (B, H, nq, 1, W)
     qpos = (torch.arange(nq * bs, device=dev).view(1, 1, nq, bs, 1)) + off
     ok = slot_ok[..., None].expand(-1, -1, -1, -1, bs).flatten(-2)[:, :, :, None, :] & (kpos < src_len)
@@ -200,18 +205,34 @@ def block_sparse_attention(
     heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
     bm = as_block_mask(mask, heads, tgt_len, src_len, block_size, causal)
     keep = None
-    if bm.tiles is not None:
-        tile_index, tiles, bs, off = bm.tile_index.to(q.device).long(), bm.tiles.to(q.device), bm.block_size, \
-            src_len - tgt_len
+    if bm.tiles is not None and bm.tile_index is not None:
+        tile_index, tiles, bs, off = (
+            bm.tile_index.to(q.device).long(),
+            bm.tiles.to(q.device),
+            bm.block_size,
+            src_len - tgt_len,
+        )
         hm = bm.heads
 
         def keep(b, h, i, j):  # positions are absolute (i = t + off); tiles index the mask's own rows
             t = i - off
             hh = h if hm > 1 else torch.zeros_like(h)
-            ti = tile_index[hh, torch.div(t, bs, rounding_mode="floor").clamp(max=bm.shape[0] - 1),
-                            torch.div(j, bs, rounding_mode="floor").clamp(max=bm.shape[1] - 1)]
+            ti = tile_index[
+                hh,
+                torch.div(t, bs, rounding_mode="floor").clamp(max=bm.shape[0] - 1),
+                torch.div(j, bs, rounding_mode="floor").clamp(max=bm.shape[1] - 1),
+            ]
             return tiles[ti.clamp(min=0), torch.remainder(t, bs), torch.remainder(j, bs)] | (ti < 0)
+
     return gathered_block_attention(
-        q, k, v, bm.layout[None], bm.block_size, keep, causal=bm.causal, key_padding_mask=key_padding_mask,
-        scale=scale, dropout_p=dropout_p,
+        q,
+        k,
+        v,
+        bm.layout[None],
+        bm.block_size,
+        keep,
+        causal=bm.causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        dropout_p=dropout_p,
     )

@@ -6,6 +6,7 @@ count) and return ``(out, lse)``; the ``*_bwd`` functions return ``(dq, dk, dv)`
 ``autograd.Function`` in ``ops.py``.  See ``_triton_kernels.py`` for the algorithm.  Importing this module
 requires Triton.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,17 +17,22 @@ from torch import Tensor
 
 from . import _triton_kernels as tk
 
-__all__ = ["window_config", "block_config", "sliding_window_fwd", "sliding_window_bwd", "block_sparse_fwd",
-           "block_sparse_bwd"]
+__all__ = [
+    "window_config",
+    "block_config",
+    "sliding_window_fwd",
+    "sliding_window_bwd",
+    "block_sparse_fwd",
+    "block_sparse_bwd",
+]
 
 _UNBOUNDED = 1 << 30
 
 
 # Tiles are loaded with TMA descriptors (the Hopper tensor-memory accelerator, sm_90+, where the
-# tensors are 16-byte aligned; masked pointer loads otherwise).  On the H100 they cut the GPU time
-# of a forward+backward by 2-9% (``benchmarks/results/kernels_gpu_backward_tma_h100.json``), but the six
-# descriptors of a forward+backward cost host time (about 5 us each to build, plus their encoding at
-# launch), so bands under 512 keys, whose whole step is a fraction of a millisecond, keep pointer loads.
+# tensors are 16-byte aligned; masked pointer loads otherwise).  Their descriptors cost host time, so
+# bands under TMA_MIN_SPAN keys keep pointer loads (the measurements: benchmarks/README.md,
+# "Kernel configuration").
 TMA_MIN_SPAN = 512
 
 
@@ -34,19 +40,22 @@ TMA_MIN_SPAN = 512
 def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the sliding-window kernels (fwd, dq, dkdv) for a band of ``span`` keys.
 
-    Cached (callers must not mutate the dicts).  Chosen on an H100 (bf16, N = 16k) by
-    ``benchmarks/kernels_gpu_sweep.py`` and ``kernels_gpu_backward.py`` (GPU time from CUDA-graph
-    replays): 64x64 forward tiles with 4 warps won at every W.  Backward: at d <= 64, thin tiles
-    (dq 64 x 32 keys, dk/dv 32 queries x 64) for bands up to 512 keys (3-5% faster), 64x64 above;
-    at d = 128, 64x64 tiles with 4 warps and 2 stages up to 1024 keys (up to 18% faster at W = 128),
-    long tiles (64 x 128 keys for dk/dv, 128 x 64 for dq, 8 warps) for wider bands.
+    Returns ``{"fwd", "dq", "dkdv": {BLOCK_M, BLOCK_N, num_warps, num_stages, LUT_BLOCK, TMA}}``, cached
+    (callers must not mutate the dicts).  Forward 64x64 tiles; backward thin tiles for short bands, 64x64,
+    then long tiles for wide bands (how they were chosen: ``benchmarks/README.md``, "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     tma = span >= TMA_MIN_SPAN
     fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=64, TMA=tma)
     if dtype == torch.float32 or head_dim <= 64:
-        bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=1 if wide else 3,
-                   LUT_BLOCK=64, TMA=tma)
+        bwd = dict(
+            BLOCK_M=64,
+            BLOCK_N=64,
+            num_warps=4 if head_dim <= 64 else 8,
+            num_stages=1 if wide else 3,
+            LUT_BLOCK=64,
+            TMA=tma,
+        )
         if dtype != torch.float32 and span <= 512:
             return dict(fwd=fwd, dq=dict(bwd, BLOCK_N=32), dkdv=dict(bwd, BLOCK_M=32))
         return dict(fwd=fwd, dq=bwd, dkdv=bwd)
@@ -64,14 +73,14 @@ def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
 def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tiles of the block-sparse kernels: 64x64 tiles (a layout block of 128 is visited as 2x2 of them).
 
-    Chosen by ``benchmarks/kernels_gpu_sweep.py --layouts`` on an H100 (bf16, fixed and BigBird
-    layouts of 128-blocks at N = 16k): 64x64 tiles with 4 warps were best or within 7% of the best
-    forward, and best backward at d = 64 and d = 128.  TMA loads (see ``TMA_MIN_SPAN``) throughout.
+    TMA loads (see ``TMA_MIN_SPAN``) throughout (how they were chosen: ``benchmarks/README.md``,
+    "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     t = min(block_size, 64)
-    cfg = dict(BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size,
-               TMA=True)
+    cfg = dict(
+        BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size, TMA=True
+    )
     return dict(fwd=cfg, dq=cfg, dkdv=cfg)
 
 
@@ -135,9 +144,36 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     c, (kd, vd) = _with_tma(cfg, k, v, "BLOCK_N")
     tk._fwd_kernel[_grid(lut, T, c["BLOCK_M"], B * H)](
-        q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, out, lse, scale * tk.LOG2E, H, T, S, q_offset, group, left,
-        right, lut_heads, rows, cols, CAUSAL=causal, WINDOW=window, USE_LUT=idx is not cnt, HAS_KPM=has_kpm,
-        HAS_TILES=tile is not idx, **_flags(q), **c,
+        q,
+        k,
+        v,
+        kd,
+        vd,
+        kpm_t,
+        idx,
+        cnt,
+        tile,
+        tiles,
+        out,
+        lse,
+        scale * tk.LOG2E,
+        H,
+        T,
+        S,
+        q_offset,
+        group,
+        left,
+        right,
+        lut_heads,
+        rows,
+        cols,
+        CAUSAL=causal,
+        WINDOW=window,
+        USE_LUT=idx is not cnt,
+        HAS_KPM=has_kpm,
+        HAS_TILES=tile is not idx,
+        **_flags(q),
+        **c,
     )
     return out, lse
 
@@ -157,16 +193,74 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     cfg, (kd, vd) = _with_tma(cfgs["dq"], k, v, "BLOCK_N")
     tk._bwd_dq_kernel[_grid(lut, T, cfg["BLOCK_M"], B * H)](
-        q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, do, out, dlse, lse, delta, dq, scale * tk.LOG2E, scale, H, T, S,
-        q_offset, group, left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_DLSE=has_dlse,
-        HAS_TILES=tile is not idx, **flags, **cfg,
+        q,
+        k,
+        v,
+        kd,
+        vd,
+        kpm_t,
+        idx,
+        cnt,
+        tile,
+        tiles,
+        do,
+        out,
+        dlse,
+        lse,
+        delta,
+        dq,
+        scale * tk.LOG2E,
+        scale,
+        H,
+        T,
+        S,
+        q_offset,
+        group,
+        left,
+        right,
+        lut_heads,
+        rows,
+        cols,
+        USE_LUT=idx is not cnt,
+        HAS_DLSE=has_dlse,
+        HAS_TILES=tile is not idx,
+        **flags,
+        **cfg,
     )
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut_t
     cfg, (qd, dod) = _with_tma(cfgs["dkdv"], q, do, "BLOCK_M")
     tk._bwd_dkdv_kernel[_grid(lut_t, S, cfg["BLOCK_N"], B * H)](
-        q, k, v, qd, dod, kpm_t, idx, cnt, tile, tiles, do, lse, delta, dk, dv, scale * tk.LOG2E, scale, H, T, S,
-        q_offset, group, left, right, lut_heads, rows, cols, USE_LUT=idx is not cnt, HAS_TILES=tile is not idx,
-        **flags, **cfg,
+        q,
+        k,
+        v,
+        qd,
+        dod,
+        kpm_t,
+        idx,
+        cnt,
+        tile,
+        tiles,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        scale * tk.LOG2E,
+        scale,
+        H,
+        T,
+        S,
+        q_offset,
+        group,
+        left,
+        right,
+        lut_heads,
+        rows,
+        cols,
+        USE_LUT=idx is not cnt,
+        HAS_TILES=tile is not idx,
+        **flags,
+        **cfg,
     )
     return dq, dk, dv
 
@@ -207,8 +301,16 @@ def _mask_luts(q: Tensor, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile
 # The plain launch functions below are what eager mode calls (from ``ops._SlidingWindowFn``); the custom
 # ops registered from them (with fake impls) are what torch.compile sees.  Autograd: ``ops.py``.
 def sliding_window_fwd(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], group: int, left: int, right: int,
-    causal: bool, q_offset: int, scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    group: int,
+    left: int,
+    right: int,
+    causal: bool,
+    q_offset: int,
+    scale: float,
 ) -> Tuple[Tensor, Tensor]:
     cfg = window_config(left + right + group, q.shape[-1], q.dtype)["fwd"]
     rule = _window_rule(scale, q_offset, group, left, right, causal)
@@ -216,8 +318,20 @@ def sliding_window_fwd(
 
 
 def sliding_window_bwd(
-    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    key_padding_mask: Optional[Tensor], group: int, left: int, right: int, causal: bool, q_offset: int, scale: float,
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    key_padding_mask: Optional[Tensor],
+    group: int,
+    left: int,
+    right: int,
+    causal: bool,
+    q_offset: int,
+    scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     cfg = window_config(left + right + group, q.shape[-1], q.dtype)
     rule = _window_rule(scale, q_offset, group, left, right, causal)
@@ -225,10 +339,12 @@ def sliding_window_bwd(
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut, cfg)
 
 
-triton_sliding_window = torch.library.custom_op("efficient_attention::triton_sliding_window", sliding_window_fwd,
-                                                mutates_args=())
-triton_sliding_window_bwd = torch.library.custom_op("efficient_attention::triton_sliding_window_bwd",
-                                                    sliding_window_bwd, mutates_args=())
+triton_sliding_window = torch.library.custom_op(
+    "efficient_attention::triton_sliding_window", sliding_window_fwd, mutates_args=()
+)
+triton_sliding_window_bwd = torch.library.custom_op(
+    "efficient_attention::triton_sliding_window_bwd", sliding_window_bwd, mutates_args=()
+)
 
 
 @triton_sliding_window.register_fake
@@ -245,9 +361,20 @@ def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group, left, righ
 # The block mask travels as its tables (``BlockMask.tables``): row_* for the forward and dq passes,
 # col_* (the transposed layout) for the dk/dv pass, tiles for the partial blocks (None: no tiles).
 def block_sparse_fwd(
-    q: Tensor, k: Tensor, v: Tensor, row_idx: Tensor, row_cnt: Tensor, row_tile: Optional[Tensor], col_idx: Tensor,
-    col_cnt: Tensor, col_tile: Optional[Tensor], tiles: Optional[Tensor], block_size: int, causal: bool,
-    key_padding_mask: Optional[Tensor], scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row_idx: Tensor,
+    row_cnt: Tensor,
+    row_tile: Optional[Tensor],
+    col_idx: Tensor,
+    col_cnt: Tensor,
+    col_tile: Optional[Tensor],
+    tiles: Optional[Tensor],
+    block_size: int,
+    causal: bool,
+    key_padding_mask: Optional[Tensor],
+    scale: float,
 ) -> Tuple[Tensor, Tensor]:
     cfg = block_config(block_size, q.shape[-1], q.dtype)["fwd"]
     lut, _ = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
@@ -255,10 +382,24 @@ def block_sparse_fwd(
 
 
 def block_sparse_bwd(
-    grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    row_idx: Tensor, row_cnt: Tensor, row_tile: Optional[Tensor], col_idx: Tensor, col_cnt: Tensor,
-    col_tile: Optional[Tensor], tiles: Optional[Tensor], block_size: int, causal: bool,
-    key_padding_mask: Optional[Tensor], scale: float,
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    row_idx: Tensor,
+    row_cnt: Tensor,
+    row_tile: Optional[Tensor],
+    col_idx: Tensor,
+    col_cnt: Tensor,
+    col_tile: Optional[Tensor],
+    tiles: Optional[Tensor],
+    block_size: int,
+    causal: bool,
+    key_padding_mask: Optional[Tensor],
+    scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     cfg = block_config(block_size, q.shape[-1], q.dtype)
     lut, lut_t = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
@@ -266,19 +407,40 @@ def block_sparse_bwd(
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut_t, cfg)
 
 
-triton_block_sparse = torch.library.custom_op("efficient_attention::triton_block_sparse", block_sparse_fwd,
-                                              mutates_args=())
-triton_block_sparse_bwd = torch.library.custom_op("efficient_attention::triton_block_sparse_bwd", block_sparse_bwd,
-                                                  mutates_args=())
+triton_block_sparse = torch.library.custom_op(
+    "efficient_attention::triton_block_sparse", block_sparse_fwd, mutates_args=()
+)
+triton_block_sparse_bwd = torch.library.custom_op(
+    "efficient_attention::triton_block_sparse_bwd", block_sparse_bwd, mutates_args=()
+)
 
 
 @triton_block_sparse.register_fake
-def _(q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal, key_padding_mask,
-      scale):
+def _(
+    q, k, v, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles, block_size, causal, key_padding_mask, scale
+):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @triton_block_sparse_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles,
-      block_size, causal, key_padding_mask, scale):
+def _(
+    grad_out,
+    grad_lse,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    row_idx,
+    row_cnt,
+    row_tile,
+    col_idx,
+    col_cnt,
+    col_tile,
+    tiles,
+    block_size,
+    causal,
+    key_padding_mask,
+    scale,
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

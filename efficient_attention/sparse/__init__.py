@@ -14,6 +14,7 @@ Layer rule (``docs/architecture.md``): a function here computes attention on
 math that calls no kernel belongs in :mod:`efficient_attention.functional`,
 masks and layouts in the core modules beside it.
 """
+
 import warnings
 
 from .block_sparse import block_layout_attention
@@ -44,8 +45,12 @@ def _renamed(module: str, name: str):
     """The functional once called ``name`` (with a ``DeprecationWarning``); ``AttributeError`` for other names."""
     if name not in _RENAMED:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    warnings.warn(f"{module}.{name} is now {module}.{_RENAMED[name]} (efficient_attention.kernels.{name} is the "
-                  "kernel op, which returns (out, lse))", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{module}.{name} is now {module}.{_RENAMED[name]} (efficient_attention.kernels.{name} is the "
+        "kernel op, which returns (out, lse))",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return globals()[_RENAMED[name]]
 
 

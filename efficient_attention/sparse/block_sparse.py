@@ -8,9 +8,10 @@ available, the one reference path otherwise).  :func:`block_layout_attention` is
 functional on layouts (it was ``block_sparse_attention`` here too; that name is now the
 kernel op's alone, which takes a ``BlockMask`` and returns ``(out, lse)``).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -39,8 +40,15 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, layout_name: str = "(B, H, N, D)"
         raise ValueError(f"key/value heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
 
 
-def block_mask_of(layout: Union[BlockMask, Tensor], block_size: int, heads: int, tgt_len: int, src_len: int,
-                  mask_mod: Optional[MaskMod] = None, device=None) -> BlockMask:
+def block_mask_of(
+    layout: Union[BlockMask, Tensor],
+    block_size: int,
+    heads: int,
+    tgt_len: int,
+    src_len: int,
+    mask_mod: Optional[MaskMod] = None,
+    device=None,
+) -> BlockMask:
     """A :class:`BlockMask` for a layout tensor restricted by a token rule ``mask_mod`` (or as is).
 
     ``mask_mod`` sees absolute query positions ``t + S - T`` (the queries are the last ``T``)."""
@@ -52,8 +60,44 @@ def block_mask_of(layout: Union[BlockMask, Tensor], block_size: int, heads: int,
 
     def mod(b, h, i, j):
         return lay_mod(b, h, i, j) & mask_mod(b, h, i + off, j)
-    return BlockMask.from_mask_mod(mod, bm.heads, tgt_len, src_len, bm.block_size, device=device,
-                                   candidates=bm.layout)
+
+    return BlockMask.from_mask_mod(mod, bm.heads, tgt_len, src_len, bm.block_size, device=device, candidates=bm.layout)
+
+
+@overload
+def block_layout_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Union[BlockMask, Tensor],
+    block_size: Optional[int] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    *,
+    mask_mod: Optional[MaskMod] = None,
+    pad: bool = True,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+) -> Tensor: ...
+
+
+@overload
+def block_layout_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Union[BlockMask, Tensor],
+    block_size: Optional[int] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    *,
+    mask_mod: Optional[MaskMod] = None,
+    pad: bool = True,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+) -> Tuple[Tensor, Tensor]: ...
 
 
 def block_layout_attention(

@@ -16,9 +16,10 @@ every block kept (the causal rule inside; faster than SDPA's CPU kernel); SDPA a
 ``attn_mask``.  The loop serves only what none can (an ``attn_mask`` with ``return_lse``,
 dropout on the CPU), or ``fused=False``.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -102,9 +103,9 @@ class _Blockwise(torch.autograd.Function):
         off = src_len - tgt_len
         fdt = acc_dtype(q.dtype)
         dout = dout.to(fdt)
-        delta = (dout * out.to(fdt)).sum(-1)                       # (B, H, T)
+        delta = (dout * out.to(fdt)).sum(-1)  # (B, H, T)
         if dlse is not None:
-            delta = delta - dlse.to(fdt)                            # d lse / d s = p
+            delta = delta - dlse.to(fdt)  # d lse / d s = p
         lse_safe = lse.masked_fill(torch.isneginf(lse), float("inf"))
         dq = torch.zeros(q.shape, dtype=fdt, device=q.device)
         dk = torch.zeros(k.shape, dtype=fdt, device=q.device)
@@ -140,6 +141,42 @@ def _checkpointed(q, k, v, kpm, attn, scale, causal, qcs, dropout_p):
 
         outs.append(checkpoint(chunk, q[:, :, qs:qe], k, v, use_reentrant=False))
     return torch.cat(outs, dim=2)
+
+
+@overload
+def blockwise_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    q_chunk_size: int = 64,
+    k_chunk_size: int = 64,
+    dropout_p: float = 0.0,
+    return_lse: Literal[False] = False,
+    fused: bool = True,
+) -> Tensor: ...
+
+
+@overload
+def blockwise_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    q_chunk_size: int = 64,
+    k_chunk_size: int = 64,
+    dropout_p: float = 0.0,
+    return_lse: Literal[True],
+    fused: bool = True,
+) -> Tuple[Tensor, Tensor]: ...
 
 
 def blockwise_attention(
@@ -194,15 +231,17 @@ def blockwise_attention(
         if attn_mask is None and dropout_p == 0.0 and (return_lse or not q.is_cuda):
             bs = 64
             nq, nk = -(-q.shape[2] // bs), -(-k.shape[2] // bs)
-            every = BlockMask.from_layout(torch.ones(1, nq, nk, dtype=torch.bool, device=q.device), bs,
-                                          causal=bool(causal))
+            every = BlockMask.from_layout(
+                torch.ones(1, nq, nk, dtype=torch.bool, device=q.device), bs, causal=bool(causal)
+            )
             out, lse = kernels.block_sparse_attention(q, k, v, every, key_padding_mask=kpm, scale=scale)
             return (out, lse) if return_lse else out
         # SDPA (FlashAttention on CUDA); its CPU kernels materialise the scores with dropout: the
         # checkpointed chunks stay there
         if not return_lse and (dropout_p == 0.0 or q.is_cuda):
-            return sdpa_attention(q, k, v, _merged_mask(kpm, attn_mask), causal=bool(causal), scale=scale,
-                                  dropout_p=dropout_p)
+            return sdpa_attention(
+                q, k, v, _merged_mask(kpm, attn_mask), causal=bool(causal), scale=scale, dropout_p=dropout_p
+            )
     if dropout_p > 0.0:
         return _checkpointed(q, k, v, kpm, attn_mask, scale, causal, q_chunk_size, dropout_p)
     out, lse = _Blockwise.apply(q, k, v, kpm, attn_mask, scale, bool(causal), q_chunk_size, k_chunk_size)

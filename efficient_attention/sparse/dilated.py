@@ -15,6 +15,7 @@ segments' diagonal blocks, each with its dilation pattern as a token tile).  The
 per-branch gather below is the readable reference; it also serves queries that are not
 the last ``T`` positions.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
@@ -35,7 +36,9 @@ BLOCK_SIZE = 64  # the kernels' block of the union mask
 _masks: dict = {}  # (branches, heads, n, causal, first row, device) -> BlockMask, a few recent ones
 
 
-def check_dilated_config(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def check_dilated_config(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Validate the ``(w_i, r_i)`` pairs; returns them as int tuples."""
     for name, vals in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
         if vals is None or isinstance(vals, (str, bytes)) or not hasattr(vals, "__iter__"):
@@ -63,8 +66,16 @@ def _covered(i: Tensor, j: Tensor, h: Tensor, w: int, r: int) -> Tensor:
     )
 
 
-def dilated_block_mask(segment_lengths, dilation_rates, heads: int, n: int, causal: bool = False, device=None,
-                       q_block_start: int = 0, block_size: int = BLOCK_SIZE) -> BlockMask:
+def dilated_block_mask(
+    segment_lengths,
+    dilation_rates,
+    heads: int,
+    n: int,
+    causal: bool = False,
+    device=None,
+    q_block_start: int = 0,
+    block_size: int = BLOCK_SIZE,
+) -> BlockMask:
     """The :class:`BlockMask` of the union of the branches over ``n`` positions (rows from
     ``q_block_start`` on), evaluated only on the blocks that share a segment (cached)."""
     key = (tuple(segment_lengths), tuple(dilation_rates), heads, n, causal, q_block_start, block_size, str(device))
@@ -80,8 +91,9 @@ def dilated_block_mask(segment_lengths, dilation_rates, heads: int, n: int, caus
         lo, hi = torch.div(first, w, rounding_mode="floor"), torch.div(last, w, rounding_mode="floor")
         lo_q, hi_q = lo[q_block_start:, None], hi[q_block_start:, None]
         cand |= (lo_q <= hi[None, :]) & (lo[None, :] <= hi_q)
-    bm = BlockMask.from_mask_mod(mod, heads, n, n, block_size, device=device, q_block_start=q_block_start,
-                                 candidates=cand[None])
+    bm = BlockMask.from_mask_mod(
+        mod, heads, n, n, block_size, device=device, q_block_start=q_block_start, candidates=cand[None]
+    )
     if len(_masks) >= 16:
         _masks.clear()
     _masks[key] = bm
@@ -98,17 +110,17 @@ def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
     h = torch.arange(heads, device=dev).view(-1, 1, 1)
     seg = torch.arange(s0, s1 + 1, device=dev).view(1, -1, 1)
     t = torch.arange(m, device=dev).view(1, 1, -1)
-    rel = torch.remainder(h, r) + r * t                                    # (H, 1, m)
-    pos = seg * w + rel                                                    # (H, nseg, m)
+    rel = torch.remainder(h, r) + r * t  # (H, 1, m)
+    pos = seg * w + rel  # (H, nseg, m)
     valid = (rel < w) & (pos < src_len)
     kidx = pos.clamp(max=src_len - 1)
-    kg = k[:, h, kidx]                                                    # (B, H, nseg, m, d)
+    kg = k[:, h, kidx]  # (B, H, nseg, m, d)
     vg = v[:, h, kidx]
     qvalid = valid & (pos >= off)
     qidx = (pos - off).clamp(0, tgt_len - 1)
     cdt = acc_dtype(q.dtype)
-    qg = (q[:, h, qidx] * scale).to(cdt)                                  # scaled first, fp32: no fp16 overflow
-    scores = torch.matmul(qg, kg.to(cdt).transpose(-1, -2))               # (B, H, nseg, m, m)
+    qg = (q[:, h, qidx] * scale).to(cdt)  # scaled first, fp32: no fp16 overflow
+    scores = torch.matmul(qg, kg.to(cdt).transpose(-1, -2))  # (B, H, nseg, m, m)
     qp, kp = pos.unsqueeze(-1), pos.unsqueeze(-2)
     ok = valid.unsqueeze(-2) & qvalid.unsqueeze(-1)
     if causal:
@@ -119,13 +131,13 @@ def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
     if kpm is not None:
         ok = ok & ~kpm[:, kidx].unsqueeze(-2)
     scores = scores.masked_fill(~ok, float("-inf"))
-    lse = torch.logsumexp(scores.to(acc_dtype(scores.dtype)), dim=-1)    # (B, H, nseg, m)
+    lse = torch.logsumexp(scores.to(acc_dtype(scores.dtype)), dim=-1)  # (B, H, nseg, m)
     probs = softmax(scores).to(vg.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p, training=True)
     out = torch.matmul(probs, vg)
     # scatter the group rows back to query positions (invalid rows go to a dump slot at index T)
-    dst = torch.where(qvalid, pos - off, torch.full_like(pos, tgt_len)).flatten()        # (H, nseg*m) -> flat
+    dst = torch.where(qvalid, pos - off, torch.full_like(pos, tgt_len)).flatten()  # (H, nseg*m) -> flat
     dst = dst.view(heads, -1)
     full = out.new_zeros(bsz, heads, tgt_len + 1, out.shape[-1])
     full = full.scatter(2, dst[None, :, :, None].expand(bsz, -1, -1, out.shape[-1]), out.flatten(2, 3))
@@ -176,17 +188,39 @@ def dilated_attention(
         with torch.no_grad():
             bm = dilated_block_mask(ws, rs, heads, n, bool(causal), q.device, q_block_start=start // bs)
         qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
-        out, lse = kernels.block_sparse_attention(qp, k, v, bm, key_padding_mask=key_padding_mask, scale=scale,
-                                                  dropout_p=dropout_p)
-        out, lse = out[:, :, off - start:], lse[:, :, off - start:]
+        out, lse = kernels.block_sparse_attention(
+            qp, k, v, bm, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p
+        )
+        out, lse = out[:, :, off - start :], lse[:, :, off - start :]
         return (out, lse) if return_lse else out
-    out, lse = dilated_attention_reference(q, k, v, ws, rs, causal=causal, key_padding_mask=key_padding_mask,
-                                           scale=scale, q_offset=off, dropout_p=dropout_p)
+    out, lse = dilated_attention_reference(
+        q,
+        k,
+        v,
+        ws,
+        rs,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        q_offset=off,
+        dropout_p=dropout_p,
+    )
     return (out, lse) if return_lse else out
 
 
-def dilated_attention_reference(q, k, v, segment_lengths, dilation_rates, *, causal=False, key_padding_mask=None,
-                                scale=None, q_offset=None, dropout_p=0.0) -> Tuple[Tensor, Tensor]:
+def dilated_attention_reference(
+    q,
+    k,
+    v,
+    segment_lengths,
+    dilation_rates,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    scale=None,
+    q_offset=None,
+    dropout_p=0.0,
+) -> Tuple[Tensor, Tensor]:
     """The readable path: each branch gathered and attended, merged by the exact log-sum-exp union
     (``combine_attention``); returns ``(out, lse)``.  Same arguments as :func:`dilated_attention`."""
     ws, rs = check_dilated_config(segment_lengths, dilation_rates)

@@ -14,6 +14,7 @@ A query with nothing to attend to outputs 0 (never NaN).  After Pagliardini
 et al., "Faster Causal Attention Over Large Sequences Through Sparse Flash
 Attention" (2023).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -41,14 +42,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, q_idx: Tensor, k_idx: Tensor, names=
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a 4-D (BATCH, N_CTX, H, D_HEAD) tensor, got {getattr(x, 'shape', x)}")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share batch, heads and D_HEAD")
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must share batch, heads and D_HEAD"
+        )
     if k.shape[1] < q.shape[1]:
         raise ValueError(f"N_CTX_KV ({k.shape[1]}) must be >= N_CTX_Q ({q.shape[1]})")
     for name, idx, ref in ((names[0], q_idx, q), (names[1], k_idx, k)):
         if not isinstance(idx, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(idx).__name__}")
         if idx.shape != ref.shape[:3]:
-            raise ValueError(f"{name} must have shape (BATCH, N_CTX, H) = {tuple(ref.shape[:3])}, got {tuple(idx.shape)}")
+            raise ValueError(
+                f"{name} must have shape (BATCH, N_CTX, H) = {tuple(ref.shape[:3])}, got {tuple(idx.shape)}"
+            )
 
 
 def _positions(n_q: int, n_kv: int, device):
@@ -70,8 +75,15 @@ def _tile_layout(qb_sorted: Tensor, kb_sorted: Tensor, bs: int) -> Tensor:
 
 
 def hash_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_bucket_idx: Tensor, k_bucket_idx: Tensor, sm_scale: Optional[float] = None,
-    *, causal: bool = True, block_size: int = 64,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_bucket_idx: Tensor,
+    k_bucket_idx: Tensor,
+    sm_scale: Optional[float] = None,
+    *,
+    causal: bool = True,
+    block_size: int = 64,
 ) -> Tensor:
     """Attention within equal hash buckets.
 
@@ -92,9 +104,9 @@ def hash_sparse_attention(
     n_kv = k.shape[1]
     dev = q.device
     bs = int(block_size)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))                   # (B, H, N, D)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, N, D)
     qb, kb = q_bucket_idx.transpose(1, 2).long(), k_bucket_idx.transpose(1, 2).long()
-    q_order = torch.sort(qb, dim=-1, stable=True).indices                 # stable: positions stay ordered in a bucket
+    q_order = torch.sort(qb, dim=-1, stable=True).indices  # stable: positions stay ordered in a bucket
     k_order = torch.sort(kb, dim=-1, stable=True).indices
     qb_s, kb_s = qb.gather(-1, q_order), kb.gather(-1, k_order)
     qpos, kpos = _positions(n_q, n_kv, dev)
@@ -121,8 +133,14 @@ def _compact(x: Tensor, keep: Tensor, width: int):
 
 
 def qk_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_keep: Tensor, k_keep: Tensor, sm_scale: Optional[float] = None,
-    *, causal: bool = True,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_keep: Tensor,
+    k_keep: Tensor,
+    sm_scale: Optional[float] = None,
+    *,
+    causal: bool = True,
 ) -> Tensor:
     """Attention among the kept queries and keys of each head.
 
@@ -158,8 +176,15 @@ def qk_sparse_attention(
 
 
 def dynamic_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_idx: Tensor, k_idx: Tensor, sm_scale: Optional[float] = None,
-    sparsity_mode: str = "hash", *, causal: bool = True,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_idx: Tensor,
+    k_idx: Tensor,
+    sm_scale: Optional[float] = None,
+    sparsity_mode: str = "hash",
+    *,
+    causal: bool = True,
 ) -> Tensor:
     """AttentionGrid's entry point: ``sparsity_mode="hash"`` (``q_idx``/``k_idx`` = bucket ids) or
     ``"qk"`` (``q_idx``/``k_idx`` = keep flags); ``(B, N, H, D)`` tensors.  Unknown modes raise
@@ -170,4 +195,6 @@ def dynamic_sparse_attention(
         return hash_sparse_attention(q, k, v, q_idx, k_idx, sm_scale, causal=causal)
     if sparsity_mode == "qk":
         return qk_sparse_attention(q, k, v, q_idx, k_idx, sm_scale, causal=causal)
-    raise UnknownSparsityModeError(f"unknown sparsity_mode {sparsity_mode!r}; choose one of {', '.join(SPARSITY_MODES)}")
+    raise UnknownSparsityModeError(
+        f"unknown sparsity_mode {sparsity_mode!r}; choose one of {', '.join(SPARSITY_MODES)}"
+    )

@@ -18,6 +18,7 @@ Memory: ``O(N)`` forward and backward for the fixed-period layout without
 ``top_k`` (block by block, :mod:`efficient_attention.kernels.landmark`), else
 ``O(chunk · S)`` per chunk of the formula (kept by autograd in training).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -93,8 +94,9 @@ def landmark_token_attention(
         from ..kernels.landmark import landmark_attention as landmark_blocks
 
         return landmark_blocks(q, k, v, period, scale=sm_scale, key_padding_mask=key_padding_mask)[0]
-    return landmark_attention_formula(q, k, v, mem, block_size, sm_scale, top_k=top_k,
-                                      key_padding_mask=key_padding_mask)
+    return landmark_attention_formula(
+        q, k, v, mem, block_size, sm_scale, top_k=top_k, key_padding_mask=key_padding_mask
+    )
 
 
 def _fixed_period(mem: Tensor) -> Optional[int]:
@@ -127,14 +129,14 @@ def landmark_attention_formula(
     bsz, heads, tgt_len, dim = q.shape
     src_len = k.shape[2]
     _check_options(block_size, top_k)
-    mem = _check_is_mem(is_mem, bsz, src_len).to(q.device)               # (1|B, S)
+    mem = _check_is_mem(is_mem, bsz, src_len).to(q.device)  # (1|B, S)
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)
     scale = dim**-0.5 if sm_scale is None else sm_scale
     off = src_len - tgt_len
-    blk = torch.cumsum(mem.long(), -1) - mem.long()                      # landmarks strictly before j
+    blk = torch.cumsum(mem.long(), -1) - mem.long()  # landmarks strictly before j
     nb = int(blk.max()) + 1
     jpos = torch.arange(src_len, device=q.device)
-    mem_k, blk_k = mem[:, None, None, :], blk[:, None, None, :]          # (1|B, 1, 1, S)
+    mem_k, blk_k = mem[:, None, None, :], blk[:, None, None, :]  # (1|B, 1, 1, S)
     pad = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]
     acc = acc_dtype(q.dtype)  # fp16 scores of large inputs would overflow: scale first, form them in fp32
     kt = k.transpose(-1, -2).to(acc)
@@ -142,8 +144,8 @@ def landmark_attention_formula(
     for qs in range(0, tgt_len, block_size):
         qe = min(qs + block_size, tgt_len)
         ipos = torch.arange(qs, qe, device=q.device) + off
-        s = torch.matmul(q[:, :, qs:qe].to(acc) * scale, kt)               # (B, H, c, S), scaled first
-        blk_q = blk[:, ipos][:, None, :, None]                            # (1|B, 1, c, 1)
+        s = torch.matmul(q[:, :, qs:qe].to(acc) * scale, kt)  # (B, H, c, S), scaled first
+        blk_q = blk[:, ipos][:, None, :, None]  # (1|B, 1, c, 1)
         causal = jpos[None, None, None, :] <= ipos[None, None, :, None]
         own = (blk_k == blk_q) & causal & (~mem_k | (jpos == ipos[:, None])[None, None])
         marks = mem_k & (blk_k < blk_q)
@@ -154,7 +156,7 @@ def landmark_attention_formula(
             ms = s.masked_fill(~marks, float("-inf"))
             kth = ms.topk(min(top_k, src_len), dim=-1).values[..., -1:] if top_k > 0 else None
             marks = marks & (ms >= kth) if kth is not None else torch.zeros_like(marks)
-        p = softmax(s.masked_fill(~(own | marks), float("-inf")))          # (B, H, c, S), fp32
+        p = softmax(s.masked_fill(~(own | marks), float("-inf")))  # (B, H, c, S), fp32
         idx = blk_k.expand(s.shape)
         st = s.masked_fill(~toks, float("-inf"))
         gmax = torch.full(s.shape[:-1] + (nb,), float("-inf"), dtype=s.dtype, device=s.device)
@@ -163,7 +165,7 @@ def landmark_attention_formula(
         e = torch.exp(st - gmax.gather(-1, idx))
         gsum = torch.zeros_like(gmax).scatter_add(-1, idx, e)
         inner = e / gsum.gather(-1, idx).clamp_min(torch.finfo(gsum.dtype).tiny)
-        gate = torch.zeros_like(gmax).scatter_add(-1, idx, p * marks)     # p(L_b) per block b
+        gate = torch.zeros_like(gmax).scatter_add(-1, idx, p * marks)  # p(L_b) per block b
         weight = p * own + gate.gather(-1, idx) * inner
         outs.append(torch.matmul(weight.to(v.dtype), v))
     return torch.cat(outs, dim=2)

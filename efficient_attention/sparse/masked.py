@@ -17,6 +17,7 @@ block-sparse kernels; the scores / weights forms are evaluated pair by pair on t
 ``(i, j)`` only (``O(nnz · d)``, a segment softmax per row).  The output tensor of the scores form is dense by
 definition.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -31,7 +32,7 @@ from ..layouts import BLOCK_SIZES
 __all__ = ["mask_attention", "block_structure"]
 
 
-def block_structure(mask: Tensor, sizes=tuple(reversed(BLOCK_SIZES))) -> Optional[Tuple[int, Tensor]]:
+def block_structure(mask: Tensor, sizes: Tuple[int, ...] = BLOCK_SIZES[::-1]) -> Optional[Tuple[int, Tensor]]:
     """``(bs, layout (G, T/bs, S/bs))`` if the ``(G, T, S)`` bool mask is made of whole blocks, else ``None``."""
     g, t, s = mask.shape
     for bs in sizes:
@@ -50,6 +51,7 @@ def _tiled_mask(own: Tensor, block_size: int = 64) -> BlockMask:
 
     def mod(b, h, i, j):
         return own[h, i.clamp(max=t - 1), j.clamp(max=s - 1)] & (i < t) & (j < s)
+
     bs = block_size if max(t, s) >= block_size else 16
     return BlockMask.from_mask_mod(mod, g, t, s, bs, device=own.device)
 
@@ -114,13 +116,19 @@ def mask_attention(
         if bm.heads > 1:  # one mask head per leading index of the mask: select them per group
             sel = torch.arange(own.shape[0], device=own.device).reshape(mask.shape[:-2])
             sel = sel.broadcast_to(lead).reshape(G)
-            bm = BlockMask(bm.layout[sel], bm.block_size, tile_index=None if bm.tile_index is None else
-                           bm.tile_index[sel], tiles=bm.tiles, q_len=tgt_len, kv_len=src_len)
+            bm = BlockMask(
+                bm.layout[sel],
+                bm.block_size,
+                tile_index=None if bm.tile_index is None else bm.tile_index[sel],
+                tiles=bm.tiles,
+                q_len=tgt_len,
+                kv_len=src_len,
+            )
         out, _ = kernels.block_sparse_attention(qf[None], kf[None], vf[None], bm, scale=scale)
         return out[0].reshape(*lead, tgt_len, v.shape[-1])
     idx = mask.expand(*lead, tgt_len, src_len).reshape(G, tgt_len, src_len).nonzero(as_tuple=True)
     g, i, j = idx
-    s = (qf[g, i] * kf[g, j]).sum(-1) * scale                                   # (nnz,)
+    s = (qf[g, i] * kf[g, j]).sum(-1) * scale  # (nnz,)
     if v is None and not return_weights:
         out = torch.full((G, tgt_len, src_len), fill, dtype=s.dtype, device=s.device).index_put((g, i, j), s)
         return out.reshape(*lead, tgt_len, src_len)

@@ -6,6 +6,7 @@ the kernels import); these helpers compute with it on the kernels'
 ``exclude_self`` fallback and keys that start at an absolute position (a
 decoding cache).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,8 +20,9 @@ from ..local_window import LocalWindow
 __all__ = ["attend_self_where_empty", "window_attention", "window_attention_at"]
 
 
-def attend_self_where_empty(out: Tensor, lse: Tensor, v: Tensor, q_offset: int = 0,
-                            key_padding_mask: Optional[Tensor] = None) -> Tensor:
+def attend_self_where_empty(
+    out: Tensor, lse: Tensor, v: Tensor, q_offset: int = 0, key_padding_mask: Optional[Tensor] = None
+) -> Tensor:
     """The ``shared_qk`` fallback: a query that sees no key but itself attends to itself.
 
     ``out`` / ``lse`` come from a window with ``exclude_self=True`` (``lse`` is
@@ -36,23 +38,40 @@ def attend_self_where_empty(out: Tensor, lse: Tensor, v: Tensor, q_offset: int =
     return torch.where(empty, v_self.to(out.dtype), out)
 
 
-def window_attention(window: LocalWindow, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int = 0,
-                     key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
-                     dropout_p: float = 0.0) -> Tensor:
+def window_attention(
+    window: LocalWindow,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    q_offset: int = 0,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
     """``sliding_window_attention`` plus the ``exclude_self`` fallback; returns ``out (B, H, T, d)``.
 
     Keys are at positions ``0 .. S - 1``, queries at ``q_offset ..``.
     """
-    out, lse = sliding_window_attention(q, k, v, window, q_offset=q_offset, key_padding_mask=key_padding_mask,
-                                        scale=scale, dropout_p=dropout_p)
+    out, lse = sliding_window_attention(
+        q, k, v, window, q_offset=q_offset, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p
+    )
     if window.exclude_self:
         out = attend_self_where_empty(out, lse, v, q_offset, key_padding_mask)
     return out
 
 
-def window_attention_at(window: LocalWindow, q: Tensor, k: Tensor, v: Tensor, first_pos: int, *,
-                        key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
-                        dropout_p: float = 0.0) -> Tensor:
+def window_attention_at(
+    window: LocalWindow,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    first_pos: int,
+    *,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
     """:func:`window_attention` for keys that start at absolute position ``first_pos`` (a decoding cache).
 
     ``k`` / ``v`` ``(B, H, S, d)`` sit at ``first_pos .. first_pos + S - 1`` and
@@ -68,5 +87,13 @@ def window_attention_at(window: LocalWindow, q: Tensor, k: Tensor, v: Tensor, fi
         if key_padding_mask is None:
             key_padding_mask = torch.zeros(bsz, src_len, dtype=torch.bool, device=q.device)
         key_padding_mask = torch.nn.functional.pad(key_padding_mask, (lead, 0), value=True)
-    return window_attention(window, q, k, v, q_offset=lead + src_len - tgt_len, key_padding_mask=key_padding_mask,
-                            scale=scale, dropout_p=dropout_p)
+    return window_attention(
+        window,
+        q,
+        k,
+        v,
+        q_offset=lead + src_len - tgt_len,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        dropout_p=dropout_p,
+    )

@@ -26,6 +26,7 @@ chance level; and one line saying what the table shows.
 The default list skips names that are not registered (or cannot do causal self attention);
 ``--mechanisms`` overrides it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,19 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import make_corpus  # noqa: E402
 
 # preferred order; names that are not registered are skipped
-DEFAULT_MECHANISMS = ("vanilla", "performer", "local", "abc", "s4d", "cosformer", "block_sparse", "dilated",
-                      "longshort", "landmark", "blockwise")
+DEFAULT_MECHANISMS = (
+    "vanilla",
+    "performer",
+    "local",
+    "abc",
+    "s4d",
+    "cosformer",
+    "block_sparse",
+    "dilated",
+    "longshort",
+    "landmark",
+    "blockwise",
+)
 DEFAULT_COUNT = 3
 LOCAL_WINDOW = 6  # exact window: each layer sees the previous 6 tokens, two layers 12
 # per-mechanism flags: a window too short for the copy distance (the point of the comparison)
@@ -82,8 +94,7 @@ def program(name: str) -> List[str]:
 def run(name: str, args: List, threads: int, echo=None) -> Tuple[str, float]:
     """Run a fairseq program; returns (its output, peak RSS in MiB). ``echo(line)`` gives the text to show live."""
     cmd = program(name) + [str(a) for a in args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=fairseq_env(threads))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=fairseq_env(threads))
     out = []
     for line in proc.stdout:
         out.append(line)
@@ -109,8 +120,9 @@ def choose_mechanisms(requested: Optional[str]) -> List[str]:
         names = [n.strip() for n in requested.split(",") if n.strip()]
         bad = [n for n in names if n not in causal]
         if bad:
-            raise SystemExit(f"not registered or not causal-capable: {', '.join(bad)}; "
-                             f"choose from: {', '.join(causal)}")
+            raise SystemExit(
+                f"not registered or not causal-capable: {', '.join(bad)}; choose from: {', '.join(causal)}"
+            )
         return names
     chosen = [n for n in DEFAULT_MECHANISMS if n in causal]
     chosen += [n for n in causal if n not in chosen]  # anything else registered, if the list runs short
@@ -143,22 +155,43 @@ def make_data(work: Path, args) -> Tuple[Path, Dict[str, Dict]]:
     prompts = {}
     for i, task in enumerate(tasks_of(args), 1):
         examples = [prompt(task, rng, args.max_len) for _ in range(args.prompts)]
-        prompts[task] = {"subset": f"test{i}", "lines": [src + ans for src, ans in examples],
-                         "prefix": len(examples[0][0]), "answer": len(examples[0][1]),
-                         "chance": sum(chance(task, src) for src, _ in examples) / len(examples)}
+        prompts[task] = {
+            "subset": f"test{i}",
+            "lines": [src + ans for src, ans in examples],
+            "prefix": len(examples[0][0]),
+            "answer": len(examples[0][1]),
+            "chance": sum(chance(task, src) for src, _ in examples) / len(examples),
+        }
     if (data / "dict.txt").exists():
         log(f"reusing the preprocessed corpus in {data}")
         return data, prompts
-    log(f"generating the synthetic corpus ({args.task}: {', '.join(tasks_of(args))}; {args.min_len}-{args.max_len} "
-        f"tokens a line, {args.train_lines} training lines, seed {args.seed}) in {raw}")
+    log(
+        f"generating the synthetic corpus ({args.task}: {', '.join(tasks_of(args))}; {args.min_len}-{args.max_len} "
+        f"tokens a line, {args.train_lines} training lines, seed {args.seed}) in {raw}"
+    )
     sizes = {"train": args.train_lines, "valid": args.valid_lines, "test": args.valid_lines}
     make_corpus.write_corpus(raw, args.task, "lm", sizes, args.min_len, args.max_len, args.seed)
     for task, p in prompts.items():
         (raw / f"prompts_{task}.txt").write_text("".join(" ".join(line) + "\n" for line in p["lines"]))
     log("fairseq-preprocess")
     tests = ",".join(str(raw / f) for f in ("test.txt", *(f"prompts_{t}.txt" for t in prompts)))
-    run("fairseq-preprocess", ["--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
-                               "--testpref", tests, "--destdir", data, "--workers", "1"], args.threads)
+    run(
+        "fairseq-preprocess",
+        [
+            "--only-source",
+            "--trainpref",
+            raw / "train.txt",
+            "--validpref",
+            raw / "valid.txt",
+            "--testpref",
+            tests,
+            "--destdir",
+            data,
+            "--workers",
+            "1",
+        ],
+        args.threads,
+    )
     return data, prompts
 
 
@@ -189,8 +222,8 @@ def answer_accuracy(text: str, lines: List[List[str]], prefix: int, answer: int)
     hyps = hypotheses(text)
     right = total = 0
     for i, line in enumerate(lines):
-        target = line[prefix:prefix + answer]
-        got = hyps.get(i, [])[prefix:prefix + answer]
+        target = line[prefix : prefix + answer]
+        got = hyps.get(i, [])[prefix : prefix + answer]
         right += sum(a == b for a, b in zip(got, target))
         total += len(target)
     return right / max(total, 1)
@@ -198,15 +231,41 @@ def answer_accuracy(text: str, lines: List[List[str]], prefix: int, answer: int)
 
 def generate(name: str, task: str, p: Dict, data: Path, ckpt: Path, common: List, args) -> float:
     """Beam search completing the ``task`` prompts after their question; the answers' accuracy."""
-    out, _ = run("fairseq-generate", [
-        data, *common, "--task", "language_modeling", "--path", ckpt, "--gen-subset", p["subset"], "--beam", "2",
-        "--sample-break-mode", "eos", "--prefix-size", p["prefix"], "--max-len-b", p["prefix"] + p["answer"] + 1,
-        "--batch-size", len(p["lines"]), "--required-batch-size-multiple", "1", "--tokens-per-sample",
-        args.tokens_per_sample, "--num-workers", "0",
-    ], args.threads)
+    out, _ = run(
+        "fairseq-generate",
+        [
+            data,
+            *common,
+            "--task",
+            "language_modeling",
+            "--path",
+            ckpt,
+            "--gen-subset",
+            p["subset"],
+            "--beam",
+            "2",
+            "--sample-break-mode",
+            "eos",
+            "--prefix-size",
+            p["prefix"],
+            "--max-len-b",
+            p["prefix"] + p["answer"] + 1,
+            "--batch-size",
+            len(p["lines"]),
+            "--required-batch-size-multiple",
+            "1",
+            "--tokens-per-sample",
+            args.tokens_per_sample,
+            "--num-workers",
+            "0",
+        ],
+        args.threads,
+    )
     sample = next((h for _, h in sorted(hypotheses(out).items())), [])
-    log(f"[{name}] {task} sample: ... {' '.join(sample[max(0, p['prefix'] - 4):p['prefix'] + p['answer']])}  "
-        f"(expected ... {' '.join(p['lines'][0][max(0, p['prefix'] - 4):])})")
+    log(
+        f"[{name}] {task} sample: ... {' '.join(sample[max(0, p['prefix'] - 4) : p['prefix'] + p['answer']])}  "
+        f"(expected ... {' '.join(p['lines'][0][max(0, p['prefix'] - 4) :])})"
+    )
     return answer_accuracy(out, p["lines"], p["prefix"], p["answer"])
 
 
@@ -216,30 +275,92 @@ def run_mechanism(name: str, data: Path, prompts: Dict[str, Dict], args) -> Dict
     flags = [str(f) for f in args.flags.get(name, MECHANISM_FLAGS.get(name, []))]
     log(f"[{name}] fairseq-train --arch transformer_lm_{name} {' '.join(flags)} ({args.max_update} updates)")
     t0 = time.time()
-    train_out, rss = run("fairseq-train", [
-        data, *common, "--task", "language_modeling", "--arch", f"transformer_lm_{name}", *flags,
-        "--decoder-layers", args.layers, "--decoder-embed-dim", args.dim, "--decoder-ffn-embed-dim", 2 * args.dim,
-        "--decoder-attention-heads", args.heads, "--share-decoder-input-output-embed", "--dropout", "0.0",
-        # unscaled token embeddings: fairseq's default sqrt(dim) scaling drowns the position embeddings, and
-        # the copy (a fixed 16-token offset) is then learned thousands of updates later, if at all
-        "--no-scale-embedding", *(["--decoder-learned-pos"] if args.learned_pos else []),
-        "--tokens-per-sample", args.tokens_per_sample, "--sample-break-mode", "eos", "--batch-size", args.batch_size,
-        "--required-batch-size-multiple", "1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-        "--lr", args.lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", args.warmup,
-        "--clip-norm", "1.0", "--max-update", args.max_update, "--save-dir", save, "--no-epoch-checkpoints",
-        "--validate-interval", 10 ** 6, "--save-interval", 10 ** 6,  # validate and save once, at the end
-        "--log-format", "simple", "--log-interval", max(1, args.max_update // 5), "--seed", args.seed,
-        "--num-workers", "0",
-    ], args.threads, echo=lambda ln: (f"    [{name}] " + ln[ln.find("epoch"):].rstrip()
-                                      if "train_inner" in ln else ln.rstrip() if "Error" in ln else None))
+    train_out, rss = run(
+        "fairseq-train",
+        [
+            data,
+            *common,
+            "--task",
+            "language_modeling",
+            "--arch",
+            f"transformer_lm_{name}",
+            *flags,
+            "--decoder-layers",
+            args.layers,
+            "--decoder-embed-dim",
+            args.dim,
+            "--decoder-ffn-embed-dim",
+            2 * args.dim,
+            "--decoder-attention-heads",
+            args.heads,
+            "--share-decoder-input-output-embed",
+            "--dropout",
+            "0.0",
+            # unscaled token embeddings: fairseq's default sqrt(dim) scaling drowns the position embeddings, and
+            # the copy (a fixed 16-token offset) is then learned thousands of updates later, if at all
+            "--no-scale-embedding",
+            *(["--decoder-learned-pos"] if args.learned_pos else []),
+            "--tokens-per-sample",
+            args.tokens_per_sample,
+            "--sample-break-mode",
+            "eos",
+            "--batch-size",
+            args.batch_size,
+            "--required-batch-size-multiple",
+            "1",
+            "--optimizer",
+            "adam",
+            "--adam-betas",
+            "(0.9, 0.98)",
+            "--lr",
+            args.lr,
+            "--lr-scheduler",
+            "inverse_sqrt",
+            "--warmup-updates",
+            args.warmup,
+            "--clip-norm",
+            "1.0",
+            "--max-update",
+            args.max_update,
+            "--save-dir",
+            save,
+            "--no-epoch-checkpoints",
+            "--validate-interval",
+            10**6,
+            "--save-interval",
+            10**6,  # validate and save once, at the end
+            "--log-format",
+            "simple",
+            "--log-interval",
+            max(1, args.max_update // 5),
+            "--seed",
+            args.seed,
+            "--num-workers",
+            "0",
+        ],
+        args.threads,
+        echo=lambda ln: (
+            f"    [{name}] " + ln[ln.find("epoch") :].rstrip()
+            if "train_inner" in ln
+            else ln.rstrip()
+            if "Error" in ln
+            else None
+        ),
+    )
     train_time = time.time() - t0
     ckpt = save / "checkpoint_last.pt"
-    log(f"[{name}] fairseq-generate (beam 2, incremental decoding): {args.prompts} prompts of "
-        f"{', '.join(prompts)}")
+    log(f"[{name}] fairseq-generate (beam 2, incremental decoding): {args.prompts} prompts of {', '.join(prompts)}")
     acc = {t: generate(name, t, p, data, ckpt, common, args) for t, p in prompts.items()}
-    return {"mechanism": name, "flags": " ".join(flags), "params": count_params(train_out),
-            "ppl": last_metric(train_out, "ppl", "| valid |"), "wps": last_metric(train_out, "wps"),
-            "rss": rss, "acc": acc, "time": train_time}
+    return {
+        "mechanism": name,
+        "flags": " ".join(flags),
+        "params": count_params(train_out),
+        "ppl": last_metric(train_out, "ppl", "| valid |"),
+        "wps": last_metric(train_out, "wps"),
+        "rss": rss,
+        "acc": acc,
+        "time": train_time,
+    }
 
 
 def _pct(x: float) -> str:
@@ -248,17 +369,33 @@ def _pct(x: float) -> str:
 
 def table(rows: List[Dict], prompts: Dict[str, Dict]) -> str:
     tasks = list(prompts)
-    head = ["mechanism", *(f"{t} acc" for t in tasks), "train time (s)", "valid ppl", "parameters",
-            "train tokens/s", "peak memory (MiB)"]
+    head = [
+        "mechanism",
+        *(f"{t} acc" for t in tasks),
+        "train time (s)",
+        "valid ppl",
+        "parameters",
+        "train tokens/s",
+        "peak memory (MiB)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         name = r["mechanism"] + (f" (`{r['flags']}`)" if r["flags"] else "")
-        cells = [name, *(_pct(r["acc"][t]) for t in tasks), f"{r['time']:.0f}",
-                 f"{r['ppl']:.2f}" if math.isfinite(r["ppl"]) else "-", f"{r['params']:,}", f"{r['wps']:,.0f}",
-                 f"{r['rss']:,.0f}"]
+        cells = [
+            name,
+            *(_pct(r["acc"][t]) for t in tasks),
+            f"{r['time']:.0f}",
+            f"{r['ppl']:.2f}" if math.isfinite(r["ppl"]) else "-",
+            f"{r['params']:,}",
+            f"{r['wps']:,.0f}",
+            f"{r['rss']:,.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("| chance (a uniform guess among the line's own candidates) | "
-                 + " | ".join(_pct(prompts[t]["chance"]) for t in tasks) + " | | | | | |")
+    lines.append(
+        "| chance (a uniform guess among the line's own candidates) | "
+        + " | ".join(_pct(prompts[t]["chance"]) for t in tasks)
+        + " | | | | | |"
+    )
     return "\n".join(lines)
 
 
@@ -269,22 +406,31 @@ def summary(rows: List[Dict], prompts: Dict[str, Dict], args) -> str:
         learned = [r["mechanism"] for r in rows if r["acc"][task] >= LEARNED]
         near = [r["mechanism"] for r in rows if r["acc"][task] < 2 * p["chance"]]
         partly = [r["mechanism"] for r in rows if r["mechanism"] not in learned + near]
-        said = [f"learned by {', '.join(learned) or 'none'}", *([f"partly by {', '.join(partly)}"] if partly else []),
-                *([f"near chance: {', '.join(near)}"] if near else [])]
+        said = [
+            f"learned by {', '.join(learned) or 'none'}",
+            *([f"partly by {', '.join(partly)}"] if partly else []),
+            *([f"near chance: {', '.join(near)}"] if near else []),
+        ]
         parts.append(f"{task}: " + "; ".join(said))
     default_local = " ".join(map(str, MECHANISM_FLAGS["local"]))
     reach = ""
     if any(r["mechanism"] == "local" and r["flags"] == default_local for r in rows):
-        reach = (f" (local's window reaches {args.layers * LOCAL_WINDOW} tokens back in {args.layers} layers; "
-                 f"the copy source is {(args.max_len - 1) // 2} back.)")
-    return (f"What the table shows (learned: >= {LEARNED:.0%}; near chance: < 2x chance): " + ". ".join(parts)
-            + "." + reach)
+        reach = (
+            f" (local's window reaches {args.layers * LOCAL_WINDOW} tokens back in {args.layers} layers; "
+            f"the copy source is {(args.max_len - 1) // 2} back.)"
+        )
+    return (
+        f"What the table shows (learned: >= {LEARNED:.0%}; near chance: < 2x chance): " + ". ".join(parts) + "." + reach
+    )
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mechanisms", help="comma-separated registered names (default: %s, first %d registered)"
-                   % (",".join(DEFAULT_MECHANISMS), DEFAULT_COUNT))
+    p.add_argument(
+        "--mechanisms",
+        help="comma-separated registered names (default: %s, first %d registered)"
+        % (",".join(DEFAULT_MECHANISMS), DEFAULT_COUNT),
+    )
     p.add_argument("--work-dir", type=Path, default=ROOT / "work_dirs" / "fairseq_main")
     p.add_argument("--max-update", type=int, default=400, help="training updates per mechanism")
     p.add_argument("--tokens-per-sample", type=int, default=64, help="longest sample (one line per sample)")
@@ -294,24 +440,45 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--warmup", type=int, default=100, help="warm-up updates (then inverse square root decay)")
-    p.add_argument("--learned-pos", action=argparse.BooleanOptionalAction, default=True,
-                   help="learned position embeddings (fairseq's --decoder-learned-pos)")
-    p.add_argument("--task", default="copy", choices=(*make_corpus.TASKS, *make_corpus.MIXES),
-                   help="corpus of make_corpus.py (longrange: copy and mqar lines in turn; mqar needs far more "
-                        "updates)")
+    p.add_argument(
+        "--learned-pos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="learned position embeddings (fairseq's --decoder-learned-pos)",
+    )
+    p.add_argument(
+        "--task",
+        default="copy",
+        choices=(*make_corpus.TASKS, *make_corpus.MIXES),
+        help="corpus of make_corpus.py (longrange: copy and mqar lines in turn; mqar needs far more updates)",
+    )
     p.add_argument("--train-lines", type=int, default=4000)
     p.add_argument("--valid-lines", type=int, default=40)
     p.add_argument("--prompts", type=int, default=32, help="test prompts per task")
     p.add_argument("--min-len", type=int, default=33)
     p.add_argument("--max-len", type=int, default=33, help="longest line; the test prompts have this length")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per fairseq process (OMP_NUM_THREADS): "
-                   "one is fastest for these small models and avoids OpenMP spin-waits on a busy machine")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="mechanisms trained at the same time (default: 2 where there are two cores)")
-    p.add_argument("--flags", action="append", default=[], metavar="NAME=FLAGS",
-                   help="extra fairseq-train flags for one mechanism, replacing its defaults "
-                        "(e.g. --flags 'local=--attn-wsize 15'); repeatable")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per fairseq process (OMP_NUM_THREADS): "
+        "one is fastest for these small models and avoids OpenMP spin-waits on a busy machine",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="mechanisms trained at the same time (default: 2 where there are two cores)",
+    )
+    p.add_argument(
+        "--flags",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="extra fairseq-train flags for one mechanism, replacing its defaults "
+        "(e.g. --flags 'local=--attn-wsize 15'); repeatable",
+    )
     args = p.parse_args(argv)
     flags = {}
     for item in args.flags:
@@ -321,14 +488,18 @@ def main(argv=None) -> None:
         flags[name.strip()] = shlex.split(rest)
     args.flags = flags
     if not 8 <= args.min_len <= args.max_len < args.tokens_per_sample:
-        p.error(f"need 8 <= --min-len <= --max-len < --tokens-per-sample, got {args.min_len}, {args.max_len}, "
-                f"{args.tokens_per_sample}")
+        p.error(
+            f"need 8 <= --min-len <= --max-len < --tokens-per-sample, got {args.min_len}, {args.max_len}, "
+            f"{args.tokens_per_sample}"
+        )
     names = choose_mechanisms(args.mechanisms)
     unknown = sorted(set(args.flags) - set(names))
     if unknown:
         p.error(f"--flags for mechanisms that do not run: {', '.join(unknown)} (running: {', '.join(names)})")
-    log(f"mechanisms: {', '.join(names)}; {args.jobs} at a time, {args.threads} thread(s) each; "
-        f"work dir {args.work_dir}")
+    log(
+        f"mechanisms: {', '.join(names)}; {args.jobs} at a time, {args.threads} thread(s) each; "
+        f"work dir {args.work_dir}"
+    )
     t0 = time.time()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     data, prompts = make_data(args.work_dir, args)

@@ -24,6 +24,7 @@ answer: the copied half, the recalled value, the ListOps result).
 
     python examples/fairseq/make_corpus.py --task mixed --out /tmp/lr --seed 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -141,8 +142,12 @@ def write_corpus(out: Path, task: str, fmt: str, sizes, min_len: int, max_len: i
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--task", choices=(*TASKS, *MIXES), default="mixed",
-                   help="one task, 'mixed' (copy, recall, listops in turn) or 'longrange' (copy and mqar in turn)")
+    p.add_argument(
+        "--task",
+        choices=(*TASKS, *MIXES),
+        default="mixed",
+        help="one task, 'mixed' (copy, recall, listops in turn) or 'longrange' (copy and mqar in turn)",
+    )
     p.add_argument("--format", choices=("lm", "translation"), default="lm")
     p.add_argument("--min-len", type=int, default=128, help="shortest sequence, in tokens")
     p.add_argument("--max-len", type=int, default=1024, help="longest sequence, in tokens")

@@ -17,6 +17,7 @@ finite.  It prints one line per case and exits non-zero if any case fails.
 
     python examples/fairseq/mixed_precision_check.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,19 +43,32 @@ class Block(nn.Module):
         self.pattern = pattern
         self.ln1, self.ln2 = nn.LayerNorm(EMBED), nn.LayerNorm(EMBED)
         self.attn = build_attention(
-            name, embed_dim=EMBED, num_heads=HEADS, self_attention=not pattern.cross,
-            cross=pattern.cross, causal=pattern.causal, **options,
+            name,
+            embed_dim=EMBED,
+            num_heads=HEADS,
+            self_attention=not pattern.cross,
+            cross=pattern.cross,
+            causal=pattern.causal,
+            **options,
         )
         self.ffn = nn.Sequential(nn.Linear(EMBED, FFN), nn.ReLU(), nn.Linear(FFN, EMBED))
 
     def forward(self, x, memory=None, key_padding_mask=None, incremental_state=None):
         h = self.ln1(x)
         if self.pattern.cross:
-            a, _ = self.attn(h, memory, memory, key_padding_mask=key_padding_mask, need_weights=False,
-                             incremental_state=incremental_state, static_kv=incremental_state is not None)
+            a, _ = self.attn(
+                h,
+                memory,
+                memory,
+                key_padding_mask=key_padding_mask,
+                need_weights=False,
+                incremental_state=incremental_state,
+                static_kv=incremental_state is not None,
+            )
         else:
-            a, _ = self.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=False,
-                             incremental_state=incremental_state)
+            a, _ = self.attn(
+                h, h, h, key_padding_mask=key_padding_mask, need_weights=False, incremental_state=incremental_state
+            )
         x = x + a
         return x + self.ffn(self.ln2(x))
 
@@ -140,8 +154,11 @@ def main(argv=None) -> int:
         raise SystemExit("CUDA is not available; pass --device cpu to check the CPU path")
     infos = available_attentions()
     names = args.mechanisms.split(",") if args.mechanisms else list(infos)
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
+    print(
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        flush=True,
+    )
     failures = 0
     for name in names:
         # each mechanism's defaults, as a fairseq run without --attn-* flags uses; a mechanism

@@ -11,6 +11,7 @@
 * ``OUT_DIR/vocab``: one ``token count`` line per word (ParaGen's
   ``Vocabulary`` tokenizer format), shared by both tasks.
 """
+
 import argparse
 import random
 from collections import Counter

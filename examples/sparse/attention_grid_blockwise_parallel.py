@@ -22,18 +22,15 @@ Example 2 (documentation):
 The random attention mask of example 1 is read as the original reads it: values > 0 attend.
 The shape comment of example 2 prints ``torch.Size([8, 128, 768])``.
 """
+
 # ---- Example 1 (README) ----
-from efficient_attention.compat.attention_grid import BlockwiseParallelJax
 import torch as jnp
+
+from efficient_attention.compat.attention_grid import BlockwiseParallelJax
 
 # Initialize the class
 bpjax = BlockwiseParallelJax(
-    q_chunk_size=64, 
-    k_chunk_size=64, 
-    hidden_size=768, 
-    num_heads=12, 
-    rotary_dim=32, 
-    intermediate_size=3072
+    q_chunk_size=64, k_chunk_size=64, hidden_size=768, num_heads=12, rotary_dim=32, intermediate_size=3072
 )
 
 # Suppose we have hidden_states, attention_mask, and position_ids as input data
@@ -48,9 +45,11 @@ output_readme = output
 # ---- Example 2 (documentation) ----
 # Initialize
 
-from torch import random
-import torch as jnp
-from efficient_attention.compat.attention_grid import BlockwiseParallelJax
+# the documentation's imports, where the documentation has them
+import torch as jnp  # noqa: E402
+from torch import random  # noqa: E402
+
+from efficient_attention.compat.attention_grid import BlockwiseParallelJax  # noqa: E402
 
 # Initialize transformer block
 block = BlockwiseParallelJax(

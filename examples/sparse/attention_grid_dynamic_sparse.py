@@ -2,7 +2,9 @@
 
 Original import: ``from AttentionGrid import dynamic_sparse_attention``.
 """
+
 import torch
+
 from efficient_attention.compat.attention_grid import dynamic_sparse_attention
 
 BATCH, N_CTX, H, D_HEAD = 2, 512, 4, 64

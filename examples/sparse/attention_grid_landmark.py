@@ -2,7 +2,9 @@
 
 Original: ``from AttentionGrid import fused_landmark_attention``.
 """
+
 import torch
+
 from efficient_attention.compat.attention_grid import fused_landmark_attention
 
 # Initialize some tensors

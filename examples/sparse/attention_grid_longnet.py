@@ -3,8 +3,9 @@
 Original: ``from AttentionGrid import DilatedAttention`` and ``device = "cuda:0"``; here the GPU
 is used when there is one, else the CPU (float16 works on the CPU too).
 """
+
 import torch
-import torch.nn as nn
+
 from efficient_attention.compat.attention_grid import DilatedAttention
 
 # Replace this with your correct GPU device

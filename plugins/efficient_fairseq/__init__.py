@@ -16,6 +16,7 @@ and allow-lists what fairseq checkpoints need for torch's safe loading.  Configu
 with one line ``<program>: error: <message>``; ``EA_TRACEBACK=1`` shows the traceback.  See
 ``docs/fairseq.md``.
 """
+
 from .checkpoints import allow_fairseq_checkpoints
 from .options import install_user_error_hook
 

@@ -4,12 +4,13 @@ fairseq's ``--help`` exits before model-specific flags are added (it parses
 ``--arch`` first), so it never lists them; this prints the attention flags and
 every mechanism option of a model, with help texts and per-mechanism defaults.
 """
+
 import argparse
 import sys
 
 from . import EfficientTransformerLanguageModel, EfficientTransformerModel
-from .options import add_attention_args
 from .models import LM_OPTION_PREFIXES, MT_OPTION_PREFIXES
+from .options import add_attention_args
 
 
 def main(argv=None) -> None:

@@ -18,6 +18,7 @@ which torch allows already.  ``tests/test_fairseq_plugin.py`` checks that a
 translation checkpoint fails to load without this list and that both models'
 checkpoints load with it.
 """
+
 from __future__ import annotations
 
 import argparse

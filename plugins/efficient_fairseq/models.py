@@ -16,6 +16,7 @@ Explicit ``--encoder-attention`` / ``--decoder-attention`` /
 ``--cross-attention`` flags override a preset.  A preset name that fairseq
 already uses is skipped with a warning.
 """
+
 from __future__ import annotations
 
 import logging

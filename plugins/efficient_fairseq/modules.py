@@ -7,6 +7,7 @@ state) is fairseq's own code.  The encoder / decoder subclass fairseq's
 ``TransformerEncoder`` / ``TransformerDecoder`` and only override
 ``build_*_layer``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,9 @@ __all__ = [
 ]
 
 
-def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, *, max_positions: Optional[int] = None,
-                         **kwargs):
+def build_role_attention(
+    choice: RoleChoice, embed_dim: int, num_heads: int, *, max_positions: Optional[int] = None, **kwargs
+):
     """Build the attention module of one role; errors name the flag and the mechanism.
 
     ``max_positions`` (the model's longest sequence) becomes ``max_len`` of a mechanism that has that
@@ -44,19 +46,21 @@ def build_role_attention(choice: RoleChoice, embed_dim: int, num_heads: int, *, 
         if "max_len" not in choice.options:
             kwargs["max_len"] = max_positions
         elif choice.options["max_len"] is not None and choice.options["max_len"] < max_positions:
-            raise user_error(ValueError(
-                f"{choice.role.flag} {choice.name}: max_len={choice.options['max_len']} is shorter than the model's "
-                f"{max_positions} positions (--tokens-per-sample / --max-*-positions); raise --attn-max-len or drop it"))
+            raise user_error(
+                ValueError(
+                    f"{choice.role.flag} {choice.name}: max_len={choice.options['max_len']} is shorter than the "
+                    f"model's {max_positions} positions (--tokens-per-sample / --max-*-positions); "
+                    f"raise --attn-max-len or drop it"
+                )
+            )
     # The registry class itself: it has fairseq's constructor, forward and incremental-state
     # protocol; the layers never pass fairseq's dictionary / xformers keywords (xformers configs are
     # rejected by the layers).
     pattern = choice.role.pattern
     try:
-        return choice.cls(
-            embed_dim, num_heads, cross=pattern.cross, causal=pattern.causal, **kwargs, **choice.options
-        )
+        return choice.cls(embed_dim, num_heads, cross=pattern.cross, causal=pattern.causal, **kwargs, **choice.options)
     except UnsupportedPatternError as err:
-        raise user_error(err)
+        raise user_error(err) from err
     except (TypeError, ValueError) as err:
         raise user_error(type(err)(f"{choice.role.flag} {choice.name} ({choice.describe()}): {err}")) from None
 
@@ -86,9 +90,14 @@ class EfficientEncoderLayer(TransformerEncoderLayerBase):
         if cfg.encoder.xformers_att_config is not None:
             raise ValueError("--encoder-xformers-att-config cannot be combined with efficient-attention mechanisms")
         return build_role_attention(
-            self.attention_choices["encoder"], embed_dim, cfg.encoder.attention_heads,
-            dropout=cfg.attention_dropout, self_attention=True, max_positions=_max_positions(cfg.max_source_positions),
-            q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
+            self.attention_choices["encoder"],
+            embed_dim,
+            cfg.encoder.attention_heads,
+            dropout=cfg.attention_dropout,
+            self_attention=True,
+            max_positions=_max_positions(cfg.max_source_positions),
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
         )
 
 
@@ -103,7 +112,9 @@ class EfficientDecoderLayer(TransformerDecoderLayerBase):
     unavailable for such models).
     """
 
-    def __init__(self, cfg, choices: Dict[str, RoleChoice], no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False):
+    def __init__(
+        self, cfg, choices: Dict[str, RoleChoice], no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False
+    ):
         self.attention_choices = choices
         if cfg.cross_self_attention:
             raise ValueError("--cross-self-attention is not supported with efficient-attention mechanisms")
@@ -116,23 +127,45 @@ class EfficientDecoderLayer(TransformerDecoderLayerBase):
         if cfg.decoder.xformers_att_config is not None:
             raise ValueError("--decoder-xformers-att-config cannot be combined with efficient-attention mechanisms")
         return build_role_attention(
-            self.attention_choices["decoder"], embed_dim, cfg.decoder.attention_heads,
-            dropout=cfg.attention_dropout, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn,
-            self_attention=True, max_positions=_max_positions(cfg.max_target_positions),
-            q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
+            self.attention_choices["decoder"],
+            embed_dim,
+            cfg.decoder.attention_heads,
+            dropout=cfg.attention_dropout,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            self_attention=True,
+            max_positions=_max_positions(cfg.max_target_positions),
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
         )
 
     def build_encoder_attention(self, embed_dim, cfg):
         return build_role_attention(
-            self.attention_choices["cross"], embed_dim, cfg.decoder.attention_heads,
-            kdim=cfg.encoder.embed_dim, vdim=cfg.encoder.embed_dim, dropout=cfg.attention_dropout,
-            encoder_decoder_attention=True, q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
+            self.attention_choices["cross"],
+            embed_dim,
+            cfg.decoder.attention_heads,
+            kdim=cfg.encoder.embed_dim,
+            vdim=cfg.encoder.embed_dim,
+            dropout=cfg.attention_dropout,
+            encoder_decoder_attention=True,
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
             max_positions=_max_positions(cfg.max_source_positions, cfg.max_target_positions),
         )
 
-    def forward(self, x, encoder_out=None, encoder_padding_mask=None, incremental_state=None,
-                prev_self_attn_state=None, prev_attn_state=None, self_attn_mask=None,
-                self_attn_padding_mask=None, need_attn: bool = False, need_head_weights: bool = False):
+    def forward(
+        self,
+        x,
+        encoder_out=None,
+        encoder_padding_mask=None,
+        incremental_state=None,
+        prev_self_attn_state=None,
+        prev_attn_state=None,
+        self_attn_mask=None,
+        self_attn_padding_mask=None,
+        need_attn: bool = False,
+        need_head_weights: bool = False,
+    ):
         if not self.cross_weights:
             need_attn = need_head_weights = False
         if self_attn_mask is not None and self.self_attn.causal:
@@ -142,8 +175,16 @@ class EfficientDecoderLayer(TransformerDecoderLayerBase):
                 raise ValueError(f"self_attn_mask of shape {tuple(self_attn_mask.shape)} is not the future mask")
             self_attn_mask = None
         return super().forward(
-            x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state, prev_attn_state,
-            self_attn_mask, self_attn_padding_mask, need_attn=need_attn, need_head_weights=need_head_weights,
+            x,
+            encoder_out,
+            encoder_padding_mask,
+            incremental_state,
+            prev_self_attn_state,
+            prev_attn_state,
+            self_attn_mask,
+            self_attn_padding_mask,
+            need_attn=need_attn,
+            need_head_weights=need_head_weights,
         )
 
     def make_generation_fast_(self, need_attn: bool = False, **kwargs):
@@ -172,13 +213,21 @@ class EfficientTransformerDecoder(TransformerDecoder):
     same result, at O(T) cost per step instead of the cache's.
     """
 
-    def __init__(self, args, dictionary, embed_tokens, choices: Dict[str, RoleChoice], no_encoder_attn=False,
-                 output_projection=None):
+    def __init__(
+        self,
+        args,
+        dictionary,
+        embed_tokens,
+        choices: Dict[str, RoleChoice],
+        no_encoder_attn=False,
+        output_projection=None,
+    ):
         self.attention_choices = choices
         roles = ("decoder",) if no_encoder_attn else ("decoder", "cross")
         self.cached_decoding = all(choices[r].capabilities.incremental for r in roles)
-        super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
-                         output_projection=output_projection)
+        super().__init__(
+            args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
+        )
         if not self.cached_decoding:
             logger.info(
                 "decoder mechanisms without incremental decoding (%s): generation recomputes the prefix each step",
@@ -192,4 +241,6 @@ class EfficientTransformerDecoder(TransformerDecoder):
     def forward(self, prev_output_tokens, encoder_out=None, incremental_state: Optional[Dict] = None, **kwargs):
         if not self.cached_decoding:
             incremental_state = None
-        return super().forward(prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state, **kwargs)
+        return super().forward(
+            prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state, **kwargs
+        )

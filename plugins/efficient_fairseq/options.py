@@ -32,6 +32,7 @@ spec (:meth:`efficient_attention.options.Option.convert`: ``int``, ``float``,
 ``bool`` as true/false, ``str``, choices, comma-separated lists for tuple
 options): no ``eval`` of strings anywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -180,8 +181,13 @@ def ambiguous_options(infos: Optional[Mapping] = None) -> Dict[str, List[Tuple[s
 
 def _union_field(specs: List[Option]) -> Tuple[Any, Callable, Optional[Tuple[str, ...]]]:
     first = specs[0]
-    if all((s.base_type, s.choices, s.element_type) == (first.base_type, first.choices, first.element_type)
-           for s in specs) and first.element_type is None:
+    if (
+        all(
+            (s.base_type, s.choices, s.element_type) == (first.base_type, first.choices, first.element_type)
+            for s in specs
+        )
+        and first.element_type is None
+    ):
         if first.choices is not None and all(isinstance(c, str) for c in first.choices):
             return Optional[str], str, first.choices
         if first.choices is None and first.base_type in (bool, int, float, str):
@@ -196,8 +202,9 @@ def _field(opt: str, prefix: str, specs: List[Option], text: str, mechanism: Opt
     return OptionField(opt, prefix, ftype, _argparse_type(parse, label), choices, text, mechanism)
 
 
-def option_fields(prefix: str = "attn", infos: Optional[Mapping] = None, scope: str = "",
-                  per_mechanism: bool = False) -> List[OptionField]:
+def option_fields(
+    prefix: str = "attn", infos: Optional[Mapping] = None, scope: str = "", per_mechanism: bool = False
+) -> List[OptionField]:
     """One :class:`OptionField` per option name over every registered mechanism.
 
     ``per_mechanism``: also one field per mechanism for each name that mechanisms give different
@@ -222,14 +229,18 @@ def option_fields(prefix: str = "attn", infos: Optional[Mapping] = None, scope: 
         for opt in sorted(ambiguous):
             shared = f"--{prefix}-{opt}".replace("_", "-")
             for name, spec in ambiguous[opt]:
-                text = (f"{name} only: {spec.help} ({spec.describe()}; {name}'s default {spec.default!r}; "
-                        f"overrides {shared})")
+                text = (
+                    f"{name} only: {spec.help} ({spec.describe()}; {name}'s default {spec.default!r}; "
+                    f"overrides {shared})"
+                )
                 fields_.append(_field(opt, prefix, [spec], text, mechanism=name))
     dests: Dict[str, OptionField] = {}
     for f in fields_:
         if f.dest in dests:
-            raise ValueError(f"option flag {f.flag} is both option {dests[f.dest].option!r} and {f.option!r} of "
-                             f"{f.mechanism}: rename one of them")
+            raise ValueError(
+                f"option flag {f.flag} is both option {dests[f.dest].option!r} and {f.option!r} of "
+                f"{f.mechanism}: rename one of them"
+            )
         dests[f.dest] = f
     return fields_
 
@@ -252,7 +263,10 @@ def add_attention_args(parser, roles: Iterable[str], option_prefixes: Iterable[T
     for key in roles:
         role = ROLES[key]
         parser.add_argument(  # no default at all: arch presets set it, then the config's "vanilla"
-            role.flag, type=parse_attention_name, metavar="NAME", default=argparse.SUPPRESS,
+            role.flag,
+            type=parse_attention_name,
+            metavar="NAME",
+            default=argparse.SUPPRESS,
             help=f"attention mechanism of the {role.description} (default: vanilla; registered: {names}; "
             f"supporting {role.pattern}: {', '.join(mechanisms_supporting(role.pattern))})",
         )
@@ -266,10 +280,16 @@ def dataclass_fields(roles: Iterable[str], option_prefixes: Iterable[Tuple[str, 
     out = []
     for key in roles:
         role = ROLES[key]
-        out.append((
-            f"{key}_attention", str,
-            field(default="vanilla", metadata={"help": f"attention mechanism of the {role.description} (a registered name)"}),
-        ))
+        out.append(
+            (
+                f"{key}_attention",
+                str,
+                field(
+                    default="vanilla",
+                    metadata={"help": f"attention mechanism of the {role.description} (a registered name)"},
+                ),
+            )
+        )
     for i, (prefix, scope) in enumerate(option_prefixes):
         for f in option_fields(prefix, scope=scope, per_mechanism=i == 0):
             out.append((f.dest, f.field_type, field(default=None, metadata={"help": f.help})))
@@ -319,11 +339,13 @@ def resolve_role(cfg, key: str, option_prefixes: Sequence[str]) -> RoleChoice:
         raise user_error(ValueError(f"{role.flag}: {err}")) from None
     name = cls.attention_name
     if not cls.capabilities.supports(role.pattern):
-        raise user_error(UnsupportedPatternError(
-            f"{role.flag} {name}: {cls.__name__} cannot be used for the {role.description}, which needs "
-            f"{role.pattern} attention; {name} supports: {', '.join(cls.capabilities.pattern_names())}. "
-            f"Mechanisms supporting {role.pattern}: {', '.join(mechanisms_supporting(role.pattern))}"
-        ))
+        raise user_error(
+            UnsupportedPatternError(
+                f"{role.flag} {name}: {cls.__name__} cannot be used for the {role.description}, which needs "
+                f"{role.pattern} attention; {name} supports: {', '.join(cls.capabilities.pattern_names())}. "
+                f"Mechanisms supporting {role.pattern}: {', '.join(mechanisms_supporting(role.pattern))}"
+            )
+        )
     specs = cls.options()
     options: Dict[str, Any] = {}
     own = {opt for opt, own in ambiguous_options().items() if any(n == name for n, _ in own)}
@@ -342,7 +364,9 @@ def _flag_hint(opt: str, options: Sequence[str], prefix: str) -> str:
     return did_you_mean(opt, options, prefix=f"--{prefix}_").replace("_", "-")
 
 
-def check_option_flags(cfg, choices: Mapping[str, RoleChoice], shared_prefix: str, role_prefixes: Mapping[str, str]) -> None:
+def check_option_flags(
+    cfg, choices: Mapping[str, RoleChoice], shared_prefix: str, role_prefixes: Mapping[str, str]
+) -> None:
     """Reject option flags that no chosen mechanism has (a set flag is never silently ignored)."""
     known = {f.option for f in option_fields(shared_prefix)}
     for opt in sorted(known):
@@ -351,35 +375,44 @@ def check_option_flags(cfg, choices: Mapping[str, RoleChoice], shared_prefix: st
         if not any(opt in c.cls.options() for c in choices.values()):
             used = ", ".join(f"{c.role.description}={c.name}" for c in choices.values())
             theirs = sorted({o for c in choices.values() for o in c.cls.options()})
-            raise user_error(ValueError(
-                f"--{shared_prefix.replace('_', '-')}-{opt.replace('_', '-')} is set but no attention of this "
-                f"model has option {opt!r} ({used})" + _flag_hint(opt, theirs, shared_prefix)
-            ))
+            raise user_error(
+                ValueError(
+                    f"--{shared_prefix.replace('_', '-')}-{opt.replace('_', '-')} is set but no attention of this "
+                    f"model has option {opt!r} ({used})" + _flag_hint(opt, theirs, shared_prefix)
+                )
+            )
         having = {c.name: c.cls.options()[opt] for c in choices.values() if opt in c.cls.options()}
         if len({meaning(spec) for spec in having.values()}) > 1:
             uses = "; ".join(f"{name}: {spec.help!r}" for name, spec in having.items())
             instead = ", ".join(f"--{shared_prefix}-{name}-{opt}".replace("_", "-") for name in having)
-            raise user_error(ValueError(
-                f"--{shared_prefix}-{opt}".replace("_", "-") + " is ambiguous in this model: its mechanisms give "
-                f"option {opt!r} different meanings ({uses}); set {instead}"
-                + (" or the per-role flags" if role_prefixes else "") + " instead"
-            ))
+            raise user_error(
+                ValueError(
+                    f"--{shared_prefix}-{opt}".replace("_", "-") + " is ambiguous in this model: its mechanisms give "
+                    f"option {opt!r} different meanings ({uses}); set {instead}"
+                    + (" or the per-role flags" if role_prefixes else "")
+                    + " instead"
+                )
+            )
     chosen = {c.name for c in choices.values()}
     for opt, own in sorted(ambiguous_options().items()):
         for name, _ in own:
             dest = f"{shared_prefix}_{name}_{opt}"
             if _get(cfg, dest) is not None and name not in chosen:
                 used = ", ".join(f"{c.role.description}={c.name}" for c in choices.values())
-                raise user_error(ValueError(
-                    "--" + dest.replace("_", "-") + f" is set but no attention of this model is {name} ({used})"
-                ))
+                raise user_error(
+                    ValueError(
+                        "--" + dest.replace("_", "-") + f" is set but no attention of this model is {name} ({used})"
+                    )
+                )
     for key, prefix in role_prefixes.items():
         choice = choices[key]
         for opt in sorted(known):
             if _get(cfg, f"{prefix}_{opt}") is not None and opt not in choice.cls.options():
-                raise user_error(ValueError(
-                    f"--{prefix.replace('_', '-')}-{opt.replace('_', '-')} is set but {choice.name} "
-                    f"({choice.role.description}) has no option {opt!r}"
-                    + _flag_hint(opt, list(choice.cls.options()), prefix)
-                    + f"; its options: {', '.join(choice.cls.options()) or 'none'}"
-                ))
+                raise user_error(
+                    ValueError(
+                        f"--{prefix.replace('_', '-')}-{opt.replace('_', '-')} is set but {choice.name} "
+                        f"({choice.role.description}) has no option {opt!r}"
+                        + _flag_hint(opt, list(choice.cls.options()), prefix)
+                        + f"; its options: {', '.join(choice.cls.options()) or 'none'}"
+                    )
+                )

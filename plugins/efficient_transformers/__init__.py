@@ -8,6 +8,7 @@ code itself -- :class:`EfficientEncoder`, :class:`EfficientDecoder`, their
 layers and :class:`AttentionSpec` -- is plain PyTorch and works without
 ParaGen; the registration layer is imported only where ParaGen is installed.
 """
+
 import importlib.util
 
 from .layers import EfficientDecoderLayer, EfficientEncoderLayer, FeedForward

@@ -5,6 +5,7 @@ positions ``offset .. offset + T - 1`` so that incremental decoding embeds a
 new token at its true position.  Positions are sinusoidal (any length) or
 learned (at most ``max_pos``).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,15 @@ class TokenPositionEmbedding(nn.Module):
     """
 
     def __init__(
-        self, embed: nn.Embedding, d_model: int, dropout: float, *, learn_pos: bool, max_pos: int,
-        embed_scale: bool, embed_layer_norm: bool,
+        self,
+        embed: nn.Embedding,
+        d_model: int,
+        dropout: float,
+        *,
+        learn_pos: bool,
+        max_pos: int,
+        embed_scale: bool,
+        embed_layer_norm: bool,
     ):
         super().__init__()
         if embed.embedding_dim != d_model:

@@ -15,6 +15,7 @@ that have one) and the cross-attention caches its projected memory
 its layer keeps the prefix of its inputs and recomputes that one attention
 (logged once when decoding starts).
 """
+
 from __future__ import annotations
 
 import logging
@@ -86,14 +87,28 @@ class EfficientEncoderLayer(_Block):
     """
 
     def __init__(
-        self, d_model: int, n_head: int, *, dim_feedforward: int, dropout: float, attention_dropout: float,
-        activation: str, normalize_before: bool, attention: AttentionSpec, where: str,
+        self,
+        d_model: int,
+        n_head: int,
+        *,
+        dim_feedforward: int,
+        dropout: float,
+        attention_dropout: float,
+        activation: str,
+        normalize_before: bool,
+        attention: AttentionSpec,
+        where: str,
         max_positions: Optional[int] = None,
     ):
         super().__init__(d_model, dropout, normalize_before)
         self.where = where
         self.self_attn = attention.build(
-            d_model, n_head, dropout=attention_dropout, cross=False, causal=False, where=f"{where} attention",
+            d_model,
+            n_head,
+            dropout=attention_dropout,
+            cross=False,
+            causal=False,
+            where=f"{where} attention",
             max_positions=max_positions,
         )
         self.ffn = FeedForward(d_model, dim_feedforward, activation)
@@ -119,19 +134,41 @@ class EfficientDecoderLayer(_Block):
     """
 
     def __init__(
-        self, d_model: int, n_head: int, *, dim_feedforward: int, dropout: float, attention_dropout: float,
-        activation: str, normalize_before: bool, self_attention: AttentionSpec, cross_attention: AttentionSpec,
-        memory_dim: int, where: str, max_positions: Optional[int] = None,
+        self,
+        d_model: int,
+        n_head: int,
+        *,
+        dim_feedforward: int,
+        dropout: float,
+        attention_dropout: float,
+        activation: str,
+        normalize_before: bool,
+        self_attention: AttentionSpec,
+        cross_attention: AttentionSpec,
+        memory_dim: int,
+        where: str,
+        max_positions: Optional[int] = None,
     ):
         super().__init__(d_model, dropout, normalize_before)
         self.where = where
         self.self_attn = self_attention.build(
-            d_model, n_head, dropout=attention_dropout, cross=False, causal=True, where=f"{where} self_attention",
+            d_model,
+            n_head,
+            dropout=attention_dropout,
+            cross=False,
+            causal=True,
+            where=f"{where} self_attention",
             max_positions=max_positions,
         )
         self.cross_attn = cross_attention.build(
-            d_model, n_head, dropout=attention_dropout, cross=True, causal=False, kdim=memory_dim,
-            where=f"{where} cross_attention", max_positions=max_positions,
+            d_model,
+            n_head,
+            dropout=attention_dropout,
+            cross=True,
+            causal=False,
+            kdim=memory_dim,
+            where=f"{where} cross_attention",
+            max_positions=max_positions,
         )
         self.ffn = FeedForward(d_model, dim_feedforward, activation)
         self.self_attn_norm = nn.LayerNorm(d_model)
@@ -161,7 +198,9 @@ class EfficientDecoderLayer(_Block):
             )
         return None
 
-    def _self_attend(self, h: Tensor, padding_mask: Optional[Tensor], incremental_state: Optional[IncrementalState]) -> Tensor:
+    def _self_attend(
+        self, h: Tensor, padding_mask: Optional[Tensor], incremental_state: Optional[IncrementalState]
+    ) -> Tensor:
         attn = self.self_attn
         if incremental_state is None or attn.capabilities.incremental:
             kpm = self._self_padding(padding_mask)
@@ -170,7 +209,8 @@ class EfficientDecoderLayer(_Block):
         if not self._warned_prefix:
             logger.warning(
                 "%s self_attention %r has no incremental decoding; each step recomputes it over the prefix",
-                self.where, attn.attention_name,
+                self.where,
+                attn.attention_name,
             )
             self._warned_prefix = True
         buf = incremental_state.get(self._prefix_key)
@@ -181,21 +221,34 @@ class EfficientDecoderLayer(_Block):
         incremental_state[self._prefix_key] = {"input": seq, "padding": pad}
         full = seq.transpose(0, 1)
         out = attn(full, full, full, key_padding_mask=self._self_padding(drop_empty(pad)), need_weights=False)[0]
-        return out[-h.shape[0]:]
+        return out[-h.shape[0] :]
 
-    def _cross_attend(self, h: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor], incremental_state) -> Tensor:
+    def _cross_attend(
+        self, h: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor], incremental_state
+    ) -> Tensor:
         attn = self.cross_attn
         if incremental_state is not None and attn.capabilities.incremental:
             if attn._get_input_buffer(incremental_state):  # the memory is projected and cached: keys not needed
                 memory = memory_padding_mask = None
-            return attn(h, memory, memory, key_padding_mask=memory_padding_mask, incremental_state=incremental_state,
-                        static_kv=True, need_weights=False)[0]
+            return attn(
+                h,
+                memory,
+                memory,
+                key_padding_mask=memory_padding_mask,
+                incremental_state=incremental_state,
+                static_kv=True,
+                need_weights=False,
+            )[0]
         return attn(h, memory, memory, key_padding_mask=memory_padding_mask, need_weights=False)[0]
 
     # -------------------------------------------------------------- forward
     def forward(
-        self, x: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor] = None,
-        padding_mask: Optional[Tensor] = None, incremental_state: Optional[IncrementalState] = None,
+        self,
+        x: Tensor,
+        memory: Tensor,
+        memory_padding_mask: Optional[Tensor] = None,
+        padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[IncrementalState] = None,
     ) -> Tensor:
         """``x`` ``(T, B, C)`` (the new positions when decoding), ``memory`` ``(S, B, C_mem)``.
 

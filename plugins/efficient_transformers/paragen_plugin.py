@@ -22,6 +22,7 @@ here) has no ``torch.utils.data.Sampler.__init__``, so that call reaches
 the old one, ``__init__(self, data_source=None)``, which does nothing -- exactly
 what torch 1.x had.  Nothing else in torch or ParaGen is changed.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,11 +30,10 @@ import logging
 from typing import Any, Dict, Mapping, Optional
 
 import torch
-from torch.utils.data import Sampler
-
 from paragen.modules.decoders import AbstractDecoder, register_decoder
 from paragen.modules.encoders import AbstractEncoder, register_encoder
 from paragen.utils.data import possible_eval
+from torch.utils.data import Sampler
 
 from .transformer import EfficientDecoder, EfficientEncoder
 

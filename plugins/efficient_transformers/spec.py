@@ -15,6 +15,7 @@ option is named, with the valid ones; a value of the wrong basic type is a
 first, so a mechanism that cannot be built for a layer fails with the layer's
 name and the pattern.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -115,8 +116,16 @@ class AttentionSpec:
             )
 
     def build(
-        self, embed_dim: int, num_heads: int, *, dropout: float, cross: bool, causal: bool, where: str,
-        kdim: Optional[int] = None, max_positions: Optional[int] = None,
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        dropout: float,
+        cross: bool,
+        causal: bool,
+        where: str,
+        kdim: Optional[int] = None,
+        max_positions: Optional[int] = None,
     ) -> EfficientAttention:
         """Build the module for one layer: options by keyword, pattern from ``cross``/``causal``.
 
@@ -124,7 +133,9 @@ class AttentionSpec:
         option (cosFormer's fixed ``M``, which decoding needs) unless the spec sets it.
         """
         self.check_pattern(Pattern.of(cross=cross, causal=causal), where)
-        kwargs: Dict[str, Any] = dict(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, cross=cross, causal=causal)
+        kwargs: Dict[str, Any] = dict(
+            embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, cross=cross, causal=causal
+        )
         if max_positions is not None and "max_len" in self.cls.options() and "max_len" not in self.options:
             kwargs["max_len"] = max_positions
         if cross:

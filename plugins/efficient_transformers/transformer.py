@@ -12,6 +12,7 @@ layer's attention state, so a step costs what the mechanism's own decoding
 step costs; :meth:`EfficientDecoder.reorder_incremental_state` selects batch
 rows (beam search).
 """
+
 from __future__ import annotations
 
 import uuid
@@ -50,8 +51,10 @@ def _check_stack(num_layers, d_model, n_head, dim_feedforward, dropout, attentio
 
 def _check_tokens(tokens: Tensor, name: str) -> None:
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
-        raise ValueError(f"{name} must be a (batch, length) integer tensor, got "
-                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+        raise ValueError(
+            f"{name} must be a (batch, length) integer tensor, got "
+            f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}"
+        )
 
 
 class EfficientEncoder(nn.Module):
@@ -73,10 +76,23 @@ class EfficientEncoder(nn.Module):
     """
 
     def __init__(
-        self, embed: nn.Embedding, padding_idx: int, num_layers: int, d_model: int = 512, n_head: int = 8,
-        dim_feedforward: int = 2048, dropout: float = 0.1, attention_dropout: float = 0.0, activation: str = "relu",
-        return_seed: bool = False, keep_seed_in_hidden: bool = False, learn_pos: bool = False,
-        normalize_before: bool = False, embed_scale: bool = True, embed_layer_norm: bool = False, max_pos: int = 1024,
+        self,
+        embed: nn.Embedding,
+        padding_idx: int,
+        num_layers: int,
+        d_model: int = 512,
+        n_head: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation: str = "relu",
+        return_seed: bool = False,
+        keep_seed_in_hidden: bool = False,
+        learn_pos: bool = False,
+        normalize_before: bool = False,
+        embed_scale: bool = True,
+        embed_layer_norm: bool = False,
+        max_pos: int = 1024,
         attention: AttentionConfig = None,
     ):
         super().__init__()
@@ -86,14 +102,26 @@ class EfficientEncoder(nn.Module):
         self.return_seed, self.keep_seed_in_hidden = bool(return_seed), bool(keep_seed_in_hidden)
         self.attention = AttentionSpec.parse(attention, "encoder attention")
         self.embedding = TokenPositionEmbedding(
-            embed, d_model, dropout, learn_pos=learn_pos, max_pos=max_pos, embed_scale=embed_scale,
+            embed,
+            d_model,
+            dropout,
+            learn_pos=learn_pos,
+            max_pos=max_pos,
+            embed_scale=embed_scale,
             embed_layer_norm=embed_layer_norm,
         )
         self.layers = nn.ModuleList(
             EfficientEncoderLayer(
-                d_model, n_head, dim_feedforward=dim_feedforward, dropout=dropout, attention_dropout=attention_dropout,
-                activation=activation, normalize_before=normalize_before, attention=self.attention,
-                where=f"encoder layer {i}", max_positions=max_pos,
+                d_model,
+                n_head,
+                dim_feedforward=dim_feedforward,
+                dropout=dropout,
+                attention_dropout=attention_dropout,
+                activation=activation,
+                normalize_before=normalize_before,
+                attention=self.attention,
+                where=f"encoder layer {i}",
+                max_positions=max_pos,
             )
             for i in range(num_layers)
         )
@@ -135,12 +163,26 @@ class EfficientDecoder(nn.Module):
     """
 
     def __init__(
-        self, embed: nn.Embedding, padding_idx: int, num_layers: int, d_model: int = 512, n_head: int = 8,
-        dim_feedforward: int = 2048, dropout: float = 0.1, attention_dropout: float = 0.0, activation: str = "relu",
-        learn_pos: bool = False, normalize_before: bool = False, embed_scale: bool = True,
-        embed_layer_norm: bool = False, output_bias: bool = False, max_pos: int = 1024,
-        self_attention: AttentionConfig = None, cross_attention: AttentionConfig = None,
-        out_proj: Optional[nn.Module] = None, memory_dim: Optional[int] = None,
+        self,
+        embed: nn.Embedding,
+        padding_idx: int,
+        num_layers: int,
+        d_model: int = 512,
+        n_head: int = 8,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation: str = "relu",
+        learn_pos: bool = False,
+        normalize_before: bool = False,
+        embed_scale: bool = True,
+        embed_layer_norm: bool = False,
+        output_bias: bool = False,
+        max_pos: int = 1024,
+        self_attention: AttentionConfig = None,
+        cross_attention: AttentionConfig = None,
+        out_proj: Optional[nn.Module] = None,
+        memory_dim: Optional[int] = None,
     ):
         super().__init__()
         _check_stack(num_layers, d_model, n_head, dim_feedforward, dropout, attention_dropout)
@@ -150,14 +192,27 @@ class EfficientDecoder(nn.Module):
         self.cross_attention = AttentionSpec.parse(cross_attention, "decoder cross_attention")
         memory_dim = d_model if memory_dim is None else check_int(memory_dim, "memory_dim", 1)
         self.embedding = TokenPositionEmbedding(
-            embed, d_model, dropout, learn_pos=learn_pos, max_pos=max_pos, embed_scale=embed_scale,
+            embed,
+            d_model,
+            dropout,
+            learn_pos=learn_pos,
+            max_pos=max_pos,
+            embed_scale=embed_scale,
             embed_layer_norm=embed_layer_norm,
         )
         self.layers = nn.ModuleList(
             EfficientDecoderLayer(
-                d_model, n_head, dim_feedforward=dim_feedforward, dropout=dropout, attention_dropout=attention_dropout,
-                activation=activation, normalize_before=normalize_before, self_attention=self.self_attention,
-                cross_attention=self.cross_attention, memory_dim=memory_dim, where=f"decoder layer {i}",
+                d_model,
+                n_head,
+                dim_feedforward=dim_feedforward,
+                dropout=dropout,
+                attention_dropout=attention_dropout,
+                activation=activation,
+                normalize_before=normalize_before,
+                self_attention=self.self_attention,
+                cross_attention=self.cross_attention,
+                memory_dim=memory_dim,
+                where=f"decoder layer {i}",
                 max_positions=max_pos,
             )
             for i in range(num_layers)
@@ -179,7 +234,10 @@ class EfficientDecoder(nn.Module):
         return 0 if incremental_state is None else int(incremental_state.get(self._length_key, 0))
 
     def forward(
-        self, tgt: Tensor, memory: Tensor, memory_padding_mask: Optional[Tensor] = None,
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_padding_mask: Optional[Tensor] = None,
         incremental_state: Optional[IncrementalState] = None,
     ) -> Tensor:
         _check_tokens(tgt, "tgt")

@@ -14,6 +14,7 @@ A reference function has the signature::
 with time-first float64 inputs (``key``/``value`` are the query for self
 patterns) and returns the time-first ``(T, B, C)`` output (after ``out_proj``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -54,6 +55,7 @@ def get_reference(name: str) -> Reference:
 
 def project_heads(module, query, key, value):
     """Projections split into heads: q ``(B, H, T, d)``, k/v ``(B, Hkv, S, d)`` (float64)."""
+
     def split(x, heads):
         length, bsz, dim = x.shape
         return x.reshape(length, bsz, heads, dim // heads).permute(1, 2, 0, 3)

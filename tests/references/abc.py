@@ -1,4 +1,5 @@
 """ABC: for every query, build the memory of the keys it may see and attend over its slots."""
+
 import math
 
 import torch

@@ -1,4 +1,5 @@
 """BigBird: window blocks, global blocks and seeded random blocks, written from its definition."""
+
 import torch
 
 from . import reference

@@ -1,4 +1,5 @@
 """Block-sparse attention with the 'fixed' pattern, written from its formula."""
+
 from . import reference
 from .sparse_common import module_reference
 

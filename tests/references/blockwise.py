@@ -1,4 +1,5 @@
 """Blockwise attention is exact attention: the vanilla loop with the module's weights."""
+
 from . import reference
 from .vanilla import vanilla_reference
 

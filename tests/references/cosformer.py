@@ -1,4 +1,5 @@
 """cosFormer as an explicit (T, S) matrix of act(q)·act(k) cos(π (p_i - p_j) / 2M)."""
+
 import math
 
 import torch
@@ -25,7 +26,7 @@ def cosformer_scores(m, q, k, padding=None):
         if m.cross:
             big_m = max(tgt_len, real, 1)
         else:
-            i, big_m = rank[src_len - tgt_len:, None], max(real, 1)
+            i, big_m = rank[src_len - tgt_len :, None], max(real, 1)
     return (act(q) @ act(k).t()) * torch.cos(math.pi * (i - j) / (2 * big_m))
 
 
@@ -43,7 +44,9 @@ def cosformer_reference(m, query, key, value, *, key_padding_mask=None, attn_mas
             s = cosformer_scores(m, q[b, h], k[b, h], None if key_padding_mask is None else key_padding_mask[b])
             for i in range(tgt_len):
                 for j in range(src_len):
-                    if (m.causal and j > i + src_len - tgt_len) or (key_padding_mask is not None and key_padding_mask[b, j]):
+                    if (m.causal and j > i + src_len - tgt_len) or (
+                        key_padding_mask is not None and key_padding_mask[b, j]
+                    ):
                         s[i, j] = 0.0
                 if s[i].sum() > 0:
                     out[b, h, i] = s[i] @ v[b, h] / s[i].sum()

@@ -1,4 +1,5 @@
 """Dilated attention: one softmax over the union of the branches' (segment, dilation) pairs."""
+
 from . import reference
 from .sparse_common import module_reference
 
@@ -12,6 +13,7 @@ def dilated_allowed(segments, rates):
             if i // w == j // w and (i % w) % r == off and (j % w) % r == off:
                 return True
         return False
+
     return allowed
 
 

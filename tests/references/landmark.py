@@ -1,4 +1,5 @@
 """Landmark attention from the paper's formula, one query at a time."""
+
 import math
 
 import torch
@@ -38,7 +39,9 @@ def landmark_loop(q, k, v, is_mem, *, top_k=None, key_padding_mask=None, scale=N
                         continue
                     m2 = max(sc[j] for j in toks)
                     zz = sum(math.exp(sc[j] - m2) for j in toks)
-                    acc = acc + sum(math.exp(sc[L] - mx) / z * math.exp(sc[j] - m2) / zz * v[b, h // group, j] for j in toks)
+                    acc = acc + sum(
+                        math.exp(sc[L] - mx) / z * math.exp(sc[j] - m2) / zz * v[b, h // group, j] for j in toks
+                    )
                 out[b, h, t] = acc
     return out
 

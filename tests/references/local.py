@@ -1,4 +1,5 @@
 """Block-local softmax attention, one query and one head at a time (rule written out from the blocks)."""
+
 import math
 
 import torch
@@ -27,9 +28,21 @@ def local_rows(q, k, v, *, wsize, look_backward, look_forward, causal, exact, sh
     for b in range(bsz):
         for h in range(heads):
             for i in range(n):
-                js = [j for j in range(n) if visible(i, j, n, wsize=wsize, look_backward=look_backward,
-                                                   look_forward=look_forward, causal=causal, exact=exact)
-                      and not (key_pad is not None and key_pad[b, j])]
+                js = [
+                    j
+                    for j in range(n)
+                    if visible(
+                        i,
+                        j,
+                        n,
+                        wsize=wsize,
+                        look_backward=look_backward,
+                        look_forward=look_forward,
+                        causal=causal,
+                        exact=exact,
+                    )
+                    and not (key_pad is not None and key_pad[b, j])
+                ]
                 if shared_qk:
                     others = [j for j in js if j != i]
                     js = others if others else js
@@ -44,6 +57,16 @@ def local_rows(q, k, v, *, wsize, look_backward, look_forward, causal, exact, sh
 @reference("local", options=dict(wsize=3, look_backward=1), tgt_len=11, src_len=11)
 def local_reference(m, query, key, value, *, key_padding_mask=None, attn_mask=None):
     q, k, v = project_heads(m, query, key, value)
-    out = local_rows(q, k, v, wsize=m.wsize, look_backward=m.look_backward, look_forward=m.look_forward,
-                     causal=m.causal, exact=m.exact_windowsize, shared_qk=m.shared_qk, key_pad=key_padding_mask)
+    out = local_rows(
+        q,
+        k,
+        v,
+        wsize=m.wsize,
+        look_backward=m.look_backward,
+        look_forward=m.look_forward,
+        causal=m.causal,
+        exact=m.exact_windowsize,
+        shared_qk=m.shared_qk,
+        key_pad=key_padding_mask,
+    )
     return merge_and_project(m, out)

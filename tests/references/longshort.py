@@ -1,4 +1,5 @@
 """Transformer-LS by its definition: one softmax over window keys and compressed memories, one query at a time."""
+
 import math
 
 import torch
@@ -9,15 +10,20 @@ OPTIONS = dict(window_size=2, num_landmarks=3, chunk_size=2, chunk_rank=1)
 
 
 def _compress(m, h, ks, vs, pads):
-    """Memories of one group of positions (list of (d,) tensors) for head h: (keys, values) lists, or None if all padded."""
+    """Memories of one group of positions (list of (d,) tensors) for head h.
+
+    Returns (keys, values) lists, or None if all are padded.
+    """
     real = [j for j in range(len(ks)) if not pads[j]]
     if not real:
         return None
-    w = m.landmark_proj[h].double()                       # (d, r)
-    logits = torch.stack([ks[j] @ w for j in real])        # (n, r)
+    w = m.landmark_proj[h].double()  # (d, r)
+    logits = torch.stack([ks[j] @ w for j in real])  # (n, r)
     p = torch.softmax(logits, 0)
-    return ([sum(p[t, s] * ks[j] for t, j in enumerate(real)) for s in range(w.shape[1])],
-            [sum(p[t, s] * vs[j] for t, j in enumerate(real)) for s in range(w.shape[1])])
+    return (
+        [sum(p[t, s] * ks[j] for t, j in enumerate(real)) for s in range(w.shape[1])],
+        [sum(p[t, s] * vs[j] for t, j in enumerate(real)) for s in range(w.shape[1])],
+    )
 
 
 def longshort_rows(m, q, k, v, key_pad=None):
@@ -33,22 +39,29 @@ def longshort_rows(m, q, k, v, key_pad=None):
                 chunk_mem = None
             else:
                 l = m.chunk_size
-                chunk_mem = [_compress(m, h, ks[c * l:(c + 1) * l], vs[c * l:(c + 1) * l], pad[c * l:(c + 1) * l])
-                             for c in range(n // l)]
+                chunk_mem = [
+                    _compress(m, h, ks[c * l : (c + 1) * l], vs[c * l : (c + 1) * l], pad[c * l : (c + 1) * l])
+                    for c in range(n // l)
+                ]
             for i in range(n):
                 keys, vals = [], []
                 for j in range(n):
                     lo, hi = i // w - 1, i // w + (0 if m.causal else 1)
                     if lo <= j // w <= hi and not pad[j] and not (m.causal and j > i):
-                        keys.append(ks[j]); vals.append(vs[j])
+                        keys.append(ks[j])
+                        vals.append(vs[j])
                 if not m.causal:
                     mems = [mem] if mem is not None else []
                 else:
                     c = i // m.chunk_size
-                    mems = [chunk_mem[cc] for cc in range(max(0, c - m.num_landmarks // m.chunk_rank), c)
-                            if chunk_mem[cc] is not None]
+                    mems = [
+                        chunk_mem[cc]
+                        for cc in range(max(0, c - m.num_landmarks // m.chunk_rank), c)
+                        if chunk_mem[cc] is not None
+                    ]
                 for mk, mv in mems:
-                    keys += mk; vals += mv
+                    keys += mk
+                    vals += mv
                 if not keys:
                     continue
                 p = torch.softmax(torch.stack([q[b, h, i] @ kk / math.sqrt(d) for kk in keys]), 0)

@@ -1,4 +1,5 @@
 """Nyströmformer on the unpadded tokens of each sequence, one head at a time."""
+
 import math
 
 import torch

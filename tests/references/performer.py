@@ -1,4 +1,5 @@
 """FAVOR+ with the module's random features, as an explicit (T, S) kernel matrix."""
+
 import torch
 
 from . import merge_and_project, project_heads, reference
@@ -21,7 +22,9 @@ def performer_reference(m, query, key, value, *, key_padding_mask=None, attn_mas
             kernel = phi(q[b, h]) @ phi(k[b, h]).t()  # (T, S)
             for i in range(tgt_len):
                 for j in range(src_len):
-                    if (m.causal and j > i + src_len - tgt_len) or (key_padding_mask is not None and key_padding_mask[b, j]):
+                    if (m.causal and j > i + src_len - tgt_len) or (
+                        key_padding_mask is not None and key_padding_mask[b, j]
+                    ):
                         kernel[i, j] = 0.0
                 if kernel[i].sum() > 0:
                     out[b, h, i] = kernel[i] @ v[b, h] / kernel[i].sum()

@@ -1,4 +1,5 @@
 """ProbSparse by its definition, one query and one head at a time (sampled key indices from the module)."""
+
 import math
 
 import torch
@@ -27,7 +28,9 @@ def probsparse_rows(m, q, k, v, key_pad=None):
                 val = scores[i, used].max() - scores[i, used].mean() if used and not pad[i] else -math.inf
                 sparsity.append(float(val.detach()) if torch.is_tensor(val) else val)
             if m.causal:
-                active = [sum(sparsity[j] > sparsity[i] for j in range(i)) < _log_count(m.factor, i + 1) for i in range(n)]
+                active = [
+                    sum(sparsity[j] > sparsity[i] for j in range(i)) < _log_count(m.factor, i + 1) for i in range(n)
+                ]
             else:
                 top = sorted(range(n), key=lambda i: -sparsity[i])[: _log_count(m.factor, n)]
                 active = [i in top and sparsity[i] > -math.inf for i in range(n)]

@@ -1,10 +1,16 @@
 """S4D by its definition: explicit kernel powers and an O(L^2) convolution, in float64."""
+
 import torch
 
 from . import merge_and_project, project_heads, reference
 
-ACT = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "silu": torch.nn.functional.silu, "tanh": torch.tanh,
-       "identity": lambda x: x}
+ACT = {
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+}
 
 
 def s4d_kernel(m, which, length):

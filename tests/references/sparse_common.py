@@ -1,4 +1,5 @@
 """Shared loop for the sparse references: exact attention over an explicit allowed(b, h, i, j) set."""
+
 import math
 
 import torch
@@ -16,8 +17,11 @@ def allowed_attention(q, k, v, allowed, *, scale=None, key_padding_mask=None):
     for b in range(bsz):
         for h in range(heads):
             for i in range(tgt_len):
-                js = [j for j in range(src_len) if allowed(b, h, i, j)
-                      and not (key_padding_mask is not None and key_padding_mask[b, j])]
+                js = [
+                    j
+                    for j in range(src_len)
+                    if allowed(b, h, i, j) and not (key_padding_mask is not None and key_padding_mask[b, j])
+                ]
                 if not js:
                     continue
                 s = torch.stack([q[b, h, i] @ k[b, h // group, j] * scale for j in js])

@@ -1,4 +1,5 @@
 """Exact softmax attention, one query and one head at a time."""
+
 import math
 
 import torch
@@ -24,7 +25,11 @@ def vanilla_reference(m, query, key, value, *, key_padding_mask=None, attn_mask=
                         scores[j] = -math.inf
                     if attn_mask is not None:
                         am = attn_mask if attn_mask.dim() == 2 else attn_mask[b * heads + h]
-                        scores[j] = -math.inf if (am.dtype == torch.bool and am[i, j]) else scores[j] + (0 if am.dtype == torch.bool else am[i, j])
+                        scores[j] = (
+                            -math.inf
+                            if (am.dtype == torch.bool and am[i, j])
+                            else scores[j] + (0 if am.dtype == torch.bool else am[i, j])
+                        )
                 if torch.isinf(scores).all():
                     continue  # nothing to attend to: output 0
                 p = torch.exp(scores - scores.max())

@@ -12,11 +12,17 @@ lucidrains' name) is the per-head function-like module; the fairseq-style
 registered mechanism is :class:`efficient_attention.LocalAttention`.  Both use
 the one window rule in :mod:`efficient_attention.local_window`.
 """
+
 from .attention import LocalAttention, PerHeadLocalAttention
 from .rotary import RotaryEmbedding
 from .transformer import FeedForward, LocalMHA, LocalTransformer, top_k
 
 __all__ = [
-    "PerHeadLocalAttention", "LocalAttention", "LocalTransformer", "LocalMHA", "FeedForward", "RotaryEmbedding",
+    "PerHeadLocalAttention",
+    "LocalAttention",
+    "LocalTransformer",
+    "LocalMHA",
+    "FeedForward",
+    "RotaryEmbedding",
     "top_k",
 ]

@@ -9,6 +9,7 @@
 ``sliding_window_attention``, shared with the registered
 :class:`efficient_attention.LocalAttention`.  Cost O(N·span·D).
 """
+
 from __future__ import annotations
 
 import math
@@ -92,19 +93,33 @@ class PerHeadLocalAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.window_size, self.causal = window_size, causal
         self.look_backward, self.look_forward = look_backward, look_forward
-        self.dropout, self.shared_qk, self.autopad = float(dropout), check_bool(shared_qk, "shared_qk"), check_bool(autopad, "autopad")
+        self.dropout, self.shared_qk, self.autopad = (
+            float(dropout),
+            check_bool(shared_qk, "shared_qk"),
+            check_bool(autopad, "autopad"),
+        )
         self.exact_windowsize, self.scale = check_bool(exact_windowsize, "exact_windowsize"), scale
-        self.window = LocalWindow.from_blocks(window_size, look_backward, look_forward, causal=self.causal,
-                                              exact_windowsize=self.exact_windowsize, exclude_self=self.shared_qk)
+        self.window = LocalWindow.from_blocks(
+            window_size,
+            look_backward,
+            look_forward,
+            causal=self.causal,
+            exact_windowsize=self.exact_windowsize,
+            exclude_self=self.shared_qk,
+        )
         if rel_pos_emb_config is not None:
             dim = rel_pos_emb_config[0]
         if use_xpos and not (dim is not None and use_rotary_pos_emb):
             raise ValueError("use_xpos=True needs dim (rotary dimension) and use_rotary_pos_emb=True")
-        self.rel_pos = RotaryEmbedding(dim, use_xpos, xpos_scale_base) if dim is not None and use_rotary_pos_emb else None
+        self.rel_pos = (
+            RotaryEmbedding(dim, use_xpos, xpos_scale_base) if dim is not None and use_rotary_pos_emb else None
+        )
 
     def extra_repr(self) -> str:
-        return (f"window_size={self.window_size}, causal={self.causal}, look_backward={self.look_backward}, "
-                f"look_forward={self.look_forward}, shared_qk={self.shared_qk}, exact_windowsize={self.exact_windowsize}")
+        return (
+            f"window_size={self.window_size}, causal={self.causal}, look_backward={self.look_backward}, "
+            f"look_forward={self.look_forward}, shared_qk={self.shared_qk}, exact_windowsize={self.exact_windowsize}"
+        )
 
     # ------------------------------------------------------------------ checks
     def _check(self, q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -114,14 +129,18 @@ class PerHeadLocalAttention(nn.Module):
             if x.dim() < 2:
                 raise ValueError(f"{name} must be (..., seq_len, dim), got shape {tuple(x.shape)}")
         if q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
-            raise ValueError(f"q, k and v must agree in shape (..., N, D): q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                             f"v {tuple(v.shape)}")
+            raise ValueError(
+                f"q, k and v must agree in shape (..., N, D): q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                f"v {tuple(v.shape)}"
+            )
         if self.rel_pos is not None and q.shape[-1] < self.rel_pos.dim:
             raise ValueError(f"dim={self.rel_pos.dim} (rotary) exceeds the head dimension {q.shape[-1]}")
         n = q.shape[-2]
         if not self.autopad and n % self.window_size != 0:
-            raise ValueError(f"sequence length {n} is not a multiple of window_size={self.window_size}; "
-                             f"pass autopad=True or pad the input")
+            raise ValueError(
+                f"sequence length {n} is not a multiple of window_size={self.window_size}; "
+                f"pass autopad=True or pad the input"
+            )
 
     def _padding(self, mask: Optional[Tensor], packed: int, n: int) -> Optional[Tensor]:
         """lucidrains mask ``(b, N)`` True = keep -> key padding ``(packed, N)`` True = pad."""
@@ -130,7 +149,9 @@ class PerHeadLocalAttention(nn.Module):
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool (True = keep), got {mask.dtype}")
         if mask.dim() != 2 or mask.shape[1] != n or packed % mask.shape[0] != 0:
-            raise ValueError(f"mask must be (b, {n}) with b dividing the {packed} leading rows of q, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be (b, {n}) with b dividing the {packed} leading rows of q, got {tuple(mask.shape)}"
+            )
         return (~mask).repeat_interleave(packed // mask.shape[0], dim=0)
 
     def _scale(self, d: int) -> float:
@@ -153,12 +174,20 @@ class PerHeadLocalAttention(nn.Module):
             k4 = F.normalize(k4, dim=-1)
         if self.rel_pos is not None:
             q4, k4 = self.rel_pos(q4, k4, torch.arange(n, device=q.device), center=n // 2)
-        out = window_attention(self.window, q4, k4, v4, key_padding_mask=kpm, scale=self._scale(d),
-                               dropout_p=self.dropout if self.training else 0.0)
+        out = window_attention(
+            self.window,
+            q4,
+            k4,
+            v4,
+            key_padding_mask=kpm,
+            scale=self._scale(d),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return out.reshape(*lead, n, v.shape[-1])
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, cache: Optional[Dict[str, Tensor]] = None
-             ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: Optional[Dict[str, Tensor]] = None
+    ) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Causal decoding: ``T`` new positions ``(B, H, T, D)`` against a bounded cache.
 
         ``cache`` holds the last ``window_size - 1 + window_size·look_backward``
@@ -168,8 +197,9 @@ class PerHeadLocalAttention(nn.Module):
         if not self.causal:
             raise ValueError("step() (incremental decoding) needs causal=True")
         if q.dim() != 4 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
-            raise ValueError(f"step() takes q, k, v of shape (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                             f"{tuple(v.shape)}")
+            raise ValueError(
+                f"step() takes q, k, v of shape (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
         pos = 0 if cache is None else int(cache["pos"][0].item())
         tgt = q.shape[2]
         if self.shared_qk:
@@ -178,8 +208,15 @@ class PerHeadLocalAttention(nn.Module):
             q, k = self.rel_pos(q, k, torch.arange(pos, pos + tgt, device=q.device))
         if cache is not None:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        out = window_attention_at(self.window, q, k, v, pos + tgt - k.shape[2], scale=self._scale(q.shape[-1]),
-                                  dropout_p=self.dropout if self.training else 0.0)
+        out = window_attention_at(
+            self.window,
+            q,
+            k,
+            v,
+            pos + tgt - k.shape[2],
+            scale=self._scale(q.shape[-1]),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         start = max(k.shape[2] - cache_len(self.window), 0)
         new_pos = torch.full((q.shape[0],), pos + tgt, dtype=torch.long, device=q.device)
         return out, {"k": k[:, :, start:], "v": v[:, :, start:], "pos": new_pos}

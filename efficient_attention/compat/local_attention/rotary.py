@@ -7,9 +7,10 @@ score decays with the distance ``i - j`` only; any common shift of the
 positions (a ``center``) leaves the scores unchanged and keeps the factors in
 range.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotary embedding of the first ``dim`` features (``dim`` even), optionally with xpos decay."""
 
+    inv_freq: Tensor  # buffers, registered in __init__
+    xpos_zeta: Tensor
+
     def __init__(self, dim: int, use_xpos: bool = False, scale_base: Optional[float] = None, theta: float = 10000.0):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
@@ -35,9 +39,12 @@ class RotaryEmbedding(nn.Module):
         self.scale_base = 512.0 if scale_base is None else float(scale_base)
         if self.scale_base <= 0:
             raise ValueError(f"xpos_scale_base must be positive, got {scale_base}")
-        self.register_buffer("inv_freq", theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim), persistent=False)
-        self.register_buffer("xpos_zeta", (torch.arange(0, dim, 2, dtype=torch.float32) + 0.4 * dim) / (1.4 * dim),
-                             persistent=False)
+        self.register_buffer(
+            "inv_freq", theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim), persistent=False
+        )
+        self.register_buffer(
+            "xpos_zeta", (torch.arange(0, dim, 2, dtype=torch.float32) + 0.4 * dim) / (1.4 * dim), persistent=False
+        )
 
     def _angles(self, pos: Tensor, dtype) -> Tuple[Tensor, Tensor]:
         freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None]
@@ -52,7 +59,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, q: Tensor, k: Tensor, pos: Tensor, center: int = 0) -> Tuple[Tensor, Tensor]:
         """Rotate ``q`` and ``k`` (``(..., N, D)``, ``D >= dim``) at positions ``pos`` ``(N,)``."""
         cos, sin = self._angles(pos, q.dtype)
-        qs = ks = 1.0
+        qs: Union[float, Tensor] = 1.0
+        ks: Union[float, Tensor] = 1.0
         if self.use_xpos:
             qs = self._xpos(pos, center, q.dtype)
             ks = 1.0 / qs

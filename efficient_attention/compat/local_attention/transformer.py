@@ -6,10 +6,11 @@ x + FeedForward(LN(x))] -> LN -> logits``.  Each attention is
 positions; cost O(N·window·dim) per layer.  :meth:`LocalTransformer.generate`
 samples with a bounded key/value cache per layer.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,21 +32,45 @@ def top_k(logits: Tensor, thres: float = 0.9) -> Tensor:
 
 
 class LocalMHA(nn.Module):
-    """Multi-head local attention on ``(B, N, dim)``: fused q/k/v projection, per-head LocalAttention, output projection."""
+    """Multi-head local attention on ``(B, N, dim)``.
 
-    def __init__(self, *, dim: int, window_size: int, dim_head: int = 64, heads: int = 8, dropout: float = 0.0,
-                 causal: bool = False, prenorm: bool = False, use_xpos: bool = False,
-                 xpos_scale_base: Optional[float] = None, exact_windowsize: bool = False,
-                 look_backward: int = 1, look_forward: Optional[int] = None, use_rotary_pos_emb: bool = True):
+    A fused q/k/v projection, per-head LocalAttention, an output projection.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        window_size: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        dropout: float = 0.0,
+        causal: bool = False,
+        prenorm: bool = False,
+        use_xpos: bool = False,
+        xpos_scale_base: Optional[float] = None,
+        exact_windowsize: bool = False,
+        look_backward: int = 1,
+        look_forward: Optional[int] = None,
+        use_rotary_pos_emb: bool = True,
+    ):
         super().__init__()
         inner = dim_head * heads
         self.heads = heads
         self.norm = nn.LayerNorm(dim) if prenorm else None
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.attn_fn = PerHeadLocalAttention(
-            window_size=window_size, causal=causal, look_backward=look_backward, look_forward=look_forward,
-            dropout=dropout, dim=dim_head, autopad=True, exact_windowsize=exact_windowsize,
-            use_rotary_pos_emb=use_rotary_pos_emb, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
+            window_size=window_size,
+            causal=causal,
+            look_backward=look_backward,
+            look_forward=look_forward,
+            dropout=dropout,
+            dim=dim_head,
+            autopad=True,
+            exact_windowsize=exact_windowsize,
+            use_rotary_pos_emb=use_rotary_pos_emb,
+            use_xpos=use_xpos,
+            xpos_scale_base=xpos_scale_base,
         )
         self.to_out = nn.Linear(inner, dim, bias=False)
 
@@ -76,8 +101,13 @@ class FeedForward(nn.Sequential):
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         inner = int(dim * mult)
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(inner, dim, bias=False))
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, inner, bias=False),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(inner, dim, bias=False),
+        )
 
 
 class LocalTransformer(nn.Module):
@@ -97,14 +127,36 @@ class LocalTransformer(nn.Module):
     of ``x[:, 1:]`` given ``x[:, :-1]``.
     """
 
-    def __init__(self, *, num_tokens: int, max_seq_len: int, dim: int, depth: int, causal: bool = True,
-                 local_attn_window_size: int = 512, dim_head: int = 64, heads: int = 8, ff_mult: int = 4,
-                 attn_dropout: float = 0.0, ff_dropout: float = 0.0, ignore_index: int = -1, use_xpos: bool = False,
-                 xpos_scale_base: Optional[float] = None, look_backward: int = 1, look_forward: Optional[int] = None,
-                 exact_windowsize: bool = False):
+    def __init__(
+        self,
+        *,
+        num_tokens: int,
+        max_seq_len: int,
+        dim: int,
+        depth: int,
+        causal: bool = True,
+        local_attn_window_size: int = 512,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        ignore_index: int = -1,
+        use_xpos: bool = False,
+        xpos_scale_base: Optional[float] = None,
+        look_backward: int = 1,
+        look_forward: Optional[int] = None,
+        exact_windowsize: bool = False,
+    ):
         super().__init__()
-        for name, value in (("num_tokens", num_tokens), ("max_seq_len", max_seq_len), ("dim", dim), ("depth", depth),
-                            ("heads", heads), ("dim_head", dim_head)):
+        for name, value in (
+            ("num_tokens", num_tokens),
+            ("max_seq_len", max_seq_len),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+            ("dim_head", dim_head),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.token_emb = nn.Embedding(num_tokens, dim)
@@ -112,14 +164,34 @@ class LocalTransformer(nn.Module):
         self.max_seq_len, self.causal, self.ignore_index = max_seq_len, check_bool(causal, "causal"), ignore_index
         self.layers = nn.ModuleList()
         for _ in range(depth):
-            self.layers.append(nn.ModuleList([
-                LocalMHA(dim=dim, dim_head=dim_head, heads=heads, dropout=attn_dropout, causal=causal,
-                         window_size=local_attn_window_size, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base,
-                         prenorm=True, look_backward=look_backward, look_forward=look_forward,
-                         exact_windowsize=exact_windowsize),
-                FeedForward(dim, ff_mult, ff_dropout),
-            ]))
+            self.layers.append(
+                nn.ModuleList(
+                    [
+                        LocalMHA(
+                            dim=dim,
+                            dim_head=dim_head,
+                            heads=heads,
+                            dropout=attn_dropout,
+                            causal=causal,
+                            window_size=local_attn_window_size,
+                            use_xpos=use_xpos,
+                            xpos_scale_base=xpos_scale_base,
+                            prenorm=True,
+                            look_backward=look_backward,
+                            look_forward=look_forward,
+                            exact_windowsize=exact_windowsize,
+                        ),
+                        FeedForward(dim, ff_mult, ff_dropout),
+                    ]
+                )
+            )
         self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False))
+
+    def _blocks(self) -> Iterator[Tuple[LocalMHA, nn.Module]]:
+        """``(attention, feed-forward)`` of each layer (``layers.i.0`` / ``layers.i.1``, the upstream names)."""
+        for layer in self.layers:
+            attn, ff = cast(nn.ModuleList, layer)
+            yield cast(LocalMHA, attn), ff
 
     def _embed(self, x: Tensor, start: int = 0) -> Tensor:
         if x.dtype != torch.long or x.dim() != 2:
@@ -134,7 +206,7 @@ class LocalTransformer(nn.Module):
             x, labels = x[:, :-1], x[:, 1:]
             mask = None if mask is None else mask[:, :-1]
         h = self._embed(x)
-        for attn, ff in self.layers:
+        for attn, ff in self._blocks():
             h = attn(h, mask=mask) + h
             h = ff(h) + h
         logits = self.to_logits(h)
@@ -142,15 +214,16 @@ class LocalTransformer(nn.Module):
             return logits
         return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=self.ignore_index)
 
-    def forward_step(self, x: Tensor, caches: Optional[List[Dict[str, Tensor]]] = None
-                     ) -> Tuple[Tensor, List[Dict[str, Tensor]]]:
+    def forward_step(
+        self, x: Tensor, caches: Optional[List[Dict[str, Tensor]]] = None
+    ) -> Tuple[Tensor, List[Dict[str, Tensor]]]:
         """Logits of new tokens ``x (B, T)`` continuing the cached prefix; returns ``(logits, caches)``."""
         if not self.causal:
             raise ValueError("forward_step (key/value cache) needs causal=True")
         start = 0 if caches is None else int(caches[0]["pos"][0].item())
         h = self._embed(x, start)
         new_caches = []
-        for i, (attn, ff) in enumerate(self.layers):
+        for i, (attn, ff) in enumerate(self._blocks()):
             out, cache = attn.step(h, None if caches is None else caches[i])
             new_caches.append(cache)
             h = out + h
@@ -158,8 +231,9 @@ class LocalTransformer(nn.Module):
         return self.to_logits(h), new_caches
 
     @torch.no_grad()
-    def generate(self, prime: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9,
-                 use_cache: bool = True) -> Tensor:
+    def generate(
+        self, prime: Tensor, seq_len: int, temperature: float = 1.0, filter_thres: float = 0.9, use_cache: bool = True
+    ) -> Tensor:
         """Sample ``seq_len`` tokens after ``prime (B, n)``; returns ``(B, seq_len)``.
 
         Top-k filtering keeps ``ceil((1 - filter_thres)·V)`` logits.  With
@@ -176,7 +250,7 @@ class LocalTransformer(nn.Module):
                 step_in = out if caches is None else out[:, -1:]
                 logits, caches = self.forward_step(step_in, caches)
             else:
-                logits = self.forward(out[:, -self.max_seq_len:])
+                logits = self.forward(out[:, -self.max_seq_len :])
             probs = F.softmax(top_k(logits[:, -1], filter_thres) / temperature, dim=-1)
             sampled = torch.multinomial(probs, 1)
             out = torch.cat((out, sampled), dim=-1)
