@@ -224,6 +224,8 @@ class EfficientAttention(nn.Module):
         self.v_proj = nn.Linear(self.vdim, kv_dim, bias=bias)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.bias_k: Optional[nn.Parameter]
+        self.bias_v: Optional[nn.Parameter]
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim))
             self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim))
@@ -242,9 +244,9 @@ class EfficientAttention(nn.Module):
         nn.init.xavier_uniform_(self.out_proj.weight)
         if self.out_proj.bias is not None:
             nn.init.constant_(self.out_proj.bias, 0.0)
-        if self.bias_k is not None:
-            nn.init.xavier_normal_(self.bias_k)
-            nn.init.xavier_normal_(self.bias_v)
+        for bias in (self.bias_k, self.bias_v):  # both or neither (add_bias_kv)
+            if bias is not None:
+                nn.init.xavier_normal_(bias)
 
     @classmethod
     def options(cls) -> Dict[str, Option]:
@@ -394,7 +396,9 @@ class EfficientAttention(nn.Module):
         if need_head_weights:
             need_weights = True
         if batch_first:
-            query, key, value = (None if x is None else x.transpose(0, 1) for x in (query, key, value))
+            # a query that is not a Tensor goes on to _check_inputs' TypeError
+            query = query.transpose(0, 1) if isinstance(query, Tensor) else query
+            key, value = (None if x is None else x.transpose(0, 1) for x in (key, value))
         self._check_inputs(query, key, value)
         tgt_len, bsz, _ = query.shape
         if need_weights and not caps.need_weights:
@@ -410,7 +414,7 @@ class EfficientAttention(nn.Module):
             raise UnsupportedInputError(f"{name} does not support incremental decoding (incremental_state)")
         if decoding and before_softmax:
             raise UnsupportedInputError("before_softmax=True cannot be combined with incremental_state")
-        state = self._get_input_buffer(incremental_state) if decoding else None
+        state: Optional[Dict[str, Any]] = self._get_input_buffer(incremental_state) if decoding else None
         cached_static = static_kv and state is not None and "prev_key" in state
 
         # projections
@@ -424,9 +428,11 @@ class EfficientAttention(nn.Module):
         if cached_static:
             # keys, values and their padding come from the cache; fairseq passes the
             # encoder output and its padding mask again at every step: they are not used
+            assert state is not None  # cached_static implies a decoding state
             k = v = key_padding_mask = None
             src_new = state["prev_key"].shape[2]
         else:
+            assert key is not None and value is not None  # given, or the query's (set above)
             k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)
             v = split_heads(self._project(self.v_proj, value), self.num_kv_heads)
             src_new = k.shape[2]
@@ -444,6 +450,7 @@ class EfficientAttention(nn.Module):
         masks = AttentionMasks(key_padding=key_padding_mask, query_padding=query_padding_mask)
 
         if before_softmax:
+            assert k is not None and v is not None  # no incremental_state with before_softmax: projected above
             scores, v_out = self._scores(
                 q, k, v, self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
             )
@@ -456,10 +463,11 @@ class EfficientAttention(nn.Module):
             # nothing to compute (no query, or no key to see: the output is 0 before out_proj); the state is untouched
             out = q.new_zeros(bsz, self.num_heads, tgt_len, self.head_dim)
             weights = q.new_zeros(bsz, self.num_heads, tgt_len, src_len) if need_weights else None
-        elif decoding:
+        elif state is not None:  # decoding
             out, weights = self._decode(q, k, v, state, masks, attn_mask, need_weights, static_kv)
             self._set_input_buffer(incremental_state, state)
         else:
+            assert k is not None and v is not None  # not decoding: projected above
             masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
             out, weights = self._attend(q, k, v, masks, need_weights)
 
@@ -493,6 +501,7 @@ class EfficientAttention(nn.Module):
         if kind == "causal_static":
             return self._decode_causal_static(q, k, v, state, masks, attn_mask, need_weights)
         if kind == "noncausal":
+            assert k is not None and v is not None  # no static_kv: every step brings its keys
             return self._decode_noncausal(q, k, v, state, masks, attn_mask, need_weights)
         if not self._own_decoding_state():
             return self._decode_cached(q, k, v, state, masks, attn_mask, need_weights, static_kv)
@@ -652,6 +661,7 @@ class EfficientAttention(nn.Module):
                     f"{nm} batch {x.shape[1]} differs from query batch {query.shape[1]} "
                     f"(shapes {tuple(x.shape)} vs {tuple(query.shape)})"
                 )
+        assert value is not None  # both or neither (checked above)
         if key.shape[0] != value.shape[0]:
             raise ValueError(f"key and value lengths differ: key {tuple(key.shape)}, value {tuple(value.shape)}")
 
@@ -761,6 +771,7 @@ class EfficientAttention(nn.Module):
         ``prev_value``, ``prev_key_padding_mask``.
         """
         if "prev_key" not in state:
+            assert k is not None and v is not None  # the first static_kv call brings the keys (forward checks it)
             if summarise is None:
                 state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, key_padding
             else:
@@ -808,6 +819,7 @@ class EfficientAttention(nn.Module):
             self._static_kv(state, k, v, masks.key_padding)
             k, v, kpm = state["prev_key"], state["prev_value"], state["prev_key_padding_mask"]
         else:
+            assert k is not None and v is not None  # no static_kv: every step brings its keys
             kpm = masks.key_padding
             prev_k = state.get("prev_key")
             if prev_k is not None:
@@ -832,6 +844,7 @@ def _cat_padding(
     if prev is None and new is None:
         return None
     ref = new if new is not None else prev
+    assert ref is not None  # not both None (returned above)
     if prev is None:
         prev = torch.zeros(bsz, prev_len, dtype=ref.dtype, device=ref.device)
     if new is None:

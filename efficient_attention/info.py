@@ -189,7 +189,13 @@ def format_options(names: Optional[List[str]] = None) -> str:
     from .registry import available_attentions, get_attention_class
 
     infos = available_attentions()
-    chosen = [get_attention_class(n).attention_name for n in names] if names else list(infos)
+    chosen: List[str] = list(infos)
+    if names:
+        chosen = []
+        for n in names:
+            name = get_attention_class(n).attention_name
+            assert name is not None  # set by @register_attention on every class the registry returns
+            chosen.append(name)
     lines: List[str] = []
     for name in dict.fromkeys(chosen):
         info = infos[name]

@@ -33,7 +33,7 @@ where ``g`` is the group (block) size.  Keys outside ``[0, S)`` never count.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -102,6 +102,12 @@ class LocalWindow:
         return cls(1, left, right, causal)
 
     # -- the rule -------------------------------------------------------------
+    @overload
+    def lo(self, pos: int) -> int: ...
+
+    @overload
+    def lo(self, pos: Tensor) -> Tensor: ...
+
     def lo(self, pos: Union[Tensor, int]) -> Union[Tensor, int]:
         """The first key position the query at ``pos`` sees (a Python int for an int: decoding steps)."""
         if isinstance(pos, int):

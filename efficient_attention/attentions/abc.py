@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,25 +144,42 @@ class ABC(EfficientAttention):
             prev = torch.cat([past, run[..., :-1]], dim=-1)
             decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         e = torch.exp(a - safe.unsqueeze(-1)).to(dtype)
-        keep = state is not None  # a fresh sequence (training) neither starts from nor returns a memory
-        opts = dict(causal=True, log_decay=decay, normalize=False, return_state=keep)
-        init = (state["mem_k"].transpose(-1, -2), None) if keep else None
-        num = linear_attention(q.to(dtype), k.to(dtype), e, initial_state=init, **opts)
+
+        def attend(
+            qf: Tensor, kf: Tensor, vals: Tensor, mem: Optional[Tensor], out_dtype: Optional[torch.dtype] = None
+        ) -> Tuple[Tensor, Optional[Tensor]]:
+            """One causal linear attention from the memory ``mem`` and the new one; a fresh sequence (training,
+            ``mem`` None) neither starts from nor returns a memory."""
+            if mem is None:
+                return linear_attention(
+                    qf, kf, vals, causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype
+                ), None
+            res, (new_mem, _) = linear_attention(
+                qf,
+                kf,
+                vals,
+                causal=True,
+                log_decay=decay,
+                normalize=False,
+                initial_state=(mem, None),
+                return_state=True,
+                out_dtype=out_dtype,
+            )
+            return res, new_mem
+
+        num, mem_k = attend(q.to(dtype), k.to(dtype), e, None if state is None else state["mem_k"].transpose(-1, -2))
         unit_q, unit_k = q.new_ones(*q.shape[:-1], 1, dtype=dtype), k.new_ones(*k.shape[:-1], 1, dtype=dtype)
-        init = (state["mem_norm"].unsqueeze(-2), None) if keep else None
-        norm = linear_attention(unit_q, unit_k, e, initial_state=init, **opts)
-        if keep:
-            (num, (mem_k, _)), (norm, (mem_norm, _)) = num, norm
+        norm, mem_norm = attend(unit_q, unit_k, e, None if state is None else state["mem_norm"].unsqueeze(-2))
         empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
         r = (probs / safe_norm).to(dtype)  # weight of each slot's unnormalised value sum
-        init = (state["mem_v"], None) if keep else None
-        out = linear_attention(r, e, v.to(dtype), initial_state=init, out_dtype=out_dtype, **opts)
-        if keep:
-            out, (state["mem_v"], _) = out
+        out, mem_v = attend(r, e, v.to(dtype), None if state is None else state["mem_v"], out_dtype)
+        if state is not None:
+            assert mem_k is not None and mem_norm is not None and mem_v is not None  # each started from a memory
+            state["mem_v"] = mem_v
             state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
             state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
@@ -212,18 +229,21 @@ class ABC(EfficientAttention):
             out = self._read(q.to(product), *self._memory(k.to(product), v.to(product), masks.key_padding))
         return out.to(q.dtype), None
 
-    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+    def _attend_step(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
+    ) -> Tensor:
         """Causal: the slot sums ``mem_k``, ``mem_v`` ``(B, H, n, d)``, ``mem_norm (B, H, n)`` and the running max
         ``mem_max (B, H, 1)``.  Static keys: the key-side memory ``prev_key`` / ``prev_value`` = K̃ / Ṽ."""
         dtype = acc_dtype(q.dtype)
         q32 = q.to(dtype)
         if not self.causal:
 
-            def summarise(k, v, kpm):
+            def summarise(k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Dict[str, Any]:
                 return dict(zip(("prev_key", "prev_value"), self._memory(k.to(dtype), v.to(dtype), kpm)))
 
             self._static_kv(state, k, v, masks.key_padding, summarise)
             return self._read(q32, state["prev_key"], state["prev_value"]).to(q.dtype)
+        assert k is not None and v is not None  # causal decoding always brings the new queries' own keys
         tgt_len = q.shape[2]
         if "mem_k" in state and k.shape[2] < tgt_len:
             raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")

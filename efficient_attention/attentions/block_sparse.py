@@ -11,7 +11,7 @@ bs² · d)`` instead of ``O(N² d)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +92,10 @@ class BlockSparseAttention(EfficientAttention):
     )
     Options = BlockSparseOptions
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        layout, block_size = self.layout, self.block_size
+        layout: Union[str, Tensor] = self.layout  # the option: a pattern name or a layout tensor
+        block_size = self.block_size
         self._user_layout: Optional[Tensor] = None
         if isinstance(layout, Tensor):
             lay = layouts.as_layout(layout)
@@ -102,7 +103,7 @@ class BlockSparseAttention(EfficientAttention):
                 raise ValueError(f"layout tensor must be (num_heads or 1, nb, nb), got {tuple(layout.shape)}")
             self._user_layout = lay
             layout = "user"
-        self.layout = layout
+        self.layout: str = layout  # from here on a pattern name ("user": the tensor is in _user_layout)
         self.pattern_kw = {k: getattr(self, k) for k in _PATTERN_OPTIONS}
         self.block_kw = {k: getattr(self, k) for k in _BLOCK_OPTIONS}
         # validate the pattern options now (the masks themselves are built per length, on first use)

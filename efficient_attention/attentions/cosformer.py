@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +194,7 @@ class CosformerAttention(EfficientAttention):
             kf = _Features.apply(k, table[:src_len], self.act_fun, feature_dtype)
             return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 
-    def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> dict:
+    def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Dict[str, Any]:
         """Static keys summarised once: ``prev_key = Σ φ̂(k) vᵀ``, ``prev_value = Σ φ̂(k)``, ``m_len (B,)`` the
         M of every row and ``m_min`` (int) the smallest (checked against the query positions without a sync)."""
         bsz, src_len, device = k.shape[0], k.shape[2], k.device
@@ -212,7 +212,9 @@ class CosformerAttention(EfficientAttention):
         _, (kv, ks) = linear_attention(kf[..., :0, :], kf, v, causal=False, return_state=True)
         return {"prev_key": kv, "prev_value": ks, "m_len": m_len, "m_min": m_min}
 
-    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+    def _attend_step(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
+    ) -> Tensor:
         """Causal: the running sums ``kv_sum (B, H, 2d, d)``, ``k_sum (B, H, 2d)``; static keys: see
         :meth:`_static_summary`.  Query positions are ``masks.query_offset`` on."""
         tgt_len, start = q.shape[2], masks.query_offset
@@ -229,6 +231,7 @@ class CosformerAttention(EfficientAttention):
                 "causal cosFormer decoding needs a fixed M for the cos re-weighting: build it with max_len "
                 "(the longest sequence you will decode)"
             )
+        assert k is not None and v is not None  # causal decoding always brings the new queries' own keys
         src_len = k.shape[2]
         if src_len != tgt_len:
             raise ValueError(

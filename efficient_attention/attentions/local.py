@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -135,7 +135,9 @@ class LocalAttention(EfficientAttention):
         kpm = masks.key_padding
         return self._window_attend(q, k, v, 0, kpm), None
 
-    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+    def _attend_step(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
+    ) -> Tensor:
         """Causal: the last ``cache_len`` keys (the base's window cache); static cross: the keys, aligned with
         the queries at positions ``masks.query_offset`` on."""
         pos, tgt_len = masks.query_offset, q.shape[2]
@@ -150,6 +152,7 @@ class LocalAttention(EfficientAttention):
                 self.window, q, kk, v, q_offset=pos, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout
             )
         # causal self: keys at absolute positions pos + T - len(k) .. pos + T - 1
+        assert k is not None and v is not None  # causal decoding always brings the new queries' own keys
         k, v, kpm = self._window_cache(state, k, v, masks.key_padding, cache_len(self.window))
         if tgt_len == 1 and not self.shared_qk:  # one query sees a contiguous run of the cache: plain attention
             start = max(self.window.lo(pos) - (pos + 1 - k.shape[2]), 0)

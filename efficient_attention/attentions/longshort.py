@@ -21,7 +21,7 @@ Cost O(N·(3·window + memories)·d).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -178,10 +178,13 @@ class LongShort(EfficientAttention):
         return out.to(q.dtype), None
 
     # --------------------------------------------------------------- decoding
-    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+    def _attend_step(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
+    ) -> Tensor:
         """Constant state: the window cache (the base's ``prev_key`` ...), the current chunk ``chunk_key`` /
         ``chunk_value`` ``(B, H, l, d)`` with its fill mask ``chunk_padding (B, l)`` (True = empty or padding),
         and the last memories ``memory_key`` / ``memory_value`` ``(B, H, slots, d)`` with ``memory_hidden``."""
+        assert k is not None and v is not None  # self attention only (SELF_PATTERNS): every step brings its keys
         pos, tgt_len, kpm = masks.query_offset, q.shape[2], masks.key_padding
         if "chunk_key" not in state:
             self._init_state(state, k)
@@ -202,7 +205,7 @@ class LongShort(EfficientAttention):
         ]
         return outs[0] if tgt_len == 1 else torch.cat(outs, dim=2)
 
-    def _init_state(self, state: Dict[str, Optional[Tensor]], k: Tensor) -> None:
+    def _init_state(self, state: Dict[str, Any], k: Tensor) -> None:
         bsz, heads, dim, device = k.shape[0], k.shape[1], k.shape[-1], k.device
         l, slots = self.chunk_size, self.memory_chunks * self.chunk_rank
         state["chunk_key"] = k.new_zeros(bsz, heads, l, dim)
@@ -212,7 +215,7 @@ class LongShort(EfficientAttention):
         state["memory_value"] = k.new_zeros(bsz, heads, slots, dim)
         state["memory_hidden"] = torch.ones(bsz, slots, dtype=torch.bool, device=device)
 
-    def _fill_state(self, state: Dict[str, Optional[Tensor]], k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> None:
+    def _fill_state(self, state: Dict[str, Any], k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> None:
         """The decoding state after a full pass over ``k, v (B, H, L, d)``: window tail, last memories, open chunk."""
         length, l, r = k.shape[2], self.chunk_size, self.chunk_rank
         self._window_cache(state, k, v, kpm, cache_len(self.window))
@@ -230,7 +233,7 @@ class LongShort(EfficientAttention):
             state["chunk_padding"][:, :rest] = False if kpm is None else kpm[:, length - rest :]
 
     def _step_one(
-        self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Optional[Tensor]], pos: int
+        self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Any], pos: int
     ) -> Tensor:
         """The token at position ``pos``: window + memories, then it joins the open chunk (written in place)."""
         l, r = self.chunk_size, self.chunk_rank

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -213,8 +213,9 @@ class Performer(EfficientAttention):
     def _key_sums(self, logits: Tensor, v: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """Non-causal ``(Σ φ(k) vᵀ, Σ φ(k))`` with the global key max subtracted."""
         kf = torch.exp(logits - self._finite(self._max(logits)))
-        _, sums = linear_attention(kf[..., :0, :].to(dtype), kf.to(dtype), v, causal=False, return_state=True)
-        return sums
+        _, (kv, ks) = linear_attention(kf[..., :0, :].to(dtype), kf.to(dtype), v, causal=False, return_state=True)
+        assert ks is not None  # normalize=True (the default) keeps the normaliser sum
+        return kv, ks
 
     # ----------------------------------------------------------------- causal
     def _new_state(self, q: Tensor, dtype: torch.dtype) -> Dict[str, Tensor]:
@@ -251,18 +252,16 @@ class Performer(EfficientAttention):
             prev = torch.cat([past, run[..., :-1]], dim=-1)
             decay = torch.where(torch.isfinite(prev), prev - safe, torch.zeros_like(safe))  # nothing before: no decay
         kf = torch.exp(k_logits - safe.unsqueeze(-1))
-        init = None if state is None else (state["kv_sum"], state["k_sum"])
-        out = linear_attention(
-            qf[..., blind:, :].to(dtype),
-            kf.to(dtype),
-            v,
-            causal=True,
-            log_decay=decay,
-            initial_state=init,
-            return_state=state is not None,
-        )
-        if state is not None:
-            out, (state["kv_sum"], state["k_sum"]) = out
+        qf, kf = qf[..., blind:, :].to(dtype), kf.to(dtype)
+        if state is None:
+            out = linear_attention(qf, kf, v, causal=True, log_decay=decay)
+        else:
+            init = (state["kv_sum"], state["k_sum"])
+            out, (kv, ks) = linear_attention(
+                qf, kf, v, causal=True, log_decay=decay, initial_state=init, return_state=True
+            )
+            assert ks is not None  # normalize=True (the default) keeps the normaliser sum
+            state["kv_sum"], state["k_sum"] = kv, ks
             state["k_max"] = run[..., -1:].unsqueeze(-1)
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
@@ -298,13 +297,15 @@ class Performer(EfficientAttention):
                 out = linear_attention(qf, kf, v, causal=False, out_dtype=dtype)
         return out
 
-    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+    def _attend_step(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
+    ) -> Tensor:
         """Causal: the running sums ``kv_sum (B, H, m, d)``, ``k_sum (B, H, m)`` and key max ``k_max (B, H, 1, 1)``.
         Static keys: ``prev_key = Σ φ(k) vᵀ``, ``prev_value = Σ φ(k)``, summarised once."""
         qf = self._query_features(q)
         if not self.causal:
 
-            def summarise(k, v, kpm):
+            def summarise(k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Dict[str, Any]:
                 return dict(zip(("prev_key", "prev_value"), self._key_sums(self._key_logits(k, kpm), v, q.dtype)))
 
             self._static_kv(state, k, v, masks.key_padding, summarise)
@@ -312,6 +313,7 @@ class Performer(EfficientAttention):
             no_keys, no_values = qf[..., :0, :], kv.new_empty(*kv.shape[:2], 0, kv.shape[-1])
             out = linear_attention(qf, no_keys, no_values.to(qf.dtype), causal=False, initial_state=(kv, ks))
             return out.to(q.dtype)
+        assert k is not None and v is not None  # causal decoding always brings the new queries' own keys
         tgt_len = q.shape[2]
         if k.shape[2] < tgt_len and "kv_sum" in state:
             raise ValueError(

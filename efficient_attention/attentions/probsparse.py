@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -264,8 +264,8 @@ class ProbSparse(EfficientAttention):
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
-            n_act = active.sum(-1).max().clamp(min=1).float()
-            n_act = int(torch.exp2(torch.ceil(torch.log2(n_act))).clamp(max=tgt_len).long())
+            most = active.sum(-1).max().clamp(min=1).float()
+            n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
             torch._check(n_act >= 1)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)
@@ -302,9 +302,12 @@ class ProbSparse(EfficientAttention):
         out, _ = self._compute(q, k, v, kpm, qpm, None)
         return out, None
 
-    def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
+    def _attend_step(
+        self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
+    ) -> Tensor:
         """The key/value cache (``prev_key`` ...) plus every past query's sparsity score ``prev_scores (B, H, S)``
         (for the running top-u)."""
+        assert k is not None and v is not None  # self attention only (SELF_PATTERNS): every step brings its keys
         bsz, tgt_len = q.shape[0], q.shape[2]
         prev_k, prev_m = state.get("prev_key"), state.get("prev_scores")
         prev_len = 0 if prev_k is None else prev_k.shape[2]

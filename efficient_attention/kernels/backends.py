@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import ClassVar, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -88,6 +88,8 @@ class Backend:
     name: ClassVar[str]  # what a caller passes as backend=
     op: ClassVar[str]  # the op it computes
     devices: ClassVar[Tuple[str, ...]] = ()  # device types it runs on (() = any)
+    # each op's backends define ``run`` with that op's arguments; a Dispatcher's caller sees it untyped
+    run: ClassVar[Callable[..., Any]]
     dtypes: ClassVar[Tuple[torch.dtype, ...]] = ()  # input dtypes it takes (() = any float dtype)
     description: ClassVar[str] = ""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Dict, List, Optional, Sequence, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -124,7 +124,7 @@ class Dispatcher:
                     f"backend={cls.name!r} cannot run {self.op} on these inputs: " + "; ".join(reasons)
                 )
             return cls
-        skipped = []
+        skipped: List[Tuple[Type[Backend], List[str]]] = []
         for cls in self.backends:
             reasons = cls.not_supported_reasons(q, k, v, **params)
             if not reasons:

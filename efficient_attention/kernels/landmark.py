@@ -342,7 +342,9 @@ class LandmarkTriton(TritonBackend):
         return _landmark_triton_reason()
 
     @classmethod
-    def input_reasons(cls, q, k, v, block_size=None) -> List[str]:
+    def input_reasons(  # type: ignore[override]  # each op's backends take that op's keyword params, not any
+        cls, q: Tensor, k: Tensor, v: Tensor, block_size: Optional[int] = None
+    ) -> List[str]:
         reasons = kernel_shape_reasons(q, k, v) + tile_head_dim_reasons(q, v)
         if block_size not in LANDMARK_BLOCK_SIZES:
             reasons.append(

@@ -480,6 +480,7 @@ def linear_attention(
     return_state: Literal[False] = False,
     chunk_size: int = DEFAULT_CHUNK,
     backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tensor: ...
 
 
@@ -497,6 +498,7 @@ def linear_attention(
     return_state: Literal[True],
     chunk_size: int = DEFAULT_CHUNK,
     backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, State]: ...
 
 
