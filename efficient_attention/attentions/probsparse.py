@@ -209,15 +209,20 @@ class ProbSparse(EfficientAttention):
     def _lazy(self, v: Tensor, kpm: Optional[Tensor], q_pos: Tensor) -> Tensor:
         """Mean of the visible, non-padded values ``(B, H, T, d)`` (causal: a running mean)."""
         real = acc_dtype(v.dtype)
-        keep = torch.ones(v.shape[0], v.shape[2], dtype=real, device=v.device) if kpm is None else (~kpm).to(real)
-        vv = v.to(real) * keep[:, None, :, None]
+        if kpm is None:  # every key counts: no mask product, the counts are the positions
+            vv = v.to(real)
+            keep = None
+        else:
+            keep = (~kpm).to(real)
+            vv = v.to(real) * keep[:, None, :, None]
         if self.causal:
             first = v.shape[2] - q_pos.shape[0]
             # scan along the last dim: CUDA scans over an outer dim slowly (5.9 ms at 8k on an H200, 2026-12-03)
             total = vv.transpose(2, 3).cumsum(-1)[..., first:].transpose(2, 3)
-            count = keep.cumsum(1)[:, None, first:, None]
+            count = (q_pos + 1).to(real)[:, None] if keep is None else keep.cumsum(1)[:, None, first:, None]
         else:
-            total, count = vv.sum(2, keepdim=True), keep.sum(1)[:, None, None, None]
+            total = vv.sum(2, keepdim=True)
+            count = vv.new_full((), v.shape[2]) if keep is None else keep.sum(1)[:, None, None, None]
         return (total / count.clamp(min=1)).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
 
     def _exact_rows(
@@ -233,13 +238,18 @@ class ProbSparse(EfficientAttention):
     ) -> Tensor:
         """Exact softmax attention (SDPA) for the query ``rows`` ``(B, H, A)`` where ``ok``, written into ``out``."""
         idx = rows[..., None].expand(-1, -1, -1, q.shape[-1])
-        keep = None
+        keep: Optional[Tensor] = None
         if kpm is not None:  # a batch row without real keys has no active query: let its filler rows see everything
             keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, S)
-        if self.causal:
+        if self.causal and keep is None:
+            # one additive (B, H, A, S) mask in q's dtype, built from the rows' last visible key (filler rows see
+            # every key): a boolean mask took three such tensors plus SDPA's own conversion (1 GB each at 32k)
+            last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
+            hidden = torch.arange(k.shape[2], device=q.device) > last[..., None]
+            keep = torch.where(hidden, q.new_full((), float("-inf")), q.new_zeros(()))
+        elif self.causal:
             seen = torch.arange(k.shape[2], device=q.device) <= q_pos[rows][..., None]  # (B, H, A, S)
-            seen = seen if keep is None else seen & keep
-            keep = seen | ~ok[..., None]  # filler rows: no empty row
+            keep = (seen & keep) | ~ok[..., None]  # filler rows: no empty row
         exact = F.scaled_dot_product_attention(
             torch.gather(q, 2, idx),
             k,
