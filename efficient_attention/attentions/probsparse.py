@@ -247,7 +247,7 @@ class ProbSparse(EfficientAttention):
             last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
             hidden = torch.arange(k.shape[2], device=q.device) > last[..., None]
             keep = torch.where(hidden, q.new_full((), float("-inf")), q.new_zeros(()))
-        elif self.causal:
+        elif self.causal and keep is not None:
             seen = torch.arange(k.shape[2], device=q.device) <= q_pos[rows][..., None]  # (B, H, A, S)
             keep = (seen & keep) | ~ok[..., None]  # filler rows: no empty row
         exact = F.scaled_dot_product_attention(
