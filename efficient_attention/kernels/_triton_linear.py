@@ -1,15 +1,24 @@
 """Triton kernels of causal chunked linear attention (imported only when Triton is installed).
 
 Layout: ``q, k`` ``(BH, T, M)``, ``v`` ``(BH, T, D)`` contiguous, one dtype (fp16/bf16/fp32); ``g`` (log decay)
-``(BH, T)`` fp32; states ``(BH, M, D)`` fp32.  One program per (block of ``BLOCK_D`` value columns, batch*head)
-walks the chunks of ``BLOCK_C`` positions in order, with the state ``H (M, BLOCK_D)`` in registers (fp32):
+``(BH, T)`` fp32; states ``(BH, M, D)`` fp32.  Two levels of parallelism: the length is cut into ``NSEG``
+segments of ``SEG`` positions (a multiple of ``BLOCK_C``), and one program per (block of ``BLOCK_D`` value
+columns, segment, batch*head) walks the chunks of ``BLOCK_C`` positions of its segment in order, with the state
+``H (M, BLOCK_D)`` in registers (fp32):
 
     A = (q kᵀ) ∘ e^{G_i - G_j} [j <= i]        (G: cumulative log decay inside the chunk)
     o = A v + (q ∘ e^{G}) H                     H <- e^{G_last} H + (k ∘ e^{G_last - G})ᵀ v
 
-Backward: ``_bwd_dkdv`` walks the chunks backwards carrying ``dH = ∂L/∂H`` (``dv`` is complete per value block,
-``dk`` a partial sum over value blocks, summed by the caller), ``dH <- e^{G_last} dH + (q ∘ e^{G})ᵀ dO``, and
-ends with the initial state's gradient; ``_bwd_dq`` walks them forwards recomputing ``H`` for
+The state entering segment ``s`` is ``H_0`` carried through the segments before it: ``H <- e^{g_p} H + U_p``
+for ``p < s``, with ``U_p`` segment ``p``'s own final state from a zero start and ``g_p`` its total log decay,
+both written by ``_seg_states`` (one product per chunk) before the main pass.  With one segment (short
+sequences) that pass is skipped and the kernels are the plain sequential chunk walk.
+
+Backward: ``_bwd_dkdv`` walks a segment's chunks backwards carrying ``dH = ∂L/∂H`` (``dv`` is complete per
+value block, ``dk`` a partial sum over value blocks when there are several), ``dH <- e^{G_last} dH +
+(q ∘ e^{G})ᵀ dO``, starting from the gradient leaving the segment (``dH_T`` carried back through the later
+segments' ``W_p``, ``_seg_states``'s local gradients of their entering states) and, in segment 0, ending with
+the initial state's gradient; ``_bwd_dq`` walks forwards recomputing ``H`` for
 ``dq = (dO vᵀ ∘ e^{G_i - G_j} [j <= i]) k + e^{G} ∘ (dO Hᵀ)``.  Tensor-core products take the input dtype
 (fp32 inputs: IEEE fp32 products), accumulation is fp32.
 """
@@ -38,11 +47,107 @@ def _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C: tl.c
         k_out = tl.exp(gl - gc)  # what is left at the chunk's end of key j
         decay = tl.exp(gl)
     else:
+        gl = 0.0
         w = tl.where(causal, 1.0, 0.0)
         q_in = tl.full([BLOCK_C], 1.0, tl.float32)
         k_out = tl.full([BLOCK_C], 1.0, tl.float32)
         decay = 1.0
-    return q, k, v, w, q_in, k_out, decay, rows, in_t
+    return q, k, v, w, q_in, k_out, decay, gl, rows, in_t
+
+
+@triton.jit
+def _segment(pid_s, SEG, T):
+    """First position and length of segment ``pid_s``."""
+    start = pid_s * SEG
+    return start, tl.minimum(SEG, T - start)
+
+
+@triton.jit
+def _entering_state(U, GS, H0, bh, pid_s, NSEG, M, D, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_H0):
+    """The state entering segment ``pid_s``: ``H_0`` carried through segments ``0 .. pid_s - 1``."""
+    if HAS_H0:
+        h = tl.load(H0 + bh * M * D + h_ptr, mask=mask_h, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for p in range(0, pid_s):
+        if HAS_G:
+            h = h * tl.exp(tl.load(GS + bh * NSEG + p))
+        h += tl.load(U + (bh * NSEG + p) * M * D + h_ptr, mask=mask_h, other=0.0)
+    return h
+
+
+@triton.jit
+def _leaving_grad(W, GS, DHT, bh, pid_s, NSEG, M, D, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_DHT):
+    """The gradient of the state leaving segment ``pid_s``: ``dH_T`` carried back through the later segments."""
+    if HAS_DHT:
+        dh = tl.load(DHT + bh * M * D + h_ptr, mask=mask_h, other=0.0)
+    else:
+        dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for idx in range(0, NSEG - 1 - pid_s):
+        p = NSEG - 1 - idx
+        if HAS_G:
+            dh = dh * tl.exp(tl.load(GS + bh * NSEG + p))
+        dh += tl.load(W + (bh * NSEG + p) * M * D + h_ptr, mask=mask_h, other=0.0)
+    return dh
+
+
+@triton.jit
+def _seg_states(
+    Q,
+    K,
+    V,
+    G,
+    DO,
+    U,
+    W,
+    GS,
+    T,
+    M,
+    D,
+    SEG,
+    NSEG,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_G: tl.constexpr,
+    STORE_W: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Per segment from a zero start: its final state ``U`` ``(BH, NSEG, M, D)``, its total log decay ``GS``
+    ``(BH, NSEG)`` and (``STORE_W``) the gradient ``W`` of its entering state from its own outputs."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_h = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    h_ptr = offs_m[:, None] * D + offs_d[None, :]
+    h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    w_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = 0.0  # log decay from the segment's start to the chunk's start
+    seg_start, seg_len = _segment(pid_s, SEG, T)
+    for start in range(seg_start, seg_start + seg_len, BLOCK_C):
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+        )
+        h = h * decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v, input_precision=PREC)
+        if STORE_W:
+            mask_v = in_t[:, None] & (offs_d[None, :] < D)
+            do = tl.load(DO + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
+            if HAS_G:
+                qs = (q * (q_in * tl.exp(acc))[:, None]).to(q.dtype)
+            else:
+                qs = q
+            w_acc += tl.dot(tl.trans(qs), do, input_precision=PREC)
+        acc += gl
+    base = (bh * NSEG + pid_s) * M * D
+    tl.store(U + base + h_ptr, h, mask=mask_h)
+    if STORE_W:
+        tl.store(W + base + h_ptr, w_acc, mask=mask_h)
+    if HAS_G:
+        if pid_d == 0:
+            tl.store(GS + bh * NSEG + pid_s, acc)
 
 
 @triton.jit
@@ -52,11 +157,15 @@ def _fwd(
     V,
     G,
     H0,
+    U,
+    GS,
     O,
     HT,
     T,
     M,
     D,
+    SEG,
+    NSEG,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -66,18 +175,17 @@ def _fwd(
     PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2)
     offs_c = tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_h = (offs_m[:, None] < M) & (offs_d[None, :] < D)
     h_ptr = offs_m[:, None] * D + offs_d[None, :]
-    if HAS_H0:
-        h = tl.load(H0 + bh * M * D + h_ptr, mask=mask_h, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, T, BLOCK_C):
-        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(
+    h = _entering_state(U, GS, H0, bh, pid_s, NSEG, M, D, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_H0)
+    seg_start, seg_len = _segment(pid_s, SEG, T)
+    for start in range(seg_start, seg_start + seg_len, BLOCK_C):
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
             Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
         )
         a = tl.dot(q, tl.trans(k), input_precision=PREC) * w
@@ -86,7 +194,8 @@ def _fwd(
         tl.store(O + bh * T * D + rows[:, None] * D + offs_d[None, :], o, mask=in_t[:, None] & (offs_d[None, :] < D))
         h = h * decay + tl.dot(tl.trans((k * k_out[:, None]).to(k.dtype)), v, input_precision=PREC)
     if STORE_HT:
-        tl.store(HT + bh * M * D + h_ptr, h, mask=mask_h)
+        if pid_s == NSEG - 1:
+            tl.store(HT + bh * M * D + h_ptr, h, mask=mask_h)
 
 
 @triton.jit
@@ -97,6 +206,8 @@ def _bwd_dkdv(
     G,
     DO,
     DHT,
+    W,
+    GS,
     DK,
     DV,
     DH0,
@@ -104,6 +215,8 @@ def _bwd_dkdv(
     M,
     D,
     BH,
+    SEG,
+    NSEG,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -113,20 +226,19 @@ def _bwd_dkdv(
     PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2)
     offs_c = tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_h = (offs_m[:, None] < M) & (offs_d[None, :] < D)
     h_ptr = offs_m[:, None] * D + offs_d[None, :]
-    if HAS_DHT:
-        dh = tl.load(DHT + bh * M * D + h_ptr, mask=mask_h, other=0.0)
-    else:
-        dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_chunks = tl.cdiv(T, BLOCK_C)
+    dh = _leaving_grad(W, GS, DHT, bh, pid_s, NSEG, M, D, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_DHT)
+    seg_start, seg_len = _segment(pid_s, SEG, T)
+    n_chunks = tl.cdiv(seg_len, BLOCK_C)
     for idx in range(0, n_chunks):
-        start = (n_chunks - 1 - idx) * BLOCK_C
-        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(
+        start = seg_start + (n_chunks - 1 - idx) * BLOCK_C
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
             Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
         )
         mask_v = in_t[:, None] & (offs_d[None, :] < D)
@@ -143,7 +255,8 @@ def _bwd_dkdv(
         tl.store(dk_ptr, dk, mask=in_t[:, None] & (offs_m[None, :] < M))
         dh = dh * decay + tl.dot(tl.trans((q * q_in[:, None]).to(q.dtype)), do, input_precision=PREC)
     if STORE_DH0:
-        tl.store(DH0 + bh * M * D + h_ptr, dh, mask=mask_h)
+        if pid_s == 0:
+            tl.store(DH0 + bh * M * D + h_ptr, dh, mask=mask_h)
 
 
 @triton.jit
@@ -153,12 +266,16 @@ def _bwd_dq(
     V,
     G,
     H0,
+    U,
+    GS,
     DO,
     DQ,
     T,
     M,
     D,
     BH,
+    SEG,
+    NSEG,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -167,17 +284,17 @@ def _bwd_dq(
     PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2)
     offs_c = tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_h = (offs_m[:, None] < M) & (offs_d[None, :] < D)
-    if HAS_H0:
-        h = tl.load(H0 + bh * M * D + offs_m[:, None] * D + offs_d[None, :], mask=mask_h, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, T, BLOCK_C):
-        q, k, v, w, q_in, k_out, decay, rows, in_t = _chunk(
+    h_ptr = offs_m[:, None] * D + offs_d[None, :]
+    h = _entering_state(U, GS, H0, bh, pid_s, NSEG, M, D, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_H0)
+    seg_start, seg_len = _segment(pid_s, SEG, T)
+    for start in range(seg_start, seg_start + seg_len, BLOCK_C):
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
             Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
         )
         mask_v = in_t[:, None] & (offs_d[None, :] < D)
