@@ -216,22 +216,23 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
     The whole feature dim per program (``BLOCK_M``) and all value columns too (``BLOCK_D``) while the state tile
     stays within ``TILE_LIMIT``: then ``q kᵀ`` is computed once per chunk and ``dq, dk`` are written whole (more
     value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  Chunks of 64 positions (32 for
-    wide fp32 features).  The length is cut into ``SEG``-position segments run in parallel, enough for about two
-    programs per SM, each of at least ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk)."""
+    wide fp32 features or more than 64 value columns: fewer registers spilled).  The length is cut into
+    ``SEG``-position segments run in parallel, up to about two programs per SM, each of at least
+    ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk)."""
     block_m = _pow2(m)
     block_d = _pow2(d)
     while block_m * block_d > TILE_LIMIT and block_d > 16:
         block_d //= 2
-    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 else 32
+    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d <= 64 else 32
     n_d = -(-d // block_d)
     chunks = max(1, -(-seq // block_c))
-    segments = max(1, min(-(-2 * sms // (bh * n_d)), chunks // MIN_SEGMENT_CHUNKS))
+    segments = max(1, min(2 * sms // (bh * n_d), chunks // MIN_SEGMENT_CHUNKS))
     per_segment = -(-chunks // segments)
     return dict(
         BLOCK_C=block_c,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
-        num_warps=8 if block_m * block_d > 64 * 64 else 4,
+        num_warps=8 if block_m * block_d > 64 * 64 or block_d > 64 else 4,
         SEG=per_segment * block_c,
     )
 
