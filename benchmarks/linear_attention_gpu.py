@@ -57,7 +57,7 @@ def old_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: int) 
             block_d = width
             break
     chunks = max(1, -(-seq // block_c))
-    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, SEG=chunks * block_c)
+    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, SEG=chunks * block_c, TAIL=False)
 
 
 @contextlib.contextmanager
@@ -93,7 +93,7 @@ def segments(T, m, d, dtype, B, H):
     """(segments, value blocks) the library picks on this device."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 1
     c = NEW_CONFIG(max(m, 16), d, dtype, B * H, sms, T)
-    return -(-T // c["SEG"]), -(-d // c["BLOCK_D"])
+    return -(-T // c["SEG"]), 1 if c["TAIL"] else -(-d // c["BLOCK_D"])
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -296,8 +296,11 @@ def main() -> int:
     save("modules", module_speed(lengths, paths, deadline=lambda: left() < 12))
     if args.sweep and DEV == "cuda":
         sweep = [
-            dict(BLOCK_C=32),
+            dict(BLOCK_C=64),
+            dict(BLOCK_C=64, num_warps=8),
             dict(num_warps=4),
+            dict(num_warps=8),
+            dict(TAIL=False, BLOCK_D=128, num_warps=8),
             dict(SEG_SCALE=0.5),
             dict(SEG_SCALE=2.0),
             dict(SEG_SCALE=4.0),

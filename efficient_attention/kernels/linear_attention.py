@@ -215,16 +215,20 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
 
     The whole feature dim per program (``BLOCK_M``) and all value columns too (``BLOCK_D``) while the state tile
     stays within ``TILE_LIMIT``: then ``q kᵀ`` is computed once per chunk and ``dq, dk`` are written whole (more
-    value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  Chunks of 64 positions (32 for
-    wide fp32 features or more than 64 value columns: fewer registers spilled).  The length is cut into
+    value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  Up to 16 columns past a power of
+    two (the normaliser's ones column: ``d = 64 + 1``) are a second, 16-wide tile (``TAIL``), not a doubled block.
+    Chunks of 64 positions (32 for wide fp32 features or more than 64 value columns: fewer registers spilled in
+    an sm_90 compile).  The length is cut into
     ``SEG``-position segments run in parallel, up to about two programs per SM, each of at least
     ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk)."""
     block_m = _pow2(m)
-    block_d = _pow2(d)
+    main = _pow2(d) // 2
+    tail = main >= 32 and d - main <= 16 and block_m * main <= TILE_LIMIT
+    block_d = main if tail else _pow2(d)
     while block_m * block_d > TILE_LIMIT and block_d > 16:
         block_d //= 2
-    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d <= 64 else 32
-    n_d = -(-d // block_d)
+    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d + 16 * tail <= 64 else 32
+    n_d = 1 if tail else -(-d // block_d)
     chunks = max(1, -(-seq // block_c))
     segments = max(1, min(2 * sms // (bh * n_d), chunks // MIN_SEGMENT_CHUNKS))
     per_segment = -(-chunks // segments)
@@ -234,6 +238,7 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
         BLOCK_D=block_d,
         num_warps=8 if block_m * block_d > 64 * 64 or block_d > 64 else 4,
         SEG=per_segment * block_c,
+        TAIL=tail,
     )
 
 
@@ -265,7 +270,8 @@ def triton_linear_attention(
     cfg = _config(q, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
-    grid = (triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
+    cfg["TAIL"] = cfg["TAIL"] and cfg["BLOCK_D"] < d <= cfg["BLOCK_D"] + 16  # a tail tile beside one block only
+    grid = (1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     o = torch.empty(bsz, heads, seq, d, device=q.device, dtype=torch.float32)
     final = torch.empty(bsz, heads, m, d, device=q.device, dtype=torch.float32)
@@ -313,7 +319,8 @@ def triton_linear_attention_bwd(
     cfg = _config(q, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
-    n_d = triton.cdiv(d, cfg["BLOCK_D"])
+    cfg["TAIL"] = cfg["TAIL"] and cfg["BLOCK_D"] < d <= cfg["BLOCK_D"] + 16
+    n_d = 1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"])
     grid = (n_d, nseg, bh)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
     g = _flat(log_decay.float()) if log_decay is not None else dof
