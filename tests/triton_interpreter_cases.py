@@ -6,8 +6,8 @@ what the GPU tests cover where CI has no GPU: every tile config that ``triton_op
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
 and a gradient through ``out`` alone; the chunked linear-attention kernels (decay, states, padding,
-value blocks, one feature, several segments, the tail tile) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero
-with the failing cases listed.
+value blocks, one feature, several segments, the tail tile) and the causal Performer / cosFormer / ABC
+running on them.  Exits non-zero with the failing cases listed.
 """
 
 from __future__ import annotations

@@ -214,18 +214,19 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
     """Tiles and segments for ``(bh, seq, m)`` features and ``d`` value columns on a GPU of ``sms`` SMs.
 
     The whole feature dim per program (``BLOCK_M``) and all value columns too (``BLOCK_D``) while the state tile
-    stays within ``TILE_LIMIT``: then ``q kᵀ`` is computed once per chunk and ``dq, dk`` are written whole (more
+    stays within ``TILE_LIMIT`` (a quarter of it for fp32 inputs, whose sm_90 compile spills kilobytes and takes
+    minutes at 128 x 64): then ``q kᵀ`` is computed once per chunk and ``dq, dk`` are written whole (more
     value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  Up to 16 columns past a power of
     two (the normaliser's ones column: ``d = 64 + 1``) are a second, 16-wide tile (``TAIL``), not a doubled block.
     Chunks of 64 positions (32 for wide fp32 features or more than 64 value columns: fewer registers spilled in
-    an sm_90 compile).  The length is cut into
-    ``SEG``-position segments run in parallel, up to about two programs per SM, each of at least
-    ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk)."""
+    an sm_90 compile).  The length is cut into ``SEG``-position segments run in parallel, up to about two
+    programs per SM, each of at least ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk)."""
     block_m = _pow2(m)
+    limit = TILE_LIMIT if dtype != torch.float32 else TILE_LIMIT // 4  # fp32 products run on CUDA cores
     main = _pow2(d) // 2
-    tail = main >= 32 and d - main <= 16 and block_m * main <= TILE_LIMIT
+    tail = main >= 32 and d - main <= 16 and block_m * main <= limit
     block_d = main if tail else _pow2(d)
-    while block_m * block_d > TILE_LIMIT and block_d > 16:
+    while block_m * block_d > limit and block_d > 16:
         block_d //= 2
     block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d + 16 * tail <= 64 else 32
     n_d = 1 if tail else -(-d // block_d)
