@@ -135,16 +135,19 @@ def op_case(B, H, T, m, d, dtype, decay, state, normalize, S=None, seed=0):
     return {n: rel(a, b) for n, a, b in zip(names, *results)}
 
 
-def run_checks():
+def run_checks(deadline=lambda: False):
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     cases = [  # several segments on an H200 (B*H small), lengths that do not divide into chunks or segments
         dict(B=1, H=2, T=3001, m=128, d=64, dtype=bf16, decay=False, state=True, normalize=True),
         dict(B=2, H=2, T=4099, m=16, d=64, dtype=bf16, decay=True, state=True, normalize=True),
-        dict(B=1, H=2, T=1800, m=256, d=128, dtype=f16, decay=True, state=True, normalize=True),  # value blocks
         dict(B=2, H=2, T=700, m=64, d=16, dtype=f32, decay=True, state=False, normalize=False, S=2100),
+        dict(B=1, H=2, T=1800, m=256, d=128, dtype=f16, decay=True, state=True, normalize=True),  # value blocks
     ]
     rows = []
     for c in cases:
+        if deadline():
+            print(f"checks: out of time budget, skipping {c}", flush=True)
+            continue
         if DEV == "cpu":
             c = dict(c, T=min(c["T"], 150), S=None if c.get("S") is None else 200)
         nseg, n_d = segments(c.get("S") or c["T"], c["m"], c["d"] + c["normalize"], c["dtype"], c["B"], c["H"])
@@ -194,42 +197,44 @@ def timed(fn, reps=5):
         return None, None
 
 
-def op_speed(lengths, paths, deadline, configs=None):
+def op_speed(points, deadline):
+    """``points``: ``(T, m, path, override)``; m = 16 with decay (Performer), m = 128 without (cosFormer)."""
     rows = []
     B, H, d = 4, 8, 64
-    for T in lengths:
-        for m, decay in ((16, True), (128, False)):
-            if deadline():
-                print(f"op speed: out of time budget, skipping T={T} m={m}", flush=True)
-                continue
+    inputs: dict = {}
+    for T, m, path, override in points:
+        if deadline():
+            print(f"op speed: out of time budget, skipping T={T} m={m} {path} {override}", flush=True)
+            continue
+        if (T, m) not in inputs:
+            inputs.clear()  # free the previous shape's tensors
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
             g = torch.Generator(device=DEV).manual_seed(0)
             q = torch.rand(B, H, T, m, device=DEV, generator=g, dtype=torch.bfloat16).requires_grad_()
             k = torch.rand(B, H, T, m, device=DEV, generator=g, dtype=torch.bfloat16).requires_grad_()
             v = torch.randn(B, H, T, d, device=DEV, generator=g, dtype=torch.bfloat16).requires_grad_()
-            log_decay = -torch.rand(B, H, T, device=DEV, generator=g) * 0.01 if decay else None
+            log_decay = -torch.rand(B, H, T, device=DEV, generator=g) * 0.01 if m == 16 else None
+            inputs[(T, m)] = (q, k, v, log_decay)
 
-            def fn():
-                linear_attention(q, k, v, causal=True, log_decay=log_decay).sum().backward()
-                q.grad = k.grad = v.grad = None
+        def fn(T=T, m=m):
+            q, k, v, log_decay = inputs[(T, m)]
+            linear_attention(q, k, v, causal=True, log_decay=log_decay).sum().backward()
+            q.grad = k.grad = v.grad = None
 
-            for path, override in [(p, None) for p in paths] + [("new", o) for o in (configs or [])]:
-                with kernel_path(path, override):
-                    ms, mib = timed(fn)
-                nseg, n_d = segments(T, m, d + 1, torch.bfloat16, B, H) if path == "new" and not override else ("", "")
-                rows.append(dict(T=T, m=m, decay=decay, path=path, config=override, ms=ms, peak_mib=mib, seg=nseg))
-                print(json.dumps(rows[-1]), flush=True)
-            q = k = v = None  # free them (not del: fn reads them)
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
+        with kernel_path(path, override):
+            ms, mib = timed(fn)
+        nseg = segments(T, m, d + 1, torch.bfloat16, B, H)[0] if path == "new" and not override else ""
+        rows.append(dict(T=T, m=m, decay=m == 16, path=path, config=override, ms=ms, peak_mib=mib, seg=nseg))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def module_speed(lengths, paths, deadline):
+def module_speed(points, deadline):
+    """``points``: ``(L, mechanism, path)``; ``vanilla`` runs SDPA (path ``sdpa``)."""
     rows = []
     B, E, H = 4, 512, 8
     device = torch.device(DEV)
-    points = [(L, "vanilla", "sdpa") for L in lengths]
-    points += [(L, name, p) for p in paths for L in lengths for name in ("performer", "cosformer", "abc")]
     for L, name, path in points:
         if deadline():
             print(f"modules: out of time budget, skipping {name} {path} L={L}", flush=True)
@@ -265,7 +270,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test this script")
     parser.add_argument("--lengths", default="8192,32768", help="comma-separated sequence lengths")
     parser.add_argument("--paths", default="new,old", help="kernel schedules to time: new, old (old: see the doc)")
-    parser.add_argument("--budget", type=float, default=85.0, help="seconds: later points are skipped past it")
+    parser.add_argument("--budget", type=float, default=82.0, help="seconds: later points are skipped past it")
     parser.add_argument("--sweep", action="store_true", help="also a few tile / segment configs of the new path")
     args = parser.parse_args()
     global DEV
@@ -291,22 +296,18 @@ def main() -> int:
     def left():
         return args.budget - (time.time() - t0)
 
-    save("checks", run_checks())
-    save("op", op_speed(lengths, paths, deadline=lambda: left() < 45))
-    save("modules", module_speed(lengths, paths, deadline=lambda: left() < 12))
-    if args.sweep and DEV == "cuda":
-        sweep = [
-            dict(BLOCK_C=64),
-            dict(BLOCK_C=64, num_warps=8),
-            dict(num_warps=4),
-            dict(num_warps=8),
-            dict(TAIL=False, BLOCK_D=128, num_warps=8),
-            dict(SEG_SCALE=0.5),
-            dict(SEG_SCALE=2.0),
-            dict(SEG_SCALE=4.0),
-        ]
-        save("sweep", op_speed((32768,), [], deadline=lambda: left() < 3, configs=sweep))
-
+    # most important first; every point checks the deadline (a first call compiles its kernels, 1-3 s each)
+    save("checks", run_checks(deadline=lambda: left() < 60))
+    ops = [(T, m, p, None) for T in lengths for m in (16, 128) for p in paths]
+    save("op", op_speed(ops, deadline=lambda: left() < 40))
+    mods = [(L, "vanilla", "sdpa") for L in lengths]
+    mods += [(L, name, p) for p in paths for L in lengths for name in ("performer", "cosformer", "abc")]
+    save("modules", module_speed(mods, deadline=lambda: left() < (3 if not args.sweep else 20)))
+    if args.sweep and DEV == "cuda":  # segment counts first (no recompiling), then tiles
+        sweep = [(16, dict(SEG_SCALE=s)) for s in (0.5, 2.0)] + [(128, dict(SEG_SCALE=s)) for s in (0.5, 2.0, 4.0)]
+        sweep += [(128, dict(TAIL=False, BLOCK_D=128)), (16, dict(BLOCK_C=64)), (128, dict(BLOCK_C=64))]
+        sweep += [(128, dict(num_warps=4)), (16, dict(num_warps=8))]
+        save("sweep", op_speed([(32768, m, "new", o) for m, o in sweep], deadline=lambda: left() < 3))
     print(f"\n# {result['device']}, torch {result['torch']}, {time.time() - t0:.0f} s")
     failed = [r for r in result["checks"] if not r["ok"]]
     print(f"checks against float64: {len(result['checks']) - len(failed)} ok, {len(failed)} failed")
