@@ -136,8 +136,8 @@ def linear_case(T, m, d, dtype, decay, state, normalize, S=None):
 
 
 def linear_segments_case(T, m, d, dtype, decay, normalize, S=None, block_d=None, through_state=True):
-    """The segment-parallel schedule (forced: chunks of 16, segments of 32 positions, so ``T`` not dividing into
-    either; ``block_d``: value blocks instead of one block and a tail tile) against the float64 reference: out,
+    """The segment-parallel schedule (forced: chunks of 32 and segments of 64 positions with the tail tile, 16 and
+    32 with ``block_d`` value blocks instead, so ``T`` divides into neither) against the float64 reference: out,
     final ``H`` and ``z``, and the gradients of q, k, v and of the initial ``H`` and ``z`` (``through_state``:
     the loss also uses the final state)."""
     import importlib
@@ -154,9 +154,9 @@ def linear_segments_case(T, m, d, dtype, decay, normalize, S=None, block_d=None,
     base = la._triton_config
 
     def forced(*args):
-        cfg = dict(base(*args), BLOCK_C=16, SEG=32)
+        cfg = dict(base(*args), BLOCK_C=32, SEG=64)  # the tail tile runs only in chunks of 32
         if block_d is not None:
-            cfg.update(BLOCK_D=block_d, TAIL=False)
+            cfg.update(BLOCK_D=block_d, TAIL=False, BLOCK_C=16, SEG=32)
         return cfg
 
     results = []
@@ -307,12 +307,12 @@ def main() -> int:
         ),
         (
             False,
-            "linear 5 segments, d64 + normaliser tail tile, decay, states fp32",
+            "linear 3 segments, d64 + normaliser tail tile, decay, states fp32",
             lambda: linear_segments_case(150, 16, 64, f32, True, True),
         ),
         (
             False,
-            "linear 3 segments, d40 + normaliser tail, T<S, gradient through out only fp16",
+            "linear 2 segments, d40 + normaliser tail, T<S, gradient through out only fp16",
             lambda: linear_segments_case(70, 20, 40, f16, False, True, S=90, through_state=False),
         ),
         (

@@ -219,7 +219,9 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
     value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  Up to 16 columns past a power of
     two (the normaliser's ones column: ``d = 64 + 1``) are a second, 16-wide tile (``TAIL``), not a doubled block.
     Chunks of 64 positions (32 for wide fp32 features or more than 64 value columns: fewer registers spilled in
-    an sm_90 compile).  The length is cut into ``SEG``-position segments run in parallel, up to about two
+    an sm_90 compile; 32 with the tail tile: chunks of 64 beside it hit an illegal memory access on the H200 in
+    a benchmark sweep, not reproduced by the interpreter, so only the measured 32 is allowed, see
+    :func:`_checked_config`).  The length is cut into ``SEG``-position segments run in parallel, up to about two
     programs per SM, each of at least ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk)."""
     block_m = _pow2(m)
     limit = TILE_LIMIT if dtype != torch.float32 else TILE_LIMIT // 4  # fp32 products run on CUDA cores
@@ -228,7 +230,7 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
     block_d = main if tail else _pow2(d)
     while block_m * block_d > limit and block_d > 16:
         block_d //= 2
-    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d + 16 * tail <= 64 else 32
+    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d <= 64 and not tail else 32
     n_d = 1 if tail else -(-d // block_d)
     chunks = max(1, -(-seq // block_c))
     segments = max(1, min(2 * sms // (bh * n_d), chunks // MIN_SEGMENT_CHUNKS))
@@ -246,10 +248,28 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
 _SMS: dict = {}
 
 
+def _checked_config(cfg: dict, m: int, d: int) -> dict:
+    """``cfg`` after the bounds every kernel relies on (a ``ValueError`` naming the key, never a launch that reads
+    or writes outside its tensors): whole features per program, value blocks (or one block and its tail tile)
+    covering ``d``, segments of whole chunks, power-of-two tiles, the tail tile only with chunks of 32."""
+    bc, bm, bd, seg = cfg["BLOCK_C"], cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["SEG"]
+    for key in ("BLOCK_C", "BLOCK_M", "BLOCK_D"):
+        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+            raise ValueError(f"linear attention config: {key}={cfg[key]} must be a power of two >= 16")
+    if bm < m:
+        raise ValueError(f"linear attention config: BLOCK_M={bm} below the {m} features")
+    if seg <= 0 or seg % bc:
+        raise ValueError(f"linear attention config: SEG={seg} must be a positive multiple of BLOCK_C={bc}")
+    if cfg["TAIL"] and not (bd < d <= bd + 16 and bc == 32):
+        raise ValueError(f"linear attention config: TAIL needs BLOCK_D < d <= BLOCK_D + 16 and BLOCK_C = 32 ({cfg})")
+    return cfg
+
+
 def _config(q: Tensor, d: int) -> dict:
     if q.device not in _SMS:
         _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    return dict(_triton_config(q.shape[-1], d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2]))
+    cfg = _triton_config(q.shape[-1], d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2])
+    return _checked_config(dict(cfg), q.shape[-1], d)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -271,7 +291,6 @@ def triton_linear_attention(
     cfg = _config(q, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
-    cfg["TAIL"] = cfg["TAIL"] and cfg["BLOCK_D"] < d <= cfg["BLOCK_D"] + 16  # a tail tile beside one block only
     grid = (1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     o = torch.empty(bsz, heads, seq, d, device=q.device, dtype=torch.float32)
@@ -320,7 +339,6 @@ def triton_linear_attention_bwd(
     cfg = _config(q, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
-    cfg["TAIL"] = cfg["TAIL"] and cfg["BLOCK_D"] < d <= cfg["BLOCK_D"] + 16
     n_d = 1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"])
     grid = (n_d, nseg, bh)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
