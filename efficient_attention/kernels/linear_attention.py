@@ -222,7 +222,10 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
     an sm_90 compile; 32 with the tail tile: chunks of 64 beside it hit an illegal memory access on the H200 in
     a benchmark sweep, not reproduced by the interpreter, so only the measured 32 is allowed, see
     :func:`_checked_config`).  The length is cut into ``SEG``-position segments run in parallel, up to about two
-    programs per SM, each of at least ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk)."""
+    programs per SM, each of at least ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk).
+    H200, fwd + bwd at 32k, B*H = 32, d = 64 + 1 (``benchmarks/linear_attention_gpu.py --sweep``): half or twice
+    the segments are no faster (m = 16: 5.15 / 3.80 / 3.85 ms, m = 128: 6.84 / 6.66 / 6.87); 4 warps beat 8 at
+    128 x 64 (6.16 ms) and at 16 x 64 (3.80 against 5.58)."""
     block_m = _pow2(m)
     limit = TILE_LIMIT if dtype != torch.float32 else TILE_LIMIT // 4  # fp32 products run on CUDA cores
     main = _pow2(d) // 2
@@ -239,7 +242,7 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
         BLOCK_C=block_c,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
-        num_warps=8 if block_m * block_d > 64 * 64 or block_d > 64 else 4,
+        num_warps=8 if block_m * block_d > 128 * 64 or block_d > 64 else 4,
         SEG=per_segment * block_c,
         TAIL=tail,
     )
