@@ -1,25 +1,32 @@
-"""Chunked linear attention on the GPU: correctness against float64, then speed against SDPA.
+"""Causal Triton linear attention on the GPU: the segment-parallel kernels against float64, and old vs new speed.
 
-    python benchmarks/linear_attention_gpu.py --out DIR
+    python benchmarks/linear_attention_gpu.py --out DIR             # < 90 s on an H200
+    python benchmarks/linear_attention_gpu.py --out DIR --sweep     # also a few tile / segment configs at 32k
+    python benchmarks/linear_attention_gpu.py --out DIR --full      # two more correctness cases
 
-1. ``linear_attention`` (Triton backend) against the float64 reference, forward and gradients, over shapes,
-   dtypes, causal / noncausal, decay, initial state, normalised or not.
-2. The three routed modules (Performer, cosFormer, ABC) on CUDA in fp32 against themselves in float64
-   (full forward, causal and noncausal), and causal decoding against the full pass.
-3. Op speed, forward + backward, B = 4, H = 8, d = 64, m = 64 / 128 / 256, T = 1k .. 32k, bf16: the Triton
-   op, the PyTorch chunked path, and SDPA (causal / noncausal, head dim 64).
-4. Module speed (the efficiency setting of issue 13): self-attention on ``(L, B = 4, 512)``, 8 heads,
-   bf16 autocast over fp32 weights, train mode, forward + backward of ``out.sum()``: Performer, cosFormer, ABC
-   (causal and noncausal) against ``efficient_attention.MultiheadAttention`` (vanilla, SDPA).
+1. ``checks``: ``linear_attention`` (Triton backend) against the float64 reference path, output, final state and
+   the gradients of q, k, v and the initial state, at shapes that cut the length into several segments (lengths
+   that do not divide into them), one segment, several value blocks, decay / no decay, fp32 / bf16 / fp16.
+2. ``op``: the causal op forward + backward, B = 4, H = 8, d = 64 + the normaliser's column, bf16, m = 16
+   (Performer, with decay) and m = 128 (cosFormer, no decay), L = 8k and 32k: the ``new`` kernels (segments
+   in parallel, one value block) against the ``old`` schedule (one program per batch*head walking the whole
+   length, value columns in blocks of 16-64 with partial fp32 dq/dk buffers), which is the same kernels run
+   with the old tile rule and one segment -- selectable here only (``--paths``), not in the library.
+   Time: median of 5 CUDA-event-timed calls after 2 warm-ups; memory: ``max_memory_allocated`` above what
+   was live before the call.
+3. ``modules``: CAB's efficiency setting (self-attention on ``(L, B=4, 512)``, 8 heads of 64, bf16 autocast over
+   fp32 weights, train mode, forward + backward of ``out.sum()``), causal Performer, cosFormer and ABC at 8k and
+   32k on both paths, and ``vanilla`` (SDPA); peak memory the same way as ``benchmarks/mechanisms_gpu.py``.
 
-Writes ``DIR/linear_attention_gpu.json`` after each part and prints as it goes, then tables; stays within
-``--budget`` seconds (85) by skipping the longest timing points (``--full``/``--sweep`` add checks and a tile
-sweep).  Needs CUDA and Triton; no fairseq.
+Writes ``DIR/linear_attention_gpu.json`` after each part; stays within ``--budget`` seconds by skipping later
+points.  Needs CUDA and Triton; no fairseq.  ``--device cpu`` smoke-tests the script (chunked backend).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import sys
@@ -27,17 +34,55 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from efficient_attention import MultiheadAttention, build_attention  # noqa: E402
-from efficient_attention.kernels.dispatch import not_supported_reasons  # noqa: E402
+from efficient_attention.benchmark.timing import peak_bytes, train_case  # noqa: E402
 from efficient_attention.kernels.linear_attention import linear_attention  # noqa: E402
 
-DEV = "cuda"  # --device cpu: a smoke run of the script itself (chunked backend, wall-clock timing)
-TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+LA = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
+DEV = "cuda"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 6e-3}
+NEW_CONFIG = LA._triton_config
+
+
+def old_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: int) -> dict:
+    """The tile rule before the segments (main at dc234cc): one segment, value columns in blocks of 64, 32 or 16,
+    the widest that still gives about two programs per SM."""
+    block_m = max(16, 1 << (m - 1).bit_length())
+    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 else 32
+    block_d = 16
+    for width in (64, 32):
+        if width <= max(16, 1 << (d - 1).bit_length()) and bh * -(-d // width) >= 2 * sms:
+            block_d = width
+            break
+    chunks = max(1, -(-seq // block_c))
+    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, SEG=chunks * block_c, TAIL=False)
+
+
+@contextlib.contextmanager
+def kernel_path(path: str, override: dict | None = None):
+    """``new``: the library's config; ``old``: :func:`old_config`; ``override`` changes keys of the new one
+    (``SEG_SCALE`` multiplies the number of segments)."""
+    if path == "old":
+        LA._triton_config = old_config
+    elif override:
+
+        def cfg(m, d, dtype, bh, sms, seq):
+            c = NEW_CONFIG(m, d, dtype, bh, sms, seq)
+            scale = override.get("SEG_SCALE", 1.0)
+            c.update({k: v for k, v in override.items() if k != "SEG_SCALE"})
+            chunks = -(-seq // c["BLOCK_C"])
+            nseg = max(1, round(-(-seq // c["SEG"]) * scale))
+            c["SEG"] = -(-chunks // nseg) * c["BLOCK_C"]
+            return c
+
+        LA._triton_config = cfg
+    try:
+        yield
+    finally:
+        LA._triton_config = NEW_CONFIG
 
 
 def rel(got, ref):
@@ -45,127 +90,90 @@ def rel(got, ref):
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def segments(T, m, d, dtype, B, H):
+    """(segments, value blocks) the library picks on this device."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 1
+    c = NEW_CONFIG(max(m, 16), d, dtype, B * H, sms, T)
+    return -(-T // c["SEG"]), 1 if c["TAIL"] else -(-d // c["BLOCK_D"])
+
+
 # ------------------------------------------------------------------------------------------ checks
-def op_case(B, H, T, S, m, d, dtype, causal, decay, state, normalize, seed=0):
+def op_case(B, H, T, m, d, dtype, decay, state, normalize, S=None, seed=0):
+    """Errors of the Triton path against the float64 reference: out, final state, dq, dk, dv, d initial state."""
+    S = T if S is None else S
     g = torch.Generator(device=DEV).manual_seed(seed)
     q = torch.rand(B, H, T, m, device=DEV, generator=g).to(dtype)
     k = torch.rand(B, H, S, m, device=DEV, generator=g).to(dtype)
     v = torch.randn(B, H, S, d, device=DEV, generator=g).to(dtype)
-    log_decay = -torch.rand(B, H, S, device=DEV, generator=g) * 0.2 if decay else None
+    log_decay = -torch.rand(B, H, S, device=DEV, generator=g) * 0.05 if decay else None
     kpm = torch.zeros(B, S, dtype=torch.bool, device=DEV)
     kpm[-1, S - S // 5 :] = True
     init = None
     if state:
         init = (torch.rand(B, H, m, d, device=DEV, generator=g), torch.rand(B, H, m, device=DEV, generator=g) + 1)
-        if not normalize:
-            init = (init[0], None)
-    ins = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, (hf, _) = linear_attention(
-        *ins,
-        causal=causal,
-        log_decay=log_decay,
-        key_padding_mask=kpm,
-        normalize=normalize,
-        initial_state=init,
-        return_state=True,
-    )
-    ref_ins = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref_init = None if init is None else (init[0].double(), None if init[1] is None else init[1].double())
-    ref_out, (ref_hf, _) = linear_attention(
-        *ref_ins,
-        causal=causal,
-        log_decay=None if log_decay is None else log_decay.double(),
-        key_padding_mask=kpm,
-        normalize=normalize,
-        initial_state=ref_init,
-        return_state=True,
-        backend="reference",
-    )
-    go = torch.randn_like(ref_out)
-    gh = torch.randn_like(ref_hf)
-    ((out.double() * go).sum() + (hf.double() * gh).sum()).backward()
-    ((ref_out * go).sum() + (ref_hf * gh).sum()).backward()
-    errs = {"out": rel(out, ref_out), "state": rel(hf, ref_hf)}
-    errs.update({f"d{n}": rel(a.grad, b.grad) for n, a, b in zip("qkv", ins, ref_ins)})
-    return errs
+    results = []
+    fast = "triton" if DEV == "cuda" else "chunked"
+    for backend, cast in ((fast, lambda x: x), ("reference", lambda x: x.double())):
+        ins = [cast(x).detach().requires_grad_() for x in (q, k, v)]
+        st = None if init is None else [cast(x).detach().requires_grad_() for x in init]
+        out, (hf, _) = linear_attention(
+            *ins,
+            causal=True,
+            log_decay=None if log_decay is None else cast(log_decay),
+            key_padding_mask=kpm,
+            normalize=normalize,
+            initial_state=None if st is None else (st[0], st[1] if normalize else None),
+            return_state=True,
+            backend=backend,
+        )
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        go = torch.randn(out.shape, device=DEV, generator=gen, dtype=torch.float64)
+        gh = torch.randn(hf.shape, device=DEV, generator=gen, dtype=torch.float64)
+        loss = (out.double() * go).sum() + (hf.double() * gh).sum()
+        wrt = ins + ([st[0]] if st is not None else [])
+        results.append([out, hf, *torch.autograd.grad(loss, wrt)])
+    names = ["out", "state", "dq", "dk", "dv"] + (["dh0"] if state else [])
+    return {n: rel(a, b) for n, a, b in zip(names, *results)}
 
 
-def _case_line(c, backend):
-    return (
-        f"{str(c['dtype']):>14} T={c['T']:>4} S={c['S']:>4} m={c['m']:>3} d={c['d']:>3} causal={c['causal']!s:<5} "
-        f"decay={c['decay']!s:<5} state={c['state']!s:<5} norm={c['normalize']!s:<5} {backend}"
-    )
-
-
-def run_op_checks(full: bool):
-    """Each case compiles its kernel variants (about 1 s each on the device): the default set is small."""
+def run_checks(full=False, deadline=lambda: False):
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    cases = [
-        dict(B=2, H=3, T=300, S=300, m=64, d=64, dtype=f32, causal=True, decay=True, state=True, normalize=True),
-        dict(B=2, H=3, T=333, S=333, m=256, d=128, dtype=bf16, causal=True, decay=True, state=True, normalize=True),
-        dict(B=2, H=3, T=200, S=200, m=130, d=32, dtype=f16, causal=True, decay=False, state=False, normalize=True),
-        dict(B=2, H=2, T=100, S=300, m=32, d=64, dtype=bf16, causal=True, decay=True, state=False, normalize=False),
-        dict(B=1, H=2, T=1, S=1, m=1, d=16, dtype=bf16, causal=True, decay=False, state=True, normalize=False),
+    cases = [  # several segments on an H200 (B*H small), lengths that do not divide into chunks or segments
+        dict(B=1, H=2, T=3001, m=128, d=64, dtype=bf16, decay=False, state=True, normalize=True),
+        dict(B=2, H=2, T=4099, m=16, d=64, dtype=bf16, decay=True, state=True, normalize=True),
     ]
-    if full:
-        for dtype in (f32, bf16, f16):
-            for T, m, d in ((63, 64, 64), (1000, 64, 64), (777, 128, 64)):
-                cases.append(
-                    dict(B=2, H=3, T=T, S=T, m=m, d=d, dtype=dtype, causal=True, decay=True, state=True, normalize=True)
-                )
+    if full:  # checked on the H200 on 2026-12-03 (results in benchmarks/README.md); each case compiles 5 kernels
+        cases += [
+            dict(B=2, H=2, T=700, m=64, d=16, dtype=f32, decay=True, state=False, normalize=False, S=2100),
+            dict(B=1, H=2, T=1800, m=256, d=128, dtype=f16, decay=True, state=True, normalize=True),  # value blocks
+        ]
     rows = []
     for c in cases:
-        q = torch.empty(1, 1, 1, c["m"], device=DEV, dtype=c["dtype"])
-        backend = "chunked" if not_supported_reasons("linear_attention", q, q, q)["triton"] else "triton"
+        if deadline():
+            print(f"checks: out of time budget, skipping {c}", flush=True)
+            continue
+        if DEV == "cpu":
+            c = dict(c, T=min(c["T"], 150), S=None if c.get("S") is None else 200)
+        nseg, n_d = segments(c.get("S") or c["T"], c["m"], c["d"] + c["normalize"], c["dtype"], c["B"], c["H"])
+        label = (
+            f"{str(c['dtype'])[6:]:>8} T={c['T']:>4} S={c.get('S') or c['T']:>4} m={c['m']:>3} d={c['d']:>3} "
+            f"decay={c['decay']:d} state={c['state']:d} norm={c['normalize']:d} segments={nseg} vblocks={n_d}"
+        )
         try:
             errs = op_case(**c)
-            ok = max(errs.values()) < TOL[c["dtype"]] * (3 if c["dtype"] != torch.float32 else 1)
-            rows.append(dict(case={k: str(v) for k, v in c.items()}, backend=backend, errors=errs, ok=ok))
-            print(f"{'ok  ' if ok else 'FAIL'} {_case_line(c, backend)} {max(errs.values()):.1e} {errs}", flush=True)
+            ok = max(errs.values()) < TOL[c["dtype"]]
+            rows.append(dict(case=label, errors=errs, ok=ok))
+            print(f"{'ok  ' if ok else 'FAIL'} {label} max {max(errs.values()):.1e} {errs}", flush=True)
         except Exception as exc:  # report and go on
-            rows.append(dict(case={k: str(v) for k, v in c.items()}, backend=backend, error=repr(exc), ok=False))
-            print(f"FAIL {_case_line(c, backend)} {exc!r}", flush=True)
+            rows.append(dict(case=label, error=repr(exc), ok=False))
+            print(f"FAIL {label} {exc!r}", flush=True)
             traceback.print_exc()
-    return rows
-
-
-def run_module_checks():
-    rows = []
-    for name, opts in (("performer", dict(approx_attn_dim=64)), ("cosformer", dict(max_len=4096)), ("abc", {})):
-        for causal in (True,):  # noncausal runs PyTorch matmuls only
-            torch.manual_seed(0)
-            try:
-                m = build_attention(name, embed_dim=128, num_heads=4, causal=causal, self_attention=True, **opts)
-                m = m.to(DEV).eval()
-                x = torch.randn(700, 3, 128, device=DEV)
-                kpm = torch.zeros(3, 700, dtype=torch.bool, device=DEV)
-                kpm[1, 650:] = True
-                out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
-                ref = m.double()(x.double(), x.double(), x.double(), key_padding_mask=kpm, need_weights=False)[0]
-                keep = (~kpm).t().unsqueeze(-1)
-                err = rel(out * keep, ref * keep)
-                row = dict(name=name, causal=causal, rel_err_fp32_vs_fp64=err, ok=err < 1e-4)
-                if causal:  # decoding (a prefill of 300, then steps) equals the full pass
-                    m = m.float()
-                    full = m(x[:340], need_weights=False)[0]
-                    state = {}
-                    outs = [m(x[:300], x[:300], x[:300], incremental_state=state, need_weights=False)[0]]
-                    for t in range(300, 340):
-                        step = x[t : t + 1]
-                        outs.append(m(step, step, step, incremental_state=state, need_weights=False)[0])
-                    derr = rel(torch.cat(outs), full)
-                    row.update(rel_err_decode_vs_full=derr, ok=row["ok"] and derr < 1e-4)
-                rows.append(row)
-            except Exception as exc:
-                rows.append(dict(name=name, causal=causal, error=repr(exc), ok=False))
-                traceback.print_exc()
-            print(f"{'ok  ' if rows[-1]['ok'] else 'FAIL'} module {rows[-1]}", flush=True)
     return rows
 
 
 # ------------------------------------------------------------------------------------------ timing
 def timed(fn, reps=5):
-    """Median ms of ``fn`` over ``reps`` runs after two warm-ups (GPU time from CUDA events; None on OOM/error)."""
+    """(median ms over ``reps`` calls after two warm-ups, peak MiB above what was live); (None, None) on error."""
     try:
         for _ in range(2):
             fn()
@@ -183,151 +191,103 @@ def timed(fn, reps=5):
                 t = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[len(times) // 2]
+        mem = peak_bytes(fn, lambda: None, torch.device(DEV)).get("mem_peak_bytes", 0) / 2**20
+        return sorted(times)[len(times) // 2], mem
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return None
-    except Exception:  # report and go on: one broken point must not hide the others
+        return None, None
+    except Exception:  # one broken point must not hide the others
         traceback.print_exc()
-        return None
+        return None, None
 
 
-def op_speed(lengths, deadline=lambda: False):
+def op_speed(points, deadline):
+    """``points``: ``(T, m, path, override)``; m = 16 with decay (Performer), m = 128 without (cosFormer)."""
     rows = []
     B, H, d = 4, 8, 64
-    for T in lengths:
+    inputs: dict = {}
+    for T, m, path, override in points:
         if deadline():
-            print(f"op speed: out of time budget, skipping T >= {T}", flush=True)
-            break
-        qs, ks, vs = (torch.randn(B, H, T, d, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            print(f"op speed: out of time budget, skipping T={T} m={m} {path} {override}", flush=True)
+            continue
+        if (T, m) not in inputs:
+            inputs.clear()  # free the previous shape's tensors
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+            g = torch.Generator(device=DEV).manual_seed(0)
+            q = torch.rand(B, H, T, m, device=DEV, generator=g, dtype=torch.bfloat16).requires_grad_()
+            k = torch.rand(B, H, T, m, device=DEV, generator=g, dtype=torch.bfloat16).requires_grad_()
+            v = torch.randn(B, H, T, d, device=DEV, generator=g, dtype=torch.bfloat16).requires_grad_()
+            log_decay = -torch.rand(B, H, T, device=DEV, generator=g) * 0.01 if m == 16 else None
+            inputs[(T, m)] = (q, k, v, log_decay)
 
-        def sdpa(causal):
-            def fn():
-                F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).sum().backward()
+        def fn(T=T, m=m):
+            q, k, v, log_decay = inputs[(T, m)]
+            linear_attention(q, k, v, causal=True, log_decay=log_decay).sum().backward()
+            q.grad = k.grad = v.grad = None
 
-            return fn
+        with kernel_path(path, override):
+            ms, mib = timed(fn)
+        nseg = segments(T, m, d + 1, torch.bfloat16, B, H)[0] if path == "new" and not override else ""
+        rows.append(dict(T=T, m=m, decay=m == 16, path=path, config=override, ms=ms, peak_mib=mib, seg=nseg))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
-        row = dict(T=T, sdpa_causal=timed(sdpa(True)), sdpa_noncausal=timed(sdpa(False)))
-        for m in (64, 128, 256):
-            q = torch.rand(B, H, T, m, device=DEV, dtype=torch.bfloat16).requires_grad_()
-            k = torch.rand(B, H, T, m, device=DEV, dtype=torch.bfloat16).requires_grad_()
-            v = torch.randn(B, H, T, d, device=DEV, dtype=torch.bfloat16).requires_grad_()
-            decay = -torch.rand(B, H, T, device=DEV) * 0.01
 
-            def op(causal, backend, with_decay):
-                def fn():
-                    linear_attention(
-                        q, k, v, causal=causal, log_decay=decay if with_decay else None, backend=backend
-                    ).sum().backward()
+def module_speed(points, deadline):
+    """``points``: ``(L, mechanism, path)``; ``vanilla`` runs SDPA (path ``sdpa``)."""
+    rows = []
+    B, E, H = 4, 512, 8
+    device = torch.device(DEV)
+    for L, name, path in points:
+        if deadline():
+            print(f"modules: out of time budget, skipping {name} {path} L={L}", flush=True)
+            continue
+        torch.manual_seed(0)
+        if name == "vanilla":
+            mod = MultiheadAttention(E, H, self_attention=True, causal=True).to(DEV)
+        else:
+            mod = build_attention(name, embed_dim=E, num_heads=H, self_attention=True, causal=True).to(DEV)
+        call, reset = train_case(mod, L, B, E, device, torch.bfloat16 if DEV == "cuda" else None)
 
-                return fn
+        def fn():
+            reset()
+            call()
 
-            fast = "triton" if DEV == "cuda" else "chunked"
-            row[f"m{m}_triton_causal_decay"] = timed(op(True, fast, True))
-            if m == 128:  # cosFormer's case: no decay
-                row[f"m{m}_triton_causal"] = timed(op(True, fast, False))
-            if m == 64:
-                row[f"m{m}_chunked_causal_decay"] = timed(op(True, "chunked", True)) if T <= 8192 else None
-            row[f"m{m}_noncausal"] = timed(op(False, None, False))
-            q = k = v = None  # free them (not del: the closures above read them)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        qs = ks = vs = None  # free them (not del: the closures above read them)
+        with kernel_path(path if path != "sdpa" else "new"):
+            ms, mib = timed(fn, reps=3)
+        rows.append(dict(mechanism=name, L=L, path=path, ms=ms, peak_mib=mib))
+        print(json.dumps(rows[-1]), flush=True)
+        mod = call = reset = None
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def tile_sweep(T=8192, m=64):
-    """Causal op fwd+bwd ms at one shape for a few tile configs (the pick of ``_triton_config`` is marked)."""
-    import efficient_attention.kernels.linear_attention as la_mod
-
-    B, H, d = 4, 8, 64
-    q = torch.rand(B, H, T, m, device=DEV, dtype=torch.bfloat16).requires_grad_()
-    k = torch.rand(B, H, T, m, device=DEV, dtype=torch.bfloat16).requires_grad_()
-    v = torch.randn(B, H, T, d, device=DEV, dtype=torch.bfloat16).requires_grad_()
-    decay = -torch.rand(B, H, T, device=DEV) * 0.01
-    chosen = la_mod._triton_config
-    picked = chosen(m, d + 1, torch.bfloat16, B * H, torch.cuda.get_device_properties(0).multi_processor_count)
-    rows = []
-    for cfg in (
-        dict(BLOCK_C=64, BLOCK_D=16, num_warps=4),
-        dict(BLOCK_C=64, BLOCK_D=32, num_warps=4),
-        dict(BLOCK_C=64, BLOCK_D=64, num_warps=4),
-        dict(BLOCK_C=32, BLOCK_D=16, num_warps=4),
-        dict(BLOCK_C=128, BLOCK_D=16, num_warps=8),
-        dict(BLOCK_C=64, BLOCK_D=16, num_warps=8),
-    ):
-        full = dict(cfg, BLOCK_M=max(16, m))
-        la_mod._triton_config = lambda *a, full=full: full
-        try:
-            ms = timed(
-                lambda: linear_attention(q, k, v, causal=True, log_decay=decay, backend="triton").sum().backward()
-            )
-        except Exception as exc:
-            ms = repr(exc)[:80]
-        finally:
-            la_mod._triton_config = chosen
-        rows.append(dict(cfg, T=T, m=m, ms=ms, picked=all(picked[k] == v for k, v in cfg.items())))
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def module_speed(lengths, deadline=lambda: False):
-    rows = []
-    B, E, H = 4, 512, 8
-    mechs = [("vanilla", {}), ("performer", {}), ("cosformer", {}), ("abc", {})]
-    for causal in (True, False):
-        for name, opts in mechs:
-            torch.manual_seed(0)
-            if name == "vanilla":
-                m = MultiheadAttention(E, H, self_attention=True, causal=causal).to(DEV).train()
-            else:
-                m = build_attention(name, embed_dim=E, num_heads=H, self_attention=True, causal=causal, **opts)
-                m = m.to(DEV).train()
-            for L in lengths:
-                if deadline():
-                    rows.append(dict(mechanism=name, causal=causal, L=L, ms=None, peak_mib=0.0, skipped=True))
-                    continue
-                x = torch.randn(L, B, E, device=DEV, requires_grad=True)
-
-                def fn():
-                    with torch.autocast(DEV, dtype=torch.bfloat16):
-                        out = m(x, x, x, need_weights=False)[0]
-                    out.float().sum().backward()
-
-                if DEV == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                ms = timed(fn, reps=3)
-                peak = torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else 0.0
-                rows.append(dict(mechanism=name, causal=causal, L=L, ms=ms, peak_mib=round(peak, 1)))
-                print(json.dumps(rows[-1]), flush=True)
-                x = None  # free it (not del: fn() reads it)
-                if DEV == "cuda":
-                    torch.cuda.empty_cache()
-    return rows
-
-
-def fmt(x):
-    return "OOM/err" if x is None else f"{x:.2f}"
+def fmt(x, digits=2):
+    return "err" if x is None else f"{x:.{digits}f}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for linear_attention_gpu.json")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test this script")
-    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="comma-separated sequence lengths")
-    parser.add_argument("--budget", type=float, default=85.0, help="seconds: later timing points are skipped past it")
-    parser.add_argument("--full", action="store_true", help="more correctness cases (each compiles kernels)")
-    parser.add_argument("--sweep", action="store_true", help="also time a few tile configs at T = 8192")
+    parser.add_argument("--lengths", default="8192,32768", help="comma-separated sequence lengths")
+    parser.add_argument("--paths", default="new,old", help="kernel schedules to time: new, old (old: see the doc)")
+    parser.add_argument("--budget", type=float, default=82.0, help="seconds: later points are skipped past it")
+    parser.add_argument("--sweep", action="store_true", help="also a few tile / segment configs of the new path")
+    parser.add_argument("--full", action="store_true", help="two more correctness cases (fp32, fp16 value blocks)")
     args = parser.parse_args()
     global DEV
     DEV = args.device
     lengths = tuple(int(x) for x in args.lengths.split(","))
-    os.makedirs(args.out, exist_ok=True)
+    paths = [p for p in args.paths.split(",") if p]
     if DEV == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available")
         return 1
+    if DEV == "cpu":
+        paths, lengths = ["new"], (256,)
+    os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     result = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__)
     path = os.path.join(args.out, "linear_attention_gpu.json")
@@ -335,35 +295,55 @@ def main() -> int:
     def save(key, value):
         result[key] = value
         with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(result, f, indent=1, default=str)
         print(f"[{time.time() - t0:.0f} s] {key} done", flush=True)
 
     def left():
         return args.budget - (time.time() - t0)
 
-    save("op_checks", run_op_checks(args.full))
-    save("module_checks", run_module_checks())
-    save("module_speed", module_speed(lengths, deadline=lambda: left() < 25))
-    save("op_speed", op_speed(lengths, deadline=lambda: left() < 5))
-    if args.sweep and DEV == "cuda":
-        save("tile_sweep", tile_sweep())
+    # most important first; every point checks the deadline (a first call compiles its kernels, 1-3 s each)
+    save("checks", run_checks(args.full, deadline=lambda: left() < 60))
+    ops = [(T, m, p, None) for T in sorted(lengths, reverse=True) for m in (16, 128) for p in paths]
+    save("op", op_speed(ops, deadline=lambda: left() < 30))
+    mods = [(L, "vanilla", "sdpa") for L in lengths]
+    mods += [(L, name, "new") for L in lengths for name in ("performer", "cosformer", "abc") if "new" in paths]
+    if "old" in paths:  # the old schedule's modules at the longest length only (the budget)
+        mods += [(max(lengths), name, "old") for name in ("performer", "cosformer", "abc")]
+    save("modules", module_speed(mods, deadline=lambda: left() < (3 if not args.sweep else 15)))
+    if args.sweep and DEV == "cuda":  # segment counts first (no recompiling), then tiles
+        sweep = [(16, dict(SEG_SCALE=s)) for s in (0.5, 2.0)] + [(128, dict(SEG_SCALE=s)) for s in (0.5, 2.0, 4.0)]
+        sweep += [(128, dict(num_warps=4)), (16, dict(num_warps=8))]
+        sweep += [(128, dict(TAIL=False, BLOCK_D=128, BLOCK_C=64)), (16, dict(TAIL=False, BLOCK_D=128, BLOCK_C=64))]
+        save("sweep", op_speed([(32768, m, "new", o) for m, o in sweep], deadline=lambda: left() < 3))
     print(f"\n# {result['device']}, torch {result['torch']}, {time.time() - t0:.0f} s")
-    failed = [r for r in result["op_checks"] + result["module_checks"] if not r["ok"]]
-    print(f"{len(failed)} failed checks (listed above as FAIL)")
-    print("\n## op fwd+bwd ms (B=4, H=8, d=64, bf16)")
-    keys = [k for k in result["op_speed"][0] if k != "T"] if result["op_speed"] else []
-    print("| T | " + " | ".join(keys) + " |")
-    for r in result["op_speed"]:
-        print(f"| {r['T']} | " + " | ".join(fmt(r[k]) for k in keys) + " |")
-    for r in result.get("tile_sweep", []):
-        print("tile sweep (causal, decay, T=8192, m=64, bf16, fwd+bwd ms):", r)
-    print("\n## modules fwd+bwd ms / peak MiB ((L, 4, 512), 8 heads, bf16 autocast)")
-    for causal in (True, False):
-        print(f"\n{'causal' if causal else 'noncausal'}: | mechanism | " + " | ".join(str(L) for L in lengths) + " |")
-        for name in ("vanilla", "performer", "cosformer", "abc"):
-            cells = [r for r in result["module_speed"] if r["mechanism"] == name and r["causal"] == causal]
-            cells = ["skipped" if r.get("skipped") else f"{fmt(r['ms'])} / {r['peak_mib']:.0f}" for r in cells]
-            print(f"| {name} | " + " | ".join(cells) + " |")
+    failed = [r for r in result["checks"] if not r["ok"]]
+    print(f"checks against float64: {len(result['checks']) - len(failed)} ok, {len(failed)} failed")
+    for r in result["checks"]:
+        err = max(r["errors"].values()) if "errors" in r else float("nan")
+        print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['case']} max rel err {err:.1e}")
+    print("\n## op fwd+bwd, B=4 H=8 d=64(+1) bf16: ms / peak MiB above inputs (new: segments)")
+    print("| T | m | " + " | ".join(paths) + " | old/new |")
+    for T in lengths:
+        for m in (16, 128):
+            cells = {r["path"]: r for r in result["op"] if r["T"] == T and r["m"] == m and not r["config"]}
+            if not cells:
+                continue
+            txt = [f"{fmt(cells[p]['ms'])} / {fmt(cells[p]['peak_mib'], 0)}" if p in cells else "-" for p in paths]
+            ratio = "-"
+            if "old" in cells and "new" in cells and cells["old"]["ms"] and cells["new"]["ms"]:
+                ratio = f"{cells['old']['ms'] / cells['new']['ms']:.2f}"
+            print(f"| {T} | {m} (seg {cells.get('new', {}).get('seg', '')}) | " + " | ".join(txt) + f" | {ratio} |")
+    for r in result.get("sweep", []):
+        print(f"sweep T={r['T']} m={r['m']} {r['config']}: {fmt(r['ms'])} ms, {fmt(r['peak_mib'], 0)} MiB")
+    print("\n## modules, causal, CAB setting (L, 4, 512), fwd+bwd: ms / peak MiB")
+    print("| mechanism | path | " + " | ".join(str(L) for L in lengths) + " |")
+    for name in ("vanilla", "performer", "cosformer", "abc"):
+        for p in ["sdpa"] if name == "vanilla" else paths:
+            cells = []
+            for L in lengths:
+                r = [x for x in result["modules"] if x["mechanism"] == name and x["path"] == p and x["L"] == L]
+                cells.append(f"{fmt(r[0]['ms'])} / {fmt(r[0]['peak_mib'], 0)}" if r else "skipped")
+            print(f"| {name} | {p} | " + " | ".join(cells) + " |")
     return 1 if failed else 0
 
 

@@ -259,3 +259,63 @@ def test_bad_input_names_the_argument(kwargs, match):
     args.update(kwargs)
     with pytest.raises((TypeError, ValueError), match=match):
         linear_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize(
+    "m,d,bh,seq",
+    [
+        (16, 65, 32, 32768),  # Performer in CAB's setting: d = 64 + the normaliser's column
+        (128, 65, 32, 8192),  # cosFormer
+        (64, 16, 32, 32768),  # ABC's slot scores
+        (256, 129, 32, 8192),  # the widest: value blocks
+        (128, 129, 4, 4096),
+        (16, 65, 32, 100),  # too short to cut
+        (16, 1, 1, 16),
+    ],
+)
+def test_triton_config_tiles_and_segments(m, d, bh, seq):
+    """The Triton schedule (pure Python, checked here; the kernels run in the interpreter cases): whole tiles,
+    segments that are whole chunks, none empty, at most about two programs per SM, one value block (no partial
+    dq/dk buffers) for every mechanism's shape."""
+    from efficient_attention.kernels.linear_attention import (
+        MIN_SEGMENT_CHUNKS,
+        TILE_LIMIT,
+        _checked_config,
+        _triton_config,
+    )
+
+    sms = 132
+    cfg = _checked_config(_triton_config(m, d, torch.bfloat16, bh, sms, seq), m, d)
+    assert cfg["BLOCK_M"] >= m and cfg["BLOCK_M"] * cfg["BLOCK_D"] <= TILE_LIMIT
+    if cfg["TAIL"]:
+        assert cfg["BLOCK_D"] < d <= cfg["BLOCK_D"] + 16
+    n_d = 1 if cfg["TAIL"] else -(-d // cfg["BLOCK_D"])
+    if m <= 128 and d <= 129:
+        assert n_d == 1
+    assert cfg["SEG"] % cfg["BLOCK_C"] == 0
+    nseg = -(-seq // cfg["SEG"])
+    assert (nseg - 1) * cfg["SEG"] < seq  # no empty segment
+    if nseg > 1:
+        assert bh * n_d * nseg <= 2 * sms and cfg["SEG"] // cfg["BLOCK_C"] >= MIN_SEGMENT_CHUNKS
+    if seq >= 8192 and bh * n_d <= sms:
+        assert nseg > 1  # long sequences on few heads run in parallel over the length
+    if d == 65:  # 64 values + the normaliser: a 64-wide block and the tail tile, not a 128-wide block
+        assert cfg["TAIL"] and cfg["BLOCK_D"] == 64
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(BLOCK_C=64), "TAIL"),  # the tail tile only runs in chunks of 32
+        (dict(BLOCK_D=32), "TAIL"),  # 32 + 16 columns cannot hold 65
+        (dict(SEG=48), "SEG"),
+        (dict(BLOCK_M=8), "BLOCK_M"),
+        (dict(BLOCK_D=48, TAIL=False), "BLOCK_D"),
+    ],
+)
+def test_triton_config_out_of_bounds_is_refused(change, match):
+    from efficient_attention.kernels.linear_attention import _checked_config, _triton_config
+
+    cfg = dict(_triton_config(16, 65, torch.bfloat16, 32, 132, 32768), **change)
+    with pytest.raises(ValueError, match=match):
+        _checked_config(cfg, 16, 65)

@@ -6,8 +6,8 @@ what the GPU tests cover where CI has no GPU: every tile config that ``triton_op
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
 and a gradient through ``out`` alone; the chunked linear-attention kernels (decay, states, padding,
-value blocks, one feature) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero
-with the failing cases listed.
+value blocks, one feature, several segments, the tail tile) and the causal Performer / cosFormer / ABC
+running on them.  Exits non-zero with the failing cases listed.
 """
 
 from __future__ import annotations
@@ -135,6 +135,61 @@ def linear_case(T, m, d, dtype, decay, state, normalize, S=None):
         assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
 
 
+def linear_segments_case(T, m, d, dtype, decay, normalize, S=None, block_d=None, through_state=True):
+    """The segment-parallel schedule (forced: chunks of 32 and segments of 64 positions with the tail tile, 16 and
+    32 with ``block_d`` value blocks instead, so ``T`` divides into neither) against the float64 reference: out,
+    final ``H`` and ``z``, and the gradients of q, k, v and of the initial ``H`` and ``z`` (``through_state``:
+    the loss also uses the final state)."""
+    import importlib
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
+    S = T if S is None else S
+    g = torch.Generator().manual_seed(T + m + d)
+    q, k = (torch.rand(1, 2, n, m, generator=g).to(dtype) for n in (T, S))
+    v = torch.randn(1, 2, S, d, generator=g).to(dtype)
+    log_decay = -torch.rand(1, 2, S, generator=g) * 0.3 if decay else None
+    kpm = torch.zeros(1, S, dtype=torch.bool)
+    kpm[0, S - 3 :] = True
+    init = (torch.rand(1, 2, m, d, generator=g), torch.rand(1, 2, m, generator=g))
+    base = la._triton_config
+
+    def forced(*args):
+        cfg = dict(base(*args), BLOCK_C=32, SEG=64)  # the tail tile runs only in chunks of 32
+        if block_d is not None:
+            cfg.update(BLOCK_D=block_d, TAIL=False, BLOCK_C=16, SEG=32)
+        return cfg
+
+    results = []
+    for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
+        ins = [cast(x.detach()).requires_grad_() for x in (q, k, v)]
+        st = [cast(x).requires_grad_() for x in init]
+        la._triton_config = forced
+        try:
+            out, (h, z) = linear_attention(
+                *ins,
+                causal=True,
+                log_decay=None if log_decay is None else cast(log_decay),
+                key_padding_mask=kpm,
+                normalize=normalize,
+                return_state=True,
+                backend=backend,
+                initial_state=(st[0], st[1] if normalize else None),
+            )
+            gen = torch.Generator().manual_seed(1)
+            loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)).sum()
+            if through_state:
+                loss = loss + (h * h).sum() + (z.sum() if normalize else 0)
+            wrt = ins + (st if normalize else st[:1])
+            grads = list(torch.autograd.grad(loss, wrt))  # the backward's kernels read the forced config too
+        finally:
+            la._triton_config = base
+        results.append([out, h] + ([z] if normalize else []) + grads)
+    names = ["out", "H", "z", "dq", "dk", "dv", "dH0", "dz0"] if normalize else ["out", "H", "dq", "dk", "dv", "dH0"]
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    for name, got, want in zip(names, *results):
+        assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
+
+
 def linear_modules_case():
     """Causal Performer, cosFormer, ABC with their linear attention on the Triton kernels (fp32) against
     themselves in float64 (PyTorch paths), with key padding; decoding after a prefill equals the full pass."""
@@ -249,6 +304,21 @@ def main() -> int:
             False,
             "linear d64 normalised: 2 value blocks, partial dq/dk summed fp32",
             lambda: linear_case(40, 16, 64, f32, True, True, True),
+        ),
+        (
+            False,
+            "linear 3 segments, d64 + normaliser tail tile, decay, states fp32",
+            lambda: linear_segments_case(150, 16, 64, f32, True, True),
+        ),
+        (
+            False,
+            "linear 2 segments, d40 + normaliser tail, T<S, gradient through out only fp16",
+            lambda: linear_segments_case(70, 20, 40, f16, False, True, S=90, through_state=False),
+        ),
+        (
+            False,
+            "linear 3 segments x 2 value blocks, partial dq/dk, unnormalised fp32",
+            lambda: linear_segments_case(70, 16, 64, f32, True, False, block_d=32),
         ),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

@@ -19,10 +19,12 @@ query ``t`` see ``exp(l_j - c_t)`` (Performer, ABC).  ``return_state=True`` also
 Backends (``LINEAR_ATTENTION``, a :class:`~efficient_attention.kernels.dispatch.Dispatcher`; its
 ``not_supported_reasons`` says why one cannot run; ``backend=`` forces one):
 
-* ``"triton"`` -- CUDA: one program per (batch, head, block of value columns) walks the chunks,
-  masked ``C x C`` product inside a chunk, the state carried in registers across chunks (fp32);
-  the backward runs the chunks backwards for ``dk, dv`` and forwards again for ``dq``
-  (``_triton_linear.py``), registered as the custom op ``efficient_attention::triton_linear_attention``.
+* ``"triton"`` -- CUDA: the length is cut into segments run in parallel; one program per (batch, head,
+  segment) walks the segment's chunks, masked ``C x C`` product inside a chunk, the state carried in
+  registers across chunks (fp32), starting from the state entering the segment (the earlier segments' own
+  final states, from a first pass of one product per chunk, summed with their decays); the backward runs
+  the chunks backwards for ``dk, dv`` and forwards again for ``dq`` the same way (``_triton_linear.py``),
+  registered as the custom op ``efficient_attention::triton_linear_attention``.
 * ``"chunked"`` -- any device, PyTorch: the same chunked algorithm with batched matmuls, the states
   entering the chunks from one cumsum (no decay) or one ``(N, N)`` decay-weighted matmul over the ``N``
   chunks; no Python loop.  Half inputs compute in fp32.
@@ -200,27 +202,77 @@ def chunked_linear_attention(
 
 
 # -------------------------------------------------------------------------- Triton custom op
-def _triton_config(m: int, d: int, dtype: torch.dtype, programs_per_column_block: int, sms: int) -> dict:
-    """Tile sizes: the whole feature dim per program (``BLOCK_M``), chunks of 64 positions (32 for wide features),
-    and value columns in blocks of 64, 32 or 16: the widest that still gives about two programs per SM (each
-    program walks its chunks in order, so ``B*H`` programs alone rarely fill a GPU)."""
-    block_m = max(16, 1 << (m - 1).bit_length())
-    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 else 32
-    block_d = 16
-    for width in (64, 32):
-        if width <= max(16, 1 << (d - 1).bit_length()) and programs_per_column_block * -(-d // width) >= 2 * sms:
-            block_d = width
-            break
-    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+TILE_LIMIT = 128 * 128  # BLOCK_M * BLOCK_D: the fp32 state tile one program holds in registers
+MIN_SEGMENT_CHUNKS = 8  # a segment walks at least this many chunks (else its entering-state sum costs more)
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << (x - 1).bit_length())
+
+
+def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: int) -> dict:
+    """Tiles and segments for ``(bh, seq, m)`` features and ``d`` value columns on a GPU of ``sms`` SMs.
+
+    The whole feature dim per program (``BLOCK_M``) and all value columns too (``BLOCK_D``) while the state tile
+    stays within ``TILE_LIMIT`` (a quarter of it for fp32 inputs, whose sm_90 compile spills kilobytes and takes
+    minutes at 128 x 64): then ``q kᵀ`` is computed once per chunk and ``dq, dk`` are written whole (more
+    value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  Up to 16 columns past a power of
+    two (the normaliser's ones column: ``d = 64 + 1``) are a second, 16-wide tile (``TAIL``), not a doubled block.
+    Chunks of 64 positions (32 for wide fp32 features or more than 64 value columns: fewer registers spilled in
+    an sm_90 compile; 32 with the tail tile: chunks of 64 beside it hit an illegal memory access on the H200 in
+    a benchmark sweep, not reproduced by the interpreter, so only the measured 32 is allowed, see
+    :func:`_checked_config`).  The length is cut into ``SEG``-position segments run in parallel, up to about two
+    programs per SM, each of at least ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk).
+    H200, fwd + bwd at 32k, B*H = 32, d = 64 + 1 (``benchmarks/linear_attention_gpu.py --sweep``): half or twice
+    the segments are no faster (m = 16: 5.15 / 3.80 / 3.85 ms, m = 128: 6.84 / 6.66 / 6.87); 4 warps beat 8 at
+    128 x 64 (6.16 ms) and at 16 x 64 (3.80 against 5.58)."""
+    block_m = _pow2(m)
+    limit = TILE_LIMIT if dtype != torch.float32 else TILE_LIMIT // 4  # fp32 products run on CUDA cores
+    main = _pow2(d) // 2
+    tail = main >= 32 and d - main <= 16 and block_m * main <= limit
+    block_d = main if tail else _pow2(d)
+    while block_m * block_d > limit and block_d > 16:
+        block_d //= 2
+    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d <= 64 and not tail else 32
+    n_d = 1 if tail else -(-d // block_d)
+    chunks = max(1, -(-seq // block_c))
+    segments = max(1, min(2 * sms // (bh * n_d), chunks // MIN_SEGMENT_CHUNKS))
+    per_segment = -(-chunks // segments)
+    return dict(
+        BLOCK_C=block_c,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=8 if block_m * block_d > 128 * 64 or block_d > 64 else 4,
+        SEG=per_segment * block_c,
+        TAIL=tail,
+    )
 
 
 _SMS: dict = {}
 
 
+def _checked_config(cfg: dict, m: int, d: int) -> dict:
+    """``cfg`` after the bounds every kernel relies on (a ``ValueError`` naming the key, never a launch that reads
+    or writes outside its tensors): whole features per program, value blocks (or one block and its tail tile)
+    covering ``d``, segments of whole chunks, power-of-two tiles, the tail tile only with chunks of 32."""
+    bc, bm, bd, seg = cfg["BLOCK_C"], cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["SEG"]
+    for key in ("BLOCK_C", "BLOCK_M", "BLOCK_D"):
+        if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
+            raise ValueError(f"linear attention config: {key}={cfg[key]} must be a power of two >= 16")
+    if bm < m:
+        raise ValueError(f"linear attention config: BLOCK_M={bm} below the {m} features")
+    if seg <= 0 or seg % bc:
+        raise ValueError(f"linear attention config: SEG={seg} must be a positive multiple of BLOCK_C={bc}")
+    if cfg["TAIL"] and not (bd < d <= bd + 16 and bc == 32):
+        raise ValueError(f"linear attention config: TAIL needs BLOCK_D < d <= BLOCK_D + 16 and BLOCK_C = 32 ({cfg})")
+    return cfg
+
+
 def _config(q: Tensor, d: int) -> dict:
     if q.device not in _SMS:
         _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    return _triton_config(q.shape[-1], d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device])
+    cfg = _triton_config(q.shape[-1], d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2])
+    return _checked_config(dict(cfg), q.shape[-1], d)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -238,28 +290,24 @@ def triton_linear_attention(
 
     bsz, heads, seq, m = q.shape
     d = v.shape[-1]
+    bh = bsz * heads
     cfg = _config(q, d)
+    seg = cfg.pop("SEG")
+    nseg = triton.cdiv(seq, seg)
+    grid = (1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
     o = torch.empty(bsz, heads, seq, d, device=q.device, dtype=torch.float32)
     final = torch.empty(bsz, heads, m, d, device=q.device, dtype=torch.float32)
     g = _flat(log_decay.float()) if log_decay is not None else o
     h0 = _flat(state.float()) if state is not None else o
-    grid = (triton.cdiv(d, cfg["BLOCK_D"]), bsz * heads)
+    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    u = gs = o  # the segments' own final states and total log decays (unused with one segment)
+    if nseg > 1:
+        u = torch.empty(bh, nseg, m, d, device=q.device, dtype=torch.float32)
+        gs = torch.empty(bh, nseg, device=q.device, dtype=torch.float32) if log_decay is not None else u
+        kern._seg_states[grid](qf, kf, vf, g, o, u, u, gs, seq, m, d, seg, nseg, STORE_W=False, **flags)
     kern._fwd[grid](
-        _flat(q),
-        _flat(k),
-        _flat(v),
-        g,
-        h0,
-        o,
-        final,
-        seq,
-        m,
-        d,
-        HAS_G=log_decay is not None,
-        HAS_H0=state is not None,
-        STORE_HT=True,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        **cfg,
+        qf, kf, vf, g, h0, u, gs, o, final, seq, m, d, seg, nseg, HAS_H0=state is not None, STORE_HT=True, **flags
     )
     return o, final
 
@@ -292,26 +340,38 @@ def triton_linear_attention_bwd(
     d = v.shape[-1]
     bh = bsz * heads
     cfg = _config(q, d)
-    n_d = triton.cdiv(d, cfg["BLOCK_D"])
+    seg = cfg.pop("SEG")
+    nseg = triton.cdiv(seq, seg)
+    n_d = 1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"])
+    grid = (n_d, nseg, bh)
     qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
     g = _flat(log_decay.float()) if log_decay is not None else dof
     h0 = _flat(state.float()) if state is not None else dof
-    # one fp32 partial dq, dk per value block, summed below: n_d times the memory of one (1.3 GB for cosFormer's
-    # 128 features at 8k in CAB's setting), but adding them atomically into one buffer measured 1.7x slower
-    # for cosFormer causal at 32k on the H200 (benchmarks/README.md, 2026-12-03)
-    dk = torch.empty(n_d, bh, seq, m, device=q.device, dtype=torch.float32)
-    dq = torch.empty_like(dk)
-    dv = torch.empty(bh, seq, d, device=q.device, dtype=torch.float32)
+    if n_d == 1:  # dq, dk whole: written once, in the input dtype
+        dk = torch.empty(bh, seq, m, device=q.device, dtype=k.dtype)
+        dq = torch.empty(bh, seq, m, device=q.device, dtype=q.dtype)
+    else:  # a partial fp32 dq, dk per value block (features too wide for one state tile), summed below
+        dk = torch.empty(n_d, bh, seq, m, device=q.device, dtype=torch.float32)
+        dq = torch.empty_like(dk)
+    dv = torch.empty(bh, seq, d, device=q.device, dtype=v.dtype)
     dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, device=q.device, dtype=torch.float32)
     flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
     dht = _flat(grad_final.float()) if grad_final is not None else dof
-    kern._bwd_dkdv[(n_d, bh)](
+    u = w = gs = dof  # the segments' own final states, entering-state gradients and log decays (one segment: none)
+    if nseg > 1:
+        u = torch.empty(bh, nseg, m, d, device=q.device, dtype=torch.float32)
+        w = torch.empty_like(u)
+        gs = torch.empty(bh, nseg, device=q.device, dtype=torch.float32) if log_decay is not None else u
+        kern._seg_states[grid](qf, kf, vf, g, dof, u, w, gs, seq, m, d, seg, nseg, STORE_W=True, **flags)
+    kern._bwd_dkdv[grid](
         qf,
         kf,
         vf,
         g,
         dof,
         dht,
+        w,
+        gs,
         dk,
         dv,
         dh0,
@@ -319,18 +379,17 @@ def triton_linear_attention_bwd(
         m,
         d,
         bh,
+        seg,
+        nseg,
         HAS_DHT=grad_final is not None,
         STORE_DH0=state is not None,
         **flags,
     )
-    kern._bwd_dq[(n_d, bh)](qf, kf, vf, g, h0, dof, dq, seq, m, d, bh, HAS_H0=state is not None, **flags)
+    kern._bwd_dq[grid](qf, kf, vf, g, h0, u, gs, dof, dq, seq, m, d, bh, seg, nseg, HAS_H0=state is not None, **flags)
     shape = (bsz, heads, seq)
-    return (
-        dq.sum(0).view(*shape, m).to(q.dtype),
-        dk.sum(0).view(*shape, m).to(k.dtype),
-        dv.view(*shape, d).to(v.dtype),
-        dh0.view(bsz, heads, m, d),
-    )
+    if n_d > 1:
+        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+    return dq.view(*shape, m), dk.view(*shape, m), dv.view(*shape, d), dh0.view(bsz, heads, m, d)
 
 
 @triton_linear_attention_bwd.register_fake
