@@ -128,7 +128,7 @@ def prefill(module, context: int, device) -> dict:
     buf = module._get_input_buffer(inc)
     if context > prompt:
         if not module.capabilities.constant_state:  # a growing cache: extended with random keys and scores
-            for key, dim in (("prev_key", 2), ("prev_value", 2), ("prev_scores", -1)):
+            for key, dim in (("prev_key", 2), ("prev_value", 2)):
                 if isinstance(buf.get(key), torch.Tensor):
                     buf[key] = _random_like(buf[key], context, dim)
         buf["position"] = context
