@@ -85,7 +85,9 @@ def test_every_decoder_has_a_ceiling():
 @pytest.mark.parametrize("name", _decoders())
 def test_step_ops_do_not_grow_and_stay_under_their_ceiling(name):
     counts = [_step_ops(name, context) for context in CONTEXTS]
-    assert counts[0] == counts[1], f"{name}: {counts[0]} ops per step at context {CONTEXTS[0]}, {counts[1]} at {CONTEXTS[1]}"
+    assert counts[0] == counts[1], (
+        f"{name}: {counts[0]} ops per step at context {CONTEXTS[0]}, {counts[1]} at {CONTEXTS[1]}"
+    )
     assert counts[0] <= STEP_OP_CEILINGS[name], (
         f"{name}: {counts[0]} ATen ops per decoding step, ceiling {STEP_OP_CEILINGS[name]} (vanilla's cached step: "
         f"{STEP_OP_CEILINGS['vanilla']})"
