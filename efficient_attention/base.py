@@ -420,6 +420,8 @@ class EfficientAttention(nn.Module):
 
         # projections
         one_step = state is not None and tgt_len == 1 and keys_are_query and self._stacks_projections()
+        k: Optional[Tensor]
+        v: Optional[Tensor]
         if one_step:  # a decoding step of self attention: q, k, v from one product
             q, k, v = self._project_step(query)
         else:
