@@ -650,15 +650,16 @@ class EfficientAttention(nn.Module):
         weights are stacked at every step (a few microseconds of copying): a cached copy could miss an update
         made through ``.data``, which no version counter records.  Autocast's rule for ``linear`` is applied
         by hand (inputs cast to its dtype) since the stacked weight is no leaf autocast caches."""
-        device = x.device.type
-        dtype = x.dtype
-        if torch.is_autocast_enabled(device) and dtype != torch.float64:
-            dtype = torch.get_autocast_dtype(device)
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projs]).to(dtype)
-        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs]).to(dtype)
-        with torch.autocast(device, enabled=False):
-            y = F.linear(x.to(dtype), weight, bias)  # (1, B, (H + 2 Hkv) d)
+        weight = torch.cat([p.weight for p in projs])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                y = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        else:
+            y = F.linear(x, weight, bias)  # (1, B, (H + 2 Hkv) d)
         heads, kv_heads = self.num_heads, self.num_kv_heads
         y = y.view(x.shape[1], heads + 2 * kv_heads, 1, self.head_dim)
         return y[:, :heads], y[:, heads : heads + kv_heads], y[:, heads + kv_heads :]

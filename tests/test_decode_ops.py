@@ -92,3 +92,29 @@ def test_step_ops_do_not_grow_and_stay_under_their_ceiling(name):
         f"{name}: {counts[0]} ATen ops per decoding step, ceiling {STEP_OP_CEILINGS[name]} (vanilla's cached step: "
         f"{STEP_OP_CEILINGS['vanilla']})"
     )
+
+
+# Options under which a short sequence reaches every step's fast path (Long-Short's memories all filled,
+# several ProbSparse sample blocks and landmark blocks).
+SMALL = {
+    "causal_ls": {"window_size": 8, "chunk_size": 4, "num_landmarks": 2},
+    "longshort": {"window_size": 8, "chunk_size": 4, "num_landmarks": 2},
+    "probsparse": {"factor": 2},
+    "landmark": {"block_size": 8},
+    "cosformer": {"max_len": 128},
+}
+
+
+@pytest.mark.parametrize("prefix", [1, 37])
+@pytest.mark.parametrize("name", _decoders())
+def test_steps_without_grad_equal_the_full_pass(name, prefix):
+    """What generation runs (``torch.no_grad``, one token a step after a prompt) against the full pass, float64."""
+    torch.manual_seed(0)
+    m = get_attention_class(name)(16, 4, self_attention=True, causal=True, **SMALL.get(name, {})).double().eval()
+    x = torch.randn(100, 2, 16, dtype=torch.float64)
+    state: dict = {}
+    with torch.no_grad():
+        full, _ = m(x, need_weights=False)
+        outs = [m(x[:prefix], incremental_state=state, need_weights=False)[0]]
+        outs += [m(x[t : t + 1], incremental_state=state, need_weights=False)[0] for t in range(prefix, x.shape[0])]
+    torch.testing.assert_close(torch.cat(outs), full, atol=1e-9, rtol=1e-7, msg=f"{name}: steps != full pass")

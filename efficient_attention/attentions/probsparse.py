@@ -339,7 +339,7 @@ class ProbSparse(EfficientAttention):
         size = self.factor * _TOP_LOG
         if scores.shape[-1] < size:
             scores = F.pad(scores, (0, size - scores.shape[-1]), value=float("-inf"))
-        return scores.topk(size, dim=-1).values
+        return scores.topk(size, dim=-1, sorted=False).values  # only counts of higher scores are read
 
     def _step_samples(self, pos: int, count: int, device) -> Tensor:
         """The eval samples ``(count,)`` of the query at ``pos`` (:meth:`sample_keys`'s row), from a table of its
@@ -371,5 +371,8 @@ class ProbSparse(EfficientAttention):
         exact = sdpa_attention(q, k, v, None, scale=self.scaling)
         total = state["value_sum"] + new_v.to(state["value_sum"].dtype)
         lazy = (total / src_len).to(v.dtype)
-        state["value_sum"], state["top_scores"] = total, torch.cat([top, m], -1).topk(top.shape[-1], dim=-1).values
+        state["value_sum"], state["top_scores"] = (
+            total,
+            torch.cat([top, m], -1).topk(top.shape[-1], dim=-1, sorted=False).values,
+        )
         return torch.where(active[..., None], exact.to(lazy.dtype), lazy)
