@@ -33,11 +33,11 @@ STEP_OP_CEILINGS = {
     "causal_ls": 35,  # 56 before
     "longshort": 35,
     "cosformer": 38,  # 57 before
-    "probsparse": 43,  # 166 before
+    "probsparse": 41,  # 166 before
     "performer": 51,  # 91 before
     "s4d": 44,
     "abc": 86,
-    "landmark": 47,  # 117 before (one-query grouped softmax as one biased softmax)
+    "landmark": 40,  # 117 before (one-query grouped softmax as one biased softmax)
 }
 
 

@@ -80,17 +80,18 @@ class LandmarkAttention(EfficientAttention):
         bsz, heads, _, dim = q.shape
         kv_heads, src_len, bs = k.shape[1], k.shape[2], self.block_size
         acc = acc_dtype(q.dtype)
-        qg = q.reshape(bsz, kv_heads, heads // kv_heads, dim).to(acc) * self.scaling  # grouped query heads
-        s = torch.matmul(qg, k.to(acc).transpose(-1, -2))  # (B, Hkv, g, S)
+        group, rows = heads // kv_heads, bsz * kv_heads
+        qg = q.reshape(rows, group, dim).to(acc) * self.scaling  # the query heads of each key head
+        s = torch.bmm(qg, k.to(acc).reshape(rows, src_len, dim).transpose(1, 2))  # (B·Hkv, g, S)
         earlier = (src_len - 1) // bs * bs  # keys of the complete earlier blocks
         if earlier:
-            blocks = s[..., :earlier].unflatten(-1, (-1, bs))  # (B, Hkv, g, C, bs)
+            blocks = s[..., :earlier].unflatten(-1, (-1, bs))  # (B·Hkv, g, C, bs)
             tokens, marks = blocks[..., : bs - 1], blocks[..., bs - 1 :]
             gated = tokens + (marks - torch.logsumexp(tokens, dim=-1, keepdim=True))
             gated = torch.nn.functional.pad(gated, (0, 1), value=float("-inf"))  # landmarks are no values
             s = torch.cat([gated.flatten(-2), s[..., earlier:]], dim=-1)
         probs = torch.softmax(s, dim=-1)
-        return torch.matmul(probs.to(v.dtype), v).view(bsz, heads, 1, dim)
+        return torch.bmm(probs.to(v.dtype), v.reshape(rows, src_len, dim)).view(bsz, heads, 1, dim)
 
     def _retrieve(self, q: Tensor, k: Tensor, v: Tensor, kpm) -> Tensor:
         """One new query: score the landmarks, gather the top-k blocks and the current block, attend."""

@@ -364,9 +364,11 @@ class ProbSparse(EfficientAttention):
         src_len = k.shape[2]
         count = log_count(self.factor, src_len)
         real = torch.float32 if q.dtype == torch.float16 else q.dtype
+        bsz, heads, _, dim = q.shape
         keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device)).to(real)  # (B, H, U, d)
-        s = torch.matmul((q * self.scaling).to(real), keys.transpose(-1, -2))  # (B, H, 1, U)
-        m = s.amax(-1).float() - s.sum(-1, dtype=torch.float32) / count  # (B, H, 1)
+        qs = (q * self.scaling).to(real).reshape(bsz * heads, dim, 1)  # one row: a view
+        s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count)  # the product matmul runs
+        m = (s.amax(-1).float() - s.sum(-1, dtype=torch.float32) / count)[..., None]  # (B, H, 1)
         active = (top > m).sum(-1, keepdim=True) < log_count(self.factor, src_len)  # (B, H, 1)
         exact = sdpa_attention(q, k, v, None, scale=self.scaling)
         total = state["value_sum"] + new_v.to(state["value_sum"].dtype)
