@@ -395,7 +395,7 @@ class EfficientAttention(nn.Module):
         caps = self.capabilities
         if need_head_weights:
             need_weights = True
-        keys_are_query = (key is None or key is query) and (value is None or value is query)
+        keys_are_query = self.self_attention or ((key is None or key is query) and (value is None or value is query))
         if batch_first:
             # a query that is not a Tensor goes on to _check_inputs' TypeError
             query = query.transpose(0, 1) if isinstance(query, Tensor) else query
@@ -648,18 +648,16 @@ class EfficientAttention(nn.Module):
         stacked projection weights and three slices of one view -- a decoding step is host-bound (~9 us per op
         on an H200), and this takes 10 ops (13 under autocast) where three projections take 18 (21).  The
         weights are stacked at every step (a few microseconds of copying): a cached copy could miss an update
-        made through ``.data``, which no version counter records.  Autocast's rule for ``linear`` is applied
-        by hand (inputs cast to its dtype) since the stacked weight is no leaf autocast caches."""
+        made through ``.data``, which no version counter records.  Under autocast the stacked weight is cast
+        here (autocast caches casts of leaves only), so autocast casts just ``x``, as for three projections."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight for p in projs])
         bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
         device = x.device.type
-        if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        if torch.is_autocast_enabled(device) and x.dtype != torch.float64:  # autocast then casts x only
             dtype = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                y = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-        else:
-            y = F.linear(x, weight, bias)  # (1, B, (H + 2 Hkv) d)
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        y = F.linear(x, weight, bias)  # (1, B, (H + 2 Hkv) d)
         heads, kv_heads = self.num_heads, self.num_kv_heads
         y = y.view(x.shape[1], heads + 2 * kv_heads, 1, self.head_dim)
         return y[:, :heads], y[:, heads : heads + kv_heads], y[:, heads + kv_heads :]

@@ -334,24 +334,23 @@ class Performer(EfficientAttention):
         is host-bound).  The query's and the key's projections are one product; the running max ``c`` (``-inf``
         while no key was seen) is clamped to the lowest finite value instead of zeroed, which gives the same
         features (0 for a padded key) and a decay of 0 where :meth:`_causal` has 1 on sums that are 0."""
-        dtype, device = q.dtype, q.device.type
-        acc = acc_dtype(dtype)
-        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else acc
+        dtype, acc = q.dtype, acc_dtype(q.dtype)
         bsz, heads, _, dim = q.shape
-        with torch.autocast(device, enabled=False):
-            w = (self.projection_matrix * self.head_dim**-0.25).to(product)
-            x = torch.cat([q, k], dim=2).to(product)  # (B, H, 2, d)
-            proj = torch.mm(x.view(-1, dim), w.t()).view(bsz, heads, 2, -1)
-            qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)
-            norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
-            logits = torch.addcmul(proj[:, :, 1:], norm, norm, value=-0.5 * self.head_dim**-0.5)
-            if kpm is not None:
-                logits = logits.masked_fill(kpm[:, None, :, None], float("-inf"))
-            past = state["k_max"]  # (B, H, 1, 1)
-            run = torch.maximum(logits.amax(-1, keepdim=True), past)
-            safe = run.clamp_min(torch.finfo(run.dtype).min)
-            out, state["kv_sum"], state["k_sum"] = linear_attention_step(
-                qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], torch.exp(past - safe)
-            )
+        x = torch.cat([q, k], dim=2)  # (B, H, 2, d)
+        if not torch.is_autocast_enabled(q.device.type):  # else the product runs in autocast's dtype (as
+            x = x.to(acc)  # _projection's does), the rest in fp32: no op below is one autocast lowers
+        w = self.projection_matrix * self.head_dim**-0.25
+        proj = torch.mm(x.view(-1, dim), w.t()).view(bsz, heads, 2, -1)
+        qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)
+        norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
+        logits = torch.addcmul(proj[:, :, 1:], norm, norm, value=-0.5 * self.head_dim**-0.5)
+        if kpm is not None:
+            logits = logits.masked_fill(kpm[:, None, :, None], float("-inf"))
+        past = state["k_max"]  # (B, H, 1, 1)
+        run = torch.maximum(logits.amax(-1, keepdim=True), past)
+        safe = run.clamp_min(torch.finfo(run.dtype).min)
+        out, state["kv_sum"], state["k_sum"] = linear_attention_step(
+            qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], torch.exp(past - safe)
+        )
         state["k_max"] = run
         return out.to(dtype)
