@@ -205,10 +205,11 @@ def linear_attention_step(
 
     ``kv' = decay·kv + kᵀv``, ``z' = decay·z + k``; ``out = q kv' / (q·z')`` (``z is None``: unnormalised
     ``q kv'``).  The features are nonnegative: a normaliser of 0 (nothing attended, so ``q kv' = 0`` too) gives
-    0, never NaN.  Shapes: ``q, k (B, H, 1, m)``, ``v (B, H, 1, d)``, state
-    ``kv (B, H, m, d)``, ``z (B, H, m)``, ``decay`` broadcastable to ``(B, H, 1, 1)``; everything is computed
-    in the state's dtype (under autocast too: no op here is one autocast runs in a lower precision).  Returns ``(out (B, H, 1, d), kv', z')``.  The same numbers as
-    :func:`efficient_attention.kernels.linear_attention` over one position with ``initial_state``.
+    0, never NaN.  Shapes: ``q, k (B, H, 1, m)``, ``v (B, H, 1, d)``, state ``kv (B, H, m, d)``, ``z (B, H, m)``,
+    ``decay`` broadcastable to ``(B, H, 1, 1)``; everything is computed in the state's dtype (under autocast
+    too: no op here is one autocast runs in a lower precision).  Returns ``(out (B, H, 1, d), kv', z')``.  The
+    same numbers as :func:`efficient_attention.kernels.linear_attention` over one position with
+    ``initial_state``.
 
     A decoding step is host-bound (each op costs ~9 us of launch time on an H200 against a few ns of work), so
     the one-row products are broadcast multiplies and sums (one kernel each) rather than ``matmul`` (which
