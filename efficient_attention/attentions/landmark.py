@@ -82,7 +82,12 @@ class LandmarkAttention(EfficientAttention):
         acc = acc_dtype(q.dtype)
         group, rows = heads // kv_heads, bsz * kv_heads
         qg = q.reshape(rows, group, dim).to(acc) * self.scaling  # the query heads of each key head
-        s = torch.bmm(qg, k.to(acc).reshape(rows, src_len, dim).transpose(1, 2))  # (B·Hkv, g, S)
+        kt = k.to(acc).reshape(rows, src_len, dim).transpose(1, 2)
+        if torch.is_autocast_enabled(q.device.type):  # autocast would run the product in its lower precision
+            with torch.autocast(q.device.type, enabled=False):
+                s = torch.bmm(qg, kt)
+        else:
+            s = torch.bmm(qg, kt)  # (B·Hkv, g, S)
         earlier = (src_len - 1) // bs * bs  # keys of the complete earlier blocks
         if earlier:
             blocks = s[..., :earlier].unflatten(-1, (-1, bs))  # (B·Hkv, g, C, bs)
