@@ -218,7 +218,9 @@ def linear_attention_step(
     """
     dt = kv.dtype
     # no product autocast would run in a lower precision (no matmul): the sums keep their dtype under autocast
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    q, k = q.to(dt), k.to(dt)
+    if torch.promote_types(v.dtype, dt) != dt:  # a lower-precision v is promoted by addcmul: no cast needed
+        v = v.to(dt)
     k_t = k.transpose(-1, -2)  # (B, H, m, 1)
     kv = torch.addcmul(kv if decay is None else kv * decay, k_t, v)
     q_t = q.transpose(-1, -2)
@@ -228,7 +230,7 @@ def linear_attention_step(
     z_col = torch.add(z.unsqueeze(-1) if decay is None else decay * z.unsqueeze(-1), k_t)  # (B, H, m, 1)
     den = (q_t * z_col).sum(-2, keepdim=True)  # (B, H, 1, 1)
     # den = 0 only where nothing was attended (nonnegative features): the numerator is 0 there too
-    return out / torch.where(den > 0, den, 1.0), kv, z_col.squeeze(-1)
+    return out / den.masked_fill(den <= 0, 1.0), kv, z_col.squeeze(-1)
 
 
 def segment_weights(
