@@ -7,7 +7,7 @@ autocast, one new token after a context of 512, 8k and 64k tokens.  For each mec
   56 tokens in one call, then 40 single-token steps, against the full pass (max abs difference of the
   last 40 rows; a mechanism whose prompt call fails decodes every token step by step);
 * ``ms``: the median wall time of one step (host included: these steps are launch-bound), each step
-  synchronised, over 120 consecutive steps after 20 warm-up steps at that context (the warm-up covers
+  synchronised, over 40 consecutive steps after 16 warm-up steps at that context (the warm-up covers
   every key length mod 16, so Triton's specialisations are compiled before timing); ``mean_ms`` in the
   JSON also counts the rare steps that rebuild something (a block mask once per block of steps).  The GPU
   is warmed up (clocks, allocator, cuBLAS handles) before the first mechanism, and vanilla is timed again
@@ -16,7 +16,7 @@ autocast, one new token after a context of 512, 8k and 64k tokens.  For each mec
 * ``ops``: ATen ops one step dispatches (a TorchDispatchMode on the device; ``views`` of them are views,
   which launch nothing), at the first context and, if different, at the last: on an H200 each op that
   launches costs ~9 us of host time, so these counts decide the step time below the largest contexts;
-* ``kernels``: CUDA kernels one step launches (profiled at the first context);
+* ``kernels`` (with ``--kernels``): CUDA kernels one step launches (profiled at the first context);
 * ``x vanilla``: the step time over vanilla's at the same context (the target is <= 2).
 
 Contexts: mechanisms on the base's key/value cache get a cache of random keys of the context's length
@@ -25,7 +25,7 @@ extended with random ones; constant-state mechanisms a 512-token prompt, then th
 to the context (their step does the same work at any position).  ``--budget`` seconds in, the remaining
 mechanisms are skipped; the JSON and the table are rewritten after every mechanism.
 
-    python benchmarks/decode_step_gpu.py --out DIR [--contexts 512 8192 65536] [--mechanisms performer local]
+    python benchmarks/decode_step_gpu.py --out DIR [--contexts 512 8192 65536] [--mechanisms performer local] [--kernels]
 
 Writes ``DIR/decode_step.json`` and ``DIR/decode_step.md`` and prints the table.
 """
@@ -53,9 +53,20 @@ from efficient_attention.registry import available_attentions, get_attention_cla
 EMBED, HEADS, BATCH = 512, 8, 4
 CONTEXTS = (512, 8192, 65536)
 PROMPT = 512
-WARMUP, STEPS = 20, 120
+WARMUP, STEPS = 16, 40
+PROFILE_KERNELS = False  # --kernels: the profiler's start costs seconds per mechanism
 OPTIONS = {"cosformer": {"max_len": max(CONTEXTS) + 256}}
-FIRST = ["vanilla", "local", "performer", "cosformer", "s4d", "causal_ls", "abc"]  # the issue's targets first
+FIRST = [
+    "vanilla",
+    "probsparse",
+    "landmark",
+    "performer",
+    "cosformer",
+    "causal_ls",
+    "local",
+    "s4d",
+    "abc",
+]  # slowest first
 
 
 def causal_mechanisms():
@@ -209,7 +220,7 @@ def run(name: str, contexts, device, slow: float, check_errors: bool = True) -> 
                 sync(device)
                 row["ms"][context], row["mean_ms"][context] = time_steps(m, inc, device, slow)
                 row.setdefault("ops", {})[context] = count_ops(m, inc, device)
-                if "kernels" not in row:
+                if PROFILE_KERNELS and "kernels" not in row:
                     try:
                         row["kernels"] = count_kernels(m, inc, device)
                     except Exception as exc:  # noqa: BLE001 - the profiler may be unavailable
@@ -290,9 +301,12 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
     p.add_argument("--mechanisms", nargs="+", default=None, help="registry names (default: every causal decoder)")
     p.add_argument("--slow", type=float, default=3.0, help="seconds after which one step stops a mechanism")
-    p.add_argument("--budget", type=float, default=65.0, help="seconds after which the remaining mechanisms skip")
+    p.add_argument("--budget", type=float, default=40.0, help="seconds after which the remaining mechanisms skip")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script")
+    p.add_argument("--kernels", action="store_true", help="also profile the CUDA kernels of one step (slower)")
     args = p.parse_args()
+    global PROFILE_KERNELS
+    PROFILE_KERNELS = args.kernels
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("decode_step_gpu.py needs a CUDA device")
