@@ -25,7 +25,7 @@ extended with random ones; constant-state mechanisms a 512-token prompt, then th
 to the context (their step does the same work at any position).  ``--budget`` seconds in, the remaining
 mechanisms are skipped; the JSON and the table are rewritten after every mechanism.
 
-    python benchmarks/decode_step_gpu.py --out DIR [--contexts 512 8192 65536] [--mechanisms performer local] [--kernels]
+    python benchmarks/decode_step_gpu.py --out DIR [--contexts 512 8192 65536] [--mechanisms performer] [--kernels]
 
 Writes ``DIR/decode_step.json`` and ``DIR/decode_step.md`` and prints the table.
 """
