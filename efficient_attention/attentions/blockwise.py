@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
+from ..functional import sdpa_attention
 from ..masks import to_additive
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
@@ -53,6 +54,10 @@ class BlockwiseAttention(EfficientAttention):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         kpm, attn = masks.key_padding, masks.attn
+        if q.shape[2] == 1 and kpm is None and attn is None and not (self.training and self.dropout_p > 0):
+            # one query (a decoding step; causal: the last position, it sees every key): one fused call,
+            # not a block layout built for a single row of blocks
+            return sdpa_attention(q, k, v, scale=self.scaling), None
         if kpm is not None and kpm.is_floating_point():  # additive key padding: one additive (B, 1|H, 1|T, S) mask
             add = kpm[:, None, None, :].to(q.dtype)
             attn = add if attn is None else to_additive(attn, q.dtype) + add

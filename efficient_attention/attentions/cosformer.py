@@ -240,8 +240,11 @@ class CosformerAttention(EfficientAttention):
         self._check_len(start + src_len, self.max_len)
         if tgt_len == 1 and "kv_sum" in state:  # one token: its angle is a number; the recurrence, a few kernels
             theta = (math.pi / 2) * start / self.max_len
-            qf, kf = (self._act(x, kpm) for x, kpm in ((q, None), (k, masks.key_padding)))
-            qf, kf = (torch.cat([x * math.cos(theta), x * math.sin(theta)], dim=-1) for x in (qf, kf))
+            x = self._act(torch.cat([q, k], dim=2), None)  # the query and its key as one (B, H, 2, d): fewer ops
+            feats = torch.cat([x * math.cos(theta), x * math.sin(theta)], dim=-1)
+            qf, kf = feats[:, :, :1], feats[:, :, 1:]
+            if masks.key_padding is not None:
+                kf = kf.masked_fill(masks.key_padding[:, None, :, None], 0.0)
             out, state["kv_sum"], state["k_sum"] = linear_attention_step(qf, kf, v, state["kv_sum"], state["k_sum"])
             return out.to(q.dtype)
         pos = torch.arange(start, start + src_len, device=q.device)[None]

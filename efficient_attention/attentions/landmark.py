@@ -60,6 +60,8 @@ class LandmarkAttention(EfficientAttention):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         src_len = k.shape[2]
         bs = self.block_size
+        if q.shape[2] == 1 and not self.top_k and masks.key_padding is None:  # a decoding step
+            return self._one_query(q, k, v), None
         if self.top_k and q.shape[2] == 1 and (src_len - 1) // bs > self.top_k:
             return self._retrieve(q, k, v, masks.key_padding), None
         if not self.top_k:  # block by block: the Triton kernels on CUDA, the chunked PyTorch path elsewhere
@@ -69,6 +71,32 @@ class LandmarkAttention(EfficientAttention):
             q, k, v, is_mem, bs, self.scaling, top_k=self.top_k, key_padding_mask=masks.key_padding
         )
         return out, None
+
+    def _one_query(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The last position's query over unpadded keys in about 30 ops (a decoding step is host-bound): the
+        grouped softmax is one softmax over every key once each earlier block's tokens carry the bias
+        ``s(L_b) - logsumexp_b(s)`` (so they share ``exp s(L_b)`` as ``p(L_b) · inner`` does) and its landmark
+        ``-inf``.  Scores in the accumulation dtype, as the formula forms them."""
+        bsz, heads, _, dim = q.shape
+        kv_heads, src_len, bs = k.shape[1], k.shape[2], self.block_size
+        acc = acc_dtype(q.dtype)
+        group, rows = heads // kv_heads, bsz * kv_heads
+        qg = q.reshape(rows, group, dim).to(acc) * self.scaling  # the query heads of each key head
+        kt = k.to(acc).reshape(rows, src_len, dim).transpose(1, 2)
+        if torch.is_autocast_enabled(q.device.type):  # autocast would run the product in its lower precision
+            with torch.autocast(q.device.type, enabled=False):
+                s = torch.bmm(qg, kt)
+        else:
+            s = torch.bmm(qg, kt)  # (B·Hkv, g, S)
+        earlier = (src_len - 1) // bs * bs  # keys of the complete earlier blocks
+        if earlier:
+            blocks = s[..., :earlier].unflatten(-1, (-1, bs))  # (B·Hkv, g, C, bs)
+            tokens, marks = blocks[..., : bs - 1], blocks[..., bs - 1 :]
+            gated = tokens + (marks - torch.logsumexp(tokens, dim=-1, keepdim=True))
+            gated = torch.nn.functional.pad(gated, (0, 1), value=float("-inf"))  # landmarks are no values
+            s = torch.cat([gated.flatten(-2), s[..., earlier:]], dim=-1)
+        probs = torch.softmax(s, dim=-1)
+        return torch.bmm(probs.to(v.dtype), v.reshape(rows, src_len, dim)).view(bsz, heads, 1, dim)
 
     def _retrieve(self, q: Tensor, k: Tensor, v: Tensor, kpm) -> Tensor:
         """One new query: score the landmarks, gather the top-k blocks and the current block, attend."""

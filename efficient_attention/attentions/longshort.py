@@ -243,14 +243,21 @@ class LongShort(EfficientAttention):
         seen = wk.shape[2] - start
         keys = torch.cat([wk[:, :, start:], state["memory_key"]], 2)
         values = torch.cat([wv[:, :, start:], state["memory_value"]], 2)
-        hidden = state["memory_hidden"]
-        hidden = F.pad(hidden, (seen, 0), value=False) if wp is None else torch.cat([wp[:, start:], hidden], 1)
         dropout = self.dropout_p if self.training else 0.0
-        out = sdpa_attention(q, keys, values, hidden[:, None, None, :], scale=self.scaling, dropout_p=dropout)
+        if wp is None and pos // l >= self.memory_chunks:  # no key ever padded, every memory filled: no mask
+            out = sdpa_attention(q, keys, values, None, scale=self.scaling, dropout_p=dropout)
+        else:
+            hidden = state["memory_hidden"]
+            hidden = F.pad(hidden, (seen, 0), value=False) if wp is None else torch.cat([wp[:, start:], hidden], 1)
+            out = sdpa_attention(q, keys, values, hidden[:, None, None, :], scale=self.scaling, dropout_p=dropout)
         slot = pos % l
         ck, cv, cp = state["chunk_key"], state["chunk_value"], state["chunk_padding"]
-        ck[:, :, slot], cv[:, :, slot] = k[:, :, 0], v[:, :, 0]
-        cp[:, slot] = False if kpm is None else kpm[:, 0]
+        ck[:, :, slot : slot + 1].copy_(k)
+        cv[:, :, slot : slot + 1].copy_(v)
+        if kpm is None:
+            cp[:, slot].fill_(False)
+        else:
+            cp[:, slot : slot + 1].copy_(kpm)
         if slot == l - 1:  # chunk complete: compress it into the memories, drop the oldest
             mk, mv, empty = self._compress(ck[:, :, None], cv[:, :, None], cp[:, None])
             state["memory_key"] = torch.cat([state["memory_key"][:, :, r:], mk[:, :, 0]], 2)

@@ -38,6 +38,7 @@ __all__ = ["ProbSparse"]
 
 _BLOCK = 32  # causal: query positions sharing one key sample
 _SEL = 64  # causal selection: queries per block of the within-block comparison
+_TOP_LOG = 34  # decoding keeps the factor·34 largest past scores: u = factor·⌈ln n⌉ stays below for n < 2^48
 
 
 def log_count(factor: int, n: int) -> int:
@@ -315,21 +316,75 @@ class ProbSparse(EfficientAttention):
     def _attend_step(
         self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
     ) -> Tensor:
-        """The key/value cache (``prev_key`` ...) plus every past query's sparsity score ``prev_scores (B, H, S)``
-        (for the running top-u)."""
+        """The key/value cache (``prev_key`` ...), the largest past sparsity scores ``top_scores (B, H, K)``
+        (``K = factor·34`` is at least every ``u`` below 2^48 positions, so a query's count of higher earlier
+        scores is exact below ``u``, all the running top-u needs) and, while no key was padded, the running
+        value sum ``value_sum (B, H, 1, d)`` (fp32; the lazy rows' mean)."""
         assert k is not None and v is not None  # self attention only (SELF_PATTERNS): every step brings its keys
         bsz, tgt_len = q.shape[0], q.shape[2]
-        prev_k, prev_m = state.get("prev_key"), state.get("prev_scores")
+        prev_k, prev_m = state.get("prev_key"), state.get("top_scores")
         prev_len = 0 if prev_k is None else prev_k.shape[2]
         new_kpm = masks.key_padding
+        new_v = v
         if prev_k is not None:
             new_kpm = _cat_padding(state.get("prev_key_padding_mask"), new_kpm, prev_len, tgt_len, bsz)
             k, v = torch.cat([prev_k, k], 2), torch.cat([state["prev_value"], v], 2)
+        state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, new_kpm
+        if tgt_len == 1 and prev_m is not None and new_kpm is None and "value_sum" in state and not self.training:
+            return self._fast_step(q, k, v, new_v, state, prev_m)
         qpm = None if new_kpm is None else new_kpm[:, prev_len:]
         if tgt_len == 1 and prev_m is not None:
             out, m = self._step(q, k, v, new_kpm, qpm, prev_m)
         else:
             out, m = self._compute(q, k, v, new_kpm, qpm, prev_m)
-        state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, new_kpm
-        state["prev_scores"] = m if prev_m is None else torch.cat([prev_m, m], -1)
+        state["top_scores"] = self._top(m if prev_m is None else torch.cat([prev_m, m], -1))
+        if new_kpm is None:  # the lazy rows' running sum, for the fast step
+            state["value_sum"] = v.sum(2, keepdim=True, dtype=acc_dtype(v.dtype))
+        else:
+            state.pop("value_sum", None)
         return out
+
+    def _top(self, scores: Tensor) -> Tensor:
+        """The ``K`` largest of ``scores (B, H, N)`` (``-inf`` filled when ``N < K``)."""
+        size = self.factor * _TOP_LOG
+        if scores.shape[-1] < size:
+            scores = F.pad(scores, (0, size - scores.shape[-1]), value=float("-inf"))
+        return scores.topk(size, dim=-1, sorted=False).values  # only counts of higher scores are read
+
+    def _step_samples(self, pos: int, count: int, device) -> Tensor:
+        """The eval samples ``(count,)`` of the query at ``pos`` (:meth:`sample_keys`'s row), from a table of its
+        block's ``_BLOCK`` rows built once per block (the last one is kept on the module)."""
+        block = pos // _BLOCK
+        key = (block, count, str(device))
+        cached = getattr(self, "_sample_table", None)
+        if cached is None or cached[0] != key:
+            ids = torch.full((1,), block, device=device)
+            raw = self._block_keys(ids, (ids + 1) * _BLOCK, count)  # (1, count): the block's samples
+            rows = torch.arange(block * _BLOCK, (block + 1) * _BLOCK, device=device)
+            table = self._wrap(raw, rows[:, None])  # (_BLOCK, count), as sample_keys gives them (no device sync)
+            cached = (key, table)
+            self._sample_table = cached
+        return cached[1][pos % _BLOCK]
+
+    def _fast_step(self, q: Tensor, k: Tensor, v: Tensor, new_v: Tensor, state: Dict[str, Any], top: Tensor) -> Tensor:
+        """:meth:`_step` without padding in eval, in about 30 ops: the query's samples come from a per-block table,
+        its score from one product with them (every sample counts: ``U`` is the sample count at this length),
+        the running top-u from ``top_scores``, the lazy mean from ``value_sum``; the output is SDPA over the
+        cache where the query is active, the mean where not (no row count read back)."""
+        src_len = k.shape[2]
+        count = log_count(self.factor, src_len)
+        real = torch.float32 if q.dtype == torch.float16 else q.dtype
+        bsz, heads, _, dim = q.shape
+        keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device)).to(real)  # (B, H, U, d)
+        qs = (q * self.scaling).to(real).reshape(bsz * heads, dim, 1)  # one row: a view
+        s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count)  # the product matmul runs
+        m = (s.amax(-1).float() - s.sum(-1, dtype=torch.float32) / count)[..., None]  # (B, H, 1)
+        active = (top > m).sum(-1, keepdim=True) < log_count(self.factor, src_len)  # (B, H, 1)
+        exact = sdpa_attention(q, k, v, None, scale=self.scaling)
+        total = state["value_sum"] + new_v.to(state["value_sum"].dtype)
+        lazy = (total / src_len).to(v.dtype)
+        state["value_sum"], state["top_scores"] = (
+            total,
+            torch.cat([top, m], -1).topk(top.shape[-1], dim=-1, sorted=False).values,
+        )
+        return torch.where(active[..., None], exact.to(lazy.dtype), lazy)
