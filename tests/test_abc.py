@@ -85,3 +85,20 @@ def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
     kpm[1, -2:] = True
     out, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
     assert_close(out, get_reference("abc").fn(m, q, k, v, key_padding_mask=kpm))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_slot_read_gradient_matches_autograd(dropout):
+    """The slot softmax's hand-written backward (one autograd node) against gradcheck in float64, an empty slot
+    (normaliser underflowed: left out) and a dropout mask included."""
+    from efficient_attention.attentions.abc import _SlotRead
+
+    torch.manual_seed(0)
+    num = torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)
+    nl = (torch.randn(2, 3, 7, 5, dtype=torch.float64) - 1).requires_grad_(True)
+    with torch.no_grad():
+        nl[0, 0, 0, 2] = 800.0  # normaliser e^-800: empty
+    mask = (torch.rand(2, 3, 7, 5, dtype=torch.float64) > 0.3) / 0.7 if dropout else None
+    out = _SlotRead.apply(num, nl, 0.3, mask, torch.float64)
+    assert out[0, 0, 0, 2] == 0 and torch.isfinite(out).all()
+    assert torch.autograd.gradcheck(lambda a, b: _SlotRead.apply(a, b, 0.3, mask, torch.float64), (num, nl))

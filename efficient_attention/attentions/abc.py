@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -21,6 +22,43 @@ from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["ABC"]
+
+
+
+def _empty_norm(dtype: torch.dtype) -> float:
+    """At or below this normaliser a slot is empty (its weights underflowed): 1 / normaliser must stay finite."""
+    return torch.finfo(dtype).tiny * 1e8
+
+
+class _SlotRead(torch.autograd.Function):
+    """``r = softmax_l(num · e^{nl} · scale) · e^{nl}`` (dropout ``mask`` on the softmax) for the unnormalised slot
+    scores ``num`` and the negated log normalisers ``nl = -log Σ_j e_jl`` (both ``(B, H, T, n)``, fp32 or fp64);
+    slots with a normaliser at or below :func:`_empty_norm` are left out (weight 0).  Every row needs a non-empty slot (a causal
+    query without padding: its running-max slot has a normaliser >= 1).
+
+    One autograd node: forward about ten kernels, backward eight (autograd over the same ops records about
+    twenty-five), and it keeps three ``(B, H, T, n)`` fp32 tensors for the backward."""
+
+    @staticmethod
+    def forward(ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        inv = torch.exp(nl.masked_fill(nl >= -math.log(_empty_norm(nl.dtype)), float("-inf")))  # 1 / normaliser; empty slots: 0
+        x = (num * inv * scale).masked_fill(inv == 0, float("-inf"))
+        p = torch.softmax(x, dim=-1)
+        ctx.save_for_backward(num, inv, p, mask)
+        ctx.scale = scale
+        if mask is not None:
+            p = p * mask
+        return (p * inv).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        num, inv, p, mask = ctx.saved_tensors
+        g = grad.float()
+        pd = p if mask is None else p * mask
+        dp = g * inv if mask is None else g * inv * mask
+        dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+        d_inv = torch.addcmul(g * pd, dx, num, value=ctx.scale)
+        return dx * inv * ctx.scale, d_inv * inv, None, None, None
 
 
 @dataclass(frozen=True)
@@ -129,6 +167,8 @@ class ABC(EfficientAttention):
         ``Σ_j (r_i·e_j) v_j`` (features ``r, e``).  Casts to ``dtype`` for the kernels.
         """
         tgt_len, src_len = q.shape[-2], k.shape[-2]
+        if state is None and kpm is None and tgt_len == src_len > 0:
+            return self._causal_fresh(q, k, v, dtype, out_dtype)
         blind = max(tgt_len - src_len, 0)  # queries before the first key see nothing
         if src_len == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
@@ -170,7 +210,7 @@ class ABC(EfficientAttention):
         num, mem_k = attend(q.to(dtype), k.to(dtype), e, None if state is None else state["mem_k"].transpose(-1, -2))
         unit_q, unit_k = q.new_ones(*q.shape[:-1], 1, dtype=dtype), k.new_ones(*k.shape[:-1], 1, dtype=dtype)
         norm, mem_norm = attend(unit_q, unit_k, e, None if state is None else state["mem_norm"].unsqueeze(-2))
-        empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
+        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
@@ -183,6 +223,26 @@ class ABC(EfficientAttention):
             state["mem_k"], state["mem_norm"] = mem_k.transpose(-1, -2), mem_norm.squeeze(-2)
             state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
+
+    def _causal_fresh(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype, out_dtype: Optional[torch.dtype]):
+        """:meth:`_causal` for a fresh unpadded self-attention sequence (training): every score is finite and
+        position ``i``'s running-max slot has a normaliser >= 1, so no slot needs the general path's guards.
+
+        Two causal linear attentions (slot scores, output) instead of three: the normalisers
+        ``Σ_{j<=i} e^{a_jl - c_i}`` come from one ``logcumsumexp`` of the scores (exact in the log domain), and the
+        slot softmax is one autograd node (:class:`_SlotRead`)."""
+        a = self._slot_scores(k, None)  # (B, H, S, n)
+        run = torch.cummax(a.detach().amax(-1), dim=-1).values  # c (B, H, S)
+        decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        c = run.unsqueeze(-1)
+        e = torch.exp(a - c).to(dtype)
+        num = linear_attention(q.to(dtype), k.to(dtype), e, causal=True, log_decay=decay, normalize=False)
+        nl = c - torch.logcumsumexp(a.to(acc_dtype(a.dtype)), dim=-2)  # -log Σ_{j<=i} e^{a_jl - c_i}
+        mask = None
+        if self.training and self.dropout_p > 0:
+            mask = torch.empty_like(num).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
+        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype)
+        return linear_attention(r, e, v.to(dtype), causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
         """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, accumulation dtype): the recurrence of its
@@ -197,7 +257,7 @@ class ABC(EfficientAttention):
         mem_k = torch.addcmul(state["mem_k"] * decay, et, k)  # Σ e_j k_j  (B, H, n, d)
         norm = torch.add(state["mem_norm"].unsqueeze(-2) * decay, e)  # Σ e_j      (B, H, 1, n)
         num = torch.matmul(q, mem_k.transpose(-1, -2))  # (B, H, 1, n)
-        empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
+        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, 1.0, norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
