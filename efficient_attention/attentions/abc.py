@@ -53,7 +53,7 @@ class _SlotRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         num, inv, p, mask = ctx.saved_tensors
-        g = grad.float()
+        g = grad.to(p.dtype)
         pd = p if mask is None else p * mask
         dp = g * inv if mask is None else g * inv * mask
         dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)

@@ -70,6 +70,8 @@ class Lara(EfficientAttention):
         dtype = acc_dtype(q.dtype)
         bsz, _, length, d = q.shape
         kpm: Optional[Tensor] = masks.key_padding
+        if kpm is None and length % self.num_landmarks == 0:
+            return self._attend_even(q, k, v), None
         scale = d**-0.25  # folded into the (B, H, C, d) side: x' = x·scale is never materialised
         q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
         weights = segment_weights(None if kpm is None else ~kpm, bsz, length, self.num_landmarks, dtype, q.device)
@@ -94,6 +96,29 @@ class Lara(EfficientAttention):
         importance = softmax(log_ratio, dim=-2).to(dtype)  # over proposals c
         out = torch.matmul(importance.transpose(-1, -2), kv_stats)  # (B, H, N, d)
         return out.to(q.dtype), None
+
+    def _attend_even(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """:meth:`_attend_fp32` without padding for a length that is a multiple of ``C``: equal segments (means of
+        views, no weights), no empty segment or dead proposal (plain softmaxes and ``logsumexp``), ``log ξ(q_n, ω_c)``
+        without its ``-|q'_n|²/2`` (the same for every proposal ``c``: the softmax over ``c`` cancels it), the
+        ``|k'|²/2`` term and the scales folded into ``baddbmm``, and batched products over ``B·H`` that read the
+        time-first projections in place (a head view of ``(L, B, H·d)`` flattens to ``(B·H, L, d)``)."""
+        bsz, heads, length, d = q.shape
+        dtype = acc_dtype(q.dtype)
+        c = self.num_landmarks
+        scale = d**-0.25
+        q32, k32, v32 = (x.to(dtype).flatten(0, 1) for x in (q, k, v))  # (B·H, L, d)
+        mu = torch.add(q32, k32).unflatten(1, (c, length // c)).mean(-2) * scale  # (B·H, C, d)
+        omega = mu + torch.randn_like(mu) if self.training else mu
+        sq_k = (k32 * k32).sum(-1).unsqueeze(1)  # (B·H, 1, L)
+        log_k = torch.baddbmm(sq_k, omega, k32.transpose(1, 2), beta=-0.5 * scale * scale, alpha=scale)  # (B·H, C, L)
+        kv_stats = torch.bmm(torch.softmax(log_k, dim=-1), v32)  # (B·H, C, d)
+        log_mu = (torch.sub(omega, mu, alpha=0.5) * mu).sum(-1, keepdim=True)  # log ξ(μ_c, ω_c) (B·H, C, 1)
+        bias = torch.logsumexp(log_k, -1, keepdim=True) - log_mu
+        log_ratio = torch.baddbmm(bias, mu + omega, q32.transpose(1, 2), alpha=scale)  # (B·H, C, L)
+        importance = torch.softmax(log_ratio, dim=-2)  # over proposals c
+        out = torch.bmm(importance.transpose(1, 2), kv_stats)  # (B·H, L, d)
+        return out.view(bsz, heads, length, d).to(q.dtype)
 
 
 LARA = Lara
