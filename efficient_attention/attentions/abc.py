@@ -122,12 +122,16 @@ class ABC(EfficientAttention):
     def _memory(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
         """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key, in ``k``'s dtype: the slot
         scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension."""
-        scores = torch.matmul(self.landmark_proj.to(k.dtype), k.transpose(-1, -2))  # (B, H, n, S)
+        bsz, heads, length, d = k.shape
+        keys, values = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
+        w = self.landmark_proj.to(k.dtype).repeat(bsz, 1, 1)  # (B·H, n, d)
+        scores = torch.bmm(w, keys.transpose(1, 2)).view(bsz, heads, -1, length)  # (B, H, n, S)
         if kpm is None:
             alpha = torch.softmax(scores, dim=-1, dtype=acc_dtype(k.dtype)).to(k.dtype)
         else:  # all padded -> 0
             alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
-        return torch.matmul(alpha, k), torch.matmul(alpha, v)
+        alpha = alpha.flatten(0, 1)
+        return torch.bmm(alpha, keys).view(bsz, heads, -1, d), torch.bmm(alpha, values).view(bsz, heads, -1, d)
 
     def _read(self, q: Tensor, mem_k: Tensor, mem_v: Tensor) -> Tensor:
         """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows) through SDPA."""
