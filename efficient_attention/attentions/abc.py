@@ -253,26 +253,33 @@ class ABC(EfficientAttention):
         return linear_attention(r, e, v.to(dtype), causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
-        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, accumulation dtype): the recurrence of its
-        three linear attentions written out (``decay`` rescales the sums to the new running max)."""
-        a = self._slot_scores(k, kpm)  # (B, H, 1, n)
-        past = state["mem_max"]  # (B, H, 1)
-        run = torch.maximum(a.detach().amax(-1), past)
-        safe = torch.where(torch.isfinite(run), run, 0.0)
-        decay = torch.exp(torch.where(torch.isfinite(past), past - safe, 0.0)).unsqueeze(-1)  # (B, H, 1, 1)
-        e = torch.exp(a - safe.unsqueeze(-1))  # (B, H, 1, n)
-        et = e.transpose(-1, -2)  # (B, H, n, 1)
+        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype; the state's sums stay in
+        their accumulation dtype, which the mixed-dtype products promote to): the recurrence of its three linear
+        attentions written out with broadcast products over ``n`` slots and ``d`` dims (one token is too small for
+        batched matmuls, whose reshapes cost more kernels than they save).  ``decay`` rescales the sums to the new
+        running max; a running max of ``-inf`` (no real key yet) is clamped to the lowest finite value, so its
+        weights and decay are 0 (the sums are then still 0).  Slots whose normaliser underflowed get the lowest
+        finite logit and weight 0: a row of only such slots (no real key yet) gives 0."""
+        a = (k * self.landmark_proj.to(state["mem_k"].dtype)).sum(-1)  # (B, H, n): (B, H, 1, d) * (H, n, d)
+        if kpm is not None:
+            a = a.masked_fill(kpm[:, None, :], float("-inf"))
+        run = torch.maximum(a.amax(-1, keepdim=True), state["mem_max"])  # (B, H, 1)
+        safe = run.clamp_min(torch.finfo(run.dtype).min)
+        decay = torch.exp(state["mem_max"] - safe).unsqueeze(-1)  # (B, H, 1, 1)
+        e = torch.exp(a - safe)  # (B, H, n)
+        et = e.unsqueeze(-1)  # (B, H, n, 1)
         mem_k = torch.addcmul(state["mem_k"] * decay, et, k)  # Σ e_j k_j  (B, H, n, d)
-        norm = torch.add(state["mem_norm"].unsqueeze(-2) * decay, e)  # Σ e_j      (B, H, 1, n)
-        num = torch.matmul(q, mem_k.transpose(-1, -2))  # (B, H, 1, n)
+        norm = torch.addcmul(e, state["mem_norm"], decay.squeeze(-1))  # Σ e_j  (B, H, n)
+        num = (mem_k * q).sum(-1)  # (B, H, n)
         empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
-        safe_norm = torch.where(empty, 1.0, norm)
-        probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
+        inv = torch.reciprocal(norm).masked_fill_(empty, 0.0)
+        logits = (num * inv * self.scaling).masked_fill_(empty, torch.finfo(num.dtype).min)
+        probs = torch.softmax(logits, dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
         mem_v = torch.addcmul(state["mem_v"] * decay, et, v)  # Σ e_j v_j  (B, H, n, d)
-        state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm.squeeze(-2), run
-        return torch.matmul(probs / safe_norm, mem_v)
+        state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm, run
+        return ((probs * inv).unsqueeze(-1) * mem_v).sum(-2, keepdim=True)  # (B, H, 1, d)
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
@@ -303,6 +310,9 @@ class ABC(EfficientAttention):
         """Causal: the slot sums ``mem_k``, ``mem_v`` ``(B, H, n, d)``, ``mem_norm (B, H, n)`` and the running max
         ``mem_max (B, H, 1)``.  Static keys: the key-side memory ``prev_key`` / ``prev_value`` = K̃ / Ṽ."""
         dtype = acc_dtype(q.dtype)
+        if self.causal and q.shape[2] == 1 and k is not None and v is not None and k.shape[2] == 1 and "mem_k" in state:
+            with torch.autocast(q.device.type, enabled=False):  # one token: a few kernels; the sums keep their dtype
+                return self._step(q, k, v, masks.key_padding, state).to(q.dtype)
         q32 = q.to(dtype)
         if not self.causal:
 
@@ -315,9 +325,6 @@ class ABC(EfficientAttention):
         tgt_len = q.shape[2]
         if "mem_k" in state and k.shape[2] < tgt_len:
             raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")
-        if tgt_len == 1 and k.shape[2] == 1 and "mem_k" in state:  # one token: a few kernels
-            with torch.autocast(q.device.type, enabled=False):  # the sums keep their precision
-                return self._step(q32, k.to(dtype), v.to(dtype), masks.key_padding, state).to(q.dtype)
         names = ("mem_k", "mem_v", "mem_norm", "mem_max")
         sums = {n: state[n] for n in names} if "mem_k" in state else self._new_state(q32)
         out = self._causal(q32, k.to(dtype), v.to(dtype), masks.key_padding, sums, self._kernel_dtype(q.dtype))
