@@ -100,7 +100,9 @@ def decode(device) -> dict:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rows = {name: mod.run(name, (8192,), device, 3.0) for name in ("vanilla", "abc")}
-    return {name: {"ms": r["ms"].get(8192), "err": r.get("err"), "err_bf16": r.get("err_bf16")} for name, r in rows.items()}
+    return {
+        name: {"ms": r["ms"].get(8192), "err": r.get("err"), "err_bf16": r.get("err_bf16")} for name, r in rows.items()
+    }
 
 
 def main() -> None:
@@ -135,10 +137,13 @@ def main() -> None:
     (out / "abcfam_gpu.json").write_text(json.dumps(result, indent=1, default=str))
 
     print(f"\n{result['device']}, torch {torch.__version__}, {result['seconds']:.0f} s")
-    print("check (max err / max |ref|, out and worst grad): " + "; ".join(
-        f"{k}: " + (" ".join(f"{d} {e[0]:.1e}/{e[1]:.1e}" for d, e in v.items()) if isinstance(v, dict) else v)
-        for k, v in result["check"].items()
-    ))
+    print(
+        "check (max err / max |ref|, out and worst grad): "
+        + "; ".join(
+            f"{k}: " + (" ".join(f"{d} {e[0]:.1e}/{e[1]:.1e}" for d, e in v.items()) if isinstance(v, dict) else v)
+            for k, v in result["check"].items()
+        )
+    )
     print("| case | " + " | ".join(f"{n // 1024}k ms (GiB)" for n in LENGTHS) + " |")
     print("|---|" + "---|" * len(LENGTHS))
     for label, _, _ in CASES:

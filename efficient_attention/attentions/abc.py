@@ -24,7 +24,6 @@ from ..registry import register_attention
 __all__ = ["ABC"]
 
 
-
 def _empty_norm(dtype: torch.dtype) -> float:
     """At or below this normaliser a slot is empty (its weights underflowed): 1 / normaliser must stay finite."""
     return torch.finfo(dtype).tiny * 1e8
@@ -33,15 +32,17 @@ def _empty_norm(dtype: torch.dtype) -> float:
 class _SlotRead(torch.autograd.Function):
     """``r = softmax_l(num · e^{nl} · scale) · e^{nl}`` (dropout ``mask`` on the softmax) for the unnormalised slot
     scores ``num`` and the negated log normalisers ``nl = -log Σ_j e_jl`` (both ``(B, H, T, n)``, fp32 or fp64);
-    slots with a normaliser at or below :func:`_empty_norm` are left out (weight 0).  Every row needs a non-empty slot (a causal
-    query without padding: its running-max slot has a normaliser >= 1).
+    slots with a normaliser at or below :func:`_empty_norm` are left out (weight 0).  Every row needs a non-empty
+    slot (a causal query without padding: its running-max slot has a normaliser >= 1).
 
     One autograd node: forward about ten kernels, backward eight (autograd over the same ops records about
     twenty-five), and it keeps three ``(B, H, T, n)`` fp32 tensors for the backward."""
 
     @staticmethod
     def forward(ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        inv = torch.exp(nl.masked_fill(nl >= -math.log(_empty_norm(nl.dtype)), float("-inf")))  # 1 / normaliser; empty slots: 0
+        inv = torch.exp(
+            nl.masked_fill(nl >= -math.log(_empty_norm(nl.dtype)), float("-inf"))
+        )  # 1 / normaliser; empty slots: 0
         x = (num * inv * scale).masked_fill(inv == 0, float("-inf"))
         p = torch.softmax(x, dim=-1)
         ctx.save_for_backward(num, inv, p, mask)

@@ -62,7 +62,7 @@ class _NewtonSchulz(torch.autograd.Function):
             dx = torch.baddbmm(dx, p1, d2, alpha=-1)
             grad_at = torch.bmm(z, dx) if grad_at is None else torch.baddbmm(grad_at, z, dx)
             gt = torch.baddbmm(torch.bmm(p3, gt), dx, a)
-        return grad_at.transpose(-1, -2), gt.transpose(-1, -2), None
+        return None if grad_at is None else grad_at.transpose(-1, -2), gt.transpose(-1, -2), None
 
 
 def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tensor:
