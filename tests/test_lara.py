@@ -88,3 +88,14 @@ def test_equal_segments_path_matches_the_general_one(dtype, training):
         assert_close(g, r, dtype)
     if not training:
         assert_close(out, get_reference("lara").fn(m.double(), x.double(), x.double(), x.double()), dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_length_chunks_path_matches_the_general_one(monkeypatch, training):
+    """The CUDA layout (the length split into chunks so that no product reduces over all of it) on the CPU."""
+    from efficient_attention.functional import LengthChunks
+
+    monkeypatch.setattr(LengthChunks, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(LengthChunks, "SIZE", 4)
+    monkeypatch.setattr(LengthChunks, "MIN_LENGTH", 8)
+    test_equal_segments_path_matches_the_general_one(torch.float64, training)

@@ -137,3 +137,13 @@ def test_newton_schulz_backward_equals_autograd_of_the_iterations():
     for got, want in zip(torch.autograd.grad(out, (a, z0), g), torch.autograd.grad(expected, (a, z0), g)):
         assert_close(got, want)
     assert torch.autograd.gradcheck(lambda a, z: _NewtonSchulz.apply(a, z, 2), (a, z0))
+
+
+def test_length_chunks_path_matches_the_general_one(monkeypatch):
+    """The CUDA layout (the length split into chunks so that no product reduces over all of it) on the CPU."""
+    from efficient_attention.functional import LengthChunks
+
+    monkeypatch.setattr(LengthChunks, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(LengthChunks, "SIZE", 4)
+    monkeypatch.setattr(LengthChunks, "MIN_LENGTH", 8)
+    test_equal_segments_path_matches_the_general_one(torch.float64)

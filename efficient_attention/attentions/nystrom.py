@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, segment_weights, softmax
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
@@ -182,20 +182,28 @@ class NystromAttention(EfficientAttention):
     def _attend_even(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """:meth:`_attend_fp32` without padding for a length that is a multiple of (and above) the number of
         landmarks: equal segments (means of views, no weights), no empty landmark or row (plain softmaxes, the
-        stochastic pseudo-inverse), and batched products over ``B·H`` that read the time-first projections in
-        place (a head view of ``(L, B, H·d)`` flattens to ``(B·H, L, d)`` without a copy)."""
+        stochastic pseudo-inverse), and products batched over ``B·H`` (and over chunks of the length on CUDA,
+        :class:`LengthChunks`: no product reduces over the whole length, forward or backward) that read the
+        time-first projections in place when there is one chunk (a head view of ``(L, B, H·d)`` flattens to
+        ``(B·H, L, d)`` without a copy)."""
         bsz, heads, length, d = q.shape
         dtype = acc_dtype(q.dtype)
         c = self.num_landmarks
-        q32, k32, v32 = (x.to(dtype).flatten(0, 1) for x in (q, k, v))  # (B·H, L, d)
-        q_land = q32.unflatten(1, (c, length // c)).mean(-2) * self.scaling  # (B·H, C, d)
-        k_land = k32.unflatten(1, (c, length // c)).mean(-2).transpose(-1, -2)  # (B·H, d, C)
-        kernel1 = torch.softmax(torch.bmm(q32, k_land * self.scaling), dim=-1)  # (B·H, L, C)
+        chunks = LengthChunks(bsz * heads, length, q.device)
+        fmt = torch.contiguous_format if chunks.n > 1 else torch.preserve_format
+        q32, k32, v32 = (chunks.split(x.to(dtype, memory_format=fmt).flatten(0, 1)) for x in (q, k, v))
+        q_land = q32.reshape(bsz * heads, c, length // c, d).mean(-2) * self.scaling  # (B·H, C, d)
+        k_land = k32.reshape(bsz * heads, c, length // c, d).mean(-2).transpose(-1, -2)  # (B·H, d, C)
+        kernel1 = torch.softmax(torch.bmm(q32, chunks.repeat(k_land * self.scaling)), dim=-1)  # (B·H·n, l, C)
         kernel2 = torch.softmax(torch.bmm(q_land, k_land), dim=-1)  # (B·H, C, C)
-        kernel3 = torch.softmax(torch.bmm(q_land, k32.transpose(-1, -2)), dim=-1)  # (B·H, C, L)
+        scores3 = chunks.per_batch(torch.bmm(chunks.repeat(q_land), k32.transpose(-1, -2)))  # (B·H, n, C, l)
+        if chunks.n == 1:
+            kernel3 = torch.softmax(scores3, dim=-1).flatten(0, 1)
+        else:  # the softmax over the keys of every chunk
+            kernel3 = torch.exp(scores3 - torch.logsumexp(scores3, dim=(1, 3), keepdim=True)).flatten(0, 1)
         pinv = iterative_pinv(kernel2, self.pinv_iterations, stochastic=True)
-        small = torch.bmm(pinv, torch.bmm(kernel3, v32))  # (B·H, C, d)
-        out = torch.bmm(kernel1, small).view(bsz, heads, length, d)
+        small = torch.bmm(pinv, chunks.total(torch.bmm(kernel3, v32)))  # (B·H, C, d)
+        out = torch.bmm(kernel1, chunks.repeat(small)).view(bsz, heads, length, d)
         if self.conv is not None:
             pad = (self.conv.padding[0], 0)
             out = out + F.conv2d(v32.view(bsz, heads, length, d), self.conv.weight.to(dtype), padding=pad, groups=heads)
