@@ -5,13 +5,14 @@
 Three parts, one process:
 
 * ``check`` -- each module (eval, so LARA draws no noise) in float64 on the GPU against the same weights in fp32
-  and under bf16 autocast, L = 1000 (not a multiple of any chunk), B = 2, with 8 padded keys in row 1 for the
-  mechanisms that take padding: max |out - ref| / max |ref| and the same for the gradients of the input
-  and of every parameter (worst one);
+  and under bf16 autocast, B = 2: L = 1000 with 8 padded keys in row 1 for the noncausal mechanisms (their
+  general path), and L = 2048 unpadded (the equal-segment paths, the length in chunks): max |out - ref| / max
+  |ref| and the same for the gradients of the input and of every parameter (worst one);
 * ``train`` -- CAB's efficiency setting (issue 13): self attention on ``(L, B=4, 512)``, 8 heads of 64, fp32
   weights under bf16 autocast, train mode, ``loss = out.sum()``, forward + backward, module level (projections
   included) through :mod:`efficient_attention.benchmark.timing`, L in 4k, 8k, 32k, with SDPA (``vanilla``,
-  noncausal and causal) in the same run; median ms and peak memory (GiB, on top of what was live);
+  noncausal and causal) in the same run; median ms and peak memory (GiB, on top of what was live); LARA and
+  Nystrom also without :class:`~efficient_attention.functional.LengthChunks` (``nosplit``);
 * ``decode`` -- one ABC decoding step against vanilla's (``benchmarks/decode_step_gpu.py``'s harness, context 8k).
 
 Writes ``DIR/abcfam_gpu.json`` and prints the tables.
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from efficient_attention.benchmark import timing  # noqa: E402
+from efficient_attention.functional import LengthChunks  # noqa: E402
 from efficient_attention.registry import get_attention_class  # noqa: E402
 
 EMBED, HEADS, BATCH = 512, 8, 4
@@ -45,6 +47,7 @@ CASES = [  # (label, mechanism, causal)
     ("lara", "lara", False),
     ("nystrom", "nystrom", False),
 ]
+NOSPLIT = [("lara nosplit", "lara", False), ("nystrom nosplit", "nystrom", False)]  # LengthChunks off: its gain
 PADDED = {"abc", "lara", "nystrom"}
 
 
@@ -65,10 +68,10 @@ def _fwd_bwd(m, x, kpm, autocast: bool):
     return out.detach(), grads
 
 
-def check(name: str, causal: bool, device) -> dict:
-    length, bsz = 1000, 2
+def check(name: str, causal: bool, device, length: int, padded: bool) -> dict:
+    bsz = 2
     kpm = None
-    if name in PADDED and not causal:
+    if padded and name in PADDED and not causal:
         kpm = torch.zeros(bsz, length, dtype=torch.bool, device=device)
         kpm[1, -8:] = True
     ref_m = build(name, causal, device, torch.float64).eval()
@@ -115,18 +118,25 @@ def main() -> None:
     t0 = time.perf_counter()
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "check": {}, "train": {}}
     for label, name, causal in CASES[2:]:
-        try:
-            result["check"][label] = check(name, causal, device)
-        except Exception as exc:  # noqa: BLE001 - a failure is data
-            traceback.print_exc()
-            result["check"][label] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    for length in LENGTHS:
-        for label, name, causal in CASES:
+        for length, padded in ((1000, True), (2048, False)):  # the general path; the unpadded (chunked) one
+            key = f"{label}@{length}{' padded' if padded and not causal else ''}"
             try:
+                result["check"][key] = check(name, causal, device, length, padded)
+            except Exception as exc:  # noqa: BLE001 - a failure is data
+                traceback.print_exc()
+                result["check"][key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for length in LENGTHS:
+        for label, name, causal in CASES + NOSPLIT:
+            try:
+                split = LengthChunks.MIN_LENGTH
+                if label.endswith("nosplit"):
+                    LengthChunks.MIN_LENGTH = 1 << 62
                 result["train"][f"{label}@{length}"] = train(name, causal, length, device)
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 result["train"][f"{label}@{length}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            finally:
+                LengthChunks.MIN_LENGTH = split
             torch.cuda.empty_cache()
     try:
         result["decode"] = decode(device)
@@ -146,7 +156,7 @@ def main() -> None:
     )
     print("| case | " + " | ".join(f"{n // 1024}k ms (GiB)" for n in LENGTHS) + " |")
     print("|---|" + "---|" * len(LENGTHS))
-    for label, _, _ in CASES:
+    for label, _, _ in CASES + NOSPLIT:
         cells = []
         for n in LENGTHS:
             r = result["train"][f"{label}@{n}"]
