@@ -110,12 +110,11 @@ class ABC(EfficientAttention):
             nn.init.normal_(self.landmark_proj, std=self.head_dim**-0.5)
 
     def _slot_scores(self, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
-        """``a = k wᵀ`` ``(B, H, S, n)``, padded keys at ``-inf``: one batched product over the heads that reads
-        ``k`` in place when it is a head view of time-first ``(S, B, H·d)`` projections (the base's layout)."""
+        """``a = k wᵀ`` ``(B, H, S, n)`` (contiguous), padded keys at ``-inf``: one product batched over ``B·H`` that
+        reads ``k`` in place when it is a head view of time-first ``(S, B, H·d)`` projections (the base's layout)."""
         bsz, heads, length, d = k.shape
-        keys = k.permute(1, 2, 0, 3).reshape(heads, length * bsz, d)
-        a = torch.bmm(keys, self.landmark_proj.to(k.dtype).transpose(1, 2))
-        a = a.view(heads, length, bsz, -1).permute(2, 0, 1, 3)
+        w = self.landmark_proj.to(k.dtype).transpose(1, 2).repeat(bsz, 1, 1)  # (B·H, d, n)
+        a = torch.bmm(k.flatten(0, 1), w).view(bsz, heads, length, -1)
         if kpm is not None:
             a = a.masked_fill(kpm[:, None, :, None], float("-inf"))
         return a
