@@ -245,7 +245,10 @@ class ABC(EfficientAttention):
         c = run.unsqueeze(-1)
         e = torch.exp(a - c).to(dtype)
         num = linear_attention(q.to(dtype), k.to(dtype), e, causal=True, log_decay=decay, normalize=False)
-        nl = c - torch.logcumsumexp(a.to(acc_dtype(a.dtype)), dim=-2)  # -log Σ_{j<=i} e^{a_jl - c_i}
+        # -log Σ_{j<=i} e^{a_jl - c_i}, the scan along the last dim of a contiguous (B, H, n, S) copy: CUDA scans an
+        # inner dim with parallel blocks, a middle one with one thread per (batch, head, slot) walking all S
+        lse = torch.logcumsumexp(a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1)
+        nl = (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()  # (B, H, S, n)
         mask = None
         if self.training and self.dropout_p > 0:
             mask = torch.empty_like(num).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
