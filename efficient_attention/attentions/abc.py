@@ -40,9 +40,8 @@ class _SlotRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        inv = torch.exp(
-            nl.masked_fill(nl >= -math.log(_empty_norm(nl.dtype)), float("-inf"))
-        )  # 1 / normaliser; empty slots: 0
+        bound = -math.log(_empty_norm(nl.dtype))
+        inv = torch.exp(nl.masked_fill(nl >= bound, float("-inf")))  # 1 / normaliser; empty slots: 0
         x = (num * inv * scale).masked_fill(inv == 0, float("-inf"))
         p = torch.softmax(x, dim=-1)
         ctx.save_for_backward(num, inv, p, mask)
@@ -81,7 +80,9 @@ class ABC(EfficientAttention):
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``, memory ``(B, H, n, d)``.
     Patterns: all four.  Causal attention is three chunked linear attentions
     (:func:`~efficient_attention.kernels.linear_attention.linear_attention`:
-    slot scores, slot normalisers, output; never an ``(N, n, d)`` tensor), the
+    slot scores, slot normalisers, output; never an ``(N, n, d)`` tensor; a
+    fresh unpadded sequence, as in training, takes the normalisers from one
+    ``logcumsumexp`` instead and the slot softmax as one autograd node), the
     slot weights stabilised in the log domain by the running max of all slot
     scores so far (a slot whose scores stay ~80 below the best slot's
     underflows to empty in fp32); decoding keeps only the running memory,
