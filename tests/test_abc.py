@@ -104,11 +104,14 @@ def test_slot_read_gradient_matches_autograd(dropout):
     assert torch.autograd.gradcheck(lambda a, b: _SlotRead.apply(a, b, 0.3, mask, torch.float64), (num, nl))
 
 
+@pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_fresh_causal_path_matches_the_general_one(dtype):
-    """Causal self attention without padding or state (training) takes two linear attentions, the normalisers from
-    a logcumsumexp and the hand-written slot softmax; its output and every gradient equal the general path's
-    (three linear attentions; an all-False padding mask takes it) over several chunks, with large scores."""
+def test_fresh_causal_path_matches_the_general_one(monkeypatch, dtype, scan):
+    """Causal self attention without padding or state (training) takes the hand-written slot softmax and, on CUDA
+    (``scan``), two linear attentions and the normalisers from a logcumsumexp; its output and every gradient equal
+    the general path's (an all-False padding mask takes it) over several chunks, with large scores."""
+    if scan:  # the CUDA path: normalisers from a logcumsumexp
+        monkeypatch.setattr(ABC, "SCAN_DEVICES", ("cpu", "cuda"))
     m = make(causal=True).to(dtype)
     x = (torch.randn(150, 2, EMBED_DIM, dtype=torch.float64) * 3).to(dtype)
     results = []

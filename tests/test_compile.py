@@ -83,7 +83,7 @@ ATTEND_OP_CEILINGS = {
     ("cosformer", False): 91,
     ("cosformer", True): 152,
     ("abc", False): 51,
-    ("abc", True): 362,
+    ("abc", True): 451,
     ("s4d", False): 383,
     ("s4d", True): 456,
     ("lara", False): 113,

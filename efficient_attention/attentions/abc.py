@@ -246,15 +246,28 @@ class ABC(EfficientAttention):
         c = run.unsqueeze(-1)
         e = torch.exp(a - c).to(dtype)
         num = linear_attention(q.to(dtype), k.to(dtype), e, causal=True, log_decay=decay, normalize=False)
-        # -log Σ_{j<=i} e^{a_jl - c_i}, the scan along the last dim of a contiguous (B, H, n, S) copy: CUDA scans an
-        # inner dim with parallel blocks, a middle one with one thread per (batch, head, slot) walking all S
-        lse = torch.logcumsumexp(a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1)
-        nl = (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()  # (B, H, S, n)
+        nl = self._neg_log_norm(a, run, e, decay)
         mask = None
         if self.training and self.dropout_p > 0:
             mask = torch.empty_like(num).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
         r = _SlotRead.apply(num, nl, self.scaling, mask, dtype)
         return linear_attention(r, e, v.to(dtype), causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
+
+    SCAN_DEVICES = ("cuda",)  # device types whose normalisers come from logcumsumexp (tests add "cpu")
+
+    def _neg_log_norm(self, a: Tensor, run: Tensor, e: Tensor, decay: Tensor) -> Tensor:
+        """``-log Σ_{j<=i} e^{a_jl - c_i}`` ``(B, H, S, n)``.  CUDA: one ``logcumsumexp`` along the last dim of a
+        contiguous ``(B, H, n, S)`` copy (CUDA scans an inner dim with parallel blocks, a middle one with one thread
+        per (batch, head, slot) walking all ``S``), a few kernels instead of a linear attention.  Elsewhere (the
+        CPU's ``logcumsumexp`` is a scalar loop, ~50 ms at 4k): a linear attention with unit features."""
+        if a.device.type in self.SCAN_DEVICES:
+            lse = torch.logcumsumexp(
+                a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1
+            )
+            return (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()
+        unit = e.new_ones(*e.shape[:-1], 1)
+        norm = linear_attention(unit, unit, e, causal=True, log_decay=decay, normalize=False)
+        return -torch.log(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # empty slots: above the bound, gradient 0
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
         """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype; the state's sums stay in
