@@ -1,6 +1,6 @@
 """ABC (causal and noncausal), LARA and Nystrom on the GPU: checked against float64, timed against SDPA.
 
-    PYTHONPATH=$PWD python benchmarks/abcfam_gpu.py --out DIR      # H200: about a minute
+    PYTHONPATH=$PWD python benchmarks/abcfam_gpu.py --out DIR [--budget 50]   # H200: under a minute
 
 Three parts, one process:
 
@@ -15,7 +15,9 @@ Three parts, one process:
   Nystrom also without :class:`~efficient_attention.functional.LengthChunks` (``nosplit``);
 * ``decode`` -- one ABC decoding step against vanilla's (``benchmarks/decode_step_gpu.py``'s harness, context 8k).
 
-Writes ``DIR/abcfam_gpu.json`` and prints the tables.
+The timings run first, then the checks, the ``nosplit`` variants (4k, 8k) and the decoding step; a line is printed
+after every case, and past ``--budget`` seconds the remaining cases are recorded as skipped.  Writes
+``DIR/abcfam_gpu.json`` and prints the tables.
 """
 
 from __future__ import annotations
@@ -108,41 +110,63 @@ def decode(device) -> dict:
     }
 
 
+def _step(result: dict, part: str, key: str, fn, t0: float, budget: float) -> None:
+    """Run one case into ``result[part][key]`` (a failure or the budget is recorded, not raised) and print a line."""
+    if time.perf_counter() - t0 > budget:
+        result[part][key] = f"skipped: past the {budget:.0f} s budget"
+        return
+    t1 = time.perf_counter()
+    try:
+        result[part][key] = fn()
+    except Exception as exc:  # noqa: BLE001 - a failure is data
+        traceback.print_exc()
+        result[part][key] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    print(f"[{time.perf_counter() - t0:5.1f} s] {part} {key}: {result[part][key]} ({time.perf_counter() - t1:.1f} s)")
+    sys.stdout.flush()
+
+
+def _nosplit(fn):
+    def run():
+        split = LengthChunks.MIN_LENGTH
+        LengthChunks.MIN_LENGTH = 1 << 62
+        try:
+            return fn()
+        finally:
+            LengthChunks.MIN_LENGTH = split
+
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--budget", type=float, default=50.0, help="seconds after which the remaining cases are skipped")
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test this script")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     args = p.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    lengths = tuple(args.lengths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "check": {}, "train": {}}
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result: dict = {"device": device_name, "torch": torch.__version__, "check": {}, "train": {}}
+    # most important first: the timings, then the checks, the no-split variants, the decoding step
+    for length in lengths:
+        for label, name, causal in CASES:
+            _step(result, "train", f"{label}@{length}", lambda: train(name, causal, length, device), t0, args.budget)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     for label, name, causal in CASES[2:]:
         for length, padded in ((1000, True), (2048, False)):  # the general path; the unpadded (chunked) one
             key = f"{label}@{length}{' padded' if padded and not causal else ''}"
-            try:
-                result["check"][key] = check(name, causal, device, length, padded)
-            except Exception as exc:  # noqa: BLE001 - a failure is data
-                traceback.print_exc()
-                result["check"][key] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    for length in LENGTHS:
-        for label, name, causal in CASES + NOSPLIT:
-            try:
-                split = LengthChunks.MIN_LENGTH
-                if label.endswith("nosplit"):
-                    LengthChunks.MIN_LENGTH = 1 << 62
-                result["train"][f"{label}@{length}"] = train(name, causal, length, device)
-            except Exception as exc:  # noqa: BLE001
-                traceback.print_exc()
-                result["train"][f"{label}@{length}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            finally:
-                LengthChunks.MIN_LENGTH = split
-            torch.cuda.empty_cache()
-    try:
-        result["decode"] = decode(device)
-    except Exception as exc:  # noqa: BLE001
-        traceback.print_exc()
-        result["decode"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            _step(result, "check", key, lambda: check(name, causal, device, length, padded), t0, args.budget)
+    for length in lengths[:2]:
+        for label, name, causal in NOSPLIT:
+            run = _nosplit(lambda: train(name, causal, length, device))
+            _step(result, "train", f"{label}@{length}", run, t0, args.budget)
+    result["decode"] = {}
+    _step(result, "decode", "8k", lambda: decode(device), t0, args.budget)
     result["seconds"] = time.perf_counter() - t0
     (out / "abcfam_gpu.json").write_text(json.dumps(result, indent=1, default=str))
 
@@ -154,12 +178,12 @@ def main() -> None:
             for k, v in result["check"].items()
         )
     )
-    print("| case | " + " | ".join(f"{n // 1024}k ms (GiB)" for n in LENGTHS) + " |")
-    print("|---|" + "---|" * len(LENGTHS))
+    print("| case | " + " | ".join(f"{n} ms (GiB)" for n in lengths) + " |")
+    print("|---|" + "---|" * len(lengths))
     for label, _, _ in CASES + NOSPLIT:
         cells = []
-        for n in LENGTHS:
-            r = result["train"][f"{label}@{n}"]
+        for n in lengths:
+            r = result["train"].get(f"{label}@{n}", "-")
             cells.append(f"{r['ms']:.2f} ({r['gib']:.2f})" if isinstance(r, dict) else str(r)[:40])
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"decode @8k: {result['decode']}")
