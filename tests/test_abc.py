@@ -85,3 +85,43 @@ def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
     kpm[1, -2:] = True
     out, _ = m(q, k, v, key_padding_mask=kpm, need_weights=False)
     assert_close(out, get_reference("abc").fn(m, q, k, v, key_padding_mask=kpm))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_slot_read_gradient_matches_autograd(dropout):
+    """The slot softmax's hand-written backward (one autograd node) against gradcheck in float64, an empty slot
+    (normaliser underflowed: left out) and a dropout mask included."""
+    from efficient_attention.attentions.abc import _SlotRead
+
+    torch.manual_seed(0)
+    num = torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)
+    nl = (torch.randn(2, 3, 7, 5, dtype=torch.float64) - 1).requires_grad_(True)
+    with torch.no_grad():
+        nl[0, 0, 0, 2] = 800.0  # normaliser e^-800: empty
+    mask = (torch.rand(2, 3, 7, 5, dtype=torch.float64) > 0.3) / 0.7 if dropout else None
+    out = _SlotRead.apply(num, nl, 0.3, mask, torch.float64)
+    assert out[0, 0, 0, 2] == 0 and torch.isfinite(out).all()
+    assert torch.autograd.gradcheck(lambda a, b: _SlotRead.apply(a, b, 0.3, mask, torch.float64), (num, nl))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fresh_causal_path_matches_the_general_one(monkeypatch, dtype, scan):
+    """Causal self attention without padding or state (training) takes the hand-written slot softmax and, on CUDA
+    (``scan``), two linear attentions and the normalisers from a logcumsumexp; its output and every gradient equal
+    the general path's (an all-False padding mask takes it) over several chunks, with large scores."""
+    if scan:  # the CUDA path: normalisers from a logcumsumexp
+        monkeypatch.setattr(ABC, "SCAN_DEVICES", ("cpu", "cuda"))
+    m = make(causal=True).to(dtype)
+    x = (torch.randn(150, 2, EMBED_DIM, dtype=torch.float64) * 3).to(dtype)
+    results = []
+    for kpm in (None, torch.zeros(2, 150, dtype=torch.bool)):
+        xi = x.detach().requires_grad_(True)
+        m.zero_grad(set_to_none=True)
+        out, _ = m(xi, key_padding_mask=kpm, need_weights=False)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        results.append([out, xi.grad] + [p.grad for p in m.parameters()])
+    assert_close(results[0][0], results[1][0], dtype)
+    scale = max(float(w.abs().max()) for w in results[1][1:])  # a gradient that is ~0 exactly (k's bias) is noise
+    for got, want in zip(results[0][1:], results[1][1:]):
+        assert_close(got / scale, want / scale, dtype)

@@ -90,3 +90,60 @@ def test_conv_kernel_adds_a_value_convolution():
     torch.nn.init.zeros_(m.conv.weight)
     without, _ = m(x, need_weights=False)
     assert (with_conv - without).abs().max() > 1e-6
+
+
+def _out_and_grads(m, x, kpm):
+    x = x.detach().requires_grad_(True)
+    m.zero_grad(set_to_none=True)
+    out, _ = m(x, key_padding_mask=kpm, need_weights=False)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out, [x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_equal_segments_path_matches_the_general_one(dtype):
+    """No padding and a length that is a multiple of the landmarks: segment means of views, plain softmaxes and
+    the stochastic pseudo-inverse; outputs and every gradient equal the general path's (an all-False padding
+    mask takes it) and the float64 reference."""
+    from references import get_reference
+
+    m = make(conv_kernel_size=3).to(dtype)
+    x = torch.randn(16, 2, EMBED_DIM, dtype=torch.float64).to(dtype)
+    out, grads = _out_and_grads(m, x, None)
+    general, general_grads = _out_and_grads(m, x, torch.zeros(2, 16, dtype=torch.bool))
+    assert_close(out, get_reference("nystrom").fn(m.double(), x.double(), x.double(), x.double()), dtype)
+    assert_close(out, general, dtype)
+    for g, r in zip(grads, general_grads):
+        assert_close(g, r, dtype)
+
+
+def test_newton_schulz_backward_equals_autograd_of_the_iterations():
+    from efficient_attention.attentions.nystrom import _NewtonSchulz
+
+    def plain(a, z, iterations):
+        eye = torch.eye(a.shape[-1], dtype=a.dtype)
+        for _ in range(iterations):
+            x = a @ z
+            z = 0.25 * z @ (13 * eye - x @ (15 * eye - x @ (7 * eye - x)))
+        return z
+
+    torch.manual_seed(0)
+    a = torch.softmax(torch.randn(4, 6, 6, dtype=torch.float64), -1).requires_grad_(True)
+    z0 = (a.detach().transpose(-1, -2) / 3).requires_grad_(True)
+    out = _NewtonSchulz.apply(a, z0, 6)
+    expected = plain(a, z0, 6)
+    assert_close(out, expected)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (a, z0), g), torch.autograd.grad(expected, (a, z0), g)):
+        assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda a, z: _NewtonSchulz.apply(a, z, 2), (a, z0))
+
+
+def test_length_chunks_path_matches_the_general_one(monkeypatch):
+    """The CUDA layout (the length split into chunks so that no product reduces over all of it) on the CPU."""
+    from efficient_attention.functional import LengthChunks
+
+    monkeypatch.setattr(LengthChunks, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(LengthChunks, "SIZE", 4)
+    monkeypatch.setattr(LengthChunks, "MIN_LENGTH", 8)
+    test_equal_segments_path_matches_the_general_one(torch.float64)

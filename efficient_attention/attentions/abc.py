@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -21,6 +22,43 @@ from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["ABC"]
+
+
+def _empty_norm(dtype: torch.dtype) -> float:
+    """At or below this normaliser a slot is empty (its weights underflowed): 1 / normaliser must stay finite."""
+    return torch.finfo(dtype).tiny * 1e8
+
+
+class _SlotRead(torch.autograd.Function):
+    """``r = softmax_l(num · e^{nl} · scale) · e^{nl}`` (dropout ``mask`` on the softmax) for the unnormalised slot
+    scores ``num`` and the negated log normalisers ``nl = -log Σ_j e_jl`` (both ``(B, H, T, n)``, fp32 or fp64);
+    slots with a normaliser at or below :func:`_empty_norm` are left out (weight 0).  Every row needs a non-empty
+    slot (a causal query without padding: its running-max slot has a normaliser >= 1).
+
+    One autograd node: forward about ten kernels, backward eight (autograd over the same ops records about
+    twenty-five), and it keeps three ``(B, H, T, n)`` fp32 tensors for the backward."""
+
+    @staticmethod
+    def forward(ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        bound = -math.log(_empty_norm(nl.dtype))
+        inv = torch.exp(nl.masked_fill(nl >= bound, float("-inf")))  # 1 / normaliser; empty slots: 0
+        x = (num * inv * scale).masked_fill(inv == 0, float("-inf"))
+        p = torch.softmax(x, dim=-1)
+        ctx.save_for_backward(num, inv, p, mask)
+        ctx.scale = scale
+        if mask is not None:
+            p = p * mask
+        return (p * inv).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        num, inv, p, mask = ctx.saved_tensors
+        g = grad.to(p.dtype)
+        pd = p if mask is None else p * mask
+        dp = g * inv if mask is None else g * inv * mask
+        dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+        d_inv = torch.addcmul(g * pd, dx, num, value=ctx.scale)
+        return dx * inv * ctx.scale, d_inv * inv, None, None, None
 
 
 @dataclass(frozen=True)
@@ -42,7 +80,9 @@ class ABC(EfficientAttention):
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``, memory ``(B, H, n, d)``.
     Patterns: all four.  Causal attention is three chunked linear attentions
     (:func:`~efficient_attention.kernels.linear_attention.linear_attention`:
-    slot scores, slot normalisers, output; never an ``(N, n, d)`` tensor), the
+    slot scores, slot normalisers, output; never an ``(N, n, d)`` tensor; a
+    fresh unpadded sequence, as in training, takes the normalisers from one
+    ``logcumsumexp`` instead and the slot softmax as one autograd node), the
     slot weights stabilised in the log domain by the running max of all slot
     scores so far (a slot whose scores stay ~80 below the best slot's
     underflows to empty in fp32); decoding keeps only the running memory,
@@ -71,8 +111,11 @@ class ABC(EfficientAttention):
             nn.init.normal_(self.landmark_proj, std=self.head_dim**-0.5)
 
     def _slot_scores(self, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
-        """``a = k wᵀ`` ``(B, H, S, n)``, padded keys at ``-inf``."""
-        a = torch.einsum("bhsd,hnd->bhsn", k, self.landmark_proj.to(k.dtype))
+        """``a = k wᵀ`` ``(B, H, S, n)`` (contiguous), padded keys at ``-inf``: one product batched over ``B·H`` that
+        reads ``k`` in place when it is a head view of time-first ``(S, B, H·d)`` projections (the base's layout)."""
+        bsz, heads, length, d = k.shape
+        w = self.landmark_proj.to(k.dtype).transpose(1, 2).repeat(bsz, 1, 1)  # (B·H, d, n)
+        a = torch.bmm(k.flatten(0, 1), w).view(bsz, heads, length, -1)
         if kpm is not None:
             a = a.masked_fill(kpm[:, None, :, None], float("-inf"))
         return a
@@ -80,12 +123,16 @@ class ABC(EfficientAttention):
     def _memory(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
         """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key, in ``k``'s dtype: the slot
         scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension."""
-        scores = torch.matmul(self.landmark_proj.to(k.dtype), k.transpose(-1, -2))  # (B, H, n, S)
+        bsz, heads, length, d = k.shape
+        keys, values = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
+        w = self.landmark_proj.to(k.dtype).repeat(bsz, 1, 1)  # (B·H, n, d)
+        scores = torch.bmm(w, keys.transpose(1, 2)).view(bsz, heads, -1, length)  # (B, H, n, S)
         if kpm is None:
             alpha = torch.softmax(scores, dim=-1, dtype=acc_dtype(k.dtype)).to(k.dtype)
         else:  # all padded -> 0
             alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
-        return torch.matmul(alpha, k), torch.matmul(alpha, v)
+        alpha = alpha.flatten(0, 1)
+        return torch.bmm(alpha, keys).view(bsz, heads, -1, d), torch.bmm(alpha, values).view(bsz, heads, -1, d)
 
     def _read(self, q: Tensor, mem_k: Tensor, mem_v: Tensor) -> Tensor:
         """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows) through SDPA."""
@@ -129,6 +176,8 @@ class ABC(EfficientAttention):
         ``Σ_j (r_i·e_j) v_j`` (features ``r, e``).  Casts to ``dtype`` for the kernels.
         """
         tgt_len, src_len = q.shape[-2], k.shape[-2]
+        if state is None and kpm is None and tgt_len == src_len > 0:
+            return self._causal_fresh(q, k, v, dtype, out_dtype)
         blind = max(tgt_len - src_len, 0)  # queries before the first key see nothing
         if src_len == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
@@ -170,7 +219,7 @@ class ABC(EfficientAttention):
         num, mem_k = attend(q.to(dtype), k.to(dtype), e, None if state is None else state["mem_k"].transpose(-1, -2))
         unit_q, unit_k = q.new_ones(*q.shape[:-1], 1, dtype=dtype), k.new_ones(*k.shape[:-1], 1, dtype=dtype)
         norm, mem_norm = attend(unit_q, unit_k, e, None if state is None else state["mem_norm"].unsqueeze(-2))
-        empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
+        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
@@ -184,27 +233,70 @@ class ABC(EfficientAttention):
             state["mem_max"] = run[..., -1:]
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
+    def _causal_fresh(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype, out_dtype: Optional[torch.dtype]):
+        """:meth:`_causal` for a fresh unpadded self-attention sequence (training): every score is finite and
+        position ``i``'s running-max slot has a normaliser >= 1, so no slot needs the general path's guards.
+
+        Two causal linear attentions (slot scores, output) instead of three: the normalisers
+        ``Σ_{j<=i} e^{a_jl - c_i}`` come from one ``logcumsumexp`` of the scores (exact in the log domain), and the
+        slot softmax is one autograd node (:class:`_SlotRead`)."""
+        a = self._slot_scores(k, None)  # (B, H, S, n)
+        run = torch.cummax(a.detach().amax(-1), dim=-1).values  # c (B, H, S)
+        decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        c = run.unsqueeze(-1)
+        e = torch.exp(a - c).to(dtype)
+        num = linear_attention(q.to(dtype), k.to(dtype), e, causal=True, log_decay=decay, normalize=False)
+        nl = self._neg_log_norm(a, run, e, decay)
+        mask = None
+        if self.training and self.dropout_p > 0:
+            mask = torch.empty_like(num).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
+        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype)
+        return linear_attention(r, e, v.to(dtype), causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
+
+    SCAN_DEVICES = ("cuda",)  # device types whose normalisers come from logcumsumexp (tests add "cpu")
+
+    def _neg_log_norm(self, a: Tensor, run: Tensor, e: Tensor, decay: Tensor) -> Tensor:
+        """``-log Σ_{j<=i} e^{a_jl - c_i}`` ``(B, H, S, n)``.  CUDA: one ``logcumsumexp`` along the last dim of a
+        contiguous ``(B, H, n, S)`` copy (CUDA scans an inner dim with parallel blocks, a middle one with one thread
+        per (batch, head, slot) walking all ``S``), a few kernels instead of a linear attention.  Elsewhere (the
+        CPU's ``logcumsumexp`` is a scalar loop, ~50 ms at 4k): a linear attention with unit features."""
+        if a.device.type in self.SCAN_DEVICES:
+            lse = torch.logcumsumexp(
+                a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1
+            )
+            return (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()
+        unit = e.new_ones(*e.shape[:-1], 1)
+        norm = linear_attention(unit, unit, e, causal=True, log_decay=decay, normalize=False)
+        return -torch.log(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # empty slots: above the bound, gradient 0
+
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
-        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, accumulation dtype): the recurrence of its
-        three linear attentions written out (``decay`` rescales the sums to the new running max)."""
-        a = self._slot_scores(k, kpm)  # (B, H, 1, n)
-        past = state["mem_max"]  # (B, H, 1)
-        run = torch.maximum(a.detach().amax(-1), past)
-        safe = torch.where(torch.isfinite(run), run, 0.0)
-        decay = torch.exp(torch.where(torch.isfinite(past), past - safe, 0.0)).unsqueeze(-1)  # (B, H, 1, 1)
-        e = torch.exp(a - safe.unsqueeze(-1))  # (B, H, 1, n)
-        et = e.transpose(-1, -2)  # (B, H, n, 1)
+        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype; the state's sums stay in
+        their accumulation dtype, which the mixed-dtype products promote to): the recurrence of its three linear
+        attentions written out with broadcast products over ``n`` slots and ``d`` dims (one token is too small for
+        batched matmuls, whose reshapes cost more kernels than they save).  ``decay`` rescales the sums to the new
+        running max; a running max of ``-inf`` (no real key yet) is clamped to the lowest finite value, so its
+        weights and decay are 0 (the sums are then still 0).  Slots whose normaliser underflowed get the lowest
+        finite logit and weight 0: a row of only such slots (no real key yet) gives 0."""
+        a = (k * self.landmark_proj.to(state["mem_k"].dtype)).sum(-1)  # (B, H, n): (B, H, 1, d) * (H, n, d)
+        if kpm is not None:
+            a = a.masked_fill(kpm[:, None, :], float("-inf"))
+        run = torch.maximum(a.amax(-1, keepdim=True), state["mem_max"])  # (B, H, 1)
+        safe = run.clamp_min(torch.finfo(run.dtype).min)
+        decay = torch.exp(state["mem_max"] - safe).unsqueeze(-1)  # (B, H, 1, 1)
+        e = torch.exp(a - safe)  # (B, H, n)
+        et = e.unsqueeze(-1)  # (B, H, n, 1)
         mem_k = torch.addcmul(state["mem_k"] * decay, et, k)  # Σ e_j k_j  (B, H, n, d)
-        norm = torch.add(state["mem_norm"].unsqueeze(-2) * decay, e)  # Σ e_j      (B, H, 1, n)
-        num = torch.matmul(q, mem_k.transpose(-1, -2))  # (B, H, 1, n)
-        empty = norm <= torch.finfo(norm.dtype).tiny * 1e8  # also underflowed slots: 1 / norm must stay finite
-        safe_norm = torch.where(empty, 1.0, norm)
-        probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
+        norm = torch.addcmul(e, state["mem_norm"], decay.squeeze(-1))  # Σ e_j  (B, H, n)
+        num = (mem_k * q).sum(-1)  # (B, H, n)
+        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
+        inv = torch.reciprocal(norm).masked_fill_(empty, 0.0)
+        logits = (num * inv * self.scaling).masked_fill_(empty, torch.finfo(num.dtype).min)
+        probs = torch.softmax(logits, dim=-1)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p, training=True)
         mem_v = torch.addcmul(state["mem_v"] * decay, et, v)  # Σ e_j v_j  (B, H, n, d)
-        state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm.squeeze(-2), run
-        return torch.matmul(probs / safe_norm, mem_v)
+        state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm, run
+        return ((probs * inv).unsqueeze(-1) * mem_v).sum(-2, keepdim=True)  # (B, H, 1, d)
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
@@ -235,6 +327,9 @@ class ABC(EfficientAttention):
         """Causal: the slot sums ``mem_k``, ``mem_v`` ``(B, H, n, d)``, ``mem_norm (B, H, n)`` and the running max
         ``mem_max (B, H, 1)``.  Static keys: the key-side memory ``prev_key`` / ``prev_value`` = K̃ / Ṽ."""
         dtype = acc_dtype(q.dtype)
+        if self.causal and q.shape[2] == 1 and k is not None and v is not None and k.shape[2] == 1 and "mem_k" in state:
+            with torch.autocast(q.device.type, enabled=False):  # one token: a few kernels; the sums keep their dtype
+                return self._step(q, k, v, masks.key_padding, state).to(q.dtype)
         q32 = q.to(dtype)
         if not self.causal:
 
@@ -247,9 +342,6 @@ class ABC(EfficientAttention):
         tgt_len = q.shape[2]
         if "mem_k" in state and k.shape[2] < tgt_len:
             raise ValueError(f"ABC decoding needs at least as many new keys ({k.shape[2]}) as new queries ({tgt_len})")
-        if tgt_len == 1 and k.shape[2] == 1 and "mem_k" in state:  # one token: a few kernels
-            with torch.autocast(q.device.type, enabled=False):  # the sums keep their precision
-                return self._step(q32, k.to(dtype), v.to(dtype), masks.key_padding, state).to(q.dtype)
         names = ("mem_k", "mem_v", "mem_norm", "mem_max")
         sums = {n: state[n] for n in names} if "mem_k" in state else self._new_state(q32)
         out = self._causal(q32, k.to(dtype), v.to(dtype), masks.key_padding, sums, self._kernel_dtype(q.dtype))

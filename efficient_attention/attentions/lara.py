@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, segment_weights, softmax
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
@@ -70,6 +70,8 @@ class Lara(EfficientAttention):
         dtype = acc_dtype(q.dtype)
         bsz, _, length, d = q.shape
         kpm: Optional[Tensor] = masks.key_padding
+        if kpm is None and length % self.num_landmarks == 0:
+            return self._attend_even(q, k, v), None
         scale = d**-0.25  # folded into the (B, H, C, d) side: x' = x·scale is never materialised
         q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
         weights = segment_weights(None if kpm is None else ~kpm, bsz, length, self.num_landmarks, dtype, q.device)
@@ -94,6 +96,38 @@ class Lara(EfficientAttention):
         importance = softmax(log_ratio, dim=-2).to(dtype)  # over proposals c
         out = torch.matmul(importance.transpose(-1, -2), kv_stats)  # (B, H, N, d)
         return out.to(q.dtype), None
+
+    def _attend_even(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """:meth:`_attend_fp32` without padding for a length that is a multiple of ``C``: equal segments (means of
+        views, no weights), no empty segment or dead proposal (the key softmax as ``exp(log ξ - logsumexp)``),
+        ``log ξ(q_n, ω_c)`` without its ``-|q'_n|²/2`` (the same for every proposal ``c``: the softmax over ``c``
+        cancels it), the ``|k'|²/2`` term and the scales folded into ``baddbmm``, and products batched over ``B·H``
+        (and over chunks of the length on CUDA, :class:`LengthChunks`: no product reduces over the whole length,
+        forward or backward) that read the time-first projections in place when there is one chunk."""
+        bsz, heads, length, d = q.shape
+        dtype = acc_dtype(q.dtype)
+        c = self.num_landmarks
+        scale = d**-0.25
+        chunks = LengthChunks(bsz * heads, length, q.device)
+        fmt = torch.contiguous_format if chunks.n > 1 else torch.preserve_format
+        q32, k32, v32 = (chunks.split(x.to(dtype, memory_format=fmt).flatten(0, 1)) for x in (q, k, v))
+        mu = torch.add(q32, k32).reshape(bsz * heads, c, length // c, d).mean(-2) * scale  # (B·H, C, d)
+        omega = mu + torch.randn_like(mu) if self.training else mu
+        sq_k = (k32 * k32).sum(-1).unsqueeze(1)  # (B·H·n, 1, l)
+        log_k = torch.baddbmm(sq_k, chunks.repeat(omega), k32.transpose(1, 2), beta=-0.5 * scale * scale, alpha=scale)
+        log_k = chunks.per_batch(log_k)  # log ξ(k_m, ω_c) (B·H, n, C, l)
+        log_norm = torch.logsumexp(log_k, dim=(1, 3), keepdim=True)  # (B·H, 1, C, 1)
+        if chunks.n == 1:
+            probs = torch.softmax(log_k, dim=-1).flatten(0, 1)
+        else:  # the softmax over the keys of every chunk (B·H·n, C, l)
+            probs = torch.exp(log_k - log_norm).flatten(0, 1)
+        kv_stats = chunks.total(torch.bmm(probs, v32))  # (B·H, C, d)
+        log_mu = (torch.sub(omega, mu, alpha=0.5) * mu).sum(-1, keepdim=True)  # log ξ(μ_c, ω_c) (B·H, C, 1)
+        bias = log_norm.view(bsz * heads, c, 1) - log_mu
+        log_ratio = torch.baddbmm(chunks.repeat(bias), chunks.repeat(mu + omega), q32.transpose(1, 2), alpha=scale)
+        importance = torch.softmax(log_ratio, dim=-2)  # over proposals c (B·H·n, C, l)
+        out = torch.bmm(importance.transpose(1, 2), chunks.repeat(kv_stats))  # (B·H·n, l, d)
+        return out.view(bsz, heads, length, d).to(q.dtype)
 
 
 LARA = Lara

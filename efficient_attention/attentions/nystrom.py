@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, segment_weights, softmax
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
@@ -25,25 +25,63 @@ __all__ = ["NystromAttention", "Nystromformer"]
 logger = logging.getLogger(__name__)
 
 
-def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
+class _NewtonSchulz(torch.autograd.Function):
+    """``iterations`` Newton-Schulz steps ``Z <- Z (13 I - X (15 I - X (7 I - X))) / 4``, ``X = A Z``, from ``Z₀``
+    for ``A``, ``Z₀`` ``(batch, C, C)``: one autograd node whose backward runs the steps' reverse mode by hand
+    (eight products a step; autograd over the same products records about 25 ops a step).  The forward keeps
+    ``X``, ``7 I - X``, ``15 I - X (7 I - X)`` and the step's ``(13 I - ...) / 4`` (``C x C`` each)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, z: Tensor, iterations: int) -> Tensor:
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+        eye7 = eye * 7
+        saved = [a]
+        for _ in range(iterations):
+            x = torch.bmm(a, z)
+            p1 = torch.sub(eye7, x)
+            p2 = torch.baddbmm(eye, x, p1, beta=15, alpha=-1)
+            p3 = torch.baddbmm(eye, x, p2, beta=3.25, alpha=-0.25)  # (13 I - X P2) / 4
+            saved += [z, x, p1, p2, p3]
+            z = torch.bmm(z, p3)
+        ctx.save_for_backward(*saved)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        """The transposed reverse mode (``Gᵀ`` of every gradient ``G``), so no saved matrix needs a transpose:
+        ``dP3ᵀ = Gᵀ Z``, ``dP2ᵀ = -¼ dP3ᵀ X``, ``dXᵀ = dP2ᵀ X - ¼ P2 dP3ᵀ - P1 dP2ᵀ``, ``dAᵀ += Z dXᵀ`` and the
+        step input's ``Gᵀ = P3 Gᵀ + dXᵀ A``."""
+        a, *saved = ctx.saved_tensors
+        gt = grad.transpose(-1, -2)
+        grad_at = None
+        for i in range(len(saved) // 5 - 1, -1, -1):
+            z, x, p1, p2, p3 = saved[5 * i : 5 * i + 5]
+            d3 = torch.bmm(gt, z)
+            d2 = torch.baddbmm(d3, d3, x, beta=0, alpha=-0.25)  # the input is ignored at beta 0
+            dx = torch.baddbmm(torch.bmm(d2, x), p2, d3, alpha=-0.25)
+            dx = torch.baddbmm(dx, p1, d2, alpha=-1)
+            grad_at = torch.bmm(z, dx) if grad_at is None else torch.baddbmm(grad_at, z, dx)
+            gt = torch.baddbmm(torch.bmm(p3, gt), dx, a)
+        return None if grad_at is None else grad_at.transpose(-1, -2), gt.transpose(-1, -2), None
+
+
+def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tensor:
     """Newton-Schulz pseudo-inverse of a batch of square matrices (the paper's 3rd-order iteration).
 
     ``Z₀ = Aᵀ / (‖A‖₁ ‖A‖_∞)`` (per matrix), then
-    ``Z ← ¼ Z (13 I - AZ (15 I - AZ (7 I - AZ)))``.  Zero rows/columns stay zero.
+    ``Z ← ¼ Z (13 I - AZ (15 I - AZ (7 I - AZ)))``.  Zero rows/columns stay zero.  ``stochastic=True`` declares
+    every row a probability vector (a softmax without empty rows): then ``‖A‖_∞ = 1`` and ``|A| = A`` need
+    no kernels.
     """
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
-    norm1 = a.abs().sum(-2).amax(-1, keepdim=True).unsqueeze(-1)
-    norm_inf = a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
-    z = a.transpose(-1, -2) / (norm1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)
     size = a.shape[-1]
-    flat_a, eye = a.reshape(-1, size, size), eye.reshape(-1, size, size)
-    z = z.reshape(-1, size, size)
-    for _ in range(iterations):  # each c·I - X·Y is one fused matmul (torch.baddbmm)
-        az = torch.bmm(flat_a, z)
-        inner = torch.baddbmm(eye, az, torch.baddbmm(eye, az, eye, beta=7, alpha=-1), beta=15, alpha=-1)
-        z = torch.bmm(z, torch.baddbmm(eye, az, inner, beta=13, alpha=-1)) * 0.25
-    z = z.view_as(a)
-    return z
+    flat = a.reshape(-1, size, size)
+    if stochastic:
+        z = flat.transpose(-1, -2) / flat.sum(-2).amax(-1)[:, None, None]  # max column sum >= 1: no clamp
+    else:
+        norm1 = flat.abs().sum(-2).amax(-1)
+        norm_inf = flat.abs().sum(-1).amax(-1)
+        z = flat.transpose(-1, -2) / (norm1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)[:, None, None]
+    return _NewtonSchulz.apply(flat, z, iterations).view_as(a)
 
 
 @dataclass(frozen=True)
@@ -101,9 +139,11 @@ class NystromAttention(EfficientAttention):
             return self._attend_fp32(q, k, v, masks)
 
     def _attend_fp32(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks):
-        dtype = acc_dtype(q.dtype)
-        bsz, _, length, _ = q.shape
+        bsz, heads, length, d = q.shape
         kpm = masks.key_padding
+        if kpm is None and length > self.num_landmarks and length % self.num_landmarks == 0:
+            return self._attend_even(q, k, v), None
+        dtype = acc_dtype(q.dtype)
         q32, k32, v32 = q.to(dtype), k.to(dtype), v.to(dtype)
         if kpm is not None:
             v32 = v32.masked_fill(kpm[:, None, :, None], 0.0)
@@ -138,6 +178,36 @@ class NystromAttention(EfficientAttention):
             pad = (self.conv.padding[0], 0)
             out = out + F.conv2d(v32, self.conv.weight.to(dtype), padding=pad, groups=self.num_heads)
         return out.to(q.dtype), None
+
+    def _attend_even(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """:meth:`_attend_fp32` without padding for a length that is a multiple of (and above) the number of
+        landmarks: equal segments (means of views, no weights), no empty landmark or row (plain softmaxes, the
+        stochastic pseudo-inverse), and products batched over ``B·H`` (and over chunks of the length on CUDA,
+        :class:`LengthChunks`: no product reduces over the whole length, forward or backward) that read the
+        time-first projections in place when there is one chunk (a head view of ``(L, B, H·d)`` flattens to
+        ``(B·H, L, d)`` without a copy)."""
+        bsz, heads, length, d = q.shape
+        dtype = acc_dtype(q.dtype)
+        c = self.num_landmarks
+        chunks = LengthChunks(bsz * heads, length, q.device)
+        fmt = torch.contiguous_format if chunks.n > 1 else torch.preserve_format
+        q32, k32, v32 = (chunks.split(x.to(dtype, memory_format=fmt).flatten(0, 1)) for x in (q, k, v))
+        q_land = q32.reshape(bsz * heads, c, length // c, d).mean(-2) * self.scaling  # (B·H, C, d)
+        k_land = k32.reshape(bsz * heads, c, length // c, d).mean(-2).transpose(-1, -2)  # (B·H, d, C)
+        kernel1 = torch.softmax(torch.bmm(q32, chunks.repeat(k_land * self.scaling)), dim=-1)  # (B·H·n, l, C)
+        kernel2 = torch.softmax(torch.bmm(q_land, k_land), dim=-1)  # (B·H, C, C)
+        scores3 = chunks.per_batch(torch.bmm(chunks.repeat(q_land), k32.transpose(-1, -2)))  # (B·H, n, C, l)
+        if chunks.n == 1:
+            kernel3 = torch.softmax(scores3, dim=-1).flatten(0, 1)
+        else:  # the softmax over the keys of every chunk
+            kernel3 = torch.exp(scores3 - torch.logsumexp(scores3, dim=(1, 3), keepdim=True)).flatten(0, 1)
+        pinv = iterative_pinv(kernel2, self.pinv_iterations, stochastic=True)
+        small = torch.bmm(pinv, chunks.total(torch.bmm(kernel3, v32)))  # (B·H, C, d)
+        out = torch.bmm(kernel1, chunks.repeat(small)).view(bsz, heads, length, d)
+        if self.conv is not None:
+            pad = (self.conv.padding[0], 0)
+            out = out + F.conv2d(v32.view(bsz, heads, length, d), self.conv.weight.to(dtype), padding=pad, groups=heads)
+        return out.to(q.dtype)
 
 
 Nystromformer = NystromAttention
