@@ -23,6 +23,7 @@ Decoding steps the recurrence with a constant ``(B, C, d_state)`` state.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -49,6 +50,7 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 _CHUNK = 64
+_UNITS = torch.tensor([1.0, 1j, -1j, 1.0])[:, None]  # e^{iφ} of _scan_indices, exact
 _FFT_CHUNK_BYTES = 256 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
 
 
@@ -57,36 +59,65 @@ def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
     return torch.exp(dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.dtype.to_real()))
 
 
-def _decay_matrix(dt_a: Tensor, step: int, rows: int, cols: int, strict: bool) -> Tensor:
-    """Lower-triangular ``W[a, b] = λ^{step·(a - b - strict)}`` (zero above), ``(C, n, rows, cols)`` complex.
-
-    The powers are computed once per lag and indexed."""
-    a = torch.arange(rows, device=dt_a.device)[:, None]
-    b = torch.arange(cols, device=dt_a.device)[None, :]
-    lag = a - b - int(strict)
-    powers = _powers(dt_a, torch.arange(rows, device=dt_a.device) * step)  # (C, n, rows)
-    return powers[..., lag.clamp(min=0)] * (lag >= 0)
-
-
 def _as_pairs(x: Tensor) -> Tensor:
     """Complex ``(..., n)`` -> real ``(..., 2n)`` laid out as (re, im) pairs per mode."""
     return torch.view_as_real(x).flatten(-2)
 
 
+@functools.lru_cache(maxsize=64)
+def _scan_indices(t: int, per_group: int, groups: int, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    """The length-only part of the scan plan, kept per shape: exponents ``E`` (real, ``λ^E`` is all the plan
+    needs), the gather index of the real-form matrices into the table of :func:`_scan_plan` and that of the
+    transposed Toeplitz.
+
+    A complex ``z = λ^e`` acting on ``(re, im)`` is the real 2x2 block ``[[re, -im], [im, re]]``; entry
+    ``(p', p)`` of the block is ``Re(e^{iφ} z)`` with ``φ = 0, π/2, -π/2, 0`` (``q = 2p' + p``): the table holds
+    ``Re(e^{iφ_q} λ^{E_e})`` at ``q·|E| + e`` and a zero last (masked entries point there, so they are exact
+    zeros)."""
+    g, big = per_group, groups
+    exps = torch.cat([torch.arange(t + 1), t * torch.arange(g), t * g * torch.arange(big)])  # λ^0..λ^t, λ^{ta}, ..
+    n_e = exps.numel()
+    zero = 4 * n_e
+    lag_base, group_base = t + 1, t + 1 + g
+
+    def real_form(rows: Tensor, cols: Tensor, lag: Tensor, base: int) -> Tensor:
+        """``(2R, 2Cc)`` indices of a complex ``(R, Cc)`` matrix with entries ``λ^{E[base + lag]}`` (0 where
+        lag < 0), rows ``(p', r)`` and columns ``(p, c)`` with the real/imaginary part outermost."""
+        q = 2 * torch.arange(2)[:, None, None, None] + torch.arange(2)[None, None, :, None]  # (2, 1, 2, 1)
+        idx = q * n_e + base + lag.clamp(min=0)[None, :, None, :]
+        return torch.where((lag >= 0)[None, :, None, :], idx, zero).reshape(2 * rows.numel(), 2 * cols.numel())
+
+    a, j = torch.arange(g + 1)[:, None], torch.arange(g)[None, :]
+    inner = real_form(a, j[0], a - j - 1, lag_base)  # (2(g+1), 2g): rows (p', a), a = g the group's end state
+    # the end-state rows last, so the chunk starts (rows a < g) and the group ends are two contiguous blocks
+    inner = torch.cat([inner.view(2, g + 1, 2 * g)[:, :g].reshape(2 * g, 2 * g), inner.view(2, g + 1, 2 * g)[:, g]])
+    h, k = torch.arange(big)[:, None], torch.arange(big + 1)[None, :]
+    across = real_form(h, k[0], h - k, group_base)  # (2G, 2(G+1)): column 0 the state before the first group
+    across_zero = across.view(2 * big, 2, big + 1)[:, :, 1:].reshape(2 * big, 2 * big)  # no initial state
+    offsets = real_form(torch.arange(g), torch.arange(1), torch.arange(g)[:, None], lag_base)  # (2g, 2): λ^{ta}
+    back = torch.stack([torch.arange(t - 1, -1, -1), 2 * n_e + torch.arange(t - 1, -1, -1)])  # (2, t): λ^{t-1-j}
+    gather = torch.cat([inner.flatten(), across.flatten(), across_zero.flatten(), offsets.flatten(), back.flatten()])
+    i, jj = torch.arange(t)[None, :], torch.arange(t)[:, None]
+    toe = torch.where(i >= jj, i - jj + 1, 0)  # toe_t[j, i] = K[i - j] from the kernel padded by one zero in front
+    return exps.to(device), gather.to(device), toe.to(device)
+
+
 class _ScanPlan(NamedTuple):
     """What the chunked scan needs besides the inputs: it depends on the parameters and the length only, so one
-    training step builds it once for the forward and the backward."""
+    training step builds it once for the forward and the backward.  Real matrices, complex numbers as
+    ``(re, im)`` blocks; ``Cn`` is channels x modes."""
 
     t: int  # positions per chunk
     per_group: int  # chunks per group
     groups: int
-    lam: Tensor  # (C, n, t+1): λ^0 .. λ^t
+    lam: Tensor  # (C, n, t+1) complex: λ^0 .. λ^t
     toe_t: Tensor  # (C, t, t): transposed Toeplitz of K_0 .. K_{t-1} (exact zeros above the diagonal)
-    back: Tensor  # (C, t, 2n): λ^{t-1-j} as (re, im) pairs, a chunk's own end state
-    decay_in: Tensor  # (C, n, g+1, g): state decay between chunks of a group
-    decay_groups: Tensor  # (C, n, G+1, G+1): state decay between groups
-    offsets: Tensor  # (C, g, n): λ^{t·a}
-    out: Tensor  # (C, 2n, t): state -> outputs of a chunk, 2·Re(C̃ λ^{i+1} s) as real products
+    back: Tensor  # (C, 2n, t): λ^{t-1-j}, a chunk's own end state, rows (mode, re/im)
+    inner: Tensor  # (Cn, 2g+2, 2g): chunk start states in a group from its chunks' end states, then its end state
+    across: Tensor  # (Cn, 2G, 2G+2): group start states from the initial state and the group end states
+    across_zero: Tensor  # (Cn, 2G, 2G): the same without an initial state
+    offsets: Tensor  # (Cn, 2g, 2): λ^{t·a}, a group's start state carried to its chunk a
+    out: Tensor  # (C, 2n, t): state -> outputs of a chunk, 2·Re(C̃ λ^{i+1} s), rows (mode, re/im)
 
 
 def _scan_plan(
@@ -94,65 +125,73 @@ def _scan_plan(
 ) -> _ScanPlan:
     """The parameter-only part of :func:`_scan` for ``length`` positions; dt_a, c_bar ``(C, n)`` complex;
     ``d`` ``(C,)``: a skip ``D·u`` added to lag 0 of the kernel (exact, inside the Toeplitz product)."""
-    n = dt_a.shape[-1]
+    channels, n = dt_a.shape
     t = max(1, min(chunk, length))
     n_chunks = -(-length // t)
-    per_group = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
-    groups = -(-n_chunks // per_group)
-    real = dt_a.dtype.to_real()
-    lam = _powers(dt_a, torch.arange(t + 1, device=dt_a.device, dtype=real))  # (C, n, t+1): λ^0 .. λ^t
-    w = c_bar[..., None] * lam  # C̃ λ^i
+    g = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
+    big = -(-n_chunks // g)
+    exps, gather, toe = _scan_indices(t, g, big, dt_a.device)
+    z = dt_a[..., None] * exps.to(dt_a.dtype.to_real())  # (C, n, |E|)
+    lam = torch.exp(z)
+    table = (lam[:, :, None] * _UNITS.to(z.device, lam.dtype)).real  # (C, n, 4, |E|): Re(e^{iφ_q} λ^E)
+    table = F.pad(table.reshape(channels * n, -1), (0, 1))  # a zero last
+    parts = table[:, gather].split([(2 * g + 2) * 2 * g, 2 * big * (2 * big + 2), 4 * big * big, 4 * g, 2 * t], 1)
+    w = c_bar[..., None] * lam[..., : t + 1]  # C̃ λ^i
     kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
     if d is not None:
         kern[:, 0] += d
-    # Toeplitz, transposed: toe_t[c, j, i] = K[i - j] (exact zeros for i < j), as windows of the zero-padded kernel
-    toe_t = F.pad(kern, (t - 1, 0)).unfold(-1, t, 1).flip(1)  # (C, t, t)
-    back = _as_pairs(lam[..., :t].flip(-1).transpose(1, 2))  # (C, t, 2n)
-    sign = torch.tensor([2.0, -2.0], dtype=real, device=dt_a.device).repeat(n)
-    out = (_as_pairs(w[..., 1:].transpose(1, 2)) * sign).transpose(1, 2)  # (C, 2n, t)
+    out = torch.view_as_real(2.0 * torch.conj_physical(w[..., 1:])).transpose(-1, -2)  # (C, n, 2, t)
     return _ScanPlan(
         t,
-        per_group,
-        groups,
-        lam,
-        toe_t,
-        back,
-        _decay_matrix(dt_a, t, per_group + 1, per_group, True),
-        _decay_matrix(dt_a, t * per_group, groups + 1, groups + 1, False),
-        _powers(dt_a, torch.arange(per_group, device=dt_a.device) * t).permute(0, 2, 1),
-        out,
+        g,
+        big,
+        lam[..., : t + 1],
+        F.pad(kern, (1, 0))[:, toe],
+        parts[4].reshape(channels, 2 * n, t),
+        parts[0].view(-1, 2 * g + 2, 2 * g),
+        parts[1].view(-1, 2 * big, 2 * big + 2),
+        parts[2].view(-1, 2 * big, 2 * big),
+        parts[3].view(-1, 2 * g, 2),
+        out.reshape(channels, 2 * n, t),
     )
 
 
 def _scan_apply(
     u: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None, need_state: bool = True
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """:func:`_scan` with its plan built: ``u`` ``(C, B, L)`` real (any strides), ``x0`` ``(C, B, n)`` complex."""
+    """:func:`_scan` with its plan built: ``u`` ``(C, B, L)`` real (any strides), ``x0`` ``(C, B, n)`` complex.
+
+    Chunks are ordered ``(a, h, b)`` (chunk in its group, group, batch), so every step is one (batched) matmul
+    on a view: the end states ``(C, (mode, re/im), (a, h, b))`` are per mode ``(2g, (h, b))`` blocks."""
     channels, bsz, length = u.shape
-    t, per_group, groups = plan.t, plan.per_group, plan.groups
+    t, g, big = plan.t, plan.per_group, plan.groups
     n = plan.lam.shape[1]
-    padded = groups * per_group
-    # contiguous: a (C, B·M, t) view with another batch stride makes the CPU bmm copy one matrix at a time
-    flat = F.pad(u, (0, padded * t - length)).reshape(channels, bsz * padded, t).contiguous()
-    y = torch.bmm(flat, plan.toe_t)  # (C, B·M, t)
-    # end state of every chunk from zero: Σ_j λ^{t-1-j} u_j as real products with (re, im) pairs
-    ends = torch.view_as_complex(torch.bmm(flat, plan.back).view(channels, bsz, groups, per_group, n, 2))
-    # within a group: row a < g the start of chunk a from a zero group start, row g the group's end state
-    inner = torch.einsum("cnaj,czgjn->czgan", plan.decay_in, ends)
-    # across groups: state at every group start (from x0), and after the last group
-    x0 = ends.new_zeros(channels, bsz, n) if x0 is None else x0
-    group_ends = torch.cat([x0[:, :, None], inner[:, :, :, per_group]], 2)  # (C, B, G+1, n)
-    group_starts = torch.einsum("cngh,czhn->czgn", plan.decay_groups, group_ends)
-    starts = inner[:, :, :, :per_group] + plan.offsets[:, None, None] * group_starts[:, :, :groups, None]
-    y = torch.baddbmm(y, _as_pairs(starts).reshape(channels, bsz * padded, 2 * n), plan.out)
-    y = y.view(channels, bsz, padded * t)[..., :length]
+    if big * g * t != length:
+        u = F.pad(u, (0, big * g * t - length))
+    rows = g * big * bsz
+    flat = u.reshape(channels, bsz, big, g, t).permute(0, 3, 2, 1, 4).reshape(channels, rows, t)
+    y = torch.bmm(flat, plan.toe_t)  # (C, (a, h, b), t): inside the chunks
+    ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(channels * n, 2 * g, big * bsz)
+    inner = torch.bmm(plan.inner, ends)  # (Cn, 2g+2, (h, b)): chunk starts from a zero group start, group ends
+    group_ends = inner[:, 2 * g :].view(channels * n, 2 * big, bsz)  # rows (re/im, h)
+    if x0 is None:
+        group_starts = torch.bmm(plan.across_zero, group_ends)
+    else:
+        first = torch.view_as_real(x0).permute(0, 2, 3, 1).reshape(channels * n, 2, 1, bsz)
+        both = torch.cat([first, group_ends.view(channels * n, 2, big, bsz)], 2).view(channels * n, -1, bsz)
+        group_starts = torch.bmm(plan.across, both)
+    starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(channels * n, 2, big * bsz))
+    y = torch.baddbmm(y, starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out)
+    y = y.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4).reshape(channels, bsz, big * g * t)[..., :length]
     if not need_state:
         return y, None
     last = (length - 1) // t  # the chunk holding the last real input, and its real length
     rest = length - last * t
-    u_last = flat.view(channels, bsz, padded, t)[:, :, last, :rest]
+    h, a = divmod(last, g)
+    start = starts.view(channels, n, 2, g, big, bsz)[:, :, :, a, h].permute(0, 3, 1, 2)  # (C, B, n, re/im)
+    u_last = flat.view(channels, g, big, bsz, t)[:, a, h, :, :rest]
     tail = _as_pairs(plan.lam[..., :rest].flip(-1).transpose(1, 2))  # (C, rest, 2n)
-    x = plan.lam[:, None, :, rest] * starts.reshape(channels, bsz, padded, n)[:, :, last]
+    x = plan.lam[:, None, :, rest] * torch.view_as_complex(start.contiguous())
     return y, x + torch.view_as_complex(torch.bmm(u_last, tail).view(channels, bsz, n, 2))
 
 
