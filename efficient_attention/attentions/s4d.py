@@ -55,8 +55,15 @@ _FFT_CHUNK_BYTES = 256 << 20  # spectrum bytes per batch chunk of the FFT convol
 
 
 def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
-    """``exp(dtA)^k`` for real ``exponents`` of any shape: ``(C, n, *exponents.shape)`` complex."""
-    return torch.exp(dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.dtype.to_real()))
+    """``exp(dtA)^k`` for real ``exponents`` of any shape: ``(C, n, *exponents.shape)`` complex.
+
+    On the CPU as ``exp(Re)·e^{i·Im}`` (``torch.polar``): a third of the time of a complex ``exp`` there; on a
+    GPU one complex ``exp`` (fewer launches)."""
+    z = dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.dtype.to_real())
+    if z.is_cuda:
+        return torch.exp(z)
+    parts = torch.view_as_real(z)
+    return torch.polar(torch.exp(parts[..., 0]), parts[..., 1])
 
 
 def _as_pairs(x: Tensor) -> Tensor:
@@ -96,7 +103,8 @@ def _scan_indices(t: int, per_group: int, groups: int, device: torch.device) -> 
     across_zero = across.view(2 * big, 2, big + 1)[:, :, 1:].reshape(2 * big, 2 * big)  # no initial state
     offsets = real_form(torch.arange(g), torch.arange(1), torch.arange(g)[:, None], lag_base)  # (2g, 2): λ^{ta}
     back = torch.stack([torch.arange(t - 1, -1, -1), 2 * n_e + torch.arange(t - 1, -1, -1)])  # (2, t): λ^{t-1-j}
-    gather = torch.cat([inner.flatten(), across.flatten(), across_zero.flatten(), offsets.flatten(), back.flatten()])
+    # the matrix from an initial state first, so a plan without it gathers a suffix
+    gather = torch.cat([across.flatten(), inner.flatten(), across_zero.flatten(), offsets.flatten(), back.flatten()])
     i, jj = torch.arange(t)[None, :], torch.arange(t)[:, None]
     toe = torch.where(i >= jj, i - jj + 1, 0)  # toe_t[j, i] = K[i - j] from the kernel padded by one zero in front
     return exps.to(device), gather.to(device), toe.to(device)
@@ -114,28 +122,31 @@ class _ScanPlan(NamedTuple):
     toe_t: Tensor  # (C, t, t): transposed Toeplitz of K_0 .. K_{t-1} (exact zeros above the diagonal)
     back: Tensor  # (C, 2n, t): λ^{t-1-j}, a chunk's own end state, rows (mode, re/im)
     inner: Tensor  # (Cn, 2g+2, 2g): chunk start states in a group from its chunks' end states, then its end state
-    across: Tensor  # (Cn, 2G, 2G+2): group start states from the initial state and the group end states
+    across: Optional[Tensor]  # (Cn, 2G, 2G+2): group start states from the initial state and the group ends
     across_zero: Tensor  # (Cn, 2G, 2G): the same without an initial state
     offsets: Tensor  # (Cn, 2g, 2): λ^{t·a}, a group's start state carried to its chunk a
     out: Tensor  # (C, 2n, t): state -> outputs of a chunk, 2·Re(C̃ λ^{i+1} s), rows (mode, re/im)
 
 
 def _scan_plan(
-    dt_a: Tensor, c_bar: Tensor, length: int, chunk: int = _CHUNK, d: Optional[Tensor] = None
+    dt_a: Tensor, c_bar: Tensor, length: int, chunk: int = _CHUNK, d: Optional[Tensor] = None, with_x0: bool = False
 ) -> _ScanPlan:
     """The parameter-only part of :func:`_scan` for ``length`` positions; dt_a, c_bar ``(C, n)`` complex;
-    ``d`` ``(C,)``: a skip ``D·u`` added to lag 0 of the kernel (exact, inside the Toeplitz product)."""
+    ``d`` ``(C,)``: a skip ``D·u`` added to lag 0 of the kernel (exact, inside the Toeplitz product);
+    ``with_x0``: the scan may start from a state."""
     channels, n = dt_a.shape
     t = max(1, min(chunk, length))
     n_chunks = -(-length // t)
     g = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
     big = -(-n_chunks // g)
     exps, gather, toe = _scan_indices(t, g, big, dt_a.device)
-    z = dt_a[..., None] * exps.to(dt_a.dtype.to_real())  # (C, n, |E|)
-    lam = torch.exp(z)
-    table = (lam[:, :, None] * _UNITS.to(z.device, lam.dtype)).real  # (C, n, 4, |E|): Re(e^{iφ_q} λ^E)
+    lam = _powers(dt_a, exps)  # (C, n, |E|)
+    table = (lam[:, :, None] * _UNITS.to(lam.device, lam.dtype)).real  # (C, n, 4, |E|): Re(e^{iφ_q} λ^E)
     table = F.pad(table.reshape(channels * n, -1), (0, 1))  # a zero last
-    parts = table[:, gather].split([(2 * g + 2) * 2 * g, 2 * big * (2 * big + 2), 4 * big * big, 4 * g, 2 * t], 1)
+    sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
+    if not with_x0:  # the matrix that starts from an initial state is not gathered
+        gather, sizes[0] = gather[sizes[0] :], 0
+    parts = table.index_select(1, gather).split(sizes, 1)
     w = c_bar[..., None] * lam[..., : t + 1]  # C̃ λ^i
     kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
     if d is not None:
@@ -148,8 +159,8 @@ def _scan_plan(
         lam[..., : t + 1],
         F.pad(kern, (1, 0))[:, toe],
         parts[4].reshape(channels, 2 * n, t),
-        parts[0].view(-1, 2 * g + 2, 2 * g),
-        parts[1].view(-1, 2 * big, 2 * big + 2),
+        parts[1].view(-1, 2 * g + 2, 2 * g),
+        parts[0].view(-1, 2 * big, 2 * big + 2) if with_x0 else None,
         parts[2].view(-1, 2 * big, 2 * big),
         parts[3].view(-1, 2 * g, 2),
         out.reshape(channels, 2 * n, t),
@@ -179,9 +190,10 @@ def _scan_apply(
     else:
         first = torch.view_as_real(x0).permute(0, 2, 3, 1).reshape(channels * n, 2, 1, bsz)
         both = torch.cat([first, group_ends.view(channels * n, 2, big, bsz)], 2).view(channels * n, -1, bsz)
+        assert plan.across is not None, "a scan from a state needs a plan built with_x0"
         group_starts = torch.bmm(plan.across, both)
     starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(channels * n, 2, big * bsz))
-    y = torch.baddbmm(y, starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out)
+    y = y.baddbmm_(starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out)
     y = y.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4).reshape(channels, bsz, big * g * t)[..., :length]
     if not need_state:
         return y, None
@@ -213,7 +225,7 @@ def _scan(
     Returns ``(y (C, B, L) real, x (C, B, n) complex state after the last input, or None
     unless need_state)``.
     """
-    return _scan_apply(u, _scan_plan(dt_a, c_bar, u.shape[-1], chunk), x0, need_state)
+    return _scan_apply(u, _scan_plan(dt_a, c_bar, u.shape[-1], chunk, with_x0=x0 is not None), x0, need_state)
 
 
 def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Tensor:
@@ -340,7 +352,8 @@ def _correlate(grad: Tensor, u: Tensor, size: int) -> Tensor:
     channels, bsz, _ = u.shape
     chunks = _batch_chunks(channels, bsz, size)
     if len(chunks) == 1:
-        acc = torch.fft.rfft(u, n=size).conj_physical_().mul_(torch.fft.rfft(grad, n=size)).sum(1)
+        acc = torch.fft.rfft(u, n=size).conj_physical_().mul_(torch.fft.rfft(grad, n=size))
+        acc = acc.sum(1) if bsz > 1 else acc[:, 0]
     else:
         acc = grad.new_zeros(channels, size // 2 + 1, dtype=grad.dtype.to_complex())
         for part in chunks:
