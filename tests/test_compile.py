@@ -84,8 +84,8 @@ ATTEND_OP_CEILINGS = {
     ("cosformer", True): 152,
     ("abc", False): 65,
     ("abc", True): 479,
-    ("s4d", False): 383,
-    ("s4d", True): 456,
+    ("s4d", False): 172,
+    ("s4d", True): 206,
     ("lara", False): 205,
     ("nystrom", False): 457,
 }

@@ -10,11 +10,11 @@ second kernel over the strictly later positions.  Then an activation and
 
 Two exact algorithms, both a fixed number of batched kernels whatever the length:
 
-* causal (:func:`_scan`): chunks of 64 positions, a Toeplitz product inside a
+* causal (:func:`_scan`, :class:`_CausalScan`): chunks of 64 positions, a Toeplitz product inside a
   chunk, the state carried across chunks by a two-level scan written as two
   batched triangular matmuls (chunks within a group, then groups).  Masked
   entries are exact zeros, so a future input gets exactly zero gradient;
-* noncausal (:func:`_fft_conv`): one FFT convolution with the kernel over both
+* noncausal (:class:`_FFTConvolution`): one FFT convolution with the kernel over both
   directions (what CAB does; rounding reaches across positions, which only a
   causal pattern forbids).
 
@@ -51,7 +51,7 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 
 _CHUNK = 64
 _UNITS = torch.tensor([1.0, 1j, -1j, 1.0])[:, None]  # e^{iφ} of _scan_indices, exact
-_FFT_CHUNK_BYTES = 256 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
+_FFT_CHUNK_BYTES = 80 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
 
 
 def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
@@ -323,29 +323,6 @@ def _conv_kernel_backward(grad: Tensor, kernels: int, length: int) -> Tensor:
     return torch.stack([forward, backward])
 
 
-def _fft_conv(u: Tensor, forward: Tensor, backward: Optional[Tensor]) -> Tensor:
-    """``y_l = Σ_{j<=l} K_f[l-j] u_j (+ Σ_{j>l} K_b[j-l-1] u_j)`` by one FFT; u ``(C, B, L)``, kernels ``(C, L)``."""
-    size = _fft_size(u.shape[-1])
-    kern = forward[None] if backward is None else torch.stack([forward, backward])
-    return _spectral_conv(u, torch.fft.rfft(_conv_kernel(kern, size)), size)
-
-
-def _spectral_conv(u: Tensor, k_spec: Tensor, size: int, conj: bool = False) -> Tensor:
-    """Circular convolution (``conj``: correlation) of ``u`` ``(C, B, L)`` zero-padded to ``size`` with the
-    kernel whose spectrum is ``k_spec`` ``(C, size/2+1)``; the first L outputs, by batch chunks."""
-    channels, bsz, length = u.shape
-    k_spec = (torch.conj_physical(k_spec) if conj else k_spec)[:, None]
-    chunks = _batch_chunks(channels, bsz, size)
-    if len(chunks) == 1:
-        spec = torch.fft.rfft(u, n=size)
-        return torch.fft.irfft(spec.mul_(k_spec), n=size)[..., :length]
-    y = u.new_empty(u.shape)
-    for part in chunks:
-        spec = torch.fft.rfft(u[:, part], n=size)
-        y[:, part] = torch.fft.irfft(spec.mul_(k_spec), n=size)[..., :length]
-    return y
-
-
 def _correlate(grad: Tensor, u: Tensor, size: int) -> Tensor:
     """``Σ_b Σ_l grad[c, b, l]·u[c, b, l - s]`` for every circular lag ``s``: the kernel gradient of a convolution,
     ``(C, size)``; grad, u ``(C, B, L)``."""
@@ -374,63 +351,111 @@ def _param_grads(ssm: _SSM, g_kern: Tensor) -> Tuple[Tensor, Tensor, Tensor, Ten
     return _discretise_backward(ssm, g_dt_a.view_as(ssm.dt_a), g_c_bar.view_as(ssm.c_bar))
 
 
-class _FFTConvolution(torch.autograd.Function):
-    """``y = K * u + D·u`` for the S4D kernel(s) of ``(log_dt, log_a_real, a_imag, c)`` (``(kernels, C, n)``;
-    ``kernels = 2``: the second over later positions) and the skip ``d`` ``(C,)`` (lag 0 of the kernel) on ``u``
-    ``(C, B, L)``, by FFT.
+def _activation_backward(name: str, grad: Tensor, pre: Tensor) -> Tensor:
+    """``grad·act'(pre)`` for the activations of :data:`_ACTIVATIONS`."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre)
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, pre, 0)
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(grad, torch.tanh(pre))
+    return grad
 
-    Backward: ``∂u`` is the correlation of ``∂y`` with the same kernel spectrum, ``∂K`` that of ``∂y`` with
-    ``u`` (summed over the batch; ``∂D`` is its lag 0), then the parameters' gradients by :func:`_param_grads`;
-    nothing of size ``C·n·L`` is built or kept, only ``u`` and the kernel spectrum ``(C, L+1)`` are saved."""
+
+class _FFTConvolution(torch.autograd.Function):
+    """``act(K * u + D·u)`` for the S4D kernel(s) of ``(log_dt, log_a_real, a_imag, c)`` (``(kernels, C, n)``;
+    ``kernels = 2``: the second over later positions) and the skip ``d`` ``(C,)`` (lag 0 of the kernel) on ``u``
+    ``(C, B, L)``, by FFT, in batch chunks of bounded memory (:func:`_batch_chunks`).
+
+    Backward, per batch chunk: the pre-activation is recomputed from the spectrum of ``u`` (which the kernel
+    gradient needs anyway), ``∂u`` is the correlation of ``∂y`` with the same kernel spectrum, ``∂K`` that of
+    ``∂y`` with ``u`` (summed over the batch; ``∂D`` is its lag 0), then the parameters' gradients by
+    :func:`_param_grads`.  Saved: ``u`` and the kernel spectrum ``(C, L+1)``; nothing of size ``C·n·L``."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor) -> Tensor:
-        length = u.shape[-1]
+    def forward(  # type: ignore[override]
+        ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
+    ) -> Tensor:
+        channels, bsz, length = u.shape
         size = _fft_size(length)
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
         kern = _ssm_kernel(ssm, length)
         kern[0, :, 0] += d
         k_spec = torch.fft.rfft(_conv_kernel(kern, size))
         ctx.save_for_backward(u, k_spec)
-        ctx.ssm = ssm
-        return _spectral_conv(u, k_spec, size)
+        ctx.ssm, ctx.activation = ssm, activation
+        act = _ACTIVATIONS[activation]
+        chunks = _batch_chunks(channels, bsz, size)
+        if len(chunks) == 1:
+            return act(torch.fft.irfft(torch.fft.rfft(u, n=size).mul_(k_spec[:, None]), n=size)[..., :length])
+        out = u.new_empty(u.shape)
+        for part in chunks:
+            pre = torch.fft.irfft(torch.fft.rfft(u[:, part], n=size).mul_(k_spec[:, None]), n=size)[..., :length]
+            out[:, part] = act(pre)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         u, k_spec = ctx.saved_tensors
         ssm: _SSM = ctx.ssm
-        kernels, length = ssm.dt_a.shape[0], u.shape[-1]
+        channels, bsz, length = u.shape
         size = _fft_size(length)
-        g_u = _spectral_conv(grad, k_spec, size, conj=True) if ctx.needs_input_grad[0] else None
-        g_kern = _conv_kernel_backward(_correlate(grad, u, size), kernels, length)
-        return (g_u, *_param_grads(ssm, g_kern), g_kern[0, :, 0])
+        k_conj = torch.conj_physical(k_spec)[:, None]
+        chunks = _batch_chunks(channels, bsz, size)
+        g_u = u.new_empty(u.shape) if len(chunks) > 1 else None
+        acc: Optional[Tensor] = None
+        for part in chunks:
+            u_p, g_p = (u, grad) if len(chunks) == 1 else (u[:, part], grad[:, part])
+            u_spec = torch.fft.rfft(u_p, n=size)
+            if ctx.activation != "identity":
+                pre = torch.fft.irfft(u_spec * k_spec[:, None], n=size)[..., :length]
+                g_p = _activation_backward(ctx.activation, g_p, pre)
+            g_spec = torch.fft.rfft(g_p, n=size)
+            prod = u_spec.conj_physical_().mul_(g_spec)
+            prod = prod.sum(1) if prod.shape[1] > 1 else prod[:, 0]
+            acc = prod if acc is None else acc.add_(prod)
+            g_u_p = torch.fft.irfft(g_spec.mul_(k_conj), n=size)[..., :length]
+            if g_u is None:
+                g_u = g_u_p
+            else:
+                g_u[:, part] = g_u_p
+        assert acc is not None
+        g_kern = _conv_kernel_backward(torch.fft.irfft(acc, n=size), ssm.dt_a.shape[0], length)
+        return (g_u, *_param_grads(ssm, g_kern), g_kern[0, :, 0], None)
 
 
 class _CausalScan(torch.autograd.Function):
-    """``y = K * u + D·u`` causal (one kernel, ``(1, C, n)`` parameters, ``d`` ``(C,)``) by the exact chunked
+    """``act(K * u + D·u)`` causal (one kernel, ``(1, C, n)`` parameters, ``d`` ``(C,)``) by the exact chunked
     scan, ``u`` ``(C, B, L)``.
 
     Backward: ``∂u`` is the anti-causal correlation with the same kernel, i.e. the same scan (same plan) over the
-    time-reversed ``∂y``, so a future input gets exactly zero gradient; ``∂K`` is the correlation of ``∂y`` with
-    ``u`` by FFT (a parameter gradient: no causality to keep), then :func:`_param_grads`."""
+    time-reversed gradient, so a future input gets exactly zero gradient; ``∂K`` is the correlation of the
+    gradient with ``u`` by FFT (a parameter gradient: no causality to keep), then :func:`_param_grads`.  Saved:
+    ``u``, the pre-activation and the plan."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    def forward(  # type: ignore[override]
+        ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
+    ) -> Tensor:
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
         plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[-1], d=d)
-        ctx.save_for_backward(u)
-        ctx.ssm, ctx.plan = ssm, plan
-        return _scan_apply(u, plan, need_state=False)[0]
+        pre = _scan_apply(u, plan, need_state=False)[0]
+        ctx.save_for_backward(u, pre)
+        ctx.ssm, ctx.plan, ctx.activation = ssm, plan, activation
+        return _ACTIVATIONS[activation](pre)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (u,) = ctx.saved_tensors
+        u, pre = ctx.saved_tensors
+        grad = _activation_backward(ctx.activation, grad, pre)
         length = u.shape[-1]
         g_u = None
         if ctx.needs_input_grad[0]:
             g_u = _scan_apply(grad.flip(-1), ctx.plan, need_state=False)[0].flip(-1)
         g_kern = _correlate(grad, u, _fft_size(length))[None, :, :length]
-        return (g_u, *_param_grads(ctx.ssm, g_kern), g_kern[0, :, 0])
+        return (g_u, *_param_grads(ctx.ssm, g_kern), g_kern[0, :, 0], None)
 
 
 @dataclass(frozen=True)
@@ -504,8 +529,7 @@ class S4D(EfficientAttention):
         return u
 
     def _finish(self, y: Tensor, like: Tensor) -> Tensor:
-        """``act(y)`` with dropout, back to per-head ``(B, H, T, d)``."""
-        y = _ACTIVATIONS[self.activation](y)
+        """Dropout on the activated ``(C, B, T)``, back to per-head ``(B, H, T, d)``."""
         y = F.dropout(y, self.dropout_p, training=self.training)
         _, bsz, length = y.shape
         return y.to(like.dtype).view(self.num_heads, self.head_dim, bsz, length).permute(2, 0, 3, 1)
@@ -536,7 +560,7 @@ class S4D(EfficientAttention):
         real = u.dtype
         params = (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d)
         # causal: the exact scan (a future input gets exactly zero gradient); else one FFT convolution
-        y = (_CausalScan if self.causal else _FFTConvolution).apply(u, *(p.to(real) for p in params))
+        y = (_CausalScan if self.causal else _FFTConvolution).apply(u, *(p.to(real) for p in params), self.activation)
         return self._finish(y, q), None
 
     def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
@@ -553,6 +577,6 @@ class S4D(EfficientAttention):
                 y, x_out = _scan(u, dt_a[0], c_bar[0], x0)
                 assert x_out is not None  # need_state=True returns the final state
                 x = x_out
-            y = torch.addcmul(y, self.d.to(y.dtype)[:, None, None], u)
+            y = _ACTIVATIONS[self.activation](torch.addcmul(y, self.d.to(y.dtype)[:, None, None], u))
         state["ssm_state"] = torch.view_as_real(x.transpose(0, 1))
         return self._finish(y, q)
