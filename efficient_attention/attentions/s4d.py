@@ -51,7 +51,7 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 
 _CHUNK = 64
 _UNITS = torch.tensor([1.0, 1j, -1j, 1.0])[:, None]  # e^{iφ} of _scan_indices, exact
-_FFT_CHUNK_BYTES = 80 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
+_FFT_CHUNK_BYTES = 40 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
 
 
 def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
