@@ -10,8 +10,8 @@ included; noncausal (bidirectional kernel, FFT convolution) and causal (exact ch
    gradient from the first half is exactly zero on the second half.
 2. Time (median of CUDA-event timings), peak memory above what was allocated before the call
    (``torch.cuda.max_memory_allocated``) and ATen ops per forward + backward, at L = 4k, 8k, 32k (``--lengths``),
-   for S4D and SDPA; at the longest length also S4D with its FFT never split over the batch
-   (``_FFT_CHUNK_BYTES`` unbounded), to show what the memory bound costs.
+   for S4D and SDPA, and S4D with its FFT never split over the batch (``_FFT_CHUNK_BYTES`` unbounded), to show
+   what the memory bound costs.
 
     python benchmarks/s4d_gpu.py --out DIR                  # about 30 s on an H200
     python benchmarks/s4d_gpu.py --out DIR --device cpu --lengths 256 --reps 1   # smoke run
@@ -173,29 +173,26 @@ def main():
         check=check(dev),
         timings=[],
     )
-    series = [("vanilla", False), ("s4d", False), ("vanilla", True), ("s4d", True)]
+    series = [("vanilla", False), ("s4d", False), ("s4d-unsplit-fft", False)]
+    series += [("vanilla", True), ("s4d", True), ("s4d-unsplit-fft", True)]
+    bound = s4d_module._FFT_CHUNK_BYTES
     for length in args.lengths:
         for name, causal in series:
-            r = time_case(name, causal, length, args.reps, dev)
+            if name == "s4d-unsplit-fft":  # one FFT over the whole batch: what the memory bound costs
+                s4d_module._FFT_CHUNK_BYTES = 1 << 62
+            try:
+                r = time_case(name.split("-")[0], causal, length, args.reps, dev)
+            finally:
+                s4d_module._FFT_CHUNK_BYTES = bound
             result["timings"].append(dict(name=name, causal=causal, length=length, **r))
-            print(f"{name:8s} {'causal' if causal else 'noncausal':9s} L={length:6d} {r}", flush=True)
-    longest = max(args.lengths)
-    bound = s4d_module._FFT_CHUNK_BYTES
-    s4d_module._FFT_CHUNK_BYTES = 1 << 62  # one FFT over the whole batch
-    try:
-        for causal in (False, True):
-            r = time_case("s4d", causal, longest, args.reps, dev)
-            result["timings"].append(dict(name="s4d-unsplit-fft", causal=causal, length=longest, **r))
-            print(f"s4d, FFT not split, {'causal' if causal else 'noncausal'} L={longest}: {r}", flush=True)
-    finally:
-        s4d_module._FFT_CHUNK_BYTES = bound
+            print(f"{name:16s} {'causal' if causal else 'noncausal':9s} L={length:6d} {r}", flush=True)
     result["elapsed_s"] = time.time() - t0
     with open(os.path.join(args.out, "s4d_gpu.json"), "w") as f:
         json.dump(result, f, indent=1)
 
     print(f"\n{result['device']}, torch {result['torch']}: fwd+bwd ms / peak GiB / ATen ops, B={BSZ}, bf16 autocast")
     print(f"{'series':26s}" + "".join(f"{f'L={n}':>24s}" for n in args.lengths))
-    for name, causal in series + [("s4d-unsplit-fft", False), ("s4d-unsplit-fft", True)]:
+    for name, causal in series:
         cells = []
         for n in args.lengths:
             r = next(
