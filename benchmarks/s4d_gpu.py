@@ -203,7 +203,9 @@ def main():
     for causal in (False, True):
         ratios = []
         for n in args.lengths:
-            mine = next(t for t in result["timings"] if t["name"] == "s4d" and t["causal"] == causal and t["length"] == n)
+            mine = next(
+                t for t in result["timings"] if t["name"] == "s4d" and t["causal"] == causal and t["length"] == n
+            )
             sdpa = next(
                 t for t in result["timings"] if t["name"] == "vanilla" and t["causal"] == causal and t["length"] == n
             )

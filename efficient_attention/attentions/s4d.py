@@ -50,6 +50,8 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 _CHUNK = 64
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}  # (torch.compile: no dtype.to_real)
+_COMPLEX = {v: k for k, v in _REAL.items()}
 _UNITS = torch.tensor([1.0, 1j, -1j, 1.0])[:, None]  # e^{iφ} of _scan_indices, exact
 _FFT_CHUNK_BYTES = 40 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
 
@@ -59,7 +61,7 @@ def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
 
     On the CPU as ``exp(Re)·e^{i·Im}`` (``torch.polar``): a third of the time of a complex ``exp`` there; on a
     GPU one complex ``exp`` (fewer launches)."""
-    z = dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.dtype.to_real())
+    z = dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(_REAL[dt_a.dtype])
     if z.is_cuda:
         return torch.exp(z)
     parts = torch.view_as_real(z)
@@ -332,9 +334,11 @@ def _correlate(grad: Tensor, u: Tensor, size: int) -> Tensor:
         acc = torch.fft.rfft(u, n=size).conj_physical_().mul_(torch.fft.rfft(grad, n=size))
         acc = acc.sum(1) if bsz > 1 else acc[:, 0]
     else:
-        acc = grad.new_zeros(channels, size // 2 + 1, dtype=grad.dtype.to_complex())
+        acc = grad.new_zeros(channels, size // 2 + 1, dtype=_COMPLEX[grad.dtype])
         for part in chunks:
-            acc += torch.fft.rfft(u[:, part], n=size).conj_physical_().mul_(torch.fft.rfft(grad[:, part], n=size)).sum(1)
+            acc += (
+                torch.fft.rfft(u[:, part], n=size).conj_physical_().mul_(torch.fft.rfft(grad[:, part], n=size)).sum(1)
+            )
     return torch.fft.irfft(acc, n=size)
 
 
@@ -375,7 +379,7 @@ class _FFTConvolution(torch.autograd.Function):
     :func:`_param_grads`.  Saved: ``u`` and the kernel spectrum ``(C, L+1)``; nothing of size ``C·n·L``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
     ) -> Tensor:
         channels, bsz, length = u.shape
@@ -397,7 +401,7 @@ class _FFTConvolution(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         u, k_spec = ctx.saved_tensors
         ssm: _SSM = ctx.ssm
         channels, bsz, length = u.shape
@@ -436,7 +440,7 @@ class _CausalScan(torch.autograd.Function):
     ``u``, the pre-activation and the plan."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
     ) -> Tensor:
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
@@ -447,7 +451,7 @@ class _CausalScan(torch.autograd.Function):
         return _ACTIVATIONS[activation](pre)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         u, pre = ctx.saved_tensors
         grad = _activation_backward(ctx.activation, grad, pre)
         length = u.shape[-1]
@@ -528,7 +532,11 @@ class S4D(EfficientAttention):
             u = u.masked_fill(as_bool_mask(kpm, "key_padding_mask")[None], 0.0)
         return u
 
-    def _finish(self, y: Tensor, like: Tensor) -> Tensor:
+    def _finish(self, y: Tensor, u: Tensor, like: Tensor) -> Tensor:
+        """``act(y + D·u)`` with dropout, back to per-head ``(B, H, T, d)`` (the paths outside the two Functions)."""
+        return self._output(_ACTIVATIONS[self.activation](torch.addcmul(y, self.d.to(y.dtype)[:, None, None], u)), like)
+
+    def _output(self, y: Tensor, like: Tensor) -> Tensor:
         """Dropout on the activated ``(C, B, T)``, back to per-head ``(B, H, T, d)``."""
         y = F.dropout(y, self.dropout_p, training=self.training)
         _, bsz, length = y.shape
@@ -561,7 +569,7 @@ class S4D(EfficientAttention):
         params = (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d)
         # causal: the exact scan (a future input gets exactly zero gradient); else one FFT convolution
         y = (_CausalScan if self.causal else _FFTConvolution).apply(u, *(p.to(real) for p in params), self.activation)
-        return self._finish(y, q), None
+        return self._output(y, q), None
 
     def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
         """``T`` new positions continuing the recurrence state ``x (B, C, d_state)`` (stored as real pairs)."""
@@ -577,6 +585,5 @@ class S4D(EfficientAttention):
                 y, x_out = _scan(u, dt_a[0], c_bar[0], x0)
                 assert x_out is not None  # need_state=True returns the final state
                 x = x_out
-            y = _ACTIVATIONS[self.activation](torch.addcmul(y, self.d.to(y.dtype)[:, None, None], u))
         state["ssm_state"] = torch.view_as_real(x.transpose(0, 1))
-        return self._finish(y, q)
+        return self._finish(y, u, q)
