@@ -52,7 +52,6 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 _CHUNK = 64
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}  # (torch.compile: no dtype.to_real)
 _COMPLEX = {v: k for k, v in _REAL.items()}
-_UNITS = torch.tensor([1.0, 1j, -1j, 1.0])[:, None]  # e^{iφ} of _scan_indices, exact
 _FFT_CHUNK_BYTES = 40 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
 
 
@@ -143,7 +142,9 @@ def _scan_plan(
     big = -(-n_chunks // g)
     exps, gather, toe = _scan_indices(t, g, big, dt_a.device)
     lam = _powers(dt_a, exps)  # (C, n, |E|)
-    table = (lam[:, :, None] * _UNITS.to(lam.device, lam.dtype)).real  # (C, n, 4, |E|): Re(e^{iφ_q} λ^E)
+    parts = torch.view_as_real(lam)  # no constant from the host: a copy to the device would wait for the stream
+    re, im = parts[..., 0], parts[..., 1]
+    table = torch.stack([re, -im, im, re], 2)  # (C, n, 4, |E|): Re(e^{iφ_q} λ^E)
     table = F.pad(table.reshape(channels * n, -1), (0, 1))  # a zero last
     sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
     if not with_x0:  # the matrix that starts from an initial state is not gathered
