@@ -403,6 +403,12 @@ class _FFTConvolution(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        # fp32/fp64 math even if the backward is called inside an autocast region
+        with torch.autocast(grad.device.type, enabled=False):
+            return _FFTConvolution._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
         u, k_spec = ctx.saved_tensors
         ssm: _SSM = ctx.ssm
         channels, bsz, length = u.shape
@@ -453,6 +459,12 @@ class _CausalScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        # fp32/fp64 math even if the backward is called inside an autocast region
+        with torch.autocast(grad.device.type, enabled=False):
+            return _CausalScan._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
         u, pre = ctx.saved_tensors
         grad = _activation_backward(ctx.activation, grad, pre)
         length = u.shape[-1]
