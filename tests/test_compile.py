@@ -84,8 +84,8 @@ ATTEND_OP_CEILINGS = {
     ("cosformer", True): 152,
     ("abc", False): 51,
     ("abc", True): 451,
-    ("s4d", False): 383,
-    ("s4d", True): 456,
+    ("s4d", False): 172,
+    ("s4d", True): 207,
     ("lara", False): 113,
     ("nystrom", False): 213,
 }

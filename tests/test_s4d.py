@@ -5,7 +5,8 @@ import torch
 from helpers import assert_close, decode
 
 from efficient_attention import S4D, UnsupportedPatternError
-from efficient_attention.attentions.s4d import _fft_conv, _kernel, _scan
+from efficient_attention.attentions import s4d as s4d_module
+from efficient_attention.attentions.s4d import _CausalScan, _discretise, _FFTConvolution, _kernel, _scan
 
 
 def _direct_reference(u, dt_a, c_bar, back=None):
@@ -62,15 +63,52 @@ def test_scan_gives_future_inputs_exactly_zero_gradient():
     assert torch.all(u.grad[..., 123:] == 0) and torch.all(u.grad[..., :123] != 0)
 
 
+def _params(kernels, channels=3, modes=4, seed=0):
+    """Raw S4D parameters ``(log_dt, log_a_real, a_imag, c, d)`` in float64, requiring gradients."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (kernels, channels, modes)
+    return tuple(
+        x.requires_grad_(True)
+        for x in (
+            torch.rand(kernels, channels, generator=g, dtype=torch.float64) * 3 - 4,
+            torch.rand(*shape, generator=g, dtype=torch.float64) * 0.3 - 0.7,
+            torch.arange(modes, dtype=torch.float64) * 0.7 + torch.rand(*shape, generator=g, dtype=torch.float64),
+            torch.randn(*shape, 2, generator=g, dtype=torch.float64),
+            torch.randn(channels, generator=g, dtype=torch.float64),
+        )
+    )
+
+
 @pytest.mark.parametrize("length", [1, 2, 37, 200])
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_fft_convolution_equals_definition(length, bidirectional):
-    dt_a, c_bar = _ssm()
-    back = _ssm(seed=5) if bidirectional else None
+@pytest.mark.parametrize("kernels", [1, 2])
+@pytest.mark.parametrize("split", [False, True], ids=["one-fft", "batch-chunks"])
+def test_fft_convolution_equals_definition(length, kernels, split, monkeypatch):
+    if split:  # one batch element per FFT
+        monkeypatch.setattr(s4d_module, "_FFT_CHUNK_BYTES", 1)
+    params = _params(kernels)
     u = torch.randn(3, 2, length, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    kb = None if back is None else _kernel(*back, length, block=16)
-    y = _fft_conv(u, _kernel(dt_a, c_bar, length, block=16), kb)
-    assert_close(y, _direct_reference(u, dt_a, c_bar, back))
+    y = _FFTConvolution.apply(u, *params, "identity")
+    ssm = _discretise(*params[:4])
+    back = (ssm.dt_a[1], ssm.c_bar[1]) if kernels == 2 else None
+    expected = _direct_reference(u, ssm.dt_a[0], ssm.c_bar[0], back) + params[4][:, None, None] * u
+    assert_close(y, expected)
+
+
+_GRADCHECK_CASES = [("gelu", k, split) for k in (1, 2, "causal") for split in (False, True)] + [
+    (act, k, False) for act in ("relu", "silu", "tanh", "identity") for k in (2, "causal")
+]
+
+
+@pytest.mark.parametrize("activation,kernels,split", _GRADCHECK_CASES, ids=str)
+def test_convolution_functions_gradcheck(activation, kernels, split, monkeypatch):
+    """The hand-written backwards (input, the four SSM parameters, D) against finite differences, float64."""
+    if split:
+        monkeypatch.setattr(s4d_module, "_FFT_CHUNK_BYTES", 1)
+    fn = _CausalScan if kernels == "causal" else _FFTConvolution
+    params = _params(1 if kernels == "causal" else kernels)
+    for length in (1, 70):
+        u = torch.randn(3, 2, length, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *a: fn.apply(*a, activation), (u, *params))
 
 
 def test_kernel_by_blocks_equals_powers():

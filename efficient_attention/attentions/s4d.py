@@ -10,11 +10,11 @@ second kernel over the strictly later positions.  Then an activation and
 
 Two exact algorithms, both a fixed number of batched kernels whatever the length:
 
-* causal (:func:`_scan`): chunks of 64 positions, a Toeplitz product inside a
+* causal (:func:`_scan`, :class:`_CausalScan`): chunks of 64 positions, a Toeplitz product inside a
   chunk, the state carried across chunks by a two-level scan written as two
   batched triangular matmuls (chunks within a group, then groups).  Masked
   entries are exact zeros, so a future input gets exactly zero gradient;
-* noncausal (:func:`_fft_conv`): one FFT convolution with the kernel over both
+* noncausal (:class:`_FFTConvolution`): one FFT convolution with the kernel over both
   directions (what CAB does; rounding reaches across positions, which only a
   causal pattern forbids).
 
@@ -23,9 +23,10 @@ Decoding steps the recurrence with a constant ``(B, C, d_state)`` state.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,43 +50,164 @@ _ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 _CHUNK = 64
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}  # (torch.compile: no dtype.to_real)
+_COMPLEX = {v: k for k, v in _REAL.items()}
+_FFT_CHUNK_BYTES = 40 << 20  # spectrum bytes per batch chunk of the FFT convolution: bounds its peak memory
 
 
 def _powers(dt_a: Tensor, exponents: Tensor) -> Tensor:
     """``exp(dtA)^k`` for real ``exponents`` of any shape: ``(C, n, *exponents.shape)`` complex.
 
-    As ``exp(Re)·e^{i·Im}`` (``torch.polar``): a third of the CPU time of a complex ``exp``."""
-    z = dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(dt_a.real.dtype)
-    return torch.polar(torch.exp(z.real), z.imag)
-
-
-def _decay_matrix(dt_a: Tensor, step: int, rows: int, cols: int, strict: bool) -> Tensor:
-    """Lower-triangular ``W[a, b] = λ^{step·(a - b - strict)}`` (zero above), ``(C, n, rows, cols)`` complex.
-
-    The powers are computed once per lag and indexed."""
-    a = torch.arange(rows, device=dt_a.device)[:, None]
-    b = torch.arange(cols, device=dt_a.device)[None, :]
-    lag = a - b - int(strict)
-    powers = _powers(dt_a, torch.arange(rows, device=dt_a.device) * step)  # (C, n, rows)
-    return powers[..., lag.clamp(min=0)] * (lag >= 0)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: the gradient of the mixer output arrives in the
-    ``(T, B, C)`` order of ``out_proj``, a layout the CPU ``bmm`` backward would copy one matrix at a time."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+    On the CPU as ``exp(Re)·e^{i·Im}`` (``torch.polar``): a third of the time of a complex ``exp`` there; on a
+    GPU one complex ``exp`` (fewer launches)."""
+    z = dt_a.view(*dt_a.shape, *([1] * exponents.dim())) * exponents.to(_REAL[dt_a.dtype])
+    if z.is_cuda:
+        return torch.exp(z)
+    parts = torch.view_as_real(z)
+    return torch.polar(torch.exp(parts[..., 0]), parts[..., 1])
 
 
 def _as_pairs(x: Tensor) -> Tensor:
     """Complex ``(..., n)`` -> real ``(..., 2n)`` laid out as (re, im) pairs per mode."""
     return torch.view_as_real(x).flatten(-2)
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_indices(t: int, per_group: int, groups: int, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    """The length-only part of the scan plan, kept per shape: exponents ``E`` (real, ``λ^E`` is all the plan
+    needs), the gather index of the real-form matrices into the table of :func:`_scan_plan` and that of the
+    transposed Toeplitz.
+
+    A complex ``z = λ^e`` acting on ``(re, im)`` is the real 2x2 block ``[[re, -im], [im, re]]``; entry
+    ``(p', p)`` of the block is ``Re(e^{iφ} z)`` with ``φ = 0, π/2, -π/2, 0`` (``q = 2p' + p``): the table holds
+    ``Re(e^{iφ_q} λ^{E_e})`` at ``q·|E| + e`` and a zero last (masked entries point there, so they are exact
+    zeros)."""
+    g, big = per_group, groups
+    exps = torch.cat([torch.arange(t + 1), t * torch.arange(g), t * g * torch.arange(big)])  # λ^0..λ^t, λ^{ta}, ..
+    n_e = exps.numel()
+    zero = 4 * n_e
+    lag_base, group_base = t + 1, t + 1 + g
+
+    def real_form(rows: Tensor, cols: Tensor, lag: Tensor, base: int) -> Tensor:
+        """``(2R, 2Cc)`` indices of a complex ``(R, Cc)`` matrix with entries ``λ^{E[base + lag]}`` (0 where
+        lag < 0), rows ``(p', r)`` and columns ``(p, c)`` with the real/imaginary part outermost."""
+        q = 2 * torch.arange(2)[:, None, None, None] + torch.arange(2)[None, None, :, None]  # (2, 1, 2, 1)
+        idx = q * n_e + base + lag.clamp(min=0)[None, :, None, :]
+        return torch.where((lag >= 0)[None, :, None, :], idx, zero).reshape(2 * rows.numel(), 2 * cols.numel())
+
+    a, j = torch.arange(g + 1)[:, None], torch.arange(g)[None, :]
+    inner = real_form(a, j[0], a - j - 1, lag_base)  # (2(g+1), 2g): rows (p', a), a = g the group's end state
+    # the end-state rows last, so the chunk starts (rows a < g) and the group ends are two contiguous blocks
+    inner = torch.cat([inner.view(2, g + 1, 2 * g)[:, :g].reshape(2 * g, 2 * g), inner.view(2, g + 1, 2 * g)[:, g]])
+    h, k = torch.arange(big)[:, None], torch.arange(big + 1)[None, :]
+    across = real_form(h, k[0], h - k, group_base)  # (2G, 2(G+1)): column 0 the state before the first group
+    across_zero = across.view(2 * big, 2, big + 1)[:, :, 1:].reshape(2 * big, 2 * big)  # no initial state
+    offsets = real_form(torch.arange(g), torch.arange(1), torch.arange(g)[:, None], lag_base)  # (2g, 2): λ^{ta}
+    back = torch.stack([torch.arange(t - 1, -1, -1), 2 * n_e + torch.arange(t - 1, -1, -1)])  # (2, t): λ^{t-1-j}
+    # the matrix from an initial state first, so a plan without it gathers a suffix
+    gather = torch.cat([across.flatten(), inner.flatten(), across_zero.flatten(), offsets.flatten(), back.flatten()])
+    i, jj = torch.arange(t)[None, :], torch.arange(t)[:, None]
+    toe = torch.where(i >= jj, i - jj + 1, 0)  # toe_t[j, i] = K[i - j] from the kernel padded by one zero in front
+    return exps.to(device), gather.to(device), toe.to(device)
+
+
+class _ScanPlan(NamedTuple):
+    """What the chunked scan needs besides the inputs: it depends on the parameters and the length only, so one
+    training step builds it once for the forward and the backward.  Real matrices, complex numbers as
+    ``(re, im)`` blocks; ``Cn`` is channels x modes."""
+
+    t: int  # positions per chunk
+    per_group: int  # chunks per group
+    groups: int
+    lam: Tensor  # (C, n, t+1) complex: λ^0 .. λ^t
+    toe_t: Tensor  # (C, t, t): transposed Toeplitz of K_0 .. K_{t-1} (exact zeros above the diagonal)
+    back: Tensor  # (C, 2n, t): λ^{t-1-j}, a chunk's own end state, rows (mode, re/im)
+    inner: Tensor  # (Cn, 2g+2, 2g): chunk start states in a group from its chunks' end states, then its end state
+    across: Optional[Tensor]  # (Cn, 2G, 2G+2): group start states from the initial state and the group ends
+    across_zero: Tensor  # (Cn, 2G, 2G): the same without an initial state
+    offsets: Tensor  # (Cn, 2g, 2): λ^{t·a}, a group's start state carried to its chunk a
+    out: Tensor  # (C, 2n, t): state -> outputs of a chunk, 2·Re(C̃ λ^{i+1} s), rows (mode, re/im)
+
+
+def _scan_plan(
+    dt_a: Tensor, c_bar: Tensor, length: int, chunk: int = _CHUNK, d: Optional[Tensor] = None, with_x0: bool = False
+) -> _ScanPlan:
+    """The parameter-only part of :func:`_scan` for ``length`` positions; dt_a, c_bar ``(C, n)`` complex;
+    ``d`` ``(C,)``: a skip ``D·u`` added to lag 0 of the kernel (exact, inside the Toeplitz product);
+    ``with_x0``: the scan may start from a state."""
+    channels, n = dt_a.shape
+    t = max(1, min(chunk, length))
+    n_chunks = -(-length // t)
+    g = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
+    big = -(-n_chunks // g)
+    exps, gather, toe = _scan_indices(t, g, big, dt_a.device)
+    lam = _powers(dt_a, exps)  # (C, n, |E|)
+    parts = torch.view_as_real(lam)  # no constant from the host: a copy to the device would wait for the stream
+    re, im = parts[..., 0], parts[..., 1]
+    table = torch.stack([re, -im, im, re], 2)  # (C, n, 4, |E|): Re(e^{iφ_q} λ^E)
+    table = F.pad(table.reshape(channels * n, -1), (0, 1))  # a zero last
+    sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
+    if not with_x0:  # the matrix that starts from an initial state is not gathered
+        gather, sizes[0] = gather[sizes[0] :], 0
+    parts = table.index_select(1, gather).split(sizes, 1)
+    w = c_bar[..., None] * lam[..., : t + 1]  # C̃ λ^i
+    kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
+    if d is not None:
+        kern[:, 0] += d
+    out = torch.view_as_real(2.0 * torch.conj_physical(w[..., 1:])).transpose(-1, -2)  # (C, n, 2, t)
+    return _ScanPlan(
+        t,
+        g,
+        big,
+        lam[..., : t + 1],
+        F.pad(kern, (1, 0))[:, toe],
+        parts[4].reshape(channels, 2 * n, t),
+        parts[1].view(-1, 2 * g + 2, 2 * g),
+        parts[0].view(-1, 2 * big, 2 * big + 2) if with_x0 else None,
+        parts[2].view(-1, 2 * big, 2 * big),
+        parts[3].view(-1, 2 * g, 2),
+        out.reshape(channels, 2 * n, t),
+    )
+
+
+def _scan_apply(
+    u: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None, need_state: bool = True
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`_scan` with its plan built: ``u`` ``(C, B, L)`` real (any strides), ``x0`` ``(C, B, n)`` complex.
+
+    Chunks are ordered ``(a, h, b)`` (chunk in its group, group, batch), so every step is one (batched) matmul
+    on a view: the end states ``(C, (mode, re/im), (a, h, b))`` are per mode ``(2g, (h, b))`` blocks."""
+    channels, bsz, length = u.shape
+    t, g, big = plan.t, plan.per_group, plan.groups
+    n = plan.lam.shape[1]
+    if big * g * t != length:
+        u = F.pad(u, (0, big * g * t - length))
+    rows = g * big * bsz
+    flat = u.reshape(channels, bsz, big, g, t).permute(0, 3, 2, 1, 4).reshape(channels, rows, t)
+    y = torch.bmm(flat, plan.toe_t)  # (C, (a, h, b), t): inside the chunks
+    ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(channels * n, 2 * g, big * bsz)
+    inner = torch.bmm(plan.inner, ends)  # (Cn, 2g+2, (h, b)): chunk starts from a zero group start, group ends
+    group_ends = inner[:, 2 * g :].view(channels * n, 2 * big, bsz)  # rows (re/im, h)
+    if x0 is None:
+        group_starts = torch.bmm(plan.across_zero, group_ends)
+    else:
+        first = torch.view_as_real(x0).permute(0, 2, 3, 1).reshape(channels * n, 2, 1, bsz)
+        both = torch.cat([first, group_ends.view(channels * n, 2, big, bsz)], 2).view(channels * n, -1, bsz)
+        assert plan.across is not None, "a scan from a state needs a plan built with_x0"
+        group_starts = torch.bmm(plan.across, both)
+    starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(channels * n, 2, big * bsz))
+    y = y.baddbmm_(starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out)
+    y = y.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4).reshape(channels, bsz, big * g * t)[..., :length]
+    if not need_state:
+        return y, None
+    last = (length - 1) // t  # the chunk holding the last real input, and its real length
+    rest = length - last * t
+    h, a = divmod(last, g)
+    start = starts.view(channels, n, 2, g, big, bsz)[:, :, :, a, h].permute(0, 3, 1, 2)  # (C, B, n, re/im)
+    u_last = flat.view(channels, g, big, bsz, t)[:, a, h, :, :rest]
+    tail = _as_pairs(plan.lam[..., :rest].flip(-1).transpose(1, 2))  # (C, rest, 2n)
+    x = plan.lam[:, None, :, rest] * torch.view_as_complex(start.contiguous())
+    return y, x + torch.view_as_complex(torch.bmm(u_last, tail).view(channels, bsz, n, 2))
 
 
 def _scan(
@@ -106,47 +228,7 @@ def _scan(
     Returns ``(y (C, B, L) real, x (C, B, n) complex state after the last input, or None
     unless need_state)``.
     """
-    channels, bsz, length = u.shape
-    n = dt_a.shape[-1]
-    t = max(1, min(chunk, length))
-    n_chunks = -(-length // t)
-    per_group = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
-    groups = -(-n_chunks // per_group)
-    padded = groups * per_group
-    real = dt_a.real.dtype
-    pos = torch.arange(t + 1, device=u.device, dtype=real)
-    lam = _powers(dt_a, pos)  # (C, n, t+1): λ^0 .. λ^t
-    w = c_bar[..., None] * lam  # C̃ λ^i
-    kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
-    # Toeplitz, transposed: toe_t[c, j, i] = K[i - j] (exact zeros for i < j), as windows of the zero-padded kernel
-    toe_t = F.pad(kern, (t - 1, 0)).unfold(-1, t, 1).flip(1)  # (C, t, t)
-    # contiguous: a (C, B·M, t) view with another batch stride makes the CPU bmm copy one matrix at a time
-    flat = F.pad(u, (0, padded * t - length)).reshape(channels, bsz * padded, t).contiguous()
-    y = torch.bmm(flat, toe_t)  # (C, B·M, t)
-    # end state of every chunk from zero: Σ_j λ^{t-1-j} u_j as real products with (re, im) pairs
-    back = _as_pairs(lam[..., :t].flip(-1).transpose(1, 2))  # (C, t, 2n)
-    ends = torch.view_as_complex(torch.bmm(flat, back).view(channels, bsz, groups, per_group, n, 2))
-    # within a group: row a < g the start of chunk a from a zero group start, row g the group's end state
-    inner = torch.einsum("cnaj,czgjn->czgan", _decay_matrix(dt_a, t, per_group + 1, per_group, True), ends)
-    # across groups: state at every group start (from x0), and after the last group
-    x0 = ends.new_zeros(channels, bsz, n) if x0 is None else x0
-    group_ends = torch.cat([x0[:, :, None], inner[:, :, :, per_group]], 2)  # (C, B, G+1, n)
-    group_starts = torch.einsum(
-        "cngh,czhn->czgn", _decay_matrix(dt_a, t * per_group, groups + 1, groups + 1, False), group_ends
-    )
-    offsets = _powers(dt_a, torch.arange(per_group, device=u.device) * t).permute(0, 2, 1)  # (C, g, n): λ^{t·a}
-    starts = inner[:, :, :, :per_group] + offsets[:, None, None] * group_starts[:, :, :groups, None]  # (C,B,G,g,n)
-    out = _as_pairs((w[..., 1:]).transpose(1, 2)) * torch.tensor([2.0, -2.0], dtype=real, device=u.device).repeat(n)
-    y = y + torch.bmm(_as_pairs(starts).reshape(channels, bsz * padded, 2 * n), out.transpose(1, 2))
-    y = y.view(channels, bsz, padded * t)[..., :length]
-    if not need_state:
-        return y, None
-    last = (length - 1) // t  # the chunk holding the last real input, and its real length
-    rest = length - last * t
-    u_last = flat.view(channels, bsz, padded, t)[:, :, last, :rest]
-    tail = _as_pairs(lam[..., :rest].flip(-1).transpose(1, 2))  # (C, rest, 2n)
-    x = lam[:, None, :, rest] * starts.reshape(channels, bsz, padded, n)[:, :, last]
-    return y, x + torch.view_as_complex(torch.bmm(u_last, tail).view(channels, bsz, n, 2))
+    return _scan_apply(u, _scan_plan(dt_a, c_bar, u.shape[-1], chunk, with_x0=x0 is not None), x0, need_state)
 
 
 def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Tensor:
@@ -155,24 +237,242 @@ def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Te
     blocks = -(-length // t)
     head = _powers(dt_a, torch.arange(blocks, device=dt_a.device) * t)  # (C, n, A)
     tail = c_bar[..., None] * _powers(dt_a, torch.arange(t, device=dt_a.device))  # (C, n, t)
-    kern = 2.0 * torch.einsum("cna,cnb->cab", head, tail).real  # (C, A, t)
+    kern = 2.0 * torch.bmm(head.transpose(1, 2), tail).real  # (C, A, t)
     return kern.reshape(dt_a.shape[0], blocks * t)[:, :length]
 
 
-def _fft_conv(u: Tensor, forward: Tensor, backward: Optional[Tensor]) -> Tensor:
-    """``y_l = Σ_{j<=l} K_f[l-j] u_j (+ Σ_{j>l} K_b[j-l-1] u_j)`` by one FFT; u ``(C, B, L)``, kernels ``(C, L)``."""
-    length = u.shape[-1]
-    size = 1 << max(1, (2 * length - 1).bit_length())  # a power of two >= 2L - 1: no wrap-around
-    k = (
-        forward
-        if backward is None
-        else torch.cat(
-            [forward, forward.new_zeros(forward.shape[0], size - 2 * length + 1), backward[:, : length - 1].flip(-1)],
-            -1,
-        )
-    )
-    spec = torch.fft.rfft(u, n=size) * torch.fft.rfft(k, n=size)[:, None]
-    return torch.fft.irfft(spec, n=size)[..., :length]
+def _kernel_backward(dt_a: Tensor, c_bar: Tensor, grad: Tensor, block: int = _CHUNK) -> Tuple[Tensor, Tensor]:
+    """Conjugated gradients of ``Σ grad·K`` (``K = _kernel(dt_a, c_bar, L)``, grad ``(C, L)`` real) with respect
+    to dt_a and c_bar, complex ``(C, n)`` as ``∂/∂re - i·∂/∂im``, by the same blocks and nothing of size ``C·n·L``:
+
+    ``S0 = Σ_l g_l λ^l``, ``S1 = Σ_l g_l·l·λ^l``; conjugated ``∂/∂C̃ = 2·S0``, ``∂/∂dtA = 2·C̃·S1``.
+    """
+    channels, length = grad.shape
+    n = dt_a.shape[-1]
+    t = max(1, min(block, length))
+    blocks = -(-length // t)
+    g = F.pad(grad, (0, blocks * t - length)).view(channels, blocks, t).to(dt_a.dtype)
+    lags = torch.arange(t, device=dt_a.device, dtype=grad.dtype)
+    tail = _powers(dt_a, lags)  # (C, n, t): λ^b
+    pq = torch.bmm(g, torch.cat([tail, tail * lags], 1).transpose(1, 2))  # (C, A, 2n): Σ_b g λ^b, Σ_b g·b·λ^b
+    starts = torch.arange(blocks, device=dt_a.device, dtype=grad.dtype) * t
+    head = _powers(dt_a, starts).transpose(1, 2)  # (C, A, n): λ^{at}
+    p, q = pq[..., :n], pq[..., n:]
+    s0 = (head * p).sum(1)
+    s1 = (head * torch.addcmul(q, p, starts[:, None])).sum(1)
+    return 2.0 * c_bar * s1, 2.0 * s0
+
+
+class _SSM(NamedTuple):
+    """The discretised S4D parameters (complex, ``(..., n)``; ``dt`` real ``(..., 1)``) and what their
+    backward reuses."""
+
+    a: Tensor
+    dt: Tensor
+    dt_a: Tensor
+    lam: Tensor  # exp(dtA)
+    c: Tensor
+    c_bar: Tensor  # C (λ - 1) / A: zero-order hold
+
+
+def _discretise(log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor) -> _SSM:
+    """``A = -exp(log_a_real) + i·a_imag``, ``Δ = exp(log_dt)``, ``dtA = ΔA``, ``C̃ = C(exp(ΔA) - 1)/A``."""
+    a = torch.complex(-torch.exp(log_a_real), a_imag)
+    dt = torch.exp(log_dt)[..., None]
+    dt_a = a * dt
+    lam = torch.exp(dt_a)
+    cc = torch.view_as_complex(c)
+    return _SSM(a, dt, dt_a, lam, cc, cc * (lam - 1.0) / a)
+
+
+def _discretise_backward(ssm: _SSM, h_dt_a: Tensor, h_c_bar: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``(log_dt, log_a_real, a_imag, c)`` from the conjugated ones of dtA and C̃ (``h = ∂/∂re -
+    i·∂/∂im``: through a holomorphic ``f``, ``h_z = h_f·f'(z)``, no conjugation on the way)."""
+    ratio = ssm.c_bar / ssm.a
+    h_w = torch.addcmul(h_dt_a, h_c_bar, ssm.c * ssm.lam / ssm.a)  # dtA, C̃ through λ = exp(dtA) included
+    g_log_dt = (h_w * ssm.a).real.sum(-1) * ssm.dt[..., 0]  # ∂/∂Δ = Re(h_dtA·A)
+    h_a = h_w * ssm.dt - h_c_bar * ratio  # ∂C̃/∂A = -C̃/A
+    g_c = torch.view_as_real(torch.conj_physical(h_c_bar * (ssm.lam - 1.0) / ssm.a))
+    return g_log_dt, h_a.real * ssm.a.real, -h_a.imag, g_c
+
+
+def _fft_size(length: int) -> int:
+    """A power of two >= 2L - 1: a linear (not circular) convolution of two length-L signals."""
+    return 1 << max(1, (2 * length - 1).bit_length())
+
+
+def _batch_chunks(channels: int, bsz: int, size: int) -> List[slice]:
+    """Batch slices whose spectra stay under ``_FFT_CHUNK_BYTES`` (one slice unless the sequence is long)."""
+    per_item = channels * (size // 2 + 1) * 8
+    step = max(1, _FFT_CHUNK_BYTES // per_item)
+    return [slice(None)] if step >= bsz else [slice(i, i + step) for i in range(0, bsz, step)]
+
+
+def _conv_kernel(kern: Tensor, size: int) -> Tensor:
+    """``(kernels, C, L)`` -> the circular kernel ``(C, size)``: lags ``0..L-1`` of the forward kernel, then zeros,
+    then lags ``-(L-1)..-1`` holding the backward kernel ``K_b[L-2..0]`` (lag ``-j-1`` reads ``K_b[j]``)."""
+    length = kern.shape[-1]
+    if kern.shape[0] == 1:
+        return F.pad(kern[0], (0, size - length))
+    return torch.cat([F.pad(kern[0], (0, size - 2 * length + 1)), kern[1, :, : length - 1].flip(-1)], -1)
+
+
+def _conv_kernel_backward(grad: Tensor, kernels: int, length: int) -> Tensor:
+    """The transpose of :func:`_conv_kernel`: ``(C, size)`` -> ``(kernels, C, L)``."""
+    forward = grad[:, :length]
+    if kernels == 1:
+        return forward[None]
+    backward = F.pad(grad[:, grad.shape[-1] - length + 1 :].flip(-1), (0, 1))  # K_b[L-1] is never used
+    return torch.stack([forward, backward])
+
+
+def _correlate(grad: Tensor, u: Tensor, size: int) -> Tensor:
+    """``Σ_b Σ_l grad[c, b, l]·u[c, b, l - s]`` for every circular lag ``s``: the kernel gradient of a convolution,
+    ``(C, size)``; grad, u ``(C, B, L)``."""
+    channels, bsz, _ = u.shape
+    chunks = _batch_chunks(channels, bsz, size)
+    if len(chunks) == 1:
+        acc = torch.fft.rfft(u, n=size).conj_physical_().mul_(torch.fft.rfft(grad, n=size))
+        acc = acc.sum(1) if bsz > 1 else acc[:, 0]
+    else:
+        acc = grad.new_zeros(channels, size // 2 + 1, dtype=_COMPLEX[grad.dtype])
+        for part in chunks:
+            acc += (
+                torch.fft.rfft(u[:, part], n=size).conj_physical_().mul_(torch.fft.rfft(grad[:, part], n=size)).sum(1)
+            )
+    return torch.fft.irfft(acc, n=size)
+
+
+def _ssm_kernel(ssm: _SSM, length: int) -> Tensor:
+    """``(kernels, C, n)`` discretised parameters -> ``(kernels, C, L)`` kernels."""
+    kernels, channels, n = ssm.dt_a.shape
+    return _kernel(ssm.dt_a.reshape(-1, n), ssm.c_bar.reshape(-1, n), length).view(kernels, channels, length)
+
+
+def _param_grads(ssm: _SSM, g_kern: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the four parameters from that of the ``(kernels, C, L)`` kernels."""
+    n = ssm.dt_a.shape[-1]
+    g_dt_a, g_c_bar = _kernel_backward(ssm.dt_a.reshape(-1, n), ssm.c_bar.reshape(-1, n), g_kern.flatten(0, 1))
+    return _discretise_backward(ssm, g_dt_a.view_as(ssm.dt_a), g_c_bar.view_as(ssm.c_bar))
+
+
+def _activation_backward(name: str, grad: Tensor, pre: Tensor) -> Tensor:
+    """``grad·act'(pre)`` for the activations of :data:`_ACTIVATIONS`."""
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre)
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, pre, 0)
+    if name == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(grad, torch.tanh(pre))
+    return grad
+
+
+class _FFTConvolution(torch.autograd.Function):
+    """``act(K * u + D·u)`` for the S4D kernel(s) of ``(log_dt, log_a_real, a_imag, c)`` (``(kernels, C, n)``;
+    ``kernels = 2``: the second over later positions) and the skip ``d`` ``(C,)`` (lag 0 of the kernel) on ``u``
+    ``(C, B, L)``, by FFT, in batch chunks of bounded memory (:func:`_batch_chunks`).
+
+    Backward, per batch chunk: the pre-activation is recomputed from the spectrum of ``u`` (which the kernel
+    gradient needs anyway), ``∂u`` is the correlation of ``∂y`` with the same kernel spectrum, ``∂K`` that of
+    ``∂y`` with ``u`` (summed over the batch; ``∂D`` is its lag 0), then the parameters' gradients by
+    :func:`_param_grads`.  Saved: ``u`` and the kernel spectrum ``(C, L+1)``; nothing of size ``C·n·L``."""
+
+    @staticmethod
+    def forward(
+        ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
+    ) -> Tensor:
+        channels, bsz, length = u.shape
+        size = _fft_size(length)
+        ssm = _discretise(log_dt, log_a_real, a_imag, c)
+        kern = _ssm_kernel(ssm, length)
+        kern[0, :, 0] += d
+        k_spec = torch.fft.rfft(_conv_kernel(kern, size))
+        ctx.save_for_backward(u, k_spec)
+        ctx.ssm, ctx.activation = ssm, activation
+        act = _ACTIVATIONS[activation]
+        chunks = _batch_chunks(channels, bsz, size)
+        if len(chunks) == 1:
+            return act(torch.fft.irfft(torch.fft.rfft(u, n=size).mul_(k_spec[:, None]), n=size)[..., :length])
+        out = u.new_empty(u.shape)
+        for part in chunks:
+            pre = torch.fft.irfft(torch.fft.rfft(u[:, part], n=size).mul_(k_spec[:, None]), n=size)[..., :length]
+            out[:, part] = act(pre)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # fp32/fp64 math even if the backward is called inside an autocast region
+        with torch.autocast(grad.device.type, enabled=False):
+            return _FFTConvolution._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
+        u, k_spec = ctx.saved_tensors
+        ssm: _SSM = ctx.ssm
+        channels, bsz, length = u.shape
+        size = _fft_size(length)
+        k_conj = torch.conj_physical(k_spec)[:, None]
+        chunks = _batch_chunks(channels, bsz, size)
+        g_u = u.new_empty(u.shape) if len(chunks) > 1 else None
+        acc: Optional[Tensor] = None
+        for part in chunks:
+            u_p, g_p = (u, grad) if len(chunks) == 1 else (u[:, part], grad[:, part])
+            u_spec = torch.fft.rfft(u_p, n=size)
+            if ctx.activation != "identity":
+                pre = torch.fft.irfft(u_spec * k_spec[:, None], n=size)[..., :length]
+                g_p = _activation_backward(ctx.activation, g_p, pre)
+            g_spec = torch.fft.rfft(g_p, n=size)
+            prod = u_spec.conj_physical_().mul_(g_spec)
+            prod = prod.sum(1) if prod.shape[1] > 1 else prod[:, 0]
+            acc = prod if acc is None else acc.add_(prod)
+            g_u_p = torch.fft.irfft(g_spec.mul_(k_conj), n=size)[..., :length]
+            if g_u is None:
+                g_u = g_u_p
+            else:
+                g_u[:, part] = g_u_p
+        assert acc is not None
+        g_kern = _conv_kernel_backward(torch.fft.irfft(acc, n=size), ssm.dt_a.shape[0], length)
+        return (g_u, *_param_grads(ssm, g_kern), g_kern[0, :, 0], None)
+
+
+class _CausalScan(torch.autograd.Function):
+    """``act(K * u + D·u)`` causal (one kernel, ``(1, C, n)`` parameters, ``d`` ``(C,)``) by the exact chunked
+    scan, ``u`` ``(C, B, L)``.
+
+    Backward: ``∂u`` is the anti-causal correlation with the same kernel, i.e. the same scan (same plan) over the
+    time-reversed gradient, so a future input gets exactly zero gradient; ``∂K`` is the correlation of the
+    gradient with ``u`` by FFT (a parameter gradient: no causality to keep), then :func:`_param_grads`.  Saved:
+    ``u``, the pre-activation and the plan."""
+
+    @staticmethod
+    def forward(
+        ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
+    ) -> Tensor:
+        ssm = _discretise(log_dt, log_a_real, a_imag, c)
+        plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[-1], d=d)
+        pre = _scan_apply(u, plan, need_state=False)[0]
+        ctx.save_for_backward(u, pre)
+        ctx.ssm, ctx.plan, ctx.activation = ssm, plan, activation
+        return _ACTIVATIONS[activation](pre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # fp32/fp64 math even if the backward is called inside an autocast region
+        with torch.autocast(grad.device.type, enabled=False):
+            return _CausalScan._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
+        u, pre = ctx.saved_tensors
+        grad = _activation_backward(ctx.activation, grad, pre)
+        length = u.shape[-1]
+        g_u = None
+        if ctx.needs_input_grad[0]:
+            g_u = _scan_apply(grad.flip(-1), ctx.plan, need_state=False)[0].flip(-1)
+        g_kern = _correlate(grad, u, _fft_size(length))[None, :, :length]
+        return (g_u, *_param_grads(ctx.ssm, g_kern), g_kern[0, :, 0], None)
 
 
 @dataclass(frozen=True)
@@ -231,22 +531,26 @@ class S4D(EfficientAttention):
     def _discrete(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """``(dtA, C̃)`` complex ``(kernels, C, d_state)`` in the accumulation precision."""
         real = acc_dtype(dtype)
-        a = torch.complex(-torch.exp(self.log_a_real.to(real)), self.a_imag.to(real))
-        dt_a = a * torch.exp(self.log_dt.to(real))[..., None]
-        c = torch.view_as_complex(self.c.to(real).contiguous())
-        return dt_a, c * (torch.exp(dt_a) - 1.0) / a
+        ssm = _discretise(self.log_dt.to(real), self.log_a_real.to(real), self.a_imag.to(real), self.c.to(real))
+        return ssm.dt_a, ssm.c_bar
 
     def _inputs(self, q: Tensor, kpm: Optional[Tensor]) -> Tensor:
         """Per-head ``(B, H, T, d)`` -> channels first ``(C, B, T)`` (channel ``h·d + i``), fp32+, padding zeroed."""
         bsz, heads, length, dim = q.shape
-        u = q.to(acc_dtype(q.dtype)).permute(1, 3, 0, 2).reshape(heads * dim, bsz, length).contiguous()
+        u, real = q.permute(1, 3, 0, 2), acc_dtype(q.dtype)
+        # one copy (``to`` with the same dtype would return the strided view)
+        u = u.contiguous() if u.dtype == real else u.to(real, memory_format=torch.contiguous_format)
+        u = u.view(heads * dim, bsz, length)
         if kpm is not None:
             u = u.masked_fill(as_bool_mask(kpm, "key_padding_mask")[None], 0.0)
         return u
 
     def _finish(self, y: Tensor, u: Tensor, like: Tensor) -> Tensor:
-        """``act(y + D·u)`` with dropout, back to per-head ``(B, H, T, d)``."""
-        y = _ACTIVATIONS[self.activation](torch.addcmul(_ContiguousGrad.apply(y), self.d.to(y.dtype)[:, None, None], u))
+        """``act(y + D·u)`` with dropout, back to per-head ``(B, H, T, d)`` (the paths outside the two Functions)."""
+        return self._output(_ACTIVATIONS[self.activation](torch.addcmul(y, self.d.to(y.dtype)[:, None, None], u)), like)
+
+    def _output(self, y: Tensor, like: Tensor) -> Tensor:
+        """Dropout on the activated ``(C, B, T)``, back to per-head ``(B, H, T, d)``."""
         y = F.dropout(y, self.dropout_p, training=self.training)
         _, bsz, length = y.shape
         return y.to(like.dtype).view(self.num_heads, self.head_dim, bsz, length).permute(2, 0, 3, 1)
@@ -274,14 +578,11 @@ class S4D(EfficientAttention):
 
     def _mix(self, q: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Optional[Tensor]]:
         u = self._inputs(q, masks.key_padding)
-        dt_a, c_bar = self._discrete(q.dtype)
-        if self.causal:  # exact: a future input gets exactly zero gradient
-            y, _ = _scan(u, dt_a[0], c_bar[0], need_state=False)
-        else:
-            length = u.shape[-1]
-            back = _kernel(dt_a[1], c_bar[1], length) if self.bidirectional else None
-            y = _fft_conv(u, _kernel(dt_a[0], c_bar[0], length), back)
-        return self._finish(y, u, q), None
+        real = u.dtype
+        params = (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d)
+        # causal: the exact scan (a future input gets exactly zero gradient); else one FFT convolution
+        y = (_CausalScan if self.causal else _FFTConvolution).apply(u, *(p.to(real) for p in params), self.activation)
+        return self._output(y, q), None
 
     def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
         """``T`` new positions continuing the recurrence state ``x (B, C, d_state)`` (stored as real pairs)."""
