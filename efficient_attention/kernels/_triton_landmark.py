@@ -66,8 +66,20 @@ def _kvec(x, KEY_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _gate_logit(s, q, k_base, n0, S, stride_kn, offs_d, is_mark, IEEE: tl.constexpr, GATE_DOT: tl.constexpr,
-                BS: tl.constexpr, KEY_AXIS: tl.constexpr):
+def _gate_logit(
+    s,
+    q,
+    k_base,
+    n0,
+    S,
+    stride_kn,
+    offs_d,
+    is_mark,
+    IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
+    BS: tl.constexpr,
+    KEY_AXIS: tl.constexpr,
+):
     """Each query's raw landmark logit ``q . k(L_b)`` of the block starting at ``n0``: the landmark column of
     the tile ``s``, or (``GATE_DOT``, queries-first tiles only) a dot against 16 copies of the landmark key."""
     if GATE_DOT:
