@@ -96,6 +96,27 @@ VARIANTS = {  # name -> overrides of landmark_config, per kernel
 }
 
 
+def kernel_split(fn, reps: int = 3) -> dict:
+    """Per landmark kernel, its GPU time (ms) in one call of ``fn``, from the profiler ({} if it fails)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        split = {}
+        for evt in prof.key_averages():
+            if evt.key.startswith("_landmark_"):
+                us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+                split[evt.key.replace("_landmark_", "").replace("_kernel", "")] = round(us / 1000 / reps, 3)
+        return split
+    except Exception as exc:  # the profiler is a nicety: its failure must not stop the run
+        return {"error": f"{type(exc).__name__}: {str(exc)[:100]}"}
+
+
 def use_variant(over: dict):
     """Installs ``landmark_config`` with ``over`` applied; returns the function that restores the default."""
     base = lk.landmark_config
@@ -150,6 +171,11 @@ def kernel_configs(L: int, rows: list, deadline: float, names):
                 sdpa_bwd_ms=sdpa_bwd,
                 ratio_fwdbwd=(fwd + bwd) / (sdpa_fwd + sdpa_bwd),
                 rel_vs_default=err,
+                split=kernel_split(
+                    lambda: lk._triton_backward(
+                        do, None, q, k, v, *lk._triton_forward(q, k, v, None, bs, scale), None, bs, scale
+                    )
+                ),
             )
         except Exception as exc:  # a config that does not fit (shared memory) is reported, not fatal
             row = dict(part="kernel", config=name, L=L, error=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -280,7 +306,7 @@ def main():
             print(
                 f"L={r['L']:6d} {r['config']:28s} fwd {r['fwd_ms']:7.3f} bwd {r['bwd_ms']:7.3f} "
                 f"sum {r['fwdbwd_ms']:7.3f}  sdpa {r['sdpa_fwd_ms']:6.3f}/{r['sdpa_bwd_ms']:6.3f}  "
-                f"x{r['ratio_fwdbwd']:.2f}  rel {r['rel_vs_default']:.1e}"
+                f"x{r['ratio_fwdbwd']:.2f}  rel {r['rel_vs_default']:.1e}  {r['split']}"
             )
         elif r["part"] == "kernel":
             print(f"L={r['L']:6d} {r['config']:28s} {r['error']}")

@@ -156,7 +156,9 @@ def _tile_weights(
 def _tile_ds(w, e, r, P, own_row, is_mark, dp, delta, MIXED: tl.constexpr, KEY_AXIS: tl.constexpr):
     """Score gradient (natural units) of a tile from its weights and ``dp = dO V^T`` (same orientation)."""
     E = tl.sum(e * dp, KEY_AXIS) * r  # dO . A_b
-    ds = tl.where(is_mark, _qvec(P * (E - delta), KEY_AXIS), w * (dp - _qvec(E, KEY_AXIS)))
+    Pr = _qvec(P * r, KEY_AXIS)
+    # tokens: w (dp - E) with w = e P r, as e (dp P r - E P r) (an FMA and a product; the dq kernel needs no w)
+    ds = tl.where(is_mark, _qvec(P * (E - delta), KEY_AXIS), e * (dp * Pr - _qvec(P * r * E, KEY_AXIS)))
     if MIXED:
         ds = tl.where(_qvec(own_row, KEY_AXIS), w * (dp - _qvec(delta, KEY_AXIS)), ds)
     return ds
