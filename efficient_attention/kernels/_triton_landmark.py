@@ -263,7 +263,7 @@ def _landmark_fwd_kernel(
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows (most key blocks) first: a shorter tail
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -372,7 +372,7 @@ def _landmark_dq_kernel(
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows (most key blocks) first: a shorter tail
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -509,7 +509,7 @@ def _landmark_dkdv_kernel(
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    kb = tl.program_id(0)
+    kb = tl.program_id(0)  # the first blocks (seen by the most query tiles) first: a shorter tail
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
