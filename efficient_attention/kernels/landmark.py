@@ -182,8 +182,9 @@ def _dense(x: Tensor) -> bool:
 
 
 def _rows(x: Tensor) -> Tensor:
-    """``x`` itself if the kernels can read it in place, else a contiguous copy."""
-    return x if _dense(x) else x.contiguous()
+    """``x`` itself if the kernels can read it in place (dense, and row offsets ``n * stride(2)`` that fit the
+    kernels' int32 arithmetic), else a contiguous copy."""
+    return x if _dense(x) and x.shape[2] * x.stride(2) < 2**31 else x.contiguous()
 
 
 def _like(x: Tensor) -> Tensor:
