@@ -197,7 +197,7 @@ def test_blocks_torch_path_chunks(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_triton_path_reads_head_views_in_place(monkeypatch):
+def test_triton_path_reads_head_views_in_place():
     """The module's head views ``(B, H, L, d)`` of ``(L, B, H*d)`` go to the kernels uncopied (outputs take their
     strides); non-dense views, and views whose row offsets overflow int32, are copied first."""
     from efficient_attention.kernels import landmark as lk
