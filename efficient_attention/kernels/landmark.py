@@ -160,10 +160,12 @@ def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[
     small = block_size <= 64 and head_dim <= 64 and dtype != torch.float32
     long_rows = dict(BLOCK_M=128, num_warps=8, num_stages=stages, GATE_DOT=False)
     short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages, GATE_DOT=False)
-    # forward: 4 warps on the 128-row tile (0.94 vs 1.10 ms at 8k, H200; benchmarks/landmark_tune_gpu.py)
+    # H200, bf16, d 64, block 64 (benchmarks/landmark_tune_gpu.py, landmark_gpu.py): forward 4 warps on 128 rows
+    # (0.94 vs 1.10 ms at 8k); dq 64 rows on 4 warps (backward 2.86 vs 3.03 ms at 8k, 43.1 vs 46.7 at 32k with
+    # 128 rows on 8); dk/dv 64 query rows on 4 warps, queries first (3.03 vs 5.40 keys first, 3.36 with 128 rows)
     return dict(
         fwd=dict(long_rows, num_warps=4) if small else short_rows,
-        dq=long_rows if small else short_rows,
+        dq=short_rows,
         dkdv=dict(short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False),
     )
 
