@@ -197,6 +197,23 @@ def test_blocks_torch_path_chunks(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_triton_path_reads_head_views_in_place():
+    """The module's head views ``(B, H, L, d)`` of ``(L, B, H*d)`` go to the kernels uncopied (outputs take their
+    strides); non-dense views, and views whose row offsets overflow int32, are copied first."""
+    from efficient_attention.kernels import landmark as lk
+
+    x = torch.randn(70, 2, 3 * 16)
+    heads = x.view(70, 2, 3, 16).permute(1, 2, 0, 3)
+    assert lk._rows(heads) is heads
+    out = lk._like(heads)
+    assert out.stride() == heads.stride() and out.untyped_storage().nbytes() == x.untyped_storage().nbytes()
+    sliced = heads[..., :8]  # every other half row: not dense
+    assert not lk._dense(sliced) and lk._rows(sliced).is_contiguous()
+    assert lk._rows(heads.transpose(-1, -2)).is_contiguous()  # the head dim must have unit stride
+    wide = torch.empty(3, 2**28, 1, 16, device="meta").permute(1, 2, 0, 3)  # dense, row offsets past int32
+    assert lk._dense(wide) and lk._rows(wide).is_contiguous()
+
+
 def test_blocks_dispatch_reasons():
     q = torch.randn(1, 2, 8, 16)
     assert landmark_blocks(q, q, q, 4)[0].shape == q.shape

@@ -224,17 +224,27 @@ def linear_modules_case():
         assert rel(torch.cat(steps), full) < 1e-5, f"{name} decoding {rel(torch.cat(steps), full):.1e}"
 
 
-def landmark_case(bs, d, dtype, T, S, config=None):
+def landmark_case(bs, d, dtype, T, S, config=None, pad=True, views=False, **switches):
     """The landmark kernels (forward, dq, dk/dv) against the float64 PyTorch path, with key padding
-    (a padded landmark among it); ``config`` forces the query tiles (64 or 128 rows per tile)."""
+    (a padded landmark among it) unless ``pad=False``; ``config`` forces the query tiles (64 or 128 rows
+    per tile), ``switches`` the kernels' layout switches (``GATE_DOT``, ``KEYS_FIRST``); ``views`` passes
+    q, k, v as the module does, head views ``(B, H, N, d)`` of time-first ``(N, B, H, d)`` tensors."""
     q, k, v = make_qkv(2, 2, T, S, d, dtype, seed=bs + T)
-    kpm = padding(2, S)
-    kpm[1, 2 * bs - 1] = True
+    if views:  # same values, strided like the module's heads (the kernels read them in place)
+        q, k, v = (x.detach().permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3).requires_grad_() for x in (q, k, v))
+    kpm = None
+    if pad:
+        kpm = padding(2, S)
+        kpm[1, 2 * bs - 1] = True
     base = landmark.landmark_config
-    if config is not None:
-        landmark.landmark_config = lambda *a: {key: dict(val, BLOCK_M=config) for key, val in base(*a).items()}
+    over = dict(switches, **({} if config is None else dict(BLOCK_M=config)))
+    landmark.landmark_config = lambda *a: {
+        key: {n: over.get(n, x) for n, x in val.items()} for key, val in base(*a).items()
+    }
     try:
         out, lse = landmark.landmark_attention(q, k, v, bs, key_padding_mask=kpm, backend="triton")
+        if views:
+            assert out.stride() == q.stride(), "out should be allocated with q's strides"
         ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
         ref_out, ref_lse = landmark.landmark_attention(*ref, bs, key_padding_mask=kpm, backend="reference")
         check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -329,6 +339,17 @@ def main() -> int:
         ),
         (False, "landmark bs32 fp32 one decoding step", lambda: landmark_case(32, 16, f32, 1, 77)),
         (False, "landmark bs64 fp16 d32", lambda: landmark_case(64, 32, f16, 150, 150)),
+        (
+            False,
+            "landmark bs16 fp32 head views, no padding, gate dots",
+            lambda: landmark_case(16, 16, f32, 70, 70, pad=False, views=True, GATE_DOT=True),
+        ),
+        (
+            False,
+            "landmark bs32 fp16 keys-first dk/dv tiles, last T of S",
+            lambda: landmark_case(32, 16, f16, 40, 100, KEYS_FIRST=True),
+        ),
+        (False, "landmark bs16 fp16 gate dots, padding", lambda: landmark_case(16, 32, f16, 50, 50, GATE_DOT=True)),
     ]
     failed = []
     for tma, name, run in cases:

@@ -7,23 +7,50 @@ the landmark ``L_b``.  A query at absolute position ``p`` (block ``c = p // BS``
 * every earlier block ``b < c`` as one softmax item: logit ``s(L_b)`` (the gate), value
   ``A_b = softmax_{j in b, j != L_b}(s_j) @ v`` (the block's own softmax average).
 
-So a query tile visits its earlier key blocks one tile of ``BS`` keys at a time (the whole block is in
-the tile: its inner softmax is local) and folds each into a FlashAttention-2 online softmax over
-"items"; the key tiles of the query tile's own blocks (``MIXED``) apply the causal rule to rows of
-that block and the gated rule to rows of later blocks.  Scores in log2 units (``exp2``), fp32
-accumulation, the log-sum-exp of the items returned in natural units (``-inf`` for empty rows).
+The key tile of every kernel is one landmark block, so a block's inner softmax is local to its tile (its
+max and sum are two in-tile row reductions, nothing is carried across tiles).  The forward folds each tile
+into a FlashAttention-2 online softmax over "items"; the key tiles of a query tile's own blocks
+(``MIXED``) apply the causal rule to rows of that block and the gated rule to rows of later blocks, every
+other tile is gated for all its rows (no mask but the landmark column).  Scores stay raw (unscaled) out of
+the dots; the scale (log2 units, ``exp2``) is folded into the exponent's FMA.  fp32 accumulation, the
+log-sum-exp returned in natural units (``-inf`` for empty rows).
 
-Backward (``P_b = exp(s(L_b) - lse)``, inner weights ``a_j``, ``w_j = P_b a_j``, ``E_b = sum_j a_j dp_j``
-with ``dp = dO V^T``, ``delta = rowsum(dO * O) - dlse``):
-own keys ``ds_j = w_j (dp_j - delta)``; tokens of earlier blocks ``ds_j = w_j (dp_j - E_b)``; the
-landmark ``ds(L_b) = P_b (E_b - delta)``.  ``E_b`` is recomputed inside the tile, so nothing of size
-``T x S/BS`` is ever stored: ``dq`` by query tile (it also stores ``delta``), then ``dk, dv`` by key block.
+Backward (``P_b = exp(s(L_b) - lse)``, inner weights ``a_j = e_j / z_b``, ``w_j = P_b a_j``,
+``E_b = sum_j a_j dp_j`` with ``dp = dO V^T``, ``delta = rowsum(dO * O) - dlse``): own keys
+``ds_j = w_j (dp_j - delta)``; tokens of earlier blocks ``ds_j = w_j (dp_j - E_b)``; the landmark
+``ds(L_b) = P_b (E_b - delta)``.  ``E_b`` is recomputed inside the tile, so nothing of size ``T x S/BS``
+is ever stored: ``dq`` by query tile (it also stores ``delta``), then ``dk, dv`` by key block.
+
+Every tile is held as (queries, keys), so the per-(query, block) reductions run along a warp's own
+columns (a few shuffles); the dk/dv kernel feeds the transposed weights to its two dots.  ``KEYS_FIRST``
+(dk/dv only) holds its tiles as (keys, queries) instead -- the layout of FlashAttention-2's dk/dv loop,
+which needs no transposes but puts the key reductions across warps (kept as a tuning alternative:
+it measured 4.2 ms against 1.4 ms of dq at 8k on an H200).  ``GATE_DOT`` takes each row's landmark logit
+from a 16-column dot against the landmark key instead of selecting that column out of the tile.
+
+Tensors are ``(B, H, N, d)`` with any row stride (the module's head views of ``(N, B, H*d)`` need no
+copy): ``out``/``dq`` share ``q``'s strides, ``dk`` ``k``'s, ``dv`` ``v``'s.
 """
 
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, _dot, _finish, _load_rows, _lse2, _store_rows  # noqa: F401 (LOG2E: landmark.py)
+from ._triton_common import LOG2E, _dot, _finish, _lse2  # noqa: F401 (LOG2E: landmark.py)
+
+
+@triton.jit
+def _load(base, offs_r, n_rows, stride_n, offs_d):
+    """Rows ``offs_r`` (zero at and past ``n_rows``) of a head whose rows are ``stride_n`` apart."""
+    return tl.load(base + offs_r[:, None] * stride_n + offs_d[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
+
+
+@triton.jit
+def _store(base, x, offs_r, n_rows, stride_n, offs_d):
+    tl.store(
+        base + offs_r[:, None] * stride_n + offs_d[None, :],
+        x.to(base.dtype.element_ty),
+        mask=offs_r[:, None] < n_rows,
+    )
 
 
 @triton.jit
@@ -39,40 +66,74 @@ def _kvec(x, KEY_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _tile_weights(
+def _gate_logit(
     s,
-    p,
-    offs_n,
+    q,
+    k_base,
     n0,
     S,
-    lse2,
-    kpm_ptr,
-    HAS_KPM: tl.constexpr,
-    MIXED: tl.constexpr,
+    stride_kn,
+    offs_d,
+    is_mark,
+    IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
     BS: tl.constexpr,
     KEY_AXIS: tl.constexpr,
 ):
-    """Weights of a score tile ``s`` over the ``BS`` keys of block ``n0 // BS`` (log2 units), given each
-    query's position ``p`` and log2-normaliser ``lse2``.  Keys run along ``KEY_AXIS`` (1: a (queries, keys)
-    tile, as the dq kernel holds it; 0: (keys, queries), as the dk/dv kernel does).
+    """Each query's raw landmark logit ``q . k(L_b)`` of the block starting at ``n0``: the landmark column of
+    the tile ``s``, or (``GATE_DOT``, queries-first tiles only) a dot against 16 copies of the landmark key."""
+    if GATE_DOT:
+        rows = tl.arange(0, 16)
+        mark = n0 + BS - 1
+        kl = tl.load(k_base + mark * stride_kn + rows[:, None] * 0 + offs_d[None, :], mask=mark < S, other=0.0)
+        return tl.max(_dot(q, tl.trans(kl), IEEE), 1)
+    else:
+        return tl.sum(tl.where(is_mark, s, 0.0), KEY_AXIS)
 
-    Returns ``(w, a, P, own_row, is_mark)``: the attention weights ``w``, the inner softmax ``a`` of the
-    block's tokens (for queries of later blocks), the gate probability ``P`` per query, which queries are
-    in this block (``MIXED`` tiles only; else all are in later blocks), and the landmark key."""
-    is_mark = _kvec(offs_n == n0 + BS - 1, KEY_AXIS)
-    tok = ~is_mark & _kvec(offs_n < S, KEY_AXIS)
+
+@triton.jit
+def _tile_weights(
+    s,
+    q,
+    k_base,
+    p,
+    offs_n,
+    offs_d,
+    n0,
+    S,
+    stride_kn,
+    lse2,
+    qk_scale,
+    kpm_ptr,
+    HAS_KPM: tl.constexpr,
+    MIXED: tl.constexpr,
+    IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
+    BS: tl.constexpr,
+    KEY_AXIS: tl.constexpr,
+):
+    """Weights of a raw score tile ``s`` over the ``BS`` keys of block ``n0 // BS``, given each query's position
+    ``p`` and log2-normaliser ``lse2``.  Keys run along ``KEY_AXIS`` (1: (queries, keys); 0: (keys, queries)).
+
+    Returns ``(w, e, r, P, own_row, is_mark)``: the attention weights ``w``, the block's unnormalised inner
+    exponentials ``e`` (``a = e * r``, for queries of later blocks), ``r = 1 / z_b``, the gate probability ``P``
+    per query, which queries are in this block (``MIXED`` tiles only; else all are in later blocks), and the
+    landmark key."""
+    is_mark1 = offs_n == n0 + BS - 1
+    tok1 = ~is_mark1 & (offs_n < S)
     if HAS_KPM:
-        pad = _kvec(tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1) != 0, KEY_AXIS)
-        tok = tok & ~pad
-        mark_ok = tl.sum((is_mark & ~pad).to(tl.int32), KEY_AXIS) > 0
-    st = tl.where(tok, s, float("-inf"))
+        pad1 = tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1) != 0
+        tok1 = tok1 & ~pad1
+        mark_ok = tl.sum((is_mark1 & ~pad1).to(tl.int32), 0) > 0
+    is_mark = _kvec(is_mark1, KEY_AXIS)
+    st = tl.where(_kvec(tok1, KEY_AXIS), s, float("-inf"))
     mb = tl.max(st, KEY_AXIS)
-    mb = tl.where(mb == float("-inf"), 0.0, mb)
-    e = tl.math.exp2(st - _qvec(mb, KEY_AXIS))
+    mb = tl.where(mb == float("-inf"), 0.0, mb) * qk_scale
+    e = tl.math.exp2(st * qk_scale - _qvec(mb, KEY_AXIS))
     zb = tl.sum(e, KEY_AXIS)
-    a = e * _qvec(tl.where(zb > 0.0, 1.0 / zb, 0.0), KEY_AXIS)
-    t = tl.sum(tl.where(is_mark, s, 0.0), KEY_AXIS)
-    P = tl.math.exp2(t - lse2)
+    r = tl.where(zb > 0.0, 1.0 / zb, 0.0)
+    t = _gate_logit(s, q, k_base, n0, S, stride_kn, offs_d, is_mark, IEEE, GATE_DOT, BS, KEY_AXIS)
+    P = tl.math.exp2(t * qk_scale - lse2)
     if HAS_KPM:
         P = tl.where(mark_ok, P, 0.0)
     if MIXED:
@@ -83,19 +144,21 @@ def _tile_weights(
         pp = _qvec(p, KEY_AXIS)
         own = _qvec(own_row, KEY_AXIS) & (n <= pp) & (~is_mark | (n == pp)) & (n < S)
         if HAS_KPM:
-            own = own & ~pad
-        w = tl.where(own, tl.math.exp2(s - _qvec(lse2, KEY_AXIS)), _qvec(P, KEY_AXIS) * a)
+            own = own & _kvec(~pad1, KEY_AXIS)
+        w = tl.where(own, tl.math.exp2(s * qk_scale - _qvec(lse2, KEY_AXIS)), e * _qvec(P * r, KEY_AXIS))
     else:
         own_row = p < 0
-        w = _qvec(P, KEY_AXIS) * a
-    return w, a, P, own_row, is_mark
+        w = e * _qvec(P * r, KEY_AXIS)
+    return w, e, r, P, own_row, is_mark
 
 
 @triton.jit
-def _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED: tl.constexpr, KEY_AXIS: tl.constexpr):
+def _tile_ds(w, e, r, P, own_row, is_mark, dp, delta, MIXED: tl.constexpr, KEY_AXIS: tl.constexpr):
     """Score gradient (natural units) of a tile from its weights and ``dp = dO V^T`` (same orientation)."""
-    E = tl.sum(a * dp, KEY_AXIS)
-    ds = w * (dp - _qvec(E, KEY_AXIS)) + tl.where(is_mark, _qvec(P * (E - delta), KEY_AXIS), 0.0)
+    E = tl.sum(e * dp, KEY_AXIS) * r  # dO . A_b
+    Pr = _qvec(P * r, KEY_AXIS)
+    # tokens: w (dp - E) with w = e P r, as e (dp P r - E P r) (an FMA and a product; the dq kernel needs no w)
+    ds = tl.where(is_mark, _qvec(P * (E - delta), KEY_AXIS), e * (dp * Pr - _qvec(P * r * E, KEY_AXIS)))
     if MIXED:
         ds = tl.where(_qvec(own_row, KEY_AXIS), w * (dp - _qvec(delta, KEY_AXIS)), ds)
     return ds
@@ -114,31 +177,35 @@ def _fwd_step(
     offs_bs,
     offs_d,
     S,
+    stride_kn,
+    stride_vn,
     qk_scale,
     kpm_ptr,
     HAS_KPM: tl.constexpr,
     MIXED: tl.constexpr,
     IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
     BS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
 ):
     n0 = kb * BS
     offs_n = n0 + offs_bs
-    k = _load_rows(k_base, offs_n, S, offs_d, HEAD_DIM)
-    v = _load_rows(v_base, offs_n, S, offs_d, HEAD_DIM)
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    is_mark = (offs_n == n0 + BS - 1)[None, :]
-    tok = ~is_mark
+    k = _load(k_base, offs_n, S, stride_kn, offs_d)
+    v = _load(v_base, offs_n, S, stride_vn, offs_d)
+    s = _dot(q, tl.trans(k), IEEE)  # raw scores; scaled inside the exponents
+    is_mark1 = offs_n == n0 + BS - 1
+    tok1 = ~is_mark1
     if HAS_KPM:
-        pad = (tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1) != 0)[None, :]
-        tok = tok & ~pad
-        t = tl.max(tl.where(is_mark & ~pad, s, float("-inf")), 1)
-    else:
-        t = tl.sum(tl.where(is_mark, s, 0.0), 1)
-    st = tl.where(tok, s, float("-inf"))
+        pad1 = tl.load(kpm_ptr + offs_n, mask=offs_n < S, other=1) != 0
+        tok1 = tok1 & ~pad1
+        mark_ok = tl.sum((is_mark1 & ~pad1).to(tl.int32), 0) > 0
+    is_mark = is_mark1[None, :]
+    t = _gate_logit(s, q, k_base, n0, S, stride_kn, offs_d, is_mark, IEEE, GATE_DOT, BS, 1) * qk_scale
+    if HAS_KPM:
+        t = tl.where(mark_ok, t, float("-inf"))
+    st = tl.where(tok1[None, :], s, float("-inf"))
     mb = tl.max(st, 1)
-    mb = tl.where(mb == float("-inf"), 0.0, mb)
-    e = tl.math.exp2(st - mb[:, None])
+    mb = tl.where(mb == float("-inf"), 0.0, mb) * qk_scale
+    e = tl.math.exp2(st * qk_scale - mb[:, None])
     zb = tl.sum(e, 1)
     if MIXED:
         blk = p // BS
@@ -147,8 +214,8 @@ def _fwd_step(
         own = own_row[:, None] & (offs_n[None, :] <= p[:, None]) & (~is_mark | (offs_n[None, :] == p[:, None]))
         own = own & (offs_n < S)[None, :]
         if HAS_KPM:
-            own = own & ~pad
-        so = tl.where(own, s, float("-inf"))
+            own = own & ~pad1[None, :]
+        so = tl.where(own, s * qk_scale, float("-inf"))
         cand = tl.where(own_row, tl.max(so, 1), t)
     else:
         cand = t
@@ -180,23 +247,34 @@ def _landmark_fwd_kernel(
     T,
     S,
     q_offset,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
     HAS_KPM: tl.constexpr,
     IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows (most key blocks) first: a shorter tail
     bh = tl.program_id(1)
     b = bh // H
+    h = bh % H
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_bs = tl.arange(0, BS)
-    q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
-    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
-    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     kpm_ptr = KPM + b.to(tl.int64) * S
-    q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM)
+    q = _load(Q + q_off, offs_m, T, stride_qn, offs_d)
     p = offs_m + q_offset
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -205,48 +283,16 @@ def _landmark_fwd_kernel(
     last_blk = (tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset) // BS
     for kb in range(0, first_blk):  # blocks before every row's own block: gated
         acc, m_i, l_i = _fwd_step(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            kb,
-            p,
-            offs_bs,
-            offs_d,
-            S,
-            qk_scale,
-            kpm_ptr,
-            HAS_KPM,
-            False,
-            IEEE,
-            BS,
-            HEAD_DIM,
-        )
+            acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale, kpm_ptr,
+            HAS_KPM, False, IEEE, GATE_DOT, BS,
+        )  # fmt: skip
     for kb in range(first_blk, last_blk + 1):  # the rows' own blocks: causal for some rows, gated for others
         acc, m_i, l_i = _fwd_step(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            kb,
-            p,
-            offs_bs,
-            offs_d,
-            S,
-            qk_scale,
-            kpm_ptr,
-            HAS_KPM,
-            True,
-            IEEE,
-            BS,
-            HEAD_DIM,
-        )
+            acc, m_i, l_i, q, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale, kpm_ptr,
+            HAS_KPM, True, IEEE, GATE_DOT, BS,
+        )  # fmt: skip
     out, lse = _finish(acc, m_i, l_i)
-    _store_rows(Out + bh.to(tl.int64) * T * HEAD_DIM, out, offs_m, T, offs_d, HEAD_DIM)
+    _store(Out + q_off, out, offs_m, T, stride_qn, offs_d)
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -264,22 +310,27 @@ def _dq_step(
     offs_bs,
     offs_d,
     S,
+    stride_kn,
+    stride_vn,
     qk_scale,
     kpm_ptr,
     HAS_KPM: tl.constexpr,
     MIXED: tl.constexpr,
     IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
     BS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
 ):
     n0 = kb * BS
     offs_n = n0 + offs_bs
-    k = _load_rows(k_base, offs_n, S, offs_d, HEAD_DIM)
-    v = _load_rows(v_base, offs_n, S, offs_d, HEAD_DIM)
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    w, a, P, own_row, is_mark = _tile_weights(s, p, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED, BS, 1)
+    k = _load(k_base, offs_n, S, stride_kn, offs_d)
+    v = _load(v_base, offs_n, S, stride_vn, offs_d)
+    s = _dot(q, tl.trans(k), IEEE)
+    w, e, r, P, own_row, is_mark = _tile_weights(
+        s, q, k_base, p, offs_n, offs_d, n0, S, stride_kn, lse2, qk_scale, kpm_ptr, HAS_KPM, MIXED, IEEE, GATE_DOT,
+        BS, 1,
+    )  # fmt: skip
     dp = _dot(do, tl.trans(v), IEEE)
-    ds = _tile_ds(w, a, P, own_row, is_mark, dp, delta, MIXED, 1)
+    ds = _tile_ds(w, e, r, P, own_row, is_mark, dp, delta, MIXED, 1)
     return dq + _dot(ds.to(k.dtype), k, IEEE)
 
 
@@ -301,26 +352,41 @@ def _landmark_dq_kernel(
     T,
     S,
     q_offset,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_gb,
+    stride_gh,
+    stride_gn,
     HAS_KPM: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows (most key blocks) first: a shorter tail
     bh = tl.program_id(1)
     b = bh // H
+    h = bh % H
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_bs = tl.arange(0, BS)
-    q_off = bh.to(tl.int64) * T * HEAD_DIM
-    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
-    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_off = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     kpm_ptr = KPM + b.to(tl.int64) * S
-    q = _load_rows(Q + q_off, offs_m, T, offs_d, HEAD_DIM)
-    do = _load_rows(DO + q_off, offs_m, T, offs_d, HEAD_DIM)
-    o = _load_rows(Out + q_off, offs_m, T, offs_d, HEAD_DIM)
+    q = _load(Q + q_off, offs_m, T, stride_qn, offs_d)
+    do = _load(DO + do_off, offs_m, T, stride_gn, offs_d)
+    o = _load(Out + q_off, offs_m, T, stride_qn, offs_d)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
@@ -333,49 +399,15 @@ def _landmark_dq_kernel(
     last_blk = (tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset) // BS
     for kb in range(0, first_blk):
         dq = _dq_step(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            kb,
-            p,
-            offs_bs,
-            offs_d,
-            S,
-            qk_scale,
-            kpm_ptr,
-            HAS_KPM,
-            False,
-            IEEE,
-            BS,
-            HEAD_DIM,
-        )
+            dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale,
+            kpm_ptr, HAS_KPM, False, IEEE, GATE_DOT, BS,
+        )  # fmt: skip
     for kb in range(first_blk, last_blk + 1):
         dq = _dq_step(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            kb,
-            p,
-            offs_bs,
-            offs_d,
-            S,
-            qk_scale,
-            kpm_ptr,
-            HAS_KPM,
-            True,
-            IEEE,
-            BS,
-            HEAD_DIM,
-        )
-    _store_rows(DQ + q_off, dq * sm_scale, offs_m, T, offs_d, HEAD_DIM)
+            dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale,
+            kpm_ptr, HAS_KPM, True, IEEE, GATE_DOT, BS,
+        )  # fmt: skip
+    _store(DQ + q_off, dq * sm_scale, offs_m, T, stride_qn, offs_d)
 
 
 @triton.jit
@@ -384,6 +416,7 @@ def _dkdv_step(
     dv,
     k,
     v,
+    k_base,
     q_base,
     do_base,
     Lse,
@@ -396,31 +429,46 @@ def _dkdv_step(
     offs_d,
     T,
     S,
+    stride_qn,
+    stride_gn,
+    stride_kn,
     q_offset,
     qk_scale,
     kpm_ptr,
     HAS_KPM: tl.constexpr,
     MIXED: tl.constexpr,
     IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
+    KEYS_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
 ):
     offs_m = qt * BLOCK_M + offs_mb
-    q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM)
-    do = _load_rows(do_base, offs_m, T, offs_d, HEAD_DIM)
+    q = _load(q_base, offs_m, T, stride_qn, offs_d)
+    do = _load(do_base, offs_m, T, stride_gn, offs_d)
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     lse2 = _lse2(lse)
-    # transposed tiles (keys, queries): the weights feed dv and dk as the first operand without a transpose
-    sT = _dot(k, tl.trans(q), IEEE) * qk_scale
-    wT, aT, P, own_row, is_mark = _tile_weights(
-        sT, offs_m + q_offset, offs_n, n0, S, lse2, kpm_ptr, HAS_KPM, MIXED, BS, 0
-    )
-    dpT = _dot(v, tl.trans(do), IEEE)
-    dsT = _tile_ds(wT, aT, P, own_row, is_mark, dpT, delta, MIXED, 0)
-    dv += _dot(wT.to(do.dtype), do, IEEE)
-    dk += _dot(dsT.to(q.dtype), q, IEEE)
+    if KEYS_FIRST:  # (keys, queries) tiles: the weights feed dv and dk as they are; key reductions cross warps
+        sT = _dot(k, tl.trans(q), IEEE)
+        wT, eT, r, P, own_row, is_mark = _tile_weights(
+            sT, q, k_base, offs_m + q_offset, offs_n, offs_d, n0, S, stride_kn, lse2, qk_scale, kpm_ptr, HAS_KPM,
+            MIXED, IEEE, False, BS, 0,
+        )  # fmt: skip
+        dpT = _dot(v, tl.trans(do), IEEE)
+        dsT = _tile_ds(wT, eT, r, P, own_row, is_mark, dpT, delta, MIXED, 0)
+        dv += _dot(wT.to(do.dtype), do, IEEE)
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
+    else:  # (queries, keys) tiles: key reductions inside a warp; the weights are transposed into the dots
+        s = _dot(q, tl.trans(k), IEEE)
+        w, e, r, P, own_row, is_mark = _tile_weights(
+            s, q, k_base, offs_m + q_offset, offs_n, offs_d, n0, S, stride_kn, lse2, qk_scale, kpm_ptr, HAS_KPM,
+            MIXED, IEEE, GATE_DOT, BS, 1,
+        )  # fmt: skip
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = _tile_ds(w, e, r, P, own_row, is_mark, dp, delta, MIXED, 1)
+        dv += _dot(tl.trans(w.to(do.dtype)), do, IEEE)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     return dk, dv
 
 
@@ -441,25 +489,41 @@ def _landmark_dkdv_kernel(
     T,
     S,
     q_offset,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_gb,
+    stride_gh,
+    stride_gn,
     HAS_KPM: tl.constexpr,
     IEEE: tl.constexpr,
+    GATE_DOT: tl.constexpr,
+    KEYS_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    kb = tl.program_id(0)
+    kb = tl.program_id(0)  # the first blocks (seen by the most query tiles) first: a shorter tail
     bh = tl.program_id(1)
     b = bh // H
+    h = bh % H
     n0 = kb * BS
     offs_n = n0 + tl.arange(0, BS)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
-    q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
-    do_base = DO + bh.to(tl.int64) * T * HEAD_DIM
-    kv_off = bh.to(tl.int64) * S * HEAD_DIM
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
+    k_off = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     kpm_ptr = KPM + b.to(tl.int64) * S
-    k = _load_rows(K + kv_off, offs_n, S, offs_d, HEAD_DIM)
-    v = _load_rows(V + kv_off, offs_n, S, offs_d, HEAD_DIM)
+    k = _load(K + k_off, offs_n, S, stride_kn, offs_d)
+    v = _load(V + v_off, offs_n, S, stride_vn, offs_d)
     dk = tl.zeros([BS, HEAD_DIM], tl.float32)
     dv = tl.zeros([BS, HEAD_DIM], tl.float32)
     # queries at positions >= n0 see this block: those of this block (own), later ones (gated)
@@ -469,59 +533,15 @@ def _landmark_dkdv_kernel(
     mid = tl.minimum(tl.cdiv(q_gated, BLOCK_M), tl.cdiv(T, BLOCK_M))  # tiles from here hold gated rows only
     for qt in range(start, mid):
         dk, dv = _dkdv_step(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            Lse,
-            Delta,
-            bh,
-            qt,
-            n0,
-            offs_n,
-            offs_mb,
-            offs_d,
-            T,
-            S,
-            q_offset,
-            qk_scale,
-            kpm_ptr,
-            HAS_KPM,
-            True,
-            IEEE,
-            BLOCK_M,
-            BS,
-            HEAD_DIM,
-        )
+            dk, dv, k, v, K + k_off, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S,
+            stride_qn, stride_gn, stride_kn, q_offset, qk_scale, kpm_ptr, HAS_KPM, True, IEEE, GATE_DOT, KEYS_FIRST,
+            BLOCK_M, BS,
+        )  # fmt: skip
     for qt in range(tl.maximum(mid, start), tl.cdiv(T, BLOCK_M)):
         dk, dv = _dkdv_step(
-            dk,
-            dv,
-            k,
-            v,
-            q_base,
-            do_base,
-            Lse,
-            Delta,
-            bh,
-            qt,
-            n0,
-            offs_n,
-            offs_mb,
-            offs_d,
-            T,
-            S,
-            q_offset,
-            qk_scale,
-            kpm_ptr,
-            HAS_KPM,
-            False,
-            IEEE,
-            BLOCK_M,
-            BS,
-            HEAD_DIM,
-        )
-    _store_rows(DK + kv_off, dk * sm_scale, offs_n, S, offs_d, HEAD_DIM)
-    _store_rows(DV + kv_off, dv, offs_n, S, offs_d, HEAD_DIM)
+            dk, dv, k, v, K + k_off, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S,
+            stride_qn, stride_gn, stride_kn, q_offset, qk_scale, kpm_ptr, HAS_KPM, False, IEEE, GATE_DOT, KEYS_FIRST,
+            BLOCK_M, BS,
+        )  # fmt: skip
+    _store(DK + k_off, dk * sm_scale, offs_n, S, stride_kn, offs_d)
+    _store(DV + v_off, dv, offs_n, S, stride_vn, offs_d)

@@ -152,33 +152,65 @@ def landmark_blocks_torch(
 
 # -- the Triton path ----------------------------------------------------------------------------------
 def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
-    """Launch parameters of the three kernels (query tile ``BLOCK_M``; the key tile is one landmark block)."""
+    """Launch parameters of the three kernels: the query tile ``BLOCK_M`` (the key tile is one landmark block),
+    warps, pipeline stages, and the kernels' layout switches ``GATE_DOT`` / ``KEYS_FIRST`` (see
+    ``_triton_landmark``); ``benchmarks/landmark_gpu.py`` times the alternatives."""
     wide = dtype == torch.float32 and block_size * head_dim > 64 * 64  # fp32 tiles of 8192: spread over 8 warps
     stages = 1 if wide else 3
     small = block_size <= 64 and head_dim <= 64 and dtype != torch.float32
-    long_rows = dict(BLOCK_M=128, num_warps=8, num_stages=stages)
-    short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages)
-    # forward: 4 warps on the 128-row tile (0.94 vs 1.10 ms at 8k, H200; benchmarks/landmark_tune_gpu.py)
+    long_rows = dict(BLOCK_M=128, num_warps=8, num_stages=stages, GATE_DOT=False)
+    short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages, GATE_DOT=False)
+    # H200, bf16, d 64, block 64 (benchmarks/landmark_tune_gpu.py, landmark_gpu.py): forward 4 warps on 128 rows
+    # (0.94 vs 1.10 ms at 8k); dq 64 rows on 4 warps (backward 2.86 vs 3.03 ms at 8k, 43.1 vs 46.7 at 32k with
+    # 128 rows on 8); dk/dv 64 query rows on 4 warps, queries first (3.03 vs 5.40 keys first, 3.36 with 128 rows)
     return dict(
         fwd=dict(long_rows, num_warps=4) if small else short_rows,
-        dq=long_rows if small else short_rows,
-        dkdv=dict(short_rows, BLOCK_M=128) if block_size < 64 else short_rows,
+        dq=short_rows,
+        dkdv=dict(short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False),
     )
+
+
+def _dense(x: Tensor) -> bool:
+    """Whether ``x`` is a permutation of a contiguous tensor with unit stride along its last dim (the kernels
+    read any such layout, and outputs allocated with its strides cover the same memory)."""
+    if x.stride(-1) != 1:
+        return False
+    expected = 1
+    for i in sorted(range(x.dim()), key=x.stride):
+        if x.shape[i] != 1 and x.stride(i) != expected:
+            return False
+        expected *= x.shape[i]
+    return True
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` itself if the kernels can read it in place (dense, and row offsets ``n * stride(2)`` that fit the
+    kernels' int32 arithmetic), else a contiguous copy."""
+    return x if _dense(x) and x.shape[2] * x.stride(2) < 2**31 else x.contiguous()
+
+
+def _like(x: Tensor) -> Tensor:
+    """An uninitialised tensor with ``x``'s shape, dtype and strides (``x`` dense: see ``_dense``)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _strides(x: Tensor) -> Tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def _kpm_arg(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
     if kpm is None:
-        return torch.zeros(1, dtype=torch.uint8, device=q.device), False
+        return q, False  # never read (HAS_KPM=False): any pointer does, no allocation
     return kpm.to(torch.uint8).contiguous(), True
 
 
 def _triton_forward(q, k, v, kpm, bs, scale):
     from . import _triton_landmark as tl_
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _rows(q), _rows(k), _rows(v)
     B, H, T, D = q.shape
     S = k.shape[2]
-    out = torch.empty_like(q)
+    out = _like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     cfg = landmark_config(bs, D, q.dtype)["fwd"]
@@ -195,6 +227,9 @@ def _triton_forward(q, k, v, kpm, bs, scale):
         T,
         S,
         S - T,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
         HAS_KPM=has_kpm,
         IEEE=q.dtype == torch.float32,
         BS=bs,
@@ -207,16 +242,20 @@ def _triton_forward(q, k, v, kpm, bs, scale):
 def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     from . import _triton_landmark as tl_
 
-    q, k, v, do, out, lse = (x.contiguous() for x in (q, k, v, do, out, lse))
+    q, k, v, do = _rows(q), _rows(k), _rows(v), _rows(do)
+    if out.stride() != q.stride():
+        out = _like(q).copy_(out)  # the kernels read out with q's strides (it was allocated so)
+    lse = lse.contiguous()
     B, H, T, D = q.shape
     S = k.shape[2]
     has_dlse = dlse is not None
     dlse = dlse.contiguous() if has_dlse else lse
     delta = torch.empty_like(lse)
     kpm_t, has_kpm = _kpm_arg(kpm, q)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _like(q), _like(k), _like(v)
     cfgs = landmark_config(bs, D, q.dtype)
     flags = dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     c = cfgs["dq"]
     tl_._landmark_dq_kernel[(-(-T // c["BLOCK_M"]), B * H)](
         q,
@@ -235,13 +274,15 @@ def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
         T,
         S,
         S - T,
+        *strides,
         HAS_DLSE=has_dlse,
         **flags,
         **c,
     )
     tl_._landmark_dkdv_kernel[(-(-S // bs), B * H)](
-        q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, **flags, **cfgs["dkdv"]
-    )
+        q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, *strides, **flags,
+        **cfgs["dkdv"],
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -255,7 +296,7 @@ def triton_landmark(
 
 @triton_landmark.register_fake
 def _(q, k, v, key_padding_mask, block_size, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _like(_rows(q)), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("efficient_attention::triton_landmark_bwd", mutates_args=())
@@ -276,7 +317,7 @@ def triton_landmark_bwd(
 
 @triton_landmark_bwd.register_fake
 def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _like(_rows(q)), _like(_rows(k)), _like(_rows(v))
 
 
 # -- the one autograd wiring of both backends ------------------------------------------------------------------
@@ -293,7 +334,7 @@ class _LandmarkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, q, k, v, kpm, bs, scale):
         if backend == "triton":
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # saved as the kernels read them
+            q, k, v = _rows(q), _rows(k), _rows(v)  # saved as the kernels read them (head views need no copy)
         fwd, _ = _landmark_ops(backend)
         out, lse = fwd(q, k, v, kpm, bs, scale)
         ctx.set_materialize_grads(False)
