@@ -305,6 +305,20 @@ class BlockMask:
             kv_len=self.kv_len,
         )
 
+    def with_causal(self) -> "BlockMask":
+        """This mask with the kernels' causal rule on top (itself when it has it)."""
+        if self.causal:
+            return self
+        return BlockMask(
+            self.layout,
+            self.block_size,
+            causal=True,
+            tile_index=self.tile_index,
+            tiles=self.tiles,
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+        )
+
     def to(self, device) -> "BlockMask":
         device = torch.device(device)
         if self.device == device:
@@ -492,17 +506,7 @@ def as_block_mask(
     if isinstance(mask, BlockMask):
         if block_size is not None and int(block_size) != mask.block_size:
             raise ValueError(f"block_size {block_size} differs from the block mask's {mask.block_size}")
-        bm = mask
-        if causal and not bm.causal:
-            bm = BlockMask(
-                bm.layout,
-                bm.block_size,
-                causal=True,
-                tile_index=bm.tile_index,
-                tiles=bm.tiles,
-                q_len=bm.q_len,
-                kv_len=bm.kv_len,
-            )
+        bm = mask.with_causal() if causal else mask
     elif isinstance(mask, Tensor):
         if block_size is None:
             raise ValueError("block_size is needed with a layout tensor")

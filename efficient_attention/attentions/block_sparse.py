@@ -21,9 +21,9 @@ from .. import layouts
 from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities
+from ..kernels.ops import block_mask_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
-from ..sparse.block_sparse import block_layout_attention
 
 __all__ = ["BlockSparseAttention", "BigBirdAttention"]
 
@@ -113,7 +113,7 @@ class BlockSparseAttention(EfficientAttention):
             layouts.make_mask_mod(
                 layout, heads=self.num_heads, block_size=block_size, causal=self.causal, **self.pattern_kw
             )
-        self._masks: Dict[Tuple[int, int, str], BlockMask] = {}
+        self._masks: Dict[Tuple[int, int, Any], BlockMask] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -121,44 +121,35 @@ class BlockSparseAttention(EfficientAttention):
         return state
 
     def block_mask(self, n: int, device=None, q_block_start: int = 0) -> BlockMask:
-        """The :class:`BlockMask` for ``n`` positions (rows from query block ``q_block_start`` on; cached)."""
-        key = (n, q_block_start, str(device))
+        """The :class:`BlockMask` for ``n`` positions (rows from query block ``q_block_start`` on).
+
+        Built once per ``(n, q_block_start, device)`` on that device (a few recent ones are kept): a training
+        step at a length seen before does no mask work, no host-device copy and no synchronisation."""
+        key = (n, q_block_start, device)
         hit = self._masks.get(key)
         if hit is not None:
             return hit
+        with torch.no_grad():
+            bm = self._build_block_mask(n, device, q_block_start)
+        if self.causal:
+            bm = bm.with_causal()  # (every causal pattern has the rule already; a user layout gets it here)
+        if len(self._masks) > 8:
+            self._masks.clear()
+        self._masks[key] = bm
+        return bm
+
+    def _build_block_mask(self, n: int, device, q_block_start: int) -> BlockMask:
         bs, nb = self.block_size, -(-n // self.block_size)
         if self._user_layout is not None:
             if self._user_layout.shape[1] < nb:
                 raise ValueError(
                     f"sequence of {n} positions needs {nb} blocks; the layout has {self._user_layout.shape[1]}"
                 )
-            bm = BlockMask.from_layout(self._user_layout[:, q_block_start:nb, :nb].to(device), bs, causal=self.causal)
-        elif self.layout in layouts.BLOCK_LEVEL_PATTERNS:
-            bm = BlockMask.from_pattern(
-                self.layout,
-                n,
-                bs,
-                self.num_heads,
-                causal=self.causal,
-                device=device,
-                q_block_start=q_block_start,
-                **self.block_kw,
-            )
-        else:
-            bm = BlockMask.from_pattern(
-                self.layout,
-                n,
-                bs,
-                self.num_heads,
-                causal=self.causal,
-                device=device,
-                q_block_start=q_block_start,
-                **self.pattern_kw,
-            )
-        if len(self._masks) > 8:
-            self._masks.clear()
-        self._masks[key] = bm
-        return bm
+            return BlockMask.from_layout(self._user_layout[:, q_block_start:nb, :nb].to(device), bs, causal=self.causal)
+        kw = self.block_kw if self.layout in layouts.BLOCK_LEVEL_PATTERNS else self.pattern_kw
+        return BlockMask.from_pattern(
+            self.layout, n, bs, self.num_heads, causal=self.causal, device=device, q_block_start=q_block_start, **kw
+        )
 
     def full_layout(self, n: int, device=None) -> Tensor:
         """The block layout ``(H or 1, ceil(n/bs), ceil(n/bs))`` used for length ``n``."""
@@ -174,20 +165,14 @@ class BlockSparseAttention(EfficientAttention):
         # decoding (queries after a cached prefix): the rows of the query blocks at the length rounded up to
         # a whole block, so the steps inside one block share one mask (kept blocks, tiles and kernel tables)
         n = -(-src_len // bs) * bs if off else src_len
-        with torch.no_grad():
-            bm = self.block_mask(n, q.device, q_block_start=start // bs)
+        bm = self.block_mask(n, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0
-        out = block_layout_attention(
-            qp,
-            k,
-            v,
-            bm,
-            causal=self.causal,
-            key_padding_mask=masks.key_padding,
-            scale=self.scaling,
-            dropout_p=dropout,
+        # the mask was built for exactly these lengths and the inputs were checked by forward(): straight to
+        # the kernels' dispatch (the host work of a training step is the launches)
+        out, _ = block_mask_attention(
+            qp, k, v, bm, key_padding_mask=masks.key_padding, scale=self.scaling, dropout_p=dropout
         )
-        return out[:, :, off - start :], None
+        return (out[:, :, off - start :] if off > start else out), None
 
 
 @register_attention("bigbird", "big_bird")

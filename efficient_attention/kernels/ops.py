@@ -26,6 +26,7 @@ from .dispatch import Dispatcher
 __all__ = [
     "sliding_window_attention",
     "block_sparse_attention",
+    "block_mask_attention",
     "check_inputs",
     "sliding_window_kernel",
     "block_sparse_kernel",
@@ -402,5 +403,25 @@ def block_sparse_attention(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
     bm = as_block_mask(mask, heads, tgt_len, src_len, block_size, causal)
+    return block_mask_attention(
+        q, k, v, bm, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p, backend=backend
+    )
+
+
+def block_mask_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bm: BlockMask,
+    *,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`block_sparse_attention` without its argument checks, for callers that built ``bm`` for exactly
+    these inputs (the attention modules, whose inputs ``EfficientAttention.forward`` checks, and which build
+    each mask once per length): per call only the backend decision (a cached lookup) and the kernels run.
+    ``bm.causal`` decides the causal rule.  Returns ``(out (B, H, T, dv), lse (B, H, T))``."""
     impl = BLOCK_SPARSE.select(backend, q, k, v, dropout_p=dropout_p, block_size=bm.block_size)
     return impl.run(q, k, v, bm, key_padding_mask, scale, dropout_p)
