@@ -1,14 +1,18 @@
 """The sparse family on the GPU: BlockMask kernels checked against float64, then timed (issue 14).
 
-    python benchmarks/sparse_gpu.py --out DIR
+    python benchmarks/sparse_gpu.py --out DIR          # at most ~85 s on an H200 (--budget)
 
 1. Module level, CAB's efficiency setting: self-attention on ``(L, B=4, 512)``, 8 heads of 64,
-   bf16 autocast, causal, forward + backward, time and peak memory, for L in 1k .. 32k:
-   causal SDPA (``vanilla``), ``block_sparse`` with the ``fixed`` layout at block 64 and 128,
-   ``dilated`` (default branches), ``blockwise``.
+   fp32 weights under bf16 autocast, train mode, causal, forward + backward (``loss = out.sum()``),
+   at L = 1k, 4k, 8k: causal SDPA (``vanilla``), ``block_sparse`` with the ``fixed`` layout at block
+   64 / 128 (``benchmarks/mechanisms_gpu.py``'s options) and at its defaults (block 16), ``bigbird``,
+   ``dilated``.  Per point: ``ms`` (median of single steps, each from an idle GPU: what
+   ``mechanisms_gpu.py`` reports), ``host`` (ms per step of 20 steps queued back to back: the
+   host's own time when it is the bottleneck), peak MiB, the ATen ops of one step, and whether a
+   step ran under ``torch.cuda.set_sync_debug_mode("error")`` (no host-device synchronisation).
 2. Checks: the Triton block-sparse kernels on block masks with partial blocks (token tiles, the
-   causal rule, a 16-block mask run as 64-blocks, 128-blocks) and dilated attention, forward and
-   gradients, against the float64 reference path.
+   causal rule, a 16-block mask run as 64-blocks, 128-blocks), on inputs in the time-first layout
+   the modules pass, and dilated attention, forward and gradients, against the float64 reference.
 3. Op level: the ``fixed`` layout at block sizes 16 and 32 on our kernels against compiled
    FlexAttention with the same token mask.
 
@@ -21,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,8 +41,8 @@ from efficient_attention.block_mask import BlockMask  # noqa: E402
 from efficient_attention.kernels import block_sparse_attention, choose_backend, reference  # noqa: E402
 from efficient_attention.sparse.dilated import dilated_attention, dilated_attention_reference  # noqa: E402
 
-LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
-FLEX_LENGTHS = (4096, 16384, 1024)  # each shape compiles FlexAttention again: the telling lengths first
+LENGTHS = (1024, 4096, 8192)
+FLEX_LENGTHS = (8192, 4096)  # each shape compiles FlexAttention again (~10 s): the telling length first
 B, E, H = 4, 512, 8
 FIXED = {
     64: dict(local_attn_ctx=5 * 64, vertsize=1),
@@ -62,10 +68,13 @@ def grads(out, lse, inputs):
     return torch.autograd.grad(loss, inputs)
 
 
-def check_case(name, run, ref_run, dtype, T=777, d=64, heads=4):
+def check_case(name, run, ref_run, dtype, T=777, d=64, heads=4, time_first=False):
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = [torch.randn(2, heads, T, d, generator=g, device="cuda", dtype=torch.float64) for _ in range(3)]
-    low = [x.to(dtype).requires_grad_() for x in qkv]
+    if time_first:  # (B, H, T, d) views of (T, B, H, d) memory, as split_heads passes them
+        low = [x.permute(2, 0, 1, 3).to(dtype).contiguous().permute(1, 2, 0, 3).requires_grad_() for x in qkv]
+    else:
+        low = [x.to(dtype).requires_grad_() for x in qkv]
     hi = [x.clone().requires_grad_() for x in qkv]
     kpm = torch.zeros(2, T, dtype=torch.bool, device="cuda")
     kpm[1, -7:] = True
@@ -77,6 +86,8 @@ def check_case(name, run, ref_run, dtype, T=777, d=64, heads=4):
     tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}[dtype]
     ok = all(e < (tol if k in ("out", "lse") else 3 * tol) for k, e in errs.items())
     backend = choose_backend("block_sparse", low[0], low[1], low[2], block_size=64)
+    if time_first and backend == "triton":
+        ok = ok and out.stride() == low[0].stride()  # the Triton kernels write the output in the input's layout
     return dict(
         case=name,
         dtype=str(dtype).replace("torch.", ""),
@@ -93,13 +104,14 @@ def checks(deadline):
     sliding = BlockMask.from_pattern("sliding", T, 128, 4, causal=False, window=100)
     fixed16 = BlockMask.from_pattern("fixed", T, 16, 4, causal=True, local_attn_ctx=80)
     cases = [
-        ("strided bs64 causal (tiles)", strided, torch.bfloat16),
-        ("sliding bs128 (tiles)", sliding, torch.bfloat16),
-        ("fixed bs16 -> 64-blocks (tiles)", fixed16, torch.bfloat16),
-        ("strided bs64 causal (tiles)", strided, torch.float16),
+        ("strided bs64 causal (tiles)", strided, torch.bfloat16, False),
+        ("strided bs64 causal, time-first", strided, torch.bfloat16, True),
+        ("sliding bs128 (tiles)", sliding, torch.bfloat16, False),
+        ("fixed bs16 -> 64-blocks (tiles)", fixed16, torch.bfloat16, False),
+        ("strided bs64 causal (tiles)", strided, torch.float16, False),
     ]
     rows = []
-    for name, bm, dtype in cases:
+    for name, bm, dtype, tf in cases:
         if time.time() > deadline:
             rows.append(dict(case=name, dtype=str(dtype).replace("torch.", ""), error="skipped (time budget)"))
             continue
@@ -110,6 +122,7 @@ def checks(deadline):
                 lambda q, k, v, kpm, bm=bm: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
                 lambda q, k, v, kpm, bm=bm: reference.block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
                 dtype,
+                time_first=tf,
             )
         )
         print(rows[-1], flush=True)
@@ -130,24 +143,51 @@ def checks(deadline):
     return rows
 
 
-def bench(fn, warmup=2, rep=5):
-    """(ms per call, peak MiB above what was allocated before) of ``fn`` (a forward + backward)."""
+def bench(fn, warmup=3, rep=10):
+    """ms of one call from an idle GPU (median of ``rep``, each synchronised before and after: what
+    ``mechanisms_gpu.py`` measures), ms per call of ``rep`` calls queued back to back (the host's time
+    when it is the bottleneck), and the peak MiB above what was allocated before."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2 * rep):
+        fn()
+    torch.cuda.synchronize()
+    queued = (time.perf_counter() - t0) * 1e3 / (2 * rep)
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(rep):
-        fn()
-    end.record()
+    fn()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / rep, (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return statistics.median(times), queued, peak
+
+
+class CountOps(TorchDispatchMode):
+    """ATen ops run inside the mode (each one or more launches), and host syncs (``_local_scalar_dense``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
 
 
 def module_step(name, L, **opts):
-    m = ea.build_attention(name, embed_dim=E, num_heads=H, causal=True, **opts).cuda()
+    m = ea.build_attention(name, embed_dim=E, num_heads=H, causal=True, self_attention=True, **opts).cuda().train()
     x = torch.randn(L, B, E, device="cuda", requires_grad=True)
 
     def step():
@@ -161,26 +201,44 @@ def module_step(name, L, **opts):
     return m, step
 
 
+def sync_free(step) -> str:
+    """ "yes" when a step runs under set_sync_debug_mode("error"), else the error (a host-device sync)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "yes"
+    except RuntimeError as exc:
+        return f"NO: {str(exc)[:80]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+MODULES = [
+    ("vanilla (causal SDPA)", "vanilla", {}),
+    ("block_sparse fixed bs64", "block_sparse", dict(block_size=64, local_attn_ctx=1024)),
+    ("block_sparse fixed bs128", "block_sparse", dict(block_size=128, local_attn_ctx=2048)),
+    ("block_sparse defaults bs16", "block_sparse", {}),
+    ("bigbird", "bigbird", {}),
+    ("dilated", "dilated", {}),
+]
+
+
 def module_rows(lengths, deadline):
-    configs = [
-        ("vanilla (causal SDPA)", "vanilla", {}),
-        ("block_sparse fixed bs64", "block_sparse", dict(layout="fixed", block_size=64, **FIXED[64])),
-        ("block_sparse fixed bs128", "block_sparse", dict(layout="fixed", block_size=128, **FIXED[128])),
-        ("dilated default", "dilated", {}),
-        ("blockwise", "blockwise", {}),
-    ]
     rows = []
     for L in lengths:
-        for label, name, opts in configs:
+        for label, name, opts in MODULES:
             row = dict(part="module", L=L, mechanism=label)
             if time.time() > deadline:
                 rows.append(dict(row, error="skipped (time budget)"))
                 continue
             try:
                 m, step = module_step(name, L, **opts)
-                ms, mib = bench(step)
-                row.update(ms=round(ms, 3), peak_mib=round(mib, 1))
-                if name == "block_sparse":
+                ms, host, mib = bench(step)
+                with CountOps() as ops:
+                    step()
+                row.update(ms=round(ms, 3), host_ms=round(host, 3), peak_mib=round(mib, 1), aten=ops.count)
+                row["sync_free"] = sync_free(step) if ops.syncs == 0 else f"NO: {ops.syncs} .item()/.tolist()"
+                if name in ("block_sparse", "bigbird"):
                     dev = torch.device("cuda", torch.cuda.current_device())
                     row["sparsity"] = round(m.block_mask(L, dev).sparsity(), 3)
                 del m, step
@@ -223,9 +281,10 @@ def flex_rows(lengths, deadline):
                 def sdpa():
                     torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-                ms, mib = bench(ours)
-                fms, fmib = bench(theirs)
-                sms, smib = bench(sdpa)
+                # back-to-back calls: the kernels' throughput once the GPU is the bottleneck
+                _, ms, mib = bench(ours)
+                _, fms, fmib = bench(theirs)
+                _, sms, _ = bench(sdpa)
                 row.update(
                     ms=round(ms, 3),
                     peak_mib=round(mib, 1),
@@ -233,6 +292,7 @@ def flex_rows(lengths, deadline):
                     flex_peak_mib=round(fmib, 1),
                     sdpa_ms=round(sms, 3),
                     sparsity=round(bm.sparsity(), 3),
+                    run_sparsity=round(bm.coarsened(64).sparsity(), 3),
                     ours_over_flex=round(ms / fms, 3),
                 )
             except Exception as exc:
@@ -247,7 +307,7 @@ def flex_rows(lengths, deadline):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--budget", type=float, default=75.0, help="seconds; later points are skipped")
+    ap.add_argument("--budget", type=float, default=85.0, help="seconds; later points are skipped")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -256,7 +316,7 @@ def main() -> int:
     t0 = time.time()
     device = torch.cuda.get_device_name()
     # the module-level targets first, then the correctness checks, then FlexAttention (compiles per shape)
-    rows = module_rows(LENGTHS, t0 + 0.45 * args.budget)
+    rows = module_rows(LENGTHS, t0 + 0.55 * args.budget)  # the first length compiles the kernels' variants
     check = checks(t0 + 0.7 * args.budget)
     print(f"module rows and checks done in {time.time() - t0:.0f} s", flush=True)
     rows += flex_rows(FLEX_LENGTHS, t0 + args.budget)
@@ -272,25 +332,35 @@ def main() -> int:
             f"  {'ok  ' if c['ok'] else 'FAIL'} {c['case']:<38} {c['dtype']:<9} {c['backend']:<9} "
             + " ".join(f"{k}={c[k]:.1e}" for k in ("out", "lse", "dq", "dk", "dv"))
         )
-    print("\nmodule level (B=4, E=512, H=8, bf16, causal, fwd+bwd): ms / peak MiB")
-    by = {}
-    for r in rows:
-        if r["part"] == "module":
-            by.setdefault(r["mechanism"], {})[r["L"]] = r
-    print(f"  {'mechanism':<26}" + "".join(f"{L:>16}" for L in LENGTHS))
-    for mech, pts in by.items():
-        cells = []
-        for L in LENGTHS:
-            r = pts.get(L, {})
-            cells.append(f"{r['ms']:.2f}/{r['peak_mib']:.0f}" if "ms" in r else (r.get("error", "-")[:14]))
-        print(f"  {mech:<26}" + "".join(f"{c:>16}" for c in cells))
+    print(
+        "\nmodule level (B=4, E=512, H=8, bf16 autocast, causal, fwd+bwd): ms from an idle GPU (SDPA/ours) | "
+        "host ms per queued step | peak MiB | ATen ops | sync-free"
+    )
+    base = {
+        r["L"]: r["ms"] for r in rows if r["part"] == "module" and r["mechanism"].startswith("vanilla") and "ms" in r
+    }
+    for L in LENGTHS:
+        for r in rows:
+            if r["part"] != "module" or r["L"] != L:
+                continue
+            if "ms" not in r:
+                print(f"  L={L:>5} {r['mechanism']:<27} {r.get('error', '-')}")
+                continue
+            ratio = f"{base[L] / r['ms']:.2f}" if L in base else "-"
+            print(
+                f"  L={L:>5} {r['mechanism']:<27} {r['ms']:6.2f} ({ratio:>5}) | {r['host_ms']:6.2f} | "
+                f"{r['peak_mib']:7.0f} | {r['aten']:4d} | {r['sync_free']}"
+                + (f" | sparsity {r['sparsity']:.2f}" if "sparsity" in r else "")
+            )
     print("\nop level, fixed layout at block 16 / 32 vs compiled FlexAttention (B=4, H=8, d=64, bf16, fwd+bwd)")
     for r in rows:
         if r["part"] == "op":
             if "ms" in r:
                 print(
                     f"  L={r['L']:>6} {r['mechanism']:<12} ours {r['ms']:.2f} ms  flex {r['flex_ms']:.2f} ms  "
-                    f"(x{r['ours_over_flex']:.2f})  sdpa {r['sdpa_ms']:.2f} ms  sparsity {r['sparsity']:.2f}"
+                    f"(ours/flex {r['ours_over_flex']:.2f})  sdpa {r['sdpa_ms']:.2f} ms  sparsity {r['sparsity']:.2f} "
+                    f"(as 64-blocks {r['run_sparsity']:.2f})  peak MiB {r['peak_mib']:.0f} / "
+                    f"flex {r['flex_peak_mib']:.0f}"
                 )
             else:
                 print(f"  L={r['L']:>6} {r['mechanism']:<12} {r['error']}")
