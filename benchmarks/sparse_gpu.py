@@ -39,6 +39,11 @@ import efficient_attention as ea  # noqa: E402
 from efficient_attention import layouts  # noqa: E402
 from efficient_attention.block_mask import BlockMask  # noqa: E402
 from efficient_attention.kernels import block_sparse_attention, choose_backend, reference  # noqa: E402
+
+try:
+    from efficient_attention.kernels import triton_ops  # (needs Triton)
+except ImportError:  # reported by the dispatcher; the TMA comparison row then measures the same path
+    triton_ops = None
 from efficient_attention.sparse.dilated import dilated_attention, dilated_attention_reference  # noqa: E402
 
 LENGTHS = (1024, 4096, 8192)
@@ -216,6 +221,9 @@ def sync_free(step) -> str:
 MODULES = [
     ("vanilla (causal SDPA)", "vanilla", {}),
     ("block_sparse fixed bs64", "block_sparse", dict(block_size=64, local_attn_ctx=1024)),
+    # the same with pointer loads instead of TMA descriptors (6 per step, each built on the host and encoded at
+    # launch): what the descriptors cost where the step is host-bound
+    ("block_sparse fixed bs64 noTMA", "block_sparse", dict(block_size=64, local_attn_ctx=1024)),
     ("block_sparse fixed bs128", "block_sparse", dict(block_size=128, local_attn_ctx=2048)),
     ("block_sparse defaults bs16", "block_sparse", {}),
     ("bigbird", "bigbird", {}),
@@ -231,6 +239,9 @@ def module_rows(lengths, deadline):
             if time.time() > deadline:
                 rows.append(dict(row, error="skipped (time budget)"))
                 continue
+            tma_ok = getattr(triton_ops, "_tma_ok", None)
+            if "noTMA" in label and tma_ok is not None:
+                triton_ops._tma_ok = lambda *ts, **kw: False
             try:
                 m, step = module_step(name, L, **opts)
                 ms, host, mib = bench(step)
@@ -245,6 +256,9 @@ def module_rows(lengths, deadline):
             except Exception as exc:  # report the point and go on
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
                 traceback.print_exc()
+            finally:
+                if tma_ok is not None:
+                    triton_ops._tma_ok = tma_ok
             torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)

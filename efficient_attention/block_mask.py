@@ -108,7 +108,7 @@ class BlockMask:
                 tile_index = torch.where(self.layout, tile_index, -1).to(torch.int32)
         self.tile_index, self.tiles = tile_index, tiles
         self.q_len, self.kv_len = q_len, kv_len
-        self._tables: Dict[str, Any] = {}  # derived tables and coarsened masks, built once
+        self._tables: Dict[Any, Any] = {}  # derived tables (by device) and coarsened masks, built once
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -440,20 +440,27 @@ class BlockMask:
 
         ``row``: ``(idx (Hm, nq, nk) int32 kept columns first ascending, cnt (Hm, nq) int32, tile
         (Hm, nq, nk) int32 or None)``; ``col``: the same for the transposed layout (query blocks per key
-        block, for the dk/dv pass); ``tiles``: uint8 ``(P, bs, bs)`` or None.
+        block, for the dk/dv pass); ``tiles``: uint8 ``(P, bs, bs)`` or None; ``kernel``: all of them flat, in
+        the order :func:`efficient_attention.kernels.ops.block_sparse_kernel` takes them.
         """
-        device = torch.device(device) if device is not None else self.device
-        key = str(device)
+        hit = self._tables.get(device)  # a training step asks with the same device object kind every time
+        if hit is not None:
+            return hit
+        dev = torch.device(device) if device is not None else self.device
+        key = str(dev)
         hit = self._tables.get(key)
         if hit is None:
-            lay = self.layout.to(device)
-            ti = None if self.tile_index is None else self.tile_index.to(device)
+            lay = self.layout.to(dev)
+            ti = None if self.tile_index is None else self.tile_index.to(dev)
             hit = dict(
                 row=_table(lay, ti),
                 col=_table(lay.transpose(1, 2), None if ti is None else ti.transpose(1, 2)),
-                tiles=None if self.tiles is None else self.tiles.to(device=device, dtype=torch.uint8).contiguous(),
+                tiles=None if self.tiles is None else self.tiles.to(device=dev, dtype=torch.uint8).contiguous(),
             )
+            hit["kernel"] = (*hit["row"], *hit["col"], hit["tiles"])  # the kernels' argument order
             self._tables[key] = hit
+        if device is not None:
+            self._tables[device] = hit
         return hit
 
     def check(self, heads: int, q_len: int, kv_len: int) -> "BlockMask":

@@ -92,6 +92,9 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
 
 
 # -- the one autograd wiring of the C++ and Triton kernels -----------------------------------------------------
+_EAGER_TRITON: dict = {}  # op -> the Triton launch functions eager mode calls (imported once)
+
+
 def _kernel_ops(backend: str, op: str):
     """``(forward, backward)`` callables of ``op``'s kernels on ``backend`` ("cpp" or "triton")."""
     ops = torch.ops.efficient_attention
@@ -107,13 +110,16 @@ def _kernel_ops(backend: str, op: str):
             if op == "window"
             else (ops.triton_block_sparse, ops.triton_block_sparse_bwd)
         )
-    from . import triton_ops
+    hit = _EAGER_TRITON.get(op)
+    if hit is None:
+        from . import triton_ops
 
-    return (
-        (triton_ops.sliding_window_fwd, triton_ops.sliding_window_bwd)
-        if op == "window"
-        else (triton_ops.block_sparse_fwd, triton_ops.block_sparse_bwd)
-    )
+        hit = _EAGER_TRITON[op] = (
+            (triton_ops.sliding_window_fwd, triton_ops.sliding_window_bwd)
+            if op == "window"
+            else (triton_ops.block_sparse_fwd, triton_ops.block_sparse_bwd)
+        )
+    return hit
 
 
 class _SlidingWindowFn(torch.autograd.Function):
@@ -306,8 +312,7 @@ class BlockSparseTriton(TritonBackend):
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         if bm.block_size < TRITON_MIN_BLOCK and min(q.shape[2], k.shape[2]) >= TRITON_MIN_BLOCK:
             bm = bm.coarsened(TRITON_MIN_BLOCK)
-        t = bm.tables(q.device)
-        tables = (*t["row"], *t["col"], t["tiles"])
+        tables = bm.tables(q.device)["kernel"]
         return block_sparse_kernel(cls.name, q, k, v, tables, bm.block_size, bm.causal, kpm, scale)
 
 
