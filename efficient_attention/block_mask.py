@@ -305,6 +305,31 @@ class BlockMask:
             kv_len=self.kv_len,
         )
 
+    def crop(self, n: int) -> "BlockMask":
+        """The first ``n`` positions of a square (self-attention) mask whose rule depends on the positions
+        only, not on the length (every token pattern of :mod:`efficient_attention.layouts`): the mask a
+        sequence of ``n`` has, without evaluating the rule again (no host synchronisation).  Blocks cut by
+        the end keep their entries past ``n``; the kernels never read keys past the sequence."""
+        n = _int_arg(n, "n")
+        if self.q_len is None or self.q_len != self.kv_len or self.shape[0] != self.shape[1]:
+            raise ValueError(
+                f"crop needs a square mask built for a length, got q_len={self.q_len}, kv_len={self.kv_len}"
+            )
+        if n > self.q_len:
+            raise ValueError(f"crop: n={n} is longer than the mask's {self.q_len} positions")
+        if n == self.q_len:
+            return self
+        nb = -(-n // self.block_size)
+        return BlockMask(
+            self.layout[:, :nb, :nb],
+            self.block_size,
+            causal=self.causal,
+            tile_index=None if self.tile_index is None else self.tile_index[:, :nb, :nb],
+            tiles=self.tiles,
+            q_len=n,
+            kv_len=n,
+        )
+
     def with_causal(self) -> "BlockMask":
         """This mask with the kernels' causal rule on top (itself when it has it)."""
         if self.causal:

@@ -10,8 +10,9 @@ bs² · d)`` instead of ``O(N² d)``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ class BigBirdOptions(BlockSparseOptions):
 # the options that shape a token-level pattern (layouts.make_mask_mod) and a block-level one (layouts.make_layout)
 _PATTERN_OPTIONS = ("local_attn_ctx", "window", "num_verts", "vertsize", "dilation", "num_global")
 _BLOCK_OPTIONS = ("num_window_blocks", "num_global_blocks", "num_random_blocks", "seed")
+_CACHED_MASKS = 16  # block masks kept per module (lengths x decoding rows x devices), least recently used dropped
 
 
 @register_attention("block_sparse", "blocksparse", "sparse_transformer")
@@ -113,28 +115,42 @@ class BlockSparseAttention(EfficientAttention):
             layouts.make_mask_mod(
                 layout, heads=self.num_heads, block_size=block_size, causal=self.causal, **self.pattern_kw
             )
-        self._masks: Dict[Tuple[int, int, Any], BlockMask] = {}
+        self._masks: "OrderedDict[Tuple[int, int, Any], BlockMask]" = OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_masks"] = {}  # device tensors and tables: rebuilt on first use
+        state["_masks"] = OrderedDict()  # device tensors and tables: rebuilt on first use
         return state
 
     def block_mask(self, n: int, device=None, q_block_start: int = 0) -> BlockMask:
         """The :class:`BlockMask` for ``n`` positions (rows from query block ``q_block_start`` on).
 
-        Built once per ``(n, q_block_start, device)`` on that device (a few recent ones are kept): a training
-        step at a length seen before does no mask work, no host-device copy and no synchronisation."""
+        Built once per ``(n, q_block_start, device)`` on that device (the most recently used are kept): a
+        training step at a length seen before does no mask work, no host-device copy and no synchronisation.
+        A token pattern at a length below one already built is that mask cropped (:meth:`BlockMask.crop`:
+        a few device ops, no evaluation of the pattern, no synchronisation)."""
         key = (n, q_block_start, device)
         hit = self._masks.get(key)
         if hit is not None:
+            self._masks.move_to_end(key)
             return hit
-        with torch.no_grad():
-            bm = self._build_block_mask(n, device, q_block_start)
-        if self.causal:
-            bm = bm.with_causal()  # (every causal pattern has the rule already; a user layout gets it here)
-        if len(self._masks) > 8:
-            self._masks.clear()
+        longer = [
+            m for (n2, start, dev), m in self._masks.items() if start == 0 and dev == device and n2 >= n
+        ]  # a token pattern's mask depends on positions only: a longer sequence's mask, cropped, is this one's
+        if (
+            q_block_start == 0
+            and longer
+            and self._user_layout is None
+            and self.layout not in layouts.BLOCK_LEVEL_PATTERNS
+        ):
+            bm = min(longer, key=lambda m: m.shape[0]).crop(n)
+        else:
+            with torch.no_grad():
+                bm = self._build_block_mask(n, device, q_block_start)
+            if self.causal:
+                bm = bm.with_causal()  # (every causal pattern has the rule already; a user layout gets it here)
+        if len(self._masks) >= _CACHED_MASKS:
+            self._masks.popitem(last=False)  # the least recently used
         self._masks[key] = bm
         return bm
 

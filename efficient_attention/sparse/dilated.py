@@ -18,6 +18,7 @@ the last ``T`` positions.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,7 +34,7 @@ from .block_sparse import check_qkv
 __all__ = ["dilated_attention", "dilated_attention_reference", "check_dilated_config", "dilated_block_mask"]
 
 BLOCK_SIZE = 64  # the kernels' block of the union mask
-_masks: dict = {}  # (branches, heads, n, causal, first row, device) -> BlockMask, a few recent ones
+_masks: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # (config, n, first row) -> BlockMask, the recent ones
 
 
 def check_dilated_config(
@@ -77,17 +78,25 @@ def dilated_block_mask(
     block_size: int = BLOCK_SIZE,
 ) -> BlockMask:
     """The :class:`BlockMask` of the union of the branches over ``n`` positions (rows from
-    ``q_block_start`` on), evaluated only on the blocks that share a segment (cached)."""
-    key = (tuple(segment_lengths), tuple(dilation_rates), heads, n, causal, q_block_start, block_size, device)
+    ``q_block_start`` on), evaluated only on the blocks that share a segment (cached; a shorter length
+    crops a longer length's mask: no evaluation, no host synchronisation)."""
+    config = (tuple(segment_lengths), tuple(dilation_rates), heads, causal, block_size, device)
+    key = (config, n, q_block_start)
     hit = _masks.get(key)
     if hit is not None:
+        _masks.move_to_end(key)
         return hit
-    with torch.no_grad():
-        bm = _build_dilated_block_mask(
-            segment_lengths, dilation_rates, heads, n, causal, device, q_block_start, block_size
-        )
+    # the branches depend on positions only: a longer sequence's mask, cropped, is this one's (no evaluation)
+    longer = [m for (c, n2, start), m in _masks.items() if c == config and start == 0 and n2 >= n]
+    if q_block_start == 0 and longer:
+        bm = min(longer, key=lambda m: m.shape[0]).crop(n)
+    else:
+        with torch.no_grad():
+            bm = _build_dilated_block_mask(
+                segment_lengths, dilation_rates, heads, n, causal, device, q_block_start, block_size
+            )
     if len(_masks) >= 16:
-        _masks.clear()
+        _masks.popitem(last=False)  # the least recently used
     _masks[key] = bm
     return bm
 
