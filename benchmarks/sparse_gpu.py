@@ -115,21 +115,29 @@ def checks(deadline):
         ("fixed bs16 -> 64-blocks (tiles)", fixed16, torch.bfloat16, False),
         ("strided bs64 causal (tiles)", strided, torch.float16, False),
     ]
+    cases.append(("strided bs64 causal, time-first, no TMA", strided, torch.bfloat16, True))
     rows = []
     for name, bm, dtype, tf in cases:
         if time.time() > deadline:
             rows.append(dict(case=name, dtype=str(dtype).replace("torch.", ""), error="skipped (time budget)"))
             continue
         bm = bm.to("cuda")
-        rows.append(
-            check_case(
-                name,
-                lambda q, k, v, kpm, bm=bm: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
-                lambda q, k, v, kpm, bm=bm: reference.block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
-                dtype,
-                time_first=tf,
+        tma_ok = getattr(triton_ops, "_tma_ok", None)
+        if "no TMA" in name and tma_ok is not None:
+            triton_ops._tma_ok = lambda *ts, **kw: False
+        try:
+            rows.append(
+                check_case(
+                    name,
+                    lambda q, k, v, kpm, bm=bm: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
+                    lambda q, k, v, kpm, bm=bm: reference.block_sparse_attention(q, k, v, bm, key_padding_mask=kpm),
+                    dtype,
+                    time_first=tf,
+                )
             )
-        )
+        finally:
+            if tma_ok is not None:
+                triton_ops._tma_ok = tma_ok
         print(rows[-1], flush=True)
     if time.time() < deadline:
         rows.append(

@@ -114,7 +114,7 @@ def _kernel_view(t: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
     if (sd == 1 or D == 1) and (B == 1 or H == 1 or sb == H * sh):
         if (bh == 1 or s_bh == N * D) and (N == 1 or sn == D):
             return t, (N * D, D)
-        if (bh == 1 or s_bh == D) and (N == 1 or sn == bh * D) and N * bh * D < 2**31:  # int32 row offsets
+        if (bh == 1 or s_bh == D) and (N == 1 or sn == bh * D) and (N + 128) * bh * D < 2**31:  # int32 offsets
             return t, (D, bh * D)
     return t.contiguous(), (N * D, D)
 
