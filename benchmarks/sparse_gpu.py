@@ -366,11 +366,11 @@ def main() -> int:
             if r["part"] != "module" or r["L"] != L:
                 continue
             if "ms" not in r:
-                print(f"  L={L:>5} {r['mechanism']:<27} {r.get('error', '-')}")
+                print(f"  L={L:>5} {r['mechanism']:<30} {r.get('error', '-')}")
                 continue
             ratio = f"{base[L] / r['ms']:.2f}" if L in base else "-"
             print(
-                f"  L={L:>5} {r['mechanism']:<27} {r['ms']:6.2f} ({ratio:>5}) | {r['host_ms']:6.2f} | "
+                f"  L={L:>5} {r['mechanism']:<30} {r['ms']:6.2f} ({ratio:>5}) | {r['host_ms']:6.2f} | "
                 f"{r['peak_mib']:7.0f} | {r['aten']:4d} | {r['sync_free']}"
                 + (f" | sparsity {r['sparsity']:.2f}" if "sparsity" in r else "")
             )
