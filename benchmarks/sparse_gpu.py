@@ -123,8 +123,11 @@ def checks(deadline):
             continue
         bm = bm.to("cuda")
         tma_ok = getattr(triton_ops, "_tma_ok", None)
-        if "no TMA" in name and tma_ok is not None:
-            triton_ops._tma_ok = lambda *ts, **kw: False
+        min_rows = getattr(triton_ops, "TMA_MIN_ROWS", None)
+        if tma_ok is not None:  # these small cases take the TMA loads the long ones do (or none: "no TMA")
+            triton_ops.TMA_MIN_ROWS = 0
+            if "no TMA" in name:
+                triton_ops._tma_ok = lambda *ts, **kw: False
         try:
             rows.append(
                 check_case(
@@ -137,7 +140,7 @@ def checks(deadline):
             )
         finally:
             if tma_ok is not None:
-                triton_ops._tma_ok = tma_ok
+                triton_ops._tma_ok, triton_ops.TMA_MIN_ROWS = tma_ok, min_rows
         print(rows[-1], flush=True)
     if time.time() < deadline:
         rows.append(
@@ -229,8 +232,9 @@ def sync_free(step) -> str:
 MODULES = [
     ("vanilla (causal SDPA)", "vanilla", {}),
     ("block_sparse fixed bs64", "block_sparse", dict(block_size=64, local_attn_ctx=1024)),
-    # the same with pointer loads instead of TMA descriptors (6 per step, each built on the host and encoded at
-    # launch): what the descriptors cost where the step is host-bound
+    # the same with TMA descriptors at every length (by default only from B*H*N >= triton_ops.TMA_MIN_ROWS: 8k
+    # here), and with none (6 per step, each built on the host and encoded at launch): what they cost or save
+    ("block_sparse fixed bs64 TMA always", "block_sparse", dict(block_size=64, local_attn_ctx=1024)),
     ("block_sparse fixed bs64 noTMA", "block_sparse", dict(block_size=64, local_attn_ctx=1024)),
     ("block_sparse fixed bs128", "block_sparse", dict(block_size=128, local_attn_ctx=2048)),
     ("block_sparse defaults bs16", "block_sparse", {}),
@@ -248,8 +252,11 @@ def module_rows(lengths, deadline):
                 rows.append(dict(row, error="skipped (time budget)"))
                 continue
             tma_ok = getattr(triton_ops, "_tma_ok", None)
+            min_rows = getattr(triton_ops, "TMA_MIN_ROWS", None)
             if "noTMA" in label and tma_ok is not None:
                 triton_ops._tma_ok = lambda *ts, **kw: False
+            if "TMA always" in label and min_rows is not None:
+                triton_ops.TMA_MIN_ROWS = 0
             try:
                 m, step = module_step(name, L, **opts)
                 ms, host, mib = bench(step)
@@ -266,7 +273,7 @@ def module_rows(lengths, deadline):
                 traceback.print_exc()
             finally:
                 if tma_ok is not None:
-                    triton_ops._tma_ok = tma_ok
+                    triton_ops._tma_ok, triton_ops.TMA_MIN_ROWS = tma_ok, min_rows
             torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
@@ -366,11 +373,11 @@ def main() -> int:
             if r["part"] != "module" or r["L"] != L:
                 continue
             if "ms" not in r:
-                print(f"  L={L:>5} {r['mechanism']:<30} {r.get('error', '-')}")
+                print(f"  L={L:>5} {r['mechanism']:<34} {r.get('error', '-')}")
                 continue
             ratio = f"{base[L] / r['ms']:.2f}" if L in base else "-"
             print(
-                f"  L={L:>5} {r['mechanism']:<30} {r['ms']:6.2f} ({ratio:>5}) | {r['host_ms']:6.2f} | "
+                f"  L={L:>5} {r['mechanism']:<34} {r['ms']:6.2f} ({ratio:>5}) | {r['host_ms']:6.2f} | "
                 f"{r['peak_mib']:7.0f} | {r['aten']:4d} | {r['sync_free']}"
                 + (f" | sparsity {r['sparsity']:.2f}" if "sparsity" in r else "")
             )

@@ -32,8 +32,11 @@ _UNBOUNDED = 1 << 30
 # Tiles are loaded with TMA descriptors (the Hopper tensor-memory accelerator, sm_90+, where the
 # tensors are 16-byte aligned; masked pointer loads otherwise).  Their descriptors cost host time, so
 # bands under TMA_MIN_SPAN keys keep pointer loads (the measurements: benchmarks/README.md,
-# "Kernel configuration").
+# "Kernel configuration").  Block-sparse calls of fewer than TMA_MIN_ROWS rows (B * H * N) keep them too: their
+# GPU work is smaller than the host's work for the step (CAB's setting, B*H = 32, is host-bound below 8k), so
+# the six descriptors would only add host time.
 TMA_MIN_SPAN = 512
+TMA_MIN_ROWS = 1 << 18
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,16 +73,16 @@ def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+def block_config(block_size: int, head_dim: int, dtype: torch.dtype, tma: bool = True) -> dict:
     """Tiles of the block-sparse kernels: 64x64 tiles (a layout block of 128 is visited as 2x2 of them).
 
-    TMA loads (see ``TMA_MIN_SPAN``) throughout (how they were chosen: ``benchmarks/README.md``,
+    TMA loads where ``tma`` (see ``TMA_MIN_ROWS``; how they were chosen: ``benchmarks/README.md``,
     "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     t = min(block_size, 64)
     cfg = dict(
-        BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size, TMA=True
+        BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size, TMA=tma
     )
     return dict(fwd=cfg, dq=cfg, dkdv=cfg)
 
@@ -338,6 +341,11 @@ def _block_rule(scale, causal, T, S):
     return (scale, S - T, 1, _UNBOUNDED, _UNBOUNDED, causal, False)
 
 
+def _layout_tma(q: Tensor, k: Tensor) -> bool:
+    """Whether a block-sparse call is large enough for TMA descriptors (``TMA_MIN_ROWS``)."""
+    return q.shape[0] * q.shape[1] * max(q.shape[2], k.shape[2]) >= TMA_MIN_ROWS
+
+
 def _mask_luts(q: Tensor, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles):
     """The kernels' lookup tuples ``(idx, cnt, tile, tiles, heads, rows, cols)`` of a block mask's tables
     (:meth:`BlockMask.tables`) and of their transpose; ``tile is idx`` marks a mask without tiles."""
@@ -427,7 +435,7 @@ def block_sparse_fwd(
     key_padding_mask: Optional[Tensor],
     scale: float,
 ) -> Tuple[Tensor, Tensor]:
-    cfg = block_config(block_size, q.shape[-1], q.dtype)["fwd"]
+    cfg = block_config(block_size, q.shape[-1], q.dtype, _layout_tma(q, k))["fwd"]
     lut, _ = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
     return _forward(q, k, v, key_padding_mask, _block_rule(scale, causal, q.shape[2], k.shape[2]), lut, cfg)
 
@@ -452,7 +460,7 @@ def block_sparse_bwd(
     key_padding_mask: Optional[Tensor],
     scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    cfg = block_config(block_size, q.shape[-1], q.dtype)
+    cfg = block_config(block_size, q.shape[-1], q.dtype, _layout_tma(q, k))
     lut, lut_t = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
     rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut_t, cfg)
