@@ -108,7 +108,7 @@ class BlockMask:
                 tile_index = torch.where(self.layout, tile_index, -1).to(torch.int32)
         self.tile_index, self.tiles = tile_index, tiles
         self.q_len, self.kv_len = q_len, kv_len
-        self._tables: Dict[str, Any] = {}  # derived tables and coarsened masks, built once
+        self._tables: Dict[Any, Any] = {}  # derived tables (by device) and coarsened masks, built once
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -305,6 +305,45 @@ class BlockMask:
             kv_len=self.kv_len,
         )
 
+    def crop(self, n: int) -> "BlockMask":
+        """The first ``n`` positions of a square (self-attention) mask whose rule depends on the positions
+        only, not on the length (every token pattern of :mod:`efficient_attention.layouts`): the mask a
+        sequence of ``n`` has, without evaluating the rule again (no host synchronisation).  Blocks cut by
+        the end keep their entries past ``n``; the kernels never read keys past the sequence."""
+        n = _int_arg(n, "n")
+        if self.q_len is None or self.q_len != self.kv_len or self.shape[0] != self.shape[1]:
+            raise ValueError(
+                f"crop needs a square mask built for a length, got q_len={self.q_len}, kv_len={self.kv_len}"
+            )
+        if n > self.q_len:
+            raise ValueError(f"crop: n={n} is longer than the mask's {self.q_len} positions")
+        if n == self.q_len:
+            return self
+        nb = -(-n // self.block_size)
+        return BlockMask(
+            self.layout[:, :nb, :nb],
+            self.block_size,
+            causal=self.causal,
+            tile_index=None if self.tile_index is None else self.tile_index[:, :nb, :nb],
+            tiles=self.tiles,
+            q_len=n,
+            kv_len=n,
+        )
+
+    def with_causal(self) -> "BlockMask":
+        """This mask with the kernels' causal rule on top (itself when it has it)."""
+        if self.causal:
+            return self
+        return BlockMask(
+            self.layout,
+            self.block_size,
+            causal=True,
+            tile_index=self.tile_index,
+            tiles=self.tiles,
+            q_len=self.q_len,
+            kv_len=self.kv_len,
+        )
+
     def to(self, device) -> "BlockMask":
         device = torch.device(device)
         if self.device == device:
@@ -426,20 +465,27 @@ class BlockMask:
 
         ``row``: ``(idx (Hm, nq, nk) int32 kept columns first ascending, cnt (Hm, nq) int32, tile
         (Hm, nq, nk) int32 or None)``; ``col``: the same for the transposed layout (query blocks per key
-        block, for the dk/dv pass); ``tiles``: uint8 ``(P, bs, bs)`` or None.
+        block, for the dk/dv pass); ``tiles``: uint8 ``(P, bs, bs)`` or None; ``kernel``: all of them flat, in
+        the order :func:`efficient_attention.kernels.ops.block_sparse_kernel` takes them.
         """
-        device = torch.device(device) if device is not None else self.device
-        key = str(device)
+        hit = self._tables.get(device)  # a training step asks with the same device object kind every time
+        if hit is not None:
+            return hit
+        dev = torch.device(device) if device is not None else self.device
+        key = str(dev)
         hit = self._tables.get(key)
         if hit is None:
-            lay = self.layout.to(device)
-            ti = None if self.tile_index is None else self.tile_index.to(device)
+            lay = self.layout.to(dev)
+            ti = None if self.tile_index is None else self.tile_index.to(dev)
             hit = dict(
                 row=_table(lay, ti),
                 col=_table(lay.transpose(1, 2), None if ti is None else ti.transpose(1, 2)),
-                tiles=None if self.tiles is None else self.tiles.to(device=device, dtype=torch.uint8).contiguous(),
+                tiles=None if self.tiles is None else self.tiles.to(device=dev, dtype=torch.uint8).contiguous(),
             )
+            hit["kernel"] = (*hit["row"], *hit["col"], hit["tiles"])  # the kernels' argument order
             self._tables[key] = hit
+        if device is not None:
+            self._tables[device] = hit
         return hit
 
     def check(self, heads: int, q_len: int, kv_len: int) -> "BlockMask":
@@ -492,17 +538,7 @@ def as_block_mask(
     if isinstance(mask, BlockMask):
         if block_size is not None and int(block_size) != mask.block_size:
             raise ValueError(f"block_size {block_size} differs from the block mask's {mask.block_size}")
-        bm = mask
-        if causal and not bm.causal:
-            bm = BlockMask(
-                bm.layout,
-                bm.block_size,
-                causal=True,
-                tile_index=bm.tile_index,
-                tiles=bm.tiles,
-                q_len=bm.q_len,
-                kv_len=bm.kv_len,
-            )
+        bm = mask.with_causal() if causal else mask
     elif isinstance(mask, Tensor):
         if block_size is None:
             raise ValueError("block_size is needed with a layout tensor")

@@ -189,3 +189,34 @@ def test_gradcheck_with_tiles():
     assert torch.autograd.gradcheck(
         lambda q, k, v: block_sparse_attention(q, k, v, bm, key_padding_mask=kpm)[0], (q, k, v)
     )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda n: BlockMask.from_pattern("fixed", n, 16, 4, causal=True, local_attn_ctx=48, num_verts=2),
+        lambda n: BlockMask.from_pattern("strided", n, 32, 2, causal=False, local_attn_ctx=20),
+        lambda n: BlockMask.from_pattern("dilated", n, 16, 3, causal=True, window=24, dilation=3),
+    ],
+    ids=["fixed-causal", "strided", "dilated-causal"],
+)
+def test_crop_is_the_shorter_sequences_mask(build):
+    """A token pattern depends on positions only: a longer mask cropped gives the shorter length's token mask
+    (blocks cut by the end may keep entries past it: the kernels never read keys past the sequence)."""
+    long = build(200)
+    for n in (200, 131, 96, 5):
+        cropped = long.crop(n)
+        assert cropped.shape == (-(-n // long.block_size),) * 2 and cropped.q_len == cropped.kv_len == n
+        assert torch.equal(*torch.broadcast_tensors(cropped.to_mask(), build(n).to_mask()))  # (heads may be shared)
+        q, k, v = make_qkv(1, long.heads, n, n, 8, torch.float64, seed=n)
+        got, _ = reference.block_sparse_attention(q, k, v, cropped)
+        want, _ = reference.block_sparse_attention(q, k, v, build(n))
+        torch.testing.assert_close(got, want)
+
+
+def test_crop_needs_a_square_mask_at_most_its_length():
+    bm = BlockMask.from_pattern("local", 64, 16, 1, causal=True, local_attn_ctx=16)
+    with pytest.raises(ValueError, match="longer"):
+        bm.crop(65)
+    with pytest.raises(ValueError, match="square"):
+        BlockMask.from_layout(torch.ones(1, 2, 3, dtype=torch.bool), 16).crop(8)

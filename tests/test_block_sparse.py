@@ -244,3 +244,39 @@ def test_openai_shim_needs_local_attn_ctx():
         blocksparse_attention_impl(x, x, x, 2, "local", None)
     with pytest.raises(ValueError, match="blocksize"):
         blocksparse_attention_impl(x, x, x, 2, "local", 16, blocksize=4.5)
+
+
+@pytest.mark.parametrize("name", ["block_sparse", "dilated"])
+def test_a_shorter_length_crops_the_cached_mask_without_syncs(name, monkeypatch):
+    """Training with lengths that vary: a length below one already seen takes the longer mask cropped -- no
+    mask evaluation and no host synchronisation -- and computes what a fresh module computes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from efficient_attention.block_mask import BlockMask
+
+    opts = dict(block_size=16, local_attn_ctx=32) if name == "block_sparse" else dict(segment_lengths=(16, 32))
+    if name == "dilated":
+        opts["dilation_rates"] = (1, 2)
+    torch.manual_seed(0)
+    m = ea.build_attention(name, embed_dim=16, num_heads=4, causal=True, **opts).train()
+    torch.manual_seed(0)
+    fresh = ea.build_attention(name, embed_dim=16, num_heads=4, causal=True, **opts).train()
+    m(torch.randn(150, 2, 16), need_weights=False)  # a long batch first
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    built = []
+    monkeypatch.setattr(BlockMask, "from_mask_mod", classmethod(lambda cls, *a, **kw: built.append(a)))
+    x = torch.randn(97, 2, 16, requires_grad=True)
+    with Syncs():
+        out, _ = m(x, need_weights=False)
+        out.sum().backward()
+    assert Syncs.count == 0 and not built
+    monkeypatch.undo()
+    want, _ = fresh(x, need_weights=False)
+    torch.testing.assert_close(out, want)

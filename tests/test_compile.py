@@ -44,9 +44,11 @@ class _CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.syncs = 0  # aten._local_scalar_dense: .item(), .tolist(), bool(tensor) (a host-device sync on CUDA)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
 
 
@@ -109,3 +111,75 @@ def test_attend_ops_stay_under_their_ceiling(name, causal):
         f"{name} causal={causal}: {counts[0]} ATen ops per forward + backward, ceiling "
         f"{ATTEND_OP_CEILINGS[name, causal]}"
     )
+
+
+# ATen ops of one training forward + backward of the whole module (projections included) for the mechanisms on
+# the block-sparse kernels, and no host synchronisation in it (``aten._local_scalar_dense`` is what ``.item()``,
+# ``.tolist()``, ``bool(tensor)`` and ``nonzero`` run: on CUDA each one stalls the host until the GPU queue
+# drains).  Counted twice: on the C++ kernels (CPU) and on the Triton path's host side (the kernel launches
+# stubbed, so CPU tensors walk exactly the Python and ATen work a CUDA step does).  The second step of a length
+# counts: the block mask and its tables are built once per length.  SDPA's module (``vanilla``) is 93 ops; the
+# Triton path was 111 before the kernels read and wrote the (L, B, H, d) layout of the projections in place
+# (11 copies of q, k, v, the output and the gradients gone); the 3 left over SDPA are the autograd Function's
+# detaches of its saved outputs.
+SPARSE_MODULE_OP_CEILINGS = {
+    ("block_sparse", "cpp"): 96,
+    ("block_sparse", "triton"): 96,
+    ("bigbird", "cpp"): 96,
+    ("bigbird", "triton"): 96,
+    ("dilated", "cpp"): 96,
+    ("dilated", "triton"): 96,
+}
+
+
+class _LaunchStub:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args)`` counts the launch and computes nothing."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+
+        return launch
+
+
+def _module_step_ops(m, length: int):
+    x = torch.randn(length, 2, EMBED_DIM, requires_grad=True)
+    for _ in range(2):  # the second step counts
+        with _CountOps() as ops:
+            out, _ = m(x, need_weights=False)
+            out.sum().backward()
+    return ops
+
+
+@pytest.mark.parametrize("name,path", list(SPARSE_MODULE_OP_CEILINGS), ids=lambda x: str(x))
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_sparse_module_ops_stay_under_their_ceiling_without_syncs(name, path, causal, monkeypatch):
+    stubs = []
+    if path == "triton":
+        pytest.importorskip("triton")
+        from efficient_attention.kernels import _triton_kernels as tk
+        from efficient_attention.kernels import ops as kops
+
+        for kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+            stubs.append(_LaunchStub())
+            monkeypatch.setattr(tk, kernel, stubs[-1])
+        monkeypatch.setattr(kops.BlockSparseTriton, "not_supported_reasons", classmethod(lambda cls, *a, **kw: []))
+        monkeypatch.setattr(kops.BLOCK_SPARSE, "_decisions", {})  # decisions made without the patch do not count
+    opts = {"block_size": 16, "local_attn_ctx": 64} if name == "block_sparse" else {}
+    if name == "dilated":
+        opts = {"segment_lengths": (32, 64), "dilation_rates": (1, 2)}
+    pattern = Pattern.CAUSAL_SELF if causal else Pattern.NONCAUSAL_SELF
+    m = build(name, pattern, dtype=torch.float32, **opts).train()
+    counts = []
+    for length in (96, 200):
+        ops = _module_step_ops(m, length)
+        assert ops.syncs == 0, f"{name} {path}: {ops.syncs} host synchronisations (.item()/.tolist()) per step"
+        counts.append(ops.count)
+    if stubs:
+        assert [s.launches for s in stubs] == [4, 4, 4], "the Triton kernels were not reached"
+    assert counts[0] == counts[1], f"{name} {path}: {counts[0]} ops at L=96, {counts[1]} at L=200"
+    ceiling = SPARSE_MODULE_OP_CEILINGS[name, path]
+    assert counts[0] <= ceiling, f"{name} {path} causal={causal}: {counts[0]} ATen ops per step, ceiling {ceiling}"

@@ -75,15 +75,24 @@ def _tables(bm):
     return (*t["row"], *t["col"], t["tiles"])
 
 
-def mask_case(pattern, bs, causal, dtype, heads=3, d=16, coarsen=None, **kw):
+def time_first(*xs):
+    """``(B, H, N, d)`` leaves whose memory is time-first ``(N, B, H, d)``, as ``split_heads`` gives them."""
+    return [x.detach().permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3).requires_grad_() for x in xs]
+
+
+def mask_case(pattern, bs, causal, dtype, heads=3, d=16, coarsen=None, batch=1, layout_time_first=False, **kw):
     """A block mask with partial blocks (token tiles, and the causal rule) against the reference."""
     T = S = 2 * max(bs, coarsen or 0) + 21
     bm = BlockMask.from_pattern(pattern, T, bs, heads, causal=causal, **kw)
     assert bm.tiles is not None, "the case must have tiles"
     run = bm.coarsen(coarsen) if coarsen else bm
-    q, k, v = make_qkv(1, heads, T, S, d, dtype, seed=bs)
-    kpm = padding(1, S)
+    q, k, v = make_qkv(batch, heads, T, S, d, dtype, seed=bs)
+    if layout_time_first:  # read and written in place (outputs and gradients keep the layout)
+        q, k, v = time_first(q, k, v)
+    kpm = padding(batch, S)
     out, lse = ops.block_sparse_kernel("triton", q, k, v, _tables(run), run.block_size, run.causal, kpm, d**-0.5)
+    if layout_time_first:
+        assert out.stride() == q.stride(), f"out strides {out.stride()} != q's {q.stride()}"
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.block_sparse_attention(*ref, bm, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
@@ -263,7 +272,7 @@ def with_loads(tma: bool):
             return {key: dict(val, TMA=tma) for key, val in base(*a).items()}
 
         setattr(triton_ops, name, cfg)
-    triton_ops._tma_ok = lambda *ts: tma
+    triton_ops._tma_ok = lambda *ts, **kw: tma
 
 
 def main() -> int:
@@ -303,6 +312,11 @@ def main() -> int:
                 tma,
                 "mask fixed bs16 -> 64 coarsened fp16",
                 lambda: mask_case("local", 16, True, f16, coarsen=64, local_attn_ctx=16),
+            ),
+            (
+                tma,
+                "mask strided bs64 causal time-first B2 fp32",
+                lambda: mask_case("strided", 64, True, f32, batch=2, layout_time_first=True, local_attn_ctx=37),
             ),
         ]
     cases.append((False, "out-only gradient", out_only_case))

@@ -10,8 +10,9 @@ bs² · d)`` instead of ``O(N² d)``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,9 @@ from .. import layouts
 from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities
+from ..kernels.ops import block_mask_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
-from ..sparse.block_sparse import block_layout_attention
 
 __all__ = ["BlockSparseAttention", "BigBirdAttention"]
 
@@ -69,6 +70,7 @@ class BigBirdOptions(BlockSparseOptions):
 # the options that shape a token-level pattern (layouts.make_mask_mod) and a block-level one (layouts.make_layout)
 _PATTERN_OPTIONS = ("local_attn_ctx", "window", "num_verts", "vertsize", "dilation", "num_global")
 _BLOCK_OPTIONS = ("num_window_blocks", "num_global_blocks", "num_random_blocks", "seed")
+_CACHED_MASKS = 16  # block masks kept per module (lengths x decoding rows x devices), least recently used dropped
 
 
 @register_attention("block_sparse", "blocksparse", "sparse_transformer")
@@ -113,52 +115,57 @@ class BlockSparseAttention(EfficientAttention):
             layouts.make_mask_mod(
                 layout, heads=self.num_heads, block_size=block_size, causal=self.causal, **self.pattern_kw
             )
-        self._masks: Dict[Tuple[int, int, str], BlockMask] = {}
+        self._masks: "OrderedDict[Tuple[int, int, Any], BlockMask]" = OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_masks"] = {}  # device tensors and tables: rebuilt on first use
+        state["_masks"] = OrderedDict()  # device tensors and tables: rebuilt on first use
         return state
 
     def block_mask(self, n: int, device=None, q_block_start: int = 0) -> BlockMask:
-        """The :class:`BlockMask` for ``n`` positions (rows from query block ``q_block_start`` on; cached)."""
-        key = (n, q_block_start, str(device))
+        """The :class:`BlockMask` for ``n`` positions (rows from query block ``q_block_start`` on).
+
+        Built once per ``(n, q_block_start, device)`` on that device (the most recently used are kept): a
+        training step at a length seen before does no mask work, no host-device copy and no synchronisation.
+        A token pattern at a length below one already built is that mask cropped (:meth:`BlockMask.crop`:
+        a few device ops, no evaluation of the pattern, no synchronisation)."""
+        key = (n, q_block_start, device)
         hit = self._masks.get(key)
         if hit is not None:
+            self._masks.move_to_end(key)
             return hit
+        longer = [
+            m for (n2, start, dev), m in self._masks.items() if start == 0 and dev == device and n2 >= n
+        ]  # a token pattern's mask depends on positions only: a longer sequence's mask, cropped, is this one's
+        if (
+            q_block_start == 0
+            and longer
+            and self._user_layout is None
+            and self.layout not in layouts.BLOCK_LEVEL_PATTERNS
+        ):
+            bm = min(longer, key=lambda m: m.shape[0]).crop(n)
+        else:
+            with torch.no_grad():
+                bm = self._build_block_mask(n, device, q_block_start)
+            if self.causal:
+                bm = bm.with_causal()  # (every causal pattern has the rule already; a user layout gets it here)
+        if len(self._masks) >= _CACHED_MASKS:
+            self._masks.popitem(last=False)  # the least recently used
+        self._masks[key] = bm
+        return bm
+
+    def _build_block_mask(self, n: int, device, q_block_start: int) -> BlockMask:
         bs, nb = self.block_size, -(-n // self.block_size)
         if self._user_layout is not None:
             if self._user_layout.shape[1] < nb:
                 raise ValueError(
                     f"sequence of {n} positions needs {nb} blocks; the layout has {self._user_layout.shape[1]}"
                 )
-            bm = BlockMask.from_layout(self._user_layout[:, q_block_start:nb, :nb].to(device), bs, causal=self.causal)
-        elif self.layout in layouts.BLOCK_LEVEL_PATTERNS:
-            bm = BlockMask.from_pattern(
-                self.layout,
-                n,
-                bs,
-                self.num_heads,
-                causal=self.causal,
-                device=device,
-                q_block_start=q_block_start,
-                **self.block_kw,
-            )
-        else:
-            bm = BlockMask.from_pattern(
-                self.layout,
-                n,
-                bs,
-                self.num_heads,
-                causal=self.causal,
-                device=device,
-                q_block_start=q_block_start,
-                **self.pattern_kw,
-            )
-        if len(self._masks) > 8:
-            self._masks.clear()
-        self._masks[key] = bm
-        return bm
+            return BlockMask.from_layout(self._user_layout[:, q_block_start:nb, :nb].to(device), bs, causal=self.causal)
+        kw = self.block_kw if self.layout in layouts.BLOCK_LEVEL_PATTERNS else self.pattern_kw
+        return BlockMask.from_pattern(
+            self.layout, n, bs, self.num_heads, causal=self.causal, device=device, q_block_start=q_block_start, **kw
+        )
 
     def full_layout(self, n: int, device=None) -> Tensor:
         """The block layout ``(H or 1, ceil(n/bs), ceil(n/bs))`` used for length ``n``."""
@@ -174,20 +181,14 @@ class BlockSparseAttention(EfficientAttention):
         # decoding (queries after a cached prefix): the rows of the query blocks at the length rounded up to
         # a whole block, so the steps inside one block share one mask (kept blocks, tiles and kernel tables)
         n = -(-src_len // bs) * bs if off else src_len
-        with torch.no_grad():
-            bm = self.block_mask(n, q.device, q_block_start=start // bs)
+        bm = self.block_mask(n, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0
-        out = block_layout_attention(
-            qp,
-            k,
-            v,
-            bm,
-            causal=self.causal,
-            key_padding_mask=masks.key_padding,
-            scale=self.scaling,
-            dropout_p=dropout,
+        # the mask was built for exactly these lengths and the inputs were checked by forward(): straight to
+        # the kernels' dispatch (the host work of a training step is the launches)
+        out, _ = block_mask_attention(
+            qp, k, v, bm, key_padding_mask=masks.key_padding, scale=self.scaling, dropout_p=dropout
         )
-        return out[:, :, off - start :], None
+        return (out[:, :, off - start :] if off > start else out), None
 
 
 @register_attention("bigbird", "big_bird")

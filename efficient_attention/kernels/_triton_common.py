@@ -20,16 +20,18 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr):
-    """Rows ``offs_r`` of a ``(n_rows, HEAD_DIM)`` tensor at ``base``, zero past ``n_rows``."""
-    return tl.load(base + offs_r[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
+def _load_rows(base, offs_r, n_rows, offs_d, stride):
+    """Rows ``offs_r`` (``stride`` elements apart: ``HEAD_DIM`` when contiguous) of one head at ``base``, zero past
+    ``n_rows``."""
+    return tl.load(base + offs_r[:, None] * stride + offs_d[None, :], mask=offs_r[:, None] < n_rows, other=0.0)
 
 
 @triton.jit
-def _store_rows(base, x, offs_r, n_rows, offs_d, HEAD_DIM: tl.constexpr):
-    """Stores ``x`` (cast to the tensor's dtype) into rows ``offs_r`` (those below ``n_rows``) of ``base``."""
+def _store_rows(base, x, offs_r, n_rows, offs_d, stride):
+    """Stores ``x`` (cast to the tensor's dtype) into rows ``offs_r`` (those below ``n_rows``, ``stride``
+    elements apart) of one head at ``base``."""
     tl.store(
-        base + offs_r[:, None] * HEAD_DIM + offs_d[None, :], x.to(base.dtype.element_ty), mask=offs_r[:, None] < n_rows
+        base + offs_r[:, None] * stride + offs_d[None, :], x.to(base.dtype.element_ty), mask=offs_r[:, None] < n_rows
     )
 
 

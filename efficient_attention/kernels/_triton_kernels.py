@@ -106,13 +106,16 @@ def _full_block(
 
 
 @triton.jit
-def _rows(ptr, desc, bh, r0, n_rows, offs_r, offs_d, TMA: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rows ``r0 .. r0 + ROWS`` of head ``bh`` of a ``(B*H, n_rows, HEAD_DIM)`` tensor, zero past ``n_rows``:
-    a TMA tile load through ``desc`` (Hopper), else masked pointer loads from ``ptr`` (this head's base)."""
+def _rows(
+    ptr, desc, bh, r0, n_rows, offs_r, offs_d, stride, TMA: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    """Rows ``r0 .. r0 + ROWS`` of head ``bh`` of a ``(B*H, n_rows, HEAD_DIM)`` view, zero past ``n_rows``:
+    a TMA tile load through ``desc`` (Hopper), else masked pointer loads from ``ptr`` (this head's base,
+    rows ``stride`` elements apart)."""
     if TMA:
         return desc.load([bh, r0, 0]).reshape(ROWS, HEAD_DIM)
     else:
-        return _load_rows(ptr, offs_r, n_rows, offs_d, HEAD_DIM)
+        return _load_rows(ptr, offs_r, n_rows, offs_d, stride)
 
 
 @triton.jit
@@ -184,6 +187,10 @@ def _fwd_kernel(
     H,
     T,
     S,
+    sq_bh,
+    sq_row,
+    sk_bh,
+    sk_row,
     q_offset,
     group,
     left,
@@ -209,11 +216,11 @@ def _fwd_kernel(
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_nb = tl.arange(0, BLOCK_N)
-    q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
-    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
-    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    q_off = bh.to(tl.int64) * sq_bh
+    k_base = K + bh.to(tl.int64) * sk_bh
+    v_base = V + bh.to(tl.int64) * sk_bh
     kpm_ptr = KPM + b.to(tl.int64) * S
-    q = _load_rows(q_base, offs_m, T, offs_d, HEAD_DIM)
+    q = _load_rows(Q + q_off, offs_m, T, offs_d, sq_row)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -227,8 +234,8 @@ def _fwd_kernel(
         kb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_N)
         n0 = kb * BLOCK_N
         offs_n = n0 + offs_nb
-        k = _rows(k_base, KD, bh, n0, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
-        v = _rows(v_base, VD, bh, n0, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
+        k = _rows(k_base, KD, bh, n0, S, offs_n, offs_d, sk_row, TMA, BLOCK_N, HEAD_DIM)
+        v = _rows(v_base, VD, bh, n0, S, offs_n, offs_d, sk_row, TMA, BLOCK_N, HEAD_DIM)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         # blocks wholly inside every row's band (and not at the end, no padding, no tile) skip the element mask
         full = _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
@@ -249,7 +256,7 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     out, lse = _finish(acc, m_i, l_i)
-    _store_rows(Out + bh.to(tl.int64) * T * HEAD_DIM, out, offs_m, T, offs_d, HEAD_DIM)
+    _store_rows(Out + q_off, out, offs_m, T, offs_d, sq_row)
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
 
@@ -275,6 +282,10 @@ def _bwd_dkdv_kernel(
     H,
     T,
     S,
+    sq_bh,
+    sq_row,
+    sk_bh,
+    sk_row,
     q_offset,
     group,
     left,
@@ -300,12 +311,12 @@ def _bwd_dkdv_kernel(
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
-    q_base = Q + bh.to(tl.int64) * T * HEAD_DIM
-    do_base = DO + bh.to(tl.int64) * T * HEAD_DIM
-    kv_off = bh.to(tl.int64) * S * HEAD_DIM
+    q_base = Q + bh.to(tl.int64) * sq_bh
+    do_base = DO + bh.to(tl.int64) * sq_bh
+    kv_off = bh.to(tl.int64) * sk_bh
     kpm_ptr = KPM + b.to(tl.int64) * S
-    k = _load_rows(K + kv_off, offs_n, S, offs_d, HEAD_DIM)
-    v = _load_rows(V + kv_off, offs_n, S, offs_d, HEAD_DIM)
+    k = _load_rows(K + kv_off, offs_n, S, offs_d, sk_row)
+    v = _load_rows(V + kv_off, offs_n, S, offs_d, sk_row)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     n0 = kb * BLOCK_N
@@ -326,8 +337,8 @@ def _bwd_dkdv_kernel(
     for it in range(0, n_iter):
         qb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_M)
         offs_m = qb * BLOCK_M + offs_mb
-        q = _rows(q_base, QD, bh, qb * BLOCK_M, T, offs_m, offs_d, TMA, BLOCK_M, HEAD_DIM)
-        do = _rows(do_base, DOD, bh, qb * BLOCK_M, T, offs_m, offs_d, TMA, BLOCK_M, HEAD_DIM)
+        q = _rows(q_base, QD, bh, qb * BLOCK_M, T, offs_m, offs_d, sq_row, TMA, BLOCK_M, HEAD_DIM)
+        do = _rows(do_base, DOD, bh, qb * BLOCK_M, T, offs_m, offs_d, sq_row, TMA, BLOCK_M, HEAD_DIM)
         lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         # transposed scores sT (BLOCK_N, BLOCK_M) in log2 units
@@ -352,8 +363,8 @@ def _bwd_dkdv_kernel(
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, IEEE)
     dk = dk * sm_scale
-    _store_rows(DK + kv_off, dk, offs_n, S, offs_d, HEAD_DIM)
-    _store_rows(DV + kv_off, dv, offs_n, S, offs_d, HEAD_DIM)
+    _store_rows(DK + kv_off, dk, offs_n, S, offs_d, sk_row)
+    _store_rows(DV + kv_off, dv, offs_n, S, offs_d, sk_row)
 
 
 @triton.jit
@@ -379,6 +390,10 @@ def _bwd_dq_kernel(
     H,
     T,
     S,
+    sq_bh,
+    sq_row,
+    sk_bh,
+    sk_row,
     q_offset,
     group,
     left,
@@ -405,15 +420,15 @@ def _bwd_dq_kernel(
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_nb = tl.arange(0, BLOCK_N)
-    q_off = bh.to(tl.int64) * T * HEAD_DIM
-    k_base = K + bh.to(tl.int64) * S * HEAD_DIM
-    v_base = V + bh.to(tl.int64) * S * HEAD_DIM
+    q_off = bh.to(tl.int64) * sq_bh
+    k_base = K + bh.to(tl.int64) * sk_bh
+    v_base = V + bh.to(tl.int64) * sk_bh
     kpm_ptr = KPM + b.to(tl.int64) * S
-    q = _load_rows(Q + q_off, offs_m, T, offs_d, HEAD_DIM)
-    do = _load_rows(DO + q_off, offs_m, T, offs_d, HEAD_DIM)
+    q = _load_rows(Q + q_off, offs_m, T, offs_d, sq_row)
+    do = _load_rows(DO + q_off, offs_m, T, offs_d, sq_row)
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     # delta = rowsum(dO * O) - dlse, stored for the dk/dv kernel that runs next
-    o = _load_rows(Out + q_off, offs_m, T, offs_d, HEAD_DIM)
+    o = _load_rows(Out + q_off, offs_m, T, offs_d, sq_row)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
@@ -429,8 +444,8 @@ def _bwd_dq_kernel(
     for it in range(0, n_iter):
         kb = _tile_at(it, start, LUT, lut_base, lut_cols, USE_LUT, LUT_BLOCK, BLOCK_N)
         offs_n = kb * BLOCK_N + offs_nb
-        k = _rows(k_base, KD, bh, kb * BLOCK_N, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
-        v = _rows(v_base, VD, bh, kb * BLOCK_N, S, offs_n, offs_d, TMA, BLOCK_N, HEAD_DIM)
+        k = _rows(k_base, KD, bh, kb * BLOCK_N, S, offs_n, offs_d, sk_row, TMA, BLOCK_N, HEAD_DIM)
+        v = _rows(v_base, VD, bh, kb * BLOCK_N, S, offs_n, offs_d, sk_row, TMA, BLOCK_N, HEAD_DIM)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         full = _full_block(first_p, lo_last, hi_first, kb * BLOCK_N, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
@@ -447,4 +462,4 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale
-    _store_rows(DQ + q_off, dq, offs_m, T, offs_d, HEAD_DIM)
+    _store_rows(DQ + q_off, dq, offs_m, T, offs_d, sq_row)

@@ -26,6 +26,7 @@ from .dispatch import Dispatcher
 __all__ = [
     "sliding_window_attention",
     "block_sparse_attention",
+    "block_mask_attention",
     "check_inputs",
     "sliding_window_kernel",
     "block_sparse_kernel",
@@ -91,6 +92,9 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]
 
 
 # -- the one autograd wiring of the C++ and Triton kernels -----------------------------------------------------
+_EAGER_TRITON: dict = {}  # op -> the Triton launch functions eager mode calls (imported once)
+
+
 def _kernel_ops(backend: str, op: str):
     """``(forward, backward)`` callables of ``op``'s kernels on ``backend`` ("cpp" or "triton")."""
     ops = torch.ops.efficient_attention
@@ -106,13 +110,16 @@ def _kernel_ops(backend: str, op: str):
             if op == "window"
             else (ops.triton_block_sparse, ops.triton_block_sparse_bwd)
         )
-    from . import triton_ops
+    hit = _EAGER_TRITON.get(op)
+    if hit is None:
+        from . import triton_ops
 
-    return (
-        (triton_ops.sliding_window_fwd, triton_ops.sliding_window_bwd)
-        if op == "window"
-        else (triton_ops.block_sparse_fwd, triton_ops.block_sparse_bwd)
-    )
+        hit = _EAGER_TRITON[op] = (
+            (triton_ops.sliding_window_fwd, triton_ops.sliding_window_bwd)
+            if op == "window"
+            else (triton_ops.block_sparse_fwd, triton_ops.block_sparse_bwd)
+        )
+    return hit
 
 
 class _SlidingWindowFn(torch.autograd.Function):
@@ -305,8 +312,7 @@ class BlockSparseTriton(TritonBackend):
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         if bm.block_size < TRITON_MIN_BLOCK and min(q.shape[2], k.shape[2]) >= TRITON_MIN_BLOCK:
             bm = bm.coarsened(TRITON_MIN_BLOCK)
-        t = bm.tables(q.device)
-        tables = (*t["row"], *t["col"], t["tiles"])
+        tables = bm.tables(q.device)["kernel"]
         return block_sparse_kernel(cls.name, q, k, v, tables, bm.block_size, bm.causal, kpm, scale)
 
 
@@ -402,5 +408,25 @@ def block_sparse_attention(
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     heads, tgt_len, src_len = q.shape[1], q.shape[2], k.shape[2]
     bm = as_block_mask(mask, heads, tgt_len, src_len, block_size, causal)
+    return block_mask_attention(
+        q, k, v, bm, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p, backend=backend
+    )
+
+
+def block_mask_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bm: BlockMask,
+    *,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`block_sparse_attention` without its argument checks, for callers that built ``bm`` for exactly
+    these inputs (the attention modules, whose inputs ``EfficientAttention.forward`` checks, and which build
+    each mask once per length): per call only the backend decision (a cached lookup) and the kernels run.
+    ``bm.causal`` decides the causal rule.  Returns ``(out (B, H, T, dv), lse (B, H, T))``."""
     impl = BLOCK_SPARSE.select(backend, q, k, v, dropout_p=dropout_p, block_size=bm.block_size)
     return impl.run(q, k, v, bm, key_padding_mask, scale, dropout_p)

@@ -32,8 +32,11 @@ _UNBOUNDED = 1 << 30
 # Tiles are loaded with TMA descriptors (the Hopper tensor-memory accelerator, sm_90+, where the
 # tensors are 16-byte aligned; masked pointer loads otherwise).  Their descriptors cost host time, so
 # bands under TMA_MIN_SPAN keys keep pointer loads (the measurements: benchmarks/README.md,
-# "Kernel configuration").
+# "Kernel configuration").  Block-sparse calls of fewer than TMA_MIN_ROWS rows (B * H * N) keep them too: their
+# GPU work is smaller than the host's work for the step (CAB's setting, B*H = 32, is host-bound below 8k), so
+# the six descriptors would only add host time.
 TMA_MIN_SPAN = 512
+TMA_MIN_ROWS = 1 << 18
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,16 +73,16 @@ def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def block_config(block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+def block_config(block_size: int, head_dim: int, dtype: torch.dtype, tma: bool = True) -> dict:
     """Tiles of the block-sparse kernels: 64x64 tiles (a layout block of 128 is visited as 2x2 of them).
 
-    TMA loads (see ``TMA_MIN_SPAN``) throughout (how they were chosen: ``benchmarks/README.md``,
+    TMA loads where ``tma`` (see ``TMA_MIN_ROWS``; how they were chosen: ``benchmarks/README.md``,
     "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     t = min(block_size, 64)
     cfg = dict(
-        BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size, TMA=True
+        BLOCK_M=t, BLOCK_N=t, num_warps=8 if wide else 4, num_stages=1 if wide else 3, LUT_BLOCK=block_size, TMA=tma
     )
     return dict(fwd=cfg, dq=cfg, dkdv=cfg)
 
@@ -102,11 +105,35 @@ def _kpm(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
     return kpm.view(torch.uint8).contiguous(), True
 
 
-def _tma_desc(t: Tensor, rows: int):
-    """A TMA descriptor of ``t (B, H, N, d)`` seen as ``(B*H, N, d)``, loading ``rows x d`` tiles."""
+def _kernel_view(t: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+    """``(t, (s_bh, s_row))``: ``t (B, H, N, d)`` as the kernels read it, row ``n`` of head ``b*H + h`` at element
+    ``(b*H + h) * s_bh + n * s_row``.  Two dense layouts are read in place: contiguous ``(B, H, N, d)`` and
+    time-first ``(N, B, H, d)`` memory (what ``split_heads`` of a projection gives, and what the outputs then
+    keep: no copy on the way in or out); any other is copied contiguous."""
+    B, H, N, D = t.shape
+    sb, sh, sn, sd = t.stride()
+    bh = B * H
+    s_bh = sh if H > 1 else sb
+    if (sd == 1 or D == 1) and (B == 1 or H == 1 or sb == H * sh):
+        if (bh == 1 or s_bh == N * D) and (N == 1 or sn == D):
+            return t, (N * D, D)
+        if (bh == 1 or s_bh == D) and (N == 1 or sn == bh * D) and (N + 128) * bh * D < 2**31:  # int32 offsets
+            return t, (D, bh * D)
+    return t.contiguous(), (N * D, D)
+
+
+def _like(anchor: Tensor, x: Tensor) -> Tensor:
+    """``x`` copied into ``anchor``'s (dense) layout, for tensors that must share one set of kernel strides."""
+    return torch.empty_like(anchor).copy_(x)
+
+
+def _tma_desc(t: Tensor, strides: Tuple[int, int], rows: int):
+    """A TMA descriptor of ``t (B, H, N, d)`` seen as ``(B*H, N, d)`` with its kernel ``strides``, loading
+    ``rows x d`` tiles."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(t.view(-1, t.shape[2], t.shape[3]), [1, rows, t.shape[3]])
+    B, H, N, D = t.shape
+    return TensorDescriptor(t, [B * H, N, D], [strides[0], strides[1], 1], [1, rows, D])
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,35 +141,52 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _tma_ok(*ts: Tensor) -> bool:
-    """The Hopper tensor-memory accelerator needs sm_90+ and 16-byte aligned bases (rows are d * 2 bytes)."""
-    return all(t.device.type == "cuda" and t.data_ptr() % 16 == 0 for t in ts) and _has_tma(ts[0].device)
+def _tma_ok(*ts: Tensor, strides: Tuple[int, ...] = ()) -> bool:
+    """The Hopper tensor-memory accelerator needs sm_90+, 16-byte aligned bases and 16-byte aligned strides."""
+    size = ts[0].element_size()
+    return (
+        all(t.device.type == "cuda" and t.data_ptr() % 16 == 0 for t in ts)
+        and all(s * size % 16 == 0 for s in strides)
+        and _has_tma(ts[0].device)
+    )
 
 
-def _with_tma(cfg: dict, a: Tensor, b: Tensor, block: str):
+def _with_tma(cfg: dict, a: Tensor, b: Tensor, strides: Tuple[int, int], block: str):
     """``cfg`` with TMA kept only where usable, and the descriptors of ``a``, ``b`` (tiles of ``cfg[block]``
-    rows) to pass for them, or the tensors themselves for pointer loads.  Sequences shorter than one
-    tile (decoding steps, short prompts) keep pointer loads: nothing to gain, and no tile box larger
-    than its tensor is ever encoded."""
+    rows; both with the kernel ``strides``) to pass for them, or the tensors themselves for pointer loads.
+    Sequences shorter than one tile (decoding steps, short prompts) keep pointer loads: nothing to gain,
+    and no tile box larger than its tensor is ever encoded."""
     c = dict(cfg)
-    c["TMA"] = c.get("TMA", False) and min(a.shape[2], b.shape[2]) >= c[block] and _tma_ok(a, b)
-    return c, ((_tma_desc(a, c[block]), _tma_desc(b, c[block])) if c["TMA"] else (a, b))
+    c["TMA"] = c.get("TMA", False) and min(a.shape[2], b.shape[2]) >= c[block] and _tma_ok(a, b, strides=strides)
+    if not c["TMA"]:
+        return c, (a, b)
+    return c, (_tma_desc(a, strides, c[block]), _tma_desc(b, strides, c[block]))
 
 
 def _flags(q: Tensor) -> dict:
     return dict(IEEE=q.dtype == torch.float32, HEAD_DIM=q.shape[-1])
 
 
+def _qkv_views(q, k, v):
+    """q, k, v in kernel layouts (``_kernel_view``) with their strides; k and v share theirs."""
+    q, sq = _kernel_view(q)
+    k, sk = _kernel_view(k)
+    v, sv = _kernel_view(v)
+    if sv != sk:
+        v = _like(k, v)
+    return q, k, v, sq, sk
+
+
 def _forward(q, k, v, kpm, rule, lut, cfg):
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v, sq, sk = _qkv_views(q, k, v)
     B, H, T, D = q.shape
     S = k.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q)  # q's layout (a dense tensor's strides are kept)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     kpm_t, has_kpm = _kpm(kpm, q)
     scale, q_offset, group, left, right, causal, window = rule
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
-    c, (kd, vd) = _with_tma(cfg, k, v, "BLOCK_N")
+    c, (kd, vd) = _with_tma(cfg, k, v, sk, "BLOCK_N")
     tk._fwd_kernel[_grid(lut, T, c["BLOCK_M"], B * H)](
         q,
         k,
@@ -160,6 +204,8 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
         H,
         T,
         S,
+        *sq,
+        *sk,
         q_offset,
         group,
         left,
@@ -179,7 +225,11 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
 
 
 def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
-    q, k, v, do, out = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), out.contiguous()
+    q, k, v, sq, sk = _qkv_views(q, k, v)
+    if do.stride() != q.stride():  # (the gradient of an output made in q's layout mostly comes back in it)
+        do = _like(q, do)
+    if out.stride() != q.stride():
+        out = _like(q, out)
     B, H, T, D = q.shape
     S = k.shape[2]
     lse = lse.contiguous()
@@ -191,7 +241,7 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
-    cfg, (kd, vd) = _with_tma(cfgs["dq"], k, v, "BLOCK_N")
+    cfg, (kd, vd) = _with_tma(cfgs["dq"], k, v, sk, "BLOCK_N")
     tk._bwd_dq_kernel[_grid(lut, T, cfg["BLOCK_M"], B * H)](
         q,
         k,
@@ -214,6 +264,8 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
         H,
         T,
         S,
+        *sq,
+        *sk,
         q_offset,
         group,
         left,
@@ -228,7 +280,7 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
         **cfg,
     )
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut_t
-    cfg, (qd, dod) = _with_tma(cfgs["dkdv"], q, do, "BLOCK_M")
+    cfg, (qd, dod) = _with_tma(cfgs["dkdv"], q, do, sq, "BLOCK_M")
     tk._bwd_dkdv_kernel[_grid(lut_t, S, cfg["BLOCK_N"], B * H)](
         q,
         k,
@@ -250,6 +302,8 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
         H,
         T,
         S,
+        *sq,
+        *sk,
         q_offset,
         group,
         left,
@@ -285,6 +339,11 @@ def _window_rule(scale, q_offset, group, left, right, causal):
 
 def _block_rule(scale, causal, T, S):
     return (scale, S - T, 1, _UNBOUNDED, _UNBOUNDED, causal, False)
+
+
+def _layout_tma(q: Tensor, k: Tensor) -> bool:
+    """Whether a block-sparse call is large enough for TMA descriptors (``TMA_MIN_ROWS``)."""
+    return q.shape[0] * q.shape[1] * max(q.shape[2], k.shape[2]) >= TMA_MIN_ROWS
 
 
 def _mask_luts(q: Tensor, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles):
@@ -376,7 +435,7 @@ def block_sparse_fwd(
     key_padding_mask: Optional[Tensor],
     scale: float,
 ) -> Tuple[Tensor, Tensor]:
-    cfg = block_config(block_size, q.shape[-1], q.dtype)["fwd"]
+    cfg = block_config(block_size, q.shape[-1], q.dtype, _layout_tma(q, k))["fwd"]
     lut, _ = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
     return _forward(q, k, v, key_padding_mask, _block_rule(scale, causal, q.shape[2], k.shape[2]), lut, cfg)
 
@@ -401,7 +460,7 @@ def block_sparse_bwd(
     key_padding_mask: Optional[Tensor],
     scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    cfg = block_config(block_size, q.shape[-1], q.dtype)
+    cfg = block_config(block_size, q.shape[-1], q.dtype, _layout_tma(q, k))
     lut, lut_t = _mask_luts(q, row_idx, row_cnt, row_tile, col_idx, col_cnt, col_tile, tiles)
     rule = _block_rule(scale, causal, q.shape[2], k.shape[2])
     return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut_t, cfg)

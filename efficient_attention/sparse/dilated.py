@@ -18,22 +18,23 @@ the last ``T`` positions.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import kernels
 from ..block_mask import BlockMask
 from ..functional import acc_dtype, combine_attention, repeat_kv, softmax
+from ..kernels.ops import block_mask_attention
 from ..layouts import dilated_mask_mod, or_masks
 from .block_sparse import check_qkv
 
 __all__ = ["dilated_attention", "dilated_attention_reference", "check_dilated_config", "dilated_block_mask"]
 
 BLOCK_SIZE = 64  # the kernels' block of the union mask
-_masks: dict = {}  # (branches, heads, n, causal, first row, device) -> BlockMask, a few recent ones
+_masks: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # (config, n, first row) -> BlockMask, the recent ones
 
 
 def check_dilated_config(
@@ -77,11 +78,30 @@ def dilated_block_mask(
     block_size: int = BLOCK_SIZE,
 ) -> BlockMask:
     """The :class:`BlockMask` of the union of the branches over ``n`` positions (rows from
-    ``q_block_start`` on), evaluated only on the blocks that share a segment (cached)."""
-    key = (tuple(segment_lengths), tuple(dilation_rates), heads, n, causal, q_block_start, block_size, str(device))
+    ``q_block_start`` on), evaluated only on the blocks that share a segment (cached; a shorter length
+    crops a longer length's mask: no evaluation, no host synchronisation)."""
+    config = (tuple(segment_lengths), tuple(dilation_rates), heads, causal, block_size, device)
+    key = (config, n, q_block_start)
     hit = _masks.get(key)
     if hit is not None:
+        _masks.move_to_end(key)
         return hit
+    # the branches depend on positions only: a longer sequence's mask, cropped, is this one's (no evaluation)
+    longer = [m for (c, n2, start), m in _masks.items() if c == config and start == 0 and n2 >= n]
+    if q_block_start == 0 and longer:
+        bm = min(longer, key=lambda m: m.shape[0]).crop(n)
+    else:
+        with torch.no_grad():
+            bm = _build_dilated_block_mask(
+                segment_lengths, dilation_rates, heads, n, causal, device, q_block_start, block_size
+            )
+    if len(_masks) >= 16:
+        _masks.popitem(last=False)  # the least recently used
+    _masks[key] = bm
+    return bm
+
+
+def _build_dilated_block_mask(segment_lengths, dilation_rates, heads, n, causal, device, q_block_start, block_size):
     mod = or_masks(*(dilated_mask_mod(w, r, causal) for w, r in zip(segment_lengths, dilation_rates)))
     nb = -(-n // block_size)
     first = torch.arange(nb, device=device) * block_size
@@ -91,13 +111,9 @@ def dilated_block_mask(
         lo, hi = torch.div(first, w, rounding_mode="floor"), torch.div(last, w, rounding_mode="floor")
         lo_q, hi_q = lo[q_block_start:, None], hi[q_block_start:, None]
         cand |= (lo_q <= hi[None, :]) & (lo[None, :] <= hi_q)
-    bm = BlockMask.from_mask_mod(
+    return BlockMask.from_mask_mod(
         mod, heads, n, n, block_size, device=device, q_block_start=q_block_start, candidates=cand[None]
     )
-    if len(_masks) >= 16:
-        _masks.clear()
-    _masks[key] = bm
-    return bm
 
 
 def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
@@ -185,13 +201,14 @@ def dilated_attention(
         # decoding (queries after a prefix): the mask at the length rounded up to a whole block, so the steps
         # inside one block share it (the kernels never read keys past src_len)
         n = -(-src_len // bs) * bs if off else src_len
-        with torch.no_grad():
-            bm = dilated_block_mask(ws, rs, heads, n, bool(causal), q.device, q_block_start=start // bs)
+        bm = dilated_block_mask(ws, rs, heads, n, bool(causal), q.device, q_block_start=start // bs)
         qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
-        out, lse = kernels.block_sparse_attention(
+        # the mask is built for exactly these lengths (inputs checked above): straight to the kernels' dispatch
+        out, lse = block_mask_attention(
             qp, k, v, bm, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p
         )
-        out, lse = out[:, :, off - start :], lse[:, :, off - start :]
+        if off > start:
+            out, lse = out[:, :, off - start :], lse[:, :, off - start :]
         return (out, lse) if return_lse else out
     out, lse = dilated_attention_reference(
         q,
