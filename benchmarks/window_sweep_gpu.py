@@ -1,0 +1,347 @@
+"""Per-kernel config sweep of the sliding-window Triton kernels at issue 14's wide windows (about 2 minutes).
+
+For causal windows W in {1024, 2048, 4096} at N = 64k, B = 1, H = 16, bf16, d in {64, 128}: every candidate
+config of the forward, dq and dk/dv kernels (tiles, warps, stages, TMA loads) is first checked against an fp32
+reference at a small N (output and the three gradients), then timed at N = 64k with ``triton.testing.do_bench``:
+the forward alone, and the backward (``triton_ops._backward``, both kernels) with one kernel's config varied and
+the other's kept at ``window_config``'s choice (the ranking within one kernel is its own).  The best
+fwd / dq / dk+dv configs are then combined and timed forward+backward through the public
+``sliding_window_attention``, next to compiled FlexAttention (compiled once per head dim: the window is a
+captured tensor) and the FA2 window of ``varlen_attn`` built as in ``kernels_gpu.py``.  A time budget
+(``--budget`` seconds, default 110, half per head dim) skips the remaining candidates rather than running long.
+
+    PYTHONPATH=$PWD python benchmarks/window_sweep_gpu.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kernels_gpu import varlen_window_fn  # noqa: E402
+
+from efficient_attention.kernels import sliding_window_attention, triton_ops  # noqa: E402
+from efficient_attention.local_window import LocalWindow  # noqa: E402
+
+N, H, DTYPE = 65536, 16, torch.bfloat16
+WINDOWS = (4096, 2048, 1024)  # widest first: it matters most, and a head dim's first W pays the compiles
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, TMA]); BLOCK_M = query rows, BLOCK_N = keys in every kernel.
+# TMA defaults to on (these spans are all >= TMA_MIN_SPAN).  Most promising first: the budget cuts the tail.
+CANDIDATES = {
+    64: dict(
+        fwd=[
+            (64, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (64, 128, 4, 3),
+            (128, 64, 4, 3),
+            (64, 64, 4, 4),
+            (128, 128, 8, 2),
+            (64, 64, 4, 3, False),
+        ],
+        dq=[
+            (64, 64, 4, 3),
+            (128, 64, 8, 3),
+            (64, 32, 4, 3),
+            (128, 128, 8, 2),
+            (64, 128, 4, 3),
+            (128, 64, 4, 3),
+            (64, 64, 4, 4),
+            (64, 64, 4, 3, False),
+        ],
+        dkdv=[
+            (64, 64, 4, 3),
+            (64, 128, 8, 3),
+            (32, 128, 4, 3),
+            (128, 128, 8, 2),
+            (64, 128, 4, 3),
+            (32, 64, 4, 3),
+            (64, 64, 4, 4),
+            (64, 64, 4, 3, False),
+        ],
+    ),
+    128: dict(
+        fwd=[
+            (64, 64, 4, 3),
+            (128, 64, 8, 3),
+            (64, 64, 4, 2),
+            (128, 64, 8, 2),
+            (128, 128, 8, 2),
+            (64, 128, 4, 2),
+            (128, 32, 4, 3),
+            (64, 64, 4, 3, False),
+        ],
+        dq=[
+            (128, 64, 8, 3),
+            (64, 64, 4, 2),
+            (128, 64, 8, 2),
+            (64, 64, 4, 3),
+            (64, 32, 4, 3),
+            (128, 128, 8, 2),
+            (64, 128, 8, 2),
+            (128, 64, 8, 3, False),
+        ],
+        dkdv=[
+            (64, 128, 8, 3),
+            (64, 64, 4, 2),
+            (64, 128, 8, 2),
+            (64, 64, 4, 3),
+            (32, 128, 4, 3),
+            (128, 128, 8, 2),
+            (32, 64, 4, 3),
+            (64, 128, 8, 3, False),
+        ],
+    ),
+}
+KINDS = ("fwd", "dq", "dkdv")
+
+
+def bench(fn, grad_of=None) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=30, grad_to_none=grad_of, return_mode="median")
+
+
+def as_cfg(c) -> dict:
+    bm, bn, nw, ns = c[:4]
+    return dict(
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, LUT_BLOCK=max(bm, bn, 64), TMA=c[4] if len(c) > 4 else True
+    )
+
+
+def label(cfg: dict) -> str:
+    tma = "" if cfg["TMA"] else " ptr"
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{tma}"
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+class Sweep:
+    def __init__(self, args):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.args = args
+        self.t0 = time.time()
+        self.rows: list = []
+        self.summary: list = []
+        self.flex = torch.compile(flex_attention, dynamic=False)
+        self.create_block_mask = create_block_mask
+        self.deadline = self.t0 + args.budget
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def save(self):
+        with open(self.args.out, "w") as f:
+            json.dump(
+                dict(
+                    device=torch.cuda.get_device_name(0),
+                    torch=torch.__version__,
+                    triton=__import__("triton").__version__,
+                    N=N,
+                    H=H,
+                    rows=self.rows,
+                    summary=self.summary,
+                ),
+                f,
+                indent=1,
+            )
+
+    def reference(self, W, D):
+        """Small-N check inputs of window W and their fp32 reference output and gradients (H and n multiples of 16,
+        as at N = 64k: Triton specialises integer arguments on that, so the checked kernel is the timed one)."""
+        n = 2 * W + 256
+        g = torch.Generator(device="cuda").manual_seed(W + D)
+        q, k, v, do = (torch.randn(1, H, n, D, device="cuda", generator=g).to(DTYPE) for _ in range(4))
+        qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+        i = torch.arange(n, device="cuda")
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
+        out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask)
+        out.backward(do.float())
+        return (q, k, v, do), (out.detach(), qf.grad, kf.grad, vf.grad)
+
+    def check(self, kind, cfgs, rule, small, ref) -> float:
+        """The largest relative error of the output (fwd) or of dq, dk, dv (dq, dkdv) against the reference."""
+        q, k, v, do = small
+        lut = triton_ops._no_lut(q)
+        out, lse = triton_ops._forward(q, k, v, None, rule, lut, cfgs["fwd"])
+        if kind == "fwd":
+            return rel(out, ref[0])
+        grads = triton_ops._backward(do, None, q, k, v, out, lse, None, rule, lut, lut, cfgs)
+        return max(rel(g, r) for g, r in zip(grads, ref[1:]))
+
+    def kernels(self, W, D, big):
+        """Check and time every candidate of each kernel at window W; returns the best config per kernel."""
+        q, k, v, do = big
+        rule = triton_ops._window_rule(D**-0.5, 0, 1, W - 1, 0, True)
+        lut = triton_ops._no_lut(q)
+        default = triton_ops.window_config(W, D, DTYPE)
+        small, ref = self.reference(W, D)
+        with torch.no_grad():
+            out, lse = triton_ops._forward(q, k, v, None, rule, lut, default["fwd"])
+        best = {}
+        for kind in KINDS:
+            results = []
+            cands = [default[kind]] + [as_cfg(c) for c in CANDIDATES[D][kind]]
+            seen = set()
+            for cfg in cands:
+                key = label(cfg)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if self.left() < 0:
+                    print(f"  d={D} W={W} {kind:4s} {key:22s} skipped (budget)", flush=True)
+                    continue
+                cfgs = dict(default, **{kind: cfg})
+                row = dict(D=D, W=W, kernel=kind, cfg=cfg, default=cfg == default[kind])
+                try:
+                    row["err"] = err = self.check(kind, cfgs, rule, small, ref)
+                    if not err < 2e-2:
+                        raise AssertionError(f"relative error {err:.1e}")
+                    if kind == "fwd":
+                        row["ms"] = bench(lambda: triton_ops._forward(q, k, v, None, rule, lut, cfg))
+                    else:
+                        row["ms"] = bench(
+                            lambda: triton_ops._backward(do, None, q, k, v, out, lse, None, rule, lut, lut, cfgs)
+                        )
+                except Exception as exc:  # out of resources, a wrong result
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                    row["ms"] = math.nan
+                self.rows.append(row)
+                results.append(row)
+                tag = "*" if row["default"] else " "
+                what = "fwd" if kind == "fwd" else "bwd"
+                print(
+                    f" {tag}d={D} W={W} {kind:4s} {key:22s} {what} {row['ms']:7.3f} ms  err {row.get('err', 0):.1e}"
+                    f"{'  ' + row['error'] if 'error' in row else ''}  [{time.time() - self.t0:.0f}s]",
+                    flush=True,
+                )
+            ok = [r for r in results if not math.isnan(r["ms"])]
+            base = [r for r in ok if r["default"]]
+            best[kind] = dict(
+                cfg=min(ok, key=lambda r: r["ms"])["cfg"] if ok else default[kind],
+                ms=min((r["ms"] for r in ok), default=math.nan),
+                default_ms=base[0]["ms"] if base else math.nan,
+            )
+        self.save()
+        return best
+
+    def baselines(self, W, D, big):
+        """Forward and forward+backward ms of compiled Flex and of varlen_attn's FA2 window."""
+        q, k, v, do = big
+        w_t = torch.tensor(W, device="cuda")
+
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & (qi - ki < w_t)
+
+        bm = self.create_block_mask(mask_mod, None, None, N, N, device="cuda")
+        res = {}
+        fns = {"flex": (lambda q, k, v: self.flex(q, k, v, block_mask=bm), (q, k, v, do))}
+        varlen = varlen_window_fn(1, N, W)
+        if varlen is not None:
+            packed = [t.detach().transpose(1, 2).reshape(N, H, D).contiguous() for t in (q, k, v, do)]
+            fns["varlen"] = (varlen, [t.requires_grad_() for t in packed[:3]] + packed[3:])
+        for name, (fn, (a, b, c, g)) in fns.items():
+            try:
+                with torch.no_grad():
+                    fwd = bench(lambda: fn(a, b, c))
+                res[name] = (fwd, bench(lambda: fn(a, b, c).backward(g), grad_of=[a, b, c]))
+            except Exception as exc:
+                print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                res[name] = (math.nan, math.nan)
+        return res
+
+    def ours(self, W, D, big, cfgs) -> tuple:
+        """Forward and forward+backward ms through the public op with ``cfgs`` in place of window_config."""
+        q, k, v, do = big
+        window = LocalWindow.sliding(W - 1, 0, causal=True)
+        saved = triton_ops.window_config
+        triton_ops.window_config = lambda *a: cfgs
+        try:
+            with torch.no_grad():
+                fwd = bench(lambda: sliding_window_attention(q, k, v, window)[0])
+            fb = bench(lambda: sliding_window_attention(q, k, v, window)[0].backward(do), grad_of=[q, k, v])
+        finally:
+            triton_ops.window_config = saved
+        return fwd, fb
+
+    def run(self):
+        for i, D in enumerate((64, 128)):  # half the budget each (most compiles come at a head dim's first W)
+            self.deadline = self.t0 + self.args.budget * (i + 1) / 2
+            big = [torch.randn(1, H, N, D, device="cuda", dtype=DTYPE, requires_grad=i < 3) for i in range(4)]
+            for W in WINDOWS:
+                base = self.baselines(W, D, big)
+                best = self.kernels(W, D, big)
+                default = triton_ops.window_config(W, D, DTYPE)
+                tuned = {kind: best[kind]["cfg"] for kind in KINDS}
+                ours_default = self.ours(W, D, big, default)
+                ours_best = self.ours(W, D, big, tuned) if tuned != default else ours_default
+                self.summary.append(
+                    dict(
+                        D=D,
+                        W=W,
+                        best=best,
+                        ours_default=ours_default,
+                        ours_best=ours_best,
+                        flex=base["flex"],
+                        varlen=base.get("varlen", (math.nan, math.nan)),
+                    )
+                )
+                self.save()
+            big = None
+            torch.cuda.empty_cache()
+
+    def report(self):
+        print(
+            f"\nbest config per kernel (ms: fwd alone; dq / dkdv: the whole backward with that kernel's config)"
+            f"  [{time.time() - self.t0:.0f}s]"
+        )
+        print(f"{'d':>4} {'W':>5} {'kernel':6} {'default ms':>10} {'best ms':>8}  best config")
+        for s in self.summary:
+            for kind in KINDS:
+                b = s["best"][kind]
+                print(f"{s['D']:4d} {s['W']:5d} {kind:6} {b['default_ms']:10.3f} {b['ms']:8.3f}  {label(b['cfg'])}")
+        print(
+            "\nforward+backward ms through sliding_window_attention (fwd ms in brackets); target x1.25 flex, "
+            "x1.5 varlen"
+        )
+        print(
+            f"{'d':>4} {'W':>5} {'default':>15} {'best':>15} {'flex':>15} {'varlen':>15} {'x flex':>7} {'x varlen':>8}"
+        )
+        for s in self.summary:
+            cell = lambda p: f"{p[1]:7.3f} ({p[0]:5.2f})"  # noqa: E731
+            ob = s["ours_best"][1]
+            print(
+                f"{s['D']:4d} {s['W']:5d} {cell(s['ours_default']):>15} {cell(s['ours_best']):>15} "
+                f"{cell(s['flex']):>15} {cell(s['varlen']):>15} {s['flex'][1] / ob:7.2f} {s['varlen'][1] / ob:8.2f}"
+            )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="window_sweep.json", help="a .json file or a directory")
+    p.add_argument("--budget", type=float, default=110.0, help="seconds after which remaining candidates are skipped")
+    args = p.parse_args()
+    if not args.out.endswith(".json"):
+        os.makedirs(args.out, exist_ok=True)
+        args.out = os.path.join(args.out, "window_sweep.json")
+    torch._dynamo.config.cache_size_limit = 64
+    s = Sweep(args)
+    s.run()
+    s.report()
+
+
+if __name__ == "__main__":
+    main()
