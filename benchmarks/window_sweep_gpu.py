@@ -8,7 +8,7 @@ the other's kept at ``window_config``'s choice (the ranking within one kernel is
 fwd / dq / dk+dv configs are then combined and timed forward+backward through the public
 ``sliding_window_attention``, next to compiled FlexAttention (compiled once per head dim: the window is a
 captured tensor) and the FA2 window of ``varlen_attn`` built as in ``kernels_gpu.py``.  A time budget
-(``--budget`` seconds, default 110, half per head dim) skips the remaining candidates rather than running long.
+(``--budget`` seconds, default 100, half per head dim) skips the remaining candidates rather than running long.
 
     PYTHONPATH=$PWD python benchmarks/window_sweep_gpu.py --out $OUT
 """
@@ -32,73 +32,81 @@ from kernels_gpu import varlen_window_fn  # noqa: E402
 from efficient_attention.kernels import sliding_window_attention, triton_ops  # noqa: E402
 from efficient_attention.local_window import LocalWindow  # noqa: E402
 
-N, H, DTYPE = 65536, 16, torch.bfloat16
+N, H, DTYPE, DEVICE = 65536, 16, torch.bfloat16, "cuda"
 WINDOWS = (4096, 2048, 1024)  # widest first: it matters most, and a head dim's first W pays the compiles
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, TMA]); BLOCK_M = query rows, BLOCK_N = keys in every kernel.
-# TMA defaults to on (these spans are all >= TMA_MIN_SPAN).  Most promising first: the budget cuts the tail.
+
+
+def C(bm: int, bn: int, warps: int, stages: int, **extra) -> dict:
+    """A kernel config: ``bm`` query rows x ``bn`` keys in every kernel; TMA loads unless ``TMA=False`` (these
+    spans are all >= TMA_MIN_SPAN); ``maxnreg`` caps registers per thread (more programs per SM)."""
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, LUT_BLOCK=max(bm, bn, 64), TMA=True)
+    return dict(cfg, **extra)
+
+
+# Most promising first per kernel; the kernels are interleaved and the budget cuts the tail.
 CANDIDATES = {
     64: dict(
         fwd=[
-            (64, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (64, 128, 4, 3),
-            (128, 64, 4, 3),
-            (64, 64, 4, 4),
-            (128, 128, 8, 2),
-            (64, 64, 4, 3, False),
+            C(128, 128, 8, 3),
+            C(128, 64, 8, 3),
+            C(64, 128, 4, 3),
+            C(128, 64, 4, 3),
+            C(64, 64, 4, 4),
+            C(64, 64, 4, 3, maxnreg=128),
+            C(128, 128, 8, 2),
+            C(64, 64, 4, 3, TMA=False),
         ],
         dq=[
-            (64, 64, 4, 3),
-            (128, 64, 8, 3),
-            (64, 32, 4, 3),
-            (128, 128, 8, 2),
-            (64, 128, 4, 3),
-            (128, 64, 4, 3),
-            (64, 64, 4, 4),
-            (64, 64, 4, 3, False),
+            C(128, 64, 8, 3),
+            C(64, 32, 4, 3),
+            C(128, 128, 8, 2),
+            C(64, 64, 4, 3, maxnreg=128),
+            C(64, 128, 4, 3),
+            C(128, 64, 4, 3),
+            C(64, 64, 4, 4),
+            C(64, 64, 4, 3, TMA=False),
         ],
         dkdv=[
-            (64, 64, 4, 3),
-            (64, 128, 8, 3),
-            (32, 128, 4, 3),
-            (128, 128, 8, 2),
-            (64, 128, 4, 3),
-            (32, 64, 4, 3),
-            (64, 64, 4, 4),
-            (64, 64, 4, 3, False),
+            C(64, 128, 8, 3),
+            C(32, 128, 4, 3),
+            C(64, 64, 4, 3, maxnreg=168),
+            C(128, 128, 8, 2),
+            C(64, 128, 4, 3),
+            C(32, 64, 4, 3),
+            C(64, 64, 4, 4),
+            C(64, 64, 4, 3, TMA=False),
         ],
     ),
     128: dict(
         fwd=[
-            (64, 64, 4, 3),
-            (128, 64, 8, 3),
-            (64, 64, 4, 2),
-            (128, 64, 8, 2),
-            (128, 128, 8, 2),
-            (64, 128, 4, 2),
-            (128, 32, 4, 3),
-            (64, 64, 4, 3, False),
+            C(128, 64, 8, 3),
+            C(64, 64, 4, 3),
+            C(128, 64, 8, 2),
+            C(128, 128, 8, 2),
+            C(64, 64, 4, 2),
+            C(64, 128, 4, 2),
+            C(128, 32, 4, 3),
+            C(128, 64, 8, 3, TMA=False),
         ],
         dq=[
-            (128, 64, 8, 3),
-            (64, 64, 4, 2),
-            (128, 64, 8, 2),
-            (64, 64, 4, 3),
-            (64, 32, 4, 3),
-            (128, 128, 8, 2),
-            (64, 128, 8, 2),
-            (128, 64, 8, 3, False),
+            C(64, 64, 4, 2),
+            C(128, 64, 8, 2),
+            C(64, 64, 4, 3),
+            C(128, 128, 8, 2),
+            C(64, 32, 4, 3),
+            C(64, 128, 8, 2),
+            C(128, 32, 8, 3),
+            C(128, 64, 8, 3, TMA=False),
         ],
         dkdv=[
-            (64, 128, 8, 3),
-            (64, 64, 4, 2),
-            (64, 128, 8, 2),
-            (64, 64, 4, 3),
-            (32, 128, 4, 3),
-            (128, 128, 8, 2),
-            (32, 64, 4, 3),
-            (64, 128, 8, 3, False),
+            C(64, 64, 4, 2),
+            C(64, 128, 8, 2),
+            C(32, 128, 4, 3),
+            C(128, 128, 8, 2),
+            C(64, 64, 4, 3),
+            C(32, 64, 4, 3),
+            C(128, 64, 8, 2),
+            C(64, 128, 8, 3, TMA=False),
         ],
     ),
 }
@@ -111,16 +119,10 @@ def bench(fn, grad_of=None) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=30, grad_to_none=grad_of, return_mode="median")
 
 
-def as_cfg(c) -> dict:
-    bm, bn, nw, ns = c[:4]
-    return dict(
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, LUT_BLOCK=max(bm, bn, 64), TMA=c[4] if len(c) > 4 else True
-    )
-
-
 def label(cfg: dict) -> str:
     tma = "" if cfg["TMA"] else " ptr"
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{tma}"
+    reg = f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{tma}{reg}"
 
 
 def rel(a, b) -> float:
@@ -139,6 +141,8 @@ class Sweep:
         self.flex = torch.compile(flex_attention, dynamic=False)
         self.create_block_mask = create_block_mask
         self.deadline = self.t0 + args.budget
+        self.compiled: set = set()  # (D, kernel, label) already compiled: cheap to time at the next W
+        self.failed: set = set()
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -163,10 +167,10 @@ class Sweep:
         """Small-N check inputs of window W and their fp32 reference output and gradients (H and n multiples of 16,
         as at N = 64k: Triton specialises integer arguments on that, so the checked kernel is the timed one)."""
         n = 2 * W + 256
-        g = torch.Generator(device="cuda").manual_seed(W + D)
-        q, k, v, do = (torch.randn(1, H, n, D, device="cuda", generator=g).to(DTYPE) for _ in range(4))
+        g = torch.Generator(device=DEVICE).manual_seed(W + D)
+        q, k, v, do = (torch.randn(1, H, n, D, device=DEVICE, generator=g).to(DTYPE) for _ in range(4))
         qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
-        i = torch.arange(n, device="cuda")
+        i = torch.arange(n, device=DEVICE)
         mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
         out = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask)
         out.backward(do.float())
@@ -191,44 +195,55 @@ class Sweep:
         small, ref = self.reference(W, D)
         with torch.no_grad():
             out, lse = triton_ops._forward(q, k, v, None, rule, lut, default["fwd"])
+        queues = {}
+        for kind in KINDS:
+            labels = {label(default[kind]): default[kind]}
+            for cfg in CANDIDATES[D][kind]:
+                labels.setdefault(label(cfg), cfg)
+            queues[kind] = list(labels.values())
+        order = [
+            (kind, queues[kind][i])
+            for i in range(max(map(len, queues.values())))
+            for kind in KINDS
+            if i < len(queues[kind])
+        ]  # round robin over the kernels: the budget cuts each one's tail
+        results: dict = {kind: [] for kind in KINDS}
+        for kind, cfg in order:
+            key = label(cfg)
+            if (D, kind, key) in self.failed:
+                continue
+            if self.left() < 0 and (D, kind, key) not in self.compiled:  # compiled ones cost ~0.2 s: still run
+                print(f"  d={D} W={W} {kind:4s} {key:24s} skipped (budget)", flush=True)
+                continue
+            cfgs = dict(default, **{kind: cfg})
+            row = dict(D=D, W=W, kernel=kind, cfg=cfg, label=key, default=key == label(default[kind]))
+            try:
+                row["err"] = err = self.check(kind, cfgs, rule, small, ref)
+                self.compiled.add((D, kind, key))
+                if not err < 2e-2:
+                    raise AssertionError(f"relative error {err:.1e}")
+                if kind == "fwd":
+                    row["ms"] = bench(lambda: triton_ops._forward(q, k, v, None, rule, lut, cfg))
+                else:
+                    row["ms"] = bench(
+                        lambda: triton_ops._backward(do, None, q, k, v, out, lse, None, rule, lut, lut, cfgs)
+                    )
+            except Exception as exc:  # out of resources, a wrong result
+                self.failed.add((D, kind, key))
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                row["ms"] = math.nan
+            self.rows.append(row)
+            results[kind].append(row)
+            tag = "*" if row["default"] else " "
+            what = "fwd" if kind == "fwd" else "bwd"
+            print(
+                f" {tag}d={D} W={W} {kind:4s} {key:24s} {what} {row['ms']:7.3f} ms  err {row.get('err', 0):.1e}"
+                f"{'  ' + row['error'] if 'error' in row else ''}  [{time.time() - self.t0:.0f}s]",
+                flush=True,
+            )
         best = {}
         for kind in KINDS:
-            results = []
-            cands = [default[kind]] + [as_cfg(c) for c in CANDIDATES[D][kind]]
-            seen = set()
-            for cfg in cands:
-                key = label(cfg)
-                if key in seen:
-                    continue
-                seen.add(key)
-                if self.left() < 0:
-                    print(f"  d={D} W={W} {kind:4s} {key:22s} skipped (budget)", flush=True)
-                    continue
-                cfgs = dict(default, **{kind: cfg})
-                row = dict(D=D, W=W, kernel=kind, cfg=cfg, default=cfg == default[kind])
-                try:
-                    row["err"] = err = self.check(kind, cfgs, rule, small, ref)
-                    if not err < 2e-2:
-                        raise AssertionError(f"relative error {err:.1e}")
-                    if kind == "fwd":
-                        row["ms"] = bench(lambda: triton_ops._forward(q, k, v, None, rule, lut, cfg))
-                    else:
-                        row["ms"] = bench(
-                            lambda: triton_ops._backward(do, None, q, k, v, out, lse, None, rule, lut, lut, cfgs)
-                        )
-                except Exception as exc:  # out of resources, a wrong result
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                    row["ms"] = math.nan
-                self.rows.append(row)
-                results.append(row)
-                tag = "*" if row["default"] else " "
-                what = "fwd" if kind == "fwd" else "bwd"
-                print(
-                    f" {tag}d={D} W={W} {kind:4s} {key:22s} {what} {row['ms']:7.3f} ms  err {row.get('err', 0):.1e}"
-                    f"{'  ' + row['error'] if 'error' in row else ''}  [{time.time() - self.t0:.0f}s]",
-                    flush=True,
-                )
-            ok = [r for r in results if not math.isnan(r["ms"])]
+            ok = [r for r in results[kind] if not math.isnan(r["ms"])]
             base = [r for r in ok if r["default"]]
             best[kind] = dict(
                 cfg=min(ok, key=lambda r: r["ms"])["cfg"] if ok else default[kind],
@@ -241,12 +256,12 @@ class Sweep:
     def baselines(self, W, D, big):
         """Forward and forward+backward ms of compiled Flex and of varlen_attn's FA2 window."""
         q, k, v, do = big
-        w_t = torch.tensor(W, device="cuda")
+        w_t = torch.tensor(W, device=DEVICE)
 
         def mask_mod(b, h, qi, ki):
             return (ki <= qi) & (qi - ki < w_t)
 
-        bm = self.create_block_mask(mask_mod, None, None, N, N, device="cuda")
+        bm = self.create_block_mask(mask_mod, None, None, N, N, device=DEVICE)
         res = {}
         fns = {"flex": (lambda q, k, v: self.flex(q, k, v, block_mask=bm), (q, k, v, do))}
         varlen = varlen_window_fn(1, N, W)
@@ -280,7 +295,7 @@ class Sweep:
     def run(self):
         for i, D in enumerate((64, 128)):  # half the budget each (most compiles come at a head dim's first W)
             self.deadline = self.t0 + self.args.budget * (i + 1) / 2
-            big = [torch.randn(1, H, N, D, device="cuda", dtype=DTYPE, requires_grad=i < 3) for i in range(4)]
+            big = [torch.randn(1, H, N, D, device=DEVICE, dtype=DTYPE, requires_grad=i < 3) for i in range(4)]
             for W in WINDOWS:
                 base = self.baselines(W, D, big)
                 best = self.kernels(W, D, big)
@@ -332,7 +347,7 @@ class Sweep:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="window_sweep.json", help="a .json file or a directory")
-    p.add_argument("--budget", type=float, default=110.0, help="seconds after which remaining candidates are skipped")
+    p.add_argument("--budget", type=float, default=100.0, help="seconds after which remaining candidates are skipped")
     args = p.parse_args()
     if not args.out.endswith(".json"):
         os.makedirs(args.out, exist_ok=True)
