@@ -344,6 +344,34 @@ class Sweep:
             )
 
 
+def resources():
+    """Registers, spills and shared memory of every window kernel compiled in this run (best effort: reads
+    Triton's in-memory kernel cache, whose layout is Triton 3.x's)."""
+    from efficient_attention.kernels import _triton_kernels as tk
+
+    print(
+        f"\n{'kernel':6} {'d':>4} {'tile':>8} {'w':>2} {'s':>2} {'tma':>3} {'maxnreg':>7} {'regs':>4} {'spills':>6} "
+        f"{'smem KB':>7}"
+    )
+    try:
+        for kind, fn in (("fwd", tk._fwd_kernel), ("dq", tk._bwd_dq_kernel), ("dkdv", tk._bwd_dkdv_kernel)):
+            for caches in fn.device_caches.values():
+                for kern in caches[0].values():
+                    if kern.module is None:  # never launched
+                        continue
+                    c = {fn.arg_names[key[0]]: val for key, val in kern.src.constants.items()}
+                    if not c.get("WINDOW") or c.get("USE_LUT"):
+                        continue
+                    m = kern.metadata
+                    print(
+                        f"{kind:6} {c['HEAD_DIM']:4d} {c['BLOCK_M']:>3}x{c['BLOCK_N']:<4} {m.num_warps:2d} "
+                        f"{m.num_stages:2d} {int(bool(c['TMA'])):3d} {str(getattr(m, 'maxnreg', None)):>7} "
+                        f"{kern.n_regs:4d} {kern.n_spills:6d} {m.shared / 1024:7.1f}"
+                    )
+    except Exception as exc:  # a diagnostic only
+        print(f"(kernel resources unavailable: {type(exc).__name__}: {exc})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="window_sweep.json", help="a .json file or a directory")
@@ -355,6 +383,7 @@ def main():
     torch._dynamo.config.cache_size_limit = 64
     s = Sweep(args)
     s.run()
+    resources()
     s.report()
 
 
