@@ -124,9 +124,10 @@ def bench(fn, grad_of=None) -> float:
 
 
 def label(cfg: dict) -> str:
-    tma = "" if cfg["TMA"] else " ptr"
-    reg = f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{tma}{reg}"
+    """``64x64w4s3`` (BLOCK_M x BLOCK_N, warps, stages), ``p``: pointer loads instead of TMA, ``rNNN``: maxnreg."""
+    tma = "" if cfg["TMA"] else "p"
+    reg = f"r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}{tma}{reg}"
 
 
 def rel(a, b) -> float:
@@ -212,13 +213,14 @@ class Sweep:
             if i < len(queues[kind])
         ]  # round robin over the kernels: the budget cuts each one's tail
         results: dict = {kind: [] for kind in KINDS}
+        skipped = 0
         for kind, cfg in order:
             key = label(cfg)
             if (D, kind, key) in self.failed:
                 continue
             is_default = key == label(default[kind])
             if self.left() < 0 and not is_default and (D, kind, key) not in self.compiled:  # compiled: ~0.2 s
-                print(f"  d={D} W={W} {kind:4s} {key:24s} skipped (budget)", flush=True)
+                skipped += 1
                 continue
             cfgs = dict(default, **{kind: cfg})
             row = dict(D=D, W=W, kernel=kind, cfg=cfg, label=key, default=is_default)
@@ -239,13 +241,10 @@ class Sweep:
                 row["ms"] = math.nan
             self.rows.append(row)
             results[kind].append(row)
-            tag = "*" if row["default"] else " "
-            what = "fwd" if kind == "fwd" else "bwd"
-            print(
-                f" {tag}d={D} W={W} {kind:4s} {key:24s} {what} {row['ms']:7.3f} ms  err {row.get('err', 0):.1e}"
-                f"{'  ' + row['error'] if 'error' in row else ''}  [{time.time() - self.t0:.0f}s]",
-                flush=True,
-            )
+            if "error" in row:
+                print(f"  d={D} W={W} {kind} {key}: {row['error'][:100]}", flush=True)
+        timed = sum(len(r) for r in results.values())
+        print(f"d={D} W={W}: {timed} configs checked and timed, {skipped} skipped [{time.time() - self.t0:.0f}s]")
         best = {}
         for kind in KINDS:
             ok = [r for r in results[kind] if not math.isnan(r["ms"])]
@@ -328,6 +327,12 @@ class Sweep:
             f"\nbest config per kernel (ms: fwd alone; dq / dkdv: the whole backward with that kernel's config)"
             f"  [{time.time() - self.t0:.0f}s]"
         )
+        for s in self.summary:  # every timed config, fastest first (* the default)
+            for kind in KINDS:
+                rows = [r for r in self.rows if (r["D"], r["W"], r["kernel"]) == (s["D"], s["W"], kind)]
+                rows = sorted(rows, key=lambda r: (math.isnan(r["ms"]), r["ms"]))
+                cells = " ".join(f"{'*' if r['default'] else ''}{r['label']} {r['ms']:.3f}" for r in rows)
+                print(f"d={s['D']} W={s['W']} {kind}: {cells}")
         print(f"{'d':>4} {'W':>5} {'kernel':6} {'default ms':>10} {'best ms':>8}  best config")
         for s in self.summary:
             for kind in KINDS:
@@ -354,10 +359,7 @@ def resources():
     Triton's in-memory kernel cache, whose layout is Triton 3.x's)."""
     from efficient_attention.kernels import _triton_kernels as tk
 
-    print(
-        f"\n{'kernel':6} {'d':>4} {'tile':>8} {'w':>2} {'s':>2} {'tma':>3} {'maxnreg':>7} {'regs':>4} {'spills':>6} "
-        f"{'smem KB':>7}"
-    )
+    print("\nregisters a thread, spilled bytes, shared memory of the compiled window kernels:")
     try:
         for kind, fn in (("fwd", tk._fwd_kernel), ("dq", tk._bwd_dq_kernel), ("dkdv", tk._bwd_dkdv_kernel)):
             for caches in fn.device_caches.values():
@@ -368,10 +370,10 @@ def resources():
                     if not c.get("WINDOW") or c.get("USE_LUT"):
                         continue
                     m = kern.metadata
+                    cfg = dict(c, num_warps=m.num_warps, num_stages=m.num_stages, maxnreg=getattr(m, "maxnreg", None))
                     print(
-                        f"{kind:6} {c['HEAD_DIM']:4d} {c['BLOCK_M']:>3}x{c['BLOCK_N']:<4} {m.num_warps:2d} "
-                        f"{m.num_stages:2d} {int(bool(c['TMA'])):3d} {str(getattr(m, 'maxnreg', None)):>7} "
-                        f"{kern.n_regs:4d} {kern.n_spills:6d} {m.shared / 1024:7.1f}"
+                        f"{kind} d={c['HEAD_DIM']} {label(cfg)}: {kern.n_regs} regs, {kern.n_spills} spills, "
+                        f"{m.shared / 1024:.0f} KB"
                     )
     except Exception as exc:  # a diagnostic only
         print(f"(kernel resources unavailable: {type(exc).__name__}: {exc})")
