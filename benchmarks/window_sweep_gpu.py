@@ -47,7 +47,8 @@ def C(bm: int, bn: int, warps: int, stages: int, **extra) -> dict:
 # compiles (ptxas via Triton 3.6, no GPU) of the defaults: at d = 64 the forward and dq 64x64 tiles take 179
 # registers a thread (2 programs of 4 warps per SM; maxnreg 168 fits 3 at 152-154 registers, no spills), dk/dv 251
 # (maxnreg 168 spills 272 bytes); at d = 128 every default takes 247-255 and the dk/dv ones spill (64x128 w8:
-# 336 bytes; 64x64 w4 s2: 104), while dk/dv 64x64 with 8 warps does not.
+# 336 bytes; 64x64 w4 s2: 104), while dk/dv 64x64 with 8 warps does not; 128x128 dk/dv tiles spill at both
+# head dims (352 and 1192 bytes), 32x128 ones too (360, 192): left out.  benchmarks/window_kernel_registers.py.
 CANDIDATES = {
     64: dict(
         fwd=[
@@ -74,10 +75,10 @@ CANDIDATES = {
             C(64, 128, 8, 3),
             C(64, 64, 4, 3, maxnreg=168),
             C(32, 64, 4, 3, maxnreg=168),
-            C(32, 128, 4, 3),
             C(64, 64, 8, 3),
-            C(128, 128, 8, 2),
             C(32, 64, 4, 3),
+            C(32, 64, 4, 4),
+            C(64, 64, 4, 4),
             C(64, 64, 4, 3, TMA=False),
         ],
     ),
@@ -108,8 +109,8 @@ CANDIDATES = {
             C(64, 128, 8, 2),
             C(32, 64, 4, 2),
             C(64, 64, 4, 2),
-            C(32, 128, 8, 2),
-            C(128, 128, 8, 2),
+            C(32, 64, 4, 3),
+            C(64, 64, 4, 3),
             C(64, 128, 8, 3, TMA=False),
         ],
     ),
