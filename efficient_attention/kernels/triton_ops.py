@@ -36,16 +36,40 @@ _UNBOUNDED = 1 << 30
 TMA_MIN_SPAN = 512
 
 
+# Half-precision tiles of bands wider than TMA_MIN_SPAN keys, per head dim (up to 64, up to 128), by the widest
+# span each row serves: (span limit, fwd, dq, dkdv), a kernel's tiles as (BLOCK_M query rows, BLOCK_N keys,
+# num_warps, num_stages[, maxnreg]).  From benchmarks/kernels_gpu_sweep.py on the H100 (benchmarks/README.md,
+# "Kernel configuration").
+_WIDE_BANDS = {
+    64: ((None, (64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),),
+    128: (
+        (1024, (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+        (None, (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)),
+    ),
+}
+
+
+def _tiles(t: tuple, tma: bool) -> dict:
+    bm, bn, warps, stages, *maxnreg = t
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, LUT_BLOCK=max(bm, bn, 64), TMA=tma)
+    return dict(cfg, maxnreg=maxnreg[0]) if maxnreg else cfg
+
+
 @functools.lru_cache(maxsize=None)
 def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the sliding-window kernels (fwd, dq, dkdv) for a band of ``span`` keys.
 
-    Returns ``{"fwd", "dq", "dkdv": {BLOCK_M, BLOCK_N, num_warps, num_stages, LUT_BLOCK, TMA}}``, cached
-    (callers must not mutate the dicts).  Forward 64x64 tiles; backward thin tiles for short bands, 64x64,
-    then long tiles for wide bands (how they were chosen: ``benchmarks/README.md``, "Kernel configuration").
+    Returns ``{"fwd", "dq", "dkdv": {BLOCK_M, BLOCK_N, num_warps, num_stages, LUT_BLOCK, TMA[, maxnreg]}}``,
+    cached (callers must not mutate the dicts).  Forward 64x64 tiles; backward thin tiles for short bands, 64x64,
+    then the ``_WIDE_BANDS`` tiles for wide half-precision bands (how they were chosen: ``benchmarks/README.md``,
+    "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     tma = span >= TMA_MIN_SPAN
+    if dtype != torch.float32 and span > TMA_MIN_SPAN and head_dim <= 128:
+        for limit, *tiles in _WIDE_BANDS[64 if head_dim <= 64 else 128]:
+            if limit is None or span <= limit:
+                return dict(zip(("fwd", "dq", "dkdv"), (_tiles(t, tma) for t in tiles)))
     fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=64, TMA=tma)
     if dtype == torch.float32 or head_dim <= 64:
         bwd = dict(
