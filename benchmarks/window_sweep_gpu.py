@@ -345,13 +345,15 @@ class Sweep:
         )
         print(
             f"{'d':>4} {'W':>5} {'default':>15} {'best':>15} {'flex':>15} {'varlen':>15} {'x flex':>7} {'x varlen':>8}"
+            "  (default: x flex, x varlen)"
         )
         for s in self.summary:
             cell = lambda p: f"{p[1]:7.3f} ({p[0]:5.2f})"  # noqa: E731
-            ob = s["ours_best"][1]
+            ob, od = s["ours_best"][1], s["ours_default"][1]
             print(
                 f"{s['D']:4d} {s['W']:5d} {cell(s['ours_default']):>15} {cell(s['ours_best']):>15} "
                 f"{cell(s['flex']):>15} {cell(s['varlen']):>15} {s['flex'][1] / ob:7.2f} {s['varlen'][1] / ob:8.2f}"
+                f"  ({s['flex'][1] / od:.2f}, {s['varlen'][1] / od:.2f})"
             )
 
 
