@@ -3,7 +3,9 @@
 Triton compiles for a named target on any machine (its bundled ``ptxas`` and ``cuobjdump`` do the rest), so a
 config's register count per thread, its stack frame (spills) and its shared memory can be read before a device
 run: they decide how many programs share a multiprocessor (65536 registers and 228 KB of shared memory on an
-H100 / H200).  Each spec is ``kernel,head_dim,BLOCK_M,BLOCK_N,warps,stages[,tma][,rNNN]`` (``rNNN``: maxnreg):
+H100 / H200).  The counts come out 20-50 registers above those of the kernels launched on the H200 (there Triton
+specialises the arguments: divisible-by-16 pointers and sizes, a group of 1), so read them as a ranking and the
+shared memory as exact.  Each spec is ``kernel,head_dim,BLOCK_M,BLOCK_N,warps,stages[,tma][,rNNN]`` (``rNNN``: maxnreg):
 
     python benchmarks/window_kernel_registers.py fwd,64,64,64,4,3,tma dkdv,128,64,128,8,3,tma,r168
 """

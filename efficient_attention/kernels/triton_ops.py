@@ -38,13 +38,17 @@ TMA_MIN_SPAN = 512
 
 # Half-precision tiles of bands wider than TMA_MIN_SPAN keys, per head dim (up to 64, up to 128), by the widest
 # span each row serves: (span limit, fwd, dq, dkdv), a kernel's tiles as (BLOCK_M query rows, BLOCK_N keys,
-# num_warps, num_stages[, maxnreg]).  From benchmarks/kernels_gpu_sweep.py on the H100 (benchmarks/README.md,
-# "Kernel configuration").
+# num_warps, num_stages[, maxnreg]).  The H200 sweep (benchmarks/window_sweep_gpu.py, N = 64k, causal W = 1024,
+# 2048, 4096; benchmarks/results/h200/window_sweep_1812.log) kept only changes that won at every W it covers:
+# at d = 64 a register cap on the backward (dq 148 -> 128 registers a thread: 1.5-6% off the backward; dk/dv
+# 200 -> 168, 3 programs per SM instead of 2: 2-3.5%); at d = 128 above 1024 keys 128x64 forward tiles with 8
+# warps (2%) and 64x64 dk/dv tiles (0.3-4%; the 64x128 ones spill).  Up to 1024 keys at d = 128, and every
+# forward at d = 64, the H100's tiles (benchmarks/kernels_gpu_sweep.py, benchmarks/README.md) still won.
 _WIDE_BANDS = {
-    64: ((None, (64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),),
+    64: ((None, (64, 64, 4, 3), (64, 64, 4, 3, 128), (64, 64, 4, 3, 168)),),
     128: (
         (1024, (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
-        (None, (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)),
+        (None, (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)),
     ),
 }
 
