@@ -298,6 +298,11 @@ def main() -> int:
                 "window long tiles fp16 d128",
                 lambda: window_case(LocalWindow.sliding(1100, 0, causal=True), 128, f16, S=140),
             ),
+            (
+                tma,
+                "window wide-band tiles fp16 d64",
+                lambda: window_case(LocalWindow.sliding(2047, 0, causal=True), 64, f16, S=140),
+            ),
             (tma, "layout bs16 per-head causal fp32", lambda: layout_case(16, 3, True, f32)),
             (tma, "layout bs128 shared fp32", lambda: layout_case(128, 1, False, f32)),
             (tma, "layout bs128 per-head causal fp16", lambda: layout_case(128, 3, True, f16)),

@@ -39,16 +39,44 @@ TMA_MIN_SPAN = 512
 TMA_MIN_ROWS = 1 << 18
 
 
+# Half-precision tiles of bands wider than TMA_MIN_SPAN keys, per head dim (up to 64, up to 128), by the widest
+# span each row serves: (span limit, fwd, dq, dkdv), a kernel's tiles as (BLOCK_M query rows, BLOCK_N keys,
+# num_warps, num_stages[, maxnreg]).  The H200 sweep (benchmarks/window_sweep_gpu.py, N = 64k, causal W = 1024,
+# 2048, 4096; benchmarks/results/h200/window_sweep_1812.log) kept only changes that won at every W it covers:
+# at d = 64 a register cap on the backward (dq 148 -> 128 registers a thread: 1.5-6% off the backward; dk/dv
+# 200 -> 168, 3 programs per SM instead of 2: 2-3.5%); at d = 128 above 1024 keys 128x64 forward tiles with 8
+# warps (2%) and 64x64 dk/dv tiles (0.3-4%; the 64x128 ones spill).  Up to 1024 keys at d = 128, and every
+# forward at d = 64, the H100's tiles (benchmarks/kernels_gpu_sweep.py, benchmarks/README.md) still won.
+_WIDE_BANDS = {
+    64: ((None, (64, 64, 4, 3), (64, 64, 4, 3, 128), (64, 64, 4, 3, 168)),),
+    128: (
+        (1024, (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+        (None, (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)),
+    ),
+}
+
+
+def _tiles(t: tuple, tma: bool) -> dict:
+    bm, bn, warps, stages, *maxnreg = t
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, LUT_BLOCK=max(bm, bn, 64), TMA=tma)
+    return dict(cfg, maxnreg=maxnreg[0]) if maxnreg else cfg
+
+
 @functools.lru_cache(maxsize=None)
 def window_config(span: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes of the sliding-window kernels (fwd, dq, dkdv) for a band of ``span`` keys.
 
-    Returns ``{"fwd", "dq", "dkdv": {BLOCK_M, BLOCK_N, num_warps, num_stages, LUT_BLOCK, TMA}}``, cached
-    (callers must not mutate the dicts).  Forward 64x64 tiles; backward thin tiles for short bands, 64x64,
-    then long tiles for wide bands (how they were chosen: ``benchmarks/README.md``, "Kernel configuration").
+    Returns ``{"fwd", "dq", "dkdv": {BLOCK_M, BLOCK_N, num_warps, num_stages, LUT_BLOCK, TMA[, maxnreg]}}``,
+    cached (callers must not mutate the dicts).  Forward 64x64 tiles; backward thin tiles for short bands, 64x64,
+    then the ``_WIDE_BANDS`` tiles for wide half-precision bands (how they were chosen: ``benchmarks/README.md``,
+    "Kernel configuration").
     """
     wide = dtype == torch.float32 and head_dim > 64  # fp32 tiles of d = 128 need less shared memory
     tma = span >= TMA_MIN_SPAN
+    if dtype != torch.float32 and span > TMA_MIN_SPAN and head_dim <= 128:
+        for limit, *tiles in _WIDE_BANDS[64 if head_dim <= 64 else 128]:
+            if limit is None or span <= limit:
+                return dict(zip(("fwd", "dq", "dkdv"), (_tiles(t, tma) for t in tiles)))
     fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1 if wide else 3, LUT_BLOCK=64, TMA=tma)
     if dtype == torch.float32 or head_dim <= 64:
         bwd = dict(
