@@ -264,12 +264,12 @@ def test_bad_input_names_the_argument(kwargs, match):
 @pytest.mark.parametrize(
     "m,d,bh,seq",
     [
-        (16, 65, 32, 32768),  # Performer in CAB's setting: d = 64 + the normaliser's column
-        (128, 65, 32, 8192),  # cosFormer
+        (16, 64, 32, 32768),  # Performer in CAB's setting (the normaliser is a vector beside the state)
+        (128, 64, 32, 8192),  # cosFormer
         (64, 16, 32, 32768),  # ABC's slot scores
-        (256, 129, 32, 8192),  # the widest: value blocks
-        (128, 129, 4, 4096),
-        (16, 65, 32, 100),  # too short to cut
+        (256, 128, 32, 8192),  # the widest: value blocks
+        (128, 128, 4, 4096),
+        (16, 64, 32, 100),  # too short to cut
         (16, 1, 1, 16),
     ],
 )
@@ -287,10 +287,8 @@ def test_triton_config_tiles_and_segments(m, d, bh, seq):
     sms = 132
     cfg = _checked_config(_triton_config(m, d, torch.bfloat16, bh, sms, seq), m, d)
     assert cfg["BLOCK_M"] >= m and cfg["BLOCK_M"] * cfg["BLOCK_D"] <= TILE_LIMIT
-    if cfg["TAIL"]:
-        assert cfg["BLOCK_D"] < d <= cfg["BLOCK_D"] + 16
-    n_d = 1 if cfg["TAIL"] else -(-d // cfg["BLOCK_D"])
-    if m <= 128 and d <= 129:
+    n_d = -(-d // cfg["BLOCK_D"])
+    if m <= 128 and d <= 128:
         assert n_d == 1
     assert cfg["SEG"] % cfg["BLOCK_C"] == 0
     nseg = -(-seq // cfg["SEG"])
@@ -299,23 +297,23 @@ def test_triton_config_tiles_and_segments(m, d, bh, seq):
         assert bh * n_d * nseg <= 2 * sms and cfg["SEG"] // cfg["BLOCK_C"] >= MIN_SEGMENT_CHUNKS
     if seq >= 8192 and bh * n_d <= sms:
         assert nseg > 1  # long sequences on few heads run in parallel over the length
-    if d == 65:  # 64 values + the normaliser: a 64-wide block and the tail tile, not a 128-wide block
-        assert cfg["TAIL"] and cfg["BLOCK_D"] == 64
+    if d == 64 and m <= 128:  # 64 values: one 64-wide block (no 16-wide tail tile beside it any more)
+        assert cfg["BLOCK_D"] == 64
 
 
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(BLOCK_C=64), "TAIL"),  # the tail tile only runs in chunks of 32
-        (dict(BLOCK_D=32), "TAIL"),  # 32 + 16 columns cannot hold 65
+        (dict(BLOCK_D=48), "BLOCK_D"),
+        (dict(BLOCK_C=8), "BLOCK_C"),
         (dict(SEG=48), "SEG"),
         (dict(BLOCK_M=8), "BLOCK_M"),
-        (dict(BLOCK_D=48, TAIL=False), "BLOCK_D"),
+        (dict(TAIL=True), "unknown"),  # the former tail tile is no option any more
     ],
 )
 def test_triton_config_out_of_bounds_is_refused(change, match):
     from efficient_attention.kernels.linear_attention import _checked_config, _triton_config
 
-    cfg = dict(_triton_config(16, 65, torch.bfloat16, 32, 132, 32768), **change)
+    cfg = dict(_triton_config(16, 64, torch.bfloat16, 32, 132, 32768), **change)
     with pytest.raises(ValueError, match=match):
-        _checked_config(cfg, 16, 65)
+        _checked_config(cfg, 16, 64)

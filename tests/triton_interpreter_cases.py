@@ -6,7 +6,7 @@ what the GPU tests cover where CI has no GPU: every tile config that ``triton_op
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
 and a gradient through ``out`` alone; the chunked linear-attention kernels (decay, states, padding,
-value blocks, one feature, several segments, the tail tile) and the causal Performer / cosFormer / ABC
+value blocks, one feature, several segments, the in-kernel normaliser) and the causal Performer / cosFormer / ABC
 running on them.  Exits non-zero with the failing cases listed.
 """
 
@@ -145,8 +145,8 @@ def linear_case(T, m, d, dtype, decay, state, normalize, S=None):
 
 
 def linear_segments_case(T, m, d, dtype, decay, normalize, S=None, block_d=None, through_state=True):
-    """The segment-parallel schedule (forced: chunks of 32 and segments of 64 positions with the tail tile, 16 and
-    32 with ``block_d`` value blocks instead, so ``T`` divides into neither) against the float64 reference: out,
+    """The segment-parallel schedule (forced: chunks of 32 and segments of 64 positions, 16 and 32 with ``block_d``
+    value blocks, so ``T`` divides into neither) against the float64 reference: out,
     final ``H`` and ``z``, and the gradients of q, k, v and of the initial ``H`` and ``z`` (``through_state``:
     the loss also uses the final state)."""
     import importlib
@@ -163,9 +163,9 @@ def linear_segments_case(T, m, d, dtype, decay, normalize, S=None, block_d=None,
     base = la._triton_config
 
     def forced(*args):
-        cfg = dict(base(*args), BLOCK_C=32, SEG=64)  # the tail tile runs only in chunks of 32
+        cfg = dict(base(*args), BLOCK_C=32, SEG=64)
         if block_d is not None:
-            cfg.update(BLOCK_D=block_d, TAIL=False, BLOCK_C=16, SEG=32)
+            cfg.update(BLOCK_D=block_d, BLOCK_C=16, SEG=32)
         return cfg
 
     results = []
@@ -196,6 +196,50 @@ def linear_segments_case(T, m, d, dtype, decay, normalize, S=None, block_d=None,
     names = ["out", "H", "z", "dq", "dk", "dv", "dH0", "dz0"] if normalize else ["out", "H", "dq", "dk", "dv", "dH0"]
     tol = 2e-5 if dtype == torch.float32 else 4e-3
     for name, got, want in zip(names, *results):
+        assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
+
+
+def linear_out_dtype_case(T, m, d, dtype, out_dtype, block_d=None):
+    """The normalised result written by the kernels in ``out_dtype`` and the time-first ``(T, B, H, d)`` layout,
+    the gradient read back in that dtype and layout; the loss uses the final normaliser ``z`` but not ``H`` (the
+    backward then starts from a gradient of ``z`` alone); ``block_d`` forces value blocks (the normaliser's terms
+    of the partial ``dq, dk`` in the first block only)."""
+    import importlib
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
+    g = torch.Generator().manual_seed(T + m + d)
+    q, k = (torch.rand(2, 3, T, m, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(2, 3, T, d, generator=g).to(dtype)
+    log_decay = -torch.rand(2, 3, T, generator=g) * 0.3
+    init = (torch.rand(2, 3, m, d, generator=g), torch.rand(2, 3, m, generator=g))
+    base = la._triton_config
+    results = []
+    for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
+        ins = [cast(x.detach()).requires_grad_() for x in (q, k, v)]
+        st = [cast(x).requires_grad_() for x in init]
+        if block_d is not None:
+            la._triton_config = lambda *a: dict(base(*a), BLOCK_D=block_d, BLOCK_C=16, SEG=32)
+        try:
+            out, (_, z) = linear_attention(
+                *ins,
+                causal=True,
+                log_decay=cast(log_decay),
+                initial_state=(st[0], st[1]),
+                return_state=True,
+                backend=backend,
+                out_dtype=out_dtype if backend == "triton" else None,
+            )
+            if backend == "triton":
+                assert out.dtype == out_dtype, out.dtype
+                assert out.permute(2, 0, 1, 3).is_contiguous(), f"not time-first: {out.stride()}"
+            gen = torch.Generator().manual_seed(1)
+            loss = (out * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)).sum() + z.sum()
+            grads = list(torch.autograd.grad(loss, ins + st))
+        finally:
+            la._triton_config = base
+        results.append([out, z] + grads)
+    tol = 2e-5 if out_dtype == torch.float32 else 4e-3
+    for name, got, want in zip(["out", "z", "dq", "dk", "dv", "dH0", "dz0"], *results):
         assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
 
 
@@ -336,18 +380,29 @@ def main() -> int:
         ),
         (
             False,
-            "linear 3 segments, d64 + normaliser tail tile, decay, states fp32",
+            "linear 3 segments, d64, in-kernel normaliser, decay, states fp32",
             lambda: linear_segments_case(150, 16, 64, f32, True, True),
         ),
         (
             False,
-            "linear 2 segments, d40 + normaliser tail, T<S, gradient through out only fp16",
+            "linear 2 segments, d40, in-kernel normaliser, T<S, gradient through out only fp16",
             lambda: linear_segments_case(70, 20, 40, f16, False, True, S=90, through_state=False),
         ),
         (
             False,
             "linear 3 segments x 2 value blocks, partial dq/dk, unnormalised fp32",
             lambda: linear_segments_case(70, 16, 64, f32, True, False, block_d=32),
+        ),
+        (
+            False,
+            "linear 3 segments x 2 value blocks, in-kernel normaliser, states fp32",
+            lambda: linear_segments_case(70, 16, 64, f32, True, True, block_d=32),
+        ),
+        (False, "linear fp16 out time-first, gradient via z only", lambda: linear_out_dtype_case(50, 16, 24, f16, f16)),
+        (
+            False,
+            "linear fp32 out time-first, 2 value blocks x 2 segments",
+            lambda: linear_out_dtype_case(60, 24, 40, f32, f32, block_d=16),
         ),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

@@ -1,26 +1,35 @@
 """Triton kernels of causal chunked linear attention (imported only when Triton is installed).
 
 Layout: ``q, k`` ``(BH, T, M)``, ``v`` ``(BH, T, D)`` contiguous, one dtype (fp16/bf16/fp32); ``g`` (log decay)
-``(BH, T)`` fp32; states ``(BH, M, D)`` fp32.  Two levels of parallelism: the length is cut into ``NSEG``
-segments of ``SEG`` positions (a multiple of ``BLOCK_C``), and one program per (block of ``BLOCK_D`` value
-columns, segment, batch*head) walks the chunks of ``BLOCK_C`` positions of its segment in order, with the state
-``H (M, BLOCK_D)`` in registers (fp32):
+``(BH, T)`` fp32; states ``H`` ``(BH, M, D)`` and ``z`` ``(BH, M)`` fp32; the output ``o`` and its gradient are
+read and written through a row stride and a batch*head stride (``(B, H, T, D)`` contiguous or time-first
+``(T, B, H, D)``: both are ``bh * S_BH + t * S_T + column``).  Two levels of parallelism: the length is cut into
+``NSEG`` segments of ``SEG`` positions (a multiple of ``BLOCK_C``), and one program per (block of ``BLOCK_D``
+value columns, segment, batch*head) walks the chunks of ``BLOCK_C`` positions of its segment in order, with the
+state ``H (M, BLOCK_D)`` (and with ``NORM`` the normaliser ``z (M)``) in registers (fp32):
 
     A = (q kᵀ) ∘ e^{G_i - G_j} [j <= i]        (G: cumulative log decay inside the chunk)
-    o = A v + (q ∘ e^{G}) H                     H <- e^{G_last} H + (k ∘ e^{G_last - G})ᵀ v
+    num = A v + (q ∘ e^{G}) H                   H <- e^{G_last} H + (k ∘ e^{G_last - G})ᵀ v
+    den = A 1 + (q ∘ e^{G}) z                   z <- e^{G_last} z + (k ∘ e^{G_last - G})ᵀ 1
+
+``NORM``: the output is ``num / den`` (0 where ``den <= 0``: nothing attended), written in the output's dtype,
+and ``den`` ``(BH, T)`` fp32 is kept for the backward; else the output is ``num``.  The normaliser is a vector
+beside the state, not a ones column of ``v``: no padded copy of ``v`` and no ``(.., D + 1)`` buffers.
 
 The state entering segment ``s`` is ``H_0`` carried through the segments before it: ``H <- e^{g_p} H + U_p``
 for ``p < s``, with ``U_p`` segment ``p``'s own final state from a zero start and ``g_p`` its total log decay,
-both written by ``_seg_states`` (one product per chunk) before the main pass.  With one segment (short
-sequences) that pass is skipped and the kernels are the plain sequential chunk walk.
+both written by ``_seg_states`` (one product per chunk) before the main pass (``z`` the same way).  With one
+segment (short sequences) that pass is skipped and the kernels are the plain sequential chunk walk.
 
-Backward: ``_bwd_dkdv`` walks a segment's chunks backwards carrying ``dH = ∂L/∂H`` (``dv`` is complete per
-value block, ``dk`` a partial sum over value blocks when there are several), ``dH <- e^{G_last} dH +
-(q ∘ e^{G})ᵀ dO``, starting from the gradient leaving the segment (``dH_T`` carried back through the later
-segments' ``W_p``, ``_seg_states``'s local gradients of their entering states) and, in segment 0, ending with
-the initial state's gradient; ``_bwd_dq`` walks forwards recomputing ``H`` for
-``dq = (dO vᵀ ∘ e^{G_i - G_j} [j <= i]) k + e^{G} ∘ (dO Hᵀ)``.  Tensor-core products take the input dtype
-(fp32 inputs: IEEE fp32 products), accumulation is fp32.
+Backward (``NORM``: the gradients reaching ``num`` and ``den`` are ``dO / den`` and ``gden = -(dO · o) / den``
+per row, the latter from ``_den_grad``): ``_bwd_dkdv`` walks a segment's chunks backwards carrying
+``dH = ∂L/∂H`` and ``dz``, ``dH <- e^{G_last} dH + (q ∘ e^{G})ᵀ dnum``, ``dz <- e^{G_last} dz + (q ∘ e^{G})ᵀ
+gden``, starting from the gradient leaving the segment (carried back through the later segments' ``W_p``,
+``_seg_states``'s local gradients of their entering states) and, in segment 0, ending with the initial state's
+gradient; ``_bwd_dq`` walks forwards recomputing ``H, z`` for ``dq = ((dnum vᵀ + gden) ∘ e^{G_i - G_j} [j <= i])
+k + e^{G} ∘ (dnum Hᵀ + gden z)``.  With several value blocks ``dq, dk`` are partial sums over the blocks and only
+block 0 adds the normaliser's terms.  Tensor-core products take the input dtype (fp32 inputs: IEEE fp32
+products), accumulation is fp32.
 """
 
 import triton
@@ -28,24 +37,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk(
-    Q, K, V, G, bh, start, T, M, D, DV, offs_c, offs_m, offs_d, BLOCK_C: tl.constexpr, HAS_G: tl.constexpr, TAIL
-):
-    """Loads one chunk: q, k ``(C, BLOCK_M)``, v ``(C, BLOCK_D)`` (columns below ``DV``), the tail ``vt``
-    ``(C, 16)`` (``TAIL``: columns ``DV ..`` up to ``D``), decay weights and scalings."""
+def _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C: tl.constexpr, HAS_G: tl.constexpr):
+    """Loads one chunk: q, k ``(C, BLOCK_M)``, v ``(C, BLOCK_D)``, decay weights and scalings."""
     rows = start + offs_c
     in_t = rows < T
     mask_qk = in_t[:, None] & (offs_m[None, :] < M)
-    mask_v = in_t[:, None] & (offs_d[None, :] < DV)
+    mask_v = in_t[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + bh * T * M + rows[:, None] * M + offs_m[None, :], mask=mask_qk, other=0.0)
     k = tl.load(K + bh * T * M + rows[:, None] * M + offs_m[None, :], mask=mask_qk, other=0.0)
     v = tl.load(V + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0)
-    if TAIL:
-        offs_t = DV + tl.arange(0, 16)
-        mask_vt = in_t[:, None] & (offs_t[None, :] < D)
-        vt = tl.load(V + bh * T * D + rows[:, None] * D + offs_t[None, :], mask=mask_vt, other=0.0)
-    else:
-        vt = v
     causal = offs_c[:, None] >= offs_c[None, :]
     if HAS_G:
         g = tl.load(G + bh * T + rows, mask=in_t, other=0.0)
@@ -61,7 +61,7 @@ def _chunk(
         q_in = tl.full([BLOCK_C], 1.0, tl.float32)
         k_out = tl.full([BLOCK_C], 1.0, tl.float32)
         decay = 1.0
-    return q, k, v, vt, w, q_in, k_out, decay, gl, rows, in_t
+    return q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v
 
 
 @triton.jit
@@ -72,81 +72,91 @@ def _segment(pid_s, SEG, T):
 
 
 @triton.jit
-def _tiles(pid_d, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr):
-    """Offsets of the program's state tiles: ``(offs_m, offs_d, DV, h_ptr, mask_h, t_ptr, mask_t)``; the block
-    covers value columns below ``DV`` (``BLOCK_D`` with ``TAIL``, whose columns ``BLOCK_D .. D - 1``, at most 16,
-    are a second, 16-wide tile: a normaliser column beside 64 values costs a quarter block, not a doubled one)."""
+def _tiles(pid_d, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets of the program's state tile: ``(offs_m, offs_d, h_ptr, mask_h)``."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    if TAIL:
-        DV = BLOCK_D
-    else:
-        DV = D
-    mask_h = (offs_m[:, None] < M) & (offs_d[None, :] < DV)
-    h_ptr = offs_m[:, None] * D + offs_d[None, :]
-    offs_t = DV + tl.arange(0, 16)
-    mask_t = (offs_m[:, None] < M) & (offs_t[None, :] < D)
-    return offs_m, offs_d, DV, h_ptr, mask_h, offs_m[:, None] * D + offs_t[None, :], mask_t
+    mask_h = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    return offs_m, offs_d, offs_m[:, None] * D + offs_d[None, :], mask_h
 
 
 @triton.jit
-def _tail_grad(DO, bh, rows, in_t, T, D, DV, dtype: tl.constexpr):
-    """The output gradient's tail tile ``(C, 16)``: columns ``DV ..`` up to ``D``."""
-    offs_t = DV + tl.arange(0, 16)
-    ptr = DO + bh * T * D + rows[:, None] * D + offs_t[None, :]
-    return tl.load(ptr, mask=in_t[:, None] & (offs_t[None, :] < D), other=0.0).to(dtype)
+def _out_grad(DO, DEN, GD, bh, rows, in_t, mask_v, offs_d, T, S_BH, S_T, first, dtype: tl.constexpr, NORM):
+    """The gradients reaching ``num`` ``(C, BLOCK_D)`` (in ``dtype``) and ``den`` ``(C,)`` (fp32; 0 without
+    ``NORM`` and in value blocks other than the first) of one chunk."""
+    do = tl.load(DO + bh * S_BH + rows[:, None] * S_T + offs_d[None, :], mask=mask_v, other=0.0).to(tl.float32)
+    if NORM:
+        den = tl.load(DEN + bh * T + rows, mask=in_t, other=1.0)
+        den = tl.where(den > 0, den, float("inf"))  # nothing attended: no gradient
+        do = do / den[:, None]
+        gd = tl.load(GD + bh * T + rows, mask=in_t & first, other=0.0)
+    else:
+        gd = tl.zeros_like(rows).to(tl.float32)
+    return do.to(dtype), gd
 
 
 @triton.jit
 def _entering_state(
-    U, GS, H0, bh, pid_s, NSEG, M, D, h_ptr, mask_h, t_ptr, mask_t, BLOCK_M, BLOCK_D, HAS_G, HAS_H0, TAIL
+    U, UZ, GS, H0, Z0, bh, pid_s, NSEG, M, D, offs_m, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_H0, NORM
 ):
-    """The state entering segment ``pid_s`` (``(h, tail)``): ``H_0`` carried through segments ``0 .. pid_s - 1``."""
+    """The state entering segment ``pid_s`` (``(h, z)``, ``z`` 0 without ``NORM``): ``H_0`` carried through
+    segments ``0 .. pid_s - 1``."""
+    z = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_H0:
         h = tl.load(H0 + bh * M * D + h_ptr, mask=mask_h, other=0.0)
+        if NORM:
+            z = tl.load(Z0 + bh * M + offs_m, mask=offs_m < M, other=0.0)
     else:
         h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if TAIL and HAS_H0:
-        ht = tl.load(H0 + bh * M * D + t_ptr, mask=mask_t, other=0.0)
-    else:
-        ht = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for p in range(0, pid_s):
-        base = (bh * NSEG + p) * M * D
         if HAS_G:
             e = tl.exp(tl.load(GS + bh * NSEG + p))
             h = h * e
-            ht = ht * e
-        h += tl.load(U + base + h_ptr, mask=mask_h, other=0.0)
-        if TAIL:
-            ht += tl.load(U + base + t_ptr, mask=mask_t, other=0.0)
-    return h, ht
+            z = z * e
+        h += tl.load(U + (bh * NSEG + p) * M * D + h_ptr, mask=mask_h, other=0.0)
+        if NORM:
+            z += tl.load(UZ + (bh * NSEG + p) * M + offs_m, mask=offs_m < M, other=0.0)
+    return h, z
 
 
 @triton.jit
 def _leaving_grad(
-    W, GS, DHT, bh, pid_s, NSEG, M, D, h_ptr, mask_h, t_ptr, mask_t, BLOCK_M, BLOCK_D, HAS_G, HAS_DHT, TAIL
+    W, WZ, GS, DHT, DZT, bh, pid_s, NSEG, M, D, offs_m, h_ptr, mask_h, first, BLOCK_M, BLOCK_D, HAS_G, HAS_DHT, NORM
 ):
-    """The gradient of the state leaving segment ``pid_s`` (``(dh, tail)``): ``dH_T`` carried back through the
-    later segments."""
+    """The gradient of the state leaving segment ``pid_s`` (``(dh, dz)``): ``dH_T`` carried back through the
+    later segments (``dz`` only with ``NORM`` and in the first value block, else 0)."""
+    mask_z = (offs_m < M) & first
+    dz = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_DHT:
         dh = tl.load(DHT + bh * M * D + h_ptr, mask=mask_h, other=0.0)
+        if NORM:
+            dz = tl.load(DZT + bh * M + offs_m, mask=mask_z, other=0.0)
     else:
         dh = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if TAIL and HAS_DHT:
-        dht = tl.load(DHT + bh * M * D + t_ptr, mask=mask_t, other=0.0)
-    else:
-        dht = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for idx in range(0, NSEG - 1 - pid_s):
         p = NSEG - 1 - idx
-        base = (bh * NSEG + p) * M * D
         if HAS_G:
             e = tl.exp(tl.load(GS + bh * NSEG + p))
             dh = dh * e
-            dht = dht * e
-        dh += tl.load(W + base + h_ptr, mask=mask_h, other=0.0)
-        if TAIL:
-            dht += tl.load(W + base + t_ptr, mask=mask_t, other=0.0)
-    return dh, dht
+            dz = dz * e
+        dh += tl.load(W + (bh * NSEG + p) * M * D + h_ptr, mask=mask_h, other=0.0)
+        if NORM:
+            dz += tl.load(WZ + (bh * NSEG + p) * M + offs_m, mask=mask_z, other=0.0)
+    return dh, dz
+
+
+@triton.jit
+def _den_grad(DO, O, DEN, GD, T, D, S_BH, S_T, SO_BH, SO_T, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``gden = -(dO · o) / den`` per row ``(BH, T)`` fp32 (0 where ``den <= 0``)."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < T) & (offs_d[None, :] < D)
+    do = tl.load(DO + bh * S_BH + rows[:, None] * S_T + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + bh * SO_BH + rows[:, None] * SO_T + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    den = tl.load(DEN + bh * T + rows, mask=rows < T, other=1.0)
+    den = tl.where(den > 0, den, float("inf"))
+    tl.store(GD + bh * T + rows, -tl.sum(do * o, 1) / den, mask=rows < T)
 
 
 @triton.jit
@@ -156,63 +166,70 @@ def _seg_states(
     V,
     G,
     DO,
+    DEN,
+    GD,
     U,
+    UZ,
     W,
+    WZ,
     GS,
     T,
     M,
     D,
+    S_BH,
+    S_T,
     SEG,
     NSEG,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
-    TAIL: tl.constexpr,
+    NORM: tl.constexpr,
     STORE_W: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Per segment from a zero start: its final state ``U`` ``(BH, NSEG, M, D)``, its total log decay ``GS``
-    ``(BH, NSEG)`` and (``STORE_W``) the gradient ``W`` of its entering state from its own outputs."""
+    """Per segment from a zero start: its final state ``U`` ``(BH, NSEG, M, D)`` (``UZ`` ``(BH, NSEG, M)``), its
+    total log decay ``GS`` ``(BH, NSEG)`` and (``STORE_W``) the gradient ``W`` (``WZ``) of its entering state from
+    its own outputs."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
+    first = pid_d == 0
     offs_c = tl.arange(0, BLOCK_C)
-    offs_m, offs_d, DV, h_ptr, mask_h, t_ptr, mask_t = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D, TAIL)
+    offs_m, offs_d, h_ptr, mask_h = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D)
     h = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    ht = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    z = tl.zeros([BLOCK_M], dtype=tl.float32)
     w_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    wt = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    wz = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = 0.0  # log decay from the segment's start to the chunk's start
     seg_start, seg_len = _segment(pid_s, SEG, T)
     for start in range(seg_start, seg_start + seg_len, BLOCK_C):
-        q, k, v, vt, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
-            Q, K, V, G, bh, start, T, M, D, DV, offs_c, offs_m, offs_d, BLOCK_C, HAS_G, TAIL
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
         )
-        kd = k * k_out[:, None]
-        h = h * decay + tl.dot(tl.trans(kd.to(k.dtype)), v, input_precision=PREC)
-        if TAIL:
-            ht = ht * decay + tl.dot(tl.trans(kd.to(k.dtype)), vt, input_precision=PREC)
+        kd = (k * k_out[:, None]).to(k.dtype)
+        h = h * decay + tl.dot(tl.trans(kd), v, input_precision=PREC)
+        if NORM:
+            z = z * decay + tl.sum(kd.to(tl.float32), 0)
         if STORE_W:
-            mask_v = in_t[:, None] & (offs_d[None, :] < DV)
-            do = tl.load(DO + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
+            dn, gd = _out_grad(DO, DEN, GD, bh, rows, in_t, mask_v, offs_d, T, S_BH, S_T, first, v.dtype, NORM)
             if HAS_G:
                 qs = (q * (q_in * tl.exp(acc))[:, None]).to(q.dtype)
             else:
                 qs = q
-            w_acc += tl.dot(tl.trans(qs), do, input_precision=PREC)
-            if TAIL:
-                dot_t = _tail_grad(DO, bh, rows, in_t, T, D, DV, v.dtype)
-                wt += tl.dot(tl.trans(qs), dot_t, input_precision=PREC)
+            w_acc += tl.dot(tl.trans(qs), dn, input_precision=PREC)
+            if NORM:
+                wz += tl.sum(qs.to(tl.float32) * gd[:, None], 0)
         acc += gl
     base = (bh * NSEG + pid_s) * M * D
     tl.store(U + base + h_ptr, h, mask=mask_h)
-    if TAIL:
-        tl.store(U + base + t_ptr, ht, mask=mask_t)
     if STORE_W:
         tl.store(W + base + h_ptr, w_acc, mask=mask_h)
-        if TAIL:
-            tl.store(W + base + t_ptr, wt, mask=mask_t)
+    if NORM:
+        if pid_d == 0:
+            tl.store(UZ + (bh * NSEG + pid_s) * M + offs_m, z, mask=offs_m < M)
+            if STORE_W:
+                tl.store(WZ + (bh * NSEG + pid_s) * M + offs_m, wz, mask=offs_m < M)
     if HAS_G:
         if pid_d == 0:
             tl.store(GS + bh * NSEG + pid_s, acc)
@@ -225,20 +242,26 @@ def _fwd(
     V,
     G,
     H0,
+    Z0,
     U,
+    UZ,
     GS,
     O,
+    DEN,
     HT,
+    ZT,
     T,
     M,
     D,
+    S_BH,
+    S_T,
     SEG,
     NSEG,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
-    TAIL: tl.constexpr,
+    NORM: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     PREC: tl.constexpr,
@@ -247,34 +270,35 @@ def _fwd(
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
     offs_c = tl.arange(0, BLOCK_C)
-    offs_m, offs_d, DV, h_ptr, mask_h, t_ptr, mask_t = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D, TAIL)
-    h, ht = _entering_state(
-        U, GS, H0, bh, pid_s, NSEG, M, D, h_ptr, mask_h, t_ptr, mask_t, BLOCK_M, BLOCK_D, HAS_G, HAS_H0, TAIL
+    offs_m, offs_d, h_ptr, mask_h = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D)
+    h, z = _entering_state(
+        U, UZ, GS, H0, Z0, bh, pid_s, NSEG, M, D, offs_m, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_H0, NORM
     )
     seg_start, seg_len = _segment(pid_s, SEG, T)
     for start in range(seg_start, seg_start + seg_len, BLOCK_C):
-        q, k, v, vt, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
-            Q, K, V, G, bh, start, T, M, D, DV, offs_c, offs_m, offs_d, BLOCK_C, HAS_G, TAIL
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
         )
-        a = tl.dot(q, tl.trans(k), input_precision=PREC) * w
-        qd = q * q_in[:, None]
-        o = tl.dot(a.to(v.dtype), v, input_precision=PREC)
-        o += tl.dot(qd.to(q.dtype), h.to(q.dtype), input_precision=PREC)
-        o_ptr = O + bh * T * D + rows * D
-        tl.store(o_ptr[:, None] + offs_d[None, :], o, mask=in_t[:, None] & (offs_d[None, :] < DV))
-        kd = k * k_out[:, None]
-        h = h * decay + tl.dot(tl.trans(kd.to(k.dtype)), v, input_precision=PREC)
-        if TAIL:
-            ot = tl.dot(a.to(v.dtype), vt, input_precision=PREC)
-            ot += tl.dot(qd.to(q.dtype), ht.to(q.dtype), input_precision=PREC)
-            offs_t = DV + tl.arange(0, 16)
-            tl.store(o_ptr[:, None] + offs_t[None, :], ot, mask=in_t[:, None] & (offs_t[None, :] < D))
-            ht = ht * decay + tl.dot(tl.trans(kd.to(k.dtype)), vt, input_precision=PREC)
+        a = (tl.dot(q, tl.trans(k), input_precision=PREC) * w).to(v.dtype)
+        qd = (q * q_in[:, None]).to(q.dtype)
+        o = tl.dot(a, v, input_precision=PREC)
+        o += tl.dot(qd, h.to(q.dtype), input_precision=PREC)
+        kd = (k * k_out[:, None]).to(k.dtype)
+        h = h * decay + tl.dot(tl.trans(kd), v, input_precision=PREC)
+        if NORM:  # the denominator from the same rounded products as the numerator
+            den = tl.sum(a.to(tl.float32), 1) + tl.sum(qd.to(tl.float32) * z.to(q.dtype).to(tl.float32)[None, :], 1)
+            o = o / tl.where(den > 0, den, float("inf"))[:, None]  # nothing attended: 0
+            if pid_d == 0:
+                tl.store(DEN + bh * T + rows, den, mask=in_t)
+            z = z * decay + tl.sum(kd.to(tl.float32), 0)
+        o_ptr = O + bh * S_BH + rows[:, None] * S_T + offs_d[None, :]
+        tl.store(o_ptr, o.to(O.dtype.element_ty), mask=mask_v)
     if STORE_HT:
         if pid_s == NSEG - 1:
             tl.store(HT + bh * M * D + h_ptr, h, mask=mask_h)
-            if TAIL:
-                tl.store(HT + bh * M * D + t_ptr, ht, mask=mask_t)
+            if NORM:
+                if pid_d == 0:
+                    tl.store(ZT + bh * M + offs_m, z, mask=offs_m < M)
 
 
 @triton.jit
@@ -284,23 +308,30 @@ def _bwd_dkdv(
     V,
     G,
     DO,
+    DEN,
+    GD,
     DHT,
+    DZT,
     W,
+    WZ,
     GS,
     DK,
     DV_,
     DH0,
+    DZ0,
     T,
     M,
     D,
     BH,
+    S_BH,
+    S_T,
     SEG,
     NSEG,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
-    TAIL: tl.constexpr,
+    NORM: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     PREC: tl.constexpr,
@@ -308,49 +339,43 @@ def _bwd_dkdv(
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
+    first = pid_d == 0
     offs_c = tl.arange(0, BLOCK_C)
-    offs_m, offs_d, DV, h_ptr, mask_h, t_ptr, mask_t = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D, TAIL)
-    dh, dht = _leaving_grad(
-        W, GS, DHT, bh, pid_s, NSEG, M, D, h_ptr, mask_h, t_ptr, mask_t, BLOCK_M, BLOCK_D, HAS_G, HAS_DHT, TAIL
+    offs_m, offs_d, h_ptr, mask_h = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D)
+    dh, dz = _leaving_grad(
+        W, WZ, GS, DHT, DZT, bh, pid_s, NSEG, M, D, offs_m, h_ptr, mask_h, first, BLOCK_M, BLOCK_D, HAS_G, HAS_DHT, NORM
     )
     seg_start, seg_len = _segment(pid_s, SEG, T)
     n_chunks = tl.cdiv(seg_len, BLOCK_C)
     for idx in range(0, n_chunks):
         start = seg_start + (n_chunks - 1 - idx) * BLOCK_C
-        q, k, v, vt, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
-            Q, K, V, G, bh, start, T, M, D, DV, offs_c, offs_m, offs_d, BLOCK_C, HAS_G, TAIL
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
         )
-        mask_v = in_t[:, None] & (offs_d[None, :] < DV)
-        do_ptr = DO + bh * T * D + rows * D
-        do = tl.load(do_ptr[:, None] + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
+        dn, gd = _out_grad(DO, DEN, GD, bh, rows, in_t, mask_v, offs_d, T, S_BH, S_T, first, v.dtype, NORM)
         a = tl.dot(q, tl.trans(k), input_precision=PREC) * w  # (i, j)
         kd = (k * k_out[:, None]).to(k.dtype)
-        dv = tl.dot(tl.trans(a).to(v.dtype), do, input_precision=PREC)
+        dv = tl.dot(tl.trans(a).to(v.dtype), dn, input_precision=PREC)
         dv += tl.dot(kd, dh.to(k.dtype), input_precision=PREC)
-        dv_ptr = DV_ + bh * T * D + rows * D
-        tl.store(dv_ptr[:, None] + offs_d[None, :], dv, mask=mask_v)
-        da = tl.dot(do, tl.trans(v), input_precision=PREC)  # (i, j)
+        tl.store(DV_ + bh * T * D + rows[:, None] * D + offs_d[None, :], dv, mask=mask_v)
+        da = tl.dot(dn, tl.trans(v), input_precision=PREC)  # (i, j)
         dk = tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=PREC)
-        qd = q * q_in[:, None]
-        if TAIL:
-            dot_t = _tail_grad(DO, bh, rows, in_t, T, D, DV, v.dtype)
-            dvt = tl.dot(tl.trans(a).to(v.dtype), dot_t, input_precision=PREC)
-            dvt += tl.dot(kd, dht.to(k.dtype), input_precision=PREC)
-            offs_t = DV + tl.arange(0, 16)
-            tl.store(dv_ptr[:, None] + offs_t[None, :], dvt, mask=in_t[:, None] & (offs_t[None, :] < D))
-            da += tl.dot(dot_t, tl.trans(vt), input_precision=PREC)
-            dk += tl.dot(vt, tl.trans(dht.to(v.dtype)), input_precision=PREC)
-            dht = dht * decay + tl.dot(tl.trans(qd.to(q.dtype)), dot_t, input_precision=PREC)
+        qd = (q * q_in[:, None]).to(q.dtype)
+        if NORM:  # the normaliser: a ones column of v whose gradient is gden, its state gradient dz
+            da += gd[:, None]
+            dk += dz.to(v.dtype).to(tl.float32)[None, :]
+            dz = dz * decay + tl.sum(qd.to(tl.float32) * gd[:, None], 0)
         da = da * w
         dk = dk * k_out[:, None] + tl.dot(tl.trans(da).to(q.dtype), q, input_precision=PREC)
         dk_ptr = DK + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
         tl.store(dk_ptr, dk, mask=in_t[:, None] & (offs_m[None, :] < M))
-        dh = dh * decay + tl.dot(tl.trans(qd.to(q.dtype)), do, input_precision=PREC)
+        dh = dh * decay + tl.dot(tl.trans(qd), dn, input_precision=PREC)
     if STORE_DH0:
         if pid_s == 0:
             tl.store(DH0 + bh * M * D + h_ptr, dh, mask=mask_h)
-            if TAIL:
-                tl.store(DH0 + bh * M * D + t_ptr, dht, mask=mask_t)
+            if NORM:
+                if pid_d == 0:
+                    tl.store(DZ0 + bh * M + offs_m, dz, mask=offs_m < M)
 
 
 @triton.jit
@@ -360,51 +385,54 @@ def _bwd_dq(
     V,
     G,
     H0,
+    Z0,
     U,
+    UZ,
     GS,
     DO,
+    DEN,
+    GD,
     DQ,
     T,
     M,
     D,
     BH,
+    S_BH,
+    S_T,
     SEG,
     NSEG,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
-    TAIL: tl.constexpr,
+    NORM: tl.constexpr,
     HAS_H0: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     bh = tl.program_id(2)
+    first = pid_d == 0
     offs_c = tl.arange(0, BLOCK_C)
-    offs_m, offs_d, DV, h_ptr, mask_h, t_ptr, mask_t = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D, TAIL)
-    h, ht = _entering_state(
-        U, GS, H0, bh, pid_s, NSEG, M, D, h_ptr, mask_h, t_ptr, mask_t, BLOCK_M, BLOCK_D, HAS_G, HAS_H0, TAIL
+    offs_m, offs_d, h_ptr, mask_h = _tiles(pid_d, M, D, BLOCK_M, BLOCK_D)
+    h, z = _entering_state(
+        U, UZ, GS, H0, Z0, bh, pid_s, NSEG, M, D, offs_m, h_ptr, mask_h, BLOCK_M, BLOCK_D, HAS_G, HAS_H0, NORM
     )
     seg_start, seg_len = _segment(pid_s, SEG, T)
     for start in range(seg_start, seg_start + seg_len, BLOCK_C):
-        q, k, v, vt, w, q_in, k_out, decay, gl, rows, in_t = _chunk(
-            Q, K, V, G, bh, start, T, M, D, DV, offs_c, offs_m, offs_d, BLOCK_C, HAS_G, TAIL
+        q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
+            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
         )
-        mask_v = in_t[:, None] & (offs_d[None, :] < DV)
-        do_ptr = DO + bh * T * D + rows * D
-        do = tl.load(do_ptr[:, None] + offs_d[None, :], mask=mask_v, other=0.0).to(v.dtype)
-        da = tl.dot(do, tl.trans(v), input_precision=PREC)
-        dqh = tl.dot(do, tl.trans(h.to(v.dtype)), input_precision=PREC)
-        if TAIL:
-            dot_t = _tail_grad(DO, bh, rows, in_t, T, D, DV, v.dtype)
-            da += tl.dot(dot_t, tl.trans(vt), input_precision=PREC)
-            dqh += tl.dot(dot_t, tl.trans(ht.to(v.dtype)), input_precision=PREC)
+        dn, gd = _out_grad(DO, DEN, GD, bh, rows, in_t, mask_v, offs_d, T, S_BH, S_T, first, v.dtype, NORM)
+        da = tl.dot(dn, tl.trans(v), input_precision=PREC)
+        dqh = tl.dot(dn, tl.trans(h.to(v.dtype)), input_precision=PREC)
+        kd = (k * k_out[:, None]).to(k.dtype)
+        if NORM:
+            da += gd[:, None]
+            dqh += gd[:, None] * z.to(v.dtype).to(tl.float32)[None, :]
+            z = z * decay + tl.sum(kd.to(tl.float32), 0)
         da = da * w
         dq = tl.dot(da.to(k.dtype), k, input_precision=PREC) + dqh * q_in[:, None]
         dq_ptr = DQ + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
         tl.store(dq_ptr, dq, mask=in_t[:, None] & (offs_m[None, :] < M))
-        kd = k * k_out[:, None]
-        h = h * decay + tl.dot(tl.trans(kd.to(k.dtype)), v, input_precision=PREC)
-        if TAIL:
-            ht = ht * decay + tl.dot(tl.trans(kd.to(k.dtype)), vt, input_precision=PREC)
+        h = h * decay + tl.dot(tl.trans(kd), v, input_precision=PREC)

@@ -216,25 +216,21 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
     The whole feature dim per program (``BLOCK_M``) and all value columns too (``BLOCK_D``) while the state tile
     stays within ``TILE_LIMIT`` (a quarter of it for fp32 inputs, whose sm_90 compile spills kilobytes and takes
     minutes at 128 x 64): then ``q kᵀ`` is computed once per chunk and ``dq, dk`` are written whole (more
-    value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  Up to 16 columns past a power of
-    two (the normaliser's ones column: ``d = 64 + 1``) are a second, 16-wide tile (``TAIL``), not a doubled block.
-    Chunks of 64 positions (32 for wide fp32 features or more than 64 value columns: fewer registers spilled in
-    an sm_90 compile; 32 with the tail tile: chunks of 64 beside it hit an illegal memory access on the H200 in
-    a benchmark sweep, not reproduced by the interpreter, so only the measured 32 is allowed, see
-    :func:`_checked_config`).  The length is cut into ``SEG``-position segments run in parallel, up to about two
-    programs per SM, each of at least ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk).
-    H200, fwd + bwd at 32k, B*H = 32, d = 64 + 1 (``benchmarks/linear_attention_gpu.py --sweep``): half or twice
+    value blocks each recompute ``q kᵀ`` and leave partial ``dq, dk`` to sum).  The normaliser is a vector beside
+    the state (no ones column of ``v``), so ``d = 64`` is one 64-wide block.  Chunks of 64 positions (32 for wide
+    fp32 features or more than 64 value columns: fewer registers spilled in an sm_90 compile).  The length is cut
+    into ``SEG``-position segments run in parallel, up to about two programs per SM, each of at least
+    ``MIN_SEGMENT_CHUNKS`` chunks (one segment: the plain chunk walk).  H200, fwd + bwd at 32k, B*H = 32, with the
+    former ones column (d = 64 + 1, chunks of 32; ``benchmarks/linear_attention_gpu.py --sweep``): half or twice
     the segments are no faster (m = 16: 5.15 / 3.80 / 3.85 ms, m = 128: 6.84 / 6.66 / 6.87); 4 warps beat 8 at
     128 x 64 (6.16 ms) and at 16 x 64 (3.80 against 5.58)."""
     block_m = _pow2(m)
     limit = TILE_LIMIT if dtype != torch.float32 else TILE_LIMIT // 4  # fp32 products run on CUDA cores
-    main = _pow2(d) // 2
-    tail = main >= 32 and d - main <= 16 and block_m * main <= limit
-    block_d = main if tail else _pow2(d)
+    block_d = _pow2(d)
     while block_m * block_d > limit and block_d > 16:
         block_d //= 2
-    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d <= 64 and not tail else 32
-    n_d = 1 if tail else -(-d // block_d)
+    block_c = 64 if block_m * (4 if dtype == torch.float32 else 2) <= 256 and block_d <= 64 else 32
+    n_d = -(-d // block_d)
     chunks = max(1, -(-seq // block_c))
     segments = max(1, min(2 * sms // (bh * n_d), chunks // MIN_SEGMENT_CHUNKS))
     per_segment = -(-chunks // segments)
@@ -244,7 +240,6 @@ def _triton_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: i
         BLOCK_D=block_d,
         num_warps=8 if block_m * block_d > 128 * 64 or block_d > 64 else 4,
         SEG=per_segment * block_c,
-        TAIL=tail,
     )
 
 
@@ -253,9 +248,10 @@ _SMS: dict = {}
 
 def _checked_config(cfg: dict, m: int, d: int) -> dict:
     """``cfg`` after the bounds every kernel relies on (a ``ValueError`` naming the key, never a launch that reads
-    or writes outside its tensors): whole features per program, value blocks (or one block and its tail tile)
-    covering ``d``, segments of whole chunks, power-of-two tiles, the tail tile only with chunks of 32."""
-    bc, bm, bd, seg = cfg["BLOCK_C"], cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["SEG"]
+    or writes outside its tensors): whole features per program, power-of-two tiles, segments of whole chunks.
+    (The former 16-wide tail tile of the normaliser's ones column, which once hit an illegal memory access beside
+    chunks of 64, is gone: the normaliser is a vector beside the state.)"""
+    bc, bm, seg = cfg["BLOCK_C"], cfg["BLOCK_M"], cfg["SEG"]
     for key in ("BLOCK_C", "BLOCK_M", "BLOCK_D"):
         if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
             raise ValueError(f"linear attention config: {key}={cfg[key]} must be a power of two >= 16")
@@ -263,8 +259,8 @@ def _checked_config(cfg: dict, m: int, d: int) -> dict:
         raise ValueError(f"linear attention config: BLOCK_M={bm} below the {m} features")
     if seg <= 0 or seg % bc:
         raise ValueError(f"linear attention config: SEG={seg} must be a positive multiple of BLOCK_C={bc}")
-    if cfg["TAIL"] and not (bd < d <= bd + 16 and bc == 32):
-        raise ValueError(f"linear attention config: TAIL needs BLOCK_D < d <= BLOCK_D + 16 and BLOCK_C = 32 ({cfg})")
+    if set(cfg) != {"BLOCK_C", "BLOCK_M", "BLOCK_D", "num_warps", "SEG"}:
+        raise ValueError(f"linear attention config: unknown keys {sorted(set(cfg) - {'SEG', 'num_warps'})}")
     return cfg
 
 
@@ -279,11 +275,37 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[2:]).contiguous()
 
 
+def _rows(x: Tensor) -> Tuple[Tensor, int, int]:
+    """``x (B, H, T, d)`` with the strides the kernels take -- ``bh * s_bh + t * s_t + column``, which covers the
+    contiguous and the time-first layout -- and those two strides (a copy only for other layouts)."""
+    if x.stride(-1) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
+        x = x.contiguous()
+    return x, x.stride(1), x.stride(2)
+
+
+def _out_buffer(q: Tensor, d: int, dtype: torch.dtype, time_first: bool) -> Tensor:
+    bsz, heads, seq, _ = q.shape
+    if time_first:
+        return torch.empty(seq, bsz, heads, d, device=q.device, dtype=dtype).permute(1, 2, 0, 3)
+    return torch.empty(bsz, heads, seq, d, device=q.device, dtype=dtype)
+
+
 @torch.library.custom_op("efficient_attention::triton_linear_attention", mutates_args=())
 def triton_linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Optional[Tensor]
-) -> Tuple[Tensor, Tensor]:
-    """Causal aligned linear attention on CUDA: ``(o (B,H,T,d) fp32, H_final (B,H,m,d) fp32)``."""
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
+    state: Optional[Tensor],
+    z_state: Optional[Tensor],
+    normalize: bool,
+    out_dtype: torch.dtype,
+    time_first: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Causal aligned linear attention on CUDA: ``(o (B,H,T,d), den (B,H,T) fp32, H_final (B,H,m,d) fp32,
+    z_final (B,H,m) fp32)``.  ``normalize``: ``o = num / den`` (0 where ``den <= 0``), the normaliser ``z`` carried
+    beside the state from ``z_state`` (None: zeros); else ``o = num`` and ``den``, ``z_final`` are empty.  ``o`` is
+    in ``out_dtype``, in a ``(T, B, H, d)`` memory layout when ``time_first``."""
     import triton
 
     from . import _triton_linear as kern
@@ -294,29 +316,62 @@ def triton_linear_attention(
     cfg = _config(q, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
-    grid = (1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
+    grid = (triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    o = torch.empty(bsz, heads, seq, d, device=q.device, dtype=torch.float32)
+    o = _out_buffer(q, d, out_dtype, time_first)
+    s_bh, s_t = o.stride(1), o.stride(2)
     final = torch.empty(bsz, heads, m, d, device=q.device, dtype=torch.float32)
-    g = _flat(log_decay.float()) if log_decay is not None else o
-    h0 = _flat(state.float()) if state is not None else o
-    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
-    u = gs = o  # the segments' own final states and total log decays (unused with one segment)
+    den = q.new_empty((bsz, heads, seq) if normalize else (0,), dtype=torch.float32)
+    zf = q.new_empty((bsz, heads, m) if normalize else (0,), dtype=torch.float32)
+    g = _flat(log_decay.float()) if log_decay is not None else final
+    h0 = _flat(state.float()) if state is not None else final
+    z0 = _flat(z_state.float()) if normalize and z_state is not None else final
+    flags = dict(HAS_G=log_decay is not None, NORM=normalize, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    flags.update(cfg)
+    u = uz = gs = final  # the segments' own final states and total log decays (unused with one segment)
     if nseg > 1:
         u = torch.empty(bh, nseg, m, d, device=q.device, dtype=torch.float32)
+        uz = torch.empty(bh, nseg, m, device=q.device, dtype=torch.float32) if normalize else u
         gs = torch.empty(bh, nseg, device=q.device, dtype=torch.float32) if log_decay is not None else u
-        kern._seg_states[grid](qf, kf, vf, g, o, u, u, gs, seq, m, d, seg, nseg, STORE_W=False, **flags)
+        kern._seg_states[grid](
+            qf, kf, vf, g, u, u, u, u, uz, u, uz, gs, seq, m, d, 0, 0, seg, nseg, STORE_W=False, **flags
+        )
     kern._fwd[grid](
-        qf, kf, vf, g, h0, u, gs, o, final, seq, m, d, seg, nseg, HAS_H0=state is not None, STORE_HT=True, **flags
+        qf,
+        kf,
+        vf,
+        g,
+        h0,
+        z0,
+        u,
+        uz,
+        gs,
+        o,
+        den,
+        final,
+        zf,
+        seq,
+        m,
+        d,
+        s_bh,
+        s_t,
+        seg,
+        nseg,
+        HAS_H0=state is not None,
+        STORE_HT=True,
+        **flags,
     )
-    return o, final
+    return o, den, final, zf
 
 
 @triton_linear_attention.register_fake
-def _(q, k, v, log_decay, state):
+def _(q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first):
+    shape = (*q.shape[:2], q.shape[-1])
     return (
-        q.new_empty(*q.shape[:3], v.shape[-1], dtype=torch.float32),
-        q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32),
+        _out_buffer(q, v.shape[-1], out_dtype, time_first),
+        q.new_empty(*q.shape[:3], dtype=torch.float32) if normalize else q.new_empty(0, dtype=torch.float32),
+        q.new_empty(*shape, v.shape[-1], dtype=torch.float32),
+        q.new_empty(*shape, dtype=torch.float32) if normalize else q.new_empty(0, dtype=torch.float32),
     )
 
 
@@ -324,14 +379,21 @@ def _(q, k, v, log_decay, state):
 def triton_linear_attention_bwd(
     grad_o: Tensor,
     grad_final: Optional[Tensor],
+    grad_z: Optional[Tensor],
     q: Tensor,
     k: Tensor,
     v: Tensor,
     log_decay: Optional[Tensor],
     state: Optional[Tensor],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, d_state)`` of :func:`triton_linear_attention` (``grad_final`` None: the final state got no
-    gradient; ``d_state`` uninitialised when there is no state)."""
+    z_state: Optional[Tensor],
+    o: Tensor,
+    den: Tensor,
+    normalize: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, d_state, d_z_state)`` of :func:`triton_linear_attention` (``grad_final`` / ``grad_z`` None:
+    the final state / normaliser got no gradient; ``o``, ``den`` its outputs; ``d_state`` uninitialised when there
+    is no state, ``d_z_state`` when there is none or no normaliser).  The output gradient is read in its dtype and
+    layout; no ``(B, H, T, d)`` fp32 buffer."""
     import triton
 
     from . import _triton_linear as kern
@@ -342,80 +404,144 @@ def triton_linear_attention_bwd(
     cfg = _config(q, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
-    n_d = 1 if cfg["TAIL"] else triton.cdiv(d, cfg["BLOCK_D"])
+    n_d = triton.cdiv(d, cfg["BLOCK_D"])
     grid = (n_d, nseg, bh)
-    qf, kf, vf, dof = _flat(q), _flat(k), _flat(v), _flat(grad_o.float())
-    g = _flat(log_decay.float()) if log_decay is not None else dof
-    h0 = _flat(state.float()) if state is not None else dof
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    grad_o, s_bh, s_t = _rows(grad_o)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    g = _flat(log_decay.float()) if log_decay is not None else qf
+    h0 = _flat(state.float()) if state is not None else qf
+    z0 = _flat(z_state.float()) if normalize and z_state is not None else qf
+    gd = qf
+    if normalize:  # the gradient reaching the denominator, -(dO · o) / den per row
+        gd = torch.empty(bh, seq, **f32)
+        o, so_bh, so_t = _rows(o)
+        block = _pow2(d)
+        rows = max(16, 4096 // block)
+        kern._den_grad[(triton.cdiv(seq, rows), bh)](
+            grad_o, o, den, gd, seq, d, s_bh, s_t, so_bh, so_t, ROWS=rows, BLOCK_D=block
+        )
     if n_d == 1:  # dq, dk whole: written once, in the input dtype
         dk = torch.empty(bh, seq, m, device=q.device, dtype=k.dtype)
         dq = torch.empty(bh, seq, m, device=q.device, dtype=q.dtype)
     else:  # a partial fp32 dq, dk per value block (features too wide for one state tile), summed below
-        dk = torch.empty(n_d, bh, seq, m, device=q.device, dtype=torch.float32)
+        dk = torch.empty(n_d, bh, seq, m, **f32)
         dq = torch.empty_like(dk)
     dv = torch.empty(bh, seq, d, device=q.device, dtype=v.dtype)
-    dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, device=q.device, dtype=torch.float32)
-    flags = dict(HAS_G=log_decay is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
-    dht = _flat(grad_final.float()) if grad_final is not None else dof
-    u = w = gs = dof  # the segments' own final states, entering-state gradients and log decays (one segment: none)
+    dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, **f32)
+    dz0 = torch.zeros(bh, m, **f32) if state is not None and normalize else dh0
+    flags = dict(HAS_G=log_decay is not None, NORM=normalize, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    flags.update(cfg)
+    dht = _flat(grad_final.float()) if grad_final is not None else qf
+    dzt = _flat(grad_z.float()) if grad_z is not None and normalize else dh0
+    if grad_final is None and grad_z is not None and normalize:  # only z got a gradient: H's is zero
+        dht = torch.zeros(bh, m, d, **f32)
+    has_dht = grad_final is not None or (grad_z is not None and normalize)
+    if has_dht and normalize and grad_z is None:
+        dzt = torch.zeros(bh, m, **f32)
+    u = uz = w = wz = gs = dh0  # the segments' own final states, entering-state gradients and log decays
     if nseg > 1:
-        u = torch.empty(bh, nseg, m, d, device=q.device, dtype=torch.float32)
+        u = torch.empty(bh, nseg, m, d, **f32)
         w = torch.empty_like(u)
-        gs = torch.empty(bh, nseg, device=q.device, dtype=torch.float32) if log_decay is not None else u
-        kern._seg_states[grid](qf, kf, vf, g, dof, u, w, gs, seq, m, d, seg, nseg, STORE_W=True, **flags)
+        uz = torch.empty(bh, nseg, m, **f32) if normalize else u
+        wz = torch.empty_like(uz)
+        gs = torch.empty(bh, nseg, **f32) if log_decay is not None else u
+        kern._seg_states[grid](
+            qf, kf, vf, g, grad_o, den, gd, u, uz, w, wz, gs, seq, m, d, s_bh, s_t, seg, nseg, STORE_W=True, **flags
+        )
     kern._bwd_dkdv[grid](
         qf,
         kf,
         vf,
         g,
-        dof,
+        grad_o,
+        den,
+        gd,
         dht,
+        dzt,
         w,
+        wz,
         gs,
         dk,
         dv,
         dh0,
+        dz0,
         seq,
         m,
         d,
         bh,
+        s_bh,
+        s_t,
         seg,
         nseg,
-        HAS_DHT=grad_final is not None,
+        HAS_DHT=has_dht,
         STORE_DH0=state is not None,
         **flags,
     )
-    kern._bwd_dq[grid](qf, kf, vf, g, h0, u, gs, dof, dq, seq, m, d, bh, seg, nseg, HAS_H0=state is not None, **flags)
+    kern._bwd_dq[grid](
+        qf,
+        kf,
+        vf,
+        g,
+        h0,
+        z0,
+        u,
+        uz,
+        gs,
+        grad_o,
+        den,
+        gd,
+        dq,
+        seq,
+        m,
+        d,
+        bh,
+        s_bh,
+        s_t,
+        seg,
+        nseg,
+        HAS_H0=state is not None,
+        **flags,
+    )
     shape = (bsz, heads, seq)
     if n_d > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
-    return dq.view(*shape, m), dk.view(*shape, m), dv.view(*shape, d), dh0.view(bsz, heads, m, d)
+    dz0 = dz0.view(bsz, heads, m) if state is not None and normalize else q.new_empty(0, dtype=torch.float32)
+    return dq.view(*shape, m), dk.view(*shape, m), dv.view(*shape, d), dh0.view(bsz, heads, m, d), dz0
 
 
 @triton_linear_attention_bwd.register_fake
-def _(grad_o, grad_final, q, k, v, log_decay, state):
+def _(grad_o, grad_final, grad_z, q, k, v, log_decay, state, z_state, o, den, normalize):
+    with_z = state is not None and normalize
     return (
         torch.empty_like(q),
         torch.empty_like(k),
         torch.empty_like(v),
         q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32),
+        q.new_empty(*q.shape[:2], q.shape[-1], dtype=torch.float32) if with_z else q.new_empty(0, dtype=torch.float32),
     )
 
 
 def _tla_setup(ctx, inputs, output):
-    q, k, v, log_decay, state = inputs
-    ctx.save_for_backward(q, k, v, log_decay, state)
-    ctx.has_state = state is not None
+    q, k, v, log_decay, state, z_state, normalize, _, _ = inputs
+    o, den = output[0], output[1]
+    ctx.save_for_backward(q, k, v, log_decay, state, z_state, o if normalize else None, den if normalize else None)
+    ctx.normalize = normalize
 
 
-def _tla_backward(ctx, grad_o, grad_final):
-    q, k, v, log_decay, state = ctx.saved_tensors
+def _tla_backward(ctx, grad_o, grad_den, grad_final, grad_z):
+    q, k, v, log_decay, state, z_state, o, den = ctx.saved_tensors
+    normalize = ctx.normalize
     if grad_o is None:
-        grad_o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32)
-    dq, dk, dv, dh0 = torch.ops.efficient_attention.triton_linear_attention_bwd(
-        grad_o, grad_final, q, k, v, log_decay, state
+        grad_o = q.new_zeros(*q.shape[:3], v.shape[-1])
+    if not normalize:
+        o = den = grad_o  # unread
+    dq, dk, dv, dh0, dz0 = torch.ops.efficient_attention.triton_linear_attention_bwd(
+        grad_o, grad_final, grad_z if normalize else None, q, k, v, log_decay, state, z_state, o, den, normalize
     )
-    return dq, dk, dv, None, (dh0.to(state.dtype) if ctx.has_state else None)
+    d_state = dh0.to(state.dtype) if state is not None else None
+    d_z = dz0.to(z_state.dtype) if z_state is not None and normalize else None
+    return dq, dk, dv, None, d_state, d_z, None, None, None
 
 
 triton_linear_attention.register_autograd(_tla_backward, setup_context=_tla_setup)
@@ -425,11 +551,11 @@ triton_linear_attention.register_autograd(_tla_backward, setup_context=_tla_setu
 LINEAR_MAX_FEATURES = 256
 LINEAR_MIN_FEATURES = 16  # fewer are zero-padded to 16 (exact) before the kernels
 LINEAR_MIN_POSITIONS = 16
-LINEAR_MAX_VALUE_DIM = 129  # a head dim of 128 plus the normaliser's ones column
+LINEAR_MAX_VALUE_DIM = 128
 
 
 class LinearTriton(TritonBackend):
-    """Causal, aligned (q padded to k's length), v with the normaliser's ones column when normalizing."""
+    """Causal, aligned (q padded to k's length); the normaliser in-kernel (:meth:`run_fused`)."""
 
     op = "linear_attention"
 
@@ -444,21 +570,39 @@ class LinearTriton(TritonBackend):
         if q.shape[-1] > LINEAR_MAX_FEATURES:
             reasons.append(f"{q.shape[-1]} features: the kernels hold at most {LINEAR_MAX_FEATURES} per program")
         if v.shape[-1] > LINEAR_MAX_VALUE_DIM:
-            reasons.append(f"value dim {v.shape[-1]} is above {LINEAR_MAX_VALUE_DIM - 1}")
+            reasons.append(f"value dim {v.shape[-1]} is above {LINEAR_MAX_VALUE_DIM}")
         return reasons
 
     @staticmethod
-    def run(q, k, v, log_decay, state, chunk_size):
-        if state is not None:
-            state = state.float()
+    def run_fused(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        log_decay: Optional[Tensor],
+        h0: Optional[Tensor],
+        z0: Optional[Tensor],
+        normalize: bool,
+        out_dtype: torch.dtype,
+        time_first: bool,
+    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(out, H_final, z_final or None)``: normalised (or not) in the kernels, ``out`` in ``out_dtype``."""
         m = q.shape[-1]
+        h0 = None if h0 is None else h0.float()
+        z0 = None if z0 is None or not normalize else z0.float()
         if m < LINEAR_MIN_FEATURES:  # zero features add nothing: exact, and the kernels see a full 16-wide tile
-            q, k = (torch.nn.functional.pad(x, (0, LINEAR_MIN_FEATURES - m)) for x in (q, k))
-            state = None if state is None else torch.nn.functional.pad(state, (0, 0, 0, LINEAR_MIN_FEATURES - m))
-        o, final = torch.ops.efficient_attention.triton_linear_attention(q, k, v, log_decay, state)
-        final = final[..., :m, :]
-        if q.dtype == torch.float64:
-            o, final = o.double(), final.double()
+            pad = LINEAR_MIN_FEATURES - m
+            q, k = (torch.nn.functional.pad(x, (0, pad)) for x in (q, k))
+            h0 = None if h0 is None else torch.nn.functional.pad(h0, (0, 0, 0, pad))
+            z0 = None if z0 is None else torch.nn.functional.pad(z0, (0, pad))
+        o, _, final, zf = torch.ops.efficient_attention.triton_linear_attention(
+            q, k, v, log_decay, h0, z0, normalize, out_dtype, time_first
+        )
+        return o, final[..., :m, :], (zf[..., :m] if normalize else None)
+
+    @staticmethod
+    def run(q, k, v, log_decay, state, chunk_size):
+        """The unnormalised interface of the other backends: ``(o fp32, H_final fp32)``."""
+        o, final, _ = LinearTriton.run_fused(q, k, v, log_decay, state, None, False, torch.float32, False)
         return o, final
 
 
@@ -615,6 +759,17 @@ def _linear_attention(
     tgt_len, src_len, d = q.shape[2], k.shape[2], v.shape[-1]
     if key_padding_mask is not None:
         k = k.masked_fill(key_padding_mask.to(device=k.device, dtype=torch.bool)[:, None, :, None], 0.0)
+    if causal and src_len > 0:
+        if tgt_len < src_len:  # the first S - T keys have no query of their own
+            q = torch.nn.functional.pad(q, (0, 0, src_len - tgt_len, 0))
+        impl = LINEAR_ATTENTION.select(backend, q, k, v)
+        if impl is LinearTriton:  # the normaliser in-kernel: no ones column, the result written in out_dtype
+            h0 = None if initial_state is None else initial_state[0]
+            z0 = None if initial_state is None else initial_state[1]
+            time_first = normalize or out_dtype is not None  # as :class:`_Normalize` writes it
+            out, final, zf = LinearTriton.run_fused(q, k, v, log_decay, h0, z0, normalize, out_dtype or dt, time_first)
+            out = out[:, :, src_len - tgt_len :] if tgt_len < src_len else out
+            return (out, (final, zf)) if return_state else out
     with_den = normalize
     if with_den:  # the denominator rides along as a ones column of v (and z as the last column of the state)
         v = torch.nn.functional.pad(v, (0, 1), value=1.0)
@@ -631,9 +786,6 @@ def _linear_attention(
         final = q.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1], dtype=dt) if state is None else state
         o = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=dt)
     else:
-        if tgt_len < src_len:  # the first S - T keys have no query of their own
-            q = torch.nn.functional.pad(q, (0, 0, src_len - tgt_len, 0))
-        impl = LINEAR_ATTENTION.select(backend, q, k, v)
         o, final = impl.run(q, k, v, log_decay, state, chunk_size)
         if tgt_len < src_len:
             o = o[:, :, src_len - tgt_len :]
