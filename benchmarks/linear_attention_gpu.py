@@ -7,7 +7,7 @@
 1. ``checks``: ``linear_attention`` (Triton backend) against the float64 reference path, output, final state and
    the gradients of q, k, v and the initial state, at shapes that cut the length into several segments (lengths
    that do not divide into them), one segment, several value blocks, decay / no decay, fp32 / bf16 / fp16.
-2. ``op``: the causal op forward + backward, B = 4, H = 8, d = 64 + the normaliser's column, bf16, m = 16
+2. ``op``: the causal op forward + backward, B = 4, H = 8, d = 64 (the normaliser in-kernel), bf16, m = 16
    (Performer, with decay) and m = 128 (cosFormer, no decay), L = 8k and 32k: the ``new`` kernels (segments
    in parallel, one value block) against the ``old`` schedule (one program per batch*head walking the whole
    length, value columns in blocks of 16-64 with partial fp32 dq/dk buffers), which is the same kernels run
@@ -58,7 +58,7 @@ def old_config(m: int, d: int, dtype: torch.dtype, bh: int, sms: int, seq: int) 
             block_d = width
             break
     chunks = max(1, -(-seq // block_c))
-    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, SEG=chunks * block_c, TAIL=False)
+    return dict(BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4, SEG=chunks * block_c)
 
 
 @contextlib.contextmanager
@@ -94,7 +94,7 @@ def segments(T, m, d, dtype, B, H):
     """(segments, value blocks) the library picks on this device."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 1
     c = NEW_CONFIG(max(m, 16), d, dtype, B * H, sms, T)
-    return -(-T // c["SEG"]), 1 if c["TAIL"] else -(-d // c["BLOCK_D"])
+    return -(-T // c["SEG"]), -(-d // c["BLOCK_D"])
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -154,7 +154,7 @@ def run_checks(full=False, deadline=lambda: False):
             continue
         if DEV == "cpu":
             c = dict(c, T=min(c["T"], 150), S=None if c.get("S") is None else 200)
-        nseg, n_d = segments(c.get("S") or c["T"], c["m"], c["d"] + c["normalize"], c["dtype"], c["B"], c["H"])
+        nseg, n_d = segments(c.get("S") or c["T"], c["m"], c["d"], c["dtype"], c["B"], c["H"])
         label = (
             f"{str(c['dtype'])[6:]:>8} T={c['T']:>4} S={c.get('S') or c['T']:>4} m={c['m']:>3} d={c['d']:>3} "
             f"decay={c['decay']:d} state={c['state']:d} norm={c['normalize']:d} segments={nseg} vblocks={n_d}"
@@ -228,7 +228,7 @@ def op_speed(points, deadline):
 
         with kernel_path(path, override):
             ms, mib = timed(fn)
-        nseg = segments(T, m, d + 1, torch.bfloat16, B, H)[0] if path == "new" and not override else ""
+        nseg = segments(T, m, d, torch.bfloat16, B, H)[0] if path == "new" and not override else ""
         rows.append(dict(T=T, m=m, decay=m == 16, path=path, config=override, ms=ms, peak_mib=mib, seg=nseg))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -313,7 +313,7 @@ def main() -> int:
     if args.sweep and DEV == "cuda":  # segment counts first (no recompiling), then tiles
         sweep = [(16, dict(SEG_SCALE=s)) for s in (0.5, 2.0)] + [(128, dict(SEG_SCALE=s)) for s in (0.5, 2.0, 4.0)]
         sweep += [(128, dict(num_warps=4)), (16, dict(num_warps=8))]
-        sweep += [(128, dict(TAIL=False, BLOCK_D=128, BLOCK_C=64)), (16, dict(TAIL=False, BLOCK_D=128, BLOCK_C=64))]
+        sweep += [(128, dict(BLOCK_C=32)), (16, dict(BLOCK_C=32))]
         save("sweep", op_speed([(32768, m, "new", o) for m, o in sweep], deadline=lambda: left() < 3))
     print(f"\n# {result['device']}, torch {result['torch']}, {time.time() - t0:.0f} s")
     failed = [r for r in result["checks"] if not r["ok"]]
@@ -321,7 +321,7 @@ def main() -> int:
     for r in result["checks"]:
         err = max(r["errors"].values()) if "errors" in r else float("nan")
         print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['case']} max rel err {err:.1e}")
-    print("\n## op fwd+bwd, B=4 H=8 d=64(+1) bf16: ms / peak MiB above inputs (new: segments)")
+    print("\n## op fwd+bwd, B=4 H=8 d=64 bf16: ms / peak MiB above inputs (new: segments)")
     print("| T | m | " + " | ".join(paths) + " | old/new |")
     for T in lengths:
         for m in (16, 128):

@@ -33,7 +33,7 @@ Backends (``LINEAR_ATTENTION``, a :class:`~efficient_attention.kernels.dispatch.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple, Union, overload
+from typing import Any, Dict, Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor
@@ -408,7 +408,7 @@ def triton_linear_attention_bwd(
     grid = (n_d, nseg, bh)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     grad_o, s_bh, s_t = _rows(grad_o)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    f32: Dict[str, Any] = dict(device=q.device, dtype=torch.float32)
     g = _flat(log_decay.float()) if log_decay is not None else qf
     h0 = _flat(state.float()) if state is not None else qf
     z0 = _flat(z_state.float()) if normalize and z_state is not None else qf
