@@ -317,3 +317,67 @@ def test_triton_config_out_of_bounds_is_refused(change, match):
     cfg = dict(_triton_config(16, 64, torch.bfloat16, 32, 132, 32768), **change)
     with pytest.raises(ValueError, match=match):
         _checked_config(cfg, 16, 64)
+
+
+@pytest.mark.parametrize("with_decay", [False, True])
+def test_gradcheck_float64_normaliser_without_state_and_fewer_queries(with_decay):
+    """The chunked path's in-place normaliser (no ones column): T < S, no initial state, the final ``z`` in the
+    loss, chunks that do not divide the length."""
+    q, k, v, decay, _, kpm = make(B=1, H=2, T=5, S=11, m=3, d=2)
+    ins = [x.requires_grad_() for x in (q, k, v)]
+
+    def fn(q, k, v):
+        out, (h, z) = linear_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            log_decay=decay if with_decay else None,
+            key_padding_mask=kpm,
+            return_state=True,
+            chunk_size=4,
+        )
+        return out, h, z
+
+    assert torch.autograd.gradcheck(fn, tuple(ins))
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_prefix_matmul_and_cumsum_agree(monkeypatch, with_state):
+    """Without decay the chunk states enter through a 0/1 ``(N, N)`` matmul up to ``SCAN_MATMUL_CHUNKS`` chunks and
+    a cumsum beyond: both against the recurrence, values and gradients."""
+    import importlib
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")
+    q, k, v, _, state, kpm = make(T=45)
+    results = []
+    for limit in (1000, 0):
+        monkeypatch.setattr(la, "SCAN_MATMUL_CHUNKS", limit)
+        ins = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, (h, z) = linear_attention(
+            *ins,
+            causal=True,
+            key_padding_mask=kpm,
+            initial_state=state if with_state else None,
+            return_state=True,
+            chunk_size=8,
+        )
+        want, (wh, wz) = recurrence(q, k, v, None, state if with_state else None, kpm)
+        torch.testing.assert_close(out, want, **TOL[torch.float64])
+        torch.testing.assert_close(z, wz, **TOL[torch.float64])
+        (out.sin().sum() + h.sum() + z.sum()).backward()
+        results.append([x.grad for x in ins])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_normalised_result_in_out_dtype_is_time_first():
+    """``out_dtype``: the normalised result is written in it, in a ``(T, B, H, d)`` memory layout (the heads merge
+    without a copy), equal to the fp32 result cast."""
+    q, k, v, decay, _, kpm = make(T=40, dtype=torch.float32)
+    want = linear_attention(q, k, v, causal=True, log_decay=decay.float(), key_padding_mask=kpm)
+    out = linear_attention(
+        q, k, v, causal=True, log_decay=decay.float(), key_padding_mask=kpm, out_dtype=torch.bfloat16
+    )
+    assert out.dtype == torch.bfloat16 and out.permute(2, 0, 1, 3).is_contiguous()
+    torch.testing.assert_close(out, want.to(torch.bfloat16))

@@ -57,33 +57,55 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _Normalize(torch.autograd.Function):
-    """``o[..., :d] / o[..., d]`` in ``dtype`` for ``o (B, H, T, d + 1)`` whose last column is the denominator;
-    rows with a denominator <= 0 (nothing attended) give 0 with zero gradients.
+def _divide(num: Tensor, den: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(num / den, den)`` for ``num (B, H, T, d)``, ``den (B, H, T)``: the result in ``dtype`` and a time-first
+    ``(T, B, H, d)`` memory layout (so a cast and the copy that merges the heads are not needed), ``den`` with the
+    rows that attended nothing (``den <= 0``) set to ``inf`` (their result and gradients are 0).  A division, not a
+    product with ``1 / den``: a subnormal denominator has no finite reciprocal."""
+    den = torch.where(den > 0, den, float("inf"))
+    bsz, heads, length, width = num.shape
+    out = torch.empty(length, bsz, heads, width, dtype=dtype, device=num.device)
+    torch.div(num.permute(2, 0, 1, 3), den.permute(2, 0, 1).unsqueeze(-1), out=out)
+    return out.permute(1, 2, 0, 3), den
 
-    One autograd node: forward one division written straight in ``dtype`` and in a time-first ``(T, B, H, d)``
-    memory layout (so a cast and the copy that merges the heads are not needed; the empty rows divide by
-    ``inf``), backward two divisions/products, a sum and one ``cat`` back into ``o``'s layout (autograd over
-    slices, ``where``, ``div``, ``masked_fill`` and a cast records about three times as many kernels).  A
-    division, not a product with ``1 / den``: a subnormal denominator has no finite reciprocal."""
+
+def _divide_grads(grad: Tensor, den: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradients ``(B, H, T, d)``, ``(B, H, T, 1)`` of ``num`` and ``den`` from :func:`_divide`'s output gradient."""
+    grad_num = torch.empty(out.shape, dtype=den.dtype, device=den.device)  # (B, H, T, d) contiguous: the chunked
+    torch.div(grad, den.unsqueeze(-1), out=grad_num)  # and Triton backwards read it without a copy
+    return grad_num, -(grad_num * out).sum(-1, keepdim=True)  # d(num/den)/d den = -out / den
+
+
+class _Normalize(torch.autograd.Function):
+    """``o[..., :d] / o[..., d]`` in ``dtype`` for ``o (B, H, T, d + 1)`` whose last column is the denominator
+    (:func:`_divide`).  One autograd node: forward one division, backward two divisions/products, a sum and one
+    ``cat`` back into ``o``'s layout (autograd over slices, ``where``, ``div``, ``masked_fill`` and a cast records
+    about three times as many kernels)."""
 
     @staticmethod
     def forward(ctx, o: Tensor, dtype: torch.dtype) -> Tensor:
-        den = o[..., -1]
-        den = torch.where(den > 0, den, float("inf"))  # (B, H, T); nothing attended: num / inf = 0
-        bsz, heads, length, width = o.shape
-        out = torch.empty(length, bsz, heads, width - 1, dtype=dtype, device=o.device)
-        torch.div(o[..., :-1].permute(2, 0, 1, 3), den.permute(2, 0, 1).unsqueeze(-1), out=out)
-        out = out.permute(1, 2, 0, 3)
+        out, den = _divide(o[..., :-1], o[..., -1], dtype)
         ctx.save_for_backward(den, out)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        den, out = ctx.saved_tensors
-        grad_num = grad / den.unsqueeze(-1)
-        grad_den = -(grad_num * out).sum(-1, keepdim=True)  # d(num/den)/d den = -out / den
-        return torch.cat([grad_num, grad_den], dim=-1), None
+        return torch.cat(_divide_grads(grad, *ctx.saved_tensors), dim=-1), None
+
+
+class _Divide(torch.autograd.Function):
+    """``num / den`` (:func:`_divide`) for ``num (B, H, T, d)`` and ``den (B, H, T)`` as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, num: Tensor, den: Tensor, dtype: torch.dtype) -> Tensor:
+        out, den = _divide(num, den, dtype)
+        ctx.save_for_backward(den, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_num, grad_den = _divide_grads(grad, *ctx.saved_tensors)
+        return grad_num, grad_den.squeeze(-1), None
 
 
 def _split_k(length: int, x: Tensor) -> int:
@@ -156,16 +178,28 @@ def reference_linear_attention(
 
 
 # ------------------------------------------------------------------------------- chunked (PyTorch)
-def chunked_linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Optional[Tensor], state: Optional[Tensor], chunk_size: int
-) -> Tuple[Tensor, Tensor]:
-    """Causal, aligned (``T == S``), unnormalised: ``(o (B,H,T,d), H_final (B,H,m,d))`` in fp32/fp64.
+SCAN_MATMUL_CHUNKS = 128  # up to this many chunks the no-decay prefix sum is a matmul (CPU cumsum: ~14 ns/element)
 
-    ``v`` may carry a trailing ones column (then ``o``'s last column is the denominator).  Chunks of
-    ``C = chunk_size``: inside a chunk the masked ``(C, C)`` product; the state entering chunk ``n`` is
-    ``Σ_{p<n} e^{L_{n-1} - L_p} U_p + e^{L_{n-1}} H_0`` with ``U_p`` chunk ``p``'s contribution and ``L``
-    the cumulative log decay at chunk ends -- one cumsum when there is no decay, else one ``(N, N)``
-    matmul.  All exponents are <= 0 when ``log_decay <= 0``.
+
+def chunked_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Optional[Tensor],
+    state: Optional[Tensor],
+    chunk_size: int,
+    z_state: Optional[Tensor] = None,
+    normalize: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    """Causal, aligned (``T == S``): ``(num (B,H,T,d), den (B,H,T), H_final (B,H,m,d), z_final (B,H,m))`` in
+    fp32/fp64; ``den`` and ``z_final`` are None unless ``normalize`` (then ``z_state`` is the initial normaliser,
+    None: zeros).
+
+    Chunks of ``C = chunk_size``: inside a chunk the masked ``(C, C)`` product ``A`` (``num += A v``,
+    ``den += A 1``); the state entering chunk ``n`` is ``Σ_{p<n} e^{L_{n-1} - L_p} U_p + e^{L_{n-1}} H_0`` with
+    ``U_p`` chunk ``p``'s contribution (``z`` the same way from the key sums) and ``L`` the cumulative log decay
+    at chunk ends: one ``(N, N)`` (decay-weighted or 0/1) matmul over the ``N`` chunks, or a cumsum past
+    ``SCAN_MATMUL_CHUNKS`` chunks without decay.  All exponents are <= 0 when ``log_decay <= 0``.
     """
     dt = _acc(q.dtype)
     bsz, heads, seq, m = q.shape
@@ -173,32 +207,73 @@ def chunked_linear_attention(
     c = int(chunk_size)
     n = -(-seq // c)
     pad = n * c - seq
-    q, k, v = (torch.nn.functional.pad(x.to(dt), (0, 0, 0, pad)).view(bsz, heads, n, c, x.shape[-1]) for x in (q, k, v))
-    h0 = q.new_zeros(bsz, heads, m, d) if state is None else state.to(dt)
+
+    def chunks(x: Tensor) -> Tensor:
+        x = x.to(dt)
+        return (torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x).reshape(bsz, heads, n, c, x.shape[-1])
+
+    q, k, v = chunks(q), chunks(k), chunks(v)
     future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
-    a = torch.matmul(q, k.transpose(-1, -2))  # (B, H, N, C, C)
+    a = torch.matmul(q, k.transpose(-1, -2))  # (B, H, N, C, C); masked and weighted in place below
     if log_decay is None:
-        o = torch.matmul(a.masked_fill(future, 0.0), v)
-        u = torch.matmul(k.transpose(-1, -2), v)  # (B, H, N, m, d)
-        run = torch.cumsum(u, dim=2)
-        entering = torch.cat([h0.unsqueeze(2), run[:, :, :-1] + h0.unsqueeze(2)], dim=2)
-        o = o + torch.matmul(q, entering)
-        return o.view(bsz, heads, n * c, d)[:, :, :seq], run[:, :, -1] + h0
-    g = torch.nn.functional.pad(log_decay.to(dt), (0, pad)).view(bsz, heads, n, c)
-    cum = g.cumsum(-1)  # G within the chunk (B, H, N, C)
-    gl = cum[..., -1]  # (B, H, N): the chunk's total log decay
-    weight = torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(future, float("-inf")))
-    o = torch.matmul(a * weight, v)
-    u = torch.matmul((k * torch.exp(gl.unsqueeze(-1) - cum).unsqueeze(-1)).transpose(-1, -2), v)  # (B, H, N, m, d)
-    ends = gl.cumsum(-1)  # L_n (B, H, N)
-    before = ends - gl  # L_{n-1} (L_{-1} = 0)
-    strict = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # chunk p < chunk n
-    mix = torch.exp((before.unsqueeze(-1) - ends.unsqueeze(-2)).masked_fill(~strict, float("-inf")))  # (B, H, N, N)
-    entering = torch.matmul(mix, u.flatten(-2)).view(bsz, heads, n, m, d)
-    entering = entering + torch.exp(before)[..., None, None] * h0.unsqueeze(2)
-    o = o + torch.matmul(q * torch.exp(cum).unsqueeze(-1), entering)
-    final = entering[:, :, -1] * torch.exp(gl[..., -1])[..., None, None] + u[:, :, -1]
-    return o.view(bsz, heads, n * c, d)[:, :, :seq], final
+        a.masked_fill_(future, 0.0)
+        kd, qd, decays = k, q, None
+    else:
+        g = log_decay.to(dt)
+        g = (torch.nn.functional.pad(g, (0, pad)) if pad else g).view(bsz, heads, n, c)
+        cum = g.cumsum(-1)  # G within the chunk (B, H, N, C)
+        gl = cum[..., -1]  # (B, H, N): the chunk's total log decay
+        a.mul_((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(future, float("-inf")).exp_())
+        kd = k * torch.exp(gl.unsqueeze(-1) - cum).unsqueeze(-1)
+        qd = q * torch.exp(cum).unsqueeze(-1)
+        decays = gl
+    num = torch.matmul(a, v)
+    u = torch.matmul(kd.transpose(-1, -2), v)  # (B, H, N, m, d)
+    if normalize:  # z rides along as a last column of the chunk states (not of v: (N, m), not (T, 1))
+        u = torch.cat([u, kd.sum(-2).unsqueeze(-1)], dim=-1)
+        if state is not None or z_state is not None:
+            h0 = state.to(dt) if state is not None else u.new_zeros(bsz, heads, m, d)
+            z0 = z_state.to(dt) if z_state is not None else u.new_zeros(bsz, heads, m)
+            state = torch.cat([h0, z0.unsqueeze(-1)], dim=-1)
+    h_in, final = _entering_states(u, decays, state)
+    res = torch.matmul(qd, h_in)  # (B, H, N, C, d (+ 1))
+    if not normalize:
+        return (num + res).view(bsz, heads, n * c, d)[:, :, :seq], None, final, None
+    num = (num + res[..., :d]).view(bsz, heads, n * c, d)[:, :, :seq]
+    den = (a.sum(-1) + res[..., d]).view(bsz, heads, n * c)[:, :, :seq]
+    return num, den, final[..., :d], final[..., d]
+
+
+def _entering_states(u: Tensor, decays: Optional[Tensor], x0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(entering (B, H, N, ...), final (B, H, ...))``: the states entering the ``N`` chunks and the one after the
+    last, from the chunks' own contributions ``u (B, H, N, ...)``, their total log decays ``decays (B, H, N)``
+    (None: no decay) and the initial state ``x0 (B, H, ...)`` (None: zeros).  One ``(N, N)`` matmul (decay-weighted
+    or 0/1), or a cumsum past ``SCAN_MATMUL_CHUNKS`` chunks without decay."""
+    bsz, heads, n = u.shape[:3]
+    ones = [1] * (u.dim() - 3)  # broadcasts a (B, H, N) factor over the state's dims
+    if decays is None:
+        if n > SCAN_MATMUL_CHUNKS:
+            run = torch.cumsum(u, dim=2)
+            into = torch.cat([torch.zeros_like(run[:, :, :1]), run[:, :, :-1]], dim=2)
+        else:
+            strict = torch.ones(n, n, dtype=u.dtype, device=u.device).tril(-1)
+            into = torch.matmul(strict, u.flatten(3)).view(u.shape)
+        final = into[:, :, -1] + u[:, :, -1]
+        if x0 is not None:
+            x0 = x0.to(u.dtype)
+            into, final = into + x0.unsqueeze(2), final + x0
+        return into, final
+    ends = decays.cumsum(-1)  # L_n (B, H, N)
+    before = ends - decays  # L_{n-1} (L_{-1} = 0)
+    strict = torch.ones(n, n, dtype=torch.bool, device=u.device).tril(-1)  # chunk p < chunk n
+    mix = torch.exp((before.unsqueeze(-1) - ends.unsqueeze(-2)).masked_fill_(~strict, float("-inf")))  # (B, H, N, N)
+    into = torch.matmul(mix, u.flatten(3)).view(u.shape)
+    final = into[:, :, -1] * torch.exp(decays[..., -1]).view(bsz, heads, *ones) + u[:, :, -1]
+    if x0 is not None:
+        x0 = x0.to(u.dtype)
+        into = into + torch.exp(before).view(bsz, heads, n, *ones) * x0.unsqueeze(2)
+        final = final + torch.exp(ends[..., -1]).view(bsz, heads, *ones) * x0
+    return into, final
 
 
 # -------------------------------------------------------------------------- Triton custom op
@@ -610,8 +685,17 @@ class LinearChunked(ChunkedBackend):
     op = "linear_attention"
 
     @staticmethod
+    def run_fused(q, k, v, log_decay, h0, z0, normalize, out_dtype, chunk_size):
+        """``(out, H_final, z_final or None)``, normalised (or not) without a ones column of ``v``."""
+        num, den, final, zf = chunked_linear_attention(q, k, v, log_decay, h0, chunk_size, z0, normalize)
+        if normalize:
+            return _Divide.apply(num, den, out_dtype or num.dtype), final, zf
+        return (num if out_dtype is None else num.to(out_dtype)), final, None
+
+    @staticmethod
     def run(q, k, v, log_decay, state, chunk_size):
-        return chunked_linear_attention(q, k, v, log_decay, state, chunk_size)
+        num, _, final, _ = chunked_linear_attention(q, k, v, log_decay, state, chunk_size)
+        return num, final
 
 
 class LinearReference(ReferenceBackend):
@@ -768,6 +852,12 @@ def _linear_attention(
             z0 = None if initial_state is None else initial_state[1]
             time_first = normalize or out_dtype is not None  # as :class:`_Normalize` writes it
             out, final, zf = LinearTriton.run_fused(q, k, v, log_decay, h0, z0, normalize, out_dtype or dt, time_first)
+            out = out[:, :, src_len - tgt_len :] if tgt_len < src_len else out
+            return (out, (final, zf)) if return_state else out
+        if impl is LinearChunked:  # the normaliser as a vector beside the state, no ones column either
+            h0 = None if initial_state is None else initial_state[0]
+            z0 = None if initial_state is None else initial_state[1]
+            out, final, zf = LinearChunked.run_fused(q, k, v, log_decay, h0, z0, normalize, out_dtype, chunk_size)
             out = out[:, :, src_len - tgt_len :] if tgt_len < src_len else out
             return (out, (final, zf)) if return_state else out
     with_den = normalize
