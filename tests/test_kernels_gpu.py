@@ -252,7 +252,10 @@ def test_triton_linear_attention_compile_and_opcheck():
     compiled = torch.compile(fn, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
     ops = torch.ops.efficient_attention
-    torch.library.opcheck(ops.triton_linear_attention.default, (q, k, v, decay, state[0].contiguous()))
+    h0, z0 = state[0].contiguous(), state[1].contiguous()
+    for normalize, time_first in ((True, True), (False, False)):  # normalised in-kernel, time-first bf16 / plain
+        args = (q, k, v, decay, h0, z0, normalize, torch.bfloat16, time_first)
+        torch.library.opcheck(ops.triton_linear_attention.default, args)
 
 
 # -- landmark attention (efficient_attention.kernels.landmark) ------------------------------------------------
