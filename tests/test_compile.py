@@ -82,8 +82,8 @@ def test_launches_do_not_grow_with_length(name, pattern):
 ATTEND_OP_CEILINGS = {
     ("performer", False): 90,
     ("performer", True): 208,
-    ("cosformer", False): 91,
-    ("cosformer", True): 152,
+    ("cosformer", False): 75,  # 91 before (noncausal: two products in the input dtype, one autograd node)
+    ("cosformer", True): 151,
     ("abc", False): 51,
     ("abc", True): 451,
     ("s4d", False): 172,

@@ -40,48 +40,126 @@ class CosformerOptions(AttentionOptions):
 _TABLES: dict = {}
 
 
-def _cos_sin(length: int, m_len: int, device, dtype) -> Tensor:
-    """``[cos θ_i, sin θ_i]`` ``(L, 2, 1)``, ``θ_i = π i / 2M``, cached by (L, M, device, dtype) outside
-    compilation and inference mode (an unpadded batch has the same table every step)."""
+def _cos_sin(length: int, m_len: int, device, dtype: torch.dtype, grad_dtype: torch.dtype) -> Tuple[Tensor, ...]:
+    """``table`` ``(L, 2, 1)`` ``[cos θ_i, sin θ_i]`` in ``dtype`` and its columns ``cos, sin`` ``(L, 1)`` in
+    ``grad_dtype`` (for the backward), ``θ_i = π i / 2M``; cached by the arguments outside compilation and inference
+    mode (an unpadded batch has the same tables every step: no op per call)."""
     cache = not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
-    key = (length, m_len, device, dtype)
-    table = _TABLES.get(key) if cache else None
-    if table is None:
+    key = (length, m_len, device, dtype, grad_dtype)
+    tables = _TABLES.get(key) if cache else None
+    if tables is None:
         theta = (math.pi / 2) * torch.arange(length, device=device, dtype=dtype) / float(m_len)
         table = torch.stack([torch.cos(theta), torch.sin(theta)], dim=-1).unsqueeze(-1)
+        columns = table.to(grad_dtype)
+        tables = (table, columns[:, 0], columns[:, 1])
         if cache:
             if len(_TABLES) >= 64:
                 _TABLES.clear()
-            _TABLES[key] = table
-    return table
+            _TABLES[key] = tables
+    return tables
 
 
 class _Features(torch.autograd.Function):
     """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` contiguous in ``dtype`` from ``x (B, H, L, d)`` and the
-    table ``(L, 2, 1)`` of :func:`_cos_sin`: one autograd node, two kernels forward (activation, one broadcast
-    product written in ``dtype``), five backward; nothing but ``x`` saved."""
+    tables of :func:`_cos_sin` (``table`` in the accumulation dtype, ``cos, sin`` in ``dtype``): one autograd
+    node, two kernels forward (activation, one broadcast product written in ``dtype``), three backward (two
+    products in ``dtype``, the activation's own backward); nothing but ``x`` saved."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
+    def forward(
+        ctx, x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, act_fun: str, dtype: torch.dtype
+    ) -> Tensor:
         acc = acc_dtype(dtype)
         act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
         bsz, heads, length, dim = x.shape
         out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
-        torch.mul(act.unsqueeze(-2), table.to(acc), out=out)
-        ctx.save_for_backward(x, table)
+        torch.mul(act.unsqueeze(-2), table, out=out)
+        ctx.save_for_backward(x, cos, sin)
         ctx.act_fun = act_fun
         return out.view(bsz, heads, length, 2 * dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, table = ctx.saved_tensors
-        bsz, heads, length, dim = x.shape
-        grad_act = (grad.view(bsz, heads, length, 2, dim) * table).sum(-2)
-        if ctx.act_fun == "relu":
-            grad_x = grad_act.masked_fill_(x <= 0, 0.0)
-        else:  # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
-            grad_x = torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype)))
-        return grad_x.to(x.dtype), None, None, None
+        x, cos, sin = ctx.saved_tensors
+        dim = x.shape[-1]
+        # the cos half times cos plus the sin half times sin, in the gradient's dtype (fp32 inside each kernel)
+        grad_act = torch.mul(grad[..., :dim], cos).addcmul_(grad[..., dim:], sin)
+        if ctx.act_fun == "relu":  # relu's own backward: one kernel, the gradient where x > 0
+            return torch.ops.aten.threshold_backward(grad_act.to(x.dtype), x, 0), None, None, None, None, None
+        # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
+        grad_x = torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype)))
+        return grad_x.to(x.dtype), None, None, None, None, None
+
+
+def _state_chunks(length: int, x: Tensor) -> int:
+    """Chunks to cut a length-``length`` reduction ``(m, L) @ (L, w)`` into on CUDA (1: none): such a product has
+    one output tile per (batch, head), so one product runs ``B*H`` programs down the whole length; chunks of 512
+    turn it into ``B*H*L/512`` products and a sum."""
+    if not x.is_cuda or length < 2048:
+        return 1
+    for chunk in (512, 256, 128):
+        if length % chunk == 0:
+            return length // chunk
+    return 1
+
+
+def _reduce_length(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ @ b`` ``(N, m, w)`` for contiguous ``a (N, L, m)``, ``b (N, L, w)``, the length cut by
+    :func:`_state_chunks`; the chunk products are summed in fp32 and rounded once to ``a``'s dtype."""
+    n = _state_chunks(a.shape[1], a)
+    if n == 1:
+        return torch.bmm(a.transpose(1, 2), b)
+    batch, length, m = a.shape
+    chunk = length // n
+    parts = torch.bmm(a.view(batch * n, chunk, m).transpose(1, 2), b.view(batch * n, chunk, b.shape[-1]))
+    return parts.view(batch, n, m, b.shape[-1]).sum(1, dtype=a.dtype)
+
+
+class _Noncausal(torch.autograd.Function):
+    """Noncausal normalised linear attention ``out_t = q_t S / q_t z``, ``S = Σ_j k_j v_jᵀ``, ``z = Σ_j k_j``, for
+    features ``q (B, H, T, m)``, ``k (B, H, S, m)`` contiguous and ``v (B, H, S, d)``: every product in the
+    features' dtype (bf16 under autocast runs on tensor cores, accumulating in fp32), the output written in
+    ``out_dtype`` in a time-first ``(T, B, H, d)`` memory layout (merging the heads needs no copy).
+
+    ``v`` gets the normaliser's ones column and zeros up to a multiple of 8 columns (aligned rows for the
+    products), so ``S`` and ``z`` are one ``(m, w)`` state and numerator and denominator one product; rows with
+    a denominator <= 0 (nothing attended) give 0 with zero gradients.  One autograd node: two batched products
+    forward, four backward (the reductions over the length cut into chunks on CUDA), a few elementwise kernels."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out_dtype: torch.dtype) -> Tensor:
+        bsz, heads, tgt_len, m = q.shape
+        dim = v.shape[-1]
+        width = -(-(dim + 1) // 8) * 8
+        v1 = F.pad(v.to(k.dtype), (0, width - dim)).view(bsz * heads, -1, width)
+        v1.select(-1, dim).fill_(1.0)
+        q3, k3 = q.view(bsz * heads, tgt_len, m), k.view(bsz * heads, -1, m)
+        state = _reduce_length(k3, v1)  # (B*H, m, w): [S, z, 0...]
+        o = torch.bmm(q3, state).view(bsz, heads, tgt_len, width)
+        den = o[..., dim]
+        den = den.masked_fill(den <= 0, float("inf"))  # nothing attended: num / inf = 0
+        out = torch.empty(tgt_len, bsz, heads, dim, dtype=out_dtype, device=q.device)
+        torch.div(o[..., :dim].permute(2, 0, 1, 3), den.permute(2, 0, 1).unsqueeze(-1), out=out)
+        out = out.permute(1, 2, 0, 3)
+        ctx.save_for_backward(q3, k3, v1, state, den, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q3, k3, v1, state, den, out = ctx.saved_tensors
+        bsz, heads, tgt_len, dim = out.shape
+        width = v1.shape[-1]
+        grad_num = torch.div(grad, den.unsqueeze(-1)).to(q3.dtype)  # a cast only for fp32 features, half output
+        grad_o = F.pad(grad_num, (0, width - dim))  # [d num, d den, 0...] contiguous
+        grad_o.select(-1, dim).sub_((grad_num * out).sum(-1))  # d(num/den)/d den = -out / den
+        grad_o = grad_o.view(bsz * heads, tgt_len, width)
+        grad_q = torch.bmm(grad_o, state.transpose(1, 2))
+        grad_state = _reduce_length(q3, grad_o)
+        grad_k = torch.bmm(v1, grad_state.transpose(1, 2))
+        grad_v = torch.bmm(k3, grad_state[..., :dim])
+        return grad_q.view(bsz, heads, tgt_len, -1), grad_k.view(bsz, heads, -1, k3.shape[-1]), (
+            grad_v.view(bsz, heads, -1, dim)
+        ), None
 
 
 @register_attention("cosformer", "cos_former")
@@ -187,11 +265,18 @@ class CosformerAttention(EfficientAttention):
         if self.max_len is not None:
             self._check_len(max(tgt_len, src_len), self.max_len)
         acc = acc_dtype(dtype)
-        feature_dtype = dtype if self.causal else acc  # the Triton kernels take the input dtype; noncausal is fp32
+        # fp16 noncausal sums run in fp32 (a state summed over the length could overflow fp16); else the features
+        # and every product are in the input dtype, accumulating in fp32 (bf16: the GPU's tensor cores)
+        own_products = not self.causal and dtype != torch.float16
+        feature_dtype = dtype if self.causal or own_products else acc
         with torch.autocast(q.device.type, enabled=False):
-            table = _cos_sin(max(tgt_len, src_len), m_len, q.device, acc)
-            qf = _Features.apply(q, table[:tgt_len], self.act_fun, feature_dtype)
-            kf = _Features.apply(k, table[:src_len], self.act_fun, feature_dtype)
+            tables = _cos_sin(tgt_len, m_len, q.device, acc, feature_dtype)
+            qf = _Features.apply(q, *tables, self.act_fun, feature_dtype)
+            if src_len != tgt_len:
+                tables = _cos_sin(src_len, m_len, q.device, acc, feature_dtype)
+            kf = _Features.apply(k, *tables, self.act_fun, feature_dtype)
+            if own_products:
+                return _Noncausal.apply(qf, kf, v, dtype)
             return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 
     def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Dict[str, Any]:
