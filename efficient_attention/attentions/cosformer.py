@@ -66,9 +66,7 @@ class _Features(torch.autograd.Function):
     products in ``dtype``, the activation's own backward); nothing but ``x`` saved."""
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, act_fun: str, dtype: torch.dtype
-    ) -> Tensor:
+    def forward(ctx, x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
         acc = acc_dtype(dtype)
         act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
         bsz, heads, length, dim = x.shape
@@ -157,9 +155,12 @@ class _Noncausal(torch.autograd.Function):
         grad_state = _reduce_length(q3, grad_o)
         grad_k = torch.bmm(v1, grad_state.transpose(1, 2))
         grad_v = torch.bmm(k3, grad_state[..., :dim])
-        return grad_q.view(bsz, heads, tgt_len, -1), grad_k.view(bsz, heads, -1, k3.shape[-1]), (
-            grad_v.view(bsz, heads, -1, dim)
-        ), None
+        return (
+            grad_q.view(bsz, heads, tgt_len, -1),
+            grad_k.view(bsz, heads, -1, k3.shape[-1]),
+            (grad_v.view(bsz, heads, -1, dim)),
+            None,
+        )
 
 
 @register_attention("cosformer", "cos_former")
