@@ -272,3 +272,26 @@ def test_fairseq_lm_trains_and_generates_without_max_len(tmp_path):
         tmp_path / "gen",
     )
     assert len(hyps) == 4
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_noncausal_products_match_the_linear_attention_op_and_gradcheck(monkeypatch, chunks):
+    """The noncausal path's own products (one autograd node; the state's reduction over the length cut into
+    ``chunks`` as on CUDA) against the shared op's reference, including a query that attends nothing, and its
+    gradients by gradcheck in float64."""
+    from efficient_attention.attentions import cosformer as mod
+    from efficient_attention.kernels.linear_attention import linear_attention
+
+    monkeypatch.setattr(mod, "_state_chunks", lambda length, x: chunks)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.rand(2, 3, 16, 10, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 16, 7, generator=g, dtype=torch.float64)
+    q[0, 1, 3] = 0.0  # nothing attended: 0, zero gradient
+    out = mod._Noncausal.apply(q, k, v, torch.float64)
+    assert_close(out, linear_attention(q, k, v, causal=False, backend="reference"))
+    assert out[0, 1, 3].abs().max() == 0
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    mod._Noncausal.apply(q, k, v, torch.float64).sum().backward()
+    assert q.grad[0, 1, 3].abs().max() == 0
+    q = torch.rand(2, 3, 16, 10, generator=g, dtype=torch.float64, requires_grad=True)  # away from den = 0
+    assert torch.autograd.gradcheck(lambda a, b, c: mod._Noncausal.apply(a, b, c, torch.float64), (q, k, v))
