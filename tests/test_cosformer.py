@@ -295,3 +295,19 @@ def test_noncausal_products_match_the_linear_attention_op_and_gradcheck(monkeypa
     assert q.grad[0, 1, 3].abs().max() == 0
     q = torch.rand(2, 3, 16, 10, generator=g, dtype=torch.float64, requires_grad=True)  # away from den = 0
     assert torch.autograd.gradcheck(lambda a, b, c: mod._Noncausal.apply(a, b, c, torch.float64), (q, k, v))
+
+
+def test_decoding_in_inference_mode_then_training_uses_separate_tables():
+    """The cos/sin tables are cached apart for inference mode: a training step after decoding under
+    ``torch.inference_mode`` (same lengths, same M) does not save an inference tensor for its backward."""
+    torch.manual_seed(0)
+    m = CosformerAttention(EMBED_DIM, NUM_HEADS, causal=True, max_len=8)
+    x = torch.randn(8, 2, EMBED_DIM)
+    with torch.inference_mode():
+        state: dict = {}
+        steps = [m(x[t : t + 1], incremental_state=state, need_weights=False)[0] for t in range(8)]
+        full = m(x, need_weights=False)[0]
+    assert_close(torch.cat(steps), full, torch.float32)
+    out, _ = m(x.clone().requires_grad_(), need_weights=False)
+    out.sum().backward()
+    assert_close(out.detach(), full, torch.float32)

@@ -42,10 +42,11 @@ _TABLES: dict = {}
 
 def _cos_sin(length: int, m_len: int, device, dtype: torch.dtype, grad_dtype: torch.dtype) -> Tuple[Tensor, ...]:
     """``table`` ``(L, 2, 1)`` ``[cos θ_i, sin θ_i]`` in ``dtype`` and its columns ``cos, sin`` ``(L, 1)`` in
-    ``grad_dtype`` (for the backward), ``θ_i = π i / 2M``; cached by the arguments outside compilation and inference
-    mode (an unpadded batch has the same tables every step: no op per call)."""
-    cache = not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
-    key = (length, m_len, device, dtype, grad_dtype)
+    ``grad_dtype`` (for the backward), ``θ_i = π i / 2M``; cached by the arguments (and whether inference mode is
+    on: its tensors cannot be saved for a backward) outside compilation: an unpadded batch has the same tables every
+    step, and a decoding step reads its angle's row (no op per call)."""
+    cache = not torch.compiler.is_compiling()
+    key = (length, m_len, device, dtype, grad_dtype, cache and torch.is_inference_mode_enabled())
     tables = _TABLES.get(key) if cache else None
     if tables is None:
         theta = (math.pi / 2) * torch.arange(length, device=device, dtype=dtype) / float(m_len)
@@ -324,11 +325,15 @@ class CosformerAttention(EfficientAttention):
                 f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}"
             )
         self._check_len(start + src_len, self.max_len)
-        if tgt_len == 1 and "kv_sum" in state:  # one token: its angle is a number; the recurrence, a few kernels
-            theta = (math.pi / 2) * start / self.max_len
-            x = self._act(torch.cat([q, k], dim=2), None)  # the query and its key as one (B, H, 2, d): fewer ops
-            feats = torch.cat([x * math.cos(theta), x * math.sin(theta)], dim=-1)
-            qf, kf = feats[:, :, :1], feats[:, :, 1:]
+        if tgt_len == 1 and "kv_sum" in state:  # one token: [cos, sin] of its angle from the cached table
+            acc = acc_dtype(q.dtype)
+            angle = _cos_sin(self.max_len, self.max_len, q.device, acc, acc)[0][start]  # (2, 1)
+            x = torch.stack([q, k], dim=2)  # the query and its key as one (B, H, 2, 1, d): fewer ops
+            if self.act_fun == "relu":  # relu(x) c = relu(x c) for c = cos, sin >= 0: product (in acc), relu in place
+                feats = torch.mul(x, angle).relu_()
+            else:
+                feats = (1.0 + F.elu(x.to(acc))) * angle
+            qf, kf = feats.flatten(-2).split(1, dim=2)  # (B, H, 1, 2d) each: [φ cos θ, φ sin θ]
             if masks.key_padding is not None:
                 kf = kf.masked_fill(masks.key_padding[:, None, :, None], 0.0)
             out, state["kv_sum"], state["k_sum"] = linear_attention_step(qf, kf, v, state["kv_sum"], state["k_sum"])
