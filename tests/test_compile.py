@@ -82,7 +82,7 @@ def test_launches_do_not_grow_with_length(name, pattern):
 ATTEND_OP_CEILINGS = {
     ("performer", False): 90,
     ("performer", True): 208,
-    ("cosformer", False): 75,  # 91 before (noncausal: two products in the input dtype, one autograd node)
+    ("cosformer", False): 89,  # 91 before; one autograd node, features recomputed in the backward (not saved)
     ("cosformer", True): 151,
     ("abc", False): 51,
     ("abc", True): 451,

@@ -60,34 +60,41 @@ def _cos_sin(length: int, m_len: int, device, dtype: torch.dtype, grad_dtype: to
     return tables
 
 
+def _features(x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
+    """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` contiguous in ``dtype`` from ``x (B, H, L, d)`` and ``table``
+    ``(L, 2, 1)`` of :func:`_cos_sin`: two kernels (the activation, one broadcast product written in ``dtype``)."""
+    acc = acc_dtype(dtype)
+    act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
+    bsz, heads, length, dim = x.shape
+    out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
+    torch.mul(act.unsqueeze(-2), table, out=out)
+    return out.view(bsz, heads, length, 2 * dim)
+
+
+def _features_backward(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, act_fun: str) -> Tensor:
+    """The gradient of :func:`_features` at ``x`` for ``grad (B, H, L, 2d)``: the cos half times ``cos`` plus the
+    sin half times ``sin`` (``(L, 1)`` in ``grad``'s dtype; two kernels, fp32 inside), then the activation's."""
+    dim = x.shape[-1]
+    grad_act = torch.mul(grad[..., :dim], cos).addcmul_(grad[..., dim:], sin)
+    if act_fun == "relu":  # relu's own backward: one kernel, the gradient where x > 0
+        return torch.ops.aten.threshold_backward(grad_act.to(x.dtype), x, 0)
+    # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
+    return torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype))).to(x.dtype)
+
+
 class _Features(torch.autograd.Function):
-    """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` contiguous in ``dtype`` from ``x (B, H, L, d)`` and the
-    tables of :func:`_cos_sin` (``table`` in the accumulation dtype, ``cos, sin`` in ``dtype``): one autograd
-    node, two kernels forward (activation, one broadcast product written in ``dtype``), three backward (two
-    products in ``dtype``, the activation's own backward); nothing but ``x`` saved."""
+    """:func:`_features` as one autograd node (three kernels backward); nothing but ``x`` saved."""
 
     @staticmethod
     def forward(ctx, x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
-        acc = acc_dtype(dtype)
-        act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
-        bsz, heads, length, dim = x.shape
-        out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
-        torch.mul(act.unsqueeze(-2), table, out=out)
         ctx.save_for_backward(x, cos, sin)
         ctx.act_fun = act_fun
-        return out.view(bsz, heads, length, 2 * dim)
+        return _features(x, table, act_fun, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, cos, sin = ctx.saved_tensors
-        dim = x.shape[-1]
-        # the cos half times cos plus the sin half times sin, in the gradient's dtype (fp32 inside each kernel)
-        grad_act = torch.mul(grad[..., :dim], cos).addcmul_(grad[..., dim:], sin)
-        if ctx.act_fun == "relu":  # relu's own backward: one kernel, the gradient where x > 0
-            return torch.ops.aten.threshold_backward(grad_act.to(x.dtype), x, 0), None, None, None, None, None
-        # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
-        grad_x = torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype)))
-        return grad_x.to(x.dtype), None, None, None, None, None
+        return _features_backward(grad, x, cos, sin, ctx.act_fun), None, None, None, None, None
 
 
 def _state_chunks(length: int, x: Tensor) -> int:
@@ -115,53 +122,57 @@ def _reduce_length(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _Noncausal(torch.autograd.Function):
-    """Noncausal normalised linear attention ``out_t = q_t S / q_t z``, ``S = Σ_j k_j v_jᵀ``, ``z = Σ_j k_j``, for
-    features ``q (B, H, T, m)``, ``k (B, H, S, m)`` contiguous and ``v (B, H, S, d)``: every product in the
-    features' dtype (bf16 under autocast runs on tensor cores, accumulating in fp32), the output written in
-    ``out_dtype`` in a time-first ``(T, B, H, d)`` memory layout (merging the heads needs no copy).
+    """Noncausal cosFormer from ``q (B, H, T, d)``, ``k (B, H, S, d)``, ``v (B, H, S, d)``: the features
+    ``q̂, k̂`` (:func:`_features`, ``(B, H, ·, 2d)`` in ``dtype``), then ``out_t = q̂_t S / q̂_t z`` with
+    ``S = Σ_j k̂_j v_jᵀ``, ``z = Σ_j k̂_j``: every product in ``dtype`` (bf16 under autocast runs on tensor cores,
+    accumulating in fp32), the output written in ``out_dtype`` in a time-first ``(T, B, H, d)`` memory layout
+    (merging the heads needs no copy).  ``tables`` are the query's and the key's ``(table, cos, sin)`` of
+    :func:`_cos_sin`.
 
     ``v`` gets the normaliser's ones column and zeros up to a multiple of 8 columns (aligned rows for the
-    products), so ``S`` and ``z`` are one ``(m, w)`` state and numerator and denominator one product; rows with
+    products), so ``S`` and ``z`` are one ``(2d, w)`` state and numerator and denominator one product; rows with
     a denominator <= 0 (nothing attended) give 0 with zero gradients.  One autograd node: two batched products
-    forward, four backward (the reductions over the length cut into chunks on CUDA), a few elementwise kernels."""
+    forward, four backward (the reductions over the length cut into chunks on CUDA); the features are recomputed
+    in the backward (two kernels each) rather than saved (twice the size of ``q`` and ``k`` each)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out_dtype: torch.dtype) -> Tensor:
-        bsz, heads, tgt_len, m = q.shape
-        dim = v.shape[-1]
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tables, act_fun: str, dtype: torch.dtype, out_dtype) -> Tensor:
+        bsz, heads, tgt_len, dim = q.shape
         width = -(-(dim + 1) // 8) * 8
-        v1 = F.pad(v.to(k.dtype), (0, width - dim)).view(bsz * heads, -1, width)
+        (tq, cq, sq), (tk, ck, sk) = tables
+        qf = _features(q, tq, act_fun, dtype).view(bsz * heads, tgt_len, 2 * dim)
+        kf = _features(k, tk, act_fun, dtype).view(bsz * heads, -1, 2 * dim)
+        v1 = F.pad(v.to(dtype), (0, width - dim)).view(bsz * heads, -1, width)
         v1.select(-1, dim).fill_(1.0)
-        q3, k3 = q.view(bsz * heads, tgt_len, m), k.view(bsz * heads, -1, m)
-        state = _reduce_length(k3, v1)  # (B*H, m, w): [S, z, 0...]
-        o = torch.bmm(q3, state).view(bsz, heads, tgt_len, width)
+        state = _reduce_length(kf, v1)  # (B*H, 2d, w): [S, z, 0...]
+        o = torch.bmm(qf, state).view(bsz, heads, tgt_len, width)
         den = o[..., dim]
         den = den.masked_fill(den <= 0, float("inf"))  # nothing attended: num / inf = 0
         out = torch.empty(tgt_len, bsz, heads, dim, dtype=out_dtype, device=q.device)
         torch.div(o[..., :dim].permute(2, 0, 1, 3), den.permute(2, 0, 1).unsqueeze(-1), out=out)
         out = out.permute(1, 2, 0, 3)
-        ctx.save_for_backward(q3, k3, v1, state, den, out)
+        ctx.save_for_backward(q, k, v1, state, den, out, tq, cq, sq, tk, ck, sk)
+        ctx.act_fun, ctx.dtype, ctx.v_dtype = act_fun, dtype, v.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q3, k3, v1, state, den, out = ctx.saved_tensors
+        q, k, v1, state, den, out, tq, cq, sq, tk, ck, sk = ctx.saved_tensors
         bsz, heads, tgt_len, dim = out.shape
         width = v1.shape[-1]
-        grad_num = torch.div(grad, den.unsqueeze(-1)).to(q3.dtype)  # a cast only for fp32 features, half output
+        qf = _features(q, tq, ctx.act_fun, ctx.dtype).view(bsz * heads, tgt_len, 2 * dim)
+        kf = _features(k, tk, ctx.act_fun, ctx.dtype).view(bsz * heads, -1, 2 * dim)
+        grad_num = torch.div(grad, den.unsqueeze(-1)).to(qf.dtype)  # a cast only for a half output of fp32 features
         grad_o = F.pad(grad_num, (0, width - dim))  # [d num, d den, 0...] contiguous
         grad_o.select(-1, dim).sub_((grad_num * out).sum(-1))  # d(num/den)/d den = -out / den
         grad_o = grad_o.view(bsz * heads, tgt_len, width)
-        grad_q = torch.bmm(grad_o, state.transpose(1, 2))
-        grad_state = _reduce_length(q3, grad_o)
-        grad_k = torch.bmm(v1, grad_state.transpose(1, 2))
-        grad_v = torch.bmm(k3, grad_state[..., :dim])
-        return (
-            grad_q.view(bsz, heads, tgt_len, -1),
-            grad_k.view(bsz, heads, -1, k3.shape[-1]),
-            (grad_v.view(bsz, heads, -1, dim)),
-            None,
-        )
+        grad_qf = torch.bmm(grad_o, state.transpose(1, 2)).view(bsz, heads, tgt_len, 2 * dim)
+        grad_state = _reduce_length(qf, grad_o)
+        grad_kf = torch.bmm(v1, grad_state.transpose(1, 2)).view(bsz, heads, -1, 2 * dim)
+        grad_v = torch.bmm(kf, grad_state[..., :dim]).view(bsz, heads, -1, dim)
+        grad_q = _features_backward(grad_qf, q, cq, sq, ctx.act_fun)
+        grad_k = _features_backward(grad_kf, k, ck, sk, ctx.act_fun)
+        return grad_q, grad_k, grad_v.to(ctx.v_dtype), None, None, None, None
 
 
 @register_attention("cosformer", "cos_former")
@@ -272,13 +283,12 @@ class CosformerAttention(EfficientAttention):
         own_products = not self.causal and dtype != torch.float16
         feature_dtype = dtype if self.causal or own_products else acc
         with torch.autocast(q.device.type, enabled=False):
-            tables = _cos_sin(tgt_len, m_len, q.device, acc, feature_dtype)
-            qf = _Features.apply(q, *tables, self.act_fun, feature_dtype)
-            if src_len != tgt_len:
-                tables = _cos_sin(src_len, m_len, q.device, acc, feature_dtype)
-            kf = _Features.apply(k, *tables, self.act_fun, feature_dtype)
+            q_tables = _cos_sin(tgt_len, m_len, q.device, acc, feature_dtype)
+            k_tables = q_tables if src_len == tgt_len else _cos_sin(src_len, m_len, q.device, acc, feature_dtype)
             if own_products:
-                return _Noncausal.apply(qf, kf, v, dtype)
+                return _Noncausal.apply(q, k, v, (q_tables, k_tables), self.act_fun, feature_dtype, dtype)
+            qf = _Features.apply(q, *q_tables, self.act_fun, feature_dtype)
+            kf = _Features.apply(k, *k_tables, self.act_fun, feature_dtype)
             return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 
     def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Dict[str, Any]:
