@@ -200,8 +200,10 @@ class CosformerAttention(EfficientAttention):
     chunked kernels; constant-state decoding),
     noncausal cross (``static_kv`` caches ``Σ φ̂(k) vᵀ``).  ``key_padding_mask``
     honoured; an arbitrary ``attn_mask`` is not; no attention dropout (the
-    paper has none).  Half inputs: features in fp32, rounded to the input dtype
-    for the kernels, which accumulate in fp32.
+    paper has none).  Half inputs: features computed in fp32 and written in the
+    input dtype; the causal kernels and the noncausal products (bf16: tensor
+    cores) accumulate in fp32; fp16 noncausal runs its products in fp32 (a
+    state summed over the length could overflow fp16).
 
     Cost: O((T + S)·d²) time, O((T + S)·d + d²) memory per head.
     """
