@@ -272,3 +272,49 @@ def test_fairseq_lm_trains_and_generates_without_max_len(tmp_path):
         tmp_path / "gen",
     )
     assert len(hyps) == 4
+
+
+@pytest.mark.parametrize("act_fun", ["relu", "elu"])
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_noncausal_products_match_the_linear_attention_op_and_gradcheck(monkeypatch, chunks, act_fun):
+    """The noncausal path's own node (features, then products whose reduction over the length is cut into
+    ``chunks`` as on CUDA) against the features through the shared op's reference, including a query that
+    attends nothing, and its gradients by gradcheck in float64."""
+    from efficient_attention.attentions import cosformer as mod
+    from efficient_attention.kernels.linear_attention import linear_attention
+
+    monkeypatch.setattr(mod, "_state_chunks", lambda length, x: chunks)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    q[0, 1, 3] = -1.0  # relu: nothing attended, 0 with a zero gradient
+    f64 = torch.float64
+    tables = (mod._cos_sin(16, 20, q.device, f64, f64),) * 2
+
+    def run(a, b, c):
+        return mod._Noncausal.apply(a, b, c, tables, act_fun, f64, f64)
+
+    out = run(q, k, v)
+    qf, kf = (mod._features(x, tables[0][0], act_fun, f64) for x in (q, k))
+    assert_close(out, linear_attention(qf, kf, v, causal=False, backend="reference"))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    run(q, k, v).sum().backward()
+    if act_fun == "relu":
+        assert out[0, 1, 3].abs().max() == 0 and q.grad[0, 1, 3].abs().max() == 0
+    q = torch.randn(2, 3, 16, 7, generator=g, dtype=torch.float64, requires_grad=True)  # away from den = 0
+    assert torch.autograd.gradcheck(run, (q, k, v))
+
+
+def test_decoding_in_inference_mode_then_training_uses_separate_tables():
+    """The cos/sin tables are cached apart for inference mode: a training step after decoding under
+    ``torch.inference_mode`` (same lengths, same M) does not save an inference tensor for its backward."""
+    torch.manual_seed(0)
+    m = CosformerAttention(EMBED_DIM, NUM_HEADS, causal=True, max_len=8)
+    x = torch.randn(8, 2, EMBED_DIM)
+    with torch.inference_mode():
+        state: dict = {}
+        steps = [m(x[t : t + 1], incremental_state=state, need_weights=False)[0] for t in range(8)]
+        full = m(x, need_weights=False)[0]
+    assert_close(torch.cat(steps), full, torch.float32)
+    out, _ = m(x.clone().requires_grad_(), need_weights=False)
+    out.sum().backward()
+    assert_close(out.detach(), full, torch.float32)

@@ -40,48 +40,139 @@ class CosformerOptions(AttentionOptions):
 _TABLES: dict = {}
 
 
-def _cos_sin(length: int, m_len: int, device, dtype) -> Tensor:
-    """``[cos θ_i, sin θ_i]`` ``(L, 2, 1)``, ``θ_i = π i / 2M``, cached by (L, M, device, dtype) outside
-    compilation and inference mode (an unpadded batch has the same table every step)."""
-    cache = not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
-    key = (length, m_len, device, dtype)
-    table = _TABLES.get(key) if cache else None
-    if table is None:
+def _cos_sin(length: int, m_len: int, device, dtype: torch.dtype, grad_dtype: torch.dtype) -> Tuple[Tensor, ...]:
+    """``table`` ``(L, 2, 1)`` ``[cos θ_i, sin θ_i]`` in ``dtype`` and its columns ``cos, sin`` ``(L, 1)`` in
+    ``grad_dtype`` (for the backward), ``θ_i = π i / 2M``; cached by the arguments (and whether inference mode is
+    on: its tensors cannot be saved for a backward) outside compilation: an unpadded batch has the same tables every
+    step, and a decoding step reads its angle's row (no op per call)."""
+    cache = not torch.compiler.is_compiling()
+    key = (length, m_len, device, dtype, grad_dtype, cache and torch.is_inference_mode_enabled())
+    tables = _TABLES.get(key) if cache else None
+    if tables is None:
         theta = (math.pi / 2) * torch.arange(length, device=device, dtype=dtype) / float(m_len)
         table = torch.stack([torch.cos(theta), torch.sin(theta)], dim=-1).unsqueeze(-1)
+        columns = table.to(grad_dtype)
+        tables = (table, columns[:, 0], columns[:, 1])
         if cache:
             if len(_TABLES) >= 64:
                 _TABLES.clear()
-            _TABLES[key] = table
-    return table
+            _TABLES[key] = tables
+    return tables
+
+
+def _features(x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
+    """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` contiguous in ``dtype`` from ``x (B, H, L, d)`` and ``table``
+    ``(L, 2, 1)`` of :func:`_cos_sin`: two kernels (the activation, one broadcast product written in ``dtype``)."""
+    acc = acc_dtype(dtype)
+    act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
+    bsz, heads, length, dim = x.shape
+    out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
+    torch.mul(act.unsqueeze(-2), table, out=out)
+    return out.view(bsz, heads, length, 2 * dim)
+
+
+def _features_backward(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, act_fun: str) -> Tensor:
+    """The gradient of :func:`_features` at ``x`` for ``grad (B, H, L, 2d)``: the cos half times ``cos`` plus the
+    sin half times ``sin`` (``(L, 1)`` in ``grad``'s dtype; two kernels, fp32 inside), then the activation's."""
+    dim = x.shape[-1]
+    grad_act = torch.mul(grad[..., :dim], cos).addcmul_(grad[..., dim:], sin)
+    if act_fun == "relu":  # relu's own backward: one kernel, the gradient where x > 0
+        return torch.ops.aten.threshold_backward(grad_act.to(x.dtype), x, 0)
+    # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
+    return torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype))).to(x.dtype)
 
 
 class _Features(torch.autograd.Function):
-    """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` contiguous in ``dtype`` from ``x (B, H, L, d)`` and the
-    table ``(L, 2, 1)`` of :func:`_cos_sin`: one autograd node, two kernels forward (activation, one broadcast
-    product written in ``dtype``), five backward; nothing but ``x`` saved."""
+    """:func:`_features` as one autograd node (three kernels backward); nothing but ``x`` saved."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
-        acc = acc_dtype(dtype)
-        act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
-        bsz, heads, length, dim = x.shape
-        out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
-        torch.mul(act.unsqueeze(-2), table.to(acc), out=out)
-        ctx.save_for_backward(x, table)
+    def forward(ctx, x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(x, cos, sin)
         ctx.act_fun = act_fun
-        return out.view(bsz, heads, length, 2 * dim)
+        return _features(x, table, act_fun, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, table = ctx.saved_tensors
-        bsz, heads, length, dim = x.shape
-        grad_act = (grad.view(bsz, heads, length, 2, dim) * table).sum(-2)
-        if ctx.act_fun == "relu":
-            grad_x = grad_act.masked_fill_(x <= 0, 0.0)
-        else:  # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
-            grad_x = torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype)))
-        return grad_x.to(x.dtype), None, None, None
+        x, cos, sin = ctx.saved_tensors
+        return _features_backward(grad, x, cos, sin, ctx.act_fun), None, None, None, None, None
+
+
+def _state_chunks(length: int, x: Tensor) -> int:
+    """Chunks to cut a length-``length`` reduction ``(m, L) @ (L, w)`` into on CUDA (1: none): such a product has
+    one output tile per (batch, head), so one product runs ``B*H`` programs down the whole length; chunks of 512
+    turn it into ``B*H*L/512`` products and a sum."""
+    if not x.is_cuda or length < 2048:
+        return 1
+    for chunk in (512, 256, 128):
+        if length % chunk == 0:
+            return length // chunk
+    return 1
+
+
+def _reduce_length(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ @ b`` ``(N, m, w)`` for contiguous ``a (N, L, m)``, ``b (N, L, w)``, the length cut by
+    :func:`_state_chunks`; the chunk products are summed in fp32 and rounded once to ``a``'s dtype."""
+    n = _state_chunks(a.shape[1], a)
+    if n == 1:
+        return torch.bmm(a.transpose(1, 2), b)
+    batch, length, m = a.shape
+    chunk = length // n
+    parts = torch.bmm(a.view(batch * n, chunk, m).transpose(1, 2), b.view(batch * n, chunk, b.shape[-1]))
+    return parts.view(batch, n, m, b.shape[-1]).sum(1, dtype=a.dtype)
+
+
+class _Noncausal(torch.autograd.Function):
+    """Noncausal cosFormer from ``q (B, H, T, d)``, ``k (B, H, S, d)``, ``v (B, H, S, d)``: the features
+    ``q̂, k̂`` (:func:`_features`, ``(B, H, ·, 2d)`` in ``dtype``), then ``out_t = q̂_t S / q̂_t z`` with
+    ``S = Σ_j k̂_j v_jᵀ``, ``z = Σ_j k̂_j``: every product in ``dtype`` (bf16 under autocast runs on tensor cores,
+    accumulating in fp32), the output written in ``out_dtype`` in a time-first ``(T, B, H, d)`` memory layout
+    (merging the heads needs no copy).  ``tables`` are the query's and the key's ``(table, cos, sin)`` of
+    :func:`_cos_sin`.
+
+    ``v`` gets the normaliser's ones column and zeros up to a multiple of 8 columns (aligned rows for the
+    products), so ``S`` and ``z`` are one ``(2d, w)`` state and numerator and denominator one product; rows with
+    a denominator <= 0 (nothing attended) give 0 with zero gradients.  One autograd node: two batched products
+    forward, four backward (the reductions over the length cut into chunks on CUDA); the features are recomputed
+    in the backward (two kernels each) rather than saved (twice the size of ``q`` and ``k`` each)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tables, act_fun: str, dtype: torch.dtype, out_dtype) -> Tensor:
+        bsz, heads, tgt_len, dim = q.shape
+        width = -(-(dim + 1) // 8) * 8
+        (tq, cq, sq), (tk, ck, sk) = tables
+        qf = _features(q, tq, act_fun, dtype).view(bsz * heads, tgt_len, 2 * dim)
+        kf = _features(k, tk, act_fun, dtype).view(bsz * heads, -1, 2 * dim)
+        v1 = F.pad(v.to(dtype), (0, width - dim)).view(bsz * heads, -1, width)
+        v1.select(-1, dim).fill_(1.0)
+        state = _reduce_length(kf, v1)  # (B*H, 2d, w): [S, z, 0...]
+        o = torch.bmm(qf, state).view(bsz, heads, tgt_len, width)
+        den = o[..., dim]
+        den = den.masked_fill(den <= 0, float("inf"))  # nothing attended: num / inf = 0
+        out = torch.empty(tgt_len, bsz, heads, dim, dtype=out_dtype, device=q.device)
+        torch.div(o[..., :dim].permute(2, 0, 1, 3), den.permute(2, 0, 1).unsqueeze(-1), out=out)
+        out = out.permute(1, 2, 0, 3)
+        ctx.save_for_backward(q, k, v1, state, den, out, tq, cq, sq, tk, ck, sk)
+        ctx.act_fun, ctx.dtype, ctx.v_dtype = act_fun, dtype, v.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v1, state, den, out, tq, cq, sq, tk, ck, sk = ctx.saved_tensors
+        bsz, heads, tgt_len, dim = out.shape
+        width = v1.shape[-1]
+        qf = _features(q, tq, ctx.act_fun, ctx.dtype).view(bsz * heads, tgt_len, 2 * dim)
+        kf = _features(k, tk, ctx.act_fun, ctx.dtype).view(bsz * heads, -1, 2 * dim)
+        grad_num = torch.div(grad, den.unsqueeze(-1)).to(qf.dtype)  # a cast only for a half output of fp32 features
+        grad_o = F.pad(grad_num, (0, width - dim))  # [d num, d den, 0...] contiguous
+        grad_o.select(-1, dim).sub_((grad_num * out).sum(-1))  # d(num/den)/d den = -out / den
+        grad_o = grad_o.view(bsz * heads, tgt_len, width)
+        grad_qf = torch.bmm(grad_o, state.transpose(1, 2)).view(bsz, heads, tgt_len, 2 * dim)
+        grad_state = _reduce_length(qf, grad_o)
+        grad_kf = torch.bmm(v1, grad_state.transpose(1, 2)).view(bsz, heads, -1, 2 * dim)
+        grad_v = torch.bmm(kf, grad_state[..., :dim]).view(bsz, heads, -1, dim)
+        grad_q = _features_backward(grad_qf, q, cq, sq, ctx.act_fun)
+        grad_k = _features_backward(grad_kf, k, ck, sk, ctx.act_fun)
+        return grad_q, grad_k, grad_v.to(ctx.v_dtype), None, None, None, None
 
 
 @register_attention("cosformer", "cos_former")
@@ -109,8 +200,10 @@ class CosformerAttention(EfficientAttention):
     chunked kernels; constant-state decoding),
     noncausal cross (``static_kv`` caches ``Σ φ̂(k) vᵀ``).  ``key_padding_mask``
     honoured; an arbitrary ``attn_mask`` is not; no attention dropout (the
-    paper has none).  Half inputs: features in fp32, rounded to the input dtype
-    for the kernels, which accumulate in fp32.
+    paper has none).  Half inputs: features computed in fp32 and written in the
+    input dtype; the causal kernels and the noncausal products (bf16: tensor
+    cores) accumulate in fp32; fp16 noncausal runs its products in fp32 (a
+    state summed over the length could overflow fp16).
 
     Cost: O((T + S)·d²) time, O((T + S)·d + d²) memory per head.
     """
@@ -187,11 +280,17 @@ class CosformerAttention(EfficientAttention):
         if self.max_len is not None:
             self._check_len(max(tgt_len, src_len), self.max_len)
         acc = acc_dtype(dtype)
-        feature_dtype = dtype if self.causal else acc  # the Triton kernels take the input dtype; noncausal is fp32
+        # fp16 noncausal sums run in fp32 (a state summed over the length could overflow fp16); else the features
+        # and every product are in the input dtype, accumulating in fp32 (bf16: the GPU's tensor cores)
+        own_products = not self.causal and dtype != torch.float16
+        feature_dtype = dtype if self.causal or own_products else acc
         with torch.autocast(q.device.type, enabled=False):
-            table = _cos_sin(max(tgt_len, src_len), m_len, q.device, acc)
-            qf = _Features.apply(q, table[:tgt_len], self.act_fun, feature_dtype)
-            kf = _Features.apply(k, table[:src_len], self.act_fun, feature_dtype)
+            q_tables = _cos_sin(tgt_len, m_len, q.device, acc, feature_dtype)
+            k_tables = q_tables if src_len == tgt_len else _cos_sin(src_len, m_len, q.device, acc, feature_dtype)
+            if own_products:
+                return _Noncausal.apply(q, k, v, (q_tables, k_tables), self.act_fun, feature_dtype, dtype)
+            qf = _Features.apply(q, *q_tables, self.act_fun, feature_dtype)
+            kf = _Features.apply(k, *k_tables, self.act_fun, feature_dtype)
             return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 
     def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Dict[str, Any]:
@@ -238,11 +337,15 @@ class CosformerAttention(EfficientAttention):
                 f"causal cosFormer decoding needs as many new keys as queries, got {src_len} and {tgt_len}"
             )
         self._check_len(start + src_len, self.max_len)
-        if tgt_len == 1 and "kv_sum" in state:  # one token: its angle is a number; the recurrence, a few kernels
-            theta = (math.pi / 2) * start / self.max_len
-            x = self._act(torch.cat([q, k], dim=2), None)  # the query and its key as one (B, H, 2, d): fewer ops
-            feats = torch.cat([x * math.cos(theta), x * math.sin(theta)], dim=-1)
-            qf, kf = feats[:, :, :1], feats[:, :, 1:]
+        if tgt_len == 1 and "kv_sum" in state:  # one token: [cos, sin] of its angle from the cached table
+            acc = acc_dtype(q.dtype)
+            angle = _cos_sin(self.max_len, self.max_len, q.device, acc, acc)[0][start]  # (2, 1)
+            x = torch.stack([q, k], dim=2)  # the query and its key as one (B, H, 2, 1, d): fewer ops
+            if self.act_fun == "relu":  # relu(x) c = relu(x c) for c = cos, sin >= 0: product (in acc), relu in place
+                feats = torch.mul(x, angle).relu_()
+            else:
+                feats = (1.0 + F.elu(x.to(acc))) * angle
+            qf, kf = feats.flatten(-2).split(1, dim=2)  # (B, H, 1, 2d) each: [φ cos θ, φ sin θ]
             if masks.key_padding is not None:
                 kf = kf.masked_fill(masks.key_padding[:, None, :, None], 0.0)
             out, state["kv_sum"], state["k_sum"] = linear_attention_step(qf, kf, v, state["kv_sum"], state["k_sum"])
