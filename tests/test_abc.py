@@ -125,3 +125,19 @@ def test_fresh_causal_path_matches_the_general_one(monkeypatch, dtype, scan):
     scale = max(float(w.abs().max()) for w in results[1][1:])  # a gradient that is ~0 exactly (k's bias) is noise
     for got, want in zip(results[0][1:], results[1][1:]):
         assert_close(got / scale, want / scale, dtype)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_slot_attention_gradient_matches_autograd(dropout):
+    """The noncausal read's hand-written backward (one autograd node, no SDPA) against gradcheck in float64, on a
+    head view of time-first projections (as the module passes it) with a dropout mask."""
+    from efficient_attention.attentions.abc import _SlotAttention
+
+    torch.manual_seed(0)
+    q = torch.randn(7, 2, 3, 4, dtype=torch.float64).permute(1, 2, 0, 3).requires_grad_(True)  # (B, H, T, d) view
+    mem_k, mem_v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = (torch.rand(2, 3, 7, 5, dtype=torch.float64) > 0.3) / 0.7 if dropout else None
+    out = _SlotAttention.apply(q, mem_k, mem_v, 0.3, mask)
+    if mask is None:
+        assert_close(out, torch.softmax(q @ mem_k.transpose(-1, -2) * 0.3, -1) @ mem_v)
+    assert torch.autograd.gradcheck(lambda a, b, c: _SlotAttention.apply(a, b, c, 0.3, mask), (q, mem_k, mem_v))

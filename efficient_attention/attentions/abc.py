@@ -61,6 +61,41 @@ class _SlotRead(torch.autograd.Function):
         return dx * inv * ctx.scale, d_inv * inv, None, None, None
 
 
+class _SlotAttention(torch.autograd.Function):
+    """``softmax(q K̃ᵀ · scale) Ṽ`` (dropout ``mask`` on the probabilities) for q ``(B, H, T, d)`` and a few slots
+    K̃, Ṽ ``(B, H, n, d)``: two products batched over ``B·H`` (``q`` read in place as a head view of the time-first
+    projections) and a softmax over ``n``; backward five products and one softmax backward.
+
+    Not SDPA: its fused backward parallelises over key blocks, so ``n`` slots are one block per (batch, head) and
+    ``B·H`` programs walk all ``T`` queries (slower than CAB's plain products from 16k on an H200); and it keeps
+    its ``(T, d)`` output for the backward where this keeps the ``(T, n)`` probabilities."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, mem_k: Tensor, mem_v: Tensor, scale: float, mask: Optional[Tensor]) -> Tensor:
+        bsz, heads, tgt_len, _ = q.shape
+        qf, kf, vf = q.flatten(0, 1), mem_k.flatten(0, 1) * scale, mem_v.flatten(0, 1)  # the scale on the small side
+        p = torch.softmax(torch.bmm(qf, kf.transpose(1, 2)), dim=-1)  # (B·H, T, n)
+        ctx.save_for_backward(qf, kf, vf, p, mask)
+        ctx.scale, ctx.shapes = scale, (q.shape, mem_k.shape)
+        pd = p if mask is None else p * mask.flatten(0, 1)
+        return torch.bmm(pd, vf).view(bsz, heads, tgt_len, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        qf, kf, vf, p, mask = ctx.saved_tensors
+        q_shape, m_shape = ctx.shapes
+        g = grad.flatten(0, 1).to(p.dtype)
+        pd = p if mask is None else p * mask.flatten(0, 1)
+        dp = torch.bmm(g, vf.transpose(1, 2))
+        if mask is not None:
+            dp = dp * mask.flatten(0, 1)
+        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+        dq = torch.bmm(ds, kf).view(q_shape)
+        dk = torch.bmm(ds.transpose(1, 2), qf).mul_(ctx.scale).view(m_shape)
+        dv = torch.bmm(pd.transpose(1, 2), g).view(m_shape)
+        return dq, dk, dv, None, None
+
+
 @dataclass(frozen=True)
 class ABCOptions(AttentionOptions):
     num_landmarks: int = positive_int(16, "number of memory slots n")
@@ -127,17 +162,19 @@ class ABC(EfficientAttention):
         keys, values = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
         w = self.landmark_proj.to(k.dtype).repeat(bsz, 1, 1)  # (B·H, n, d)
         scores = torch.bmm(w, keys.transpose(1, 2)).view(bsz, heads, -1, length)  # (B, H, n, S)
-        if kpm is None:
-            alpha = torch.softmax(scores, dim=-1, dtype=acc_dtype(k.dtype)).to(k.dtype)
+        if kpm is None:  # half inputs: computed in fp32, rounded once (one kernel, no fp32 copy kept)
+            alpha = torch.softmax(scores, dim=-1)
         else:  # all padded -> 0
             alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
         alpha = alpha.flatten(0, 1)
         return torch.bmm(alpha, keys).view(bsz, heads, -1, d), torch.bmm(alpha, values).view(bsz, heads, -1, d)
 
     def _read(self, q: Tensor, mem_k: Tensor, mem_v: Tensor) -> Tensor:
-        """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows) through SDPA."""
-        dropout = self.dropout_p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=dropout, scale=self.scaling)
+        """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows): :class:`_SlotAttention`."""
+        mask = None
+        if self.training and self.dropout_p > 0:
+            mask = q.new_empty(*q.shape[:-1], mem_k.shape[-2]).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
+        return _SlotAttention.apply(q, mem_k, mem_v, self.scaling, mask)
 
     # ----------------------------------------------------------------- causal
     def _new_state(self, q: Tensor) -> Dict[str, Tensor]:
