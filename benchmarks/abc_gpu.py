@@ -153,7 +153,8 @@ def main() -> None:
     _step(result, "decode", "512/8k", lambda: decode(device), t0, args.budget)
     for length in lengths:
         for label, name, causal in CASES:
-            _step(result, "train", f"{label}@{length}", lambda: train(label, name, causal, length, device), t0, args.budget)
+            run = lambda: train(label, name, causal, length, device)  # noqa: E731
+            _step(result, "train", f"{label}@{length}", run, t0, args.budget)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result["seconds"] = time.perf_counter() - t0

@@ -141,3 +141,16 @@ def test_slot_attention_gradient_matches_autograd(dropout):
     if mask is None:
         assert_close(out, torch.softmax(q @ mem_k.transpose(-1, -2) * 0.3, -1) @ mem_v)
     assert torch.autograd.gradcheck(lambda a, b, c: _SlotAttention.apply(a, b, c, 0.3, mask), (q, mem_k, mem_v))
+
+
+def test_decoding_step_kernel_says_why_it_cannot_run():
+    """The one-launch step (CUDA) declines in words: the CPU, a float64 state, gradients, dropout; the PyTorch form
+    takes everything (its results are the generic tests' incremental = full)."""
+    from efficient_attention.kernels.abc_step import ABC_STEP
+
+    q = torch.randn(2, NUM_HEADS, 1, 8, dtype=torch.float64)
+    reasons = ABC_STEP.not_supported_reasons(q, q, q, slots=5, state_dtype=torch.float64, grad=True, dropout=True)
+    text = " ".join(reasons["triton"])
+    for words in ("not CUDA" if not torch.cuda.is_available() else "", "fp32", "gradients", "dropout"):
+        assert words in text, text
+    assert reasons["reference"] == []

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, softmax
+from ..kernels.abc_step import abc_step, empty_norm
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
@@ -24,23 +25,19 @@ from ..registry import register_attention
 __all__ = ["ABC"]
 
 
-def _empty_norm(dtype: torch.dtype) -> float:
-    """At or below this normaliser a slot is empty (its weights underflowed): 1 / normaliser must stay finite."""
-    return torch.finfo(dtype).tiny * 1e8
-
-
 class _SlotRead(torch.autograd.Function):
     """``r = softmax_l(num · e^{nl} · scale) · e^{nl}`` (dropout ``mask`` on the softmax) for the unnormalised slot
     scores ``num`` and the negated log normalisers ``nl = -log Σ_j e_jl`` (both ``(B, H, T, n)``, fp32 or fp64);
-    slots with a normaliser at or below :func:`_empty_norm` are left out (weight 0).  Every row needs a non-empty
-    slot (a causal query without padding: its running-max slot has a normaliser >= 1).
+    slots with a normaliser at or below :func:`~efficient_attention.kernels.abc_step.empty_norm` are left out
+    (weight 0).  Every row needs a non-empty slot (a causal query without padding: its running-max slot has a
+    normaliser >= 1).
 
     One autograd node: forward about ten kernels, backward eight (autograd over the same ops records about
     twenty-five), and it keeps three ``(B, H, T, n)`` fp32 tensors for the backward."""
 
     @staticmethod
     def forward(ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        bound = -math.log(_empty_norm(nl.dtype))
+        bound = -math.log(empty_norm(nl.dtype))
         inv = torch.exp(nl.masked_fill(nl >= bound, float("-inf")))  # 1 / normaliser; empty slots: 0
         x = (num * inv * scale).masked_fill(inv == 0, float("-inf"))
         p = torch.softmax(x, dim=-1)
@@ -256,7 +253,7 @@ class ABC(EfficientAttention):
         num, mem_k = attend(q.to(dtype), k.to(dtype), e, None if state is None else state["mem_k"].transpose(-1, -2))
         unit_q, unit_k = q.new_ones(*q.shape[:-1], 1, dtype=dtype), k.new_ones(*k.shape[:-1], 1, dtype=dtype)
         norm, mem_norm = attend(unit_q, unit_k, e, None if state is None else state["mem_norm"].unsqueeze(-2))
-        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
+        empty = norm <= empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
@@ -307,33 +304,15 @@ class ABC(EfficientAttention):
         return -torch.log(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # empty slots: above the bound, gradient 0
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
-        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype; the state's sums stay in
-        their accumulation dtype, which the mixed-dtype products promote to): the recurrence of its three linear
-        attentions written out with broadcast products over ``n`` slots and ``d`` dims (one token is too small for
-        batched matmuls, whose reshapes cost more kernels than they save).  ``decay`` rescales the sums to the new
-        running max; a running max of ``-inf`` (no real key yet) is clamped to the lowest finite value, so its
-        weights and decay are 0 (the sums are then still 0).  Slots whose normaliser underflowed get the lowest
-        finite logit and weight 0: a row of only such slots (no real key yet) gives 0."""
-        a = (k * self.landmark_proj.to(state["mem_k"].dtype)).sum(-1)  # (B, H, n): (B, H, 1, d) * (H, n, d)
-        if kpm is not None:
-            a = a.masked_fill(kpm[:, None, :], float("-inf"))
-        run = torch.maximum(a.amax(-1, keepdim=True), state["mem_max"])  # (B, H, 1)
-        safe = run.clamp_min(torch.finfo(run.dtype).min)
-        decay = torch.exp(state["mem_max"] - safe).unsqueeze(-1)  # (B, H, 1, 1)
-        e = torch.exp(a - safe)  # (B, H, n)
-        et = e.unsqueeze(-1)  # (B, H, n, 1)
-        mem_k = torch.addcmul(state["mem_k"] * decay, et, k)  # Σ e_j k_j  (B, H, n, d)
-        norm = torch.addcmul(e, state["mem_norm"], decay.squeeze(-1))  # Σ e_j  (B, H, n)
-        num = (mem_k * q).sum(-1)  # (B, H, n)
-        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
-        inv = torch.reciprocal(norm).masked_fill_(empty, 0.0)
-        logits = (num * inv * self.scaling).masked_fill_(empty, torch.finfo(num.dtype).min)
-        probs = torch.softmax(logits, dim=-1)
-        if self.training and self.dropout_p > 0:
-            probs = F.dropout(probs, self.dropout_p, training=True)
-        mem_v = torch.addcmul(state["mem_v"] * decay, et, v)  # Σ e_j v_j  (B, H, n, d)
-        state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm, run
-        return ((probs * inv).unsqueeze(-1) * mem_v).sum(-2, keepdim=True)  # (B, H, 1, d)
+        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype): the recurrence of its
+        three linear attentions, :func:`~efficient_attention.kernels.abc_step.abc_step` (one kernel launch on
+        CUDA); the state's sums keep their accumulation dtype."""
+        names = ("mem_k", "mem_v", "mem_norm", "mem_max")
+        dropout = self.dropout_p if self.training else 0.0
+        sums = (state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"])
+        out, new = abc_step(q, k, v, self.landmark_proj, sums, kpm, self.scaling, dropout)
+        state.update(zip(names, new))
+        return out
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
