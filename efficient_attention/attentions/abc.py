@@ -32,30 +32,67 @@ class _SlotRead(torch.autograd.Function):
     (weight 0).  Every row needs a non-empty slot (a causal query without padding: its running-max slot has a
     normaliser >= 1).
 
-    One autograd node: forward about ten kernels, backward eight (autograd over the same ops records about
-    twenty-five), and it keeps three ``(B, H, T, n)`` fp32 tensors for the backward."""
+    One autograd node: forward about ten kernels, backward about twelve (autograd over the same ops records about
+    twenty-five).  It keeps the logits (empty slots at the lowest finite value) and ``nl``; with ``recompute``
+    (``nl`` comes from :class:`_NegLogNorm`, which keeps it too) it recomputes the probabilities and ``e^{nl}`` in
+    the backward (four kernels): one ``(B, H, T, n)`` fp32 tensor of its own instead of three."""
 
     @staticmethod
-    def forward(ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        bound = -math.log(empty_norm(nl.dtype))
-        inv = torch.exp(nl.masked_fill(nl >= bound, float("-inf")))  # 1 / normaliser; empty slots: 0
-        x = (num * inv * scale).masked_fill(inv == 0, float("-inf"))
+    def forward(
+        ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype, recompute: bool
+    ) -> Tensor:
+        empty = nl >= -math.log(empty_norm(nl.dtype))
+        inv = torch.exp(nl.masked_fill(empty, float("-inf")))  # 1 / normaliser; empty slots: 0
+        x = (num * inv * scale).masked_fill(empty, torch.finfo(nl.dtype).min)
         p = torch.softmax(x, dim=-1)
-        ctx.save_for_backward(num, inv, p, mask)
-        ctx.scale = scale
+        ctx.save_for_backward(x, nl, mask, *(() if recompute else (inv, p)))
+        ctx.scale, ctx.recompute = scale, recompute
         if mask is not None:
             p = p * mask
         return (p * inv).to(dtype)
 
     @staticmethod
+    def _inverse(nl: Tensor) -> Tensor:
+        """``e^{nl}`` = 1 / normaliser; empty slots: 0."""
+        return torch.exp(nl.masked_fill(nl >= -math.log(empty_norm(nl.dtype)), float("-inf")))
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
-        num, inv, p, mask = ctx.saved_tensors
+        x, nl, mask, *kept = ctx.saved_tensors
+        inv, p = (_SlotRead._inverse(nl), torch.softmax(x, dim=-1)) if ctx.recompute else kept
         g = grad.to(p.dtype)
         pd = p if mask is None else p * mask
         dp = g * inv if mask is None else g * inv * mask
-        dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
-        d_inv = torch.addcmul(g * pd, dx, num, value=ctx.scale)
-        return dx * inv * ctx.scale, d_inv * inv, None, None, None
+        dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # 0 on empty slots (p = 0 there)
+        # d nl = (g·pd + dx·num·scale)·inv = g·pd·inv + dx·x
+        return dx * inv * ctx.scale, torch.addcmul(dx * x, g * pd, inv), None, None, None, None
+
+
+class _NegLogNorm(torch.autograd.Function):
+    """``nl = c - logcumsumexp_j(a)`` ``(B, H, S, n)`` (``-log Σ_{j<=i} e^{a_jl - c_i}``) for the slot scores ``a``
+    ``(B, H, S, n)`` and the running max ``c`` ``(B, H, S)`` (a constant): one ``logcumsumexp`` along the last dim of
+    a contiguous ``(B, H, n, S)`` fp32 copy (CUDA scans an inner dim with parallel blocks, a middle one with one
+    thread per (batch, head, slot) walking all ``S``).  It keeps ``a`` (input dtype), ``c`` and ``nl`` (which
+    :class:`_SlotRead` keeps too) where autograd would keep the fp32 copy and the scan.  Backward:
+    ``da_j = -Σ_{i>=j} g_i e^{a_j - lse_i}``, the positive and negative parts of ``g`` in one reversed scan."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, run: Tensor) -> Tensor:
+        lse = torch.logcumsumexp(a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1)
+        nl = (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()
+        ctx.save_for_backward(a, run, nl)
+        return nl
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, run, nl = ctx.saved_tensors
+        g = grad.to(nl.dtype)
+        lg = torch.log(g.abs()) + (nl - run.unsqueeze(-1))  # log|g_i| - lse_i
+        parts = torch.stack([lg.masked_fill(g <= 0, float("-inf")), lg.masked_fill(g >= 0, float("-inf"))])
+        parts = parts.transpose(-1, -2).flip(-1)  # (2, B, H, n, S), time reversed (flip copies)
+        tail = torch.logcumsumexp(parts, -1).flip(-1)  # log Σ_{i>=j} of each part
+        both = torch.exp(tail + a.transpose(-1, -2))
+        return (both[1] - both[0]).transpose(-1, -2).to(a.dtype), None
 
 
 class _SlotAttention(torch.autograd.Function):
@@ -284,21 +321,17 @@ class ABC(EfficientAttention):
         mask = None
         if self.training and self.dropout_p > 0:
             mask = torch.empty_like(num).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
-        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype)
+        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype, a.device.type in self.SCAN_DEVICES)
         return linear_attention(r, e, v.to(dtype), causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
 
     SCAN_DEVICES = ("cuda",)  # device types whose normalisers come from logcumsumexp (tests add "cpu")
 
     def _neg_log_norm(self, a: Tensor, run: Tensor, e: Tensor, decay: Tensor) -> Tensor:
-        """``-log Σ_{j<=i} e^{a_jl - c_i}`` ``(B, H, S, n)``.  CUDA: one ``logcumsumexp`` along the last dim of a
-        contiguous ``(B, H, n, S)`` copy (CUDA scans an inner dim with parallel blocks, a middle one with one thread
-        per (batch, head, slot) walking all ``S``), a few kernels instead of a linear attention.  Elsewhere (the
+        """``-log Σ_{j<=i} e^{a_jl - c_i}`` ``(B, H, S, n)``.  CUDA: :class:`_NegLogNorm` (one ``logcumsumexp``), a few
+        kernels instead of a linear attention.  Elsewhere (the
         CPU's ``logcumsumexp`` is a scalar loop, ~50 ms at 4k): a linear attention with unit features."""
         if a.device.type in self.SCAN_DEVICES:
-            lse = torch.logcumsumexp(
-                a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1
-            )
-            return (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()
+            return _NegLogNorm.apply(a, run)
         unit = e.new_ones(*e.shape[:-1], 1)
         norm = linear_attention(unit, unit, e, causal=True, log_decay=decay, normalize=False)
         return -torch.log(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # empty slots: above the bound, gradient 0
