@@ -313,7 +313,8 @@ class ABC(EfficientAttention):
         slot softmax is one autograd node (:class:`_SlotRead`)."""
         a = self._slot_scores(k, None)  # (B, H, S, n)
         run = torch.cummax(a.detach().amax(-1), dim=-1).values  # c (B, H, S)
-        decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        acc = acc_dtype(run.dtype)  # the log decays in fp32: exact differences of half scores, and the kernels'
+        decay = F.pad(run[..., :-1].to(acc) - run[..., 1:], (1, 0))  # dtype (no cast per linear attention)
         c = run.unsqueeze(-1)
         e = torch.exp(a - c).to(dtype)
         num = linear_attention(q.to(dtype), k.to(dtype), e, causal=True, log_decay=decay, normalize=False)
