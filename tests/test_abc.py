@@ -87,8 +87,9 @@ def test_causal_cross_with_unequal_lengths(tgt_len, src_len):
     assert_close(out, get_reference("abc").fn(m, q, k, v, key_padding_mask=kpm))
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_slot_read_gradient_matches_autograd(dropout):
+def test_slot_read_gradient_matches_autograd(dropout, recompute):
     """The slot softmax's hand-written backward (one autograd node) against gradcheck in float64, an empty slot
     (normaliser underflowed: left out) and a dropout mask included."""
     from efficient_attention.attentions.abc import _SlotRead
@@ -99,9 +100,10 @@ def test_slot_read_gradient_matches_autograd(dropout):
     with torch.no_grad():
         nl[0, 0, 0, 2] = 800.0  # normaliser e^-800: empty
     mask = (torch.rand(2, 3, 7, 5, dtype=torch.float64) > 0.3) / 0.7 if dropout else None
-    out = _SlotRead.apply(num, nl, 0.3, mask, torch.float64)
+    out = _SlotRead.apply(num, nl, 0.3, mask, torch.float64, recompute)
     assert out[0, 0, 0, 2] == 0 and torch.isfinite(out).all()
-    assert torch.autograd.gradcheck(lambda a, b: _SlotRead.apply(a, b, 0.3, mask, torch.float64), (num, nl))
+    read = lambda a, b: _SlotRead.apply(a, b, 0.3, mask, torch.float64, recompute)  # noqa: E731
+    assert torch.autograd.gradcheck(read, (num, nl))
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -125,3 +127,45 @@ def test_fresh_causal_path_matches_the_general_one(monkeypatch, dtype, scan):
     scale = max(float(w.abs().max()) for w in results[1][1:])  # a gradient that is ~0 exactly (k's bias) is noise
     for got, want in zip(results[0][1:], results[1][1:]):
         assert_close(got / scale, want / scale, dtype)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_slot_attention_gradient_matches_autograd(dropout):
+    """The noncausal read's hand-written backward (one autograd node, no SDPA) against gradcheck in float64, on a
+    head view of time-first projections (as the module passes it) with a dropout mask."""
+    from efficient_attention.attentions.abc import _SlotAttention
+
+    torch.manual_seed(0)
+    q = torch.randn(7, 2, 3, 4, dtype=torch.float64).permute(1, 2, 0, 3).requires_grad_(True)  # (B, H, T, d) view
+    mem_k, mem_v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = (torch.rand(2, 3, 7, 5, dtype=torch.float64) > 0.3) / 0.7 if dropout else None
+    out = _SlotAttention.apply(q, mem_k, mem_v, 0.3, mask)
+    if mask is None:
+        assert_close(out, torch.softmax(q @ mem_k.transpose(-1, -2) * 0.3, -1) @ mem_v)
+    assert torch.autograd.gradcheck(lambda a, b, c: _SlotAttention.apply(a, b, c, 0.3, mask), (q, mem_k, mem_v))
+
+
+def test_decoding_step_kernel_says_why_it_cannot_run():
+    """The one-launch step (CUDA) declines in words: the CPU, a float64 state, gradients, dropout; the PyTorch form
+    takes everything (its results are the generic tests' incremental = full)."""
+    from efficient_attention.kernels.abc_step import ABC_STEP
+
+    q = torch.randn(2, NUM_HEADS, 1, 8, dtype=torch.float64)
+    reasons = ABC_STEP.not_supported_reasons(q, q, q, slots=5, state_dtype=torch.float64, grad=True, dropout=True)
+    text = " ".join(reasons["triton"])
+    for words in ("not CUDA" if not torch.cuda.is_available() else "", "fp32", "gradients", "dropout"):
+        assert words in text, text
+    assert reasons["reference"] == []
+
+
+def test_negated_log_normaliser_gradient_matches_autograd():
+    """The CUDA path's normalisers (one logcumsumexp; hand-written backward keeping no fp32 copy) against gradcheck
+    in float64, with scores hundreds apart (the signed reversed scan stays finite)."""
+    from efficient_attention.attentions.abc import _NegLogNorm
+
+    torch.manual_seed(0)
+    a = (torch.randn(2, 3, 9, 4, dtype=torch.float64) * torch.tensor([1.0, 30.0, 300.0, 3.0])).requires_grad_(True)
+    run = torch.cummax(a.detach().amax(-1), dim=-1).values
+    expected = run.unsqueeze(-1) - torch.logcumsumexp(a.detach(), dim=-2)
+    assert_close(_NegLogNorm.apply(a, run), expected)
+    assert torch.autograd.gradcheck(lambda x: _NegLogNorm.apply(x, run), (a,))

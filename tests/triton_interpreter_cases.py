@@ -277,6 +277,53 @@ def linear_modules_case():
         assert rel(torch.cat(steps), full) < 1e-5, f"{name} decoding {rel(torch.cat(steps), full):.1e}"
 
 
+def abc_step_case(dtype):
+    """ABC's one-launch decoding step against its PyTorch form: head views of one projection, a prefill's strided
+    state with an empty slot, a fresh state (running max -inf), a padded new key."""
+    from efficient_attention.kernels.abc_step import abc_step, reference_abc_step
+
+    torch.manual_seed(0)
+    bsz, heads, n, d = 2, 3, 5, 24
+    for fresh in (False, True):
+        for kpm in (None, torch.tensor([[False], [True]])):
+            y = torch.randn(bsz, 3 * heads, 1, d).to(dtype)
+            q, k, v = y[:, :heads], y[:, heads : 2 * heads], y[:, 2 * heads :]
+            w = torch.randn(heads, n, d)
+            if fresh:
+                z = torch.zeros(bsz, heads, n, d)
+                state = (z, z, z[..., 0], torch.full((bsz, heads, 1), float("-inf")))
+            else:
+                norm = torch.rand(bsz, heads, 1, n).squeeze(-2) * 3
+                norm[0, 0, 1] = 0.0  # an empty slot
+                state = (
+                    torch.randn(bsz, heads, d, n).transpose(-1, -2),
+                    torch.randn(bsz, heads, n, d),
+                    norm,
+                    torch.randn(bsz, heads, 1),
+                )
+            got = abc_step(q, k, v, w, state, kpm, 0.3, backend="triton")
+            want = reference_abc_step(q, k, v, w, state, kpm, 0.3, 0.0)
+            assert got[0].dtype == dtype and got[1][0].dtype == torch.float32
+            for g, r in zip((got[0], *got[1]), (want[0], *want[1])):
+                g, r = g.float(), r.float()
+                assert torch.equal(g == float("-inf"), r == float("-inf")), "running max"
+                fin = torch.isfinite(r)
+                err = rel(g[fin], r[fin])
+                assert torch.isfinite(g[fin]).all() and err < (1e-2 if dtype != torch.float32 else 1e-5), (fresh, err)
+    if dtype != torch.float32:
+        return
+    from efficient_attention import build_attention
+
+    m = build_attention("abc", embed_dim=32, num_heads=2, causal=True, self_attention=True).eval()
+    x = torch.randn(40, 2, 32)
+    state: dict = {}
+    with torch.no_grad():  # the kernel's case: generation
+        steps = [m(x[:30], incremental_state=state, need_weights=False)[0]]
+        steps += [m(x[t : t + 1], incremental_state=state, need_weights=False)[0] for t in range(30, 40)]
+        full = m.double()(x.double(), need_weights=False)[0]
+    assert rel(torch.cat(steps), full) < 1e-5, f"module decoding {rel(torch.cat(steps), full):.1e}"
+
+
 def landmark_case(bs, d, dtype, T, S, config=None, pad=True, views=False, **switches):
     """The landmark kernels (forward, dq, dk/dv) against the float64 PyTorch path, with key padding
     (a padded landmark among it) unless ``pad=False``; ``config`` forces the query tiles (64 or 128 rows
@@ -405,6 +452,8 @@ def main() -> int:
             lambda: linear_out_dtype_case(60, 24, 40, f32, f32, block_d=16),
         ),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
+        (False, "abc decoding step fp32", lambda: abc_step_case(f32)),
+        (False, "abc decoding step fp16", lambda: abc_step_case(f16)),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),
         (
             False,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, softmax
+from ..kernels.abc_step import abc_step, empty_norm
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
@@ -24,41 +25,109 @@ from ..registry import register_attention
 __all__ = ["ABC"]
 
 
-def _empty_norm(dtype: torch.dtype) -> float:
-    """At or below this normaliser a slot is empty (its weights underflowed): 1 / normaliser must stay finite."""
-    return torch.finfo(dtype).tiny * 1e8
-
-
 class _SlotRead(torch.autograd.Function):
     """``r = softmax_l(num · e^{nl} · scale) · e^{nl}`` (dropout ``mask`` on the softmax) for the unnormalised slot
     scores ``num`` and the negated log normalisers ``nl = -log Σ_j e_jl`` (both ``(B, H, T, n)``, fp32 or fp64);
-    slots with a normaliser at or below :func:`_empty_norm` are left out (weight 0).  Every row needs a non-empty
-    slot (a causal query without padding: its running-max slot has a normaliser >= 1).
+    slots with a normaliser at or below :func:`~efficient_attention.kernels.abc_step.empty_norm` are left out
+    (weight 0).  Every row needs a non-empty slot (a causal query without padding: its running-max slot has a
+    normaliser >= 1).
 
-    One autograd node: forward about ten kernels, backward eight (autograd over the same ops records about
-    twenty-five), and it keeps three ``(B, H, T, n)`` fp32 tensors for the backward."""
+    One autograd node: forward about ten kernels, backward about twelve (autograd over the same ops records about
+    twenty-five).  It keeps the logits (empty slots at the lowest finite value) and ``nl``; with ``recompute``
+    (``nl`` comes from :class:`_NegLogNorm`, which keeps it too) it recomputes the probabilities and ``e^{nl}`` in
+    the backward (four kernels): one ``(B, H, T, n)`` fp32 tensor of its own instead of three."""
 
     @staticmethod
-    def forward(ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        bound = -math.log(_empty_norm(nl.dtype))
-        inv = torch.exp(nl.masked_fill(nl >= bound, float("-inf")))  # 1 / normaliser; empty slots: 0
-        x = (num * inv * scale).masked_fill(inv == 0, float("-inf"))
+    def forward(
+        ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype, recompute: bool
+    ) -> Tensor:
+        empty = nl >= -math.log(empty_norm(nl.dtype))
+        inv = torch.exp(nl.masked_fill(empty, float("-inf")))  # 1 / normaliser; empty slots: 0
+        x = (num * inv * scale).masked_fill(empty, torch.finfo(nl.dtype).min)
         p = torch.softmax(x, dim=-1)
-        ctx.save_for_backward(num, inv, p, mask)
-        ctx.scale = scale
+        ctx.save_for_backward(x, nl, mask, *(() if recompute else (inv, p)))
+        ctx.scale, ctx.recompute = scale, recompute
         if mask is not None:
             p = p * mask
         return (p * inv).to(dtype)
 
     @staticmethod
+    def _inverse(nl: Tensor) -> Tensor:
+        """``e^{nl}`` = 1 / normaliser; empty slots: 0."""
+        return torch.exp(nl.masked_fill(nl >= -math.log(empty_norm(nl.dtype)), float("-inf")))
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
-        num, inv, p, mask = ctx.saved_tensors
+        x, nl, mask, *kept = ctx.saved_tensors
+        inv, p = (_SlotRead._inverse(nl), torch.softmax(x, dim=-1)) if ctx.recompute else kept
         g = grad.to(p.dtype)
         pd = p if mask is None else p * mask
         dp = g * inv if mask is None else g * inv * mask
-        dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
-        d_inv = torch.addcmul(g * pd, dx, num, value=ctx.scale)
-        return dx * inv * ctx.scale, d_inv * inv, None, None, None
+        dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # 0 on empty slots (p = 0 there)
+        # d nl = (g·pd + dx·num·scale)·inv = g·pd·inv + dx·x
+        return dx * inv * ctx.scale, torch.addcmul(dx * x, g * pd, inv), None, None, None, None
+
+
+class _NegLogNorm(torch.autograd.Function):
+    """``nl = c - logcumsumexp_j(a)`` ``(B, H, S, n)`` (``-log Σ_{j<=i} e^{a_jl - c_i}``) for the slot scores ``a``
+    ``(B, H, S, n)`` and the running max ``c`` ``(B, H, S)`` (a constant): one ``logcumsumexp`` along the last dim of
+    a contiguous ``(B, H, n, S)`` fp32 copy (CUDA scans an inner dim with parallel blocks, a middle one with one
+    thread per (batch, head, slot) walking all ``S``).  It keeps ``a`` (input dtype), ``c`` and ``nl`` (which
+    :class:`_SlotRead` keeps too) where autograd would keep the fp32 copy and the scan.  Backward:
+    ``da_j = -Σ_{i>=j} g_i e^{a_j - lse_i}``, the positive and negative parts of ``g`` in one reversed scan."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, run: Tensor) -> Tensor:
+        lse = torch.logcumsumexp(a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1)
+        nl = (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()
+        ctx.save_for_backward(a, run, nl)
+        return nl
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, run, nl = ctx.saved_tensors
+        g = grad.to(nl.dtype)
+        lg = torch.log(g.abs()) + (nl - run.unsqueeze(-1))  # log|g_i| - lse_i
+        parts = torch.stack([lg.masked_fill(g <= 0, float("-inf")), lg.masked_fill(g >= 0, float("-inf"))])
+        parts = parts.transpose(-1, -2).flip(-1)  # (2, B, H, n, S), time reversed (flip copies)
+        tail = torch.logcumsumexp(parts, -1).flip(-1)  # log Σ_{i>=j} of each part
+        both = torch.exp(tail + a.transpose(-1, -2))
+        return (both[1] - both[0]).transpose(-1, -2).to(a.dtype), None
+
+
+class _SlotAttention(torch.autograd.Function):
+    """``softmax(q K̃ᵀ · scale) Ṽ`` (dropout ``mask`` on the probabilities) for q ``(B, H, T, d)`` and a few slots
+    K̃, Ṽ ``(B, H, n, d)``: two products batched over ``B·H`` (``q`` read in place as a head view of the time-first
+    projections) and a softmax over ``n``; backward five products and one softmax backward.
+
+    Not SDPA: its fused backward parallelises over key blocks, so ``n`` slots are one block per (batch, head) and
+    ``B·H`` programs walk all ``T`` queries (slower than CAB's plain products from 16k on an H200); and it keeps
+    its ``(T, d)`` output for the backward where this keeps the ``(T, n)`` probabilities."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, mem_k: Tensor, mem_v: Tensor, scale: float, mask: Optional[Tensor]) -> Tensor:
+        bsz, heads, tgt_len, _ = q.shape
+        qf, kf, vf = q.flatten(0, 1), mem_k.flatten(0, 1) * scale, mem_v.flatten(0, 1)  # the scale on the small side
+        p = torch.softmax(torch.bmm(qf, kf.transpose(1, 2)), dim=-1)  # (B·H, T, n)
+        ctx.save_for_backward(qf, kf, vf, p, mask)
+        ctx.scale, ctx.shapes = scale, (q.shape, mem_k.shape)
+        pd = p if mask is None else p * mask.flatten(0, 1)
+        return torch.bmm(pd, vf).view(bsz, heads, tgt_len, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        qf, kf, vf, p, mask = ctx.saved_tensors
+        q_shape, m_shape = ctx.shapes
+        g = grad.flatten(0, 1).to(p.dtype)
+        pd = p if mask is None else p * mask.flatten(0, 1)
+        dp = torch.bmm(g, vf.transpose(1, 2))
+        if mask is not None:
+            dp = dp * mask.flatten(0, 1)
+        ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
+        dq = torch.bmm(ds, kf).view(q_shape)
+        dk = torch.bmm(ds.transpose(1, 2), qf).mul_(ctx.scale).view(m_shape)
+        dv = torch.bmm(pd.transpose(1, 2), g).view(m_shape)
+        return dq, dk, dv, None, None
 
 
 @dataclass(frozen=True)
@@ -127,17 +196,19 @@ class ABC(EfficientAttention):
         keys, values = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
         w = self.landmark_proj.to(k.dtype).repeat(bsz, 1, 1)  # (B·H, n, d)
         scores = torch.bmm(w, keys.transpose(1, 2)).view(bsz, heads, -1, length)  # (B, H, n, S)
-        if kpm is None:
-            alpha = torch.softmax(scores, dim=-1, dtype=acc_dtype(k.dtype)).to(k.dtype)
+        if kpm is None:  # half inputs: computed in fp32, rounded once (one kernel, no fp32 copy kept)
+            alpha = torch.softmax(scores, dim=-1)
         else:  # all padded -> 0
             alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
         alpha = alpha.flatten(0, 1)
         return torch.bmm(alpha, keys).view(bsz, heads, -1, d), torch.bmm(alpha, values).view(bsz, heads, -1, d)
 
     def _read(self, q: Tensor, mem_k: Tensor, mem_v: Tensor) -> Tensor:
-        """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows) through SDPA."""
-        dropout = self.dropout_p if self.training else 0.0
-        return F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=dropout, scale=self.scaling)
+        """``softmax(q K̃ᵀ / √d) Ṽ`` over the ``n`` slots (every slot exists: no empty rows): :class:`_SlotAttention`."""
+        mask = None
+        if self.training and self.dropout_p > 0:
+            mask = q.new_empty(*q.shape[:-1], mem_k.shape[-2]).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
+        return _SlotAttention.apply(q, mem_k, mem_v, self.scaling, mask)
 
     # ----------------------------------------------------------------- causal
     def _new_state(self, q: Tensor) -> Dict[str, Tensor]:
@@ -219,7 +290,7 @@ class ABC(EfficientAttention):
         num, mem_k = attend(q.to(dtype), k.to(dtype), e, None if state is None else state["mem_k"].transpose(-1, -2))
         unit_q, unit_k = q.new_ones(*q.shape[:-1], 1, dtype=dtype), k.new_ones(*k.shape[:-1], 1, dtype=dtype)
         norm, mem_norm = attend(unit_q, unit_k, e, None if state is None else state["mem_norm"].unsqueeze(-2))
-        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
+        empty = norm <= empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
         safe_norm = torch.where(empty, torch.ones_like(norm), norm)
         probs = softmax((num / safe_norm * self.scaling).masked_fill(empty, float("-inf")), dim=-1)
         if self.training and self.dropout_p > 0:
@@ -242,7 +313,8 @@ class ABC(EfficientAttention):
         slot softmax is one autograd node (:class:`_SlotRead`)."""
         a = self._slot_scores(k, None)  # (B, H, S, n)
         run = torch.cummax(a.detach().amax(-1), dim=-1).values  # c (B, H, S)
-        decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+        acc = acc_dtype(run.dtype)  # the log decays in fp32: exact differences of half scores, and the kernels'
+        decay = F.pad(run[..., :-1].to(acc) - run[..., 1:], (1, 0))  # dtype (no cast per linear attention)
         c = run.unsqueeze(-1)
         e = torch.exp(a - c).to(dtype)
         num = linear_attention(q.to(dtype), k.to(dtype), e, causal=True, log_decay=decay, normalize=False)
@@ -250,53 +322,31 @@ class ABC(EfficientAttention):
         mask = None
         if self.training and self.dropout_p > 0:
             mask = torch.empty_like(num).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
-        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype)
+        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype, a.device.type in self.SCAN_DEVICES)
         return linear_attention(r, e, v.to(dtype), causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
 
     SCAN_DEVICES = ("cuda",)  # device types whose normalisers come from logcumsumexp (tests add "cpu")
 
     def _neg_log_norm(self, a: Tensor, run: Tensor, e: Tensor, decay: Tensor) -> Tensor:
-        """``-log Σ_{j<=i} e^{a_jl - c_i}`` ``(B, H, S, n)``.  CUDA: one ``logcumsumexp`` along the last dim of a
-        contiguous ``(B, H, n, S)`` copy (CUDA scans an inner dim with parallel blocks, a middle one with one thread
-        per (batch, head, slot) walking all ``S``), a few kernels instead of a linear attention.  Elsewhere (the
+        """``-log Σ_{j<=i} e^{a_jl - c_i}`` ``(B, H, S, n)``.  CUDA: :class:`_NegLogNorm` (one ``logcumsumexp``), a few
+        kernels instead of a linear attention.  Elsewhere (the
         CPU's ``logcumsumexp`` is a scalar loop, ~50 ms at 4k): a linear attention with unit features."""
         if a.device.type in self.SCAN_DEVICES:
-            lse = torch.logcumsumexp(
-                a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1
-            )
-            return (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()
+            return _NegLogNorm.apply(a, run)
         unit = e.new_ones(*e.shape[:-1], 1)
         norm = linear_attention(unit, unit, e, causal=True, log_decay=decay, normalize=False)
         return -torch.log(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # empty slots: above the bound, gradient 0
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
-        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype; the state's sums stay in
-        their accumulation dtype, which the mixed-dtype products promote to): the recurrence of its three linear
-        attentions written out with broadcast products over ``n`` slots and ``d`` dims (one token is too small for
-        batched matmuls, whose reshapes cost more kernels than they save).  ``decay`` rescales the sums to the new
-        running max; a running max of ``-inf`` (no real key yet) is clamped to the lowest finite value, so its
-        weights and decay are 0 (the sums are then still 0).  Slots whose normaliser underflowed get the lowest
-        finite logit and weight 0: a row of only such slots (no real key yet) gives 0."""
-        a = (k * self.landmark_proj.to(state["mem_k"].dtype)).sum(-1)  # (B, H, n): (B, H, 1, d) * (H, n, d)
-        if kpm is not None:
-            a = a.masked_fill(kpm[:, None, :], float("-inf"))
-        run = torch.maximum(a.amax(-1, keepdim=True), state["mem_max"])  # (B, H, 1)
-        safe = run.clamp_min(torch.finfo(run.dtype).min)
-        decay = torch.exp(state["mem_max"] - safe).unsqueeze(-1)  # (B, H, 1, 1)
-        e = torch.exp(a - safe)  # (B, H, n)
-        et = e.unsqueeze(-1)  # (B, H, n, 1)
-        mem_k = torch.addcmul(state["mem_k"] * decay, et, k)  # Σ e_j k_j  (B, H, n, d)
-        norm = torch.addcmul(e, state["mem_norm"], decay.squeeze(-1))  # Σ e_j  (B, H, n)
-        num = (mem_k * q).sum(-1)  # (B, H, n)
-        empty = norm <= _empty_norm(norm.dtype)  # also underflowed slots: 1 / norm must stay finite
-        inv = torch.reciprocal(norm).masked_fill_(empty, 0.0)
-        logits = (num * inv * self.scaling).masked_fill_(empty, torch.finfo(num.dtype).min)
-        probs = torch.softmax(logits, dim=-1)
-        if self.training and self.dropout_p > 0:
-            probs = F.dropout(probs, self.dropout_p, training=True)
-        mem_v = torch.addcmul(state["mem_v"] * decay, et, v)  # Σ e_j v_j  (B, H, n, d)
-        state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"] = mem_k, mem_v, norm, run
-        return ((probs * inv).unsqueeze(-1) * mem_v).sum(-2, keepdim=True)  # (B, H, 1, d)
+        """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype): the recurrence of its
+        three linear attentions, :func:`~efficient_attention.kernels.abc_step.abc_step` (one kernel launch on
+        CUDA); the state's sums keep their accumulation dtype."""
+        names = ("mem_k", "mem_v", "mem_norm", "mem_max")
+        dropout = self.dropout_p if self.training else 0.0
+        sums = (state["mem_k"], state["mem_v"], state["mem_norm"], state["mem_max"])
+        out, new = abc_step(q, k, v, self.landmark_proj, sums, kpm, self.scaling, dropout)
+        state.update(zip(names, new))
+        return out
 
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
