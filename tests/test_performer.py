@@ -113,9 +113,9 @@ def test_long_causal_input_spans_chunks_and_stays_stable(scale):
     assert_close(out, favor_dense(m, x, causal=True), msg="chunked causal FAVOR+")
     steps, state = decode(m, x, prefix=70)
     assert_close(steps, out, msg="decoding across chunk boundaries")
-    assert state  # running sums only: (B, H, m, d), (B, H, m), (B, H, 1, 1)
+    assert state  # running sums only: (B, H, m, d + 1) with the normaliser column, (B, H, 1, 1)
     buf = next(iter(state.values()))
-    assert set(buf) == {"kv_sum", "k_sum", "k_max", "position"}
+    assert set(buf) == {"kv_sum", "k_max", "position"}
 
 
 def test_noncausal_large_inputs_stay_finite_and_exact():

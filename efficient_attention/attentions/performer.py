@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, linear_attention_step, softmax
+from ..functional import acc_dtype, softmax
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -221,8 +221,7 @@ class Performer(EfficientAttention):
     def _new_state(self, q: Tensor, dtype: torch.dtype) -> Dict[str, Tensor]:
         bsz, heads, m, d = q.shape[0], self.num_heads, self.approx_attn_dim, self.head_dim
         return {
-            "kv_sum": q.new_zeros(bsz, heads, m, d, dtype=dtype),
-            "k_sum": q.new_zeros(bsz, heads, m, dtype=dtype),
+            "kv_sum": q.new_zeros(bsz, heads, m, d + 1, dtype=dtype),
             "k_max": q.new_full((bsz, heads, 1, 1), float("-inf"), dtype=dtype),
         }
 
@@ -256,12 +255,13 @@ class Performer(EfficientAttention):
         if state is None:
             out = linear_attention(qf, kf, v, causal=True, log_decay=decay)
         else:
-            init = (state["kv_sum"], state["k_sum"])
+            kvz, d = state["kv_sum"], v.shape[-1]  # (B, H, m, d + 1): the last column is the normaliser sum
+            init = (kvz[..., :d], kvz[..., d])
             out, (kv, ks) = linear_attention(
                 qf, kf, v, causal=True, log_decay=decay, initial_state=init, return_state=True
             )
             assert ks is not None  # normalize=True (the default) keeps the normaliser sum
-            state["kv_sum"], state["k_sum"] = kv, ks
+            state["kv_sum"] = torch.cat([kv, ks.unsqueeze(-1).to(kv.dtype)], dim=-1)
             state["k_max"] = run[..., -1:].unsqueeze(-1)
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
@@ -324,33 +324,51 @@ class Performer(EfficientAttention):
         qf = self._query_features(q)
         logits = self._key_logits(k, masks.key_padding)
         dtype = acc_dtype(q.dtype)
-        sums = {n: state[n] for n in ("kv_sum", "k_sum", "k_max")} if "kv_sum" in state else self._new_state(q, dtype)
+        sums = {n: state[n] for n in ("kv_sum", "k_max")} if "kv_sum" in state else self._new_state(q, dtype)
         out = self._causal(qf, logits, v, sums, q.dtype)
         state.update(sums)
         return out.to(q.dtype)
 
+    def _step_weight(self, dtype: torch.dtype) -> Tensor:
+        """``(W d^(-1/4))ᵀ`` ``(d, m)`` contiguous in ``dtype`` for the decoding steps, kept until the buffer
+        changes (a redraw or a ``state_dict`` load writes it in place, which moves its version counter)."""
+        w = self.projection_matrix
+        if torch.compiler.is_compiling() or w.is_inference():
+            return (w * self.head_dim**-0.25).t().to(dtype)
+        key = (dtype, w.device, w._version, w.data_ptr())
+        hit = self.__dict__.get("_step_w")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_step_w"] = (key, (w * self.head_dim**-0.25).t().to(dtype).contiguous())
+        return hit[1]
+
     def _step(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], kpm: Optional[Tensor]) -> Tensor:
-        """One causal token on the running sums: the math of :meth:`_causal` in about 40 ops (a decoding step
-        is host-bound).  The query's and the key's projections are one product; the running max ``c`` (``-inf``
-        while no key was seen) is clamped to the lowest finite value instead of zeroed, which gives the same
-        features (0 for a padded key) and a decay of 0 where :meth:`_causal` has 1 on sums that are 0."""
+        """One causal token on the running sums: the math of :meth:`_causal` in under 30 ops (a decoding step is
+        host-bound).  The query's and the key's projections are one product with the cached :meth:`_step_weight`;
+        the state ``kv_sum (B, H, m, d + 1)`` carries the normaliser sum as its last column, so one update and
+        one product give numerator and denominator.  The running max ``c`` (``-inf`` while no key was seen, possible
+        only with padding) is clamped to the lowest finite value instead of zeroed, which gives the same features
+        (0 for a padded key) and a decay of 0 where :meth:`_causal` has 1 on sums that are 0."""
         dtype, acc = q.dtype, acc_dtype(q.dtype)
         bsz, heads, _, dim = q.shape
+        device = q.device.type
+        # the product in autocast's dtype under autocast (as _projection's), else in fp32; the rest in fp32
+        autocast = torch.is_autocast_enabled(device) and acc != torch.float64
+        product = torch.get_autocast_dtype(device) if autocast else acc
         x = torch.cat([q, k], dim=2)  # (B, H, 2, d)
-        if not torch.is_autocast_enabled(q.device.type):  # else the product runs in autocast's dtype (as
-            x = x.to(acc)  # _projection's does), the rest in fp32: no op below is one autocast lowers
-        w = self.projection_matrix * self.head_dim**-0.25
-        proj = torch.mm(x.view(-1, dim), w.t()).view(bsz, heads, 2, -1)
-        qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)
+        proj = torch.mm(x.view(-1, dim).to(product), self._step_weight(product)).view(bsz, heads, 2, -1)
+        qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)  # (B, H, 1, m), up to a per-query factor
         norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
         logits = torch.addcmul(proj[:, :, 1:], norm, norm, value=-0.5 * self.head_dim**-0.5)
         if kpm is not None:
             logits = logits.masked_fill(kpm[:, None, :, None], float("-inf"))
         past = state["k_max"]  # (B, H, 1, 1)
-        run = torch.maximum(logits.amax(-1, keepdim=True), past)
-        safe = run.clamp_min(torch.finfo(run.dtype).min)
-        out, state["kv_sum"], state["k_sum"] = linear_attention_step(
-            qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], torch.exp(past - safe)
-        )
-        state["k_max"] = run
+        run = torch.maximum(logits.amax(-1, keepdim=True), past)  # finite unless this key is padded
+        safe = run if kpm is None else run.clamp_min(torch.finfo(run.dtype).min)
+        kf, decay = torch.exp(logits - safe), torch.exp(past - safe)
+        v1 = F.pad(v, (0, 1), value=1.0)  # [v, 1]: the normaliser rides along as a last value column
+        kvz = torch.addcmul(state["kv_sum"] * decay, kf.transpose(-1, -2), v1)  # (B, H, m, d + 1)
+        num_den = (qf.transpose(-1, -2) * kvz).sum(-2, keepdim=True)  # (B, H, 1, d + 1)
+        # the normaliser is 0 only where nothing was attended (nonnegative features): the numerator is 0 too
+        out = num_den[..., :dim] / num_den[..., dim:].clamp_min(torch.finfo(acc).tiny)
+        state["kv_sum"], state["k_max"] = kvz, run
         return out.to(dtype)
