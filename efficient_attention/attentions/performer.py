@@ -66,27 +66,29 @@ class _KeyFeatures(torch.autograd.Function):
     """Performer key features of unpadded keys, one autograd node: ``φ (B, H, S, m)`` contiguous in ``dtype``
     (and, causal, the log decay ``(B, H, S)``).
 
-    ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W``, ``s = d^(-1/4)``; ``c`` carries no gradient): ``c``
-    is the max over every key and feature (noncausal) or the running max over the keys so far (causal, log
-    decay ``c_{j-1} - c_j``).  Forward: product, norm, ``addcmul``, max, ``exp`` written in ``dtype``; backward
-    from the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four kernels and a cast, where autograd
-    would record about fifteen.
+    ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W`` given transposed, ``w_t (d, m)``, in the product's
+    dtype and ``w_acc (d, m)`` in the accumulation dtype; ``s = d^(-1/4)``; ``c`` carries no gradient): ``c`` is
+    the running max over the keys so far (causal, log decay ``c_{j-1} - c_j``), or (noncausal) the log of the
+    sum over every key and feature, a softmax over them (one kernel; a factor per (batch, head) cancels in
+    ``num / den``, so it carries no gradient either).  Forward: product, norm, ``addcmul``, then the
+    stabiliser and ``exp``; backward from the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four
+    kernels and a cast, where autograd would record about fifteen.
     """
 
     @staticmethod
-    def forward(ctx, k: Tensor, w: Tensor, half_sq: float, causal: bool, dtype: torch.dtype):
+    def forward(ctx, k: Tensor, w_t: Tensor, w_acc: Tensor, half_sq: float, causal: bool, dtype: torch.dtype):
         acc = acc_dtype(dtype)
         norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
-        logits = torch.addcmul(_time_first_matmul(k, w.t()), norm, norm, value=-half_sq)
+        logits = torch.addcmul(_time_first_matmul(k, w_t), norm, norm, value=-half_sq)
         decay = None
         if causal:
             run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
             decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
             logits = logits.sub_(run.unsqueeze(-1))
+            feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
         else:
-            logits = logits.sub_(logits.amax(dim=(-1, -2), keepdim=True))
-        feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
-        ctx.save_for_backward(k, w, feats)
+            feats = torch.softmax(logits.flatten(-2), dim=-1, dtype=dtype).view(logits.shape)
+        ctx.save_for_backward(k, w_acc, feats)
         ctx.half_sq = half_sq
         if decay is None:
             return feats
@@ -95,12 +97,12 @@ class _KeyFeatures(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_):
-        k, w, feats = ctx.saved_tensors
+        k, w_acc, feats = ctx.saved_tensors
         acc = acc_dtype(feats.dtype)
         gl = torch.mul(grad, feats, out=torch.empty(feats.shape, dtype=acc, device=feats.device))  # ∂ logits
-        gk = torch.matmul(gl, w.to(acc))
+        gk = torch.matmul(gl, w_acc.t())
         gk = torch.addcmul(gk, k, gl.sum(-1, keepdim=True), value=-2.0 * ctx.half_sq)
-        return gk.to(k.dtype), None, None, None, None
+        return gk.to(k.dtype), None, None, None, None, None
 
 
 @register_attention("performer", "favor")
@@ -285,15 +287,15 @@ class Performer(EfficientAttention):
         dtype, device = q.dtype, q.device.type
         product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else acc_dtype(dtype)
         with torch.autocast(device, enabled=False):
-            scale = self.head_dim**-0.25
-            w = (self.projection_matrix * scale).to(product)
+            w_t, w_acc = self._feature_weight(product), self._feature_weight(acc_dtype(dtype))
+            half_sq = 0.5 * self.head_dim**-0.5
             feature_dtype = dtype if self.causal else acc_dtype(dtype)  # the Triton kernels take the input dtype
-            qf = torch.softmax(_time_first_matmul(q.to(product), w.t()), dim=-1, dtype=feature_dtype)
+            qf = torch.softmax(_time_first_matmul(q.to(product), w_t), dim=-1, dtype=feature_dtype)
             if self.causal:  # the Triton kernels take features in the input dtype
-                kf, decay = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, True, dtype)
+                kf, decay = _KeyFeatures.apply(k.to(product), w_t, w_acc, half_sq, True, dtype)
                 out = linear_attention(qf, kf, v, causal=True, log_decay=decay, out_dtype=dtype)
             else:
-                kf = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, False, acc_dtype(dtype))
+                kf = _KeyFeatures.apply(k.to(product), w_t, w_acc, half_sq, False, acc_dtype(dtype))
                 out = linear_attention(qf, kf, v, causal=False, out_dtype=dtype)
         return out
 
@@ -329,17 +331,21 @@ class Performer(EfficientAttention):
         state.update(sums)
         return out.to(q.dtype)
 
-    def _step_weight(self, dtype: torch.dtype) -> Tensor:
-        """``(W d^(-1/4))ᵀ`` ``(d, m)`` contiguous in ``dtype`` for the decoding steps, kept until the buffer
-        changes (a redraw or a ``state_dict`` load writes it in place, which moves its version counter)."""
+    def _feature_weight(self, dtype: torch.dtype) -> Tensor:
+        """``(W d^(-1/4))ᵀ`` ``(d, m)`` contiguous in ``dtype``, kept until the buffer changes (a redraw or a
+        ``state_dict`` load writes it in place, which moves its version counter): no scaling, transposing or
+        casting op per forward or decoding step."""
         w = self.projection_matrix
         if torch.compiler.is_compiling() or w.is_inference():
             return (w * self.head_dim**-0.25).t().to(dtype)
-        key = (dtype, w.device, w._version, w.data_ptr())
-        hit = self.__dict__.get("_step_w")
-        if hit is None or hit[0] != key:
-            hit = self.__dict__["_step_w"] = (key, (w * self.head_dim**-0.25).t().to(dtype).contiguous())
-        return hit[1]
+        version = (w.device, w._version, w.data_ptr())
+        cache = self.__dict__.get("_feature_w")
+        if cache is None or cache[0] != version:  # a new matrix: the copies of the old one go
+            cache = self.__dict__["_feature_w"] = (version, {})
+        hit = cache[1].get(dtype)
+        if hit is None:
+            hit = cache[1][dtype] = (w * self.head_dim**-0.25).t().to(dtype).contiguous()
+        return hit
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], kpm: Optional[Tensor]) -> Tensor:
         """One causal token on the running sums: the math of :meth:`_causal` in under 30 ops (a decoding step is
@@ -355,7 +361,7 @@ class Performer(EfficientAttention):
         autocast = torch.is_autocast_enabled(device) and acc != torch.float64
         product = torch.get_autocast_dtype(device) if autocast else acc
         x = torch.cat([q, k], dim=2)  # (B, H, 2, d)
-        proj = torch.mm(x.view(-1, dim).to(product), self._step_weight(product)).view(bsz, heads, 2, -1)
+        proj = torch.mm(x.view(-1, dim).to(product), self._feature_weight(product)).view(bsz, heads, 2, -1)
         qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)  # (B, H, 1, m), up to a per-query factor
         norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
         logits = torch.addcmul(proj[:, :, 1:], norm, norm, value=-0.5 * self.head_dim**-0.5)
