@@ -62,17 +62,22 @@ def _time_first_matmul(x: Tensor, w_t: Tensor) -> Tensor:
     return torch.matmul(x, w_t)
 
 
+def _log_decay(run: Tensor) -> Tensor:
+    """``c_{j-1} - c_j`` of the running max ``run (B, H, S)`` with 0 first: the first entry repeated in front
+    (one kernel), then one subtraction."""
+    return F.pad(run, (1, 0), mode="replicate")[..., :-1] - run
+
+
 class _KeyFeatures(torch.autograd.Function):
     """Performer key features of unpadded keys, one autograd node: ``φ (B, H, S, m)`` contiguous in ``dtype``
     (and, causal, the log decay ``(B, H, S)``).
 
     ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W`` given transposed, ``w_t (d, m)``, in the product's
     dtype and ``w_acc (d, m)`` in the accumulation dtype; ``s = d^(-1/4)``; ``c`` carries no gradient): ``c`` is
-    the running max over the keys so far (causal, log decay ``c_{j-1} - c_j``), or (noncausal) the log of the
-    sum over every key and feature, a softmax over them (one kernel; a factor per (batch, head) cancels in
-    ``num / den``, so it carries no gradient either).  Forward: product, norm, ``addcmul``, then the
-    stabiliser and ``exp``; backward from the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four
-    kernels and a cast, where autograd would record about fifteen.
+    the max over every key and feature (noncausal) or the running max over the keys so far (causal, log decay
+    ``c_{j-1} - c_j``).  Forward: product, norm, ``addcmul``, max, ``exp`` written in ``dtype``; backward from
+    the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four kernels and a cast, where autograd would record
+    about fifteen.
     """
 
     @staticmethod
@@ -83,11 +88,11 @@ class _KeyFeatures(torch.autograd.Function):
         decay = None
         if causal:
             run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
-            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+            decay = _log_decay(run)
             logits = logits.sub_(run.unsqueeze(-1))
-            feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
-        else:
-            feats = torch.softmax(logits.flatten(-2), dim=-1, dtype=dtype).view(logits.shape)
+        else:  # (a softmax over keys and features would need the (L, m) rows contiguous: a copy)
+            logits = logits.sub_(logits.amax(dim=(-1, -2), keepdim=True))
+        feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
         ctx.save_for_backward(k, w_acc, feats)
         ctx.half_sq = half_sq
         if decay is None:
@@ -245,7 +250,7 @@ class Performer(EfficientAttention):
         run = torch.cummax(k_logits.detach().amax(-1), dim=-1).values  # c (B, H, S)
         if state is None and not padded:  # every logit finite, nothing before: two kernels for the decay
             safe = run
-            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+            decay = _log_decay(run)
         else:
             past = run.new_full((*run.shape[:2], 1), float("-inf")) if state is None else state["k_max"].flatten(2)
             run = torch.maximum(run, past)
