@@ -372,10 +372,11 @@ class Performer(EfficientAttention):
         logits = torch.addcmul(proj[:, :, 1:], norm, norm, value=-0.5 * self.head_dim**-0.5)
         if kpm is not None:
             logits = logits.masked_fill(kpm[:, None, :, None], float("-inf"))
-        past = state["k_max"]  # (B, H, 1, 1)
-        run = torch.maximum(logits.amax(-1, keepdim=True), past)  # finite unless this key is padded
+        both = torch.cat([logits, state["k_max"]], dim=-1)  # the key's logits and the past max c (B, H, 1, m + 1)
+        run = both.amax(-1, keepdim=True)  # the new c: finite unless this key is padded
         safe = run if kpm is None else run.clamp_min(torch.finfo(run.dtype).min)
-        kf, decay = torch.exp(logits - safe), torch.exp(past - safe)
+        scaled = torch.exp(both - safe)  # the key's features and the decay exp(c - c') of the sums
+        kf, decay = scaled[..., :-1], scaled[..., -1:]
         v1 = F.pad(v, (0, 1), value=1.0)  # [v, 1]: the normaliser rides along as a last value column
         kvz = torch.addcmul(state["kv_sum"] * decay, kf.transpose(-1, -2), v1)  # (B, H, m, d + 1)
         num_den = (qf.transpose(-1, -2) * kvz).sum(-2, keepdim=True)  # (B, H, 1, d + 1)
