@@ -24,6 +24,7 @@ from ..registry import register_attention
 __all__ = ["Performer"]
 
 logger = logging.getLogger(__name__)
+_TRITON_STEP: Dict[str, str] = {}  # "failed": why the Triton decoding step could not run (then never tried again)
 
 
 def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, device=None) -> Tensor:
@@ -352,9 +353,42 @@ class Performer(EfficientAttention):
             hit = cache[1][dtype] = (w * self.head_dim**-0.25).t().to(dtype).contiguous()
         return hit
 
+    def _fused_step_fits(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any]) -> bool:
+        """The Triton step takes this step: no autograd (generation), fp32 state, head dims the kernel holds."""
+        kvz = state["kv_sum"]
+        return (
+            _TRITON_STEP.get("failed") is None
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and kvz.dtype == torch.float32
+            and kvz.is_contiguous()
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and self.approx_attn_dim <= 256
+            and self.head_dim <= 128
+        )
+
+    def _fused_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], product: torch.dtype
+    ) -> Optional[Tensor]:
+        """:meth:`_step` as one Triton launch (``kernels/_triton_performer.py``; the state updated in place), or
+        ``None`` if Triton cannot run it (logged once at WARNING; the PyTorch step is used from then on)."""
+        try:
+            from ..kernels._triton_performer import performer_step
+
+            c = state["k_max"]
+            if not c.is_contiguous() or c.dtype != torch.float32:  # a prefill's (B, H, 1, 1) view: copied once
+                c = state["k_max"] = c.float().contiguous()
+            w_t = self._feature_weight(product)
+            return performer_step(q, k, v, w_t, state["kv_sum"], c, 0.5 * self.head_dim**-0.5, product)
+        except Exception as exc:  # noqa: BLE001 - a missing or failing Triton falls back to the PyTorch step
+            _TRITON_STEP["failed"] = f"{type(exc).__name__}: {exc}"
+            logger.warning("Performer decoding: the Triton step cannot run (%s); using the PyTorch step", exc)
+            return None
+
     def _step(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], kpm: Optional[Tensor]) -> Tensor:
         """One causal token on the running sums: the math of :meth:`_causal` in under 30 ops (a decoding step is
-        host-bound).  The query's and the key's projections are one product with the cached :meth:`_step_weight`;
+        host-bound), or on CUDA without autograd in one Triton launch (:meth:`_fused_step`).  The query's and the
+        key's projections are one product with the cached :meth:`_feature_weight`;
         the state ``kv_sum (B, H, m, d + 1)`` carries the normaliser sum as its last column, so one update and
         one product give numerator and denominator.  The running max ``c`` (``-inf`` while no key was seen, possible
         only with padding) is clamped to the lowest finite value instead of zeroed, which gives the same features
@@ -365,6 +399,10 @@ class Performer(EfficientAttention):
         # the product in autocast's dtype under autocast (as _projection's), else in fp32; the rest in fp32
         autocast = torch.is_autocast_enabled(device) and acc != torch.float64
         product = torch.get_autocast_dtype(device) if autocast else acc
+        if kpm is None and q.is_cuda and self._fused_step_fits(q, k, v, state):
+            out = self._fused_step(q, k, v, state, product)
+            if out is not None:
+                return out
         x = torch.cat([q, k], dim=2)  # (B, H, 2, d)
         proj = torch.mm(x.view(-1, dim).to(product), self._feature_weight(product)).view(bsz, heads, 2, -1)
         qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)  # (B, H, 1, m), up to a per-query factor
