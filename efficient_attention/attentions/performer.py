@@ -345,12 +345,13 @@ class Performer(EfficientAttention):
         if torch.compiler.is_compiling() or w.is_inference():
             return (w * self.head_dim**-0.25).t().to(dtype)
         version = (w.device, w._version, w.data_ptr())
-        cache = self.__dict__.get("_feature_w")
+        cache: Optional[Tuple[Any, Dict[torch.dtype, Tensor]]] = self.__dict__.get("_feature_w")
         if cache is None or cache[0] != version:  # a new matrix: the copies of the old one go
             cache = self.__dict__["_feature_w"] = (version, {})
-        hit = cache[1].get(dtype)
+        copies = cache[1]
+        hit = copies.get(dtype)
         if hit is None:
-            hit = cache[1][dtype] = (w * self.head_dim**-0.25).t().to(dtype).contiguous()
+            hit = copies[dtype] = (w * self.head_dim**-0.25).t().to(dtype).contiguous()
         return hit
 
     def _fused_step_fits(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any]) -> bool:
