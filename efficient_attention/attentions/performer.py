@@ -363,6 +363,7 @@ class Performer(EfficientAttention):
             and not torch.compiler.is_compiling()
             and kvz.dtype == torch.float32
             and kvz.is_contiguous()
+            and (torch.is_inference_mode_enabled() or not kvz.is_inference())  # (updated in place)
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and self.approx_attn_dim <= 256
             and self.head_dim <= 128
