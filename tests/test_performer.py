@@ -1,6 +1,10 @@
 """Performer-specific behaviour: feature buffers, redrawing, long causal inputs, stability."""
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,9 +117,9 @@ def test_long_causal_input_spans_chunks_and_stays_stable(scale):
     assert_close(out, favor_dense(m, x, causal=True), msg="chunked causal FAVOR+")
     steps, state = decode(m, x, prefix=70)
     assert_close(steps, out, msg="decoding across chunk boundaries")
-    assert state  # running sums only: (B, H, m, d), (B, H, m), (B, H, 1, 1)
+    assert state  # running sums only: (B, H, m, d + 1) with the normaliser column, (B, H, 1, 1)
     buf = next(iter(state.values()))
-    assert set(buf) == {"kv_sum", "k_sum", "k_max", "position"}
+    assert set(buf) == {"kv_sum", "k_max", "position"}
 
 
 def test_noncausal_large_inputs_stay_finite_and_exact():
@@ -162,3 +166,51 @@ def test_redraw_counter_travels_with_the_state_dict():
     assert not torch.equal(resumed.projection_matrix, before)
     with pytest.raises(ValueError, match="forwards_since_redraw"):
         resumed.set_extra_state({"forwards_since_redraw": -1})
+
+
+_INTERPRETER_CASE = """
+import torch
+from efficient_attention import get_attention_class
+from efficient_attention.kernels._triton_performer import performer_step
+
+torch.manual_seed(0)
+for dtype, autocast in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
+    m = get_attention_class("performer")(64, 4, self_attention=True, causal=True).eval().to(dtype)
+    x = (torch.randn(18, 3, 64) * 2).to(dtype)
+    state = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        m(x[:10], incremental_state=state, need_weights=False)  # (under 16 positions: no Triton in the prompt)
+        buf = next(iter(state.values()))
+        product = torch.bfloat16 if autocast else torch.float32
+        for t in range(10, 18):
+            q, k, v = m._project_step(x[t : t + 1])
+            ref_state = {n: buf[n].clone() for n in ("kv_sum", "k_max")}
+            ref = m._step(q, k, v, ref_state, None)
+            kvz, c = buf["kv_sum"].clone(), buf["k_max"].contiguous().clone()
+            out = performer_step(q, k, v, m._feature_weight(product), kvz, c, 0.5 * 16**-0.5, product)
+            assert out.dtype == ref.dtype, (out.dtype, ref.dtype)
+            # rounded to bf16 (the product under autocast, or the inputs), a logit near 5 may land an ulp (0.03)
+            # apart from the CPU product's rounding, which moves its feature by 3%: the logic is checked in fp32
+            tol = 1e-5 if product == torch.float32 and dtype == torch.float32 else 8e-2
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+            # a rounded product may round a logit, so the running max c, the other way: the sums are those of
+            # the PyTorch step at the other's max (the pair (S, c) means S e^c)
+            torch.testing.assert_close(kvz * torch.exp(c - ref_state["k_max"]), ref_state["kv_sum"], atol=tol, rtol=tol)
+            torch.testing.assert_close(c, ref_state["k_max"], atol=tol * 4, rtol=tol)
+            buf.update(ref_state)
+print("steps match")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_decoding_step_matches_the_pytorch_step_in_the_interpreter():
+    """The one-launch CUDA step (kernels/_triton_performer.py) against :meth:`Performer._step`, through Triton's
+    interpreter on the CPU: outputs and the in-place state, fp32, bf16 autocast (the product rounded) and bf16."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-c", _INTERPRETER_CASE]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "steps match" in run.stdout

@@ -22,6 +22,7 @@ from .. import layouts
 from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities
+from ..functional import _sdpa
 from ..kernels.ops import block_mask_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -120,6 +121,7 @@ class BlockSparseAttention(EfficientAttention):
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_masks"] = OrderedDict()  # device tensors and tables: rebuilt on first use
+        state.pop("_step_rows", None)  # (the decoding step's, likewise)
         return state
 
     def block_mask(self, n: int, device=None, q_block_start: int = 0) -> BlockMask:
@@ -177,18 +179,45 @@ class BlockSparseAttention(EfficientAttention):
         if not self.autopad and src_len % bs:
             raise ValueError(f"sequence length {src_len} is not a multiple of block_size ({bs}) and autopad=False")
         start = (off // bs) * bs  # queries are padded in front to a block boundary
-        qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
         # decoding (queries after a cached prefix): the rows of the query blocks at the length rounded up to
         # a whole block, so the steps inside one block share one mask (kept blocks, tiles and kernel tables)
         n = -(-src_len // bs) * bs if off else src_len
-        bm = self.block_mask(n, q.device, q_block_start=start // bs)
         dropout = self.dropout_p if self.training else 0.0
+        if q.shape[2] == 1 and off and masks.key_padding is None and not dropout:  # a decoding step
+            bias = self._step_bias(n, start, q.device, q.dtype)
+            if bias is not None:
+                return self._one_query(q, k, v, bias[:, :, off - start : off - start + 1, :src_len]), None
+        qp = F.pad(q, (0, 0, off - start, 0)) if off > start else q
+        bm = self.block_mask(n, q.device, q_block_start=start // bs)
         # the mask was built for exactly these lengths and the inputs were checked by forward(): straight to
         # the kernels' dispatch (the host work of a training step is the launches)
         out, _ = block_mask_attention(
             qp, k, v, bm, key_padding_mask=masks.key_padding, scale=self.scaling, dropout_p=dropout
         )
         return (out[:, :, off - start :] if off > start else out), None
+
+    def _step_bias(self, n: int, start: int, device, dtype: torch.dtype) -> Optional[Tensor]:
+        """The decoding steps' additive mask ``(1, Hm, bs, n)`` (0 kept, ``-inf`` not) of query positions
+        ``start .. start + bs - 1`` over ``n`` keys, from the rows of :meth:`block_mask`: built once per block
+        of steps (the last one kept); ``None`` when one of its rows keeps no key (the kernels give such a row
+        0, a softmax would give NaN)."""
+        key = (n, start, device, dtype)
+        hit = self.__dict__.get("_step_rows")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                keep = self.block_mask(n, device, q_block_start=start // self.block_size).to_mask(self.block_size, n)
+                bias = None
+                if bool(keep.any(-1).all()):
+                    bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+                    bias = bias.unsqueeze(0)
+            hit = self.__dict__["_step_rows"] = (key, bias)
+        return hit[1]
+
+    def _one_query(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """One new query over the cached keys: fused SDPA with its row of the step mask (``bias (1, Hm, 1, S)``),
+        which launches one kernel where the block-sparse kernels' dispatch and tables cost several (a decoding
+        step is host-bound); the same attention over the same kept keys."""
+        return _sdpa(q, k, v, attn_mask=bias, scale=self.scaling, enable_gqa=k.shape[1] != q.shape[1])
 
 
 @register_attention("bigbird", "big_bird")

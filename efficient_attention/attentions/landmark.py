@@ -73,30 +73,41 @@ class LandmarkAttention(EfficientAttention):
         return out, None
 
     def _one_query(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The last position's query over unpadded keys in about 30 ops (a decoding step is host-bound): the
-        grouped softmax is one softmax over every key once each earlier block's tokens carry the bias
-        ``s(L_b) - logsumexp_b(s)`` (so they share ``exp s(L_b)`` as ``p(L_b) · inner`` does) and its landmark
-        ``-inf``.  Scores in the accumulation dtype, as the formula forms them."""
+        """The last position's query over unpadded keys in about 20 ops (a decoding step is host-bound): the
+        grouped softmax is one softmax over every key once each earlier block's tokens carry
+        ``s(L_b) + log_softmax_b(s)`` (so they share ``exp s(L_b)`` as ``p(L_b) · inner`` does) and its landmark
+        ``-inf`` (the block's softmax runs with ``-inf`` added at the landmark, which that sum keeps).  Scores
+        in the accumulation dtype, as the formula forms them."""
         bsz, heads, _, dim = q.shape
         kv_heads, src_len, bs = k.shape[1], k.shape[2], self.block_size
         acc = acc_dtype(q.dtype)
         group, rows = heads // kv_heads, bsz * kv_heads
-        qg = q.reshape(rows, group, dim).to(acc) * self.scaling  # the query heads of each key head
+        qg = q.to(acc).reshape(rows, group, dim)  # the query heads of each key head
         kt = k.to(acc).reshape(rows, src_len, dim).transpose(1, 2)
+        zero, no_landmark = self._step_constants(q.device, acc)
         if torch.is_autocast_enabled(q.device.type):  # autocast would run the product in its lower precision
             with torch.autocast(q.device.type, enabled=False):
-                s = torch.bmm(qg, kt)
+                s = torch.baddbmm(zero, qg, kt, beta=0.0, alpha=self.scaling)
         else:
-            s = torch.bmm(qg, kt)  # (B·Hkv, g, S)
+            s = torch.baddbmm(zero, qg, kt, beta=0.0, alpha=self.scaling)  # (B·Hkv, g, S), scaled in the product
         earlier = (src_len - 1) // bs * bs  # keys of the complete earlier blocks
         if earlier:
             blocks = s[..., :earlier].unflatten(-1, (-1, bs))  # (B·Hkv, g, C, bs)
-            tokens, marks = blocks[..., : bs - 1], blocks[..., bs - 1 :]
-            gated = tokens + (marks - torch.logsumexp(tokens, dim=-1, keepdim=True))
-            gated = torch.nn.functional.pad(gated, (0, 1), value=float("-inf"))  # landmarks are no values
+            gated = torch.log_softmax(blocks + no_landmark, dim=-1) + blocks[..., bs - 1 :]
             s = torch.cat([gated.flatten(-2), s[..., earlier:]], dim=-1)
         probs = torch.softmax(s, dim=-1)
         return torch.bmm(probs.to(v.dtype), v.reshape(rows, src_len, dim)).view(bsz, heads, 1, dim)
+
+    def _step_constants(self, device, dtype: torch.dtype):
+        """A zero to start the score product from and the row ``(bs,)`` of 0 with ``-inf`` at the landmark,
+        made once per device and dtype."""
+        key = (device, dtype)
+        hit = self.__dict__.get("_step_consts")
+        if hit is None or hit[0] != key:
+            row = torch.zeros(self.block_size, device=device, dtype=dtype)
+            row[-1] = float("-inf")
+            hit = self.__dict__["_step_consts"] = (key, (torch.zeros((), device=device, dtype=dtype), row))
+        return hit[1]
 
     def _retrieve(self, q: Tensor, k: Tensor, v: Tensor, kpm) -> Tensor:
         """One new query: score the landmarks, gather the top-k blocks and the current block, attend."""

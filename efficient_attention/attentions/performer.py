@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, linear_attention_step, softmax
+from ..functional import acc_dtype, softmax
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -24,6 +24,7 @@ from ..registry import register_attention
 __all__ = ["Performer"]
 
 logger = logging.getLogger(__name__)
+_TRITON_STEP: Dict[str, str] = {}  # "failed": why the Triton decoding step could not run (then never tried again)
 
 
 def gaussian_orthogonal_features(num_rows: int, dim: int, orthogonal: bool, device=None) -> Tensor:
@@ -62,31 +63,38 @@ def _time_first_matmul(x: Tensor, w_t: Tensor) -> Tensor:
     return torch.matmul(x, w_t)
 
 
+def _log_decay(run: Tensor) -> Tensor:
+    """``c_{j-1} - c_j`` of the running max ``run (B, H, S)`` with 0 first: the first entry repeated in front
+    (one kernel), then one subtraction."""
+    return F.pad(run, (1, 0), mode="replicate")[..., :-1] - run
+
+
 class _KeyFeatures(torch.autograd.Function):
     """Performer key features of unpadded keys, one autograd node: ``φ (B, H, S, m)`` contiguous in ``dtype``
     (and, causal, the log decay ``(B, H, S)``).
 
-    ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W``, ``s = d^(-1/4)``; ``c`` carries no gradient): ``c``
-    is the max over every key and feature (noncausal) or the running max over the keys so far (causal, log
-    decay ``c_{j-1} - c_j``).  Forward: product, norm, ``addcmul``, max, ``exp`` written in ``dtype``; backward
-    from the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four kernels and a cast, where autograd
-    would record about fifteen.
+    ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W`` given transposed, ``w_t (d, m)``, in the product's
+    dtype and ``w_acc (d, m)`` in the accumulation dtype; ``s = d^(-1/4)``; ``c`` carries no gradient): ``c`` is
+    the max over every key and feature (noncausal) or the running max over the keys so far (causal, log decay
+    ``c_{j-1} - c_j``).  Forward: product, norm, ``addcmul``, max, ``exp`` written in ``dtype``; backward from
+    the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four kernels and a cast, where autograd would record
+    about fifteen.
     """
 
     @staticmethod
-    def forward(ctx, k: Tensor, w: Tensor, half_sq: float, causal: bool, dtype: torch.dtype):
+    def forward(ctx, k: Tensor, w_t: Tensor, w_acc: Tensor, half_sq: float, causal: bool, dtype: torch.dtype):
         acc = acc_dtype(dtype)
         norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
-        logits = torch.addcmul(_time_first_matmul(k, w.t()), norm, norm, value=-half_sq)
+        logits = torch.addcmul(_time_first_matmul(k, w_t), norm, norm, value=-half_sq)
         decay = None
         if causal:
             run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
-            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+            decay = _log_decay(run)
             logits = logits.sub_(run.unsqueeze(-1))
-        else:
+        else:  # (a softmax over keys and features would need the (L, m) rows contiguous: a copy)
             logits = logits.sub_(logits.amax(dim=(-1, -2), keepdim=True))
         feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
-        ctx.save_for_backward(k, w, feats)
+        ctx.save_for_backward(k, w_acc, feats)
         ctx.half_sq = half_sq
         if decay is None:
             return feats
@@ -95,12 +103,12 @@ class _KeyFeatures(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_):
-        k, w, feats = ctx.saved_tensors
+        k, w_acc, feats = ctx.saved_tensors
         acc = acc_dtype(feats.dtype)
         gl = torch.mul(grad, feats, out=torch.empty(feats.shape, dtype=acc, device=feats.device))  # ∂ logits
-        gk = torch.matmul(gl, w.to(acc))
+        gk = torch.matmul(gl, w_acc.t())
         gk = torch.addcmul(gk, k, gl.sum(-1, keepdim=True), value=-2.0 * ctx.half_sq)
-        return gk.to(k.dtype), None, None, None, None
+        return gk.to(k.dtype), None, None, None, None, None
 
 
 @register_attention("performer", "favor")
@@ -221,8 +229,7 @@ class Performer(EfficientAttention):
     def _new_state(self, q: Tensor, dtype: torch.dtype) -> Dict[str, Tensor]:
         bsz, heads, m, d = q.shape[0], self.num_heads, self.approx_attn_dim, self.head_dim
         return {
-            "kv_sum": q.new_zeros(bsz, heads, m, d, dtype=dtype),
-            "k_sum": q.new_zeros(bsz, heads, m, dtype=dtype),
+            "kv_sum": q.new_zeros(bsz, heads, m, d + 1, dtype=dtype),
             "k_max": q.new_full((bsz, heads, 1, 1), float("-inf"), dtype=dtype),
         }
 
@@ -244,7 +251,7 @@ class Performer(EfficientAttention):
         run = torch.cummax(k_logits.detach().amax(-1), dim=-1).values  # c (B, H, S)
         if state is None and not padded:  # every logit finite, nothing before: two kernels for the decay
             safe = run
-            decay = F.pad(run[..., :-1] - run[..., 1:], (1, 0))
+            decay = _log_decay(run)
         else:
             past = run.new_full((*run.shape[:2], 1), float("-inf")) if state is None else state["k_max"].flatten(2)
             run = torch.maximum(run, past)
@@ -256,12 +263,13 @@ class Performer(EfficientAttention):
         if state is None:
             out = linear_attention(qf, kf, v, causal=True, log_decay=decay)
         else:
-            init = (state["kv_sum"], state["k_sum"])
+            kvz, d = state["kv_sum"], v.shape[-1]  # (B, H, m, d + 1): the last column is the normaliser sum
+            init = (kvz[..., :d], kvz[..., d])
             out, (kv, ks) = linear_attention(
                 qf, kf, v, causal=True, log_decay=decay, initial_state=init, return_state=True
             )
             assert ks is not None  # normalize=True (the default) keeps the normaliser sum
-            state["kv_sum"], state["k_sum"] = kv, ks
+            state["kv_sum"] = torch.cat([kv, ks.unsqueeze(-1).to(kv.dtype)], dim=-1)
             state["k_max"] = run[..., -1:].unsqueeze(-1)
         return torch.cat([out.new_zeros(*out.shape[:2], blind, out.shape[-1]), out], dim=-2) if blind else out
 
@@ -285,15 +293,15 @@ class Performer(EfficientAttention):
         dtype, device = q.dtype, q.device.type
         product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else acc_dtype(dtype)
         with torch.autocast(device, enabled=False):
-            scale = self.head_dim**-0.25
-            w = (self.projection_matrix * scale).to(product)
+            w_t, w_acc = self._feature_weight(product), self._feature_weight(acc_dtype(dtype))
+            half_sq = 0.5 * self.head_dim**-0.5
             feature_dtype = dtype if self.causal else acc_dtype(dtype)  # the Triton kernels take the input dtype
-            qf = torch.softmax(_time_first_matmul(q.to(product), w.t()), dim=-1, dtype=feature_dtype)
+            qf = torch.softmax(_time_first_matmul(q.to(product), w_t), dim=-1, dtype=feature_dtype)
             if self.causal:  # the Triton kernels take features in the input dtype
-                kf, decay = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, True, dtype)
+                kf, decay = _KeyFeatures.apply(k.to(product), w_t, w_acc, half_sq, True, dtype)
                 out = linear_attention(qf, kf, v, causal=True, log_decay=decay, out_dtype=dtype)
             else:
-                kf = _KeyFeatures.apply(k.to(product), w, 0.5 * scale * scale, False, acc_dtype(dtype))
+                kf = _KeyFeatures.apply(k.to(product), w_t, w_acc, half_sq, False, acc_dtype(dtype))
                 out = linear_attention(qf, kf, v, causal=False, out_dtype=dtype)
         return out
 
@@ -324,33 +332,95 @@ class Performer(EfficientAttention):
         qf = self._query_features(q)
         logits = self._key_logits(k, masks.key_padding)
         dtype = acc_dtype(q.dtype)
-        sums = {n: state[n] for n in ("kv_sum", "k_sum", "k_max")} if "kv_sum" in state else self._new_state(q, dtype)
+        sums = {n: state[n] for n in ("kv_sum", "k_max")} if "kv_sum" in state else self._new_state(q, dtype)
         out = self._causal(qf, logits, v, sums, q.dtype)
         state.update(sums)
         return out.to(q.dtype)
 
+    def _feature_weight(self, dtype: torch.dtype) -> Tensor:
+        """``(W d^(-1/4))ᵀ`` ``(d, m)`` contiguous in ``dtype``, kept until the buffer changes (a redraw or a
+        ``state_dict`` load writes it in place, which moves its version counter): no scaling, transposing or
+        casting op per forward or decoding step."""
+        w = self.projection_matrix
+        if torch.compiler.is_compiling() or w.is_inference():
+            return (w * self.head_dim**-0.25).t().to(dtype)
+        version = (w.device, w._version, w.data_ptr())
+        cache: Optional[Tuple[Any, Dict[torch.dtype, Tensor]]] = self.__dict__.get("_feature_w")
+        if cache is None or cache[0] != version:  # a new matrix: the copies of the old one go
+            cache = self.__dict__["_feature_w"] = (version, {})
+        copies = cache[1]
+        hit = copies.get(dtype)
+        if hit is None:
+            hit = copies[dtype] = (w * self.head_dim**-0.25).t().to(dtype).contiguous()
+        return hit
+
+    def _fused_step_fits(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any]) -> bool:
+        """The Triton step takes this step: no autograd (generation), fp32 state, head dims the kernel holds."""
+        kvz = state["kv_sum"]
+        return (
+            _TRITON_STEP.get("failed") is None
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and kvz.dtype == torch.float32
+            and kvz.is_contiguous()
+            and (torch.is_inference_mode_enabled() or not kvz.is_inference())  # (updated in place)
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and self.approx_attn_dim <= 256
+            and self.head_dim <= 128
+        )
+
+    def _fused_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], product: torch.dtype
+    ) -> Optional[Tensor]:
+        """:meth:`_step` as one Triton launch (``kernels/_triton_performer.py``; the state updated in place), or
+        ``None`` if Triton cannot run it (logged once at WARNING; the PyTorch step is used from then on)."""
+        try:
+            from ..kernels._triton_performer import performer_step
+
+            c = state["k_max"]
+            if not c.is_contiguous() or c.dtype != torch.float32:  # a prefill's (B, H, 1, 1) view: copied once
+                c = state["k_max"] = c.float().contiguous()
+            w_t = self._feature_weight(product)
+            return performer_step(q, k, v, w_t, state["kv_sum"], c, 0.5 * self.head_dim**-0.5, product)
+        except Exception as exc:  # noqa: BLE001 - a missing or failing Triton falls back to the PyTorch step
+            _TRITON_STEP["failed"] = f"{type(exc).__name__}: {exc}"
+            logger.warning("Performer decoding: the Triton step cannot run (%s); using the PyTorch step", exc)
+            return None
+
     def _step(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], kpm: Optional[Tensor]) -> Tensor:
-        """One causal token on the running sums: the math of :meth:`_causal` in about 40 ops (a decoding step
-        is host-bound).  The query's and the key's projections are one product; the running max ``c`` (``-inf``
-        while no key was seen) is clamped to the lowest finite value instead of zeroed, which gives the same
-        features (0 for a padded key) and a decay of 0 where :meth:`_causal` has 1 on sums that are 0."""
+        """One causal token on the running sums: the math of :meth:`_causal` in under 30 ops (a decoding step is
+        host-bound), or on CUDA without autograd in one Triton launch (:meth:`_fused_step`).  The query's and the
+        key's projections are one product with the cached :meth:`_feature_weight`;
+        the state ``kv_sum (B, H, m, d + 1)`` carries the normaliser sum as its last column, so one update and
+        one product give numerator and denominator.  The running max ``c`` (``-inf`` while no key was seen, possible
+        only with padding) is clamped to the lowest finite value instead of zeroed, which gives the same features
+        (0 for a padded key) and a decay of 0 where :meth:`_causal` has 1 on sums that are 0."""
         dtype, acc = q.dtype, acc_dtype(q.dtype)
         bsz, heads, _, dim = q.shape
+        device = q.device.type
+        # the product in autocast's dtype under autocast (as _projection's), else in fp32; the rest in fp32
+        autocast = torch.is_autocast_enabled(device) and acc != torch.float64
+        product = torch.get_autocast_dtype(device) if autocast else acc
+        if kpm is None and q.is_cuda and self._fused_step_fits(q, k, v, state):
+            out = self._fused_step(q, k, v, state, product)
+            if out is not None:
+                return out
         x = torch.cat([q, k], dim=2)  # (B, H, 2, d)
-        if not torch.is_autocast_enabled(q.device.type):  # else the product runs in autocast's dtype (as
-            x = x.to(acc)  # _projection's does), the rest in fp32: no op below is one autocast lowers
-        w = self.projection_matrix * self.head_dim**-0.25
-        proj = torch.mm(x.view(-1, dim), w.t()).view(bsz, heads, 2, -1)
-        qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)
+        proj = torch.mm(x.view(-1, dim).to(product), self._feature_weight(product)).view(bsz, heads, 2, -1)
+        qf = torch.softmax(proj[:, :, :1], dim=-1, dtype=acc)  # (B, H, 1, m), up to a per-query factor
         norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
         logits = torch.addcmul(proj[:, :, 1:], norm, norm, value=-0.5 * self.head_dim**-0.5)
         if kpm is not None:
             logits = logits.masked_fill(kpm[:, None, :, None], float("-inf"))
-        past = state["k_max"]  # (B, H, 1, 1)
-        run = torch.maximum(logits.amax(-1, keepdim=True), past)
-        safe = run.clamp_min(torch.finfo(run.dtype).min)
-        out, state["kv_sum"], state["k_sum"] = linear_attention_step(
-            qf, torch.exp(logits - safe), v, state["kv_sum"], state["k_sum"], torch.exp(past - safe)
-        )
-        state["k_max"] = run
+        both = torch.cat([logits, state["k_max"]], dim=-1)  # the key's logits and the past max c (B, H, 1, m + 1)
+        run = both.amax(-1, keepdim=True)  # the new c: finite unless this key is padded
+        safe = run if kpm is None else run.clamp_min(torch.finfo(run.dtype).min)
+        scaled = torch.exp(both - safe)  # the key's features and the decay exp(c - c') of the sums
+        kf, decay = scaled[..., :-1], scaled[..., -1:]
+        v1 = F.pad(v, (0, 1), value=1.0)  # [v, 1]: the normaliser rides along as a last value column
+        kvz = torch.addcmul(state["kv_sum"] * decay, kf.transpose(-1, -2), v1)  # (B, H, m, d + 1)
+        num_den = (qf.transpose(-1, -2) * kvz).sum(-2, keepdim=True)  # (B, H, 1, d + 1)
+        # the normaliser is 0 only where nothing was attended (nonnegative features): the numerator is 0 too
+        out = num_den[..., :dim] / num_den[..., dim:].clamp_min(torch.finfo(acc).tiny)
+        state["kv_sum"], state["k_max"] = kvz, run
         return out.to(dtype)
