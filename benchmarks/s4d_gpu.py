@@ -9,9 +9,10 @@ included; noncausal (bidirectional kernel, FFT convolution) and causal (exact ch
    bf16-autocast modules against that float64 output and input gradient (relative max error); a causal
    gradient from the first half is exactly zero on the second half.
 2. Time (median of CUDA-event timings), peak memory above what was allocated before the call
-   (``torch.cuda.max_memory_allocated``) and ATen ops per forward + backward, at L = 4k, 8k, 32k (``--lengths``),
-   for S4D and SDPA, and S4D with its FFT never split over the batch (``_FFT_CHUNK_BYTES`` unbounded), to show
-   what the memory bound costs.
+   (``torch.cuda.max_memory_allocated``) and ATen ops per forward + backward, at L = 1k, 8k, 32k (``--lengths``),
+   for S4D and SDPA, and at the longest length S4D with its FFT never split over the batch (``_FFT_CHUNK_BYTES``
+   unbounded), to show what the memory bound costs.  CAB's S4D times (session-3 H200 run, same setting) are
+   printed beside for the "never slower than CAB" target.
 
     python benchmarks/s4d_gpu.py --out DIR                  # about 30 s on an H200
     python benchmarks/s4d_gpu.py --out DIR --device cpu --lengths 256 --reps 1   # smoke run
@@ -37,7 +38,19 @@ from efficient_attention import build_attention  # noqa: E402
 from efficient_attention.attentions import s4d as s4d_module  # noqa: E402
 
 EMBED, HEADS, BSZ = 512, 8, 4
-TARGETS = "targets: faster than SDPA at <= 4k noncausal and <= 8k causal; <= SDPA causal / 3 at 32k; memory <= SDPA's"
+TARGETS = (
+    "targets: faster than SDPA at <= 4k noncausal and <= 8k causal; <= SDPA causal / 3 at 32k; memory <= SDPA's "
+    "from 8k; never slower than CAB"
+)
+# CAB's S4D fwd+bwd ms on the H200 in this setting (benchmarks/results/mechanisms_gpu_h200.md, session 3)
+CAB_MS = {
+    (False, 1024): 5.32,
+    (False, 8192): 21.6,
+    (False, 32768): 92.1,
+    (True, 1024): 3.97,
+    (True, 8192): 20.2,
+    (True, 32768): 87.4,
+}
 
 
 def build(name, causal, device, dtype=torch.float32, seed=0):
@@ -159,7 +172,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 32768])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -178,6 +191,8 @@ def main():
     bound = s4d_module._FFT_CHUNK_BYTES
     for length in args.lengths:
         for name, causal in series:
+            if name == "s4d-unsplit-fft" and length != max(args.lengths):
+                continue
             if name == "s4d-unsplit-fft":  # one FFT over the whole batch: what the memory bound costs
                 s4d_module._FFT_CHUNK_BYTES = 1 << 62
             try:
@@ -209,8 +224,12 @@ def main():
             sdpa = next(
                 t for t in result["timings"] if t["name"] == "vanilla" and t["causal"] == causal and t["length"] == n
             )
-            ratios.append(f"L={n}: {sdpa['ms'] / mine['ms']:.2f}x time, {mine['peak_gib'] / sdpa['peak_gib']:.2f}x mem")
-        print(f"SDPA/s4d {'causal' if causal else 'noncausal'}: " + "; ".join(ratios))
+            cab = CAB_MS.get((causal, n))
+            ratios.append(
+                f"L={n}: SDPA/s4d {sdpa['ms'] / mine['ms']:.2f}x time, {sdpa['peak_gib'] / mine['peak_gib']:.2f}x mem"
+                + (f", CAB/s4d {cab / mine['ms']:.2f}x time" if cab else "")
+            )
+        print(f"{'causal' if causal else 'noncausal'} (above 1: s4d better): " + "; ".join(ratios))
     print(TARGETS)
     print(f"check: {'all ok' if all(r['ok'] for r in result['check']) else 'FAILURES'}; {result['elapsed_s']:.0f} s")
 

@@ -104,10 +104,13 @@ def test_convolution_functions_gradcheck(activation, kernels, split, monkeypatch
     """The hand-written backwards (input, the four SSM parameters, D) against finite differences, float64."""
     if split:
         monkeypatch.setattr(s4d_module, "_FFT_CHUNK_BYTES", 1)
-    fn = _CausalScan if kernels == "causal" else _FFTConvolution
-    params = _params(1 if kernels == "causal" else kernels)
-    for length in (1, 70):
-        u = torch.randn(3, 2, length, dtype=torch.float64, requires_grad=True)
+    causal = kernels == "causal"
+    fn = _CausalScan if causal else _FFTConvolution
+    params = _params(1, channels=2) if causal else _params(kernels)
+    for length in (1, 70, 128):  # one chunk; chunks padded to whole groups; whole groups
+        # the causal scan takes per-head (B, H, L, d) (here 2 heads of 1 channel), the FFT convolution (C, B, L)
+        shape = (2, 2, length, 1) if causal else (3, 2, length)
+        u = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda *a: fn.apply(*a, activation), (u, *params))
 
 

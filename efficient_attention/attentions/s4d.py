@@ -129,6 +129,18 @@ class _ScanPlan(NamedTuple):
     out: Tensor  # (C, 2n, t): state -> outputs of a chunk, 2·Re(C̃ λ^{i+1} s), rows (mode, re/im)
 
 
+def _chunk_layout(length: int, chunk: int = _CHUNK) -> Tuple[int, int, int]:
+    """``(t, g, G)``: positions per chunk, chunks per group, groups.  ``g`` is a divisor of the number of chunks
+    near its square root where there is one (no padding when ``t`` divides the length), else ``ceil(sqrt)``."""
+    t = max(1, min(chunk, length))
+    n_chunks = -(-length // t)
+    root = math.isqrt(n_chunks - 1) + 1  # ceil(sqrt(n_chunks))
+    for g in range(root, 2 * root + 1):
+        if n_chunks % g == 0:
+            return t, g, n_chunks // g
+    return t, root, -(-n_chunks // root)
+
+
 def _scan_plan(
     dt_a: Tensor, c_bar: Tensor, length: int, chunk: int = _CHUNK, d: Optional[Tensor] = None, with_x0: bool = False
 ) -> _ScanPlan:
@@ -136,10 +148,7 @@ def _scan_plan(
     ``d`` ``(C,)``: a skip ``D·u`` added to lag 0 of the kernel (exact, inside the Toeplitz product);
     ``with_x0``: the scan may start from a state."""
     channels, n = dt_a.shape
-    t = max(1, min(chunk, length))
-    n_chunks = -(-length // t)
-    g = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
-    big = -(-n_chunks // g)
+    t, g, big = _chunk_layout(length, chunk)
     exps, gather, toe = _scan_indices(t, g, big, dt_a.device)
     lam = _powers(dt_a, exps)  # (C, n, |E|)
     parts = torch.view_as_real(lam)  # no constant from the host: a copy to the device would wait for the stream
@@ -153,7 +162,7 @@ def _scan_plan(
     w = c_bar[..., None] * lam[..., : t + 1]  # C̃ λ^i
     kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
     if d is not None:
-        kern[:, 0] += d
+        kern.select(1, 0).add_(d)
     out = torch.view_as_real(2.0 * torch.conj_physical(w[..., 1:])).transpose(-1, -2)  # (C, n, 2, t)
     return _ScanPlan(
         t,
@@ -170,21 +179,16 @@ def _scan_plan(
     )
 
 
-def _scan_apply(
-    u: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None, need_state: bool = True
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """:func:`_scan` with its plan built: ``u`` ``(C, B, L)`` real (any strides), ``x0`` ``(C, B, n)`` complex.
+def _scan_chunks(flat: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The scan on inputs already in chunks: ``flat`` ``(C, (a, h, b), t)`` real, ``x0`` ``(C, B, n)`` complex.
+    Returns the outputs ``(C, (a, h, b), t)`` and the chunk start states ``(Cn, (re/im, a), (h, b))``.
 
     Chunks are ordered ``(a, h, b)`` (chunk in its group, group, batch), so every step is one (batched) matmul
     on a view: the end states ``(C, (mode, re/im), (a, h, b))`` are per mode ``(2g, (h, b))`` blocks."""
-    channels, bsz, length = u.shape
-    t, g, big = plan.t, plan.per_group, plan.groups
-    n = plan.lam.shape[1]
-    if big * g * t != length:
-        u = F.pad(u, (0, big * g * t - length))
-    rows = g * big * bsz
-    flat = u.reshape(channels, bsz, big, g, t).permute(0, 3, 2, 1, 4).reshape(channels, rows, t)
-    y = torch.bmm(flat, plan.toe_t)  # (C, (a, h, b), t): inside the chunks
+    channels, rows, _ = flat.shape
+    g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
+    bsz = rows // (g * big)
+    y = torch.bmm(flat, plan.toe_t)  # inside the chunks
     ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(channels * n, 2 * g, big * bsz)
     inner = torch.bmm(plan.inner, ends)  # (Cn, 2g+2, (h, b)): chunk starts from a zero group start, group ends
     group_ends = inner[:, 2 * g :].view(channels * n, 2 * big, bsz)  # rows (re/im, h)
@@ -196,7 +200,36 @@ def _scan_apply(
         assert plan.across is not None, "a scan from a state needs a plan built with_x0"
         group_starts = torch.bmm(plan.across, both)
     starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(channels * n, 2, big * bsz))
-    y = y.baddbmm_(starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out)
+    return y.baddbmm_(starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out), starts
+
+
+def _scan_chunks_backward(grad: Tensor, plan: _ScanPlan) -> Tensor:
+    """The transpose of :func:`_scan_chunks` (no initial state): the gradient of its inputs from that of its
+    outputs, both ``(C, (a, h, b), t)``, by the transposed matrices in the same layout (no flip, no copy).  The
+    masked entries are exact zeros in every product, so a future input gets exactly zero gradient."""
+    channels, rows, _ = grad.shape
+    g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
+    bsz = rows // (g * big)
+    g_starts = torch.bmm(plan.out, grad.transpose(1, 2)).view(channels * n, 2 * g, big * bsz)
+    g_group_starts = torch.bmm(plan.offsets.transpose(1, 2), g_starts).view(channels * n, 2 * big, bsz)
+    g_group_ends = torch.bmm(plan.across_zero.transpose(1, 2), g_group_starts).view(channels * n, 2, big * bsz)
+    g_ends = torch.bmm(plan.inner[:, : 2 * g].transpose(1, 2), g_starts)
+    g_ends = g_ends.baddbmm_(plan.inner[:, 2 * g :].transpose(1, 2), g_group_ends).view(channels, 2 * n, rows)
+    return torch.bmm(grad, plan.toe_t.transpose(1, 2)).baddbmm_(g_ends.transpose(1, 2), plan.back)
+
+
+def _scan_apply(
+    u: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None, need_state: bool = True
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`_scan` with its plan built: ``u`` ``(C, B, L)`` real (any strides), ``x0`` ``(C, B, n)`` complex."""
+    channels, bsz, length = u.shape
+    t, g, big = plan.t, plan.per_group, plan.groups
+    n = plan.lam.shape[1]
+    if big * g * t != length:
+        u = F.pad(u, (0, big * g * t - length))
+    rows = g * big * bsz
+    flat = u.reshape(channels, bsz, big, g, t).permute(0, 3, 2, 1, 4).reshape(channels, rows, t)
+    y, starts = _scan_chunks(flat, plan, x0)
     y = y.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4).reshape(channels, bsz, big * g * t)[..., :length]
     if not need_state:
         return y, None
@@ -437,25 +470,75 @@ class _FFTConvolution(torch.autograd.Function):
         return (g_u, *_param_grads(ssm, g_kern), g_kern[0, :, 0], None)
 
 
+def _to_chunks(x: Tensor, plan: _ScanPlan, dtype: torch.dtype) -> Tensor:
+    """Per-head ``(B, H, L, d)`` (any strides) -> the chunks ``(C, (a, h, b), t)`` of :func:`_scan_chunks` in
+    ``dtype``, zero-padded to whole groups: one copy (the layout change and the cast together)."""
+    bsz, heads, length, dim = x.shape
+    total = plan.groups * plan.per_group * plan.t
+    if total != length:
+        x = F.pad(x, (0, 0, 0, total - length))
+    src = x.view(bsz, heads, plan.groups, plan.per_group, plan.t, dim).permute(1, 5, 3, 2, 0, 4)
+    flat = src.contiguous() if src.dtype == dtype else src.to(dtype, memory_format=torch.contiguous_format)
+    return flat.view(heads * dim, -1, plan.t)
+
+
+def _from_chunks(y: Tensor, plan: _ScanPlan, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """The transpose of :func:`_to_chunks`: chunks -> per-head ``shape`` ``(B, H, L, d)`` in ``dtype``, a view of
+    a time-first ``(L, B, H, d)`` tensor (what the output projection reads without another copy)."""
+    bsz, heads, length, dim = shape
+    g, big, t = plan.per_group, plan.groups, plan.t
+    out = y.new_empty(big, g, t, bsz, heads, dim, dtype=dtype)
+    out.permute(4, 5, 1, 0, 3, 2).copy_(y.view(heads, dim, g, big, bsz, t))
+    out = out.view(big * g * t, bsz, heads, dim)
+    return (out if big * g * t == length else out[:length]).permute(1, 2, 0, 3)
+
+
+def _correlate_chunks(grad: Tensor, u: Tensor, plan: _ScanPlan, dtype: torch.dtype) -> Tensor:
+    """:func:`_correlate` of the gradient in chunks ``(C, (a, h, b), t)`` with per-head ``u`` ``(B, H, L, d)``:
+    each batch slice is written once, zero-padded and channel first, straight from those layouts (no full-size
+    time-contiguous copy of either).  ``(C, size)``."""
+    bsz, heads, length, dim = u.shape
+    channels, g, big, t = grad.shape[0], plan.per_group, plan.groups, plan.t
+    size, total = _fft_size(length), big * g * t
+    assert total <= size, "the chunks' padding fits in the FFT's"
+    g5 = grad.view(channels, g, big, bsz, t)
+    acc: Optional[Tensor] = None
+    for part in _batch_chunks(channels, bsz, size):
+        nb = len(range(bsz)[part])
+        g_buf = grad.new_zeros(channels, nb, size, dtype=dtype)
+        g_buf[..., :total].view(channels, nb, big, g, t).copy_(g5[:, :, :, part].permute(0, 3, 2, 1, 4))
+        u_buf = grad.new_zeros(channels, nb, size, dtype=dtype)
+        u_buf[..., :length].view(heads, dim, nb, length).copy_(u[part].permute(1, 3, 0, 2))
+        prod = torch.fft.rfft(u_buf).conj_physical_().mul_(torch.fft.rfft(g_buf))
+        prod = prod.sum(1) if nb > 1 else prod[:, 0]
+        acc = prod if acc is None else acc.add_(prod)
+    assert acc is not None
+    return torch.fft.irfft(acc, n=size)
+
+
 class _CausalScan(torch.autograd.Function):
     """``act(K * u + D·u)`` causal (one kernel, ``(1, C, n)`` parameters, ``d`` ``(C,)``) by the exact chunked
-    scan, ``u`` ``(C, B, L)``.
+    scan, on per-head ``u`` ``(B, H, L, d)`` (channel ``h·d + i``, any strides and float dtype; the math runs in
+    the dtype of the parameters); the output is in ``u``'s dtype, a view of a time-first tensor.
 
-    Backward: ``∂u`` is the anti-causal correlation with the same kernel, i.e. the same scan (same plan) over the
-    time-reversed gradient, so a future input gets exactly zero gradient; ``∂K`` is the correlation of the
+    The inputs go to the scan's chunk layout in one copy and the output comes back in one, so nothing is
+    flipped, padded or permuted on the way.  Backward: ``∂u`` is the transposed scan (:func:`_scan_chunks_backward`,
+    same plan, same layout), so a future input gets exactly zero gradient; ``∂K`` is the correlation of the
     gradient with ``u`` by FFT (a parameter gradient: no causality to keep), then :func:`_param_grads`.  Saved:
-    ``u``, the pre-activation and the plan."""
+    ``u`` as given (not a float copy) and the pre-activation in chunks, in ``u``'s dtype."""
 
     @staticmethod
     def forward(
         ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
     ) -> Tensor:
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
-        plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[-1], d=d)
-        pre = _scan_apply(u, plan, need_state=False)[0]
-        ctx.save_for_backward(u, pre)
+        plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[2], d=d)
+        pre = _scan_chunks(_to_chunks(u, plan, log_dt.dtype), plan)[0]
+        out = _from_chunks(_ACTIVATIONS[activation](pre), plan, u.shape, u.dtype)
+        # the pre-activation (for act') kept in u's precision: half the memory under autocast
+        ctx.save_for_backward(u, pre if activation == "identity" else pre.to(u.dtype))
         ctx.ssm, ctx.plan, ctx.activation = ssm, plan, activation
-        return _ACTIVATIONS[activation](pre)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -466,12 +549,13 @@ class _CausalScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: Tensor):
         u, pre = ctx.saved_tensors
-        grad = _activation_backward(ctx.activation, grad, pre)
-        length = u.shape[-1]
+        plan: _ScanPlan = ctx.plan
+        length, real = u.shape[2], ctx.ssm.dt.dtype
+        g = _activation_backward(ctx.activation, _to_chunks(grad, plan, real), pre)
         g_u = None
         if ctx.needs_input_grad[0]:
-            g_u = _scan_apply(grad.flip(-1), ctx.plan, need_state=False)[0].flip(-1)
-        g_kern = _correlate(grad, u, _fft_size(length))[None, :, :length]
+            g_u = _from_chunks(_scan_chunks_backward(g, plan), plan, u.shape, u.dtype)
+        g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]
         return (g_u, *_param_grads(ctx.ssm, g_kern), g_kern[0, :, 0], None)
 
 
@@ -500,6 +584,7 @@ class S4D(EfficientAttention):
 
     capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("torch",))
     Options = S4DOptions
+    ignores_key_value = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -577,12 +662,18 @@ class S4D(EfficientAttention):
             return self._mix(q, masks)
 
     def _mix(self, q: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Optional[Tensor]]:
-        u = self._inputs(q, masks.key_padding)
-        real = u.dtype
         params = (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d)
-        # causal: the exact scan (a future input gets exactly zero gradient); else one FFT convolution
-        y = (_CausalScan if self.causal else _FFTConvolution).apply(u, *(p.to(real) for p in params), self.activation)
-        return self._output(y, q), None
+        real = acc_dtype(q.dtype)
+        if not self.causal:  # one FFT convolution
+            u = self._inputs(q, masks.key_padding)
+            return self._output(_FFTConvolution.apply(u, *(p.to(real) for p in params), self.activation), q), None
+        # causal: the exact scan (a future input gets exactly zero gradient), on q in its layout and dtype
+        if masks.key_padding is not None:
+            q = q.masked_fill(as_bool_mask(masks.key_padding, "key_padding_mask")[:, None, :, None], 0.0)
+        y = _CausalScan.apply(q, *(p.to(real) for p in params), self.activation)
+        if self.training and self.dropout_p > 0:
+            y = F.dropout(y, self.dropout_p, training=True)
+        return y, None
 
     def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
         """``T`` new positions continuing the recurrence state ``x (B, C, d_state)`` (stored as real pairs)."""
