@@ -274,26 +274,33 @@ def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Te
     return kern.reshape(dt_a.shape[0], blocks * t)[:, :length]
 
 
+@functools.lru_cache(maxsize=64)
+def _block_lags(t: int, blocks: int, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """The exponents of :func:`_kernel_backward`, kept per shape: ``(t + A,)`` (lags ``0..t-1`` in a block, then
+    the block starts ``a·t``) and the global lag of every position ``(A, t)``."""
+    lags = torch.arange(blocks * t, dtype=dtype).view(blocks, t)
+    return torch.cat([lags[0], lags[:, 0]]).to(device), lags.to(device)
+
+
 def _kernel_backward(dt_a: Tensor, c_bar: Tensor, grad: Tensor, block: int = _CHUNK) -> Tuple[Tensor, Tensor]:
     """Conjugated gradients of ``Σ grad·K`` (``K = _kernel(dt_a, c_bar, L)``, grad ``(C, L)`` real) with respect
     to dt_a and c_bar, complex ``(C, n)`` as ``∂/∂re - i·∂/∂im``, by the same blocks and nothing of size ``C·n·L``:
 
-    ``S0 = Σ_l g_l λ^l``, ``S1 = Σ_l g_l·l·λ^l``; conjugated ``∂/∂C̃ = 2·S0``, ``∂/∂dtA = 2·C̃·S1``.
+    ``S0 = Σ_l g_l λ^l``, ``S1 = Σ_l g_l·l·λ^l``; conjugated ``∂/∂C̃ = 2·S0``, ``∂/∂dtA = 2·C̃·S1``.  With
+    ``l = a·t + b``: ``S = Σ_a λ^{at} Σ_b (g, g·l)_{ab} λ^b``, one batched product and one reduction.
     """
     channels, length = grad.shape
-    n = dt_a.shape[-1]
     t = max(1, min(block, length))
     blocks = -(-length // t)
-    g = F.pad(grad, (0, blocks * t - length)).view(channels, blocks, t).to(dt_a.dtype)
-    lags = torch.arange(t, device=dt_a.device, dtype=grad.dtype)
-    tail = _powers(dt_a, lags)  # (C, n, t): λ^b
-    pq = torch.bmm(g, torch.cat([tail, tail * lags], 1).transpose(1, 2))  # (C, A, 2n): Σ_b g λ^b, Σ_b g·b·λ^b
-    starts = torch.arange(blocks, device=dt_a.device, dtype=grad.dtype) * t
-    head = _powers(dt_a, starts).transpose(1, 2)  # (C, A, n): λ^{at}
-    p, q = pq[..., :n], pq[..., n:]
-    s0 = (head * p).sum(1)
-    s1 = (head * torch.addcmul(q, p, starts[:, None])).sum(1)
-    return 2.0 * c_bar * s1, 2.0 * s0
+    # (Dynamo traces through an lru_cache wrapper with a warning: the uncached tables when compiling)
+    lag_tables = _block_lags.__wrapped__ if torch.compiler.is_compiling() else _block_lags
+    exps, lags = lag_tables(t, blocks, grad.device, grad.dtype)
+    g = F.pad(grad, (0, blocks * t - length)).view(channels, blocks, t)
+    powers = _powers(dt_a, exps)  # (C, n, t + A): λ^b, then λ^{at}
+    both = torch.cat([g, g * lags], 1).to(dt_a.dtype)  # (C, 2A, t): g, g·l
+    pq = torch.bmm(both, powers[..., :t].transpose(1, 2)).view(channels, 2, blocks, -1)  # (C, 2, A, n)
+    s = (pq * powers[:, None, :, t:].transpose(2, 3)).sum(2)  # (C, 2, n): S0, S1
+    return 2.0 * c_bar * s[:, 1], 2.0 * s[:, 0]
 
 
 class _SSM(NamedTuple):
@@ -321,12 +328,12 @@ def _discretise(log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor) -
 def _discretise_backward(ssm: _SSM, h_dt_a: Tensor, h_c_bar: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``(log_dt, log_a_real, a_imag, c)`` from the conjugated ones of dtA and C̃ (``h = ∂/∂re -
     i·∂/∂im``: through a holomorphic ``f``, ``h_z = h_f·f'(z)``, no conjugation on the way)."""
-    ratio = ssm.c_bar / ssm.a
+    zoh = (ssm.lam - 1.0) / ssm.a  # C̃ = C·zoh
     h_w = torch.addcmul(h_dt_a, h_c_bar, ssm.c * ssm.lam / ssm.a)  # dtA, C̃ through λ = exp(dtA) included
-    g_log_dt = (h_w * ssm.a).real.sum(-1) * ssm.dt[..., 0]  # ∂/∂Δ = Re(h_dtA·A)
-    h_a = h_w * ssm.dt - h_c_bar * ratio  # ∂C̃/∂A = -C̃/A
-    g_c = torch.view_as_real(torch.conj_physical(h_c_bar * (ssm.lam - 1.0) / ssm.a))
-    return g_log_dt, h_a.real * ssm.a.real, -h_a.imag, g_c
+    g_log_dt = torch.real(h_w * ssm.a).sum(-1) * ssm.dt[..., 0]  # ∂/∂Δ = Re(h_dtA·A)
+    h_a = torch.addcmul(h_w * ssm.dt, h_c_bar, ssm.c_bar / ssm.a, value=-1.0)  # ∂C̃/∂A = -C̃/A
+    g_c = torch.view_as_real(torch.conj_physical(h_c_bar * zoh))
+    return g_log_dt, torch.real(h_a) * ssm.a.real, -torch.imag(h_a), g_c
 
 
 def _fft_size(length: int) -> int:
@@ -501,15 +508,24 @@ def _correlate_chunks(grad: Tensor, u: Tensor, plan: _ScanPlan, dtype: torch.dty
     channels, g, big, t = grad.shape[0], plan.per_group, plan.groups, plan.t
     size, total = _fft_size(length), big * g * t
     assert total <= size, "the chunks' padding fits in the FFT's"
-    g5 = grad.view(channels, g, big, bsz, t)
+    chunks = _batch_chunks(channels, bsz, size)
+    step = len(range(bsz)[chunks[0]])
+    # two buffers for all slices: their zero tails are written once
+    g_buf, u_buf = grad.new_zeros(2, channels, step, size, dtype=dtype).unbind(0)
+    g_dst = g_buf[..., :total].view(channels, step, big, g, t)
+    u_dst = u_buf[..., :length].view(heads, dim, step, length)
+    g_src = grad.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4)
+    u_src = u.permute(1, 3, 0, 2)
     acc: Optional[Tensor] = None
-    for part in _batch_chunks(channels, bsz, size):
+    for part in chunks:
         nb = len(range(bsz)[part])
-        g_buf = grad.new_zeros(channels, nb, size, dtype=dtype)
-        g_buf[..., :total].view(channels, nb, big, g, t).copy_(g5[:, :, :, part].permute(0, 3, 2, 1, 4))
-        u_buf = grad.new_zeros(channels, nb, size, dtype=dtype)
-        u_buf[..., :length].view(heads, dim, nb, length).copy_(u[part].permute(1, 3, 0, 2))
-        prod = torch.fft.rfft(u_buf).conj_physical_().mul_(torch.fft.rfft(g_buf))
+        if nb == step:
+            g_dst.copy_(g_src[:, part])
+            u_dst.copy_(u_src[:, :, part])
+        else:  # the last, smaller slice
+            g_dst[:, :nb].copy_(g_src[:, part])
+            u_dst[:, :, :nb].copy_(u_src[:, :, part])
+        prod = torch.fft.rfft(u_buf[:, :nb]).conj_physical_().mul_(torch.fft.rfft(g_buf[:, :nb]))
         prod = prod.sum(1) if nb > 1 else prod[:, 0]
         acc = prod if acc is None else acc.add_(prod)
     assert acc is not None
