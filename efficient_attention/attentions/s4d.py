@@ -13,7 +13,9 @@ Two exact algorithms, both a fixed number of batched kernels whatever the length
 * causal (:func:`_scan`, :class:`_CausalScan`): chunks of 64 positions, a Toeplitz product inside a
   chunk, the state carried across chunks by a two-level scan written as two
   batched triangular matmuls (chunks within a group, then groups).  Masked
-  entries are exact zeros, so a future input gets exactly zero gradient;
+  entries are exact zeros, so a future input gets exactly zero gradient.  It reads
+  the per-head projection and writes the output in their own layouts (one copy
+  each way) and its backward is the transposed scan in the same layout;
 * noncausal (:class:`_FFTConvolution`): one FFT convolution with the kernel over both
   directions (what CAB does; rounding reaches across positions, which only a
   causal pattern forbids).
@@ -127,6 +129,7 @@ class _ScanPlan(NamedTuple):
     across_zero: Tensor  # (Cn, 2G, 2G): the same without an initial state
     offsets: Tensor  # (Cn, 2g, 2): λ^{t·a}, a group's start state carried to its chunk a
     out: Tensor  # (C, 2n, t): state -> outputs of a chunk, 2·Re(C̃ λ^{i+1} s), rows (mode, re/im)
+    table: Tensor  # (Cn, 4|E|+1): what the real-form matrices are gathered from (see _scan_indices)
 
 
 def _chunk_layout(length: int, chunk: int = _CHUNK) -> Tuple[int, int, int]:
@@ -176,6 +179,7 @@ def _scan_plan(
         parts[2].view(-1, 2 * big, 2 * big),
         parts[3].view(-1, 2 * g, 2),
         out.reshape(channels, 2 * n, t),
+        table,
     )
 
 
@@ -190,6 +194,7 @@ def _scan_chunks(flat: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None) -> 
     bsz = rows // (g * big)
     y = torch.bmm(flat, plan.toe_t)  # inside the chunks
     ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(channels * n, 2 * g, big * bsz)
+    del flat  # (a temporary of the training forward: its memory is free for the rest)
     inner = torch.bmm(plan.inner, ends)  # (Cn, 2g+2, (h, b)): chunk starts from a zero group start, group ends
     group_ends = inner[:, 2 * g :].view(channels * n, 2 * big, bsz)  # rows (re/im, h)
     if x0 is None:
@@ -532,6 +537,74 @@ def _correlate_chunks(grad: Tensor, u: Tensor, plan: _ScanPlan, dtype: torch.dty
     return torch.fft.irfft(acc, n=size)
 
 
+@functools.lru_cache(maxsize=64)
+def _scan_weights(t: int, per_group: int, groups: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Per entry of the plan's table: the exponent of ``λ`` in positions for the chunk's own powers ``λ^0..λ^t``,
+    in chunks for the rest (``λ^{t·k}``: ``k``); 0 for the zero entry.  ``(4|E|+1,)``."""
+    exps = _scan_indices(t, per_group, groups, torch.device("cpu"))[0].to(dtype)
+    weights = torch.where(torch.arange(exps.numel()) <= t, exps, exps / t)
+    return F.pad(weights.repeat(4), (0, 1)).to(device)
+
+
+def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tensor, Tensor, Tensor]:
+    """``S0 = Σ_s ∂K_s·λ^s``, ``S1 = Σ_s s·∂K_s·λ^s`` (complex ``(C, n)``) and ``∂K_0`` ``(C,)`` of the causal
+    convolution, where ``∂K_s = Σ_{b,l} grad_l·u_{l-s}``: what :func:`_kernel_backward` needs from the kernel
+    gradient, without it (no FFT).  ``grad`` and ``flat`` (the inputs) in chunks ``(C, (a, h, b), t)``.
+
+    Pairs ``j <= l`` in one chunk: ``M = Σ_rows u ⊗ grad`` (one product), summed along its diagonals (lags).
+    Pairs across chunks: ``Σ_l grad_l λ^{i+1}·s_m`` with ``s_m`` the chunk start states (the forward scan's),
+    and for ``S1`` the lag ``l - j = (i + 1) + (t - 1 - i_j) + t·(m - 1 - k)`` split the same way: start states
+    of the lag-weighted chunk ends and the scan with its matrices weighted by their chunk lags (exact, no
+    cancellation)."""
+    channels, rows, t = flat.shape
+    g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
+    cn, cols = channels * n, rows // g
+    bsz = cols // big
+    # the weighted matrices: the plan's table times each entry's exponent, gathered like the plan's
+    weights = (_scan_weights.__wrapped__ if torch.compiler.is_compiling() else _scan_weights)(
+        t, g, big, flat.device, flat.dtype
+    )
+    gather = _scan_indices(t, g, big, flat.device)[1]
+    sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
+    _, inner_w, across_w, offsets_w, back_w = (plan.table * weights).index_select(1, gather).split(sizes, 1)
+    inner_w, across_w = inner_w.view(cn, 2 * g + 2, 2 * g), across_w.view(cn, 2 * big, 2 * big)
+    offsets_w, back_w = offsets_w.view(cn, 2 * g, 2), back_w.reshape(channels, 2 * n, t)
+    # the forward scan's chunk start states (its internals dropped as soon as used: they are full-size)
+    ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(cn, 2 * g, cols)
+    inner = torch.bmm(plan.inner, ends)
+    group_ends = inner[:, 2 * g :].reshape(cn, 2 * big, bsz)
+    group_starts = torch.bmm(plan.across_zero, group_ends)
+    starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(cn, 2, cols))
+    # s'_m = Σ_{j < start_m} (start_m - 1 - j) λ^{start_m-1-j} u_j: the scan of the lag-weighted chunk ends, plus
+    # t times the scan with chunk-lag-weighted matrices (product rule over inner, across, offsets)
+    inner = torch.bmm(inner_w, ends)
+    del ends
+    inner = inner.baddbmm_(plan.inner, torch.bmm(back_w, flat.transpose(1, 2)).view(cn, 2 * g, cols), alpha=1 / t)
+    gs_w = torch.bmm(plan.across_zero, inner[:, 2 * g :].reshape(cn, 2 * big, bsz))
+    gs_w = gs_w.baddbmm_(across_w, group_ends)
+    starts_w = torch.baddbmm(inner[:, : 2 * g], plan.offsets, gs_w.view(cn, 2, cols))
+    del inner
+    starts_w = starts_w.baddbmm_(offsets_w, group_starts.view(cn, 2, cols)).view(cn, 2, rows)  # s' / t
+    starts = starts.view(cn, 2, rows)
+    # R = Σ_i grad_i λ^{i+1} and R' = Σ_i grad_i (i+1) λ^{i+1} per chunk, real pairs (Cn, re/im, rows); the
+    # complex Σ_rows R·s as a 2x2 real product per mode: [[Rr·sr, Rr·si], [Ri·sr, Ri·si]]
+    lam1 = _as_pairs(plan.lam[..., 1:].transpose(1, 2)).transpose(1, 2)  # (C, 2n, t)
+    steps = torch.arange(1, t + 1, device=flat.device, dtype=flat.dtype)
+    r = torch.bmm(lam1, grad.transpose(1, 2)).view(cn, 2, rows)
+    m0 = torch.bmm(r, starts.transpose(1, 2))
+    m1 = torch.bmm(r, starts_w.transpose(1, 2)).mul_(float(t))
+    del r, starts_w
+    m1 = m1.baddbmm_(torch.bmm(lam1 * steps, grad.transpose(1, 2)).view(cn, 2, rows), starts.transpose(1, 2))
+    m = torch.stack([m0, m1])  # (2, Cn, 2, 2): for S0 R·s, for S1 R·s' + R'·s
+    cross = torch.complex(m[..., 0, 0] - m[..., 1, 1], m[..., 0, 1] + m[..., 1, 0]).view(2, channels, n)
+    # within a chunk: Mt[j, i] = Σ_rows u_j grad_i, lags i - j >= 0 on its upper triangle, summed by diagonal
+    mt = torch.bmm(flat.transpose(1, 2), grad).triu_()
+    lags_sum = F.pad(mt.flatten(1), (0, t)).view(channels, t, t + 1)[..., :t].sum(1)  # (C, t): ∂K_0..∂K_{t-1}
+    both = torch.stack([lags_sum, lags_sum * (steps - 1.0)], 1).to(plan.lam.dtype)  # (C, 2, t)
+    inside = torch.bmm(both, plan.lam[..., :t].transpose(1, 2))  # (C, 2, n)
+    return inside[:, 0] + cross[0], inside[:, 1] + cross[1], lags_sum[:, 0]
+
+
 class _CausalScan(torch.autograd.Function):
     """``act(K * u + D·u)`` causal (one kernel, ``(1, C, n)`` parameters, ``d`` ``(C,)``) by the exact chunked
     scan, on per-head ``u`` ``(B, H, L, d)`` (channel ``h·d + i``, any strides and float dtype; the math runs in
@@ -539,8 +612,10 @@ class _CausalScan(torch.autograd.Function):
 
     The inputs go to the scan's chunk layout in one copy and the output comes back in one, so nothing is
     flipped, padded or permuted on the way.  Backward: ``∂u`` is the transposed scan (:func:`_scan_chunks_backward`,
-    same plan, same layout), so a future input gets exactly zero gradient; ``∂K`` is the correlation of the
-    gradient with ``u`` by FFT (a parameter gradient: no causality to keep), then :func:`_param_grads`.  Saved:
+    same plan, same layout), so a future input gets exactly zero gradient.  The parameters' gradients: short
+    sequences by the correlation of the gradient with ``u`` by FFT (fewest ops), then :func:`_param_grads`;
+    long ones (where that FFT would need batch slices) by :func:`_scan_param_grads` on the chunks (no FFT of
+    size 2L: less time and memory).  Saved:
     ``u`` as given (not a float copy) and the pre-activation in chunks, in ``u``'s dtype."""
 
     @staticmethod
@@ -568,11 +643,19 @@ class _CausalScan(torch.autograd.Function):
         plan: _ScanPlan = ctx.plan
         length, real = u.shape[2], ctx.ssm.dt.dtype
         g = _activation_backward(ctx.activation, _to_chunks(grad, plan, real), pre)
+        ssm: _SSM = ctx.ssm
+        # the parameters first, the input gradient after: their full-size temporaries never coexist
+        if len(_batch_chunks(pre.shape[0], u.shape[0], _fft_size(length))) == 1:  # short: by FFT, fewer ops
+            g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]
+            g_params = (*_param_grads(ssm, g_kern), g_kern[0, :, 0])
+        else:  # long (the FFT would need batch slices): by the scan, no FFT and nothing of size 2L
+            s0, s1, g_d = _scan_param_grads(g, _to_chunks(u, plan, real), plan)
+            # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 (see _kernel_backward)
+            g_params = (*_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0[None]), g_d)
         g_u = None
         if ctx.needs_input_grad[0]:
             g_u = _from_chunks(_scan_chunks_backward(g, plan), plan, u.shape, u.dtype)
-        g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]
-        return (g_u, *_param_grads(ctx.ssm, g_kern), g_kern[0, :, 0], None)
+        return (g_u, *g_params, None)
 
 
 @dataclass(frozen=True)
