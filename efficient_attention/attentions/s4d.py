@@ -506,35 +506,18 @@ def _from_chunks(y: Tensor, plan: _ScanPlan, shape: torch.Size, dtype: torch.dty
 
 
 def _correlate_chunks(grad: Tensor, u: Tensor, plan: _ScanPlan, dtype: torch.dtype) -> Tensor:
-    """:func:`_correlate` of the gradient in chunks ``(C, (a, h, b), t)`` with per-head ``u`` ``(B, H, L, d)``:
-    each batch slice is written once, zero-padded and channel first, straight from those layouts (no full-size
-    time-contiguous copy of either).  ``(C, size)``."""
+    """:func:`_correlate` (whole batch, one FFT: the short-sequence path) of the gradient in chunks
+    ``(C, (a, h, b), t)`` with per-head ``u`` ``(B, H, L, d)``, both written zero-padded and channel first
+    straight from those layouts (no time-contiguous copy of either first).  ``(C, size)``."""
     bsz, heads, length, dim = u.shape
     channels, g, big, t = grad.shape[0], plan.per_group, plan.groups, plan.t
     size, total = _fft_size(length), big * g * t
     assert total <= size, "the chunks' padding fits in the FFT's"
-    chunks = _batch_chunks(channels, bsz, size)
-    step = len(range(bsz)[chunks[0]])
-    # two buffers for all slices: their zero tails are written once
-    g_buf, u_buf = grad.new_zeros(2, channels, step, size, dtype=dtype).unbind(0)
-    g_dst = g_buf[..., :total].view(channels, step, big, g, t)
-    u_dst = u_buf[..., :length].view(heads, dim, step, length)
-    g_src = grad.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4)
-    u_src = u.permute(1, 3, 0, 2)
-    acc: Optional[Tensor] = None
-    for part in chunks:
-        nb = len(range(bsz)[part])
-        if nb == step:
-            g_dst.copy_(g_src[:, part])
-            u_dst.copy_(u_src[:, :, part])
-        else:  # the last, smaller slice
-            g_dst[:, :nb].copy_(g_src[:, part])
-            u_dst[:, :, :nb].copy_(u_src[:, :, part])
-        prod = torch.fft.rfft(u_buf[:, :nb]).conj_physical_().mul_(torch.fft.rfft(g_buf[:, :nb]))
-        prod = prod.sum(1) if nb > 1 else prod[:, 0]
-        acc = prod if acc is None else acc.add_(prod)
-    assert acc is not None
-    return torch.fft.irfft(acc, n=size)
+    g_buf, u_buf = grad.new_zeros(2, channels, bsz, size, dtype=dtype).unbind(0)
+    g_buf[..., :total].view(channels, bsz, big, g, t).copy_(grad.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4))
+    u_buf[..., :length].view(heads, dim, bsz, length).copy_(u.permute(1, 3, 0, 2))
+    prod = torch.fft.rfft(u_buf).conj_physical_().mul_(torch.fft.rfft(g_buf))
+    return torch.fft.irfft(prod.sum(1) if bsz > 1 else prod[:, 0], n=size)
 
 
 @functools.lru_cache(maxsize=64)
