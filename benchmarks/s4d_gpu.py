@@ -12,8 +12,9 @@ included; noncausal (bidirectional kernel, FFT convolution) and causal (exact ch
 2. Time (median of CUDA-event timings), peak memory above what was allocated before the call
    (``torch.cuda.max_memory_allocated``) and ATen ops per forward + backward, at L = 1k, 8k, 32k (``--lengths``),
    for S4D and SDPA, and at the longest length S4D with its FFT never split over the batch (``_FFT_CHUNK_BYTES``
-   unbounded), to show what the memory bound costs.  CAB's S4D times (session-3 H200 run, same setting) are
-   printed beside for the "never slower than CAB" target.
+   unbounded), to show what the memory bound costs, and causal S4D with its parameter gradients by the FFT at
+   every length (``s4d-fft-grads``: where the switch to the scan's should be).  CAB's S4D times (session-3
+   H200 run, same setting) are printed beside for the "never slower than CAB" target.
 
     python benchmarks/s4d_gpu.py --out DIR                  # about 30 s on an H200
     python benchmarks/s4d_gpu.py --out DIR --device cpu --lengths 256 --reps 1   # smoke run
@@ -195,7 +196,7 @@ def main():
         timings=[],
     )
     series = [("vanilla", False), ("s4d", False), ("s4d-unsplit-fft", False)]
-    series += [("vanilla", True), ("s4d", True), ("s4d-unsplit-fft", True)]
+    series += [("vanilla", True), ("s4d", True), ("s4d-fft-grads", True), ("s4d-unsplit-fft", True)]
     bound = s4d_module._FFT_CHUNK_BYTES
     for length in args.lengths:
         for name, causal in series:
@@ -203,10 +204,14 @@ def main():
                 continue
             if name == "s4d-unsplit-fft":  # one FFT over the whole batch: what the memory bound costs
                 s4d_module._FFT_CHUNK_BYTES = 1 << 62
+            by_scan = s4d_module._param_grads_by_scan
+            if name == "s4d-fft-grads":  # causal parameter gradients by the FFT at every length (for the switch)
+                s4d_module._param_grads_by_scan = lambda *args: False
             try:
                 r = time_case(name.split("-")[0], causal, length, args.reps, dev)
             finally:
                 s4d_module._FFT_CHUNK_BYTES = bound
+                s4d_module._param_grads_by_scan = by_scan
             result["timings"].append(dict(name=name, causal=causal, length=length, **r))
             print(f"{name:16s} {'causal' if causal else 'noncausal':9s} L={length:6d} {r}", flush=True)
     result["elapsed_s"] = time.time() - t0

@@ -588,6 +588,12 @@ def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tens
     return inside[:, 0] + cross[0], inside[:, 1] + cross[1], lags_sum[:, 0]
 
 
+def _param_grads_by_scan(channels: int, bsz: int, length: int) -> bool:
+    """Whether the causal backward takes its parameter gradients by the scan (:func:`_scan_param_grads`, ~40 ops
+    more, no FFT of size 2L): where the FFT's spectra would not fit :data:`_FFT_CHUNK_BYTES` in one piece."""
+    return len(_batch_chunks(channels, bsz, _fft_size(length))) > 1
+
+
 class _CausalScan(torch.autograd.Function):
     """``act(K * u + D·u)`` causal (one kernel, ``(1, C, n)`` parameters, ``d`` ``(C,)``) by the exact chunked
     scan, on per-head ``u`` ``(B, H, L, d)`` (channel ``h·d + i``, any strides and float dtype; the math runs in
@@ -628,7 +634,7 @@ class _CausalScan(torch.autograd.Function):
         g = _activation_backward(ctx.activation, _to_chunks(grad, plan, real), pre)
         ssm: _SSM = ctx.ssm
         # the parameters first, the input gradient after: their full-size temporaries never coexist
-        if len(_batch_chunks(pre.shape[0], u.shape[0], _fft_size(length))) == 1:  # short: by FFT, fewer ops
+        if not _param_grads_by_scan(pre.shape[0], u.shape[0], length):  # short: by FFT, fewer ops
             g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]
             g_params = (*_param_grads(ssm, g_kern), g_kern[0, :, 0])
         else:  # long (the FFT would need batch slices): by the scan, no FFT and nothing of size 2L
