@@ -4,14 +4,17 @@ Setting (CAB's efficiency benchmark, issue 13): self attention on ``(L, B=4, 512
 modules under bf16 autocast, train mode, dropout 0, forward + backward of ``out.sum()``, projections
 included; noncausal (bidirectional kernel, FFT convolution) and causal (exact chunked scan).
 
-1. Check, at L = 300 with key padding: the float64 module on the device equals the float64 module on the CPU
-   (which the test suite checks against the definition), output and every gradient; the fp32 and the
+1. Check, at L = 300 with key padding: the float64 module on the device, in its long-sequence path (FFT in
+   batch slices; causal: parameter gradients by the scan), equals the float64 module on the CPU in its short
+   path (which the test suite checks against the definition), output and every gradient; the fp32 and the
    bf16-autocast modules against that float64 output and input gradient (relative max error); a causal
    gradient from the first half is exactly zero on the second half.
 2. Time (median of CUDA-event timings), peak memory above what was allocated before the call
-   (``torch.cuda.max_memory_allocated``) and ATen ops per forward + backward, at L = 4k, 8k, 32k (``--lengths``),
-   for S4D and SDPA, and S4D with its FFT never split over the batch (``_FFT_CHUNK_BYTES`` unbounded), to show
-   what the memory bound costs.
+   (``torch.cuda.max_memory_allocated``) and ATen ops per forward + backward, at L = 1k, 8k, 32k (``--lengths``),
+   for S4D and SDPA, and at the longest length S4D with its FFT never split over the batch (``_FFT_CHUNK_BYTES``
+   unbounded), to show what the memory bound costs, and causal S4D with its parameter gradients by the FFT at
+   every length (``s4d-fft-grads``: where the switch to the scan's should be).  CAB's S4D times (session-3
+   H200 run, same setting) are printed beside for the "never slower than CAB" target.
 
     python benchmarks/s4d_gpu.py --out DIR                  # about 30 s on an H200
     python benchmarks/s4d_gpu.py --out DIR --device cpu --lengths 256 --reps 1   # smoke run
@@ -37,7 +40,19 @@ from efficient_attention import build_attention  # noqa: E402
 from efficient_attention.attentions import s4d as s4d_module  # noqa: E402
 
 EMBED, HEADS, BSZ = 512, 8, 4
-TARGETS = "targets: faster than SDPA at <= 4k noncausal and <= 8k causal; <= SDPA causal / 3 at 32k; memory <= SDPA's"
+TARGETS = (
+    "targets: faster than SDPA at <= 4k noncausal and <= 8k causal; <= SDPA causal / 3 at 32k; memory <= SDPA's "
+    "from 8k; never slower than CAB"
+)
+# CAB's S4D fwd+bwd ms on the H200 in this setting (benchmarks/results/mechanisms_gpu_h200.md, session 3)
+CAB_MS = {
+    (False, 1024): 5.32,
+    (False, 8192): 21.6,
+    (False, 32768): 92.1,
+    (True, 1024): 3.97,
+    (True, 8192): 20.2,
+    (True, 32768): 87.4,
+}
 
 
 def build(name, causal, device, dtype=torch.float32, seed=0):
@@ -73,7 +88,14 @@ def check(device, length=300):
     kpm[1, -7:] = True
     for causal in (False, True):
         ref_out, ref_grads = _run(build("s4d", causal, "cpu", torch.float64).train(), x, kpm)
-        dev64_out, dev64_grads = _run(build("s4d", causal, device, torch.float64).train(), x.to(device), kpm.to(device))
+        # the device in the long-sequence path (batch-sliced FFT; causal: the parameter gradients by the scan)
+        bound, s4d_module._FFT_CHUNK_BYTES = s4d_module._FFT_CHUNK_BYTES, 1
+        try:
+            dev64_out, dev64_grads = _run(
+                build("s4d", causal, device, torch.float64).train(), x.to(device), kpm.to(device)
+            )
+        finally:
+            s4d_module._FFT_CHUNK_BYTES = bound
         err64 = max([_rel(dev64_out, ref_out)] + [_rel(dev64_grads[k], ref_grads[k]) for k in ref_grads])
         m32 = build("s4d", causal, device).train()
         out32, g32 = _run(m32, x.float().to(device), kpm.to(device))
@@ -159,7 +181,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 32768])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -174,16 +196,22 @@ def main():
         timings=[],
     )
     series = [("vanilla", False), ("s4d", False), ("s4d-unsplit-fft", False)]
-    series += [("vanilla", True), ("s4d", True), ("s4d-unsplit-fft", True)]
+    series += [("vanilla", True), ("s4d", True), ("s4d-fft-grads", True), ("s4d-unsplit-fft", True)]
     bound = s4d_module._FFT_CHUNK_BYTES
     for length in args.lengths:
         for name, causal in series:
+            if name == "s4d-unsplit-fft" and length != max(args.lengths):
+                continue
             if name == "s4d-unsplit-fft":  # one FFT over the whole batch: what the memory bound costs
                 s4d_module._FFT_CHUNK_BYTES = 1 << 62
+            by_scan = s4d_module._param_grads_by_scan
+            if name == "s4d-fft-grads":  # causal parameter gradients by the FFT at every length (for the switch)
+                s4d_module._param_grads_by_scan = lambda *args: False
             try:
                 r = time_case(name.split("-")[0], causal, length, args.reps, dev)
             finally:
                 s4d_module._FFT_CHUNK_BYTES = bound
+                s4d_module._param_grads_by_scan = by_scan
             result["timings"].append(dict(name=name, causal=causal, length=length, **r))
             print(f"{name:16s} {'causal' if causal else 'noncausal':9s} L={length:6d} {r}", flush=True)
     result["elapsed_s"] = time.time() - t0
@@ -209,8 +237,12 @@ def main():
             sdpa = next(
                 t for t in result["timings"] if t["name"] == "vanilla" and t["causal"] == causal and t["length"] == n
             )
-            ratios.append(f"L={n}: {sdpa['ms'] / mine['ms']:.2f}x time, {mine['peak_gib'] / sdpa['peak_gib']:.2f}x mem")
-        print(f"SDPA/s4d {'causal' if causal else 'noncausal'}: " + "; ".join(ratios))
+            cab = CAB_MS.get((causal, n))
+            ratios.append(
+                f"L={n}: SDPA/s4d {sdpa['ms'] / mine['ms']:.2f}x time, {sdpa['peak_gib'] / mine['peak_gib']:.2f}x mem"
+                + (f", CAB/s4d {cab / mine['ms']:.2f}x time" if cab else "")
+            )
+        print(f"{'causal' if causal else 'noncausal'} (above 1: s4d better): " + "; ".join(ratios))
     print(TARGETS)
     print(f"check: {'all ok' if all(r['ok'] for r in result['check']) else 'FAILURES'}; {result['elapsed_s']:.0f} s")
 

@@ -128,6 +128,8 @@ class EfficientAttention(nn.Module):
 
     capabilities: ClassVar[Capabilities] = Capabilities()
     Options: ClassVar[type] = AttentionOptions  # the mechanism's options dataclass (efficient_attention.options)
+    # True for a mixer of the query sequence alone (S4D): the key and value projections are not computed
+    ignores_key_value: ClassVar[bool] = False
     option_help: ClassVar[Mapping[str, str]] = {}  # help of options declared the old way (keyword-only arguments)
     attention_name: ClassVar[Optional[str]] = None  # set by @register_attention
 
@@ -440,7 +442,9 @@ class EfficientAttention(nn.Module):
             src_new = state["prev_key"].shape[2]
         else:
             assert key is not None and value is not None  # given, or the query's (set above)
-            if not one_step:
+            if not one_step and self.ignores_key_value and keys_are_query:
+                k = v = q  # never read: the query's projection stands in (two products and their ops saved)
+            elif not one_step:
                 k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)
                 v = split_heads(self._project(self.v_proj, value), self.num_kv_heads)
             assert k is not None

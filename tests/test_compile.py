@@ -89,8 +89,8 @@ ATTEND_OP_CEILINGS = {
     # CPU cumsum (~14 ns an element, 60 ms per op at 4k) and its flips
     ("abc", False): 67,  # 51 with SDPA for the slot read: its backward is B·H programs over T (slower from 16k)
     ("abc", True): 451,
-    ("s4d", False): 172,
-    ("s4d", True): 207,
+    ("s4d", False): 161,
+    ("s4d", True): 206,
     ("lara", False): 113,
     ("nystrom", False): 213,
 }

@@ -63,6 +63,25 @@ def test_scan_gives_future_inputs_exactly_zero_gradient():
     assert torch.all(u.grad[..., 123:] == 0) and torch.all(u.grad[..., :123] != 0)
 
 
+@pytest.mark.parametrize("length,chunk", [(1, 64), (70, 64), (300, 64), (37, 5), (64, 4)])
+def test_scan_parameter_gradients_equal_the_kernel_correlation(length, chunk):
+    """The long-sequence parameter gradients by the scan (no FFT) against the kernel gradient by FFT, projected
+    on ``λ^s`` and ``s·λ^s`` by definition."""
+    dt_a, c_bar = _ssm()
+    plan = s4d_module._scan_plan(dt_a, c_bar, length, chunk)
+    g = torch.Generator().manual_seed(2)
+    u, grad = (torch.randn(2, 1, length, 3, generator=g, dtype=torch.float64) for _ in range(2))  # (B, H, L, d)
+    s0, s1, k0 = s4d_module._scan_param_grads(
+        s4d_module._to_chunks(grad, plan, torch.float64), s4d_module._to_chunks(u, plan, torch.float64), plan
+    )
+    g_kern = s4d_module._correlate(grad[:, 0].permute(2, 0, 1), u[:, 0].permute(2, 0, 1), 4 * length)[:, :length]
+    lags = torch.arange(length, dtype=torch.float64)
+    powers = torch.exp(dt_a[..., None] * lags)
+    assert_close(s0, (g_kern[:, None] * powers).sum(-1))
+    assert_close(s1, (g_kern[:, None] * lags * powers).sum(-1))
+    assert_close(k0, g_kern[:, 0])
+
+
 def _params(kernels, channels=3, modes=4, seed=0):
     """Raw S4D parameters ``(log_dt, log_a_real, a_imag, c, d)`` in float64, requiring gradients."""
     g = torch.Generator().manual_seed(seed)
@@ -104,10 +123,13 @@ def test_convolution_functions_gradcheck(activation, kernels, split, monkeypatch
     """The hand-written backwards (input, the four SSM parameters, D) against finite differences, float64."""
     if split:
         monkeypatch.setattr(s4d_module, "_FFT_CHUNK_BYTES", 1)
-    fn = _CausalScan if kernels == "causal" else _FFTConvolution
-    params = _params(1 if kernels == "causal" else kernels)
-    for length in (1, 70):
-        u = torch.randn(3, 2, length, dtype=torch.float64, requires_grad=True)
+    causal = kernels == "causal"
+    fn = _CausalScan if causal else _FFTConvolution
+    params = _params(1, channels=2) if causal else _params(kernels)
+    for length in (1, 70, 128):  # one chunk; chunks padded to whole groups; whole groups
+        # the causal scan takes per-head (B, H, L, d) (here 2 heads of 1 channel), the FFT convolution (C, B, L)
+        shape = (2, 2, length, 1) if causal else (3, 2, length)
+        u = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda *a: fn.apply(*a, activation), (u, *params))
 
 

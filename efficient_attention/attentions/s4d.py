@@ -13,7 +13,9 @@ Two exact algorithms, both a fixed number of batched kernels whatever the length
 * causal (:func:`_scan`, :class:`_CausalScan`): chunks of 64 positions, a Toeplitz product inside a
   chunk, the state carried across chunks by a two-level scan written as two
   batched triangular matmuls (chunks within a group, then groups).  Masked
-  entries are exact zeros, so a future input gets exactly zero gradient;
+  entries are exact zeros, so a future input gets exactly zero gradient.  It reads
+  the per-head projection and writes the output in their own layouts (one copy
+  each way) and its backward is the transposed scan in the same layout;
 * noncausal (:class:`_FFTConvolution`): one FFT convolution with the kernel over both
   directions (what CAB does; rounding reaches across positions, which only a
   causal pattern forbids).
@@ -127,6 +129,19 @@ class _ScanPlan(NamedTuple):
     across_zero: Tensor  # (Cn, 2G, 2G): the same without an initial state
     offsets: Tensor  # (Cn, 2g, 2): λ^{t·a}, a group's start state carried to its chunk a
     out: Tensor  # (C, 2n, t): state -> outputs of a chunk, 2·Re(C̃ λ^{i+1} s), rows (mode, re/im)
+    table: Tensor  # (Cn, 4|E|+1): what the real-form matrices are gathered from (see _scan_indices)
+
+
+def _chunk_layout(length: int, chunk: int = _CHUNK) -> Tuple[int, int, int]:
+    """``(t, g, G)``: positions per chunk, chunks per group, groups.  ``g`` is a divisor of the number of chunks
+    near its square root where there is one (no padding when ``t`` divides the length), else ``ceil(sqrt)``."""
+    t = max(1, min(chunk, length))
+    n_chunks = -(-length // t)
+    root = math.isqrt(n_chunks - 1) + 1  # ceil(sqrt(n_chunks))
+    for g in range(root, 2 * root + 1):
+        if n_chunks % g == 0:
+            return t, g, n_chunks // g
+    return t, root, -(-n_chunks // root)
 
 
 def _scan_plan(
@@ -136,10 +151,7 @@ def _scan_plan(
     ``d`` ``(C,)``: a skip ``D·u`` added to lag 0 of the kernel (exact, inside the Toeplitz product);
     ``with_x0``: the scan may start from a state."""
     channels, n = dt_a.shape
-    t = max(1, min(chunk, length))
-    n_chunks = -(-length // t)
-    g = max(1, math.isqrt(n_chunks - 1) + 1)  # ceil(sqrt(n_chunks))
-    big = -(-n_chunks // g)
+    t, g, big = _chunk_layout(length, chunk)
     exps, gather, toe = _scan_indices(t, g, big, dt_a.device)
     lam = _powers(dt_a, exps)  # (C, n, |E|)
     parts = torch.view_as_real(lam)  # no constant from the host: a copy to the device would wait for the stream
@@ -153,7 +165,7 @@ def _scan_plan(
     w = c_bar[..., None] * lam[..., : t + 1]  # C̃ λ^i
     kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
     if d is not None:
-        kern[:, 0] += d
+        kern.select(1, 0).add_(d)
     out = torch.view_as_real(2.0 * torch.conj_physical(w[..., 1:])).transpose(-1, -2)  # (C, n, 2, t)
     return _ScanPlan(
         t,
@@ -167,25 +179,22 @@ def _scan_plan(
         parts[2].view(-1, 2 * big, 2 * big),
         parts[3].view(-1, 2 * g, 2),
         out.reshape(channels, 2 * n, t),
+        table,
     )
 
 
-def _scan_apply(
-    u: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None, need_state: bool = True
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """:func:`_scan` with its plan built: ``u`` ``(C, B, L)`` real (any strides), ``x0`` ``(C, B, n)`` complex.
+def _scan_chunks(flat: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The scan on inputs already in chunks: ``flat`` ``(C, (a, h, b), t)`` real, ``x0`` ``(C, B, n)`` complex.
+    Returns the outputs ``(C, (a, h, b), t)`` and the chunk start states ``(Cn, (re/im, a), (h, b))``.
 
     Chunks are ordered ``(a, h, b)`` (chunk in its group, group, batch), so every step is one (batched) matmul
     on a view: the end states ``(C, (mode, re/im), (a, h, b))`` are per mode ``(2g, (h, b))`` blocks."""
-    channels, bsz, length = u.shape
-    t, g, big = plan.t, plan.per_group, plan.groups
-    n = plan.lam.shape[1]
-    if big * g * t != length:
-        u = F.pad(u, (0, big * g * t - length))
-    rows = g * big * bsz
-    flat = u.reshape(channels, bsz, big, g, t).permute(0, 3, 2, 1, 4).reshape(channels, rows, t)
-    y = torch.bmm(flat, plan.toe_t)  # (C, (a, h, b), t): inside the chunks
+    channels, rows, _ = flat.shape
+    g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
+    bsz = rows // (g * big)
+    y = torch.bmm(flat, plan.toe_t)  # inside the chunks
     ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(channels * n, 2 * g, big * bsz)
+    del flat  # (a temporary of the training forward: its memory is free for the rest)
     inner = torch.bmm(plan.inner, ends)  # (Cn, 2g+2, (h, b)): chunk starts from a zero group start, group ends
     group_ends = inner[:, 2 * g :].view(channels * n, 2 * big, bsz)  # rows (re/im, h)
     if x0 is None:
@@ -196,7 +205,36 @@ def _scan_apply(
         assert plan.across is not None, "a scan from a state needs a plan built with_x0"
         group_starts = torch.bmm(plan.across, both)
     starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(channels * n, 2, big * bsz))
-    y = y.baddbmm_(starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out)
+    return y.baddbmm_(starts.view(channels, 2 * n, rows).transpose(1, 2), plan.out), starts
+
+
+def _scan_chunks_backward(grad: Tensor, plan: _ScanPlan) -> Tensor:
+    """The transpose of :func:`_scan_chunks` (no initial state): the gradient of its inputs from that of its
+    outputs, both ``(C, (a, h, b), t)``, by the transposed matrices in the same layout (no flip, no copy).  The
+    masked entries are exact zeros in every product, so a future input gets exactly zero gradient."""
+    channels, rows, _ = grad.shape
+    g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
+    bsz = rows // (g * big)
+    g_starts = torch.bmm(plan.out, grad.transpose(1, 2)).view(channels * n, 2 * g, big * bsz)
+    g_group_starts = torch.bmm(plan.offsets.transpose(1, 2), g_starts).view(channels * n, 2 * big, bsz)
+    g_group_ends = torch.bmm(plan.across_zero.transpose(1, 2), g_group_starts).view(channels * n, 2, big * bsz)
+    g_ends = torch.bmm(plan.inner[:, : 2 * g].transpose(1, 2), g_starts)
+    g_ends = g_ends.baddbmm_(plan.inner[:, 2 * g :].transpose(1, 2), g_group_ends).view(channels, 2 * n, rows)
+    return torch.bmm(grad, plan.toe_t.transpose(1, 2)).baddbmm_(g_ends.transpose(1, 2), plan.back)
+
+
+def _scan_apply(
+    u: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None, need_state: bool = True
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`_scan` with its plan built: ``u`` ``(C, B, L)`` real (any strides), ``x0`` ``(C, B, n)`` complex."""
+    channels, bsz, length = u.shape
+    t, g, big = plan.t, plan.per_group, plan.groups
+    n = plan.lam.shape[1]
+    if big * g * t != length:
+        u = F.pad(u, (0, big * g * t - length))
+    rows = g * big * bsz
+    flat = u.reshape(channels, bsz, big, g, t).permute(0, 3, 2, 1, 4).reshape(channels, rows, t)
+    y, starts = _scan_chunks(flat, plan, x0)
     y = y.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4).reshape(channels, bsz, big * g * t)[..., :length]
     if not need_state:
         return y, None
@@ -241,26 +279,33 @@ def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Te
     return kern.reshape(dt_a.shape[0], blocks * t)[:, :length]
 
 
+@functools.lru_cache(maxsize=64)
+def _block_lags(t: int, blocks: int, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """The exponents of :func:`_kernel_backward`, kept per shape: ``(t + A,)`` (lags ``0..t-1`` in a block, then
+    the block starts ``a·t``) and the global lag of every position ``(A, t)``."""
+    lags = torch.arange(blocks * t, dtype=dtype).view(blocks, t)
+    return torch.cat([lags[0], lags[:, 0]]).to(device), lags.to(device)
+
+
 def _kernel_backward(dt_a: Tensor, c_bar: Tensor, grad: Tensor, block: int = _CHUNK) -> Tuple[Tensor, Tensor]:
     """Conjugated gradients of ``Σ grad·K`` (``K = _kernel(dt_a, c_bar, L)``, grad ``(C, L)`` real) with respect
     to dt_a and c_bar, complex ``(C, n)`` as ``∂/∂re - i·∂/∂im``, by the same blocks and nothing of size ``C·n·L``:
 
-    ``S0 = Σ_l g_l λ^l``, ``S1 = Σ_l g_l·l·λ^l``; conjugated ``∂/∂C̃ = 2·S0``, ``∂/∂dtA = 2·C̃·S1``.
+    ``S0 = Σ_l g_l λ^l``, ``S1 = Σ_l g_l·l·λ^l``; conjugated ``∂/∂C̃ = 2·S0``, ``∂/∂dtA = 2·C̃·S1``.  With
+    ``l = a·t + b``: ``S = Σ_a λ^{at} Σ_b (g, g·l)_{ab} λ^b``, one batched product and one reduction.
     """
     channels, length = grad.shape
-    n = dt_a.shape[-1]
     t = max(1, min(block, length))
     blocks = -(-length // t)
-    g = F.pad(grad, (0, blocks * t - length)).view(channels, blocks, t).to(dt_a.dtype)
-    lags = torch.arange(t, device=dt_a.device, dtype=grad.dtype)
-    tail = _powers(dt_a, lags)  # (C, n, t): λ^b
-    pq = torch.bmm(g, torch.cat([tail, tail * lags], 1).transpose(1, 2))  # (C, A, 2n): Σ_b g λ^b, Σ_b g·b·λ^b
-    starts = torch.arange(blocks, device=dt_a.device, dtype=grad.dtype) * t
-    head = _powers(dt_a, starts).transpose(1, 2)  # (C, A, n): λ^{at}
-    p, q = pq[..., :n], pq[..., n:]
-    s0 = (head * p).sum(1)
-    s1 = (head * torch.addcmul(q, p, starts[:, None])).sum(1)
-    return 2.0 * c_bar * s1, 2.0 * s0
+    # (Dynamo traces through an lru_cache wrapper with a warning: the uncached tables when compiling)
+    lag_tables = _block_lags.__wrapped__ if torch.compiler.is_compiling() else _block_lags
+    exps, lags = lag_tables(t, blocks, grad.device, grad.dtype)
+    g = F.pad(grad, (0, blocks * t - length)).view(channels, blocks, t)
+    powers = _powers(dt_a, exps)  # (C, n, t + A): λ^b, then λ^{at}
+    both = torch.cat([g, g * lags], 1).to(dt_a.dtype)  # (C, 2A, t): g, g·l
+    pq = torch.bmm(both, powers[..., :t].transpose(1, 2)).view(channels, 2, blocks, -1)  # (C, 2, A, n)
+    s = (pq * powers[:, None, :, t:].transpose(2, 3)).sum(2)  # (C, 2, n): S0, S1
+    return 2.0 * c_bar * s[:, 1], 2.0 * s[:, 0]
 
 
 class _SSM(NamedTuple):
@@ -288,12 +333,12 @@ def _discretise(log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor) -
 def _discretise_backward(ssm: _SSM, h_dt_a: Tensor, h_c_bar: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``(log_dt, log_a_real, a_imag, c)`` from the conjugated ones of dtA and C̃ (``h = ∂/∂re -
     i·∂/∂im``: through a holomorphic ``f``, ``h_z = h_f·f'(z)``, no conjugation on the way)."""
-    ratio = ssm.c_bar / ssm.a
+    zoh = (ssm.lam - 1.0) / ssm.a  # C̃ = C·zoh
     h_w = torch.addcmul(h_dt_a, h_c_bar, ssm.c * ssm.lam / ssm.a)  # dtA, C̃ through λ = exp(dtA) included
-    g_log_dt = (h_w * ssm.a).real.sum(-1) * ssm.dt[..., 0]  # ∂/∂Δ = Re(h_dtA·A)
-    h_a = h_w * ssm.dt - h_c_bar * ratio  # ∂C̃/∂A = -C̃/A
-    g_c = torch.view_as_real(torch.conj_physical(h_c_bar * (ssm.lam - 1.0) / ssm.a))
-    return g_log_dt, h_a.real * ssm.a.real, -h_a.imag, g_c
+    g_log_dt = torch.real(h_w * ssm.a).sum(-1) * ssm.dt[..., 0]  # ∂/∂Δ = Re(h_dtA·A)
+    h_a = torch.addcmul(h_w * ssm.dt, h_c_bar, ssm.c_bar / ssm.a, value=-1.0)  # ∂C̃/∂A = -C̃/A
+    g_c = torch.view_as_real(torch.conj_physical(h_c_bar * zoh))
+    return g_log_dt, torch.real(h_a) * ssm.a.real, -torch.imag(h_a), g_c
 
 
 def _fft_size(length: int) -> int:
@@ -437,25 +482,143 @@ class _FFTConvolution(torch.autograd.Function):
         return (g_u, *_param_grads(ssm, g_kern), g_kern[0, :, 0], None)
 
 
+def _to_chunks(x: Tensor, plan: _ScanPlan, dtype: torch.dtype) -> Tensor:
+    """Per-head ``(B, H, L, d)`` (any strides) -> the chunks ``(C, (a, h, b), t)`` of :func:`_scan_chunks` in
+    ``dtype``, zero-padded to whole groups: one copy (the layout change and the cast together)."""
+    bsz, heads, length, dim = x.shape
+    total = plan.groups * plan.per_group * plan.t
+    if total != length:
+        x = F.pad(x, (0, 0, 0, total - length))
+    src = x.view(bsz, heads, plan.groups, plan.per_group, plan.t, dim).permute(1, 5, 3, 2, 0, 4)
+    flat = src.contiguous() if src.dtype == dtype else src.to(dtype, memory_format=torch.contiguous_format)
+    return flat.view(heads * dim, -1, plan.t)
+
+
+def _from_chunks(y: Tensor, plan: _ScanPlan, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """The transpose of :func:`_to_chunks`: chunks -> per-head ``shape`` ``(B, H, L, d)`` in ``dtype``, a view of
+    a time-first ``(L, B, H, d)`` tensor (what the output projection reads without another copy)."""
+    bsz, heads, length, dim = shape
+    g, big, t = plan.per_group, plan.groups, plan.t
+    out = y.new_empty(big, g, t, bsz, heads, dim, dtype=dtype)
+    out.permute(4, 5, 1, 0, 3, 2).copy_(y.view(heads, dim, g, big, bsz, t))
+    out = out.view(big * g * t, bsz, heads, dim)
+    return (out if big * g * t == length else out[:length]).permute(1, 2, 0, 3)
+
+
+def _correlate_chunks(grad: Tensor, u: Tensor, plan: _ScanPlan, dtype: torch.dtype) -> Tensor:
+    """:func:`_correlate` (whole batch, one FFT: the short-sequence path) of the gradient in chunks
+    ``(C, (a, h, b), t)`` with per-head ``u`` ``(B, H, L, d)``, both written zero-padded and channel first
+    straight from those layouts (no time-contiguous copy of either first).  ``(C, size)``."""
+    bsz, heads, length, dim = u.shape
+    channels, g, big, t = grad.shape[0], plan.per_group, plan.groups, plan.t
+    size, total = _fft_size(length), big * g * t
+    assert total <= size, "the chunks' padding fits in the FFT's"
+    g_buf, u_buf = grad.new_zeros(2, channels, bsz, size, dtype=dtype).unbind(0)
+    g_buf[..., :total].view(channels, bsz, big, g, t).copy_(grad.view(channels, g, big, bsz, t).permute(0, 3, 2, 1, 4))
+    u_buf[..., :length].view(heads, dim, bsz, length).copy_(u.permute(1, 3, 0, 2))
+    prod = torch.fft.rfft(u_buf).conj_physical_().mul_(torch.fft.rfft(g_buf))
+    return torch.fft.irfft(prod.sum(1) if bsz > 1 else prod[:, 0], n=size)
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_weights(t: int, per_group: int, groups: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Per entry of the plan's table: the exponent of ``λ`` in positions for the chunk's own powers ``λ^0..λ^t``,
+    in chunks for the rest (``λ^{t·k}``: ``k``); 0 for the zero entry.  ``(4|E|+1,)``."""
+    exps = _scan_indices(t, per_group, groups, torch.device("cpu"))[0].to(dtype)
+    weights = torch.where(torch.arange(exps.numel()) <= t, exps, exps / t)
+    return F.pad(weights.repeat(4), (0, 1)).to(device)
+
+
+def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tensor, Tensor, Tensor]:
+    """``S0 = Σ_s ∂K_s·λ^s``, ``S1 = Σ_s s·∂K_s·λ^s`` (complex ``(C, n)``) and ``∂K_0`` ``(C,)`` of the causal
+    convolution, where ``∂K_s = Σ_{b,l} grad_l·u_{l-s}``: what :func:`_kernel_backward` needs from the kernel
+    gradient, without it (no FFT).  ``grad`` and ``flat`` (the inputs) in chunks ``(C, (a, h, b), t)``.
+
+    Pairs ``j <= l`` in one chunk: ``M = Σ_rows u ⊗ grad`` (one product), summed along its diagonals (lags).
+    Pairs across chunks: ``Σ_l grad_l λ^{i+1}·s_m`` with ``s_m`` the chunk start states (the forward scan's),
+    and for ``S1`` the lag ``l - j = (i + 1) + (t - 1 - i_j) + t·(m - 1 - k)`` split the same way: start states
+    of the lag-weighted chunk ends and the scan with its matrices weighted by their chunk lags (exact, no
+    cancellation)."""
+    channels, rows, t = flat.shape
+    g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
+    cn, cols = channels * n, rows // g
+    bsz = cols // big
+    # the weighted matrices: the plan's table times each entry's exponent, gathered like the plan's
+    weights = (_scan_weights.__wrapped__ if torch.compiler.is_compiling() else _scan_weights)(
+        t, g, big, flat.device, flat.dtype
+    )
+    gather = _scan_indices(t, g, big, flat.device)[1]
+    sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
+    _, inner_w, across_w, offsets_w, back_w = (plan.table * weights).index_select(1, gather).split(sizes, 1)
+    inner_w, across_w = inner_w.view(cn, 2 * g + 2, 2 * g), across_w.view(cn, 2 * big, 2 * big)
+    offsets_w, back_w = offsets_w.view(cn, 2 * g, 2), back_w.reshape(channels, 2 * n, t)
+    # the forward scan's chunk start states (its internals dropped as soon as used: they are full-size)
+    ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(cn, 2 * g, cols)
+    inner = torch.bmm(plan.inner, ends)
+    group_ends = inner[:, 2 * g :].reshape(cn, 2 * big, bsz)
+    group_starts = torch.bmm(plan.across_zero, group_ends)
+    starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(cn, 2, cols))
+    # s'_m = Σ_{j < start_m} (start_m - 1 - j) λ^{start_m-1-j} u_j: the scan of the lag-weighted chunk ends, plus
+    # t times the scan with chunk-lag-weighted matrices (product rule over inner, across, offsets)
+    inner = torch.bmm(inner_w, ends)
+    del ends
+    inner = inner.baddbmm_(plan.inner, torch.bmm(back_w, flat.transpose(1, 2)).view(cn, 2 * g, cols), alpha=1 / t)
+    gs_w = torch.bmm(plan.across_zero, inner[:, 2 * g :].reshape(cn, 2 * big, bsz))
+    gs_w = gs_w.baddbmm_(across_w, group_ends)
+    starts_w = torch.baddbmm(inner[:, : 2 * g], plan.offsets, gs_w.view(cn, 2, cols))
+    del inner
+    starts_w = starts_w.baddbmm_(offsets_w, group_starts.view(cn, 2, cols)).view(cn, 2, rows)  # s' / t
+    starts = starts.view(cn, 2, rows)
+    # R = Σ_i grad_i λ^{i+1} and R' = Σ_i grad_i (i+1) λ^{i+1} per chunk, real pairs (Cn, re/im, rows); the
+    # complex Σ_rows R·s as a 2x2 real product per mode: [[Rr·sr, Rr·si], [Ri·sr, Ri·si]]
+    lam1 = _as_pairs(plan.lam[..., 1:].transpose(1, 2)).transpose(1, 2)  # (C, 2n, t)
+    steps = torch.arange(1, t + 1, device=flat.device, dtype=flat.dtype)
+    r = torch.bmm(lam1, grad.transpose(1, 2)).view(cn, 2, rows)
+    m0 = torch.bmm(r, starts.transpose(1, 2))
+    m1 = torch.bmm(r, starts_w.transpose(1, 2)).mul_(float(t))
+    del r, starts_w
+    m1 = m1.baddbmm_(torch.bmm(lam1 * steps, grad.transpose(1, 2)).view(cn, 2, rows), starts.transpose(1, 2))
+    m = torch.stack([m0, m1])  # (2, Cn, 2, 2): for S0 R·s, for S1 R·s' + R'·s
+    cross = torch.complex(m[..., 0, 0] - m[..., 1, 1], m[..., 0, 1] + m[..., 1, 0]).view(2, channels, n)
+    # within a chunk: Mt[j, i] = Σ_rows u_j grad_i, lags i - j >= 0 on its upper triangle, summed by diagonal
+    mt = torch.bmm(flat.transpose(1, 2), grad).triu_()
+    lags_sum = F.pad(mt.flatten(1), (0, t)).view(channels, t, t + 1)[..., :t].sum(1)  # (C, t): ∂K_0..∂K_{t-1}
+    both = torch.stack([lags_sum, lags_sum * (steps - 1.0)], 1).to(plan.lam.dtype)  # (C, 2, t)
+    inside = torch.bmm(both, plan.lam[..., :t].transpose(1, 2))  # (C, 2, n)
+    return inside[:, 0] + cross[0], inside[:, 1] + cross[1], lags_sum[:, 0]
+
+
+def _param_grads_by_scan(channels: int, bsz: int, length: int) -> bool:
+    """Whether the causal backward takes its parameter gradients by the scan (:func:`_scan_param_grads`, ~40 ops
+    more, no FFT of size 2L): where the FFT's spectra would not fit :data:`_FFT_CHUNK_BYTES` in one piece."""
+    return len(_batch_chunks(channels, bsz, _fft_size(length))) > 1
+
+
 class _CausalScan(torch.autograd.Function):
     """``act(K * u + D·u)`` causal (one kernel, ``(1, C, n)`` parameters, ``d`` ``(C,)``) by the exact chunked
-    scan, ``u`` ``(C, B, L)``.
+    scan, on per-head ``u`` ``(B, H, L, d)`` (channel ``h·d + i``, any strides and float dtype; the math runs in
+    the dtype of the parameters); the output is in ``u``'s dtype, a view of a time-first tensor.
 
-    Backward: ``∂u`` is the anti-causal correlation with the same kernel, i.e. the same scan (same plan) over the
-    time-reversed gradient, so a future input gets exactly zero gradient; ``∂K`` is the correlation of the
-    gradient with ``u`` by FFT (a parameter gradient: no causality to keep), then :func:`_param_grads`.  Saved:
-    ``u``, the pre-activation and the plan."""
+    The inputs go to the scan's chunk layout in one copy and the output comes back in one, so nothing is
+    flipped, padded or permuted on the way.  Backward: ``∂u`` is the transposed scan (:func:`_scan_chunks_backward`,
+    same plan, same layout), so a future input gets exactly zero gradient.  The parameters' gradients: short
+    sequences by the correlation of the gradient with ``u`` by FFT (fewest ops), then :func:`_param_grads`;
+    long ones (where that FFT would need batch slices) by :func:`_scan_param_grads` on the chunks (no FFT of
+    size 2L: less time and memory).  Saved:
+    ``u`` as given (not a float copy) and the pre-activation in chunks, in ``u``'s dtype."""
 
     @staticmethod
     def forward(
         ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
     ) -> Tensor:
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
-        plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[-1], d=d)
-        pre = _scan_apply(u, plan, need_state=False)[0]
-        ctx.save_for_backward(u, pre)
+        plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[2], d=d)
+        pre = _scan_chunks(_to_chunks(u, plan, log_dt.dtype), plan)[0]
+        out = _from_chunks(_ACTIVATIONS[activation](pre), plan, u.shape, u.dtype)
+        # the pre-activation (for act') kept in u's precision: half the memory under autocast
+        ctx.save_for_backward(u, pre if activation == "identity" else pre.to(u.dtype))
         ctx.ssm, ctx.plan, ctx.activation = ssm, plan, activation
-        return _ACTIVATIONS[activation](pre)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -466,13 +629,22 @@ class _CausalScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: Tensor):
         u, pre = ctx.saved_tensors
-        grad = _activation_backward(ctx.activation, grad, pre)
-        length = u.shape[-1]
+        plan: _ScanPlan = ctx.plan
+        length, real = u.shape[2], ctx.ssm.dt.dtype
+        g = _activation_backward(ctx.activation, _to_chunks(grad, plan, real), pre)
+        ssm: _SSM = ctx.ssm
+        # the parameters first, the input gradient after: their full-size temporaries never coexist
+        if not _param_grads_by_scan(pre.shape[0], u.shape[0], length):  # short: by FFT, fewer ops
+            g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]
+            g_params = (*_param_grads(ssm, g_kern), g_kern[0, :, 0])
+        else:  # long (the FFT would need batch slices): by the scan, no FFT and nothing of size 2L
+            s0, s1, g_d = _scan_param_grads(g, _to_chunks(u, plan, real), plan)
+            # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 (see _kernel_backward)
+            g_params = (*_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0[None]), g_d)
         g_u = None
         if ctx.needs_input_grad[0]:
-            g_u = _scan_apply(grad.flip(-1), ctx.plan, need_state=False)[0].flip(-1)
-        g_kern = _correlate(grad, u, _fft_size(length))[None, :, :length]
-        return (g_u, *_param_grads(ctx.ssm, g_kern), g_kern[0, :, 0], None)
+            g_u = _from_chunks(_scan_chunks_backward(g, plan), plan, u.shape, u.dtype)
+        return (g_u, *g_params, None)
 
 
 @dataclass(frozen=True)
@@ -500,6 +672,7 @@ class S4D(EfficientAttention):
 
     capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("torch",))
     Options = S4DOptions
+    ignores_key_value = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -577,12 +750,18 @@ class S4D(EfficientAttention):
             return self._mix(q, masks)
 
     def _mix(self, q: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Optional[Tensor]]:
-        u = self._inputs(q, masks.key_padding)
-        real = u.dtype
         params = (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d)
-        # causal: the exact scan (a future input gets exactly zero gradient); else one FFT convolution
-        y = (_CausalScan if self.causal else _FFTConvolution).apply(u, *(p.to(real) for p in params), self.activation)
-        return self._output(y, q), None
+        real = acc_dtype(q.dtype)
+        if not self.causal:  # one FFT convolution
+            u = self._inputs(q, masks.key_padding)
+            return self._output(_FFTConvolution.apply(u, *(p.to(real) for p in params), self.activation), q), None
+        # causal: the exact scan (a future input gets exactly zero gradient), on q in its layout and dtype
+        if masks.key_padding is not None:
+            q = q.masked_fill(as_bool_mask(masks.key_padding, "key_padding_mask")[:, None, :, None], 0.0)
+        y = _CausalScan.apply(q, *(p.to(real) for p in params), self.activation)
+        if self.training and self.dropout_p > 0:
+            y = F.dropout(y, self.dropout_p, training=True)
+        return y, None
 
     def _attend_step(self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state, masks: AttentionMasks) -> Tensor:
         """``T`` new positions continuing the recurrence state ``x (B, C, d_state)`` (stored as real pairs)."""
