@@ -17,33 +17,13 @@ from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import LengthChunks, acc_dtype, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["Lara", "LARA"]
 
 logger = logging.getLogger(__name__)
-
-
-def _wide(x: Tensor, dtype: torch.dtype, chunks: LengthChunks) -> Tensor:
-    """``x (B, H, L, d)`` as ``(B·H·n, l, d)`` chunks in ``dtype`` (read in place when there is one chunk)."""
-    fmt = torch.contiguous_format if chunks.n > 1 else torch.preserve_format
-    return chunks.split(x.to(dtype, memory_format=fmt).flatten(0, 1))
-
-
-def _layout(x: Tensor) -> Tuple[Tuple[int, ...], torch.dtype]:
-    """Strides and dtype of a gradient for ``x``: ``x``'s strides when they are a dense permutation (the
-    projections' time-first layout), else contiguous ones."""
-    expected = 1
-    for i in sorted(range(x.dim()), key=x.stride):
-        if x.shape[i] != 1 and x.stride(i) != expected:
-            strides = [1] * x.dim()
-            for j in range(x.dim() - 2, -1, -1):
-                strides[j] = strides[j + 1] * x.shape[j + 1]
-            return tuple(strides), x.dtype
-        expected *= x.shape[i]
-    return x.stride(), x.dtype
 
 
 class _LaraEven(torch.autograd.Function):
@@ -60,7 +40,7 @@ class _LaraEven(torch.autograd.Function):
         chunks = LengthChunks(batch, length, q.device)
 
         def wide(x: Tensor) -> Tensor:
-            return _wide(x, dtype, chunks)
+            return chunks.widen(x, dtype)
 
         # segment means of q' + k' (B·H, C, d), summed in the accumulation dtype without an (L, d) copy
         mu = torch.add(*(x.flatten(0, 1).unflatten(1, (c, seg)).sum(-2, dtype=dtype) for x in (q, k)))
@@ -84,7 +64,7 @@ class _LaraEven(torch.autograd.Function):
         # has read it (saved tensors live until the backward returns; inputs on ctx make no reference cycle)
         ctx.save_for_backward(mu, omega, kv, probs, importance)
         ctx.c, ctx.q, ctx.k, ctx.v = c, q, k, v
-        return out.view(bsz, heads, length, d).to(q.dtype)
+        return copy_into_layout(out, q.shape, dense_strides(q), q.dtype)  # time-first: heads merge as a view
 
     @staticmethod
     @once_differentiable
@@ -97,7 +77,8 @@ class _LaraEven(torch.autograd.Function):
         mu, omega, kv, probs, importance = ctx.saved_tensors
         q, k, v = ctx.q, ctx.k, ctx.v
         del ctx.q, ctx.k, ctx.v
-        layouts = [_layout(x) for x in (q, k, v)]
+        strides = [dense_strides(x) for x in (q, k, v)]
+        dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
         bsz, heads, length, d = q_shape = q.shape
         c = ctx.c
         dtype, batch, seg = acc_dtype(q.dtype), bsz * heads, length // c
@@ -105,7 +86,7 @@ class _LaraEven(torch.autograd.Function):
         chunks = LengthChunks(batch, length, q.device)
 
         def wide(x: Tensor) -> Tensor:
-            return _wide(x, dtype, chunks)
+            return chunks.widen(x, dtype)
 
         # the (C, L) and (C, d) gradients first, then dk, dq and dv one at a time (each (L, d) fp32 gradient
         # is narrowed as soon as it is complete: at most two fp32 (L, d) tensors live at once)
@@ -128,20 +109,14 @@ class _LaraEven(torch.autograd.Function):
         d_mu = d_both.sub_(d_bias * (omega - mu)).add_(d_omega).mul_(scale / seg)
         d_mu = d_mu.unsqueeze(2)  # every position of a segment gets its mean's gradient
 
-        def narrow(x: Tensor, layout: Tuple[Tuple[int, ...], torch.dtype]) -> Tensor:
-            """The fp32 gradient ``x (B·H·n, l, d)`` in an input's dtype and layout (the projections' time-first
-            layout: autograd then reshapes it back without a copy)."""
-            out = torch.empty_strided(q_shape, layout[0], dtype=layout[1], device=x.device)
-            return out.copy_(x.view(q_shape))
-
         # |k'|²/2: -s² Σ_c d log_k · k, added from k as given (no fp32 copy of k next to dk's)
         dk = torch.bmm(d_log_k.transpose(1, 2), chunks.repeat(omega * scale)).view(batch, length, d)
         dk.addcmul_(k.flatten(0, 1), d_log_k.sum(1).view(batch, length, 1), value=-scale * scale)
         del k, d_log_k
-        dk = narrow(dk.view(batch, c, seg, d).add_(d_mu), layouts[1])
+        dk = copy_into_layout(dk.view(batch, c, seg, d).add_(d_mu), q_shape, strides[1], dk_dtype)
         dq = torch.bmm(d_ratio.transpose(1, 2), chunks.repeat((mu + omega) * scale))
-        dq = narrow(dq.view(batch, c, seg, d).add_(d_mu), layouts[0])
-        dv = narrow(torch.bmm(probs.transpose(1, 2), chunks.repeat(d_kv)), layouts[2])
+        dq = copy_into_layout(dq.view(batch, c, seg, d).add_(d_mu), q_shape, strides[0], dq_dtype)
+        dv = copy_into_layout(torch.bmm(probs.transpose(1, 2), chunks.repeat(d_kv)), q_shape, strides[2], dv_dtype)
         return dq, dk, dv, None, None
 
 
