@@ -195,7 +195,8 @@ def main() -> None:
     for name, row in decode.items():
         cells = [f"{row[c]['ms']:.3f} ({row[c]['ops']})" if "ms" in row[c] else row[c]["error"][:30] for c in row]
         ratio = " / ".join(
-            f"{row[c]['ms'] / decode['vanilla'][c]['ms']:.2f}" if "ms" in row[c] and "ms" in decode["vanilla"][c]
+            f"{row[c]['ms'] / decode['vanilla'][c]['ms']:.2f}"
+            if "ms" in row[c] and "ms" in decode["vanilla"][c]
             else "-"
             for c in row
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -205,5 +205,6 @@ class Lara(EfficientAttention):
         if self.training:  # drawn as the general path draws it (the same numbers for the same seed)
             noise = torch.randn(bsz * heads, self.num_landmarks, d, dtype=acc_dtype(q.dtype), device=q.device)
         return _LaraEven.apply(q, k, v, noise, self.num_landmarks)
+
 
 LARA = Lara

@@ -142,7 +142,9 @@ class _FewQueries(torch.autograd.Function):
             d_scores = d_probs.sub_(chunks.repeat((out * grad).sum(-1, keepdim=True))).mul_(probs)
             d_queries = chunks.total(torch.bmm(d_scores, chunks.widen(k, queries.dtype)))  # (B·H, C, d)
             del k
-            dk = copy_into_layout(torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries)), shape, strides[0], dtypes[0])
+            dk = copy_into_layout(
+                torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries)), shape, strides[0], dtypes[0]
+            )
             del d_scores
             dv = copy_into_layout(torch.bmm(probs.transpose(1, 2), chunks.repeat(grad)), shape, strides[1], dtypes[1])
             return d_queries, dk, dv
@@ -284,5 +286,6 @@ class NystromAttention(EfficientAttention):
         out = _FewKeys.apply(q, k_land, small, self.scaling, dtype)
         pad = (self.conv.padding[0], 0)
         return (out + F.conv2d(v.to(dtype), self.conv.weight.to(dtype), padding=pad, groups=heads)).to(q.dtype)
+
 
 Nystromformer = NystromAttention

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
@@ -73,6 +74,62 @@ def _prefix_top(values: Tensor, k: int) -> Tensor:
     )
     masked = flat.masked_fill(~earlier, float("-inf"))
     return masked.topk(min(k, masked.shape[-1]), dim=-1).values
+
+
+class _PrefixRows(torch.autograd.Function):
+    """Exact attention of gathered query rows ``q (B, H, A, d)`` over the keys up to each row's last visible key
+    ``last (B, H, A)``, through SDPA with an additive mask built per quarter of the rows and never kept: the
+    forward keeps ``q, k, v, last`` (``k, v`` are the inputs), the backward rebuilds each quarter's mask and runs
+    that quarter's SDPA again under autograd.  A kept ``(B, H, A, S)`` mask was the largest tensor of a causal
+    training step (256 MiB at 8k in CAB's setting, against 32 MiB for each of ``q, k, v``); a quarter's is a
+    quarter of it, alive for one SDPA call.  ``pieces`` (``_PIECES``, or 1 for fewer positions) divides the rows."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, last: Tensor, scale: float, pieces: int) -> Tensor:
+        device = q.device.type
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(q, k, v, last)
+        ctx.scale, ctx.pieces = scale, pieces
+        keys = torch.arange(k.shape[2], device=q.device)
+        outs = [
+            F.scaled_dot_product_attention(qp, k, v, attn_mask=_prefix_mask(keys, lp, qp), scale=scale)
+            for qp, lp in zip(_pieces(q, pieces), _pieces(last, pieces))
+        ]
+        return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        q, k, v, last = ctx.saved_tensors
+        keys = torch.arange(k.shape[2], device=q.device)
+        dqs, dk, dv = [], None, None
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(q.device.type, dtype=dtype, enabled=enabled):
+            kd, vd = k.detach().requires_grad_(), v.detach().requires_grad_()
+            for qp, lp, gp in zip(*(_pieces(x, ctx.pieces) for x in (q, last, grad))):
+                qd = qp.detach().requires_grad_()
+                out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=_prefix_mask(keys, lp, qd), scale=ctx.scale)
+                gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), gp)
+                dqs.append(gq)
+                dk, dv = (gk, gv) if dk is None else (dk.add_(gk), dv.add_(gv))
+        return torch.cat(dqs, 2) if len(dqs) > 1 else dqs[0], dk, dv, None, None, None
+
+
+_PIECES = 4
+
+
+def _pieces(x: Tensor, pieces: int):
+    """``x`` split along dim 2 into ``pieces`` parts (it has at least as many rows; the last takes the rest).
+    Narrowed views."""
+    if pieces == 1:
+        return (x,)
+    size = x.shape[2] // pieces
+    return tuple(x.narrow(2, i * size, size if i < pieces - 1 else x.shape[2] - i * size) for i in range(pieces))
+
+
+def _prefix_mask(keys: Tensor, last: Tensor, q: Tensor) -> Tensor:
+    """Additive mask ``(B, H, a, S)`` in ``q``'s dtype: 0 for keys ``<= last``, ``-inf`` after."""
+    return torch.where(keys > last[..., None], q.new_full((), float("-inf")), q.new_zeros(()))
 
 
 @dataclass(frozen=True)
@@ -242,12 +299,18 @@ class ProbSparse(EfficientAttention):
         keep: Optional[Tensor] = None
         if kpm is not None:  # a batch row without real keys has no active query: let its filler rows see everything
             keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, S)
+        dropout = self.dropout_p if self.training else 0.0
         if self.causal and keep is None:
-            # one additive (B, H, A, S) mask in q's dtype, built from the rows' last visible key (filler rows see
-            # every key): a boolean mask took three such tensors plus SDPA's own conversion (1 GB each at 32k)
+            # an additive mask from the rows' last visible key (filler rows see every key): a boolean mask took
+            # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); without dropout it is built
+            # a quarter at a time and never kept (_PrefixRows)
             last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
-            hidden = torch.arange(k.shape[2], device=q.device) > last[..., None]
-            keep = torch.where(hidden, q.new_full((), float("-inf")), q.new_zeros(()))
+            if dropout == 0.0 and not torch.compiler.is_compiling():  # Dynamo cannot trace its backward's autograd
+                pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
+                exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
+                exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
+                return out.scatter(2, idx, exact)
+            keep = _prefix_mask(torch.arange(k.shape[2], device=q.device), last, q)
         elif self.causal and keep is not None:
             seen = torch.arange(k.shape[2], device=q.device) <= q_pos[rows][..., None]  # (B, H, A, S)
             keep = (seen & keep) | ~ok[..., None]  # filler rows: no empty row
@@ -257,7 +320,7 @@ class ProbSparse(EfficientAttention):
             v,
             attn_mask=keep,
             scale=self.scaling,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            dropout_p=dropout,
         )
         exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
         return out.scatter(2, idx, exact)
@@ -275,9 +338,10 @@ class ProbSparse(EfficientAttention):
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
-            most = active.sum(-1).max().clamp(min=1).float()
+            least = min(_PIECES, tgt_len)  # _PrefixRows splits the rows into _PIECES parts
+            most = active.sum(-1).max().clamp(min=least).float()
             n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
-            torch._check(n_act >= 1)
+            torch._check(n_act >= least)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)
         else:
