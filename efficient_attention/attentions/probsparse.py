@@ -102,7 +102,9 @@ class _PrefixRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         q, k, v, last = ctx.saved_tensors
         keys = torch.arange(k.shape[2], device=q.device)
-        dqs, dk, dv = [], None, None
+        dqs: list = []
+        dk: Optional[Tensor] = None
+        dv: Optional[Tensor] = None
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(q.device.type, dtype=dtype, enabled=enabled):
             kd, vd = k.detach().requires_grad_(), v.detach().requires_grad_()
@@ -111,7 +113,7 @@ class _PrefixRows(torch.autograd.Function):
                 out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=_prefix_mask(keys, lp, qd), scale=ctx.scale)
                 gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), gp)
                 dqs.append(gq)
-                dk, dv = (gk, gv) if dk is None else (dk.add_(gk), dv.add_(gv))
+                dk, dv = (gk, gv) if dk is None or dv is None else (dk.add_(gk), dv.add_(gv))
         return torch.cat(dqs, 2) if len(dqs) > 1 else dqs[0], dk, dv, None, None, None
 
 
