@@ -415,7 +415,7 @@ class ProbSparse(EfficientAttention):
         size = self.factor * _TOP_LOG
         if scores.shape[-1] < size:
             scores = F.pad(scores, (0, size - scores.shape[-1]), value=float("-inf"))
-        return scores.topk(size, dim=-1, sorted=False).values  # only counts of higher scores are read
+        return scores.topk(size, dim=-1).values  # sorted: the fast step reads the u-th largest
 
     def _step_samples(self, pos: int, count: int, device) -> Tensor:
         """The eval samples ``(count,)`` of the query at ``pos`` (:meth:`sample_keys`'s row), from a table of its
@@ -433,24 +433,21 @@ class ProbSparse(EfficientAttention):
         return cached[1][pos % _BLOCK]
 
     def _fast_step(self, q: Tensor, k: Tensor, v: Tensor, new_v: Tensor, state: Dict[str, Any], top: Tensor) -> Tensor:
-        """:meth:`_step` without padding in eval, in about 30 ops: the query's samples come from a per-block table,
-        its score from one product with them (every sample counts: ``U`` is the sample count at this length),
-        the running top-u from ``top_scores``, the lazy mean from ``value_sum``; the output is SDPA over the
-        cache where the query is active, the mean where not (no row count read back)."""
+        """:meth:`_step` without padding in eval, in about 25 ops: the query's samples come from a per-block table,
+        its score from one product with them (every sample counts: ``U`` is the sample count at this length), the
+        running top-u from ``top_scores`` (sorted: the query is active iff its score is at least the ``u``-th
+        largest past score, i.e. fewer than ``u`` past scores are higher), the lazy mean from ``value_sum``; the
+        output is SDPA over the cache where the query is active, the mean where not (no row count read back)."""
         src_len = k.shape[2]
         count = log_count(self.factor, src_len)
         real = torch.float32 if q.dtype == torch.float16 else q.dtype
         bsz, heads, _, dim = q.shape
         keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device)).to(real)  # (B, H, U, d)
         qs = (q * self.scaling).to(real).reshape(bsz * heads, dim, 1)  # one row: a view
-        s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count)  # the product matmul runs
-        m = (s.amax(-1).float() - s.sum(-1, dtype=torch.float32) / count)[..., None]  # (B, H, 1)
-        active = (top > m).sum(-1, keepdim=True) < log_count(self.factor, src_len)  # (B, H, 1)
+        s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count, 1)  # the product matmul runs
+        m = s.amax(2, keepdim=True) - s.mean(2, keepdim=True, dtype=torch.float32)  # (B, H, 1, 1) fp32
+        active = m >= top[..., count - 1 : count].unsqueeze(-1)  # the u-th largest past score (u = count here)
         exact = sdpa_attention(q, k, v, None, scale=self.scaling)
-        total = state["value_sum"] + new_v.to(state["value_sum"].dtype)
-        lazy = (total / src_len).to(v.dtype)
-        state["value_sum"], state["top_scores"] = (
-            total,
-            torch.cat([top, m], -1).topk(top.shape[-1], dim=-1, sorted=False).values,
-        )
-        return torch.where(active[..., None], exact.to(lazy.dtype), lazy)
+        total = state["value_sum"] + new_v  # fp32
+        state["value_sum"], state["top_scores"] = total, self._top(torch.cat([top, m.view(bsz, heads, 1)], -1))
+        return torch.where(active, exact, total / src_len).to(v.dtype)
