@@ -84,6 +84,8 @@ class _PrefixRows(torch.autograd.Function):
     training step (256 MiB at 8k in CAB's setting, against 32 MiB for each of ``q, k, v``); a quarter's is a
     quarter of it, alive for one SDPA call.  ``pieces`` (``_PIECES``, or 1 for fewer positions) divides the rows."""
 
+    DEVICES = ("cuda",)  # device types that take it (tests add "cpu")
+
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, last: Tensor, scale: float, pieces: int) -> Tensor:
         device = q.device.type
@@ -307,7 +309,9 @@ class ProbSparse(EfficientAttention):
             # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); without dropout it is built
             # a quarter at a time and never kept (_PrefixRows)
             last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
-            if dropout == 0.0 and not torch.compiler.is_compiling():  # Dynamo cannot trace its backward's autograd
+            # (on the devices of _PrefixRows.DEVICES: on the CPU memory is not the limit and the rerun costs time;
+            # not under Dynamo, which cannot trace its backward's autograd)
+            if dropout == 0.0 and q.device.type in _PrefixRows.DEVICES and not torch.compiler.is_compiling():
                 pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
                 exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
                 exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
