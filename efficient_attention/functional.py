@@ -31,6 +31,7 @@ __all__ = [
     "LengthChunks",
     "dense_strides",
     "copy_into_layout",
+    "take_inputs",
     "combine_attention",
     "logsumexp",
 ]
@@ -321,6 +322,18 @@ def copy_into_layout(x: Tensor, shape, strides: Tuple[int, ...], dtype: torch.dt
     an input: a hand-written backward returns each gradient in its input's layout, so autograd reshapes it back
     to the projections without a copy, and narrows fp32 to half in the same pass)."""
     return torch.empty_strided(shape, strides, dtype=dtype, device=x.device).copy_(x.view(shape))
+
+
+def take_inputs(ctx, *names: str) -> Tuple[Tensor, ...]:
+    """The inputs a hand-written backward keeps as ``ctx`` attributes (not ``save_for_backward``), removed from
+    ``ctx`` so that each is freed once the backward drops it.  A second backward through the same graph
+    (``retain_graph=True``) finds them gone: a clear error, not a wrong gradient."""
+    if not all(hasattr(ctx, n) for n in names):
+        raise RuntimeError("this attention's backward frees its inputs: it runs once per graph (no retain_graph)")
+    taken = tuple(getattr(ctx, n) for n in names)
+    for n in names:
+        delattr(ctx, n)
+    return taken
 
 
 def logsumexp(x: Tensor, dim: int = -1) -> Tensor:

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax, take_inputs
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
@@ -75,8 +75,7 @@ class _LaraEven(torch.autograd.Function):
     @staticmethod
     def grads(ctx, grad: Tensor):
         mu, omega, kv, probs, importance = ctx.saved_tensors
-        q, k, v = ctx.q, ctx.k, ctx.v
-        del ctx.q, ctx.k, ctx.v
+        q, k, v = take_inputs(ctx, "q", "k", "v")
         strides = [dense_strides(x) for x in (q, k, v)]
         dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
         bsz, heads, length, d = q_shape = q.shape

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax, take_inputs
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
@@ -89,8 +89,7 @@ class _FewKeys(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         keys, values, probs = ctx.saved_tensors
-        x, scale = ctx.x, ctx.scale
-        del ctx.x
+        (x,), scale = take_inputs(ctx, "x"), ctx.scale
         bsz, heads, length, d = shape = x.shape
         chunks = LengthChunks(bsz * heads, length, x.device)
         strides, x_dtype = dense_strides(x), x.dtype
@@ -129,8 +128,7 @@ class _FewQueries(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         queries, probs, out = ctx.saved_tensors
-        k, v = ctx.k, ctx.v
-        del ctx.k, ctx.v
+        k, v = take_inputs(ctx, "k", "v")
         bsz, heads, length, d = shape = k.shape
         chunks = LengthChunks(bsz * heads, length, k.device)
         strides = (dense_strides(k), dense_strides(v))
