@@ -115,7 +115,11 @@ class _LaraEven(torch.autograd.Function):
         dk = copy_into_layout(dk.view(batch, c, seg, d).add_(d_mu), q_shape, strides[1], dk_dtype)
         dq = torch.bmm(d_ratio.transpose(1, 2), chunks.repeat((mu + omega) * scale))
         dq = copy_into_layout(dq.view(batch, c, seg, d).add_(d_mu), q_shape, strides[0], dq_dtype)
-        dv = copy_into_layout(torch.bmm(probs.transpose(1, 2), chunks.repeat(d_kv)), q_shape, strides[2], dv_dtype)
+        # dv last, as one product in v's dtype (fp32 accumulation; for half inputs no fp32 (L, d) copy next to
+        # dk's and dq's): P in half rounds each of its C terms once, as the output's own rounding does
+        half = dv_dtype if dv_dtype in (torch.float16, torch.bfloat16) else dtype
+        dv = torch.bmm(probs.transpose(1, 2).to(half), chunks.repeat(d_kv).to(half))
+        dv = copy_into_layout(dv, q_shape, strides[2], dv_dtype)
         return dq, dk, dv, None, None
 
 
