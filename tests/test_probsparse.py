@@ -104,10 +104,10 @@ def test_fp16_large_inputs_stay_finite():
 def test_piecewise_masked_rows_match_the_kept_mask(monkeypatch, dtype):
     """The CUDA path of the causal active rows (the mask built a quarter of the rows at a time, never kept, the
     backward rerunning each quarter) on the CPU: output and every gradient equal the kept-mask path's."""
-    from efficient_attention.attentions.probsparse import _PrefixRows
+    from efficient_attention.attentions import probsparse
 
     def run(devices):
-        monkeypatch.setattr(_PrefixRows, "DEVICES", devices)
+        monkeypatch.setattr(probsparse, "PREFIX_ROWS_DEVICES", devices)
         torch.manual_seed(0)
         m = ProbSparse(EMBED_DIM, NUM_HEADS, causal=True, factor=2).to(dtype).train()
         x = torch.randn(150, 2, EMBED_DIM, dtype=dtype, requires_grad=True)

@@ -78,13 +78,14 @@ def _prefix_top(values: Tensor, k: int) -> Tensor:
 
 class _PrefixRows(torch.autograd.Function):
     """Exact attention of gathered query rows ``q (B, H, A, d)`` over the keys up to each row's last visible key
-    ``last (B, H, A)``, through SDPA with an additive mask built per quarter of the rows and never kept: the
-    forward keeps ``q, k, v, last`` (``k, v`` are the inputs), the backward rebuilds each quarter's mask and runs
-    that quarter's SDPA again under autograd.  A kept ``(B, H, A, S)`` mask was the largest tensor of a causal
-    training step (256 MiB at 8k in CAB's setting, against 32 MiB for each of ``q, k, v``); a quarter's is a
-    quarter of it, alive for one SDPA call.  ``pieces`` (``_PIECES``, or 1 for fewer positions) divides the rows."""
-
-    DEVICES = ("cuda",)  # device types that take it (tests add "cpu")
+    ``last (B, H, A)`` (rows in ascending position order, fillers at ``last = 0``), through SDPA with an additive
+    mask built per quarter of the rows and never kept: the forward keeps ``q, k, v, last`` (``k, v`` are the
+    inputs), the backward rebuilds each quarter's mask and runs that quarter's SDPA again under autograd.  A
+    quarter attends only the key prefix its rows can see (its largest ``last + 1`` rounded up to a power of two:
+    few shapes, so few cuDNN graphs; one host read of the quarters' ends per pass), and the running top-u keeps
+    most rows early, so most quarters read a short prefix.  A kept ``(B, H, A, S)`` mask was the largest tensor
+    of a causal training step (256 MiB at 8k in CAB's setting, against 32 MiB for each of ``q, k, v``).
+    ``pieces`` (``_PIECES``, or 1 for fewer positions) divides the rows."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, last: Tensor, scale: float, pieces: int) -> Tensor:
@@ -93,9 +94,12 @@ class _PrefixRows(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, last)
         ctx.scale, ctx.pieces = scale, pieces
         keys = torch.arange(k.shape[2], device=q.device)
+        ctx.ends = ends = _prefix_ends(last, pieces, k.shape[2])
         outs = [
-            F.scaled_dot_product_attention(qp, k, v, attn_mask=_prefix_mask(keys, lp, qp), scale=scale)
-            for qp, lp in zip(_pieces(q, pieces), _pieces(last, pieces))
+            F.scaled_dot_product_attention(
+                qp, k[:, :, :e], v[:, :, :e], attn_mask=_prefix_mask(keys[:e], lp, qp), scale=scale
+            )
+            for qp, lp, e in zip(_pieces(q, pieces), _pieces(last, pieces), ends)
         ]
         return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
@@ -105,21 +109,30 @@ class _PrefixRows(torch.autograd.Function):
         q, k, v, last = ctx.saved_tensors
         keys = torch.arange(k.shape[2], device=q.device)
         dqs: list = []
-        dk: Optional[Tensor] = None
-        dv: Optional[Tensor] = None
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(q.device.type, dtype=dtype, enabled=enabled):
-            kd, vd = k.detach().requires_grad_(), v.detach().requires_grad_()
-            for qp, lp, gp in zip(*(_pieces(x, ctx.pieces) for x in (q, last, grad))):
-                qd = qp.detach().requires_grad_()
-                out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=_prefix_mask(keys, lp, qd), scale=ctx.scale)
+            for qp, lp, gp, e in zip(*(_pieces(x, ctx.pieces) for x in (q, last, grad)), ctx.ends):
+                qd, kd, vd = (x.detach().requires_grad_() for x in (qp, k[:, :, :e], v[:, :, :e]))
+                out = F.scaled_dot_product_attention(
+                    qd, kd, vd, attn_mask=_prefix_mask(keys[:e], lp, qd), scale=ctx.scale
+                )
                 gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), gp)
                 dqs.append(gq)
-                dk, dv = (gk, gv) if dk is None or dv is None else (dk.add_(gk), dv.add_(gv))
+                dk[:, :, :e].add_(gk)
+                dv[:, :, :e].add_(gv)
         return torch.cat(dqs, 2) if len(dqs) > 1 else dqs[0], dk, dv, None, None, None
 
 
+def _prefix_ends(last: Tensor, pieces: int, length: int) -> list:
+    """Per piece of the rows, the key prefix it needs: ``max(last) + 1`` rounded up to a power of two (at most
+    ``length``), read back in one host synchronisation."""
+    tops = torch.stack([lp.amax() for lp in _pieces(last, pieces)]).tolist()
+    return [min(length, 1 << int(t).bit_length()) for t in tops]
+
+
 _PIECES = 4
+PREFIX_ROWS_DEVICES = ("cuda",)  # device types on which the causal active rows go through _PrefixRows (tests add "cpu")
 
 
 def _pieces(x: Tensor, pieces: int):
@@ -308,14 +321,15 @@ class ProbSparse(EfficientAttention):
             # an additive mask from the rows' last visible key (filler rows see every key): a boolean mask took
             # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); without dropout it is built
             # a quarter at a time and never kept (_PrefixRows)
-            last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
-            # (on the devices of _PrefixRows.DEVICES: on the CPU memory is not the limit and the rerun costs time;
+            # (on the devices of PREFIX_ROWS_DEVICES: on the CPU memory is not the limit and the rerun costs time;
             # not under Dynamo, which cannot trace its backward's autograd)
-            if dropout == 0.0 and q.device.type in _PrefixRows.DEVICES and not torch.compiler.is_compiling():
+            if dropout == 0.0 and q.device.type in PREFIX_ROWS_DEVICES and not torch.compiler.is_compiling():
                 pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
+                last = torch.where(ok, q_pos[rows], 0)  # fillers see the first key: no long prefix for them
                 exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
                 exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
                 return out.scatter(2, idx, exact)
+            last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
             keep = _prefix_mask(torch.arange(k.shape[2], device=q.device), last, q)
         elif self.causal and keep is not None:
             seen = torch.arange(k.shape[2], device=q.device) <= q_pos[rows][..., None]  # (B, H, A, S)
@@ -449,7 +463,9 @@ class ProbSparse(EfficientAttention):
         keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device)).to(real)  # (B, H, U, d)
         qs = (q * self.scaling).to(real).reshape(bsz * heads, dim, 1)  # one row: a view
         s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count, 1)  # the product matmul runs
-        m = s.amax(2, keepdim=True) - s.mean(2, keepdim=True, dtype=torch.float32)  # (B, H, 1, 1) fp32
+        hi = s.amax(2, keepdim=True)  # half: promoted exactly below, no cast op; float64: cast as _sparsity does
+        hi = hi.float() if hi.dtype == torch.float64 else hi
+        m = hi - s.mean(2, keepdim=True, dtype=torch.float32)  # (B, H, 1, 1) fp32, as _sparsity computes it
         active = m >= top[..., count - 1 : count].unsqueeze(-1)  # the u-th largest past score (u = count here)
         exact = sdpa_attention(q, k, v, None, scale=self.scaling)
         total = state["value_sum"] + new_v  # fp32
