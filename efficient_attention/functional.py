@@ -29,6 +29,9 @@ __all__ = [
     "safe_divide",
     "segment_weights",
     "LengthChunks",
+    "dense_strides",
+    "copy_into_layout",
+    "take_inputs",
     "combine_attention",
     "logsumexp",
 ]
@@ -292,6 +295,45 @@ class LengthChunks:
     def per_batch(self, x: Tensor) -> Tensor:
         """``(batch·n, ...)`` -> ``(batch, n, ...)``."""
         return x.view(self.batch, self.n, *x.shape[1:])
+
+    def widen(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """Heads ``x (B, H, L, d)`` (``B·H = batch``) as chunks ``(batch·n, size, d)`` in ``dtype``: read in place
+        (the projections' time-first layout, no copy for fp32/fp64) when there is one chunk."""
+        fmt = torch.contiguous_format if self.n > 1 else torch.preserve_format
+        return self.split(x.to(dtype, memory_format=fmt).flatten(0, 1))
+
+
+def dense_strides(x: Tensor) -> Tuple[int, ...]:
+    """``x``'s strides when they lay it out densely (any dimension order: a head view of the time-first
+    projections), else the contiguous strides of its shape."""
+    expected = 1
+    for i in sorted(range(x.dim()), key=x.stride):
+        if x.shape[i] != 1 and x.stride(i) != expected:
+            strides = [1] * x.dim()
+            for j in range(x.dim() - 2, -1, -1):
+                strides[j] = strides[j + 1] * x.shape[j + 1]
+            return tuple(strides)
+        expected *= x.shape[i]
+    return tuple(x.stride())
+
+
+def copy_into_layout(x: Tensor, shape, strides: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``x`` viewed as ``shape``, copied into a new tensor of ``dtype`` with ``strides`` (:func:`dense_strides` of
+    an input: a hand-written backward returns each gradient in its input's layout, so autograd reshapes it back
+    to the projections without a copy, and narrows fp32 to half in the same pass)."""
+    return torch.empty_strided(shape, strides, dtype=dtype, device=x.device).copy_(x.view(shape))
+
+
+def take_inputs(ctx, *names: str) -> Tuple[Tensor, ...]:
+    """The inputs a hand-written backward keeps as ``ctx`` attributes (not ``save_for_backward``), removed from
+    ``ctx`` so that each is freed once the backward drops it.  A second backward through the same graph
+    (``retain_graph=True``) finds them gone: a clear error, not a wrong gradient."""
+    if not all(hasattr(ctx, n) for n in names):
+        raise RuntimeError("this attention's backward frees its inputs: it runs once per graph (no retain_graph)")
+    taken = tuple(getattr(ctx, n) for n in names)
+    for n in names:
+        delattr(ctx, n)
+    return taken
 
 
 def logsumexp(x: Tensor, dim: int = -1) -> Tensor:

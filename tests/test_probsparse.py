@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, decode
+from helpers import EMBED_DIM, NUM_HEADS, assert_close, decode
 
 from efficient_attention import AttentionMasks, ProbSparse, UnsupportedPatternError
 from efficient_attention.attentions.probsparse import hash_samples, log_count, log_counts
@@ -98,3 +98,24 @@ def test_fp16_large_inputs_stay_finite():
     out = m._attend(q, k, v, AttentionMasks(), False)[0]
     assert torch.isfinite(out).all()
     assert torch.isfinite(m._sparsity(q, k, None)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_piecewise_masked_rows_match_the_kept_mask(monkeypatch, dtype):
+    """The CUDA path of the causal active rows (the mask built a quarter of the rows at a time, never kept, the
+    backward rerunning each quarter) on the CPU: output and every gradient equal the kept-mask path's."""
+    from efficient_attention.attentions import probsparse
+
+    def run(devices):
+        monkeypatch.setattr(probsparse, "PREFIX_ROWS_DEVICES", devices)
+        torch.manual_seed(0)
+        m = ProbSparse(EMBED_DIM, NUM_HEADS, causal=True, factor=2).to(dtype).train()
+        x = torch.randn(150, 2, EMBED_DIM, dtype=dtype, requires_grad=True)
+        torch.manual_seed(1)  # the same key samples
+        out, _ = m(x, need_weights=False)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        return [out, x.grad] + [p.grad for p in m.parameters()]
+
+    kept, piecewise = run(()), run(("cpu", "cuda"))
+    for a, b in zip(kept, piecewise):
+        assert_close(b, a, dtype)

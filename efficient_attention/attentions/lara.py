@@ -13,16 +13,114 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import LengthChunks, acc_dtype, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax, take_inputs
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["Lara", "LARA"]
 
 logger = logging.getLogger(__name__)
+
+
+class _LaraEven(torch.autograd.Function):
+    """:meth:`Lara._attend_even` as one autograd node: the forward keeps only the inputs as given (half inputs
+    stay half: their fp32 copies are made again in the backward, an exact widening) and the ``(C, L)`` key and
+    proposal probabilities, and the backward runs the reverse mode by hand (about a fifth of the ops autograd
+    records over the same products, and none of its fp32 ``(L, d)`` copies)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, noise: Optional[Tensor], c: int) -> Tensor:
+        bsz, heads, length, d = q.shape
+        dtype, batch, seg = acc_dtype(q.dtype), bsz * heads, length // c
+        scale = d**-0.25
+        chunks = LengthChunks(batch, length, q.device)
+
+        def wide(x: Tensor) -> Tensor:
+            return chunks.widen(x, dtype)
+
+        # segment means of q' + k' (B·H, C, d), summed in the accumulation dtype without an (L, d) copy
+        mu = torch.add(*(x.flatten(0, 1).unflatten(1, (c, seg)).sum(-2, dtype=dtype) for x in (q, k)))
+        mu = mu.mul_(scale / seg)
+        omega = mu if noise is None else mu + noise
+        k32 = wide(k)
+        sq_k = torch.linalg.vector_norm(k32, dim=-1).square_().unsqueeze(1)  # |k|² (B·H·n, 1, l), no (l, d) temp
+        log_k = torch.baddbmm(sq_k, chunks.repeat(omega), k32.transpose(1, 2), beta=-0.5 * scale * scale, alpha=scale)
+        del k32, sq_k
+        log_norm = torch.logsumexp(chunks.per_batch(log_k), dim=(1, 3), keepdim=True)  # (B·H, 1, C, 1)
+        probs = chunks.per_batch(log_k).sub_(log_norm).exp_().flatten(0, 1)  # key softmax per proposal (B·H·n, C, l)
+        kv = chunks.total(torch.bmm(probs, wide(v)))  # (B·H, C, d)
+        log_mu = (torch.sub(omega, mu, alpha=0.5) * mu).sum(-1, keepdim=True)  # log ξ(μ_c, ω_c) (B·H, C, 1)
+        bias = log_norm.view(batch, c, 1) - log_mu
+        both = mu + omega
+        log_ratio = torch.baddbmm(chunks.repeat(bias), chunks.repeat(both), wide(q).transpose(1, 2), alpha=scale)
+        importance = torch.softmax(log_ratio, dim=-2)  # over proposals c (B·H·n, C, l)
+        del log_ratio
+        out = torch.bmm(importance.transpose(1, 2), chunks.repeat(kv))  # (B·H·n, l, d)
+        # the inputs ride on ctx rather than in save_for_backward so that the backward can drop each one once it
+        # has read it (saved tensors live until the backward returns; inputs on ctx make no reference cycle)
+        ctx.save_for_backward(mu, omega, kv, probs, importance)
+        ctx.c, ctx.q, ctx.k, ctx.v = c, q, k, v
+        return copy_into_layout(out, q.shape, dense_strides(q), q.dtype)  # time-first: heads merge as a view
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        with torch.autocast(grad.device.type, enabled=False):  # fp32 as in the forward, whatever the caller's state
+            return _LaraEven.grads(ctx, grad)
+
+    @staticmethod
+    def grads(ctx, grad: Tensor):
+        mu, omega, kv, probs, importance = ctx.saved_tensors
+        q, k, v = take_inputs(ctx, "q", "k", "v")
+        strides = [dense_strides(x) for x in (q, k, v)]
+        dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
+        bsz, heads, length, d = q_shape = q.shape
+        c = ctx.c
+        dtype, batch, seg = acc_dtype(q.dtype), bsz * heads, length // c
+        scale = d**-0.25
+        chunks = LengthChunks(batch, length, q.device)
+
+        def wide(x: Tensor) -> Tensor:
+            return chunks.widen(x, dtype)
+
+        # the (C, L) and (C, d) gradients first, then dk, dq and dv one at a time (each (L, d) fp32 gradient
+        # is narrowed as soon as it is complete: at most two fp32 (L, d) tensors live at once)
+        g = wide(grad)
+        d_kv = chunks.total(torch.bmm(importance, g))  # (B·H, C, d)
+        d_ratio = torch.bmm(chunks.repeat(kv), g.transpose(1, 2))  # d importance (B·H·n, C, l)
+        del g
+        d_ratio = torch.ops.aten._softmax_backward_data(d_ratio, importance, -2, dtype)
+        d_bias = chunks.per_batch(d_ratio).sum((1, 3)).unsqueeze(-1)  # (B·H, C, 1): d log_norm = -d log_mu
+        d_both = chunks.total(torch.bmm(d_ratio, wide(q))).mul_(scale)  # (B·H, C, d)
+        del q  # read for the last time: released before the (L, d) gradients are made
+        d_probs = torch.bmm(chunks.repeat(d_kv), wide(v).transpose(1, 2))  # (B·H·n, C, l)
+        del v
+        # key softmax and its log-normaliser: d log_k = P (dP - Σ_m P dP + d log_norm), Σ_m P dP = kv·d_kv
+        shift = d_bias - (kv * d_kv).sum(-1, keepdim=True)
+        d_log_k = d_probs.add_(chunks.repeat(shift)).mul_(probs)  # (B·H·n, C, l)
+        d_omega = chunks.total(torch.bmm(d_log_k, wide(k))).mul_(scale)  # (B·H, C, d) through log ξ(k_m, ω_c)
+        # log ξ(μ, ω) = ω·μ - |μ|²/2 enters with -d_bias; ω = μ + noise; μ + ω
+        d_omega = d_omega.add_(d_both).sub_(d_bias * mu)
+        d_mu = d_both.sub_(d_bias * (omega - mu)).add_(d_omega).mul_(scale / seg)
+        d_mu = d_mu.unsqueeze(2)  # every position of a segment gets its mean's gradient
+
+        # |k'|²/2: -s² Σ_c d log_k · k, added from k as given (no fp32 copy of k next to dk's)
+        dk = torch.bmm(d_log_k.transpose(1, 2), chunks.repeat(omega * scale)).view(batch, length, d)
+        dk.addcmul_(k.flatten(0, 1), d_log_k.sum(1).view(batch, length, 1), value=-scale * scale)
+        del k, d_log_k
+        dk = copy_into_layout(dk.view(batch, c, seg, d).add_(d_mu), q_shape, strides[1], dk_dtype)
+        dq = torch.bmm(d_ratio.transpose(1, 2), chunks.repeat((mu + omega) * scale))
+        dq = copy_into_layout(dq.view(batch, c, seg, d).add_(d_mu), q_shape, strides[0], dq_dtype)
+        # dv last, as one product in v's dtype (fp32 accumulation; for half inputs no fp32 (L, d) copy next to
+        # dk's and dq's): P in half rounds each of its C terms once, as the output's own rounding does
+        half = dv_dtype if dv_dtype in (torch.float16, torch.bfloat16) else dtype
+        dv = torch.bmm(probs.transpose(1, 2).to(half), chunks.repeat(d_kv).to(half))
+        dv = copy_into_layout(dv, q_shape, strides[2], dv_dtype)
+        return dq, dk, dv, None, None
 
 
 @dataclass(frozen=True)
@@ -98,36 +196,18 @@ class Lara(EfficientAttention):
         return out.to(q.dtype), None
 
     def _attend_even(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """:meth:`_attend_fp32` without padding for a length that is a multiple of ``C``: equal segments (means of
-        views, no weights), no empty segment or dead proposal (the key softmax as ``exp(log ξ - logsumexp)``),
-        ``log ξ(q_n, ω_c)`` without its ``-|q'_n|²/2`` (the same for every proposal ``c``: the softmax over ``c``
-        cancels it), the ``|k'|²/2`` term and the scales folded into ``baddbmm``, and products batched over ``B·H``
-        (and over chunks of the length on CUDA, :class:`LengthChunks`: no product reduces over the whole length,
-        forward or backward) that read the time-first projections in place when there is one chunk."""
-        bsz, heads, length, d = q.shape
-        dtype = acc_dtype(q.dtype)
-        c = self.num_landmarks
-        scale = d**-0.25
-        chunks = LengthChunks(bsz * heads, length, q.device)
-        fmt = torch.contiguous_format if chunks.n > 1 else torch.preserve_format
-        q32, k32, v32 = (chunks.split(x.to(dtype, memory_format=fmt).flatten(0, 1)) for x in (q, k, v))
-        mu = torch.add(q32, k32).reshape(bsz * heads, c, length // c, d).mean(-2) * scale  # (B·H, C, d)
-        omega = mu + torch.randn_like(mu) if self.training else mu
-        sq_k = (k32 * k32).sum(-1).unsqueeze(1)  # (B·H·n, 1, l)
-        log_k = torch.baddbmm(sq_k, chunks.repeat(omega), k32.transpose(1, 2), beta=-0.5 * scale * scale, alpha=scale)
-        log_k = chunks.per_batch(log_k)  # log ξ(k_m, ω_c) (B·H, n, C, l)
-        log_norm = torch.logsumexp(log_k, dim=(1, 3), keepdim=True)  # (B·H, 1, C, 1)
-        if chunks.n == 1:
-            probs = torch.softmax(log_k, dim=-1).flatten(0, 1)
-        else:  # the softmax over the keys of every chunk (B·H·n, C, l)
-            probs = torch.exp(log_k - log_norm).flatten(0, 1)
-        kv_stats = chunks.total(torch.bmm(probs, v32))  # (B·H, C, d)
-        log_mu = (torch.sub(omega, mu, alpha=0.5) * mu).sum(-1, keepdim=True)  # log ξ(μ_c, ω_c) (B·H, C, 1)
-        bias = log_norm.view(bsz * heads, c, 1) - log_mu
-        log_ratio = torch.baddbmm(chunks.repeat(bias), chunks.repeat(mu + omega), q32.transpose(1, 2), alpha=scale)
-        importance = torch.softmax(log_ratio, dim=-2)  # over proposals c (B·H·n, C, l)
-        out = torch.bmm(importance.transpose(1, 2), chunks.repeat(kv_stats))  # (B·H·n, l, d)
-        return out.view(bsz, heads, length, d).to(q.dtype)
+        """:meth:`_attend_fp32` without padding for a length that is a multiple of ``C`` (:class:`_LaraEven`):
+        equal segments (means of views, no weights), no empty segment or dead proposal (the key softmax as
+        ``exp(log ξ - logsumexp)``), ``log ξ(q_n, ω_c)`` without its ``-|q'_n|²/2`` (the same for every proposal
+        ``c``: the softmax over ``c`` cancels it), the ``|k'|²/2`` term and the scales folded into ``baddbmm``, and
+        products batched over ``B·H`` (and over chunks of the length on CUDA, :class:`LengthChunks`: no product
+        reduces over the whole length, forward or backward) that read the time-first projections in place when
+        there is one chunk."""
+        bsz, heads, _, d = q.shape
+        noise = None
+        if self.training:  # drawn as the general path draws it (the same numbers for the same seed)
+            noise = torch.randn(bsz * heads, self.num_landmarks, d, dtype=acc_dtype(q.dtype), device=q.device)
+        return _LaraEven.apply(q, k, v, noise, self.num_landmarks)
 
 
 LARA = Lara

@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import LengthChunks, acc_dtype, segment_weights, softmax
+from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax, take_inputs
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
@@ -63,6 +64,88 @@ class _NewtonSchulz(torch.autograd.Function):
             grad_at = torch.bmm(z, dx) if grad_at is None else torch.baddbmm(grad_at, z, dx)
             gt = torch.baddbmm(torch.bmm(p3, gt), dx, a)
         return None if grad_at is None else grad_at.transpose(-1, -2), gt.transpose(-1, -2), None
+
+
+class _FewKeys(torch.autograd.Function):
+    """``softmax(x Kᵀ·scale) V`` for long ``x (B, H, L, d)`` (half, fp32 or fp64, as given) and few keys and values
+    ``(B·H, C, d)`` in the accumulation dtype: one autograd node that keeps ``x`` as given (no fp32 copy) and the
+    ``(L, C)`` probabilities, its backward by hand.  Returns ``(B, H, L, d)`` in ``out_dtype``, laid out as ``x``
+    (the time-first projections: the heads merge as a view)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keys: Tensor, values: Tensor, scale: float, out_dtype: torch.dtype) -> Tensor:
+        bsz, heads, length, d = x.shape
+        chunks = LengthChunks(bsz * heads, length, x.device)
+        keys = keys * scale
+        scores = torch.bmm(chunks.widen(x, keys.dtype), chunks.repeat(keys.transpose(1, 2)))
+        probs = torch.softmax(scores, dim=-1)  # (B·H·n, l, C)
+        del scores
+        out = torch.bmm(probs, chunks.repeat(values))  # (B·H·n, l, d)
+        ctx.save_for_backward(keys, values, probs)  # the keys scaled
+        ctx.x, ctx.scale = x, scale  # an input on ctx: the backward drops it once read
+        return copy_into_layout(out, x.shape, dense_strides(x), out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        keys, values, probs = ctx.saved_tensors
+        (x,), scale = take_inputs(ctx, "x"), ctx.scale
+        bsz, heads, length, d = shape = x.shape
+        chunks = LengthChunks(bsz * heads, length, x.device)
+        strides, x_dtype = dense_strides(x), x.dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            g = chunks.widen(grad, keys.dtype)
+            d_values = chunks.total(torch.bmm(probs.transpose(1, 2), g))  # (B·H, C, d)
+            d_probs = torch.bmm(g, chunks.repeat(values.transpose(1, 2)))  # (B·H·n, l, C)
+            del g
+            d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, keys.dtype)
+            del d_probs
+            d_keys = chunks.total(torch.bmm(d_scores.transpose(1, 2), chunks.widen(x, keys.dtype))).mul_(scale)
+            del x
+            dx = torch.bmm(d_scores, chunks.repeat(keys))
+            return copy_into_layout(dx, shape, strides, x_dtype), d_keys, d_values, None, None
+
+
+class _FewQueries(torch.autograd.Function):
+    """``softmax(Q kᵀ) v`` for few queries ``Q (B·H, C, d)`` (scaled, accumulation dtype) and long keys and values
+    ``(B, H, L, d)`` as given: one autograd node that keeps ``k, v`` as given (no fp32 copies) and the ``(C, L)``
+    probabilities, its backward by hand; products over chunks of the length on CUDA (:class:`LengthChunks`).
+    Returns ``(B·H, C, d)``."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        bsz, heads, length, d = k.shape
+        chunks = LengthChunks(bsz * heads, length, k.device)
+        scores = chunks.per_batch(torch.bmm(chunks.repeat(queries), chunks.widen(k, queries.dtype).transpose(1, 2)))
+        # the softmax over the keys of every chunk (B·H·n, C, l)
+        probs = scores.sub_(torch.logsumexp(scores, dim=(1, 3), keepdim=True)).exp_().flatten(0, 1)
+        out = chunks.total(torch.bmm(probs, chunks.widen(v, queries.dtype)))  # (B·H, C, d)
+        ctx.save_for_backward(queries, probs, out)
+        ctx.k, ctx.v = k, v  # inputs on ctx: the backward drops each once read
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        queries, probs, out = ctx.saved_tensors
+        k, v = take_inputs(ctx, "k", "v")
+        bsz, heads, length, d = shape = k.shape
+        chunks = LengthChunks(bsz * heads, length, k.device)
+        strides = (dense_strides(k), dense_strides(v))
+        dtypes = (k.dtype, v.dtype)
+        with torch.autocast(grad.device.type, enabled=False):
+            d_probs = torch.bmm(chunks.repeat(grad), chunks.widen(v, queries.dtype).transpose(1, 2))  # (B·H·n, C, l)
+            del v
+            # softmax over all keys: dS = P (dP - Σ_m P dP), Σ_m P dP = out·grad
+            d_scores = d_probs.sub_(chunks.repeat((out * grad).sum(-1, keepdim=True))).mul_(probs)
+            d_queries = chunks.total(torch.bmm(d_scores, chunks.widen(k, queries.dtype)))  # (B·H, C, d)
+            del k
+            dk = copy_into_layout(
+                torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries)), shape, strides[0], dtypes[0]
+            )
+            del d_scores
+            dv = copy_into_layout(torch.bmm(probs.transpose(1, 2), chunks.repeat(grad)), shape, strides[1], dtypes[1])
+            return d_queries, dk, dv
 
 
 def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tensor:
@@ -187,27 +270,20 @@ class NystromAttention(EfficientAttention):
         time-first projections in place when there is one chunk (a head view of ``(L, B, H·d)`` flattens to
         ``(B·H, L, d)`` without a copy)."""
         bsz, heads, length, d = q.shape
-        dtype = acc_dtype(q.dtype)
-        c = self.num_landmarks
-        chunks = LengthChunks(bsz * heads, length, q.device)
-        fmt = torch.contiguous_format if chunks.n > 1 else torch.preserve_format
-        q32, k32, v32 = (chunks.split(x.to(dtype, memory_format=fmt).flatten(0, 1)) for x in (q, k, v))
-        q_land = q32.reshape(bsz * heads, c, length // c, d).mean(-2) * self.scaling  # (B·H, C, d)
-        k_land = k32.reshape(bsz * heads, c, length // c, d).mean(-2).transpose(-1, -2)  # (B·H, d, C)
-        kernel1 = torch.softmax(torch.bmm(q32, chunks.repeat(k_land * self.scaling)), dim=-1)  # (B·H·n, l, C)
-        kernel2 = torch.softmax(torch.bmm(q_land, k_land), dim=-1)  # (B·H, C, C)
-        scores3 = chunks.per_batch(torch.bmm(chunks.repeat(q_land), k32.transpose(-1, -2)))  # (B·H, n, C, l)
-        if chunks.n == 1:
-            kernel3 = torch.softmax(scores3, dim=-1).flatten(0, 1)
-        else:  # the softmax over the keys of every chunk
-            kernel3 = torch.exp(scores3 - torch.logsumexp(scores3, dim=(1, 3), keepdim=True)).flatten(0, 1)
+        dtype, c, seg = acc_dtype(q.dtype), self.num_landmarks, length // self.num_landmarks
+
+        def means(x: Tensor, scale: float) -> Tensor:  # segment means (B·H, C, d), no (L, d) copy of x
+            return x.flatten(0, 1).unflatten(1, (c, seg)).sum(-2, dtype=dtype) * (scale / seg)
+
+        q_land, k_land = means(q, self.scaling), means(k, 1.0)
+        kernel2 = torch.softmax(torch.bmm(q_land, k_land.transpose(1, 2)), dim=-1)  # (B·H, C, C)
         pinv = iterative_pinv(kernel2, self.pinv_iterations, stochastic=True)
-        small = torch.bmm(pinv, chunks.total(torch.bmm(kernel3, v32)))  # (B·H, C, d)
-        out = torch.bmm(kernel1, chunks.repeat(small)).view(bsz, heads, length, d)
-        if self.conv is not None:
-            pad = (self.conv.padding[0], 0)
-            out = out + F.conv2d(v32.view(bsz, heads, length, d), self.conv.weight.to(dtype), padding=pad, groups=heads)
-        return out.to(q.dtype)
+        small = torch.bmm(pinv, _FewQueries.apply(q_land, k, v))  # (B·H, C, d)
+        if self.conv is None:
+            return _FewKeys.apply(q, k_land, small, self.scaling, q.dtype)
+        out = _FewKeys.apply(q, k_land, small, self.scaling, dtype)
+        pad = (self.conv.padding[0], 0)
+        return (out + F.conv2d(v.to(dtype), self.conv.weight.to(dtype), padding=pad, groups=heads)).to(q.dtype)
 
 
 Nystromformer = NystromAttention

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
@@ -73,6 +74,79 @@ def _prefix_top(values: Tensor, k: int) -> Tensor:
     )
     masked = flat.masked_fill(~earlier, float("-inf"))
     return masked.topk(min(k, masked.shape[-1]), dim=-1).values
+
+
+class _PrefixRows(torch.autograd.Function):
+    """Exact attention of gathered query rows ``q (B, H, A, d)`` over the keys up to each row's last visible key
+    ``last (B, H, A)`` (rows in ascending position order, fillers at ``last = 0``), through SDPA with an additive
+    mask built per quarter of the rows and never kept: the forward keeps ``q, k, v, last`` (``k, v`` are the
+    inputs), the backward rebuilds each quarter's mask and runs that quarter's SDPA again under autograd.  A
+    quarter attends only the key prefix its rows can see (its largest ``last + 1`` rounded up to a power of two:
+    few shapes, so few cuDNN graphs; one host read of the quarters' ends per pass), and the running top-u keeps
+    most rows early, so most quarters read a short prefix.  A kept ``(B, H, A, S)`` mask was the largest tensor
+    of a causal training step (256 MiB at 8k in CAB's setting, against 32 MiB for each of ``q, k, v``).
+    ``pieces`` (``_PIECES``, or 1 for fewer positions) divides the rows."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, last: Tensor, scale: float, pieces: int) -> Tensor:
+        device = q.device.type
+        ctx.autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.save_for_backward(q, k, v, last)
+        ctx.scale, ctx.pieces = scale, pieces
+        keys = torch.arange(k.shape[2], device=q.device)
+        ctx.ends = ends = _prefix_ends(last, pieces, k.shape[2])
+        outs = [
+            F.scaled_dot_product_attention(
+                qp, k[:, :, :e], v[:, :, :e], attn_mask=_prefix_mask(keys[:e], lp, qp), scale=scale
+            )
+            for qp, lp, e in zip(_pieces(q, pieces), _pieces(last, pieces), ends)
+        ]
+        return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        q, k, v, last = ctx.saved_tensors
+        keys = torch.arange(k.shape[2], device=q.device)
+        dqs: list = []
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(q.device.type, dtype=dtype, enabled=enabled):
+            for qp, lp, gp, e in zip(*(_pieces(x, ctx.pieces) for x in (q, last, grad)), ctx.ends):
+                qd, kd, vd = (x.detach().requires_grad_() for x in (qp, k[:, :, :e], v[:, :, :e]))
+                out = F.scaled_dot_product_attention(
+                    qd, kd, vd, attn_mask=_prefix_mask(keys[:e], lp, qd), scale=ctx.scale
+                )
+                gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), gp)
+                dqs.append(gq)
+                dk[:, :, :e].add_(gk)
+                dv[:, :, :e].add_(gv)
+        return torch.cat(dqs, 2) if len(dqs) > 1 else dqs[0], dk, dv, None, None, None
+
+
+def _prefix_ends(last: Tensor, pieces: int, length: int) -> list:
+    """Per piece of the rows, the key prefix it needs: ``max(last) + 1`` rounded up to a power of two (at most
+    ``length``), read back in one host synchronisation."""
+    tops = torch.stack([lp.amax() for lp in _pieces(last, pieces)]).tolist()
+    return [min(length, 1 << int(t).bit_length()) for t in tops]
+
+
+_PIECES = 4
+PREFIX_ROWS_DEVICES = ("cuda",)  # device types on which the causal active rows go through _PrefixRows (tests add "cpu")
+
+
+def _pieces(x: Tensor, pieces: int):
+    """``x`` split along dim 2 into ``pieces`` parts (it has at least as many rows; the last takes the rest).
+    Narrowed views."""
+    if pieces == 1:
+        return (x,)
+    size = x.shape[2] // pieces
+    return tuple(x.narrow(2, i * size, size if i < pieces - 1 else x.shape[2] - i * size) for i in range(pieces))
+
+
+def _prefix_mask(keys: Tensor, last: Tensor, q: Tensor) -> Tensor:
+    """Additive mask ``(B, H, a, S)`` in ``q``'s dtype: 0 for keys ``<= last``, ``-inf`` after."""
+    return torch.where(keys > last[..., None], q.new_full((), float("-inf")), q.new_zeros(()))
 
 
 @dataclass(frozen=True)
@@ -242,12 +316,21 @@ class ProbSparse(EfficientAttention):
         keep: Optional[Tensor] = None
         if kpm is not None:  # a batch row without real keys has no active query: let its filler rows see everything
             keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, S)
+        dropout = self.dropout_p if self.training else 0.0
         if self.causal and keep is None:
-            # one additive (B, H, A, S) mask in q's dtype, built from the rows' last visible key (filler rows see
-            # every key): a boolean mask took three such tensors plus SDPA's own conversion (1 GB each at 32k)
+            # an additive mask from the rows' last visible key (filler rows see every key): a boolean mask took
+            # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); without dropout it is built
+            # a quarter at a time and never kept (_PrefixRows)
+            # (on the devices of PREFIX_ROWS_DEVICES: on the CPU memory is not the limit and the rerun costs time;
+            # not under Dynamo, which cannot trace its backward's autograd)
+            if dropout == 0.0 and q.device.type in PREFIX_ROWS_DEVICES and not torch.compiler.is_compiling():
+                pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
+                last = torch.where(ok, q_pos[rows], 0)  # fillers see the first key: no long prefix for them
+                exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
+                exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
+                return out.scatter(2, idx, exact)
             last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
-            hidden = torch.arange(k.shape[2], device=q.device) > last[..., None]
-            keep = torch.where(hidden, q.new_full((), float("-inf")), q.new_zeros(()))
+            keep = _prefix_mask(torch.arange(k.shape[2], device=q.device), last, q)
         elif self.causal and keep is not None:
             seen = torch.arange(k.shape[2], device=q.device) <= q_pos[rows][..., None]  # (B, H, A, S)
             keep = (seen & keep) | ~ok[..., None]  # filler rows: no empty row
@@ -257,7 +340,7 @@ class ProbSparse(EfficientAttention):
             v,
             attn_mask=keep,
             scale=self.scaling,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            dropout_p=dropout,
         )
         exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
         return out.scatter(2, idx, exact)
@@ -275,9 +358,10 @@ class ProbSparse(EfficientAttention):
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
-            most = active.sum(-1).max().clamp(min=1).float()
+            least = min(_PIECES, tgt_len)  # _PrefixRows splits the rows into _PIECES parts
+            most = active.sum(-1).max().clamp(min=least).float()
             n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
-            torch._check(n_act >= 1)
+            torch._check(n_act >= least)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)
         else:
@@ -349,7 +433,7 @@ class ProbSparse(EfficientAttention):
         size = self.factor * _TOP_LOG
         if scores.shape[-1] < size:
             scores = F.pad(scores, (0, size - scores.shape[-1]), value=float("-inf"))
-        return scores.topk(size, dim=-1, sorted=False).values  # only counts of higher scores are read
+        return scores.topk(size, dim=-1).values  # sorted: the fast step reads the u-th largest
 
     def _step_samples(self, pos: int, count: int, device) -> Tensor:
         """The eval samples ``(count,)`` of the query at ``pos`` (:meth:`sample_keys`'s row), from a table of its
@@ -367,24 +451,23 @@ class ProbSparse(EfficientAttention):
         return cached[1][pos % _BLOCK]
 
     def _fast_step(self, q: Tensor, k: Tensor, v: Tensor, new_v: Tensor, state: Dict[str, Any], top: Tensor) -> Tensor:
-        """:meth:`_step` without padding in eval, in about 30 ops: the query's samples come from a per-block table,
-        its score from one product with them (every sample counts: ``U`` is the sample count at this length),
-        the running top-u from ``top_scores``, the lazy mean from ``value_sum``; the output is SDPA over the
-        cache where the query is active, the mean where not (no row count read back)."""
+        """:meth:`_step` without padding in eval, in about 25 ops: the query's samples come from a per-block table,
+        its score from one product with them (every sample counts: ``U`` is the sample count at this length), the
+        running top-u from ``top_scores`` (sorted: the query is active iff its score is at least the ``u``-th
+        largest past score, i.e. fewer than ``u`` past scores are higher), the lazy mean from ``value_sum``; the
+        output is SDPA over the cache where the query is active, the mean where not (no row count read back)."""
         src_len = k.shape[2]
         count = log_count(self.factor, src_len)
         real = torch.float32 if q.dtype == torch.float16 else q.dtype
         bsz, heads, _, dim = q.shape
         keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device)).to(real)  # (B, H, U, d)
         qs = (q * self.scaling).to(real).reshape(bsz * heads, dim, 1)  # one row: a view
-        s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count)  # the product matmul runs
-        m = (s.amax(-1).float() - s.sum(-1, dtype=torch.float32) / count)[..., None]  # (B, H, 1)
-        active = (top > m).sum(-1, keepdim=True) < log_count(self.factor, src_len)  # (B, H, 1)
+        s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count, 1)  # the product matmul runs
+        hi = s.amax(2, keepdim=True)  # half: promoted exactly below, no cast op; float64: cast as _sparsity does
+        hi = hi.float() if hi.dtype == torch.float64 else hi
+        m = hi - s.mean(2, keepdim=True, dtype=torch.float32)  # (B, H, 1, 1) fp32, as _sparsity computes it
+        active = m >= top[..., count - 1 : count].unsqueeze(-1)  # the u-th largest past score (u = count here)
         exact = sdpa_attention(q, k, v, None, scale=self.scaling)
-        total = state["value_sum"] + new_v.to(state["value_sum"].dtype)
-        lazy = (total / src_len).to(v.dtype)
-        state["value_sum"], state["top_scores"] = (
-            total,
-            torch.cat([top, m], -1).topk(top.shape[-1], dim=-1, sorted=False).values,
-        )
-        return torch.where(active[..., None], exact.to(lazy.dtype), lazy)
+        total = state["value_sum"] + new_v  # fp32
+        state["value_sum"], state["top_scores"] = total, self._top(torch.cat([top, m.view(bsz, heads, 1)], -1))
+        return torch.where(active, exact, total / src_len).to(v.dtype)
