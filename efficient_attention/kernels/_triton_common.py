@@ -4,6 +4,9 @@ Tiles are row-major ``(rows, HEAD_DIM)`` slices of one head; scores are kept in 
 log-sum-exp is handed over in natural units.  Imported only when Triton is installed.
 """
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -49,3 +52,77 @@ def _finish(acc, m_i, l_i):
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     return out, lse
+
+
+# -- host side: launching a compiled kernel without Triton's per-call binding ------------------------------------
+# ``kernel[grid](*args, **meta)`` binds every argument, specializes each one (dtype, 16-byte alignment, integer
+# divisibility), builds a cache key string and looks the compiled kernel up: tens of microseconds of Python per
+# launch, on a step that is host-bound below ~8k (three launches a block-sparse or landmark step).  ``launch``
+# keys the compiled kernel by a cheaper, stricter tuple -- each tensor's dtype and alignment, every other
+# argument's exact value, the meta-parameters -- and calls its launcher directly after the first (normal) launch.
+# A key never maps to a kernel compiled for other specializations (exact values are finer than Triton's keys).
+# ``FAST_LAUNCH = False`` (or ``EA_TRITON_LAUNCH=jit`` in the environment) keeps Triton's own path for every
+# launch; arguments other than tensors and numbers (TMA descriptors) always take it.
+try:
+    from triton import knobs as _knobs
+except ImportError:  # (an older Triton: its own launch path only)
+    _knobs = None
+FAST_LAUNCH = _knobs is not None and os.environ.get("EA_TRITON_LAUNCH", "cached").lower() != "jit"
+_MAX_CACHED = 512  # compiled-kernel entries kept (shapes x layouts x devices); the cache restarts past it
+_launch_cache: dict = {}
+
+
+def _arg_key(args: tuple):
+    """The specialization-relevant part of ``args`` (None when an argument is neither a tensor nor a number)."""
+    key: list = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, (int, float)):  # (bool is an int)
+            key.append(a)
+        else:
+            return None
+    return tuple(key)
+
+
+def _current_stream():
+    """``(device index, raw stream)`` Triton launches on (its current device's current stream)."""
+    dev = triton.runtime.driver.active.get_current_device()
+    return dev, triton.runtime.driver.active.get_current_stream(dev)
+
+
+def launch(fn, grid: tuple, args: tuple, meta: dict) -> None:
+    """``fn[grid](*args, **meta)`` for a ``@triton.jit`` kernel ``fn``: ``args`` its leading positional
+    arguments (tensors and numbers), ``meta`` the remaining parameters by name (constexprs) and launch options
+    (``num_warps``, ``num_stages``, ``maxnreg``).  Repeated launches with the same key skip Triton's binding."""
+    key = _arg_key(args) if FAST_LAUNCH and isinstance(fn, triton.runtime.JITFunction) else None
+    if key is None:
+        fn[grid](*args, **meta)
+        return
+    dev, stream = _current_stream()
+    key = (fn, dev, key, tuple(meta.items()))
+    hit = _launch_cache.get(key)
+    if hit is None:
+        kernel = fn[grid](*args, **meta)  # compiles (or finds) and launches: the normal path, once per key
+        if kernel is not None and not hasattr(kernel, "result") and hasattr(kernel, "packed_metadata"):
+            if len(_launch_cache) >= _MAX_CACHED:
+                _launch_cache.clear()
+            _launch_cache[key] = (kernel, tuple(meta[n] for n in fn.arg_names[len(args) :]))
+        return
+    kernel, tail = hit
+    enter = _knobs.runtime.launch_enter_hook
+    full = args + tail
+    # (the hooks are a chain, empty unless a profiler added one: then the metadata is built as Triton would)
+    lmeta = kernel.launch_metadata(grid, stream, *full) if enter is not None and getattr(enter, "calls", True) else None
+    kernel.run(
+        grid[0],
+        grid[1] if len(grid) > 1 else 1,
+        grid[2] if len(grid) > 2 else 1,
+        stream,
+        kernel.function,
+        kernel.packed_metadata,
+        lmeta,
+        enter,
+        _knobs.runtime.launch_exit_hook,
+        *full,
+    )

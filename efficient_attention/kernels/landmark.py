@@ -27,6 +27,9 @@ the float64 reference these paths are tested against.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -151,10 +154,25 @@ def landmark_blocks_torch(
 
 
 # -- the Triton path ----------------------------------------------------------------------------------
+# Tuning: ``EA_LANDMARK_CONFIG`` (JSON, e.g. ``{"dkdv": {"num_stages": 2}}``) or ``CONFIG_OVERRIDE`` (the same
+# dict, set at run time) replaces entries of ``landmark_config``'s result per kernel (fwd, dq, dkdv); results do not
+# depend on it beyond rounding.  benchmarks/sparse_gpu.py sweeps candidates through it.
+CONFIG_OVERRIDE: Dict[str, dict] = json.loads(os.environ.get("EA_LANDMARK_CONFIG", "{}") or "{}")
+
+
 def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
     """Launch parameters of the three kernels: the query tile ``BLOCK_M`` (the key tile is one landmark block),
     warps, pipeline stages, and the kernels' layout switches ``GATE_DOT`` / ``KEYS_FIRST`` (see
-    ``_triton_landmark``); ``benchmarks/landmark_gpu.py`` times the alternatives."""
+    ``_triton_landmark``); ``benchmarks/landmark_gpu.py`` times the alternatives.  Cached; callers must not
+    mutate the dicts."""
+    cfg = _landmark_config(block_size, head_dim, dtype)
+    if CONFIG_OVERRIDE:
+        cfg = {k: dict(c, **CONFIG_OVERRIDE.get(k, {})) for k, c in cfg.items()}
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
     wide = dtype == torch.float32 and block_size * head_dim > 64 * 64  # fp32 tiles of 8192: spread over 8 warps
     stages = 1 if wide else 3
     small = block_size <= 64 and head_dim <= 64 and dtype != torch.float32
@@ -206,6 +224,7 @@ def _kpm_arg(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
 
 def _triton_forward(q, k, v, kpm, bs, scale):
     from . import _triton_landmark as tl_
+    from ._triton_common import launch
 
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, H, T, D = q.shape
@@ -215,32 +234,18 @@ def _triton_forward(q, k, v, kpm, bs, scale):
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     cfg = landmark_config(bs, D, q.dtype)["fwd"]
     grid = (-(-T // cfg["BLOCK_M"]), B * H)
-    tl_._landmark_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        kpm_t,
-        out,
-        lse,
-        scale * tl_.LOG2E,
-        H,
-        T,
-        S,
-        S - T,
-        *_strides(q),
-        *_strides(k),
-        *_strides(v),
-        HAS_KPM=has_kpm,
-        IEEE=q.dtype == torch.float32,
-        BS=bs,
-        HEAD_DIM=D,
-        **cfg,
+    launch(
+        tl_._landmark_fwd_kernel,
+        grid,
+        (q, k, v, kpm_t, out, lse, scale * tl_.LOG2E, H, T, S, S - T, *_strides(q), *_strides(k), *_strides(v)),
+        dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D, **cfg),
     )
     return out, lse
 
 
 def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     from . import _triton_landmark as tl_
+    from ._triton_common import launch
 
     q, k, v, do = _rows(q), _rows(k), _rows(v), _rows(do)
     if out.stride() != q.stride():
@@ -257,32 +262,18 @@ def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     flags = dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     c = cfgs["dq"]
-    tl_._landmark_dq_kernel[(-(-T // c["BLOCK_M"]), B * H)](
-        q,
-        k,
-        v,
-        kpm_t,
-        do,
-        out,
-        dlse,
-        lse,
-        delta,
-        dq,
-        scale * tl_.LOG2E,
-        scale,
-        H,
-        T,
-        S,
-        S - T,
-        *strides,
-        HAS_DLSE=has_dlse,
-        **flags,
-        **c,
+    launch(
+        tl_._landmark_dq_kernel,
+        (-(-T // c["BLOCK_M"]), B * H),
+        (q, k, v, kpm_t, do, out, dlse, lse, delta, dq, scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
+        dict(HAS_DLSE=has_dlse, **flags, **c),
     )
-    tl_._landmark_dkdv_kernel[(-(-S // bs), B * H)](
-        q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, *strides, **flags,
-        **cfgs["dkdv"],
-    )  # fmt: skip
+    launch(
+        tl_._landmark_dkdv_kernel,
+        (-(-S // bs), B * H),
+        (q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
+        dict(flags, **cfgs["dkdv"]),
+    )
     return dq, dk, dv
 
 
