@@ -62,12 +62,13 @@ def _block_sparse_args(dtype=torch.bfloat16, T=256):
     lse = torch.zeros(2, 2, T)
     i32 = torch.zeros(4, dtype=torch.int32)
     u8 = torch.zeros(4, dtype=torch.uint8)
-    args = (q, q, q, q, q, u8, i32, i32, i32, u8, q, lse, 0.18, 2, T, T, T * 64, 64, T * 64, 64, 0, 1, 9, 9, 2, 4, 4)
+    tensors = (q, q, q, q, q, u8, i32, i32, i32, u8, q, lse)
+    scalars = (0.18, 2, T, T, T * 64, 64, T * 64, 64, 0, 1, 9, 9, 2, 4, 4)
     meta = dict(
         CAUSAL=True, WINDOW=False, USE_LUT=True, HAS_KPM=False, HAS_TILES=False, IEEE=False, HEAD_DIM=64,
         BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, LUT_BLOCK=64, TMA=False,
     )  # fmt: skip
-    return args, meta
+    return tensors, scalars, meta
 
 
 def test_cached_launch_passes_the_bound_arguments(recorded):
@@ -75,9 +76,9 @@ def test_cached_launch_passes_the_bound_arguments(recorded):
 
     tc, patch, log = recorded
     fn = patch(tk._fwd_kernel)
-    args, meta = _block_sparse_args()
-    tc.launch(fn, (2, 4), args, meta)
-    tc.launch(fn, (2, 4), args, meta)
+    tensors, scalars, meta = _block_sparse_args()
+    tc.launch(fn, (2, 4), tensors, scalars, meta)
+    tc.launch(fn, (2, 4), tensors, scalars, meta)
     assert [e[0] for e in log] == ["jit", "cached"]
     assert log[1][1] == log[0][1] == (2, 4, 1)
     assert len(log[1][2]) == len(log[0][2]) == len(fn.arg_names)
@@ -89,30 +90,31 @@ def test_cached_launch_keys_on_what_triton_specializes(recorded):
 
     tc, patch, log = recorded
     fn = patch(tk._fwd_kernel)
-    args, meta = _block_sparse_args()
-    tc.launch(fn, (2, 4), args, meta)
-    other_len, _ = _block_sparse_args(T=320)  # other integers
-    tc.launch(fn, (2, 5), other_len, meta)
-    fp16, _ = _block_sparse_args(dtype=torch.float16)  # other dtypes
-    tc.launch(fn, (2, 4), fp16, meta)
-    tc.launch(fn, (2, 4), args, dict(meta, num_warps=8))  # other options
-    q = torch.zeros(2 * 2 * 256 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 2, 256, 64)  # misaligned
-    tc.launch(fn, (2, 4), (q,) + args[1:], meta)
-    assert [e[0] for e in log] == ["jit"] * 5
-    tc.launch(fn, (2, 5), other_len, meta)
+    tensors, scalars, meta = _block_sparse_args()
+    tc.launch(fn, (2, 4), tensors, scalars, meta)
+    other_len = _block_sparse_args(T=320)[:2]  # other integers
+    tc.launch(fn, (2, 5), *other_len, meta)
+    fp16 = _block_sparse_args(dtype=torch.float16)[0]  # other dtypes
+    tc.launch(fn, (2, 4), fp16, scalars, meta)
+    tc.launch(fn, (2, 4), tensors, scalars, dict(meta, num_warps=8))  # other options
+    q = torch.zeros(2 * 2 * 256 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 2, 256, 64)  # misaligned: never cached
+    for _ in range(2):
+        tc.launch(fn, (2, 4), (q,) + tensors[1:], scalars, meta)
+    assert [e[0] for e in log] == ["jit"] * 6
+    tc.launch(fn, (2, 5), *other_len, meta)
     assert log[-1][0] == "cached" and log[-1][1] == (2, 5, 1)
 
 
-def test_launch_takes_trition_path_for_other_arguments(recorded, monkeypatch):
+def test_launch_takes_tritons_path_for_descriptors_and_when_off(recorded, monkeypatch):
     from efficient_attention.kernels import _triton_kernels as tk
 
     tc, patch, log = recorded
     fn = patch(tk._fwd_kernel)
-    args, meta = _block_sparse_args()
+    tensors, scalars, meta = _block_sparse_args()
     desc = (object(), object())  # (TMA descriptors: not keyed, always Triton's own launch)
     for _ in range(2):
-        tc.launch(fn, (2, 4), args[:3] + desc + args[5:], meta)
+        tc.launch(fn, (2, 4), tensors[:3] + desc + tensors[5:], scalars, meta)
     monkeypatch.setattr(tc, "FAST_LAUNCH", False)
     for _ in range(2):
-        tc.launch(fn, (2, 4), args, meta)
+        tc.launch(fn, (2, 4), tensors, scalars, meta)
     assert [e[0] for e in log] == ["jit"] * 4

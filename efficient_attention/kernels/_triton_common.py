@@ -6,7 +6,6 @@ log-sum-exp is handed over in natural units.  Imported only when Triton is insta
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -60,9 +59,10 @@ def _finish(acc, m_i, l_i):
 # launch, on a step that is host-bound below ~8k (three launches a block-sparse or landmark step).  ``launch``
 # keys the compiled kernel by a cheaper, stricter tuple -- each tensor's dtype and alignment, every other
 # argument's exact value, the meta-parameters -- and calls its launcher directly after the first (normal) launch.
-# A key never maps to a kernel compiled for other specializations (exact values are finer than Triton's keys).
+# A key never maps to a kernel compiled for other specializations (exact values are finer than Triton's keys; only
+# launches whose tensors are all 16-byte aligned, as the caching allocator's are, take the cached path).
 # ``FAST_LAUNCH = False`` (or ``EA_TRITON_LAUNCH=jit`` in the environment) keeps Triton's own path for every
-# launch; arguments other than tensors and numbers (TMA descriptors) always take it.
+# launch; TMA descriptors and misaligned tensors always take it.
 try:
     from triton import knobs as _knobs
 except ImportError:  # (an older Triton: its own launch path only)
@@ -72,35 +72,37 @@ _MAX_CACHED = 512  # compiled-kernel entries kept (shapes x layouts x devices); 
 _launch_cache: dict = {}
 
 
-def _arg_key(args: tuple):
-    """The specialization-relevant part of ``args`` (None when an argument is neither a tensor nor a number)."""
-    key: list = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, (int, float)):  # (bool is an int)
-            key.append(a)
-        else:
-            return None
-    return tuple(key)
+_stream_fns: list = []
 
 
 def _current_stream():
     """``(device index, raw stream)`` Triton launches on (its current device's current stream)."""
-    dev = triton.runtime.driver.active.get_current_device()
-    return dev, triton.runtime.driver.active.get_current_stream(dev)
+    if not _stream_fns:
+        drv = triton.runtime.driver.active
+        _stream_fns[:] = [drv.get_current_device, drv.get_current_stream]
+    dev = _stream_fns[0]()
+    return dev, _stream_fns[1](dev)
 
 
-def launch(fn, grid: tuple, args: tuple, meta: dict) -> None:
-    """``fn[grid](*args, **meta)`` for a ``@triton.jit`` kernel ``fn``: ``args`` its leading positional
-    arguments (tensors and numbers), ``meta`` the remaining parameters by name (constexprs) and launch options
-    (``num_warps``, ``num_stages``, ``maxnreg``).  Repeated launches with the same key skip Triton's binding."""
-    key = _arg_key(args) if FAST_LAUNCH and isinstance(fn, triton.runtime.JITFunction) else None
-    if key is None:
+def launch(fn, grid: tuple, tensors: tuple, scalars: tuple, meta: dict) -> None:
+    """``fn[grid](*tensors, *scalars, **meta)`` for a ``@triton.jit`` kernel ``fn``: its leading positional
+    arguments, the tensors (or TMA descriptors) then the numbers, and the remaining parameters by name
+    (constexprs) with the launch options (``num_warps``, ``num_stages``, ``maxnreg``) in ``meta``.  A repeated
+    launch (same dtypes, numbers and ``meta``, every tensor 16-byte aligned) calls the compiled kernel's launcher
+    directly."""
+    args = tensors + scalars
+    if not FAST_LAUNCH or not isinstance(fn, triton.runtime.JITFunction):
+        fn[grid](*args, **meta)
+        return
+    try:
+        aligned = not any([t.data_ptr() % 16 for t in tensors])
+    except AttributeError:  # a TMA descriptor: Triton's own launch (it keys descriptors by their blocks)
+        aligned = False
+    if not aligned:  # (and a tensor off 16 bytes: Triton specializes each one's alignment; the key does not)
         fn[grid](*args, **meta)
         return
     dev, stream = _current_stream()
-    key = (fn, dev, key, tuple(meta.items()))
+    key = (id(fn), dev, tuple([t.dtype for t in tensors]), scalars, tuple(meta.items()))  # (kernels: module globals)
     hit = _launch_cache.get(key)
     if hit is None:
         kernel = fn[grid](*args, **meta)  # compiles (or finds) and launches: the normal path, once per key

@@ -237,7 +237,8 @@ def _triton_forward(q, k, v, kpm, bs, scale):
     launch(
         tl_._landmark_fwd_kernel,
         grid,
-        (q, k, v, kpm_t, out, lse, scale * tl_.LOG2E, H, T, S, S - T, *_strides(q), *_strides(k), *_strides(v)),
+        (q, k, v, kpm_t, out, lse),
+        (scale * tl_.LOG2E, H, T, S, S - T, *_strides(q), *_strides(k), *_strides(v)),
         dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D, **cfg),
     )
     return out, lse
@@ -265,13 +266,15 @@ def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     launch(
         tl_._landmark_dq_kernel,
         (-(-T // c["BLOCK_M"]), B * H),
-        (q, k, v, kpm_t, do, out, dlse, lse, delta, dq, scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
+        (q, k, v, kpm_t, do, out, dlse, lse, delta, dq),
+        (scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
         dict(HAS_DLSE=has_dlse, **flags, **c),
     )
     launch(
         tl_._landmark_dkdv_kernel,
         (-(-S // bs), B * H),
-        (q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
+        (q, k, v, kpm_t, do, lse, delta, dk, dv),
+        (scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
         dict(flags, **cfgs["dkdv"]),
     )
     return dq, dk, dv
