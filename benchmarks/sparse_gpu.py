@@ -10,7 +10,8 @@
    weights under bf16 autocast, train mode, causal, forward + backward (``loss = out.sum()``): causal SDPA
    (``vanilla``), ``block_sparse`` with the ``fixed`` layout at block 64 / 128 (``mechanisms_gpu.py``'s
    options, ~90% sparsity at 8k), the same with Triton's own launch path (``jit launch``: what the cached
-   launch saves), its module defaults (block 16) at 8k, and ``landmark``.  Per point: ``ms`` (median of
+   launch saves), its module defaults (block 16, from 4k split into own-chunk and summary parts, and as one
+   mask), and ``landmark``.  Per point: ``ms`` (median of
    single steps, each from an idle GPU: what ``mechanisms_gpu.py`` reports), ``host`` (ms per step of 20
    steps queued back to back: the host's time when it is the bottleneck), peak MiB, ATen ops of a step.
 3. Landmark kernels alone (bf16, B=4, H=8, d=64, block 64) at 8k and 32k under tile candidates
@@ -36,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import efficient_attention as ea  # noqa: E402
+from efficient_attention.attentions import block_sparse as bsm  # noqa: E402
 from efficient_attention.block_mask import BlockMask  # noqa: E402
 from efficient_attention.kernels import block_sparse_attention, reference  # noqa: E402
 from efficient_attention.kernels import landmark as lk  # noqa: E402
@@ -48,15 +50,18 @@ except ImportError:
 B, E, H = 4, 512, 8
 FIXED64 = dict(block_size=64, local_attn_ctx=1024)
 FIXED128 = dict(block_size=128, local_attn_ctx=2048)
-# (label, mechanism, options, lengths, fast launch); the targets' rows first at each length
+# (label, mechanism, options, lengths, switches); the targets' rows first at each length.  Switches: "jit" = Triton's
+# own launch path (what the cached launch saves), "one mask" = the fixed pattern without the own-chunk / summary split
+JIT, ONE_MASK = dict(fast=False), dict(split=False)
 MODULES = [
-    ("vanilla (causal SDPA)", "vanilla", {}, (1024, 2048, 4096, 8192, 32768), True),
-    ("block_sparse fixed bs64", "block_sparse", FIXED64, (1024, 2048, 4096, 8192), True),
-    ("block_sparse fixed bs64 jit launch", "block_sparse", FIXED64, (1024, 2048, 4096, 8192), False),
-    ("block_sparse fixed bs128", "block_sparse", FIXED128, (1024, 4096, 8192), True),
-    ("landmark", "landmark", {}, (1024, 4096, 8192, 32768), True),
-    ("landmark jit launch", "landmark", {}, (1024, 4096), False),
-    ("block_sparse defaults (bs16)", "block_sparse", {}, (8192,), True),
+    ("vanilla (causal SDPA)", "vanilla", {}, (1024, 2048, 4096, 8192, 32768), {}),
+    ("block_sparse fixed bs64", "block_sparse", FIXED64, (1024, 2048, 4096, 8192), {}),
+    ("block_sparse fixed bs64 jit launch", "block_sparse", FIXED64, (1024, 2048, 4096, 8192), JIT),
+    ("block_sparse fixed bs128", "block_sparse", FIXED128, (1024, 4096, 8192), {}),
+    ("landmark", "landmark", {}, (1024, 4096, 8192, 32768), {}),
+    ("landmark jit launch", "landmark", {}, (1024, 4096), JIT),
+    ("block_sparse defaults (bs16)", "block_sparse", {}, (4096, 8192, 32768), {}),
+    ("block_sparse defaults (bs16) one mask", "block_sparse", {}, (4096, 8192), ONE_MASK),
 ]
 LENGTHS = (1024, 2048, 4096, 8192, 32768)
 # landmark tile candidates: one kernel changed at a time (the winners of dq and dk/dv combine); H200 18:12 runs
@@ -81,9 +86,10 @@ def rel(a, b):
     return ((a[fin] - b[fin]).norm() / b[fin].norm().clamp_min(1e-30)).item()
 
 
-def set_fast(on: bool) -> None:
+def switch(fast: bool = True, split: bool = True) -> None:
     if tc is not None:
-        tc.FAST_LAUNCH = on
+        tc.FAST_LAUNCH = fast
+    bsm.FIXED_SPLIT = split
 
 
 # -- 1. checks ---------------------------------------------------------------------------------------------------
@@ -134,6 +140,8 @@ def checks(deadline):
         ("module block_sparse fixed bs64", lambda: module_check("module block_sparse fixed bs64", "block_sparse",
                                                                 dict(block_size=64, local_attn_ctx=128))),
         ("module landmark", lambda: module_check("module landmark", "landmark", {})),
+        ("module block_sparse defaults, 4k (split)", lambda: module_check("module block_sparse defaults, 4k (split)",
+                                                                         "block_sparse", {}, L=4096, batch=1)),
         ("kernels fixed bs16 -> 64-blocks (tiles)", lambda: kernel_check("kernels fixed bs16 -> 64-blocks (tiles)")),
     ]  # fmt: skip
     rows = []
@@ -208,14 +216,14 @@ def module_step(name, L, **opts):
 def module_rows(deadline):
     rows = []
     for L in LENGTHS:
-        for label, name, opts, lengths, fast in MODULES:
+        for label, name, opts, lengths, switches in MODULES:
             if L not in lengths:
                 continue
             row = dict(part="module", L=L, mechanism=label)
             if time.time() > deadline:
                 rows.append(dict(row, error="skipped (time budget)"))
                 continue
-            set_fast(fast)
+            switch(**switches)
             try:
                 m, step = module_step(name, L, **opts)
                 ms, host, mib = bench(step, rep=10 if L <= 8192 else 5)
@@ -231,7 +239,7 @@ def module_rows(deadline):
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
                 traceback.print_exc()
             finally:
-                set_fast(True)
+                switch()
             torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
