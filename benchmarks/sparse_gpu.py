@@ -68,6 +68,8 @@ LENGTHS = (1024, 2048, 4096, 8192, 32768)
 # already rejected dk/dv keys-first, dk/dv 128 or 32 rows, GATE_DOT, dq 128 rows on 8 warps
 LANDMARK_CANDIDATES = {
     "default": {},
+    "fused dq (atomics)": dict(dkdv=dict(FUSED_DQ=True)),
+    "fused dq, dkdv w8": dict(dkdv=dict(FUSED_DQ=True, num_warps=8)),
     "dkdv w8": dict(dkdv=dict(num_warps=8)),
     "dkdv 2 stages": dict(dkdv=dict(num_stages=2)),
     "dkdv 4 stages": dict(dkdv=dict(num_stages=4)),
@@ -361,11 +363,11 @@ def main() -> int:
         if r["part"] == "landmark":
             if "sum_ms" in r:
                 print(
-                    f"  L={r['L']:>5} {r['config']:<16} fwd {r['fwd_ms']:7.3f} bwd {r['bwd_ms']:7.3f} "
+                    f"  L={r['L']:>5} {r['config']:<18} fwd {r['fwd_ms']:7.3f} bwd {r['bwd_ms']:7.3f} "
                     f"sum {r['sum_ms']:7.3f} rel {r['rel']:.1e}"
                 )
             else:
-                print(f"  L={r['L']:>5} {r['config']:<16} {r.get('error')}")
+                print(f"  L={r['L']:>5} {r['config']:<18} {r.get('error')}")
     return 0 if all(c.get("ok", True) for c in check) else 1
 
 

@@ -184,7 +184,7 @@ def _landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict
     return dict(
         fwd=dict(long_rows, num_warps=4) if small else short_rows,
         dq=short_rows,
-        dkdv=dict(short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False),
+        dkdv=dict(short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False, FUSED_DQ=False),
     )
 
 
@@ -263,20 +263,25 @@ def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     flags = dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     c = cfgs["dq"]
+    fused = cfgs["dkdv"]["FUSED_DQ"]
+    # FUSED_DQ: the dq kernel only writes delta; the dk/dv kernel adds dq into an fp32 buffer (atomics)
+    dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if fused else dq
     launch(
         tl_._landmark_dq_kernel,
         (-(-T // c["BLOCK_M"]), B * H),
         (q, k, v, kpm_t, do, out, dlse, lse, delta, dq),
         (scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
-        dict(HAS_DLSE=has_dlse, **flags, **c),
+        dict(HAS_DLSE=has_dlse, DELTA_ONLY=fused, **flags, **c),
     )
     launch(
         tl_._landmark_dkdv_kernel,
         (-(-S // bs), B * H),
-        (q, k, v, kpm_t, do, lse, delta, dk, dv),
+        (q, k, v, kpm_t, do, lse, delta, dk, dv, dq32),
         (scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
         dict(flags, **cfgs["dkdv"]),
     )
+    if fused:
+        dq.copy_(dq32)
     return dq, dk, dv
 
 
