@@ -118,3 +118,21 @@ def test_launch_takes_tritons_path_for_descriptors_and_when_off(recorded, monkey
     for _ in range(2):
         tc.launch(fn, (2, 4), tensors, scalars, meta)
     assert [e[0] for e in log] == ["jit"] * 4
+
+
+def test_a_launcher_that_refuses_the_arguments_turns_the_cache_off(recorded, monkeypatch):
+    from efficient_attention.kernels import _triton_kernels as tk
+
+    tc, patch, log = recorded
+    fn = patch(tk._fwd_kernel)
+    tensors, scalars, meta = _block_sparse_args()
+    monkeypatch.setattr(tc, "FAST_LAUNCH", True)
+    tc.launch(fn, (2, 4), tensors, scalars, meta)
+    compiled = next(iter(tc._launch_cache.values()))[0]
+
+    def refuse(*args):
+        raise TypeError("function takes exactly 40 arguments")
+
+    monkeypatch.setattr(compiled, "run", refuse)
+    tc.launch(fn, (2, 4), tensors, scalars, meta)  # falls back to Triton's launch
+    assert [e[0] for e in log] == ["jit", "jit"] and not tc.FAST_LAUNCH and not tc._launch_cache

@@ -4,6 +4,7 @@ Tiles are row-major ``(rows, HEAD_DIM)`` slices of one head; scores are kept in 
 log-sum-exp is handed over in natural units.  Imported only when Triton is installed.
 """
 
+import logging
 import os
 
 import triton
@@ -116,15 +117,28 @@ def launch(fn, grid: tuple, tensors: tuple, scalars: tuple, meta: dict) -> None:
     full = args + tail
     # (the hooks are a chain, empty unless a profiler added one: then the metadata is built as Triton would)
     lmeta = kernel.launch_metadata(grid, stream, *full) if enter is not None and getattr(enter, "calls", True) else None
-    kernel.run(
-        grid[0],
-        grid[1] if len(grid) > 1 else 1,
-        grid[2] if len(grid) > 2 else 1,
-        stream,
-        kernel.function,
-        kernel.packed_metadata,
-        lmeta,
-        enter,
-        _knobs.runtime.launch_exit_hook,
-        *full,
+    try:
+        kernel.run(
+            grid[0],
+            grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            stream,
+            kernel.function,
+            kernel.packed_metadata,
+            lmeta,
+            enter,
+            _knobs.runtime.launch_exit_hook,
+            *full,
+        )
+    except (TypeError, AttributeError) as exc:  # the launcher refused the arguments (before launching anything):
+        _give_up(exc)  # a Triton whose compiled kernels take them otherwise; its own launch from now on
+        fn[grid](*args, **meta)
+
+
+def _give_up(exc: Exception) -> None:
+    global FAST_LAUNCH
+    FAST_LAUNCH = False
+    _launch_cache.clear()
+    logging.getLogger(__name__).warning(
+        "cached Triton launches turned off (%s: %s); kernels launch through Triton's own path", type(exc).__name__, exc
     )
