@@ -60,7 +60,7 @@ MODULES = [
     ("block_sparse fixed bs128", "block_sparse", FIXED128, (4096,), {}),
     ("landmark", "landmark", {}, (1024, 4096, 8192, 32768), {}),
     ("landmark jit launch", "landmark", {}, (1024, 4096), JIT),
-    ("block_sparse defaults (bs16)", "block_sparse", {}, (4096, 8192, 32768), {}),
+    ("block_sparse defaults (bs16)", "block_sparse", {}, (4096, 8192, 32768), {}),  # (split from SPLIT_MIN_LEN)
     ("block_sparse defaults (bs16) one mask", "block_sparse", {}, (8192,), ONE_MASK),
 ]
 LENGTHS = (1024, 2048, 4096, 8192, 32768)
@@ -118,6 +118,15 @@ def module_check(label, name, opts, L=320, batch=2):
     return dict(case=label, ok=ok, **{k: float(f"{v:.2e}") for k, v in errs.items()})
 
 
+def split_check(L):
+    """The module defaults at ``L`` through the own-chunk / summary split (whatever ``SPLIT_MIN_LEN`` says)."""
+    low, bsm.SPLIT_MIN_LEN = bsm.SPLIT_MIN_LEN, L
+    try:
+        return module_check(f"module block_sparse defaults, {L // 1024}k (split)", "block_sparse", {}, L=L, batch=1)
+    finally:
+        bsm.SPLIT_MIN_LEN = low
+
+
 def kernel_check(label, T=800, heads=4, d=64):
     bm = BlockMask.from_pattern("fixed", T, 16, heads, causal=True, local_attn_ctx=80).to("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -145,8 +154,7 @@ def checks(deadline):
         ("module block_sparse fixed bs64", lambda: module_check("module block_sparse fixed bs64", "block_sparse",
                                                                 dict(block_size=64, local_attn_ctx=128))),
         ("module landmark", lambda: module_check("module landmark", "landmark", {})),
-        ("module block_sparse defaults, 4k (split)", lambda: module_check("module block_sparse defaults, 4k (split)",
-                                                                         "block_sparse", {}, L=4096, batch=1)),
+        ("module block_sparse defaults, 4k (split)", lambda: split_check(4096)),
         ("kernels fixed bs16 -> 64-blocks (tiles)", lambda: kernel_check("kernels fixed bs16 -> 64-blocks (tiles)")),
     ]  # fmt: skip
     rows = []
