@@ -74,11 +74,11 @@ _PATTERN_OPTIONS = ("local_attn_ctx", "window", "num_verts", "vertsize", "dilati
 _BLOCK_OPTIONS = ("num_window_blocks", "num_global_blocks", "num_random_blocks", "seed")
 _CACHED_MASKS = 16  # block masks kept per module (lengths x decoding rows x devices), least recently used dropped
 # The ``fixed`` pattern with layout blocks under the kernels' 64-wide tiles (the defaults: block 16, chunks of 32, a
-# 16-token summary each) keeps every causal 64-tile, each masked token by token.  From SPLIT_MIN_LEN positions on
-# (below, the step is host-bound: the second call and the merge's ~40 ATen ops cost more than they save), on CUDA, it runs as two exact parts
-# merged by their log-sum-exp: each query's own chunk (a causal band), and the summary columns of the earlier
-# chunks gathered into a compact key sequence (N * summary / chunk keys: whole 64-tiles, a quarter of the scores
-# at the defaults).  EA_FIXED_SPLIT=0 turns it off (for A/B timing).
+# 16-token summary each) keeps every causal 64-tile, each masked token by token.  From SPLIT_MIN_LEN positions on,
+# on CUDA, it runs as two exact parts merged by their log-sum-exp: each query's own chunk (a causal band), and the
+# summary columns of the earlier chunks gathered into a compact key sequence (N * summary / chunk keys: whole
+# 64-tiles, a quarter of the scores at the defaults).  Below it the step is host-bound: the second call and the
+# merge's ~40 ATen ops would cost more than the saved tiles.  EA_FIXED_SPLIT=0 turns it off (for A/B timing).
 SPLIT_MIN_LEN = 8192
 FIXED_SPLIT = os.environ.get("EA_FIXED_SPLIT", "1") != "0"
 
