@@ -180,11 +180,15 @@ def _landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict
     short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages, GATE_DOT=False)
     # H200, bf16, d 64, block 64 (benchmarks/landmark_tune_gpu.py, landmark_gpu.py): forward 4 warps on 128 rows
     # (0.94 vs 1.10 ms at 8k); dq 64 rows on 4 warps (backward 2.86 vs 3.03 ms at 8k, 43.1 vs 46.7 at 32k with
-    # 128 rows on 8); dk/dv 64 query rows on 4 warps, queries first (3.03 vs 5.40 keys first, 3.36 with 128 rows)
+    # 128 rows on 8); dk/dv 64 query rows on 4 warps, queries first (3.03 vs 5.40 keys first, 3.36 with 128 rows).
+    # Half inputs: dq added by the dk/dv kernel with atomics (kernels fwd+bwd 4.40 -> 4.02 ms at 8k, 56.1 -> 51.3 at
+    # 32k, session 4's sparse_gpu.py sweep; results within 1.2e-4 of the two-pass dq, one fp32 (B, H, T, d) buffer)
     return dict(
         fwd=dict(long_rows, num_warps=4) if small else short_rows,
         dq=short_rows,
-        dkdv=dict(short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False, FUSED_DQ=False),
+        dkdv=dict(
+            short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False, FUSED_DQ=dtype != torch.float32
+        ),
     )
 
 
