@@ -280,3 +280,37 @@ def test_a_shorter_length_crops_the_cached_mask_without_syncs(name, monkeypatch)
     monkeypatch.undo()
     want, _ = fresh(x, need_weights=False)
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("n,kw", [(250, {}), (320, dict(block_size=32, local_attn_ctx=128, vertsize=2))])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fixed_split_into_own_chunk_and_summary_parts_is_exact(n, kw, padded):
+    """The long-sequence path of the ``fixed`` pattern (own chunk + gathered summary columns, merged by their
+    log-sum-exp; CUDA from SPLIT_MIN_LEN on) gives the one-mask path's output and gradients."""
+    from efficient_attention.base import AttentionMasks
+
+    torch.manual_seed(0)
+    m = ea.build_attention("block_sparse", embed_dim=32, num_heads=4, causal=True, self_attention=True, **kw)
+    split = m._split_masks(n, torch.device("cpu"))
+    assert split is not None and split[2].numel() < n
+    q, k, v = (torch.randn(2, 4, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kpm = None
+    if padded:
+        kpm = torch.zeros(2, n, dtype=torch.bool)
+        kpm[1, -9:] = True
+        kpm[0, 20:40] = True
+    out = m._attend_split(q, k, v, kpm, split)
+    ref, _ = m._attend(q, k, v, AttentionMasks(key_padding=kpm), False)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad((out * go).sum(), (q, k, v))
+    rgrads = torch.autograd.grad((ref * go).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b)
+
+
+def test_fixed_split_only_where_it_applies():
+    m = ea.build_attention("block_sparse", embed_dim=32, num_heads=4, causal=True, self_attention=True, num_verts=2)
+    assert m._split_masks(256, None) is None  # heads rotate their summary columns: one mask
+    m = ea.build_attention("block_sparse", embed_dim=32, num_heads=4, causal=False, self_attention=True)
+    assert m._split_masks(256, None) is None

@@ -327,7 +327,7 @@ def abc_step_case(dtype):
 def landmark_case(bs, d, dtype, T, S, config=None, pad=True, views=False, **switches):
     """The landmark kernels (forward, dq, dk/dv) against the float64 PyTorch path, with key padding
     (a padded landmark among it) unless ``pad=False``; ``config`` forces the query tiles (64 or 128 rows
-    per tile), ``switches`` the kernels' layout switches (``GATE_DOT``, ``KEYS_FIRST``); ``views`` passes
+    per tile), ``switches`` the kernels' layout switches (``GATE_DOT``, ``KEYS_FIRST``, ``FUSED_DQ``); ``views`` passes
     q, k, v as the module does, head views ``(B, H, N, d)`` of time-first ``(N, B, H, d)`` tensors."""
     q, k, v = make_qkv(2, 2, T, S, d, dtype, seed=bs + T)
     if views:  # same values, strided like the module's heads (the kernels read them in place)
@@ -473,6 +473,11 @@ def main() -> int:
             lambda: landmark_case(32, 16, f16, 40, 100, KEYS_FIRST=True),
         ),
         (False, "landmark bs16 fp16 gate dots, padding", lambda: landmark_case(16, 32, f16, 50, 50, GATE_DOT=True)),
+        (
+            False,
+            "landmark bs32 fp32 dq added by the dk/dv kernel (atomics), head views, last T of S",
+            lambda: landmark_case(32, 16, f32, 40, 100, views=True, FUSED_DQ=True),
+        ),
     ]
     failed = []
     for tma, name, run in cases:

@@ -10,6 +10,7 @@ bs² · d)`` instead of ``O(N² d)``.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
@@ -22,7 +23,7 @@ from .. import layouts
 from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import _sdpa
+from ..functional import _sdpa, combine_attention
 from ..kernels.ops import block_mask_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -72,6 +73,14 @@ class BigBirdOptions(BlockSparseOptions):
 _PATTERN_OPTIONS = ("local_attn_ctx", "window", "num_verts", "vertsize", "dilation", "num_global")
 _BLOCK_OPTIONS = ("num_window_blocks", "num_global_blocks", "num_random_blocks", "seed")
 _CACHED_MASKS = 16  # block masks kept per module (lengths x decoding rows x devices), least recently used dropped
+# The ``fixed`` pattern with layout blocks under the kernels' 64-wide tiles (the defaults: block 16, chunks of 32, a
+# 16-token summary each) keeps every causal 64-tile, each masked token by token.  From SPLIT_MIN_LEN positions on,
+# on CUDA, it runs as two exact parts merged by their log-sum-exp: each query's own chunk (a causal band), and the
+# summary columns of the earlier chunks gathered into a compact key sequence (N * summary / chunk keys: whole
+# 64-tiles, a quarter of the scores at the defaults).  Below it the step is host-bound: the second call and the
+# merge's ~40 ATen ops would cost more than the saved tiles.  EA_FIXED_SPLIT=0 turns it off (for A/B timing).
+SPLIT_MIN_LEN = 8192
+FIXED_SPLIT = os.environ.get("EA_FIXED_SPLIT", "1") != "0"
 
 
 @register_attention("block_sparse", "blocksparse", "sparse_transformer")
@@ -117,11 +126,13 @@ class BlockSparseAttention(EfficientAttention):
                 layout, heads=self.num_heads, block_size=block_size, causal=self.causal, **self.pattern_kw
             )
         self._masks: "OrderedDict[Tuple[int, int, Any], BlockMask]" = OrderedDict()
+        self._splits: "dict[Tuple[int, Any], Tuple[BlockMask, BlockMask, Tensor]]" = {}  # see SPLIT_MIN_LEN
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_masks"] = OrderedDict()  # device tensors and tables: rebuilt on first use
         state.pop("_step_rows", None)  # (the decoding step's, likewise)
+        state["_splits"] = {}
         return state
 
     def block_mask(self, n: int, device=None, q_block_start: int = 0) -> BlockMask:
@@ -173,11 +184,62 @@ class BlockSparseAttention(EfficientAttention):
         """The block layout ``(H or 1, ceil(n/bs), ceil(n/bs))`` used for length ``n``."""
         return self.block_mask(n, device).layout
 
+    def _split_masks(self, n: int, device) -> Optional[Tuple[BlockMask, BlockMask, Tensor]]:
+        """``(own chunk mask, summary mask, summary positions)`` of the ``fixed`` pattern at ``n`` positions,
+        or None where the pattern does not split (see ``SPLIT_MIN_LEN``); built once per length and device."""
+        l, c = self.local_attn_ctx, self.vertsize * self.block_size
+        if self.layout != "fixed" or not self.causal or self.num_verts != 1 or 2 * c > l or l % c:
+            return None
+        key = (n, device)
+        hit = self._splits.get(key)
+        if hit is None:
+            nc = -(-n // l) * c  # summary keys of every chunk (the last one's: past n or not)
+
+            def own(b, h, i, j):  # the query's chunk, causal
+                return (torch.div(j, l, rounding_mode="floor") == torch.div(i, l, rounding_mode="floor")) & (j <= i)
+
+            def summary(b, h, i, j):  # compact key j: summary column j % c of chunk j // c; earlier chunks only
+                return torch.div(j, c, rounding_mode="floor") < torch.div(i, l, rounding_mode="floor")
+
+            with torch.no_grad():
+                pos = torch.arange(nc, device=device)
+                pos = torch.div(pos, c, rounding_mode="floor") * l + (l - c) + torch.remainder(pos, c)
+                pos = pos[pos < n]
+                hit = (
+                    BlockMask.from_mask_mod(own, 1, n, n, 64, device=device).with_causal(),
+                    BlockMask.from_mask_mod(summary, 1, n, pos.numel(), 64, device=device),
+                    pos,
+                )
+            if len(self._splits) >= _CACHED_MASKS:
+                self._splits.clear()
+            self._splits[key] = hit
+        return hit
+
+    def _attend_split(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], split) -> Tensor:
+        """The ``fixed`` pattern as its own-chunk part and its summary part, merged exactly (``combine_attention``)."""
+        own_bm, sum_bm, pos = split
+        o1, l1 = block_mask_attention(q, k, v, own_bm, key_padding_mask=kpm, scale=self.scaling)
+        ks, vs = k.index_select(2, pos), v.index_select(2, pos)
+        kpm_s = None if kpm is None else kpm.index_select(1, pos)
+        o2, l2 = block_mask_attention(q, ks, vs, sum_bm, key_padding_mask=kpm_s, scale=self.scaling)
+        return combine_attention([o1, o2], [l1, l2])[0]
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         bs = self.block_size
         src_len, off = k.shape[2], masks.query_offset
         if not self.autopad and src_len % bs:
             raise ValueError(f"sequence length {src_len} is not a multiple of block_size ({bs}) and autopad=False")
+        if (
+            FIXED_SPLIT
+            and not off
+            and q.shape[2] == src_len >= SPLIT_MIN_LEN
+            and q.is_cuda
+            and bs < 64
+            and not (self.training and self.dropout_p)
+        ):
+            split = self._split_masks(src_len, q.device)
+            if split is not None:
+                return self._attend_split(q, k, v, masks.key_padding, split), None
         start = (off // bs) * bs  # queries are padded in front to a block boundary
         # decoding (queries after a cached prefix): the rows of the query blocks at the length rounded up to
         # a whole block, so the steps inside one block share one mask (kept blocks, tiles and kernel tables)

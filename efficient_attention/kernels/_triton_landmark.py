@@ -19,7 +19,9 @@ Backward (``P_b = exp(s(L_b) - lse)``, inner weights ``a_j = e_j / z_b``, ``w_j 
 ``E_b = sum_j a_j dp_j`` with ``dp = dO V^T``, ``delta = rowsum(dO * O) - dlse``): own keys
 ``ds_j = w_j (dp_j - delta)``; tokens of earlier blocks ``ds_j = w_j (dp_j - E_b)``; the landmark
 ``ds(L_b) = P_b (E_b - delta)``.  ``E_b`` is recomputed inside the tile, so nothing of size ``T x S/BS``
-is ever stored: ``dq`` by query tile (it also stores ``delta``), then ``dk, dv`` by key block.
+is ever stored: ``dq`` by query tile (it also stores ``delta``), then ``dk, dv`` by key block.  ``FUSED_DQ``
+(a tuning alternative) has no dq pass: the dk/dv kernel adds each tile's ``ds k`` into an fp32 dq with atomics
+(FlashAttention-2's first backward), ``delta`` computed before it.
 
 Every tile is held as (queries, keys), so the per-(query, block) reductions run along a warp's own
 columns (a few shuffles); the dk/dv kernel feeds the transposed weights to its two dots.  ``KEYS_FIRST``
@@ -368,10 +370,13 @@ def _landmark_dq_kernel(
     HAS_DLSE: tl.constexpr,
     IEEE: tl.constexpr,
     GATE_DOT: tl.constexpr,
+    DELTA_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
+    """dq by query tile (and ``delta``, which the dk/dv kernel reads); ``DELTA_ONLY``: only ``delta`` (for the
+    dk/dv kernel's ``FUSED_DQ``)."""
     qb = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest rows (most key blocks) first: a shorter tail
     bh = tl.program_id(1)
     b = bh // H
@@ -391,23 +396,24 @@ def _landmark_dq_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
-    lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
-    lse2 = _lse2(lse)
-    p = offs_m + q_offset
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    first_blk = (qb * BLOCK_M + q_offset) // BS
-    last_blk = (tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset) // BS
-    for kb in range(0, first_blk):
-        dq = _dq_step(
-            dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale,
-            kpm_ptr, HAS_KPM, False, IEEE, GATE_DOT, BS,
-        )  # fmt: skip
-    for kb in range(first_blk, last_blk + 1):
-        dq = _dq_step(
-            dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale,
-            kpm_ptr, HAS_KPM, True, IEEE, GATE_DOT, BS,
-        )  # fmt: skip
-    _store(DQ + q_off, dq * sm_scale, offs_m, T, stride_qn, offs_d)
+    if not DELTA_ONLY:
+        lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
+        lse2 = _lse2(lse)
+        p = offs_m + q_offset
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        first_blk = (qb * BLOCK_M + q_offset) // BS
+        last_blk = (tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset) // BS
+        for kb in range(0, first_blk):
+            dq = _dq_step(
+                dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale,
+                kpm_ptr, HAS_KPM, False, IEEE, GATE_DOT, BS,
+            )  # fmt: skip
+        for kb in range(first_blk, last_blk + 1):
+            dq = _dq_step(
+                dq, q, do, lse2, delta, k_base, v_base, kb, p, offs_bs, offs_d, S, stride_kn, stride_vn, qk_scale,
+                kpm_ptr, HAS_KPM, True, IEEE, GATE_DOT, BS,
+            )  # fmt: skip
+        _store(DQ + q_off, dq * sm_scale, offs_m, T, stride_qn, offs_d)
 
 
 @triton.jit
@@ -435,13 +441,17 @@ def _dkdv_step(
     q_offset,
     qk_scale,
     kpm_ptr,
+    dq_base,
+    sm_scale,
     HAS_KPM: tl.constexpr,
     MIXED: tl.constexpr,
     IEEE: tl.constexpr,
     GATE_DOT: tl.constexpr,
     KEYS_FIRST: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     offs_m = qt * BLOCK_M + offs_mb
     q = _load(q_base, offs_m, T, stride_qn, offs_d)
@@ -449,6 +459,7 @@ def _dkdv_step(
     lse = tl.load(Lse + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("-inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     lse2 = _lse2(lse)
+    tl.static_assert(not (KEYS_FIRST and FUSED_DQ), "FUSED_DQ takes (queries, keys) tiles")
     if KEYS_FIRST:  # (keys, queries) tiles: the weights feed dv and dk as they are; key reductions cross warps
         sT = _dot(k, tl.trans(q), IEEE)
         wT, eT, r, P, own_row, is_mark = _tile_weights(
@@ -469,6 +480,14 @@ def _dkdv_step(
         ds = _tile_ds(w, e, r, P, own_row, is_mark, dp, delta, MIXED, 1)
         dv += _dot(tl.trans(w.to(do.dtype)), do, IEEE)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        if FUSED_DQ:  # this tile's share of dq, added into the fp32 dq of the query rows (no dq pass)
+            dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
+            tl.atomic_add(
+                dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                dq,
+                mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_DIM),
+                sem="relaxed",
+            )
     return dk, dv
 
 
@@ -483,6 +502,7 @@ def _landmark_dkdv_kernel(
     Delta,
     DK,
     DV,
+    DQ32,
     qk_scale,
     sm_scale,
     H,
@@ -505,6 +525,7 @@ def _landmark_dkdv_kernel(
     IEEE: tl.constexpr,
     GATE_DOT: tl.constexpr,
     KEYS_FIRST: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -522,6 +543,7 @@ def _landmark_dkdv_kernel(
     k_off = b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_off = b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     kpm_ptr = KPM + b.to(tl.int64) * S
+    dq_base = DQ32 + bh.to(tl.int64) * T * HEAD_DIM  # (FUSED_DQ: fp32 (B*H, T, HEAD_DIM), contiguous)
     k = _load(K + k_off, offs_n, S, stride_kn, offs_d)
     v = _load(V + v_off, offs_n, S, stride_vn, offs_d)
     dk = tl.zeros([BS, HEAD_DIM], tl.float32)
@@ -534,14 +556,14 @@ def _landmark_dkdv_kernel(
     for qt in range(start, mid):
         dk, dv = _dkdv_step(
             dk, dv, k, v, K + k_off, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S,
-            stride_qn, stride_gn, stride_kn, q_offset, qk_scale, kpm_ptr, HAS_KPM, True, IEEE, GATE_DOT, KEYS_FIRST,
-            BLOCK_M, BS,
+            stride_qn, stride_gn, stride_kn, q_offset, qk_scale, kpm_ptr, dq_base, sm_scale, HAS_KPM, True, IEEE,
+            GATE_DOT, KEYS_FIRST, FUSED_DQ, BLOCK_M, BS, HEAD_DIM,
         )  # fmt: skip
     for qt in range(tl.maximum(mid, start), tl.cdiv(T, BLOCK_M)):
         dk, dv = _dkdv_step(
             dk, dv, k, v, K + k_off, q_base, do_base, Lse, Delta, bh, qt, n0, offs_n, offs_mb, offs_d, T, S,
-            stride_qn, stride_gn, stride_kn, q_offset, qk_scale, kpm_ptr, HAS_KPM, False, IEEE, GATE_DOT, KEYS_FIRST,
-            BLOCK_M, BS,
+            stride_qn, stride_gn, stride_kn, q_offset, qk_scale, kpm_ptr, dq_base, sm_scale, HAS_KPM, False, IEEE,
+            GATE_DOT, KEYS_FIRST, FUSED_DQ, BLOCK_M, BS, HEAD_DIM,
         )  # fmt: skip
     _store(DK + k_off, dk * sm_scale, offs_n, S, stride_kn, offs_d)
     _store(DV + v_off, dv, offs_n, S, stride_vn, offs_d)

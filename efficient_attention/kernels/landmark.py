@@ -27,6 +27,9 @@ the float64 reference these paths are tested against.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -151,10 +154,25 @@ def landmark_blocks_torch(
 
 
 # -- the Triton path ----------------------------------------------------------------------------------
+# Tuning: ``EA_LANDMARK_CONFIG`` (JSON, e.g. ``{"dkdv": {"num_stages": 2}}``) or ``CONFIG_OVERRIDE`` (the same
+# dict, set at run time) replaces entries of ``landmark_config``'s result per kernel (fwd, dq, dkdv); results do not
+# depend on it beyond rounding.  benchmarks/sparse_gpu.py sweeps candidates through it.
+CONFIG_OVERRIDE: Dict[str, dict] = json.loads(os.environ.get("EA_LANDMARK_CONFIG", "{}") or "{}")
+
+
 def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
     """Launch parameters of the three kernels: the query tile ``BLOCK_M`` (the key tile is one landmark block),
     warps, pipeline stages, and the kernels' layout switches ``GATE_DOT`` / ``KEYS_FIRST`` (see
-    ``_triton_landmark``); ``benchmarks/landmark_gpu.py`` times the alternatives."""
+    ``_triton_landmark``); ``benchmarks/landmark_gpu.py`` times the alternatives.  Cached; callers must not
+    mutate the dicts."""
+    cfg = _landmark_config(block_size, head_dim, dtype)
+    if CONFIG_OVERRIDE:
+        cfg = {k: dict(c, **CONFIG_OVERRIDE.get(k, {})) for k, c in cfg.items()}
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, dict]:
     wide = dtype == torch.float32 and block_size * head_dim > 64 * 64  # fp32 tiles of 8192: spread over 8 warps
     stages = 1 if wide else 3
     small = block_size <= 64 and head_dim <= 64 and dtype != torch.float32
@@ -162,11 +180,15 @@ def landmark_config(block_size: int, head_dim: int, dtype: torch.dtype) -> Dict[
     short_rows = dict(BLOCK_M=64, num_warps=8 if wide else 4, num_stages=stages, GATE_DOT=False)
     # H200, bf16, d 64, block 64 (benchmarks/landmark_tune_gpu.py, landmark_gpu.py): forward 4 warps on 128 rows
     # (0.94 vs 1.10 ms at 8k); dq 64 rows on 4 warps (backward 2.86 vs 3.03 ms at 8k, 43.1 vs 46.7 at 32k with
-    # 128 rows on 8); dk/dv 64 query rows on 4 warps, queries first (3.03 vs 5.40 keys first, 3.36 with 128 rows)
+    # 128 rows on 8); dk/dv 64 query rows on 4 warps, queries first (3.03 vs 5.40 keys first, 3.36 with 128 rows).
+    # Half inputs: dq added by the dk/dv kernel with atomics (kernels fwd+bwd 4.40 -> 4.02 ms at 8k, 56.1 -> 51.3 at
+    # 32k, session 4's sparse_gpu.py sweep; results within 1.2e-4 of the two-pass dq, one fp32 (B, H, T, d) buffer)
     return dict(
         fwd=dict(long_rows, num_warps=4) if small else short_rows,
         dq=short_rows,
-        dkdv=dict(short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False),
+        dkdv=dict(
+            short_rows, BLOCK_M=128 if block_size < 64 else 64, KEYS_FIRST=False, FUSED_DQ=dtype != torch.float32
+        ),
     )
 
 
@@ -206,6 +228,7 @@ def _kpm_arg(kpm: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
 
 def _triton_forward(q, k, v, kpm, bs, scale):
     from . import _triton_landmark as tl_
+    from ._triton_common import launch
 
     q, k, v = _rows(q), _rows(k), _rows(v)
     B, H, T, D = q.shape
@@ -215,32 +238,19 @@ def _triton_forward(q, k, v, kpm, bs, scale):
     kpm_t, has_kpm = _kpm_arg(kpm, q)
     cfg = landmark_config(bs, D, q.dtype)["fwd"]
     grid = (-(-T // cfg["BLOCK_M"]), B * H)
-    tl_._landmark_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        kpm_t,
-        out,
-        lse,
-        scale * tl_.LOG2E,
-        H,
-        T,
-        S,
-        S - T,
-        *_strides(q),
-        *_strides(k),
-        *_strides(v),
-        HAS_KPM=has_kpm,
-        IEEE=q.dtype == torch.float32,
-        BS=bs,
-        HEAD_DIM=D,
-        **cfg,
+    launch(
+        tl_._landmark_fwd_kernel,
+        grid,
+        (q, k, v, kpm_t, out, lse),
+        (scale * tl_.LOG2E, H, T, S, S - T, *_strides(q), *_strides(k), *_strides(v)),
+        dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D, **cfg),
     )
     return out, lse
 
 
 def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     from . import _triton_landmark as tl_
+    from ._triton_common import launch
 
     q, k, v, do = _rows(q), _rows(k), _rows(v), _rows(do)
     if out.stride() != q.stride():
@@ -257,32 +267,25 @@ def _triton_backward(do, dlse, q, k, v, out, lse, kpm, bs, scale):
     flags = dict(HAS_KPM=has_kpm, IEEE=q.dtype == torch.float32, BS=bs, HEAD_DIM=D)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     c = cfgs["dq"]
-    tl_._landmark_dq_kernel[(-(-T // c["BLOCK_M"]), B * H)](
-        q,
-        k,
-        v,
-        kpm_t,
-        do,
-        out,
-        dlse,
-        lse,
-        delta,
-        dq,
-        scale * tl_.LOG2E,
-        scale,
-        H,
-        T,
-        S,
-        S - T,
-        *strides,
-        HAS_DLSE=has_dlse,
-        **flags,
-        **c,
+    fused = cfgs["dkdv"]["FUSED_DQ"]
+    # FUSED_DQ: the dq kernel only writes delta; the dk/dv kernel adds dq into an fp32 buffer (atomics)
+    dq32 = torch.zeros(B, H, T, D, device=q.device, dtype=torch.float32) if fused else dq
+    launch(
+        tl_._landmark_dq_kernel,
+        (-(-T // c["BLOCK_M"]), B * H),
+        (q, k, v, kpm_t, do, out, dlse, lse, delta, dq),
+        (scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
+        dict(HAS_DLSE=has_dlse, DELTA_ONLY=fused, **flags, **c),
     )
-    tl_._landmark_dkdv_kernel[(-(-S // bs), B * H)](
-        q, k, v, kpm_t, do, lse, delta, dk, dv, scale * tl_.LOG2E, scale, H, T, S, S - T, *strides, **flags,
-        **cfgs["dkdv"],
-    )  # fmt: skip
+    launch(
+        tl_._landmark_dkdv_kernel,
+        (-(-S // bs), B * H),
+        (q, k, v, kpm_t, do, lse, delta, dk, dv, dq32),
+        (scale * tl_.LOG2E, scale, H, T, S, S - T, *strides),
+        dict(flags, **cfgs["dkdv"]),
+    )
+    if fused:
+        dq.copy_(dq32)
     return dq, dk, dv
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _triton_kernels as tk
+from ._triton_common import launch
 
 __all__ = [
     "window_config",
@@ -184,8 +185,10 @@ def _with_tma(cfg: dict, a: Tensor, b: Tensor, strides: Tuple[int, int], block: 
     rows; both with the kernel ``strides``) to pass for them, or the tensors themselves for pointer loads.
     Sequences shorter than one tile (decoding steps, short prompts) keep pointer loads: nothing to gain,
     and no tile box larger than its tensor is ever encoded."""
+    if not cfg.get("TMA", False):
+        return cfg, (a, b)  # (the configs are cached and never mutated: no copy)
     c = dict(cfg)
-    c["TMA"] = c.get("TMA", False) and min(a.shape[2], b.shape[2]) >= c[block] and _tma_ok(a, b, strides=strides)
+    c["TMA"] = min(a.shape[2], b.shape[2]) >= c[block] and _tma_ok(a, b, strides=strides)
     if not c["TMA"]:
         return c, (a, b)
     return c, (_tma_desc(a, strides, c[block]), _tma_desc(b, strides, c[block]))
@@ -215,39 +218,20 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     scale, q_offset, group, left, right, causal, window = rule
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     c, (kd, vd) = _with_tma(cfg, k, v, sk, "BLOCK_N")
-    tk._fwd_kernel[_grid(lut, T, c["BLOCK_M"], B * H)](
-        q,
-        k,
-        v,
-        kd,
-        vd,
-        kpm_t,
-        idx,
-        cnt,
-        tile,
-        tiles,
-        out,
-        lse,
-        scale * tk.LOG2E,
-        H,
-        T,
-        S,
-        *sq,
-        *sk,
-        q_offset,
-        group,
-        left,
-        right,
-        lut_heads,
-        rows,
-        cols,
-        CAUSAL=causal,
-        WINDOW=window,
-        USE_LUT=idx is not cnt,
-        HAS_KPM=has_kpm,
-        HAS_TILES=tile is not idx,
-        **_flags(q),
-        **c,
+    launch(
+        tk._fwd_kernel,
+        _grid(lut, T, c["BLOCK_M"], B * H),
+        (q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, out, lse),
+        (scale * tk.LOG2E, H, T, S, *sq, *sk, q_offset, group, left, right, lut_heads, rows, cols),
+        dict(
+            CAUSAL=causal,
+            WINDOW=window,
+            USE_LUT=idx is not cnt,
+            HAS_KPM=has_kpm,
+            HAS_TILES=tile is not idx,
+            **_flags(q),
+            **c,
+        ),
     )
     return out, lse
 
@@ -270,79 +254,21 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     cfg, (kd, vd) = _with_tma(cfgs["dq"], k, v, sk, "BLOCK_N")
-    tk._bwd_dq_kernel[_grid(lut, T, cfg["BLOCK_M"], B * H)](
-        q,
-        k,
-        v,
-        kd,
-        vd,
-        kpm_t,
-        idx,
-        cnt,
-        tile,
-        tiles,
-        do,
-        out,
-        dlse,
-        lse,
-        delta,
-        dq,
-        scale * tk.LOG2E,
-        scale,
-        H,
-        T,
-        S,
-        *sq,
-        *sk,
-        q_offset,
-        group,
-        left,
-        right,
-        lut_heads,
-        rows,
-        cols,
-        USE_LUT=idx is not cnt,
-        HAS_DLSE=has_dlse,
-        HAS_TILES=tile is not idx,
-        **flags,
-        **cfg,
+    launch(
+        tk._bwd_dq_kernel,
+        _grid(lut, T, cfg["BLOCK_M"], B * H),
+        (q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, do, out, dlse, lse, delta, dq),
+        (scale * tk.LOG2E, scale, H, T, S, *sq, *sk, q_offset, group, left, right, lut_heads, rows, cols),
+        dict(USE_LUT=idx is not cnt, HAS_DLSE=has_dlse, HAS_TILES=tile is not idx, **flags, **cfg),
     )
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut_t
     cfg, (qd, dod) = _with_tma(cfgs["dkdv"], q, do, sq, "BLOCK_M")
-    tk._bwd_dkdv_kernel[_grid(lut_t, S, cfg["BLOCK_N"], B * H)](
-        q,
-        k,
-        v,
-        qd,
-        dod,
-        kpm_t,
-        idx,
-        cnt,
-        tile,
-        tiles,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        scale * tk.LOG2E,
-        scale,
-        H,
-        T,
-        S,
-        *sq,
-        *sk,
-        q_offset,
-        group,
-        left,
-        right,
-        lut_heads,
-        rows,
-        cols,
-        USE_LUT=idx is not cnt,
-        HAS_TILES=tile is not idx,
-        **flags,
-        **cfg,
+    launch(
+        tk._bwd_dkdv_kernel,
+        _grid(lut_t, S, cfg["BLOCK_N"], B * H),
+        (q, k, v, qd, dod, kpm_t, idx, cnt, tile, tiles, do, lse, delta, dk, dv),
+        (scale * tk.LOG2E, scale, H, T, S, *sq, *sk, q_offset, group, left, right, lut_heads, rows, cols),
+        dict(USE_LUT=idx is not cnt, HAS_TILES=tile is not idx, **flags, **cfg),
     )
     return dq, dk, dv
 
