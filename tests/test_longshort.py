@@ -72,3 +72,41 @@ def test_combine_attention_gradient_is_zero_for_rows_that_see_nothing():
     torch.testing.assert_close(y[1], torch.logsumexp(x[1].detach(), -1))
     y[1].backward()
     assert torch.isfinite(x.grad).all()
+
+
+def _extra_keys_reference(q, k, v, hidden, out, lse, scale):
+    """The same union through the generic pieces: attend the extra keys, then combine_attention."""
+    from efficient_attention.functional import combine_attention, logsumexp, softmax
+
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(hidden, float("-inf"))
+    return combine_attention([out, softmax(scores) @ v], [lse, logsumexp(scores)])
+
+
+def test_attend_extra_keys_matches_the_generic_union_and_passes_gradcheck():
+    """The one-node union of a part (out, lse) with extra keys: values, both outputs' gradients, empty rows."""
+    from efficient_attention.functional import attend_extra_keys
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 6, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    out = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    lse = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    hidden = torch.rand(2, 1, 5, 6, generator=g) < 0.4
+    hidden[0, 0, 1] = True  # a query that sees no extra key ...
+    lse[0, :, 1] = float("-inf")  # ... and nothing before: its row is 0 with zero gradients
+    hidden[1, 0, 2] = True  # sees only the earlier part
+    ref = _extra_keys_reference(q, k, v, hidden, out, lse, 0.5)
+    got = attend_extra_keys(q, k, v, hidden, out, lse, 0.5)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    assert torch.equal(got[0][0, :, 1], torch.zeros(3, 4))
+    args = [t.clone().requires_grad_() for t in (q, k, v, out, lse)]
+
+    def fn(q, k, v, out, lse):
+        o, total = attend_extra_keys(q, k, v, hidden, out, lse, 0.5)
+        return o, total.masked_fill(torch.isneginf(total), 0.0)
+
+    assert torch.autograd.gradcheck(fn, args)
+    fn(*args)[0].sum().backward()
+    assert all(torch.isfinite(a.grad).all() for a in args)
+    assert torch.equal(args[0].grad[0, :, 1], torch.zeros(3, 4)) and torch.equal(args[4].grad[0, :, 1], torch.zeros(3))

@@ -4,8 +4,8 @@ One softmax over two key sets: a **short** local window (the block rule of
 :class:`~efficient_attention.local_window.LocalWindow`, computed by
 ``sliding_window_attention``) and **long** compressed memories made by a
 dynamic projection ``P = softmax_positions(k W)`` (``K̄ = Pᵀ K``, ``V̄ = Pᵀ V``).
-The two parts are joined exactly through their log-sum-exps
-(:func:`~efficient_attention.functional.combine_attention`).
+The memories join the window's softmax exactly through its log-sum-exp
+(:func:`~efficient_attention.functional.attend_extra_keys`).
 
 * noncausal (:class:`AttentionLS`): window ``wsize`` blocks looking one block
   back and forward; ``num_landmarks`` global memories from the whole sequence.
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
-from ..functional import acc_dtype, combine_attention, logsumexp, sdpa_attention, softmax
+from ..functional import acc_dtype, attend_extra_keys, sdpa_attention, softmax
 from ..kernels import sliding_window_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, positive_int
@@ -38,15 +38,52 @@ from ..registry import register_attention
 __all__ = ["LongShort", "AttentionLS", "CausalLS"]
 
 
-def _memory_attention(q: Tensor, mem_k: Tensor, mem_v: Tensor, hidden: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Softmax of ``q (..., T, d)`` over memories ``(..., M, d)`` with ``hidden (..., T|1, M)`` True = unseen.
+class _Compress(torch.autograd.Function):
+    """The dynamic projection as one node: ``P = softmax_n(k W)``, ``(K̄, V̄) = (P k, P v)``, P recomputed backward.
 
-    Scores are formed in at least fp32 (fp16 ``q · k`` overflows for large inputs); returns ``(out, lse)``.
+    ``k, v (B, H, G, n, d)``, ``proj (H, d, r)``, ``pad (B, G, n)`` or None (True = padding) -> ``(B, H, G, r, d)``
+    twice, in at least fp32 inside (fp16 logits overflow), returned in ``k``'s dtype.
     """
-    dtype = acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(dtype) * scale, mem_k.to(dtype).transpose(-1, -2))
-    scores = scores.masked_fill(hidden, float("-inf"))
-    return torch.matmul(softmax(scores), mem_v.to(dtype)).to(mem_v.dtype), logsumexp(scores, dim=-1)
+
+    @staticmethod
+    def _probs(k: Tensor, proj: Tensor, pad: Optional[Tensor]) -> Tensor:
+        logits = torch.matmul(proj.transpose(-1, -2)[:, None], k.transpose(-1, -2))  # (B, H, G, r, n)
+        if pad is not None:
+            logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
+        return softmax(logits)  # a group of padding only: zeros (it gives no memory)
+
+    @staticmethod
+    def forward(ctx, k, v, proj, pad):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(k, v, proj, pad)
+        with torch.autocast(k.device.type, enabled=False):
+            acc = acc_dtype(k.dtype)
+            kf, vf = k.to(acc), v.to(acc)
+            probs = _Compress._probs(kf, proj.to(acc), pad)
+            return torch.matmul(probs, kf).to(k.dtype), torch.matmul(probs, vf).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        k, v, proj, pad = ctx.saved_tensors
+        with torch.autocast(k.device.type, enabled=False):
+            acc = acc_dtype(k.dtype)
+            kf, vf, pf = k.to(acc), v.to(acc), proj.to(acc)
+            probs = _Compress._probs(kf, pf, pad)
+            grad_probs = torch.zeros_like(probs)
+            dk = dv = None
+            if grad_k is not None:
+                grad_k = grad_k.to(acc)
+                grad_probs = grad_probs + torch.matmul(grad_k, kf.transpose(-1, -2))
+                dk = torch.matmul(probs.transpose(-1, -2), grad_k)
+            if grad_v is not None:
+                grad_v = grad_v.to(acc)
+                grad_probs = grad_probs + torch.matmul(grad_v, vf.transpose(-1, -2))
+                dv = torch.matmul(probs.transpose(-1, -2), grad_v).to(v.dtype)
+            grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))  # (B, H, G, r, n)
+            from_logits = torch.matmul(grad_logits.transpose(-1, -2), pf.transpose(-1, -2)[:, None])
+            dk = (from_logits if dk is None else dk + from_logits).to(k.dtype)
+            dproj = torch.matmul(grad_logits, kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
+        return dk, dv, dproj.to(proj.dtype), None
 
 
 @dataclass(frozen=True)
@@ -95,6 +132,11 @@ class LongShort(EfficientAttention):
         self.window = LocalWindow.from_blocks(window_size, 1, 0 if self.causal else 1, causal=self.causal)
         rank = chunk_rank if self.causal else num_landmarks
         self.memory_chunks = num_landmarks // chunk_rank
+        if self.causal:  # chunk j of a block of memory_chunks chunks sees the slots [j r, (j + mc) r) of its view
+            chunk = torch.arange(self.memory_chunks * self.chunk_size) // self.chunk_size
+            slot = torch.arange(2 * self.memory_chunks * chunk_rank) // chunk_rank
+            band = (slot[None, :] < chunk[:, None]) | (slot[None, :] >= chunk[:, None] + self.memory_chunks)
+            self.register_buffer("_band", band, persistent=False)
         # dynamic projection: memory logits from each head's keys
         self.landmark_proj = nn.Parameter(torch.randn(self.num_kv_heads, self.head_dim, rank) * self.head_dim**-0.5)
 
@@ -105,21 +147,17 @@ class LongShort(EfficientAttention):
         ``P = softmax over the n positions of k W`` -> ``(K̄, V̄) (B, H, G, r, d)`` and
         ``empty (B, G)``: the group held only padding (no memory).
         """
-        dtype = acc_dtype(k.dtype)  # the logits and the weighted sums in at least fp32: fp16 overflows
-        logits = torch.einsum("bhgnd,hdr->bhgrn", k.to(dtype), self.landmark_proj.to(dtype))
-        if pad is not None:
-            logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
-        p = softmax(logits)
         empty = (
             pad.all(-1) if pad is not None else torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
         )
-        return torch.matmul(p, k.to(dtype)).to(k.dtype), torch.matmul(p, v.to(dtype)).to(v.dtype), empty
+        return (*_Compress.apply(k, v, self.landmark_proj, pad), empty)
 
-    def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        mk, mv, empty = self._compress(k[:, :, None], v[:, :, None], None if kpm is None else kpm[:, None])
-        mk, mv = mk[:, :, 0], mv[:, :, 0]  # (B, H, r, d)
-        hidden = empty[:, None, None, :].expand(-1, 1, 1, mk.shape[2])  # (B, 1, 1, r)
-        return _memory_attention(q, mk, mv, hidden, self.scaling)
+    def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], short) -> Tensor:
+        """The global memories joined to the window's ``short = (out, lse)``."""
+        pad = None if kpm is None else kpm[:, None]
+        mk, mv = _Compress.apply(k[:, :, None], v[:, :, None], self.landmark_proj, pad)
+        hidden = None if pad is None else pad.all(-1)[:, None, :, None]  # (B, 1, 1, 1): padding only, no memories
+        return attend_extra_keys(q, mk.squeeze(2), mv.squeeze(2), hidden, short[0], short[1], self.scaling)[0]
 
     def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
         """Compressed memories of the complete chunks: ``(B, H, C, r, d)`` twice and ``empty (B, C)``."""
@@ -129,24 +167,32 @@ class LongShort(EfficientAttention):
         pad = None if kpm is None else kpm[:, :cut].reshape(k.shape[0], n_chunks, self.chunk_size)
         return self._compress(k[:, :, :cut].reshape(shape), v[:, :, :cut].reshape(shape), pad)
 
-    def _long_causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Queries of chunk ``c`` see the memories of chunks ``c - memory_chunks .. c - 1``."""
+    def _long_causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], short) -> Tensor:
+        """Queries of chunk ``c`` see the memories of chunks ``c - memory_chunks .. c - 1``, joined to ``short``.
+
+        No per-chunk gather: the queries go in blocks of ``memory_chunks`` chunks, and block ``s`` reads one
+        window of ``2 · memory_chunks · chunk_rank`` memory slots (a strided view of the memory sequence,
+        front-padded with hidden slots); the static band ``self._band`` hides the slots a chunk must not see.
+        """
         bsz, heads, length, dim = q.shape
         l, r, mc = self.chunk_size, self.chunk_rank, self.memory_chunks
-        n_q_chunks = -(-length // l)
-        mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d)
-        # memory slots of chunk c: chunks c - mc .. c - 1 (front-padded with mc hidden chunks)
-        mk = F.pad(mk, (0, 0, 0, 0, mc, 0))
-        mv = F.pad(mv, (0, 0, 0, 0, mc, 0))
-        empty = F.pad(empty, (mc, 0), value=True)
-        # padded chunk index c + m is chunk c - mc + m: always complete (< c), hidden if it is front padding
-        idx = torch.arange(n_q_chunks, device=q.device)[:, None] + torch.arange(mc, device=q.device)  # (nq, mc)
-        gk = mk[:, :, idx].flatten(-3, -2)  # (B, H, nq, mc*r, d)
-        gv = mv[:, :, idx].flatten(-3, -2)
-        hidden = empty[:, idx][:, None, :, None, :, None].expand(-1, 1, -1, 1, -1, r).flatten(-2)  # (B, 1, nq, 1, mc*r)
-        qc = F.pad(q, (0, 0, 0, n_q_chunks * l - length)).view(bsz, heads, n_q_chunks, l, dim)
-        out, lse = _memory_attention(qc, gk, gv, hidden, self.scaling)
-        return out.reshape(bsz, heads, n_q_chunks * l, -1)[:, :, :length], lse.reshape(bsz, heads, -1)[:, :, :length]
+        span, slots = mc * l, mc * r  # queries per block, memory slots per chunk's view
+        n_blocks = -(-length // span)
+        mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d), empty (B, C)
+        back = n_blocks * slots - mk.shape[2] * r  # hidden slots after the last memory
+        mk = F.pad(mk.flatten(2, 3), (0, 0, slots, back)).unfold(2, 2 * slots, slots).transpose(-1, -2)
+        mv = F.pad(mv.flatten(2, 3), (0, 0, slots, back)).unfold(2, 2 * slots, slots).transpose(-1, -2)
+        empty = F.pad(empty.repeat_interleave(r, dim=1), (slots, back), value=True).unfold(1, 2 * slots, slots)
+        hidden = self._band | empty[:, None, :, None, :]  # (B, 1, blocks, span, 2 * slots)
+        out, lse = short
+        extra = n_blocks * span - length
+        if extra:  # pad the queries (and the window's result) to whole blocks
+            q, out, lse = F.pad(q, (0, 0, 0, extra)), F.pad(out, (0, 0, 0, extra)), F.pad(lse, (0, extra))
+        blocks = (bsz, heads, n_blocks, span)
+        joined, _ = attend_extra_keys(
+            q.view(*blocks, dim), mk, mv, hidden, out.view(*blocks, -1), lse.view(blocks), self.scaling
+        )
+        return joined.view(bsz, heads, n_blocks * span, -1)[:, :, :length]
 
     # ---------------------------------------------------------------- forward
     def _short(self, q: Tensor, k: Tensor, v: Tensor, first_pos: int, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -173,9 +219,8 @@ class LongShort(EfficientAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         kpm = masks.key_padding
         short = self._short(q, k, v, 0, kpm)
-        long = self._long_causal(q, k, v, kpm) if self.causal else self._long_noncausal(q, k, v, kpm)
-        out, _ = combine_attention([short[0], long[0]], [short[1], long[1]])
-        return out.to(q.dtype), None
+        long = self._long_causal if self.causal else self._long_noncausal
+        return long(q, k, v, kpm, short).to(q.dtype), None
 
     # --------------------------------------------------------------- decoding
     def _attend_step(
