@@ -20,6 +20,7 @@ Cost O(N·(3·window + memories)·d).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
+from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
 from ..functional import acc_dtype, attend_extra_keys, sdpa_attention, softmax
 from ..kernels import sliding_window_attention
+from ..kernels.ops import block_mask_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
@@ -69,11 +72,10 @@ class _Compress(torch.autograd.Function):
             acc = acc_dtype(k.dtype)
             kf, vf, pf = k.to(acc), v.to(acc), proj.to(acc)
             probs = _Compress._probs(kf, pf, pad)
-            grad_probs = torch.zeros_like(probs)
-            dk = dv = None
+            grad_probs, dk, dv = torch.zeros((), dtype=acc, device=k.device), None, None
             if grad_k is not None:
                 grad_k = grad_k.to(acc)
-                grad_probs = grad_probs + torch.matmul(grad_k, kf.transpose(-1, -2))
+                grad_probs = torch.matmul(grad_k, kf.transpose(-1, -2))
                 dk = torch.matmul(probs.transpose(-1, -2), grad_k)
             if grad_v is not None:
                 grad_v = grad_v.to(acc)
@@ -84,6 +86,65 @@ class _Compress(torch.autograd.Function):
             dk = (from_logits if dk is None else dk + from_logits).to(k.dtype)
             dproj = torch.matmul(grad_logits, kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
         return dk, dv, dproj.to(proj.dtype), None
+
+
+_BLOCK = 64  # block size of the fused path's BlockMask
+_masks: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # built once per (rule, length, device); LRU
+
+
+def _memory_mask(window, causal: bool, chunk: int, rank: int, reach: int, length: int, device) -> BlockMask:
+    """The fused path's :class:`BlockMask`: queries ``0..length-1`` against ``[memory slots ; sequence]``.
+
+    The memory slots come first, padded to a whole block (``_slots`` gives their count); then the sequence.
+    A query sees its window of the sequence and, noncausal, every memory slot; causal, the slots of the
+    ``reach`` chunks before its own (``rank`` slots per chunk of ``chunk`` tokens).
+    """
+    n_slots, n_mem = _slots(causal, chunk, rank, reach, length)
+    key = (window, causal, chunk, rank, reach, length, str(device))
+    hit = _masks.get(key)
+    if hit is not None:
+        _masks.move_to_end(key)
+        return hit
+
+    def rule(b, h, i, j):
+        p = j - n_mem  # the sequence position of key j (negative: a memory slot)
+        seen = (p >= 0) & window.allowed(i, p)
+        if causal:
+            c = torch.div(j, rank, rounding_mode="floor")  # the chunk slot j compresses
+            own = torch.div(i, chunk, rounding_mode="floor")
+            return seen | ((j < n_slots) & (c < own) & (c >= own - reach))
+        return seen | (j < n_slots)
+
+    first = torch.arange(0, length, _BLOCK, device=device)
+    last = (first + _BLOCK - 1).clamp(max=length - 1)
+    cols = torch.arange(0, n_mem + length, _BLOCK, device=device)
+    lo = torch.where(cols >= n_mem, cols, 0)  # a column block's first and last key (sequence positions or slots)
+    hi = cols + _BLOCK - 1
+    seq = (
+        (cols[None] >= n_mem)
+        & (lo[None] - n_mem <= window.hi(last)[:, None])
+        & (hi[None] - n_mem >= window.lo(first)[:, None])
+    )
+    if causal:  # slots of chunks own - reach .. own - 1
+        slot_lo = (torch.div(first, chunk, rounding_mode="floor") - reach) * rank
+        slot_hi = torch.div(last, chunk, rounding_mode="floor") * rank - 1
+        mem = (cols[None] < n_slots) & (cols[None] <= slot_hi[:, None]) & (hi[None] >= slot_lo[:, None])
+    else:
+        mem = (cols[None] < n_slots).expand(len(first), -1)
+    with torch.no_grad():
+        bm = BlockMask.from_mask_mod(
+            rule, 1, length, n_mem + length, _BLOCK, device=device, candidates=(seq | mem)[None]
+        )
+    if len(_masks) >= 16:
+        _masks.popitem(last=False)
+    _masks[key] = bm
+    return bm
+
+
+def _slots(causal: bool, chunk: int, rank: int, reach: int, length: int) -> Tuple[int, int]:
+    """``(memory slots, their block-padded count)`` for a sequence of ``length``."""
+    n_slots = length // chunk * rank if causal else reach * rank
+    return n_slots, -(-n_slots // _BLOCK) * _BLOCK
 
 
 @dataclass(frozen=True)
@@ -137,20 +198,18 @@ class LongShort(EfficientAttention):
             slot = torch.arange(2 * self.memory_chunks * chunk_rank) // chunk_rank
             band = (slot[None, :] < chunk[:, None]) | (slot[None, :] >= chunk[:, None] + self.memory_chunks)
             self.register_buffer("_band", band, persistent=False)
+        self._fused = True
         # dynamic projection: memory logits from each head's keys
         self.landmark_proj = nn.Parameter(torch.randn(self.num_kv_heads, self.head_dim, rank) * self.head_dim**-0.5)
 
     # ------------------------------------------------------------- memories
-    def _compress(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        """Memories of groups of positions ``k, v (B, H, G, n, d)``, ``pad (B, G, n)``.
+    def _compress(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Memories of groups of positions ``k, v (B, H, G, n, d)``, ``pad (B, G, n)`` or None.
 
         ``P = softmax over the n positions of k W`` -> ``(K̄, V̄) (B, H, G, r, d)`` and
-        ``empty (B, G)``: the group held only padding (no memory).
+        ``empty (B, G)``: the group held only padding (no memory); None without ``pad``.
         """
-        empty = (
-            pad.all(-1) if pad is not None else torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-        )
-        return (*_Compress.apply(k, v, self.landmark_proj, pad), empty)
+        return (*_Compress.apply(k, v, self.landmark_proj, pad), None if pad is None else pad.all(-1))
 
     def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], short) -> Tensor:
         """The global memories joined to the window's ``short = (out, lse)``."""
@@ -159,8 +218,8 @@ class LongShort(EfficientAttention):
         hidden = None if pad is None else pad.all(-1)[:, None, :, None]  # (B, 1, 1, 1): padding only, no memories
         return attend_extra_keys(q, mk.squeeze(2), mv.squeeze(2), hidden, short[0], short[1], self.scaling)[0]
 
-    def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        """Compressed memories of the complete chunks: ``(B, H, C, r, d)`` twice and ``empty (B, C)``."""
+    def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Compressed memories of the complete chunks: ``(B, H, C, r, d)`` twice and ``empty (B, C)`` or None."""
         n_chunks = k.shape[2] // self.chunk_size
         cut = n_chunks * self.chunk_size
         shape = (k.shape[0], k.shape[1], n_chunks, self.chunk_size, k.shape[-1])
@@ -180,6 +239,8 @@ class LongShort(EfficientAttention):
         n_blocks = -(-length // span)
         mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d), empty (B, C)
         back = n_blocks * slots - mk.shape[2] * r  # hidden slots after the last memory
+        if empty is None:
+            empty = torch.zeros(bsz, mk.shape[2], dtype=torch.bool, device=q.device)
         mk = F.pad(mk.flatten(2, 3), (0, 0, slots, back)).unfold(2, 2 * slots, slots).transpose(-1, -2)
         mv = F.pad(mv.flatten(2, 3), (0, 0, slots, back)).unfold(2, 2 * slots, slots).transpose(-1, -2)
         empty = F.pad(empty.repeat_interleave(r, dim=1), (slots, back), value=True).unfold(1, 2 * slots, slots)
@@ -217,10 +278,32 @@ class LongShort(EfficientAttention):
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
+        if self._fused:
+            return self._attend_fused(q, k, v, masks.key_padding).to(q.dtype), None
         kpm = masks.key_padding
         short = self._short(q, k, v, 0, kpm)
         long = self._long_causal if self.causal else self._long_noncausal
         return long(q, k, v, kpm, short).to(q.dtype), None
+
+    def _attend_fused(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tensor:
+        """One block-sparse kernel call over ``[memory slots ; sequence]`` keys (see :func:`_memory_mask`)."""
+        length = q.shape[2]
+        if self.causal:
+            mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d), empty (B, C)
+            mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
+            reach, rank = self.memory_chunks, self.chunk_rank
+        else:
+            mk, mv, empty = self._compress(k[:, :, None], v[:, :, None], None if kpm is None else kpm[:, None])
+            mk, mv = mk.squeeze(2), mv.squeeze(2)  # (B, H, r, d); empty (B, 1)
+            reach, rank = 1, self.num_landmarks
+        n_slots, n_mem = _slots(self.causal, self.chunk_size, rank, reach, length)
+        bm = _memory_mask(self.window, self.causal, self.chunk_size, rank, reach, length, q.device)
+        fill = (0, 0, 0, n_mem - n_slots)
+        keys, values = torch.cat([F.pad(mk, fill), k], 2), torch.cat([F.pad(mv, fill), v], 2)
+        if kpm is not None and empty is not None:  # a memory of padding only is hidden like a padded key
+            kpm = torch.cat([F.pad(empty.repeat_interleave(rank, dim=1), (0, n_mem - n_slots), value=True), kpm], 1)
+        dropout = self.dropout_p if self.training else 0.0
+        return block_mask_attention(q, keys, values, bm, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout)[0]
 
     # --------------------------------------------------------------- decoding
     def _attend_step(
@@ -266,7 +349,11 @@ class LongShort(EfficientAttention):
         self._window_cache(state, k, v, kpm, cache_len(self.window))
         mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d)
         mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
-        hidden = empty[:, :, None].expand(-1, -1, r).flatten(1)
+        hidden = (
+            torch.zeros(mk.shape[0], mk.shape[2], dtype=torch.bool, device=k.device)
+            if empty is None
+            else empty.repeat_interleave(r, dim=1)
+        )
         slots = state["memory_key"].shape[2]
         state["memory_key"] = torch.cat([state["memory_key"], mk], 2)[:, :, -slots:]
         state["memory_value"] = torch.cat([state["memory_value"], mv], 2)[:, :, -slots:]
@@ -307,6 +394,7 @@ class LongShort(EfficientAttention):
             mk, mv, empty = self._compress(ck[:, :, None], cv[:, :, None], cp[:, None])
             state["memory_key"] = torch.cat([state["memory_key"][:, :, r:], mk[:, :, 0]], 2)
             state["memory_value"] = torch.cat([state["memory_value"][:, :, r:], mv[:, :, 0]], 2)
+            assert empty is not None  # the chunk's fill mask was given
             state["memory_hidden"] = torch.cat([state["memory_hidden"][:, r:], empty.expand(-1, r)], 1)
             cp.fill_(True)
         return out.to(q.dtype)
