@@ -30,7 +30,6 @@ __all__ = [
     "segment_weights",
     "LengthChunks",
     "combine_attention",
-    "attend_extra_keys",
     "logsumexp",
 ]
 
@@ -324,82 +323,3 @@ def combine_attention(outs, lses) -> Tuple[Tensor, Tensor]:
     weights = torch.exp(lse - total.masked_fill(torch.isneginf(total), 0.0))  # 0 for empty parts / rows
     out = sum(w[..., None].to(o.dtype) * o for w, o in zip(weights, outs))
     return out, total
-
-
-class _ExtraKeys(torch.autograd.Function):
-    """One node for :func:`attend_extra_keys`: the scores are recomputed in the backward, nothing (T, M) is kept."""
-
-    @staticmethod
-    def _probs(q, k, hidden, lse, scale):
-        """``exp(q·kᵀ·scale - lse)`` in fp32, 0 at hidden keys and in rows that saw nothing (``lse = -inf``)."""
-        acc = acc_dtype(q.dtype)
-        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)
-        probs = scores.sub_(lse.masked_fill(torch.isneginf(lse), 0.0)[..., None]).exp_()
-        return probs if hidden is None else probs.masked_fill_(hidden, 0.0)
-
-    @staticmethod
-    def forward(ctx, q, k, v, hidden, out, lse, scale):
-        with torch.autocast(q.device.type, enabled=False):  # scores in fp32 even under autocast
-            return _ExtraKeys._forward(ctx, q, k, v, hidden, out, lse, scale)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, hidden, out, lse, scale):
-        acc = acc_dtype(q.dtype)
-        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)
-        if hidden is not None:
-            scores = scores.masked_fill_(hidden, float("-inf"))
-        top = torch.maximum(scores.amax(-1), lse)
-        top = top.masked_fill(torch.isneginf(top), 0.0)  # rows that see nothing anywhere
-        probs = scores.sub_(top[..., None]).exp_()
-        kept = torch.exp(lse - top)  # the weight of the part attended before, unnormalised
-        total = probs.sum(-1) + kept
-        empty = total == 0
-        total = total.masked_fill(empty, 1.0)
-        new_lse = (top + torch.log(total)).masked_fill_(empty, float("-inf"))
-        merged = torch.matmul(probs, v.to(acc)).add_(out.to(acc) * kept[..., None]).div_(total[..., None])
-        ctx.save_for_backward(q, k, v, hidden, out, lse, new_lse, merged)
-        ctx.scale = scale
-        ctx.set_materialize_grads(False)  # an unused lse output costs nothing in the backward
-        return merged.to(q.dtype), new_lse
-
-    @staticmethod
-    def backward(ctx, grad, grad_lse):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return _ExtraKeys._backward(ctx, grad, grad_lse)
-
-    @staticmethod
-    def _backward(ctx, grad, grad_lse):
-        q, k, v, hidden, out, lse, new_lse, merged = ctx.saved_tensors
-        acc = merged.dtype
-        grad = torch.zeros_like(merged) if grad is None else grad.to(acc)
-        probs = _ExtraKeys._probs(q, k, hidden, new_lse, ctx.scale)  # the extra keys' share of the union
-        share = torch.exp(lse - new_lse.masked_fill(torch.isneginf(new_lse), 0.0))  # the earlier part's share
-        delta = (grad * merged).sum(-1)  # rowsum(dO · O)
-        grad_probs = torch.matmul(grad, v.to(acc).transpose(-1, -2))
-        grad_scores = probs * (grad_probs - delta[..., None])
-        if grad_lse is not None:  # d lse / d score = its probability; d lse / d lse_before = its share
-            grad_scores = grad_scores + probs * grad_lse[..., None]
-        grad_q = torch.matmul(grad_scores, k.to(acc)).mul_(ctx.scale).to(q.dtype)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q.to(acc)).mul_(ctx.scale)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad)
-        grad_out = (grad * share[..., None]).to(out.dtype)
-        grad_before = share * ((grad * out.to(acc)).sum(-1) - delta)
-        if grad_lse is not None:
-            grad_before = grad_before + share * grad_lse
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, grad_out, grad_before.to(lse.dtype), None
-
-
-def attend_extra_keys(
-    q: Tensor, k: Tensor, v: Tensor, hidden: Optional[Tensor], out: Tensor, lse: Tensor, scale: float
-) -> Tuple[Tensor, Tensor]:
-    """Add the keys ``k, v (..., M, d)`` to a part already attended, exactly: the softmax over the union.
-
-    ``out (..., T, d)`` and ``lse (..., T)`` (fp32, ``-inf`` where the part saw nothing) are the first
-    part's result for the queries ``q (..., T, d)``; ``k, v`` have the same leading dimensions.
-    ``hidden``: bool, broadcastable to ``(..., T, M)``, True = the query does not see that key; None:
-    every query sees every key.  Returns the union's ``(out, lse)``, equal to
-    ``combine_attention([out, attend(q, k, v)], [lse, lse_kv])`` but as one autograd node that keeps no
-    ``(T, M)`` scores (recomputed in the backward) and launches a few kernels instead of dozens.  Scores
-    in at least fp32; rows that see nothing anywhere give 0 with zero gradients.
-    """
-    return _ExtraKeys.apply(q, k, v, hidden, out, lse, scale)

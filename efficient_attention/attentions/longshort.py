@@ -1,11 +1,12 @@
 """Long-Short Transformer attention (Transformer-LS, Zhu et al. 2021).
 
 One softmax over two key sets: a **short** local window (the block rule of
-:class:`~efficient_attention.local_window.LocalWindow`, computed by
-``sliding_window_attention``) and **long** compressed memories made by a
-dynamic projection ``P = softmax_positions(k W)`` (``K̄ = Pᵀ K``, ``V̄ = Pᵀ V``).
-The memories join the window's softmax exactly through its log-sum-exp
-(:func:`~efficient_attention.functional.attend_extra_keys`).
+:class:`~efficient_attention.local_window.LocalWindow`) and **long** compressed
+memories made by a dynamic projection ``P = softmax_positions(k W)``
+(``K̄ = Pᵀ K``, ``V̄ = Pᵀ V``).  Training runs as one block-sparse kernel call
+over the keys ``[memory slots ; sequence]`` with a cached
+:class:`~efficient_attention.block_mask.BlockMask` (the window and each query's
+memories as kept blocks and token tiles): one fused softmax, no merge.
 
 * noncausal (:class:`AttentionLS`): window ``wsize`` blocks looking one block
   back and forward; ``num_landmarks`` global memories from the whole sequence.
@@ -31,8 +32,7 @@ from torch import Tensor, nn
 from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
-from ..functional import acc_dtype, attend_extra_keys, sdpa_attention, softmax
-from ..kernels import sliding_window_attention
+from ..functional import acc_dtype, sdpa_attention, softmax
 from ..kernels.ops import block_mask_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, positive_int
@@ -175,7 +175,10 @@ class LongShort(EfficientAttention):
     """
 
     capabilities = Capabilities(
-        patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("kernels.sliding_window_attention",)
+        patterns=SELF_PATTERNS,
+        incremental=True,
+        constant_state=True,
+        backends=("kernels.block_sparse_attention", "sdpa"),
     )
     Options = LongShortOptions
 
@@ -193,12 +196,6 @@ class LongShort(EfficientAttention):
         self.window = LocalWindow.from_blocks(window_size, 1, 0 if self.causal else 1, causal=self.causal)
         rank = chunk_rank if self.causal else num_landmarks
         self.memory_chunks = num_landmarks // chunk_rank
-        if self.causal:  # chunk j of a block of memory_chunks chunks sees the slots [j r, (j + mc) r) of its view
-            chunk = torch.arange(self.memory_chunks * self.chunk_size) // self.chunk_size
-            slot = torch.arange(2 * self.memory_chunks * chunk_rank) // chunk_rank
-            band = (slot[None, :] < chunk[:, None]) | (slot[None, :] >= chunk[:, None] + self.memory_chunks)
-            self.register_buffer("_band", band, persistent=False)
-        self._fused = True
         # dynamic projection: memory logits from each head's keys
         self.landmark_proj = nn.Parameter(torch.randn(self.num_kv_heads, self.head_dim, rank) * self.head_dim**-0.5)
 
@@ -211,13 +208,6 @@ class LongShort(EfficientAttention):
         """
         return (*_Compress.apply(k, v, self.landmark_proj, pad), None if pad is None else pad.all(-1))
 
-    def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], short) -> Tensor:
-        """The global memories joined to the window's ``short = (out, lse)``."""
-        pad = None if kpm is None else kpm[:, None]
-        mk, mv = _Compress.apply(k[:, :, None], v[:, :, None], self.landmark_proj, pad)
-        hidden = None if pad is None else pad.all(-1)[:, None, :, None]  # (B, 1, 1, 1): padding only, no memories
-        return attend_extra_keys(q, mk.squeeze(2), mv.squeeze(2), hidden, short[0], short[1], self.scaling)[0]
-
     def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """Compressed memories of the complete chunks: ``(B, H, C, r, d)`` twice and ``empty (B, C)`` or None."""
         n_chunks = k.shape[2] // self.chunk_size
@@ -226,68 +216,12 @@ class LongShort(EfficientAttention):
         pad = None if kpm is None else kpm[:, :cut].reshape(k.shape[0], n_chunks, self.chunk_size)
         return self._compress(k[:, :, :cut].reshape(shape), v[:, :, :cut].reshape(shape), pad)
 
-    def _long_causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], short) -> Tensor:
-        """Queries of chunk ``c`` see the memories of chunks ``c - memory_chunks .. c - 1``, joined to ``short``.
-
-        No per-chunk gather: the queries go in blocks of ``memory_chunks`` chunks, and block ``s`` reads one
-        window of ``2 · memory_chunks · chunk_rank`` memory slots (a strided view of the memory sequence,
-        front-padded with hidden slots); the static band ``self._band`` hides the slots a chunk must not see.
-        """
-        bsz, heads, length, dim = q.shape
-        l, r, mc = self.chunk_size, self.chunk_rank, self.memory_chunks
-        span, slots = mc * l, mc * r  # queries per block, memory slots per chunk's view
-        n_blocks = -(-length // span)
-        mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d), empty (B, C)
-        back = n_blocks * slots - mk.shape[2] * r  # hidden slots after the last memory
-        if empty is None:
-            empty = torch.zeros(bsz, mk.shape[2], dtype=torch.bool, device=q.device)
-        mk = F.pad(mk.flatten(2, 3), (0, 0, slots, back)).unfold(2, 2 * slots, slots).transpose(-1, -2)
-        mv = F.pad(mv.flatten(2, 3), (0, 0, slots, back)).unfold(2, 2 * slots, slots).transpose(-1, -2)
-        empty = F.pad(empty.repeat_interleave(r, dim=1), (slots, back), value=True).unfold(1, 2 * slots, slots)
-        hidden = self._band | empty[:, None, :, None, :]  # (B, 1, blocks, span, 2 * slots)
-        out, lse = short
-        extra = n_blocks * span - length
-        if extra:  # pad the queries (and the window's result) to whole blocks
-            q, out, lse = F.pad(q, (0, 0, 0, extra)), F.pad(out, (0, 0, 0, extra)), F.pad(lse, (0, extra))
-        blocks = (bsz, heads, n_blocks, span)
-        joined, _ = attend_extra_keys(
-            q.view(*blocks, dim), mk, mv, hidden, out.view(*blocks, -1), lse.view(blocks), self.scaling
-        )
-        return joined.view(bsz, heads, n_blocks * span, -1)[:, :, :length]
-
     # ---------------------------------------------------------------- forward
-    def _short(self, q: Tensor, k: Tensor, v: Tensor, first_pos: int, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        lead = first_pos % self.window.group
-        src_len = k.shape[2]
-        if lead:
-            k, v = F.pad(k, (0, 0, lead, 0)), F.pad(v, (0, 0, lead, 0))
-            kpm = torch.zeros(k.shape[0], src_len, dtype=torch.bool, device=k.device) if kpm is None else kpm
-            kpm = F.pad(kpm, (lead, 0), value=True)
-        dropout = self.dropout_p if self.training else 0.0
-        return sliding_window_attention(
-            q,
-            k,
-            v,
-            self.window,
-            q_offset=lead + src_len - q.shape[2],
-            key_padding_mask=kpm,
-            scale=self.scaling,
-            dropout_p=dropout,
-        )
-
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        if self._fused:
-            return self._attend_fused(q, k, v, masks.key_padding).to(q.dtype), None
-        kpm = masks.key_padding
-        short = self._short(q, k, v, 0, kpm)
-        long = self._long_causal if self.causal else self._long_noncausal
-        return long(q, k, v, kpm, short).to(q.dtype), None
-
-    def _attend_fused(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tensor:
         """One block-sparse kernel call over ``[memory slots ; sequence]`` keys (see :func:`_memory_mask`)."""
-        length = q.shape[2]
+        kpm, length = masks.key_padding, q.shape[2]
         if self.causal:
             mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d), empty (B, C)
             mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
@@ -303,7 +237,8 @@ class LongShort(EfficientAttention):
         if kpm is not None and empty is not None:  # a memory of padding only is hidden like a padded key
             kpm = torch.cat([F.pad(empty.repeat_interleave(rank, dim=1), (0, n_mem - n_slots), value=True), kpm], 1)
         dropout = self.dropout_p if self.training else 0.0
-        return block_mask_attention(q, keys, values, bm, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout)[0]
+        out, _ = block_mask_attention(q, keys, values, bm, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout)
+        return out.to(q.dtype), None
 
     # --------------------------------------------------------------- decoding
     def _attend_step(
@@ -408,7 +343,7 @@ class AttentionLS(LongShort):
     """
 
     capabilities = Capabilities(
-        patterns=frozenset({Pattern.NONCAUSAL_SELF}), backends=("kernels.sliding_window_attention",)
+        patterns=frozenset({Pattern.NONCAUSAL_SELF}), backends=("kernels.block_sparse_attention", "sdpa")
     )
 
 
@@ -424,7 +359,7 @@ class CausalLS(LongShort):
         patterns=frozenset({Pattern.CAUSAL_SELF}),
         incremental=True,
         constant_state=True,
-        backends=("kernels.sliding_window_attention",),
+        backends=("kernels.block_sparse_attention", "sdpa"),
     )
 
     def __init__(self, *args, **kwargs):
