@@ -93,6 +93,8 @@ ATTEND_OP_CEILINGS = {
     ("s4d", True): 206,
     ("lara", False): 110,  # 113 before its hand-written backward
     ("nystrom", False): 227,  # 213 before its hand-written Functions: +14 ops (8 views), no fp32 (L, d) copies kept
+    ("attention_ls", False): 130,  # one block-sparse call over [memories ; sequence] (was 217: window + merge)
+    ("causal_ls", True): 132,  # (was 247)
 }
 
 

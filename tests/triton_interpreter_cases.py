@@ -322,6 +322,39 @@ def abc_step_case(dtype):
         steps += [m(x[t : t + 1], incremental_state=state, need_weights=False)[0] for t in range(30, 40)]
         full = m.double()(x.double(), need_weights=False)[0]
     assert rel(torch.cat(steps), full) < 1e-5, f"module decoding {rel(torch.cat(steps), full):.1e}"
+def longshort_modules_case():
+    """Noncausal and causal Long-Short on the Triton block-sparse kernel (one call over [memory slots ;
+    sequence], fp32) against themselves in float64, with key padding; gradients of the inputs too."""
+    from efficient_attention import build_attention
+
+    select = ops.BLOCK_SPARSE.select
+    for causal in (False, True):
+        torch.manual_seed(0)
+        m = build_attention(
+            "longshort",
+            embed_dim=32,
+            num_heads=2,
+            causal=causal,
+            window_size=8,
+            num_landmarks=6,
+            chunk_size=5,
+            chunk_rank=2,
+        )
+        x = torch.randn(150, 2, 32, requires_grad=True)
+        kpm = torch.zeros(2, 150, dtype=torch.bool)
+        kpm[1, 120:] = True
+        ops.BLOCK_SPARSE.select = lambda *a, **kw: ops.BlockSparseTriton
+        try:
+            out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            (grad,) = torch.autograd.grad(out[:120].sum(), x)
+        finally:
+            ops.BLOCK_SPARSE.select = select
+        xd = x.detach().double().requires_grad_()
+        ref = m.double()(xd, xd, xd, key_padding_mask=kpm, need_weights=False)[0]
+        (ref_grad,) = torch.autograd.grad(ref[:120].sum(), xd)
+        m.float()
+        assert rel(out[:120], ref[:120]) < 1e-5, f"causal={causal} out {rel(out[:120], ref[:120]):.1e}"
+        assert rel(grad, ref_grad) < 1e-5, f"causal={causal} grad {rel(grad, ref_grad):.1e}"
 
 
 def landmark_case(bs, d, dtype, T, S, config=None, pad=True, views=False, **switches):
@@ -416,6 +449,7 @@ def main() -> int:
             ),
         ]
     cases.append((False, "out-only gradient", out_only_case))
+    cases.append((False, "longshort modules on the block-sparse kernel", longshort_modules_case))
     cases += [
         (False, "linear decay+state+padding fp32 m16 d5", lambda: linear_case(70, 16, 5, f32, True, True, True)),
         (False, "linear fp16 m20 d40 T<S", lambda: linear_case(40, 20, 40, f16, False, False, True, S=75)),

@@ -1,11 +1,12 @@
 """Long-Short Transformer attention (Transformer-LS, Zhu et al. 2021).
 
 One softmax over two key sets: a **short** local window (the block rule of
-:class:`~efficient_attention.local_window.LocalWindow`, computed by
-``sliding_window_attention``) and **long** compressed memories made by a
-dynamic projection ``P = softmax_positions(k W)`` (``K̄ = Pᵀ K``, ``V̄ = Pᵀ V``).
-The two parts are joined exactly through their log-sum-exps
-(:func:`~efficient_attention.functional.combine_attention`).
+:class:`~efficient_attention.local_window.LocalWindow`) and **long** compressed
+memories made by a dynamic projection ``P = softmax_positions(k W)``
+(``K̄ = Pᵀ K``, ``V̄ = Pᵀ V``).  Training runs as one block-sparse kernel call
+over the keys ``[memory slots ; sequence]`` with a cached
+:class:`~efficient_attention.block_mask.BlockMask` (the window and each query's
+memories as kept blocks and token tiles): one fused softmax, no merge.
 
 * noncausal (:class:`AttentionLS`): window ``wsize`` blocks looking one block
   back and forward; ``num_landmarks`` global memories from the whole sequence.
@@ -20,6 +21,7 @@ Cost O(N·(3·window + memories)·d).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
+from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
-from ..functional import acc_dtype, combine_attention, logsumexp, sdpa_attention, softmax
-from ..kernels import sliding_window_attention
+from ..functional import acc_dtype, sdpa_attention, softmax
+from ..kernels.ops import block_mask_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
@@ -38,15 +41,110 @@ from ..registry import register_attention
 __all__ = ["LongShort", "AttentionLS", "CausalLS"]
 
 
-def _memory_attention(q: Tensor, mem_k: Tensor, mem_v: Tensor, hidden: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """Softmax of ``q (..., T, d)`` over memories ``(..., M, d)`` with ``hidden (..., T|1, M)`` True = unseen.
+class _Compress(torch.autograd.Function):
+    """The dynamic projection as one node: ``P = softmax_n(k W)``, ``(K̄, V̄) = (P k, P v)``, P recomputed backward.
 
-    Scores are formed in at least fp32 (fp16 ``q · k`` overflows for large inputs); returns ``(out, lse)``.
+    ``k, v (B, H, G, n, d)``, ``proj (H, d, r)``, ``pad (B, G, n)`` or None (True = padding) -> ``(B, H, G, r, d)``
+    twice, in at least fp32 inside (fp16 logits overflow), returned in ``k``'s dtype.
     """
-    dtype = acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(dtype) * scale, mem_k.to(dtype).transpose(-1, -2))
-    scores = scores.masked_fill(hidden, float("-inf"))
-    return torch.matmul(softmax(scores), mem_v.to(dtype)).to(mem_v.dtype), logsumexp(scores, dim=-1)
+
+    @staticmethod
+    def _probs(k: Tensor, proj: Tensor, pad: Optional[Tensor]) -> Tensor:
+        logits = torch.matmul(proj.transpose(-1, -2)[:, None], k.transpose(-1, -2))  # (B, H, G, r, n)
+        if pad is not None:
+            logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
+        return softmax(logits)  # a group of padding only: zeros (it gives no memory)
+
+    @staticmethod
+    def forward(ctx, k, v, proj, pad):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(k, v, proj, pad)
+        with torch.autocast(k.device.type, enabled=False):
+            acc = acc_dtype(k.dtype)
+            kf, vf = k.to(acc), v.to(acc)
+            probs = _Compress._probs(kf, proj.to(acc), pad)
+            return torch.matmul(probs, kf).to(k.dtype), torch.matmul(probs, vf).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        k, v, proj, pad = ctx.saved_tensors
+        with torch.autocast(k.device.type, enabled=False):
+            acc = acc_dtype(k.dtype)
+            kf, vf, pf = k.to(acc), v.to(acc), proj.to(acc)
+            probs = _Compress._probs(kf, pf, pad)
+            grad_probs, dk, dv = torch.zeros((), dtype=acc, device=k.device), None, None
+            if grad_k is not None:
+                grad_k = grad_k.to(acc)
+                grad_probs = torch.matmul(grad_k, kf.transpose(-1, -2))
+                dk = torch.matmul(probs.transpose(-1, -2), grad_k)
+            if grad_v is not None:
+                grad_v = grad_v.to(acc)
+                grad_probs = grad_probs + torch.matmul(grad_v, vf.transpose(-1, -2))
+                dv = torch.matmul(probs.transpose(-1, -2), grad_v).to(v.dtype)
+            grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))  # (B, H, G, r, n)
+            from_logits = torch.matmul(grad_logits.transpose(-1, -2), pf.transpose(-1, -2)[:, None])
+            dk = (from_logits if dk is None else dk + from_logits).to(k.dtype)
+            dproj = torch.matmul(grad_logits, kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
+        return dk, dv, dproj.to(proj.dtype), None
+
+
+_BLOCK = 64  # block size of the fused path's BlockMask
+_masks: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # built once per (rule, length, device); LRU
+
+
+def _memory_mask(window, causal: bool, chunk: int, rank: int, reach: int, length: int, device) -> BlockMask:
+    """The fused path's :class:`BlockMask`: queries ``0..length-1`` against ``[memory slots ; sequence]``.
+
+    The memory slots come first, padded to a whole block (``_slots`` gives their count); then the sequence.
+    A query sees its window of the sequence and, noncausal, every memory slot; causal, the slots of the
+    ``reach`` chunks before its own (``rank`` slots per chunk of ``chunk`` tokens).
+    """
+    n_slots, n_mem = _slots(causal, chunk, rank, reach, length)
+    key = (window, causal, chunk, rank, reach, length, str(device))
+    hit = _masks.get(key)
+    if hit is not None:
+        _masks.move_to_end(key)
+        return hit
+
+    def rule(b, h, i, j):
+        p = j - n_mem  # the sequence position of key j (negative: a memory slot)
+        seen = (p >= 0) & window.allowed(i, p)
+        if causal:
+            c = torch.div(j, rank, rounding_mode="floor")  # the chunk slot j compresses
+            own = torch.div(i, chunk, rounding_mode="floor")
+            return seen | ((j < n_slots) & (c < own) & (c >= own - reach))
+        return seen | (j < n_slots)
+
+    first = torch.arange(0, length, _BLOCK, device=device)
+    last = (first + _BLOCK - 1).clamp(max=length - 1)
+    cols = torch.arange(0, n_mem + length, _BLOCK, device=device)
+    lo = torch.where(cols >= n_mem, cols, 0)  # a column block's first and last key (sequence positions or slots)
+    hi = cols + _BLOCK - 1
+    seq = (
+        (cols[None] >= n_mem)
+        & (lo[None] - n_mem <= window.hi(last)[:, None])
+        & (hi[None] - n_mem >= window.lo(first)[:, None])
+    )
+    if causal:  # slots of chunks own - reach .. own - 1
+        slot_lo = (torch.div(first, chunk, rounding_mode="floor") - reach) * rank
+        slot_hi = torch.div(last, chunk, rounding_mode="floor") * rank - 1
+        mem = (cols[None] < n_slots) & (cols[None] <= slot_hi[:, None]) & (hi[None] >= slot_lo[:, None])
+    else:
+        mem = (cols[None] < n_slots).expand(len(first), -1)
+    with torch.no_grad():
+        bm = BlockMask.from_mask_mod(
+            rule, 1, length, n_mem + length, _BLOCK, device=device, candidates=(seq | mem)[None]
+        )
+    if len(_masks) >= 16:
+        _masks.popitem(last=False)
+    _masks[key] = bm
+    return bm
+
+
+def _slots(causal: bool, chunk: int, rank: int, reach: int, length: int) -> Tuple[int, int]:
+    """``(memory slots, their block-padded count)`` for a sequence of ``length``."""
+    n_slots = length // chunk * rank if causal else reach * rank
+    return n_slots, -(-n_slots // _BLOCK) * _BLOCK
 
 
 @dataclass(frozen=True)
@@ -77,7 +175,10 @@ class LongShort(EfficientAttention):
     """
 
     capabilities = Capabilities(
-        patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("kernels.sliding_window_attention",)
+        patterns=SELF_PATTERNS,
+        incremental=True,
+        constant_state=True,
+        backends=("kernels.block_sparse_attention", "sdpa"),
     )
     Options = LongShortOptions
 
@@ -99,82 +200,44 @@ class LongShort(EfficientAttention):
         self.landmark_proj = nn.Parameter(torch.randn(self.num_kv_heads, self.head_dim, rank) * self.head_dim**-0.5)
 
     # ------------------------------------------------------------- memories
-    def _compress(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        """Memories of groups of positions ``k, v (B, H, G, n, d)``, ``pad (B, G, n)``.
+    def _compress(self, k: Tensor, v: Tensor, pad: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Memories of groups of positions ``k, v (B, H, G, n, d)``, ``pad (B, G, n)`` or None.
 
         ``P = softmax over the n positions of k W`` -> ``(K̄, V̄) (B, H, G, r, d)`` and
-        ``empty (B, G)``: the group held only padding (no memory).
+        ``empty (B, G)``: the group held only padding (no memory); None without ``pad``.
         """
-        dtype = acc_dtype(k.dtype)  # the logits and the weighted sums in at least fp32: fp16 overflows
-        logits = torch.einsum("bhgnd,hdr->bhgrn", k.to(dtype), self.landmark_proj.to(dtype))
-        if pad is not None:
-            logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
-        p = softmax(logits)
-        empty = (
-            pad.all(-1) if pad is not None else torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-        )
-        return torch.matmul(p, k.to(dtype)).to(k.dtype), torch.matmul(p, v.to(dtype)).to(v.dtype), empty
+        return (*_Compress.apply(k, v, self.landmark_proj, pad), None if pad is None else pad.all(-1))
 
-    def _long_noncausal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        mk, mv, empty = self._compress(k[:, :, None], v[:, :, None], None if kpm is None else kpm[:, None])
-        mk, mv = mk[:, :, 0], mv[:, :, 0]  # (B, H, r, d)
-        hidden = empty[:, None, None, :].expand(-1, 1, 1, mk.shape[2])  # (B, 1, 1, r)
-        return _memory_attention(q, mk, mv, hidden, self.scaling)
-
-    def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        """Compressed memories of the complete chunks: ``(B, H, C, r, d)`` twice and ``empty (B, C)``."""
+    def _chunk_memories(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Compressed memories of the complete chunks: ``(B, H, C, r, d)`` twice and ``empty (B, C)`` or None."""
         n_chunks = k.shape[2] // self.chunk_size
         cut = n_chunks * self.chunk_size
         shape = (k.shape[0], k.shape[1], n_chunks, self.chunk_size, k.shape[-1])
         pad = None if kpm is None else kpm[:, :cut].reshape(k.shape[0], n_chunks, self.chunk_size)
         return self._compress(k[:, :, :cut].reshape(shape), v[:, :, :cut].reshape(shape), pad)
 
-    def _long_causal(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Queries of chunk ``c`` see the memories of chunks ``c - memory_chunks .. c - 1``."""
-        bsz, heads, length, dim = q.shape
-        l, r, mc = self.chunk_size, self.chunk_rank, self.memory_chunks
-        n_q_chunks = -(-length // l)
-        mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d)
-        # memory slots of chunk c: chunks c - mc .. c - 1 (front-padded with mc hidden chunks)
-        mk = F.pad(mk, (0, 0, 0, 0, mc, 0))
-        mv = F.pad(mv, (0, 0, 0, 0, mc, 0))
-        empty = F.pad(empty, (mc, 0), value=True)
-        # padded chunk index c + m is chunk c - mc + m: always complete (< c), hidden if it is front padding
-        idx = torch.arange(n_q_chunks, device=q.device)[:, None] + torch.arange(mc, device=q.device)  # (nq, mc)
-        gk = mk[:, :, idx].flatten(-3, -2)  # (B, H, nq, mc*r, d)
-        gv = mv[:, :, idx].flatten(-3, -2)
-        hidden = empty[:, idx][:, None, :, None, :, None].expand(-1, 1, -1, 1, -1, r).flatten(-2)  # (B, 1, nq, 1, mc*r)
-        qc = F.pad(q, (0, 0, 0, n_q_chunks * l - length)).view(bsz, heads, n_q_chunks, l, dim)
-        out, lse = _memory_attention(qc, gk, gv, hidden, self.scaling)
-        return out.reshape(bsz, heads, n_q_chunks * l, -1)[:, :, :length], lse.reshape(bsz, heads, -1)[:, :, :length]
-
     # ---------------------------------------------------------------- forward
-    def _short(self, q: Tensor, k: Tensor, v: Tensor, first_pos: int, kpm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        lead = first_pos % self.window.group
-        src_len = k.shape[2]
-        if lead:
-            k, v = F.pad(k, (0, 0, lead, 0)), F.pad(v, (0, 0, lead, 0))
-            kpm = torch.zeros(k.shape[0], src_len, dtype=torch.bool, device=k.device) if kpm is None else kpm
-            kpm = F.pad(kpm, (lead, 0), value=True)
-        dropout = self.dropout_p if self.training else 0.0
-        return sliding_window_attention(
-            q,
-            k,
-            v,
-            self.window,
-            q_offset=lead + src_len - q.shape[2],
-            key_padding_mask=kpm,
-            scale=self.scaling,
-            dropout_p=dropout,
-        )
-
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        kpm = masks.key_padding
-        short = self._short(q, k, v, 0, kpm)
-        long = self._long_causal(q, k, v, kpm) if self.causal else self._long_noncausal(q, k, v, kpm)
-        out, _ = combine_attention([short[0], long[0]], [short[1], long[1]])
+        """One block-sparse kernel call over ``[memory slots ; sequence]`` keys (see :func:`_memory_mask`)."""
+        kpm, length = masks.key_padding, q.shape[2]
+        if self.causal:
+            mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d), empty (B, C)
+            mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
+            reach, rank = self.memory_chunks, self.chunk_rank
+        else:
+            mk, mv, empty = self._compress(k[:, :, None], v[:, :, None], None if kpm is None else kpm[:, None])
+            mk, mv = mk.squeeze(2), mv.squeeze(2)  # (B, H, r, d); empty (B, 1)
+            reach, rank = 1, self.num_landmarks
+        n_slots, n_mem = _slots(self.causal, self.chunk_size, rank, reach, length)
+        bm = _memory_mask(self.window, self.causal, self.chunk_size, rank, reach, length, q.device)
+        fill = (0, 0, 0, n_mem - n_slots)
+        keys, values = torch.cat([F.pad(mk, fill), k], 2), torch.cat([F.pad(mv, fill), v], 2)
+        if kpm is not None and empty is not None:  # a memory of padding only is hidden like a padded key
+            kpm = torch.cat([F.pad(empty.repeat_interleave(rank, dim=1), (0, n_mem - n_slots), value=True), kpm], 1)
+        dropout = self.dropout_p if self.training else 0.0
+        out, _ = block_mask_attention(q, keys, values, bm, key_padding_mask=kpm, scale=self.scaling, dropout_p=dropout)
         return out.to(q.dtype), None
 
     # --------------------------------------------------------------- decoding
@@ -221,7 +284,11 @@ class LongShort(EfficientAttention):
         self._window_cache(state, k, v, kpm, cache_len(self.window))
         mk, mv, empty = self._chunk_memories(k, v, kpm)  # (B, H, C, r, d)
         mk, mv = mk.flatten(2, 3), mv.flatten(2, 3)
-        hidden = empty[:, :, None].expand(-1, -1, r).flatten(1)
+        hidden = (
+            torch.zeros(mk.shape[0], mk.shape[2], dtype=torch.bool, device=k.device)
+            if empty is None
+            else empty.repeat_interleave(r, dim=1)
+        )
         slots = state["memory_key"].shape[2]
         state["memory_key"] = torch.cat([state["memory_key"], mk], 2)[:, :, -slots:]
         state["memory_value"] = torch.cat([state["memory_value"], mv], 2)[:, :, -slots:]
@@ -262,6 +329,7 @@ class LongShort(EfficientAttention):
             mk, mv, empty = self._compress(ck[:, :, None], cv[:, :, None], cp[:, None])
             state["memory_key"] = torch.cat([state["memory_key"][:, :, r:], mk[:, :, 0]], 2)
             state["memory_value"] = torch.cat([state["memory_value"][:, :, r:], mv[:, :, 0]], 2)
+            assert empty is not None  # the chunk's fill mask was given
             state["memory_hidden"] = torch.cat([state["memory_hidden"][:, r:], empty.expand(-1, r)], 1)
             cp.fill_(True)
         return out.to(q.dtype)
@@ -275,7 +343,7 @@ class AttentionLS(LongShort):
     """
 
     capabilities = Capabilities(
-        patterns=frozenset({Pattern.NONCAUSAL_SELF}), backends=("kernels.sliding_window_attention",)
+        patterns=frozenset({Pattern.NONCAUSAL_SELF}), backends=("kernels.block_sparse_attention", "sdpa")
     )
 
 
@@ -291,7 +359,7 @@ class CausalLS(LongShort):
         patterns=frozenset({Pattern.CAUSAL_SELF}),
         incremental=True,
         constant_state=True,
-        backends=("kernels.sliding_window_attention",),
+        backends=("kernels.block_sparse_attention", "sdpa"),
     )
 
     def __init__(self, *args, **kwargs):
