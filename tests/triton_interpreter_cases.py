@@ -322,6 +322,8 @@ def abc_step_case(dtype):
         steps += [m(x[t : t + 1], incremental_state=state, need_weights=False)[0] for t in range(30, 40)]
         full = m.double()(x.double(), need_weights=False)[0]
     assert rel(torch.cat(steps), full) < 1e-5, f"module decoding {rel(torch.cat(steps), full):.1e}"
+
+
 def longshort_modules_case():
     """Noncausal and causal Long-Short on the Triton block-sparse kernel (one call over [memory slots ;
     sequence], fp32) against themselves in float64, with key padding; gradients of the inputs too."""
