@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-FP32_TINY = 1.1754943508222875e-38
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # a global a @triton.jit body reads must be constexpr
 
 
 @triton.jit
