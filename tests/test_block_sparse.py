@@ -253,7 +253,10 @@ def test_a_shorter_length_crops_the_cached_mask_without_syncs(name, monkeypatch)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from efficient_attention.block_mask import BlockMask
+    from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
 
+    if cpu_extension() is None:  # the kernels never sync; the readable reference path reads its block counts
+        pytest.skip(f"the claim is the C++ kernels' (CPU tensors here): {cpu_extension_reason()}")
     opts = dict(block_size=16, local_attn_ctx=32) if name == "block_sparse" else dict(segment_lengths=(16, 32))
     if name == "dilated":
         opts["dilation_rates"] = (1, 2)
