@@ -506,7 +506,7 @@ def main() -> int:
         (
             False,
             "landmark bs32 fp16 keys-first dk/dv tiles, last T of S",
-            lambda: landmark_case(32, 16, f16, 40, 100, KEYS_FIRST=True),
+            lambda: landmark_case(32, 16, f16, 40, 100, KEYS_FIRST=True, FUSED_DQ=False),
         ),
         (False, "landmark bs16 fp16 gate dots, padding", lambda: landmark_case(16, 32, f16, 50, 50, GATE_DOT=True)),
         (
