@@ -18,6 +18,7 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, linear_attention_step
+from ..kernels.linear_attention import _split_k as _state_chunks  # chunks for a (m, L) @ (L, w) reduction
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, choice, positive_int
 from ..registry import register_attention
@@ -95,18 +96,6 @@ class _Features(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, cos, sin = ctx.saved_tensors
         return _features_backward(grad, x, cos, sin, ctx.act_fun), None, None, None, None, None
-
-
-def _state_chunks(length: int, x: Tensor) -> int:
-    """Chunks to cut a length-``length`` reduction ``(m, L) @ (L, w)`` into on CUDA (1: none): such a product has
-    one output tile per (batch, head), so one product runs ``B*H`` programs down the whole length; chunks of 512
-    turn it into ``B*H*L/512`` products and a sum."""
-    if not x.is_cuda or length < 2048:
-        return 1
-    for chunk in (512, 256, 128):
-        if length % chunk == 0:
-            return length // chunk
-    return 1
 
 
 def _reduce_length(a: Tensor, b: Tensor) -> Tensor:
