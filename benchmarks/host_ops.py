@@ -1,0 +1,152 @@
+"""The host side of a module's CUDA training step, measured on a machine without a GPU.
+
+Below 8k tokens every mechanism's forward + backward on an H200 is bound by the host: Python, autograd and
+ATen dispatch at 9-20 us an op (``profile_launches_gpu.py`` shows GPU busy time far under the wall time).  This
+script runs the path a CUDA step takes -- the Triton backends selected, their launches made -- on small CPU
+tensors with every ``@triton.jit`` kernel replaced by a stub that computes nothing, so what is left is the host
+work: it prints the ATen ops, the Triton launches and the microseconds of one training step (the second step of
+a length, as in training; the stubs leave outputs unwritten, so the numbers are only the host's).
+
+It runs Triton's interpreter mode (``TRITON_INTERPRET=1``, set here) only so that the Triton backends accept
+CPU tensors.  Branches a mechanism takes on ``is_cuda`` alone still take their CPU side here: compare op counts
+with ``profile_launches_gpu.py`` on the device before trusting a change.
+
+    python benchmarks/host_ops.py performer cosformer:causal --length 256 --embed-dim 512 --heads 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from efficient_attention import build_attention  # noqa: E402
+
+
+class CountOps(TorchDispatchMode):
+    """Counts ATen ops (forward and backward) and host syncs (``aten._local_scalar_dense``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.syncs, self.names = 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        self.syncs += func is torch.ops.aten._local_scalar_dense.default
+        self.names[func.__name__] = self.names.get(func.__name__, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+class LaunchStub:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **meta)`` counts the launch and computes nothing."""
+
+    launches = 0
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            LaunchStub.launches += 1
+
+        return launch
+
+
+def stub_triton_kernels() -> int:
+    """Replace every Triton kernel held by a module of this package with a :class:`LaunchStub`."""
+    import importlib
+    import pkgutil
+
+    import triton  # noqa: F401 - the kernels' modules import it
+
+    import efficient_attention.kernels as kernels
+
+    for info in pkgutil.iter_modules(kernels.__path__):  # the kernel modules, some imported lazily by their ops
+        if info.name.startswith("_triton") or info.name in ("triton_ops", "abc_step", "landmark", "linear_attention"):
+            importlib.import_module(f"{kernels.__name__}.{info.name}")
+
+    kinds = (triton.runtime.jit.KernelInterface,)  # JITFunction, and InterpretedFunction under TRITON_INTERPRET
+    replaced = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("efficient_attention") or mod is None:
+            continue
+        for attr, value in list(vars(mod).items()):
+            if isinstance(value, kinds):
+                setattr(mod, attr, LaunchStub(attr))
+                replaced += 1
+    return replaced
+
+
+def measure(name: str, causal: bool, length: int, embed_dim: int, heads: int, repeats: int, autocast: bool) -> dict:
+    torch.manual_seed(0)
+    m = build_attention(name, embed_dim=embed_dim, num_heads=heads, causal=causal, self_attention=True).train()
+    x = torch.randn(length, 2, embed_dim, requires_grad=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with ctx:
+            out, _ = m(x, x, x, need_weights=False)
+        out.sum().backward()
+        for p in m.parameters():
+            p.grad = None
+        x.grad = None
+
+    step()
+    LaunchStub.launches = 0
+    with CountOps() as ops:
+        step()
+    launches = LaunchStub.launches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "ops": ops.count,
+        "syncs": ops.syncs,
+        "launches": launches,
+        "us": sorted(times)[len(times) // 2] * 1e6,
+        "top": sorted(ops.names.items(), key=lambda kv: -kv[1])[:10],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mechanisms", nargs="+", help="names; 'name:causal' or 'name:noncausal' for one pattern")
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-autocast", action="store_true", help="fp32 without autocast (default: bf16 autocast)")
+    p.add_argument("--top", action="store_true", help="also print the most frequent ATen ops")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    stub_triton_kernels()
+    for spec in args.mechanisms:
+        name, _, pat = spec.partition(":")
+        for causal in (False, True):
+            if pat and (pat == "causal") != causal:
+                continue
+            try:
+                r = measure(name, causal, args.length, args.embed_dim, args.heads, args.repeats, not args.no_autocast)
+            except Exception as exc:  # noqa: BLE001 - one mechanism's failure must not stop the others
+                print(f"{name:12s} {'causal' if causal else 'noncausal':9s} ERROR {type(exc).__name__}: {exc}")
+                continue
+            print(
+                f"{name:12s} {'causal' if causal else 'noncausal':9s} ops {r['ops']:5d}  launches {r['launches']:3d}"
+                f"  syncs {r['syncs']:2d}  host {r['us']:8.0f} us",
+                flush=True,
+            )
+            if args.top:
+                print("    ", ", ".join(f"{n}x{c}" for n, c in r["top"]))
+
+
+if __name__ == "__main__":
+    main()
