@@ -254,8 +254,8 @@ def test_triton_linear_attention_compile_and_opcheck():
     ops = torch.ops.efficient_attention
     h0, z0 = state[0].contiguous(), state[1].contiguous()
     for normalize, time_first in ((True, True), (False, False)):  # normalised in-kernel, time-first bf16 / plain
-        args = (q, k, v, decay, h0, z0, normalize, torch.bfloat16, time_first)
-        torch.library.opcheck(ops.triton_linear_attention.default, args)
+        args = (q.detach(), k.detach(), v.detach(), decay, h0, z0, normalize, torch.bfloat16, time_first)
+        torch.library.opcheck(ops.triton_linear_attention.default, args)  # (autograd: _LinearFn, tested above)
 
 
 # -- landmark attention (efficient_attention.kernels.landmark) ------------------------------------------------

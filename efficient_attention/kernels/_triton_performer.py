@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import launch
+
 FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # a global a @triton.jit body reads must be constexpr
 
 
@@ -112,27 +114,16 @@ def performer_step(
     bsz, heads, _, d = q.shape
     m = w_t.shape[1]
     out = torch.empty((bsz, heads, 1, d), dtype=q.dtype, device=q.device)
-    _performer_step_kernel[(bsz * heads,)](
-        q,
-        k,
-        v,
-        w_t,
-        state,
-        c,
-        out,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        heads,
-        m,
-        d,
-        half_sq,
-        ROUND=_ROUND.get(product_dtype, 0),
-        BLOCK_M=max(16, triton.next_power_of_2(m)),
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_E=max(16, triton.next_power_of_2(d + 1)),
+    launch(
+        _performer_step_kernel,
+        (bsz * heads,),
+        (q, k, v, w_t, state, c, out),
+        (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), heads, m, d, half_sq),
+        dict(
+            ROUND=_ROUND.get(product_dtype, 0),
+            BLOCK_M=max(16, triton.next_power_of_2(m)),
+            BLOCK_D=max(16, triton.next_power_of_2(d)),
+            BLOCK_E=max(16, triton.next_power_of_2(d + 1)),
+        ),
     )
     return out

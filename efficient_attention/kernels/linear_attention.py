@@ -24,7 +24,8 @@ Backends (``LINEAR_ATTENTION``, a :class:`~efficient_attention.kernels.dispatch.
   registers across chunks (fp32), starting from the state entering the segment (the earlier segments' own
   final states, from a first pass of one product per chunk, summed with their decays); the backward runs
   the chunks backwards for ``dk, dv`` and forwards again for ``dq`` the same way (``_triton_linear.py``),
-  registered as the custom op ``efficient_attention::triton_linear_attention``.
+  under one ``autograd.Function`` (``_LinearFn``) that calls the launch functions directly in eager mode and
+  the custom ops ``efficient_attention::triton_linear_attention`` / ``..._bwd`` while ``torch.compile`` traces.
 * ``"chunked"`` -- any device, PyTorch: the same chunked algorithm with batched matmuls, the states
   entering the chunks from one cumsum (no decay) or one ``(N, N)`` decay-weighted matmul over the ``N``
   chunks; no Python loop.  Half inputs compute in fp32.
@@ -365,8 +366,7 @@ def _out_buffer(q: Tensor, d: int, dtype: torch.dtype, time_first: bool) -> Tens
     return torch.empty(bsz, heads, seq, d, device=q.device, dtype=dtype)
 
 
-@torch.library.custom_op("efficient_attention::triton_linear_attention", mutates_args=())
-def triton_linear_attention(
+def linear_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -384,6 +384,7 @@ def triton_linear_attention(
     import triton
 
     from . import _triton_linear as kern
+    from ._triton_common import launch
 
     bsz, heads, seq, m = q.shape
     d = v.shape[-1]
@@ -408,35 +409,26 @@ def triton_linear_attention(
         u = torch.empty(bh, nseg, m, d, device=q.device, dtype=torch.float32)
         uz = torch.empty(bh, nseg, m, device=q.device, dtype=torch.float32) if normalize else u
         gs = torch.empty(bh, nseg, device=q.device, dtype=torch.float32) if log_decay is not None else u
-        kern._seg_states[grid](
-            qf, kf, vf, g, u, u, u, u, uz, u, uz, gs, seq, m, d, 0, 0, seg, nseg, STORE_W=False, **flags
+        launch(
+            kern._seg_states,
+            grid,
+            (qf, kf, vf, g, u, u, u, u, uz, u, uz, gs),
+            (seq, m, d, 0, 0, seg, nseg),
+            dict(STORE_W=False, **flags),
         )
-    kern._fwd[grid](
-        qf,
-        kf,
-        vf,
-        g,
-        h0,
-        z0,
-        u,
-        uz,
-        gs,
-        o,
-        den,
-        final,
-        zf,
-        seq,
-        m,
-        d,
-        s_bh,
-        s_t,
-        seg,
-        nseg,
-        HAS_H0=state is not None,
-        STORE_HT=True,
-        **flags,
+    launch(
+        kern._fwd,
+        grid,
+        (qf, kf, vf, g, h0, z0, u, uz, gs, o, den, final, zf),
+        (seq, m, d, s_bh, s_t, seg, nseg),
+        dict(HAS_H0=state is not None, STORE_HT=True, **flags),
     )
     return o, den, final, zf
+
+
+triton_linear_attention = torch.library.custom_op(
+    "efficient_attention::triton_linear_attention", linear_fwd, mutates_args=()
+)
 
 
 @triton_linear_attention.register_fake
@@ -450,8 +442,7 @@ def _(q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first):
     )
 
 
-@torch.library.custom_op("efficient_attention::triton_linear_attention_bwd", mutates_args=())
-def triton_linear_attention_bwd(
+def linear_bwd(
     grad_o: Tensor,
     grad_final: Optional[Tensor],
     grad_z: Optional[Tensor],
@@ -465,13 +456,14 @@ def triton_linear_attention_bwd(
     den: Tensor,
     normalize: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, d_state, d_z_state)`` of :func:`triton_linear_attention` (``grad_final`` / ``grad_z`` None:
+    """``(dq, dk, dv, d_state, d_z_state)`` of :func:`linear_fwd` (``grad_final`` / ``grad_z`` None:
     the final state / normaliser got no gradient; ``o``, ``den`` its outputs; ``d_state`` uninitialised when there
     is no state, ``d_z_state`` when there is none or no normaliser).  The output gradient is read in its dtype and
     layout; no ``(B, H, T, d)`` fp32 buffer."""
     import triton
 
     from . import _triton_linear as kern
+    from ._triton_common import launch
 
     bsz, heads, seq, m = q.shape
     d = v.shape[-1]
@@ -493,8 +485,12 @@ def triton_linear_attention_bwd(
         o, so_bh, so_t = _rows(o)
         block = _pow2(d)
         rows = max(16, 4096 // block)
-        kern._den_grad[(triton.cdiv(seq, rows), bh)](
-            grad_o, o, den, gd, seq, d, s_bh, s_t, so_bh, so_t, ROWS=rows, BLOCK_D=block
+        launch(
+            kern._den_grad,
+            (triton.cdiv(seq, rows), bh),
+            (grad_o, o, den, gd),
+            (seq, d, s_bh, s_t, so_bh, so_t),
+            dict(ROWS=rows, BLOCK_D=block),
         )
     if n_d == 1:  # dq, dk whole: written once, in the input dtype
         dk = torch.empty(bh, seq, m, device=q.device, dtype=k.dtype)
@@ -521,68 +517,37 @@ def triton_linear_attention_bwd(
         uz = torch.empty(bh, nseg, m, **f32) if normalize else u
         wz = torch.empty_like(uz)
         gs = torch.empty(bh, nseg, **f32) if log_decay is not None else u
-        kern._seg_states[grid](
-            qf, kf, vf, g, grad_o, den, gd, u, uz, w, wz, gs, seq, m, d, s_bh, s_t, seg, nseg, STORE_W=True, **flags
+        launch(
+            kern._seg_states,
+            grid,
+            (qf, kf, vf, g, grad_o, den, gd, u, uz, w, wz, gs),
+            (seq, m, d, s_bh, s_t, seg, nseg),
+            dict(STORE_W=True, **flags),
         )
-    kern._bwd_dkdv[grid](
-        qf,
-        kf,
-        vf,
-        g,
-        grad_o,
-        den,
-        gd,
-        dht,
-        dzt,
-        w,
-        wz,
-        gs,
-        dk,
-        dv,
-        dh0,
-        dz0,
-        seq,
-        m,
-        d,
-        bh,
-        s_bh,
-        s_t,
-        seg,
-        nseg,
-        HAS_DHT=has_dht,
-        STORE_DH0=state is not None,
-        **flags,
+    launch(
+        kern._bwd_dkdv,
+        grid,
+        (qf, kf, vf, g, grad_o, den, gd, dht, dzt, w, wz, gs, dk, dv, dh0, dz0),
+        (seq, m, d, bh, s_bh, s_t, seg, nseg),
+        dict(HAS_DHT=has_dht, STORE_DH0=state is not None, **flags),
     )
-    kern._bwd_dq[grid](
-        qf,
-        kf,
-        vf,
-        g,
-        h0,
-        z0,
-        u,
-        uz,
-        gs,
-        grad_o,
-        den,
-        gd,
-        dq,
-        seq,
-        m,
-        d,
-        bh,
-        s_bh,
-        s_t,
-        seg,
-        nseg,
-        HAS_H0=state is not None,
-        **flags,
+    launch(
+        kern._bwd_dq,
+        grid,
+        (qf, kf, vf, g, h0, z0, u, uz, gs, grad_o, den, gd, dq),
+        (seq, m, d, bh, s_bh, s_t, seg, nseg),
+        dict(HAS_H0=state is not None, **flags),
     )
     shape = (bsz, heads, seq)
     if n_d > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
     dz0 = dz0.view(bsz, heads, m) if state is not None and normalize else q.new_empty(0, dtype=torch.float32)
     return dq.view(*shape, m), dk.view(*shape, m), dv.view(*shape, d), dh0.view(bsz, heads, m, d), dz0
+
+
+triton_linear_attention_bwd = torch.library.custom_op(
+    "efficient_attention::triton_linear_attention_bwd", linear_bwd, mutates_args=()
+)
 
 
 @triton_linear_attention_bwd.register_fake
@@ -597,29 +562,47 @@ def _(grad_o, grad_final, grad_z, q, k, v, log_decay, state, z_state, o, den, no
     )
 
 
-def _tla_setup(ctx, inputs, output):
-    q, k, v, log_decay, state, z_state, normalize, _, _ = inputs
-    o, den = output[0], output[1]
-    ctx.save_for_backward(q, k, v, log_decay, state, z_state, o if normalize else None, den if normalize else None)
-    ctx.normalize = normalize
+# -- the autograd wiring: eager calls run the functions above directly (a call through torch.library's custom-op
+# dispatcher cost ~0.5 ms of host time on an H200's host, twice a training step: the module is host-bound below
+# 8k tokens); while compiling, the registered ops, opaque to the compiler with their fake implementations
+def _linear_ops():
+    """``(forward, backward)``: the registered ops while compiling, else the plain launch functions."""
+    if torch.compiler.is_compiling():
+        return (
+            torch.ops.efficient_attention.triton_linear_attention,
+            torch.ops.efficient_attention.triton_linear_attention_bwd,
+        )
+    return linear_fwd, linear_bwd
 
 
-def _tla_backward(ctx, grad_o, grad_den, grad_final, grad_z):
-    q, k, v, log_decay, state, z_state, o, den = ctx.saved_tensors
-    normalize = ctx.normalize
-    if grad_o is None:
-        grad_o = q.new_zeros(*q.shape[:3], v.shape[-1])
-    if not normalize:
-        o = den = grad_o  # unread
-    dq, dk, dv, dh0, dz0 = torch.ops.efficient_attention.triton_linear_attention_bwd(
-        grad_o, grad_final, grad_z if normalize else None, q, k, v, log_decay, state, z_state, o, den, normalize
-    )
-    d_state = dh0.to(state.dtype) if state is not None else None
-    d_z = dz0.to(z_state.dtype) if z_state is not None and normalize else None
-    return dq, dk, dv, None, d_state, d_z, None, None, None
+class _LinearFn(torch.autograd.Function):
+    """:func:`linear_fwd` with :func:`linear_bwd` as its backward (``den`` gets no gradient)."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first):
+        fwd, _ = _linear_ops()
+        o, den, final, zf = fwd(q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first)
+        ctx.set_materialize_grads(False)  # an unused final state gets no zero gradient (and no work)
+        ctx.mark_non_differentiable(den)
+        ctx.save_for_backward(q, k, v, log_decay, state, z_state, o if normalize else None, den if normalize else None)
+        ctx.normalize = normalize
+        return o, den, final, zf
 
-triton_linear_attention.register_autograd(_tla_backward, setup_context=_tla_setup)
+    @staticmethod
+    def backward(ctx, grad_o, grad_den, grad_final, grad_z):
+        q, k, v, log_decay, state, z_state, o, den = ctx.saved_tensors
+        normalize = ctx.normalize
+        _, bwd = _linear_ops()
+        if grad_o is None:
+            grad_o = q.new_zeros(*q.shape[:3], v.shape[-1])
+        if not normalize:
+            o = den = grad_o  # unread
+        dq, dk, dv, dh0, dz0 = bwd(
+            grad_o, grad_final, grad_z if normalize else None, q, k, v, log_decay, state, z_state, o, den, normalize
+        )
+        d_state = dh0.to(state.dtype) if state is not None else None
+        d_z = dz0.to(z_state.dtype) if z_state is not None and normalize else None
+        return dq, dk, dv, None, d_state, d_z, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- backends
@@ -669,9 +652,7 @@ class LinearTriton(TritonBackend):
             q, k = (torch.nn.functional.pad(x, (0, pad)) for x in (q, k))
             h0 = None if h0 is None else torch.nn.functional.pad(h0, (0, 0, 0, pad))
             z0 = None if z0 is None else torch.nn.functional.pad(z0, (0, pad))
-        o, _, final, zf = torch.ops.efficient_attention.triton_linear_attention(
-            q, k, v, log_decay, h0, z0, normalize, out_dtype, time_first
-        )
+        o, _, final, zf = _LinearFn.apply(q, k, v, log_decay, h0, z0, normalize, out_dtype, time_first)
         return o, final[..., :m, :], (zf[..., :m] if normalize else None)
 
     @staticmethod
