@@ -424,8 +424,11 @@ class EfficientAttention(nn.Module):
         one_step = state is not None and tgt_len == 1 and keys_are_query and self._stacks_projections()
         k: Optional[Tensor]
         v: Optional[Tensor]
+        fused = not one_step and keys_are_query and self._fuses_projections()
         if one_step:  # a decoding step of self attention: q, k, v from one product
             q, k, v = self._project_step(query)
+        elif fused:  # self attention's q, k, v from one batched product
+            q, k, v = self._project_qkv(query)
         else:
             q = split_heads(self._project(self.q_proj, query), self.num_heads)
         if self.self_attention:
@@ -442,9 +445,11 @@ class EfficientAttention(nn.Module):
             src_new = state["prev_key"].shape[2]
         else:
             assert key is not None and value is not None  # given, or the query's (set above)
-            if not one_step and self.ignores_key_value and keys_are_query:
+            if one_step or fused:
+                pass  # projected above
+            elif self.ignores_key_value and keys_are_query:
                 k = v = q  # never read: the query's projection stands in (two products and their ops saved)
-            elif not one_step:
+            else:
                 k = split_heads(self._project(self.k_proj, key), self.num_kv_heads)
                 v = split_heads(self._project(self.v_proj, value), self.num_kv_heads)
             assert k is not None
@@ -646,6 +651,31 @@ class EfficientAttention(nn.Module):
         """The q, k, v projections of a decoding step may be one product: keys are the query's own features
         and no quantization noise is drawn (gradients flow through the stacking)."""
         return not self.cross and self.qkv_same_dim and not (self.training and self.q_noise > 0)
+
+    def _fuses_projections(self) -> bool:
+        """Whether a training / prefill call of self attention takes q, k, v from one batched product
+        (:meth:`_project_qkv`): the three projections have one shape and draw no quantization noise, and the
+        mechanism reads its keys and values."""
+        return self._stacks_projections() and self.num_kv_heads == self.num_heads and not self.ignores_key_value
+
+    def _project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """q, k, v ``(B, H, L, d)`` of ``x (L, B, C)`` from one ``baddbmm`` over the stacked weights ``(3, C, C)``:
+        each comes out contiguous time-first, exactly as from its own projection.  Below 8k tokens a training
+        step on a GPU is host-bound (~10 us an op); this takes one product, one weight cast under autocast and
+        one reduction for x's gradient where three projections take three of each (and two gradient sums)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        length, bsz, dim = x.shape
+        weight = torch.stack([p.weight for p in projs]).transpose(1, 2)  # (3, C_in, C_out)
+        bias = None if self.q_proj.bias is None else torch.stack([p.bias for p in projs]).unsqueeze(1)
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+            # cast here: autocast would cast the expanded x below into a (3, L*B, C) copy
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        rows = x.reshape(1, length * bsz, dim).expand(3, -1, -1)
+        y = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias, rows, weight)
+        q, k, v = y.view(3, length, bsz, -1).unbind(0)  # (one stack in the backward, not three zero-filled selects)
+        return split_heads(q, self.num_heads), split_heads(k, self.num_heads), split_heads(v, self.num_heads)
 
     def _project_step(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q ``(B, H, 1, d)``, k and v ``(B, Hkv, 1, d)`` of one token ``x (1, B, C)``: one product with the
