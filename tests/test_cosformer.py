@@ -291,7 +291,7 @@ def test_noncausal_products_match_the_linear_attention_op_and_gradcheck(monkeypa
     tables = (mod._cos_sin(16, 20, q.device, f64, f64),) * 2
 
     def run(a, b, c):
-        return mod._Noncausal.apply(a, b, c, tables, act_fun, f64, f64)
+        return mod._Noncausal.apply(a, b, c, tables, act_fun, f64)
 
     out = run(q, k, v)
     qf, kf = (mod._features(x, tables[0][0], act_fun, f64) for x in (q, k))

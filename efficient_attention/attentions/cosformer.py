@@ -61,22 +61,26 @@ def _cos_sin(length: int, m_len: int, device, dtype: torch.dtype, grad_dtype: to
     return tables
 
 
-def _features(x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
-    """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` contiguous in ``dtype`` from ``x (B, H, L, d)`` and ``table``
-    ``(L, 2, 1)`` of :func:`_cos_sin`: two kernels (the activation, one broadcast product written in ``dtype``)."""
+def _features(x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype, flat: bool = False) -> Tensor:
+    """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` (``flat``: ``(B*H, L, 2d)``) contiguous in ``dtype`` from
+    ``x (B, H, L, d)`` and ``table`` ``(L, 2, 1)`` of :func:`_cos_sin`: two kernels (the activation, one broadcast
+    product written in ``dtype``)."""
     acc = acc_dtype(dtype)
     act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
     bsz, heads, length, dim = x.shape
     out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
     torch.mul(act.unsqueeze(-2), table, out=out)
-    return out.view(bsz, heads, length, 2 * dim)
+    return out.view(bsz * heads, length, 2 * dim) if flat else out.view(bsz, heads, length, 2 * dim)
 
 
 def _features_backward(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, act_fun: str) -> Tensor:
-    """The gradient of :func:`_features` at ``x`` for ``grad (B, H, L, 2d)``: the cos half times ``cos`` plus the
-    sin half times ``sin`` (``(L, 1)`` in ``grad``'s dtype; two kernels, fp32 inside), then the activation's."""
-    dim = x.shape[-1]
-    grad_act = torch.mul(grad[..., :dim], cos).addcmul_(grad[..., dim:], sin)
+    """The gradient of :func:`_features` at ``x (B, H, L, d)`` for ``grad`` (``(B, H, L, 2d)`` or flat): the cos
+    half times ``cos`` plus the sin half times ``sin`` (``(L, 1)`` in ``grad``'s dtype; two kernels, fp32
+    inside), then the activation's."""
+    if grad.dim() != x.dim():
+        grad = grad.view(x.shape[:-1] + (2 * x.shape[-1],))
+    grad_cos, grad_sin = grad.chunk(2, dim=-1)  # one op for the two halves
+    grad_act = torch.mul(grad_cos, cos).addcmul_(grad_sin, sin)
     if act_fun == "relu":  # relu's own backward: one kernel, the gradient where x > 0
         return torch.ops.aten.threshold_backward(grad_act.to(x.dtype), x, 0)
     # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
@@ -84,18 +88,32 @@ def _features_backward(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, act_fu
 
 
 class _Features(torch.autograd.Function):
-    """:func:`_features` as one autograd node (three kernels backward); nothing but ``x`` saved."""
+    """:func:`_features` of the query and of the key as one autograd node (three kernels each backward); nothing
+    but ``q``, ``k`` and the tables' columns saved.  ``tables`` are the query's and the key's ``(table, cos, sin)``
+    of :func:`_cos_sin`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, table: Tensor, cos: Tensor, sin: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(x, cos, sin)
+    def forward(ctx, q: Tensor, k: Tensor, tables, act_fun: str, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        (tq, cq, sq), (tk, ck, sk) = tables
+        ctx.save_for_backward(q, k, cq, sq, ck, sk)
         ctx.act_fun = act_fun
-        return _features(x, table, act_fun, dtype)
+        return _features(q, tq, act_fun, dtype), _features(k, tk, act_fun, dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, cos, sin = ctx.saved_tensors
-        return _features_backward(grad, x, cos, sin, ctx.act_fun), None, None, None, None, None
+    def backward(ctx, grad_qf: Tensor, grad_kf: Tensor):
+        q, k, cq, sq, ck, sk = ctx.saved_tensors
+        grad_q = _features_backward(grad_qf, q, cq, sq, ctx.act_fun)
+        grad_k = _features_backward(grad_kf, k, ck, sk, ctx.act_fun)
+        return grad_q, grad_k, None, None, None
+
+
+def _strided(op, size: Tuple[int, ...], stride: Tuple[int, ...], a: Tensor, b: Tensor) -> Tensor:
+    """``op(a, b)`` of shape ``size`` written in a new tensor of strides ``stride`` and ``a``'s dtype (the memory
+    layout the next step wants: no copy there); under torch.compile just ``op(a, b)`` (Dynamo refuses a strided
+    ``out=``, and Inductor picks its own layouts)."""
+    if torch.compiler.is_compiling():
+        return op(a, b)
+    return op(a, b, out=torch.empty_strided(size, stride, dtype=a.dtype, device=a.device))
 
 
 def _reduce_length(a: Tensor, b: Tensor) -> Tensor:
@@ -114,32 +132,28 @@ class _Noncausal(torch.autograd.Function):
     """Noncausal cosFormer from ``q (B, H, T, d)``, ``k (B, H, S, d)``, ``v (B, H, S, d)``: the features
     ``q̂, k̂`` (:func:`_features`, ``(B, H, ·, 2d)`` in ``dtype``), then ``out_t = q̂_t S / q̂_t z`` with
     ``S = Σ_j k̂_j v_jᵀ``, ``z = Σ_j k̂_j``: every product in ``dtype`` (bf16 under autocast runs on tensor cores,
-    accumulating in fp32), the output written in ``out_dtype`` in a time-first ``(T, B, H, d)`` memory layout
+    accumulating in fp32), the output (in ``dtype``) written in a time-first ``(T, B, H, d)`` memory layout
     (merging the heads needs no copy).  ``tables`` are the query's and the key's ``(table, cos, sin)`` of
     :func:`_cos_sin`.
 
-    ``v`` gets the normaliser's ones column and zeros up to a multiple of 8 columns (aligned rows for the
+    ``v`` gets columns of ones up to a multiple of 8 columns (the normaliser's, and aligned rows for the
     products), so ``S`` and ``z`` are one ``(2d, w)`` state and numerator and denominator one product; rows with
     a denominator <= 0 (nothing attended) give 0 with zero gradients.  One autograd node: two batched products
     forward, four backward (the reductions over the length cut into chunks on CUDA); the features are recomputed
-    in the backward (two kernels each) rather than saved (twice the size of ``q`` and ``k`` each)."""
+    in the backward (two kernels each) rather than saved (twice the size of ``q`` and ``k`` each), and at most
+    one of them is alive at a time, forward and backward."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tables, act_fun: str, dtype: torch.dtype, out_dtype) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tables, act_fun: str, dtype: torch.dtype) -> Tensor:
         bsz, heads, tgt_len, dim = q.shape
         width = -(-(dim + 1) // 8) * 8
         (tq, cq, sq), (tk, ck, sk) = tables
-        qf = _features(q, tq, act_fun, dtype).view(bsz * heads, tgt_len, 2 * dim)
-        kf = _features(k, tk, act_fun, dtype).view(bsz * heads, -1, 2 * dim)
-        v1 = F.pad(v.to(dtype), (0, width - dim)).view(bsz * heads, -1, width)
-        v1.select(-1, dim).fill_(1.0)
-        state = _reduce_length(kf, v1)  # (B*H, 2d, w): [S, z, 0...]
-        o = torch.bmm(qf, state).view(bsz, heads, tgt_len, width)
-        den = o[..., dim]
+        v1 = F.pad(v.to(dtype), (0, width - dim), value=1.0).view(bsz * heads, -1, width)  # [v, 1, ...]
+        state = _reduce_length(_features(k, tk, act_fun, dtype, flat=True), v1)  # (B*H, 2d, w): [S, z, ...]
+        o = torch.bmm(_features(q, tq, act_fun, dtype, flat=True), state).view(bsz, heads, tgt_len, width)
+        den = o[..., dim : dim + 1]  # (B, H, T, 1)
         den = den.masked_fill(den <= 0, float("inf"))  # nothing attended: num / inf = 0
-        out = torch.empty(tgt_len, bsz, heads, dim, dtype=out_dtype, device=q.device)
-        torch.div(o[..., :dim].permute(2, 0, 1, 3), den.permute(2, 0, 1).unsqueeze(-1), out=out)
-        out = out.permute(1, 2, 0, 3)
+        out = _strided(torch.div, q.shape, (heads * dim, dim, bsz * heads * dim, 1), o[..., :dim], den)
         ctx.save_for_backward(q, k, v1, state, den, out, tq, cq, sq, tk, ck, sk)
         ctx.act_fun, ctx.dtype, ctx.v_dtype = act_fun, dtype, v.dtype
         return out
@@ -148,20 +162,24 @@ class _Noncausal(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         q, k, v1, state, den, out, tq, cq, sq, tk, ck, sk = ctx.saved_tensors
         bsz, heads, tgt_len, dim = out.shape
-        width = v1.shape[-1]
-        qf = _features(q, tq, ctx.act_fun, ctx.dtype).view(bsz * heads, tgt_len, 2 * dim)
-        kf = _features(k, tk, ctx.act_fun, ctx.dtype).view(bsz * heads, -1, 2 * dim)
-        grad_num = torch.div(grad, den.unsqueeze(-1)).to(qf.dtype)  # a cast only for a half output of fp32 features
+        src_len, width = k.shape[2], v1.shape[-1]
+        grad_num = torch.div(grad, den).to(ctx.dtype)  # a cast only for an output of another dtype
         grad_o = F.pad(grad_num, (0, width - dim))  # [d num, d den, 0...] contiguous
-        grad_o.select(-1, dim).sub_((grad_num * out).sum(-1))  # d(num/den)/d den = -out / den
+        grad_o[..., dim : dim + 1].sub_((grad_num * out).sum(-1, keepdim=True))  # d(num/den)/d den = -out / den
+        del grad_num
         grad_o = grad_o.view(bsz * heads, tgt_len, width)
-        grad_qf = torch.bmm(grad_o, state.transpose(1, 2)).view(bsz, heads, tgt_len, 2 * dim)
-        grad_state = _reduce_length(qf, grad_o)
-        grad_kf = torch.bmm(v1, grad_state.transpose(1, 2)).view(bsz, heads, -1, 2 * dim)
-        grad_v = torch.bmm(kf, grad_state[..., :dim]).view(bsz, heads, -1, dim)
-        grad_q = _features_backward(grad_qf, q, cq, sq, ctx.act_fun)
-        grad_k = _features_backward(grad_kf, k, ck, sk, ctx.act_fun)
-        return grad_q, grad_k, grad_v.to(ctx.v_dtype), None, None, None, None
+        # the query's side first: its features and gradients are freed before the key's are made
+        grad_state = _reduce_length(_features(q, tq, ctx.act_fun, ctx.dtype, flat=True), grad_o)
+        grad_q = _features_backward(torch.bmm(grad_o, state.transpose(1, 2)), q, cq, sq, ctx.act_fun)
+        del grad_o
+        kf = _features(k, tk, ctx.act_fun, ctx.dtype, flat=True)
+        # grad_v written time-first: splitting the heads back (to (S, B, H*d)) needs no copy
+        grad_v = _strided(
+            torch.bmm, (bsz * heads, src_len, dim), (dim, bsz * heads * dim, 1), kf, grad_state[..., :dim]
+        )
+        del kf
+        grad_k = _features_backward(torch.bmm(v1, grad_state.transpose(1, 2)), k, ck, sk, ctx.act_fun)
+        return grad_q, grad_k, grad_v.view(bsz, heads, src_len, dim).to(ctx.v_dtype), None, None, None
 
 
 @register_attention("cosformer", "cos_former")
@@ -277,9 +295,8 @@ class CosformerAttention(EfficientAttention):
             q_tables = _cos_sin(tgt_len, m_len, q.device, acc, feature_dtype)
             k_tables = q_tables if src_len == tgt_len else _cos_sin(src_len, m_len, q.device, acc, feature_dtype)
             if own_products:
-                return _Noncausal.apply(q, k, v, (q_tables, k_tables), self.act_fun, feature_dtype, dtype)
-            qf = _Features.apply(q, *q_tables, self.act_fun, feature_dtype)
-            kf = _Features.apply(k, *k_tables, self.act_fun, feature_dtype)
+                return _Noncausal.apply(q, k, v, (q_tables, k_tables), self.act_fun, dtype)
+            qf, kf = _Features.apply(q, k, (q_tables, k_tables), self.act_fun, feature_dtype)
             return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 
     def _static_summary(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]) -> Dict[str, Any]:
