@@ -17,7 +17,7 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, softmax
-from ..kernels.linear_attention import linear_attention
+from ..kernels.linear_attention import _split_k, linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
 
@@ -56,7 +56,10 @@ class PerformerOptions(AttentionOptions):
 
 def _time_first_matmul(x: Tensor, w_t: Tensor) -> Tensor:
     """``x @ w_t`` for ``x (B, H, L, d)``; a view of a time-first ``(L, B, H, d)`` tensor (the projections'
-    layout) is multiplied as that tensor, without the copy ``matmul`` would make, and keeps its layout."""
+    layout) is multiplied as that tensor, without the copy ``matmul`` would make, and keeps its layout.  Rows
+    ``(L, B*H, d)`` are multiplied as they are."""
+    if x.dim() == 3:
+        return torch.matmul(x, w_t)
     tf = x.permute(2, 0, 1, 3)
     if tf.is_contiguous():
         return torch.matmul(tf, w_t).permute(1, 2, 0, 3)
@@ -69,46 +72,158 @@ def _log_decay(run: Tensor) -> Tensor:
     return F.pad(run, (1, 0), mode="replicate")[..., :-1] - run
 
 
-class _KeyFeatures(torch.autograd.Function):
-    """Performer key features of unpadded keys, one autograd node: ``φ (B, H, S, m)`` contiguous in ``dtype``
-    (and, causal, the log decay ``(B, H, S)``).
+def _key_logits(k: Tensor, w_t: Tensor, half_sq: float) -> Tensor:
+    """``W' k - s²|k|²/2`` ``(B, H, S, m)`` in the accumulation dtype: product, norm, ``addcmul``."""
+    norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc_dtype(k.dtype))
+    return torch.addcmul(_time_first_matmul(k, w_t), norm, norm, value=-half_sq)
 
-    ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)`` (``W' = s W`` given transposed, ``w_t (d, m)``, in the product's
-    dtype and ``w_acc (d, m)`` in the accumulation dtype; ``s = d^(-1/4)``; ``c`` carries no gradient): ``c`` is
-    the max over every key and feature (noncausal) or the running max over the keys so far (causal, log decay
-    ``c_{j-1} - c_j``).  Forward: product, norm, ``addcmul``, max, ``exp`` written in ``dtype``; backward from
-    the saved features, ``∂k = (g∘φ) W' - s² k Σ_m (g∘φ)``: four kernels and a cast, where autograd would record
-    about fifteen.
+
+def _time_first_view(x: Tensor) -> Tensor:
+    """``(L, B, H, n)`` view of ``x (B, H, L, n)``; rows ``(L, B*H, n)`` as they are (the permutation is its own
+    inverse's pair: :func:`_heads_view` undoes it)."""
+    return x.permute(2, 0, 1, 3) if x.dim() == 4 else x
+
+
+def _heads_view(x: Tensor) -> Tensor:
+    """``(B, H, L, n)`` view of time-first ``x (L, B, H, n)``; rows as they are."""
+    return x.permute(1, 2, 0, 3) if x.dim() == 4 else x
+
+
+def _feature_grad_rows(grad: Tensor, feats: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad ∘ feats`` in ``dtype``, written time-first and contiguous: ``(L, B, H, m)`` for ``(B, H, L, m)``
+    features, ``(L, B*H, m)`` for rows."""
+    tf = _time_first_view(feats)
+    return torch.mul(_time_first_view(grad), tf, out=torch.empty(tf.shape, dtype=dtype, device=feats.device))
+
+
+def _query_grad(grad: Tensor, feats: Tensor, w: Tensor) -> Tensor:
+    """``∂q`` (``w``'s dtype, time-first memory) for ``feats = softmax_m(q W')`` (``(B, H, T, m)`` or rows
+    ``(T, B*H, m)``; ``w = W' (m, d)``) from their gradient: ``(g∘φ) W'``.  The softmax's normalisation has no
+    gradient here: the attention output is unchanged by a positive factor per query on its features
+    (``num / den``), so ``Σ_m φ_m g_m = 0``."""
+    return _heads_view(torch.matmul(_feature_grad_rows(grad, feats, w.dtype), w))
+
+
+def _key_grad(grad: Tensor, feats: Tensor, k: Tensor, w_acc: Tensor, half_sq: float) -> Tensor:
+    """``∂k`` (``k``'s dtype, time-first memory) for ``feats = exp(k W' - s²|k|²/2 - c)`` (``(B, H, S, m)`` or
+    rows; ``w_acc = W' (m, d)``; ``c`` carries no gradient) from their gradient: ``∂k = (g∘φ) W' - s² k Σ_m
+    (g∘φ)``, in ``w_acc``'s (the accumulation) dtype and written in ``k``'s."""
+    gl = _feature_grad_rows(grad, feats, w_acc.dtype)
+    gk, kt, sums, scale = torch.matmul(gl, w_acc), _time_first_view(k), gl.sum(-1, keepdim=True), -2.0 * half_sq
+    if gk.dtype == k.dtype:
+        return _heads_view(gk.addcmul_(kt, sums, value=scale))
+    out = torch.empty(gk.shape, dtype=k.dtype, device=gk.device)  # the cast written by the addcmul
+    return _heads_view(torch.addcmul(gk, kt, sums, value=scale, out=out))
+
+
+class _CausalFeatures(torch.autograd.Function):
+    """Causal Performer features of unpadded queries and keys as one autograd node: ``φ(q) (B, H, T, m)``,
+    ``φ(k) (B, H, S, m)`` contiguous in ``dtype`` and the log decay ``(B, H, S)``.
+
+    ``φ(q) = softmax_m(W' q)`` (up to a factor per query, which cancels); ``φ_j = exp(W' k_j - s²|k_j|²/2 - c_j)``
+    with ``c`` the running max over the keys so far (log decay ``c_{j-1} - c_j``, no gradient); ``W' = s W``,
+    ``s = d^(-1/4)``, given as ``w_t (d, m)`` and ``w (m, d)`` in the product's dtype and ``w_acc (m, d)`` in the
+    accumulation dtype.  Backward from the saved features (:func:`_query_grad`, :func:`_key_grad`): six kernels,
+    the gradients written in the projections' time-first layout (no copies behind them).
     """
 
     @staticmethod
-    def forward(ctx, k: Tensor, w_t: Tensor, w_acc: Tensor, half_sq: float, causal: bool, dtype: torch.dtype):
-        acc = acc_dtype(dtype)
-        norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc)
-        logits = torch.addcmul(_time_first_matmul(k, w_t), norm, norm, value=-half_sq)
-        decay = None
-        if causal:
-            run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
-            decay = _log_decay(run)
-            logits = logits.sub_(run.unsqueeze(-1))
-        else:  # (a softmax over keys and features would need the (L, m) rows contiguous: a copy)
-            logits = logits.sub_(logits.amax(dim=(-1, -2), keepdim=True))
+    def forward(ctx, q: Tensor, k: Tensor, w_t: Tensor, w: Tensor, w_acc: Tensor, half_sq: float, dtype):
+        qf = torch.softmax(_time_first_matmul(q, w_t), dim=-1, dtype=dtype)
+        logits = _key_logits(k, w_t, half_sq)
+        run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
+        decay = _log_decay(run)
+        logits = logits.sub_(run.unsqueeze(-1))
         feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
-        ctx.save_for_backward(k, w_acc, feats)
+        ctx.save_for_backward(k, w, w_acc, qf, feats)
         ctx.half_sq = half_sq
-        if decay is None:
-            return feats
         ctx.mark_non_differentiable(decay)
-        return feats, decay
+        return qf, feats, decay
 
     @staticmethod
-    def backward(ctx, grad: Tensor, *_):
-        k, w_acc, feats = ctx.saved_tensors
-        acc = acc_dtype(feats.dtype)
-        gl = torch.mul(grad, feats, out=torch.empty(feats.shape, dtype=acc, device=feats.device))  # ∂ logits
-        gk = torch.matmul(gl, w_acc.t())
-        gk = torch.addcmul(gk, k, gl.sum(-1, keepdim=True), value=-2.0 * ctx.half_sq)
-        return gk.to(k.dtype), None, None, None, None, None
+    def backward(ctx, grad_q: Optional[Tensor], grad_k: Optional[Tensor], _):
+        k, w, w_acc, qf, kf = ctx.saved_tensors
+        gq = None if grad_q is None else _query_grad(grad_q, qf, w)
+        gk = None if grad_k is None else _key_grad(grad_k, kf, k, w_acc, ctx.half_sq)
+        return gq, gk, None, None, None, None, None
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``(L, B*H, d)`` rows of ``x (B, H, L, d)``: a view of a time-first tensor (the projections' layout), else a
+    copy."""
+    return x.permute(2, 0, 1, 3).reshape(x.shape[2], -1, x.shape[-1])
+
+
+def _length_product(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_l a_lᵀ b_l`` ``(B*H, m, n)`` for contiguous ``a (L, B*H, m)``, ``b (L, B*H, n)`` in their dtype (fp32
+    accumulation).  On CUDA a long ``L`` is split into the linear op's number of chunks (``_split_k``: one output
+    tile per (batch, head) leaves the GPU idle), taken interleaved (chunk ``i`` holds rows ``i, i + n, ...``) so
+    that chunks, batches and heads share one stride and nothing is copied."""
+    length, bh, m = a.shape
+    n = _split_k(length, a)
+    if n == 1:
+        return torch.bmm(a.permute(1, 2, 0), b.transpose(0, 1))
+    a3, b3 = a.view(length // n, n * bh, m), b.view(length // n, n * bh, b.shape[-1])
+    return torch.bmm(a3.permute(1, 2, 0), b3.transpose(0, 1)).view(n, bh, m, b.shape[-1]).sum(0)
+
+
+class _NoncausalFavor(torch.autograd.Function):
+    """Noncausal FAVOR+ of unpadded inputs as one autograd node: ``out (B, H, T, d)`` in ``dtype`` (time-first
+    memory) from ``q (B, H, T, d)``, ``k``, ``v (B, H, S, d)`` in the product's dtype (``w_t``'s; time-first
+    memory, the projections' layout, saves copies).
+
+    ``φ(q) = softmax_m(W' q)``, ``φ(k) = exp(W' k - s²|k|²/2 - c)`` (``c``: the max over every key and feature of
+    the (batch, head); both factors cancel), ``kv = Σ_j φ(k_j) v_jᵀ``, ``z = Σ_j φ(k_j)``,
+    ``out = φ(q) kv / φ(q)·z``: every product in the product's dtype with fp32 accumulation, no ``[v, 1]``
+    copy, no autograd record of the chain.  Backward, with ``gn = g / den`` and ``r = Σ_d gn∘out``:
+    ``∂φ(q) = gn kvᵀ - r zᵀ``, ``∂kv = Σ_t φ(q_t)ᵀ gn_t``, ``∂z = -Σ_t φ(q_t) r_t``, ``∂v = φ(k) ∂kv``,
+    ``∂φ(k) = v ∂kvᵀ + ∂z``, then :func:`_query_grad` and :func:`_key_grad`.  Tensors are kept as time-first
+    rows ``(L, B*H, ·)`` and ``(B*H, ·, ·)`` products.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, w_t: Tensor, w: Tensor, w_acc: Tensor, half_sq: float, dtype):
+        bsz, heads, tgt_len, dim = q.shape
+        fd = w_t.dtype
+        qf = torch.softmax(torch.matmul(_rows(q), w_t), dim=-1, dtype=fd)  # (T, B*H, m)
+        kr = _rows(k)
+        logits = _key_logits(kr, w_t, half_sq)  # (S, B*H, m) in the accumulation dtype
+        logits = logits.sub_(logits.amax(dim=(0, 2), keepdim=True))
+        if fd == logits.dtype:
+            kf = logits.exp_()
+        else:
+            kf = torch.exp(logits, out=torch.empty(logits.shape, dtype=fd, device=logits.device))
+        vr = _rows(v)
+        kv = _length_product(kf, vr)  # (B*H, m, d)
+        z = kf.sum(0).unsqueeze(-1)  # (B*H, m, 1)
+        qt = qf.transpose(0, 1)
+        den = torch.bmm(qt, z).clamp_min_(torch.finfo(fd).tiny)  # (B*H, T, 1); 0 only where nothing was seen
+        out = torch.empty(tgt_len, bsz, heads, dim, dtype=dtype, device=q.device)
+        torch.div(torch.bmm(qt, kv).transpose(0, 1), den.transpose(0, 1), out=out.view(tgt_len, -1, dim))
+        ctx.save_for_backward(kr, vr, w, w_acc, qf, kf, kv, z, den, out)
+        ctx.half_sq = half_sq
+        return out.permute(1, 2, 0, 3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        kr, vr, w, w_acc, qf, kf, kv, z, den, out = ctx.saved_tensors
+        tgt_len, src_len, (bsz, heads, dim) = qf.shape[0], kf.shape[0], out.shape[1:]
+        gn = _rows(grad) / den.transpose(0, 1)  # (T, B*H, d)
+        r = (gn * out.view(tgt_len, -1, dim)).sum(-1, keepdim=True)  # (T, B*H, 1): -∂den
+        gqf = torch.bmm(gn.transpose(0, 1), kv.transpose(1, 2))  # (B*H, T, m)
+        gqf.baddbmm_(r.transpose(0, 1), z.transpose(1, 2), alpha=-1.0)
+        gkv, rq = _length_product(qf, gn), _length_product(qf, r)  # ∂kv (B*H, m, d), -∂z (B*H, m, 1)
+        gkf = torch.baddbmm(rq.transpose(1, 2), vr.transpose(0, 1), gkv.transpose(1, 2), beta=-1.0)  # (B*H, S, m)
+        gv = torch.bmm(kf.transpose(0, 1), gkv).view(bsz, heads, src_len, dim)
+        gq = _query_grad(gqf.transpose(0, 1), qf, w)
+        gk = _key_grad(gkf.transpose(0, 1), kf, kr, w_acc, ctx.half_sq)
+        return _heads(gq, bsz), _heads(gk, bsz), gv, None, None, None, None, None
+
+
+def _heads(rows: Tensor, bsz: int) -> Tensor:
+    """``(B, H, L, d)`` view of time-first rows ``(L, B*H, d)``."""
+    length, bh, dim = rows.shape
+    return rows.view(length, bsz, bh // bsz, dim).permute(1, 2, 0, 3)
 
 
 @register_attention("performer", "favor")
@@ -288,22 +403,21 @@ class Performer(EfficientAttention):
         return out.to(q.dtype), None
 
     def _attend_unpadded(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The training path without padding: the same math with every dtype explicit (autocast off), the key
-        features from :class:`_KeyFeatures` and the projections without layout copies."""
+        """The training path without padding: the same math with every dtype explicit (autocast off), one autograd
+        node for the features (:class:`_CausalFeatures`) or for all of it (:class:`_NoncausalFavor`), the
+        projections read and their gradients written without layout copies."""
         dtype, device = q.dtype, q.device.type
-        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else acc_dtype(dtype)
+        autocast = torch.is_autocast_enabled(device) and acc_dtype(dtype) != torch.float64
+        product = torch.get_autocast_dtype(device) if autocast else acc_dtype(dtype)
         with torch.autocast(device, enabled=False):
-            w_t, w_acc = self._feature_weight(product), self._feature_weight(acc_dtype(dtype))
-            half_sq = 0.5 * self.head_dim**-0.5
-            feature_dtype = dtype if self.causal else acc_dtype(dtype)  # the Triton kernels take the input dtype
-            qf = torch.softmax(_time_first_matmul(q.to(product), w_t), dim=-1, dtype=feature_dtype)
-            if self.causal:  # the Triton kernels take features in the input dtype
-                kf, decay = _KeyFeatures.apply(k.to(product), w_t, w_acc, half_sq, True, dtype)
-                out = linear_attention(qf, kf, v, causal=True, log_decay=decay, out_dtype=dtype)
-            else:
-                kf = _KeyFeatures.apply(k.to(product), w_t, w_acc, half_sq, False, acc_dtype(dtype))
-                out = linear_attention(qf, kf, v, causal=False, out_dtype=dtype)
-        return out
+            w_t, w = self._feature_weight(product), self._feature_weight(product, rows=True)
+            w_acc = self._feature_weight(acc_dtype(dtype), rows=True)
+            q, k, half_sq = q.to(product), k.to(product), 0.5 * self.head_dim**-0.5
+            if not self.causal:
+                return _NoncausalFavor.apply(q, k, v.to(product), w_t, w, w_acc, half_sq, dtype)
+            # the Triton kernels take features in the input dtype
+            qf, kf, decay = _CausalFeatures.apply(q, k, w_t, w, w_acc, half_sq, dtype)
+            return linear_attention(qf, kf, v, causal=True, log_decay=decay, out_dtype=dtype)
 
     def _attend_step(
         self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
@@ -337,21 +451,23 @@ class Performer(EfficientAttention):
         state.update(sums)
         return out.to(q.dtype)
 
-    def _feature_weight(self, dtype: torch.dtype) -> Tensor:
-        """``(W d^(-1/4))ᵀ`` ``(d, m)`` contiguous in ``dtype``, kept until the buffer changes (a redraw or a
-        ``state_dict`` load writes it in place, which moves its version counter): no scaling, transposing or
-        casting op per forward or decoding step."""
+    def _feature_weight(self, dtype: torch.dtype, rows: bool = False) -> Tensor:
+        """``(W d^(-1/4))ᵀ`` ``(d, m)`` (``rows``: ``W d^(-1/4)`` ``(m, d)``, for the gradients) contiguous in
+        ``dtype``, kept until the buffer changes (a redraw or a ``state_dict`` load writes it in place, which moves
+        its version counter): no scaling, transposing or casting op per forward or decoding step."""
         w = self.projection_matrix
         if torch.compiler.is_compiling() or w.is_inference():
-            return (w * self.head_dim**-0.25).t().to(dtype)
+            scaled = (w * self.head_dim**-0.25).to(dtype)
+            return scaled if rows else scaled.t()
         version = (w.device, w._version, w.data_ptr())
-        cache: Optional[Tuple[Any, Dict[torch.dtype, Tensor]]] = self.__dict__.get("_feature_w")
+        cache: Optional[Tuple[Any, Dict[Tuple[torch.dtype, bool], Tensor]]] = self.__dict__.get("_feature_w")
         if cache is None or cache[0] != version:  # a new matrix: the copies of the old one go
             cache = self.__dict__["_feature_w"] = (version, {})
         copies = cache[1]
-        hit = copies.get(dtype)
+        hit = copies.get((dtype, rows))
         if hit is None:
-            hit = copies[dtype] = (w * self.head_dim**-0.25).t().to(dtype).contiguous()
+            scaled = (w * self.head_dim**-0.25).to(dtype)
+            hit = copies[dtype, rows] = (scaled if rows else scaled.t()).contiguous()
         return hit
 
     def _fused_step_fits(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any]) -> bool:
