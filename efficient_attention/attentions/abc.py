@@ -177,6 +177,40 @@ class _SlotAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class _SlotMemory(torch.autograd.Function):
+    """The key-side memory ``K̃ = α k``, ``Ṽ = α v`` ``(B, H, n, d)`` with ``α = softmax_S(w kᵀ)`` for keys and
+    values ``(B, H, S, d)`` (read in place as head views of the time-first projections) and the slot projection
+    ``w (H, n, d)``, in ``k``'s dtype: three products batched over ``B·H`` and a softmax over the keys.  One autograd
+    node where autograd records five (and the broadcast of ``w``); backward six products (two accumulating) and one
+    softmax backward."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, w: Tensor):
+        bsz, heads, length, d = k.shape
+        kf, vf = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
+        wm = _slot_matrix(w, bsz, k.dtype).transpose(1, 2)  # (B·H, n, d)
+        alpha = torch.softmax(torch.bmm(wm, kf.transpose(1, 2)), dim=-1)  # (B·H, n, S); half: fp32 inside
+        ctx.save_for_backward(kf, vf, wm, alpha)
+        ctx.w_dtype, ctx.heads = w.dtype, heads
+        shape = (bsz, heads, -1, d)
+        return torch.bmm(alpha, kf).view(shape), torch.bmm(alpha, vf).view(shape)
+
+    @staticmethod
+    def backward(ctx, dmk: Optional[Tensor], dmv: Optional[Tensor]):
+        kf, vf, wm, alpha = ctx.saved_tensors
+        shape = (kf.shape[0], *wm.shape[1:])
+        dmk = alpha.new_zeros(shape) if dmk is None else dmk.flatten(0, 1).to(alpha.dtype)
+        dmv = alpha.new_zeros(shape) if dmv is None else dmv.flatten(0, 1).to(alpha.dtype)
+        dalpha = torch.bmm(dmk, kf.transpose(1, 2)).baddbmm_(dmv, vf.transpose(1, 2))
+        ds = torch.ops.aten._softmax_backward_data(dalpha, alpha, -1, alpha.dtype)
+        at = alpha.transpose(1, 2)
+        dk = torch.bmm(at, dmk).baddbmm_(ds.transpose(1, 2), wm)
+        dv = torch.bmm(at, dmv)
+        heads = ctx.heads
+        dw = torch.bmm(ds, kf).view(-1, heads, *wm.shape[1:]).sum(0, dtype=ctx.w_dtype)
+        return dk.view(-1, heads, *dk.shape[1:]), dv.view(-1, heads, *dv.shape[1:]), dw
+
+
 @dataclass(frozen=True)
 class ABCOptions(AttentionOptions):
     num_landmarks: int = positive_int(16, "number of memory slots n")
@@ -237,15 +271,15 @@ class ABC(EfficientAttention):
 
     def _memory(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
         """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key, in ``k``'s dtype: the slot
-        scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension."""
+        scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension; without padding
+        one autograd node (:class:`_SlotMemory`)."""
+        if kpm is None:
+            return _SlotMemory.apply(k, v, self.landmark_proj)
         bsz, heads, length, d = k.shape
         keys, values = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
         w = _slot_matrix(self.landmark_proj, bsz, k.dtype).transpose(1, 2)  # (B·H, n, d)
         scores = torch.bmm(w, keys.transpose(1, 2)).view(bsz, heads, -1, length)  # (B, H, n, S)
-        if kpm is None:  # half inputs: computed in fp32, rounded once (one kernel, no fp32 copy kept)
-            alpha = torch.softmax(scores, dim=-1)
-        else:  # all padded -> 0
-            alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
+        alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)  # all padded: 0
         alpha = alpha.flatten(0, 1)
         return torch.bmm(alpha, keys).view(bsz, heads, -1, d), torch.bmm(alpha, values).view(bsz, heads, -1, d)
 
