@@ -118,10 +118,7 @@ class _SlotWeights(torch.autograd.Function):
     @staticmethod
     def _scan_grad(g: Tensor, a: Tensor, c: Tensor, nl: Tensor) -> Tensor:
         """``-Σ_{i>=j} g_i e^{a_j - lse_i}`` ``(B, H, S, n)`` fp32 for ``g = dnl``."""
-        lg = torch.log(g.abs()).add_(nl).sub_(c)  # log|g_i| - lse_i
-        parts = torch.stack([lg, lg])
-        parts[0].masked_fill_(g <= 0, float("-inf"))
-        parts[1].masked_fill_(g >= 0, float("-inf"))
+        parts = torch.stack([g, -g]).clamp_(min=0).log_().add_(nl).sub_(c)  # log g_i^± - lse_i (-inf: no part)
         parts = parts.transpose(-1, -2).flip(-1)  # (2, B, H, n, S), time reversed (flip copies)
         tail = torch.logcumsumexp(parts, -1).flip(-1)  # log Σ_{i>=j} of each part
         both = torch.exp(tail + a.transpose(-1, -2))
