@@ -158,14 +158,40 @@ def test_decoding_step_kernel_says_why_it_cannot_run():
     assert reasons["reference"] == []
 
 
-def test_negated_log_normaliser_gradient_matches_autograd():
-    """The CUDA path's normalisers (one logcumsumexp; hand-written backward keeping no fp32 copy) against gradcheck
-    in float64, with scores hundreds apart (the signed reversed scan stays finite)."""
-    from efficient_attention.attentions.abc import _NegLogNorm
+def test_slot_weights_match_autograd():
+    """The CUDA path's slot weights, log decays and normalisers (one autograd node: one logcumsumexp, a hand-written
+    backward keeping no fp32 copy) against autograd over the plain formulas in float64 (the running max a
+    constant, as everywhere in ABC: the output does not depend on it), with scores hundreds apart (the signed
+    reversed scan stays finite)."""
+    from efficient_attention.attentions.abc import _SlotWeights
 
     torch.manual_seed(0)
-    a = (torch.randn(2, 3, 9, 4, dtype=torch.float64) * torch.tensor([1.0, 30.0, 300.0, 3.0])).requires_grad_(True)
+    k = torch.randn(2, 3, 9, 4, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(3, 4, 4, dtype=torch.float64) * torch.tensor([1.0, 30.0, 300.0, 3.0])[:, None]).requires_grad_()
+    e, nl, decay = _SlotWeights.apply(k, w, True)
+    a = k @ w.transpose(-1, -2)
     run = torch.cummax(a.detach().amax(-1), dim=-1).values
-    expected = run.unsqueeze(-1) - torch.logcumsumexp(a.detach(), dim=-2)
-    assert_close(_NegLogNorm.apply(a, run), expected)
-    assert torch.autograd.gradcheck(lambda x: _NegLogNorm.apply(x, run), (a,))
+    e_ref, nl_ref = torch.exp(a - run.unsqueeze(-1)), run.unsqueeze(-1) - torch.logcumsumexp(a, dim=-2)
+    assert_close(e, e_ref)
+    assert_close(nl, nl_ref)
+    assert_close(decay, torch.cat([torch.zeros_like(run[..., :1]), run[..., :-1] - run[..., 1:]], -1))
+    ge, gnl = torch.randn_like(e), torch.randn_like(nl)
+    got = torch.autograd.grad((e * ge).sum() + (nl * gnl).sum(), (k, w))
+    want = torch.autograd.grad((e_ref * ge).sum() + (nl_ref * gnl).sum(), (k, w))
+    for x, y in zip(got, want):
+        assert_close(x, y)
+
+
+def test_slot_memory_gradient_matches_autograd():
+    """The unpadded key-side memory's hand-written backward (one autograd node) against gradcheck in float64, on
+    head views of time-first projections (as the module passes them)."""
+    from efficient_attention.attentions.abc import _SlotMemory
+
+    torch.manual_seed(0)
+    k, v = (torch.randn(7, 2, 3, 4, dtype=torch.float64).permute(1, 2, 0, 3).requires_grad_(True) for _ in range(2))
+    w = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    mem_k, mem_v = _SlotMemory.apply(k, v, w)
+    alpha = torch.softmax(w @ k.transpose(-1, -2), -1)
+    assert_close(mem_k, alpha @ k)
+    assert_close(mem_v, alpha @ v)
+    assert torch.autograd.gradcheck(_SlotMemory.apply, (k, v, w))

@@ -90,8 +90,10 @@ ATTEND_OP_CEILINGS = {
     ("cosformer", False): 89,  # 91 before; one autograd node, features recomputed in the backward (not saved)
     ("cosformer", True): 178,  # 152 before: as Performer's, plus the 0/1 (N, N) prefix matmul replacing the
     # CPU cumsum (~14 ns an element, 60 ms per op at 4k) and its flips
-    ("abc", False): 67,  # 51 with SDPA for the slot read: its backward is B·H programs over T (slower from 16k)
-    ("abc", True): 426,
+    ("abc", False): 60,  # 51 with SDPA for the slot read: its backward is B·H programs over T (slower from 16k);
+    # 67 before the key-side memory was one autograd node (_SlotMemory)
+    ("abc", True): 431,  # 426 before: the copy_ broadcast (as above) and q, k, v copied once into the linear
+    # attention's layout (the Triton op's backward copied them again, out of this count's sight)
     ("s4d", False): 161,
     ("s4d", True): 202,
     ("lara", False): 110,  # 113 before its hand-written backward

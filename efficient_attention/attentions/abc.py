@@ -34,7 +34,7 @@ class _SlotRead(torch.autograd.Function):
 
     One autograd node: forward about ten kernels, backward about twelve (autograd over the same ops records about
     twenty-five).  It keeps the logits (empty slots at the lowest finite value) and ``nl``; with ``recompute``
-    (``nl`` comes from :class:`_NegLogNorm`, which keeps it too) it recomputes the probabilities and ``e^{nl}`` in
+    (``nl`` comes from :class:`_SlotWeights`, which keeps it too) it recomputes the probabilities and ``e^{nl}`` in
     the backward (four kernels): one ``(B, H, T, n)`` fp32 tensor of its own instead of three."""
 
     @staticmethod
@@ -42,57 +42,101 @@ class _SlotRead(torch.autograd.Function):
         ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype, recompute: bool
     ) -> Tensor:
         empty = nl >= -math.log(empty_norm(nl.dtype))
-        inv = torch.exp(nl.masked_fill(empty, float("-inf")))  # 1 / normaliser; empty slots: 0
-        x = (num * inv * scale).masked_fill(empty, torch.finfo(nl.dtype).min)
+        inv = _SlotRead._inverse(nl, empty)
+        x = torch.mul(num, inv).mul_(scale).masked_fill_(empty, torch.finfo(nl.dtype).min)
         p = torch.softmax(x, dim=-1)
         ctx.save_for_backward(x, nl, mask, *(() if recompute else (inv, p)))
         ctx.scale, ctx.recompute = scale, recompute
-        if mask is not None:
-            p = p * mask
-        return (p * inv).to(dtype)
+        pd = p if mask is None else p * mask
+        return pd * inv if dtype == pd.dtype else torch.mul(pd, inv, out=torch.empty_like(pd, dtype=dtype))
 
     @staticmethod
-    def _inverse(nl: Tensor) -> Tensor:
-        """``e^{nl}`` = 1 / normaliser; empty slots: 0."""
-        return torch.exp(nl.masked_fill(nl >= -math.log(empty_norm(nl.dtype)), float("-inf")))
+    def _inverse(nl: Tensor, empty: Optional[Tensor] = None) -> Tensor:
+        """``e^{nl}`` = 1 / normaliser; ``empty`` slots (default: at or above the bound): 0."""
+        empty = nl >= -math.log(empty_norm(nl.dtype)) if empty is None else empty
+        return torch.exp(nl).masked_fill_(empty, 0.0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, nl, mask, *kept = ctx.saved_tensors
         inv, p = (_SlotRead._inverse(nl), torch.softmax(x, dim=-1)) if ctx.recompute else kept
-        g = grad.to(p.dtype)
-        pd = p if mask is None else p * mask
-        dp = g * inv if mask is None else g * inv * mask
+        dp = grad * inv if mask is None else grad * inv * mask  # promoted to p's dtype
         dx = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # 0 on empty slots (p = 0 there)
-        # d nl = (g·pd + dx·num·scale)·inv = g·pd·inv + dx·x
-        return dx * inv * ctx.scale, torch.addcmul(dx * x, g * pd, inv), None, None, None, None
+        # d nl = (g·pd + dx·num·scale)·inv = dp·p + dx·x
+        return torch.mul(dx, inv).mul_(ctx.scale), torch.addcmul(dx * x, dp, p), None, None, None, None
 
 
-class _NegLogNorm(torch.autograd.Function):
-    """``nl = c - logcumsumexp_j(a)`` ``(B, H, S, n)`` (``-log Σ_{j<=i} e^{a_jl - c_i}``) for the slot scores ``a``
-    ``(B, H, S, n)`` and the running max ``c`` ``(B, H, S)`` (a constant): one ``logcumsumexp`` along the last dim of
-    a contiguous ``(B, H, n, S)`` fp32 copy (CUDA scans an inner dim with parallel blocks, a middle one with one
-    thread per (batch, head, slot) walking all ``S``).  It keeps ``a`` (input dtype), ``c`` and ``nl`` (which
-    :class:`_SlotRead` keeps too) where autograd would keep the fp32 copy and the scan.  Backward:
-    ``da_j = -Σ_{i>=j} g_i e^{a_j - lse_i}``, the positive and negative parts of ``g`` in one reversed scan."""
+def _dense(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` as a contiguous ``dtype`` tensor: itself if it is one, else one copy kernel (with the cast)."""
+    if x.dtype == dtype and x.is_contiguous():
+        return x
+    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
+
+
+def _slot_matrix(w: Tensor, bsz: int, dtype: torch.dtype) -> Tensor:
+    """The slot projection ``w (H, n, d)`` as ``(B·H, d, n)`` in ``dtype`` for products batched over ``B·H``: one
+    copy kernel (the cast and the batch broadcast; ``repeat`` takes a dozen ops)."""
+    heads, slots, d = w.shape
+    out = torch.empty(bsz, heads, d, slots, dtype=dtype, device=w.device)
+    return out.copy_(w.transpose(1, 2)).view(bsz * heads, d, slots)
+
+
+class _SlotWeights(torch.autograd.Function):
+    """The slot weights of a fresh causal sequence from its keys ``k (B, H, S, d)`` (contiguous) and the slot
+    projection ``w (H, n, d)``: the scores ``a = k wᵀ`` (in ``k``'s dtype), their running max
+    ``c_i = max_{j<=i, l} a_jl`` and
+
+    * ``e = exp(a - c)`` ``(B, H, S, n)`` in ``k``'s dtype (the linear attentions' values / keys),
+    * ``nl = c - logcumsumexp_j(a)`` ``(B, H, S, n)`` fp32 (``-log Σ_{j<=i} e^{a_jl - c_i}``; only with ``scan``,
+      else None: the CPU's ``logcumsumexp`` is a scalar loop),
+    * ``decay = c_{i-1} - c_i`` ``(B, H, S)`` fp32, 0 at ``i = 0`` (the linear attentions' log decay; no gradient).
+
+    One autograd node where autograd records about ten: the normalisers are one ``logcumsumexp`` along the last
+    dim of a ``(B, H, n, S)`` fp32 copy (CUDA scans an inner dim with parallel blocks).  Backward:
+    ``da = de·e - Σ_{i>=j} g_i e^{a_j - lse_i}`` (the positive and negative parts of ``g = dnl`` in one reversed
+    scan, in the log domain), then ``dk = da w``, ``dw = Σ_b daᵀ k``.  It keeps ``a``, ``e``, ``c`` and ``nl``
+    (which :class:`_SlotRead` keeps too)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, run: Tensor) -> Tensor:
-        lse = torch.logcumsumexp(a.transpose(-1, -2).to(acc_dtype(a.dtype), memory_format=torch.contiguous_format), -1)
-        nl = (run.unsqueeze(-2) - lse).transpose(-1, -2).contiguous()
-        ctx.save_for_backward(a, run, nl)
-        return nl
+    def forward(ctx, k: Tensor, w: Tensor, scan: bool):
+        bsz, heads, length, d = k.shape
+        kf, wm = k.view(bsz * heads, length, d), _slot_matrix(w, bsz, k.dtype)
+        a = torch.bmm(kf, wm).view(bsz, heads, length, -1)
+        top = a.amax(-1)
+        run = torch.cummax(torch.cat([top[..., :1], top], -1), -1).values.to(acc_dtype(a.dtype))  # c_{-1} := c_0
+        decay, c = run[..., :-1] - run[..., 1:], run[..., 1:].unsqueeze(-1)  # fp32: exact differences of half scores
+        e = torch.exp(a - c, out=torch.empty_like(a))  # in fp32, rounded once
+        nl = None
+        if scan:
+            at = torch.empty(bsz, heads, a.shape[-1], length, dtype=c.dtype, device=a.device).copy_(a.transpose(-1, -2))
+            nl = torch.sub(c, torch.logcumsumexp(at, -1).transpose(-1, -2), out=torch.empty_like(a, dtype=c.dtype))
+        ctx.save_for_backward(kf, wm, a, e, c, nl)
+        ctx.w_dtype = w.dtype
+        ctx.mark_non_differentiable(decay)
+        return e, nl, decay
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        a, run, nl = ctx.saved_tensors
-        g = grad.to(nl.dtype)
-        lg = torch.log(g.abs()) + (nl - run.unsqueeze(-1))  # log|g_i| - lse_i
-        parts = torch.stack([lg.masked_fill(g <= 0, float("-inf")), lg.masked_fill(g >= 0, float("-inf"))])
+    def _scan_grad(g: Tensor, a: Tensor, c: Tensor, nl: Tensor) -> Tensor:
+        """``-Σ_{i>=j} g_i e^{a_j - lse_i}`` ``(B, H, S, n)`` fp32 for ``g = dnl``."""
+        parts = torch.stack([g, -g]).clamp_(min=0).log_().add_(nl).sub_(c)  # log g_i^± - lse_i (-inf: no part)
         parts = parts.transpose(-1, -2).flip(-1)  # (2, B, H, n, S), time reversed (flip copies)
         tail = torch.logcumsumexp(parts, -1).flip(-1)  # log Σ_{i>=j} of each part
         both = torch.exp(tail + a.transpose(-1, -2))
-        return (both[1] - both[0]).transpose(-1, -2).to(a.dtype), None
+        return (both[1] - both[0]).transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, de: Optional[Tensor], dnl: Optional[Tensor], _):
+        kf, wm, a, e, c, nl = ctx.saved_tensors
+        if dnl is None:
+            da = torch.zeros_like(a) if de is None else de * e
+        else:
+            grad = _SlotWeights._scan_grad(dnl, a, c, nl)
+            da = grad.to(a.dtype) if de is None else torch.addcmul(grad, de, e, out=torch.empty_like(a))
+        daf = da.view(kf.shape[0], kf.shape[1], -1)
+        dk = torch.bmm(daf, wm.transpose(1, 2)).view(*a.shape[:-1], -1)
+        heads = a.shape[1]
+        dw = torch.bmm(kf.transpose(1, 2), daf).view(-1, heads, *wm.shape[1:]).sum(0, dtype=ctx.w_dtype)
+        return dk, dw.transpose(1, 2), None
 
 
 class _SlotAttention(torch.autograd.Function):
@@ -128,6 +172,40 @@ class _SlotAttention(torch.autograd.Function):
         dk = torch.bmm(ds.transpose(1, 2), qf).mul_(ctx.scale).view(m_shape)
         dv = torch.bmm(pd.transpose(1, 2), g).view(m_shape)
         return dq, dk, dv, None, None
+
+
+class _SlotMemory(torch.autograd.Function):
+    """The key-side memory ``K̃ = α k``, ``Ṽ = α v`` ``(B, H, n, d)`` with ``α = softmax_S(w kᵀ)`` for keys and
+    values ``(B, H, S, d)`` (read in place as head views of the time-first projections) and the slot projection
+    ``w (H, n, d)``, in ``k``'s dtype: three products batched over ``B·H`` and a softmax over the keys.  One autograd
+    node where autograd records five (and the broadcast of ``w``); backward six products (two accumulating) and one
+    softmax backward."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, v: Tensor, w: Tensor):
+        bsz, heads, length, d = k.shape
+        kf, vf = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
+        wm = _slot_matrix(w, bsz, k.dtype).transpose(1, 2)  # (B·H, n, d)
+        alpha = torch.softmax(torch.bmm(wm, kf.transpose(1, 2)), dim=-1)  # (B·H, n, S); half: fp32 inside
+        ctx.save_for_backward(kf, vf, wm, alpha)
+        ctx.w_dtype, ctx.heads = w.dtype, heads
+        shape = (bsz, heads, -1, d)
+        return torch.bmm(alpha, kf).view(shape), torch.bmm(alpha, vf).view(shape)
+
+    @staticmethod
+    def backward(ctx, dmk: Optional[Tensor], dmv: Optional[Tensor]):
+        kf, vf, wm, alpha = ctx.saved_tensors
+        shape = (kf.shape[0], *wm.shape[1:])
+        dmk = alpha.new_zeros(shape) if dmk is None else dmk.flatten(0, 1).to(alpha.dtype)
+        dmv = alpha.new_zeros(shape) if dmv is None else dmv.flatten(0, 1).to(alpha.dtype)
+        dalpha = torch.bmm(dmk, kf.transpose(1, 2)).baddbmm_(dmv, vf.transpose(1, 2))
+        ds = torch.ops.aten._softmax_backward_data(dalpha, alpha, -1, alpha.dtype)
+        at = alpha.transpose(1, 2)
+        dk = torch.bmm(at, dmk).baddbmm_(ds.transpose(1, 2), wm)
+        dv = torch.bmm(at, dmv)
+        heads = ctx.heads
+        dw = torch.bmm(ds, kf).view(-1, heads, *wm.shape[1:]).sum(0, dtype=ctx.w_dtype)
+        return dk.view(-1, heads, *dk.shape[1:]), dv.view(-1, heads, *dv.shape[1:]), dw
 
 
 @dataclass(frozen=True)
@@ -183,23 +261,22 @@ class ABC(EfficientAttention):
         """``a = k wᵀ`` ``(B, H, S, n)`` (contiguous), padded keys at ``-inf``: one product batched over ``B·H`` that
         reads ``k`` in place when it is a head view of time-first ``(S, B, H·d)`` projections (the base's layout)."""
         bsz, heads, length, d = k.shape
-        w = self.landmark_proj.to(k.dtype).transpose(1, 2).repeat(bsz, 1, 1)  # (B·H, d, n)
-        a = torch.bmm(k.flatten(0, 1), w).view(bsz, heads, length, -1)
+        a = torch.bmm(k.flatten(0, 1), _slot_matrix(self.landmark_proj, bsz, k.dtype)).view(bsz, heads, length, -1)
         if kpm is not None:
             a = a.masked_fill(kpm[:, None, :, None], float("-inf"))
         return a
 
     def _memory(self, k: Tensor, v: Tensor, kpm: Optional[Tensor]):
         """Key-side memory ``(K̃, Ṽ)`` ``(B, H, n, d)`` over every (unpadded) key, in ``k``'s dtype: the slot
-        scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension."""
+        scores laid out ``(B, H, n, S)`` so the softmax over the keys runs along the last dimension; without padding
+        one autograd node (:class:`_SlotMemory`)."""
+        if kpm is None:
+            return _SlotMemory.apply(k, v, self.landmark_proj)
         bsz, heads, length, d = k.shape
         keys, values = k.flatten(0, 1), v.flatten(0, 1)  # (B·H, S, d): views of time-first projections
-        w = self.landmark_proj.to(k.dtype).repeat(bsz, 1, 1)  # (B·H, n, d)
+        w = _slot_matrix(self.landmark_proj, bsz, k.dtype).transpose(1, 2)  # (B·H, n, d)
         scores = torch.bmm(w, keys.transpose(1, 2)).view(bsz, heads, -1, length)  # (B, H, n, S)
-        if kpm is None:  # half inputs: computed in fp32, rounded once (one kernel, no fp32 copy kept)
-            alpha = torch.softmax(scores, dim=-1)
-        else:  # all padded -> 0
-            alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)
+        alpha = softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), dim=-1).to(k.dtype)  # all padded: 0
         alpha = alpha.flatten(0, 1)
         return torch.bmm(alpha, keys).view(bsz, heads, -1, d), torch.bmm(alpha, values).view(bsz, heads, -1, d)
 
@@ -247,8 +324,6 @@ class ABC(EfficientAttention):
         ``Σ_j (r_i·e_j) v_j`` (features ``r, e``).  Casts to ``dtype`` for the kernels.
         """
         tgt_len, src_len = q.shape[-2], k.shape[-2]
-        if state is None and kpm is None and tgt_len == src_len > 0:
-            return self._causal_fresh(q, k, v, dtype, out_dtype)
         blind = max(tgt_len - src_len, 0)  # queries before the first key see nothing
         if src_len == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
@@ -308,34 +383,27 @@ class ABC(EfficientAttention):
         """:meth:`_causal` for a fresh unpadded self-attention sequence (training): every score is finite and
         position ``i``'s running-max slot has a normaliser >= 1, so no slot needs the general path's guards.
 
-        Two causal linear attentions (slot scores, output) instead of three: the normalisers
-        ``Σ_{j<=i} e^{a_jl - c_i}`` come from one ``logcumsumexp`` of the scores (exact in the log domain), and the
-        slot softmax is one autograd node (:class:`_SlotRead`)."""
-        a = self._slot_scores(k, None)  # (B, H, S, n)
-        run = torch.cummax(a.detach().amax(-1), dim=-1).values  # c (B, H, S)
-        acc = acc_dtype(run.dtype)  # the log decays in fp32: exact differences of half scores, and the kernels'
-        decay = F.pad(run[..., :-1].to(acc) - run[..., 1:], (1, 0))  # dtype (no cast per linear attention)
-        c = run.unsqueeze(-1)
-        e = torch.exp(a - c).to(dtype)
-        num = linear_attention(q.to(dtype), k.to(dtype), e, causal=True, log_decay=decay, normalize=False)
-        nl = self._neg_log_norm(a, run, e, decay)
+        Two causal linear attentions (slot scores, output) instead of three: the slot weights, log decays and (CUDA)
+        normalisers are one autograd node (:class:`_SlotWeights`: the normalisers from one ``logcumsumexp`` of the
+        scores, exact in the log domain), and the slot softmax is one more (:class:`_SlotRead`).  ``q``, ``k``,
+        ``v`` are copied once into contiguous ``dtype`` tensors (the linear attention's layout), which its backward
+        then reads without copying them again."""
+        q, k, v = (_dense(x, dtype) for x in (q, k, v))
+        scan = k.device.type in self.SCAN_DEVICES
+        e, nl, decay = _SlotWeights.apply(k, self.landmark_proj, scan)
+        decay = decay.detach()  # no gradient in eager already; torch.compile's trace of the node needs telling
+        num = linear_attention(q, k, e, causal=True, log_decay=decay, normalize=False)
+        if not scan:  # the CPU's logcumsumexp is a scalar loop (~50 ms at 4k): a linear attention with unit features
+            unit = e.new_ones(*e.shape[:-1], 1)
+            norm = linear_attention(unit, unit, e, causal=True, log_decay=decay, normalize=False)
+            nl = -torch.log(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # empty slots: above the bound, gradient 0
         mask = None
         if self.training and self.dropout_p > 0:
             mask = torch.empty_like(num).bernoulli_(1 - self.dropout_p).div_(1 - self.dropout_p)
-        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype, a.device.type in self.SCAN_DEVICES)
-        return linear_attention(r, e, v.to(dtype), causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
+        r = _SlotRead.apply(num, nl, self.scaling, mask, dtype, scan)
+        return linear_attention(r, e, v, causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
 
     SCAN_DEVICES = ("cuda",)  # device types whose normalisers come from logcumsumexp (tests add "cpu")
-
-    def _neg_log_norm(self, a: Tensor, run: Tensor, e: Tensor, decay: Tensor) -> Tensor:
-        """``-log Σ_{j<=i} e^{a_jl - c_i}`` ``(B, H, S, n)``.  CUDA: :class:`_NegLogNorm` (one ``logcumsumexp``), a few
-        kernels instead of a linear attention.  Elsewhere (the
-        CPU's ``logcumsumexp`` is a scalar loop, ~50 ms at 4k): a linear attention with unit features."""
-        if a.device.type in self.SCAN_DEVICES:
-            return _NegLogNorm.apply(a, run)
-        unit = e.new_ones(*e.shape[:-1], 1)
-        norm = linear_attention(unit, unit, e, causal=True, log_decay=decay, normalize=False)
-        return -torch.log(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # empty slots: above the bound, gradient 0
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
         """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype): the recurrence of its
@@ -351,9 +419,12 @@ class ABC(EfficientAttention):
     # ------------------------------------------------------------------ hooks
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, masks: AttentionMasks, need_weights: bool):
         dtype = acc_dtype(q.dtype)
+        device = q.device.type  # the products in autocast's dtype under autocast (as before), else in fp32
+        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        if self.causal and masks.key_padding is None and q.shape[-2] == k.shape[-2] > 0:  # fresh: the kernels' dtype
+            with torch.autocast(device, enabled=False):
+                return self._causal_fresh(q, k, v, self._kernel_dtype(q.dtype), q.dtype), None
         if self.causal:  # the scores in autocast's dtype under autocast (as before), else in fp32; kernels cast
-            device = q.device.type
-            product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
             with torch.autocast(device, enabled=False):
                 out = self._causal(
                     q.to(product),
@@ -365,8 +436,6 @@ class ABC(EfficientAttention):
                     out_dtype=q.dtype,
                 )
             return out, None
-        device = q.device.type  # the products in autocast's dtype under autocast (as before), else in fp32
-        product = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
         with torch.autocast(device, enabled=False):
             out = self._read(q.to(product), *self._memory(k.to(product), v.to(product), masks.key_padding))
         return out.to(q.dtype), None
