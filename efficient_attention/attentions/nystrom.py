@@ -18,12 +18,15 @@ from torch.autograd.function import once_differentiable
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax, take_inputs
+from ..kernels.backends import triton_interpreted, triton_reason
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["NystromAttention", "Nystromformer"]
 
 logger = logging.getLogger(__name__)
+
+_TRITON_CORE: dict = {}  # "failed": why the Triton landmark core cannot run (then the PyTorch ops run)
 
 
 class _NewtonSchulz(torch.autograd.Function):
@@ -167,6 +170,37 @@ def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tens
     return _NewtonSchulz.apply(flat, z, iterations).view_as(a)
 
 
+def _fused_core_ok(q_land: Tensor) -> bool:
+    """Whether :func:`landmark_core` runs as Triton kernels: fp32 CUDA tensors (CPU ones under Triton's
+    interpreter), at most 64 landmarks (the kernels keep a dozen ``C x C`` tiles in registers), head dim <= 128,
+    not under ``torch.compile`` (it traces the PyTorch ops)."""
+    return (
+        q_land.dtype == torch.float32
+        and (q_land.is_cuda or triton_interpreted())
+        and q_land.shape[1] <= 64
+        and q_land.shape[2] <= 128
+        and "failed" not in _TRITON_CORE
+        and not torch.compiler.is_compiling()
+        and triton_reason() is None
+    )
+
+
+def landmark_core(q_land: Tensor, k_land: Tensor, w: Tensor, iterations: int) -> Tensor:
+    """``pinv(softmax(q_land k_landᵀ)) w`` for ``(B·H, C, d)`` landmarks (the queries' scaled), the pseudo-inverse
+    :func:`iterative_pinv`'s stochastic one: on CUDA two Triton launches (forward, backward) for what is ~80 tiny
+    ATen ops (``kernels/_triton_nystrom.py``), else the PyTorch ops.  Returns ``(B·H, C, d)``."""
+    if _fused_core_ok(q_land):
+        try:
+            from ..kernels._triton_nystrom import NystromCore
+
+            return NystromCore.apply(q_land.contiguous(), k_land.contiguous(), w.contiguous(), iterations)
+        except Exception as exc:  # noqa: BLE001 - a missing or failing Triton falls back to the PyTorch ops
+            _TRITON_CORE["failed"] = f"{type(exc).__name__}: {exc}"
+            logger.warning("Nystromformer: the Triton landmark core cannot run (%s); using PyTorch ops", exc)
+    kernel2 = torch.softmax(torch.bmm(q_land, k_land.transpose(1, 2)), dim=-1)  # (B·H, C, C)
+    return torch.bmm(iterative_pinv(kernel2, iterations, stochastic=True), w)
+
+
 @dataclass(frozen=True)
 class NystromOptions(AttentionOptions):
     num_landmarks: int = positive_int(16, "number of landmarks C (segment means of queries and keys)")
@@ -276,9 +310,7 @@ class NystromAttention(EfficientAttention):
             return x.flatten(0, 1).unflatten(1, (c, seg)).sum(-2, dtype=dtype) * (scale / seg)
 
         q_land, k_land = means(q, self.scaling), means(k, 1.0)
-        kernel2 = torch.softmax(torch.bmm(q_land, k_land.transpose(1, 2)), dim=-1)  # (B·H, C, C)
-        pinv = iterative_pinv(kernel2, self.pinv_iterations, stochastic=True)
-        small = torch.bmm(pinv, _FewQueries.apply(q_land, k, v))  # (B·H, C, d)
+        small = landmark_core(q_land, k_land, _FewQueries.apply(q_land, k, v), self.pinv_iterations)  # (B·H, C, d)
         if self.conv is None:
             return _FewKeys.apply(q, k_land, small, self.scaling, q.dtype)
         out = _FewKeys.apply(q, k_land, small, self.scaling, dtype)
