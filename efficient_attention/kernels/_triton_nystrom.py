@@ -130,28 +130,40 @@ def _meta(c: int, d: int, iterations: int) -> dict:
     return {"ITERS": iterations, "BC": bc, "BD": max(16, triton.next_power_of_2(d)), "num_warps": 8 if bc > 32 else 4}
 
 
+def core_forward(ql: torch.Tensor, kl: torch.Tensor, w: torch.Tensor, iterations: int):
+    """The forward launch on contiguous fp32 ``ql, kl, w`` ``(B·H, C, d)``: ``(out (B·H, C, d), A (B·H, C, C),
+    Z (B·H, ITERS + 1, C, C))``, the last two for :func:`core_backward`."""
+    batch, c, d = ql.shape
+    out = torch.empty_like(w)
+    a = torch.empty((batch, c, c), dtype=ql.dtype, device=ql.device)
+    zs = torch.empty((batch, iterations + 1, c, c), dtype=ql.dtype, device=ql.device)
+    launch(_nystrom_core_fwd, (batch,), (ql, kl, w, out, a, zs), (c, d), _meta(c, d, iterations))
+    return out, a, zs
+
+
+def core_backward(ql, kl, w, a, zs, grad: torch.Tensor):
+    """The backward launch: ``(d ql, d kl, d w)`` (``(B·H, C, d)`` fp32) from :func:`core_forward`'s inputs and
+    saved ``A, Z`` and the output's gradient ``grad``."""
+    batch, c, d = ql.shape
+    grad = grad.contiguous()
+    dql, dkl, dw = torch.empty_like(ql), torch.empty_like(kl), torch.empty_like(w)
+    meta = _meta(c, d, zs.shape[1] - 1)
+    launch(_nystrom_core_bwd, (batch,), (ql, kl, w, a, zs, grad, dql, dkl, dw), (c, d), meta)
+    return dql, dkl, dw
+
+
 class NystromCore(torch.autograd.Function):
     """``pinv(softmax(ql klᵀ)) w`` (the module doc) for contiguous fp32 ``ql, kl, w`` ``(B·H, C, d)``: one Triton
     launch forward, one backward.  Returns ``(B·H, C, d)``."""
 
     @staticmethod
     def forward(ctx, ql: torch.Tensor, kl: torch.Tensor, w: torch.Tensor, iterations: int) -> torch.Tensor:
-        batch, c, d = ql.shape
-        out = torch.empty_like(w)
-        a = torch.empty((batch, c, c), dtype=ql.dtype, device=ql.device)
-        zs = torch.empty((batch, iterations + 1, c, c), dtype=ql.dtype, device=ql.device)
-        meta = _meta(c, d, iterations)
-        launch(_nystrom_core_fwd, (batch,), (ql, kl, w, out, a, zs), (c, d), meta)
+        out, a, zs = core_forward(ql, kl, w, iterations)
         ctx.save_for_backward(ql, kl, w, a, zs)
-        ctx.meta = meta
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         ql, kl, w, a, zs = ctx.saved_tensors
-        batch, c, d = ql.shape
-        grad = grad.contiguous()
-        dql, dkl, dw = torch.empty_like(ql), torch.empty_like(kl), torch.empty_like(w)
-        launch(_nystrom_core_bwd, (batch,), (ql, kl, w, a, zs, grad, dql, dkl, dw), (c, d), ctx.meta)
-        return dql, dkl, dw, None
+        return *core_backward(ql, kl, w, a, zs, grad), None
