@@ -178,7 +178,12 @@ for c, d in ((16, 64), (10, 24), (40, 32)):  # padded landmark and head dims, mo
     for a, b in zip(got_in, ref_in):
         assert rel(a.grad, b.grad) < 1e-5, (c, d, rel(a.grad, b.grad))
 
-for opts in ({}, {"conv_kernel_size": 3}):  # the module: fp32 here runs the kernels (interpreter), fp64 ATen ops
+from efficient_attention.functional import LengthChunks
+
+# the module: fp32 here runs the kernels (interpreter), fp64 the ATen ops; the CUDA layout (the length in chunks)
+for opts, chunks in (({}, False), ({"conv_kernel_size": 3}, False), ({}, True)):
+    if chunks:
+        LengthChunks.DEVICES, LengthChunks.SIZE, LengthChunks.MIN_LENGTH = ("cpu", "cuda"), 16, 32
     torch.manual_seed(0)
     m = NystromAttention(32, 2, num_landmarks=8, **opts).train()
     x = torch.randn(48, 2, 32, requires_grad=True)
