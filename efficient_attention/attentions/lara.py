@@ -95,14 +95,14 @@ class _LaraEven(torch.autograd.Function):
         del g
         d_ratio = torch.ops.aten._softmax_backward_data(d_ratio, importance, -2, dtype)
         d_bias = chunks.per_batch(d_ratio).sum((1, 3)).unsqueeze(-1)  # (B·H, C, 1): d log_norm = -d log_mu
-        d_both = chunks.total(torch.bmm(d_ratio, wide(q)))  # (B·H, C, d), over s
+        d_both = chunks.total(torch.bmm(d_ratio, wide(q)))  # (B·H, C, d), without its factor s
         del q  # read for the last time: released before the (L, d) gradients are made
         d_probs = torch.bmm(chunks.repeat(d_kv), wide(v).transpose(1, 2))  # (B·H·n, C, l)
         del v
         # key softmax and its log-normaliser: d log_k = P (dP - Σ_m P dP + d log_norm), Σ_m P dP = kv·d_kv
         shift = d_bias - (kv * d_kv).sum(-1, keepdim=True)
         d_log_k = d_probs.add_(chunks.repeat(shift)).mul_(probs)  # (B·H·n, C, l)
-        d_omega = chunks.total(torch.bmm(d_log_k, wide(k)))  # (B·H, C, d) through log ξ(k_m, ω_c), over s
+        d_omega = chunks.total(torch.bmm(d_log_k, wide(k)))  # (B·H, C, d) through log ξ(k_m, ω_c), without s
         # ω = μ + noise, so d μ = d ω + the direct terms: μ + ω (twice d_both), and log ξ(μ, ω) = ω·μ - |μ|²/2
         # entering with -d_bias (∂/∂μ + ∂/∂ω = ω); then the segment mean's s / seg
         d_mu = d_omega.add_(d_both, alpha=2).mul_(scale * scale / seg).addcmul_(d_bias, omega, value=-scale / seg)
