@@ -1,5 +1,10 @@
 """Nyströmformer-specific behaviour: exactness for short inputs, 1/sqrt(d), padding, pinv, half precision."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import EMBED_DIM, NUM_HEADS, assert_close
@@ -147,3 +152,69 @@ def test_length_chunks_path_matches_the_general_one(monkeypatch):
     monkeypatch.setattr(LengthChunks, "SIZE", 4)
     monkeypatch.setattr(LengthChunks, "MIN_LENGTH", 8)
     test_equal_segments_path_matches_the_general_one(torch.float64)
+
+
+_INTERPRETER_CASE = """
+import torch
+from efficient_attention import NystromAttention
+from efficient_attention.attentions import nystrom
+from efficient_attention.kernels._triton_nystrom import NystromCore
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+for c, d in ((16, 64), (10, 24), (40, 32)):  # padded landmark and head dims, more than one tile of 16
+    torch.manual_seed(0)
+    ins = [torch.randn(3, c, d) * 0.5 for _ in range(3)]
+    g = torch.randn(3, c, d)
+    got_in = [t.clone().requires_grad_() for t in ins]
+    NystromCore.apply(*got_in, 6).backward(g)
+    ref_in = [t.double().requires_grad_() for t in ins]
+    kernel2 = torch.softmax(ref_in[0] @ ref_in[1].transpose(1, 2), -1)
+    ref = nystrom.iterative_pinv(kernel2, 6, stochastic=True) @ ref_in[2]
+    ref.backward(g.double())
+    got = NystromCore.apply(*ins, 6)
+    assert rel(got, ref) < 1e-5, (c, d, rel(got, ref))
+    for a, b in zip(got_in, ref_in):
+        assert rel(a.grad, b.grad) < 1e-5, (c, d, rel(a.grad, b.grad))
+
+from efficient_attention.functional import LengthChunks
+
+# the module: fp32 here runs the kernels (interpreter), fp64 the ATen ops; the CUDA layout (the length in chunks)
+for opts, chunks in (({}, False), ({"conv_kernel_size": 3}, False), ({}, True)):
+    if chunks:
+        LengthChunks.DEVICES, LengthChunks.SIZE, LengthChunks.MIN_LENGTH = ("cpu", "cuda"), 16, 32
+    torch.manual_seed(0)
+    m = NystromAttention(32, 2, num_landmarks=8, **opts).train()
+    x = torch.randn(48, 2, 32, requires_grad=True)
+    out = m(x, x, x, need_weights=False)[0]
+    out.sum().backward()
+    assert "failed" not in nystrom._TRITON_CORE, nystrom._TRITON_CORE
+    x16 = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = m(x16, x16, x16, need_weights=False)[0]
+    out16.float().sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    out64 = m.double()(x64, x64, x64, need_weights=False)[0]
+    out64.sum().backward()
+    m.float()
+    assert rel(out, out64) < 1e-5 and rel(x.grad, x64.grad) < 1e-5, (opts, rel(out, out64), rel(x.grad, x64.grad))
+    assert rel(out16, out64) < 3e-2 and rel(x16.grad, x64.grad) < 3e-2, (opts, rel(out16, out64))
+print("core matches")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_landmark_core_matches_the_pytorch_ops_in_the_interpreter():
+    """The two-launch landmark core (kernels/_triton_nystrom.py: softmax, Newton-Schulz pseudo-inverse, product
+    and their backward) against the PyTorch ops in float64, through Triton's interpreter on the CPU; and the
+    module's fp32 gradients through it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_CASE], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "core matches" in run.stdout

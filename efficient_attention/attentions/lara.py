@@ -55,14 +55,14 @@ class _LaraEven(torch.autograd.Function):
         kv = chunks.total(torch.bmm(probs, wide(v)))  # (B·H, C, d)
         log_mu = (torch.sub(omega, mu, alpha=0.5) * mu).sum(-1, keepdim=True)  # log ξ(μ_c, ω_c) (B·H, C, 1)
         bias = log_norm.view(batch, c, 1) - log_mu
-        both = mu + omega
-        log_ratio = torch.baddbmm(chunks.repeat(bias), chunks.repeat(both), wide(q).transpose(1, 2), alpha=scale)
+        both = torch.add(mu, omega).mul_(scale)  # (μ + ω)·s, also the backward's for dq
+        log_ratio = torch.baddbmm(chunks.repeat(bias), chunks.repeat(both), wide(q).transpose(1, 2))
         importance = torch.softmax(log_ratio, dim=-2)  # over proposals c (B·H·n, C, l)
         del log_ratio
         out = torch.bmm(importance.transpose(1, 2), chunks.repeat(kv))  # (B·H·n, l, d)
         # the inputs ride on ctx rather than in save_for_backward so that the backward can drop each one once it
         # has read it (saved tensors live until the backward returns; inputs on ctx make no reference cycle)
-        ctx.save_for_backward(mu, omega, kv, probs, importance)
+        ctx.save_for_backward(omega, both, kv, probs, importance)
         ctx.c, ctx.q, ctx.k, ctx.v = c, q, k, v
         return copy_into_layout(out, q.shape, dense_strides(q), q.dtype)  # time-first: heads merge as a view
 
@@ -74,7 +74,7 @@ class _LaraEven(torch.autograd.Function):
 
     @staticmethod
     def grads(ctx, grad: Tensor):
-        mu, omega, kv, probs, importance = ctx.saved_tensors
+        omega, both, kv, probs, importance = ctx.saved_tensors
         q, k, v = take_inputs(ctx, "q", "k", "v")
         strides = [dense_strides(x) for x in (q, k, v)]
         dq_dtype, dk_dtype, dv_dtype = q.dtype, k.dtype, v.dtype
@@ -95,17 +95,17 @@ class _LaraEven(torch.autograd.Function):
         del g
         d_ratio = torch.ops.aten._softmax_backward_data(d_ratio, importance, -2, dtype)
         d_bias = chunks.per_batch(d_ratio).sum((1, 3)).unsqueeze(-1)  # (B·H, C, 1): d log_norm = -d log_mu
-        d_both = chunks.total(torch.bmm(d_ratio, wide(q))).mul_(scale)  # (B·H, C, d)
+        d_both = chunks.total(torch.bmm(d_ratio, wide(q)))  # (B·H, C, d), without its factor s
         del q  # read for the last time: released before the (L, d) gradients are made
         d_probs = torch.bmm(chunks.repeat(d_kv), wide(v).transpose(1, 2))  # (B·H·n, C, l)
         del v
         # key softmax and its log-normaliser: d log_k = P (dP - Σ_m P dP + d log_norm), Σ_m P dP = kv·d_kv
         shift = d_bias - (kv * d_kv).sum(-1, keepdim=True)
         d_log_k = d_probs.add_(chunks.repeat(shift)).mul_(probs)  # (B·H·n, C, l)
-        d_omega = chunks.total(torch.bmm(d_log_k, wide(k))).mul_(scale)  # (B·H, C, d) through log ξ(k_m, ω_c)
-        # log ξ(μ, ω) = ω·μ - |μ|²/2 enters with -d_bias; ω = μ + noise; μ + ω
-        d_omega = d_omega.add_(d_both).sub_(d_bias * mu)
-        d_mu = d_both.sub_(d_bias * (omega - mu)).add_(d_omega).mul_(scale / seg)
+        d_omega = chunks.total(torch.bmm(d_log_k, wide(k)))  # (B·H, C, d) through log ξ(k_m, ω_c), without s
+        # ω = μ + noise, so d μ = d ω + the direct terms: μ + ω (twice d_both), and log ξ(μ, ω) = ω·μ - |μ|²/2
+        # entering with -d_bias (∂/∂μ + ∂/∂ω = ω); then the segment mean's s / seg
+        d_mu = d_omega.add_(d_both, alpha=2).mul_(scale * scale / seg).addcmul_(d_bias, omega, value=-scale / seg)
         d_mu = d_mu.unsqueeze(2)  # every position of a segment gets its mean's gradient
 
         # |k'|²/2: -s² Σ_c d log_k · k, added from k as given (no fp32 copy of k next to dk's)
@@ -113,7 +113,7 @@ class _LaraEven(torch.autograd.Function):
         dk.addcmul_(k.flatten(0, 1), d_log_k.sum(1).view(batch, length, 1), value=-scale * scale)
         del k, d_log_k
         dk = copy_into_layout(dk.view(batch, c, seg, d).add_(d_mu), q_shape, strides[1], dk_dtype)
-        dq = torch.bmm(d_ratio.transpose(1, 2), chunks.repeat((mu + omega) * scale))
+        dq = torch.bmm(d_ratio.transpose(1, 2), chunks.repeat(both))
         dq = copy_into_layout(dq.view(batch, c, seg, d).add_(d_mu), q_shape, strides[0], dq_dtype)
         # dv last, as one product in v's dtype (fp32 accumulation; for half inputs no fp32 (L, d) copy next to
         # dk's and dq's): P in half rounds each of its C terms once, as the output's own rounding does

@@ -18,12 +18,15 @@ from torch.autograd.function import once_differentiable
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import LengthChunks, acc_dtype, copy_into_layout, dense_strides, segment_weights, softmax, take_inputs
+from ..kernels.backends import triton_interpreted, triton_reason
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["NystromAttention", "Nystromformer"]
 
 logger = logging.getLogger(__name__)
+
+_TRITON_CORE: dict = {}  # "failed": why the Triton landmark core cannot run (then the PyTorch ops run)
 
 
 class _NewtonSchulz(torch.autograd.Function):
@@ -66,21 +69,68 @@ class _NewtonSchulz(torch.autograd.Function):
         return None if grad_at is None else grad_at.transpose(-1, -2), gt.transpose(-1, -2), None
 
 
+def _few_keys(x: Tensor, keys: Tensor, values: Tensor, scale: float):
+    """``softmax(x Kᵀ·scale) V`` for long ``x (B, H, L, d)`` as given and few keys and values ``(B·H, C, d)`` in the
+    accumulation dtype: ``(out (B·H·n, l, d), keys·scale, probabilities (B·H·n, l, C))`` in chunks of the length
+    (:class:`LengthChunks`)."""
+    bsz, heads, length, d = x.shape
+    chunks = LengthChunks(bsz * heads, length, x.device)
+    keys = keys * scale
+    scores = torch.bmm(chunks.widen(x, keys.dtype), chunks.repeat(keys.transpose(1, 2)))
+    probs = torch.softmax(scores, dim=-1)  # (B·H·n, l, C)
+    del scores
+    return torch.bmm(probs, chunks.repeat(values)), keys, probs
+
+
+def _few_keys_grads(grad: Tensor, x: Tensor, keys: Tensor, values: Tensor, probs: Tensor, scale: float):
+    """:func:`_few_keys`'s backward from its output's gradient ``grad (B, H, L, d)``, its input ``x`` and its
+    saved scaled keys and probabilities: ``(dx (B·H·n, l, d) fp32, d keys, d values)``."""
+    bsz, heads, length, d = x.shape
+    chunks = LengthChunks(bsz * heads, length, x.device)
+    g = chunks.widen(grad, keys.dtype)
+    d_values = chunks.total(torch.bmm(probs.transpose(1, 2), g))  # (B·H, C, d)
+    d_probs = torch.bmm(g, chunks.repeat(values.transpose(1, 2)))  # (B·H·n, l, C)
+    del g
+    d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, keys.dtype)
+    del d_probs
+    d_keys = chunks.total(torch.bmm(d_scores.transpose(1, 2), chunks.widen(x, keys.dtype))).mul_(scale)
+    return torch.bmm(d_scores, chunks.repeat(keys)), d_keys, d_values
+
+
+def _few_queries(queries: Tensor, k: Tensor, v: Tensor):
+    """``softmax(Q kᵀ) v`` for few queries ``Q (B·H, C, d)`` (scaled, accumulation dtype) and long keys and values
+    ``(B, H, L, d)`` as given: ``(out (B·H, C, d), probabilities (B·H·n, C, l))``, products over chunks of the
+    length."""
+    bsz, heads, length, d = k.shape
+    chunks = LengthChunks(bsz * heads, length, k.device)
+    scores = chunks.per_batch(torch.bmm(chunks.repeat(queries), chunks.widen(k, queries.dtype).transpose(1, 2)))
+    # the softmax over the keys of every chunk (B·H·n, C, l)
+    probs = scores.sub_(torch.logsumexp(scores, dim=(1, 3), keepdim=True)).exp_().flatten(0, 1)
+    return chunks.total(torch.bmm(probs, chunks.widen(v, queries.dtype))), probs
+
+
+def _few_queries_grads(grad: Tensor, queries: Tensor, probs: Tensor, out: Tensor, k: Tensor, v: Tensor):
+    """:func:`_few_queries`'s backward from its output's gradient ``grad (B·H, C, d)``: ``(d queries,
+    dk (B·H·n, l, d), dv (B·H·n, l, d))``, the last two in the accumulation dtype."""
+    bsz, heads, length, d = k.shape
+    chunks = LengthChunks(bsz * heads, length, k.device)
+    d_probs = torch.bmm(chunks.repeat(grad), chunks.widen(v, queries.dtype).transpose(1, 2))  # (B·H·n, C, l)
+    # softmax over all keys: dS = P (dP - Σ_m P dP), Σ_m P dP = out·grad
+    d_scores = d_probs.sub_(chunks.repeat((out * grad).sum(-1, keepdim=True))).mul_(probs)
+    d_queries = chunks.total(torch.bmm(d_scores, chunks.widen(k, queries.dtype)))  # (B·H, C, d)
+    dk = torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries))
+    del d_scores
+    return d_queries, dk, torch.bmm(probs.transpose(1, 2), chunks.repeat(grad))
+
+
 class _FewKeys(torch.autograd.Function):
-    """``softmax(x Kᵀ·scale) V`` for long ``x (B, H, L, d)`` (half, fp32 or fp64, as given) and few keys and values
-    ``(B·H, C, d)`` in the accumulation dtype: one autograd node that keeps ``x`` as given (no fp32 copy) and the
-    ``(L, C)`` probabilities, its backward by hand.  Returns ``(B, H, L, d)`` in ``out_dtype``, laid out as ``x``
-    (the time-first projections: the heads merge as a view)."""
+    """:func:`_few_keys` as one autograd node that keeps ``x`` as given (no fp32 copy) and the ``(L, C)``
+    probabilities, its backward by hand.  Returns ``(B, H, L, d)`` in ``out_dtype``, laid out as ``x`` (the
+    time-first projections: the heads merge as a view)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keys: Tensor, values: Tensor, scale: float, out_dtype: torch.dtype) -> Tensor:
-        bsz, heads, length, d = x.shape
-        chunks = LengthChunks(bsz * heads, length, x.device)
-        keys = keys * scale
-        scores = torch.bmm(chunks.widen(x, keys.dtype), chunks.repeat(keys.transpose(1, 2)))
-        probs = torch.softmax(scores, dim=-1)  # (B·H·n, l, C)
-        del scores
-        out = torch.bmm(probs, chunks.repeat(values))  # (B·H·n, l, d)
+        out, keys, probs = _few_keys(x, keys, values, scale)
         ctx.save_for_backward(keys, values, probs)  # the keys scaled
         ctx.x, ctx.scale = x, scale  # an input on ctx: the backward drops it once read
         return copy_into_layout(out, x.shape, dense_strides(x), out_dtype)
@@ -89,37 +139,19 @@ class _FewKeys(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         keys, values, probs = ctx.saved_tensors
-        (x,), scale = take_inputs(ctx, "x"), ctx.scale
-        bsz, heads, length, d = shape = x.shape
-        chunks = LengthChunks(bsz * heads, length, x.device)
-        strides, x_dtype = dense_strides(x), x.dtype
+        (x,) = take_inputs(ctx, "x")
         with torch.autocast(grad.device.type, enabled=False):
-            g = chunks.widen(grad, keys.dtype)
-            d_values = chunks.total(torch.bmm(probs.transpose(1, 2), g))  # (B·H, C, d)
-            d_probs = torch.bmm(g, chunks.repeat(values.transpose(1, 2)))  # (B·H·n, l, C)
-            del g
-            d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, keys.dtype)
-            del d_probs
-            d_keys = chunks.total(torch.bmm(d_scores.transpose(1, 2), chunks.widen(x, keys.dtype))).mul_(scale)
-            del x
-            dx = torch.bmm(d_scores, chunks.repeat(keys))
-            return copy_into_layout(dx, shape, strides, x_dtype), d_keys, d_values, None, None
+            dx, d_keys, d_values = _few_keys_grads(grad, x, keys, values, probs, ctx.scale)
+            return copy_into_layout(dx, x.shape, dense_strides(x), x.dtype), d_keys, d_values, None, None
 
 
 class _FewQueries(torch.autograd.Function):
-    """``softmax(Q kᵀ) v`` for few queries ``Q (B·H, C, d)`` (scaled, accumulation dtype) and long keys and values
-    ``(B, H, L, d)`` as given: one autograd node that keeps ``k, v`` as given (no fp32 copies) and the ``(C, L)``
-    probabilities, its backward by hand; products over chunks of the length on CUDA (:class:`LengthChunks`).
-    Returns ``(B·H, C, d)``."""
+    """:func:`_few_queries` as one autograd node that keeps ``k, v`` as given (no fp32 copies) and the ``(C, L)``
+    probabilities, its backward by hand.  Returns ``(B·H, C, d)``."""
 
     @staticmethod
     def forward(ctx, queries: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        bsz, heads, length, d = k.shape
-        chunks = LengthChunks(bsz * heads, length, k.device)
-        scores = chunks.per_batch(torch.bmm(chunks.repeat(queries), chunks.widen(k, queries.dtype).transpose(1, 2)))
-        # the softmax over the keys of every chunk (B·H·n, C, l)
-        probs = scores.sub_(torch.logsumexp(scores, dim=(1, 3), keepdim=True)).exp_().flatten(0, 1)
-        out = chunks.total(torch.bmm(probs, chunks.widen(v, queries.dtype)))  # (B·H, C, d)
+        out, probs = _few_queries(queries, k, v)
         ctx.save_for_backward(queries, probs, out)
         ctx.k, ctx.v = k, v  # inputs on ctx: the backward drops each once read
         return out
@@ -129,23 +161,57 @@ class _FewQueries(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         queries, probs, out = ctx.saved_tensors
         k, v = take_inputs(ctx, "k", "v")
-        bsz, heads, length, d = shape = k.shape
-        chunks = LengthChunks(bsz * heads, length, k.device)
-        strides = (dense_strides(k), dense_strides(v))
-        dtypes = (k.dtype, v.dtype)
         with torch.autocast(grad.device.type, enabled=False):
-            d_probs = torch.bmm(chunks.repeat(grad), chunks.widen(v, queries.dtype).transpose(1, 2))  # (B·H·n, C, l)
-            del v
-            # softmax over all keys: dS = P (dP - Σ_m P dP), Σ_m P dP = out·grad
-            d_scores = d_probs.sub_(chunks.repeat((out * grad).sum(-1, keepdim=True))).mul_(probs)
-            d_queries = chunks.total(torch.bmm(d_scores, chunks.widen(k, queries.dtype)))  # (B·H, C, d)
-            del k
-            dk = copy_into_layout(
-                torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries)), shape, strides[0], dtypes[0]
-            )
-            del d_scores
-            dv = copy_into_layout(torch.bmm(probs.transpose(1, 2), chunks.repeat(grad)), shape, strides[1], dtypes[1])
-            return d_queries, dk, dv
+            d_queries, dk, dv = _few_queries_grads(grad, queries, probs, out, k, v)
+            dk = copy_into_layout(dk, k.shape, dense_strides(k), k.dtype)
+            return d_queries, dk, copy_into_layout(dv, v.shape, dense_strides(v), v.dtype)
+
+
+def _segment_means(x: Tensor, c: int, scale: float) -> Tensor:
+    """Means of ``c`` equal segments of ``x (B, H, L, d)`` times ``scale``: ``(B·H, C, d)`` in the accumulation
+    dtype, no ``(L, d)`` copy of ``x``."""
+    return x.flatten(0, 1).unflatten(1, (c, x.shape[2] // c)).sum(-2, dtype=acc_dtype(x.dtype)) * (
+        scale / (x.shape[2] // c)
+    )
+
+
+class _NystromEven(torch.autograd.Function):
+    """:meth:`NystromAttention._attend_even` with the Triton landmark core (``kernels/_triton_nystrom.py``) as one
+    autograd node: segment means, :func:`_few_queries`, the core, :func:`_few_keys` forward, their backwards by
+    hand, the means' gradients added to ``dq, dk`` before they are narrowed (no autograd node or op per small
+    tensor).  Returns ``(B, H, L, d)`` in ``out_dtype``, laid out as ``q``."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, c: int, scale: float, iterations: int, out_dtype: torch.dtype):
+        from ..kernels._triton_nystrom import core_forward
+
+        q_land, k_land = _segment_means(q, c, scale), _segment_means(k, c, 1.0)  # (B·H, C, d)
+        w, w_probs = _few_queries(q_land, k, v)
+        small, a, zs = core_forward(q_land, k_land, w, iterations)
+        out, keys, probs = _few_keys(q, k_land, small, scale)
+        ctx.save_for_backward(q_land, k_land, w, w_probs, small, a, zs, keys, probs)
+        ctx.c, ctx.scale, ctx.q, ctx.k, ctx.v = c, scale, q, k, v  # inputs on ctx: dropped once read
+        return copy_into_layout(out, q.shape, dense_strides(q), out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        from ..kernels._triton_nystrom import core_backward
+
+        q_land, k_land, w, w_probs, small, a, zs, keys, probs = ctx.saved_tensors
+        q, k, v = take_inputs(ctx, "q", "k", "v")
+        bsz, heads, length, d = shape = q.shape
+        batch, c, scale = bsz * heads, ctx.c, ctx.scale
+        with torch.autocast(grad.device.type, enabled=False):
+            dq, d_keys, d_small = _few_keys_grads(grad, q, keys, small, probs, scale)
+            d_ql, d_kl, d_w = core_backward(q_land, k_land, w, a, zs, d_small)
+            d_ql2, dk, dv = _few_queries_grads(d_w, q_land, w_probs, w, k, v)
+            seg = length // c  # every position of a segment gets its mean's gradient
+            dq = dq.view(batch, c, seg, d).add_(d_ql.add_(d_ql2).mul_(scale / seg).unsqueeze(2))
+            dk = dk.view(batch, c, seg, d).add_(d_kl.add_(d_keys).mul_(1.0 / seg).unsqueeze(2))
+            dq = copy_into_layout(dq, shape, dense_strides(q), q.dtype)
+            dk = copy_into_layout(dk, shape, dense_strides(k), k.dtype)
+            return dq, dk, copy_into_layout(dv, shape, dense_strides(v), v.dtype), None, None, None, None
 
 
 def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tensor:
@@ -165,6 +231,43 @@ def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tens
         norm_inf = flat.abs().sum(-1).amax(-1)
         z = flat.transpose(-1, -2) / (norm1 * norm_inf).clamp_min(torch.finfo(a.dtype).tiny)[:, None, None]
     return _NewtonSchulz.apply(flat, z, iterations).view_as(a)
+
+
+def _fused_core_ok(dtype: torch.dtype, device: torch.device, c: int, d: int) -> bool:
+    """Whether the landmark core runs as Triton kernels (:func:`landmark_core`, :class:`_NystromEven`) for ``C``
+    landmarks of head dim ``d`` computed in ``dtype``: fp32 on CUDA (CPU tensors under Triton's interpreter), at
+    most 64 landmarks (the kernels keep a dozen ``C x C`` tiles in registers), ``d <= 128``, not under
+    ``torch.compile`` (it traces the PyTorch ops)."""
+    return (
+        dtype == torch.float32
+        and (device.type == "cuda" or triton_interpreted())
+        and c <= 64
+        and d <= 128
+        and "failed" not in _TRITON_CORE
+        and not torch.compiler.is_compiling()
+        and triton_reason() is None
+    )
+
+
+def _triton_failed(exc: Exception) -> None:
+    """Turns the Triton landmark core off for this process (logged once at WARNING)."""
+    _TRITON_CORE["failed"] = f"{type(exc).__name__}: {exc}"
+    logger.warning("Nystromformer: the Triton landmark core cannot run (%s); using PyTorch ops", exc)
+
+
+def landmark_core(q_land: Tensor, k_land: Tensor, w: Tensor, iterations: int) -> Tensor:
+    """``pinv(softmax(q_land k_landᵀ)) w`` for ``(B·H, C, d)`` landmarks (the queries' scaled), the pseudo-inverse
+    :func:`iterative_pinv`'s stochastic one: on CUDA two Triton launches (forward, backward) for what is ~80 tiny
+    ATen ops (``kernels/_triton_nystrom.py``), else the PyTorch ops.  Returns ``(B·H, C, d)``."""
+    if _fused_core_ok(q_land.dtype, q_land.device, q_land.shape[1], q_land.shape[2]):
+        try:
+            from ..kernels._triton_nystrom import NystromCore
+
+            return NystromCore.apply(q_land.contiguous(), k_land.contiguous(), w.contiguous(), iterations)
+        except Exception as exc:  # noqa: BLE001 - a missing or failing Triton falls back to the PyTorch ops
+            _triton_failed(exc)
+    kernel2 = torch.softmax(torch.bmm(q_land, k_land.transpose(1, 2)), dim=-1)  # (B·H, C, C)
+    return torch.bmm(iterative_pinv(kernel2, iterations, stochastic=True), w)
 
 
 @dataclass(frozen=True)
@@ -269,19 +372,20 @@ class NystromAttention(EfficientAttention):
         :class:`LengthChunks`: no product reduces over the whole length, forward or backward) that read the
         time-first projections in place when there is one chunk (a head view of ``(L, B, H·d)`` flattens to
         ``(B·H, L, d)`` without a copy)."""
-        bsz, heads, length, d = q.shape
-        dtype, c, seg = acc_dtype(q.dtype), self.num_landmarks, length // self.num_landmarks
-
-        def means(x: Tensor, scale: float) -> Tensor:  # segment means (B·H, C, d), no (L, d) copy of x
-            return x.flatten(0, 1).unflatten(1, (c, seg)).sum(-2, dtype=dtype) * (scale / seg)
-
-        q_land, k_land = means(q, self.scaling), means(k, 1.0)
-        kernel2 = torch.softmax(torch.bmm(q_land, k_land.transpose(1, 2)), dim=-1)  # (B·H, C, C)
-        pinv = iterative_pinv(kernel2, self.pinv_iterations, stochastic=True)
-        small = torch.bmm(pinv, _FewQueries.apply(q_land, k, v))  # (B·H, C, d)
+        heads, c, dtype = q.shape[1], self.num_landmarks, acc_dtype(q.dtype)
+        out_dtype = q.dtype if self.conv is None else dtype
+        out = None
+        if _fused_core_ok(dtype, q.device, c, q.shape[-1]):
+            try:
+                out = _NystromEven.apply(q, k, v, c, self.scaling, self.pinv_iterations, out_dtype)
+            except Exception as exc:  # noqa: BLE001 - a missing or failing Triton falls back to the PyTorch ops
+                _triton_failed(exc)
+        if out is None:
+            q_land, k_land = _segment_means(q, c, self.scaling), _segment_means(k, c, 1.0)
+            small = landmark_core(q_land, k_land, _FewQueries.apply(q_land, k, v), self.pinv_iterations)
+            out = _FewKeys.apply(q, k_land, small, self.scaling, out_dtype)  # (B, H, L, d)
         if self.conv is None:
-            return _FewKeys.apply(q, k_land, small, self.scaling, q.dtype)
-        out = _FewKeys.apply(q, k_land, small, self.scaling, dtype)
+            return out
         pad = (self.conv.padding[0], 0)
         return (out + F.conv2d(v.to(dtype), self.conv.weight.to(dtype), padding=pad, groups=heads)).to(q.dtype)
 
