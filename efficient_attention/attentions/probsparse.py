@@ -453,7 +453,7 @@ class ProbSparse(EfficientAttention):
         return cached[1][pos % _BLOCK]
 
     def _fast_step(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], top: Tensor) -> Tensor:
-        """:meth:`_step` without padding in eval, in a dozen ops beside SDPA's: the query's samples come from a
+        """:meth:`_step` without padding in eval, in 14 ops beside SDPA: the query's samples come from a
         per-block table, its score ``M (B, H, 1, 1)`` from one product with them (every sample counts: ``U`` is
         the sample count at this length), the running top-u from ``top_scores`` (sorted: the query is active iff
         its score is at least the ``u``-th largest past score, i.e. fewer than ``u`` past scores are higher).  An
@@ -461,9 +461,15 @@ class ProbSparse(EfficientAttention):
         (the lazy row), so one SDPA call gives both kinds of rows (no row count read back, no running sum)."""
         src_len = k.shape[2]
         count = log_count(self.factor, src_len)
-        keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device))  # (B, H, U, d)
-        s = (keys * q).sum(-1, keepdim=True, dtype=torch.float32)  # (B, H, U, 1); fp32, as _sparsity's M
-        m = s.amax(2, keepdim=True) - s.mean(2, keepdim=True)  # (B, H, 1, 1)
+        real = torch.float32 if q.dtype == torch.float16 else q.dtype
+        bsz, heads, _, dim = q.shape
+        keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device)).to(real)  # (B, H, U, d)
+        # one bmm, as _sparsity's matmul: the same rounding in half precision, so the same selection
+        s = torch.bmm(keys.view(bsz * heads, count, dim), q.to(real).reshape(bsz * heads, dim, 1))  # q: a copy
+        s = s.view(bsz, heads, count, 1)
+        hi = s.amax(2, keepdim=True)  # half: promoted exactly below, no cast op; float64: cast as _sparsity does
+        hi = hi.float() if hi.dtype == torch.float64 else hi
+        m = hi - s.mean(2, keepdim=True, dtype=torch.float32)  # (B, H, 1, 1) fp32, as _sparsity computes it
         active = m >= top[:, :, count - 1 : count]  # the u-th largest past score (u = count here)
         state["top_scores"] = torch.cat([top, m], 2).topk(top.shape[2], dim=2).values
         return sdpa_attention(q * active, k, v, None, scale=self.scaling)
