@@ -364,7 +364,7 @@ class ProbSparse(EfficientAttention):
             active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
-            least = min(_PIECES, tgt_len)  # _PrefixRows splits the rows into _PIECES parts
+            least = min(_PIECES, tgt_len) if self.piecewise_mask else 1  # _PrefixRows splits them in _PIECES
             most = active.sum(-1).max().clamp(min=least).float()
             n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
             torch._check(n_act >= least)
