@@ -250,10 +250,11 @@ class ProbSparse(EfficientAttention):
             )
             if kpm is not None:
                 ok = ok & ~kpm[:, final.clamp(max=src_len - 1)][:, None]  # (B, 1, T, U)
-            n = ok.sum(-1)
-            total = s.masked_fill(~ok, 0.0).sum(-1, dtype=torch.float32)
-            top = s.masked_fill_(~ok, float("-inf")).amax(-1).float()
-            return torch.where(n > 0, top - total / n.clamp(min=1), torch.full_like(top, float("-inf")))
+            n, off = ok.sum(-1), ~ok
+            total = s.masked_fill(off, 0.0).sum(-1, dtype=torch.float32)
+            top = s.masked_fill_(off, float("-inf")).amax(-1)  # half: promoted exactly below, no cast op
+            top = top.float() if top.dtype == torch.float64 else top
+            return torch.where(n > 0, top - total / n.clamp(min=1), float("-inf"))  # (B, H, T) fp32
 
     def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], q_pos: Tensor) -> Tensor:
         """Causal selection by brute force: query ``i`` is active iff fewer than ``u_i`` earlier queries
