@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -298,15 +298,19 @@ class ProbSparse(EfficientAttention):
         else:
             keep = (~kpm).to(real)
             vv = v.to(real) * keep[:, None, :, None]
+        count: Union[Tensor, int]
         if self.causal:
             first = v.shape[2] - q_pos.shape[0]
             # scan along the last dim: CUDA scans over an outer dim slowly (5.9 ms at 8k on an H200, 2026-12-03)
             total = vv.transpose(2, 3).cumsum(-1)[..., first:].transpose(2, 3)
-            count = (q_pos + 1).to(real)[:, None] if keep is None else keep.cumsum(1)[:, None, first:, None]
+            if keep is None:  # the positions + 1, built in their dtype (exact below 2^24 in fp32)
+                count = torch.arange(first + 1, v.shape[2] + 1, dtype=real, device=v.device)[:, None]
+            else:
+                count = keep.cumsum(1)[:, None, first:, None].clamp(min=1)
         else:
             total = vv.sum(2, keepdim=True)
-            count = vv.new_full((), v.shape[2]) if keep is None else keep.sum(1)[:, None, None, None]
-        return (total / count.clamp(min=1)).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
+            count = v.shape[2] if keep is None else keep.sum(1)[:, None, None, None].clamp(min=1)
+        return (total / count).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
 
     def _exact_rows(
         self,
