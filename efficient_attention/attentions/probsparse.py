@@ -212,8 +212,10 @@ class ProbSparse(EfficientAttention):
         raw = self._block_keys(ids, n_blk, count)[torch.div(pos, size, rounding_mode="floor") - ids[0]]
         return self._wrap(raw, pos[:, None])
 
-    def _sparsity(self, q: Tensor, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
+    def _sparsity(self, q: Tensor, k: Tensor, kpm: Optional[Tensor], u: Optional[Tensor]) -> Tensor:
         """``M (B, H, T)`` from the sampled keys (:meth:`sample_keys`); -inf where no valid key was sampled.
+        ``u (T,)``: causal, each query's sample count (:func:`log_counts` of its position + 1); noncausal None
+        (every query counts all ``U`` samples).
 
         Each block's queries times its ``U`` shared keys is one batched matmul (causal: plus the block's own
         ``_BLOCK²`` scores for the wrapped samples); fp16 computes in fp32.  The scores leave out the ``1/√d`` of
@@ -243,30 +245,30 @@ class ProbSparse(EfficientAttention):
             else:
                 final = keys.expand(tgt_len, -1)
             s = s.flatten(2, 3)[:, :, front : front + tgt_len]  # (B, H, T, U)
-            q_pos = torch.arange(first, src_len, device=q.device)
-            ok = (
-                torch.arange(count, device=q.device)
-                < log_counts(self.factor, q_pos + 1 if self.causal else torch.full_like(q_pos, src_len))[:, None]
-            )
+            ok = None if u is None else torch.arange(count, device=q.device) < u[:, None]  # (T, U)
             if kpm is not None:
-                ok = ok & ~kpm[:, final.clamp(max=src_len - 1)][:, None]  # (B, 1, T, U)
+                pad = kpm[:, final.clamp(max=src_len - 1)][:, None]  # (B, 1, T, U)
+                ok = ~pad if ok is None else ok & ~pad
+            if ok is None:  # every sample counts
+                top = s.amax(-1)  # half: promoted exactly below, no cast op
+                top = top.float() if top.dtype == torch.float64 else top
+                return top - s.mean(-1, dtype=torch.float32)  # (B, H, T) fp32
             n, off = ok.sum(-1), ~ok
             total = s.masked_fill(off, 0.0).sum(-1, dtype=torch.float32)
-            top = s.masked_fill_(off, float("-inf")).amax(-1)  # half: promoted exactly below, no cast op
+            top = s.masked_fill_(off, float("-inf")).amax(-1)
             top = top.float() if top.dtype == torch.float64 else top
             return torch.where(n > 0, top - total / n.clamp(min=1), float("-inf"))  # (B, H, T) fp32
 
-    def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], q_pos: Tensor) -> Tensor:
+    def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], u: Tensor) -> Tensor:
         """Causal selection by brute force: query ``i`` is active iff fewer than ``u_i`` earlier queries
         score higher."""
-        u = log_counts(self.factor, q_pos + 1)
         earlier = torch.tril(torch.ones(m_new.shape[-1], m_new.shape[-1], dtype=torch.bool, device=m_new.device), -1)
         count = ((m_new[..., None, :] > m_new[..., :, None]) & earlier).sum(-1)
         if m_prev is not None and m_prev.shape[-1]:
             count = count + (m_prev[..., None, :] > m_new[..., :, None]).sum(-1)
         return count < u
 
-    def _causal_selection(self, m: Tensor, q_pos: Tensor) -> Tensor:
+    def _causal_selection(self, m: Tensor, u: Tensor) -> Tensor:
         """The running top-u of a whole sequence (positions ``0 .. T-1``) with a fixed number of kernels.
 
         Queries in blocks of ``_SEL``: compared with the earlier ones of their block, and with the top
@@ -287,7 +289,7 @@ class ProbSparse(EfficientAttention):
         outer = _prefix_top(group_top.topk(min(u_max, group_top.shape[-1]), dim=-1).values, u_max)  # (B, H, G, ·)
         prefix = torch.cat([inner, outer[..., None, :].expand(*inner.shape[:-1], -1)], -1).flatten(2, 3)
         count = count + (prefix[..., None, :] > mb[..., :, None]).sum(-1)
-        return count.flatten(-2)[..., :length] < log_counts(self.factor, q_pos + 1)
+        return count.flatten(-2)[..., :length] < u
 
     def _lazy(self, v: Tensor, kpm: Optional[Tensor], q_pos: Tensor) -> Tensor:
         """Mean of the visible, non-padded values ``(B, H, T, d)`` (causal: a running mean)."""
@@ -362,11 +364,12 @@ class ProbSparse(EfficientAttention):
         """Outputs of the ``T`` queries (the last ``T`` key positions) and their scores ``M``."""
         tgt_len, src_len = q.shape[2], k.shape[2]
         q_pos = torch.arange(src_len - tgt_len, src_len, device=q.device)
-        m = self._sparsity(q, k, kpm)
+        u = log_counts(self.factor, q_pos + 1) if self.causal else None  # (T,): the running top-u's counts
+        m = self._sparsity(q, k, kpm, u)
         if qpm is not None:
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
-        if self.causal:
-            active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
+        if u is not None:
+            active = self._causal_selection(m, u) if m_prev is None else self._running_active(m, m_prev, u)
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
             least = min(_PIECES, tgt_len) if self.piecewise_mask else 1  # _PrefixRows splits them in _PIECES
@@ -386,10 +389,11 @@ class ProbSparse(EfficientAttention):
         """:meth:`_compute` for one causal query (the last key): exact attention where it is active, the running
         mean of the values where not, chosen by ``torch.where`` (no row count read back from the device)."""
         q_pos = torch.arange(k.shape[2] - 1, k.shape[2], device=q.device)
-        m = self._sparsity(q, k, kpm)
+        u = log_counts(self.factor, q_pos + 1)
+        m = self._sparsity(q, k, kpm, u)
         if qpm is not None:
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
-        active = self._running_active(m, m_prev, q_pos)  # (B, H, 1)
+        active = self._running_active(m, m_prev, u)  # (B, H, 1)
         hidden = None  # as in _exact_rows: a batch row without real keys lets the query see every key
         if kpm is not None:
             hidden = (kpm & ~kpm.all(-1, keepdim=True))[:, None, None, :]
