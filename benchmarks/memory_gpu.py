@@ -114,8 +114,6 @@ def decode_point(name: str, context: int, device) -> dict:
             for key in ("prev_key", "prev_value"):
                 extra = torch.randn(BATCH, HEADS, context - prompt, EMBED // HEADS, device=device).to(buf[key].dtype)
                 buf[key] = torch.cat([buf[key], extra], 2)
-            if "value_sum" in buf:
-                buf["value_sum"] = buf["prev_value"].sum(2, keepdim=True, dtype=torch.float32)
         xs = torch.randn(56, 1, BATCH, EMBED, device=device)
         times = []
         for i in range(56):

@@ -39,8 +39,9 @@ def test_running_top_u_by_chunks_equals_brute_force():
     scores = torch.randn(2, 2, 700, dtype=torch.float64)
     scores[0, 0, 100] = -math.inf
     pos = torch.arange(700)
-    by_chunks = m._causal_selection(scores, pos)
-    brute = m._running_active(scores, None, pos)
+    u = log_counts(3, pos + 1)
+    by_chunks = m._causal_selection(scores, u)
+    brute = m._running_active(scores, None, u)
     assert torch.equal(by_chunks, brute)
     # a running top-u keeps about u (1 + ln(L / u)) rows, far fewer than L
     assert by_chunks.sum(-1).max() < 200
@@ -97,25 +98,39 @@ def test_fp16_large_inputs_stay_finite():
     q, k, v = (torch.randn(1, 2, 70, 8).half() * 300 for _ in range(3))
     out = m._attend(q, k, v, AttentionMasks(), False)[0]
     assert torch.isfinite(out).all()
-    assert torch.isfinite(m._sparsity(q, k, None)).all()
+    assert torch.isfinite(m._sparsity(q, k, None, log_counts(2, torch.arange(1, 71)))).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_piecewise_masked_rows_match_the_kept_mask(monkeypatch, dtype):
-    """The CUDA path of the causal active rows (the mask built a quarter of the rows at a time, never kept, the
-    backward rerunning each quarter) on the CPU: output and every gradient equal the kept-mask path's."""
-    from efficient_attention.attentions import probsparse
+def test_piecewise_mask_matches_the_kept_mask(dtype):
+    """``piecewise_mask`` (the causal active rows' mask built a quarter of the rows at a time, never kept, the
+    backward rerunning each quarter): output and every gradient equal the kept mask's."""
 
-    def run(devices):
-        monkeypatch.setattr(probsparse, "PREFIX_ROWS_DEVICES", devices)
+    def run(piecewise):
         torch.manual_seed(0)
-        m = ProbSparse(EMBED_DIM, NUM_HEADS, causal=True, factor=2).to(dtype).train()
+        m = ProbSparse(EMBED_DIM, NUM_HEADS, causal=True, factor=2, piecewise_mask=piecewise).to(dtype).train()
         x = torch.randn(150, 2, EMBED_DIM, dtype=dtype, requires_grad=True)
         torch.manual_seed(1)  # the same key samples
         out, _ = m(x, need_weights=False)
         (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
         return [out, x.grad] + [p.grad for p in m.parameters()]
 
-    kept, piecewise = run(()), run(("cpu", "cuda"))
-    for a, b in zip(kept, piecewise):
+    for a, b in zip(run(False), run(True)):
         assert_close(b, a, dtype)
+
+
+def test_piecewise_mask_equals_the_reference_and_ignores_padding():
+    """With ``piecewise_mask`` the float64 pass is the definition's; with padding the kept mask runs (same outputs
+    as without the option) and padded keys change no real output."""
+    from references.probsparse import probsparse_rows
+
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, causal=True, factor=2, piecewise_mask=True).double().eval()
+    q, k, v = (torch.randn(2, 2, 90, 8, dtype=torch.float64) for _ in range(3))
+    assert_close(m._attend(q, k, v, AttentionMasks(), False)[0], probsparse_rows(m, q, k, v))
+    kpm = torch.zeros(2, 90, dtype=torch.bool)
+    kpm[1, -5:] = True
+    out = m._attend(q, k, v, AttentionMasks(key_padding=kpm, query_padding=kpm), False)[0]
+    expected = probsparse_rows(m, q, k, v, kpm)
+    assert_close(out[0], expected[0])
+    assert_close(out[1, :, :85], expected[1, :, :85])

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import acc_dtype, sdpa_attention
-from ..options import AttentionOptions, positive_int
+from ..options import AttentionOptions, option, positive_int
 from ..registry import register_attention
 
 __all__ = ["ProbSparse"]
@@ -131,12 +131,7 @@ def _prefix_ends(last: Tensor, pieces: int, length: int) -> list:
     return [min(length, 1 << int(t).bit_length()) for t in tops]
 
 
-_PIECES = 4
-# Device types on which the causal active rows go through _PrefixRows (tests add "cpu").  Off by default: on an
-# H200 (session 4, CAB's setting) it cut causal ProbSparse's peak memory from 0.64-0.70x to 0.87-0.91x SDPA's, but
-# cost 10-20% of its time (8.4 vs 7.0 ms at 8k, 11.2 vs 10.0 at 16k: under SDPA's 10.1) and a host
-# synchronisation per pass; the time target (faster than SDPA from 16k) was met without it.
-PREFIX_ROWS_DEVICES: tuple = ()
+_PIECES = 4  # piecewise_mask: the rows' parts
 
 
 def _pieces(x: Tensor, pieces: int):
@@ -156,6 +151,12 @@ def _prefix_mask(keys: Tensor, last: Tensor, q: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class ProbSparseOptions(AttentionOptions):
     factor: int = positive_int(5, "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries")
+    piecewise_mask: bool = option(
+        False,
+        "causal passes without padding or dropout: build the active rows' mask a quarter of the rows at a time "
+        "and again in the backward, never kept (less peak memory; on an H200 1.1-1.2x the time and one host sync "
+        "per pass)",
+    )
 
 
 @register_attention("probsparse", "prob_sparse", "informer")
@@ -168,8 +169,9 @@ class ProbSparse(EfficientAttention):
     never selected.  Shapes ``(T, B, C)``.  Patterns: noncausal self, causal
     self.  Cost O(L ln L · d) for scores and selection plus O(u_active · L · d)
     for the active rows (causal: the running top-u keeps about
-    ``u·(1 + ln(L/u))`` rows).  Decoding keeps the key/value cache and the past
-    sparsity scores.
+    ``u·(1 + ln(L/u))`` rows; ``piecewise_mask`` trades their kept mask for
+    time, :class:`_PrefixRows`).  Decoding keeps the key/value cache and the
+    past sparsity scores.
     """
 
     capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, backends=("torch",))
@@ -210,11 +212,14 @@ class ProbSparse(EfficientAttention):
         raw = self._block_keys(ids, n_blk, count)[torch.div(pos, size, rounding_mode="floor") - ids[0]]
         return self._wrap(raw, pos[:, None])
 
-    def _sparsity(self, q: Tensor, k: Tensor, kpm: Optional[Tensor]) -> Tensor:
+    def _sparsity(self, q: Tensor, k: Tensor, kpm: Optional[Tensor], u: Optional[Tensor]) -> Tensor:
         """``M (B, H, T)`` from the sampled keys (:meth:`sample_keys`); -inf where no valid key was sampled.
+        ``u (T,)``: causal, each query's sample count (:func:`log_counts` of its position + 1); noncausal None
+        (every query counts all ``U`` samples).
 
         Each block's queries times its ``U`` shared keys is one batched matmul (causal: plus the block's own
-        ``_BLOCK²`` scores for the wrapped samples), q scaled first; fp16 computes in fp32."""
+        ``_BLOCK²`` scores for the wrapped samples); fp16 computes in fp32.  The scores leave out the ``1/√d`` of
+        the definition: a positive factor of every ``M`` changes no selection."""
         bsz, heads, tgt_len, dim = q.shape
         src_len = k.shape[2]
         first = src_len - tgt_len
@@ -226,7 +231,7 @@ class ProbSparse(EfficientAttention):
         front, rows = first - start, ids.shape[0] * size
         real = torch.float32 if q.dtype == torch.float16 else q.dtype
         with torch.no_grad():  # the scores only select queries
-            qs = F.pad(q * self.scaling, (0, 0, front, rows - tgt_len - front)).to(real).view(bsz, heads, -1, size, dim)
+            qs = F.pad(q, (0, 0, front, rows - tgt_len - front)).to(real).view(bsz, heads, -1, size, dim)
             s = torch.matmul(qs, k[:, :, keys.clamp(max=src_len - 1)].to(real).transpose(-1, -2))  # (B, H, G, n, U)
             if self.causal:
                 pos = (start + torch.arange(rows, device=q.device)).view(-1, size, 1)  # (G, n, 1)
@@ -240,29 +245,30 @@ class ProbSparse(EfficientAttention):
             else:
                 final = keys.expand(tgt_len, -1)
             s = s.flatten(2, 3)[:, :, front : front + tgt_len]  # (B, H, T, U)
-            q_pos = torch.arange(first, src_len, device=q.device)
-            ok = (
-                torch.arange(count, device=q.device)
-                < log_counts(self.factor, q_pos + 1 if self.causal else torch.full_like(q_pos, src_len))[:, None]
-            )
+            ok = None if u is None else torch.arange(count, device=q.device) < u[:, None]  # (T, U)
             if kpm is not None:
-                ok = ok & ~kpm[:, final.clamp(max=src_len - 1)][:, None]  # (B, 1, T, U)
-            n = ok.sum(-1)
-            total = s.masked_fill(~ok, 0.0).sum(-1, dtype=torch.float32)
-            top = s.masked_fill_(~ok, float("-inf")).amax(-1).float()
-            return torch.where(n > 0, top - total / n.clamp(min=1), torch.full_like(top, float("-inf")))
+                pad = kpm[:, final.clamp(max=src_len - 1)][:, None]  # (B, 1, T, U)
+                ok = ~pad if ok is None else ok & ~pad
+            if ok is None:  # every sample counts
+                top = s.amax(-1)  # half: promoted exactly below, no cast op
+                top = top.float() if top.dtype == torch.float64 else top
+                return top - s.mean(-1, dtype=torch.float32)  # (B, H, T) fp32
+            n, off = ok.sum(-1), ~ok
+            total = s.masked_fill(off, 0.0).sum(-1, dtype=torch.float32)
+            top = s.masked_fill_(off, float("-inf")).amax(-1)
+            top = top.float() if top.dtype == torch.float64 else top
+            return torch.where(n > 0, top - total / n.clamp(min=1), float("-inf"))  # (B, H, T) fp32
 
-    def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], q_pos: Tensor) -> Tensor:
+    def _running_active(self, m_new: Tensor, m_prev: Optional[Tensor], u: Tensor) -> Tensor:
         """Causal selection by brute force: query ``i`` is active iff fewer than ``u_i`` earlier queries
         score higher."""
-        u = log_counts(self.factor, q_pos + 1)
         earlier = torch.tril(torch.ones(m_new.shape[-1], m_new.shape[-1], dtype=torch.bool, device=m_new.device), -1)
         count = ((m_new[..., None, :] > m_new[..., :, None]) & earlier).sum(-1)
         if m_prev is not None and m_prev.shape[-1]:
             count = count + (m_prev[..., None, :] > m_new[..., :, None]).sum(-1)
         return count < u
 
-    def _causal_selection(self, m: Tensor, q_pos: Tensor) -> Tensor:
+    def _causal_selection(self, m: Tensor, u: Tensor) -> Tensor:
         """The running top-u of a whole sequence (positions ``0 .. T-1``) with a fixed number of kernels.
 
         Queries in blocks of ``_SEL``: compared with the earlier ones of their block, and with the top
@@ -283,7 +289,7 @@ class ProbSparse(EfficientAttention):
         outer = _prefix_top(group_top.topk(min(u_max, group_top.shape[-1]), dim=-1).values, u_max)  # (B, H, G, ·)
         prefix = torch.cat([inner, outer[..., None, :].expand(*inner.shape[:-1], -1)], -1).flatten(2, 3)
         count = count + (prefix[..., None, :] > mb[..., :, None]).sum(-1)
-        return count.flatten(-2)[..., :length] < log_counts(self.factor, q_pos + 1)
+        return count.flatten(-2)[..., :length] < u
 
     def _lazy(self, v: Tensor, kpm: Optional[Tensor], q_pos: Tensor) -> Tensor:
         """Mean of the visible, non-padded values ``(B, H, T, d)`` (causal: a running mean)."""
@@ -294,15 +300,19 @@ class ProbSparse(EfficientAttention):
         else:
             keep = (~kpm).to(real)
             vv = v.to(real) * keep[:, None, :, None]
+        count: Union[Tensor, int]
         if self.causal:
             first = v.shape[2] - q_pos.shape[0]
             # scan along the last dim: CUDA scans over an outer dim slowly (5.9 ms at 8k on an H200, 2026-12-03)
             total = vv.transpose(2, 3).cumsum(-1)[..., first:].transpose(2, 3)
-            count = (q_pos + 1).to(real)[:, None] if keep is None else keep.cumsum(1)[:, None, first:, None]
+            if keep is None:  # the positions + 1, built in their dtype (exact below 2^24 in fp32)
+                count = torch.arange(first + 1, v.shape[2] + 1, dtype=real, device=v.device)[:, None]
+            else:
+                count = keep.cumsum(1)[:, None, first:, None].clamp(min=1)
         else:
             total = vv.sum(2, keepdim=True)
-            count = vv.new_full((), v.shape[2]) if keep is None else keep.sum(1)[:, None, None, None]
-        return (total / count.clamp(min=1)).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
+            count = v.shape[2] if keep is None else keep.sum(1)[:, None, None, None].clamp(min=1)
+        return (total / count).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
 
     def _exact_rows(
         self,
@@ -323,11 +333,10 @@ class ProbSparse(EfficientAttention):
         dropout = self.dropout_p if self.training else 0.0
         if self.causal and keep is None:
             # an additive mask from the rows' last visible key (filler rows see every key): a boolean mask took
-            # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); without dropout it is built
-            # a quarter at a time and never kept (_PrefixRows)
-            # (on the devices of PREFIX_ROWS_DEVICES: on the CPU memory is not the limit and the rerun costs time;
-            # not under Dynamo, which cannot trace its backward's autograd)
-            if dropout == 0.0 and q.device.type in PREFIX_ROWS_DEVICES and not torch.compiler.is_compiling():
+            # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); with piecewise_mask and
+            # without dropout it is built a quarter at a time and never kept (_PrefixRows; not under Dynamo, which
+            # cannot trace its backward's autograd)
+            if self.piecewise_mask and dropout == 0.0 and not torch.compiler.is_compiling():
                 pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
                 last = torch.where(ok, q_pos[rows], 0)  # fillers see the first key: no long prefix for them
                 exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
@@ -355,14 +364,15 @@ class ProbSparse(EfficientAttention):
         """Outputs of the ``T`` queries (the last ``T`` key positions) and their scores ``M``."""
         tgt_len, src_len = q.shape[2], k.shape[2]
         q_pos = torch.arange(src_len - tgt_len, src_len, device=q.device)
-        m = self._sparsity(q, k, kpm)
+        u = log_counts(self.factor, q_pos + 1) if self.causal else None  # (T,): the running top-u's counts
+        m = self._sparsity(q, k, kpm, u)
         if qpm is not None:
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
-        if self.causal:
-            active = self._causal_selection(m, q_pos) if m_prev is None else self._running_active(m, m_prev, q_pos)
+        if u is not None:
+            active = self._causal_selection(m, u) if m_prev is None else self._running_active(m, m_prev, u)
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
-            least = min(_PIECES, tgt_len)  # _PrefixRows splits the rows into _PIECES parts
+            least = min(_PIECES, tgt_len) if self.piecewise_mask else 1  # _PrefixRows splits them in _PIECES
             most = active.sum(-1).max().clamp(min=least).float()
             n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
             torch._check(n_act >= least)
@@ -379,10 +389,11 @@ class ProbSparse(EfficientAttention):
         """:meth:`_compute` for one causal query (the last key): exact attention where it is active, the running
         mean of the values where not, chosen by ``torch.where`` (no row count read back from the device)."""
         q_pos = torch.arange(k.shape[2] - 1, k.shape[2], device=q.device)
-        m = self._sparsity(q, k, kpm)
+        u = log_counts(self.factor, q_pos + 1)
+        m = self._sparsity(q, k, kpm, u)
         if qpm is not None:
             m = m.masked_fill(qpm[:, None, :], float("-inf"))
-        active = self._running_active(m, m_prev, q_pos)  # (B, H, 1)
+        active = self._running_active(m, m_prev, u)  # (B, H, 1)
         hidden = None  # as in _exact_rows: a batch row without real keys lets the query see every key
         if kpm is not None:
             hidden = (kpm & ~kpm.all(-1, keepdim=True))[:, None, None, :]
@@ -404,74 +415,70 @@ class ProbSparse(EfficientAttention):
     def _attend_step(
         self, q: Tensor, k: Optional[Tensor], v: Optional[Tensor], state: Dict[str, Any], masks: AttentionMasks
     ) -> Tensor:
-        """The key/value cache (``prev_key`` ...), the largest past sparsity scores ``top_scores (B, H, K)``
+        """The key/value cache (``prev_key`` ...) and the largest past sparsity scores ``top_scores (B, H, K, 1)``
         (``K = factor·34`` is at least every ``u`` below 2^48 positions, so a query's count of higher earlier
-        scores is exact below ``u``, all the running top-u needs) and, while no key was padded, the running
-        value sum ``value_sum (B, H, 1, d)`` (fp32; the lazy rows' mean)."""
+        scores is exact below ``u``, all the running top-u needs)."""
         assert k is not None and v is not None  # self attention only (SELF_PATTERNS): every step brings its keys
         bsz, tgt_len = q.shape[0], q.shape[2]
-        prev_k, prev_m = state.get("prev_key"), state.get("top_scores")
+        prev_k, top = state.get("prev_key"), state.get("top_scores")
         prev_len = 0 if prev_k is None else prev_k.shape[2]
         new_kpm = masks.key_padding
-        new_v = v
         if prev_k is not None:
             new_kpm = _cat_padding(state.get("prev_key_padding_mask"), new_kpm, prev_len, tgt_len, bsz)
             k, v = torch.cat([prev_k, k], 2), torch.cat([state["prev_value"], v], 2)
         state["prev_key"], state["prev_value"], state["prev_key_padding_mask"] = k, v, new_kpm
-        if tgt_len == 1 and prev_m is not None and new_kpm is None and "value_sum" in state and not self.training:
-            return self._fast_step(q, k, v, new_v, state, prev_m)
+        if tgt_len == 1 and top is not None and new_kpm is None and not self.training:
+            return self._fast_step(q, k, v, state, top)
+        prev_m = None if top is None else top[..., 0]  # (B, H, K)
         qpm = None if new_kpm is None else new_kpm[:, prev_len:]
         if tgt_len == 1 and prev_m is not None:
             out, m = self._step(q, k, v, new_kpm, qpm, prev_m)
         else:
             out, m = self._compute(q, k, v, new_kpm, qpm, prev_m)
         state["top_scores"] = self._top(m if prev_m is None else torch.cat([prev_m, m], -1))
-        if new_kpm is None:  # the lazy rows' running sum, for the fast step
-            state["value_sum"] = v.sum(2, keepdim=True, dtype=acc_dtype(v.dtype))
-        else:
-            state.pop("value_sum", None)
         return out
 
     def _top(self, scores: Tensor) -> Tensor:
-        """The ``K`` largest of ``scores (B, H, N)`` (``-inf`` filled when ``N < K``)."""
+        """The ``K`` largest of ``scores (B, H, N)``, sorted, as ``(B, H, K, 1)`` (``-inf`` filled when ``N < K``)."""
         size = self.factor * _TOP_LOG
         if scores.shape[-1] < size:
             scores = F.pad(scores, (0, size - scores.shape[-1]), value=float("-inf"))
-        return scores.topk(size, dim=-1).values  # sorted: the fast step reads the u-th largest
+        return scores.topk(size, dim=-1).values[..., None]  # sorted: the fast step reads the u-th largest
 
     def _step_samples(self, pos: int, count: int, device) -> Tensor:
         """The eval samples ``(count,)`` of the query at ``pos`` (:meth:`sample_keys`'s row), from a table of its
-        block's ``_BLOCK`` rows built once per block (the last one is kept on the module)."""
+        block's ``_BLOCK`` rows built once per block (the last one is kept on the module, its rows unbound once:
+        picking one is no op)."""
         block = pos // _BLOCK
-        key = (block, count, str(device))
+        key = (block, count, device)
         cached = getattr(self, "_sample_table", None)
         if cached is None or cached[0] != key:
             ids = torch.full((1,), block, device=device)
             raw = self._block_keys(ids, (ids + 1) * _BLOCK, count)  # (1, count): the block's samples
             rows = torch.arange(block * _BLOCK, (block + 1) * _BLOCK, device=device)
             table = self._wrap(raw, rows[:, None])  # (_BLOCK, count), as sample_keys gives them (no device sync)
-            cached = (key, table)
+            cached = (key, table.unbind(0))
             self._sample_table = cached
         return cached[1][pos % _BLOCK]
 
-    def _fast_step(self, q: Tensor, k: Tensor, v: Tensor, new_v: Tensor, state: Dict[str, Any], top: Tensor) -> Tensor:
-        """:meth:`_step` without padding in eval, in about 25 ops: the query's samples come from a per-block table,
-        its score from one product with them (every sample counts: ``U`` is the sample count at this length), the
-        running top-u from ``top_scores`` (sorted: the query is active iff its score is at least the ``u``-th
-        largest past score, i.e. fewer than ``u`` past scores are higher), the lazy mean from ``value_sum``; the
-        output is SDPA over the cache where the query is active, the mean where not (no row count read back)."""
+    def _fast_step(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any], top: Tensor) -> Tensor:
+        """:meth:`_step` without padding in eval, in 14 ops beside SDPA: the query's samples come from a
+        per-block table, its score ``M (B, H, 1, 1)`` from one product with them (every sample counts: ``U`` is
+        the sample count at this length), the running top-u from ``top_scores`` (sorted: the query is active iff
+        its score is at least the ``u``-th largest past score, i.e. fewer than ``u`` past scores are higher).  An
+        inactive query is zeroed before SDPA: its softmax is then uniform over the cache, the mean of the values
+        (the lazy row), so one SDPA call gives both kinds of rows (no row count read back, no running sum)."""
         src_len = k.shape[2]
         count = log_count(self.factor, src_len)
         real = torch.float32 if q.dtype == torch.float16 else q.dtype
         bsz, heads, _, dim = q.shape
         keys = k.index_select(2, self._step_samples(src_len - 1, count, q.device)).to(real)  # (B, H, U, d)
-        qs = (q * self.scaling).to(real).reshape(bsz * heads, dim, 1)  # one row: a view
-        s = torch.bmm(keys.reshape(bsz * heads, count, dim), qs).view(bsz, heads, count, 1)  # the product matmul runs
+        # one bmm, as _sparsity's matmul: the same rounding in half precision, so the same selection
+        s = torch.bmm(keys.view(bsz * heads, count, dim), q.to(real).reshape(bsz * heads, dim, 1))  # q: a copy
+        s = s.view(bsz, heads, count, 1)
         hi = s.amax(2, keepdim=True)  # half: promoted exactly below, no cast op; float64: cast as _sparsity does
         hi = hi.float() if hi.dtype == torch.float64 else hi
         m = hi - s.mean(2, keepdim=True, dtype=torch.float32)  # (B, H, 1, 1) fp32, as _sparsity computes it
-        active = m >= top[..., count - 1 : count].unsqueeze(-1)  # the u-th largest past score (u = count here)
-        exact = sdpa_attention(q, k, v, None, scale=self.scaling)
-        total = state["value_sum"] + new_v  # fp32
-        state["value_sum"], state["top_scores"] = total, self._top(torch.cat([top, m.view(bsz, heads, 1)], -1))
-        return torch.where(active, exact, total / src_len).to(v.dtype)
+        active = m >= top[:, :, count - 1 : count]  # the u-th largest past score (u = count here)
+        state["top_scores"] = torch.cat([top, m], 2).topk(top.shape[2], dim=2).values
+        return sdpa_attention(q * active, k, v, None, scale=self.scaling)
