@@ -273,9 +273,9 @@ def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Te
     """``K_l = 2·Re(C̃ λ^l)`` for ``l < length`` as ``(C, length)``, by blocks ``λ^{at+b} = λ^{at} λ^b``."""
     t = max(1, min(block, length))
     blocks = -(-length // t)
-    head = _powers(dt_a, torch.arange(blocks, device=dt_a.device) * t)  # (C, n, A)
-    tail = c_bar[..., None] * _powers(dt_a, torch.arange(t, device=dt_a.device))  # (C, n, t)
-    kern = 2.0 * torch.bmm(head.transpose(1, 2), tail).real  # (C, A, t)
+    lag_tables = _block_lags.__wrapped__ if torch.compiler.is_compiling() else _block_lags
+    powers = _powers(dt_a, lag_tables(t, blocks, dt_a.device, _REAL[dt_a.dtype])[0])  # (C, n, t + A): λ^b, λ^{at}
+    kern = 2.0 * torch.bmm(powers[..., t:].transpose(1, 2), c_bar[..., None] * powers[..., :t]).real  # (C, A, t)
     return kern.reshape(dt_a.shape[0], blocks * t)[:, :length]
 
 
@@ -300,7 +300,7 @@ def _kernel_backward(dt_a: Tensor, c_bar: Tensor, grad: Tensor, block: int = _CH
     # (Dynamo traces through an lru_cache wrapper with a warning: the uncached tables when compiling)
     lag_tables = _block_lags.__wrapped__ if torch.compiler.is_compiling() else _block_lags
     exps, lags = lag_tables(t, blocks, grad.device, grad.dtype)
-    g = F.pad(grad, (0, blocks * t - length)).view(channels, blocks, t)
+    g = (grad if blocks * t == length else F.pad(grad, (0, blocks * t - length))).view(channels, blocks, t)
     powers = _powers(dt_a, exps)  # (C, n, t + A): λ^b, then λ^{at}
     both = torch.cat([g, g * lags], 1).to(dt_a.dtype)  # (C, 2A, t): g, g·l
     pq = torch.bmm(both, powers[..., :t].transpose(1, 2)).view(channels, 2, blocks, -1)  # (C, 2, A, n)
