@@ -106,7 +106,8 @@ def test_fft_convolution_equals_definition(length, kernels, split, monkeypatch):
         monkeypatch.setattr(s4d_module, "_FFT_CHUNK_BYTES", 1)
     params = _params(kernels)
     u = torch.randn(3, 2, length, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    y = _FFTConvolution.apply(u, *params, "identity")
+    # the FFT convolution takes per-head (B, H, L, d) (here 1 head of 3 channels) and returns the same layout
+    y = _FFTConvolution.apply(u.permute(1, 2, 0)[:, None], *params, "identity")[:, 0].permute(2, 0, 1)
     ssm = _discretise(*params[:4])
     back = (ssm.dt_a[1], ssm.c_bar[1]) if kernels == 2 else None
     expected = _direct_reference(u, ssm.dt_a[0], ssm.c_bar[0], back) + params[4][:, None, None] * u
@@ -127,8 +128,8 @@ def test_convolution_functions_gradcheck(activation, kernels, split, monkeypatch
     fn = _CausalScan if causal else _FFTConvolution
     params = _params(1, channels=2) if causal else _params(kernels)
     for length in (1, 70, 128):  # one chunk; chunks padded to whole groups; whole groups
-        # the causal scan takes per-head (B, H, L, d) (here 2 heads of 1 channel), the FFT convolution (C, B, L)
-        shape = (2, 2, length, 1) if causal else (3, 2, length)
+        # both take per-head (B, H, L, d) (here heads of 1 channel)
+        shape = (2, 2, length, 1) if causal else (2, 3, length, 1)
         u = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda *a: fn.apply(*a, activation), (u, *params))
 

@@ -273,9 +273,9 @@ def _kernel(dt_a: Tensor, c_bar: Tensor, length: int, block: int = _CHUNK) -> Te
     """``K_l = 2·Re(C̃ λ^l)`` for ``l < length`` as ``(C, length)``, by blocks ``λ^{at+b} = λ^{at} λ^b``."""
     t = max(1, min(block, length))
     blocks = -(-length // t)
-    head = _powers(dt_a, torch.arange(blocks, device=dt_a.device) * t)  # (C, n, A)
-    tail = c_bar[..., None] * _powers(dt_a, torch.arange(t, device=dt_a.device))  # (C, n, t)
-    kern = 2.0 * torch.bmm(head.transpose(1, 2), tail).real  # (C, A, t)
+    lag_tables = _block_lags.__wrapped__ if torch.compiler.is_compiling() else _block_lags
+    powers = _powers(dt_a, lag_tables(t, blocks, dt_a.device, _REAL[dt_a.dtype])[0])  # (C, n, t + A): λ^b, λ^{at}
+    kern = 2.0 * torch.bmm(powers[..., t:].transpose(1, 2), c_bar[..., None] * powers[..., :t]).real  # (C, A, t)
     return kern.reshape(dt_a.shape[0], blocks * t)[:, :length]
 
 
@@ -300,7 +300,7 @@ def _kernel_backward(dt_a: Tensor, c_bar: Tensor, grad: Tensor, block: int = _CH
     # (Dynamo traces through an lru_cache wrapper with a warning: the uncached tables when compiling)
     lag_tables = _block_lags.__wrapped__ if torch.compiler.is_compiling() else _block_lags
     exps, lags = lag_tables(t, blocks, grad.device, grad.dtype)
-    g = F.pad(grad, (0, blocks * t - length)).view(channels, blocks, t)
+    g = (grad if blocks * t == length else F.pad(grad, (0, blocks * t - length))).view(channels, blocks, t)
     powers = _powers(dt_a, exps)  # (C, n, t + A): λ^b, then λ^{at}
     both = torch.cat([g, g * lags], 1).to(dt_a.dtype)  # (C, 2A, t): g, g·l
     pq = torch.bmm(both, powers[..., :t].transpose(1, 2)).view(channels, 2, blocks, -1)  # (C, 2, A, n)
@@ -414,36 +414,58 @@ def _activation_backward(name: str, grad: Tensor, pre: Tensor) -> Tensor:
     return grad
 
 
+def _part(x: Tensor, part: slice) -> Tensor:
+    """``x[:, part]``, ``x`` itself for the whole batch (one op less on the host)."""
+    return x if part == slice(None) else x[:, part]
+
+
+def _channels_first(x: Tensor) -> Tensor:
+    """Per-head ``(B, H, L, d)`` whose ``(H, d)`` dims merge (a view of a time-first ``(L, B, H, d)`` tensor, or
+    contiguous) -> channels first ``(C, B, L)``, a view when they merge (channel ``h·d + i``)."""
+    bsz, heads, length, dim = x.shape
+    return x.permute(1, 3, 0, 2).reshape(heads * dim, bsz, length)
+
+
+def _time_first(shape: torch.Size, like: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """A new time-first ``(L, B, H, d)`` tensor for per-head ``shape`` ``(B, H, L, d)``: ``(its per-head view,
+    its channels-first (C, B, L) view)`` (what the output projection reads without another copy)."""
+    bsz, heads, length, dim = shape
+    out = like.new_empty(length, bsz, heads, dim, dtype=dtype)
+    return out.permute(1, 2, 0, 3), out.view(length, bsz, heads * dim).permute(2, 1, 0)
+
+
 class _FFTConvolution(torch.autograd.Function):
     """``act(K * u + D·u)`` for the S4D kernel(s) of ``(log_dt, log_a_real, a_imag, c)`` (``(kernels, C, n)``;
-    ``kernels = 2``: the second over later positions) and the skip ``d`` ``(C,)`` (lag 0 of the kernel) on ``u``
-    ``(C, B, L)``, by FFT, in batch chunks of bounded memory (:func:`_batch_chunks`).
+    ``kernels = 2``: the second over later positions) and the skip ``d`` ``(C,)`` (lag 0 of the kernel) on
+    per-head ``u`` ``(B, H, L, d)`` (channel ``h·d + i``, any float dtype; the math runs in the parameters'
+    dtype), by FFT, in batch chunks of bounded memory (:func:`_batch_chunks`).  The output is in ``u``'s dtype,
+    a view of a time-first tensor (the cast and the layout change in the one write of the result).
 
     Backward, per batch chunk: the pre-activation is recomputed from the spectrum of ``u`` (which the kernel
     gradient needs anyway), ``∂u`` is the correlation of ``∂y`` with the same kernel spectrum, ``∂K`` that of
     ``∂y`` with ``u`` (summed over the batch; ``∂D`` is its lag 0), then the parameters' gradients by
-    :func:`_param_grads`.  Saved: ``u`` and the kernel spectrum ``(C, L+1)``; nothing of size ``C·n·L``."""
+    :func:`_param_grads`.  Saved: ``u`` as given if it is in a lower precision (not a float copy), else its
+    channels-first copy, and the kernel spectrum ``(C, L+1)``; nothing of size ``C·n·L``."""
 
     @staticmethod
     def forward(
         ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
     ) -> Tensor:
-        channels, bsz, length = u.shape
-        size = _fft_size(length)
+        bsz, heads, length, dim = u.shape
+        channels, size, real = heads * dim, _fft_size(length), log_dt.dtype
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
         kern = _ssm_kernel(ssm, length)
-        kern[0, :, 0] += d
-        k_spec = torch.fft.rfft(_conv_kernel(kern, size))
-        ctx.save_for_backward(u, k_spec)
-        ctx.ssm, ctx.activation = ssm, activation
-        act = _ACTIVATIONS[activation]
-        chunks = _batch_chunks(channels, bsz, size)
-        if len(chunks) == 1:
-            return act(torch.fft.irfft(torch.fft.rfft(u, n=size).mul_(k_spec[:, None]), n=size)[..., :length])
-        out = u.new_empty(u.shape)
-        for part in chunks:
-            pre = torch.fft.irfft(torch.fft.rfft(u[:, part], n=size).mul_(k_spec[:, None]), n=size)[..., :length]
-            out[:, part] = act(pre)
+        kern[0, :, 0].add_(d)
+        k_spec = torch.fft.rfft(_conv_kernel(kern, size))[:, None]
+        act, src = _ACTIVATIONS[activation], _channels_first(u)
+        if u.dtype == real:  # a float copy takes no more memory than u: kept channels first (no transposed reads)
+            src = src.contiguous()
+        ctx.save_for_backward(src if u.dtype == real else u, k_spec)
+        ctx.ssm, ctx.activation, ctx.shape = ssm, activation, u.shape
+        out, dst = _time_first(u.shape, u, u.dtype)
+        for part in _batch_chunks(channels, bsz, size):
+            spec = torch.fft.rfft(_part(src, part).to(real, memory_format=torch.contiguous_format), n=size).mul_(k_spec)
+            _part(dst, part).copy_(act(torch.fft.irfft(spec, n=size)[..., :length]))
         return out
 
     @staticmethod
@@ -454,29 +476,25 @@ class _FFTConvolution(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad: Tensor):
-        u, k_spec = ctx.saved_tensors
+        u, k_spec = ctx.saved_tensors  # u per-head, or channels first (C, B, L) if it was in the math's dtype
         ssm: _SSM = ctx.ssm
-        channels, bsz, length = u.shape
-        size = _fft_size(length)
-        k_conj = torch.conj_physical(k_spec)[:, None]
-        chunks = _batch_chunks(channels, bsz, size)
-        g_u = u.new_empty(u.shape) if len(chunks) > 1 else None
+        bsz, heads, length, dim = ctx.shape
+        channels, size, real = heads * dim, _fft_size(length), _REAL[k_spec.dtype]
+        k_conj = torch.conj_physical(k_spec)
+        src, g_src = (u if u.dim() == 3 else _channels_first(u)), _channels_first(grad)
+        g_u, g_dst = _time_first(ctx.shape, u, u.dtype)
         acc: Optional[Tensor] = None
-        for part in chunks:
-            u_p, g_p = (u, grad) if len(chunks) == 1 else (u[:, part], grad[:, part])
-            u_spec = torch.fft.rfft(u_p, n=size)
+        for part in _batch_chunks(channels, bsz, size):
+            u_spec = torch.fft.rfft(_part(src, part).to(real, memory_format=torch.contiguous_format), n=size)
+            g_p = _part(g_src, part).to(real, memory_format=torch.contiguous_format)
             if ctx.activation != "identity":
-                pre = torch.fft.irfft(u_spec * k_spec[:, None], n=size)[..., :length]
+                pre = torch.fft.irfft(u_spec * k_spec, n=size)[..., :length]
                 g_p = _activation_backward(ctx.activation, g_p, pre)
             g_spec = torch.fft.rfft(g_p, n=size)
             prod = u_spec.conj_physical_().mul_(g_spec)
             prod = prod.sum(1) if prod.shape[1] > 1 else prod[:, 0]
             acc = prod if acc is None else acc.add_(prod)
-            g_u_p = torch.fft.irfft(g_spec.mul_(k_conj), n=size)[..., :length]
-            if g_u is None:
-                g_u = g_u_p
-            else:
-                g_u[:, part] = g_u_p
+            _part(g_dst, part).copy_(torch.fft.irfft(g_spec.mul_(k_conj), n=size)[..., :length])
         assert acc is not None
         g_kern = _conv_kernel_backward(torch.fft.irfft(acc, n=size), ssm.dt_a.shape[0], length)
         return (g_u, *_param_grads(ssm, g_kern), g_kern[0, :, 0], None)
@@ -752,13 +770,12 @@ class S4D(EfficientAttention):
     def _mix(self, q: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Optional[Tensor]]:
         params = (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d)
         real = acc_dtype(q.dtype)
-        if not self.causal:  # one FFT convolution
-            u = self._inputs(q, masks.key_padding)
-            return self._output(_FFTConvolution.apply(u, *(p.to(real) for p in params), self.activation), q), None
-        # causal: the exact scan (a future input gets exactly zero gradient), on q in its layout and dtype
+        # on q in its layout and dtype: noncausal one FFT convolution, causal the exact scan (a future input gets
+        # exactly zero gradient)
         if masks.key_padding is not None:
             q = q.masked_fill(as_bool_mask(masks.key_padding, "key_padding_mask")[:, None, :, None], 0.0)
-        y = _CausalScan.apply(q, *(p.to(real) for p in params), self.activation)
+        mixer = _CausalScan if self.causal else _FFTConvolution
+        y = mixer.apply(q, *(p.to(real) for p in params), self.activation)
         if self.training and self.dropout_p > 0:
             y = F.dropout(y, self.dropout_p, training=True)
         return y, None
