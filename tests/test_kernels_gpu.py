@@ -328,3 +328,39 @@ def test_triton_landmark_compile_and_opcheck():
     fn(q, k, v).sum().backward()
     kpm = padding(1, 200, device="cuda")
     torch.library.opcheck(landmark.triton_landmark, (q.detach(), k.detach(), v.detach(), kpm, 64, 0.125))
+
+
+# -- Nyströmformer's landmark core (efficient_attention.kernels._triton_nystrom) ------------------------------
+@pytest.mark.parametrize("c, d", [(16, 64), (64, 64), (10, 24), (40, 128)])
+def test_triton_nystrom_core_matches_float64(c, d):
+    from efficient_attention.attentions import nystrom
+    from efficient_attention.kernels._triton_nystrom import NystromCore
+
+    torch.manual_seed(0)
+    ins = [(torch.randn(6, c, d, device="cuda") * 0.5).requires_grad_() for _ in range(3)]
+    ref_in = [t.detach().double().requires_grad_() for t in ins]
+    g = torch.randn(6, c, d, device="cuda")
+    out = NystromCore.apply(*ins, 6)
+    out.backward(g)
+    kernel2 = torch.softmax(ref_in[0] @ ref_in[1].transpose(1, 2), -1)
+    ref = nystrom.iterative_pinv(kernel2, 6, stochastic=True) @ ref_in[2]
+    ref.backward(g.double())
+    assert _rel(out, ref) < 1e-4
+    for got, want in zip(ins, ref_in):
+        assert _rel(got.grad, want.grad) < 1e-4
+
+
+def test_triton_nystrom_module_runs_the_core_and_matches_float64():
+    from efficient_attention import NystromAttention
+    from efficient_attention.attentions import nystrom
+
+    torch.manual_seed(0)
+    m = NystromAttention(256, 4, num_landmarks=64).cuda().train()
+    x = torch.randn(1024, 2, 256, device="cuda", requires_grad=True)
+    out = m(x, x, x, need_weights=False)[0]
+    out.sum().backward()
+    assert "failed" not in nystrom._TRITON_CORE, nystrom._TRITON_CORE
+    x64 = x.detach().double().requires_grad_()
+    ref = m.double()(x64, x64, x64, need_weights=False)[0]
+    ref.sum().backward()
+    assert _rel(out, ref) < 1e-4 and _rel(x.grad, x64.grad) < 1e-4
