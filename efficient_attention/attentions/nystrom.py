@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,16 +109,26 @@ def _few_queries(queries: Tensor, k: Tensor, v: Tensor):
     return chunks.total(torch.bmm(probs, chunks.widen(v, queries.dtype))), probs
 
 
-def _few_queries_grads(grad: Tensor, queries: Tensor, probs: Tensor, out: Tensor, k: Tensor, v: Tensor):
+def _few_queries_grads(
+    grad: Tensor,
+    queries: Tensor,
+    probs: Tensor,
+    out: Tensor,
+    k: Tensor,
+    v: Tensor,
+    finish_dk: Callable[[Tensor], Tensor],
+):
     """:func:`_few_queries`'s backward from its output's gradient ``grad (B·H, C, d)``: ``(d queries,
-    dk (B·H·n, l, d), dv (B·H·n, l, d))``, the last two in the accumulation dtype."""
+    finish_dk(dk), dv (B·H·n, l, d))``, ``dk (B·H·n, l, d)`` and ``dv`` in the accumulation dtype.  ``finish_dk``
+    (e.g. the copy into ``k``'s layout and dtype) runs before ``dv`` is computed, so at most one ``(L, d)``
+    gradient in the accumulation dtype is alive."""
     bsz, heads, length, d = k.shape
     chunks = LengthChunks(bsz * heads, length, k.device)
     d_probs = torch.bmm(chunks.repeat(grad), chunks.widen(v, queries.dtype).transpose(1, 2))  # (B·H·n, C, l)
     # softmax over all keys: dS = P (dP - Σ_m P dP), Σ_m P dP = out·grad
     d_scores = d_probs.sub_(chunks.repeat((out * grad).sum(-1, keepdim=True))).mul_(probs)
     d_queries = chunks.total(torch.bmm(d_scores, chunks.widen(k, queries.dtype)))  # (B·H, C, d)
-    dk = torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries))
+    dk = finish_dk(torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries)))
     del d_scores
     return d_queries, dk, torch.bmm(probs.transpose(1, 2), chunks.repeat(grad))
 
@@ -162,8 +172,9 @@ class _FewQueries(torch.autograd.Function):
         queries, probs, out = ctx.saved_tensors
         k, v = take_inputs(ctx, "k", "v")
         with torch.autocast(grad.device.type, enabled=False):
-            d_queries, dk, dv = _few_queries_grads(grad, queries, probs, out, k, v)
-            dk = copy_into_layout(dk, k.shape, dense_strides(k), k.dtype)
+            d_queries, dk, dv = _few_queries_grads(
+                grad, queries, probs, out, k, v, lambda dk: copy_into_layout(dk, k.shape, dense_strides(k), k.dtype)
+            )
             return d_queries, dk, copy_into_layout(dv, v.shape, dense_strides(v), v.dtype)
 
 
@@ -203,14 +214,20 @@ class _NystromEven(torch.autograd.Function):
         bsz, heads, length, d = shape = q.shape
         batch, c, scale = bsz * heads, ctx.c, ctx.scale
         with torch.autocast(grad.device.type, enabled=False):
+            # each (L, d) gradient leaves the accumulation dtype before the next is computed (peak memory: one
+            # such buffer, as for the two autograd nodes of the PyTorch path)
             dq, d_keys, d_small = _few_keys_grads(grad, q, keys, small, probs, scale)
-            d_ql, d_kl, d_w = core_backward(q_land, k_land, w, a, zs, d_small)
-            d_ql2, dk, dv = _few_queries_grads(d_w, q_land, w_probs, w, k, v)
-            seg = length // c  # every position of a segment gets its mean's gradient
-            dq = dq.view(batch, c, seg, d).add_(d_ql.add_(d_ql2).mul_(scale / seg).unsqueeze(2))
-            dk = dk.view(batch, c, seg, d).add_(d_kl.add_(d_keys).mul_(1.0 / seg).unsqueeze(2))
             dq = copy_into_layout(dq, shape, dense_strides(q), q.dtype)
-            dk = copy_into_layout(dk, shape, dense_strides(k), k.dtype)
+            d_ql, d_kl, d_w = core_backward(q_land, k_land, w, a, zs, d_small)
+            seg = length // c  # every position of a segment gets its mean's gradient
+
+            def finish_dk(dk: Tensor) -> Tensor:
+                dk = dk.view(batch, c, seg, d).add_(d_kl.add_(d_keys).mul_(1.0 / seg).unsqueeze(2))
+                return copy_into_layout(dk, shape, dense_strides(k), k.dtype)
+
+            d_ql2, dk, dv = _few_queries_grads(d_w, q_land, w_probs, w, k, v, finish_dk)
+            # the queries' means: added in q's dtype, as autograd adds the gradients of two nodes
+            dq.unflatten(2, (c, seg)).add_(d_ql.add_(d_ql2).mul_(scale / seg).view(bsz, heads, c, 1, d))
             return dq, dk, copy_into_layout(dv, shape, dense_strides(v), v.dtype), None, None, None, None
 
 
