@@ -8,7 +8,8 @@ work: it prints the ATen ops, the Triton launches and the microseconds of one tr
 a length, as in training; the stubs leave outputs unwritten, so the numbers are only the host's).
 
 It runs Triton's interpreter mode (``TRITON_INTERPRET=1``, set here) only so that the Triton backends accept
-CPU tensors.  Branches a mechanism takes on ``is_cuda`` alone still take their CPU side here: compare op counts
+CPU tensors; the projections are fused as on CUDA (``base.FUSED_PROJECTION_DEVICES``).  Branches a mechanism
+takes on ``is_cuda`` alone still take their CPU side here: compare op counts
 with ``profile_launches_gpu.py`` on the device before trusting a change.
 
     python benchmarks/host_ops.py performer cosformer:causal --length 256 --embed-dim 512 --heads 8
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from efficient_attention import build_attention  # noqa: E402
+from efficient_attention import base, build_attention  # noqa: E402
 
 
 class CountOps(TorchDispatchMode):
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument("--top", action="store_true", help="also print the most frequent ATen ops")
     args = p.parse_args()
     torch.set_num_threads(1)
+    base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")  # q, k, v from one product, as on CUDA
     stub_triton_kernels()
     for spec in args.mechanisms:
         name, _, pat = spec.partition(":")

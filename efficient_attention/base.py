@@ -60,6 +60,12 @@ from .quant_noise import check_quant_noise, quant_noise_weight
 
 logger = logging.getLogger(__name__)
 
+# Devices where self attention takes q, k, v from one batched product (EfficientAttention._project_qkv).  On a GPU
+# below 8k tokens a training step is host-bound and the one product saves ~35 ATen ops; on the CPU three
+# projections are faster (2 threads, N = 4096, fp32: a module's forward + backward 10-20% slower with the batched
+# product, whose expanded input MKL does not take as a plain matrix).
+FUSED_PROJECTION_DEVICES: Tuple[str, ...] = ("cuda",)
+
 __all__ = ["EfficientAttention", "AttentionMasks", "OptionSpec", "IncrementalState", "check_bool"]
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
@@ -130,6 +136,9 @@ class EfficientAttention(nn.Module):
     Options: ClassVar[type] = AttentionOptions  # the mechanism's options dataclass (efficient_attention.options)
     # True for a mixer of the query sequence alone (S4D): the key and value projections are not computed
     ignores_key_value: ClassVar[bool] = False
+    # False where the backward keeps only some of q, k, v: one batched product (_project_qkv) gives the three one
+    # storage, so a saved view of one keeps all three alive (one more (L, B, C) tensor at peak in training)
+    fused_projections: ClassVar[bool] = True
     option_help: ClassVar[Mapping[str, str]] = {}  # help of options declared the old way (keyword-only arguments)
     attention_name: ClassVar[Optional[str]] = None  # set by @register_attention
 
@@ -424,7 +433,7 @@ class EfficientAttention(nn.Module):
         one_step = state is not None and tgt_len == 1 and keys_are_query and self._stacks_projections()
         k: Optional[Tensor]
         v: Optional[Tensor]
-        fused = not one_step and keys_are_query and self._fuses_projections()
+        fused = not one_step and keys_are_query and self._fuses_projections(query)
         if one_step:  # a decoding step of self attention: q, k, v from one product
             q, k, v = self._project_step(query)
         elif fused:  # self attention's q, k, v from one batched product
@@ -652,11 +661,18 @@ class EfficientAttention(nn.Module):
         and no quantization noise is drawn (gradients flow through the stacking)."""
         return not self.cross and self.qkv_same_dim and not (self.training and self.q_noise > 0)
 
-    def _fuses_projections(self) -> bool:
-        """Whether a training / prefill call of self attention takes q, k, v from one batched product
-        (:meth:`_project_qkv`): the three projections have one shape and draw no quantization noise, and the
-        mechanism reads its keys and values."""
-        return self._stacks_projections() and self.num_kv_heads == self.num_heads and not self.ignores_key_value
+    def _fuses_projections(self, x: Tensor) -> bool:
+        """Whether a training / prefill call of self attention on ``x`` takes q, k, v from one batched product
+        (:meth:`_project_qkv`): on a device of :data:`FUSED_PROJECTION_DEVICES`, the three projections have one
+        shape and draw no quantization noise, the mechanism reads its keys and values, and either its backward
+        keeps all three (:attr:`fused_projections`) or nothing is recorded for a backward."""
+        return (
+            x.device.type in FUSED_PROJECTION_DEVICES
+            and (self.fused_projections or not torch.is_grad_enabled())
+            and self._stacks_projections()
+            and self.num_kv_heads == self.num_heads
+            and not self.ignores_key_value
+        )
 
     def _project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """q, k, v ``(B, H, L, d)`` of ``x (L, B, C)`` from one ``baddbmm`` over the stacked weights ``(3, C, C)``:

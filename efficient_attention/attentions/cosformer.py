@@ -221,6 +221,7 @@ class CosformerAttention(EfficientAttention):
         constant_state=True,
     )
     Options = CosformerOptions
+    fused_projections = False  # its backward keeps only some of q, k, v (tests/test_projections.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -253,6 +253,7 @@ class Performer(EfficientAttention):
 
     capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
     Options = PerformerOptions
+    fused_projections = False  # its backward keeps k and v, not q (tests/test_projections.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
