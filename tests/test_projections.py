@@ -39,7 +39,8 @@ def test_one_product_matches_three_and_keeps_no_more_for_the_backward(name, patt
     for a, b in zip(fused[1], plain[1]):
         assert_close(a, b)
     if m.fused_projections:  # the one storage of q, k, v costs nothing only if the backward keeps all three
-        assert fused[2] <= plain[2], f"{name}: set fused_projections = False ({fused[2]} > {plain[2]} bytes saved)"
+        extra, one = fused[2] - plain[2], q.numel() * q.element_size()  # one of q, k, v kept alive: `one` bytes
+        assert extra < one // 2, f"{name}: set fused_projections = False ({extra} more bytes saved)"
     else:
         monkeypatch.setattr(base, "FUSED_PROJECTION_DEVICES", ("cpu",))
         assert not m._fuses_projections(q)
