@@ -414,6 +414,12 @@ def _activation_backward(name: str, grad: Tensor, pre: Tensor) -> Tensor:
     return grad
 
 
+def _contiguous_as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` contiguous in ``dtype`` in one copy (``to`` with ``x``'s own dtype returns a strided ``x`` as it is, and
+    elementwise ops and FFTs over a transposed view are several times slower on the CPU)."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _part(x: Tensor, part: slice) -> Tensor:
     """``x[:, part]``, ``x`` itself for the whole batch (one op less on the host)."""
     return x if part == slice(None) else x[:, part]
@@ -464,7 +470,7 @@ class _FFTConvolution(torch.autograd.Function):
         ctx.ssm, ctx.activation, ctx.shape = ssm, activation, u.shape
         out, dst = _time_first(u.shape, u, u.dtype)
         for part in _batch_chunks(channels, bsz, size):
-            spec = torch.fft.rfft(_part(src, part).to(real, memory_format=torch.contiguous_format), n=size).mul_(k_spec)
+            spec = torch.fft.rfft(_contiguous_as(_part(src, part), real), n=size).mul_(k_spec)
             _part(dst, part).copy_(act(torch.fft.irfft(spec, n=size)[..., :length]))
         return out
 
@@ -485,8 +491,8 @@ class _FFTConvolution(torch.autograd.Function):
         g_u, g_dst = _time_first(ctx.shape, u, u.dtype)
         acc: Optional[Tensor] = None
         for part in _batch_chunks(channels, bsz, size):
-            u_spec = torch.fft.rfft(_part(src, part).to(real, memory_format=torch.contiguous_format), n=size)
-            g_p = _part(g_src, part).to(real, memory_format=torch.contiguous_format)
+            u_spec = torch.fft.rfft(_contiguous_as(_part(src, part), real), n=size)
+            g_p = _contiguous_as(_part(g_src, part), real)
             if ctx.activation != "identity":
                 pre = torch.fft.irfft(u_spec * k_spec, n=size)[..., :length]
                 g_p = _activation_backward(ctx.activation, g_p, pre)
@@ -508,7 +514,7 @@ def _to_chunks(x: Tensor, plan: _ScanPlan, dtype: torch.dtype) -> Tensor:
     if total != length:
         x = F.pad(x, (0, 0, 0, total - length))
     src = x.view(bsz, heads, plan.groups, plan.per_group, plan.t, dim).permute(1, 5, 3, 2, 0, 4)
-    flat = src.contiguous() if src.dtype == dtype else src.to(dtype, memory_format=torch.contiguous_format)
+    flat = _contiguous_as(src, dtype)
     return flat.view(heads * dim, -1, plan.t)
 
 
@@ -729,9 +735,7 @@ class S4D(EfficientAttention):
         """Per-head ``(B, H, T, d)`` -> channels first ``(C, B, T)`` (channel ``h·d + i``), fp32+, padding zeroed."""
         bsz, heads, length, dim = q.shape
         u, real = q.permute(1, 3, 0, 2), acc_dtype(q.dtype)
-        # one copy (``to`` with the same dtype would return the strided view)
-        u = u.contiguous() if u.dtype == real else u.to(real, memory_format=torch.contiguous_format)
-        u = u.view(heads * dim, bsz, length)
+        u = _contiguous_as(u, real).view(heads * dim, bsz, length)
         if kpm is not None:
             u = u.masked_fill(as_bool_mask(kpm, "key_padding_mask")[None], 0.0)
         return u
