@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from profile_launches_gpu import median_ms, training_step  # noqa: E402 - benchmarks/ (this script's folder)
 
 from efficient_attention import build_attention  # noqa: E402
 from efficient_attention.attentions import nystrom  # noqa: E402
@@ -42,26 +43,8 @@ def core_error(c: int, d: int) -> str:
 def step_ms(length: int, landmarks: int) -> float:
     torch.manual_seed(0)
     m = build_attention("nystrom", embed_dim=512, num_heads=8, num_landmarks=landmarks, self_attention=True)
-    m = m.cuda().train()
     x = torch.randn(length, 4, 512, device="cuda", requires_grad=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out, _ = m(x, x, x, need_weights=False)
-        out.float().sum().backward()
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return median_ms(training_step(m.cuda().train(), x), warmup=3, repeats=7)
 
 
 def main() -> None:

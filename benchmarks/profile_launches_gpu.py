@@ -49,27 +49,40 @@ DEFAULT = [
 ]
 
 
-def profile_one(name: str, causal: bool, length: int) -> dict:
-    torch.manual_seed(0)
-    m = build_attention(name, embed_dim=512, num_heads=8, causal=causal, self_attention=True).cuda().train()
-    x = torch.randn(length, 4, 512, device="cuda", requires_grad=True)
+def training_step(m: torch.nn.Module, x: torch.Tensor):
+    """One CAB-setting training step of self attention ``m`` on ``x``: bf16 autocast forward, ``out.sum()``
+    backward."""
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out, _ = m(x, x, x, need_weights=False)
         out.float().sum().backward()
 
-    for _ in range(3):
+    return step
+
+
+def median_ms(step, warmup: int = 3, repeats: int = 5) -> float:
+    """The median CUDA-event time of ``step()`` in ms, after ``warmup`` calls."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         step()
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def profile_one(name: str, causal: bool, length: int) -> dict:
+    torch.manual_seed(0)
+    m = build_attention(name, embed_dim=512, num_heads=8, causal=causal, self_attention=True).cuda().train()
+    x = torch.randn(length, 4, 512, device="cuda", requires_grad=True)
+    step = training_step(m, x)
+    wall = median_ms(step)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         step()
@@ -87,7 +100,7 @@ def profile_one(name: str, causal: bool, length: int) -> dict:
         "mechanism": name,
         "causal": causal,
         "length": length,
-        "wall_ms": sorted(times)[len(times) // 2],
+        "wall_ms": wall,
         "kernels": len(kernels),
         "gpu_ms": sum(e.device_time for e in kernels) / 1000.0,
         "top": [(n[:70], round(t, 3)) for n, t in top],
