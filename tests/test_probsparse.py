@@ -72,20 +72,27 @@ def test_cross_raises():
         ProbSparse(16, 2, cross=True)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_longer_than_a_sample_block_matches_the_reference(causal):
-    """Several sample blocks (causal), wrapped samples, padding: the float64 definition row by row."""
+def _check_padded_rows(m, q, k, v):
+    """``m._attend`` with the second sequence's last 5 positions padded against the float64 definition, real rows
+    only."""
     from references.probsparse import probsparse_rows
 
-    torch.manual_seed(0)
-    m = ProbSparse(16, 2, causal=causal, factor=2).double().eval()
-    q, k, v = (torch.randn(2, 2, 90, 8, dtype=torch.float64) for _ in range(3))
     kpm = torch.zeros(2, 90, dtype=torch.bool)
     kpm[1, -5:] = True
     out = m._attend(q, k, v, AttentionMasks(key_padding=kpm, query_padding=kpm), False)[0]
     expected = probsparse_rows(m, q, k, v, kpm)
     assert_close(out[0], expected[0])
     assert_close(out[1, :, :85], expected[1, :, :85])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_longer_than_a_sample_block_matches_the_reference(causal):
+    """Several sample blocks (causal), wrapped samples, padding: the float64 definition row by row."""
+
+    torch.manual_seed(0)
+    m = ProbSparse(16, 2, causal=causal, factor=2).double().eval()
+    q, k, v = (torch.randn(2, 2, 90, 8, dtype=torch.float64) for _ in range(3))
+    _check_padded_rows(m, q, k, v)
     idx = m.sample_keys(torch.arange(90), torch.arange(1, 91) if causal else torch.full((90,), 90), 9)
     if causal:
         assert bool((idx <= torch.arange(90)[:, None]).all())
@@ -128,9 +135,4 @@ def test_piecewise_mask_equals_the_reference_and_ignores_padding():
     m = ProbSparse(16, 2, causal=True, factor=2, piecewise_mask=True).double().eval()
     q, k, v = (torch.randn(2, 2, 90, 8, dtype=torch.float64) for _ in range(3))
     assert_close(m._attend(q, k, v, AttentionMasks(), False)[0], probsparse_rows(m, q, k, v))
-    kpm = torch.zeros(2, 90, dtype=torch.bool)
-    kpm[1, -5:] = True
-    out = m._attend(q, k, v, AttentionMasks(key_padding=kpm, query_padding=kpm), False)[0]
-    expected = probsparse_rows(m, q, k, v, kpm)
-    assert_close(out[0], expected[0])
-    assert_close(out[1, :, :85], expected[1, :, :85])
+    _check_padded_rows(m, q, k, v)
