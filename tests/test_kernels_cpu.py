@@ -146,16 +146,24 @@ def _op_samples():
     row1 = BlockMask.from_layout(layout[:1], 8).tables()["row"]
     tiled = BlockMask.from_pattern("strided", 19, 8, 2, causal=True, local_attn_ctx=3)
     row_t = tiled.tables()["row"]
+    # causal linear attention (features >= 0): with decay and normaliser, with an initial state and neither
+    qf, kf, decay = q.abs(), k.abs(), -torch.rand(2, 2, 19)
+    h0 = torch.rand(2, 2, 8, 8)
+    states = ops.linear_causal_fwd(qf, kf, v, decay, None, None, True, 8)[2]
+    grads = (torch.randn_like(v), torch.randn(2, 2, 19), None, torch.randn(2, 2, 8))
     return [
         (ops.sliding_window_fwd.default, (q, k, v, kpm, 1, 4, 2, False, 0, 0.3)),
         (ops.sliding_window_fwd.default, (q, k, v, None, 4, 4, 0, True, 0, 0.3)),
         (ops.block_sparse_fwd.default, (q, k, v, *row, None, 8, True, kpm, 0.3)),
         (ops.block_sparse_fwd.default, (q, k, v, *row1[:2], None, None, 8, False, None, 0.3)),
         (ops.block_sparse_fwd.default, (q, k, v, *row_t, tiled.tables()["tiles"], 8, tiled.causal, kpm, 0.3)),
+        (ops.linear_causal_fwd.default, (qf, kf, v, decay, None, None, True, 8)),
+        (ops.linear_causal_fwd.default, (qf, kf, v, None, h0, None, False, 5)),
+        (ops.linear_causal_bwd.default, (*grads, qf, kf, v, decay, states, True, 8)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(case):
     op, args = _op_samples()[case]
     torch.library.opcheck(op, args)

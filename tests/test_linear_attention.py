@@ -1,14 +1,25 @@
-"""The chunked linear-attention op: reference vs the PyTorch chunked path vs a step-by-step recurrence.
+"""The chunked linear-attention op: reference vs the C++ kernels vs the PyTorch chunked path vs a step-by-step
+recurrence.
 
 The Triton backend is checked by ``triton_interpreter_cases.py`` (CPU, Triton's interpreter) and
 ``test_kernels_gpu.py`` (GPU).
 """
 
+import os
+
 import pytest
 import torch
 
 from efficient_attention.kernels import choose_backend, not_supported_reasons
+from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
 from efficient_attention.kernels.linear_attention import linear_attention
+
+_NO_CPP = None if cpu_extension() is not None else cpu_extension_reason()
+if _NO_CPP and os.environ.get("EA_BUILD_EXT") != "0" and not os.environ.get("EA_DISABLE_KERNELS"):
+    raise RuntimeError(f"the C++ kernels should be built here: {_NO_CPP}")
+NEEDS_CPP = pytest.mark.skipif(_NO_CPP is not None, reason=f"C++ kernels not built: {_NO_CPP}")
+CPP = pytest.param("cpp", marks=NEEDS_CPP)
+CPU_BACKENDS = [CPP, "chunked", "reference"]
 
 DTYPES = [torch.float64, torch.float32]
 TOL = {
@@ -59,7 +70,7 @@ def recurrence(q, k, v, decay, state, kpm, normalize=True):
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 @pytest.mark.parametrize("with_decay", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("backend", ["chunked", "reference"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_causal_matches_the_recurrence(backend, with_state, with_decay, chunk, dtype):
     q, k, v, decay, state, kpm = make(dtype=dtype)
     decay = decay if with_decay else None
@@ -84,21 +95,13 @@ def test_causal_matches_the_recurrence(backend, with_state, with_decay, chunk, d
 
 
 @pytest.mark.parametrize("T,S", [(37, 37), (9, 37), (1, 20)])
-def test_fewer_queries_than_keys_are_the_last_positions(T, S):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fewer_queries_than_keys_are_the_last_positions(T, S, backend):
     q, k, v, decay, state, kpm = make(T=T, S=S)
-    for backend in ("chunked", "reference"):
-        out = linear_attention(
-            q,
-            k,
-            v,
-            causal=True,
-            log_decay=decay,
-            key_padding_mask=kpm,
-            initial_state=state,
-            chunk_size=8,
-            backend=backend,
-        )
-        torch.testing.assert_close(out, recurrence(q, k, v, decay, state, kpm)[0], **TOL[torch.float64])
+    out = linear_attention(
+        q, k, v, causal=True, log_decay=decay, key_padding_mask=kpm, initial_state=state, chunk_size=8, backend=backend
+    )
+    torch.testing.assert_close(out, recurrence(q, k, v, decay, state, kpm)[0], **TOL[torch.float64])
 
 
 def test_unnormalized_and_no_state_normaliser():
@@ -166,8 +169,10 @@ def test_rows_with_nothing_attended_are_zero_with_finite_gradients():
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_gradcheck_float64(causal):
+@pytest.mark.parametrize(
+    "causal,backend", [pytest.param(True, "cpp", marks=NEEDS_CPP), (True, "chunked"), (False, None)]
+)
+def test_gradcheck_float64(causal, backend):
     q, k, v, decay, state, kpm = make(B=1, H=2, T=9, m=3, d=2)
     h0, z0 = (x.requires_grad_() for x in state)
     ins = [x.requires_grad_() for x in (q, k, v)]
@@ -183,16 +188,18 @@ def test_gradcheck_float64(causal):
             initial_state=(h0, z0),
             return_state=True,
             chunk_size=4,
+            backend=backend,
         )
         return out, h, z
 
     assert torch.autograd.gradcheck(fn, (*ins, h0, z0))
 
 
-def test_chunked_and_reference_gradients_agree():
+@pytest.mark.parametrize("backend", [CPP, "chunked"])
+def test_gradients_agree_with_the_reference(backend):
     q, k, v, decay, state, kpm = make(T=45)
     grads = []
-    for backend in ("chunked", "reference"):
+    for name in (backend, "reference"):
         ins = [x.clone().requires_grad_() for x in (q, k, v)]
         out, (h, z) = linear_attention(
             *ins,
@@ -202,7 +209,7 @@ def test_chunked_and_reference_gradients_agree():
             initial_state=state,
             return_state=True,
             chunk_size=16,
-            backend=backend,
+            backend=name,
         )
         (out.sin().sum() + h.sum() + z.sum()).backward()
         grads.append([x.grad for x in ins])
@@ -227,11 +234,11 @@ def test_empty_sequences():
     torch.testing.assert_close(z, state[1])
 
 
-def test_dispatch_on_cpu_is_the_chunked_path_with_reasons_for_triton():
+def test_dispatch_on_cpu_is_the_cpp_kernel_with_reasons_for_triton():
     q, k, v, *_ = make(dtype=torch.float32)
-    assert choose_backend("linear_attention", q, k, v) == "chunked"
+    assert choose_backend("linear_attention", q, k, v) == ("chunked" if _NO_CPP else "cpp")
     reasons = not_supported_reasons("linear_attention", q, k, v)
-    assert reasons["chunked"] == []
+    assert reasons["chunked"] == [] and (reasons["cpp"] == []) == (_NO_CPP is None)
     assert any("not CUDA" in r for r in reasons["triton"])
     wide = torch.zeros(1, 1, 1, 300)
     assert any("features" in r for r in not_supported_reasons("linear_attention", wide, wide, wide)["triton"])
@@ -320,9 +327,10 @@ def test_triton_config_out_of_bounds_is_refused(change, match):
 
 
 @pytest.mark.parametrize("with_decay", [False, True])
-def test_gradcheck_float64_normaliser_without_state_and_fewer_queries(with_decay):
-    """The chunked path's in-place normaliser (no ones column): T < S, no initial state, the final ``z`` in the
-    loss, chunks that do not divide the length."""
+@pytest.mark.parametrize("backend", [CPP, "chunked"])
+def test_gradcheck_float64_normaliser_without_state_and_fewer_queries(with_decay, backend):
+    """The C++ and chunked paths' normaliser beside the state (no ones column): T < S, no initial state, the final
+    ``z`` in the loss, chunks that do not divide the length."""
     q, k, v, decay, _, kpm = make(B=1, H=2, T=5, S=11, m=3, d=2)
     ins = [x.requires_grad_() for x in (q, k, v)]
 
@@ -336,6 +344,7 @@ def test_gradcheck_float64_normaliser_without_state_and_fewer_queries(with_decay
             key_padding_mask=kpm,
             return_state=True,
             chunk_size=4,
+            backend=backend,
         )
         return out, h, z
 
@@ -361,6 +370,7 @@ def test_prefix_matmul_and_cumsum_agree(monkeypatch, with_state):
             initial_state=state if with_state else None,
             return_state=True,
             chunk_size=8,
+            backend="chunked",
         )
         want, (wh, wz) = recurrence(q, k, v, None, state if with_state else None, kpm)
         torch.testing.assert_close(out, want, **TOL[torch.float64])

@@ -1,4 +1,5 @@
-"""Fake (meta) implementations of the C++ ops ``torch.ops.efficient_attention.*``.
+"""Fake (meta) implementations of the C++ ops ``torch.ops.efficient_attention.*`` (sparse and causal linear
+attention).
 
 The schemas and CPU kernels are registered by the extension (``csrc/register.cpp``);
 this module is imported by the loader once the extension is loaded.  Their autograd is the
@@ -56,3 +57,30 @@ def _bs_bwd_fake(
     scale,
 ):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake(f"{_NS}::linear_causal_fwd")
+def _linear_fwd_fake(q, k, v, log_decay, h0, z0, normalize, chunk):
+    bsz, heads, length, m = q.shape
+    d = v.shape[-1]
+    n = -(-length // chunk)
+    return (
+        q.new_empty(bsz, heads, length, d),
+        q.new_empty((bsz, heads, length) if normalize else (0,)),
+        q.new_empty(bsz, heads, n, d + int(normalize), m),
+        q.new_empty(bsz, heads, m, d),
+        q.new_empty((bsz, heads, m) if normalize else (0,)),
+    )
+
+
+@torch.library.register_fake(f"{_NS}::linear_causal_bwd")
+def _linear_bwd_fake(grad_num, grad_den, grad_h, grad_z, q, k, v, log_decay, states, normalize, chunk):
+    bsz, heads, _, m = q.shape
+    d = v.shape[-1]
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        q.new_empty(bsz, heads, m, d),
+        q.new_empty((bsz, heads, m) if normalize else (0,)),
+    )

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/linear_attention.h"
 #include "cpu/sparse_attention.h"
 
 namespace {
@@ -78,6 +79,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
   return ea::attention_backward(grad_out, grad_lse, q, k, v, out, lse, kpm, rule, plan, scale);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_causal_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& log_decay,
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& z0, bool normalize, int64_t chunk) {
+  return ea::linear_causal_forward(q, k, v, opt(log_decay), opt(h0), opt(z0), normalize, chunk);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_causal_bwd(
+    const c10::optional<at::Tensor>& grad_num, const c10::optional<at::Tensor>& grad_den,
+    const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_z, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& log_decay, const at::Tensor& states,
+    bool normalize, int64_t chunk) {
+  return ea::linear_causal_backward(opt(grad_num), opt(grad_den), opt(grad_h), opt(grad_z), q, k, v, opt(log_decay),
+                                    states, normalize, chunk);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(efficient_attention, m) {
@@ -95,6 +111,13 @@ TORCH_LIBRARY(efficient_attention, m) {
       "block_sparse_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor row_idx, Tensor row_cnt, Tensor? row_tile, Tensor? tiles, int block_size, bool causal, "
       "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_causal_fwd(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? h0, Tensor? z0, bool normalize, "
+      "int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_causal_bwd(Tensor? grad_num, Tensor? grad_den, Tensor? grad_h, Tensor? grad_z, Tensor q, Tensor k, "
+      "Tensor v, Tensor? log_decay, Tensor states, bool normalize, int chunk) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(efficient_attention, CPU, m) {
@@ -102,6 +125,8 @@ TORCH_LIBRARY_IMPL(efficient_attention, CPU, m) {
   m.impl("sliding_window_bwd", &sliding_window_bwd);
   m.impl("block_sparse_fwd", &block_sparse_fwd);
   m.impl("block_sparse_bwd", &block_sparse_bwd);
+  m.impl("linear_causal_fwd", &linear_causal_fwd);
+  m.impl("linear_causal_bwd", &linear_causal_bwd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -32,10 +32,10 @@ inline void gemm_loops(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda,
   }
 }
 
-// exp(x) for x <= 0 as plain arithmetic the compiler vectorises: x = n ln2 + r, |r| <= ln2/2,
+// exp(x) for x <= 88 as plain arithmetic the compiler vectorises: x = n ln2 + r, |r| <= ln2/2,
 // exp(r) by a degree-6 polynomial (rel. error ~2e-7), 2^n through the exponent bits.
-inline float exp_neg(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
+inline float exp_approx(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float t = xc * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
@@ -121,7 +121,7 @@ EA_CLONES float exp_sum(float* x, int64_t n, float m) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_neg(x[j] - m);
+    const float e = exp_approx(x[j] - m);
     x[j] = e;
     s += e;
   }
@@ -142,14 +142,14 @@ EA_CLONES void probs(float* x, int64_t n, int64_t a, int64_t b, const bool* pad,
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const bool keep = j >= a && j <= b && !pad[j];
-      const float e = exp_neg(x[j] * scale - lse);
+      const float e = exp_approx(x[j] * scale - lse);
       x[j] = keep ? e : 0.0f;
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const bool keep = j >= a && j <= b;
-      const float e = exp_neg(x[j] * scale - lse);
+      const float e = exp_approx(x[j] * scale - lse);
       x[j] = keep ? e : 0.0f;
     }
   }
@@ -160,6 +160,18 @@ void probs(double* x, int64_t n, int64_t a, int64_t b, const bool* pad, double s
     const bool keep = j >= a && j <= b && !(pad && pad[j]);
     x[j] = keep ? std::exp(x[j] * scale - lse) : 0.0;
   }
+}
+
+EA_CLONES void exp_inplace(float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float y = x[j];
+    x[j] = y > 88.0f ? std::numeric_limits<float>::infinity() : exp_approx(y);
+  }
+}
+
+void exp_inplace(double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
 }
 
 }  // namespace ea

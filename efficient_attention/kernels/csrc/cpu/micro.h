@@ -26,5 +26,8 @@ double exp_sum(double* x, int64_t n, double m);
 // x[j] = keep(j) ? exp(x[j] * scale - lse) : 0   (probabilities recomputed in the backward).
 void probs(float* x, int64_t n, int64_t a, int64_t b, const bool* pad, float scale, float lse);
 void probs(double* x, int64_t n, int64_t a, int64_t b, const bool* pad, double scale, double lse);
+// x[j] = exp(x[j]) for j in [0, n) (exactly 0 for x[j] <= -87 in fp32, -inf in fp64; fp32: rel. error ~2e-7).
+void exp_inplace(float* x, int64_t n);
+void exp_inplace(double* x, int64_t n);
 
 }  // namespace ea
