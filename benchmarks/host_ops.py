@@ -13,6 +13,14 @@ takes on ``is_cuda`` alone still take their CPU side here: compare op counts
 with ``profile_launches_gpu.py`` on the device before trusting a change.
 
     python benchmarks/host_ops.py performer cosformer:causal --length 256 --embed-dim 512 --heads 8
+
+``--memory`` also prints the peak of the step's allocations (CPU allocator, ``cpu_peak_bytes``) and its ratio
+to ``vanilla``'s: the CUDA path's tensors with the kernels' outputs allocated but unwritten, so a change to
+what a mechanism saves or frees can be checked here before a device run (SDPA on the CPU saves what the
+CUDA flash kernel saves: q, k, v, the output and the log-sum-exp).
+
+    python benchmarks/host_ops.py vanilla cosformer:causal --length 8192 --batch 4 --embed-dim 512 --heads 8 \
+        --repeats 1 --memory
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from efficient_attention import base, build_attention  # noqa: E402
+from efficient_attention.benchmark.measure import cpu_peak_bytes  # noqa: E402
 
 
 class CountOps(TorchDispatchMode):
@@ -85,10 +94,12 @@ def stub_triton_kernels() -> int:
     return replaced
 
 
-def measure(name: str, causal: bool, length: int, embed_dim: int, heads: int, repeats: int, autocast: bool) -> dict:
+def measure(
+    name: str, causal: bool, length: int, embed_dim: int, heads: int, repeats: int, autocast: bool, batch: int = 2
+) -> dict:
     torch.manual_seed(0)
     m = build_attention(name, embed_dim=embed_dim, num_heads=heads, causal=causal, self_attention=True).train()
-    x = torch.randn(length, 2, embed_dim, requires_grad=True)
+    x = torch.randn(length, batch, embed_dim, requires_grad=True)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
 
     def step():
@@ -110,6 +121,7 @@ def measure(name: str, causal: bool, length: int, embed_dim: int, heads: int, re
         step()
         times.append(time.perf_counter() - t0)
     return {
+        "peak_bytes": cpu_peak_bytes(step),
         "ops": ops.count,
         "syncs": ops.syncs,
         "launches": launches,
@@ -124,6 +136,8 @@ def main() -> None:
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="also the step's peak allocation and its ratio to vanilla's")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-autocast", action="store_true", help="fp32 without autocast (default: bf16 autocast)")
     p.add_argument("--top", action="store_true", help="also print the most frequent ATen ops")
@@ -131,13 +145,15 @@ def main() -> None:
     torch.set_num_threads(1)
     base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")  # q, k, v from one product, as on CUDA
     stub_triton_kernels()
+    vanilla = {}  # causal -> vanilla's peak bytes, for --memory's ratio
     for spec in args.mechanisms:
         name, _, pat = spec.partition(":")
         for causal in (False, True):
             if pat and (pat == "causal") != causal:
                 continue
             try:
-                r = measure(name, causal, args.length, args.embed_dim, args.heads, args.repeats, not args.no_autocast)
+                sizes = (args.length, args.embed_dim, args.heads, args.repeats)
+                r = measure(name, causal, *sizes, not args.no_autocast, args.batch)
             except Exception as exc:  # noqa: BLE001 - one mechanism's failure must not stop the others
                 print(f"{name:12s} {'causal' if causal else 'noncausal':9s} ERROR {type(exc).__name__}: {exc}")
                 continue
@@ -146,6 +162,11 @@ def main() -> None:
                 f"  syncs {r['syncs']:2d}  host {r['us']:8.0f} us",
                 flush=True,
             )
+            if args.memory:
+                if name == "vanilla":
+                    vanilla[causal] = r["peak_bytes"]
+                ratio = f"  vanilla / this {vanilla[causal] / r['peak_bytes']:.2f}" if causal in vanilla else ""
+                print(f"    peak {r['peak_bytes'] / 2**20:8.1f} MiB{ratio}", flush=True)
             if args.top:
                 print("    ", ", ".join(f"{n}x{c}" for n, c in r["top"]))
 
