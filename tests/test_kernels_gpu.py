@@ -241,6 +241,28 @@ def test_triton_linear_family_matches_float64(name, opts):
     assert _rel(torch.cat(steps), ref) < 1e-5
 
 
+@pytest.mark.parametrize("name,causal", [("performer", False), ("performer", True), ("cosformer", False)])
+def test_linear_family_bf16_training_step_matches_float64(name, causal, monkeypatch):
+    """A bf16-autocast training step against float64 through the hand-written backwards: Performer's key gradient
+    made in slices of positions (several here), cosFormer's feature gradients from the products' halves."""
+    from efficient_attention import build_attention
+    from efficient_attention.attentions import performer
+
+    monkeypatch.setattr(performer, "KEY_GRAD_SLICE", 4096)  # 16 positions per slice at this size
+    torch.manual_seed(0)
+    m = build_attention(name, embed_dim=128, num_heads=4, causal=causal, self_attention=True).cuda().train()
+    x = torch.randn(300, 2, 128, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(x, x, x, need_weights=False)[0]
+    g = torch.randn(out.shape, device="cuda")
+    (out.float() * g).sum().backward()
+    xd = x.detach().double().requires_grad_()
+    ref = m.double().eval()(xd, xd, xd, need_weights=False)[0]  # eval: no feature redraw
+    (ref * g.double()).sum().backward()
+    assert _rel(out, ref) < 3e-2
+    assert _rel(x.grad, xd.grad) < 5e-2
+
+
 def test_triton_linear_attention_compile_and_opcheck():
     from efficient_attention.kernels.linear_attention import linear_attention
 

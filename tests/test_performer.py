@@ -214,3 +214,25 @@ def test_triton_decoding_step_matches_the_pytorch_step_in_the_interpreter():
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "steps match" in run.stdout
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_key_gradient_in_slices_equals_one_product(monkeypatch, causal):
+    """For half keys the fp32 product of the key gradient is made a slice of positions at a time (peak memory):
+    one position per slice, and slices that do not divide the length, give the gradient of one product."""
+    from efficient_attention.attentions import performer as mod
+
+    torch.manual_seed(0)
+    m = Performer(EMBED_DIM, NUM_HEADS, self_attention=True, causal=causal).train()
+    x = torch.randn(37, 2, EMBED_DIM)
+    grads = []
+    for step in (None, 1, 2 * 2 * NUM_HEADS * (EMBED_DIM // NUM_HEADS) * 5):  # whole, per position, 5 positions
+        if step is not None:
+            monkeypatch.setattr(mod, "KEY_GRAD_SLICE", step)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xi, xi, xi, need_weights=False)[0]
+        out.float().square().sum().backward()
+        grads.append(xi.grad)
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], atol=1e-2, rtol=1e-2)

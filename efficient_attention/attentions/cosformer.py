@@ -80,8 +80,26 @@ def _features_backward(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, act_fu
     if grad.dim() != x.dim():
         grad = grad.view(x.shape[:-1] + (2 * x.shape[-1],))
     grad_cos, grad_sin = grad.chunk(2, dim=-1)  # one op for the two halves
-    grad_act = torch.mul(grad_cos, cos).addcmul_(grad_sin, sin)
+    return _activation_backward(torch.mul(grad_cos, cos).addcmul_(grad_sin, sin), x, act_fun, in_place=False)
+
+
+def _product_features_backward(a: Tensor, b: Tensor, x: Tensor, cos: Tensor, sin: Tensor, act_fun: str) -> Tensor:
+    """:func:`_features_backward` of the product ``a @ b`` (``a (N, L, w)``, ``b (N, w, 2d)``, ``N = B·H``)
+    without making it: its cos half, scaled in place, then its sin half added and freed, then the activation's
+    gradient in place (at most two ``(N, L, d)`` tensors alive, not a ``(N, L, 2d)`` product beside two more:
+    that was the peak of noncausal cosFormer's training step)."""
+    d = x.shape[-1]
+    g = torch.bmm(a, b[..., :d]).mul_(cos)
+    g.addcmul_(torch.bmm(a, b[..., d:]), sin)
+    return _activation_backward(g.view(x.shape), x, act_fun, in_place=g.dtype == x.dtype)
+
+
+def _activation_backward(grad_act: Tensor, x: Tensor, act_fun: str, in_place: bool) -> Tensor:
+    """The gradient at ``x`` of the activation (relu or 1 + elu) for ``grad_act``, in ``x``'s dtype; written over
+    ``grad_act`` when ``in_place`` (same dtype)."""
     if act_fun == "relu":  # relu's own backward: one kernel, the gradient where x > 0
+        if in_place:
+            return torch.ops.aten.threshold_backward.grad_input(grad_act, x, 0, grad_input=grad_act)
         return torch.ops.aten.threshold_backward(grad_act.to(x.dtype), x, 0)
     # d(1 + elu)/dx = 1 for x > 0, e^x otherwise
     return torch.where(x > 0, grad_act, grad_act * torch.exp(x.to(grad_act.dtype))).to(x.dtype)
@@ -170,7 +188,7 @@ class _Noncausal(torch.autograd.Function):
         grad_o = grad_o.view(bsz * heads, tgt_len, width)
         # the query's side first: its features and gradients are freed before the key's are made
         grad_state = _reduce_length(_features(q, tq, ctx.act_fun, ctx.dtype, flat=True), grad_o)
-        grad_q = _features_backward(torch.bmm(grad_o, state.transpose(1, 2)), q, cq, sq, ctx.act_fun)
+        grad_q = _product_features_backward(grad_o, state.transpose(1, 2), q, cq, sq, ctx.act_fun)
         del grad_o
         kf = _features(k, tk, ctx.act_fun, ctx.dtype, flat=True)
         # grad_v written time-first: splitting the heads back (to (S, B, H*d)) needs no copy
@@ -178,7 +196,7 @@ class _Noncausal(torch.autograd.Function):
             torch.bmm, (bsz * heads, src_len, dim), (dim, bsz * heads * dim, 1), kf, grad_state[..., :dim]
         )
         del kf
-        grad_k = _features_backward(torch.bmm(v1, grad_state.transpose(1, 2)), k, ck, sk, ctx.act_fun)
+        grad_k = _product_features_backward(v1, grad_state.transpose(1, 2), k, ck, sk, ctx.act_fun)
         return grad_q, grad_k, grad_v.view(bsz, heads, src_len, dim).to(ctx.v_dtype), None, None, None
 
 

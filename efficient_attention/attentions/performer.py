@@ -104,16 +104,25 @@ def _query_grad(grad: Tensor, feats: Tensor, w: Tensor) -> Tensor:
     return _heads_view(torch.matmul(_feature_grad_rows(grad, feats, w.dtype), w))
 
 
+KEY_GRAD_SLICE = 1 << 22  # elements of the fp32 product per slice in _key_grad (16 MiB)
+
+
 def _key_grad(grad: Tensor, feats: Tensor, k: Tensor, w_acc: Tensor, half_sq: float) -> Tensor:
     """``∂k`` (``k``'s dtype, time-first memory) for ``feats = exp(k W' - s²|k|²/2 - c)`` (``(B, H, S, m)`` or
     rows; ``w_acc = W' (m, d)``; ``c`` carries no gradient) from their gradient: ``∂k = (g∘φ) W' - s² k Σ_m
-    (g∘φ)``, in ``w_acc``'s (the accumulation) dtype and written in ``k``'s."""
+    (g∘φ)``, in ``w_acc``'s (the accumulation) dtype and written in ``k``'s.  For a half ``k`` the fp32 product
+    is made :data:`KEY_GRAD_SLICE` elements of positions at a time, each slice written (cast) into the result: the
+    whole fp32 product, twice the size of ``k``, was the peak of noncausal Performer's training step."""
     gl = _feature_grad_rows(grad, feats, w_acc.dtype)
-    gk, kt, sums, scale = torch.matmul(gl, w_acc), _time_first_view(k), gl.sum(-1, keepdim=True), -2.0 * half_sq
-    if gk.dtype == k.dtype:
-        return _heads_view(gk.addcmul_(kt, sums, value=scale))
-    out = torch.empty(gk.shape, dtype=k.dtype, device=gk.device)  # the cast written by the addcmul
-    return _heads_view(torch.addcmul(gk, kt, sums, value=scale, out=out))
+    kt, sums, scale = _time_first_view(k), gl.sum(-1, keepdim=True), -2.0 * half_sq
+    if w_acc.dtype == k.dtype:
+        return _heads_view(torch.matmul(gl, w_acc).addcmul_(kt, sums, value=scale))
+    out = torch.empty(kt.shape, dtype=k.dtype, device=k.device)
+    step = max(1, KEY_GRAD_SLICE // max(1, kt[0].numel()))  # positions per slice (dim 0 is the length)
+    for a in range(0, kt.shape[0], step):
+        b = min(kt.shape[0], a + step)
+        torch.addcmul(torch.matmul(gl[a:b], w_acc), kt[a:b], sums[a:b], value=scale, out=out[a:b])
+    return _heads_view(out)
 
 
 class _CausalFeatures(torch.autograd.Function):
