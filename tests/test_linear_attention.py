@@ -5,8 +5,6 @@ The Triton backend is checked by ``triton_interpreter_cases.py`` (CPU, Triton's 
 ``test_kernels_gpu.py`` (GPU).
 """
 
-import os
-
 import pytest
 import torch
 
@@ -14,9 +12,8 @@ from efficient_attention.kernels import choose_backend, not_supported_reasons
 from efficient_attention.kernels._loader import cpu_extension, cpu_extension_reason
 from efficient_attention.kernels.linear_attention import linear_attention
 
+# (where the kernels should be built, test_kernels_cpu.py fails when they are not; here only their cases skip)
 _NO_CPP = None if cpu_extension() is not None else cpu_extension_reason()
-if _NO_CPP and os.environ.get("EA_BUILD_EXT") != "0" and not os.environ.get("EA_DISABLE_KERNELS"):
-    raise RuntimeError(f"the C++ kernels should be built here: {_NO_CPP}")
 NEEDS_CPP = pytest.mark.skipif(_NO_CPP is not None, reason=f"C++ kernels not built: {_NO_CPP}")
 CPP = pytest.param("cpp", marks=NEEDS_CPP)
 CPU_BACKENDS = [CPP, "chunked", "reference"]
