@@ -318,3 +318,55 @@ def test_decoding_in_inference_mode_then_training_uses_separate_tables():
     out, _ = m(x.clone().requires_grad_(), need_weights=False)
     out.sum().backward()
     assert_close(out.detach(), full, torch.float32)
+
+
+@pytest.mark.parametrize("act_fun", ["relu", "elu"])
+def test_causal_features_made_in_the_cpp_kernel_match_and_gradcheck(act_fun):
+    """Causal cosFormer on the CPU makes its features inside the C++ linear-attention kernel: against the features
+    through the op's reference, including a query that attends nothing (chunks that do not divide the length),
+    and its gradients by gradcheck in float64."""
+    from efficient_attention.attentions import cosformer as mod
+    from efficient_attention.kernels._loader import cpu_extension
+    from efficient_attention.kernels.linear_attention import linear_attention
+
+    if cpu_extension() is None:
+        pytest.skip("the C++ kernels are not built")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    q[0, 1, 0] = -1.0  # relu: the first query sees only its own key, with a zero feature: nothing attended
+    f64 = torch.float64
+    table = mod._cos_sin(70, 80, q.device, f64, f64)[0]
+
+    def run(a, b, c):
+        return mod._causal_cpp(a, b, c, table, act_fun, f64)
+
+    out = run(q, k, v)
+    qf, kf = (mod._features(x, table, act_fun, f64) for x in (q, k))
+    assert_close(out, linear_attention(qf, kf, v, causal=True, backend="reference"))
+    if act_fun == "relu":
+        assert out[0, 1, 0].abs().max() == 0
+    q, k, v = (torch.randn(1, 2, 37, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    table = mod._cos_sin(37, 40, q.device, f64, f64)[0]
+    assert torch.autograd.gradcheck(run, (q, k, v))
+
+
+def test_causal_module_takes_the_cpp_features_path_on_the_cpu(monkeypatch):
+    """The module routes unpadded causal self attention there (and nothing else: padding takes the op)."""
+    from efficient_attention.attentions import cosformer as mod
+    from efficient_attention.kernels._loader import cpu_extension
+
+    if cpu_extension() is None:
+        pytest.skip("the C++ kernels are not built")
+    real, calls = mod._causal_cpp, []
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(mod, "_causal_cpp", spy)
+    m = make(Pattern.CAUSAL_SELF)
+    q, k, v = inputs("cosformer", Pattern.CAUSAL_SELF)
+    m(q, k, v, need_weights=False)
+    assert calls == [1]
+    m(q, k, v, key_padding_mask=padding_mask(BSZ, k.shape[0], Pattern.CAUSAL_SELF), need_weights=False)
+    assert calls == [1]

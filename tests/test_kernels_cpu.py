@@ -151,6 +151,9 @@ def _op_samples():
     h0 = torch.rand(2, 2, 8, 8)
     states = ops.linear_causal_fwd(qf, kf, v, decay, None, None, True, 8)[2]
     grads = (torch.randn_like(v), torch.randn(2, 2, 19), None, torch.randn(2, 2, 8))
+    # cosFormer's features made in the kernel from raw q, k (4 channels -> 8 features) and a (T, 2) cos/sin table
+    cos_sin, q4, k4 = torch.rand(19, 2), q[..., :4].contiguous(), k[..., :4].contiguous()
+    states4 = ops.linear_causal_fwd(q4, k4, v, None, None, None, True, 8, cos_sin, 1)[2]
     return [
         (ops.sliding_window_fwd.default, (q, k, v, kpm, 1, 4, 2, False, 0, 0.3)),
         (ops.sliding_window_fwd.default, (q, k, v, None, 4, 4, 0, True, 0, 0.3)),
@@ -160,10 +163,12 @@ def _op_samples():
         (ops.linear_causal_fwd.default, (qf, kf, v, decay, None, None, True, 8)),
         (ops.linear_causal_fwd.default, (qf, kf, v, None, h0, None, False, 5)),
         (ops.linear_causal_bwd.default, (*grads, qf, kf, v, decay, states, True, 8)),
+        (ops.linear_causal_fwd.default, (q4, k4, v, None, None, None, True, 8, cos_sin, 0)),
+        (ops.linear_causal_bwd.default, (*grads[:2], None, None, q4, k4, v, None, states4, True, 8, cos_sin, 1)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     op, args = _op_samples()[case]
     torch.library.opcheck(op, args)

@@ -18,8 +18,8 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, linear_attention_step
+from ..kernels.linear_attention import LINEAR_ATTENTION, LinearCpp, _Divide, cpp_chunk, linear_attention
 from ..kernels.linear_attention import _split_k as _state_chunks  # chunks for a (m, L) @ (L, w) reduction
-from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, choice, positive_int
 from ..registry import register_attention
 
@@ -200,6 +200,40 @@ class _Noncausal(torch.autograd.Function):
         return grad_q, grad_k, grad_v.view(bsz, heads, src_len, dim).to(ctx.v_dtype), None, None, None
 
 
+class _CausalCpp(torch.autograd.Function):
+    """Causal cosFormer on the C++ linear-attention kernel with the features made inside it, chunk by chunk (no
+    ``(B, H, L, 2d)`` feature tensor or gradient is ever allocated): ``q, k, v (B, H, L, d)`` contiguous fp32 /
+    fp64, ``cos_sin (L, 2)``, ``act`` 0 (relu) or 1 (1 + elu); ``(num (B, H, L, d), den (B, H, L))``.  Saves the
+    inputs and the kernel's entering states."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cos_sin: Tensor, act: int, chunk: int):
+        num, den, states, _, _ = torch.ops.efficient_attention.linear_causal_fwd(
+            q, k, v, None, None, None, True, chunk, cos_sin, act
+        )
+        ctx.save_for_backward(q, k, v, cos_sin, states)
+        ctx.act, ctx.chunk = act, chunk
+        return num, den
+
+    @staticmethod
+    def backward(ctx, grad_num: Tensor, grad_den: Tensor):
+        q, k, v, cos_sin, states = ctx.saved_tensors
+        dq, dk, dv, _, _ = torch.ops.efficient_attention.linear_causal_bwd(
+            grad_num, grad_den, None, None, q, k, v, None, states, True, ctx.chunk, cos_sin, ctx.act
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _causal_cpp(q: Tensor, k: Tensor, v: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
+    """:class:`_CausalCpp`, normalised (``linear_attention``'s division: rows that attended nothing give 0) and
+    written in ``dtype``; ``table`` ``(L, 2, 1)`` of :func:`_cos_sin`."""
+    acc = acc_dtype(dtype)
+    q, k, v = (x.to(acc).contiguous() for x in (q, k, v))
+    cos_sin = table.to(acc).view(-1, 2)
+    num, den = _CausalCpp.apply(q, k, v, cos_sin, _ACTIVATIONS.index(act_fun), cpp_chunk(2 * q.shape[-1]))
+    return _Divide.apply(num, den, dtype)
+
+
 @register_attention("cosformer", "cos_former")
 class CosformerAttention(EfficientAttention):
     """cosFormer linear attention.
@@ -222,7 +256,7 @@ class CosformerAttention(EfficientAttention):
 
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``.  Patterns: noncausal
     self, causal self (:func:`~efficient_attention.kernels.linear_attention.linear_attention`'s
-    chunked kernels; constant-state decoding),
+    chunked kernels; on the CPU the C++ kernel with the features made inside it; constant-state decoding),
     noncausal cross (``static_kv`` caches ``Σ φ̂(k) vᵀ``).  ``key_padding_mask``
     honoured; an arbitrary ``attn_mask`` is not; no attention dropout (the
     paper has none).  Half inputs: features computed in fp32 and written in the
@@ -315,6 +349,8 @@ class CosformerAttention(EfficientAttention):
             k_tables = q_tables if src_len == tgt_len else _cos_sin(src_len, m_len, q.device, acc, feature_dtype)
             if own_products:
                 return _Noncausal.apply(q, k, v, (q_tables, k_tables), self.act_fun, dtype)
+            if self.causal and tgt_len == src_len and LINEAR_ATTENTION.select(None, q, k, v) is LinearCpp:
+                return _causal_cpp(q, k, v, q_tables[0], self.act_fun, dtype)  # the features made in the kernel
             qf, kf = _Features.apply(q, k, (q_tables, k_tables), self.act_fun, feature_dtype)
             return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 

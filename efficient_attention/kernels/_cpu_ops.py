@@ -60,8 +60,9 @@ def _bs_bwd_fake(
 
 
 @torch.library.register_fake(f"{_NS}::linear_causal_fwd")
-def _linear_fwd_fake(q, k, v, log_decay, h0, z0, normalize, chunk):
+def _linear_fwd_fake(q, k, v, log_decay, h0, z0, normalize, chunk, cos_sin=None, act=0):
     bsz, heads, length, m = q.shape
+    m = 2 * m if cos_sin is not None else m  # cosFormer's features made in the kernel
     d = v.shape[-1]
     n = -(-length // chunk)
     return (
@@ -74,8 +75,11 @@ def _linear_fwd_fake(q, k, v, log_decay, h0, z0, normalize, chunk):
 
 
 @torch.library.register_fake(f"{_NS}::linear_causal_bwd")
-def _linear_bwd_fake(grad_num, grad_den, grad_h, grad_z, q, k, v, log_decay, states, normalize, chunk):
+def _linear_bwd_fake(
+    grad_num, grad_den, grad_h, grad_z, q, k, v, log_decay, states, normalize, chunk, cos_sin=None, act=0
+):
     bsz, heads, _, m = q.shape
+    m = 2 * m if cos_sin is not None else m
     d = v.shape[-1]
     return (
         torch.empty_like(q),

@@ -30,7 +30,9 @@ Backends (``LINEAR_ATTENTION``, a :class:`~efficient_attention.kernels.dispatch.
   (``csrc/cpu/linear_attention.cpp``), one thread per (batch, head) walking its chunks in order with the state in
   the cache (the backward walks them backwards carrying the state's gradient); the states entering the chunks
   are saved for the backward.  Registered ops ``efficient_attention::linear_causal_fwd`` / ``_bwd`` with fake
-  implementations (``_cpu_ops.py``), under one ``autograd.Function`` (``_LinearCppFn``).
+  implementations (``_cpu_ops.py``), under one ``autograd.Function`` (``_LinearCppFn``).  The ops also take a
+  ``(T, 2)`` cos / sin table and make cosFormer's features ``[act(x) cos, act(x) sin]`` from raw ``q, k`` inside
+  the kernel, chunk by chunk (cosFormer calls them so directly: ``attentions/cosformer.py``, ``_CausalCpp``).
 * ``"chunked"`` -- any device, PyTorch: the same chunked algorithm with batched matmuls, the states
   entering the chunks from one cumsum (no decay) or one ``(N, N)`` decay-weighted matmul over the ``N``
   chunks; no Python loop.  Half inputs compute in fp32.

@@ -81,17 +81,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_causal_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& log_decay,
-    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& z0, bool normalize, int64_t chunk) {
-  return ea::linear_causal_forward(q, k, v, opt(log_decay), opt(h0), opt(z0), normalize, chunk);
+    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& z0, bool normalize, int64_t chunk,
+    const c10::optional<at::Tensor>& cos_sin, int64_t act) {
+  return ea::linear_causal_forward(q, k, v, opt(log_decay), opt(h0), opt(z0), opt(cos_sin), act, normalize, chunk);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_causal_bwd(
     const c10::optional<at::Tensor>& grad_num, const c10::optional<at::Tensor>& grad_den,
     const c10::optional<at::Tensor>& grad_h, const c10::optional<at::Tensor>& grad_z, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& log_decay, const at::Tensor& states,
-    bool normalize, int64_t chunk) {
+    bool normalize, int64_t chunk, const c10::optional<at::Tensor>& cos_sin, int64_t act) {
   return ea::linear_causal_backward(opt(grad_num), opt(grad_den), opt(grad_h), opt(grad_z), q, k, v, opt(log_decay),
-                                    states, normalize, chunk);
+                                    states, opt(cos_sin), act, normalize, chunk);
 }
 
 }  // namespace
@@ -113,11 +114,11 @@ TORCH_LIBRARY(efficient_attention, m) {
       "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "linear_causal_fwd(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? h0, Tensor? z0, bool normalize, "
-      "int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int chunk, Tensor? cos_sin=None, int act=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_causal_bwd(Tensor? grad_num, Tensor? grad_den, Tensor? grad_h, Tensor? grad_z, Tensor q, Tensor k, "
-      "Tensor v, Tensor? log_decay, Tensor states, bool normalize, int chunk) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "Tensor v, Tensor? log_decay, Tensor states, bool normalize, int chunk, Tensor? cos_sin=None, int act=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(efficient_attention, CPU, m) {

@@ -10,11 +10,16 @@
 //   dV1 = (Q K^T o D)^T dO + (e^{gl - G} o K) dS,   dS_n = e^{gl} dS + Q^T (e^{G} o dO).
 // Every exponent is <= 0 when the log decays are.  GEMMs are row-major (micro.h): transposed operands are copied
 // into small per-thread buffers first.
+//
+// Fused cosFormer features (cos_sin given): q and k hold d0 raw channels and the features, m = 2 d0 of them, are
+// made per chunk in a buffer, [act(x) cos t, act(x) sin t] for position t (act: relu, or 1 + elu); the backward
+// folds the features' gradients back through them, so no (T, 2 d0) tensor is ever allocated.
 #include "linear_attention.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -85,11 +90,45 @@ void multiply_transposed(T* x, const T* D, int64_t c) {
     for (int64_t i = 0; i < c; ++i) x[j * c + i] *= D[i * c + j];
 }
 
+// The features of c rows x (c x d0, row stride d0) at positions with cos/sin rows cs (c x 2): out (c x 2 d0).
+template <typename T>
+void make_features(const T* x, const T* cs, int64_t c, int64_t d0, int64_t act, T* out) {
+  for (int64_t r = 0; r < c; ++r) {
+    const T* xr = x + r * d0;
+    T* o = out + r * 2 * d0;
+    const T co = cs[2 * r], si = cs[2 * r + 1];
+    for (int64_t j = 0; j < d0; ++j) {
+      const T v = xr[j];
+      const T a = act == 0 ? (v > T(0) ? v : T(0)) : (v > T(0) ? v + T(1) : std::exp(v));
+      o[j] = a * co;
+      o[d0 + j] = a * si;
+    }
+  }
+}
+
+// The gradient at x of make_features for the features' gradient g (c x 2 d0): dx (c x d0, row stride d0).
+template <typename T>
+void fold_features(const T* g, const T* x, const T* cs, int64_t c, int64_t d0, int64_t act, T* dx) {
+  for (int64_t r = 0; r < c; ++r) {
+    const T* gr = g + r * 2 * d0;
+    const T* xr = x + r * d0;
+    T* o = dx + r * d0;
+    const T co = cs[2 * r], si = cs[2 * r + 1];
+    for (int64_t j = 0; j < d0; ++j) {
+      const T v = xr[j];
+      const T da = act == 0 ? (v > T(0) ? T(1) : T(0)) : (v > T(0) ? T(1) : std::exp(v));
+      o[j] = da * (gr[j] * co + gr[d0 + j] * si);
+    }
+  }
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-                    const at::Tensor& h0, const at::Tensor& z0, bool normalize, int64_t C, at::Tensor& num,
-                    at::Tensor& den, at::Tensor& states, at::Tensor& hf, at::Tensor& zf) {
-  const int64_t BH = q.size(0) * q.size(1), L = q.size(2), m = q.size(3), d = v.size(3);
+                    const at::Tensor& h0, const at::Tensor& z0, const at::Tensor& cos_sin, int64_t act, bool normalize,
+                    int64_t C, at::Tensor& num, at::Tensor& den, at::Tensor& states, at::Tensor& hf, at::Tensor& zf) {
+  const int64_t BH = q.size(0) * q.size(1), L = q.size(2), d0 = q.size(3), d = v.size(3);
+  const T* CS = cos_sin.defined() ? cos_sin.data_ptr<T>() : nullptr;
+  const int64_t m = CS ? 2 * d0 : d0;
   const int64_t w = d + (normalize ? 1 : 0), N = (L + C - 1) / C;
   const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
   const T* Gd = log_decay.defined() ? log_decay.data_ptr<T>() : nullptr;
@@ -100,6 +139,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     ChunkDecay<T> dec(C);
     std::vector<T> S(m * w), kt(m * C), a(C * C), v1(C * w), o(C * w), qd(C * m);
+    std::vector<T> qf(CS ? C * m : 0), kf(CS ? C * m : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       for (int64_t r = 0; r < m; ++r) {  // S_0 = [H_0, z_0]
         for (int64_t c = 0; c < d; ++c) S[r * w + c] = H0 ? H0[(bh * m + r) * d + c] : T(0);
@@ -107,9 +147,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       }
       for (int64_t n = 0; n < N; ++n) {
         const int64_t i0 = n * C, c = std::min(C, L - i0);
-        const T* q_c = Q + (bh * L + i0) * m;
-        const T* k_c = K + (bh * L + i0) * m;
+        const T* q_c = Q + (bh * L + i0) * d0;
+        const T* k_c = K + (bh * L + i0) * d0;
         const T* v_c = V + (bh * L + i0) * d;
+        if (CS) {
+          make_features(q_c, CS + 2 * i0, c, d0, act, qf.data());
+          make_features(k_c, CS + 2 * i0, c, d0, act, kf.data());
+          q_c = qf.data();
+          k_c = kf.data();
+        }
         dec.set(Gd ? Gd + bh * L + i0 : nullptr, c);
         transpose(S.data(), m, w, w, ST + ((bh * N + n) * w) * m, m);  // saved: S_n^T
         transpose(k_c, c, m, m, kt.data(), c);
@@ -149,9 +195,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 template <typename T>
 void backward_kernel(const at::Tensor& g_num, const at::Tensor& g_den, const at::Tensor& g_h, const at::Tensor& g_z,
                      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-                     const at::Tensor& states, bool normalize, int64_t C, at::Tensor& dq, at::Tensor& dk,
-                     at::Tensor& dv, at::Tensor& dh0, at::Tensor& dz0) {
-  const int64_t BH = q.size(0) * q.size(1), L = q.size(2), m = q.size(3), d = v.size(3);
+                     const at::Tensor& states, const at::Tensor& cos_sin, int64_t act, bool normalize, int64_t C,
+                     at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dh0, at::Tensor& dz0) {
+  const int64_t BH = q.size(0) * q.size(1), L = q.size(2), d0 = q.size(3), d = v.size(3);
+  const T* CS = cos_sin.defined() ? cos_sin.data_ptr<T>() : nullptr;
+  const int64_t m = CS ? 2 * d0 : d0;
   const int64_t w = d + (normalize ? 1 : 0), N = (L + C - 1) / C;
   const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>(), *ST = states.data_ptr<T>();
   const T* Gd = log_decay.defined() ? log_decay.data_ptr<T>() : nullptr;
@@ -165,6 +213,7 @@ void backward_kernel(const at::Tensor& g_num, const at::Tensor& g_den, const at:
     ChunkDecay<T> dec(C);
     std::vector<T> dS(m * w), dSt(w * m), qt(m * C), at(C * C), dat(C * C), da(C * C), v1(C * w), do1(C * w),
         do1t(w * C), dv1(C * w), kd(C * m);
+    std::vector<T> qf(CS ? C * m : 0), kf(CS ? C * m : 0), dqf(CS ? C * m : 0), dkf(CS ? C * m : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       for (int64_t r = 0; r < m; ++r) {  // the gradient of the final state
         for (int64_t c = 0; c < d; ++c) dS[r * w + c] = GH ? GH[(bh * m + r) * d + c] : T(0);
@@ -172,11 +221,19 @@ void backward_kernel(const at::Tensor& g_num, const at::Tensor& g_den, const at:
       }
       for (int64_t n = N - 1; n >= 0; --n) {
         const int64_t i0 = n * C, c = std::min(C, L - i0);
-        const T* q_c = Q + (bh * L + i0) * m;
-        const T* k_c = K + (bh * L + i0) * m;
+        const T* q_c = Q + (bh * L + i0) * d0;
+        const T* k_c = K + (bh * L + i0) * d0;
         const T* v_c = V + (bh * L + i0) * d;
-        T* dq_c = DQ + (bh * L + i0) * m;
-        T* dk_c = DK + (bh * L + i0) * m;
+        T* dq_c = DQ + (bh * L + i0) * d0;
+        T* dk_c = DK + (bh * L + i0) * d0;
+        if (CS) {  // the features in buffers, their gradients too (folded into dq, dk at the chunk's end)
+          make_features(q_c, CS + 2 * i0, c, d0, act, qf.data());
+          make_features(k_c, CS + 2 * i0, c, d0, act, kf.data());
+          q_c = qf.data();
+          k_c = kf.data();
+          dq_c = dqf.data();
+          dk_c = dkf.data();
+        }
         const T* st = ST + ((bh * N + n) * w) * m;  // S_n^T (w x m)
         dec.set(Gd ? Gd + bh * L + i0 : nullptr, c);
         for (int64_t r = 0; r < c; ++r) {
@@ -221,6 +278,10 @@ void backward_kernel(const at::Tensor& g_num, const at::Tensor& g_den, const at:
         if (Gd)
           for (int64_t x = 0; x < m * w; ++x) dS[x] *= dec.e_total;
         gemm(m, w, c, qt.data(), c, do1.data(), w, dS.data(), w, true);
+        if (CS) {
+          fold_features(dqf.data(), Q + (bh * L + i0) * d0, CS + 2 * i0, c, d0, act, DQ + (bh * L + i0) * d0);
+          fold_features(dkf.data(), K + (bh * L + i0) * d0, CS + 2 * i0, c, d0, act, DK + (bh * L + i0) * d0);
+        }
       }
       for (int64_t r = 0; r < m; ++r) {
         std::copy(dS.data() + r * w, dS.data() + r * w + d, DH + (bh * m + r) * d);
@@ -232,7 +293,7 @@ void backward_kernel(const at::Tensor& g_num, const at::Tensor& g_den, const at:
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-                  int64_t chunk) {
+                  const at::Tensor& cos_sin, int64_t act, int64_t chunk) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D (B, H, T, dim)");
   TORCH_CHECK(q.sizes() == k.sizes(), "causal linear attention needs q and k of one shape, got ", q.sizes(), " and ",
               k.sizes());
@@ -246,6 +307,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(log_decay.dim() == 3 && log_decay.size(0) == q.size(0) && log_decay.size(1) == q.size(1) &&
                     log_decay.size(2) == q.size(2),
                 "log_decay must be (B, H, T), got ", log_decay.sizes());
+  if (cos_sin.defined())
+    TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(0) == q.size(2) && cos_sin.size(1) == 2,
+                "cos_sin must be (T, 2) = (", q.size(2), ", 2), got ", cos_sin.sizes());
+  TORCH_CHECK(act == 0 || act == 1, "act must be 0 (relu) or 1 (1 + elu), got ", act);
 }
 
 at::Tensor prepared(const at::Tensor& x, at::ScalarType t) { return x.defined() ? x.to(t).contiguous() : x; }
@@ -254,13 +319,15 @@ at::Tensor prepared(const at::Tensor& x, at::ScalarType t) { return x.defined() 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_causal_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& log_decay_in,
-    const at::Tensor& h0_in, const at::Tensor& z0_in, bool normalize, int64_t chunk) {
-  check_inputs(q_in, k_in, v_in, log_decay_in, chunk);
+    const at::Tensor& h0_in, const at::Tensor& z0_in, const at::Tensor& cos_sin_in, int64_t act, bool normalize,
+    int64_t chunk) {
+  check_inputs(q_in, k_in, v_in, log_decay_in, cos_sin_in, act, chunk);
   const auto t = q_in.scalar_type();
   const at::Tensor q = prepared(q_in, t), k = prepared(k_in, t), v = prepared(v_in, t);
   const at::Tensor g = prepared(log_decay_in, t), h0 = prepared(h0_in, t);
-  const at::Tensor z0 = normalize ? prepared(z0_in, t) : at::Tensor();
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), m = q.size(3), d = v.size(3);
+  const at::Tensor z0 = normalize ? prepared(z0_in, t) : at::Tensor(), cos_sin = prepared(cos_sin_in, t);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = v.size(3);
+  const int64_t m = cos_sin.defined() ? 2 * q.size(3) : q.size(3);
   const int64_t N = (L + chunk - 1) / chunk, w = d + (normalize ? 1 : 0);
   if (h0.defined()) TORCH_CHECK(h0.sizes() == at::IntArrayRef({B, H, m, d}), "h0 must be (B, H, m, d)");
   if (z0.defined()) TORCH_CHECK(z0.sizes() == at::IntArrayRef({B, H, m}), "z0 must be (B, H, m)");
@@ -270,21 +337,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ca
   at::Tensor hf = at::empty({B, H, m, d}, q.options());
   at::Tensor zf = at::empty(normalize ? at::IntArrayRef({B, H, m}) : at::IntArrayRef({0}), q.options());
   if (t == at::kDouble)
-    forward_kernel<double>(q, k, v, g, h0, z0, normalize, chunk, num, den, states, hf, zf);
+    forward_kernel<double>(q, k, v, g, h0, z0, cos_sin, act, normalize, chunk, num, den, states, hf, zf);
   else
-    forward_kernel<float>(q, k, v, g, h0, z0, normalize, chunk, num, den, states, hf, zf);
+    forward_kernel<float>(q, k, v, g, h0, z0, cos_sin, act, normalize, chunk, num, den, states, hf, zf);
   return {num, den, states, hf, zf};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_causal_backward(
     const at::Tensor& grad_num, const at::Tensor& grad_den, const at::Tensor& grad_h, const at::Tensor& grad_z,
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& log_decay_in,
-    const at::Tensor& states_in, bool normalize, int64_t chunk) {
-  check_inputs(q_in, k_in, v_in, log_decay_in, chunk);
+    const at::Tensor& states_in, const at::Tensor& cos_sin_in, int64_t act, bool normalize, int64_t chunk) {
+  check_inputs(q_in, k_in, v_in, log_decay_in, cos_sin_in, act, chunk);
   const auto t = q_in.scalar_type();
   const at::Tensor q = prepared(q_in, t), k = prepared(k_in, t), v = prepared(v_in, t);
-  const at::Tensor g = prepared(log_decay_in, t), states = prepared(states_in, t);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), m = q.size(3), d = v.size(3);
+  const at::Tensor g = prepared(log_decay_in, t), states = prepared(states_in, t), cos_sin = prepared(cos_sin_in, t);
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), d = v.size(3);
+  const int64_t m = cos_sin.defined() ? 2 * q.size(3) : q.size(3);
   const int64_t N = (L + chunk - 1) / chunk, w = d + (normalize ? 1 : 0);
   TORCH_CHECK(states.sizes() == at::IntArrayRef({B, H, N, w, m}), "states must be (B, H, N, w, m) = ",
               at::IntArrayRef({B, H, N, w, m}), ", got ", states.sizes());
@@ -294,9 +362,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ca
   at::Tensor dh0 = at::empty({B, H, m, d}, q.options());
   at::Tensor dz0 = at::empty(normalize ? at::IntArrayRef({B, H, m}) : at::IntArrayRef({0}), q.options());
   if (t == at::kDouble)
-    backward_kernel<double>(gn, gd, gh, gz, q, k, v, g, states, normalize, chunk, dq, dk, dv, dh0, dz0);
+    backward_kernel<double>(gn, gd, gh, gz, q, k, v, g, states, cos_sin, act, normalize, chunk, dq, dk, dv, dh0, dz0);
   else
-    backward_kernel<float>(gn, gd, gh, gz, q, k, v, g, states, normalize, chunk, dq, dk, dv, dh0, dz0);
+    backward_kernel<float>(gn, gd, gh, gz, q, k, v, g, states, cos_sin, act, normalize, chunk, dq, dk, dv, dh0, dz0);
   return {dq, dk, dv, dh0, dz0};
 }
 
