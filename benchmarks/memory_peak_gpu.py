@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from profile_launches_gpu import median_ms  # noqa: E402 - benchmarks/ (this script's folder)
 
 from efficient_attention.benchmark.timing import train_case  # noqa: E402
 from efficient_attention.registry import build_attention  # noqa: E402
@@ -87,16 +88,8 @@ def run_case(spec: str, length: int) -> dict:
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     peak_stats = torch.cuda.max_memory_allocated() - before
-    times = []
-    for _ in range(12):  # step time, as mechanisms_gpu.py: each step from an idle GPU, CUDA events
-        reset()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    # the step's time as mechanisms_gpu.py takes it: each step from an idle GPU, CUDA events
+    ms = median_ms(lambda: (reset(), call()), warmup=2, repeats=10)
     trace = snap["device_traces"][torch.cuda.current_device()]
     peak, alive = live_at_peak(trace)
     unit = length * BATCH * EMBED * 2
@@ -110,7 +103,7 @@ def run_case(spec: str, length: int) -> dict:
         "case": spec,
         "length": length,
         "peak_mib": peak_stats / 2**20,
-        "ms": sorted(times[2:])[len(times[2:]) // 2],
+        "ms": ms,
         "trace_peak_mib": peak / 2**20,
         "unit_mib": unit / 2**20,
         "alive": [{"mib": b / 2**20, "units": b / unit, "tensors": n, "site": site} for b, n, site in rows],

@@ -83,6 +83,25 @@ void multiply(T* x, const T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= y[i];
 }
 
+// x (c x m, row stride m) with row r scaled by s[r], in buf; x itself when s is null (no decay)
+template <typename T>
+const T* scaled_rows(const T* x, int64_t c, int64_t m, const T* s, T* buf) {
+  if (!s) return x;
+  std::copy(x, x + c * m, buf);
+  scale_rows(buf, c, m, m, s);
+  return buf;
+}
+
+// v1 (c x w) = [v, 1] for c rows of v (row stride d); the ones column only when normalizing (w = d + 1)
+template <typename T>
+void values_with_ones(const T* v, int64_t c, int64_t d, bool normalize, T* v1) {
+  const int64_t w = d + (normalize ? 1 : 0);
+  for (int64_t r = 0; r < c; ++r) {
+    std::copy(v + r * d, v + (r + 1) * d, v1 + r * w);
+    if (normalize) v1[r * w + d] = T(1);
+  }
+}
+
 // x (c x c) *= D^T, i.e. x[j][i] *= D[i][j]
 template <typename T>
 void multiply_transposed(T* x, const T* D, int64_t c) {
@@ -159,19 +178,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         dec.set(Gd ? Gd + bh * L + i0 : nullptr, c);
         transpose(S.data(), m, w, w, ST + ((bh * N + n) * w) * m, m);  // saved: S_n^T
         transpose(k_c, c, m, m, kt.data(), c);
-        for (int64_t r = 0; r < c; ++r) {
-          std::copy(v_c + r * d, v_c + (r + 1) * d, v1.data() + r * w);
-          if (normalize) v1[r * w + d] = T(1);
-        }
+        values_with_ones(v_c, c, d, normalize, v1.data());
         gemm(c, c, m, q_c, m, kt.data(), c, a.data(), c, false);  // Q K^T
         multiply(a.data(), dec.D.data(), c * c);
         gemm(c, w, c, a.data(), c, v1.data(), w, o.data(), w, false);
-        const T* qs = q_c;
-        if (Gd) {
-          std::copy(q_c, q_c + c * m, qd.data());
-          scale_rows(qd.data(), c, m, m, dec.eg.data());
-          qs = qd.data();
-        }
+        const T* qs = scaled_rows(q_c, c, m, Gd ? dec.eg.data() : nullptr, qd.data());  // e^{G} o Q
         gemm(c, w, m, qs, m, S.data(), w, o.data(), w, true);
         for (int64_t r = 0; r < c; ++r) {
           std::copy(o.data() + r * w, o.data() + r * w + d, NUM + (bh * L + i0 + r) * d);
@@ -236,17 +247,14 @@ void backward_kernel(const at::Tensor& g_num, const at::Tensor& g_den, const at:
         }
         const T* st = ST + ((bh * N + n) * w) * m;  // S_n^T (w x m)
         dec.set(Gd ? Gd + bh * L + i0 : nullptr, c);
-        for (int64_t r = 0; r < c; ++r) {
-          std::copy(v_c + r * d, v_c + (r + 1) * d, v1.data() + r * w);
+        values_with_ones(v_c, c, d, normalize, v1.data());
+        for (int64_t r = 0; r < c; ++r) {  // dO1 = [d num, d den]
           T* dr = do1.data() + r * w;
           if (GN)
             std::copy(GN + (bh * L + i0 + r) * d, GN + (bh * L + i0 + r + 1) * d, dr);
           else
             std::fill(dr, dr + d, T(0));
-          if (normalize) {
-            v1[r * w + d] = T(1);
-            dr[d] = GD ? GD[bh * L + i0 + r] : T(0);
-          }
+          if (normalize) dr[d] = GD ? GD[bh * L + i0 + r] : T(0);
         }
         transpose(q_c, c, m, m, qt.data(), c);
         transpose(do1.data(), c, w, w, do1t.data(), c);
@@ -256,12 +264,7 @@ void backward_kernel(const at::Tensor& g_num, const at::Tensor& g_den, const at:
         multiply_transposed(dat.data(), dec.D.data(), c);                  // dA^T
         // dV1 = A^T dO + (e^{gl - G} o K) dS
         gemm(c, w, c, at.data(), c, do1.data(), w, dv1.data(), w, false);
-        const T* ks = k_c;
-        if (Gd) {
-          std::copy(k_c, k_c + c * m, kd.data());
-          scale_rows(kd.data(), c, m, m, dec.egl.data());
-          ks = kd.data();
-        }
+        const T* ks = scaled_rows(k_c, c, m, Gd ? dec.egl.data() : nullptr, kd.data());  // e^{gl - G} o K
         gemm(c, w, m, ks, m, dS.data(), w, dv1.data(), w, true);
         for (int64_t r = 0; r < c; ++r) std::copy(dv1.data() + r * w, dv1.data() + r * w + d, DV + (bh * L + i0 + r) * d);
         // dK = dA^T Q + (e^{gl - G} o V1) dS^T
