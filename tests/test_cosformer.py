@@ -364,6 +364,7 @@ def test_causal_module_takes_the_cpp_features_path_on_the_cpu(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(mod, "_causal_cpp", spy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # enough (batch, head) pairs for the C++ kernel
     m = make(Pattern.CAUSAL_SELF)
     q, k, v = inputs("cosformer", Pattern.CAUSAL_SELF)
     m(q, k, v, need_weights=False)

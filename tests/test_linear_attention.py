@@ -231,8 +231,9 @@ def test_empty_sequences():
     torch.testing.assert_close(z, state[1])
 
 
-def test_dispatch_on_cpu_is_the_cpp_kernel_with_reasons_for_triton():
-    q, k, v, *_ = make(dtype=torch.float32)
+def test_dispatch_on_cpu_is_the_cpp_kernel_with_reasons_for_triton(monkeypatch):
+    q, k, v, *_ = make(dtype=torch.float32)  # 6 (batch, head) pairs: enough for the 2 threads set here
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert choose_backend("linear_attention", q, k, v) == ("chunked" if _NO_CPP else "cpp")
     reasons = not_supported_reasons("linear_attention", q, k, v)
     assert reasons["chunked"] == [] and (reasons["cpp"] == []) == (_NO_CPP is None)
@@ -388,3 +389,21 @@ def test_normalised_result_in_out_dtype_is_time_first():
     )
     assert out.dtype == torch.bfloat16 and out.permute(2, 0, 1, 3).is_contiguous()
     torch.testing.assert_close(out, want.to(torch.bfloat16))
+
+
+@NEEDS_CPP
+def test_cpp_declines_when_most_threads_would_idle():
+    """One thread per (batch, head): with fewer than half as many pairs as threads the chunked path is chosen,
+    with the reason; the decision follows the thread count and the batch size (both in the dispatcher's key)."""
+    q, k, v, *_ = make(B=1, H=2, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert choose_backend("linear_attention", q, k, v) == "chunked"
+        assert any("threads" in r for r in not_supported_reasons("linear_attention", q, k, v)["cpp"])
+        q4, k4, v4, *_ = make(B=2, H=2, dtype=torch.float32)
+        assert choose_backend("linear_attention", q4, k4, v4) == "cpp"
+        torch.set_num_threads(2)
+        assert choose_backend("linear_attention", q, k, v) == "cpp"
+    finally:
+        torch.set_num_threads(threads)

@@ -12,9 +12,9 @@ A backend is one way to compute one op (``"sliding_window"``, ``"block_sparse"``
 Each op's module subclasses :class:`TritonBackend`, :class:`CppBackend`, ... once per op, adding the op's
 own reasons in :meth:`Backend.input_reasons` and the computation in ``run``; its
 :class:`~efficient_attention.kernels.dispatch.Dispatcher` lists them fastest first.  The reasons of a
-backend may depend only on the devices, dtypes, head counts and head dims of ``q, k, v``, on whether a
-length is empty or shorter than :data:`SHORT`, and on the op's keyword parameters (the dispatcher caches
-its decisions by exactly these).
+backend may depend only on the devices, dtypes, batch sizes, head counts and head dims of ``q, k, v``, on
+whether a length is empty or shorter than :data:`SHORT`, on the number of CPU threads (CPU tensors), and on the
+op's keyword parameters (the dispatcher caches its decisions by exactly these).
 """
 
 from __future__ import annotations

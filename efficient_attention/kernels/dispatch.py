@@ -98,7 +98,8 @@ class Dispatcher:
                 q.dim(),
                 k.dim(),
                 v.dim(),
-                q.shape[1:2],
+                q.shape[:2],  # batch and heads (the C++ linear kernel's threads: one per pair)
+                torch.get_num_threads() if q.device.type == "cpu" else 0,
                 k.shape[1:2],
                 v.shape[1:2],
                 q.shape[-1:],
