@@ -154,6 +154,7 @@ def _op_samples():
     # cosFormer's features made in the kernel from raw q, k (4 channels -> 8 features) and a (T, 2) cos/sin table
     cos_sin, q4, k4 = torch.rand(19, 2), q[..., :4].contiguous(), k[..., :4].contiguous()
     states4 = ops.linear_causal_fwd(q4, k4, v, None, None, None, True, 8, cos_sin, 1)[2]
+    landmark = ops.landmark_fwd(q, k, v, kpm, 4, 0.3)  # (out, lse) for the backward
     return [
         (ops.sliding_window_fwd.default, (q, k, v, kpm, 1, 4, 2, False, 0, 0.3)),
         (ops.sliding_window_fwd.default, (q, k, v, None, 4, 4, 0, True, 0, 0.3)),
@@ -165,10 +166,12 @@ def _op_samples():
         (ops.linear_causal_bwd.default, (*grads, qf, kf, v, decay, states, True, 8)),
         (ops.linear_causal_fwd.default, (q4, k4, v, None, None, None, True, 8, cos_sin, 0)),
         (ops.linear_causal_bwd.default, (*grads[:2], None, None, q4, k4, v, None, states4, True, 8, cos_sin, 1)),
+        (ops.landmark_fwd.default, (q, k, v, kpm, 4, 0.3)),
+        (ops.landmark_bwd.default, (torch.randn_like(v), None, q, k, v, *landmark, kpm, 4, 0.3)),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     op, args = _op_samples()[case]
     torch.library.opcheck(op, args)

@@ -102,6 +102,7 @@ def test_bad_input():
 # -- the block-by-block path (efficient_attention.kernels.landmark) -------------------------------------------
 from efficient_attention.kernels import landmark_attention as landmark_blocks  # noqa: E402
 from efficient_attention.kernels import landmark_not_supported_reasons  # noqa: E402
+from efficient_attention.kernels._loader import cpu_extension  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # relative error bounds ||x - ref|| / ||ref|| per input dtype
@@ -132,14 +133,17 @@ BLOCK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["fastest", "reference"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=str)
-def test_blocks_match_formula(case, dtype, device):
+def test_blocks_match_formula(case, dtype, device, backend):
+    """Every backend (the fastest for the device: C++ on the CPU where built, Triton on CUDA) against the
+    formula, values and gradients."""
     B, H, Hkv, T, S, bs, pad = case
     q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in rand_qkv(B, H, T, S, 8, Hkv=Hkv))
     kpm = _padding(B, S, bs).to(device) if pad else None
-    out, lse = landmark_blocks(q, k, v, bs, key_padding_mask=kpm)
+    out, lse = landmark_blocks(q, k, v, bs, key_padding_mask=kpm, backend=backend)
     ref_in = [x.detach().cpu().double().requires_grad_() for x in (q, k, v)]
     ref_kpm = None if kpm is None else kpm.cpu()
     ref = landmark_attention_formula(*ref_in, landmark_positions(S, bs), key_padding_mask=ref_kpm)
@@ -170,17 +174,19 @@ def test_blocks_lse_and_empty_rows():
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
-def test_blocks_gradcheck():
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["fastest", "reference"])
+def test_blocks_gradcheck(backend):
     q, k, v = rand_qkv(1, 2, 11, 11, 3, requires_grad=True)
     kpm = torch.zeros(1, 11, dtype=torch.bool)
     kpm[0, 5] = True
 
     def fn(q, k, v):
-        out, lse = landmark_blocks(q, k, v, 3, key_padding_mask=kpm)
+        out, lse = landmark_blocks(q, k, v, 3, key_padding_mask=kpm, backend=backend)
         return out, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
-    assert torch.autograd.gradcheck(lambda q, k, v: landmark_blocks(q, k, v, 4)[0], (q[:, :, 4:], k, v))
+    tail = lambda q, k, v: landmark_blocks(q, k, v, 4, backend=backend)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(tail, (q[:, :, 4:], k, v))
 
 
 def test_blocks_torch_path_chunks(monkeypatch):
@@ -188,10 +194,10 @@ def test_blocks_torch_path_chunks(monkeypatch):
     from efficient_attention.kernels import landmark as lk
 
     q, k, v = rand_qkv(1, 2, 37, 37, 4, requires_grad=True)
-    whole = landmark_blocks(q, k, v, 4)
+    whole = landmark_blocks(q, k, v, 4, backend="reference")
     monkeypatch.setattr(lk, "_CHUNK_ELEMS", 1)  # one block of queries per chunk
     assert len(list(lk._chunks(37, 37, 4, 0, 2))) == 10
-    chunked = landmark_blocks(q, k, v, 4)
+    chunked = landmark_blocks(q, k, v, 4, backend="reference")
     torch.testing.assert_close(chunked, whole)
     for a, b in zip(torch.autograd.grad(chunked[0].sum(), (q, k, v)), torch.autograd.grad(whole[0].sum(), (q, k, v))):
         torch.testing.assert_close(a, b)
@@ -218,7 +224,7 @@ def test_blocks_dispatch_reasons():
     q = torch.randn(1, 2, 8, 16)
     assert landmark_blocks(q, q, q, 4)[0].shape == q.shape
     why = landmark_not_supported_reasons(q, q, q, block_size=48)
-    assert why["reference"] == []
+    assert why["reference"] == [] and (why["cpp"] == []) == (cpu_extension() is not None)
     assert any("not CUDA" in r for r in why["triton"]) and any("block_size 48" in r for r in why["triton"])
     q48 = torch.randn(1, 2, 8, 48, dtype=torch.float64)
     assert any("dtype" in r for r in landmark_not_supported_reasons(q48, q48, q48, block_size=64)["triton"])

@@ -1,5 +1,5 @@
-"""Fake (meta) implementations of the C++ ops ``torch.ops.efficient_attention.*`` (sparse and causal linear
-attention).
+"""Fake (meta) implementations of the C++ ops ``torch.ops.efficient_attention.*`` (sparse, causal linear and
+landmark attention).
 
 The schemas and CPU kernels are registered by the extension (``csrc/register.cpp``);
 this module is imported by the loader once the extension is loaded.  Their autograd is the
@@ -88,3 +88,13 @@ def _linear_bwd_fake(
         q.new_empty(bsz, heads, m, d),
         q.new_empty((bsz, heads, m) if normalize else (0,)),
     )
+
+
+@torch.library.register_fake(f"{_NS}::landmark_fwd")
+def _landmark_fwd_fake(q, k, v, key_padding_mask, block_size, scale):
+    return _fake_fwd(q, k, v)
+
+
+@torch.library.register_fake(f"{_NS}::landmark_bwd")
+def _landmark_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

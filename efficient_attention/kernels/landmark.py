@@ -14,12 +14,16 @@ Backends (``LANDMARK``, a :class:`~efficient_attention.kernels.dispatch.Dispatch
 ``not_supported_reasons`` says why one cannot run):
 
 * ``"triton"``    -- the fused GPU kernels of ``_triton_landmark.py`` (fp16/bf16/fp32, fp32 accumulation);
+* ``"cpp"``       -- the C++ CPU kernels (``csrc/cpu/landmark_attention.cpp``, registered ops
+  ``efficient_attention::landmark_fwd`` / ``_bwd``): an online softmax over the items of a query block, one earlier
+  key block at a time, the backward one task per (batch, head) recomputing the weights from ``lse``
+  (fp32 / fp64; half inputs computed in fp32);
 * ``"reference"`` (formerly ``"torch"``, still accepted) -- the same computation in PyTorch, a chunk of
   query blocks at a time with batched matmuls against only the keys the chunk can see, and a
   hand-written backward that recomputes each chunk (any device and float dtype; float64 for gradcheck).
   Scores are scaled and formed in at least fp32 (fp16 inputs of large magnitude stay finite).
 
-Both run under one ``autograd.Function`` (``_LandmarkFn``); the Triton kernels are also registered as
+All run under one ``autograd.Function`` (``_LandmarkFn``); the Triton kernels are also registered as
 custom ops (``torch.ops.efficient_attention.triton_landmark``, ``triton_landmark_bwd``) for ``torch.compile``.
 The general formula (any ``is_mem``, ``top_k`` retrieval) stays in ``sparse/landmark.py``; it is
 the float64 reference these paths are tested against.
@@ -36,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..functional import acc_dtype, repeat_kv
-from .backends import ReferenceBackend, TritonBackend, kernel_shape_reasons, tile_head_dim_reasons
+from .backends import CppBackend, ReferenceBackend, TritonBackend, kernel_shape_reasons, tile_head_dim_reasons
 from .dispatch import Dispatcher
 
 __all__ = ["landmark_attention", "landmark_blocks_torch", "LANDMARK", "LANDMARK_BLOCK_SIZES", "LANDMARK_FP32_TILE"]
@@ -326,6 +330,8 @@ def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale
 # -- the one autograd wiring of both backends ------------------------------------------------------------------
 def _landmark_ops(backend: str):
     """``(forward, backward)`` of a backend: the registered ops while compiling, else the launches themselves."""
+    if backend == "cpp":
+        return torch.ops.efficient_attention.landmark_fwd, torch.ops.efficient_attention.landmark_bwd
     if backend != "triton":
         return _torch_forward, _torch_backward
     if torch.compiler.is_compiling():
@@ -350,7 +356,7 @@ class _LandmarkFn(torch.autograd.Function):
         q, k, v, out, lse, kpm = ctx.saved_tensors
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         _, bwd = _landmark_ops(ctx.backend)
-        if ctx.backend == "triton":
+        if ctx.backend != "reference":  # the kernels read the forward's log-sum-exp
             dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, lse, kpm, ctx.bs, ctx.scale)
         else:
             dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, kpm, ctx.bs, ctx.scale)
@@ -402,12 +408,22 @@ class LandmarkTriton(TritonBackend):
         return reasons
 
 
+class LandmarkCpp(CppBackend):
+    op = "landmark"
+
+    @classmethod
+    def input_reasons(  # type: ignore[override]  # each op's backends take that op's keyword params, not any
+        cls, q: Tensor, k: Tensor, v: Tensor, block_size: Optional[int] = None
+    ) -> List[str]:
+        return kernel_shape_reasons(q, k, v)
+
+
 class LandmarkReference(ReferenceBackend):
     op = "landmark"
     description = "PyTorch, a chunk of query blocks at a time (any device and float dtype)"
 
 
-LANDMARK = Dispatcher("landmark", (LandmarkTriton, LandmarkReference), aliases={"torch": "reference"})
+LANDMARK = Dispatcher("landmark", (LandmarkTriton, LandmarkCpp, LandmarkReference), aliases={"torch": "reference"})
 
 
 # -- the public entry -----------------------------------------------------------------------------------
@@ -428,9 +444,9 @@ def landmark_attention(
         block_size: landmark period (each block's last position is its landmark).
         scale: logit scale (default ``d ** -0.5``).
         key_padding_mask: ``(B, S)`` bool, True = padding (a padded landmark hides its block).
-        backend: ``"triton"`` or ``"reference"`` (``"torch"``) to force one (default: the fastest that supports
-            the inputs); a forced backend that cannot run raises ``BackendUnavailableError`` (a ``ValueError``)
-            listing every reason.
+        backend: ``"triton"``, ``"cpp"`` or ``"reference"`` (``"torch"``) to force one (default: the fastest
+            that supports the inputs); a forced backend that cannot run raises ``BackendUnavailableError`` (a
+            ``ValueError``) listing every reason.
 
     Returns:
         ``(out (B, H, T, d), lse (B, H, T))``; rows that see nothing give 0 and ``lse = -inf``.

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/landmark_attention.h"
 #include "cpu/linear_attention.h"
 #include "cpu/sparse_attention.h"
 
@@ -95,6 +96,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ca
                                     states, opt(cos_sin), act, normalize, chunk);
 }
 
+std::tuple<at::Tensor, at::Tensor> landmark_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const c10::optional<at::Tensor>& kpm, int64_t block_size,
+                                                double scale) {
+  return ea::landmark_forward(q, k, v, opt(kpm), block_size, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_bwd(const at::Tensor& grad_out,
+                                                            const c10::optional<at::Tensor>& grad_lse,
+                                                            const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& out,
+                                                            const at::Tensor& lse,
+                                                            const c10::optional<at::Tensor>& kpm, int64_t block_size,
+                                                            double scale) {
+  return ea::landmark_backward(grad_out, opt(grad_lse), q, k, v, out, lse, opt(kpm), block_size, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(efficient_attention, m) {
@@ -119,6 +136,12 @@ TORCH_LIBRARY(efficient_attention, m) {
       "linear_causal_bwd(Tensor? grad_num, Tensor? grad_den, Tensor? grad_h, Tensor? grad_z, Tensor q, Tensor k, "
       "Tensor v, Tensor? log_decay, Tensor states, bool normalize, int chunk, Tensor? cos_sin=None, int act=0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "landmark_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, int block_size, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "landmark_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, int block_size, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(efficient_attention, CPU, m) {
@@ -128,6 +151,8 @@ TORCH_LIBRARY_IMPL(efficient_attention, CPU, m) {
   m.impl("block_sparse_bwd", &block_sparse_bwd);
   m.impl("linear_causal_fwd", &linear_causal_fwd);
   m.impl("linear_causal_bwd", &linear_causal_bwd);
+  m.impl("landmark_fwd", &landmark_fwd);
+  m.impl("landmark_bwd", &landmark_bwd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
