@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_tiles.h"
 #include "micro.h"
 
 namespace ea {
@@ -66,9 +67,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& kt_all, const at::Ten
       const T* kt = KT + bh * D * S;
       const T* v_bh = V + bh * S * Dv;
       const bool* pad_b = pad ? pad + b_ * S : nullptr;
-      std::fill(acc.begin(), acc.begin() + r * Dv, T(0));
-      std::fill(m.begin(), m.begin() + r, ninf);
-      std::fill(l.begin(), l.begin() + r, T(0));
+      start_rows(acc.data(), m.data(), l.data(), r, Dv);
       for (int64_t kb = 0; kb < c; ++kb) {  // earlier blocks: one item each
         const int64_t j0 = kb * bs;
         gemm(r, bs, D, q_blk, D, kt + j0, S, s.data(), bs, false);
@@ -91,27 +90,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& kt_all, const at::Ten
         T* sr = s.data() + x * n;
         const int64_t p = i0 + x + off;
         const T mt = mask_scale_max(sr, n, 0, p - j0, pad_b ? pad_b + j0 : nullptr, scale);
-        const T m_new = std::max(m[x], mt);
-        if (m_new == ninf) {
-          std::fill(sr, sr + n, T(0));
-          continue;
-        }
-        const T sum = exp_sum(sr, n, m_new);
-        const T alpha = m[x] == ninf ? T(0) : std::exp(m[x] - m_new);
-        if (alpha != T(1)) {
-          T* ar = acc.data() + x * Dv;
-          for (int64_t e = 0; e < Dv; ++e) ar[e] *= alpha;
-        }
-        l[x] = l[x] * alpha + sum;
-        m[x] = m_new;
+        online_softmax_row(sr, n, mt, m[x], l[x], acc.data() + x * Dv, Dv);
       }
       gemm(r, Dv, n, s.data(), n, v_bh + j0 * Dv, Dv, acc.data(), Dv, true);
-      for (int64_t x = 0; x < r; ++x) {
-        const T inv = l[x] > T(0) ? T(1) / l[x] : T(0);
-        T* o = O + (bh * Tq + i0 + x) * Dv;
-        for (int64_t e = 0; e < Dv; ++e) o[e] = acc[x * Dv + e] * inv;
-        LSE[bh * Tq + i0 + x] = l[x] > T(0) ? m[x] + std::log(l[x]) : ninf;
-      }
+      finish_rows(acc.data(), m.data(), l.data(), r, Dv, O + (bh * Tq + i0) * Dv, LSE + bh * Tq + i0);
     }
     gemm_release();
   });
@@ -128,7 +110,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
   T *DQ = dq.data_ptr<T>(), *DK = dk.data_ptr<T>(), *DV = dv.data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    // dK^T, dV^T accumulate as (D, S): every GEMM reads its operands as stored (transposes: Q^T, dO^T per block)
+    // dK^T, dV^T accumulate as (D, S) (attention_tiles.h)
     std::vector<T> s(bs * bs), dp(bs * bs), qt(D * bs), dot(Dv * bs), dq_acc(bs * D), dkt(D * S), dvt(Dv * S);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b_ = bh / H;
@@ -144,10 +126,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
         const T* do_blk = DO + (bh * Tq + i0) * Dv;
         const T* lse_blk = LSE + bh * Tq + i0;
         const T* delta_blk = DELTA + bh * Tq + i0;
-        for (int64_t x = 0; x < r; ++x) {
-          for (int64_t e = 0; e < D; ++e) qt[e * r + x] = q_blk[x * D + e];
-          for (int64_t e = 0; e < Dv; ++e) dot[e * r + x] = do_blk[x * Dv + e];
-        }
+        transpose_query_block(q_blk, do_blk, r, D, Dv, qt.data(), dot.data());
         std::fill(dq_acc.begin(), dq_acc.begin() + r * D, T(0));
         for (int64_t kb = 0; kb <= c; ++kb) {
           const int64_t j0 = kb * bs, n = std::min(S, j0 + bs) - j0;
@@ -177,19 +156,13 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
             }
             dpr[bs - 1] = P * (E - dr);              // the landmark's logit
           }
-          gemm(Dv, n, r, dot.data(), r, s.data(), n, dvt.data() + j0, S, true);       // dV^T += dO^T W
-          gemm(D, n, r, qt.data(), r, dp.data(), n, dkt.data() + j0, S, true);        // dK^T += Q^T ds
-          gemm(r, D, n, dp.data(), n, K + (bh * S + j0) * D, D, dq_acc.data(), D, true);  // dQ += ds K
+          accumulate_tile(r, n, D, Dv, dot.data(), qt.data(), s.data(), dp.data(), K + (bh * S + j0) * D, j0,
+                          dvt.data(), dkt.data(), S, dq_acc.data());
         }
         T* dq_blk = DQ + (bh * Tq + i0) * D;
         for (int64_t x = 0; x < r * D; ++x) dq_blk[x] = dq_acc[x] * scale;
       }
-      T* dk_bh = DK + bh * S * D;
-      T* dv_bh = DV + bh * S * Dv;
-      for (int64_t j = 0; j < S; ++j) {
-        for (int64_t e = 0; e < D; ++e) dk_bh[j * D + e] = dkt[e * S + j] * scale;
-        for (int64_t e = 0; e < Dv; ++e) dv_bh[j * Dv + e] = dvt[e * S + j];
-      }
+      store_key_grads(dkt.data(), dvt.data(), S, S, D, Dv, scale, DK + bh * S * D, DV + bh * S * Dv);
     }
     gemm_release();
   });

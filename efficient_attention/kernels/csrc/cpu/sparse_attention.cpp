@@ -12,6 +12,7 @@
 #include <cmath>
 #include <limits>
 
+#include "attention_tiles.h"
 #include "micro.h"
 
 namespace ea {
@@ -167,7 +168,6 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* O = out.data_ptr<T>();
   T* LSE = lse.data_ptr<T>();
   const int64_t BQ = plan.block_q, NQB = plan.n_qblocks;
-  const T ninf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, B * H * NQB, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(BQ * kMaxTile), acc(BQ * Dv), m(BQ), l(BQ);
     for (int64_t task = begin; task < end; ++task) {
@@ -177,9 +177,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const T* kt_bh = KT + bh * D * ldS;
       const T* v_bh = V + bh * S * Dv;
       const bool* pad_b = pad ? pad + b * S : nullptr;
-      std::fill(acc.begin(), acc.begin() + M * Dv, T(0));
-      std::fill(m.begin(), m.begin() + M, ninf);
-      std::fill(l.begin(), l.begin() + M, T(0));
+      start_rows(acc.data(), m.data(), l.data(), M, Dv);
       for (int64_t t = plan.begin(h, qb); t < plan.end(h, qb); ++t) {
         const int64_t j0 = plan.tiles[2 * t], j1 = plan.tiles[2 * t + 1], n = j1 - j0;
         gemm(M, n, D, q_blk, D, kt_bh + j0, ldS, s.data(), n, false);
@@ -188,29 +186,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const int64_t i = i0 + r;
           apply_token_mask(sr, n, plan.mask_row(t, r));
           const T mt = mask_scale_max(sr, n, rule.lo(i) - j0, rule.hi(i) - j0, pad_b ? pad_b + j0 : nullptr, scale);
-          const T m_new = std::max(m[r], mt);
-          if (m_new == ninf) {  // nothing visible yet: this row contributes nothing
-            std::fill(sr, sr + n, T(0));
-            continue;
-          }
-          const T sum = exp_sum(sr, n, m_new);
-          const T alpha = m[r] == ninf ? T(0) : std::exp(m[r] - m_new);
-          if (alpha != T(1)) {
-            T* ar = acc.data() + r * Dv;
-            for (int64_t c = 0; c < Dv; ++c) ar[c] *= alpha;
-          }
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
+          online_softmax_row(sr, n, mt, m[r], l[r], acc.data() + r * Dv, Dv);
         }
         gemm(M, Dv, n, s.data(), n, v_bh + j0 * Dv, Dv, acc.data(), Dv, true);
       }
-      T* o_blk = O + (bh * Tq + i0) * Dv;
-      T* lse_blk = LSE + bh * Tq + i0;
-      for (int64_t r = 0; r < M; ++r) {
-        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
-        for (int64_t c = 0; c < Dv; ++c) o_blk[r * Dv + c] = acc[r * Dv + c] * inv;
-        lse_blk[r] = l[r] > T(0) ? m[r] + std::log(l[r]) : ninf;
-      }
+      finish_rows(acc.data(), m.data(), l.data(), M, Dv, O + (bh * Tq + i0) * Dv, LSE + bh * Tq + i0);
     }
     gemm_release();
   });
@@ -247,10 +227,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
         const T* do_blk = DO + (bh * Tq + i0) * Dv;
         const T* lse_blk = LSE + bh * Tq + i0;
         const T* delta_blk = DELTA + bh * Tq + i0;
-        for (int64_t r = 0; r < M; ++r) {
-          for (int64_t c = 0; c < D; ++c) qt[c * M + r] = q_blk[r * D + c];
-          for (int64_t c = 0; c < Dv; ++c) dot[c * M + r] = do_blk[r * Dv + c];
-        }
+        transpose_query_block(q_blk, do_blk, M, D, Dv, qt.data(), dot.data());
         std::fill(dq_acc.begin(), dq_acc.begin() + M * D, T(0));
         for (int64_t t = plan.begin(h, qb); t < plan.end(h, qb); ++t) {
           const int64_t j0 = plan.tiles[2 * t], j1 = plan.tiles[2 * t + 1], n = j1 - j0;
@@ -270,19 +247,13 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& delta, const at::
             const T dr = delta_blk[r];
             for (int64_t j = 0; j < n; ++j) dpr[j] = pr[j] * (dpr[j] - dr);            // dS (w.r.t. scaled scores)
           }
-          gemm(Dv, n, M, dot.data(), M, p.data(), n, dvt.data() + j0, ldS, true);          // dV^T += dO^T P
-          gemm(D, n, M, qt.data(), M, dp.data(), n, dkt.data() + j0, ldS, true);           // dK^T += Q^T dS
-          gemm(M, D, n, dp.data(), n, K + (bh * S + j0) * D, D, dq_acc.data(), D, true);  // dQ += dS K
+          accumulate_tile(M, n, D, Dv, dot.data(), qt.data(), p.data(), dp.data(), K + (bh * S + j0) * D, j0,
+                          dvt.data(), dkt.data(), ldS, dq_acc.data());
         }
         T* dq_blk = DQ + (bh * Tq + i0) * D;
         for (int64_t x = 0; x < M * D; ++x) dq_blk[x] = dq_acc[x] * scale;
       }
-      T* dk_bh = DK + bh * S * D;
-      T* dv_bh = DV + bh * S * Dv;
-      for (int64_t j = 0; j < S; ++j) {
-        for (int64_t c = 0; c < D; ++c) dk_bh[j * D + c] = dkt[c * ldS + j] * scale;
-        for (int64_t c = 0; c < Dv; ++c) dv_bh[j * Dv + c] = dvt[c * ldS + j];
-      }
+      store_key_grads(dkt.data(), dvt.data(), ldS, S, D, Dv, scale, DK + bh * S * D, DV + bh * S * Dv);
     }
     gemm_release();
   });
