@@ -40,6 +40,7 @@ __all__ = [
     "triton_reason",
     "triton_interpreted",
     "SHORT",
+    "cpu_threads",
 ]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,6 +73,12 @@ def _triton_reason() -> Optional[str]:
     except Exception as exc:  # a broken Triton install must not break the library
         return f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
     return None
+
+
+@torch.compiler.assume_constant_result
+def cpu_threads() -> int:
+    """``torch.get_num_threads()``, as a constant while torch.compile traces (Dynamo cannot trace the call)."""
+    return torch.get_num_threads()
 
 
 @torch.compiler.assume_constant_result

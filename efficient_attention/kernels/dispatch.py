@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type
 import torch
 from torch import Tensor
 
-from .backends import SHORT, Backend, BackendUnavailableError, triton_reason
+from .backends import SHORT, Backend, BackendUnavailableError, cpu_threads, triton_reason
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Dispatcher:
                 k.dim(),
                 v.dim(),
                 q.shape[:2],  # batch and heads (the C++ linear kernel's threads: one per pair)
-                torch.get_num_threads() if q.device.type == "cpu" else 0,
+                cpu_threads() if q.device.type == "cpu" else 0,
                 k.shape[1:2],
                 v.shape[1:2],
                 q.shape[-1:],

@@ -46,7 +46,7 @@ from typing import Any, Dict, Literal, Optional, Tuple, Union, overload
 import torch
 from torch import Tensor
 
-from .backends import ChunkedBackend, CppBackend, ReferenceBackend, TritonBackend
+from .backends import ChunkedBackend, CppBackend, ReferenceBackend, TritonBackend, cpu_threads
 from .dispatch import Dispatcher
 
 __all__ = [
@@ -726,7 +726,7 @@ class LinearCpp(CppBackend):
         # one thread per (batch, head) pair, each about 2.2x as fast as a thread of the chunked path's batched
         # matmuls (4096 tokens, 16-128 features): with fewer than half as many pairs as threads the chunked path
         # may be the faster one
-        pairs, threads = q.shape[0] * q.shape[1], torch.get_num_threads()
+        pairs, threads = q.shape[0] * q.shape[1], cpu_threads()
         if q.device.type == "cpu" and 2 * pairs < threads:
             return [
                 f"{pairs} (batch, head) pairs for {threads} threads: the C++ kernel runs one thread per pair, the "
