@@ -82,20 +82,22 @@ def test_launches_do_not_grow_with_length(name, pattern):
 ATTEND_OP_CEILINGS = {
     ("performer", False): 89,  # 88 before its own products in one autograd node (no linear op, no [v, 1] copy):
     # 8 fewer kernels, more views; its gradients written time-first (the module path's layout copies gone)
-    ("performer", True): 224,  # 218 before one autograd node for both feature maps, whose gradients are written
-    # time-first (+6 views here, where the inputs are (B, H, L, d) contiguous; the module path loses 2 copies).
-    # 208 before the chunked CPU path kept the normaliser beside the chunk states
-    # instead of a ones column of v (the op ~25% faster on the CPU; its slices / selects of the state's extra column
-    # are the new ops; the CUDA path runs the Triton op, which lost the ones column's pad and division ops)
-    ("cosformer", False): 89,  # 91 before; one autograd node, features recomputed in the backward (not saved)
-    ("cosformer", True): 178,  # 152 before: as Performer's, plus the 0/1 (N, N) prefix matmul replacing the
-    # CPU cumsum (~14 ns an element, 60 ms per op at 4k) and its flips
+    # the causal linear family on the CPU runs the C++ causal linear-attention kernel (session 7): one op each way
+    # instead of the chunked path's matmuls and masks; the earlier counts below were the chunked path's
+    ("performer", True): 70,  # 224 on the chunked path (218 before one autograd node for both feature maps, 208
+    # before the chunked path kept the normaliser beside the chunk states instead of a ones column of v)
+    ("cosformer", False): 81,  # 89 before its feature gradients came from the product's halves in place; 91
+    # before one autograd node, features recomputed in the backward (not saved)
+    ("cosformer", True): 27,  # features made inside the C++ kernel; 178 on the chunked path, 152 before its
+    # 0/1 (N, N) prefix matmul replaced the CPU cumsum (~14 ns an element, 60 ms per op at 4k)
     ("abc", False): 60,  # 51 with SDPA for the slot read: its backward is B·H programs over T (slower from 16k);
     # 67 before the key-side memory was one autograd node (_SlotMemory)
-    ("abc", True): 431,  # 426 before: the copy_ broadcast (as above) and q, k, v copied once into the linear
-    # attention's layout (the Triton op's backward copied them again, out of this count's sight)
-    ("s4d", False): 155,  # 161 before the FFT convolution read and wrote the per-head layouts itself
-    ("s4d", True): 202,
+    ("abc", True): 72,  # 431 on the chunked path (426 before q, k, v were copied once into its layout)
+    # 161 before the FFT convolution read and wrote the per-head layouts itself; +1 / +3 for the kernel gradient's
+    # real product against (re, im) pairs (view_as_real, copy, view_as_complex: no complex copy of [g, g·l], the
+    # largest tensor of noncausal S4D's step, and half the product's work)
+    ("s4d", False): 156,
+    ("s4d", True): 205,
     ("lara", False): 102,  # 113 before its hand-written backward, 110 before its d mu in three ops
     ("nystrom", False): 227,  # 213 before its hand-written Functions: +14 ops (8 views), no fp32 (L, d) copies kept
     ("attention_ls", False): 130,  # one block-sparse call over [memories ; sequence] (was 217: window + merge)
