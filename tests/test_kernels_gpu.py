@@ -241,10 +241,13 @@ def test_triton_linear_family_matches_float64(name, opts):
     assert _rel(torch.cat(steps), ref) < 1e-5
 
 
-@pytest.mark.parametrize("name,causal", [("performer", False), ("performer", True), ("cosformer", False)])
+@pytest.mark.parametrize(
+    "name,causal", [("performer", False), ("performer", True), ("cosformer", False), ("cosformer", True)]
+)
 def test_linear_family_bf16_training_step_matches_float64(name, causal, monkeypatch):
     """A bf16-autocast training step against float64 through the hand-written backwards: Performer's key gradient
-    made in slices of positions (several here), cosFormer's feature gradients from the products' halves."""
+    made in slices of positions (several here), cosFormer's feature gradients from the products' halves (noncausal)
+    and from the Triton kernels that make its features (causal)."""
     from efficient_attention import build_attention
     from efficient_attention.attentions import performer
 
@@ -278,6 +281,14 @@ def test_triton_linear_attention_compile_and_opcheck():
     for normalize, time_first in ((True, True), (False, False)):  # normalised in-kernel, time-first bf16 / plain
         args = (q.detach(), k.detach(), v.detach(), decay, h0, z0, normalize, torch.bfloat16, time_first)
         torch.library.opcheck(ops.triton_linear_attention.default, args)  # (autograd: _LinearFn, tested above)
+    # cosFormer's features made in the kernels: raw time-first rows and a (T, 2) cos/sin table
+    raw = torch.randn(150, 2, 2, 24, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
+    theta = torch.arange(150, device="cuda") * (torch.pi / 300)
+    cos_sin = torch.stack([theta.cos(), theta.sin()], -1)
+    vv = torch.randn(2, 2, 150, 32, device="cuda", dtype=torch.bfloat16)
+    for act in (0, 1):
+        args = (raw, raw * 0.5, vv, None, None, None, True, torch.bfloat16, True, cos_sin, act)
+        torch.library.opcheck(ops.triton_linear_attention.default, args)
 
 
 # -- landmark attention (efficient_attention.kernels.landmark) ------------------------------------------------

@@ -243,6 +243,91 @@ def linear_out_dtype_case(T, m, d, dtype, out_dtype, block_d=None):
         assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
 
 
+def cosformer_fused_case(T, r, d, dtype, act, time_first=True, block_d=None):
+    """cosFormer's features made inside the Triton kernels (``cos_sin``) from raw ``q, k`` (time-first head views
+    with ``time_first``) against float64 linear attention on the features built outside: out, the final state
+    (the kernels' interleaved feature order put back) and the raw rows' gradients; ``block_d`` forces value blocks
+    and segments (partial ``dq, dk`` carried back to the raw rows, then summed)."""
+    import importlib
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
+    g = torch.Generator().manual_seed(T + r + d)
+    b, h = 2, 3
+    if time_first:  # (T, B, H*r) projections viewed as heads
+        q, k = (torch.randn(T, b, h * r, generator=g).view(T, b, h, r).permute(1, 2, 0, 3) for _ in range(2))
+        v = torch.randn(T, b, h * d, generator=g).view(T, b, h, d).permute(1, 2, 0, 3)
+    else:
+        q, k = (torch.randn(b, h, T, r, generator=g) for _ in range(2))
+        v = torch.randn(b, h, T, d, generator=g)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    theta = (torch.pi / 2) * torch.arange(T, dtype=torch.float64) / T
+    cos_sin = torch.stack([theta.cos(), theta.sin()], -1)
+    base = la._triton_config
+    if block_d is not None:
+        la._triton_config = lambda *a: dict(base(*a), BLOCK_D=block_d, BLOCK_C=16, SEG=32)
+    try:
+        ins = [x.detach().requires_grad_() for x in (q, k, v)]
+        out, final, z = la.LinearTriton.run_fused(
+            *ins, None, None, None, True, dtype, True, cos_sin.float().contiguous(), act
+        )
+        assert out.dtype == dtype and out.permute(2, 0, 1, 3).is_contiguous(), (out.dtype, out.stride())
+        gen = torch.Generator().manual_seed(1)
+        weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        loss = (out * weights.to(out.dtype)).sum()
+        got = [out, final.view(b, h, r, 2, d).transpose(2, 3).reshape(b, h, 2 * r, d)]
+        got += list(torch.autograd.grad(loss, ins))
+    finally:
+        la._triton_config = base
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+
+    def feats(x):
+        a = torch.relu(x) if act == 0 else 1.0 + torch.nn.functional.elu(x)
+        return torch.cat([a * cos_sin[:, :1], a * cos_sin[:, 1:]], -1)
+
+    want_out, (want_h, _) = linear_attention(
+        feats(ref[0]), feats(ref[1]), ref[2], causal=True, return_state=True, backend="reference"
+    )
+    want = [want_out, want_h] + list(torch.autograd.grad((want_out * weights).sum(), ref))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for name, a, w in zip(("out", "state", "dq", "dk", "dv"), got, want):
+        assert rel(a, w) < tol, f"{name} {rel(a, w):.1e}"
+
+
+def cosformer_module_fused_case():
+    """Causal cosFormer without padding on the Triton kernels (the features made inside them: the path is counted)
+    against itself in float64: output and the gradients of the input and of the projections."""
+    import importlib
+
+    from efficient_attention import build_attention
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")
+    cf = importlib.import_module("efficient_attention.attentions.cosformer")
+    select, fused, calls = la.LINEAR_ATTENTION.select, cf._causal_triton, []
+
+    def counted(*args):
+        calls.append(1)
+        return fused(*args)
+
+    for act in ("relu", "elu"):
+        torch.manual_seed(0)
+        m = build_attention("cosformer", embed_dim=32, num_heads=2, causal=True, self_attention=True, act_fun=act)
+        x = torch.randn(70, 2, 32, requires_grad=True)
+        la.LINEAR_ATTENTION.select = lambda *a, **kw: la.LinearTriton
+        cf._causal_triton = counted
+        try:
+            out = m(x, x, x, need_weights=False)[0]
+            got = [out, *torch.autograd.grad(out.pow(2).sum(), [x, m.q_proj.weight, m.k_proj.weight])]
+        finally:
+            la.LINEAR_ATTENTION.select, cf._causal_triton = select, fused
+        assert calls, "the fused Triton path was not taken"
+        m = m.double()
+        xd = x.detach().double().requires_grad_()
+        ref = m(xd, xd, xd, need_weights=False)[0]
+        want = [ref, *torch.autograd.grad(ref.pow(2).sum(), [xd, m.q_proj.weight, m.k_proj.weight])]
+        for name, a, w in zip(("out", "dx", "dWq", "dWk"), got, want):
+            assert rel(a, w) < 1e-5, f"{act} {name} {rel(a, w):.1e}"
+
+
 def linear_modules_case():
     """Causal Performer, cosFormer, ABC with their linear attention on the Triton kernels (fp32) against
     themselves in float64 (PyTorch paths), with key padding; decoding after a prefill equals the full pass."""
@@ -487,6 +572,23 @@ def main() -> int:
             "linear fp32 out time-first, 2 value blocks x 2 segments",
             lambda: linear_out_dtype_case(60, 24, 40, f32, f32, block_d=16),
         ),
+        (False, "cosformer fused features relu fp32 time-first", lambda: cosformer_fused_case(70, 16, 24, f32, 0)),
+        (
+            False,
+            "cosformer fused features 1+elu fp32 r5 contiguous",
+            lambda: cosformer_fused_case(45, 5, 16, f32, 1, time_first=False),
+        ),
+        (
+            False,
+            "cosformer fused features relu fp16 2 value blocks x segments",
+            lambda: cosformer_fused_case(90, 12, 40, f16, 0, block_d=16),
+        ),
+        (
+            False,
+            "cosformer fused features 1+elu fp32 2 value blocks x segments time-first",
+            lambda: cosformer_fused_case(70, 8, 32, f32, 1, block_d=16),
+        ),
+        (False, "cosformer module fused features fp32", cosformer_module_fused_case),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
         (False, "abc decoding step fp32", lambda: abc_step_case(f32)),
         (False, "abc decoding step fp16", lambda: abc_step_case(f16)),
@@ -515,6 +617,8 @@ def main() -> int:
             lambda: landmark_case(32, 16, f32, 40, 100, views=True, FUSED_DQ=True),
         ),
     ]
+    only = sys.argv[1:]  # names to run (substrings; none: every case)
+    cases = [c for c in cases if not only or any(o in c[1] for o in only)]
     failed = []
     for tma, name, run in cases:
         with_loads(tma)

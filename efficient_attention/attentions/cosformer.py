@@ -18,7 +18,16 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, linear_attention_step
-from ..kernels.linear_attention import LINEAR_ATTENTION, LinearCpp, _Divide, cpp_chunk, linear_attention
+from ..kernels.linear_attention import (
+    LINEAR_ATTENTION,
+    LINEAR_MAX_FEATURES,
+    LINEAR_MIN_FEATURES,
+    LinearCpp,
+    LinearTriton,
+    _Divide,
+    cpp_chunk,
+    linear_attention,
+)
 from ..kernels.linear_attention import _split_k as _state_chunks  # chunks for a (m, L) @ (L, w) reduction
 from ..options import AttentionOptions, choice, positive_int
 from ..registry import register_attention
@@ -234,6 +243,24 @@ def _causal_cpp(q: Tensor, k: Tensor, v: Tensor, table: Tensor, act_fun: str, dt
     return _Divide.apply(num, den, dtype)
 
 
+def _causal_triton(q: Tensor, k: Tensor, v: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype) -> Tensor:
+    """Causal cosFormer on the Triton linear-attention kernels with the features made inside them, chunk by chunk
+    (no ``(B, H, L, 2d)`` feature tensor or gradient): ``q, k, v (B, H, L, d)`` read in place (time-first head
+    views of the projections too), the result in ``dtype``, time-first; ``table`` ``(L, 2, 1)`` fp32 of
+    :func:`_cos_sin`."""
+    if v.dtype != q.dtype:
+        v = v.to(q.dtype)
+    cos_sin = table.view(-1, 2)
+    act = _ACTIVATIONS.index(act_fun)
+    out, _, _ = LinearTriton.run_fused(q, k, v, None, None, None, True, dtype, True, cos_sin, act)
+    return out
+
+
+def _fused_triton_ok(q: Tensor, k: Tensor) -> bool:
+    """Whether :func:`_causal_triton` takes these raw rows: ``2d`` features within the kernels' range, one dtype."""
+    return LINEAR_MIN_FEATURES <= 2 * q.shape[-1] <= LINEAR_MAX_FEATURES and q.dtype == k.dtype
+
+
 @register_attention("cosformer", "cos_former")
 class CosformerAttention(EfficientAttention):
     """cosFormer linear attention.
@@ -256,7 +283,8 @@ class CosformerAttention(EfficientAttention):
 
     Shapes: q ``(B, H, T, d)``, k/v ``(B, H, S, d)``.  Patterns: noncausal
     self, causal self (:func:`~efficient_attention.kernels.linear_attention.linear_attention`'s
-    chunked kernels; on the CPU the C++ kernel with the features made inside it; constant-state decoding),
+    chunked kernels; without padding, the C++ kernel on the CPU and the Triton kernels on CUDA make the features
+    inside them, chunk by chunk; constant-state decoding),
     noncausal cross (``static_kv`` caches ``Σ φ̂(k) vᵀ``).  ``key_padding_mask``
     honoured; an arbitrary ``attn_mask`` is not; no attention dropout (the
     paper has none).  Half inputs: features computed in fp32 and written in the
@@ -349,8 +377,12 @@ class CosformerAttention(EfficientAttention):
             k_tables = q_tables if src_len == tgt_len else _cos_sin(src_len, m_len, q.device, acc, feature_dtype)
             if own_products:
                 return _Noncausal.apply(q, k, v, (q_tables, k_tables), self.act_fun, dtype)
-            if self.causal and tgt_len == src_len and LINEAR_ATTENTION.select(None, q, k, v) is LinearCpp:
-                return _causal_cpp(q, k, v, q_tables[0], self.act_fun, dtype)  # the features made in the kernel
+            if self.causal and tgt_len == src_len:  # the features made in the kernels (C++ or Triton)
+                impl = LINEAR_ATTENTION.select(None, q, k, v)
+                if impl is LinearCpp:
+                    return _causal_cpp(q, k, v, q_tables[0], self.act_fun, dtype)
+                if impl is LinearTriton and _fused_triton_ok(q, k):
+                    return _causal_triton(q, k, v, q_tables[0].to(torch.float32), self.act_fun, dtype)
             qf, kf = _Features.apply(q, k, (q_tables, k_tables), self.act_fun, feature_dtype)
             return linear_attention(qf, kf, v, causal=self.causal, out_dtype=dtype)
 

@@ -1,9 +1,15 @@
 """Triton kernels of causal chunked linear attention (imported only when Triton is installed).
 
-Layout: ``q, k`` ``(BH, T, M)``, ``v`` ``(BH, T, D)`` contiguous, one dtype (fp16/bf16/fp32); ``g`` (log decay)
-``(BH, T)`` fp32; states ``H`` ``(BH, M, D)`` and ``z`` ``(BH, M)`` fp32; the output ``o`` and its gradient are
-read and written through a row stride and a batch*head stride (``(B, H, T, D)`` contiguous or time-first
-``(T, B, H, D)``: both are ``bh * S_BH + t * S_T + column``).  Two levels of parallelism: the length is cut into
+Layout: ``q, k`` ``(BH, T, M)`` and ``v`` ``(BH, T, D)`` read through a batch*head stride and a row stride
+(``SQ_BH, SQ_T`` for both ``q`` and ``k``, ``SV_BH, SV_T`` for ``v``: contiguous rows or the heads of a time-first
+``(T, B, H, ·)`` projection), one dtype (fp16/bf16/fp32); ``g`` (log decay) ``(BH, T)`` fp32; states ``H``
+``(BH, M, D)`` and ``z`` ``(BH, M)`` fp32; the output ``o`` and its gradient are read and written through a row
+stride and a batch*head stride too (``bh * S_BH + t * S_T + column``); ``dq, dk`` through ``SG_BH, SG_T`` (and
+``SG_D`` between the partial sums of several value blocks).  ``FEAT`` (1: relu, 2: 1 + elu) makes cosFormer's
+features inside the kernels: ``q, k`` are then the raw ``(BH, T, M / 2)`` rows, each chunk's ``M`` features
+``φ(x) cos θ, φ(x) sin θ`` come from them and a ``(T, 2)`` table of ``cos θ, sin θ`` (interleaved: the states
+``H, z`` are in that order), and ``dq, dk`` are the raw rows' gradients: no ``(BH, T, M)`` feature tensor or
+feature gradient exists.  Two levels of parallelism: the length is cut into
 ``NSEG`` segments of ``SEG`` positions (a multiple of ``BLOCK_C``), and one program per (block of ``BLOCK_D``
 value columns, segment, batch*head) walks the chunks of ``BLOCK_C`` positions of its segment in order, with the
 state ``H (M, BLOCK_D)`` (and with ``NORM`` the normaliser ``z (M)``) in registers (fp32):
@@ -37,15 +43,104 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk(Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C: tl.constexpr, HAS_G: tl.constexpr):
-    """Loads one chunk: q, k ``(C, BLOCK_M)``, v ``(C, BLOCK_D)``, decay weights and scalings."""
+def _features(
+    X, CS, bh, rows, in_t, offs_m, M, S_BH, S_T, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FEAT: tl.constexpr
+):
+    """One chunk's features ``(C, BLOCK_M)``: the rows of ``X`` (``FEAT == 0``), or (``FEAT`` 1: relu, 2: 1 + elu)
+    cosFormer's ``[φ(x) cos θ, φ(x) sin θ]`` made from the raw rows ``(C, M / 2)`` of ``X`` and the ``(T, 2)``
+    fp32 table ``CS`` of ``cos θ, sin θ``, interleaved (feature ``2i`` is column ``i``'s cos, ``2i + 1`` its sin),
+    computed in fp32 and rounded to ``X``'s dtype."""
+    if FEAT == 0:
+        mask = in_t[:, None] & (offs_m[None, :] < M)
+        return tl.load(X + bh * S_BH + rows[:, None] * S_T + offs_m[None, :], mask=mask, other=0.0)
+    else:
+        offs_r = tl.arange(0, BLOCK_M // 2)
+        mask = in_t[:, None] & (offs_r[None, :] < M // 2)
+        x = tl.load(X + bh * S_BH + rows[:, None] * S_T + offs_r[None, :], mask=mask, other=0.0).to(tl.float32)
+        if FEAT == 1:
+            a = tl.maximum(x, 0.0)
+        else:
+            a = tl.where(x > 0, x + 1.0, tl.exp(x))
+        a = tl.where(mask, a, 0.0)  # (1 + elu(0) = 1: padding lanes made explicit)
+        c = tl.load(CS + rows * 2, mask=in_t, other=0.0)
+        s = tl.load(CS + rows * 2 + 1, mask=in_t, other=0.0)
+        f = tl.reshape(tl.join(a * c[:, None], a * s[:, None]), (BLOCK_C, BLOCK_M))
+        return f.to(X.dtype.element_ty)
+
+
+@triton.jit
+def _store_grad(
+    DX,
+    X,
+    CS,
+    g,
+    part,
+    bh,
+    rows,
+    in_t,
+    offs_m,
+    M,
+    S_BH,
+    S_T,
+    SG_BH,
+    SG_T,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FEAT: tl.constexpr,
+):
+    """Stores one chunk's feature gradient ``g`` ``(C, BLOCK_M)`` fp32 at ``DX + part`` (rows ``SG_T`` apart,
+    heads ``SG_BH``): as it is (``FEAT == 0``), or carried back through :func:`_features` to the raw rows
+    ``(C, M / 2)`` of ``X``: ``(g_cos cos θ + g_sin sin θ) φ'(x)``."""
+    if FEAT == 0:
+        mask = in_t[:, None] & (offs_m[None, :] < M)
+        tl.store(DX + part + bh * SG_BH + rows[:, None] * SG_T + offs_m[None, :], g, mask=mask)
+    else:
+        offs_r = tl.arange(0, BLOCK_M // 2)
+        mask = in_t[:, None] & (offs_r[None, :] < M // 2)
+        g_cos, g_sin = tl.split(tl.reshape(g, (BLOCK_C, BLOCK_M // 2, 2)))
+        c = tl.load(CS + rows * 2, mask=in_t, other=0.0)
+        s = tl.load(CS + rows * 2 + 1, mask=in_t, other=0.0)
+        ga = g_cos * c[:, None] + g_sin * s[:, None]
+        x = tl.load(X + bh * S_BH + rows[:, None] * S_T + offs_r[None, :], mask=mask, other=0.0).to(tl.float32)
+        if FEAT == 1:
+            gx = tl.where(x > 0, ga, 0.0)
+        else:
+            gx = tl.where(x > 0, ga, ga * tl.exp(x))
+        tl.store(DX + part + bh * SG_BH + rows[:, None] * SG_T + offs_r[None, :], gx, mask=mask)
+
+
+@triton.jit
+def _chunk(
+    Q,
+    K,
+    V,
+    G,
+    CS,
+    bh,
+    start,
+    T,
+    M,
+    D,
+    SQ_BH,
+    SQ_T,
+    SV_BH,
+    SV_T,
+    offs_c,
+    offs_m,
+    offs_d,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_G: tl.constexpr,
+    FEAT: tl.constexpr,
+):
+    """Loads one chunk: q, k ``(C, BLOCK_M)`` (:func:`_features`), v ``(C, BLOCK_D)``, decay weights and
+    scalings."""
     rows = start + offs_c
     in_t = rows < T
-    mask_qk = in_t[:, None] & (offs_m[None, :] < M)
     mask_v = in_t[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + bh * T * M + rows[:, None] * M + offs_m[None, :], mask=mask_qk, other=0.0)
-    k = tl.load(K + bh * T * M + rows[:, None] * M + offs_m[None, :], mask=mask_qk, other=0.0)
-    v = tl.load(V + bh * T * D + rows[:, None] * D + offs_d[None, :], mask=mask_v, other=0.0)
+    q = _features(Q, CS, bh, rows, in_t, offs_m, M, SQ_BH, SQ_T, BLOCK_C, BLOCK_M, FEAT)
+    k = _features(K, CS, bh, rows, in_t, offs_m, M, SQ_BH, SQ_T, BLOCK_C, BLOCK_M, FEAT)
+    v = tl.load(V + bh * SV_BH + rows[:, None] * SV_T + offs_d[None, :], mask=mask_v, other=0.0)
     causal = offs_c[:, None] >= offs_c[None, :]
     if HAS_G:
         g = tl.load(G + bh * T + rows, mask=in_t, other=0.0)
@@ -165,6 +260,7 @@ def _seg_states(
     K,
     V,
     G,
+    CS,
     DO,
     DEN,
     GD,
@@ -176,6 +272,10 @@ def _seg_states(
     T,
     M,
     D,
+    SQ_BH,
+    SQ_T,
+    SV_BH,
+    SV_T,
     S_BH,
     S_T,
     SEG,
@@ -184,6 +284,7 @@ def _seg_states(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
+    FEAT: tl.constexpr,
     NORM: tl.constexpr,
     STORE_W: tl.constexpr,
     PREC: tl.constexpr,
@@ -205,7 +306,27 @@ def _seg_states(
     seg_start, seg_len = _segment(pid_s, SEG, T)
     for start in range(seg_start, seg_start + seg_len, BLOCK_C):
         q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
-            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+            Q,
+            K,
+            V,
+            G,
+            CS,
+            bh,
+            start,
+            T,
+            M,
+            D,
+            SQ_BH,
+            SQ_T,
+            SV_BH,
+            SV_T,
+            offs_c,
+            offs_m,
+            offs_d,
+            BLOCK_C,
+            BLOCK_M,
+            HAS_G,
+            FEAT,
         )
         kd = (k * k_out[:, None]).to(k.dtype)
         h = h * decay + tl.dot(tl.trans(kd), v, input_precision=PREC)
@@ -241,6 +362,7 @@ def _fwd(
     K,
     V,
     G,
+    CS,
     H0,
     Z0,
     U,
@@ -253,6 +375,10 @@ def _fwd(
     T,
     M,
     D,
+    SQ_BH,
+    SQ_T,
+    SV_BH,
+    SV_T,
     S_BH,
     S_T,
     SEG,
@@ -261,6 +387,7 @@ def _fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
+    FEAT: tl.constexpr,
     NORM: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
@@ -277,7 +404,27 @@ def _fwd(
     seg_start, seg_len = _segment(pid_s, SEG, T)
     for start in range(seg_start, seg_start + seg_len, BLOCK_C):
         q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
-            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+            Q,
+            K,
+            V,
+            G,
+            CS,
+            bh,
+            start,
+            T,
+            M,
+            D,
+            SQ_BH,
+            SQ_T,
+            SV_BH,
+            SV_T,
+            offs_c,
+            offs_m,
+            offs_d,
+            BLOCK_C,
+            BLOCK_M,
+            HAS_G,
+            FEAT,
         )
         a = (tl.dot(q, tl.trans(k), input_precision=PREC) * w).to(v.dtype)
         qd = (q * q_in[:, None]).to(q.dtype)
@@ -307,6 +454,7 @@ def _bwd_dkdv(
     K,
     V,
     G,
+    CS,
     DO,
     DEN,
     GD,
@@ -322,7 +470,13 @@ def _bwd_dkdv(
     T,
     M,
     D,
-    BH,
+    SQ_BH,
+    SQ_T,
+    SV_BH,
+    SV_T,
+    SG_D,
+    SG_BH,
+    SG_T,
     S_BH,
     S_T,
     SEG,
@@ -331,6 +485,7 @@ def _bwd_dkdv(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
+    FEAT: tl.constexpr,
     NORM: tl.constexpr,
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
@@ -350,7 +505,27 @@ def _bwd_dkdv(
     for idx in range(0, n_chunks):
         start = seg_start + (n_chunks - 1 - idx) * BLOCK_C
         q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
-            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+            Q,
+            K,
+            V,
+            G,
+            CS,
+            bh,
+            start,
+            T,
+            M,
+            D,
+            SQ_BH,
+            SQ_T,
+            SV_BH,
+            SV_T,
+            offs_c,
+            offs_m,
+            offs_d,
+            BLOCK_C,
+            BLOCK_M,
+            HAS_G,
+            FEAT,
         )
         dn, gd = _out_grad(DO, DEN, GD, bh, rows, in_t, mask_v, offs_d, T, S_BH, S_T, first, v.dtype, NORM)
         a = tl.dot(q, tl.trans(k), input_precision=PREC) * w  # (i, j)
@@ -367,8 +542,9 @@ def _bwd_dkdv(
             dz = dz * decay + tl.sum(qd.to(tl.float32) * gd[:, None], 0)
         da = da * w
         dk = dk * k_out[:, None] + tl.dot(tl.trans(da).to(q.dtype), q, input_precision=PREC)
-        dk_ptr = DK + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
-        tl.store(dk_ptr, dk, mask=in_t[:, None] & (offs_m[None, :] < M))
+        _store_grad(
+            DK, K, CS, dk, pid_d * SG_D, bh, rows, in_t, offs_m, M, SQ_BH, SQ_T, SG_BH, SG_T, BLOCK_C, BLOCK_M, FEAT
+        )
         dh = dh * decay + tl.dot(tl.trans(qd), dn, input_precision=PREC)
     if STORE_DH0:
         if pid_s == 0:
@@ -384,6 +560,7 @@ def _bwd_dq(
     K,
     V,
     G,
+    CS,
     H0,
     Z0,
     U,
@@ -396,7 +573,13 @@ def _bwd_dq(
     T,
     M,
     D,
-    BH,
+    SQ_BH,
+    SQ_T,
+    SV_BH,
+    SV_T,
+    SG_D,
+    SG_BH,
+    SG_T,
     S_BH,
     S_T,
     SEG,
@@ -405,6 +588,7 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_G: tl.constexpr,
+    FEAT: tl.constexpr,
     NORM: tl.constexpr,
     HAS_H0: tl.constexpr,
     PREC: tl.constexpr,
@@ -421,7 +605,27 @@ def _bwd_dq(
     seg_start, seg_len = _segment(pid_s, SEG, T)
     for start in range(seg_start, seg_start + seg_len, BLOCK_C):
         q, k, v, w, q_in, k_out, decay, gl, rows, in_t, mask_v = _chunk(
-            Q, K, V, G, bh, start, T, M, D, offs_c, offs_m, offs_d, BLOCK_C, HAS_G
+            Q,
+            K,
+            V,
+            G,
+            CS,
+            bh,
+            start,
+            T,
+            M,
+            D,
+            SQ_BH,
+            SQ_T,
+            SV_BH,
+            SV_T,
+            offs_c,
+            offs_m,
+            offs_d,
+            BLOCK_C,
+            BLOCK_M,
+            HAS_G,
+            FEAT,
         )
         dn, gd = _out_grad(DO, DEN, GD, bh, rows, in_t, mask_v, offs_d, T, S_BH, S_T, first, v.dtype, NORM)
         da = tl.dot(dn, tl.trans(v), input_precision=PREC)
@@ -433,6 +637,7 @@ def _bwd_dq(
             z = z * decay + tl.sum(kd.to(tl.float32), 0)
         da = da * w
         dq = tl.dot(da.to(k.dtype), k, input_precision=PREC) + dqh * q_in[:, None]
-        dq_ptr = DQ + (pid_d * BH + bh) * T * M + rows[:, None] * M + offs_m[None, :]
-        tl.store(dq_ptr, dq, mask=in_t[:, None] & (offs_m[None, :] < M))
+        _store_grad(
+            DQ, Q, CS, dq, pid_d * SG_D, bh, rows, in_t, offs_m, M, SQ_BH, SQ_T, SG_BH, SG_T, BLOCK_C, BLOCK_M, FEAT
+        )
         h = h * decay + tl.dot(tl.trans(kd), v, input_precision=PREC)

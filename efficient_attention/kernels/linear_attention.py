@@ -358,11 +358,11 @@ def _checked_config(cfg: dict, m: int, d: int) -> dict:
     return cfg
 
 
-def _config(q: Tensor, d: int) -> dict:
+def _config(q: Tensor, m: int, d: int) -> dict:
     if q.device not in _SMS:
         _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    cfg = _triton_config(q.shape[-1], d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2])
-    return _checked_config(dict(cfg), q.shape[-1], d)
+    cfg = _triton_config(m, d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2])
+    return _checked_config(dict(cfg), m, d)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -375,6 +375,32 @@ def _rows(x: Tensor) -> Tuple[Tensor, int, int]:
     if x.stride(-1) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
         x = x.contiguous()
     return x, x.stride(1), x.stride(2)
+
+
+def _qk_rows(q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor, int, int]:
+    """``q, k`` as :func:`_rows` gives them, with the strides they share (both copied contiguous when their
+    layouts differ)."""
+    q, s_bh, s_t = _rows(q)
+    k, sk_bh, sk_t = _rows(k)
+    if (s_bh, s_t) != (sk_bh, sk_t):
+        q, k = q.contiguous(), k.contiguous()
+        s_bh, s_t = q.stride(1), q.stride(2)
+    return q, k, s_bh, s_t
+
+
+def _features_of(q: Tensor, cos_sin: Optional[Tensor], act: int) -> Tuple[int, int]:
+    """``(m, FEAT)``: the kernels' feature count and feature mode (0: ``q`` holds the features; 1 / 2: cosFormer's
+    from the raw rows with relu / 1 + elu, twice as many)."""
+    if cos_sin is None:
+        return q.shape[-1], 0
+    if act not in (0, 1):
+        raise ValueError(f"act must be 0 (relu) or 1 (1 + elu) with cos_sin, got {act!r}")
+    if cos_sin.shape != (q.shape[2], 2) or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous():
+        raise ValueError(
+            f"cos_sin must be a contiguous float32 (T, 2) = {(q.shape[2], 2)} table, got "
+            f"{cos_sin.dtype} {tuple(cos_sin.shape)}"
+        )
+    return 2 * q.shape[-1], 1 + act
 
 
 def _out_buffer(q: Tensor, d: int, dtype: torch.dtype, time_first: bool) -> Tensor:
@@ -394,24 +420,31 @@ def linear_fwd(
     normalize: bool,
     out_dtype: torch.dtype,
     time_first: bool,
+    cos_sin: Optional[Tensor] = None,
+    act: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Causal aligned linear attention on CUDA: ``(o (B,H,T,d), den (B,H,T) fp32, H_final (B,H,m,d) fp32,
     z_final (B,H,m) fp32)``.  ``normalize``: ``o = num / den`` (0 where ``den <= 0``), the normaliser ``z`` carried
     beside the state from ``z_state`` (None: zeros); else ``o = num`` and ``den``, ``z_final`` are empty.  ``o`` is
-    in ``out_dtype``, in a ``(T, B, H, d)`` memory layout when ``time_first``."""
+    in ``out_dtype``, in a ``(T, B, H, d)`` memory layout when ``time_first``.  With ``cos_sin`` ``(T, 2)`` fp32
+    (``cos θ_t, sin θ_t``), ``q, k`` are raw ``(B, H, T, r)`` rows and the kernels make cosFormer's ``m = 2r``
+    features from them (``act`` 0: relu, 1: 1 + elu; the states' features interleaved, ``[cos, sin]`` per
+    column)."""
     import triton
 
     from . import _triton_linear as kern
     from ._triton_common import launch
 
-    bsz, heads, seq, m = q.shape
+    bsz, heads, seq, _ = q.shape
+    m, feat = _features_of(q, cos_sin, act)
     d = v.shape[-1]
     bh = bsz * heads
-    cfg = _config(q, d)
+    cfg = _config(q, m, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
     grid = (triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    qf, kf, sq_bh, sq_t = _qk_rows(q, k)
+    vf, sv_bh, sv_t = _rows(v)
     o = _out_buffer(q, d, out_dtype, time_first)
     s_bh, s_t = o.stride(1), o.stride(2)
     final = torch.empty(bsz, heads, m, d, device=q.device, dtype=torch.float32)
@@ -420,8 +453,10 @@ def linear_fwd(
     g = _flat(log_decay.float()) if log_decay is not None else final
     h0 = _flat(state.float()) if state is not None else final
     z0 = _flat(z_state.float()) if normalize and z_state is not None else final
-    flags = dict(HAS_G=log_decay is not None, NORM=normalize, PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    flags.update(cfg)
+    cs = final if cos_sin is None else cos_sin
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    flags: Dict[str, Any] = dict(HAS_G=log_decay is not None, NORM=normalize, FEAT=feat, PREC=prec, **cfg)
+    strides = (sq_bh, sq_t, sv_bh, sv_t)
     u = uz = gs = final  # the segments' own final states and total log decays (unused with one segment)
     if nseg > 1:
         u = torch.empty(bh, nseg, m, d, device=q.device, dtype=torch.float32)
@@ -430,15 +465,15 @@ def linear_fwd(
         launch(
             kern._seg_states,
             grid,
-            (qf, kf, vf, g, u, u, u, u, uz, u, uz, gs),
-            (seq, m, d, 0, 0, seg, nseg),
+            (qf, kf, vf, g, cs, u, u, u, u, uz, u, uz, gs),
+            (seq, m, d, *strides, 0, 0, seg, nseg),
             dict(STORE_W=False, **flags),
         )
     launch(
         kern._fwd,
         grid,
-        (qf, kf, vf, g, h0, z0, u, uz, gs, o, den, final, zf),
-        (seq, m, d, s_bh, s_t, seg, nseg),
+        (qf, kf, vf, g, cs, h0, z0, u, uz, gs, o, den, final, zf),
+        (seq, m, d, *strides, s_bh, s_t, seg, nseg),
         dict(HAS_H0=state is not None, STORE_HT=True, **flags),
     )
     return o, den, final, zf
@@ -450,8 +485,8 @@ triton_linear_attention = torch.library.custom_op(
 
 
 @triton_linear_attention.register_fake
-def _(q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first):
-    shape = (*q.shape[:2], q.shape[-1])
+def _(q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first, cos_sin=None, act=0):
+    shape = (*q.shape[:2], _features_of(q, cos_sin, act)[0])
     return (
         _out_buffer(q, v.shape[-1], out_dtype, time_first),
         q.new_empty(*q.shape[:3], dtype=torch.float32) if normalize else q.new_empty(0, dtype=torch.float32),
@@ -473,25 +508,29 @@ def linear_bwd(
     o: Tensor,
     den: Tensor,
     normalize: bool,
+    cos_sin: Optional[Tensor] = None,
+    act: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, d_state, d_z_state)`` of :func:`linear_fwd` (``grad_final`` / ``grad_z`` None:
     the final state / normaliser got no gradient; ``o``, ``den`` its outputs; ``d_state`` uninitialised when there
     is no state, ``d_z_state`` when there is none or no normaliser).  The output gradient is read in its dtype and
-    layout; no ``(B, H, T, d)`` fp32 buffer."""
+    layout; no ``(B, H, T, d)`` fp32 buffer.  With ``cos_sin``, ``dq, dk`` are the raw rows' gradients."""
     import triton
 
     from . import _triton_linear as kern
     from ._triton_common import launch
 
-    bsz, heads, seq, m = q.shape
+    bsz, heads, seq, width = q.shape
+    m, feat = _features_of(q, cos_sin, act)
     d = v.shape[-1]
     bh = bsz * heads
-    cfg = _config(q, d)
+    cfg = _config(q, m, d)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
     n_d = triton.cdiv(d, cfg["BLOCK_D"])
     grid = (n_d, nseg, bh)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    qf, kf, sq_bh, sq_t = _qk_rows(q, k)
+    vf, sv_bh, sv_t = _rows(v)
     grad_o, s_bh, s_t = _rows(grad_o)
     f32: Dict[str, Any] = dict(device=q.device, dtype=torch.float32)
     g = _flat(log_decay.float()) if log_decay is not None else qf
@@ -511,16 +550,19 @@ def linear_bwd(
             dict(ROWS=rows, BLOCK_D=block),
         )
     if n_d == 1:  # dq, dk whole: written once, in the input dtype
-        dk = torch.empty(bh, seq, m, device=q.device, dtype=k.dtype)
-        dq = torch.empty(bh, seq, m, device=q.device, dtype=q.dtype)
+        dk = torch.empty(bh, seq, width, device=q.device, dtype=k.dtype)
+        dq = torch.empty(bh, seq, width, device=q.device, dtype=q.dtype)
     else:  # a partial fp32 dq, dk per value block (features too wide for one state tile), summed below
-        dk = torch.empty(n_d, bh, seq, m, **f32)
+        dk = torch.empty(n_d, bh, seq, width, **f32)
         dq = torch.empty_like(dk)
     dv = torch.empty(bh, seq, d, device=q.device, dtype=v.dtype)
     dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, **f32)
     dz0 = torch.zeros(bh, m, **f32) if state is not None and normalize else dh0
-    flags = dict(HAS_G=log_decay is not None, NORM=normalize, PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    flags.update(cfg)
+    cs = qf if cos_sin is None else cos_sin
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    flags: Dict[str, Any] = dict(HAS_G=log_decay is not None, NORM=normalize, FEAT=feat, PREC=prec, **cfg)
+    strides = (sq_bh, sq_t, sv_bh, sv_t)
+    grad_strides = (bh * seq * width, seq * width, width)  # dq, dk: value blocks, heads, rows
     dht = _flat(grad_final.float()) if grad_final is not None else qf
     dzt = _flat(grad_z.float()) if grad_z is not None and normalize else dh0
     if grad_final is None and grad_z is not None and normalize:  # only z got a gradient: H's is zero
@@ -538,29 +580,29 @@ def linear_bwd(
         launch(
             kern._seg_states,
             grid,
-            (qf, kf, vf, g, grad_o, den, gd, u, uz, w, wz, gs),
-            (seq, m, d, s_bh, s_t, seg, nseg),
+            (qf, kf, vf, g, cs, grad_o, den, gd, u, uz, w, wz, gs),
+            (seq, m, d, *strides, s_bh, s_t, seg, nseg),
             dict(STORE_W=True, **flags),
         )
     launch(
         kern._bwd_dkdv,
         grid,
-        (qf, kf, vf, g, grad_o, den, gd, dht, dzt, w, wz, gs, dk, dv, dh0, dz0),
-        (seq, m, d, bh, s_bh, s_t, seg, nseg),
+        (qf, kf, vf, g, cs, grad_o, den, gd, dht, dzt, w, wz, gs, dk, dv, dh0, dz0),
+        (seq, m, d, *strides, *grad_strides, s_bh, s_t, seg, nseg),
         dict(HAS_DHT=has_dht, STORE_DH0=state is not None, **flags),
     )
     launch(
         kern._bwd_dq,
         grid,
-        (qf, kf, vf, g, h0, z0, u, uz, gs, grad_o, den, gd, dq),
-        (seq, m, d, bh, s_bh, s_t, seg, nseg),
+        (qf, kf, vf, g, cs, h0, z0, u, uz, gs, grad_o, den, gd, dq),
+        (seq, m, d, *strides, *grad_strides, s_bh, s_t, seg, nseg),
         dict(HAS_H0=state is not None, **flags),
     )
     shape = (bsz, heads, seq)
     if n_d > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
     dz0 = dz0.view(bsz, heads, m) if state is not None and normalize else q.new_empty(0, dtype=torch.float32)
-    return dq.view(*shape, m), dk.view(*shape, m), dv.view(*shape, d), dh0.view(bsz, heads, m, d), dz0
+    return dq.view(*shape, width), dk.view(*shape, width), dv.view(*shape, d), dh0.view(bsz, heads, m, d), dz0
 
 
 triton_linear_attention_bwd = torch.library.custom_op(
@@ -569,14 +611,15 @@ triton_linear_attention_bwd = torch.library.custom_op(
 
 
 @triton_linear_attention_bwd.register_fake
-def _(grad_o, grad_final, grad_z, q, k, v, log_decay, state, z_state, o, den, normalize):
+def _(grad_o, grad_final, grad_z, q, k, v, log_decay, state, z_state, o, den, normalize, cos_sin=None, act=0):
     with_z = state is not None and normalize
+    m = _features_of(q, cos_sin, act)[0]
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        q.new_empty(*q.shape[:2], q.shape[-1], v.shape[-1], dtype=torch.float32),
-        q.new_empty(*q.shape[:2], q.shape[-1], dtype=torch.float32) if with_z else q.new_empty(0, dtype=torch.float32),
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty(*q.shape[:2], m, v.shape[-1], dtype=torch.float32),
+        q.new_empty(*q.shape[:2], m, dtype=torch.float32) if with_z else q.new_empty(0, dtype=torch.float32),
     )
 
 
@@ -597,18 +640,19 @@ class _LinearFn(torch.autograd.Function):
     """:func:`linear_fwd` with :func:`linear_bwd` as its backward (``den`` gets no gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first):
+    def forward(ctx, q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first, cos_sin=None, act=0):
         fwd, _ = _linear_ops()
-        o, den, final, zf = fwd(q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first)
+        o, den, final, zf = fwd(q, k, v, log_decay, state, z_state, normalize, out_dtype, time_first, cos_sin, act)
         ctx.set_materialize_grads(False)  # an unused final state gets no zero gradient (and no work)
         ctx.mark_non_differentiable(den)
-        ctx.save_for_backward(q, k, v, log_decay, state, z_state, o if normalize else None, den if normalize else None)
-        ctx.normalize = normalize
+        saved = (q, k, v, log_decay, state, z_state, o if normalize else None, den if normalize else None, cos_sin)
+        ctx.save_for_backward(*saved)
+        ctx.normalize, ctx.act = normalize, act
         return o, den, final, zf
 
     @staticmethod
     def backward(ctx, grad_o, grad_den, grad_final, grad_z):
-        q, k, v, log_decay, state, z_state, o, den = ctx.saved_tensors
+        q, k, v, log_decay, state, z_state, o, den, cos_sin = ctx.saved_tensors
         normalize = ctx.normalize
         _, bwd = _linear_ops()
         if grad_o is None:
@@ -616,11 +660,24 @@ class _LinearFn(torch.autograd.Function):
         if not normalize:
             o = den = grad_o  # unread
         dq, dk, dv, dh0, dz0 = bwd(
-            grad_o, grad_final, grad_z if normalize else None, q, k, v, log_decay, state, z_state, o, den, normalize
+            grad_o,
+            grad_final,
+            grad_z if normalize else None,
+            q,
+            k,
+            v,
+            log_decay,
+            state,
+            z_state,
+            o,
+            den,
+            normalize,
+            cos_sin,
+            ctx.act,
         )
         d_state = dh0.to(state.dtype) if state is not None else None
         d_z = dz0.to(z_state.dtype) if z_state is not None and normalize else None
-        return dq, dk, dv, None, d_state, d_z, None, None, None
+        return dq, dk, dv, None, d_state, d_z, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------- backends
@@ -660,11 +717,20 @@ class LinearTriton(TritonBackend):
         normalize: bool,
         out_dtype: torch.dtype,
         time_first: bool,
+        cos_sin: Optional[Tensor] = None,
+        act: int = 0,
     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """``(out, H_final, z_final or None)``: normalised (or not) in the kernels, ``out`` in ``out_dtype``."""
-        m = q.shape[-1]
+        """``(out, H_final, z_final or None)``: normalised (or not) in the kernels, ``out`` in ``out_dtype``.
+        ``cos_sin``, ``act``: cosFormer's features made in the kernels from raw ``q, k`` (:func:`linear_fwd`;
+        at least :data:`LINEAR_MIN_FEATURES` of them, the states' features interleaved)."""
         h0 = None if h0 is None else h0.float()
         z0 = None if z0 is None or not normalize else z0.float()
+        if cos_sin is not None:
+            o, _, final, zf = _LinearFn.apply(
+                q, k, v, log_decay, h0, z0, normalize, out_dtype, time_first, cos_sin, act
+            )
+            return o, final, (zf if normalize else None)
+        m = q.shape[-1]
         if m < LINEAR_MIN_FEATURES:  # zero features add nothing: exact, and the kernels see a full 16-wide tile
             pad = LINEAR_MIN_FEATURES - m
             q, k = (torch.nn.functional.pad(x, (0, pad)) for x in (q, k))
