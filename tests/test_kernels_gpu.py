@@ -249,12 +249,14 @@ def test_linear_family_bf16_training_step_matches_float64(name, causal, monkeypa
     made in slices of positions (several here), cosFormer's feature gradients from the products' halves (noncausal)
     and from the Triton kernels that make its features (causal)."""
     from efficient_attention import build_attention
-    from efficient_attention.attentions import performer
+    from efficient_attention.attentions import cosformer, performer
 
     monkeypatch.setattr(performer, "KEY_GRAD_SLICE", 4096)  # 16 positions per slice at this size
+    fused, calls = cosformer._causal_triton, []
+    monkeypatch.setattr(cosformer, "_causal_triton", lambda *a: calls.append(1) or fused(*a))
     torch.manual_seed(0)
-    m = build_attention(name, embed_dim=128, num_heads=4, causal=causal, self_attention=True).cuda().train()
-    x = torch.randn(300, 2, 128, device="cuda", requires_grad=True)
+    m = build_attention(name, embed_dim=256, num_heads=4, causal=causal, self_attention=True).cuda().train()
+    x = torch.randn(300, 2, 256, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = m(x, x, x, need_weights=False)[0]
     g = torch.randn(out.shape, device="cuda")
@@ -264,6 +266,7 @@ def test_linear_family_bf16_training_step_matches_float64(name, causal, monkeypa
     (ref * g.double()).sum().backward()
     assert _rel(out, ref) < 3e-2
     assert _rel(x.grad, xd.grad) < 5e-2
+    assert bool(calls) == (name == "cosformer" and causal)  # d = 64: the features made in the kernels
 
 
 def test_triton_linear_attention_compile_and_opcheck():
@@ -282,10 +285,10 @@ def test_triton_linear_attention_compile_and_opcheck():
         args = (q.detach(), k.detach(), v.detach(), decay, h0, z0, normalize, torch.bfloat16, time_first)
         torch.library.opcheck(ops.triton_linear_attention.default, args)  # (autograd: _LinearFn, tested above)
     # cosFormer's features made in the kernels: raw time-first rows and a (T, 2) cos/sin table
-    raw = torch.randn(150, 2, 2, 24, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
+    raw = torch.randn(150, 2, 2, 64, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
     theta = torch.arange(150, device="cuda") * (torch.pi / 300)
     cos_sin = torch.stack([theta.cos(), theta.sin()], -1)
-    vv = torch.randn(2, 2, 150, 32, device="cuda", dtype=torch.bfloat16)
+    vv = torch.randn(2, 2, 150, 64, device="cuda", dtype=torch.bfloat16)  # (d = 64: cosformer.FUSED_HALF_VALUE_DIMS)
     for act in (0, 1):
         args = (raw, raw * 0.5, vv, None, None, None, True, torch.bfloat16, True, cos_sin, act)
         torch.library.opcheck(ops.triton_linear_attention.default, args)
