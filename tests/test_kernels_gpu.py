@@ -288,7 +288,7 @@ def test_triton_linear_attention_compile_and_opcheck():
     raw = torch.randn(150, 2, 2, 64, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
     theta = torch.arange(150, device="cuda") * (torch.pi / 300)
     cos_sin = torch.stack([theta.cos(), theta.sin()], -1)
-    vv = torch.randn(2, 2, 150, 64, device="cuda", dtype=torch.bfloat16)  # (d = 64: cosformer.FUSED_HALF_VALUE_DIMS)
+    vv = torch.randn(2, 2, 150, 64, device="cuda", dtype=torch.bfloat16)  # (d = 64: cosformer.FUSED_HALF_HEAD_DIMS)
     for act in (0, 1):
         args = (raw, raw * 0.5, vv, None, None, None, True, torch.bfloat16, True, cos_sin, act)
         torch.library.opcheck(ops.triton_linear_attention.default, args)

@@ -256,19 +256,19 @@ def _causal_triton(q: Tensor, k: Tensor, v: Tensor, table: Tensor, act_fun: str,
     return out
 
 
-FUSED_HALF_VALUE_DIMS = (64,)  # half inputs: the value head dims checked on the GPU (H200, Triton 3.6)
+FUSED_HALF_HEAD_DIMS = (64,)  # half inputs: the head dims (of q, k and v) checked on the GPU (H200, Triton 3.6)
 
 
 def _fused_triton_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`_causal_triton` takes these raw rows: ``2d`` features within the kernels' range, one dtype,
-    and for fp16 / bf16 a value head dim in :data:`FUSED_HALF_VALUE_DIMS` with at most 128 features.  On an H200
-    the bf16 kernels that make the features gave wrong results with ``d = 32`` (value tiles of 32 columns; 0.5
-    relative error, an illegal memory access at 5k positions) while fp32 with the same tiles and bf16 with ``d =
-    64`` matched float64 (``benchmarks/README.md``, session 8); until that is understood the other shapes keep the
-    features outside the kernels."""
+    and for fp16 / bf16 a head dim in :data:`FUSED_HALF_HEAD_DIMS`.  On an H200 the bf16 kernels that make the
+    features gave wrong results at head dim 32 (0.5 relative error; an illegal memory access at 5k positions) and
+    a 4-5e-2 error in ``dq`` at 5, while fp32 with the same tiles and bf16 at 64 matched float64
+    (``results/h200/session8/cosformer_fused_diag.txt``); until that is understood the other half-precision
+    shapes keep the features outside the kernels."""
     if not LINEAR_MIN_FEATURES <= 2 * q.shape[-1] <= LINEAR_MAX_FEATURES or q.dtype != k.dtype:
         return False
-    return q.dtype == torch.float32 or (v.shape[-1] in FUSED_HALF_VALUE_DIMS and 2 * q.shape[-1] <= 128)
+    return q.dtype == torch.float32 or q.shape[-1] == v.shape[-1] in FUSED_HALF_HEAD_DIMS
 
 
 @register_attention("cosformer", "cos_former")
