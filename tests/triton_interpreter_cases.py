@@ -5,9 +5,10 @@ set before the kernels are defined, and must not leak into GPU tests of the same
 what the GPU tests cover where CI has no GPU: every tile config that ``triton_ops`` can pick (thin,
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
-and a gradient through ``out`` alone; the chunked linear-attention kernels (decay, states, padding,
-value blocks, one feature, several segments, the in-kernel normaliser) and the causal Performer / cosFormer / ABC
-running on them.  Exits non-zero with the failing cases listed.
+and a gradient through ``out`` alone; gathered rows at their own positions (``q_pos``: tiles of mixed and
+repeated positions, rows at position 0, key blocks no row sees); the chunked linear-attention kernels (decay,
+states, padding, value blocks, one feature, several segments, the in-kernel normaliser) and the causal Performer /
+cosFormer / ABC running on them.  Exits non-zero with the failing cases listed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernel_cases import loss_and_grads, make_qkv, padding, random_layout  # noqa: E402
+from kernel_cases import loss_and_grads, make_qkv, padding, random_layout, ref_positions, row_positions  # noqa: E402
 
 from efficient_attention.block_mask import BlockMask  # noqa: E402
 from efficient_attention.kernels import landmark, ops, reference, triton_ops  # noqa: E402
@@ -53,6 +54,18 @@ def window_case(window, d, dtype, S=150, q_offset=0):
     )
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.sliding_window_attention(*ref, window, q_offset=q_offset, key_padding_mask=kpm)
+    check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
+
+
+def positions_case(window, d, dtype, T, S, kind, pad=False):
+    """Rows at positions ``q_pos`` (:func:`kernel_cases.row_positions`) through the Triton window kernels, against
+    float64 explicit softmax with the dense mask of those positions (out, lse, and the gradients of q, k, v);
+    ``pad``: key padding too (rows at position 0 then see nothing: lse -inf, out 0)."""
+    q, k, v = make_qkv(2, 2, T, S, d, dtype, hkv=1, seed=d + T)
+    q_pos = row_positions(2, 2, T, S, kind, seed=T)
+    kpm = padding(2, S) if pad else None
+    out, lse = ops.sliding_window_attention(q, k, v, window, q_pos=q_pos, key_padding_mask=kpm, backend="triton")
+    ref_out, ref_lse, ref = ref_positions(q, k, v, window, q_pos, kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
 
 
@@ -428,6 +441,46 @@ def main() -> int:
                 tma,
                 "window wide-band tiles fp16 d64",
                 lambda: window_case(LocalWindow.sliding(2047, 0, causal=True), 64, f16, S=140),
+            ),
+            (
+                tma,
+                "positions causal full band, mixed tiles, T % 64 != 0, d64 fp32",
+                lambda: positions_case(LocalWindow.sliding(300, 0, causal=True), 64, f32, 150, 300, "spread"),
+            ),
+            (
+                tma,
+                "positions causal full band, repeated positions, padding (empty rows) fp32",
+                lambda: positions_case(LocalWindow.sliding(200, 0, causal=True), 16, f32, 100, 200, "repeats", True),
+            ),
+            (
+                tma,
+                "positions ProbSparse order (fillers at 0), wide-band tiles fp16 d64",
+                lambda: positions_case(LocalWindow.sliding(700, 0, causal=True), 64, f16, 150, 700, "fillers"),
+            ),
+            (
+                tma,
+                "positions early rows (unseen key blocks), thin tiles fp16 d32",
+                lambda: positions_case(LocalWindow.sliding(260, 0, causal=True), 32, f16, 70, 260, "early"),
+            ),
+            (
+                tma,
+                "positions causal full band, positions on tile edges fp32",
+                lambda: positions_case(LocalWindow.sliding(300, 0, causal=True), 16, f32, 150, 300, "edges"),
+            ),
+            (
+                tma,
+                "positions causal sliding(32) band, positions on tile edges fp32",
+                lambda: positions_case(LocalWindow.sliding(32, 0, causal=True), 16, f32, 150, 300, "edges"),
+            ),
+            (
+                tma,
+                "positions sliding(17, 5) band fp32",
+                lambda: positions_case(LocalWindow.sliding(17, 5), 16, f32, 90, 200, "spread", True),
+            ),
+            (
+                tma,
+                "positions blocks(16, 2, 0) causal band, repeats fp32",
+                lambda: positions_case(LocalWindow.from_blocks(16, 2, 0, causal=True), 16, f32, 90, 200, "repeats"),
             ),
             (tma, "layout bs16 per-head causal fp32", lambda: layout_case(16, 3, True, f32)),
             (tma, "layout bs128 shared fp32", lambda: layout_case(128, 1, False, f32)),
