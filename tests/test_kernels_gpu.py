@@ -219,6 +219,57 @@ def test_triton_positions_compile_and_opcheck():
     torch.library.opcheck(ops.triton_sliding_window.default, args)
 
 
+def _probsparse_step(kernel: bool, length: int, monkeypatch, batch: int = 2):
+    """A bf16-autocast causal ProbSparse training step (8 heads of 64), its active rows on the positions kernel or
+    (``kernel=False``) on the SDPA path with the kept mask; the same key samples.  Returns ``(out, grads, peak bytes
+    of the step beyond what was live before)``."""
+    from efficient_attention import ProbSparse
+    from efficient_attention.attentions import probsparse
+
+    calls = []
+    take = probsparse._kernel_rows
+    monkeypatch.setattr(probsparse, "_kernel_rows", lambda *a: calls.append(1) or take(*a))
+    if not kernel:
+        monkeypatch.setattr(probsparse, "_kernel_reasons", lambda *a: ["the SDPA path, forced"])
+    torch.manual_seed(0)
+    m = ProbSparse(512, 8, causal=True).cuda().train()
+    x = torch.randn(length, batch, 512, device="cuda", requires_grad=True)
+    g = torch.randn(length, batch, 512, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.manual_seed(1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(x, need_weights=False)[0]
+    (out.float() * g).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    monkeypatch.undo()
+    assert bool(calls) == kernel
+    # (k_proj.bias left out: its true gradient is 0, a key bias shifts each row's scores by a constant)
+    grads = [("x", x.grad)] + [(n, p.grad) for n, p in m.named_parameters() if n != "k_proj.bias"]
+    return out, grads, peak
+
+
+@pytest.mark.parametrize("length", [200, 1000])
+def test_probsparse_causal_rows_on_the_positions_kernel_match_the_sdpa_path(length, monkeypatch):
+    """Causal ProbSparse takes the positions kernel on CUDA (no padding, no dropout): its bf16 training step equals
+    the SDPA path's (kept additive mask) to bf16 rounding, output and every gradient."""
+    out, grads, _ = _probsparse_step(True, length, monkeypatch)
+    ref, ref_grads, _ = _probsparse_step(False, length, monkeypatch)
+    assert _rel(out, ref) < REL[torch.bfloat16]
+    for (name, got), (_, want) in zip(grads, ref_grads):
+        assert _rel(got, want) < 3 * REL[torch.bfloat16], name
+
+
+def test_probsparse_causal_positions_kernel_keeps_no_row_mask(monkeypatch):
+    """The point of the kernel path: no (B, H, A, S) mask is kept for the backward, so the step's peak is lower
+    than the SDPA path's (by about that mask: B * H * A * S * 2 bytes)."""
+    *_, peak = _probsparse_step(True, 4096, monkeypatch)
+    *_, ref_peak = _probsparse_step(False, 4096, monkeypatch)
+    assert peak < ref_peak, (peak / 2**20, ref_peak / 2**20)
+
+
 # ------------------------------------------------------------------------------ chunked linear attention
 def _linear_inputs(T, S, m, d, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)

@@ -6,9 +6,10 @@ what the GPU tests cover where CI has no GPU: every tile config that ``triton_op
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
 and a gradient through ``out`` alone; gathered rows at their own positions (``q_pos``: tiles of mixed and
-repeated positions, rows at position 0, key blocks no row sees); the chunked linear-attention kernels (decay,
-states, padding, value blocks, one feature, several segments, the in-kernel normaliser) and the causal Performer /
-cosFormer / ABC running on them.  Exits non-zero with the failing cases listed.
+repeated positions, rows at position 0, key blocks no row sees, causal ProbSparse on the kernel against its SDPA
+path); the chunked linear-attention kernels (decay, states, padding, value blocks, one feature, several segments,
+the in-kernel normaliser) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero with the
+failing cases listed.
 """
 
 from __future__ import annotations
@@ -67,6 +68,38 @@ def positions_case(window, d, dtype, T, S, kind, pad=False):
     out, lse = ops.sliding_window_attention(q, k, v, window, q_pos=q_pos, key_padding_mask=kpm, backend="triton")
     ref_out, ref_lse, ref = ref_positions(q, k, v, window, q_pos, kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
+
+
+def probsparse_case(d):
+    """Causal ProbSparse in training, its active rows on the Triton kernel with per-row positions, against the same
+    module on its SDPA path (the kept additive mask; the same key samples), fp32: output and the gradients of the
+    input and of every parameter.  The kernel path must be the one taken."""
+    import efficient_attention.attentions.probsparse as ps
+    from efficient_attention import ProbSparse
+
+    def run(kernel):
+        calls = []
+        take, reasons = ps._kernel_rows, ps._kernel_reasons
+        ps._kernel_rows = lambda *a: calls.append(1) or take(*a)
+        if not kernel:
+            ps._kernel_reasons = lambda *a: ["the SDPA path, forced"]
+        try:
+            torch.manual_seed(0)
+            m = ProbSparse(2 * d, 2, causal=True, factor=2).train()
+            x = torch.randn(150, 2, 2 * d, requires_grad=True)
+            torch.manual_seed(1)  # the same key samples in both runs
+            out, _ = m(x, need_weights=False)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        finally:
+            ps._kernel_rows, ps._kernel_reasons = take, reasons
+        assert bool(calls) == kernel, f"kernel path taken: {bool(calls)}"
+        return [("out", out), ("dx", x.grad)] + [(n, p.grad) for n, p in m.named_parameters()]
+
+    for (name, got), (_, want) in zip(run(True), run(False)):
+        if name == "k_proj.bias":  # its true gradient is 0 (a key bias shifts a row's scores by a constant)
+            assert got.abs().max() < 1e-4 and want.abs().max() < 1e-4, f"{name} {got.abs().max():.1e}"
+            continue
+        assert rel(got, want) < 1e-5, f"{name} {rel(got, want):.1e}"
 
 
 def layout_case(bs, layout_heads, causal, dtype, d=16):
@@ -504,6 +537,12 @@ def main() -> int:
             ),
         ]
     cases.append((False, "out-only gradient", out_only_case))
+    cases.append(
+        (False, "probsparse causal on the positions kernel = its SDPA path d32 fp32", lambda: probsparse_case(32))
+    )
+    cases.append(
+        (False, "probsparse causal on the positions kernel = its SDPA path d64 fp32", lambda: probsparse_case(64))
+    )
     cases.append((False, "longshort modules on the block-sparse kernel", longshort_modules_case))
     cases += [
         (False, "linear decay+state+padding fp32 m16 d5", lambda: linear_case(70, 16, 5, f32, True, True, True)),
