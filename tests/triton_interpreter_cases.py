@@ -507,6 +507,11 @@ def main() -> int:
             ),
             (
                 tma,
+                "positions causal sliding(100) band (full key tiles for some rows only) fp32",
+                lambda: positions_case(LocalWindow.sliding(100, 0, causal=True), 16, f32, 150, 300, "spread"),
+            ),
+            (
+                tma,
                 "positions sliding(17, 5) band fp32",
                 lambda: positions_case(LocalWindow.sliding(17, 5), 16, f32, 90, 200, "spread", True),
             ),

@@ -48,14 +48,12 @@ def _band(p, group, left, right, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _row_positions(qpos_base, offs_m, T):
-    """``(p, first_p, last_p)``: the positions of query rows ``offs_m`` read from a ``q_pos`` row (0 past ``T``),
-    and their smallest and largest over the rows below ``T`` (at least one)."""
+def _position_range(qpos_base, offs_m, T):
+    """``(first_p, last_p)``: the smallest and largest position of the query rows ``offs_m`` below ``T`` (at least
+    one), read from a ``q_pos`` row."""
     valid = offs_m < T
     p = tl.load(qpos_base + offs_m, mask=valid, other=0)
-    first_p = tl.min(tl.where(valid, p, 1 << 30), 0)
-    last_p = tl.max(tl.where(valid, p, -(1 << 30)), 0)
-    return p, first_p, last_p
+    return tl.min(tl.where(valid, p, 1 << 30), 0), tl.max(tl.where(valid, p, -(1 << 30)), 0)
 
 
 @triton.jit
@@ -92,7 +90,8 @@ def _qpos_search(
 @triton.jit
 def _mask(
     offs_m,
-    pos_m,
+    qpos_base,
+    T,
     offs_n,
     S,
     q_offset,
@@ -105,10 +104,10 @@ def _mask(
     HAS_KPM: tl.constexpr,
     HAS_QPOS: tl.constexpr,
 ):
-    """Which keys ``offs_n`` the query rows ``offs_m`` see: their positions are ``pos_m`` with ``HAS_QPOS``,
-    else ``offs_m + q_offset``."""
+    """Which keys ``offs_n`` the query rows ``offs_m`` see: their positions are read from the ``q_pos`` row at
+    ``qpos_base`` with ``HAS_QPOS`` (here, not kept live across the key loop), else ``offs_m + q_offset``."""
     if HAS_QPOS:
-        p = pos_m[:, None]
+        p = tl.load(qpos_base + offs_m, mask=offs_m < T, other=0)[:, None]
     else:
         p = offs_m[:, None] + q_offset
     keep = offs_n[None, :] < S
@@ -280,10 +279,10 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qpos_base = QPOS + bh.to(tl.int64) * T
     if HAS_QPOS:  # per-row positions (their smallest and largest bound the tile's band)
-        pos_m, first_p, last_p = _row_positions(QPOS + bh.to(tl.int64) * T, offs_m, T)
+        first_p, last_p = _position_range(qpos_base, offs_m, T)
     else:
-        pos_m = offs_m  # (unread: _mask adds q_offset itself)
         first_p = qb * BLOCK_M + q_offset
         last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
@@ -305,7 +304,20 @@ def _fwd_kernel(
             full = full & (t < 0)
         if not full:
             keep = _mask(
-                offs_m, pos_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM, HAS_QPOS
+                offs_m,
+                qpos_base,
+                T,
+                offs_n,
+                S,
+                q_offset,
+                group,
+                left,
+                right,
+                kpm_ptr,
+                CAUSAL,
+                WINDOW,
+                HAS_KPM,
+                HAS_QPOS,
             )
             if HAS_TILES:
                 keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
@@ -430,11 +442,11 @@ def _bwd_dkdv_kernel(
         sT = _dot(k, tl.trans(q), IEEE) * qk_scale
         lse2 = _lse2(lse)
         pT = tl.math.exp2(sT - lse2[None, :])
-        if HAS_QPOS:
-            pos_m, first_p, last_p = _row_positions(qpos_base, offs_m, T)
+        if HAS_QPOS:  # nondecreasing: the tile's first and last rows hold its smallest and largest position
+            first_p = tl.load(qpos_base + qb * BLOCK_M)
+            last_p = tl.load(qpos_base + tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1)
             lo_last, _ = _band(last_p, group, left, right, False)
         else:
-            pos_m = offs_m  # (unread: _mask adds q_offset itself)
             first_p = qb * BLOCK_M + q_offset
             lo_last, _ = _band(first_p + BLOCK_M - 1, group, left, right, False)
         _, hi_first = _band(first_p, group, left, right, CAUSAL)
@@ -445,7 +457,20 @@ def _bwd_dkdv_kernel(
             full = full & (t < 0)
         if not full:
             keep = _mask(
-                offs_m, pos_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM, HAS_QPOS
+                offs_m,
+                qpos_base,
+                T,
+                offs_n,
+                S,
+                q_offset,
+                group,
+                left,
+                right,
+                kpm_ptr,
+                CAUSAL,
+                WINDOW,
+                HAS_KPM,
+                HAS_QPOS,
             )
             if HAS_TILES:
                 keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
@@ -529,10 +554,10 @@ def _bwd_dq_kernel(
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
     lse2 = _lse2(lse)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qpos_base = QPOS + bh.to(tl.int64) * T
     if HAS_QPOS:  # per-row positions (their smallest and largest bound the tile's band)
-        pos_m, first_p, last_p = _row_positions(QPOS + bh.to(tl.int64) * T, offs_m, T)
+        first_p, last_p = _position_range(qpos_base, offs_m, T)
     else:
-        pos_m = offs_m  # (unread: _mask adds q_offset itself)
         first_p = qb * BLOCK_M + q_offset
         last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
@@ -553,7 +578,20 @@ def _bwd_dq_kernel(
             full = full & (t < 0)
         if not full:
             keep = _mask(
-                offs_m, pos_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM, HAS_QPOS
+                offs_m,
+                qpos_base,
+                T,
+                offs_n,
+                S,
+                q_offset,
+                group,
+                left,
+                right,
+                kpm_ptr,
+                CAUSAL,
+                WINDOW,
+                HAS_KPM,
+                HAS_QPOS,
             )
             if HAS_TILES:
                 keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
