@@ -64,3 +64,57 @@ def ref_block(q, k, v, layout, bs, **kw):
     d = [x.detach().double().requires_grad_() for x in (q, k, v)]
     out, lse = reference.block_sparse_attention(*d, layout, bs, **kw)
     return out, lse, d
+
+
+# -- per-row query positions (q_pos): gathered rows, as ProbSparse's active queries ---------------------------------
+def row_positions(B, H, T, S, kind, device="cpu", seed=0):
+    """Nondecreasing int32 positions ``(B, H, T)`` in ``[0, S)`` of one of these kinds:
+
+    * ``"spread"``: random distinct-ish positions, so a query tile holds rows of very different positions;
+    * ``"repeats"``: few values, each repeated over many rows (tiles of one position, ties across tiles);
+    * ``"fillers"``: ProbSparse's order: a head-dependent run of rows at position 0 (the fillers), then the active
+      rows ascending (mostly early, as the running top-u keeps them);
+    * ``"early"``: every position in the first quarter of the keys (the later key blocks see no row);
+    * ``"edges"``: positions on key-tile edges only (``32 i`` and ``32 i - 1``), repeated: rows whose band ends or
+      starts exactly at a key tile's first or last key, at a query tile's first or last row (the dk/dv kernel's
+      search bounds).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if kind == "spread":
+        pos = torch.randint(0, S, (B, H, T), generator=g)
+    elif kind == "repeats":
+        pos = torch.randint(0, 4, (B, H, T), generator=g) * (S // 5)
+    elif kind == "fillers":
+        active = (torch.rand(B, H, T, generator=g) ** 3 * S).long()
+        fillers = torch.arange(T)[None, None] < torch.randint(0, T // 2 + 1, (B, H, 1), generator=g)
+        pos = torch.where(fillers, 0, active)
+    elif kind == "early":
+        pos = torch.randint(0, max(S // 4, 1), (B, H, T), generator=g)
+    elif kind == "edges":
+        edges = torch.arange(1, S // 32 + 1) * 32
+        edges = torch.cat([edges, edges - 1]).clamp(max=S - 1)
+        pos = edges[torch.randint(0, edges.numel(), (B, H, T), generator=g)]
+    else:
+        raise ValueError(f"kind must be spread, repeats, fillers, early or edges, got {kind!r}")
+    pos = pos.sort(-1).values
+    pos[0, 0, : min(3, T)] = 0  # rows at position 0 (the causal band: the first key only)
+    return pos.to(device=device, dtype=torch.int32)
+
+
+def ref_positions(q, k, v, window, q_pos, key_padding_mask=None, scale=None):
+    """Float64 explicit softmax of rows at positions ``q_pos``: a dense ``(B, H, T, S)`` mask from ``window``'s rule
+    (keys a row cannot see, padding), ``out = 0`` and ``lse = -inf`` where a row sees nothing.  Returns
+    ``(out, lse, [q, k, v] float64 leaves)``; k, v may have fewer heads (GQA)."""
+    d = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    qd, kd, vd = d
+    rep = qd.shape[1] // kd.shape[1]
+    kd, vd = kd.repeat_interleave(rep, 1), vd.repeat_interleave(rep, 1)
+    keys = torch.arange(kd.shape[2], device=qd.device)
+    seen = window.allowed(q_pos.long()[..., None], keys)  # (B, H, T, S)
+    if key_padding_mask is not None:
+        seen = seen & ~key_padding_mask[:, None, None, :]
+    scale = qd.shape[-1] ** -0.5 if scale is None else scale
+    scores = (qd @ kd.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+    return probs @ vd, lse, d

@@ -9,7 +9,7 @@ from efficient_attention.local_window import LocalWindow
 
 
 def _dense(q, k, v, blocked, kpm=None):
-    mask = blocked[None, None] if blocked.dim() == 2 else blocked[None]
+    mask = blocked[None, None] if blocked.dim() == 2 else blocked[None] if blocked.dim() == 3 else blocked
     if kpm is not None:
         mask = mask | kpm[:, None, None, :]
     out, probs = dense_attention(q, k, v, mask)
@@ -79,6 +79,35 @@ def test_sliding_window_matches_dense(window, q_offset):
         if q_offset == 0
         else True
     )
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("order", ["ascending", "any"])
+def test_sliding_window_rows_at_their_own_positions_match_dense(window, order):
+    """``q_pos``: each query row at its own position (gathered rows, repeats, position 0, GQA k/v heads, chunks of
+    rows whose positions span most keys; the reference needs no order) against the dense mask of those positions."""
+    g = torch.Generator().manual_seed(1)
+    B, H, T, S, d = 2, 4, 23, 40, 8
+    q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, 2, S, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, 2, S, d, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.randint(0, S, (B, H, T), generator=g)
+    pos[:, :, :2] = 0
+    pos[0, 1, 5:9] = 17
+    if order == "ascending":
+        pos = pos.sort(-1).values
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, -4:] = True
+    out, lse = sliding_window_attention(q, k, v, window, key_padding_mask=kpm, q_pos=pos.int(), chunk=8)
+    blocked = ~window.allowed(pos[..., None], torch.arange(S))  # (B, H, T, S)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    ref, ref_lse = _dense(q, kk, vv, blocked | kpm[:, None, None, :])
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    grads = torch.autograd.grad((out * ref.detach()).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * ref.detach()).sum(), (q, k, v))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -11,7 +11,17 @@ import os
 import pytest
 import torch
 from helpers import TOL
-from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
+from kernel_cases import (
+    WINDOWS,
+    loss_and_grads,
+    make_qkv,
+    padding,
+    random_layout,
+    ref_block,
+    ref_positions,
+    ref_sliding,
+    row_positions,
+)
 
 from efficient_attention.block_mask import BlockMask
 from efficient_attention.kernels import (
@@ -230,6 +240,39 @@ def test_bad_inputs():
         sliding_window_attention(q, k, v, LocalWindow.sliding(2), key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="window"):
         sliding_window_attention(q, k, v, 3)
+
+
+def test_row_positions_are_checked_and_run_on_the_reference_path(caplog):
+    """``q_pos``: a ValueError naming it for a bad shape, dtype, device or a q_offset beside it; the C++ kernels say
+    they cannot take it (forcing them raises), so on the CPU the reference path runs it, equal to float64 explicit
+    softmax over each row's band, gradients too."""
+    q, k, v = make_qkv(2, 2, 20, 50, 16, torch.float32, hkv=1)
+    window = LocalWindow.sliding(50, 0, causal=True)
+    pos = row_positions(2, 2, 20, 50, "fillers")
+    for bad, match in (
+        (pos[:, :1], r"q_pos must have shape \(B, H, T\)"),
+        (pos.long(), "q_pos must be int32"),
+        (pos.to("meta"), "q_pos must be on q's device"),
+        (pos.tolist(), "q_pos must be a Tensor"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sliding_window_attention(q, k, v, window, q_pos=bad)
+    with pytest.raises(ValueError, match="q_offset must be 0 when q_pos"):
+        sliding_window_attention(q, k, v, window, q_pos=pos, q_offset=3)
+    reasons = not_supported_reasons("sliding_window", q, k, v, positions=True)
+    assert any("q_pos" in r for r in reasons["cpp"]) and reasons["reference"] == []
+    assert not_supported_reasons("sliding_window", q, k, v)["cpp"] == []
+    with pytest.raises(ValueError, match="backend='cpp' cannot run sliding_window.*q_pos"):
+        sliding_window_attention(q, k, v, window, q_pos=pos, backend="cpp")
+    assert choose_backend("sliding_window", q, k, v, positions=True) == "reference"
+    kpm = padding(2, 50)
+    with caplog.at_level(logging.WARNING, logger="efficient_attention.kernels.dispatch"):
+        out, lse = sliding_window_attention(q, k, v, window, q_pos=pos, key_padding_mask=kpm)
+    assert any("q_pos" in rec.getMessage() for rec in caplog.records)  # why not the C++ kernels, said once
+    ref_out, ref_lse, ref_in = ref_positions(q, k, v, window, pos, kpm)
+    _compare(out, lse, ref_out, ref_lse, torch.float32)
+    for got, want in zip(loss_and_grads(out, lse, (q, k, v)), loss_and_grads(ref_out, ref_lse, ref_in)):
+        _close(got, want, GRAD_TOL[torch.float32])
 
 
 def test_package_works_without_the_extension():

@@ -6,7 +6,17 @@ in ``benchmarks/README.md``.
 
 import pytest
 import torch
-from kernel_cases import WINDOWS, loss_and_grads, make_qkv, padding, random_layout, ref_block, ref_sliding
+from kernel_cases import (
+    WINDOWS,
+    loss_and_grads,
+    make_qkv,
+    padding,
+    random_layout,
+    ref_block,
+    ref_positions,
+    ref_sliding,
+    row_positions,
+)
 
 from efficient_attention.block_mask import BlockMask
 from efficient_attention.kernels import block_sparse_attention, choose_backend, sliding_window_attention
@@ -166,6 +176,98 @@ def test_triton_block_mask_partial_blocks(pattern, bs, kw, dtype):
     torch.testing.assert_close(lse.double(), ref_lse, **tol)
     for got, want in zip(loss_and_grads(out, lse, (q, k, v)), loss_and_grads(ref_out, ref_lse, ref)):
         torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2)
+
+
+# ------------------------------------------------------------------------------ rows at their own positions (q_pos)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("kind", ["spread", "fillers", "edges", "repeats"])
+# a causal band over every key (ProbSparse's, the wide-band tiles), a short causal band (thin tiles), a two-sided one
+@pytest.mark.parametrize(
+    "window",
+    [LocalWindow.sliding(1000, 0, causal=True), LocalWindow.sliding(40, 0, causal=True), LocalWindow.sliding(17, 5)],
+    ids=str,
+)
+def test_triton_rows_at_their_own_positions(window, kind, d, dtype, loads):
+    """``q_pos`` (nondecreasing per head; tiles of mixed and repeated positions, rows at position 0, rows on key-tile
+    edges) against float64 explicit softmax with the dense mask of those positions, with key padding."""
+    T, S = 333, 1000
+    q, k, v = make_qkv(2, 4, T, S, d, dtype, device="cuda", hkv=2, seed=d)
+    q_pos = row_positions(2, 4, T, S, kind, device="cuda")
+    kpm = padding(2, S, device="cuda")
+    assert choose_backend("sliding_window", q, k, v, positions=True) == "triton"
+    out, lse = sliding_window_attention(q, k, v, window, q_pos=q_pos, key_padding_mask=kpm)
+    ref_out, ref_lse, ref_in = ref_positions(q, k, v, window, q_pos, kpm)
+    _check(out, lse, ref_out, ref_lse, (q, k, v), ref_in, dtype)
+
+
+def test_triton_positions_compile_and_opcheck():
+    from efficient_attention.kernels import triton_ops  # noqa: F401
+
+    q, k, v = make_qkv(1, 2, 100, 300, 64, torch.bfloat16, device="cuda")
+    q_pos = row_positions(1, 2, 100, 300, "fillers", device="cuda")
+    window = LocalWindow.sliding(300, 0, causal=True)
+
+    def fn(q, k, v, pos):
+        return sliding_window_attention(q, k, v, window, q_pos=pos)[0]
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, q_pos), fn(q, k, v, q_pos))
+    compiled(q, k, v, q_pos).float().sum().backward()
+    ops = torch.ops.efficient_attention
+    args = (q.detach(), k.detach(), v.detach(), None, 1, 300, 0, True, 0, 0.125, q_pos)
+    torch.library.opcheck(ops.triton_sliding_window.default, args)
+
+
+def _probsparse_step(kernel: bool, length: int, monkeypatch, batch: int = 2):
+    """A bf16-autocast causal ProbSparse training step (8 heads of 64), its active rows on the positions kernel or
+    (``kernel=False``) on the SDPA path with the kept mask; the same key samples.  Returns ``(out, grads, peak bytes
+    of the step beyond what was live before)``."""
+    from efficient_attention import ProbSparse
+    from efficient_attention.attentions import probsparse
+
+    calls = []
+    take = probsparse._kernel_rows
+    monkeypatch.setattr(probsparse, "_kernel_rows", lambda *a: calls.append(1) or take(*a))
+    if not kernel:
+        monkeypatch.setattr(probsparse, "_kernel_reasons", lambda *a: ["the SDPA path, forced"])
+    torch.manual_seed(0)
+    m = ProbSparse(512, 8, causal=True).cuda().train()
+    x = torch.randn(length, batch, 512, device="cuda", requires_grad=True)
+    g = torch.randn(length, batch, 512, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    torch.manual_seed(1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(x, need_weights=False)[0]
+    (out.float() * g).sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    monkeypatch.undo()
+    assert bool(calls) == kernel
+    # (k_proj.bias left out: its true gradient is 0, a key bias shifts each row's scores by a constant)
+    grads = [("x", x.grad)] + [(n, p.grad) for n, p in m.named_parameters() if n != "k_proj.bias"]
+    return out, grads, peak
+
+
+@pytest.mark.parametrize("length", [200, 1000])
+def test_probsparse_causal_rows_on_the_positions_kernel_match_the_sdpa_path(length, monkeypatch):
+    """Causal ProbSparse takes the positions kernel on CUDA (no padding, no dropout): its bf16 training step equals
+    the SDPA path's (kept additive mask) to bf16 rounding, output and every gradient."""
+    out, grads, _ = _probsparse_step(True, length, monkeypatch)
+    ref, ref_grads, _ = _probsparse_step(False, length, monkeypatch)
+    assert _rel(out, ref) < REL[torch.bfloat16]
+    for (name, got), (_, want) in zip(grads, ref_grads):
+        assert _rel(got, want) < 3 * REL[torch.bfloat16], name
+
+
+def test_probsparse_causal_positions_kernel_keeps_no_row_mask(monkeypatch):
+    """The point of the kernel path: no (B, H, A, S) mask is kept for the backward, so the step's peak is lower
+    than the SDPA path's (by about that mask: B * H * A * S * 2 bytes)."""
+    *_, peak = _probsparse_step(True, 4096, monkeypatch)
+    *_, ref_peak = _probsparse_step(False, 4096, monkeypatch)
+    assert peak < ref_peak, (peak / 2**20, ref_peak / 2**20)
 
 
 # ------------------------------------------------------------------------------ chunked linear attention

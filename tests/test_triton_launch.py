@@ -62,10 +62,11 @@ def _block_sparse_args(dtype=torch.bfloat16, T=256):
     lse = torch.zeros(2, 2, T)
     i32 = torch.zeros(4, dtype=torch.int32)
     u8 = torch.zeros(4, dtype=torch.uint8)
-    tensors = (q, q, q, q, q, u8, i32, i32, i32, u8, q, lse)
+    tensors = (q, q, q, q, q, u8, i32, i32, i32, i32, u8, q, lse)  # (Q, K, V, KD, VD, KPM, QPOS, LUT, CNT, ...)
     scalars = (0.18, 2, T, T, T * 64, 64, T * 64, 64, 0, 1, 9, 9, 2, 4, 4)
     meta = dict(
-        CAUSAL=True, WINDOW=False, USE_LUT=True, HAS_KPM=False, HAS_TILES=False, IEEE=False, HEAD_DIM=64,
+        CAUSAL=True, WINDOW=False, USE_LUT=True, HAS_KPM=False, HAS_TILES=False, HAS_QPOS=False, IEEE=False,
+        HEAD_DIM=64,
         BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, LUT_BLOCK=64, TMA=False,
     )  # fmt: skip
     return tensors, scalars, meta

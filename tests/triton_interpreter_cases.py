@@ -5,9 +5,11 @@ set before the kernels are defined, and must not leak into GPU tests of the same
 what the GPU tests cover where CI has no GPU: every tile config that ``triton_ops`` can pick (thin,
 64x64, long tiles; layout blocks of 16 and 128), TMA descriptor loads and pointer loads, windows with
 groups / q_offset / key padding, per-head and shared layouts, gradients through ``out`` and ``lse``,
-and a gradient through ``out`` alone; the chunked linear-attention kernels (decay, states, padding,
-value blocks, one feature, several segments, the in-kernel normaliser) and the causal Performer / cosFormer / ABC
-running on them.  Exits non-zero with the failing cases listed.
+and a gradient through ``out`` alone; gathered rows at their own positions (``q_pos``: tiles of mixed and
+repeated positions, rows at position 0, key blocks no row sees, causal ProbSparse on the kernel against its SDPA
+path); the chunked linear-attention kernels (decay, states, padding, value blocks, one feature, several segments,
+the in-kernel normaliser) and the causal Performer / cosFormer / ABC running on them.  Exits non-zero with the
+failing cases listed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from kernel_cases import loss_and_grads, make_qkv, padding, random_layout  # noqa: E402
+from kernel_cases import loss_and_grads, make_qkv, padding, random_layout, ref_positions, row_positions  # noqa: E402
 
 from efficient_attention.block_mask import BlockMask  # noqa: E402
 from efficient_attention.kernels import landmark, ops, reference, triton_ops  # noqa: E402
@@ -54,6 +56,50 @@ def window_case(window, d, dtype, S=150, q_offset=0):
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = reference.sliding_window_attention(*ref, window, q_offset=q_offset, key_padding_mask=kpm)
     check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
+
+
+def positions_case(window, d, dtype, T, S, kind, pad=False):
+    """Rows at positions ``q_pos`` (:func:`kernel_cases.row_positions`) through the Triton window kernels, against
+    float64 explicit softmax with the dense mask of those positions (out, lse, and the gradients of q, k, v);
+    ``pad``: key padding too (rows at position 0 then see nothing: lse -inf, out 0)."""
+    q, k, v = make_qkv(2, 2, T, S, d, dtype, hkv=1, seed=d + T)
+    q_pos = row_positions(2, 2, T, S, kind, seed=T)
+    kpm = padding(2, S) if pad else None
+    out, lse = ops.sliding_window_attention(q, k, v, window, q_pos=q_pos, key_padding_mask=kpm, backend="triton")
+    ref_out, ref_lse, ref = ref_positions(q, k, v, window, q_pos, kpm)
+    check(out, lse, ref_out, ref_lse, (q, k, v), ref, dtype)
+
+
+def probsparse_case(d):
+    """Causal ProbSparse in training, its active rows on the Triton kernel with per-row positions, against the same
+    module on its SDPA path (the kept additive mask; the same key samples), fp32: output and the gradients of the
+    input and of every parameter.  The kernel path must be the one taken."""
+    import efficient_attention.attentions.probsparse as ps
+    from efficient_attention import ProbSparse
+
+    def run(kernel):
+        calls = []
+        take, reasons = ps._kernel_rows, ps._kernel_reasons
+        ps._kernel_rows = lambda *a: calls.append(1) or take(*a)
+        if not kernel:
+            ps._kernel_reasons = lambda *a: ["the SDPA path, forced"]
+        try:
+            torch.manual_seed(0)
+            m = ProbSparse(2 * d, 2, causal=True, factor=2).train()
+            x = torch.randn(150, 2, 2 * d, requires_grad=True)
+            torch.manual_seed(1)  # the same key samples in both runs
+            out, _ = m(x, need_weights=False)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        finally:
+            ps._kernel_rows, ps._kernel_reasons = take, reasons
+        assert bool(calls) == kernel, f"kernel path taken: {bool(calls)}"
+        return [("out", out), ("dx", x.grad)] + [(n, p.grad) for n, p in m.named_parameters()]
+
+    for (name, got), (_, want) in zip(run(True), run(False)):
+        if name == "k_proj.bias":  # its true gradient is 0 (a key bias shifts a row's scores by a constant)
+            assert got.abs().max() < 1e-4 and want.abs().max() < 1e-4, f"{name} {got.abs().max():.1e}"
+            continue
+        assert rel(got, want) < 1e-5, f"{name} {rel(got, want):.1e}"
 
 
 def layout_case(bs, layout_heads, causal, dtype, d=16):
@@ -514,6 +560,51 @@ def main() -> int:
                 "window wide-band tiles fp16 d64",
                 lambda: window_case(LocalWindow.sliding(2047, 0, causal=True), 64, f16, S=140),
             ),
+            (
+                tma,
+                "positions causal full band, mixed tiles, T % 64 != 0, d64 fp32",
+                lambda: positions_case(LocalWindow.sliding(300, 0, causal=True), 64, f32, 150, 300, "spread"),
+            ),
+            (
+                tma,
+                "positions causal full band, repeated positions, padding (empty rows) fp32",
+                lambda: positions_case(LocalWindow.sliding(200, 0, causal=True), 16, f32, 100, 200, "repeats", True),
+            ),
+            (
+                tma,
+                "positions ProbSparse order (fillers at 0), wide-band tiles fp16 d64",
+                lambda: positions_case(LocalWindow.sliding(700, 0, causal=True), 64, f16, 150, 700, "fillers"),
+            ),
+            (
+                tma,
+                "positions early rows (unseen key blocks), thin tiles fp16 d32",
+                lambda: positions_case(LocalWindow.sliding(260, 0, causal=True), 32, f16, 70, 260, "early"),
+            ),
+            (
+                tma,
+                "positions causal full band, positions on tile edges fp32",
+                lambda: positions_case(LocalWindow.sliding(300, 0, causal=True), 16, f32, 150, 300, "edges"),
+            ),
+            (
+                tma,
+                "positions causal sliding(32) band, positions on tile edges fp32",
+                lambda: positions_case(LocalWindow.sliding(32, 0, causal=True), 16, f32, 150, 300, "edges"),
+            ),
+            (
+                tma,
+                "positions causal sliding(100) band (full key tiles for some rows only) fp32",
+                lambda: positions_case(LocalWindow.sliding(100, 0, causal=True), 16, f32, 150, 300, "spread"),
+            ),
+            (
+                tma,
+                "positions sliding(17, 5) band fp32",
+                lambda: positions_case(LocalWindow.sliding(17, 5), 16, f32, 90, 200, "spread", True),
+            ),
+            (
+                tma,
+                "positions blocks(16, 2, 0) causal band, repeats fp32",
+                lambda: positions_case(LocalWindow.from_blocks(16, 2, 0, causal=True), 16, f32, 90, 200, "repeats"),
+            ),
             (tma, "layout bs16 per-head causal fp32", lambda: layout_case(16, 3, True, f32)),
             (tma, "layout bs128 shared fp32", lambda: layout_case(128, 1, False, f32)),
             (tma, "layout bs128 per-head causal fp16", lambda: layout_case(128, 3, True, f16)),
@@ -536,6 +627,12 @@ def main() -> int:
             ),
         ]
     cases.append((False, "out-only gradient", out_only_case))
+    cases.append(
+        (False, "probsparse causal on the positions kernel = its SDPA path d32 fp32", lambda: probsparse_case(32))
+    )
+    cases.append(
+        (False, "probsparse causal on the positions kernel = its SDPA path d64 fp32", lambda: probsparse_case(64))
+    )
     cases.append((False, "longshort modules on the block-sparse kernel", longshort_modules_case))
     cases += [
         (False, "linear decay+state+padding fp32 m16 d5", lambda: linear_case(70, 16, 5, f32, True, True, True)),

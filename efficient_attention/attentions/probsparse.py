@@ -15,7 +15,9 @@ end (causal; a sample beyond the query is wrapped into the visible part of its
 block), so the scores are one batched matmul against ``U`` gathered keys per
 block (plus the block's own scores), never a ``(T, U, d)`` gather.  Sampling is random in
 training and a fixed hash of (block, sample index) in eval: deterministic, and
-the same in decoding.  The active rows are gathered and attend through SDPA.
+the same in decoding.  The active rows are gathered and attend through SDPA, or (causal, no key padding, no
+dropout, where the Triton kernels take the inputs: CUDA) through the sliding-window kernel with per-row
+positions (:func:`_kernel_rows`), which builds no ``(B, H, A, S)`` mask.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype, sdpa_attention
+from ..functional import acc_dtype, repeat_kv, sdpa_attention
+from ..kernels.ops import SlidingWindowTriton, sliding_window_kernel
 from ..options import AttentionOptions, option, positive_int
 from ..registry import register_attention
 
@@ -143,6 +146,34 @@ def _pieces(x: Tensor, pieces: int):
     return tuple(x.narrow(2, i * size, size if i < pieces - 1 else x.shape[2] - i * size) for i in range(pieces))
 
 
+def _kernel_reasons(q: Tensor, k: Tensor, v: Tensor) -> list:
+    """Why the Triton sliding-window kernel with per-row positions cannot take these rows ([] = it can)."""
+    return SlidingWindowTriton.not_supported_reasons(q, k, v, positions=True)
+
+
+def _kernel_rows(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, ok: Tensor, q_pos: Tensor, scale: float):
+    """Exact causal attention of the query ``rows (B, H, A)`` (``ok``: active; ascending positions first, then
+    the fillers) on the Triton sliding-window kernel with per-row positions (query ``a`` sees keys
+    ``j <= q_pos[rows[a]]``): no ``(B, H, A, S)`` mask, forward or backward.
+
+    The kernel needs nondecreasing positions: each ``(b, h)`` row list is rotated so that its fillers come first,
+    at position 0 (one key each: almost no work; their outputs are discarded and their gradients are zero),
+    followed by the active rows in ascending order.  Returns ``(rows, ok, exact (B, H, A, d))`` in that order."""
+    n_rows = rows.shape[-1]
+    turn = (torch.arange(n_rows, device=rows.device) + ok.sum(-1, keepdim=True)) % n_rows
+    rows, ok = rows.gather(-1, turn), ok.gather(-1, turn)
+    pos = torch.where(ok, q_pos[rows], 0).to(torch.int32)
+    qg = torch.gather(q, 2, rows[..., None].expand(-1, -1, -1, q.shape[-1]))
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    device = q.device.type
+    if torch.is_autocast_enabled(device) and q.dtype == torch.float32:  # as SDPA runs under autocast
+        dtype = torch.get_autocast_dtype(device)
+        qg, k, v = qg.to(dtype), k.to(dtype), v.to(dtype)
+    # causal with every earlier key visible: a band of k's length to the left, none to the right
+    exact, _ = sliding_window_kernel("triton", qg, k, v, None, 1, k.shape[2], 0, True, 0, scale, pos)
+    return rows, ok, exact
+
+
 def _prefix_mask(keys: Tensor, last: Tensor, q: Tensor) -> Tensor:
     """Additive mask ``(B, H, a, S)`` in ``q``'s dtype: 0 for keys ``<= last``, ``-inf`` after."""
     return torch.where(keys > last[..., None], q.new_full((), float("-inf")), q.new_zeros(()))
@@ -153,9 +184,9 @@ class ProbSparseOptions(AttentionOptions):
     factor: int = positive_int(5, "sampling factor c: c·⌈ln L⌉ sampled keys per query and (noncausal) active queries")
     piecewise_mask: bool = option(
         False,
-        "causal passes without padding or dropout: build the active rows' mask a quarter of the rows at a time "
-        "and again in the backward, never kept (less peak memory; on an H200 1.1-1.2x the time and one host sync "
-        "per pass)",
+        "causal passes without padding or dropout that the Triton kernel does not take (it keeps no mask: CUDA, "
+        "fp16/bf16/fp32, head dims 16-128): build the active rows' mask a quarter of the rows at a time and again in "
+        "the backward, never kept (less peak memory; on an H200 1.1-1.2x the time and one host sync per pass)",
     )
 
 
@@ -325,12 +356,20 @@ class ProbSparse(EfficientAttention):
         kpm: Optional[Tensor],
         out: Tensor,
     ) -> Tensor:
-        """Exact softmax attention (SDPA) for the query ``rows`` ``(B, H, A)`` where ``ok``, written into ``out``."""
+        """Exact softmax attention (SDPA, or causal without padding or dropout the Triton kernel of
+        :func:`_kernel_rows` where it takes the inputs) for the query ``rows`` ``(B, H, A)`` where ``ok``, written
+        into ``out``."""
+        dropout = self.dropout_p if self.training else 0.0
+        if self.causal and kpm is None and dropout == 0.0 and not _kernel_reasons(q, k, v):
+            rows, ok, exact = _kernel_rows(q, k, v, rows, ok, q_pos, self.scaling)
+            idx = rows[..., None].expand(-1, -1, -1, q.shape[-1])
+            # (fillers: their outputs are dropped here, so no gradient reaches their kernel rows)
+            exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
+            return out.scatter(2, idx, exact)
         idx = rows[..., None].expand(-1, -1, -1, q.shape[-1])
         keep: Optional[Tensor] = None
         if kpm is not None:  # a batch row without real keys has no active query: let its filler rows see everything
             keep = (~kpm | kpm.all(-1, keepdim=True))[:, None, None, :]  # (B, 1, 1, S)
-        dropout = self.dropout_p if self.training else 0.0
         if self.causal and keep is None:
             # an additive mask from the rows' last visible key (filler rows see every key): a boolean mask took
             # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); with piecewise_mask and

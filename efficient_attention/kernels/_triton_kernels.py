@@ -13,7 +13,12 @@ One FlashAttention-2 style kernel family covers both ops.  A query block of
 
 Inside a block, a query ``i`` (absolute position ``p = i + q_offset``) sees key
 ``j`` iff ``lo(p) <= j <= hi(p)`` (the band; unbounded for block-sparse), ``j <= p``
-if causal, ``j < S`` and the key is not padding.  Blocks entirely inside the
+if causal, ``j < S`` and the key is not padding.  A band may instead read each
+row's position from ``q_pos (B*H, T)`` int32 (``HAS_QPOS``: gathered rows, ProbSparse's
+active queries), nondecreasing along each row list: a query tile's key range runs from
+the band of its smallest position to that of its largest, and the dk/dv kernel finds the
+query tiles that see its key block by a binary search of the tiles' first and last
+positions (a few scalar loads).  Blocks entirely inside the
 band skip the element mask.  Scores use ``exp2`` with ``scale * log2(e)``; the
 log-sum-exp is returned in natural units (fp32, ``-inf`` for empty rows).
 Backward: ``dq`` by query block first (it also computes ``delta = rowsum(dO * O) - dlse``
@@ -43,8 +48,50 @@ def _band(p, group, left, right, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _position_range(qpos_base, offs_m, T):
+    """``(first_p, last_p)``: the smallest and largest position of the query rows ``offs_m`` below ``T`` (at least
+    one), read from a ``q_pos`` row."""
+    valid = offs_m < T
+    p = tl.load(qpos_base + offs_m, mask=valid, other=0)
+    return tl.min(tl.where(valid, p, 1 << 30), 0), tl.max(tl.where(valid, p, -(1 << 30)), 0)
+
+
+@triton.jit
+def _qpos_search(
+    qpos_base,
+    T,
+    n_blocks,
+    lo,
+    target,
+    group,
+    left,
+    right,
+    CAUSAL: tl.constexpr,
+    UPPER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The first query tile ``b`` in ``[lo, n_blocks]`` (``n_blocks`` if none) of a nondecreasing ``q_pos`` row for
+    which, ``UPPER``: its last row's band reaches up to ``target`` (``hi(p) >= target``); else its first row's band
+    starts after ``target`` (``lo(p) > target``).  Both are monotone in ``b``: a binary search of scalar loads."""
+    hi = lo * 0 + n_blocks
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if UPPER:
+            _, h = _band(tl.load(qpos_base + tl.minimum(mid * BLOCK_M + BLOCK_M, T) - 1), group, left, right, CAUSAL)
+            go = h >= target
+        else:
+            low, _ = _band(tl.load(qpos_base + mid * BLOCK_M), group, left, right, CAUSAL)
+            go = low > target
+        hi = tl.where(go, mid, hi)
+        lo = tl.where(go, lo, mid + 1)
+    return lo
+
+
+@triton.jit
 def _mask(
     offs_m,
+    qpos_base,
+    T,
     offs_n,
     S,
     q_offset,
@@ -55,8 +102,14 @@ def _mask(
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    HAS_QPOS: tl.constexpr,
 ):
-    p = offs_m[:, None] + q_offset
+    """Which keys ``offs_n`` the query rows ``offs_m`` see: their positions are read from the ``q_pos`` row at
+    ``qpos_base`` with ``HAS_QPOS`` (here, not kept live across the key loop), else ``offs_m + q_offset``."""
+    if HAS_QPOS:
+        p = tl.load(qpos_base + offs_m, mask=offs_m < T, other=0)[:, None]
+    else:
+        p = offs_m[:, None] + q_offset
     keep = offs_n[None, :] < S
     if WINDOW:
         base = (p // group) * group
@@ -177,6 +230,7 @@ def _fwd_kernel(
     KD,
     VD,
     KPM,
+    QPOS,
     LUT,
     CNT,
     TILE,
@@ -209,6 +263,7 @@ def _fwd_kernel(
     LUT_BLOCK: tl.constexpr,
     TMA: tl.constexpr,
     HAS_TILES: tl.constexpr,
+    HAS_QPOS: tl.constexpr,
 ):
     qb, bh = _program_tile(USE_LUT)
     b = bh // H
@@ -224,8 +279,12 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    first_p = qb * BLOCK_M + q_offset
-    last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
+    qpos_base = QPOS + bh.to(tl.int64) * T
+    if HAS_QPOS:  # per-row positions (their smallest and largest bound the tile's band)
+        first_p, last_p = _position_range(qpos_base, offs_m, T)
+    else:
+        first_p = qb * BLOCK_M + q_offset
+        last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
     start, n_iter, lo_last, hi_first = _key_range(
         first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL, USE_LUT, LUT_BLOCK, BLOCK_N
@@ -244,7 +303,22 @@ def _fwd_kernel(
             t = tl.load(TILE + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N))
             full = full & (t < 0)
         if not full:
-            keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            keep = _mask(
+                offs_m,
+                qpos_base,
+                T,
+                offs_n,
+                S,
+                q_offset,
+                group,
+                left,
+                right,
+                kpm_ptr,
+                CAUSAL,
+                WINDOW,
+                HAS_KPM,
+                HAS_QPOS,
+            )
             if HAS_TILES:
                 keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
             s = tl.where(keep, s, float("-inf"))
@@ -268,6 +342,7 @@ def _bwd_dkdv_kernel(
     QD,
     DOD,
     KPM,
+    QPOS,
     LUT,
     CNT,
     TILE,
@@ -304,6 +379,7 @@ def _bwd_dkdv_kernel(
     LUT_BLOCK: tl.constexpr,
     TMA: tl.constexpr,
     HAS_TILES: tl.constexpr,
+    HAS_QPOS: tl.constexpr,
 ):
     kb, bh = _program_tile(USE_LUT)
     b = bh // H
@@ -322,9 +398,30 @@ def _bwd_dkdv_kernel(
     n0 = kb * BLOCK_N
     n_last = n0 + BLOCK_N - 1
     lut_base = ((h % lut_heads) * lut_rows + (kb * BLOCK_N) // LUT_BLOCK).to(tl.int64)
+    qpos_base = QPOS + bh.to(tl.int64) * T
     if USE_LUT:  # transposed layout: the query blocks that keep this key block
         n_iter = tl.load(CNT + lut_base) * (LUT_BLOCK // BLOCK_M)
         start = 0
+    elif HAS_QPOS:  # nondecreasing positions: the query tiles from the first whose band reaches the key block
+        # to the last whose band starts at or before its end, found by binary searches (the end's skipped when
+        # the last row's band starts at or before it, as a causal band with an unbounded left does)
+        n_blocks = (T + BLOCK_M - 1) // BLOCK_M
+        start = _qpos_search(qpos_base, T, n_blocks, kb * 0, n0, group, left, right, CAUSAL, True, BLOCK_M)
+        low_end, _ = _band(tl.load(qpos_base + T - 1), group, left, right, CAUSAL)
+        end = _qpos_search(
+            qpos_base,
+            T,
+            n_blocks,
+            tl.where(low_end <= n_last, n_blocks, start),
+            n_last,
+            group,
+            left,
+            right,
+            CAUSAL,
+            False,
+            BLOCK_M,
+        )
+        n_iter = tl.maximum(end - start, 0)
     else:  # conservative query range of the band (the element mask is exact)
         q_lo = n0 - right - group + 1 - q_offset
         q_hi = n_last + left + group - 1 - q_offset
@@ -345,8 +442,13 @@ def _bwd_dkdv_kernel(
         sT = _dot(k, tl.trans(q), IEEE) * qk_scale
         lse2 = _lse2(lse)
         pT = tl.math.exp2(sT - lse2[None, :])
-        first_p = qb * BLOCK_M + q_offset
-        lo_last, _ = _band(first_p + BLOCK_M - 1, group, left, right, False)
+        if HAS_QPOS:  # nondecreasing: the tile's first and last rows hold its smallest and largest position
+            first_p = tl.load(qpos_base + qb * BLOCK_M)
+            last_p = tl.load(qpos_base + tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1)
+            lo_last, _ = _band(last_p, group, left, right, False)
+        else:
+            first_p = qb * BLOCK_M + q_offset
+            lo_last, _ = _band(first_p + BLOCK_M - 1, group, left, right, False)
         _, hi_first = _band(first_p, group, left, right, CAUSAL)
         full = _full_block(first_p, lo_last, hi_first, n0, S, BLOCK_N, CAUSAL, WINDOW, HAS_KPM)
         t = -1
@@ -354,7 +456,22 @@ def _bwd_dkdv_kernel(
             t = tl.load(TILE + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_M))
             full = full & (t < 0)
         if not full:
-            keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            keep = _mask(
+                offs_m,
+                qpos_base,
+                T,
+                offs_n,
+                S,
+                q_offset,
+                group,
+                left,
+                right,
+                kpm_ptr,
+                CAUSAL,
+                WINDOW,
+                HAS_KPM,
+                HAS_QPOS,
+            )
             if HAS_TILES:
                 keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
             pT = tl.where(tl.trans(keep), pT, 0.0)
@@ -375,6 +492,7 @@ def _bwd_dq_kernel(
     KD,
     VD,
     KPM,
+    QPOS,
     LUT,
     CNT,
     TILE,
@@ -413,6 +531,7 @@ def _bwd_dq_kernel(
     HAS_DLSE: tl.constexpr,
     TMA: tl.constexpr,
     HAS_TILES: tl.constexpr,
+    HAS_QPOS: tl.constexpr,
 ):
     qb, bh = _program_tile(USE_LUT)
     b = bh // H
@@ -435,8 +554,12 @@ def _bwd_dq_kernel(
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
     lse2 = _lse2(lse)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    first_p = qb * BLOCK_M + q_offset
-    last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
+    qpos_base = QPOS + bh.to(tl.int64) * T
+    if HAS_QPOS:  # per-row positions (their smallest and largest bound the tile's band)
+        first_p, last_p = _position_range(qpos_base, offs_m, T)
+    else:
+        first_p = qb * BLOCK_M + q_offset
+        last_p = tl.minimum(qb * BLOCK_M + BLOCK_M, T) - 1 + q_offset
     lut_base = ((h % lut_heads) * lut_rows + (qb * BLOCK_M) // LUT_BLOCK).to(tl.int64)
     start, n_iter, lo_last, hi_first = _key_range(
         first_p, last_p, CNT, lut_base, S, group, left, right, CAUSAL, USE_LUT, LUT_BLOCK, BLOCK_N
@@ -454,7 +577,22 @@ def _bwd_dq_kernel(
             t = tl.load(TILE + lut_base * lut_cols + it // (LUT_BLOCK // BLOCK_N))
             full = full & (t < 0)
         if not full:
-            keep = _mask(offs_m, offs_n, S, q_offset, group, left, right, kpm_ptr, CAUSAL, WINDOW, HAS_KPM)
+            keep = _mask(
+                offs_m,
+                qpos_base,
+                T,
+                offs_n,
+                S,
+                q_offset,
+                group,
+                left,
+                right,
+                kpm_ptr,
+                CAUSAL,
+                WINDOW,
+                HAS_KPM,
+                HAS_QPOS,
+            )
             if HAS_TILES:
                 keep = keep & _tile_keep(TILES, t, offs_m, offs_n, LUT_BLOCK)
             p = tl.where(keep, p, 0.0)

@@ -166,7 +166,8 @@ def _dispatcher(op: str) -> Dispatcher:
 def not_supported_reasons(op: str, q: Tensor, k: Tensor, v: Tensor, **params) -> Dict[str, List[str]]:
     """Per backend of ``op``, why it cannot run on these inputs ([] = it can), xformers-style.
 
-    ``params``: ``dropout_p``, ``exclude_self`` (sliding window), ``dropout_p``, ``block_size`` (block sparse),
+    ``params``: ``dropout_p``, ``exclude_self``, ``positions`` (whether per-row ``q_pos`` are given; sliding
+    window), ``dropout_p``, ``block_size`` (block sparse),
     ``block_size`` (landmark, k and v with q's head count)."""
     return _dispatcher(op).not_supported_reasons(q, k, v, **params)
 

@@ -28,6 +28,7 @@ __all__ = [
     "block_sparse_attention",
     "block_mask_attention",
     "check_inputs",
+    "check_positions",
     "sliding_window_kernel",
     "block_sparse_kernel",
     "SLIDING_WINDOW",
@@ -124,21 +125,24 @@ def _kernel_ops(backend: str, op: str):
 
 class _SlidingWindowFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend, q, k, v, kpm, group, left, right, causal, q_offset, scale):
+    def forward(ctx, backend, q, k, v, kpm, group, left, right, causal, q_offset, scale, q_pos):
         fwd, _ = _kernel_ops(backend, "window")
-        out, lse = fwd(q, k, v, kpm, group, left, right, causal, q_offset, scale)
+        args = (group, left, right, causal, q_offset, scale)
+        # (per-row positions: the Triton kernels only; the C++ ops' schemas have no such argument)
+        out, lse = fwd(q, k, v, kpm, *args) if q_pos is None else fwd(q, k, v, kpm, *args, q_pos)
         ctx.set_materialize_grads(False)  # an unused lse gets no zero gradient (and no delta term)
-        ctx.save_for_backward(q, k, v, out, lse, kpm)
-        ctx.backend, ctx.args = backend, (group, left, right, causal, q_offset, scale)
+        ctx.save_for_backward(q, k, v, out, lse, kpm, q_pos)
+        ctx.backend, ctx.args = backend, args
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, kpm = ctx.saved_tensors
+        q, k, v, out, lse, kpm, q_pos = ctx.saved_tensors
         _, bwd = _kernel_ops(ctx.backend, "window")
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, lse, kpm, *ctx.args)
-        return (None, dq, dk, dv) + (None,) * 7
+        tail = () if q_pos is None else (q_pos,)
+        dq, dk, dv = bwd(grad_out, grad_lse, q, k, v, out, lse, kpm, *ctx.args, *tail)
+        return (None, dq, dk, dv) + (None,) * 8
 
 
 class _BlockSparseFn(torch.autograd.Function):
@@ -199,10 +203,12 @@ def sliding_window_kernel(
     causal: bool,
     q_offset: int,
     scale: float,
+    q_pos: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The C++ (``"cpp"``) or Triton kernels of a window band, with autograd; ``k, v`` carry q's head count,
-    ``kpm`` is bool ``(B, S)`` or None.  Returns ``(out, lse)``; no checks (callers dispatch first)."""
-    return _SlidingWindowFn.apply(backend, q, k, v, kpm, group, left, right, causal, q_offset, scale)
+    ``kpm`` is bool ``(B, S)`` or None; ``q_pos`` int32 ``(B, H, T)`` (Triton only) the rows' positions, nondecreasing
+    along ``T``, in place of ``q_offset``.  Returns ``(out, lse)``; no checks (callers dispatch first)."""
+    return _SlidingWindowFn.apply(backend, q, k, v, kpm, group, left, right, causal, q_offset, scale, q_pos)
 
 
 def block_sparse_kernel(
@@ -227,21 +233,38 @@ TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 _EXCLUDE_SELF = (
     "the window excludes each query's own key (LocalWindow.exclude_self, shared_qk), which the kernels do not implement"
 )
+_POSITIONS = "per-row query positions (q_pos), which the C++ kernels do not implement"
 
 
-def _run_window(backend, q, k, v, window, q_offset, key_padding_mask, scale):
+def _run_window(backend, q, k, v, window, q_offset, key_padding_mask, scale, q_pos=None):
     k, v, kpm = _prepare(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return sliding_window_kernel(
-        backend, q, k, v, kpm, window.group, window.left, window.right, window.causal, int(q_offset), scale
+        backend, q, k, v, kpm, window.group, window.left, window.right, window.causal, int(q_offset), scale, q_pos
     )
+
+
+def check_positions(q_pos, q: Tensor, q_offset: int = 0) -> None:
+    """``q_pos`` must be an int32 ``(B, H, T)`` tensor on ``q``'s device (and ``q_offset`` 0 with it): ``ValueError``
+    naming it otherwise.  That it is nondecreasing along ``T`` is the caller's promise (not checked: no device
+    sync)."""
+    if not isinstance(q_pos, Tensor):
+        raise ValueError(f"q_pos must be a Tensor or None, got {type(q_pos).__name__}")
+    if q_pos.shape != q.shape[:3]:
+        raise ValueError(f"q_pos must have shape (B, H, T) = {tuple(q.shape[:3])}, got {tuple(q_pos.shape)}")
+    if q_pos.dtype != torch.int32:
+        raise ValueError(f"q_pos must be int32, got {q_pos.dtype}")
+    if q_pos.device != q.device:
+        raise ValueError(f"q_pos must be on q's device {q.device}, got {q_pos.device}")
+    if q_offset != 0:
+        raise ValueError(f"q_offset must be 0 when q_pos gives the positions, got {q_offset}")
 
 
 class SlidingWindowTriton(TritonBackend):
     op = "sliding_window"
 
     @classmethod
-    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False):
+    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False, positions=False):
         return (
             kernel_shape_reasons(q, k, v, dropout_p)
             + tile_head_dim_reasons(q, v)
@@ -249,22 +272,24 @@ class SlidingWindowTriton(TritonBackend):
         )
 
     @classmethod
-    def run(cls, q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
-        return _run_window(cls.name, q, k, v, window, q_offset, key_padding_mask, scale)
+    def run(cls, q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk, q_pos=None):
+        return _run_window(cls.name, q, k, v, window, q_offset, key_padding_mask, scale, q_pos)
 
 
 class SlidingWindowCpp(CppBackend):
     op = "sliding_window"
 
     @classmethod
-    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False):
+    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False, positions=False):
         reasons = kernel_shape_reasons(q, k, v, dropout_p) + ([_EXCLUDE_SELF] if exclude_self else [])
         if q.shape[-1] > CPU_MAX_HEAD_DIM or v.shape[-1] > CPU_MAX_HEAD_DIM:
             reasons.append(f"head dim {q.shape[-1]}/{v.shape[-1]} is above {CPU_MAX_HEAD_DIM}")
+        if positions:
+            reasons.append(_POSITIONS)
         return reasons
 
     @classmethod
-    def run(cls, q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
+    def run(cls, q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk, q_pos=None):
         return _run_window(cls.name, q, k, v, window, q_offset, key_padding_mask, scale)
 
 
@@ -272,11 +297,11 @@ class SlidingWindowReference(ReferenceBackend):
     op = "sliding_window"
 
     @classmethod
-    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False):
+    def input_reasons(cls, q, k, v, dropout_p=0.0, exclude_self=False, positions=False):
         return []
 
     @staticmethod
-    def run(q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk):
+    def run(q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk, q_pos=None):
         return reference.sliding_window_attention(
             q,
             k,
@@ -287,6 +312,7 @@ class SlidingWindowReference(ReferenceBackend):
             scale=scale,
             dropout_p=dropout_p,
             chunk=chunk,
+            q_pos=q_pos,
         )
 
 
@@ -359,6 +385,7 @@ def sliding_window_attention(
     window: LocalWindow,
     *,
     q_offset: int = 0,
+    q_pos: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
@@ -367,18 +394,25 @@ def sliding_window_attention(
 ) -> Tuple[Tensor, Tensor]:
     """Attention restricted to a :class:`LocalWindow` band (see :func:`reference.sliding_window_attention`).
 
-    Returns ``(out (B, H, T, dv), lse (B, H, T))``; ``chunk`` only tunes the reference path.  ``backend``
-    forces ``"triton"``, ``"cpp"`` or ``"reference"`` (``BackendUnavailableError``, a ``ValueError``, listing
-    every reason when it cannot run); by default the fastest that supports the inputs.
+    ``q_pos`` (int32 ``(B, H, T)``, nondecreasing along ``T``), instead of ``q_offset``, gives each query row its
+    own position: gathered rows (ProbSparse's active queries) attend with the band of their positions (Triton
+    and the reference path; the C++ kernels do not take it).  Returns ``(out (B, H, T, dv), lse (B, H, T))``;
+    ``chunk`` only tunes the reference path.  ``backend`` forces ``"triton"``, ``"cpp"`` or ``"reference"``
+    (``BackendUnavailableError``, a ``ValueError``, listing every reason when it cannot run); by default the
+    fastest that supports the inputs.
     """
     if not isinstance(window, LocalWindow):
         raise TypeError(f"window must be a LocalWindow, got {type(window).__name__}")
     check_inputs(q, k, v, dropout_p=dropout_p, scale=scale, key_padding_mask=key_padding_mask)
     q_offset = _int(q_offset, "q_offset")
+    if q_pos is not None:
+        check_positions(q_pos, q, q_offset)
     if chunk is not None:
         _int(chunk, "chunk", 1)
-    impl = SLIDING_WINDOW.select(backend, q, k, v, dropout_p=dropout_p, exclude_self=window.exclude_self)
-    return impl.run(q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk)
+    impl = SLIDING_WINDOW.select(
+        backend, q, k, v, dropout_p=dropout_p, exclude_self=window.exclude_self, positions=q_pos is not None
+    )
+    return impl.run(q, k, v, window, q_offset, key_padding_mask, scale, dropout_p, chunk, q_pos)
 
 
 def block_sparse_attention(

@@ -58,6 +58,7 @@ def sliding_window_attention(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     chunk: Optional[int] = None,
+    q_pos: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Attention restricted to a :class:`LocalWindow` band.
 
@@ -67,15 +68,19 @@ def sliding_window_attention(
         window: the band rule.
         key_padding_mask: ``(B, S)`` bool, True = padding.
         scale: logit scale (default ``d ** -0.5``).
-        chunk: queries per chunk (default: the window group, or the band width).
+        chunk: queries per chunk (default: the window group, or the band width; 64 with ``q_pos``).
+        q_pos: ``(B, H, T)`` integer, each query row's own position (in place of ``q_offset``): gathered rows.
 
     Returns:
-        ``(out (B, H, T, d), lse (B, H, T))``.  Cost ``O(T * span * d)``.
+        ``(out (B, H, T, d), lse (B, H, T))``.  Cost ``O(T * span * d)`` (with ``q_pos``, a chunk of rows
+        spans the keys from its smallest position's band to its largest's).
     """
     bsz, heads, tgt_len, dim = q.shape
     src_len = k.shape[2]
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)
     scale = dim**-0.5 if scale is None else scale
+    if q_pos is not None:
+        return _positions_attention(q, k, v, window, q_pos, key_padding_mask, scale, dropout_p, chunk or 64)
     if chunk is None:
         chunk = window.group if window.group > 1 else max(16, window.left + window.right)
     n_chunks = -(-tgt_len // chunk)
@@ -94,6 +99,51 @@ def sliding_window_attention(
     keep = keep[None, None]
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask[:, idx][:, None, :, None, :]
+    scores = scores.masked_fill(~keep, float("-inf"))
+    out, lse = _finish(scores, vb, dropout_p)
+    out = out.reshape(bsz, heads, n_chunks * chunk, v.shape[-1])[:, :, :tgt_len]
+    lse = lse.reshape(bsz, heads, n_chunks * chunk)[:, :, :tgt_len]
+    return out, lse
+
+
+def _positions_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: LocalWindow,
+    q_pos: Tensor,
+    key_padding_mask: Optional[Tensor],
+    scale: float,
+    dropout_p: float,
+    chunk: int,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`sliding_window_attention` of rows at positions ``q_pos (B, H, T)`` (k, v with q's heads): chunks of
+    ``chunk`` rows, each over the keys from its smallest position's band start to its largest's end (one width
+    for all, read back once)."""
+    bsz, heads, tgt_len, dim = q.shape
+    src_len = k.shape[2]
+    if tgt_len == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1]), q.new_zeros(q.shape[:3], dtype=acc_dtype(q.dtype))
+    n_chunks = -(-tgt_len // chunk)
+    pad = n_chunks * chunk - tgt_len
+    pos = q_pos.long().to(q.device)
+    pos = torch.cat([pos, pos[..., -1:].expand(-1, -1, pad)], -1).view(bsz, heads, n_chunks, chunk)  # (B, H, n, C)
+    start = window.lo(pos.amin(-1))  # (B, H, n)
+    width = max(int((window.hi(pos.amax(-1)) - start).max().item()) + 1, 1)
+    kpos = start[..., None] + torch.arange(width, device=q.device)  # (B, H, n, W)
+    valid = (kpos >= 0) & (kpos < src_len)
+    idx = kpos.clamp(0, max(src_len - 1, 0)).flatten(2)  # (B, H, n*W)
+    kb = torch.gather(k, 2, idx[..., None].expand(-1, -1, -1, dim)).view(bsz, heads, n_chunks, width, dim)
+    vb = torch.gather(v, 2, idx[..., None].expand(-1, -1, -1, v.shape[-1])).view(
+        bsz, heads, n_chunks, width, v.shape[-1]
+    )
+    q_pad = F.pad(q, (0, 0, 0, pad)).view(bsz, heads, n_chunks, chunk, dim)
+    scores = torch.matmul(q_pad, kb.transpose(-1, -2)) * scale  # (B, H, n, C, W)
+    keep = window.allowed(pos[..., None], kpos[..., None, :]) & valid[..., None, :]
+    if key_padding_mask is not None:
+        keep = keep & ~key_padding_mask[torch.arange(bsz, device=q.device)[:, None, None], idx].view(
+            bsz, heads, n_chunks, 1, width
+        )
     scores = scores.masked_fill(~keep, float("-inf"))
     out, lse = _finish(scores, vb, dropout_p)
     out = out.reshape(bsz, heads, n_chunks * chunk, v.shape[-1])[:, :, :tgt_len]

@@ -2,9 +2,10 @@
 
 ``sliding_window_fwd`` / ``block_sparse_fwd`` (registered as ``torch.ops.efficient_attention.triton_sliding_window``
 and ``triton_block_sparse``, with fake impls) take ``(B, H, N, d)`` CUDA tensors (k, v already with q's head
-count) and return ``(out, lse)``; the ``*_bwd`` functions return ``(dq, dk, dv)``.  Autograd is the op's one
-``autograd.Function`` in ``ops.py``.  See ``_triton_kernels.py`` for the algorithm.  Importing this module
-requires Triton.
+count) and return ``(out, lse)``; the ``*_bwd`` functions return ``(dq, dk, dv)``.  The sliding-window ops take an
+optional ``q_pos (B, H, T)`` int32, each query row's position (nondecreasing along ``T``; ``q_offset`` unused
+then).  Autograd is the op's one ``autograd.Function`` in ``ops.py``.  See ``_triton_kernels.py`` for the
+algorithm.  Importing this module requires Triton.
 """
 
 from __future__ import annotations
@@ -208,20 +209,28 @@ def _qkv_views(q, k, v):
     return q, k, v, sq, sk
 
 
-def _forward(q, k, v, kpm, rule, lut, cfg):
+def _qpos(qpos: Optional[Tensor], q: Tensor) -> Tuple[Tensor, bool]:
+    """Per-row query positions as the kernels read them (``(B*H, T)`` int32 rows), or a placeholder."""
+    if qpos is None:
+        return _dummy(q, torch.int32), False
+    return qpos.to(torch.int32).contiguous(), True
+
+
+def _forward(q, k, v, kpm, rule, lut, cfg, qpos=None):
     q, k, v, sq, sk = _qkv_views(q, k, v)
     B, H, T, D = q.shape
     S = k.shape[2]
     out = torch.empty_like(q)  # q's layout (a dense tensor's strides are kept)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     kpm_t, has_kpm = _kpm(kpm, q)
+    qpos_t, has_qpos = _qpos(qpos, q)
     scale, q_offset, group, left, right, causal, window = rule
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     c, (kd, vd) = _with_tma(cfg, k, v, sk, "BLOCK_N")
     launch(
         tk._fwd_kernel,
         _grid(lut, T, c["BLOCK_M"], B * H),
-        (q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, out, lse),
+        (q, k, v, kd, vd, kpm_t, qpos_t, idx, cnt, tile, tiles, out, lse),
         (scale * tk.LOG2E, H, T, S, *sq, *sk, q_offset, group, left, right, lut_heads, rows, cols),
         dict(
             CAUSAL=causal,
@@ -229,6 +238,7 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
             USE_LUT=idx is not cnt,
             HAS_KPM=has_kpm,
             HAS_TILES=tile is not idx,
+            HAS_QPOS=has_qpos,
             **_flags(q),
             **c,
         ),
@@ -236,7 +246,7 @@ def _forward(q, k, v, kpm, rule, lut, cfg):
     return out, lse
 
 
-def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
+def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs, qpos=None):
     q, k, v, sq, sk = _qkv_views(q, k, v)
     if do.stride() != q.stride():  # (the gradient of an output made in q's layout mostly comes back in it)
         do = _like(q, do)
@@ -249,15 +259,16 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     dlse = dlse.contiguous() if has_dlse else lse  # (unused pointer without a lse gradient)
     delta = torch.empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel
     kpm_t, has_kpm = _kpm(kpm, q)
+    qpos_t, has_qpos = _qpos(qpos, q)
     scale, q_offset, group, left, right, causal, window = rule
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, **_flags(q))
+    flags = dict(CAUSAL=causal, WINDOW=window, HAS_KPM=has_kpm, HAS_QPOS=has_qpos, **_flags(q))
     idx, cnt, tile, tiles, lut_heads, rows, cols = lut
     cfg, (kd, vd) = _with_tma(cfgs["dq"], k, v, sk, "BLOCK_N")
     launch(
         tk._bwd_dq_kernel,
         _grid(lut, T, cfg["BLOCK_M"], B * H),
-        (q, k, v, kd, vd, kpm_t, idx, cnt, tile, tiles, do, out, dlse, lse, delta, dq),
+        (q, k, v, kd, vd, kpm_t, qpos_t, idx, cnt, tile, tiles, do, out, dlse, lse, delta, dq),
         (scale * tk.LOG2E, scale, H, T, S, *sq, *sk, q_offset, group, left, right, lut_heads, rows, cols),
         dict(USE_LUT=idx is not cnt, HAS_DLSE=has_dlse, HAS_TILES=tile is not idx, **flags, **cfg),
     )
@@ -266,7 +277,7 @@ def _backward(do, dlse, q, k, v, out, lse, kpm, rule, lut, lut_t, cfgs):
     launch(
         tk._bwd_dkdv_kernel,
         _grid(lut_t, S, cfg["BLOCK_N"], B * H),
-        (q, k, v, qd, dod, kpm_t, idx, cnt, tile, tiles, do, lse, delta, dk, dv),
+        (q, k, v, qd, dod, kpm_t, qpos_t, idx, cnt, tile, tiles, do, lse, delta, dk, dv),
         (scale * tk.LOG2E, scale, H, T, S, *sq, *sk, q_offset, group, left, right, lut_heads, rows, cols),
         dict(USE_LUT=idx is not cnt, HAS_TILES=tile is not idx, **flags, **cfg),
     )
@@ -324,10 +335,11 @@ def sliding_window_fwd(
     causal: bool,
     q_offset: int,
     scale: float,
+    q_pos: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     cfg = window_config(left + right + group, q.shape[-1], q.dtype)["fwd"]
     rule = _window_rule(scale, q_offset, group, left, right, causal)
-    return _forward(q, k, v, key_padding_mask, rule, _no_lut(q), cfg)
+    return _forward(q, k, v, key_padding_mask, rule, _no_lut(q), cfg, q_pos)
 
 
 def sliding_window_bwd(
@@ -345,11 +357,12 @@ def sliding_window_bwd(
     causal: bool,
     q_offset: int,
     scale: float,
+    q_pos: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     cfg = window_config(left + right + group, q.shape[-1], q.dtype)
     rule = _window_rule(scale, q_offset, group, left, right, causal)
     lut = _no_lut(q)
-    return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut, cfg)
+    return _backward(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, rule, lut, lut, cfg, q_pos)
 
 
 triton_sliding_window = torch.library.custom_op(
@@ -361,12 +374,12 @@ triton_sliding_window_bwd = torch.library.custom_op(
 
 
 @triton_sliding_window.register_fake
-def _(q, k, v, key_padding_mask, group, left, right, causal, q_offset, scale):
+def _(q, k, v, key_padding_mask, group, left, right, causal, q_offset, scale, q_pos=None):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @triton_sliding_window_bwd.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group, left, right, causal, q_offset, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group, left, right, causal, q_offset, scale, q_pos=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
