@@ -174,6 +174,17 @@ def _kernel_rows(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, ok: Tensor, q_po
     return rows, ok, exact
 
 
+def _write_rows(out: Tensor, rows: Tensor, ok: Tensor, exact: Tensor) -> Tensor:
+    """``out`` ``(B, H, T + 1, d)`` (the lazy means and a spare last row) with the query ``rows`` ``(B, H, A)`` where
+    ``ok`` replaced by ``exact`` ``(B, H, A, d)``, in place; returns its first ``T`` rows.  The filler rows (not
+    ``ok``) write the spare row, which is dropped: nothing gathers ``out`` for them, so the backward keeps no copy
+    of it (a gather of the lazy means, kept for a ``torch.where``, was one ``(B, H, T, d)`` tensor at the peak of
+    a causal training step), and their gradient is zero."""
+    length = out.shape[2] - 1
+    idx = torch.where(ok, rows, length)[..., None].expand(-1, -1, -1, out.shape[-1])
+    return out.scatter_(2, idx, exact.to(out.dtype))[:, :, :length]
+
+
 def _prefix_mask(keys: Tensor, last: Tensor, q: Tensor) -> Tensor:
     """Additive mask ``(B, H, a, S)`` in ``q``'s dtype: 0 for keys ``<= last``, ``-inf`` after."""
     return torch.where(keys > last[..., None], q.new_full((), float("-inf")), q.new_zeros(()))
@@ -322,8 +333,11 @@ class ProbSparse(EfficientAttention):
         count = count + (prefix[..., None, :] > mb[..., :, None]).sum(-1)
         return count.flatten(-2)[..., :length] < u
 
-    def _lazy(self, v: Tensor, kpm: Optional[Tensor], q_pos: Tensor) -> Tensor:
-        """Mean of the visible, non-padded values ``(B, H, T, d)`` (causal: a running mean)."""
+    def _lazy(self, v: Tensor, kpm: Optional[Tensor], q_pos: Tensor, spare: bool = False) -> Tensor:
+        """Mean of the visible, non-padded values ``(B, H, T, d)`` (causal: a running mean) in ``v``'s dtype; with
+        ``spare``, ``(B, H, T + 1, d)`` in a time-first ``(T + 1, B, H, d)`` memory layout whose last row is left
+        uninitialised (:func:`_write_rows` writes the exact rows in place and returns the first ``T``: merging the
+        heads then needs no copy)."""
         real = acc_dtype(v.dtype)
         if kpm is None:  # every key counts: no mask product, the counts are the positions
             vv = v.to(real)
@@ -343,7 +357,13 @@ class ProbSparse(EfficientAttention):
         else:
             total = vv.sum(2, keepdim=True)
             count = v.shape[2] if keep is None else keep.sum(1)[:, None, None, None].clamp(min=1)
-        return (total / count).expand(-1, -1, q_pos.shape[0], -1).to(v.dtype)
+        lazy = (total / count).expand(-1, -1, q_pos.shape[0], -1)
+        if not spare:
+            return lazy.to(v.dtype)
+        bsz, heads, length, dim = lazy.shape
+        out = torch.empty(length + 1, bsz, heads, dim, dtype=v.dtype, device=v.device)
+        out[:length].copy_(lazy.permute(2, 0, 1, 3))
+        return out.permute(1, 2, 0, 3)  # (a view made after the copy: scattering into it is the next in-place op)
 
     def _exact_rows(
         self,
@@ -358,14 +378,11 @@ class ProbSparse(EfficientAttention):
     ) -> Tensor:
         """Exact softmax attention (SDPA, or causal without padding or dropout the Triton kernel of
         :func:`_kernel_rows` where it takes the inputs) for the query ``rows`` ``(B, H, A)`` where ``ok``, written
-        into ``out``."""
+        into ``out`` (:meth:`_lazy` with a spare row) by :func:`_write_rows`: its first ``T`` rows."""
         dropout = self.dropout_p if self.training else 0.0
         if self.causal and kpm is None and dropout == 0.0 and not _kernel_reasons(q, k, v):
             rows, ok, exact = _kernel_rows(q, k, v, rows, ok, q_pos, self.scaling)
-            idx = rows[..., None].expand(-1, -1, -1, q.shape[-1])
-            # (fillers: their outputs are dropped here, so no gradient reaches their kernel rows)
-            exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
-            return out.scatter(2, idx, exact)
+            return _write_rows(out, rows, ok, exact)  # (fillers write the spare row: no gradient reaches them)
         idx = rows[..., None].expand(-1, -1, -1, q.shape[-1])
         keep: Optional[Tensor] = None
         if kpm is not None:  # a batch row without real keys has no active query: let its filler rows see everything
@@ -379,8 +396,7 @@ class ProbSparse(EfficientAttention):
                 pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
                 last = torch.where(ok, q_pos[rows], 0)  # fillers see the first key: no long prefix for them
                 exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
-                exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
-                return out.scatter(2, idx, exact)
+                return _write_rows(out, rows, ok, exact)
             last = torch.where(ok, q_pos[rows], k.shape[2])  # (B, H, A)
             keep = _prefix_mask(torch.arange(k.shape[2], device=q.device), last, q)
         elif self.causal and keep is not None:
@@ -394,8 +410,7 @@ class ProbSparse(EfficientAttention):
             scale=self.scaling,
             dropout_p=dropout,
         )
-        exact = torch.where(ok[..., None], exact.to(out.dtype), torch.gather(out, 2, idx))
-        return out.scatter(2, idx, exact)
+        return _write_rows(out, rows, ok, exact)
 
     def _compute(
         self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor], m_prev: Optional[Tensor]
@@ -420,7 +435,7 @@ class ProbSparse(EfficientAttention):
         else:
             rows = m.topk(log_count(self.factor, tgt_len), dim=-1).indices
             ok = torch.isfinite(torch.gather(m, -1, rows))
-        return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, self._lazy(v, kpm, q_pos)), m
+        return self._exact_rows(q, k, v, rows, ok, q_pos, kpm, self._lazy(v, kpm, q_pos, spare=True)), m
 
     def _step(
         self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor], m_prev: Tensor
