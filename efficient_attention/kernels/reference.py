@@ -92,18 +92,24 @@ def sliding_window_attention(
     valid = (kpos >= 0) & (kpos < src_len)
     idx = kpos.clamp(0, max(src_len - 1, 0))
     q_pad = F.pad(q, (0, 0, 0, n_chunks * chunk - tgt_len)).view(bsz, heads, n_chunks, chunk, dim)
-    kb = k[:, :, idx]  # (B, H, n, W, d)
-    vb = v[:, :, idx]
-    scores = torch.matmul(q_pad, kb.transpose(-1, -2)) * scale  # (B, H, n, C, W)
     keep = window.allowed(qpos[:, :, None], kpos[:, None, :]) & valid[:, None, :]  # (n, C, W)
     keep = keep[None, None]
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask[:, idx][:, None, :, None, :]
-    scores = scores.masked_fill(~keep, float("-inf"))
-    out, lse = _finish(scores, vb, dropout_p)
-    out = out.reshape(bsz, heads, n_chunks * chunk, v.shape[-1])[:, :, :tgt_len]
-    lse = lse.reshape(bsz, heads, n_chunks * chunk)[:, :, :tgt_len]
-    return out, lse
+    return _attend_chunks(q_pad, k[:, :, idx], v[:, :, idx], keep, scale, dropout_p, tgt_len)
+
+
+def _attend_chunks(
+    q_pad: Tensor, kb: Tensor, vb: Tensor, keep: Tensor, scale: float, dropout_p: float, tgt_len: int
+) -> Tuple[Tensor, Tensor]:
+    """Chunks of query rows ``q_pad (B, H, n, C, d)`` over their own keys ``kb, vb (B, H, n, W, ·)`` where
+    ``keep`` (broadcast to ``(B, H, n, C, W)``): ``(out (B, H, T, dv), lse (B, H, T))``, the first ``tgt_len``
+    rows."""
+    bsz, heads, n_chunks, chunk, _ = q_pad.shape
+    scores = torch.matmul(q_pad, kb.transpose(-1, -2)) * scale  # (B, H, n, C, W)
+    out, lse = _finish(scores.masked_fill(~keep, float("-inf")), vb, dropout_p)
+    out = out.reshape(bsz, heads, n_chunks * chunk, vb.shape[-1])[:, :, :tgt_len]
+    return out, lse.reshape(bsz, heads, n_chunks * chunk)[:, :, :tgt_len]
 
 
 def _positions_attention(
@@ -138,17 +144,12 @@ def _positions_attention(
         bsz, heads, n_chunks, width, v.shape[-1]
     )
     q_pad = F.pad(q, (0, 0, 0, pad)).view(bsz, heads, n_chunks, chunk, dim)
-    scores = torch.matmul(q_pad, kb.transpose(-1, -2)) * scale  # (B, H, n, C, W)
     keep = window.allowed(pos[..., None], kpos[..., None, :]) & valid[..., None, :]
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask[torch.arange(bsz, device=q.device)[:, None, None], idx].view(
             bsz, heads, n_chunks, 1, width
         )
-    scores = scores.masked_fill(~keep, float("-inf"))
-    out, lse = _finish(scores, vb, dropout_p)
-    out = out.reshape(bsz, heads, n_chunks * chunk, v.shape[-1])[:, :, :tgt_len]
-    lse = lse.reshape(bsz, heads, n_chunks * chunk)[:, :, :tgt_len]
-    return out, lse
+    return _attend_chunks(q_pad, kb, vb, keep, scale, dropout_p, tgt_len)
 
 
 def gathered_block_attention(
