@@ -17,7 +17,13 @@
 3. Landmark kernels alone (bf16, B=4, H=8, d=64, block 64) at 8k and 32k under tile candidates
    (``kernels.landmark.CONFIG_OVERRIDE``), each against the default's results; forward and backward ms.
 
-Writes ``DIR/sparse_gpu.json`` and prints a table; ``--budget`` seconds skips what is left.
+4. With ``--flex`` (instead of 1-3): the op alone against compiled FlexAttention with the same token mask
+   (issue 14: block sizes 16 and 32 at least as fast as FlexAttention), the ``fixed`` layout (causal, a local
+   context of 5 blocks, one summary column per block row) at block 16 / 32 / 64, B=4, H=8, d=64, bf16, forward +
+   backward; each point compiles FlexAttention again (15-45 s), so ``--budget`` 300 or more.
+
+Writes ``DIR/sparse_gpu.json`` (``--flex``: ``DIR/sparse_flex_gpu.json``) and prints a table; ``--budget`` seconds
+skips what is left.
 """
 
 from __future__ import annotations
@@ -330,16 +336,101 @@ def landmark_sweep(deadline):
     return rows
 
 
+# (L, block size) of the FlexAttention comparison, in order (the block sizes the issue names first)
+FLEX_POINTS = ((8192, 32), (8192, 16), (4096, 32), (4096, 16), (16384, 32), (8192, 64))
+
+
+def flex_rows(points, deadline):
+    """The ``fixed`` layout's op (ours, through :class:`BlockMask` and the Triton kernels) against compiled
+    FlexAttention with the same ``mask_mod`` and causal SDPA, forward + backward."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from efficient_attention import layouts
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for n, (L, bs) in enumerate(points):
+        row = dict(part="flex", L=L, block_size=bs)
+        if n and time.time() > deadline - 30:  # a new shape or mask compiles FlexAttention again
+            rows.append(dict(row, error="skipped (time budget)"))
+            continue
+        try:
+            kw = dict(local_attn_ctx=5 * bs, vertsize=1)
+            mod = layouts.make_mask_mod("fixed", heads=H, block_size=bs, causal=True, **kw)
+            bm = BlockMask.from_pattern("fixed", L, bs, H, causal=True, device="cuda", **kw)
+            q, k, v = (
+                torch.randn(B, H, L, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+            )
+            fbm = create_block_mask(lambda b, h, i, j: mod(b, h, i, j), None, H, L, L, device="cuda", _compile=True)
+            got = block_sparse_attention(q, k, v, bm)[0]
+            want = flex(q, k, v, block_mask=fbm)
+            row["rel_vs_flex"] = rel(got, want)
+
+            def ours():
+                block_sparse_attention(q, k, v, bm)[0].sum().backward()
+
+            def theirs():
+                flex(q, k, v, block_mask=fbm).sum().backward()
+
+            def sdpa():
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+            ms, queued, mib = bench(ours)
+            fms, fqueued, fmib = bench(theirs)
+            sms, _, _ = bench(sdpa)
+            row.update(
+                ms=round(ms, 3),
+                queued_ms=round(queued, 3),
+                peak_mib=round(mib, 1),
+                flex_ms=round(fms, 3),
+                flex_queued_ms=round(fqueued, 3),
+                flex_peak_mib=round(fmib, 1),
+                sdpa_ms=round(sms, 3),
+                sparsity=round(bm.sparsity(), 3),
+                flex_over_ours=round(fms / ms, 3),
+            )
+        except Exception as exc:  # noqa: BLE001 - one point's failure must not stop the others
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def flex_main(args, t0: float) -> int:
+    rows = flex_rows(FLEX_POINTS, t0 + args.budget)
+    device = torch.cuda.get_device_name()
+    with open(os.path.join(args.out, "sparse_flex_gpu.json"), "w") as f:
+        json.dump(dict(device=device, torch=torch.__version__, rows=rows), f, indent=1)
+    print(f"\n{device}, torch {torch.__version__}; {time.time() - t0:.0f} s")
+    print("fixed layout op, B=4, H=8, d=64, bf16, causal, fwd+bwd: ms from an idle GPU (queued); Flex/ours > 1: ours")
+    for r in rows:
+        if "ms" not in r:
+            print(f"  L={r['L']:>6} bs{r['block_size']:<3} {r.get('error')}")
+            continue
+        print(
+            f"  L={r['L']:>6} bs{r['block_size']:<3} ours {r['ms']:6.2f} ({r['queued_ms']:6.2f})  flex "
+            f"{r['flex_ms']:6.2f} ({r['flex_queued_ms']:6.2f})  Flex/ours {r['flex_over_ours']:.2f}  sdpa "
+            f"{r['sdpa_ms']:6.2f}  sparsity {r['sparsity']:.2f}  MiB {r['peak_mib']:.0f} / {r['flex_peak_mib']:.0f}"
+            f"  rel {r['rel_vs_flex']:.1e}"
+        )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=95.0, help="seconds; later points are skipped")
+    ap.add_argument("--flex", action="store_true", help="only the op against compiled FlexAttention (part 4)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
+    if args.flex:
+        return flex_main(args, t0)
     device = torch.cuda.get_device_name()
     check = checks(t0 + 0.25 * args.budget)
     print(f"[{time.time() - t0:.0f}s] checks done", flush=True)
