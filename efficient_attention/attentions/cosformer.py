@@ -265,7 +265,8 @@ def _fused_triton_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     features gave wrong results at head dim 32 (0.5 relative error; an illegal memory access at 5k positions) and
     a 4-5e-2 error in ``dq`` at 5, while fp32 with the same tiles and bf16 at 64 matched float64
     (``results/h200/session8/cosformer_fused_diag.txt``); until that is understood the other half-precision
-    shapes keep the features outside the kernels."""
+    shapes keep the features outside the kernels (``benchmarks/cosformer_fused_check_gpu.py`` is the check to run
+    before adding a head dim)."""
     if not LINEAR_MIN_FEATURES <= 2 * q.shape[-1] <= LINEAR_MAX_FEATURES or q.dtype != k.dtype:
         return False
     return q.dtype == torch.float32 or q.shape[-1] == v.shape[-1] in FUSED_HALF_HEAD_DIMS
