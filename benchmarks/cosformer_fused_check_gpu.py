@@ -11,6 +11,10 @@ poisons the process's CUDA context), and prints the relative errors of ``out, dq
 
     python benchmarks/cosformer_fused_check_gpu.py --out DIR [--lengths 300 5000] [--dims 16 32 64 128]
     python benchmarks/cosformer_fused_check_gpu.py --one 300 32 bfloat16 0     # one case, in this process
+    python benchmarks/cosformer_fused_check_gpu.py --out DIR --config BLOCK_D=64 num_warps=8   # other tiles
+
+``--config`` overrides entries of the kernels' launch config (``linear_attention._triton_config``) for every
+case: the way to find which tiles a failing shape needs.  ``--jobs`` runs that many cases at once.
 
 Writes ``DIR/cosformer_fused_check.json``.  Needs CUDA; about 10 s a case on an H200 (mostly compilation).
 """
@@ -18,6 +22,7 @@ Writes ``DIR/cosformer_fused_check.json``.  Needs CUDA; about 10 s a case on an 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
 import json
 import os
@@ -31,14 +36,37 @@ sys.path.insert(0, ROOT)
 TOLERANCE = {"float32": 1e-4, "float16": 3e-2, "bfloat16": 3e-2}
 
 
+def _override(la, config: dict) -> None:
+    """Makes ``la._triton_config`` return its config with ``config``'s entries replaced (``SEG`` kept a multiple
+    of ``BLOCK_C``)."""
+    if not config:
+        return
+    base = la._triton_config
+
+    def patched(*args):
+        cfg = dict(base(*args), **config)
+        cfg["SEG"] = -(-cfg["SEG"] // cfg["BLOCK_C"]) * cfg["BLOCK_C"]
+        return cfg
+
+    la._triton_config = patched
+
+
 def one_case(
-    length: int, dim: int, dtype_name: str, act: int, device: str = "cuda", batch: int = 2, heads: int = 4
+    length: int,
+    dim: int,
+    dtype_name: str,
+    act: int,
+    device: str = "cuda",
+    batch: int = 2,
+    heads: int = 4,
+    config: dict | None = None,
 ) -> dict:
     """Relative errors (``out, dq, dk, dv``) of one fused call against float64; ``dim`` is the head dim of
-    ``q, k`` (``2 dim`` features) and of ``v``."""
+    ``q, k`` (``2 dim`` features) and of ``v``; ``config`` overrides launch-config entries."""
     import torch
 
     la = importlib.import_module("efficient_attention.kernels.linear_attention")
+    _override(la, config or {})
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device=device).manual_seed(length + dim)
 
@@ -62,7 +90,35 @@ def one_case(
     want_out = la.linear_attention(features(ref[0]), features(ref[1]), ref[2], causal=True, backend="reference")
     want = [want_out, *torch.autograd.grad((want_out * weights).sum(), ref)]
     errors = [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(got, want)]
-    return dict(errors=dict(zip(("out", "dq", "dk", "dv"), errors)), ok=max(errors) < TOLERANCE[dtype_name])
+    used = la._config(q, 2 * dim, dim)
+    return dict(
+        errors=dict(zip(("out", "dq", "dk", "dv"), errors)), ok=max(errors) < TOLERANCE[dtype_name], config=used
+    )
+
+
+def _config_arg(items: list) -> dict:
+    config = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise SystemExit(f"--config takes KEY=INT entries, got {item!r}")
+        config[key] = int(value)
+    return config
+
+
+def _run_case(case: dict, device: str, config_items: list) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", device, "--one", str(case["length"])]
+    cmd += [str(case["dim"]), case["dtype"], str(case["act"])]
+    if config_items:
+        cmd += ["--config", *config_items]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    case = dict(case)
+    if run.returncode == 0 and lines:
+        case.update(json.loads(lines[-1]))
+    else:
+        case.update(ok=False, error=(run.stderr.strip().splitlines() or ["no output"])[-1][:200])
+    return case
 
 
 def main() -> int:
@@ -74,35 +130,37 @@ def main() -> int:
     p.add_argument("--acts", type=int, nargs="+", default=[0], help="0: relu, 1: 1 + elu")
     p.add_argument("--one", nargs=4, metavar=("LENGTH", "DIM", "DTYPE", "ACT"), help="one case, in this process")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test under TRITON_INTERPRET=1 (fp32 only)")
+    p.add_argument("--config", nargs="+", metavar="KEY=INT", help="launch-config overrides (BLOCK_D=64 num_warps=8)")
+    p.add_argument("--jobs", type=int, default=1, help="cases run at once (each its own process)")
     args = p.parse_args()
+    config = _config_arg(args.config)
     if args.one:
         length, dim, dtype_name, act = args.one
-        print(json.dumps(one_case(int(length), int(dim), dtype_name, int(act), args.device)), flush=True)
+        print(json.dumps(one_case(int(length), int(dim), dtype_name, int(act), args.device, config=config)))
         return 0
     if args.out is None:
         p.error("--out is needed (or --one)")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for length in args.lengths:
-        for dim in args.dims:
-            for dtype_name in args.dtypes:
-                for act in args.acts:
-                    case = dict(length=length, dim=dim, dtype=dtype_name, act=act)
-                    cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--one", str(length)]
-                    cmd += [str(dim), dtype_name, str(act)]
-                    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
-                    if run.returncode == 0 and lines:
-                        case.update(json.loads(lines[-1]))
-                    else:
-                        case.update(ok=False, error=(run.stderr.strip().splitlines() or ["no output"])[-1][:200])
-                    rows.append(case)
-                    body = case.get("error") or " ".join(f"{k} {e:.1e}" for k, e in case["errors"].items())
-                    print(f"{'ok  ' if case['ok'] else 'FAIL'} T={length} d={dim} {dtype_name} act={act}: {body}")
+    cases = [
+        dict(length=length, dim=dim, dtype=dtype_name, act=act)
+        for length in args.lengths
+        for dim in args.dims
+        for dtype_name in args.dtypes
+        for act in args.acts
+    ]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        rows = list(pool.map(lambda c: _run_case(c, args.device, args.config), cases))
+    for case in rows:
+        body = case.get("error") or " ".join(f"{k} {e:.1e}" for k, e in case["errors"].items())
+        tiles = " ".join(f"{k}={v}" for k, v in case.get("config", {}).items())
+        print(
+            f"{'ok  ' if case['ok'] else 'FAIL'} T={case['length']} d={case['dim']} {case['dtype']} "
+            f"act={case['act']}: {body}  [{tiles}]"
+        )
     import torch
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    info = dict(device=name, torch=torch.__version__)
+    info = dict(device=name, torch=torch.__version__, config_overrides=config)
     (args.out / "cosformer_fused_check.json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
 
