@@ -229,6 +229,7 @@ def _probsparse_step(kernel: bool, length: int, monkeypatch, batch: int = 2):
     calls = []
     take = probsparse._kernel_rows
     monkeypatch.setattr(probsparse, "_kernel_rows", lambda *a: calls.append(1) or take(*a))
+    monkeypatch.setattr(probsparse, "KERNEL_MIN_KEYS", 0)  # these lengths would take SDPA by the length rule
     if not kernel:
         monkeypatch.setattr(probsparse, "_kernel_reasons", lambda *a: ["the SDPA path, forced"])
     torch.manual_seed(0)
@@ -353,13 +354,15 @@ def test_triton_linear_family_matches_float64(name, opts):
     assert _rel(torch.cat(steps), ref) < 1e-5
 
 
+@pytest.mark.parametrize("embed_dim", [256, 128, 64])  # head dims 64, 32, 16
 @pytest.mark.parametrize(
     "name,causal", [("performer", False), ("performer", True), ("cosformer", False), ("cosformer", True)]
 )
-def test_linear_family_bf16_training_step_matches_float64(name, causal, monkeypatch):
+def test_linear_family_bf16_training_step_matches_float64(name, causal, embed_dim, monkeypatch):
     """A bf16-autocast training step against float64 through the hand-written backwards: Performer's key gradient
     made in slices of positions (several here), cosFormer's feature gradients from the products' halves (noncausal)
-    and from the Triton kernels that make its features (causal)."""
+    and from the Triton kernels that make its features (causal; head dims 32 and 16 once gave wrong results
+    there, see ``linear_attention._config``)."""
     from efficient_attention import build_attention
     from efficient_attention.attentions import cosformer, performer
 
@@ -367,8 +370,8 @@ def test_linear_family_bf16_training_step_matches_float64(name, causal, monkeypa
     fused, calls = cosformer._causal_triton, []
     monkeypatch.setattr(cosformer, "_causal_triton", lambda *a: calls.append(1) or fused(*a))
     torch.manual_seed(0)
-    m = build_attention(name, embed_dim=256, num_heads=4, causal=causal, self_attention=True).cuda().train()
-    x = torch.randn(300, 2, 256, device="cuda", requires_grad=True)
+    m = build_attention(name, embed_dim=embed_dim, num_heads=4, causal=causal, self_attention=True).cuda().train()
+    x = torch.randn(300, 2, embed_dim, device="cuda", requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = m(x, x, x, need_weights=False)[0]
     g = torch.randn(out.shape, device="cuda")
@@ -378,7 +381,7 @@ def test_linear_family_bf16_training_step_matches_float64(name, causal, monkeypa
     (ref * g.double()).sum().backward()
     assert _rel(out, ref) < 3e-2
     assert _rel(x.grad, xd.grad) < 5e-2
-    assert bool(calls) == (name == "cosformer" and causal)  # d = 64: the features made in the kernels
+    assert bool(calls) == (name == "cosformer" and causal)  # the features made in the kernels
 
 
 def test_triton_linear_attention_compile_and_opcheck():
@@ -397,11 +400,11 @@ def test_triton_linear_attention_compile_and_opcheck():
         args = (q.detach(), k.detach(), v.detach(), decay, h0, z0, normalize, torch.bfloat16, time_first)
         torch.library.opcheck(ops.triton_linear_attention.default, args)  # (autograd: _LinearFn, tested above)
     # cosFormer's features made in the kernels: raw time-first rows and a (T, 2) cos/sin table
-    raw = torch.randn(150, 2, 2, 64, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
     theta = torch.arange(150, device="cuda") * (torch.pi / 300)
     cos_sin = torch.stack([theta.cos(), theta.sin()], -1)
-    vv = torch.randn(2, 2, 150, 64, device="cuda", dtype=torch.bfloat16)  # (d = 64: cosformer.FUSED_HALF_HEAD_DIMS)
-    for act in (0, 1):
+    for dim, act in ((64, 0), (64, 1), (32, 0)):
+        raw = torch.randn(150, 2, 2, dim, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
+        vv = torch.randn(2, 2, 150, dim, device="cuda", dtype=torch.bfloat16)
         args = (raw, raw * 0.5, vv, None, None, None, True, torch.bfloat16, True, cos_sin, act)
         torch.library.opcheck(ops.triton_linear_attention.default, args)
 

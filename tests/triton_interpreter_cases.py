@@ -79,8 +79,9 @@ def probsparse_case(d):
 
     def run(kernel):
         calls = []
-        take, reasons = ps._kernel_rows, ps._kernel_reasons
+        take, reasons, min_keys = ps._kernel_rows, ps._kernel_reasons, ps.KERNEL_MIN_KEYS
         ps._kernel_rows = lambda *a: calls.append(1) or take(*a)
+        ps.KERNEL_MIN_KEYS = 0  # (150 keys: the length rule would send them to SDPA)
         if not kernel:
             ps._kernel_reasons = lambda *a: ["the SDPA path, forced"]
         try:
@@ -91,7 +92,7 @@ def probsparse_case(d):
             out, _ = m(x, need_weights=False)
             (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         finally:
-            ps._kernel_rows, ps._kernel_reasons = take, reasons
+            ps._kernel_rows, ps._kernel_reasons, ps.KERNEL_MIN_KEYS = take, reasons, min_keys
         assert bool(calls) == kernel, f"kernel path taken: {bool(calls)}"
         return [("out", out), ("dx", x.grad)] + [(n, p.grad) for n, p in m.named_parameters()]
 

@@ -256,20 +256,12 @@ def _causal_triton(q: Tensor, k: Tensor, v: Tensor, table: Tensor, act_fun: str,
     return out
 
 
-FUSED_HALF_HEAD_DIMS = (64,)  # half inputs: the head dims (of q, k and v) checked on the GPU (H200, Triton 3.6)
-
-
 def _fused_triton_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether :func:`_causal_triton` takes these raw rows: ``2d`` features within the kernels' range, one dtype,
-    and for fp16 / bf16 a head dim in :data:`FUSED_HALF_HEAD_DIMS`.  On an H200 the bf16 kernels that make the
-    features gave wrong results at head dim 32 (0.5 relative error; an illegal memory access at 5k positions) and
-    a 4-5e-2 error in ``dq`` at 5, while fp32 with the same tiles and bf16 at 64 matched float64
-    (``results/h200/session8/cosformer_fused_diag.txt``); until that is understood the other half-precision
-    shapes keep the features outside the kernels (``benchmarks/cosformer_fused_check_gpu.py`` is the check to run
-    before adding a head dim)."""
-    if not LINEAR_MIN_FEATURES <= 2 * q.shape[-1] <= LINEAR_MAX_FEATURES or q.dtype != k.dtype:
-        return False
-    return q.dtype == torch.float32 or q.shape[-1] == v.shape[-1] in FUSED_HALF_HEAD_DIMS
+    """Whether :func:`_causal_triton` takes these raw rows: ``2d`` features within the kernels' range and one
+    dtype.  (Session 8 kept fp16 / bf16 to head dim 64 after wrong results at 32 and 16 on an H200; those came
+    from one tile shape, which ``linear_attention._config`` no longer uses with ``FEAT``:
+    ``benchmarks/cosformer_fused_check_gpu.py`` checks every head dim 16-128 against float64.)"""
+    return LINEAR_MIN_FEATURES <= 2 * q.shape[-1] <= LINEAR_MAX_FEATURES and q.dtype == k.dtype
 
 
 @register_attention("cosformer", "cos_former")

@@ -16,8 +16,8 @@ block), so the scores are one batched matmul against ``U`` gathered keys per
 block (plus the block's own scores), never a ``(T, U, d)`` gather.  Sampling is random in
 training and a fixed hash of (block, sample index) in eval: deterministic, and
 the same in decoding.  The active rows are gathered and attend through SDPA, or (causal, no key padding, no
-dropout, where the Triton kernels take the inputs: CUDA) through the sliding-window kernel with per-row
-positions (:func:`_kernel_rows`), which builds no ``(B, H, A, S)`` mask.
+dropout, where the Triton kernels take the inputs: CUDA, from :data:`KERNEL_MIN_KEYS` keys) through the
+sliding-window kernel with per-row positions (:func:`_kernel_rows`), which builds no ``(B, H, A, S)`` mask.
 """
 
 from __future__ import annotations
@@ -146,9 +146,21 @@ def _pieces(x: Tensor, pieces: int):
     return tuple(x.narrow(2, i * size, size if i < pieces - 1 else x.shape[2] - i * size) for i in range(pieces))
 
 
+# Below this many keys causal rows take SDPA with the kept mask: on an H200 (bf16, B=4, 8 heads of 64, fwd + bwd,
+# one same-process A/B, results/h200/session9/probsparse_kernel_ab.log) the kernel path took 6.26 / 7.14 / 7.26 /
+# 9.23 ms at 1k / 4k / 8k / 16k against the SDPA path's 5.41 / 6.04 / 6.84 / 10.51, with the same peak up to 4k
+# (84, 264 MiB) and a smaller one from 8k (419 against 650 MiB, 835 against 1167 at 16k): the mask is small below
+# 8k, and the kernel's extra launches (row rotation, positions) are what is left.
+KERNEL_MIN_KEYS = 8192
+
+
 def _kernel_reasons(q: Tensor, k: Tensor, v: Tensor) -> list:
-    """Why the Triton sliding-window kernel with per-row positions cannot take these rows ([] = it can)."""
-    return SlidingWindowTriton.not_supported_reasons(q, k, v, positions=True)
+    """Why the causal rows do not take the Triton sliding-window kernel with per-row positions ([] = they do): what
+    the kernel cannot take, and fewer than :data:`KERNEL_MIN_KEYS` keys (SDPA is faster there, at the same peak)."""
+    reasons = SlidingWindowTriton.not_supported_reasons(q, k, v, positions=True)
+    if k.shape[2] < KERNEL_MIN_KEYS:
+        reasons.append(f"{k.shape[2]} keys: below KERNEL_MIN_KEYS = {KERNEL_MIN_KEYS} the SDPA path is faster")
+    return reasons
 
 
 def _kernel_rows(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, ok: Tensor, q_pos: Tensor, scale: float):

@@ -358,11 +358,19 @@ def _checked_config(cfg: dict, m: int, d: int) -> dict:
     return cfg
 
 
-def _config(q: Tensor, m: int, d: int) -> dict:
+def _config(q: Tensor, m: int, d: int, feat: int = 0) -> dict:
+    """:func:`_triton_config` for ``q``'s device, checked.  With ``feat`` (features made in the kernels) in fp16 /
+    bf16, value tiles below 64 take chunks of 32: on an H200 (Triton 3.6) chunks of 64 with 4 warps gave wrong
+    results there (0.5 relative error at head dim 32, an illegal memory access at 5k positions, a 5e-2 ``dq``
+    error at 16), while chunks of 32, 8 warps or 64-wide value tiles each matched float64 at every head dim
+    (``results/h200/session9/cosformer_fused_check.txt``; a compiler fault with operands made in registers, not
+    understood)."""
     if q.device not in _SMS:
         _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    cfg = _triton_config(m, d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2])
-    return _checked_config(dict(cfg), m, d)
+    cfg = dict(_triton_config(m, d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2]))
+    if feat and q.dtype != torch.float32 and cfg["BLOCK_D"] < 64 and cfg["BLOCK_C"] > 32:
+        cfg["BLOCK_C"] = 32  # (SEG stays a multiple of it)
+    return _checked_config(cfg, m, d)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -439,7 +447,7 @@ def linear_fwd(
     m, feat = _features_of(q, cos_sin, act)
     d = v.shape[-1]
     bh = bsz * heads
-    cfg = _config(q, m, d)
+    cfg = _config(q, m, d, feat)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
     grid = (triton.cdiv(d, cfg["BLOCK_D"]), nseg, bh)
@@ -524,7 +532,7 @@ def linear_bwd(
     m, feat = _features_of(q, cos_sin, act)
     d = v.shape[-1]
     bh = bsz * heads
-    cfg = _config(q, m, d)
+    cfg = _config(q, m, d, feat)
     seg = cfg.pop("SEG")
     nseg = triton.cdiv(seq, seg)
     n_d = triton.cdiv(d, cfg["BLOCK_D"])
