@@ -19,6 +19,7 @@ from .masks import merge_masks
 __all__ = [
     "softmax",
     "acc_dtype",
+    "scaled_scores",
     "apply_mask",
     "dense_attention",
     "sdpa_attention",
@@ -40,6 +41,13 @@ __all__ = [
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype long reductions run in: fp32 for half types, else the input's."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def scaled_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``(q · scale) kᵀ`` over the last two dims, formed in :func:`acc_dtype` and scaled before the product: fp16
+    scores of large inputs would overflow to inf (then NaN after the softmax)."""
+    acc = acc_dtype(q.dtype)
+    return torch.matmul(q.to(acc) * scale, k.to(acc).transpose(-1, -2))
 
 
 def softmax(scores: Tensor, dim: int = -1) -> Tensor:

@@ -114,9 +114,31 @@ class LocalWindow:
             return pos // self.group * self.group - self.left
         return torch.div(pos, self.group, rounding_mode="floor") * self.group - self.left
 
-    def hi(self, pos: Tensor) -> Tensor:
+    @overload
+    def hi(self, pos: int) -> int: ...
+
+    @overload
+    def hi(self, pos: Tensor) -> Tensor: ...
+
+    def hi(self, pos: Union[Tensor, int]) -> Union[Tensor, int]:
+        """The last key position the query at ``pos`` sees (a Python int for an int)."""
+        if isinstance(pos, int):
+            last = pos // self.group * self.group + self.group - 1 + self.right
+            return min(last, pos) if self.causal else last
         hi = torch.div(pos, self.group, rounding_mode="floor") * self.group + self.group - 1 + self.right
         return torch.minimum(hi, pos) if self.causal else hi
+
+    def chunk_span(self, first: int, chunk: int, n_chunks: int) -> int:
+        """The most keys a chunk of ``chunk`` consecutive queries needs, over the ``n_chunks`` chunks starting at
+        positions ``first, first + chunk, ...``: a Python int, no tensor (and no host sync).  Shifting a chunk by
+        a multiple of ``group`` shifts its band by the same amount, so the chunks' spans repeat every
+        ``group / gcd(chunk, group)`` chunks and those are all it looks at."""
+        a, b = chunk, self.group
+        while b:  # gcd (math.gcd does not trace under Dynamo with symbolic lengths)
+            a, b = b, a % b
+        period = self.group // a
+        starts = (first + c * chunk for c in range(min(n_chunks, period)))
+        return max(self.hi(s + chunk - 1) - self.lo(s) + 1 for s in starts)
 
     def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """Broadcasting bool: True where the query at ``q_pos`` may see the key at ``k_pos``."""

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from helpers import NO_CPP
 from kernel_cases import loss_and_grads, make_qkv, padding
 
 from efficient_attention import layouts as L
@@ -166,6 +167,8 @@ def test_kernels_match_dense_with_partial_blocks(pattern, bs, causal, kw, dtype)
 
 
 def test_cpu_kernel_takes_block_masks():
+    if NO_CPP:
+        pytest.skip(NO_CPP)
     q, k, v = make_qkv(1, 2, 40, 40, 8, torch.float32)
     assert choose_backend("block_sparse", q, k, v, block_size=16) == "cpp"
 

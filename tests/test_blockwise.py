@@ -68,7 +68,14 @@ def test_empty_rows_are_zero():
     assert torch.isfinite(q.grad).all()
 
 
-def test_activation_memory_is_linear_in_length():
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "no-kernel-backend"])
+def test_activation_memory_is_linear_in_length(kernel, monkeypatch):
+    """Also where no block-sparse kernel backend takes the inputs (no C++ extension): not their reference
+    backend, which gathers every key block per query block (O(N^2) kept), but SDPA or the chunk loop."""
+    from efficient_attention.sparse import blockwise
+
+    if not kernel:
+        monkeypatch.setattr(blockwise, "_kernel_takes", lambda *a: False)
     d, chunk = 16, 32
     sizes = {}
     for n in (256, 512):

@@ -141,3 +141,34 @@ def test_block_sparse_rejects_bad_layout():
         block_sparse_attention(q, q, q, torch.ones(2, 3, 2, dtype=torch.bool), 8)
     with pytest.raises(ValueError, match="layout must be bool"):
         block_sparse_attention(q, q, q, torch.full((2, 2, 2), 0.5), 8)
+
+
+@pytest.mark.parametrize("window", WINDOWS[:3], ids=str)
+def test_sliding_window_half_inputs_of_large_magnitude_stay_finite(window):
+    """Scaled before the product and formed in fp32: fp16 scores of inputs x100 would overflow to inf (then NaN)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(1, 2, 30, 32, generator=g) * 100).half() for _ in range(3))
+    out, lse = sliding_window_attention(q, k, v, window)
+    want, want_lse = sliding_window_attention(q.double(), k.double(), v.double(), window)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-3, rtol=1e-5)  # fp32 scores: exact to fp32 rounding
+    torch.testing.assert_close(out.double(), want, atol=0.1, rtol=1e-2)  # (out rounded to fp16: ~0.06 at 100)
+
+
+@pytest.mark.parametrize("chunk", [None, 3, 6])
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_sliding_window_band_width_is_static_and_exact(window, chunk):
+    """The keys a chunk needs come from Python ints (LocalWindow.chunk_span, no tensor, no host sync, nothing
+    data-dependent for Dynamo), equal to the widest chunk's band; compiled in one graph, the path gives the same."""
+    chunk_len = chunk or (window.group if window.group > 1 else max(16, window.left + window.right))
+    for q_offset, n_chunks in ((0, 7), (5, 4), (11, 1)):
+        first = q_offset + chunk_len * torch.arange(n_chunks)
+        widest = (window.hi(first + chunk_len - 1) - window.lo(first)).max().item() + 1
+        assert window.chunk_span(q_offset, chunk_len, n_chunks) == widest
+    q, k, v = (torch.randn(1, 2, 23, 8) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(sliding_window_attention, fullgraph=True, backend="eager")
+    for got, want in zip(
+        compiled(q, k, v, window, chunk=chunk), sliding_window_attention(q, k, v, window, chunk=chunk)
+    ):
+        torch.testing.assert_close(got, want)

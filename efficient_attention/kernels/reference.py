@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..block_mask import BlockMask, as_block_mask
-from ..functional import acc_dtype, repeat_kv, softmax
+from ..functional import acc_dtype, repeat_kv, scaled_scores, softmax
 from ..local_window import LocalWindow
 
 __all__ = ["sliding_window_attention", "block_sparse_attention", "gathered_block_attention", "KeepFn"]
@@ -87,7 +87,7 @@ def sliding_window_attention(
     device = q.device
     qpos = torch.arange(n_chunks * chunk, device=device).view(n_chunks, chunk) + q_offset
     start = window.lo(qpos[:, 0])  # (n,)
-    width = int((window.hi(qpos[:, -1]) - start).max().item()) + 1  # keys any chunk needs
+    width = window.chunk_span(q_offset, chunk, n_chunks)  # keys any chunk needs (a Python int: no sync)
     kpos = start[:, None] + torch.arange(width, device=device)  # (n, W)
     valid = (kpos >= 0) & (kpos < src_len)
     idx = kpos.clamp(0, max(src_len - 1, 0))
@@ -106,7 +106,7 @@ def _attend_chunks(
     ``keep`` (broadcast to ``(B, H, n, C, W)``): ``(out (B, H, T, dv), lse (B, H, T))``, the first ``tgt_len``
     rows."""
     bsz, heads, n_chunks, chunk, _ = q_pad.shape
-    scores = torch.matmul(q_pad, kb.transpose(-1, -2)) * scale  # (B, H, n, C, W)
+    scores = scaled_scores(q_pad, kb, scale)  # (B, H, n, C, W), fp32 for half inputs
     out, lse = _finish(scores.masked_fill(~keep, float("-inf")), vb, dropout_p)
     out = out.reshape(bsz, heads, n_chunks * chunk, vb.shape[-1])[:, :, :tgt_len]
     return out, lse.reshape(bsz, heads, n_chunks * chunk)[:, :, :tgt_len]

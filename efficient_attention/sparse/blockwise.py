@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
 from ..block_mask import BlockMask
-from ..functional import acc_dtype, apply_mask, dense_attention, repeat_kv, sdpa_attention
+from ..functional import acc_dtype, apply_mask, dense_attention, repeat_kv, scaled_scores, sdpa_attention
 from .block_sparse import check_qkv
 
 __all__ = ["blockwise_attention"]
@@ -55,10 +55,7 @@ def _chunk_mask(kpm, attn, causal, off, qs, qe, ks, ke, device):
 
 
 def _scores(qc, kc, scale, mask):
-    """Scores of a chunk, scaled before the product and formed in fp32 for half inputs (no fp16 overflow)."""
-    fdt = acc_dtype(qc.dtype)
-    s = torch.matmul((qc * scale).to(fdt), kc.to(fdt).transpose(-1, -2))
-    return apply_mask(s, mask)
+    return apply_mask(scaled_scores(qc, kc, scale), mask)
 
 
 class _Blockwise(torch.autograd.Function):
@@ -227,8 +224,11 @@ def blockwise_attention(
     empty = q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0
     if fused and not empty:
         # the block-sparse kernels with every block kept: the lse, and on the CPU the faster path
-        # (measured against SDPA's CPU kernel: 10-30% faster forward + backward at 512-2k, fp32)
-        if attn_mask is None and dropout_p == 0.0 and (return_lse or not q.is_cuda):
+        # (measured against SDPA's CPU kernel: 10-30% faster forward + backward at 512-2k, fp32); not their
+        # reference backend (no C++ extension, unsupported dtype), which gathers every key block per query block:
+        # O(N^2) memory, where SDPA or the chunk loop below keep O(N)
+        on_kernels = attn_mask is None and dropout_p == 0.0 and (return_lse or not q.is_cuda)
+        if on_kernels and _kernel_takes(q, k, v):
             bs = 64
             nq, nk = -(-q.shape[2] // bs), -(-k.shape[2] // bs)
             every = BlockMask.from_layout(
@@ -246,6 +246,12 @@ def blockwise_attention(
         return _checkpointed(q, k, v, kpm, attn_mask, scale, causal, q_chunk_size, dropout_p)
     out, lse = _Blockwise.apply(q, k, v, kpm, attn_mask, scale, bool(causal), q_chunk_size, k_chunk_size)
     return (out, lse) if return_lse else out
+
+
+def _kernel_takes(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether a block-sparse kernel backend (C++ or Triton, not the reference) takes these inputs."""
+    reasons = kernels.not_supported_reasons("block_sparse", q, k, v, block_size=64, dropout_p=0.0)
+    return any(not why for name, why in reasons.items() if name != "reference")
 
 
 def _merged_mask(kpm: Optional[Tensor], attn: Optional[Tensor]) -> Optional[Tensor]:

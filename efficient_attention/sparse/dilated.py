@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..block_mask import BlockMask
-from ..functional import acc_dtype, combine_attention, repeat_kv, softmax
+from ..functional import acc_dtype, combine_attention, repeat_kv, scaled_scores, softmax
 from ..kernels.ops import block_mask_attention
 from ..layouts import dilated_mask_mod, or_masks
 from .block_sparse import check_qkv
@@ -134,9 +134,7 @@ def _branch(q, k, v, w, r, earlier, causal, off, kpm, scale, dropout_p):
     vg = v[:, h, kidx]
     qvalid = valid & (pos >= off)
     qidx = (pos - off).clamp(0, tgt_len - 1)
-    cdt = acc_dtype(q.dtype)
-    qg = (q[:, h, qidx] * scale).to(cdt)  # scaled first, fp32: no fp16 overflow
-    scores = torch.matmul(qg, kg.to(cdt).transpose(-1, -2))  # (B, H, nseg, m, m)
+    scores = scaled_scores(q[:, h, qidx], kg, scale)  # (B, H, nseg, m, m)
     qp, kp = pos.unsqueeze(-1), pos.unsqueeze(-2)
     ok = valid.unsqueeze(-2) & qvalid.unsqueeze(-1)
     if causal:
