@@ -2,9 +2,11 @@
 
 Session 8 found the bf16 kernels wrong at head dim 32 on an H200 (0.5 relative error, an illegal memory access at
 5k positions) while fp32 with the same tiles and bf16 at head dim 64 matched float64
-(``results/h200/session8/cosformer_fused_diag.txt``), so ``attentions/cosformer.py`` takes the fused path in half
-precision only at the head dims in ``FUSED_HALF_HEAD_DIMS``.  This script is the check to run before widening
-that list (or after a change to ``kernels/_triton_linear.py``): for every (length, head dim, dtype, activation) it
+(``results/h200/session8/cosformer_fused_diag.txt``).  Session 9 ran this script with ``--config`` overrides: the
+failures came from one launch config (chunks of 64, 4 warps, value tiles below 64), which
+``linear_attention._config`` no longer gives the ``FEAT`` kernels in half precision, and every head dim 16-128
+then matched (``results/h200/session9/cosformer_fused_check_267605e.*``).  Run it after a change to
+``kernels/_triton_linear.py`` or to the launch configs: for every (length, head dim, dtype, activation) it
 runs ``LinearTriton.run_fused(..., cos_sin, act)`` on raw time-first rows, forward and backward, against float64
 linear attention on features built outside the kernels, each case in its own process (an illegal memory access
 poisons the process's CUDA context), and prints the relative errors of ``out, dq, dk, dv``.
