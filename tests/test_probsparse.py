@@ -136,3 +136,24 @@ def test_piecewise_mask_equals_the_reference_and_ignores_padding():
     q, k, v = (torch.randn(2, 2, 90, 8, dtype=torch.float64) for _ in range(3))
     assert_close(m._attend(q, k, v, AttentionMasks(), False)[0], probsparse_rows(m, q, k, v))
     _check_padded_rows(m, q, k, v)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("tgt_len,spare", [(9, 0), (9, 1), (4, 0)])
+def test_running_mean_matches_autograd_and_gradcheck(padded, tgt_len, spare):
+    """The lazy rows' running mean (its own forward and backward, one scan buffer each) against the plain cumsum
+    formula, and gradcheck in float64; ``tgt_len < S`` is a decoding prompt's tail, ``spare`` the uninitialised
+    row the exact rows' fillers write."""
+    from efficient_attention.attentions.probsparse import _RunningMean
+
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 9, 4, dtype=torch.float64, requires_grad=True)
+    keep = (torch.rand(2, 9) > 0.3).double() if padded else None
+    out = _RunningMean.apply(v, keep, tgt_len, spare)[:tgt_len].permute(1, 2, 0, 3)
+    kept = v if keep is None else v * keep[:, None, :, None]
+    count = torch.arange(1, 10, dtype=torch.float64) if keep is None else keep.cumsum(1).clamp(min=1)[:, None]
+    want = (kept.cumsum(2) / count[..., None])[:, :, 9 - tgt_len :]
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(out, v, g)[0], torch.autograd.grad(want, v, g)[0])
+    assert torch.autograd.gradcheck(lambda v: _RunningMean.apply(v, keep, tgt_len, spare)[:tgt_len], (v,))
