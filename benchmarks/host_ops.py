@@ -21,6 +21,11 @@ CUDA flash kernel saves: q, k, v, the output and the log-sum-exp).
 
     python benchmarks/host_ops.py vanilla cosformer:causal --length 8192 --batch 4 --embed-dim 512 --heads 8 \
         --repeats 1 --memory
+
+``--live N`` lists the N largest storages alive at the step's peak, by the lines of this library that made them
+(weak references to every storage an op creates: exact, where ``--memory``'s profiler sum can only over-count).
+Its peaks of the CUDA path match the H200's allocator trace (``memory_peak_gpu.py``) to the MiB for S4D (442 and
+570 MiB at 8k in CAB's setting) and causal ProbSparse (419): the first place to look for what holds a peak.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +43,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from efficient_attention import base, build_attention  # noqa: E402
+from efficient_attention.attentions import abc  # noqa: E402
 from efficient_attention.benchmark.measure import cpu_peak_bytes  # noqa: E402
 
 
@@ -52,6 +59,36 @@ class CountOps(TorchDispatchMode):
         self.syncs += func is torch.ops.aten._local_scalar_dense.default
         self.names[func.__name__] = self.names.get(func.__name__, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+class LiveStorages(TorchDispatchMode):
+    """Tracks the storages the ops inside it create while they are alive (weak references), and what was alive
+    when their total peaked: ``peak`` bytes and ``at_peak``, ``(bytes, site)`` per storage.  A site is the
+    innermost two frames of this library that made the op, or ``autograd`` (the engine, e.g. a gradient's sum).
+    Only storages made inside count: the step's inputs and parameters are not in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.at_peak = {}, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        for t in outs:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() and t.data_ptr() not in self.live:
+                st = t.untyped_storage()
+                frames = [f for f in traceback.extract_stack() if "/efficient_attention/" in f.filename]
+                site = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[::-1][:2])
+                shape = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                self.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes(), f"{site or 'autograd'}  {shape}")
+        for key in [k for k, v in self.live.items() if v[0].expired()]:
+            del self.live[key]
+        total = sum(v[1] for v in self.live.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, [(v[1], v[2]) for v in self.live.values()]
+        return out
 
 
 class LaunchStub:
@@ -120,7 +157,11 @@ def measure(
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    with LiveStorages() as live:
+        step()
     return {
+        "live_peak_bytes": live.peak,
+        "live_at_peak": sorted(live.at_peak, reverse=True),
         "peak_bytes": cpu_peak_bytes(step),
         "ops": ops.count,
         "syncs": ops.syncs,
@@ -141,9 +182,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-autocast", action="store_true", help="fp32 without autocast (default: bf16 autocast)")
     p.add_argument("--top", action="store_true", help="also print the most frequent ATen ops")
+    p.add_argument("--live", type=int, default=0, metavar="N", help="also the N largest storages alive at the peak")
     args = p.parse_args()
     torch.set_num_threads(1)
     base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")  # q, k, v from one product, as on CUDA
+    abc.ABC.SCAN_DEVICES = ("cpu", "cuda")  # ABC's normalisers from logcumsumexp, as on CUDA
     stub_triton_kernels()
     vanilla = {}  # causal -> vanilla's peak bytes, for --memory's ratio
     for spec in args.mechanisms:
@@ -169,6 +212,15 @@ def main() -> None:
                 print(f"    peak {r['peak_bytes'] / 2**20:8.1f} MiB{ratio}", flush=True)
             if args.top:
                 print("    ", ", ".join(f"{n}x{c}" for n, c in r["top"]))
+            if args.live:
+                unit = args.length * args.batch * args.embed_dim * 2  # one (L, B, C) bf16 tensor
+                print(
+                    f"    alive at the peak: {r['live_peak_bytes'] / 2**20:.1f} MiB = {r['live_peak_bytes'] / unit:.2f}"
+                    " units of (L, B, C) bf16",
+                    flush=True,
+                )
+                for nbytes, what in r["live_at_peak"][: args.live]:
+                    print(f"      {nbytes / 2**20:8.1f} MiB {nbytes / unit:5.2f} u  {what}")
 
 
 if __name__ == "__main__":
