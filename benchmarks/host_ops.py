@@ -65,11 +65,12 @@ class LiveStorages(TorchDispatchMode):
     """Tracks the storages the ops inside it create while they are alive (weak references), and what was alive
     when their total peaked: ``peak`` bytes and ``at_peak``, ``(bytes, site)`` per storage.  A site is the
     innermost two frames of this library that made the op, or ``autograd`` (the engine, e.g. a gradient's sum).
-    Only storages made inside count: the step's inputs and parameters are not in it."""
+    Only storages made inside count: pass the step's inputs and parameters as ``outside``."""
 
-    def __init__(self):
+    def __init__(self, outside=()):
         super().__init__()
         self.live, self.peak, self.at_peak = {}, 0, []
+        self.outside = {t.untyped_storage().data_ptr() for t in outside}  # views of these are not the step's
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.multiprocessing.reductions import StorageWeakRef
@@ -77,8 +78,11 @@ class LiveStorages(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (list, tuple)) else [out]
         for t in outs:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() and t.data_ptr() not in self.live:
-                st = t.untyped_storage()
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            known = st.data_ptr() in self.live or st.data_ptr() in self.outside  # (views are not counted again)
+            if st.nbytes() and not known:
                 frames = [f for f in traceback.extract_stack() if "/efficient_attention/" in f.filename]
                 site = " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[::-1][:2])
                 shape = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
@@ -157,7 +161,7 @@ def measure(
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    with LiveStorages() as live:
+    with LiveStorages(outside=[x, *m.parameters()]) as live:
         step()
     return {
         "live_peak_bytes": live.peak,
