@@ -606,7 +606,10 @@ def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tens
     )
     gather = _scan_indices(t, g, big, flat.device)[1]
     sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
-    _, inner_w, across_w, offsets_w, back_w = (plan.table * weights).index_select(1, gather).split(sizes, 1)
+    used = gather[sizes[0] :]  # (the first of the plan's matrices has no weighted counterpart here)
+    # gathered, then weighted in place: no product of the whole table, nothing of the unused matrix
+    weighted = plan.table.index_select(1, used).mul_(weights[used])
+    inner_w, across_w, offsets_w, back_w = weighted.split(sizes[1:], 1)
     inner_w, across_w = inner_w.view(cn, 2 * g + 2, 2 * g), across_w.view(cn, 2 * big, 2 * big)
     offsets_w, back_w = offsets_w.view(cn, 2 * g, 2), back_w.reshape(channels, 2 * n, t)
     # the forward scan's chunk start states (its internals dropped as soon as used: they are full-size)
