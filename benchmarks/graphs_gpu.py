@@ -6,10 +6,10 @@ time follows its op count (``benchmarks/host_ops.py``: SDPA's module runs 85 ops
 125-300) whatever the GPU does.  This script measures both sides in one process per case:
 
 * ``eager_ms``: the step as a training loop runs it (median of ``--repeats`` steps from an idle GPU);
-* ``graph_ms``: the same step captured once in a CUDA graph and replayed (``torch.cuda.graph``): the GPU's time
-  alone, which is what ``torch.compile(mode="reduce-overhead")`` or ``torch.cuda.make_graphed_callables`` give a
-  user who captures the layer.  A mechanism whose step syncs with the host (ProbSparse sizes its active rows)
-  cannot be captured: the case records the error.
+* ``graph_ms``: the same step captured once in a CUDA graph and replayed (``kernels_gpu.graph_ms``: median of
+  ``triton.testing.do_bench``): the GPU's time alone, which is what ``torch.compile(mode="reduce-overhead")``
+  or ``torch.cuda.make_graphed_callables`` give a user who captures the layer.  A mechanism whose step syncs
+  with the host (ProbSparse sizes its active rows) cannot be captured: the case records the error.
 
 Ratios are against ``vanilla`` (SDPA) of the same run and pattern, eager to eager and graph to graph.
 
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 CASES = [
     ("vanilla", "noncausal"),
@@ -100,20 +100,10 @@ def run_case(name: str, pattern: str, lengths: list, repeats: int, smoke: bool) 
             rows.append(row)
             continue
         if not smoke:
+            from kernels_gpu import graph_ms  # (capture after warm-up on a side stream, replays timed by do_bench)
+
             try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        fresh()
-                torch.cuda.current_stream().wait_stream(side)
-                for t in leaves:
-                    t.grad = None
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()
-                row["graph_ms"] = _median_ms(graph.replay, sync, repeats)
-                del graph
+                row["graph_ms"] = graph_ms(step, leaves)
             except Exception as exc:  # noqa: BLE001 -- a step that syncs with the host cannot be captured
                 row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         rows.append(row)
