@@ -492,20 +492,17 @@ class _FFTConvolution(torch.autograd.Function):
         ssm: _SSM = ctx.ssm
         bsz, heads, length, dim = ctx.shape
         channels, size = heads * dim, _fft_size(length)
-        k_conj = torch.conj_physical(k_spec)
         src, g_src = (u if u.dim() == 3 else _channels_first(u)), _channels_first(grad)
         g_u, g_dst = _time_first(ctx.shape, u, u.dtype)
         acc: Optional[Tensor] = None
         for part in _batch_chunks(channels, bsz, size):
-            prod = _FFTConvolution._chunk_backward(
-                ctx.activation, src, g_src, g_dst, part, k_spec, k_conj, size, length
-            )
+            prod = _FFTConvolution._chunk_backward(ctx.activation, src, g_src, g_dst, part, k_spec, size, length)
             acc = prod if acc is None else acc.add_(prod)
         assert acc is not None
         # nothing of the chunks may outlive the loop: the chunks' spectra died with their frames, and the last
-        # chunk's product (a spectrum as large as u's) and k_conj would otherwise be alive through the parameters'
-        # gradients, the step's peak (2 of 13.8 units at 8k in CAB's setting)
-        del k_conj, prod
+        # chunk's product (a spectrum as large as u's) would otherwise be alive through the parameters' gradients,
+        # the step's peak (with a k_conj kept beside k_spec, 2 of 13.8 units at 8k in CAB's setting)
+        del prod
         g_kern = _conv_kernel_backward(torch.fft.irfft(acc, n=size), ssm.dt_a.shape[0], length)
         del acc
         return (g_u, *_param_grads(ssm, g_kern), g_kern[0, :, 0], None)
@@ -518,7 +515,6 @@ class _FFTConvolution(torch.autograd.Function):
         g_dst: Tensor,
         part: slice,
         k_spec: Tensor,
-        k_conj: Tensor,
         size: int,
         length: int,
     ) -> Tensor:
@@ -535,7 +531,8 @@ class _FFTConvolution(torch.autograd.Function):
         g_spec = torch.fft.rfft(g_p, n=size)
         del g_p
         prod = u_spec.conj_physical_().mul_(g_spec)
-        _part(g_dst, part).copy_(torch.fft.irfft(g_spec.mul_(k_conj), n=size)[..., :length])
+        # (k's conjugate as a lazy view, not kept beside k_spec through the whole backward: 1 unit of its peak)
+        _part(g_dst, part).copy_(torch.fft.irfft(g_spec.mul_(k_spec.conj()), n=size)[..., :length])
         return prod.sum(1) if prod.shape[1] > 1 else prod[:, 0]
 
 
