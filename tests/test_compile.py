@@ -96,7 +96,7 @@ ATTEND_OP_CEILINGS = {
     # 161 before the FFT convolution read and wrote the per-head layouts itself; +1 / +3 for the kernel gradient's
     # real product against (re, im) pairs (view_as_real, copy, view_as_complex: no complex copy of [g, g·l], the
     # largest tensor of noncausal S4D's step, and half the product's work)
-    ("s4d", False): 156,
+    ("s4d", False): 157,  # +1 view (k_spec.conj() per chunk, no kept conjugate copy: 1 unit less peak memory)
     ("s4d", True): 205,
     ("lara", False): 102,  # 113 before its hand-written backward, 110 before its d mu in three ops
     ("nystrom", False): 227,  # 213 before its hand-written Functions: +14 ops (8 views), no fp32 (L, d) copies kept
