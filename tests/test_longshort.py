@@ -72,3 +72,25 @@ def test_combine_attention_gradient_is_zero_for_rows_that_see_nothing():
     torch.testing.assert_close(y[1], torch.logsumexp(x[1].detach(), -1))
     y[1].backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("outputs", ["both", "keys", "values"])
+def test_compress_backward_gradcheck(padded, outputs):
+    """The dynamic projection's hand-written backward (one node, probabilities recomputed) in float64, with a
+    padding mask (a group of padding only included) and with only one of its two outputs used."""
+    from efficient_attention.attentions.longshort import _Compress
+
+    torch.manual_seed(0)
+    k, v = (torch.randn(2, 3, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    proj = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    pad = None
+    if padded:
+        pad = torch.rand(2, 2, 5) > 0.6
+        pad[1, 1] = True
+
+    def fn(k, v, proj):
+        kbar, vbar = _Compress.apply(k, v, proj, pad)
+        return {"both": (kbar, vbar), "keys": (kbar,), "values": (vbar,)}[outputs]
+
+    assert torch.autograd.gradcheck(fn, (k, v, proj))
