@@ -498,6 +498,9 @@ class EfficientAttention(nn.Module):
             masks = self._prepare_masks(masks, attn_mask, bsz, tgt_len, src_new, query.device)
             out, weights = self._attend(q, k, v, masks, need_weights)
 
+        # the projections are not read again: what the mechanism did not keep for its backward is freed before the
+        # output projection (causal ABC keeps contiguous copies, so q, k, v were 3 of its forward peak's units)
+        del q, k, v
         attn = self._project(self.out_proj, merge_heads(out))
         if query_padding_mask is not None:
             attn = attn.masked_fill(query_padding_mask.t().unsqueeze(-1), 0.0)
