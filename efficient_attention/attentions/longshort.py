@@ -76,9 +76,9 @@ class _Compress(torch.autograd.Function):
             return None, None, None, None
         with torch.autocast(k.device.type, enabled=False):
             acc = acc_dtype(k.dtype)
-            pt = proj.to(acc).transpose(-1, -2)[:, None]  # (H, 1, r, d)
-            kf = k.to(acc)
-            probs = _Compress._probs(kf, proj.to(acc), pad)  # (B, H, G, r, n)
+            pf, kf = proj.to(acc), k.to(acc)
+            pt = pf.transpose(-1, -2)[:, None]  # (H, 1, r, d)
+            probs = _Compress._probs(kf, pf, pad)  # (B, H, G, r, n)
             grad_probs = torch.zeros((), dtype=acc, device=k.device)
             dv = None
             if grad_v is not None:

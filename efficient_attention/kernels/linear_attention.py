@@ -363,8 +363,8 @@ def _config(q: Tensor, m: int, d: int, feat: int = 0) -> dict:
     bf16, value tiles below 64 take chunks of 32: on an H200 (Triton 3.6) chunks of 64 with 4 warps gave wrong
     results there (0.5 relative error at head dim 32, an illegal memory access at 5k positions, a 5e-2 ``dq``
     error at 16), while chunks of 32, 8 warps or 64-wide value tiles each matched float64 at every head dim
-    (``results/h200/session9/cosformer_fused_check.txt``; a compiler fault with operands made in registers, not
-    understood)."""
+    (``results/h200/session9/feat_*.log``, ``cosformer_fused_check_267605e.*``; a compiler fault with operands
+    made in registers, not understood)."""
     if q.device not in _SMS:
         _SMS[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
     cfg = dict(_triton_config(m, d, q.dtype, q.shape[0] * q.shape[1], _SMS[q.device], q.shape[2]))

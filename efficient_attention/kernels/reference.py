@@ -203,15 +203,14 @@ def gathered_block_attention(
     order = torch.sort(layout.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :kmax]
     order = order.expand(bsz, heads, nq, kmax)
     slot_ok = (torch.arange(kmax, device=dev) < counts[..., None]).expand(bsz, heads, nq, kmax)
-    cdt = acc_dtype(q.dtype)
-    qb = (F.pad(q, (0, 0, 0, nq * bs - tgt_len)) * scale).to(cdt).view(bsz, heads, nq, bs, dim)
-    kb = F.pad(k, (0, 0, 0, nk * bs - src_len)).to(cdt).view(bsz, heads, nk, bs, dim)
+    qb = F.pad(q, (0, 0, 0, nq * bs - tgt_len)).view(bsz, heads, nq, bs, dim)
+    kb = F.pad(k, (0, 0, 0, nk * bs - src_len)).view(bsz, heads, nk, bs, dim)
     vb = F.pad(v, (0, 0, 0, nk * bs - src_len)).view(bsz, heads, nk, bs, v.shape[-1])
     b_idx = torch.arange(bsz, device=dev).view(-1, 1, 1, 1)
     h_idx = torch.arange(heads, device=dev).view(1, -1, 1, 1)
     kg = kb[b_idx, h_idx, order].flatten(-3, -2)  # (B, H, nq, W, d)
     vg = vb[b_idx, h_idx, order].flatten(-3, -2)
-    scores = torch.matmul(qb, kg.transpose(-1, -2))  # (B, H, nq, bs, W)
+    scores = scaled_scores(qb, kg, scale)  # (B, H, nq, bs, W), fp32 for half inputs (keys gathered in their dtype)
     kpos = (order[..., None] * bs + torch.arange(bs, device=dev)).flatten(-2)[:, :, :, None, :]  # (B, H, nq, 1, W)
     qpos = (torch.arange(nq * bs, device=dev).view(1, 1, nq, bs, 1)) + off
     ok = slot_ok[..., None].expand(-1, -1, -1, -1, bs).flatten(-2)[:, :, :, None, :] & (kpos < src_len)
