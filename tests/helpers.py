@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -16,6 +17,13 @@ from efficient_attention.kernels._loader import cpu_extension, cpu_extension_rea
 NO_CPP: Optional[str] = (
     None if cpu_extension() is not None else f"the C++ kernels are not built: {cpu_extension_reason()}"
 )
+
+# The device the registry-wide tests (test_generic.py) build modules and inputs on.  ``EA_TEST_DEVICE=cuda`` runs
+# them through the GPU paths: the Triton kernels wherever the dtype allows (float32 / half; float64 takes the
+# reference paths on any device), SDPA's CUDA backends, the CUDA-only branches.
+DEVICE = torch.device(os.environ.get("EA_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("EA_TEST_DEVICE=cuda, but torch.cuda.is_available() is False")
 
 EMBED_DIM = 16
 NUM_HEADS = 4
@@ -51,7 +59,7 @@ def build(name: str, pattern: Pattern, dtype=torch.float64, seed: int = 0, **ove
     m = build_attention(
         name, embed_dim=EMBED_DIM, num_heads=NUM_HEADS, cross=pattern.cross, causal=pattern.causal, **opts
     )
-    return m.to(dtype).eval()
+    return m.to(device=DEVICE, dtype=dtype).eval()
 
 
 def lengths(name: str, pattern: Pattern) -> Tuple[int, int]:
@@ -65,17 +73,17 @@ def inputs(name: str, pattern: Pattern, dtype=torch.float64, bsz: int = BSZ, see
     """(query, key, value) time-first; key/value are the query for self patterns."""
     tgt, src = lengths(name, pattern)
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(tgt, bsz, EMBED_DIM, generator=g, dtype=torch.float64).to(dtype)
+    q = torch.randn(tgt, bsz, EMBED_DIM, generator=g, dtype=torch.float64).to(DEVICE, dtype)
     if not pattern.cross:
         return q, q, q
-    k = torch.randn(src, bsz, EMBED_DIM, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(src, bsz, EMBED_DIM, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(src, bsz, EMBED_DIM, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    v = torch.randn(src, bsz, EMBED_DIM, generator=g, dtype=torch.float64).to(DEVICE, dtype)
     return q, k, v
 
 
 def padding_mask(bsz: int, length: int, pattern: Pattern, n_pad: int = 3) -> torch.Tensor:
     """Bool (B, S): batch 1 right-padded (causal) or left-padded (noncausal) by ``n_pad``; batch 2 by 1."""
-    mask = torch.zeros(bsz, length, dtype=torch.bool)
+    mask = torch.zeros(bsz, length, dtype=torch.bool, device=DEVICE)
     if pattern.causal:
         mask[1, length - n_pad :] = True
         mask[bsz - 1, length - 1 :] = True

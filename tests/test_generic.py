@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import (
     BSZ,
+    DEVICE,
     EMBED_DIM,
     NUM_HEADS,
     assert_close,
@@ -139,7 +140,7 @@ def test_static_kv_decoding_equals_full(name, pattern):
 def test_beam_reorder(name, pattern):
     m = build(name, pattern, dtype=torch.float32)
     q, k, v = inputs(name, pattern, dtype=torch.float32)
-    order = torch.tensor([2, 0, 0])
+    order = torch.tensor([2, 0, 0], device=DEVICE)
     static = pattern is Pattern.NONCAUSAL_CROSS
     cut = 3
     expected, _ = m(q[:, order], k[:, order], v[:, order], need_weights=False)
@@ -172,7 +173,7 @@ def test_decoding_state_size(name, pattern):
     m = build(name, pattern, dtype=torch.float32)
     caps = available_attentions()[name].capabilities
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 1, EMBED_DIM, generator=g)
+    x = torch.randn(48, 1, EMBED_DIM, generator=g).to(DEVICE)
     k = v = x if pattern.cross else None
     state = {}
     sizes = []
@@ -198,7 +199,7 @@ def test_decoding_state_follows_the_schema(name, pattern):
     """Every tensor of a decoding state has the batch first (beam search reorders it); ``position`` is a Python
     int counting the decoded queries (no device sync to read it)."""
     m = build(name, pattern, dtype=torch.float32)
-    x = torch.randn(5, 3, EMBED_DIM)
+    x = torch.randn(5, 3, EMBED_DIM, device=DEVICE)
     state = {}
     for t in range(x.shape[0]):
         k = x if pattern.cross and t == 0 else (None if pattern.cross else x[t : t + 1])
@@ -210,7 +211,7 @@ def test_decoding_state_follows_the_schema(name, pattern):
             assert value.shape[0] == 3, f"{name}: {key} has shape {tuple(value.shape)}: batch must be dim 0"
     if m._own_decoding_state() or pattern.causal and pattern.cross:
         assert type(buf["position"]) is int and buf["position"] == x.shape[0]
-    new_order = torch.tensor([2, 0, 1])
+    new_order = torch.tensor([2, 0, 1], device=DEVICE)
     m.reorder_incremental_state(state, new_order)  # every tensor reorders along the batch
 
 
@@ -235,7 +236,7 @@ def test_padded_key_contents_do_not_matter(name, pattern):
 def test_query_padding_mask_zeroes_rows(name, pattern):
     m = build(name, pattern)
     q, k, v = inputs(name, pattern)
-    qpm = torch.zeros(BSZ, q.shape[0], dtype=torch.bool)
+    qpm = torch.zeros(BSZ, q.shape[0], dtype=torch.bool, device=DEVICE)
     qpm[0, -2:] = True
     out, _ = m(q, k, v, query_padding_mask=qpm, need_weights=False)
     assert torch.all(out[-2:, 0] == 0)
@@ -333,12 +334,12 @@ def test_weights_returned_or_refused(name, pattern):
         return
     _, w = m(q, k, v, need_weights=True)
     assert w.shape == (BSZ, q.shape[0], k.shape[0])
-    assert_close(w.sum(-1), torch.ones(BSZ, q.shape[0], dtype=w.dtype))
+    assert_close(w.sum(-1), torch.ones(BSZ, q.shape[0], dtype=w.dtype, device=DEVICE))
     _, hw = m(q, k, v, need_head_weights=True)
     assert hw.shape == (NUM_HEADS, BSZ, q.shape[0], k.shape[0])
     assert_close(hw.mean(0), w)
     if pattern.causal:
-        assert torch.all(hw.masked_select(causal_mask(q.shape[0], k.shape[0])) == 0)
+        assert torch.all(hw.masked_select(causal_mask(q.shape[0], k.shape[0], device=DEVICE)) == 0)
 
 
 @pytest.mark.parametrize("name,pattern", ALL, ids=case_id)
@@ -347,19 +348,19 @@ def test_attn_mask_honoured_or_refused(name, pattern):
     q, k, v = inputs(name, pattern)
     tgt, src = q.shape[0], k.shape[0]
     g = torch.Generator().manual_seed(3)
-    mask = torch.rand(tgt, src, generator=g) < 0.3
+    mask = (torch.rand(tgt, src, generator=g) < 0.3).to(DEVICE)
     mask[:, 0] = False
     if not available_attentions()[name].capabilities.attn_mask:
         with pytest.raises(UnsupportedInputError, match="attn_mask"):
             m(q, k, v, attn_mask=mask, need_weights=False)
         if pattern.causal:  # fairseq's decoder passes the causal mask itself: accepted
-            future = torch.triu(torch.full((tgt, src), float("-inf"), dtype=q.dtype), 1 + src - tgt)
+            future = torch.triu(torch.full((tgt, src), float("-inf"), dtype=q.dtype, device=DEVICE), 1 + src - tgt)
             with_mask, _ = m(q, k, v, attn_mask=future, need_weights=False)
             assert_close(with_mask, m(q, k, v, need_weights=False)[0])
         return
     out, _ = m(q, k, v, attn_mask=mask, need_weights=False)
     assert_close(out, get_reference(name).fn(m, q, k, v, attn_mask=mask), msg=f"{name}: bool attn_mask")
-    additive = torch.randn(BSZ * NUM_HEADS, tgt, src, generator=g, dtype=q.dtype)
+    additive = torch.randn(BSZ * NUM_HEADS, tgt, src, generator=g, dtype=q.dtype).to(DEVICE)
     out, _ = m(q, k, v, attn_mask=additive, need_weights=False)
     assert_close(out, get_reference(name).fn(m, q, k, v, attn_mask=additive), msg=f"{name}: additive attn_mask")
 
@@ -392,7 +393,7 @@ def test_autocast_bf16_forward_backward_is_finite(name, pattern):
     """fairseq's --amp / --bf16 runs use torch.autocast over fp32 modules."""
     m = build(name, pattern, dtype=torch.float32).train()
     q, k, v = inputs(name, pattern, dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out, _ = m(q, k, v, need_weights=False)
     assert torch.isfinite(out).all(), f"{name} {pattern}: non-finite output under autocast"
     out.float().pow(2).mean().backward()
@@ -409,7 +410,7 @@ def test_decoding_attn_mask_rules(name, pattern):
     vv = v if pattern.cross else q
     state, outs = {}, []
     for t in range(q.shape[0]):
-        future = torch.zeros(1, t + 1)  # one new query against t + 1 keys: nothing is in its future
+        future = torch.zeros(1, t + 1, device=DEVICE)  # one new query against t + 1 keys: nothing is in its future
         out, _ = m(
             q[t : t + 1], kk[t : t + 1], vv[t : t + 1], incremental_state=state, attn_mask=future, need_weights=False
         )
@@ -417,7 +418,7 @@ def test_decoding_attn_mask_rules(name, pattern):
     full, _ = m(q, k, v, need_weights=False)
     assert_close(torch.cat(outs), full, torch.float32, msg=f"{name}: decoding with the causal mask")
     if not available_attentions()[name].capabilities.attn_mask:
-        blocked = torch.zeros(1, 2, dtype=torch.bool)
+        blocked = torch.zeros(1, 2, dtype=torch.bool, device=DEVICE)
         blocked[0, 0] = True  # hides a past key: not the causal mask
         with pytest.raises(UnsupportedInputError, match="attn_mask"):
             m(q[1:2], kk[1:2], vv[1:2], incremental_state={}, attn_mask=blocked, need_weights=False)

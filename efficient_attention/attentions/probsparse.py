@@ -487,7 +487,8 @@ class ProbSparse(EfficientAttention):
             least = min(_PIECES, tgt_len) if self.piecewise_mask else 1  # _PrefixRows splits them in _PIECES
             most = active.sum(-1).max().clamp(min=least).float()
             n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
-            torch._check(n_act >= least)
+            torch._check(n_act >= least)  # (both bounds: a slice whose end is not known in range gets a new
+            torch._check(n_act <= tgt_len)  # size symbol under Dynamo, and torch 2.11's SDPA cannot guard on it)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)
         else:

@@ -14,10 +14,10 @@ def abc_reference(m, query, key, value, *, key_padding_mask=None, attn_mask=None
     src_len = k.shape[2]
     w = m.landmark_proj.double()  # (H, n, d)
     out = torch.zeros_like(q)
-    rows = torch.arange(tgt_len)[:, None]
-    cols = torch.arange(src_len)[None, :]
+    rows = torch.arange(tgt_len, device=q.device)[:, None]
+    cols = torch.arange(src_len, device=q.device)[None, :]
     for b in range(bsz):
-        visible = ~(cols > rows + src_len - tgt_len) if m.causal else torch.ones(tgt_len, src_len, dtype=torch.bool)
+        visible = ~(cols > rows + src_len - tgt_len) if m.causal else torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device)
         if key_padding_mask is not None:
             visible = visible & ~key_padding_mask[b][None, :]
         for h in range(heads):

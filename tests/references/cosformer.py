@@ -16,8 +16,8 @@ def cosformer_scores(m, q, k, padding=None):
     """
     tgt_len, src_len = q.shape[0], k.shape[0]
     act = F.relu if m.act_fun == "relu" else (lambda x: 1 + F.elu(x))
-    i = torch.arange(tgt_len, dtype=q.dtype)[:, None]
-    j = torch.arange(src_len, dtype=q.dtype)[None, :]
+    i = torch.arange(tgt_len, dtype=q.dtype, device=q.device)[:, None]
+    j = torch.arange(src_len, dtype=q.dtype, device=q.device)[None, :]
     big_m = m.max_len or max(tgt_len, src_len)
     if m.max_len is None and padding is not None:
         real = int((~padding).sum())

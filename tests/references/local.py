@@ -24,7 +24,7 @@ def local_rows(q, k, v, *, wsize, look_backward, look_forward, causal, exact, sh
     scale = 1 / math.sqrt(d) if scale is None else scale
     if shared_qk:
         k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    out = torch.zeros(bsz, heads, n, v.shape[-1], dtype=q.dtype)
+    out = torch.zeros(bsz, heads, n, v.shape[-1], dtype=q.dtype, device=q.device)
     for b in range(bsz):
         for h in range(heads):
             for i in range(n):

@@ -10,7 +10,7 @@ from .lara import segments
 
 def newton_schulz_pinv(a, iterations):
     """The paper's iteration: Z0 = A^T / (|A|_1 |A|_inf), Z <- Z (13 I - AZ (15 I - AZ (7 I - AZ))) / 4."""
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     z = a.t() / (a.abs().sum(0).max() * a.abs().sum(1).max())
     for _ in range(iterations):
         az = a @ z
@@ -40,7 +40,7 @@ def nystrom_reference(m, query, key, value, *, key_padding_mask=None, attn_mask=
             if m.conv is not None:  # depthwise convolution of the (zero-padded) values along the sequence
                 w = m.conv.weight.double()[h, 0, :, 0]
                 half = w.shape[0] // 2
-                vz = torch.zeros(length, d, dtype=v.dtype)
+                vz = torch.zeros(length, d, dtype=v.dtype, device=v.device)
                 vz[real] = vs
                 for i in real:
                     for t in range(w.shape[0]):

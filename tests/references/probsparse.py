@@ -13,13 +13,13 @@ def _log_count(factor, n):
 
 def probsparse_rows(m, q, k, v, key_pad=None):
     bsz, heads, n, d = q.shape
-    pos = torch.arange(n)
-    n_vis = pos + 1 if m.causal else torch.full((n,), n)
+    pos = torch.arange(n, device=q.device)
+    n_vis = pos + 1 if m.causal else torch.full((n,), n, device=q.device)
     count = _log_count(m.factor, int(n_vis.max()))
     idx = m.sample_keys(pos, n_vis, count)
     out = torch.zeros_like(q)
     for b in range(bsz):
-        pad = key_pad[b] if key_pad is not None else torch.zeros(n, dtype=torch.bool)
+        pad = key_pad[b] if key_pad is not None else torch.zeros(n, dtype=torch.bool, device=q.device)
         for h in range(heads):
             scores = (q[b, h] @ k[b, h].T) / math.sqrt(d)
             sparsity = []

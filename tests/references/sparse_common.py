@@ -13,7 +13,7 @@ def allowed_attention(q, k, v, allowed, *, scale=None, key_padding_mask=None):
     src_len = k.shape[2]
     group = heads // k.shape[1]
     scale = 1 / math.sqrt(d) if scale is None else scale
-    out = torch.zeros(bsz, heads, tgt_len, v.shape[-1], dtype=q.dtype)
+    out = torch.zeros(bsz, heads, tgt_len, v.shape[-1], dtype=q.dtype, device=q.device)
     for b in range(bsz):
         for h in range(heads):
             for i in range(tgt_len):
