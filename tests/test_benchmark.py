@@ -30,7 +30,7 @@ from efficient_attention.benchmark import (
 )
 from efficient_attention.benchmark.cli import parse_lengths, parse_option
 from efficient_attention.benchmark.efficiency import choose_degree
-from efficient_attention.benchmark.measure import cpu_peak_bytes, parse_pattern
+from efficient_attention.benchmark.measure import parse_pattern
 from efficient_attention.capabilities import Pattern
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,11 @@ def abc_reference(m, query, key, value, *, key_padding_mask=None, attn_mask=None
     rows = torch.arange(tgt_len, device=q.device)[:, None]
     cols = torch.arange(src_len, device=q.device)[None, :]
     for b in range(bsz):
-        visible = ~(cols > rows + src_len - tgt_len) if m.causal else torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device)
+        visible = (
+            ~(cols > rows + src_len - tgt_len)
+            if m.causal
+            else torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device)
+        )
         if key_padding_mask is not None:
             visible = visible & ~key_padding_mask[b][None, :]
         for h in range(heads):

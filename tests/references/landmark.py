@@ -50,5 +50,7 @@ def landmark_loop(q, k, v, is_mem, *, top_k=None, key_padding_mask=None, scale=N
 def landmark_reference(m, query, key, value, *, key_padding_mask=None, attn_mask=None):
     q, k, v = project_heads(m, query, key, value)
     is_mem = [(j + 1) % m.block_size == 0 for j in range(k.shape[2])]
-    out = landmark_loop(q, k, v, torch.tensor(is_mem, device=q.device), top_k=m.top_k or None, key_padding_mask=key_padding_mask)
+    out = landmark_loop(
+        q, k, v, torch.tensor(is_mem, device=q.device), top_k=m.top_k or None, key_padding_mask=key_padding_mask
+    )
     return merge_and_project(m, out)
