@@ -311,6 +311,14 @@ class LengthChunks:
         return self.split(x.to(dtype, memory_format=fmt).flatten(0, 1))
 
 
+def may_keep_derived(t: Tensor) -> bool:
+    """Whether a tensor derived from ``t`` (a scaled or cast copy of a weight) may be kept between calls and reused:
+    not while ``torch.compile`` traces (the copy must be part of the graph), and not while a CUDA graph is captured
+    (a replay would read the copy's memory after the eager cache has replaced or freed it; computed inside the
+    graph, the copy follows in-place changes of ``t``, such as Performer's feature redraw)."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def dense_strides(x: Tensor) -> Tuple[int, ...]:
     """``x``'s strides when they lay it out densely (any dimension order: a head view of the time-first
     projections), else the contiguous strides of its shape."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, softmax
+from ..functional import acc_dtype, may_keep_derived, softmax
 from ..kernels.linear_attention import _split_k, linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -464,9 +464,11 @@ class Performer(EfficientAttention):
     def _feature_weight(self, dtype: torch.dtype, rows: bool = False) -> Tensor:
         """``(W d^(-1/4))ᵀ`` ``(d, m)`` (``rows``: ``W d^(-1/4)`` ``(m, d)``, for the gradients) contiguous in
         ``dtype``, kept until the buffer changes (a redraw or a ``state_dict`` load writes it in place, which moves
-        its version counter): no scaling, transposing or casting op per forward or decoding step."""
+        its version counter): no scaling, transposing or casting op per forward or decoding step.  Not kept where
+        :func:`~efficient_attention.functional.may_keep_derived` says no (a captured CUDA graph computes it from
+        the buffer at every replay, so a redraw between replays is seen)."""
         w = self.projection_matrix
-        if torch.compiler.is_compiling() or w.is_inference():
+        if not may_keep_derived(w) or w.is_inference():
             scaled = (w * self.head_dim**-0.25).to(dtype)
             return scaled if rows else scaled.t()
         version = (w.device, w._version, w.data_ptr())

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype
+from ..functional import acc_dtype, may_keep_derived
 from ..masks import as_bool_mask
 from ..options import AttentionOptions, choice, option, positive_int
 from ..registry import register_attention
@@ -786,7 +786,7 @@ class S4D(EfficientAttention):
     def _discrete_for_steps(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """:meth:`_discrete` kept between decoding steps without autograd, until a parameter changes (its
         version counter moves with every in-place update, an optimizer step included)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not may_keep_derived(self.log_dt):  # (captured: computed at every replay)
             return self._discrete(dtype)
         params = (self.log_dt, self.log_a_real, self.a_imag, self.c)
         key = (dtype, self.log_dt.device, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
