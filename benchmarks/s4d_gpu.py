@@ -44,7 +44,7 @@ TARGETS = (
     "targets: faster than SDPA at <= 4k noncausal and <= 8k causal; <= SDPA causal / 3 at 32k; memory <= SDPA's "
     "from 8k; never slower than CAB"
 )
-# CAB's S4D fwd+bwd ms on the H200 in this setting (benchmarks/results/mechanisms_gpu_h200.md, session 3)
+# CAB's S4D fwd+bwd ms on the H200 in this setting (session 3's run, in benchmarks/results/h200/)
 CAB_MS = {
     (False, 1024): 5.32,
     (False, 8192): 21.6,
