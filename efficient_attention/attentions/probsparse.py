@@ -22,6 +22,7 @@ sliding-window kernel with per-row positions (:func:`_kernel_rows`), which build
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
@@ -37,6 +38,9 @@ from ..functional import acc_dtype, repeat_kv, sdpa_attention
 from ..kernels.ops import SlidingWindowTriton, sliding_window_kernel
 from ..options import AttentionOptions, option, positive_int
 from ..registry import register_attention
+
+logger = logging.getLogger(__name__)
+_CAPTURE_WARNED: list = []  # the capture warning is logged once per process
 
 __all__ = ["ProbSparse"]
 
@@ -188,6 +192,11 @@ def _prefix_ends(last: Tensor, pieces: int, length: int) -> list:
 
 
 _PIECES = 4  # piecewise_mask: the rows' parts
+
+
+def _capturing(x: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``x``'s device: nothing may be read back to the host."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _pieces(x: Tensor, pieces: int):
@@ -450,7 +459,7 @@ class ProbSparse(EfficientAttention):
             # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); with piecewise_mask and
             # without dropout it is built a quarter at a time and never kept (_PrefixRows; not under Dynamo, which
             # cannot trace its backward's autograd)
-            if self.piecewise_mask and dropout == 0.0 and not torch.compiler.is_compiling():
+            if self.piecewise_mask and dropout == 0.0 and not torch.compiler.is_compiling() and not _capturing(q):
                 pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
                 last = torch.where(ok, q_pos[rows], 0)  # fillers see the first key: no long prefix for them
                 exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
@@ -485,10 +494,20 @@ class ProbSparse(EfficientAttention):
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
             least = min(_PIECES, tgt_len) if self.piecewise_mask else 1  # _PrefixRows splits them in _PIECES
-            most = active.sum(-1).max().clamp(min=least).float()
-            n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
-            torch._check(n_act >= least)  # (both bounds: a slice whose end is not known in range gets a new
-            torch._check(n_act <= tgt_len)  # size symbol under Dynamo, and torch 2.11's SDPA cannot guard on it)
+            if _capturing(q):
+                n_act = tgt_len  # a CUDA graph cannot read the count: every row is exact or a dropped filler
+                if not _CAPTURE_WARNED:
+                    _CAPTURE_WARNED.append(True)
+                    logger.warning(
+                        "ProbSparse (causal) in a CUDA graph: the active-row count cannot be read on the host "
+                        "while capturing, so every query row takes the exact pass: the same output, but no saving "
+                        "over dense attention (a masked pass over every row; on an H200 slower than SDPA below 16k)"
+                    )
+            else:
+                most = active.sum(-1).max().clamp(min=least).float()
+                n_act = int(torch.exp2(torch.ceil(torch.log2(most))).clamp(max=tgt_len).long())
+                torch._check(n_act >= least)  # (both bounds: a slice whose end is not known in range gets a new
+                torch._check(n_act <= tgt_len)  # size symbol under Dynamo, and torch 2.11's SDPA cannot guard on it)
             rows = torch.sort(active.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :n_act]
             ok = torch.gather(active, -1, rows)
         else:
