@@ -8,8 +8,9 @@ time follows its op count (``benchmarks/host_ops.py``: SDPA's module runs 85 ops
 * ``eager_ms``: the step as a training loop runs it (median of ``--repeats`` steps from an idle GPU);
 * ``graph_ms``: the same step captured once in a CUDA graph and replayed (``kernels_gpu.graph_ms``: median of
   ``triton.testing.do_bench``): the GPU's time alone, which is what ``torch.compile(mode="reduce-overhead")``
-  or ``torch.cuda.make_graphed_callables`` give a user who captures the layer.  A mechanism whose step syncs
-  with the host (ProbSparse sizes its active rows) cannot be captured: the case records the error.
+  or ``torch.cuda.make_graphed_callables`` give a user who captures the layer.  Causal ProbSparse, which sizes
+  its active rows on the host when eager, attends every row while captured (its replayed time is dense cost); a
+  step that cannot be captured records the error.
 
 Ratios are against ``vanilla`` (SDPA) of the same run and pattern, eager to eager and graph to graph.
 
