@@ -311,12 +311,18 @@ class LengthChunks:
         return self.split(x.to(dtype, memory_format=fmt).flatten(0, 1))
 
 
+def capturing_cuda_graph(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on ``t``'s device: nothing may be read back to the host, and nothing
+    the graph reads may be freed or replaced between replays."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def may_keep_derived(t: Tensor) -> bool:
     """Whether a tensor derived from ``t`` (a scaled or cast copy of a weight) may be kept between calls and reused:
     not while ``torch.compile`` traces (the copy must be part of the graph), and not while a CUDA graph is captured
     (a replay would read the copy's memory after the eager cache has replaced or freed it; computed inside the
     graph, the copy follows in-place changes of ``t``, such as Performer's feature redraw)."""
-    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not torch.compiler.is_compiling() and not capturing_cuda_graph(t)
 
 
 def dense_strides(x: Tensor) -> Tuple[int, ...]:

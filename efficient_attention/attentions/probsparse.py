@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from ..base import AttentionMasks, EfficientAttention, _cat_padding
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype, repeat_kv, sdpa_attention
+from ..functional import acc_dtype, capturing_cuda_graph, repeat_kv, sdpa_attention
 from ..kernels.ops import SlidingWindowTriton, sliding_window_kernel
 from ..options import AttentionOptions, option, positive_int
 from ..registry import register_attention
@@ -192,11 +192,6 @@ def _prefix_ends(last: Tensor, pieces: int, length: int) -> list:
 
 
 _PIECES = 4  # piecewise_mask: the rows' parts
-
-
-def _capturing(x: Tensor) -> bool:
-    """Whether a CUDA graph is being captured on ``x``'s device: nothing may be read back to the host."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _pieces(x: Tensor, pieces: int):
@@ -459,7 +454,8 @@ class ProbSparse(EfficientAttention):
             # three (B, H, A, S) tensors plus SDPA's own conversion (1 GB each at 32k); with piecewise_mask and
             # without dropout it is built a quarter at a time and never kept (_PrefixRows; not under Dynamo, which
             # cannot trace its backward's autograd)
-            if self.piecewise_mask and dropout == 0.0 and not torch.compiler.is_compiling() and not _capturing(q):
+            piecewise = self.piecewise_mask and dropout == 0.0 and not torch.compiler.is_compiling()
+            if piecewise and not capturing_cuda_graph(q):  # (its pieces' key prefixes are read on the host)
                 pieces = _PIECES if q.shape[2] >= _PIECES else 1  # _compute then takes at least _PIECES rows
                 last = torch.where(ok, q_pos[rows], 0)  # fillers see the first key: no long prefix for them
                 exact = _PrefixRows.apply(torch.gather(q, 2, idx), k, v, last, self.scaling, pieces)
@@ -494,7 +490,7 @@ class ProbSparse(EfficientAttention):
             # at least one (filler) row: no branch on the count; rounded up to a power of two (extra rows are
             # fillers): SDPA's cuDNN backend builds a graph per new shape (50-70 ms of host time on an H200)
             least = min(_PIECES, tgt_len) if self.piecewise_mask else 1  # _PrefixRows splits them in _PIECES
-            if _capturing(q):
+            if capturing_cuda_graph(q):
                 n_act = tgt_len  # a CUDA graph cannot read the count: every row is exact or a dropped filler
                 if not _CAPTURE_WARNED:
                     _CAPTURE_WARNED.append(True)
