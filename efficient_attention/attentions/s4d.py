@@ -616,9 +616,10 @@ def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tens
     # the forward scan's chunk start states (its internals dropped as soon as used: they are full-size)
     ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(cn, 2 * g, cols)
     inner = torch.bmm(plan.inner, ends)
-    group_ends = inner[:, 2 * g :].reshape(cn, 2 * big, bsz)
+    group_ends = inner[:, 2 * g :].reshape(cn, 2 * big, bsz).clone()  # (its own: `inner` goes after `starts`)
     group_starts = torch.bmm(plan.across_zero, group_ends)
     starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(cn, 2, cols))
+    del inner
     # s'_m = Σ_{j < start_m} (start_m - 1 - j) λ^{start_m-1-j} u_j: the scan of the lag-weighted chunk ends, plus
     # t times the scan with chunk-lag-weighted matrices (product rule over inner, across, offsets)
     inner = torch.bmm(inner_w, ends)
@@ -626,9 +627,11 @@ def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tens
     inner = inner.baddbmm_(plan.inner, torch.bmm(back_w, flat.transpose(1, 2)).view(cn, 2 * g, cols), alpha=1 / t)
     gs_w = torch.bmm(plan.across_zero, inner[:, 2 * g :].reshape(cn, 2 * big, bsz))
     gs_w = gs_w.baddbmm_(across_w, group_ends)
+    del group_ends
     starts_w = torch.baddbmm(inner[:, : 2 * g], plan.offsets, gs_w.view(cn, 2, cols))
     del inner
     starts_w = starts_w.baddbmm_(offsets_w, group_starts.view(cn, 2, cols)).view(cn, 2, rows)  # s' / t
+    del weighted, inner_w, across_w, offsets_w, back_w  # (views of one table as large as the plan's)
     starts = starts.view(cn, 2, rows)
     # R = Σ_i grad_i λ^{i+1} and R' = Σ_i grad_i (i+1) λ^{i+1} per chunk, real pairs (Cn, re/im, rows); the
     # complex Σ_rows R·s as a 2x2 real product per mode: [[Rr·sr, Rr·si], [Ri·sr, Ri·si]]
