@@ -587,20 +587,30 @@ def _scan_weights(t: int, per_group: int, groups: int, device: torch.device, dty
     return F.pad(weights.repeat(4), (0, 1)).to(device)
 
 
-def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tensor, Tensor, Tensor]:
+def _scan_param_grads(grad: Tensor, u: Tensor, plan: _ScanPlan) -> Tuple[Tensor, Tensor, Tensor]:
     """``S0 = Σ_s ∂K_s·λ^s``, ``S1 = Σ_s s·∂K_s·λ^s`` (complex ``(C, n)``) and ``∂K_0`` ``(C,)`` of the causal
     convolution, where ``∂K_s = Σ_{b,l} grad_l·u_{l-s}``: what :func:`_kernel_backward` needs from the kernel
-    gradient, without it (no FFT).  ``grad`` and ``flat`` (the inputs) in chunks ``(C, (a, h, b), t)``.
+    gradient, without it (no FFT).  ``grad`` in chunks ``(C, (a, h, b), t)``, the inputs ``u`` per head
+    ``(B, H, L, d)``: their chunks (in ``grad``'s dtype) are made here and dropped after their three products,
+    before the scan's full-size intermediates (an argument would stay alive in the caller's frame).
 
     Pairs ``j <= l`` in one chunk: ``M = Σ_rows u ⊗ grad`` (one product), summed along its diagonals (lags).
     Pairs across chunks: ``Σ_l grad_l λ^{i+1}·s_m`` with ``s_m`` the chunk start states (the forward scan's),
     and for ``S1`` the lag ``l - j = (i + 1) + (t - 1 - i_j) + t·(m - 1 - k)`` split the same way: start states
     of the lag-weighted chunk ends and the scan with its matrices weighted by their chunk lags (exact, no
     cancellation)."""
+    flat = _to_chunks(u, plan, grad.dtype)
     channels, rows, t = flat.shape
     g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
     cn, cols = channels * n, rows // g
     bsz = cols // big
+    steps = torch.arange(1, t + 1, device=flat.device, dtype=flat.dtype)
+    # within a chunk: Mt[j, i] = Σ_rows u_j grad_i, lags i - j >= 0 on its upper triangle, summed by diagonal
+    mt = torch.bmm(flat.transpose(1, 2), grad).triu_()
+    lags_sum = F.pad(mt.flatten(1), (0, t)).view(channels, t, t + 1)[..., :t].sum(1)  # (C, t): ∂K_0..∂K_{t-1}
+    del mt
+    both = torch.stack([lags_sum, lags_sum * (steps - 1.0)], 1).to(plan.lam.dtype)  # (C, 2, t)
+    inside = torch.bmm(both, plan.lam[..., :t].transpose(1, 2))  # (C, 2, n)
     # the weighted matrices: the plan's table times each entry's exponent, gathered like the plan's
     weights = (_scan_weights.__wrapped__ if torch.compiler.is_compiling() else _scan_weights)(
         t, g, big, flat.device, flat.dtype
@@ -608,35 +618,43 @@ def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tens
     gather = _scan_indices(t, g, big, flat.device)[1]
     sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
     used = gather[sizes[0] :]  # (the first of the plan's matrices has no weighted counterpart here)
-    # gathered, then weighted in place: no product of the whole table, nothing of the unused matrix
-    weighted = plan.table.index_select(1, used).mul_(weights[used])
-    inner_w, across_w, offsets_w, back_w = weighted.split(sizes[1:], 1)
-    inner_w, across_w = inner_w.view(cn, 2 * g + 2, 2 * g), across_w.view(cn, 2 * big, 2 * big)
-    offsets_w, back_w = offsets_w.view(cn, 2 * g, 2), back_w.reshape(channels, 2 * n, t)
-    # the forward scan's chunk start states (its internals dropped as soon as used: they are full-size)
+    # gathered, then weighted in place (no product of the whole table, nothing of the unused matrix), in two parts:
+    # the inner scan's matrices (as large as the rest of the plan together) only while they are used
+    inner_idx, rest_idx = used.split([sizes[1], sum(sizes[2:])])
+    rest = plan.table.index_select(1, rest_idx).mul_(weights[rest_idx])
+    across_w, offsets_w, back_w = rest.split(sizes[2:], 1)
+    across_w, offsets_w = across_w.view(cn, 2 * big, 2 * big), offsets_w.view(cn, 2 * g, 2)
+    back_w = back_w.reshape(channels, 2 * n, t)
+    # the chunk ends of u and their lag-weighted counterpart, then u's chunks go: the scans below are full-size
     ends = torch.bmm(plan.back, flat.transpose(1, 2)).view(cn, 2 * g, cols)
+    ends_w = torch.bmm(back_w, flat.transpose(1, 2)).view(cn, 2 * g, cols)
+    del flat
+    # s'_m = Σ_{j < start_m} (start_m - 1 - j) λ^{start_m-1-j} u_j: the scan of the lag-weighted chunk ends, plus
+    # t times the scan with chunk-lag-weighted matrices (product rule over inner, across, offsets); its first
+    # product before the plain scan's, so that `ends` goes as soon as both have read it
+    inner_w = plan.table.index_select(1, inner_idx).mul_(weights[inner_idx]).view(cn, 2 * g + 2, 2 * g)
+    inner_s = torch.bmm(inner_w, ends)
+    del inner_w
+    # the forward scan's chunk start states (its internals dropped as soon as used: they are full-size)
     inner = torch.bmm(plan.inner, ends)
+    del ends
     group_ends = inner[:, 2 * g :].reshape(cn, 2 * big, bsz).clone()  # (its own: `inner` goes after `starts`)
     group_starts = torch.bmm(plan.across_zero, group_ends)
     starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(cn, 2, cols))
     del inner
-    # s'_m = Σ_{j < start_m} (start_m - 1 - j) λ^{start_m-1-j} u_j: the scan of the lag-weighted chunk ends, plus
-    # t times the scan with chunk-lag-weighted matrices (product rule over inner, across, offsets)
-    inner = torch.bmm(inner_w, ends)
-    del ends
-    inner = inner.baddbmm_(plan.inner, torch.bmm(back_w, flat.transpose(1, 2)).view(cn, 2 * g, cols), alpha=1 / t)
-    gs_w = torch.bmm(plan.across_zero, inner[:, 2 * g :].reshape(cn, 2 * big, bsz))
+    inner_s = inner_s.baddbmm_(plan.inner, ends_w, alpha=1 / t)
+    del ends_w
+    gs_w = torch.bmm(plan.across_zero, inner_s[:, 2 * g :].reshape(cn, 2 * big, bsz))
     gs_w = gs_w.baddbmm_(across_w, group_ends)
     del group_ends
-    starts_w = torch.baddbmm(inner[:, : 2 * g], plan.offsets, gs_w.view(cn, 2, cols))
-    del inner
+    starts_w = torch.baddbmm(inner_s[:, : 2 * g], plan.offsets, gs_w.view(cn, 2, cols))
+    del inner_s
     starts_w = starts_w.baddbmm_(offsets_w, group_starts.view(cn, 2, cols)).view(cn, 2, rows)  # s' / t
-    del weighted, inner_w, across_w, offsets_w, back_w  # (views of one table as large as the plan's)
+    del rest, across_w, offsets_w, back_w
     starts = starts.view(cn, 2, rows)
     # R = Σ_i grad_i λ^{i+1} and R' = Σ_i grad_i (i+1) λ^{i+1} per chunk, real pairs (Cn, re/im, rows); the
     # complex Σ_rows R·s as a 2x2 real product per mode: [[Rr·sr, Rr·si], [Ri·sr, Ri·si]]
     lam1 = _as_pairs(plan.lam[..., 1:].transpose(1, 2)).transpose(1, 2)  # (C, 2n, t)
-    steps = torch.arange(1, t + 1, device=flat.device, dtype=flat.dtype)
     r = torch.bmm(lam1, grad.transpose(1, 2)).view(cn, 2, rows)
     m0 = torch.bmm(r, starts.transpose(1, 2))
     m1 = torch.bmm(r, starts_w.transpose(1, 2)).mul_(float(t))
@@ -644,11 +662,6 @@ def _scan_param_grads(grad: Tensor, flat: Tensor, plan: _ScanPlan) -> Tuple[Tens
     m1 = m1.baddbmm_(torch.bmm(lam1 * steps, grad.transpose(1, 2)).view(cn, 2, rows), starts.transpose(1, 2))
     m = torch.stack([m0, m1])  # (2, Cn, 2, 2): for S0 R·s, for S1 R·s' + R'·s
     cross = torch.complex(m[..., 0, 0] - m[..., 1, 1], m[..., 0, 1] + m[..., 1, 0]).view(2, channels, n)
-    # within a chunk: Mt[j, i] = Σ_rows u_j grad_i, lags i - j >= 0 on its upper triangle, summed by diagonal
-    mt = torch.bmm(flat.transpose(1, 2), grad).triu_()
-    lags_sum = F.pad(mt.flatten(1), (0, t)).view(channels, t, t + 1)[..., :t].sum(1)  # (C, t): ∂K_0..∂K_{t-1}
-    both = torch.stack([lags_sum, lags_sum * (steps - 1.0)], 1).to(plan.lam.dtype)  # (C, 2, t)
-    inside = torch.bmm(both, plan.lam[..., :t].transpose(1, 2))  # (C, 2, n)
     return inside[:, 0] + cross[0], inside[:, 1] + cross[1], lags_sum[:, 0]
 
 
@@ -702,7 +715,7 @@ class _CausalScan(torch.autograd.Function):
             g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]
             g_params = (*_param_grads(ssm, g_kern), g_kern[0, :, 0])
         else:  # long (the FFT would need batch slices): by the scan, no FFT and nothing of size 2L
-            s0, s1, g_d = _scan_param_grads(g, _to_chunks(u, plan, real), plan)
+            s0, s1, g_d = _scan_param_grads(g, u, plan)
             # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 (see _kernel_backward)
             g_params = (*_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0[None]), g_d)
         g_u = None
