@@ -76,9 +76,9 @@ class _Compress(torch.autograd.Function):
             return None, None, None, None
         with torch.autocast(k.device.type, enabled=False):
             acc = acc_dtype(k.dtype)
-            pf, kf = proj.to(acc), k.to(acc)
+            pf = proj.to(acc)
             pt = pf.transpose(-1, -2)[:, None]  # (H, 1, r, d)
-            probs = _Compress._probs(kf, pf, pad)  # (B, H, G, r, n)
+            probs = _Compress._probs(k.to(acc), pf, pad)  # (B, H, G, r, n); fp32 k again after v's part below
             grad_probs = torch.zeros((), dtype=acc, device=k.device)
             dv = None
             if grad_v is not None:
@@ -86,9 +86,12 @@ class _Compress(torch.autograd.Function):
                 grad_probs = torch.matmul(gv, v.to(acc).transpose(-1, -2))  # (its fp32 v freed here)
                 dv = torch.matmul(probs.transpose(-1, -2), gv).to(v.dtype)
                 del gv
+            kf = k.to(acc)  # (not alive beside v's fp32 copy)
             gk = None if grad_k is None else grad_k.to(acc)
             if gk is not None:
-                grad_probs = grad_probs + torch.matmul(gk, kf.transpose(-1, -2))
+                prod = torch.matmul(gk, kf.transpose(-1, -2))
+                grad_probs = prod if grad_v is None else grad_probs.add_(prod)  # (in place: one (r, n) less)
+                del prod
             grad_logits = (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)).mul_(probs)  # (B, H, G, r, n)
             del grad_probs
             dproj = torch.matmul(grad_logits, kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
@@ -99,6 +102,7 @@ class _Compress(torch.autograd.Function):
                 rows = torch.cat([probs, grad_logits], -2).transpose(-1, -2)  # (B, H, G, n, 2r)
                 del probs, grad_logits
                 dk = torch.matmul(rows, torch.cat([gk, pt.expand(*gk.shape[:-2], *pt.shape[-2:])], -2))
+                del rows  # (not alive beside dk's cast)
         return dk.to(k.dtype), dv, dproj.to(proj.dtype), None
 
 
