@@ -515,3 +515,41 @@ def test_triton_nystrom_module_runs_the_core_and_matches_float64():
     ref = m.double()(x64, x64, x64, need_weights=False)[0]
     ref.sum().backward()
     assert _rel(out, ref) < 1e-4 and _rel(x.grad, x64.grad) < 1e-4
+
+
+# -- cosFormer's noncausal features (efficient_attention.kernels._triton_cosformer) ------------------------------
+@pytest.mark.parametrize("act", ["relu", "elu"])
+@pytest.mark.parametrize(
+    "dtype, out_dtype", [(torch.float32,) * 2, (torch.float16, torch.float32), (torch.bfloat16,) * 2]
+)
+@pytest.mark.parametrize("d", [24, 64, 128])
+def test_triton_cos_features_match_aten(act, dtype, out_dtype, d):
+    """The one-kernel features equal the two ATen kernels' (same fp32 product, rounded once) to one rounding."""
+    from efficient_attention.attentions import cosformer
+
+    x = torch.randn(1000, 2, 3, d, device="cuda").to(dtype).permute(1, 2, 0, 3)  # the heads of a time-first input
+    table = cosformer._cos_sin(1000, 1200, x.device, torch.float32, out_dtype)[0]
+    assert cosformer._triton_features_ok(x, table, out_dtype)
+    got = cosformer._features(x, table, act, out_dtype)
+    a = torch.relu(x) if act == "relu" else 1.0 + torch.nn.functional.elu(x.float())
+    want = (a.unsqueeze(-2) * table).to(out_dtype).reshape(got.shape)
+    torch.testing.assert_close(got, want, rtol=1e-6 if out_dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+def test_cosformer_noncausal_module_takes_the_feature_kernel_and_matches_float64(monkeypatch):
+    from efficient_attention import build_attention
+    from efficient_attention.kernels import _triton_cosformer
+
+    calls = []
+    real = _triton_cosformer.cos_features
+    monkeypatch.setattr(_triton_cosformer, "cos_features", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    m = build_attention("cosformer", embed_dim=256, num_heads=4, self_attention=True).cuda()
+    x = torch.randn(1000, 2, 256, device="cuda", requires_grad=True)
+    out = m(x, x, x, need_weights=False)[0]
+    out.pow(2).sum().backward()
+    assert len(calls) == 4, "features: the query's and the key's, forward and recomputed in the backward"
+    x64 = x.detach().double().requires_grad_()
+    ref = m.double()(x64, x64, x64, need_weights=False)[0]
+    ref.pow(2).sum().backward()
+    assert _rel(out, ref) < 1e-5 and _rel(x.grad, x64.grad) < 1e-5

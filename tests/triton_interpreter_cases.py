@@ -375,6 +375,42 @@ def cosformer_module_fused_case():
             assert rel(a, w) < 1e-5, f"{act} {name} {rel(a, w):.1e}"
 
 
+def cosformer_features_case(dtype, out_dtype, act):
+    """Noncausal cosFormer's features as one kernel (``kernels/_triton_cosformer.py``) from time-first head views
+    against the ATen expression (the interpreter truncates a bf16 rounding, so no bf16 here); then the noncausal
+    module through it (its four feature calls counted) against itself in float64."""
+    import importlib
+
+    from efficient_attention import build_attention
+
+    cf = importlib.import_module("efficient_attention.attentions.cosformer")
+    x = torch.randn(45, 2, 3, 24).to(dtype).permute(1, 2, 0, 3)
+    table = cf._cos_sin(45, 50, x.device, torch.float32, out_dtype)[0]
+    assert cf._triton_features_ok(x, table, out_dtype), "the kernel is not taken"
+    got = cf._features(x, table, act, out_dtype)
+    a = torch.relu(x) if act == "relu" else 1.0 + torch.nn.functional.elu(x.float())
+    want = (a.unsqueeze(-2) * table).to(out_dtype).reshape(got.shape)
+    assert rel(got, want) < 1e-6, f"features {rel(got, want):.1e}"
+    tc = importlib.import_module("efficient_attention.kernels._triton_cosformer")
+    real, calls = tc.cos_features, []
+    tc.cos_features = lambda *args: calls.append(1) or real(*args)
+    try:
+        torch.manual_seed(0)
+        m = build_attention("cosformer", embed_dim=32, num_heads=2, self_attention=True, act_fun=act)
+        x = torch.randn(70, 2, 32, requires_grad=True)
+        out = m(x, x, x, need_weights=False)[0]
+        got = [out, *torch.autograd.grad(out.pow(2).sum(), [x, m.q_proj.weight])]
+    finally:
+        tc.cos_features = real
+    assert len(calls) == 4, f"{len(calls)} feature kernel calls, not 4"
+    m = m.double()
+    xd = x.detach().double().requires_grad_()
+    ref = m(xd, xd, xd, need_weights=False)[0]
+    want = [ref, *torch.autograd.grad(ref.pow(2).sum(), [xd, m.q_proj.weight])]
+    for name, a, w in zip(("out", "dx", "dWq"), got, want):
+        assert rel(a, w) < 1e-5, f"{act} {name} {rel(a, w):.1e}"
+
+
 def linear_modules_case():
     """Causal Performer, cosFormer, ABC with their linear attention on the Triton kernels (fp32) against
     themselves in float64 (PyTorch paths), with key padding; decoding after a prefill equals the full pass."""
@@ -688,6 +724,8 @@ def main() -> int:
         ),
         (False, "cosformer module fused features fp32", cosformer_module_fused_case),
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
+        (False, "cosformer noncausal features kernel relu fp32", lambda: cosformer_features_case(f32, f32, "relu")),
+        (False, "cosformer noncausal features kernel 1+elu fp16", lambda: cosformer_features_case(f16, f32, "elu")),
         (False, "abc decoding step fp32", lambda: abc_step_case(f32)),
         (False, "abc decoding step fp16", lambda: abc_step_case(f16)),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

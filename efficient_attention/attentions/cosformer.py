@@ -18,6 +18,7 @@ from torch import Tensor
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
 from ..functional import acc_dtype, linear_attention_step
+from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_reason
 from ..kernels.linear_attention import (
     LINEAR_ATTENTION,
     LINEAR_MAX_FEATURES,
@@ -70,15 +71,37 @@ def _cos_sin(length: int, m_len: int, device, dtype: torch.dtype, grad_dtype: to
     return tables
 
 
+def _triton_features_ok(x: Tensor, table: Tensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`_features` is one Triton kernel (``kernels/_triton_cosformer.py``): on CUDA (CPU tensors
+    under Triton's interpreter), fp16 / bf16 / fp32 in and out, an fp32 table, ``x``'s last stride 1, ``d <= 256``,
+    not under ``torch.compile`` (Inductor fuses the ATen ops itself)."""
+    return (
+        (x.device.type == "cuda" or triton_interpreted())
+        and x.dtype in TRITON_DTYPES
+        and dtype in TRITON_DTYPES
+        and table.dtype == torch.float32
+        and table.is_contiguous()
+        and x.stride(-1) == 1
+        and x.shape[-1] <= 256
+        and not torch.compiler.is_compiling()
+        and triton_reason() is None
+    )
+
+
 def _features(x: Tensor, table: Tensor, act_fun: str, dtype: torch.dtype, flat: bool = False) -> Tensor:
     """``[φ(x) cos θ, φ(x) sin θ]`` ``(B, H, L, 2d)`` (``flat``: ``(B*H, L, 2d)``) contiguous in ``dtype`` from
-    ``x (B, H, L, d)`` and ``table`` ``(L, 2, 1)`` of :func:`_cos_sin`: two kernels (the activation, one broadcast
-    product written in ``dtype``)."""
-    acc = acc_dtype(dtype)
-    act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc))
+    ``x (B, H, L, d)`` and ``table`` ``(L, 2, 1)`` of :func:`_cos_sin`, the product in the table's dtype: one
+    Triton kernel where :func:`_triton_features_ok`, else two ATen kernels (the activation, one broadcast product
+    written in ``dtype``; on CUDA the second is TensorIterator's generic loop, 5x slower than the Triton kernel)."""
     bsz, heads, length, dim = x.shape
-    out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
-    torch.mul(act.unsqueeze(-2), table, out=out)
+    if _triton_features_ok(x, table, dtype):
+        from ..kernels._triton_cosformer import cos_features
+
+        out = cos_features(x, table.view(length, 2), 1 + _ACTIVATIONS.index(act_fun), dtype)
+    else:
+        act = F.relu(x) if act_fun == "relu" else 1.0 + F.elu(x.to(acc_dtype(dtype)))
+        out = torch.empty(bsz, heads, length, 2, dim, dtype=dtype, device=x.device)
+        torch.mul(act.unsqueeze(-2), table, out=out)
     return out.view(bsz * heads, length, 2 * dim) if flat else out.view(bsz, heads, length, 2 * dim)
 
 

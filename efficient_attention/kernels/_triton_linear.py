@@ -43,6 +43,15 @@ import triton.language as tl
 
 
 @triton.jit
+def cos_activation(x, FEAT: tl.constexpr):
+    """cosFormer's ``φ(x)`` in fp32: ``FEAT`` 1 relu, 2 ``1 + elu``."""
+    if FEAT == 1:
+        return tl.maximum(x, 0.0)
+    else:
+        return tl.where(x > 0, x + 1.0, tl.exp(x))
+
+
+@triton.jit
 def _features(
     X, CS, bh, rows, in_t, offs_m, M, S_BH, S_T, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, FEAT: tl.constexpr
 ):
@@ -57,11 +66,7 @@ def _features(
         offs_r = tl.arange(0, BLOCK_M // 2)
         mask = in_t[:, None] & (offs_r[None, :] < M // 2)
         x = tl.load(X + bh * S_BH + rows[:, None] * S_T + offs_r[None, :], mask=mask, other=0.0).to(tl.float32)
-        if FEAT == 1:
-            a = tl.maximum(x, 0.0)
-        else:
-            a = tl.where(x > 0, x + 1.0, tl.exp(x))
-        a = tl.where(mask, a, 0.0)  # (1 + elu(0) = 1: padding lanes made explicit)
+        a = tl.where(mask, cos_activation(x, FEAT), 0.0)  # (1 + elu(0) = 1: padding lanes made explicit)
         c = tl.load(CS + rows * 2, mask=in_t, other=0.0)
         s = tl.load(CS + rows * 2 + 1, mask=in_t, other=0.0)
         f = tl.reshape(tl.join(a * c[:, None], a * s[:, None]), (BLOCK_C, BLOCK_M))
