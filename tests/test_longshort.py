@@ -94,3 +94,24 @@ def test_compress_backward_gradcheck(padded, outputs):
         return {"both": (kbar, vbar), "keys": (kbar,), "values": (vbar,)}[outputs]
 
     assert torch.autograd.gradcheck(fn, (k, v, proj))
+
+
+def test_compression_with_its_length_split_matches(monkeypatch):
+    """On CUDA the compression's reductions over a long group (noncausal: the whole sequence) are split into
+    chunks (``sum_products``: one cuBLAS tile per (batch, head) ran the whole length); forced here on the CPU,
+    output and gradients equal the unsplit products'."""
+    import importlib
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")
+    torch.manual_seed(0)
+    m = LongShort(16, 2, **OPTS).double()
+    x = torch.randn(24, 2, 16, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, 24, dtype=torch.bool)
+    kpm[1, -5:] = True
+    runs = []
+    for split in (1, 4):
+        monkeypatch.setattr(la, "_split_k", lambda length, x, split=split: split if length % split == 0 else 1)
+        out, _ = m(x, key_padding_mask=kpm, need_weights=False)
+        runs.append([out, *torch.autograd.grad(out.pow(2).sum(), [x, m.landmark_proj])])
+    for got, want in zip(runs[1], runs[0]):
+        assert_close(got, want)

@@ -33,6 +33,7 @@ from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
 from ..functional import acc_dtype, sdpa_attention, softmax
+from ..kernels.linear_attention import sum_products
 from ..kernels.ops import block_mask_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, positive_int
@@ -62,8 +63,8 @@ class _Compress(torch.autograd.Function):
         with torch.autocast(k.device.type, enabled=False):
             acc = acc_dtype(k.dtype)
             kf, vf = k.to(acc), v.to(acc)
-            probs = _Compress._probs(kf, proj.to(acc), pad)
-            return torch.matmul(probs, kf).to(k.dtype), torch.matmul(probs, vf).to(v.dtype)
+            probs = _Compress._probs(kf, proj.to(acc), pad)  # (the long reductions split on CUDA: sum_products)
+            return sum_products(probs, kf).to(k.dtype), sum_products(probs, vf).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_k, grad_v):
@@ -94,7 +95,7 @@ class _Compress(torch.autograd.Function):
                 del prod
             grad_logits = (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)).mul_(probs)  # (B, H, G, r, n)
             del grad_probs
-            dproj = torch.matmul(grad_logits, kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
+            dproj = sum_products(grad_logits, kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
             del kf
             if gk is None:
                 dk = torch.matmul(grad_logits.transpose(-1, -2), pt)
