@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,20 +114,26 @@ def _few_queries_grads(
     queries: Tensor,
     probs: Tensor,
     out: Tensor,
-    k: Tensor,
-    v: Tensor,
+    kv: List[Tensor],
     finish_dk: Callable[[Tensor], Tensor],
 ):
     """:func:`_few_queries`'s backward from its output's gradient ``grad (B·H, C, d)``: ``(d queries,
-    finish_dk(dk), dv (B·H·n, l, d))``, ``dk (B·H·n, l, d)`` and ``dv`` in the accumulation dtype.  ``finish_dk``
-    (e.g. the copy into ``k``'s layout and dtype) runs before ``dv`` is computed, so at most one ``(L, d)``
-    gradient in the accumulation dtype is alive."""
+    finish_dk(dk), dv (B·H·n, l, d))``, ``dk (B·H·n, l, d)`` and ``dv`` in the accumulation dtype.  ``kv`` is the
+    list ``[k, v]`` (``(B, H, L, d)`` as given), emptied here: with no other reference left, ``k`` and ``v`` (views
+    of the projections' one buffer, in self attention) are freed once read, before ``dk`` and ``dv`` are made (the
+    peak of a noncausal step: that buffer beside the three gradients).  ``finish_dk`` (e.g. the copy into ``k``'s
+    layout and dtype) runs before ``dv`` is computed, so at most one ``(L, d)`` gradient in the accumulation dtype
+    is alive."""
+    k, v = kv
+    kv.clear()
     bsz, heads, length, d = k.shape
     chunks = LengthChunks(bsz * heads, length, k.device)
     d_probs = torch.bmm(chunks.repeat(grad), chunks.widen(v, queries.dtype).transpose(1, 2))  # (B·H·n, C, l)
+    del v
     # softmax over all keys: dS = P (dP - Σ_m P dP), Σ_m P dP = out·grad
     d_scores = d_probs.sub_(chunks.repeat((out * grad).sum(-1, keepdim=True))).mul_(probs)
     d_queries = chunks.total(torch.bmm(d_scores, chunks.widen(k, queries.dtype)))  # (B·H, C, d)
+    del k
     dk = finish_dk(torch.bmm(d_scores.transpose(1, 2), chunks.repeat(queries)))
     del d_scores
     return d_queries, dk, torch.bmm(probs.transpose(1, 2), chunks.repeat(grad))
@@ -170,12 +176,15 @@ class _FewQueries(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         queries, probs, out = ctx.saved_tensors
-        k, v = take_inputs(ctx, "k", "v")
+        kv = list(take_inputs(ctx, "k", "v"))  # (no other reference: _few_queries_grads frees them once read)
+        (k_shape, k_strides, k_dtype), (v_shape, v_strides, v_dtype) = [
+            (x.shape, dense_strides(x), x.dtype) for x in kv
+        ]
         with torch.autocast(grad.device.type, enabled=False):
             d_queries, dk, dv = _few_queries_grads(
-                grad, queries, probs, out, k, v, lambda dk: copy_into_layout(dk, k.shape, dense_strides(k), k.dtype)
+                grad, queries, probs, out, kv, lambda dk: copy_into_layout(dk, k_shape, k_strides, k_dtype)
             )
-            return d_queries, dk, copy_into_layout(dv, v.shape, dense_strides(v), v.dtype)
+            return d_queries, dk, copy_into_layout(dv, v_shape, v_strides, v_dtype)
 
 
 def _segment_means(x: Tensor, c: int, scale: float) -> Tensor:
@@ -210,25 +219,27 @@ class _NystromEven(torch.autograd.Function):
         from ..kernels._triton_nystrom import core_backward
 
         q_land, k_land, w, w_probs, small, a, zs, keys, probs = ctx.saved_tensors
-        q, k, v = take_inputs(ctx, "q", "k", "v")
+        q, *kv = take_inputs(ctx, "q", "k", "v")  # (the only references: each is dropped once read)
         bsz, heads, length, d = shape = q.shape
+        (k_strides, k_dtype), (v_strides, v_dtype) = [(dense_strides(x), x.dtype) for x in kv]
         batch, c, scale = bsz * heads, ctx.c, ctx.scale
         with torch.autocast(grad.device.type, enabled=False):
             # each (L, d) gradient leaves the accumulation dtype before the next is computed (peak memory: one
-            # such buffer, as for the two autograd nodes of the PyTorch path)
+            # such buffer, as for the two autograd nodes of the PyTorch path), and q, k, v are gone before dk, dv
             dq, d_keys, d_small = _few_keys_grads(grad, q, keys, small, probs, scale)
             dq = copy_into_layout(dq, shape, dense_strides(q), q.dtype)
+            del q
             d_ql, d_kl, d_w = core_backward(q_land, k_land, w, a, zs, d_small)
             seg = length // c  # every position of a segment gets its mean's gradient
 
             def finish_dk(dk: Tensor) -> Tensor:
                 dk = dk.view(batch, c, seg, d).add_(d_kl.add_(d_keys).mul_(1.0 / seg).unsqueeze(2))
-                return copy_into_layout(dk, shape, dense_strides(k), k.dtype)
+                return copy_into_layout(dk, shape, k_strides, k_dtype)
 
-            d_ql2, dk, dv = _few_queries_grads(d_w, q_land, w_probs, w, k, v, finish_dk)
+            d_ql2, dk, dv = _few_queries_grads(d_w, q_land, w_probs, w, kv, finish_dk)
             # the queries' means: added in q's dtype, as autograd adds the gradients of two nodes
             dq.unflatten(2, (c, seg)).add_(d_ql.add_(d_ql2).mul_(scale / seg).view(bsz, heads, c, 1, d))
-            return dq, dk, copy_into_layout(dv, shape, dense_strides(v), v.dtype), None, None, None, None
+            return dq, dk, copy_into_layout(dv, shape, v_strides, v_dtype), None, None, None, None
 
 
 def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tensor:
