@@ -346,15 +346,26 @@ def copy_into_layout(x: Tensor, shape, strides: Tuple[int, ...], dtype: torch.dt
     return torch.empty_strided(shape, strides, dtype=dtype, device=x.device).copy_(x.view(shape))
 
 
+def _backward_keeps_graph() -> bool:
+    """Whether the running backward was asked to keep its graph (``retain_graph=True``: another backward through it
+    follows, as in ``gradcheck``); False where this torch cannot tell."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def take_inputs(ctx, *names: str) -> Tuple[Tensor, ...]:
     """The inputs a hand-written backward keeps as ``ctx`` attributes (not ``save_for_backward``), removed from
-    ``ctx`` so that each is freed once the backward drops it.  A second backward through the same graph
-    (``retain_graph=True``) finds them gone: a clear error, not a wrong gradient."""
+    ``ctx`` so that each is freed once the backward drops it; left on ``ctx`` when the backward keeps its graph
+    (``retain_graph=True``).  A second backward through a graph that was not kept finds them gone: a clear error,
+    not a wrong gradient."""
     if not all(hasattr(ctx, n) for n in names):
         raise RuntimeError("this attention's backward frees its inputs: it runs once per graph (no retain_graph)")
     taken = tuple(getattr(ctx, n) for n in names)
-    for n in names:
-        delattr(ctx, n)
+    if not _backward_keeps_graph():
+        for n in names:
+            delattr(ctx, n)
     return taken
 
 

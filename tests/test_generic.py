@@ -263,6 +263,23 @@ def test_every_parameter_gets_a_gradient(name, pattern):
         assert torch.isfinite(p.grad).all(), f"{name}: parameter {pname} has a non-finite gradient"
 
 
+@pytest.mark.parametrize("name,pattern", ALL, ids=case_id)
+def test_backward_twice_with_retain_graph(name, pattern):
+    """A graph kept by ``retain_graph=True`` runs a second backward with the same gradients (hand-written backwards
+    that free their inputs once read keep them when the graph is kept, ``functional.take_inputs``)."""
+    m = build(name, pattern).train()
+    q, k, v = inputs(name, pattern)
+    q.requires_grad_(True)
+    out, _ = m(q, k if pattern.cross else q, v if pattern.cross else q, need_weights=False)
+    loss = (out**2).sum()
+    first = torch.autograd.grad(loss, [q, *m.parameters()], retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(loss, [q, *m.parameters()], allow_unused=True)
+    for a, b in zip(first, second):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(b, a, msg=f"{name}: the second backward differs")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,pattern", ALL, ids=case_id)
 def test_half_precision_is_finite_and_close(name, pattern, dtype):

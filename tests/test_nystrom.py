@@ -218,3 +218,22 @@ def test_triton_landmark_core_matches_the_pytorch_ops_in_the_interpreter():
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "core matches" in run.stdout
+
+
+@pytest.mark.parametrize("name", ["nystrom", "lara"])
+def test_hand_written_backward_keeps_its_inputs_for_a_kept_graph(name):
+    """The even-length paths' backwards free q, k, v once read (``functional.take_inputs``): with
+    ``retain_graph=True`` they keep them, and a second backward gives the same gradients; without it a second
+    backward is a clear error, not a wrong gradient."""
+    from efficient_attention import build_attention
+
+    torch.manual_seed(0)
+    m = build_attention(name, embed_dim=EMBED_DIM, num_heads=NUM_HEADS, num_landmarks=4, self_attention=True).double()
+    x = torch.randn(32, 2, EMBED_DIM, dtype=torch.float64, requires_grad=True)
+    loss = m(x, x, x, need_weights=False)[0].pow(2).sum()
+    first = torch.autograd.grad(loss, [x, *m.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *m.parameters()], retain_graph=False)
+    for a, b in zip(first, second):
+        assert_close(b, a)
+    with pytest.raises(RuntimeError, match="backward"):
+        torch.autograd.grad(loss, [x])
