@@ -71,7 +71,7 @@ def test_scan_parameter_gradients_equal_the_kernel_correlation(length, chunk):
     plan = s4d_module._scan_plan(dt_a, c_bar, length, chunk)
     g = torch.Generator().manual_seed(2)
     u, grad = (torch.randn(2, 1, length, 3, generator=g, dtype=torch.float64) for _ in range(2))  # (B, H, L, d)
-    s0, s1, k0 = s4d_module._scan_param_grads(s4d_module._to_chunks(grad, plan, torch.float64), u, plan)
+    s0, s1, k0 = s4d_module._scan_param_grads(s4d_module._to_chunks(grad, plan, torch.float64), [u], plan)
     g_kern = s4d_module._correlate(grad[:, 0].permute(2, 0, 1), u[:, 0].permute(2, 0, 1), 4 * length)[:, :length]
     lags = torch.arange(length, dtype=torch.float64)
     powers = torch.exp(dt_a[..., None] * lags)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import SELF_PATTERNS, Capabilities
-from ..functional import acc_dtype, may_keep_derived
+from ..functional import acc_dtype, may_keep_derived, take_inputs
 from ..masks import as_bool_mask
 from ..options import AttentionOptions, choice, option, positive_int
 from ..registry import register_attention
@@ -587,19 +587,20 @@ def _scan_weights(t: int, per_group: int, groups: int, device: torch.device, dty
     return F.pad(weights.repeat(4), (0, 1)).to(device)
 
 
-def _scan_param_grads(grad: Tensor, u: Tensor, plan: _ScanPlan) -> Tuple[Tensor, Tensor, Tensor]:
+def _scan_param_grads(grad: Tensor, inputs: List[Tensor], plan: _ScanPlan) -> Tuple[Tensor, Tensor, Tensor]:
     """``S0 = Σ_s ∂K_s·λ^s``, ``S1 = Σ_s s·∂K_s·λ^s`` (complex ``(C, n)``) and ``∂K_0`` ``(C,)`` of the causal
     convolution, where ``∂K_s = Σ_{b,l} grad_l·u_{l-s}``: what :func:`_kernel_backward` needs from the kernel
-    gradient, without it (no FFT).  ``grad`` in chunks ``(C, (a, h, b), t)``, the inputs ``u`` per head
-    ``(B, H, L, d)``: their chunks (in ``grad``'s dtype) are made here and dropped after their three products,
-    before the scan's full-size intermediates (an argument would stay alive in the caller's frame).
+    gradient, without it (no FFT).  ``grad`` in chunks ``(C, (a, h, b), t)``; ``inputs`` the list ``[u]``, the
+    inputs per head ``(B, H, L, d)``, emptied here: their chunks (in ``grad``'s dtype) are made here and dropped
+    after their three products, before the scan's full-size intermediates, and ``u`` itself once its chunks exist
+    (with no other reference left: an argument would stay alive in the caller's frame).
 
     Pairs ``j <= l`` in one chunk: ``M = Σ_rows u ⊗ grad`` (one product), summed along its diagonals (lags).
     Pairs across chunks: ``Σ_l grad_l λ^{i+1}·s_m`` with ``s_m`` the chunk start states (the forward scan's),
     and for ``S1`` the lag ``l - j = (i + 1) + (t - 1 - i_j) + t·(m - 1 - k)`` split the same way: start states
     of the lag-weighted chunk ends and the scan with its matrices weighted by their chunk lags (exact, no
     cancellation)."""
-    flat = _to_chunks(u, plan, grad.dtype)
+    flat = _to_chunks(inputs.pop(), plan, grad.dtype)
     channels, rows, t = flat.shape
     g, big, n = plan.per_group, plan.groups, plan.lam.shape[1]
     cn, cols = channels * n, rows // g
@@ -630,10 +631,14 @@ def _scan_param_grads(grad: Tensor, u: Tensor, plan: _ScanPlan) -> Tuple[Tensor,
     ends_w = torch.bmm(back_w, flat.transpose(1, 2)).view(cn, 2 * g, cols)
     del flat
     # s'_m = Σ_{j < start_m} (start_m - 1 - j) λ^{start_m-1-j} u_j: the scan of the lag-weighted chunk ends, plus
-    # t times the scan with chunk-lag-weighted matrices (product rule over inner, across, offsets); its first
-    # product before the plain scan's, so that `ends` goes as soon as both have read it
+    # t times the scan with chunk-lag-weighted matrices (product rule over inner, across, offsets); both its inner
+    # products before the plain scan's, `ends_w`'s first, so that `ends_w` goes before the weighted matrices and
+    # the plain scan's full-size states are made (they were alive together: the peak of a causal step, 461 MiB at
+    # 8k in CAB's setting on an H200; CPU replica after this and the inputs dropped in the backward: 389)
+    inner_s = torch.bmm(plan.inner, ends_w).mul_(1 / t)
+    del ends_w
     inner_w = plan.table.index_select(1, inner_idx).mul_(weights[inner_idx]).view(cn, 2 * g + 2, 2 * g)
-    inner_s = torch.bmm(inner_w, ends)
+    inner_s = inner_s.baddbmm_(inner_w, ends)
     del inner_w
     # the forward scan's chunk start states (its internals dropped as soon as used: they are full-size)
     inner = torch.bmm(plan.inner, ends)
@@ -642,8 +647,6 @@ def _scan_param_grads(grad: Tensor, u: Tensor, plan: _ScanPlan) -> Tuple[Tensor,
     group_starts = torch.bmm(plan.across_zero, group_ends)
     starts = torch.baddbmm(inner[:, : 2 * g], plan.offsets, group_starts.view(cn, 2, cols))
     del inner
-    inner_s = inner_s.baddbmm_(plan.inner, ends_w, alpha=1 / t)
-    del ends_w
     gs_w = torch.bmm(plan.across_zero, inner_s[:, 2 * g :].reshape(cn, 2 * big, bsz))
     gs_w = gs_w.baddbmm_(across_w, group_ends)
     del group_ends
@@ -692,8 +695,14 @@ class _CausalScan(torch.autograd.Function):
         plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[2], d=d)
         pre = _scan_chunks(_to_chunks(u, plan, log_dt.dtype), plan)[0]
         out = _from_chunks(_ACTIVATIONS[activation](pre), plan, u.shape, u.dtype)
-        # the pre-activation (for act') kept in u's precision: half the memory under autocast
-        ctx.save_for_backward(u, pre if activation == "identity" else pre.to(u.dtype))
+        # the pre-activation (for act') kept in u's precision: half the memory under autocast; it and u ride on
+        # ctx, not in save_for_backward, so that the backward drops each once read (saved tensors live until the
+        # backward returns: both were alive at its peak, the scan's parameter gradients)
+        kept = (u, None if activation == "identity" else pre.to(u.dtype))
+        if torch.compiler.is_compiling():  # Dynamo cannot delete a ctx attribute (take_inputs): kept to the end
+            ctx.save_for_backward(*kept)
+        else:
+            ctx.u, ctx.pre = kept
         ctx.ssm, ctx.plan, ctx.activation = ssm, plan, activation
         return out
 
@@ -705,22 +714,27 @@ class _CausalScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad: Tensor):
-        u, pre = ctx.saved_tensors
+        u, pre = ctx.saved_tensors if torch.compiler.is_compiling() else take_inputs(ctx, "u", "pre")
         plan: _ScanPlan = ctx.plan
-        length, real = u.shape[2], ctx.ssm.dt.dtype
+        shape, dtype, real = u.shape, u.dtype, ctx.ssm.dt.dtype
+        length = shape[2]
         g = _activation_backward(ctx.activation, _to_chunks(grad, plan, real), pre)
+        del pre
         ssm: _SSM = ctx.ssm
         # the parameters first, the input gradient after: their full-size temporaries never coexist
-        if not _param_grads_by_scan(pre.shape[0], u.shape[0], length):  # short: by FFT, fewer ops
+        if not _param_grads_by_scan(g.shape[0], shape[0], length):  # short: by FFT, fewer ops
             g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]
+            del u
             g_params = (*_param_grads(ssm, g_kern), g_kern[0, :, 0])
         else:  # long (the FFT would need batch slices): by the scan, no FFT and nothing of size 2L
-            s0, s1, g_d = _scan_param_grads(g, u, plan)
+            inputs = [u]
+            del u  # (the list's is the last reference: _scan_param_grads drops it)
+            s0, s1, g_d = _scan_param_grads(g, inputs, plan)
             # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 (see _kernel_backward)
             g_params = (*_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0[None]), g_d)
         g_u = None
         if ctx.needs_input_grad[0]:
-            g_u = _from_chunks(_scan_chunks_backward(g, plan), plan, u.shape, u.dtype)
+            g_u = _from_chunks(_scan_chunks_backward(g, plan), plan, shape, dtype)
         return (g_u, *g_params, None)
 
 
