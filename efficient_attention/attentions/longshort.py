@@ -46,15 +46,18 @@ class _Compress(torch.autograd.Function):
     """The dynamic projection as one node: ``P = softmax_n(k W)``, ``(K̄, V̄) = (P k, P v)``, P recomputed backward.
 
     ``k, v (B, H, G, n, d)``, ``proj (H, d, r)``, ``pad (B, G, n)`` or None (True = padding) -> ``(B, H, G, r, d)``
-    twice, in at least fp32 inside (fp16 logits overflow), returned in ``k``'s dtype.
+    twice, in at least fp32 inside (fp16 logits overflow), returned in ``k``'s dtype.  ``P`` and its gradient are
+    made transposed, ``(B, H, G, n, r)``: the products that reduce over a long group (noncausal: the whole
+    sequence) are then split into chunks of it (:func:`sum_products`) on views, with no copy of ``P``.
     """
 
     @staticmethod
-    def _probs(k: Tensor, proj: Tensor, pad: Optional[Tensor]) -> Tensor:
-        logits = torch.matmul(proj.transpose(-1, -2)[:, None], k.transpose(-1, -2))  # (B, H, G, r, n)
+    def _probs_t(k: Tensor, proj: Tensor, pad: Optional[Tensor]) -> Tensor:
+        """``Pᵀ`` ``(B, H, G, n, r)``: the softmax over the group's ``n`` positions of ``k W``."""
+        logits = torch.matmul(k, proj[:, None])  # (B, H, G, n, r)
         if pad is not None:
-            logits = logits.masked_fill(pad[:, None, :, None, :], float("-inf"))
-        return softmax(logits)  # a group of padding only: zeros (it gives no memory)
+            logits = logits.masked_fill(pad[:, None, :, :, None], float("-inf"))
+        return softmax(logits, dim=-2)  # a group of padding only: zeros (it gives no memory)
 
     @staticmethod
     def forward(ctx, k, v, proj, pad):
@@ -63,45 +66,46 @@ class _Compress(torch.autograd.Function):
         with torch.autocast(k.device.type, enabled=False):
             acc = acc_dtype(k.dtype)
             kf, vf = k.to(acc), v.to(acc)
-            probs = _Compress._probs(kf, proj.to(acc), pad)  # (the long reductions split on CUDA: sum_products)
+            probs = _Compress._probs_t(kf, proj.to(acc), pad).transpose(-1, -2)  # (B, H, G, r, n), a view
             return sum_products(probs, kf).to(k.dtype), sum_products(probs, vf).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_k, grad_v):
         """``dv = Pᵀ g_v``; ``dP = g_k kᵀ + g_v vᵀ`` -> ``dlogits``; ``dk = Pᵀ g_k + dlogitsᵀ W`` as one product of
-        ``[P; dlogits]ᵀ`` and ``[g_k; W]``; ``dW = Σ dlogits k``.  Each fp32 copy lives only while it is used: the
-        straightforward version held fp32 ``k, v``, ``Pᵀ g_k``, ``dlogitsᵀ W`` and their sum at once (13 of the
-        23 units of peak memory of a noncausal step at 8k in CAB's setting, where one group spans the sequence)."""
+        ``[P; dlogits]ᵀ`` and ``[g_k; W]``; ``dW = Σ dlogits k``, all with ``P`` and ``dP`` transposed.  Each fp32
+        copy lives only while it is used: the straightforward version held fp32 ``k, v``, ``Pᵀ g_k``, ``dlogitsᵀ W``
+        and their sum at once (13 of the 23 units of peak memory of a noncausal step at 8k in CAB's setting, where
+        one group spans the sequence)."""
         k, v, proj, pad = ctx.saved_tensors
         if grad_k is None and grad_v is None:
             return None, None, None, None
         with torch.autocast(k.device.type, enabled=False):
             acc = acc_dtype(k.dtype)
             pf = proj.to(acc)
-            pt = pf.transpose(-1, -2)[:, None]  # (H, 1, r, d)
-            probs = _Compress._probs(k.to(acc), pf, pad)  # (B, H, G, r, n); fp32 k again after v's part below
-            grad_probs = torch.zeros((), dtype=acc, device=k.device)
+            probs_t = _Compress._probs_t(k.to(acc), pf, pad)  # (B, H, G, n, r); fp32 k again after v's part below
+            grad_t = torch.zeros((), dtype=acc, device=k.device)  # dPᵀ
             dv = None
             if grad_v is not None:
                 gv = grad_v.to(acc)
-                grad_probs = torch.matmul(gv, v.to(acc).transpose(-1, -2))  # (its fp32 v freed here)
-                dv = torch.matmul(probs.transpose(-1, -2), gv).to(v.dtype)
+                grad_t = torch.matmul(v.to(acc), gv.transpose(-1, -2))  # (its fp32 v freed here)
+                dv = torch.matmul(probs_t, gv).to(v.dtype)
                 del gv
             kf = k.to(acc)  # (not alive beside v's fp32 copy)
             gk = None if grad_k is None else grad_k.to(acc)
             if gk is not None:
-                prod = torch.matmul(gk, kf.transpose(-1, -2))
-                grad_probs = prod if grad_v is None else grad_probs.add_(prod)  # (in place: one (r, n) less)
+                prod = torch.matmul(kf, gk.transpose(-1, -2))
+                grad_t = prod if grad_v is None else grad_t.add_(prod)  # (in place: one (n, r) less)
                 del prod
-            grad_logits = (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)).mul_(probs)  # (B, H, G, r, n)
-            del grad_probs
-            dproj = sum_products(grad_logits, kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
+            logits_t = (grad_t - (grad_t * probs_t).sum(-2, keepdim=True)).mul_(probs_t)  # (B, H, G, n, r)
+            del grad_t
+            dproj = sum_products(logits_t.transpose(-1, -2), kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
             del kf
+            pt = pf.transpose(-1, -2)[:, None]  # (H, 1, r, d)
             if gk is None:
-                dk = torch.matmul(grad_logits.transpose(-1, -2), pt)
+                dk = torch.matmul(logits_t, pt)
             else:
-                rows = torch.cat([probs, grad_logits], -2).transpose(-1, -2)  # (B, H, G, n, 2r)
-                del probs, grad_logits
+                rows = torch.cat([probs_t, logits_t], -1)  # (B, H, G, n, 2r)
+                del probs_t, logits_t
                 dk = torch.matmul(rows, torch.cat([gk, pt.expand(*gk.shape[:-2], *pt.shape[-2:])], -2))
                 del rows  # (not alive beside dk's cast)
         return dk.to(k.dtype), dv, dproj.to(proj.dtype), None
