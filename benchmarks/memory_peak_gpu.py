@@ -46,27 +46,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _site(frames) -> str:
-    """The innermost frame in this library (``file:line function``), or ``<autograd>``."""
+    """The innermost frame in this library (``file:line function``), else ``<autograd: Node>`` naming the C++
+    backward node that allocated it (``<autograd>`` where the trace has no C++ frames)."""
     for f in frames:
         name = f.get("filename", "")
         if "efficient_attention" in name and "benchmark" not in name:
             return f"{os.path.relpath(name, ROOT)}:{f.get('line')} {f.get('name')}"
+    for f in frames:
+        node = f.get("name", "")
+        if "autograd::generated::" in node or "AccumulateGrad" in node:
+            return f"<autograd: {node.split('::')[-2 if node.endswith('apply') else -1].split('(')[0]}>"
     return "<autograd>"
 
 
 def live_at_peak(trace) -> tuple:
-    """``(peak bytes, [(bytes, site), ...] alive then)`` from one device's trace of allocator events."""
-    live, total, peak, at_peak = {}, 0, 0, {}
+    """``(peak bytes, [(bytes, site), ...] alive then, the site whose allocation reached the peak)`` from one
+    device's trace of allocator events."""
+    live, total, peak, at_peak, last = {}, 0, 0, {}, ""
     for ev in trace:
         action, addr, size = ev["action"], ev["addr"], ev["size"]
         if action == "alloc":
             live[addr] = (size, _site(ev.get("frames", [])))
             total += size
             if total > peak:
-                peak, at_peak = total, dict(live)
+                peak, at_peak, last = total, dict(live), live[addr][1]
         elif action == "free_requested" and addr in live:
             total -= live.pop(addr)[0]
-    return peak, sorted(at_peak.values(), key=lambda x: -x[0])
+    return peak, sorted(at_peak.values(), key=lambda x: -x[0]), last
 
 
 def run_case(spec: str, length: int) -> dict:
@@ -82,7 +88,7 @@ def run_case(spec: str, length: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=200000)
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="all")  # C++ frames: backward nodes
     call()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
@@ -91,7 +97,7 @@ def run_case(spec: str, length: int) -> dict:
     # the step's time as mechanisms_gpu.py takes it: each step from an idle GPU, CUDA events
     ms = median_ms(lambda: (reset(), call()), warmup=2, repeats=10)
     trace = snap["device_traces"][torch.cuda.current_device()]
-    peak, alive = live_at_peak(trace)
+    peak, alive, peak_site = live_at_peak(trace)
     unit = length * BATCH * EMBED * 2
     grouped: dict = {}
     for size, site in alive:
@@ -106,6 +112,7 @@ def run_case(spec: str, length: int) -> dict:
         "ms": ms,
         "trace_peak_mib": peak / 2**20,
         "unit_mib": unit / 2**20,
+        "peak_site": peak_site,
         "alive": [{"mib": b / 2**20, "units": b / unit, "tensors": n, "site": site} for b, n, site in rows],
     }
 
@@ -127,7 +134,7 @@ def main() -> None:
         results.append(r)
         print(
             f"\n{spec} L={r['length']}: {r['ms']:.2f} ms, peak {r['peak_mib']:.0f} MiB "
-            f"(trace {r['trace_peak_mib']:.0f}), unit {r['unit_mib']:.0f} MiB",
+            f"(trace {r['trace_peak_mib']:.0f}, reached allocating at {r['peak_site']}), unit {r['unit_mib']:.0f} MiB",
             flush=True,
         )
         for a in r["alive"][:14]:

@@ -115,8 +115,9 @@ def _scan_indices(t: int, per_group: int, groups: int, device: torch.device) -> 
 
 class _ScanPlan(NamedTuple):
     """What the chunked scan needs besides the inputs: it depends on the parameters and the length only, so one
-    training step builds it once for the forward and the backward.  Real matrices, complex numbers as
-    ``(re, im)`` blocks; ``Cn`` is channels x modes."""
+    training step builds it once for the forward and the backward (which keeps it without its gathered matrices,
+    :func:`_without_matrices`).  Real matrices, complex numbers as ``(re, im)`` blocks; ``Cn`` is channels x
+    modes."""
 
     t: int  # positions per chunk
     per_group: int  # chunks per group
@@ -158,10 +159,9 @@ def _scan_plan(
     re, im = parts[..., 0], parts[..., 1]
     table = torch.stack([re, -im, im, re], 2)  # (C, n, 4, |E|): Re(e^{iφ_q} λ^E)
     table = F.pad(table.reshape(channels * n, -1), (0, 1))  # a zero last
-    sizes = [2 * big * (2 * big + 2), (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
     if not with_x0:  # the matrix that starts from an initial state is not gathered
-        gather, sizes[0] = gather[sizes[0] :], 0
-    parts = table.index_select(1, gather).split(sizes, 1)
+        gather = gather[2 * big * (2 * big + 2) :]
+    back, inner, across, across_zero, offsets = _gather(table, channels, t, g, big, gather, with_x0)
     w = c_bar[..., None] * lam[..., : t + 1]  # C̃ λ^i
     kern = 2.0 * w[..., :t].sum(1).real  # (C, t)
     if d is not None:
@@ -173,14 +173,45 @@ def _scan_plan(
         big,
         lam[..., : t + 1],
         F.pad(kern, (1, 0))[:, toe],
-        parts[4].reshape(channels, 2 * n, t),
+        back,
+        inner,
+        across,
+        across_zero,
+        offsets,
+        out.reshape(channels, 2 * n, t),
+        table,
+    )
+
+
+def _gather(table: Tensor, channels: int, t: int, g: int, big: int, gather: Tensor, with_x0: bool):
+    """The plan's real-form matrices ``(back, inner, across, across_zero, offsets)`` (:class:`_ScanPlan`) gathered
+    from its ``table`` in one ``index_select`` (views of one tensor; ``across`` None without ``with_x0``).  ``gather``
+    as :func:`_scan_indices` gives it, or without its first (``across``'s) part when not ``with_x0``."""
+    sizes = [2 * big * (2 * big + 2) if with_x0 else 0, (2 * g + 2) * 2 * g, 4 * big * big, 4 * g, 2 * t]
+    parts = table.index_select(1, gather).split(sizes, 1)
+    return (
+        parts[4].reshape(channels, -1, t),
         parts[1].view(-1, 2 * g + 2, 2 * g),
         parts[0].view(-1, 2 * big, 2 * big + 2) if with_x0 else None,
         parts[2].view(-1, 2 * big, 2 * big),
         parts[3].view(-1, 2 * g, 2),
-        out.reshape(channels, 2 * n, t),
-        table,
     )
+
+
+def _without_matrices(plan: _ScanPlan) -> _ScanPlan:
+    """``plan`` without its gathered matrices (48 MiB of a causal training step's saved tensors at 8k in CAB's
+    setting, alive at its peak, the backward's start): what a long sequence's backward keeps, regathering them with
+    :func:`_with_matrices` when it runs (8 ops)."""
+    none = dict.fromkeys(("back", "inner", "across", "across_zero", "offsets"))
+    return plan._replace(**none)  # type: ignore[arg-type]  # (a kept plan's matrices are None until regathered)
+
+
+def _with_matrices(plan: _ScanPlan) -> _ScanPlan:
+    """:func:`_without_matrices`'s plan (one that starts from a zero state) with its matrices gathered again."""
+    t, g, big = plan.t, plan.per_group, plan.groups
+    gather = _scan_indices(t, g, big, plan.table.device)[1][2 * big * (2 * big + 2) :]
+    back, inner, _, across_zero, offsets = _gather(plan.table, plan.lam.shape[0], t, g, big, gather, False)
+    return plan._replace(back=back, inner=inner, across_zero=across_zero, offsets=offsets)
 
 
 def _scan_chunks(flat: Tensor, plan: _ScanPlan, x0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -703,7 +734,9 @@ class _CausalScan(torch.autograd.Function):
             ctx.save_for_backward(*kept)
         else:
             ctx.u, ctx.pre = kept
-        ctx.ssm, ctx.plan, ctx.activation = ssm, plan, activation
+        # a long sequence's plan is kept without its matrices (regathered in the backward: memory, for 8 ops)
+        long = _param_grads_by_scan(plan.lam.shape[0], u.shape[0], u.shape[2])
+        ctx.ssm, ctx.plan, ctx.activation = ssm, _without_matrices(plan) if long else plan, activation
         return out
 
     @staticmethod
@@ -715,7 +748,7 @@ class _CausalScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: Tensor):
         u, pre = ctx.saved_tensors if torch.compiler.is_compiling() else take_inputs(ctx, "u", "pre")
-        plan: _ScanPlan = ctx.plan
+        plan: _ScanPlan = ctx.plan if ctx.plan.inner is not None else _with_matrices(ctx.plan)
         shape, dtype, real = u.shape, u.dtype, ctx.ssm.dt.dtype
         length = shape[2]
         g = _activation_backward(ctx.activation, _to_chunks(grad, plan, real), pre)
