@@ -339,6 +339,25 @@ def dense_strides(x: Tensor) -> Tuple[int, ...]:
     return tuple(x.stride())
 
 
+def op_into(op, size, stride: Tuple[int, ...], a: Tensor, b: Tensor) -> Tensor:
+    """``op(a, b)`` of shape ``size`` written in a new tensor of strides ``stride`` and ``a``'s dtype (the memory
+    layout the next step wants, e.g. the heads of a time-first projection: no copy there); under torch.compile
+    just ``op(a, b)`` (Dynamo refuses a strided ``out=``, and Inductor picks its own layouts)."""
+    if torch.compiler.is_compiling():
+        return op(a, b)
+    return op(a, b, out=torch.empty_strided(size, stride, dtype=a.dtype, device=a.device))
+
+
+def heads_bmm(a: Tensor, b: Tensor, shape, strides: Tuple[int, ...]) -> Tensor:
+    """``bmm(a, b)`` (``(B·H, L, d)``) as ``shape`` ``(B, H, L, d)`` laid out with ``strides`` (:func:`dense_strides`
+    of the tensor whose gradient or counterpart it is: the heads of a time-first projection, which then merge or
+    split without a copy) where its batch and head dims merge; else a plain ``bmm``."""
+    bsz, heads, length, d = shape
+    if strides[0] != heads * strides[1] or strides[3] != 1 or b.shape[-1] != d:
+        return torch.bmm(a, b).view(bsz, heads, length, -1)
+    return op_into(torch.bmm, (bsz * heads, length, d), strides[1:], a, b).view(shape)
+
+
 def copy_into_layout(x: Tensor, shape, strides: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """``x`` viewed as ``shape``, copied into a new tensor of ``dtype`` with ``strides`` (:func:`dense_strides` of
     an input: a hand-written backward returns each gradient in its input's layout, so autograd reshapes it back

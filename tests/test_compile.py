@@ -90,8 +90,9 @@ ATTEND_OP_CEILINGS = {
     # before one autograd node, features recomputed in the backward (not saved)
     ("cosformer", True): 27,  # features made inside the C++ kernel; 178 on the chunked path, 152 before its
     # 0/1 (N, N) prefix matmul replaced the CPU cumsum (~14 ns an element, 60 ms per op at 4k)
-    ("abc", False): 60,  # 51 with SDPA for the slot read: its backward is B·H programs over T (slower from 16k);
-    # 67 before the key-side memory was one autograd node (_SlotMemory)
+    ("abc", False): 65,  # 51 with SDPA for the slot read: its backward is B·H programs over T (slower from 16k);
+    # 67 before the key-side memory was one autograd node (_SlotMemory); 60 before its output and the gradients of
+    # q, k, v were written in the projections' layout (+5 here, -4 copies outside: the whole step 139 -> 140)
     ("abc", True): 72,  # 431 on the chunked path (426 before q, k, v were copied once into its layout)
     # 161 before the FFT convolution read and wrote the per-head layouts itself; +1 / +3 for the kernel gradient's
     # real product against (re, im) pairs (view_as_real, copy, view_as_complex: no complex copy of [g, g·l], the

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, softmax
+from ..functional import acc_dtype, dense_strides, heads_bmm, softmax
 from ..kernels.abc_step import abc_step, empty_norm
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, positive_int
@@ -162,13 +162,12 @@ class _SlotAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, mem_k: Tensor, mem_v: Tensor, scale: float, mask: Optional[Tensor]) -> Tensor:
-        bsz, heads, tgt_len, _ = q.shape
         qf, kf, vf = q.flatten(0, 1), mem_k.flatten(0, 1) * scale, mem_v.flatten(0, 1)  # the scale on the small side
         p = torch.softmax(torch.bmm(qf, kf.transpose(1, 2)), dim=-1)  # (B·H, T, n)
         ctx.save_for_backward(qf, kf, vf, p, mask)
-        ctx.scale, ctx.shapes = scale, (q.shape, mem_k.shape)
+        ctx.scale, ctx.shapes, ctx.q_strides = scale, (q.shape, mem_k.shape), dense_strides(q)
         pd = p if mask is None else p * mask.flatten(0, 1)
-        return torch.bmm(pd, vf).view(bsz, heads, tgt_len, -1)
+        return heads_bmm(pd, vf, q.shape, ctx.q_strides)  # laid out as q: the heads merge without a copy
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -180,7 +179,7 @@ class _SlotAttention(torch.autograd.Function):
         if mask is not None:
             dp = dp * mask.flatten(0, 1)
         ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
-        dq = torch.bmm(ds, kf).view(q_shape)
+        dq = heads_bmm(ds, kf, q_shape, ctx.q_strides)  # in q's layout: no copy back to the projections
         dk = torch.bmm(ds.transpose(1, 2), qf).mul_(ctx.scale).view(m_shape)
         dv = torch.bmm(pd.transpose(1, 2), g).view(m_shape)
         return dq, dk, dv, None, None
@@ -200,7 +199,7 @@ class _SlotMemory(torch.autograd.Function):
         wm = _slot_matrix(w, bsz, k.dtype).transpose(1, 2)  # (B·H, n, d)
         alpha = torch.softmax(torch.bmm(wm, kf.transpose(1, 2)), dim=-1)  # (B·H, n, S); half: fp32 inside
         ctx.save_for_backward(kf, vf, wm, alpha)
-        ctx.w_dtype, ctx.heads = w.dtype, heads
+        ctx.w_dtype, ctx.heads, ctx.layouts = w.dtype, heads, ((k.shape, dense_strides(k)), (v.shape, dense_strides(v)))
         shape = (bsz, heads, -1, d)
         return torch.bmm(alpha, kf).view(shape), torch.bmm(alpha, vf).view(shape)
 
@@ -213,11 +212,13 @@ class _SlotMemory(torch.autograd.Function):
         dalpha = torch.bmm(dmk, kf.transpose(1, 2)).baddbmm_(dmv, vf.transpose(1, 2))
         ds = torch.ops.aten._softmax_backward_data(dalpha, alpha, -1, alpha.dtype)
         at = alpha.transpose(1, 2)
-        dk = torch.bmm(at, dmk).baddbmm_(ds.transpose(1, 2), wm)
-        dv = torch.bmm(at, dmv)
+        (k_shape, k_strides), (v_shape, v_strides) = ctx.layouts  # the gradients in the inputs' layouts: no copies
+        dk = heads_bmm(at, dmk, k_shape, k_strides)
+        dk.flatten(0, 1).baddbmm_(ds.transpose(1, 2), wm)
+        dv = heads_bmm(at, dmv, v_shape, v_strides)
         heads = ctx.heads
         dw = torch.bmm(ds, kf).view(-1, heads, *wm.shape[1:]).sum(0, dtype=ctx.w_dtype)
-        return dk.view(-1, heads, *dk.shape[1:]), dv.view(-1, heads, *dv.shape[1:]), dw
+        return dk, dv, dw
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype, linear_attention_step
+from ..functional import acc_dtype, linear_attention_step, op_into
 from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_reason
 from ..kernels.linear_attention import (
     LINEAR_ATTENTION,
@@ -157,15 +157,6 @@ class _Features(torch.autograd.Function):
         return grad_q, grad_k, None, None, None
 
 
-def _strided(op, size: Tuple[int, ...], stride: Tuple[int, ...], a: Tensor, b: Tensor) -> Tensor:
-    """``op(a, b)`` of shape ``size`` written in a new tensor of strides ``stride`` and ``a``'s dtype (the memory
-    layout the next step wants: no copy there); under torch.compile just ``op(a, b)`` (Dynamo refuses a strided
-    ``out=``, and Inductor picks its own layouts)."""
-    if torch.compiler.is_compiling():
-        return op(a, b)
-    return op(a, b, out=torch.empty_strided(size, stride, dtype=a.dtype, device=a.device))
-
-
 def _reduce_length(a: Tensor, b: Tensor) -> Tensor:
     """``aᵀ @ b`` ``(N, m, w)`` for contiguous ``a (N, L, m)``, ``b (N, L, w)``, the length cut by
     :func:`_state_chunks`; the chunk products are summed in fp32 and rounded once to ``a``'s dtype."""
@@ -203,7 +194,7 @@ class _Noncausal(torch.autograd.Function):
         o = torch.bmm(_features(q, tq, act_fun, dtype, flat=True), state).view(bsz, heads, tgt_len, width)
         den = o[..., dim : dim + 1]  # (B, H, T, 1)
         den = den.masked_fill(den <= 0, float("inf"))  # nothing attended: num / inf = 0
-        out = _strided(torch.div, q.shape, (heads * dim, dim, bsz * heads * dim, 1), o[..., :dim], den)
+        out = op_into(torch.div, q.shape, (heads * dim, dim, bsz * heads * dim, 1), o[..., :dim], den)
         ctx.save_for_backward(q, k, v1, state, den, out, tq, cq, sq, tk, ck, sk)
         ctx.act_fun, ctx.dtype, ctx.v_dtype = act_fun, dtype, v.dtype
         return out
@@ -224,9 +215,7 @@ class _Noncausal(torch.autograd.Function):
         del grad_o
         kf = _features(k, tk, ctx.act_fun, ctx.dtype, flat=True)
         # grad_v written time-first: splitting the heads back (to (S, B, H*d)) needs no copy
-        grad_v = _strided(
-            torch.bmm, (bsz * heads, src_len, dim), (dim, bsz * heads * dim, 1), kf, grad_state[..., :dim]
-        )
+        grad_v = op_into(torch.bmm, (bsz * heads, src_len, dim), (dim, bsz * heads * dim, 1), kf, grad_state[..., :dim])
         del kf
         grad_k = _product_features_backward(v1, grad_state.transpose(1, 2), k, ck, sk, ctx.act_fun)
         return grad_q, grad_k, grad_v.view(bsz, heads, src_len, dim).to(ctx.v_dtype), None, None, None

@@ -7,7 +7,7 @@ products in fp32, rounded once (what the ATen path computes: the activation, the
 table's fp32).  As ATen ops it is two kernels, the second TensorIterator's generic loop (a strided bf16 input
 broadcast against an fp32 table into a new layout): 168 us for one ``(4, 8, 8192, 64)`` bf16 input on an H200,
 four calls in a noncausal training step (the query's and the key's features, forward and recomputed in the
-backward), a quarter of the step's GPU time (``results/h200/session11/prof_cosformer_nc8k.log``).
+backward), a quarter of the step's GPU time (``benchmarks/results/h200/session11/call1/prof_cosformer_nc8k.log``).
 """
 
 import torch
