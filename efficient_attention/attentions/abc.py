@@ -100,7 +100,7 @@ class _SlotWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k: Tensor, w: Tensor, scan: bool):
         bsz, heads, length, d = k.shape
-        kf, wm = k.view(bsz * heads, length, d), _slot_matrix(w, bsz, k.dtype)
+        kf, wm = k.flatten(0, 1), _slot_matrix(w, bsz, k.dtype)  # (a view for contiguous and time-first k)
         a = torch.bmm(kf, wm).view(bsz, heads, length, -1)
         top = a.amax(-1)
         run = torch.cummax(torch.cat([top[..., :1], top], -1), -1).values.to(acc_dtype(a.dtype))  # c_{-1} := c_0
@@ -398,10 +398,14 @@ class ABC(EfficientAttention):
 
         Two causal linear attentions (slot scores, output) instead of three: the slot weights, log decays and (CUDA)
         normalisers are one autograd node (:class:`_SlotWeights`: the normalisers from one ``logcumsumexp`` of the
-        scores, exact in the log domain), and the slot softmax is one more (:class:`_SlotRead`).  ``q``, ``k``,
-        ``v`` are copied once into contiguous ``dtype`` tensors (the linear attention's layout), which its backward
-        then reads without copying them again."""
-        q, k, v = (_dense(x, dtype) for x in (q, k, v))
+        scores, exact in the log domain), and the slot softmax is one more (:class:`_SlotRead`).  On CUDA ``q``,
+        ``k``, ``v`` are read in place (the Triton kernels take the projections' head views); on the CPU they are
+        copied once into contiguous ``dtype`` tensors (the C++ kernels' layout), which the backward then reads
+        without copying them again."""
+        if q.device.type == "cuda":  # the Triton kernels read the projections' head views in place
+            q, k, v = (x.to(dtype) for x in (q, k, v))
+        else:  # the C++ kernels take contiguous rows: one copy each, which the backward reads too
+            q, k, v = (_dense(x, dtype) for x in (q, k, v))
         scan = k.device.type in self.SCAN_DEVICES
         e, nl, decay = _SlotWeights.apply(k, self.landmark_proj, scan)
         decay = decay.detach()  # no gradient in eager already; torch.compile's trace of the node needs telling
