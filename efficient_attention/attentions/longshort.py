@@ -84,10 +84,15 @@ class _Compress(torch.autograd.Function):
             pf = proj.to(acc)
             probs_t = _Compress._probs_t(k.to(acc), pf, pad)  # (B, H, G, n, r); fp32 k again after v's part below
             grad_t = torch.zeros((), dtype=acc, device=k.device)  # dPᵀ
+            # the softmax's Σ_n dP ∘ P per memory, from the small side: g_v · (P v) + g_k · (P k) over d (the
+            # outputs again, as FlashAttention's rowsum(dO ∘ O)): no (n, r) temporary beside dPᵀ
+            dot = torch.zeros((), dtype=acc, device=k.device)
             dv = None
             if grad_v is not None:
-                gv = grad_v.to(acc)
-                grad_t = torch.matmul(v.to(acc), gv.transpose(-1, -2))  # (its fp32 v freed here)
+                gv, vf = grad_v.to(acc), v.to(acc)
+                grad_t = torch.matmul(vf, gv.transpose(-1, -2))
+                dot = (sum_products(probs_t.transpose(-1, -2), vf) * gv).sum(-1)  # (B, H, G, r)
+                del vf  # (its fp32 v freed here)
                 dv = torch.matmul(probs_t, gv).to(v.dtype)
                 del gv
             kf = k.to(acc)  # (not alive beside v's fp32 copy)
@@ -96,8 +101,9 @@ class _Compress(torch.autograd.Function):
                 prod = torch.matmul(kf, gk.transpose(-1, -2))
                 grad_t = prod if grad_v is None else grad_t.add_(prod)  # (in place: one (n, r) less)
                 del prod
-            logits_t = (grad_t - (grad_t * probs_t).sum(-2, keepdim=True)).mul_(probs_t)  # (B, H, G, n, r)
-            del grad_t
+                dot = dot + (sum_products(probs_t.transpose(-1, -2), kf) * gk).sum(-1)
+            logits_t = grad_t.sub_(dot.unsqueeze(-2)).mul_(probs_t)  # (B, H, G, n, r), in place on dPᵀ (its own)
+            del grad_t, dot
             dproj = sum_products(logits_t.transpose(-1, -2), kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
             del kf
             pt = pf.transpose(-1, -2)[:, None]  # (H, 1, r, d)
