@@ -101,9 +101,9 @@ ATTEND_OP_CEILINGS = {
     ("s4d", True): 205,
     ("lara", False): 102,  # 113 before its hand-written backward, 110 before its d mu in three ops
     ("nystrom", False): 227,  # 213 before its hand-written Functions: +14 ops (8 views), no fp32 (L, d) copies kept
-    ("attention_ls", False): 137,  # one block-sparse call over [memories ; sequence] (was 217: window + merge);
-    # 130 before the compression's softmax backward took Σ dP ∘ P from the outputs' side (no (n, r) temporaries)
-    ("causal_ls", True): 139,  # (was 247; 132 before the same)
+    ("attention_ls", False): 124,  # one block-sparse call over [memories ; sequence] (was 217: window + merge);
+    # 130 before the compression's softmax backward ran in place on dP
+    ("causal_ls", True): 126,  # (was 247; 132 before the same)
 }
 
 

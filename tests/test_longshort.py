@@ -98,11 +98,11 @@ def test_compress_backward_gradcheck(padded, outputs):
 
 def test_compression_with_its_length_split_matches(monkeypatch):
     """On CUDA the compression's reductions over a long group (noncausal: the whole sequence) are split into
-    chunks (``sum_products``: one cuBLAS tile per (batch, head) ran the whole length); forced here on the CPU,
+    chunks (``_Compress``: one cuBLAS tile per (batch, head) ran the whole length); forced here on the CPU,
     output and gradients equal the unsplit products'."""
     import importlib
 
-    la = importlib.import_module("efficient_attention.kernels.linear_attention")
+    ls = importlib.import_module("efficient_attention.attentions.longshort")
     torch.manual_seed(0)
     m = LongShort(16, 2, **OPTS).double()
     x = torch.randn(24, 2, 16, dtype=torch.float64, requires_grad=True)
@@ -110,7 +110,7 @@ def test_compression_with_its_length_split_matches(monkeypatch):
     kpm[1, -5:] = True
     runs = []
     for split in (1, 4):
-        monkeypatch.setattr(la, "_split_k", lambda length, x, split=split: split if length % split == 0 else 1)
+        monkeypatch.setattr(ls, "_split_k", lambda length, x, split=split: split if length % split == 0 else 1)
         out, _ = m(x, key_padding_mask=kpm, need_weights=False)
         runs.append([out, *torch.autograd.grad(out.pow(2).sum(), [x, m.landmark_proj])])
     for got, want in zip(runs[1], runs[0]):

@@ -33,7 +33,7 @@ from ..base import AttentionMasks, EfficientAttention
 from ..block_mask import BlockMask
 from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
 from ..functional import acc_dtype, sdpa_attention, softmax
-from ..kernels.linear_attention import sum_products
+from ..kernels.linear_attention import _split_k
 from ..kernels.ops import block_mask_attention
 from ..local_window import LocalWindow, cache_len
 from ..options import AttentionOptions, positive_int
@@ -42,22 +42,55 @@ from ..registry import register_attention
 __all__ = ["LongShort", "AttentionLS", "CausalLS"]
 
 
+def _chunked(x: Tensor, c: int) -> Tensor:
+    """``(B, H, G, n, ·)`` as ``(B, H, G, c, n/c, ·)`` (a view); itself for one chunk."""
+    return x if c == 1 else x.unflatten(-2, (c, x.shape[-2] // c))
+
+
+def _per_chunk(x: Tensor, c: int) -> Tensor:
+    """``(B, H, G, r, ·)`` broadcast over :func:`_chunked`'s chunk dim (a view); itself for one chunk."""
+    return x if c == 1 else x.unsqueeze(-3)
+
+
+def _over_group(c: int) -> Tuple[int, ...]:
+    """The dims of a :func:`_chunked` ``(.., r, n)`` tensor that run over the group's positions."""
+    return (-1,) if c == 1 else (-3, -1)
+
+
 class _Compress(torch.autograd.Function):
     """The dynamic projection as one node: ``P = softmax_n(k W)``, ``(K̄, V̄) = (P k, P v)``, P recomputed backward.
 
     ``k, v (B, H, G, n, d)``, ``proj (H, d, r)``, ``pad (B, G, n)`` or None (True = padding) -> ``(B, H, G, r, d)``
-    twice, in at least fp32 inside (fp16 logits overflow), returned in ``k``'s dtype.  ``P`` and its gradient are
-    made transposed, ``(B, H, G, n, r)``: the products that reduce over a long group (noncausal: the whole
-    sequence) are then split into chunks of it (:func:`sum_products`) on views, with no copy of ``P``.
+    twice, in at least fp32 inside (fp16 logits overflow), returned in ``k``'s dtype.
+
+    A long group on CUDA (noncausal attention's whole sequence) is cut into the ``c`` chunks of
+    ``linear_attention._split_k``: ``P`` and its gradient are ``(B, H, G, c, r, n/c)``, each product that reduces
+    over the group's positions is one batched product per chunk and a sum over the chunks, every operand a view
+    (unsplit, cuBLAS ran one tile per (batch, head) over the whole group: 0.99 of the step's 3.97 ms GPU time at 8k
+    in CAB's setting on an H200), and the softmax is a max and a sum over ``(c, n/c)``.  Elsewhere ``c = 1`` and the
+    shapes keep no chunk dim (fewest ops: the step is host-bound there).
     """
 
     @staticmethod
-    def _probs_t(k: Tensor, proj: Tensor, pad: Optional[Tensor]) -> Tensor:
-        """``Pᵀ`` ``(B, H, G, n, r)``: the softmax over the group's ``n`` positions of ``k W``."""
-        logits = torch.matmul(k, proj[:, None])  # (B, H, G, n, r)
-        if pad is not None:
-            logits = logits.masked_fill(pad[:, None, :, :, None], float("-inf"))
-        return softmax(logits, dim=-2)  # a group of padding only: zeros (it gives no memory)
+    def _probs(k: Tensor, proj: Tensor, pad: Optional[Tensor], c: int) -> Tensor:
+        """``P`` ``(B, H, G, [c,] r, n/c)``: the softmax over the group's ``n`` positions of ``Wᵀ kᵀ``; a group of
+        padding only gives zeros (no memory)."""
+        logits = torch.matmul(_per_chunk(proj.transpose(-1, -2)[:, None], c), _chunked(k, c).transpose(-1, -2))
+        if pad is not None:  # (B, G, n) -> (B, 1, G, [c,] 1, n/c)
+            pad = pad[:, None, :, None] if c == 1 else pad.unflatten(-1, (c, -1))[:, None, :, :, None]
+            logits = logits.masked_fill(pad, float("-inf"))
+        if c == 1:
+            return softmax(logits)
+        top = logits.amax((-3, -1), keepdim=True)
+        probs = logits.sub_(top.masked_fill_(torch.isneginf(top), 0.0)).exp_()
+        total = probs.sum((-3, -1), keepdim=True)
+        return probs.div_(total.masked_fill_(total == 0, 1.0))
+
+    @staticmethod
+    def _reduce(probs: Tensor, x: Tensor, c: int) -> Tensor:
+        """``P x`` ``(B, H, G, r, d)`` for ``x (B, H, G, n, d)``: per chunk, summed."""
+        out = torch.matmul(probs, _chunked(x, c))
+        return out if c == 1 else out.sum(-3)
 
     @staticmethod
     def forward(ctx, k, v, proj, pad):
@@ -66,55 +99,53 @@ class _Compress(torch.autograd.Function):
         with torch.autocast(k.device.type, enabled=False):
             acc = acc_dtype(k.dtype)
             kf, vf = k.to(acc), v.to(acc)
-            probs = _Compress._probs_t(kf, proj.to(acc), pad).transpose(-1, -2)  # (B, H, G, r, n), a view
-            return sum_products(probs, kf).to(k.dtype), sum_products(probs, vf).to(v.dtype)
+            c = _split_k(k.shape[-2], k)
+            probs = _Compress._probs(kf, proj.to(acc), pad, c)
+            return _Compress._reduce(probs, kf, c).to(k.dtype), _Compress._reduce(probs, vf, c).to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_k, grad_v):
-        """``dv = Pᵀ g_v``; ``dP = g_k kᵀ + g_v vᵀ`` -> ``dlogits``; ``dk = Pᵀ g_k + dlogitsᵀ W`` as one product of
-        ``[P; dlogits]ᵀ`` and ``[g_k; W]``; ``dW = Σ dlogits k``, all with ``P`` and ``dP`` transposed.  Each fp32
-        copy lives only while it is used: the straightforward version held fp32 ``k, v``, ``Pᵀ g_k``, ``dlogitsᵀ W``
-        and their sum at once (13 of the 23 units of peak memory of a noncausal step at 8k in CAB's setting, where
-        one group spans the sequence)."""
+        """``dv = Pᵀ g_v``; ``dP = g_k kᵀ + g_v vᵀ`` -> ``dlogits`` (in place on ``dP``); ``dk = Pᵀ g_k + dlogitsᵀ W``
+        as one product of ``[P; dlogits]ᵀ`` and ``[g_k; W]``; ``dW = Σ dlogits k``.  Each fp32 copy lives only while
+        it is used: the straightforward version held fp32 ``k, v``, ``Pᵀ g_k``, ``dlogitsᵀ W`` and their sum at once
+        (13 of the 23 units of peak memory of a noncausal step at 8k in CAB's setting, where one group spans the
+        sequence)."""
         k, v, proj, pad = ctx.saved_tensors
         if grad_k is None and grad_v is None:
             return None, None, None, None
         with torch.autocast(k.device.type, enabled=False):
             acc = acc_dtype(k.dtype)
             pf = proj.to(acc)
-            probs_t = _Compress._probs_t(k.to(acc), pf, pad)  # (B, H, G, n, r); fp32 k again after v's part below
-            grad_t = torch.zeros((), dtype=acc, device=k.device)  # dPᵀ
-            # the softmax's Σ_n dP ∘ P per memory, from the small side: g_v · (P v) + g_k · (P k) over d (the
-            # outputs again, as FlashAttention's rowsum(dO ∘ O)): no (n, r) temporary beside dPᵀ
-            dot = torch.zeros((), dtype=acc, device=k.device)
+            c = _split_k(k.shape[-2], k)
+            probs = _Compress._probs(k.to(acc), pf, pad, c)  # (B, H, G, [c,] r, n/c); fp32 k again after v's part
+            grad_p = torch.zeros((), dtype=acc, device=k.device)  # dP
             dv = None
             if grad_v is not None:
-                gv, vf = grad_v.to(acc), v.to(acc)
-                grad_t = torch.matmul(vf, gv.transpose(-1, -2))
-                dot = (sum_products(probs_t.transpose(-1, -2), vf) * gv).sum(-1)  # (B, H, G, r)
-                del vf  # (its fp32 v freed here)
-                dv = torch.matmul(probs_t, gv).to(v.dtype)
+                gv = _per_chunk(grad_v.to(acc), c)
+                grad_p = torch.matmul(gv, _chunked(v.to(acc), c).transpose(-1, -2))  # (its fp32 v freed here)
+                dv = torch.matmul(probs.transpose(-1, -2), gv)
+                dv = (dv if c == 1 else dv.flatten(-3, -2)).to(v.dtype)
                 del gv
-            kf = k.to(acc)  # (not alive beside v's fp32 copy)
-            gk = None if grad_k is None else grad_k.to(acc)
+            kc = _chunked(k.to(acc), c)  # (not alive beside v's fp32 copy)
+            gk = None if grad_k is None else _per_chunk(grad_k.to(acc), c)
             if gk is not None:
-                prod = torch.matmul(kf, gk.transpose(-1, -2))
-                grad_t = prod if grad_v is None else grad_t.add_(prod)  # (in place: one (n, r) less)
+                prod = torch.matmul(gk, kc.transpose(-1, -2))
+                grad_p = prod if grad_v is None else grad_p.add_(prod)  # (in place: one (r, n) less)
                 del prod
-                dot = dot + (sum_products(probs_t.transpose(-1, -2), kf) * gk).sum(-1)
-            logits_t = grad_t.sub_(dot.unsqueeze(-2)).mul_(probs_t)  # (B, H, G, n, r), in place on dPᵀ (its own)
-            del grad_t, dot
-            dproj = sum_products(logits_t.transpose(-1, -2), kf).sum((0, 2)).transpose(-1, -2)  # (H, d, r)
-            del kf
-            pt = pf.transpose(-1, -2)[:, None]  # (H, 1, r, d)
+            # the softmax's backward in place on dP (its own): one (r, n) temporary
+            logits = grad_p.sub_((grad_p * probs).sum(_over_group(c), keepdim=True)).mul_(probs)
+            del grad_p
+            dproj = torch.matmul(logits, kc).sum((0, 2) if c == 1 else (0, 2, 3)).transpose(-1, -2)  # (H, d, r)
+            del kc
+            pt = _per_chunk(pf.transpose(-1, -2)[:, None], c)  # (H, 1, [1,] r, d)
             if gk is None:
-                dk = torch.matmul(logits_t, pt)
+                dk = torch.matmul(logits.transpose(-1, -2), pt)
             else:
-                rows = torch.cat([probs_t, logits_t], -1)  # (B, H, G, n, 2r)
-                del probs_t, logits_t
+                rows = torch.cat([probs, logits], -2).transpose(-1, -2)  # (B, H, G, [c,] n/c, 2r)
+                del probs, logits
                 dk = torch.matmul(rows, torch.cat([gk, pt.expand(*gk.shape[:-2], *pt.shape[-2:])], -2))
                 del rows  # (not alive beside dk's cast)
-        return dk.to(k.dtype), dv, dproj.to(proj.dtype), None
+        return (dk if c == 1 else dk.flatten(-3, -2)).to(k.dtype), dv, dproj.to(proj.dtype), None
 
 
 _BLOCK = 64  # block size of the fused path's BlockMask
