@@ -140,20 +140,19 @@ def _split_k(length: int, x: Tensor) -> int:
     return 1
 
 
-def sum_products(kt: Tensor, v: Tensor) -> Tensor:
-    """``kt @ v`` for ``kt (..., m, S)``, ``v (..., S, d)`` (the same leading dims), the length split by
-    :func:`_split_k`: the chunks' products summed in their dtype."""
+def _sum_products(kt: Tensor, v: Tensor) -> Tensor:
+    """``kt @ v`` for ``kt (B, H, m, S)``, ``v (B, H, S, d)``, the length split by :func:`_split_k`."""
     n = _split_k(v.shape[-2], v)
     if n == 1:
         return torch.matmul(kt, v)
-    *lead, m, seq = kt.shape
-    chunks = kt.reshape(*lead, m, n, seq // n).transpose(-3, -2)  # (..., n, m, S / n)
-    return torch.matmul(chunks, v.reshape(*lead, n, seq // n, v.shape[-1])).sum(-3)
+    bsz, heads, m, seq = kt.shape
+    chunks = kt.reshape(bsz, heads, m, n, seq // n).transpose(2, 3)
+    return torch.matmul(chunks, v.reshape(bsz, heads, n, seq // n, v.shape[-1])).sum(2)
 
 
 def _broadcast_product(q: Tensor, state: Tensor) -> Tensor:
     """``q @ state`` for ``q (B, H, T, m)``, ``state (B, H, m, d)``; split into chunks of queries like
-    :func:`sum_products`, so the backward's ``qᵀ @ grad`` (the same long reduction) is split too."""
+    :func:`_sum_products`, so the backward's ``qᵀ @ grad`` (the same long reduction) is split too."""
     n = _split_k(q.shape[-2], q)
     if n == 1:
         return torch.matmul(q, state)
@@ -1016,7 +1015,7 @@ def _linear_attention(
         if with_den:
             state = torch.cat([state, initial_state[1].to(dt).unsqueeze(-1)], dim=-1)
     if not causal:
-        kv = sum_products(k.to(dt).transpose(-1, -2), v.to(dt))
+        kv = _sum_products(k.to(dt).transpose(-1, -2), v.to(dt))
         final = kv if state is None else kv + state
         o = _broadcast_product(q.to(dt), final)
     elif src_len == 0:
