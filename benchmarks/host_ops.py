@@ -191,6 +191,7 @@ def main() -> None:
     torch.set_num_threads(1)
     base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")  # q, k, v from one product, as on CUDA
     abc.ABC.SCAN_DEVICES = ("cpu", "cuda")  # ABC's normalisers from logcumsumexp, as on CUDA
+    abc.ABC.IN_PLACE_DEVICES = ("cpu", "cuda")  # ABC's q, k, v read in place by the (stubbed) Triton kernels
     stub_triton_kernels()
     vanilla = {}  # causal -> vanilla's peak bytes, for --memory's ratio
     for spec in args.mechanisms:

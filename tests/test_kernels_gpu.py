@@ -407,6 +407,13 @@ def test_triton_linear_attention_compile_and_opcheck():
         vv = torch.randn(2, 2, 150, dim, device="cuda", dtype=torch.bfloat16)
         args = (raw, raw * 0.5, vv, None, None, None, True, torch.bfloat16, True, cos_sin, act)
         torch.library.opcheck(ops.triton_linear_attention.default, args)
+    # the backward op's fake gives each gradient its input's layout (time-first raw rows: time-first dq, dk)
+    raw = torch.randn(150, 2, 2, 64, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0, 3)
+    vv = torch.randn(2, 2, 150, 64, device="cuda", dtype=torch.bfloat16)
+    h0, z0 = torch.rand(2, 2, 128, 64, device="cuda"), torch.rand(2, 2, 128, device="cuda")
+    o, den, _, _ = ops.triton_linear_attention(raw, raw * 0.5, vv, None, h0, z0, True, torch.bfloat16, True, cos_sin, 0)
+    args = (torch.randn_like(o), None, None, raw, raw * 0.5, vv, None, h0, z0, o, den, True, cos_sin, 0)
+    torch.library.opcheck(ops.triton_linear_attention_bwd.default, args)
 
 
 # -- landmark attention (efficient_attention.kernels.landmark) ------------------------------------------------

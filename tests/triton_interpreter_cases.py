@@ -246,17 +246,26 @@ def linear_segments_case(T, m, d, dtype, decay, normalize, S=None, block_d=None,
         assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
 
 
-def linear_out_dtype_case(T, m, d, dtype, out_dtype, block_d=None):
+def is_time_first(x):
+    return x.permute(2, 0, 1, 3).is_contiguous()
+
+
+def linear_out_dtype_case(T, m, d, dtype, out_dtype, block_d=None, time_first_inputs=""):
     """The normalised result written by the kernels in ``out_dtype`` and the time-first ``(T, B, H, d)`` layout,
     the gradient read back in that dtype and layout; the loss uses the final normaliser ``z`` but not ``H`` (the
     backward then starts from a gradient of ``z`` alone); ``block_d`` forces value blocks (the normaliser's terms
-    of the partial ``dq, dk`` in the first block only)."""
+    of the partial ``dq, dk`` in the first block only).  ``time_first_inputs`` ("qk", "v", "qkv"): those inputs
+    are time-first head views, and their gradients must come back time-first (the others contiguous)."""
     import importlib
 
     la = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
     g = torch.Generator().manual_seed(T + m + d)
     q, k = (torch.rand(2, 3, T, m, generator=g).to(dtype) for _ in range(2))
     v = torch.randn(2, 3, T, d, generator=g).to(dtype)
+    if "qk" in time_first_inputs:
+        q, k = (x.detach() for x in time_first(q, k))
+    if "v" in time_first_inputs:
+        (v,) = (x.detach() for x in time_first(v))
     log_decay = -torch.rand(2, 3, T, generator=g) * 0.3
     init = (torch.rand(2, 3, m, d, generator=g), torch.rand(2, 3, m, generator=g))
     base = la._triton_config
@@ -284,10 +293,35 @@ def linear_out_dtype_case(T, m, d, dtype, out_dtype, block_d=None):
             grads = list(torch.autograd.grad(loss, ins + st))
         finally:
             la._triton_config = base
+        if backend == "triton":  # each gradient in its input's layout: no permuting copy back to a projection
+            for name, x, grad in zip("qkv", ins, grads):
+                assert is_time_first(grad) == is_time_first(x), f"d{name} strides {grad.stride()}, {name} {x.stride()}"
+                assert grad.is_contiguous() == x.is_contiguous(), f"d{name} strides {grad.stride()}"
         results.append([out, z] + grads)
     tol = 2e-5 if out_dtype == torch.float32 else 4e-3
     for name, got, want in zip(["out", "z", "dq", "dk", "dv", "dH0", "dz0"], *results):
         assert rel(got, want) < tol, f"{name} {rel(got, want):.1e}"
+
+
+def linear_bwd_opcheck_case():
+    """The registered backward op (what ``torch.compile`` traces) against its fake implementation, which must give
+    each gradient the layout the kernels write it in: time-first heads time-first, the rest contiguous."""
+    import importlib
+
+    la = importlib.import_module("efficient_attention.kernels.linear_attention")  # the module, not the function
+    bwd = torch.ops.efficient_attention.triton_linear_attention_bwd.default
+    g = torch.Generator().manual_seed(3)
+    q, k = time_first(*(torch.rand(2, 2, 40, 16, generator=g) for _ in range(2)))
+    v = torch.randn(2, 2, 40, 24, generator=g)
+    decay = -torch.rand(2, 2, 40, generator=g) * 0.3
+    h0, z0 = torch.rand(2, 2, 16, 24, generator=g), torch.rand(2, 2, 16, generator=g)  # (every output written)
+    for normalize in (True, False):
+        o, den, _, _ = la.linear_fwd(q, k, v, decay, h0, z0, normalize, torch.float32, True)
+        grad_o = torch.randn(o.shape, generator=g).permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+        args = (grad_o, None, None, q.detach(), k.detach(), v, decay, h0, z0, o, den, normalize)
+        torch.library.opcheck(bwd, args)
+        dq, dk, dv, _, _ = bwd(*args)
+        assert is_time_first(dq) and is_time_first(dk) and dv.is_contiguous(), (dq.stride(), dv.stride())
 
 
 def cosformer_fused_case(T, r, d, dtype, act, time_first=True, block_d=None):
@@ -325,6 +359,8 @@ def cosformer_fused_case(T, r, d, dtype, act, time_first=True, block_d=None):
         got += list(torch.autograd.grad(loss, ins))
     finally:
         la._triton_config = base
+    for name, grad in zip("qkv", got[2:]):  # in the inputs' layouts (time-first heads: no copy back)
+        assert (is_time_first(grad) if time_first else grad.is_contiguous()), f"d{name} strides {grad.stride()}"
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
 
     def feats(x):
@@ -706,6 +742,22 @@ def main() -> int:
             "linear fp32 out time-first, 2 value blocks x 2 segments",
             lambda: linear_out_dtype_case(60, 24, 40, f32, f32, block_d=16),
         ),
+        (
+            False,
+            "linear fp32 time-first q, k: their gradients time-first, dv contiguous",
+            lambda: linear_out_dtype_case(40, 16, 24, f32, f32, time_first_inputs="qk"),
+        ),
+        (
+            False,
+            "linear fp16 time-first v, 2 value blocks: dv time-first, partial dq, dk contiguous",
+            lambda: linear_out_dtype_case(50, 16, 40, f16, f16, block_d=16, time_first_inputs="v"),
+        ),
+        (
+            False,
+            "linear fp32 time-first q, k, v, 2 value blocks x 2 segments: every gradient time-first",
+            lambda: linear_out_dtype_case(60, 24, 40, f32, f32, block_d=16, time_first_inputs="qkv"),
+        ),
+        (False, "linear backward op: opcheck of its fake, gradients in the inputs' layouts", linear_bwd_opcheck_case),
         (False, "cosformer fused features relu fp32 time-first", lambda: cosformer_fused_case(70, 16, 24, f32, 0)),
         (
             False,

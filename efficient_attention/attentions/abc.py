@@ -111,8 +111,9 @@ class _SlotWeights(torch.autograd.Function):
             at = torch.empty(bsz, heads, a.shape[-1], length, dtype=c.dtype, device=a.device).copy_(a.transpose(-1, -2))
             nl = torch.sub(c, torch.logcumsumexp(at, -1).transpose(-1, -2), out=torch.empty_like(a, dtype=c.dtype))
         ctx.save_for_backward(kf, wm, a, e, c, nl)
-        ctx.w_dtype = w.dtype
+        ctx.w_dtype, ctx.k_layout = w.dtype, (k.shape, dense_strides(k))
         ctx.mark_non_differentiable(decay)
+        ctx.set_materialize_grads(False)  # (no zero tensor for the decay's gradient, nor for an unused output's)
         return e, nl, decay
 
     @staticmethod
@@ -145,7 +146,7 @@ class _SlotWeights(torch.autograd.Function):
             grad = _SlotWeights._scan_grad(dnl, a, c, nl)
             da = grad.to(a.dtype) if de is None else torch.addcmul(grad, de, e, out=torch.empty_like(a))
         daf = da.view(kf.shape[0], kf.shape[1], -1)
-        dk = torch.bmm(daf, wm.transpose(1, 2)).view(*a.shape[:-1], -1)
+        dk = heads_bmm(daf, wm.transpose(1, 2), *ctx.k_layout)  # in k's layout, as the linear attention's dk
         heads = a.shape[1]
         dw = torch.bmm(kf.transpose(1, 2), daf).view(-1, heads, *wm.shape[1:]).sum(0, dtype=ctx.w_dtype)
         return dk, dw.transpose(1, 2), None
@@ -402,7 +403,7 @@ class ABC(EfficientAttention):
         ``k``, ``v`` are read in place (the Triton kernels take the projections' head views); on the CPU they are
         copied once into contiguous ``dtype`` tensors (the C++ kernels' layout), which the backward then reads
         without copying them again."""
-        if q.device.type == "cuda":  # the Triton kernels read the projections' head views in place
+        if q.device.type in self.IN_PLACE_DEVICES:  # the Triton kernels read the projections' head views in place
             q, k, v = (x.to(dtype) for x in (q, k, v))
         else:  # the C++ kernels take contiguous rows: one copy each, which the backward reads too
             q, k, v = (_dense(x, dtype) for x in (q, k, v))
@@ -421,6 +422,7 @@ class ABC(EfficientAttention):
         return linear_attention(r, e, v, causal=True, log_decay=decay, normalize=False, out_dtype=out_dtype)
 
     SCAN_DEVICES = ("cuda",)  # device types whose normalisers come from logcumsumexp (tests add "cpu")
+    IN_PLACE_DEVICES = ("cuda",)  # device types whose kernels read q, k, v in place (benchmarks/host_ops.py adds "cpu")
 
     def _step(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], state: Dict[str, Tensor]) -> Tensor:
         """:meth:`_causal` for one query and its key (``(B, H, 1, d)``, any float dtype): the recurrence of its

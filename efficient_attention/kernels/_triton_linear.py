@@ -5,7 +5,8 @@ Layout: ``q, k`` ``(BH, T, M)`` and ``v`` ``(BH, T, D)`` read through a batch*he
 ``(T, B, H, ·)`` projection), one dtype (fp16/bf16/fp32); ``g`` (log decay) ``(BH, T)`` fp32; states ``H``
 ``(BH, M, D)`` and ``z`` ``(BH, M)`` fp32; the output ``o`` and its gradient are read and written through a row
 stride and a batch*head stride too (``bh * S_BH + t * S_T + column``); ``dq, dk`` through ``SG_BH, SG_T`` (and
-``SG_D`` between the partial sums of several value blocks).  ``FEAT`` (1: relu, 2: 1 + elu) makes cosFormer's
+``SG_D`` between the partial sums of several value blocks), ``dv`` through ``SDV_BH, SDV_T``: the gradients in the
+inputs' layouts, so a time-first projection's head view gets a time-first gradient (no permuting copy after).  ``FEAT`` (1: relu, 2: 1 + elu) makes cosFormer's
 features inside the kernels: ``q, k`` are then the raw ``(BH, T, M / 2)`` rows, each chunk's ``M`` features
 ``φ(x) cos θ, φ(x) sin θ`` come from them and a ``(T, 2)`` table of ``cos θ, sin θ`` (interleaved: the states
 ``H, z`` are in that order), and ``dq, dk`` are the raw rows' gradients: no ``(BH, T, M)`` feature tensor or
@@ -482,6 +483,8 @@ def _bwd_dkdv(
     SG_D,
     SG_BH,
     SG_T,
+    SDV_BH,
+    SDV_T,
     S_BH,
     S_T,
     SEG,
@@ -537,7 +540,7 @@ def _bwd_dkdv(
         kd = (k * k_out[:, None]).to(k.dtype)
         dv = tl.dot(tl.trans(a).to(v.dtype), dn, input_precision=PREC)
         dv += tl.dot(kd, dh.to(k.dtype), input_precision=PREC)
-        tl.store(DV_ + bh * T * D + rows[:, None] * D + offs_d[None, :], dv, mask=mask_v)
+        tl.store(DV_ + bh * SDV_BH + rows[:, None] * SDV_T + offs_d[None, :], dv, mask=mask_v)
         da = tl.dot(dn, tl.trans(v), input_precision=PREC)  # (i, j)
         dk = tl.dot(v, tl.trans(dh.to(v.dtype)), input_precision=PREC)
         qd = (q * q_in[:, None]).to(q.dtype)

@@ -377,11 +377,27 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[2:]).contiguous()
 
 
+def _readable(x: Tensor) -> bool:
+    """Whether the kernels read ``x (B, H, T, d)`` in place: ``bh * s_bh + t * s_t + column``, which covers the
+    contiguous and the time-first layout."""
+    return x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def _row_strides(x: Tensor) -> Tuple[int, int]:
+    """``(s_bh, s_t)`` of ``x`` as :func:`_rows` hands it to the kernels (a contiguous copy's where it copies)."""
+    return (x.stride(1), x.stride(2)) if _readable(x) else (x.shape[2] * x.shape[3], x.shape[3])
+
+
+def _qk_strides(q: Tensor, k: Tensor) -> Tuple[int, int]:
+    """The strides :func:`_qk_rows` hands the kernels for ``q`` and ``k``."""
+    strides = _row_strides(q)
+    return strides if strides == _row_strides(k) else (q.shape[2] * q.shape[3], q.shape[3])
+
+
 def _rows(x: Tensor) -> Tuple[Tensor, int, int]:
-    """``x (B, H, T, d)`` with the strides the kernels take -- ``bh * s_bh + t * s_t + column``, which covers the
-    contiguous and the time-first layout -- and those two strides (a copy only for other layouts)."""
-    if x.stride(-1) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
-        x = x.contiguous()
+    """``x (B, H, T, d)`` as the kernels read it (:func:`_readable`; a contiguous copy of other layouts) and its
+    two strides."""
+    x = x if _readable(x) else x.contiguous()
     return x, x.stride(1), x.stride(2)
 
 
@@ -394,6 +410,17 @@ def _qk_rows(q: Tensor, k: Tensor) -> Tuple[Tensor, Tensor, int, int]:
         q, k = q.contiguous(), k.contiguous()
         s_bh, s_t = q.stride(1), q.stride(2)
     return q, k, s_bh, s_t
+
+
+def _grad_rows(x: Tensor, strides: Tuple[int, int], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialised gradient for ``x (B, H, T, w)`` read with ``strides`` (``(s_bh, s_t)``): in a time-first
+    ``(T, B, H, w)`` memory layout where ``x`` is read that way (the heads of a time-first projection: autograd's
+    permute back to the projection is then a view, not a copy), else contiguous."""
+    bsz, heads, seq, width = x.shape
+    dtype = x.dtype if dtype is None else dtype
+    if strides[1] > strides[0]:
+        return torch.empty(seq, bsz, heads, width, device=x.device, dtype=dtype).permute(1, 2, 0, 3)
+    return torch.empty(bsz, heads, seq, width, device=x.device, dtype=dtype)
 
 
 def _features_of(q: Tensor, cos_sin: Optional[Tensor], act: int) -> Tuple[int, int]:
@@ -557,20 +584,21 @@ def linear_bwd(
             (seq, d, s_bh, s_t, so_bh, so_t),
             dict(ROWS=rows, BLOCK_D=block),
         )
+    # the gradients in the layouts the kernels read the inputs in (time-first heads stay time-first)
+    dv = _grad_rows(v, (sv_bh, sv_t))
     if n_d == 1:  # dq, dk whole: written once, in the input dtype
-        dk = torch.empty(bh, seq, width, device=q.device, dtype=k.dtype)
-        dq = torch.empty(bh, seq, width, device=q.device, dtype=q.dtype)
+        dq, dk = _grad_rows(q, (sq_bh, sq_t)), _grad_rows(k, (sq_bh, sq_t))
+        grad_strides = (0, dq.stride(1), dq.stride(2))  # dq, dk: value blocks, heads, rows
     else:  # a partial fp32 dq, dk per value block (features too wide for one state tile), summed below
         dk = torch.empty(n_d, bh, seq, width, **f32)
         dq = torch.empty_like(dk)
-    dv = torch.empty(bh, seq, d, device=q.device, dtype=v.dtype)
+        grad_strides = (bh * seq * width, seq * width, width)
     dh0 = (torch.zeros if state is not None else torch.empty)(bh, m, d, **f32)
     dz0 = torch.zeros(bh, m, **f32) if state is not None and normalize else dh0
     cs = qf if cos_sin is None else cos_sin
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flags: Dict[str, Any] = dict(HAS_G=log_decay is not None, NORM=normalize, FEAT=feat, PREC=prec, **cfg)
     strides = (sq_bh, sq_t, sv_bh, sv_t)
-    grad_strides = (bh * seq * width, seq * width, width)  # dq, dk: value blocks, heads, rows
     dht = _flat(grad_final.float()) if grad_final is not None else qf
     dzt = _flat(grad_z.float()) if grad_z is not None and normalize else dh0
     if grad_final is None and grad_z is not None and normalize:  # only z got a gradient: H's is zero
@@ -596,7 +624,7 @@ def linear_bwd(
         kern._bwd_dkdv,
         grid,
         (qf, kf, vf, g, cs, grad_o, den, gd, dht, dzt, w, wz, gs, dk, dv, dh0, dz0),
-        (seq, m, d, *strides, *grad_strides, s_bh, s_t, seg, nseg),
+        (seq, m, d, *strides, *grad_strides, dv.stride(1), dv.stride(2), s_bh, s_t, seg, nseg),
         dict(HAS_DHT=has_dht, STORE_DH0=state is not None, **flags),
     )
     launch(
@@ -606,11 +634,12 @@ def linear_bwd(
         (seq, m, d, *strides, *grad_strides, s_bh, s_t, seg, nseg),
         dict(HAS_H0=state is not None, **flags),
     )
-    shape = (bsz, heads, seq)
     if n_d > 1:
-        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+        shape = (bsz, heads, seq, width)
+        dq = _grad_rows(q, (sq_bh, sq_t)).copy_(dq.sum(0).view(shape))
+        dk = _grad_rows(k, (sq_bh, sq_t)).copy_(dk.sum(0).view(shape))
     dz0 = dz0.view(bsz, heads, m) if state is not None and normalize else q.new_empty(0, dtype=torch.float32)
-    return dq.view(*shape, width), dk.view(*shape, width), dv.view(*shape, d), dh0.view(bsz, heads, m, d), dz0
+    return dq, dk, dv, dh0.view(bsz, heads, m, d), dz0
 
 
 triton_linear_attention_bwd = torch.library.custom_op(
@@ -622,10 +651,11 @@ triton_linear_attention_bwd = torch.library.custom_op(
 def _(grad_o, grad_final, grad_z, q, k, v, log_decay, state, z_state, o, den, normalize, cos_sin=None, act=0):
     with_z = state is not None and normalize
     m = _features_of(q, cos_sin, act)[0]
+    qk_strides = _qk_strides(q, k)
     return (
-        q.new_empty(q.shape),
-        k.new_empty(k.shape),
-        v.new_empty(v.shape),
+        _grad_rows(q, qk_strides),
+        _grad_rows(k, qk_strides),
+        _grad_rows(v, _row_strides(v)),
         q.new_empty(*q.shape[:2], m, v.shape[-1], dtype=torch.float32),
         q.new_empty(*q.shape[:2], m, dtype=torch.float32) if with_z else q.new_empty(0, dtype=torch.float32),
     )
