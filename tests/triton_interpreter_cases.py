@@ -360,7 +360,7 @@ def cosformer_fused_case(T, r, d, dtype, act, time_first=True, block_d=None):
     finally:
         la._triton_config = base
     for name, grad in zip("qkv", got[2:]):  # in the inputs' layouts (time-first heads: no copy back)
-        assert (is_time_first(grad) if time_first else grad.is_contiguous()), f"d{name} strides {grad.stride()}"
+        assert is_time_first(grad) if time_first else grad.is_contiguous(), f"d{name} strides {grad.stride()}"
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
 
     def feats(x):

@@ -6,7 +6,8 @@ Layout: ``q, k`` ``(BH, T, M)`` and ``v`` ``(BH, T, D)`` read through a batch*he
 ``(BH, M, D)`` and ``z`` ``(BH, M)`` fp32; the output ``o`` and its gradient are read and written through a row
 stride and a batch*head stride too (``bh * S_BH + t * S_T + column``); ``dq, dk`` through ``SG_BH, SG_T`` (and
 ``SG_D`` between the partial sums of several value blocks), ``dv`` through ``SDV_BH, SDV_T``: the gradients in the
-inputs' layouts, so a time-first projection's head view gets a time-first gradient (no permuting copy after).  ``FEAT`` (1: relu, 2: 1 + elu) makes cosFormer's
+inputs' layouts, so a time-first projection's head view gets a time-first gradient (no permuting copy after).
+``FEAT`` (1: relu, 2: 1 + elu) makes cosFormer's
 features inside the kernels: ``q, k`` are then the raw ``(BH, T, M / 2)`` rows, each chunk's ``M`` features
 ``φ(x) cos θ, φ(x) sin θ`` come from them and a ``(T, 2)`` table of ``cos θ, sin θ`` (interleaved: the states
 ``H, z`` are in that order), and ``dq, dk`` are the raw rows' gradients: no ``(BH, T, M)`` feature tensor or
