@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import Capabilities, Pattern
-from ..functional import acc_dtype, linear_attention_step, op_into
+from ..functional import acc_dtype, dense_strides, heads_bmm, linear_attention_step, op_into
 from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_reason
 from ..kernels.linear_attention import (
     LINEAR_ATTENTION,
@@ -119,11 +119,12 @@ def _product_features_backward(a: Tensor, b: Tensor, x: Tensor, cos: Tensor, sin
     """:func:`_features_backward` of the product ``a @ b`` (``a (N, L, w)``, ``b (N, w, 2d)``, ``N = B·H``)
     without making it: its cos half, scaled in place, then its sin half added and freed, then the activation's
     gradient in place (at most two ``(N, L, d)`` tensors alive, not a ``(N, L, 2d)`` product beside two more:
-    that was the peak of noncausal cosFormer's training step)."""
+    that was the peak of noncausal cosFormer's training step), in ``x``'s layout (a head view of the time-first
+    projections gets a time-first gradient: autograd's permute back to them is a view, not a copy)."""
     d = x.shape[-1]
-    g = torch.bmm(a, b[..., :d]).mul_(cos)
-    g.addcmul_(torch.bmm(a, b[..., d:]), sin)
-    return _activation_backward(g.view(x.shape), x, act_fun, in_place=g.dtype == x.dtype)
+    g = heads_bmm(a, b[..., :d], x.shape, dense_strides(x)).mul_(cos)
+    g.addcmul_(torch.bmm(a, b[..., d:]).view(x.shape), sin)
+    return _activation_backward(g, x, act_fun, in_place=g.dtype == x.dtype)
 
 
 def _activation_backward(grad_act: Tensor, x: Tensor, act_fun: str, in_place: bool) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, may_keep_derived, softmax
+from ..functional import acc_dtype, dense_strides, heads_bmm, may_keep_derived, softmax
 from ..kernels.linear_attention import _split_k, linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -210,7 +210,7 @@ class _NoncausalFavor(torch.autograd.Function):
         out = torch.empty(tgt_len, bsz, heads, dim, dtype=dtype, device=q.device)
         torch.div(torch.bmm(qt, kv).transpose(0, 1), den.transpose(0, 1), out=out.view(tgt_len, -1, dim))
         ctx.save_for_backward(kr, vr, w, w_acc, qf, kf, kv, z, den, out)
-        ctx.half_sq = half_sq
+        ctx.half_sq, ctx.v_layout = half_sq, (v.shape, dense_strides(v))
         return out.permute(1, 2, 0, 3)
 
     @staticmethod
@@ -223,7 +223,7 @@ class _NoncausalFavor(torch.autograd.Function):
         gqf.baddbmm_(r.transpose(0, 1), z.transpose(1, 2), alpha=-1.0)
         gkv, rq = _length_product(qf, gn), _length_product(qf, r)  # ∂kv (B*H, m, d), -∂z (B*H, m, 1)
         gkf = torch.baddbmm(rq.transpose(1, 2), vr.transpose(0, 1), gkv.transpose(1, 2), beta=-1.0)  # (B*H, S, m)
-        gv = torch.bmm(kf.transpose(0, 1), gkv).view(bsz, heads, src_len, dim)
+        gv = heads_bmm(kf.transpose(0, 1), gkv, *ctx.v_layout)  # in v's layout: no copy back to the projection
         gq = _query_grad(gqf.transpose(0, 1), qf, w)
         gk = _key_grad(gkf.transpose(0, 1), kf, kr, w_acc, ctx.half_sq)
         return _heads(gq, bsz), _heads(gk, bsz), gv, None, None, None, None, None
