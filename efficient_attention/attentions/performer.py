@@ -216,7 +216,7 @@ class _NoncausalFavor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         kr, vr, w, w_acc, qf, kf, kv, z, den, out = ctx.saved_tensors
-        tgt_len, src_len, (bsz, heads, dim) = qf.shape[0], kf.shape[0], out.shape[1:]
+        tgt_len, bsz, dim = qf.shape[0], out.shape[1], out.shape[3]
         gn = _rows(grad) / den.transpose(0, 1)  # (T, B*H, d)
         r = (gn * out.view(tgt_len, -1, dim)).sum(-1, keepdim=True)  # (T, B*H, 1): -∂den
         gqf = torch.bmm(gn.transpose(0, 1), kv.transpose(1, 2))  # (B*H, T, m)
