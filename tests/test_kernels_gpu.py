@@ -560,3 +560,38 @@ def test_cosformer_noncausal_module_takes_the_feature_kernel_and_matches_float64
     ref = m.double()(x64, x64, x64, need_weights=False)[0]
     ref.pow(2).sum().backward()
     assert _rel(out, ref) < 1e-5 and _rel(x.grad, x64.grad) < 1e-5
+
+
+# -- causal ABC's slot weights and slot read (efficient_attention.kernels._triton_abc) ----------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_abc_fused_slots_training_step_matches_aten_and_float64(dtype, dropout, monkeypatch):
+    """A causal ABC training step at 8k positions (many scan blocks) with its slot tensors on the Triton kernels
+    equals the same step on the ATen ops (the same dropout draws) and, in fp32 without dropout, its float64 self."""
+    from efficient_attention import build_attention
+    from efficient_attention.attentions import abc
+    from efficient_attention.kernels import _triton_abc
+
+    calls = []
+    for name in ("slot_weights", "slot_weights_grad", "slot_read", "slot_read_grad"):
+        real = getattr(_triton_abc, name)
+        monkeypatch.setattr(_triton_abc, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(abc, "_fused_slots", lambda x: False)
+        torch.manual_seed(0)
+        m = build_attention("abc", embed_dim=256, num_heads=4, causal=True, self_attention=True, dropout=dropout)
+        m = m.cuda().train()
+        x = torch.randn(8192, 2, 256, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = m(x, x, x, need_weights=False)[0]
+        params = [p for n, p in m.named_parameters() if n != "k_proj.bias"]  # (its gradient is exactly zero)
+        results.append([out, *torch.autograd.grad(out.float().pow(2).sum(), [x, *params])])
+    assert sorted(set(calls)) == ["slot_read", "slot_read_grad", "slot_weights", "slot_weights_grad"], calls
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(*results):
+        assert _rel(got, want) < tol
+    if dtype == torch.float32 and not dropout:
+        x64 = x.detach().double().requires_grad_()
+        assert _rel(results[0][0], m.double()(x64, x64, x64, need_weights=False)[0]) < 1e-5

@@ -481,6 +481,85 @@ def linear_modules_case():
         assert rel(torch.cat(steps), full) < 1e-5, f"{name} decoding {rel(torch.cat(steps), full):.1e}"
 
 
+def abc_slots_case(dtype, scan):
+    """Causal ABC's slot weights and slot read on their Triton kernels (``kernels/_triton_abc.py``) against the
+    ATen ops of the same autograd nodes, forward and backward: positions over several scan blocks with a ragged
+    tail, a jump of the running max by 120 inside a block, an empty slot and a dropout mask in the read; ``scan``:
+    the normalisers from the scan (CUDA's path) or not (the CPU's)."""
+    from efficient_attention.attentions import abc
+
+    g = torch.Generator().manual_seed(7)
+    bsz, heads, length, n, d = 2, 3, 150, 16, 24
+    k = (torch.randn(bsz, heads, length, d, generator=g) * 0.5).to(dtype)
+    k[0, 1, 70:] += 4.0  # with w below, scores jump by about 120 from position 70
+    w = torch.randn(heads, n, d, generator=g)
+    w[1] = w[1].abs() + 0.2
+    num = torch.randn(bsz, heads, length, n, generator=g)
+    nl = -torch.rand(bsz, heads, length, n, generator=g) * 3
+    nl[0, 0, 5, 3] = 1000.0  # an empty slot
+    mask = (torch.rand(bsz, heads, length, n, generator=g) > 0.1).float() / 0.9
+    results = []
+    for fused in (True, False):
+        plain = abc._fused_slots
+        abc._fused_slots = plain if fused else (lambda x: False)
+        try:
+            kk, ww = k.clone().requires_grad_(), w.clone().requires_grad_()
+            e, lnorm, decay = abc._SlotWeights.apply(kk, ww, scan)
+            gen = torch.Generator().manual_seed(1)
+            loss = (e.float() * torch.randn(e.shape, generator=gen)).sum()
+            if scan:
+                loss = loss + (lnorm * torch.randn(lnorm.shape, generator=gen)).sum()
+            outs = [e, decay] + ([lnorm] if scan else []) + list(torch.autograd.grad(loss, (kk, ww)))
+            for m in (None, mask):
+                nn_, ll = num.clone().requires_grad_(), nl.clone().requires_grad_()
+                r = abc._SlotRead.apply(nn_, ll, 0.125, m, dtype, True)
+                gr = torch.randn(r.shape, generator=gen).to(r.dtype)
+                outs += [r] + list(torch.autograd.grad((r * gr).sum(), (nn_, ll)))
+        finally:
+            abc._fused_slots = plain
+        results.append(outs)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for i, (got, want) in enumerate(zip(*results)):
+        assert got.dtype == want.dtype and got.shape == want.shape, (i, got.dtype, want.dtype, got.shape)
+        assert rel(got, want) < tol, f"output {i}: {rel(got, want):.1e}"
+
+
+def abc_fused_module_case(dropout):
+    """A causal ABC training step (unpadded: the fresh path) with its slot tensors on the Triton kernels equals the
+    same module on the ATen ops (the same dropout masks: the same draws) and, without dropout, its float64 self."""
+    from efficient_attention import build_attention
+    from efficient_attention.attentions import abc
+
+    scan = abc.ABC.SCAN_DEVICES
+    abc.ABC.SCAN_DEVICES = ("cpu", "cuda")
+    try:
+        results = []
+        for fused in (True, False):
+            plain = abc._fused_slots
+            abc._fused_slots = plain if fused else (lambda x: False)
+            try:
+                torch.manual_seed(0)
+                m = build_attention("abc", embed_dim=32, num_heads=2, causal=True, self_attention=True, dropout=dropout)
+                x = torch.randn(90, 2, 32, requires_grad=True)
+                out = m.train()(x, x, x, need_weights=False)[0]
+                # (not k_proj.bias: a key bias shifts every slot score of a slot alike and every slot's key alike,
+                # so its gradient is exactly zero, rounding noise in both paths)
+                params = [p for name, p in m.named_parameters() if name != "k_proj.bias"]
+                grads = torch.autograd.grad(out.pow(2).sum(), [x, *params])
+            finally:
+                abc._fused_slots = plain
+            results.append([out, *grads])
+        for i, (got, want) in enumerate(zip(*results)):
+            assert rel(got, want) < 1e-5, f"fused vs ATen, output {i}: {rel(got, want):.1e}"
+        if not dropout:
+            m64 = m.double()
+            x64 = x.detach().double().requires_grad_()
+            out64 = m64(x64, x64, x64, need_weights=False)[0]
+            assert rel(results[0][0], out64) < 1e-5, f"fused vs float64: {rel(results[0][0], out64):.1e}"
+    finally:
+        abc.ABC.SCAN_DEVICES = scan
+
+
 def abc_step_case(dtype):
     """ABC's one-launch decoding step against its PyTorch form: head views of one projection, a prefill's strided
     state with an empty slot, a fresh state (running max -inf), a padded new key."""
@@ -778,6 +857,10 @@ def main() -> int:
         (False, "linear modules performer/cosformer/abc fp32", linear_modules_case),
         (False, "cosformer noncausal features kernel relu fp32", lambda: cosformer_features_case(f32, f32, "relu")),
         (False, "cosformer noncausal features kernel 1+elu fp16", lambda: cosformer_features_case(f16, f32, "elu")),
+        (False, "abc fused slot weights and read, scanned normalisers fp32", lambda: abc_slots_case(f32, True)),
+        (False, "abc fused slot weights and read, no scan bf16", lambda: abc_slots_case(torch.bfloat16, False)),
+        (False, "abc fused slots in a causal training step", lambda: abc_fused_module_case(0.0)),
+        (False, "abc fused slots in a causal training step with dropout", lambda: abc_fused_module_case(0.2)),
         (False, "abc decoding step fp32", lambda: abc_step_case(f32)),
         (False, "abc decoding step fp16", lambda: abc_step_case(f16)),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

@@ -18,11 +18,26 @@ from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, dense_strides, heads_bmm, softmax
 from ..kernels.abc_step import abc_step, empty_norm
+from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_reason
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
 
 __all__ = ["ABC"]
+
+
+def _fused_slots(x: Tensor) -> bool:
+    """Whether causal training's slot weights and slot read run on the Triton kernels of
+    ``kernels/_triton_abc.py`` (four launches where the ATen ops are about 37): CUDA (CPU tensors under Triton's
+    interpreter), fp16 / bf16 / fp32, at most 128 slots, not under ``torch.compile`` (Inductor fuses the ATen ops
+    itself)."""
+    return (
+        (x.device.type == "cuda" or triton_interpreted())
+        and x.dtype in TRITON_DTYPES
+        and x.shape[-1] <= 128
+        and not torch.compiler.is_compiling()
+        and triton_reason() is None
+    )
 
 
 class _SlotRead(torch.autograd.Function):
@@ -33,14 +48,24 @@ class _SlotRead(torch.autograd.Function):
     normaliser >= 1).
 
     One autograd node: forward about ten kernels, backward about twelve (autograd over the same ops records about
-    twenty-five).  It keeps the logits (empty slots at the lowest finite value) and ``nl``; with ``recompute``
-    (``nl`` comes from :class:`_SlotWeights`, which keeps it too) it recomputes the probabilities and ``e^{nl}`` in
-    the backward (four kernels): one ``(B, H, T, n)`` fp32 tensor of its own instead of three."""
+    twenty-five); where :func:`_fused_slots` (contiguous inputs), one Triton kernel each way, keeping ``num`` and
+    ``nl`` and recomputing the rest.  Else it keeps the logits (empty slots at the lowest finite value) and ``nl``;
+    with ``recompute`` (``nl`` comes from :class:`_SlotWeights`, which keeps it too) it recomputes the
+    probabilities and ``e^{nl}`` in the backward (four kernels): one ``(B, H, T, n)`` fp32 tensor of its own
+    instead of three."""
 
     @staticmethod
     def forward(
         ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype, recompute: bool
     ) -> Tensor:
+        ctx.fused = _fused_slots(num) and num.is_contiguous() and nl.is_contiguous() and nl.dtype == torch.float32
+        ctx.fused = ctx.fused and (mask is None or mask.is_contiguous())
+        if ctx.fused:
+            from ..kernels._triton_abc import slot_read
+
+            ctx.save_for_backward(num, nl, mask)
+            ctx.scale = scale
+            return slot_read(num, nl, mask, scale, -math.log(empty_norm(nl.dtype)), dtype)
         empty = nl >= -math.log(empty_norm(nl.dtype))
         inv = _SlotRead._inverse(nl, empty)
         x = torch.mul(num, inv).mul_(scale).masked_fill_(empty, torch.finfo(nl.dtype).min)
@@ -58,6 +83,12 @@ class _SlotRead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.fused:
+            from ..kernels._triton_abc import slot_read_grad
+
+            num, nl, mask = ctx.saved_tensors
+            bound = -math.log(empty_norm(nl.dtype))
+            return (*slot_read_grad(grad.contiguous(), num, nl, mask, ctx.scale, bound), None, None, None, None)
         x, nl, mask, *kept = ctx.saved_tensors
         inv, p = (_SlotRead._inverse(nl), torch.softmax(x, dim=-1)) if ctx.recompute else kept
         dp = grad * inv if mask is None else grad * inv * mask  # promoted to p's dtype
@@ -95,13 +126,25 @@ class _SlotWeights(torch.autograd.Function):
     dim of a ``(B, H, n, S)`` fp32 copy (CUDA scans an inner dim with parallel blocks).  Backward:
     ``da = de·e - Σ_{i>=j} g_i e^{a_j - lse_i}`` (the positive and negative parts of ``g = dnl`` in one reversed
     scan, in the log domain), then ``dk = da w``, ``dw = Σ_b daᵀ k``.  It keeps ``a``, ``e``, ``c`` and ``nl``
-    (which :class:`_SlotRead` keeps too)."""
+    (which :class:`_SlotRead` keeps too).  Where :func:`_fused_slots`, everything after the product ``a = k wᵀ``
+    is one Triton kernel each way (``kernels/_triton_abc.py``: the scans in blocks of positions, the same math),
+    and ``e`` is not kept (the backward recomputes ``e^{a - c}``)."""
 
     @staticmethod
     def forward(ctx, k: Tensor, w: Tensor, scan: bool):
         bsz, heads, length, d = k.shape
         kf, wm = k.flatten(0, 1), _slot_matrix(w, bsz, k.dtype)  # (a view for contiguous and time-first k)
         a = torch.bmm(kf, wm).view(bsz, heads, length, -1)
+        ctx.fused = _fused_slots(a)
+        if ctx.fused:
+            from ..kernels._triton_abc import slot_weights
+
+            e, nl, decay, c = slot_weights(a, scan)
+            ctx.save_for_backward(kf, wm, a, c, nl)
+            ctx.w_dtype, ctx.k_layout = w.dtype, (k.shape, dense_strides(k))
+            ctx.mark_non_differentiable(decay)
+            ctx.set_materialize_grads(False)
+            return e, nl, decay
         top = a.amax(-1)
         run = torch.cummax(torch.cat([top[..., :1], top], -1), -1).values.to(acc_dtype(a.dtype))  # c_{-1} := c_0
         decay, c = run[..., :-1] - run[..., 1:], run[..., 1:].unsqueeze(-1)  # fp32: exact differences of half scores
@@ -139,15 +182,26 @@ class _SlotWeights(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, de: Optional[Tensor], dnl: Optional[Tensor], _):
+        if ctx.fused:
+            from ..kernels._triton_abc import slot_weights_grad
+
+            kf, wm, a, c, nl = ctx.saved_tensors
+            dnl, de = (None if g is None else g.contiguous() for g in (dnl, de))
+            return _SlotWeights._finish(ctx, slot_weights_grad(dnl, de, a, c, nl), kf, wm)
         kf, wm, a, e, c, nl = ctx.saved_tensors
         if dnl is None:
             da = torch.zeros_like(a) if de is None else de * e
         else:
             grad = _SlotWeights._scan_grad(dnl, a, c, nl)
             da = grad.to(a.dtype) if de is None else torch.addcmul(grad, de, e, out=torch.empty_like(a))
+        return _SlotWeights._finish(ctx, da, kf, wm)
+
+    @staticmethod
+    def _finish(ctx, da: Tensor, kf: Tensor, wm: Tensor):
+        """The gradients of ``k`` (in its layout, as the linear attention's ``dk``) and ``w`` from the scores'."""
         daf = da.view(kf.shape[0], kf.shape[1], -1)
-        dk = heads_bmm(daf, wm.transpose(1, 2), *ctx.k_layout)  # in k's layout, as the linear attention's dk
-        heads = a.shape[1]
+        dk = heads_bmm(daf, wm.transpose(1, 2), *ctx.k_layout)
+        heads = da.shape[1]
         dw = torch.bmm(kf.transpose(1, 2), daf).view(-1, heads, *wm.shape[1:]).sum(0, dtype=ctx.w_dtype)
         return dk, dw.transpose(1, 2), None
 
@@ -399,7 +453,8 @@ class ABC(EfficientAttention):
 
         Two causal linear attentions (slot scores, output) instead of three: the slot weights, log decays and (CUDA)
         normalisers are one autograd node (:class:`_SlotWeights`: the normalisers from one ``logcumsumexp`` of the
-        scores, exact in the log domain), and the slot softmax is one more (:class:`_SlotRead`).  On CUDA ``q``,
+        scores, exact in the log domain), and the slot softmax is one more (:class:`_SlotRead`); on CUDA each is one
+        Triton kernel each way after the scores' product (:func:`_fused_slots`).  On CUDA ``q``,
         ``k``, ``v`` are read in place (the Triton kernels take the projections' head views); on the CPU they are
         copied once into contiguous ``dtype`` tensors (the C++ kernels' layout), which the backward then reads
         without copying them again."""
