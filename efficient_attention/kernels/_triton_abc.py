@@ -194,7 +194,7 @@ def slot_weights(a, scan: bool):
     e = torch.empty_like(a)
     nl = torch.empty(a.shape, **f32) if scan else e
     decay, c = torch.empty(bsz, heads, length, **f32), torch.empty(bsz, heads, length, **f32)
-    block_s, block_n = _blocks(n, 64)
+    block_s, block_n = _blocks(n, 128)
     meta = dict(BLOCK_S=block_s, BLOCK_N=block_n, SCAN=scan, num_warps=4)
     launch(_slot_weights_fwd, (bsz * heads,), (a, e, nl, decay, c), (length, n), meta)
     return e, (nl if scan else None), decay, c
@@ -205,7 +205,7 @@ def slot_weights_grad(dnl, de, a, c, nl):
     (either None: no gradient; contiguous, any float dtype) given ``a``, ``c`` and ``nl`` of :func:`slot_weights`."""
     bsz, heads, length, n = a.shape
     da = torch.empty_like(a)
-    block_s, block_n = _blocks(n, 64)
+    block_s, block_n = _blocks(n, 128)
     meta = dict(BLOCK_S=block_s, BLOCK_N=block_n, HAS_DNL=dnl is not None, HAS_DE=de is not None, num_warps=4)
     args = (a, c, a if nl is None else nl, a if dnl is None else dnl, a if de is None else de, da)
     launch(_slot_weights_bwd, (bsz * heads,), args, (length, n), meta)
