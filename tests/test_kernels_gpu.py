@@ -595,3 +595,37 @@ def test_abc_fused_slots_training_step_matches_aten_and_float64(dtype, dropout, 
     if dtype == torch.float32 and not dropout:
         x64 = x.detach().double().requires_grad_()
         assert _rel(results[0][0], m.double()(x64, x64, x64, need_weights=False)[0]) < 1e-5
+
+
+# -- causal S4D's convolution (efficient_attention.kernels._triton_s4d) -------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["gelu", "identity"])
+def test_s4d_fused_scan_training_step_matches_chunked_scan_and_float64(dtype, activation, monkeypatch):
+    """A causal S4D training step at 8k positions on the Triton kernels equals the chunked PyTorch scan and, in
+    fp32, its float64 self (20 modes: padded to 32 in the kernels; 18 batch rows: two batch blocks)."""
+    from efficient_attention import build_attention
+    from efficient_attention.attentions import s4d
+    from efficient_attention.kernels import _triton_s4d
+
+    calls = []
+    for name in ("s4d_forward", "s4d_backward"):
+        real = getattr(_triton_s4d, name)
+        monkeypatch.setattr(_triton_s4d, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(s4d, "_fused_scan", lambda *a: False)
+        torch.manual_seed(0)
+        m = build_attention("s4d", embed_dim=128, num_heads=4, causal=True, d_state=20, activation=activation)
+        m = m.cuda().train()
+        x = torch.randn(8192, 18, 128, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = m(x, x, x, need_weights=False)[0]
+        results.append([out, *torch.autograd.grad(out.float().pow(2).sum(), [x, *m.parameters()])])
+    assert sorted(set(calls)) == ["s4d_backward", "s4d_forward"], calls
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(*results):
+        assert _rel(got, want) < tol
+    if dtype == torch.float32:
+        x64 = x.detach().double().requires_grad_()
+        assert _rel(results[0][0], m.double()(x64, x64, x64, need_weights=False)[0]) < 1e-5

@@ -560,6 +560,43 @@ def abc_fused_module_case(dropout):
         abc.ABC.SCAN_DEVICES = scan
 
 
+def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False):
+    """Causal S4D (:class:`_CausalScan`) on its Triton kernels (``kernels/_triton_s4d.py``) against the chunked
+    PyTorch scan and float64: the output and the gradients of the input and of every parameter, over ragged chunk
+    tails, two batch blocks (``batch`` > 16), padded modes (``d_state`` not a power of two), key padding."""
+    from efficient_attention import build_attention
+    from efficient_attention.attentions import s4d
+
+    results = []
+    for fused in (True, False):
+        plain = s4d._fused_scan
+        calls = []
+        s4d._fused_scan = (lambda *a: calls.append(1) or plain(*a)) if fused else (lambda *a: False)
+        try:
+            torch.manual_seed(0)
+            m = build_attention("s4d", embed_dim=16, num_heads=2, causal=True, d_state=d_state, activation=activation)
+            m.train()
+            x = torch.randn(length, batch, 16, requires_grad=True)
+            kpm = None
+            if padding:
+                kpm = torch.zeros(batch, length, dtype=torch.bool)
+                kpm[0, length - 7 :] = True
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+            grads = torch.autograd.grad(out.float().pow(2).sum(), [x, *m.parameters()])
+        finally:
+            s4d._fused_scan = plain
+        assert bool(calls) == fused and (not fused or plain(torch.empty(1, 1, 1, 1, dtype=dtype), m.log_dt, d_state))
+        results.append([out, *grads])
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for i, (got, want) in enumerate(zip(*results)):
+        assert rel(got.float(), want.float()) < tol, f"fused vs chunked, output {i}: {rel(got, want):.1e}"
+    if dtype == torch.float32:
+        x64 = x.detach().double().requires_grad_()
+        out64 = m.double()(x64, x64, x64, key_padding_mask=kpm, need_weights=False)[0]
+        assert rel(results[0][0], out64) < 1e-5, f"fused vs float64 {rel(results[0][0], out64):.1e}"
+
+
 def abc_step_case(dtype):
     """ABC's one-launch decoding step against its PyTorch form: head views of one projection, a prefill's strided
     state with an empty slot, a fresh state (running max -inf), a padded new key."""
@@ -861,6 +898,15 @@ def main() -> int:
         (False, "abc fused slot weights and read, no scan bf16", lambda: abc_slots_case(torch.bfloat16, False)),
         (False, "abc fused slots in a causal training step", lambda: abc_fused_module_case(0.0)),
         (False, "abc fused slots in a causal training step with dropout", lambda: abc_fused_module_case(0.2)),
+        (False, "s4d fused causal scan gelu fp32, 2 chunks", lambda: s4d_fused_case("gelu", f32, 150, 3, 16)),
+        (
+            False,
+            "s4d fused causal scan identity fp32, 2 batch blocks, 20 modes, padding",
+            lambda: s4d_fused_case("identity", f32, 90, 18, 20, padding=True),
+        ),
+        (False, "s4d fused causal scan tanh bf16", lambda: s4d_fused_case("tanh", torch.bfloat16, 130, 2, 16)),
+        (False, "s4d fused causal scan silu fp32 short", lambda: s4d_fused_case("silu", f32, 20, 2, 8)),
+        (False, "s4d fused causal scan relu fp16", lambda: s4d_fused_case("relu", f16, 70, 2, 16)),
         (False, "abc decoding step fp32", lambda: abc_step_case(f32)),
         (False, "abc decoding step fp16", lambda: abc_step_case(f16)),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import acc_dtype, may_keep_derived, take_inputs
+from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_reason
 from ..masks import as_bool_mask
 from ..options import AttentionOptions, choice, option, positive_int
 from ..registry import register_attention
@@ -699,6 +700,23 @@ def _scan_param_grads(grad: Tensor, inputs: List[Tensor], plan: _ScanPlan) -> Tu
     return inside[:, 0] + cross[0], inside[:, 1] + cross[1], lags_sum[:, 0]
 
 
+def _fused_scan(u: Tensor, log_dt: Tensor, modes: int) -> bool:
+    """Whether :class:`_CausalScan` runs on the Triton kernels of ``kernels/_triton_s4d.py`` (one launch each way
+    where the chunked PyTorch scan is about 250 ATen ops a training step): CUDA (CPU tensors under Triton's
+    interpreter), fp16 / bf16 / fp32 inputs, fp32 parameters, at most 32 modes (the power tables are held in
+    registers), not under ``torch.compile``."""
+    return (
+        (u.device.type == "cuda" or triton_interpreted())
+        and u.dtype in TRITON_DTYPES
+        and log_dt.dtype == torch.float32
+        and log_dt.shape[0] == 1
+        and modes <= 32
+        and 0 < u.shape[2]
+        and not torch.compiler.is_compiling()
+        and triton_reason() is None
+    )
+
+
 def _param_grads_by_scan(channels: int, bsz: int, length: int) -> bool:
     """Whether the causal backward takes its parameter gradients by the scan (:func:`_scan_param_grads`, ~40 ops
     more, no FFT of size 2L): where the FFT's spectra would not fit :data:`_FFT_CHUNK_BYTES` in one piece."""
@@ -723,6 +741,19 @@ class _CausalScan(torch.autograd.Function):
         ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
     ) -> Tensor:
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
+        ctx.fused = _fused_scan(u, log_dt, a_imag.shape[-1])
+        if ctx.fused:  # one Triton kernel each way (kernels/_triton_s4d.py)
+            from ..kernels._triton_s4d import s4d_forward, s4d_tables
+
+            keep = any(ctx.needs_input_grad) and activation != "identity"
+            tables = s4d_tables(ssm.dt_a[0], ssm.c_bar[0])
+            out, pre = s4d_forward(u, tables, d, activation, keep)
+            if torch.compiler.is_compiling():
+                ctx.save_for_backward(u, pre)
+            else:
+                ctx.u, ctx.pre = u, pre
+            ctx.ssm, ctx.tables, ctx.d, ctx.activation = ssm, tables, d, activation
+            return out
         plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[2], d=d)
         pre = _scan_chunks(_to_chunks(u, plan, log_dt.dtype), plan)[0]
         out = _from_chunks(_ACTIVATIONS[activation](pre), plan, u.shape, u.dtype)
@@ -748,12 +779,18 @@ class _CausalScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: Tensor):
         u, pre = ctx.saved_tensors if torch.compiler.is_compiling() else take_inputs(ctx, "u", "pre")
+        ssm: _SSM = ctx.ssm
+        if ctx.fused:
+            from ..kernels._triton_s4d import s4d_backward
+
+            g_u, s0, s1, g_d = s4d_backward(grad, pre, u, ctx.tables, ctx.d, ctx.activation)
+            # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 (see _kernel_backward)
+            return (g_u, *_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0[None]), g_d, None)
         plan: _ScanPlan = ctx.plan if ctx.plan.inner is not None else _with_matrices(ctx.plan)
         shape, dtype, real = u.shape, u.dtype, ctx.ssm.dt.dtype
         length = shape[2]
         g = _activation_backward(ctx.activation, _to_chunks(grad, plan, real), pre)
         del pre
-        ssm: _SSM = ctx.ssm
         # the parameters first, the input gradient after: their full-size temporaries never coexist
         if not _param_grads_by_scan(g.shape[0], shape[0], length):  # short: by FFT, fewer ops
             g_kern = _correlate_chunks(g, u, plan, real)[None, :, :length]

@@ -1,0 +1,385 @@
+"""Triton kernels of causal S4D's convolution for training (imported only when Triton is installed).
+
+Per channel ``c`` (``d_state`` complex modes ``m``, ``λ_m = e^{dtA_m}``, ``C̃_m``, skip ``D``) and batch row ``b``:
+``x_l = λ x_{l-1} + u_l``, ``pre_l = 2 Re(Σ_m C̃_m x_{l,m}) + D u_l``, ``out = act(pre)``: the causal convolution
+with ``K_k = 2 Re(Σ_m C̃_m λ_m^k)``.  The chunked PyTorch scan (``attentions/s4d.py``, :class:`_CausalScan`) does
+it in about 250 ATen ops a training step (tables of powers, gathers, batched products; host-bound on an H200 up
+to 8k tokens); here it is one kernel each way.
+
+One program per (channel, block of ``BB`` batch rows) walks the positions in chunks of ``T``: inside a chunk the
+Toeplitz product ``K[t - j] (T x T) @ u (T x BB)``, across chunks the state ``x`` ``(modes x BB)``, as real and
+imaginary parts, through four small products (``λ^{t+1}`` rows into the chunk's outputs, ``λ^{T-1-j}`` columns
+into the next state).  The power tables are made once per program; every product is fp32 (``ieee``).
+
+Backward, from ``g = act'(pre) ∘ dout``:
+
+* ``∂u`` -- the same convolution backwards in time (``du_j = Σ_{l>=j} K_{l-j} g_l + D g_j``): the adjoint state
+  ``h_j = λ h_{j+1} + g_j`` carried from the last chunk to the first;
+* the parameters, through ``S0_m = Σ_{b,l} g_l x_{l,m}`` and ``S1_m = Σ_{b,l} g_l x'_{l,m}`` with the lag-weighted
+  state ``x'_l = Σ_{j<=l} (l-j) λ^{l-j} u_j = λ (x'_{l-1} + x_{l-1})`` (what ``_kernel_backward`` calls ``S0``,
+  ``S1``: conjugated ``∂/∂C̃ = 2 S0``, ``∂/∂dtA = 2 C̃ S1``) and ``∂D = Σ g u``: a forward walk with both states
+  for the terms across chunks, and the terms inside a chunk from ``G = Σ_chunks g uᵀ`` ``(T x T)``, reduced
+  against ``λ^{t-j}`` once at the end.  Per batch block, summed by the caller.
+
+Activations (``ACT``): 0 identity, 1 gelu (erf), 2 relu, 3 silu, 4 tanh.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import launch
+
+ACTIVATIONS = ("identity", "gelu", "relu", "silu", "tanh")
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    elif ACT == 2:
+        return tl.maximum(x, 0.0)
+    elif ACT == 3:
+        return x / (1.0 + tl.exp(-x))
+    elif ACT == 4:
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    else:
+        return x
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    """``act'(x)``."""
+    if ACT == 1:
+        return 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+    elif ACT == 2:
+        return tl.where(x > 0, 1.0, 0.0)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-x))
+        return s * (1.0 + x * (1.0 - s))
+    elif ACT == 4:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+        return 1.0 - t * t
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _power(k, a_re, a_im):
+    """``λ^k = e^{k dtA}`` as ``(re, im)``, broadcast ``k`` against ``a_re``, ``a_im``."""
+    mag = tl.exp(k * a_re)
+    return mag * tl.cos(k * a_im), mag * tl.sin(k * a_im)
+
+
+@triton.jit
+def _tables(TAB, N):
+    """The four ``(C, n)`` fp32 tables in ``TAB`` (``(4, C, n)``, one program per channel on axis 0): re and im of
+    ``dtA``, then of ``C̃``."""
+    cn = tl.num_programs(0) * N
+    return TAB, TAB + cn, TAB + 2 * cn, TAB + 3 * cn
+
+
+@triton.jit
+def _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP: tl.constexpr):
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    a_re = tl.load(DTA_RE + c * N + offs_n, mask=mask_n, other=0.0)
+    a_im = tl.load(DTA_IM + c * N + offs_n, mask=mask_n, other=0.0)
+    cb_re = tl.load(CB_RE + c * N + offs_n, mask=mask_n, other=0.0)
+    cb_im = tl.load(CB_IM + c * N + offs_n, mask=mask_n, other=0.0)
+    return offs_n, mask_n, a_re, a_im, cb_re, cb_im
+
+
+@triton.jit
+def _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``K[t - j]`` for ``t >= j`` (0 above the diagonal), ``(T, T)`` fp32; ``TRANSPOSED``: ``K[j - t]``."""
+    offs_t = tl.arange(0, T)
+    if TRANSPOSED:
+        lag = (offs_t[None, :] - offs_t[:, None]).to(tl.float32)
+    else:
+        lag = (offs_t[:, None] - offs_t[None, :]).to(tl.float32)
+    lag_ok = lag >= 0
+    lag = tl.where(lag_ok, lag, 0.0)
+    toep = tl.zeros((T, T), tl.float32)
+    for m in range(0, N):
+        a_re = tl.load(DTA_RE + c * N + m)
+        a_im = tl.load(DTA_IM + c * N + m)
+        cb_re = tl.load(CB_RE + c * N + m)
+        cb_im = tl.load(CB_IM + c * N + m)
+        p_re, p_im = _power(lag, a_re, a_im)
+        toep += 2.0 * (cb_re * p_re - cb_im * p_im)
+    return tl.where(lag_ok, toep, 0.0)
+
+
+@triton.jit
+def _tile_ptrs(X, c, b0, l0, L, B, DH, s_b, s_h, s_l, s_i, T: tl.constexpr, BB: tl.constexpr):
+    """Pointers and mask of the ``(T, BB)`` tile of channel ``c`` (head ``c // DH``, column ``c % DH``) at rows
+    ``l0..``, batch rows ``b0..``."""
+    rows = l0 + tl.arange(0, T)
+    cols = b0 + tl.arange(0, BB)
+    mask = (rows[:, None] < L) & (cols[None, :] < B)
+    ptr = X + (c // DH) * s_h + (c % DH) * s_i + rows[:, None].to(tl.int64) * s_l + cols[None, :].to(tl.int64) * s_b
+    return ptr, mask
+
+
+@triton.jit
+def _s4d_fwd(
+    U,
+    PRE,
+    OUT,
+    TAB,
+    DD,
+    L,
+    B,
+    N,
+    DH,
+    su_b,
+    su_h,
+    su_l,
+    su_i,
+    so_b,
+    so_h,
+    so_l,
+    so_i,
+    T: tl.constexpr,
+    BB: tl.constexpr,
+    NP: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+):
+    c = tl.program_id(0)
+    b0 = tl.program_id(1) * BB
+    DTA_RE, DTA_IM, CB_RE, CB_IM = _tables(TAB, N)
+    offs_t = tl.arange(0, T).to(tl.float32)
+    offs_n, mask_n, a_re, a_im, cb_re, cb_im = _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP)
+    d = tl.load(DD + c)
+    toep = _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T, False)
+    # the state's part of a chunk's outputs: 2 Re(C̃ λ^{t+1} x) = W_re x_re + W_im x_im  (T, NP)
+    p_re, p_im = _power(offs_t[:, None] + 1.0, a_re[None, :], a_im[None, :])
+    w_re = 2.0 * (cb_re[None, :] * p_re - cb_im[None, :] * p_im)
+    w_im = -2.0 * (cb_re[None, :] * p_im + cb_im[None, :] * p_re)
+    # the chunk's part of the next state: λ^{T-1-j} u_j  (NP, T); padded modes stay 0
+    v_re, v_im = _power((T - 1.0) - offs_t[None, :], a_re[:, None], a_im[:, None])
+    v_re = tl.where(mask_n[:, None], v_re, 0.0)
+    v_im = tl.where(mask_n[:, None], v_im, 0.0)
+    lt_re, lt_im = _power(T * 1.0, a_re, a_im)  # λ^T
+    x_re = tl.zeros((NP, BB), tl.float32)
+    x_im = tl.zeros((NP, BB), tl.float32)
+    for l0 in range(0, L, T):
+        u_ptr, mask = _tile_ptrs(U, c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB)
+        u = tl.load(u_ptr, mask=mask, other=0.0).to(tl.float32)
+        y = tl.dot(toep, u, input_precision="ieee") + d * u
+        y += tl.dot(w_re, x_re, input_precision="ieee") + tl.dot(w_im, x_im, input_precision="ieee")
+        o_ptr, _ = _tile_ptrs(OUT, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
+        tl.store(o_ptr, _act(y, ACT).to(OUT.dtype.element_ty), mask=mask)
+        if STORE_PRE:
+            p_ptr, _ = _tile_ptrs(PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
+            tl.store(p_ptr, y.to(PRE.dtype.element_ty), mask=mask)
+        vu_re = tl.dot(v_re, u, input_precision="ieee")
+        vu_im = tl.dot(v_im, u, input_precision="ieee")
+        x_re, x_im = (
+            lt_re[:, None] * x_re - lt_im[:, None] * x_im + vu_re,
+            lt_im[:, None] * x_re + lt_re[:, None] * x_im + vu_im,
+        )
+
+
+@triton.jit
+def _grad_tile(GO, PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T: tl.constexpr, BB: tl.constexpr, ACT):
+    """``g = act'(pre) ∘ dout`` of one tile (0 outside the sequence and the batch)."""
+    g_ptr, mask = _tile_ptrs(GO, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
+    g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        p_ptr, _ = _tile_ptrs(PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
+        g = g * _act_grad(tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32), ACT)
+    return g
+
+
+@triton.jit
+def _s4d_bwd(
+    GO,
+    PRE,
+    U,
+    DU,
+    SOUT,
+    TAB,
+    DD,
+    L,
+    B,
+    N,
+    DH,
+    su_b,
+    su_h,
+    su_l,
+    su_i,
+    so_b,
+    so_h,
+    so_l,
+    so_i,
+    sd_b,
+    sd_h,
+    sd_l,
+    sd_i,
+    T: tl.constexpr,
+    BB: tl.constexpr,
+    NP: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    c = tl.program_id(0)
+    blk = tl.program_id(1)
+    b0 = blk * BB
+    DTA_RE, DTA_IM, CB_RE, CB_IM = _tables(TAB, N)
+    offs_t = tl.arange(0, T).to(tl.float32)
+    offs_n, mask_n, a_re, a_im, cb_re, cb_im = _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP)
+    d = tl.load(DD + c)
+    lt_re, lt_im = _power(T * 1.0, a_re, a_im)  # λ^T
+    # -- the parameters: a walk forwards with x and x' -------------------------------------------------------
+    # λ^{t+1} and (t+1) λ^{t+1} as (NP, T): a chunk's g against them meets the start states
+    r_re, r_im = _power(offs_t[None, :] + 1.0, a_re[:, None], a_im[:, None])
+    rw_re, rw_im = (offs_t[None, :] + 1.0) * r_re, (offs_t[None, :] + 1.0) * r_im
+    # λ^{T-1-j} and (T-1-j) λ^{T-1-j} (NP, T): a chunk's u into the next states; padded modes 0
+    v_re, v_im = _power((T - 1.0) - offs_t[None, :], a_re[:, None], a_im[:, None])
+    v_re = tl.where(mask_n[:, None], v_re, 0.0)
+    v_im = tl.where(mask_n[:, None], v_im, 0.0)
+    vw_re, vw_im = ((T - 1.0) - offs_t[None, :]) * v_re, ((T - 1.0) - offs_t[None, :]) * v_im
+    x_re = tl.zeros((NP, BB), tl.float32)
+    x_im = tl.zeros((NP, BB), tl.float32)
+    xw_re = tl.zeros((NP, BB), tl.float32)
+    xw_im = tl.zeros((NP, BB), tl.float32)
+    s0_re = tl.zeros((NP,), tl.float32)
+    s0_im = tl.zeros((NP,), tl.float32)
+    s1_re = tl.zeros((NP,), tl.float32)
+    s1_im = tl.zeros((NP,), tl.float32)
+    gd = tl.zeros((T, BB), tl.float32)
+    inner = tl.zeros((T, T), tl.float32)  # Σ over chunks and batch rows of g_t u_j
+    for l0 in range(0, L, T):
+        g = _grad_tile(GO, PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, ACT)
+        u_ptr, mask = _tile_ptrs(U, c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB)
+        u = tl.load(u_ptr, mask=mask, other=0.0).to(tl.float32)
+        gd += g * u
+        inner += tl.dot(g, tl.trans(u), input_precision="ieee")
+        ga_re = tl.dot(r_re, g, input_precision="ieee")  # Σ_t g_t λ^{t+1}  (NP, BB)
+        ga_im = tl.dot(r_im, g, input_precision="ieee")
+        gw_re = tl.dot(rw_re, g, input_precision="ieee")  # Σ_t g_t (t+1) λ^{t+1}
+        gw_im = tl.dot(rw_im, g, input_precision="ieee")
+        s0_re += tl.sum(ga_re * x_re - ga_im * x_im, 1)
+        s0_im += tl.sum(ga_re * x_im + ga_im * x_re, 1)
+        s1_re += tl.sum(ga_re * xw_re - ga_im * xw_im + gw_re * x_re - gw_im * x_im, 1)
+        s1_im += tl.sum(ga_re * xw_im + ga_im * xw_re + gw_re * x_im + gw_im * x_re, 1)
+        vu_re = tl.dot(v_re, u, input_precision="ieee")
+        vu_im = tl.dot(v_im, u, input_precision="ieee")
+        vwu_re = tl.dot(vw_re, u, input_precision="ieee")
+        vwu_im = tl.dot(vw_im, u, input_precision="ieee")
+        # x' <- λ^T x' + T λ^T x + Σ_j (T-1-j) λ^{T-1-j} u_j, then x <- λ^T x + Σ_j λ^{T-1-j} u_j
+        lx_re = lt_re[:, None] * x_re - lt_im[:, None] * x_im
+        lx_im = lt_im[:, None] * x_re + lt_re[:, None] * x_im
+        xw_re, xw_im = (
+            lt_re[:, None] * xw_re - lt_im[:, None] * xw_im + T * lx_re + vwu_re,
+            lt_im[:, None] * xw_re + lt_re[:, None] * xw_im + T * lx_im + vwu_im,
+        )
+        x_re, x_im = lx_re + vu_re, lx_im + vu_im
+    # the pairs inside a chunk: Σ_{t>=j} inner[t, j] λ^{t-j} (and (t-j) λ^{t-j}), mode by mode
+    lag = offs_t[:, None] - offs_t[None, :]
+    inner = tl.where(lag >= 0, inner, 0.0)
+    lag = tl.where(lag >= 0, lag, 0.0)
+    for m in range(0, N):
+        p_re, p_im = _power(lag, tl.load(DTA_RE + c * N + m), tl.load(DTA_IM + c * N + m))
+        q_re, q_im = tl.sum(tl.sum(inner * p_re, 1), 0), tl.sum(tl.sum(inner * p_im, 1), 0)
+        qw_re, qw_im = tl.sum(tl.sum(inner * lag * p_re, 1), 0), tl.sum(tl.sum(inner * lag * p_im, 1), 0)
+        here = offs_n == m
+        s0_re += tl.where(here, q_re, 0.0)
+        s0_im += tl.where(here, q_im, 0.0)
+        s1_re += tl.where(here, qw_re, 0.0)
+        s1_im += tl.where(here, qw_im, 0.0)
+    out = SOUT + (blk * tl.num_programs(0) + c) * (4 * N + 1)
+    tl.store(out + offs_n, s0_re, mask=mask_n)
+    tl.store(out + N + offs_n, s0_im, mask=mask_n)
+    tl.store(out + 2 * N + offs_n, s1_re, mask=mask_n)
+    tl.store(out + 3 * N + offs_n, s1_im, mask=mask_n)
+    tl.store(out + 4 * N, tl.sum(tl.sum(gd, 1), 0))
+    # -- ∂u: the convolution backwards, the adjoint state h from the last chunk to the first ---------------------
+    toep_t = _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T, True)  # K[j - t]... as (j, t): du_j += K[t-j] g_t
+    # the state's part: 2 Re(C̃ λ^{T-j} h_next) (T, NP); the chunk's part of h: λ^t g_t (NP, T)
+    p_re, p_im = _power(T - offs_t[:, None], a_re[None, :], a_im[None, :])
+    w_re = 2.0 * (cb_re[None, :] * p_re - cb_im[None, :] * p_im)
+    w_im = -2.0 * (cb_re[None, :] * p_im + cb_im[None, :] * p_re)
+    e_re, e_im = _power(offs_t[None, :], a_re[:, None], a_im[:, None])
+    e_re = tl.where(mask_n[:, None], e_re, 0.0)
+    e_im = tl.where(mask_n[:, None], e_im, 0.0)
+    h_re = tl.zeros((NP, BB), tl.float32)
+    h_im = tl.zeros((NP, BB), tl.float32)
+    n_chunks = tl.cdiv(L, T)
+    for idx in range(0, n_chunks):
+        l0 = (n_chunks - 1 - idx) * T
+        g = _grad_tile(GO, PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, ACT)
+        du = tl.dot(toep_t, g, input_precision="ieee") + d * g
+        du += tl.dot(w_re, h_re, input_precision="ieee") + tl.dot(w_im, h_im, input_precision="ieee")
+        d_ptr, mask = _tile_ptrs(DU, c, b0, l0, L, B, DH, sd_b, sd_h, sd_l, sd_i, T, BB)
+        tl.store(d_ptr, du.to(DU.dtype.element_ty), mask=mask)
+        eg_re = tl.dot(e_re, g, input_precision="ieee")
+        eg_im = tl.dot(e_im, g, input_precision="ieee")
+        h_re, h_im = (
+            lt_re[:, None] * h_re - lt_im[:, None] * h_im + eg_re,
+            lt_im[:, None] * h_re + lt_re[:, None] * h_im + eg_im,
+        )
+
+
+# -- host side ---------------------------------------------------------------------------------------------------
+_T = 64  # positions per chunk
+_BB = 16  # batch rows per program (the products' narrow side)
+
+
+def _time_first(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised ``(B, H, L, d)`` tensor in a time-first ``(L, B, H, d)`` memory layout."""
+    bsz, heads, length, dim = u.shape
+    return torch.empty(length, bsz, heads, dim, device=u.device, dtype=dtype).permute(1, 2, 0, 3)
+
+
+def s4d_tables(dt_a: torch.Tensor, c_bar: torch.Tensor) -> torch.Tensor:
+    """The kernels' parameter tables: ``dtA``, ``C̃`` ``(C, n)`` complex64 as one contiguous fp32 ``(4, C, n)``
+    (re and im of ``dtA``, then of ``C̃``); made once per training step, the forward's kept for the backward."""
+    return torch.view_as_real(torch.stack([dt_a, c_bar])).permute(0, 3, 1, 2).reshape(4, *dt_a.shape)
+
+
+def _block_n(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _strides(x: torch.Tensor) -> tuple:
+    return tuple(x.stride())
+
+
+def s4d_forward(u, tables, d, activation: str, keep_pre: bool):
+    """``(out, pre or None)`` of causal S4D on per-head ``u (B, H, L, d)`` (channel ``h·d + i``, any strides), the
+    discretised parameters' :func:`s4d_tables` ``(4, C, n)`` and ``d (C,)`` fp32: both in ``u``'s dtype,
+    time-first."""
+    bsz, heads, length, dim = u.shape
+    n = tables.shape[-1]
+    out = _time_first(u, u.dtype)
+    pre = _time_first(u, u.dtype) if keep_pre else out
+    meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), STORE_PRE=keep_pre, num_warps=4)
+    grid = (heads * dim, triton.cdiv(bsz, _BB))
+    tensors = (u, pre, out, tables, d.contiguous())
+    launch(_s4d_fwd, grid, tensors, (length, bsz, n, dim, *_strides(u), *_strides(out)), meta)
+    return out, (pre if keep_pre else None)
+
+
+def s4d_backward(grad, pre, u, tables, d, activation: str):
+    """``(du in u's dtype and time-first layout, S0, S1 complex (C, n), ∂D (C,))`` for the output gradient ``grad``
+    ``(B, H, L, d)``, the kept ``pre`` (time-first; None for the identity) and ``u`` (any strides)."""
+    bsz, heads, length, dim = u.shape
+    channels, n = tables.shape[1:]
+    blocks = triton.cdiv(bsz, _BB)
+    du = _time_first(u, u.dtype)
+    sums = torch.empty(blocks, channels, 4 * n + 1, device=u.device, dtype=torch.float32)
+    if pre is not None and grad.stride() != pre.stride():  # (both are read through one set of strides)
+        grad = torch.empty_like(pre, dtype=grad.dtype).copy_(grad)
+    meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), num_warps=4)
+    tensors = (grad, grad if pre is None else pre, u, du, sums, tables, d.contiguous())
+    scalars = (length, bsz, n, dim, *_strides(u), *_strides(grad), *_strides(du))
+    launch(_s4d_bwd, (channels, blocks), tensors, scalars, meta)
+    total = sums.sum(0) if blocks > 1 else sums[0]
+    s0 = torch.complex(total[:, :n], total[:, n : 2 * n])
+    s1 = torch.complex(total[:, 2 * n : 3 * n], total[:, 3 * n : 4 * n])
+    return du, s0, s1, total[:, 4 * n]
