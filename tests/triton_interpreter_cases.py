@@ -560,10 +560,12 @@ def abc_fused_module_case(dropout):
         abc.ABC.SCAN_DEVICES = scan
 
 
-def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False):
-    """Causal S4D (:class:`_CausalScan`) on its Triton kernels (``kernels/_triton_s4d.py``) against the chunked
-    PyTorch scan and float64: the output and the gradients of the input and of every parameter, over ragged chunk
-    tails, two batch blocks (``batch`` > 16), padded modes (``d_state`` not a power of two), key padding."""
+def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False, causal=True, bidirectional=None):
+    """S4D on its Triton kernels (``kernels/_triton_s4d.py``, :class:`_FusedConvolution`) against its PyTorch forms
+    (causal: the chunked scan; noncausal: the FFT convolution, with the second kernel over later positions unless
+    ``bidirectional`` is False) and float64: the output and the gradients of the input and of every parameter, over
+    ragged chunk tails, two batch blocks (``batch`` > 16), padded modes (``d_state`` not a power of two), key
+    padding."""
     from efficient_attention import build_attention
     from efficient_attention.attentions import s4d
 
@@ -574,7 +576,8 @@ def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False):
         s4d._fused_scan = (lambda *a: calls.append(1) or plain(*a)) if fused else (lambda *a: False)
         try:
             torch.manual_seed(0)
-            m = build_attention("s4d", embed_dim=16, num_heads=2, causal=True, d_state=d_state, activation=activation)
+            opts = dict(d_state=d_state, activation=activation, bidirectional=bidirectional)
+            m = build_attention("s4d", embed_dim=16, num_heads=2, causal=causal, **opts)
             m.train()
             x = torch.randn(length, batch, 16, requires_grad=True)
             kpm = None
@@ -907,6 +910,21 @@ def main() -> int:
         (False, "s4d fused causal scan tanh bf16", lambda: s4d_fused_case("tanh", torch.bfloat16, 130, 2, 16)),
         (False, "s4d fused causal scan silu fp32 short", lambda: s4d_fused_case("silu", f32, 20, 2, 8)),
         (False, "s4d fused causal scan relu fp16", lambda: s4d_fused_case("relu", f16, 70, 2, 16)),
+        (
+            False,
+            "s4d fused bidirectional gelu fp32 = FFT, padding",
+            lambda: s4d_fused_case("gelu", f32, 150, 3, 16, padding=True, causal=False),
+        ),
+        (
+            False,
+            "s4d fused bidirectional identity fp32, 2 batch blocks, 12 modes",
+            lambda: s4d_fused_case("identity", f32, 70, 17, 12, causal=False),
+        ),
+        (
+            False,
+            "s4d fused noncausal one kernel silu bf16",
+            lambda: s4d_fused_case("silu", torch.bfloat16, 100, 2, 16, causal=False, bidirectional=False),
+        ),
         (False, "abc decoding step fp32", lambda: abc_step_case(f32)),
         (False, "abc decoding step fp16", lambda: abc_step_case(f16)),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

@@ -8,7 +8,9 @@ second kernel over the strictly later positions.  Then an activation and
 ``out_proj``.  It mixes the *query* sequence only: key and value are ignored
 (self patterns only).
 
-Two exact algorithms, both a fixed number of batched kernels whatever the length:
+On CUDA (fp16 / bf16 / fp32 inputs, up to 32 modes, eager) both patterns run on one Triton kernel per direction
+(:class:`_FusedConvolution`, ``kernels/_triton_s4d.py``: the exact recurrence in chunks of 64, forward and
+backward).  Elsewhere, two exact PyTorch algorithms, both a fixed number of batched kernels whatever the length:
 
 * causal (:func:`_scan`, :class:`_CausalScan`): chunks of 64 positions, a Toeplitz product inside a
   chunk, the state carried across chunks by a two-level scan written as two
@@ -701,20 +703,53 @@ def _scan_param_grads(grad: Tensor, inputs: List[Tensor], plan: _ScanPlan) -> Tu
 
 
 def _fused_scan(u: Tensor, log_dt: Tensor, modes: int) -> bool:
-    """Whether :class:`_CausalScan` runs on the Triton kernels of ``kernels/_triton_s4d.py`` (one launch each way
-    where the chunked PyTorch scan is about 250 ATen ops a training step): CUDA (CPU tensors under Triton's
-    interpreter), fp16 / bf16 / fp32 inputs, fp32 parameters, at most 32 modes (the power tables are held in
-    registers), not under ``torch.compile``."""
+    """Whether the convolution runs on the Triton kernels of ``kernels/_triton_s4d.py``
+    (:class:`_FusedConvolution`: one launch each way per kernel, where the chunked scan of :class:`_CausalScan` is
+    about 250 ATen ops a training step and the FFT of :class:`_FFTConvolution` about 210): CUDA (CPU tensors under
+    Triton's interpreter), fp16 / bf16 / fp32 inputs, fp32 parameters, at most 32 modes (the power tables are held
+    in registers), not under ``torch.compile`` (which traces the PyTorch forms)."""
     return (
         (u.device.type == "cuda" or triton_interpreted())
         and u.dtype in TRITON_DTYPES
         and log_dt.dtype == torch.float32
-        and log_dt.shape[0] == 1
         and modes <= 32
         and 0 < u.shape[2]
         and not torch.compiler.is_compiling()
         and triton_reason() is None
     )
+
+
+class _FusedConvolution(torch.autograd.Function):
+    """``act(K * u + D·u)`` (and, with ``kernels = 2``, the second kernel over the strictly later positions) on the
+    Triton kernels of ``kernels/_triton_s4d.py``: the exact recurrence in chunks, causal in each direction (a
+    future input gets exactly zero gradient from a causal kernel).  Same arguments and result as
+    :class:`_CausalScan` and :class:`_FFTConvolution`; the output is time-first in ``u``'s dtype.  Keeps ``u``
+    and the pre-activation (in ``u``'s dtype, on ``ctx``: dropped once read) and the parameters' tables."""
+
+    @staticmethod
+    def forward(
+        ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
+    ) -> Tensor:
+        from ..kernels._triton_s4d import s4d_forward, s4d_tables
+
+        ssm = _discretise(log_dt, log_a_real, a_imag, c)
+        tables = s4d_tables(ssm.dt_a, ssm.c_bar)
+        out, pre = s4d_forward(u, tables, d, activation, any(ctx.needs_input_grad) and activation != "identity")
+        ctx.u, ctx.pre = u, pre
+        ctx.ssm, ctx.tables, ctx.d, ctx.activation = ssm, tables, d, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        from ..kernels._triton_s4d import s4d_backward
+
+        u, pre = take_inputs(ctx, "u", "pre")
+        ssm: _SSM = ctx.ssm
+        with torch.autocast(grad.device.type, enabled=False):
+            g_u, s0, s1, g_d = s4d_backward(grad, pre, u, ctx.tables, ctx.d, ctx.activation)
+            del u, pre
+            # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 per kernel (see _kernel_backward)
+            return (g_u, *_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0), g_d, None)
 
 
 def _param_grads_by_scan(channels: int, bsz: int, length: int) -> bool:
@@ -741,19 +776,6 @@ class _CausalScan(torch.autograd.Function):
         ctx, u: Tensor, log_dt: Tensor, log_a_real: Tensor, a_imag: Tensor, c: Tensor, d: Tensor, activation: str
     ) -> Tensor:
         ssm = _discretise(log_dt, log_a_real, a_imag, c)
-        ctx.fused = _fused_scan(u, log_dt, a_imag.shape[-1])
-        if ctx.fused:  # one Triton kernel each way (kernels/_triton_s4d.py)
-            from ..kernels._triton_s4d import s4d_forward, s4d_tables
-
-            keep = any(ctx.needs_input_grad) and activation != "identity"
-            tables = s4d_tables(ssm.dt_a[0], ssm.c_bar[0])
-            out, pre = s4d_forward(u, tables, d, activation, keep)
-            if torch.compiler.is_compiling():
-                ctx.save_for_backward(u, pre)
-            else:
-                ctx.u, ctx.pre = u, pre
-            ctx.ssm, ctx.tables, ctx.d, ctx.activation = ssm, tables, d, activation
-            return out
         plan = _scan_plan(ssm.dt_a[0], ssm.c_bar[0], u.shape[2], d=d)
         pre = _scan_chunks(_to_chunks(u, plan, log_dt.dtype), plan)[0]
         out = _from_chunks(_ACTIVATIONS[activation](pre), plan, u.shape, u.dtype)
@@ -780,12 +802,6 @@ class _CausalScan(torch.autograd.Function):
     def _backward(ctx, grad: Tensor):
         u, pre = ctx.saved_tensors if torch.compiler.is_compiling() else take_inputs(ctx, "u", "pre")
         ssm: _SSM = ctx.ssm
-        if ctx.fused:
-            from ..kernels._triton_s4d import s4d_backward
-
-            g_u, s0, s1, g_d = s4d_backward(grad, pre, u, ctx.tables, ctx.d, ctx.activation)
-            # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 (see _kernel_backward)
-            return (g_u, *_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0[None]), g_d, None)
         plan: _ScanPlan = ctx.plan if ctx.plan.inner is not None else _with_matrices(ctx.plan)
         shape, dtype, real = u.shape, u.dtype, ctx.ssm.dt.dtype
         length = shape[2]
@@ -909,14 +925,16 @@ class S4D(EfficientAttention):
             return self._mix(q, masks)
 
     def _mix(self, q: Tensor, masks: AttentionMasks) -> Tuple[Tensor, Optional[Tensor]]:
-        params = (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d)
         real = acc_dtype(q.dtype)
-        # on q in its layout and dtype: noncausal one FFT convolution, causal the exact scan (a future input gets
-        # exactly zero gradient)
+        params = tuple(p.to(real) for p in (self.log_dt, self.log_a_real, self.a_imag, self.c, self.d))
+        # on q in its layout and dtype: on CUDA the Triton kernels; else noncausal one FFT convolution, causal the
+        # exact scan (a future input gets exactly zero gradient)
         if masks.key_padding is not None:
             q = q.masked_fill(as_bool_mask(masks.key_padding, "key_padding_mask")[:, None, :, None], 0.0)
-        mixer = _CausalScan if self.causal else _FFTConvolution
-        y = mixer.apply(q, *(p.to(real) for p in params), self.activation)
+        if _fused_scan(q, params[0], self.d_state):
+            y = _FusedConvolution.apply(q, *params, self.activation)
+        else:
+            y = (_CausalScan if self.causal else _FFTConvolution).apply(q, *params, self.activation)
         if self.training and self.dropout_p > 0:
             y = F.dropout(y, self.dropout_p, training=True)
         return y, None

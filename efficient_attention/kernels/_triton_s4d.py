@@ -1,25 +1,28 @@
-"""Triton kernels of causal S4D's convolution for training (imported only when Triton is installed).
+"""Triton kernels of S4D's convolution for training (imported only when Triton is installed).
 
 Per channel ``c`` (``d_state`` complex modes ``m``, ``λ_m = e^{dtA_m}``, ``C̃_m``, skip ``D``) and batch row ``b``:
 ``x_l = λ x_{l-1} + u_l``, ``pre_l = 2 Re(Σ_m C̃_m x_{l,m}) + D u_l``, ``out = act(pre)``: the causal convolution
-with ``K_k = 2 Re(Σ_m C̃_m λ_m^k)``.  The chunked PyTorch scan (``attentions/s4d.py``, :class:`_CausalScan`) does
-it in about 250 ATen ops a training step (tables of powers, gathers, batched products; host-bound on an H200 up
-to 8k tokens); here it is one kernel each way.
+with ``K_k = 2 Re(Σ_m C̃_m λ_m^k)``.  Bidirectional (noncausal) S4D adds a second kernel over the strictly later
+positions, ``Σ_{j>l} K'_{j-l-1} u_j``: the same walk backwards in time (``REVERSE``), each output reading the state
+before its own position (``SHIFT``), added to the first pass's fp32 result before the activation.  The PyTorch
+forms (``attentions/s4d.py``: the chunked scan, the FFT convolution) take about 250 / 210 ATen ops a training
+step (host-bound on an H200 up to 8k tokens); here it is one or two kernels each way.
 
 One program per (channel, block of ``BB`` batch rows) walks the positions in chunks of ``T``: inside a chunk the
-Toeplitz product ``K[t - j] (T x T) @ u (T x BB)``, across chunks the state ``x`` ``(modes x BB)``, as real and
-imaginary parts, through four small products (``λ^{t+1}`` rows into the chunk's outputs, ``λ^{T-1-j}`` columns
-into the next state).  The power tables are made once per program; every product is fp32 (``ieee``).
+Toeplitz product ``K[t - j - SHIFT] (T x T) @ u (T x BB)``, across chunks the state ``x`` ``(modes x BB)``, as
+real and imaginary parts, through four small products (``λ^{t+1-SHIFT}`` rows into the chunk's outputs,
+``λ^{T-1-j}`` columns into the next state).  The power tables are made once per program; every product is fp32
+(``ieee``).
 
 Backward, from ``g = act'(pre) ∘ dout``:
 
-* ``∂u`` -- the same convolution backwards in time (``du_j = Σ_{l>=j} K_{l-j} g_l + D g_j``): the adjoint state
-  ``h_j = λ h_{j+1} + g_j`` carried from the last chunk to the first;
-* the parameters, through ``S0_m = Σ_{b,l} g_l x_{l,m}`` and ``S1_m = Σ_{b,l} g_l x'_{l,m}`` with the lag-weighted
-  state ``x'_l = Σ_{j<=l} (l-j) λ^{l-j} u_j = λ (x'_{l-1} + x_{l-1})`` (what ``_kernel_backward`` calls ``S0``,
-  ``S1``: conjugated ``∂/∂C̃ = 2 S0``, ``∂/∂dtA = 2 C̃ S1``) and ``∂D = Σ g u``: a forward walk with both states
-  for the terms across chunks, and the terms inside a chunk from ``G = Σ_chunks g uᵀ`` ``(T x T)``, reduced
-  against ``λ^{t-j}`` once at the end.  Per batch block, summed by the caller.
+* ``∂u`` -- the same convolution the other way in time (``du_j = Σ_{l>=j+SHIFT} K_{l-j-SHIFT} g_l + D g_j``):
+  the adjoint state ``h_j = λ h_{j+1} + g_j`` carried from the last chunk to the first;
+* the parameters, through ``S0_m = Σ_{b,l} g_l x_{l-SHIFT,m}`` and ``S1_m = Σ_{b,l} g_l x'_{l-SHIFT,m}`` with the
+  lag-weighted state ``x'_l = Σ_{j<=l} (l-j) λ^{l-j} u_j = λ (x'_{l-1} + x_{l-1})`` (what ``_kernel_backward``
+  calls ``S0``, ``S1``: conjugated ``∂/∂C̃ = 2 S0``, ``∂/∂dtA = 2 C̃ S1``) and ``∂D = Σ g u``: a walk with both
+  states for the terms across chunks, and the terms inside a chunk from ``G = Σ_chunks g uᵀ`` ``(T x T)``,
+  reduced against ``λ^{t-j-SHIFT}`` once at the end.  Per batch block, summed by the caller.
 
 Activations (``ACT``): 0 identity, 1 gelu (erf), 2 relu, 3 silu, 4 tanh.
 """
@@ -93,13 +96,13 @@ def _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP: tl.constexpr):
 
 
 @triton.jit
-def _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """``K[t - j]`` for ``t >= j`` (0 above the diagonal), ``(T, T)`` fp32; ``TRANSPOSED``: ``K[j - t]``."""
+def _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T: tl.constexpr, TRANSPOSED: tl.constexpr, SHIFT: tl.constexpr):
+    """``K[t - j - SHIFT]`` for ``t >= j + SHIFT`` (else 0), ``(T, T)`` fp32; ``TRANSPOSED``: ``K[j - t - SHIFT]``."""
     offs_t = tl.arange(0, T)
     if TRANSPOSED:
-        lag = (offs_t[None, :] - offs_t[:, None]).to(tl.float32)
+        lag = (offs_t[None, :] - offs_t[:, None] - SHIFT).to(tl.float32)
     else:
-        lag = (offs_t[:, None] - offs_t[None, :]).to(tl.float32)
+        lag = (offs_t[:, None] - offs_t[None, :] - SHIFT).to(tl.float32)
     lag_ok = lag >= 0
     lag = tl.where(lag_ok, lag, 0.0)
     toep = tl.zeros((T, T), tl.float32)
@@ -114,19 +117,22 @@ def _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T: tl.constexpr, TRANSPOSED: t
 
 
 @triton.jit
-def _tile_ptrs(X, c, b0, l0, L, B, DH, s_b, s_h, s_l, s_i, T: tl.constexpr, BB: tl.constexpr):
-    """Pointers and mask of the ``(T, BB)`` tile of channel ``c`` (head ``c // DH``, column ``c % DH``) at rows
-    ``l0..``, batch rows ``b0..``."""
+def _tile(c, b0, l0, L, B, DH, s_b, s_h, s_l, s_i, T: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr):
+    """Element offsets and mask of the ``(T, BB)`` tile of channel ``c`` (head ``c // DH``, column ``c % DH``) at
+    the walk's rows ``l0..`` (``REVERSE``: positions ``L-1-l0`` down), batch rows ``b0..``."""
     rows = l0 + tl.arange(0, T)
     cols = b0 + tl.arange(0, BB)
     mask = (rows[:, None] < L) & (cols[None, :] < B)
-    ptr = X + (c // DH) * s_h + (c % DH) * s_i + rows[:, None].to(tl.int64) * s_l + cols[None, :].to(tl.int64) * s_b
-    return ptr, mask
+    if REVERSE:
+        rows = L - 1 - rows
+    offs = (c // DH) * s_h + (c % DH) * s_i + rows[:, None].to(tl.int64) * s_l + cols[None, :].to(tl.int64) * s_b
+    return offs, mask
 
 
 @triton.jit
 def _s4d_fwd(
     U,
+    PART,
     PRE,
     OUT,
     TAB,
@@ -148,16 +154,22 @@ def _s4d_fwd(
     NP: tl.constexpr,
     ACT: tl.constexpr,
     STORE_PRE: tl.constexpr,
+    HAS_D: tl.constexpr,
+    REVERSE: tl.constexpr,
+    SHIFT: tl.constexpr,
+    ADD_PART: tl.constexpr,
+    FINAL: tl.constexpr,
 ):
+    """``FINAL``: ``act(pre)`` into ``OUT`` (and ``pre`` into ``PRE`` with ``STORE_PRE``), else the fp32 result into
+    ``PART``; ``ADD_PART``: ``PART`` (a first pass's result) added first.  ``PART``, ``PRE``, ``OUT`` share strides."""
     c = tl.program_id(0)
     b0 = tl.program_id(1) * BB
     DTA_RE, DTA_IM, CB_RE, CB_IM = _tables(TAB, N)
     offs_t = tl.arange(0, T).to(tl.float32)
     offs_n, mask_n, a_re, a_im, cb_re, cb_im = _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP)
-    d = tl.load(DD + c)
-    toep = _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T, False)
-    # the state's part of a chunk's outputs: 2 Re(C̃ λ^{t+1} x) = W_re x_re + W_im x_im  (T, NP)
-    p_re, p_im = _power(offs_t[:, None] + 1.0, a_re[None, :], a_im[None, :])
+    toep = _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T, False, SHIFT)
+    # the state's part of a chunk's outputs: 2 Re(C̃ λ^{t+1-SHIFT} x) = W_re x_re + W_im x_im  (T, NP)
+    p_re, p_im = _power(offs_t[:, None] + (1.0 - SHIFT), a_re[None, :], a_im[None, :])
     w_re = 2.0 * (cb_re[None, :] * p_re - cb_im[None, :] * p_im)
     w_im = -2.0 * (cb_re[None, :] * p_im + cb_im[None, :] * p_re)
     # the chunk's part of the next state: λ^{T-1-j} u_j  (NP, T); padded modes stay 0
@@ -168,15 +180,21 @@ def _s4d_fwd(
     x_re = tl.zeros((NP, BB), tl.float32)
     x_im = tl.zeros((NP, BB), tl.float32)
     for l0 in range(0, L, T):
-        u_ptr, mask = _tile_ptrs(U, c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB)
-        u = tl.load(u_ptr, mask=mask, other=0.0).to(tl.float32)
-        y = tl.dot(toep, u, input_precision="ieee") + d * u
+        u_offs, mask = _tile(c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
+        u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.dot(toep, u, input_precision="ieee")
         y += tl.dot(w_re, x_re, input_precision="ieee") + tl.dot(w_im, x_im, input_precision="ieee")
-        o_ptr, _ = _tile_ptrs(OUT, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
-        tl.store(o_ptr, _act(y, ACT).to(OUT.dtype.element_ty), mask=mask)
-        if STORE_PRE:
-            p_ptr, _ = _tile_ptrs(PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
-            tl.store(p_ptr, y.to(PRE.dtype.element_ty), mask=mask)
+        if HAS_D:
+            y += tl.load(DD + c) * u
+        o_offs, _ = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
+        if ADD_PART:
+            y += tl.load(PART + o_offs, mask=mask, other=0.0)
+        if FINAL:
+            tl.store(OUT + o_offs, _act(y, ACT).to(OUT.dtype.element_ty), mask=mask)
+            if STORE_PRE:
+                tl.store(PRE + o_offs, y.to(PRE.dtype.element_ty), mask=mask)
+        else:
+            tl.store(PART + o_offs, y, mask=mask)
         vu_re = tl.dot(v_re, u, input_precision="ieee")
         vu_im = tl.dot(v_im, u, input_precision="ieee")
         x_re, x_im = (
@@ -186,13 +204,11 @@ def _s4d_fwd(
 
 
 @triton.jit
-def _grad_tile(GO, PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T: tl.constexpr, BB: tl.constexpr, ACT):
+def _grad_tile(GO, PRE, offs, mask, ACT: tl.constexpr):
     """``g = act'(pre) ∘ dout`` of one tile (0 outside the sequence and the batch)."""
-    g_ptr, mask = _tile_ptrs(GO, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
-    g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
     if ACT != 0:
-        p_ptr, _ = _tile_ptrs(PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB)
-        g = g * _act_grad(tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32), ACT)
+        g = g * _act_grad(tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32), ACT)
     return g
 
 
@@ -225,19 +241,24 @@ def _s4d_bwd(
     BB: tl.constexpr,
     NP: tl.constexpr,
     ACT: tl.constexpr,
+    HAS_D: tl.constexpr,
+    REVERSE: tl.constexpr,
+    SHIFT: tl.constexpr,
+    ADD_DU: tl.constexpr,
 ):
+    """``ADD_DU``: ``∂u`` added to what ``DU`` holds (fp32: a first pass's), else written.  ``GO``, ``PRE`` share
+    strides."""
     c = tl.program_id(0)
     blk = tl.program_id(1)
     b0 = blk * BB
     DTA_RE, DTA_IM, CB_RE, CB_IM = _tables(TAB, N)
     offs_t = tl.arange(0, T).to(tl.float32)
     offs_n, mask_n, a_re, a_im, cb_re, cb_im = _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP)
-    d = tl.load(DD + c)
     lt_re, lt_im = _power(T * 1.0, a_re, a_im)  # λ^T
-    # -- the parameters: a walk forwards with x and x' -------------------------------------------------------
-    # λ^{t+1} and (t+1) λ^{t+1} as (NP, T): a chunk's g against them meets the start states
-    r_re, r_im = _power(offs_t[None, :] + 1.0, a_re[:, None], a_im[:, None])
-    rw_re, rw_im = (offs_t[None, :] + 1.0) * r_re, (offs_t[None, :] + 1.0) * r_im
+    # -- the parameters: a walk with x and x' ---------------------------------------------------------------
+    # λ^{t+1-SHIFT} and (t+1-SHIFT) λ^{t+1-SHIFT} as (NP, T): a chunk's g against them meets the start states
+    r_re, r_im = _power(offs_t[None, :] + (1.0 - SHIFT), a_re[:, None], a_im[:, None])
+    rw_re, rw_im = (offs_t[None, :] + (1.0 - SHIFT)) * r_re, (offs_t[None, :] + (1.0 - SHIFT)) * r_im
     # λ^{T-1-j} and (T-1-j) λ^{T-1-j} (NP, T): a chunk's u into the next states; padded modes 0
     v_re, v_im = _power((T - 1.0) - offs_t[None, :], a_re[:, None], a_im[:, None])
     v_re = tl.where(mask_n[:, None], v_re, 0.0)
@@ -254,14 +275,15 @@ def _s4d_bwd(
     gd = tl.zeros((T, BB), tl.float32)
     inner = tl.zeros((T, T), tl.float32)  # Σ over chunks and batch rows of g_t u_j
     for l0 in range(0, L, T):
-        g = _grad_tile(GO, PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, ACT)
-        u_ptr, mask = _tile_ptrs(U, c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB)
-        u = tl.load(u_ptr, mask=mask, other=0.0).to(tl.float32)
+        o_offs, mask = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
+        g = _grad_tile(GO, PRE, o_offs, mask, ACT)
+        u_offs, _ = _tile(c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
+        u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
         gd += g * u
         inner += tl.dot(g, tl.trans(u), input_precision="ieee")
-        ga_re = tl.dot(r_re, g, input_precision="ieee")  # Σ_t g_t λ^{t+1}  (NP, BB)
+        ga_re = tl.dot(r_re, g, input_precision="ieee")  # Σ_t g_t λ^{t+1-SHIFT}  (NP, BB)
         ga_im = tl.dot(r_im, g, input_precision="ieee")
-        gw_re = tl.dot(rw_re, g, input_precision="ieee")  # Σ_t g_t (t+1) λ^{t+1}
+        gw_re = tl.dot(rw_re, g, input_precision="ieee")  # Σ_t g_t (t+1-SHIFT) λ^{t+1-SHIFT}
         gw_im = tl.dot(rw_im, g, input_precision="ieee")
         s0_re += tl.sum(ga_re * x_re - ga_im * x_im, 1)
         s0_im += tl.sum(ga_re * x_im + ga_im * x_re, 1)
@@ -279,8 +301,8 @@ def _s4d_bwd(
             lt_im[:, None] * xw_re + lt_re[:, None] * xw_im + T * lx_im + vwu_im,
         )
         x_re, x_im = lx_re + vu_re, lx_im + vu_im
-    # the pairs inside a chunk: Σ_{t>=j} inner[t, j] λ^{t-j} (and (t-j) λ^{t-j}), mode by mode
-    lag = offs_t[:, None] - offs_t[None, :]
+    # the pairs inside a chunk: Σ inner[t, j] λ^{t-j-SHIFT} (and its lag times it) over t >= j + SHIFT, by mode
+    lag = offs_t[:, None] - offs_t[None, :] - SHIFT
     inner = tl.where(lag >= 0, inner, 0.0)
     lag = tl.where(lag >= 0, lag, 0.0)
     for m in range(0, N):
@@ -298,10 +320,10 @@ def _s4d_bwd(
     tl.store(out + 2 * N + offs_n, s1_re, mask=mask_n)
     tl.store(out + 3 * N + offs_n, s1_im, mask=mask_n)
     tl.store(out + 4 * N, tl.sum(tl.sum(gd, 1), 0))
-    # -- ∂u: the convolution backwards, the adjoint state h from the last chunk to the first ---------------------
-    toep_t = _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T, True)  # K[j - t]... as (j, t): du_j += K[t-j] g_t
-    # the state's part: 2 Re(C̃ λ^{T-j} h_next) (T, NP); the chunk's part of h: λ^t g_t (NP, T)
-    p_re, p_im = _power(T - offs_t[:, None], a_re[None, :], a_im[None, :])
+    # -- ∂u: the convolution the other way, the adjoint state h from the walk's last chunk to its first --------------
+    toep_t = _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T, True, SHIFT)  # (j, t): du_j += K[t-j-SHIFT] g_t
+    # the state's part: 2 Re(C̃ λ^{T-j-SHIFT} h_next) (T, NP); the chunk's part of h: λ^t g_t (NP, T)
+    p_re, p_im = _power((T - SHIFT) - offs_t[:, None], a_re[None, :], a_im[None, :])
     w_re = 2.0 * (cb_re[None, :] * p_re - cb_im[None, :] * p_im)
     w_im = -2.0 * (cb_re[None, :] * p_im + cb_im[None, :] * p_re)
     e_re, e_im = _power(offs_t[None, :], a_re[:, None], a_im[:, None])
@@ -312,11 +334,16 @@ def _s4d_bwd(
     n_chunks = tl.cdiv(L, T)
     for idx in range(0, n_chunks):
         l0 = (n_chunks - 1 - idx) * T
-        g = _grad_tile(GO, PRE, c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, ACT)
-        du = tl.dot(toep_t, g, input_precision="ieee") + d * g
+        o_offs, mask = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
+        g = _grad_tile(GO, PRE, o_offs, mask, ACT)
+        du = tl.dot(toep_t, g, input_precision="ieee")
         du += tl.dot(w_re, h_re, input_precision="ieee") + tl.dot(w_im, h_im, input_precision="ieee")
-        d_ptr, mask = _tile_ptrs(DU, c, b0, l0, L, B, DH, sd_b, sd_h, sd_l, sd_i, T, BB)
-        tl.store(d_ptr, du.to(DU.dtype.element_ty), mask=mask)
+        if HAS_D:
+            du += tl.load(DD + c) * g
+        d_offs, _ = _tile(c, b0, l0, L, B, DH, sd_b, sd_h, sd_l, sd_i, T, BB, REVERSE)
+        if ADD_DU:
+            du += tl.load(DU + d_offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DU + d_offs, du.to(DU.dtype.element_ty), mask=mask)
         eg_re = tl.dot(e_re, g, input_precision="ieee")
         eg_im = tl.dot(e_im, g, input_precision="ieee")
         h_re, h_im = (
@@ -337,9 +364,11 @@ def _time_first(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def s4d_tables(dt_a: torch.Tensor, c_bar: torch.Tensor) -> torch.Tensor:
-    """The kernels' parameter tables: ``dtA``, ``C̃`` ``(C, n)`` complex64 as one contiguous fp32 ``(4, C, n)``
-    (re and im of ``dtA``, then of ``C̃``); made once per training step, the forward's kept for the backward."""
-    return torch.view_as_real(torch.stack([dt_a, c_bar])).permute(0, 3, 1, 2).reshape(4, *dt_a.shape)
+    """The kernels' parameter tables: ``dtA``, ``C̃`` ``(K, C, n)`` complex64 (``K`` kernels: 1, or 2 with the one
+    over later positions) as one contiguous fp32 ``(K, 4, C, n)`` (re and im of ``dtA``, then of ``C̃``); made once
+    per training step, the forward's kept for the backward."""
+    pairs = torch.view_as_real(torch.stack([dt_a, c_bar], 1))  # (K, 2, C, n, 2)
+    return pairs.permute(0, 1, 4, 2, 3).reshape(dt_a.shape[0], 4, *dt_a.shape[1:])
 
 
 def _block_n(n: int) -> int:
@@ -351,35 +380,41 @@ def _strides(x: torch.Tensor) -> tuple:
 
 
 def s4d_forward(u, tables, d, activation: str, keep_pre: bool):
-    """``(out, pre or None)`` of causal S4D on per-head ``u (B, H, L, d)`` (channel ``h·d + i``, any strides), the
-    discretised parameters' :func:`s4d_tables` ``(4, C, n)`` and ``d (C,)`` fp32: both in ``u``'s dtype,
-    time-first."""
+    """``(out, pre or None)`` of S4D on per-head ``u (B, H, L, d)`` (channel ``h·d + i``, any strides), the
+    discretised parameters' :func:`s4d_tables` ``(K, 4, C, n)`` (``K = 2``: the second kernel over later
+    positions) and ``d (C,)`` fp32: both in ``u``'s dtype, time-first."""
     bsz, heads, length, dim = u.shape
-    n = tables.shape[-1]
+    kernels, n = tables.shape[0], tables.shape[-1]
     out = _time_first(u, u.dtype)
     pre = _time_first(u, u.dtype) if keep_pre else out
-    meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), STORE_PRE=keep_pre, num_warps=4)
+    part = _time_first(u, torch.float32) if kernels == 2 else out  # the first pass's result
     grid = (heads * dim, triton.cdiv(bsz, _BB))
-    tensors = (u, pre, out, tables, d.contiguous())
-    launch(_s4d_fwd, grid, tensors, (length, bsz, n, dim, *_strides(u), *_strides(out)), meta)
+    scalars = (length, bsz, n, dim, *_strides(u), *_strides(out))
+    act = ACTIVATIONS.index(activation)
+    for k in range(kernels):
+        meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=act, STORE_PRE=keep_pre, HAS_D=k == 0, REVERSE=k == 1)
+        meta.update(SHIFT=k, ADD_PART=k == 1, FINAL=k == kernels - 1, num_warps=4)
+        launch(_s4d_fwd, grid, (u, part, pre, out, tables[k], d.contiguous()), scalars, meta)
     return out, (pre if keep_pre else None)
 
 
 def s4d_backward(grad, pre, u, tables, d, activation: str):
-    """``(du in u's dtype and time-first layout, S0, S1 complex (C, n), ∂D (C,))`` for the output gradient ``grad``
-    ``(B, H, L, d)``, the kept ``pre`` (time-first; None for the identity) and ``u`` (any strides)."""
+    """``(du in u's dtype and time-first layout, S0, S1 complex (K, C, n), ∂D (C,))`` for the output gradient
+    ``grad`` ``(B, H, L, d)``, the kept ``pre`` (time-first; None for the identity) and ``u`` (any strides)."""
     bsz, heads, length, dim = u.shape
-    channels, n = tables.shape[1:]
+    kernels, _, channels, n = tables.shape
     blocks = triton.cdiv(bsz, _BB)
-    du = _time_first(u, u.dtype)
-    sums = torch.empty(blocks, channels, 4 * n + 1, device=u.device, dtype=torch.float32)
+    du = _time_first(u, u.dtype if kernels == 1 else torch.float32)
+    sums = torch.empty(kernels, blocks, channels, 4 * n + 1, device=u.device, dtype=torch.float32)
     if pre is not None and grad.stride() != pre.stride():  # (both are read through one set of strides)
         grad = torch.empty_like(pre, dtype=grad.dtype).copy_(grad)
-    meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), num_warps=4)
-    tensors = (grad, grad if pre is None else pre, u, du, sums, tables, d.contiguous())
     scalars = (length, bsz, n, dim, *_strides(u), *_strides(grad), *_strides(du))
-    launch(_s4d_bwd, (channels, blocks), tensors, scalars, meta)
-    total = sums.sum(0) if blocks > 1 else sums[0]
-    s0 = torch.complex(total[:, :n], total[:, n : 2 * n])
-    s1 = torch.complex(total[:, 2 * n : 3 * n], total[:, 3 * n : 4 * n])
-    return du, s0, s1, total[:, 4 * n]
+    act = ACTIVATIONS.index(activation)
+    for k in range(kernels):
+        meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=act, HAS_D=k == 0, REVERSE=k == 1, SHIFT=k, ADD_DU=k == 1)
+        tensors = (grad, grad if pre is None else pre, u, du, sums[k], tables[k], d.contiguous())
+        launch(_s4d_bwd, (channels, blocks), tensors, scalars, dict(meta, num_warps=4))
+    total = sums.sum(1) if blocks > 1 else sums[:, 0]  # (K, C, 4n + 1)
+    s0 = torch.complex(total[..., :n], total[..., n : 2 * n])
+    s1 = torch.complex(total[..., 2 * n : 3 * n], total[..., 3 * n : 4 * n])
+    return (du if du.dtype == u.dtype else du.to(u.dtype)), s0, s1, total[0, :, 4 * n]
