@@ -11,8 +11,9 @@ step (host-bound on an H200 up to 8k tokens); here it is one or two kernels each
 One program per (channel, block of ``BB`` batch rows) walks the positions in chunks of ``T``: inside a chunk the
 Toeplitz product ``K[t - j - SHIFT] (T x T) @ u (T x BB)``, across chunks the state ``x`` ``(modes x BB)``, as
 real and imaginary parts, through four small products (``λ^{t+1-SHIFT}`` rows into the chunk's outputs,
-``λ^{T-1-j}`` columns into the next state).  The power tables are made once per program; every product is fp32
-(``ieee``).
+``λ^{T-1-j}`` columns into the next state).  The power tables are made once per program; the products run in
+IEEE fp32 for fp32 inputs and on the tensor cores in tf32 for half inputs (whose own rounding is coarser), both
+accumulating in fp32.
 
 Backward, from ``g = act'(pre) ∘ dout``:
 
@@ -159,6 +160,7 @@ def _s4d_fwd(
     SHIFT: tl.constexpr,
     ADD_PART: tl.constexpr,
     FINAL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """``FINAL``: ``act(pre)`` into ``OUT`` (and ``pre`` into ``PRE`` with ``STORE_PRE``), else the fp32 result into
     ``PART``; ``ADD_PART``: ``PART`` (a first pass's result) added first.  ``PART``, ``PRE``, ``OUT`` share strides."""
@@ -182,8 +184,8 @@ def _s4d_fwd(
     for l0 in range(0, L, T):
         u_offs, mask = _tile(c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
         u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.dot(toep, u, input_precision="ieee")
-        y += tl.dot(w_re, x_re, input_precision="ieee") + tl.dot(w_im, x_im, input_precision="ieee")
+        y = tl.dot(toep, u, input_precision=PREC)
+        y += tl.dot(w_re, x_re, input_precision=PREC) + tl.dot(w_im, x_im, input_precision=PREC)
         if HAS_D:
             y += tl.load(DD + c) * u
         o_offs, _ = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
@@ -195,8 +197,8 @@ def _s4d_fwd(
                 tl.store(PRE + o_offs, y.to(PRE.dtype.element_ty), mask=mask)
         else:
             tl.store(PART + o_offs, y, mask=mask)
-        vu_re = tl.dot(v_re, u, input_precision="ieee")
-        vu_im = tl.dot(v_im, u, input_precision="ieee")
+        vu_re = tl.dot(v_re, u, input_precision=PREC)
+        vu_im = tl.dot(v_im, u, input_precision=PREC)
         x_re, x_im = (
             lt_re[:, None] * x_re - lt_im[:, None] * x_im + vu_re,
             lt_im[:, None] * x_re + lt_re[:, None] * x_im + vu_im,
@@ -245,6 +247,7 @@ def _s4d_bwd(
     REVERSE: tl.constexpr,
     SHIFT: tl.constexpr,
     ADD_DU: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """``ADD_DU``: ``∂u`` added to what ``DU`` holds (fp32: a first pass's), else written.  ``GO``, ``PRE`` share
     strides."""
@@ -280,19 +283,19 @@ def _s4d_bwd(
         u_offs, _ = _tile(c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
         u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
         gd += g * u
-        inner += tl.dot(g, tl.trans(u), input_precision="ieee")
-        ga_re = tl.dot(r_re, g, input_precision="ieee")  # Σ_t g_t λ^{t+1-SHIFT}  (NP, BB)
-        ga_im = tl.dot(r_im, g, input_precision="ieee")
-        gw_re = tl.dot(rw_re, g, input_precision="ieee")  # Σ_t g_t (t+1-SHIFT) λ^{t+1-SHIFT}
-        gw_im = tl.dot(rw_im, g, input_precision="ieee")
+        inner += tl.dot(g, tl.trans(u), input_precision=PREC)
+        ga_re = tl.dot(r_re, g, input_precision=PREC)  # Σ_t g_t λ^{t+1-SHIFT}  (NP, BB)
+        ga_im = tl.dot(r_im, g, input_precision=PREC)
+        gw_re = tl.dot(rw_re, g, input_precision=PREC)  # Σ_t g_t (t+1-SHIFT) λ^{t+1-SHIFT}
+        gw_im = tl.dot(rw_im, g, input_precision=PREC)
         s0_re += tl.sum(ga_re * x_re - ga_im * x_im, 1)
         s0_im += tl.sum(ga_re * x_im + ga_im * x_re, 1)
         s1_re += tl.sum(ga_re * xw_re - ga_im * xw_im + gw_re * x_re - gw_im * x_im, 1)
         s1_im += tl.sum(ga_re * xw_im + ga_im * xw_re + gw_re * x_im + gw_im * x_re, 1)
-        vu_re = tl.dot(v_re, u, input_precision="ieee")
-        vu_im = tl.dot(v_im, u, input_precision="ieee")
-        vwu_re = tl.dot(vw_re, u, input_precision="ieee")
-        vwu_im = tl.dot(vw_im, u, input_precision="ieee")
+        vu_re = tl.dot(v_re, u, input_precision=PREC)
+        vu_im = tl.dot(v_im, u, input_precision=PREC)
+        vwu_re = tl.dot(vw_re, u, input_precision=PREC)
+        vwu_im = tl.dot(vw_im, u, input_precision=PREC)
         # x' <- λ^T x' + T λ^T x + Σ_j (T-1-j) λ^{T-1-j} u_j, then x <- λ^T x + Σ_j λ^{T-1-j} u_j
         lx_re = lt_re[:, None] * x_re - lt_im[:, None] * x_im
         lx_im = lt_im[:, None] * x_re + lt_re[:, None] * x_im
@@ -336,16 +339,16 @@ def _s4d_bwd(
         l0 = (n_chunks - 1 - idx) * T
         o_offs, mask = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
         g = _grad_tile(GO, PRE, o_offs, mask, ACT)
-        du = tl.dot(toep_t, g, input_precision="ieee")
-        du += tl.dot(w_re, h_re, input_precision="ieee") + tl.dot(w_im, h_im, input_precision="ieee")
+        du = tl.dot(toep_t, g, input_precision=PREC)
+        du += tl.dot(w_re, h_re, input_precision=PREC) + tl.dot(w_im, h_im, input_precision=PREC)
         if HAS_D:
             du += tl.load(DD + c) * g
         d_offs, _ = _tile(c, b0, l0, L, B, DH, sd_b, sd_h, sd_l, sd_i, T, BB, REVERSE)
         if ADD_DU:
             du += tl.load(DU + d_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DU + d_offs, du.to(DU.dtype.element_ty), mask=mask)
-        eg_re = tl.dot(e_re, g, input_precision="ieee")
-        eg_im = tl.dot(e_im, g, input_precision="ieee")
+        eg_re = tl.dot(e_re, g, input_precision=PREC)
+        eg_im = tl.dot(e_im, g, input_precision=PREC)
         h_re, h_im = (
             lt_re[:, None] * h_re - lt_im[:, None] * h_im + eg_re,
             lt_im[:, None] * h_re + lt_re[:, None] * h_im + eg_im,
@@ -375,6 +378,13 @@ def _block_n(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _meta(u: torch.Tensor, n: int, activation: str) -> dict:
+    """The launch parameters both directions share; the products in IEEE fp32 for fp32 inputs, in tf32 (tensor
+    cores) for half ones."""
+    prec = "ieee" if u.dtype == torch.float32 else "tf32"
+    return dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), PREC=prec, num_warps=4)
+
+
 def _strides(x: torch.Tensor) -> tuple:
     return tuple(x.stride())
 
@@ -390,11 +400,10 @@ def s4d_forward(u, tables, d, activation: str, keep_pre: bool):
     part = _time_first(u, torch.float32) if kernels == 2 else out  # the first pass's result
     grid = (heads * dim, triton.cdiv(bsz, _BB))
     scalars = (length, bsz, n, dim, *_strides(u), *_strides(out))
-    act = ACTIVATIONS.index(activation)
+    common = _meta(u, n, activation)
     for k in range(kernels):
-        meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=act, STORE_PRE=keep_pre, HAS_D=k == 0, REVERSE=k == 1)
-        meta.update(SHIFT=k, ADD_PART=k == 1, FINAL=k == kernels - 1, num_warps=4)
-        launch(_s4d_fwd, grid, (u, part, pre, out, tables[k], d.contiguous()), scalars, meta)
+        flags = dict(STORE_PRE=keep_pre, HAS_D=k == 0, REVERSE=k == 1, SHIFT=k, ADD_PART=k == 1, FINAL=k == kernels - 1)
+        launch(_s4d_fwd, grid, (u, part, pre, out, tables[k], d.contiguous()), scalars, {**common, **flags})
     return out, (pre if keep_pre else None)
 
 
@@ -409,11 +418,11 @@ def s4d_backward(grad, pre, u, tables, d, activation: str):
     if pre is not None and grad.stride() != pre.stride():  # (both are read through one set of strides)
         grad = torch.empty_like(pre, dtype=grad.dtype).copy_(grad)
     scalars = (length, bsz, n, dim, *_strides(u), *_strides(grad), *_strides(du))
-    act = ACTIVATIONS.index(activation)
+    common = _meta(u, n, activation)
     for k in range(kernels):
-        meta = dict(T=_T, BB=_BB, NP=_block_n(n), ACT=act, HAS_D=k == 0, REVERSE=k == 1, SHIFT=k, ADD_DU=k == 1)
+        flags = dict(HAS_D=k == 0, REVERSE=k == 1, SHIFT=k, ADD_DU=k == 1)
         tensors = (grad, grad if pre is None else pre, u, du, sums[k], tables[k], d.contiguous())
-        launch(_s4d_bwd, (channels, blocks), tensors, scalars, dict(meta, num_warps=4))
+        launch(_s4d_bwd, (channels, blocks), tensors, scalars, {**common, **flags})
     total = sums.sum(1) if blocks > 1 else sums[:, 0]  # (K, C, 4n + 1)
     s0 = torch.complex(total[..., :n], total[..., n : 2 * n])
     s1 = torch.complex(total[..., 2 * n : 3 * n], total[..., 3 * n : 4 * n])
