@@ -139,3 +139,25 @@ def test_a_dispatcher_whose_backends_all_refuse_lists_every_reason():
 def test_landmark_keeps_the_old_name_of_its_pytorch_path():
     q, k, v = _qkv()
     torch.testing.assert_close(_call("landmark", q, k, v, backend="torch"), _call("landmark", q, k, v))
+
+
+def test_triton_probe_runs_once_per_key_and_a_failure_is_logged_once_and_remembered(caplog):
+    from efficient_attention.kernels import backends
+
+    runs = []
+
+    def broken():
+        runs.append("broken")
+        raise RuntimeError("no such intrinsic")
+
+    key = ("test probe", object())
+    with caplog.at_level(logging.WARNING, logger="efficient_attention.kernels.backends"):
+        assert backends.triton_probe(key, broken, "Thing") is False
+        assert backends.triton_probe(key, broken, "Thing") is False
+    assert runs == ["broken"]
+    warned = [r.getMessage() for r in caplog.records if "Thing" in r.getMessage()]
+    assert len(warned) == 1 and "RuntimeError: no such intrinsic" in warned[0] and "PyTorch path" in warned[0]
+    good = ("test probe ok", object())
+    assert backends.triton_probe(good, lambda: runs.append("ok"), "Thing") is True
+    assert backends.triton_probe(good, lambda: runs.append("ok"), "Thing") is True
+    assert runs == ["broken", "ok"]

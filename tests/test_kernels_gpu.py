@@ -579,7 +579,7 @@ def test_abc_fused_slots_training_step_matches_aten_and_float64(dtype, dropout, 
     results = []
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(abc, "_fused_slots", lambda x: False)
+            monkeypatch.setattr(abc, "_fused_slots", lambda *a: False)
         torch.manual_seed(0)
         m = build_attention("abc", embed_dim=256, num_heads=4, causal=True, self_attention=True, dropout=dropout)
         m = m.cuda().train()

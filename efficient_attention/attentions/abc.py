@@ -18,7 +18,7 @@ from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
 from ..functional import acc_dtype, dense_strides, heads_bmm, softmax
 from ..kernels.abc_step import abc_step, empty_norm
-from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_reason
+from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_probe, triton_reason
 from ..kernels.linear_attention import linear_attention
 from ..options import AttentionOptions, positive_int
 from ..registry import register_attention
@@ -26,18 +26,25 @@ from ..registry import register_attention
 __all__ = ["ABC"]
 
 
-def _fused_slots(x: Tensor) -> bool:
-    """Whether causal training's slot weights and slot read run on the Triton kernels of
-    ``kernels/_triton_abc.py`` (four launches where the ATen ops are about 37): CUDA (CPU tensors under Triton's
-    interpreter), fp16 / bf16 / fp32, at most 128 slots, not under ``torch.compile`` (Inductor fuses the ATen ops
-    itself)."""
-    return (
+def _fused_slots(x: Tensor, dtype: torch.dtype) -> bool:
+    """Whether causal training's slot weights and slot read (slot tensors ``x (B, H, S, n)``, the kernels' dtype
+    ``dtype``) run on the Triton kernels of ``kernels/_triton_abc.py`` (four launches where the ATen ops are about
+    37): CUDA (CPU tensors under Triton's interpreter), fp16 / bf16 / fp32, at most 128 slots, not under
+    ``torch.compile`` (Inductor fuses the ATen ops itself), and the kernels compile and run here (tried once per
+    device, dtype and slot count: a failure is logged and the ATen ops run)."""
+    ok = (
         (x.device.type == "cuda" or triton_interpreted())
-        and x.dtype in TRITON_DTYPES
+        and dtype in TRITON_DTYPES
         and x.shape[-1] <= 128
         and not torch.compiler.is_compiling()
         and triton_reason() is None
     )
+    if not ok:
+        return False
+    from ..kernels import _triton_abc
+
+    key = ("abc slots", x.device, dtype, x.shape[-1])
+    return triton_probe(key, lambda: _triton_abc.probe(x.device, dtype, x.shape[-1]), "ABC (causal)")
 
 
 class _SlotRead(torch.autograd.Function):
@@ -58,7 +65,8 @@ class _SlotRead(torch.autograd.Function):
     def forward(
         ctx, num: Tensor, nl: Tensor, scale: float, mask: Optional[Tensor], dtype: torch.dtype, recompute: bool
     ) -> Tensor:
-        ctx.fused = _fused_slots(num) and num.is_contiguous() and nl.is_contiguous() and nl.dtype == torch.float32
+        ctx.fused = num.is_contiguous() and nl.is_contiguous() and num.dtype == nl.dtype == torch.float32
+        ctx.fused = ctx.fused and _fused_slots(num, dtype)
         ctx.fused = ctx.fused and (mask is None or mask.is_contiguous())
         if ctx.fused:
             from ..kernels._triton_abc import slot_read
@@ -135,7 +143,7 @@ class _SlotWeights(torch.autograd.Function):
         bsz, heads, length, d = k.shape
         kf, wm = k.flatten(0, 1), _slot_matrix(w, bsz, k.dtype)  # (a view for contiguous and time-first k)
         a = torch.bmm(kf, wm).view(bsz, heads, length, -1)
-        ctx.fused = _fused_slots(a)
+        ctx.fused = _fused_slots(a, a.dtype)
         if ctx.fused:
             from ..kernels._triton_abc import slot_weights
 

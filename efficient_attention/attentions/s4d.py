@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import acc_dtype, may_keep_derived, take_inputs
-from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_reason
+from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_probe, triton_reason
 from ..masks import as_bool_mask
 from ..options import AttentionOptions, choice, option, positive_int
 from ..registry import register_attention
@@ -702,13 +702,14 @@ def _scan_param_grads(grad: Tensor, inputs: List[Tensor], plan: _ScanPlan) -> Tu
     return inside[:, 0] + cross[0], inside[:, 1] + cross[1], lags_sum[:, 0]
 
 
-def _fused_scan(u: Tensor, log_dt: Tensor, modes: int) -> bool:
+def _fused_scan(u: Tensor, log_dt: Tensor, modes: int, activation: str) -> bool:
     """Whether the convolution runs on the Triton kernels of ``kernels/_triton_s4d.py``
     (:class:`_FusedConvolution`: one launch each way per kernel, where the chunked scan of :class:`_CausalScan` is
     about 250 ATen ops a training step and the FFT of :class:`_FFTConvolution` about 210): CUDA (CPU tensors under
     Triton's interpreter), fp16 / bf16 / fp32 inputs, fp32 parameters, at most 32 modes (the power tables are held
-    in registers), not under ``torch.compile`` (which traces the PyTorch forms)."""
-    return (
+    in registers), not under ``torch.compile`` (which traces the PyTorch forms), and the kernels compile and run
+    here (tried once per configuration: a failure is logged and the PyTorch form runs)."""
+    ok = (
         (u.device.type == "cuda" or triton_interpreted())
         and u.dtype in TRITON_DTYPES
         and log_dt.dtype == torch.float32
@@ -717,6 +718,13 @@ def _fused_scan(u: Tensor, log_dt: Tensor, modes: int) -> bool:
         and not torch.compiler.is_compiling()
         and triton_reason() is None
     )
+    if not ok:
+        return False
+    from ..kernels import _triton_s4d
+
+    kernels = log_dt.shape[0]
+    key = ("s4d", u.device, u.dtype, activation, kernels, modes)
+    return triton_probe(key, lambda: _triton_s4d.probe(u.device, u.dtype, activation, kernels, modes), "S4D")
 
 
 class _FusedConvolution(torch.autograd.Function):
@@ -931,7 +939,7 @@ class S4D(EfficientAttention):
         # exact scan (a future input gets exactly zero gradient)
         if masks.key_padding is not None:
             q = q.masked_fill(as_bool_mask(masks.key_padding, "key_padding_mask")[:, None, :, None], 0.0)
-        if _fused_scan(q, params[0], self.d_state):
+        if _fused_scan(q, params[0], self.d_state, self.activation):
             y = _FusedConvolution.apply(q, *params, self.activation)
         else:
             y = (_CausalScan if self.causal else _FFTConvolution).apply(q, *params, self.activation)

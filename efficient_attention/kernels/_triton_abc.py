@@ -127,7 +127,7 @@ def _read_probs(NUM, NL, ptr, mask, scale, bound):
     """``(p, inv, x, empty)`` of one block of rows: the slot softmax, ``e^{nl}`` (0 on empty slots), the logits."""
     nl = tl.load(NL + ptr, mask=mask, other=0.0)
     empty = (nl >= bound) | (mask == 0)
-    inv = tl.where(empty, 0.0, tl.exp(nl))
+    inv = tl.where(empty, 0.0, tl.exp(tl.where(empty, 0.0, nl)))  # (no overflow computed for empty slots)
     x = tl.where(empty, 0.0, tl.load(NUM + ptr, mask=mask, other=0.0).to(tl.float32) * inv * scale)
     logits = tl.where(empty, float("-inf"), x)
     w = tl.exp(logits - tl.max(logits, 1)[:, None])  # every row has a slot that is not empty
@@ -233,3 +233,22 @@ def slot_read_grad(grad, num, nl, mask, scale: float, bound: float):
     args = (grad, num, nl, nl if mask is None else mask, dnum, dnl)
     launch(_slot_read_bwd, grid, args, (length, n, scale, bound), meta)
     return dnum, dnl
+
+
+def probe(device: torch.device, dtype: torch.dtype, n: int) -> None:
+    """Launches every variant the fused slots use (the weights with and without the scan, their gradient with
+    each of its inputs, the read with and without a dropout mask, its gradient) on a tiny input: raises what a
+    kernel raises (``backends.triton_probe``)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(1, 1, 20, n, generator=g, device=device).to(dtype)
+    for scan in (True, False):
+        e, nl, _, c = slot_weights(a, scan)
+        slot_weights_grad(None, torch.ones_like(e), a, c, nl)
+        if nl is not None:
+            slot_weights_grad(torch.ones_like(nl), torch.ones_like(e), a, c, nl)
+            slot_weights_grad(torch.ones_like(nl), None, a, c, nl)
+    num = torch.randn(1, 1, 20, n, generator=g, device=device)
+    nl = -torch.rand(1, 1, 20, n, generator=g, device=device)
+    for mask in (None, torch.ones_like(num)):
+        r = slot_read(num, nl, mask, 0.125, 80.0, dtype)
+        slot_read_grad(torch.ones_like(r), num, nl, mask, 0.125, 80.0)

@@ -427,3 +427,17 @@ def s4d_backward(grad, pre, u, tables, d, activation: str):
     s0 = torch.complex(total[..., :n], total[..., n : 2 * n])
     s1 = torch.complex(total[..., 2 * n : 3 * n], total[..., 3 * n : 4 * n])
     return (du if du.dtype == u.dtype else du.to(u.dtype)), s0, s1, total[0, :, 4 * n]
+
+
+def probe(device: torch.device, dtype: torch.dtype, activation: str, kernels: int, n: int) -> None:
+    """Launches every variant a training step of this configuration uses (forward with and without the kept
+    pre-activation, backward) on a tiny input: raises what a kernel raises (``backends.triton_probe``)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    u = torch.randn(1, 1, 5, 1, generator=g, device=device).to(dtype)
+    modes = (kernels, 1, n)
+    dt_a = torch.complex(-torch.rand(modes, generator=g, device=device), torch.rand(modes, generator=g, device=device))
+    c_bar = torch.complex(*(torch.randn(modes, generator=g, device=device) for _ in range(2)))
+    tables, d = s4d_tables(dt_a, c_bar), torch.ones(1, device=device)
+    s4d_forward(u, tables, d, activation, False)
+    out, pre = s4d_forward(u, tables, d, activation, activation != "identity")
+    s4d_backward(torch.ones_like(out), pre, u, tables, d, activation)

@@ -20,6 +20,7 @@ op's keyword parameters (the dispatcher caches its decisions by exactly these).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Any, Callable, ClassVar, List, Optional, Tuple
 
@@ -39,6 +40,7 @@ __all__ = [
     "BackendUnavailableError",
     "triton_reason",
     "triton_interpreted",
+    "triton_probe",
     "SHORT",
     "cpu_threads",
 ]
@@ -73,6 +75,27 @@ def _triton_reason() -> Optional[str]:
     except Exception as exc:  # a broken Triton install must not break the library
         return f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
     return None
+
+
+_probes: dict = {}  # key -> None (the kernels ran) or why they cannot
+
+
+def triton_probe(key: Tuple[Any, ...], run: Callable[[], Any], what: str) -> bool:
+    """Whether the Triton kernels that ``run`` launches compile and run in this process: ``run`` (a tiny forward
+    and backward with the flags the real calls will use) is tried once per ``key``; a failure is remembered,
+    logged once at WARNING with its reason, and the caller takes its PyTorch path from then on.  (A mechanism's
+    fused path must never turn a working model into an exception: its kernels are compiled here first, the
+    backward's included, before any real tensor depends on them.)"""
+    if key not in _probes:
+        try:
+            run()
+            _probes[key] = None
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile or run here is reported, not raised
+            _probes[key] = f"{type(exc).__name__}: {exc}"
+            logging.getLogger(__name__).warning(
+                "%s: the Triton kernels cannot run here (%s); using the PyTorch path", what, _probes[key]
+            )
+    return _probes[key] is None
 
 
 @torch.compiler.assume_constant_result
