@@ -142,7 +142,9 @@ def _fast_here(declared: Tuple[str, ...], backends: Tuple[BackendStatus, ...]) -
                 here.append("C++ CPU kernels")
             if triton.usable:
                 here.append("Triton GPU kernels")
-    return tuple(here)
+        elif b == "triton" and triton.usable:  # a mechanism's own Triton kernels (landmark, S4D, ABC's slots)
+            here.append("Triton GPU kernels")
+    return tuple(dict.fromkeys(here))
 
 
 def _mechanisms(backends: Tuple[BackendStatus, ...]) -> Tuple[MechanismSummary, ...]:

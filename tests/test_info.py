@@ -51,8 +51,12 @@ def test_every_mechanism_is_listed_with_its_capabilities():
         assert m.patterns == caps.pattern_names()
         assert m.weights == caps.need_weights
         assert (m.decoding != "no") == caps.incremental
-        if not any(b == "sdpa" or b.startswith("kernels") for b in caps.backends):
+        if not any(b in ("sdpa", "triton") or b.startswith("kernels") for b in caps.backends):
             assert m.fast_here == ()
+        triton = next(b for b in report.backends if b.name == "triton")
+        if "triton" in caps.backends:  # a mechanism's own Triton kernels are listed where Triton runs
+            assert ("Triton GPU kernels" in m.fast_here) == triton.usable
+        assert len(set(m.fast_here)) == len(m.fast_here)
 
 
 def test_fast_paths_follow_the_backends():

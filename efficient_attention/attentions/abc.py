@@ -320,7 +320,12 @@ class ABC(EfficientAttention):
     O((T + S)·n + n·d) memory per head.
     """
 
-    capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
+    capabilities = Capabilities(
+        patterns=ALL_PATTERNS,
+        incremental=True,
+        constant_state=True,
+        backends=("kernels.linear_attention", "triton", "torch"),
+    )
     Options = ABCOptions
 
     def __init__(self, *args, **kwargs):

@@ -315,6 +315,7 @@ class CosformerAttention(EfficientAttention):
         patterns=frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS}),
         incremental=True,
         constant_state=True,
+        backends=("kernels.linear_attention", "triton", "torch"),
     )
     Options = CosformerOptions
     fused_projections = False  # its backward keeps only some of q, k, v (tests/test_projections.py)

@@ -327,7 +327,7 @@ class NystromAttention(EfficientAttention):
     Cost: O(N·C·d + C³) time and O(N·C + C²) memory per head.
     """
 
-    capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}))
+    capabilities = Capabilities(patterns=frozenset({Pattern.NONCAUSAL_SELF}), backends=("triton", "torch"))
     Options = NystromOptions
 
     def __init__(self, *args, **kwargs):

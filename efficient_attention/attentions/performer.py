@@ -260,7 +260,9 @@ class Performer(EfficientAttention):
     Cost: O((T + S)·m·d) time and O((T + S)·m + m·d) memory per head.
     """
 
-    capabilities = Capabilities(patterns=ALL_PATTERNS, incremental=True, constant_state=True)
+    capabilities = Capabilities(
+        patterns=ALL_PATTERNS, incremental=True, constant_state=True, backends=("kernels.linear_attention", "torch")
+    )
     Options = PerformerOptions
     fused_projections = False  # its backward keeps k and v, not q (tests/test_projections.py)
 

@@ -855,7 +855,9 @@ class S4D(EfficientAttention):
     decoding O(C·d_state) per token with constant state.
     """
 
-    capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("torch",))
+    capabilities = Capabilities(
+        patterns=SELF_PATTERNS, incremental=True, constant_state=True, backends=("triton", "torch")
+    )
     Options = S4DOptions
     ignores_key_value = True
 
