@@ -562,6 +562,15 @@ def test_cosformer_noncausal_module_takes_the_feature_kernel_and_matches_float64
     assert _rel(out, ref) < 1e-5 and _rel(x.grad, x64.grad) < 1e-5
 
 
+def _record_calls(monkeypatch, module, names) -> list:
+    """The names of ``module``'s functions ``names`` in the order they are called (each still runs)."""
+    calls: list = []
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
 # -- causal ABC's slot weights and slot read (efficient_attention.kernels._triton_abc) ----------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -572,10 +581,9 @@ def test_abc_fused_slots_training_step_matches_aten_and_float64(dtype, dropout, 
     from efficient_attention.attentions import abc
     from efficient_attention.kernels import _triton_abc
 
-    calls = []
-    for name in ("slot_weights", "slot_weights_grad", "slot_read", "slot_read_grad"):
-        real = getattr(_triton_abc, name)
-        monkeypatch.setattr(_triton_abc, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = _record_calls(
+        monkeypatch, _triton_abc, ("slot_weights", "slot_weights_grad", "slot_read", "slot_read_grad")
+    )
     results = []
     for fused in (True, False):
         if not fused:
@@ -609,10 +617,7 @@ def test_s4d_fused_training_step_matches_pytorch_forms_and_float64(dtype, activa
     from efficient_attention.attentions import s4d
     from efficient_attention.kernels import _triton_s4d
 
-    calls = []
-    for name in ("s4d_forward", "s4d_backward"):
-        real = getattr(_triton_s4d, name)
-        monkeypatch.setattr(_triton_s4d, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = _record_calls(monkeypatch, _triton_s4d, ("s4d_forward", "s4d_backward"))
     results = []
     for fused in (True, False):
         if not fused:

@@ -123,6 +123,16 @@ def _slot_weights_bwd(
 
 
 @triton.jit
+def _row_tile(S, N, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets and mask of this program's ``(BLOCK_S, BLOCK_N)`` rows of one head (grid: row blocks, heads)."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < S) & (offs_n[None, :] < N)
+    return bh * S * N + rows[:, None].to(tl.int64) * N + offs_n[None, :], mask
+
+
+@triton.jit
 def _read_probs(NUM, NL, ptr, mask, scale, bound):
     """``(p, inv, x, empty)`` of one block of rows: the slot softmax, ``e^{nl}`` (0 on empty slots), the logits."""
     nl = tl.load(NL + ptr, mask=mask, other=0.0)
@@ -138,11 +148,7 @@ def _read_probs(NUM, NL, ptr, mask, scale, bound):
 def _slot_read_fwd(
     NUM, NL, MASK, R, S, N, scale, bound, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr
 ):
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < S) & (offs_n[None, :] < N)
-    ptr = bh * S * N + rows[:, None].to(tl.int64) * N + offs_n[None, :]
+    ptr, mask = _row_tile(S, N, BLOCK_S, BLOCK_N)
     p, inv, x, empty = _read_probs(NUM, NL, ptr, mask, scale, bound)
     if HAS_MASK:
         p = p * tl.load(MASK + ptr, mask=mask, other=0.0).to(tl.float32)
@@ -165,11 +171,7 @@ def _slot_read_bwd(
     BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < S) & (offs_n[None, :] < N)
-    ptr = bh * S * N + rows[:, None].to(tl.int64) * N + offs_n[None, :]
+    ptr, mask = _row_tile(S, N, BLOCK_S, BLOCK_N)
     p, inv, x, empty = _read_probs(NUM, NL, ptr, mask, scale, bound)
     dp = tl.load(G + ptr, mask=mask, other=0.0).to(tl.float32) * inv
     if HAS_MASK:
