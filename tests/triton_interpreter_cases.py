@@ -591,13 +591,19 @@ def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False, cau
             s4d._fused_scan = plain
         assert (bool(calls) and all(calls)) if fused else not calls, calls  # the fused path was taken, or not
         results.append([out, *grads])
-    tol = 2e-5 if dtype == torch.float32 else 2e-2
-    for i, (got, want) in enumerate(zip(*results)):
-        assert rel(got.float(), want.float()) < tol, f"fused vs chunked, output {i}: {rel(got, want):.1e}"
-    if dtype == torch.float32:
-        x64 = x.detach().double().requires_grad_()
-        out64 = m.double()(x64, x64, x64, key_padding_mask=kpm, need_weights=False)[0]
-        assert rel(results[0][0], out64) < 1e-5, f"fused vs float64 {rel(results[0][0], out64):.1e}"
+    if dtype != torch.float32:
+        for i, (got, want) in enumerate(zip(*results)):
+            assert rel(got.float(), want.float()) < 2e-2, f"fused vs PyTorch, output {i}: {rel(got, want):.1e}"
+        return
+    # fp32: both against float64
+    x64 = x.detach().double().requires_grad_()
+    m64 = m.double()
+    out64 = m64(x64, x64, x64, key_padding_mask=kpm, need_weights=False)[0]
+    want = [out64, *torch.autograd.grad(out64.pow(2).sum(), [x64, *m64.parameters()])]
+    for i, (got, plain, ref) in enumerate(zip(*results, want)):
+        err, plain_err = rel(got, ref), rel(plain, ref)
+        # (the kernels' fp32 sums land 2-4x further from float64 than the PyTorch forms', all within ~2e-5)
+        assert err < max(4 * plain_err, 3e-5), f"output {i}: fused {err:.1e}, PyTorch {plain_err:.1e} from float64"
 
 
 def fused_paths_fall_back_when_kernels_fail_case():

@@ -731,8 +731,9 @@ class _FusedConvolution(torch.autograd.Function):
     """``act(K * u + D·u)`` (and, with ``kernels = 2``, the second kernel over the strictly later positions) on the
     Triton kernels of ``kernels/_triton_s4d.py``: the exact recurrence in chunks, causal in each direction (a
     future input gets exactly zero gradient from a causal kernel).  Same arguments and result as
-    :class:`_CausalScan` and :class:`_FFTConvolution`; the output is time-first in ``u``'s dtype.  Keeps ``u``
-    and the pre-activation (in ``u``'s dtype, on ``ctx``: dropped once read) and the parameters' tables."""
+    :class:`_CausalScan` and :class:`_FFTConvolution`; the output is time-first in ``u``'s dtype.  The
+    discretisation and its gradient are kernels too (six launches a training step in all).  Keeps ``u`` and the
+    pre-activation (in ``u``'s dtype, on ``ctx``: dropped once read), the raw parameters and their tables."""
 
     @staticmethod
     def forward(
@@ -740,24 +741,22 @@ class _FusedConvolution(torch.autograd.Function):
     ) -> Tensor:
         from ..kernels._triton_s4d import s4d_forward, s4d_tables
 
-        ssm = _discretise(log_dt, log_a_real, a_imag, c)
-        tables = s4d_tables(ssm.dt_a, ssm.c_bar)
+        tables = s4d_tables(log_dt, log_a_real, a_imag, c)
         out, pre = s4d_forward(u, tables, d, activation, any(ctx.needs_input_grad) and activation != "identity")
         ctx.u, ctx.pre = u, pre
-        ctx.ssm, ctx.tables, ctx.d, ctx.activation = ssm, tables, d, activation
+        ctx.params, ctx.tables, ctx.d, ctx.activation = (log_dt, log_a_real, a_imag, c), tables, d, activation
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        from ..kernels._triton_s4d import s4d_backward
+        from ..kernels._triton_s4d import s4d_backward, s4d_param_grads
 
         u, pre = take_inputs(ctx, "u", "pre")
-        ssm: _SSM = ctx.ssm
         with torch.autocast(grad.device.type, enabled=False):
-            g_u, s0, s1, g_d = s4d_backward(grad, pre, u, ctx.tables, ctx.d, ctx.activation)
+            g_u, sums = s4d_backward(grad, pre, u, ctx.tables, ctx.d, ctx.activation)
             del u, pre
-            # conjugated ∂/∂C̃ = 2·S0, ∂/∂dtA = 2·C̃·S1 per kernel (see _kernel_backward)
-            return (g_u, *_discretise_backward(ssm, 2.0 * ssm.c_bar * s1, 2.0 * s0), g_d, None)
+            # the parameters' gradients through the discretisation (_discretise_backward's math), one launch
+            return (g_u, *s4d_param_grads(sums, *ctx.params), None)
 
 
 def _param_grads_by_scan(channels: int, bsz: int, length: int) -> bool:

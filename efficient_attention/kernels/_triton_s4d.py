@@ -25,6 +25,11 @@ Backward, from ``g = act'(pre) ∘ dout``:
   states for the terms across chunks, and the terms inside a chunk from ``G = Σ_chunks g uᵀ`` ``(T x T)``,
   reduced against ``λ^{t-j-SHIFT}`` once at the end.  Per batch block, summed by the caller.
 
+The discretisation (``A = -e^{log_a_real} + i a_imag``, ``Δ = e^{log_dt}``, ``λ = e^{ΔA}``, ``C̃ = C (λ - 1) / A``)
+and its backward (``attentions/s4d._discretise_backward``'s math from ``S0, S1``) are one small kernel each,
+one program per (kernel, channel): with them a training step's S4D core is six launches and a few allocations
+(it was about 40 ATen ops of complex arithmetic on ``(K, C, n)`` tensors around the two big kernels).
+
 Activations (``ACT``): 0 identity, 1 gelu (erf), 2 relu, 3 silu, 4 tanh.
 """
 
@@ -355,6 +360,97 @@ def _s4d_bwd(
         )
 
 
+@triton.jit
+def _cdiv(x_re, x_im, y_re, y_im):
+    """``x / y`` for complex numbers as (re, im) pairs."""
+    den = y_re * y_re + y_im * y_im
+    return (x_re * y_re + x_im * y_im) / den, (x_im * y_re - x_re * y_im) / den
+
+
+@triton.jit
+def _cmul(x_re, x_im, y_re, y_im):
+    return x_re * y_re - x_im * y_im, x_re * y_im + x_im * y_re
+
+
+@triton.jit
+def _ssm(LOG_DT, LAR, AIM, CC, row, N, NP: tl.constexpr):
+    """The discretised modes of one (kernel, channel) ``row`` (``attentions/s4d._discretise``):
+    ``A = -e^{log_a_real} + i a_imag``, ``Δ = e^{log_dt}``, ``λ = e^{ΔA}``, ``C̃ = C (λ - 1) / A``."""
+    offs_n = tl.arange(0, NP)
+    mask_n = offs_n < N
+    dt = tl.exp(tl.load(LOG_DT + row))
+    a_re = -tl.exp(tl.load(LAR + row * N + offs_n, mask=mask_n, other=0.0))
+    a_im = tl.load(AIM + row * N + offs_n, mask=mask_n, other=0.0)
+    c_re = tl.load(CC + (row * N + offs_n) * 2, mask=mask_n, other=0.0)
+    c_im = tl.load(CC + (row * N + offs_n) * 2 + 1, mask=mask_n, other=0.0)
+    mag = tl.exp(a_re * dt)
+    l_re, l_im = mag * tl.cos(a_im * dt), mag * tl.sin(a_im * dt)
+    z_re, z_im = _cdiv(l_re - 1.0, l_im, a_re, a_im)  # zero-order hold (λ - 1) / A
+    cb_re, cb_im = _cmul(c_re, c_im, z_re, z_im)
+    return offs_n, mask_n, dt, a_re, a_im, c_re, c_im, l_re, l_im, z_re, z_im, cb_re, cb_im
+
+
+@triton.jit
+def _discretise_fwd(LOG_DT, LAR, AIM, CC, TAB, C, N, NP: tl.constexpr):
+    """The tables of :func:`s4d_tables` ``(K, 4, C, n)`` from the raw parameters, one program per (kernel, channel)."""
+    row = tl.program_id(0)
+    k = row // C
+    c = row % C
+    offs_n, mask_n, dt, a_re, a_im, _, _, _, _, _, _, cb_re, cb_im = _ssm(LOG_DT, LAR, AIM, CC, row, N, NP)
+    base = TAB + k * 4 * C * N + c * N + offs_n
+    tl.store(base, a_re * dt, mask=mask_n)
+    tl.store(base + C * N, a_im * dt, mask=mask_n)
+    tl.store(base + 2 * C * N, cb_re, mask=mask_n)
+    tl.store(base + 3 * C * N, cb_im, mask=mask_n)
+
+
+@triton.jit
+def _discretise_bwd(LOG_DT, LAR, AIM, CC, SUMS, G_LOG_DT, G_LAR, G_AIM, G_C, G_D, C, N, BLOCKS, NP: tl.constexpr):
+    """The raw parameters' gradients from the kernels' per-batch-block sums ``(K, blocks, C, 4n + 1)`` (``S0``,
+    ``S1`` as re / im, then ``∂D``; ``attentions/s4d._discretise_backward`` with ``h_C̃ = 2 S0``,
+    ``h_ΔA = 2 C̃ S1``, conjugated gradients ``h = ∂/∂re - i ∂/∂im``), one program per (kernel, channel)."""
+    row = tl.program_id(0)
+    k = row // C
+    c = row % C
+    offs_n, mask_n, dt, a_re, a_im, c_re, c_im, l_re, l_im, z_re, z_im, cb_re, cb_im = _ssm(
+        LOG_DT, LAR, AIM, CC, row, N, NP
+    )
+    s0_re = tl.zeros((NP,), tl.float32)
+    s0_im = tl.zeros((NP,), tl.float32)
+    s1_re = tl.zeros((NP,), tl.float32)
+    s1_im = tl.zeros((NP,), tl.float32)
+    g_d = tl.full((), 0.0, tl.float32)
+    for blk in range(0, BLOCKS):
+        src = SUMS + ((k * BLOCKS + blk) * C + c) * (4 * N + 1)
+        s0_re += tl.load(src + offs_n, mask=mask_n, other=0.0)
+        s0_im += tl.load(src + N + offs_n, mask=mask_n, other=0.0)
+        s1_re += tl.load(src + 2 * N + offs_n, mask=mask_n, other=0.0)
+        s1_im += tl.load(src + 3 * N + offs_n, mask=mask_n, other=0.0)
+        g_d += tl.load(src + 4 * N)
+    hc_re, hc_im = 2.0 * s0_re, 2.0 * s0_im  # h_C̃
+    hd_re, hd_im = _cmul(2.0 * cb_re, 2.0 * cb_im, s1_re, s1_im)  # h_ΔA
+    # through λ = e^{ΔA} inside C̃ too: h_w = h_ΔA + h_C̃ · C λ / A
+    cl_re, cl_im = _cmul(c_re, c_im, l_re, l_im)
+    t_re, t_im = _cdiv(cl_re, cl_im, a_re, a_im)
+    u_re, u_im = _cmul(hc_re, hc_im, t_re, t_im)
+    w_re, w_im = hd_re + u_re, hd_im + u_im
+    # ∂/∂Δ = Re(h_w A), times Δ for log Δ
+    g_log_dt = tl.sum(tl.where(mask_n, w_re * a_re - w_im * a_im, 0.0), 0) * dt
+    # h_A = h_w Δ - h_C̃ C̃ / A
+    hcb_re, hcb_im = _cmul(hc_re, hc_im, cb_re, cb_im)
+    v_re, v_im = _cdiv(hcb_re, hcb_im, a_re, a_im)
+    ha_re, ha_im = w_re * dt - v_re, w_im * dt - v_im
+    # ∂C = conj(h_C̃ · zoh) as (re, im)
+    gc_re, gc_im = _cmul(hc_re, hc_im, z_re, z_im)
+    tl.store(G_LOG_DT + row, g_log_dt)
+    tl.store(G_LAR + row * N + offs_n, ha_re * a_re, mask=mask_n)
+    tl.store(G_AIM + row * N + offs_n, -ha_im, mask=mask_n)
+    tl.store(G_C + (row * N + offs_n) * 2, gc_re, mask=mask_n)
+    tl.store(G_C + (row * N + offs_n) * 2 + 1, -gc_im, mask=mask_n)
+    if k == 0:
+        tl.store(G_D + c, g_d)
+
+
 # -- host side ---------------------------------------------------------------------------------------------------
 _T = 64  # positions per chunk
 _BB = 16  # batch rows per program (the products' narrow side)
@@ -366,12 +462,27 @@ def _time_first(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(length, bsz, heads, dim, device=u.device, dtype=dtype).permute(1, 2, 0, 3)
 
 
-def s4d_tables(dt_a: torch.Tensor, c_bar: torch.Tensor) -> torch.Tensor:
-    """The kernels' parameter tables: ``dtA``, ``C̃`` ``(K, C, n)`` complex64 (``K`` kernels: 1, or 2 with the one
-    over later positions) as one contiguous fp32 ``(K, 4, C, n)`` (re and im of ``dtA``, then of ``C̃``); made once
-    per training step, the forward's kept for the backward."""
-    pairs = torch.view_as_real(torch.stack([dt_a, c_bar], 1))  # (K, 2, C, n, 2)
-    return pairs.permute(0, 1, 4, 2, 3).reshape(dt_a.shape[0], 4, *dt_a.shape[1:])
+def s4d_tables(log_dt, log_a_real, a_imag, c) -> torch.Tensor:
+    """The kernels' parameter tables from the raw fp32 parameters (``log_dt (K, C)``, ``log_a_real``, ``a_imag``
+    ``(K, C, n)``, ``c (K, C, n, 2)``; ``K`` kernels: 1, or 2 with the one over later positions): the discretised
+    ``dtA``, ``C̃`` as one contiguous fp32 ``(K, 4, C, n)`` (re and im of ``dtA``, then of ``C̃``), one launch."""
+    kernels, channels, n = log_a_real.shape
+    tab = torch.empty(kernels, 4, channels, n, device=log_dt.device, dtype=torch.float32)
+    params = tuple(p.contiguous() for p in (log_dt, log_a_real, a_imag, c))
+    launch(_discretise_fwd, (kernels * channels,), (*params, tab), (channels, n), dict(NP=_block_n(n), num_warps=1))
+    return tab
+
+
+def s4d_param_grads(sums, log_dt, log_a_real, a_imag, c) -> tuple:
+    """``(∂log_dt, ∂log_a_real, ∂a_imag, ∂c, ∂d)`` from :func:`s4d_backward`'s sums ``(K, blocks, C, 4n + 1)``, one
+    launch."""
+    kernels, blocks, channels, _ = sums.shape
+    n = log_a_real.shape[-1]
+    params = tuple(p.contiguous() for p in (log_dt, log_a_real, a_imag, c))
+    grads = tuple(torch.empty_like(p) for p in params) + (torch.empty(channels, device=sums.device),)
+    scalars = (channels, n, blocks)
+    launch(_discretise_bwd, (kernels * channels,), (*params, sums, *grads), scalars, dict(NP=_block_n(n), num_warps=1))
+    return grads
 
 
 def _block_n(n: int) -> int:
@@ -408,8 +519,9 @@ def s4d_forward(u, tables, d, activation: str, keep_pre: bool):
 
 
 def s4d_backward(grad, pre, u, tables, d, activation: str):
-    """``(du in u's dtype and time-first layout, S0, S1 complex (K, C, n), ∂D (C,))`` for the output gradient
-    ``grad`` ``(B, H, L, d)``, the kept ``pre`` (time-first; None for the identity) and ``u`` (any strides)."""
+    """``(du in u's dtype and time-first layout, sums)`` for the output gradient ``grad`` ``(B, H, L, d)``, the kept
+    ``pre`` (time-first; None for the identity) and ``u`` (any strides): ``sums`` ``(K, blocks, C, 4n + 1)`` fp32
+    per kernel and batch block, ``S0`` and ``S1`` (re, im) and ``∂D``, for :func:`s4d_param_grads`."""
     bsz, heads, length, dim = u.shape
     kernels, _, channels, n = tables.shape
     blocks = triton.cdiv(bsz, _BB)
@@ -423,10 +535,7 @@ def s4d_backward(grad, pre, u, tables, d, activation: str):
         flags = dict(HAS_D=k == 0, REVERSE=k == 1, SHIFT=k, ADD_DU=k == 1)
         tensors = (grad, grad if pre is None else pre, u, du, sums[k], tables[k], d.contiguous())
         launch(_s4d_bwd, (channels, blocks), tensors, scalars, {**common, **flags})
-    total = sums.sum(1) if blocks > 1 else sums[:, 0]  # (K, C, 4n + 1)
-    s0 = torch.complex(total[..., :n], total[..., n : 2 * n])
-    s1 = torch.complex(total[..., 2 * n : 3 * n], total[..., 3 * n : 4 * n])
-    return (du if du.dtype == u.dtype else du.to(u.dtype)), s0, s1, total[0, :, 4 * n]
+    return (du if du.dtype == u.dtype else du.to(u.dtype)), sums
 
 
 def probe(device: torch.device, dtype: torch.dtype, activation: str, kernels: int, n: int) -> None:
@@ -434,10 +543,13 @@ def probe(device: torch.device, dtype: torch.dtype, activation: str, kernels: in
     pre-activation, backward) on a tiny input: raises what a kernel raises (``backends.triton_probe``)."""
     g = torch.Generator(device=device).manual_seed(0)
     u = torch.randn(1, 1, 5, 1, generator=g, device=device).to(dtype)
-    modes = (kernels, 1, n)
-    dt_a = torch.complex(-torch.rand(modes, generator=g, device=device), torch.rand(modes, generator=g, device=device))
-    c_bar = torch.complex(*(torch.randn(modes, generator=g, device=device) for _ in range(2)))
-    tables, d = s4d_tables(dt_a, c_bar), torch.ones(1, device=device)
+    params = (
+        -torch.rand(kernels, 1, generator=g, device=device) * 4.0,
+        -torch.rand(kernels, 1, n, generator=g, device=device),
+        torch.rand(kernels, 1, n, generator=g, device=device),
+        torch.randn(kernels, 1, n, 2, generator=g, device=device),
+    )
+    tables, d = s4d_tables(*params), torch.ones(1, device=device)
     s4d_forward(u, tables, d, activation, False)
     out, pre = s4d_forward(u, tables, d, activation, activation != "identity")
-    s4d_backward(torch.ones_like(out), pre, u, tables, d, activation)
+    s4d_param_grads(s4d_backward(torch.ones_like(out), pre, u, tables, d, activation)[1], *params)
