@@ -615,8 +615,8 @@ def fused_paths_fall_back_when_kernels_fail_case():
     def broken(*args):
         raise RuntimeError("compilation failed")
 
-    real = (_triton_abc.probe, _triton_s4d.probe)
-    _triton_abc.probe = _triton_s4d.probe = broken
+    real = (_triton_abc.probe_slots, _triton_s4d.probe_s4d)
+    _triton_abc.probe_slots = _triton_s4d.probe_s4d = broken
     backends._probes.clear()
     try:
         for name in ("s4d", "abc"):
@@ -631,7 +631,7 @@ def fused_paths_fall_back_when_kernels_fail_case():
             assert rel(out, ref) < 1e-5 and rel(gx, g64) < 1e-5, name
         assert backends._probes and all(v and "compilation failed" in v for v in backends._probes.values())
     finally:
-        _triton_abc.probe, _triton_s4d.probe = real
+        _triton_abc.probe_slots, _triton_s4d.probe_s4d = real
         backends._probes.clear()
 
 

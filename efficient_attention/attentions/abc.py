@@ -44,7 +44,7 @@ def _fused_slots(x: Tensor, dtype: torch.dtype) -> bool:
     from ..kernels import _triton_abc
 
     key = ("abc slots", x.device, dtype, x.shape[-1])
-    return triton_probe(key, lambda: _triton_abc.probe(x.device, dtype, x.shape[-1]), "ABC (causal)")
+    return triton_probe(key, lambda: _triton_abc.probe_slots(x.device, dtype, x.shape[-1]), "ABC (causal)")
 
 
 class _SlotRead(torch.autograd.Function):

@@ -724,7 +724,7 @@ def _fused_scan(u: Tensor, log_dt: Tensor, modes: int, activation: str) -> bool:
 
     kernels = log_dt.shape[0]
     key = ("s4d", u.device, u.dtype, activation, kernels, modes)
-    return triton_probe(key, lambda: _triton_s4d.probe(u.device, u.dtype, activation, kernels, modes), "S4D")
+    return triton_probe(key, lambda: _triton_s4d.probe_s4d(u.device, u.dtype, activation, kernels, modes), "S4D")
 
 
 class _FusedConvolution(torch.autograd.Function):

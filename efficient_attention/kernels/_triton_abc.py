@@ -237,7 +237,7 @@ def slot_read_grad(grad, num, nl, mask, scale: float, bound: float):
     return dnum, dnl
 
 
-def probe(device: torch.device, dtype: torch.dtype, n: int) -> None:
+def probe_slots(device: torch.device, dtype: torch.dtype, n: int) -> None:
     """Launches every variant the fused slots use (the weights with and without the scan, their gradient with
     each of its inputs, the read with and without a dropout mask, its gradient) on a tiny input: raises what a
     kernel raises (``backends.triton_probe``)."""

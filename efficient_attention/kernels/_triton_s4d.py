@@ -538,7 +538,7 @@ def s4d_backward(grad, pre, u, tables, d, activation: str):
     return (du if du.dtype == u.dtype else du.to(u.dtype)), sums
 
 
-def probe(device: torch.device, dtype: torch.dtype, activation: str, kernels: int, n: int) -> None:
+def probe_s4d(device: torch.device, dtype: torch.dtype, activation: str, kernels: int, n: int) -> None:
     """Launches every variant a training step of this configuration uses (forward with and without the kept
     pre-activation, backward) on a tiny input: raises what a kernel raises (``backends.triton_probe``)."""
     g = torch.Generator(device=device).manual_seed(0)
