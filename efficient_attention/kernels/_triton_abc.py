@@ -26,7 +26,9 @@ import triton.language as tl
 
 from ._triton_common import launch
 
-_PAD = -1.0e30  # a finite "minus infinity" for padded rows and slots: exp(_PAD - m) is 0, exp(_PAD - _PAD) is 1
+_PAD = tl.constexpr(
+    -1.0e30
+)  # a finite "minus infinity" for padded rows and slots: exp(_PAD - m) is 0, exp(_PAD - _PAD) is 1
 
 
 @triton.jit

@@ -40,8 +40,8 @@ import triton.language as tl
 from ._triton_common import launch
 
 ACTIVATIONS = ("identity", "gelu", "relu", "silu", "tanh")
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
