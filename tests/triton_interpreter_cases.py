@@ -1013,4 +1013,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("EA_SM90_RECORD"):  # the launches, for ``sm90_compile.py`` to build for the GPU
+        from sm90_compile import recording
+
+        with recording(os.environ["EA_SM90_RECORD"]):
+            code = main()
+        sys.exit(code)
     sys.exit(main())

@@ -1,0 +1,266 @@
+"""Compile for an H100 / H200 (sm_90) every Triton kernel variant that a CPU run launches under the interpreter.
+
+Triton's interpreter runs a kernel's Python on the CPU: it accepts programs the GPU compiler rejects (a ``tl.dot``
+with a side under 16, a block that is not a power of two, shared memory past the 227 KiB a block may use), so a
+kernel tested only there can still fail to build on the device.  This script closes that gap without a GPU, in two
+steps:
+
+1. ``record`` (under ``TRITON_INTERPRET=1``): :func:`recording` wraps the interpreter's launch, and writes, for
+   every distinct launch, the kernel, its argument types (tensors by dtype and 16-byte alignment, integers by the
+   classes Triton specialises on: 1, a multiple of 16, other, 64-bit), its constexprs and launch options.
+   ``tests/triton_interpreter_cases.py`` turns it on when ``EA_SM90_RECORD`` names a file.
+2. ``compile`` (without the interpreter): each recorded variant goes through Triton's own specialisation (the
+   binder a launch uses) and ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``; the cubin's registers and
+   stack (``cuobjdump``) and its shared memory are checked against what an sm_90 block may use.  Exits non-zero
+   listing every variant that fails.
+
+    TRITON_INTERPRET=1 EA_SM90_RECORD=/tmp/launches.pkl python tests/triton_interpreter_cases.py
+    python tests/sm90_compile.py compile /tmp/launches.pkl
+
+``tests/test_kernels_triton_interpreter.py`` runs both steps in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+SM90_SHARED_BYTES = 232448  # 227 KiB: the most dynamic shared memory one block may use on sm_90
+SM90_REGISTERS = 65536  # per multiprocessor, so per block at most
+SM90_MAX_REGS_PER_THREAD = 255
+
+
+# ---------------------------------------------------------------------------------------------- recording
+
+
+def _int_class(x: int) -> int:
+    """A representative of the values Triton compiles alike: 1 and multiples of 16 are specialised, 64-bit apart."""
+    if x == 1:
+        return 1
+    if abs(x) >= 2**31:
+        return 2**40 + (16 if x % 16 == 0 else 3)
+    return 16 if x % 16 == 0 else 3
+
+
+def _describe(value, constexpr: bool):
+    import torch
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0)
+    if isinstance(value, TensorDescriptor):
+        base = _describe(value.base, False)
+        return ("desc", base, tuple(value.shape), tuple(value.strides), tuple(value.block_shape), value.padding)
+    if isinstance(value, tl.constexpr):
+        value = value.value
+    if isinstance(value, tl.dtype):
+        return ("tl.dtype", value.name)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return ("value", value)
+    if isinstance(value, int):
+        return ("value", value if constexpr else _int_class(value))
+    if isinstance(value, float):
+        return ("value", value if constexpr else 0.5)
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def _is_constexpr(param: inspect.Parameter) -> bool:
+    ann = param.annotation
+    return ann is not inspect.Parameter.empty and ("constexpr" in str(ann))
+
+
+@contextlib.contextmanager
+def recording(path: str):
+    """Record every distinct interpreted launch while the block runs; write them to ``path`` (pickle) on exit."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: dict = {}
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        fn = self.fn
+        params = list(inspect.signature(fn).parameters.values())
+        bound = dict(zip([p.name for p in params], args))
+        bound.update(kwargs)
+        described = tuple(
+            (
+                name,
+                _describe(
+                    value, _is_constexpr(p) if (p := next((q for q in params if q.name == name), None)) else True
+                ),
+            )
+            for name, value in bound.items()
+        )
+        key = (fn.__module__, fn.__name__, described)
+        seen.setdefault(key, None)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield seen
+    finally:
+        InterpretedFunction.run = original
+        with open(path, "wb") as f:
+            pickle.dump(list(seen), f)
+
+
+def record_mechanisms(path: str, length: int = 160) -> None:
+    """Every registered mechanism in each self pattern it supports, in CAB's head shape (8 heads of 64, bf16
+    autocast): one training step and, for causal ones, three decoding steps, with their launches recorded.
+    The CUDA branches that test ``is_cuda`` are switched on as ``benchmarks/host_ops.py`` does."""
+    import torch
+
+    from efficient_attention import available_attentions, base, build_attention
+    from efficient_attention.attentions import abc
+    from efficient_attention.capabilities import Pattern
+
+    base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")
+    abc.ABC.SCAN_DEVICES = ("cpu", "cuda")
+    abc.ABC.IN_PLACE_DEVICES = ("cpu", "cuda")
+    with recording(path):
+        for name, info in available_attentions().items():
+            for pattern in (Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF):
+                if pattern not in info.capabilities.patterns:
+                    continue
+                torch.manual_seed(0)
+                extra = {"max_len": length} if name == "cosformer" and pattern.causal else {}  # (decoding needs it)
+                m = build_attention(
+                    name, embed_dim=512, num_heads=8, causal=pattern.causal, self_attention=True, **extra
+                )
+                x = torch.randn(length, 2, 512, requires_grad=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out, _ = m(x, x, x, need_weights=False)
+                out.float().sum().backward()
+                if pattern.causal and info.capabilities.incremental:
+                    m.eval()
+                    state: dict = {}
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                        for t in range(3):
+                            m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)
+                print(f"recorded {name} {pattern}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- compiling
+
+
+def _rebuild(desc):
+    import torch
+    import triton.language as tl
+    from triton.runtime.jit import MockTensor
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    kind = desc[0]
+    if kind == "tensor":
+        t = MockTensor(getattr(torch, desc[1]))
+        if not desc[2]:
+            t.data_ptr = lambda: 8  # an off-16 address: Triton specialises the pointer's alignment
+        return t
+    if kind == "desc":
+        _, base, shape, strides, block, padding = desc
+        return TensorDescriptor(_rebuild(base), list(shape), list(strides), list(block), padding)
+    if kind == "tl.dtype":
+        return getattr(tl, desc[1]) if hasattr(tl, desc[1]) else tl.dtype(desc[1])
+    return desc[1]
+
+
+def _cuobjdump(cubin: bytes) -> tuple[int, int]:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def compile_one(spec) -> tuple[str, str | None]:
+    """Compile one recorded launch for sm_90: ``(description, None)`` or ``(description, what is wrong)``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    module, name, described = spec
+    fn = getattr(importlib.import_module(module), name)
+    kwargs = {k: _rebuild(v) for k, v in described}
+    launch = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    consts = ", ".join(
+        f"{k}={v}"
+        for k, v in described
+        if v[0] == "value" and k in fn.arg_names and fn.params[fn.arg_names.index(k)].is_constexpr
+    )
+    dtypes = ",".join(sorted({v[1] for _, v in described if v[0] == "tensor"}))
+    label = f"{module.rsplit('.', 1)[-1]}.{name} [{dtypes}] {consts} {launch}"
+    try:
+        target = GPUTarget("cuda", 90, 32)
+        backend = make_backend(target)
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(**kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, launch, bound, specialization, options)
+        kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    except Exception as e:  # noqa: BLE001 - reported, with the variant, by the caller
+        where, cause = str(e).strip().splitlines()[:1], e
+        while cause.__cause__ is not None:  # Triton's CompilationError ("at line:col") wraps the error itself
+            cause = cause.__cause__
+        return label, f"does not compile ({' '.join(where)[:80]}): {type(cause).__name__}: {str(cause).strip()[:600]}"
+    regs, stack = _cuobjdump(kernel.asm["cubin"])
+    threads = options.num_warps * 32
+    smem = kernel.metadata.shared
+    label += f"  (regs {regs}, stack {stack} B, smem {smem / 1024:.1f} KiB)"
+    if smem > SM90_SHARED_BYTES:
+        return label, f"needs {smem} B of shared memory, more than sm_90's {SM90_SHARED_BYTES}"
+    if regs * threads > SM90_REGISTERS or regs > SM90_MAX_REGS_PER_THREAD:
+        return label, f"needs {regs} registers x {threads} threads, more than sm_90's {SM90_REGISTERS}"
+    return label, None
+
+
+def compile_all(path: str, workers: int = 2, verbose: bool = False) -> int:
+    with open(path, "rb") as f:
+        specs = pickle.load(f)
+    failures = []
+    with ProcessPoolExecutor(workers) as pool:
+        for i, (label, problem) in enumerate(pool.map(compile_one, specs), 1):
+            if problem:
+                failures.append(f"{label}: {problem}")
+            if verbose or problem:
+                print(
+                    f"{'FAIL' if problem else 'ok  '} {i}/{len(specs)} {label}{': ' + problem if problem else ''}",
+                    flush=True,
+                )
+    print(f"{len(specs) - len(failures)} of {len(specs)} recorded kernel variants compile for sm_90")
+    return 1 if failures else 0
+
+
+def main() -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["compile", "record-mechanisms"])
+    p.add_argument("path", help="the launches recorded by `recording` (pickle)")
+    p.add_argument("--length", type=int, default=160, help="record-mechanisms: the training step's length")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("-v", "--verbose", action="store_true", help="print every variant, not only failures")
+    a = p.parse_args()
+    if a.command == "record-mechanisms":
+        assert os.environ.get("TRITON_INTERPRET") == "1", "record under TRITON_INTERPRET=1"
+        record_mechanisms(a.path, a.length)
+        return 0
+    assert os.environ.get("TRITON_INTERPRET") != "1", "compile without TRITON_INTERPRET (it replaces the kernels)"
+    return compile_all(a.path, a.workers, a.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
