@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,17 +119,19 @@ def recording(path: str):
 
 def record_mechanisms(path: str, length: int = 160) -> None:
     """Every registered mechanism in each self pattern it supports, in CAB's head shape (8 heads of 64, bf16
-    autocast): one training step and, for causal ones, three decoding steps, with their launches recorded.
+    autocast; S4D one head of 64): one training step and, for causal ones, three decoding steps, with their
+    launches recorded.
     The CUDA branches that test ``is_cuda`` are switched on as ``benchmarks/host_ops.py`` does."""
     import torch
 
     from efficient_attention import available_attentions, base, build_attention
-    from efficient_attention.attentions import abc
+    from efficient_attention.attentions import abc, performer
     from efficient_attention.capabilities import Pattern
 
     base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")
     abc.ABC.SCAN_DEVICES = ("cpu", "cuda")
     abc.ABC.IN_PLACE_DEVICES = ("cpu", "cuda")
+    performer.Performer.FUSED_STEP_DEVICES = ("cpu", "cuda")
     with recording(path):
         for name, info in available_attentions().items():
             for pattern in (Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF):
@@ -136,10 +139,13 @@ def record_mechanisms(path: str, length: int = 160) -> None:
                     continue
                 torch.manual_seed(0)
                 extra = {"max_len": length} if name == "cosformer" and pattern.causal else {}  # (decoding needs it)
+                # S4D's kernels run one program per channel: one head of 64 compiles alike and interprets 8x faster
+                embed, heads = (64, 1) if name == "s4d" else (512, 8)
                 m = build_attention(
-                    name, embed_dim=512, num_heads=8, causal=pattern.causal, self_attention=True, **extra
+                    name, embed_dim=embed, num_heads=heads, causal=pattern.causal, self_attention=True, **extra
                 )
-                x = torch.randn(length, 2, 512, requires_grad=True)
+                start = time.perf_counter()
+                x = torch.randn(length, 1, embed, requires_grad=True)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     out, _ = m(x, x, x, need_weights=False)
                 out.float().sum().backward()
@@ -149,7 +155,7 @@ def record_mechanisms(path: str, length: int = 160) -> None:
                     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                         for t in range(3):
                             m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)
-                print(f"recorded {name} {pattern}", flush=True)
+                print(f"recorded {name} {pattern} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- compiling

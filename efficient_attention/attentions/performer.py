@@ -484,6 +484,8 @@ class Performer(EfficientAttention):
             hit = copies[dtype, rows] = (scaled if rows else scaled.t()).contiguous()
         return hit
 
+    FUSED_STEP_DEVICES = ("cuda",)  # device types whose decoding step is one Triton launch (tests add "cpu")
+
     def _fused_step_fits(self, q: Tensor, k: Tensor, v: Tensor, state: Dict[str, Any]) -> bool:
         """The Triton step takes this step: no autograd (generation), fp32 state, head dims the kernel holds."""
         kvz = state["kv_sum"]
@@ -531,7 +533,7 @@ class Performer(EfficientAttention):
         # the product in autocast's dtype under autocast (as _projection's), else in fp32; the rest in fp32
         autocast = torch.is_autocast_enabled(device) and acc != torch.float64
         product = torch.get_autocast_dtype(device) if autocast else acc
-        if kpm is None and q.is_cuda and self._fused_step_fits(q, k, v, state):
+        if kpm is None and device in self.FUSED_STEP_DEVICES and self._fused_step_fits(q, k, v, state):
             out = self._fused_step(q, k, v, state, product)
             if out is not None:
                 return out
