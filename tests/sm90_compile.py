@@ -203,13 +203,12 @@ def compile_one(spec) -> tuple[str, str | None]:
     fn = getattr(importlib.import_module(module), name)
     kwargs = {k: _rebuild(v) for k, v in described}
     launch = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
-    consts = ", ".join(
-        f"{k}={v}"
-        for k, v in described
-        if v[0] == "value" and k in fn.arg_names and fn.params[fn.arg_names.index(k)].is_constexpr
+    consts = " ".join(
+        f"{k}={v[1]}" for k, v in described if k in fn.arg_names and fn.params[fn.arg_names.index(k)].is_constexpr
     )
     dtypes = ",".join(sorted({v[1] for _, v in described if v[0] == "tensor"}))
-    label = f"{module.rsplit('.', 1)[-1]}.{name} [{dtypes}] {consts} {launch}"
+    opts = " ".join(f"{k}={v}" for k, v in launch.items())
+    label = f"{module.rsplit('.', 1)[-1]}.{name} [{dtypes}] {consts} {opts}"
     try:
         target = GPUTarget("cuda", 90, 32)
         backend = make_backend(target)

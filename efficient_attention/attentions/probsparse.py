@@ -285,7 +285,7 @@ class ProbSparse(EfficientAttention):
     past sparsity scores.
     """
 
-    capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, backends=("torch",))
+    capabilities = Capabilities(patterns=SELF_PATTERNS, incremental=True, backends=("triton", "sdpa", "torch"))
     Options = ProbSparseOptions
 
     # ---------------------------------------------------------------- pieces
