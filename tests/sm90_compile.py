@@ -1,23 +1,26 @@
 """Compile for an H100 / H200 (sm_90) every Triton kernel variant that a CPU run launches under the interpreter.
 
-Triton's interpreter runs a kernel's Python on the CPU: it accepts programs the GPU compiler rejects (a ``tl.dot``
-with a side under 16, a block that is not a power of two, shared memory past the 227 KiB a block may use), so a
-kernel tested only there can still fail to build on the device.  This script closes that gap without a GPU, in two
-steps:
+Triton's interpreter runs a kernel's Python on the CPU: it accepts programs the GPU compiler rejects (a global
+that is not a ``tl.constexpr``, a ``tl.dot`` with a side under 16) and never allocates shared memory (an sm_90
+block may use 227 KiB), so a kernel tested only there can still fail to build or launch on the device.  This
+script closes that gap without a GPU, in two steps:
 
-1. ``record`` (under ``TRITON_INTERPRET=1``): :func:`recording` wraps the interpreter's launch, and writes, for
-   every distinct launch, the kernel, its argument types (tensors by dtype and 16-byte alignment, integers by the
-   classes Triton specialises on: 1, a multiple of 16, other, 64-bit), its constexprs and launch options.
-   ``tests/triton_interpreter_cases.py`` turns it on when ``EA_SM90_RECORD`` names a file.
+1. record (under ``TRITON_INTERPRET=1``): :func:`recording` wraps the interpreter's launch and writes, for every
+   distinct launch, the kernel, its argument types (tensors by dtype and 16-byte alignment, integers by the
+   classes Triton specialises on: 1, a multiple of 16, other, 64-bit), its constexprs and launch options.  Three
+   workloads: ``tests/triton_interpreter_cases.py`` (when ``EA_SM90_RECORD`` names a file), ``record-mechanisms``
+   (a bf16 step of every mechanism with a kernel, run) and ``record-shapes`` (CAB's setting at long lengths, the
+   kernels not run: the tiles, segments and TMA loads a benchmark on an H200 launches).
 2. ``compile`` (without the interpreter): each recorded variant goes through Triton's own specialisation (the
    binder a launch uses) and ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``; the cubin's registers and
    stack (``cuobjdump``) and its shared memory are checked against what an sm_90 block may use.  Exits non-zero
    listing every variant that fails.
 
     TRITON_INTERPRET=1 EA_SM90_RECORD=/tmp/launches.pkl python tests/triton_interpreter_cases.py
+    TRITON_INTERPRET=1 python tests/sm90_compile.py record-shapes /tmp/shapes.pkl --lengths 1024 8192
     python tests/sm90_compile.py compile /tmp/launches.pkl
 
-``tests/test_kernels_triton_interpreter.py`` runs both steps in CI.
+``tests/test_kernels_triton_interpreter.py`` runs them in CI.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ def _is_constexpr(param: inspect.Parameter) -> bool:
 
 
 @contextlib.contextmanager
-def recording(path: str):
-    """Record every distinct interpreted launch while the block runs; write them to ``path`` (pickle) on exit."""
+def recording(path: str, execute: bool = True):
+    """Record every distinct interpreted launch while the block runs; write them to ``path`` (pickle) on exit.
+    ``execute=False``: the kernels are not run (their outputs stay unwritten), for the shapes of long sequences."""
     from triton.runtime.interpreter import InterpretedFunction
 
     seen: dict = {}
@@ -92,21 +96,15 @@ def recording(path: str):
 
     def run(self, *args, grid, warmup, **kwargs):
         fn = self.fn
-        params = list(inspect.signature(fn).parameters.values())
-        bound = dict(zip([p.name for p in params], args))
-        bound.update(kwargs)
+        params = {p.name: p for p in inspect.signature(fn).parameters.values()}
+        bound = dict(zip(params, args))
+        bound.update(kwargs)  # (launch options are not parameters: described as constants)
         described = tuple(
-            (
-                name,
-                _describe(
-                    value, _is_constexpr(p) if (p := next((q for q in params if q.name == name), None)) else True
-                ),
-            )
+            (name, _describe(value, _is_constexpr(params[name]) if name in params else True))
             for name, value in bound.items()
         )
-        key = (fn.__module__, fn.__name__, described)
-        seen.setdefault(key, None)
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        seen.setdefault((fn.__module__, fn.__name__, described), None)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs) if execute else None
 
     InterpretedFunction.run = run
     try:
@@ -117,45 +115,84 @@ def recording(path: str):
             pickle.dump(list(seen), f)
 
 
-def record_mechanisms(path: str, length: int = 160) -> None:
-    """Every registered mechanism in each self pattern it supports, in CAB's head shape (8 heads of 64, bf16
-    autocast; S4D one head of 64): one training step and, for causal ones, three decoding steps, with their
-    launches recorded.
-    The CUDA branches that test ``is_cuda`` are switched on as ``benchmarks/host_ops.py`` does."""
+def _as_on_an_h200() -> None:
+    """The branches a CUDA step takes, on CPU tensors: the switches ``benchmarks/host_ops.py`` sets, an H200's 132
+    multiprocessors for the linear attention's segments, and TMA loads wherever the tensors are aligned for them."""
     import torch
 
-    from efficient_attention import available_attentions, base, build_attention
+    from efficient_attention import base
     from efficient_attention.attentions import abc, performer
-    from efficient_attention.capabilities import Pattern
+    from efficient_attention.kernels import triton_ops
+
+    linear_attention = importlib.import_module("efficient_attention.kernels.linear_attention")  # (not the function)
 
     base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")
     abc.ABC.SCAN_DEVICES = ("cpu", "cuda")
     abc.ABC.IN_PLACE_DEVICES = ("cpu", "cuda")
     performer.Performer.FUSED_STEP_DEVICES = ("cpu", "cuda")
+    linear_attention._SMS[torch.device("cpu")] = 132
+    triton_ops._tma_ok = _tma_aligned  # (an H200 has TMA: the alignment decides)
+
+
+def _tma_aligned(*ts, strides=()) -> bool:
+    """``triton_ops._tma_ok`` on a device with TMA: 16-byte aligned bases and strides."""
+    size = ts[0].element_size()
+    return all(t.data_ptr() % 16 == 0 for t in ts) and all(s * size % 16 == 0 for s in strides)
+
+
+def _mechanism_steps(length: int, batch: int, decode: int, log):
+    """Every registered mechanism in each self pattern it supports, in CAB's head shape (8 heads of 64, bf16
+    autocast): one training step on ``(length, batch, 512)`` and, for causal ones that decode, a prefill of
+    ``length`` positions and ``decode`` steps after it.  Mechanisms without a Triton kernel (``vanilla``, ``blockwise``: SDPA) are left out."""
+    import torch
+
+    from efficient_attention import available_attentions, build_attention
+    from efficient_attention.capabilities import Pattern
+
+    for name, info in available_attentions().items():
+        if not {"triton", "kernels"} & {b.split(".")[0] for b in info.capabilities.backends}:
+            continue
+        for pattern in (Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF):
+            if pattern not in info.capabilities.patterns:
+                continue
+            start = time.perf_counter()
+            torch.manual_seed(0)
+            extra = {"max_len": 2 * length} if name == "cosformer" and pattern.causal else {}  # (decoding needs it)
+            # S4D's kernels run one program per channel: one head of 64 compiles alike and interprets 8x faster
+            embed, heads = (64, 1) if name == "s4d" else (512, 8)
+            m = build_attention(
+                name, embed_dim=embed, num_heads=heads, causal=pattern.causal, self_attention=True, **extra
+            )
+            x = torch.randn(length, batch, embed, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = m(x, x, x, need_weights=False)
+            out.float().sum().backward()
+            if decode and pattern.causal and info.capabilities.incremental:
+                m.eval()
+                state: dict = {}
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    m(x, x, x, incremental_state=state, need_weights=False)  # the prompt: prefill
+                    for t in range(decode):
+                        m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)
+            log(f"recorded {name} {pattern} at {length} ({time.perf_counter() - start:.1f} s)")
+
+
+def record_mechanisms(path: str, length: int = 128) -> None:
+    """One bf16 training step (and a prefill and three decoding steps) of every mechanism with a Triton kernel, the kernels run
+    by the interpreter: the variants of a short sequence."""
+    _as_on_an_h200()
     with recording(path):
-        for name, info in available_attentions().items():
-            for pattern in (Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF):
-                if pattern not in info.capabilities.patterns:
-                    continue
-                torch.manual_seed(0)
-                extra = {"max_len": length} if name == "cosformer" and pattern.causal else {}  # (decoding needs it)
-                # S4D's kernels run one program per channel: one head of 64 compiles alike and interprets 8x faster
-                embed, heads = (64, 1) if name == "s4d" else (512, 8)
-                m = build_attention(
-                    name, embed_dim=embed, num_heads=heads, causal=pattern.causal, self_attention=True, **extra
-                )
-                start = time.perf_counter()
-                x = torch.randn(length, 1, embed, requires_grad=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out, _ = m(x, x, x, need_weights=False)
-                out.float().sum().backward()
-                if pattern.causal and info.capabilities.incremental:
-                    m.eval()
-                    state: dict = {}
-                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                        for t in range(3):
-                            m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)
-                print(f"recorded {name} {pattern} ({time.perf_counter() - start:.1f} s)", flush=True)
+        _mechanism_steps(length, 1, 3, lambda line: print(line, flush=True))
+
+
+def record_shapes(path: str, lengths, batch: int = 4) -> None:
+    """The variants of CAB's setting ``(L, 4, 512)`` at each of ``lengths`` (tiles, segments and TMA loads depend
+    on the length), the kernels not run: a training step of every mechanism with a Triton kernel, and a prefill of
+    ``L`` positions with one decoding step after it for the causal ones."""
+    _as_on_an_h200()
+    with recording(path, execute=False):
+        for length in lengths:
+            _mechanism_steps(length, batch, 1, lambda line: print(line, flush=True))
 
 
 # ---------------------------------------------------------------------------------------------- compiling
@@ -253,15 +290,19 @@ def main() -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=["compile", "record-mechanisms"])
+    p.add_argument("command", choices=["compile", "record-mechanisms", "record-shapes"])
     p.add_argument("path", help="the launches recorded by `recording` (pickle)")
-    p.add_argument("--length", type=int, default=160, help="record-mechanisms: the training step's length")
+    p.add_argument("--length", type=int, default=128, help="record-mechanisms: the training step's length")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768], help="record-shapes: lengths")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("-v", "--verbose", action="store_true", help="print every variant, not only failures")
     a = p.parse_args()
-    if a.command == "record-mechanisms":
+    if a.command.startswith("record"):
         assert os.environ.get("TRITON_INTERPRET") == "1", "record under TRITON_INTERPRET=1"
-        record_mechanisms(a.path, a.length)
+        if a.command == "record-shapes":
+            record_shapes(a.path, a.lengths)
+        else:
+            record_mechanisms(a.path, a.length)
         return 0
     assert os.environ.get("TRITON_INTERPRET") != "1", "compile without TRITON_INTERPRET (it replaces the kernels)"
     return compile_all(a.path, a.workers, a.verbose)

@@ -23,6 +23,7 @@ pytestmark = [
 ]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPE_LENGTHS = ["1024", "8192"]  # record-shapes' lengths in CI
 
 
 def _run(args, tmp, interpret: bool, timeout: int, **extra_env):
@@ -68,6 +69,16 @@ def test_mechanisms_kernels_compile_for_sm90(tmp_path):
     run = _run(
         [os.path.join(HERE, "sm90_compile.py"), "record-mechanisms", path, "--length", "128"], str(tmp_path), True, 900
     )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    _compiles(path, str(tmp_path))
+
+
+def test_benchmark_shapes_kernels_compile_for_sm90(tmp_path):
+    """CAB's setting ``(L, 4, 512)`` at the lengths the benchmarks run, the kernels recorded without running: the
+    tiles, segments and TMA loads chosen for long sequences on an H200, which the probes' tiny inputs never reach."""
+    path = str(tmp_path / "shapes.pkl")
+    args = [os.path.join(HERE, "sm90_compile.py"), "record-shapes", path, "--lengths", *SHAPE_LENGTHS]
+    run = _run(args, str(tmp_path), True, 1200)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     _compiles(path, str(tmp_path))
 
