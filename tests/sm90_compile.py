@@ -143,7 +143,8 @@ def _tma_aligned(*ts, strides=()) -> bool:
 def _mechanism_steps(length: int, batch: int, decode: int, log):
     """Every registered mechanism in each self pattern it supports, in CAB's head shape (8 heads of 64, bf16
     autocast): one training step on ``(length, batch, 512)`` and, for causal ones that decode, a prefill of
-    ``length`` positions and ``decode`` steps after it.  Mechanisms without a Triton kernel (``vanilla``, ``blockwise``: SDPA) are left out."""
+    ``length`` positions and ``decode`` steps after it.  Mechanisms without a Triton kernel (``vanilla``,
+    ``blockwise``, ``lara``) are left out."""
     import torch
 
     from efficient_attention import available_attentions, build_attention
@@ -178,8 +179,8 @@ def _mechanism_steps(length: int, batch: int, decode: int, log):
 
 
 def record_mechanisms(path: str, length: int = 128) -> None:
-    """One bf16 training step (and a prefill and three decoding steps) of every mechanism with a Triton kernel, the kernels run
-    by the interpreter: the variants of a short sequence."""
+    """One bf16 training step (and a prefill and three decoding steps) of every mechanism with a Triton kernel,
+    the kernels run by the interpreter: the variants of a short sequence."""
     _as_on_an_h200()
     with recording(path):
         _mechanism_steps(length, 1, 3, lambda line: print(line, flush=True))
