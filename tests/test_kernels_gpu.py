@@ -584,6 +584,7 @@ def test_abc_fused_slots_training_step_matches_aten_and_float64(dtype, dropout, 
     calls = _record_calls(
         monkeypatch, _triton_abc, ("slot_weights", "slot_weights_grad", "slot_read", "slot_read_grad")
     )
+    monkeypatch.setattr(abc, "FUSED_SLOTS_MAX_LENGTH", 1 << 30)  # the kernels at any length (the policy aside)
     results = []
     for fused in (True, False):
         if not fused:
@@ -618,6 +619,7 @@ def test_s4d_fused_training_step_matches_pytorch_forms_and_float64(dtype, activa
     from efficient_attention.kernels import _triton_s4d
 
     calls = _record_calls(monkeypatch, _triton_s4d, ("s4d_forward", "s4d_backward"))
+    monkeypatch.setattr(s4d, "FUSED_MAX_LENGTH", {1: 1 << 30, 2: 1 << 30})  # the kernels at 8k (the policy aside)
     results = []
     for fused in (True, False):
         if not fused:
@@ -630,7 +632,9 @@ def test_s4d_fused_training_step_matches_pytorch_forms_and_float64(dtype, activa
             out = m(x, x, x, need_weights=False)[0]
         results.append([out, *torch.autograd.grad(out.float().pow(2).sum(), [x, *m.parameters()])])
     assert sorted(set(calls)) == ["s4d_backward", "s4d_forward"], calls
-    tol = 5e-5 if dtype == torch.float32 else 2e-2  # (fp32: both a few 1e-6 from float64, in other orders)
+    # fp32: both a few 1e-6 from float64 causal; the bidirectional kernels' two 8k-long walks read 5.5e-5 and
+    # 6.4e-5 from the FFT's gradients on an H200 (session 13)
+    tol = (5e-5 if causal else 1.5e-4) if dtype == torch.float32 else 2e-2
     for got, want in zip(*results):
         assert _rel(got, want) < tol
     if dtype == torch.float32:

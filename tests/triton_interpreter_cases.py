@@ -570,10 +570,12 @@ def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False, cau
     from efficient_attention.attentions import s4d
 
     results = []
+    bounds = s4d.FUSED_MAX_LENGTH
     for fused in (True, False):
         plain = s4d._fused_scan
         calls = []
         s4d._fused_scan = (lambda *a: calls.append(plain(*a)) or calls[-1]) if fused else (lambda *a: False)
+        s4d.FUSED_MAX_LENGTH = {1: 1 << 30, 2: 1 << 30}  # the kernels at any length (the policy's bounds aside)
         try:
             torch.manual_seed(0)
             opts = dict(d_state=d_state, activation=activation, bidirectional=bidirectional)
@@ -588,7 +590,7 @@ def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False, cau
                 out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
             grads = torch.autograd.grad(out.float().pow(2).sum(), [x, *m.parameters()])
         finally:
-            s4d._fused_scan = plain
+            s4d._fused_scan, s4d.FUSED_MAX_LENGTH = plain, bounds
         assert (bool(calls) and all(calls)) if fused else not calls, calls  # the fused path was taken, or not
         results.append([out, *grads])
     if dtype != torch.float32:

@@ -702,19 +702,29 @@ def _scan_param_grads(grad: Tensor, inputs: List[Tensor], plan: _ScanPlan) -> Tu
     return inside[:, 0] + cross[0], inside[:, 1] + cross[1], lags_sum[:, 0]
 
 
+# The longest sequence on which the Triton kernels beat the PyTorch forms, by kernel count (1: causal, 2: the
+# bidirectional noncausal form).  Each program walks the whole sequence of one channel (and 16 batch rows) chunk
+# after chunk, so the kernels' GPU time grows with the length at low occupancy; what they save is host time (about
+# 240 ATen ops a step).  H200, CAB's setting (benchmarks/results/h200/session13): causal 1.42x faster at 2k,
+# 0.90x at 8k, 0.54x at 32k; bidirectional 0.84x at 2k, 0.39x at 32k (its two walks): off until the walk is split
+# into segments run in parallel.
+FUSED_MAX_LENGTH = {1: 4096, 2: 0}
+
+
 def _fused_scan(u: Tensor, log_dt: Tensor, modes: int, activation: str) -> bool:
     """Whether the convolution runs on the Triton kernels of ``kernels/_triton_s4d.py``
     (:class:`_FusedConvolution`: one launch each way per kernel, where the chunked scan of :class:`_CausalScan` is
     about 250 ATen ops a training step and the FFT of :class:`_FFTConvolution` about 210): CUDA (CPU tensors under
     Triton's interpreter), fp16 / bf16 / fp32 inputs, fp32 parameters, at most 32 modes (the power tables are held
-    in registers), not under ``torch.compile`` (which traces the PyTorch forms), and the kernels compile and run
-    here (tried once per configuration: a failure is logged and the PyTorch form runs)."""
+    in registers), at most :data:`FUSED_MAX_LENGTH` positions, not under ``torch.compile`` (which traces the
+    PyTorch forms), and the kernels compile and run here (tried once per configuration: a failure is logged and
+    the PyTorch form runs)."""
     ok = (
         (u.device.type == "cuda" or triton_interpreted())
         and u.dtype in TRITON_DTYPES
         and log_dt.dtype == torch.float32
         and modes <= 32
-        and 0 < u.shape[2]
+        and 0 < u.shape[2] <= FUSED_MAX_LENGTH[log_dt.shape[0]]
         and not torch.compiler.is_compiling()
         and triton_reason() is None
     )
