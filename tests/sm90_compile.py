@@ -140,7 +140,7 @@ def _tma_aligned(*ts, strides=()) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in ts) and all(s * size % 16 == 0 for s in strides)
 
 
-def _mechanism_steps(length: int, batch: int, decode: int, log):
+def _mechanism_steps(length: int, batch: int, decode: int) -> None:
     """Every registered mechanism in each self pattern it supports, in CAB's head shape (8 heads of 64, bf16
     autocast): one training step on ``(length, batch, 512)`` and, for causal ones that decode, a prefill of
     ``length`` positions and ``decode`` steps after it.  Mechanisms without a Triton kernel (``vanilla``,
@@ -175,7 +175,7 @@ def _mechanism_steps(length: int, batch: int, decode: int, log):
                     m(x, x, x, incremental_state=state, need_weights=False)  # the prompt: prefill
                     for t in range(decode):
                         m(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)
-            log(f"recorded {name} {pattern} at {length} ({time.perf_counter() - start:.1f} s)")
+            print(f"recorded {name} {pattern} at {length} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def record_mechanisms(path: str, length: int = 128) -> None:
@@ -183,7 +183,7 @@ def record_mechanisms(path: str, length: int = 128) -> None:
     the kernels run by the interpreter: the variants of a short sequence."""
     _as_on_an_h200()
     with recording(path):
-        _mechanism_steps(length, 1, 3, lambda line: print(line, flush=True))
+        _mechanism_steps(length, 1, 3)
 
 
 def record_shapes(path: str, lengths, batch: int = 4) -> None:
@@ -193,7 +193,7 @@ def record_shapes(path: str, lengths, batch: int = 4) -> None:
     _as_on_an_h200()
     with recording(path, execute=False):
         for length in lengths:
-            _mechanism_steps(length, batch, 1, lambda line: print(line, flush=True))
+            _mechanism_steps(length, batch, 1)
 
 
 # ---------------------------------------------------------------------------------------------- compiling
