@@ -7,7 +7,11 @@ both in one process, alternating, so the host's speed (which moves between devic
     PYTHONPATH=$PWD python benchmarks/ab_switch_gpu.py abc:causal:abc._fused_slots \\
         cosformer:noncausal:cosformer._triton_features_ok --lengths 2048 8192 32768 --out DIR
 
-Each spec is ``name:pattern:module.predicate`` (the module under ``efficient_attention.attentions``).  Setting:
+Each spec is ``name:pattern:module.predicate`` (the module under ``efficient_attention.attentions``), or
+``name:pattern:module.SETTING=v1,v2,...`` to time a module setting at each value (the module under
+``efficient_attention``, values as Python literals: ``s4d:causal:kernels._triton_s4d.SEGMENT_COLUMNS=0,16``).
+``--set module.SETTING=value`` fixes a setting for the whole run (``--set attentions.s4d.FUSED_MAX_LENGTH={1: 1 <<
+30, 2: 1 << 30}`` lifts a length bound).  Setting:
 self attention on ``(L, B=4, 512)``, 8 heads, fp32 weights under bf16 autocast, train mode, forward + backward
 (:func:`efficient_attention.benchmark.timing.train_case`).  Per length and variant: the median of 18 timed steps
 (6 alternating rounds of 3), the GPU kernel time of one step (profiler) and the step's peak above what was live.
@@ -17,6 +21,7 @@ Prints a line per length and writes ``DIR/ab_switch_gpu.json``.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import statistics
@@ -49,12 +54,27 @@ def _measure(call, reset) -> tuple:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3, peak
 
 
+def _setting(target: str) -> tuple:
+    """``(module, attribute, values)`` of ``module.ATTR=v1,v2`` (module under ``efficient_attention``)."""
+    path, values = target.split("=", 1)
+    module_name, attr = path.rsplit(".", 1)
+    module = importlib.import_module(f"efficient_attention.{module_name}")
+    if not hasattr(module, attr):
+        raise SystemExit(f"{module.__name__} has no setting {attr!r}")
+    return module, attr, values
+
+
 def ab(spec: str, lengths, rounds: int = 6) -> list:
-    name, pattern, target = spec.split(":")
-    module_name, attr = target.rsplit(".", 1)
-    module = importlib.import_module(f"efficient_attention.attentions.{module_name}")
+    name, pattern, target = spec.split(":", 2)
+    if "=" in target:
+        module, attr, values = _setting(target)
+        parsed = ast.literal_eval(f"({values},)")
+        variants = {f"{attr}={v!r}": v for v in parsed}
+    else:
+        module_name, attr = target.rsplit(".", 1)
+        module = importlib.import_module(f"efficient_attention.attentions.{module_name}")
+        variants = {"on": getattr(module, attr), "off": lambda *a, **k: False}
     on = getattr(module, attr)
-    variants = {"on": on, "off": lambda *a, **k: False}
     rows = []
     try:
         for length in lengths:
@@ -83,7 +103,8 @@ def ab(spec: str, lengths, rounds: int = 6) -> list:
             row = {"spec": spec, "length": length}
             for key in variants:
                 row[key] = {"ms": statistics.median(times[key]), "gpu_ms": gpu[key], "peak_mib": peak[key]}
-            row["off_over_on"] = row["off"]["ms"] / row["on"]["ms"]
+            first, last = list(variants)[0], list(variants)[-1]
+            row["last_over_first"] = row[last]["ms"] / row[first]["ms"]
             rows.append(row)
             print(
                 f"{spec} L={length}: "
@@ -91,7 +112,7 @@ def ab(spec: str, lengths, rounds: int = 6) -> list:
                     f"{k} {row[k]['ms']:.3f} ms (kernels {row[k]['gpu_ms']:.3f} ms, peak {row[k]['peak_mib']:.0f} MiB)"
                     for k in variants
                 )
-                + f"; off / on {row['off_over_on']:.2f}",
+                + f"; {last} / {first} {row['last_over_first']:.2f}",
                 flush=True,
             )
             del m, call, reset
@@ -103,16 +124,20 @@ def ab(spec: str, lengths, rounds: int = 6) -> list:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("specs", nargs="+", help="name:pattern:module.predicate")
+    p.add_argument("specs", nargs="+", help="name:pattern:module.predicate or name:pattern:module.SETTING=v1,v2")
+    p.add_argument("--set", action="append", default=[], help="module.SETTING=value for the whole run")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     p.add_argument("--out", type=Path, default=None, help="folder for ab_switch_gpu.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ab_switch_gpu.py needs a CUDA device")
+    for target in args.set:
+        module, attr, value = _setting(target)
+        setattr(module, attr, ast.literal_eval(value))
     rows = [row for spec in args.specs for row in ab(spec, args.lengths)]
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+        info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "set": args.set, "rows": rows}
         (args.out / "ab_switch_gpu.json").write_text(json.dumps(info, indent=1))
 
 

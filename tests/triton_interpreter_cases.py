@@ -560,17 +560,24 @@ def abc_fused_module_case(dropout):
         abc.ABC.SCAN_DEVICES = scan
 
 
-def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False, causal=True, bidirectional=None):
+def s4d_fused_case(
+    activation, dtype, length, batch, d_state, padding=False, causal=True, bidirectional=None, segments=None
+):
     """S4D on its Triton kernels (``kernels/_triton_s4d.py``, :class:`_FusedConvolution`) against its PyTorch forms
     (causal: the chunked scan; noncausal: the FFT convolution, with the second kernel over later positions unless
     ``bidirectional`` is False) and float64: the output and the gradients of the input and of every parameter, over
-    ragged chunk tails, two batch blocks (``batch`` > 16), padded modes (``d_state`` not a power of two), key
-    padding."""
+    ragged chunk tails, two column blocks (``batch`` > 16), padded modes (``d_state`` not a power of two), key
+    padding, walks split into segments (small batches; ``segments``: the walk segments asserted, by setting
+    ``SEGMENT_COLUMNS`` to ``batch · segments``)."""
     from efficient_attention import build_attention
     from efficient_attention.attentions import s4d
+    from efficient_attention.kernels import _triton_s4d
 
     results = []
-    bounds = s4d.FUSED_MAX_LENGTH
+    bounds, columns = s4d.FUSED_MAX_LENGTH, _triton_s4d.SEGMENT_COLUMNS
+    if segments is not None:
+        _triton_s4d.SEGMENT_COLUMNS = batch * segments
+        assert _triton_s4d._segments(batch, length)[0] == segments, _triton_s4d._segments(batch, length)
     for fused in (True, False):
         plain = s4d._fused_scan
         calls = []
@@ -590,7 +597,7 @@ def s4d_fused_case(activation, dtype, length, batch, d_state, padding=False, cau
                 out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
             grads = torch.autograd.grad(out.float().pow(2).sum(), [x, *m.parameters()])
         finally:
-            s4d._fused_scan, s4d.FUSED_MAX_LENGTH = plain, bounds
+            s4d._fused_scan, s4d.FUSED_MAX_LENGTH, _triton_s4d.SEGMENT_COLUMNS = plain, bounds, columns
         assert (bool(calls) and all(calls)) if fused else not calls, calls  # the fused path was taken, or not
         results.append([out, *grads])
     if dtype != torch.float32:
@@ -975,6 +982,26 @@ def main() -> int:
             False,
             "s4d fused noncausal one kernel silu bf16",
             lambda: s4d_fused_case("silu", torch.bfloat16, 100, 2, 16, causal=False, bidirectional=False),
+        ),
+        (
+            False,
+            "s4d fused causal gelu fp32, 2 walk segments of 3 chunks (the last ragged), padding",
+            lambda: s4d_fused_case("gelu", f32, 300, 1, 16, padding=True, segments=2),
+        ),
+        (
+            False,
+            "s4d fused causal silu fp32, 4 segments x 6 rows over 2 column blocks",
+            lambda: s4d_fused_case("silu", f32, 400, 6, 12, segments=4),
+        ),
+        (
+            False,
+            "s4d fused bidirectional identity fp32, 2 walk segments of 3 chunks",
+            lambda: s4d_fused_case("identity", f32, 330, 2, 16, causal=False, segments=2),
+        ),
+        (
+            False,
+            "s4d fused bidirectional gelu bf16, 4 walk segments",
+            lambda: s4d_fused_case("gelu", torch.bfloat16, 500, 2, 16, causal=False, segments=4),
         ),
         (
             False,

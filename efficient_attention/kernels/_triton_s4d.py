@@ -15,6 +15,14 @@ real and imaginary parts, through four small products (``λ^{t+1-SHIFT}`` rows i
 IEEE fp32 for fp32 inputs and on the tensor cores in tf32 for half inputs (whose own rounding is coarser), both
 accumulating in fp32.
 
+A program's ``BB`` columns are batch rows, and with few of them (CAB's setting has 4) the walk is split into
+``S`` segments of ``LSEG`` positions that fill the columns instead (:data:`SEGMENT_COLUMNS`): column ``j`` walks
+segment ``j % S`` of batch row ``j // S``.  A first launch (:func:`_s4d_ends`) takes each segment's own end state
+from a zero start; each walk then starts from the true state, ``Σ_{s'<s} λ^{(s-1-s')·LSEG} E_{s'}``
+(:func:`_seg_init`; backward also the lag-weighted state and, for ``∂u``, the adjoint state from the later
+segments).  Before it, a program with 4 batch rows computed 16 columns for 4 and walked every chunk in turn
+(session 13: slower than the ATen ops from 8k on).
+
 Backward, from ``g = act'(pre) ∘ dout``:
 
 * ``∂u`` -- the same convolution the other way in time (``du_j = Σ_{l>=j+SHIFT} K_{l-j-SHIFT} g_l + D g_j``):
@@ -123,16 +131,162 @@ def _toeplitz(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, T: tl.constexpr, TRANSPOSED: t
 
 
 @triton.jit
-def _tile(c, b0, l0, L, B, DH, s_b, s_h, s_l, s_i, T: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr):
+def _tile(c, j0, l0, L, B, S, LSEG, DH, s_b, s_h, s_l, s_i, T: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr):
     """Element offsets and mask of the ``(T, BB)`` tile of channel ``c`` (head ``c // DH``, column ``c % DH``) at
-    the walk's rows ``l0..`` (``REVERSE``: positions ``L-1-l0`` down), batch rows ``b0..``."""
-    rows = l0 + tl.arange(0, T)
-    cols = b0 + tl.arange(0, BB)
-    mask = (rows[:, None] < L) & (cols[None, :] < B)
+    rows ``l0..`` of each walk segment, columns ``j0..``: column ``j`` is batch row ``j // S`` in segment ``j % S``
+    (the walk's positions ``(j % S)·LSEG + l0..``; ``REVERSE``: positions counted from ``L - 1`` down)."""
+    offs_t = tl.arange(0, T)
+    cols = j0 + tl.arange(0, BB)
+    b = cols // S
+    row_in = l0 + offs_t[:, None]
+    rows = (cols % S)[None, :] * LSEG + row_in
+    mask = (row_in < LSEG) & (rows < L) & (b[None, :] < B)
     if REVERSE:
         rows = L - 1 - rows
-    offs = (c // DH) * s_h + (c % DH) * s_i + rows[:, None].to(tl.int64) * s_l + cols[None, :].to(tl.int64) * s_b
+    offs = (c // DH) * s_h + (c % DH) * s_i + rows.to(tl.int64) * s_l + b[None, :].to(tl.int64) * s_b
     return offs, mask
+
+
+@triton.jit
+def _ends_offsets(ENDS, c, q, part, cols, N, NP: tl.constexpr, BS):
+    """Pointers to the ``(NP, len(cols))`` slice ``q`` (0: ``x``, 1: ``x'``, 2: ``h``), ``part`` (0 re, 1 im) of
+    channel ``c`` in :func:`_s4d_ends`' ``(C, 3, 2, NP, B·S)`` fp32 buffer, with its mask (real modes, columns)."""
+    offs_n = tl.arange(0, NP)
+    base = ENDS + ((c * 3 + q) * 2 + part).to(tl.int64) * NP * BS
+    return base + offs_n[:, None] * BS + cols[None, :], (offs_n[:, None] < N) & (cols[None, :] < BS)
+
+
+@triton.jit
+def _seg_init(ENDS, c, j0, B, S, LSEG, N, a_re, a_im, Q: tl.constexpr, NP: tl.constexpr, BB: tl.constexpr):
+    """The states a walk segment starts from, from every segment's own end state (:func:`_s4d_ends`): ``Q = 0``
+    the state ``x`` before the segment, ``Σ_{s'<s} λ^{D} E_{s'}`` with ``D = (s-1-s')·LSEG``; ``Q = 1`` also the
+    lag-weighted ``x' = Σ_{s'<s} λ^{D} (E'_{s'} + D E_{s'})``; ``Q = 2`` the adjoint state after the segment,
+    ``Σ_{s'>s} λ^{(s'-s-1)·LSEG} F_{s'}``.  Returns ``(re, im)`` pairs ``(NP, BB)``: one pair, two for ``Q = 1``."""
+    cols = j0 + tl.arange(0, BB)
+    b = cols // S
+    s = cols % S
+    bs = B * S
+    r0 = tl.zeros((NP, BB), tl.float32)
+    i0 = tl.zeros((NP, BB), tl.float32)
+    r1 = tl.zeros((NP, BB), tl.float32)
+    i1 = tl.zeros((NP, BB), tl.float32)
+    for sp in range(0, S):
+        if Q == 2:
+            k = sp - s - 1
+        else:
+            k = s - 1 - sp
+        lag = (tl.maximum(k, 0) * LSEG).to(tl.float32)
+        p_re, p_im = _power(lag[None, :], a_re[:, None], a_im[:, None])
+        w = (k >= 0)[None, :]
+        p_re = tl.where(w, p_re, 0.0)
+        p_im = tl.where(w, p_im, 0.0)
+        src = b * S + sp
+        ptr, mask = _ends_offsets(ENDS, c, Q if Q == 2 else 0, 0, src, N, NP, bs)
+        e_re = tl.load(ptr, mask=mask, other=0.0)
+        e_im = tl.load(ptr + NP * bs, mask=mask, other=0.0)
+        r0 += p_re * e_re - p_im * e_im
+        i0 += p_re * e_im + p_im * e_re
+        if Q == 1:
+            ptr, _ = _ends_offsets(ENDS, c, 1, 0, src, N, NP, bs)
+            f_re = tl.load(ptr, mask=mask, other=0.0) + lag[None, :] * e_re
+            f_im = tl.load(ptr + NP * bs, mask=mask, other=0.0) + lag[None, :] * e_im
+            r1 += p_re * f_re - p_im * f_im
+            i1 += p_re * f_im + p_im * f_re
+    return r0, i0, r1, i1
+
+
+@triton.jit
+def _grad_tile(GO, PRE, offs, mask, ACT: tl.constexpr):
+    """``g = act'(pre) ∘ dout`` of one tile (0 outside the sequence and the batch)."""
+    g = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        g = g * _act_grad(tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32), ACT)
+    return g
+
+
+@triton.jit
+def _s4d_ends(
+    U,
+    GO,
+    PRE,
+    ENDS,
+    TAB,
+    L,
+    B,
+    S,
+    LSEG,
+    N,
+    DH,
+    su_b,
+    su_h,
+    su_l,
+    su_i,
+    so_b,
+    so_h,
+    so_l,
+    so_i,
+    T: tl.constexpr,
+    BB: tl.constexpr,
+    NP: tl.constexpr,
+    ACT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BWD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Each walk segment's own end states from a zero start, into ``ENDS`` ``(C, 3, 2, NP, B·S)`` (slices ``x``;
+    with ``BWD`` also ``x'`` and, from ``g = act'(pre) ∘ dout``, ``F = Σ_t λ^{t - start} g_t``), for
+    :func:`_seg_init`.  Same grid as the walks: one program per (channel, block of ``BB`` columns)."""
+    c = tl.program_id(0)
+    j0 = tl.program_id(1) * BB
+    DTA_RE, DTA_IM, CB_RE, CB_IM = _tables(TAB, N)
+    offs_t = tl.arange(0, T).to(tl.float32)
+    offs_n, mask_n, a_re, a_im, cb_re, cb_im = _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP)
+    lt_re, lt_im = _power(T * 1.0, a_re, a_im)  # λ^T
+    v_re, v_im = _power((T - 1.0) - offs_t[None, :], a_re[:, None], a_im[:, None])  # λ^{T-1-j}
+    vw_re, vw_im = ((T - 1.0) - offs_t[None, :]) * v_re, ((T - 1.0) - offs_t[None, :]) * v_im
+    e_re, e_im = _power(offs_t[None, :], a_re[:, None], a_im[:, None])  # λ^t
+    x_re = tl.zeros((NP, BB), tl.float32)
+    x_im = tl.zeros((NP, BB), tl.float32)
+    xw_re = tl.zeros((NP, BB), tl.float32)
+    xw_im = tl.zeros((NP, BB), tl.float32)
+    f_re = tl.zeros((NP, BB), tl.float32)
+    f_im = tl.zeros((NP, BB), tl.float32)
+    pw_re = tl.full((NP,), 1.0, tl.float32)  # λ^{l0}
+    pw_im = tl.zeros((NP,), tl.float32)
+    for l0 in range(0, LSEG, T):
+        u_offs, mask = _tile(c, j0, l0, L, B, S, LSEG, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
+        u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
+        vu_re = tl.dot(v_re, u, input_precision=PREC)
+        vu_im = tl.dot(v_im, u, input_precision=PREC)
+        lx_re = lt_re[:, None] * x_re - lt_im[:, None] * x_im
+        lx_im = lt_im[:, None] * x_re + lt_re[:, None] * x_im
+        if BWD:
+            vwu_re = tl.dot(vw_re, u, input_precision=PREC)
+            vwu_im = tl.dot(vw_im, u, input_precision=PREC)
+            xw_re, xw_im = (
+                lt_re[:, None] * xw_re - lt_im[:, None] * xw_im + T * lx_re + vwu_re,
+                lt_im[:, None] * xw_re + lt_re[:, None] * xw_im + T * lx_im + vwu_im,
+            )
+            o_offs, _ = _tile(c, j0, l0, L, B, S, LSEG, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
+            g = _grad_tile(GO, PRE, o_offs, mask, ACT)
+            eg_re = tl.dot(e_re, g, input_precision=PREC)
+            eg_im = tl.dot(e_im, g, input_precision=PREC)
+            f_re += pw_re[:, None] * eg_re - pw_im[:, None] * eg_im
+            f_im += pw_re[:, None] * eg_im + pw_im[:, None] * eg_re
+            pw_re, pw_im = pw_re * lt_re - pw_im * lt_im, pw_re * lt_im + pw_im * lt_re
+        x_re, x_im = lx_re + vu_re, lx_im + vu_im
+    cols = j0 + tl.arange(0, BB)
+    bs = B * S
+    ptr, m = _ends_offsets(ENDS, c, 0, 0, cols, N, NP, bs)
+    tl.store(ptr, x_re, mask=m)
+    tl.store(ptr + NP * bs, x_im, mask=m)
+    if BWD:
+        ptr, m = _ends_offsets(ENDS, c, 1, 0, cols, N, NP, bs)
+        tl.store(ptr, xw_re, mask=m)
+        tl.store(ptr + NP * bs, xw_im, mask=m)
+        ptr, m = _ends_offsets(ENDS, c, 2, 0, cols, N, NP, bs)
+        tl.store(ptr, f_re, mask=m)
+        tl.store(ptr + NP * bs, f_im, mask=m)
 
 
 @triton.jit
@@ -143,8 +297,11 @@ def _s4d_fwd(
     OUT,
     TAB,
     DD,
+    ENDS,
     L,
     B,
+    S,
+    LSEG,
     N,
     DH,
     su_b,
@@ -166,11 +323,14 @@ def _s4d_fwd(
     ADD_PART: tl.constexpr,
     FINAL: tl.constexpr,
     PREC: tl.constexpr,
+    INIT: tl.constexpr,
 ):
     """``FINAL``: ``act(pre)`` into ``OUT`` (and ``pre`` into ``PRE`` with ``STORE_PRE``), else the fp32 result into
-    ``PART``; ``ADD_PART``: ``PART`` (a first pass's result) added first.  ``PART``, ``PRE``, ``OUT`` share strides."""
+    ``PART``; ``ADD_PART``: ``PART`` (a first pass's result) added first.  ``PART``, ``PRE``, ``OUT`` share strides.
+    ``INIT``: the walk is split into ``S`` segments of ``LSEG`` positions (columns = batch rows × segments,
+    :func:`_tile`), each starting from the state :func:`_seg_init` makes of :func:`_s4d_ends`' results in ``ENDS``."""
     c = tl.program_id(0)
-    b0 = tl.program_id(1) * BB
+    j0 = tl.program_id(1) * BB
     DTA_RE, DTA_IM, CB_RE, CB_IM = _tables(TAB, N)
     offs_t = tl.arange(0, T).to(tl.float32)
     offs_n, mask_n, a_re, a_im, cb_re, cb_im = _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP)
@@ -184,16 +344,19 @@ def _s4d_fwd(
     v_re = tl.where(mask_n[:, None], v_re, 0.0)
     v_im = tl.where(mask_n[:, None], v_im, 0.0)
     lt_re, lt_im = _power(T * 1.0, a_re, a_im)  # λ^T
-    x_re = tl.zeros((NP, BB), tl.float32)
-    x_im = tl.zeros((NP, BB), tl.float32)
-    for l0 in range(0, L, T):
-        u_offs, mask = _tile(c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
+    if INIT:
+        x_re, x_im = _seg_init(ENDS, c, j0, B, S, LSEG, N, a_re, a_im, 0, NP, BB)[:2]
+    else:
+        x_re = tl.zeros((NP, BB), tl.float32)
+        x_im = tl.zeros((NP, BB), tl.float32)
+    for l0 in range(0, LSEG, T):
+        u_offs, mask = _tile(c, j0, l0, L, B, S, LSEG, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
         u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.dot(toep, u, input_precision=PREC)
         y += tl.dot(w_re, x_re, input_precision=PREC) + tl.dot(w_im, x_im, input_precision=PREC)
         if HAS_D:
             y += tl.load(DD + c) * u
-        o_offs, _ = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
+        o_offs, _ = _tile(c, j0, l0, L, B, S, LSEG, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
         if ADD_PART:
             y += tl.load(PART + o_offs, mask=mask, other=0.0)
         if FINAL:
@@ -211,15 +374,6 @@ def _s4d_fwd(
 
 
 @triton.jit
-def _grad_tile(GO, PRE, offs, mask, ACT: tl.constexpr):
-    """``g = act'(pre) ∘ dout`` of one tile (0 outside the sequence and the batch)."""
-    g = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT != 0:
-        g = g * _act_grad(tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32), ACT)
-    return g
-
-
-@triton.jit
 def _s4d_bwd(
     GO,
     PRE,
@@ -228,8 +382,11 @@ def _s4d_bwd(
     SOUT,
     TAB,
     DD,
+    ENDS,
     L,
     B,
+    S,
+    LSEG,
     N,
     DH,
     su_b,
@@ -253,12 +410,14 @@ def _s4d_bwd(
     SHIFT: tl.constexpr,
     ADD_DU: tl.constexpr,
     PREC: tl.constexpr,
+    INIT: tl.constexpr,
 ):
     """``ADD_DU``: ``∂u`` added to what ``DU`` holds (fp32: a first pass's), else written.  ``GO``, ``PRE`` share
-    strides."""
+    strides.  ``INIT``: segmented walks as in :func:`_s4d_fwd`, the states ``x``, ``x'`` and
+    ``h`` each segment starts from made by :func:`_seg_init`."""
     c = tl.program_id(0)
     blk = tl.program_id(1)
-    b0 = blk * BB
+    j0 = blk * BB
     DTA_RE, DTA_IM, CB_RE, CB_IM = _tables(TAB, N)
     offs_t = tl.arange(0, T).to(tl.float32)
     offs_n, mask_n, a_re, a_im, cb_re, cb_im = _modes(DTA_RE, DTA_IM, CB_RE, CB_IM, c, N, NP)
@@ -272,20 +431,23 @@ def _s4d_bwd(
     v_re = tl.where(mask_n[:, None], v_re, 0.0)
     v_im = tl.where(mask_n[:, None], v_im, 0.0)
     vw_re, vw_im = ((T - 1.0) - offs_t[None, :]) * v_re, ((T - 1.0) - offs_t[None, :]) * v_im
-    x_re = tl.zeros((NP, BB), tl.float32)
-    x_im = tl.zeros((NP, BB), tl.float32)
-    xw_re = tl.zeros((NP, BB), tl.float32)
-    xw_im = tl.zeros((NP, BB), tl.float32)
+    if INIT:
+        x_re, x_im, xw_re, xw_im = _seg_init(ENDS, c, j0, B, S, LSEG, N, a_re, a_im, 1, NP, BB)
+    else:
+        x_re = tl.zeros((NP, BB), tl.float32)
+        x_im = tl.zeros((NP, BB), tl.float32)
+        xw_re = tl.zeros((NP, BB), tl.float32)
+        xw_im = tl.zeros((NP, BB), tl.float32)
     s0_re = tl.zeros((NP,), tl.float32)
     s0_im = tl.zeros((NP,), tl.float32)
     s1_re = tl.zeros((NP,), tl.float32)
     s1_im = tl.zeros((NP,), tl.float32)
     gd = tl.zeros((T, BB), tl.float32)
     inner = tl.zeros((T, T), tl.float32)  # Σ over chunks and batch rows of g_t u_j
-    for l0 in range(0, L, T):
-        o_offs, mask = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
+    for l0 in range(0, LSEG, T):
+        o_offs, mask = _tile(c, j0, l0, L, B, S, LSEG, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
         g = _grad_tile(GO, PRE, o_offs, mask, ACT)
-        u_offs, _ = _tile(c, b0, l0, L, B, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
+        u_offs, _ = _tile(c, j0, l0, L, B, S, LSEG, DH, su_b, su_h, su_l, su_i, T, BB, REVERSE)
         u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
         gd += g * u
         inner += tl.dot(g, tl.trans(u), input_precision=PREC)
@@ -337,18 +499,21 @@ def _s4d_bwd(
     e_re, e_im = _power(offs_t[None, :], a_re[:, None], a_im[:, None])
     e_re = tl.where(mask_n[:, None], e_re, 0.0)
     e_im = tl.where(mask_n[:, None], e_im, 0.0)
-    h_re = tl.zeros((NP, BB), tl.float32)
-    h_im = tl.zeros((NP, BB), tl.float32)
-    n_chunks = tl.cdiv(L, T)
+    if INIT:
+        h_re, h_im = _seg_init(ENDS, c, j0, B, S, LSEG, N, a_re, a_im, 2, NP, BB)[:2]
+    else:
+        h_re = tl.zeros((NP, BB), tl.float32)
+        h_im = tl.zeros((NP, BB), tl.float32)
+    n_chunks = tl.cdiv(LSEG, T)
     for idx in range(0, n_chunks):
         l0 = (n_chunks - 1 - idx) * T
-        o_offs, mask = _tile(c, b0, l0, L, B, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
+        o_offs, mask = _tile(c, j0, l0, L, B, S, LSEG, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
         g = _grad_tile(GO, PRE, o_offs, mask, ACT)
         du = tl.dot(toep_t, g, input_precision=PREC)
         du += tl.dot(w_re, h_re, input_precision=PREC) + tl.dot(w_im, h_im, input_precision=PREC)
         if HAS_D:
             du += tl.load(DD + c) * g
-        d_offs, _ = _tile(c, b0, l0, L, B, DH, sd_b, sd_h, sd_l, sd_i, T, BB, REVERSE)
+        d_offs, _ = _tile(c, j0, l0, L, B, S, LSEG, DH, sd_b, sd_h, sd_l, sd_i, T, BB, REVERSE)
         if ADD_DU:
             du += tl.load(DU + d_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DU + d_offs, du.to(DU.dtype.element_ty), mask=mask)
@@ -453,7 +618,22 @@ def _discretise_bwd(LOG_DT, LAR, AIM, CC, SUMS, G_LOG_DT, G_LAR, G_AIM, G_C, G_D
 
 # -- host side ---------------------------------------------------------------------------------------------------
 _T = 64  # positions per chunk
-_BB = 16  # batch rows per program (the products' narrow side)
+_BB = 16  # columns (batch rows x walk segments) per program: the products' narrow side
+# The walk is split into segments until the batch rows and segments fill this many columns (a power of two of
+# segments, each a whole number of chunks): with CAB's 4 batch rows, 4 segments, so a program's products are full
+# and it walks a quarter of the chunks (two launches each way instead of one: the segments' end states first,
+# :func:`_s4d_ends`).  0 never splits.
+SEGMENT_COLUMNS = 16
+NUM_WARPS = 4  # warps per program of the walks
+
+
+def _segments(bsz: int, length: int) -> tuple:
+    """``(S, LSEG)``: the number of walk segments and their length (a multiple of the chunk; the last one may be
+    shorter), for :data:`SEGMENT_COLUMNS`."""
+    want = max(1, SEGMENT_COLUMNS // max(bsz, 1))
+    want = min(1 << (want.bit_length() - 1), triton.cdiv(length, _T))
+    seg_len = triton.cdiv(triton.cdiv(length, want), _T) * _T
+    return triton.cdiv(length, seg_len), seg_len
 
 
 def _time_first(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -493,11 +673,23 @@ def _meta(u: torch.Tensor, n: int, activation: str) -> dict:
     """The launch parameters both directions share; the products in IEEE fp32 for fp32 inputs, in tf32 (tensor
     cores) for half ones."""
     prec = "ieee" if u.dtype == torch.float32 else "tf32"
-    return dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), PREC=prec, num_warps=4)
+    return dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), PREC=prec, num_warps=NUM_WARPS)
 
 
 def _strides(x: torch.Tensor) -> tuple:
     return tuple(x.stride())
+
+
+def _walks(u: torch.Tensor, n: int) -> tuple:
+    """``(grid, S, LSEG, ENDS)``: the walks' grid (channel, column block), segments, and the fp32 end-state buffer
+    ``(C, 3, 2, NP, B·S)`` of :func:`_s4d_ends` (``None`` when the walk is one segment)."""
+    bsz, heads, length, dim = u.shape
+    segs, seg_len = _segments(bsz, length)
+    grid = (heads * dim, triton.cdiv(bsz * segs, _BB))
+    ends = None
+    if segs > 1:
+        ends = torch.empty(heads * dim, 3, 2, _block_n(n), bsz * segs, device=u.device, dtype=torch.float32)
+    return grid, segs, seg_len, ends
 
 
 def s4d_forward(u, tables, d, activation: str, keep_pre: bool):
@@ -509,32 +701,42 @@ def s4d_forward(u, tables, d, activation: str, keep_pre: bool):
     out = _time_first(u, u.dtype)
     pre = _time_first(u, u.dtype) if keep_pre else out
     part = _time_first(u, torch.float32) if kernels == 2 else out  # the first pass's result
-    grid = (heads * dim, triton.cdiv(bsz, _BB))
-    scalars = (length, bsz, n, dim, *_strides(u), *_strides(out))
-    common = _meta(u, n, activation)
+    grid, segs, seg_len, ends = _walks(u, n)
+    scalars = (length, bsz, segs, seg_len, n, dim, *_strides(u), *_strides(out))
+    common = {**_meta(u, n, activation), "INIT": ends is not None}
     for k in range(kernels):
+        if ends is not None:  # each segment's own end state, then the walks from the states it makes
+            meta = {key: common[key] for key in ("T", "BB", "NP", "ACT", "PREC", "num_warps")}
+            launch(_s4d_ends, grid, (u, u, u, ends, tables[k]), scalars, {**meta, "REVERSE": k == 1, "BWD": False})
         flags = dict(STORE_PRE=keep_pre, HAS_D=k == 0, REVERSE=k == 1, SHIFT=k, ADD_PART=k == 1, FINAL=k == kernels - 1)
-        launch(_s4d_fwd, grid, (u, part, pre, out, tables[k], d.contiguous()), scalars, {**common, **flags})
+        tensors = (u, part, pre, out, tables[k], d.contiguous(), out if ends is None else ends)
+        launch(_s4d_fwd, grid, tensors, scalars, {**common, **flags})
     return out, (pre if keep_pre else None)
 
 
 def s4d_backward(grad, pre, u, tables, d, activation: str):
     """``(du in u's dtype and time-first layout, sums)`` for the output gradient ``grad`` ``(B, H, L, d)``, the kept
     ``pre`` (time-first; None for the identity) and ``u`` (any strides): ``sums`` ``(K, blocks, C, 4n + 1)`` fp32
-    per kernel and batch block, ``S0`` and ``S1`` (re, im) and ``∂D``, for :func:`s4d_param_grads`."""
+    per kernel and column block, ``S0`` and ``S1`` (re, im) and ``∂D``, for :func:`s4d_param_grads`."""
     bsz, heads, length, dim = u.shape
     kernels, _, channels, n = tables.shape
-    blocks = triton.cdiv(bsz, _BB)
+    grid, segs, seg_len, ends = _walks(u, n)
     du = _time_first(u, u.dtype if kernels == 1 else torch.float32)
-    sums = torch.empty(kernels, blocks, channels, 4 * n + 1, device=u.device, dtype=torch.float32)
+    sums = torch.empty(kernels, grid[1], channels, 4 * n + 1, device=u.device, dtype=torch.float32)
     if pre is not None and grad.stride() != pre.stride():  # (both are read through one set of strides)
         grad = torch.empty_like(pre, dtype=grad.dtype).copy_(grad)
-    scalars = (length, bsz, n, dim, *_strides(u), *_strides(grad), *_strides(du))
-    common = _meta(u, n, activation)
+    scalars = (length, bsz, segs, seg_len, n, dim, *_strides(u), *_strides(grad))
+    common = {**_meta(u, n, activation), "INIT": ends is not None}
     for k in range(kernels):
+        pre_k = grad if pre is None else pre
+        if ends is not None:  # each segment's own end states (x, x' from u; the adjoint from g), then the walks
+            meta = {key: common[key] for key in ("T", "BB", "NP", "ACT", "PREC", "num_warps")}
+            launch(
+                _s4d_ends, grid, (u, grad, pre_k, ends, tables[k]), scalars, {**meta, "REVERSE": k == 1, "BWD": True}
+            )
         flags = dict(HAS_D=k == 0, REVERSE=k == 1, SHIFT=k, ADD_DU=k == 1)
-        tensors = (grad, grad if pre is None else pre, u, du, sums[k], tables[k], d.contiguous())
-        launch(_s4d_bwd, (channels, blocks), tensors, scalars, {**common, **flags})
+        tensors = (grad, pre_k, u, du, sums[k], tables[k], d.contiguous(), du if ends is None else ends)
+        launch(_s4d_bwd, grid, tensors, scalars + _strides(du), {**common, **flags})
     return (du if du.dtype == u.dtype else du.to(u.dtype)), sums
 
 
