@@ -258,7 +258,9 @@ def compile_one(spec) -> tuple[str, str | None]:
         where, cause = str(e).strip().splitlines()[:1], e
         while cause.__cause__ is not None:  # Triton's CompilationError ("at line:col") wraps the error itself
             cause = cause.__cause__
-        return label, f"does not compile ({' '.join(where)[:80]}): {type(cause).__name__}: {str(cause).strip()[:600]}"
+        msg = str(cause).strip()  # (a CompilationError: the source around the error, the error on its last line)
+        what = f"{msg.splitlines()[-1][:300]} in: {msg[:600]}" if msg else ""
+        return label, f"does not compile ({' '.join(where)[:80]}): {type(cause).__name__}: {what}"
     regs, stack = _cuobjdump(kernel.asm["cubin"])
     threads = options.num_warps * 32
     smem = kernel.metadata.shared

@@ -481,17 +481,23 @@ def linear_modules_case():
         assert rel(torch.cat(steps), full) < 1e-5, f"{name} decoding {rel(torch.cat(steps), full):.1e}"
 
 
-def abc_slots_case(dtype, scan):
+def abc_slots_case(dtype, scan, length=150, jump=70, segments=2, programs=None):
     """Causal ABC's slot weights and slot read on their Triton kernels (``kernels/_triton_abc.py``) against the
-    ATen ops of the same autograd nodes, forward and backward: positions over several scan blocks with a ragged
-    tail, a jump of the running max by 120 inside a block, an empty slot and a dropout mask in the read; ``scan``:
-    the normalisers from the scan (CUDA's path) or not (the CPU's)."""
+    ATen ops of the same autograd nodes, forward and backward: positions over several scan blocks (of 128) with a
+    ragged tail, the scans split into ``segments`` (asserted; ``programs``: ``SCAN_PROGRAMS`` for the case), a
+    jump of the running max by 120 inside a block at ``jump``, an empty slot and a dropout mask in the read;
+    ``scan``: the normalisers from the scan (CUDA's path) or not (the CPU's)."""
     from efficient_attention.attentions import abc
+    from efficient_attention.kernels import _triton_abc
 
     g = torch.Generator().manual_seed(7)
-    bsz, heads, length, n, d = 2, 3, 150, 16, 24
+    bsz, heads, n, d = 2, 3, 16, 24
+    programs_before = _triton_abc.SCAN_PROGRAMS
+    if programs is not None:
+        _triton_abc.SCAN_PROGRAMS = programs
+    assert _triton_abc._segments(bsz * heads, length, 128)[0] == segments, _triton_abc._segments(6, length, 128)
     k = (torch.randn(bsz, heads, length, d, generator=g) * 0.5).to(dtype)
-    k[0, 1, 70:] += 4.0  # with w below, scores jump by about 120 from position 70
+    k[0, 1, jump:] += 4.0  # with w below, scores jump by about 120 from position `jump`
     w = torch.randn(heads, n, d, generator=g)
     w[1] = w[1].abs() + 0.2
     num = torch.randn(bsz, heads, length, n, generator=g)
@@ -516,7 +522,7 @@ def abc_slots_case(dtype, scan):
                 gr = torch.randn(r.shape, generator=gen).to(r.dtype)
                 outs += [r] + list(torch.autograd.grad((r * gr).sum(), (nn_, ll)))
         finally:
-            abc._fused_slots = plain
+            abc._fused_slots, _triton_abc.SCAN_PROGRAMS = plain, programs_before
         results.append(outs)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     for i, (got, want) in enumerate(zip(*results)):
@@ -957,6 +963,21 @@ def main() -> int:
         (False, "cosformer noncausal features kernel 1+elu fp16", lambda: cosformer_features_case(f16, f32, "elu")),
         (False, "abc fused slot weights and read, scanned normalisers fp32", lambda: abc_slots_case(f32, True)),
         (False, "abc fused slot weights and read, no scan bf16", lambda: abc_slots_case(torch.bfloat16, False)),
+        (
+            False,
+            "abc fused slots fp32, 4 scan segments, the jump in the third",
+            lambda: abc_slots_case(f32, True, length=420, jump=300, segments=4),
+        ),
+        (
+            False,
+            "abc fused slots fp32, 2 segments of 2 blocks, no scan",
+            lambda: abc_slots_case(f32, False, length=420, jump=300, segments=2, programs=12),
+        ),
+        (
+            False,
+            "abc fused slots fp32, one walk per (batch, head)",
+            lambda: abc_slots_case(f32, True, length=420, jump=300, segments=1, programs=0),
+        ),
         (False, "abc fused slots in a causal training step", lambda: abc_fused_module_case(0.0)),
         (False, "abc fused slots in a causal training step with dropout", lambda: abc_fused_module_case(0.2)),
         (False, "s4d fused causal scan gelu fp32, 2 chunks", lambda: s4d_fused_case("gelu", f32, 150, 3, 16)),

@@ -14,8 +14,9 @@ step's bound at 8k tokens.  Here it is four:
   and its gradients, a row of ``n`` slots per thread block row; slots whose normaliser is at or below ``empty``
   (``nl >= bound``) get weight 0.
 
-One program per (batch, head) walks the positions in blocks of ``BLOCK_S`` for the scans (each block scanned with
-``tl.associative_scan``, the carry combined after); the row kernels take ``BLOCK_S`` rows of one head per program.
+One program per (batch, head, segment) walks the segment's positions in blocks of ``BLOCK_S`` for the scans
+(each block scanned with ``tl.associative_scan``, the carry combined after), starting from the carry of the
+other segments (:data:`SCAN_PROGRAMS`); the row kernels take ``BLOCK_S`` rows of one head per program.
 Every tensor is contiguous ``(B, H, S, n)`` (or ``(B, H, S)``); arithmetic in fp32.  Scores must be finite (a
 fresh causal sequence without padding, the only caller).
 """
@@ -44,8 +45,60 @@ def _max_combine(a, b):
 
 
 @triton.jit
-def _slot_weights_fwd(A, E, NL, DECAY, C, S, N, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+def _agg_ptr(AGG, bh, seg_id, G, BLOCK_N: tl.constexpr):
+    """Segment ``seg_id``'s aggregates in ``AGG`` ``(B·H, G, 2·BLOCK_N + 1)``: per slot ``(m, s)``, then a
+    scalar."""
+    return AGG + (bh * G + seg_id) * (2 * BLOCK_N + 1)
+
+
+@triton.jit
+def _slot_weights_agg(A, AGG, S, N, SEG, G, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr):
+    """Per (batch·head, segment of ``SEG`` positions): the max of the segment's scores and (``SCAN``) each slot's
+    log-sum-exp over it as ``(m, s)``, for the walks of :func:`_slot_weights_fwd` to start from."""
     bh = tl.program_id(0).to(tl.int64)
+    seg_id = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_n = tl.arange(0, BLOCK_N)
+    col = offs_n[None, :] < N
+    c_acc = tl.full((), _PAD, tl.float32)
+    m_acc = tl.full((BLOCK_N,), _PAD, tl.float32)
+    s_acc = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(seg_id * SEG, tl.minimum(seg_id * SEG + SEG, S), BLOCK_S):
+        rows = start + offs_s
+        mask = (rows < S)[:, None] & col
+        a = tl.load(A + bh * S * N + rows[:, None].to(tl.int64) * N + offs_n[None, :], mask=mask, other=_PAD)
+        a = a.to(tl.float32)
+        c_acc = tl.maximum(c_acc, tl.max(tl.max(a, 1), 0))
+        if SCAN:
+            m_blk, s_blk = tl.reduce((a, tl.where(mask, 1.0, 0.0)), 0, _log_combine)
+            m_acc, s_acc = _log_combine(m_acc, s_acc, m_blk, s_blk)
+    out = _agg_ptr(AGG, bh, seg_id, G, BLOCK_N)
+    tl.store(out + offs_n, m_acc)
+    tl.store(out + BLOCK_N + offs_n, s_acc)
+    tl.store(out + 2 * BLOCK_N, c_acc)
+
+
+@triton.jit
+def _slot_weights_fwd(
+    A,
+    E,
+    NL,
+    DECAY,
+    C,
+    AGG,
+    S,
+    N,
+    SEG,
+    G,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr,
+    INIT: tl.constexpr,
+):
+    """One program per (batch·head, segment of ``SEG`` positions; ``G`` segments); ``INIT``: the running max and
+    normalisers start from the earlier segments' :func:`_slot_weights_agg` results in ``AGG``."""
+    bh = tl.program_id(0).to(tl.int64)
+    seg_id = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     col = offs_n[None, :] < N
@@ -53,7 +106,13 @@ def _slot_weights_fwd(A, E, NL, DECAY, C, S, N, BLOCK_S: tl.constexpr, BLOCK_N: 
     c_run = tl.full((), _PAD, tl.float32)  # max of every score before the block
     m_run = tl.full((BLOCK_N,), _PAD, tl.float32)  # per slot: logcumsumexp of the scores before the block, as (m, s)
     s_run = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, S, BLOCK_S):
+    if INIT:
+        for gp in range(0, seg_id):
+            src = _agg_ptr(AGG, bh, gp, G, BLOCK_N)
+            c_run = tl.maximum(c_run, tl.load(src + 2 * BLOCK_N))
+            if SCAN:
+                m_run, s_run = _log_combine(m_run, s_run, tl.load(src + offs_n), tl.load(src + BLOCK_N + offs_n))
+    for start in range(seg_id * SEG, tl.minimum(seg_id * SEG + SEG, S), BLOCK_S):
         rows = start + offs_s
         in_s = rows < S
         mask = in_s[:, None] & col
@@ -78,6 +137,31 @@ def _slot_weights_fwd(A, E, NL, DECAY, C, S, N, BLOCK_S: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
+def _slot_weights_grad_agg(C, NL, DNL, AGG, S, N, SEG, G, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per (batch·head, segment): each slot's ``Σ_i dnl_i e^{-lse_i}`` over the segment as ``(m, s)``, for the
+    walks of :func:`_slot_weights_bwd` to start from."""
+    bh = tl.program_id(0).to(tl.int64)
+    seg_id = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_n = tl.arange(0, BLOCK_N)
+    col = offs_n[None, :] < N
+    m_acc = tl.full((BLOCK_N,), _PAD, tl.float32)
+    s_acc = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(seg_id * SEG, tl.minimum(seg_id * SEG + SEG, S), BLOCK_S):
+        rows = start + offs_s
+        in_s = rows < S
+        mask = in_s[:, None] & col
+        ptr = bh * S * N + rows[:, None].to(tl.int64) * N + offs_n[None, :]
+        c = tl.load(C + bh * S + rows, mask=in_s, other=0.0)
+        m = tl.where(mask, tl.load(NL + ptr, mask=mask, other=0.0) - c[:, None], _PAD)
+        m_blk, s_blk = tl.reduce((m, tl.load(DNL + ptr, mask=mask, other=0.0).to(tl.float32)), 0, _log_combine)
+        m_acc, s_acc = _log_combine(m_acc, s_acc, m_blk, s_blk)
+    out = _agg_ptr(AGG, bh, seg_id, G, BLOCK_N)
+    tl.store(out + offs_n, m_acc)
+    tl.store(out + BLOCK_N + offs_n, s_acc)
+
+
+@triton.jit
 def _slot_weights_bwd(
     A,
     C,
@@ -85,23 +169,35 @@ def _slot_weights_bwd(
     DNL,
     DE,
     DA,
+    AGG,
     S,
     N,
+    SEG,
+    G,
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_DNL: tl.constexpr,
     HAS_DE: tl.constexpr,
+    INIT: tl.constexpr,
 ):
+    """One program per (batch·head, segment); ``INIT``: the carried sums start from the later segments'
+    :func:`_slot_weights_grad_agg` results in ``AGG``."""
     bh = tl.program_id(0).to(tl.int64)
+    seg_id = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_n = tl.arange(0, BLOCK_N)
     col = offs_n[None, :] < N
     base = bh * S * N
     m_run = tl.full((BLOCK_N,), _PAD, tl.float32)  # per slot: Σ_{i after the block} dnl_i e^{-lse_i}, as (m, s)
     s_run = tl.zeros((BLOCK_N,), tl.float32)
-    n_blocks = tl.cdiv(S, BLOCK_S)
+    if INIT:
+        for gp in range(seg_id + 1, G):
+            src = _agg_ptr(AGG, bh, gp, G, BLOCK_N)
+            m_run, s_run = _log_combine(m_run, s_run, tl.load(src + offs_n), tl.load(src + BLOCK_N + offs_n))
+    first = seg_id * SEG // BLOCK_S
+    n_blocks = tl.cdiv(tl.minimum(seg_id * SEG + SEG, S), BLOCK_S) - first
     for idx in range(0, n_blocks):
-        start = (n_blocks - 1 - idx) * BLOCK_S
+        start = (first + n_blocks - 1 - idx) * BLOCK_S
         rows = start + offs_s
         in_s = rows < S
         mask = in_s[:, None] & col
@@ -190,6 +286,22 @@ def _blocks(n: int, rows: int):
     return max(16, rows * 16 // block_n), block_n
 
 
+# The scans split each sequence into segments until about this many programs run (batch·heads·segments; CAB's
+# setting has 32 (batch, head) pairs): a first launch takes each segment's aggregates, each segment's walk starts
+# from the earlier (forward) or later (backward) ones'.  One program per (batch, head) walked the whole sequence
+# before (session 13: slower than the ATen ops from 16k on).  0 never splits.
+SCAN_PROGRAMS = 1024
+
+
+def _segments(pairs: int, length: int, block_s: int) -> tuple:
+    """``(G, SEG)``: the scans' segments per (batch, head) and their length (whole blocks; the last may be
+    shorter), for :data:`SCAN_PROGRAMS`."""
+    blocks = triton.cdiv(length, block_s)
+    want = min(blocks, max(1, SCAN_PROGRAMS // max(pairs, 1)))
+    seg = triton.cdiv(blocks, want) * block_s
+    return triton.cdiv(length, seg), seg
+
+
 def slot_weights(a, scan: bool):
     """``(e, nl or None, decay, c)`` of contiguous scores ``a (B, H, S, n)`` (module doc); ``e`` in ``a``'s dtype,
     ``nl`` ``(B, H, S, n)``, ``decay`` and ``c`` ``(B, H, S)`` fp32."""
@@ -199,8 +311,14 @@ def slot_weights(a, scan: bool):
     nl = torch.empty(a.shape, **f32) if scan else e
     decay, c = torch.empty(bsz, heads, length, **f32), torch.empty(bsz, heads, length, **f32)
     block_s, block_n = _blocks(n, 128)
+    segs, seg = _segments(bsz * heads, length, block_s)
     meta = dict(BLOCK_S=block_s, BLOCK_N=block_n, SCAN=scan, num_warps=4)
-    launch(_slot_weights_fwd, (bsz * heads,), (a, e, nl, decay, c), (length, n), meta)
+    agg = e
+    if segs > 1:  # each segment's max and normalisers, for the walks to start from
+        agg = torch.empty(bsz * heads, segs, 2 * block_n + 1, **f32)
+        launch(_slot_weights_agg, (bsz * heads, segs), (a, agg), (length, n, seg, segs), meta)
+    grid = (bsz * heads, segs)
+    launch(_slot_weights_fwd, grid, (a, e, nl, decay, c, agg), (length, n, seg, segs), {**meta, "INIT": segs > 1})
     return e, (nl if scan else None), decay, c
 
 
@@ -210,9 +328,17 @@ def slot_weights_grad(dnl, de, a, c, nl):
     bsz, heads, length, n = a.shape
     da = torch.empty_like(a)
     block_s, block_n = _blocks(n, 128)
-    meta = dict(BLOCK_S=block_s, BLOCK_N=block_n, HAS_DNL=dnl is not None, HAS_DE=de is not None, num_warps=4)
-    args = (a, c, a if nl is None else nl, a if dnl is None else dnl, a if de is None else de, da)
-    launch(_slot_weights_bwd, (bsz * heads,), args, (length, n), meta)
+    segs, seg = _segments(bsz * heads, length, block_s)
+    init = segs > 1 and dnl is not None  # (without dnl nothing is carried)
+    meta = dict(BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4)
+    scalars = (length, n, seg, segs)
+    agg = a
+    if init:  # each segment's sums, for the walks to start from
+        agg = torch.empty(bsz * heads, segs, 2 * block_n + 1, device=a.device, dtype=torch.float32)
+        launch(_slot_weights_grad_agg, (bsz * heads, segs), (c, nl, dnl, agg), scalars, meta)
+    meta.update(HAS_DNL=dnl is not None, HAS_DE=de is not None, INIT=init)
+    args = (a, c, a if nl is None else nl, a if dnl is None else dnl, a if de is None else de, da, agg)
+    launch(_slot_weights_bwd, (bsz * heads, segs), args, scalars, meta)
     return da
 
 
