@@ -610,10 +610,11 @@ def test_abc_fused_slots_training_step_matches_aten_and_float64(dtype, dropout, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["gelu", "identity"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_s4d_fused_training_step_matches_pytorch_forms_and_float64(dtype, activation, causal, monkeypatch):
+@pytest.mark.parametrize("batch", [18, 2])
+def test_s4d_fused_training_step_matches_pytorch_forms_and_float64(dtype, activation, causal, batch, monkeypatch):
     """An S4D training step at 8k positions on the Triton kernels equals the PyTorch forms (causal: the chunked scan;
     noncausal: the FFT convolution with the kernel over later positions) and, in fp32, its float64 self (20 modes:
-    padded to 32 in the kernels; 18 batch rows: two batch blocks)."""
+    padded to 32 in the kernels; 18 batch rows: two column blocks, one walk each; 2 rows: walks in 8 segments)."""
     from efficient_attention import build_attention
     from efficient_attention.attentions import s4d
     from efficient_attention.kernels import _triton_s4d
@@ -627,7 +628,7 @@ def test_s4d_fused_training_step_matches_pytorch_forms_and_float64(dtype, activa
         torch.manual_seed(0)
         m = build_attention("s4d", embed_dim=128, num_heads=4, causal=causal, d_state=20, activation=activation)
         m = m.cuda().train()
-        x = torch.randn(8192, 18, 128, device="cuda", requires_grad=True)
+        x = torch.randn(8192, batch, 128, device="cuda", requires_grad=True)
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             out = m(x, x, x, need_weights=False)[0]
         results.append([out, *torch.autograd.grad(out.float().pow(2).sum(), [x, *m.parameters()])])
