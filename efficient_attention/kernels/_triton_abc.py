@@ -367,16 +367,18 @@ def slot_read_grad(grad, num, nl, mask, scale: float, bound: float):
 
 def probe_slots(device: torch.device, dtype: torch.dtype, n: int) -> None:
     """Launches every variant the fused slots use (the weights with and without the scan, their gradient with
-    each of its inputs, the read with and without a dropout mask, its gradient) on a tiny input: raises what a
-    kernel raises (``backends.triton_probe``)."""
+    each of its inputs, the read with and without a dropout mask, its gradient; the scans in one walk and in
+    segments) on tiny inputs: raises what a kernel raises (``backends.triton_probe``)."""
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(1, 1, 20, n, generator=g, device=device).to(dtype)
-    for scan in (True, False):
-        e, nl, _, c = slot_weights(a, scan)
-        slot_weights_grad(None, torch.ones_like(e), a, c, nl)
-        if nl is not None:
-            slot_weights_grad(torch.ones_like(nl), torch.ones_like(e), a, c, nl)
-            slot_weights_grad(torch.ones_like(nl), None, a, c, nl)
+    block_s = _blocks(n, 128)[0]
+    for length in (min(20, block_s), 2 * block_s + 1):  # one scan block: one walk; three: three segments
+        a = torch.randn(1, 1, length, n, generator=g, device=device).to(dtype)
+        for scan in (True, False):
+            e, nl, _, c = slot_weights(a, scan)
+            slot_weights_grad(None, torch.ones_like(e), a, c, nl)
+            if nl is not None:
+                slot_weights_grad(torch.ones_like(nl), torch.ones_like(e), a, c, nl)
+                slot_weights_grad(torch.ones_like(nl), None, a, c, nl)
     num = torch.randn(1, 1, 20, n, generator=g, device=device)
     nl = -torch.rand(1, 1, 20, n, generator=g, device=device)
     for mask in (None, torch.ones_like(num)):

@@ -742,9 +742,9 @@ def s4d_backward(grad, pre, u, tables, d, activation: str):
 
 def probe_s4d(device: torch.device, dtype: torch.dtype, activation: str, kernels: int, n: int) -> None:
     """Launches every variant a training step of this configuration uses (forward with and without the kept
-    pre-activation, backward) on a tiny input: raises what a kernel raises (``backends.triton_probe``)."""
+    pre-activation, backward; one walk, and walks in segments) on tiny inputs: raises what a kernel raises
+    (``backends.triton_probe``)."""
     g = torch.Generator(device=device).manual_seed(0)
-    u = torch.randn(1, 1, 5, 1, generator=g, device=device).to(dtype)
     params = (
         -torch.rand(kernels, 1, generator=g, device=device) * 4.0,
         -torch.rand(kernels, 1, n, generator=g, device=device),
@@ -752,6 +752,8 @@ def probe_s4d(device: torch.device, dtype: torch.dtype, activation: str, kernels
         torch.randn(kernels, 1, n, 2, generator=g, device=device),
     )
     tables, d = s4d_tables(*params), torch.ones(1, device=device)
-    s4d_forward(u, tables, d, activation, False)
-    out, pre = s4d_forward(u, tables, d, activation, activation != "identity")
-    s4d_param_grads(s4d_backward(torch.ones_like(out), pre, u, tables, d, activation)[1], *params)
+    for length in (5, 2 * _T + 1):  # one chunk: one walk; three: three segments (unless SEGMENT_COLUMNS is 0)
+        u = torch.randn(1, 1, length, 1, generator=g, device=device).to(dtype)
+        s4d_forward(u, tables, d, activation, False)
+        out, pre = s4d_forward(u, tables, d, activation, activation != "identity")
+        s4d_param_grads(s4d_backward(torch.ones_like(out), pre, u, tables, d, activation)[1], *params)
