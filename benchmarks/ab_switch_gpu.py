@@ -9,9 +9,9 @@ both in one process, alternating, so the host's speed (which moves between devic
 
 Each spec is ``name:pattern:module.predicate`` (the module under ``efficient_attention.attentions``), or
 ``name:pattern:module.SETTING=v1,v2,...`` to time a module setting at each value (the module under
-``efficient_attention``, values as Python literals: ``s4d:causal:kernels._triton_s4d.SEGMENT_COLUMNS=0,16``).
-``--set module.SETTING=value`` fixes a setting for the whole run (``--set attentions.s4d.FUSED_MAX_LENGTH={1: 1 <<
-30, 2: 1 << 30}`` lifts a length bound).  Setting:
+``efficient_attention``, values as Python literals: ``s4d:causal:kernels._triton_s4d.WALK=(16,4,0),(16,4,16)``).
+``--set module.SETTING=value`` fixes a setting for the whole run (``--set
+attentions.abc.FUSED_SLOTS_MAX_LENGTH=1073741824`` lifts a length bound).  Setting:
 self attention on ``(L, B=4, 512)``, 8 heads, fp32 weights under bf16 autocast, train mode, forward + backward
 (:func:`efficient_attention.benchmark.timing.train_case`).  Per length and variant: the median of 18 timed steps
 (6 alternating rounds of 3), the GPU kernel time of one step (profiler) and the step's peak above what was live.

@@ -574,15 +574,15 @@ def s4d_fused_case(
     ``bidirectional`` is False) and float64: the output and the gradients of the input and of every parameter, over
     ragged chunk tails, two column blocks (``batch`` > 16), padded modes (``d_state`` not a power of two), key
     padding, walks split into segments (small batches; ``segments``: the walk segments asserted, by setting
-    ``SEGMENT_COLUMNS`` to ``batch · segments``)."""
+    ``WALK``'s segment columns to ``batch · segments``)."""
     from efficient_attention import build_attention
     from efficient_attention.attentions import s4d
     from efficient_attention.kernels import _triton_s4d
 
     results = []
-    bounds, columns = s4d.FUSED_MAX_LENGTH, _triton_s4d.SEGMENT_COLUMNS
+    bounds, walk = s4d.FUSED_MAX_LENGTH, _triton_s4d.WALK
     if segments is not None:
-        _triton_s4d.SEGMENT_COLUMNS = batch * segments
+        _triton_s4d.WALK = (*walk[:2], batch * segments)
         assert _triton_s4d._segments(batch, length)[0] == segments, _triton_s4d._segments(batch, length)
     for fused in (True, False):
         plain = s4d._fused_scan
@@ -603,7 +603,7 @@ def s4d_fused_case(
                 out = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
             grads = torch.autograd.grad(out.float().pow(2).sum(), [x, *m.parameters()])
         finally:
-            s4d._fused_scan, s4d.FUSED_MAX_LENGTH, _triton_s4d.SEGMENT_COLUMNS = plain, bounds, columns
+            s4d._fused_scan, s4d.FUSED_MAX_LENGTH, _triton_s4d.WALK = plain, bounds, walk
         assert (bool(calls) and all(calls)) if fused else not calls, calls  # the fused path was taken, or not
         results.append([out, *grads])
     if dtype != torch.float32:

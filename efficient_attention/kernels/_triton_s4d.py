@@ -16,7 +16,7 @@ IEEE fp32 for fp32 inputs and on the tensor cores in tf32 for half inputs (whose
 accumulating in fp32.
 
 A program's ``BB`` columns are batch rows, and with few of them (CAB's setting has 4) the walk is split into
-``S`` segments of ``LSEG`` positions that fill the columns instead (:data:`SEGMENT_COLUMNS`): column ``j`` walks
+``S`` segments of ``LSEG`` positions that fill the columns instead (:data:`WALK`): column ``j`` walks
 segment ``j % S`` of batch row ``j // S``.  A first launch (:func:`_s4d_ends`) takes each segment's own end state
 from a zero start; each walk then starts from the true state, ``Σ_{s'<s} λ^{(s-1-s')·LSEG} E_{s'}``
 (:func:`_seg_init`; backward also the lag-weighted state and, for ``∂u``, the adjoint state from the later
@@ -618,19 +618,18 @@ def _discretise_bwd(LOG_DT, LAR, AIM, CC, SUMS, G_LOG_DT, G_LAR, G_AIM, G_C, G_D
 
 # -- host side ---------------------------------------------------------------------------------------------------
 _T = 64  # positions per chunk
-_BB = 16  # columns (batch rows x walk segments) per program: the products' narrow side
-# The walk is split into segments until the batch rows and segments fill this many columns (a power of two of
-# segments, each a whole number of chunks): with CAB's 4 batch rows, 4 segments, so a program's products are full
-# and it walks a quarter of the chunks (two launches each way instead of one: the segments' end states first,
-# :func:`_s4d_ends`).  0 never splits.
-SEGMENT_COLUMNS = 16
-NUM_WARPS = 4  # warps per program of the walks
+# The walks' shape: (columns per program, warps per program, columns the segments fill).  A program's columns
+# are batch rows x walk segments; the walk is split into segments (a power of two of them, each a whole number of
+# chunks) until the batch rows and segments fill the third number of columns (0: never split).  With CAB's 4
+# batch rows and (16, 4, 16): 4 segments, so a program's products are full and it walks a quarter of the chunks
+# (two launches each way instead of one: the segments' end states first, :func:`_s4d_ends`).
+WALK = (16, 4, 16)
 
 
 def _segments(bsz: int, length: int) -> tuple:
     """``(S, LSEG)``: the number of walk segments and their length (a multiple of the chunk; the last one may be
-    shorter), for :data:`SEGMENT_COLUMNS`."""
-    want = max(1, SEGMENT_COLUMNS // max(bsz, 1))
+    shorter), for :data:`WALK`."""
+    want = max(1, WALK[2] // max(bsz, 1))
     want = min(1 << (want.bit_length() - 1), triton.cdiv(length, _T))
     seg_len = triton.cdiv(triton.cdiv(length, want), _T) * _T
     return triton.cdiv(length, seg_len), seg_len
@@ -673,7 +672,7 @@ def _meta(u: torch.Tensor, n: int, activation: str) -> dict:
     """The launch parameters both directions share; the products in IEEE fp32 for fp32 inputs, in tf32 (tensor
     cores) for half ones."""
     prec = "ieee" if u.dtype == torch.float32 else "tf32"
-    return dict(T=_T, BB=_BB, NP=_block_n(n), ACT=ACTIVATIONS.index(activation), PREC=prec, num_warps=NUM_WARPS)
+    return dict(T=_T, BB=WALK[0], NP=_block_n(n), ACT=ACTIVATIONS.index(activation), PREC=prec, num_warps=WALK[1])
 
 
 def _strides(x: torch.Tensor) -> tuple:
@@ -685,7 +684,7 @@ def _walks(u: torch.Tensor, n: int) -> tuple:
     ``(C, 3, 2, NP, B·S)`` of :func:`_s4d_ends` (``None`` when the walk is one segment)."""
     bsz, heads, length, dim = u.shape
     segs, seg_len = _segments(bsz, length)
-    grid = (heads * dim, triton.cdiv(bsz * segs, _BB))
+    grid = (heads * dim, triton.cdiv(bsz * segs, WALK[0]))
     ends = None
     if segs > 1:
         ends = torch.empty(heads * dim, 3, 2, _block_n(n), bsz * segs, device=u.device, dtype=torch.float32)
@@ -752,7 +751,7 @@ def probe_s4d(device: torch.device, dtype: torch.dtype, activation: str, kernels
         torch.randn(kernels, 1, n, 2, generator=g, device=device),
     )
     tables, d = s4d_tables(*params), torch.ones(1, device=device)
-    for length in (5, 2 * _T + 1):  # one chunk: one walk; three: three segments (unless SEGMENT_COLUMNS is 0)
+    for length in (5, 2 * _T + 1):  # one chunk: one walk; three: three segments (unless WALK[2] is 0)
         u = torch.randn(1, 1, length, 1, generator=g, device=device).to(dtype)
         s4d_forward(u, tables, d, activation, False)
         out, pre = s4d_forward(u, tables, d, activation, activation != "identity")
