@@ -11,7 +11,7 @@ Each spec is ``name:pattern:module.predicate`` (the module under ``efficient_att
 ``name:pattern:module.SETTING=v1,v2,...`` to time a module setting at each value (the module under
 ``efficient_attention``, values as Python literals: ``s4d:causal:kernels._triton_s4d.WALK=(16,4,0),(16,4,16)``).
 ``--set module.SETTING=value`` fixes a setting for the whole run (``--set
-attentions.abc.FUSED_SLOTS_MAX_LENGTH=1073741824`` lifts a length bound).  Setting:
+"attentions.s4d.FUSED_MAX_LENGTH={1: 1073741824, 2: 1073741824}"`` lifts S4D's length bounds).  Setting:
 self attention on ``(L, B=4, 512)``, 8 heads, fp32 weights under bf16 autocast, train mode, forward + backward
 (:func:`efficient_attention.benchmark.timing.train_case`).  Per length and variant: the median of 18 timed steps
 (6 alternating rounds of 3), the GPU kernel time of one step (profiler) and the step's peak above what was live.

@@ -584,7 +584,6 @@ def test_abc_fused_slots_training_step_matches_aten_and_float64(dtype, dropout, 
     calls = _record_calls(
         monkeypatch, _triton_abc, ("slot_weights", "slot_weights_grad", "slot_read", "slot_read_grad")
     )
-    monkeypatch.setattr(abc, "FUSED_SLOTS_MAX_LENGTH", 1 << 30)  # the kernels at any length (the policy aside)
     results = []
     for fused in (True, False):
         if not fused:

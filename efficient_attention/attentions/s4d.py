@@ -703,12 +703,13 @@ def _scan_param_grads(grad: Tensor, inputs: List[Tensor], plan: _ScanPlan) -> Tu
 
 
 # The longest sequence on which the Triton kernels beat the PyTorch forms, by kernel count (1: causal, 2: the
-# bidirectional noncausal form).  Each program walks the whole sequence of one channel (and 16 batch rows) chunk
-# after chunk, so the kernels' GPU time grows with the length at low occupancy; what they save is host time (about
-# 240 ATen ops a step).  H200, CAB's setting (benchmarks/results/h200/session13): causal 1.42x faster at 2k,
-# 0.90x at 8k, 0.54x at 32k; bidirectional 0.84x at 2k, 0.39x at 32k (its two walks): off until the walk is split
-# into segments run in parallel.
-FUSED_MAX_LENGTH = {1: 4096, 2: 0}
+# bidirectional noncausal form).  What the kernels save is host time (about 240 ATen ops a step); their GPU time is
+# above the PyTorch forms' (each program walks its segments chunk after chunk, one channel per program, at low
+# occupancy: 255 registers a thread), so the ATen ops win once the step is GPU-bound.  H200, CAB's setting
+# (benchmarks/results/h200/session14, walks in segments): causal 1.60x faster at 4k, 1.21x at 8k, 0.81x at 32k
+# (GPU time 4.10 against 2.95 ms at 8k).  Bidirectional: 0.84x at 2k and 0.39x at 32k before the segments
+# (session 13); off.
+FUSED_MAX_LENGTH = {1: 8192, 2: 0}
 
 
 def _fused_scan(u: Tensor, log_dt: Tensor, modes: int, activation: str) -> bool:
