@@ -1029,7 +1029,11 @@ def main() -> int:
             "s4d and abc on their PyTorch paths when their kernels fail",
             fused_paths_fall_back_when_kernels_fail_case,
         ),
-        (False, "s4d beyond its length bound on its PyTorch path, abc at any length", fused_paths_bounded_by_length_case),
+        (
+            False,
+            "s4d beyond its length bound on its PyTorch path, abc at any length",
+            fused_paths_bounded_by_length_case,
+        ),
         (False, "abc decoding step fp32", lambda: abc_step_case(f32)),
         (False, "abc decoding step fp16", lambda: abc_step_case(f16)),
         (False, "landmark bs16 fp32 64-row tiles", lambda: landmark_case(16, 16, f32, 70, 70, config=64)),

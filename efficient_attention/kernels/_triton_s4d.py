@@ -91,6 +91,21 @@ def _power(k, a_re, a_im):
 
 
 @triton.jit
+def _times(l_re, l_im, x_re, x_im):
+    """``l x`` for per-mode complex ``l`` ``(NP,)`` against complex states ``x`` ``(NP, BB)``, as ``(re, im)``."""
+    return l_re[:, None] * x_re - l_im[:, None] * x_im, l_im[:, None] * x_re + l_re[:, None] * x_im
+
+
+@triton.jit
+def _advance_lagged(x_re, x_im, xw_re, xw_im, lt_re, lt_im, vu_re, vu_im, vwu_re, vwu_im, T: tl.constexpr):
+    """One chunk of the state and the lag-weighted state: ``x' <- λ^T x' + T λ^T x + Σ_j (T-1-j) λ^{T-1-j} u_j``,
+    then ``x <- λ^T x + Σ_j λ^{T-1-j} u_j`` (the sums given: ``vwu``, ``vu``)."""
+    lx_re, lx_im = _times(lt_re, lt_im, x_re, x_im)
+    dw_re, dw_im = _times(lt_re, lt_im, xw_re, xw_im)
+    return lx_re + vu_re, lx_im + vu_im, dw_re + T * lx_re + vwu_re, dw_im + T * lx_im + vwu_im
+
+
+@triton.jit
 def _tables(TAB, N):
     """The four ``(C, n)`` fp32 tables in ``TAB`` (``(4, C, n)``, one program per channel on axis 0): re and im of
     ``dtA``, then of ``C̃``."""
@@ -258,14 +273,11 @@ def _s4d_ends(
         u = tl.load(U + u_offs, mask=mask, other=0.0).to(tl.float32)
         vu_re = tl.dot(v_re, u, input_precision=PREC)
         vu_im = tl.dot(v_im, u, input_precision=PREC)
-        lx_re = lt_re[:, None] * x_re - lt_im[:, None] * x_im
-        lx_im = lt_im[:, None] * x_re + lt_re[:, None] * x_im
         if BWD:
             vwu_re = tl.dot(vw_re, u, input_precision=PREC)
             vwu_im = tl.dot(vw_im, u, input_precision=PREC)
-            xw_re, xw_im = (
-                lt_re[:, None] * xw_re - lt_im[:, None] * xw_im + T * lx_re + vwu_re,
-                lt_im[:, None] * xw_re + lt_re[:, None] * xw_im + T * lx_im + vwu_im,
+            x_re, x_im, xw_re, xw_im = _advance_lagged(
+                x_re, x_im, xw_re, xw_im, lt_re, lt_im, vu_re, vu_im, vwu_re, vwu_im, T
             )
             o_offs, _ = _tile(c, j0, l0, L, B, S, LSEG, DH, so_b, so_h, so_l, so_i, T, BB, REVERSE)
             g = _grad_tile(GO, PRE, o_offs, mask, ACT)
@@ -274,7 +286,9 @@ def _s4d_ends(
             f_re += pw_re[:, None] * eg_re - pw_im[:, None] * eg_im
             f_im += pw_re[:, None] * eg_im + pw_im[:, None] * eg_re
             pw_re, pw_im = pw_re * lt_re - pw_im * lt_im, pw_re * lt_im + pw_im * lt_re
-        x_re, x_im = lx_re + vu_re, lx_im + vu_im
+        else:
+            lx_re, lx_im = _times(lt_re, lt_im, x_re, x_im)
+            x_re, x_im = lx_re + vu_re, lx_im + vu_im
     cols = j0 + tl.arange(0, BB)
     bs = B * S
     ptr, m = _ends_offsets(ENDS, c, 0, 0, cols, N, NP, bs)
@@ -367,10 +381,8 @@ def _s4d_fwd(
             tl.store(PART + o_offs, y, mask=mask)
         vu_re = tl.dot(v_re, u, input_precision=PREC)
         vu_im = tl.dot(v_im, u, input_precision=PREC)
-        x_re, x_im = (
-            lt_re[:, None] * x_re - lt_im[:, None] * x_im + vu_re,
-            lt_im[:, None] * x_re + lt_re[:, None] * x_im + vu_im,
-        )
+        lx_re, lx_im = _times(lt_re, lt_im, x_re, x_im)
+        x_re, x_im = lx_re + vu_re, lx_im + vu_im
 
 
 @triton.jit
@@ -463,14 +475,9 @@ def _s4d_bwd(
         vu_im = tl.dot(v_im, u, input_precision=PREC)
         vwu_re = tl.dot(vw_re, u, input_precision=PREC)
         vwu_im = tl.dot(vw_im, u, input_precision=PREC)
-        # x' <- λ^T x' + T λ^T x + Σ_j (T-1-j) λ^{T-1-j} u_j, then x <- λ^T x + Σ_j λ^{T-1-j} u_j
-        lx_re = lt_re[:, None] * x_re - lt_im[:, None] * x_im
-        lx_im = lt_im[:, None] * x_re + lt_re[:, None] * x_im
-        xw_re, xw_im = (
-            lt_re[:, None] * xw_re - lt_im[:, None] * xw_im + T * lx_re + vwu_re,
-            lt_im[:, None] * xw_re + lt_re[:, None] * xw_im + T * lx_im + vwu_im,
+        x_re, x_im, xw_re, xw_im = _advance_lagged(
+            x_re, x_im, xw_re, xw_im, lt_re, lt_im, vu_re, vu_im, vwu_re, vwu_im, T
         )
-        x_re, x_im = lx_re + vu_re, lx_im + vu_im
     # the pairs inside a chunk: Σ inner[t, j] λ^{t-j-SHIFT} (and its lag times it) over t >= j + SHIFT, by mode
     lag = offs_t[:, None] - offs_t[None, :] - SHIFT
     inner = tl.where(lag >= 0, inner, 0.0)
@@ -519,10 +526,8 @@ def _s4d_bwd(
         tl.store(DU + d_offs, du.to(DU.dtype.element_ty), mask=mask)
         eg_re = tl.dot(e_re, g, input_precision=PREC)
         eg_im = tl.dot(e_im, g, input_precision=PREC)
-        h_re, h_im = (
-            lt_re[:, None] * h_re - lt_im[:, None] * h_im + eg_re,
-            lt_im[:, None] * h_re + lt_re[:, None] * h_im + eg_im,
-        )
+        lh_re, lh_im = _times(lt_re, lt_im, h_re, h_im)
+        h_re, h_im = lh_re + eg_re, lh_im + eg_im
 
 
 @triton.jit
