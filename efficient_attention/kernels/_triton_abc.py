@@ -3,7 +3,7 @@
 Causal ABC (``attentions/abc.py``) runs two chunked linear attentions (``_triton_linear.py``); between them sit
 elementwise and scan work on ``(B, H, S, n)`` slot tensors (``n`` slots, 16 by default).  As ATen ops it was about
 37 kernels a training step (two ``logcumsumexp`` scans among them); on an H200 each costs ~20 us of host time, the
-step's bound at 8k tokens.  Here it is four:
+step's bound at 8k tokens.  Here it is four (six with the scans' segment aggregates):
 
 * :func:`slot_weights` -- from the slot scores ``a (B, H, S, n)``: the running max over every slot so far
   ``c_i = max_{j<=i, l} a_jl``, the weights ``e = exp(a - c)`` (in ``a``'s dtype), the negated log normalisers
