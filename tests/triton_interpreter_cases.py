@@ -510,7 +510,7 @@ def abc_slots_case(dtype, scan, length=150, jump=70, segments=2, programs=None):
         abc._fused_slots = plain if fused else (lambda *a: False)
         try:
             kk, ww = k.clone().requires_grad_(), w.clone().requires_grad_()
-            e, lnorm, decay = abc._SlotWeights.apply(kk, ww, scan)
+            e, lnorm, decay, _ = abc._SlotWeights.apply(kk, ww, scan)
             gen = torch.Generator().manual_seed(1)
             loss = (e.float() * torch.randn(e.shape, generator=gen)).sum()
             if scan:
@@ -530,14 +530,18 @@ def abc_slots_case(dtype, scan, length=150, jump=70, segments=2, programs=None):
         assert rel(got, want) < tol, f"output {i}: {rel(got, want):.1e}"
 
 
-def abc_fused_module_case(dropout):
+def abc_fused_module_case(dropout, in_place=False):
     """A causal ABC training step (unpadded: the fresh path) with its slot tensors on the Triton kernels equals the
-    same module on the ATen ops (the same dropout masks: the same draws) and, without dropout, its float64 self."""
+    same module on the ATen ops (the same dropout masks: the same draws) and, without dropout, its float64 self on
+    the general causal path (a key padding mask without padding), gradients included.  ``in_place``: q, k, v read
+    as the heads of the time-first projections, as on CUDA (so the keys' gradient from the slot scores' linear
+    attention is time-first, and the scores' part is added into it in place)."""
     from efficient_attention import build_attention
     from efficient_attention.attentions import abc
 
-    scan = abc.ABC.SCAN_DEVICES
+    scan, read = abc.ABC.SCAN_DEVICES, abc.ABC.IN_PLACE_DEVICES
     abc.ABC.SCAN_DEVICES = ("cpu", "cuda")
+    abc.ABC.IN_PLACE_DEVICES = ("cpu", "cuda") if in_place else read
     try:
         results = []
         for fused in (True, False):
@@ -560,10 +564,14 @@ def abc_fused_module_case(dropout):
         if not dropout:
             m64 = m.double()
             x64 = x.detach().double().requires_grad_()
-            out64 = m64(x64, x64, x64, need_weights=False)[0]
-            assert rel(results[0][0], out64) < 1e-5, f"fused vs float64: {rel(results[0][0], out64):.1e}"
+            no_padding = torch.zeros(x.shape[1], x.shape[0], dtype=torch.bool)  # the general causal path: reference
+            out64 = m64(x64, x64, x64, key_padding_mask=no_padding, need_weights=False)[0]
+            params64 = [p for name, p in m64.named_parameters() if name != "k_proj.bias"]
+            grads64 = torch.autograd.grad(out64.pow(2).sum(), [x64, *params64])
+            for i, (got, want) in enumerate(zip(results[0], [out64, *grads64])):
+                assert rel(got, want) < 1e-4, f"fused vs float64, output {i}: {rel(got, want):.1e}"
     finally:
-        abc.ABC.SCAN_DEVICES = scan
+        abc.ABC.SCAN_DEVICES, abc.ABC.IN_PLACE_DEVICES = scan, read
 
 
 def s4d_fused_case(
@@ -980,6 +988,11 @@ def main() -> int:
         ),
         (False, "abc fused slots in a causal training step", lambda: abc_fused_module_case(0.0)),
         (False, "abc fused slots in a causal training step with dropout", lambda: abc_fused_module_case(0.2)),
+        (
+            False,
+            "abc fused slots in a causal training step, q k v read in place",
+            lambda: abc_fused_module_case(0.0, in_place=True),
+        ),
         (False, "s4d fused causal scan gelu fp32, 2 chunks", lambda: s4d_fused_case("gelu", f32, 150, 3, 16)),
         (
             False,

@@ -114,6 +114,19 @@ def _dense(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
+def _accumulates_heads(grad: Tensor) -> bool:
+    """Whether a product may be added into ``grad (B, H, S, d)`` in place through its ``(B·H, S, d)`` view: eager
+    mode (under torch.compile the graph's gradients are not ours to mutate), dense (no expanded zeros), and the
+    batch and head dims merging (the heads of a time-first or a contiguous layout)."""
+    bsz, heads, _, d = grad.shape
+    return (
+        not torch.compiler.is_compiling()
+        and dense_strides(grad) == grad.stride()
+        and grad.stride(0) == heads * grad.stride(1)
+        and grad.stride(-1) == 1
+    )
+
+
 def _slot_matrix(w: Tensor, bsz: int, dtype: torch.dtype) -> Tensor:
     """The slot projection ``w (H, n, d)`` as ``(B·H, d, n)`` in ``dtype`` for products batched over ``B·H``: one
     copy kernel (the cast and the batch broadcast; ``repeat`` takes a dozen ops)."""
@@ -132,10 +145,16 @@ class _SlotWeights(torch.autograd.Function):
       else None: the CPU's ``logcumsumexp`` is a scalar loop),
     * ``decay = c_{i-1} - c_i`` ``(B, H, S)`` fp32, 0 at ``i = 0`` (the linear attentions' log decay; no gradient).
 
+    It also returns ``k`` itself (a view), for the slot scores' linear attention to read: the gradient that
+    attention gives ``k`` then reaches this node, which adds ``da w`` into it in place (one product) instead of
+    autograd summing two ``(B, H, S, d)`` gradients into a third (the peak of a causal ABC step at 8k in CAB's
+    setting was that third tensor's allocation: 380 -> 356 MiB in ``benchmarks/host_ops.py``'s CUDA replica, where
+    SDPA's step peaks at 357).
+
     One autograd node where autograd records about ten: the normalisers are one ``logcumsumexp`` along the last
     dim of a ``(B, H, n, S)`` fp32 copy (CUDA scans an inner dim with parallel blocks).  Backward:
     ``da = de·e - Σ_{i>=j} g_i e^{a_j - lse_i}`` (the positive and negative parts of ``g = dnl`` in one reversed
-    scan, in the log domain), then ``dk = da w``, ``dw = Σ_b daᵀ k``.  It keeps ``a``, ``e``, ``c`` and ``nl``
+    scan, in the log domain), then ``dk = dk_read + da w``, ``dw = Σ_b daᵀ k``.  It keeps ``a``, ``e``, ``c`` and ``nl``
     (which :class:`_SlotRead` keeps too).  Where :func:`_fused_slots`, everything after the product ``a = k wᵀ``
     is one Triton kernel each way (``kernels/_triton_abc.py``: the scans in blocks of positions, the same math),
     and ``e`` is not kept (the backward recomputes ``e^{a - c}``)."""
@@ -154,7 +173,7 @@ class _SlotWeights(torch.autograd.Function):
             ctx.w_dtype, ctx.k_layout = w.dtype, (k.shape, dense_strides(k))
             ctx.mark_non_differentiable(decay)
             ctx.set_materialize_grads(False)
-            return e, nl, decay
+            return e, nl, decay, k.view_as(k)
         top = a.amax(-1)
         run = torch.cummax(torch.cat([top[..., :1], top], -1), -1).values.to(acc_dtype(a.dtype))  # c_{-1} := c_0
         decay, c = run[..., :-1] - run[..., 1:], run[..., 1:].unsqueeze(-1)  # fp32: exact differences of half scores
@@ -167,7 +186,7 @@ class _SlotWeights(torch.autograd.Function):
         ctx.w_dtype, ctx.k_layout = w.dtype, (k.shape, dense_strides(k))
         ctx.mark_non_differentiable(decay)
         ctx.set_materialize_grads(False)  # (no zero tensor for the decay's gradient, nor for an unused output's)
-        return e, nl, decay
+        return e, nl, decay, k.view_as(k)
 
     @staticmethod
     def _scan_grad(g: Tensor, a: Tensor, c: Tensor, nl: Tensor) -> Tensor:
@@ -191,26 +210,33 @@ class _SlotWeights(torch.autograd.Function):
         return torch.sub(both[1], both[0]).flip(-1).transpose(-1, -2)
 
     @staticmethod
-    def backward(ctx, de: Optional[Tensor], dnl: Optional[Tensor], _):
+    def backward(ctx, de: Optional[Tensor], dnl: Optional[Tensor], _, dk_read: Optional[Tensor]):
         if ctx.fused:
             from ..kernels._triton_abc import slot_weights_grad
 
             kf, wm, a, c, nl = ctx.saved_tensors
             dnl, de = (None if g is None else g.contiguous() for g in (dnl, de))
-            return _SlotWeights._finish(ctx, slot_weights_grad(dnl, de, a, c, nl), kf, wm)
+            return _SlotWeights._finish(ctx, slot_weights_grad(dnl, de, a, c, nl), kf, wm, dk_read)
         kf, wm, a, e, c, nl = ctx.saved_tensors
         if dnl is None:
             da = torch.zeros_like(a) if de is None else de * e
         else:
             grad = _SlotWeights._scan_grad(dnl, a, c, nl)
             da = grad.to(a.dtype) if de is None else torch.addcmul(grad, de, e, out=torch.empty_like(a))
-        return _SlotWeights._finish(ctx, da, kf, wm)
+        return _SlotWeights._finish(ctx, da, kf, wm, dk_read)
 
     @staticmethod
-    def _finish(ctx, da: Tensor, kf: Tensor, wm: Tensor):
-        """The gradients of ``k`` (in its layout, as the linear attention's ``dk``) and ``w`` from the scores'."""
+    def _finish(ctx, da: Tensor, kf: Tensor, wm: Tensor, dk_read: Optional[Tensor]):
+        """The gradients of ``k`` (``dk_read``, the gradient of the ``k`` this node returned, plus the scores';
+        in ``k``'s layout, as the linear attention's ``dk``) and ``w`` from the scores'."""
         daf = da.view(kf.shape[0], kf.shape[1], -1)
-        dk = heads_bmm(daf, wm.transpose(1, 2), *ctx.k_layout)
+        if dk_read is None:
+            dk = heads_bmm(daf, wm.transpose(1, 2), *ctx.k_layout)
+        elif _accumulates_heads(dk_read):  # added into it in place: no third (B, H, S, d) tensor
+            dk = dk_read
+            dk.flatten(0, 1).baddbmm_(daf, wm.transpose(1, 2))
+        else:
+            dk = torch.baddbmm(dk_read.flatten(0, 1), daf, wm.transpose(1, 2)).view(dk_read.shape)
         heads = da.shape[1]
         dw = torch.bmm(kf.transpose(1, 2), daf).view(-1, heads, *wm.shape[1:]).sum(0, dtype=ctx.w_dtype)
         return dk, dw.transpose(1, 2), None
@@ -478,9 +504,9 @@ class ABC(EfficientAttention):
         else:  # the C++ kernels take contiguous rows: one copy each, which the backward reads too
             q, k, v = (_dense(x, dtype) for x in (q, k, v))
         scan = k.device.type in self.SCAN_DEVICES
-        e, nl, decay = _SlotWeights.apply(k, self.landmark_proj, scan)
+        e, nl, decay, k_read = _SlotWeights.apply(k, self.landmark_proj, scan)
         decay = decay.detach()  # no gradient in eager already; torch.compile's trace of the node needs telling
-        num = linear_attention(q, k, e, causal=True, log_decay=decay, normalize=False)
+        num = linear_attention(q, k_read, e, causal=True, log_decay=decay, normalize=False)
         if not scan:  # the CPU's logcumsumexp is a scalar loop (~50 ms at 4k): a linear attention with unit features
             unit = e.new_ones(*e.shape[:-1], 1)
             norm = linear_attention(unit, unit, e, causal=True, log_decay=decay, normalize=False)
