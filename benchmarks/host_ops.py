@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from efficient_attention import base, build_attention  # noqa: E402
 from efficient_attention.attentions import abc  # noqa: E402
 from efficient_attention.benchmark.measure import cpu_peak_bytes  # noqa: E402
+from efficient_attention.functional import LengthChunks  # noqa: E402
 
 
 class CountOps(TorchDispatchMode):
@@ -192,6 +193,9 @@ def main() -> None:
     base.FUSED_PROJECTION_DEVICES = ("cpu", "cuda")  # q, k, v from one product, as on CUDA
     abc.ABC.SCAN_DEVICES = ("cpu", "cuda")  # ABC's normalisers from logcumsumexp, as on CUDA
     abc.ABC.IN_PLACE_DEVICES = ("cpu", "cuda")  # ABC's q, k, v read in place by the (stubbed) Triton kernels
+    LengthChunks.DEVICES = ("cpu", "cuda")  # LARA's and Nystrom's products over chunks of the length, as on CUDA
+    linear_op = sys.modules["efficient_attention.kernels.linear_attention"]  # (the package exports the function)
+    linear_op.SPLIT_K_DEVICES = ("cpu", "cuda")  # the linear attentions' long reductions split, as on CUDA
     stub_triton_kernels()
     vanilla = {}  # causal -> vanilla's peak bytes, for --memory's ratio
     for spec in args.mechanisms:

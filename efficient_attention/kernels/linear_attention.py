@@ -127,12 +127,15 @@ class _Divide(torch.autograd.Function):
         return grad_num, grad_den.squeeze(-1), None
 
 
+SPLIT_K_DEVICES = ("cuda",)  # device types whose long reductions split (benchmarks/host_ops.py adds "cpu")
+
+
 def _split_k(length: int, x: Tensor) -> int:
     """Chunks to split a length-``length`` reduction of a ``(m, L) @ (L, d)`` product into on CUDA (1: none).
 
     Such a product has one output tile per (batch, head), so cuBLAS runs ``B*H`` programs over the whole length
     (0.6 ms at 8k in CAB's setting on an H200); chunks of 512 turn it into ``B*H*L/512`` products and a sum."""
-    if not x.is_cuda or length < 2048:
+    if x.device.type not in SPLIT_K_DEVICES or length < 2048:
         return 1
     for chunk in (512, 256, 128):
         if length % chunk == 0:
