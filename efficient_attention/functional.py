@@ -348,6 +348,16 @@ def op_into(op, size, stride: Tuple[int, ...], a: Tensor, b: Tensor) -> Tensor:
     return op(a, b, out=torch.empty_strided(size, stride, dtype=a.dtype, device=a.device))
 
 
+def op_new(op, shape, dtype: torch.dtype, *args, **kwargs) -> Tensor:
+    """``op(*args, **kwargs)`` written into a new contiguous tensor of ``shape`` and ``dtype`` (the cast in the same
+    pass, the layout the next step reads); under torch.compile ``op(*args, **kwargs).to(dtype).contiguous()``:
+    AOTAutograd's functional trace of an ``out=`` into a new tensor gives the result the op's own layout, where
+    Dynamo's trace assumed the ``out`` tensor's, so a later ``view`` of it fails to compile."""
+    if torch.compiler.is_compiling():
+        return op(*args, **kwargs).to(dtype).contiguous()
+    return op(*args, **kwargs, out=torch.empty(shape, dtype=dtype, device=args[0].device))
+
+
 def heads_bmm(a: Tensor, b: Tensor, shape, strides: Tuple[int, ...]) -> Tensor:
     """``bmm(a, b)`` (``(B·H, L, d)``) as ``shape`` ``(B, H, L, d)`` laid out with ``strides`` (:func:`dense_strides`
     of the tensor whose gradient or counterpart it is: the heads of a time-first projection, which then merge or

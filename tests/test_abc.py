@@ -168,7 +168,7 @@ def test_slot_weights_match_autograd():
     torch.manual_seed(0)
     k = torch.randn(2, 3, 9, 4, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(3, 4, 4, dtype=torch.float64) * torch.tensor([1.0, 30.0, 300.0, 3.0])[:, None]).requires_grad_()
-    e, nl, decay, _ = _SlotWeights.apply(k, w, True)
+    e, nl, _, decay = _SlotWeights.apply(k, w, True)
     a = k @ w.transpose(-1, -2)
     run = torch.cummax(a.detach().amax(-1), dim=-1).values
     e_ref, nl_ref = torch.exp(a - run.unsqueeze(-1)), run.unsqueeze(-1) - torch.logcumsumexp(a, dim=-2)

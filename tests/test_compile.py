@@ -2,16 +2,24 @@
 and a forward + backward whose number of launched ops does not grow with the sequence length.
 
 Compilation uses Dynamo with the ``eager`` backend: it proves the forward is one graph (no graph break) and
-that the graph computes the eager output, at a CI cost of about a second per case (``aot_eager``/inductor
-would add minutes on two cores).  ``capture_scalar_outputs`` lets a data-dependent count (ProbSparse's number
-of active rows) stay inside the graph.  One pattern per mechanism runs by default, the others are ``slow``.
+that the graph computes the eager output, at a CI cost of about a second per case.  ``capture_scalar_outputs``
+lets a data-dependent count (ProbSparse's number of active rows) stay inside the graph.  One pattern per
+mechanism runs by default, the others are ``slow``.
+
+Training compiled (what a user who compiles a model to cut host overhead runs) goes through AOTAutograd
+(``aot_eager``: the joint graph traced on fake tensors, then run eagerly, under a second per case here): the
+gradients must equal eager mode's, with and without key padding.  It caught what the forward-only check could
+not: fake implementations of the C++ ops whose gradients' strides differed from the kernels' (a compiled
+backward's ``view`` failed), ``out=`` into new tensors whose layout AOTAutograd's functional trace does not keep
+(:func:`~efficient_attention.functional.op_new`), and wrong key gradients of causal ABC from a Dynamo fault
+(see ``abc._SlotWeights``).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import EMBED_DIM, NO_CPP, NUM_HEADS, assert_close, build, case_id, inputs, mechanism_patterns
+from helpers import EMBED_DIM, NO_CPP, NUM_HEADS, assert_close, build, case_id, inputs, mechanism_patterns, padding_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from efficient_attention import Pattern
@@ -36,6 +44,36 @@ def test_compiles_in_one_graph(name, pattern):
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         out, _ = torch.compile(m, fullgraph=True, backend="eager")(q, k, v, need_weights=False)
     assert_close(out, expected, torch.float32, msg=f"{name} {pattern}: compiled != eager")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("name,pattern", _compile_cases())
+def test_trains_compiled(name, pattern, padded):
+    torch._dynamo.reset()
+    m = build(name, pattern, dtype=torch.float32).train()
+    for mod in m.modules():  # the same function twice: no dropout draws
+        if hasattr(mod, "dropout_p"):
+            mod.dropout_p = 0.0
+    q, k, v = inputs(name, pattern, dtype=torch.float32)
+    q = q.clone().requires_grad_()
+    k, v = (k, v) if pattern.cross else (q, q)
+    kpm = padding_mask(q.shape[1], k.shape[0], pattern) if padded else None
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def step(module):
+        torch.manual_seed(3)  # (ProbSparse samples keys)
+        out, _ = module(q, k, v, key_padding_mask=kpm, need_weights=False)
+        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+        return [out, *torch.autograd.grad(loss, [q, *params], allow_unused=True)]
+
+    expected = step(m)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        got = step(torch.compile(m, fullgraph=True, backend="aot_eager"))
+    what = ["output", "query gradient", *(f"gradient of {n}" for n, p in m.named_parameters() if p.requires_grad)]
+    for label, a, b in zip(what, got, expected):
+        assert (a is None) == (b is None), f"{name} {pattern} padded={padded}: {label} only in one mode"
+        if a is not None:
+            assert_close(a, b, torch.float32, msg=f"{name} {pattern} padded={padded}: compiled {label} != eager")
 
 
 class _CountOps(TorchDispatchMode):

@@ -510,7 +510,7 @@ def abc_slots_case(dtype, scan, length=150, jump=70, segments=2, programs=None):
         abc._fused_slots = plain if fused else (lambda *a: False)
         try:
             kk, ww = k.clone().requires_grad_(), w.clone().requires_grad_()
-            e, lnorm, decay, _ = abc._SlotWeights.apply(kk, ww, scan)
+            e, lnorm, _, decay = abc._SlotWeights.apply(kk, ww, scan)
             gen = torch.Generator().manual_seed(1)
             loss = (e.float() * torch.randn(e.shape, generator=gen)).sum()
             if scan:

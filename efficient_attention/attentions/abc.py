@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, dense_strides, heads_bmm, softmax
+from ..functional import acc_dtype, dense_strides, heads_bmm, op_new, softmax
 from ..kernels.abc_step import abc_step, empty_norm
 from ..kernels.backends import TRITON_DTYPES, triton_interpreted, triton_probe, triton_reason
 from ..kernels.linear_attention import linear_attention
@@ -143,19 +143,23 @@ class _SlotWeights(torch.autograd.Function):
     * ``e = exp(a - c)`` ``(B, H, S, n)`` in ``k``'s dtype (the linear attentions' values / keys),
     * ``nl = c - logcumsumexp_j(a)`` ``(B, H, S, n)`` fp32 (``-log Σ_{j<=i} e^{a_jl - c_i}``; only with ``scan``,
       else None: the CPU's ``logcumsumexp`` is a scalar loop),
+    * ``k_read``: ``k`` itself (a view), for the slot scores' linear attention to read: the gradient that attention
+      gives ``k`` then reaches this node, which adds ``da w`` into it in place (one product) instead of autograd
+      summing two ``(B, H, S, d)`` gradients into a third (the peak of a causal ABC step at 8k in CAB's setting was
+      that third tensor's allocation: 380 -> 356 MiB in ``benchmarks/host_ops.py``'s CUDA replica, where SDPA's
+      step peaks at 357),
     * ``decay = c_{i-1} - c_i`` ``(B, H, S)`` fp32, 0 at ``i = 0`` (the linear attentions' log decay; no gradient).
 
-    It also returns ``k`` itself (a view), for the slot scores' linear attention to read: the gradient that
-    attention gives ``k`` then reaches this node, which adds ``da w`` into it in place (one product) instead of
-    autograd summing two ``(B, H, S, d)`` gradients into a third (the peak of a causal ABC step at 8k in CAB's
-    setting was that third tensor's allocation: 380 -> 356 MiB in ``benchmarks/host_ops.py``'s CUDA replica, where
-    SDPA's step peaks at 357).
+    The non-differentiable ``decay`` comes last: under torch.compile (2.13) a Function returning None (``nl``
+    without ``scan``), then a non-differentiable output, then a differentiable one gets no gradient for the last
+    (``k_read``'s, so a compiled step's ``dk`` was wrong; ``tests/test_compile.py`` trains every mechanism
+    compiled).
 
     One autograd node where autograd records about ten: the normalisers are one ``logcumsumexp`` along the last
     dim of a ``(B, H, n, S)`` fp32 copy (CUDA scans an inner dim with parallel blocks).  Backward:
     ``da = de·e - Σ_{i>=j} g_i e^{a_j - lse_i}`` (the positive and negative parts of ``g = dnl`` in one reversed
-    scan, in the log domain), then ``dk = dk_read + da w``, ``dw = Σ_b daᵀ k``.  It keeps ``a``, ``e``, ``c`` and ``nl``
-    (which :class:`_SlotRead` keeps too).  Where :func:`_fused_slots`, everything after the product ``a = k wᵀ``
+    scan, in the log domain), then ``dk = dk_read + da w``, ``dw = Σ_b daᵀ k``.  It keeps ``a``, ``e``, ``c`` and
+    ``nl`` (which :class:`_SlotRead` keeps too).  Where :func:`_fused_slots`, everything after the product ``a = k wᵀ``
     is one Triton kernel each way (``kernels/_triton_abc.py``: the scans in blocks of positions, the same math),
     and ``e`` is not kept (the backward recomputes ``e^{a - c}``)."""
 
@@ -173,7 +177,7 @@ class _SlotWeights(torch.autograd.Function):
             ctx.w_dtype, ctx.k_layout = w.dtype, (k.shape, dense_strides(k))
             ctx.mark_non_differentiable(decay)
             ctx.set_materialize_grads(False)
-            return e, nl, decay, k.view_as(k)
+            return e, nl, k.view_as(k), decay
         top = a.amax(-1)
         run = torch.cummax(torch.cat([top[..., :1], top], -1), -1).values.to(acc_dtype(a.dtype))  # c_{-1} := c_0
         decay, c = run[..., :-1] - run[..., 1:], run[..., 1:].unsqueeze(-1)  # fp32: exact differences of half scores
@@ -181,12 +185,12 @@ class _SlotWeights(torch.autograd.Function):
         nl = None
         if scan:
             at = torch.empty(bsz, heads, a.shape[-1], length, dtype=c.dtype, device=a.device).copy_(a.transpose(-1, -2))
-            nl = torch.sub(c, torch.logcumsumexp(at, -1).transpose(-1, -2), out=torch.empty_like(a, dtype=c.dtype))
+            nl = op_new(torch.sub, a.shape, c.dtype, c, torch.logcumsumexp(at, -1).transpose(-1, -2))
         ctx.save_for_backward(kf, wm, a, e, c, nl)
         ctx.w_dtype, ctx.k_layout = w.dtype, (k.shape, dense_strides(k))
         ctx.mark_non_differentiable(decay)
         ctx.set_materialize_grads(False)  # (no zero tensor for the decay's gradient, nor for an unused output's)
-        return e, nl, decay, k.view_as(k)
+        return e, nl, k.view_as(k), decay
 
     @staticmethod
     def _scan_grad(g: Tensor, a: Tensor, c: Tensor, nl: Tensor) -> Tensor:
@@ -210,7 +214,7 @@ class _SlotWeights(torch.autograd.Function):
         return torch.sub(both[1], both[0]).flip(-1).transpose(-1, -2)
 
     @staticmethod
-    def backward(ctx, de: Optional[Tensor], dnl: Optional[Tensor], _, dk_read: Optional[Tensor]):
+    def backward(ctx, de: Optional[Tensor], dnl: Optional[Tensor], dk_read: Optional[Tensor], _):
         if ctx.fused:
             from ..kernels._triton_abc import slot_weights_grad
 
@@ -222,7 +226,7 @@ class _SlotWeights(torch.autograd.Function):
             da = torch.zeros_like(a) if de is None else de * e
         else:
             grad = _SlotWeights._scan_grad(dnl, a, c, nl)
-            da = grad.to(a.dtype) if de is None else torch.addcmul(grad, de, e, out=torch.empty_like(a))
+            da = grad.to(a.dtype) if de is None else op_new(torch.addcmul, a.shape, a.dtype, grad, de, e)
         return _SlotWeights._finish(ctx, da, kf, wm, dk_read)
 
     @staticmethod
@@ -504,7 +508,7 @@ class ABC(EfficientAttention):
         else:  # the C++ kernels take contiguous rows: one copy each, which the backward reads too
             q, k, v = (_dense(x, dtype) for x in (q, k, v))
         scan = k.device.type in self.SCAN_DEVICES
-        e, nl, decay, k_read = _SlotWeights.apply(k, self.landmark_proj, scan)
+        e, nl, k_read, decay = _SlotWeights.apply(k, self.landmark_proj, scan)
         decay = decay.detach()  # no gradient in eager already; torch.compile's trace of the node needs telling
         num = linear_attention(q, k_read, e, causal=True, log_decay=decay, normalize=False)
         if not scan:  # the CPU's logcumsumexp is a scalar loop (~50 ms at 4k): a linear attention with unit features

@@ -336,6 +336,10 @@ class CosformerAttention(EfficientAttention):
     def _act(self, x: Tensor, kpm: Optional[Tensor]) -> Tensor:
         """``φ(x)`` in the accumulation dtype, padded positions zero."""
         x = x.to(acc_dtype(x.dtype))
+        if self.act_fun != "relu" and torch.compiler.is_compiling():
+            # (torch 2.13: the fake elu_backward lays its gradient out as the saved input, the CPU kernel as the
+            # incoming gradient; for a time-first head view they differ and the compiled backward's view fails)
+            x = x.contiguous()
         x = F.relu(x) if self.act_fun == "relu" else 1.0 + F.elu(x)
         return x if kpm is None else x.masked_fill(kpm[:, None, :, None], 0.0)
 

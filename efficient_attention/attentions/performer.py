@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..base import AttentionMasks, EfficientAttention
 from ..capabilities import ALL_PATTERNS, Capabilities
-from ..functional import acc_dtype, dense_strides, heads_bmm, may_keep_derived, softmax
+from ..functional import acc_dtype, dense_strides, heads_bmm, may_keep_derived, op_new, softmax
 from ..kernels.linear_attention import _split_k, linear_attention
 from ..options import AttentionOptions, nonnegative_int, option, positive_int
 from ..registry import register_attention
@@ -93,7 +93,7 @@ def _feature_grad_rows(grad: Tensor, feats: Tensor, dtype: torch.dtype) -> Tenso
     """``grad ∘ feats`` in ``dtype``, written time-first and contiguous: ``(L, B, H, m)`` for ``(B, H, L, m)``
     features, ``(L, B*H, m)`` for rows."""
     tf = _time_first_view(feats)
-    return torch.mul(_time_first_view(grad), tf, out=torch.empty(tf.shape, dtype=dtype, device=feats.device))
+    return op_new(torch.mul, tf.shape, dtype, _time_first_view(grad), tf)
 
 
 def _query_grad(grad: Tensor, feats: Tensor, w: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ class _CausalFeatures(torch.autograd.Function):
         run = torch.cummax(logits.amax(-1), dim=-1).values  # c (B, H, S)
         decay = _log_decay(run)
         logits = logits.sub_(run.unsqueeze(-1))
-        feats = torch.exp(logits, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
+        feats = op_new(torch.exp, logits.shape, dtype, logits)
         ctx.save_for_backward(k, w, w_acc, qf, feats)
         ctx.half_sq = half_sq
         ctx.mark_non_differentiable(decay)
@@ -201,14 +201,18 @@ class _NoncausalFavor(torch.autograd.Function):
         if fd == logits.dtype:
             kf = logits.exp_()
         else:
-            kf = torch.exp(logits, out=torch.empty(logits.shape, dtype=fd, device=logits.device))
+            kf = op_new(torch.exp, logits.shape, fd, logits)
         vr = _rows(v)
         kv = _length_product(kf, vr)  # (B*H, m, d)
         z = kf.sum(0).unsqueeze(-1)  # (B*H, m, 1)
         qt = qf.transpose(0, 1)
         den = torch.bmm(qt, z).clamp_min_(torch.finfo(fd).tiny)  # (B*H, T, 1); 0 only where nothing was seen
-        out = torch.empty(tgt_len, bsz, heads, dim, dtype=dtype, device=q.device)
-        torch.div(torch.bmm(qt, kv).transpose(0, 1), den.transpose(0, 1), out=out.view(tgt_len, -1, dim))
+        num = torch.bmm(qt, kv).transpose(0, 1)  # (T, B*H, d)
+        if torch.compiler.is_compiling():  # AOTAutograd's trace of an out= into a view of a new tensor loses its
+            out = torch.div(num, den.transpose(0, 1)).to(dtype).view(tgt_len, bsz, heads, dim)  # layout: none here
+        else:
+            out = torch.empty(tgt_len, bsz, heads, dim, dtype=dtype, device=q.device)
+            torch.div(num, den.transpose(0, 1), out=out.view(tgt_len, -1, dim))
         ctx.save_for_backward(kr, vr, w, w_acc, qf, kf, kv, z, den, out)
         ctx.half_sq, ctx.v_layout = half_sq, (v.shape, dense_strides(v))
         return out.permute(1, 2, 0, 3)

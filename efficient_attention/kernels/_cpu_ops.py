@@ -17,6 +17,13 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _dense_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``x``'s shape and dtype: the C++ kernels compute on contiguous copies of their inputs
+    and return contiguous gradients whatever the inputs' layouts (a fake that kept an input's strides, e.g. the
+    heads of a time-first projection, made a compiled backward's ``view`` of the real gradient fail)."""
+    return x.new_empty(x.shape)
+
+
 def _fake_fwd(q, k, v):
     out = q.new_empty((*q.shape[:3], v.shape[-1]))
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
@@ -35,7 +42,7 @@ def _bs_fwd_fake(q, k, v, row_idx, row_cnt, row_tile, tiles, block_size, causal,
 
 @torch.library.register_fake(f"{_NS}::sliding_window_bwd")
 def _sw_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, group, left, right, causal, q_offset, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _dense_like(q), _dense_like(k), _dense_like(v)
 
 
 @torch.library.register_fake(f"{_NS}::block_sparse_bwd")
@@ -56,7 +63,7 @@ def _bs_bwd_fake(
     key_padding_mask,
     scale,
 ):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _dense_like(q), _dense_like(k), _dense_like(v)
 
 
 @torch.library.register_fake(f"{_NS}::linear_causal_fwd")
@@ -82,9 +89,9 @@ def _linear_bwd_fake(
     m = 2 * m if cos_sin is not None else m
     d = v.shape[-1]
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
+        _dense_like(q),
+        _dense_like(k),
+        _dense_like(v),
         q.new_empty(bsz, heads, m, d),
         q.new_empty((bsz, heads, m) if normalize else (0,)),
     )
@@ -97,4 +104,4 @@ def _landmark_fwd_fake(q, k, v, key_padding_mask, block_size, scale):
 
 @torch.library.register_fake(f"{_NS}::landmark_bwd")
 def _landmark_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, block_size, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _dense_like(q), _dense_like(k), _dense_like(v)
