@@ -25,7 +25,8 @@ passed to the attention call separately).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -42,6 +43,37 @@ def _int_arg(value, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+# Triton computes blocks of 64 best; finer masks run as 64-blocks with token tiles (FlexAttention's way)
+TRITON_MIN_BLOCK = 64
+
+Builder = TypeVar("Builder", bound=Callable[..., Any])
+
+
+def built_outside_graph(build: Builder) -> Builder:
+    """For a cached builder of block masks (its arguments constants: ints, devices, the module): under
+    torch.compile the first call of a trace runs ``build`` on the host, outside the graph, filling its cache and
+    every table the kernels read (:meth:`BlockMask.prepare`); the traced call then finds them cached, as in a step
+    after an eager one.  Traced, the build (a mask's evaluation, its sorted tables) is data-dependent, so a model
+    compiled before any eager step failed on its first call.  Eagerly it is ``build``."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            _build_now(build, tuple(kwargs.items()), *args)
+        return build(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@torch.compiler.assume_constant_result  # run once at trace time, not traced
+def _build_now(build: Callable[..., Any], kwargs: tuple, *args) -> bool:
+    out = build(*args, **dict(kwargs))
+    for bm in out if isinstance(out, tuple) else (out,):
+        if isinstance(bm, BlockMask):
+            bm.prepare()
+    return True
 
 
 def _table(layout: Tensor, tile_index: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -460,6 +492,15 @@ class BlockMask:
         return dense
 
     # ------------------------------------------------------------------ kernels' tables
+    def prepare(self) -> "BlockMask":
+        """Build now every table a kernel may read on this mask's device (also the coarsening to the Triton
+        kernels' smallest block, which finer masks run as): what :func:`built_outside_graph` leaves cached."""
+        self.tables(self.device)
+        self.tables(str(self.device))
+        if self.block_size < TRITON_MIN_BLOCK:
+            self.coarsened(TRITON_MIN_BLOCK).prepare()
+        return self
+
     def tables(self, device=None) -> dict:
         """The sorted block tables the kernels read, built once per device.
 

@@ -392,7 +392,7 @@ def take_inputs(ctx, *names: str) -> Tuple[Tensor, ...]:
     if not all(hasattr(ctx, n) for n in names):
         raise RuntimeError("this attention's backward frees its inputs: it runs once per graph (no retain_graph)")
     taken = tuple(getattr(ctx, n) for n in names)
-    if not _backward_keeps_graph():
+    if not torch.compiler.is_compiling() and not _backward_keeps_graph():  # (a compiled graph frees its own)
         for n in names:
             delattr(ctx, n)
     return taken

@@ -7,12 +7,14 @@ lets a data-dependent count (ProbSparse's number of active rows) stay inside the
 mechanism runs by default, the others are ``slow``.
 
 Training compiled (what a user who compiles a model to cut host overhead runs) goes through AOTAutograd
-(``aot_eager``: the joint graph traced on fake tensors, then run eagerly, under a second per case here): the
-gradients must equal eager mode's, with and without key padding.  It caught what the forward-only check could
-not: fake implementations of the C++ ops whose gradients' strides differed from the kernels' (a compiled
-backward's ``view`` failed), ``out=`` into new tensors whose layout AOTAutograd's functional trace does not keep
-(:func:`~efficient_attention.functional.op_new`), and wrong key gradients of causal ABC from a Dynamo fault
-(see ``abc._SlotWeights``).
+(``aot_eager``: the joint graph traced on fake tensors, then run eagerly, under a second per case here): a fresh
+module's first call, compiled, must give eager mode's output and gradients, with and without key padding.  It
+caught what the forward-only check (an eager call first) could not: block masks built inside the graph
+(data-dependent: a model compiled before any eager step failed on its first call;
+:func:`~efficient_attention.block_mask.built_outside_graph`), fake implementations of the C++ ops whose
+gradients' strides differed from the kernels' (a compiled backward's ``view`` failed), ``out=`` into new tensors
+whose layout AOTAutograd's functional trace does not keep (:func:`~efficient_attention.functional.op_new`), and
+wrong key gradients of causal ABC from a Dynamo fault (see ``abc._SlotWeights``).
 """
 
 from __future__ import annotations
@@ -46,30 +48,41 @@ def test_compiles_in_one_graph(name, pattern):
     assert_close(out, expected, torch.float32, msg=f"{name} {pattern}: compiled != eager")
 
 
+def _forget_built_masks():
+    """Empty the module-level caches of built block masks, so that a compiled first call builds its own."""
+    import efficient_attention.attentions.longshort as longshort
+    import efficient_attention.sparse.dilated as dilated
+
+    dilated._masks.clear()
+    longshort._masks.clear()
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("name,pattern", _compile_cases())
 def test_trains_compiled(name, pattern, padded):
+    """A fresh module's first call compiled (nothing built by an eager step before it: block masks, tables),
+    then the same module eagerly: outputs and gradients equal."""
     torch._dynamo.reset()
-    m = build(name, pattern, dtype=torch.float32).train()
-    for mod in m.modules():  # the same function twice: no dropout draws
-        if hasattr(mod, "dropout_p"):
-            mod.dropout_p = 0.0
+    _forget_built_masks()
     q, k, v = inputs(name, pattern, dtype=torch.float32)
     q = q.clone().requires_grad_()
     k, v = (k, v) if pattern.cross else (q, q)
     kpm = padding_mask(q.shape[1], k.shape[0], pattern) if padded else None
-    params = [p for p in m.parameters() if p.requires_grad]
 
-    def step(module):
+    def step(module, run):
+        for mod in module.modules():  # the same function twice: no dropout draws
+            if hasattr(mod, "dropout_p"):
+                mod.dropout_p = 0.0
         torch.manual_seed(3)  # (ProbSparse samples keys)
-        out, _ = module(q, k, v, key_padding_mask=kpm, need_weights=False)
+        out, _ = run(q, k, v, key_padding_mask=kpm, need_weights=False)
         loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
-        return [out, *torch.autograd.grad(loss, [q, *params], allow_unused=True)]
+        return [out, *torch.autograd.grad(loss, [q, *module.parameters()], allow_unused=True)]
 
-    expected = step(m)
+    compiled, eager = (build(name, pattern, dtype=torch.float32).train() for _ in range(2))  # (one seed)
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        got = step(torch.compile(m, fullgraph=True, backend="aot_eager"))
-    what = ["output", "query gradient", *(f"gradient of {n}" for n, p in m.named_parameters() if p.requires_grad)]
+        got = step(compiled, torch.compile(compiled, fullgraph=True, backend="aot_eager"))
+    expected = step(eager, eager)
+    what = ["output", "query gradient", *(f"gradient of {n}" for n, _ in eager.named_parameters())]
     for label, a, b in zip(what, got, expected):
         assert (a is None) == (b is None), f"{name} {pattern} padded={padded}: {label} only in one mode"
         if a is not None:

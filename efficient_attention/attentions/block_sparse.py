@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import layouts
 from ..base import AttentionMasks, EfficientAttention
-from ..block_mask import BlockMask
+from ..block_mask import BlockMask, built_outside_graph
 from ..capabilities import SELF_PATTERNS, Capabilities
 from ..functional import _sdpa, combine_attention
 from ..kernels.ops import block_mask_attention
@@ -140,6 +140,7 @@ class BlockSparseAttention(EfficientAttention):
         state["_splits"] = {}
         return state
 
+    @built_outside_graph
     def block_mask(self, n: int, device=None, q_block_start: int = 0) -> BlockMask:
         """The :class:`BlockMask` for ``n`` positions (rows from query block ``q_block_start`` on).
 
@@ -189,6 +190,7 @@ class BlockSparseAttention(EfficientAttention):
         """The block layout ``(H or 1, ceil(n/bs), ceil(n/bs))`` used for length ``n``."""
         return self.block_mask(n, device).layout
 
+    @built_outside_graph
     def _split_masks(self, n: int, device) -> Optional[Tuple[BlockMask, BlockMask, Tensor]]:
         """``(own chunk mask, summary mask, summary positions)`` of the ``fixed`` pattern at ``n`` positions,
         or None where the pattern does not split (see ``SPLIT_MIN_LEN``); built once per length and device."""

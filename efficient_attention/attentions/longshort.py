@@ -22,7 +22,7 @@ Cost O(N·(3·window + memories)·d).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import AttentionMasks, EfficientAttention
-from ..block_mask import BlockMask
+from ..block_mask import BlockMask, built_outside_graph
 from ..capabilities import SELF_PATTERNS, Capabilities, Pattern
 from ..functional import acc_dtype, sdpa_attention, softmax
 from ..kernels.linear_attention import _split_k
@@ -152,14 +152,17 @@ _BLOCK = 64  # block size of the fused path's BlockMask
 _masks: "OrderedDict[tuple, BlockMask]" = OrderedDict()  # built once per (rule, length, device); LRU
 
 
-def _memory_mask(window, causal: bool, chunk: int, rank: int, reach: int, length: int, device) -> BlockMask:
-    """The fused path's :class:`BlockMask`: queries ``0..length-1`` against ``[memory slots ; sequence]``.
+@built_outside_graph
+def _memory_mask(band: tuple, causal: bool, chunk: int, rank: int, reach: int, length: int, device) -> BlockMask:
+    """The fused path's :class:`BlockMask`: queries ``0..length-1`` against ``[memory slots ; sequence]``;
+    ``band``: the window's :class:`LocalWindow` fields (plain values: a compiled graph's constant).
 
     The memory slots come first, padded to a whole block (``_slots`` gives their count); then the sequence.
     A query sees its window of the sequence and, noncausal, every memory slot; causal, the slots of the
     ``reach`` chunks before its own (``rank`` slots per chunk of ``chunk`` tokens).
     """
     n_slots, n_mem = _slots(causal, chunk, rank, reach, length)
+    window = LocalWindow(*band)
     key = (window, causal, chunk, rank, reach, length, str(device))
     hit = _masks.get(key)
     if hit is not None:
@@ -254,6 +257,7 @@ class LongShort(EfficientAttention):
         if self.causal and num_landmarks < chunk_rank:
             raise ValueError(f"num_landmarks ({num_landmarks}) must be >= chunk_rank ({chunk_rank}) with causal=True")
         self.window = LocalWindow.from_blocks(window_size, 1, 0 if self.causal else 1, causal=self.causal)
+        self.band = astuple(self.window)
         rank = chunk_rank if self.causal else num_landmarks
         self.memory_chunks = num_landmarks // chunk_rank
         # dynamic projection: memory logits from each head's keys
@@ -291,7 +295,7 @@ class LongShort(EfficientAttention):
             mk, mv = mk.squeeze(2), mv.squeeze(2)  # (B, H, r, d); empty (B, 1)
             reach, rank = 1, self.num_landmarks
         n_slots, n_mem = _slots(self.causal, self.chunk_size, rank, reach, length)
-        bm = _memory_mask(self.window, self.causal, self.chunk_size, rank, reach, length, q.device)
+        bm = _memory_mask(self.band, self.causal, self.chunk_size, rank, reach, length, q.device)
         fill = (0, 0, 0, n_mem - n_slots)
         keys, values = torch.cat([F.pad(mk, fill), k], 2), torch.cat([F.pad(mv, fill), v], 2)
         if kpm is not None and empty is not None:  # a memory of padding only is hidden like a padded key

@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..block_mask import BlockMask, as_block_mask
+from ..block_mask import TRITON_MIN_BLOCK, BlockMask, as_block_mask
 from ..functional import repeat_kv
 from ..local_window import LocalWindow
 from . import reference
@@ -34,9 +34,6 @@ __all__ = [
     "SLIDING_WINDOW",
     "BLOCK_SPARSE",
 ]
-
-# Triton computes blocks of 64 best; finer masks run as 64-blocks with token tiles (FlexAttention's way)
-TRITON_MIN_BLOCK = 64
 
 
 def _int(value, name: str, low: Optional[int] = None) -> int:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..block_mask import BlockMask
+from ..block_mask import BlockMask, built_outside_graph
 from ..functional import acc_dtype, combine_attention, repeat_kv, scaled_scores, softmax
 from ..kernels.ops import block_mask_attention
 from ..layouts import dilated_mask_mod, or_masks
@@ -67,6 +67,7 @@ def _covered(i: Tensor, j: Tensor, h: Tensor, w: int, r: int) -> Tensor:
     )
 
 
+@built_outside_graph
 def dilated_block_mask(
     segment_lengths,
     dilation_rates,
