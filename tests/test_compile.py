@@ -75,7 +75,7 @@ def test_trains_compiled(name, pattern, padded):
                 mod.dropout_p = 0.0
         torch.manual_seed(3)  # (ProbSparse samples keys)
         out, _ = run(q, k, v, key_padding_mask=kpm, need_weights=False)
-        loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+        loss = (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum()
         return [out, *torch.autograd.grad(loss, [q, *module.parameters()], allow_unused=True)]
 
     compiled, eager = (build(name, pattern, dtype=torch.float32).train() for _ in range(2))  # (one seed)
