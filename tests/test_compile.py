@@ -89,6 +89,33 @@ def test_trains_compiled(name, pattern, padded):
             assert_close(a, b, torch.float32, msg=f"{name} {pattern} padded={padded}: compiled {label} != eager")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["local", "block_sparse", "performer", "abc", "s4d"])
+def test_trains_compiled_by_inductor(name):
+    """The default backend (Inductor: generated C++ on the CPU around our ops) on a few causal mechanisms, one for
+    each kind of kernel (window, block mask, linear op, ABC's nodes, S4D's scan): the first call compiled equals
+    eager mode; every mechanism passed it when this was written (about 5 s each here)."""
+    import torch._inductor.config as inductor_config
+
+    pattern = Pattern.CAUSAL_SELF
+    torch._dynamo.reset()
+    _forget_built_masks()
+    q = inputs(name, pattern, dtype=torch.float32)[0].clone().requires_grad_()
+
+    def step(module, run):
+        out, _ = run(q, q, q, need_weights=False)
+        loss = (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum()
+        return [out, *torch.autograd.grad(loss, [q, *module.parameters()], allow_unused=True)]
+
+    compiled, eager = (build(name, pattern, dtype=torch.float32).train() for _ in range(2))
+    with inductor_config.patch(fallback_random=True):  # (the mechanisms here draw nothing in training)
+        got = step(compiled, torch.compile(compiled, fullgraph=True))
+    for i, (a, b) in enumerate(zip(got, step(eager, eager))):
+        assert (a is None) == (b is None), f"{name}: result {i} only in one mode"
+        if a is not None:
+            assert_close(a, b, torch.float32, msg=f"{name}: Inductor's result {i} != eager")
+
+
 class _CountOps(TorchDispatchMode):
     """Counts the ATen ops (each one or more kernel launches) run inside the mode, backward included."""
 
