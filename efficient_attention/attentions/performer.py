@@ -226,10 +226,12 @@ class _NoncausalFavor(torch.autograd.Function):
         gqf = torch.bmm(gn.transpose(0, 1), kv.transpose(1, 2))  # (B*H, T, m)
         gqf.baddbmm_(r.transpose(0, 1), z.transpose(1, 2), alpha=-1.0)
         gkv, rq = _length_product(qf, gn), _length_product(qf, r)  # ∂kv (B*H, m, d), -∂z (B*H, m, 1)
+        del gn  # (an (L, B, C) tensor: gone before the three input gradients are made)
         gkf = torch.baddbmm(rq.transpose(1, 2), vr.transpose(0, 1), gkv.transpose(1, 2), beta=-1.0)  # (B*H, S, m)
+        # ∂k first: its fp32 temporaries come and go before the other two gradients exist (the step's peak)
+        gk = _key_grad(gkf.transpose(0, 1), kf, kr, w_acc, ctx.half_sq)
         gv = heads_bmm(kf.transpose(0, 1), gkv, *ctx.v_layout)  # in v's layout: no copy back to the projection
         gq = _query_grad(gqf.transpose(0, 1), qf, w)
-        gk = _key_grad(gkf.transpose(0, 1), kf, kr, w_acc, ctx.half_sq)
         return _heads(gq, bsz), _heads(gk, bsz), gv, None, None, None, None, None
 
 
