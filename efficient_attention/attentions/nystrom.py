@@ -84,7 +84,8 @@ def _few_keys(x: Tensor, keys: Tensor, values: Tensor, scale: float):
 
 def _few_keys_grads(grad: Tensor, x: Tensor, keys: Tensor, values: Tensor, probs: Tensor, scale: float):
     """:func:`_few_keys`'s backward from its output's gradient ``grad (B, H, L, d)``, its input ``x`` and its
-    saved scaled keys and probabilities: ``(dx (B·H·n, l, d) fp32, d keys, d values)``."""
+    saved scaled keys and probabilities: ``(d scores (B·H·n, l, C), d keys, d values)``; ``dx`` is
+    :func:`_few_keys_dx` of the first (made by the caller when it suits its peak memory)."""
     bsz, heads, length, d = x.shape
     chunks = LengthChunks(bsz * heads, length, x.device)
     g = chunks.widen(grad, keys.dtype)
@@ -94,7 +95,12 @@ def _few_keys_grads(grad: Tensor, x: Tensor, keys: Tensor, values: Tensor, probs
     d_scores = torch.ops.aten._softmax_backward_data(d_probs, probs, -1, keys.dtype)
     del d_probs
     d_keys = chunks.total(torch.bmm(d_scores.transpose(1, 2), chunks.widen(x, keys.dtype))).mul_(scale)
-    return torch.bmm(d_scores, chunks.repeat(keys)), d_keys, d_values
+    return d_scores, d_keys, d_values
+
+
+def _few_keys_dx(d_scores: Tensor, keys: Tensor, batch: int, length: int) -> Tensor:
+    """``dx (B·H·n, l, d)`` (accumulation dtype) of :func:`_few_keys` from its scores' gradient and scaled keys."""
+    return torch.bmm(d_scores, LengthChunks(batch, length, keys.device).repeat(keys))
 
 
 def _few_queries(queries: Tensor, k: Tensor, v: Tensor):
@@ -157,7 +163,8 @@ class _FewKeys(torch.autograd.Function):
         keys, values, probs = ctx.saved_tensors
         (x,) = take_inputs(ctx, "x")
         with torch.autocast(grad.device.type, enabled=False):
-            dx, d_keys, d_values = _few_keys_grads(grad, x, keys, values, probs, ctx.scale)
+            d_scores, d_keys, d_values = _few_keys_grads(grad, x, keys, values, probs, ctx.scale)
+            dx = _few_keys_dx(d_scores, keys, x.shape[0] * x.shape[1], x.shape[2])
             return copy_into_layout(dx, x.shape, dense_strides(x), x.dtype), d_keys, d_values, None, None
 
 
@@ -225,9 +232,11 @@ class _NystromEven(torch.autograd.Function):
         batch, c, scale = bsz * heads, ctx.c, ctx.scale
         with torch.autocast(grad.device.type, enabled=False):
             # each (L, d) gradient leaves the accumulation dtype before the next is computed (peak memory: one
-            # such buffer, as for the two autograd nodes of the PyTorch path), and q, k, v are gone before dk, dv
-            dq, d_keys, d_small = _few_keys_grads(grad, q, keys, small, probs, scale)
-            dq = copy_into_layout(dq, shape, dense_strides(q), q.dtype)
+            # such buffer, as for the two autograd nodes of the PyTorch path), q, k, v are gone before dk, dv,
+            # and dq is made last, from its scores' gradient ((L, C), kept): while the keys' side widens k and v
+            # (q, k, v share the projections' buffer until all three are dropped) no (L, d) gradient exists yet
+            d_scores, d_keys, d_small = _few_keys_grads(grad, q, keys, small, probs, scale)
+            q_strides, q_dtype = dense_strides(q), q.dtype
             del q
             d_ql, d_kl, d_w = core_backward(q_land, k_land, w, a, zs, d_small)
             seg = length // c  # every position of a segment gets its mean's gradient
@@ -237,9 +246,11 @@ class _NystromEven(torch.autograd.Function):
                 return copy_into_layout(dk, shape, k_strides, k_dtype)
 
             d_ql2, dk, dv = _few_queries_grads(d_w, q_land, w_probs, w, kv, finish_dk)
-            # the queries' means: added in q's dtype, as autograd adds the gradients of two nodes
-            dq.unflatten(2, (c, seg)).add_(d_ql.add_(d_ql2).mul_(scale / seg).view(bsz, heads, c, 1, d))
-            return dq, dk, copy_into_layout(dv, shape, v_strides, v_dtype), None, None, None, None
+            dv = copy_into_layout(dv, shape, v_strides, v_dtype)
+            dq = _few_keys_dx(d_scores, keys, batch, length).view(batch, c, seg, d)
+            del d_scores
+            dq.add_(d_ql.add_(d_ql2).mul_(scale / seg).unsqueeze(2))  # the queries' means
+            return copy_into_layout(dq, shape, q_strides, q_dtype), dk, dv, None, None, None, None
 
 
 def iterative_pinv(a: Tensor, iterations: int, stochastic: bool = False) -> Tensor:
