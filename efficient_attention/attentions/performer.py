@@ -208,11 +208,7 @@ class _NoncausalFavor(torch.autograd.Function):
         qt = qf.transpose(0, 1)
         den = torch.bmm(qt, z).clamp_min_(torch.finfo(fd).tiny)  # (B*H, T, 1); 0 only where nothing was seen
         num = torch.bmm(qt, kv).transpose(0, 1)  # (T, B*H, d)
-        if torch.compiler.is_compiling():  # AOTAutograd's trace of an out= into a view of a new tensor loses its
-            out = torch.div(num, den.transpose(0, 1)).to(dtype).view(tgt_len, bsz, heads, dim)  # layout: none here
-        else:
-            out = torch.empty(tgt_len, bsz, heads, dim, dtype=dtype, device=q.device)
-            torch.div(num, den.transpose(0, 1), out=out.view(tgt_len, -1, dim))
+        out = op_new(torch.div, num.shape, dtype, num, den.transpose(0, 1)).view(tgt_len, bsz, heads, dim)
         ctx.save_for_backward(kr, vr, w, w_acc, qf, kf, kv, z, den, out)
         ctx.half_sq, ctx.v_layout = half_sq, (v.shape, dense_strides(v))
         return out.permute(1, 2, 0, 3)
