@@ -495,8 +495,7 @@ class BlockMask:
     def prepare(self) -> "BlockMask":
         """Build now every table a kernel may read on this mask's device (also the coarsening to the Triton
         kernels' smallest block, which finer masks run as): what :func:`built_outside_graph` leaves cached."""
-        self.tables(self.device)
-        self.tables(str(self.device))
+        self.tables(self.device)  # (kept under the device and its name: the C++ backend asks for "cpu")
         if self.block_size < TRITON_MIN_BLOCK:
             self.coarsened(TRITON_MIN_BLOCK).prepare()
         return self

@@ -108,7 +108,7 @@ def test_trains_compiled_by_inductor(name):
         return [out, *torch.autograd.grad(loss, [q, *module.parameters()], allow_unused=True)]
 
     compiled, eager = (build(name, pattern, dtype=torch.float32).train() for _ in range(2))
-    with inductor_config.patch(fallback_random=True):  # (the mechanisms here draw nothing in training)
+    with inductor_config.patch(fallback_random=True):  # eager's random draws, should a mechanism make any
         got = step(compiled, torch.compile(compiled, fullgraph=True))
     for i, (a, b) in enumerate(zip(got, step(eager, eager))):
         assert (a is None) == (b is None), f"{name}: result {i} only in one mode"

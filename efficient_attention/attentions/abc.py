@@ -118,11 +118,10 @@ def _accumulates_heads(grad: Tensor) -> bool:
     """Whether a product may be added into ``grad (B, H, S, d)`` in place through its ``(B·H, S, d)`` view: eager
     mode (under torch.compile the graph's gradients are not ours to mutate), dense (no expanded zeros), and the
     batch and head dims merging (the heads of a time-first or a contiguous layout)."""
-    bsz, heads, _, d = grad.shape
     return (
         not torch.compiler.is_compiling()
         and dense_strides(grad) == grad.stride()
-        and grad.stride(0) == heads * grad.stride(1)
+        and grad.stride(0) == grad.shape[1] * grad.stride(1)
         and grad.stride(-1) == 1
     )
 
